@@ -1,0 +1,43 @@
+"""fastblt's exceptions: one base for everything a user can cause, and one for our own bugs.
+
+Messages name the thing that is wrong (file, tensor, field, shape), then what was expected and
+what was received, on one line. The CLI prints them as ``error: <message>`` and exits 2.
+"""
+
+from __future__ import annotations
+
+
+class FastBltError(Exception):
+    """Something the user gave us (a file, a config, an input) is wrong."""
+
+
+class ConfigError(FastBltError):
+    """A config field is missing, of the wrong type, or out of range."""
+
+
+class CheckpointError(FastBltError):
+    """A checkpoint is missing, unreadable, of an unknown format, or does not match its config."""
+
+
+class InputError(FastBltError):
+    """Bad call arguments: token ids, prompts, shapes, sampling values."""
+
+
+class CapabilityError(FastBltError):
+    """The checkpoint cannot do what was asked (for example BLT-D on a plain BLT checkpoint)."""
+
+
+class ManifestMismatch(FastBltError):
+    """Artifacts (ONNX files, engines) do not match the checkpoint, the manifest or this machine."""
+
+
+class BackendUnavailable(FastBltError):
+    """A backend cannot run here; the message says why."""
+
+
+class ParityFailure(FastBltError):
+    """A parity gate failed."""
+
+
+class InternalError(Exception):
+    """An invariant of fastblt itself broke: a bug, not a user error."""

@@ -1,0 +1,185 @@
+"""The building blocks shared by all four BLT stacks: RMSNorm, interleaved RoPE, masked attention,
+SwiGLU, the pre-norm block and BLT's cross-attention.
+
+Every function works on plain tensors so the same code serves the full forward, the incremental
+step functions and the ONNX export. Attention logits, softmax, norms and RoPE run in fp32 whatever
+the weight dtype (DESIGN.md: precision lives in the graph). Masks are additive fp32 biases with a
+large finite negative, never -inf, so a fully masked row gives a uniform average, not NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NEG = -1e9  # additive mask value: finite, far below any real logit
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32, cast back before the weight (as the HF port does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_angles(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for integer positions (..., S) -> (..., S, head_dim/2), fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of x (B, H, S, hd) by cos/sin (B, S, hd/2)."""
+    B, H, S, hd = x.shape
+    xf = x.float().reshape(B, H, S, hd // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]  # (B, H, S, hd/2)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, S, hd/2)
+    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)  # (B, H, S, hd/2, 2)
+    return out.reshape(B, H, S, hd).to(x.dtype)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(hd) + bias) v with fp32 logits.
+
+    q (B, H, S, hd), k/v (B, H, T, hd), bias fp32 broadcastable to (B, H, S, T) -> (B, H, S, hd).
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + bias
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
+def split_heads(x: Tensor, n_heads: int) -> Tensor:
+    """(B, S, H*hd) -> (B, H, S, hd)"""
+    B, S, D = x.shape
+    return x.view(B, S, n_heads, D // n_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, S, hd) -> (B, S, H*hd)"""
+    B, H, S, hd = x.shape
+    return x.transpose(1, 2).reshape(B, S, H * hd)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with RoPE; caches are arguments, never state."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        bias: Tensor,
+        past_k: Tensor | None = None,
+        past_v: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, S, D); past_k/v (B, H, C, hd) or None; bias over the C past + S new keys.
+
+        Returns the output (B, S, D) and this call's keys/values (B, H, S, hd) for the cache.
+        """
+        q = apply_rope(split_heads(self.wq(x), self.n_heads), cos, sin)
+        k = apply_rope(split_heads(self.wk(x), self.n_heads), cos, sin)
+        v = split_heads(self.wv(x), self.n_heads)
+        keys = k if past_k is None else torch.cat([past_k, k], dim=2)  # (B, H, C+S, hd)
+        values = v if past_v is None else torch.cat([past_v, v], dim=2)
+        return self.wo(merge_heads(attend(q, keys, values, bias))), k, v
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, dim: int, n_heads: int, ffn_dim: int, eps: float):
+        super().__init__()
+        self.attention = Attention(dim, n_heads)
+        self.feed_forward = FeedForward(dim, ffn_dim)
+        self.attention_norm = RMSNorm(dim, eps)
+        self.ffn_norm = RMSNorm(dim, eps)
+
+    def forward(self, x, cos, sin, bias, past_k=None, past_v=None) -> tuple[Tensor, Tensor, Tensor]:
+        a, k, v = self.attention(self.attention_norm(x), cos, sin, bias, past_k, past_v)
+        h = x + a
+        return h + self.feed_forward(self.ffn_norm(h)), k, v
+
+
+class CrossAttention(nn.Module):
+    """BLT cross-attention: q from norm_q(x), k/v from norm_kv(kv); returns x + attn (no RoPE).
+
+    Callers add x once more, which gives the released models' doubled residual 2x + attn.
+    """
+
+    def __init__(self, dim: int, n_heads: int, eps: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.cross_attn_norm_q = RMSNorm(dim, eps)
+        self.cross_attn_norm_kv = RMSNorm(dim, eps)
+
+    def keys_values(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """(..., T, D) -> keys and values (..., T, D), not yet split into heads."""
+        kv = self.cross_attn_norm_kv(kv)
+        return self.wk(kv), self.wv(kv)
+
+    def forward(self, x: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:
+        """x (B, S, D); keys/values (B, T, D); bias broadcastable to (B, H, S, T)."""
+        q = split_heads(self.wq(self.cross_attn_norm_q(x)), self.n_heads)
+        out = attend(q, split_heads(keys, self.n_heads), split_heads(values, self.n_heads), bias)
+        return x + self.wo(merge_heads(out))
+
+    def forward_slots(self, x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Each position reads its own k slots: x (B, S, D), keys/values (B, S, k, D) -> (B, S, D)."""
+        B, S, D = x.shape
+        hd = D // self.n_heads
+        q = self.wq(self.cross_attn_norm_q(x)).view(B, S, self.n_heads, 1, hd)  # (B, S, H, 1, hd)
+        kh = keys.view(B, S, -1, self.n_heads, hd).transpose(2, 3)  # (B, S, H, k, hd)
+        vh = values.view(B, S, -1, self.n_heads, hd).transpose(2, 3)
+        scores = torch.matmul(q, kh.transpose(-1, -2)).float() * hd**-0.5  # (B, S, H, 1, k)
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(vh.dtype), vh)  # (B, S, H, 1, hd)
+        return x + self.wo(out.reshape(B, S, D))
+
+
+def self_attention_bias(
+    q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, window: int | None, causal: bool = True
+) -> Tensor:
+    """Additive bias (B, 1, S, T): key j is visible to query i if valid, j <= i and i - j < window.
+
+    q_pos (B, S), k_pos (B, T) integer positions; k_valid (B, T) bool.
+    """
+    qp, kp = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)  # (B, S, 1), (B, 1, T)
+    ok = k_valid.unsqueeze(-2)
+    if causal:
+        ok = ok & (kp <= qp)
+    if window is not None:
+        ok = ok & (qp - kp < window)
+    return torch.where(ok, 0.0, NEG).unsqueeze(1).to(torch.float32)
