@@ -234,6 +234,44 @@ class BltModel(nn.Module):
         logits, _ = self.decoder_layers(h, pos, read_patch, self.decoder_cross_kv(latents), bias)
         return logits
 
+    def decode_with_blocks(
+        self,
+        h: Tensor,
+        latents: Tensor,
+        read_patch: Tensor,
+        block_ids: Tensor,
+        block_starts: Tensor,
+        block_read: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """BLT-D training layout: the clean sequence and M corrupted blocks in one decoder pass.
+
+        h (B, N, d) clean encoder states; read_patch (B, N); block_ids (B, M, Bk) bytes/[MASK]/[PAD];
+        block_starts (B, M) first position of each block; block_read (B, M) the latent each block
+        reads (the patch ending right before its start). Masks (DESIGN.md): clean rows are causal
+        over clean rows only; a block row sees its own block (bidirectionally) and the clean rows
+        strictly before its start, nothing else (no other block: the "label leak").
+        Returns clean logits (B, N, V) and block logits (B, M, Bk, V).
+        """
+        B, N, _ = h.shape
+        _, M, Bk = block_ids.shape
+        dev = h.device
+        clean_pos = torch.arange(N, device=dev).expand(B, N)
+        block_pos = (block_starts.unsqueeze(-1) + torch.arange(Bk, device=dev)).view(B, M * Bk)
+        pos = torch.cat([clean_pos, block_pos], dim=1)  # (B, T)
+        horizon = torch.cat([clean_pos + 1, block_starts.repeat_interleave(Bk, dim=1)], dim=1)  # clean keys < horizon
+        block_of = torch.cat([torch.full((N,), -1, device=dev), torch.arange(M, device=dev).repeat_interleave(Bk)])
+        is_clean_key = (torch.arange(N + M * Bk, device=dev) < N).view(1, 1, -1)
+        qp, kp = pos.unsqueeze(-1), pos.unsqueeze(-2)  # (B, T, 1), (B, 1, T)
+        ok = is_clean_key & (kp < horizon.unsqueeze(-1))
+        if self.config.decoder.window is not None:
+            ok = ok & (qp - kp < self.config.decoder.window)
+        ok = ok | ((block_of.view(-1, 1) == block_of.view(1, -1)) & (block_of.view(-1, 1) >= 0)).unsqueeze(0)
+        bias = torch.where(ok, 0.0, NEG).unsqueeze(1).to(torch.float32)  # (B, 1, T, T)
+        x = torch.cat([h, self.embed_block(block_ids.view(B, M * Bk))], dim=1)
+        read = torch.cat([read_patch, block_read.repeat_interleave(Bk, dim=1)], dim=1)
+        logits, _ = self.decoder_layers(x, pos, read, self.decoder_cross_kv(latents), bias)
+        return logits[:, :N], logits[:, N:].view(B, M, Bk, -1)
+
     def embed_block(self, block_ids: Tensor) -> Tensor:
         """BLT-D block positions (bytes, [MASK], [PAD]) -> decoder inputs (B, S, d)."""
         if self.local_decoder.diffusion_embeddings is None:

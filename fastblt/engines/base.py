@@ -1,0 +1,146 @@
+"""One small backend interface for the five step graphs.
+
+A backend runs a named step on named torch tensors (the names and shapes of export/spec.py).
+Public methods check the lifecycle and the feeds, then delegate to `_impl` methods. Backends are
+context managers and are looked up by name: `torch` (reference), `ort`, `trt`.
+
+Buffer ownership: feeds are the caller's (caches are passed as whole static buffers and only
+read); outputs belong to the backend and are valid until the next `run_step` call of that step.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fastblt.errors import BackendUnavailable, InputError
+from fastblt.export.spec import StepSpec
+
+TORCH_DTYPES = {"int32": torch.int32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Availability:
+    name: str
+    available: bool
+    reason: str  # why not (or a short description when available)
+
+
+class Backend(ABC):
+    """Runs step graphs. Subclasses implement `_activate_impl`, `_run_step_impl`, `_deactivate_impl`."""
+
+    name: str = "?"
+
+    def __init__(self, specs: dict[str, StepSpec]):
+        self.specs = specs
+        self.active = False
+        self.backend_seconds = 0.0  # time spent inside _run_step_impl since activation
+        self.calls: dict[str, int] = dict.fromkeys(specs, 0)
+
+    # lifecycle --------------------------------------------------------------------------
+    def activate(self) -> Backend:
+        if not self.active:
+            self._activate_impl()
+            self.active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.active:
+            self._deactivate_impl()
+            self.active = False
+
+    def __enter__(self) -> Backend:
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    # the one hot-path call ----------------------------------------------------------------
+    def run_step(self, step: str, feeds: dict[str, torch.Tensor], check: bool = True) -> dict[str, torch.Tensor]:
+        """Run one step graph. feeds: every input of the step's spec, by name.
+
+        Returns the outputs by name (owned by the backend; valid until the next call of `step`).
+        `check=False` skips the name/dtype/rank checks (the runtime's hot loop builds feeds itself).
+        """
+        if not self.active:
+            self.activate()
+        if step not in self.specs:
+            raise InputError(f"step {step!r}: not in this model's graphs {sorted(self.specs)}")
+        if check:
+            check_feeds(self.specs[step], feeds)
+        t0 = time.perf_counter()
+        out = self._run_step_impl(step, feeds)
+        self.backend_seconds += time.perf_counter() - t0
+        self.calls[step] += 1
+        return out
+
+    def reset_counters(self) -> None:
+        self.backend_seconds = 0.0
+        self.calls = dict.fromkeys(self.specs, 0)
+
+    @abstractmethod
+    def _activate_impl(self) -> None: ...
+
+    @abstractmethod
+    def _run_step_impl(self, step: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def _deactivate_impl(self) -> None:
+        return None
+
+
+def check_feeds(spec: StepSpec, feeds: dict[str, torch.Tensor]) -> None:
+    """Names, dtypes and static dims of feeds against the spec; messages name the tensor."""
+    missing = [t.name for t in spec.inputs if t.name not in feeds]
+    if missing:
+        raise InputError(f"step {spec.name}: missing input(s) {missing}")
+    extra = sorted(set(feeds) - {t.name for t in spec.inputs})
+    if extra:
+        raise InputError(f"step {spec.name}: unexpected input(s) {extra}")
+    for t in spec.inputs:
+        x = feeds[t.name]
+        if x.dtype != TORCH_DTYPES[t.dtype]:
+            raise InputError(f"step {spec.name} | input {t.name}: dtype {x.dtype}, expected {t.dtype}")
+        if x.dim() != len(t.shape):
+            raise InputError(f"step {spec.name} | input {t.name}: shape {tuple(x.shape)}, expected {t.shape}")
+        for got, want in zip(x.shape, t.shape, strict=True):
+            if isinstance(want, int) and got != want:
+                raise InputError(f"step {spec.name} | input {t.name}: shape {tuple(x.shape)}, expected {t.shape}")
+
+
+_REGISTRY: dict[str, tuple[Callable[..., Backend], Callable[[], Availability]]] = {}
+
+
+def register(name: str, factory: Callable[..., Backend], availability: Callable[[], Availability]) -> None:
+    _REGISTRY[name] = (factory, availability)
+
+
+def available() -> dict[str, Availability]:
+    """Every known backend and whether it can run here (with the reason when not)."""
+    _load_builtin()
+    return {name: avail() for name, (_, avail) in _REGISTRY.items()}
+
+
+def backend_factory(name: str) -> Callable[..., Backend]:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise InputError(f"backend {name!r}: unknown; choose one of {sorted(_REGISTRY)}")
+    factory, avail = _REGISTRY[name]
+    status = avail()
+    if not status.available:
+        raise BackendUnavailable(f"backend {name}: unavailable here: {status.reason}")
+    return factory
+
+
+def _load_builtin() -> None:
+    import fastblt.engines.torch_backend  # noqa: F401  (registers "torch")
+
+    for mod in ("fastblt.engines.ort_backend", "fastblt.engines.trt_backend"):
+        try:
+            __import__(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # a missing optional dependency is reported by availability()
+                raise

@@ -1,0 +1,76 @@
+"""The `torch` backend: the reference step functions, eager, no graphs. The source of truth."""
+
+from __future__ import annotations
+
+import torch
+
+from fastblt.engines.base import Availability, Backend, register
+from fastblt.export.spec import StepSpec
+from fastblt.model import steps
+from fastblt.model.blt import BltModel
+
+
+def _kv(feeds: dict[str, torch.Tensor], prefix: str, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(feeds[f"{prefix}.{i}.k"], feeds[f"{prefix}.{i}.v"]) for i in range(n)]
+
+
+def _named(prefix: str, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, (k, v) in enumerate(kv):
+        out[f"{prefix}.{i}.k"], out[f"{prefix}.{i}.v"] = k, v
+    return out
+
+
+def run_named_step(model: BltModel, step: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Call the reference step function `step` with feeds named as in export/spec.py."""
+    c = model.config
+    n_cross = c.decoder_cross_layers
+    if step == "entropy":
+        ent, present = steps.entropy_step(
+            model.entropy_model, feeds["tokens"], feeds["start"], _kv(feeds, "past", c.entropy.n_layers)
+        )
+        return {"entropies": ent, **_named("present", present)}
+    if step == "encoder":
+        h, present = steps.encoder_step(
+            model, feeds["tokens"], feeds["hash_ids"], feeds["start"], _kv(feeds, "past", c.encoder.n_layers)
+        )
+        return {"h": h, **_named("present", present)}
+    if step == "global":
+        latents, cross, present = steps.global_step(
+            model,
+            feeds["patch_bytes"],
+            feeds["patch_lens"],
+            feeds["start"],
+            _kv(feeds, "past", c.global_model.n_layers),
+        )
+        return {"latents": latents, **_named("cross", cross), **_named("present", present)}
+    past, cross = _kv(feeds, "past", c.decoder.n_layers), _kv(feeds, "cross", n_cross)
+    if step == "decoder":
+        logits, present = steps.decoder_step(model, feeds["h"], feeds["read_patch"], feeds["start"], past, cross)
+        return {"logits": logits, **_named("present", present)}
+    if step == "decoder_block":
+        logits = steps.decoder_block_step(model, feeds["block_ids"], feeds["start"], feeds["read_patch"], past, cross)
+        return {"logits": logits}
+    raise KeyError(step)
+
+
+class TorchBackend(Backend):
+    """Eager PyTorch on the CPU (or the model's device)."""
+
+    name = "torch"
+
+    def __init__(self, specs: dict[str, StepSpec], model: BltModel, threads: int | None = None):
+        super().__init__(specs)
+        self.model = model.eval()
+        self.threads = threads
+
+    def _activate_impl(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
+    def _run_step_impl(self, step: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            return run_named_step(self.model, step, feeds)
+
+
+register("torch", TorchBackend, lambda: Availability("torch", True, f"torch {torch.__version__} eager"))

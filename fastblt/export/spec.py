@@ -1,0 +1,131 @@
+"""The step contract, declared once: every input and output of the five step graphs with its name,
+dtype and shape (named dimensions are dynamic). The torch reference, the ONNX export, the manifest,
+TensorRT profiles and the runtime's checks all read this.
+
+Dynamic dimensions: `batch`, `new` (S new positions), `patches` (Pn new patches), `patch_len` (L,
+the longest new patch). Static: cache capacities `capacity` (bytes) and `patch_capacity`.
+Cache I/O: `past.{layer}.k` in, `present.{layer}.k` out (only the S new entries).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastblt.model.config import BltConfig, StackConfig
+
+STEPS = ("entropy", "encoder", "global", "decoder", "decoder_block")
+DYNAMIC_DIMS = ("batch", "new", "patches", "patch_len")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "int32" | "float32" | "float16" | "bfloat16"
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    stack: str  # which cache this step reads/writes: "entropy" | "encoder" | "global" | "decoder"
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def to_dict(self) -> dict:
+        return {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "stack": self.stack,
+        }
+
+
+def _cache(prefix: str, cfg: StackConfig, length: int | str, dtype: str) -> list[TensorSpec]:
+    shape = ("batch", cfg.n_heads, length, cfg.head_dim)
+    return [TensorSpec(f"{prefix}.{i}.{kv}", dtype, shape) for i in range(cfg.n_layers) for kv in ("k", "v")]
+
+
+def _cross(config: BltConfig, length: int | str, dtype: str) -> list[TensorSpec]:
+    shape = ("batch", length, config.cross_attn_k, config.decoder.dim)
+    return [
+        TensorSpec(f"cross.{i}.{kv}", dtype, shape) for i in range(config.decoder_cross_layers) for kv in ("k", "v")
+    ]
+
+
+def step_specs(config: BltConfig, capacity: int, patch_capacity: int, dtype: str = "float32") -> dict[str, StepSpec]:
+    """All step specs for a config; `dtype` is the float dtype of states and caches.
+
+    Entropies and logits are always float32 (DESIGN.md: entropy and the head run in fp32).
+    """
+    i32, f32 = "int32", "float32"
+    start = TensorSpec("start", i32, ("batch",))
+    V = config.vocab_size
+    specs: dict[str, StepSpec] = {}
+    if config.entropy is not None:
+        e = config.entropy
+        specs["entropy"] = StepSpec(
+            "entropy",
+            (TensorSpec("tokens", i32, ("batch", "new")), start, *_cache("past", e, capacity, dtype)),
+            (TensorSpec("entropies", f32, ("batch", "new")), *_cache("present", e, "new", dtype)),
+            "entropy",
+        )
+    enc = config.encoder
+    specs["encoder"] = StepSpec(
+        "encoder",
+        (
+            TensorSpec("tokens", i32, ("batch", "new")),
+            TensorSpec("hash_ids", i32, ("batch", "new", config.n_hash_tables)),
+            start,
+            *_cache("past", enc, capacity, dtype),
+        ),
+        (TensorSpec("h", dtype, ("batch", "new", enc.dim)), *_cache("present", enc, "new", dtype)),
+        "encoder",
+    )
+    g = config.global_model
+    specs["global"] = StepSpec(
+        "global",
+        (
+            TensorSpec("patch_bytes", dtype, ("batch", "patches", "patch_len", enc.dim)),
+            TensorSpec("patch_lens", i32, ("batch", "patches")),
+            start,
+            *_cache("past", g, patch_capacity, dtype),
+        ),
+        (
+            TensorSpec("latents", dtype, ("batch", "patches", g.dim)),
+            *_cross(config, "patches", dtype),
+            *_cache("present", g, "patches", dtype),
+        ),
+        "global",
+    )
+    dec = config.decoder
+    specs["decoder"] = StepSpec(
+        "decoder",
+        (
+            TensorSpec("h", dtype, ("batch", "new", dec.dim)),
+            TensorSpec("read_patch", i32, ("batch", "new")),
+            start,
+            *_cache("past", dec, capacity, dtype),
+            *_cross(config, patch_capacity, dtype),
+        ),
+        (TensorSpec("logits", f32, ("batch", "new", V)), *_cache("present", dec, "new", dtype)),
+        "decoder",
+    )
+    if config.blt_d is not None:
+        specs["decoder_block"] = StepSpec(
+            "decoder_block",
+            (
+                TensorSpec("block_ids", i32, ("batch", "new")),
+                start,
+                TensorSpec("read_patch", i32, ("batch",)),
+                *_cache("past", dec, capacity, dtype),
+                *_cross(config, patch_capacity, dtype),
+            ),
+            (TensorSpec("logits", f32, ("batch", "new", V)),),
+            "decoder",
+        )
+    return specs

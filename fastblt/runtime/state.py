@@ -1,0 +1,214 @@
+"""Host state of one sequence: tokens, entropies, patch boundaries, byte states and the static
+caches of all four stacks, driven through any backend's step graphs.
+
+Frontiers: `n` bytes are committed (every cache valid below n); `g_len` global entries are valid
+(one per patch closed below n, so g_len == closed[n]). Positions >= n may hold speculative work
+(drafts) that the next `append` overwrites. Rolling back is moving `n` back: O(1) besides the
+bookkeeping arrays, which are indexed by position and never shifted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastblt.engines.base import TORCH_DTYPES, Backend
+from fastblt.errors import InputError
+from fastblt.export.spec import StepSpec
+from fastblt.model.config import BltConfig, StackConfig
+from fastblt.model.hashing import hash_ids_numpy
+from fastblt.model.patching import closes_patch
+
+KV = list[tuple[Tensor, Tensor]]
+
+
+def _zeros_kv(cfg: StackConfig, length: int, dtype: torch.dtype) -> KV:
+    shape = (1, cfg.n_heads, length, cfg.head_dim)
+    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(cfg.n_layers)]
+
+
+def _feed_kv(feeds: dict[str, Tensor], prefix: str, kv: KV) -> None:
+    for i, (k, v) in enumerate(kv):
+        feeds[f"{prefix}.{i}.k"], feeds[f"{prefix}.{i}.v"] = k, v
+
+
+def _write(cache: KV, out: dict[str, Tensor], prefix: str, at: int) -> None:
+    """Copy each layer's S new entries (1, H, S, hd) into the static buffer at slots at..at+S-1."""
+    for i, (ck, cv) in enumerate(cache):
+        k, v = out[f"{prefix}.{i}.k"], out[f"{prefix}.{i}.v"]
+        ck[:, :, at : at + k.shape[2]].copy_(k)
+        cv[:, :, at : at + v.shape[2]].copy_(v)
+
+
+class SequenceState:
+    """One sequence (batch 1) over a backend. Not thread-safe: one state per generation call."""
+
+    def __init__(self, backend: Backend, config: BltConfig, capacity: int, patch_capacity: int):
+        if config.entropy is None:
+            raise InputError("checkpoint: the runtime needs an entropy model to patch")
+        self.backend, self.config = backend, config
+        self.capacity, self.patch_capacity = capacity, patch_capacity
+        specs: dict[str, StepSpec] = backend.specs
+        dtype = TORCH_DTYPES[specs["encoder"].input("past.0.k").dtype]
+        self.dtype = dtype
+        self.caches = {
+            "entropy": _zeros_kv(config.entropy, capacity, dtype),
+            "encoder": _zeros_kv(config.encoder, capacity, dtype),
+            "global": _zeros_kv(config.global_model, patch_capacity, dtype),
+            "decoder": _zeros_kv(config.decoder, capacity, dtype),
+        }
+        cross_shape = (1, patch_capacity, config.cross_attn_k, config.decoder.dim)
+        self.cross: KV = [
+            (torch.zeros(cross_shape, dtype=dtype), torch.zeros(cross_shape, dtype=dtype))
+            for _ in range(config.decoder_cross_layers)
+        ]
+        self.tokens = np.zeros(capacity, dtype=np.int64)
+        self.entropies = np.zeros(capacity, dtype=np.float32)
+        self.closes = np.zeros(capacity, dtype=bool)  # byte i ends its patch
+        self.closed = np.zeros(capacity + 1, dtype=np.int64)  # closed[i]: patches closed at bytes < i
+        self.patch_len = np.zeros(capacity, dtype=np.int64)  # bytes of i's patch up to and including i
+        self.h = torch.zeros(capacity, config.encoder.dim, dtype=dtype)  # encoder byte states
+        self.n = 0
+        self.g_len = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _start(self, at: int) -> Tensor:
+        return torch.tensor([at], dtype=torch.int32)
+
+    def _need_room(self, end: int) -> None:
+        if end > self.capacity:
+            raise InputError(f"sequence: {end} bytes exceed the cache capacity of {self.capacity}")
+
+    def open_patch_start(self, n: int | None = None) -> int:
+        """First byte of the patch still open after n committed bytes (== n if none is open)."""
+        n = self.n if n is None else n
+        return n - int(self.patch_len[n - 1]) if n > 0 and not self.closes[n - 1] else n
+
+    # ------------------------------------------------------------------ the four stacks
+    def run_entropy(self, at: int, tokens: np.ndarray) -> np.ndarray:
+        feeds = {"tokens": torch.from_numpy(tokens.astype(np.int32)).view(1, -1), "start": self._start(at)}
+        _feed_kv(feeds, "past", self.caches["entropy"])
+        out = self.backend.run_step("entropy", feeds, check=False)
+        _write(self.caches["entropy"], out, "present", at)
+        return out["entropies"][0].float().numpy()
+
+    def run_encoder(self, at: int, tokens: np.ndarray) -> None:
+        """Encoder states for tokens placed at positions at.. (writes self.h and the encoder cache)."""
+        self._need_room(at + len(tokens))
+        self.tokens[at : at + len(tokens)] = tokens
+        history = self.tokens[max(0, at - (max(self.config.hash_sizes) - 1)) : at].reshape(1, -1)
+        hash_ids = hash_ids_numpy(tokens.reshape(1, -1), self.config, history)
+        feeds = {
+            "tokens": torch.from_numpy(tokens.astype(np.int32)).view(1, -1),
+            "hash_ids": torch.from_numpy(hash_ids),
+            "start": self._start(at),
+        }
+        _feed_kv(feeds, "past", self.caches["encoder"])
+        out = self.backend.run_step("encoder", feeds, check=False)
+        _write(self.caches["encoder"], out, "present", at)
+        self.h[at : at + len(tokens)] = out["h"][0]
+
+    def run_global(self, spans: list[tuple[int, int]], at: int) -> None:
+        """One global step over patches given as byte spans [s, e); entries written at slot `at`."""
+        if at + len(spans) > self.patch_capacity:
+            raise InputError(f"sequence: {at + len(spans)} patches exceed the patch capacity {self.patch_capacity}")
+        L = max(e - s for s, e in spans)
+        patch_bytes = torch.zeros(1, len(spans), L, self.config.encoder.dim, dtype=self.dtype)
+        for j, (s, e) in enumerate(spans):
+            patch_bytes[0, j, : e - s] = self.h[s:e]
+        feeds = {
+            "patch_bytes": patch_bytes,
+            "patch_lens": torch.tensor([[e - s for s, e in spans]], dtype=torch.int32),
+            "start": self._start(at),
+        }
+        _feed_kv(feeds, "past", self.caches["global"])
+        out = self.backend.run_step("global", feeds, check=False)
+        _write(self.caches["global"], out, "present", at)
+        for i, (ck, cv) in enumerate(self.cross):
+            ck[:, at : at + len(spans)] = out[f"cross.{i}.k"]
+            cv[:, at : at + len(spans)] = out[f"cross.{i}.v"]
+
+    def run_decoder(self, at: int, S: int, read_patch: np.ndarray) -> Tensor:
+        """Causal decoder over byte states h[at:at+S] -> logits (S, V); writes the decoder cache."""
+        feeds = {
+            "h": self.h[at : at + S].unsqueeze(0),
+            "read_patch": torch.from_numpy(read_patch.astype(np.int32)).view(1, -1),
+            "start": self._start(at),
+        }
+        _feed_kv(feeds, "past", self.caches["decoder"])
+        _feed_kv(feeds, "cross", self.cross)
+        out = self.backend.run_step("decoder", feeds, check=False)
+        _write(self.caches["decoder"], out, "present", at)
+        return out["logits"][0]
+
+    def run_block(self, block_ids: np.ndarray, read_patch: int) -> Tensor:
+        """The diffusion head on a block at positions n..n+B-1 -> logits (B, V). Writes nothing."""
+        self._need_room(self.n + len(block_ids))
+        feeds = {
+            "block_ids": torch.from_numpy(block_ids.astype(np.int32)).view(1, -1),
+            "start": self._start(self.n),
+            "read_patch": torch.tensor([read_patch], dtype=torch.int32),
+        }
+        _feed_kv(feeds, "past", self.caches["decoder"])
+        _feed_kv(feeds, "cross", self.cross)
+        return self.backend.run_step("decoder_block", feeds, check=False)["logits"][0]
+
+    # ------------------------------------------------------------------ sequence operations
+    def append(self, tokens: list[int] | np.ndarray, encoded: bool = False) -> Tensor:
+        """Commit tokens at positions n..n+S-1 and return their next-byte logits (S, V).
+
+        Runs the entropy step, the encoder step (skipped when `encoded`: drafting already wrote
+        these positions' encoder states, which do not depend on patching), one global step for
+        every patch the new bytes close, and the causal decoder step.
+        """
+        tokens = np.asarray(tokens, dtype=np.int64)
+        S, at = len(tokens), self.n
+        if S == 0:
+            raise InputError("append: no tokens")
+        self._need_room(at + S)
+        if not encoded:
+            self.run_encoder(at, tokens)
+        self.tokens[at : at + S] = tokens
+        ent = self.run_entropy(at, tokens)
+        spans = self._mark_patches(at, ent)
+        if spans:
+            self.run_global(spans, self.g_len)
+            self.g_len += len(spans)
+        read = self.closed[at + 1 : at + S + 1] - 1  # the last patch closed at or before each byte
+        logits = self.run_decoder(at, S, read)
+        self.n = at + S
+        return logits
+
+    def _mark_patches(self, at: int, ent: np.ndarray) -> list[tuple[int, int]]:
+        """Patch bookkeeping for bytes at..at+S-1; returns the spans of the patches they close."""
+        spans = []
+        for j, h_i in enumerate(ent):
+            i = at + j
+            self.entropies[i] = h_i
+            self.patch_len[i] = 1 if i == 0 or self.closes[i - 1] else self.patch_len[i - 1] + 1
+            self.closes[i] = closes_patch(i, float(h_i), int(self.patch_len[i]), self.config.patching)
+            self.closed[i + 1] = self.closed[i] + int(self.closes[i])
+            if self.closes[i]:
+                spans.append((i + 1 - int(self.patch_len[i]), i + 1))
+        return spans
+
+    def rollback(self, n: int) -> None:
+        """Forget everything at positions >= n (O(1): frontiers move, buffers stay)."""
+        if not 0 <= n <= self.n:
+            raise InputError(f"rollback: {n} is outside [0, {self.n}]")
+        self.n = n
+        self.g_len = int(self.closed[n])
+
+    def force_close(self) -> int:
+        """The paper's block-start rule: the latent the next block reads.
+
+        If a patch is open, run a global step on it as if it closed now and return its slot
+        (g_len, which stays uncounted: the next commit overwrites it, an O(1) rollback);
+        otherwise return the last closed patch.
+        """
+        s = self.open_patch_start()
+        if s == self.n:
+            return self.g_len - 1
+        self.run_global([(s, self.n)], self.g_len)
+        return self.g_len
