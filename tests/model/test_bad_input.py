@@ -8,6 +8,7 @@ import torch
 import fastblt
 from fastblt.errors import ConfigError, InputError
 from fastblt.model.config import BltConfig, StackConfig, tiny_config
+
 from tiny import make_model, random_tokens
 
 

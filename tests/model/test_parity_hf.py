@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastblt.model.keymap import config_to_hf, to_hf_state_dict
+
 from tiny import TINY_CONFIGS, make_model, random_tokens
 
 transformers = pytest.importorskip("transformers")

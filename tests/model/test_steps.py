@@ -12,6 +12,7 @@ from fastblt.export.spec import step_specs
 from fastblt.model import steps
 from fastblt.model.patching import decoder_patch_ids, patch_ids_from_lengths
 from fastblt.runtime.state import SequenceState
+
 from tiny import TINY_CONFIGS, make_model, random_tokens
 
 N = 56
