@@ -316,7 +316,8 @@ class BltModel(nn.Module):
         count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
         return {
             "entropy": count(self.entropy_model),
-            "encoder": count(self.local_encoder) + count(self.encoder_hash_tok_embedding),
+            "encoder": count(self.local_encoder),  # as the paper counts it: without the hash tables
+            "hash_embeddings": count(self.encoder_hash_tok_embedding),  # only n_tables rows read per byte
             "global": count(self.global_transformer),
             "decoder": count(self.local_decoder),
         }
