@@ -1,0 +1,156 @@
+"""The training corpus of the embedded default: CPython's own standard-library `.py` files.
+
+Files come from `sysconfig.get_paths()["stdlib"]` in sorted relative-path order. We leave out
+`site-packages` (not CPython's code) and every test directory (`test`, `tests`, `idle_test`):
+CPython's test suite is ~60% of the stdlib's bytes and is dominated by data-like fixtures, so the
+corpus is library code only. The held-out files are a fixed, committed list
+(`fastblt/assets/heldout_files.txt`) so that every Python version evaluates on the same files;
+files of the list that this Python lacks are skipped and counted.
+
+Token ids are byte + 4 with BOS (1) prepended (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastblt.errors import InputError
+from fastblt.model.config import BOS_ID, BYTE_OFFSET
+
+HELDOUT_LIST = Path(__file__).resolve().parent.parent / "assets" / "heldout_files.txt"
+EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "__pycache__"})
+HELDOUT_FRACTION = 0.06  # of corpus bytes; the issue asks for >= 5%
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def list_corpus_files(root: Path | None = None) -> list[str]:
+    """Sorted relative paths (POSIX) of the corpus's `.py` files under `root` (default: stdlib)."""
+    root = stdlib_dir() if root is None else Path(root)
+    out = []
+    for f in root.rglob("*.py"):
+        rel = f.relative_to(root)
+        if EXCLUDED_DIRS & set(rel.parts[:-1]) or not f.is_file():
+            continue
+        out.append(rel.as_posix())
+    return sorted(out)
+
+
+def choose_heldout(root: Path | None = None, fraction: float = HELDOUT_FRACTION) -> list[str]:
+    """The deterministic held-out choice: files in order of sha256(path), until `fraction` of bytes.
+
+    Used once to write the committed list; training reads the list, never recomputes it.
+    """
+    root = stdlib_dir() if root is None else Path(root)
+    files = list_corpus_files(root)
+    sizes = {f: (root / f).stat().st_size for f in files}
+    total, acc, chosen = sum(sizes.values()), 0, []
+    for f in sorted(files, key=lambda p: hashlib.sha256(p.encode()).hexdigest()):
+        if acc >= fraction * total:
+            break
+        chosen.append(f)
+        acc += sizes[f]
+    return sorted(chosen)
+
+
+def read_heldout_list(path: Path = HELDOUT_LIST) -> list[str]:
+    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+@dataclass
+class Corpus:
+    """Train/held-out split of the stdlib files, each side one concatenated uint8 array."""
+
+    root: Path
+    train_files: list[str]
+    heldout_files: list[str]
+    missing_heldout: list[str]
+    train_bytes: np.ndarray  # (n_train_bytes,) uint8, files concatenated in order
+    train_offsets: np.ndarray  # (n_files + 1,) int64 start of each file in train_bytes
+    heldout_texts: list[bytes]
+
+    @classmethod
+    def load(
+        cls, root: Path | None = None, heldout_list: Path = HELDOUT_LIST, limit_bytes: int | None = None
+    ) -> Corpus:
+        """Read the corpus; `limit_bytes` keeps only the first files up to that many train bytes (smoke)."""
+        root = stdlib_dir() if root is None else Path(root)
+        files = list_corpus_files(root)
+        listed = read_heldout_list(heldout_list)
+        present = set(files)
+        heldout = [f for f in listed if f in present]
+        missing = [f for f in listed if f not in present]
+        held = set(heldout)
+        train = [f for f in files if f not in held]
+        chunks, offsets, n = [], [0], 0
+        for f in train:
+            data = (root / f).read_bytes()
+            chunks.append(data)
+            n += len(data)
+            offsets.append(n)
+            if limit_bytes is not None and n >= limit_bytes:
+                train = train[: len(chunks)]
+                break
+        if n == 0:
+            raise InputError(f"corpus: no training files found under {root}")
+        arr = np.frombuffer(b"".join(chunks), dtype=np.uint8).copy()
+        texts = [(root / f).read_bytes() for f in heldout]
+        return cls(root, train, heldout, missing, arr, np.asarray(offsets, dtype=np.int64), texts)
+
+    @property
+    def n_train_bytes(self) -> int:
+        return int(self.train_bytes.shape[0])
+
+    @property
+    def n_heldout_bytes(self) -> int:
+        return sum(len(t) for t in self.heldout_texts)
+
+    def sample(self, batch: int, n_bytes: int, gen: torch.Generator) -> Tensor:
+        """Random training windows: (batch, 1 + n_bytes) int64 token ids, BOS first.
+
+        A window starts at a uniformly random byte and is moved back so it ends inside the same
+        file; only a file shorter than the window lets it run into the next file(s).
+        """
+        total = self.n_train_bytes
+        if total <= n_bytes:
+            raise InputError(f"corpus: {total} training bytes cannot fill a window of {n_bytes}")
+        pos = torch.randint(0, total, (batch,), generator=gen).numpy()
+        f = np.searchsorted(self.train_offsets, pos, side="right") - 1  # file of each start
+        file_end = self.train_offsets[f + 1]
+        start = np.maximum(self.train_offsets[f], np.minimum(pos, file_end - n_bytes))
+        start = np.minimum(start, total - n_bytes)
+        idx = start[:, None] + np.arange(n_bytes)[None, :]  # (batch, n_bytes)
+        return windows_to_tokens(torch.from_numpy(self.train_bytes[idx].astype(np.int64)))
+
+    def heldout_windows(self, n_bytes: int = 1024, max_windows: int | None = 128) -> Tensor:
+        """Non-overlapping held-out windows: (W, 1 + n_bytes) int64 tokens, BOS first.
+
+        All full windows of every held-out file in list order, then `max_windows` of them taken at
+        evenly spaced indices (deterministic).
+        """
+        wins = []
+        for text in self.heldout_texts:
+            for s in range(0, len(text) - n_bytes + 1, n_bytes):
+                wins.append(np.frombuffer(text[s : s + n_bytes], dtype=np.uint8))
+        if not wins:
+            raise InputError(f"corpus: no held-out file has {n_bytes} bytes")
+        if max_windows is not None and len(wins) > max_windows:
+            pick = np.linspace(0, len(wins) - 1, max_windows).round().astype(np.int64)
+            wins = [wins[i] for i in pick]
+        return windows_to_tokens(torch.from_numpy(np.stack(wins).astype(np.int64)))
+
+
+def windows_to_tokens(byte_windows: Tensor) -> Tensor:
+    """(B, n) int64 byte values -> (B, 1 + n) token ids, BOS first."""
+    bos = torch.full((byte_windows.shape[0], 1), BOS_ID, dtype=torch.int64)
+    return torch.cat([bos, byte_windows + BYTE_OFFSET], dim=1)

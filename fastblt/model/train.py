@@ -1,0 +1,390 @@
+"""`fastblt train`: the entropy model, then the BLT-D, and a same-budget plain byte-LM baseline.
+
+Phases (each resumable from OUT/<phase>/train_state.pt, which holds only tensors, dicts, lists,
+ints and floats so that `torch.load(weights_only=True)` reads it):
+    entropy   a small byte LM, next-byte loss; then the patching threshold is chosen as the
+              entropy quantile that gives a mean patch length of ~4 bytes on training windows
+    blt       BLT-D with the frozen entropy model: L_clean + L_mask (train_blt_d.py)
+    baseline  a plain causal byte transformer (EntropyModel code, ~3.4M params), same wall clock
+    report    held-out evaluation, samples, REPORT.md + report.json + loss_curve.png (train_report.py)
+A phase is budgeted by wall-clock minutes (the LR schedule follows the elapsed fraction of the
+budget, so it survives resumes) or, with --smoke, by a fixed step count (deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from fastblt.model.blt import BltModel, EntropyModel
+from fastblt.model.config import VOCAB_SIZE, BltConfig, BltDConfig, PatchingConfig, StackConfig
+from fastblt.model.corpus import Corpus
+from fastblt.model.train_blt_d import blt_d_loss, eval_bpb, lm_loss, patch_batch, patch_starts_from_entropies
+
+TARGET_PATCH_LEN = 4.0
+
+
+# ------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One training phase's optimisation and budget."""
+
+    lr: float
+    batch: int  # windows per step
+    seq_bytes: int  # bytes per window (BOS prepended)
+    minutes: float | None = None  # wall-clock budget; None -> max_steps
+    max_steps: int | None = None
+    warmup_steps: int = 100
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.1
+    eval_every_s: float = 300.0
+    eval_windows: int = 16  # held-out 1024-byte windows for the periodic evaluation
+    ckpt_every_s: float = 180.0
+    max_blocks: int | None = None  # BLT-D only: blocks kept per row
+    mask_weight: float = 1.0  # BLT-D only
+
+    def __post_init__(self) -> None:
+        assert (self.minutes is None) != (self.max_steps is None), "give exactly one of minutes / max_steps"
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Everything `fastblt train` decides: model sizes and the three phases."""
+
+    model: BltConfig  # patching.threshold is replaced after the entropy phase
+    baseline: StackConfig
+    entropy: PhaseConfig
+    blt: PhaseConfig
+    base: PhaseConfig
+    corpus_limit_bytes: int | None = None
+    eval_windows: int = 128  # final held-out evaluation (1024-byte windows)
+    eval_bytes: int = 1024
+    masked_acc_windows: int = 48
+    n_samples: int = 10
+    sample_bytes: int = 96
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_model_config(threshold: float = 1.0) -> BltConfig:
+    """The embedded default: parameters go to the global model (patches are ~4x cheaper)."""
+    local = dict(n_heads=4, window=512, max_positions=8192)
+    return BltConfig(
+        encoder=StackConfig(dim=128, n_layers=1, ffn_dim=384, **local),
+        global_model=StackConfig(dim=256, n_layers=5, n_heads=4, ffn_dim=768, max_positions=4096),
+        decoder=StackConfig(dim=128, n_layers=2, ffn_dim=384, **local),
+        entropy=StackConfig(dim=96, n_layers=2, ffn_dim=256, rope_theta=10000.0, **local),
+        cross_attn_k=2,  # k * d_local = 256 = d_global: no projection
+        hash_sizes=(3, 4, 5, 6, 7, 8),
+        hash_vocab=2048,
+        patching=PatchingConfig(threshold=threshold),
+        blt_d=BltDConfig(block_size=8),
+    )
+
+
+def default_plan(minutes: float, entropy_minutes: float, baseline_minutes: float | None) -> TrainPlan:
+    return TrainPlan(
+        model=default_model_config(),
+        baseline=StackConfig(dim=256, n_layers=4, n_heads=4, ffn_dim=768, window=512, max_positions=8192),
+        entropy=PhaseConfig(lr=3e-3, batch=8, seq_bytes=1024, minutes=entropy_minutes, warmup_steps=50),
+        blt=PhaseConfig(lr=1.5e-3, batch=4, seq_bytes=1024, minutes=minutes, warmup_steps=100, max_blocks=16),
+        base=PhaseConfig(
+            lr=1.5e-3, batch=4, seq_bytes=1024, minutes=minutes if baseline_minutes is None else baseline_minutes
+        ),
+    )
+
+
+def smoke_plan() -> TrainPlan:
+    """Seconds on one core: tiny models on the first ~300 kB of the corpus, fixed step counts."""
+    local = dict(n_heads=2, window=128, max_positions=2048)
+    model = BltConfig(
+        encoder=StackConfig(dim=32, n_layers=1, ffn_dim=64, **local),
+        global_model=StackConfig(dim=64, n_layers=1, n_heads=2, ffn_dim=128, max_positions=2048),
+        decoder=StackConfig(dim=32, n_layers=1, ffn_dim=64, **local),
+        entropy=StackConfig(dim=32, n_layers=1, ffn_dim=64, rope_theta=10000.0, **local),
+        cross_attn_k=2,
+        hash_sizes=(3, 4),
+        hash_vocab=256,
+        blt_d=BltDConfig(block_size=8),
+    )
+    fast = dict(warmup_steps=5, eval_every_s=1e9, ckpt_every_s=1e9, eval_windows=2)
+    return TrainPlan(
+        model=model,
+        baseline=StackConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, window=128, max_positions=2048),
+        entropy=PhaseConfig(lr=1e-2, batch=4, seq_bytes=128, max_steps=25, **fast),
+        blt=PhaseConfig(lr=1e-2, batch=4, seq_bytes=128, max_steps=30, max_blocks=16, **fast),
+        base=PhaseConfig(lr=1e-2, batch=4, seq_bytes=128, max_steps=10, **fast),
+        corpus_limit_bytes=300_000,
+        eval_windows=4,
+        eval_bytes=256,
+        masked_acc_windows=2,
+        n_samples=2,
+        sample_bytes=16,
+    )
+
+
+# ------------------------------------------------------------------------------- the loop
+def lr_at(pc: PhaseConfig, step: int, progress: float) -> float:
+    """Linear warm-up over warmup_steps, then cosine from lr to min_lr_frac * lr as progress -> 1."""
+    if step < pc.warmup_steps:
+        return pc.lr * (step + 1) / pc.warmup_steps
+    p = min(1.0, max(0.0, progress))
+    return pc.lr * (pc.min_lr_frac + (1 - pc.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def make_optimizer(model: nn.Module, pc: PhaseConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": pc.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=pc.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+StepFn = Callable[[Tensor, torch.Generator], tuple[Tensor, dict[str, float]]]
+
+
+def run_phase(
+    name: str,
+    model: nn.Module,
+    pc: PhaseConfig,
+    step_fn: StepFn,
+    corpus: Corpus,
+    eval_fn: Callable[[], dict[str, float]],
+    state_dir: Path,
+    seed: int,
+    resume: bool,
+) -> dict[str, Any]:
+    """Train `model` for one phase; returns the history (lists) and counters.
+
+    Saves OUT/<phase>/train_state.pt every ckpt_every_s and at the end; with `resume`, a saved
+    state continues (same step, elapsed time, RNG and optimizer state).
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state_path = state_dir / "train_state.pt"
+    opt = make_optimizer(model, pc)
+    gen = torch.Generator().manual_seed(seed)
+    st: dict[str, Any] = {"step": 0, "elapsed": 0.0, "bytes": 0, "done": 0, "hist": {}, "evals": {}}
+    if resume and state_path.exists():
+        saved = torch.load(state_path, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optim"])
+        gen.set_state(saved["gen"])
+        torch.set_rng_state(saved["torch_rng"])
+        st = saved["st"]
+    if st["done"]:
+        return st
+
+    def save() -> None:
+        state = {"model": model.state_dict(), "optim": opt.state_dict(), "gen": gen.get_state()}
+        state.update({"torch_rng": torch.get_rng_state(), "st": st})
+        torch.save(state, state_path.with_suffix(".tmp"))
+        state_path.with_suffix(".tmp").replace(state_path)
+
+    budget_s = None if pc.minutes is None else 60.0 * pc.minutes
+    total = pc.max_steps if pc.max_steps is not None else int(budget_s)
+    initial = st["step"] if pc.max_steps else int(st["elapsed"])
+    bar = tqdm(total=total, initial=initial, desc=name, unit="step", mininterval=0.5 if pc.max_steps else 20.0)
+    if budget_s is not None:
+        bar.unit = "s"
+    start = time.time() - st["elapsed"]
+    last_eval, last_ckpt = st["elapsed"], st["elapsed"]
+    model.train()
+    while True:
+        elapsed = time.time() - start
+        progress = st["step"] / pc.max_steps if pc.max_steps is not None else elapsed / budget_s
+        if progress >= 1.0:
+            break
+        lr = lr_at(pc, st["step"], progress)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = corpus.sample(pc.batch, pc.seq_bytes, gen)
+        loss, metrics = step_fn(x, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        opt.step()
+        st["step"] += 1
+        st["bytes"] += pc.batch * pc.seq_bytes
+        now = time.time() - start
+        st["elapsed"] = now
+        row = {"step": st["step"], "elapsed": now, "lr": lr, "loss": loss.item(), "grad_norm": gnorm, **metrics}
+        for k, v in row.items():
+            st["hist"].setdefault(k, []).append(float(v))
+        bar.set_postfix(loss=f"{row['loss']:.3f}", bps=f"{st['bytes'] / max(now, 1e-9):.0f}")
+        bar.update(1 if pc.max_steps is not None else int(now) - bar.n)
+        if now - last_eval >= pc.eval_every_s:
+            model.eval()
+            ev = eval_fn()
+            model.train()
+            for k, v in {"step": st["step"], "elapsed": now, **ev}.items():
+                st["evals"].setdefault(k, []).append(float(v))
+            bar.write(f"[{name}] step {st['step']} {now / 60:.1f} min held-out " + json.dumps(ev))
+            last_eval = time.time() - start
+        if now - last_ckpt >= pc.ckpt_every_s:
+            save()
+            last_ckpt = now
+    bar.close()
+    model.eval()
+    st["done"] = 1
+    save()
+    return st
+
+
+# ------------------------------------------------------------------------------- phases
+def choose_threshold(ent_model: EntropyModel, corpus: Corpus, seq_bytes: int, seed: int, n: int = 64) -> float:
+    """The entropy quantile that gives a mean patch length of ~TARGET_PATCH_LEN on training windows.
+
+    Patches per window = 2 + #{1 <= i <= N-2 : H_i > theta} for N tokens, so we need a fraction
+    (N / L - 2) / (N - 2) of entropies above theta; a few bisection steps then fix rounding.
+    """
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        x = corpus.sample(n, seq_bytes, gen)
+        from fastblt.model.patching import entropy
+
+        ent = torch.cat([entropy(ent_model(x[i : i + 8])) for i in range(0, n, 8)])
+    N = x.shape[1]
+    frac = (N / TARGET_PATCH_LEN - 2) / (N - 2)
+    inner = ent[:, 1 : N - 1].flatten()
+    lo, hi = float(inner.min()), float(inner.max())
+    theta = float(torch.quantile(inner[:100_000], 1 - frac))
+
+    def mean_len(th: float) -> float:
+        return x.numel() / float(patch_starts_from_entropies(ent, th).sum())
+
+    for _ in range(30):  # bisection on the monotone mean length
+        m = mean_len(theta)
+        if abs(m - TARGET_PATCH_LEN) < 0.01:
+            break
+        if m > TARGET_PATCH_LEN:
+            hi = theta
+        else:
+            lo = theta
+        theta = 0.5 * (lo + hi)
+    return theta
+
+
+def train_entropy(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: bool) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = EntropyModel(plan.model.entropy, VOCAB_SIZE)
+    windows = corpus.heldout_windows(plan.eval_bytes, plan.entropy.eval_windows)
+    st = run_phase(
+        "entropy",
+        model,
+        plan.entropy,
+        lambda x, g: (lm_loss(model(x), x), {}),
+        corpus,
+        lambda: eval_bpb(model, windows),
+        out / "entropy",
+        seed,
+        resume,
+    )
+    result_path = out / "entropy" / "result.json"
+    if resume and result_path.exists():
+        return json.loads(result_path.read_text())
+    theta = choose_threshold(model, corpus, plan.blt.seq_bytes, seed)
+    save_file(model.state_dict(), str(out / "entropy" / "model.safetensors"))
+    result = {
+        "threshold": theta,
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": st["step"],
+        "wall_s": st["elapsed"],
+        "train_bytes": st["bytes"],
+        "heldout": eval_bpb(model, corpus.heldout_windows(plan.eval_bytes, plan.eval_windows)),
+        "hist": st["hist"],
+    }
+    result_path.write_text(json.dumps(result))
+    return result
+
+
+def build_blt(plan: TrainPlan, out: Path, threshold: float) -> BltModel:
+    """The BLT-D with the trained entropy model frozen inside it."""
+    cfg = plan.model.replace(patching=PatchingConfig(threshold=threshold))
+    model = BltModel(cfg)
+    model.entropy_model.load_state_dict(load_file(str(out / "entropy" / "model.safetensors")))
+    for p in model.entropy_model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def blt_forward(model: BltModel) -> Callable[[Tensor], Tensor]:
+    return lambda x: model(x, patch_batch(model, x))
+
+
+def train_blt(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: bool) -> dict[str, Any]:
+    ent = json.loads((out / "entropy" / "result.json").read_text())
+    torch.manual_seed(seed + 1)
+    model = build_blt(plan, out, ent["threshold"])
+    windows = corpus.heldout_windows(plan.eval_bytes, plan.blt.eval_windows)
+    pc = plan.blt
+
+    def step(x: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        model.entropy_model.eval()
+        return blt_d_loss(model, x, patch_batch(model, x), g, pc.max_blocks, mask_weight=pc.mask_weight)
+
+    st = run_phase(
+        "blt-d", model, pc, step, corpus, lambda: eval_bpb(blt_forward(model), windows), out / "blt", seed, resume
+    )
+    save_model(model, out / "checkpoint")
+    result = {"steps": st["step"], "wall_s": st["elapsed"], "train_bytes": st["bytes"], "hist": st["hist"]}
+    result["evals"] = st["evals"]
+    (out / "blt" / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def train_baseline(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: bool) -> dict[str, Any]:
+    torch.manual_seed(seed + 2)
+    model = EntropyModel(plan.baseline, VOCAB_SIZE)
+    windows = corpus.heldout_windows(plan.eval_bytes, plan.base.eval_windows)
+    st = run_phase(
+        "baseline",
+        model,
+        plan.base,
+        lambda x, g: (lm_loss(model(x), x), {}),
+        corpus,
+        lambda: eval_bpb(model, windows),
+        out / "baseline",
+        seed + 2,
+        resume,
+    )
+    save_file(model.state_dict(), str(out / "baseline" / "model.safetensors"))
+    result = {
+        "config": asdict(plan.baseline),
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": st["step"],
+        "wall_s": st["elapsed"],
+        "train_bytes": st["bytes"],
+        "heldout": eval_bpb(model, corpus.heldout_windows(plan.eval_bytes, plan.eval_windows)),
+        "hist": st["hist"],
+        "evals": st["evals"],
+    }
+    (out / "baseline" / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def save_model(model: BltModel, out_dir: Path) -> Path:
+    """Our fastblt checkpoint format (config.json + model.safetensors)."""
+    try:
+        from fastblt.model.checkpoint import save_checkpoint
+    except ImportError:  # checkpoint.py not there yet: write the same format by hand
+        return _save_fastblt_by_hand(model, out_dir)
+    return save_checkpoint(model, out_dir, fmt="fastblt", overwrite=True)
+
+
+def _save_fastblt_by_hand(model: BltModel, out_dir: Path) -> Path:
+    # Same layout as fastblt.model.checkpoint's "fastblt" format (kept in sync by hand).
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = {"format": "fastblt", "format_version": 1, "model": model.config.to_dict()}
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
+    return out_dir

@@ -1,0 +1,67 @@
+"""`fastblt train`: builds the plan and runs the phases (the work is in train.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("train")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/default", show_default=True)
+@click.option("--minutes", type=float, default=60.0, show_default=True, help="Wall clock of the BLT-D phase.")
+@click.option("--entropy-minutes", type=float, default=8.0, show_default=True)
+@click.option("--baseline-minutes", type=float, default=None, help="Default: same as --minutes.")
+@click.option(
+    "--phase",
+    type=click.Choice(["all", "main", "entropy", "blt", "baseline", "report"]),
+    default="all",
+    show_default=True,
+    help="main = entropy + blt + report; all = main + baseline (sequential). Run 'baseline' in a "
+    "second process to train it side by side.",
+)
+@click.option("--resume", is_flag=True, help="Continue from OUT/<phase>/train_state.pt where present.")
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads (the machine is shared).")
+@click.option("--smoke", is_flag=True, help="Tiny models on a tiny slice for a few steps (seconds).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
+def train(
+    out_dir: str,
+    minutes: float,
+    entropy_minutes: float,
+    baseline_minutes: float | None,
+    phase: str,
+    resume: bool,
+    seed: int,
+    threads: int,
+    smoke: bool,
+    as_json: bool,
+) -> None:
+    """Train the entropy model and a BLT-D on the stdlib's .py files (the embedded default)."""
+    import torch
+
+    from fastblt.model import train as T
+    from fastblt.model.corpus import Corpus
+    from fastblt.model.train_report import write_report
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    plan = T.smoke_plan() if smoke else T.default_plan(minutes, entropy_minutes, baseline_minutes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = Corpus.load(limit_bytes=plan.corpus_limit_bytes)
+    if phase in ("all", "main", "entropy"):
+        T.train_entropy(plan, corpus, out, seed, resume)
+    if phase in ("all", "main", "blt"):
+        T.train_blt(plan, corpus, out, seed, resume)
+    if phase in ("all", "baseline"):
+        T.train_baseline(plan, corpus, out, seed, resume)
+    if phase in ("all", "main", "report"):
+        report = write_report(out, plan, corpus, seed, {"smoke": smoke, "threads": threads})
+        summary = {
+            "heldout_bpb_blt_d_ar": report["blt_d"]["heldout_ar"]["bpb"],
+            "heldout_bpb_baseline": (report["baseline"] or {}).get("heldout", {}).get("bpb"),
+            "mean_patch_len": report["blt_d"]["mean_patch_len_heldout"],
+        }
+        click.echo(json.dumps(report, indent=2) if as_json else json.dumps(summary))

@@ -1,0 +1,177 @@
+"""`fastblt train`: smoke training, the BLT-D block layout and loss, the corpus split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastblt.model.config import PatchingConfig
+from fastblt.model.corpus import Corpus, list_corpus_files, read_heldout_list, stdlib_dir
+from fastblt.model.patching import patch_lengths_from_entropies
+from fastblt.model.train_blt_d import (
+    build_blocks,
+    greedy_continue,
+    lengths_from_starts,
+    mask_blocks,
+    mask_loss,
+    patch_starts_from_entropies,
+)
+
+PAD, MASK = 261, 260
+
+
+def _threads() -> list[str]:
+    return ["--threads", str(torch.get_num_threads())]  # leave the test process's setting as it was
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from fastblt.model.train_cli import train
+
+    out = tmp_path_factory.mktemp("smoke")
+    res = CliRunner().invoke(
+        train, ["--smoke", "--out", str(out), "--phase", "main", *_threads()], catch_exceptions=False
+    )
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _falls(losses: list[float], k: int = 5) -> bool:
+    return sum(losses[-k:]) / k < sum(losses[:k]) / k - 0.3
+
+
+def test_smoke_loss_falls(smoke_run):
+    ent = json.loads((smoke_run / "entropy" / "result.json").read_text())
+    blt = json.loads((smoke_run / "blt" / "result.json").read_text())
+    assert _falls(ent["hist"]["loss"]), ent["hist"]["loss"]
+    assert _falls(blt["hist"]["loss_clean"]), blt["hist"]["loss_clean"]
+    assert _falls(blt["hist"]["loss"]), blt["hist"]["loss"]
+
+
+def test_smoke_checkpoint_loads_and_generates(smoke_run):
+    from fastblt.model.checkpoint import load_checkpoint
+
+    model = load_checkpoint(smoke_run / "checkpoint")
+    assert model.config.is_blt_d and model.config.blt_d.block_size == 8
+    tokens = torch.tensor([[1] + [b + 4 for b in b"def f(x):\n    return"]])
+    logits = model(tokens)
+    assert logits.shape == (1, tokens.shape[1], 260) and torch.isfinite(logits).all()
+    assert len(greedy_continue(model, b"def f(x):\n", 8)) > 0
+
+
+def test_smoke_report_written(smoke_run):
+    report = json.loads((smoke_run / "report.json").read_text())
+    for name in ("REPORT.md", "loss_curve.png", "report.json"):
+        assert (smoke_run / name).stat().st_size > 0
+    assert set(report["blt_d"]["masked_acc_inference_layout"]) == {"0.1", "0.25", "0.5", "0.75", "1.0"}
+    assert report["blt_d"]["heldout_ar"]["bpb"] > 0
+
+
+def test_resume_continues_a_finished_phase(smoke_run):
+    from fastblt.model.train_cli import train
+
+    before = json.loads((smoke_run / "blt" / "result.json").read_text())["steps"]
+    res = CliRunner().invoke(train, ["--smoke", "--out", str(smoke_run), "--phase", "blt", "--resume", *_threads()])
+    assert res.exit_code == 0, res.output
+    saved = torch.load(smoke_run / "blt" / "train_state.pt", weights_only=True)
+    assert saved["st"]["step"] == before and saved["st"]["done"] == 1
+
+
+# ----------------------------------------------------------------------------- blocks
+def _example():
+    # N = 12 tokens; patches: [0] [1 2 3] [4 5] [6 7 8 9 10 11]
+    tokens = torch.arange(12).view(1, 12) + 10
+    lengths = torch.tensor([[1, 3, 2, 6]])
+    return tokens, lengths
+
+
+def test_blocks_start_at_patch_starts_after_the_first():
+    tokens, lengths = _example()
+    clean, starts, read, valid = build_blocks(tokens, lengths, block_size=4, pad_id=PAD)
+    assert starts.tolist() == [[1, 4, 6]]
+    assert read.tolist() == [[0, 1, 2]]  # the patch ending right before each block
+    assert valid.tolist() == [[True, True, True]]
+    assert clean[0, 0].tolist() == [11, 12, 13, 14]  # overlapping: runs past its own patch
+    assert clean[0, 1].tolist() == [14, 15, 16, 17]
+
+
+def test_blocks_pad_past_the_end_and_fill_rows():
+    tokens = torch.cat([_example()[0], _example()[0]])
+    lengths = torch.tensor([[1, 3, 2, 6], [1, 9, 2, 0]])
+    clean, starts, read, valid = build_blocks(tokens, lengths, block_size=8, pad_id=PAD)
+    assert clean[0, 2].tolist() == [16, 17, 18, 19, 20, 21, PAD, PAD]  # starts at 6, N = 12
+    assert valid[1].tolist() == [True, True, False]  # row 1 has two blocks; the filler is all PAD
+    assert (clean[1, 2] == PAD).all()
+    assert clean[1, 1].tolist() == [20, 21] + [PAD] * 6
+
+
+def test_max_blocks_keeps_a_subset():
+    tokens = torch.arange(40).view(1, 40) + 4
+    lengths = torch.tensor([[1] + [3] * 13])
+    g = torch.Generator().manual_seed(0)
+    _, starts, read, valid = build_blocks(tokens, lengths, block_size=8, pad_id=PAD, gen=g, max_blocks=5)
+    assert starts.shape == (1, 5) and valid.all()
+    assert all((s - 1) % 3 == 0 for s in starts[0].tolist())
+    assert (read == (starts - 1) // 3).all()
+
+
+def test_masked_fraction_follows_t_and_never_pad():
+    clean = torch.full((4, 50, 8), 100)
+    clean[:, :, 6:] = PAD
+    t = torch.tensor([0.1, 0.4, 0.7, 1.0])
+    m = mask_blocks(clean, t, MASK, PAD, torch.Generator().manual_seed(0))
+    assert not m[:, :, 6:].any()
+    frac = m[:, :, :6].float().mean(dim=(1, 2))
+    assert torch.allclose(frac, t, atol=0.06), frac
+
+
+def test_mask_loss_excludes_pad_and_weights_by_one_over_t():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 4, 262)
+    clean = torch.tensor([[[5, 6, 7, 8], [9, 10, PAD, PAD]]])
+    masked = torch.tensor([[[True, False, True, False], [True, True, False, False]]])
+    t = torch.tensor([0.5])
+    loss = mask_loss(logits, clean, masked, t, PAD)
+    logp = logits.log_softmax(-1)
+    by_hand = -(logp[0, 0, 0, 5] + logp[0, 0, 2, 7] + logp[0, 1, 0, 9] + logp[0, 1, 1, 10]) / 0.5 / 6
+    assert torch.allclose(loss, by_hand)
+    garbage = logits.clone()
+    garbage[0, 1, 2:] = 1e4 * torch.randn(2, 262)  # logits at PAD cells do not matter
+    assert torch.allclose(mask_loss(garbage, clean, masked, t, PAD), loss)
+    small = mask_loss(logits, clean, masked, torch.tensor([0.001]), PAD, t_min=0.05)
+    assert torch.allclose(small, loss * 0.5 / 0.05)  # t clamped
+
+
+def test_vectorized_patching_matches_reference():
+    torch.manual_seed(1)
+    ent = torch.rand(3, 40) * 3
+    ref = patch_lengths_from_entropies(ent, PatchingConfig(threshold=2.0))
+    ours = lengths_from_starts(patch_starts_from_entropies(ent, 2.0))
+    for r, o in zip(ref.tolist(), ours.tolist(), strict=True):
+        assert [x for x in r if x] == [x for x in o if x]
+
+
+# ----------------------------------------------------------------------------- corpus
+def test_heldout_list_is_big_enough_and_disjoint():
+    listed = read_heldout_list()
+    files = list_corpus_files()
+    root = stdlib_dir()
+    present = [f for f in listed if f in set(files)]
+    assert len(present) >= 0.9 * len(listed)
+    held = sum((root / f).stat().st_size for f in present)
+    total = sum((root / f).stat().st_size for f in files)
+    assert held >= 0.05 * total
+    corpus = Corpus.load(limit_bytes=100_000)
+    assert not set(corpus.train_files) & set(listed)
+    assert all("site-packages" not in f and "/test/" not in f"/{f}" for f in files)
+
+
+def test_windows_start_with_bos():
+    corpus = Corpus.load(limit_bytes=100_000)
+    x = corpus.sample(3, 64, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 65) and (x[:, 0] == 1).all() and (x[:, 1:] >= 4).all()
+    w = corpus.heldout_windows(256, 5)
+    assert w.shape == (5, 257) and (w[:, 0] == 1).all()
