@@ -1,0 +1,127 @@
+"""manifest.json: what an export directory holds, and the one place that verifies it.
+
+Layout (format "fastblt-export", version 1):
+    checkpoint: {hash, source, config}           the model the graphs compute
+    options:    {dtype, opset, capacity, patch_capacity, max_batch}
+    dims:       {batch|new|patches|patch_len: {min, max}}   named dynamic dimensions
+    versions:   {fastblt, torch, onnx, onnxscript, onnxruntime}
+    graphs:     {step: {file, external_data, sha256: {file: hex}, bytes, opset, stack,
+                        cache_capacity, inputs, outputs, op_counts, export_seconds, checks}}
+Every graph's inputs/outputs are its StepSpec (export/spec.py) as data: name, dtype, shape with
+named dynamic dims. The runtime and the engine builder read this file, never guess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fastblt.errors import ManifestMismatch
+from fastblt.export.spec import StepSpec
+
+MANIFEST = "manifest.json"
+FORMAT, FORMAT_VERSION = "fastblt-export", 1
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def graph_files(entry: dict) -> list[str]:
+    """The files of one graph entry: the .onnx and, if any, its external data."""
+    return [entry["file"], *([entry["external_data"]] if entry.get("external_data") else [])]
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+
+    import fastblt
+
+    return {
+        "fastblt": fastblt.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def write_manifest(directory: Path, manifest: dict) -> Path:
+    """Write atomically (temp file + rename): a reader never sees half a manifest."""
+    path = Path(directory) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ManifestMismatch(f"{path}: no manifest (not a fastblt export directory)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestMismatch(f"{path}: unreadable manifest: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ManifestMismatch(f"{path}: format {_get(manifest, 'format')!r}, expected {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ManifestMismatch(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    for key in ("checkpoint", "options", "graphs"):
+        if not isinstance(manifest.get(key), dict):
+            raise ManifestMismatch(f"{path}: field {key}: missing or not an object")
+    return manifest
+
+
+def verify_files(directory: Path, manifest: dict, steps: list[str] | None = None) -> None:
+    """Every graph file exists and has the sha256 the manifest records (ManifestMismatch if not)."""
+    directory = Path(directory)
+    for step in steps or list(manifest["graphs"]):
+        entry = manifest["graphs"].get(step)
+        if entry is None:
+            raise ManifestMismatch(f"{directory / MANIFEST}: field graphs.{step}: missing")
+        for name in graph_files(entry):
+            path = directory / name
+            if not path.is_file():
+                raise ManifestMismatch(f"{path}: graph file of {step} is missing")
+            want = entry.get("sha256", {}).get(name)
+            got = sha256_file(path)
+            if got != want:
+                raise ManifestMismatch(f"{path}: field graphs.{step}.sha256[{name}]: file has {got}, manifest {want}")
+
+
+def verify_specs(manifest: dict, specs: dict[str, StepSpec], where: str = MANIFEST) -> None:
+    """The manifest's graphs are exactly `specs`: same steps, I/O names, dtypes and shapes."""
+    graphs = manifest["graphs"]
+    if sorted(graphs) != sorted(specs):
+        raise ManifestMismatch(f"{where}: field graphs: steps {sorted(graphs)}, expected {sorted(specs)}")
+    for step, spec in specs.items():
+        want = spec.to_dict()
+        for kind in ("inputs", "outputs"):
+            got_list, want_list = graphs[step].get(kind, []), want[kind]
+            if [t.get("name") for t in got_list] != [t["name"] for t in want_list]:
+                raise ManifestMismatch(
+                    f"{where}: field graphs.{step}.{kind}: names {[t.get('name') for t in got_list]}, "
+                    f"expected {[t['name'] for t in want_list]}"
+                )
+            for i, (got, exp) in enumerate(zip(got_list, want_list, strict=True)):
+                for key in ("dtype", "shape"):
+                    if got.get(key) != exp[key]:
+                        raise ManifestMismatch(
+                            f"{where}: field graphs.{step}.{kind}[{i}] ({exp['name']}).{key}: "
+                            f"{got.get(key)}, expected {exp[key]}"
+                        )
+
+
+def _get(d: Any, key: str) -> Any:
+    return d.get(key) if isinstance(d, dict) else None
