@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from fastblt.model.blt import BltModel
 from fastblt.model.corpus import Corpus
@@ -125,13 +126,26 @@ def write_report(out: Path, plan: Any, corpus: Corpus, seed: int, extra: dict[st
         ),
         **(extra or {}),
     }
+    if (out / "notes.md").exists():
+        report["notes"] = (out / "notes.md").read_text().strip()
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_losses(out / "loss_curve.png", ent, blt, base)
     (out / "REPORT.md").write_text(render_markdown(report))
     return report
 
 
+def _smooth(hist: dict[str, list[float]], key: str, points: int = 200) -> tuple[Tensor, Tensor]:
+    """(minutes, moving average of hist[key]) with about `points` points."""
+    y = torch.tensor(hist[key])
+    k = max(1, len(y) // points)
+    n = (len(y) // k) * k
+    y = y[:n].view(-1, k).mean(-1)
+    x = torch.tensor(hist["elapsed"])[:n].view(-1, k)[:, -1] / 60
+    return x, y
+
+
 def plot_losses(path: Path, ent: dict | None, blt: dict | None, base: dict | None) -> None:
+    """Left: train and held-out bits/byte per phase vs the phase's minutes; right: BLT-D's two losses."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,23 +156,23 @@ def plot_losses(path: Path, ent: dict | None, blt: dict | None, base: dict | Non
     for name, res, key in (("entropy LM", ent, "loss"), ("BLT-D clean", blt, "loss_clean"), ("baseline", base, "loss")):
         if not res or key not in res.get("hist", {}):
             continue
-        h = res["hist"]
-        y = torch.tensor(h[key]) / ln2
-        k = max(1, len(y) // 200)  # moving average for readability
-        y = torch.nn.functional.avg_pool1d(y.view(1, 1, -1), k, k).flatten() if len(y) >= k else y
-        x = torch.tensor(h["elapsed"])[k - 1 :: k][: len(y)] / 60
-        ax[0].plot(x, y, label=f"{name} (train, bits/byte)")
-        if res.get("evals", {}).get("bpb"):
-            ax[0].plot(torch.tensor(res["evals"]["elapsed"]) / 60, res["evals"]["bpb"], "o--", label=f"{name} held-out")
-    if blt and "loss_mask" in blt.get("hist", {}):
-        ax[1].plot(torch.tensor(blt["hist"]["elapsed"]) / 60, blt["hist"]["loss_mask"], lw=0.5, label="BLT-D L_mask")
-        ax[1].plot(torch.tensor(blt["hist"]["elapsed"]) / 60, blt["hist"]["loss_clean"], lw=0.5, label="BLT-D L_clean")
-        ax[1].legend()
-        ax[1].set_xlabel("minutes")
-        ax[1].set_ylabel("nats")
-    ax[0].set_xlabel("minutes of the phase (each phase from 0)")
-    ax[0].set_ylim(0.5, 5)
+        x, y = _smooth(res["hist"], key)
+        line = ax[0].plot(x, y / ln2, label=f"{name} (train)")[0]
+        ev = res.get("evals", {})
+        if ev.get("bpb"):
+            ax[0].plot(
+                torch.tensor(ev["elapsed"]) / 60, ev["bpb"], "o--", color=line.get_color(), label=f"{name} held-out"
+            )
+    ax[0].set_xlabel("minutes of the phase")
+    ax[0].set_ylabel("bits / byte")
+    ax[0].set_ylim(0.5, 6)
     ax[0].legend(fontsize=8)
+    if blt and "loss_mask" in blt.get("hist", {}):
+        for key in ("loss_clean", "loss_mask"):
+            ax[1].plot(*_smooth(blt["hist"], key), label=f"BLT-D {key}")
+        ax[1].set_xlabel("minutes")
+        ax[1].set_ylabel("nats per position")
+        ax[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -182,8 +196,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "files (evenly spaced), BOS prepended, every byte predicted.",
         "",
         "## Model",
-        f"- parameters: entropy {p['entropy']:,}, encoder {p['encoder']:,} (incl. hash embeddings), "
-        f"global {p['global']:,}, decoder {p['decoder']:,}; total {sum(p.values()):,}.",
+        "- parameters: " + ", ".join(f"{k} {v:,}" for k, v in p.items()) + f"; total {sum(p.values()):,}.",
         f"- entropy threshold {e.get('threshold', float('nan')):.4f} nats; mean patch length on held-out windows "
         f"{b['mean_patch_len_heldout']:.2f} bytes (target 4).",
         "",
@@ -197,6 +210,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                 f"| {name} | {d['steps']} | {d['wall_s'] / 60:.1f} | {d['train_bytes']:,} | "
                 f"{d['train_bytes'] / d['wall_s']:.0f} |"
             )
+    lines += method_lines(b)
     bpb = b["heldout_ar"]["bpb"]
     lines += [
         "",
@@ -213,7 +227,16 @@ def render_markdown(r: dict[str, Any]) -> str:
         )
     else:
         lines.append("| plain byte transformer | (baseline not run yet) | | |")
-    lines += ["", verdict(b, base), "", "## Masked-byte accuracy in the inference layout", ""]
+    lines += ["", verdict(b, base)]
+    if base:
+        cfg = base["config"]
+        lines.append(
+            f"Baseline: `EntropyModel` code (pre-norm SwiGLU, RoPE), d={cfg['dim']}, {cfg['n_layers']} layers, "
+            f"window {cfg['window']}, trained on the same windows in its own process at the same time."
+        )
+    if r.get("notes"):
+        lines += ["", "## Notes", "", r["notes"]]
+    lines += ["", "## Masked-byte accuracy in the inference layout", ""]
     lines += [
         "One block of 8 cells at a natural patch start after a real held-out prefix; the model sees only the "
         "prefix and the block (M = 1). AR = teacher-forced next-byte top-1 on the same masked positions.",
@@ -230,6 +253,20 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["Per-mode samples: `python benchmarks/default_samples.py` (uses `fastblt.Generator`).", ""]
     lines += ["![loss curve](loss_curve.png)", ""]
     return "\n".join(lines)
+
+
+def method_lines(b: dict[str, Any]) -> list[str]:
+    ph = b["phase"]
+    blocks = "all blocks" if ph.get("max_blocks") is None else f"a random {ph['max_blocks']} blocks per window"
+    return [
+        "",
+        "Method: AdamW (0.9, 0.95), weight decay 0.1, grad clip 1.0, linear warm-up then cosine to 10% over the "
+        "phase's wall-clock budget; one torch thread per process. BLT-D loss = mean next-byte CE on the clean "
+        "window + sum over masked block cells of CE / max(t, 0.05), divided by the number of non-[PAD] block "
+        f"cells (one t ~ U(0,1) per window; [PAD] excluded). Windows of {ph['seq_bytes']} bytes (BOS first), "
+        f"batch {ph['batch']}; blocks of 8 at every patch start after the first, {blocks} kept "
+        "(an unbiased estimate of the per-cell mask loss; the full set triples the decoder's length).",
+    ]
 
 
 def verdict(b: dict[str, Any], base: dict[str, Any] | None) -> str:
