@@ -1,0 +1,464 @@
+"""Per-graph parity: the same feeds through every backend, each output compared with torch fp32.
+
+Feeds come from two sources:
+- random: every step at several cache lengths (empty, partly filled, nearly full) and chunk sizes
+  (1, 2, 7 and a full diffusion block), plus a batch-2 case with different starts per row. Cache
+  slots at or after `start` hold large garbage: a graph that reads them (a wrong mask, a cache
+  read at the wrong position) fails visibly.
+- real: the feeds a `SequenceState` gives the torch backend while it prefills prompts (in one
+  chunk and in chunks of 7 and 2), decodes greedily byte by byte, verifies a 4-byte draft and runs
+  diffusion blocks, captured by a recording backend.
+Cases are materialized one at a time (a case with full-capacity caches can be large) and dropped
+after every backend ran it. Reduced-precision candidates get the feeds rounded to their dtype, and
+the reference gets the same rounded values in fp32, so both see identical inputs.
+
+Polygraphy: saved inputs are polygraphy JSON (`inputs.<step>.json`, a list of feed dicts, one per
+case, loadable by `polygraphy run <step>.onnx --load-inputs`); saved outputs are polygraphy
+`RunResults` (`outputs.<step>.json`, one runner per backend, one iteration per case). Candidate
+pairs without the torch reference (ort vs trt) are compared by polygraphy's `Comparator`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastblt.engines.base import TORCH_DTYPES, Backend
+from fastblt.errors import InputError
+from fastblt.export.spec import StepSpec
+from fastblt.model.blt import BltModel
+from fastblt.model.tokenizer import encode
+from fastblt.validate.metrics import REDUCED_DTYPES, Tolerances, check_finite, compare, to_numpy
+from fastblt.validate.recording import RecordingBackend, clone_outputs, sparse_schedule
+from fastblt.validate.report import Report
+
+CHUNK_SIZES = (1, 2, 7)  # plus the diffusion block size (8 for a plain BLT)
+PATCH_LEN = 5  # longest patch in random global-step cases
+GARBAGE_STD = 4.0  # scale of the values in cache slots >= start (must be masked out)
+DEFAULT_PROMPTS = (
+    "def main(argv=None):\n    parser = argparse.ArgumentParser(",
+    'class Point:\n    """A point in the plane."""\n\n    def __init__(self, x, y):\n',
+    "import os\nfor root, dirs, files in os.walk(path):\n    ",
+)
+
+
+@dataclass
+class Case:
+    """One step call to run on every backend. `make()` builds its fp32 feeds (deterministic)."""
+
+    step: str
+    label: str
+    source: str  # "random" | "real" | "loaded"
+    make: Callable[[], dict[str, Tensor]] = field(repr=False)
+
+
+# ------------------------------------------------------------------------------ random cases
+def random_cases(
+    specs: dict[str, StepSpec],
+    model: BltModel,
+    seed: int = 0,
+    chunk_sizes: tuple[int, ...] | None = None,
+    steps: tuple[str, ...] | None = None,
+) -> list[Case]:
+    """Random feeds for every step: cache lengths {0, partial, nearly full} x chunk sizes, + batch 2."""
+    config = model.config
+    block = config.blt_d.block_size if config.blt_d is not None else 8
+    sizes = tuple(sorted(set(chunk_sizes or (*CHUNK_SIZES, block))))
+    cases = []
+    for step in steps or tuple(specs):
+        spec = specs[step]
+        cap = _static_dim(spec, "past.0.k", 2)
+        for n_new in sizes:
+            if n_new > cap:
+                continue
+            for j, c in enumerate(sorted({0, max(0, (cap - n_new) // 3 + 1), cap - n_new})):
+                if c + n_new > cap:
+                    continue
+                kseed = seed * 100003 + zlib.crc32(f"{step}/{n_new}/{c}".encode()) % 100000
+                label = f"random cache={c} new={n_new}"
+                cases.append(Case(step, label, "random", _maker(spec, model, [c], n_new, kseed)))
+                if j == 1 and n_new == sizes[-1]:
+                    starts = [c, max(0, c // 2)]
+                    label = f"random batch=2 cache={starts} new={n_new}"
+                    cases.append(Case(step, label, "random", _maker(spec, model, starts, n_new, kseed + 1)))
+    return cases
+
+
+def _static_dim(spec: StepSpec, name: str, axis: int) -> int:
+    d = spec.input(name).shape[axis]
+    if not isinstance(d, int):
+        raise InputError(f"graph {spec.name} | input {name}: axis {axis} must be static, got {d!r}")
+    return d
+
+
+def _maker(spec: StepSpec, model: BltModel, starts: list[int], S: int, seed: int) -> Callable[[], dict[str, Tensor]]:
+    return lambda: random_feeds(spec, model, starts, S, seed)
+
+
+def random_feeds(spec: StepSpec, model: BltModel, starts: list[int], S: int, seed: int) -> dict[str, Tensor]:
+    """fp32 feeds for `spec`: batch len(starts), S new positions (Pn patches for the global step).
+
+    Valid cache slots (< start) ~ N(0, 1); stale slots ~ N(0, GARBAGE_STD^2).
+    """
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    B = len(starts)
+    start = torch.tensor(starts, dtype=torch.int32)
+    L = PATCH_LEN if spec.name == "global" else 1
+    sizes = {"batch": B, "new": S, "patches": S, "patch_len": L}
+    feeds: dict[str, Tensor] = {}
+    for t in spec.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
+        if t.name == "start":
+            feeds[t.name] = start
+        elif t.name.startswith("past."):
+            x = torch.randn(shape, generator=g)
+            slot = torch.arange(shape[2]).view(1, 1, -1, 1)
+            stale = slot >= start.view(-1, 1, 1, 1).to(torch.int64)
+            feeds[t.name] = torch.where(stale, x * GARBAGE_STD, x)
+        elif t.dtype != "int32":
+            feeds[t.name] = torch.randn(shape, generator=g)
+        elif t.name == "tokens":
+            feeds[t.name] = torch.randint(0, config.vocab_size, shape, generator=g, dtype=torch.int32)
+        elif t.name == "hash_ids":
+            feeds[t.name] = torch.randint(0, config.hash_vocab, shape, generator=g, dtype=torch.int32)
+        elif t.name == "block_ids":
+            ids = torch.randint(4, config.vocab_size, shape, generator=g, dtype=torch.int32)
+            mask = torch.rand(shape, generator=g) < 0.5
+            feeds[t.name] = torch.where(mask, torch.full_like(ids, config.blt_d.mask_id), ids)
+        elif t.name == "read_patch":
+            p_cap = _static_dim(spec, "cross.0.k", 1)
+            feeds[t.name] = torch.randint(0, p_cap, shape, generator=g, dtype=torch.int32)
+        elif t.name == "patch_lens":
+            lens = torch.randint(1, L + 1, shape, generator=g, dtype=torch.int32)
+            lens.view(-1)[0] = L  # the longest patch sets L
+            feeds[t.name] = lens
+        else:
+            raise InputError(f"graph {spec.name} | input {t.name}: no random generator for this input")
+    if "patch_bytes" in feeds:  # zero the padding past each patch's length, as the runtime does
+        valid = torch.arange(L).view(1, 1, L, 1) < feeds["patch_lens"].unsqueeze(-1).unsqueeze(-1)
+        feeds["patch_bytes"] = feeds["patch_bytes"] * valid
+    return feeds
+
+
+# ------------------------------------------------------------------------------ real cases
+def real_cases(
+    model: BltModel,
+    specs: dict[str, StepSpec],
+    prompts: list[str] | None = None,
+    per_step: int = 6,
+    decode_bytes: int = 8,
+) -> list[Case]:
+    """Feeds captured from a SequenceState over the torch backend (fp32) running `prompts`."""
+    from fastblt.engines.torch_backend import TorchBackend
+    from fastblt.runtime.state import SequenceState
+
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    config = model.config
+    cap = _static_dim(specs["encoder"], "past.0.k", 2)
+    p_cap = _static_dim(specs["global"], "past.0.k", 2)
+    fp32 = {name: _with_dtype(spec, "float32") for name, spec in specs.items()}
+    rec = RecordingBackend(TorchBackend(fp32, model), select=lambda s, i: sparse_schedule(i), max_per_step=per_step)
+    block = config.blt_d.block_size if config.blt_d is not None else 0
+    for p, prompt in enumerate(prompts):
+        state = SequenceState(rec, config, cap, p_cap)
+        room = min(cap, p_cap) - decode_bytes - 4 - block - 2  # every byte may close a patch
+        if room < 1:
+            raise InputError(f"capacities {cap}/{p_cap}: too small for prompt-derived inputs")
+        ids = np.asarray(encode(prompt), dtype=np.int64)[:room]
+        chunks = [len(ids)] if p % 2 == 0 else _chunks(len(ids), (7, 2))
+        logits = None
+        at = 0
+        for size in chunks:
+            logits = state.append(ids[at : at + size])
+            at += size
+        for _ in range(decode_bytes):
+            logits = state.append([int(logits[-1].argmax())])
+        n = state.n
+        drafts = [int(logits[-1].argmax()), 4 + ord(" "), 4 + ord("("), 4 + ord(")")]
+        state.append(drafts)  # a BLT-S verify pass over 4 positions, then the rollback
+        state.rollback(n)
+        if block:
+            masks = np.full(block, config.blt_d.mask_id, dtype=np.int64)
+            state.run_block(masks, read_patch=max(state.g_len - 1, 0))
+            masks[: block // 2] = 4 + ord("x")
+            state.run_block(masks, read_patch=max(state.g_len - 1, 0))
+    cases = []
+    for step, i, feeds in rec.recorded:
+        start = int(feeds["start"][0])
+        S = _new(feeds)
+        cases.append(Case(step, f"real call={i} start={start} new={S}", "real", _const(feeds)))
+    return cases
+
+
+def _chunks(n: int, pattern: tuple[int, ...]) -> list[int]:
+    out, k = [], 0
+    while sum(out) < n:
+        out.append(min(pattern[k % len(pattern)], n - sum(out)))
+        k += 1
+    return out
+
+
+def _new(feeds: dict[str, Tensor]) -> int:
+    for name in ("tokens", "h", "block_ids", "patch_lens"):
+        if name in feeds:
+            return int(feeds[name].shape[1])
+    return -1
+
+
+def _const(feeds: dict[str, Tensor]) -> Callable[[], dict[str, Tensor]]:
+    return lambda: {k: v.float() if v.is_floating_point() else v for k, v in feeds.items()}
+
+
+def _with_dtype(spec: StepSpec, dtype: str) -> StepSpec:
+    from dataclasses import replace
+
+    def conv(ts):
+        return tuple(replace(t, dtype=dtype) if t.dtype in ("float16", "bfloat16", "float32") else t for t in ts)
+
+    outputs = tuple(replace(t, dtype="float32") if t.name in ("logits", "entropies") else t for t in conv(spec.outputs))
+    return replace(spec, inputs=conv(spec.inputs), outputs=outputs)
+
+
+def reference_specs(specs: dict[str, StepSpec]) -> dict[str, StepSpec]:
+    """The candidates' specs with every float tensor in fp32 (what the torch reference runs)."""
+    return {name: _with_dtype(spec, "float32") for name, spec in specs.items()}
+
+
+# ------------------------------------------------------------------------------ running
+def cast_feeds(feeds: dict[str, Tensor], spec: StepSpec) -> dict[str, Tensor]:
+    """Feeds in the dtypes `spec` declares (floats cast; ints must already match)."""
+    out = {}
+    for t in spec.inputs:
+        x = feeds[t.name]
+        want = TORCH_DTYPES[t.dtype]
+        out[t.name] = x.to(want) if x.dtype != want else x
+    return out
+
+
+def round_trip(feeds: dict[str, Tensor], dtype: str) -> dict[str, Tensor]:
+    """Round float feeds to `dtype` and back to fp32, so that every backend sees the same values."""
+    if dtype not in REDUCED_DTYPES:
+        return feeds
+    d = TORCH_DTYPES[dtype]
+    return {k: v.to(d).float() if v.is_floating_point() else v for k, v in feeds.items()}
+
+
+@dataclass
+class GraphRun:
+    """Options of one per-graph parity run."""
+
+    reference: str = "torch"
+    dtype: str = "float32"
+    tolerances: Tolerances | None = None
+    save_inputs: Path | None = None
+    save_outputs: Path | None = None
+
+
+def graph_parity(
+    cases: list[Case],
+    reference: Backend,
+    candidates: dict[str, Backend],
+    run: GraphRun,
+    report: Report | None = None,
+) -> Report:
+    """Run every case on the reference and every candidate; compare each output.
+
+    Entries land at report[(run.reference, candidate)][step][output][case label]. A candidate that
+    raises on a case is a failed entry for that case (the message names graph and backend).
+    """
+    report = report if report is not None else Report()
+    tolerances = run.tolerances or Tolerances.for_dtype(run.dtype)
+    if not cases:
+        report.error("per-graph parity: no cases to run")
+        return report
+    saver = _Saver(run.save_inputs, run.save_outputs, [run.reference, *candidates])
+    others = [n for n in candidates if n != "torch"]
+    poly_pairs = [(a, b) for i, a in enumerate(others) for b in others[i + 1 :]]
+    for case in cases:
+        feeds = round_trip(case.make(), run.dtype)
+        outs: dict[str, dict[str, Tensor]] = {}
+        try:
+            ref_out = clone_outputs(reference.run_step(case.step, cast_feeds(feeds, reference.specs[case.step])))
+        except Exception as e:  # noqa: BLE001 - a reference that cannot run the case is reported, not raised
+            report.error(f"{run.reference} | {case.step} | {case.label}: the reference raised {_one_line(e)}")
+            continue
+        for name, arr in ref_out.items():
+            if not check_finite(arr):
+                report.error(f"{run.reference} | {case.step} | {case.label} | {name}: reference is not finite")
+        outs[run.reference] = ref_out
+        for name, backend in candidates.items():
+            pair = (run.reference, name)
+            try:
+                out = clone_outputs(backend.run_step(case.step, cast_feeds(feeds, backend.specs[case.step])))
+            except Exception as e:  # noqa: BLE001 - reported as this graph's failure on this backend
+                report.error(f"{name} | {case.step} | {case.label}: raised {_one_line(e)}")
+                continue
+            outs[name] = out
+            for t in backend.specs[case.step].outputs:
+                if t.name not in out:
+                    report.error(f"{name} | {case.step} | {case.label}: output {t.name} missing")
+                    continue
+                res = compare(t.name, ref_out[t.name], out[t.name], tolerances.get(t.name))
+                report.add(pair, case.step, t.name, case.label, res)
+        for a, b in poly_pairs:
+            if a in outs and b in outs:
+                _polygraphy_compare(report, (a, b), case, outs[a], outs[b], tolerances)
+        saver.add(case, feeds, outs)
+    saver.flush()
+    return report
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+# ------------------------------------------------------------------------------ polygraphy
+@dataclass
+class PolygraphyEntry:
+    """A polygraphy `OutputCompareResult` (SimpleCompareFunc, check_error_stat="max") as a report entry."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    atol: float
+    passed: bool
+    gate: str = "polygraphy SimpleCompareFunc max"
+
+    def summary(self) -> str:
+        return f"polygraphy: max_abs {self.max_abs:.3g} mean_abs {self.mean_abs:.3g} (atol {self.atol:g})"
+
+    def failed_gates(self) -> list[str]:
+        return [] if self.passed else [f"polygraphy max_absdiff {self.max_abs:.3g} > {self.atol:g}"]
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "max_abs": self.max_abs,
+            "mean_abs": self.mean_abs,
+            "max_rel": self.max_rel,
+            "atol": self.atol,
+            "comparator": self.gate,
+        }
+
+
+@contextlib.contextmanager
+def quiet_polygraphy() -> Iterator[None]:
+    from polygraphy.logger import G_LOGGER
+
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        yield
+
+
+def _polygraphy_compare(
+    report: Report,
+    pair: tuple[str, str],
+    case: Case,
+    a: dict[str, Tensor],
+    b: dict[str, Tensor],
+    tolerances: Tolerances,
+) -> None:
+    """Two non-reference candidates (e.g. ort vs trt) compared by polygraphy's Comparator."""
+    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
+    from polygraphy.comparator.struct import IterationResult
+
+    atol = {name: (tolerances.get(name).atol or 1e-2) for name in a}
+    results = RunResults()
+    results.append((pair[0], [IterationResult({k: to_numpy(v) for k, v in a.items()}, runner_name=pair[0])]))
+    results.append((pair[1], [IterationResult({k: to_numpy(v) for k, v in b.items()}, runner_name=pair[1])]))
+    with quiet_polygraphy():
+        acc = Comparator.compare_accuracy(
+            results, compare_func=SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat="max")
+        )
+    for name, res in acc[0][pair][0].items():
+        entry = PolygraphyEntry(
+            name, res.max_absdiff, res.mean_absdiff, res.max_reldiff, atol.get(name, 0.0), bool(res)
+        )
+        report.add(pair, case.step, name, case.label, entry)
+
+
+class _Saver:
+    """Collects feeds/outputs per step and writes them as polygraphy JSON at the end."""
+
+    def __init__(self, inputs_dir: Path | None, outputs_dir: Path | None, runners: list[str]):
+        self.inputs_dir, self.outputs_dir, self.runners = inputs_dir, outputs_dir, runners
+        self.inputs: dict[str, list[dict]] = {}
+        self.labels: dict[str, list[str]] = {}
+        self.outputs: dict[str, dict[str, list]] = {}
+
+    def add(self, case: Case, feeds: dict[str, Tensor], outs: dict[str, dict[str, Tensor]]) -> None:
+        if self.inputs_dir is not None:
+            self.inputs.setdefault(case.step, []).append({k: _savable(v) for k, v in feeds.items()})
+            self.labels.setdefault(case.step, []).append(case.label)
+        if self.outputs_dir is not None:
+            per = self.outputs.setdefault(case.step, {})
+            for runner, out in outs.items():
+                per.setdefault(runner, []).append({k: _savable(v) for k, v in out.items()})
+
+    def flush(self) -> None:
+        from polygraphy.comparator import RunResults
+        from polygraphy.comparator.struct import IterationResult
+        from polygraphy.json import save_json
+
+        if self.inputs_dir is not None:
+            self.inputs_dir.mkdir(parents=True, exist_ok=True)
+            with quiet_polygraphy():
+                for step, feeds in self.inputs.items():
+                    save_json(feeds, self.inputs_dir / f"inputs.{step}.json")
+            (self.inputs_dir / "cases.json").write_text(json.dumps(self.labels, indent=1))
+        if self.outputs_dir is not None:
+            self.outputs_dir.mkdir(parents=True, exist_ok=True)
+            with quiet_polygraphy():
+                for step, per in self.outputs.items():
+                    rr = RunResults()
+                    for runner, iters in per.items():
+                        rr.append((runner, [IterationResult(o, runner_name=runner) for o in iters]))
+                    rr.save(str(self.outputs_dir / f"outputs.{step}.json"))
+
+
+def _savable(x: Tensor):
+    """numpy for every dtype numpy has; bf16 stays a torch tensor (polygraphy JSON encodes both)."""
+    return x.detach().cpu() if x.dtype == torch.bfloat16 else x.detach().cpu().numpy()
+
+
+def load_cases(inputs_dir: str | Path, specs: dict[str, StepSpec]) -> list[Case]:
+    """Cases from a directory written by --save-inputs (polygraphy JSON feed lists per step)."""
+    from polygraphy.json import load_json
+
+    root = Path(inputs_dir)
+    if not root.is_dir():
+        raise InputError(f"--load-inputs {root}: not a directory")
+    labels_file = root / "cases.json"
+    try:
+        labels = json.loads(labels_file.read_text()) if labels_file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise InputError(f"--load-inputs {labels_file}: unreadable ({e})") from None
+    cases = []
+    files = sorted(root.glob("inputs.*.json"))
+    if not files:
+        raise InputError(f"--load-inputs {root}: no inputs.<step>.json files")
+    for f in files:
+        step = f.name[len("inputs.") : -len(".json")]
+        if step not in specs:
+            raise InputError(f"--load-inputs {f}: graph {step!r} is not one of {sorted(specs)}")
+        try:
+            with quiet_polygraphy():
+                feed_list = load_json(str(f))
+        except Exception as e:  # noqa: BLE001 - any decode error is the file's fault
+            raise InputError(f"--load-inputs {f}: not a polygraphy inputs file ({_one_line(e)})") from None
+        names = labels.get(step, [])
+        for i, feeds in enumerate(feed_list):
+            tensors = {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, Tensor) else v for k, v in feeds.items()}
+            tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+            label = f"loaded {names[i] if i < len(names) else f'#{i}'}"
+            cases.append(Case(step, label, "loaded", _const(tensors)))
+    return cases

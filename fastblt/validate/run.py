@@ -1,0 +1,343 @@
+"""`validate`: everything `fastblt validate` does, as a function that returns a Report.
+
+    report = validate(ValidateOptions(checkpoint="default", backends=("torch", "ort")))
+    bool(report)        # the verdict
+    report.save("out/") # report.md, report.json, error_per_layer.png
+
+With `reference="torch"` (default): per-graph parity of every candidate backend against the torch
+fp32 reference (random and prompt-derived feeds), per-layer localisation of every failed graph,
+and greedy generation in every mode end to end. With `reference="hf"`: our torch reference
+against transformers' BltForCausalLM on the same weights (logits and greedy output).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastblt.engines.base import TORCH_DTYPES, Backend, available, backend_factory
+from fastblt.errors import BackendUnavailable, InputError, ManifestMismatch
+from fastblt.export.spec import StepSpec, step_specs
+from fastblt.model.blt import BltModel
+from fastblt.model.config import BltConfig
+from fastblt.validate.e2e import MODES, E2ERun, e2e_parity
+from fastblt.validate.graphs import (
+    DEFAULT_PROMPTS,
+    Case,
+    GraphRun,
+    cast_feeds,
+    graph_parity,
+    load_cases,
+    random_cases,
+    real_cases,
+    reference_specs,
+    round_trip,
+)
+from fastblt.validate.layers import localise_onnx, localise_torch
+from fastblt.validate.metrics import Tolerances
+from fastblt.validate.report import Report, environment
+
+BACKENDS = ("torch", "ort", "trt")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ARTIFACT_BACKENDS = ("ort", "trt")
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    """What `fastblt validate` runs. None fields take the defaults described per field."""
+
+    checkpoint: str | Path = "default"
+    artifacts: Path | None = None  # None with ort/trt: export once into cache_dir (keyed by hash)
+    backends: tuple[str, ...] | None = None  # None: torch and ort
+    reference: str = "torch"  # "torch" | "hf"
+    dtype: str | None = None  # None: the artifacts' dtype, else float32
+    prompts: tuple[str, ...] | None = None  # None: DEFAULT_PROMPTS
+    graphs: tuple[str, ...] | None = None  # steps to compare; None: all
+    modes: tuple[str, ...] = MODES
+    max_bytes: int = 32  # e2e bytes per generation
+    hf_greedy_bytes: int = 32
+    capacity: int = 256  # cache capacity when no artifacts fix it (torch only / auto-export)
+    real: bool = True  # prompt-derived feeds as well as random ones
+    e2e: bool = True
+    layers: bool = True  # localise failed graphs per layer
+    seed: int = 0
+    threads: int | None = None
+    atol: float | None = None  # fp32 max-abs gate; None: 1e-4 (DESIGN.md)
+    save_inputs: Path | None = None
+    load_inputs: Path | None = None
+    save_outputs: Path | None = None
+    cache_dir: Path | None = None
+    extra_candidates: dict[str, Backend] = field(default_factory=dict, compare=False)  # API/tests only
+
+    def __post_init__(self) -> None:
+        if self.reference not in ("torch", "hf"):
+            raise InputError(f"--reference {self.reference!r}: expected torch or hf")
+        if self.dtype is not None:
+            d = DTYPE_ALIASES.get(self.dtype, self.dtype)
+            if d not in TORCH_DTYPES or d == "int32":
+                raise InputError(f"--dtype {self.dtype!r}: expected one of fp32, fp16, bf16")
+            object.__setattr__(self, "dtype", d)
+        if self.backends is not None:
+            unknown = [b for b in self.backends if b not in BACKENDS]
+            if unknown or not self.backends:
+                raise InputError(f"--backends {','.join(self.backends)}: choose from {', '.join(BACKENDS)}")
+        bad_modes = [m for m in self.modes if m not in MODES]
+        if bad_modes:
+            raise InputError(f"--modes {','.join(bad_modes)}: unknown; choose from {', '.join(MODES)}")
+        if self.max_bytes < 1 or self.capacity < 16:
+            raise InputError("--max-bytes must be >= 1 and --capacity >= 16")
+
+
+def validate(opts: ValidateOptions, model: BltModel | None = None) -> Report:
+    """Run every check `opts` asks for; never raises for a failed gate (the report says so).
+
+    Raises FastBltError subclasses for bad input: an unreadable checkpoint, artifacts exported
+    from another checkpoint (ManifestMismatch), options that contradict the artifacts.
+    """
+    from fastblt.model.checkpoint import load_checkpoint, resolve_checkpoint_path
+
+    path = None
+    if model is None:
+        path = resolve_checkpoint_path(opts.checkpoint)
+        model = load_checkpoint(path)
+    model = model.float().eval()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    prompts = list(opts.prompts or DEFAULT_PROMPTS)
+    report = Report()
+    report.meta.update(
+        {
+            "checkpoint": str(path) if path is not None else "(model object)",
+            "reference": opts.reference,
+            "environment": environment(),
+        }
+    )
+    if opts.reference == "hf":
+        from fastblt.validate.hf import hf_model, hf_parity
+
+        report.meta["dtype"] = "float32"
+        hf = hf_model(model, path)
+        return hf_parity(model, hf, prompts, opts.hf_greedy_bytes, report=report)
+    return _validate_torch_reference(opts, model, path, prompts, report)
+
+
+def _validate_torch_reference(
+    opts: ValidateOptions, model: BltModel, path: Path | None, prompts: list[str], report: Report
+) -> Report:
+    requested = list(opts.backends or ("torch", "ort"))
+    avail = available()
+    runnable = []
+    for name in requested:
+        a = avail.get(name)
+        if a is None or not a.available:
+            report.skip(name, a.reason if a is not None else "unknown backend")
+        else:
+            runnable.append(name)
+    artifacts, manifest = None, None
+    if any(b in ARTIFACT_BACKENDS for b in runnable):
+        artifacts, manifest = _artifacts(opts, model, path)
+    specs, dtype = _specs(opts, model.config, manifest)
+    if opts.graphs:
+        unknown = [g for g in opts.graphs if g not in specs]
+        if unknown:
+            raise InputError(f"--graphs {','.join(unknown)}: not graphs of this checkpoint ({', '.join(specs)})")
+    report.meta.update(
+        {
+            "artifacts": str(artifacts) if artifacts else None,
+            "dtype": dtype,
+            "capacity": _cap(specs, "encoder"),
+            "patch_capacity": _cap(specs, "global"),
+            "backends_requested": requested,
+            "backends_run": runnable + list(opts.extra_candidates),
+            "gates": Tolerances.for_dtype(dtype, opts.atol).by_name[""].describe(),
+            "atol": Tolerances.for_dtype(dtype, opts.atol).by_name[""].atol,
+        }
+    )
+    if path is not None and manifest is not None:
+        report.meta["checkpoint_hash"] = manifest["checkpoint"].get("hash")
+    cand_model = _model_in(model, dtype)
+    candidates = {name: _backend(name, specs, cand_model, artifacts, opts.threads) for name in runnable}
+    candidates.update(opts.extra_candidates)
+    if not candidates:
+        report.error("no backend could run: nothing was compared (see skipped)")
+        return report
+    tolerances = Tolerances.for_dtype(dtype, opts.atol)
+    ref = _backend("torch", reference_specs(specs), model, None, opts.threads)
+    cases = _cases(opts, model, specs, prompts)
+    report.meta["cases"] = {s: sum(c.step == s for c in cases) for s in specs if any(c.step == s for c in cases)}
+    run = GraphRun(dtype=dtype, tolerances=tolerances, save_inputs=opts.save_inputs, save_outputs=opts.save_outputs)
+    graph_parity(cases, ref, candidates, run, report)
+    if opts.layers:
+        _localise(report, cases, model, cand_model, specs, candidates, tolerances, dtype)
+    if opts.e2e:
+        e2e_run = E2ERun(modes=opts.modes, max_bytes=opts.max_bytes, dtype=dtype, tolerances=tolerances)
+        ref_e2e = _backend("torch", reference_specs(specs), model, None, opts.threads)
+        e2e_parity(model, ref_e2e, candidates, prompts, _cap(specs, "encoder"), _cap(specs, "global"), e2e_run, report)
+    for b in candidates.values():
+        b.deactivate()
+    return report
+
+
+# ------------------------------------------------------------------------------ helpers
+def _cap(specs: dict[str, StepSpec], step: str) -> int:
+    return int(specs[step].input("past.0.k").shape[2])
+
+
+def _model_in(model: BltModel, dtype: str) -> BltModel:
+    if dtype == "float32":
+        return model
+    return copy.deepcopy(model).to(TORCH_DTYPES[dtype]).eval()
+
+
+def _backend(
+    name: str, specs: dict[str, StepSpec], model: BltModel, artifacts: Path | None, threads: int | None
+) -> Backend:
+    factory = backend_factory(name)
+    if name == "torch":
+        return factory(specs, model, threads=threads).activate()
+    if artifacts is None:
+        raise BackendUnavailable(f"backend {name}: needs exported artifacts (--artifacts DIR)")
+    return factory(specs, artifacts, threads=threads).activate()
+
+
+def _specs(opts: ValidateOptions, config: BltConfig, manifest: dict | None) -> tuple[dict[str, StepSpec], str]:
+    """The step specs every candidate runs (the artifacts' when there are any) and their dtype."""
+    if manifest is None:
+        dtype = opts.dtype or "float32"
+        return step_specs(config, opts.capacity, opts.capacity, dtype), dtype
+    from fastblt.export.exporter import ExportOptions
+
+    mopts = manifest["options"]
+    if opts.dtype is not None and opts.dtype != mopts["dtype"]:
+        raise ManifestMismatch(
+            f"--dtype {opts.dtype}: the artifacts were exported in {mopts['dtype']}; "
+            f"pass --dtype {mopts['dtype']} or export again with --dtype"
+        )
+    eo = ExportOptions(**{k: mopts[k] for k in ("dtype", "opset", "capacity", "patch_capacity", "max_batch")})
+    return eo.specs(config), eo.dtype
+
+
+def _artifacts(opts: ValidateOptions, model: BltModel, path: Path | None) -> tuple[Path, dict]:
+    """The export directory to validate (given, or exported once into the cache) and its manifest,
+    checked against the checkpoint: same hash (when known) and the same config."""
+    from fastblt.export.manifest import MANIFEST, read_manifest
+
+    ckpt_hash = _checkpoint_hash(path)
+    if opts.artifacts is None:
+        directory = _auto_export(opts, model, path, ckpt_hash)
+    else:
+        directory = Path(opts.artifacts).expanduser()
+        if not directory.is_dir():
+            raise InputError(f"--artifacts {directory}: not a directory")
+    manifest = read_manifest(directory)
+    where = directory / MANIFEST
+    got = manifest["checkpoint"].get("hash")
+    if ckpt_hash is not None and got is not None and got != ckpt_hash:
+        raise ManifestMismatch(
+            f"{where}: field checkpoint.hash: the artifacts were exported from checkpoint {got[:12]} "
+            f"({manifest['checkpoint'].get('source')}), not from {path} ({ckpt_hash[:12]}); "
+            "export this checkpoint (fastblt export --checkpoint ...) or pass the matching --checkpoint"
+        )
+    want = json.loads(json.dumps(model.config.to_dict()))  # tuples -> lists, as the manifest holds it
+    have = manifest["checkpoint"].get("config") or {}
+    if have != want:
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise ManifestMismatch(
+            f"{where}: field checkpoint.config: the artifacts were exported from a model with another "
+            f"config (fields {', '.join(diff[:6])} differ); they do not compute this checkpoint"
+        )
+    return directory, manifest
+
+
+def _checkpoint_hash(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    from fastblt.model.checkpoint import checkpoint_hash
+
+    return checkpoint_hash(path)
+
+
+def _auto_export(opts: ValidateOptions, model: BltModel, path: Path | None, ckpt_hash: str | None) -> Path:
+    """Export once per (checkpoint, dtype, capacity) into the cache; later runs reuse it."""
+    from fastblt.export.exporter import ExportOptions, export_model
+
+    dtype = opts.dtype or "float32"
+    key = ckpt_hash or hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode()).hexdigest()
+    root = Path(opts.cache_dir).expanduser() if opts.cache_dir else Path.home() / ".cache" / "fastblt" / "validate"
+    if ckpt_hash is None:  # a model object: its weights have no hash, so never reuse an export
+        root = Path(tempfile.mkdtemp(prefix="fastblt-validate-"))
+    out = root / f"{key[:16]}-{dtype}-c{opts.capacity}"
+    eo = ExportOptions(dtype=dtype, capacity=opts.capacity)
+    export_model(_model_in(model, dtype), out, eo, checkpoint_hash=ckpt_hash, checkpoint_source=str(path), force=True)
+    return out
+
+
+def _artifacts_dir(backend: Backend | None) -> Path | None:
+    """The export directory a backend runs (following wrappers' `inner`), if any."""
+    while backend is not None:
+        if getattr(backend, "artifacts_dir", None) is not None:
+            return Path(backend.artifacts_dir)
+        backend = getattr(backend, "inner", None)
+    return None
+
+
+def _cases(opts: ValidateOptions, model: BltModel, specs: dict[str, StepSpec], prompts: list[str]) -> list[Case]:
+    if opts.load_inputs is not None:
+        cases = load_cases(opts.load_inputs, specs)
+    else:
+        cases = random_cases(specs, model, seed=opts.seed, steps=opts.graphs)
+        if opts.real:
+            cases += real_cases(model, specs, prompts)
+    if opts.graphs:
+        cases = [c for c in cases if c.step in opts.graphs]
+    return cases
+
+
+def _localise(
+    report: Report,
+    cases: list[Case],
+    model: BltModel,
+    cand_model: BltModel,
+    specs: dict[str, StepSpec],
+    candidates: dict[str, Backend],
+    tolerances: Tolerances,
+    dtype: str,
+) -> None:
+    """Per-layer localisation of every failed (pair, graph) on its first failing case: the torch
+    candidate by hooks on both models, a backend with artifacts (ort, trt) by its ONNX graph in ORT."""
+    from fastblt.export.manifest import read_manifest
+
+    by_label = {(c.step, c.label): c for c in cases}
+    tol = tolerances.get("")
+    for pair, graph in report.failed_graphs():
+        if graph not in specs:
+            continue  # e2e / hf entries are not graphs
+        _, cand = pair
+        label = next((case for out in report[pair][graph].values() for case, e in out.items() if not e.passed), None)
+        case = by_label.get((graph, label))
+        if case is None:
+            continue
+        feeds32 = round_trip(case.make(), dtype)
+        feeds = cast_feeds(feeds32, specs[graph])
+        atol = tol.atol if tol.atol is not None else 1e-2
+        try:
+            backend = candidates.get(cand)
+            artifacts = _artifacts_dir(backend)
+            if cand == "torch":
+                lr = localise_torch(model, cand_model, graph, feeds32, feeds, label, atol, tol.cosine)
+            elif artifacts is not None:
+                onnx_path = Path(artifacts) / read_manifest(Path(artifacts))["graphs"][graph]["file"]
+                lr = localise_onnx(model, graph, onnx_path, feeds, label, atol, tol.cosine)
+            else:
+                report.skip(f"per-layer {cand} | {graph}", "the backend has no ONNX artifacts to localise in")
+                continue
+        except Exception as e:  # noqa: BLE001 - localisation is a diagnosis: its failure is reported, not fatal
+            report.error(f"per-layer localisation of {pair[1]} | {graph} could not run: {type(e).__name__}: {e}")
+            continue
+        report.layers[(pair, graph)] = lr
