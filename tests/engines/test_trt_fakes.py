@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
 import json
 import math
 import types
@@ -323,6 +324,7 @@ def make_fake_trt(flavor: str = "10", version: str = "10.99.0", parse_fails: boo
     """A fresh fake `tensorrt` module (`flavor` "10": STRONGLY_TYPED and the precision flags
     exist; "11": neither does, as in TensorRT 11's removed-API table)."""
     trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # importlib.util.find_spec works
     trt.__version__ = version
     trt.log, trt.configs, trt.executed = [], [], []
     trt.executor = None  # (step, feeds) -> outputs, set by a test that executes
