@@ -117,14 +117,18 @@ def check_graph(path: Path, spec: StepSpec, opset: int, table: TrtOpTable | None
     """Run every check on the graph file `path` (external data next to it) against `spec`."""
     table = table or load_trt_ops()
     results = [_check_onnx(path)]
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # not even a readable ModelProto
+        unreadable = f"{path.name}: unreadable: {_one_line(e)}"
+        return [*results, *(CheckResult(c, "fail", unreadable) for c in ("io", "trt_ops", "hash_ids", "ort"))]
     try:
         typed = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False)
     except Exception:  # a graph that fails inference already failed `onnx`; check the raw graph
         typed = proto
-    results.append(_check_io(proto, spec))
-    results.append(_check_trt_ops(typed, opset, table))
-    results.append(_check_hash_ids(typed))
+    results.append(check_io(proto, spec))
+    results.append(check_trt_ops(typed, opset, table))
+    results.append(check_hash_ids(typed))
     results.append(_check_ort(path, spec))
     return results
 
@@ -145,7 +149,7 @@ def _shape_of(vi: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in vi.type.tensor_type.shape.dim]
 
 
-def _check_io(proto: onnx.ModelProto, spec: StepSpec) -> CheckResult:
+def check_io(proto: onnx.ModelProto, spec: StepSpec) -> CheckResult:
     g = proto.graph
     inits = {t.name for t in g.initializer}
     for kind, values, tensors in (
@@ -187,7 +191,7 @@ def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _check_trt_ops(proto: onnx.ModelProto, opset: int, table: TrtOpTable) -> CheckResult:
+def check_trt_ops(proto: onnx.ModelProto, opset: int, table: TrtOpTable) -> CheckResult:
     model_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if model_opset != opset:
         return CheckResult("trt_ops", "fail", f"model opset {model_opset}, expected {opset}")
@@ -223,7 +227,7 @@ def _check_trt_ops(proto: onnx.ModelProto, opset: int, table: TrtOpTable) -> Che
     return CheckResult("trt_ops", "pass", f"{n_ops} op types, all supported (list: {table.source})")
 
 
-def _check_hash_ids(proto: onnx.ModelProto) -> CheckResult:
+def check_hash_ids(proto: onnx.ModelProto) -> CheckResult:
     types = _elem_types(proto)
     tainted = {v.name for v in proto.graph.input if v.name == "hash_ids"}
     problems = []

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastblt.engines.base import TORCH_DTYPES
-from fastblt.errors import InputError, ManifestMismatch
+from fastblt.errors import FastBltError, InputError, ManifestMismatch
 from fastblt.export import checks as checks_mod
 from fastblt.export.checks import CheckResult, ExportCheckFailed, check_graph, failures
 from fastblt.export.graphs import GraphRecord, dim_ranges, export_step
@@ -210,20 +210,34 @@ def export_model(
 
 
 def check_export(directory: str | Path, progress: Progress | None = None) -> dict[str, list[CheckResult]]:
-    """Re-run every check on an export directory: files against the manifest's sha256, the
-    manifest's I/O against the spec its config and options give, then each graph's checks."""
+    """Re-run every check on an export directory. Per graph: `files` (present, sha256 as in the
+    manifest), then the graph checks against the spec that the manifest's config and options give.
+
+    Raises ManifestMismatch when `directory` holds no readable manifest, or the manifest's graphs
+    are not the ones its own config and options describe.
+    """
     directory = Path(directory).expanduser()
     manifest = read_manifest(directory)
-    verify_files(directory, manifest)
-    config = BltConfig.from_dict(manifest["checkpoint"]["config"])
-    options = ExportOptions(**manifest["options"])
+    where = str(directory / MANIFEST)
+    try:
+        config = BltConfig.from_dict(manifest["checkpoint"]["config"])
+        options = ExportOptions(**manifest["options"])
+    except (FastBltError, TypeError) as e:
+        raise ManifestMismatch(f"{where}: field checkpoint.config/options: unreadable ({e})") from None
     specs = options.specs(config)
-    verify_specs(manifest, specs, str(directory / MANIFEST))
+    verify_specs(manifest, specs, where)
     results = {}
     for i, (step, spec) in enumerate(specs.items()):
         if progress:
             progress("start", step, i, len(specs), None)
-        results[step] = check_graph(directory / manifest["graphs"][step]["file"], spec, options.opset)
+        try:
+            verify_files(directory, manifest, [step])
+            files = CheckResult("files", "pass", "present, sha256 as in the manifest")
+        except ManifestMismatch as e:
+            files = CheckResult("files", "fail", str(e))
+        results[step] = [files]
+        if (directory / manifest["graphs"][step]["file"]).is_file():
+            results[step] += check_graph(directory / manifest["graphs"][step]["file"], spec, options.opset)
         if progress:
             progress("done", step, i, len(specs), {"checks": {r.check: r.to_dict() for r in results[step]}})
     return results

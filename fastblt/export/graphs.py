@@ -229,3 +229,22 @@ def step_parameter_names(model: BltModel, spec: StepSpec) -> list[str]:
     with recorder, torch.no_grad():
         StepModule(model, spec)(*example_inputs(spec, device="meta"))
     return [name for name, p in model.named_parameters() if id(p) in recorder.seen]
+
+
+@contextlib.contextmanager
+def materialized(model: BltModel, names: list[str], make) -> Iterator[None]:
+    """Give the meta-device parameters `names` real values `make(name, meta_param) -> Tensor` while
+    the block runs, then put the meta parameters back (the real tensors are freed)."""
+    saved = []
+    try:
+        for name in names:
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            meta = module._parameters[leaf]
+            saved.append((module, leaf, meta))
+            module._parameters[leaf] = nn.Parameter(make(name, meta), requires_grad=False)
+        yield
+    finally:
+        for module, leaf, meta in reversed(saved):
+            module._parameters[leaf] = meta
+        gc.collect()

@@ -1,0 +1,57 @@
+"""The runtime's own cache handling over onnxruntime: SequenceState on the ort backend must give
+the logits of the full PyTorch forward (the model's own patching), within 1e-4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from export_helpers import CAPACITY, PATCH_CAPACITY
+
+from fastblt.engines.ort_backend import OrtBackend
+from fastblt.export.spec import step_specs
+from fastblt.runtime.state import SequenceState
+
+from tiny import random_tokens
+
+
+@pytest.fixture(scope="module")
+def backend(fp32_export, ref_model):
+    b = OrtBackend(step_specs(ref_model.config, CAPACITY, PATCH_CAPACITY), fp32_export, threads=1)
+    yield b
+    b.deactivate()
+
+
+def _full(model, tokens):
+    with torch.no_grad():
+        return model(tokens)[0]
+
+
+def test_prefill_then_50_decode_steps(backend, ref_model):
+    tokens = random_tokens(80, seed=3)
+    full = _full(ref_model, tokens)
+    lengths = ref_model.patch(tokens)[0]
+    assert len(set(lengths[1:-1].tolist())) >= 3, f"patches should vary in length, got {lengths.tolist()}"
+    state = SequenceState(backend, ref_model.config, CAPACITY, PATCH_CAPACITY)
+    t = tokens[0].numpy()
+    outs = [state.append(t[:30]).clone()]
+    for i in range(30, 80):
+        outs.append(state.append(t[i : i + 1]).clone())
+    err = float((torch.cat(outs) - full).abs().max())
+    assert err <= 1e-4, f"max abs diff {err:.3g} over 30 prefill + 50 decode positions"
+    assert backend.calls["decoder"] >= 51 and backend.calls["global"] >= 1
+
+
+def test_chunks_and_rollback(backend, ref_model):
+    """Multi-byte appends, a rollback into the middle of a chunk, then overwriting the stale slots."""
+    tokens = random_tokens(70, seed=5)
+    full = _full(ref_model, tokens)
+    state = SequenceState(backend, ref_model.config, CAPACITY, PATCH_CAPACITY)
+    t = tokens[0].numpy()
+    outs = [state.append(t[:7]).clone(), state.append(t[7:8]).clone(), state.append(t[8:20]).clone()]
+    state.append(t[20:27])  # speculative work, then rolled back to 15
+    state.rollback(15)
+    outs = [torch.cat(outs)[:15]]
+    for i in range(15, 70, 4):
+        outs.append(state.append(t[i : i + 4]).clone())
+    err = float((torch.cat(outs) - full).abs().max())
+    assert err <= 1e-4, f"max abs diff {err:.3g}"

@@ -1,0 +1,168 @@
+"""`fastblt export`: layout and manifest, progress, --json, up to date, --force, --check, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+from export_helpers import CAPACITY, PATCH_CAPACITY, run_cli
+
+from fastblt.export import exporter
+from fastblt.export.checks import TrtOpTable, load_trt_ops
+from fastblt.export.manifest import MANIFEST, read_manifest, sha256_file
+from fastblt.export.spec import STEPS, step_specs
+from fastblt.model.checkpoint import checkpoint_hash
+from fastblt.model.config import BltConfig
+
+
+def _export_args(ckpt, out, *extra: str) -> list[str]:
+    return ["export", "--checkpoint", str(ckpt), "--out", str(out), "--max-context", str(CAPACITY),
+            "--max-patches", str(PATCH_CAPACITY), *extra]  # fmt: skip
+
+
+def _leftovers(parent, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def test_manifest_describes_every_graph(fp32_export, ckpt_dir, ref_model):
+    m = read_manifest(fp32_export)
+    assert m["checkpoint"]["hash"] == checkpoint_hash(ckpt_dir)
+    assert BltConfig.from_dict(m["checkpoint"]["config"]) == ref_model.config
+    assert m["options"] == {"dtype": "float32", "opset": 20, "capacity": CAPACITY,
+                            "patch_capacity": PATCH_CAPACITY, "max_batch": 8}  # fmt: skip
+    assert {"torch", "onnx", "onnxscript", "onnxruntime", "fastblt"} <= set(m["versions"])
+    assert m["dims"]["new"] == {"min": 1, "max": CAPACITY}
+    assert m["dims"]["patch_len"] == {"min": 1, "max": 6}  # max_patch_length
+    specs = step_specs(ref_model.config, CAPACITY, PATCH_CAPACITY)
+    assert list(m["graphs"]) == list(STEPS)
+    for step, g in m["graphs"].items():
+        assert g["inputs"] == specs[step].to_dict()["inputs"]
+        assert g["outputs"] == specs[step].to_dict()["outputs"]
+        assert g["opset"] == 20
+        assert g["cache_capacity"] == (PATCH_CAPACITY if step == "global" else CAPACITY)
+        assert g["sha256"][g["file"]] == sha256_file(fp32_export / g["file"])
+        assert all(c["status"] == "pass" for c in g["checks"].values()), g["checks"]
+        assert g["nodes"] == sum(g["op_counts"].values()) > 0
+        proto = onnx.load(str(fp32_export / g["file"]), load_external_data=False)
+        assert proto.opset_import[0].version == 20
+        shapes = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.input]
+        assert shapes == [t["shape"] for t in g["inputs"]]
+    assert sorted(p.name for p in fp32_export.iterdir()) == sorted([MANIFEST, *(f"{s}.onnx" for s in STEPS)])
+
+
+def test_progress_per_graph_and_json(fp32_run):
+    for i, step in enumerate(STEPS):
+        assert f"[{i + 1}/5] {step}" in fp32_run.stderr
+    summary = json.loads(fp32_run.stdout)
+    assert summary["up_to_date"] is False
+    assert list(summary["graphs"]) == list(STEPS)
+    assert summary["graphs"]["encoder"]["checks"]["hash_ids"]["status"] == "pass"
+
+
+def test_same_export_is_up_to_date(fp32_export, ckpt_dir, monkeypatch, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in fp32_export.iterdir()}
+    code, out, err = run_cli(_export_args(ckpt_dir, fp32_export, "--json"), monkeypatch, capsys)
+    assert code == 0, err
+    assert "up to date" in err
+    assert json.loads(out)["up_to_date"] is True
+    assert {p.name: p.stat().st_mtime_ns for p in fp32_export.iterdir()} == before
+
+
+def test_different_export_needs_force(fp32_export, ckpt_dir, monkeypatch, capsys):
+    before = read_manifest(fp32_export)
+    code, _, err = run_cli(_export_args(ckpt_dir, fp32_export, "--dtype", "fp16"), monkeypatch, capsys)
+    assert code == 2
+    assert "different export" in err and "dtype 'float32' -> 'float16'" in err and "--force" in err
+    assert read_manifest(fp32_export) == before
+
+
+def test_force_replaces_atomically(fp32_export, ckpt_dir, tmp_path, monkeypatch, capsys):
+    """--force swaps the new export in (graph export stubbed: this tests the file handling)."""
+    out = tmp_path / "exp"
+    shutil.copytree(fp32_export, out)
+    real = read_manifest(out)
+
+    def fake_export_step(model, spec, path, opset, ranges, threshold):
+        shutil.copy(fp32_export / f"{spec.name}.onnx", path)
+        return exporter.GraphRecord(spec.name, path.name, None, path.stat().st_size, {"Add": 1}, 0, 0.0)
+
+    monkeypatch.setattr(exporter, "export_step", fake_export_step)
+    monkeypatch.setattr(exporter, "check_graph", lambda *a, **k: [])
+    code, _, err = run_cli(_export_args(ckpt_dir, out, "--max-batch", "2", "--force"), monkeypatch, capsys)
+    assert code == 0, err
+    m = read_manifest(out)
+    assert m["options"]["max_batch"] == 2 and real["options"]["max_batch"] == 8
+    assert _leftovers(tmp_path, "exp") == []
+
+
+def test_check_dir_passes_and_catches_changed_files(fp32_export, tmp_path, monkeypatch, capsys):
+    code, out, err = run_cli(["export", "--check", str(fp32_export), "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads(out)["passed"] is True
+    bad = tmp_path / "bad"
+    shutil.copytree(fp32_export, bad)
+    with open(bad / "decoder.onnx", "r+b") as f:  # flip one byte
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    code, _, err = run_cli(["export", "--check", str(bad)], monkeypatch, capsys)
+    assert code == 1
+    assert "decoder" in err and "sha256" in err
+
+
+def test_check_dir_without_manifest(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(["export", "--check", str(tmp_path)], monkeypatch, capsys)
+    assert code == 2 and "no manifest" in err
+
+
+def test_failing_graph_check_leaves_nothing(ckpt_dir, tmp_path, monkeypatch, capsys):
+    table = load_trt_ops()
+    no_matmul = TrtOpTable(table.opset_min, table.opset_max, {k: v for k, v in table.types.items() if k != "MatMul"},
+                           table.const_inputs, table.source)  # fmt: skip
+    monkeypatch.setattr("fastblt.export.checks.load_trt_ops", lambda *a: no_matmul)
+    out = tmp_path / "exp"
+    code, _, err = run_cli(_export_args(ckpt_dir, out), monkeypatch, capsys)
+    assert code == 1
+    assert "graph entropy" in err and "trt_ops" in err and "MatMul" in err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dtype", "int8"], "Invalid value for '--dtype'"),
+        (["--opset", "17"], "opset 17: unsupported"),
+        (["--max-context", "4"], "capacity 4: expected an int >= 8"),
+    ],
+)
+def test_bad_options(ckpt_dir, tmp_path, monkeypatch, capsys, extra, message):
+    code, _, err = run_cli(["export", "--checkpoint", str(ckpt_dir), "--out", str(tmp_path / "x"), *extra],
+                           monkeypatch, capsys)  # fmt: skip
+    assert code == 2
+    assert message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_that_fails_to_load(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"format": "fastblt", "format_version": 1, "model": {"encoder": 3}}')
+    (bad / "model.safetensors").write_bytes(b"not safetensors")
+    code, _, err = run_cli(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "x")], monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and "encoder" in err
+    assert not (tmp_path / "x").exists()
+    code, _, err = run_cli(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")],
+                           monkeypatch, capsys)  # fmt: skip
+    assert code == 2 and "no such checkpoint" in err
+
+
+def test_out_dir_with_other_files_is_refused(ckpt_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run_cli(_export_args(ckpt_dir, tmp_path), monkeypatch, capsys)
+    assert code == 2 and "notes.txt" in err and "--force" in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -1,0 +1,105 @@
+"""Per graph: onnxruntime (through the ort backend) vs the PyTorch step function on random inputs
+with non-empty caches, rows at different cache lengths, chunk sizes 1, 2, 7 and a full block.
+
+fp32: max abs diff <= 1e-4. fp16: cosine >= 0.99 per output and top-1 agreement >= 0.99 on the
+logits where the fp32 margin >= 0.1 (reference: the fp32 model on the same, fp16-rounded inputs).
+bf16: ORT CPU has no bfloat16 kernels, so its parity is skipped with ORT's reason (GPU/TRT only).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from export_helpers import CAPACITY, PATCH_CAPACITY
+from parity_helpers import cast_feeds, cosine, max_abs, random_feeds, top1_agreement
+
+from fastblt.engines.ort_backend import OrtBackend
+from fastblt.engines.torch_backend import run_named_step
+from fastblt.export.manifest import read_manifest
+from fastblt.export.spec import STEPS, step_specs
+
+BLOCK = 4  # tiny_config's BLT-D block size
+CHUNKS = (1, 2, 7, BLOCK)
+
+
+def _starts(step: str, S: int) -> list[list[int]]:
+    """Cache lengths per batch row (batch 2): short, long, and full up to the capacity."""
+    cap = PATCH_CAPACITY if step == "global" else CAPACITY
+    return [[1, 40], [cap - S, 17]]
+
+
+@pytest.fixture(scope="module")
+def backends(fp32_export, fp16_export, ref_model):
+    cfg = ref_model.config
+    out = {
+        "float32": OrtBackend(step_specs(cfg, CAPACITY, PATCH_CAPACITY), fp32_export, threads=1),
+        "float16": OrtBackend(step_specs(cfg, CAPACITY, PATCH_CAPACITY, "float16"), fp16_export, threads=1),
+    }
+    yield out
+    for b in out.values():
+        b.deactivate()
+
+
+def _reference(model, step, feeds):
+    with torch.no_grad():
+        return run_named_step(model, step, feeds)
+
+
+@pytest.mark.parametrize("S", CHUNKS)
+@pytest.mark.parametrize("step", STEPS)
+def test_fp32_graph_matches_torch(backends, ref_model, step, S):
+    backend = backends["float32"]
+    spec = backend.specs[step]
+    for i, starts in enumerate(_starts(step, S)):
+        feeds = random_feeds(spec, ref_model.config, S, starts, PATCH_CAPACITY, seed=100 * S + i)
+        ref = _reference(ref_model, step, feeds)
+        got = backend.run_step(step, feeds)
+        for t in spec.outputs:
+            assert got[t.name].shape == ref[t.name].shape, t.name
+            err = max_abs(got[t.name], ref[t.name])
+            assert err <= 1e-4, f"{step} S={S} starts={starts} {t.name}: max abs diff {err:.3g}"
+
+
+@pytest.mark.parametrize("S", CHUNKS)
+@pytest.mark.parametrize("step", STEPS)
+def test_fp16_graph_composite_gates(backends, ref_model, step, S):
+    backend = backends["float16"]
+    spec = backend.specs[step]
+    for i, starts in enumerate(_starts(step, S)):
+        feeds16 = cast_feeds(random_feeds(spec, ref_model.config, S, starts, PATCH_CAPACITY, seed=7 * S + i), spec)
+        ref = _reference(ref_model, step, {k: v.float() if v.is_floating_point() else v for k, v in feeds16.items()})
+        got = backend.run_step(step, feeds16)
+        for t in spec.outputs:
+            c = cosine(ref[t.name], got[t.name])
+            assert c >= 0.99, f"{step} S={S} {t.name}: cosine {c:.5f}"
+        if "logits" in ref:
+            agree, n = top1_agreement(ref["logits"], got["logits"])
+            assert n > 0, "no position with an fp32 margin >= 0.1: the gate compared nothing"
+            assert agree >= 0.99, f"{step} S={S}: top-1 agreement {agree:.3f} over {n} positions"
+
+
+def test_fp16_export_keeps_weights_external(fp16_export):
+    m = read_manifest(fp16_export)
+    for step, g in m["graphs"].items():
+        assert g["external_data"] == f"{step}.onnx.data"
+        assert (fp16_export / g["external_data"]).is_file()
+        assert set(g["sha256"]) == {g["file"], g["external_data"]}
+
+
+def test_bf16_export_passes_its_checks(bf16_export):
+    m = read_manifest(bf16_export)
+    assert m["options"]["dtype"] == "bfloat16"
+    for step, g in m["graphs"].items():
+        assert g["inputs"][-1]["dtype"] == "bfloat16"
+        for name in ("onnx", "io", "trt_ops", "hash_ids"):
+            assert g["checks"][name]["status"] == "pass", (step, name, g["checks"][name])
+        assert g["checks"]["ort"]["status"] in ("pass", "skip")
+
+
+def test_bf16_graph_parity(bf16_export):
+    m = read_manifest(bf16_export)
+    skipped = {s: g["checks"]["ort"] for s, g in m["graphs"].items() if g["checks"]["ort"]["status"] == "skip"}
+    if skipped:
+        step, check = next(iter(skipped.items()))
+        pytest.skip(f"bf16 ORT parity is for GPU/TensorRT: {step}: {check['detail'][:160]}")
+    pytest.fail("onnxruntime now loads bf16 graphs on the CPU: add the bf16 parity run here")
