@@ -36,10 +36,13 @@ def _progress(event: str, step: str, i: int, total: int, rec) -> None:
 @click.option("--max-batch", type=int, default=1, show_default=True, help="Largest batch the engines take.")
 @click.option("--workspace", type=float, default=DEFAULT_WORKSPACE_GB, show_default=True, help="Builder workspace, GB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path, dir_okay=False), help="[default: ENGINES/timing.cache]")
+@click.option("--opt-level", type=int, default=None, help="Builder optimization level 0-5 [default: TensorRT's, 3].")
 @click.option("--force", is_flag=True, help="Rebuild engines whose cache key matches.")
 @click.option("--dry-run", is_flag=True, help="Only print the optimization profiles (needs no GPU or TensorRT).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def build(artifacts, engines, profile_text, max_batch, workspace, timing_cache, force, dry_run, as_json) -> None:
+def build(
+    artifacts, engines, profile_text, max_batch, workspace, timing_cache, opt_level, force, dry_run, as_json
+) -> None:
     """Build TensorRT engines (strongly typed: precision comes from the graphs) from an export.
 
     \b
@@ -81,6 +84,7 @@ def build(artifacts, engines, profile_text, max_batch, workspace, timing_cache, 
         timing_cache=timing_cache,
         force=force,
         progress=_progress,
+        opt_level=opt_level,
     )
     if as_json:
         click.echo(json.dumps({"artifacts": str(artifacts), "engines": [r.to_dict() for r in records]}, indent=2))

@@ -49,7 +49,7 @@ from fastblt.engines.engine_cache import (
     write_engine,
 )
 from fastblt.engines.profiles import Profile, graph_inputs, manifest_profiles
-from fastblt.errors import BackendUnavailable, FastBltError, ManifestMismatch
+from fastblt.errors import BackendUnavailable, FastBltError, InputError, ManifestMismatch
 from fastblt.export.spec import TensorSpec
 
 NOT_INSTALLED = (
@@ -126,9 +126,16 @@ def network_flags(trt: Any) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def build_flags(workspace_bytes: int) -> dict[str, Any]:
-    """What the builder is configured with (recorded in the manifest and in the cache key)."""
-    return {"strongly_typed": True, "tf32": False, "precision_flags": [], "workspace_bytes": int(workspace_bytes)}
+def build_flags(workspace_bytes: int, opt_level: int | None = None) -> dict[str, Any]:
+    """What the builder is configured with (recorded in the manifest and in the cache key).
+    opt_level: `config.builder_optimization_level` (0-5; None: TensorRT's default, 3)."""
+    return {
+        "strongly_typed": True,
+        "tf32": False,
+        "precision_flags": [],
+        "workspace_bytes": int(workspace_bytes),
+        "builder_optimization_level": opt_level,
+    }
 
 
 # ------------------------------------------------------------------------------ loaders
@@ -156,8 +163,9 @@ class NetworkFromOnnxPath:
 
 class EngineBytesFromNetwork:
     """() -> plan bytes: one optimization profile per `profiles` entry (profile i = index i),
-    a workspace limit, TF32 cleared, no precision flags, and the timing cache read from and
-    written back to `timing_cache` (None: a fresh cache, not saved)."""
+    a workspace limit, TF32 cleared, no precision flags, the builder optimization level when
+    given, and the timing cache read from and written back to `timing_cache` (None: a fresh
+    cache, not saved)."""
 
     def __init__(
         self,
@@ -166,12 +174,14 @@ class EngineBytesFromNetwork:
         profiles: Sequence[Profile],
         workspace_bytes: int,
         timing_cache: Path | None = None,
+        opt_level: int | None = None,
     ):
         self.network = network
         self.inputs = inputs
         self.profiles = profiles
         self.workspace_bytes = workspace_bytes
         self.timing_cache = None if timing_cache is None else Path(timing_cache)
+        self.opt_level = opt_level
 
     def __call__(self) -> bytes:
         trt = _import_tensorrt()
@@ -181,6 +191,8 @@ class EngineBytesFromNetwork:
         tf32 = getattr(trt.BuilderFlag, "TF32", None)
         if tf32 is not None:
             config.clear_flag(tf32)
+        if self.opt_level is not None:
+            config.builder_optimization_level = self.opt_level
         dynamic = [t for t in self.inputs if any(isinstance(d, str) for d in t.shape)]
         for p in self.profiles:
             profile = builder.create_optimization_profile()
@@ -277,6 +289,7 @@ def build_engines(
     force: bool = False,
     progress: BuildProgress | None = None,
     device: int = 0,
+    opt_level: int | None = None,
 ) -> list[BuildRecord]:
     """One engine per step graph of the export in `artifacts_dir`, into `engines_dir` (default
     ARTIFACTS/engines). An engine whose cache key matches an intact plan is skipped (unless
@@ -284,6 +297,8 @@ def build_engines(
     import fastblt
     from fastblt.export.manifest import read_manifest, verify_files
 
+    if opt_level is not None and not 0 <= opt_level <= 5:
+        raise InputError(f"--opt-level {opt_level}: expected 0..5 (TensorRT builder optimization level)")
     artifacts_dir = Path(artifacts_dir)
     engines_dir = Path(engines_dir) if engines_dir is not None else artifacts_dir / ENGINES_DIR
     timing_cache = Path(timing_cache) if timing_cache is not None else engines_dir / "timing.cache"
@@ -291,7 +306,7 @@ def build_engines(
     profiles = manifest_profiles(manifest, profile, max_batch)  # input errors before any GPU work
     machine = current_machine(device)
     verify_files(artifacts_dir, manifest)  # the ONNX files are the ones the manifest hashes
-    flags = build_flags(int(workspace_gb * (1 << 30)))
+    flags = build_flags(int(workspace_gb * (1 << 30)), opt_level)
     records = []
     steps = list(manifest["graphs"])
     for i, step in enumerate(steps):
@@ -311,7 +326,9 @@ def build_engines(
             progress("start", step, i, len(steps), None)
         inputs = graph_inputs(manifest, step)
         network = NetworkFromOnnxPath(artifacts_dir / graph["file"], [t.name for t in inputs])
-        engine_bytes = EngineBytesFromNetwork(network, inputs, profiles[step], flags["workspace_bytes"], timing_cache)
+        engine_bytes = EngineBytesFromNetwork(
+            network, inputs, profiles[step], flags["workspace_bytes"], timing_cache, opt_level
+        )
         fields = {
             "step": step,
             "onnx_file": graph["file"],

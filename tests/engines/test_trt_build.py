@@ -16,7 +16,7 @@ from test_trt_fakes import make_fake_trt, write_fake_export
 from fastblt.engines import trt_build
 from fastblt.engines.engine_cache import Machine, manifest_path, plan_path
 from fastblt.engines.profiles import graph_inputs, manifest_profiles
-from fastblt.errors import BackendUnavailable, ManifestMismatch
+from fastblt.errors import BackendUnavailable, InputError, ManifestMismatch
 from fastblt.model.config import tiny_config
 
 MACHINE = Machine("10.99.0", "Fake GPU", "9.0")
@@ -76,6 +76,18 @@ def test_trt11_networks_are_built_without_the_removed_flags(export, monkeypatch)
     assert {c for c in fake.log if c[0] == "create_network"} == {("create_network", 0)}
     for config in fake.configs:
         assert [c for c in config.calls if c[0] in ("set_flag", "clear_flag")] == [("clear_flag", "TF32")]
+
+
+def test_optimization_level_is_a_build_flag(export, monkeypatch):
+    art, _ = export
+    fake = use_fake(monkeypatch)
+    first = trt_build.build_engines(art)
+    assert not any(hasattr(c, "builder_optimization_level") for c in fake.configs)  # TensorRT's default
+    records = trt_build.build_engines(art, opt_level=1)
+    assert [r.status for r in records] == ["built"] * 5 and records[0].cache_key != first[0].cache_key
+    assert {c.builder_optimization_level for c in fake.configs[5:]} == {1}
+    with pytest.raises(InputError, match="--opt-level 7: expected 0..5"):
+        trt_build.build_engines(art, opt_level=7)
 
 
 def test_engines_with_a_matching_key_are_skipped(export, monkeypatch):
