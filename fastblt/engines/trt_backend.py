@@ -17,7 +17,7 @@ the running TensorRT version and this GPU before its plan is deserialized (engin
 TensorRT calls (TensorRT 10/11 Python API, IExecutionContext / ICudaEngine reference pages;
 the same calls polygraphy 0.53.6 backend/trt/runner.py makes, and NVIDIA/TensorRT
 samples/python/common_runtime.py): `engine.num_io_tensors`, `get_tensor_name`,
-`get_tensor_mode`, `get_tensor_dtype`, `engine.create_execution_context()`,
+`get_tensor_mode`, `get_tensor_dtype`, `is_shape_inference_io`, `engine.create_execution_context()`,
 `context.set_optimization_profile_async(i, stream)`, `context.set_input_shape(name, shape)`,
 `context.get_tensor_shape(name)`, `context.set_tensor_address(name, ptr)`,
 `context.execute_async_v3(stream_handle)`. Never run here: no GPU and no TensorRT on this
@@ -80,6 +80,12 @@ def check_engine_io(engine: Any, spec: StepSpec, trt: Any) -> None:
         name = engine.get_tensor_name(i)
         is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
         io[name] = (is_input, TRT_DTYPES.get(engine.get_tensor_dtype(name).name, engine.get_tensor_dtype(name).name))
+        # a shape tensor's values must live in host memory; fastblt's graphs use every input as data
+        if is_input and engine.is_shape_inference_io(name):
+            raise ManifestMismatch(
+                f"engine {spec.name} | input {name}: TensorRT made it a shape tensor (its values set shapes); "
+                "the step graphs must use it only as data (re-export the graph)"
+            )
     want = {t.name: (True, t.dtype) for t in spec.inputs} | {t.name: (False, t.dtype) for t in spec.outputs}
     if sorted(io) != sorted(want):
         raise ManifestMismatch(f"engine {spec.name}: I/O tensors {sorted(io)}, the spec has {sorted(want)}")

@@ -186,6 +186,13 @@ def test_foreign_engines_are_refused_before_deserializing(fake_env, monkeypatch)
     assert fake.log.count(("deserialize_cuda_engine",)) == before
 
 
+def test_an_input_that_became_a_shape_tensor_is_refused(fake_env):
+    fake, art, specs = fake_env
+    fake.shape_tensors.add("start")
+    with pytest.raises(ManifestMismatch, match="input start: TensorRT made it a shape tensor"):
+        trt_backend.TrtBackend(specs, art, device="cpu").activate()
+
+
 def test_specs_that_differ_from_the_export_are_refused(fake_env, model):
     _, art, _ = fake_env
     specs = step_specs(model.config, CAPACITY * 2, CAPACITY * 2)

@@ -247,6 +247,9 @@ class FakeEngine:
     def get_tensor_mode(self, name: str):
         return self.trt.TensorIOMode.INPUT if self.by_name[name][1] else self.trt.TensorIOMode.OUTPUT
 
+    def is_shape_inference_io(self, name: str) -> bool:
+        return name in self.trt.shape_tensors
+
     def get_tensor_dtype(self, name: str):
         dtype = self.by_name[name][0]["dtype"]
         return getattr(self.trt.DataType, {"float32": "FLOAT", "float16": "HALF", "int32": "INT32"}[dtype])
@@ -328,6 +331,7 @@ def make_fake_trt(flavor: str = "10", version: str = "10.99.0", parse_fails: boo
     trt.__version__ = version
     trt.log, trt.configs, trt.executed = [], [], []
     trt.executor = None  # (step, feeds) -> outputs, set by a test that executes
+    trt.shape_tensors = set()  # input names the fake engines report as shape tensors
 
     class Logger:
         WARNING = 2
