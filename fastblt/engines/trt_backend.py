@@ -17,7 +17,8 @@ the running TensorRT version and this GPU before its plan is deserialized (engin
 TensorRT calls (TensorRT 10/11 Python API, IExecutionContext / ICudaEngine reference pages;
 the same calls polygraphy 0.53.6 backend/trt/runner.py makes, and NVIDIA/TensorRT
 samples/python/common_runtime.py): `engine.num_io_tensors`, `get_tensor_name`,
-`get_tensor_mode`, `get_tensor_dtype`, `is_shape_inference_io`, `engine.create_execution_context()`,
+`get_tensor_mode`, `get_tensor_dtype`, `is_shape_inference_io`,
+`engine.create_execution_context(ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE)`,
 `context.set_optimization_profile_async(i, stream)`, `context.set_input_shape(name, shape)`,
 `context.get_tensor_shape(name)`, `context.set_tensor_address(name, ptr)`,
 `context.execute_async_v3(stream_handle)`. Never run here: no GPU and no TensorRT on this
@@ -114,12 +115,17 @@ class StepRunner:
         stream: int,
         on_stream: Callable[[], contextlib.AbstractContextManager],
         sync: Callable[[], None],
+        allocation: Any = None,
     ):
         self.spec, self.engine, self.profiles = spec, engine, list(profiles)
         self.stream, self.on_stream, self.sync = stream, on_stream, sync
         self.contexts = []
         for i in range(len(self.profiles)):
-            ctx = engine.create_execution_context()
+            # ON_PROFILE_CHANGE: a context holds activation memory for its own profile only,
+            # not for the largest one (STATIC, the default) -- one context per profile.
+            ctx = (
+                engine.create_execution_context() if allocation is None else engine.create_execution_context(allocation)
+            )
             if ctx is None:
                 raise InternalError(f"engine {spec.name}: create_execution_context returned None (out of memory?)")
             if not ctx.set_optimization_profile_async(i, stream):
@@ -229,12 +235,14 @@ class TrtBackend(Backend):
         stream, on_stream, sync = _cuda_stream(self.device)
         machine = current_machine(self.device)
         hint = rebuild_hint(self.artifacts_dir, self.engines_dir)
+        strategies = getattr(trt, "ExecutionContextAllocationStrategy", None)  # TensorRT >= 10
+        allocation = getattr(strategies, "ON_PROFILE_CHANGE", None)
         runners = {}
         for step, spec in self.specs.items():
             engine, manifest = EngineFromPath(self.engines_dir, step, export["graphs"][step], machine, hint)()
             check_engine_io(engine, spec, trt)
             profiles = [Profile.from_dict(p) for p in manifest.profiles]
-            runners[step] = StepRunner(spec, engine, profiles, self.device, stream, on_stream, sync)
+            runners[step] = StepRunner(spec, engine, profiles, self.device, stream, on_stream, sync, allocation)
             self.manifests[step] = manifest
         self.runners = runners
 

@@ -142,6 +142,7 @@ def test_one_context_per_profile_and_binding_only_on_change(fake_env, model):
     runner = trt.runners["encoder"]
     assert len(runner.contexts) == len(runner.profiles) == 4
     assert [c.profile for c in runner.contexts] == [0, 1, 2, 3]
+    assert {c.strategy.name for c in runner.contexts} == {"ON_PROFILE_CHANGE"}  # memory per own profile
     feeds = random_feeds(specs["encoder"], model, [3], 1, seed=1)
     out1 = {k: v.clone() for k, v in trt.run_step("encoder", feeds).items()}
     ctx = runner.contexts[0]

@@ -254,8 +254,10 @@ class FakeEngine:
         dtype = self.by_name[name][0]["dtype"]
         return getattr(self.trt.DataType, {"float32": "FLOAT", "float16": "HALF", "int32": "INT32"}[dtype])
 
-    def create_execution_context(self) -> FakeContext:
-        return FakeContext(self)
+    def create_execution_context(self, strategy=None) -> FakeContext:
+        ctx = FakeContext(self)
+        ctx.strategy = strategy
+        return ctx
 
 
 class FakeContext:
@@ -349,6 +351,9 @@ def make_fake_trt(flavor: str = "10", version: str = "10.99.0", parse_fails: boo
     trt.MemoryPoolType = _enum("MemoryPoolType", "WORKSPACE")
     trt.TensorIOMode = _enum("TensorIOMode", "NONE", "INPUT", "OUTPUT")
     trt.DataType = _enum("DataType", "FLOAT", "HALF", "INT8", "INT32", "BOOL", "BF16", "INT64")
+    trt.ExecutionContextAllocationStrategy = _enum(
+        "ExecutionContextAllocationStrategy", "STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED"
+    )
     trt.Builder = lambda logger: FakeBuilder(trt, logger)
     trt.OnnxParser = lambda network, logger: FakeParser(network, logger, fail=parse_fails)
     trt.Runtime = lambda logger: FakeRuntime(trt, logger)
