@@ -170,17 +170,18 @@ def real_cases(
     block = config.blt_d.block_size if config.blt_d is not None else 0
     for p, prompt in enumerate(prompts):
         state = SequenceState(rec, config, cap, p_cap)
-        room = min(cap, p_cap) - decode_bytes - 4 - block - 2  # every byte may close a patch
-        if room < 1:
+        budget = min(cap, p_cap) - 4 - block - 2  # every byte may close a patch; 4 verified drafts
+        decode = min(decode_bytes, budget // 3)
+        if budget - decode < 1:
             raise InputError(f"capacities {cap}/{p_cap}: too small for prompt-derived inputs")
-        ids = np.asarray(encode(prompt), dtype=np.int64)[:room]
+        ids = np.asarray(encode(prompt), dtype=np.int64)[: budget - decode]
         chunks = [len(ids)] if p % 2 == 0 else _chunks(len(ids), (7, 2))
         logits = None
         at = 0
         for size in chunks:
             logits = state.append(ids[at : at + size])
             at += size
-        for _ in range(decode_bytes):
+        for _ in range(decode):
             logits = state.append([int(logits[-1].argmax())])
         n = state.n
         drafts = [int(logits[-1].argmax()), 4 + ord(" "), 4 + ord("("), 4 + ord(")")]
@@ -280,7 +281,7 @@ def graph_parity(
     if not cases:
         report.error("per-graph parity: no cases to run")
         return report
-    saver = _Saver(run.save_inputs, run.save_outputs, [run.reference, *candidates])
+    saver = _Saver(run.save_inputs, run.save_outputs)
     others = [n for n in candidates if n != "torch"]
     poly_pairs = [(a, b) for i, a in enumerate(others) for b in others[i + 1 :]]
     for case in cases:
@@ -294,7 +295,7 @@ def graph_parity(
         for name, arr in ref_out.items():
             if not check_finite(arr):
                 report.error(f"{run.reference} | {case.step} | {case.label} | {name}: reference is not finite")
-        outs[run.reference] = ref_out
+        outs[f"reference:{run.reference}"] = ref_out  # distinct from a candidate of the same backend
         for name, backend in candidates.items():
             pair = (run.reference, name)
             try:
@@ -389,8 +390,8 @@ def _polygraphy_compare(
 class _Saver:
     """Collects feeds/outputs per step and writes them as polygraphy JSON at the end."""
 
-    def __init__(self, inputs_dir: Path | None, outputs_dir: Path | None, runners: list[str]):
-        self.inputs_dir, self.outputs_dir, self.runners = inputs_dir, outputs_dir, runners
+    def __init__(self, inputs_dir: Path | None, outputs_dir: Path | None):
+        self.inputs_dir, self.outputs_dir = inputs_dir, outputs_dir
         self.inputs: dict[str, list[dict]] = {}
         self.labels: dict[str, list[str]] = {}
         self.outputs: dict[str, dict[str, list]] = {}

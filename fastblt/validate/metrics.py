@@ -327,6 +327,7 @@ class SequenceResult:
     cand_choice: int | None = None
     step: dict[str, Any] | None = None
     note: str = ""
+    tie_margin: float | None = None  # reduced precision: a divergence where margin < this is a tie
     gate: str = "identical bytes"
 
     @classmethod
@@ -342,8 +343,18 @@ class SequenceResult:
         return min(len(self.ref_ids), len(self.cand_ids))
 
     @property
+    def at_tie(self) -> bool:
+        """Diverged where the reference could not decide (reduced precision only)."""
+        return (
+            self.first_diff is not None
+            and self.tie_margin is not None
+            and self.margin is not None
+            and self.margin < self.tie_margin
+        )
+
+    @property
     def passed(self) -> bool:
-        return self.compared > 0 and self.first_diff is None
+        return self.compared > 0 and (self.first_diff is None or self.at_tie)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -360,17 +371,20 @@ class SequenceResult:
             out += f"; reference logits margin there {self.margin:.4g}"
         if self.step:
             s = self.step
-            out += (
-                f"; first diverging step #{s.get('index')} {s.get('step')} at position {s.get('start')}"
-                f" ({s.get('output')}: {s.get('detail')})"
-            )
+            what = f"{s['output']}: {s.get('detail')}" if s.get("output") else s.get("detail")
+            out += f"; first diverging step #{s.get('index')} {s.get('step')} at position {s.get('start')} ({what})"
         if self.note:
             out += f"; {self.note}"
         return [out]
 
     def summary(self) -> str:
-        if self.passed:
+        if self.passed and self.first_diff is None:
             return f"{self.compared} ids identical"
+        if self.passed:
+            return (
+                f"identical for {self.first_diff} ids, then parted at a near-tie of the reference "
+                f"(margin {self.margin:.3g} < {self.tie_margin:g}): accepted for reduced precision"
+            )
         return self.failed_gates()[0]
 
     def to_dict(self) -> dict[str, Any]:
@@ -381,6 +395,8 @@ class SequenceResult:
             "cand_ids": self.cand_ids,
             "first_diff": self.first_diff,
             "margin": _num(self.margin),
+            "tie_margin": self.tie_margin,
+            "at_tie": self.at_tie,
             "ref_choice": self.ref_choice,
             "cand_choice": self.cand_choice,
             "first_diverging_step": self.step,

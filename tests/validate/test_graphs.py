@@ -1,0 +1,130 @@
+"""Per-graph parity with the torch backend only: cases, torch vs torch, a wrong mask, replay."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from fastblt.engines.base import Backend
+from fastblt.engines.torch_backend import TorchBackend
+from fastblt.export.spec import step_specs
+from fastblt.validate.graphs import (
+    GraphRun,
+    graph_parity,
+    load_cases,
+    random_cases,
+    real_cases,
+    reference_specs,
+)
+from fastblt.validate.report import Report
+
+from tiny import make_model
+
+MODEL = make_model("hf-test-sizes", n_dec=2)
+SPECS = step_specs(MODEL.config, 32, 16)
+PROMPTS = ["def f(x):\n    return x"]
+
+
+class ShiftedStart(Backend):
+    """A backend whose graphs see `start` one too far: the cache mask admits one stale slot."""
+
+    name = "shifted"
+
+    def __init__(self, inner: Backend, step: str):
+        super().__init__(inner.specs)
+        self.inner, self.step = inner, step
+
+    def _activate_impl(self) -> None:
+        self.inner.activate()
+
+    def _run_step_impl(self, step, feeds):
+        if step == self.step:
+            feeds = {**feeds, "start": feeds["start"] + 1}
+        return self.inner.run_step(step, feeds, check=False)
+
+
+def test_random_cases_cover_cache_lengths_chunk_sizes_and_batch():
+    cases = random_cases(SPECS, MODEL)
+    dec = [c for c in cases if c.step == "decoder"]
+    assert {c.label.split("new=")[1] for c in dec} == {"1", "2", "4", "7"}  # 4 = the BLT-D block
+    assert any("cache=0 " in c.label for c in dec) and any("cache=31 new=1" in c.label for c in dec)
+    assert any("batch=2" in c.label for c in dec)
+    feeds = dec[0].make()
+    assert torch.equal(feeds["h"], dec[0].make()["h"])  # deterministic
+    glob = next(c for c in cases if c.step == "global" and "batch=2" in c.label).make()
+    assert glob["patch_bytes"].shape[:2] == (2, 7) and int(glob["patch_lens"].max()) == 5
+
+
+def test_real_cases_come_from_a_sequence_state():
+    cases = real_cases(MODEL, SPECS, PROMPTS, per_step=3)
+    assert {c.step for c in cases} == set(SPECS)
+    assert all(c.source == "real" and c.label.startswith("real call=") for c in cases)
+    enc = [c for c in cases if c.step == "encoder"]
+    assert any(int(c.make()["start"][0]) > 0 for c in enc)  # non-empty caches
+
+
+def test_torch_vs_torch_passes_on_random_and_real_inputs():
+    cases = random_cases(SPECS, MODEL) + real_cases(MODEL, SPECS, PROMPTS, per_step=2)
+    report = graph_parity(cases, TorchBackend(SPECS, MODEL), {"torch": TorchBackend(SPECS, MODEL)}, GraphRun())
+    assert report and report.compared > 100
+    assert set(report[("torch", "torch")]) == set(SPECS)
+
+
+def test_a_wrong_mask_fails_and_names_the_graph():
+    cases = random_cases(SPECS, MODEL, steps=("encoder", "decoder"))
+    broken = ShiftedStart(TorchBackend(SPECS, MODEL), "decoder")
+    report = graph_parity(cases, TorchBackend(SPECS, MODEL), {"shifted": broken}, GraphRun())
+    assert not report
+    assert report.failed_graphs() == [(("torch", "shifted"), "decoder")]
+    assert any(line.startswith("torch vs shifted | decoder | logits | random cache=") for line in report.failures())
+
+
+def test_bf16_candidate_is_gated_by_the_composite_gate():
+    bf16 = step_specs(MODEL.config, 32, 16, "bfloat16")
+    cand = TorchBackend(bf16, copy.deepcopy(MODEL).to(torch.bfloat16))
+    cases = random_cases(bf16, MODEL, steps=("decoder",))
+    report = graph_parity(
+        cases, TorchBackend(reference_specs(bf16), MODEL), {"torch": cand}, GraphRun(dtype="bfloat16")
+    )
+    logits = report[("torch", "torch")]["decoder"]["logits"]
+    assert report and all(e.tolerance.atol is None and e.tolerance.cosine == 0.99 for e in logits.values())
+    assert all(e.max_abs > 0 for e in logits.values())  # bf16 really differs, and passes by cosine/top-1
+
+
+def test_save_and_replay_inputs_and_outputs_as_polygraphy_json(tmp_path):
+    from polygraphy.comparator import RunResults
+
+    cases = random_cases(SPECS, MODEL, steps=("entropy",))[:3] + random_cases(SPECS, MODEL, steps=("decoder",))[:3]
+    run = GraphRun(save_inputs=tmp_path / "in", save_outputs=tmp_path / "out")
+    first = graph_parity(cases, TorchBackend(SPECS, MODEL), {"torch": TorchBackend(SPECS, MODEL)}, run)
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == [
+        "cases.json",
+        "inputs.decoder.json",
+        "inputs.entropy.json",
+    ]
+    results = RunResults.load(str(tmp_path / "out" / "outputs.decoder.json"))
+    assert [name for name, _ in results] == ["reference:torch", "torch"] and "logits" in results[0][1][0]
+    loaded = load_cases(tmp_path / "in", SPECS)  # files in name order: decoder first
+    cases = sorted(cases, key=lambda c: c.step == "entropy")
+    assert [c.label for c in loaded] == [f"loaded {c.label}" for c in cases]
+    for a, b in zip(cases, loaded, strict=True):
+        fa, fb = a.make(), b.make()
+        assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    again = graph_parity(loaded, TorchBackend(SPECS, MODEL), {"torch": TorchBackend(SPECS, MODEL)}, GraphRun())
+    assert again and again.compared == first.compared
+
+
+def test_two_candidates_without_the_reference_are_compared_by_polygraphy():
+    cases = random_cases(SPECS, MODEL, steps=("encoder",))[:3]
+    broken = ShiftedStart(TorchBackend(SPECS, MODEL), "encoder")
+    cands = {"a": TorchBackend(SPECS, MODEL), "b": broken}
+    report = graph_parity(cases, TorchBackend(SPECS, MODEL), cands, GraphRun())
+    entries = report[("a", "b")]["encoder"]["h"]
+    assert all(e.gate.startswith("polygraphy") for e in entries.values())
+    assert not all(e.passed for e in entries.values())  # polygraphy sees the shifted mask too
+
+
+def test_no_cases_is_a_failure():
+    report = graph_parity([], TorchBackend(SPECS, MODEL), {"torch": TorchBackend(SPECS, MODEL)}, GraphRun())
+    assert not report and isinstance(report, Report) and report.errors

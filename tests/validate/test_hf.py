@@ -1,0 +1,55 @@
+"""`--reference hf`: our torch reference vs transformers' BltForCausalLM on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from validate_helpers import run_cli
+
+from fastblt.model.checkpoint import load_checkpoint, save_checkpoint
+
+from tiny import make_model
+
+pytest.importorskip("transformers")
+
+PROMPT = "def f(x):\n    return x"
+
+
+@pytest.fixture(scope="module")
+def hf_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "ckpt"
+    save_checkpoint(make_model("hf-test-sizes", blt_d=False), path, fmt="hf")
+    return path
+
+
+def test_reference_hf_passes_on_a_random_hf_checkpoint(hf_ckpt, monkeypatch, capsys, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(PROMPT + "\n")
+    args = ["validate", "--checkpoint", str(hf_ckpt), "--reference", "hf", "--prompts", str(prompts)]
+    code, out, err = run_cli([*args, "--max-bytes", "8", "--threads", "1"], monkeypatch, capsys)
+    assert code == 0, out + err
+    assert "hf vs torch  hf/logits" in out and "hf vs torch  hf/greedy" in out and "PASS" in out
+
+
+def test_reference_hf_fails_when_the_hf_side_is_perturbed(hf_ckpt):
+    from fastblt.validate.hf import hf_model, hf_parity
+
+    model = load_checkpoint(hf_ckpt)
+    hf = hf_model(model, hf_ckpt)
+    assert hf_parity(model, hf, [PROMPT], greedy_bytes=4)
+    with torch.no_grad():
+        hf.model.local_decoder.layers[0].mlp.gate_proj.weight[0, 0] += 0.5  # the HF side only
+    report = hf_parity(model, hf, [PROMPT], greedy_bytes=4)
+    assert not report
+    failed = [line for line in report.failures() if "hf/logits" in line]
+    assert failed and all("max_abs" in line for line in failed)
+
+
+def test_meta_and_fastblt_formats_are_converted_for_hf(tmp_path):
+    from fastblt.validate.hf import hf_model, hf_parity
+
+    model = make_model("small-window", blt_d=True)  # max_patch_length: HF's own patcher is skipped
+    save_checkpoint(model, tmp_path / "meta", fmt="meta-hub")
+    loaded = load_checkpoint(tmp_path / "meta")
+    report = hf_parity(loaded, hf_model(loaded, tmp_path / "meta"), [PROMPT], greedy_bytes=4)
+    assert report and [s.what for s in report.skipped] == ["hf patcher"]

@@ -1,0 +1,186 @@
+"""`fastblt validate` on a tiny exported checkpoint: passes when intact, fails and names what broke.
+
+Broken artifacts are copies of the session's export with one graph edited (its sha256 re-synced
+in the manifest, so the file checks pass and only the numbers can tell).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from validate_helpers import CAPACITY, PATCH_CAPACITY, broken_copy, run_cli, scopes
+
+from fastblt.engines.base import Backend, available
+from fastblt.engines.torch_backend import TorchBackend
+from fastblt.export.exporter import ExportOptions
+from fastblt.model.checkpoint import save_checkpoint
+from fastblt.validate.e2e import E2ERun, e2e_parity
+from fastblt.validate.graphs import reference_specs
+
+from tiny import make_model
+
+FAST = ["--no-real", "--no-e2e", "--threads", "1"]
+
+
+def _validate(args, monkeypatch, capsys):
+    code, out, err = run_cli(["validate", *args], monkeypatch, capsys)
+    return code, (json.loads(out) if "--json" in args and out.strip() else None), out, err
+
+
+def test_intact_artifacts_pass_for_torch_and_ort_in_fp32(ckpt, artifacts, monkeypatch, capsys, tmp_path):
+    args = ["--checkpoint", str(ckpt), "--artifacts", str(artifacts), "--threads", "1", "--json"]
+    code, report, _, err = _validate([*args, "--report", str(tmp_path / "r")], monkeypatch, capsys)
+    assert code == 0, err
+    assert report["verdict"] == "pass" and report["compared"] > 500 and report["meta"]["dtype"] == "float32"
+    graphs = report["pairs"]["torch vs ort"]["graphs"]
+    assert {"entropy", "encoder", "global", "decoder", "decoder_block"} <= set(graphs)
+    assert {f"e2e/{m}" for m in ("ar", "blt-s", "blt-d", "blt-dv")} <= set(graphs)
+    cases = graphs["decoder"]["outputs"]["logits"]["cases"]
+    assert any(c.startswith("random") for c in cases) and any(c.startswith("real") for c in cases)
+    assert (tmp_path / "r" / "report.md").read_text().startswith("# fastblt validate: PASS")
+    assert (tmp_path / "r" / "error_per_layer.png").is_file()
+
+
+def _perturb_ffn(layer: int):
+    def edit(proto: onnx.ModelProto) -> str:
+        inits = {i.name: i for i in proto.graph.initializer}
+        scope = f"model.local_decoder.layers.{layer}.feed_forward.w1"
+        node = next(n for n in proto.graph.node if n.op_type == "MatMul" and scope in scopes(n))
+        name = next(x for x in node.input if x in inits)
+        w = numpy_helper.to_array(inits[name]).copy()
+        w[0, 0] += 0.5
+        inits[name].CopyFrom(numpy_helper.from_array(w, name))
+        return name
+
+    return edit
+
+
+def test_a_perturbed_weight_fails_and_names_the_graph_and_the_layer(ckpt, artifacts, monkeypatch, capsys, tmp_path):
+    bad, _ = broken_copy(artifacts, tmp_path / "bad", "decoder", _perturb_ffn(1))
+    args = ["--checkpoint", str(ckpt), "--artifacts", str(bad), *FAST, "--json"]
+    code, report, _, err = _validate([*args, "--report", str(tmp_path / "r")], monkeypatch, capsys)
+    assert code == 1, err
+    failed = {g for g, v in report["pairs"]["torch vs ort"]["graphs"].items() if not v["passed"]}
+    assert failed == {"decoder"}
+    layers = report["layers"]["torch vs ort | decoder"]
+    assert layers["first_layer"] == "local_decoder.layers.1"
+    assert layers["first_module"] == "local_decoder.layers.1.feed_forward.w1"
+    assert any("first diverging layer local_decoder.layers.1" in line for line in report["failures"])
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Per layer: torch vs ort | decoder" in md and "**FIRST**" in md
+
+
+def _unmask(proto: onnx.ModelProto) -> str:
+    """Replace the additive mask's large negative (-1e9) with 0: masked slots become visible."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type != "Where":
+            continue
+        for x in node.input:
+            value = numpy_helper.to_array(inits[x]) if x in inits else None
+            if value is not None and value.size == 1 and float(value) < -1e8:
+                inits[x].CopyFrom(numpy_helper.from_array(np.zeros_like(value), x))
+                return x
+    raise AssertionError("no mask constant found")
+
+
+def test_a_wrong_mask_fails_and_names_the_graph(ckpt, artifacts, monkeypatch, capsys, tmp_path):
+    bad, _ = broken_copy(artifacts, tmp_path / "bad", "encoder", _unmask)
+    args = ["--checkpoint", str(ckpt), "--artifacts", str(bad), *FAST, "--json"]
+    code, report, out, err = _validate(args, monkeypatch, capsys)
+    assert code == 1, err
+    failed = {g for g, v in report["pairs"]["torch vs ort"]["graphs"].items() if not v["passed"]}
+    assert failed == {"encoder"}
+    assert report["layers"]["torch vs ort | encoder"]["first_layer"] == "local_encoder.layers.0"
+
+
+class CacheOffByOne(Backend):
+    """Writes nothing wrong itself but reads the encoder cache one slot late, as if the runtime had
+    written every entry at position + 1."""
+
+    name = "ort"
+
+    def __init__(self, inner: Backend):
+        super().__init__(inner.specs)
+        self.inner = inner
+
+    def _activate_impl(self) -> None:
+        self.inner.activate()
+
+    def _run_step_impl(self, step, feeds):
+        if step == "encoder":
+            feeds = {k: torch.roll(v, 1, dims=2) if k.startswith("past.") else v for k, v in feeds.items()}
+        return self.inner.run_step(step, feeds, check=False)
+
+
+def test_a_cache_at_the_wrong_position_names_the_first_diverging_step(model, artifacts):
+    from fastblt.engines.ort_backend import OrtBackend
+
+    specs = ExportOptions(capacity=CAPACITY, patch_capacity=PATCH_CAPACITY).specs(model.config)
+    ref = TorchBackend(reference_specs(specs), model)
+    cand = CacheOffByOne(OrtBackend(specs, artifacts, threads=1))
+    prompt = "def f(x):\n    return x"
+    run = E2ERun(modes=("ar",), max_bytes=12)
+    report = e2e_parity(model, ref, {"ort": cand}, [prompt], CAPACITY, PATCH_CAPACITY, run)
+    assert not report
+    res = report[("torch", "ort")]["e2e/ar"]["bytes"]["prompt 0"]
+    assert res.first_diff is not None and res.margin is not None
+    assert res.step["step"] == "encoder" and res.step["output"] == "h"
+    assert res.step["start"] == len(prompt.encode()) + 1  # the first encoder call after the prompt
+    assert "first diverging step" in report.failures()[0]
+
+
+def test_artifacts_of_another_checkpoint_are_refused(artifacts, monkeypatch, capsys, tmp_path):
+    other = tmp_path / "other"
+    save_checkpoint(make_model("hf-test-sizes", n_dec=2, seed=1), other)
+    code, _, _, err = _validate(["--checkpoint", str(other), "--artifacts", str(artifacts), *FAST], monkeypatch, capsys)
+    assert code == 2
+    assert "manifest.json: field checkpoint.hash: the artifacts were exported from checkpoint" in err
+
+
+@pytest.mark.skipif(available()["trt"].available, reason="TensorRT is available here: nothing is missing")
+def test_a_missing_backend_is_skipped_with_its_reason_not_passed(ckpt, artifacts, monkeypatch, capsys):
+    args = ["--checkpoint", str(ckpt), "--artifacts", str(artifacts), "--backends", "ort,trt", *FAST]
+    code, report, out, err = _validate([*args, "--graphs", "entropy", "--json"], monkeypatch, capsys)
+    assert code == 3, err
+    assert report["skipped"] == [{"what": "trt", "reason": available()["trt"].reason}]
+    assert all("trt" not in pair for pair in report["pairs"])
+    code, _, out, _ = _validate(["--checkpoint", str(ckpt), "--backends", "trt", *FAST], monkeypatch, capsys)
+    assert code == 1 and "skipped trt:" in out  # nothing ran at all: a failure, not a pass
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "binary", "empty"])
+def test_an_unreadable_prompt_file_is_a_clear_error(kind, ckpt, monkeypatch, capsys, tmp_path):
+    path = tmp_path / "prompts.txt"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "binary":
+        path.write_bytes(b"\xff\xfe\x00bad")
+    elif kind == "empty":
+        path.write_text("\n\n")
+    code, _, _, err = _validate(["--checkpoint", str(ckpt), "--prompts", str(path), *FAST], monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith(f"error: --prompts {path}: ")
+
+
+def test_prompt_file_formats(tmp_path):
+    from fastblt.validate.cli import read_prompts
+
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    (tmp_path / "b.txt").write_text("def f():\n    pass\n---\nimport os\n")
+    (tmp_path / "c.json").write_text(json.dumps(["x = 1\n", "y"]))
+    assert read_prompts(tmp_path / "a.txt") == ("one", "two")
+    assert read_prompts(tmp_path / "b.txt") == ("def f():\n    pass", "import os")
+    assert read_prompts(tmp_path / "c.json") == ("x = 1\n", "y")
+
+
+def test_torch_only_validation_passes_without_artifacts(ckpt, monkeypatch, capsys):
+    args = ["--checkpoint", str(ckpt), "--backends", "torch", "--capacity", "64", "--threads", "1", "--json"]
+    code, report, _, err = _validate([*args, "--max-bytes", "8"], monkeypatch, capsys)
+    assert code == 0, err
+    assert report["compared"] > 100 and list(report["pairs"]) == ["torch vs torch"]
