@@ -238,12 +238,13 @@ class TrtBackend(Backend):
         strategies = getattr(trt, "ExecutionContextAllocationStrategy", None)  # TensorRT >= 10
         allocation = getattr(strategies, "ON_PROFILE_CHANGE", None)
         runners = {}
-        for step, spec in self.specs.items():
-            engine, manifest = EngineFromPath(self.engines_dir, step, export["graphs"][step], machine, hint)()
-            check_engine_io(engine, spec, trt)
-            profiles = [Profile.from_dict(p) for p in manifest.profiles]
-            runners[step] = StepRunner(spec, engine, profiles, self.device, stream, on_stream, sync, allocation)
-            self.manifests[step] = manifest
+        with on_stream():  # also makes self.device current: TensorRT loads onto the current device
+            for step, spec in self.specs.items():
+                engine, manifest = EngineFromPath(self.engines_dir, step, export["graphs"][step], machine, hint)()
+                check_engine_io(engine, spec, trt)
+                profiles = [Profile.from_dict(p) for p in manifest.profiles]
+                runners[step] = StepRunner(spec, engine, profiles, self.device, stream, on_stream, sync, allocation)
+                self.manifests[step] = manifest
         self.runners = runners
 
     def _run_step_impl(self, step: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -44,6 +44,7 @@ from fastblt.engines.engine_cache import (
     Machine,
     check_engine,
     engine_cache_key,
+    plan_path,
     sha256_bytes,
     up_to_date,
     write_engine,
@@ -100,11 +101,12 @@ def require_tensorrt() -> Any:
     return _import_tensorrt()
 
 
-def current_machine(device: int | str = 0) -> Machine:
-    """The running TensorRT version and the GPU `device` (name, compute capability)."""
+def current_machine(device: Any = None) -> Machine:
+    """The running TensorRT version and the GPU `device` (default: the current CUDA device)."""
     import torch
 
     trt = require_tensorrt()
+    device = torch.cuda.current_device() if device is None else device
     major, minor = torch.cuda.get_device_capability(device)
     return Machine(trt.__version__, torch.cuda.get_device_name(device), f"{major}.{minor}")
 
@@ -288,13 +290,12 @@ def build_engines(
     timing_cache: Path | str | None = None,
     force: bool = False,
     progress: BuildProgress | None = None,
-    device: int = 0,
     opt_level: int | None = None,
 ) -> list[BuildRecord]:
     """One engine per step graph of the export in `artifacts_dir`, into `engines_dir` (default
-    ARTIFACTS/engines). An engine whose cache key matches an intact plan is skipped (unless
-    `force`). The timing cache (default ENGINES/timing.cache) is shared by every build."""
-    import fastblt
+    ARTIFACTS/engines), for the current CUDA device. An engine whose cache key matches an intact
+    plan is skipped (unless `force`). The timing cache (default ENGINES/timing.cache) is shared
+    by every build. Input errors are raised before any TensorRT work."""
     from fastblt.export.manifest import read_manifest, verify_files
 
     if opt_level is not None and not 0 <= opt_level <= 5:
@@ -303,8 +304,8 @@ def build_engines(
     engines_dir = Path(engines_dir) if engines_dir is not None else artifacts_dir / ENGINES_DIR
     timing_cache = Path(timing_cache) if timing_cache is not None else engines_dir / "timing.cache"
     manifest = read_manifest(artifacts_dir)
-    profiles = manifest_profiles(manifest, profile, max_batch)  # input errors before any GPU work
-    machine = current_machine(device)
+    profiles = manifest_profiles(manifest, profile, max_batch)
+    machine = current_machine()
     verify_files(artifacts_dir, manifest)  # the ONNX files are the ones the manifest hashes
     flags = build_flags(int(workspace_gb * (1 << 30)), opt_level)
     records = []
@@ -315,7 +316,7 @@ def build_engines(
         key = engine_cache_key(
             graph["sha256"], machine.trt_version, machine.gpu_name, machine.compute_capability, dicts, flags
         )
-        plan = engines_dir / f"{step}.plan"
+        plan = plan_path(engines_dir, step)
         if not force and up_to_date(engines_dir, step, key):
             rec = BuildRecord(step, "up to date", key, dicts, str(plan), plan.stat().st_size, 0.0)
             if progress:
@@ -324,11 +325,6 @@ def build_engines(
             continue
         if progress:
             progress("start", step, i, len(steps), None)
-        inputs = graph_inputs(manifest, step)
-        network = NetworkFromOnnxPath(artifacts_dir / graph["file"], [t.name for t in inputs])
-        engine_bytes = EngineBytesFromNetwork(
-            network, inputs, profiles[step], flags["workspace_bytes"], timing_cache, opt_level
-        )
         fields = {
             "step": step,
             "onnx_file": graph["file"],
@@ -337,14 +333,33 @@ def build_engines(
             "profiles": dicts,
             "build_flags": flags,
             "cache_key": key,
-            "fastblt_version": fastblt.__version__,
         }
-        m = SaveEngine(engine_bytes, engines_dir, fields)()
+        m = _build_one(artifacts_dir, engines_dir, manifest, profiles[step], fields, timing_cache)
         rec = BuildRecord(step, "built", key, dicts, str(plan), m.plan_bytes, m.build_seconds)
         if progress:
             progress("done", step, i, len(steps), rec)
         records.append(rec)
     return records
+
+
+def _build_one(
+    artifacts_dir: Path,
+    engines_dir: Path,
+    manifest: Mapping,
+    profiles: Sequence[Profile],
+    fields: dict[str, Any],
+    timing_cache: Path,
+) -> EngineManifest:
+    """The loader chain for one graph: ONNX path -> network -> plan bytes -> plan + manifest."""
+    import fastblt
+
+    step, flags = fields["step"], fields["build_flags"]
+    inputs = graph_inputs(manifest, step)
+    network = NetworkFromOnnxPath(artifacts_dir / fields["onnx_file"], [t.name for t in inputs])
+    plan = EngineBytesFromNetwork(
+        network, inputs, profiles, flags["workspace_bytes"], timing_cache, flags["builder_optimization_level"]
+    )
+    return SaveEngine(plan, engines_dir, {**fields, "fastblt_version": fastblt.__version__})()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -100,8 +100,8 @@ def wire_fake(tmp_path, monkeypatch, model, capacity, profile, max_batch=2):
     """An export + engines built by the fake, and the backend wired to run on the CPU."""
     fake = make_fake_trt()
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_build, "current_machine", lambda device=0: MACHINE)
-    monkeypatch.setattr(trt_backend, "current_machine", lambda device=0: MACHINE)
+    monkeypatch.setattr(trt_build, "current_machine", lambda device=None: MACHINE)
+    monkeypatch.setattr(trt_backend, "current_machine", lambda device=None: MACHINE)
     monkeypatch.setattr(trt_backend, "require_tensorrt", lambda: fake)
     monkeypatch.setattr(trt_backend, "_cuda_stream", lambda device: (0, contextlib.nullcontext, lambda: None))
 

@@ -31,7 +31,7 @@ def export(tmp_path):
 def use_fake(monkeypatch, **kw):
     fake = make_fake_trt(**kw)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_build, "current_machine", lambda device=0: MACHINE)
+    monkeypatch.setattr(trt_build, "current_machine", lambda device=None: MACHINE)
     return fake
 
 
