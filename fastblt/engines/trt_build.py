@@ -121,6 +121,16 @@ def trt_logger(trt: Any) -> Any:
     return _LOGGERS[id(trt)]
 
 
+_RUNTIMES: dict[int, Any] = {}
+
+
+def trt_runtime(trt: Any) -> Any:
+    """One trt.Runtime per process, kept alive as long as the engines it deserialized."""
+    if id(trt) not in _RUNTIMES:
+        _RUNTIMES[id(trt)] = trt.Runtime(trt_logger(trt))
+    return _RUNTIMES[id(trt)]
+
+
 def network_flags(trt: Any) -> int:
     """`create_network` flags: STRONGLY_TYPED where the enum has it (TRT 10), else 0 (TRT 11:
     always strongly typed)."""
@@ -254,7 +264,7 @@ class EngineFromPath:
     def __call__(self) -> tuple[Any, EngineManifest]:
         manifest, data = check_engine(self.engines_dir, self.step, self.graph, self.machine, self.hint)
         trt = _import_tensorrt()
-        engine = trt.Runtime(trt_logger(trt)).deserialize_cuda_engine(data)
+        engine = trt_runtime(trt).deserialize_cuda_engine(data)
         if engine is None:
             raise ManifestMismatch(
                 f"engine {self.step}: TensorRT could not deserialize {manifest.plan_file}; {self.hint}"
