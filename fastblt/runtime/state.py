@@ -5,9 +5,18 @@ Frontiers: `n` bytes are committed (every cache valid below n); `g_len` global e
 (one per patch closed below n, so g_len == closed[n]). Positions >= n may hold speculative work
 (drafts) that the next `append` overwrites. Rolling back is moving `n` back: O(1) besides the
 bookkeeping arrays, which are indexed by position and never shifted.
+
+Sharing a backend between threads: pass the same `lock` to every state on that backend. Each
+step (run_step plus reading its outputs into this state's buffers) runs under the lock, and
+every array or tensor a method returns is this state's own copy, so states on one backend can
+interleave their steps. Per-state counters (`calls`, `positions`, `backend_seconds`) count only
+this state's steps.
 """
 
 from __future__ import annotations
+
+import contextlib
+import time
 
 import numpy as np
 import torch
@@ -44,7 +53,14 @@ def _write(cache: KV, out: dict[str, Tensor], prefix: str, at: int) -> None:
 class SequenceState:
     """One sequence (batch 1) over a backend. Not thread-safe: one state per generation call."""
 
-    def __init__(self, backend: Backend, config: BltConfig, capacity: int, patch_capacity: int):
+    def __init__(
+        self,
+        backend: Backend,
+        config: BltConfig,
+        capacity: int,
+        patch_capacity: int,
+        lock: contextlib.AbstractContextManager | None = None,
+    ):
         if config.entropy is None:
             raise InputError("checkpoint: the runtime needs an entropy model to patch")
         self.backend, self.config = backend, config
@@ -71,6 +87,23 @@ class SequenceState:
         self.h = torch.zeros(capacity, config.encoder.dim, dtype=dtype)  # encoder byte states
         self.n = 0
         self.g_len = 0
+        self.lock = lock if lock is not None else contextlib.nullcontext()
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Zero this state's per-step counters (calls, positions run, backend seconds)."""
+        self.calls: dict[str, int] = dict.fromkeys(self.backend.specs, 0)
+        self.positions: dict[str, int] = dict.fromkeys(self.backend.specs, 0)
+        self.backend_seconds = 0.0
+
+    def _run(self, step: str, feeds: dict[str, Tensor], positions: int) -> dict[str, Tensor]:
+        """run_step + this state's counters; call with self.lock held (outputs are shared)."""
+        t0 = time.perf_counter()
+        out = self.backend.run_step(step, feeds, check=False)
+        self.backend_seconds += time.perf_counter() - t0
+        self.calls[step] += 1
+        self.positions[step] += positions
+        return out
 
     # ------------------------------------------------------------------ helpers
     def _start(self, at: int) -> Tensor:
@@ -89,9 +122,10 @@ class SequenceState:
     def run_entropy(self, at: int, tokens: np.ndarray) -> np.ndarray:
         feeds = {"tokens": torch.from_numpy(tokens.astype(np.int32)).view(1, -1), "start": self._start(at)}
         _feed_kv(feeds, "past", self.caches["entropy"])
-        out = self.backend.run_step("entropy", feeds, check=False)
-        _write(self.caches["entropy"], out, "present", at)
-        return out["entropies"][0].float().numpy()
+        with self.lock:
+            out = self._run("entropy", feeds, len(tokens))
+            _write(self.caches["entropy"], out, "present", at)
+            return out["entropies"][0].float().numpy().copy()
 
     def run_encoder(self, at: int, tokens: np.ndarray) -> None:
         """Encoder states for tokens placed at positions at.. (writes self.h and the encoder cache)."""
@@ -105,9 +139,10 @@ class SequenceState:
             "start": self._start(at),
         }
         _feed_kv(feeds, "past", self.caches["encoder"])
-        out = self.backend.run_step("encoder", feeds, check=False)
-        _write(self.caches["encoder"], out, "present", at)
-        self.h[at : at + len(tokens)] = out["h"][0]
+        with self.lock:
+            out = self._run("encoder", feeds, len(tokens))
+            _write(self.caches["encoder"], out, "present", at)
+            self.h[at : at + len(tokens)] = out["h"][0]
 
     def run_global(self, spans: list[tuple[int, int]], at: int) -> None:
         """One global step over patches given as byte spans [s, e); entries written at slot `at`."""
@@ -123,11 +158,12 @@ class SequenceState:
             "start": self._start(at),
         }
         _feed_kv(feeds, "past", self.caches["global"])
-        out = self.backend.run_step("global", feeds, check=False)
-        _write(self.caches["global"], out, "present", at)
-        for i, (ck, cv) in enumerate(self.cross):
-            ck[:, at : at + len(spans)] = out[f"cross.{i}.k"]
-            cv[:, at : at + len(spans)] = out[f"cross.{i}.v"]
+        with self.lock:
+            out = self._run("global", feeds, len(spans))
+            _write(self.caches["global"], out, "present", at)
+            for i, (ck, cv) in enumerate(self.cross):
+                ck[:, at : at + len(spans)] = out[f"cross.{i}.k"]
+                cv[:, at : at + len(spans)] = out[f"cross.{i}.v"]
 
     def run_decoder(self, at: int, S: int, read_patch: np.ndarray) -> Tensor:
         """Causal decoder over byte states h[at:at+S] -> logits (S, V); writes the decoder cache."""
@@ -138,21 +174,30 @@ class SequenceState:
         }
         _feed_kv(feeds, "past", self.caches["decoder"])
         _feed_kv(feeds, "cross", self.cross)
-        out = self.backend.run_step("decoder", feeds, check=False)
-        _write(self.caches["decoder"], out, "present", at)
-        return out["logits"][0]
+        with self.lock:
+            out = self._run("decoder", feeds, S)
+            _write(self.caches["decoder"], out, "present", at)
+            return out["logits"][0].clone()
 
-    def run_block(self, block_ids: np.ndarray, read_patch: int) -> Tensor:
-        """The diffusion head on a block at positions n..n+B-1 -> logits (B, V). Writes nothing."""
-        self._need_room(self.n + len(block_ids))
+    def run_block(self, block_ids: np.ndarray, read_patch: int, at: int | None = None) -> Tensor:
+        """The diffusion head on a block at positions at..at+B-1 (default at = n) -> logits (B, V).
+
+        The block attends to the committed decoder cache below `at` (at <= n) and to itself, and
+        reads the latent in slot `read_patch`. Writes nothing.
+        """
+        at = self.n if at is None else at
+        if not 0 <= at <= self.n:
+            raise InputError(f"run_block: block start {at} is outside [0, {self.n}]")
+        self._need_room(at + len(block_ids))
         feeds = {
             "block_ids": torch.from_numpy(block_ids.astype(np.int32)).view(1, -1),
-            "start": self._start(self.n),
+            "start": self._start(at),
             "read_patch": torch.tensor([read_patch], dtype=torch.int32),
         }
         _feed_kv(feeds, "past", self.caches["decoder"])
         _feed_kv(feeds, "cross", self.cross)
-        return self.backend.run_step("decoder_block", feeds, check=False)["logits"][0]
+        with self.lock:
+            return self._run("decoder_block", feeds, len(block_ids))["logits"][0].clone()
 
     # ------------------------------------------------------------------ sequence operations
     def append(self, tokens: list[int] | np.ndarray, encoded: bool = False) -> Tensor:

@@ -1,0 +1,267 @@
+"""The public generation API: `Generator(checkpoint_or_model, backend=...)` -> `.generate` / `.stream`.
+
+    g = fastblt.Generator("default", backend="ort")
+    out = g.generate("def main(", mode="blt-s", max_bytes=128)
+    out.text, out.bytes, out.stats.bytes_per_s
+    for chunk in g.stream("def main(", mode="blt-d"): print(chunk, end="")
+
+Threads: a Generator may be shared by several threads. Every call gets its own SequenceState
+(host state and static caches, taken from a small pool so big buffers are not reallocated per
+call), and the backend is shared behind one lock per backend: each step graph call plus the
+copy of its outputs into the calling state's buffers holds the lock (backends own their output
+buffers), so calls interleave step by step and never see each other's data. Calls on one
+Generator therefore share the backend's cores; for parallel throughput create one Generator
+per worker. Host time in the statistics includes time spent waiting for that lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastblt.engines.base import Backend, backend_factory
+from fastblt.errors import InputError
+from fastblt.export.spec import step_specs
+from fastblt.model.blt import BltModel
+from fastblt.model.config import BltConfig
+from fastblt.model.tokenizer import encode
+from fastblt.runtime import loops
+from fastblt.runtime.options import DecodeOptions, make_options, resolve
+from fastblt.runtime.state import SequenceState
+from fastblt.runtime.stats import BYTES_PER_PARAM, RoundStats, Stats, build_stats
+from fastblt.runtime.stream import Output, TextChunker
+
+DEFAULT_MAX_CONTEXT = 4096
+BACKENDS = ("ort", "torch", "trt")
+POOL_SIZE = 4  # idle SequenceStates kept per backend
+
+
+@dataclass
+class Generation:
+    """The result of one call. `bytes`: the output (without EOS or the stop string); `text`: it
+    decoded as UTF-8 (invalid sequences replaced by U+FFFD); `ids`: every generated id (EOS
+    excluded, stop-string bytes included)."""
+
+    text: str
+    bytes: bytes
+    ids: list[int]
+    stop_reason: str  # "eos" | "stop" | "max_bytes"
+    stats: Stats
+
+
+class _Engine:
+    """One backend of a Generator: the backend, its lock, its capacities and a pool of states."""
+
+    def __init__(self, backend: Backend, config: BltConfig, capacity: int, patch_capacity: int):
+        self.backend, self.config = backend, config
+        self.capacity, self.patch_capacity = capacity, patch_capacity
+        self.lock = threading.Lock()
+        self._pool: list[SequenceState] = []
+        self._pool_lock = threading.Lock()
+
+    def acquire(self) -> SequenceState:
+        with self._pool_lock:
+            state = self._pool.pop() if self._pool else None
+        if state is None:
+            state = SequenceState(self.backend, self.config, self.capacity, self.patch_capacity, lock=self.lock)
+        state.rollback(0)
+        state.reset_counters()
+        return state
+
+    def release(self, state: SequenceState) -> None:
+        with self._pool_lock:
+            if len(self._pool) < POOL_SIZE:
+                self._pool.append(state)
+
+
+class Generator:
+    """Generates bytes from a BLT / BLT-D checkpoint with one of four decoding modes.
+
+    Args:
+        checkpoint_or_model: "default" (the embedded checkpoint), a checkpoint directory (any
+            format fastblt.model.checkpoint reads) or a BltModel.
+        backend: "ort" (default), "torch" or "trt".
+        artifacts: a directory with exported step graphs and their manifest (ort / trt); None
+            exports on first use into a cache directory keyed by the checkpoint's hash.
+        max_context: cache capacity in ids (prompt + output + block headroom). For artifacts the
+            manifest decides; a different value is an error. Default 4096.
+        threads: intra-op threads of the backend (None: the backend's default).
+        cache_dir: where first-use exports go (default ~/.cache/fastblt).
+    """
+
+    def __init__(
+        self,
+        checkpoint_or_model: str | Path | BltModel = "default",
+        backend: str = "ort",
+        artifacts: str | Path | None = None,
+        max_context: int | None = None,
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+    ):
+        if backend not in BACKENDS:
+            raise InputError(f"backend {backend!r}: unknown; choose one of {', '.join(BACKENDS)}")
+        if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
+            raise InputError(f"max_context: expected an int >= 2, got {max_context!r}")
+        self.model, self.checkpoint_path = _load(checkpoint_or_model)
+        self.config: BltConfig = self.model.config
+        if self.config.entropy is None:
+            raise InputError("checkpoint: has no entropy model; the runtime patches with it")
+        self.backend_name = backend
+        self.params = self.model.num_params()
+        self.engine = _make_engine(self, backend, artifacts, max_context, threads, cache_dir)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def capacity(self) -> int:
+        return self.engine.capacity
+
+    def generate(self, prompt: str | bytes, mode: str = "blt-d", max_bytes: int = 256, **options: Any) -> Generation:
+        """Generate up to `max_bytes` ids after `prompt` (str: UTF-8; bytes: as is).
+
+        options: see DecodeOptions (temperature, top_k, top_p, seed, k, unmask, alpha, gamma,
+        block_start, stop, stop_on_eos, prefill_chunk). Bad values raise before any work.
+        """
+        call = self._call(prompt, mode, max_bytes, options)
+        for _ in call:
+            pass
+        return call.result
+
+    def stream(self, prompt: str | bytes, mode: str = "blt-d", max_bytes: int = 256, **options: Any) -> Iterator[str]:
+        """Like `generate`, yielding text chunks as they are verified (never a split UTF-8
+        sequence, never a byte that may still become part of a stop string). The finished
+        Generation is the iterator's return value (`StopIteration.value`)."""
+        call = self._call(prompt, mode, max_bytes, options)  # checks run now, not on first next()
+        return self._stream(call)
+
+    def _stream(self, call: _Call) -> Iterator[str]:
+        chunker = TextChunker(call.opts.stop)
+        for _ in call:
+            text = chunker.take(call.out.data)
+            if text:
+                yield text
+        text = chunker.take(call.out.data, final=True)
+        if text:
+            yield text
+        return call.result
+
+    def close(self) -> None:
+        self.engine.backend.deactivate()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ a call
+    def _call(self, prompt: str | bytes, mode: str, max_bytes: int, options: dict[str, Any]) -> _Call:
+        opts = resolve(make_options(mode=mode, max_bytes=max_bytes, **options), self.config)
+        ids = encode(prompt)
+        headroom = self.config.blt_d.block_size if opts.mode in ("blt-d", "blt-dv") else 0
+        if len(ids) > self.capacity:
+            raise InputError(f"prompt: {len(ids)} ids (BOS + bytes) exceed the cache capacity of {self.capacity}")
+        need = len(ids) + opts.max_bytes + headroom
+        if need > self.capacity:
+            raise InputError(
+                f"prompt + max_bytes: {len(ids)} prompt ids + {opts.max_bytes} bytes + {headroom} block headroom "
+                f"= {need} exceed the cache capacity of {self.capacity}; lower max_bytes or raise max_context"
+            )
+        return _Call(self, ids, opts)
+
+
+class _Call:
+    """One generation: iterate it to run the rounds; `.result` once it is exhausted."""
+
+    def __init__(self, gen: Generator, ids: list[int], opts: DecodeOptions):
+        self.g, self.ids, self.opts = gen, ids, opts
+        self.out = Output(opts.max_bytes, opts.stop, opts.stop_on_eos)
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[None]:
+        g, opts = self.g, self.opts
+        rng = None
+        if not opts.sampling.greedy:
+            rng = torch.Generator()
+            rng.manual_seed(opts.seed) if opts.seed is not None else rng.seed()
+        state = g.engine.acquire()
+        try:
+            t_start = time.perf_counter()
+            logits = loops.prefill(state, self.ids, opts.prefill_chunk)
+            t_prefill = time.perf_counter()
+            prefill_calls, prefill_positions = dict(state.calls), dict(state.positions)
+            prefill_backend = state.backend_seconds
+            run = loops.Run(state, opts, self.out, rng, RoundStats())
+            yield from loops.LOOPS[opts.mode](run, logits)
+            t_end = time.perf_counter()
+            calls = {s: state.calls[s] - prefill_calls[s] for s in state.calls}
+            positions = {s: state.positions[s] - prefill_positions[s] for s in state.positions}
+            stats = build_stats(
+                mode=opts.mode,
+                backend=g.backend_name,
+                prompt_ids=len(self.ids),
+                out_ids=len(self.out.ids),
+                stop_reason=self.out.stop_reason or "max_bytes",
+                calls=calls,
+                positions=positions,
+                prefill_calls=prefill_calls,
+                rounds=run.rounds,
+                params=g.params,
+                hash_row_bytes=g.config.n_hash_tables * g.config.d_local * BYTES_PER_PARAM,
+                times=self.out.times,
+                t_start=t_start,
+                t_prefill=t_prefill,
+                t_end=t_end,
+                backend_s=state.backend_seconds,
+                prefill_backend_s=prefill_backend,
+            )
+        finally:
+            g.engine.release(state)
+        data = bytes(self.out.data)
+        self.result = Generation(
+            text=data.decode("utf-8", errors="replace"),
+            bytes=data,
+            ids=list(self.out.ids),
+            stop_reason=stats.stop_reason,
+            stats=stats,
+        )
+
+
+# ---------------------------------------------------------------------- construction helpers
+def _load(checkpoint_or_model: str | Path | BltModel) -> tuple[BltModel, Path | None]:
+    if isinstance(checkpoint_or_model, BltModel):
+        return checkpoint_or_model.eval(), None
+    if not isinstance(checkpoint_or_model, (str, Path)):
+        raise InputError(
+            f"checkpoint_or_model: expected 'default', a checkpoint directory or a BltModel, "
+            f"got {type(checkpoint_or_model).__name__}"
+        )
+    from fastblt.model.checkpoint import load_checkpoint, resolve_checkpoint_path
+
+    path = resolve_checkpoint_path(checkpoint_or_model)
+    return load_checkpoint(path), path
+
+
+def _make_engine(
+    g: Generator,
+    backend: str,
+    artifacts: str | Path | None,
+    max_context: int | None,
+    threads: int | None,
+    cache_dir: str | Path | None,
+) -> _Engine:
+    factory = backend_factory(backend)  # unknown / unavailable backends fail here, with the reason
+    if backend == "torch":
+        if artifacts is not None:
+            raise InputError("artifacts: the torch backend runs the checkpoint itself; pass artifacts only for ort/trt")
+        capacity = max_context or DEFAULT_MAX_CONTEXT
+        specs = step_specs(g.config, capacity, capacity)
+        return _Engine(factory(specs, g.model, threads=threads).activate(), g.config, capacity, capacity)
+    from fastblt.runtime import artifacts as arts
+
+    return arts.engine_from_artifacts(g, backend, factory, artifacts, max_context, threads, cache_dir)

@@ -1,0 +1,255 @@
+"""The four decoding loops, built from named steps: prefill, draft, verify, accept, commit.
+
+Every loop starts after `prefill` with the logits of the last prompt position and works in
+*rounds*. The AR-style loops (ar, blt-s, blt-dv) keep one *pending* byte c: the next byte, already
+certain under AR semantics (the argmax, or a draw, of exact logits) but not yet appended.
+
+- ar:     append([c]) -> logits -> next c. One entropy, encoder and decoder step per byte, one
+          global step per closed patch; greedy output equals a full recompute on every prefix.
+- blt-s:  draft k bytes after c with the decoder alone, reading the latest closed latent (new
+          patch boundaries ignored); verify [c, d_1..d_k] in one append (encoder states already
+          written by the draft: they do not depend on patching); accept; roll back the rest.
+- blt-dv: draft the block [c, MASK...] with the diffusion head; verify [c, drafts] as blt-s.
+- blt-d:  denoise a block of [MASK]s with the diffusion head, then commit it (no verification).
+
+Each loop is a generator that yields after every round that produced verified bytes, so
+`Generator.stream` can hand text out as it is verified; `Generator.generate` just drains it.
+Per-round host syncs (the accepted length, the next byte) are marked `# host sync:`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastblt.model.config import EOS_ID
+from fastblt.runtime.options import DecodeOptions
+from fastblt.runtime.sampling import (
+    SamplingParams,
+    confidence_unmask,
+    entropy_bound_unmask,
+    entropy_of,
+    greedy_accept,
+    pick,
+    probs_from_logits,
+    speculative_accept,
+)
+from fastblt.runtime.state import SequenceState
+from fastblt.runtime.stats import RoundStats
+from fastblt.runtime.stream import Output
+
+
+@dataclass
+class Run:
+    """One call's context: the sequence, its options, where verified bytes go, the RNG."""
+
+    state: SequenceState
+    opts: DecodeOptions
+    out: Output
+    gen: torch.Generator | None
+    rounds: RoundStats
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.opts.sampling
+
+    def is_eos(self, t: int) -> bool:
+        return t == EOS_ID and self.opts.stop_on_eos
+
+
+# a drafter gets (run, pending byte c, at most k drafts) and returns (drafts, q (len, V) or None);
+# blt-s drafters must also write the encoder states of [c, d_1..d_len] at n..n+len (verify skips them)
+Drafter = Callable[[Run, int, int], tuple[list[int], Tensor | None]]
+
+
+# ------------------------------------------------------------------------ shared steps
+def prefill(state: SequenceState, ids: list[int], chunk: int) -> Tensor:
+    """Commit the prompt in chunks; returns the last position's next-byte logits (V,)."""
+    for i in range(0, len(ids), chunk):
+        logits = state.append(ids[i : i + chunk])
+    return logits[-1]
+
+
+def next_byte(run: Run, logits: Tensor) -> int:
+    """The pending byte after exact logits (V,): argmax, or a draw when sampling."""
+    return int(pick(logits, run.params, run.gen))  # host sync: the next byte
+
+
+def verify(run: Run, c: int, drafts: list[int], encoded: bool) -> Tensor:
+    """One causal pass over [c, d_1..d_k] at n..n+k (entropy, encoder unless encoded, global,
+    decoder) -> logits (k+1, V); row j predicts the byte after position n+j."""
+    return run.state.append([c, *drafts], encoded=encoded)
+
+
+def accept(run: Run, drafts: list[int], q: Tensor | None, logits: Tensor) -> tuple[int, int]:
+    """Accepted draft count and the next pending byte (correction or bonus)."""
+    d = torch.tensor(drafts, dtype=torch.int64)
+    if run.params.greedy:
+        return greedy_accept(d, logits)
+    return speculative_accept(d, q, probs_from_logits(logits, run.params), run.gen)
+
+
+def rollback_to_accepted(run: Run, n0: int, drafts: list[int], a: int) -> None:
+    """Keep c and the a accepted drafts; everything after them is forgotten (O(1))."""
+    run.state.rollback(n0 + 1 + a)
+    run.rounds.verified(len(drafts), a)
+
+
+# ------------------------------------------------------------------------ ar
+def ar(run: Run, logits: Tensor) -> Iterator[None]:
+    """Plain BLT: one byte per round."""
+    c = next_byte(run, logits)
+    while not run.out.push((c,)):
+        yield
+        run.rounds.rounds += 1
+        c = next_byte(run, run.state.append([c])[0])  # commit c, get the next pending byte
+
+
+# ------------------------------------------------------------------------ blt-s
+def draft_ar(run: Run, c: int, k: int) -> tuple[list[int], Tensor | None]:
+    """BLT-S drafting: up to k bytes after c from the decoder alone, reading the latest closed
+    latent. Writes encoder states (exact) and decoder cache entries (scratch) at n..n+len."""
+    st = run.state
+    n, read = st.n, np.array([st.g_len - 1])
+    drafts: list[int] = []
+    qs: list[Tensor] = []
+    x = c
+    for j in range(k):
+        st.run_encoder(n + j, np.array([x]))
+        logits = st.run_decoder(n + j, 1, read)[0]
+        if run.params.greedy:
+            x = int(logits.argmax())  # host sync: the draft byte feeds the next step
+        else:
+            qs.append(probs_from_logits(logits, run.params))
+            x = int(torch.multinomial(qs[-1], 1, generator=run.gen))  # host sync: as above
+        drafts.append(x)
+        if run.is_eos(x):
+            break
+    st.run_encoder(n + len(drafts), np.array([x]))  # the last draft's state, for verify
+    return drafts, torch.stack(qs) if qs else None
+
+
+def blt_s(run: Run, logits: Tensor, drafter: Drafter = draft_ar) -> Iterator[None]:
+    """Self-speculation: draft k, verify in one pass, accept the agreeing prefix plus one byte."""
+    c = next_byte(run, logits)
+    while not run.out.push((c,)):
+        yield
+        n0 = run.state.n
+        k = min(run.opts.k, run.out.remaining - 1)  # the byte after the last draft is free
+        drafts, q = drafter(run, c, k)
+        a, c = accept(run, drafts, q, verify(run, c, drafts, encoded=True))
+        rollback_to_accepted(run, n0, drafts, a)
+        if run.out.push(drafts[:a]):
+            return
+
+
+# ------------------------------------------------------------------------ diffusion blocks
+def block_start(run: Run, pending: list[int]) -> tuple[int, int, list[int]]:
+    """Where the next block starts, the latent it reads, and its known leading ids.
+
+    "force" (the paper): the block starts at n; an open patch is force-closed by a global step
+    whose latent the block reads (the next commit overwrites that slot: an O(1) rollback).
+    "patch": the block starts at the open patch's first byte s and reads the last closed latent,
+    as in training; the open patch's committed bytes (and the pending byte) fill its first cells.
+    When they would leave no [MASK] cell, this round falls back to "force".
+    """
+    st, B = run.state, run.state.config.blt_d.block_size
+    if run.opts.block_start == "patch":
+        s = st.open_patch_start()
+        known = [int(t) for t in st.tokens[s : st.n]] + pending
+        if len(known) < B:
+            return s, st.g_len - 1, known
+        run.rounds.block_start_fallbacks += 1
+    return st.n, st.force_close(), list(pending)
+
+
+def denoise(run: Run, block: np.ndarray, first: int, need: int, read: int, at: int, rule: str) -> Tensor | None:
+    """Unmask block cells first..first+need-1 (in place) with the diffusion head.
+
+    rule: "one-step" (every masked cell at once), "confidence" (>= alpha, at least one) or
+    "entropy" (ascending entropies summing to <= gamma, at least one). Cells past an unmasked EOS
+    are not waited for. Returns q (B, V): each cell's distribution when it was unmasked (sampling).
+    """
+    st, params = run.state, run.params
+    mask_id = st.config.blt_d.mask_id
+    masked = torch.from_numpy(block == mask_id)
+    q = None if params.greedy else torch.zeros(len(block), st.config.vocab_size)
+    end, steps = first + need, 0
+    while bool(masked[first:end].any()):  # host sync: one per diffusion step
+        logits = st.run_block(block, read, at)  # (B, V)
+        probs = probs_from_logits(logits, params) if rule != "one-step" or q is not None else None
+        tok = logits.argmax(-1) if params.greedy else torch.multinomial(probs, 1, generator=run.gen)[:, 0]
+        if rule == "one-step":
+            chosen = masked.clone()
+        elif rule == "confidence":
+            chosen = confidence_unmask(probs.gather(1, tok[:, None])[:, 0], masked, run.opts.alpha)
+        else:
+            chosen = entropy_bound_unmask(entropy_of(probs), masked, run.opts.gamma)
+        block[chosen.numpy()] = tok[chosen].numpy()
+        if q is not None:
+            q[chosen] = probs[chosen]
+        masked &= ~chosen
+        steps += 1
+        if run.opts.stop_on_eos:
+            eos = np.flatnonzero(block[first:end] == EOS_ID)
+            end = first + int(eos[0]) + 1 if len(eos) else end
+    run.rounds.unmask_steps[steps] += 1
+    return q
+
+
+def draft_block(run: Run, pending: list[int], need: int, rule: str) -> tuple[list[int], Tensor | None]:
+    """A diffusion block after the committed bytes: returns its first `need` new cells and their q."""
+    at, read, known = block_start(run, pending)
+    B = run.state.config.blt_d.block_size
+    block = np.full(B, run.state.config.blt_d.mask_id, dtype=np.int64)
+    block[: len(known)] = known
+    need = min(need, B - len(known))
+    q = denoise(run, block, len(known), need, read, at, rule)
+    cells = slice(len(known), len(known) + need)
+    return [int(t) for t in block[cells]], None if q is None else q[cells]
+
+
+# ------------------------------------------------------------------------ blt-d
+def blt_d(run: Run, logits: Tensor) -> Iterator[None]:
+    """Block diffusion: denoise B cells, commit them, repeat. The prefill logits are unused."""
+    del logits
+    while True:
+        new, _ = draft_block(run, [], run.out.remaining, run.opts.unmask)
+        run.rounds.rounds += 1
+        if run.out.push(new):
+            return
+        yield
+        run.state.append(new)  # commit: entropy, encoder, global for closed patches, decoder cache
+
+
+# ------------------------------------------------------------------------ blt-dv
+def draft_diffusion(run: Run, c: int, k: int) -> tuple[list[int], Tensor | None]:
+    """BLT-DV drafting: the block [c, MASK...] unmasked by the diffusion head (one step by default);
+    up to k drafts, cut after a drafted EOS (nothing after it can be output)."""
+    if k <= 0:
+        return [], None
+    drafts, q = draft_block(run, [c], k, run.opts.unmask)
+    for j, t in enumerate(drafts):
+        if run.is_eos(t):
+            return drafts[: j + 1], None if q is None else q[: j + 1]
+    return drafts, q
+
+
+def blt_dv(run: Run, logits: Tensor, drafter: Drafter = draft_diffusion) -> Iterator[None]:
+    """Diffusion draft + autoregressive verification: greedy output identical to ar."""
+    c = next_byte(run, logits)
+    while not run.out.push((c,)):
+        yield
+        n0 = run.state.n
+        drafts, q = drafter(run, c, run.out.remaining - 1)  # the byte after the last draft is free
+        a, c = accept(run, drafts, q, verify(run, c, drafts, encoded=False))
+        rollback_to_accepted(run, n0, drafts, a)
+        if run.out.push(drafts[:a]):
+            return
+
+
+LOOPS: dict[str, Callable[..., Iterator[None]]] = {"ar": ar, "blt-d": blt_d, "blt-s": blt_s, "blt-dv": blt_dv}

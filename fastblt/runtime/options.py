@@ -1,0 +1,139 @@
+"""Decoding options: one frozen dataclass, checked once per call before any work is done.
+
+Per-mode defaults are resolved here (`resolve`), so the loops read plain values:
+- blt-d: unmask "confidence" with alpha 0.7 (the paper's headline), or "entropy" with gamma 1.0.
+- blt-dv: drafting "one-step" (every [MASK] filled by one diffusion pass: the paper's fastest
+  setting, and the one whose draft distribution is exact for speculative sampling), or
+  "confidence" with alpha 0.3 / "entropy" with gamma 1.5 (the paper's permissive settings).
+- blt-s: k = 8 draft bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from fastblt.errors import CapabilityError, InputError
+from fastblt.model.config import BltConfig
+from fastblt.runtime.sampling import SamplingParams
+
+MODES = ("ar", "blt-d", "blt-s", "blt-dv")
+UNMASK_RULES = {"blt-d": ("confidence", "entropy"), "blt-dv": ("one-step", "confidence", "entropy")}
+BLOCK_START_RULES = ("force", "patch")
+MAX_DRAFT = 64
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Everything one generation call can set. None fields take the mode's default (`resolve`).
+
+    mode: "ar" | "blt-d" | "blt-s" | "blt-dv". max_bytes: generated ids (bytes) at most, >= 1.
+    temperature 0 = greedy; top_k >= 1, top_p in (0, 1]; seed: the sampling generator's seed.
+    k: BLT-S draft length. unmask / alpha / gamma: BLT-D and BLT-DV unmasking. block_start:
+    "force" (the paper's rule: force-close the open patch, the block reads its latent) or
+    "patch" (start the block at the open patch's first byte, reading the last closed latent).
+    stop: byte strings that end the output (not included in it). stop_on_eos: EOS ends the output.
+    prefill_chunk: prompt bytes per prefill step.
+    """
+
+    mode: str = "blt-d"
+    max_bytes: int = 256
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    k: int = 8
+    unmask: str | None = None
+    alpha: float | None = None
+    gamma: float | None = None
+    block_start: str = "force"
+    stop: tuple[bytes, ...] = ()
+    stop_on_eos: bool = True
+    prefill_chunk: int = 512
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p)
+
+
+def _int(name: str, v: object, lo: int, hi: int | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        want = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]"
+        raise InputError(f"option {name}: expected {want}, got {v!r}")
+
+
+def _real(name: str, v: object, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
+    if not ok:
+        want = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise InputError(f"option {name}: expected a number in {want}, got {v!r}")
+
+
+def _stops(stop: object) -> tuple[bytes, ...]:
+    items = [stop] if isinstance(stop, (str, bytes, bytearray)) else stop
+    try:
+        items = list(items)  # type: ignore[arg-type]
+    except TypeError:
+        raise InputError(f"option stop: expected a string or a list of strings/bytes, got {stop!r}") from None
+    out = []
+    for s in items:
+        if isinstance(s, str):
+            s = s.encode("utf-8")
+        if not isinstance(s, (bytes, bytearray)) or len(s) == 0:
+            raise InputError(f"option stop: expected non-empty strings or bytes, got {s!r}")
+        out.append(bytes(s))
+    return tuple(out)
+
+
+def make_options(**options: object) -> DecodeOptions:
+    """Build DecodeOptions from keyword arguments; unknown names and bad values are InputErrors."""
+    names = {f.name for f in dataclasses.fields(DecodeOptions)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise InputError(f"option(s) {unknown}: unknown; known options are {sorted(names)}")
+    if "stop" in options and options["stop"] is not None:
+        options["stop"] = _stops(options["stop"])
+    elif "stop" in options:
+        options["stop"] = ()
+    return DecodeOptions(**options)  # type: ignore[arg-type]
+
+
+def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
+    """Check every value against the mode and the checkpoint; fill in the mode's defaults."""
+    if opts.mode not in MODES:
+        raise InputError(f"option mode: {opts.mode!r} is unknown; choose one of {', '.join(MODES)}")
+    if opts.mode in ("blt-d", "blt-dv") and config.blt_d is None:
+        raise CapabilityError(
+            f"mode {opts.mode}: needs a BLT-D checkpoint (one with diffusion rows, config blt_d); "
+            "this is a plain BLT checkpoint: use ar or blt-s"
+        )
+    _int("max_bytes", opts.max_bytes, 1)
+    _real("temperature", opts.temperature, 0.0, 100.0)
+    if opts.top_k is not None:
+        _int("top_k", opts.top_k, 1)
+    if opts.top_p is not None:
+        _real("top_p", opts.top_p, 0.0, 1.0, lo_open=True)
+    if opts.seed is not None:
+        _int("seed", opts.seed, 0, 2**63 - 1)
+    _int("k", opts.k, 1, MAX_DRAFT)
+    _int("prefill_chunk", opts.prefill_chunk, 1)
+    if opts.block_start not in BLOCK_START_RULES:
+        raise InputError(f"option block_start: {opts.block_start!r} is unknown; choose one of {BLOCK_START_RULES}")
+    if not isinstance(opts.stop_on_eos, bool):
+        raise InputError(f"option stop_on_eos: expected True or False, got {opts.stop_on_eos!r}")
+    stop = _stops(opts.stop)
+    unmask, alpha, gamma = opts.unmask, opts.alpha, opts.gamma
+    if opts.mode in UNMASK_RULES:
+        rules = UNMASK_RULES[opts.mode]
+        unmask = rules[0] if unmask is None else unmask
+        if unmask not in rules:
+            raise InputError(f"option unmask: {unmask!r} is not a {opts.mode} rule; choose one of {rules}")
+        alpha = (0.7 if opts.mode == "blt-d" else 0.3) if alpha is None else alpha
+        gamma = (1.0 if opts.mode == "blt-d" else 1.5) if gamma is None else gamma
+        _real("alpha", alpha, 0.0, 1.0)
+        _real("gamma", gamma, 0.0, 1e6)
+    elif unmask is not None or alpha is not None or gamma is not None:
+        raise InputError(f"options unmask/alpha/gamma: only blt-d and blt-dv unmask; mode is {opts.mode}")
+    return dataclasses.replace(opts, unmask=unmask, alpha=alpha, gamma=gamma, stop=stop)

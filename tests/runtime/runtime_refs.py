@@ -1,0 +1,50 @@
+"""Shared helpers for the runtime tests: tiny models, a full-recompute oracle, generators."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from fastblt.model.config import EOS_ID, BltDConfig
+from fastblt.model.tokenizer import encode
+from fastblt.runtime.generator import Generator
+
+from tiny import make_model
+
+PROMPTS = [
+    "def main(",
+    "hello world",
+    b"\xff\xfe raw bytes \x00",
+    "import os\nimport sys\n",
+    "x",
+    "The quick brown fox jumps over the lazy dog. " * 2,
+]
+
+
+@functools.cache
+def tiny_model(name: str = "hf-test-sizes", block_size: int = 4, seed: int = 0):
+    """A tiny random BLT-D (threshold at an entropy quantile so patches vary)."""
+    model = make_model(name, seed=seed)
+    model.config = dataclasses.replace(model.config, blt_d=BltDConfig(block_size=block_size))
+    return model
+
+
+@functools.cache
+def torch_generator(name: str = "hf-test-sizes", block_size: int = 4, seed: int = 0, capacity: int = 256):
+    return Generator(tiny_model(name, block_size, seed), backend="torch", max_context=capacity)
+
+
+def full_recompute_greedy(model, prompt, max_bytes: int, stop_on_eos: bool = True) -> list[int]:
+    """The released generator's semantics: the whole model on every prefix, argmax of the last row."""
+    ids = encode(prompt)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_bytes):
+            c = int(model(torch.tensor([ids]))[0, -1].argmax())
+            if c == EOS_ID and stop_on_eos:
+                break
+            out.append(c)
+            ids.append(c)
+    return out

@@ -1,0 +1,150 @@
+"""Greedy exactness: ar == full recompute; blt-s and blt-dv == ar, byte for byte.
+
+Includes drafts crossing several patch boundaries and fake drafts that are wrong at every
+draft position in turn (forced rejections), which prove the rollback.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from runtime_refs import PROMPTS, full_recompute_greedy, tiny_model, torch_generator
+
+from fastblt.runtime import loops
+
+from tiny import TINY_CONFIGS
+
+N_BYTES = 48
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[2]])
+def test_ar_equals_full_recompute(name, prompt):
+    g = torch_generator(name)
+    want = full_recompute_greedy(tiny_model(name), prompt, N_BYTES, stop_on_eos=False)
+    got = g.generate(prompt, mode="ar", max_bytes=N_BYTES, stop_on_eos=False)
+    assert got.ids == want
+
+
+@pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
+def test_ar_stops_at_eos_like_full_recompute(name):
+    """A seed whose greedy output hits EOS within the budget: both stop there."""
+    g = torch_generator(name)
+    for prompt in PROMPTS:
+        want = full_recompute_greedy(tiny_model(name), prompt, 64, stop_on_eos=True)
+        got = g.generate(prompt, mode="ar", max_bytes=64)
+        assert got.ids == want
+        assert got.stop_reason == ("eos" if len(want) < 64 else "max_bytes")
+
+
+@functools.cache
+def _ar_cached(name: str, block_size: int, prompt, n: int) -> tuple[int, ...]:
+    g = torch_generator(name, block_size)
+    return tuple(g.generate(prompt, mode="ar", max_bytes=n, stop_on_eos=False).ids)
+
+
+def _ar(prompt, n=N_BYTES, name="hf-test-sizes", block_size=4) -> list[int]:
+    return list(_ar_cached(name, block_size, prompt, n))
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_blt_s_equals_ar(name, k):
+    g = torch_generator(name)
+    for prompt in PROMPTS:
+        got = g.generate(prompt, mode="blt-s", max_bytes=N_BYTES, k=k, stop_on_eos=False)
+        assert got.ids == _ar(prompt, name=name), (prompt, k)
+        assert got.stats.drafted > 0
+
+
+# every model, block size, drafting rule and block-start rule appears (pairwise, not the full product)
+DV_CASES = [
+    ("hf-test-sizes", 4, "one-step", "force"),
+    ("hf-test-sizes", 8, "confidence", "patch"),
+    ("k4-global-projection", 8, "one-step", "patch"),
+    ("k4-global-projection", 4, "entropy", "force"),
+    ("deep-local", 4, "confidence", "force"),
+    ("deep-local", 8, "entropy", "patch"),
+    ("small-window", 4, "one-step", "patch"),
+    ("small-window", 8, "confidence", "force"),
+    ("small-window", 4, "entropy", "patch"),
+]
+
+
+@pytest.mark.parametrize(("name", "block_size", "unmask", "block_start"), DV_CASES)
+def test_blt_dv_equals_ar(name, block_size, unmask, block_start):
+    g = torch_generator(name, block_size)
+    for prompt in PROMPTS[:4]:
+        got = g.generate(
+            prompt, mode="blt-dv", max_bytes=N_BYTES, unmask=unmask, block_start=block_start, stop_on_eos=False
+        )
+        assert got.ids == _ar(prompt, name=name, block_size=block_size), prompt
+
+
+def test_max_bytes_respected_by_every_mode():
+    g = torch_generator()
+    for n in (1, 2, 3, 5, 9):
+        ref = _ar("abc", n)
+        assert len(ref) == n
+        for mode in ("blt-s", "blt-dv"):
+            assert g.generate("abc", mode=mode, max_bytes=n, stop_on_eos=False).ids == ref
+        assert len(g.generate("abc", mode="blt-d", max_bytes=n, stop_on_eos=False).ids) == n
+
+
+def _fake_drafter(truth: list[int], prompt_len: int, wrong_at: int, log: list, encode: bool):
+    """Drafts the true continuation, except position wrong_at (of each round) is corrupted."""
+
+    def drafter(run, c, k):
+        st = run.state
+        pos = st.n - prompt_len + 1  # index in truth of the byte after c
+        drafts = list(truth[pos : pos + k])
+        if wrong_at < len(drafts):
+            drafts[wrong_at] = 4 + (drafts[wrong_at] + 7) % 256  # any other byte
+        if encode:  # blt-s contract: encoder states of [c, drafts] at n..n+len
+            st.run_encoder(st.n, np.array([c, *drafts]))
+        log.append((len(drafts), min(wrong_at, len(drafts))))
+        return drafts, None
+
+    return drafter
+
+
+@pytest.mark.parametrize("mode", ["blt-s", "blt-dv"])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_forced_rejection_at_every_draft_position(mode, k, monkeypatch):
+    """Fake drafts wrong at position j: exactly j accepted per round, and the output is still ar's."""
+    g = torch_generator("small-window")
+    prompt = PROMPTS[3]
+    n = 80
+    truth = _ar(prompt, n + k + 2, name="small-window")
+    prompt_len = len(prompt.encode()) + 1
+    for wrong_at in [*range(k), k]:  # k: every draft right (bonus byte path)
+        log: list = []
+        drafter = _fake_drafter(truth, prompt_len, wrong_at, log, encode=(mode == "blt-s"))
+        loop = loops.blt_s if mode == "blt-s" else loops.blt_dv
+        monkeypatch.setitem(loops.LOOPS, mode, lambda run, logits, f=loop, d=drafter: f(run, logits, drafter=d))
+        got = g.generate(prompt, mode=mode, max_bytes=n, k=k, stop_on_eos=False)
+        assert got.ids == truth[:n], (mode, k, wrong_at)
+        hist = got.stats.accept_hist
+        full_rounds = [exp for drafted, exp in log if drafted == k or mode == "blt-dv"]
+        assert full_rounds and all(a == wrong_at for a in full_rounds[:-1])
+        assert set(hist) <= {exp for _, exp in log}
+
+
+def test_blt_s_drafts_cross_several_patch_boundaries(monkeypatch):
+    """Accepted drafts that span >= 2 patch boundaries occur (and the output is still exact)."""
+    spans = []
+    real = loops.rollback_to_accepted
+
+    def spy(run, n0, drafts, a):
+        real(run, n0, drafts, a)
+        st = run.state
+        spans.append(int(st.closed[st.n] - st.closed[n0]))
+
+    monkeypatch.setattr(loops, "rollback_to_accepted", spy)
+    g = torch_generator("small-window")
+    for prompt in PROMPTS:
+        got = g.generate(prompt, mode="blt-s", max_bytes=N_BYTES, k=8, stop_on_eos=False)
+        assert got.ids == _ar(prompt, name="small-window")
+    assert max(spans) >= 2

@@ -1,0 +1,117 @@
+"""The acceptance and unmasking rules on hand-written probabilities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastblt.runtime.sampling import (
+    SamplingParams,
+    confidence_unmask,
+    entropy_bound_unmask,
+    greedy_accept,
+    pick,
+    probs_from_logits,
+    speculative_accept,
+)
+
+
+def test_confidence_unmask_threshold_and_at_least_one():
+    conf = torch.tensor([0.9, 0.5, 0.71, 0.2])
+    masked = torch.tensor([True, True, True, False])
+    assert confidence_unmask(conf, masked, 0.7).tolist() == [True, False, True, False]
+    # nothing reaches alpha: only the most confident masked cell (not the unmasked one)
+    conf = torch.tensor([0.3, 0.5, 0.4, 0.99])
+    masked = torch.tensor([True, True, True, False])
+    assert confidence_unmask(conf, masked, 0.7).tolist() == [False, True, False, False]
+    # alpha = 0: everything masked goes at once
+    assert confidence_unmask(conf, masked, 0.0).tolist() == [True, True, True, False]
+
+
+def test_entropy_bound_unmask_prefix_of_ascending_entropies():
+    ent = torch.tensor([0.5, 0.1, 0.3, 0.05, 2.0])
+    masked = torch.tensor([True, True, True, False, True])
+    # masked, ascending: 0.1, 0.3, 0.5, 2.0 -> running sums 0.1, 0.4, 0.9, 2.9
+    assert entropy_bound_unmask(ent, masked, 0.45).tolist() == [False, True, True, False, False]
+    assert entropy_bound_unmask(ent, masked, 1.0).tolist() == [True, True, True, False, False]
+    # bound below the smallest entropy: still the lowest-entropy masked cell
+    assert entropy_bound_unmask(ent, masked, 0.01).tolist() == [False, True, False, False, False]
+    assert entropy_bound_unmask(ent, masked, 100.0).tolist() == [True, True, True, False, True]
+
+
+def test_greedy_accept_longest_agreeing_prefix_plus_one():
+    V = 5
+    best = [3, 1, 4, 1, 0]  # verifier argmax after c, d1, d2, d3, d4
+    logits = torch.nn.functional.one_hot(torch.tensor(best), V).float()
+    for j in range(4):  # first mismatch at draft position j
+        drafts = torch.tensor(best[:4])
+        drafts[j] = (drafts[j] + 1) % V
+        assert greedy_accept(drafts, logits) == (j, best[j])
+    assert greedy_accept(torch.tensor(best[:4]), logits) == (4, best[4])  # all accepted + bonus
+    assert greedy_accept(torch.tensor([], dtype=torch.int64), logits[:1]) == (0, best[0])
+
+
+def test_top_k_top_p_temperature():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    p = probs_from_logits(logits, SamplingParams(1.0, top_k=2))
+    assert torch.allclose(p, torch.tensor([0.625, 0.375, 0, 0]))
+    p = probs_from_logits(logits, SamplingParams(1.0, top_p=0.8))  # 0.5 + 0.3 reaches 0.8
+    assert torch.allclose(p, torch.tensor([0.625, 0.375, 0, 0]))
+    p = probs_from_logits(logits, SamplingParams(1.0, top_p=0.81))
+    assert torch.allclose(p, torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
+    p = probs_from_logits(logits, SamplingParams(1.0, top_p=0.1))  # the top cell always stays
+    assert p.tolist() == [1.0, 0.0, 0.0, 0.0]
+    p = probs_from_logits(logits, SamplingParams(2.0))
+    want = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    assert torch.allclose(p, want / want.sum())
+    assert int(pick(logits, SamplingParams(), None)) == 0
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = torch.randn(3, 50)
+    params = SamplingParams(1.0, top_p=0.9)
+    a = [pick(logits, params, torch.Generator().manual_seed(7)).tolist() for _ in range(3)]
+    assert a[0] == a[1] == a[2]
+
+
+def _chi2_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Pearson chi-square against probs; True unless p < 1e-4 (Wilson-Hilferty approximation)."""
+    n = counts.sum()
+    keep = probs > 0
+    if bool((counts[~keep] > 0).any()):
+        return False
+    exp = n * probs[keep]
+    stat = float(((counts[keep] - exp) ** 2 / exp).sum())
+    df = int(keep.sum()) - 1
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return z < 3.72  # one-sided p ~ 1e-4
+
+
+@pytest.mark.parametrize("case", ["close", "far", "disjoint-support"])
+def test_speculative_acceptance_reproduces_p(case):
+    """Outputs of the Leviathan rule are distributed as p, whatever q (fixed seed, tiny vocab)."""
+    p = torch.tensor([[0.5, 0.2, 0.2, 0.1, 0.0], [0.1, 0.1, 0.1, 0.1, 0.6], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    q = {
+        "close": torch.tensor([[0.4, 0.3, 0.2, 0.1, 0.0], [0.1, 0.2, 0.1, 0.1, 0.5]]),
+        "far": torch.tensor([[0.05, 0.05, 0.1, 0.1, 0.7], [0.7, 0.1, 0.1, 0.05, 0.05]]),
+        "disjoint-support": torch.tensor([[0.0, 0.0, 0.5, 0.0, 0.5], [0.0, 0.5, 0.5, 0.0, 0.0]]),
+    }[case]
+    gen = torch.Generator().manual_seed(1234)
+    N = 20000
+    first = torch.zeros(5)
+    second = torch.zeros(5)  # the byte after an accepted first draft
+    accepted = 0
+    for _ in range(N):
+        drafts = torch.multinomial(q, 1, generator=gen)[:, 0]
+        a, nxt = speculative_accept(drafts, q, p, gen)
+        out = [*drafts[:a].tolist(), nxt]
+        first[out[0]] += 1
+        if len(out) > 1:
+            second[out[1]] += 1
+        accepted += a
+    assert _chi2_ok(first, p[0])
+    assert _chi2_ok(second, p[1])
+    if case == "disjoint-support":
+        assert first[4] == 0  # p = 0 there: that draft is never accepted
