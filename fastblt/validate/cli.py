@@ -73,7 +73,13 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 @click.option("--backends", default=None, help="Comma list of torch, ort, trt [default: torch,ort].")
 @click.option("--reference", type=click.Choice(["torch", "hf"]), default="torch", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="[default: the artifacts'].")
-@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None, help="Prompt file.")
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Prompts: a JSON list (*.json), or text split by lines of '---' (else one per line).",
+)
 @click.option("--graphs", default=None, help="Comma list of step graphs to compare [default: all].")
 @click.option("--modes", default=None, help="Comma list of decoding modes end to end [default: all it can run].")
 @click.option("--max-bytes", type=int, default=32, show_default=True, help="Bytes per end-to-end generation.")
@@ -163,7 +169,7 @@ def _run(**kw) -> int:
         save_outputs=kw["save_outputs"],
         cache_dir=kw["cache_dir"],
     )
-    report = validate(opts)
+    report = validate(opts, log=lambda line: click.echo(line, err=True))
     paths = report.save(kw["report_dir"]) if kw["report_dir"] is not None else {}
     if kw["as_json"]:
         click.echo(report.to_json())

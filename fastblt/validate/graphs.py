@@ -14,7 +14,9 @@ the reference gets the same rounded values in fp32, so both see identical inputs
 
 Polygraphy: saved inputs are polygraphy JSON (`inputs.<step>.json`, a list of feed dicts, one per
 case, loadable by `polygraphy run <step>.onnx --load-inputs`); saved outputs are polygraphy
-`RunResults` (`outputs.<step>.json`, one runner per backend, one iteration per case). Candidate
+`RunResults` (`outputs.<step>.json`, one runner per backend, the reference as `reference:torch`,
+one iteration per case): `polygraphy run <step>.onnx --onnxrt --load-inputs inputs.<step>.json
+--load-outputs outputs.<step>.json` replays and compares them with polygraphy alone. Candidate
 pairs without the torch reference (ort vs trt) are compared by polygraphy's `Comparator`.
 """
 
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastblt.engines.base import TORCH_DTYPES, Backend
+from fastblt.engines.base import TORCH_DTYPES, Backend, check_feeds
 from fastblt.errors import InputError
 from fastblt.export.spec import StepSpec
 from fastblt.model.blt import BltModel
@@ -460,6 +462,10 @@ def load_cases(inputs_dir: str | Path, specs: dict[str, StepSpec]) -> list[Case]
         for i, feeds in enumerate(feed_list):
             tensors = {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, Tensor) else v for k, v in feeds.items()}
             tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+            try:
+                check_feeds(reference_specs(specs)[step], tensors)
+            except InputError as e:
+                raise InputError(f"--load-inputs {f}: case {i} does not fit these graphs: {e}") from None
             label = f"loaded {names[i] if i < len(names) else f'#{i}'}"
             cases.append(Case(step, label, "loaded", _const(tensors)))
     return cases

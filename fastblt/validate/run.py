@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,12 +91,16 @@ class ValidateOptions:
         bad_modes = [m for m in self.modes if m not in MODES]
         if bad_modes:
             raise InputError(f"--modes {','.join(bad_modes)}: unknown; choose from {', '.join(MODES)}")
+        if self.reference == "hf" and self.dtype not in (None, "float32"):
+            raise InputError(f"--reference hf compares in fp32 (transformers' reference path), not {self.dtype}")
         if self.max_bytes < 1 or self.capacity < 16:
             raise InputError("--max-bytes must be >= 1 and --capacity >= 16")
 
 
-def validate(opts: ValidateOptions, model: BltModel | None = None) -> Report:
+def validate(opts: ValidateOptions, model: BltModel | None = None, log: Callable[[str], None] | None = None) -> Report:
     """Run every check `opts` asks for; never raises for a failed gate (the report says so).
+
+    `log` receives one line per phase (the CLI prints them on stderr); None: silent.
 
     Raises FastBltError subclasses for bad input: an unreadable checkpoint, artifacts exported
     from another checkpoint (ManifestMismatch), options that contradict the artifacts.
@@ -124,11 +129,20 @@ def validate(opts: ValidateOptions, model: BltModel | None = None) -> Report:
         report.meta["dtype"] = "float32"
         hf = hf_model(model, path)
         return hf_parity(model, hf, prompts, opts.hf_greedy_bytes, report=report)
-    return _validate_torch_reference(opts, model, path, prompts, report)
+    return _validate_torch_reference(opts, model, path, prompts, report, log or _silent)
+
+
+def _silent(_: str) -> None:
+    return None
 
 
 def _validate_torch_reference(
-    opts: ValidateOptions, model: BltModel, path: Path | None, prompts: list[str], report: Report
+    opts: ValidateOptions,
+    model: BltModel,
+    path: Path | None,
+    prompts: list[str],
+    report: Report,
+    log: Callable[[str], None],
 ) -> Report:
     requested = list(opts.backends or ("torch", "ort"))
     avail = available()
@@ -141,7 +155,7 @@ def _validate_torch_reference(
             runnable.append(name)
     artifacts, manifest = None, None
     if any(b in ARTIFACT_BACKENDS for b in runnable):
-        artifacts, manifest = _artifacts(opts, model, path)
+        artifacts, manifest = _artifacts(opts, model, path, log)
     specs, dtype = _specs(opts, model.config, manifest)
     if opts.graphs:
         unknown = [g for g in opts.graphs if g not in specs]
@@ -172,10 +186,13 @@ def _validate_torch_reference(
     cases = _cases(opts, model, specs, prompts)
     report.meta["cases"] = {s: sum(c.step == s for c in cases) for s in specs if any(c.step == s for c in cases)}
     run = GraphRun(dtype=dtype, tolerances=tolerances, save_inputs=opts.save_inputs, save_outputs=opts.save_outputs)
+    log(f"per graph: {len(cases)} cases x {', '.join(candidates)} against torch fp32 ({dtype})")
     graph_parity(cases, ref, candidates, run, report)
-    if opts.layers:
+    if opts.layers and report.failed_graphs():
+        log("per layer: localising the failed graphs")
         _localise(report, cases, model, cand_model, specs, candidates, tolerances, dtype)
     if opts.e2e:
+        log(f"end to end: greedy {', '.join(opts.modes)} on {', '.join(candidates)}, {len(prompts)} prompts")
         e2e_run = E2ERun(modes=opts.modes, max_bytes=opts.max_bytes, dtype=dtype, tolerances=tolerances)
         ref_e2e = _backend("torch", reference_specs(specs), model, None, opts.threads)
         e2e_parity(model, ref_e2e, candidates, prompts, _cap(specs, "encoder"), _cap(specs, "global"), e2e_run, report)
@@ -223,14 +240,16 @@ def _specs(opts: ValidateOptions, config: BltConfig, manifest: dict | None) -> t
     return eo.specs(config), eo.dtype
 
 
-def _artifacts(opts: ValidateOptions, model: BltModel, path: Path | None) -> tuple[Path, dict]:
+def _artifacts(
+    opts: ValidateOptions, model: BltModel, path: Path | None, log: Callable[[str], None]
+) -> tuple[Path, dict]:
     """The export directory to validate (given, or exported once into the cache) and its manifest,
     checked against the checkpoint: same hash (when known) and the same config."""
     from fastblt.export.manifest import MANIFEST, read_manifest
 
     ckpt_hash = _checkpoint_hash(path)
     if opts.artifacts is None:
-        directory = _auto_export(opts, model, path, ckpt_hash)
+        directory = _auto_export(opts, model, path, ckpt_hash, log)
     else:
         directory = Path(opts.artifacts).expanduser()
         if not directory.is_dir():
@@ -263,7 +282,9 @@ def _checkpoint_hash(path: Path | None) -> str | None:
     return checkpoint_hash(path)
 
 
-def _auto_export(opts: ValidateOptions, model: BltModel, path: Path | None, ckpt_hash: str | None) -> Path:
+def _auto_export(
+    opts: ValidateOptions, model: BltModel, path: Path | None, ckpt_hash: str | None, log: Callable[[str], None]
+) -> Path:
     """Export once per (checkpoint, dtype, capacity) into the cache; later runs reuse it."""
     from fastblt.export.exporter import ExportOptions, export_model
 
@@ -274,6 +295,7 @@ def _auto_export(opts: ValidateOptions, model: BltModel, path: Path | None, ckpt
         root = Path(tempfile.mkdtemp(prefix="fastblt-validate-"))
     out = root / f"{key[:16]}-{dtype}-c{opts.capacity}"
     eo = ExportOptions(dtype=dtype, capacity=opts.capacity)
+    log(f"artifacts: none given; exporting to {out} (reused while the checkpoint and options are the same)")
     export_model(_model_in(model, dtype), out, eo, checkpoint_hash=ckpt_hash, checkpoint_source=str(path), force=True)
     return out
 
