@@ -3,7 +3,8 @@
 Exit codes: 0 every gate passed; 1 a gate failed (the report names graph, output, case and by how
 much; for a failed graph the first diverging layer; for generation the first diverging step);
 2 bad input (checkpoint, artifacts from another checkpoint, an unreadable prompt file, options);
-3 nothing failed but a requested backend could not run here (reported as skipped, with why).
+3 nothing failed but a requested backend (by default torch and ort) could not run here (reported as
+skipped, with why).
 """
 
 from __future__ import annotations
@@ -177,8 +178,7 @@ def _run(**kw) -> int:
         _print_summary(report, paths)
     if not report:
         return EXIT_FAIL
-    requested = set(opts.backends or ())
-    if any(s.what in requested for s in report.skipped):
+    if any(s.what in opts.backends for s in report.skipped):
         return EXIT_UNAVAILABLE
     return EXIT_PASS
 

@@ -372,7 +372,9 @@ class SequenceResult:
         if self.step:
             s = self.step
             what = f"{s['output']}: {s.get('detail')}" if s.get("output") else s.get("detail")
-            out += f"; first diverging step #{s.get('index')} {s.get('step')} at position {s.get('start')} ({what})"
+            mod = f" ({s['module']})" if s.get("module") else ""
+            out += f"; first diverging step #{s.get('index')}: {s.get('step')}{mod}"
+            out += f" at position {s.get('start')} ({what})"
         if self.note:
             out += f"; {self.note}"
         return [out]

@@ -45,6 +45,7 @@ from fastblt.validate.metrics import Tolerances
 from fastblt.validate.report import Report, environment
 
 BACKENDS = ("torch", "ort", "trt")
+DEFAULT_BACKENDS = ("torch", "ort")  # what a CPU runs; trt only when asked for
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ARTIFACT_BACKENDS = ("ort", "trt")
 
@@ -55,7 +56,7 @@ class ValidateOptions:
 
     checkpoint: str | Path = "default"
     artifacts: Path | None = None  # None with ort/trt: export once into cache_dir (keyed by hash)
-    backends: tuple[str, ...] | None = None  # None: torch and ort
+    backends: tuple[str, ...] | None = None  # None: DEFAULT_BACKENDS
     reference: str = "torch"  # "torch" | "hf"
     dtype: str | None = None  # None: the artifacts' dtype, else float32
     prompts: tuple[str, ...] | None = None  # None: DEFAULT_PROMPTS
@@ -84,7 +85,9 @@ class ValidateOptions:
             if d not in TORCH_DTYPES or d == "int32":
                 raise InputError(f"--dtype {self.dtype!r}: expected one of fp32, fp16, bf16")
             object.__setattr__(self, "dtype", d)
-        if self.backends is not None:
+        if self.backends is None:
+            object.__setattr__(self, "backends", DEFAULT_BACKENDS)
+        else:
             unknown = [b for b in self.backends if b not in BACKENDS]
             if unknown or not self.backends:
                 raise InputError(f"--backends {','.join(self.backends)}: choose from {', '.join(BACKENDS)}")
@@ -144,7 +147,7 @@ def _validate_torch_reference(
     report: Report,
     log: Callable[[str], None],
 ) -> Report:
-    requested = list(opts.backends or ("torch", "ort"))
+    requested = list(opts.backends)
     avail = available()
     runnable = []
     for name in requested:
@@ -176,7 +179,18 @@ def _validate_torch_reference(
     if path is not None and manifest is not None:
         report.meta["checkpoint_hash"] = manifest["checkpoint"].get("hash")
     cand_model = _model_in(model, dtype)
-    candidates = {name: _backend(name, specs, cand_model, artifacts, opts.threads) for name in runnable}
+    candidates = {}
+    for name in runnable:
+        try:
+            candidates[name] = _backend(name, specs, cand_model, artifacts, opts.threads)
+        except BackendUnavailable as e:
+            report.skip(name, str(e))
+        except Exception as e:  # noqa: BLE001 - a backend that cannot load the graphs is a finding
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if name == "ort" and dtype == "bfloat16" and "NOT_IMPLEMENTED" in why:
+                report.skip(name, f"onnxruntime on this machine has no bfloat16 kernels for these graphs ({why})")
+            else:
+                report.error(f"backend {name} could not load the artifacts: {why}")
     candidates.update(opts.extra_candidates)
     if not candidates:
         report.error("no backend could run: nothing was compared (see skipped)")

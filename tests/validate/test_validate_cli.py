@@ -130,9 +130,9 @@ def test_a_cache_at_the_wrong_position_names_the_first_diverging_step(model, art
     assert not report
     res = report[("torch", "ort")]["e2e/ar"]["bytes"]["prompt 0"]
     assert res.first_diff is not None and res.margin is not None
-    assert res.step["step"] == "encoder" and res.step["output"] == "h"
+    assert res.step["step"] == "encoder" and res.step["module"] == "local_encoder" and res.step["output"] == "h"
     assert res.step["start"] == len(prompt.encode()) + 1  # the first encoder call after the prompt
-    assert "first diverging step" in report.failures()[0]
+    assert "first diverging step #4: encoder (local_encoder) at position 23" in report.failures()[0]
 
 
 def test_artifacts_of_another_checkpoint_are_refused(artifacts, monkeypatch, capsys, tmp_path):
