@@ -13,9 +13,7 @@ against transformers' BltForCausalLM on the same weights (logits and greedy outp
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,18 +297,21 @@ def _checkpoint_hash(path: Path | None) -> str | None:
 def _auto_export(
     opts: ValidateOptions, model: BltModel, path: Path | None, ckpt_hash: str | None, log: Callable[[str], None]
 ) -> Path:
-    """Export once per (checkpoint, dtype, capacity) into the cache; later runs reuse it."""
-    from fastblt.export.exporter import ExportOptions, export_model
+    """Export once per (checkpoint, dtype, capacity) into the cache the runtime uses too
+    (`<cache>/<hash[:16]>/<dtype>-<capacity>/`, runtime/artifacts.py); later runs reuse it."""
+    from fastblt.export.exporter import ExportOptions, existing_export, export_model
+    from fastblt.runtime.artifacts import DEFAULT_CACHE, model_hash
 
     dtype = opts.dtype or "float32"
-    key = ckpt_hash or hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode()).hexdigest()
-    root = Path(opts.cache_dir).expanduser() if opts.cache_dir else Path.home() / ".cache" / "fastblt" / "validate"
-    if ckpt_hash is None:  # a model object: its weights have no hash, so never reuse an export
-        root = Path(tempfile.mkdtemp(prefix="fastblt-validate-"))
-    out = root / f"{key[:16]}-{dtype}-c{opts.capacity}"
+    key = ckpt_hash or model_hash(model)
+    root = Path(opts.cache_dir or DEFAULT_CACHE).expanduser()
+    out = root / key[:16] / f"{dtype}-{opts.capacity}"
     eo = ExportOptions(dtype=dtype, capacity=opts.capacity)
+    if existing_export(out, key, eo) == "same":
+        return out
     log(f"artifacts: none given; exporting to {out} (reused while the checkpoint and options are the same)")
-    export_model(_model_in(model, dtype), out, eo, checkpoint_hash=ckpt_hash, checkpoint_source=str(path), force=True)
+    source = str(path) if path is not None else "in-memory model"
+    export_model(_model_in(model, dtype), out, eo, checkpoint_hash=key, checkpoint_source=source, force=True)
     return out
 
 

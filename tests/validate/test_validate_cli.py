@@ -184,3 +184,18 @@ def test_torch_only_validation_passes_without_artifacts(ckpt, monkeypatch, capsy
     code, report, _, err = _validate([*args, "--max-bytes", "8"], monkeypatch, capsys)
     assert code == 0, err
     assert report["compared"] > 100 and list(report["pairs"]) == ["torch vs torch"]
+
+
+def test_without_artifacts_the_cached_export_is_found_and_reused(ckpt, artifacts, monkeypatch, capsys, tmp_path):
+    """No --artifacts: validate exports into <cache>/<hash[:16]>/<dtype>-<capacity> (the runtime's
+    layout) unless an up-to-date export is there; here it is, so nothing is exported."""
+    import shutil
+
+    from fastblt.model.checkpoint import checkpoint_hash
+
+    cached = tmp_path / "cache" / checkpoint_hash(ckpt)[:16] / f"float32-{CAPACITY}"
+    shutil.copytree(artifacts, cached)
+    args = ["--checkpoint", str(ckpt), "--capacity", str(CAPACITY), "--cache-dir", str(tmp_path / "cache"), *FAST]
+    code, report, _, err = _validate([*args, "--graphs", "decoder", "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    assert report["meta"]["artifacts"] == str(cached) and "exporting" not in err

@@ -12,7 +12,7 @@ import onnx
 
 from fastblt.export.manifest import read_manifest, sha256_file, write_manifest
 
-CAPACITY, PATCH_CAPACITY = 64, 48
+CAPACITY, PATCH_CAPACITY = 64, 64  # patch capacity = capacity: the layout of automatic exports
 SCOPES = "pkg.torch.onnx.name_scopes"
 
 
