@@ -19,6 +19,7 @@ def _progress(total_label: str):
     def report(event: str, step: str, i: int, total: int, entry: dict | None) -> None:
         if event == "start":
             click.echo(f"[{i + 1}/{total}] {step:<13} {total_label} ...", err=True)
+        if event != "done":
             return
         checks = entry.get("checks", {})
         summary = ", ".join(f"{name} {c['status']}" for name, c in checks.items())

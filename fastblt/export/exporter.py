@@ -98,7 +98,7 @@ class ExportResult:
     seconds: float
 
 
-# progress events: ("start", step, index, total, None) | ("done", step, index, total, entry)
+# progress events: ("start" | "exported", step, index, total, None), then ("done", step, index, total, entry)
 Progress = Callable[[str, str, int, int, dict | None], None]
 # Makes one step's weights available while it exports (default: they already are)
 StepWeights = Callable[[str], contextlib.AbstractContextManager]
@@ -173,6 +173,8 @@ def export_model(
                 record = export_step(
                     model, spec, tmp / f"{step}.onnx", options.opset, ranges, options.external_data_bytes
                 )
+            if progress:
+                progress("exported", step, i, len(specs), None)
             t1 = time.perf_counter()
             results = check_graph(tmp / record.file, spec, options.opset)
             graphs[step] = _graph_entry(tmp, record, spec, options, results, time.perf_counter() - t1)

@@ -157,7 +157,7 @@ def export_step(
         program.save(str(path), external_data=external)
     op_counts = Counter(node.op_type for node in program.model.graph.all_nodes())
     del program, module
-    gc.collect()
+    _drop_rewriter_references()
     data = path.with_name(path.name + ".data")
     has_data = data.exists()
     size = path.stat().st_size + (data.stat().st_size if has_data else 0)
@@ -173,6 +173,29 @@ def export_step(
 
 
 _IR_DTYPES = {"int32": "INT32", "float32": "FLOAT", "float16": "FLOAT16", "bfloat16": "BFLOAT16"}
+
+
+def _drop_rewriter_references() -> None:
+    """Let the exported graph's initializers go.
+
+    onnxscript's rewrite rules are module-level objects whose matchers keep the last graph they
+    matched (`_graph`, `_current_node`, `_match`), and through it every initializer of that
+    export (onnxscript 0.7). Without this, a BLT-1B encoder's 11 GiB of hash embeddings stay
+    alive while the next graph exports. Each `match` call sets these fields afresh.
+    """
+    try:
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:  # another onnxscript layout: nothing we know to release
+        PatternMatcher = None
+    if PatternMatcher is not None:
+        with warnings.catch_warnings():  # isinstance on some deprecated torch objects warns
+            warnings.simplefilter("ignore")
+            matchers = [obj for obj in gc.get_objects() if isinstance(obj, PatternMatcher)]
+        for obj in matchers:
+            for attr in ("_graph", "_current_node", "_match"):
+                if attr in obj.__dict__:
+                    obj.__dict__[attr] = None
+    gc.collect()
 
 
 def _stamp_spec_shapes(model, spec: StepSpec) -> None:
