@@ -223,7 +223,9 @@ def blt_d(run: Run, logits: Tensor) -> Iterator[None]:
         if run.out.push(new):
             return
         yield
-        run.state.append(new)  # commit: entropy, encoder, global for closed patches, decoder cache
+        # commit: entropy, encoder, global for the closed patches (and, for the "force" rule, the
+        # next block's force-closed patch in the same global pass), decoder cache
+        run.state.append(new, close_open=run.opts.block_start == "force")
 
 
 # ------------------------------------------------------------------------ blt-dv

@@ -25,7 +25,7 @@ from torch import Tensor
 from fastblt.engines.base import TORCH_DTYPES, Backend
 from fastblt.errors import InputError
 from fastblt.export.spec import StepSpec
-from fastblt.model.config import BltConfig, StackConfig
+from fastblt.model.config import HASH_PRIMES, BltConfig, StackConfig
 from fastblt.model.hashing import hash_ids_numpy
 from fastblt.model.patching import closes_patch
 
@@ -48,6 +48,38 @@ def _write(cache: KV, out: dict[str, Tensor], prefix: str, at: int) -> None:
         k, v = out[f"{prefix}.{i}.k"], out[f"{prefix}.{i}.v"]
         ck[:, :, at : at + k.shape[2]].copy_(k)
         cv[:, :, at : at + v.shape[2]].copy_(v)
+
+
+_U64, _I64_MIN = 1 << 64, 1 << 63
+FAST_HASH_MAX = 16  # new positions up to which hashing runs in plain Python (no numpy set-up)
+
+
+class IncrementalHasher:
+    """Hash n-gram ids of a few new positions, bit-exact with `hash_ids_numpy` but without its
+    per-call numpy set-up (the decode loop hashes one byte at a time).
+
+    int64 wrap-around arithmetic is the exact sum taken mod 2^64 read as signed; then floor-mod.
+    """
+
+    def __init__(self, config: BltConfig):
+        self.vocab = config.hash_vocab
+        self.tables = [
+            (n, [pow(HASH_PRIMES[f % len(HASH_PRIMES)], j, _U64) for j in range(n)])
+            for f in range(config.hash_functions)
+            for n in config.hash_sizes
+        ]
+        self.pad = max(config.hash_sizes) - 1
+
+    def __call__(self, window: list[int], S: int) -> np.ndarray:
+        """window: the pad = max_n - 1 ids before the new ones (0 = BOE where missing), then the
+        S new ids -> (1, S, n_tables) int32."""
+        out = np.empty((1, S, len(self.tables)), dtype=np.int32)
+        for i in range(S):
+            end = self.pad + i + 1  # window[:end] ends at the new id i
+            for t, (n, powers) in enumerate(self.tables):
+                h = sum(w * p for w, p in zip(window[end - n : end], powers, strict=True)) % _U64
+                out[0, i, t] = (h - _U64 if h >= _I64_MIN else h) % self.vocab
+        return out
 
 
 class SequenceState:
@@ -85,8 +117,10 @@ class SequenceState:
         self.closed = np.zeros(capacity + 1, dtype=np.int64)  # closed[i]: patches closed at bytes < i
         self.patch_len = np.zeros(capacity, dtype=np.int64)  # bytes of i's patch up to and including i
         self.h = torch.zeros(capacity, config.encoder.dim, dtype=dtype)  # encoder byte states
+        self.hasher = IncrementalHasher(config)
         self.n = 0
         self.g_len = 0
+        self._forced_at: int | None = None  # n at which slot g_len holds the open patch's forced latent
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self.reset_counters()
 
@@ -131,8 +165,13 @@ class SequenceState:
         """Encoder states for tokens placed at positions at.. (writes self.h and the encoder cache)."""
         self._need_room(at + len(tokens))
         self.tokens[at : at + len(tokens)] = tokens
-        history = self.tokens[max(0, at - (max(self.config.hash_sizes) - 1)) : at].reshape(1, -1)
-        hash_ids = hash_ids_numpy(tokens.reshape(1, -1), self.config, history)
+        pad = self.hasher.pad
+        history = self.tokens[max(0, at - pad) : at]
+        if len(tokens) <= FAST_HASH_MAX:
+            window = [0] * (pad - len(history)) + history.tolist() + tokens.tolist()
+            hash_ids = self.hasher(window, len(tokens))
+        else:
+            hash_ids = hash_ids_numpy(tokens.reshape(1, -1), self.config, history.reshape(1, -1))
         feeds = {
             "tokens": torch.from_numpy(tokens.astype(np.int32)).view(1, -1),
             "hash_ids": torch.from_numpy(hash_ids),
@@ -200,12 +239,16 @@ class SequenceState:
             return self._run("decoder_block", feeds, len(block_ids))["logits"][0].clone()
 
     # ------------------------------------------------------------------ sequence operations
-    def append(self, tokens: list[int] | np.ndarray, encoded: bool = False) -> Tensor:
+    def append(self, tokens: list[int] | np.ndarray, encoded: bool = False, close_open: bool = False) -> Tensor:
         """Commit tokens at positions n..n+S-1 and return their next-byte logits (S, V).
 
         Runs the entropy step, the encoder step (skipped when `encoded`: drafting already wrote
         these positions' encoder states, which do not depend on patching), one global step for
         every patch the new bytes close, and the causal decoder step.
+
+        close_open: also force-close the patch left open after these bytes in the same global
+        step (what `force_close` would do next, without a pass of its own); its latent sits
+        uncounted in slot g_len and `force_close` returns it while nothing else has changed.
         """
         tokens = np.asarray(tokens, dtype=np.int64)
         S, at = len(tokens), self.n
@@ -217,9 +260,13 @@ class SequenceState:
         self.tokens[at : at + S] = tokens
         ent = self.run_entropy(at, tokens)
         spans = self._mark_patches(at, ent)
-        if spans:
-            self.run_global(spans, self.g_len)
+        self._forced_at = None
+        s_open = self.open_patch_start(at + S)
+        forced = [(s_open, at + S)] if close_open and s_open < at + S else []
+        if spans or forced:
+            self.run_global(spans + forced, self.g_len)
             self.g_len += len(spans)
+            self._forced_at = at + S if forced else None
         read = self.closed[at + 1 : at + S + 1] - 1  # the last patch closed at or before each byte
         logits = self.run_decoder(at, S, read)
         self.n = at + S
@@ -242,6 +289,8 @@ class SequenceState:
         """Forget everything at positions >= n (O(1): frontiers move, buffers stay)."""
         if not 0 <= n <= self.n:
             raise InputError(f"rollback: {n} is outside [0, {self.n}]")
+        if n != self.n:
+            self._forced_at = None
         self.n = n
         self.g_len = int(self.closed[n])
 
@@ -255,5 +304,7 @@ class SequenceState:
         s = self.open_patch_start()
         if s == self.n:
             return self.g_len - 1
-        self.run_global([(s, self.n)], self.g_len)
+        if self._forced_at != self.n:  # not already computed by append(close_open=True)
+            self.run_global([(s, self.n)], self.g_len)
+            self._forced_at = self.n
         return self.g_len

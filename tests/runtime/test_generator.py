@@ -1,0 +1,278 @@
+"""The public API: options and bad input, streaming, stop conditions, sampling, threads, stats."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+from runtime_refs import PROMPTS, tiny_model, torch_generator
+
+import fastblt
+from fastblt.errors import BackendUnavailable, CapabilityError, FastBltError, InputError
+from fastblt.model.config import BltDConfig
+from fastblt.model.tokenizer import encode
+from fastblt.runtime import loops
+from fastblt.runtime.generator import Generation, Generator
+from fastblt.runtime.sampling import SamplingParams, probs_from_logits
+from fastblt.runtime.stream import Output, TextChunker
+
+from tiny import make_model
+
+BAD_OPTIONS = [
+    (dict(mode="beam"), InputError, "mode"),
+    (dict(max_bytes=0), InputError, "max_bytes"),
+    (dict(max_bytes=2.5), InputError, "max_bytes"),
+    (dict(temperature=-1.0), InputError, "temperature"),
+    (dict(temperature=float("nan")), InputError, "temperature"),
+    (dict(temperature=1.0, top_p=0.0), InputError, "top_p"),
+    (dict(temperature=1.0, top_p=1.5), InputError, "top_p"),
+    (dict(temperature=1.0, top_k=0), InputError, "top_k"),
+    (dict(seed=-3), InputError, "seed"),
+    (dict(mode="blt-s", k=0), InputError, "option k"),
+    (dict(mode="blt-d", unmask="one-step"), InputError, "unmask"),
+    (dict(mode="blt-d", alpha=1.5), InputError, "alpha"),
+    (dict(mode="blt-d", gamma=-1.0), InputError, "gamma"),
+    (dict(mode="ar", alpha=0.5), InputError, "unmask/alpha/gamma"),
+    (dict(block_start="middle"), InputError, "block_start"),
+    (dict(stop=[""]), InputError, "stop"),
+    (dict(stop=[3]), InputError, "stop"),
+    (dict(stop_on_eos="yes"), InputError, "stop_on_eos"),
+    (dict(beam_width=4), InputError, "unknown"),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "match"), BAD_OPTIONS)
+def test_bad_options_fail_before_any_work(options, error, match):
+    g = torch_generator()
+    before = dict(g.engine.backend.calls)
+    with pytest.raises(error, match=match):
+        g.generate("abc", **{"max_bytes": 8, **options})
+    with pytest.raises(error, match=match):
+        g.stream("abc", **{"max_bytes": 8, **options})  # checked at the call, not at next()
+    assert g.engine.backend.calls == before
+
+
+def test_bad_prompts_and_capacity():
+    g = torch_generator(capacity=64)
+    with pytest.raises(InputError, match="empty"):
+        g.generate("", mode="ar")
+    with pytest.raises(InputError, match="str or bytes"):
+        g.generate(123, mode="ar")
+    with pytest.raises(InputError, match="exceed the cache capacity of 64"):
+        g.generate("x" * 80, mode="ar", max_bytes=1)
+    with pytest.raises(InputError, match="lower max_bytes or raise max_context"):
+        g.generate("x" * 40, mode="blt-d", max_bytes=20)  # 41 + 20 + block 4 > 64
+    assert len(g.generate("x" * 40, mode="ar", max_bytes=23).ids) <= 23  # 41 + 23 = 64 fits
+
+
+def test_bytes_prompts_are_fine():
+    g = torch_generator()
+    out = g.generate(b"\xff\xfe\x80 not utf-8", mode="ar", max_bytes=8, stop_on_eos=False)
+    assert len(out.ids) == 8
+
+
+def test_unknown_backend_and_plain_blt_checkpoint():
+    with pytest.raises(InputError, match="backend 'cuda'"):
+        Generator(tiny_model(), backend="cuda")
+    plain = make_model(blt_d=False)
+    g = Generator(plain, backend="torch", max_context=128)
+    with pytest.raises(CapabilityError, match="BLT-D checkpoint"):
+        g.generate("abc", mode="blt-d")
+    with pytest.raises(CapabilityError):
+        g.generate("abc", mode="blt-dv")
+    assert len(g.generate("abc", mode="blt-s", max_bytes=5, stop_on_eos=False).ids) == 5
+    with pytest.raises(InputError, match="artifacts"):
+        Generator(tiny_model(), backend="torch", artifacts="/nonexistent")
+
+
+def test_trt_unavailable_is_a_clear_error():
+    from fastblt.engines.base import available
+
+    if available()["trt"].available:
+        pytest.skip("TensorRT is available here")
+    with pytest.raises(BackendUnavailable, match="trt"):
+        Generator(tiny_model(), backend="trt")
+
+
+def test_public_exports_are_lazy():
+    assert fastblt.Generator is Generator
+    assert fastblt.Generation is Generation
+
+
+# ------------------------------------------------------------------------ streaming and stops
+def test_text_chunker_keeps_utf8_and_stop_prefixes_whole():
+    ch = TextChunker(stop=(b"END",))
+    data = bytearray()
+    chunks = []
+    for piece in [b"caf", b"\xc3", b"\xa9 E", b"N", b"D?"]:
+        data += piece
+        chunks.append(ch.take(data))
+    # "\xc3" waits for its second byte; "E" and "EN" are held while they may start "END"
+    # (Output cuts a real stop string before the chunker sees it); "END?" cannot be a stop any more
+    assert chunks == ["caf", "", "é ", "", "END?"]
+    data += b"E"
+    assert ch.take(data) == "" and ch.take(data, final=True) == "E"
+
+
+def test_output_stop_conditions():
+    out = Output(max_bytes=10, stop=(b"ab",))
+    assert not out.push([4 + ord("x"), 4 + ord("a")])
+    assert out.push([4 + ord("b"), 4 + ord("z")])
+    assert out.stop_reason == "stop" and bytes(out.data) == b"x" and len(out.ids) == 3
+    out = Output(max_bytes=3, stop_on_eos=False)  # EOS is then an ordinary id
+    assert out.push([5, 6, 2, 7]) and out.stop_reason == "max_bytes" and out.ids == [5, 6, 2]
+    out = Output(max_bytes=5, stop_on_eos=True)
+    assert out.push([5, 2, 7]) and out.stop_reason == "eos" and out.ids == [5]
+
+
+@pytest.mark.parametrize("mode", ["ar", "blt-s", "blt-dv", "blt-d"])
+def test_stream_concatenates_to_generate(mode):
+    g = torch_generator()
+    ref = g.generate(PROMPTS[0], mode=mode, max_bytes=40, stop_on_eos=False)
+    it = g.stream(PROMPTS[0], mode=mode, max_bytes=40, stop_on_eos=False)
+    chunks = []
+    while True:
+        try:
+            chunks.append(next(it))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert "".join(chunks) == ref.text
+    assert result.bytes == ref.bytes and result.ids == ref.ids
+    if mode != "blt-d":
+        assert len(chunks) > 1
+
+
+@pytest.mark.parametrize("mode", ["ar", "blt-s", "blt-dv", "blt-d"])
+def test_stop_string_cuts_the_output(mode):
+    g = torch_generator()
+    full = g.generate(PROMPTS[1], mode=mode, max_bytes=48, stop_on_eos=False)
+    stop = full.bytes[20:22]
+    cut = full.bytes.find(stop)
+    out = g.generate(PROMPTS[1], mode=mode, max_bytes=48, stop=[stop], stop_on_eos=False)
+    assert out.stop_reason == "stop"
+    assert out.bytes == full.bytes[:cut]
+    assert "".join(g.stream(PROMPTS[1], mode=mode, max_bytes=48, stop=[stop], stop_on_eos=False)) == out.text
+
+
+# ------------------------------------------------------------------------ sampling
+@pytest.mark.parametrize("mode", ["ar", "blt-s", "blt-dv", "blt-d"])
+def test_seeded_sampling_is_reproducible(mode):
+    g = torch_generator()
+    kw = dict(mode=mode, max_bytes=30, temperature=0.8, top_p=0.95, top_k=50, stop_on_eos=False)
+    a = g.generate(PROMPTS[3], seed=5, **kw)
+    b = g.generate(PROMPTS[3], seed=5, **kw)
+    assert a.ids == b.ids and len(a.ids) == 30
+
+
+def _chi2_z(counts: dict, probs: dict, n: int) -> float:
+    """Wilson-Hilferty z of Pearson's statistic over the cells of probs."""
+    stat = sum((counts.get(c, 0) - n * p) ** 2 / (n * p) for c, p in probs.items() if p > 0)
+    assert all(probs.get(c, 0) > 0 for c in counts), "a sample outside p's support"
+    df = sum(1 for p in probs.values() if p > 0) - 1
+    return ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+
+
+def _skewed_drafter(encode_states: bool):
+    """Draws drafts from a fixed q far from p (half its mass outside p's top-3 support)."""
+
+    def drafter(run, c, k):
+        q = torch.zeros(k, 260)
+        q[:, 4 + 97 : 4 + 97 + 6] = torch.tensor([0.3, 0.1, 0.1, 0.2, 0.2, 0.1])
+        q[:, 4 + 32] = 0.0
+        q = q / q.sum(-1, keepdim=True)
+        drafts = torch.multinomial(q, 1, generator=run.gen)[:, 0].tolist()
+        if encode_states:
+            run.state.run_encoder(run.state.n, np.array([c, *drafts]))
+        return drafts, q
+
+    return drafter
+
+
+@pytest.mark.parametrize(("mode", "drafter"), [("blt-s", "real"), ("blt-dv", "real"), ("blt-s", "skewed")])
+def test_speculative_sampling_matches_ar_distribution(mode, drafter, monkeypatch):
+    """The first two sampled bytes of blt-s / blt-dv follow the exact AR joint distribution
+    (the second one goes through draft + acceptance), with the real drafters and with a draft
+    distribution far from p (which a wrong acceptance rule would not survive)."""
+    if drafter == "skewed":
+        f = _skewed_drafter(encode_states=mode == "blt-s")
+        monkeypatch.setitem(loops.LOOPS, mode, lambda run, logits: loops.blt_s(run, logits, drafter=f))
+    model = tiny_model()
+    g = torch_generator()
+    params = SamplingParams(temperature=1.0, top_k=3)
+    ids = encode(PROMPTS[3])
+    with torch.no_grad():
+        p1 = probs_from_logits(model(torch.tensor([ids]))[0, -1], params)
+        joint = {}
+        for b1 in torch.nonzero(p1).flatten().tolist():
+            p2 = probs_from_logits(model(torch.tensor([ids + [b1]]))[0, -1], params)
+            for b2 in torch.nonzero(p2).flatten().tolist():
+                joint[(b1, b2)] = float(p1[b1] * p2[b2])
+    n, counts, drafted = 800, {}, 0
+    kw = dict(mode=mode, max_bytes=3, temperature=1.0, top_k=3, stop_on_eos=False)
+    if mode == "blt-s":
+        kw["k"] = 1
+    for seed in range(n):
+        out = g.generate(PROMPTS[3], seed=seed, **kw)
+        key = tuple(out.ids[:2])
+        counts[key] = counts.get(key, 0) + 1
+        drafted += out.stats.drafted
+    assert drafted >= n
+    assert _chi2_z(counts, joint, n) < 3.72  # p ~ 1e-4
+
+
+# ------------------------------------------------------------------------ threads and stats
+def test_threads_share_a_generator_safely():
+    g = torch_generator()
+    jobs = [(p, m) for p in PROMPTS[:3] for m in ("ar", "blt-s", "blt-dv", "blt-d")]
+    want = {job: g.generate(job[0], mode=job[1], max_bytes=24, stop_on_eos=False).ids for job in jobs}
+    got: dict = {}
+    errors: list = []
+
+    def worker(job):
+        try:
+            got[job] = g.generate(job[0], mode=job[1], max_bytes=24, stop_on_eos=False).ids
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == want
+
+
+def test_stats_are_consistent():
+    g = torch_generator()
+    for mode in ("ar", "blt-s", "blt-dv", "blt-d"):
+        s = g.generate(PROMPTS[0], mode=mode, max_bytes=40, stop_on_eos=False).stats
+        assert s.generated == 40 and s.stop_reason == "max_bytes"
+        dec = s.passes["decoder"] + s.passes["decoder_block"]
+        assert s.bytes_per_decoder_pass == pytest.approx(40 / dec)
+        assert s.bytes_per_global_pass == pytest.approx(40 / s.passes["global"]) if s.passes["global"] else True
+        assert 0 <= s.backend_s <= s.wall_s and s.host_s == pytest.approx(s.wall_s - s.backend_s)
+        assert s.prefill_passes["decoder"] == 1
+        assert set(s.eq8) == {"this", "blt-1b", "blt-3b"}
+        for split in s.eq8.values():
+            assert 0 < split["gb"] <= split["gb_with_entropy"]
+        if mode == "ar":
+            assert s.passes["entropy"] == s.passes["decoder"] == 39  # the last byte is never appended
+            assert s.acceptance_rate is None
+        if mode in ("blt-s", "blt-dv"):
+            assert s.drafted > 0 and sum(s.accept_hist.values()) == s.rounds
+            assert s.acceptance_rate == pytest.approx(s.accepted / s.drafted)
+        if mode == "blt-d":
+            assert sum(s.unmask_steps.values()) == s.rounds == math.ceil(40 / 4)
+            assert s.passes["global"] <= s.rounds  # one global pass per block (merged force-close)
+    ar = g.generate(PROMPTS[0], mode="ar", max_bytes=40, stop_on_eos=False).stats
+    d = g.generate(PROMPTS[0], mode="blt-d", max_bytes=40, stop_on_eos=False).stats
+    assert d.eq8["blt-1b"]["bytes_per_byte"] < ar.eq8["blt-1b"]["bytes_per_byte"]
+
+
+def test_errors_are_fastblt_errors():
+    assert issubclass(InputError, FastBltError) and issubclass(CapabilityError, FastBltError)
+    assert BltDConfig().block_size == 8

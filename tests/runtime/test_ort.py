@@ -1,0 +1,92 @@
+"""The runtime over onnxruntime: exactness across backends, first-use export, artifact checks.
+
+The tiny model's export is cached in pytest's cache directory (keyed by the model's hash, as the
+Generator keys its own cache), so only the first run of the suite pays for the ONNX export.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from runtime_refs import PROMPTS, full_recompute_greedy, tiny_model, torch_generator
+
+from fastblt.engines.base import available
+from fastblt.errors import InputError, ManifestMismatch
+from fastblt.runtime.generator import Generator
+
+pytestmark = pytest.mark.skipif(not available()["ort"].available, reason="onnxruntime is not installed")
+CAPACITY = 256
+N = 40
+
+
+@pytest.fixture(scope="session")
+def export_cache(request):
+    return request.config.cache.mkdir("fastblt-runtime-exports")
+
+
+@pytest.fixture(scope="session")
+def ort_gen(export_cache) -> Generator:
+    """Exports on first use (artifacts=None) into the cache directory."""
+    return Generator(tiny_model(), backend="ort", max_context=CAPACITY, threads=1, cache_dir=export_cache)
+
+
+def test_first_use_export_lands_in_the_cache(ort_gen, export_cache):
+    manifests = list(export_cache.glob(f"*/float32-{CAPACITY}/manifest.json"))
+    assert manifests and ort_gen.engine.backend.artifacts_dir in [m.parent for m in manifests]
+    assert ort_gen.capacity == CAPACITY
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:4])
+def test_greedy_ar_ort_equals_torch_equals_full_recompute(ort_gen, prompt):
+    want = full_recompute_greedy(tiny_model(), prompt, N, stop_on_eos=False)
+    assert torch_generator().generate(prompt, mode="ar", max_bytes=N, stop_on_eos=False).ids == want
+    assert ort_gen.generate(prompt, mode="ar", max_bytes=N, stop_on_eos=False).ids == want
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_greedy_blt_s_on_ort_equals_ar(ort_gen, k):
+    for prompt in PROMPTS:
+        ar = ort_gen.generate(prompt, mode="ar", max_bytes=N, stop_on_eos=False).ids
+        assert ort_gen.generate(prompt, mode="blt-s", max_bytes=N, k=k, stop_on_eos=False).ids == ar
+
+
+@pytest.mark.parametrize(("unmask", "block_start"), [("one-step", "force"), ("confidence", "patch")])
+def test_greedy_blt_dv_on_ort_equals_ar(ort_gen, unmask, block_start):
+    for prompt in PROMPTS:
+        ar = ort_gen.generate(prompt, mode="ar", max_bytes=N, stop_on_eos=False).ids
+        got = ort_gen.generate(
+            prompt, mode="blt-dv", max_bytes=N, unmask=unmask, block_start=block_start, stop_on_eos=False
+        )
+        assert got.ids == ar
+
+
+def test_blt_d_on_ort_equals_torch(ort_gen):
+    for prompt in PROMPTS[:3]:
+        for block_start in ("force", "patch"):
+            kw = dict(mode="blt-d", max_bytes=N, block_start=block_start, stop_on_eos=False)
+            assert ort_gen.generate(prompt, **kw).ids == torch_generator().generate(prompt, **kw).ids
+
+
+def test_explicit_artifacts_and_their_checks(ort_gen, tmp_path):
+    from fastblt.model.checkpoint import save_checkpoint
+
+    arts = ort_gen.engine.backend.artifacts_dir
+    g = Generator(tiny_model(), backend="ort", artifacts=arts, threads=1)  # the manifest decides capacity
+    assert g.capacity == CAPACITY
+    assert g.generate("abc", mode="ar", max_bytes=8).ids == ort_gen.generate("abc", mode="ar", max_bytes=8).ids
+    with pytest.raises(InputError, match="exported with capacity 256"):
+        Generator(tiny_model(), backend="ort", artifacts=arts, max_context=512)
+    other = copy.deepcopy(tiny_model())  # same config, other weights: caught by the probe
+    with torch.no_grad():
+        other.local_decoder.output.weight.mul_(1.5)
+    with pytest.raises(ManifestMismatch, match="do not compute this model"):
+        Generator(other, backend="ort", artifacts=arts)
+    with pytest.raises(ManifestMismatch, match="checkpoint.config"):
+        Generator(tiny_model("small-window"), backend="ort", artifacts=arts)
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "ckpt")  # a directory: hashes must agree
+    with pytest.raises(ManifestMismatch, match="checkpoint.hash"):
+        Generator(ckpt, backend="ort", artifacts=arts)
+    with pytest.raises(ManifestMismatch, match="no manifest"):
+        Generator(tiny_model(), backend="ort", artifacts=tmp_path)

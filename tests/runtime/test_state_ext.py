@@ -1,0 +1,87 @@
+"""The runtime's additions to SequenceState: fast hashing, merged force-close, blocks at a given
+start, per-state counters, and outputs that are the state's own copies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from runtime_refs import tiny_model
+
+from fastblt.engines.torch_backend import TorchBackend
+from fastblt.export.spec import step_specs
+from fastblt.model.hashing import hash_ids_numpy
+from fastblt.runtime.state import IncrementalHasher, SequenceState
+
+from tiny import TINY_CONFIGS, random_tokens
+
+
+def new_state(model, capacity=96):
+    return SequenceState(
+        TorchBackend(step_specs(model.config, capacity, capacity), model), model.config, capacity, capacity
+    )
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_incremental_hasher_is_bit_exact(name):
+    config = tiny_model(name).config
+    hasher = IncrementalHasher(config)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        hist = rng.integers(0, 262, rng.integers(0, 12))
+        toks = rng.integers(0, 262, rng.integers(1, 17))
+        want = hash_ids_numpy(toks.reshape(1, -1), config, hist.reshape(1, -1))
+        kept = hist[len(hist) - min(len(hist), hasher.pad) :].tolist()
+        window = [0] * (hasher.pad - len(kept)) + kept + toks.tolist()
+        assert (hasher(window, len(toks)) == want).all()
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_append_close_open_equals_append_then_force_close(name):
+    model = tiny_model(name)
+    tokens = random_tokens(60, seed=3)[0].numpy()
+    a, b = new_state(model), new_state(model)
+    for lo, hi in [(0, 17), (17, 21), (21, 22), (22, 40)]:
+        la = a.append(tokens[lo:hi])
+        lb = b.append(tokens[lo:hi], close_open=True)
+        assert torch.allclose(la, lb, atol=1e-5)
+        calls = dict(b.calls)
+        slot_a, slot_b = a.force_close(), b.force_close()
+        assert slot_a == slot_b
+        assert b.calls == calls  # the latent was already there: no extra global pass
+        block = np.array([5, 260, 260, 260])
+        assert torch.allclose(a.run_block(block, slot_a), b.run_block(block, slot_b), atol=1e-5)
+    # a rollback or a plain append invalidates the merged latent
+    b.rollback(30)
+    calls = dict(b.calls)
+    b.force_close()
+    if b.open_patch_start() < b.n:
+        assert b.calls["global"] == calls["global"] + 1
+
+
+def test_run_block_at_an_earlier_start_equals_rolling_back():
+    model = tiny_model("small-window")
+    tokens = random_tokens(50, seed=4)[0].numpy()
+    st = new_state(model)
+    st.append(tokens[:40])
+    s = 33
+    block = np.array([*tokens[s:36], 260, 260, 260])
+    read = int(st.closed[s]) - 1
+    at_s = st.run_block(block, read, at=s)
+    st.rollback(s)
+    assert torch.equal(st.run_block(block, read), at_s)
+    with pytest.raises(Exception, match="outside"):
+        st.run_block(block, read, at=st.n + 1)
+
+
+def test_counters_and_returned_buffers_are_the_states_own():
+    model = tiny_model()
+    st = new_state(model)
+    logits = st.append(random_tokens(20)[0].numpy())
+    assert st.calls["entropy"] == st.calls["encoder"] == st.calls["decoder"] == 1
+    assert st.positions["decoder"] == 20 and st.positions["global"] == st.g_len
+    keep = logits.clone()
+    st.append([50])  # a later step must not change what an earlier one returned
+    assert torch.equal(logits, keep)
+    st.reset_counters()
+    assert sum(st.calls.values()) == 0 and st.backend_seconds == 0.0
