@@ -145,61 +145,39 @@ def _validate_torch_reference(
     report: Report,
     log: Callable[[str], None],
 ) -> Report:
-    requested = list(opts.backends)
-    avail = available()
-    runnable = []
-    for name in requested:
-        a = avail.get(name)
-        if a is None or not a.available:
-            report.skip(name, a.reason if a is not None else "unknown backend")
-        else:
-            runnable.append(name)
+    runnable = _runnable(opts.backends, report)
     artifacts, manifest = None, None
     if any(b in ARTIFACT_BACKENDS for b in runnable):
         artifacts, manifest = _artifacts(opts, model, path, log)
     specs, dtype = _specs(opts, model.config, manifest)
-    if opts.graphs:
-        unknown = [g for g in opts.graphs if g not in specs]
-        if unknown:
-            raise InputError(f"--graphs {','.join(unknown)}: not graphs of this checkpoint ({', '.join(specs)})")
+    unknown = [g for g in opts.graphs or () if g not in specs]
+    if unknown:
+        raise InputError(f"--graphs {','.join(unknown)}: not graphs of this checkpoint ({', '.join(specs)})")
+    tolerances = Tolerances.for_dtype(dtype, opts.atol)
     report.meta.update(
         {
             "artifacts": str(artifacts) if artifacts else None,
+            "checkpoint_hash": manifest["checkpoint"].get("hash") if manifest else None,
             "dtype": dtype,
             "capacity": _cap(specs, "encoder"),
             "patch_capacity": _cap(specs, "global"),
-            "backends_requested": requested,
-            "backends_run": runnable + list(opts.extra_candidates),
-            "gates": Tolerances.for_dtype(dtype, opts.atol).by_name[""].describe(),
-            "atol": Tolerances.for_dtype(dtype, opts.atol).by_name[""].atol,
+            "backends_requested": list(opts.backends),
+            "gates": tolerances.get("").describe(),
+            "atol": tolerances.get("").atol,
         }
     )
-    if path is not None and manifest is not None:
-        report.meta["checkpoint_hash"] = manifest["checkpoint"].get("hash")
     cand_model = _model_in(model, dtype)
-    candidates = {}
-    for name in runnable:
-        try:
-            candidates[name] = _backend(name, specs, cand_model, artifacts, opts.threads)
-        except BackendUnavailable as e:
-            report.skip(name, str(e))
-        except Exception as e:  # noqa: BLE001 - a backend that cannot load the graphs is a finding
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            if name == "ort" and dtype == "bfloat16" and "NOT_IMPLEMENTED" in why:
-                report.skip(name, f"onnxruntime on this machine has no bfloat16 kernels for these graphs ({why})")
-            else:
-                report.error(f"backend {name} could not load the artifacts: {why}")
+    candidates = _candidates(runnable, specs, cand_model, artifacts, dtype, opts.threads, report)
     candidates.update(opts.extra_candidates)
+    report.meta["backends_run"] = list(candidates)
     if not candidates:
         report.error("no backend could run: nothing was compared (see skipped)")
         return report
-    tolerances = Tolerances.for_dtype(dtype, opts.atol)
-    ref = _backend("torch", reference_specs(specs), model, None, opts.threads)
     cases = _cases(opts, model, specs, prompts)
     report.meta["cases"] = {s: sum(c.step == s for c in cases) for s in specs if any(c.step == s for c in cases)}
     run = GraphRun(dtype=dtype, tolerances=tolerances, save_inputs=opts.save_inputs, save_outputs=opts.save_outputs)
     log(f"per graph: {len(cases)} cases x {', '.join(candidates)} against torch fp32 ({dtype})")
-    graph_parity(cases, ref, candidates, run, report)
+    graph_parity(cases, _backend("torch", reference_specs(specs), model, None, opts.threads), candidates, run, report)
     if opts.layers and report.failed_graphs():
         log("per layer: localising the failed graphs")
         _localise(report, cases, model, cand_model, specs, candidates, tolerances, dtype)
@@ -211,6 +189,45 @@ def _validate_torch_reference(
     for b in candidates.values():
         b.deactivate()
     return report
+
+
+def _runnable(requested: tuple[str, ...], report: Report) -> list[str]:
+    """The requested backends that can run here; the others are skipped with the reason."""
+    avail = available()
+    runnable = []
+    for name in requested:
+        a = avail.get(name)
+        if a is None or not a.available:
+            report.skip(name, a.reason if a is not None else "unknown backend")
+        else:
+            runnable.append(name)
+    return runnable
+
+
+def _candidates(
+    names: list[str],
+    specs: dict[str, StepSpec],
+    model: BltModel,
+    artifacts: Path | None,
+    dtype: str,
+    threads: int | None,
+    report: Report,
+) -> dict[str, Backend]:
+    """Start each candidate backend. One that cannot load the graphs is an error of the report,
+    except bf16 graphs on an onnxruntime without bf16 kernels (the CPU build): skipped, with why."""
+    candidates = {}
+    for name in names:
+        try:
+            candidates[name] = _backend(name, specs, model, artifacts, threads)
+        except BackendUnavailable as e:
+            report.skip(name, str(e))
+        except Exception as e:  # noqa: BLE001 - a backend that cannot load the graphs is a finding
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if name == "ort" and dtype == "bfloat16" and "NOT_IMPLEMENTED" in why:
+                report.skip(name, f"onnxruntime on this machine has no bfloat16 kernels for these graphs ({why})")
+            else:
+                report.error(f"backend {name} could not load the artifacts: {why}")
+    return candidates
 
 
 # ------------------------------------------------------------------------------ helpers
