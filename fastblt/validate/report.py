@@ -115,16 +115,28 @@ class Report:
         return [(pair, g) for pair, graphs in self.results.items() for g in graphs if not self.graph_passed(pair, g)]
 
     def failures(self) -> list[str]:
-        """One line per failed gate: pair | graph | output | case: what failed, by how much."""
+        """One line per failed output: pair | graph | output: how many cases failed, and the worst
+        case with each failed gate and by how much; then the first diverging layer of each
+        localised graph, then the checks that raised. (Every failed case is in to_dict().)"""
         lines = []
         if self.compared == 0:
             lines.append("nothing was compared: a report with zero compared outputs is a failure")
-        for pair, graph, output, case, entry in self.entries():
-            if not entry.passed:
-                lines.append(f"{pair_key(pair)} | {graph} | {output} | {case}: {'; '.join(entry.failed_gates())}")
-        for (pair, graph), lr in self.layers.items():
-            if lr.first is not None:
-                lines.append(f"{pair_key(pair)} | {graph}: first diverging layer {lr.describe_first()}")
+        for pair, graphs in self.results.items():
+            for graph, outputs in graphs.items():
+                if (pair, graph) in self.layers and self.layers[(pair, graph)].first is not None:
+                    lr = self.layers[(pair, graph)]
+                    lines.append(f"{pair_key(pair)} | {graph}: first diverging layer {lr.describe_first()}")
+                for output, cases in outputs.items():
+                    bad = [(case, e) for case, e in cases.items() if not e.passed]
+                    if not bad:
+                        continue
+                    case, worst = max(bad, key=lambda ce: _severity(ce[1]))
+                    head = f"{pair_key(pair)} | {graph} | {output}"
+                    if len(cases) > 1:
+                        head += f": {len(bad)}/{len(cases)} cases failed, worst {case}"
+                    else:
+                        head += f" | {case}"
+                    lines.append(f"{head}: {'; '.join(worst.failed_gates())}")
         lines.extend(f"error: {m}" for m in self.errors)
         return lines
 
@@ -201,6 +213,14 @@ def _worst(entries: Any) -> dict[str, Any]:
         if vals:
             out[key] = pick(vals)
     return out
+
+
+def _severity(e: Any) -> float:
+    """How badly an entry failed, to pick the worst case (tensors: max abs error)."""
+    v = getattr(e, "max_abs", None)
+    if isinstance(v, float):
+        return v if math.isfinite(v) else math.inf
+    return 0.0
 
 
 def _json_default(o: Any) -> Any:
@@ -304,7 +324,6 @@ def plot_errors(report: Report, path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     n = 1 + len(localised)
     fig, axes = plt.subplots(n, 1, figsize=(10, 3.6 * n), squeeze=False)
@@ -312,11 +331,14 @@ def plot_errors(report: Report, path: Path) -> Path | None:
     for label, xs, ys in series:
         ax.plot(xs, [max(y, 1e-12) for y in ys], marker="o", label=label)
     ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if series:
+        top = max(max(xs) for _, xs, _ in series)
+        ax.set_xticks([OUTPUTS_X, *range(top + 1)])
+        ax.set_xticklabels(["outputs", *map(str, range(top + 1))])
     gate = report.meta.get("atol")
     if gate:
         ax.axhline(gate, color="gray", linestyle=":", label=f"gate {gate:g}")
-    ax.set_xlabel("layer (cache entries present.{i}.k/v)")
+    ax.set_xlabel("layer (cache entries present.{i}.k/v); 'outputs': logits, h, latents, entropies")
     ax.set_ylabel("max |cand - ref|")
     ax.set_title("graph outputs: error per layer")
     if series:
@@ -340,18 +362,23 @@ def plot_errors(report: Report, path: Path) -> Path | None:
     return path
 
 
+OUTPUTS_X = -1  # the series' point for the graph's other outputs (logits, h, latents, ...)
+
+
 def _layer_series(report: Report) -> list[tuple[str, list[int], list[float]]]:
+    """Per pair and graph: worst max-abs error per cache layer, and of the other outputs."""
     out = []
     for pair, graphs in report.results.items():
         for graph, outputs in graphs.items():
             per_layer: dict[int, float] = {}
             for output, cases in outputs.items():
+                w = _worst(cases.values()).get("max_abs")
+                if w is None:
+                    continue
                 parts = output.split(".")
-                if len(parts) == 3 and parts[0] == "present" and parts[1].isdigit():
-                    w = _worst(cases.values()).get("max_abs")
-                    if w is not None:
-                        per_layer[int(parts[1])] = max(per_layer.get(int(parts[1]), 0.0), w)
-            if per_layer:
+                x = int(parts[1]) if len(parts) == 3 and parts[0] == "present" and parts[1].isdigit() else OUTPUTS_X
+                per_layer[x] = max(per_layer.get(x, 0.0), w)
+            if any(x != OUTPUTS_X for x in per_layer):
                 xs = sorted(per_layer)
                 out.append((f"{pair_key(pair)} | {graph}", xs, [per_layer[x] for x in xs]))
     return out
