@@ -90,3 +90,23 @@ def test_explicit_artifacts_and_their_checks(ort_gen, tmp_path):
         Generator(ckpt, backend="ort", artifacts=arts)
     with pytest.raises(ManifestMismatch, match="no manifest"):
         Generator(tiny_model(), backend="ort", artifacts=tmp_path)
+
+
+def test_threads_share_an_ort_generator_safely(ort_gen):
+    """ORT output buffers are shared per backend: the per-backend lock and the state's copies keep
+    concurrent calls apart."""
+    import threading
+
+    jobs = [(p, m) for p in PROMPTS[:2] for m in ("ar", "blt-s", "blt-dv", "blt-d")]
+    want = {job: ort_gen.generate(job[0], mode=job[1], max_bytes=24, stop_on_eos=False).ids for job in jobs}
+    got: dict = {}
+
+    def worker(job):
+        got[job] = ort_gen.generate(job[0], mode=job[1], max_bytes=24, stop_on_eos=False).ids
+
+    threads = [threading.Thread(target=worker, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
