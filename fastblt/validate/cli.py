@@ -90,7 +90,13 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 @click.option("--no-e2e", is_flag=True, help="Skip end-to-end generation.")
 @click.option("--no-layers", is_flag=True, help="Do not localise failed graphs per layer.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="Intra-op threads of torch and onnxruntime.")
+@click.option(
+    "--threads",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Intra-op threads of torch and onnxruntime (small step graphs run fastest on one; raise it for big models).",
+)
 @click.option("--save-inputs", type=click.Path(path_type=Path), default=None, help="Write feeds (polygraphy JSON).")
 @click.option("--load-inputs", type=click.Path(path_type=Path), default=None, help="Replay feeds from --save-inputs.")
 @click.option("--save-outputs", type=click.Path(path_type=Path), default=None, help="Write outputs (RunResults).")
@@ -115,7 +121,7 @@ def validate(
     no_e2e: bool,
     no_layers: bool,
     seed: int,
-    threads: int | None,
+    threads: int,
     save_inputs: Path | None,
     load_inputs: Path | None,
     save_outputs: Path | None,
