@@ -165,44 +165,8 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
     try:
-        graphs = {}
-        for i, (step, spec) in enumerate(specs.items()):
-            if progress:
-                progress("start", step, i, len(specs), None)
-            with (step_weights or _nothing)(step):
-                record = export_step(
-                    model, spec, tmp / f"{step}.onnx", options.opset, ranges, options.external_data_bytes
-                )
-            if progress:
-                progress("exported", step, i, len(specs), None)
-            t1 = time.perf_counter()
-            results = check_graph(tmp / record.file, spec, options.opset)
-            graphs[step] = _graph_entry(tmp, record, spec, options, results, time.perf_counter() - t1)
-            if progress:
-                progress("done", step, i, len(specs), graphs[step])
-            bad = failures(results)
-            if bad:
-                raise ExportCheckFailed(
-                    f"graph {step}: failed check(s) " + "; ".join(f"{r.check}: {r.detail}" for r in bad),
-                    {step: results},
-                )
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "checkpoint": {"hash": checkpoint_hash, "source": checkpoint_source, "config": config.to_dict()},
-            "options": options.key(),
-            "dims": {name: r.to_dict() for name, r in ranges.items()},
-            "versions": versions(),
-            "trt_ops": {"source": checks_mod.load_trt_ops().source, "file": "fastblt/export/trt_ops.txt"},
-            "notes": {
-                "opset": f"opset {options.opset}: every op is in TensorRT's list (opset 9-24) and runs in "
-                "onnxruntime; 20 is the highest TensorRT 10.0 parses and the torch exporter's default",
-                "caches": "past.* inputs are static-capacity buffers (slot j = position j, `start` valid); "
-                "present.* outputs hold only the new entries, written by the caller at start..start+S-1",
-                "precision": "norms, softmax, RoPE, entropies and logits are float32 inside every graph",
-            },
-            "graphs": graphs,
-        }
+        graphs = _export_graphs(model, tmp, specs, options, ranges, progress, step_weights)
+        manifest = _manifest(config, options, ranges, graphs, checkpoint_hash, checkpoint_source)
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
     finally:
@@ -246,6 +210,59 @@ def check_export(directory: str | Path, progress: Progress | None = None) -> dic
 
 
 # ------------------------------------------------------------------------------ helpers
+def _export_graphs(
+    model: BltModel,
+    tmp: Path,
+    specs: dict[str, StepSpec],
+    options: ExportOptions,
+    ranges: dict,
+    progress: Progress | None,
+    step_weights: StepWeights | None,
+) -> dict[str, dict]:
+    """Export and check each graph in turn; the first failed check stops the export."""
+    graphs = {}
+    for i, (step, spec) in enumerate(specs.items()):
+        if progress:
+            progress("start", step, i, len(specs), None)
+        with (step_weights or _nothing)(step):
+            record = export_step(model, spec, tmp / f"{step}.onnx", options.opset, ranges, options.external_data_bytes)
+        if progress:
+            progress("exported", step, i, len(specs), None)
+        t1 = time.perf_counter()
+        results = check_graph(tmp / record.file, spec, options.opset)
+        graphs[step] = _graph_entry(tmp, record, spec, options, results, time.perf_counter() - t1)
+        if progress:
+            progress("done", step, i, len(specs), graphs[step])
+        bad = failures(results)
+        if bad:
+            raise ExportCheckFailed(
+                f"graph {step}: failed check(s) " + "; ".join(f"{r.check}: {r.detail}" for r in bad), {step: results}
+            )
+    return graphs
+
+
+def _manifest(
+    config: BltConfig, options: ExportOptions, ranges: dict, graphs: dict, ckpt_hash: str | None, source: str | None
+) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "checkpoint": {"hash": ckpt_hash, "source": source, "config": config.to_dict()},
+        "options": options.key(),
+        "dims": {name: r.to_dict() for name, r in ranges.items()},
+        "versions": versions(),
+        "trt_ops": {"source": checks_mod.load_trt_ops().source, "file": "fastblt/export/trt_ops.txt"},
+        "notes": {
+            "opset": f"opset {options.opset}: every op is in TensorRT's list (opset 9-24) and runs in "
+            "onnxruntime; 20 is the highest TensorRT 10.0 parses and the torch exporter's default",
+            "caches": "past.* inputs are static-capacity buffers (slot j = position j, `start` valid); "
+            "present.* outputs hold only the new entries, written by the caller at start..start+S-1",
+            "precision": "norms, softmax, RoPE, entropies and logits are float32 inside every graph",
+        },
+        "graphs": graphs,
+    }
+
+
 @contextlib.contextmanager
 def _nothing(step: str) -> Iterator[None]:
     yield

@@ -31,7 +31,7 @@ from fastblt.model.blt import BltModel
 
 # Example sizes for tracing: all >= 2 and pairwise different, so that the exporter neither
 # specializes a dimension to 0/1 nor unifies two dimensions that merely happen to be equal.
-EXAMPLE_SIZES = {"batch": 2, "new": 3, "patches": 2, "patch_len": 5}
+EXAMPLE_SIZES = {"batch": 2, "new": 3, "patches": 4, "patch_len": 5}
 
 
 @dataclass(frozen=True)

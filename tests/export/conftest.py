@@ -1,9 +1,9 @@
 """Session fixtures: one tiny checkpoint, exported once per dtype for the whole session.
 
-The model covers the less common paths at once: 2 encoder / 3 decoder / 2 global layers, k=4
-slots with the global input projection (4*16 != 48), a 24-byte sliding window (shorter than the
-chain test's context) and max_patch_length 6, with the patching threshold at an entropy quantile
-so patches of several lengths occur.
+The model covers the less common paths at once: 2 decoder layers (cross-attention at each, so
+cross.1.* and past.1.*), k=4 slots with the global input projection (4*16 != 48), a 24-byte
+sliding window (shorter than the chain test's context) and max_patch_length 6, with the patching
+threshold at an entropy quantile so patches of several lengths occur.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_helpers import CAPACITY, MODEL_KW, PATCH_CAPACITY
+from export_helpers import CAPACITY, MODEL, MODEL_KW, PATCH_CAPACITY
 
 from fastblt.export.exporter import ExportOptions, export_model
 from fastblt.model.blt import BltModel
@@ -29,7 +29,7 @@ from tiny import make_model
 @pytest.fixture(scope="session")
 def ckpt_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(make_model("deep-local", **MODEL_KW), path)
+    save_checkpoint(make_model(MODEL, **MODEL_KW), path)
     return path
 
 

@@ -22,6 +22,16 @@ def _export_args(ckpt, out, *extra: str) -> list[str]:
             "--max-patches", str(PATCH_CAPACITY), *extra]  # fmt: skip
 
 
+def _copying_export_step(source):
+    """A stand-in for export_step that copies the graph from an existing export (fast)."""
+
+    def export_step(model, spec, path, opset, ranges, threshold):
+        shutil.copy(source / f"{spec.name}.onnx", path)
+        return exporter.GraphRecord(spec.name, path.name, None, path.stat().st_size, {"Add": 1}, 0, 0.0)
+
+    return export_step
+
+
 def _leftovers(parent, name: str) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
 
@@ -84,11 +94,7 @@ def test_force_replaces_atomically(fp32_export, ckpt_dir, tmp_path, monkeypatch,
     shutil.copytree(fp32_export, out)
     real = read_manifest(out)
 
-    def fake_export_step(model, spec, path, opset, ranges, threshold):
-        shutil.copy(fp32_export / f"{spec.name}.onnx", path)
-        return exporter.GraphRecord(spec.name, path.name, None, path.stat().st_size, {"Add": 1}, 0, 0.0)
-
-    monkeypatch.setattr(exporter, "export_step", fake_export_step)
+    monkeypatch.setattr(exporter, "export_step", _copying_export_step(fp32_export))
     monkeypatch.setattr(exporter, "check_graph", lambda *a, **k: [])
     code, _, err = run_cli(_export_args(ckpt_dir, out, "--max-batch", "2", "--force"), monkeypatch, capsys)
     assert code == 0, err
@@ -118,11 +124,13 @@ def test_check_dir_without_manifest(tmp_path, monkeypatch, capsys):
     assert code == 2 and "no manifest" in err
 
 
-def test_failing_graph_check_leaves_nothing(ckpt_dir, tmp_path, monkeypatch, capsys):
+def test_failing_graph_check_leaves_nothing(ckpt_dir, fp32_export, tmp_path, monkeypatch, capsys):
+    """A graph that fails a (real) check stops the export; graph export stubbed with the real files."""
     table = load_trt_ops()
     no_matmul = TrtOpTable(table.opset_min, table.opset_max, {k: v for k, v in table.types.items() if k != "MatMul"},
                            table.const_inputs, table.source)  # fmt: skip
     monkeypatch.setattr("fastblt.export.checks.load_trt_ops", lambda *a: no_matmul)
+    monkeypatch.setattr(exporter, "export_step", _copying_export_step(fp32_export))
     out = tmp_path / "exp"
     code, _, err = run_cli(_export_args(ckpt_dir, out), monkeypatch, capsys)
     assert code == 1

@@ -60,22 +60,27 @@ def test_fp32_graph_matches_torch(backends, ref_model, step, S):
             assert err <= 1e-4, f"{step} S={S} starts={starts} {t.name}: max abs diff {err:.3g}"
 
 
-@pytest.mark.parametrize("S", CHUNKS)
 @pytest.mark.parametrize("step", STEPS)
-def test_fp16_graph_composite_gates(backends, ref_model, step, S):
+def test_fp16_graph_composite_gates(backends, ref_model, step):
+    """Cosine per output and call; top-1 agreement pooled over every chunk size and cache length."""
     backend = backends["float16"]
     spec = backend.specs[step]
-    for i, starts in enumerate(_starts(step, S)):
-        feeds16 = cast_feeds(random_feeds(spec, ref_model.config, S, starts, PATCH_CAPACITY, seed=7 * S + i), spec)
-        ref = _reference(ref_model, step, {k: v.float() if v.is_floating_point() else v for k, v in feeds16.items()})
-        got = backend.run_step(step, feeds16)
-        for t in spec.outputs:
-            c = cosine(ref[t.name], got[t.name])
-            assert c >= 0.99, f"{step} S={S} {t.name}: cosine {c:.5f}"
-        if "logits" in ref:
-            agree, n = top1_agreement(ref["logits"], got["logits"])
-            assert n > 0, "no position with an fp32 margin >= 0.1: the gate compared nothing"
-            assert agree >= 0.99, f"{step} S={S}: top-1 agreement {agree:.3f} over {n} positions"
+    refs, gots = [], []
+    for S in CHUNKS:
+        for i, starts in enumerate(_starts(step, S)):
+            feeds = cast_feeds(random_feeds(spec, ref_model.config, S, starts, PATCH_CAPACITY, seed=7 * S + i), spec)
+            ref = _reference(ref_model, step, {k: v.float() if v.is_floating_point() else v for k, v in feeds.items()})
+            got = backend.run_step(step, feeds)
+            for t in spec.outputs:
+                c = cosine(ref[t.name], got[t.name])
+                assert c >= 0.99, f"{step} S={S} starts={starts} {t.name}: cosine {c:.5f}"
+            if "logits" in ref:
+                refs.append(ref["logits"].reshape(-1, ref["logits"].shape[-1]))
+                gots.append(got["logits"].reshape(-1, got["logits"].shape[-1]).clone())  # backend-owned buffer
+    if refs:
+        agree, n = top1_agreement(torch.cat(refs), torch.cat(gots))
+        assert n > 0, "no position with an fp32 margin >= 0.1: the gate compared nothing"
+        assert agree >= 0.99, f"{step}: top-1 agreement {agree:.3f} over {n} positions"
 
 
 def test_fp16_export_keeps_weights_external(fp16_export):
