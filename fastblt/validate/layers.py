@@ -6,10 +6,12 @@ intermediate value added as a graph output, run in onnxruntime (CPU) through pol
 every module. The dynamo exporter records, on every ONNX node, the module scopes it came from
 (`pkg.torch.onnx.name_scopes`, e.g. ['', 'model.local_decoder.layers.1', ...]); a module's
 output on the ONNX side is a value produced inside its scope and read outside it (or a graph
-output) with the shape of the torch module's output. Modules are compared in the order their
-forward returns (post-order: a Linear before the block that holds it), so the first diverging
-entry is the most specific module where the error appears; its enclosing layer
-(`...layers.{i}` / `...cross_attn_layers.{i}`) is named too.
+output) with the shape of the torch module's output. The graph's own outputs (a cache entry
+`present.{i}.k` made inside an attention, say) are rows too, gated exactly as the graph is (module
+rows may exceed the gate by 1e-5 x max|ref|, since activations grow). Rows are checked in graph
+order (the producing node's topological index; ties in the order forwards return, so a Linear
+before the block holding it), and the first failing row is the most specific place the error
+appears; its enclosing layer (`...layers.{i}` / `...cross_attn_layers.{i}`) is named too.
 
 A torch candidate in reduced precision is localised the same way with hooks on both models.
 Caveat (deploy_notes 1.7): marking outputs can change fusions; when no module diverges in the
@@ -53,10 +55,13 @@ class LayerRow:
     cosine: float
     ref_absmax: float
     passed: bool
+    order: int = 0  # position in the graph (producing node), the order rows are checked in
+    graph_output: bool = False  # a graph output (gated as the graph is), not a module's output
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "module": self.module,
+            "graph_output": self.graph_output,
             "onnx_value": self.value,
             "shape": list(self.shape),
             "max_abs": _num(self.max_abs),
@@ -99,9 +104,8 @@ class LayerResult:
         f = self.first
         if f is None:
             return f"none found ({self.note or 'every module matches'})"
-        return (
-            f"{self.first_layer} (module {f.module}: max_abs {f.max_abs:.3g}, cosine {f.cosine:.6f}; case {self.case})"
-        )
+        what = f"module {f.module}" + (f", value {f.value}" if f.value else "")
+        return f"{self.first_layer} ({what}: max_abs {f.max_abs:.3g}, cosine {f.cosine:.6f}; case {self.case})"
 
     def to_dict(self) -> dict[str, Any]:
         f = self.first
@@ -131,9 +135,11 @@ class LayerResult:
 
 
 # ------------------------------------------------------------------------------ torch side
-def capture_modules(model: BltModel, step: str, feeds: dict[str, Tensor]) -> list[tuple[str, Tensor]]:
+def capture_modules(
+    model: BltModel, step: str, feeds: dict[str, Tensor]
+) -> tuple[list[tuple[str, Tensor]], dict[str, Tensor]]:
     """Run the reference step with forward hooks: (module name, first tensor output) in the order
-    forwards return; a module called more than once keeps its first call."""
+    forwards return (a module called more than once keeps its first call), and the step's outputs."""
     names = {m: n for n, m in model.named_modules() if n}
     seen: dict[str, Tensor] = {}
     order: list[str] = []
@@ -148,11 +154,11 @@ def capture_modules(model: BltModel, step: str, feeds: dict[str, Tensor]) -> lis
     handles = [m.register_forward_hook(hook) for m in names]
     try:
         with torch.inference_mode():
-            run_named_step(model, step, feeds)
+            outputs = run_named_step(model, step, feeds)
     finally:
         for h in handles:
             h.remove()
-    return [(n, seen[n]) for n in order]
+    return [(n, seen[n]) for n in order], {k: v.detach().clone() for k, v in outputs.items()}
 
 
 # ------------------------------------------------------------------------------ onnx side
@@ -199,18 +205,27 @@ def run_debug_graph(path: Path, feeds: dict[str, Tensor]) -> dict[str, np.ndarra
     return {k: np.asarray(v) for k, v in results[0][1][0].items()}
 
 
-def module_values(onnx_path: Path, model: BltModel) -> dict[str, list[str]]:
-    """Module name -> the values produced inside its scope and read outside it, in graph order."""
+@dataclass
+class GraphScopes:
+    """Where each ONNX value comes from: producing node index (topological) and module scopes."""
+
+    module_values: dict[str, list[str]]  # module -> values made inside it and read outside it
+    producer: dict[str, int]  # value -> index of the node that makes it
+    innermost: dict[str, str | None]  # value -> the innermost module scope of its producer
+
+
+def graph_scopes(onnx_path: Path, model: BltModel) -> GraphScopes:
+    """Read the exporter's name scopes off every node of the graph (no weights loaded)."""
     import onnx
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
     g = proto.graph
     modules = {n for n, _ in model.named_modules() if n}
-    node_mods: list[set[str]] = []
+    node_mods: list[list[str]] = []
     for node in g.node:
         raw = next((p.value for p in node.metadata_props if p.key == SCOPES_KEY), None)
         scopes = ast.literal_eval(raw) if raw else []
-        node_mods.append({m for s in scopes[1:-1] if (m := _module_name(s, modules)) is not None})
+        node_mods.append([m for sc in scopes[1:-1] if (m := _module_name(sc, modules)) is not None])
     graph_outputs = {o.name for o in g.output}
     producer: dict[str, int] = {o: i for i, node in enumerate(g.node) for o in node.output}
     consumers: dict[str, list[int]] = {}
@@ -223,7 +238,13 @@ def module_values(onnx_path: Path, model: BltModel) -> dict[str, list[str]]:
             users = consumers.get(value, [])
             if value in graph_outputs or any(mod not in node_mods[j] for j in users):
                 out.setdefault(mod, []).append(value)
-    return out
+    innermost = {v: (node_mods[i][-1] if node_mods[i] else None) for v, i in producer.items()}
+    return GraphScopes(out, producer, innermost)
+
+
+def module_values(onnx_path: Path, model: BltModel) -> dict[str, list[str]]:
+    """Module name -> the values produced inside its scope and read outside it, in graph order."""
+    return graph_scopes(onnx_path, model).module_values
 
 
 def _module_name(scope: str, modules: set[str]) -> str | None:
@@ -255,26 +276,36 @@ def localise_onnx(
     if any(v.dtype == torch.bfloat16 for v in feeds.values()):
         result.note = "bfloat16 graph: onnxruntime CPU cannot run it, so it was not localised here"
         return result
-    ref = capture_modules(model, step, {k: v.float() if v.is_floating_point() else v for k, v in feeds.items()})
-    values = module_values(onnx_path, model)
+    feeds32 = {k: v.float() if v.is_floating_point() else v for k, v in feeds.items()}
+    ref, ref_outputs = capture_modules(model, step, feeds32)
+    scopes = graph_scopes(onnx_path, model)
     with tempfile.TemporaryDirectory(prefix="fastblt-layers-") as tmp:
         debug, _ = debug_graph(onnx_path, Path(tmp))
         got = run_debug_graph(debug, feeds)
     for name, t in ref:
         want = tuple(t.shape)
-        cands = [v for v in values.get(name, []) if v in got and got[v].size == t.numel()]
+        cands = [v for v in scopes.module_values.get(name, []) if v in got and got[v].size == t.numel()]
         exact = [v for v in cands if tuple(got[v].shape) == want]
         cands = exact or cands
         if not cands:
             result.unmatched.append(name)
             continue
         rows = [_row(name, v, t, got[v].reshape(want), atol, cosine) for v in cands]
-        result.rows.append(min(rows, key=lambda r: r.max_abs if math.isfinite(r.max_abs) else math.inf))
+        best = min(rows, key=lambda r: r.max_abs if math.isfinite(r.max_abs) else math.inf)
+        best.order = scopes.producer.get(best.value, 0)
+        result.rows.append(best)
+    for name, t in ref_outputs.items():  # the graph's own outputs, gated as the graph is
+        if name in got and got[name].size == t.numel():
+            module = scopes.innermost.get(name) or step
+            row = _row(module, name, t, got[name].reshape(t.shape), atol, cosine, strict=True)
+            row.order, row.graph_output = scopes.producer.get(name, 0), True
+            result.rows.append(row)
+    result.rows.sort(key=lambda r: r.order)
     if not result.rows:
         result.note = "no module of the graph could be matched to an ONNX value (no name scopes in the graph?)"
     elif result.first is None:
         result.note = (
-            "no module diverges in the debug graph run in onnxruntime: the difference is in the candidate "
+            "nothing diverges in the debug graph run in onnxruntime: the difference is in the candidate "
             "runtime (e.g. a TensorRT engine), or marking every output changed a fusion"
         )
     return result
@@ -292,8 +323,8 @@ def localise_torch(
 ) -> LayerResult:
     """Per-module errors of a torch candidate (e.g. bf16 weights) against the fp32 reference."""
     result = LayerResult(step, case, atol=atol, cosine=cosine)
-    ref = capture_modules(ref_model, step, feeds)
-    cand = dict(capture_modules(cand_model, step, cand_feeds))
+    ref, _ = capture_modules(ref_model, step, feeds)
+    cand = dict(capture_modules(cand_model, step, cand_feeds)[0])
     for name, t in ref:
         c = cand.get(name)
         if c is None or c.numel() != t.numel():
@@ -305,7 +336,11 @@ def localise_torch(
     return result
 
 
-def _row(name: str, value: str | None, ref: Tensor, cand: Any, atol: float, cosine: float | None) -> LayerRow:
+def _row(
+    name: str, value: str | None, ref: Tensor, cand: Any, atol: float, cosine: float | None, strict: bool = False
+) -> LayerRow:
+    """One comparison; module outputs may exceed `atol` by LAYER_RTOL * max|ref| (activations grow),
+    graph outputs (`strict`) may not."""
     r, c = to_numpy(ref).astype(np.float64), to_numpy(cand).astype(np.float64)
     ok = np.isfinite(c)
     diff = np.where(ok, np.abs(c - r), np.inf)
@@ -318,7 +353,7 @@ def _row(name: str, value: str | None, ref: Tensor, cand: Any, atol: float, cosi
     if cosine is not None:
         passed = bool(ok.all()) and cos >= cosine
     else:
-        passed = bool(ok.all()) and max_abs <= atol + LAYER_RTOL * ref_absmax
+        passed = bool(ok.all()) and max_abs <= atol + (0.0 if strict else LAYER_RTOL * ref_absmax)
     return LayerRow(name, value, tuple(ref.shape), max_abs, mean_abs, cos, ref_absmax, passed)
 
 
