@@ -181,8 +181,9 @@ def run_phase(
         gen.set_state(saved["gen"])
         torch.set_rng_state(saved["torch_rng"])
         st = saved["st"]
-    if st["done"]:
-        return st
+    if st["done"] and (pc.minutes is None or st["elapsed"] >= 60.0 * pc.minutes - 1.0):
+        return st  # finished; a larger --minutes on --resume extends the phase
+    st["done"] = 0
 
     def save() -> None:
         state = {"model": model.state_dict(), "optim": opt.state_dict(), "gen": gen.get_state()}
