@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_helpers import CAPACITY, MODEL, MODEL_KW, PATCH_CAPACITY
 
 from fastblt.export.exporter import ExportOptions, export_model
 from fastblt.model.blt import BltModel
 from fastblt.model.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
 
+from export_helpers import CAPACITY, MODEL, MODEL_KW, PATCH_CAPACITY
 from tiny import make_model
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from export_helpers import CAPACITY, PATCH_CAPACITY
 
 from fastblt.engines.ort_backend import OrtBackend
 from fastblt.export.spec import step_specs
 from fastblt.runtime.state import SequenceState
 
+from export_helpers import CAPACITY, PATCH_CAPACITY
 from tiny import random_tokens
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from export_helpers import CAPACITY, PATCH_CAPACITY
 from onnx import TensorProto, helper
 
 from fastblt.errors import InputError
 from fastblt.export.checks import check_hash_ids, check_io, check_trt_ops, load_trt_ops
 from fastblt.export.exporter import ExportOptions
 from fastblt.export.spec import step_specs
+
+from export_helpers import CAPACITY, PATCH_CAPACITY
 
 F, I32, I64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
 

@@ -7,7 +7,6 @@ import shutil
 
 import onnx
 import pytest
-from export_helpers import CAPACITY, PATCH_CAPACITY, run_cli
 
 from fastblt.export import exporter
 from fastblt.export.checks import TrtOpTable, load_trt_ops
@@ -15,6 +14,8 @@ from fastblt.export.manifest import MANIFEST, read_manifest, sha256_file
 from fastblt.export.spec import STEPS, step_specs
 from fastblt.model.checkpoint import checkpoint_hash
 from fastblt.model.config import BltConfig
+
+from export_helpers import CAPACITY, PATCH_CAPACITY, run_cli
 
 
 def _export_args(ckpt, out, *extra: str) -> list[str]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from export_helpers import CAPACITY, PATCH_CAPACITY
 from parity_helpers import cast_feeds, cosine, max_abs, random_feeds, top1_agreement
 
 from fastblt.engines.ort_backend import OrtBackend
 from fastblt.engines.torch_backend import run_named_step
 from fastblt.export.manifest import read_manifest
 from fastblt.export.spec import STEPS, step_specs
+
+from export_helpers import CAPACITY, PATCH_CAPACITY
 
 BLOCK = 4  # tiny_config's BLT-D block size
 CHUNKS = (1, 2, 7, BLOCK)

@@ -4,13 +4,14 @@ a meta-device model, the step's parameters found without compute, materialized f
 from __future__ import annotations
 
 import torch
-from export_helpers import CAPACITY, PATCH_CAPACITY
 from parity_helpers import max_abs, random_feeds
 
 from fastblt.engines.torch_backend import run_named_step
 from fastblt.export.graphs import StepModule, materialized, step_parameter_names
 from fastblt.export.spec import step_specs
 from fastblt.model.blt import BltModel
+
+from export_helpers import CAPACITY, PATCH_CAPACITY
 
 
 def test_step_parameters_partition_the_model(ref_model):

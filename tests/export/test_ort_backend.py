@@ -6,13 +6,14 @@ import shutil
 
 import pytest
 import torch
-from export_helpers import CAPACITY, PATCH_CAPACITY
 from parity_helpers import random_feeds
 
 from fastblt.engines.base import available
 from fastblt.engines.ort_backend import OrtBackend
 from fastblt.errors import ManifestMismatch
 from fastblt.export.spec import step_specs
+
+from export_helpers import CAPACITY, PATCH_CAPACITY
 
 
 def test_registered_and_available():
