@@ -9,6 +9,9 @@ large finite negative, never -inf, so a fully masked row gives a uniform average
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,9 +33,19 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """theta^(-2j/hd) in float64, rounded once to fp32.
+
+    A host constant, not graph ops: exporters fold `theta ** x` with their own pow, whose 1-ulp
+    differences grow into visible angle errors at positions in the thousands.
+    """
+    return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))).astype(np.float32)
+
+
 def rope_angles(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos/sin tables for integer positions (..., S) -> (..., S, head_dim/2), fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    inv_freq = torch.from_numpy(_inv_freq(head_dim, float(theta))).to(positions.device)
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
     return angles.cos(), angles.sin()
 
