@@ -12,7 +12,7 @@ and write one report: OUT/gpu_check.json and OUT/gpu_check.md (validate's own re
 OUT/validate-<dtype>/). Exit 0 when every check passed, 1 when one failed or did not run.
 Without TensorRT or a CUDA device it prints one SKIP line, writes a "skipped" report, exits 0.
 
-Nothing in this file has run on a GPU with TensorRT yet (see docs/tensorrt.md).
+Nothing in this file has run on a GPU with TensorRT yet (see the TensorRT section of README.md).
 """
 
 from __future__ import annotations
