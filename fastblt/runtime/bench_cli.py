@@ -27,6 +27,9 @@ def _speed_note(row: dict, ar: dict) -> str:
     )
     if row["acceptance"] is not None:
         note += f"; {100 * row['acceptance']:.1f}% of drafted bytes verify"
+        hist = {int(k): v for k, v in row["accept_hist"].items()}
+        if hist:
+            note += f" ({100 * hist.get(0, 0) / sum(hist.values()):.0f}% of rounds accept none)"
     if row["unmask_steps"]:
         blocks = sum(row["unmask_steps"].values())
         steps = sum(int(k) * v for k, v in row["unmask_steps"].items()) / max(blocks, 1)
@@ -88,7 +91,7 @@ def render_markdown(result: dict) -> str:
     for t in result["targets"]:
         loss = "" if t["lossless"] is None else ("yes" if t["lossless"] else "no")
         lines.append(
-            f"| {t['target']} | {t['value']:.3g} | {t['bound']} | {loss} | {'yes' if t['met'] else '**no**'} |"
+            f"| {t['target']} | {t['value']:.4f} | {t['bound']} | {loss} | {'yes' if t['met'] else '**no**'} |"
         )
     lines += ["", "## Notes", ""] + [f"- {n}" for n in result.get("notes", [])]
     lines += [
@@ -118,7 +121,7 @@ def notes_for(result: dict) -> list[str]:
     for t in result["targets"]:
         if t["met"]:
             continue
-        line = f"Missed: {t['target']} = {t['value']:.3g} (target {t['bound']})."
+        line = f"Missed: {t['target']} = {t['value']:.4f} (target {t['bound']})."
         if t["lossless"] is False:
             line += " The output differs from ar's (see the = ar column)."
         mode, _, rest = t["target"].partition(" vs ar on ")
@@ -166,14 +169,27 @@ def block_start_notes(result: dict) -> list[str]:
             )
     a, b = rows.get(("blt-d", backend)), rows.get(("blt-d/patch", backend))
     if a and b and "ar_bits_per_byte" in a:
-        better = "force" if a["ar_bits_per_byte"] <= b["ar_bits_per_byte"] else "patch"
+        agree = (
+            (a["ar_positional_agreement"], a["ar_prefix_agreement"]),
+            (
+                b["ar_positional_agreement"],
+                b["ar_prefix_agreement"],
+            ),
+        )
+        verdict = "no difference" if agree[0] == agree[1] else ("'force'" if agree[0] > agree[1] else "'patch'")
         out.append(
-            f"Block start, blt-d quality on {backend}: force {a['ar_bits_per_byte']:.2f} vs patch "
-            f"{b['ar_bits_per_byte']:.2f} bits/byte under the causal path, positional agreement with ar "
-            f"{100 * a['ar_positional_agreement']:.0f}% vs {100 * b['ar_positional_agreement']:.0f}%: '{better}' "
-            "writes text closer to ar's."
+            f"Block start, blt-d quality on {backend}: agreement with ar's greedy output (positional / prefix) "
+            f"force {100 * agree[0][0]:.0f}% / {100 * agree[0][1]:.0f}% vs patch {100 * agree[1][0]:.0f}% / "
+            f"{100 * agree[1][1]:.0f}%: {verdict}. Bits per byte of the output under the causal path: force "
+            f"{a['ar_bits_per_byte']:.2f}, patch {b['ar_bits_per_byte']:.2f}, ar's own {_ar_bpb(rows, backend)} "
+            "(lower than ar's own means repetitive text the model finds easy, e.g. runs of spaces: not better text)."
         )
     return out
+
+
+def _ar_bpb(rows: dict, backend: str) -> str:
+    ar = rows.get(("ar", backend), {})
+    return f"{ar['ar_bits_per_byte']:.2f}" if "ar_bits_per_byte" in ar else "?"
 
 
 def save_chart(result: dict, path: Path) -> None:
@@ -218,9 +234,18 @@ def save_chart(result: dict, path: Path) -> None:
 @click.option("--comparison/--no-comparison", default=True, show_default=True, help="Block-start / drafting variants.")
 @click.option("--out", default="benchmarks/results", show_default=True, help="Directory for runtime_bench.*")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record instead of the markdown table.")
-def bench(checkpoint, backends, max_bytes, prompts, max_context, threads, hf, hf_prompts, comparison, out, as_json):
+@click.option("--render", default=None, help="Re-render a saved runtime_bench.json (no measurement).")
+def bench(
+    checkpoint, backends, max_bytes, prompts, max_context, threads, hf, hf_prompts, comparison, out, as_json, render
+):
     """Benchmark every mode x backend on fixed prompts (+ the Hugging Face peer)."""
-    from fastblt.runtime.bench import BenchConfig, run_bench
+    from fastblt.runtime.bench import BenchConfig, evaluate_targets, run_bench
+
+    if render is not None:
+        result = json.loads(Path(render).read_text())
+        result["targets"] = evaluate_targets(result)
+        _save(result, Path(out), as_json)
+        return
 
     names = tuple(b.strip() for b in backends.split(",") if b.strip())
     bad = [b for b in names if b not in ("ort", "torch", "trt")]
@@ -230,8 +255,11 @@ def bench(checkpoint, backends, max_bytes, prompts, max_context, threads, hf, hf
         checkpoint, names, max_bytes, prompts, max_context, threads, hf, min(hf_prompts, prompts), comparison
     )
     result = run_bench(cfg, log=lambda s: click.echo(s, err=True))
+    _save(result, Path(out), as_json)
+
+
+def _save(result: dict, out_dir: Path, as_json: bool) -> None:
     result["notes"] = notes_for(result)
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "runtime_bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     md = render_markdown(result)
