@@ -22,8 +22,8 @@ N = 40
 
 
 @pytest.fixture(scope="session")
-def export_cache(request):
-    return request.config.cache.mkdir("fastblt-runtime-exports")
+def export_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("fastblt-runtime-exports")
 
 
 @pytest.fixture(scope="session")
