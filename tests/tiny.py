@@ -7,6 +7,7 @@ at an entropy quantile of a probe sequence so patches of several lengths occur.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -42,3 +43,18 @@ def random_tokens(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     t = torch.randint(4, 260, (batch, n), generator=torch.Generator().manual_seed(seed))
     t[:, 0] = 1
     return t
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run `fastblt ARGS` in-process through fastblt.cli.main: (exit code, stdout, stderr)."""
+    from fastblt.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["fastblt", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err

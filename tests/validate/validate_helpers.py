@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,23 +11,10 @@ import onnx
 
 from fastblt.export.manifest import read_manifest, sha256_file, write_manifest
 
+from tiny import run_cli  # noqa: F401  (re-exported for the tests here)
+
 CAPACITY, PATCH_CAPACITY = 64, 64  # patch capacity = capacity: the layout of automatic exports
 SCOPES = "pkg.torch.onnx.name_scopes"
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """`fastblt ARGS` in-process through fastblt.cli.main: (exit code, stdout, stderr)."""
-    from fastblt.cli import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["fastblt", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def broken_copy(src: Path, dst: Path, step: str, edit: Callable[[onnx.ModelProto], str]) -> tuple[Path, str]:
