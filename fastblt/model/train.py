@@ -275,21 +275,19 @@ def choose_threshold(ent_model: EntropyModel, corpus: Corpus, seq_bytes: int, se
     return theta
 
 
+def run_byte_lm(
+    name: str, model: EntropyModel, pc: PhaseConfig, plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: bool
+) -> dict[str, Any]:
+    """A plain next-byte LM phase (the entropy model, the baseline), evaluated on held-out windows."""
+    windows = corpus.heldout_windows(plan.eval_bytes, pc.eval_windows)
+    step = lambda x, g: (lm_loss(model(x), x), {})  # noqa: E731
+    return run_phase(name, model, pc, step, corpus, lambda: eval_bpb(model, windows), out, seed, resume)
+
+
 def train_entropy(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: bool) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = EntropyModel(plan.model.entropy, VOCAB_SIZE)
-    windows = corpus.heldout_windows(plan.eval_bytes, plan.entropy.eval_windows)
-    st = run_phase(
-        "entropy",
-        model,
-        plan.entropy,
-        lambda x, g: (lm_loss(model(x), x), {}),
-        corpus,
-        lambda: eval_bpb(model, windows),
-        out / "entropy",
-        seed,
-        resume,
-    )
+    st = run_byte_lm("entropy", model, plan.entropy, plan, corpus, out / "entropy", seed, resume)
     result_path = out / "entropy" / "result.json"
     if resume and result_path.exists():
         return json.loads(result_path.read_text())
@@ -346,18 +344,7 @@ def train_blt(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: boo
 def train_baseline(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: bool) -> dict[str, Any]:
     torch.manual_seed(seed + 2)
     model = EntropyModel(plan.baseline, VOCAB_SIZE)
-    windows = corpus.heldout_windows(plan.eval_bytes, plan.base.eval_windows)
-    st = run_phase(
-        "baseline",
-        model,
-        plan.base,
-        lambda x, g: (lm_loss(model(x), x), {}),
-        corpus,
-        lambda: eval_bpb(model, windows),
-        out / "baseline",
-        seed + 2,
-        resume,
-    )
+    st = run_byte_lm("baseline", model, plan.base, plan, corpus, out / "baseline", seed + 2, resume)
     save_file(model.state_dict(), str(out / "baseline" / "model.safetensors"))
     result = {
         "config": asdict(plan.baseline),
