@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,6 +24,13 @@ import click
 )
 @click.option("--resume", is_flag=True, help="Continue from OUT/<phase>/train_state.pt where present.")
 @click.option("--seed", type=int, default=1234, show_default=True)
+@click.option(
+    "--mask-weight",
+    type=click.FloatRange(min=0.0),
+    default=1.0,
+    show_default=True,
+    help="Weight of the block-diffusion loss against next-byte loss (the paper: 1).",
+)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads (the machine is shared).")
 @click.option("--smoke", is_flag=True, help="Tiny models on a tiny slice for a few steps (seconds).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
@@ -34,6 +42,7 @@ def train(
     phase: str,
     resume: bool,
     seed: int,
+    mask_weight: float,
     threads: int,
     smoke: bool,
     as_json: bool,
@@ -48,6 +57,7 @@ def train(
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     plan = T.smoke_plan() if smoke else T.default_plan(minutes, entropy_minutes, baseline_minutes)
+    plan = dataclasses.replace(plan, blt=dataclasses.replace(plan.blt, mask_weight=mask_weight))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = Corpus.load(limit_bytes=plan.corpus_limit_bytes)
