@@ -284,6 +284,18 @@ def run_byte_lm(
     return run_phase(name, model, pc, step, corpus, lambda: eval_bpb(model, windows), out, seed, resume)
 
 
+def byte_lm_result(model: EntropyModel, st: dict[str, Any], plan: TrainPlan, corpus: Corpus) -> dict[str, Any]:
+    """What a byte-LM phase reports: size, steps, time, bytes, held-out bits/byte, loss history."""
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": st["step"],
+        "wall_s": st["elapsed"],
+        "train_bytes": st["bytes"],
+        "heldout": eval_bpb(model, corpus.heldout_windows(plan.eval_bytes, plan.eval_windows)),
+        "hist": st["hist"],
+    }
+
+
 def train_entropy(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: bool) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = EntropyModel(plan.model.entropy, VOCAB_SIZE)
@@ -293,15 +305,7 @@ def train_entropy(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume:
         return json.loads(result_path.read_text())
     theta = choose_threshold(model, corpus, plan.blt.seq_bytes, seed)
     save_file(model.state_dict(), str(out / "entropy" / "model.safetensors"))
-    result = {
-        "threshold": theta,
-        "params": sum(p.numel() for p in model.parameters()),
-        "steps": st["step"],
-        "wall_s": st["elapsed"],
-        "train_bytes": st["bytes"],
-        "heldout": eval_bpb(model, corpus.heldout_windows(plan.eval_bytes, plan.eval_windows)),
-        "hist": st["hist"],
-    }
+    result = {"threshold": theta, **byte_lm_result(model, st, plan, corpus)}
     result_path.write_text(json.dumps(result))
     return result
 
@@ -346,16 +350,7 @@ def train_baseline(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume
     model = EntropyModel(plan.baseline, VOCAB_SIZE)
     st = run_byte_lm("baseline", model, plan.base, plan, corpus, out / "baseline", seed + 2, resume)
     save_file(model.state_dict(), str(out / "baseline" / "model.safetensors"))
-    result = {
-        "config": asdict(plan.baseline),
-        "params": sum(p.numel() for p in model.parameters()),
-        "steps": st["step"],
-        "wall_s": st["elapsed"],
-        "train_bytes": st["bytes"],
-        "heldout": eval_bpb(model, corpus.heldout_windows(plan.eval_bytes, plan.eval_windows)),
-        "hist": st["hist"],
-        "evals": st["evals"],
-    }
+    result = {"config": asdict(plan.baseline), **byte_lm_result(model, st, plan, corpus), "evals": st["evals"]}
     (out / "baseline" / "result.json").write_text(json.dumps(result))
     return result
 
