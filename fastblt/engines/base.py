@@ -6,6 +6,10 @@ context managers and are looked up by name: `torch` (reference), `ort`, `trt`.
 
 Buffer ownership: feeds are the caller's (caches are passed as whole static buffers and only
 read); outputs belong to the backend and are valid until the next `run_step` call of that step.
+
+Devices: a backend computes on `backend.device`. Feeds already there are used in place; outputs
+are returned there (CPU backends: the host). Callers keep long-lived buffers (the caches) on
+`backend.device` so that a step moves only its new entries, never a whole cache.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Backend(ABC):
     """Runs step graphs. Subclasses implement `_activate_impl`, `_run_step_impl`, `_deactivate_impl`."""
 
     name: str = "?"
+    device: torch.device = torch.device("cpu")
 
     def __init__(self, specs: dict[str, StepSpec]):
         self.specs = specs
@@ -90,6 +95,24 @@ class Backend(ABC):
 
     def _deactivate_impl(self) -> None:
         return None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here ("cuda" becomes "cuda:0"); InputError names it otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r}: CUDA is not available here (torch {torch.__version__})")
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if dev.type != "cpu":
+        raise InputError(f"device {device!r}: fastblt runs on cpu or cuda")
+    return dev
 
 
 def check_feeds(spec: StepSpec, feeds: dict[str, torch.Tensor]) -> None:

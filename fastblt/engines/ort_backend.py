@@ -64,7 +64,7 @@ class OrtBackend(Backend):
         self._sessions: dict = {}
         self._bindings: dict = {}
         self._outputs: dict[str, OrderedDict] = {step: OrderedDict() for step in specs}
-        self._device = torch.device("cpu")
+        self.device = torch.device("cpu")
 
     # lifecycle --------------------------------------------------------------------------
     def _activate_impl(self) -> None:
@@ -86,7 +86,7 @@ class OrtBackend(Backend):
             self._sessions[step] = session
             self._bindings[step] = session.io_binding()
         on_cuda = "CUDAExecutionProvider" in next(iter(self._sessions.values())).get_providers()
-        self._device = torch.device("cuda") if on_cuda and torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device("cuda") if on_cuda and torch.cuda.is_available() else torch.device("cpu")
 
     def _deactivate_impl(self) -> None:
         self._sessions.clear()
@@ -114,7 +114,7 @@ class OrtBackend(Backend):
                     dims.setdefault(want, got)
             binding.bind_input(t.name, x.device.type, x.device.index or 0, _ELEM[t.dtype], tuple(x.shape), x.data_ptr())
         outputs = self._output_buffers(step, spec, dims)
-        dev = self._device
+        dev = self.device
         for t in spec.outputs:
             y = outputs[t.name]
             binding.bind_output(t.name, dev.type, dev.index or 0, _ELEM[t.dtype], tuple(y.shape), y.data_ptr())
@@ -130,7 +130,7 @@ class OrtBackend(Backend):
         buffers = cached.get(shapes)
         if buffers is None:
             buffers = {
-                t.name: torch.empty(shape, dtype=TORCH_DTYPES[t.dtype], device=self._device)
+                t.name: torch.empty(shape, dtype=TORCH_DTYPES[t.dtype], device=self.device)
                 for t, shape in zip(spec.outputs, shapes, strict=True)
             }
             cached[shapes] = buffers

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from fastblt.engines.base import Availability, Backend, register
+from fastblt.engines.base import Availability, Backend, register, resolve_device
 from fastblt.export.spec import StepSpec
 from fastblt.model import steps
 from fastblt.model.blt import BltModel
@@ -55,13 +57,24 @@ def run_named_step(model: BltModel, step: str, feeds: dict[str, torch.Tensor]) -
 
 
 class TorchBackend(Backend):
-    """Eager PyTorch on the CPU (or the model's device)."""
+    """Eager PyTorch on `device` (default: where the model's weights are).
+
+    A model on another device is copied there; the caller's model is never moved.
+    """
 
     name = "torch"
 
-    def __init__(self, specs: dict[str, StepSpec], model: BltModel, threads: int | None = None):
+    def __init__(
+        self,
+        specs: dict[str, StepSpec],
+        model: BltModel,
+        threads: int | None = None,
+        device: str | torch.device | None = None,
+    ):
         super().__init__(specs)
-        self.model = model.eval()
+        here = next(model.parameters()).device
+        self.device = here if device is None else resolve_device(device)
+        self.model = (model if self.device == here else copy.deepcopy(model).to(self.device)).eval()
         self.threads = threads
 
     def _activate_impl(self) -> None:
@@ -69,6 +82,8 @@ class TorchBackend(Backend):
             torch.set_num_threads(self.threads)
 
     def _run_step_impl(self, step: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dev = self.device
+        feeds = {k: v if v.device == dev else v.to(dev) for k, v in feeds.items()}
         with torch.inference_mode():
             return run_named_step(self.model, step, feeds)
 

@@ -4,12 +4,14 @@ Per step graph: one engine, one execution context per optimization profile (a ca
 smallest profile containing its sizes), and device buffers that are torch CUDA tensors,
 allocated once and overwritten in place. Every step runs on one CUDA stream:
 
-    host feeds --copy--> device inputs --execute_async_v3--> device outputs --copy--> host outputs
+    feeds on the device (bound in place) --execute_async_v3--> device outputs
+    other feeds --copy--> device input buffers --^
 
-The runtime's SequenceState keeps its caches on the host today, so each call copies its inputs,
-whole static caches included, to the device and its outputs back (host outputs are pinned and
-reused: valid until the next call of the same step). Device-resident caches, where a step only
-moves its new entries, are the next step; they need the runtime to hand device tensors through.
+The runtime's SequenceState keeps its caches on `backend.device`, so the static caches are bound
+by address, never copied; only a step's small feeds (ids, positions) cross from the host, and
+its new cache entries stay on the device. Outputs are device tensors owned by the backend (valid
+until the next call of the same step); the stream is synchronized before they are returned, and
+waits for the caller's stream before it reads the feeds.
 
 Loading is guarded: each engine's manifest is checked against the export manifest (ONNX sha256),
 the running TensorRT version and this GPU before its plan is deserialized (engine_cache.py).
@@ -29,13 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastblt.engines.base import TORCH_DTYPES, Backend, register
+from fastblt.engines.base import TORCH_DTYPES, Backend, register, resolve_device
 from fastblt.engines.engine_cache import ENGINES_DIR, rebuild_hint
 from fastblt.engines.profiles import Profile, named_sizes, select_profile
 from fastblt.engines.trt_build import EngineFromPath, current_machine, require_tensorrt, trt_availability
@@ -135,18 +137,23 @@ class StepRunner:
         # per context: the shape and address last bound to each tensor (bind only what changed)
         self.bound: list[dict[str, tuple]] = [{} for _ in self.contexts]
         self.device_buffers = Buffers(device)
-        self.host_buffers = Buffers("cpu", pin=torch.device(device).type == "cuda")
         self._preallocate()
 
     def _preallocate(self) -> None:
-        """Buffers for the largest profile's `opt` sizes; larger calls grow them (rarely)."""
+        """Output buffers for the largest profile's `opt` sizes; larger calls grow them (rarely).
+        Input buffers are allocated on first use: feeds already on the device need none."""
         p = max(self.profiles, key=Profile.volume)
         sizes = {d: r.opt for d, r in p.dims.items()}
-        for t in (*self.spec.inputs, *self.spec.outputs):
-            shape = resolved_shape(t, sizes)
-            self.device_buffers.view(t.name, shape, TORCH_DTYPES[t.dtype])
-            if t in self.spec.outputs:
-                self.host_buffers.view(t.name, shape, TORCH_DTYPES[t.dtype])
+        for t in self.spec.outputs:
+            self.device_buffers.view(t.name, resolved_shape(t, sizes), TORCH_DTYPES[t.dtype])
+
+    def _input_address(self, name: str, x: torch.Tensor) -> int:
+        """A feed on this device is bound where it is; anything else is copied to a buffer."""
+        if x.device == self.device_buffers.device and x.is_contiguous():
+            return x.data_ptr()
+        dev = self.device_buffers.view(name, x.shape, x.dtype)
+        dev.copy_(x, non_blocking=True)
+        return dev.data_ptr()
 
     def _bind(self, i: int, name: str, shape: tuple[int, ...] | None, ptr: int) -> bool:
         """Set an input's shape (shape not None) and a tensor's address on context i when they
@@ -164,7 +171,7 @@ class StepRunner:
         return changed
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Feeds (host or device tensors, spec dtypes) -> host outputs (valid until the next run)."""
+        """Feeds (host or device tensors, spec dtypes) -> device outputs (valid until the next run)."""
         spec = self.spec
         sizes = named_sizes(spec.name, spec.inputs, {t.name: feeds[t.name].shape for t in spec.inputs})
         i = select_profile(spec.name, self.profiles, sizes)
@@ -174,9 +181,7 @@ class StepRunner:
             reshaped = False
             for t in spec.inputs:
                 x = feeds[t.name]
-                dev = self.device_buffers.view(t.name, x.shape, TORCH_DTYPES[t.dtype])
-                dev.copy_(x, non_blocking=True)
-                reshaped |= self._bind(i, t.name, tuple(x.shape), dev.data_ptr())
+                reshaped |= self._bind(i, t.name, tuple(x.shape), self._input_address(t.name, x))
             for t in spec.outputs:
                 shape = resolved_shape(t, sizes)
                 if reshaped and tuple(ctx.get_tensor_shape(t.name)) != shape:
@@ -189,12 +194,8 @@ class StepRunner:
                 outputs[t.name] = dev
             if not ctx.execute_async_v3(self.stream):
                 raise InternalError(f"step {spec.name}: execute_async_v3 failed (see the TensorRT log)")
-            host = {}
-            for name, dev in outputs.items():
-                host[name] = self.host_buffers.view(name, dev.shape, dev.dtype)
-                host[name].copy_(dev, non_blocking=True)
-        self.sync()  # host sync: the caller reads the outputs on the host
-        return host
+        self.sync()  # the caller may read the outputs on any stream, or copy them to the host
+        return outputs
 
 
 class TrtBackend(Backend):
@@ -230,6 +231,7 @@ class TrtBackend(Backend):
         from fastblt.export.manifest import read_manifest, verify_specs
 
         trt = require_tensorrt()  # BackendUnavailable with the reason when there is no TRT / CUDA
+        self.device = resolve_device(self.device)  # "cuda" -> "cuda:N": feeds there are bound in place
         export = read_manifest(self.artifacts_dir)
         verify_specs(export, self.specs, str(self.artifacts_dir / "manifest.json"))
         stream, on_stream, sync = _cuda_stream(self.device)
@@ -261,7 +263,14 @@ def _cuda_stream(device: torch.device) -> tuple[int, Callable[[], contextlib.Abs
     if device.type != "cuda":
         raise InputError(f"backend trt: device {device} is not a CUDA device")
     s = torch.cuda.Stream(device=device)
-    return s.cuda_stream, lambda: torch.cuda.stream(s), s.synchronize
+
+    @contextlib.contextmanager
+    def on_stream() -> Iterator[None]:
+        s.wait_stream(torch.cuda.current_stream(device))  # the caller's writes to the feeds come first
+        with torch.cuda.stream(s):
+            yield
+
+    return s.cuda_stream, on_stream, s.synchronize
 
 
 register("trt", TrtBackend, trt_availability)

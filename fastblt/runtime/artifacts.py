@@ -55,8 +55,9 @@ def source_hash(g: Generator) -> str:
     return model_hash(g.model)
 
 
-def engine_from_artifacts(g, backend: str, factory, artifacts, max_context, threads, cache_dir) -> _Engine:
-    """The _Engine of a graph backend: artifacts checked against the checkpoint, or exported."""
+def engine_from_artifacts(g, backend: str, factory, artifacts, max_context, threads, cache_dir, extra=None) -> _Engine:
+    """The _Engine of a graph backend: artifacts checked against the checkpoint, or exported.
+    `extra`: more keyword arguments for the backend (trt: device)."""
     from fastblt.runtime.generator import DEFAULT_MAX_CONTEXT, _Engine
 
     if artifacts is None:
@@ -75,7 +76,7 @@ def engine_from_artifacts(g, backend: str, factory, artifacts, max_context, thre
     specs = step_specs(g.config, capacity, patch_capacity, dtype)
     recorded = manifest["checkpoint"].get("hash")
     check_config(manifest, g.config.to_dict(), directory)
-    engine_backend = factory(specs, directory, threads=threads).activate()
+    engine_backend = factory(specs, directory, threads=threads, **(extra or {})).activate()
     engine = _Engine(engine_backend, g.config, capacity, patch_capacity)
     if recorded != source_hash(g):
         if g.checkpoint_path is not None:

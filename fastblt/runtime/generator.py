@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fastblt.engines.base import Backend, backend_factory
+from fastblt.engines.base import Backend, backend_factory, resolve_device
 from fastblt.errors import InputError
 from fastblt.export.spec import step_specs
 from fastblt.model.blt import BltModel
@@ -93,6 +93,9 @@ class Generator:
             manifest decides; a different value is an error. Default 4096.
         threads: intra-op threads of the backend (None: the backend's default).
         cache_dir: where first-use exports go (default ~/.cache/fastblt).
+        device: where the torch or trt backend computes and the caches live ("cpu", "cuda",
+            "cuda:1"); None: the torch backend's model's device, trt's "cuda". The ort backend
+            computes where its execution providers run.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class Generator:
         max_context: int | None = None,
         threads: int | None = None,
         cache_dir: str | Path | None = None,
+        device: str | None = None,
     ):
         if backend not in BACKENDS:
             raise InputError(f"backend {backend!r}: unknown; choose one of {', '.join(BACKENDS)}")
@@ -114,12 +118,17 @@ class Generator:
             raise InputError("checkpoint: has no entropy model; the runtime patches with it")
         self.backend_name = backend
         self.params = self.model.num_params()
-        self.engine = _make_engine(self, backend, artifacts, max_context, threads, cache_dir)
+        self.engine = _make_engine(self, backend, artifacts, max_context, threads, cache_dir, device)
 
     # ------------------------------------------------------------------ public API
     @property
     def capacity(self) -> int:
         return self.engine.capacity
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backend computes and this Generator's caches live."""
+        return self.engine.backend.device
 
     def generate(self, prompt: str | bytes, mode: str = "blt-d", max_bytes: int = 256, **options: Any) -> Generation:
         """Generate up to `max_bytes` ids after `prompt` (str: UTF-8; bytes: as is).
@@ -254,14 +263,22 @@ def _make_engine(
     max_context: int | None,
     threads: int | None,
     cache_dir: str | Path | None,
+    device: str | None,
 ) -> _Engine:
     factory = backend_factory(backend)  # unknown / unavailable backends fail here, with the reason
+    if device is not None and backend == "ort" and resolve_device(device).type != "cpu":
+        raise InputError(
+            f"device {device!r}: the ort backend computes where its execution providers run; "
+            "choose backend 'torch' or 'trt' to pick a GPU"
+        )
     if backend == "torch":
         if artifacts is not None:
             raise InputError("artifacts: the torch backend runs the checkpoint itself; pass artifacts only for ort/trt")
         capacity = max_context or DEFAULT_MAX_CONTEXT
         specs = step_specs(g.config, capacity, capacity)
-        return _Engine(factory(specs, g.model, threads=threads).activate(), g.config, capacity, capacity)
+        torch_backend = factory(specs, g.model, threads=threads, device=device).activate()
+        return _Engine(torch_backend, g.config, capacity, capacity)
     from fastblt.runtime import artifacts as arts
 
-    return arts.engine_from_artifacts(g, backend, factory, artifacts, max_context, threads, cache_dir)
+    extra = {"device": device} if backend == "trt" and device is not None else {}
+    return arts.engine_from_artifacts(g, backend, factory, artifacts, max_context, threads, cache_dir, extra)

@@ -32,9 +32,12 @@ from fastblt.model.patching import closes_patch
 KV = list[tuple[Tensor, Tensor]]
 
 
-def _zeros_kv(cfg: StackConfig, length: int, dtype: torch.dtype) -> KV:
+def _zeros_kv(cfg: StackConfig, length: int, dtype: torch.dtype, device: torch.device) -> KV:
     shape = (1, cfg.n_heads, length, cfg.head_dim)
-    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(cfg.n_layers)]
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(cfg.n_layers)
+    ]
 
 
 def _feed_kv(feeds: dict[str, Tensor], prefix: str, kv: KV) -> None:
@@ -83,7 +86,11 @@ class IncrementalHasher:
 
 
 class SequenceState:
-    """One sequence (batch 1) over a backend. Not thread-safe: one state per generation call."""
+    """One sequence (batch 1) over a backend. Not thread-safe: one state per generation call.
+
+    Caches and byte states live on `backend.device`, so a step moves only its small feeds there
+    and its new cache entries stay there; logits and entropies come back to the host.
+    """
 
     def __init__(
         self,
@@ -99,16 +106,17 @@ class SequenceState:
         self.capacity, self.patch_capacity = capacity, patch_capacity
         specs: dict[str, StepSpec] = backend.specs
         dtype = TORCH_DTYPES[specs["encoder"].input("past.0.k").dtype]
-        self.dtype = dtype
+        self.dtype, self.device = dtype, backend.device
+        dev = self.device
         self.caches = {
-            "entropy": _zeros_kv(config.entropy, capacity, dtype),
-            "encoder": _zeros_kv(config.encoder, capacity, dtype),
-            "global": _zeros_kv(config.global_model, patch_capacity, dtype),
-            "decoder": _zeros_kv(config.decoder, capacity, dtype),
+            "entropy": _zeros_kv(config.entropy, capacity, dtype, dev),
+            "encoder": _zeros_kv(config.encoder, capacity, dtype, dev),
+            "global": _zeros_kv(config.global_model, patch_capacity, dtype, dev),
+            "decoder": _zeros_kv(config.decoder, capacity, dtype, dev),
         }
         cross_shape = (1, patch_capacity, config.cross_attn_k, config.decoder.dim)
         self.cross: KV = [
-            (torch.zeros(cross_shape, dtype=dtype), torch.zeros(cross_shape, dtype=dtype))
+            (torch.zeros(cross_shape, dtype=dtype, device=dev), torch.zeros(cross_shape, dtype=dtype, device=dev))
             for _ in range(config.decoder_cross_layers)
         ]
         self.tokens = np.zeros(capacity, dtype=np.int64)
@@ -116,7 +124,7 @@ class SequenceState:
         self.closes = np.zeros(capacity, dtype=bool)  # byte i ends its patch
         self.closed = np.zeros(capacity + 1, dtype=np.int64)  # closed[i]: patches closed at bytes < i
         self.patch_len = np.zeros(capacity, dtype=np.int64)  # bytes of i's patch up to and including i
-        self.h = torch.zeros(capacity, config.encoder.dim, dtype=dtype)  # encoder byte states
+        self.h = torch.zeros(capacity, config.encoder.dim, dtype=dtype, device=dev)  # encoder byte states
         self.hasher = IncrementalHasher(config)
         self.n = 0
         self.g_len = 0
@@ -141,7 +149,12 @@ class SequenceState:
 
     # ------------------------------------------------------------------ helpers
     def _start(self, at: int) -> Tensor:
-        return torch.tensor([at], dtype=torch.int32)
+        return self._ids([at])
+
+    def _ids(self, values: np.ndarray | list[int]) -> Tensor:
+        """Host ints -> an int32 tensor (1, S) on the backend's device ((1,) for a list of one)."""
+        x = torch.from_numpy(np.asarray(values, dtype=np.int32))
+        return x if self.device.type == "cpu" else x.to(self.device, non_blocking=True)
 
     def _need_room(self, end: int) -> None:
         if end > self.capacity:
@@ -154,12 +167,12 @@ class SequenceState:
 
     # ------------------------------------------------------------------ the four stacks
     def run_entropy(self, at: int, tokens: np.ndarray) -> np.ndarray:
-        feeds = {"tokens": torch.from_numpy(tokens.astype(np.int32)).view(1, -1), "start": self._start(at)}
+        feeds = {"tokens": self._ids(tokens).view(1, -1), "start": self._start(at)}
         _feed_kv(feeds, "past", self.caches["entropy"])
         with self.lock:
             out = self._run("entropy", feeds, len(tokens))
             _write(self.caches["entropy"], out, "present", at)
-            return out["entropies"][0].float().numpy().copy()
+            return out["entropies"][0].float().cpu().numpy().copy()
 
     def run_encoder(self, at: int, tokens: np.ndarray) -> None:
         """Encoder states for tokens placed at positions at.. (writes self.h and the encoder cache)."""
@@ -173,8 +186,8 @@ class SequenceState:
         else:
             hash_ids = hash_ids_numpy(tokens.reshape(1, -1), self.config, history.reshape(1, -1))
         feeds = {
-            "tokens": torch.from_numpy(tokens.astype(np.int32)).view(1, -1),
-            "hash_ids": torch.from_numpy(hash_ids),
+            "tokens": self._ids(tokens).view(1, -1),
+            "hash_ids": self._ids(hash_ids),
             "start": self._start(at),
         }
         _feed_kv(feeds, "past", self.caches["encoder"])
@@ -188,12 +201,12 @@ class SequenceState:
         if at + len(spans) > self.patch_capacity:
             raise InputError(f"sequence: {at + len(spans)} patches exceed the patch capacity {self.patch_capacity}")
         L = max(e - s for s, e in spans)
-        patch_bytes = torch.zeros(1, len(spans), L, self.config.encoder.dim, dtype=self.dtype)
+        patch_bytes = torch.zeros(1, len(spans), L, self.config.encoder.dim, dtype=self.dtype, device=self.device)
         for j, (s, e) in enumerate(spans):
             patch_bytes[0, j, : e - s] = self.h[s:e]
         feeds = {
             "patch_bytes": patch_bytes,
-            "patch_lens": torch.tensor([[e - s for s, e in spans]], dtype=torch.int32),
+            "patch_lens": self._ids([e - s for s, e in spans]).view(1, -1),
             "start": self._start(at),
         }
         _feed_kv(feeds, "past", self.caches["global"])
@@ -208,7 +221,7 @@ class SequenceState:
         """Causal decoder over byte states h[at:at+S] -> logits (S, V); writes the decoder cache."""
         feeds = {
             "h": self.h[at : at + S].unsqueeze(0),
-            "read_patch": torch.from_numpy(read_patch.astype(np.int32)).view(1, -1),
+            "read_patch": self._ids(read_patch).view(1, -1),
             "start": self._start(at),
         }
         _feed_kv(feeds, "past", self.caches["decoder"])
@@ -216,7 +229,7 @@ class SequenceState:
         with self.lock:
             out = self._run("decoder", feeds, S)
             _write(self.caches["decoder"], out, "present", at)
-            return out["logits"][0].clone()
+            return out["logits"][0].to("cpu", copy=True)
 
     def run_block(self, block_ids: np.ndarray, read_patch: int, at: int | None = None) -> Tensor:
         """The diffusion head on a block at positions at..at+B-1 (default at = n) -> logits (B, V).
@@ -229,14 +242,14 @@ class SequenceState:
             raise InputError(f"run_block: block start {at} is outside [0, {self.n}]")
         self._need_room(at + len(block_ids))
         feeds = {
-            "block_ids": torch.from_numpy(block_ids.astype(np.int32)).view(1, -1),
+            "block_ids": self._ids(block_ids).view(1, -1),
             "start": self._start(at),
-            "read_patch": torch.tensor([read_patch], dtype=torch.int32),
+            "read_patch": self._ids([read_patch]),
         }
         _feed_kv(feeds, "past", self.caches["decoder"])
         _feed_kv(feeds, "cross", self.cross)
         with self.lock:
-            return self._run("decoder_block", feeds, len(block_ids))["logits"][0].clone()
+            return self._run("decoder_block", feeds, len(block_ids))["logits"][0].to("cpu", copy=True)
 
     # ------------------------------------------------------------------ sequence operations
     def append(self, tokens: list[int] | np.ndarray, encoded: bool = False, close_open: bool = False) -> Tensor:

@@ -97,6 +97,9 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
     show_default=True,
     help="Intra-op threads of torch and onnxruntime (small step graphs run fastest on one; raise it for big models).",
 )
+@click.option(
+    "--device", default=None, help="Where the torch and trt candidates run (cpu, cuda, cuda:1); the reference: CPU."
+)
 @click.option("--save-inputs", type=click.Path(path_type=Path), default=None, help="Write feeds (polygraphy JSON).")
 @click.option("--load-inputs", type=click.Path(path_type=Path), default=None, help="Replay feeds from --save-inputs.")
 @click.option("--save-outputs", type=click.Path(path_type=Path), default=None, help="Write outputs (RunResults).")
@@ -122,6 +125,7 @@ def validate(
     no_layers: bool,
     seed: int,
     threads: int,
+    device: str | None,
     save_inputs: Path | None,
     load_inputs: Path | None,
     save_outputs: Path | None,
@@ -170,6 +174,7 @@ def _run(**kw) -> int:
         layers=not kw["no_layers"],
         seed=kw["seed"],
         threads=kw["threads"],
+        device=kw["device"],
         atol=kw["atol"],
         save_inputs=kw["save_inputs"],
         load_inputs=kw["load_inputs"],

@@ -39,7 +39,7 @@ from fastblt.export.spec import StepSpec
 from fastblt.model.blt import BltModel
 from fastblt.model.tokenizer import encode
 from fastblt.validate.metrics import REDUCED_DTYPES, Tolerances, check_finite, compare, to_numpy
-from fastblt.validate.recording import RecordingBackend, clone_outputs, sparse_schedule
+from fastblt.validate.recording import RecordingBackend, host_copies, sparse_schedule
 from fastblt.validate.report import Report
 
 CHUNK_SIZES = (1, 2, 7)  # plus the diffusion block size (8 for a plain BLT)
@@ -290,7 +290,7 @@ def graph_parity(
         feeds = round_trip(case.make(), run.dtype)
         outs: dict[str, dict[str, Tensor]] = {}
         try:
-            ref_out = clone_outputs(reference.run_step(case.step, cast_feeds(feeds, reference.specs[case.step])))
+            ref_out = host_copies(reference.run_step(case.step, cast_feeds(feeds, reference.specs[case.step])))
         except Exception as e:  # noqa: BLE001 - a reference that cannot run the case is reported, not raised
             report.error(f"{run.reference} | {case.step} | {case.label}: the reference raised {_one_line(e)}")
             continue
@@ -301,7 +301,7 @@ def graph_parity(
         for name, backend in candidates.items():
             pair = (run.reference, name)
             try:
-                out = clone_outputs(backend.run_step(case.step, cast_feeds(feeds, backend.specs[case.step])))
+                out = host_copies(backend.run_step(case.step, cast_feeds(feeds, backend.specs[case.step])))
             except Exception as e:  # noqa: BLE001 - reported as this graph's failure on this backend
                 report.error(f"{name} | {case.step} | {case.label}: raised {_one_line(e)}")
                 continue

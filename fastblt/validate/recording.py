@@ -53,7 +53,7 @@ class RecordingBackend(Backend):
     ):
         super().__init__(inner.specs)
         self.inner = inner
-        self.name = inner.name
+        self.name, self.device = inner.name, inner.device
         self.select = select
         self.max_per_step = max_per_step
         self.trace_enabled = trace
@@ -73,13 +73,12 @@ class RecordingBackend(Backend):
         self._seen[step] = i + 1
         if self.select is not None and self._kept.get(step, 0) < self.max_per_step and self.select(step, i):
             self._kept[step] = self._kept.get(step, 0) + 1
-            self.recorded.append((step, i, {k: v.detach().clone() for k, v in feeds.items()}))
+            self.recorded.append((step, i, host_copies(feeds)))
         out = self.inner.run_step(step, feeds, check=False)
         if self.trace_enabled:
             new = _new_positions(step, feeds)
             start = [int(s) for s in feeds["start"].reshape(-1).tolist()]
-            copies = {k: v.detach().clone() for k, v in out.items()}
-            self.trace.append(TraceCall(len(self.trace), step, start, new, copies))
+            self.trace.append(TraceCall(len(self.trace), step, start, new, host_copies(out)))
         return out
 
 
@@ -90,6 +89,10 @@ def _new_positions(step: str, feeds: dict[str, Tensor]) -> int:
     return -1
 
 
-def clone_outputs(out: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Backends own their output buffers until their next call: keep copies."""
-    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in out.items()}
+def host_copies(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copies on the host: backends own their outputs until their next call, the runtime reuses
+    its cache buffers in place, and a backend may keep either on a GPU."""
+    return {
+        k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+        for k, v in tensors.items()
+    }

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fastblt.engines.base import TORCH_DTYPES, Backend, available, backend_factory
+from fastblt.engines.base import TORCH_DTYPES, Backend, available, backend_factory, resolve_device
 from fastblt.errors import BackendUnavailable, InputError, ManifestMismatch
 from fastblt.export.spec import StepSpec, step_specs
 from fastblt.model.blt import BltModel
@@ -68,6 +68,7 @@ class ValidateOptions:
     layers: bool = True  # localise failed graphs per layer
     seed: int = 0
     threads: int | None = None
+    device: str | None = None  # candidates torch / trt compute here; the reference stays on the CPU
     atol: float | None = None  # fp32 max-abs gate; None: 1e-4 (DESIGN.md)
     save_inputs: Path | None = None
     load_inputs: Path | None = None
@@ -94,6 +95,8 @@ class ValidateOptions:
             raise InputError(f"--modes {','.join(bad_modes)}: unknown; choose from {', '.join(MODES)}")
         if self.reference == "hf" and self.dtype not in (None, "float32"):
             raise InputError(f"--reference hf compares in fp32 (transformers' reference path), not {self.dtype}")
+        if self.device is not None:
+            resolve_device(self.device)  # InputError now, not a backend error later
         if self.max_bytes < 1 or self.capacity < 16:
             raise InputError("--max-bytes must be >= 1 and --capacity >= 16")
 
@@ -167,7 +170,7 @@ def _validate_torch_reference(
         }
     )
     cand_model = _model_in(model, dtype)
-    candidates = _candidates(runnable, specs, cand_model, artifacts, dtype, opts.threads, report)
+    candidates = _candidates(runnable, specs, cand_model, artifacts, dtype, opts.threads, report, opts.device)
     candidates.update(opts.extra_candidates)
     report.meta["backends_run"] = list(candidates)
     if not candidates:
@@ -212,13 +215,16 @@ def _candidates(
     dtype: str,
     threads: int | None,
     report: Report,
+    device: str | None = None,
 ) -> dict[str, Backend]:
     """Start each candidate backend. One that cannot load the graphs is an error of the report,
     except bf16 graphs on an onnxruntime without bf16 kernels (the CPU build): skipped, with why."""
     candidates = {}
     for name in names:
         try:
-            candidates[name] = _backend(name, specs, model, artifacts, threads)
+            backend = _backend(name, specs, model, artifacts, threads, device)
+            # a torch candidate on a GPU is not the reference: say where it ran
+            candidates[name if backend.device.type == "cpu" or name != "torch" else f"torch@{backend.device}"] = backend
         except BackendUnavailable as e:
             report.skip(name, str(e))
         except Exception as e:  # noqa: BLE001 - a backend that cannot load the graphs is a finding
@@ -242,14 +248,20 @@ def _model_in(model: BltModel, dtype: str) -> BltModel:
 
 
 def _backend(
-    name: str, specs: dict[str, StepSpec], model: BltModel, artifacts: Path | None, threads: int | None
+    name: str,
+    specs: dict[str, StepSpec],
+    model: BltModel,
+    artifacts: Path | None,
+    threads: int | None,
+    device: str | None = None,
 ) -> Backend:
     factory = backend_factory(name)
     if name == "torch":
-        return factory(specs, model, threads=threads).activate()
+        return factory(specs, model, threads=threads, device=device).activate()
     if artifacts is None:
         raise BackendUnavailable(f"backend {name}: needs exported artifacts (--artifacts DIR)")
-    return factory(specs, artifacts, threads=threads).activate()
+    extra = {"device": device} if name == "trt" and device is not None else {}
+    return factory(specs, artifacts, threads=threads, **extra).activate()
 
 
 def _specs(opts: ValidateOptions, config: BltConfig, manifest: dict | None) -> tuple[dict[str, StepSpec], str]:

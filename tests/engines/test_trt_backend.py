@@ -152,8 +152,28 @@ def test_one_context_per_profile_and_binding_only_on_change(fake_env, model):
     assert ctx.calls["set_tensor_address"] == calls["set_tensor_address"]
     assert ctx.calls["execute_async_v3"] == calls["execute_async_v3"] + 1
     assert all(torch.equal(out1[k], out2[k]) for k in out1)
-    # outputs are host tensors owned by the backend (reused by the next call of the step)
-    assert out2["h"].device.type == "cpu" and out2["h"].data_ptr() == trt.run_step("encoder", feeds)["h"].data_ptr()
+    # outputs are tensors on the backend's device, owned by it (reused by the next call of the step)
+    assert out2["h"].device == trt.device and out2["h"].data_ptr() == trt.run_step("encoder", feeds)["h"].data_ptr()
+
+
+def test_feeds_on_the_device_are_bound_in_place_and_others_copied(fake_env, model):
+    """The runtime's static caches live on the backend's device: binding them must not copy."""
+    _, art, specs = fake_env
+    trt = trt_backend.TrtBackend(specs, art, device="cpu").activate()
+    runner = trt.runners["decoder"]
+    feeds = random_feeds(specs["decoder"], model, [5], 3, seed=2)
+    cache = feeds["past.0.k"]
+    strided = feeds["h"].transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
+    assert not strided.is_contiguous()
+    feeds["h"] = strided
+    out = {k: v.clone() for k, v in trt.run_step("decoder", feeds).items()}
+    (ctx,) = [c for c in runner.contexts if c.calls["execute_async_v3"]]
+    addresses = ctx.addresses
+    assert addresses["past.0.k"] == cache.data_ptr()  # in place
+    assert addresses["h"] != strided.data_ptr()  # copied into a contiguous buffer
+    with torch.no_grad():
+        want = run_named_step(model, "decoder", {**feeds, "h": strided.contiguous()})
+    assert all(torch.equal(out[k], want[k]) for k in want)
 
 
 def test_buffers_grow_past_opt_and_outputs_stay_correct(fake_env, model):

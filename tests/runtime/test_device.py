@@ -1,0 +1,102 @@
+"""Devices: the runtime keeps its caches where the backend computes.
+
+On the CPU: device arguments are checked up front and never move the caller's model. With
+`-m gpu` on a CUDA machine: a torch backend on the GPU keeps every cache there and generates
+what the CPU generates, byte for byte, in every mode; `fastblt validate --device cuda` passes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from runtime_refs import PROMPTS, tiny_model
+
+from fastblt.engines.base import resolve_device
+from fastblt.engines.torch_backend import TorchBackend
+from fastblt.errors import InputError
+from fastblt.export.spec import step_specs
+from fastblt.runtime.generator import Generator
+from fastblt.runtime.state import SequenceState
+
+MODES = ("ar", "blt-s", "blt-d", "blt-dv")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
+@pytest.mark.parametrize(
+    "device, match",
+    [
+        ("gpu", "device 'gpu': not a torch device"),
+        ("mps", "device 'mps': fastblt runs on cpu or cuda"),
+        ("cuda:99", "device 'cuda:99': "),
+    ],
+)
+def test_bad_devices_are_named(device, match):
+    with pytest.raises(InputError, match=match):
+        resolve_device(device)
+    with pytest.raises(InputError, match=match):
+        Generator(tiny_model(), backend="torch", max_context=64, device=device)
+
+
+def test_ort_does_not_take_a_gpu_device():
+    dev = "cuda" if torch.cuda.is_available() else "cuda:0"
+    with pytest.raises(InputError, match="device 'cuda.*"):
+        Generator(tiny_model(), backend="ort", max_context=64, device=dev)
+
+
+def test_a_device_copy_leaves_the_callers_model_alone():
+    model = tiny_model()
+    specs = step_specs(model.config, 32, 32)
+    backend = TorchBackend(specs, model, device="cpu")
+    assert backend.model is model  # already there: no copy
+    assert backend.device == next(model.parameters()).device
+
+
+def test_state_buffers_live_on_the_backend_device():
+    model = tiny_model()
+    backend = TorchBackend(step_specs(model.config, 32, 32), model, device="cpu")
+    state = SequenceState(backend, model.config, 32, 32)
+    buffers = [state.h, *(t for kv in state.caches.values() for pair in kv for t in pair)]
+    buffers += [t for pair in state.cross for t in pair]
+    assert {b.device for b in buffers} == {backend.device}
+    logits = state.append([1, 72, 105])
+    assert logits.device.type == "cpu" and logits.shape == (3, model.config.vocab_size)
+
+
+# ------------------------------------------------------------------------------ on a GPU
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_state_keeps_every_buffer_on_the_gpu():
+    model = tiny_model()
+    backend = TorchBackend(step_specs(model.config, 64, 64), model, device="cuda")
+    assert next(model.parameters()).device.type == "cpu"  # the caller's model did not move
+    state = SequenceState(backend, model.config, 64, 64)
+    buffers = [state.h, *(t for kv in state.caches.values() for pair in kv for t in pair)]
+    assert {b.device.type for b in buffers} == {"cuda"}
+    cpu = SequenceState(TorchBackend(step_specs(model.config, 64, 64), model), model.config, 64, 64)
+    ids = [1, *b"def main(argv):"]
+    assert torch.allclose(state.append(ids), cpu.append(ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_generation_on_cuda_equals_cpu(mode):
+    model = tiny_model()
+    on_cpu = Generator(model, backend="torch", max_context=256)
+    on_gpu = Generator(model, backend="torch", max_context=256, device="cuda")
+    assert on_gpu.device.type == "cuda"
+    for prompt in PROMPTS[:4]:
+        want = on_cpu.generate(prompt, mode=mode, max_bytes=24, stop_on_eos=False)
+        got = on_gpu.generate(prompt, mode=mode, max_bytes=24, stop_on_eos=False)
+        assert got.ids == want.ids, (mode, prompt)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_validate_on_cuda_passes(tmp_path):
+    from fastblt.validate.run import ValidateOptions, validate
+
+    opts = ValidateOptions(backends=("torch",), device="cuda", capacity=128, max_bytes=16, cache_dir=tmp_path)
+    report = validate(opts, model=tiny_model())
+    assert report.compared > 0 and bool(report), report.failures()[:5]
+    assert any(name.startswith("torch@cuda") for name in report.meta["backends_run"])
