@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET
 from fastblt.runtime.generator import Generator
 
@@ -53,12 +54,19 @@ VARIANTS = (
 
 def bench_prompts(n: int, prompt_bytes: int = PROMPT_BYTES) -> list[tuple[str, bytes]]:
     """Fixed prompts: from held-out stdlib files, the `prompt_bytes` bytes that end right after
-    the first method header ("\\n    def ") past that offset (the model goes on with its name)."""
-    from fastblt.model.corpus import stdlib_dir
+    the first method header ("\\n    def ") past that offset (the model goes on with its name).
 
+    BENCH_FILES first; files this Python lacks (lib2to3 is gone from 3.13, and from some 3.12
+    builds) are replaced by the next held-out files, in the committed list's order."""
+    from fastblt.model.corpus import read_heldout_list, stdlib_dir
+
+    root = stdlib_dir()
+    names = [f for f in dict.fromkeys([*BENCH_FILES, *read_heldout_list()]) if (root / f).is_file()]
+    if len(names) < n:
+        raise InputError(f"{root}: only {len(names)} of the held-out files exist here; the bench needs {n}")
     out = []
-    for name in BENCH_FILES[:n]:
-        data = (stdlib_dir() / name).read_bytes()
+    for name in names[:n]:
+        data = (root / name).read_bytes()
         end = data.find(b"\n    def ", prompt_bytes)
         end = len(data) if end < 0 else end + len(b"\n    def ")
         out.append((name, data[max(0, end - prompt_bytes) : end]))
@@ -151,6 +159,8 @@ class BenchConfig:
     hf_prompts: int = 1
     comparison: bool = True  # the block-start / drafting variants (on the first backend)
     cache_dir: str | None = None
+    device: str | None = None  # torch / trt backends (ort runs where its providers run)
+    artifacts: str | None = None  # trt: the export with its engines (ort exports into the cache itself)
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
@@ -164,8 +174,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
         log(f"[{backend}] starting (first use may export the graphs)")
         t0 = time.perf_counter()
         g = Generator(
-            cfg.checkpoint, backend=backend, max_context=cfg.max_context, threads=cfg.threads, cache_dir=cfg.cache_dir
+            cfg.checkpoint,
+            backend=backend,
+            max_context=cfg.max_context,
+            threads=cfg.threads,
+            cache_dir=cfg.cache_dir,
+            device=cfg.device if backend != "ort" else None,
+            artifacts=cfg.artifacts if backend == "trt" else None,
         )
+        result["meta"].setdefault("devices", {})[backend] = _device_label(g.device)
         result["meta"].setdefault("backend_setup_s", {})[backend] = time.perf_counter() - t0
         model = g.model
         variants = [v for v in VARIANTS if v.main or (cfg.comparison and bi == 0)]
@@ -300,6 +317,12 @@ def _version(pkg: str) -> str | None:
         return version(pkg)
     except Exception:  # noqa: BLE001 - only a label
         return None
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def _meta(cfg: BenchConfig, prompts: list[tuple[str, bytes]]) -> dict:

@@ -46,6 +46,13 @@ CALL_COST_NOTE = (
 )
 
 
+def _devices_note(meta: dict) -> str:
+    devices = meta.get("devices", {})
+    if all(d == "cpu" for d in devices.values()):
+        return ""
+    return " Devices: " + ", ".join(f"{b} on {d}" for b, d in devices.items()) + "."
+
+
 def render_markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
@@ -55,7 +62,7 @@ def render_markdown(result: dict) -> str:
         f"(load average at start {', '.join(f'{x:.1f}' for x in meta['load_avg_at_start'])}; the machine is shared), "
         f"{meta['threads']} intra-op thread(s) for every engine, batch 1, {meta['max_bytes']} new bytes per prompt "
         f"(EOS ignored), cache capacity {meta['max_context']}, checkpoint `{meta['checkpoint']}`. "
-        f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}.",
+        f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}." + _devices_note(meta),
         "",
         "Prompts: " + ", ".join(f"`{p['file']}` ({p['bytes']} B)" for p in meta["prompts"]) + " (held-out files).",
         "",
@@ -136,7 +143,7 @@ def notes_for(result: dict) -> list[str]:
         elif t["target"].startswith("host"):
             line += " Host time is hashing, patch bookkeeping, feeds and cache writes in Python."
         notes.append(line)
-    if explained_cost:
+    if explained_cost and all(d == "cpu" for d in result["meta"].get("devices", {}).values()):
         notes.append(CALL_COST_NOTE)
     return notes + block_start_notes(result)
 
@@ -229,6 +236,8 @@ def save_chart(result: dict, path: Path) -> None:
 @click.option(
     "--threads", type=int, default=1, show_default=True, help="Intra-op threads of every engine and the peer."
 )
+@click.option("--device", default=None, help="torch/trt backends: cpu, cuda, cuda:1 (ort: its providers decide).")
+@click.option("--artifacts", default=None, help="trt: the export directory holding the engines (fastblt build).")
 @click.option("--hf/--no-hf", default=True, show_default=True, help="Run the transformers peer.")
 @click.option("--hf-prompts", type=click.IntRange(1, 3), default=1, show_default=True)
 @click.option("--comparison/--no-comparison", default=True, show_default=True, help="Block-start / drafting variants.")
@@ -236,8 +245,9 @@ def save_chart(result: dict, path: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record instead of the markdown table.")
 @click.option("--render", default=None, help="Re-render a saved runtime_bench.json (no measurement).")
 def bench(
-    checkpoint, backends, max_bytes, prompts, max_context, threads, hf, hf_prompts, comparison, out, as_json, render
-):
+    checkpoint, backends, max_bytes, prompts, max_context, threads, device, artifacts, hf, hf_prompts, comparison, out,
+    as_json, render,
+):  # fmt: skip
     """Benchmark every mode x backend on fixed prompts (+ the Hugging Face peer)."""
     from fastblt.runtime.bench import BenchConfig, evaluate_targets, run_bench
 
@@ -252,8 +262,9 @@ def bench(
     if bad or not names:
         raise click.BadParameter(f"{bad or backends!r}: choose from ort, torch, trt", param_hint="--backends")
     cfg = BenchConfig(
-        checkpoint, names, max_bytes, prompts, max_context, threads, hf, min(hf_prompts, prompts), comparison
-    )
+        checkpoint, names, max_bytes, prompts, max_context, threads, hf, min(hf_prompts, prompts), comparison,
+        device=device, artifacts=artifacts,
+    )  # fmt: skip
     result = run_bench(cfg, log=lambda s: click.echo(s, err=True))
     _save(result, Path(out), as_json)
 
