@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh: its skip path here (no TensorRT), and its check runner and report."""
+"""scripts/gpu_check.sh: its skip path here (no GPU), and its check runner and report."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastblt.engines.trt_build import trt_availability
 
@@ -23,17 +24,16 @@ def load_gpu_check():
     return mod
 
 
-def test_skips_with_one_line_and_exit_0_without_tensorrt(tmp_path):
-    status = trt_availability()
-    if status.available:
-        pytest.skip("TensorRT and a GPU are here: the skip path does not apply")
+def test_skips_with_one_line_and_exit_0_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the skip path does not apply")
     p = subprocess.run(
         ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")], capture_output=True, text=True
     )
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gpu_check: SKIP: TensorRT is not usable here: ")
-    assert status.reason in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: SKIP: no CUDA device here")
+    assert trt_availability().reason in lines[0]
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert report["verdict"] == "skipped" and report["checks"] == []
     assert "SKIPPED" in (tmp_path / "out" / "gpu_check.md").read_text()
@@ -75,3 +75,19 @@ def test_validate_summary_keeps_the_verdict_and_failures():
     gc.validate_summary(check)
     assert "verdict fail, 10 compared, 1 failed" in check.detail
     assert check.data["graphs_passed"] == {"torch vs trt": {"decoder": False, "encoder": True}}
+
+
+def test_bench_summary_lists_the_main_modes():
+    gc = load_gpu_check()
+    check = gc.Check("bench torch on cuda", "pass", detail="exit 0")
+    check.data = {
+        "rows": [
+            {"name": "ar", "bytes_per_s": 100.4},
+            {"name": "blt-s", "bytes_per_s": 250.0},
+            {"name": "blt-s/k16", "bytes_per_s": 300.0},
+        ],
+        "meta": {},
+        "targets": [],
+    }
+    gc.bench_summary(check)
+    assert check.detail == "exit 0; ar 100 B/s, blt-s 250 B/s"
