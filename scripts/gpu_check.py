@@ -4,7 +4,7 @@ On a machine with an NVIDIA GPU:
   1. the torch backend on the GPU (every cache on the device) against the    fastblt validate
      CPU reference: every graph, and greedy ar / blt-s / blt-d / blt-dv
      byte for byte                                                          --device cuda
-  2. its speed per mode                                                     fastblt bench --device cuda
+  2. its speed per mode, with CUDA graphs and eager                         fastblt bench --device cuda
 With TensorRT as well:
   3. export the checkpoint (default: the embedded one) in fp32 and fp16      fastblt export
   4. build one engine per graph, both dtypes                                 fastblt build
@@ -210,9 +210,10 @@ def cuda_checks(runner: Runner, args: argparse.Namespace) -> None:
     val += ["--capacity", str(args.max_context), "--max-bytes", str(args.max_bytes)]
     val += ["--report", str(args.out / "validate-cuda"), "--json"]
     validate_summary(runner.command("parity torch on cuda (fp32)", val, parse_json=True))
-    bench = ["bench", "--checkpoint", args.checkpoint, "--backends", "torch", "--device", "cuda", "--no-hf"]
-    bench += ["--out", str(args.out / "bench-cuda"), "--json"]
-    bench_summary(runner.command("bench torch on cuda", bench, parse_json=True))
+    bench = ["bench", "--checkpoint", args.checkpoint, "--backends", "torch", "--device", "cuda", "--no-hf", "--json"]
+    bench_summary(runner.command("bench torch on cuda", bench + ["--out", str(args.out / "bench-cuda")], True))
+    eager = bench + ["--no-cuda-graphs", "--no-comparison", "--out", str(args.out / "bench-cuda-eager")]
+    bench_summary(runner.command("bench torch on cuda, eager", eager, parse_json=True))
 
 
 def trt_checks(runner: Runner, args: argparse.Namespace) -> None:

@@ -129,3 +129,14 @@ def step_specs(config: BltConfig, capacity: int, patch_capacity: int, dtype: str
             "decoder",
         )
     return specs
+
+
+NEW_POSITION_INPUTS = ("tokens", "h", "block_ids", "patch_lens")  # dim 1 of each: the call's S (Pn)
+
+
+def new_positions(feeds: dict) -> int:
+    """How many positions (patches, for the global step) a call computes; -1 if no input says."""
+    for name in NEW_POSITION_INPUTS:
+        if name in feeds:
+            return int(feeds[name].shape[1])
+    return -1

@@ -43,9 +43,18 @@ def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
     return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _inv_freq_on(head_dim: int, theta: float, device: torch.device) -> Tensor:
+    """The same constant, copied to an accelerator once (a copy per call would also break CUDA graph capture)."""
+    return torch.from_numpy(_inv_freq(head_dim, theta)).to(device)
+
+
 def rope_angles(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos/sin tables for integer positions (..., S) -> (..., S, head_dim/2), fp32."""
-    inv_freq = torch.from_numpy(_inv_freq(head_dim, float(theta))).to(positions.device)
+    if positions.device.type == "cpu":
+        inv_freq = torch.from_numpy(_inv_freq(head_dim, float(theta)))
+    else:
+        inv_freq = _inv_freq_on(head_dim, float(theta), positions.device)
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
     return angles.cos(), angles.sin()
 

@@ -161,6 +161,7 @@ class BenchConfig:
     cache_dir: str | None = None
     device: str | None = None  # torch / trt backends (ort runs where its providers run)
     artifacts: str | None = None  # trt: the export with its engines (ort exports into the cache itself)
+    cuda_graphs: bool | None = None  # torch on CUDA (None: on)
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
@@ -181,8 +182,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
             cache_dir=cfg.cache_dir,
             device=cfg.device if backend != "ort" else None,
             artifacts=cfg.artifacts if backend == "trt" else None,
+            cuda_graphs=cfg.cuda_graphs if backend == "torch" else None,
         )
-        result["meta"].setdefault("devices", {})[backend] = _device_label(g.device)
+        label = _device_label(g.device)
+        if backend == "torch" and g.device.type == "cuda":
+            label += ", CUDA graphs" if g.engine.backend.graphs is not None else ", eager"
+        result["meta"].setdefault("devices", {})[backend] = label
         result["meta"].setdefault("backend_setup_s", {})[backend] = time.perf_counter() - t0
         model = g.model
         variants = [v for v in VARIANTS if v.main or (cfg.comparison and bi == 0)]

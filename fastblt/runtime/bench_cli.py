@@ -48,7 +48,7 @@ CALL_COST_NOTE = (
 
 def _devices_note(meta: dict) -> str:
     devices = meta.get("devices", {})
-    if all(d == "cpu" for d in devices.values()):
+    if all(d == "cpu" for d in devices.values()):  # also: a record from before devices were recorded
         return ""
     return " Devices: " + ", ".join(f"{b} on {d}" for b, d in devices.items()) + "."
 
@@ -238,6 +238,11 @@ def save_chart(result: dict, path: Path) -> None:
 )
 @click.option("--device", default=None, help="torch/trt backends: cpu, cuda, cuda:1 (ort: its providers decide).")
 @click.option("--artifacts", default=None, help="trt: the export directory holding the engines (fastblt build).")
+@click.option(
+    "--cuda-graphs/--no-cuda-graphs",
+    default=None,
+    help="torch on CUDA: replay step calls as CUDA graphs [default: on].",
+)
 @click.option("--hf/--no-hf", default=True, show_default=True, help="Run the transformers peer.")
 @click.option("--hf-prompts", type=click.IntRange(1, 3), default=1, show_default=True)
 @click.option("--comparison/--no-comparison", default=True, show_default=True, help="Block-start / drafting variants.")
@@ -245,8 +250,8 @@ def save_chart(result: dict, path: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record instead of the markdown table.")
 @click.option("--render", default=None, help="Re-render a saved runtime_bench.json (no measurement).")
 def bench(
-    checkpoint, backends, max_bytes, prompts, max_context, threads, device, artifacts, hf, hf_prompts, comparison, out,
-    as_json, render,
+    checkpoint, backends, max_bytes, prompts, max_context, threads, device, artifacts, cuda_graphs, hf, hf_prompts,
+    comparison, out, as_json, render,
 ):  # fmt: skip
     """Benchmark every mode x backend on fixed prompts (+ the Hugging Face peer)."""
     from fastblt.runtime.bench import BenchConfig, evaluate_targets, run_bench
@@ -263,7 +268,7 @@ def bench(
         raise click.BadParameter(f"{bad or backends!r}: choose from ort, torch, trt", param_hint="--backends")
     cfg = BenchConfig(
         checkpoint, names, max_bytes, prompts, max_context, threads, hf, min(hf_prompts, prompts), comparison,
-        device=device, artifacts=artifacts,
+        device=device, artifacts=artifacts, cuda_graphs=cuda_graphs,
     )  # fmt: skip
     result = run_bench(cfg, log=lambda s: click.echo(s, err=True))
     _save(result, Path(out), as_json)

@@ -50,11 +50,13 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
 @click.option("--max-context", type=int, default=None, help="Cache capacity (torch; ort exports at this size).")
 @click.option("--threads", type=int, default=None, help="Intra-op threads of the backend.")
 @click.option("--device", default=None, help="torch/trt: where to compute and keep the caches (cpu, cuda, cuda:1).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="torch on CUDA: CUDA graphs [default: on].")
 @click.option("--stream", is_flag=True, help="Print text as it is verified.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record: text, stop reason, statistics.")
 def generate(
     checkpoint, prompt, prompt_file, mode, backend, artifacts, max_bytes, temperature, top_k, top_p, seed, k,
-    unmask, alpha, gamma, block_start, stop, ignore_eos, max_context, threads, device, stream, as_json,
+    unmask, alpha, gamma, block_start, stop, ignore_eos, max_context, threads, device, cuda_graphs, stream,
+    as_json,
 ):  # fmt: skip
     """Generate bytes after a prompt with ar, blt-d, blt-s or blt-dv."""
     from fastblt.model.checkpoint import load_config, resolve_checkpoint_path
@@ -69,8 +71,9 @@ def generate(
     # every option is checked against the checkpoint's config before anything is loaded or exported
     resolve(make_options(mode=mode, max_bytes=max_bytes, **options), load_config(resolve_checkpoint_path(checkpoint)))
     g = Generator(
-        checkpoint, backend=backend, artifacts=artifacts, max_context=max_context, threads=threads, device=device
-    )
+        checkpoint, backend=backend, artifacts=artifacts, max_context=max_context, threads=threads, device=device,
+        cuda_graphs=cuda_graphs,
+    )  # fmt: skip
     if stream and not as_json:
         it = g.stream(data, mode=mode, max_bytes=max_bytes, **options)
         while True:

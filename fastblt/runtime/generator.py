@@ -96,6 +96,8 @@ class Generator:
         device: where the torch or trt backend computes and the caches live ("cpu", "cuda",
             "cuda:1"); None: the torch backend's model's device, trt's "cuda". The ort backend
             computes where its execution providers run.
+        cuda_graphs: torch backend on CUDA: replay repeated small step calls as CUDA graphs
+            (None: on for CUDA devices; False: every call eager).
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class Generator:
         threads: int | None = None,
         cache_dir: str | Path | None = None,
         device: str | None = None,
+        cuda_graphs: bool | None = None,
     ):
         if backend not in BACKENDS:
             raise InputError(f"backend {backend!r}: unknown; choose one of {', '.join(BACKENDS)}")
@@ -118,7 +121,9 @@ class Generator:
             raise InputError("checkpoint: has no entropy model; the runtime patches with it")
         self.backend_name = backend
         self.params = self.model.num_params()
-        self.engine = _make_engine(self, backend, artifacts, max_context, threads, cache_dir, device)
+        if cuda_graphs is not None and backend != "torch":
+            raise InputError(f"cuda_graphs: a torch backend option; backend {backend!r} has its own execution")
+        self.engine = _make_engine(self, backend, artifacts, max_context, threads, cache_dir, device, cuda_graphs)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -264,6 +269,7 @@ def _make_engine(
     threads: int | None,
     cache_dir: str | Path | None,
     device: str | None,
+    cuda_graphs: bool | None = None,
 ) -> _Engine:
     factory = backend_factory(backend)  # unknown / unavailable backends fail here, with the reason
     if device is not None and backend == "ort" and resolve_device(device).type != "cpu":
@@ -276,7 +282,7 @@ def _make_engine(
             raise InputError("artifacts: the torch backend runs the checkpoint itself; pass artifacts only for ort/trt")
         capacity = max_context or DEFAULT_MAX_CONTEXT
         specs = step_specs(g.config, capacity, capacity)
-        torch_backend = factory(specs, g.model, threads=threads, device=device).activate()
+        torch_backend = factory(specs, g.model, threads=threads, device=device, cuda_graphs=cuda_graphs).activate()
         return _Engine(torch_backend, g.config, capacity, capacity)
     from fastblt.runtime import artifacts as arts
 

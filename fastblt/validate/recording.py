@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fastblt.engines.base import Backend
+from fastblt.export.spec import new_positions
 
 
 def sparse_schedule(i: int) -> bool:
@@ -76,17 +77,10 @@ class RecordingBackend(Backend):
             self.recorded.append((step, i, host_copies(feeds)))
         out = self.inner.run_step(step, feeds, check=False)
         if self.trace_enabled:
-            new = _new_positions(step, feeds)
+            new = new_positions(feeds)
             start = [int(s) for s in feeds["start"].reshape(-1).tolist()]
             self.trace.append(TraceCall(len(self.trace), step, start, new, host_copies(out)))
         return out
-
-
-def _new_positions(step: str, feeds: dict[str, Tensor]) -> int:
-    for name in ("tokens", "h", "block_ids", "patch_lens"):
-        if name in feeds:
-            return int(feeds[name].shape[1])
-    return -1
 
 
 def host_copies(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -37,6 +37,11 @@ def test_bad_devices_are_named(device, match):
         Generator(tiny_model(), backend="torch", max_context=64, device=device)
 
 
+def test_cuda_graphs_are_a_torch_option():
+    with pytest.raises(InputError, match="cuda_graphs: a torch backend option"):
+        Generator(tiny_model(), backend="ort", max_context=64, cuda_graphs=True)
+
+
 def test_ort_does_not_take_a_gpu_device():
     dev = "cuda" if torch.cuda.is_available() else "cuda:0"
     with pytest.raises(InputError, match="device 'cuda.*"):
@@ -79,16 +84,22 @@ def test_cuda_state_keeps_every_buffer_on_the_gpu():
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graphs", "eager"])
 @pytest.mark.parametrize("mode", MODES)
-def test_greedy_generation_on_cuda_equals_cpu(mode):
+def test_greedy_generation_on_cuda_equals_cpu(mode, graphs):
     model = tiny_model()
     on_cpu = Generator(model, backend="torch", max_context=256)
-    on_gpu = Generator(model, backend="torch", max_context=256, device="cuda")
+    on_gpu = Generator(model, backend="torch", max_context=256, device="cuda", cuda_graphs=graphs)
     assert on_gpu.device.type == "cuda"
     for prompt in PROMPTS[:4]:
         want = on_cpu.generate(prompt, mode=mode, max_bytes=24, stop_on_eos=False)
         got = on_gpu.generate(prompt, mode=mode, max_bytes=24, stop_on_eos=False)
         assert got.ids == want.ids, (mode, prompt)
+    cache = on_gpu.engine.backend.graphs
+    if graphs:
+        assert cache.captures > 0 and cache.replays > cache.captures  # the graphs ran, and were reused
+    else:
+        assert cache is None
 
 
 @pytest.mark.gpu
