@@ -27,9 +27,9 @@ import click
 @click.option(
     "--mask-weight",
     type=click.FloatRange(min=0.0),
-    default=1.0,
-    show_default=True,
-    help="Weight of the block-diffusion loss against next-byte loss (the paper: 1).",
+    default=None,
+    help="Weight of the block-diffusion loss against next-byte loss [default: 0.3, train.DEFAULT_MASK_WEIGHT; "
+    "the paper: 1].",
 )
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads (the machine is shared).")
 @click.option("--smoke", is_flag=True, help="Tiny models on a tiny slice for a few steps (seconds).")
@@ -42,7 +42,7 @@ def train(
     phase: str,
     resume: bool,
     seed: int,
-    mask_weight: float,
+    mask_weight: float | None,
     threads: int,
     smoke: bool,
     as_json: bool,
@@ -57,7 +57,8 @@ def train(
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     plan = T.smoke_plan() if smoke else T.default_plan(minutes, entropy_minutes, baseline_minutes)
-    plan = dataclasses.replace(plan, blt=dataclasses.replace(plan.blt, mask_weight=mask_weight))
+    if mask_weight is not None:
+        plan = dataclasses.replace(plan, blt=dataclasses.replace(plan.blt, mask_weight=mask_weight))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = Corpus.load(limit_bytes=plan.corpus_limit_bytes)

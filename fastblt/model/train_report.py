@@ -115,7 +115,7 @@ def write_report(out: Path, plan: Any, corpus: Corpus, seed: int, extra: dict[st
             "wall_s": blt["wall_s"] if blt else None,
             "train_bytes": blt["train_bytes"] if blt else None,
             "bytes_per_s": blt["train_bytes"] / blt["wall_s"] if blt else None,
-            "phase": {k: v for k, v in vars(plan.blt).items()},
+            "phase": blt.get("phase", vars(plan.blt)) if blt else vars(plan.blt),  # as trained
             **final,
         },
         "baseline": (
@@ -262,8 +262,9 @@ def method_lines(b: dict[str, Any]) -> list[str]:
         "",
         "Method: AdamW (0.9, 0.95), weight decay 0.1, grad clip 1.0, linear warm-up then cosine to 10% over the "
         "phase's wall-clock budget; one torch thread per process. BLT-D loss = mean next-byte CE on the clean "
-        "window + sum over masked block cells of CE / max(t, 0.05), divided by the number of non-[PAD] block "
-        f"cells (one t ~ U(0,1) per window; [PAD] excluded). Windows of {ph['seq_bytes']} bytes (BOS first), "
+        f"window + {ph.get('mask_weight', 1.0):g} x (sum over masked block cells of CE / max(t, 0.05), divided by "
+        "the number of non-[PAD] block "
+        f"cells; one t ~ U(0,1) per window; [PAD] excluded). Windows of {ph['seq_bytes']} bytes (BOS first), "
         f"batch {ph['batch']}; blocks of 8 at every patch start after the first, {blocks} kept "
         "(an unbiased estimate of the per-cell mask loss; the full set triples the decoder's length).",
     ]

@@ -34,7 +34,9 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
     threads = torch.get_num_threads()
     res = CliRunner().invoke(
-        train, ["--smoke", "--out", str(out), "--phase", "main", *_threads()], catch_exceptions=False
+        train,
+        ["--smoke", "--out", str(out), "--phase", "main", "--mask-weight", "0.5", *_threads()],
+        catch_exceptions=False,
     )
     torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
@@ -70,6 +72,18 @@ def test_smoke_report_written(smoke_run):
         assert (smoke_run / name).stat().st_size > 0
     assert set(report["blt_d"]["masked_acc_inference_layout"]) == {"0.1", "0.25", "0.5", "0.75", "1.0"}
     assert report["blt_d"]["heldout_ar"]["bpb"] > 0
+
+
+def test_a_later_report_states_the_mask_weight_the_blt_d_trained_with(smoke_run):
+    from fastblt.model.train_cli import train
+
+    threads = torch.get_num_threads()
+    res = CliRunner().invoke(train, ["--smoke", "--out", str(smoke_run), "--phase", "report", *_threads()])
+    torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert report["blt_d"]["phase"]["mask_weight"] == 0.5  # not this process's plan (1.0 for --smoke)
+    assert "window + 0.5 x (sum over masked block cells" in (smoke_run / "REPORT.md").read_text()
 
 
 def test_resume_continues_a_finished_phase(smoke_run):
