@@ -86,7 +86,8 @@ class Generator:
     Args:
         checkpoint_or_model: "default" (the embedded checkpoint), a checkpoint directory (any
             format fastblt.model.checkpoint reads) or a BltModel.
-        backend: "ort" (default), "torch" or "trt".
+        backend: "ort" (default), "torch" or "trt"; or a Backend instance (its step specs fix the
+            capacities and must be this model's; the other backend options do not apply).
         artifacts: a directory with exported step graphs and their manifest (ort / trt); None
             exports on first use into a cache directory keyed by the checkpoint's hash.
         max_context: cache capacity in ids (prompt + output + block headroom). For artifacts the
@@ -103,7 +104,7 @@ class Generator:
     def __init__(
         self,
         checkpoint_or_model: str | Path | BltModel = "default",
-        backend: str = "ort",
+        backend: str | Backend = "ort",
         artifacts: str | Path | None = None,
         max_context: int | None = None,
         threads: int | None = None,
@@ -111,7 +112,7 @@ class Generator:
         device: str | None = None,
         cuda_graphs: bool | None = None,
     ):
-        if backend not in BACKENDS:
+        if not isinstance(backend, Backend) and backend not in BACKENDS:
             raise InputError(f"backend {backend!r}: unknown; choose one of {', '.join(BACKENDS)}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
             raise InputError(f"max_context: expected an int >= 2, got {max_context!r}")
@@ -119,8 +120,17 @@ class Generator:
         self.config: BltConfig = self.model.config
         if self.config.entropy is None:
             raise InputError("checkpoint: has no entropy model; the runtime patches with it")
-        self.backend_name = backend
         self.params = self.model.num_params()
+        if isinstance(backend, Backend):
+            given = dict(artifacts=artifacts, max_context=max_context, threads=threads, device=device)
+            given |= dict(cache_dir=cache_dir, cuda_graphs=cuda_graphs)
+            extra = [k for k, v in given.items() if v is not None]
+            if extra:
+                raise InputError(f"{', '.join(extra)}: not used with a Backend instance (it is already set up)")
+            self.backend_name = backend.name
+            self.engine = _engine_for_instance(backend, self.config)
+            return
+        self.backend_name = backend
         if cuda_graphs is not None and backend != "torch":
             raise InputError(f"cuda_graphs: a torch backend option; backend {backend!r} has its own execution")
         self.engine = _make_engine(self, backend, artifacts, max_context, threads, cache_dir, device, cuda_graphs)
@@ -247,6 +257,21 @@ class _Call:
 
 
 # ---------------------------------------------------------------------- construction helpers
+def _engine_for_instance(backend: Backend, config: BltConfig) -> _Engine:
+    """An engine around a caller's backend; its specs must be this model's at their capacities."""
+    try:
+        capacity = int(backend.specs["encoder"].input("past.0.k").shape[2])
+        patch_capacity = int(backend.specs["global"].input("past.0.k").shape[2])
+        dtype = backend.specs["encoder"].input("past.0.k").dtype
+    except (KeyError, StopIteration, TypeError, ValueError):
+        raise InputError(f"backend {backend.name}: its specs are not fastblt step specs with static caches") from None
+    want = step_specs(config, capacity, patch_capacity, dtype)
+    if backend.specs != want:
+        bad = next((s for s in want if backend.specs.get(s) != want[s]), sorted(set(backend.specs) - set(want)))
+        raise InputError(f"backend {backend.name}: step {bad} does not match this checkpoint's config")
+    return _Engine(backend.activate(), config, capacity, patch_capacity)
+
+
 def _load(checkpoint_or_model: str | Path | BltModel) -> tuple[BltModel, Path | None]:
     if isinstance(checkpoint_or_model, BltModel):
         return checkpoint_or_model.eval(), None

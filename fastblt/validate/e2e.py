@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from fastblt.engines.base import Backend
+from fastblt.errors import InputError
 from fastblt.model.blt import BltModel
 from fastblt.model.tokenizer import encode
 from fastblt.validate.metrics import REDUCED_DTYPES, TOP1_MARGIN, SequenceResult, Tolerances, compare, logits_margin
@@ -58,16 +59,16 @@ def available_modes(model: BltModel, modes: tuple[str, ...]) -> tuple[list[str],
 
 
 def make_generator(model: BltModel, backend: Backend, capacity: int, patch_capacity: int):
-    """A `Generator` that runs on this backend instance (which the caller may wrap).
+    """A `Generator` that runs on this backend instance (which the caller may wrap: validation
+    inserts a tracing wrapper). The backend's specs fix the capacities; the arguments must agree."""
+    from fastblt.runtime.generator import Generator
 
-    The runtime builds its own backends by name; validation needs to insert a tracing wrapper, so
-    the Generator's engine is rebuilt around `backend` with the export's capacities.
-    """
-    from fastblt.runtime.generator import Generator, _Engine
-
-    gen = Generator(model, backend="torch", max_context=capacity)
-    gen.engine = _Engine(backend.activate(), model.config, capacity, patch_capacity)
-    gen.backend_name = backend.name
+    gen = Generator(model, backend=backend)
+    if (gen.engine.capacity, gen.engine.patch_capacity) != (capacity, patch_capacity):
+        raise InputError(
+            f"backend {backend.name}: capacities {gen.engine.capacity}/{gen.engine.patch_capacity}, "
+            f"expected {capacity}/{patch_capacity}"
+        )
     return gen
 
 

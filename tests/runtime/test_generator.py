@@ -276,3 +276,27 @@ def test_stats_are_consistent():
 def test_errors_are_fastblt_errors():
     assert issubclass(InputError, FastBltError) and issubclass(CapabilityError, FastBltError)
     assert BltDConfig().block_size == 8
+
+
+# ------------------------------------------------------------------------------ a Backend instance
+def test_a_backend_instance_runs_like_the_backend_by_name():
+    from fastblt.engines.torch_backend import TorchBackend
+    from fastblt.export.spec import step_specs
+
+    model = tiny_model()
+    backend = TorchBackend(step_specs(model.config, 128, 64), model)
+    g = Generator(model, backend=backend)
+    assert (g.capacity, g.engine.patch_capacity, g.backend_name) == (128, 64, "torch")
+    want = torch_generator().generate("def main(", mode="blt-d", max_bytes=12, stop_on_eos=False)
+    assert g.generate("def main(", mode="blt-d", max_bytes=12, stop_on_eos=False).ids == want.ids
+
+
+def test_a_backend_instance_for_another_model_or_with_options_is_refused():
+    from fastblt.engines.torch_backend import TorchBackend
+    from fastblt.export.spec import step_specs
+
+    model, other = tiny_model(), make_model("deep-local")
+    with pytest.raises(InputError, match="backend torch: step encoder does not match this checkpoint's config"):
+        Generator(model, backend=TorchBackend(step_specs(other.config, 64, 64), other))
+    with pytest.raises(InputError, match="max_context, threads: not used with a Backend instance"):
+        Generator(model, backend=TorchBackend(step_specs(model.config, 64, 64), model), max_context=64, threads=1)
