@@ -15,11 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from fastblt.model.blt import BltModel
+from fastblt.model.blt import BltModel, EntropyModel
+from fastblt.model.config import VOCAB_SIZE, StackConfig
 from fastblt.model.corpus import Corpus
-from fastblt.model.train_blt_d import eval_bpb, greedy_continue, masked_accuracy_inference_layout, mean_patch_length
+from fastblt.model.patching import entropy
+from fastblt.model.train_blt_d import (
+    LN2,
+    eval_bpb,
+    greedy_continue,
+    lengths_from_starts,
+    masked_accuracy_inference_layout,
+    mean_patch_length,
+    patch_starts_from_entropies,
+)
 
 MASK_RATES = (0.1, 0.25, 0.5, 0.75, 1.0)
 
@@ -44,22 +55,47 @@ def function_header_prompts(corpus: Corpus, n: int, context: int = 300) -> list[
 
 
 def load_final_model(out: Path) -> BltModel:
-    try:
-        from fastblt.model.checkpoint import load_checkpoint
-    except ImportError:
-        return _load_by_hand(out / "checkpoint")
+    from fastblt.model.checkpoint import load_checkpoint
+
     return load_checkpoint(out / "checkpoint")
 
 
-def _load_by_hand(path: Path) -> BltModel:
-    # Fallback while fastblt.model.checkpoint is missing: our "fastblt" format read directly.
+def load_baseline(out: Path, base: dict[str, Any]) -> EntropyModel:
     from safetensors.torch import load_file
 
-    from fastblt.model.config import BltConfig
-
-    model = BltModel(BltConfig.from_dict(json.loads((path / "config.json").read_text())["model"]))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model = EntropyModel(StackConfig(**base["config"]), VOCAB_SIZE)
+    model.load_state_dict(load_file(str(out / "baseline" / "model.safetensors")))
     return model.eval()
+
+
+@torch.no_grad()
+def bits_by_patch_position(
+    model: BltModel, baseline: EntropyModel | None, windows: Tensor, buckets: int = 8, batch: int = 8
+) -> list[dict[str, float]]:
+    """Where the BLT-D's bits go: mean bits of the held-out bytes by their position in their patch
+    (0 = a patch's first byte, the first to read the newest latent; the last bucket is `buckets-1`
+    and later), next to the plain byte LM's bits on the same bytes."""
+    th = model.config.patching.threshold
+    sums, counts = torch.zeros(2, buckets, dtype=torch.float64), torch.zeros(buckets, dtype=torch.float64)
+    for x in windows.split(batch):
+        starts = patch_starts_from_entropies(entropy(model.entropy_model(x)), th)
+        idx = torch.arange(x.shape[1]).expand_as(x)
+        pos = (idx - torch.where(starts, idx, 0).cummax(dim=1).values)[:, 1:].clamp(max=buckets - 1)
+        logits = [model(x, lengths_from_starts(starts))] + ([baseline(x)] if baseline is not None else [])
+        for row, out in enumerate(logits):
+            nll = F.cross_entropy(out[:, :-1].transpose(1, 2), x[:, 1:], reduction="none") / LN2
+            sums[row] += torch.zeros(buckets, dtype=torch.float64).index_add_(0, pos.flatten(), nll.flatten().double())
+        counts += torch.bincount(pos.flatten(), minlength=buckets).double()
+    total = float(counts.sum())
+    return [
+        {
+            "position": i,
+            "share": float(counts[i]) / total,
+            "blt_d_bits": float(sums[0, i] / counts[i]) if counts[i] else float("nan"),
+            "baseline_bits": float(sums[1, i] / counts[i]) if counts[i] and baseline is not None else None,
+        }
+        for i in range(buckets)
+    ]
 
 
 @torch.no_grad()
@@ -75,8 +111,11 @@ def evaluate_final(out: Path, plan: Any, corpus: Corpus) -> dict[str, Any]:
     for prompt in function_header_prompts(corpus, plan.n_samples):
         cont = greedy_continue(model, prompt, plan.sample_bytes)
         samples.append({"prompt_tail": prompt.decode("utf-8", "replace").splitlines()[-1], "continuation": cont})
+    base = _read(out / "baseline" / "result.json")
+    baseline = load_baseline(out, base) if base else None
     return {
         "heldout_ar": ar,
+        "bits_by_patch_position": bits_by_patch_position(model, baseline, windows),
         "mean_patch_len_heldout": mean_patch_length(model, windows),
         "masked_acc_inference_layout": masked_accuracy_inference_layout(model, acc_windows, MASK_RATES),
         "params": model.num_params(),
@@ -234,6 +273,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"Baseline: `EntropyModel` code (pre-norm SwiGLU, RoPE), d={cfg['dim']}, {cfg['n_layers']} layers, "
             f"window {cfg['window']}, trained on the same windows in its own process at the same time."
         )
+    if b.get("bits_by_patch_position"):
+        lines += patch_position_lines(b["bits_by_patch_position"])
     if r.get("notes"):
         lines += ["", "## Notes", "", r["notes"]]
     lines += ["", "## Masked-byte accuracy in the inference layout", ""]
@@ -268,6 +309,25 @@ def method_lines(b: dict[str, Any]) -> list[str]:
         f"batch {ph['batch']}; blocks of 8 at every patch start after the first, {blocks} kept "
         "(an unbiased estimate of the per-cell mask loss; the full set triples the decoder's length).",
     ]
+
+
+def patch_position_lines(rows: list[dict[str, Any]]) -> list[str]:
+    last = len(rows) - 1
+    lines = [
+        "",
+        "### Where the bits go: held-out bits per byte by position in the patch",
+        "",
+        "Position 0 is a patch's first byte (the first to read the newest global latent). Same bytes, same "
+        "windows for both models.",
+        "",
+        "| position in patch | share of bytes | BLT-D bits/byte | baseline bits/byte |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        name = f"{row['position']}+" if row["position"] == last else str(row["position"])
+        base = "" if row["baseline_bits"] is None else f"{row['baseline_bits']:.3f}"
+        lines.append(f"| {name} | {100 * row['share']:.1f}% | {row['blt_d_bits']:.3f} | {base} |")
+    return lines
 
 
 def verdict(b: dict[str, Any], base: dict[str, Any] | None) -> str:

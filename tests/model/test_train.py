@@ -74,6 +74,28 @@ def test_smoke_report_written(smoke_run):
     assert report["blt_d"]["heldout_ar"]["bpb"] > 0
 
 
+def test_bits_by_patch_position_add_up_to_the_held_out_bits_per_byte(smoke_run):
+    from fastblt.model.blt import EntropyModel
+    from fastblt.model.config import VOCAB_SIZE, StackConfig
+    from fastblt.model.train_blt_d import eval_bpb
+    from fastblt.model.train_report import bits_by_patch_position, load_final_model
+
+    report = json.loads((smoke_run / "report.json").read_text())
+    rows = report["blt_d"]["bits_by_patch_position"]
+    assert abs(sum(r["share"] for r in rows) - 1) < 1e-9 and rows[0]["share"] > 0
+    weighted = sum(r["share"] * r["blt_d_bits"] for r in rows if r["share"])
+    assert abs(weighted - report["blt_d"]["heldout_ar"]["bpb"]) < 1e-3
+    model = load_final_model(smoke_run)
+    torch.manual_seed(0)
+    baseline = EntropyModel(StackConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, window=64), VOCAB_SIZE).eval()
+    windows = torch.randint(4, 260, (3, 65))
+    windows[:, 0] = 1
+    rows = bits_by_patch_position(model, baseline, windows, buckets=4)
+    with torch.no_grad():
+        want = eval_bpb(baseline, windows)["bpb"]
+    assert abs(sum(r["share"] * r["baseline_bits"] for r in rows if r["share"]) - want) < 1e-3
+
+
 def test_a_later_report_states_the_mask_weight_the_blt_d_trained_with(smoke_run):
     from fastblt.model.train_cli import train
 
