@@ -99,8 +99,8 @@ def export(checkpoint, out, dtype, opset, max_context, max_patches, max_batch, f
 def _run_export(checkpoint, out, dtype, opset, max_context, max_patches, max_batch, force, as_json) -> None:
     from fastblt.engines.base import TORCH_DTYPES
     from fastblt.export.checks import ExportCheckFailed
-    from fastblt.export.exporter import existing_export, export_model
-    from fastblt.model.checkpoint import checkpoint_hash, load_checkpoint, resolve_checkpoint_path
+    from fastblt.export.exporter import existing_export, export_model, mapped_model
+    from fastblt.model.checkpoint import checkpoint_hash, resolve_checkpoint_path
 
     options = ExportOptions(
         dtype=dtype, opset=opset, capacity=max_context, patch_capacity=max_patches, max_batch=max_batch
@@ -119,8 +119,8 @@ def _run_export(checkpoint, out, dtype, opset, max_context, max_patches, max_bat
         from fastblt.errors import ManifestMismatch
 
         raise ManifestMismatch(f"{out}: already holds a different export ({status}); pass --force to replace it")
-    click.echo(f"loading checkpoint {source} ({options.dtype})", err=True)
-    model = load_checkpoint(source, dtype=TORCH_DTYPES[options.dtype])
+    click.echo(f"mapping checkpoint {source} (weights are read and cast to {options.dtype} per graph)", err=True)
+    model, step_weights = mapped_model(source, TORCH_DTYPES[options.dtype], options)
     try:
         result = export_model(
             model,
@@ -130,6 +130,7 @@ def _run_export(checkpoint, out, dtype, opset, max_context, max_patches, max_bat
             checkpoint_source=str(checkpoint),
             force=True,  # the existing export was judged above
             progress=_progress("exporting"),
+            step_weights=step_weights,
         )
     except ExportCheckFailed as e:
         click.echo(f"error: {e}", err=True)

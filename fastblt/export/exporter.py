@@ -20,11 +20,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from fastblt.engines.base import TORCH_DTYPES
 from fastblt.errors import FastBltError, InputError, ManifestMismatch
 from fastblt.export import checks as checks_mod
 from fastblt.export.checks import CheckResult, ExportCheckFailed, check_graph, failures
-from fastblt.export.graphs import GraphRecord, dim_ranges, export_step
+from fastblt.export.graphs import GraphRecord, dim_ranges, export_step, materialized, step_parameter_names
 from fastblt.export.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -266,6 +268,26 @@ def _manifest(
 @contextlib.contextmanager
 def _nothing(step: str) -> Iterator[None]:
     yield
+
+
+def mapped_model(path: str | Path, dtype: torch.dtype, options: ExportOptions) -> tuple[BltModel, StepWeights]:
+    """A meta-device model of the checkpoint at `path` and the `step_weights` that give one step
+    graph its weights (read from the mapped files, cast to `dtype`) while that graph exports.
+
+    Peak memory is then about the largest graph's weights in `dtype`, not the whole model: what a
+    BLT-1B export needs on a machine smaller than its fp32 weights.
+    """
+    from fastblt.model.checkpoint import load_mapped
+
+    config, state = load_mapped(path)
+    with torch.device("meta"):
+        model = BltModel(config).to(dtype).eval()
+    specs = options.specs(config)
+
+    def step_weights(step: str):
+        return materialized(model, step_parameter_names(model, specs[step]), lambda name, _: state[name].to(dtype))
+
+    return model, step_weights
 
 
 def _check_model_dtype(model: BltModel, dtype: str) -> None:

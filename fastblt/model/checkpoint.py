@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import mmap
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -106,6 +108,20 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> BltMo
     """
     ckpt = _locate(path)
     return _build_model(ckpt, _read_state(ckpt), dtype or torch.float32)
+
+
+def load_mapped(path: str | Path) -> tuple[BltConfig, dict[str, torch.Tensor]]:
+    """The checkpoint's config and tensors under our names, mapped from disk: a tensor costs memory
+    only when read (and its pages can be dropped again), so a caller can cast and use a few tensors
+    at a time (the exporter materializes one step graph's weights at a time).
+
+    Checked like `load_checkpoint`: every tensor present, none extra, shapes, floating dtypes.
+    Safetensors files are mapped zero-copy; Meta's consolidated.pth with torch.load(mmap=True).
+    """
+    ckpt = _locate(path)
+    state = _read_state(ckpt, mapped=True)
+    _check_state(ckpt, state, _expected_shapes(ckpt.config))
+    return ckpt.config, state
 
 
 def save_checkpoint(
@@ -281,26 +297,27 @@ def _safetensors_files(root: Path) -> tuple[Path, ...]:
 
 
 # ------------------------------------------------------------------------------ reading weights
-def _read_state(ckpt: _Checkpoint) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint under our (Meta) names."""
+def _read_state(ckpt: _Checkpoint, mapped: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint under our (Meta) names (mapped: backed by the files)."""
     files = ckpt.weight_files
-    state = _read_pth(files[0]) if ckpt.fmt == "meta-dump" else _read_safetensors_files(files)
+    state = _read_pth(files[0], mapped) if ckpt.fmt == "meta-dump" else _read_safetensors_files(files, mapped)
     if ckpt.fmt == "hf":
         _check_fused_hash(state, ckpt.config, ckpt.weight_files[0])
         state = keymap.from_hf_state_dict(state, ckpt.config)
     if ckpt.entropy_weights is not None:
-        for key, value in _read_pth(ckpt.entropy_weights).items():
+        for key, value in _read_pth(ckpt.entropy_weights, mapped).items():
             state[ENTROPY_PREFIX + key] = value
     return state
 
 
-def _read_safetensors_files(files: tuple[Path, ...]) -> dict[str, torch.Tensor]:
+def _read_safetensors_files(files: tuple[Path, ...], mapped: bool = False) -> dict[str, torch.Tensor]:
+    read = _map_safetensors if mapped else _read_safetensors
     if files[0].name != INDEX:
-        return _read_safetensors(files[0])
+        return read(files[0])
     weight_map = _read_json(files[0])["weight_map"]
     state: dict[str, torch.Tensor] = {}
     for shard in files[1:]:
-        state.update(_read_safetensors(shard))
+        state.update(read(shard))
     absent = sorted(k for k in weight_map if k not in state)
     if absent:
         raise CheckpointError(f"{files[0]}: lists tensor(s) that no shard holds: {_names(absent)}")
@@ -314,10 +331,49 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read safetensors file ({_one_line(e)})") from None
 
 
-def _read_pth(path: Path) -> dict[str, torch.Tensor]:
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as zero-copy views of a private (copy-on-write) mapping.
+
+    The format: 8-byte little-endian header size, a JSON header {name: {dtype, shape,
+    data_offsets: [begin, end)} relative to the data after the header}, then the data.
+    """
+    try:
+        with open(_need_file(path), "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        n = int.from_bytes(mm[:8], "little")
+        header = json.loads(mm[8 : 8 + n])
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot map safetensors file ({_one_line(e)})") from None
+    header.pop("__metadata__", None)
+    base, state = 8 + n, {}
+    for name, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        begin, end = info.get("data_offsets", (0, -1))
+        count = math.prod(info.get("shape", ()))
+        if dtype is None or end - begin != count * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {name}: bad safetensors header entry {info}")
+        if base + end > len(mm):
+            raise CheckpointError(f"{path}: cannot map safetensors file (tensor {name} ends past the end of the file)")
+        flat = (
+            torch.frombuffer(mm, dtype=dtype, count=count, offset=base + begin)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
+        state[name] = flat.view(info["shape"])
+    return state
+
+
+def _read_pth(path: Path, mapped: bool = False) -> dict[str, torch.Tensor]:
     """A Meta `consolidated.pth`: {"model": state dict}."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except Exception as e:  # zipfile, pickle, EOF and torch errors alike
         raise CheckpointError(f"{path}: cannot read torch file ({_one_line(e)})") from None
     state = obj.get("model") if isinstance(obj, dict) else None
@@ -350,10 +406,21 @@ def _check_fused_hash(state: dict[str, torch.Tensor], config: BltConfig, where: 
 
 def _build_model(ckpt: _Checkpoint, state: dict[str, torch.Tensor], dtype: torch.dtype) -> BltModel:
     """BltModel(config) with `state` loaded strictly, floating tensors cast to `dtype`, eval mode."""
-    where = ", ".join(str(f) for f in (*ckpt.weight_files, ckpt.entropy_weights) if f is not None)
     with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
         model = BltModel(ckpt.config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_state(ckpt, state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def _expected_shapes(config: BltConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in BltModel(config).state_dict().items()}
+
+
+def _check_state(ckpt: _Checkpoint, state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Strict loading's checks, with messages that name the file and the tensor."""
+    where = ", ".join(str(f) for f in (*ckpt.weight_files, ckpt.entropy_weights) if f is not None)
     missing = [k for k in expected if k not in state]
     if missing:
         raise CheckpointError(f"{where}: missing tensor(s) {_names(missing)}")
@@ -368,8 +435,6 @@ def _build_model(ckpt: _Checkpoint, state: dict[str, torch.Tensor], dtype: torch
             )
         if not got.dtype.is_floating_point:
             raise CheckpointError(f"tensor {key}: dtype {got.dtype} in the checkpoint, expected a floating-point type")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------ writing

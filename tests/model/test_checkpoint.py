@@ -21,6 +21,7 @@ from fastblt.model.checkpoint import (
     detect_format,
     load_checkpoint,
     load_config,
+    load_mapped,
     resolve_checkpoint_path,
     save_checkpoint,
 )
@@ -424,3 +425,36 @@ def test_fastblt_format_version(tmp_path: Path) -> None:
     _edit_json(out / "config.json", lambda d: d.update(format_version=2))
     with pytest.raises(CheckpointError, match=r"config\.json: format_version 2 \(this fastblt reads 1\)"):
         load_checkpoint(out)
+
+
+# ------------------------------------------------------------------------------ mapped reading (export)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_mapped_state_is_the_loaded_state(tmp_path: Path, fmt: str) -> None:
+    out = saved(tmp_path, fmt)
+    config, state = load_mapped(out)
+    want = load_checkpoint(out).state_dict()
+    assert config == load_config(out) and set(state) == set(want)
+    assert all(torch.equal(state[k].float(), want[k]) for k in want)
+
+
+def test_mapped_bf16_safetensors_keep_their_dtype(tmp_path: Path) -> None:
+    out = save_checkpoint(make_model(), tmp_path / "ckpt", "fastblt", dtype=torch.bfloat16)
+    _, state = load_mapped(out)
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}  # cast later, one graph at a time
+
+
+def test_mapped_reading_names_a_truncated_file(tmp_path: Path) -> None:
+    out = saved(tmp_path)
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: cannot map safetensors file \(tensor .* past the end"
+    ):
+        load_mapped(out)
+
+
+def test_mapped_reading_checks_like_loading(tmp_path: Path) -> None:
+    out = saved(tmp_path)
+    _edit_weights(out, lambda s: s.pop("local_decoder.norm.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) local_decoder\.norm\.weight \(1 in all\)"):
+        load_mapped(out)
