@@ -25,7 +25,6 @@ from fastblt.model.patching import entropy
 from fastblt.model.train_blt_d import (
     LN2,
     eval_bpb,
-    greedy_continue,
     lengths_from_starts,
     masked_accuracy_inference_layout,
     mean_patch_length,
@@ -98,6 +97,44 @@ def bits_by_patch_position(
     ]
 
 
+SAMPLE_MODES = ("ar", "blt-s", "blt-dv", "blt-d")
+
+
+def samples_per_mode(model: BltModel, prompts: list[bytes], max_bytes: int, backend: str = "torch") -> list[dict]:
+    """Greedy continuations of each prompt in every mode the checkpoint has, through the runtime.
+
+    ar, blt-s and blt-dv are lossless, so for greedy decoding they must agree (`lossless_agree`);
+    blt-d may differ. A BLT (no BLT-D rows) gets ar and blt-s only.
+    """
+    from fastblt.runtime.generator import Generator
+
+    gen = Generator(model, backend=backend, max_context=max(len(p) for p in prompts) + max_bytes + 64)
+    modes = [m for m in SAMPLE_MODES if model.config.blt_d is not None or m in ("ar", "blt-s")]
+    rows = []
+    for prompt in prompts:
+        outs = {m: gen.generate(prompt, mode=m, max_bytes=max_bytes, stop_on_eos=False) for m in modes}
+        rows.append(
+            {
+                "prompt_tail": prompt.decode("utf-8", "replace").splitlines()[-1],
+                "lossless_agree": len({outs[m].bytes for m in modes if m != "blt-d"}) == 1,
+                **{m: {"text": o.text, "acceptance_rate": o.stats.acceptance_rate} for m, o in outs.items()},
+            }
+        )
+    return rows
+
+
+def sample_lines(samples: list[dict]) -> list[str]:
+    lines = []
+    for i, s in enumerate(samples):
+        lines += [f"### Sample {i + 1} (ar == blt-s == blt-dv: {s['lossless_agree']})", ""]
+        for m in SAMPLE_MODES:
+            if m in s:
+                rate = s[m]["acceptance_rate"]
+                lines += [f"`{m}`" + ("" if rate is None else f", acceptance {rate:.2f}") + ":", "```python"]
+                lines += [s["prompt_tail"], s[m]["text"], "```", ""]
+    return lines
+
+
 @torch.no_grad()
 def evaluate_final(out: Path, plan: Any, corpus: Corpus) -> dict[str, Any]:
     """Held-out evaluation of the saved BLT-D (AR path), its patching, and masked accuracy."""
@@ -107,10 +144,7 @@ def evaluate_final(out: Path, plan: Any, corpus: Corpus) -> dict[str, Any]:
 
     ar = eval_bpb(blt_forward(model), windows)
     acc_windows = corpus.heldout_windows(plan.eval_bytes, plan.masked_acc_windows)
-    samples = []
-    for prompt in function_header_prompts(corpus, plan.n_samples):
-        cont = greedy_continue(model, prompt, plan.sample_bytes)
-        samples.append({"prompt_tail": prompt.decode("utf-8", "replace").splitlines()[-1], "continuation": cont})
+    samples = samples_per_mode(model, function_header_prompts(corpus, plan.n_samples), plan.sample_bytes)
     base = _read(out / "baseline" / "result.json")
     baseline = load_baseline(out, base) if base else None
     return {
@@ -120,10 +154,7 @@ def evaluate_final(out: Path, plan: Any, corpus: Corpus) -> dict[str, Any]:
         "masked_acc_inference_layout": masked_accuracy_inference_layout(model, acc_windows, MASK_RATES),
         "params": model.num_params(),
         "config": model.config.to_dict(),
-        "samples": [
-            {"prompt_tail": s["prompt_tail"], "continuation": s["continuation"].decode("utf-8", "replace")}
-            for s in samples
-        ],
+        "samples": samples,
     }
 
 
@@ -287,11 +318,13 @@ def render_markdown(r: dict[str, Any]) -> str:
     ]
     for rate, v in b["masked_acc_inference_layout"].items():
         lines.append(f"| {rate} | {v['masked_acc']:.3f} | {v['ar_acc']:.3f} | {v['cells']} |")
-    lines += ["", "## Greedy AR samples (reference forward, full recompute per byte)", ""]
-    lines += ["The prompt is the 300 bytes of a held-out file ending with the `def` line shown.", ""]
-    for s in b["samples"]:
-        lines += ["```python", s["prompt_tail"], s["continuation"], "```", ""]
-    lines += ["Per-mode samples: `python benchmarks/default_samples.py` (uses `fastblt.Generator`).", ""]
+    lines += ["", "## Greedy samples in every mode", ""]
+    lines += [
+        "Through the runtime (`fastblt.Generator`, torch backend). The prompt is the 300 bytes of a held-out "
+        "file ending with the `def` line shown; the continuation follows it.",
+        "",
+    ]
+    lines += sample_lines(b["samples"])
     lines += ["![loss curve](loss_curve.png)", ""]
     return "\n".join(lines)
 

@@ -72,6 +72,10 @@ def test_smoke_report_written(smoke_run):
         assert (smoke_run / name).stat().st_size > 0
     assert set(report["blt_d"]["masked_acc_inference_layout"]) == {"0.1", "0.25", "0.5", "0.75", "1.0"}
     assert report["blt_d"]["heldout_ar"]["bpb"] > 0
+    samples = report["blt_d"]["samples"]
+    assert len(samples) == 2 and all({"ar", "blt-s", "blt-dv", "blt-d"} <= set(s) for s in samples)
+    assert all(s["lossless_agree"] for s in samples)  # greedy ar == blt-s == blt-dv
+    assert "`blt-dv`, acceptance" in (smoke_run / "REPORT.md").read_text()
 
 
 def test_bits_by_patch_position_add_up_to_the_held_out_bits_per_byte(smoke_run):
