@@ -110,4 +110,11 @@ class TorchBackend(Backend):
         return run
 
 
-register("torch", TorchBackend, lambda: Availability("torch", True, f"torch {torch.__version__} eager"))
+def _availability() -> Availability:
+    if torch.cuda.is_available():
+        gpus = ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
+        return Availability("torch", True, f"torch {torch.__version__}: cpu eager; {gpus} with CUDA graphs")
+    return Availability("torch", True, f"torch {torch.__version__}: cpu eager (no CUDA device)")
+
+
+register("torch", TorchBackend, _availability)
