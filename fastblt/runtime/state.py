@@ -152,7 +152,7 @@ class SequenceState:
         return self._ids([at])
 
     def _ids(self, values: np.ndarray | list[int]) -> Tensor:
-        """Host ints -> an int32 tensor (1, S) on the backend's device ((1,) for a list of one)."""
+        """Host ints -> an int32 tensor of the same shape on the backend's device."""
         x = torch.from_numpy(np.asarray(values, dtype=np.int32))
         return x if self.device.type == "cpu" else x.to(self.device, non_blocking=True)
 
