@@ -138,24 +138,27 @@ def sample_lines(samples: list[dict]) -> list[str]:
 @torch.no_grad()
 def evaluate_final(out: Path, plan: Any, corpus: Corpus) -> dict[str, Any]:
     """Held-out evaluation of the saved BLT-D (AR path), its patching, and masked accuracy."""
-    model = load_final_model(out)
-    windows = corpus.heldout_windows(plan.eval_bytes, plan.eval_windows)
     from fastblt.model.train import blt_forward
 
-    ar = eval_bpb(blt_forward(model), windows)
-    acc_windows = corpus.heldout_windows(plan.eval_bytes, plan.masked_acc_windows)
-    samples = samples_per_mode(model, function_header_prompts(corpus, plan.n_samples), plan.sample_bytes)
+    model = load_final_model(out)
+    windows = corpus.heldout_windows(plan.eval_bytes, plan.eval_windows)
     base = _read(out / "baseline" / "result.json")
     baseline = load_baseline(out, base) if base else None
-    return {
-        "heldout_ar": ar,
-        "bits_by_patch_position": bits_by_patch_position(model, baseline, windows),
-        "mean_patch_len_heldout": mean_patch_length(model, windows),
-        "masked_acc_inference_layout": masked_accuracy_inference_layout(model, acc_windows, MASK_RATES),
-        "params": model.num_params(),
-        "config": model.config.to_dict(),
-        "samples": samples,
-    }
+    _say(f"held-out bits per byte on {len(windows)} windows")
+    result: dict[str, Any] = {"heldout_ar": eval_bpb(blt_forward(model), windows)}
+    _say("bits by position in the patch")
+    result["bits_by_patch_position"] = bits_by_patch_position(model, baseline, windows)
+    result["mean_patch_len_heldout"] = mean_patch_length(model, windows)
+    _say("masked-byte accuracy in the inference layout")
+    acc_windows = corpus.heldout_windows(plan.eval_bytes, plan.masked_acc_windows)
+    result["masked_acc_inference_layout"] = masked_accuracy_inference_layout(model, acc_windows, MASK_RATES)
+    _say(f"{plan.n_samples} greedy samples per mode")
+    result["samples"] = samples_per_mode(model, function_header_prompts(corpus, plan.n_samples), plan.sample_bytes)
+    return result | {"params": model.num_params(), "config": model.config.to_dict()}
+
+
+def _say(what: str) -> None:
+    print(f"report: {what}", file=sys.stderr, flush=True)
 
 
 def write_report(out: Path, plan: Any, corpus: Corpus, seed: int, extra: dict[str, Any] | None = None) -> dict:
