@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from fastblt.model.blt import BltModel, EntropyModel
+from fastblt.model.checkpoint import save_checkpoint
 from fastblt.model.config import VOCAB_SIZE, BltConfig, BltDConfig, PatchingConfig, StackConfig
 from fastblt.model.corpus import Corpus
 from fastblt.model.train_blt_d import blt_d_loss, eval_bpb, lm_loss, patch_batch, patch_starts_from_entropies
@@ -371,17 +372,4 @@ def train_baseline(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume
 
 def save_model(model: BltModel, out_dir: Path) -> Path:
     """Our fastblt checkpoint format (config.json + model.safetensors)."""
-    try:
-        from fastblt.model.checkpoint import save_checkpoint
-    except ImportError:  # checkpoint.py not there yet: write the same format by hand
-        return _save_fastblt_by_hand(model, out_dir)
     return save_checkpoint(model, out_dir, fmt="fastblt", overwrite=True)
-
-
-def _save_fastblt_by_hand(model: BltModel, out_dir: Path) -> Path:
-    # Same layout as fastblt.model.checkpoint's "fastblt" format (kept in sync by hand).
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = {"format": "fastblt", "format_version": 1, "model": model.config.to_dict()}
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
-    return out_dir
