@@ -10,6 +10,8 @@ large finite negative, never -inf, so a fully masked row gives a uniform average
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -69,12 +71,29 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.reshape(B, H, S, hd).to(x.dtype)
 
 
+_fused_without_grad = False  # see fused_attention()
+
+
+@contextmanager
+def fused_attention() -> Iterator[None]:
+    """Take the fused SDPA kernel without autograd too: the trainer's frozen entropy patcher, which
+    is a quarter of a BLT-D training step on the explicit path. Its results differ from the explicit
+    path's in the last bits (a borderline entropy can flip a patch boundary), so inference, export
+    and evaluation never use it."""
+    global _fused_without_grad
+    before, _fused_without_grad = _fused_without_grad, True
+    try:
+        yield
+    finally:
+        _fused_without_grad = before
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(hd) + bias) v with fp32 logits.
 
     q (B, H, S, hd), k/v (B, H, T, hd), bias fp32 broadcastable to (B, H, S, T) -> (B, H, S, hd).
     """
-    if q.requires_grad and q.dtype == torch.float32 and torch.is_grad_enabled():
+    if q.dtype == torch.float32 and (_fused_without_grad or (q.requires_grad and torch.is_grad_enabled())):
         # training: the fused kernel keeps no (S, T) probabilities for backward (3x faster on CPU
         # at 1152 positions); same math, fp32 throughout. Inference and export take the path below.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

@@ -71,6 +71,8 @@ class TrainPlan:
     eval_windows: int = 128  # final held-out evaluation (1024-byte windows)
     eval_bytes: int = 1024
     masked_acc_windows: int = 48
+    file_windows: int = 32  # per held-out file, for the file-by-file table
+    train_eval_windows: int = 64  # random training windows evaluated next to held-out
     n_samples: int = 10
     sample_bytes: int = 96
     extra: dict[str, Any] = field(default_factory=dict)
@@ -142,6 +144,8 @@ def smoke_plan() -> TrainPlan:
         eval_windows=4,
         eval_bytes=256,
         masked_acc_windows=2,
+        file_windows=1,
+        train_eval_windows=2,
         n_samples=2,
         sample_bytes=16,
     )
@@ -348,7 +352,7 @@ def train_blt(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: boo
 
     def step(x: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         model.entropy_model.eval()
-        return blt_d_loss(model, x, patch_batch(model, x), g, pc.max_blocks, mask_weight=pc.mask_weight)
+        return blt_d_loss(model, x, patch_batch(model, x, fused=True), g, pc.max_blocks, mask_weight=pc.mask_weight)
 
     st = run_phase(
         "blt-d", model, pc, step, corpus, lambda: eval_bpb(blt_forward(model), windows), out / "blt", seed, resume

@@ -1,4 +1,5 @@
-"""`attend`: training takes the fused kernel, inference and export the explicit fp32 path; same math."""
+"""`attend`: training (and the trainer's frozen patcher) takes the fused kernel, inference and export
+the explicit fp32 path; same math."""
 
 from __future__ import annotations
 
@@ -28,3 +29,40 @@ def test_training_path_matches_the_explicit_math_in_values_and_gradients():
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(attend(q, k, v, bias), want, atol=1e-5)  # the inference path
+
+
+def test_fused_attention_context_takes_the_kernel_without_grad_and_only_inside(monkeypatch):
+    from fastblt.model import layers
+
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=g) for _ in range(3))
+    bias = torch.zeros(1, 1, 5, 5)
+    with torch.no_grad():
+        plain = attend(q, k, v, bias)
+        assert calls == []
+        with layers.fused_attention():
+            fused = attend(q, k, v, bias)
+        assert calls == [1]
+        try:
+            with layers.fused_attention():
+                raise RuntimeError
+        except RuntimeError:
+            pass
+        attend(q, k, v, bias)
+    assert calls == [1]  # the explicit path again after the block, even one left by an exception
+    assert torch.allclose(plain, fused, atol=1e-5)
+
+
+def test_the_trainers_fused_patcher_cuts_the_same_patches_as_the_exact_one():
+    from fastblt.model.checkpoint import load_checkpoint
+    from fastblt.model.corpus import Corpus
+    from fastblt.model.train_blt_d import patch_batch
+
+    model = load_checkpoint("default").eval()
+    x = Corpus.load(limit_bytes=100_000).sample(2, 512, torch.Generator().manual_seed(0))
+    exact, fused = patch_batch(model, x), patch_batch(model, x, fused=True)
+    assert exact.shape[0] == 2 and (exact > 0).sum() > 100  # ~4-byte patches
+    assert torch.equal(exact, fused)
