@@ -132,22 +132,36 @@ class Corpus:
         idx = start[:, None] + np.arange(n_bytes)[None, :]  # (batch, n_bytes)
         return windows_to_tokens(torch.from_numpy(self.train_bytes[idx].astype(np.int64)))
 
-    def heldout_windows(self, n_bytes: int = 1024, max_windows: int | None = 128) -> Tensor:
-        """Non-overlapping held-out windows: (W, 1 + n_bytes) int64 tokens, BOS first.
+    def heldout_window_index(self, n_bytes: int = 1024, max_windows: int | None = 128) -> list[tuple[int, int]]:
+        """(held-out file index, byte offset) of the windows `heldout_windows` returns, in order.
 
-        All full windows of every held-out file in list order, then `max_windows` of them taken at
-        evenly spaced indices (deterministic).
+        All full non-overlapping windows of every held-out file in list order, then `max_windows` of
+        them taken at evenly spaced indices (deterministic).
         """
-        wins = []
-        for text in self.heldout_texts:
-            for s in range(0, len(text) - n_bytes + 1, n_bytes):
-                wins.append(np.frombuffer(text[s : s + n_bytes], dtype=np.uint8))
-        if not wins:
+        index = [(i, s) for i, t in enumerate(self.heldout_texts) for s in range(0, len(t) - n_bytes + 1, n_bytes)]
+        if not index:
             raise InputError(f"corpus: no held-out file has {n_bytes} bytes")
-        if max_windows is not None and len(wins) > max_windows:
-            pick = np.linspace(0, len(wins) - 1, max_windows).round().astype(np.int64)
-            wins = [wins[i] for i in pick]
-        return windows_to_tokens(torch.from_numpy(np.stack(wins).astype(np.int64)))
+        if max_windows is not None and len(index) > max_windows:
+            pick = np.linspace(0, len(index) - 1, max_windows).round().astype(np.int64)
+            index = [index[i] for i in pick]
+        return index
+
+    def heldout_windows(self, n_bytes: int = 1024, max_windows: int | None = 128) -> Tensor:
+        """Non-overlapping held-out windows: (W, 1 + n_bytes) int64 tokens, BOS first (see heldout_window_index)."""
+        return self._windows(self.heldout_window_index(n_bytes, max_windows), n_bytes)
+
+    def file_windows(self, file: int, n_bytes: int = 1024, max_windows: int | None = 32) -> Tensor | None:
+        """Evenly spaced full windows of one held-out file (None if it is shorter than a window)."""
+        index = [(file, s) for s in range(0, len(self.heldout_texts[file]) - n_bytes + 1, n_bytes)]
+        if not index:
+            return None
+        if max_windows is not None and len(index) > max_windows:
+            index = [index[i] for i in np.linspace(0, len(index) - 1, max_windows).round().astype(np.int64)]
+        return self._windows(index, n_bytes)
+
+    def _windows(self, index: list[tuple[int, int]], n_bytes: int) -> Tensor:
+        rows = [np.frombuffer(self.heldout_texts[f][s : s + n_bytes], dtype=np.uint8) for f, s in index]
+        return windows_to_tokens(torch.from_numpy(np.stack(rows).astype(np.int64)))
 
 
 def windows_to_tokens(byte_windows: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ import json
 import platform
 import re
 import sys
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,58 @@ def bits_by_patch_position(
     ]
 
 
+@torch.no_grad()
+def bits_by_file(
+    models: dict[str, Callable[[Tensor], Tensor]],
+    corpus: Corpus,
+    n_bytes: int,
+    headline: int,
+    per_file: int = 32,
+    train: int = 64,
+) -> dict[str, Any]:
+    """Held-out bits per byte file by file (up to `per_file` evenly spaced windows each), for every
+    model, plus the same on `train` random training windows (fixed seed).
+
+    The headline windows are spread evenly over all held-out bytes, so one large file can dominate
+    them (`share` = its fraction of the headline windows); this table shows what each file costs and
+    how far held-out is from the training distribution.
+    """
+    picked = corpus.heldout_window_index(n_bytes, headline)
+    share = Counter(f for f, _ in picked)
+    rows = []
+    for i, name in enumerate(corpus.heldout_files):
+        windows = corpus.file_windows(i, n_bytes, per_file)
+        if windows is None:
+            continue
+        _say(f"bits by file: {name}")
+        bpb = {m: eval_bpb(fwd, windows)["bpb"] for m, fwd in models.items()}
+        rows.append(
+            {
+                "file": name,
+                "bytes": len(corpus.heldout_texts[i]),
+                "windows": len(windows),
+                "share": share[i] / len(picked),
+                "bpb": bpb,
+            }
+        )
+    largest = max(rows, key=lambda r: r["bytes"])
+    rest = [r for r in rows if r is not largest]
+    windows = corpus.sample(train, n_bytes, torch.Generator().manual_seed(0))
+    _say("bits on training windows")
+    return {
+        "files": rows,
+        "per_file": per_file,
+        "largest": largest["file"],
+        "without_largest": {
+            m: sum(r["bpb"][m] * r["windows"] for r in rest) / sum(r["windows"] for r in rest) for m in models
+        }
+        if rest
+        else None,
+        "train_windows": {m: eval_bpb(fwd, windows)["bpb"] for m, fwd in models.items()},
+        "n_train_windows": train,
+    }
+
+
 SAMPLE_MODES = ("ar", "blt-s", "blt-dv", "blt-d")
 
 
@@ -149,6 +203,10 @@ def evaluate_final(out: Path, plan: Any, corpus: Corpus) -> dict[str, Any]:
     _say("bits by position in the patch")
     result["bits_by_patch_position"] = bits_by_patch_position(model, baseline, windows)
     result["mean_patch_len_heldout"] = mean_patch_length(model, windows)
+    models = {"blt_d": blt_forward(model)} | ({"baseline": baseline} if baseline is not None else {})
+    result["bits_by_file"] = bits_by_file(
+        models, corpus, plan.eval_bytes, plan.eval_windows, plan.file_windows, plan.train_eval_windows
+    )
     _say("masked-byte accuracy in the inference layout")
     acc_windows = corpus.heldout_windows(plan.eval_bytes, plan.masked_acc_windows)
     result["masked_acc_inference_layout"] = masked_accuracy_inference_layout(model, acc_windows, MASK_RATES)
@@ -309,6 +367,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         )
     if b.get("bits_by_patch_position"):
         lines += patch_position_lines(b["bits_by_patch_position"])
+    if b.get("bits_by_file"):
+        lines += file_lines(b["bits_by_file"], c["eval_window_bytes"])
     if r.get("notes"):
         lines += ["", "## Notes", "", r["notes"]]
     lines += ["", "## Masked-byte accuracy in the inference layout", ""]
@@ -363,6 +423,33 @@ def patch_position_lines(rows: list[dict[str, Any]]) -> list[str]:
         name = f"{row['position']}+" if row["position"] == last else str(row["position"])
         base = "" if row["baseline_bits"] is None else f"{row['baseline_bits']:.3f}"
         lines.append(f"| {name} | {100 * row['share']:.1f}% | {row['blt_d_bits']:.3f} | {base} |")
+    return lines
+
+
+def file_lines(t: dict[str, Any], n_bytes: int) -> list[str]:
+    def cells(bpb: dict[str, float]) -> str:
+        return f"{bpb['blt_d']:.3f} | " + (f"{bpb['baseline']:.3f}" if "baseline" in bpb else "")
+
+    lines = [
+        "",
+        "### Held-out bits per byte file by file",
+        "",
+        f"Up to {t['per_file']} evenly spaced {n_bytes}-byte windows per held-out file (files shorter than a "
+        "window have none). Share = the file's fraction of the headline evaluation windows, which are spread "
+        "evenly over all held-out bytes.",
+        "",
+        "| file | bytes | windows | share of headline | BLT-D bits/byte | baseline bits/byte |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in t["files"]:
+        lines.append(
+            f"| `{r['file']}` | {r['bytes']:,} | {r['windows']} | {100 * r['share']:.0f}% | {cells(r['bpb'])} |"
+        )
+    if t["without_largest"]:
+        lines.append(f"| all held-out files but `{t['largest']}` | | | | {cells(t['without_largest'])} |")
+    lines += [
+        f"| {t['n_train_windows']} random training windows (fixed seed) | | | | {cells(t['train_windows'])} |",
+    ]
     return lines
 
 

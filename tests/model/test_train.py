@@ -76,6 +76,9 @@ def test_smoke_report_written(smoke_run):
     assert len(samples) == 2 and all({"ar", "blt-s", "blt-dv", "blt-d"} <= set(s) for s in samples)
     assert all(s["lossless_agree"] for s in samples)  # greedy ar == blt-s == blt-dv
     assert "`blt-dv`, acceptance" in (smoke_run / "REPORT.md").read_text()
+    by_file = report["blt_d"]["bits_by_file"]
+    assert by_file["largest"] == "pydoc_data/topics.py" and by_file["train_windows"]["blt_d"] > 0
+    assert "Held-out bits per byte file by file" in (smoke_run / "REPORT.md").read_text()
 
 
 def test_bits_by_patch_position_add_up_to_the_held_out_bits_per_byte(smoke_run):
@@ -219,3 +222,44 @@ def test_windows_start_with_bos():
     assert x.shape == (3, 65) and (x[:, 0] == 1).all() and (x[:, 1:] >= 4).all()
     w = corpus.heldout_windows(256, 5)
     assert w.shape == (5, 257) and (w[:, 0] == 1).all()
+
+
+def _toy_corpus() -> Corpus:
+    import numpy as np
+
+    texts = [b"a" * 300, b"def f(x):\n    return x\n" * 40, b"", b"The quick brown fox. " * 10]
+    train = np.frombuffer(b"import os\n" * 100, dtype=np.uint8).copy()
+    return Corpus(stdlib_dir(), ["t.py"], ["a.py", "b.py", "c.py", "d.py"], [], train, np.array([0, 1000]), texts)
+
+
+def test_heldout_window_index_names_the_file_and_offset_of_every_headline_window():
+    corpus = _toy_corpus()
+    index = corpus.heldout_window_index(64, None)
+    assert [f for f, _ in index] == [0] * 4 + [1] * 14 + [3] * 3  # full windows only, list order
+    windows = corpus.heldout_windows(64, None)
+    for (f, s), row in zip(index, windows, strict=True):
+        assert bytes((row[1:] - 4).tolist()) == corpus.heldout_texts[f][s : s + 64]
+    picked = corpus.heldout_window_index(64, 5)
+    assert len(picked) == 5 and picked[0] == index[0] and picked[-1] == index[-1]
+    assert torch.equal(corpus.heldout_windows(64, 5), corpus._windows(picked, 64))
+    assert corpus.file_windows(2, 64) is None and corpus.file_windows(1, 64, 3).shape == (3, 65)
+
+
+def test_bits_by_file_weights_files_by_their_windows_and_reports_training_windows():
+    from fastblt.model.train_blt_d import eval_bpb
+    from fastblt.model.train_report import bits_by_file
+
+    corpus = _toy_corpus()
+    prior = torch.randn(260, generator=torch.Generator().manual_seed(0))
+
+    def unigram(x):  # a fixed next-byte distribution: bits differ by file content
+        return prior.expand(*x.shape, 260)
+
+    t = bits_by_file({"m": unigram}, corpus, 64, headline=6, per_file=8, train=3)
+    assert [r["file"] for r in t["files"]] == ["a.py", "b.py", "d.py"]  # c.py is shorter than a window
+    assert abs(sum(r["share"] for r in t["files"]) - 1) < 1e-9
+    assert t["largest"] == "b.py"
+    rest = torch.cat([corpus.file_windows(i, 64, 8) for i in (0, 3)])
+    assert abs(t["without_largest"]["m"] - eval_bpb(unigram, rest)["bpb"]) < 1e-6
+    assert t["files"][0]["bpb"]["m"] != t["files"][2]["bpb"]["m"]
+    assert t["train_windows"]["m"] > 0 and t["n_train_windows"] == 3
