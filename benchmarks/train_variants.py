@@ -1,0 +1,156 @@
+"""Short side-by-side training runs of BLT-D recipe variants (and the plain byte LM), to choose the
+next default's recipe: each variant trains in its own one-thread process at the same time, for the
+same wall clock, from the shipped default's entropy model (so no entropy phase), then reports
+held-out bits per byte on the report's 128 headline windows and on the held-out code files
+(every held-out file but the largest, `pydoc_data/topics.py`, which is English prose).
+
+    python benchmarks/train_variants.py --variants default,dec4 --minutes 20
+
+Writes benchmarks/results/train_variants.{json,md}; runs go to --out (git-ignored).
+Short runs rank sample efficiency x speed at a short horizon, not the final numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import torch
+from safetensors.torch import save_file
+
+from fastblt.model.blt import EntropyModel
+from fastblt.model.checkpoint import load_checkpoint
+from fastblt.model.config import VOCAB_SIZE
+from fastblt.model.corpus import Corpus
+from fastblt.model.train import TrainPlan, blt_forward, default_plan, run_byte_lm, train_blt
+from fastblt.model.train_blt_d import eval_bpb
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _stack(plan: TrainPlan, part: str, **kw) -> TrainPlan:
+    cfg = dataclasses.replace(getattr(plan.model, part), **kw)
+    return dataclasses.replace(plan, model=plan.model.replace(**{part: cfg}))
+
+
+def _lr(plan: TrainPlan, lr: float) -> TrainPlan:
+    return dataclasses.replace(plan, blt=dataclasses.replace(plan.blt, lr=lr))
+
+
+# name -> (what it changes, plan edit). "baseline" trains the plain byte LM instead of a BLT-D.
+VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
+    "default": ("the shipped recipe", lambda p: p),
+    "dec4": (
+        "decoder 4 layers (2), global 4 layers (5)",
+        lambda p: _stack(_stack(p, "decoder", n_layers=4), "global_model", n_layers=4),
+    ),
+    "lr3e-3": ("BLT-D peak lr 3e-3 (1.5e-3)", lambda p: _lr(p, 3e-3)),
+    "mask0.1": (
+        "mask-loss weight 0.1 (0.3)",
+        lambda p: dataclasses.replace(p, blt=dataclasses.replace(p.blt, mask_weight=0.1)),
+    ),
+    "baseline": ("plain byte transformer (d=256, 4 layers)", lambda p: p),
+}
+
+
+def code_windows(corpus: Corpus, per_file: int = 8) -> torch.Tensor:
+    """Up to `per_file` windows of every held-out file but the largest (the prose of topics.py)."""
+    largest = max(range(len(corpus.heldout_files)), key=lambda i: len(corpus.heldout_texts[i]))
+    parts = [corpus.file_windows(i, 1024, per_file) for i in range(len(corpus.heldout_files)) if i != largest]
+    return torch.cat([w for w in parts if w is not None])
+
+
+def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
+    """One variant in this process (one thread); writes and returns OUT/NAME/variant.json."""
+    torch.set_num_threads(1)
+    out = out / name
+    shipped = load_checkpoint("default")
+    (out / "entropy").mkdir(parents=True, exist_ok=True)
+    save_file(shipped.entropy_model.state_dict(), str(out / "entropy" / "model.safetensors"))
+    (out / "entropy" / "result.json").write_text(json.dumps({"threshold": shipped.config.patching.threshold}))
+    plan = VARIANTS[name][1](default_plan(minutes, 0.0, minutes))
+    corpus = Corpus.load()
+    if name == "baseline":
+        model = EntropyModel(plan.baseline, VOCAB_SIZE)
+        st = run_byte_lm("baseline", model, plan.base, plan, corpus, out / "baseline", seed + 2, resume=False)
+        forward, params = model, sum(p.numel() for p in model.parameters())
+        steps, seen = st["step"], st["bytes"]
+    else:
+        res = train_blt(plan, corpus, out, seed, resume=False)
+        model = load_checkpoint(out / "checkpoint").eval()
+        forward, steps, seen = blt_forward(model), res["steps"], res["train_bytes"]
+        params = sum(v for k, v in model.num_params().items() if k != "entropy")
+    with torch.no_grad():
+        headline = eval_bpb(forward, corpus.heldout_windows(1024, 128))["bpb"]
+        code = eval_bpb(forward, code_windows(corpus))["bpb"]
+    row = {"variant": name, "what": VARIANTS[name][0], "minutes": minutes, "params": params, "steps": steps}
+    row |= {"train_bytes": seen, "bytes_per_s": seen / (60 * minutes), "heldout_bpb": headline, "code_bpb": code}
+    (out / "variant.json").write_text(json.dumps(row))
+    return row
+
+
+def render(rows: list[dict], minutes: float) -> str:
+    lines = [
+        "# BLT-D recipe variants, side by side",
+        "",
+        f"`python benchmarks/train_variants.py --variants {','.join(r['variant'] for r in rows)} --minutes {minutes:g}`"
+        f" ({time.strftime('%Y-%m-%d %H:%M')}): every variant in its own one-thread process at the same time, "
+        f"{minutes:g} minutes each (cosine schedule over that budget), the shipped entropy model for patching. "
+        "Held-out = the report's 128 headline windows (84% of them from `pydoc_data/topics.py`, English prose); "
+        "code = up to 8 windows of every other held-out file.",
+        "",
+        "| variant | what | params | steps | bytes seen | bytes/s | held-out bits/byte | code bits/byte |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['what']} | {r['params']:,} | {r['steps']} | {r['train_bytes']:,} | "
+            f"{r['bytes_per_s']:.0f} | {r['heldout_bpb']:.3f} | {r['code_bpb']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--variants", default="default,dec4", show_default=True, help="Comma-separated: " + ", ".join(VARIANTS))
+@click.option("--minutes", type=float, default=20.0, show_default=True, help="Wall clock per variant.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/variants"), show_default=True)
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--one", hidden=True, help="Run this one variant in this process (used by the parent).")
+def main(variants: str, minutes: float, out: Path, seed: int, one: str | None) -> None:
+    if one:
+        run_one(one, minutes, out, seed)
+        return
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise click.BadParameter(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for n in names:
+        log = open(out / f"{n}.log", "w")  # noqa: SIM115 - closed when the child ends
+        cmd = [sys.executable, __file__, "--one", n, "--minutes", str(minutes), "--out", str(out), "--seed", str(seed)]
+        procs.append((n, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        print(f"train_variants: {n} started (log {out / f'{n}.log'})", file=sys.stderr)
+    failed = []
+    for n, p, log in procs:
+        if p.wait() != 0:
+            failed.append(n)
+        log.close()
+        print(f"train_variants: {n} finished (exit {p.returncode})", file=sys.stderr)
+    if failed:
+        raise SystemExit(f"train_variants: {', '.join(failed)} failed; see their logs in {out}")
+    rows = [json.loads((out / n / "variant.json").read_text()) for n in names]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "train_variants.json").write_text(json.dumps({"minutes": minutes, "rows": rows}, indent=2))
+    (RESULTS / "train_variants.md").write_text(render(rows, minutes))
+    print(render(rows, minutes))
+
+
+if __name__ == "__main__":
+    main()
