@@ -1,0 +1,47 @@
+"""benchmarks/train_variants.py: each variant changes only what it says; bad names are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from fastblt.model.train import default_plan
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "train_variants.py"
+_spec = importlib.util.spec_from_file_location("train_variants", _PATH)
+tv = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tv)
+
+
+def _diff(a, b, prefix=""):
+    """Dotted names of the fields where two (nested) dataclasses differ."""
+    out = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x) and dataclasses.is_dataclass(y):
+            out += _diff(x, y, f"{prefix}{f.name}.")
+        elif x != y:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def test_each_variant_changes_only_what_it_says():
+    base = default_plan(20, 0, 20)
+    want = {
+        "default": [],
+        "baseline": [],
+        "dec4": ["model.global_model.n_layers", "model.decoder.n_layers"],
+        "lr3e-3": ["blt.lr"],
+        "mask0.1": ["blt.mask_weight"],
+    }
+    assert set(want) == set(tv.VARIANTS)
+    for name, (_, edit) in tv.VARIANTS.items():
+        assert sorted(_diff(base, edit(default_plan(20, 0, 20)))) == sorted(want[name]), name
+
+
+def test_unknown_variant_is_a_usage_error_naming_it(tmp_path):
+    res = CliRunner().invoke(tv.main, ["--variants", "default,nope", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "nope" in res.output
