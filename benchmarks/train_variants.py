@@ -95,23 +95,25 @@ def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
     return row
 
 
-def render(rows: list[dict], minutes: float) -> str:
+def render(rows: list[dict]) -> str:
     lines = [
         "# BLT-D recipe variants, side by side",
         "",
-        f"`python benchmarks/train_variants.py --variants {','.join(r['variant'] for r in rows)} --minutes {minutes:g}`"
-        f" ({time.strftime('%Y-%m-%d %H:%M')}): every variant in its own one-thread process at the same time, "
-        f"{minutes:g} minutes each (cosine schedule over that budget), the shipped entropy model for patching. "
-        "Held-out = the report's 128 headline windows (84% of them from `pydoc_data/topics.py`, English prose); "
-        "code = up to 8 windows of every other held-out file.",
+        "`python benchmarks/train_variants.py --variants A,B --minutes M`: the variants of one run train at the same "
+        "time, each in its own one-thread process, for M minutes (cosine schedule over that budget), with the "
+        "shipped entropy model for patching; compare rows of the same run. Held-out = the report's 128 headline "
+        "windows (84% of them from `pydoc_data/topics.py`, English prose); code = up to 8 windows of every other "
+        "held-out file.",
         "",
-        "| variant | what | params | steps | bytes seen | bytes/s | held-out bits/byte | code bits/byte |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| run | minutes | variant | what | params | steps | bytes seen | bytes/s | held-out bits/byte "
+        "| code bits/byte |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['what']} | {r['params']:,} | {r['steps']} | {r['train_bytes']:,} | "
-            f"{r['bytes_per_s']:.0f} | {r['heldout_bpb']:.3f} | {r['code_bpb']:.3f} |"
+            f"| {r.get('run', '')} | {r['minutes']:g} | {r['variant']} | {r['what']} | {r['params']:,} | "
+            f"{r['steps']} | {r['train_bytes']:,} | {r['bytes_per_s']:.0f} | {r['heldout_bpb']:.3f} | "
+            f"{r['code_bpb']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -131,6 +133,7 @@ def main(variants: str, minutes: float, out: Path, seed: int, one: str | None) -
     if unknown:
         raise click.BadParameter(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     out.mkdir(parents=True, exist_ok=True)
+    run = time.strftime("%Y-%m-%d %H:%M")  # when the run started; names its rows
     procs = []
     for n in names:
         log = open(out / f"{n}.log", "w")  # noqa: SIM115 - closed when the child ends
@@ -145,11 +148,15 @@ def main(variants: str, minutes: float, out: Path, seed: int, one: str | None) -
         print(f"train_variants: {n} finished (exit {p.returncode})", file=sys.stderr)
     if failed:
         raise SystemExit(f"train_variants: {', '.join(failed)} failed; see their logs in {out}")
-    rows = [json.loads((out / n / "variant.json").read_text()) for n in names]
+    rows = [json.loads((out / n / "variant.json").read_text()) | {"run": run} for n in names]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_variants.json").write_text(json.dumps({"minutes": minutes, "rows": rows}, indent=2))
-    (RESULTS / "train_variants.md").write_text(render(rows, minutes))
-    print(render(rows, minutes))
+    path = RESULTS / "train_variants.json"
+    # earlier runs stay: rows are compared within a run
+    kept = json.loads(path.read_text())["rows"] if path.exists() else []
+    rows = kept + rows
+    path.write_text(json.dumps({"rows": rows}, indent=2))
+    (RESULTS / "train_variants.md").write_text(render(rows))
+    print(render(rows))
 
 
 if __name__ == "__main__":
