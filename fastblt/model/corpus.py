@@ -141,10 +141,7 @@ class Corpus:
         index = [(i, s) for i, t in enumerate(self.heldout_texts) for s in range(0, len(t) - n_bytes + 1, n_bytes)]
         if not index:
             raise InputError(f"corpus: no held-out file has {n_bytes} bytes")
-        if max_windows is not None and len(index) > max_windows:
-            pick = np.linspace(0, len(index) - 1, max_windows).round().astype(np.int64)
-            index = [index[i] for i in pick]
-        return index
+        return _evenly_spaced(index, max_windows)
 
     def heldout_windows(self, n_bytes: int = 1024, max_windows: int | None = 128) -> Tensor:
         """Non-overlapping held-out windows: (W, 1 + n_bytes) int64 tokens, BOS first (see heldout_window_index)."""
@@ -153,15 +150,18 @@ class Corpus:
     def file_windows(self, file: int, n_bytes: int = 1024, max_windows: int | None = 32) -> Tensor | None:
         """Evenly spaced full windows of one held-out file (None if it is shorter than a window)."""
         index = [(file, s) for s in range(0, len(self.heldout_texts[file]) - n_bytes + 1, n_bytes)]
-        if not index:
-            return None
-        if max_windows is not None and len(index) > max_windows:
-            index = [index[i] for i in np.linspace(0, len(index) - 1, max_windows).round().astype(np.int64)]
-        return self._windows(index, n_bytes)
+        return self._windows(_evenly_spaced(index, max_windows), n_bytes) if index else None
 
     def _windows(self, index: list[tuple[int, int]], n_bytes: int) -> Tensor:
         rows = [np.frombuffer(self.heldout_texts[f][s : s + n_bytes], dtype=np.uint8) for f, s in index]
         return windows_to_tokens(torch.from_numpy(np.stack(rows).astype(np.int64)))
+
+
+def _evenly_spaced(items: list, n: int | None) -> list:
+    """`n` of `items` at evenly spaced indices, first and last included (all if n is None or larger)."""
+    if n is None or len(items) <= n:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(np.int64)]
 
 
 def windows_to_tokens(byte_windows: Tensor) -> Tensor:

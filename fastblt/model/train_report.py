@@ -1,8 +1,9 @@
 """The training report of `fastblt train`: REPORT.md + report.json + loss_curve.png in OUT/.
 
 Everything is measured here, from the saved checkpoint and the phases' result.json files:
-held-out bits per byte of the AR path on 1024-byte windows, mean patch length, masked-byte
-accuracy in the inference layout next to AR accuracy, greedy samples, and the baseline.
+held-out bits per byte of the AR path on 1024-byte windows (also by position in the patch and
+file by file, next to the baseline's), mean patch length, masked-byte accuracy in the inference
+layout next to AR accuracy, greedy samples, and the baseline.
 """
 
 from __future__ import annotations
