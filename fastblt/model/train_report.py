@@ -178,6 +178,56 @@ def samples_per_mode(model: BltModel, prompts: list[bytes], max_bytes: int, back
     return rows
 
 
+def python_shape(def_line: str, text: str) -> dict[str, bool | None]:
+    """Checkable signs that a continuation of `def_line` looks like Python.
+
+    body_indented: its first non-empty line is indented deeper than the `def`; indent_by_4: every
+    complete non-empty line is indented by a multiple of 4 spaces (no tabs); brackets_balanced:
+    ()[]{} balance over its complete lines, outside quotes (None without a complete line).
+    """
+    complete = text[: text.rfind("\n") + 1].splitlines() if "\n" in text else []
+    first = next((line for line in text.splitlines() if line.strip()), None)
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip(" "))
+
+    return {
+        "body_indented": first is not None and indent(first) > indent(def_line),
+        "indent_by_4": all(indent(x) % 4 == 0 and not x.startswith("\t") for x in complete if x.strip()),
+        "brackets_balanced": _balanced(complete) if complete else None,
+    }
+
+
+def _balanced(lines: list[str]) -> bool:
+    """Brackets balance across `lines`, skipping one-line quotes and comments (escapes not handled)."""
+    pairs, stack = {")": "(", "]": "[", "}": "{"}, []
+    for line in lines:
+        quote = None
+        for ch in line:
+            if quote:
+                quote = None if ch == quote else quote
+            elif ch == "#":
+                break
+            elif ch in "'\"":
+                quote = ch
+            elif ch in "([{":
+                stack.append(ch)
+            elif ch in pairs and (not stack or stack.pop() != pairs[ch]):
+                return False
+    return not stack
+
+
+def shape_summary(samples: list[dict], mode: str) -> str:
+    shapes = [python_shape(s["prompt_tail"], s[mode]["text"]) for s in samples if mode in s]
+    n = len(shapes)
+    judged = [x["brackets_balanced"] for x in shapes if x["brackets_balanced"] is not None]
+    return (
+        f"`{mode}`: body indented under the `def` in {sum(x['body_indented'] for x in shapes)}/{n}, indentation in "
+        f"multiples of 4 in {sum(x['indent_by_4'] for x in shapes)}/{n}, brackets balanced over complete lines in "
+        f"{sum(judged)}/{len(judged)} (samples with a complete line)"
+    )
+
+
 def sample_lines(samples: list[dict]) -> list[str]:
     lines = []
     for i, s in enumerate(samples):
@@ -386,6 +436,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += [
         "Through the runtime (`fastblt.Generator`, torch backend). The prompt is the 300 bytes of a held-out "
         "file ending with the `def` line shown; the continuation follows it.",
+        "",
+        "Python shape (`python_shape`): " + "; ".join(shape_summary(b["samples"], m) for m in ("ar", "blt-d")) + ".",
         "",
     ]
     lines += sample_lines(b["samples"])

@@ -263,3 +263,13 @@ def test_bits_by_file_weights_files_by_their_windows_and_reports_training_window
     assert abs(t["without_largest"]["m"] - eval_bpb(unigram, rest)["bpb"]) < 1e-6
     assert t["files"][0]["bpb"]["m"] != t["files"][2]["bpb"]["m"]
     assert t["train_windows"]["m"] > 0 and t["n_train_windows"] == 3
+
+
+def test_python_shape_checks_indentation_and_brackets():
+    from fastblt.model.train_report import python_shape
+
+    good = python_shape("    def f(self, x):", "        y = g(x, [1, 2])  # (\n        return {'a': y}\n  ")
+    assert good == {"body_indented": True, "indent_by_4": True, "brackets_balanced": True}
+    bad = python_shape("def f(x):", "def g(':)'):\n   h(x))\n")
+    assert bad == {"body_indented": False, "indent_by_4": False, "brackets_balanced": False}
+    assert python_shape("def f():", "    return (")["brackets_balanced"] is None  # no complete line
