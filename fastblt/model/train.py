@@ -370,6 +370,7 @@ def train_baseline(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume
     st = run_byte_lm("baseline", model, plan.base, plan, corpus, out / "baseline", seed + 2, resume)
     save_file(model.state_dict(), str(out / "baseline" / "model.safetensors"))
     result = {"config": asdict(plan.baseline), **byte_lm_result(model, st, plan, corpus), "evals": st["evals"]}
+    result["phase"] = asdict(plan.base)  # as trained (a later report may run with other options)
     (out / "baseline" / "result.json").write_text(json.dumps(result))
     return result
 

@@ -31,6 +31,13 @@ import click
     help="Weight of the block-diffusion loss against next-byte loss [default: 0.3, train.DEFAULT_MASK_WEIGHT; "
     "the paper: 1].",
 )
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="Peak learning rate of the BLT-D and baseline phases (the same for both) [default: 1.5e-3; "
+    "benchmarks/train_variants.py compares recipes].",
+)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads (the machine is shared).")
 @click.option("--smoke", is_flag=True, help="Tiny models on a tiny slice for a few steps (seconds).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
@@ -43,6 +50,7 @@ def train(
     resume: bool,
     seed: int,
     mask_weight: float | None,
+    lr: float | None,
     threads: int,
     smoke: bool,
     as_json: bool,
@@ -59,6 +67,10 @@ def train(
     plan = T.smoke_plan() if smoke else T.default_plan(minutes, entropy_minutes, baseline_minutes)
     if mask_weight is not None:
         plan = dataclasses.replace(plan, blt=dataclasses.replace(plan.blt, mask_weight=mask_weight))
+    if lr is not None:
+        plan = dataclasses.replace(
+            plan, blt=dataclasses.replace(plan.blt, lr=lr), base=dataclasses.replace(plan.base, lr=lr)
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = Corpus.load(limit_bytes=plan.corpus_limit_bytes)

@@ -302,7 +302,7 @@ def write_report(out: Path, plan: Any, corpus: Corpus, seed: int, extra: dict[st
         },
         "baseline": (
             {k: v for k, v in base.items() if k not in ("hist", "evals")}
-            | {"bytes_per_s": base["train_bytes"] / base["wall_s"], "phase": vars(plan.base)}
+            | {"bytes_per_s": base["train_bytes"] / base["wall_s"], "phase": base.get("phase", vars(plan.base))}
             if base
             else None
         ),
@@ -450,12 +450,12 @@ def method_lines(b: dict[str, Any]) -> list[str]:
     blocks = "all blocks" if ph.get("max_blocks") is None else f"a random {ph['max_blocks']} blocks per window"
     return [
         "",
-        "Method: AdamW (0.9, 0.95), weight decay 0.1, grad clip 1.0, linear warm-up then cosine to 10% over the "
-        "phase's wall-clock budget; one torch thread per process. BLT-D loss = mean next-byte CE on the clean "
-        f"window + {ph.get('mask_weight', 1.0):g} x (sum over masked block cells of CE / max(t, 0.05), divided by "
-        "the number of non-[PAD] block "
-        f"cells; one t ~ U(0,1) per window; [PAD] excluded). Windows of {ph['seq_bytes']} bytes (BOS first), "
-        f"batch {ph['batch']}; blocks of 8 at every patch start after the first, {blocks} kept "
+        f"Method: AdamW (0.9, 0.95), peak lr {ph['lr']:g}, weight decay 0.1, grad clip 1.0, linear warm-up then "
+        "cosine to 10% over the phase's wall-clock budget; one torch thread per process. BLT-D loss = mean "
+        f"next-byte CE on the clean window + {ph.get('mask_weight', 1.0):g} x (sum over masked block cells of "
+        "CE / max(t, 0.05), divided by the number of non-[PAD] block cells; one t ~ U(0,1) per window; [PAD] "
+        f"excluded). Windows of {ph['seq_bytes']} bytes (BOS first), batch {ph['batch']}; blocks of 8 at every "
+        f"patch start after the first, {blocks} kept "
         "(an unbiased estimate of the per-cell mask loss; the full set triples the decoder's length).",
     ]
 

@@ -35,7 +35,7 @@ def smoke_run(tmp_path_factory):
     threads = torch.get_num_threads()
     res = CliRunner().invoke(
         train,
-        ["--smoke", "--out", str(out), "--phase", "main", "--mask-weight", "0.5", *_threads()],
+        ["--smoke", "--out", str(out), "--phase", "main", "--mask-weight", "0.5", "--lr", "0.012", *_threads()],
         catch_exceptions=False,
     )
     torch.set_num_threads(threads)
@@ -103,7 +103,7 @@ def test_bits_by_patch_position_add_up_to_the_held_out_bits_per_byte(smoke_run):
     assert abs(sum(r["share"] * r["baseline_bits"] for r in rows if r["share"]) - want) < 1e-3
 
 
-def test_a_later_report_states_the_mask_weight_the_blt_d_trained_with(smoke_run):
+def test_a_later_report_states_the_mask_weight_and_lr_the_blt_d_trained_with(smoke_run):
     from fastblt.model.train_cli import train
 
     threads = torch.get_num_threads()
@@ -112,7 +112,9 @@ def test_a_later_report_states_the_mask_weight_the_blt_d_trained_with(smoke_run)
     assert res.exit_code == 0, res.output
     report = json.loads((smoke_run / "report.json").read_text())
     assert report["blt_d"]["phase"]["mask_weight"] == 0.5  # not this process's plan (1.0 for --smoke)
-    assert "window + 0.5 x (sum over masked block cells" in (smoke_run / "REPORT.md").read_text()
+    assert report["blt_d"]["phase"]["lr"] == 0.012  # --lr of the training run (smoke: 1e-2)
+    md = (smoke_run / "REPORT.md").read_text()
+    assert "window + 0.5 x (sum over masked block cells" in md and "peak lr 0.012," in md
 
 
 def test_resume_continues_a_finished_phase(smoke_run):
@@ -273,3 +275,15 @@ def test_python_shape_checks_indentation_and_brackets():
     bad = python_shape("def f(x):", "def g(':)'):\n   h(x))\n")
     assert bad == {"body_indented": False, "indent_by_4": False, "brackets_balanced": False}
     assert python_shape("def f():", "    return (")["brackets_balanced"] is None  # no complete line
+
+
+def test_lr_applies_to_the_baseline_too_and_is_recorded(tmp_path):
+    from fastblt.model.train_cli import train
+
+    threads = torch.get_num_threads()
+    res = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), "--phase", "baseline", "--lr", "0.011"])
+    torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "baseline" / "result.json").read_text())["phase"]["lr"] == 0.011
+    bad = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), "--lr", "0"])
+    assert bad.exit_code == 2 and "--lr" in bad.output
