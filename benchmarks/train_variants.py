@@ -43,7 +43,7 @@ def _lr(plan: TrainPlan, lr: float) -> TrainPlan:
     return dataclasses.replace(plan, blt=dataclasses.replace(plan.blt, lr=lr))
 
 
-# name -> (what it changes, plan edit). "baseline" trains the plain byte LM instead of a BLT-D.
+# name -> (what it changes, plan edit). "baseline*" train the plain byte LM instead of a BLT-D.
 VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
     "default": ("the shipped recipe", lambda p: p),
     "dec4": (
@@ -56,6 +56,10 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
         lambda p: dataclasses.replace(p, blt=dataclasses.replace(p.blt, mask_weight=0.1)),
     ),
     "baseline": ("plain byte transformer (d=256, 4 layers)", lambda p: p),
+    "baseline-lr3e-3": (
+        "plain byte transformer, peak lr 3e-3 (1.5e-3)",
+        lambda p: dataclasses.replace(p, base=dataclasses.replace(p.base, lr=3e-3)),
+    ),
 }
 
 
@@ -76,7 +80,7 @@ def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
     (out / "entropy" / "result.json").write_text(json.dumps({"threshold": shipped.config.patching.threshold}))
     plan = VARIANTS[name][1](default_plan(minutes, 0.0, minutes))
     corpus = Corpus.load()
-    if name == "baseline":
+    if name.startswith("baseline"):
         model = EntropyModel(plan.baseline, VOCAB_SIZE)
         st = run_byte_lm("baseline", model, plan.base, plan, corpus, out / "baseline", seed + 2, resume=False)
         forward, params = model, sum(p.numel() for p in model.parameters())

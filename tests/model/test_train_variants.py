@@ -36,6 +36,7 @@ def test_each_variant_changes_only_what_it_says():
         "dec4": ["model.global_model.n_layers", "model.decoder.n_layers"],
         "lr3e-3": ["blt.lr"],
         "mask0.1": ["blt.mask_weight"],
+        "baseline-lr3e-3": ["base.lr"],
     }
     assert set(want) == set(tv.VARIANTS)
     for name, (_, edit) in tv.VARIANTS.items():
