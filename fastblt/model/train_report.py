@@ -437,7 +437,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         "Through the runtime (`fastblt.Generator`, torch backend). The prompt is the 300 bytes of a held-out "
         "file ending with the `def` line shown; the continuation follows it.",
         "",
-        "Python shape (`python_shape`): " + "; ".join(shape_summary(b["samples"], m) for m in ("ar", "blt-d")) + ".",
+        "Python shape (`python_shape`): "
+        + "; ".join(shape_summary(b["samples"], m) for m in ("ar", "blt-d") if any(m in x for x in b["samples"]))
+        + ".",
         "",
     ]
     lines += sample_lines(b["samples"])
