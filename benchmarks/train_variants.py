@@ -51,6 +51,11 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
         lambda p: _stack(_stack(p, "decoder", n_layers=4), "global_model", n_layers=4),
     ),
     "lr3e-3": ("BLT-D peak lr 3e-3 (1.5e-3)", lambda p: _lr(p, 3e-3)),
+    "lr5e-3": ("BLT-D peak lr 5e-3 (1.5e-3)", lambda p: _lr(p, 5e-3)),
+    "lr3e-3-hash8k": (
+        "BLT-D peak lr 3e-3 (1.5e-3), 8192 hash buckets per n-gram size (2048)",
+        lambda p: _lr(dataclasses.replace(p, model=p.model.replace(hash_vocab=8192)), 3e-3),
+    ),
     "mask0.1": (
         "mask-loss weight 0.1 (0.3)",
         lambda p: dataclasses.replace(p, blt=dataclasses.replace(p.blt, mask_weight=0.1)),

@@ -66,3 +66,47 @@ def test_the_trainers_fused_patcher_cuts_the_same_patches_as_the_exact_one():
     exact, fused = patch_batch(model, x), patch_batch(model, x, fused=True)
     assert exact.shape[0] == 2 and (exact > 0).sum() > 100  # ~4-byte patches
     assert torch.equal(exact, fused)
+
+
+def _window_bias(n: int, window: int) -> torch.Tensor:
+    i = torch.arange(n)
+    return torch.where((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window), 0.0, NEG)[None, None]
+
+
+def test_banded_attention_equals_one_kernel_call_in_values_and_gradients():
+    """Windowed, block-diagonal (the encoder's patch slots) and with a fully masked row (a padded patch)."""
+    from fastblt.model.layers import banded_attend
+
+    g = torch.Generator().manual_seed(2)
+    n = 300
+    block = torch.where(torch.arange(n)[:, None] // 5 == torch.arange(n)[None, :] // 7, 0.0, NEG)[None, None]
+    blind = block.clone()
+    blind[..., 290, :] = NEG
+    row = torch.where(torch.arange(n) % 3 == 0, 0.0, NEG).view(1, 1, 1, n)  # one row broadcast over queries
+    for bias in (_window_bias(n, 64).expand(2, 1, n, n), block, blind, row):
+        q, k, v = (torch.randn(2, 3, n, 8, generator=g) for _ in range(3))
+        a = [t.clone().requires_grad_() for t in (q, k, v)]
+        b = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = banded_attend(*a, bias, rows=32)
+        want = torch.nn.functional.scaled_dot_product_attention(*b, attn_mask=bias)
+        w = torch.randn(out.shape, generator=g)
+        (out * w).sum().backward()
+        (want * w).sum().backward()
+        assert torch.allclose(out, want, atol=1e-5)
+        for x, y in zip(a, b, strict=True):
+            assert torch.allclose(x.grad, y.grad, atol=1e-5)
+
+
+def test_key_spans_skip_only_masked_keys():
+    from fastblt.model.layers import key_spans
+
+    bias = _window_bias(200, 50)
+    spans = key_spans(bias, rows=40)
+    assert len(spans) == 5 and spans[0] == (0, 40) and spans[4] == (160 - 49, 200)
+    for i, (a, b) in enumerate(spans):
+        rows = bias[0, 0, 40 * i : 40 * (i + 1)]
+        assert bool((rows[:, :a] == NEG).all()) and bool((rows[:, b:] == NEG).all())
+        assert bool((rows[:, a] == 0).any()) and bool((rows[:, b - 1] == 0).any())
+    blind = bias.clone()
+    blind[..., 130, :] = NEG  # a row that sees nothing averages over every key: its chunk keeps them all
+    assert key_spans(blind, rows=40)[3] == (0, 200)
