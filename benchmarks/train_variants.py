@@ -39,6 +39,10 @@ def _stack(plan: TrainPlan, part: str, **kw) -> TrainPlan:
     return dataclasses.replace(plan, model=plan.model.replace(**{part: cfg}))
 
 
+def _hash(plan: TrainPlan, buckets: int) -> TrainPlan:
+    return dataclasses.replace(plan, model=plan.model.replace(hash_vocab=buckets))
+
+
 def _lr(plan: TrainPlan, lr: float) -> TrainPlan:
     return dataclasses.replace(plan, blt=dataclasses.replace(plan.blt, lr=lr))
 
@@ -54,7 +58,11 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
     "lr5e-3": ("BLT-D peak lr 5e-3 (1.5e-3)", lambda p: _lr(p, 5e-3)),
     "lr3e-3-hash8k": (
         "BLT-D peak lr 3e-3 (1.5e-3), 8192 hash buckets per n-gram size (2048)",
-        lambda p: _lr(dataclasses.replace(p, model=p.model.replace(hash_vocab=8192)), 3e-3),
+        lambda p: _lr(_hash(p, 8192), 3e-3),
+    ),
+    "lr5e-3-hash8k": (
+        "BLT-D peak lr 5e-3 (1.5e-3), 8192 hash buckets per n-gram size (2048)",
+        lambda p: _lr(_hash(p, 8192), 5e-3),
     ),
     "mask0.1": (
         "mask-loss weight 0.1 (0.3)",

@@ -37,6 +37,7 @@ def test_each_variant_changes_only_what_it_says():
         "lr3e-3": ["blt.lr"],
         "lr5e-3": ["blt.lr"],
         "lr3e-3-hash8k": ["blt.lr", "model.hash_vocab"],
+        "lr5e-3-hash8k": ["blt.lr", "model.hash_vocab"],
         "mask0.1": ["blt.mask_weight"],
         "baseline-lr3e-3": ["base.lr"],
     }
