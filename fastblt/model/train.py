@@ -75,6 +75,7 @@ class TrainPlan:
     train_eval_windows: int = 64  # random training windows evaluated next to held-out
     n_samples: int = 10
     sample_bytes: int = 96
+    checkpoint_dtype: str = "float32"  # how the final BLT-D is stored (the report evaluates what is stored)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -148,6 +149,7 @@ def smoke_plan() -> TrainPlan:
         train_eval_windows=2,
         n_samples=2,
         sample_bytes=16,
+        checkpoint_dtype="float16",  # as the default's, so the smoke test covers storing in half precision
     )
 
 
@@ -357,8 +359,9 @@ def train_blt(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: boo
     st = run_phase(
         "blt-d", model, pc, step, corpus, lambda: eval_bpb(blt_forward(model), windows), out / "blt", seed, resume
     )
-    save_model(model, out / "checkpoint")
+    save_model(model, out / "checkpoint", getattr(torch, plan.checkpoint_dtype))
     result = {"steps": st["step"], "wall_s": st["elapsed"], "train_bytes": st["bytes"], "hist": st["hist"]}
+    result["checkpoint_dtype"] = plan.checkpoint_dtype
     result["evals"], result["phase"] = st["evals"], asdict(pc)
     (out / "blt" / "result.json").write_text(json.dumps(result))
     return result
@@ -375,6 +378,6 @@ def train_baseline(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume
     return result
 
 
-def save_model(model: BltModel, out_dir: Path) -> Path:
-    """Our fastblt checkpoint format (config.json + model.safetensors)."""
-    return save_checkpoint(model, out_dir, fmt="fastblt", overwrite=True)
+def save_model(model: BltModel, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Our fastblt checkpoint format (config.json + model.safetensors), weights stored as `dtype`."""
+    return save_checkpoint(model, out_dir, fmt="fastblt", dtype=dtype, overwrite=True)

@@ -298,6 +298,7 @@ def write_report(out: Path, plan: Any, corpus: Corpus, seed: int, extra: dict[st
             "train_bytes": blt["train_bytes"] if blt else None,
             "bytes_per_s": blt["train_bytes"] / blt["wall_s"] if blt else None,
             "phase": blt.get("phase", vars(plan.blt)) if blt else vars(plan.blt),  # as trained
+            "checkpoint_dtype": blt.get("checkpoint_dtype", "float32") if blt else None,
             **final,
         },
         "baseline": (
@@ -378,7 +379,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         "files (evenly spaced), BOS prepended, every byte predicted.",
         "",
         "## Model",
-        "- parameters: " + ", ".join(f"{k} {v:,}" for k, v in p.items()) + f"; total {sum(p.values()):,}.",
+        "- parameters: " + ", ".join(f"{k} {v:,}" for k, v in p.items()) + f"; total {sum(p.values()):,}; "
+        f"stored as {b.get('checkpoint_dtype', 'float32')} (loaded as float32; every number here is measured on "
+        "the stored weights).",
         f"- entropy threshold {e.get('threshold', float('nan')):.4f} nats; mean patch length on held-out windows "
         f"{b['mean_patch_len_heldout']:.2f} bytes (target 4).",
         "",

@@ -66,6 +66,27 @@ def test_smoke_checkpoint_loads_and_generates(smoke_run):
     assert len(greedy_continue(model, b"def f(x):\n", 4)) > 0
 
 
+def test_smoke_checkpoint_is_stored_in_half_precision_and_the_report_measures_what_is_stored(smoke_run):
+    from safetensors import safe_open
+
+    from fastblt.model.corpus import Corpus
+    from fastblt.model.train import blt_forward, smoke_plan
+    from fastblt.model.train_blt_d import eval_bpb
+    from fastblt.model.train_report import load_final_model
+
+    with safe_open(str(smoke_run / "checkpoint" / "model.safetensors"), "pt") as f:
+        names = f.keys()
+        assert {f.get_slice(k).get_dtype() for k in names} == {"F16"}
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert report["blt_d"]["checkpoint_dtype"] == "float16"
+    assert "stored as float16" in (smoke_run / "REPORT.md").read_text()
+    plan = smoke_plan()
+    windows = Corpus.load(limit_bytes=plan.corpus_limit_bytes).heldout_windows(plan.eval_bytes, plan.eval_windows)
+    model = load_final_model(smoke_run)
+    assert next(model.parameters()).dtype == torch.float32
+    assert abs(eval_bpb(blt_forward(model), windows)["bpb"] - report["blt_d"]["heldout_ar"]["bpb"]) < 1e-6
+
+
 def test_smoke_report_written(smoke_run):
     report = json.loads((smoke_run / "report.json").read_text())
     for name in ("REPORT.md", "loss_curve.png", "report.json"):
