@@ -68,10 +68,18 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
         "mask-loss weight 0.1 (0.3)",
         lambda p: dataclasses.replace(p, blt=dataclasses.replace(p.blt, mask_weight=0.1)),
     ),
+    "lr8e-3-hash8k": (
+        "BLT-D peak lr 8e-3 (1.5e-3), 8192 hash buckets per n-gram size (2048)",
+        lambda p: _lr(_hash(p, 8192), 8e-3),
+    ),
     "baseline": ("plain byte transformer (d=256, 4 layers)", lambda p: p),
     "baseline-lr3e-3": (
         "plain byte transformer, peak lr 3e-3 (1.5e-3)",
         lambda p: dataclasses.replace(p, base=dataclasses.replace(p.base, lr=3e-3)),
+    ),
+    "baseline-lr5e-3": (
+        "plain byte transformer, peak lr 5e-3 (1.5e-3)",
+        lambda p: dataclasses.replace(p, base=dataclasses.replace(p.base, lr=5e-3)),
     ),
 }
 

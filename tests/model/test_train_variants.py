@@ -38,6 +38,8 @@ def test_each_variant_changes_only_what_it_says():
         "lr5e-3": ["blt.lr"],
         "lr3e-3-hash8k": ["blt.lr", "model.hash_vocab"],
         "lr5e-3-hash8k": ["blt.lr", "model.hash_vocab"],
+        "lr8e-3-hash8k": ["blt.lr", "model.hash_vocab"],
+        "baseline-lr5e-3": ["base.lr"],
         "mask0.1": ["blt.mask_weight"],
         "baseline-lr3e-3": ["base.lr"],
     }
