@@ -11,9 +11,15 @@ import click
 
 @click.command("train")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/default", show_default=True)
-@click.option("--minutes", type=float, default=60.0, show_default=True, help="Wall clock of the BLT-D phase.")
-@click.option("--entropy-minutes", type=float, default=8.0, show_default=True)
-@click.option("--baseline-minutes", type=float, default=None, help="Default: same as --minutes.")
+@click.option("--minutes", type=float, default=135.0, show_default=True, help="Wall clock of the BLT-D phase.")
+@click.option("--entropy-minutes", type=float, default=10.0, show_default=True)
+@click.option(
+    "--baseline-minutes",
+    type=float,
+    default=None,
+    help="Wall clock of the plain byte-LM baseline [default: --entropy-minutes + --minutes, the BLT-D's whole "
+    "training time].",
+)
 @click.option(
     "--phase",
     type=click.Choice(["all", "main", "entropy", "blt", "baseline", "report"]),
@@ -35,8 +41,14 @@ import click
     "--lr",
     type=click.FloatRange(min=0.0, min_open=True),
     default=None,
-    help="Peak learning rate of the BLT-D and baseline phases (the same for both) [default: 1.5e-3; "
+    help="Peak learning rate of the BLT-D phase [default: 6e-3, train.DEFAULT_LR; "
     "benchmarks/train_variants.py compares recipes].",
+)
+@click.option(
+    "--baseline-lr",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="Peak learning rate of the baseline phase [default: 3e-3, train.DEFAULT_BASELINE_LR].",
 )
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads (the machine is shared).")
 @click.option("--smoke", is_flag=True, help="Tiny models on a tiny slice for a few steps (seconds).")
@@ -51,6 +63,7 @@ def train(
     seed: int,
     mask_weight: float | None,
     lr: float | None,
+    baseline_lr: float | None,
     threads: int,
     smoke: bool,
     as_json: bool,
@@ -68,9 +81,9 @@ def train(
     if mask_weight is not None:
         plan = dataclasses.replace(plan, blt=dataclasses.replace(plan.blt, mask_weight=mask_weight))
     if lr is not None:
-        plan = dataclasses.replace(
-            plan, blt=dataclasses.replace(plan.blt, lr=lr), base=dataclasses.replace(plan.base, lr=lr)
-        )
+        plan = dataclasses.replace(plan, blt=dataclasses.replace(plan.blt, lr=lr))
+    if baseline_lr is not None:
+        plan = dataclasses.replace(plan, base=dataclasses.replace(plan.base, lr=baseline_lr))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = Corpus.load(limit_bytes=plan.corpus_limit_bytes)

@@ -298,13 +298,24 @@ def test_python_shape_checks_indentation_and_brackets():
     assert python_shape("def f():", "    return (")["brackets_balanced"] is None  # no complete line
 
 
-def test_lr_applies_to_the_baseline_too_and_is_recorded(tmp_path):
+def test_baseline_lr_sets_only_the_baseline_and_is_recorded(tmp_path):
     from fastblt.model.train_cli import train
 
     threads = torch.get_num_threads()
-    res = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), "--phase", "baseline", "--lr", "0.011"])
+    args = ["--smoke", "--out", str(tmp_path), "--phase", "baseline", "--lr", "0.02", "--baseline-lr", "0.011"]
+    res = CliRunner().invoke(train, args)
     torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "baseline" / "result.json").read_text())["phase"]["lr"] == 0.011
-    bad = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), "--lr", "0"])
-    assert bad.exit_code == 2 and "--lr" in bad.output
+    for flag in ("--lr", "--baseline-lr"):
+        bad = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), flag, "0"])
+        assert bad.exit_code == 2 and flag in bad.output
+
+
+def test_default_plan_gives_the_baseline_the_blt_ds_whole_training_time():
+    from fastblt.model.train import default_plan
+
+    plan = default_plan(135, 10, None)
+    assert plan.base.minutes == 145 and plan.blt.minutes == 135 and plan.entropy.minutes == 10
+    assert default_plan(135, 10, 30).base.minutes == 30
+    assert plan.checkpoint_dtype == "float16"

@@ -33,15 +33,14 @@ def test_each_variant_changes_only_what_it_says():
     want = {
         "default": [],
         "baseline": [],
+        "recipe-2026-11": ["blt.lr", "model.hash_vocab"],
+        "hash2048": ["model.hash_vocab"],
         "dec4": ["model.global_model.n_layers", "model.decoder.n_layers"],
         "lr3e-3": ["blt.lr"],
-        "lr5e-3": ["blt.lr"],
-        "lr3e-3-hash8k": ["blt.lr", "model.hash_vocab"],
-        "lr5e-3-hash8k": ["blt.lr", "model.hash_vocab"],
-        "lr8e-3-hash8k": ["blt.lr", "model.hash_vocab"],
-        "baseline-lr5e-3": ["base.lr"],
+        "lr8e-3": ["blt.lr"],
         "mask0.1": ["blt.mask_weight"],
-        "baseline-lr3e-3": ["base.lr"],
+        "baseline-lr1.5e-3": ["base.lr"],
+        "baseline-lr5e-3": ["base.lr"],
     }
     assert set(want) == set(tv.VARIANTS)
     for name, (_, edit) in tv.VARIANTS.items():
