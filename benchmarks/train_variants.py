@@ -123,7 +123,8 @@ def render(rows: list[dict]) -> str:
         "time, each in its own one-thread process, for M minutes (cosine schedule over that budget), with the "
         "shipped entropy model for patching; compare rows of the same run. Held-out = the report's 128 headline "
         "windows (84% of them from `pydoc_data/topics.py`, English prose); code = up to 8 windows of every other "
-        "held-out file.",
+        "held-out file. A variant's description names what it changes and, in parentheses, the value of the "
+        "recipe shipped when it ran (the shipped recipe changed on 2026-12-02: lr 6e-3, 8192 hash buckets).",
         "",
         "| run | minutes | variant | what | params | steps | bytes seen | bytes/s | held-out bits/byte "
         "| code bits/byte |",

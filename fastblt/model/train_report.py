@@ -417,7 +417,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         cfg = base["config"]
         lines.append(
             f"Baseline: `EntropyModel` code (pre-norm SwiGLU, RoPE), d={cfg['dim']}, {cfg['n_layers']} layers, "
-            f"window {cfg['window']}, trained on the same windows in its own process at the same time."
+            f"window {cfg['window']}, peak lr {base['phase']['lr']:g}, trained on the "
+            f"same windows in its own process at the same time for {base['wall_s'] / 60:.0f} minutes."
         )
     if b.get("bits_by_patch_position"):
         lines += patch_position_lines(b["bits_by_patch_position"])

@@ -319,3 +319,27 @@ def test_default_plan_gives_the_baseline_the_blt_ds_whole_training_time():
     assert plan.base.minutes == 145 and plan.blt.minutes == 135 and plan.entropy.minutes == 10
     assert default_plan(135, 10, 30).base.minutes == 30
     assert plan.checkpoint_dtype == "float16"
+
+
+def test_report_with_the_baseline_states_its_numbers_and_recipe(smoke_run, tmp_path):
+    import shutil
+
+    from fastblt.model.train_cli import train
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    threads = torch.get_num_threads()
+    for phase in ("baseline", "report"):
+        args = ["--smoke", "--out", str(out), "--phase", phase, "--baseline-lr", "0.013", *_threads()]
+        res = CliRunner().invoke(train, args)
+        assert res.exit_code == 0, res.output
+    torch.set_num_threads(threads)
+    report = json.loads((out / "report.json").read_text())
+    base = report["baseline"]
+    assert base["phase"]["lr"] == 0.013 and base["heldout"]["bpb"] > 0
+    md = (out / "REPORT.md").read_text()
+    assert f"| plain byte transformer, same wall clock | {base['params']:,} | {base['heldout']['bpb']:.3f} |" in md
+    assert "peak lr 0.013, trained on the same windows" in md
+    assert "at equal training time it" in md
+    files = report["blt_d"]["bits_by_file"]["files"]
+    assert files and all("baseline" in f["bpb"] for f in files)
