@@ -343,3 +343,26 @@ def test_report_with_the_baseline_states_its_numbers_and_recipe(smoke_run, tmp_p
     assert "at equal training time it" in md
     files = report["blt_d"]["bits_by_file"]["files"]
     assert files and all("baseline" in f["bpb"] for f in files)
+
+
+def test_latent_use_reads_the_trained_path_and_changes_when_the_latent_does(smoke_run):
+    from fastblt.model.train import blt_forward
+    from fastblt.model.train_blt_d import eval_bpb
+    from fastblt.model.train_report import latent_use, load_final_model
+
+    model = load_final_model(smoke_run)
+    torch.manual_seed(0)
+    windows = torch.randint(4, 260, (3, 97))
+    windows[:, 0] = 1
+    u = latent_use(model, windows)
+    assert abs(u["bpb_fresh_latent"] - eval_bpb(blt_forward(model), windows)["bpb"]) < 1e-4
+    assert abs(u["bpb_fresh_latent"] - u["bpb_zero_latent"]) > 1e-4  # the trained decoder reads it
+    with torch.no_grad():  # a decoder blind to the latent scores the same whatever it reads
+        for xattn in model.local_decoder.cross_attn_layers:
+            xattn.wo.weight.zero_()
+    blind = latent_use(model, windows)
+    assert abs(blind["bpb_fresh_latent"] - blind["bpb_stale_latent"]) < 1e-6
+    assert abs(blind["bpb_fresh_latent"] - blind["bpb_zero_latent"]) < 1e-6 and blind["greedy_agree_fresh_stale"] == 1
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert set(report["blt_d"]["latent_use"]) == set(u)
+    assert "### Does the decoder use the global model?" in (smoke_run / "REPORT.md").read_text()
