@@ -30,6 +30,7 @@ from fastblt.model.config import VOCAB_SIZE
 from fastblt.model.corpus import Corpus
 from fastblt.model.train import TrainPlan, blt_forward, default_plan, run_byte_lm, train_blt
 from fastblt.model.train_blt_d import eval_bpb
+from fastblt.model.train_report import latent_use
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,6 +50,16 @@ def _lr(plan: TrainPlan, lr: float) -> TrainPlan:
 
 def _base_lr(plan: TrainPlan, lr: float) -> TrainPlan:
     return dataclasses.replace(plan, base=dataclasses.replace(plan.base, lr=lr))
+
+
+def _blt(plan: TrainPlan, **kw) -> TrainPlan:
+    return dataclasses.replace(plan, blt=dataclasses.replace(plan.blt, **kw))
+
+
+def _fp32(plan: TrainPlan) -> TrainPlan:
+    return dataclasses.replace(
+        plan, blt=dataclasses.replace(plan.blt, bf16=False), base=dataclasses.replace(plan.base, bf16=False)
+    )
 
 
 _SHIPPED = default_plan(20, 0, 20)
@@ -73,10 +84,33 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
         "mask-loss weight 0.1 (0.3)",
         lambda p: dataclasses.replace(p, blt=dataclasses.replace(p.blt, mask_weight=0.1)),
     ),
+    "fp32": ("fp32 forward passes (bf16 autocast)", _fp32),
+    "glr0.25": ("global transformer at 0.25x the peak lr (1x)", lambda p: _blt(p, global_lr_mult=0.25)),
+    "glr0.1": ("global transformer at 0.1x the peak lr (1x)", lambda p: _blt(p, global_lr_mult=0.1)),
+    "win128": (
+        "local encoder and decoder attention window 128 (512)",
+        lambda p: _stack(_stack(p, "encoder", window=128), "decoder", window=128),
+    ),
+    "baseline-fp32": ("plain byte transformer, fp32 forward passes (bf16 autocast)", _fp32),
     "baseline": (f"plain byte transformer (d=256, 4 layers), peak lr {_BASE_LR:g}", lambda p: p),
     "baseline-lr1.5e-3": (f"plain byte transformer, peak lr 1.5e-3 ({_BASE_LR:g})", lambda p: _base_lr(p, 1.5e-3)),
     "baseline-lr5e-3": (f"plain byte transformer, peak lr 5e-3 ({_BASE_LR:g})", lambda p: _base_lr(p, 5e-3)),
 }
+
+
+def variant(name: str) -> tuple[str, Callable[[TrainPlan], TrainPlan]]:
+    """A variant by name; `a+b` applies a's edit, then b's (a "baseline*" name only first)."""
+    parts = name.split("+")
+    if any(p not in VARIANTS or (i and p.startswith("baseline")) for i, p in enumerate(parts)):
+        raise KeyError(name)
+    edits = [VARIANTS[p][1] for p in parts]
+
+    def edit(plan: TrainPlan) -> TrainPlan:
+        for e in edits:
+            plan = e(plan)
+        return plan
+
+    return "; ".join(VARIANTS[p][0] for p in parts), edit
 
 
 def code_windows(corpus: Corpus, per_file: int = 8) -> torch.Tensor:
@@ -94,7 +128,8 @@ def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
     (out / "entropy").mkdir(parents=True, exist_ok=True)
     save_file(shipped.entropy_model.state_dict(), str(out / "entropy" / "model.safetensors"))
     (out / "entropy" / "result.json").write_text(json.dumps({"threshold": shipped.config.patching.threshold}))
-    plan = VARIANTS[name][1](default_plan(minutes, 0.0, minutes))
+    what, edit = variant(name)
+    plan = edit(default_plan(minutes, 0.0, minutes))
     corpus = Corpus.load()
     if name.startswith("baseline"):
         model = EntropyModel(plan.baseline, VOCAB_SIZE)
@@ -106,11 +141,18 @@ def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
         model = load_checkpoint(out / "checkpoint").eval()
         forward, steps, seen = blt_forward(model), res["steps"], res["train_bytes"]
         params = sum(v for k, v in model.num_params().items() if k != "entropy")
+    windows = corpus.heldout_windows(1024, 128)
     with torch.no_grad():
-        headline = eval_bpb(forward, corpus.heldout_windows(1024, 128))["bpb"]
+        headline = eval_bpb(forward, windows)["bpb"]
         code = eval_bpb(forward, code_windows(corpus))["bpb"]
-    row = {"variant": name, "what": VARIANTS[name][0], "minutes": minutes, "params": params, "steps": steps}
+    use = {} if name.startswith("baseline") else latent_use(model, windows)
+    row = {"variant": name, "what": what, "minutes": minutes, "params": params, "steps": steps}
     row |= {"train_bytes": seen, "bytes_per_s": seen / (60 * minutes), "heldout_bpb": headline, "code_bpb": code}
+    if use:  # bits/byte lost when each byte reads the previous patch's latent / an all-zero latent
+        row |= {
+            "stale_latent_cost": use["bpb_stale_latent"] - headline,
+            "zero_latent_cost": use["bpb_zero_latent"] - headline,
+        }
     (out / "variant.json").write_text(json.dumps(row))
     return row
 
@@ -124,23 +166,32 @@ def render(rows: list[dict]) -> str:
         "shipped entropy model for patching; compare rows of the same run. Held-out = the report's 128 headline "
         "windows (84% of them from `pydoc_data/topics.py`, English prose); code = up to 8 windows of every other "
         "held-out file. A variant's description names what it changes and, in parentheses, the value of the "
-        "recipe shipped when it ran (the shipped recipe changed on 2026-12-02: lr 6e-3, 8192 hash buckets).",
+        "recipe shipped when it ran (the shipped recipe changed on 2026-12-02: lr 6e-3, 8192 hash buckets; "
+        "and again later that day: bf16 autocast). Latent cost: held-out bits/byte added when every byte reads "
+        "the previous patch's latent (stale) or an all-zero latent (zero); near 0 = the decoder ignores the "
+        "global model (measured from 2026-12-02 14:00 on).",
         "",
         "| run | minutes | variant | what | params | steps | bytes seen | bytes/s | held-out bits/byte "
-        "| code bits/byte |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "| code bits/byte | latent cost: stale | zero |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    cost = lambda r, k: f"{r[k]:+.3f}" if k in r else ""  # noqa: E731
     for r in rows:
         lines.append(
             f"| {r.get('run', '')} | {r['minutes']:g} | {r['variant']} | {r['what']} | {r['params']:,} | "
             f"{r['steps']} | {r['train_bytes']:,} | {r['bytes_per_s']:.0f} | {r['heldout_bpb']:.3f} | "
-            f"{r['code_bpb']:.3f} |"
+            f"{r['code_bpb']:.3f} | {cost(r, 'stale_latent_cost')} | {cost(r, 'zero_latent_cost')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 @click.command()
-@click.option("--variants", default="default,dec4", show_default=True, help="Comma-separated: " + ", ".join(VARIANTS))
+@click.option(
+    "--variants",
+    default="default,dec4",
+    show_default=True,
+    help="Comma-separated; a+b combines two: " + ", ".join(VARIANTS),
+)
 @click.option("--minutes", type=float, default=20.0, show_default=True, help="Wall clock per variant.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/variants"), show_default=True)
 @click.option("--seed", type=int, default=1234, show_default=True)
@@ -150,7 +201,12 @@ def main(variants: str, minutes: float, out: Path, seed: int, one: str | None) -
         run_one(one, minutes, out, seed)
         return
     names = [v.strip() for v in variants.split(",") if v.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = []
+    for n in names:
+        try:
+            variant(n)
+        except KeyError:
+            unknown.append(n)
     if unknown:
         raise click.BadParameter(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     out.mkdir(parents=True, exist_ok=True)

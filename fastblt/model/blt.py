@@ -45,9 +45,10 @@ def run_layers(
 
 
 def full_causal_bias(positions: Tensor, window: int | None) -> Tensor:
-    """Causal (windowed) bias for a whole sequence with no cache: positions (B, N) -> (B, 1, N, N)."""
-    valid = torch.ones_like(positions, dtype=torch.bool)
-    return self_attention_bias(positions, positions, valid, window)
+    """Causal (windowed) bias for whole sequences with no cache: positions (B, N), every row 0..N-1,
+    -> (1, 1, N, N), broadcast over the batch (one row's mask, not B copies of it)."""
+    row = positions[:1]
+    return self_attention_bias(row, row, torch.ones_like(row, dtype=torch.bool), window)
 
 
 class EntropyModel(nn.Module):
@@ -259,13 +260,15 @@ class BltModel(nn.Module):
         block_pos = (block_starts.unsqueeze(-1) + torch.arange(Bk, device=dev)).view(B, M * Bk)
         pos = torch.cat([clean_pos, block_pos], dim=1)  # (B, T)
         horizon = torch.cat([clean_pos + 1, block_starts.repeat_interleave(Bk, dim=1)], dim=1)  # clean keys < horizon
-        block_of = torch.cat([torch.full((N,), -1, device=dev), torch.arange(M, device=dev).repeat_interleave(Bk)])
-        is_clean_key = (torch.arange(N + M * Bk, device=dev) < N).view(1, 1, -1)
-        qp, kp = pos.unsqueeze(-1), pos.unsqueeze(-2)  # (B, T, 1), (B, 1, T)
-        ok = is_clean_key & (kp < horizon.unsqueeze(-1))
+        # clean keys (j < N): visible below the query's horizon and inside its window
+        clean_key = torch.arange(N, device=dev)
+        ok = clean_key < horizon.unsqueeze(-1)  # (B, T, N)
         if self.config.decoder.window is not None:
-            ok = ok & (qp - kp < self.config.decoder.window)
-        ok = ok | ((block_of.view(-1, 1) == block_of.view(1, -1)) & (block_of.view(-1, 1) >= 0)).unsqueeze(0)
+            ok = ok & (clean_key > (pos - self.config.decoder.window).unsqueeze(-1))
+        # block keys: visible to their own block's rows only
+        block_of = torch.cat([torch.full((N,), -1, device=dev), torch.arange(M, device=dev).repeat_interleave(Bk)])
+        same_block = (block_of.view(-1, 1) == block_of[N:].view(1, -1)) & (block_of.view(-1, 1) >= 0)  # (T, M*Bk)
+        ok = torch.cat([ok, same_block.expand(B, -1, -1)], dim=-1)  # (B, T, T)
         bias = torch.where(ok, 0.0, NEG).unsqueeze(1).to(torch.float32)  # (B, 1, T, T)
         x = torch.cat([h, self.embed_block(block_ids.view(B, M * Bk))], dim=1)
         read = torch.cat([read_patch, block_read.repeat_interleave(Bk, dim=1)], dim=1)

@@ -73,6 +73,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 _fused_without_grad = False  # see fused_attention()
+# Attention dtypes that take the fused training path: fp32, and bf16 under the trainer's autocast
+# (bf16 matrix products are ~4x faster than fp32 on CPUs with AVX512-BF16 or AMX).
+TRAIN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @contextmanager
@@ -126,12 +129,13 @@ def banded_attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, rows: int = BAN
     of the encoder's patch cross-attention, where each slot sees only its patch's bytes.
     """
     n_q = q.shape[2]
+    k, v = k.to(q.dtype), v.to(q.dtype)  # the kernel takes one dtype (autocast may leave them apart)
     if n_q < 2 * rows or bias.shape[-2] != n_q:  # short, or one bias row broadcast over every query
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
     outs = []
     for i, (a, b) in enumerate(key_spans(bias, rows)):
         r = slice(i * rows, min(n_q, (i + 1) * rows))
-        m = bias[..., r, a:b]
+        m = bias[..., r, a:b].to(q.dtype)
         outs.append(F.scaled_dot_product_attention(q[:, :, r], k[:, :, a:b], v[:, :, a:b], attn_mask=m))
     return torch.cat(outs, dim=2)
 
@@ -141,10 +145,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
 
     q (B, H, S, hd), k/v (B, H, T, hd), bias fp32 broadcastable to (B, H, S, T) -> (B, H, S, hd).
     """
-    if q.dtype == torch.float32 and (_fused_without_grad or (q.requires_grad and torch.is_grad_enabled())):
+    if q.dtype in TRAIN_DTYPES and (_fused_without_grad or (q.requires_grad and torch.is_grad_enabled())):
         # training: the fused kernel keeps no (S, T) probabilities for backward (3x faster on CPU
-        # at 1152 positions), banded so that masked keys cost nothing; same math, fp32 throughout.
-        # Inference and export take the path below.
+        # at 1152 positions), banded so that masked keys cost nothing; same math, in fp32 or, under
+        # the trainer's bf16 autocast, in bf16. Inference and export take the path below.
         return banded_attend(q, k, v, bias)
     scale = q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + bias

@@ -68,9 +68,11 @@ def patch_batch(model: BltModel, tokens: Tensor, threshold: float | None = None,
     """The frozen entropy model's patch lengths for a batch: (B, N) -> (B, P) int64.
 
     fused: the fused attention kernel (training only: 3.5x faster, a borderline boundary may differ).
+    Always in fp32, also under the trainer's bf16 autocast: the patches are the ones inference makes.
     """
     th = model.config.patching.threshold if threshold is None else threshold
-    with fused_attention() if fused else contextlib.nullcontext():
+    no_autocast = torch.autocast(tokens.device.type, enabled=False)
+    with no_autocast, fused_attention() if fused else contextlib.nullcontext():
         ent = entropy(model.entropy_model(tokens))
     return lengths_from_starts(patch_starts_from_entropies(ent, th))
 

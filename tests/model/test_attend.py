@@ -66,6 +66,8 @@ def test_the_trainers_fused_patcher_cuts_the_same_patches_as_the_exact_one():
     exact, fused = patch_batch(model, x), patch_batch(model, x, fused=True)
     assert exact.shape[0] == 2 and (exact > 0).sum() > 100  # ~4-byte patches
     assert torch.equal(exact, fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's bf16 steps patch in fp32
+        assert torch.equal(exact, patch_batch(model, x, fused=True))
 
 
 def _window_bias(n: int, window: int) -> torch.Tensor:
@@ -110,3 +112,23 @@ def test_key_spans_skip_only_masked_keys():
     blind = bias.clone()
     blind[..., 130, :] = NEG  # a row that sees nothing averages over every key: its chunk keeps them all
     assert key_spans(blind, rows=40)[3] == (0, 200)
+
+
+def test_bf16_autocast_training_takes_the_kernel_and_stays_near_fp32(monkeypatch):
+    """The trainer's bf16 autocast: bf16 q/k/v with the fp32 bias go through the fused kernel."""
+    from fastblt.model import layers
+
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 300, 16, generator=g) for _ in range(3))
+    bias = _window_bias(300, 64)
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    out = attend(*leaves, bias)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and len(calls) == 3  # banded: 300 rows in chunks of 128
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in leaves)
+    want = _explicit(q, k, v, bias)
+    assert (out.float() - want).abs().max() < 0.05  # bf16 rounding, not a different computation
+    assert (out.float() - want).abs().max() > 1e-6  # and it did run in bf16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -366,3 +367,43 @@ def test_latent_use_reads_the_trained_path_and_changes_when_the_latent_does(smok
     report = json.loads((smoke_run / "report.json").read_text())
     assert set(report["blt_d"]["latent_use"]) == set(u)
     assert "### Does the decoder use the global model?" in (smoke_run / "REPORT.md").read_text()
+
+
+def test_the_global_transformer_trains_at_its_lr_multiplier_and_the_rest_at_the_peak_lr():
+    from fastblt.model.blt import BltModel
+    from fastblt.model.train import make_optimizer, smoke_plan
+
+    plan = smoke_plan()
+    model = BltModel(plan.model)
+    pc = dataclasses.replace(plan.blt, global_lr_mult=0.25)
+    opt = make_optimizer(model, pc)
+    mult = {id(p): g["lr_mult"] for g in opt.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert mult[id(p)] == (0.25 if name.startswith("global_transformer.") else 1.0), name
+        assert decay[id(p)] == (pc.weight_decay if p.dim() >= 2 else 0.0), name
+    assert len(mult) == sum(1 for _ in model.parameters())
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_phase_runs_its_forward_passes_under_bf16_autocast_only_when_asked(tmp_path, bf16):
+    from fastblt.model.blt import EntropyModel
+    from fastblt.model.config import VOCAB_SIZE
+    from fastblt.model.train import run_phase, smoke_plan
+    from fastblt.model.train_blt_d import lm_loss
+
+    plan = smoke_plan()
+    model = EntropyModel(plan.baseline, VOCAB_SIZE)
+    pc = dataclasses.replace(plan.base, max_steps=2, bf16=bf16)
+    seen = []
+
+    def step(x, g):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        logits = model(x)
+        seen.append(logits.dtype)  # the model's logits are fp32 either way
+        return lm_loss(logits, x), {}
+
+    corpus = Corpus.load(limit_bytes=50_000)
+    run_phase("t", model, pc, step, corpus, lambda: {}, tmp_path, seed=0, resume=False)
+    assert seen == [bf16, torch.float32] * 2
+    assert not torch.is_autocast_enabled("cpu")
