@@ -28,7 +28,7 @@ from fastblt.model.blt import EntropyModel
 from fastblt.model.checkpoint import load_checkpoint
 from fastblt.model.config import VOCAB_SIZE
 from fastblt.model.corpus import Corpus
-from fastblt.model.train import TrainPlan, blt_forward, default_plan, run_byte_lm, train_blt
+from fastblt.model.train import TrainPlan, blt_forward, default_plan, initialised, run_byte_lm, train_blt
 from fastblt.model.train_blt_d import eval_bpb
 from fastblt.model.train_report import latent_use
 
@@ -87,6 +87,10 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
     "fp32": ("fp32 forward passes (bf16 autocast)", _fp32),
     "glr0.25": ("global transformer at 0.25x the peak lr (1x)", lambda p: _blt(p, global_lr_mult=0.25)),
     "glr0.1": ("global transformer at 0.1x the peak lr (1x)", lambda p: _blt(p, global_lr_mult=0.1)),
+    "init": (
+        "fan-in scaled truncated-normal init, Meta's BLT scheme (PyTorch defaults)",
+        lambda p: dataclasses.replace(p, init="scaled"),
+    ),
     "win128": (
         "local encoder and decoder attention window 128 (512)",
         lambda p: _stack(_stack(p, "encoder", window=128), "decoder", window=128),
@@ -132,7 +136,8 @@ def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
     plan = edit(default_plan(minutes, 0.0, minutes))
     corpus = Corpus.load()
     if name.startswith("baseline"):
-        model = EntropyModel(plan.baseline, VOCAB_SIZE)
+        torch.manual_seed(seed + 2)  # as train.train_baseline
+        model = initialised(EntropyModel(plan.baseline, VOCAB_SIZE), plan)
         st = run_byte_lm("baseline", model, plan.base, plan, corpus, out / "baseline", seed + 2, resume=False)
         forward, params = model, sum(p.numel() for p in model.parameters())
         steps, seen = st["step"], st["bytes"]

@@ -30,6 +30,7 @@ from fastblt.model.blt import BltModel, EntropyModel
 from fastblt.model.checkpoint import save_checkpoint
 from fastblt.model.config import VOCAB_SIZE, BltConfig, BltDConfig, PatchingConfig, StackConfig
 from fastblt.model.corpus import Corpus
+from fastblt.model.init import init_weights
 from fastblt.model.train_blt_d import blt_d_loss, eval_bpb, lm_loss, patch_batch, patch_starts_from_entropies
 
 TARGET_PATCH_LEN = 4.0
@@ -80,6 +81,7 @@ class TrainPlan:
     n_samples: int = 10
     sample_bytes: int = 96
     checkpoint_dtype: str = "float32"  # how the final BLT-D is stored (the report evaluates what is stored)
+    init: str = "torch"  # "torch": PyTorch's default init; "scaled": init.init_weights (fan-in scaled)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -344,9 +346,15 @@ def byte_lm_result(model: EntropyModel, st: dict[str, Any], plan: TrainPlan, cor
     }
 
 
+def initialised(model: nn.Module, plan: TrainPlan) -> nn.Module:
+    """A freshly built model with the plan's initialisation."""
+    assert plan.init in ("torch", "scaled"), f"unknown init {plan.init!r}"
+    return init_weights(model) if plan.init == "scaled" else model
+
+
 def train_entropy(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: bool) -> dict[str, Any]:
     torch.manual_seed(seed)
-    model = EntropyModel(plan.model.entropy, VOCAB_SIZE)
+    model = initialised(EntropyModel(plan.model.entropy, VOCAB_SIZE), plan)
     st = run_byte_lm("entropy", model, plan.entropy, plan, corpus, out / "entropy", seed, resume)
     result_path = out / "entropy" / "result.json"
     if resume and result_path.exists():
@@ -361,7 +369,7 @@ def train_entropy(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume:
 def build_blt(plan: TrainPlan, out: Path, threshold: float) -> BltModel:
     """The BLT-D with the trained entropy model frozen inside it."""
     cfg = plan.model.replace(patching=PatchingConfig(threshold=threshold))
-    model = BltModel(cfg)
+    model = initialised(BltModel(cfg), plan)
     model.entropy_model.load_state_dict(load_file(str(out / "entropy" / "model.safetensors")))
     for p in model.entropy_model.parameters():
         p.requires_grad_(False)
@@ -396,7 +404,7 @@ def train_blt(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: boo
 
 def train_baseline(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: bool) -> dict[str, Any]:
     torch.manual_seed(seed + 2)
-    model = EntropyModel(plan.baseline, VOCAB_SIZE)
+    model = initialised(EntropyModel(plan.baseline, VOCAB_SIZE), plan)
     st = run_byte_lm("baseline", model, plan.base, plan, corpus, out / "baseline", seed + 2, resume)
     save_file(model.state_dict(), str(out / "baseline" / "model.safetensors"))
     result = {"config": asdict(plan.baseline), **byte_lm_result(model, st, plan, corpus), "evals": st["evals"]}

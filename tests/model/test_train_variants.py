@@ -45,6 +45,7 @@ def test_each_variant_changes_only_what_it_says():
         "fp32": ["blt.bf16", "base.bf16"],
         "glr0.25": ["blt.global_lr_mult"],
         "glr0.1": ["blt.global_lr_mult"],
+        "init": ["init"],
         "win128": ["model.encoder.window", "model.decoder.window"],
     }
     assert set(want) == set(tv.VARIANTS)
