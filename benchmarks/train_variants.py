@@ -28,7 +28,15 @@ from fastblt.model.blt import EntropyModel
 from fastblt.model.checkpoint import load_checkpoint
 from fastblt.model.config import VOCAB_SIZE
 from fastblt.model.corpus import Corpus
-from fastblt.model.train import TrainPlan, blt_forward, default_plan, initialised, run_byte_lm, train_blt
+from fastblt.model.train import (
+    TrainPlan,
+    blt_forward,
+    default_plan,
+    initialised,
+    run_byte_lm,
+    train_blt,
+    with_precision,
+)
 from fastblt.model.train_blt_d import eval_bpb
 from fastblt.model.train_report import latent_use
 
@@ -57,9 +65,7 @@ def _blt(plan: TrainPlan, **kw) -> TrainPlan:
 
 
 def _fp32(plan: TrainPlan) -> TrainPlan:
-    return dataclasses.replace(
-        plan, blt=dataclasses.replace(plan.blt, bf16=False), base=dataclasses.replace(plan.base, bf16=False)
-    )
+    return with_precision(plan, bf16=False)
 
 
 _SHIPPED = default_plan(20, 0, 20)
@@ -87,9 +93,15 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
     "fp32": ("fp32 forward passes (bf16 autocast)", _fp32),
     "glr0.25": ("global transformer at 0.25x the peak lr (1x)", lambda p: _blt(p, global_lr_mult=0.25)),
     "glr0.1": ("global transformer at 0.1x the peak lr (1x)", lambda p: _blt(p, global_lr_mult=0.1)),
+    "win64": (
+        "local encoder and decoder attention window 64 (512)",
+        lambda p: _stack(_stack(p, "encoder", window=64), "decoder", window=64),
+    ),
     "init": (
         "fan-in scaled truncated-normal init, Meta's BLT scheme (PyTorch defaults)",
-        lambda p: dataclasses.replace(p, init="scaled"),
+        lambda p: dataclasses.replace(
+            p, blt=dataclasses.replace(p.blt, init="scaled"), base=dataclasses.replace(p.base, init="scaled")
+        ),
     ),
     "win128": (
         "local encoder and decoder attention window 128 (512)",
@@ -137,7 +149,7 @@ def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
     corpus = Corpus.load()
     if name.startswith("baseline"):
         torch.manual_seed(seed + 2)  # as train.train_baseline
-        model = initialised(EntropyModel(plan.baseline, VOCAB_SIZE), plan)
+        model = initialised(EntropyModel(plan.baseline, VOCAB_SIZE), plan.base)
         st = run_byte_lm("baseline", model, plan.base, plan, corpus, out / "baseline", seed + 2, resume=False)
         forward, params = model, sum(p.numel() for p in model.parameters())
         steps, seen = st["step"], st["bytes"]

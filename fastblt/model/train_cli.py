@@ -50,6 +50,14 @@ import click
     default=None,
     help="Peak learning rate of the baseline phase [default: 3e-3, train.DEFAULT_BASELINE_LR].",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["bf16", "fp32"]),
+    default="bf16",
+    show_default=True,
+    help="Forward passes under bf16 autocast (fp32 weights and optimizer; ~1.3-1.6x faster steps on CPUs with "
+    "AVX512-BF16 or AMX, slower where bf16 is emulated) or in fp32. Applies to every phase.",
+)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads (the machine is shared).")
 @click.option("--smoke", is_flag=True, help="Tiny models on a tiny slice for a few steps (seconds).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
@@ -64,6 +72,7 @@ def train(
     mask_weight: float | None,
     lr: float | None,
     baseline_lr: float | None,
+    precision: str,
     threads: int,
     smoke: bool,
     as_json: bool,
@@ -84,6 +93,8 @@ def train(
         plan = dataclasses.replace(plan, blt=dataclasses.replace(plan.blt, lr=lr))
     if baseline_lr is not None:
         plan = dataclasses.replace(plan, base=dataclasses.replace(plan.base, lr=baseline_lr))
+    if precision == "fp32":
+        plan = T.with_precision(plan, bf16=False)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = Corpus.load(limit_bytes=plan.corpus_limit_bytes)

@@ -417,6 +417,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "- parameters: " + ", ".join(f"{k} {v:,}" for k, v in p.items()) + f"; total {sum(p.values()):,}; "
         f"stored as {b.get('checkpoint_dtype', 'float32')} (loaded as float32; every number here is measured on "
         "the stored weights).",
+        "- " + architecture_words(b["config"]),
         f"- entropy threshold {e.get('threshold', float('nan')):.4f} nats; mean patch length on held-out windows "
         f"{b['mean_patch_len_heldout']:.2f} bytes (target 4).",
         "",
@@ -452,7 +453,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         cfg = base["config"]
         lines.append(
             f"Baseline: `EntropyModel` code (pre-norm SwiGLU, RoPE), d={cfg['dim']}, {cfg['n_layers']} layers, "
-            f"window {cfg['window']}, peak lr {base['phase']['lr']:g}, trained on the "
+            f"window {cfg['window']}, peak lr {base['phase']['lr']:g}, {precision_words(base['phase'])}, "
+            f"{INIT_WORDS[base['phase'].get('init', 'torch')]}, trained on the "
             f"same windows in its own process at the same time for {base['wall_s'] / 60:.0f} minutes."
         )
     if b.get("latent_use"):
@@ -488,13 +490,45 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def architecture_words(cfg: dict[str, Any]) -> str:
+    """One line: every stack's layers x width (and window), slots, hash tables."""
+
+    def stack(name: str, key: str) -> str:
+        st = cfg[key]
+        window = f", window {st['window']}" if st.get("window") else ""
+        return f"{name} {st['n_layers']} x d={st['dim']}{window}"
+
+    parts = [stack("encoder", "encoder"), stack("global", "global_model"), stack("decoder", "decoder")]
+    parts += [stack("entropy model", "entropy")] if cfg.get("entropy") else []
+    return (
+        "; ".join(parts) + f"; k = {cfg['cross_attn_k']} slots per patch; hash n-grams {min(cfg['hash_sizes'])}-"
+        f"{max(cfg['hash_sizes'])} x {cfg['hash_vocab']} buckets."
+    )
+
+
+INIT_WORDS = {
+    "torch": "PyTorch's default initialisation",
+    "scaled": "fan-in scaled truncated-normal initialisation (init.py, Meta's BLT scheme)",
+}
+
+
+def precision_words(ph: dict[str, Any]) -> str:
+    """How a phase ran its forward passes (phases recorded before the bf16 option ran in fp32)."""
+    if ph.get("bf16"):
+        return "bf16 autocast forward passes (fp32 weights, optimizer, norms and loss)"
+    return "fp32 forward passes"
+
+
 def method_lines(b: dict[str, Any]) -> list[str]:
     ph = b["phase"]
     blocks = "all blocks" if ph.get("max_blocks") is None else f"a random {ph['max_blocks']} blocks per window"
+    glr = ph.get("global_lr_mult", 1.0)
+    global_lr = f" (global transformer {glr:g}x)" if glr != 1.0 else ""
     return [
         "",
-        f"Method: AdamW (0.9, 0.95), peak lr {ph['lr']:g}, weight decay 0.1, grad clip 1.0, linear warm-up then "
-        "cosine to 10% over the phase's wall-clock budget; one torch thread per process. BLT-D loss = mean "
+        f"Method: AdamW (0.9, 0.95), peak lr {ph['lr']:g}{global_lr}, weight decay 0.1, grad clip 1.0, linear "
+        "warm-up then cosine to 10% over the phase's wall-clock budget; one torch thread per process; "
+        f"{precision_words(ph)}; {INIT_WORDS[ph.get('init', 'torch')]}. BLT-D loss = mean "
         f"next-byte CE on the clean window + {ph.get('mask_weight', 1.0):g} x (sum over masked block cells of "
         "CE / max(t, 0.05), divided by the number of non-[PAD] block cells; one t ~ U(0,1) per window; [PAD] "
         f"excluded). Windows of {ph['seq_bytes']} bytes (BOS first), batch {ph['batch']}; blocks of 8 at every "

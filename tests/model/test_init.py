@@ -60,8 +60,8 @@ def test_entropy_model_init_and_a_plan_chooses_it():
 
     torch.manual_seed(0)
     plan = smoke_plan()
-    model = initialised(EntropyModel(plan.baseline, VOCAB_SIZE), dataclasses.replace(plan, init="scaled"))
+    model = initialised(EntropyModel(plan.baseline, VOCAB_SIZE), dataclasses.replace(plan.base, init="scaled"))
     assert abs(_std(model.tok_embeddings.weight) / (0.986 * plan.baseline.dim**-0.5) - 1) < 0.1
     torch.manual_seed(0)
-    default = initialised(EntropyModel(plan.baseline, VOCAB_SIZE), dataclasses.replace(plan, init="torch"))
+    default = initialised(EntropyModel(plan.baseline, VOCAB_SIZE), dataclasses.replace(plan.base, init="torch"))
     assert abs(_std(default.tok_embeddings.weight) - 1) < 0.1  # PyTorch's N(0, 1)

@@ -136,7 +136,8 @@ def test_a_later_report_states_the_mask_weight_and_lr_the_blt_d_trained_with(smo
     assert report["blt_d"]["phase"]["mask_weight"] == 0.5  # not this process's plan (1.0 for --smoke)
     assert report["blt_d"]["phase"]["lr"] == 0.012  # --lr of the training run (smoke: 1e-2)
     md = (smoke_run / "REPORT.md").read_text()
-    assert "window + 0.5 x (sum over masked block cells" in md and "peak lr 0.012," in md
+    assert "window + 0.5 x (sum over masked block cells" in md and "peak lr 0.012 (global transformer 0.25x)," in md
+    assert "bf16 autocast forward passes" in md and "fan-in scaled truncated-normal initialisation" in md
 
 
 def test_resume_continues_a_finished_phase(smoke_run):
@@ -340,7 +341,8 @@ def test_report_with_the_baseline_states_its_numbers_and_recipe(smoke_run, tmp_p
     assert base["phase"]["lr"] == 0.013 and base["heldout"]["bpb"] > 0
     md = (out / "REPORT.md").read_text()
     assert f"| plain byte transformer, same wall clock | {base['params']:,} | {base['heldout']['bpb']:.3f} |" in md
-    assert "peak lr 0.013, trained on the same windows" in md
+    assert "peak lr 0.013, bf16 autocast forward passes" in md  # the smoke plan's precision and init
+    assert "PyTorch's default initialisation, trained on the same windows" in md
     assert "at equal training time it" in md
     files = report["blt_d"]["bits_by_file"]["files"]
     assert files and all("baseline" in f["bpb"] for f in files)

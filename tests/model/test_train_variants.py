@@ -41,11 +41,12 @@ def test_each_variant_changes_only_what_it_says():
         "mask0.1": ["blt.mask_weight"],
         "baseline-lr1.5e-3": ["base.lr"],
         "baseline-lr5e-3": ["base.lr"],
-        "baseline-fp32": ["blt.bf16", "base.bf16"],
-        "fp32": ["blt.bf16", "base.bf16"],
+        "baseline-fp32": ["entropy.bf16", "blt.bf16", "base.bf16"],
+        "fp32": ["entropy.bf16", "blt.bf16", "base.bf16"],
         "glr0.25": ["blt.global_lr_mult"],
         "glr0.1": ["blt.global_lr_mult"],
-        "init": ["init"],
+        "init": ["blt.init", "base.init"],
+        "win64": ["model.encoder.window", "model.decoder.window"],
         "win128": ["model.encoder.window", "model.decoder.window"],
     }
     assert set(want) == set(tv.VARIANTS)
