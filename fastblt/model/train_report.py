@@ -185,6 +185,50 @@ def latent_use(model: BltModel, windows: Tensor, batch: int = 8) -> dict[str, fl
     return {f"bpb_{k}_latent": v / count / LN2 for k, v in nll.items()} | {"greedy_agree_fresh_stale": agree / count}
 
 
+def _rms(t: Tensor) -> float:
+    return float(t.float().pow(2).mean(-1).sqrt().mean())
+
+
+@torch.no_grad()
+def decoder_scales(model: BltModel, windows: Tensor) -> list[dict[str, float]]:
+    """Why a decoder can ignore the latent: per decoder layer, the RMS of the residual stream entering
+    its cross-attention and of what the cross-attention (the latent's only way in), the
+    self-attention and the FFN add to it. The released doubled residual (2x + attn) doubles the
+    stream at every cross-attention layer, so the latent moves predictions only when the
+    cross-attention's output keeps up with the stream. Read off with forward hooks on the model as
+    it runs (the clean AR path over `windows`).
+    """
+    dec = model.local_decoder
+    sums: dict[tuple[int, str], list[float]] = {}
+
+    def record(i: int, what: str, use_input: bool):
+        def hook(_m, inp, out):
+            sums.setdefault((i, what), []).append(_rms(inp[0] if use_input else out))
+
+        return hook
+
+    handles = []
+    for i, xattn in enumerate(dec.cross_attn_layers):
+        handles.append(xattn.cross_attn_norm_q.register_forward_hook(record(i, "stream_in", True)))
+        handles.append(xattn.wo.register_forward_hook(record(i, "cross_attn_adds", False)))
+    for i, layer in enumerate(dec.layers):
+        handles.append(layer.attention.wo.register_forward_hook(record(i, "self_attn_adds", False)))
+        handles.append(layer.feed_forward.register_forward_hook(record(i, "ffn_adds", False)))
+    try:
+        from fastblt.model.train import blt_forward
+
+        forward = blt_forward(model)
+        for x in windows.split(8):
+            forward(x)
+    finally:
+        for h in handles:
+            h.remove()
+    rows: dict[int, dict[str, float]] = {}
+    for (i, what), vals in sums.items():
+        rows.setdefault(i, {"layer": i})[what] = sum(vals) / len(vals)
+    return [rows[i] for i in sorted(rows)]
+
+
 SAMPLE_MODES = ("ar", "blt-s", "blt-dv", "blt-d")
 
 
@@ -289,6 +333,7 @@ def evaluate_final(out: Path, plan: Any, corpus: Corpus) -> dict[str, Any]:
     result["mean_patch_len_heldout"] = mean_patch_length(model, windows)
     _say("use of the global latent")
     result["latent_use"] = latent_use(model, windows)
+    result["decoder_scales"] = decoder_scales(model, windows[:16])
     models = {"blt_d": blt_forward(model)} | ({"baseline": baseline} if baseline is not None else {})
     result["bits_by_file"] = bits_by_file(
         models, corpus, plan.eval_bytes, plan.eval_windows, plan.file_windows, plan.train_eval_windows
@@ -459,6 +504,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         )
     if b.get("latent_use"):
         lines += latent_use_lines(b["latent_use"])
+    if b.get("decoder_scales"):
+        lines += decoder_scale_lines(b["decoder_scales"])
     if b.get("bits_by_patch_position"):
         lines += patch_position_lines(b["bits_by_patch_position"])
     if b.get("bits_by_file"):
@@ -554,6 +601,23 @@ def latent_use_lines(u: dict[str, float]) -> list[str]:
         f"Greedy next byte equal with the own and the previous latent: {100 * u['greedy_agree_fresh_stale']:.2f}% "
         "of positions.",
     ]
+
+
+def decoder_scale_lines(rows: list[dict[str, float]]) -> list[str]:
+    lines = [
+        "",
+        "Residual-stream scales in the decoder (RMS per position, 16 headline windows): the latent enters only "
+        "through the cross-attention, and the released doubled residual (2x + attn) doubles the stream at every "
+        "cross-attention layer.",
+        "",
+        "| decoder layer | stream entering | cross-attention adds | self-attention adds | FFN adds |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    cell = lambda r, k: f"{r[k]:.2f}" if k in r else ""  # noqa: E731
+    for r in rows:
+        keys = ("stream_in", "cross_attn_adds", "self_attn_adds", "ffn_adds")
+        lines.append(f"| {r['layer']} | " + " | ".join(cell(r, k) for k in keys) + " |")
+    return lines
 
 
 def patch_position_lines(rows: list[dict[str, Any]]) -> list[str]:

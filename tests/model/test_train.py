@@ -371,6 +371,28 @@ def test_latent_use_reads_the_trained_path_and_changes_when_the_latent_does(smok
     assert "### Does the decoder use the global model?" in (smoke_run / "REPORT.md").read_text()
 
 
+def test_decoder_scales_measure_the_stream_the_latent_has_to_move(smoke_run):
+    from fastblt.model.train_report import decoder_scales, load_final_model
+
+    model = load_final_model(smoke_run)
+    torch.manual_seed(0)
+    windows = torch.randint(4, 260, (3, 97))
+    windows[:, 0] = 1
+    rows = decoder_scales(model, windows)
+    assert [r["layer"] for r in rows] == list(range(model.config.decoder.n_layers))
+    with torch.no_grad():  # the stream entering the first cross-attention is the encoder's output
+        h = model.encode(windows)
+    assert abs(rows[0]["stream_in"] - float(h.pow(2).mean(-1).sqrt().mean())) < 1e-4 * rows[0]["stream_in"]
+    assert all(r["cross_attn_adds"] > 0 and r["ffn_adds"] > 0 for r in rows)
+    with torch.no_grad():
+        model.local_decoder.cross_attn_layers[0].wo.weight.zero_()
+    assert decoder_scales(model, windows)[0]["cross_attn_adds"] == 0
+    assert not any(m._forward_hooks for m in model.modules())  # the hooks are gone
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert len(report["blt_d"]["decoder_scales"]) == len(rows)
+    assert "| decoder layer | stream entering | cross-attention adds |" in (smoke_run / "REPORT.md").read_text()
+
+
 def test_the_global_transformer_trains_at_its_lr_multiplier_and_the_rest_at_the_peak_lr():
     from fastblt.model.blt import BltModel
     from fastblt.model.train import make_optimizer, smoke_plan
