@@ -70,6 +70,7 @@ def _fp32(plan: TrainPlan) -> TrainPlan:
 
 _SHIPPED = default_plan(20, 0, 20)
 _LR, _BASE_LR, _HASH = _SHIPPED.blt.lr, _SHIPPED.base.lr, _SHIPPED.model.hash_vocab
+_GLR, _WIN = _SHIPPED.blt.global_lr_mult, _SHIPPED.model.decoder.window
 
 # name -> (what it changes from the shipped recipe, plan edit). "baseline*" train the plain byte LM.
 # Rows of earlier runs keep the names and descriptions they ran under (results/train_variants.md).
@@ -91,26 +92,28 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
         lambda p: dataclasses.replace(p, blt=dataclasses.replace(p.blt, mask_weight=0.1)),
     ),
     "fp32": ("fp32 forward passes (bf16 autocast)", _fp32),
-    "glr0.25": ("global transformer at 0.25x the peak lr (1x)", lambda p: _blt(p, global_lr_mult=0.25)),
-    "glr0.1": ("global transformer at 0.1x the peak lr (1x)", lambda p: _blt(p, global_lr_mult=0.1)),
+    "glr1": (f"global transformer at the full peak lr ({_GLR:g}x)", lambda p: _blt(p, global_lr_mult=1.0)),
+    "glr0.1": (f"global transformer at 0.1x the peak lr ({_GLR:g}x)", lambda p: _blt(p, global_lr_mult=0.1)),
+    "win512": (
+        f"local encoder and decoder attention window 512 ({_WIN})",
+        lambda p: _stack(_stack(p, "encoder", window=512), "decoder", window=512),
+    ),
     "win64": (
-        "local encoder and decoder attention window 64 (512)",
+        f"local encoder and decoder attention window 64 ({_WIN})",
         lambda p: _stack(_stack(p, "encoder", window=64), "decoder", window=64),
     ),
-    "init": (
-        "fan-in scaled truncated-normal init, Meta's BLT scheme (PyTorch defaults)",
-        lambda p: dataclasses.replace(
-            p, blt=dataclasses.replace(p.blt, init="scaled"), base=dataclasses.replace(p.base, init="scaled")
-        ),
-    ),
-    "win128": (
-        "local encoder and decoder attention window 128 (512)",
-        lambda p: _stack(_stack(p, "encoder", window=128), "decoder", window=128),
+    "init-torch": (
+        f"BLT-D with PyTorch's default init ({_SHIPPED.blt.init})",
+        lambda p: _blt(p, init="torch"),
     ),
     "baseline-fp32": ("plain byte transformer, fp32 forward passes (bf16 autocast)", _fp32),
     "baseline": (f"plain byte transformer (d=256, 4 layers), peak lr {_BASE_LR:g}", lambda p: p),
     "baseline-lr1.5e-3": (f"plain byte transformer, peak lr 1.5e-3 ({_BASE_LR:g})", lambda p: _base_lr(p, 1.5e-3)),
     "baseline-lr5e-3": (f"plain byte transformer, peak lr 5e-3 ({_BASE_LR:g})", lambda p: _base_lr(p, 5e-3)),
+    "baseline-init": (
+        f"plain byte transformer with the fan-in scaled init ({_SHIPPED.base.init})",
+        lambda p: dataclasses.replace(p, base=dataclasses.replace(p.base, init="scaled")),
+    ),
 }
 
 

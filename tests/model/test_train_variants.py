@@ -43,11 +43,12 @@ def test_each_variant_changes_only_what_it_says():
         "baseline-lr5e-3": ["base.lr"],
         "baseline-fp32": ["entropy.bf16", "blt.bf16", "base.bf16"],
         "fp32": ["entropy.bf16", "blt.bf16", "base.bf16"],
-        "glr0.25": ["blt.global_lr_mult"],
+        "glr1": ["blt.global_lr_mult"],
         "glr0.1": ["blt.global_lr_mult"],
-        "init": ["blt.init", "base.init"],
+        "init-torch": ["blt.init"],
+        "baseline-init": ["base.init"],
         "win64": ["model.encoder.window", "model.decoder.window"],
-        "win128": ["model.encoder.window", "model.decoder.window"],
+        "win512": ["model.encoder.window", "model.decoder.window"],
     }
     assert set(want) == set(tv.VARIANTS)
     for name, (_, edit) in tv.VARIANTS.items():
@@ -55,15 +56,15 @@ def test_each_variant_changes_only_what_it_says():
 
 
 def test_variants_combine_with_plus():
-    what, edit = tv.variant("glr0.25+win128")
+    what, edit = tv.variant("glr1+win512")
     plan = edit(default_plan(20, 0, 20))
-    assert plan.blt.global_lr_mult == 0.25 and plan.model.decoder.window == 128
-    assert what == f"{tv.VARIANTS['glr0.25'][0]}; {tv.VARIANTS['win128'][0]}"
+    assert plan.blt.global_lr_mult == 1.0 and plan.model.decoder.window == 512
+    assert what == f"{tv.VARIANTS['glr1'][0]}; {tv.VARIANTS['win512'][0]}"
 
 
 def test_unknown_variant_is_a_usage_error_naming_it(tmp_path):
     res = CliRunner().invoke(tv.main, ["--variants", "default,nope", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "nope" in res.output
-    for bad in ("glr0.25+nope", "glr0.25+baseline"):  # a baseline only as the first part
+    for bad in ("glr1+nope", "glr1+baseline"):  # a baseline only as the first part
         res = CliRunner().invoke(tv.main, ["--variants", bad, "--out", str(tmp_path)])
         assert res.exit_code == 2 and bad in res.output
