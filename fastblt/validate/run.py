@@ -29,6 +29,7 @@ from fastblt.validate.e2e import MODES, E2ERun, e2e_parity
 from fastblt.validate.graphs import (
     DEFAULT_PROMPTS,
     Case,
+    Fp64Reference,
     GraphRun,
     cast_feeds,
     graph_parity,
@@ -39,7 +40,7 @@ from fastblt.validate.graphs import (
     round_trip,
 )
 from fastblt.validate.layers import localise_onnx, localise_torch
-from fastblt.validate.metrics import Tolerances
+from fastblt.validate.metrics import FP64_WORDS, Tolerances
 from fastblt.validate.report import Report, environment
 
 BACKENDS = ("torch", "ort", "trt")
@@ -178,7 +179,17 @@ def _validate_torch_reference(
         return report
     cases = _cases(opts, model, specs, prompts)
     report.meta["cases"] = {s: sum(c.step == s for c in cases) for s in specs if any(c.step == s for c in cases)}
-    run = GraphRun(dtype=dtype, tolerances=tolerances, save_inputs=opts.save_inputs, save_outputs=opts.save_outputs)
+    exact = Fp64Reference(model) if dtype == "float32" and Fp64Reference.fits(model) else None
+    report.meta["fp64_check"] = exact is not None
+    if exact is not None:
+        report.meta["gates"] += f"; a missed max_abs is judged against fp64 ({FP64_WORDS})"
+    run = GraphRun(
+        dtype=dtype,
+        tolerances=tolerances,
+        save_inputs=opts.save_inputs,
+        save_outputs=opts.save_outputs,
+        exact=exact,
+    )
     log(f"per graph: {len(cases)} cases x {', '.join(candidates)} against torch fp32 ({dtype})")
     graph_parity(cases, _backend("torch", reference_specs(specs), model, None, opts.threads), candidates, run, report)
     if opts.layers and report.failed_graphs():
