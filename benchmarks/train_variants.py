@@ -71,6 +71,7 @@ def _fp32(plan: TrainPlan) -> TrainPlan:
 _SHIPPED = default_plan(20, 0, 20)
 _LR, _BASE_LR, _HASH = _SHIPPED.blt.lr, _SHIPPED.base.lr, _SHIPPED.model.hash_vocab
 _GLR, _WIN = _SHIPPED.blt.global_lr_mult, _SHIPPED.model.decoder.window
+_NGRAMS = _SHIPPED.model.hash_sizes
 
 # name -> (what it changes from the shipped recipe, plan edit). "baseline*" train the plain byte LM.
 # Rows of earlier runs keep the names and descriptions they ran under (results/train_variants.md).
@@ -92,6 +93,14 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
         lambda p: dataclasses.replace(p, blt=dataclasses.replace(p.blt, mask_weight=0.1)),
     ),
     "fp32": ("fp32 forward passes (bf16 autocast)", _fp32),
+    "hashdrop0.25": (
+        "hash n-gram rows dropped per byte with p=0.25 in training (0)",
+        lambda p: _blt(p, hash_dropout=0.25),
+    ),
+    "ngram3-5": (
+        f"hash n-grams of 3-5 bytes only ({min(_NGRAMS)}-{max(_NGRAMS)})",
+        lambda p: dataclasses.replace(p, model=p.model.replace(hash_sizes=(3, 4, 5))),
+    ),
     "glr1": (f"global transformer at the full peak lr ({_GLR:g}x)", lambda p: _blt(p, global_lr_mult=1.0)),
     "glr0.1": (f"global transformer at 0.1x the peak lr ({_GLR:g}x)", lambda p: _blt(p, global_lr_mult=0.1)),
     "win512": (

@@ -151,18 +151,28 @@ class BltModel(nn.Module):
         return patch_lengths_from_entropies(self.entropies(tokens), self.config.patching)
 
     # ---------------------------------------------------------------- the three stages
-    def embed(self, tokens: Tensor, hash_ids: Tensor) -> Tensor:
-        """Byte embedding + one hash n-gram embedding per table: (B, S), (B, S, T) -> (B, S, d)."""
+    def embed(
+        self, tokens: Tensor, hash_ids: Tensor, hash_dropout: float = 0.0, gen: torch.Generator | None = None
+    ) -> Tensor:
+        """Byte embedding + one hash n-gram embedding per table: (B, S), (B, S, T) -> (B, S, d).
+
+        hash_dropout (training only): each table's row is dropped per byte with this probability
+        (inverted dropout), so long n-gram rows cannot carry memorised text on their own.
+        """
         x = self.local_encoder.tok_embeddings(tokens)
         for t, table in enumerate(self.encoder_hash_tok_embedding):
-            x = x + table(hash_ids[..., t])
+            e = table(hash_ids[..., t])  # (B, S, d)
+            if hash_dropout > 0.0:
+                keep = torch.rand(e.shape[:-1], generator=gen, device=e.device) >= hash_dropout  # (B, S)
+                e = e * keep.unsqueeze(-1).to(e.dtype) / (1.0 - hash_dropout)
+            x = x + e
         return x
 
-    def encode(self, tokens: Tensor) -> Tensor:
-        """Encoder byte states for a whole sequence: (B, N) -> (B, N, d_local)."""
+    def encode(self, tokens: Tensor, hash_dropout: float = 0.0, gen: torch.Generator | None = None) -> Tensor:
+        """Encoder byte states for a whole sequence: (B, N) -> (B, N, d_local); hash_dropout as embed."""
         B, N = tokens.shape
         pos = torch.arange(N, device=tokens.device).expand(B, N)
-        x = self.embed(tokens, hash_ids_torch(tokens, self.config))
+        x = self.embed(tokens, hash_ids_torch(tokens, self.config), hash_dropout, gen)
         h, _ = run_layers(
             self.local_encoder.layers, self.config.encoder, x, pos, full_causal_bias(pos, self.config.encoder.window)
         )

@@ -58,6 +58,7 @@ class PhaseConfig:
     # bf16 matrix products run ~4x faster than fp32 on CPUs with AVX512-BF16 or AMX.
     bf16: bool = True
     global_lr_mult: float = 1.0  # BLT-D only: the global transformer's lr = lr * this
+    hash_dropout: float = 0.0  # BLT-D only: drop probability of each hash n-gram row per byte (BltModel.embed)
     init: str = "torch"  # "torch": PyTorch's default init; "scaled": init.init_weights (fan-in scaled)
 
     def __post_init__(self) -> None:
@@ -417,7 +418,8 @@ def train_blt(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: boo
 
     def step(x: Tensor, g: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         model.entropy_model.eval()
-        return blt_d_loss(model, x, patch_batch(model, x, fused=True), g, pc.max_blocks, mask_weight=pc.mask_weight)
+        lengths = patch_batch(model, x, fused=True)
+        return blt_d_loss(model, x, lengths, g, pc.max_blocks, mask_weight=pc.mask_weight, hash_dropout=pc.hash_dropout)
 
     st = run_phase(
         "blt-d", model, pc, step, corpus, lambda: eval_bpb(blt_forward(model), windows), out / "blt", seed, resume

@@ -155,6 +155,7 @@ def blt_d_loss(
     max_blocks: int | None = None,
     t_min: float = 0.05,
     mask_weight: float = 1.0,
+    hash_dropout: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """L_clean + mask_weight * L_mask for one batch (module docstring). tokens (B, N) -> scalar."""
     cfg = model.config
@@ -167,7 +168,7 @@ def blt_d_loss(
     t = torch.rand(B, generator=gen)  # (B,) one noise level per example
     masked = mask_blocks(block_clean, t, bd.mask_id, bd.pad_id, gen)
     block_ids = torch.where(masked, torch.full_like(block_clean, bd.mask_id), block_clean)
-    h = model.encode(tokens)
+    h = model.encode(tokens, hash_dropout, gen)
     latents = model.global_latents(h, patch_lengths)
     clean_logits, block_logits = model.decode_with_blocks(
         h, latents, decoder_patch_ids(patch_lengths, N), block_ids, block_starts, block_read

@@ -409,6 +409,33 @@ def test_the_global_transformer_trains_at_its_lr_multiplier_and_the_rest_at_the_
     assert len(mult) == sum(1 for _ in model.parameters())
 
 
+def test_hash_dropout_drops_whole_table_rows_per_byte_and_is_off_by_default():
+    from fastblt.model.blt import BltModel
+    from fastblt.model.hashing import hash_ids_torch
+    from fastblt.model.train import smoke_plan
+
+    plan = smoke_plan()
+    model = BltModel(plan.model)
+    tokens = torch.randint(4, 260, (2, 400))
+    ids = hash_ids_torch(tokens, plan.model)
+    full = model.embed(tokens, ids)
+    assert torch.equal(model.embed(tokens, ids, 0.0), full) and plan.blt.hash_dropout == 0.0
+    p = 0.25
+    dropped = model.embed(tokens, ids, p, torch.Generator().manual_seed(0))
+    # every byte's embedding = byte row + (kept hash rows) / (1 - p): recover which rows were kept
+    byte_rows = model.local_encoder.tok_embeddings(tokens)
+    rows = torch.stack([t(ids[..., i]) for i, t in enumerate(model.encoder_hash_tok_embedding)], -2)  # (B, N, T, d)
+    n_tables = rows.shape[-2]
+    masks = torch.tensor([[(m >> i) & 1 for i in range(n_tables)] for m in range(2**n_tables)], dtype=rows.dtype)
+    cands = byte_rows.unsqueeze(-2) + torch.einsum("mt,bntd->bnmd", masks, rows) / (1 - p)  # (B, N, 2^T, d)
+    err, best = (cands - dropped.unsqueeze(-2)).abs().amax(-1).min(-1)
+    assert float(err.max()) < 1e-5  # each byte is exactly some subset of its rows, rescaled
+    kept = masks[best].mean()
+    assert abs(float(kept) - (1 - p)) < 0.03  # about 1 - p of the rows survive
+    again = model.embed(tokens, ids, p, torch.Generator().manual_seed(0))
+    assert torch.equal(again, dropped)  # the trainer's generator decides (resume replays it)
+
+
 @pytest.mark.parametrize("bf16", [True, False])
 def test_a_phase_runs_its_forward_passes_under_bf16_autocast_only_when_asked(tmp_path, bf16):
     from fastblt.model.blt import EntropyModel

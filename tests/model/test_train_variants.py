@@ -49,6 +49,8 @@ def test_each_variant_changes_only_what_it_says():
         "baseline-init": ["base.init"],
         "win64": ["model.encoder.window", "model.decoder.window"],
         "win512": ["model.encoder.window", "model.decoder.window"],
+        "hashdrop0.25": ["blt.hash_dropout"],
+        "ngram3-5": ["model.hash_sizes"],
     }
     assert set(want) == set(tv.VARIANTS)
     for name, (_, edit) in tv.VARIANTS.items():
