@@ -94,7 +94,7 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
     ),
     "fp32": ("fp32 forward passes (bf16 autocast)", _fp32),
     "hashdrop0.25": (
-        "hash n-gram rows dropped per byte with p=0.25 in training (0)",
+        f"hash n-gram rows dropped per byte with p=0.25 in training ({_SHIPPED.blt.hash_dropout:g})",
         lambda p: _blt(p, hash_dropout=0.25),
     ),
     "ngram3-5": (
