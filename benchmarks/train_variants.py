@@ -48,6 +48,10 @@ def _stack(plan: TrainPlan, part: str, **kw) -> TrainPlan:
     return dataclasses.replace(plan, model=plan.model.replace(**{part: cfg}))
 
 
+def _window(plan: TrainPlan, window: int) -> TrainPlan:
+    return _stack(_stack(plan, "encoder", window=window), "decoder", window=window)
+
+
 def _hash(plan: TrainPlan, buckets: int) -> TrainPlan:
     return dataclasses.replace(plan, model=plan.model.replace(hash_vocab=buckets))
 
@@ -103,14 +107,10 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
     ),
     "glr1": (f"global transformer at the full peak lr ({_GLR:g}x)", lambda p: _blt(p, global_lr_mult=1.0)),
     "glr0.1": (f"global transformer at 0.1x the peak lr ({_GLR:g}x)", lambda p: _blt(p, global_lr_mult=0.1)),
-    "win512": (
-        f"local encoder and decoder attention window 512 ({_WIN})",
-        lambda p: _stack(_stack(p, "encoder", window=512), "decoder", window=512),
-    ),
-    "win64": (
-        f"local encoder and decoder attention window 64 ({_WIN})",
-        lambda p: _stack(_stack(p, "encoder", window=64), "decoder", window=64),
-    ),
+    **{
+        f"win{w}": (f"local encoder and decoder attention window {w} ({_WIN})", lambda p, w=w: _window(p, w))
+        for w in (512, 64, 32, 16)
+    },
     "init-torch": (
         f"BLT-D with PyTorch's default init ({_SHIPPED.blt.init})",
         lambda p: _blt(p, init="torch"),

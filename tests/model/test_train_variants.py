@@ -47,14 +47,19 @@ def test_each_variant_changes_only_what_it_says():
         "glr0.1": ["blt.global_lr_mult"],
         "init-torch": ["blt.init"],
         "baseline-init": ["base.init"],
-        "win64": ["model.encoder.window", "model.decoder.window"],
-        "win512": ["model.encoder.window", "model.decoder.window"],
+        **{f"win{w}": ["model.encoder.window", "model.decoder.window"] for w in (16, 32, 64, 512)},
         "hashdrop0.25": ["blt.hash_dropout"],
         "ngram3-5": ["model.hash_sizes"],
     }
     assert set(want) == set(tv.VARIANTS)
     for name, (_, edit) in tv.VARIANTS.items():
         assert sorted(_diff(base, edit(default_plan(20, 0, 20)))) == sorted(want[name]), name
+
+
+def test_window_variants_set_the_window_they_name():
+    for w in (16, 32, 64, 512):
+        plan = tv.VARIANTS[f"win{w}"][1](default_plan(20, 0, 20))
+        assert (plan.model.encoder.window, plan.model.decoder.window) == (w, w)
 
 
 def test_variants_combine_with_plus():
