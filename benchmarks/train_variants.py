@@ -48,8 +48,15 @@ def _stack(plan: TrainPlan, part: str, **kw) -> TrainPlan:
     return dataclasses.replace(plan, model=plan.model.replace(**{part: cfg}))
 
 
+def _local(plan: TrainPlan, **kw) -> TrainPlan:
+    """The same change to the local encoder and decoder, at once (their dims must match)."""
+    m = plan.model
+    local = {part: dataclasses.replace(getattr(m, part), **kw) for part in ("encoder", "decoder")}
+    return dataclasses.replace(plan, model=m.replace(**local))
+
+
 def _window(plan: TrainPlan, window: int) -> TrainPlan:
-    return _stack(_stack(plan, "encoder", window=window), "decoder", window=window)
+    return _local(plan, window=window)
 
 
 def _hash(plan: TrainPlan, buckets: int) -> TrainPlan:
@@ -111,6 +118,11 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
         f"win{w}": (f"local encoder and decoder attention window {w} ({_WIN})", lambda p, w=w: _window(p, w))
         for w in (512, 64, 32, 16)
     },
+    "local256": (
+        f"local encoder and decoder d=256, FFN 768 ({_SHIPPED.model.decoder.dim}, {_SHIPPED.model.decoder.ffn_dim}); "
+        f"global 3 layers ({_SHIPPED.model.global_model.n_layers}); 4096 hash buckets ({_HASH})",
+        lambda p: _hash(_stack(_local(p, dim=256, ffn_dim=768), "global_model", n_layers=3), 4096),
+    ),
     "init-torch": (
         f"BLT-D with PyTorch's default init ({_SHIPPED.blt.init})",
         lambda p: _blt(p, init="torch"),

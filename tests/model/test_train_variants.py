@@ -48,6 +48,11 @@ def test_each_variant_changes_only_what_it_says():
         "init-torch": ["blt.init"],
         "baseline-init": ["base.init"],
         **{f"win{w}": ["model.encoder.window", "model.decoder.window"] for w in (16, 32, 64, 512)},
+        "local256": [
+            *(f"model.{part}.{f}" for part in ("encoder", "decoder") for f in ("dim", "ffn_dim")),
+            "model.global_model.n_layers",
+            "model.hash_vocab",
+        ],
         "hashdrop0.25": ["blt.hash_dropout"],
         "ngram3-5": ["model.hash_sizes"],
     }
