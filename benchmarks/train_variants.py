@@ -55,10 +55,6 @@ def _local(plan: TrainPlan, **kw) -> TrainPlan:
     return dataclasses.replace(plan, model=m.replace(**local))
 
 
-def _window(plan: TrainPlan, window: int) -> TrainPlan:
-    return _local(plan, window=window)
-
-
 def _hash(plan: TrainPlan, buckets: int) -> TrainPlan:
     return dataclasses.replace(plan, model=plan.model.replace(hash_vocab=buckets))
 
@@ -115,7 +111,7 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
     "glr1": (f"global transformer at the full peak lr ({_GLR:g}x)", lambda p: _blt(p, global_lr_mult=1.0)),
     "glr0.1": (f"global transformer at 0.1x the peak lr ({_GLR:g}x)", lambda p: _blt(p, global_lr_mult=0.1)),
     **{
-        f"win{w}": (f"local encoder and decoder attention window {w} ({_WIN})", lambda p, w=w: _window(p, w))
+        f"win{w}": (f"local encoder and decoder attention window {w} ({_WIN})", lambda p, w=w: _local(p, window=w))
         for w in (512, 64, 32, 16)
     },
     "local256": (

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from fastblt.model.blt import EntropyModel
 from fastblt.model.config import VOCAB_SIZE, StackConfig
@@ -47,8 +48,6 @@ def test_reach_rows_skip_windows_wider_than_trained_and_measure_loss_against_the
 
 def test_byte_lm_that_is_not_the_baseline_is_a_usage_error_naming_it(tmp_path):
     bad = tmp_path / "model.safetensors"
-    from safetensors.torch import save_file
-
     save_file({"x": torch.zeros(2)}, str(bad))
     res = CliRunner().invoke(cr.main, ["--byte-lm", str(bad), "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and str(bad) in res.output
