@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -33,9 +32,6 @@ from fastblt.model.config import VOCAB_SIZE
 from fastblt.model.corpus import Corpus
 from fastblt.model.train import default_plan
 from fastblt.model.train_blt_d import eval_bpb
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_variants import code_windows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOWS = (512, 256, 128, 64, 32, 16)
@@ -127,7 +123,7 @@ def main(byte_lm: Path | None, out: Path) -> None:
             raise click.UsageError(f"--byte-lm {byte_lm}: not the baseline byte LM's weights ({str(e)[:120]})") from e
         models[f"byte LM baseline ({cfg.n_layers} x d={cfg.dim})"] = lm.eval()
     corpus = Corpus.load()
-    sets = {"heldout": corpus.heldout_windows(1024, 128), "code": code_windows(corpus)}
+    sets = {"heldout": corpus.heldout_windows(1024, 128), "code": corpus.code_windows()}
     total = sum(sum(1 for w in WINDOWS if m.cfg.window is None or w <= m.cfg.window) for m in models.values())
     rows: list[dict] = []
     with tqdm(total=total, desc="context reach", unit="eval") as progress:

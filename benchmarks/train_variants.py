@@ -119,6 +119,10 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
         f"global 3 layers ({_SHIPPED.model.global_model.n_layers}); 4096 hash buckets ({_HASH})",
         lambda p: _hash(_stack(_local(p, dim=256, ffn_dim=768), "global_model", n_layers=3), 4096),
     ),
+    "tests": (
+        "training corpus adds the stdlib's test directories, 19.4 MB (library code only, 11.2 MB)",
+        lambda p: dataclasses.replace(p, corpus_tests=True),
+    ),
     "init-torch": (
         f"BLT-D with PyTorch's default init ({_SHIPPED.blt.init})",
         lambda p: _blt(p, init="torch"),
@@ -149,13 +153,6 @@ def variant(name: str) -> tuple[str, Callable[[TrainPlan], TrainPlan]]:
     return "; ".join(VARIANTS[p][0] for p in parts), edit
 
 
-def code_windows(corpus: Corpus, per_file: int = 8) -> torch.Tensor:
-    """Up to `per_file` windows of every held-out file but the largest (the prose of topics.py)."""
-    largest = max(range(len(corpus.heldout_files)), key=lambda i: len(corpus.heldout_texts[i]))
-    parts = [corpus.file_windows(i, 1024, per_file) for i in range(len(corpus.heldout_files)) if i != largest]
-    return torch.cat([w for w in parts if w is not None])
-
-
 def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
     """One variant in this process (one thread); writes and returns OUT/NAME/variant.json."""
     torch.set_num_threads(1)
@@ -166,7 +163,7 @@ def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
     (out / "entropy" / "result.json").write_text(json.dumps({"threshold": shipped.config.patching.threshold}))
     what, edit = variant(name)
     plan = edit(default_plan(minutes, 0.0, minutes))
-    corpus = Corpus.load()
+    corpus = Corpus.load(include_tests=plan.corpus_tests)
     if name.startswith("baseline"):
         torch.manual_seed(seed + 2)  # as train.train_baseline
         model = initialised(EntropyModel(plan.baseline, VOCAB_SIZE), plan.base)
@@ -181,7 +178,7 @@ def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
     windows = corpus.heldout_windows(1024, 128)
     with torch.no_grad():
         headline = eval_bpb(forward, windows)["bpb"]
-        code = eval_bpb(forward, code_windows(corpus))["bpb"]
+        code = eval_bpb(forward, corpus.code_windows())["bpb"]
         train = eval_bpb(forward, corpus.sample(64, 1024, torch.Generator().manual_seed(0)))["bpb"]  # as the report
     use = {} if name.startswith("baseline") else latent_use(model, windows)
     row = {"variant": name, "what": what, "minutes": minutes, "params": params, "steps": steps}

@@ -25,7 +25,8 @@ from fastblt.errors import InputError
 from fastblt.model.config import BOS_ID, BYTE_OFFSET
 
 HELDOUT_LIST = Path(__file__).resolve().parent.parent / "assets" / "heldout_files.txt"
-EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "__pycache__"})
+TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+EXCLUDED_DIRS = frozenset({"site-packages", "__pycache__"}) | TEST_DIRS
 HELDOUT_FRACTION = 0.06  # of corpus bytes; the issue asks for >= 5%
 
 
@@ -33,13 +34,15 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def list_corpus_files(root: Path | None = None) -> list[str]:
-    """Sorted relative paths (POSIX) of the corpus's `.py` files under `root` (default: stdlib)."""
+def list_corpus_files(root: Path | None = None, include_tests: bool = False) -> list[str]:
+    """Sorted relative paths (POSIX) of the corpus's `.py` files under `root` (default: stdlib);
+    `include_tests` keeps the test directories (a training-data trial; the held-out list is unchanged)."""
     root = stdlib_dir() if root is None else Path(root)
+    excluded = EXCLUDED_DIRS - TEST_DIRS if include_tests else EXCLUDED_DIRS
     out = []
     for f in root.rglob("*.py"):
         rel = f.relative_to(root)
-        if EXCLUDED_DIRS & set(rel.parts[:-1]) or not f.is_file():
+        if excluded & set(rel.parts[:-1]) or not f.is_file():
             continue
         out.append(rel.as_posix())
     return sorted(out)
@@ -81,11 +84,16 @@ class Corpus:
 
     @classmethod
     def load(
-        cls, root: Path | None = None, heldout_list: Path = HELDOUT_LIST, limit_bytes: int | None = None
+        cls,
+        root: Path | None = None,
+        heldout_list: Path = HELDOUT_LIST,
+        limit_bytes: int | None = None,
+        include_tests: bool = False,
     ) -> Corpus:
-        """Read the corpus; `limit_bytes` keeps only the first files up to that many train bytes (smoke)."""
+        """Read the corpus; `limit_bytes` keeps only the first files up to that many train bytes (smoke);
+        `include_tests` adds the test directories to the training side."""
         root = stdlib_dir() if root is None else Path(root)
-        files = list_corpus_files(root)
+        files = list_corpus_files(root, include_tests)
         listed = read_heldout_list(heldout_list)
         present = set(files)
         heldout = [f for f in listed if f in present]
@@ -151,6 +159,13 @@ class Corpus:
         """Evenly spaced full windows of one held-out file (None if it is shorter than a window)."""
         index = [(file, s) for s in range(0, len(self.heldout_texts[file]) - n_bytes + 1, n_bytes)]
         return self._windows(_evenly_spaced(index, max_windows), n_bytes) if index else None
+
+    def code_windows(self, per_file: int = 8, n_bytes: int = 1024) -> Tensor:
+        """Up to `per_file` windows of every held-out file but the largest (`pydoc_data/topics.py`,
+        English prose, 84% of the headline windows): the held-out code alone."""
+        largest = max(range(len(self.heldout_files)), key=lambda i: len(self.heldout_texts[i]))
+        parts = [self.file_windows(i, n_bytes, per_file) for i in range(len(self.heldout_files)) if i != largest]
+        return torch.cat([w for w in parts if w is not None])
 
     def _windows(self, index: list[tuple[int, int]], n_bytes: int) -> Tensor:
         rows = [np.frombuffer(self.heldout_texts[f][s : s + n_bytes], dtype=np.uint8) for f, s in index]

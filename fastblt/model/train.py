@@ -75,6 +75,7 @@ class TrainPlan:
     blt: PhaseConfig
     base: PhaseConfig
     corpus_limit_bytes: int | None = None
+    corpus_tests: bool = False  # also train on the stdlib's test directories (corpus.TEST_DIRS)
     eval_windows: int = 128  # final held-out evaluation (1024-byte windows)
     eval_bytes: int = 1024
     masked_acc_windows: int = 48

@@ -97,7 +97,7 @@ def train(
         plan = T.with_precision(plan, bf16=False)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = Corpus.load(limit_bytes=plan.corpus_limit_bytes)
+    corpus = Corpus.load(limit_bytes=plan.corpus_limit_bytes, include_tests=plan.corpus_tests)
     if phase in ("all", "main", "entropy"):
         T.train_entropy(plan, corpus, out, seed, resume)
     if phase in ("all", "main", "blt"):

@@ -362,6 +362,7 @@ def write_report(out: Path, plan: Any, corpus: Corpus, seed: int, extra: dict[st
         "seed": seed,
         "corpus": {
             "stdlib_dir": str(corpus.root),
+            "test_dirs": plan.corpus_tests,
             "train_files": len(corpus.train_files),
             "train_bytes": corpus.n_train_bytes,
             "heldout_files": len(corpus.heldout_files),
@@ -454,7 +455,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"- training: {c['train_files']} files, {c['train_bytes']:,} bytes; held-out: {c['heldout_files']} files, "
         f"{c['heldout_bytes']:,} bytes ({100 * c['heldout_fraction']:.1f}%), {c['heldout_missing']} listed files "
         "missing on this Python.",
-        "- `.py` files only; `site-packages` and test directories (`test`, `tests`, `idle_test`) excluded.",
+        "- `.py` files only; `site-packages` excluded; test directories (`test`, `tests`, `idle_test`) "
+        + ("in the training side (never held out)." if c.get("test_dirs") else "excluded."),
         f"- evaluation: {c['eval_windows']} non-overlapping {c['eval_window_bytes']}-byte windows of the held-out "
         "files (evenly spaced), BOS prepended, every byte predicted.",
         "",

@@ -241,6 +241,31 @@ def test_heldout_list_is_big_enough_and_disjoint():
     assert all("site-packages" not in f and "/test/" not in f"/{f}" for f in files)
 
 
+def test_include_tests_adds_test_dirs_to_the_training_side_only(tmp_path):
+    for rel in ("a.py", "b.py", "test/t.py", "pkg/tests/u.py", "idlelib/idle_test/v.py", "site-packages/x.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"# {rel}\n" * 20)
+    listed = tmp_path / "heldout.txt"
+    listed.write_text("b.py\n")
+    plain = Corpus.load(tmp_path, listed)
+    full = Corpus.load(tmp_path, listed, include_tests=True)
+    assert plain.train_files == ["a.py"]
+    assert full.train_files == ["a.py", "idlelib/idle_test/v.py", "pkg/tests/u.py", "test/t.py"]
+    assert plain.heldout_files == full.heldout_files == ["b.py"]
+    assert full.n_train_bytes > plain.n_train_bytes
+
+
+def test_code_windows_leave_out_the_largest_heldout_file(tmp_path):
+    texts = {"a.py": b"a" * 300, "b.py": b"b" * 300, "c.py": b"c" * 200, "prose.py": b"p" * 900}
+    for name, data in texts.items():
+        (tmp_path / name).write_bytes(data)
+    listed = tmp_path / "heldout.txt"
+    listed.write_text("b.py\nc.py\nprose.py\n")
+    w = Corpus.load(tmp_path, listed).code_windows(per_file=8, n_bytes=100)
+    assert w.shape == (5, 101)  # 3 windows of b.py, 2 of c.py, none of the largest file
+    assert set(w[:, 1:].flatten().tolist()) == {ord("b") + 4, ord("c") + 4}
+
+
 def test_windows_start_with_bos():
     corpus = Corpus.load(limit_bytes=100_000)
     x = corpus.sample(3, 64, torch.Generator().manual_seed(0))
