@@ -339,6 +339,18 @@ def test_baseline_lr_sets_only_the_baseline_and_is_recorded(tmp_path):
         assert bad.exit_code == 2 and flag in bad.output
 
 
+def test_with_tests_is_recorded_and_every_later_phase_must_agree(tmp_path):
+    from fastblt.model.train_cli import train
+
+    threads = torch.get_num_threads()
+    res = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), "--phase", "baseline", "--with-tests"])
+    torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "corpus.json").read_text()) == {"test_dirs": True}
+    bad = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), "--phase", "report"])
+    assert bad.exit_code == 2 and "corpus.json" in bad.output and "with --with-tests" in bad.output
+
+
 def test_default_plan_gives_the_baseline_the_blt_ds_whole_training_time():
     from fastblt.model.train import default_plan
 
