@@ -101,9 +101,10 @@ def main(run_specs: tuple[str, ...], name: str, out: Path) -> None:
     """Tabulate and plot the periodic held-out evaluations of finished training runs."""
     if Path(name).name != name or not name:
         raise click.BadParameter(f"{name!r}: a file stem, not a path (the folder is --out)", param_hint="--name")
-    runs = {label: read_evals(path) for label, path in map(parse_run, run_specs)}
+    dirs = dict(map(parse_run, run_specs))
+    runs = {label: read_evals(path) for label, path in dirs.items()}
     out.mkdir(parents=True, exist_ok=True)
-    record = {"runs": {label: {"dir": str(p), **runs[label]} for label, p in map(parse_run, run_specs)}}
+    record = {"runs": {label: {"dir": str(dirs[label]), **e} for label, e in runs.items()}}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1))
     md = render(runs)
     (out / f"{name}.md").write_text(md)
