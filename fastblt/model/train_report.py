@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastblt.model.blt import BltModel, EntropyModel
+from fastblt.model.checkpoint import checkpoint_hash
 from fastblt.model.config import VOCAB_SIZE, StackConfig
 from fastblt.model.corpus import Corpus
 from fastblt.model.patching import entropy
@@ -360,6 +361,8 @@ def write_report(out: Path, plan: Any, corpus: Corpus, seed: int, extra: dict[st
         "torch": torch.__version__,
         "platform": platform.platform(),
         "seed": seed,
+        # ties this report to the weights it measured: `checkpoint_hash("default")` must equal it once shipped
+        "checkpoint_hash": checkpoint_hash(out / "checkpoint") if (out / "checkpoint").is_dir() else None,
         "corpus": {
             "stdlib_dir": str(corpus.root),
             "test_dirs": plan.corpus_tests,
@@ -450,6 +453,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         f"Trained by `fastblt train` on CPython {r['python']}'s standard library (`{c['stdlib_dir']}`), "
         f"torch {r['torch']}, seed {r['seed']}, {r['platform']}.",
+        "",
+        f"Checkpoint hash (`fastblt.model.checkpoint.checkpoint_hash`, config + weights): "
+        f"`{r.get('checkpoint_hash')}`.",
         "",
         "## Corpus",
         f"- training: {c['train_files']} files, {c['train_bytes']:,} bytes; held-out: {c['heldout_files']} files, "

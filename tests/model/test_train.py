@@ -70,6 +70,7 @@ def test_smoke_checkpoint_loads_and_generates(smoke_run):
 def test_smoke_checkpoint_is_stored_in_half_precision_and_the_report_measures_what_is_stored(smoke_run):
     from safetensors import safe_open
 
+    from fastblt.model.checkpoint import checkpoint_hash
     from fastblt.model.corpus import Corpus
     from fastblt.model.train import blt_forward, smoke_plan
     from fastblt.model.train_blt_d import eval_bpb
@@ -80,6 +81,7 @@ def test_smoke_checkpoint_is_stored_in_half_precision_and_the_report_measures_wh
         assert {f.get_slice(k).get_dtype() for k in names} == {"F16"}
     report = json.loads((smoke_run / "report.json").read_text())
     assert report["blt_d"]["checkpoint_dtype"] == "float16"
+    assert report["checkpoint_hash"] == checkpoint_hash(smoke_run / "checkpoint")
     assert "stored as float16" in (smoke_run / "REPORT.md").read_text()
     plan = smoke_plan()
     windows = Corpus.load(limit_bytes=plan.corpus_limit_bytes).heldout_windows(plan.eval_bytes, plan.eval_windows)
@@ -348,7 +350,7 @@ def test_with_tests_is_recorded_and_every_later_phase_must_agree(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "corpus.json").read_text()) == {"test_dirs": True}
     bad = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), "--phase", "report"])
-    assert bad.exit_code == 2 and "corpus.json" in bad.output and "with --with-tests" in bad.output
+    assert bad.exit_code == 2 and "corpus.json" in bad.output and "trained --with-tests" in bad.output
 
 
 def test_default_plan_gives_the_baseline_the_blt_ds_whole_training_time():
