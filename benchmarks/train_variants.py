@@ -119,9 +119,9 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
         f"global 3 layers ({_SHIPPED.model.global_model.n_layers}); 4096 hash buckets ({_HASH})",
         lambda p: _hash(_stack(_local(p, dim=256, ffn_dim=768), "global_model", n_layers=3), 4096),
     ),
-    "tests": (
-        "training corpus adds the stdlib's test directories, 19.4 MB (library code only, 11.2 MB)",
-        lambda p: dataclasses.replace(p, corpus_tests=True),
+    "library-only": (
+        "training corpus without the stdlib's test directories: library code only, 11.2 MB (30.6 MB)",
+        lambda p: dataclasses.replace(p, corpus_tests=False),
     ),
     "init-torch": (
         f"BLT-D with PyTorch's default init ({_SHIPPED.blt.init})",

@@ -1,13 +1,13 @@
 """The training corpus of the embedded default: CPython's own standard-library `.py` files.
 
 Files come from `sysconfig.get_paths()["stdlib"]` in sorted relative-path order. We leave out
-`site-packages` (not CPython's code) and every test directory (`test`, `tests`, `idle_test`):
-CPython's test suite is ~60% of the stdlib's bytes and is dominated by data-like fixtures, so the
-corpus is library code only (`include_tests`, `fastblt train --with-tests`, adds them back:
-more varied data, which a 135-minute trial found worth 0.15 held-out bits/byte). The held-out
-files are a fixed, committed list (`fastblt/assets/heldout_files.txt`) so that every Python
-version evaluates on the same files; files of the list that this Python lacks are skipped and
-counted.
+`site-packages` (not CPython's code). The test directories (`test`, `tests`, `idle_test`, ~60% of
+the stdlib's bytes) join the training side only with `include_tests`: `Corpus.load` defaults to
+library code, while `fastblt train` trains with them unless told `--without-tests`, since a
+135-minute trial found the extra data worth 0.15 held-out bits/byte (library code alone is seen
+three times and memorised). The held-out files are a fixed, committed list
+(`fastblt/assets/heldout_files.txt`) so that every Python version evaluates on the same files;
+files of the list that this Python lacks are skipped and counted.
 
 Token ids are byte + 4 with BOS (1) prepended (DESIGN.md).
 """

@@ -151,6 +151,9 @@ def default_plan(minutes: float, entropy_minutes: float, baseline_minutes: float
             init=DEFAULT_BLT_INIT,
         ),
         base=PhaseConfig(lr=DEFAULT_BASELINE_LR, batch=4, seq_bytes=1024, minutes=baseline_minutes),
+        # 30.6 MB instead of 11.2: library code alone is seen ~3 times in 135 minutes and the BLT-D
+        # memorises it (its held-out number stalls after ~90 minutes; benchmarks/results/learning_curves_*)
+        corpus_tests=True,
         checkpoint_dtype="float16",
     )
 
