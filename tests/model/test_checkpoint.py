@@ -234,6 +234,15 @@ def test_default_checkpoint_resolution(tmp_path: Path, monkeypatch: pytest.Monke
     assert resolve_checkpoint_path(tmp_path / "x") == tmp_path / "x"
 
 
+def test_the_shipped_report_describes_the_shipped_checkpoint() -> None:
+    # REPORT.md's numbers are only true of the weights they were measured on: a checkpoint copied
+    # into fastblt/assets/default without its report (or the reverse) fails here
+    shipped = resolve_checkpoint_path("default")
+    report = json.loads((shipped / "report.json").read_text())
+    assert report["checkpoint_hash"] == checkpoint_hash(shipped)
+    assert f"`{report['checkpoint_hash']}`" in (shipped / "REPORT.md").read_text()
+
+
 # ------------------------------------------------------------------------------ saving safely
 def test_save_refuses_a_directory_with_other_files(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
