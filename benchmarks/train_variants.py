@@ -29,10 +29,13 @@ from fastblt.model.checkpoint import load_checkpoint
 from fastblt.model.config import VOCAB_SIZE
 from fastblt.model.corpus import Corpus
 from fastblt.model.train import (
+    PRECISIONS,
     TrainPlan,
     blt_forward,
+    cpu_description,
     default_plan,
     initialised,
+    resolve_precision,
     run_byte_lm,
     train_blt,
     with_precision,
@@ -153,7 +156,7 @@ def variant(name: str) -> tuple[str, Callable[[TrainPlan], TrainPlan]]:
     return "; ".join(VARIANTS[p][0] for p in parts), edit
 
 
-def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
+def run_one(name: str, minutes: float, out: Path, seed: int, precision: str = "auto") -> dict:
     """One variant in this process (one thread); writes and returns OUT/NAME/variant.json."""
     torch.set_num_threads(1)
     out = out / name
@@ -162,7 +165,7 @@ def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
     save_file(shipped.entropy_model.state_dict(), str(out / "entropy" / "model.safetensors"))
     (out / "entropy" / "result.json").write_text(json.dumps({"threshold": shipped.config.patching.threshold}))
     what, edit = variant(name)
-    plan = edit(default_plan(minutes, 0.0, minutes))
+    plan = edit(resolve_precision(default_plan(minutes, 0.0, minutes), precision))  # then the variant's edit
     corpus = Corpus.load(include_tests=plan.corpus_tests)
     if name.startswith("baseline"):
         torch.manual_seed(seed + 2)  # as train.train_baseline
@@ -182,6 +185,8 @@ def run_one(name: str, minutes: float, out: Path, seed: int) -> dict:
         train = eval_bpb(forward, corpus.sample(64, 1024, torch.Generator().manual_seed(0)))["bpb"]  # as the report
     use = {} if name.startswith("baseline") else latent_use(model, windows)
     row = {"variant": name, "what": what, "minutes": minutes, "params": params, "steps": steps}
+    phase = plan.base if name.startswith("baseline") else plan.blt
+    row |= {"bf16": phase.bf16, "cpu": cpu_description()}  # bytes/s depend on both
     row |= {"train_bytes": seen, "bytes_per_s": seen / (60 * minutes), "heldout_bpb": headline, "code_bpb": code}
     row["train_bpb"] = train  # 64 training windows: held-out minus this = what did not generalise
     if use:  # bits/byte lost when each byte reads the previous patch's latent / an all-zero latent
@@ -234,10 +239,18 @@ def render(rows: list[dict]) -> str:
 @click.option("--minutes", type=float, default=20.0, show_default=True, help="Wall clock per variant.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/variants"), show_default=True)
 @click.option("--seed", type=int, default=1234, show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="auto",
+    show_default=True,
+    help="As `fastblt train --precision` (auto: bf16 autocast only on a CPU with native bf16); applied before "
+    "the variant's own edit.",
+)
 @click.option("--one", hidden=True, help="Run this one variant in this process (used by the parent).")
-def main(variants: str, minutes: float, out: Path, seed: int, one: str | None) -> None:
+def main(variants: str, minutes: float, out: Path, seed: int, precision: str, one: str | None) -> None:
     if one:
-        run_one(one, minutes, out, seed)
+        run_one(one, minutes, out, seed, precision)
         return
     names = [v.strip() for v in variants.split(",") if v.strip()]
     unknown = []
@@ -254,6 +267,7 @@ def main(variants: str, minutes: float, out: Path, seed: int, one: str | None) -
     for n in names:
         log = open(out / f"{n}.log", "w")  # noqa: SIM115 - closed when the child ends
         cmd = [sys.executable, __file__, "--one", n, "--minutes", str(minutes), "--out", str(out), "--seed", str(seed)]
+        cmd += ["--precision", precision]
         procs.append((n, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
         print(f"train_variants: {n} started (log {out / f'{n}.log'})", file=sys.stderr)
     failed = []

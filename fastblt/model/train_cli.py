@@ -52,11 +52,13 @@ import click
 )
 @click.option(
     "--precision",
-    type=click.Choice(["bf16", "fp32"]),
-    default="bf16",
+    type=click.Choice(["auto", "bf16", "fp32"]),
+    default="auto",
     show_default=True,
     help="Forward passes under bf16 autocast (fp32 weights and optimizer; steps ~1.2x (BLT-D) to 1.6x (byte LM) "
-    "faster on CPUs with AVX512-BF16 or AMX, slower where bf16 is emulated) or in fp32. Applies to every phase.",
+    "faster on CPUs with AVX512-BF16 or AMX, ~10x slower where bf16 is emulated, e.g. AVX2-only CPUs) or in "
+    "fp32. auto: bf16 where /proc/cpuinfo lists avx512_bf16 or amx_bf16, else fp32. Applies to every phase; "
+    "the report states what ran.",
 )
 @click.option(
     "--with-tests/--without-tests",
@@ -101,8 +103,8 @@ def train(
         plan = dataclasses.replace(plan, blt=dataclasses.replace(plan.blt, lr=lr))
     if baseline_lr is not None:
         plan = dataclasses.replace(plan, base=dataclasses.replace(plan.base, lr=baseline_lr))
-    if precision == "fp32":
-        plan = T.with_precision(plan, bf16=False)
+    plan = T.resolve_precision(plan, precision)
+    click.echo(f"fastblt train: {_precision_words(precision, plan.blt.bf16, T.cpu_has_native_bf16())}", err=True)
     if with_tests is not None:
         plan = dataclasses.replace(plan, corpus_tests=with_tests)
     out = Path(out_dir)
@@ -123,6 +125,17 @@ def train(
             "mean_patch_len": report["blt_d"]["mean_patch_len_heldout"],
         }
         click.echo(json.dumps(report, indent=2) if as_json else json.dumps(summary))
+
+
+def _precision_words(asked: str, bf16: bool, native: bool) -> str:
+    """The line that says which precision the phases run in, and why (stderr, before any work)."""
+    what = "bf16 autocast forward passes" if bf16 else "fp32 forward passes"
+    cpu = "this CPU has native bf16 (AVX512-BF16 or AMX)" if native else "this CPU has no native bf16"
+    if asked == "auto":
+        return f"{what} (--precision auto: {cpu})"
+    if bf16 and not native:
+        return f"{what} (as asked; {cpu}, so steps run ~10x slower than with --precision fp32)"
+    return f"{what} (as asked)"
 
 
 def _same_corpus_as_before(out: Path, with_tests: bool) -> None:

@@ -383,6 +383,7 @@ def write_report(out: Path, plan: Any, corpus: Corpus, seed: int, extra: dict[st
             "bytes_per_s": blt["train_bytes"] / blt["wall_s"] if blt else None,
             "phase": blt.get("phase", vars(plan.blt)) if blt else vars(plan.blt),  # as trained
             "checkpoint_dtype": blt.get("checkpoint_dtype", "float32") if blt else None,
+            "cpu": blt.get("cpu") if blt else None,
             **final,
         },
         "baseline": (
@@ -475,14 +476,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{b['mean_patch_len_heldout']:.2f} bytes (target 4).",
         "",
         "## Training",
-        "| phase | steps | wall (min) | bytes seen | bytes/s |",
-        "|---|---|---|---|---|",
+        "| phase | steps | wall (min) | bytes seen | bytes/s | CPU |",
+        "|---|---|---|---|---|---|",
     ]
     for name, d in (("entropy LM", e), ("BLT-D", b), ("baseline byte LM", base or {})):
         if d.get("steps"):
             lines.append(
                 f"| {name} | {d['steps']} | {d['wall_s'] / 60:.1f} | {d['train_bytes']:,} | "
-                f"{d['train_bytes'] / d['wall_s']:.0f} |"
+                f"{d['train_bytes'] / d['wall_s']:.0f} | {cpu_words(d.get('cpu'))} |"
             )
     lines += method_lines(b)
     bpb = b["heldout_ar"]["bpb"]
@@ -565,6 +566,14 @@ INIT_WORDS = {
     "torch": "PyTorch's default initialisation",
     "scaled": "fan-in scaled truncated-normal initialisation (init.py, Meta's BLT scheme)",
 }
+
+
+def cpu_words(cpu: dict[str, Any] | None) -> str:
+    """A phase's CPU for the training table (phases recorded before 2026-12-03 have none)."""
+    if not cpu:
+        return "not recorded"
+    bf16 = "native bf16" if cpu["native_bf16"] else "no native bf16"
+    return f"{cpu['model']}, {cpu['cores']} cores, {cpu['isa']}, {bf16}"
 
 
 def precision_words(ph: dict[str, Any]) -> str:

@@ -36,7 +36,8 @@ def smoke_run(tmp_path_factory):
     threads = torch.get_num_threads()
     res = CliRunner().invoke(
         train,
-        ["--smoke", "--out", str(out), "--phase", "main", "--mask-weight", "0.5", "--lr", "0.012", *_threads()],
+        ["--smoke", "--out", str(out), "--phase", "main", "--mask-weight", "0.5", "--lr", "0.012", *_threads()]
+        + ["--precision", "bf16"],  # the bf16 path on every machine (auto picks fp32 on CPUs without native bf16)
         catch_exceptions=False,
     )
     torch.set_num_threads(threads)
@@ -103,6 +104,11 @@ def test_smoke_report_written(smoke_run):
     by_file = report["blt_d"]["bits_by_file"]
     assert by_file["largest"] == "pydoc_data/topics.py" and by_file["train_windows"]["blt_d"] > 0
     assert "Held-out bits per byte file by file" in (smoke_run / "REPORT.md").read_text()
+    from fastblt.model.train import cpu_description
+    from fastblt.model.train_report import cpu_words
+
+    assert report["blt_d"]["cpu"] == cpu_description()  # the machine its bytes/s were measured on
+    assert f"| {cpu_words(cpu_description())} |" in (smoke_run / "REPORT.md").read_text()
 
 
 def test_bits_by_patch_position_add_up_to_the_held_out_bits_per_byte(smoke_run):
@@ -371,7 +377,8 @@ def test_report_with_the_baseline_states_its_numbers_and_recipe(smoke_run, tmp_p
     shutil.copytree(smoke_run, out)
     threads = torch.get_num_threads()
     for phase in ("baseline", "report"):
-        args = ["--smoke", "--out", str(out), "--phase", phase, "--baseline-lr", "0.013", *_threads()]
+        args = ["--smoke", "--out", str(out), "--phase", phase, "--baseline-lr", "0.013", "--precision", "bf16"]
+        args += _threads()
         res = CliRunner().invoke(train, args)
         assert res.exit_code == 0, res.output
     torch.set_num_threads(threads)
@@ -497,3 +504,55 @@ def test_a_phase_runs_its_forward_passes_under_bf16_autocast_only_when_asked(tmp
     run_phase("t", model, pc, step, corpus, lambda: {}, tmp_path, seed=0, resume=False)
     assert seen == [bf16, torch.float32] * 2
     assert not torch.is_autocast_enabled("cpu")
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu vme avx avx2 avx512f {extra} rdrand
+"""
+
+
+@pytest.mark.parametrize(("extra", "native"), [("", False), ("avx512_bf16", True), ("amx_bf16 amx_tile", True)])
+def test_native_bf16_is_read_from_the_cpu_flags(extra, native):
+    from fastblt.model.train import cpu_description, cpu_has_native_bf16
+
+    info = CPUINFO.format(extra=extra)
+    assert cpu_has_native_bf16(info) is native
+    assert cpu_has_native_bf16("model name : avx512_bf16 in a name is not a flag\n") is False
+    cpu = cpu_description(info)
+    assert cpu["model"] == "Intel(R) Xeon(R) Platinum 8480+" and cpu["native_bf16"] is native
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_the_cpu_and_an_explicit_choice_wins(monkeypatch, native):
+    from fastblt.model import train as T
+
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+    plan = T.with_precision(T.default_plan(10, 1, None), bf16=not native)  # auto must not keep what it finds
+    for asked, want in (("auto", native), ("bf16", True), ("fp32", False)):
+        got = T.resolve_precision(plan, asked)
+        assert [got.entropy.bf16, got.blt.bf16, got.base.bf16] == [want] * 3, asked
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        T.resolve_precision(plan, "fp8")
+
+
+def test_train_says_which_precision_runs_and_records_the_cpu(monkeypatch, tmp_path):
+    from fastblt.model import train as T
+    from fastblt.model.train_cli import _precision_words, train
+    from fastblt.model.train_report import cpu_words
+
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda cpuinfo=None: False)
+    threads = torch.get_num_threads()
+    res = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), "--phase", "baseline", *_threads()])
+    torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    assert "fp32 forward passes (--precision auto: this CPU has no native bf16)" in res.stderr
+    result = json.loads((tmp_path / "baseline" / "result.json").read_text())
+    assert result["phase"]["bf16"] is False
+    assert result["cpu"] == T.cpu_description() and result["cpu"]["native_bf16"] is False
+    assert "no native bf16" in cpu_words(result["cpu"]) and cpu_words(None) == "not recorded"
+    forced = _precision_words("bf16", bf16=True, native=False)  # the user's choice stands, with a warning
+    want = "bf16 autocast forward passes (as asked; this CPU has no native bf16, so steps run ~10x slower than "
+    assert forced == want + "with --precision fp32)"
+    assert _precision_words("fp32", bf16=False, native=True) == "fp32 forward passes (as asked)"

@@ -1,0 +1,49 @@
+"""benchmarks/train_speed.py: both precisions really run (and are the trainer's own step), the table says what ran."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from fastblt.model import train as T
+from fastblt.model.blt import EntropyModel
+from fastblt.model.config import VOCAB_SIZE
+from fastblt.model.corpus import Corpus
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "train_speed.py"
+_spec = importlib.util.spec_from_file_location("train_speed", _PATH)
+ts = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ts)
+
+
+def test_measure_alternates_fp32_and_bf16_steps_of_the_trainer():
+    plan = T.smoke_plan()
+    model = EntropyModel(plan.baseline, VOCAB_SIZE)
+    seen = []
+    loss = T.byte_lm_step(model)
+
+    def step(x, g):  # what the trainer's step runs under
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return loss(x, g)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    res = ts.measure(model, plan.base, step, Corpus.load(limit_bytes=50_000), seconds=0.0)
+    assert seen == [False, True] * 3  # warm-up, then 2 timed steps each, alternating fp32 / bf16 autocast
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # steps ran
+    assert res["fp32"]["steps"] == res["bf16"]["steps"] == 2
+    assert res["bf16_speedup"] == res["fp32"]["s_per_step"] / res["bf16"]["s_per_step"]
+    row = {"phase": "byte LM", "batch": 4, "seq_bytes": 128, **res}
+    cpu = T.cpu_description()
+    md = ts.render({"cpu": cpu, "torch": torch.__version__, "seconds": 0.0, "rows": [row]})
+    assert f"| byte LM | 4 x 128 | {res['fp32']['s_per_step']:.2f} |" in md
+    assert f"--precision auto` picks {'bf16' if cpu['native_bf16'] else 'fp32'} on this CPU" in md
+
+
+def test_phases_are_the_default_recipes():
+    plan = T.default_plan(1.0, 1.0, 1.0)
+    got = {name: (pc, sum(p.numel() for p in m.parameters())) for name, m, pc, _ in ts.phases()}
+    assert got["BLT-D"][0] == plan.blt and got["baseline byte LM"][0] == plan.base
+    assert got["entropy LM"][0] == plan.entropy
+    assert got["baseline byte LM"][1] == sum(p.numel() for p in EntropyModel(plan.baseline, VOCAB_SIZE).parameters())
