@@ -1,12 +1,14 @@
-"""Training-step speed of the default recipe's three phases in fp32 and under bf16 autocast, side by
-side in one process (one torch thread): the numbers behind `fastblt train --precision auto`.
+"""Training-step speed of the default recipe's three phases in fp32 and under bf16 autocast, at one
+or more torch thread counts, side by side in one process: the numbers behind `fastblt train
+--precision auto`, and what a second thread buys.
 
-    python benchmarks/train_speed.py [--seconds 20]
+    python benchmarks/train_speed.py [--seconds 20] [--threads 1,2]
 
-Each phase (entropy LM, BLT-D with the shipped entropy model patching, baseline byte LM) takes one
-warm-up step per precision, then fp32 and bf16 steps alternate until each precision has had at
-least --seconds and 2 steps. The steps are `train.train_step`, the trainer's own. Writes
-benchmarks/results/train_speed.{json,md,png}; the CPU is in the table (the ratio depends on it).
+Each phase (entropy LM, BLT-D with the shipped entropy model patching, baseline byte LM) takes
+--warmup steps per configuration (precision x threads) first (the first steps of a process run up
+to ~1.7x slower: allocator, oneDNN primitive caches), then the configurations' steps alternate, each
+until it has had at least --seconds and 2 steps. The steps are `train.train_step`, the trainer's own.
+Writes benchmarks/results/train_speed.{json,md,png}; the CPU is in the table (the ratios depend on it).
 """
 
 from __future__ import annotations
@@ -57,48 +59,71 @@ def phases() -> list[tuple[str, torch.nn.Module, PhaseConfig, StepFn]]:
     ]
 
 
-def measure(model: torch.nn.Module, pc: PhaseConfig, step_fn: StepFn, corpus: Corpus, seconds: float) -> dict:
-    """Seconds per step for each precision, alternating steps so that drift hits both alike."""
+Config = tuple[str, int]  # (precision, torch threads)
+
+
+def measure(
+    model: torch.nn.Module,
+    pc: PhaseConfig,
+    step_fn: StepFn,
+    corpus: Corpus,
+    seconds: float,
+    configs: list[Config],
+    warmup: int = 3,
+) -> list[dict]:
+    """Median seconds per step of each configuration, alternating steps so that drift hits all alike."""
     model.train()
     opt = make_optimizer(model, pc)
     gen = torch.Generator().manual_seed(0)
-    runs = {p: replace(pc, bf16=p == "bf16") for p in PRECISIONS}
-    times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
-    for ppc in runs.values():  # warm-up: allocator, oneDNN primitive caches
-        train_step(model, opt, ppc, step_fn, corpus.sample(pc.batch, pc.seq_bytes, gen), gen)
-    while any(sum(t) < seconds or len(t) < 2 for t in times.values()):
-        for p, ppc in runs.items():
-            x = corpus.sample(pc.batch, pc.seq_bytes, gen)
-            t0 = time.perf_counter()
-            train_step(model, opt, ppc, step_fn, x, gen)
-            times[p].append(time.perf_counter() - t0)
-    out = {}
-    for p, t in times.items():
+    threads = torch.get_num_threads()
+    times: dict[Config, list[float]] = {c: [] for c in configs}
+
+    def one(c: Config) -> float:
+        x = corpus.sample(pc.batch, pc.seq_bytes, gen)
+        torch.set_num_threads(c[1])
+        t0 = time.perf_counter()
+        train_step(model, opt, replace(pc, bf16=c[0] == "bf16"), step_fn, x, gen)
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        for c in configs:
+            one(c)
+    need = lambda c: sum(times[c]) < seconds or len(times[c]) < 2  # noqa: E731
+    while any(need(c) for c in configs):
+        for c in filter(need, configs):
+            times[c].append(one(c))
+    torch.set_num_threads(threads)
+    rows = []
+    for (precision, n), t in times.items():
         per_step = sorted(t)[len(t) // 2]  # median: robust to a stray slow step
-        out[p] = {"steps": len(t), "s_per_step": per_step, "bytes_per_s": pc.batch * pc.seq_bytes / per_step}
-    out["bf16_speedup"] = out["fp32"]["s_per_step"] / out["bf16"]["s_per_step"]
-    return out
+        rows.append({"precision": precision, "threads": n, "steps": len(t), "s_per_step": per_step})
+        rows[-1]["bytes_per_s"] = pc.batch * pc.seq_bytes / per_step
+    for r in rows:  # against the first configuration (fp32 on the fewest threads by default)
+        r["speed_vs_first"] = rows[0]["s_per_step"] / r["s_per_step"]
+    return rows
 
 
 def render(res: dict) -> str:
     cpu = res["cpu"]
+    native, auto = ("yes", "bf16") if cpu["native_bf16"] else ("no", "fp32")
+    first = res["rows"][0]["configs"][0]
     lines = [
-        "# Training-step speed: fp32 against bf16 autocast",
+        "# Training-step speed: fp32 against bf16 autocast, by thread count",
         "",
-        f"`python benchmarks/train_speed.py --seconds {res['seconds']:g}` on {cpu['model']} ({cpu['cores']} cores, "
-        f"torch sees {cpu['isa']}, native bf16: {'yes' if cpu['native_bf16'] else 'no'}), torch {res['torch']}, "
-        f"one thread. Median seconds per optimizer step of the default recipe; fp32 and bf16 steps alternate. "
-        f"`fastblt train --precision auto` picks {'bf16' if cpu['native_bf16'] else 'fp32'} on this CPU.",
+        f"`{res['command']}` on {cpu['model']} ({cpu['cores']} cores, torch sees {cpu['isa']}, native bf16: "
+        f"{native}), torch {res['torch']}. Median seconds per optimizer step of the default recipe; the "
+        f"configurations' steps alternate in one process. Speed is against {first['precision']} on "
+        f"{first['threads']} thread(s). `fastblt train --precision auto` picks {auto} on this CPU.",
         "",
-        "| phase | batch x bytes | fp32 s/step | fp32 bytes/s | bf16 s/step | bf16 bytes/s | bf16 speed-up |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| phase | batch x bytes | precision | threads | s/step | bytes/s | speed |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
-        f, b = r["fp32"], r["bf16"]
-        lines.append(
-            f"| {r['phase']} | {r['batch']} x {r['seq_bytes']} | {f['s_per_step']:.2f} | {f['bytes_per_s']:.0f} | "
-            f"{b['s_per_step']:.2f} | {b['bytes_per_s']:.0f} | {r['bf16_speedup']:.2f}x |"
-        )
+        for c in r["configs"]:
+            lines.append(
+                f"| {r['phase']} | {r['batch']} x {r['seq_bytes']} | {c['precision']} | {c['threads']} | "
+                f"{c['s_per_step']:.2f} | {c['bytes_per_s']:.0f} | {c['speed_vs_first']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -109,12 +134,14 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["phase"] for r in res["rows"]]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    for i, p in enumerate(PRECISIONS):
-        xs = [j + (i - 0.5) * 0.38 for j in range(len(names))]
-        ax.bar(xs, [r[p]["bytes_per_s"] for r in res["rows"]], width=0.38, label=p)
+    labels = [f"{c['precision']}, {c['threads']} thread(s)" for c in res["rows"][0]["configs"]]
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for i, label in enumerate(labels):
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, [r["configs"][i]["bytes_per_s"] for r in res["rows"]], width=width, label=label)
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("training bytes/s (one thread)")
+    ax.set_ylabel("training bytes/s")
     ax.set_title(f"{res['cpu']['model']} ({res['cpu']['isa']})", fontsize=9)
     ax.legend()
     fig.tight_layout()
@@ -122,23 +149,43 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _list(kind, choices=None):
+    def parse(ctx, param, value: str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        try:
+            out = [kind(v) for v in items]
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected a comma-separated list") from None
+        bad = [v for v in out if (choices and v not in choices) or (kind is int and v < 1)]
+        if bad or not out:
+            raise click.BadParameter(f"{value!r}: {', '.join(map(str, bad)) or 'empty'} not allowed")
+        return out
+
+    return parse
+
+
 @click.command()
-@click.option("--seconds", type=float, default=20.0, show_default=True, help="Timed steps per phase and precision.")
-def main(seconds: float) -> None:
-    torch.set_num_threads(1)
+@click.option("--seconds", type=float, default=20.0, show_default=True, help="Timed steps per phase and configuration.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed steps first, each.")
+@click.option("--precisions", default="fp32,bf16", show_default=True, callback=_list(str, PRECISIONS))
+@click.option("--threads", default="1", show_default=True, callback=_list(int), help="Comma-separated thread counts.")
+def main(seconds: float, warmup: int, precisions: list[str], threads: list[int]) -> None:
+    configs = [(p, n) for n in threads for p in precisions]
     corpus = Corpus.load(include_tests=True)
     rows = []
     for name, model, pc, step_fn in phases():
         print(f"train_speed: {name} ...", file=sys.stderr, flush=True)
-        r = {
-            "phase": name,
-            "batch": pc.batch,
-            "seq_bytes": pc.seq_bytes,
-            **measure(model, pc, step_fn, corpus, seconds),
-        }
-        print(f"train_speed: {name}: bf16 {r['bf16_speedup']:.2f}x fp32's speed", file=sys.stderr, flush=True)
-        rows.append(r)
-    res = {"cpu": cpu_description(), "torch": torch.__version__, "seconds": seconds, "rows": rows}
+        got = measure(model, pc, step_fn, corpus, seconds, configs, warmup)
+        print(
+            f"train_speed: {name}: "
+            + ", ".join(f"{c['precision']} x{c['threads']} {c['speed_vs_first']:.2f}" for c in got),
+            file=sys.stderr,
+            flush=True,
+        )
+        rows.append({"phase": name, "batch": pc.batch, "seq_bytes": pc.seq_bytes, "configs": got})
+    command = " ".join(["python benchmarks/train_speed.py", *sys.argv[1:]])
+    res = {"command": command, "cpu": cpu_description(), "torch": torch.__version__, "seconds": seconds}
+    res |= {"warmup": warmup, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train_speed.json").write_text(json.dumps(res, indent=2))
     (RESULTS / "train_speed.md").write_text(render(res))

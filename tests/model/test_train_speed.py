@@ -29,16 +29,28 @@ def test_measure_alternates_fp32_and_bf16_steps_of_the_trainer():
         return loss(x, g)
 
     before = [p.detach().clone() for p in model.parameters()]
-    res = ts.measure(model, plan.base, step, Corpus.load(limit_bytes=50_000), seconds=0.0)
-    assert seen == [False, True] * 3  # warm-up, then 2 timed steps each, alternating fp32 / bf16 autocast
+    configs = [("fp32", 1), ("bf16", 1), ("fp32", 2)]
+    threads = torch.get_num_threads()
+    rows = ts.measure(model, plan.base, step, Corpus.load(limit_bytes=50_000), 0.0, configs, warmup=1)
+    assert torch.get_num_threads() == threads  # restored
+    assert seen == [False, True, False] * 3  # warm-up, then 2 timed steps each, alternating configurations
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # steps ran
-    assert res["fp32"]["steps"] == res["bf16"]["steps"] == 2
-    assert res["bf16_speedup"] == res["fp32"]["s_per_step"] / res["bf16"]["s_per_step"]
-    row = {"phase": "byte LM", "batch": 4, "seq_bytes": 128, **res}
+    assert [(r["precision"], r["threads"], r["steps"]) for r in rows] == [(p, n, 2) for p, n in configs]
+    assert rows[0]["speed_vs_first"] == 1.0
+    assert rows[1]["speed_vs_first"] == rows[0]["s_per_step"] / rows[1]["s_per_step"]
     cpu = T.cpu_description()
-    md = ts.render({"cpu": cpu, "torch": torch.__version__, "seconds": 0.0, "rows": [row]})
-    assert f"| byte LM | 4 x 128 | {res['fp32']['s_per_step']:.2f} |" in md
+    res = {"command": "python benchmarks/train_speed.py", "cpu": cpu, "torch": torch.__version__}
+    md = ts.render(res | {"rows": [{"phase": "byte LM", "batch": 4, "seq_bytes": 128, "configs": rows}]})
+    assert f"| byte LM | 4 x 128 | bf16 | 1 | {rows[1]['s_per_step']:.2f} |" in md
     assert f"--precision auto` picks {'bf16' if cpu['native_bf16'] else 'fp32'} on this CPU" in md
+
+
+def test_bad_lists_are_refused_by_name():
+    from click.testing import CliRunner
+
+    for opt, value in (("--threads", "1,0"), ("--threads", "x"), ("--precisions", "fp16"), ("--precisions", ",")):
+        res = CliRunner().invoke(ts.main, [opt, value])
+        assert res.exit_code == 2 and f"Invalid value for '{opt}'" in res.output, (opt, value, res.output)
 
 
 def test_phases_are_the_default_recipes():
