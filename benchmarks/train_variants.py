@@ -186,7 +186,7 @@ def run_one(name: str, minutes: float, out: Path, seed: int, precision: str = "a
     use = {} if name.startswith("baseline") else latent_use(model, windows)
     row = {"variant": name, "what": what, "minutes": minutes, "params": params, "steps": steps}
     phase = plan.base if name.startswith("baseline") else plan.blt
-    row |= {"bf16": phase.bf16, "cpu": cpu_description()}  # bytes/s depend on both
+    row |= {"bf16": phase.bf16, "threads": 1, "cpu": cpu_description()}  # bytes/s depend on them
     row |= {"train_bytes": seen, "bytes_per_s": seen / (60 * minutes), "heldout_bpb": headline, "code_bpb": code}
     row["train_bpb"] = train  # 64 training windows: held-out minus this = what did not generalise
     if use:  # bits/byte lost when each byte reads the previous patch's latent / an all-zero latent

@@ -316,7 +316,8 @@ def run_phase(
     """Train `model` for one phase; returns the history (lists) and counters.
 
     Saves OUT/<phase>/train_state.pt every ckpt_every_s and at the end; with `resume`, a saved
-    state continues (same step, elapsed time, RNG and optimizer state).
+    state continues (same step, elapsed time, RNG and optimizer state). Each sitting that trains is
+    recorded in st["sittings"] (its CPU, precision, threads, first step): bytes/s depend on them.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     state_path = state_dir / "train_state.pt"
@@ -333,6 +334,8 @@ def run_phase(
     if st["done"] and (pc.minutes is None or st["elapsed"] >= 60.0 * pc.minutes - 1.0):
         return st  # finished; a larger --minutes on --resume extends the phase
     st["done"] = 0
+    sitting = {"from_step": st["step"], "from_s": st["elapsed"], "bf16": pc.bf16, "threads": torch.get_num_threads()}
+    st.setdefault("sittings", []).append(sitting | {"cpu": cpu_description()})
 
     def save() -> None:
         state = {"model": model.state_dict(), "optim": opt.state_dict(), "gen": gen.get_state()}
@@ -382,7 +385,6 @@ def run_phase(
     bar.close()
     model.eval()
     st["done"] = 1
-    st["cpu"] = cpu_description()  # the machine of the phase's last sitting
     save()
     return st
 
@@ -453,7 +455,7 @@ def byte_lm_result(model: EntropyModel, st: dict[str, Any], plan: TrainPlan, cor
         "steps": st["step"],
         "wall_s": st["elapsed"],
         "train_bytes": st["bytes"],
-        "cpu": st.get("cpu"),
+        "sittings": st.get("sittings", []),
         "heldout": eval_bpb(model, corpus.heldout_windows(plan.eval_bytes, plan.eval_windows)),
         "hist": st["hist"],
     }
@@ -503,7 +505,7 @@ def train_blt(plan: TrainPlan, corpus: Corpus, out: Path, seed: int, resume: boo
     save_model(model, out / "checkpoint", getattr(torch, plan.checkpoint_dtype))
     result = {"steps": st["step"], "wall_s": st["elapsed"], "train_bytes": st["bytes"], "hist": st["hist"]}
     result["checkpoint_dtype"] = plan.checkpoint_dtype
-    result["cpu"] = st.get("cpu")
+    result["sittings"] = st.get("sittings", [])
     result["evals"], result["phase"] = st["evals"], asdict(pc)
     (out / "blt" / "result.json").write_text(json.dumps(result))
     return result

@@ -383,7 +383,7 @@ def write_report(out: Path, plan: Any, corpus: Corpus, seed: int, extra: dict[st
             "bytes_per_s": blt["train_bytes"] / blt["wall_s"] if blt else None,
             "phase": blt.get("phase", vars(plan.blt)) if blt else vars(plan.blt),  # as trained
             "checkpoint_dtype": blt.get("checkpoint_dtype", "float32") if blt else None,
-            "cpu": blt.get("cpu") if blt else None,
+            "sittings": blt.get("sittings", []) if blt else [],
             **final,
         },
         "baseline": (
@@ -483,8 +483,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         if d.get("steps"):
             lines.append(
                 f"| {name} | {d['steps']} | {d['wall_s'] / 60:.1f} | {d['train_bytes']:,} | "
-                f"{d['train_bytes'] / d['wall_s']:.0f} | {cpu_words(d.get('cpu'))} |"
+                f"{d['train_bytes'] / d['wall_s']:.0f} | {cpus_words(d.get('sittings', []))} |"
             )
+    for name, d in (("entropy LM", e), ("BLT-D", b), ("baseline byte LM", base or {})):
+        if len(d.get("sittings", [])) > 1:
+            lines.append(f"\n{name} trained in {len(d['sittings'])} sittings: " + sittings_words(d["sittings"]) + ".")
     lines += method_lines(b)
     bpb = b["heldout_ar"]["bpb"]
     lines += [
@@ -568,12 +571,31 @@ INIT_WORDS = {
 }
 
 
-def cpu_words(cpu: dict[str, Any] | None) -> str:
-    """A phase's CPU for the training table (phases recorded before 2026-12-03 have none)."""
-    if not cpu:
-        return "not recorded"
+def cpu_words(cpu: dict[str, Any]) -> str:
     bf16 = "native bf16" if cpu["native_bf16"] else "no native bf16"
     return f"{cpu['model']}, {cpu['cores']} cores, {cpu['isa']}, {bf16}"
+
+
+def cpus_words(sittings: list[dict[str, Any]]) -> str:
+    """A phase's CPU(s) for the training table (phases recorded before 2026-12-03 have none)."""
+    return "; ".join(dict.fromkeys(cpu_words(s["cpu"]) for s in sittings)) or "not recorded"
+
+
+def threads_words(sittings: list[dict[str, Any]]) -> str:
+    """The BLT-D's torch threads (phases recorded before 2026-12-03 always ran one)."""
+    counts = list(dict.fromkeys(s["threads"] for s in sittings)) or [1]
+    if counts == [1]:
+        return "one torch thread per process"
+    return "torch threads per process: " + " then ".join(map(str, counts))
+
+
+def sittings_words(sittings: list[dict[str, Any]]) -> str:
+    """Where a resumed phase trained: from which step and minute, on what, how."""
+    return "; ".join(
+        f"from step {s['from_step']} ({s['from_s'] / 60:.1f} min) on {cpu_words(s['cpu'])}, "
+        f"{'bf16 autocast' if s['bf16'] else 'fp32'}, {s['threads']} thread(s)"
+        for s in sittings
+    )
 
 
 def precision_words(ph: dict[str, Any]) -> str:
@@ -591,7 +613,7 @@ def method_lines(b: dict[str, Any]) -> list[str]:
     return [
         "",
         f"Method: AdamW (0.9, 0.95), peak lr {ph['lr']:g}{global_lr}, weight decay 0.1, grad clip 1.0, linear "
-        "warm-up then cosine to 10% over the phase's wall-clock budget; one torch thread per process; "
+        f"warm-up then cosine to 10% over the phase's wall-clock budget; {threads_words(b.get('sittings', []))}; "
         f"{precision_words(ph)}; {INIT_WORDS[ph.get('init', 'torch')]}. BLT-D loss = mean "
         f"next-byte CE on the clean window + {ph.get('mask_weight', 1.0):g} x (sum over masked block cells of "
         "CE / max(t, 0.05), divided by the number of non-[PAD] block cells; one t ~ U(0,1) per window; [PAD] "

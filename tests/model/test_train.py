@@ -107,8 +107,11 @@ def test_smoke_report_written(smoke_run):
     from fastblt.model.train import cpu_description
     from fastblt.model.train_report import cpu_words
 
-    assert report["blt_d"]["cpu"] == cpu_description()  # the machine its bytes/s were measured on
+    (sitting,) = report["blt_d"]["sittings"]  # the machine and settings its bytes/s were measured with
+    assert sitting == {"from_step": 0, "from_s": 0.0, "bf16": True, "threads": 1, "cpu": cpu_description()}
     assert f"| {cpu_words(cpu_description())} |" in (smoke_run / "REPORT.md").read_text()
+    assert "sittings:" not in (smoke_run / "REPORT.md").read_text()  # one sitting: nothing more to say
+    assert "one torch thread per process;" in (smoke_run / "REPORT.md").read_text()
 
 
 def test_bits_by_patch_position_add_up_to_the_held_out_bits_per_byte(smoke_run):
@@ -375,6 +378,9 @@ def test_report_with_the_baseline_states_its_numbers_and_recipe(smoke_run, tmp_p
 
     out = tmp_path / "run"
     shutil.copytree(smoke_run, out)
+    blt = json.loads((out / "blt" / "result.json").read_text())
+    blt["sittings"].append(blt["sittings"][0] | {"from_step": 20, "from_s": 90.0, "bf16": False, "threads": 2})
+    (out / "blt" / "result.json").write_text(json.dumps(blt))  # as if resumed at step 20 in fp32 on 2 threads
     threads = torch.get_num_threads()
     for phase in ("baseline", "report"):
         args = ["--smoke", "--out", str(out), "--phase", phase, "--baseline-lr", "0.013", "--precision", "bf16"]
@@ -389,6 +395,10 @@ def test_report_with_the_baseline_states_its_numbers_and_recipe(smoke_run, tmp_p
     assert f"| plain byte transformer, same wall clock | {base['params']:,} | {base['heldout']['bpb']:.3f} |" in md
     assert "peak lr 0.013, bf16 autocast forward passes" in md  # the smoke plan's precision and init
     assert "PyTorch's default initialisation, trained on the same windows" in md
+    assert "BLT-D trained in 2 sittings: from step 0 (0.0 min) on " in md
+    assert ", bf16 autocast, 1 thread(s); from step 20 (1.5 min) on " in md
+    assert "fp32, 2 thread(s)." in md and "baseline byte LM trained in" not in md
+    assert "torch threads per process: 1 then 2;" in md  # the method line follows the sittings
     assert "at equal training time it" in md
     files = report["blt_d"]["bits_by_file"]["files"]
     assert files and all("baseline" in f["bpb"] for f in files)
@@ -540,7 +550,7 @@ def test_auto_precision_follows_the_cpu_and_an_explicit_choice_wins(monkeypatch,
 def test_train_says_which_precision_runs_and_records_the_cpu(monkeypatch, tmp_path):
     from fastblt.model import train as T
     from fastblt.model.train_cli import _precision_words, train
-    from fastblt.model.train_report import cpu_words
+    from fastblt.model.train_report import cpus_words
 
     monkeypatch.setattr(T, "cpu_has_native_bf16", lambda cpuinfo=None: False)
     threads = torch.get_num_threads()
@@ -550,9 +560,47 @@ def test_train_says_which_precision_runs_and_records_the_cpu(monkeypatch, tmp_pa
     assert "fp32 forward passes (--precision auto: this CPU has no native bf16)" in res.stderr
     result = json.loads((tmp_path / "baseline" / "result.json").read_text())
     assert result["phase"]["bf16"] is False
-    assert result["cpu"] == T.cpu_description() and result["cpu"]["native_bf16"] is False
-    assert "no native bf16" in cpu_words(result["cpu"]) and cpu_words(None) == "not recorded"
+    (sitting,) = result["sittings"]
+    assert sitting["cpu"] == T.cpu_description() and sitting["cpu"]["native_bf16"] is False
+    assert sitting["bf16"] is False and sitting["threads"] == 1
+    assert "no native bf16" in cpus_words(result["sittings"]) and cpus_words([]) == "not recorded"
     forced = _precision_words("bf16", bf16=True, native=False)  # the user's choice stands, with a warning
     want = "bf16 autocast forward passes (as asked; this CPU has no native bf16, so steps run ~10x slower than "
     assert forced == want + "with --precision fp32)"
     assert _precision_words("fp32", bf16=False, native=True) == "fp32 forward passes (as asked)"
+
+
+def test_a_resumed_phase_records_each_sitting_and_the_report_names_them(tmp_path):
+    from fastblt.model.blt import EntropyModel
+    from fastblt.model.config import VOCAB_SIZE
+    from fastblt.model.train import byte_lm_step, run_phase, smoke_plan
+    from fastblt.model.train_report import cpus_words, sittings_words
+
+    plan = smoke_plan()
+    model = EntropyModel(plan.baseline, VOCAB_SIZE)
+    pc = dataclasses.replace(plan.base, max_steps=4, ckpt_every_s=0.0, bf16=False)  # a checkpoint every step
+    loss, calls = byte_lm_step(model), []
+
+    def crashes_at_step_3(x, g):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("interrupted")
+        return loss(x, g)
+
+    corpus = Corpus.load(limit_bytes=50_000)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            run_phase("t", model, pc, crashes_at_step_3, corpus, lambda: {}, tmp_path, seed=0, resume=False)
+        torch.set_num_threads(2)  # the second sitting runs differently
+        st = run_phase("t", model, pc, loss, corpus, lambda: {}, tmp_path, seed=0, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert st["step"] == 4
+    first, second = st["sittings"]
+    assert (first["from_step"], first["threads"], second["from_step"], second["threads"]) == (0, 1, 2, 2)
+    assert second["from_s"] > 0 and "from step 2 (" in sittings_words(st["sittings"])
+    assert cpus_words(st["sittings"]).count("cores") == 1  # the same CPU twice is named once
+    again = run_phase("t", model, pc, loss, corpus, lambda: {}, tmp_path, seed=0, resume=True)
+    assert len(again["sittings"]) == 2  # resuming a finished phase trains nothing and adds no sitting
