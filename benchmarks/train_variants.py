@@ -211,18 +211,21 @@ def render(rows: list[dict]) -> str:
         "and again later that day: bf16 autocast). Latent cost: held-out bits/byte added when every byte reads "
         "the previous patch's latent (stale) or an all-zero latent (zero); near 0 = the decoder ignores the "
         "global model (measured from 2026-12-02 14:00 on). Train = 64 random training windows (fixed seed, as "
-        "the report); held-out minus train is the generalisation gap (measured from 2026-12-02 23:40 on).",
+        "the report); held-out minus train is the generalisation gap (measured from 2026-12-02 23:40 on). "
+        "Precision: the forward passes' (recorded from 2026-12-03 on, when `--precision auto` became the default; "
+        "compare bytes/s only within a run).",
         "",
-        "| run | minutes | variant | what | params | steps | bytes seen | bytes/s | held-out bits/byte "
+        "| run | minutes | variant | what | params | steps | bytes seen | bytes/s | precision | held-out bits/byte "
         "| code bits/byte | train bits/byte | latent cost: stale | zero |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     cost = lambda r, k: f"{r[k]:+.3f}" if k in r else ""  # noqa: E731
     num = lambda r, k: f"{r[k]:.3f}" if k in r else ""  # noqa: E731
+    precision = lambda r: {True: "bf16", False: "fp32"}.get(r.get("bf16"), "")  # noqa: E731 (not recorded before 2026-12-03)
     for r in rows:
         lines.append(
             f"| {r.get('run', '')} | {r['minutes']:g} | {r['variant']} | {r['what']} | {r['params']:,} | "
-            f"{r['steps']} | {r['train_bytes']:,} | {r['bytes_per_s']:.0f} | {r['heldout_bpb']:.3f} | "
+            f"{r['steps']} | {r['train_bytes']:,} | {r['bytes_per_s']:.0f} | {precision(r)} | {r['heldout_bpb']:.3f} | "
             f"{r['code_bpb']:.3f} | {num(r, 'train_bpb')} | "
             f"{cost(r, 'stale_latent_cost')} | {cost(r, 'zero_latent_cost')} |"
         )

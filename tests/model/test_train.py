@@ -345,7 +345,7 @@ def test_baseline_lr_sets_only_the_baseline_and_is_recorded(tmp_path):
     torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "baseline" / "result.json").read_text())["phase"]["lr"] == 0.011
-    for flag in ("--lr", "--baseline-lr"):
+    for flag in ("--lr", "--baseline-lr", "--threads"):
         bad = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), flag, "0"])
         assert bad.exit_code == 2 and flag in bad.output
 

@@ -81,3 +81,11 @@ def test_unknown_variant_is_a_usage_error_naming_it(tmp_path):
     for bad in ("glr1+nope", "glr1+baseline"):  # a baseline only as the first part
         res = CliRunner().invoke(tv.main, ["--variants", bad, "--out", str(tmp_path)])
         assert res.exit_code == 2 and bad in res.output
+
+
+def test_the_table_states_each_rows_precision_where_recorded():
+    row = {"variant": "default", "what": "the shipped recipe", "minutes": 1, "params": 10, "steps": 2}
+    row |= {"train_bytes": 100, "bytes_per_s": 1.0, "heldout_bpb": 2.0, "code_bpb": 1.5}
+    md = tv.render([row, row | {"bf16": False}, row | {"bf16": True}])
+    rates = [line.split(" | ")[8] for line in md.splitlines() if line.startswith("|  | 1 | default")]
+    assert rates == ["", "fp32", "bf16"]  # rows from before 2026-12-03 did not record it
