@@ -171,20 +171,22 @@ def with_precision(plan: TrainPlan, bf16: bool) -> TrainPlan:
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # macOS, Windows
+        return ""
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), read from /proc/cpuinfo.
 
     Only there does bf16 autocast pay (BLT-D steps ~1.2x, byte-LM steps ~1.6x faster than fp32).
-    Elsewhere it is emulated and ~11x slower: 32 s against 2.9 s per BLT-D step on an AVX2-only
-    EPYC (2026-12-03). No /proc/cpuinfo (macOS, Windows) or no such flag -> False.
+    Elsewhere it is emulated and 7-14x slower: 21.7 s against 1.9 s per BLT-D step on an AVX2-only
+    EPYC (benchmarks/results/train_speed.md). No /proc/cpuinfo or no such flag -> False.
     """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
     flags: set[str] = set()
-    for line in cpuinfo.splitlines():
+    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "flags":
             flags.update(value.split())
@@ -193,11 +195,7 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 
 def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:
     """The CPU a phase trained on (its bytes/s depend on it): model name, torch's SIMD level, native bf16."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
     names = [v.strip() for k, _, v in (ln.partition(":") for ln in cpuinfo.splitlines()) if k.strip() == "model name"]
     return {
         "model": names[0] if names else (platform.processor() or platform.machine()),
