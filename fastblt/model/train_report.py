@@ -479,13 +479,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         "| phase | steps | wall (min) | bytes seen | bytes/s | CPU |",
         "|---|---|---|---|---|---|",
     ]
-    for name, d in (("entropy LM", e), ("BLT-D", b), ("baseline byte LM", base or {})):
+    phases = (("entropy LM", e), ("BLT-D", b), ("baseline byte LM", base or {}))
+    for name, d in phases:
         if d.get("steps"):
             lines.append(
                 f"| {name} | {d['steps']} | {d['wall_s'] / 60:.1f} | {d['train_bytes']:,} | "
                 f"{d['train_bytes'] / d['wall_s']:.0f} | {cpus_words(d.get('sittings', []))} |"
             )
-    for name, d in (("entropy LM", e), ("BLT-D", b), ("baseline byte LM", base or {})):
+    for name, d in phases:
         if len(d.get("sittings", [])) > 1:
             lines.append(f"\n{name} trained in {len(d['sittings'])} sittings: " + sittings_words(d["sittings"]) + ".")
     lines += method_lines(b)
