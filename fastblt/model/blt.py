@@ -96,6 +96,7 @@ class LocalDecoder(nn.Module):
     def __init__(self, config: BltConfig):
         super().__init__()
         cfg = config.decoder
+        self.input_norm = RMSNorm(cfg.dim, cfg.norm_eps) if config.decoder_input_norm else None
         self.layers = make_layers(cfg)
         self.cross_attn_layers = nn.ModuleList(
             CrossAttention(cfg.dim, config.cross_attn_heads_decoder, cfg.norm_eps)
@@ -222,6 +223,8 @@ class BltModel(nn.Module):
         """Decoder body: per layer, cross-attend to the read patch's k slots (2x + attn), then a
         block. x (B, S, d), read_patch (B, S) into cross_kv's patch axis. Returns logits (B, S, V)."""
         dec, cfg = self.local_decoder, self.config.decoder
+        if dec.input_norm is not None:
+            x = dec.input_norm(x)
         B, S, D = x.shape
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
         idx = read_patch.to(torch.int64).view(B, S, 1, 1)

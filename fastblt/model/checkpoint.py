@@ -145,6 +145,11 @@ def save_checkpoint(
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
     config = model.config
+    if fmt != "fastblt" and config.decoder_input_norm:
+        raise CheckpointError(
+            f"checkpoint format {fmt!r}: config field decoder_input_norm is fastblt's own (the released code "
+            "has no such norm and would compute another model); save as 'fastblt'"
+        )
     state = {k: _standalone(v.detach().cpu(), dtype) for k, v in model.state_dict().items()}
     existing = _files_under(out) if out.is_dir() else {}
     if existing and not overwrite and set(existing) != set(_layout_names(fmt, config)):

@@ -140,6 +140,9 @@ class BltConfig:
     patching: PatchingConfig = field(default_factory=PatchingConfig)
     blt_d: BltDConfig | None = None
     vocab_size: int = VOCAB_SIZE
+    # Ours, not in the released models: RMSNorm the decoder's input stream (encoder states, block
+    # embeddings) so the cross-attention's read of the global latent is not drowned by it.
+    decoder_input_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.cross_attn_heads_encoder is None:
@@ -167,6 +170,10 @@ class BltConfig:
         _need(
             isinstance(self.hash_vocab, int) and 1 <= self.hash_vocab < 2**31,
             f"config field hash_vocab: expected an int in [1, 2^31), got {self.hash_vocab!r}",
+        )
+        _need(
+            isinstance(self.decoder_input_norm, bool),
+            f"config field decoder_input_norm: expected true or false, got {self.decoder_input_norm!r}",
         )
         _need(
             isinstance(self.hash_functions, int) and 1 <= self.hash_functions <= len(HASH_PRIMES),
@@ -250,6 +257,7 @@ def tiny_config(
     hash_sizes: tuple[int, ...] = (2, 3),
     hash_vocab: int = 64,
     max_patch_length: int | None = None,
+    decoder_input_norm: bool = False,
 ) -> BltConfig:
     """The Hugging Face unit-test sizes (hidden 16, 2 heads) with knobs for the other variants."""
     local = dict(n_heads=heads, window=window, max_positions=4096)
@@ -272,6 +280,7 @@ def tiny_config(
         hash_vocab=hash_vocab,
         patching=PatchingConfig(threshold=threshold, max_patch_length=max_patch_length),
         blt_d=BltDConfig(block_size=4) if blt_d else None,
+        decoder_input_norm=decoder_input_norm,
     )
 
 

@@ -2,8 +2,9 @@
 
 The model covers the less common paths at once: 2 decoder layers (cross-attention at each, so
 cross.1.* and past.1.*), k=4 slots with the global input projection (4*16 != 48), a 24-byte
-sliding window (shorter than the chain test's context) and max_patch_length 6, with the patching
-threshold at an entropy quantile so patches of several lengths occur.
+sliding window (shorter than the chain test's context), max_patch_length 6 and fastblt's decoder
+input norm (tests/validate exports a model without it), with the patching threshold at an entropy
+quantile so patches of several lengths occur.
 """
 
 from __future__ import annotations

@@ -7,4 +7,4 @@ from tiny import run_cli  # noqa: F401  (re-exported for the tests here)
 CAPACITY = 96  # bytes; prefill 30 + 50 decode steps fit, and so do the parity tests' chunks
 PATCH_CAPACITY = 64
 MODEL = "hf-test-sizes"  # tests/tiny.py registry entry, with MODEL_KW on top
-MODEL_KW = dict(n_dec=2, k=4, d_global=48, window=24, max_patch_length=6)
+MODEL_KW = dict(n_dec=2, k=4, d_global=48, window=24, max_patch_length=6, decoder_input_norm=True)

@@ -80,6 +80,9 @@ def test_model_config_fields_out_of_range():
         cfg.replace(hash_vocab=0)
     with pytest.raises(ConfigError, match="unknown field"):
         BltConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ConfigError, match="decoder_input_norm"):
+        BltConfig.from_dict({**cfg.to_dict(), "decoder_input_norm": "yes"})
+    assert BltConfig.from_dict(cfg.replace(decoder_input_norm=True).to_dict()).decoder_input_norm is True
 
 
 def test_encode_decode_round_trip():

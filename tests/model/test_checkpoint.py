@@ -107,6 +107,15 @@ def test_hf_refuses_a_config_it_cannot_express(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_decoder_input_norm_round_trips_in_our_format_only(tmp_path: Path) -> None:
+    model = make_model(decoder_input_norm=True)
+    assert_same_model(model, load_checkpoint(saved(tmp_path, model=model)))
+    for fmt in ("hf", "meta-dump", "meta-hub"):
+        with pytest.raises(CheckpointError, match=f"format '{fmt}': config field decoder_input_norm"):
+            save_checkpoint(model, tmp_path / fmt, fmt)
+        assert not (tmp_path / fmt).exists()
+
+
 def test_blt_checkpoint_loads_without_blt_d(tmp_path: Path) -> None:
     loaded = load_checkpoint(saved(tmp_path, model=make_model(blt_d=False)))
     assert loaded.config.blt_d is None and loaded.local_decoder.diffusion_embeddings is None

@@ -17,6 +17,7 @@ from tiny import TINY_CONFIGS, make_model, random_tokens
 
 N = 56
 MODELS = {name: make_model(name) for name in TINY_CONFIGS}
+MODELS["deep-local+decoder-input-norm"] = make_model("deep-local", decoder_input_norm=True)  # fastblt's own
 TOKENS = random_tokens(N, seed=11)
 with torch.no_grad():
     FULL = {name: m(TOKENS)[0] for name, m in MODELS.items()}
@@ -30,7 +31,7 @@ def new_state(model, capacity=64):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    name=st.sampled_from(sorted(TINY_CONFIGS)),
+    name=st.sampled_from(sorted(MODELS)),
     chunks=st.lists(st.integers(1, 9), min_size=1, max_size=12),
     rollbacks=st.lists(st.tuples(st.integers(0, N), st.integers(1, 8)), max_size=3),
 )
@@ -56,7 +57,7 @@ def test_chunked_prefill_decode_and_rollback_match_full_forward(name, chunks, ro
     assert (logits - FULL[name]).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_rollback_restores_patch_state(name):
     model, tokens = MODELS[name], TOKENS[0].numpy()
     state = new_state(model)
@@ -66,6 +67,21 @@ def test_rollback_restores_patch_state(name):
     assert state.g_len > snapshot[1]
     state.rollback(30)
     assert (state.n, state.g_len, state.open_patch_start()) == snapshot
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_decoder_input_norm_makes_the_decoder_blind_to_the_scale_of_its_input(norm):
+    """With decoder_input_norm the encoder states' scale cannot drown the latent the cross-attention
+    adds: scaling them by 10 changes nothing. Without it (the released models) it does."""
+    model = make_model("deep-local", decoder_input_norm=norm)
+    tokens = random_tokens(40, seed=3)
+    with torch.no_grad():
+        lengths = model.patch(tokens)
+        h = model.encode(tokens)
+        latents = model.global_latents(h, lengths)
+        dpid = decoder_patch_ids(lengths, 40)
+        change = (model.decode(10 * h, latents, dpid) - model.decode(h, latents, dpid)).abs().max().item()
+    assert (change <= 1e-4) if norm else (change > 1e-2), change
 
 
 def test_block_step_equals_training_layout():
