@@ -147,12 +147,21 @@ def _precision_words(asked: str, bf16: bool, native: bool) -> str:
 
 
 def _same_corpus_as_before(out: Path, with_tests: bool) -> None:
-    """Phases of one run (and resumes) must train on the same corpus: the first call records it."""
+    """Phases of one run (and resumes) must train on the same corpus: the first call records it
+    (the test directories' flag and the held-out list's digest)."""
+    from fastblt.model.corpus import HELDOUT_LIST, heldout_list_digest
+
     record = out / "corpus.json"
+    digest = heldout_list_digest()
     if not record.exists():
-        record.write_text(json.dumps({"test_dirs": with_tests}))
+        record.write_text(json.dumps({"test_dirs": with_tests, "heldout_list_sha256": digest}))
         return
-    before = json.loads(record.read_text()).get("test_dirs")
-    if before != with_tests:
-        flag = "--with-tests" if before else "--without-tests"
+    before = json.loads(record.read_text())
+    if before.get("test_dirs") != with_tests:
+        flag = "--with-tests" if before.get("test_dirs") else "--without-tests"
         raise click.UsageError(f"{record}: this run was trained {flag}; give the same here")
+    if before.get("heldout_list_sha256") != digest:
+        raise click.UsageError(
+            f"{record}: this run trained with another held-out list than {HELDOUT_LIST} (so on other files); "
+            "start a new --out"
+        )

@@ -24,7 +24,13 @@ from torch import Tensor
 from fastblt.model.blt import BltModel, EntropyModel
 from fastblt.model.checkpoint import checkpoint_hash
 from fastblt.model.config import VOCAB_SIZE, StackConfig
-from fastblt.model.corpus import Corpus
+from fastblt.model.corpus import (
+    PREVIOUS_HELDOUT_LIST,
+    Corpus,
+    heldout_list_digest,
+    in_test_dir,
+    read_heldout_list,
+)
 from fastblt.model.patching import entropy
 from fastblt.model.train_blt_d import (
     LN2,
@@ -137,20 +143,26 @@ def bits_by_file(
         )
     largest = max(rows, key=lambda r: r["bytes"])
     rest = [r for r in rows if r is not largest]
+    tests = [r for r in rows if in_test_dir(r["file"])]
     windows = corpus.sample(train, n_bytes, torch.Generator().manual_seed(0))
     _say("bits on training windows")
     return {
         "files": rows,
         "per_file": per_file,
         "largest": largest["file"],
-        "without_largest": {
-            m: sum(r["bpb"][m] * r["windows"] for r in rest) / sum(r["windows"] for r in rest) for m in models
-        }
-        if rest
-        else None,
+        "without_largest": _pooled(rest, models),
+        "test_files": _pooled(tests, models),
+        "n_test_files": len(tests),
         "train_windows": {m: eval_bpb(fwd, windows)["bpb"] for m, fwd in models.items()},
         "n_train_windows": train,
     }
+
+
+def _pooled(rows: list[dict[str, Any]], models: dict[str, Any]) -> dict[str, float] | None:
+    """Bits per byte over the windows of `rows` (files) together, per model."""
+    if not rows:
+        return None
+    return {m: sum(r["bpb"][m] * r["windows"] for r in rows) / sum(r["windows"] for r in rows) for m in models}
 
 
 @torch.no_grad()
@@ -339,6 +351,13 @@ def evaluate_final(out: Path, plan: Any, corpus: Corpus) -> dict[str, Any]:
     result["bits_by_file"] = bits_by_file(
         models, corpus, plan.eval_bytes, plan.eval_windows, plan.file_windows, plan.train_eval_windows
     )
+    previous = set(read_heldout_list(PREVIOUS_HELDOUT_LIST)) & set(corpus.heldout_files)
+    if previous:  # the earlier defaults' headline, on their files
+        _say(f"held-out bits per byte on the {len(previous)} files of the list until 2026-12-03")
+        w = corpus.heldout_windows(plan.eval_bytes, plan.eval_windows, only=previous)
+        result["heldout_previous_list"] = {"files": len(previous)} | {
+            m: eval_bpb(f, w)["bpb"] for m, f in models.items()
+        }
     _say("masked-byte accuracy in the inference layout")
     acc_windows = corpus.heldout_windows(plan.eval_bytes, plan.masked_acc_windows)
     result["masked_acc_inference_layout"] = masked_accuracy_inference_layout(model, acc_windows, MASK_RATES)
@@ -366,6 +385,8 @@ def write_report(out: Path, plan: Any, corpus: Corpus, seed: int, extra: dict[st
         "corpus": {
             "stdlib_dir": str(corpus.root),
             "test_dirs": plan.corpus_tests,
+            "heldout_from_tests": any(in_test_dir(f) for f in corpus.heldout_files),
+            "heldout_list_sha256": heldout_list_digest(),
             "train_files": len(corpus.train_files),
             "train_bytes": corpus.n_train_bytes,
             "heldout_files": len(corpus.heldout_files),
@@ -463,7 +484,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{c['heldout_bytes']:,} bytes ({100 * c['heldout_fraction']:.1f}%), {c['heldout_missing']} listed files "
         "missing on this Python.",
         "- `.py` files only; `site-packages` excluded; test directories (`test`, `tests`, `idle_test`) "
-        + ("in the training side (never held out)." if c.get("test_dirs") else "excluded."),
+        + ("in the training side" if c.get("test_dirs") else "excluded from training")
+        + (" (the held-out list draws from them too)." if c.get("heldout_from_tests") else " (never held out)."),
         f"- evaluation: {c['eval_windows']} non-overlapping {c['eval_window_bytes']}-byte windows of the held-out "
         "files (evenly spaced), BOS prepended, every byte predicted.",
         "",
@@ -507,13 +529,22 @@ def render_markdown(r: dict[str, Any]) -> str:
     else:
         lines.append("| plain byte transformer | (baseline not run yet) | | |")
     lines += ["", verdict(b, base)]
+    if b.get("heldout_previous_list"):
+        prev = b["heldout_previous_list"]
+        lines.append(
+            f"On the {prev['files']} files of the held-out list until 2026-12-03 "
+            "(`fastblt/assets/heldout_files_until_2026-12-03.txt`, the earlier defaults' headline files; windows "
+            f"spread over their bytes the same way): BLT-D {prev['blt_d']:.3f}"
+            + (f", baseline {prev['baseline']:.3f}." if "baseline" in prev else ".")
+        )
     if base:
         cfg = base["config"]
         lines.append(
             f"Baseline: `EntropyModel` code (pre-norm SwiGLU, RoPE), d={cfg['dim']}, {cfg['n_layers']} layers, "
             f"window {cfg['window']}, peak lr {base['phase']['lr']:g}, {precision_words(base['phase'])}, "
             f"{INIT_WORDS[base['phase'].get('init', 'torch')]}, trained on the "
-            f"same windows in its own process at the same time for {base['wall_s'] / 60:.0f} minutes."
+            f"same windows in its own process for {base['wall_s'] / 60:.0f} minutes "
+            f"({threads_words(base.get('sittings', []))})."
         )
     if b.get("latent_use"):
         lines += latent_use_lines(b["latent_use"])
@@ -583,7 +614,7 @@ def cpus_words(sittings: list[dict[str, Any]]) -> str:
 
 
 def threads_words(sittings: list[dict[str, Any]]) -> str:
-    """The BLT-D's torch threads (phases recorded before 2026-12-03 always ran one)."""
+    """A phase's torch threads (phases recorded before 2026-12-03 always ran one)."""
     counts = list(dict.fromkeys(s["threads"] for s in sittings)) or [1]
     if counts == [1]:
         return "one torch thread per process"
@@ -700,6 +731,8 @@ def file_lines(t: dict[str, Any], n_bytes: int) -> list[str]:
         )
     if t["without_largest"]:
         lines.append(f"| all held-out files but `{t['largest']}` | | | | {cells(t['without_largest'])} |")
+    if t.get("test_files"):
+        lines.append(f"| the {t['n_test_files']} held-out files in test directories | | | | {cells(t['test_files'])} |")
     lines += [
         f"| {t['n_train_windows']} random training windows (fixed seed) | | | | {cells(t['train_windows'])} |",
     ]

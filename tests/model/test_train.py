@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from fastblt.model.config import PatchingConfig
-from fastblt.model.corpus import Corpus, list_corpus_files, read_heldout_list, stdlib_dir
+from fastblt.model.corpus import (
+    Corpus,
+    choose_heldout,
+    heldout_list_digest,
+    list_corpus_files,
+    read_heldout_list,
+    stdlib_dir,
+)
 from fastblt.model.patching import patch_lengths_from_entropies
 from fastblt.model.train_blt_d import (
     build_blocks,
@@ -104,6 +112,15 @@ def test_smoke_report_written(smoke_run):
     by_file = report["blt_d"]["bits_by_file"]
     assert by_file["largest"] == "pydoc_data/topics.py" and by_file["train_windows"]["blt_d"] > 0
     assert "Held-out bits per byte file by file" in (smoke_run / "REPORT.md").read_text()
+    tested = [r for r in by_file["files"] if any(f"/{d}/" in f"/{r['file']}" for d in ("test", "tests", "idle_test"))]
+    assert by_file["n_test_files"] == len(tested) > 0
+    assert min(r["bpb"]["blt_d"] for r in tested) <= by_file["test_files"]["blt_d"]
+    assert by_file["test_files"]["blt_d"] <= max(r["bpb"]["blt_d"] for r in tested)
+    # the earlier defaults' headline files, all still held out, evaluated on their own
+    prev = report["blt_d"]["heldout_previous_list"]
+    assert prev["files"] == 18 and prev["blt_d"] != report["blt_d"]["heldout_ar"]["bpb"]
+    assert "On the 18 files of the held-out list until 2026-12-03 " in (smoke_run / "REPORT.md").read_text()
+    assert report["corpus"]["heldout_from_tests"] and "draws from them too" in (smoke_run / "REPORT.md").read_text()
     from fastblt.model.train import cpu_description
     from fastblt.model.train_report import cpu_words
 
@@ -239,17 +256,26 @@ def test_vectorized_patching_matches_reference():
 
 # ----------------------------------------------------------------------------- corpus
 def test_heldout_list_is_big_enough_and_disjoint():
+    """>= 5% of the corpus `fastblt train` trains on (library and tests), and never trained on."""
     listed = read_heldout_list()
-    files = list_corpus_files()
+    files = list_corpus_files(include_tests=True)
     root = stdlib_dir()
     present = [f for f in listed if f in set(files)]
     assert len(present) >= 0.9 * len(listed)
     held = sum((root / f).stat().st_size for f in present)
     total = sum((root / f).stat().st_size for f in files)
     assert held >= 0.05 * total
-    corpus = Corpus.load(limit_bytes=100_000)
+    corpus = Corpus.load(limit_bytes=100_000, include_tests=True)
     assert not set(corpus.train_files) & set(listed)
-    assert all("site-packages" not in f and "/test/" not in f"/{f}" for f in files)
+    assert all("site-packages" not in f for f in files)
+    assert all("/test/" not in f"/{f}" for f in list_corpus_files())
+
+
+def test_heldout_rule_chose_the_committed_list():
+    """On the Python the list was drawn from, the rule gives it back (elsewhere files differ)."""
+    if sys.version_info[:3] != (3, 11, 7):
+        pytest.skip(f"the list was drawn on CPython 3.11.7; this is {sys.version.split()[0]}")
+    assert choose_heldout() == read_heldout_list()
 
 
 def test_include_tests_adds_test_dirs_to_the_training_side_only(tmp_path):
@@ -264,6 +290,11 @@ def test_include_tests_adds_test_dirs_to_the_training_side_only(tmp_path):
     assert full.train_files == ["a.py", "idlelib/idle_test/v.py", "pkg/tests/u.py", "test/t.py"]
     assert plain.heldout_files == full.heldout_files == ["b.py"]
     assert full.n_train_bytes > plain.n_train_bytes
+    # a held-out test file is held out (not missing) when the tests do not train
+    listed.write_text("b.py\ntest/t.py\n")
+    plain = Corpus.load(tmp_path, listed)
+    assert plain.heldout_files == ["b.py", "test/t.py"] and plain.missing_heldout == []
+    assert plain.train_files == ["a.py"]
 
 
 def test_code_windows_leave_out_the_largest_heldout_file(tmp_path):
@@ -357,9 +388,14 @@ def test_with_tests_is_recorded_and_every_later_phase_must_agree(tmp_path):
     res = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), "--phase", "baseline", "--with-tests"])
     torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "corpus.json").read_text()) == {"test_dirs": True}
+    record = json.loads((tmp_path / "corpus.json").read_text())
+    assert record == {"test_dirs": True, "heldout_list_sha256": heldout_list_digest()}
     bad = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), "--phase", "report"])
     assert bad.exit_code == 2 and "corpus.json" in bad.output and "trained --with-tests" in bad.output
+    # a run recorded under another held-out list (here: the list before 2026-12-03) trained on other files
+    (tmp_path / "corpus.json").write_text(json.dumps(record | {"heldout_list_sha256": "0" * 64}))
+    bad = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), "--phase", "report", "--with-tests"])
+    assert bad.exit_code == 2 and "another held-out list" in bad.output
 
 
 def test_default_plan_gives_the_baseline_the_blt_ds_whole_training_time():
