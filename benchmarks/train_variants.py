@@ -122,6 +122,10 @@ VARIANTS: dict[str, tuple[str, Callable[[TrainPlan], TrainPlan]]] = {
         f"global 3 layers ({_SHIPPED.model.global_model.n_layers}); 4096 hash buckets ({_HASH})",
         lambda p: _hash(_stack(_local(p, dim=256, ffn_dim=768), "global_model", n_layers=3), 4096),
     ),
+    "no-decnorm": (
+        "no RMSNorm on the decoder's input stream, as the released models (RMSNorm)",
+        lambda p: dataclasses.replace(p, model=p.model.replace(decoder_input_norm=False)),
+    ),
     "library-only": (
         "training corpus without the stdlib's test directories: library code only, 11.2 MB (30.6 MB)",
         lambda p: dataclasses.replace(p, corpus_tests=False),
@@ -185,6 +189,7 @@ def run_one(name: str, minutes: float, out: Path, seed: int, precision: str = "a
         train = eval_bpb(forward, corpus.sample(64, 1024, torch.Generator().manual_seed(0)))["bpb"]  # as the report
     use = {} if name.startswith("baseline") else latent_use(model, windows)
     row = {"variant": name, "what": what, "minutes": minutes, "params": params, "steps": steps}
+    row["heldout_files"] = len(corpus.heldout_files)  # the list grew from 18 to 100 files on 2026-12-03
     phase = plan.base if name.startswith("baseline") else plan.blt
     row |= {"bf16": phase.bf16, "threads": 1, "cpu": cpu_description()}  # bytes/s depend on them
     row |= {"train_bytes": seen, "bytes_per_s": seen / (60 * minutes), "heldout_bpb": headline, "code_bpb": code}
@@ -213,11 +218,13 @@ def render(rows: list[dict]) -> str:
         "global model (measured from 2026-12-02 14:00 on). Train = 64 random training windows (fixed seed, as "
         "the report); held-out minus train is the generalisation gap (measured from 2026-12-02 23:40 on). "
         "Precision: the forward passes' (recorded from 2026-12-03 on, when `--precision auto` became the default; "
-        "compare bytes/s only within a run).",
+        "compare bytes/s only within a run). Held-out files: the held-out list's size when the run started (runs "
+        "before 2026-12-03 18:00 used the 18-file list, `fastblt/assets/heldout_files_until_2026-12-03.txt`; "
+        "later runs the 100-file list, whose headline is only 40% prose).",
         "",
-        "| run | minutes | variant | what | params | steps | bytes seen | bytes/s | precision | held-out bits/byte "
-        "| code bits/byte | train bits/byte | latent cost: stale | zero |",
-        "|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| run | minutes | variant | what | params | steps | bytes seen | bytes/s | precision | held-out files "
+        "| held-out bits/byte | code bits/byte | train bits/byte | latent cost: stale | zero |",
+        "|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     cost = lambda r, k: f"{r[k]:+.3f}" if k in r else ""  # noqa: E731
     num = lambda r, k: f"{r[k]:.3f}" if k in r else ""  # noqa: E731
@@ -225,7 +232,8 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r.get('run', '')} | {r['minutes']:g} | {r['variant']} | {r['what']} | {r['params']:,} | "
-            f"{r['steps']} | {r['train_bytes']:,} | {r['bytes_per_s']:.0f} | {precision(r)} | {r['heldout_bpb']:.3f} | "
+            f"{r['steps']} | {r['train_bytes']:,} | {r['bytes_per_s']:.0f} | {precision(r)} | "
+            f"{r.get('heldout_files', 18)} | {r['heldout_bpb']:.3f} | "
             f"{r['code_bpb']:.3f} | {num(r, 'train_bpb')} | "
             f"{cost(r, 'stale_latent_cost')} | {cost(r, 'zero_latent_cost')} |"
         )

@@ -56,6 +56,7 @@ def test_each_variant_changes_only_what_it_says():
         "hashdrop0.25": ["blt.hash_dropout"],
         "ngram3-5": ["model.hash_sizes"],
         "library-only": ["corpus_tests"],
+        "no-decnorm": ["model.decoder_input_norm"],
     }
     assert set(want) == set(tv.VARIANTS)
     for name, (_, edit) in tv.VARIANTS.items():
@@ -89,3 +90,11 @@ def test_the_table_states_each_rows_precision_where_recorded():
     md = tv.render([row, row | {"bf16": False}, row | {"bf16": True}])
     rates = [line.split(" | ")[8] for line in md.splitlines() if line.startswith("|  | 1 | default")]
     assert rates == ["", "fp32", "bf16"]  # rows from before 2026-12-03 did not record it
+
+
+def test_the_table_states_each_rows_held_out_list_size():
+    row = {"variant": "default", "what": "the shipped recipe", "minutes": 1, "params": 10, "steps": 2}
+    row |= {"train_bytes": 100, "bytes_per_s": 1.0, "heldout_bpb": 2.0, "code_bpb": 1.5}
+    md = tv.render([row, row | {"heldout_files": 100}])
+    sizes = [line.split(" | ")[9] for line in md.splitlines() if line.startswith("|  | 1 | default")]
+    assert sizes == ["18", "100"]  # rows from before the list grew did not record it: they used 18 files
