@@ -220,8 +220,9 @@ class BltModel(nn.Module):
         bias: Tensor,
         past: list[tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Decoder body: per layer, cross-attend to the read patch's k slots (2x + attn), then a
-        block. x (B, S, d), read_patch (B, S) into cross_kv's patch axis. Returns logits (B, S, V)."""
+        """Decoder body: the input norm (decoder_input_norm only), then per layer, cross-attend to the
+        read patch's k slots (2x + attn), then a block. x (B, S, d), read_patch (B, S) into cross_kv's
+        patch axis. Returns logits (B, S, V)."""
         dec, cfg = self.local_decoder, self.config.decoder
         if dec.input_norm is not None:
             x = dec.input_norm(x)
