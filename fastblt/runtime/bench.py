@@ -247,7 +247,8 @@ def _hf_peer(cfg: BenchConfig, model, prompts, ar_by_backend: dict, log: Callabl
         rows.append({"prompt": name, "bytes": len(ids), "seconds": dt, "identical_to_ar": same})
     total, secs = sum(r["bytes"] for r in rows), sum(r["seconds"] for r in rows)
     return {
-        "name": "hf BltForCausalLM.generate(use_cache=False)",
+        "name": "hf BltForCausalLM.generate(use_cache=False)"
+        + (" + fastblt's decoder input norm" if model.config.decoder_input_norm else ""),
         "transformers": _version("transformers"),
         "prompts": rows,
         "bytes_per_s": total / secs if secs else 0.0,

@@ -2,7 +2,9 @@
 
 The HF side is built independently where it can be: an HF-format checkpoint is loaded by
 transformers' own `from_pretrained`; other formats (fastblt, Meta) are converted with keymap.py.
-Both run in fp32 with use_cache=False (the path the HF port validates).
+Both run in fp32 with use_cache=False (the path the HF port validates). A model with fastblt's own
+`decoder_input_norm` gets that one norm attached to the HF decoder (`_attach_decoder_input_norm`),
+and every case label says so; the rest is transformers' code.
 
 Checks, per prompt:
 - `hf/logits`, case "our patches": logits with the patch lengths of our entropy patcher passed to
@@ -24,6 +26,7 @@ import torch
 
 from fastblt.errors import CheckpointError, InputError
 from fastblt.model.blt import BltModel
+from fastblt.model.config import BltConfig
 from fastblt.model.tokenizer import encode
 from fastblt.validate.metrics import FP32, SequenceResult, Tolerance, compare, logits_margin
 from fastblt.validate.report import Report
@@ -59,6 +62,8 @@ def hf_model(model: BltModel, checkpoint: str | Path | None = None):
             hf = transformers.BltForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
             return hf.eval()
         hf = transformers.BltForCausalLM(transformers.BltConfig(**config_to_hf(model.config))).eval()
+    if model.config.decoder_input_norm:
+        _attach_decoder_input_norm(hf, model.config)
     state = to_hf_state_dict({k: v.float() for k, v in model.state_dict().items()}, model.config)
     missing, unexpected = hf.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if k != HF_BLT_D_KEY]
@@ -68,6 +73,22 @@ def hf_model(model: BltModel, checkpoint: str | Path | None = None):
             f"unexpected {unexpected[:5]}"
         )
     return hf
+
+
+def _attach_decoder_input_norm(hf, config: BltConfig) -> None:
+    """Give BltForCausalLM fastblt's `decoder_input_norm`, which the released layout lacks: transformers'
+    own RMSNorm as `local_decoder.input_norm` (so our weight loads under the same key), applied to the
+    decoder's `inputs_embeds` by a forward pre-hook, exactly where `BltModel.decoder_layers` applies it."""
+    from transformers.models.blt.modeling_blt import BltRMSNorm
+
+    decoder = hf.model.local_decoder
+    decoder.input_norm = BltRMSNorm(config.decoder.dim, eps=config.decoder.norm_eps)
+
+    def normalise_input(module, args, kwargs):
+        kwargs["inputs_embeds"] = module.input_norm(kwargs["inputs_embeds"])
+        return args, kwargs
+
+    decoder.register_forward_pre_hook(normalise_input, with_kwargs=True)
 
 
 def hf_parity(
@@ -85,9 +106,10 @@ def hf_parity(
         report.skip("hf", "the checkpoint has no entropy model: no patch lengths to compare with")
         return report
     split = model.config.patching.max_patch_length is not None
+    attached = ", HF + fastblt's decoder input norm" if model.config.decoder_input_norm else ""
     for i, prompt in enumerate(prompts):
         tokens = torch.tensor([encode(prompt)], dtype=torch.int64)
-        label = f"prompt {i} ({tokens.shape[1]} ids)"
+        label = f"prompt {i} ({tokens.shape[1]} ids)" + attached
         with torch.no_grad():
             lengths = model.patch(tokens)
             ours = model(tokens, lengths)

@@ -53,3 +53,14 @@ def test_meta_and_fastblt_formats_are_converted_for_hf(tmp_path):
     loaded = load_checkpoint(tmp_path / "meta")
     report = hf_parity(loaded, hf_model(loaded, tmp_path / "meta"), [PROMPT], greedy_bytes=4)
     assert report and [s.what for s in report.skipped] == ["hf patcher"]
+
+
+def test_decoder_input_norm_is_attached_to_the_hf_side():
+    from fastblt.validate.hf import hf_model, hf_parity
+
+    model = make_model("hf-test-sizes", blt_d=False, decoder_input_norm=True)
+    hf = hf_model(model)
+    report = hf_parity(model, hf, [PROMPT], greedy_bytes=4)
+    assert report and all("decoder input norm" in case for *_, case, _ in report.entries())
+    hf.model.local_decoder._forward_pre_hooks.clear()  # the released layout: no norm
+    assert not hf_parity(model, hf, [PROMPT], greedy_bytes=4)
