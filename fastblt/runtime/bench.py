@@ -224,7 +224,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
 
 def _hf_peer(cfg: BenchConfig, model, prompts, ar_by_backend: dict, log: Callable[[str], None]) -> dict:
     from fastblt.model.tokenizer import encode
-    from fastblt.validate.hf import _quiet_transformers, hf_model
+    from fastblt.validate.hf import ATTACHED_NORM, _quiet_transformers, hf_model
 
     hf = hf_model(model, _checkpoint_dir(cfg.checkpoint))
     rows = []
@@ -248,7 +248,7 @@ def _hf_peer(cfg: BenchConfig, model, prompts, ar_by_backend: dict, log: Callabl
     total, secs = sum(r["bytes"] for r in rows), sum(r["seconds"] for r in rows)
     return {
         "name": "hf BltForCausalLM.generate(use_cache=False)"
-        + (" + fastblt's decoder input norm" if model.config.decoder_input_norm else ""),
+        + (f" + {ATTACHED_NORM}" if model.config.decoder_input_norm else ""),
         "transformers": _version("transformers"),
         "prompts": rows,
         "bytes_per_s": total / secs if secs else 0.0,

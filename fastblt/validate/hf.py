@@ -33,6 +33,8 @@ from fastblt.validate.report import Report
 
 PAIR = ("hf", "torch")
 GREEDY_BYTES = 32
+# Named wherever an HF result comes from a model with our norm attached (not from stock transformers).
+ATTACHED_NORM = "fastblt's decoder input norm"
 
 
 @contextlib.contextmanager
@@ -106,7 +108,7 @@ def hf_parity(
         report.skip("hf", "the checkpoint has no entropy model: no patch lengths to compare with")
         return report
     split = model.config.patching.max_patch_length is not None
-    attached = ", HF + fastblt's decoder input norm" if model.config.decoder_input_norm else ""
+    attached = f", HF + {ATTACHED_NORM}" if model.config.decoder_input_norm else ""
     for i, prompt in enumerate(prompts):
         tokens = torch.tensor([encode(prompt)], dtype=torch.int64)
         label = f"prompt {i} ({tokens.shape[1]} ids)" + attached
