@@ -252,6 +252,24 @@ def test_the_shipped_report_describes_the_shipped_checkpoint() -> None:
     assert f"`{report['checkpoint_hash']}`" in (shipped / "REPORT.md").read_text()
 
 
+def test_the_shipped_report_is_complete() -> None:
+    # what issue 4 asks the shipped report to hold: a full (not --smoke) run, the byte-LM baseline
+    # trained for the same wall clock as entropy model + BLT-D, masked-byte accuracy next to AR at
+    # several mask rates, and ten greedy samples in every mode
+    report = json.loads((resolve_checkpoint_path("default") / "report.json").read_text())
+    assert not report["smoke"]
+    blt_d, base = report["blt_d"], report["baseline"]
+    assert base is not None, "the shipped report has no baseline: run `fastblt train --phase baseline`"
+    budget = report["entropy"]["wall_s"] + blt_d["wall_s"]
+    assert abs(base["wall_s"] - budget) < 0.01 * budget
+    assert 0 < blt_d["heldout_ar"]["bpb"] < 8 and 0 < base["heldout"]["bpb"] < 8
+    accuracy = blt_d["masked_acc_inference_layout"]
+    assert len(accuracy) >= 3 and "1.0" in accuracy
+    assert all(row["cells"] > 0 and 0 <= row["masked_acc"] <= 1 for row in accuracy.values())
+    assert len(blt_d["samples"]) == 10
+    assert all({"ar", "blt-s", "blt-dv", "blt-d"} <= sample.keys() for sample in blt_d["samples"])
+
+
 # ------------------------------------------------------------------------------ saving safely
 def test_save_refuses_a_directory_with_other_files(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
