@@ -22,11 +22,12 @@ import click
 )
 @click.option(
     "--phase",
-    type=click.Choice(["all", "main", "entropy", "blt", "baseline", "report"]),
+    type=click.Choice(["all", "main", "entropy", "blt", "baseline", "report", "notes"]),
     default="all",
     show_default=True,
     help="main = entropy + blt + report; all = main + baseline (sequential). Run 'baseline' in a "
-    "second process to train it side by side.",
+    "second process to train it side by side. notes = put OUT/notes.md into an existing report "
+    "(re-renders REPORT.md, measures nothing).",
 )
 @click.option("--resume", is_flag=True, help="Continue from OUT/<phase>/train_state.pt where present.")
 @click.option("--seed", type=int, default=1234, show_default=True)
@@ -102,6 +103,9 @@ def train(
     from fastblt.model.corpus import Corpus
     from fastblt.model.train_report import write_report
 
+    if phase == "notes":
+        _rewrite_notes(Path(out_dir), as_json)
+        return
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     plan = T.smoke_plan() if smoke else T.default_plan(minutes, entropy_minutes, baseline_minutes)
@@ -133,6 +137,15 @@ def train(
             "mean_patch_len": report["blt_d"]["mean_patch_len_heldout"],
         }
         click.echo(json.dumps(report, indent=2) if as_json else json.dumps(summary))
+
+
+def _rewrite_notes(out: Path, as_json: bool) -> None:
+    from fastblt.model.train_report import rewrite_notes
+
+    report = rewrite_notes(out)
+    md, notes = out / "REPORT.md", out / "notes.md"
+    said = f"with the notes of {notes}" if "notes" in report else f"without notes ({notes} does not exist)"
+    click.echo(json.dumps(report, indent=2) if as_json else f"{md}: re-rendered {said}")
 
 
 def _precision_words(asked: str, bf16: bool, native: bool) -> str:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastblt.errors import InputError
 from fastblt.model.blt import BltModel, EntropyModel
 from fastblt.model.checkpoint import checkpoint_hash
 from fastblt.model.config import VOCAB_SIZE, StackConfig
@@ -415,10 +416,35 @@ def write_report(out: Path, plan: Any, corpus: Corpus, seed: int, extra: dict[st
         ),
         **(extra or {}),
     }
-    if (out / "notes.md").exists():
-        report["notes"] = (out / "notes.md").read_text().strip()
+    _attach_notes(out, report)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_losses(out / "loss_curve.png", ent, blt, base)
+    (out / "REPORT.md").write_text(render_markdown(report))
+    return report
+
+
+def _attach_notes(out: Path, report: dict[str, Any]) -> None:
+    """OUT/notes.md, if present, becomes the report's notes (absent: the report has none)."""
+    report.pop("notes", None)
+    if (out / "notes.md").exists():
+        report["notes"] = (out / "notes.md").read_text().strip()
+
+
+def rewrite_notes(out: Path) -> dict[str, Any]:
+    """Re-render OUT/report.json and REPORT.md with the current OUT/notes.md, measuring nothing.
+
+    The notes are usually written once the numbers are known, and the report phase that measures
+    them takes half an hour on the default; this changes the notes and nothing else.
+    """
+    path = out / "report.json"
+    if not path.exists():
+        raise InputError(f"{path}: no report to add notes to; run `fastblt train --phase report` first")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON ({err}); rerun `fastblt train --phase report`") from None
+    _attach_notes(out, report)
+    path.write_text(json.dumps(report, indent=2))
     (out / "REPORT.md").write_text(render_markdown(report))
     return report
 

@@ -440,6 +440,46 @@ def test_report_with_the_baseline_states_its_numbers_and_recipe(smoke_run, tmp_p
     assert files and all("baseline" in f["bpb"] for f in files)
 
 
+def test_notes_phase_puts_notes_md_into_the_report_and_changes_nothing_else(smoke_run, tmp_path):
+    import shutil
+
+    from fastblt.cli import cli
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out)
+    before = json.loads((out / "report.json").read_text())
+    (out / "notes.md").write_text("**Result.** the notes, written once the numbers were known\n")
+    res = CliRunner().invoke(cli, ["train", "--out", str(out), "--phase", "notes"])
+    assert res.exit_code == 0, res.output
+    assert f"re-rendered with the notes of {out / 'notes.md'}" in res.output
+    after = json.loads((out / "report.json").read_text())
+    assert after.pop("notes") == "**Result.** the notes, written once the numbers were known"
+    assert after == {k: v for k, v in before.items() if k != "notes"}
+    md = (out / "REPORT.md").read_text()
+    assert "## Notes\n\n**Result.** the notes, written" in md and before["checkpoint_hash"] in md
+    (out / "notes.md").unlink()  # removed notes leave the report
+    res = CliRunner().invoke(cli, ["train", "--out", str(out), "--phase", "notes"])
+    assert res.exit_code == 0 and "without notes" in res.output
+    assert "## Notes" not in (out / "REPORT.md").read_text()
+
+
+def test_notes_phase_without_a_report_says_so(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "fastblt.cli", "train", "--out", str(tmp_path / "none"), "--phase", "notes"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        f"error: {tmp_path / 'none' / 'report.json'}: no report to add notes to; "
+        "run `fastblt train --phase report` first"
+    )
+    assert not (tmp_path / "none").exists()
+
+
 def test_latent_use_reads_the_trained_path_and_changes_when_the_latent_does(smoke_run):
     from fastblt.model.train import blt_forward
     from fastblt.model.train_blt_d import eval_bpb
