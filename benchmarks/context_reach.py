@@ -26,12 +26,12 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from fastblt.formats.checkpoint import load_checkpoint
 from fastblt.model.blt import EntropyModel
-from fastblt.model.checkpoint import load_checkpoint
 from fastblt.model.config import VOCAB_SIZE
-from fastblt.model.corpus import Corpus
-from fastblt.model.train import default_plan
-from fastblt.model.train_blt_d import eval_bpb
+from fastblt.train.blt_d import eval_bpb
+from fastblt.train.corpus import Corpus
+from fastblt.train.loop import default_plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOWS = (512, 256, 128, 64, 32, 16)

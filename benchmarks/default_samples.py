@@ -26,8 +26,9 @@ def main(checkpoint: str, backend: str, n_samples: int, max_bytes: int, out: str
     import torch
 
     import fastblt
-    from fastblt.model.corpus import Corpus
-    from fastblt.model.train_report import function_header_prompts, sample_lines, samples_per_mode
+    from fastblt.bench.samples import samples_per_mode
+    from fastblt.train.corpus import Corpus
+    from fastblt.train.report import function_header_prompts, sample_lines
 
     torch.manual_seed(0)
     model = fastblt.load(checkpoint)

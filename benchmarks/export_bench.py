@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from fastblt.engines.base import TORCH_DTYPES
 from fastblt.export.exporter import DTYPES, ExportOptions, export_model
 from fastblt.export.graphs import materialized, step_parameter_names
+from fastblt.export.spec import TORCH_DTYPES
 from fastblt.model.blt import BltModel
 from fastblt.model.config import blt_1b_config, tiny_config
 
@@ -112,7 +112,7 @@ def run(config_name: str, dtype: str, capacity: int, patch_capacity: int, out: P
     step_weights = None
     t0 = time.perf_counter()
     if config_name == "default":
-        from fastblt.model.checkpoint import checkpoint_hash, load_checkpoint
+        from fastblt.formats.checkpoint import checkpoint_hash, load_checkpoint
 
         model, ckpt_hash = load_checkpoint("default", dtype=torch_dtype), checkpoint_hash("default")
     else:

@@ -22,11 +22,11 @@ from pathlib import Path
 import click
 import torch
 
+from fastblt.formats.checkpoint import load_checkpoint
 from fastblt.model.blt import BltModel, EntropyModel
-from fastblt.model.checkpoint import load_checkpoint
 from fastblt.model.config import VOCAB_SIZE
-from fastblt.model.corpus import Corpus
-from fastblt.model.train import (
+from fastblt.train.corpus import Corpus
+from fastblt.train.loop import (
     PhaseConfig,
     StepFn,
     blt_d_step,

@@ -23,12 +23,14 @@ from pathlib import Path
 import click
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
+from fastblt.formats.checkpoint import load_checkpoint
 from fastblt.model.blt import EntropyModel
-from fastblt.model.checkpoint import load_checkpoint
 from fastblt.model.config import VOCAB_SIZE
-from fastblt.model.corpus import Corpus
-from fastblt.model.train import (
+from fastblt.train.blt_d import eval_bpb
+from fastblt.train.corpus import Corpus
+from fastblt.train.loop import (
     PRECISIONS,
     TrainPlan,
     blt_forward,
@@ -40,10 +42,11 @@ from fastblt.model.train import (
     train_blt,
     with_precision,
 )
-from fastblt.model.train_blt_d import eval_bpb
-from fastblt.model.train_report import latent_use
+from fastblt.train.progress import Reporter
+from fastblt.train.report import latent_use
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BARS = Reporter(bar=tqdm)  # a bar per phase on stderr
 
 
 def _stack(plan: TrainPlan, part: str, **kw) -> TrainPlan:
@@ -174,11 +177,11 @@ def run_one(name: str, minutes: float, out: Path, seed: int, precision: str = "a
     if name.startswith("baseline"):
         torch.manual_seed(seed + 2)  # as train.train_baseline
         model = initialised(EntropyModel(plan.baseline, VOCAB_SIZE), plan.base)
-        st = run_byte_lm("baseline", model, plan.base, plan, corpus, out / "baseline", seed + 2, resume=False)
+        st = run_byte_lm("baseline", model, plan.base, plan, corpus, out / "baseline", seed + 2, False, BARS)
         forward, params = model, sum(p.numel() for p in model.parameters())
         steps, seen = st["step"], st["bytes"]
     else:
-        res = train_blt(plan, corpus, out, seed, resume=False)
+        res = train_blt(plan, corpus, out, seed, False, BARS)
         model = load_checkpoint(out / "checkpoint").eval()
         forward, steps, seen = blt_forward(model), res["steps"], res["train_bytes"]
         params = sum(v for k, v in model.num_params().items() if k != "entropy")

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from fastblt.errors import FastBltError
 from fastblt.model.tokenizer import decode, encode
+from fastblt.version import __version__ as __version__
 
 if TYPE_CHECKING:
     from fastblt.model.blt import BltModel
 
 __all__ = ["FastBltError", "decode", "encode", "load", "Generator", "Generation"]
-__version__ = "0.1.0"
 
 _LAZY = {
     "Generator": "fastblt.runtime.generator",
@@ -27,7 +27,7 @@ _LAZY = {
 
 def load(path_or_name: str = "default", dtype: Any = None) -> BltModel:
     """Load a checkpoint in any supported format ("default" = the embedded one) as a BltModel."""
-    from fastblt.model.checkpoint import load_checkpoint
+    from fastblt.formats.checkpoint import load_checkpoint
 
     return load_checkpoint(path_or_name, dtype=dtype)
 

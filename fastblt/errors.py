@@ -35,9 +35,5 @@ class BackendUnavailable(FastBltError):
     """A backend cannot run here; the message says why."""
 
 
-class ParityFailure(FastBltError):
-    """A parity gate failed."""
-
-
 class InternalError(Exception):
     """An invariant of fastblt itself broke: a bug, not a user error."""

@@ -108,10 +108,10 @@ def lossless_on_trt(runner: Runner, dtype: str, art: Path, checkpoint: str, max_
         return runner.skip(name, "not run: the 10-minute budget is spent")
     t0 = time.monotonic()
     try:
-        from fastblt.engines.trt_backend import TrtBackend
+        from fastblt.engines.trt.backend import TrtBackend
         from fastblt.export.exporter import ExportOptions
         from fastblt.export.manifest import read_manifest
-        from fastblt.model.checkpoint import load_checkpoint, resolve_checkpoint_path
+        from fastblt.formats.checkpoint import load_checkpoint, resolve_checkpoint_path
         from fastblt.validate.e2e import fit_prompt, make_generator
         from fastblt.validate.graphs import DEFAULT_PROMPTS
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fastblt.engines.trt_build import trt_availability
+    from fastblt.engines.trt.build import trt_availability
 
     status = trt_availability()
     if not torch.cuda.is_available():

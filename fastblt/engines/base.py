@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from fastblt.errors import BackendUnavailable, InputError
-from fastblt.export.spec import StepSpec
-
-TORCH_DTYPES = {"int32": torch.int32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from fastblt.errors import InputError
+from fastblt.export.spec import TORCH_DTYPES, StepSpec
 
 
 @dataclass(frozen=True)
@@ -132,38 +129,3 @@ def check_feeds(spec: StepSpec, feeds: dict[str, torch.Tensor]) -> None:
         for got, want in zip(x.shape, t.shape, strict=True):
             if isinstance(want, int) and got != want:
                 raise InputError(f"step {spec.name} | input {t.name}: shape {tuple(x.shape)}, expected {t.shape}")
-
-
-_REGISTRY: dict[str, tuple[Callable[..., Backend], Callable[[], Availability]]] = {}
-
-
-def register(name: str, factory: Callable[..., Backend], availability: Callable[[], Availability]) -> None:
-    _REGISTRY[name] = (factory, availability)
-
-
-def available() -> dict[str, Availability]:
-    """Every known backend and whether it can run here (with the reason when not)."""
-    _load_builtin()
-    return {name: avail() for name, (_, avail) in _REGISTRY.items()}
-
-
-def backend_factory(name: str) -> Callable[..., Backend]:
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise InputError(f"backend {name!r}: unknown; choose one of {sorted(_REGISTRY)}")
-    factory, avail = _REGISTRY[name]
-    status = avail()
-    if not status.available:
-        raise BackendUnavailable(f"backend {name}: unavailable here: {status.reason}")
-    return factory
-
-
-def _load_builtin() -> None:
-    import fastblt.engines.torch_backend  # noqa: F401  (registers "torch")
-
-    for mod in ("fastblt.engines.ort_backend", "fastblt.engines.trt_backend"):
-        try:
-            __import__(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # a missing optional dependency is reported by availability()
-                raise

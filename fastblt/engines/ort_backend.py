@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from fastblt.engines.base import TORCH_DTYPES, Availability, Backend, register
+from fastblt.engines.base import Availability, Backend
 from fastblt.errors import ManifestMismatch
 from fastblt.export.manifest import MANIFEST, read_manifest, verify_files, verify_specs
-from fastblt.export.spec import StepSpec
+from fastblt.export.spec import TORCH_DTYPES, StepSpec
 
 # onnx.TensorProto element types (ORT's bind_* accept them as ints; numpy has no bfloat16)
 _ELEM = {"int32": 6, "float32": 1, "float16": 10, "bfloat16": 16}
@@ -157,12 +157,9 @@ def _default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _availability() -> Availability:
+def availability() -> Availability:
     try:
         import onnxruntime as ort
     except ImportError as e:
         return Availability("ort", False, f"onnxruntime is not installed ({e})")
     return Availability("ort", True, f"onnxruntime {ort.__version__} ({', '.join(_default_providers())})")
-
-
-register("ort", OrtBackend, _availability)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from fastblt.engines.base import TORCH_DTYPES
 from fastblt.errors import FastBltError, InputError, ManifestMismatch
 from fastblt.export import checks as checks_mod
 from fastblt.export.checks import CheckResult, ExportCheckFailed, check_graph, failures
@@ -39,11 +37,11 @@ from fastblt.export.manifest import (
     versions,
     write_manifest,
 )
-from fastblt.export.spec import StepSpec, step_specs
+from fastblt.export.spec import TORCH_DTYPES, StepSpec, float_dtype, step_specs
+from fastblt.formats.files import replace_dir, staging_dir
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # 18 is the torch exporter's floor (torchlib), 20 its default and the highest opset TensorRT 10.0
 # parses; ONNX >= 21 ops (Attention, RMSNormalization, TensorScatter) are not used by these graphs.
 OPSETS = (18, 19, 20)
@@ -64,10 +62,7 @@ class ExportOptions:
     external_data_bytes: int = field(default=EXTERNAL_DATA_BYTES, compare=False)
 
     def __post_init__(self) -> None:
-        dtype = DTYPES.get(self.dtype, self.dtype)
-        if dtype not in DTYPES.values():
-            raise InputError(f"dtype {self.dtype!r}: unsupported; choose one of {', '.join(DTYPES)}")
-        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "dtype", float_dtype(self.dtype))
         if self.opset not in OPSETS:
             raise InputError(
                 f"opset {self.opset}: unsupported; choose one of {', '.join(map(str, OPSETS))} "
@@ -163,14 +158,12 @@ def export_model(
     config = model.config
     specs = options.specs(config)
     ranges = dim_ranges(options.capacity, options.patch_capacity, options.max_batch, config.patching.max_patch_length)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
+    tmp = staging_dir(out, "export")
     try:
         graphs = _export_graphs(model, tmp, specs, options, ranges, progress, step_weights)
         manifest = _manifest(config, options, ranges, graphs, checkpoint_hash, checkpoint_source)
         write_manifest(tmp, manifest)
-        _move_into_place(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -277,7 +270,7 @@ def mapped_model(path: str | Path, dtype: torch.dtype, options: ExportOptions) -
     Peak memory is then about the largest graph's weights in `dtype`, not the whole model: what a
     BLT-1B export needs on a machine smaller than its fp32 weights.
     """
-    from fastblt.model.checkpoint import load_mapped
+    from fastblt.formats.checkpoint import load_mapped
 
     config, state = load_mapped(path)
     with torch.device("meta"):
@@ -318,20 +311,3 @@ def _graph_entry(
         "check_seconds": round(check_s, 3),
         "checks": {r.check: r.to_dict() for r in results},
     }
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename tmp -> out; an existing out is first renamed aside, then removed."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -23,10 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from fastblt.engines.base import TORCH_DTYPES
-from fastblt.engines.torch_backend import run_named_step
 from fastblt.errors import InternalError
-from fastblt.export.spec import DYNAMIC_DIMS, StepSpec, TensorSpec
+from fastblt.export.reference import run_named_step
+from fastblt.export.spec import DYNAMIC_DIMS, TORCH_DTYPES, StepSpec, TensorSpec
 from fastblt.model.blt import BltModel
 
 # Example sizes for tracing: all >= 2 and pairwise different, so that the exporter neither

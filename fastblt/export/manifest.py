@@ -45,10 +45,10 @@ def versions() -> dict[str, str]:
     import onnxscript
     import torch
 
-    import fastblt
+    from fastblt.version import __version__
 
     return {
-        "fastblt": fastblt.__version__,
+        "fastblt": __version__,
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxscript": onnxscript.__version__,
@@ -121,6 +121,32 @@ def verify_specs(manifest: dict, specs: dict[str, StepSpec], where: str = MANIFE
                             f"{where}: field graphs.{step}.{kind}[{i}] ({exp['name']}).{key}: "
                             f"{got.get(key)}, expected {exp[key]}"
                         )
+
+
+def verify_source(manifest: dict, config: dict, where: Path, checkpoint_hash: str | None = None) -> None:
+    """The artifacts compute this checkpoint: the manifest's model config equals `config` field by
+    field, and, when `checkpoint_hash` is known, the recorded hash equals it (ManifestMismatch names
+    the first field that differs)."""
+    recorded = manifest["checkpoint"].get("hash")
+    if checkpoint_hash is not None and recorded != checkpoint_hash:
+        raise ManifestMismatch(
+            f"{where}: field checkpoint.hash: the artifacts were exported from checkpoint {str(recorded)[:12]} "
+            f"({manifest['checkpoint'].get('source')}), this checkpoint is {checkpoint_hash[:12]}; export it again"
+        )
+    want = json.loads(json.dumps(config))  # tuples -> lists, as the manifest holds it
+    got = manifest["checkpoint"].get("config")
+    if got != want:
+        raise ManifestMismatch(
+            f"{where}: field {_first_diff(got, want, 'checkpoint.config')}; the artifacts come from another model"
+        )
+
+
+def _first_diff(a: Any, b: Any, where: str) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_diff(a.get(k), b.get(k), f"{where}.{k}")
+    return f"{where}: artifacts have {a!r}, the checkpoint has {b!r}"
 
 
 def _get(d: Any, key: str) -> Any:

@@ -9,12 +9,29 @@ Cache I/O: `past.{layer}.k` in, `present.{layer}.k` out (only the S new entries)
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
+import torch
+
+from fastblt.errors import InputError
 from fastblt.model.config import BltConfig, StackConfig
 
 STEPS = ("entropy", "encoder", "global", "decoder", "decoder_block")
 DYNAMIC_DIMS = ("batch", "new", "patches", "patch_len")
+STACKS = ("entropy", "encoder", "global", "decoder")  # the four self-attention caches
+PAST, PRESENT, CROSS = "past", "present", "cross"  # cache inputs, new cache entries, decoder cross k/v
+TORCH_DTYPES = {"int32": torch.int32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # short name -> the spec's dtype
+
+
+def float_dtype(name: str, what: str = "dtype") -> str:
+    """A float dtype by its short (fp16) or full (float16) name -> the full name; InputError if neither."""
+    full = FLOAT_DTYPES.get(name, name)
+    if full not in FLOAT_DTYPES.values():
+        raise InputError(f"{what} {name!r}: unsupported; choose one of {', '.join(FLOAT_DTYPES)}")
+    return full
 
 
 @dataclass(frozen=True)
@@ -45,16 +62,35 @@ class StepSpec:
         }
 
 
+def kv_names(prefix: str, n_layers: int) -> list[tuple[str, str]]:
+    """The (k, v) tensor names of a cache: `past.{i}.k` / `past.{i}.v` per layer i."""
+    return [(f"{prefix}.{i}.k", f"{prefix}.{i}.v") for i in range(n_layers)]
+
+
+T = TypeVar("T")
+
+
+def named_kv(prefix: str, kv: Sequence[tuple[T, T]]) -> dict[str, T]:
+    """Per-layer (k, v) pairs -> {name: tensor} under `prefix`."""
+    out: dict[str, T] = {}
+    for (k_name, v_name), (k, v) in zip(kv_names(prefix, len(kv)), kv, strict=True):
+        out[k_name], out[v_name] = k, v
+    return out
+
+
+def kv_from(tensors: Mapping[str, T], prefix: str, n_layers: int) -> list[tuple[T, T]]:
+    """{name: tensor} -> the per-layer (k, v) pairs named under `prefix`."""
+    return [(tensors[k], tensors[v]) for k, v in kv_names(prefix, n_layers)]
+
+
 def _cache(prefix: str, cfg: StackConfig, length: int | str, dtype: str) -> list[TensorSpec]:
     shape = ("batch", cfg.n_heads, length, cfg.head_dim)
-    return [TensorSpec(f"{prefix}.{i}.{kv}", dtype, shape) for i in range(cfg.n_layers) for kv in ("k", "v")]
+    return [TensorSpec(name, dtype, shape) for pair in kv_names(prefix, cfg.n_layers) for name in pair]
 
 
 def _cross(config: BltConfig, length: int | str, dtype: str) -> list[TensorSpec]:
     shape = ("batch", length, config.cross_attn_k, config.decoder.dim)
-    return [
-        TensorSpec(f"cross.{i}.{kv}", dtype, shape) for i in range(config.decoder_cross_layers) for kv in ("k", "v")
-    ]
+    return [TensorSpec(name, dtype, shape) for pair in kv_names(CROSS, config.decoder_cross_layers) for name in pair]
 
 
 def step_specs(config: BltConfig, capacity: int, patch_capacity: int, dtype: str = "float32") -> dict[str, StepSpec]:
@@ -140,3 +176,28 @@ def new_positions(feeds: dict) -> int:
         if name in feeds:
             return int(feeds[name].shape[1])
     return -1
+
+
+def slots(spec: StepSpec, prefix: str = PAST) -> int:
+    """The static slot count of a step's cache input: `past` (its stack's cache: bytes, or patches
+    for global) or `cross` (the decoder's per-patch cross-attention keys: patches)."""
+    t = spec.input(f"{prefix}.0.k")
+    n = t.shape[2] if prefix == PAST else t.shape[1]
+    if not isinstance(n, int):
+        raise InputError(f"graph {spec.name} | input {t.name}: its slot axis must be static, got {n!r}")
+    return n
+
+
+def cache_capacity(specs: Mapping[str, StepSpec], stack: str) -> int:
+    """The static slot count of a stack's cache as the specs declare it (bytes, or patches for global)."""
+    return slots(specs[stack])
+
+
+def capacities(specs: Mapping[str, StepSpec]) -> tuple[int, int]:
+    """(byte capacity, patch capacity) of a set of step specs."""
+    return cache_capacity(specs, "encoder"), cache_capacity(specs, "global")
+
+
+def state_dtype(specs: Mapping[str, StepSpec]) -> str:
+    """The float dtype of states and caches ("float32", "float16", "bfloat16")."""
+    return specs["encoder"].input(f"{PAST}.0.k").dtype

@@ -13,6 +13,7 @@ import functools
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import torch
@@ -72,7 +73,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.reshape(B, H, S, hd).to(x.dtype)
 
 
-_fused_without_grad = False  # see fused_attention()
+# The trainer's opt-in to the fused kernel without autograd (see fused_attention); a context
+# variable, so one thread's training never changes another thread's inference.
+_fused_without_grad: ContextVar[bool] = ContextVar("fused_without_grad", default=False)
 # Attention dtypes that take the fused training path: fp32, and bf16 under the trainer's autocast
 # (bf16 matrix products are ~4x faster than fp32 on CPUs with AVX512-BF16 or AMX).
 TRAIN_DTYPES = (torch.float32, torch.bfloat16)
@@ -84,16 +87,16 @@ def fused_attention() -> Iterator[None]:
     is a quarter of a BLT-D training step on the explicit path. Its results differ from the explicit
     path's in the last bits (a borderline entropy can flip a patch boundary), so inference, export
     and evaluation never use it."""
-    global _fused_without_grad
-    before, _fused_without_grad = _fused_without_grad, True
+    token = _fused_without_grad.set(True)
     try:
         yield
     finally:
-        _fused_without_grad = before
+        _fused_without_grad.reset(token)
 
 
 BAND_ROWS = 128  # query rows per chunk of the banded training attention
-_spans_of: tuple[weakref.ref, int, list[tuple[int, int]]] | None = None  # the last bias's key spans
+# The last bias's key spans: every layer of a stack shares one bias, so they are found once per stack.
+_spans_of: ContextVar[tuple[weakref.ref, int, list[tuple[int, int]]] | None] = ContextVar("spans_of", default=None)
 
 
 def key_spans(bias: Tensor, rows: int = BAND_ROWS) -> list[tuple[int, int]]:
@@ -102,9 +105,9 @@ def key_spans(bias: Tensor, rows: int = BAND_ROWS) -> list[tuple[int, int]]:
     A chunk holding a fully masked row gets all keys (such a row averages over every key). The
     spans of the last bias are kept while it lives: every layer of a stack shares one bias.
     """
-    global _spans_of
-    if _spans_of is not None and _spans_of[0]() is bias and _spans_of[1] == rows:
-        return _spans_of[2]
+    last = _spans_of.get()
+    if last is not None and last[0]() is bias and last[1] == rows:
+        return last[2]
     S, T = bias.shape[-2], bias.shape[-1]
     visible = (bias > NEG / 2).flatten(0, -3).any(0)  # (S, T)
     n = -(-S // rows)
@@ -117,7 +120,7 @@ def key_spans(bias: Tensor, rows: int = BAND_ROWS) -> list[tuple[int, int]]:
     spans = [
         (0, T) if f or b <= a else (a, b) for a, b, f in zip(first.tolist(), last.tolist(), blind.tolist(), strict=True)
     ]
-    _spans_of = (weakref.ref(bias), rows, spans)
+    _spans_of.set((weakref.ref(bias), rows, spans))
     return spans
 
 
@@ -145,7 +148,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
 
     q (B, H, S, hd), k/v (B, H, T, hd), bias fp32 broadcastable to (B, H, S, T) -> (B, H, S, hd).
     """
-    if q.dtype in TRAIN_DTYPES and (_fused_without_grad or (q.requires_grad and torch.is_grad_enabled())):
+    if q.dtype in TRAIN_DTYPES and (_fused_without_grad.get() or (q.requires_grad and torch.is_grad_enabled())):
         # training: the fused kernel keeps no (S, T) probabilities for backward (3x faster on CPU
         # at 1152 positions), banded so that masked keys cost nothing; same math, in fp32 or, under
         # the trainer's bf16 autocast, in bf16. Inference and export take the path below.

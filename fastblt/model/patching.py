@@ -67,24 +67,3 @@ def patch_ids_from_lengths(patch_lengths: Tensor, n: int) -> Tensor:
 def decoder_patch_ids(patch_lengths: Tensor, n: int) -> Tensor:
     """The patch whose latent byte i reads: the last patch closed at or before i. (B, N)"""
     return patch_ids_from_lengths(patch_lengths[:, 1:], n)
-
-
-def split_long_patches(patch_lengths: Tensor, max_patch_length: int | None) -> Tensor:
-    """Split lengths > max into max-sized pieces (Meta's split_large_numbers), keeping zeros at the end."""
-    if max_patch_length is None:
-        return patch_lengths
-    rows = []
-    for row in patch_lengths.tolist():
-        out = []
-        for length in row:
-            while length > max_patch_length:
-                out.append(max_patch_length)
-                length -= max_patch_length
-            if length > 0:
-                out.append(length)
-        rows.append(out)
-    P = max(1, max(len(r) for r in rows))
-    res = torch.zeros(len(rows), P, dtype=patch_lengths.dtype)
-    for b, r in enumerate(rows):
-        res[b, : len(r)] = torch.tensor(r, dtype=patch_lengths.dtype)
-    return res

@@ -16,7 +16,6 @@ per worker. Host time in the statistics includes time spent waiting for that loc
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,21 +24,17 @@ from typing import Any
 
 import torch
 
-from fastblt.engines.base import Backend, backend_factory, resolve_device
+from fastblt.engines.base import Backend
+from fastblt.engines.registry import check_name
 from fastblt.errors import InputError
-from fastblt.export.spec import step_specs
+from fastblt.export.cache import ExportNotice
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
-from fastblt.model.tokenizer import encode
 from fastblt.runtime import loops
-from fastblt.runtime.options import DecodeOptions, make_options, resolve
-from fastblt.runtime.state import SequenceState
+from fastblt.runtime.engine import Engine, open_engine
+from fastblt.runtime.options import DecodeOptions, Request, make_request
 from fastblt.runtime.stats import BYTES_PER_PARAM, RoundStats, Stats, build_stats
 from fastblt.runtime.stream import Output, TextChunker
-
-DEFAULT_MAX_CONTEXT = 4096
-BACKENDS = ("ort", "torch", "trt")
-POOL_SIZE = 4  # idle SequenceStates kept per backend
 
 
 @dataclass
@@ -55,39 +50,15 @@ class Generation:
     stats: Stats
 
 
-class _Engine:
-    """One backend of a Generator: the backend, its lock, its capacities and a pool of states."""
-
-    def __init__(self, backend: Backend, config: BltConfig, capacity: int, patch_capacity: int):
-        self.backend, self.config = backend, config
-        self.capacity, self.patch_capacity = capacity, patch_capacity
-        self.lock = threading.Lock()
-        self._pool: list[SequenceState] = []
-        self._pool_lock = threading.Lock()
-
-    def acquire(self) -> SequenceState:
-        with self._pool_lock:
-            state = self._pool.pop() if self._pool else None
-        if state is None:
-            state = SequenceState(self.backend, self.config, self.capacity, self.patch_capacity, lock=self.lock)
-        state.rollback(0)
-        state.reset_counters()
-        return state
-
-    def release(self, state: SequenceState) -> None:
-        with self._pool_lock:
-            if len(self._pool) < POOL_SIZE:
-                self._pool.append(state)
-
-
 class Generator:
     """Generates bytes from a BLT / BLT-D checkpoint with one of four decoding modes.
 
     Args:
         checkpoint_or_model: "default" (the embedded checkpoint), a checkpoint directory (any
-            format fastblt.model.checkpoint reads) or a BltModel.
-        backend: "ort" (default), "torch" or "trt"; or a Backend instance (its step specs fix the
-            capacities and must be this model's; the other backend options do not apply).
+            format fastblt.formats.checkpoint reads) or a BltModel.
+        backend: "ort" (default), "torch" or "trt"; or an Engine or a Backend instance already set
+            up for this model (its step specs fix the capacities; the other backend options do not
+            apply).
         artifacts: a directory with exported step graphs and their manifest (ort / trt); None
             exports on first use into a cache directory keyed by the checkpoint's hash.
         max_context: cache capacity in ids (prompt + output + block headroom). For artifacts the
@@ -99,6 +70,8 @@ class Generator:
             computes where its execution providers run.
         cuda_graphs: torch backend on CUDA: replay repeated small step calls as CUDA graphs
             (None: on for CUDA devices; False: every call eager).
+        on_export: told once, with the cache directory, before a first-use export starts (it takes
+            seconds); may return a per-graph progress callback (export/exporter.py `Progress`).
     """
 
     def __init__(
@@ -111,9 +84,10 @@ class Generator:
         cache_dir: str | Path | None = None,
         device: str | None = None,
         cuda_graphs: bool | None = None,
+        on_export: ExportNotice | None = None,
     ):
-        if not isinstance(backend, Backend) and backend not in BACKENDS:
-            raise InputError(f"backend {backend!r}: unknown; choose one of {', '.join(BACKENDS)}")
+        if not isinstance(backend, (Engine, Backend)):
+            check_name(backend)
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
             raise InputError(f"max_context: expected an int >= 2, got {max_context!r}")
         self.model, self.checkpoint_path = _load(checkpoint_or_model)
@@ -121,19 +95,23 @@ class Generator:
         if self.config.entropy is None:
             raise InputError("checkpoint: has no entropy model; the runtime patches with it")
         self.params = self.model.num_params()
-        if isinstance(backend, Backend):
+        if isinstance(backend, (Engine, Backend)):
             given = dict(artifacts=artifacts, max_context=max_context, threads=threads, device=device)
-            given |= dict(cache_dir=cache_dir, cuda_graphs=cuda_graphs)
+            given |= dict(cache_dir=cache_dir, cuda_graphs=cuda_graphs, on_export=on_export)
             extra = [k for k, v in given.items() if v is not None]
             if extra:
-                raise InputError(f"{', '.join(extra)}: not used with a Backend instance (it is already set up)")
-            self.backend_name = backend.name
-            self.engine = _engine_for_instance(backend, self.config)
+                kind = "an Engine" if isinstance(backend, Engine) else "a Backend"
+                raise InputError(f"{', '.join(extra)}: not used with {kind} instance (it is already set up)")
+            self.engine = backend if isinstance(backend, Engine) else Engine(backend, self.config)
+            if self.engine.config != self.config:
+                raise InputError("backend: the Engine runs another checkpoint's config")
+            self.backend_name = self.engine.backend.name
             return
         self.backend_name = backend
-        if cuda_graphs is not None and backend != "torch":
-            raise InputError(f"cuda_graphs: a torch backend option; backend {backend!r} has its own execution")
-        self.engine = _make_engine(self, backend, artifacts, max_context, threads, cache_dir, device, cuda_graphs)
+        self.engine = open_engine(
+            self.model, backend, self.checkpoint_path, artifacts, max_context, threads, cache_dir, device,
+            cuda_graphs, on_export,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ public API
     @property
@@ -145,18 +123,24 @@ class Generator:
         """Where the backend computes and this Generator's caches live."""
         return self.engine.backend.device
 
-    def generate(self, prompt: str | bytes, mode: str = "blt-d", max_bytes: int = 256, **options: Any) -> Generation:
+    def generate(
+        self, prompt: str | bytes | Request, mode: str = "blt-d", max_bytes: int = 256, **options: Any
+    ) -> Generation:
         """Generate up to `max_bytes` ids after `prompt` (str: UTF-8; bytes: as is).
 
         options: see DecodeOptions (temperature, top_k, top_p, seed, k, unmask, alpha, gamma,
         block_start, stop, stop_on_eos, prefill_chunk). Bad values raise before any work.
+        `prompt` may instead be a Request (options.make_request: checked once, e.g. on admission),
+        given alone.
         """
         call = self._call(prompt, mode, max_bytes, options)
         for _ in call:
             pass
         return call.result
 
-    def stream(self, prompt: str | bytes, mode: str = "blt-d", max_bytes: int = 256, **options: Any) -> Iterator[str]:
+    def stream(
+        self, prompt: str | bytes | Request, mode: str = "blt-d", max_bytes: int = 256, **options: Any
+    ) -> Iterator[str]:
         """Like `generate`, yielding text chunks as they are verified (never a split UTF-8
         sequence, never a byte that may still become part of a stop string). The finished
         Generation is the iterator's return value (`StopIteration.value`)."""
@@ -184,9 +168,18 @@ class Generator:
         self.close()
 
     # ------------------------------------------------------------------ a call
-    def _call(self, prompt: str | bytes, mode: str, max_bytes: int, options: dict[str, Any]) -> _Call:
-        opts = resolve(make_options(mode=mode, max_bytes=max_bytes, **options), self.config)
-        ids = encode(prompt)
+    def request(self, prompt: str | bytes, mode: str = "blt-d", max_bytes: int = 256, **options: Any) -> Request:
+        """The checked Request `generate` would run (see options.make_request)."""
+        return make_request(prompt, self.config, mode, max_bytes, **options)
+
+    def _call(self, prompt: str | bytes | Request, mode: str, max_bytes: int, options: dict[str, Any]) -> _Call:
+        if isinstance(prompt, Request):
+            if options or (mode, max_bytes) != ("blt-d", 256):
+                raise InputError("generate: a Request carries its own mode, max_bytes and options; give it alone")
+            req = prompt
+        else:
+            req = self.request(prompt, mode, max_bytes, **options)
+        ids, opts = list(req.ids), req.opts
         headroom = self.config.blt_d.block_size if opts.mode in ("blt-d", "blt-dv") else 0
         if len(ids) > self.capacity:
             raise InputError(f"prompt: {len(ids)} ids (BOS + bytes) exceed the cache capacity of {self.capacity}")
@@ -257,21 +250,6 @@ class _Call:
 
 
 # ---------------------------------------------------------------------- construction helpers
-def _engine_for_instance(backend: Backend, config: BltConfig) -> _Engine:
-    """An engine around a caller's backend; its specs must be this model's at their capacities."""
-    try:
-        capacity = int(backend.specs["encoder"].input("past.0.k").shape[2])
-        patch_capacity = int(backend.specs["global"].input("past.0.k").shape[2])
-        dtype = backend.specs["encoder"].input("past.0.k").dtype
-    except (KeyError, StopIteration, TypeError, ValueError):
-        raise InputError(f"backend {backend.name}: its specs are not fastblt step specs with static caches") from None
-    want = step_specs(config, capacity, patch_capacity, dtype)
-    if backend.specs != want:
-        bad = next((s for s in want if backend.specs.get(s) != want[s]), sorted(set(backend.specs) - set(want)))
-        raise InputError(f"backend {backend.name}: step {bad} does not match this checkpoint's config")
-    return _Engine(backend.activate(), config, capacity, patch_capacity)
-
-
 def _load(checkpoint_or_model: str | Path | BltModel) -> tuple[BltModel, Path | None]:
     if isinstance(checkpoint_or_model, BltModel):
         return checkpoint_or_model.eval(), None
@@ -280,36 +258,7 @@ def _load(checkpoint_or_model: str | Path | BltModel) -> tuple[BltModel, Path | 
             f"checkpoint_or_model: expected 'default', a checkpoint directory or a BltModel, "
             f"got {type(checkpoint_or_model).__name__}"
         )
-    from fastblt.model.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from fastblt.formats.checkpoint import load_checkpoint, resolve_checkpoint_path
 
     path = resolve_checkpoint_path(checkpoint_or_model)
     return load_checkpoint(path), path
-
-
-def _make_engine(
-    g: Generator,
-    backend: str,
-    artifacts: str | Path | None,
-    max_context: int | None,
-    threads: int | None,
-    cache_dir: str | Path | None,
-    device: str | None,
-    cuda_graphs: bool | None = None,
-) -> _Engine:
-    factory = backend_factory(backend)  # unknown / unavailable backends fail here, with the reason
-    if device is not None and backend == "ort" and resolve_device(device).type != "cpu":
-        raise InputError(
-            f"device {device!r}: the ort backend computes where its execution providers run; "
-            "choose backend 'torch' or 'trt' to pick a GPU"
-        )
-    if backend == "torch":
-        if artifacts is not None:
-            raise InputError("artifacts: the torch backend runs the checkpoint itself; pass artifacts only for ort/trt")
-        capacity = max_context or DEFAULT_MAX_CONTEXT
-        specs = step_specs(g.config, capacity, capacity)
-        torch_backend = factory(specs, g.model, threads=threads, device=device, cuda_graphs=cuda_graphs).activate()
-        return _Engine(torch_backend, g.config, capacity, capacity)
-    from fastblt.runtime import artifacts as arts
-
-    extra = {"device": device} if backend == "trt" and device is not None else {}
-    return arts.engine_from_artifacts(g, backend, factory, artifacts, max_context, threads, cache_dir, extra)

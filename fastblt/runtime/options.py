@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from fastblt.errors import CapabilityError, InputError
 from fastblt.model.config import BltConfig
+from fastblt.model.tokenizer import encode
 from fastblt.runtime.sampling import SamplingParams
 
 MODES = ("ar", "blt-d", "blt-s", "blt-dv")
@@ -137,3 +138,24 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
     elif unmask is not None or alpha is not None or gamma is not None:
         raise InputError(f"options unmask/alpha/gamma: only blt-d and blt-dv unmask; mode is {opts.mode}")
     return dataclasses.replace(opts, unmask=unmask, alpha=alpha, gamma=gamma, stop=stop)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A prompt and its options, checked once against a checkpoint's config (`make_request`).
+
+    A Generator runs it as given; what only the backend knows (its cache capacity) is checked when
+    it runs. Services build requests on admission, so bad input is refused before any work.
+    """
+
+    ids: tuple[int, ...]  # BOS + prompt ids
+    opts: DecodeOptions
+
+
+def make_request(
+    prompt: str | bytes, config: BltConfig, mode: str = "blt-d", max_bytes: int = 256, **options: object
+) -> Request:
+    """Encode `prompt` (str: UTF-8; bytes: as is) and resolve the options for `config`; InputError,
+    CapabilityError name what is wrong."""
+    opts = resolve(make_options(mode=mode, max_bytes=max_bytes, **options), config)
+    return Request(tuple(encode(prompt)), opts)

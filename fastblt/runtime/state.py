@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastblt.engines.base import TORCH_DTYPES, Backend
+from fastblt.engines.base import Backend
 from fastblt.errors import InputError
-from fastblt.export.spec import StepSpec
+from fastblt.export.spec import CROSS, PAST, PRESENT, TORCH_DTYPES, StepSpec, kv_from, named_kv, state_dtype
 from fastblt.model.config import HASH_PRIMES, BltConfig, StackConfig
 from fastblt.model.hashing import hash_ids_numpy
 from fastblt.model.patching import closes_patch
@@ -40,15 +40,9 @@ def _zeros_kv(cfg: StackConfig, length: int, dtype: torch.dtype, device: torch.d
     ]
 
 
-def _feed_kv(feeds: dict[str, Tensor], prefix: str, kv: KV) -> None:
-    for i, (k, v) in enumerate(kv):
-        feeds[f"{prefix}.{i}.k"], feeds[f"{prefix}.{i}.v"] = k, v
-
-
-def _write(cache: KV, out: dict[str, Tensor], prefix: str, at: int) -> None:
+def _write(cache: KV, out: dict[str, Tensor], at: int) -> None:
     """Copy each layer's S new entries (1, H, S, hd) into the static buffer at slots at..at+S-1."""
-    for i, (ck, cv) in enumerate(cache):
-        k, v = out[f"{prefix}.{i}.k"], out[f"{prefix}.{i}.v"]
+    for (ck, cv), (k, v) in zip(cache, kv_from(out, PRESENT, len(cache)), strict=True):
         ck[:, :, at : at + k.shape[2]].copy_(k)
         cv[:, :, at : at + v.shape[2]].copy_(v)
 
@@ -105,7 +99,7 @@ class SequenceState:
         self.backend, self.config = backend, config
         self.capacity, self.patch_capacity = capacity, patch_capacity
         specs: dict[str, StepSpec] = backend.specs
-        dtype = TORCH_DTYPES[specs["encoder"].input("past.0.k").dtype]
+        dtype = TORCH_DTYPES[state_dtype(specs)]
         self.dtype, self.device = dtype, backend.device
         dev = self.device
         self.caches = {
@@ -168,10 +162,10 @@ class SequenceState:
     # ------------------------------------------------------------------ the four stacks
     def run_entropy(self, at: int, tokens: np.ndarray) -> np.ndarray:
         feeds = {"tokens": self._ids(tokens).view(1, -1), "start": self._start(at)}
-        _feed_kv(feeds, "past", self.caches["entropy"])
+        feeds |= named_kv(PAST, self.caches["entropy"])
         with self.lock:
             out = self._run("entropy", feeds, len(tokens))
-            _write(self.caches["entropy"], out, "present", at)
+            _write(self.caches["entropy"], out, at)
             return out["entropies"][0].float().cpu().numpy().copy()
 
     def run_encoder(self, at: int, tokens: np.ndarray) -> None:
@@ -190,10 +184,10 @@ class SequenceState:
             "hash_ids": self._ids(hash_ids),
             "start": self._start(at),
         }
-        _feed_kv(feeds, "past", self.caches["encoder"])
+        feeds |= named_kv(PAST, self.caches["encoder"])
         with self.lock:
             out = self._run("encoder", feeds, len(tokens))
-            _write(self.caches["encoder"], out, "present", at)
+            _write(self.caches["encoder"], out, at)
             self.h[at : at + len(tokens)] = out["h"][0]
 
     def run_global(self, spans: list[tuple[int, int]], at: int) -> None:
@@ -209,13 +203,13 @@ class SequenceState:
             "patch_lens": self._ids([e - s for s, e in spans]).view(1, -1),
             "start": self._start(at),
         }
-        _feed_kv(feeds, "past", self.caches["global"])
+        feeds |= named_kv(PAST, self.caches["global"])
         with self.lock:
             out = self._run("global", feeds, len(spans))
-            _write(self.caches["global"], out, "present", at)
-            for i, (ck, cv) in enumerate(self.cross):
-                ck[:, at : at + len(spans)] = out[f"cross.{i}.k"]
-                cv[:, at : at + len(spans)] = out[f"cross.{i}.v"]
+            _write(self.caches["global"], out, at)
+            for (ck, cv), (k, v) in zip(self.cross, kv_from(out, CROSS, len(self.cross)), strict=True):
+                ck[:, at : at + len(spans)] = k
+                cv[:, at : at + len(spans)] = v
 
     def run_decoder(self, at: int, S: int, read_patch: np.ndarray) -> Tensor:
         """Causal decoder over byte states h[at:at+S] -> logits (S, V); writes the decoder cache."""
@@ -224,11 +218,11 @@ class SequenceState:
             "read_patch": self._ids(read_patch).view(1, -1),
             "start": self._start(at),
         }
-        _feed_kv(feeds, "past", self.caches["decoder"])
-        _feed_kv(feeds, "cross", self.cross)
+        feeds |= named_kv(PAST, self.caches["decoder"])
+        feeds |= named_kv(CROSS, self.cross)
         with self.lock:
             out = self._run("decoder", feeds, S)
-            _write(self.caches["decoder"], out, "present", at)
+            _write(self.caches["decoder"], out, at)
             return out["logits"][0].to("cpu", copy=True)
 
     def run_block(self, block_ids: np.ndarray, read_patch: int, at: int | None = None) -> Tensor:
@@ -246,8 +240,8 @@ class SequenceState:
             "start": self._start(at),
             "read_patch": self._ids([read_patch]),
         }
-        _feed_kv(feeds, "past", self.caches["decoder"])
-        _feed_kv(feeds, "cross", self.cross)
+        feeds |= named_kv(PAST, self.caches["decoder"])
+        feeds |= named_kv(CROSS, self.cross)
         with self.lock:
             return self._run("decoder_block", feeds, len(block_ids))["logits"][0].to("cpu", copy=True)
 

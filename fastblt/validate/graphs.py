@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastblt.engines.base import TORCH_DTYPES, Backend, check_feeds
+from fastblt.engines.base import Backend, check_feeds
 from fastblt.errors import InputError
-from fastblt.export.spec import StepSpec
+from fastblt.export.spec import CROSS, TORCH_DTYPES, StepSpec, capacities, slots
 from fastblt.model.blt import BltModel
 from fastblt.model.tokenizer import encode
 from fastblt.validate.metrics import REDUCED_DTYPES, Tolerances, check_finite, compare, to_numpy
@@ -78,7 +78,7 @@ def random_cases(
     cases = []
     for step in steps or tuple(specs):
         spec = specs[step]
-        cap = _static_dim(spec, "past.0.k", 2)
+        cap = slots(spec)
         for n_new in sizes:
             if n_new > cap:
                 continue
@@ -93,13 +93,6 @@ def random_cases(
                     label = f"random batch=2 cache={starts} new={n_new}"
                     cases.append(Case(step, label, "random", _maker(spec, model, starts, n_new, kseed + 1)))
     return cases
-
-
-def _static_dim(spec: StepSpec, name: str, axis: int) -> int:
-    d = spec.input(name).shape[axis]
-    if not isinstance(d, int):
-        raise InputError(f"graph {spec.name} | input {name}: axis {axis} must be static, got {d!r}")
-    return d
 
 
 def _maker(spec: StepSpec, model: BltModel, starts: list[int], S: int, seed: int) -> Callable[[], dict[str, Tensor]]:
@@ -138,7 +131,7 @@ def random_feeds(spec: StepSpec, model: BltModel, starts: list[int], S: int, see
             mask = torch.rand(shape, generator=g) < 0.5
             feeds[t.name] = torch.where(mask, torch.full_like(ids, config.blt_d.mask_id), ids)
         elif t.name == "read_patch":
-            p_cap = _static_dim(spec, "cross.0.k", 1)
+            p_cap = slots(spec, CROSS)
             feeds[t.name] = torch.randint(0, p_cap, shape, generator=g, dtype=torch.int32)
         elif t.name == "patch_lens":
             lens = torch.randint(1, L + 1, shape, generator=g, dtype=torch.int32)
@@ -166,8 +159,7 @@ def real_cases(
 
     prompts = list(prompts or DEFAULT_PROMPTS)
     config = model.config
-    cap = _static_dim(specs["encoder"], "past.0.k", 2)
-    p_cap = _static_dim(specs["global"], "past.0.k", 2)
+    cap, p_cap = capacities(specs)
     fp32 = {name: _with_dtype(spec, "float32") for name, spec in specs.items()}
     rec = RecordingBackend(TorchBackend(fp32, model), select=lambda s, i: sparse_schedule(i), max_per_step=per_step)
     block = config.blt_d.block_size if config.blt_d is not None else 0
@@ -274,7 +266,7 @@ class Fp64Reference:
         return sum(p.numel() for p in model.parameters()) * 8 <= Fp64Reference.MAX_BYTES
 
     def __call__(self, step: str, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
-        from fastblt.engines.torch_backend import run_named_step
+        from fastblt.export.reference import run_named_step
 
         if self._m64 is None:
             self._m64 = copy.deepcopy(self.model).to("cpu", torch.float64).eval()

@@ -38,7 +38,8 @@ ATTACHED_NORM = "fastblt's decoder input norm"
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
+    """transformers without its warnings and progress bars, for the length of the block."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -56,10 +57,10 @@ def hf_model(model: BltModel, checkpoint: str | Path | None = None):
         import transformers
     except ImportError as e:
         raise InputError(f"--reference hf: transformers is not installed ({e})") from None
-    from fastblt.model.checkpoint import detect_format
-    from fastblt.model.keymap import HF_BLT_D_KEY, config_to_hf, to_hf_state_dict
+    from fastblt.formats.checkpoint import detect_format
+    from fastblt.formats.keymap import HF_BLT_D_KEY, config_to_hf, to_hf_state_dict
 
-    with _quiet_transformers():
+    with quiet_transformers():
         if checkpoint is not None and detect_format(checkpoint) == "hf":
             hf = transformers.BltForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
             return hf.eval()
@@ -155,7 +156,7 @@ def _greedy(model: BltModel, hf, tokens: torch.Tensor, n: int, split: bool) -> S
         theirs = _greedy_hf_our_patches(model, hf, tokens, n)
         note = "both greedy loops on our patch lengths (max_patch_length is set)"
     else:
-        with torch.no_grad(), _quiet_transformers():
+        with torch.no_grad(), quiet_transformers():
             out = hf.generate(
                 tokens, max_new_tokens=n, do_sample=False, use_cache=False, eos_token_id=None, pad_token_id=0
             )

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastblt.engines.torch_backend import run_named_step
+from fastblt.export.reference import run_named_step
 from fastblt.model.blt import BltModel
 from fastblt.validate.metrics import to_numpy
 

@@ -13,16 +13,16 @@ against transformers' BltForCausalLM on the same weights (logits and greedy outp
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fastblt.engines.base import TORCH_DTYPES, Backend, available, backend_factory, resolve_device
+from fastblt.engines.base import Backend, resolve_device
+from fastblt.engines.registry import BACKENDS, available, backend_factory
 from fastblt.errors import BackendUnavailable, InputError, ManifestMismatch
-from fastblt.export.spec import StepSpec, step_specs
+from fastblt.export.spec import TORCH_DTYPES, StepSpec, cache_capacity, capacities, float_dtype, step_specs
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
 from fastblt.validate.e2e import MODES, E2ERun, e2e_parity
@@ -43,9 +43,7 @@ from fastblt.validate.layers import localise_onnx, localise_torch
 from fastblt.validate.metrics import FP64_WORDS, Tolerances
 from fastblt.validate.report import Report, environment
 
-BACKENDS = ("torch", "ort", "trt")
 DEFAULT_BACKENDS = ("torch", "ort")  # what a CPU runs; trt only when asked for
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ARTIFACT_BACKENDS = ("ort", "trt")
 
 
@@ -81,10 +79,7 @@ class ValidateOptions:
         if self.reference not in ("torch", "hf"):
             raise InputError(f"--reference {self.reference!r}: expected torch or hf")
         if self.dtype is not None:
-            d = DTYPE_ALIASES.get(self.dtype, self.dtype)
-            if d not in TORCH_DTYPES or d == "int32":
-                raise InputError(f"--dtype {self.dtype!r}: expected one of fp32, fp16, bf16")
-            object.__setattr__(self, "dtype", d)
+            object.__setattr__(self, "dtype", float_dtype(self.dtype, "--dtype"))
         if self.backends is None:
             object.__setattr__(self, "backends", DEFAULT_BACKENDS)
         else:
@@ -110,7 +105,7 @@ def validate(opts: ValidateOptions, model: BltModel | None = None, log: Callable
     Raises FastBltError subclasses for bad input: an unreadable checkpoint, artifacts exported
     from another checkpoint (ManifestMismatch), options that contradict the artifacts.
     """
-    from fastblt.model.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from fastblt.formats.checkpoint import load_checkpoint, resolve_checkpoint_path
 
     path = None
     if model is None:
@@ -163,8 +158,8 @@ def _validate_torch_reference(
             "artifacts": str(artifacts) if artifacts else None,
             "checkpoint_hash": manifest["checkpoint"].get("hash") if manifest else None,
             "dtype": dtype,
-            "capacity": _cap(specs, "encoder"),
-            "patch_capacity": _cap(specs, "global"),
+            "capacity": cache_capacity(specs, "encoder"),
+            "patch_capacity": cache_capacity(specs, "global"),
             "backends_requested": list(opts.backends),
             "gates": tolerances.get("").describe(),
             "atol": tolerances.get("").atol,
@@ -199,7 +194,7 @@ def _validate_torch_reference(
         log(f"end to end: greedy {', '.join(opts.modes)} on {', '.join(candidates)}, {len(prompts)} prompts")
         e2e_run = E2ERun(modes=opts.modes, max_bytes=opts.max_bytes, dtype=dtype, tolerances=tolerances)
         ref_e2e = _backend("torch", reference_specs(specs), model, None, opts.threads)
-        e2e_parity(model, ref_e2e, candidates, prompts, _cap(specs, "encoder"), _cap(specs, "global"), e2e_run, report)
+        e2e_parity(model, ref_e2e, candidates, prompts, *capacities(specs), e2e_run, report)
     for b in candidates.values():
         b.deactivate()
     return report
@@ -248,10 +243,6 @@ def _candidates(
 
 
 # ------------------------------------------------------------------------------ helpers
-def _cap(specs: dict[str, StepSpec], step: str) -> int:
-    return int(specs[step].input("past.0.k").shape[2])
-
-
 def _model_in(model: BltModel, dtype: str) -> BltModel:
     if dtype == "float32":
         return model
@@ -295,64 +286,29 @@ def _specs(opts: ValidateOptions, config: BltConfig, manifest: dict | None) -> t
 def _artifacts(
     opts: ValidateOptions, model: BltModel, path: Path | None, log: Callable[[str], None]
 ) -> tuple[Path, dict]:
-    """The export directory to validate (given, or exported once into the cache) and its manifest,
-    checked against the checkpoint: same hash (when known) and the same config."""
-    from fastblt.export.manifest import MANIFEST, read_manifest
+    """The export directory to validate (given, or the export cache's entry, exported once) and its
+    manifest, checked against the checkpoint: the same config, and the same hash when it is known."""
+    from fastblt.export.cache import cached_export, source_hash
+    from fastblt.export.exporter import ExportOptions
+    from fastblt.export.manifest import MANIFEST, read_manifest, verify_source
 
-    ckpt_hash = _checkpoint_hash(path)
+    ckpt_hash = source_hash(model, path) if path is not None else None
     if opts.artifacts is None:
-        directory = _auto_export(opts, model, path, ckpt_hash, log)
+        options = ExportOptions(dtype=opts.dtype or "float32", capacity=opts.capacity)
+        source = str(path) if path is not None else "in-memory model"
+
+        def notice(out: Path) -> None:
+            log(f"artifacts: none given; exporting to {out} (reused while the checkpoint and options are the same)")
+
+        key = ckpt_hash or source_hash(model, None)
+        directory = cached_export(model, key, options, source, cache_dir=opts.cache_dir, notice=notice)
     else:
         directory = Path(opts.artifacts).expanduser()
         if not directory.is_dir():
             raise InputError(f"--artifacts {directory}: not a directory")
     manifest = read_manifest(directory)
-    where = directory / MANIFEST
-    got = manifest["checkpoint"].get("hash")
-    if ckpt_hash is not None and got is not None and got != ckpt_hash:
-        raise ManifestMismatch(
-            f"{where}: field checkpoint.hash: the artifacts were exported from checkpoint {got[:12]} "
-            f"({manifest['checkpoint'].get('source')}), not from {path} ({ckpt_hash[:12]}); "
-            "export this checkpoint (fastblt export --checkpoint ...) or pass the matching --checkpoint"
-        )
-    want = json.loads(json.dumps(model.config.to_dict()))  # tuples -> lists, as the manifest holds it
-    have = manifest["checkpoint"].get("config") or {}
-    if have != want:
-        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-        raise ManifestMismatch(
-            f"{where}: field checkpoint.config: the artifacts were exported from a model with another "
-            f"config (fields {', '.join(diff[:6])} differ); they do not compute this checkpoint"
-        )
+    verify_source(manifest, model.config.to_dict(), directory / MANIFEST, ckpt_hash)
     return directory, manifest
-
-
-def _checkpoint_hash(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    from fastblt.model.checkpoint import checkpoint_hash
-
-    return checkpoint_hash(path)
-
-
-def _auto_export(
-    opts: ValidateOptions, model: BltModel, path: Path | None, ckpt_hash: str | None, log: Callable[[str], None]
-) -> Path:
-    """Export once per (checkpoint, dtype, capacity) into the cache the runtime uses too
-    (`<cache>/<hash[:16]>/<dtype>-<capacity>/`, runtime/artifacts.py); later runs reuse it."""
-    from fastblt.export.exporter import ExportOptions, existing_export, export_model
-    from fastblt.runtime.artifacts import DEFAULT_CACHE, model_hash
-
-    dtype = opts.dtype or "float32"
-    key = ckpt_hash or model_hash(model)
-    root = Path(opts.cache_dir or DEFAULT_CACHE).expanduser()
-    out = root / key[:16] / f"{dtype}-{opts.capacity}"
-    eo = ExportOptions(dtype=dtype, capacity=opts.capacity)
-    if existing_export(out, key, eo) == "same":
-        return out
-    log(f"artifacts: none given; exporting to {out} (reused while the checkpoint and options are the same)")
-    source = str(path) if path is not None else "in-memory model"
-    export_model(_model_in(model, dtype), out, eo, checkpoint_hash=key, checkpoint_source=source, force=True)
-    return out
 
 
 def _artifacts_dir(backend: Backend | None) -> Path | None:

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from fastblt.export.exporter import ExportOptions, export_model
+from fastblt.formats.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
 from fastblt.model.blt import BltModel
-from fastblt.model.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
 
 from export_helpers import CAPACITY, MODEL, MODEL_KW, PATCH_CAPACITY
 from tiny import make_model

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastblt.engines.base import TORCH_DTYPES
-from fastblt.export.spec import StepSpec
+from fastblt.export.spec import TORCH_DTYPES, StepSpec
 from fastblt.model.config import BltConfig
 
 

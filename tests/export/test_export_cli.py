@@ -12,7 +12,7 @@ from fastblt.export import exporter
 from fastblt.export.checks import TrtOpTable, load_trt_ops
 from fastblt.export.manifest import MANIFEST, read_manifest, sha256_file
 from fastblt.export.spec import STEPS, step_specs
-from fastblt.model.checkpoint import checkpoint_hash
+from fastblt.formats.checkpoint import checkpoint_hash
 from fastblt.model.config import BltConfig
 
 from export_helpers import CAPACITY, PATCH_CAPACITY, run_cli

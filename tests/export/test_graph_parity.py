@@ -13,8 +13,8 @@ import torch
 from parity_helpers import cast_feeds, cosine, max_abs, random_feeds, top1_agreement
 
 from fastblt.engines.ort_backend import OrtBackend
-from fastblt.engines.torch_backend import run_named_step
 from fastblt.export.manifest import read_manifest
+from fastblt.export.reference import run_named_step
 from fastblt.export.spec import STEPS, step_specs
 
 from export_helpers import CAPACITY, PATCH_CAPACITY

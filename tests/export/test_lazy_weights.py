@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from parity_helpers import max_abs, random_feeds
 
-from fastblt.engines.torch_backend import run_named_step
 from fastblt.export.graphs import StepModule, materialized, step_parameter_names
+from fastblt.export.reference import run_named_step
 from fastblt.export.spec import step_specs
 from fastblt.model.blt import BltModel
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from parity_helpers import random_feeds
 
-from fastblt.engines.base import available
 from fastblt.engines.ort_backend import OrtBackend
+from fastblt.engines.registry import available
 from fastblt.errors import ManifestMismatch
 from fastblt.export.spec import step_specs
 

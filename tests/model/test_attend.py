@@ -57,9 +57,9 @@ def test_fused_attention_context_takes_the_kernel_without_grad_and_only_inside(m
 
 
 def test_the_trainers_fused_patcher_cuts_the_same_patches_as_the_exact_one():
-    from fastblt.model.checkpoint import load_checkpoint
-    from fastblt.model.corpus import Corpus
-    from fastblt.model.train_blt_d import patch_batch
+    from fastblt.formats.checkpoint import load_checkpoint
+    from fastblt.train.blt_d import patch_batch
+    from fastblt.train.corpus import Corpus
 
     model = load_checkpoint("default").eval()
     x = Corpus.load(limit_bytes=100_000).sample(2, 512, torch.Generator().manual_seed(0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastblt.model.keymap import config_to_hf, to_hf_state_dict
+from fastblt.formats.keymap import config_to_hf, to_hf_state_dict
 
 from tiny import TINY_CONFIGS, make_model, random_tokens
 

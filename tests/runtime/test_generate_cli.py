@@ -11,7 +11,7 @@ import pytest
 from runtime_refs import tiny_model, torch_generator
 
 from fastblt.cli import main
-from fastblt.model.checkpoint import save_checkpoint
+from fastblt.formats.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")

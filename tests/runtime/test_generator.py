@@ -89,7 +89,7 @@ def test_unknown_backend_and_plain_blt_checkpoint():
 
 
 def test_trt_unavailable_is_a_clear_error():
-    from fastblt.engines.base import available
+    from fastblt.engines.registry import available
 
     if available()["trt"].available:
         pytest.skip("TensorRT is available here")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from runtime_refs import PROMPTS, full_recompute_greedy, tiny_model, torch_generator
 
-from fastblt.engines.base import available
+from fastblt.engines.registry import available
 from fastblt.errors import InputError, ManifestMismatch
 from fastblt.runtime.generator import Generator
 
@@ -70,7 +70,7 @@ def test_blt_d_on_ort_equals_torch(ort_gen):
 
 
 def test_explicit_artifacts_and_their_checks(ort_gen, tmp_path):
-    from fastblt.model.checkpoint import save_checkpoint
+    from fastblt.formats.checkpoint import save_checkpoint
 
     arts = ort_gen.engine.backend.artifacts_dir
     g = Generator(tiny_model(), backend="ort", artifacts=arts, threads=1)  # the manifest decides capacity

@@ -14,7 +14,7 @@ import torch
 from validate_helpers import CAPACITY, PATCH_CAPACITY
 
 from fastblt.export.exporter import ExportOptions, export_model
-from fastblt.model.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
+from fastblt.formats.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
 
 from tiny import make_model
 

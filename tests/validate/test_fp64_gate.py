@@ -10,7 +10,7 @@ import torch
 
 from fastblt.engines.torch_backend import TorchBackend
 from fastblt.export.spec import step_specs
-from fastblt.model.checkpoint import save_checkpoint
+from fastblt.formats.checkpoint import save_checkpoint
 from fastblt.validate.graphs import Fp64Reference, GraphRun, graph_parity, random_cases
 from fastblt.validate.metrics import FP32, compare
 from fastblt.validate.run import ValidateOptions, validate
@@ -45,7 +45,11 @@ def test_compare_judges_a_missed_gate_against_fp64():
     wrong = cand.copy()
     wrong[3, 7] += 0.01  # one element off by 1e-2: an error, not rounding
     failed = compare("latents", ref, wrong, FP32, exact=exact)
-    assert not failed.passed and failed.failed_gates()[0].startswith("max_abs_vs_fp64 0.00998 > ")
+    assert not failed.passed and [g.name for g in failed.gates if not g.passed] == ["max_abs_vs_fp64"]
+    gate = failed.gates[0]
+    # the planted 1e-2 dominates whatever order a CPU's BLAS sums in (rounding moves it by ~3e-4)
+    assert gate.value > gate.limit and 0.008 < gate.value < 0.012
+    assert failed.failed_gates()[0].startswith("max_abs_vs_fp64 ")
 
 
 def test_compare_without_fp64_keeps_the_plain_gate():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from validate_helpers import run_cli
 
-from fastblt.model.checkpoint import load_checkpoint, save_checkpoint
+from fastblt.formats.checkpoint import load_checkpoint, save_checkpoint
 
 from tiny import make_model
 

@@ -15,10 +15,11 @@ import torch
 from onnx import numpy_helper
 from validate_helpers import CAPACITY, PATCH_CAPACITY, broken_copy, run_cli, scopes
 
-from fastblt.engines.base import Backend, available
+from fastblt.engines.base import Backend
+from fastblt.engines.registry import available
 from fastblt.engines.torch_backend import TorchBackend
 from fastblt.export.exporter import ExportOptions
-from fastblt.model.checkpoint import save_checkpoint
+from fastblt.formats.checkpoint import save_checkpoint
 from fastblt.validate.e2e import E2ERun, e2e_parity
 from fastblt.validate.graphs import reference_specs
 
@@ -169,7 +170,7 @@ def test_an_unreadable_prompt_file_is_a_clear_error(kind, ckpt, monkeypatch, cap
 
 
 def test_prompt_file_formats(tmp_path):
-    from fastblt.validate.cli import read_prompts
+    from fastblt.cli.validate import read_prompts
 
     (tmp_path / "a.txt").write_text("one\ntwo\n")
     (tmp_path / "b.txt").write_text("def f():\n    pass\n---\nimport os\n")
@@ -191,7 +192,7 @@ def test_without_artifacts_the_cached_export_is_found_and_reused(ckpt, artifacts
     layout) unless an up-to-date export is there; here it is, so nothing is exported."""
     import shutil
 
-    from fastblt.model.checkpoint import checkpoint_hash
+    from fastblt.formats.checkpoint import checkpoint_hash
 
     cached = tmp_path / "cache" / checkpoint_hash(ckpt)[:16] / f"float32-{CAPACITY}"
     shutil.copytree(artifacts, cached)

@@ -1,0 +1,85 @@
+"""The `fastblt` command.
+
+Subcommands live next to the code they drive and are imported only when called, so
+`fastblt --help` answers without loading torch. Exit codes: 0 success, 1 a check or gate failed
+(validate, export --check), 2 bad input or a fastblt error (one line on stderr), 3 a backend is
+unavailable here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+# name -> (module, attribute, one-line help); keep in pipeline order
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("fastblt.cli.train", "train", "Train the entropy model and a BLT-D (the embedded default)."),
+    "convert": ("fastblt.cli.convert", "convert", "Convert a checkpoint between hf, meta and fastblt formats."),
+    "export": ("fastblt.cli.export", "export", "Export every step graph to ONNX with a manifest, and check it."),
+    "build": ("fastblt.cli.build", "build", "Build TensorRT engines from an export (needs a GPU)."),
+    "generate": ("fastblt.cli.generate", "generate", "Generate bytes with ar, blt-d, blt-s or blt-dv."),
+    "bench": ("fastblt.cli.bench", "bench", "Benchmark every mode x backend on fixed prompts."),
+    "validate": ("fastblt.cli.validate", "validate", "Prove numerically that the artifacts compute the checkpoint."),
+    "info": ("fastblt.cli.info", "info", "Show a checkpoint's config, sizes and which backends can run here."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, (mod, _, _) in COMMANDS.items() if importlib.util.find_spec(mod) is not None]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        mod, attr, _ = COMMANDS[name]
+        if importlib.util.find_spec(mod) is None:
+            return None
+        return getattr(importlib.import_module(mod), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fastblt")
+def cli() -> None:
+    """fastblt: Byte Latent Transformer checkpoints to ONNX / TensorRT, with an exact runtime.
+
+    \b
+    Typical flow (every command defaults to the embedded checkpoint):
+      fastblt generate --prompt "def main(" --mode blt-s      # run it
+      fastblt export --checkpoint default --out artifacts/    # ONNX + manifest
+      fastblt validate --artifacts artifacts/                 # prove parity
+      fastblt bench --json                                    # speed table
+    """
+
+
+def main() -> None:
+    """Entry point: fastblt errors become one line on stderr and exit code 2 (3: backend unavailable)."""
+    from fastblt.errors import BackendUnavailable, FastBltError
+
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if e.exit_code == 2 else e.exit_code)
+    except BackendUnavailable as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(3)
+    except FastBltError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""`fastblt generate`: one generation from the command line (text, a stream, or a JSON record)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from fastblt.engines.registry import BACKENDS
+from fastblt.runtime.options import BLOCK_START_RULES, MODES
+
+UNMASK = ("confidence", "entropy", "one-step")
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
+    """Exactly one of --prompt / --prompt-file; a file is read as bytes (any bytes: a byte model)."""
+    if (prompt is None) == (prompt_file is None):
+        raise click.UsageError("give exactly one of --prompt TEXT or --prompt-file F")
+    if prompt is not None:
+        return prompt
+    path = Path(prompt_file)
+    if prompt_file == "-":
+        return sys.stdin.buffer.read()
+    if not path.is_file():
+        raise click.BadParameter(f"{path}: no such file", param_hint="--prompt-file")
+    return path.read_bytes()
+
+
+@click.command("generate")
+@click.option("--checkpoint", default="default", show_default=True, help="'default' or a checkpoint directory.")
+@click.option("--prompt", default=None, help="Prompt text (UTF-8).")
+@click.option("--prompt-file", default=None, help="Read the prompt's bytes from a file ('-': stdin).")
+@click.option("--mode", type=click.Choice(MODES), default="blt-d", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
+@click.option("--artifacts", default=None, help="Exported graphs (ort/trt); default: exported once into a cache.")
+@click.option("--max-bytes", type=int, default=256, show_default=True, help="Bytes to generate at most.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=None, help="Seed of the sampler (reproducible runs).")
+@click.option("--k", "k", type=int, default=8, show_default=True, help="blt-s: bytes drafted per round.")
+@click.option("--unmask", type=click.Choice(UNMASK), default=None, help="blt-d/blt-dv unmasking rule.")
+@click.option("--alpha", type=float, default=None, help="Confidence threshold (blt-d 0.7, blt-dv 0.3).")
+@click.option("--gamma", type=float, default=None, help="Entropy bound (blt-d 1.0, blt-dv 1.5).")
+@click.option("--block-start", type=click.Choice(BLOCK_START_RULES), default="force", show_default=True)
+@click.option("--stop", multiple=True, help="Stop string (repeatable); not part of the output.")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at EOS.")
+@click.option("--max-context", type=int, default=None, help="Cache capacity (torch; ort exports at this size).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads of the backend.")
+@click.option("--device", default=None, help="torch/trt: where to compute and keep the caches (cpu, cuda, cuda:1).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="torch on CUDA: CUDA graphs [default: on].")
+@click.option("--stream", is_flag=True, help="Print text as it is verified.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record: text, stop reason, statistics.")
+@click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr but errors (no first-use export notice).")
+def generate(
+    checkpoint, prompt, prompt_file, mode, backend, artifacts, max_bytes, temperature, top_k, top_p, seed, k,
+    unmask, alpha, gamma, block_start, stop, ignore_eos, max_context, threads, device, cuda_graphs, stream,
+    as_json, quiet,
+):  # fmt: skip
+    """Generate bytes after a prompt with ar, blt-d, blt-s or blt-dv."""
+    from fastblt.cli.progress import first_use_notice
+    from fastblt.formats.checkpoint import load_config, resolve_checkpoint_path
+    from fastblt.runtime.generator import Generator
+    from fastblt.runtime.options import make_request
+
+    data = read_prompt(prompt, prompt_file)
+    options = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, unmask=unmask, alpha=alpha,
+        gamma=gamma, block_start=block_start, stop=list(stop), stop_on_eos=not ignore_eos,
+    )  # fmt: skip
+    # checked once, against the checkpoint's config, before anything is loaded or exported
+    request = make_request(data, load_config(resolve_checkpoint_path(checkpoint)), mode, max_bytes, **options)
+    g = Generator(
+        checkpoint, backend=backend, artifacts=artifacts, max_context=max_context, threads=threads, device=device,
+        cuda_graphs=cuda_graphs, on_export=None if quiet or as_json else first_use_notice,
+    )  # fmt: skip
+    if stream and not as_json:
+        it = g.stream(request)
+        while True:
+            try:
+                click.echo(next(it), nl=False)
+                sys.stdout.flush()
+            except StopIteration:
+                break
+        click.echo()
+        return
+    out = g.generate(request)
+    if as_json:
+        record = {
+            "text": out.text,
+            "bytes_hex": out.bytes.hex(),
+            "stop_reason": out.stop_reason,
+            "checkpoint": str(g.checkpoint_path) if g.checkpoint_path else checkpoint,
+            "stats": out.stats.to_dict(),
+        }
+        click.echo(json.dumps(record, indent=2))
+    else:
+        click.echo(out.text)

@@ -1,0 +1,114 @@
+"""An Engine: one backend shared by many sequences.
+
+It owns the backend, the lock that serialises its step calls (a backend's output buffers are
+shared, so a step call and the copy of its outputs into a sequence's own buffers hold the lock),
+the cache capacities its step specs fix, and a small pool of idle SequenceStates so that big cache
+buffers are not reallocated per call. A Generator runs on one Engine; several Generators (or
+threads) may share one.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+from fastblt.engines.base import Backend, resolve_device
+from fastblt.engines.registry import backend_factory, check_name
+from fastblt.errors import InputError
+from fastblt.export.cache import ExportNotice
+from fastblt.export.spec import capacities, state_dtype, step_specs
+from fastblt.model.blt import BltModel
+from fastblt.model.config import BltConfig
+from fastblt.runtime.artifacts import graph_backend
+from fastblt.runtime.state import SequenceState
+
+DEFAULT_MAX_CONTEXT = 4096
+POOL_SIZE = 4  # idle SequenceStates kept per engine
+
+
+class Engine:
+    """A backend whose step specs are `config`'s, ready to run sequences (see the module docstring).
+
+    Args:
+        backend: any Backend (activated here); its specs fix the capacities and dtype and must be
+            the step specs of `config` at those capacities.
+        config: the checkpoint's config.
+    """
+
+    def __init__(self, backend: Backend, config: BltConfig):
+        try:
+            capacity, patch_capacity = capacities(backend.specs)
+            dtype = state_dtype(backend.specs)
+        except (KeyError, StopIteration, TypeError, ValueError):
+            raise InputError(
+                f"backend {backend.name}: its specs are not fastblt step specs with static caches"
+            ) from None
+        want = step_specs(config, capacity, patch_capacity, dtype)
+        if backend.specs != want:
+            bad = next((s for s in want if backend.specs.get(s) != want[s]), sorted(set(backend.specs) - set(want)))
+            raise InputError(f"backend {backend.name}: step {bad} does not match this checkpoint's config")
+        self.backend, self.config = backend.activate(), config
+        self.capacity, self.patch_capacity = capacity, patch_capacity
+        self.lock = threading.Lock()
+        self._pool: list[SequenceState] = []
+        self._pool_lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backend computes and the sequences' caches live."""
+        return self.backend.device
+
+    def acquire(self) -> SequenceState:
+        """An empty sequence (from the pool when one is idle); give it back with `release`."""
+        with self._pool_lock:
+            state = self._pool.pop() if self._pool else None
+        if state is None:
+            state = SequenceState(self.backend, self.config, self.capacity, self.patch_capacity, lock=self.lock)
+        state.rollback(0)
+        state.reset_counters()
+        return state
+
+    def release(self, state: SequenceState) -> None:
+        with self._pool_lock:
+            if len(self._pool) < POOL_SIZE:
+                self._pool.append(state)
+
+    def close(self) -> None:
+        self.backend.deactivate()
+
+
+def open_engine(
+    model: BltModel,
+    backend: str,
+    checkpoint_path: Path | None = None,
+    artifacts: str | Path | None = None,
+    max_context: int | None = None,
+    threads: int | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    cuda_graphs: bool | None = None,
+    on_export: ExportNotice | None = None,
+) -> Engine:
+    """An Engine for `model` on the backend named `backend` (see Generator for the arguments)."""
+    check_name(backend)
+    if cuda_graphs is not None and backend != "torch":
+        raise InputError(f"cuda_graphs: a torch backend option; backend {backend!r} has its own execution")
+    if device is not None and backend == "ort" and resolve_device(device).type != "cpu":
+        raise InputError(
+            f"device {device!r}: the ort backend computes where its execution providers run; "
+            "choose backend 'torch' or 'trt' to pick a GPU"
+        )
+    capacity = max_context or DEFAULT_MAX_CONTEXT
+    if backend == "torch":
+        if artifacts is not None:
+            raise InputError("artifacts: the torch backend runs the checkpoint itself; pass artifacts only for ort/trt")
+        factory = backend_factory(backend)
+        specs = step_specs(model.config, capacity, capacity)
+        return Engine(factory(specs, model, threads=threads, device=device, cuda_graphs=cuda_graphs), model.config)
+    extra = {"device": device} if backend == "trt" and device is not None else {}
+    graphs = graph_backend(
+        model, checkpoint_path, backend, artifacts, capacity, max_context, threads, cache_dir, extra, on_export
+    )
+    return Engine(graphs, model.config)
