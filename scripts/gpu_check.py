@@ -18,7 +18,7 @@ reports in OUT/validate-*/ and OUT/bench-*/). Exit 0 when every check that can r
 (without TensorRT, steps 3-7 are reported as not run, with the reason), 1 when one failed.
 Without a CUDA device it prints one SKIP line, writes a "skipped" report, exits 0.
 
-Steps 1-2 ran on an H100 (README.md, "GPU"); steps 3-7 have not run on a GPU with TensorRT yet.
+Steps 1-2 ran on an H100 (docs/gpu.md); steps 3-7 have not run on a GPU with TensorRT yet.
 """
 
 from __future__ import annotations

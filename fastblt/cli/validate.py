@@ -85,7 +85,7 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 @click.option("--modes", default=None, help="Comma list of decoding modes end to end [default: all it can run].")
 @click.option("--max-bytes", type=int, default=32, show_default=True, help="Bytes per end-to-end generation.")
 @click.option("--capacity", type=int, default=256, show_default=True, help="Cache capacity without artifacts.")
-@click.option("--atol", type=float, default=None, help="fp32 max-abs gate [default: 1e-4, DESIGN.md].")
+@click.option("--atol", type=float, default=None, help="fp32 max-abs gate [default: 1e-4, docs/validation.md].")
 @click.option("--no-real", is_flag=True, help="Random graph inputs only (no prompt-derived ones).")
 @click.option("--no-e2e", is_flag=True, help="Skip end-to-end generation.")
 @click.option("--no-layers", is_flag=True, help="Do not localise failed graphs per layer.")
@@ -136,7 +136,7 @@ def validate(
     """Per graph, per layer, end to end, and against Hugging Face: is the deployed model the trained one?
 
     \b
-    Gates (DESIGN.md): fp32 graphs within 1e-4 max abs of torch; fp16/bf16 by cosine >= 0.99 and
+    Gates (docs/validation.md): fp32 graphs within 1e-4 max abs of torch; fp16/bf16 by cosine >= 0.99 and
     top-1 agreement >= 0.99 where the reference margin >= 0.1; NaN/Inf checked separately;
     generation identical byte for byte. Exit 0 pass, 1 a gate failed, 2 bad input, 3 a requested
     backend is unavailable here (and nothing failed).

@@ -96,7 +96,7 @@ def _cross(config: BltConfig, length: int | str, dtype: str) -> list[TensorSpec]
 def step_specs(config: BltConfig, capacity: int, patch_capacity: int, dtype: str = "float32") -> dict[str, StepSpec]:
     """All step specs for a config; `dtype` is the float dtype of states and caches.
 
-    Entropies and logits are always float32 (DESIGN.md: entropy and the head run in fp32).
+    Entropies and logits are always float32 (docs/architecture.md: entropy and the head run in fp32).
     """
     i32, f32 = "int32", "float32"
     start = TensorSpec("start", i32, ("batch",))

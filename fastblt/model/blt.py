@@ -262,7 +262,7 @@ class BltModel(nn.Module):
 
         h (B, N, d) clean encoder states; read_patch (B, N); block_ids (B, M, Bk) bytes/[MASK]/[PAD];
         block_starts (B, M) first position of each block; block_read (B, M) the latent each block
-        reads (the patch ending right before its start). Masks (DESIGN.md): clean rows are causal
+        reads (the patch ending right before its start). Masks (docs/architecture.md): clean rows are causal
         over clean rows only; a block row sees its own block (bidirectionally) and the clean rows
         strictly before its start, nothing else (no other block: the "label leak").
         Returns clean logits (B, N, V) and block logits (B, M, Bk, V).

@@ -2,7 +2,7 @@
 
 The hash of the n-gram ending at byte i is sum_j w[j] * p^j over the window w = t[i-n+1..i]
 (left-padded with 0 = BOE), computed in int64 with wrap-around, then `% vocab` (non-negative).
-Ids are always computed on the host and fed to graphs as int32 (DESIGN.md): never in a graph.
+Ids are always computed on the host and fed to graphs as int32 (docs/architecture.md): never in a graph.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ SwiGLU, the pre-norm block and BLT's cross-attention.
 
 Every function works on plain tensors so the same code serves the full forward, the incremental
 step functions and the ONNX export. Attention logits, softmax, norms and RoPE run in fp32 whatever
-the weight dtype (DESIGN.md: precision lives in the graph). Masks are additive fp32 biases with a
+the weight dtype (docs/architecture.md: precision lives in the graph). Masks are additive fp32 biases with a
 large finite negative, never -inf, so a fully masked row gives a uniform average, not NaN.
 """
 

@@ -10,7 +10,7 @@ three times and memorised). The held-out files are a fixed, committed list
 so that every Python version evaluates on the same files; files of the list that this Python
 lacks are skipped and counted. Held-out test files stay held out when the tests do not train.
 
-Token ids are byte + 4 with BOS (1) prepended (DESIGN.md).
+Token ids are byte + 4 with BOS (1) prepended (fastblt/model/tokenizer.py).
 """
 
 from __future__ import annotations

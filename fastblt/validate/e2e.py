@@ -29,7 +29,7 @@ from fastblt.validate.recording import RecordingBackend, TraceCall
 from fastblt.validate.report import Report
 
 MODES = ("ar", "blt-s", "blt-d", "blt-dv")
-LOSSLESS = ("blt-s", "blt-dv")  # greedy output identical to greedy ar (DESIGN.md)
+LOSSLESS = ("blt-s", "blt-dv")  # greedy output identical to greedy ar (docs/generation.md)
 STEP_MODULES = {
     "entropy": "entropy_model",
     "encoder": "local_encoder",

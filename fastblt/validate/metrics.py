@@ -1,6 +1,6 @@
-"""Compare two arrays: error statistics, the gates of DESIGN.md, and the NaN/Inf check.
+"""Compare two arrays: error statistics, the gates of docs/validation.md, and the NaN/Inf check.
 
-Gates (DESIGN.md "Validation"):
+Gates (docs/validation.md):
 - fp32 graphs vs torch: max abs error <= 1e-4. Where that fails and an fp64 (exact-arithmetic)
   output of the same step is given, the candidate is judged against fp64 instead: within 1e-4 +
   FP64_FACTOR x the torch fp32 reference's own error. An output of magnitude ~500 has an fp32
@@ -84,7 +84,7 @@ class Tolerances:
 
     @classmethod
     def for_dtype(cls, dtype: str, atol: float | None = None) -> Tolerances:
-        """DESIGN.md's gates for graphs in `dtype`; `atol` overrides the fp32 max-abs bound."""
+        """The gates (docs/validation.md) for graphs in `dtype`; `atol` overrides the fp32 max-abs bound."""
         if dtype in REDUCED_DTYPES:
             return cls({"": REDUCED, **dict.fromkeys(LOGIT_NAMES, REDUCED_LOGITS)})
         if dtype != "float32":

@@ -68,7 +68,7 @@ class ValidateOptions:
     seed: int = 0
     threads: int | None = None
     device: str | None = None  # candidates torch / trt compute here; the reference stays on the CPU
-    atol: float | None = None  # fp32 max-abs gate; None: 1e-4 (DESIGN.md)
+    atol: float | None = None  # fp32 max-abs gate; None: 1e-4 (docs/validation.md)
     save_inputs: Path | None = None
     load_inputs: Path | None = None
     save_outputs: Path | None = None
