@@ -98,7 +98,10 @@ def test_block_step_equals_training_layout():
         latents = model.global_latents(h, lengths)
         dpid = decoder_patch_ids(lengths, 40)
         clean, blocks = model.decode_with_blocks(h, latents, dpid, ids, starts, read)
-        assert (clean - model.decode(h, latents, dpid)).abs().max().item() == 0.0
+        # the clean rows of the N + M*Bk layout vs a pass over the N rows alone: the same math over
+        # other matrix shapes, so BLAS may sum in another order (up to ~4e-7 with AVX2 kernels, 0
+        # with AVX-512); a block leaking into a clean row moves its logits by far more than 1e-5
+        assert (clean - model.decode(h, latents, dpid)).abs().max().item() <= 1e-5
         cross = model.decoder_cross_kv(latents)
         for m in range(starts.shape[1]):
             s = int(starts[0, m])

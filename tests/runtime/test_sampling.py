@@ -57,8 +57,12 @@ def test_top_k_top_p_temperature():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     p = probs_from_logits(logits, SamplingParams(1.0, top_k=2))
     assert torch.allclose(p, torch.tensor([0.625, 0.375, 0, 0]))
-    p = probs_from_logits(logits, SamplingParams(1.0, top_p=0.8))  # 0.5 + 0.3 reaches 0.8
+    p = probs_from_logits(logits, SamplingParams(1.0, top_p=0.79))  # 0.5 + 0.3 passes 0.79
     assert torch.allclose(p, torch.tensor([0.625, 0.375, 0, 0]))
+    # mass exactly at top_p reaches it: 0.5 + 0.3 from exp(log(.)) lands an ulp from 0.8 in fp32, on
+    # the side the CPU's exp kernel rounds to; two equal logits give exactly 0.5 each on every CPU
+    tie = probs_from_logits(torch.tensor([0.0, 0.0, float("-inf")]), SamplingParams(1.0, top_p=0.5))
+    assert sorted(tie.tolist()) == [0.0, 0.0, 1.0]  # the second 0.5 is dropped (a tie: either one)
     p = probs_from_logits(logits, SamplingParams(1.0, top_p=0.81))
     assert torch.allclose(p, torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
     p = probs_from_logits(logits, SamplingParams(1.0, top_p=0.1))  # the top cell always stays
