@@ -12,8 +12,9 @@ from pathlib import Path
 
 import click
 
+from fastblt.cli.common import deprecated_option
 from fastblt.export.exporter import DEFAULT_OPSET, ExportOptions
-from fastblt.export.spec import FLOAT_DTYPES
+from fastblt.export.spec import DEFAULT_MAX_STEP, FLOAT_DTYPES
 
 
 def _progress(total_label: str):
@@ -71,22 +72,29 @@ def _summary(out: Path, manifest: dict, up_to_date: bool, seconds: float) -> dic
 @click.option("--checkpoint", default="default", show_default=True, help='Checkpoint directory or "default".')
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory (written atomically).")
 @click.option("--dtype", type=click.Choice(list(FLOAT_DTYPES)), default="fp32", show_default=True)
-@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (18, 19 or 20).")
-@click.option("--max-context", type=int, default=4096, show_default=True, help="Byte-cache capacity.")
-@click.option("--max-patches", type=int, default=None, help="Patch-cache capacity [default: --max-context].")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (24: TensorScatter).")
+@click.option(
+    "--max-step",
+    type=int,
+    default=DEFAULT_MAX_STEP,
+    show_default=True,
+    help="Most positions per step call (prefill chunk, k+1, a block); windowed caches hold window + this.",
+)
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Largest batch (dynamic dim bound).")
+@deprecated_option("--max-context", "caches follow the context up to the model's limit")
+@deprecated_option("--max-patches", "the global cache follows the context up to the model's limit")
 @click.option("--force", is_flag=True, help="Replace an output directory that holds a different export.")
 @click.option(
     "--check", "check_dir", type=click.Path(path_type=Path), default=None, help="Only re-check an export directory."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
-def export(checkpoint, out, dtype, opset, max_context, max_patches, max_batch, force, check_dir, as_json) -> None:
+def export(checkpoint, out, dtype, opset, max_step, max_batch, force, check_dir, as_json) -> None:
     """Export the five step graphs of a checkpoint to ONNX, with manifest.json, and check them.
 
     \b
     Examples:
       fastblt export --checkpoint default --out artifacts/
-      fastblt export --checkpoint ckpt/ --out artifacts-fp16/ --dtype fp16 --max-context 8192
+      fastblt export --checkpoint ckpt/ --out artifacts-fp16/ --dtype fp16
       fastblt export --check artifacts/
     """
     if check_dir is not None:
@@ -94,18 +102,16 @@ def export(checkpoint, out, dtype, opset, max_context, max_patches, max_batch, f
         return
     if out is None:
         raise click.UsageError("--out is required (or use --check DIR)")
-    _run_export(checkpoint, out, dtype, opset, max_context, max_patches, max_batch, force, as_json)
+    _run_export(checkpoint, out, dtype, opset, max_step, max_batch, force, as_json)
 
 
-def _run_export(checkpoint, out, dtype, opset, max_context, max_patches, max_batch, force, as_json) -> None:
+def _run_export(checkpoint, out, dtype, opset, max_step, max_batch, force, as_json) -> None:
     from fastblt.export.checks import ExportCheckFailed
-    from fastblt.export.exporter import existing_export, export_model, mapped_model
+    from fastblt.export.exporter import existing_export, export_model, mapped_weights
     from fastblt.export.spec import TORCH_DTYPES
     from fastblt.formats.checkpoint import checkpoint_hash, resolve_checkpoint_path
 
-    options = ExportOptions(
-        dtype=dtype, opset=opset, capacity=max_context, patch_capacity=max_patches, max_batch=max_batch
-    )
+    options = ExportOptions(dtype=dtype, opset=opset, max_step=max_step, max_batch=max_batch)
     source = resolve_checkpoint_path(checkpoint)
     ckpt_hash = checkpoint_hash(source)
     status = existing_export(out, ckpt_hash, options)
@@ -121,17 +127,17 @@ def _run_export(checkpoint, out, dtype, opset, max_context, max_patches, max_bat
 
         raise ManifestMismatch(f"{out}: already holds a different export ({status}); pass --force to replace it")
     click.echo(f"mapping checkpoint {source} (weights are read and cast to {options.dtype} per graph)", err=True)
-    model, step_weights = mapped_model(source, TORCH_DTYPES[options.dtype], options)
+    config, weights = mapped_weights(source, TORCH_DTYPES[options.dtype])
     try:
         result = export_model(
-            model,
+            config,
             out,
             options,
             checkpoint_hash=ckpt_hash,
             checkpoint_source=str(checkpoint),
             force=True,  # the existing export was judged above
             progress=_progress("exporting"),
-            step_weights=step_weights,
+            weights=weights,
         )
     except ExportCheckFailed as e:
         click.echo(f"error: {e}", err=True)

@@ -47,7 +47,12 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
 @click.option("--block-start", type=click.Choice(BLOCK_START_RULES), default="force", show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not part of the output.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at EOS.")
-@click.option("--max-context", type=int, default=None, help="Cache capacity (torch; ort exports at this size).")
+@click.option(
+    "--max-context",
+    type=int,
+    default=None,
+    help="Most ids (prompt + output) a call may hold [default: no limit but the model's].",
+)
 @click.option("--threads", type=int, default=None, help="Intra-op threads of the backend.")
 @click.option("--device", default=None, help="torch/trt: where to compute and keep the caches (cpu, cuda, cuda:1).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="torch on CUDA: CUDA graphs [default: on].")

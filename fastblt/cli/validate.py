@@ -15,7 +15,9 @@ from pathlib import Path
 
 import click
 
+from fastblt.cli.common import deprecated_option
 from fastblt.errors import BackendUnavailable, FastBltError, InputError
+from fastblt.export.spec import DEFAULT_MAX_STEP
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -84,7 +86,10 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 @click.option("--graphs", default=None, help="Comma list of step graphs to compare [default: all].")
 @click.option("--modes", default=None, help="Comma list of decoding modes end to end [default: all it can run].")
 @click.option("--max-bytes", type=int, default=32, show_default=True, help="Bytes per end-to-end generation.")
-@click.option("--capacity", type=int, default=256, show_default=True, help="Cache capacity without artifacts.")
+@click.option(
+    "--max-step", type=int, default=DEFAULT_MAX_STEP, show_default=True, help="Positions per step without artifacts."
+)
+@deprecated_option("--capacity", "caches follow the context; --max-step sets the rings' headroom")
 @click.option("--atol", type=float, default=None, help="fp32 max-abs gate [default: 1e-4, docs/validation.md].")
 @click.option("--no-real", is_flag=True, help="Random graph inputs only (no prompt-derived ones).")
 @click.option("--no-e2e", is_flag=True, help="Skip end-to-end generation.")
@@ -118,7 +123,7 @@ def validate(
     graphs: str | None,
     modes: str | None,
     max_bytes: int,
-    capacity: int,
+    max_step: int,
     atol: float | None,
     no_real: bool,
     no_e2e: bool,
@@ -168,7 +173,7 @@ def _run(**kw) -> int:
         modes=_csv(kw["modes"]) or MODES,
         max_bytes=kw["max_bytes"],
         hf_greedy_bytes=kw["max_bytes"],
-        capacity=kw["capacity"],
+        max_step=kw["max_step"],
         real=not kw["no_real"],
         e2e=not kw["no_e2e"],
         layers=not kw["no_layers"],

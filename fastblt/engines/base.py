@@ -4,8 +4,10 @@ A backend runs a named step on named torch tensors (the names and shapes of expo
 Public methods check the lifecycle and the feeds, then delegate to `_impl` methods. Backends are
 context managers and are looked up by name: `torch` (reference), `ort`, `trt`.
 
-Buffer ownership: feeds are the caller's (caches are passed as whole static buffers and only
-read); outputs belong to the backend and are valid until the next `run_step` call of that step.
+Buffer ownership: feeds are the caller's. A cache output aliased to its input (export/spec.py
+`StepSpec.aliases`) is that input, written in place; other outputs belong to the backend and are
+valid until the next `run_step` call of that step. Call counts and times are the caller's to keep
+(runtime/state.py counts per sequence).
 
 Devices: a backend computes on `backend.device`. Feeds already there are used in place; outputs
 are returned there (CPU backends: the host). Callers keep long-lived buffers (the caches) on
@@ -14,7 +16,6 @@ are returned there (CPU backends: the host). Callers keep long-lived buffers (th
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -40,8 +41,6 @@ class Backend(ABC):
     def __init__(self, specs: dict[str, StepSpec]):
         self.specs = specs
         self.active = False
-        self.backend_seconds = 0.0  # time spent inside _run_step_impl since activation
-        self.calls: dict[str, int] = dict.fromkeys(specs, 0)
 
     # lifecycle --------------------------------------------------------------------------
     def activate(self) -> Backend:
@@ -74,15 +73,7 @@ class Backend(ABC):
             raise InputError(f"step {step!r}: not in this model's graphs {sorted(self.specs)}")
         if check:
             check_feeds(self.specs[step], feeds)
-        t0 = time.perf_counter()
-        out = self._run_step_impl(step, feeds)
-        self.backend_seconds += time.perf_counter() - t0
-        self.calls[step] += 1
-        return out
-
-    def reset_counters(self) -> None:
-        self.backend_seconds = 0.0
-        self.calls = dict.fromkeys(self.specs, 0)
+        return self._run_step_impl(step, feeds)
 
     @abstractmethod
     def _activate_impl(self) -> None: ...

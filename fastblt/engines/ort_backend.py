@@ -2,8 +2,10 @@
 
 One InferenceSession per step graph, created once at activation (CPU EP; CUDA EP first when
 onnxruntime-gpu is installed). Every call binds the caller's torch tensors by data pointer
-(zero-copy on the CPU) and binds the outputs to torch tensors this backend preallocates per output
-shape, so a step neither copies the static caches nor allocates once its shapes have been seen.
+(zero-copy on the CPU). A cache output (`present.*`, aliased to its input in the spec) is bound to
+that same input's memory, so the graph's TensorScatter writes the caller's cache in place; other
+outputs go to torch tensors this backend preallocates per output shape. A step then neither copies
+a cache nor allocates once its shapes have been seen.
 The export's manifest is checked before anything runs: files and sha256, and the spec of every
 graph against the `specs` the caller will feed (ManifestMismatch names the field that differs).
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fastblt.engines.base import Availability, Backend
-from fastblt.errors import ManifestMismatch
+from fastblt.errors import InternalError, ManifestMismatch
 from fastblt.export.manifest import MANIFEST, read_manifest, verify_files, verify_specs
 from fastblt.export.spec import TORCH_DTYPES, StepSpec
 
@@ -65,6 +67,8 @@ class OrtBackend(Backend):
         self._bindings: dict = {}
         self._bound: dict[str, dict[str, tuple]] = {}
         self._outputs: dict[str, OrderedDict] = {step: OrderedDict() for step in specs}
+        self._aliases = {step: dict(spec.aliases) for step, spec in specs.items()}
+        self._aliased_inputs = {step: set(a.values()) for step, a in self._aliases.items()}
         self.device = torch.device("cpu")
 
     # lifecycle --------------------------------------------------------------------------
@@ -105,9 +109,12 @@ class OrtBackend(Backend):
         binding, bound = self._bindings[step], self._bound[step]
         dims: dict[str, int] = {}
         keep = []  # contiguous copies must outlive the run
+        aliased = self._aliased_inputs[step]
         for t in spec.inputs:
             x = feeds[t.name]
             if not x.is_contiguous():
+                if t.name in aliased:  # a copy would take the in-place write away from the caller
+                    raise InternalError(f"step {step} | input {t.name}: a cache written in place must be contiguous")
                 x = x.contiguous()
                 keep.append(x)
             for want, got in zip(t.shape, x.shape, strict=True):
@@ -117,10 +124,11 @@ class OrtBackend(Backend):
             if bound.get(t.name) != where:  # the static caches keep their address: bound once
                 binding.bind_input(t.name, x.device.type, x.device.index or 0, _ELEM[t.dtype], where[1], where[2])
                 bound[t.name] = where
-        outputs = self._output_buffers(step, spec, dims)
+        outputs = dict(self._output_buffers(step, spec, dims))
         dev = self.device
         for t in spec.outputs:
-            y = outputs[t.name]
+            alias = self._aliases[step].get(t.name)
+            y = outputs[t.name] = feeds[alias] if alias is not None else outputs[t.name]
             where = (dev, tuple(y.shape), y.data_ptr())
             if bound.get(t.name) != where:
                 binding.bind_output(t.name, dev.type, dev.index or 0, _ELEM[t.dtype], where[1], where[2])
@@ -132,13 +140,15 @@ class OrtBackend(Backend):
         return outputs
 
     def _output_buffers(self, step: str, spec: StepSpec, dims: dict[str, int]) -> dict[str, torch.Tensor]:
-        shapes = tuple(tuple(dims[d] if isinstance(d, str) else d for d in t.shape) for t in spec.outputs)
+        """This call's own output tensors (not the aliased caches), reused per set of shapes."""
+        own = [t for t in spec.outputs if t.name not in self._aliases[step]]
+        shapes = tuple(tuple(dims[d] if isinstance(d, str) else d for d in t.shape) for t in own)
         cached = self._outputs[step]
         buffers = cached.get(shapes)
         if buffers is None:
             buffers = {
                 t.name: torch.empty(shape, dtype=TORCH_DTYPES[t.dtype], device=self.device)
-                for t, shape in zip(spec.outputs, shapes, strict=True)
+                for t, shape in zip(own, shapes, strict=True)
             }
             cached[shapes] = buffers
             if len(cached) > _MAX_SHAPES_PER_STEP:

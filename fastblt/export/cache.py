@@ -1,7 +1,7 @@
 """The export cache: a checkpoint's step graphs exported once per (weights, dtype, capacity) and
 found again by every later user (the runtime's first use, `fastblt validate` without --artifacts).
 
-Layout: `<root>/<source hash[:16]>/<dtype>-<capacity>/` holding an ordinary export directory
+Layout: `<root>/<source hash[:16]>/<dtype>-step<max_step>/` holding an ordinary export directory
 (manifest.json + .onnx files). The root is, first found: the `cache_dir` argument, the
 FASTBLT_CACHE environment variable, `~/.cache/fastblt`. The source hash is the checkpoint
 directory's `checkpoint_hash`, or for a model held only in memory `model_hash` over its config and
@@ -58,7 +58,7 @@ def source_hash(model: BltModel, checkpoint_path: Path | None) -> str:
 
 def cache_entry(key: str, options: ExportOptions, cache_dir: str | Path | None = None) -> Path:
     """The directory the export of `key` with `options` has in the cache."""
-    return cache_root(cache_dir) / key[:16] / f"{options.dtype}-{options.capacity}"
+    return cache_root(cache_dir) / key[:16] / f"{options.dtype}-step{options.max_step}"
 
 
 def cached_export(

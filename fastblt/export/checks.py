@@ -7,7 +7,8 @@
   with a supported data type and build-time-constant inputs where the list demands them, and the
   model's opset is in the list's range.
 - `hash_ids`: no arithmetic on hashed values inside the graph (hash ids are computed on the host
-  and may only be sliced, cast and used as gather indices), and no int64 Mod/Pow/BitShift anywhere.
+  and may only be sliced, cast, offset by a constant table base and used as gather indices), and
+  no int64 Mod/Pow/BitShift anywhere (the signature of hashing; positions are int32).
 - `ort`: the graph loads in onnxruntime (CPU). A bfloat16 graph that ORT CPU cannot load is
   skipped with ORT's reason (bf16 graphs are for GPUs / TensorRT).
 
@@ -229,6 +230,7 @@ def check_trt_ops(proto: onnx.ModelProto, opset: int, table: TrtOpTable) -> Chec
 
 def check_hash_ids(proto: onnx.ModelProto) -> CheckResult:
     types = _elem_types(proto)
+    constants = {t.name for t in proto.graph.initializer}
     tainted = {v.name for v in proto.graph.input if v.name == "hash_ids"}
     problems = []
     for node in _nodes(proto.graph):
@@ -242,11 +244,14 @@ def check_hash_ids(proto: onnx.ModelProto) -> CheckResult:
         if node.op_type in _HASH_PASS and (node.op_type not in _GATHERS or hit == [0]):
             tainted.update(o for o in node.output if o)
             continue
+        if node.op_type == "Add" and len(hit) == 1 and node.input[1 - hit[0]] in constants:
+            tainted.update(o for o in node.output if o)  # a table's base row: still only an index
+            continue
         dtype = _ONNX_TO_TRT.get(types.get(node.input[hit[0]], 0), "?")
         problems.append(f"{node.op_type} node {node.name!r} computes on hashed values ({dtype})")
     if problems:
         return CheckResult("hash_ids", "fail", "; ".join(problems[:5]))
-    what = "hash_ids only sliced/cast/gathered" if tainted else "no hash_ids input"
+    what = "hash_ids only sliced/cast/offset/gathered" if tainted else "no hash_ids input"
     return CheckResult("hash_ids", "pass", f"{what}; no int64 Mod/Pow/BitShift")
 
 

@@ -1,6 +1,6 @@
 """Export a model's step graphs into a directory, check them, write the manifest, atomically.
 
-    options = ExportOptions(dtype="float16", capacity=4096)
+    options = ExportOptions(dtype="float16")
     result = export_model(model, "artifacts/", options, checkpoint_hash=h)   # -> ExportResult
     check_export("artifacts/")                                             # re-run every check
 
@@ -12,10 +12,9 @@ options make the export "up to date" and nothing is written.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from fastblt.errors import FastBltError, InputError, ManifestMismatch
 from fastblt.export import checks as checks_mod
 from fastblt.export.checks import CheckResult, ExportCheckFailed, check_graph, failures
-from fastblt.export.graphs import GraphRecord, dim_ranges, export_step, materialized, step_parameter_names
+from fastblt.export.graphs import OPSET, GraphRecord, Weights, export_step, model_weights
 from fastblt.export.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -37,16 +36,15 @@ from fastblt.export.manifest import (
     versions,
     write_manifest,
 )
-from fastblt.export.spec import TORCH_DTYPES, StepSpec, float_dtype, step_specs
+from fastblt.export.spec import DEFAULT_MAX_STEP, TORCH_DTYPES, StepSpec, dim_ranges, float_dtype, step_specs
 from fastblt.formats.files import replace_dir, staging_dir
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
 
-# 18 is the torch exporter's floor (torchlib), 20 its default and the highest opset TensorRT 10.0
-# parses; ONNX >= 21 ops (Attention, RMSNormalization, TensorScatter) are not used by these graphs.
-OPSETS = (18, 19, 20)
-DEFAULT_OPSET = 20
-MIN_CAPACITY = 8  # room for the example sizes the exporter traces with
+# The graphs use Attention, RMSNormalization, RotaryEmbedding (opset 23) and TensorScatter (24);
+# onnxruntime 1.32's CPU EP runs them, TensorRT parses them from 10.15 on (export/trt_ops.txt).
+OPSETS = (OPSET,)
+DEFAULT_OPSET = OPSET
 EXTERNAL_DATA_BYTES = 64 << 20  # graphs with more initializer bytes keep them in <file>.data
 
 
@@ -56,8 +54,7 @@ class ExportOptions:
 
     dtype: str = "float32"  # "float32" | "float16" | "bfloat16" (or fp32/fp16/bf16)
     opset: int = DEFAULT_OPSET
-    capacity: int = 4096  # static byte-cache capacity C (max context in bytes)
-    patch_capacity: int | None = None  # static patch-cache capacity; None -> capacity
+    max_step: int = DEFAULT_MAX_STEP  # positions per step call (sets the rings' sizes, export/spec.py)
     max_batch: int = 8  # upper bound of the dynamic batch dim (TensorRT profiles)
     external_data_bytes: int = field(default=EXTERNAL_DATA_BYTES, compare=False)
 
@@ -65,15 +62,10 @@ class ExportOptions:
         object.__setattr__(self, "dtype", float_dtype(self.dtype))
         if self.opset not in OPSETS:
             raise InputError(
-                f"opset {self.opset}: unsupported; choose one of {', '.join(map(str, OPSETS))} "
-                "(18 = the torch exporter's floor, 20 = the highest TensorRT 10.0 parses)"
+                f"opset {self.opset}: unsupported; the graphs need opset {OPSET} (TensorScatter, Attention)"
             )
-        if self.patch_capacity is None:
-            object.__setattr__(self, "patch_capacity", self.capacity)
-        for name in ("capacity", "patch_capacity"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < MIN_CAPACITY:
-                raise InputError(f"{name} {v!r}: expected an int >= {MIN_CAPACITY}")
+        if not isinstance(self.max_step, int) or self.max_step < 2:
+            raise InputError(f"max_step {self.max_step!r}: expected an int >= 2")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise InputError(f"max_batch {self.max_batch!r}: expected an int >= 1")
 
@@ -84,7 +76,7 @@ class ExportOptions:
         return d
 
     def specs(self, config: BltConfig) -> dict[str, StepSpec]:
-        return step_specs(config, self.capacity, self.patch_capacity, self.dtype)
+        return step_specs(config, self.max_step, self.dtype)
 
 
 @dataclass
@@ -97,8 +89,6 @@ class ExportResult:
 
 # progress events: ("start" | "exported", step, index, total, None), then ("done", step, index, total, entry)
 Progress = Callable[[str, str, int, int, dict | None], None]
-# Makes one step's weights available while it exports (default: they already are)
-StepWeights = Callable[[str], contextlib.AbstractContextManager]
 
 
 def existing_export(out: Path, checkpoint_hash: str | None, options: ExportOptions) -> str | None:
@@ -133,17 +123,19 @@ def existing_export(out: Path, checkpoint_hash: str | None, options: ExportOptio
 
 
 def export_model(
-    model: BltModel,
+    model: BltModel | BltConfig,
     out: str | Path,
     options: ExportOptions,
     checkpoint_hash: str | None = None,
     checkpoint_source: str | None = None,
     force: bool = False,
     progress: Progress | None = None,
-    step_weights: StepWeights | None = None,
+    weights: Weights | None = None,
 ) -> ExportResult:
     """Export every step graph of `model` (weights already in `options.dtype`) into `out`.
 
+    Instead of a model, a config with `weights` (each parameter by name, in `options.dtype`:
+    `mapped_weights` reads them from a checkpoint's files one graph at a time).
     Raises ExportCheckFailed when a graph fails a check, ManifestMismatch when `out` holds a
     different export and not `force`; in both cases nothing under `out` changes.
     """
@@ -154,13 +146,15 @@ def export_model(
         return ExportResult(out, read_manifest(out), True, time.perf_counter() - t0)
     if status is not None and not force:
         raise ManifestMismatch(f"{out}: already holds a different export ({status}); pass --force to replace it")
-    _check_model_dtype(model, options.dtype)
-    config = model.config
+    if weights is None:
+        _check_model_dtype(model, options.dtype)
+        weights = model_weights(model)
+    config = model if isinstance(model, BltConfig) else model.config
     specs = options.specs(config)
-    ranges = dim_ranges(options.capacity, options.patch_capacity, options.max_batch, config.patching.max_patch_length)
+    ranges = dim_ranges(config, options.max_step, options.max_batch)
     tmp = staging_dir(out, "export")
     try:
-        graphs = _export_graphs(model, tmp, specs, options, ranges, progress, step_weights)
+        graphs = _export_graphs(config, weights, tmp, specs, options, progress)
         manifest = _manifest(config, options, ranges, graphs, checkpoint_hash, checkpoint_source)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)
@@ -206,21 +200,20 @@ def check_export(directory: str | Path, progress: Progress | None = None) -> dic
 
 # ------------------------------------------------------------------------------ helpers
 def _export_graphs(
-    model: BltModel,
+    config: BltConfig,
+    weights: Weights,
     tmp: Path,
     specs: dict[str, StepSpec],
     options: ExportOptions,
-    ranges: dict,
     progress: Progress | None,
-    step_weights: StepWeights | None,
 ) -> dict[str, dict]:
     """Export and check each graph in turn; the first failed check stops the export."""
     graphs = {}
     for i, (step, spec) in enumerate(specs.items()):
         if progress:
             progress("start", step, i, len(specs), None)
-        with (step_weights or _nothing)(step):
-            record = export_step(model, spec, tmp / f"{step}.onnx", options.opset, ranges, options.external_data_bytes)
+        path = tmp / f"{step}.onnx"
+        record = export_step(config, spec, weights, path, options.dtype, options.external_data_bytes)
         if progress:
             progress("exported", step, i, len(specs), None)
         t1 = time.perf_counter()
@@ -250,22 +243,19 @@ def _manifest(
         "notes": {
             "opset": f"opset {options.opset}: every op is in TensorRT's list (opset 9-24) and runs in "
             "onnxruntime; 20 is the highest TensorRT 10.0 parses and the torch exporter's default",
-            "caches": "past.* inputs are static-capacity buffers (slot j = position j, `start` valid); "
-            "present.* outputs hold only the new entries, written by the caller at start..start+S-1",
+            "caches": "past.* inputs are (batch, heads, slots, head_dim) caches; windowed stacks keep rings of "
+            "window + max_step slots (position p in slot p mod slots), the global stack a linear cache of `past` "
+            "slots; present.* outputs are the same buffers, written in place (bind them to the inputs' memory); "
+            "cross.* is the decoder's ring of patch keys/values (patch p in slot p mod its size)",
             "precision": "norms, softmax, RoPE, entropies and logits are float32 inside every graph",
         },
         "graphs": graphs,
     }
 
 
-@contextlib.contextmanager
-def _nothing(step: str) -> Iterator[None]:
-    yield
-
-
-def mapped_model(path: str | Path, dtype: torch.dtype, options: ExportOptions) -> tuple[BltModel, StepWeights]:
-    """A meta-device model of the checkpoint at `path` and the `step_weights` that give one step
-    graph its weights (read from the mapped files, cast to `dtype`) while that graph exports.
+def mapped_weights(path: str | Path, dtype: torch.dtype) -> tuple[BltConfig, Weights]:
+    """The config of the checkpoint at `path` and its Weights, read from the mapped files and cast
+    to `dtype` only when a graph asks for them.
 
     Peak memory is then about the largest graph's weights in `dtype`, not the whole model: what a
     BLT-1B export needs on a machine smaller than its fp32 weights.
@@ -273,14 +263,7 @@ def mapped_model(path: str | Path, dtype: torch.dtype, options: ExportOptions) -
     from fastblt.formats.checkpoint import load_mapped
 
     config, state = load_mapped(path)
-    with torch.device("meta"):
-        model = BltModel(config).to(dtype).eval()
-    specs = options.specs(config)
-
-    def step_weights(step: str):
-        return materialized(model, step_parameter_names(model, specs[step]), lambda name, _: state[name].to(dtype))
-
-    return model, step_weights
+    return config, lambda name: state[name].to(dtype)
 
 
 def _check_model_dtype(model: BltModel, dtype: str) -> None:
@@ -294,15 +277,11 @@ def _graph_entry(
     tmp: Path, record: GraphRecord, spec: StepSpec, options: ExportOptions, results: list[CheckResult], check_s: float
 ) -> dict:
     entry = {"file": record.file, "external_data": record.external_data}
-    cache_capacity = options.patch_capacity if spec.stack == "global" else options.capacity
     return {
         **entry,
         "sha256": {name: sha256_file(tmp / name) for name in graph_files(entry)},
         "bytes": record.bytes,
         "opset": options.opset,
-        "stack": spec.stack,
-        "cache_capacity": cache_capacity,
-        "patch_capacity": options.patch_capacity,
         **spec.to_dict(),
         "op_counts": record.op_counts,
         "nodes": sum(record.op_counts.values()),

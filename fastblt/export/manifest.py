@@ -1,12 +1,12 @@
 """manifest.json: what an export directory holds, and the one place that verifies it.
 
-Layout (format "fastblt-export", version 1):
+Layout (format "fastblt-export", version 2: in-place ring and linear caches):
     checkpoint: {hash, source, config}           the model the graphs compute
-    options:    {dtype, opset, capacity, patch_capacity, max_batch}
-    dims:       {batch|new|patches|patch_len: {min, max}}   named dynamic dimensions
+    options:    {dtype, opset, max_step, max_batch}
+    dims:       {batch|new|patches|patch_len|past: {min, max}}   named dynamic dimensions
     versions:   {fastblt, torch, onnx, onnxscript, onnxruntime}
-    graphs:     {step: {file, external_data, sha256: {file: hex}, bytes, opset, stack,
-                        cache_capacity, inputs, outputs, op_counts, export_seconds, checks}}
+    graphs:     {step: {file, external_data, sha256: {file: hex}, bytes, opset, stack, slots,
+                        max_step, aliases, inputs, outputs, op_counts, export_seconds, checks}}
 Every graph's inputs/outputs are its StepSpec (export/spec.py) as data: name, dtype, shape with
 named dynamic dims. The runtime and the engine builder read this file, never guess.
 """
@@ -23,7 +23,7 @@ from fastblt.errors import ManifestMismatch
 from fastblt.export.spec import StepSpec
 
 MANIFEST = "manifest.json"
-FORMAT, FORMAT_VERSION = "fastblt-export", 1
+FORMAT, FORMAT_VERSION = "fastblt-export", 2
 
 
 def sha256_file(path: Path) -> str:

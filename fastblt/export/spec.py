@@ -3,8 +3,15 @@ dtype and shape (named dimensions are dynamic). The torch reference, the ONNX ex
 TensorRT profiles and the runtime's checks all read this.
 
 Dynamic dimensions: `batch`, `new` (S new positions), `patches` (Pn new patches), `patch_len` (L,
-the longest new patch). Static: cache capacities `capacity` (bytes) and `patch_capacity`.
-Cache I/O: `past.{layer}.k` in, `present.{layer}.k` out (only the S new entries).
+the longest new patch) and `past` (the slots of a linear cache: the live prefix, rounded up).
+Caches (model/steps.py): a windowed stack keeps a ring of `window + max_step` slots (static); an
+unwindowed one (the global transformer) a linear cache of `past` slots, each (batch, heads, slots,
+head_dim); the decoder reads patches through a cross ring (batch, 1, max_step + 2 slots, k * d),
+patch p in slot p mod the ring's size. Both are 4-D with the slot axis at -2, as TensorRT's
+TensorScatter and Attention want them. Cache I/O: `past.{layer}.k` in, `present.{layer}.k`
+out, and the output *is* the input's buffer, updated in place (`StepSpec.aliases`); likewise the
+global step's `cross_present.{layer}.k` is its `cross.{layer}.k`. `max_step` bounds every call's
+S and Pn, and how far the runtime may roll back.
 """
 
 from __future__ import annotations
@@ -17,11 +24,14 @@ import torch
 
 from fastblt.errors import InputError
 from fastblt.model.config import BltConfig, StackConfig
+from fastblt.model.steps import ring_slots
 
 STEPS = ("entropy", "encoder", "global", "decoder", "decoder_block")
-DYNAMIC_DIMS = ("batch", "new", "patches", "patch_len")
+DYNAMIC_DIMS = ("batch", "new", "patches", "patch_len", "past")
 STACKS = ("entropy", "encoder", "global", "decoder")  # the four self-attention caches
-PAST, PRESENT, CROSS = "past", "present", "cross"  # cache inputs, new cache entries, decoder cross k/v
+PAST, PRESENT, CROSS, CROSS_PRESENT = "past", "present", "cross", "cross_present"
+DEFAULT_MAX_STEP = 128  # positions per step call: prefill chunks, k + 1 verified bytes, a block
+PAST_BUCKET = 64  # a linear cache's `past` is its live prefix rounded up to a multiple of this
 TORCH_DTYPES = {"int32": torch.int32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # short name -> the spec's dtype
 
@@ -49,16 +59,26 @@ class StepSpec:
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    stack: str  # which cache this step reads/writes: "entropy" | "encoder" | "global" | "decoder"
+    stack: str  # which self-attention cache this step reads/writes: "entropy" | "encoder" | "global" | "decoder"
+    slots: int | str  # that cache's slots: a ring's size, or "past" (linear, dynamic)
+    max_step: int  # the most new positions (patches) one call may carry
+    aliases: tuple[tuple[str, str], ...] = ()  # (output, input): the output is the input's buffer, updated
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
+
+    @property
+    def ring(self) -> bool:
+        return isinstance(self.slots, int)
 
     def to_dict(self) -> dict:
         return {
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "stack": self.stack,
+            "slots": self.slots,
+            "max_step": self.max_step,
+            "aliases": {out: inp for out, inp in self.aliases},
         }
 
 
@@ -83,85 +103,150 @@ def kv_from(tensors: Mapping[str, T], prefix: str, n_layers: int) -> list[tuple[
     return [(tensors[k], tensors[v]) for k, v in kv_names(prefix, n_layers)]
 
 
-def _cache(prefix: str, cfg: StackConfig, length: int | str, dtype: str) -> list[TensorSpec]:
-    shape = ("batch", cfg.n_heads, length, cfg.head_dim)
+def _cache(prefix: str, cfg: StackConfig, slots: int | str, dtype: str) -> list[TensorSpec]:
+    shape = ("batch", cfg.n_heads, slots, cfg.head_dim)
     return [TensorSpec(name, dtype, shape) for pair in kv_names(prefix, cfg.n_layers) for name in pair]
 
 
-def _cross(config: BltConfig, length: int | str, dtype: str) -> list[TensorSpec]:
-    shape = ("batch", length, config.cross_attn_k, config.decoder.dim)
-    return [TensorSpec(name, dtype, shape) for pair in kv_names(CROSS, config.decoder_cross_layers) for name in pair]
+def _cross(config: BltConfig, slots: int, dtype: str, prefix: str = CROSS) -> list[TensorSpec]:
+    shape = ("batch", 1, slots, config.cross_attn_k * config.decoder.dim)
+    return [TensorSpec(name, dtype, shape) for pair in kv_names(prefix, config.decoder_cross_layers) for name in pair]
 
 
-def step_specs(config: BltConfig, capacity: int, patch_capacity: int, dtype: str = "float32") -> dict[str, StepSpec]:
+@dataclass(frozen=True)
+class DimRange:
+    """The range a named dynamic dimension may take at run time (recorded in the manifest)."""
+
+    min: int
+    max: int
+
+    def to_dict(self) -> dict:
+        return {"min": self.min, "max": self.max}
+
+
+def dim_ranges(config: BltConfig, max_step: int, max_batch: int) -> dict[str, DimRange]:
+    """Named dynamic dims -> DimRange: a call carries at most max_step positions or patches, a patch
+    is at most max_patch_length bytes (else a local stack's position limit), and a linear cache's
+    `past` reaches the global model's position limit, rounded up to a bucket."""
+    longest = config.patching.max_patch_length or config.encoder.max_positions
+    past = -(-config.global_model.max_positions // PAST_BUCKET) * PAST_BUCKET
+    return {
+        "batch": DimRange(1, max_batch),
+        "new": DimRange(1, max_step),
+        "patches": DimRange(1, max_step),
+        "patch_len": DimRange(1, longest),
+        "past": DimRange(1, past),
+    }
+
+
+def cache_slots(cfg: StackConfig, max_step: int) -> int | str:
+    """A stack's cache slots: its ring's size if it has a window, else the dynamic "past"."""
+    ring = ring_slots(cfg.window, max_step)
+    return "past" if ring is None else ring
+
+
+def cross_slots(max_step: int) -> int:
+    """The decoder's cross ring: every patch one step's positions can read (the one closed before
+    the step and up to max_step closed in it), and one a rollback may leave behind."""
+    return max_step + 2
+
+
+def _in_place(n_layers: int, prefix_in: str, prefix_out: str) -> tuple[tuple[str, str], ...]:
+    """(output, input) name pairs of caches updated in place: present.{i}.k is past.{i}.k."""
+    pairs = zip(kv_names(prefix_in, n_layers), kv_names(prefix_out, n_layers), strict=True)
+    return tuple((o, i) for ins, outs in pairs for i, o in zip(ins, outs, strict=True))
+
+
+def step_specs(config: BltConfig, max_step: int = DEFAULT_MAX_STEP, dtype: str = "float32") -> dict[str, StepSpec]:
     """All step specs for a config; `dtype` is the float dtype of states and caches.
 
     Entropies and logits are always float32 (docs/architecture.md: entropy and the head run in fp32).
     """
+    if not isinstance(max_step, int) or max_step < 2:
+        raise InputError(f"max_step {max_step!r}: expected an int >= 2")
+    if config.blt_d is not None and config.blt_d.block_size > max_step:
+        raise InputError(f"max_step {max_step}: a diffusion block of {config.blt_d.block_size} must fit one step")
     i32, f32 = "int32", "float32"
     start = TensorSpec("start", i32, ("batch",))
     V = config.vocab_size
+    C = cross_slots(max_step)
     specs: dict[str, StepSpec] = {}
+
+    stacks = {"entropy": config.entropy, "encoder": config.encoder, "global": config.global_model}
+    stacks["decoder"] = config.decoder
+
+    def spec(name: str, inputs: list, outputs: list, stack: str, aliases: tuple = ()) -> StepSpec:
+        slots = cache_slots(stacks[stack], max_step)
+        return StepSpec(name, tuple(inputs), tuple(outputs), stack, slots, max_step, aliases)
+
     if config.entropy is not None:
         e = config.entropy
-        specs["entropy"] = StepSpec(
+        R = cache_slots(e, max_step)
+        specs["entropy"] = spec(
             "entropy",
-            (TensorSpec("tokens", i32, ("batch", "new")), start, *_cache("past", e, capacity, dtype)),
-            (TensorSpec("entropies", f32, ("batch", "new")), *_cache("present", e, "new", dtype)),
+            [TensorSpec("tokens", i32, ("batch", "new")), start, *_cache(PAST, e, R, dtype)],
+            [TensorSpec("entropies", f32, ("batch", "new")), *_cache(PRESENT, e, R, dtype)],
             "entropy",
+            _in_place(e.n_layers, PAST, PRESENT),
         )
     enc = config.encoder
-    specs["encoder"] = StepSpec(
+    R = cache_slots(enc, max_step)
+    specs["encoder"] = spec(
         "encoder",
-        (
+        [
             TensorSpec("tokens", i32, ("batch", "new")),
             TensorSpec("hash_ids", i32, ("batch", "new", config.n_hash_tables)),
             start,
-            *_cache("past", enc, capacity, dtype),
-        ),
-        (TensorSpec("h", dtype, ("batch", "new", enc.dim)), *_cache("present", enc, "new", dtype)),
+            *_cache(PAST, enc, R, dtype),
+        ],
+        [TensorSpec("h", dtype, ("batch", "new", enc.dim)), *_cache(PRESENT, enc, R, dtype)],
         "encoder",
+        _in_place(enc.n_layers, PAST, PRESENT),
     )
-    g = config.global_model
-    specs["global"] = StepSpec(
+    g, dec = config.global_model, config.decoder
+    R = cache_slots(g, max_step)
+    specs["global"] = spec(
         "global",
-        (
+        [
             TensorSpec("patch_bytes", dtype, ("batch", "patches", "patch_len", enc.dim)),
             TensorSpec("patch_lens", i32, ("batch", "patches")),
             start,
-            *_cache("past", g, patch_capacity, dtype),
-        ),
-        (
+            *_cache(PAST, g, R, dtype),
+            *_cross(config, C, dtype),
+        ],
+        [
             TensorSpec("latents", dtype, ("batch", "patches", g.dim)),
-            *_cross(config, "patches", dtype),
-            *_cache("present", g, "patches", dtype),
-        ),
+            *_cache(PRESENT, g, R, dtype),
+            *_cross(config, C, dtype, CROSS_PRESENT),
+        ],
         "global",
+        _in_place(g.n_layers, PAST, PRESENT) + _in_place(config.decoder_cross_layers, CROSS, CROSS_PRESENT),
     )
-    dec = config.decoder
-    specs["decoder"] = StepSpec(
+    R = cache_slots(dec, max_step)
+    specs["decoder"] = spec(
         "decoder",
-        (
+        [
             TensorSpec("h", dtype, ("batch", "new", dec.dim)),
             TensorSpec("read_patch", i32, ("batch", "new")),
             start,
-            *_cache("past", dec, capacity, dtype),
-            *_cross(config, patch_capacity, dtype),
-        ),
-        (TensorSpec("logits", f32, ("batch", "new", V)), *_cache("present", dec, "new", dtype)),
+            *_cache(PAST, dec, R, dtype),
+            *_cross(config, C, dtype),
+        ],
+        [TensorSpec("logits", f32, ("batch", "new", V)), *_cache(PRESENT, dec, R, dtype)],
         "decoder",
+        _in_place(dec.n_layers, PAST, PRESENT),
     )
     if config.blt_d is not None:
-        specs["decoder_block"] = StepSpec(
+        specs["decoder_block"] = spec(
             "decoder_block",
-            (
+            [
                 TensorSpec("block_ids", i32, ("batch", "new")),
                 start,
                 TensorSpec("read_patch", i32, ("batch",)),
-                *_cache("past", dec, capacity, dtype),
-                *_cross(config, patch_capacity, dtype),
-            ),
-            (TensorSpec("logits", f32, ("batch", "new", V)),),
+                *_cache(PAST, dec, R, dtype),
+                *_cross(config, C, dtype),
+            ],
+            [TensorSpec("logits", f32, ("batch", "new", V))],
             "decoder",
         )
     return specs
@@ -178,26 +263,11 @@ def new_positions(feeds: dict) -> int:
     return -1
 
 
-def slots(spec: StepSpec, prefix: str = PAST) -> int:
-    """The static slot count of a step's cache input: `past` (its stack's cache: bytes, or patches
-    for global) or `cross` (the decoder's per-patch cross-attention keys: patches)."""
-    t = spec.input(f"{prefix}.0.k")
-    n = t.shape[2] if prefix == PAST else t.shape[1]
-    if not isinstance(n, int):
-        raise InputError(f"graph {spec.name} | input {t.name}: its slot axis must be static, got {n!r}")
-    return n
-
-
-def cache_capacity(specs: Mapping[str, StepSpec], stack: str) -> int:
-    """The static slot count of a stack's cache as the specs declare it (bytes, or patches for global)."""
-    return slots(specs[stack])
-
-
-def capacities(specs: Mapping[str, StepSpec]) -> tuple[int, int]:
-    """(byte capacity, patch capacity) of a set of step specs."""
-    return cache_capacity(specs, "encoder"), cache_capacity(specs, "global")
-
-
 def state_dtype(specs: Mapping[str, StepSpec]) -> str:
     """The float dtype of states and caches ("float32", "float16", "bfloat16")."""
     return specs["encoder"].input(f"{PAST}.0.k").dtype
+
+
+def max_step(specs: Mapping[str, StepSpec]) -> int:
+    """The most new positions one call of these graphs may carry."""
+    return specs["encoder"].max_step

@@ -12,13 +12,23 @@ Data flow (reference/blt_architecture.md section 1.6):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
 from fastblt.errors import CapabilityError, InputError
 from fastblt.model.config import BltConfig, StackConfig
 from fastblt.model.hashing import hash_ids_torch
-from fastblt.model.layers import NEG, CrossAttention, RMSNorm, TransformerBlock, rope_angles, self_attention_bias
+from fastblt.model.layers import (
+    NEG,
+    CrossAttention,
+    KVCache,
+    RMSNorm,
+    TransformerBlock,
+    rope_angles,
+    self_attention_bias,
+)
 from fastblt.model.patching import decoder_patch_ids, entropy, patch_ids_from_lengths, patch_lengths_from_entropies
 
 
@@ -32,16 +42,13 @@ def run_layers(
     x: Tensor,
     positions: Tensor,
     bias: Tensor,
-    past: list[tuple[Tensor, Tensor]] | None = None,
-) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """Run a stack of blocks; returns the output and each layer's new (k, v) (B, H, S, hd)."""
+    caches: Sequence[KVCache] | None = None,
+) -> Tensor:
+    """Run a stack of blocks over x (B, S, d) at integer positions (B, S); one cache per layer or none."""
     cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-    present = []
     for i, layer in enumerate(layers):
-        pk, pv = past[i] if past is not None else (None, None)
-        x, k, v = layer(x, cos, sin, bias, pk, pv)
-        present.append((k, v))
-    return x, present
+        x = layer(x, cos, sin, bias, None if caches is None else caches[i])
+    return x
 
 
 def full_causal_bias(positions: Tensor, window: int | None) -> Tensor:
@@ -66,9 +73,7 @@ class EntropyModel(nn.Module):
         """(B, N) -> next-byte logits (B, N, V) fp32."""
         B, N = tokens.shape
         pos = torch.arange(N, device=tokens.device).expand(B, N)
-        x, _ = run_layers(
-            self.layers, self.cfg, self.tok_embeddings(tokens), pos, full_causal_bias(pos, self.cfg.window)
-        )
+        x = run_layers(self.layers, self.cfg, self.tok_embeddings(tokens), pos, full_causal_bias(pos, self.cfg.window))
         return self.output(self.norm(x)).float()
 
 
@@ -174,10 +179,9 @@ class BltModel(nn.Module):
         B, N = tokens.shape
         pos = torch.arange(N, device=tokens.device).expand(B, N)
         x = self.embed(tokens, hash_ids_torch(tokens, self.config), hash_dropout, gen)
-        h, _ = run_layers(
+        return run_layers(
             self.local_encoder.layers, self.config.encoder, x, pos, full_causal_bias(pos, self.config.encoder.window)
         )
-        return h
 
     def patch_slots(self, h: Tensor, patch_lengths: Tensor) -> Tensor:
         """Encoder output per patch: max-pool, project to k slots, cross-attend over the patch's
@@ -202,8 +206,7 @@ class BltModel(nn.Module):
             x = g.token_embedding_projection(x)
         B, P, _ = x.shape
         pos = torch.arange(P, device=x.device).expand(B, P)
-        x, _ = run_layers(g.layers, self.config.global_model, x, pos, full_causal_bias(pos, None))
-        return x
+        return run_layers(g.layers, self.config.global_model, x, pos, full_causal_bias(pos, None))
 
     def decoder_cross_kv(self, latents: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per decoder cross-attention layer, the keys/values of every patch's k slots (B, P, k, d)."""
@@ -218,36 +221,32 @@ class BltModel(nn.Module):
         read_patch: Tensor,
         cross_kv: list[tuple[Tensor, Tensor]],
         bias: Tensor,
-        past: list[tuple[Tensor, Tensor]] | None = None,
-    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        caches: Sequence[KVCache] | None = None,
+    ) -> Tensor:
         """Decoder body: the input norm (decoder_input_norm only), then per layer, cross-attend to the
         read patch's k slots (2x + attn), then a block. x (B, S, d), read_patch (B, S) into cross_kv's
-        patch axis. Returns logits (B, S, V)."""
+        patch axis; one self-attention cache per layer or none. Returns logits (B, S, V) fp32."""
         dec, cfg = self.local_decoder, self.config.decoder
         if dec.input_norm is not None:
             x = dec.input_norm(x)
         B, S, D = x.shape
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
         idx = read_patch.to(torch.int64).view(B, S, 1, 1)
-        present = []
         for i, layer in enumerate(dec.layers):
             if i < len(dec.cross_attn_layers):
                 keys, values = cross_kv[i]  # (B, P, k, d)
                 gather_idx = idx.expand(B, S, keys.shape[2], keys.shape[3])
                 ks, vs = torch.gather(keys, 1, gather_idx), torch.gather(values, 1, gather_idx)  # (B, S, k, d)
                 x = x + dec.cross_attn_layers[i].forward_slots(x, ks, vs)
-            pk, pv = past[i] if past is not None else (None, None)
-            x, k, v = layer(x, cos, sin, bias, pk, pv)
-            present.append((k, v))
-        return dec.output(dec.norm(x)).float(), present
+            x = layer(x, cos, sin, bias, None if caches is None else caches[i])
+        return dec.output(dec.norm(x)).float()
 
     def decode(self, h: Tensor, latents: Tensor, read_patch: Tensor) -> Tensor:
         """Causal decoder over a whole sequence: (B, N, d), (B, P, dg), (B, N) -> (B, N, V)."""
         B, N, _ = h.shape
         pos = torch.arange(N, device=h.device).expand(B, N)
         bias = full_causal_bias(pos, self.config.decoder.window)
-        logits, _ = self.decoder_layers(h, pos, read_patch, self.decoder_cross_kv(latents), bias)
-        return logits
+        return self.decoder_layers(h, pos, read_patch, self.decoder_cross_kv(latents), bias)
 
     def decode_with_blocks(
         self,
@@ -286,7 +285,7 @@ class BltModel(nn.Module):
         bias = torch.where(ok, 0.0, NEG).unsqueeze(1).to(torch.float32)  # (B, 1, T, T)
         x = torch.cat([h, self.embed_block(block_ids.view(B, M * Bk))], dim=1)
         read = torch.cat([read_patch, block_read.repeat_interleave(Bk, dim=1)], dim=1)
-        logits, _ = self.decoder_layers(x, pos, read, self.decoder_cross_kv(latents), bias)
+        logits = self.decoder_layers(x, pos, read, self.decoder_cross_kv(latents), bias)
         return logits[:, :N], logits[:, N:].view(B, M, Bk, -1)
 
     def embed_block(self, block_ids: Tensor) -> Tensor:

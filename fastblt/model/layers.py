@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ class RMSNorm(nn.Module):
 
 
 @functools.lru_cache(maxsize=64)
-def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     """theta^(-2j/hd) in float64, rounded once to fp32.
 
     A host constant, not graph ops: exporters fold `theta ** x` with their own pow, whose 1-ulp
@@ -50,13 +51,13 @@ def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
 @functools.lru_cache(maxsize=64)
 def _inv_freq_on(head_dim: int, theta: float, device: torch.device) -> Tensor:
     """The same constant, copied to an accelerator once (a copy per call would also break CUDA graph capture)."""
-    return torch.from_numpy(_inv_freq(head_dim, theta)).to(device)
+    return torch.from_numpy(rope_inv_freq(head_dim, theta)).to(device)
 
 
 def rope_angles(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos/sin tables for integer positions (..., S) -> (..., S, head_dim/2), fp32."""
     if positions.device.type == "cpu":
-        inv_freq = torch.from_numpy(_inv_freq(head_dim, float(theta)))
+        inv_freq = torch.from_numpy(rope_inv_freq(head_dim, float(theta)))
     else:
         inv_freq = _inv_freq_on(head_dim, float(theta), positions.device)
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
@@ -170,6 +171,14 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, S, H * hd)
 
 
+class KVCache(Protocol):
+    """Where a cached step's keys and values go (model/steps.py): given this call's keys and
+    values (B, H, S, hd), returns the keys and values attention reads (B, H, T, hd) - e.g. the
+    whole ring after writing them in place, or the cache followed by them, unwritten."""
+
+    def __call__(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE; caches are arguments, never state."""
 
@@ -181,25 +190,13 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        bias: Tensor,
-        past_k: Tensor | None = None,
-        past_v: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, S, D); past_k/v (B, H, C, hd) or None; bias over the C past + S new keys.
-
-        Returns the output (B, S, D) and this call's keys/values (B, H, S, hd) for the cache.
-        """
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x (B, S, D) -> (B, S, D); bias over the keys the cache gives (its slots, or just these S)."""
         q = apply_rope(split_heads(self.wq(x), self.n_heads), cos, sin)
         k = apply_rope(split_heads(self.wk(x), self.n_heads), cos, sin)
         v = split_heads(self.wv(x), self.n_heads)
-        keys = k if past_k is None else torch.cat([past_k, k], dim=2)  # (B, H, C+S, hd)
-        values = v if past_v is None else torch.cat([past_v, v], dim=2)
-        return self.wo(merge_heads(attend(q, keys, values, bias))), k, v
+        keys, values = (k, v) if cache is None else cache(k, v)  # (B, H, T, hd)
+        return self.wo(merge_heads(attend(q, keys, values, bias)))
 
 
 class FeedForward(nn.Module):
@@ -225,10 +222,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(dim, eps)
         self.ffn_norm = RMSNorm(dim, eps)
 
-    def forward(self, x, cos, sin, bias, past_k=None, past_v=None) -> tuple[Tensor, Tensor, Tensor]:
-        a, k, v = self.attention(self.attention_norm(x), cos, sin, bias, past_k, past_v)
-        h = x + a
-        return h + self.feed_forward(self.ffn_norm(h)), k, v
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache: KVCache | None = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, bias, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class CrossAttention(nn.Module):

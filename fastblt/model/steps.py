@@ -1,12 +1,23 @@
 """The five incremental step functions: the contract between export, engines and runtime.
 
-Each step consumes S >= 1 new positions plus caches and returns outputs for those positions plus
-the cache entries they produced. Caches are static-capacity buffers owned by the caller:
-`past` holds C slots per layer (slot j = position j), `start` (B,) says how many are valid, and the
-step returns only the S new entries (B, H, S, hd), which the caller writes at slots
-start..start+S-1. Rolling back is moving `start` back; stale slots are masked, then overwritten.
-The same function serves prefill (S large), decode (S = 1), verification (S = k+1) and, for the
-block step, diffusion blocks (S = B).
+Each step consumes S >= 1 new positions at positions start..start+S-1 (`start` (B,) per row) and
+returns their outputs. Its caches are buffers owned by the caller, passed in and updated in place:
+the step writes its S new keys/values into them, then attends over all their slots.
+
+- Windowed stacks (a `window`: entropy model, local encoder, local decoder) keep a *ring* of
+  R = window + max_step slots: position p lives in slot p mod R. A step's cost is set by R, never
+  by how far into the sequence it is.
+- Unwindowed stacks (the global transformer) keep a *linear* cache: position p in slot p, the
+  caller's buffer holding at least start + S slots (the live prefix, rounded up to a bucket).
+- The decoder reads patch latents through a ring of cross-attention keys/values (C slots, patch p
+  in slot p mod C), written by the global step.
+Caches are (B, heads, slots, head_dim); the cross ring is (B, 1, C, k * d).
+
+Which position a slot holds is data: from `start`, S and the slot count, the masks see every
+position in the window and nothing else, so entries left past `start` by a rollback are never
+read as long as the caller rolls back at most `max_step` positions (they look older than the
+window). Rolling back is therefore O(1): move `start` back. The same function serves prefill
+(S large), decode (S = 1), verification (S = k+1) and, for the block step, diffusion blocks.
 """
 
 from __future__ import annotations
@@ -18,34 +29,106 @@ from fastblt.model.blt import BltModel, EntropyModel, run_layers
 from fastblt.model.layers import NEG, self_attention_bias
 from fastblt.model.patching import entropy
 
-KV = list[tuple[Tensor, Tensor]]
+KV = list[tuple[Tensor, Tensor]]  # per layer: (keys, values), each (B, heads, slots, head_dim)
 
 
-def cached_bias(start: Tensor, S: int, capacity: int, window: int | None) -> tuple[Tensor, Tensor]:
-    """Positions of the S new queries (B, S) and the bias (B, 1, S, C+S) over C cached + S new keys."""
-    B = start.shape[0]
+def ring_slots(window: int | None, max_step: int) -> int | None:
+    """Slots of a windowed stack's ring: every position a query can see, plus the positions one
+    step may write (and a rollback may leave behind); None for an unwindowed (linear) stack."""
+    return None if window is None else window + max_step
+
+
+def slot_positions(end: Tensor, slots: int, ring: bool) -> Tensor:
+    """The position each slot holds once positions <= end (B,) are written: (B, slots) int64.
+
+    Ring: the latest position <= end in that slot's residue class (negative: never written).
+    Linear: the slot index itself (slots past `end` are stale or unwritten: masked by the caller).
+    """
+    j = torch.arange(slots, device=end.device)
+    if not ring:
+        return j.expand(end.shape[0], slots)
+    return end.unsqueeze(1) - torch.remainder(end.unsqueeze(1) - j, slots)
+
+
+def cached_bias(start: Tensor, S: int, slots: int, window: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """For S new queries after their entries are written: positions (B, S), the bias over the
+    cache's slots (B, 1, S, slots) and the slots the S entries go to (B, S)."""
     start = start.to(torch.int64)
     q_pos = start.unsqueeze(1) + torch.arange(S, device=start.device)  # (B, S)
-    slots = torch.arange(capacity, device=start.device).expand(B, capacity)  # (B, C)
-    k_pos = torch.cat([slots, q_pos], dim=1)  # (B, C+S)
-    k_valid = torch.cat([slots < start.unsqueeze(1), torch.ones_like(q_pos, dtype=torch.bool)], dim=1)
-    return q_pos, self_attention_bias(q_pos, k_pos, k_valid, window)
+    end = q_pos[:, -1]
+    k_pos = slot_positions(end, slots, window is not None)
+    k_valid = (k_pos >= 0) & (k_pos <= end.unsqueeze(1))
+    write = q_pos if window is None else torch.remainder(q_pos, slots)
+    return q_pos, self_attention_bias(q_pos, k_pos, k_valid, window), write
 
 
-def entropy_step(model: EntropyModel, tokens: Tensor, start: Tensor, past: KV) -> tuple[Tensor, KV]:
-    """tokens (B, S) -> next-byte entropies (B, S) fp32 and the new (k, v) per layer."""
+def block_bias(start: Tensor, S: int, slots: int, window: int | None) -> tuple[Tensor, Tensor]:
+    """BLT-D block at start..start+S-1: causal (windowed) to cached positions < start, which the
+    cache keeps unwritten, and bidirectional inside the block. Bias (B, 1, S, slots + S)."""
+    start = start.to(torch.int64)
+    q_pos = start.unsqueeze(1) + torch.arange(S, device=start.device)
+    end = start - 1
+    k_pos = slot_positions(end, slots, window is not None)
+    k_valid = (k_pos >= 0) & (k_pos <= end.unsqueeze(1))
+    cached = self_attention_bias(q_pos, k_pos, k_valid, window)
+    inside = torch.zeros(start.shape[0], 1, S, S, dtype=cached.dtype, device=cached.device)
+    return q_pos, torch.cat([cached, inside], dim=-1)
+
+
+class WriteThrough:
+    """A layer's cache for a step that appends: its keys/values are written into their slots in
+    place, and attention reads every slot (the mask picks the visible ones)."""
+
+    def __init__(self, cache: tuple[Tensor, Tensor], write: Tensor):
+        self.k_cache, self.v_cache = cache
+        self.write = write  # (B, S) slots
+
+    def __call__(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)  # (B, 1)
+        # (B, S, H, hd) into the (B, slots, H, hd) view of each (B, H, slots, hd) cache
+        self.k_cache.transpose(1, 2)[rows, self.write] = k.transpose(1, 2).to(self.k_cache.dtype)
+        self.v_cache.transpose(1, 2)[rows, self.write] = v.transpose(1, 2).to(self.v_cache.dtype)
+        return self.k_cache, self.v_cache
+
+
+class ReadThrough:
+    """A layer's cache for a step that must not write it (the diffusion block): attention reads
+    the cache's slots followed by the step's own keys/values."""
+
+    def __init__(self, cache: tuple[Tensor, Tensor]):
+        self.k_cache, self.v_cache = cache
+
+    def __call__(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        keys = torch.cat([self.k_cache, k.to(self.k_cache.dtype)], dim=2)
+        values = torch.cat([self.v_cache, v.to(self.v_cache.dtype)], dim=2)
+        return keys, values
+
+
+def writers(caches: KV, write: Tensor) -> list[WriteThrough]:
+    return [WriteThrough(c, write) for c in caches]
+
+
+def cross_view(cross: KV, k: int) -> KV:
+    """The cross ring (B, 1, C, k*d) as the decoder reads it: (B, C, k, d) views."""
+    return [(ck[:, 0].unflatten(-1, (k, -1)), cv[:, 0].unflatten(-1, (k, -1))) for ck, cv in cross]
+
+
+def entropy_step(model: EntropyModel, tokens: Tensor, start: Tensor, caches: KV) -> Tensor:
+    """tokens (B, S) -> next-byte entropies (B, S) fp32; writes the entropy model's ring."""
     B, S = tokens.shape
-    q_pos, bias = cached_bias(start, S, past[0][0].shape[2], model.cfg.window)
-    x, present = run_layers(model.layers, model.cfg, model.tok_embeddings(tokens), q_pos, bias, past)
-    return entropy(model.output(model.norm(x))), present
+    cfg = model.cfg
+    q_pos, bias, write = cached_bias(start, S, caches[0][0].shape[2], cfg.window)
+    x = run_layers(model.layers, cfg, model.tok_embeddings(tokens), q_pos, bias, writers(caches, write))
+    return entropy(model.output(model.norm(x)))
 
 
-def encoder_step(model: BltModel, tokens: Tensor, hash_ids: Tensor, start: Tensor, past: KV) -> tuple[Tensor, KV]:
+def encoder_step(model: BltModel, tokens: Tensor, hash_ids: Tensor, start: Tensor, caches: KV) -> Tensor:
     """tokens (B, S), host-computed hash ids (B, S, T) -> encoder byte states (B, S, d_local)."""
     B, S = tokens.shape
     cfg = model.config.encoder
-    q_pos, bias = cached_bias(start, S, past[0][0].shape[2], cfg.window)
-    return run_layers(model.local_encoder.layers, cfg, model.embed(tokens, hash_ids), q_pos, bias, past)
+    q_pos, bias, write = cached_bias(start, S, caches[0][0].shape[2], cfg.window)
+    x = model.embed(tokens, hash_ids)
+    return run_layers(model.local_encoder.layers, cfg, x, q_pos, bias, writers(caches, write))
 
 
 def patch_slots_padded(model: BltModel, patch_bytes: Tensor, patch_lens: Tensor) -> Tensor:
@@ -68,70 +151,49 @@ def patch_slots_padded(model: BltModel, patch_bytes: Tensor, patch_lens: Tensor)
 
 
 def global_step(
-    model: BltModel, patch_bytes: Tensor, patch_lens: Tensor, start: Tensor, past: KV
-) -> tuple[Tensor, KV, KV]:
-    """Newly closed patches -> latents (B, Pn, d_global), the decoder's cross-attention keys/values
-    for them per decoder cross layer ((B, Pn, k, d_local) each), and the global cache entries."""
+    model: BltModel, patch_bytes: Tensor, patch_lens: Tensor, start: Tensor, caches: KV, cross: KV
+) -> Tensor:
+    """Newly closed patches at patch positions start.. -> latents (B, Pn, d_global). Writes the
+    global cache and, per decoder cross layer, the patches' keys/values (B, Pn, k, d_local) into
+    the cross ring (patch p in slot p mod C)."""
     x = patch_slots_padded(model, patch_bytes, patch_lens)
-    g = model.global_transformer
+    g, cfg = model.global_transformer, model.config.global_model
     if g.token_embedding_projection is not None:
         x = g.token_embedding_projection(x)
-    cfg = model.config.global_model
-    q_pos, bias = cached_bias(start, x.shape[1], past[0][0].shape[2], cfg.window)
-    latents, present = run_layers(g.layers, cfg, x, q_pos, bias, past)
-    return latents, model.decoder_cross_kv(latents), present
+    Pn = x.shape[1]
+    q_pos, bias, write = cached_bias(start, Pn, caches[0][0].shape[2], cfg.window)
+    latents = run_layers(g.layers, cfg, x, q_pos, bias, writers(caches, write))
+    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+    for (ck, cv), (k, v) in zip(cross, model.decoder_cross_kv(latents), strict=True):
+        slots = torch.remainder(q_pos, ck.shape[2])  # (B, Pn)
+        ck[:, 0][rows, slots] = k.flatten(-2).to(ck.dtype)  # (B, Pn, k*d) into (B, C, k*d)
+        cv[:, 0][rows, slots] = v.flatten(-2).to(cv.dtype)
+    return latents
 
 
-def decoder_step(
-    model: BltModel, h: Tensor, read_patch: Tensor, start: Tensor, past: KV, cross_kv: KV
-) -> tuple[Tensor, KV]:
+def decoder_step(model: BltModel, h: Tensor, read_patch: Tensor, start: Tensor, caches: KV, cross: KV) -> Tensor:
     """Causal decoder: byte states (B, S, d) + the patch each reads (B, S) -> logits (B, S, V) fp32.
-
-    cross_kv: per decoder cross layer, the (B, P_cap, k, d) keys/values written by global steps.
-    """
+    Writes the decoder's ring; reads patch p's keys/values from cross ring slot p mod C."""
     B, S, _ = h.shape
-    q_pos, bias = cached_bias(start, S, past[0][0].shape[2], model.config.decoder.window)
-    return model.decoder_layers(h, q_pos, read_patch, cross_kv, bias, past)
-
-
-def block_bias(start: Tensor, S: int, capacity: int, window: int | None) -> tuple[Tensor, Tensor]:
-    """BLT-D block: causal (windowed) to clean slots < start, bidirectional inside the block."""
-    q_pos, bias = cached_bias(start, S, capacity, window)
-    inside = torch.zeros(bias.shape[0], 1, S, S, dtype=bias.dtype, device=bias.device)
-    return q_pos, torch.cat([bias[..., :capacity], inside], dim=-1)
+    cfg = model.config.decoder
+    q_pos, bias, write = cached_bias(start, S, caches[0][0].shape[2], cfg.window)
+    read = torch.remainder(read_patch.to(torch.int64), cross[0][0].shape[2])
+    cross_kv = cross_view(cross, model.config.cross_attn_k)
+    return model.decoder_layers(h, q_pos, read, cross_kv, bias, writers(caches, write))
 
 
 def decoder_block_step(
-    model: BltModel, block_ids: Tensor, start: Tensor, read_patch: Tensor, past: KV, cross_kv: KV
+    model: BltModel, block_ids: Tensor, start: Tensor, read_patch: Tensor, caches: KV, cross: KV
 ) -> Tensor:
     """The diffusion head: a block of ids with [MASK] at positions start..start+S-1 -> logits (B, S, V).
 
     Every block position reads the latent `read_patch` (B,) and attends to the clean prefix cache
-    (slots < start) and to the whole block; nothing is written to any cache.
+    (positions < start) and to the whole block; no cache is written.
     """
     B, S = block_ids.shape
-    q_pos, bias = block_bias(start, S, past[0][0].shape[2], model.config.decoder.window)
-    read = read_patch.view(B, 1).expand(B, S)
-    logits, _ = model.decoder_layers(model.embed_block(block_ids), q_pos, read, cross_kv, bias, past)
-    return logits
-
-
-def empty_cache(n_layers: int, batch: int, n_heads: int, capacity: int, head_dim: int, dtype=torch.float32) -> KV:
-    """Zeroed (k, v) buffers (B, H, C, hd) per layer."""
-    return [
-        (
-            torch.zeros(batch, n_heads, capacity, head_dim, dtype=dtype),
-            torch.zeros(batch, n_heads, capacity, head_dim, dtype=dtype),
-        )
-        for _ in range(n_layers)
-    ]
-
-
-def write_cache(cache: KV, present: KV, start: Tensor) -> None:
-    """Write each layer's new entries (B, H, S, hd) at slots start..start+S-1, in place."""
-    for (ck, cv), (k, v) in zip(cache, present, strict=True):
-        S = k.shape[2]
-        for b in range(k.shape[0]):
-            s = int(start[b])
-            ck[b, :, s : s + S] = k[b]
-            cv[b, :, s : s + S] = v[b]
+    cfg = model.config.decoder
+    q_pos, bias = block_bias(start, S, caches[0][0].shape[2], cfg.window)
+    read = torch.remainder(read_patch.to(torch.int64), cross[0][0].shape[2]).view(B, 1).expand(B, S)
+    readers = [ReadThrough(c) for c in caches]
+    cross_kv = cross_view(cross, model.config.cross_attn_k)
+    return model.decoder_layers(model.embed_block(block_ids), q_pos, read, cross_kv, bias, readers)

@@ -20,11 +20,11 @@ from fastblt.errors import InputError, ManifestMismatch
 from fastblt.export.cache import ExportNotice, cached_export, model_hash, source_hash
 from fastblt.export.exporter import ExportOptions
 from fastblt.export.manifest import MANIFEST, read_manifest, verify_source
-from fastblt.export.spec import capacities, step_specs
+from fastblt.export.spec import max_step, step_specs
 from fastblt.model.blt import BltModel
 from fastblt.runtime.state import SequenceState
 
-PROBE_IDS = [1, *range(40, 72)]  # BOS + 32 bytes: several patches, no special ids
+PROBE_IDS = [1, *range(40, 72)]  # BOS + 32 bytes (one step of any max_step >= 33): several patches
 PROBE_ATOL = {"float32": 1e-3}  # reduced precision: compared by argmax agreement instead
 
 
@@ -33,8 +33,6 @@ def graph_backend(
     checkpoint_path: Path | None,
     name: str,
     artifacts: str | Path | None,
-    capacity: int,
-    max_context: int | None,
     threads: int | None,
     cache_dir: str | Path | None,
     extra: dict | None = None,
@@ -42,9 +40,8 @@ def graph_backend(
 ) -> Backend:
     """An activated graph backend `name` (ort, trt) over artifacts proven to compute `model`.
 
-    artifacts None: the export cache's entry at `capacity` (exported now if missing, `notice` told).
-    max_context: what the caller asked for; it must agree with given artifacts. `extra`: more keyword
-    arguments for the backend (trt: device).
+    artifacts None: the export cache's entry (exported now if missing, `notice` told). `extra`:
+    more keyword arguments for the backend (trt: device).
     """
     factory = backend_factory(name)  # unknown / unavailable backends fail here, with the reason
     if artifacts is None:
@@ -52,21 +49,15 @@ def graph_backend(
             raise InputError(f"backend {name}: needs artifacts=DIR with built engines (see `fastblt build`)")
         key = source_hash(model, checkpoint_path)
         source = str(checkpoint_path) if checkpoint_path is not None else "in-memory model"
-        options = ExportOptions(dtype="float32", capacity=capacity)
-        artifacts = cached_export(model, key, options, source, notice=notice, cache_dir=cache_dir)
+        artifacts = cached_export(
+            model, key, ExportOptions(dtype="float32"), source, cache_dir=cache_dir, notice=notice
+        )
     directory = Path(artifacts).expanduser()
     manifest = read_manifest(directory)
     options = manifest["options"]
-    if max_context is not None and max_context != options["capacity"]:
-        raise InputError(
-            f"max_context {max_context}: the artifacts in {directory} were exported with capacity "
-            f"{options['capacity']}; pass max_context=None (the manifest decides) or export again"
-        )
-    specs = step_specs(model.config, options["capacity"], options["patch_capacity"], options["dtype"])
-    where = directory / MANIFEST
-    verify_source(
-        manifest, model.config.to_dict(), where, source_hash(model, checkpoint_path) if checkpoint_path else None
-    )
+    specs = step_specs(model.config, options["max_step"], options["dtype"])
+    known = source_hash(model, checkpoint_path) if checkpoint_path else None
+    verify_source(manifest, model.config.to_dict(), directory / MANIFEST, known)
     backend = factory(specs, directory, threads=threads, **(extra or {})).activate()
     if checkpoint_path is None and manifest["checkpoint"].get("hash") != model_hash(model):
         probe(model, backend, options["dtype"], directory)
@@ -75,12 +66,9 @@ def graph_backend(
 
 def probe(model: BltModel, backend: Backend, dtype: str, directory: Path) -> None:
     """A short prompt through the graphs and through the torch steps: same logits, or refuse."""
-    capacity, patch_capacity = capacities(backend.specs)
-    ids = PROBE_IDS[: min(len(PROBE_IDS), capacity, patch_capacity)]
-    ref_specs = step_specs(model.config, capacity, patch_capacity)
-    ref = SequenceState(TorchBackend(ref_specs, model), model.config, capacity, patch_capacity)
-    cand = SequenceState(backend, model.config, capacity, patch_capacity)
-    want, got = ref.append(ids), cand.append(ids)
+    ref = SequenceState(TorchBackend(step_specs(model.config, max_step(backend.specs)), model), model.config)
+    cand = SequenceState(backend, model.config)
+    want, got = ref.append(PROBE_IDS), cand.append(PROBE_IDS)
     if dtype in PROBE_ATOL:
         ok = float((want - got).abs().max()) <= PROBE_ATOL[dtype]
     else:

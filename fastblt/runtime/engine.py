@@ -18,13 +18,12 @@ from fastblt.engines.base import Backend, resolve_device
 from fastblt.engines.registry import backend_factory, check_name
 from fastblt.errors import InputError
 from fastblt.export.cache import ExportNotice
-from fastblt.export.spec import capacities, state_dtype, step_specs
+from fastblt.export.spec import max_step, state_dtype, step_specs
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
 from fastblt.runtime.artifacts import graph_backend
 from fastblt.runtime.state import SequenceState
 
-DEFAULT_MAX_CONTEXT = 4096
 POOL_SIZE = 4  # idle SequenceStates kept per engine
 
 
@@ -39,18 +38,15 @@ class Engine:
 
     def __init__(self, backend: Backend, config: BltConfig):
         try:
-            capacity, patch_capacity = capacities(backend.specs)
-            dtype = state_dtype(backend.specs)
-        except (KeyError, StopIteration, TypeError, ValueError):
-            raise InputError(
-                f"backend {backend.name}: its specs are not fastblt step specs with static caches"
-            ) from None
-        want = step_specs(config, capacity, patch_capacity, dtype)
+            steps, dtype = max_step(backend.specs), state_dtype(backend.specs)
+        except (KeyError, StopIteration, TypeError, ValueError, AttributeError):
+            raise InputError(f"backend {backend.name}: its specs are not fastblt step specs") from None
+        want = step_specs(config, steps, dtype)
         if backend.specs != want:
             bad = next((s for s in want if backend.specs.get(s) != want[s]), sorted(set(backend.specs) - set(want)))
             raise InputError(f"backend {backend.name}: step {bad} does not match this checkpoint's config")
         self.backend, self.config = backend.activate(), config
-        self.capacity, self.patch_capacity = capacity, patch_capacity
+        self.max_step = steps
         self.lock = threading.Lock()
         self._pool: list[SequenceState] = []
         self._pool_lock = threading.Lock()
@@ -65,8 +61,8 @@ class Engine:
         with self._pool_lock:
             state = self._pool.pop() if self._pool else None
         if state is None:
-            state = SequenceState(self.backend, self.config, self.capacity, self.patch_capacity, lock=self.lock)
-        state.rollback(0)
+            state = SequenceState(self.backend, self.config, lock=self.lock)
+        state.reset()
         state.reset_counters()
         return state
 
@@ -84,7 +80,6 @@ def open_engine(
     backend: str,
     checkpoint_path: Path | None = None,
     artifacts: str | Path | None = None,
-    max_context: int | None = None,
     threads: int | None = None,
     cache_dir: str | Path | None = None,
     device: str | None = None,
@@ -100,15 +95,12 @@ def open_engine(
             f"device {device!r}: the ort backend computes where its execution providers run; "
             "choose backend 'torch' or 'trt' to pick a GPU"
         )
-    capacity = max_context or DEFAULT_MAX_CONTEXT
     if backend == "torch":
         if artifacts is not None:
             raise InputError("artifacts: the torch backend runs the checkpoint itself; pass artifacts only for ort/trt")
         factory = backend_factory(backend)
-        specs = step_specs(model.config, capacity, capacity)
+        specs = step_specs(model.config)
         return Engine(factory(specs, model, threads=threads, device=device, cuda_graphs=cuda_graphs), model.config)
     extra = {"device": device} if backend == "trt" and device is not None else {}
-    graphs = graph_backend(
-        model, checkpoint_path, backend, artifacts, capacity, max_context, threads, cache_dir, extra, on_export
-    )
+    graphs = graph_backend(model, checkpoint_path, backend, artifacts, threads, cache_dir, extra, on_export)
     return Engine(graphs, model.config)

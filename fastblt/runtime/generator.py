@@ -57,12 +57,13 @@ class Generator:
         checkpoint_or_model: "default" (the embedded checkpoint), a checkpoint directory (any
             format fastblt.formats.checkpoint reads) or a BltModel.
         backend: "ort" (default), "torch" or "trt"; or an Engine or a Backend instance already set
-            up for this model (its step specs fix the capacities; the other backend options do not
-            apply).
+            up for this model (the other backend options do not apply).
         artifacts: a directory with exported step graphs and their manifest (ort / trt); None
             exports on first use into a cache directory keyed by the checkpoint's hash.
-        max_context: cache capacity in ids (prompt + output + block headroom). For artifacts the
-            manifest decides; a different value is an error. Default 4096.
+        max_context: the most ids (BOS + prompt + output) one call may hold; None: no limit in
+            bytes. Either way a sequence ends at the global model's position limit (in patches:
+            4096 for the default, about 16 KB of code), with an error naming it. Caches grow with
+            the context, so this bounds a call's memory, not the speed of short ones.
         threads: intra-op threads of the backend (None: the backend's default).
         cache_dir: where first-use exports go (default ~/.cache/fastblt).
         device: where the torch or trt backend computes and the caches live ("cpu", "cuda",
@@ -95,8 +96,9 @@ class Generator:
         if self.config.entropy is None:
             raise InputError("checkpoint: has no entropy model; the runtime patches with it")
         self.params = self.model.num_params()
+        self.max_context = max_context
         if isinstance(backend, (Engine, Backend)):
-            given = dict(artifacts=artifacts, max_context=max_context, threads=threads, device=device)
+            given = dict(artifacts=artifacts, threads=threads, device=device)
             given |= dict(cache_dir=cache_dir, cuda_graphs=cuda_graphs, on_export=on_export)
             extra = [k for k, v in given.items() if v is not None]
             if extra:
@@ -109,15 +111,11 @@ class Generator:
             return
         self.backend_name = backend
         self.engine = open_engine(
-            self.model, backend, self.checkpoint_path, artifacts, max_context, threads, cache_dir, device,
-            cuda_graphs, on_export,
+            self.model, backend, self.checkpoint_path, artifacts, threads, cache_dir, device, cuda_graphs,
+            on_export,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ public API
-    @property
-    def capacity(self) -> int:
-        return self.engine.capacity
-
     @property
     def device(self) -> torch.device:
         """Where the backend computes and this Generator's caches live."""
@@ -180,14 +178,16 @@ class Generator:
         else:
             req = self.request(prompt, mode, max_bytes, **options)
         ids, opts = list(req.ids), req.opts
-        headroom = self.config.blt_d.block_size if opts.mode in ("blt-d", "blt-dv") else 0
-        if len(ids) > self.capacity:
-            raise InputError(f"prompt: {len(ids)} ids (BOS + bytes) exceed the cache capacity of {self.capacity}")
-        need = len(ids) + opts.max_bytes + headroom
-        if need > self.capacity:
+        steps = self.engine.max_step
+        if opts.prefill_chunk is not None and opts.prefill_chunk > steps:
+            raise InputError(f"option prefill_chunk: {opts.prefill_chunk} exceeds the graphs' max_step {steps}")
+        if opts.mode == "blt-s" and opts.k + 1 > steps:
+            raise InputError(f"option k: {opts.k} drafts + 1 exceed the graphs' max_step {steps} (one verify step)")
+        need = len(ids) + opts.max_bytes
+        if self.max_context is not None and need > self.max_context:
             raise InputError(
-                f"prompt + max_bytes: {len(ids)} prompt ids + {opts.max_bytes} bytes + {headroom} block headroom "
-                f"= {need} exceed the cache capacity of {self.capacity}; lower max_bytes or raise max_context"
+                f"prompt + max_bytes: {len(ids)} prompt ids + {opts.max_bytes} bytes = {need} exceed "
+                f"max_context {self.max_context}; lower max_bytes or raise max_context"
             )
         return _Call(self, ids, opts)
 
@@ -209,7 +209,7 @@ class _Call:
         state = g.engine.acquire()
         try:
             t_start = time.perf_counter()
-            logits = loops.prefill(state, self.ids, opts.prefill_chunk)
+            logits = loops.prefill(state, self.ids, opts.prefill_chunk or g.engine.max_step)
             t_prefill = time.perf_counter()
             prefill_calls, prefill_positions = dict(state.calls), dict(state.positions)
             prefill_backend = state.backend_seconds

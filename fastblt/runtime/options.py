@@ -35,7 +35,7 @@ class DecodeOptions:
     "force" (the paper's rule: force-close the open patch, the block reads its latent) or
     "patch" (start the block at the open patch's first byte, reading the last closed latent).
     stop: byte strings that end the output (not included in it). stop_on_eos: EOS ends the output.
-    prefill_chunk: prompt bytes per prefill step.
+    prefill_chunk: prompt bytes per prefill step, at most the graphs' max_step (None: max_step).
     """
 
     mode: str = "blt-d"
@@ -51,7 +51,7 @@ class DecodeOptions:
     block_start: str = "force"
     stop: tuple[bytes, ...] = ()
     stop_on_eos: bool = True
-    prefill_chunk: int = 512
+    prefill_chunk: int | None = None
 
     @property
     def sampling(self) -> SamplingParams:
@@ -119,7 +119,8 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
     if opts.seed is not None:
         _int("seed", opts.seed, 0, 2**63 - 1)
     _int("k", opts.k, 1, MAX_DRAFT)
-    _int("prefill_chunk", opts.prefill_chunk, 1)
+    if opts.prefill_chunk is not None:
+        _int("prefill_chunk", opts.prefill_chunk, 1)
     if opts.block_start not in BLOCK_START_RULES:
         raise InputError(f"option block_start: {opts.block_start!r} is unknown; choose one of {BLOCK_START_RULES}")
     if not isinstance(opts.stop_on_eos, bool):

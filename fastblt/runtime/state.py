@@ -1,10 +1,14 @@
-"""Host state of one sequence: tokens, entropies, patch boundaries, byte states and the static
-caches of all four stacks, driven through any backend's step graphs.
+"""Host state of one sequence: tokens, entropies, patch boundaries, byte states and the caches of
+all four stacks, driven through any backend's step graphs.
 
 Frontiers: `n` bytes are committed (every cache valid below n); `g_len` global entries are valid
 (one per patch closed below n, so g_len == closed[n]). Positions >= n may hold speculative work
 (drafts) that the next `append` overwrites. Rolling back is moving `n` back: O(1) besides the
-bookkeeping arrays, which are indexed by position and never shifted.
+bookkeeping arrays, which are indexed by position and never shifted. The step graphs write their
+caches in place (export/spec.py): windowed stacks into rings of window + max_step slots, the
+global transformer into a linear buffer that grows with the context, up to the global model's
+position limit. A rollback may go back at most max_step positions from the furthest written one
+(what the decoding loops do), so the rings never lose a position still in a window.
 
 Sharing a backend between threads: pass the same `lock` to every state on that backend. Each
 step (run_step plus reading its outputs into this state's buffers) runs under the lock, and
@@ -24,7 +28,7 @@ from torch import Tensor
 
 from fastblt.engines.base import Backend
 from fastblt.errors import InputError
-from fastblt.export.spec import CROSS, PAST, PRESENT, TORCH_DTYPES, StepSpec, kv_from, named_kv, state_dtype
+from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, TORCH_DTYPES, cross_slots, max_step, named_kv, state_dtype
 from fastblt.model.config import HASH_PRIMES, BltConfig, StackConfig
 from fastblt.model.hashing import hash_ids_numpy
 from fastblt.model.patching import closes_patch
@@ -32,19 +36,77 @@ from fastblt.model.patching import closes_patch
 KV = list[tuple[Tensor, Tensor]]
 
 
-def _zeros_kv(cfg: StackConfig, length: int, dtype: torch.dtype, device: torch.device) -> KV:
-    shape = (1, cfg.n_heads, length, cfg.head_dim)
+def _zeros_kv(cfg: StackConfig, slots: int, dtype: torch.dtype, device: torch.device) -> KV:
+    shape = (1, cfg.n_heads, slots, cfg.head_dim)
     return [
         (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(cfg.n_layers)
     ]
 
 
-def _write(cache: KV, out: dict[str, Tensor], at: int) -> None:
-    """Copy each layer's S new entries (1, H, S, hd) into the static buffer at slots at..at+S-1."""
-    for (ck, cv), (k, v) in zip(cache, kv_from(out, PRESENT, len(cache)), strict=True):
-        ck[:, :, at : at + k.shape[2]].copy_(k)
-        cv[:, :, at : at + v.shape[2]].copy_(v)
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+class LinearCache:
+    """An unwindowed stack's cache: buffers (1, heads, slots, head_dim) per layer holding the live
+    prefix rounded up to PAST_BUCKET slots, grown (copied into larger buffers) as the sequence
+    reaches a new bucket, so memory and a step's cost follow the context. A prefix along the slot
+    axis of a (heads, slots) buffer is not contiguous, so the buffers are sized to it instead."""
+
+    def __init__(self, cfg: StackConfig, dtype: torch.dtype, device: torch.device):
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.limit = _round_up(cfg.max_positions, PAST_BUCKET)
+        self.kv = _zeros_kv(cfg, PAST_BUCKET, dtype, device)
+
+    @property
+    def slots(self) -> int:
+        return self.kv[0][0].shape[2]
+
+    def for_step(self, end: int) -> KV:
+        """The buffers, holding at least `end` slots (grown first when needed)."""
+        if end > self.slots:
+            self._resize(min(_round_up(end, PAST_BUCKET), self.limit))
+        return self.kv
+
+    def reset(self) -> None:
+        """Back to one bucket (a new sequence)."""
+        if self.slots != PAST_BUCKET:
+            self.kv = _zeros_kv(self.cfg, PAST_BUCKET, self.dtype, self.device)
+
+    def _resize(self, slots: int) -> None:
+        grown = _zeros_kv(self.cfg, slots, self.dtype, self.device)
+        for (nk, nv), (k, v) in zip(grown, self.kv, strict=True):
+            nk[:, :, : k.shape[2]].copy_(k)
+            nv[:, :, : v.shape[2]].copy_(v)
+        self.kv = grown
+
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv)
+
+
+class HostArrays:
+    """Per-position bookkeeping, grown on demand (positions are never shifted)."""
+
+    def __init__(self, capacity: int = 1024):
+        self.tokens = np.zeros(capacity, dtype=np.int64)
+        self.entropies = np.zeros(capacity, dtype=np.float32)
+        self.closes = np.zeros(capacity, dtype=bool)  # byte i ends its patch
+        self.closed = np.zeros(capacity + 1, dtype=np.int64)  # closed[i]: patches closed at bytes < i
+        self.patch_len = np.zeros(capacity, dtype=np.int64)  # bytes of i's patch up to and including i
+
+    def ensure(self, end: int) -> None:
+        if end + 1 <= len(self.tokens):
+            return
+        cap = max(end + 1, 2 * len(self.tokens))
+        for name in ("tokens", "entropies", "closes", "patch_len"):
+            old = getattr(self, name)
+            new = np.zeros(cap, dtype=old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+        closed = np.zeros(cap + 1, dtype=np.int64)
+        closed[: len(self.closed)] = self.closed
+        self.closed = closed
 
 
 _U64, _I64_MIN = 1 << 64, 1 << 63
@@ -82,55 +144,79 @@ class IncrementalHasher:
 class SequenceState:
     """One sequence (batch 1) over a backend. Not thread-safe: one state per generation call.
 
-    Caches and byte states live on `backend.device`, so a step moves only its small feeds there
-    and its new cache entries stay there; logits and entropies come back to the host.
+    Caches and byte states live on `backend.device`, so a step moves only its small feeds there;
+    logits and entropies come back to the host.
     """
 
-    def __init__(
-        self,
-        backend: Backend,
-        config: BltConfig,
-        capacity: int,
-        patch_capacity: int,
-        lock: contextlib.AbstractContextManager | None = None,
-    ):
+    def __init__(self, backend: Backend, config: BltConfig, lock: contextlib.AbstractContextManager | None = None):
         if config.entropy is None:
             raise InputError("checkpoint: the runtime needs an entropy model to patch")
         self.backend, self.config = backend, config
-        self.capacity, self.patch_capacity = capacity, patch_capacity
-        specs: dict[str, StepSpec] = backend.specs
+        specs = backend.specs
+        self.max_step = max_step(specs)
         dtype = TORCH_DTYPES[state_dtype(specs)]
         self.dtype, self.device = dtype, backend.device
-        dev = self.device
-        self.caches = {
-            "entropy": _zeros_kv(config.entropy, capacity, dtype, dev),
-            "encoder": _zeros_kv(config.encoder, capacity, dtype, dev),
-            "global": _zeros_kv(config.global_model, patch_capacity, dtype, dev),
-            "decoder": _zeros_kv(config.decoder, capacity, dtype, dev),
-        }
-        cross_shape = (1, patch_capacity, config.cross_attn_k, config.decoder.dim)
+        stacks = {"entropy": config.entropy, "encoder": config.encoder, "global": config.global_model}
+        stacks["decoder"] = config.decoder
+        self.rings: dict[str, KV] = {}
+        self.linear: dict[str, LinearCache] = {}
+        for name, cfg in stacks.items():
+            slots = specs[name].slots
+            if isinstance(slots, int):
+                self.rings[name] = _zeros_kv(cfg, slots, dtype, self.device)
+            else:
+                self.linear[name] = LinearCache(cfg, dtype, self.device)
+        cross_shape = (1, 1, cross_slots(self.max_step), config.cross_attn_k * config.decoder.dim)
         self.cross: KV = [
-            (torch.zeros(cross_shape, dtype=dtype, device=dev), torch.zeros(cross_shape, dtype=dtype, device=dev))
+            (
+                torch.zeros(cross_shape, dtype=dtype, device=self.device),
+                torch.zeros(cross_shape, dtype=dtype, device=self.device),
+            )
             for _ in range(config.decoder_cross_layers)
         ]
-        self.tokens = np.zeros(capacity, dtype=np.int64)
-        self.entropies = np.zeros(capacity, dtype=np.float32)
-        self.closes = np.zeros(capacity, dtype=bool)  # byte i ends its patch
-        self.closed = np.zeros(capacity + 1, dtype=np.int64)  # closed[i]: patches closed at bytes < i
-        self.patch_len = np.zeros(capacity, dtype=np.int64)  # bytes of i's patch up to and including i
-        self.h = torch.zeros(capacity, config.encoder.dim, dtype=dtype, device=dev)  # encoder byte states
+        self.host = HostArrays()
+        self.h = torch.zeros(1024, config.encoder.dim, dtype=dtype, device=self.device)  # encoder byte states
         self.hasher = IncrementalHasher(config)
+        self.patch_limit = config.global_model.max_positions
         self.n = 0
         self.g_len = 0
+        self.written = 0  # positions < written have been written to the rings (some maybe rolled back)
         self._forced_at: int | None = None  # n at which slot g_len holds the open patch's forced latent
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self.reset_counters()
+
+    # the bookkeeping arrays, by position
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.host.tokens
+
+    @property
+    def closes(self) -> np.ndarray:
+        return self.host.closes
+
+    @property
+    def closed(self) -> np.ndarray:
+        return self.host.closed
+
+    @property
+    def patch_len(self) -> np.ndarray:
+        return self.host.patch_len
+
+    @property
+    def entropies(self) -> np.ndarray:
+        return self.host.entropies
 
     def reset_counters(self) -> None:
         """Zero this state's per-step counters (calls, positions run, backend seconds)."""
         self.calls: dict[str, int] = dict.fromkeys(self.backend.specs, 0)
         self.positions: dict[str, int] = dict.fromkeys(self.backend.specs, 0)
         self.backend_seconds = 0.0
+
+    def cache_bytes(self) -> int:
+        """Bytes held by this sequence's caches and byte states (what grows with the context)."""
+        rings = sum(k.nbytes + v.nbytes for kv in self.rings.values() for k, v in kv)
+        cross = sum(k.nbytes + v.nbytes for k, v in self.cross)
+        return rings + cross + sum(c.nbytes() for c in self.linear.values()) + self.h.nbytes
 
     def _run(self, step: str, feeds: dict[str, Tensor], positions: int) -> dict[str, Tensor]:
         """run_step + this state's counters; call with self.lock held (outputs are shared)."""
@@ -150,9 +236,24 @@ class SequenceState:
         x = torch.from_numpy(np.asarray(values, dtype=np.int32))
         return x if self.device.type == "cpu" else x.to(self.device, non_blocking=True)
 
-    def _need_room(self, end: int) -> None:
-        if end > self.capacity:
-            raise InputError(f"sequence: {end} bytes exceed the cache capacity of {self.capacity}")
+    def _cache(self, stack: str, end: int) -> KV:
+        """The cache feeds of `stack` for a step writing positions < end."""
+        return self.rings[stack] if stack in self.rings else self.linear[stack].for_step(max(end, 1))
+
+    def _check_step(self, S: int, at: int | None = None) -> None:
+        """S fits one call; a step writing positions at..at+S-1 moves the written frontier."""
+        if not 1 <= S <= self.max_step:
+            raise InputError(f"step: {S} new positions; the graphs take 1 to max_step = {self.max_step} per call")
+        if at is not None:
+            self.written = max(self.written, at + S)
+
+    def _room(self, end: int) -> None:
+        """Grow the per-position arrays to hold positions < end."""
+        self.host.ensure(end)
+        if end > self.h.shape[0]:
+            grown = torch.zeros(max(end, 2 * self.h.shape[0]), self.h.shape[1], dtype=self.dtype, device=self.device)
+            grown[: self.h.shape[0]] = self.h
+            self.h = grown
 
     def open_patch_start(self, n: int | None = None) -> int:
         """First byte of the patch still open after n committed bytes (== n if none is open)."""
@@ -161,39 +262,46 @@ class SequenceState:
 
     # ------------------------------------------------------------------ the four stacks
     def run_entropy(self, at: int, tokens: np.ndarray) -> np.ndarray:
+        self._check_step(len(tokens), at)
         feeds = {"tokens": self._ids(tokens).view(1, -1), "start": self._start(at)}
-        feeds |= named_kv(PAST, self.caches["entropy"])
+        feeds |= named_kv(PAST, self._cache("entropy", at + len(tokens)))
         with self.lock:
             out = self._run("entropy", feeds, len(tokens))
-            _write(self.caches["entropy"], out, at)
             return out["entropies"][0].float().cpu().numpy().copy()
 
     def run_encoder(self, at: int, tokens: np.ndarray) -> None:
         """Encoder states for tokens placed at positions at.. (writes self.h and the encoder cache)."""
-        self._need_room(at + len(tokens))
-        self.tokens[at : at + len(tokens)] = tokens
+        S = len(tokens)
+        self._check_step(S, at)
+        self._room(at + S)
+        self.tokens[at : at + S] = tokens
         pad = self.hasher.pad
         history = self.tokens[max(0, at - pad) : at]
-        if len(tokens) <= FAST_HASH_MAX:
+        if S <= FAST_HASH_MAX:
             window = [0] * (pad - len(history)) + history.tolist() + tokens.tolist()
-            hash_ids = self.hasher(window, len(tokens))
+            hash_ids = self.hasher(window, S)
         else:
             hash_ids = hash_ids_numpy(tokens.reshape(1, -1), self.config, history.reshape(1, -1))
-        feeds = {
-            "tokens": self._ids(tokens).view(1, -1),
-            "hash_ids": self._ids(hash_ids),
-            "start": self._start(at),
-        }
-        feeds |= named_kv(PAST, self.caches["encoder"])
+        feeds = {"tokens": self._ids(tokens).view(1, -1), "hash_ids": self._ids(hash_ids), "start": self._start(at)}
+        feeds |= named_kv(PAST, self._cache("encoder", at + S))
         with self.lock:
-            out = self._run("encoder", feeds, len(tokens))
-            _write(self.caches["encoder"], out, at)
-            self.h[at : at + len(tokens)] = out["h"][0]
+            out = self._run("encoder", feeds, S)
+            self.h[at : at + S] = out["h"][0]
 
     def run_global(self, spans: list[tuple[int, int]], at: int) -> None:
-        """One global step over patches given as byte spans [s, e); entries written at slot `at`."""
-        if at + len(spans) > self.patch_capacity:
-            raise InputError(f"sequence: {at + len(spans)} patches exceed the patch capacity {self.patch_capacity}")
+        """Global steps over patches given as byte spans [s, e) (max_step per call); their entries go
+        to patch slots at.."""
+        m = self.max_step
+        if len(spans) > m:
+            for i in range(0, len(spans), m):
+                self.run_global(spans[i : i + m], at + i)
+            return
+        end = at + len(spans)
+        if end > self.patch_limit:
+            raise InputError(
+                f"sequence: {end} patches exceed the global model's limit of {self.patch_limit} patches "
+                f"(reached after {spans[-1][1]} bytes); shorten the prompt or max_bytes"
+            )
         L = max(e - s for s, e in spans)
         patch_bytes = torch.zeros(1, len(spans), L, self.config.encoder.dim, dtype=self.dtype, device=self.device)
         for j, (s, e) in enumerate(spans):
@@ -203,26 +311,23 @@ class SequenceState:
             "patch_lens": self._ids([e - s for s, e in spans]).view(1, -1),
             "start": self._start(at),
         }
-        feeds |= named_kv(PAST, self.caches["global"])
+        feeds |= named_kv(PAST, self._cache("global", end))
+        feeds |= named_kv(CROSS, self.cross)
         with self.lock:
-            out = self._run("global", feeds, len(spans))
-            _write(self.caches["global"], out, at)
-            for (ck, cv), (k, v) in zip(self.cross, kv_from(out, CROSS, len(self.cross)), strict=True):
-                ck[:, at : at + len(spans)] = k
-                cv[:, at : at + len(spans)] = v
+            self._run("global", feeds, len(spans))
 
     def run_decoder(self, at: int, S: int, read_patch: np.ndarray) -> Tensor:
         """Causal decoder over byte states h[at:at+S] -> logits (S, V); writes the decoder cache."""
+        self._check_step(S, at)
         feeds = {
             "h": self.h[at : at + S].unsqueeze(0),
             "read_patch": self._ids(read_patch).view(1, -1),
             "start": self._start(at),
         }
-        feeds |= named_kv(PAST, self.caches["decoder"])
+        feeds |= named_kv(PAST, self._cache("decoder", at + S))
         feeds |= named_kv(CROSS, self.cross)
         with self.lock:
             out = self._run("decoder", feeds, S)
-            _write(self.caches["decoder"], out, at)
             return out["logits"][0].to("cpu", copy=True)
 
     def run_block(self, block_ids: np.ndarray, read_patch: int, at: int | None = None) -> Tensor:
@@ -234,13 +339,13 @@ class SequenceState:
         at = self.n if at is None else at
         if not 0 <= at <= self.n:
             raise InputError(f"run_block: block start {at} is outside [0, {self.n}]")
-        self._need_room(at + len(block_ids))
+        self._check_step(len(block_ids))
         feeds = {
             "block_ids": self._ids(block_ids).view(1, -1),
             "start": self._start(at),
             "read_patch": self._ids([read_patch]),
         }
-        feeds |= named_kv(PAST, self.caches["decoder"])
+        feeds |= named_kv(PAST, self._cache("decoder", at))
         feeds |= named_kv(CROSS, self.cross)
         with self.lock:
             return self._run("decoder_block", feeds, len(block_ids))["logits"][0].to("cpu", copy=True)
@@ -251,17 +356,21 @@ class SequenceState:
 
         Runs the entropy step, the encoder step (skipped when `encoded`: drafting already wrote
         these positions' encoder states, which do not depend on patching), one global step for
-        every patch the new bytes close, and the causal decoder step.
+        every patch the new bytes close, and the causal decoder step; more than max_step tokens
+        are committed max_step at a time.
 
         close_open: also force-close the patch left open after these bytes in the same global
         step (what `force_close` would do next, without a pass of its own); its latent sits
         uncounted in slot g_len and `force_close` returns it while nothing else has changed.
         """
         tokens = np.asarray(tokens, dtype=np.int64)
-        S, at = len(tokens), self.n
+        S, at, m = len(tokens), self.n, self.max_step
         if S == 0:
             raise InputError("append: no tokens")
-        self._need_room(at + S)
+        if m < S:  # one step per max_step positions
+            parts = [self.append(tokens[i : i + m], encoded, close_open and i + m >= S) for i in range(0, S, m)]
+            return torch.cat(parts)
+        self._room(at + S)
         if not encoded:
             self.run_encoder(at, tokens)
         self.tokens[at : at + S] = tokens
@@ -293,13 +402,29 @@ class SequenceState:
         return spans
 
     def rollback(self, n: int) -> None:
-        """Forget everything at positions >= n (O(1): frontiers move, buffers stay)."""
+        """Forget everything at positions >= n (O(1): frontiers move, buffers stay).
+
+        At most max_step positions past n may have been written (the rings keep max_step slots
+        beyond a window for them); `reset` starts a sequence over.
+        """
         if not 0 <= n <= self.n:
             raise InputError(f"rollback: {n} is outside [0, {self.n}]")
+        if self.written - n > self.max_step:
+            raise InputError(
+                f"rollback: back to {n} from {self.written} written positions is more than max_step = "
+                f"{self.max_step} (the rings keep that many past a window); reset() to start over"
+            )
         if n != self.n:
             self._forced_at = None
         self.n = n
         self.g_len = int(self.closed[n])
+
+    def reset(self) -> None:
+        """An empty sequence on the same buffers (a new one fills every position from 0 before it is
+        read, so no ring needs clearing); linear caches shrink back to one bucket."""
+        self.n, self.g_len, self.written, self._forced_at = 0, 0, 0, None
+        for cache in self.linear.values():
+            cache.reset()
 
     def force_close(self) -> int:
         """The paper's block-start rule: the latent the next block reads.

@@ -1,16 +1,18 @@
 """Per-graph parity: the same feeds through every backend, each output compared with torch fp32.
 
 Feeds come from two sources:
-- random: every step at several cache lengths (empty, partly filled, nearly full) and chunk sizes
-  (1, 2, 7 and a full diffusion block), plus a batch-2 case with different starts per row. Cache
-  slots at or after `start` hold large garbage: a graph that reads them (a wrong mask, a cache
-  read at the wrong position) fails visibly.
+- random: every step at several starts (0, inside the first lap of a ring, and several laps on, so
+  ring slots wrap around) and chunk sizes (1, 2, 7 and a full diffusion block), plus a batch-2
+  case with different starts per row. Cache slots that no query of the call may see (outside
+  every window, never written, or left by a rollback) hold large garbage: a graph that reads them
+  (a wrong mask, a slot taken for the wrong position) fails visibly.
 - real: the feeds a `SequenceState` gives the torch backend while it prefills prompts (in one
-  chunk and in chunks of 7 and 2), decodes greedily byte by byte, verifies a 4-byte draft and runs
+  max_step chunks and in chunks of 7 and 2), decodes greedily byte by byte, verifies a 4-byte draft and runs
   diffusion blocks, captured by a recording backend.
-Cases are materialized one at a time (a case with full-capacity caches can be large) and dropped
-after every backend ran it. Reduced-precision candidates get the feeds rounded to their dtype, and
-the reference gets the same rounded values in fp32, so both see identical inputs.
+Cases are materialized one at a time and dropped after every backend ran it; each backend gets
+its own copy of the feeds, since a step writes its caches in place. Reduced-precision candidates
+get the feeds rounded to their dtype, and the reference gets the same rounded values in fp32, so
+both see identical inputs.
 
 Polygraphy: saved inputs are polygraphy JSON (`inputs.<step>.json`, a list of feed dicts, one per
 case, loadable by `polygraphy run <step>.onnx --load-inputs`); saved outputs are polygraphy
@@ -36,8 +38,10 @@ from torch import Tensor
 
 from fastblt.engines.base import Backend, check_feeds
 from fastblt.errors import InputError
-from fastblt.export.spec import CROSS, TORCH_DTYPES, StepSpec, capacities, slots
+from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, TORCH_DTYPES, StepSpec, max_step
 from fastblt.model.blt import BltModel
+from fastblt.model.config import BltConfig
+from fastblt.model.steps import slot_positions
 from fastblt.model.tokenizer import encode
 from fastblt.validate.metrics import REDUCED_DTYPES, Tolerances, check_finite, compare, to_numpy
 from fastblt.validate.recording import RecordingBackend, host_copies, sparse_schedule
@@ -71,55 +75,61 @@ def random_cases(
     chunk_sizes: tuple[int, ...] | None = None,
     steps: tuple[str, ...] | None = None,
 ) -> list[Case]:
-    """Random feeds for every step: cache lengths {0, partial, nearly full} x chunk sizes, + batch 2."""
+    """Random feeds for every step: starts {0, first lap, several laps on} x chunk sizes, + batch 2."""
     config = model.config
     block = config.blt_d.block_size if config.blt_d is not None else 8
     sizes = tuple(sorted(set(chunk_sizes or (*CHUNK_SIZES, block))))
     cases = []
     for step in steps or tuple(specs):
         spec = specs[step]
-        cap = slots(spec)
-        for n_new in sizes:
-            if n_new > cap:
-                continue
-            for j, c in enumerate(sorted({0, max(0, (cap - n_new) // 3 + 1), cap - n_new})):
-                if c + n_new > cap:
-                    continue
+        lap = spec.slots if spec.ring else 3 * PAST_BUCKET  # linear caches: a few buckets in
+        for n_new in (n for n in sizes if n <= spec.max_step):
+            for j, c in enumerate((0, lap // 3 + 1, 3 * lap + lap // 2 + 1)):
                 kseed = seed * 100003 + zlib.crc32(f"{step}/{n_new}/{c}".encode()) % 100000
-                label = f"random cache={c} new={n_new}"
+                label = f"random start={c} new={n_new}"
                 cases.append(Case(step, label, "random", _maker(spec, model, [c], n_new, kseed)))
                 if j == 1 and n_new == sizes[-1]:
-                    starts = [c, max(0, c // 2)]
-                    label = f"random batch=2 cache={starts} new={n_new}"
+                    starts = [c, 2 * lap + 5]
+                    label = f"random batch=2 start={starts} new={n_new}"
                     cases.append(Case(step, label, "random", _maker(spec, model, starts, n_new, kseed + 1)))
     return cases
 
 
 def _maker(spec: StepSpec, model: BltModel, starts: list[int], S: int, seed: int) -> Callable[[], dict[str, Tensor]]:
-    return lambda: random_feeds(spec, model, starts, S, seed)
+    return lambda: random_feeds(spec, model.config, starts, S, seed)
 
 
-def random_feeds(spec: StepSpec, model: BltModel, starts: list[int], S: int, seed: int) -> dict[str, Tensor]:
+def visible_slots(spec: StepSpec, window: int | None, start: Tensor, S: int, slots: int) -> Tensor:
+    """(B, slots) bool: the cache slots some query of this call may see (the rest may hold anything)."""
+    start = start.to(torch.int64)
+    end = start - 1 if spec.name == "decoder_block" else start + S - 1  # the block writes nothing
+    k_pos = slot_positions(end, slots, spec.ring)
+    oldest = start - (window - 1) if window is not None else torch.zeros_like(start)
+    return (k_pos >= oldest.clamp(min=0).unsqueeze(1)) & (k_pos <= end.unsqueeze(1))
+
+
+def random_feeds(spec: StepSpec, config: BltConfig, starts: list[int], S: int, seed: int) -> dict[str, Tensor]:
     """fp32 feeds for `spec`: batch len(starts), S new positions (Pn patches for the global step).
 
-    Valid cache slots (< start) ~ N(0, 1); stale slots ~ N(0, GARBAGE_STD^2).
+    Cache slots some query may see ~ N(0, 1); all others ~ N(0, GARBAGE_STD^2).
     """
-    config = model.config
+    stack = {"entropy": config.entropy, "encoder": config.encoder, "global": config.global_model}
+    window = stack.get(spec.stack, config.decoder).window
     g = torch.Generator().manual_seed(seed)
     B = len(starts)
     start = torch.tensor(starts, dtype=torch.int32)
     L = PATCH_LEN if spec.name == "global" else 1
-    sizes = {"batch": B, "new": S, "patches": S, "patch_len": L}
+    past = -(-(max(starts) + S) // PAST_BUCKET) * PAST_BUCKET
+    sizes = {"batch": B, "new": S, "patches": S, "patch_len": L, "past": past}
     feeds: dict[str, Tensor] = {}
     for t in spec.inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
         if t.name == "start":
             feeds[t.name] = start
-        elif t.name.startswith("past."):
+        elif t.name.startswith(f"{PAST}."):
             x = torch.randn(shape, generator=g)
-            slot = torch.arange(shape[2]).view(1, 1, -1, 1)
-            stale = slot >= start.view(-1, 1, 1, 1).to(torch.int64)
-            feeds[t.name] = torch.where(stale, x * GARBAGE_STD, x)
+            seen = visible_slots(spec, window, start, S, shape[2]).view(B, 1, -1, 1)
+            feeds[t.name] = torch.where(seen, x, x * GARBAGE_STD)
         elif t.dtype != "int32":
             feeds[t.name] = torch.randn(shape, generator=g)
         elif t.name == "tokens":
@@ -130,9 +140,9 @@ def random_feeds(spec: StepSpec, model: BltModel, starts: list[int], S: int, see
             ids = torch.randint(4, config.vocab_size, shape, generator=g, dtype=torch.int32)
             mask = torch.rand(shape, generator=g) < 0.5
             feeds[t.name] = torch.where(mask, torch.full_like(ids, config.blt_d.mask_id), ids)
-        elif t.name == "read_patch":
-            p_cap = slots(spec, CROSS)
-            feeds[t.name] = torch.randint(0, p_cap, shape, generator=g, dtype=torch.int32)
+        elif t.name == "read_patch":  # patch ids over several laps of the cross ring
+            ring = spec.input(f"{CROSS}.0.k").shape[2]
+            feeds[t.name] = torch.randint(0, 3 * ring, shape, generator=g, dtype=torch.int32)
         elif t.name == "patch_lens":
             lens = torch.randint(1, L + 1, shape, generator=g, dtype=torch.int32)
             lens.view(-1)[0] = L  # the longest patch sets L
@@ -159,24 +169,20 @@ def real_cases(
 
     prompts = list(prompts or DEFAULT_PROMPTS)
     config = model.config
-    cap, p_cap = capacities(specs)
     fp32 = {name: _with_dtype(spec, "float32") for name, spec in specs.items()}
     rec = RecordingBackend(TorchBackend(fp32, model), select=lambda s, i: sparse_schedule(i), max_per_step=per_step)
     block = config.blt_d.block_size if config.blt_d is not None else 0
+    steps = max_step(specs)
     for p, prompt in enumerate(prompts):
-        state = SequenceState(rec, config, cap, p_cap)
-        budget = min(cap, p_cap) - 4 - block - 2  # every byte may close a patch; 4 verified drafts
-        decode = min(decode_bytes, budget // 3)
-        if budget - decode < 1:
-            raise InputError(f"capacities {cap}/{p_cap}: too small for prompt-derived inputs")
-        ids = np.asarray(encode(prompt), dtype=np.int64)[: budget - decode]
-        chunks = [len(ids)] if p % 2 == 0 else _chunks(len(ids), (7, 2))
+        state = SequenceState(rec, config)
+        ids = np.asarray(encode(prompt), dtype=np.int64)
+        chunks = _chunks(len(ids), (steps,)) if p % 2 == 0 else _chunks(len(ids), (7, 2))
         logits = None
         at = 0
         for size in chunks:
             logits = state.append(ids[at : at + size])
             at += size
-        for _ in range(decode):
+        for _ in range(decode_bytes):
             logits = state.append([int(logits[-1].argmax())])
         n = state.n
         drafts = [int(logits[-1].argmax()), 4 + ord(" "), 4 + ord("("), 4 + ord(")")]
@@ -231,13 +237,9 @@ def reference_specs(specs: dict[str, StepSpec]) -> dict[str, StepSpec]:
 
 # ------------------------------------------------------------------------------ running
 def cast_feeds(feeds: dict[str, Tensor], spec: StepSpec) -> dict[str, Tensor]:
-    """Feeds in the dtypes `spec` declares (floats cast; ints must already match)."""
-    out = {}
-    for t in spec.inputs:
-        x = feeds[t.name]
-        want = TORCH_DTYPES[t.dtype]
-        out[t.name] = x.to(want) if x.dtype != want else x
-    return out
+    """A backend's own copy of the feeds (a step writes its caches in place), in the dtypes `spec`
+    declares (floats cast; ints must already match)."""
+    return {t.name: feeds[t.name].to(TORCH_DTYPES[t.dtype], copy=True) for t in spec.inputs}
 
 
 def round_trip(feeds: dict[str, Tensor], dtype: str) -> dict[str, Tensor]:

@@ -61,6 +61,7 @@ class RecordingBackend(Backend):
         self.recorded: list[tuple[str, int, dict[str, Tensor]]] = []  # (step, call index, feeds)
         self.trace: list[TraceCall] = []
         self._seen: dict[str, int] = {}
+        self._aliased = {step: {o for o, _ in spec.aliases} for step, spec in inner.specs.items()}
         self._kept: dict[str, int] = {}
 
     def _activate_impl(self) -> None:
@@ -76,10 +77,11 @@ class RecordingBackend(Backend):
             self._kept[step] = self._kept.get(step, 0) + 1
             self.recorded.append((step, i, host_copies(feeds)))
         out = self.inner.run_step(step, feeds, check=False)
-        if self.trace_enabled:
+        if self.trace_enabled:  # the step's own outputs: caches it wrote show in later steps' outputs
             new = new_positions(feeds)
             start = [int(s) for s in feeds["start"].reshape(-1).tolist()]
-            self.trace.append(TraceCall(len(self.trace), step, start, new, host_copies(out)))
+            own = {k: v for k, v in out.items() if k not in self._aliased[step]}
+            self.trace.append(TraceCall(len(self.trace), step, start, new, host_copies(own)))
         return out
 
 

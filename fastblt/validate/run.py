@@ -22,7 +22,7 @@ import torch
 from fastblt.engines.base import Backend, resolve_device
 from fastblt.engines.registry import BACKENDS, available, backend_factory
 from fastblt.errors import BackendUnavailable, InputError, ManifestMismatch
-from fastblt.export.spec import TORCH_DTYPES, StepSpec, cache_capacity, capacities, float_dtype, step_specs
+from fastblt.export.spec import DEFAULT_MAX_STEP, TORCH_DTYPES, StepSpec, float_dtype, max_step, step_specs
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
 from fastblt.validate.e2e import MODES, E2ERun, e2e_parity
@@ -61,7 +61,7 @@ class ValidateOptions:
     modes: tuple[str, ...] = MODES
     max_bytes: int = 32  # e2e bytes per generation
     hf_greedy_bytes: int = 32
-    capacity: int = 256  # cache capacity when no artifacts fix it (torch only / auto-export)
+    max_step: int = DEFAULT_MAX_STEP  # positions per step call when no artifacts fix it
     real: bool = True  # prompt-derived feeds as well as random ones
     e2e: bool = True
     layers: bool = True  # localise failed graphs per layer
@@ -93,8 +93,8 @@ class ValidateOptions:
             raise InputError(f"--reference hf compares in fp32 (transformers' reference path), not {self.dtype}")
         if self.device is not None:
             resolve_device(self.device)  # InputError now, not a backend error later
-        if self.max_bytes < 1 or self.capacity < 16:
-            raise InputError("--max-bytes must be >= 1 and --capacity >= 16")
+        if self.max_bytes < 1 or self.max_step < 16:
+            raise InputError("--max-bytes must be >= 1 and --max-step >= 16")
 
 
 def validate(opts: ValidateOptions, model: BltModel | None = None, log: Callable[[str], None] | None = None) -> Report:
@@ -158,8 +158,8 @@ def _validate_torch_reference(
             "artifacts": str(artifacts) if artifacts else None,
             "checkpoint_hash": manifest["checkpoint"].get("hash") if manifest else None,
             "dtype": dtype,
-            "capacity": cache_capacity(specs, "encoder"),
-            "patch_capacity": cache_capacity(specs, "global"),
+            "max_step": max_step(specs),
+            "slots": {spec.stack: spec.slots for spec in specs.values()},
             "backends_requested": list(opts.backends),
             "gates": tolerances.get("").describe(),
             "atol": tolerances.get("").atol,
@@ -194,7 +194,7 @@ def _validate_torch_reference(
         log(f"end to end: greedy {', '.join(opts.modes)} on {', '.join(candidates)}, {len(prompts)} prompts")
         e2e_run = E2ERun(modes=opts.modes, max_bytes=opts.max_bytes, dtype=dtype, tolerances=tolerances)
         ref_e2e = _backend("torch", reference_specs(specs), model, None, opts.threads)
-        e2e_parity(model, ref_e2e, candidates, prompts, *capacities(specs), e2e_run, report)
+        e2e_parity(model, ref_e2e, candidates, prompts, e2e_run, report)
     for b in candidates.values():
         b.deactivate()
     return report
@@ -270,7 +270,7 @@ def _specs(opts: ValidateOptions, config: BltConfig, manifest: dict | None) -> t
     """The step specs every candidate runs (the artifacts' when there are any) and their dtype."""
     if manifest is None:
         dtype = opts.dtype or "float32"
-        return step_specs(config, opts.capacity, opts.capacity, dtype), dtype
+        return step_specs(config, opts.max_step, dtype), dtype
     from fastblt.export.exporter import ExportOptions
 
     mopts = manifest["options"]
@@ -279,7 +279,7 @@ def _specs(opts: ValidateOptions, config: BltConfig, manifest: dict | None) -> t
             f"--dtype {opts.dtype}: the artifacts were exported in {mopts['dtype']}; "
             f"pass --dtype {mopts['dtype']} or export again with --dtype"
         )
-    eo = ExportOptions(**{k: mopts[k] for k in ("dtype", "opset", "capacity", "patch_capacity", "max_batch")})
+    eo = ExportOptions(**{k: mopts[k] for k in ("dtype", "opset", "max_step", "max_batch")})
     return eo.specs(config), eo.dtype
 
 
@@ -294,7 +294,7 @@ def _artifacts(
 
     ckpt_hash = source_hash(model, path) if path is not None else None
     if opts.artifacts is None:
-        options = ExportOptions(dtype=opts.dtype or "float32", capacity=opts.capacity)
+        options = ExportOptions(dtype=opts.dtype or "float32", max_step=opts.max_step)
         source = str(path) if path is not None else "in-memory model"
 
         def notice(out: Path) -> None:

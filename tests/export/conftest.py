@@ -23,7 +23,7 @@ from fastblt.export.exporter import ExportOptions, export_model
 from fastblt.formats.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
 from fastblt.model.blt import BltModel
 
-from export_helpers import CAPACITY, MODEL, MODEL_KW, PATCH_CAPACITY
+from export_helpers import MAX_STEP, MODEL, MODEL_KW
 from tiny import make_model
 
 
@@ -52,10 +52,10 @@ def fp32_run(ckpt_dir, tmp_path_factory) -> CliRun:
     from fastblt.cli import main
 
     out = tmp_path_factory.mktemp("export") / "fp32"
-    args = ["export", "--checkpoint", str(ckpt_dir), "--out", str(out), "--max-context", str(CAPACITY)]
+    args = ["export", "--checkpoint", str(ckpt_dir), "--out", str(out), "--max-step", str(MAX_STEP)]
     stdout, stderr = io.StringIO(), io.StringIO()
     mp = pytest.MonkeyPatch()
-    mp.setattr(sys, "argv", ["fastblt", *args, "--max-patches", str(PATCH_CAPACITY), "--json"])
+    mp.setattr(sys, "argv", ["fastblt", *args, "--json"])
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             main()
@@ -74,7 +74,7 @@ def fp32_export(fp32_run) -> Path:
 def _api_export(ckpt_dir: Path, ref: BltModel, root: Path, dtype: torch.dtype, name: str, **kw) -> Path:
     out = root / name
     model = copy.deepcopy(ref).to(dtype)
-    options = ExportOptions(dtype=name, capacity=CAPACITY, patch_capacity=PATCH_CAPACITY, **kw)
+    options = ExportOptions(dtype=name, max_step=MAX_STEP, **kw)
     export_model(model, out, options, checkpoint_hash=checkpoint_hash(ckpt_dir), checkpoint_source=str(ckpt_dir))
     return out
 

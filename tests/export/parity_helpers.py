@@ -1,51 +1,16 @@
-"""Random step inputs with non-empty caches, and the comparison metrics of DESIGN.md."""
+"""Random step inputs (fastblt.validate.graphs.random_feeds: caches with garbage wherever no query
+may look) and the comparison metrics of docs/validation.md."""
 
 from __future__ import annotations
 
 import torch
 
 from fastblt.export.spec import TORCH_DTYPES, StepSpec
-from fastblt.model.config import BltConfig
-
-
-def random_feeds(
-    spec: StepSpec,
-    config: BltConfig,
-    S: int,
-    starts: list[int],
-    patch_capacity: int,
-    seed: int,
-    L: int = 6,
-) -> dict[str, torch.Tensor]:
-    """fp32 feeds for `spec` with batch len(starts), S new positions (or patches), caches full of
-    random entries (only slots < start are valid, the rest is garbage the graph must mask)."""
-    g = torch.Generator().manual_seed(seed)
-    B = len(starts)
-    sizes = {"batch": B, "new": S, "patches": S, "patch_len": L}
-    feeds = {}
-    for t in spec.inputs:
-        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
-        if t.name == "start":
-            x = torch.tensor(starts, dtype=torch.int32)
-        elif t.name == "tokens":
-            x = torch.randint(4, config.vocab_size, shape, generator=g, dtype=torch.int32)
-        elif t.name == "block_ids":  # bytes, [MASK] (260) and [PAD] (261)
-            x = torch.randint(4, config.blt_d.embedding_rows, shape, generator=g, dtype=torch.int32)
-        elif t.name == "hash_ids":
-            x = torch.randint(0, config.hash_vocab, shape, generator=g, dtype=torch.int32)
-        elif t.name == "read_patch":
-            x = torch.randint(0, patch_capacity, shape, generator=g, dtype=torch.int32)
-        elif t.name == "patch_lens":  # one full-length patch per row, the others 1..L
-            x = torch.randint(1, L + 1, shape, generator=g, dtype=torch.int32)
-            x[:, 0] = L
-        else:
-            x = torch.randn(shape, generator=g)
-        feeds[t.name] = x
-    return feeds
+from fastblt.validate.graphs import random_feeds as random_feeds
 
 
 def cast_feeds(feeds: dict[str, torch.Tensor], spec: StepSpec) -> dict[str, torch.Tensor]:
-    return {t.name: feeds[t.name].to(TORCH_DTYPES[t.dtype]) for t in spec.inputs}
+    return {t.name: feeds[t.name].to(TORCH_DTYPES[t.dtype], copy=True) for t in spec.inputs}
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,18 +15,17 @@ from fastblt.export.spec import STEPS, step_specs
 from fastblt.formats.checkpoint import checkpoint_hash
 from fastblt.model.config import BltConfig
 
-from export_helpers import CAPACITY, PATCH_CAPACITY, run_cli
+from export_helpers import MAX_STEP, run_cli
 
 
 def _export_args(ckpt, out, *extra: str) -> list[str]:
-    return ["export", "--checkpoint", str(ckpt), "--out", str(out), "--max-context", str(CAPACITY),
-            "--max-patches", str(PATCH_CAPACITY), *extra]  # fmt: skip
+    return ["export", "--checkpoint", str(ckpt), "--out", str(out), "--max-step", str(MAX_STEP), *extra]
 
 
 def _copying_export_step(source):
     """A stand-in for export_step that copies the graph from an existing export (fast)."""
 
-    def export_step(model, spec, path, opset, ranges, threshold):
+    def export_step(config, spec, weights, path, dtype, threshold):
         shutil.copy(source / f"{spec.name}.onnx", path)
         return exporter.GraphRecord(spec.name, path.name, None, path.stat().st_size, {"Add": 1}, 0, 0.0)
 
@@ -41,23 +40,24 @@ def test_manifest_describes_every_graph(fp32_export, ckpt_dir, ref_model):
     m = read_manifest(fp32_export)
     assert m["checkpoint"]["hash"] == checkpoint_hash(ckpt_dir)
     assert BltConfig.from_dict(m["checkpoint"]["config"]) == ref_model.config
-    assert m["options"] == {"dtype": "float32", "opset": 20, "capacity": CAPACITY,
-                            "patch_capacity": PATCH_CAPACITY, "max_batch": 8}  # fmt: skip
+    assert m["options"] == {"dtype": "float32", "opset": 24, "max_step": MAX_STEP, "max_batch": 8}
     assert {"torch", "onnx", "onnxscript", "onnxruntime", "fastblt"} <= set(m["versions"])
-    assert m["dims"]["new"] == {"min": 1, "max": CAPACITY}
+    assert m["dims"]["new"] == {"min": 1, "max": MAX_STEP}
+    assert m["dims"]["past"] == {"min": 1, "max": 4096}  # the global model's position limit
     assert m["dims"]["patch_len"] == {"min": 1, "max": 6}  # max_patch_length
-    specs = step_specs(ref_model.config, CAPACITY, PATCH_CAPACITY)
+    specs = step_specs(ref_model.config, MAX_STEP)
     assert list(m["graphs"]) == list(STEPS)
     for step, g in m["graphs"].items():
         assert g["inputs"] == specs[step].to_dict()["inputs"]
         assert g["outputs"] == specs[step].to_dict()["outputs"]
-        assert g["opset"] == 20
-        assert g["cache_capacity"] == (PATCH_CAPACITY if step == "global" else CAPACITY)
+        assert g["opset"] == 24
+        assert g["slots"] == ("past" if step == "global" else 24 + MAX_STEP)  # window 24: rings
+        assert g["aliases"] == dict(specs[step].aliases)
         assert g["sha256"][g["file"]] == sha256_file(fp32_export / g["file"])
         assert all(c["status"] == "pass" for c in g["checks"].values()), g["checks"]
         assert g["nodes"] == sum(g["op_counts"].values()) > 0
         proto = onnx.load(str(fp32_export / g["file"]), load_external_data=False)
-        assert proto.opset_import[0].version == 20
+        assert proto.opset_import[0].version == 24
         shapes = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.input]
         assert shapes == [t["shape"] for t in g["inputs"]]
     assert sorted(p.name for p in fp32_export.iterdir()) == sorted([MANIFEST, *(f"{s}.onnx" for s in STEPS)])
@@ -145,7 +145,7 @@ def test_failing_graph_check_leaves_nothing(ckpt_dir, fp32_export, tmp_path, mon
     [
         (["--dtype", "int8"], "Invalid value for '--dtype'"),
         (["--opset", "17"], "opset 17: unsupported"),
-        (["--max-context", "4"], "capacity 4: expected an int >= 8"),
+        (["--max-step", "1"], "max_step 1: expected an int >= 2"),
     ],
 )
 def test_bad_options(ckpt_dir, tmp_path, monkeypatch, capsys, extra, message):

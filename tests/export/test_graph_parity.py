@@ -17,24 +17,23 @@ from fastblt.export.manifest import read_manifest
 from fastblt.export.reference import run_named_step
 from fastblt.export.spec import STEPS, step_specs
 
-from export_helpers import CAPACITY, PATCH_CAPACITY
+from export_helpers import MAX_STEP
 
 BLOCK = 4  # tiny_config's BLT-D block size
 CHUNKS = (1, 2, 7, BLOCK)
 
 
 def _starts(step: str, S: int) -> list[list[int]]:
-    """Cache lengths per batch row (batch 2): short, long, and full up to the capacity."""
-    cap = PATCH_CAPACITY if step == "global" else CAPACITY
-    return [[1, 40], [cap - S, 17]]
+    """Starts per batch row (batch 2): early, one lap of a ring in, and several laps on (wrapped)."""
+    return [[1, 40], [5 * 40 + 3 - S, 17]]
 
 
 @pytest.fixture(scope="module")
 def backends(fp32_export, fp16_export, ref_model):
     cfg = ref_model.config
     out = {
-        "float32": OrtBackend(step_specs(cfg, CAPACITY, PATCH_CAPACITY), fp32_export, threads=1),
-        "float16": OrtBackend(step_specs(cfg, CAPACITY, PATCH_CAPACITY, "float16"), fp16_export, threads=1),
+        "float32": OrtBackend(step_specs(cfg, MAX_STEP), fp32_export, threads=1),
+        "float16": OrtBackend(step_specs(cfg, MAX_STEP, "float16"), fp16_export, threads=1),
     }
     yield out
     for b in out.values():
@@ -42,6 +41,7 @@ def backends(fp32_export, fp16_export, ref_model):
 
 
 def _reference(model, step, feeds):
+    """The torch step on (a copy of) the feeds: it writes their caches in place."""
     with torch.no_grad():
         return run_named_step(model, step, feeds)
 
@@ -52,9 +52,9 @@ def test_fp32_graph_matches_torch(backends, ref_model, step, S):
     backend = backends["float32"]
     spec = backend.specs[step]
     for i, starts in enumerate(_starts(step, S)):
-        feeds = random_feeds(spec, ref_model.config, S, starts, PATCH_CAPACITY, seed=100 * S + i)
-        ref = _reference(ref_model, step, feeds)
-        got = backend.run_step(step, feeds)
+        feeds = random_feeds(spec, ref_model.config, starts, S, seed=100 * S + i)
+        ref = _reference(ref_model, step, cast_feeds(feeds, spec))  # each its own caches to write
+        got = backend.run_step(step, cast_feeds(feeds, spec))
         for t in spec.outputs:
             assert got[t.name].shape == ref[t.name].shape, t.name
             err = max_abs(got[t.name], ref[t.name])
@@ -69,7 +69,7 @@ def test_fp16_graph_composite_gates(backends, ref_model, step):
     refs, gots = [], []
     for S in CHUNKS:
         for i, starts in enumerate(_starts(step, S)):
-            feeds = cast_feeds(random_feeds(spec, ref_model.config, S, starts, PATCH_CAPACITY, seed=7 * S + i), spec)
+            feeds = cast_feeds(random_feeds(spec, ref_model.config, starts, S, seed=7 * S + i), spec)
             ref = _reference(ref_model, step, {k: v.float() if v.is_floating_point() else v for k, v in feeds.items()})
             got = backend.run_step(step, feeds)
             for t in spec.outputs:

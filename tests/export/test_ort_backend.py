@@ -13,7 +13,7 @@ from fastblt.engines.registry import available
 from fastblt.errors import ManifestMismatch
 from fastblt.export.spec import step_specs
 
-from export_helpers import CAPACITY, PATCH_CAPACITY
+from export_helpers import MAX_STEP
 
 
 def test_registered_and_available():
@@ -25,13 +25,12 @@ def test_registered_and_available():
 @pytest.mark.parametrize(
     "change, field",
     [
-        (dict(capacity=CAPACITY + 1), "graphs.entropy.inputs[2] (past.0.k).shape"),
-        (dict(patch_capacity=PATCH_CAPACITY * 2), "graphs.global.inputs[3] (past.0.k).shape"),
+        (dict(max_step=MAX_STEP + 1), "graphs.entropy.inputs[2] (past.0.k).shape"),
         (dict(dtype="float16"), "graphs.entropy.inputs[2] (past.0.k).dtype"),
     ],
 )
 def test_specs_must_match_manifest(fp32_export, ref_model, change, field):
-    kw = dict(capacity=CAPACITY, patch_capacity=PATCH_CAPACITY, dtype="float32") | change
+    kw = dict(max_step=MAX_STEP, dtype="float32") | change
     with pytest.raises(ManifestMismatch) as e:
         OrtBackend(step_specs(ref_model.config, **kw), fp32_export)
     assert field in str(e.value)
@@ -40,11 +39,11 @@ def test_specs_must_match_manifest(fp32_export, ref_model, change, field):
 def test_steps_must_match_manifest(fp32_export, ref_model):
     cfg = ref_model.config.replace(blt_d=None)
     with pytest.raises(ManifestMismatch, match="field graphs: steps"):
-        OrtBackend(step_specs(cfg, CAPACITY, PATCH_CAPACITY), fp32_export)
+        OrtBackend(step_specs(cfg, MAX_STEP), fp32_export)
 
 
 def test_changed_or_missing_files(fp32_export, ref_model, tmp_path):
-    specs = step_specs(ref_model.config, CAPACITY, PATCH_CAPACITY)
+    specs = step_specs(ref_model.config, MAX_STEP)
     bad = tmp_path / "exp"
     shutil.copytree(fp32_export, bad)
     with open(bad / "encoder.onnx", "ab") as f:
@@ -59,16 +58,15 @@ def test_changed_or_missing_files(fp32_export, ref_model, tmp_path):
 
 
 def test_outputs_reused_per_shape_and_noncontiguous_inputs(fp32_export, ref_model):
-    specs = step_specs(ref_model.config, CAPACITY, PATCH_CAPACITY)
+    specs = step_specs(ref_model.config, MAX_STEP)
     with OrtBackend(specs, fp32_export, threads=1) as backend:
-        feeds = random_feeds(specs["encoder"], ref_model.config, 3, [5, 9], PATCH_CAPACITY, seed=1)
+        feeds = random_feeds(specs["encoder"], ref_model.config, [5, 9], 3, seed=1)
         first = backend.run_step("encoder", feeds)
         h0, ptr = first["h"].clone(), first["h"].data_ptr()
         again = backend.run_step("encoder", feeds)
         assert again["h"].data_ptr() == ptr  # same shapes -> the same preallocated buffers
         torch.testing.assert_close(again["h"], h0, rtol=0, atol=0)
-        other = backend.run_step("encoder", random_feeds(specs["encoder"], ref_model.config, 2, [5, 9],
-                                                          PATCH_CAPACITY, seed=2))  # fmt: skip
+        other = backend.run_step("encoder", random_feeds(specs["encoder"], ref_model.config, [5, 9], 2, seed=2))
         assert other["h"].shape[1] == 2 and other["h"].data_ptr() != ptr
         strided = dict(feeds)
         strided["tokens"] = feeds["tokens"].t().contiguous().t()  # same values, transposed strides

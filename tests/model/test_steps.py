@@ -1,4 +1,4 @@
-"""Incremental steps with static caches == the full forward, for any chunking and rollback."""
+"""Incremental steps with ring and linear caches == the full forward, for any chunking and rollback."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastblt.engines.torch_backend import TorchBackend
-from fastblt.export.spec import step_specs
+from fastblt.export.spec import PAST_BUCKET, cross_slots, step_specs
 from fastblt.model import steps
 from fastblt.model.patching import decoder_patch_ids, patch_ids_from_lengths
 from fastblt.runtime.state import SequenceState
@@ -23,10 +23,8 @@ with torch.no_grad():
     FULL = {name: m(TOKENS)[0] for name, m in MODELS.items()}
 
 
-def new_state(model, capacity=64):
-    return SequenceState(
-        TorchBackend(step_specs(model.config, capacity, capacity), model), model.config, capacity, capacity
-    )
+def new_state(model, max_step=16):
+    return SequenceState(TorchBackend(step_specs(model.config, max_step), model), model.config)
 
 
 @settings(max_examples=25, deadline=None)
@@ -50,7 +48,6 @@ def test_chunked_prefill_decode_and_rollback_match_full_forward(name, chunks, ro
         n += size
         if todo and todo[0][0] <= n:
             _, junk = todo.pop(0)
-            junk = min(junk, 64 - n)
             if junk > 0:
                 state.append((tokens[:junk] * 7 + 3) % 256 + 4)  # wrong bytes, then undo them
                 state.rollback(n)
@@ -60,7 +57,7 @@ def test_chunked_prefill_decode_and_rollback_match_full_forward(name, chunks, ro
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_rollback_restores_patch_state(name):
     model, tokens = MODELS[name], TOKENS[0].numpy()
-    state = new_state(model)
+    state = new_state(model, max_step=32)
     state.append(tokens[:30])
     snapshot = (state.n, state.g_len, state.open_patch_start())
     state.append(tokens[30:50])
@@ -84,6 +81,23 @@ def test_decoder_input_norm_makes_the_decoder_blind_to_the_scale_of_its_input(no
     assert (change <= 1e-4) if norm else (change > 1e-2), change
 
 
+def empty_cache(cfg, slots: int) -> list:
+    """Zeroed (keys, values) per layer, (1, heads, slots, head_dim)."""
+    shape = (1, cfg.n_heads, slots, cfg.head_dim)
+    return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.n_layers)]
+
+
+def cross_ring(model, latents, max_step: int) -> list:
+    """The decoder's cross ring (1, 1, C, k*d) holding every patch of `latents` (P <= C)."""
+    C = cross_slots(max_step)
+    ring = []
+    for k, v in model.decoder_cross_kv(latents):  # (1, P, k, d)
+        rk, rv = torch.zeros(1, 1, C, k.shape[2] * k.shape[3]), torch.zeros(1, 1, C, v.shape[2] * v.shape[3])
+        rk[0, 0, : k.shape[1]], rv[0, 0, : v.shape[1]] = k[0].flatten(-2), v[0].flatten(-2)
+        ring.append((rk, rv))
+    return ring
+
+
 def test_block_step_equals_training_layout():
     """The diffusion head at inference (cache + block step) computes exactly the training layout."""
     model = make_model("small-window")
@@ -102,12 +116,11 @@ def test_block_step_equals_training_layout():
         # other matrix shapes, so BLAS may sum in another order (up to ~4e-7 with AVX2 kernels, 0
         # with AVX-512); a block leaking into a clean row moves its logits by far more than 1e-5
         assert (clean - model.decode(h, latents, dpid)).abs().max().item() <= 1e-5
-        cross = model.decoder_cross_kv(latents)
+        cross = cross_ring(model, latents, max_step=64)
         for m in range(starts.shape[1]):
             s = int(starts[0, m])
-            cache = steps.empty_cache(model.config.decoder.n_layers, 1, 2, 64, 8)
-            _, present = steps.decoder_step(model, h[:, :s], dpid[:, :s], torch.tensor([0]), cache, cross)
-            steps.write_cache(cache, present, torch.tensor([0]))
+            cache = empty_cache(model.config.decoder, steps.ring_slots(model.config.decoder.window, 64))
+            steps.decoder_step(model, h[:, :s], dpid[:, :s], torch.tensor([0]), cache, cross)
             got = steps.decoder_block_step(model, ids[:, m], torch.tensor([s]), read[:, m], cache, cross)
             assert (got - blocks[0, m]).abs().max().item() <= 1e-5
 
@@ -127,3 +140,50 @@ def test_blocks_never_see_clean_bytes_at_or_after_their_start():
             latents = model.global_latents(h, lengths)
             outs.append(model.decode_with_blocks(h, latents, decoder_patch_ids(lengths, 40), ids, starts, read)[1])
     assert (outs[0] - outs[1]).abs().max().item() == 0.0
+
+
+LONG = 1500
+LONG_TOKENS = random_tokens(LONG, seed=5)
+with torch.no_grad():
+    LONG_FULL = MODELS["small-window"](LONG_TOKENS)[0]
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    chunks=st.lists(st.integers(1, 12), min_size=1, max_size=40),
+    junk=st.lists(st.integers(0, 11), min_size=1, max_size=40),
+)
+def test_rings_wrap_many_times_and_roll_back_across_the_wrap(chunks, junk):
+    """1,500 positions through rings of window 8 + max_step 12 = 20 slots (75 laps), in random
+    chunks, each followed by up to 11 wrong positions rolled back (max_step - 1: the most a decoding
+    loop leaves behind), many of them across a ring's wrap: every logit equals the full forward."""
+    model = MODELS["small-window"]
+    state = new_state(model, max_step=12)
+    tokens = LONG_TOKENS[0].numpy()
+    logits = torch.zeros(LONG, 260)
+    n, i = 0, 0
+    while n < LONG:
+        size = min(chunks[i % len(chunks)], LONG - n)
+        logits[n : n + size] = state.append(tokens[n : n + size])
+        n += size
+        wrong = junk[i % len(junk)]
+        if wrong and n < LONG:
+            state.append((tokens[n : n + wrong] * 5 + 1) % 256 + 4)
+            state.rollback(n)
+        i += 1
+    assert state.rings["decoder"][0][0].shape[2] == 20
+    assert (logits - LONG_FULL).abs().max().item() <= 1e-5
+
+
+def test_the_global_cache_grows_with_the_context_and_shrinks_for_a_new_sequence():
+    model = MODELS["small-window"]
+    state = new_state(model, max_step=12)
+    global_cache = state.linear["global"]
+    assert global_cache.slots == PAST_BUCKET
+    tokens = LONG_TOKENS[0].numpy()
+    for n in range(0, 600, 12):
+        state.append(tokens[n : n + 12])
+    assert global_cache.slots >= state.g_len > PAST_BUCKET and global_cache.slots % PAST_BUCKET == 0
+    assert global_cache.slots - state.g_len < PAST_BUCKET  # the live prefix, rounded up to one bucket
+    state.reset()
+    assert global_cache.slots == PAST_BUCKET and state.n == 0

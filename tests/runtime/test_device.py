@@ -56,12 +56,17 @@ def test_a_device_copy_leaves_the_callers_model_alone():
     assert backend.device == next(model.parameters()).device
 
 
+def state_buffers(state: SequenceState) -> list[torch.Tensor]:
+    """Every buffer a sequence keeps: byte states, rings, linear caches, the cross ring."""
+    caches = [*state.rings.values(), *(c.kv for c in state.linear.values()), state.cross]
+    return [state.h, *(t for kv in caches for pair in kv for t in pair)]
+
+
 def test_state_buffers_live_on_the_backend_device():
     model = tiny_model()
-    backend = TorchBackend(step_specs(model.config, 32, 32), model, device="cpu")
-    state = SequenceState(backend, model.config, 32, 32)
-    buffers = [state.h, *(t for kv in state.caches.values() for pair in kv for t in pair)]
-    buffers += [t for pair in state.cross for t in pair]
+    backend = TorchBackend(step_specs(model.config), model, device="cpu")
+    state = SequenceState(backend, model.config)
+    buffers = state_buffers(state)
     assert {b.device for b in buffers} == {backend.device}
     logits = state.append([1, 72, 105])
     assert logits.device.type == "cpu" and logits.shape == (3, model.config.vocab_size)
@@ -72,12 +77,12 @@ def test_state_buffers_live_on_the_backend_device():
 @needs_cuda
 def test_cuda_state_keeps_every_buffer_on_the_gpu():
     model = tiny_model()
-    backend = TorchBackend(step_specs(model.config, 64, 64), model, device="cuda")
+    backend = TorchBackend(step_specs(model.config), model, device="cuda")
     assert next(model.parameters()).device.type == "cpu"  # the caller's model did not move
-    state = SequenceState(backend, model.config, 64, 64)
-    buffers = [state.h, *(t for kv in state.caches.values() for pair in kv for t in pair)]
+    state = SequenceState(backend, model.config)
+    buffers = state_buffers(state)
     assert {b.device.type for b in buffers} == {"cuda"}
-    cpu = SequenceState(TorchBackend(step_specs(model.config, 64, 64), model), model.config, 64, 64)
+    cpu = SequenceState(TorchBackend(step_specs(model.config), model), model.config)
     ids = [1, *b"def main(argv):"]
     assert torch.allclose(state.append(ids), cpu.append(ids), atol=1e-4, rtol=0)
 
@@ -107,7 +112,7 @@ def test_greedy_generation_on_cuda_equals_cpu(mode, graphs):
 def test_validate_on_cuda_passes(tmp_path):
     from fastblt.validate.run import ValidateOptions, validate
 
-    opts = ValidateOptions(backends=("torch",), device="cuda", capacity=128, max_bytes=16, cache_dir=tmp_path)
+    opts = ValidateOptions(backends=("torch",), device="cuda", max_bytes=16, cache_dir=tmp_path)
     report = validate(opts, model=tiny_model())
     assert report.compared > 0 and bool(report), report.failures()[:5]
     assert any(name.startswith("torch@cuda") for name in report.meta["backends_run"])

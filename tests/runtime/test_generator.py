@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import threading
 
@@ -46,26 +48,46 @@ BAD_OPTIONS = [
 
 @pytest.mark.parametrize(("options", "error", "match"), BAD_OPTIONS)
 def test_bad_options_fail_before_any_work(options, error, match):
-    g = torch_generator()
-    before = dict(g.engine.backend.calls)
+    from fastblt.engines.torch_backend import TorchBackend
+    from fastblt.export.spec import step_specs
+    from fastblt.validate.recording import RecordingBackend
+
+    model = tiny_model()
+    backend = RecordingBackend(TorchBackend(step_specs(model.config), model), trace=True)
+    g = Generator(model, backend=backend)
     with pytest.raises(error, match=match):
         g.generate("abc", **{"max_bytes": 8, **options})
     with pytest.raises(error, match=match):
         g.stream("abc", **{"max_bytes": 8, **options})  # checked at the call, not at next()
-    assert g.engine.backend.calls == before
+    assert backend.trace == []  # no step ran
 
 
-def test_bad_prompts_and_capacity():
+def test_bad_prompts_and_max_context():
     g = torch_generator(capacity=64)
     with pytest.raises(InputError, match="empty"):
         g.generate("", mode="ar")
     with pytest.raises(InputError, match="str or bytes"):
         g.generate(123, mode="ar")
-    with pytest.raises(InputError, match="exceed the cache capacity of 64"):
+    with pytest.raises(InputError, match="81 prompt ids \\+ 1 bytes = 82 exceed max_context 64"):
         g.generate("x" * 80, mode="ar", max_bytes=1)
     with pytest.raises(InputError, match="lower max_bytes or raise max_context"):
-        g.generate("x" * 40, mode="blt-d", max_bytes=20)  # 41 + 20 + block 4 > 64
+        g.generate("x" * 40, mode="blt-d", max_bytes=24)  # 41 + 24 > 64
     assert len(g.generate("x" * 40, mode="ar", max_bytes=23).ids) <= 23  # 41 + 23 = 64 fits
+    with pytest.raises(InputError, match="prefill_chunk: 200 exceeds the graphs' max_step 128"):
+        g.generate("x", mode="ar", max_bytes=1, prefill_chunk=200)
+
+
+def test_the_global_models_position_limit_is_a_clear_error():
+    """Past the global model's position limit (in patches) the call stops with an error naming it
+    and the bytes consumed; up to it, a prompt of any length works."""
+    model = tiny_model("small-window")
+    limited = dataclasses.replace(model.config.global_model, max_positions=40)
+    small = copy.deepcopy(model)
+    small.config = dataclasses.replace(model.config, global_model=limited)
+    g = Generator(small, backend="torch")
+    with pytest.raises(InputError, match=r"exceed the global model's limit of 40 patches \(reached after \d+ bytes\)"):
+        g.generate("y" * 400, mode="ar", max_bytes=4)
+    assert len(g.generate("y" * 10, mode="ar", max_bytes=4, stop_on_eos=False).ids) == 4
 
 
 def test_bytes_prompts_are_fine():
@@ -284,9 +306,9 @@ def test_a_backend_instance_runs_like_the_backend_by_name():
     from fastblt.export.spec import step_specs
 
     model = tiny_model()
-    backend = TorchBackend(step_specs(model.config, 128, 64), model)
+    backend = TorchBackend(step_specs(model.config, max_step=16), model)
     g = Generator(model, backend=backend)
-    assert (g.capacity, g.engine.patch_capacity, g.backend_name) == (128, 64, "torch")
+    assert (g.engine.max_step, g.backend_name) == (16, "torch")
     want = torch_generator().generate("def main(", mode="blt-d", max_bytes=12, stop_on_eos=False)
     assert g.generate("def main(", mode="blt-d", max_bytes=12, stop_on_eos=False).ids == want.ids
 
@@ -297,6 +319,6 @@ def test_a_backend_instance_for_another_model_or_with_options_is_refused():
 
     model, other = tiny_model(), make_model("deep-local")
     with pytest.raises(InputError, match="backend torch: step encoder does not match this checkpoint's config"):
-        Generator(model, backend=TorchBackend(step_specs(other.config, 64, 64), other))
-    with pytest.raises(InputError, match="max_context, threads: not used with a Backend instance"):
-        Generator(model, backend=TorchBackend(step_specs(model.config, 64, 64), model), max_context=64, threads=1)
+        Generator(model, backend=TorchBackend(step_specs(other.config), other))
+    with pytest.raises(InputError, match="threads, device: not used with a Backend instance"):
+        Generator(model, backend=TorchBackend(step_specs(model.config), model), threads=1, device="cpu")

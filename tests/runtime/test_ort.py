@@ -13,11 +13,11 @@ import torch
 from runtime_refs import PROMPTS, full_recompute_greedy, tiny_model, torch_generator
 
 from fastblt.engines.registry import available
-from fastblt.errors import InputError, ManifestMismatch
+from fastblt.errors import ManifestMismatch
+from fastblt.export.spec import DEFAULT_MAX_STEP
 from fastblt.runtime.generator import Generator
 
 pytestmark = pytest.mark.skipif(not available()["ort"].available, reason="onnxruntime is not installed")
-CAPACITY = 256
 N = 40
 
 
@@ -29,13 +29,13 @@ def export_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ort_gen(export_cache) -> Generator:
     """Exports on first use (artifacts=None) into the cache directory."""
-    return Generator(tiny_model(), backend="ort", max_context=CAPACITY, threads=1, cache_dir=export_cache)
+    return Generator(tiny_model(), backend="ort", threads=1, cache_dir=export_cache)
 
 
 def test_first_use_export_lands_in_the_cache(ort_gen, export_cache):
-    manifests = list(export_cache.glob(f"*/float32-{CAPACITY}/manifest.json"))
+    manifests = list(export_cache.glob(f"*/float32-step{DEFAULT_MAX_STEP}/manifest.json"))
     assert manifests and ort_gen.engine.backend.artifacts_dir in [m.parent for m in manifests]
-    assert ort_gen.capacity == CAPACITY
+    assert ort_gen.engine.max_step == DEFAULT_MAX_STEP
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:4])
@@ -73,11 +73,9 @@ def test_explicit_artifacts_and_their_checks(ort_gen, tmp_path):
     from fastblt.formats.checkpoint import save_checkpoint
 
     arts = ort_gen.engine.backend.artifacts_dir
-    g = Generator(tiny_model(), backend="ort", artifacts=arts, threads=1)  # the manifest decides capacity
-    assert g.capacity == CAPACITY
+    g = Generator(tiny_model(), backend="ort", artifacts=arts, threads=1)  # the manifest decides max_step
+    assert g.engine.max_step == DEFAULT_MAX_STEP
     assert g.generate("abc", mode="ar", max_bytes=8).ids == ort_gen.generate("abc", mode="ar", max_bytes=8).ids
-    with pytest.raises(InputError, match="exported with capacity 256"):
-        Generator(tiny_model(), backend="ort", artifacts=arts, max_context=512)
     other = copy.deepcopy(tiny_model())  # same config, other weights: caught by the probe
     with torch.no_grad():
         other.local_decoder.output.weight.mul_(1.5)

@@ -9,6 +9,7 @@ import torch
 from runtime_refs import tiny_model
 
 from fastblt.engines.torch_backend import TorchBackend
+from fastblt.errors import InputError
 from fastblt.export.spec import step_specs
 from fastblt.model.hashing import hash_ids_numpy
 from fastblt.runtime.state import IncrementalHasher, SequenceState
@@ -16,10 +17,8 @@ from fastblt.runtime.state import IncrementalHasher, SequenceState
 from tiny import TINY_CONFIGS, random_tokens
 
 
-def new_state(model, capacity=96):
-    return SequenceState(
-        TorchBackend(step_specs(model.config, capacity, capacity), model), model.config, capacity, capacity
-    )
+def new_state(model, max_step=32):
+    return SequenceState(TorchBackend(step_specs(model.config, max_step), model), model.config)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
@@ -85,3 +84,29 @@ def test_counters_and_returned_buffers_are_the_states_own():
     assert torch.equal(logits, keep)
     st.reset_counters()
     assert sum(st.calls.values()) == 0 and st.backend_seconds == 0.0
+
+
+def test_appends_longer_than_max_step_run_in_steps_of_max_step():
+    model = tiny_model("small-window")
+    tokens = random_tokens(70, seed=6)[0].numpy()
+    whole, stepped = new_state(model, max_step=8), new_state(model, max_step=8)
+    logits = whole.append(tokens)
+    assert whole.calls["decoder"] == 9  # 70 positions, 8 per call
+    parts = torch.cat([stepped.append(tokens[i : i + 8]) for i in range(0, 70, 8)])
+    assert torch.equal(logits, parts)
+
+
+def test_rolling_back_further_than_max_step_is_refused():
+    """The rings keep max_step positions past a window: a longer rollback could later show a
+    rolled-back entry as an older position, so it is an error (reset starts over instead)."""
+    model = tiny_model("small-window")
+    tokens = random_tokens(40, seed=7)[0].numpy()
+    st = new_state(model, max_step=8)
+    st.append(tokens[:20])
+    st.append(tokens[20:28])
+    st.rollback(20)  # 8 positions: allowed
+    with pytest.raises(InputError, match="max_step = 8"):
+        st.rollback(19)  # 9 written positions past it
+    st.reset()
+    assert st.n == 0 and st.written == 0
+    assert torch.equal(st.append(tokens[:8]), new_state(model, max_step=8).append(tokens[:8]))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from validate_helpers import CAPACITY, PATCH_CAPACITY
+from validate_helpers import MAX_STEP
 
 from fastblt.export.exporter import ExportOptions, export_model
 from fastblt.formats.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
@@ -42,6 +42,6 @@ def model(ckpt):
 @pytest.fixture(scope="session")
 def artifacts(ckpt, model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("validate") / "fp32"
-    options = ExportOptions(capacity=CAPACITY, patch_capacity=PATCH_CAPACITY)
+    options = ExportOptions(max_step=MAX_STEP)
     export_model(model, out, options, checkpoint_hash=checkpoint_hash(ckpt), checkpoint_source=str(ckpt))
     return out

@@ -76,7 +76,7 @@ def test_onnxruntime_passes_on_large_latents_through_the_fp64_gate(tmp_path):
 
 def test_a_small_weight_error_still_fails_on_large_latents():
     model = large_latent_model()
-    specs = step_specs(model.config, 32, 16)
+    specs = step_specs(model.config, 16)
     broken = copy.deepcopy(model)
     with torch.no_grad():
         broken.global_transformer.layers[0].attention.wo.weight.mul_(1 + 1e-5)

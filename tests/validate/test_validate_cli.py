@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from validate_helpers import CAPACITY, PATCH_CAPACITY, broken_copy, run_cli, scopes
+from validate_helpers import MAX_STEP, broken_copy, run_cli, scopes
 
 from fastblt.engines.base import Backend
 from fastblt.engines.registry import available
@@ -50,9 +50,10 @@ def test_intact_artifacts_pass_for_torch_and_ort_in_fp32(ckpt, artifacts, monkey
 def _perturb_ffn(layer: int):
     def edit(proto: onnx.ModelProto) -> str:
         inits = {i.name: i for i in proto.graph.initializer}
-        scope = f"model.local_decoder.layers.{layer}.feed_forward.w1"
+        scope = f"model.local_decoder.layers.{layer}.feed_forward"  # w1 and w3: one fused MatMul
         node = next(n for n in proto.graph.node if n.op_type == "MatMul" and scope in scopes(n))
         name = next(x for x in node.input if x in inits)
+        assert "feed_forward.w1.weight" in name
         w = numpy_helper.to_array(inits[name]).copy()
         w[0, 0] += 0.5
         inits[name].CopyFrom(numpy_helper.from_array(w, name))
@@ -70,24 +71,25 @@ def test_a_perturbed_weight_fails_and_names_the_graph_and_the_layer(ckpt, artifa
     assert failed == {"decoder"}
     layers = report["layers"]["torch vs ort | decoder"]
     assert layers["first_layer"] == "local_decoder.layers.1"
-    assert layers["first_module"] == "local_decoder.layers.1.feed_forward.w1"
+    assert layers["first_module"] == "local_decoder.layers.1.feed_forward"
     assert any("first diverging layer local_decoder.layers.1" in line for line in report["failures"])
     md = (tmp_path / "r" / "report.md").read_text()
     assert "Per layer: torch vs ort | decoder" in md and "**FIRST**" in md
 
 
 def _unmask(proto: onnx.ModelProto) -> str:
-    """Replace the additive mask's large negative (-1e9) with 0: masked slots become visible."""
+    """Drop the mask's sliding window (q - k < window becomes q - k < 10^6): slots outside the
+    window, and ring slots holding no position yet, become visible."""
     inits = {i.name: i for i in proto.graph.initializer}
     for node in proto.graph.node:
-        if node.op_type != "Where":
+        if node.op_type != "Less" or node.input[1] not in inits:
             continue
-        for x in node.input:
-            value = numpy_helper.to_array(inits[x]) if x in inits else None
-            if value is not None and value.size == 1 and float(value) < -1e8:
-                inits[x].CopyFrom(numpy_helper.from_array(np.zeros_like(value), x))
-                return x
-    raise AssertionError("no mask constant found")
+        x = node.input[1]
+        value = numpy_helper.to_array(inits[x])
+        if value.size == 1 and value.dtype == np.int32:  # q - k < window: the only such compare
+            inits[x].CopyFrom(numpy_helper.from_array(np.full_like(value, 10**6), x))
+            return x
+    raise AssertionError("no window constant found")
 
 
 def test_a_wrong_mask_fails_and_names_the_graph(ckpt, artifacts, monkeypatch, capsys, tmp_path):
@@ -122,18 +124,18 @@ class CacheOffByOne(Backend):
 def test_a_cache_at_the_wrong_position_names_the_first_diverging_step(model, artifacts):
     from fastblt.engines.ort_backend import OrtBackend
 
-    specs = ExportOptions(capacity=CAPACITY, patch_capacity=PATCH_CAPACITY).specs(model.config)
+    specs = ExportOptions(max_step=MAX_STEP).specs(model.config)
     ref = TorchBackend(reference_specs(specs), model)
     cand = CacheOffByOne(OrtBackend(specs, artifacts, threads=1))
     prompt = "def f(x):\n    return x"
     run = E2ERun(modes=("ar",), max_bytes=12)
-    report = e2e_parity(model, ref, {"ort": cand}, [prompt], CAPACITY, PATCH_CAPACITY, run)
+    report = e2e_parity(model, ref, {"ort": cand}, [prompt], run)
     assert not report
     res = report[("torch", "ort")]["e2e/ar"]["bytes"]["prompt 0"]
     assert res.first_diff is not None and res.margin is not None
     assert res.step["step"] == "encoder" and res.step["module"] == "local_encoder" and res.step["output"] == "h"
-    assert res.step["start"] == len(prompt.encode()) + 1  # the first encoder call after the prompt
-    assert "first diverging step #4: encoder (local_encoder) at position 23" in report.failures()[0]
+    assert res.step["start"] == MAX_STEP  # the second prefill chunk: the first call to read the first's entries
+    assert f"first diverging step #4: encoder (local_encoder) at position {MAX_STEP}" in report.failures()[0]
 
 
 def test_artifacts_of_another_checkpoint_are_refused(artifacts, monkeypatch, capsys, tmp_path):
@@ -181,22 +183,22 @@ def test_prompt_file_formats(tmp_path):
 
 
 def test_torch_only_validation_passes_without_artifacts(ckpt, monkeypatch, capsys):
-    args = ["--checkpoint", str(ckpt), "--backends", "torch", "--capacity", "64", "--threads", "1", "--json"]
+    args = ["--checkpoint", str(ckpt), "--backends", "torch", "--max-step", "16", "--threads", "1", "--json"]
     code, report, _, err = _validate([*args, "--max-bytes", "8"], monkeypatch, capsys)
     assert code == 0, err
     assert report["compared"] > 100 and list(report["pairs"]) == ["torch vs torch"]
 
 
 def test_without_artifacts_the_cached_export_is_found_and_reused(ckpt, artifacts, monkeypatch, capsys, tmp_path):
-    """No --artifacts: validate exports into <cache>/<hash[:16]>/<dtype>-<capacity> (the runtime's
+    """No --artifacts: validate exports into <cache>/<hash[:16]>/<dtype>-step<max_step> (the runtime's
     layout) unless an up-to-date export is there; here it is, so nothing is exported."""
     import shutil
 
     from fastblt.formats.checkpoint import checkpoint_hash
 
-    cached = tmp_path / "cache" / checkpoint_hash(ckpt)[:16] / f"float32-{CAPACITY}"
+    cached = tmp_path / "cache" / checkpoint_hash(ckpt)[:16] / f"float32-step{MAX_STEP}"
     shutil.copytree(artifacts, cached)
-    args = ["--checkpoint", str(ckpt), "--capacity", str(CAPACITY), "--cache-dir", str(tmp_path / "cache"), *FAST]
+    args = ["--checkpoint", str(ckpt), "--max-step", str(MAX_STEP), "--cache-dir", str(tmp_path / "cache"), *FAST]
     code, report, _, err = _validate([*args, "--graphs", "decoder", "--json"], monkeypatch, capsys)
     assert code == 0, err
     assert report["meta"]["artifacts"] == str(cached) and "exporting" not in err

@@ -13,7 +13,7 @@ from fastblt.export.manifest import read_manifest, sha256_file, write_manifest
 
 from tiny import run_cli  # noqa: F401  (re-exported for the tests here)
 
-CAPACITY, PATCH_CAPACITY = 64, 64  # patch capacity = capacity: the layout of automatic exports
+MAX_STEP = 16  # positions per step of the test exports (rings of window + 16 slots)
 SCOPES = "pkg.torch.onnx.name_scopes"
 
 

@@ -7,10 +7,13 @@ allocated once and overwritten in place. Every step runs on one CUDA stream:
     feeds on the device (bound in place) --execute_async_v3--> device outputs
     other feeds --copy--> device input buffers --^
 
-The runtime's SequenceState keeps its caches on `backend.device`, so the static caches are bound
-by address, never copied; only a step's small feeds (ids, positions) cross from the host, and
-its new cache entries stay on the device. Outputs are device tensors owned by the backend (valid
-until the next call of the same step); the stream is synchronized before they are returned, and
+The runtime's SequenceState keeps its caches on `backend.device`, so they are bound by address,
+never copied; only a step's small feeds (ids, positions) cross from the host. A cache output
+aliased to its input (`StepSpec.aliases`: present.* is past.*) is bound at that input's address,
+so the engine writes the new entries into the caller's cache in place, and the output returned
+is the caller's tensor (such a cache must be contiguous on the device: InternalError otherwise,
+before anything is bound). Other outputs are device tensors owned by the backend (valid until
+the next call of the same step); the stream is synchronized before they are returned, and
 waits for the caller's stream before it reads the feeds.
 
 Loading is guarded: each engine's manifest is checked against the export manifest (ONNX sha256),
@@ -120,6 +123,7 @@ class StepRunner:
         allocation: Any = None,
     ):
         self.spec, self.engine, self.profiles = spec, engine, list(profiles)
+        self.aliases = dict(spec.aliases)  # output -> input: a cache the engine writes in place
         self.stream, self.on_stream, self.sync = stream, on_stream, sync
         self.contexts = []
         for i in range(len(self.profiles)):
@@ -145,7 +149,8 @@ class StepRunner:
         p = max(self.profiles, key=Profile.volume)
         sizes = {d: r.opt for d, r in p.dims.items()}
         for t in self.spec.outputs:
-            self.device_buffers.view(t.name, resolved_shape(t, sizes), TORCH_DTYPES[t.dtype])
+            if t.name not in self.aliases:
+                self.device_buffers.view(t.name, resolved_shape(t, sizes), TORCH_DTYPES[t.dtype])
 
     def _input_address(self, name: str, x: torch.Tensor) -> int:
         """A feed on this device is bound where it is; anything else is copied to a buffer."""
@@ -170,11 +175,25 @@ class StepRunner:
         last[name] = (shape, ptr)
         return changed
 
+    def _check_aliased(self, feeds: Mapping[str, torch.Tensor]) -> None:
+        """Every cache the engine writes in place is contiguous on this device (InternalError if
+        not): it is bound where it is, since a copy would take the write away from the caller."""
+        dev = self.device_buffers.device
+        for name in self.aliases.values():
+            x = feeds[name]
+            if x.device != dev or not x.is_contiguous():
+                got = f"a tensor on {x.device}" if x.device != dev else f"a non-contiguous one (strides {x.stride()})"
+                raise InternalError(
+                    f"step {self.spec.name} | input {name}: a cache written in place must be contiguous on {dev}, "
+                    f"got {got}"
+                )
+
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Feeds (host or device tensors, spec dtypes) -> device outputs (valid until the next run)."""
         spec = self.spec
         sizes = named_sizes(spec.name, spec.inputs, {t.name: feeds[t.name].shape for t in spec.inputs})
         i = select_profile(spec.name, self.profiles, sizes)
+        self._check_aliased(feeds)  # before any binding: such a cache must never be copied to a buffer
         ctx = self.contexts[i]
         outputs = {}
         with self.on_stream():
@@ -183,6 +202,11 @@ class StepRunner:
                 x = feeds[t.name]
                 reshaped |= self._bind(i, t.name, tuple(x.shape), self._input_address(t.name, x))
             for t in spec.outputs:
+                if t.name in self.aliases:  # the output is the input's own memory
+                    x = feeds[self.aliases[t.name]]
+                    self._bind(i, t.name, None, x.data_ptr())
+                    outputs[t.name] = x
+                    continue
                 shape = resolved_shape(t, sizes)
                 if reshaped and tuple(ctx.get_tensor_shape(t.name)) != shape:
                     raise InternalError(

@@ -1,7 +1,9 @@
 """TensorRT optimization profiles, derived from an export manifest (no TensorRT needed here).
 
 A step graph serves several phases of generation, each with its own range of the dynamic dims
-(`batch`, `new`, `patches`, `patch_len`; cache capacities are static and stay as exported):
+(`batch`, `new`, `patches`, `patch_len`, and `past`: the global cache's live slots, whose range is
+the same in every phase, from one bucket to the global model's position limit; the rings of the
+windowed stacks are static and stay as exported):
 
     phase     new (S positions)             patches (global step)   used by
     decode    1                             1                       ar, drafting one byte
@@ -24,11 +26,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fastblt.errors import InputError, ManifestMismatch
-from fastblt.export.spec import DYNAMIC_DIMS, TensorSpec
+from fastblt.export.spec import DEFAULT_MAX_STEP, DYNAMIC_DIMS, TensorSpec
 
 PHASES = ("decode", "verify", "block", "prefill")
 PHASES_OF_STEP = {"decoder_block": ("block",)}  # every other step: all PHASES
-DEFAULT_PREFILL = 512  # DecodeOptions.prefill_chunk's default
+DEFAULT_PREFILL = DEFAULT_MAX_STEP  # DecodeOptions.prefill_chunk's default: the export's max_step
+TYPICAL_PAST = 1024  # the `opt` of the global cache's slots: a few KB of context
 DEFAULT_K = 8  # DecodeOptions.k's default: verify runs k+1 positions
 # BLT's entropy patching averages about 4 bytes per patch; it sets the `opt` of the global step's
 # patch dims (a chunk of S bytes closes about S/4 patches of about 4 bytes). Only tuning, not limits.
@@ -166,7 +169,7 @@ def resolve_sizes(
     if not 1 <= max_batch <= batch_max:
         raise InputError(f"--max-batch {max_batch}: the export admits batch 1..{batch_max}")
     return PhaseSizes(
-        prefill=pick("prefill", DEFAULT_PREFILL, new_max, "max new positions (cache capacity)"),
+        prefill=pick("prefill", DEFAULT_PREFILL, new_max, "max new positions (max_step)"),
         decode=pick("decode", 1, new_max, "max new positions"),
         verify=pick("verify", DEFAULT_K + 1, new_max, "max new positions"),
         block=None if block is None else pick("block", block, new_max, "max new positions"),
@@ -176,7 +179,7 @@ def resolve_sizes(
 
 
 def phase_dims(phase: str, sizes: PhaseSizes, ranges: Mapping[str, tuple[int, int]]) -> dict[str, DimRange]:
-    """The four named dims of one phase (a step keeps those its inputs use)."""
+    """The named dims of one phase (a step keeps those its inputs use)."""
     n = {"decode": sizes.decode, "verify": sizes.verify, "block": sizes.block, "prefill": sizes.prefill}[phase]
     patches = min(n, ranges["patches"][1])  # S new bytes close at most S patches
     opt_patches = 1 if phase == "decode" else min(patches, max(1, math.ceil(n / TYPICAL_PATCH_BYTES)))
@@ -185,6 +188,7 @@ def phase_dims(phase: str, sizes: PhaseSizes, ranges: Mapping[str, tuple[int, in
         "new": DimRange(1, n, n),
         "patches": DimRange(1, opt_patches, patches),
         "patch_len": DimRange(1, min(sizes.patch_len, 2 * TYPICAL_PATCH_BYTES), sizes.patch_len),
+        "past": DimRange(1, min(TYPICAL_PAST, ranges["past"][1]), ranges["past"][1]),
     }
 
 

@@ -1,9 +1,11 @@
 """The trt backend: availability reporting, and its plumbing (engine checks, one context per
-profile, profile selection, binding, buffer reuse, copies) over a fake `tensorrt` on the CPU.
+profile, profile selection, binding, caches written in place, buffer reuse, copies) over a fake
+`tensorrt` on the CPU.
 
 The fake engines execute the torch reference step on the memory at the addresses the backend
-bound, so equality with the torch backend proves the binding, not TensorRT's numerics (those
-are checked by scripts/gpu_check.sh and the gpu-marked test below, on a GPU with TensorRT).
+bound (an input bound at an output's address is updated in place, as TensorRT does with an
+aliased buffer), so equality with the torch backend proves the binding, not TensorRT's numerics
+(those are checked by scripts/gpu_check.sh and the gpu-marked test below, on a GPU with TensorRT).
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from fastblt.engines.torch_backend import TorchBackend, run_named_step
 from fastblt.engines.trt import backend as trt_backend
 from fastblt.engines.trt import build as trt_build
 from fastblt.engines.trt.engine_cache import Machine
-from fastblt.errors import BackendUnavailable, InputError, ManifestMismatch
+from fastblt.errors import BackendUnavailable, InputError, InternalError, ManifestMismatch
 from fastblt.export.spec import step_specs
 from fastblt.validate.graphs import GraphRun, graph_parity, random_cases, random_feeds
 
 from tiny import make_model
 
 MACHINE = Machine("10.99.0", "Fake GPU", "9.0")
-CAPACITY = 24
+MAX_STEP = 24
 
 
 # ------------------------------------------------------------------------------ availability
@@ -97,7 +99,7 @@ def model():
     return make_model("hf-test-sizes")
 
 
-def wire_fake(tmp_path, monkeypatch, model, capacity, profile, max_batch=2):
+def wire_fake(tmp_path, monkeypatch, model, max_step, profile, max_batch=2):
     """An export + engines built by the fake, and the backend wired to run on the CPU."""
     fake = make_fake_trt()
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
@@ -112,14 +114,14 @@ def wire_fake(tmp_path, monkeypatch, model, capacity, profile, max_batch=2):
 
     fake.executor = executor
     art = tmp_path / "art"
-    _, specs = write_fake_export(art, model.config, capacity=capacity, max_batch=max_batch)
+    _, specs = write_fake_export(art, model.config, max_step=max_step, max_batch=max_batch)
     trt_build.build_engines(art, profile=profile, max_batch=max_batch)
     return fake, art, specs
 
 
 @pytest.fixture
 def fake_env(tmp_path, monkeypatch, model):
-    return wire_fake(tmp_path, monkeypatch, model, CAPACITY, {"prefill": 16, "verify": 5})
+    return wire_fake(tmp_path, monkeypatch, model, MAX_STEP, {"prefill": 16, "verify": 5})
 
 
 def test_backend_matches_torch_on_every_graph(fake_env, model):
@@ -137,6 +139,10 @@ def test_backend_matches_torch_on_every_graph(fake_env, model):
     assert {("decoder_block", "block")} <= ran
 
 
+def clones(feeds):
+    return {k: v.clone() for k, v in feeds.items()}
+
+
 def test_one_context_per_profile_and_binding_only_on_change(fake_env, model):
     _, art, specs = fake_env
     trt = trt_backend.TrtBackend(specs, art, device="cpu").activate()
@@ -144,37 +150,123 @@ def test_one_context_per_profile_and_binding_only_on_change(fake_env, model):
     assert len(runner.contexts) == len(runner.profiles) == 4
     assert [c.profile for c in runner.contexts] == [0, 1, 2, 3]
     assert {c.strategy.name for c in runner.contexts} == {"ON_PROFILE_CHANGE"}  # memory per own profile
-    feeds = random_feeds(specs["encoder"], model, [3], 1, seed=1)
-    out1 = {k: v.clone() for k, v in trt.run_step("encoder", feeds).items()}
+    feeds = random_feeds(specs["encoder"], model.config, [3], 1, seed=1)
+    out1 = clones(trt.run_step("encoder", feeds))
     ctx = runner.contexts[0]
     calls = dict(ctx.calls)
-    out2 = trt.run_step("encoder", feeds)  # same shapes, same buffers: nothing to rebind
+    out2 = trt.run_step("encoder", feeds)  # same shapes, same buffers and caches: nothing to rebind
     assert ctx.calls["set_input_shape"] == calls["set_input_shape"]
     assert ctx.calls["set_tensor_address"] == calls["set_tensor_address"]
     assert ctx.calls["execute_async_v3"] == calls["execute_async_v3"] + 1
-    assert all(torch.equal(out1[k], out2[k]) for k in out1)
-    # outputs are tensors on the backend's device, owned by it (reused by the next call of the step)
+    assert all(torch.equal(out1[k], out2[k]) for k in out1)  # the same entries written again: same caches
+    # outputs are tensors on the backend's device, owned by it (reused by the next call of the step) ...
     assert out2["h"].device == trt.device and out2["h"].data_ptr() == trt.run_step("encoder", feeds)["h"].data_ptr()
+    # ... except the caches: each present.* is the caller's past.* itself, bound at its address
+    for out, inp in specs["encoder"].aliases:
+        assert out2[out] is feeds[inp] and ctx.addresses[out] == ctx.addresses[inp] == feeds[inp].data_ptr()
+    assert not any(name.startswith("present.") for name in runner.device_buffers._store)  # no buffer of their own
 
 
 def test_feeds_on_the_device_are_bound_in_place_and_others_copied(fake_env, model):
-    """The runtime's static caches live on the backend's device: binding them must not copy."""
+    """The runtime's caches live on the backend's device: binding them must not copy, and the
+    step's new entries are written into them in place; a strided feed is copied."""
     _, art, specs = fake_env
     trt = trt_backend.TrtBackend(specs, art, device="cpu").activate()
     runner = trt.runners["decoder"]
-    feeds = random_feeds(specs["decoder"], model, [5], 3, seed=2)
+    feeds = random_feeds(specs["decoder"], model.config, [5], 3, seed=2)
+    before = clones(feeds)
     cache = feeds["past.0.k"]
     strided = feeds["h"].transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
     assert not strided.is_contiguous()
     feeds["h"] = strided
-    out = {k: v.clone() for k, v in trt.run_step("decoder", feeds).items()}
+    out = trt.run_step("decoder", feeds)
     (ctx,) = [c for c in runner.contexts if c.calls["execute_async_v3"]]
     addresses = ctx.addresses
-    assert addresses["past.0.k"] == cache.data_ptr()  # in place
+    assert addresses["past.0.k"] == addresses["present.0.k"] == cache.data_ptr()  # in place, in and out
+    assert addresses["cross.0.k"] == feeds["cross.0.k"].data_ptr()  # read where it is (the decoder only reads it)
     assert addresses["h"] != strided.data_ptr()  # copied into a contiguous buffer
+    assert out["present.0.k"] is cache and not torch.equal(cache, before["past.0.k"])  # the caller's cache, written
+    assert torch.equal(feeds["cross.0.k"], before["cross.0.k"])  # not aliased: never written
     with torch.no_grad():
-        want = run_named_step(model, "decoder", {**feeds, "h": strided.contiguous()})
+        want = run_named_step(model, "decoder", before)
     assert all(torch.equal(out[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize(
+    ("step", "starts", "n"),
+    [
+        ("entropy", [0], 1),
+        ("entropy", [1100], 5),  # the ring wraps: slots (p mod 536) written in place
+        ("encoder", [3, 540], 16),  # batch 2, a row past one lap, the prefill profile
+        ("global", [0], 4),
+        ("global", [70, 300], 12),  # the linear cache and the cross ring (patch p in slot p mod 26)
+        ("decoder", [536 * 2 + 7], 4),
+        ("decoder_block", [9], 4),  # the diffusion head writes no cache
+    ],
+)
+def test_aliased_caches_written_in_place_equal_the_torch_backends(fake_env, model, step, starts, n):
+    """The trt backend writes each aliased cache (present.* into past.*, cross_present.* into
+    cross.*) at the caller's address, with exactly the values the torch backend writes there."""
+    _, art, specs = fake_env
+    trt = trt_backend.TrtBackend(specs, art, device="cpu").activate()
+    ref = TorchBackend(specs, model)
+    feeds = random_feeds(specs[step], model.config, starts, n, seed=7)
+    trt_feeds, ref_feeds = clones(feeds), clones(feeds)
+    trt_out, ref_out = trt.run_step(step, trt_feeds), ref.run_step(step, ref_feeds)
+    for out, inp in specs[step].aliases:
+        assert trt_out[out] is trt_feeds[inp] and ref_out[out] is ref_feeds[inp]
+        assert torch.equal(trt_feeds[inp], ref_feeds[inp]), f"{step}: {inp} written differently"
+    written = [inp for _, inp in specs[step].aliases if not torch.equal(trt_feeds[inp], feeds[inp])]
+    assert sorted(written) == sorted(inp for _, inp in specs[step].aliases)  # every aliased cache was written
+    aliased = {inp for _, inp in specs[step].aliases}
+    assert all(torch.equal(trt_feeds[k], feeds[k]) for k in feeds if k not in aliased)  # the rest only read
+    assert all(torch.equal(trt_out[k], ref_out[k]) for k in ref_out)
+
+
+def test_a_grown_global_cache_is_rebound_and_written_at_its_new_address(fake_env, model):
+    """The runtime grows the global step's linear cache (`past` slots) by reallocating it: the
+    backend binds the new buffer, as input and as the output written in place."""
+    fake, art, specs = fake_env
+    trt = trt_backend.TrtBackend(specs, art, device="cpu").activate()
+    ref = TorchBackend(specs, model)
+    runner = trt.runners["global"]
+    for starts in ([10], [60], [200]):  # past 64, 128, 256
+        feeds = random_feeds(specs["global"], model.config, starts, 4, seed=starts[0])
+        trt_feeds, ref_feeds = clones(feeds), clones(feeds)
+        trt.run_step("global", trt_feeds)
+        ref.run_step("global", ref_feeds)
+        step, i = fake.executed[-1]
+        assert step == "global" and runner.profiles[i].name == "block"  # 4 patches, whatever `past`
+        ctx = runner.contexts[i]
+        assert ctx.shapes["past.0.k"][2] == trt_feeds["past.0.k"].shape[2]
+        assert ctx.addresses["present.0.k"] == ctx.addresses["past.0.k"] == trt_feeds["past.0.k"].data_ptr()
+        assert all(torch.equal(trt_feeds[k], ref_feeds[k]) for k in feeds)
+
+
+def test_an_aliased_cache_must_be_contiguous_on_the_device(fake_env, model):
+    """A cache written in place cannot be copied to a buffer (the write would miss the caller's
+    memory): a strided one, or one on another device, is an InternalError before anything runs."""
+    _, art, specs = fake_env
+    trt = trt_backend.TrtBackend(specs, art, device="cpu").activate()
+    runner = trt.runners["decoder"]
+    feeds = random_feeds(specs["decoder"], model.config, [5], 3, seed=2)
+    strided = dict(feeds, **{"past.0.v": feeds["past.0.v"].transpose(2, 3).contiguous().transpose(2, 3)})
+    with pytest.raises(InternalError, match="input past.0.v: a cache written in place must be contiguous on cpu"):
+        trt.run_step("decoder", strided)
+    elsewhere = dict(feeds, **{"past.0.k": torch.empty_like(feeds["past.0.k"], device="meta")})
+    with pytest.raises(
+        InternalError, match="input past.0.k: a cache written in place must be contiguous on cpu, got a tensor on meta"
+    ):
+        trt.run_step("decoder", elsewhere)
+    assert not any(c.calls["execute_async_v3"] for c in runner.contexts)
+    assert not any(name.startswith("past.") for name in runner.device_buffers._store)  # never copied
+    # cross.* is aliased only in the global step (cross_present.*): the decoder may read a strided one
+    cross = feeds["cross.0.k"].transpose(2, 3).contiguous().transpose(2, 3)
+    trt.run_step("decoder", dict(feeds, **{"cross.0.k": cross}))
+    with pytest.raises(InternalError, match="input cross.0.k: a cache written in place must be contiguous"):
+        trt.run_step(
+            "global", dict(random_feeds(specs["global"], model.config, [0], 2, seed=0), **{"cross.0.k": cross})
+        )
 
 
 def test_buffers_grow_past_opt_and_outputs_stay_correct(fake_env, model):
@@ -182,18 +274,20 @@ def test_buffers_grow_past_opt_and_outputs_stay_correct(fake_env, model):
     trt = trt_backend.TrtBackend(specs, art, device="cpu").activate()
     runner = trt.runners["global"]
     grown = runner.device_buffers.grown
-    feeds = random_feeds(specs["global"], model, [0, 2], 12, seed=3)  # batch 2, 12 patches > opt 4
+    feeds = random_feeds(specs["global"], model.config, [0, 2], 12, seed=3)  # batch 2, 12 patches > opt 4
+    before = clones(feeds)
     out = trt.run_step("global", feeds)
     assert runner.device_buffers.grown > grown
+    assert out["present.0.k"] is feeds["past.0.k"] and out["cross_present.0.k"] is feeds["cross.0.k"]
     with torch.no_grad():
-        want = run_named_step(model, "global", feeds)
+        want = run_named_step(model, "global", before)
     assert all(torch.equal(out[k], want[k]) for k in want)
 
 
 def test_sizes_outside_every_profile_are_an_input_error(fake_env, model):
     _, art, specs = fake_env
     trt = trt_backend.TrtBackend(specs, art, device="cpu").activate()
-    feeds = random_feeds(specs["decoder_block"], model, [0], 5, seed=0)  # block profile: new <= 4
+    feeds = random_feeds(specs["decoder_block"], model.config, [0], 5, seed=0)  # block profile: new <= 4
     with pytest.raises(InputError, match="step decoder_block: sizes .* fit none of the engine's profiles"):
         trt.run_step("decoder_block", feeds)
 
@@ -217,7 +311,7 @@ def test_an_input_that_became_a_shape_tensor_is_refused(fake_env):
 
 def test_specs_that_differ_from_the_export_are_refused(fake_env, model):
     _, art, _ = fake_env
-    specs = step_specs(model.config, CAPACITY * 2, CAPACITY * 2)
+    specs = step_specs(model.config, MAX_STEP * 2)  # other rings: window + 48 slots
     with pytest.raises(ManifestMismatch, match="past.0.k"):
         trt_backend.TrtBackend(specs, art, device="cpu").activate()
 
@@ -236,7 +330,7 @@ def test_greedy_generation_in_every_mode_matches_torch(tmp_path, monkeypatch, mo
     _, art, specs = wire_fake(tmp_path, monkeypatch, model, 64, {}, max_batch=1)
     trt = trt_backend.TrtBackend(specs, art, device="cpu")
     prompts = ["def main(argv=None):", "import os"]
-    report = e2e_parity(model, TorchBackend(specs, model), {"trt": trt}, prompts, 64, 64, E2ERun(max_bytes=12))
+    report = e2e_parity(model, TorchBackend(specs, model), {"trt": trt}, prompts, E2ERun(max_bytes=12))
     assert report.compared > 0 and bool(report), report.failures()[:3]
     assert {k for k in report[("torch", "trt")]} == {"e2e/ar", "e2e/blt-s", "e2e/blt-d", "e2e/blt-dv"}
 
@@ -251,9 +345,9 @@ def test_trt_backend_on_a_gpu(tmp_path, model):
     from fastblt.export.exporter import ExportOptions, export_model
 
     art = tmp_path / "art"
-    export_model(model, art, ExportOptions(capacity=64, max_batch=2), checkpoint_hash="tiny")
+    export_model(model, art, ExportOptions(max_step=64, max_batch=2), checkpoint_hash="tiny")
     trt_build.build_engines(art, profile={"prefill": 16, "verify": 5}, max_batch=2)
-    specs = step_specs(model.config, 64, 64)
+    specs = step_specs(model.config, 64)
     report = graph_parity(
         random_cases(specs, model), TorchBackend(specs, model), {"trt": trt_backend.TrtBackend(specs, art)}, GraphRun()
     )

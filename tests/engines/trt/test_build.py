@@ -24,7 +24,7 @@ MACHINE = Machine("10.99.0", "Fake GPU", "9.0")
 
 @pytest.fixture
 def export(tmp_path):
-    manifest, _ = write_fake_export(tmp_path / "art", tiny_config(blt_d=True), capacity=32, max_batch=2)
+    manifest, _ = write_fake_export(tmp_path / "art", tiny_config(blt_d=True), max_step=32, max_batch=2)
     return tmp_path / "art", manifest
 
 
@@ -60,6 +60,10 @@ def test_build_sequence_trt10(export, monkeypatch):
     dec = fake.configs[list(manifest["graphs"]).index("decoder")]
     assert dec.profiles[0].shapes["h"] == ((1, 1, 16), (1, 1, 16), (1, 1, 16))
     assert dec.profiles[-1].shapes["h"] == ((1, 1, 16), (1, 16, 16), (1, 16, 16))
+    assert dec.profiles[0].shapes["past.0.k"] == ((1, 2, 544, 8),) * 3  # a static ring: window 512 + max_step 32
+    # the global step's linear cache: `past` from 1 slot to the global model's 4096 positions, opt 1024
+    glob = fake.configs[list(manifest["graphs"]).index("global")]
+    assert {p.shapes["past.0.k"] for p in glob.profiles} == {((1, 2, 1, 16), (1, 2, 1024, 16), (1, 2, 4096, 16))}
     # each engine has its manifest next to it
     for step in manifest["graphs"]:
         m = json.loads(manifest_path(art / "engines", step).read_text())

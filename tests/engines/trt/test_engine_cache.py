@@ -60,6 +60,8 @@ def test_key_is_stable():
         {"compute_capability": "8.9"},
         {"profiles": [{"name": "decode", "dims": {"batch": [1, 1, 2], "new": [1, 1, 1]}}]},
         {"profiles": [*PROFILES, {"name": "verify", "dims": {"batch": [1, 1, 1], "new": [1, 9, 9]}}]},
+        # the global step's profiles range its linear cache: another `past` range is another engine
+        {"profiles": [{"name": "decode", "dims": {**PROFILES[0]["dims"], "past": [1, 1024, 4096]}}]},
         {"build_flags": {**FLAGS, "workspace_bytes": 2 << 30}},
         {"build_flags": {**FLAGS, "tf32": True}},
     ],

@@ -10,8 +10,11 @@ documents (see fastblt/engines/trt/build.py and trt_backend.py for the sources):
   turns it into a FakeEngine.
 - FakeContext checks input shapes against its profile's min/max (as TensorRT does), reads its
   inputs from the *addresses* bound with set_tensor_address (ctypes, CPU memory) and writes the
-  outputs of an executor (the torch reference step) to the bound output addresses. So the
-  backend's binding, profile selection and copies are tested; TensorRT's numerics are not.
+  outputs of an executor (the torch reference step) to the bound output addresses. An input
+  bound at the same address as an output is that output's buffer, as in TensorRT: the executor
+  gets the memory at the address itself and its in-place cache update lands there (in the
+  caller's cache); every other input is a copy, never written. So the backend's binding,
+  aliasing, profile selection and copies are tested; TensorRT's numerics are not.
 
 Nothing here measures a GPU or TensorRT; no result of these fakes is a TensorRT result.
 """
@@ -30,9 +33,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from fastblt.export.graphs import dim_ranges
-from fastblt.export.manifest import write_manifest
-from fastblt.export.spec import TORCH_DTYPES, StepSpec, step_specs
+from fastblt.export.exporter import ExportOptions
+from fastblt.export.graphs import OPSET
+from fastblt.export.manifest import FORMAT, FORMAT_VERSION, write_manifest
+from fastblt.export.spec import DEFAULT_MAX_STEP, TORCH_DTYPES, StepSpec, dim_ranges
 from fastblt.model.config import BltConfig
 
 _ONNX_TYPES = {"int32": TensorProto.INT32, "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
@@ -40,15 +44,16 @@ _ONNX_TYPES = {"int32": TensorProto.INT32, "float32": TensorProto.FLOAT, "float1
 
 # ------------------------------------------------------------------------------ synthetic export
 def write_fake_export(
-    out: Path, config: BltConfig, capacity: int = 32, patch_capacity: int | None = None, max_batch: int = 2
+    out: Path, config: BltConfig, max_step: int = DEFAULT_MAX_STEP, max_batch: int = 2
 ) -> tuple[dict, dict[str, StepSpec]]:
-    """An export directory in the real manifest format whose .onnx files declare the specs' I/O
-    (names, dtypes, named dims) but hold no nodes: enough for the builder's parse and the
-    manifest checks, not a computation."""
-    patch_capacity = patch_capacity or capacity
-    specs = step_specs(config, capacity, patch_capacity, "float32")
+    """An export directory in the real manifest format (format_version 2: options, dims with
+    `past`, per-graph spec dicts with slots, max_step and aliases, as fastblt/export/exporter.py
+    writes them) whose .onnx files declare the specs' I/O (names, dtypes, named dims) but hold no
+    nodes: enough for the builder's parse and the manifest checks, not a computation."""
+    options = ExportOptions(dtype="float32", max_step=max_step, max_batch=max_batch)
+    specs = options.specs(config)
     out.mkdir(parents=True, exist_ok=True)
-    ranges = dim_ranges(capacity, patch_capacity, max_batch, config.patching.max_patch_length)
+    ranges = dim_ranges(config, options.max_step, options.max_batch)
     graphs = {}
     for step, spec in specs.items():
 
@@ -57,20 +62,19 @@ def write_fake_export(
 
         graph = helper.make_graph([], step, [info(t) for t in spec.inputs], [info(t) for t in spec.outputs])
         path = out / f"{step}.onnx"
-        onnx.save(helper.make_model(graph), path)
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
         graphs[step] = {
             "file": path.name,
             "external_data": None,
             "sha256": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()},
-            "opset": 20,
-            "stack": spec.stack,
+            "opset": options.opset,
             **spec.to_dict(),
         }
     manifest = {
-        "format": "fastblt-export",
-        "format_version": 1,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         "checkpoint": {"hash": "0" * 64, "source": "tests", "config": config.to_dict()},
-        "options": {"dtype": "float32", "opset": 20, "capacity": capacity, "patch_capacity": patch_capacity},
+        "options": options.key(),
         "dims": {name: r.to_dict() for name, r in ranges.items()},
         "graphs": graphs,
     }
@@ -301,16 +305,24 @@ class FakeContext:
         return True
 
     def execute_async_v3(self, stream: int) -> bool:
+        """Run the executor on the memory at the bound addresses. An input whose address is also
+        an output's is handed over as that memory itself (the graph updates it in place, like
+        TensorScatter into an aliased buffer); any other input is read-only, so it is copied. Each
+        output is then written at its address, unless it already is the memory there."""
         self.calls["execute_async_v3"] += 1
+        out_addresses = {self.addresses[name] for name, _, is_input in self.engine.io if not is_input}
         feeds = {}
         for name, t, is_input in self.engine.io:
             if is_input:
-                feeds[name] = tensor_at(self.addresses[name], self.shapes[name], TORCH_DTYPES[t["dtype"]]).clone()
+                x = tensor_at(self.addresses[name], self.shapes[name], TORCH_DTYPES[t["dtype"]])
+                feeds[name] = x if self.addresses[name] in out_addresses else x.clone()
         outputs = self.engine.trt.executor(self.engine.step, feeds)
         for name, t, is_input in self.engine.io:
             if not is_input:
-                shape = self.get_tensor_shape(name)
-                tensor_at(self.addresses[name], shape, TORCH_DTYPES[t["dtype"]]).copy_(outputs[name])
+                y = outputs[name]
+                dst = tensor_at(self.addresses[name], self.get_tensor_shape(name), TORCH_DTYPES[t["dtype"]])
+                if y.data_ptr() != dst.data_ptr() or y.shape != dst.shape or y.stride() != dst.stride():
+                    dst.copy_(y)
         self.engine.trt.executed.append((self.engine.step, self.profile))
         return True
 
