@@ -37,6 +37,8 @@ class Backend(ABC):
 
     name: str = "?"
     device: torch.device = torch.device("cpu")
+    # whether two different steps may run at once from two threads (each has its own buffers)
+    concurrent_steps: bool = False
 
     def __init__(self, specs: dict[str, StepSpec]):
         self.specs = specs

@@ -13,6 +13,7 @@ graph against the `specs` the caller will feed (ManifestMismatch names the field
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,13 +34,17 @@ class OrtBackend(Backend):
     Args:
         specs: the step specs the caller will feed (export/spec.py `step_specs(config, C, P, dtype)`).
         artifacts_dir: directory with manifest.json and the .onnx files.
-        threads: intra-op threads per session (None: onnxruntime's default, all cores).
+        threads: intra-op threads per session. None: one for the per-byte steps (their matrices are
+            too small to split across cores: the hand-off costs more) and onnxruntime's default (all
+            cores) for the global step, whose weights are most of the model
+            (benchmarks/results/runtime_bench.md measures both).
         providers: onnxruntime execution providers (None: CUDA then CPU when CUDA is available,
             else CPU).
         verify_hashes: check every graph file's sha256 against the manifest (on by default).
     """
 
     name = "ort"
+    concurrent_steps = True  # one session and one IO binding per step
 
     def __init__(
         self,
@@ -67,8 +72,7 @@ class OrtBackend(Backend):
         self._bindings: dict = {}
         self._bound: dict[str, dict[str, tuple]] = {}
         self._outputs: dict[str, OrderedDict] = {step: OrderedDict() for step in specs}
-        self._aliases = {step: dict(spec.aliases) for step, spec in specs.items()}
-        self._aliased_inputs = {step: set(a.values()) for step, a in self._aliases.items()}
+        self._plans = {step: _plan(spec) for step, spec in specs.items()}
         self.device = torch.device("cpu")
 
     # lifecycle --------------------------------------------------------------------------
@@ -76,12 +80,12 @@ class OrtBackend(Backend):
         import onnxruntime as ort
 
         providers = self.providers or _default_providers()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if self.threads is not None:
-            options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
         for step, spec in self.specs.items():
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            threads = self.threads if self.threads is not None else (0 if spec.stack == "global" else 1)
+            options.intra_op_num_threads = threads  # 0: onnxruntime's default
+            options.inter_op_num_threads = 1
             path = self.artifacts_dir / self.manifest["graphs"][step]["file"]
             session = ort.InferenceSession(str(path), options, providers=providers)
             got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
@@ -103,52 +107,46 @@ class OrtBackend(Backend):
 
     # the hot path -------------------------------------------------------------------------
     def _run_step_impl(self, step: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Bind feeds by pointer, bind preallocated outputs, run. Outputs are valid until the next
-        call of `step` with the same output shapes (they are reused, not reallocated)."""
-        spec = self.specs[step]
-        binding, bound = self._bindings[step], self._bound[step]
-        dims: dict[str, int] = {}
+        """Bind feeds by pointer (only what moved or changed shape), bind the outputs, run. Outputs
+        are valid until the next call of `step` with the same output shapes (reused, not reallocated)."""
+        plan, binding, bound = self._plans[step], self._bindings[step], self._bound[step]
         keep = []  # contiguous copies must outlive the run
-        aliased = self._aliased_inputs[step]
-        for t in spec.inputs:
-            x = feeds[t.name]
+        for name, elem, in_place in plan.inputs:
+            x = feeds[name]
             if not x.is_contiguous():
-                if t.name in aliased:  # a copy would take the in-place write away from the caller
-                    raise InternalError(f"step {step} | input {t.name}: a cache written in place must be contiguous")
+                if in_place:  # a copy would take the in-place write away from the caller
+                    raise InternalError(f"step {step} | input {name}: a cache written in place must be contiguous")
                 x = x.contiguous()
                 keep.append(x)
-            for want, got in zip(t.shape, x.shape, strict=True):
-                if isinstance(want, str):
-                    dims.setdefault(want, got)
-            where = (x.device, tuple(x.shape), x.data_ptr())
-            if bound.get(t.name) != where:  # the static caches keep their address: bound once
-                binding.bind_input(t.name, x.device.type, x.device.index or 0, _ELEM[t.dtype], where[1], where[2])
-                bound[t.name] = where
-        outputs = dict(self._output_buffers(step, spec, dims))
+            where = (x.data_ptr(), x.shape)
+            if bound.get(name) != where:  # the caches and the caller's reused inputs keep their address
+                binding.bind_input(name, x.device.type, x.device.index or 0, elem, tuple(x.shape), where[0])
+                bound[name] = where
+        shapes = tuple(tuple(d if type(d) is int else feeds[d[0]].shape[d[1]] for d in o[3]) for o in plan.own)
+        outputs = dict(self._output_buffers(step, plan, shapes))
+        for name, _, source in plan.aliased:
+            outputs[name] = feeds[source]
         dev = self.device
-        for t in spec.outputs:
-            alias = self._aliases[step].get(t.name)
-            y = outputs[t.name] = feeds[alias] if alias is not None else outputs[t.name]
-            where = (dev, tuple(y.shape), y.data_ptr())
-            if bound.get(t.name) != where:
-                binding.bind_output(t.name, dev.type, dev.index or 0, _ELEM[t.dtype], where[1], where[2])
-                bound[t.name] = where
+        for name, elem, *_ in (*plan.own, *plan.aliased):
+            y = outputs[name]
+            where = (y.data_ptr(), y.shape)
+            if bound.get(name) != where:
+                binding.bind_output(name, dev.type, dev.index or 0, elem, tuple(y.shape), where[0])
+                bound[name] = where
         self._sessions[step].run_with_iobinding(binding)
         if dev.type == "cuda":
             binding.synchronize_outputs()
         del keep
         return outputs
 
-    def _output_buffers(self, step: str, spec: StepSpec, dims: dict[str, int]) -> dict[str, torch.Tensor]:
+    def _output_buffers(self, step: str, plan: _Plan, shapes: tuple) -> dict[str, torch.Tensor]:
         """This call's own output tensors (not the aliased caches), reused per set of shapes."""
-        own = [t for t in spec.outputs if t.name not in self._aliases[step]]
-        shapes = tuple(tuple(dims[d] if isinstance(d, str) else d for d in t.shape) for t in own)
         cached = self._outputs[step]
         buffers = cached.get(shapes)
         if buffers is None:
             buffers = {
-                t.name: torch.empty(shape, dtype=TORCH_DTYPES[t.dtype], device=self.device)
-                for t, shape in zip(own, shapes, strict=True)
+                name: torch.empty(shape, dtype=dtype, device=self.device)
+                for (name, _, dtype, _), shape in zip(plan.own, shapes, strict=True)
             }
             cached[shapes] = buffers
             if len(cached) > _MAX_SHAPES_PER_STEP:
@@ -156,6 +154,33 @@ class OrtBackend(Backend):
         else:
             cached.move_to_end(shapes)
         return buffers
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one step is bound, worked out once from its spec (the hot path only reads it)."""
+
+    inputs: tuple[tuple[str, int, bool], ...]  # name, ONNX element type, written in place
+    own: tuple[tuple[str, int, torch.dtype, tuple], ...]  # name, element type, dtype, shape recipe
+    aliased: tuple[tuple[str, int, str], ...]  # output name, element type, the input it is
+
+
+def _plan(spec: StepSpec) -> _Plan:
+    """Each output dim is static or read off a feed: (input name, axis) of its first named use."""
+    where: dict[str, tuple[str, int]] = {}
+    for t in spec.inputs:
+        for axis, d in enumerate(t.shape):
+            if isinstance(d, str):
+                where.setdefault(d, (t.name, axis))
+    aliases = dict(spec.aliases)
+    inputs = tuple((t.name, _ELEM[t.dtype], t.name in aliases.values()) for t in spec.inputs)
+    own = tuple(
+        (t.name, _ELEM[t.dtype], TORCH_DTYPES[t.dtype], tuple(d if isinstance(d, int) else where[d] for d in t.shape))
+        for t in spec.outputs
+        if t.name not in aliases
+    )
+    aliased = tuple((t.name, _ELEM[t.dtype], aliases[t.name]) for t in spec.outputs if t.name in aliases)
+    return _Plan(inputs, own, aliased)
 
 
 def _default_providers() -> list[str]:

@@ -117,8 +117,9 @@ def existing_export(out: Path, checkpoint_hash: str | None, options: ExportOptio
     ]
     if diff:
         return "its options differ: " + ", ".join(diff)
-    if manifest.get("versions", {}).get("fastblt") != versions()["fastblt"]:
-        return f"it was written by fastblt {manifest.get('versions', {}).get('fastblt')}"
+    written, now = manifest.get("versions", {}), versions()
+    if (written.get("fastblt"), written.get("graphs")) != (now["fastblt"], now["graphs"]):
+        return f"it was written by fastblt {written.get('fastblt')} (graph code {written.get('graphs')})"
     return "same"
 
 

@@ -99,6 +99,10 @@ class Graph:
     def i32(self, *values: int) -> str:
         return self.const(np.array(values, dtype=np.int32))
 
+    def int_scalar(self, value: int, dtype: type = np.int32) -> str:
+        """A 0-d integer constant (what Range takes)."""
+        return self.const(np.array(value, dtype=dtype))
+
     def scalar(self, value: float) -> str:
         return self.const(np.array(value, dtype=np.float32))
 
@@ -233,7 +237,7 @@ def step_positions(g: Graph, start: str, S: str) -> tuple[str, str, str]:
     (B, S) int32 and the last position (B, 1) int32. Positions stay int32: int64 arithmetic in a
     graph is what hashing would look like (export/checks.py)."""
     S32 = g.op("Cast", S, to=TensorProto.INT32)
-    ar = g.op("Range", g.i32(0), g.op("Squeeze", S32, g.i64(0)), g.i32(1))
+    ar = g.op("Range", g.int_scalar(0), g.op("Squeeze", S32, g.i64(0)), g.int_scalar(1))
     start_col = g.op("Unsqueeze", start, g.i64(1))  # (B, 1)
     q_pos = g.op("Add", start_col, ar)  # (B, S)
     end = g.op("Sub", g.op("Add", start_col, S32), g.i32(1))  # (B, 1)
@@ -247,7 +251,8 @@ def slot_positions(g: Graph, end: str, slots: int | str, past: str) -> str:
         j = g.i32(*range(slots))
         return g.op("Sub", end, g.op("Mod", g.op("Sub", end, j), g.i32(slots), fmod=0))
     T = g.op("Cast", g.op("Gather", g.op("Shape", past), g.i64(2), axis=0), to=TensorProto.INT32)
-    return g.op("Unsqueeze", g.op("Range", g.i32(0), g.op("Squeeze", T, g.i64(0)), g.i32(1)), g.i64(0))  # (1, T)
+    ar = g.op("Range", g.int_scalar(0), g.op("Squeeze", T, g.i64(0)), g.int_scalar(1))
+    return g.op("Unsqueeze", ar, g.i64(0))  # (1, T)
 
 
 def attention_mask(g: Graph, q_pos: str, k_pos: str, end: str, window: int | None) -> str:
@@ -383,7 +388,7 @@ def _patch_slots(o: Ops, patch_bytes: str, patch_lens: str) -> str:
     shape = g.op("Shape", patch_bytes)  # B, Pn, L, d
     L = g.op("Gather", shape, g.i64(2), axis=0)
     with g.scope("local_encoder"):
-        ar = g.op("Range", g.i64(0), g.op("Squeeze", L, g.i64(0)), g.i64(1))
+        ar = g.op("Range", g.int_scalar(0, np.int64), g.op("Squeeze", L, g.i64(0)), g.int_scalar(1, np.int64))
         valid = g.op("Less", ar, g.op("Unsqueeze", g.op("Cast", patch_lens, to=TensorProto.INT64), g.i64(-1)))
         lowest = g.typed(torch.finfo(TORCH_DTYPES[g.dtype]).min, g.dtype)
         pooled = g.op(

@@ -39,6 +39,15 @@ def graph_files(entry: dict) -> list[str]:
     return [entry["file"], *([entry["external_data"]] if entry.get("external_data") else [])]
 
 
+def graphs_revision() -> str:
+    """A digest of the code that writes the graphs (the builder and the contract it follows):
+    an export written by other code is a different export, whatever the version number says."""
+    h = hashlib.sha256()
+    for name in ("graphs.py", "spec.py"):
+        h.update((Path(__file__).with_name(name)).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -49,6 +58,7 @@ def versions() -> dict[str, str]:
 
     return {
         "fastblt": __version__,
+        "graphs": graphs_revision(),
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxscript": onnxscript.__version__,

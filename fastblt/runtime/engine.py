@@ -1,10 +1,10 @@
 """An Engine: one backend shared by many sequences.
 
-It owns the backend, the lock that serialises its step calls (a backend's output buffers are
-shared, so a step call and the copy of its outputs into a sequence's own buffers hold the lock),
-the cache capacities its step specs fix, and a small pool of idle SequenceStates so that big cache
-buffers are not reallocated per call. A Generator runs on one Engine; several Generators (or
-threads) may share one.
+It owns the backend, the locks that serialise its step calls (a backend's output buffers are
+shared, so a step call and the copy of its outputs into a sequence's own buffers hold the step's
+lock: one lock per step where the backend runs different steps at once, else one for all), and a
+small pool of idle SequenceStates so that cache buffers are not reallocated per call. A Generator
+runs on one Engine; several Generators (or threads) may share one.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class Engine:
             raise InputError(f"backend {backend.name}: step {bad} does not match this checkpoint's config")
         self.backend, self.config = backend.activate(), config
         self.max_step = steps
-        self.lock = threading.Lock()
+        one = threading.Lock()
+        self.locks = {step: threading.Lock() if backend.concurrent_steps else one for step in backend.specs}
         self._pool: list[SequenceState] = []
         self._pool_lock = threading.Lock()
 
@@ -61,7 +62,7 @@ class Engine:
         with self._pool_lock:
             state = self._pool.pop() if self._pool else None
         if state is None:
-            state = SequenceState(self.backend, self.config, lock=self.lock)
+            state = SequenceState(self.backend, self.config, locks=self.locks)
         state.reset()
         state.reset_counters()
         return state

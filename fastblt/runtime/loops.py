@@ -247,7 +247,8 @@ def blt_dv(run: Run, logits: Tensor, drafter: Drafter = draft_diffusion) -> Iter
     while not run.out.push((c,)):
         yield
         n0 = run.state.n
-        drafts, q = drafter(run, c, run.out.remaining - 1)  # the byte after the last draft is free
+        # the byte after the last draft is free; [c, drafts] must fit one verify step
+        drafts, q = drafter(run, c, min(run.out.remaining, run.state.max_step) - 1)
         a, c = accept(run, drafts, q, verify(run, c, drafts, encoded=False))
         rollback_to_accepted(run, n0, drafts, a)
         if run.out.push(drafts[:a]):

@@ -10,11 +10,12 @@ global transformer into a linear buffer that grows with the context, up to the g
 position limit. A rollback may go back at most max_step positions from the furthest written one
 (what the decoding loops do), so the rings never lose a position still in a window.
 
-Sharing a backend between threads: pass the same `lock` to every state on that backend. Each
-step (run_step plus reading its outputs into this state's buffers) runs under the lock, and
+Sharing a backend between threads: pass the same `locks` (one per step; one lock for every step
+where the backend cannot run two steps at once) to every state on that backend. Each step
+(run_step plus reading its outputs into this state's buffers) runs under its step's lock, and
 every array or tensor a method returns is this state's own copy, so states on one backend can
-interleave their steps. Per-state counters (`calls`, `positions`, `backend_seconds`) count only
-this state's steps.
+interleave their steps. Per-state counters (`calls`, `positions`, `backend_seconds`) count only this
+state's steps.
 """
 
 from __future__ import annotations
@@ -28,9 +29,18 @@ from torch import Tensor
 
 from fastblt.engines.base import Backend
 from fastblt.errors import InputError
-from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, TORCH_DTYPES, cross_slots, max_step, named_kv, state_dtype
+from fastblt.export.spec import (
+    CROSS,
+    PAST,
+    PAST_BUCKET,
+    TORCH_DTYPES,
+    StepSpec,
+    cross_slots,
+    max_step,
+    named_kv,
+    state_dtype,
+)
 from fastblt.model.config import HASH_PRIMES, BltConfig, StackConfig
-from fastblt.model.hashing import hash_ids_numpy
 from fastblt.model.patching import closes_patch
 
 KV = list[tuple[Tensor, Tensor]]
@@ -109,36 +119,60 @@ class HostArrays:
         self.closed = closed
 
 
-_U64, _I64_MIN = 1 << 64, 1 << 63
-FAST_HASH_MAX = 16  # new positions up to which hashing runs in plain Python (no numpy set-up)
-
-
 class IncrementalHasher:
-    """Hash n-gram ids of a few new positions, bit-exact with `hash_ids_numpy` but without its
-    per-call numpy set-up (the decode loop hashes one byte at a time).
-
-    int64 wrap-around arithmetic is the exact sum taken mod 2^64 read as signed; then floor-mod.
-    """
+    """Hash n-gram ids of new positions from the ids just before them, bit-exact with
+    `hash_ids_numpy` (int64 wrap-around sums, then floor-mod) in one vectorised product: every
+    table's prime powers sit right-aligned in one (tables, max_n) matrix, zero where its n-gram
+    is shorter, and each new position's window of max_n ids is multiplied by all of them at once."""
 
     def __init__(self, config: BltConfig):
-        self.vocab = config.hash_vocab
-        self.tables = [
-            (n, [pow(HASH_PRIMES[f % len(HASH_PRIMES)], j, _U64) for j in range(n)])
-            for f in range(config.hash_functions)
-            for n in config.hash_sizes
-        ]
-        self.pad = max(config.hash_sizes) - 1
+        self.vocab = np.int64(config.hash_vocab)
+        width = max(config.hash_sizes)
+        self.pad = width - 1
+        rows = []
+        for f in range(config.hash_functions):
+            prime = HASH_PRIMES[f % len(HASH_PRIMES)]
+            for n in config.hash_sizes:
+                powers = [pow(prime, j, 1 << 64) for j in range(n)]  # p^j mod 2^64: int64 wrap-around
+                rows.append([0] * (width - n) + powers)
+        self.powers = np.array(rows, dtype=np.uint64).view(np.int64)  # (tables, max_n)
 
-    def __call__(self, window: list[int], S: int) -> np.ndarray:
-        """window: the pad = max_n - 1 ids before the new ones (0 = BOE where missing), then the
-        S new ids -> (1, S, n_tables) int32."""
-        out = np.empty((1, S, len(self.tables)), dtype=np.int32)
-        for i in range(S):
-            end = self.pad + i + 1  # window[:end] ends at the new id i
-            for t, (n, powers) in enumerate(self.tables):
-                h = sum(w * p for w, p in zip(window[end - n : end], powers, strict=True)) % _U64
-                out[0, i, t] = (h - _U64 if h >= _I64_MIN else h) % self.vocab
-        return out
+    def __call__(self, window: np.ndarray, S: int) -> np.ndarray:
+        """window (pad + S,) int64: the pad = max_n - 1 ids before the new ones (0 = BOE where
+        missing), then the S new ids -> (1, S, tables) int32."""
+        grams = np.lib.stride_tricks.sliding_window_view(window, self.pad + 1)  # (S, max_n)
+        with np.errstate(over="ignore"):
+            h = (grams[:, None, :] * self.powers[None]).sum(-1)  # (S, tables), mod 2^64
+        return np.mod(h, self.vocab).astype(np.int32)[None]
+
+
+class StepInputs:
+    """One sequence's small per-call inputs (the int32 ones of every step: ids, positions, patch
+    lengths), allocated once per step on the backend's device, sized for max_step, and filled in
+    place: their addresses never change, so a backend binds them once per shape, not per call,
+    and two steps running at once never share one."""
+
+    def __init__(self, specs: dict[str, StepSpec], device: torch.device):
+        self.host = device.type == "cpu"
+        steps = max_step(specs)
+        self.bufs: dict[tuple[str, str], Tensor] = {}
+        for step, spec in specs.items():
+            for t in spec.inputs:
+                if t.dtype == "int32":
+                    shape = [1 if d == "batch" else steps if isinstance(d, str) else d for d in t.shape]
+                    self.bufs[step, t.name] = torch.zeros(shape, dtype=torch.int32, device=device)
+
+    def put(self, step: str, name: str, values: np.ndarray | list[int]) -> Tensor:
+        """Write values ((S,) or (S, T); one value for a (batch,) input) into the step's buffer;
+        returns the (1, S, ...) view the step is fed."""
+        buf = self.bufs[step, name]
+        values = np.asarray(values)
+        view = buf[:, : len(values)] if buf.dim() > 1 else buf
+        if self.host:
+            view.numpy()[...] = values.reshape(view.shape)
+        else:
+            view.copy_(torch.from_numpy(values.astype(np.int32)).view(view.shape), non_blocking=True)
+        return view
 
 
 class SequenceState:
@@ -148,7 +182,12 @@ class SequenceState:
     logits and entropies come back to the host.
     """
 
-    def __init__(self, backend: Backend, config: BltConfig, lock: contextlib.AbstractContextManager | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        config: BltConfig,
+        locks: dict[str, contextlib.AbstractContextManager] | None = None,
+    ):
         if config.entropy is None:
             raise InputError("checkpoint: the runtime needs an entropy model to patch")
         self.backend, self.config = backend, config
@@ -182,7 +221,15 @@ class SequenceState:
         self.g_len = 0
         self.written = 0  # positions < written have been written to the rings (some maybe rolled back)
         self._forced_at: int | None = None  # n at which slot g_len holds the open patch's forced latent
-        self.lock = lock if lock is not None else contextlib.nullcontext()
+        self.locks = locks if locks is not None else dict.fromkeys(specs, contextlib.nullcontext())
+        self.inputs = StepInputs(specs, self.device)
+        # one feed dict per step, reused: the ring and cross caches are bound once, the rest refilled
+        self._feeds: dict[str, dict[str, Tensor]] = {step: {} for step in specs}
+        for step, spec in specs.items():
+            if spec.stack in self.rings:
+                self._feeds[step] |= named_kv(PAST, self.rings[spec.stack])
+            if any(t.name.startswith(f"{CROSS}.") for t in spec.inputs):
+                self._feeds[step] |= named_kv(CROSS, self.cross)
         self.reset_counters()
 
     # the bookkeeping arrays, by position
@@ -210,7 +257,12 @@ class SequenceState:
         """Zero this state's per-step counters (calls, positions run, backend seconds)."""
         self.calls: dict[str, int] = dict.fromkeys(self.backend.specs, 0)
         self.positions: dict[str, int] = dict.fromkeys(self.backend.specs, 0)
-        self.backend_seconds = 0.0
+        self.seconds: dict[str, float] = dict.fromkeys(self.backend.specs, 0.0)  # per step: no shared sum
+
+    @property
+    def backend_seconds(self) -> float:
+        """Time in step calls (overlapped ones each count theirs)."""
+        return sum(self.seconds.values())
 
     def cache_bytes(self) -> int:
         """Bytes held by this sequence's caches and byte states (what grows with the context)."""
@@ -219,26 +271,22 @@ class SequenceState:
         return rings + cross + sum(c.nbytes() for c in self.linear.values()) + self.h.nbytes
 
     def _run(self, step: str, feeds: dict[str, Tensor], positions: int) -> dict[str, Tensor]:
-        """run_step + this state's counters; call with self.lock held (outputs are shared)."""
+        """run_step + this state's counters; call with the step's lock held (its outputs are shared)."""
         t0 = time.perf_counter()
         out = self.backend.run_step(step, feeds, check=False)
-        self.backend_seconds += time.perf_counter() - t0
+        self.seconds[step] += time.perf_counter() - t0
         self.calls[step] += 1
         self.positions[step] += positions
         return out
 
     # ------------------------------------------------------------------ helpers
-    def _start(self, at: int) -> Tensor:
-        return self._ids([at])
-
-    def _ids(self, values: np.ndarray | list[int]) -> Tensor:
-        """Host ints -> an int32 tensor of the same shape on the backend's device."""
-        x = torch.from_numpy(np.asarray(values, dtype=np.int32))
-        return x if self.device.type == "cpu" else x.to(self.device, non_blocking=True)
-
-    def _cache(self, stack: str, end: int) -> KV:
-        """The cache feeds of `stack` for a step writing positions < end."""
-        return self.rings[stack] if stack in self.rings else self.linear[stack].for_step(max(end, 1))
+    def _step_feeds(self, step: str, stack: str, at: int, end: int) -> dict[str, Tensor]:
+        """The feed dict of `step` at start `at`, its cache holding at least `end` slots."""
+        feeds = self._feeds[step]
+        feeds["start"] = self.inputs.put(step, "start", [at])
+        if stack in self.linear:  # its buffers may have grown (a new address and shape)
+            feeds |= named_kv(PAST, self.linear[stack].for_step(max(end, 1)))
+        return feeds
 
     def _check_step(self, S: int, at: int | None = None) -> None:
         """S fits one call; a step writing positions at..at+S-1 moves the written frontier."""
@@ -263,9 +311,9 @@ class SequenceState:
     # ------------------------------------------------------------------ the four stacks
     def run_entropy(self, at: int, tokens: np.ndarray) -> np.ndarray:
         self._check_step(len(tokens), at)
-        feeds = {"tokens": self._ids(tokens).view(1, -1), "start": self._start(at)}
-        feeds |= named_kv(PAST, self._cache("entropy", at + len(tokens)))
-        with self.lock:
+        feeds = self._step_feeds("entropy", "entropy", at, at + len(tokens))
+        feeds["tokens"] = self.inputs.put("entropy", "tokens", tokens)
+        with self.locks["entropy"]:
             out = self._run("entropy", feeds, len(tokens))
             return out["entropies"][0].float().cpu().numpy().copy()
 
@@ -276,15 +324,15 @@ class SequenceState:
         self._room(at + S)
         self.tokens[at : at + S] = tokens
         pad = self.hasher.pad
-        history = self.tokens[max(0, at - pad) : at]
-        if S <= FAST_HASH_MAX:
-            window = [0] * (pad - len(history)) + history.tolist() + tokens.tolist()
-            hash_ids = self.hasher(window, S)
-        else:
-            hash_ids = hash_ids_numpy(tokens.reshape(1, -1), self.config, history.reshape(1, -1))
-        feeds = {"tokens": self._ids(tokens).view(1, -1), "hash_ids": self._ids(hash_ids), "start": self._start(at)}
-        feeds |= named_kv(PAST, self._cache("encoder", at + S))
-        with self.lock:
+        lo = at - pad
+        window = (
+            self.tokens[lo : at + S] if lo >= 0 else np.concatenate([np.zeros(-lo, np.int64), self.tokens[: at + S]])
+        )
+        hash_ids = self.hasher(window, S)
+        feeds = self._step_feeds("encoder", "encoder", at, at + S)
+        feeds["tokens"] = self.inputs.put("encoder", "tokens", tokens)
+        feeds["hash_ids"] = self.inputs.put("encoder", "hash_ids", hash_ids[0])
+        with self.locks["encoder"]:
             out = self._run("encoder", feeds, S)
             self.h[at : at + S] = out["h"][0]
 
@@ -306,27 +354,19 @@ class SequenceState:
         patch_bytes = torch.zeros(1, len(spans), L, self.config.encoder.dim, dtype=self.dtype, device=self.device)
         for j, (s, e) in enumerate(spans):
             patch_bytes[0, j, : e - s] = self.h[s:e]
-        feeds = {
-            "patch_bytes": patch_bytes,
-            "patch_lens": self._ids([e - s for s, e in spans]).view(1, -1),
-            "start": self._start(at),
-        }
-        feeds |= named_kv(PAST, self._cache("global", end))
-        feeds |= named_kv(CROSS, self.cross)
-        with self.lock:
+        feeds = self._step_feeds("global", "global", at, end)
+        feeds["patch_bytes"] = patch_bytes
+        feeds["patch_lens"] = self.inputs.put("global", "patch_lens", [e - s for s, e in spans])
+        with self.locks["global"]:
             self._run("global", feeds, len(spans))
 
     def run_decoder(self, at: int, S: int, read_patch: np.ndarray) -> Tensor:
         """Causal decoder over byte states h[at:at+S] -> logits (S, V); writes the decoder cache."""
         self._check_step(S, at)
-        feeds = {
-            "h": self.h[at : at + S].unsqueeze(0),
-            "read_patch": self._ids(read_patch).view(1, -1),
-            "start": self._start(at),
-        }
-        feeds |= named_kv(PAST, self._cache("decoder", at + S))
-        feeds |= named_kv(CROSS, self.cross)
-        with self.lock:
+        feeds = self._step_feeds("decoder", "decoder", at, at + S)
+        feeds["h"] = self.h[at : at + S].unsqueeze(0)
+        feeds["read_patch"] = self.inputs.put("decoder", "read_patch", read_patch)
+        with self.locks["decoder"]:
             out = self._run("decoder", feeds, S)
             return out["logits"][0].to("cpu", copy=True)
 
@@ -340,14 +380,10 @@ class SequenceState:
         if not 0 <= at <= self.n:
             raise InputError(f"run_block: block start {at} is outside [0, {self.n}]")
         self._check_step(len(block_ids))
-        feeds = {
-            "block_ids": self._ids(block_ids).view(1, -1),
-            "start": self._start(at),
-            "read_patch": self._ids([read_patch]),
-        }
-        feeds |= named_kv(PAST, self._cache("decoder", at))
-        feeds |= named_kv(CROSS, self.cross)
-        with self.lock:
+        feeds = self._step_feeds("decoder_block", "decoder", at, at)
+        feeds["block_ids"] = self.inputs.put("decoder_block", "block_ids", block_ids)
+        feeds["read_patch"] = self.inputs.put("decoder_block", "read_patch", [read_patch])
+        with self.locks["decoder_block"]:
             return self._run("decoder_block", feeds, len(block_ids))["logits"][0].to("cpu", copy=True)
 
     # ------------------------------------------------------------------ sequence operations
@@ -371,9 +407,9 @@ class SequenceState:
             parts = [self.append(tokens[i : i + m], encoded, close_open and i + m >= S) for i in range(0, S, m)]
             return torch.cat(parts)
         self._room(at + S)
+        self.tokens[at : at + S] = tokens
         if not encoded:
             self.run_encoder(at, tokens)
-        self.tokens[at : at + S] = tokens
         ent = self.run_entropy(at, tokens)
         spans = self._mark_patches(at, ent)
         self._forced_at = None

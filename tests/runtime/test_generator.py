@@ -14,6 +14,7 @@ from runtime_refs import PROMPTS, tiny_model, torch_generator
 
 import fastblt
 from fastblt.errors import BackendUnavailable, CapabilityError, FastBltError, InputError
+from fastblt.export.spec import DEFAULT_MAX_STEP
 from fastblt.model.config import BltDConfig
 from fastblt.model.tokenizer import encode
 from fastblt.runtime import loops
@@ -73,7 +74,7 @@ def test_bad_prompts_and_max_context():
     with pytest.raises(InputError, match="lower max_bytes or raise max_context"):
         g.generate("x" * 40, mode="blt-d", max_bytes=24)  # 41 + 24 > 64
     assert len(g.generate("x" * 40, mode="ar", max_bytes=23).ids) <= 23  # 41 + 23 = 64 fits
-    with pytest.raises(InputError, match="prefill_chunk: 200 exceeds the graphs' max_step 128"):
+    with pytest.raises(InputError, match=f"prefill_chunk: 200 exceeds the graphs' max_step {DEFAULT_MAX_STEP}"):
         g.generate("x", mode="ar", max_bytes=1, prefill_chunk=200)
 
 

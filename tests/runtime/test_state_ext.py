@@ -31,7 +31,7 @@ def test_incremental_hasher_is_bit_exact(name):
         toks = rng.integers(0, 262, rng.integers(1, 17))
         want = hash_ids_numpy(toks.reshape(1, -1), config, hist.reshape(1, -1))
         kept = hist[len(hist) - min(len(hist), hasher.pad) :].tolist()
-        window = [0] * (hasher.pad - len(kept)) + kept + toks.tolist()
+        window = np.array([0] * (hasher.pad - len(kept)) + kept + toks.tolist(), dtype=np.int64)
         assert (hasher(window, len(toks)) == want).all()
 
 
