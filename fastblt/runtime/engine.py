@@ -68,6 +68,8 @@ class Engine:
         return state
 
     def release(self, state: SequenceState) -> None:
+        """Back to the pool, its growing caches shrunk: an idle sequence holds no long context."""
+        state.reset()
         with self._pool_lock:
             if len(self._pool) < POOL_SIZE:
                 self._pool.append(state)

@@ -21,6 +21,8 @@ state's steps.
 from __future__ import annotations
 
 import contextlib
+import math
+import mmap
 import time
 
 import numpy as np
@@ -46,12 +48,19 @@ from fastblt.model.patching import closes_patch
 KV = list[tuple[Tensor, Tensor]]
 
 
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zeroed buffer. On the host, its own anonymous memory map: a cache that grows replaces its
+    buffers every few patches, and unmapping gives the old ones back to the system at once, where
+    the C heap would keep them (fragmented) and the process would grow by more than it holds."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=math.prod(shape)).view(shape)
+
+
 def _zeros_kv(cfg: StackConfig, slots: int, dtype: torch.dtype, device: torch.device) -> KV:
     shape = (1, cfg.n_heads, slots, cfg.head_dim)
-    return [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(cfg.n_layers)
-    ]
+    return [(_buffer(shape, dtype, device), _buffer(shape, dtype, device)) for _ in range(cfg.n_layers)]
 
 
 def _round_up(n: int, to: int) -> int:
@@ -85,11 +94,15 @@ class LinearCache:
             self.kv = _zeros_kv(self.cfg, PAST_BUCKET, self.dtype, self.device)
 
     def _resize(self, slots: int) -> None:
-        grown = _zeros_kv(self.cfg, slots, self.dtype, self.device)
-        for (nk, nv), (k, v) in zip(grown, self.kv, strict=True):
-            nk[:, :, : k.shape[2]].copy_(k)
-            nv[:, :, : v.shape[2]].copy_(v)
-        self.kv = grown
+        """One buffer at a time, so the copy needs one layer's worth of extra memory, not a model's."""
+        for i, pair in enumerate(self.kv):
+            new = []
+            for old in pair:
+                buf = _buffer((*old.shape[:2], slots, old.shape[3]), self.dtype, self.device)
+                buf[:, :, : old.shape[2]].copy_(old)
+                new.append(buf)
+            self.kv[i] = (new[0], new[1])
+            del pair, new
 
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv)
@@ -214,7 +227,7 @@ class SequenceState:
             for _ in range(config.decoder_cross_layers)
         ]
         self.host = HostArrays()
-        self.h = torch.zeros(1024, config.encoder.dim, dtype=dtype, device=self.device)  # encoder byte states
+        self.h = _buffer((1024, config.encoder.dim), dtype, self.device)  # encoder byte states
         self.hasher = IncrementalHasher(config)
         self.patch_limit = config.global_model.max_positions
         self.n = 0
@@ -284,8 +297,14 @@ class SequenceState:
         """The feed dict of `step` at start `at`, its cache holding at least `end` slots."""
         feeds = self._feeds[step]
         feeds["start"] = self.inputs.put(step, "start", [at])
-        if stack in self.linear:  # its buffers may have grown (a new address and shape)
-            feeds |= named_kv(PAST, self.linear[stack].for_step(max(end, 1)))
+        if stack in self.linear:  # its buffers may grow (a new address and shape)
+            cache = self.linear[stack]
+            if end > cache.slots:  # hold no old buffer while it is replaced: they go one by one
+                for other, spec in self.backend.specs.items():
+                    if spec.stack == stack:
+                        self._feeds[other] = {k: v for k, v in self._feeds[other].items() if not k.startswith(PAST)}
+                feeds = self._feeds[step]
+            feeds |= named_kv(PAST, cache.for_step(max(end, 1)))
         return feeds
 
     def _check_step(self, S: int, at: int | None = None) -> None:
@@ -299,7 +318,7 @@ class SequenceState:
         """Grow the per-position arrays to hold positions < end."""
         self.host.ensure(end)
         if end > self.h.shape[0]:
-            grown = torch.zeros(max(end, 2 * self.h.shape[0]), self.h.shape[1], dtype=self.dtype, device=self.device)
+            grown = _buffer((max(end, self.h.shape[0] * 3 // 2), self.h.shape[1]), self.dtype, self.device)
             grown[: self.h.shape[0]] = self.h
             self.h = grown
 
