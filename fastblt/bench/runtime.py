@@ -152,8 +152,8 @@ class BenchConfig:
     backends: tuple[str, ...] = ("ort", "torch")
     max_bytes: int = 256
     prompts: int = 3
-    max_context: int = 1536
-    threads: int = 1
+    max_context: int | None = None  # None: the Generator's default (the model's position limit)
+    threads: int | None = None  # None: every backend's default (what a user gets)
     hf: bool = True
     hf_prompts: int = 1
     comparison: bool = True  # the block-start / drafting variants (on the first backend)
@@ -165,7 +165,8 @@ class BenchConfig:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run every variant on every backend (+ the HF peer); returns the result record."""
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     prompts = bench_prompts(cfg.prompts)
     result: dict = {"meta": _meta(cfg, prompts), "rows": [], "hf": None}
     model = None

@@ -47,7 +47,8 @@ def build(
 
     \b
     Profiles per graph, from the export manifest: decode (1 new position), verify (k+1),
-    block (the diffusion block B) and prefill (the prompt chunk); cache capacities are fixed.
+    block (the diffusion block B) and prefill (the prompt chunk); every phase gets the global
+    cache's live-length range; the rings of the local stacks are static.
     An engine whose key (ONNX sha256, TensorRT version, GPU, profiles, flags) matches is skipped.
 
     \b

@@ -32,7 +32,7 @@ class OrtBackend(Backend):
     """onnxruntime over `artifacts_dir` (a `fastblt export` directory) for the given specs.
 
     Args:
-        specs: the step specs the caller will feed (export/spec.py `step_specs(config, C, P, dtype)`).
+        specs: the step specs the caller will feed (export/spec.py `step_specs(config, max_step, dtype)`).
         artifacts_dir: directory with manifest.json and the .onnx files.
         threads: intra-op threads per session. None: one for the per-byte steps (their matrices are
             too small to split across cores: the hand-off costs more) and onnxruntime's default (all

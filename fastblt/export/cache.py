@@ -1,4 +1,4 @@
-"""The export cache: a checkpoint's step graphs exported once per (weights, dtype, capacity) and
+"""The export cache: a checkpoint's step graphs exported once per (weights, dtype, max_step) and
 found again by every later user (the runtime's first use, `fastblt validate` without --artifacts).
 
 Layout: `<root>/<source hash[:16]>/<dtype>-step<max_step>/` holding an ordinary export directory

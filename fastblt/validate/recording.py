@@ -42,7 +42,7 @@ class RecordingBackend(Backend):
     """Wraps `inner`; records feeds of the calls `select(step, i)` picks, and optionally a trace.
 
     Recorded feeds are cloned (the runtime reuses its cache buffers in place), so record sparsely:
-    each copy holds every cache buffer of the step at full capacity.
+    each copy holds every cache buffer of the step as large as the context then is.
     """
 
     def __init__(

@@ -16,7 +16,7 @@ dim: zero-length dims in profiles are fragile, deploy_notes.md §2.3, microsoft/
 PR #1659), and the backend runs a call on the smallest profile whose ranges contain it. Phases
 whose ranges coincide (e.g. k+1 == B) are merged into one profile named "verify+block". The
 diffusion head (`decoder_block`) only runs blocks. Wide ranges tune one tactic set for `opt`
-(NVIDIA/TensorRT#1166), hence one profile per phase rather than one [1, capacity] profile.
+(NVIDIA/TensorRT#1166), hence one profile per phase rather than one [1, max_step] profile.
 """
 
 from __future__ import annotations
