@@ -68,7 +68,7 @@ def probe(model: BltModel, backend: Backend, dtype: str, directory: Path) -> Non
     """A short prompt through the graphs and through the torch steps: same logits, or refuse."""
     ref = SequenceState(TorchBackend(step_specs(model.config, max_step(backend.specs)), model), model.config)
     cand = SequenceState(backend, model.config)
-    want, got = ref.append(PROBE_IDS), cand.append(PROBE_IDS)
+    want, got = ref.run(ref.append(PROBE_IDS)), cand.run(cand.append(PROBE_IDS))
     if dtype in PROBE_ATOL:
         ok = float((want - got).abs().max()) <= PROBE_ATOL[dtype]
     else:

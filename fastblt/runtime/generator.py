@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,10 @@ from fastblt.export.cache import ExportNotice
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
 from fastblt.runtime import loops
+from fastblt.runtime.calls import run_plan
 from fastblt.runtime.engine import Engine, open_engine
-from fastblt.runtime.options import DecodeOptions, Request, make_request
+from fastblt.runtime.options import DecodeOptions, Request, check_fit, make_request
+from fastblt.runtime.state import SequenceState
 from fastblt.runtime.stats import BYTES_PER_PARAM, RoundStats, Stats, build_stats
 from fastblt.runtime.stream import Output, TextChunker
 
@@ -48,6 +50,7 @@ class Generation:
     ids: list[int]
     stop_reason: str  # "eos" | "stop" | "max_bytes"
     stats: Stats
+    times: list[float] = field(default_factory=list)  # time.perf_counter() when each id was verified
 
 
 class Generator:
@@ -177,19 +180,8 @@ class Generator:
             req = prompt
         else:
             req = self.request(prompt, mode, max_bytes, **options)
-        ids, opts = list(req.ids), req.opts
-        steps = self.engine.max_step
-        if opts.prefill_chunk is not None and opts.prefill_chunk > steps:
-            raise InputError(f"option prefill_chunk: {opts.prefill_chunk} exceeds the graphs' max_step {steps}")
-        if opts.mode == "blt-s" and opts.k + 1 > steps:
-            raise InputError(f"option k: {opts.k} drafts + 1 exceed the graphs' max_step {steps} (one verify step)")
-        need = len(ids) + opts.max_bytes
-        if self.max_context is not None and need > self.max_context:
-            raise InputError(
-                f"prompt + max_bytes: {len(ids)} prompt ids + {opts.max_bytes} bytes = {need} exceed "
-                f"max_context {self.max_context}; lower max_bytes or raise max_context"
-            )
-        return _Call(self, ids, opts)
+        check_fit(req, self.engine.max_step, self.max_context)
+        return _Call(self, list(req.ids), req.opts)
 
 
 class _Call:
@@ -201,52 +193,52 @@ class _Call:
         self.result: Generation | None = None
 
     def __iter__(self) -> Iterator[None]:
-        g, opts = self.g, self.opts
-        rng = None
-        if not opts.sampling.greedy:
-            rng = torch.Generator()
-            rng.manual_seed(opts.seed) if opts.seed is not None else rng.seed()
+        g = self.g
         state = g.engine.acquire()
         try:
-            t_start = time.perf_counter()
-            logits = loops.prefill(state, self.ids, opts.prefill_chunk or g.engine.max_step)
-            t_prefill = time.perf_counter()
-            prefill_calls, prefill_positions = dict(state.calls), dict(state.positions)
-            prefill_backend = state.backend_seconds
-            run = loops.Run(state, opts, self.out, rng, RoundStats())
-            yield from loops.LOOPS[opts.mode](run, logits)
-            t_end = time.perf_counter()
-            calls = {s: state.calls[s] - prefill_calls[s] for s in state.calls}
-            positions = {s: state.positions[s] - prefill_positions[s] for s in state.positions}
-            stats = build_stats(
-                mode=opts.mode,
-                backend=g.backend_name,
-                prompt_ids=len(self.ids),
-                out_ids=len(self.out.ids),
-                stop_reason=self.out.stop_reason or "max_bytes",
-                calls=calls,
-                positions=positions,
-                prefill_calls=prefill_calls,
-                rounds=run.rounds,
-                params=g.params,
-                hash_row_bytes=g.config.n_hash_tables * g.config.d_local * BYTES_PER_PARAM,
-                times=self.out.times,
-                t_start=t_start,
-                t_prefill=t_prefill,
-                t_end=t_end,
-                backend_s=state.backend_seconds,
-                prefill_backend_s=prefill_backend,
-            )
+            run = new_run(state, self.opts, self.out)
+            yield from run_plan(state.runner, loops.generate(run, self.ids, self.opts.prefill_chunk or state.max_step))
+            self.result = generation(run, g.backend_name, len(self.ids), g.params, g.config)
         finally:
             g.engine.release(state)
-        data = bytes(self.out.data)
-        self.result = Generation(
-            text=data.decode("utf-8", errors="replace"),
-            bytes=data,
-            ids=list(self.out.ids),
-            stop_reason=stats.stop_reason,
-            stats=stats,
-        )
+
+
+def new_run(state: SequenceState, opts: DecodeOptions, out: Output) -> loops.Run:
+    """A call's context on `state`: its options, where its bytes go, its own seeded RNG."""
+    rng = None
+    if not opts.sampling.greedy:
+        rng = torch.Generator()
+        rng.manual_seed(opts.seed) if opts.seed is not None else rng.seed()
+    return loops.Run(state, opts, out, rng, RoundStats())
+
+
+def generation(run: loops.Run, backend: str, prompt_ids: int, params: dict[str, int], config: BltConfig) -> Generation:
+    """The Generation of a finished run (loops.generate ran to its end): decode counters are the
+    call's minus its prefill's."""
+    st, pre = run.state, run.prefill
+    stats = build_stats(
+        mode=run.opts.mode,
+        backend=backend,
+        prompt_ids=prompt_ids,
+        out_ids=len(run.out.ids),
+        stop_reason=run.out.stop_reason or "max_bytes",
+        calls={s: st.calls[s] - pre["calls"][s] for s in st.calls},
+        positions={s: st.positions[s] - pre["positions"][s] for s in st.positions},
+        prefill_calls=pre["calls"],
+        rounds=run.rounds,
+        params=params,
+        hash_row_bytes=config.n_hash_tables * config.d_local * BYTES_PER_PARAM,
+        times=run.out.times,
+        t_start=pre["t_start"],
+        t_prefill=pre["t_end"],
+        t_end=time.perf_counter(),
+        backend_s=st.backend_seconds,
+        prefill_backend_s=pre["backend_s"],
+    )
+    data = bytes(run.out.data)
+    text = data.decode("utf-8", errors="replace")
+    ids, times = list(run.out.ids), list(run.out.times)
+    return Generation(text=text, bytes=data, ids=ids, stop_reason=stats.stop_reason, stats=stats, times=times)
 
 
 # ---------------------------------------------------------------------- construction helpers

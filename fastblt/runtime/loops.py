@@ -12,21 +12,25 @@ certain under AR semantics (the argmax, or a draw, of exact logits) but not yet 
 - blt-dv: draft the block [c, MASK...] with the diffusion head; verify [c, drafts] as blt-s.
 - blt-d:  denoise a block of [MASK]s with the diffusion head, then commit it (no verification).
 
-Each loop is a generator that yields after every round that produced verified bytes, so
-`Generator.stream` can hand text out as it is verified; `Generator.generate` just drains it.
-Per-round host syncs (the accepted length, the next byte) are marked `# host sync:`.
+Each loop is a plan (calls.py): a generator that yields the step calls of its sequence (run by a
+Generator one at a time, or by the batch engine together with other sequences') and yields None
+after every round that produced verified bytes, so `Generator.stream` and the batch engine can
+hand text out as it is verified. Per-round host syncs (the accepted length, the next byte) are
+marked `# host sync:`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from fastblt.model.config import EOS_ID
+from fastblt.runtime.calls import Plan
 from fastblt.runtime.options import DecodeOptions
 from fastblt.runtime.sampling import (
     SamplingParams,
@@ -52,6 +56,7 @@ class Run:
     out: Output
     gen: torch.Generator | None
     rounds: RoundStats
+    prefill: dict = field(default_factory=dict)  # when the prompt was committed, and its counters
 
     @property
     def params(self) -> SamplingParams:
@@ -61,17 +66,29 @@ class Run:
         return t == EOS_ID and self.opts.stop_on_eos
 
 
-# a drafter gets (run, pending byte c, at most k drafts) and returns (drafts, q (len, V) or None);
-# blt-s drafters must also write the encoder states of [c, d_1..d_len] at n..n+len (verify skips them)
-Drafter = Callable[[Run, int, int], tuple[list[int], Tensor | None]]
+# a drafter is a plan given (run, pending byte c, at most k drafts) that returns (drafts, q (len, V)
+# or None); blt-s drafters must also write the encoder states of [c, d_1..d_len] at n..n+len (verify
+# skips them)
+Drafter = Callable[[Run, int, int], Plan[tuple[list[int], Tensor | None]]]
 
 
 # ------------------------------------------------------------------------ shared steps
-def prefill(state: SequenceState, ids: list[int], chunk: int) -> Tensor:
+def prefill(state: SequenceState, ids: list[int], chunk: int) -> Plan[Tensor]:
     """Commit the prompt in chunks; returns the last position's next-byte logits (V,)."""
     for i in range(0, len(ids), chunk):
-        logits = state.append(ids[i : i + chunk])
+        logits = yield from state.append(ids[i : i + chunk])
     return logits[-1]
+
+
+def generate(run: Run, ids: list[int], chunk: int) -> Plan[None]:
+    """A whole call: commit the prompt (its time and step counters kept in `run.prefill`), then
+    the mode's loop until `run.out` is done."""
+    st = run.state
+    run.prefill["t_start"] = time.perf_counter()
+    logits = yield from prefill(st, ids, chunk)
+    run.prefill |= dict(t_end=time.perf_counter(), calls=dict(st.calls), positions=dict(st.positions),
+                        backend_s=st.backend_seconds)  # fmt: skip
+    yield from LOOPS[run.opts.mode](run, logits)
 
 
 def next_byte(run: Run, logits: Tensor) -> int:
@@ -79,10 +96,10 @@ def next_byte(run: Run, logits: Tensor) -> int:
     return int(pick(logits, run.params, run.gen))  # host sync: the next byte
 
 
-def verify(run: Run, c: int, drafts: list[int], encoded: bool) -> Tensor:
+def verify(run: Run, c: int, drafts: list[int], encoded: bool) -> Plan[Tensor]:
     """One causal pass over [c, d_1..d_k] at n..n+k (entropy, encoder unless encoded, global,
     decoder) -> logits (k+1, V); row j predicts the byte after position n+j."""
-    return run.state.append([c, *drafts], encoded=encoded)
+    return (yield from run.state.append([c, *drafts], encoded=encoded))
 
 
 def accept(run: Run, drafts: list[int], q: Tensor | None, logits: Tensor) -> tuple[int, int]:
@@ -100,17 +117,18 @@ def rollback_to_accepted(run: Run, n0: int, drafts: list[int], a: int) -> None:
 
 
 # ------------------------------------------------------------------------ ar
-def ar(run: Run, logits: Tensor) -> Iterator[None]:
+def ar(run: Run, logits: Tensor) -> Plan[None]:
     """Plain BLT: one byte per round."""
     c = next_byte(run, logits)
     while not run.out.push((c,)):
-        yield
+        yield None
         run.rounds.rounds += 1
-        c = next_byte(run, run.state.append([c])[0])  # commit c, get the next pending byte
+        logits = yield from run.state.append([c])  # commit c, get the next pending byte
+        c = next_byte(run, logits[0])
 
 
 # ------------------------------------------------------------------------ blt-s
-def draft_ar(run: Run, c: int, k: int) -> tuple[list[int], Tensor | None]:
+def draft_ar(run: Run, c: int, k: int) -> Plan[tuple[list[int], Tensor | None]]:
     """BLT-S drafting: up to k bytes after c from the decoder alone, reading the latest closed
     latent. Writes encoder states (exact) and decoder cache entries (scratch) at n..n+len."""
     st = run.state
@@ -119,8 +137,8 @@ def draft_ar(run: Run, c: int, k: int) -> tuple[list[int], Tensor | None]:
     qs: list[Tensor] = []
     x = c
     for j in range(k):
-        st.run_encoder(n + j, np.array([x]))
-        logits = st.run_decoder(n + j, 1, read)[0]
+        yield from st.run_encoder(n + j, np.array([x]))
+        logits = (yield from st.run_decoder(n + j, 1, read))[0]
         if run.params.greedy:
             x = int(logits.argmax())  # host sync: the draft byte feeds the next step
         else:
@@ -129,26 +147,26 @@ def draft_ar(run: Run, c: int, k: int) -> tuple[list[int], Tensor | None]:
         drafts.append(x)
         if run.is_eos(x):
             break
-    st.run_encoder(n + len(drafts), np.array([x]))  # the last draft's state, for verify
+    yield from st.run_encoder(n + len(drafts), np.array([x]))  # the last draft's state, for verify
     return drafts, torch.stack(qs) if qs else None
 
 
-def blt_s(run: Run, logits: Tensor, drafter: Drafter = draft_ar) -> Iterator[None]:
+def blt_s(run: Run, logits: Tensor, drafter: Drafter = draft_ar) -> Plan[None]:
     """Self-speculation: draft k, verify in one pass, accept the agreeing prefix plus one byte."""
     c = next_byte(run, logits)
     while not run.out.push((c,)):
-        yield
+        yield None
         n0 = run.state.n
         k = min(run.opts.k, run.out.remaining - 1)  # the byte after the last draft is free
-        drafts, q = drafter(run, c, k)
-        a, c = accept(run, drafts, q, verify(run, c, drafts, encoded=True))
+        drafts, q = yield from drafter(run, c, k)
+        a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=True)))
         rollback_to_accepted(run, n0, drafts, a)
         if run.out.push(drafts[:a]):
             return
 
 
 # ------------------------------------------------------------------------ diffusion blocks
-def block_start(run: Run, pending: list[int]) -> tuple[int, int, list[int]]:
+def block_start(run: Run, pending: list[int]) -> Plan[tuple[int, int, list[int]]]:
     """Where the next block starts, the latent it reads, and its known leading ids.
 
     "force" (the paper): the block starts at n; an open patch is force-closed by a global step
@@ -164,10 +182,10 @@ def block_start(run: Run, pending: list[int]) -> tuple[int, int, list[int]]:
         if len(known) < B:
             return s, st.g_len - 1, known
         run.rounds.block_start_fallbacks += 1
-    return st.n, st.force_close(), list(pending)
+    return st.n, (yield from st.force_close()), list(pending)
 
 
-def denoise(run: Run, block: np.ndarray, first: int, need: int, read: int, at: int, rule: str) -> Tensor | None:
+def denoise(run: Run, block: np.ndarray, first: int, need: int, read: int, at: int, rule: str) -> Plan[Tensor | None]:
     """Unmask block cells first..first+need-1 (in place) with the diffusion head.
 
     rule: "one-step" (every masked cell at once), "confidence" (>= alpha, at least one) or
@@ -180,7 +198,7 @@ def denoise(run: Run, block: np.ndarray, first: int, need: int, read: int, at: i
     q = None if params.greedy else torch.zeros(len(block), st.config.vocab_size)
     end, steps = first + need, 0
     while bool(masked[first:end].any()):  # host sync: one per diffusion step
-        logits = st.run_block(block, read, at)  # (B, V)
+        logits = yield from st.run_block(block, read, at)  # (B, V)
         probs = probs_from_logits(logits, params) if rule != "one-step" or q is not None else None
         tok = logits.argmax(-1) if params.greedy else torch.multinomial(probs, 1, generator=run.gen)[:, 0]
         if rule == "one-step":
@@ -201,58 +219,58 @@ def denoise(run: Run, block: np.ndarray, first: int, need: int, read: int, at: i
     return q
 
 
-def draft_block(run: Run, pending: list[int], need: int, rule: str) -> tuple[list[int], Tensor | None]:
+def draft_block(run: Run, pending: list[int], need: int, rule: str) -> Plan[tuple[list[int], Tensor | None]]:
     """A diffusion block after the committed bytes: returns its first `need` new cells and their q."""
-    at, read, known = block_start(run, pending)
+    at, read, known = yield from block_start(run, pending)
     B = run.state.config.blt_d.block_size
     block = np.full(B, run.state.config.blt_d.mask_id, dtype=np.int64)
     block[: len(known)] = known
     need = min(need, B - len(known))
-    q = denoise(run, block, len(known), need, read, at, rule)
+    q = yield from denoise(run, block, len(known), need, read, at, rule)
     cells = slice(len(known), len(known) + need)
     return [int(t) for t in block[cells]], None if q is None else q[cells]
 
 
 # ------------------------------------------------------------------------ blt-d
-def blt_d(run: Run, logits: Tensor) -> Iterator[None]:
+def blt_d(run: Run, logits: Tensor) -> Plan[None]:
     """Block diffusion: denoise B cells, commit them, repeat. The prefill logits are unused."""
     del logits
     while True:
-        new, _ = draft_block(run, [], run.out.remaining, run.opts.unmask)
+        new, _ = yield from draft_block(run, [], run.out.remaining, run.opts.unmask)
         run.rounds.rounds += 1
         if run.out.push(new):
             return
-        yield
+        yield None
         # commit: entropy, encoder, global for the closed patches (and, for the "force" rule, the
         # next block's force-closed patch in the same global pass), decoder cache
-        run.state.append(new, close_open=run.opts.block_start == "force")
+        yield from run.state.append(new, close_open=run.opts.block_start == "force")
 
 
 # ------------------------------------------------------------------------ blt-dv
-def draft_diffusion(run: Run, c: int, k: int) -> tuple[list[int], Tensor | None]:
+def draft_diffusion(run: Run, c: int, k: int) -> Plan[tuple[list[int], Tensor | None]]:
     """BLT-DV drafting: the block [c, MASK...] unmasked by the diffusion head (one step by default);
     up to k drafts, cut after a drafted EOS (nothing after it can be output)."""
     if k <= 0:
         return [], None
-    drafts, q = draft_block(run, [c], k, run.opts.unmask)
+    drafts, q = yield from draft_block(run, [c], k, run.opts.unmask)
     for j, t in enumerate(drafts):
         if run.is_eos(t):
             return drafts[: j + 1], None if q is None else q[: j + 1]
     return drafts, q
 
 
-def blt_dv(run: Run, logits: Tensor, drafter: Drafter = draft_diffusion) -> Iterator[None]:
+def blt_dv(run: Run, logits: Tensor, drafter: Drafter = draft_diffusion) -> Plan[None]:
     """Diffusion draft + autoregressive verification: greedy output identical to ar."""
     c = next_byte(run, logits)
     while not run.out.push((c,)):
-        yield
+        yield None
         n0 = run.state.n
         # the byte after the last draft is free; [c, drafts] must fit one verify step
-        drafts, q = drafter(run, c, min(run.out.remaining, run.state.max_step) - 1)
-        a, c = accept(run, drafts, q, verify(run, c, drafts, encoded=False))
+        drafts, q = yield from drafter(run, c, min(run.out.remaining, run.state.max_step) - 1)
+        a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=False)))
         rollback_to_accepted(run, n0, drafts, a)
         if run.out.push(drafts[:a]):
             return
 
 
-LOOPS: dict[str, Callable[..., Iterator[None]]] = {"ar": ar, "blt-d": blt_d, "blt-s": blt_s, "blt-dv": blt_dv}
+LOOPS: dict[str, Callable[..., Plan[None]]] = {"ar": ar, "blt-d": blt_d, "blt-s": blt_s, "blt-dv": blt_dv}

@@ -145,7 +145,7 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
 class Request:
     """A prompt and its options, checked once against a checkpoint's config (`make_request`).
 
-    A Generator runs it as given; what only the backend knows (its cache capacity) is checked when
+    A Generator runs it as given; what only the Generator knows (its `max_context`) is checked when
     it runs. Services build requests on admission, so bad input is refused before any work.
     """
 
@@ -160,3 +160,19 @@ def make_request(
     CapabilityError name what is wrong."""
     opts = resolve(make_options(mode=mode, max_bytes=max_bytes, **options), config)
     return Request(tuple(encode(prompt)), opts)
+
+
+def check_fit(req: Request, max_step: int, max_context: int | None = None) -> None:
+    """What the step graphs and the engine bound: a prefill chunk and a blt-s verify step fit one
+    call (max_step positions); prompt + max_bytes fit `max_context` when one is set."""
+    opts = req.opts
+    if opts.prefill_chunk is not None and opts.prefill_chunk > max_step:
+        raise InputError(f"option prefill_chunk: {opts.prefill_chunk} exceeds the graphs' max_step {max_step}")
+    if opts.mode == "blt-s" and opts.k + 1 > max_step:
+        raise InputError(f"option k: {opts.k} drafts + 1 exceed the graphs' max_step {max_step} (one verify step)")
+    need = len(req.ids) + opts.max_bytes
+    if max_context is not None and need > max_context:
+        raise InputError(
+            f"prompt + max_bytes: {len(req.ids)} prompt ids + {opts.max_bytes} bytes = {need} exceed "
+            f"max_context {max_context}; lower max_bytes or raise max_context"
+        )

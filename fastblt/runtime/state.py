@@ -10,20 +10,20 @@ global transformer into a linear buffer that grows with the context, up to the g
 position limit. A rollback may go back at most max_step positions from the furthest written one
 (what the decoding loops do), so the rings never lose a position still in a window.
 
+The step methods do not call the backend: they are plans that yield step calls (calls.py), run by
+the state's own runner or, for a row of a batch, by the batch engine with other rows' calls.
+
 Sharing a backend between threads: pass the same `locks` (one per step; one lock for every step
-where the backend cannot run two steps at once) to every state on that backend. Each step
-(run_step plus reading its outputs into this state's buffers) runs under its step's lock, and
-every array or tensor a method returns is this state's own copy, so states on one backend can
-interleave their steps. Per-state counters (`calls`, `positions`, `backend_seconds`) count only this
-state's steps.
+where the backend cannot run two steps at once) to every state on that backend. Each step call
+(run_step plus copying out its outputs) runs under its step's lock, and every array or tensor a
+method returns is this state's own copy, so states on one backend can interleave their steps.
+Per-state counters (`calls`, `positions`, `backend_seconds`) count only this state's steps (a
+batched call: its share of the time).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import mmap
-import time
 
 import numpy as np
 import torch
@@ -31,81 +31,11 @@ from torch import Tensor
 
 from fastblt.engines.base import Backend
 from fastblt.errors import InputError
-from fastblt.export.spec import (
-    CROSS,
-    PAST,
-    PAST_BUCKET,
-    TORCH_DTYPES,
-    StepSpec,
-    cross_slots,
-    max_step,
-    named_kv,
-    state_dtype,
-)
-from fastblt.model.config import HASH_PRIMES, BltConfig, StackConfig
+from fastblt.export.spec import TORCH_DTYPES, max_step, state_dtype
+from fastblt.model.config import HASH_PRIMES, BltConfig
 from fastblt.model.patching import closes_patch
-
-KV = list[tuple[Tensor, Tensor]]
-
-
-def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A zeroed buffer. On the host, its own anonymous memory map: a cache that grows replaces its
-    buffers every few patches, and unmapping gives the old ones back to the system at once, where
-    the C heap would keep them (fragmented) and the process would grow by more than it holds."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
-    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=math.prod(shape)).view(shape)
-
-
-def _zeros_kv(cfg: StackConfig, slots: int, dtype: torch.dtype, device: torch.device) -> KV:
-    shape = (1, cfg.n_heads, slots, cfg.head_dim)
-    return [(_buffer(shape, dtype, device), _buffer(shape, dtype, device)) for _ in range(cfg.n_layers)]
-
-
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
-
-
-class LinearCache:
-    """An unwindowed stack's cache: buffers (1, heads, slots, head_dim) per layer holding the live
-    prefix rounded up to PAST_BUCKET slots, grown (copied into larger buffers) as the sequence
-    reaches a new bucket, so memory and a step's cost follow the context. A prefix along the slot
-    axis of a (heads, slots) buffer is not contiguous, so the buffers are sized to it instead."""
-
-    def __init__(self, cfg: StackConfig, dtype: torch.dtype, device: torch.device):
-        self.cfg, self.dtype, self.device = cfg, dtype, device
-        self.limit = _round_up(cfg.max_positions, PAST_BUCKET)
-        self.kv = _zeros_kv(cfg, PAST_BUCKET, dtype, device)
-
-    @property
-    def slots(self) -> int:
-        return self.kv[0][0].shape[2]
-
-    def for_step(self, end: int) -> KV:
-        """The buffers, holding at least `end` slots (grown first when needed)."""
-        if end > self.slots:
-            self._resize(min(_round_up(end, PAST_BUCKET), self.limit))
-        return self.kv
-
-    def reset(self) -> None:
-        """Back to one bucket (a new sequence)."""
-        if self.slots != PAST_BUCKET:
-            self.kv = _zeros_kv(self.cfg, PAST_BUCKET, self.dtype, self.device)
-
-    def _resize(self, slots: int) -> None:
-        """One buffer at a time, so the copy needs one layer's worth of extra memory, not a model's."""
-        for i, pair in enumerate(self.kv):
-            new = []
-            for old in pair:
-                buf = _buffer((*old.shape[:2], slots, old.shape[3]), self.dtype, self.device)
-                buf[:, :, : old.shape[2]].copy_(old)
-                new.append(buf)
-            self.kv[i] = (new[0], new[1])
-            del pair, new
-
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.kv)
+from fastblt.runtime.caches import LinearCache, RowCaches, buffer, stack_configs
+from fastblt.runtime.calls import Plan, R, StepCall, StepRunner, run_plan
 
 
 class HostArrays:
@@ -152,47 +82,20 @@ class IncrementalHasher:
 
     def __call__(self, window: np.ndarray, S: int) -> np.ndarray:
         """window (pad + S,) int64: the pad = max_n - 1 ids before the new ones (0 = BOE where
-        missing), then the S new ids -> (1, S, tables) int32."""
-        grams = np.lib.stride_tricks.sliding_window_view(window, self.pad + 1)  # (S, max_n)
-        with np.errstate(over="ignore"):
-            h = (grams[:, None, :] * self.powers[None]).sum(-1)  # (S, tables), mod 2^64
-        return np.mod(h, self.vocab).astype(np.int32)[None]
-
-
-class StepInputs:
-    """One sequence's small per-call inputs (the int32 ones of every step: ids, positions, patch
-    lengths), allocated once per step on the backend's device, sized for max_step, and filled in
-    place: their addresses never change, so a backend binds them once per shape, not per call,
-    and two steps running at once never share one."""
-
-    def __init__(self, specs: dict[str, StepSpec], device: torch.device):
-        self.host = device.type == "cpu"
-        steps = max_step(specs)
-        self.bufs: dict[tuple[str, str], Tensor] = {}
-        for step, spec in specs.items():
-            for t in spec.inputs:
-                if t.dtype == "int32":
-                    shape = [1 if d == "batch" else steps if isinstance(d, str) else d for d in t.shape]
-                    self.bufs[step, t.name] = torch.zeros(shape, dtype=torch.int32, device=device)
-
-    def put(self, step: str, name: str, values: np.ndarray | list[int]) -> Tensor:
-        """Write values ((S,) or (S, T); one value for a (batch,) input) into the step's buffer;
-        returns the (1, S, ...) view the step is fed."""
-        buf = self.bufs[step, name]
-        values = np.asarray(values)
-        view = buf[:, : len(values)] if buf.dim() > 1 else buf
-        if self.host:
-            view.numpy()[...] = values.reshape(view.shape)
-        else:
-            view.copy_(torch.from_numpy(values.astype(np.int32)).view(view.shape), non_blocking=True)
-        return view
+        missing), then the S new ids -> (S, tables) int32."""
+        grams = window[None] if S == 1 else window[np.arange(S)[:, None] + np.arange(self.pad + 1)]  # (S, max_n)
+        h = grams @ self.powers.T  # (S, tables): int64 products and sums wrap around, i.e. mod 2^64
+        return np.mod(h, self.vocab).astype(np.int32)
 
 
 class SequenceState:
-    """One sequence (batch 1) over a backend. Not thread-safe: one state per generation call.
+    """One sequence over a backend: its positions, patches and caches, and the step calls that
+    advance it. Not thread-safe: one state per generation call.
 
-    Caches and byte states live on `backend.device`, so a step moves only its small feeds there;
-    logits and entropies come back to the host.
+    Step methods (`append`, `force_close`, `run_*`) are plans: generators that yield `StepCall`s
+    and return their result once the calls are run, by this state's own runner (`run`) or by the
+    batch engine together with other sequences' calls. Caches live on `backend.device`; a state
+    alone holds them in a RowCaches of one row, a batched one in its row of the batch's.
     """
 
     def __init__(
@@ -200,6 +103,8 @@ class SequenceState:
         backend: Backend,
         config: BltConfig,
         locks: dict[str, contextlib.AbstractContextManager] | None = None,
+        rows: RowCaches | None = None,
+        row: int = 0,
     ):
         if config.entropy is None:
             raise InputError("checkpoint: the runtime needs an entropy model to patch")
@@ -208,41 +113,23 @@ class SequenceState:
         self.max_step = max_step(specs)
         dtype = TORCH_DTYPES[state_dtype(specs)]
         self.dtype, self.device = dtype, backend.device
-        stacks = {"entropy": config.entropy, "encoder": config.encoder, "global": config.global_model}
-        stacks["decoder"] = config.decoder
-        self.rings: dict[str, KV] = {}
-        self.linear: dict[str, LinearCache] = {}
-        for name, cfg in stacks.items():
-            slots = specs[name].slots
-            if isinstance(slots, int):
-                self.rings[name] = _zeros_kv(cfg, slots, dtype, self.device)
-            else:
-                self.linear[name] = LinearCache(cfg, dtype, self.device)
-        cross_shape = (1, 1, cross_slots(self.max_step), config.cross_attn_k * config.decoder.dim)
-        self.cross: KV = [
-            (
-                torch.zeros(cross_shape, dtype=dtype, device=self.device),
-                torch.zeros(cross_shape, dtype=dtype, device=self.device),
-            )
-            for _ in range(config.decoder_cross_layers)
-        ]
+        self.rows = rows if rows is not None else RowCaches(specs, config, 1, dtype, self.device)
+        self.row = row
+        self.linear: dict[str, LinearCache] = {
+            name: LinearCache(cfg, dtype, self.device)
+            for name, cfg in stack_configs(config).items()
+            if not specs[name].ring
+        }
+        # a batched state's calls are run by its batch; one alone runs its own
+        self.runner = StepRunner(backend, 1, locks) if rows is None else None
         self.host = HostArrays()
-        self.h = _buffer((1024, config.encoder.dim), dtype, self.device)  # encoder byte states
+        self.h = buffer((1024, config.encoder.dim), dtype, self.device)  # encoder byte states
         self.hasher = IncrementalHasher(config)
         self.patch_limit = config.global_model.max_positions
         self.n = 0
         self.g_len = 0
         self.written = 0  # positions < written have been written to the rings (some maybe rolled back)
         self._forced_at: int | None = None  # n at which slot g_len holds the open patch's forced latent
-        self.locks = locks if locks is not None else dict.fromkeys(specs, contextlib.nullcontext())
-        self.inputs = StepInputs(specs, self.device)
-        # one feed dict per step, reused: the ring and cross caches are bound once, the rest refilled
-        self._feeds: dict[str, dict[str, Tensor]] = {step: {} for step in specs}
-        for step, spec in specs.items():
-            if spec.stack in self.rings:
-                self._feeds[step] |= named_kv(PAST, self.rings[spec.stack])
-            if any(t.name.startswith(f"{CROSS}.") for t in spec.inputs):
-                self._feeds[step] |= named_kv(CROSS, self.cross)
         self.reset_counters()
 
     # the bookkeeping arrays, by position
@@ -272,41 +159,33 @@ class SequenceState:
         self.positions: dict[str, int] = dict.fromkeys(self.backend.specs, 0)
         self.seconds: dict[str, float] = dict.fromkeys(self.backend.specs, 0.0)  # per step: no shared sum
 
+    def count(self, step: str, positions: int, seconds: float) -> None:
+        """One step call this state took part in (its share of a batched call's time)."""
+        self.calls[step] += 1
+        self.positions[step] += positions
+        self.seconds[step] += seconds
+
     @property
     def backend_seconds(self) -> float:
-        """Time in step calls (overlapped ones each count theirs)."""
+        """Time in step calls (overlapped ones each count theirs; a batched call its share)."""
         return sum(self.seconds.values())
 
     def cache_bytes(self) -> int:
         """Bytes held by this sequence's caches and byte states (what grows with the context)."""
-        rings = sum(k.nbytes + v.nbytes for kv in self.rings.values() for k, v in kv)
-        cross = sum(k.nbytes + v.nbytes for k, v in self.cross)
-        return rings + cross + sum(c.nbytes() for c in self.linear.values()) + self.h.nbytes
+        return self.rows.row_bytes() + sum(c.nbytes() for c in self.linear.values()) + self.h.nbytes
 
-    def _run(self, step: str, feeds: dict[str, Tensor], positions: int) -> dict[str, Tensor]:
-        """run_step + this state's counters; call with the step's lock held (its outputs are shared)."""
-        t0 = time.perf_counter()
-        out = self.backend.run_step(step, feeds, check=False)
-        self.seconds[step] += time.perf_counter() - t0
-        self.calls[step] += 1
-        self.positions[step] += positions
-        return out
+    def run(self, plan: Plan[R]) -> R:
+        """Run a plan's step calls now, one by one, on this state's own runner; its result."""
+        if self.runner is None:
+            raise InputError("run: this sequence is a row of a batch; its batch runs its step calls")
+        steps = run_plan(self.runner, plan)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
 
     # ------------------------------------------------------------------ helpers
-    def _step_feeds(self, step: str, stack: str, at: int, end: int) -> dict[str, Tensor]:
-        """The feed dict of `step` at start `at`, its cache holding at least `end` slots."""
-        feeds = self._feeds[step]
-        feeds["start"] = self.inputs.put(step, "start", [at])
-        if stack in self.linear:  # its buffers may grow (a new address and shape)
-            cache = self.linear[stack]
-            if end > cache.slots:  # hold no old buffer while it is replaced: they go one by one
-                for other, spec in self.backend.specs.items():
-                    if spec.stack == stack:
-                        self._feeds[other] = {k: v for k, v in self._feeds[other].items() if not k.startswith(PAST)}
-                feeds = self._feeds[step]
-            feeds |= named_kv(PAST, cache.for_step(max(end, 1)))
-        return feeds
-
     def _check_step(self, S: int, at: int | None = None) -> None:
         """S fits one call; a step writing positions at..at+S-1 moves the written frontier."""
         if not 1 <= S <= self.max_step:
@@ -318,7 +197,7 @@ class SequenceState:
         """Grow the per-position arrays to hold positions < end."""
         self.host.ensure(end)
         if end > self.h.shape[0]:
-            grown = _buffer((max(end, self.h.shape[0] * 3 // 2), self.h.shape[1]), self.dtype, self.device)
+            grown = buffer((max(end, self.h.shape[0] * 3 // 2), self.h.shape[1]), self.dtype, self.device)
             grown[: self.h.shape[0]] = self.h
             self.h = grown
 
@@ -328,15 +207,13 @@ class SequenceState:
         return n - int(self.patch_len[n - 1]) if n > 0 and not self.closes[n - 1] else n
 
     # ------------------------------------------------------------------ the four stacks
-    def run_entropy(self, at: int, tokens: np.ndarray) -> np.ndarray:
+    def run_entropy(self, at: int, tokens: np.ndarray) -> Plan[np.ndarray]:
+        """Entropies (S,) of the next byte after each of tokens at positions at.."""
         self._check_step(len(tokens), at)
-        feeds = self._step_feeds("entropy", "entropy", at, at + len(tokens))
-        feeds["tokens"] = self.inputs.put("entropy", "tokens", tokens)
-        with self.locks["entropy"]:
-            out = self._run("entropy", feeds, len(tokens))
-            return out["entropies"][0].float().cpu().numpy().copy()
+        out = yield StepCall("entropy", self, at, len(tokens), {"tokens": tokens})
+        return out["entropies"].float().numpy()
 
-    def run_encoder(self, at: int, tokens: np.ndarray) -> None:
+    def run_encoder(self, at: int, tokens: np.ndarray) -> Plan[None]:
         """Encoder states for tokens placed at positions at.. (writes self.h and the encoder cache)."""
         S = len(tokens)
         self._check_step(S, at)
@@ -348,20 +225,16 @@ class SequenceState:
             self.tokens[lo : at + S] if lo >= 0 else np.concatenate([np.zeros(-lo, np.int64), self.tokens[: at + S]])
         )
         hash_ids = self.hasher(window, S)
-        feeds = self._step_feeds("encoder", "encoder", at, at + S)
-        feeds["tokens"] = self.inputs.put("encoder", "tokens", tokens)
-        feeds["hash_ids"] = self.inputs.put("encoder", "hash_ids", hash_ids[0])
-        with self.locks["encoder"]:
-            out = self._run("encoder", feeds, S)
-            self.h[at : at + S] = out["h"][0]
+        out = yield StepCall("encoder", self, at, S, {"tokens": tokens, "hash_ids": hash_ids})
+        self.h[at : at + S] = out["h"]
 
-    def run_global(self, spans: list[tuple[int, int]], at: int) -> None:
+    def run_global(self, spans: list[tuple[int, int]], at: int) -> Plan[None]:
         """Global steps over patches given as byte spans [s, e) (max_step per call); their entries go
         to patch slots at.."""
         m = self.max_step
         if len(spans) > m:
             for i in range(0, len(spans), m):
-                self.run_global(spans[i : i + m], at + i)
+                yield from self.run_global(spans[i : i + m], at + i)
             return
         end = at + len(spans)
         if end > self.patch_limit:
@@ -370,26 +243,19 @@ class SequenceState:
                 f"(reached after {spans[-1][1]} bytes); shorten the prompt or max_bytes"
             )
         L = max(e - s for s, e in spans)
-        patch_bytes = torch.zeros(1, len(spans), L, self.config.encoder.dim, dtype=self.dtype, device=self.device)
+        patch_bytes = torch.zeros(len(spans), L, self.config.encoder.dim, dtype=self.dtype, device=self.device)
         for j, (s, e) in enumerate(spans):
-            patch_bytes[0, j, : e - s] = self.h[s:e]
-        feeds = self._step_feeds("global", "global", at, end)
-        feeds["patch_bytes"] = patch_bytes
-        feeds["patch_lens"] = self.inputs.put("global", "patch_lens", [e - s for s, e in spans])
-        with self.locks["global"]:
-            self._run("global", feeds, len(spans))
+            patch_bytes[j, : e - s] = self.h[s:e]
+        lens = np.array([e - s for s, e in spans])
+        yield StepCall("global", self, at, len(spans), {"patch_lens": lens}, patch_bytes)
 
-    def run_decoder(self, at: int, S: int, read_patch: np.ndarray) -> Tensor:
+    def run_decoder(self, at: int, S: int, read_patch: np.ndarray) -> Plan[Tensor]:
         """Causal decoder over byte states h[at:at+S] -> logits (S, V); writes the decoder cache."""
         self._check_step(S, at)
-        feeds = self._step_feeds("decoder", "decoder", at, at + S)
-        feeds["h"] = self.h[at : at + S].unsqueeze(0)
-        feeds["read_patch"] = self.inputs.put("decoder", "read_patch", read_patch)
-        with self.locks["decoder"]:
-            out = self._run("decoder", feeds, S)
-            return out["logits"][0].to("cpu", copy=True)
+        out = yield StepCall("decoder", self, at, S, {"read_patch": read_patch}, self.h[at : at + S])
+        return out["logits"]
 
-    def run_block(self, block_ids: np.ndarray, read_patch: int, at: int | None = None) -> Tensor:
+    def run_block(self, block_ids: np.ndarray, read_patch: int, at: int | None = None) -> Plan[Tensor]:
         """The diffusion head on a block at positions at..at+B-1 (default at = n) -> logits (B, V).
 
         The block attends to the committed decoder cache below `at` (at <= n) and to itself, and
@@ -399,15 +265,13 @@ class SequenceState:
         if not 0 <= at <= self.n:
             raise InputError(f"run_block: block start {at} is outside [0, {self.n}]")
         self._check_step(len(block_ids))
-        feeds = self._step_feeds("decoder_block", "decoder", at, at)
-        feeds["block_ids"] = self.inputs.put("decoder_block", "block_ids", block_ids)
-        feeds["read_patch"] = self.inputs.put("decoder_block", "read_patch", [read_patch])
-        with self.locks["decoder_block"]:
-            return self._run("decoder_block", feeds, len(block_ids))["logits"][0].to("cpu", copy=True)
+        ints = {"block_ids": np.asarray(block_ids), "read_patch": np.int32(read_patch)}
+        out = yield StepCall("decoder_block", self, at, len(block_ids), ints)
+        return out["logits"]
 
     # ------------------------------------------------------------------ sequence operations
-    def append(self, tokens: list[int] | np.ndarray, encoded: bool = False, close_open: bool = False) -> Tensor:
-        """Commit tokens at positions n..n+S-1 and return their next-byte logits (S, V).
+    def append(self, tokens: list[int] | np.ndarray, encoded: bool = False, close_open: bool = False) -> Plan[Tensor]:
+        """Commit tokens at positions n..n+S-1; returns their next-byte logits (S, V).
 
         Runs the entropy step, the encoder step (skipped when `encoded`: drafting already wrote
         these positions' encoder states, which do not depend on patching), one global step for
@@ -423,23 +287,25 @@ class SequenceState:
         if S == 0:
             raise InputError("append: no tokens")
         if m < S:  # one step per max_step positions
-            parts = [self.append(tokens[i : i + m], encoded, close_open and i + m >= S) for i in range(0, S, m)]
+            parts = []
+            for i in range(0, S, m):
+                parts.append((yield from self.append(tokens[i : i + m], encoded, close_open and i + m >= S)))
             return torch.cat(parts)
         self._room(at + S)
         self.tokens[at : at + S] = tokens
         if not encoded:
-            self.run_encoder(at, tokens)
-        ent = self.run_entropy(at, tokens)
+            yield from self.run_encoder(at, tokens)
+        ent = yield from self.run_entropy(at, tokens)
         spans = self._mark_patches(at, ent)
         self._forced_at = None
         s_open = self.open_patch_start(at + S)
         forced = [(s_open, at + S)] if close_open and s_open < at + S else []
         if spans or forced:
-            self.run_global(spans + forced, self.g_len)
+            yield from self.run_global(spans + forced, self.g_len)
             self.g_len += len(spans)
             self._forced_at = at + S if forced else None
         read = self.closed[at + 1 : at + S + 1] - 1  # the last patch closed at or before each byte
-        logits = self.run_decoder(at, S, read)
+        logits = yield from self.run_decoder(at, S, read)
         self.n = at + S
         return logits
 
@@ -481,7 +347,7 @@ class SequenceState:
         for cache in self.linear.values():
             cache.reset()
 
-    def force_close(self) -> int:
+    def force_close(self) -> Plan[int]:
         """The paper's block-start rule: the latent the next block reads.
 
         If a patch is open, run a global step on it as if it closed now and return its slot
@@ -492,6 +358,6 @@ class SequenceState:
         if s == self.n:
             return self.g_len - 1
         if self._forced_at != self.n:  # not already computed by append(close_open=True)
-            self.run_global([(s, self.n)], self.g_len)
+            yield from self.run_global([(s, self.n)], self.g_len)
             self._forced_at = self.n
         return self.g_len

@@ -180,19 +180,19 @@ def real_cases(
         logits = None
         at = 0
         for size in chunks:
-            logits = state.append(ids[at : at + size])
+            logits = state.run(state.append(ids[at : at + size]))
             at += size
         for _ in range(decode_bytes):
-            logits = state.append([int(logits[-1].argmax())])
+            logits = state.run(state.append([int(logits[-1].argmax())]))
         n = state.n
         drafts = [int(logits[-1].argmax()), 4 + ord(" "), 4 + ord("("), 4 + ord(")")]
-        state.append(drafts)  # a BLT-S verify pass over 4 positions, then the rollback
+        state.run(state.append(drafts))  # a BLT-S verify pass over 4 positions, then the rollback
         state.rollback(n)
         if block:
             masks = np.full(block, config.blt_d.mask_id, dtype=np.int64)
-            state.run_block(masks, read_patch=max(state.g_len - 1, 0))
+            state.run(state.run_block(masks, read_patch=max(state.g_len - 1, 0)))
             masks[: block // 2] = 4 + ord("x")
-            state.run_block(masks, read_patch=max(state.g_len - 1, 0))
+            state.run(state.run_block(masks, read_patch=max(state.g_len - 1, 0)))
     cases = []
     for step, i, feeds in rec.recorded:
         start = int(feeds["start"][0])

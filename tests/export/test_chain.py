@@ -34,13 +34,13 @@ def test_prefill_then_50_decode_steps(backend, ref_model):
     assert len(set(lengths[1:-1].tolist())) >= 3, f"patches should vary in length, got {lengths.tolist()}"
     state = SequenceState(backend, ref_model.config)
     t = tokens[0].numpy()
-    outs = [state.append(t[:30]).clone()]
+    outs = [state.run(state.append(t[:30])).clone()]
     for i in range(30, 80):
-        outs.append(state.append(t[i : i + 1]).clone())
+        outs.append(state.run(state.append(t[i : i + 1])).clone())
     err = float((torch.cat(outs) - full).abs().max())
     assert err <= 1e-4, f"max abs diff {err:.3g} over 30 prefill + 50 decode positions"
     assert state.calls["decoder"] == 52 and state.calls["global"] >= 1  # 30 = 16 + 14, then 50 single bytes
-    assert state.n > state.rings["decoder"][0][0].shape[2]  # the rings wrapped
+    assert state.n > state.rows.rings["decoder"][0][0].shape[2]  # the rings wrapped
 
 
 def test_chunks_and_rollback(backend, ref_model):
@@ -49,11 +49,15 @@ def test_chunks_and_rollback(backend, ref_model):
     full = _full(ref_model, tokens)
     state = SequenceState(backend, ref_model.config)
     t = tokens[0].numpy()
-    outs = [state.append(t[:7]).clone(), state.append(t[7:8]).clone(), state.append(t[8:20]).clone()]
-    state.append(t[20:27])  # speculative work, then rolled back to 15
+    outs = [
+        state.run(state.append(t[:7])).clone(),
+        state.run(state.append(t[7:8])).clone(),
+        state.run(state.append(t[8:20])).clone(),
+    ]
+    state.run(state.append(t[20:27]))  # speculative work, then rolled back to 15
     state.rollback(15)
     outs = [torch.cat(outs)[:15]]
     for i in range(15, 70, 4):
-        outs.append(state.append(t[i : i + 4]).clone())
+        outs.append(state.run(state.append(t[i : i + 4])).clone())
     err = float((torch.cat(outs) - full).abs().max())
     assert err <= 1e-4, f"max abs diff {err:.3g}"

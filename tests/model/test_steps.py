@@ -44,12 +44,12 @@ def test_chunked_prefill_decode_and_rollback_match_full_forward(name, chunks, ro
         if n >= N:
             break
         size = min(size, N - n)
-        logits[n : n + size] = state.append(tokens[n : n + size])
+        logits[n : n + size] = state.run(state.append(tokens[n : n + size]))
         n += size
         if todo and todo[0][0] <= n:
             _, junk = todo.pop(0)
             if junk > 0:
-                state.append((tokens[:junk] * 7 + 3) % 256 + 4)  # wrong bytes, then undo them
+                state.run(state.append((tokens[:junk] * 7 + 3) % 256 + 4))  # wrong bytes, then undo them
                 state.rollback(n)
     assert (logits - FULL[name]).abs().max().item() <= 1e-5
 
@@ -58,9 +58,9 @@ def test_chunked_prefill_decode_and_rollback_match_full_forward(name, chunks, ro
 def test_rollback_restores_patch_state(name):
     model, tokens = MODELS[name], TOKENS[0].numpy()
     state = new_state(model, max_step=32)
-    state.append(tokens[:30])
+    state.run(state.append(tokens[:30]))
     snapshot = (state.n, state.g_len, state.open_patch_start())
-    state.append(tokens[30:50])
+    state.run(state.append(tokens[30:50]))
     assert state.g_len > snapshot[1]
     state.rollback(30)
     assert (state.n, state.g_len, state.open_patch_start()) == snapshot
@@ -164,14 +164,14 @@ def test_rings_wrap_many_times_and_roll_back_across_the_wrap(chunks, junk):
     n, i = 0, 0
     while n < LONG:
         size = min(chunks[i % len(chunks)], LONG - n)
-        logits[n : n + size] = state.append(tokens[n : n + size])
+        logits[n : n + size] = state.run(state.append(tokens[n : n + size]))
         n += size
         wrong = junk[i % len(junk)]
         if wrong and n < LONG:
-            state.append((tokens[n : n + wrong] * 5 + 1) % 256 + 4)
+            state.run(state.append((tokens[n : n + wrong] * 5 + 1) % 256 + 4))
             state.rollback(n)
         i += 1
-    assert state.rings["decoder"][0][0].shape[2] == 20
+    assert state.rows.rings["decoder"][0][0].shape[2] == 20
     assert (logits - LONG_FULL).abs().max().item() <= 1e-5
 
 
@@ -182,7 +182,7 @@ def test_the_global_cache_grows_with_the_context_and_shrinks_for_a_new_sequence(
     assert global_cache.slots == PAST_BUCKET
     tokens = LONG_TOKENS[0].numpy()
     for n in range(0, 600, 12):
-        state.append(tokens[n : n + 12])
+        state.run(state.append(tokens[n : n + 12]))
     assert global_cache.slots >= state.g_len > PAST_BUCKET and global_cache.slots % PAST_BUCKET == 0
     assert global_cache.slots - state.g_len < PAST_BUCKET  # the live prefix, rounded up to one bucket
     state.reset()

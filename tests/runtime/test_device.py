@@ -58,7 +58,7 @@ def test_a_device_copy_leaves_the_callers_model_alone():
 
 def state_buffers(state: SequenceState) -> list[torch.Tensor]:
     """Every buffer a sequence keeps: byte states, rings, linear caches, the cross ring."""
-    caches = [*state.rings.values(), *(c.kv for c in state.linear.values()), state.cross]
+    caches = [*state.rows.rings.values(), *(c.kv for c in state.linear.values()), state.rows.cross]
     return [state.h, *(t for kv in caches for pair in kv for t in pair)]
 
 
@@ -68,7 +68,7 @@ def test_state_buffers_live_on_the_backend_device():
     state = SequenceState(backend, model.config)
     buffers = state_buffers(state)
     assert {b.device for b in buffers} == {backend.device}
-    logits = state.append([1, 72, 105])
+    logits = state.run(state.append([1, 72, 105]))
     assert logits.device.type == "cpu" and logits.shape == (3, model.config.vocab_size)
 
 
@@ -84,7 +84,7 @@ def test_cuda_state_keeps_every_buffer_on_the_gpu():
     assert {b.device.type for b in buffers} == {"cuda"}
     cpu = SequenceState(TorchBackend(step_specs(model.config), model), model.config)
     ids = [1, *b"def main(argv):"]
-    assert torch.allclose(state.append(ids), cpu.append(ids), atol=1e-4, rtol=0)
+    assert torch.allclose(state.run(state.append(ids)), cpu.run(cpu.append(ids)), atol=1e-4, rtol=0)
 
 
 @pytest.mark.gpu

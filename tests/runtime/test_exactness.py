@@ -96,14 +96,14 @@ def test_max_bytes_respected_by_every_mode():
 def _fake_drafter(truth: list[int], prompt_len: int, wrong_at: int, log: list, encode: bool):
     """Drafts the true continuation, except position wrong_at (of each round) is corrupted."""
 
-    def drafter(run, c, k):
+    def drafter(run, c, k):  # a plan, as loops' drafters are
         st = run.state
         pos = st.n - prompt_len + 1  # index in truth of the byte after c
         drafts = list(truth[pos : pos + k])
         if wrong_at < len(drafts):
             drafts[wrong_at] = 4 + (drafts[wrong_at] + 7) % 256  # any other byte
         if encode:  # blt-s contract: encoder states of [c, drafts] at n..n+len
-            st.run_encoder(st.n, np.array([c, *drafts]))
+            yield from st.run_encoder(st.n, np.array([c, *drafts]))
         log.append((len(drafts), min(wrong_at, len(drafts))))
         return drafts, None
 

@@ -202,14 +202,14 @@ def _chi2_z(counts: dict, probs: dict, n: int) -> float:
 def _skewed_drafter(encode_states: bool):
     """Draws drafts from a fixed q far from p (half its mass outside p's top-3 support)."""
 
-    def drafter(run, c, k):
+    def drafter(run, c, k):  # a plan (it may yield step calls), as loops' drafters are
         q = torch.zeros(k, 260)
         q[:, 4 + 97 : 4 + 97 + 6] = torch.tensor([0.3, 0.1, 0.1, 0.2, 0.2, 0.1])
         q[:, 4 + 32] = 0.0
         q = q / q.sum(-1, keepdim=True)
         drafts = torch.multinomial(q, 1, generator=run.gen)[:, 0].tolist()
         if encode_states:
-            run.state.run_encoder(run.state.n, np.array([c, *drafts]))
+            yield from run.state.run_encoder(run.state.n, np.array([c, *drafts]))
         return drafts, q
 
     return drafter

@@ -1,0 +1,152 @@
+"""Where the caches live: rows of ring caches that step together, and growing linear caches.
+
+`RowCaches` holds the ring caches of the windowed stacks (the default's entropy model, encoder and
+decoder) and the decoder's cross ring for up to `rows` sequences, one (rows, ...) buffer per tensor: a contiguous
+range of rows is then one batched step call with no copy. A sequence on its own is a RowCaches of
+one row. `LinearCache` is one sequence's cache of an unwindowed stack (the global transformer),
+sized to its own context, so memory follows each sequence's length rather than the longest one's.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+
+import torch
+from torch import Tensor
+
+from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, StepSpec, cross_slots, max_step, named_kv
+from fastblt.model.config import BltConfig, StackConfig
+
+KV = list[tuple[Tensor, Tensor]]
+
+
+def buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zeroed buffer. On the host, its own anonymous memory map: a cache that grows replaces its
+    buffers every few patches, and unmapping gives the old ones back to the system at once, where
+    the C heap would keep them (fragmented) and the process would grow by more than it holds."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=math.prod(shape)).view(shape)
+
+
+def zeros_kv(cfg: StackConfig, rows: int, slots: int, dtype: torch.dtype, device: torch.device) -> KV:
+    shape = (rows, cfg.n_heads, slots, cfg.head_dim)
+    return [(buffer(shape, dtype, device), buffer(shape, dtype, device)) for _ in range(cfg.n_layers)]
+
+
+def stack_configs(config: BltConfig) -> dict[str, StackConfig]:
+    """The four self-attention stacks by cache name (export/spec.py STACKS)."""
+    assert config.entropy is not None
+    return {"entropy": config.entropy, "encoder": config.encoder, "global": config.global_model,
+            "decoder": config.decoder}  # fmt: skip
+
+
+def round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def kv_bytes(kv: KV) -> int:
+    return sum(k.nbytes + v.nbytes for k, v in kv)
+
+
+class RowCaches:
+    """Ring and cross caches of `rows` sequences; row r of every buffer belongs to one sequence.
+
+    A ring needs no clearing when a row changes hands: a new sequence writes every position from 0
+    before it reads it, and a slot whose position is not yet written is masked by position.
+    """
+
+    def __init__(self, specs: dict[str, StepSpec], config: BltConfig, rows: int, dtype: torch.dtype,
+                 device: torch.device):  # fmt: skip
+        self.rows = rows
+        self.rings: dict[str, KV] = {}
+        for name, cfg in stack_configs(config).items():
+            slots = specs[name].slots
+            if isinstance(slots, int):  # an unwindowed stack has a LinearCache per sequence instead
+                self.rings[name] = zeros_kv(cfg, rows, slots, dtype, device)
+        shape = (rows, 1, cross_slots(max_step(specs)), config.cross_attn_k * config.decoder.dim)
+        self.cross: KV = [(buffer(shape, dtype, device), buffer(shape, dtype, device))
+                          for _ in range(config.decoder_cross_layers)]  # fmt: skip
+        self._feeds: dict[tuple, dict[str, Tensor]] = {}
+
+    def feeds(self, stack: str | None, cross: bool, lo: int, hi: int) -> dict[str, Tensor]:
+        """Named cache inputs of rows lo..hi-1: the stack's ring (`past.*`; None: none) and, with
+        `cross`, the cross ring (`cross.*`). Memoised: the views of a range never change."""
+        key = (stack, cross, lo, hi)
+        feeds = self._feeds.get(key)
+        if feeds is None:
+            feeds = named_kv(PAST, self.ring(stack, lo, hi)) if stack is not None else {}
+            if cross:
+                feeds |= named_kv(CROSS, self.cross_rows(lo, hi))
+            self._feeds[key] = feeds
+        return feeds
+
+    def ring(self, stack: str, lo: int, hi: int) -> KV:
+        """Rows lo..hi-1 of a stack's ring (views: a step writes them in place)."""
+        return [(k[lo:hi], v[lo:hi]) for k, v in self.rings[stack]]
+
+    def cross_rows(self, lo: int, hi: int) -> KV:
+        return [(k[lo:hi], v[lo:hi]) for k, v in self.cross]
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row src into row dst (a batch keeps its live rows first)."""
+        for kv in (*self.rings.values(), self.cross):
+            for k, v in kv:
+                k[dst].copy_(k[src])
+                v[dst].copy_(v[src])
+
+    def row_bytes(self) -> int:
+        """Bytes one row holds."""
+        return (sum(kv_bytes(kv) for kv in self.rings.values()) + kv_bytes(self.cross)) // self.rows
+
+
+class LinearCache:
+    """An unwindowed stack's cache: buffers (1, heads, slots, head_dim) per layer holding the live
+    prefix rounded up to PAST_BUCKET slots, grown (copied into larger buffers) as the sequence
+    reaches a new bucket, so memory and a step's cost follow the context. A prefix along the slot
+    axis of a (heads, slots) buffer is not contiguous, so the buffers are sized to it instead."""
+
+    def __init__(self, cfg: StackConfig, dtype: torch.dtype, device: torch.device):
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.limit = round_up(cfg.max_positions, PAST_BUCKET)
+        self.kv = zeros_kv(cfg, 1, PAST_BUCKET, dtype, device)
+        self._feeds: dict[str, Tensor] | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.kv[0][0].shape[2]
+
+    def for_step(self, end: int) -> KV:
+        """The buffers, holding at least `end` slots (grown first when needed)."""
+        if end > self.slots:
+            self._resize(min(round_up(end, PAST_BUCKET), self.limit))
+        return self.kv
+
+    def feeds(self) -> dict[str, Tensor]:
+        """The buffers as named cache inputs (`past.*`), until they are next replaced."""
+        if self._feeds is None:
+            self._feeds = named_kv(PAST, self.kv)
+        return self._feeds
+
+    def reset(self) -> None:
+        """Back to one bucket (a new sequence)."""
+        if self.slots != PAST_BUCKET:
+            self._feeds = None
+            self.kv = zeros_kv(self.cfg, 1, PAST_BUCKET, self.dtype, self.device)
+
+    def _resize(self, slots: int) -> None:
+        """One buffer at a time, so the copy needs one layer's worth of extra memory, not a model's."""
+        self._feeds = None  # holds no old buffer while it is replaced
+        for i, pair in enumerate(self.kv):
+            new = []
+            for old in pair:
+                buf = buffer((*old.shape[:2], slots, old.shape[3]), self.dtype, self.device)
+                buf[:, :, : old.shape[2]].copy_(old)
+                new.append(buf)
+            self.kv[i] = (new[0], new[1])
+            del pair, new
+
+    def nbytes(self) -> int:
+        return kv_bytes(self.kv)

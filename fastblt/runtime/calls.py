@@ -1,0 +1,298 @@
+"""Step calls: what one sequence asks of a step graph, and running several sequences' asks as one.
+
+A sequence's state (state.py) does not call the backend itself: each of its step methods yields a
+`StepCall` (the step, where its new positions start, how many, its small inputs) and receives the
+outputs for its own row. A `StepRunner` runs a list of calls of one step as one batched backend
+call: a Generator runs each call alone, the batch engine (batch.py) runs many at once. One code
+path for both is what makes a batched sequence compute what it computes alone.
+
+Rows of a batched call: the ring caches of the calls' sequences must be consecutive rows of one
+RowCaches (the batch engine groups them so); caches that grow with each sequence (LinearCache) and
+the cross ring of a global step are gathered into scratch buffers and the slots the step wrote
+are copied back, so the rows of a global step may be any sequences. A call with fewer positions
+(patches) than the batch's widest is padded only where the padding cannot reach a sequence's own
+buffers: in the gathered scratch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Generator as Coroutine
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastblt.engines.base import Backend
+from fastblt.errors import InternalError
+from fastblt.export.spec import CROSS, PAST, StepSpec, max_step, named_kv
+from fastblt.runtime.caches import KV, LinearCache, RowCaches
+
+R = TypeVar("R")
+Outputs = dict[str, Tensor]
+Plan = Coroutine["StepCall | None", Outputs, R]  # yields step calls (None: a round ended), returns R
+PAD = {"patch_lens": 1}  # padding value of an int input where 0 is not a valid one
+
+
+class Sequence(Protocol):
+    """What a runner needs of a call's sequence (state.SequenceState is one): where its caches are,
+    and where its share of the call is counted."""
+
+    rows: RowCaches
+    row: int
+    linear: dict[str, LinearCache]
+
+    def count(self, step: str, positions: int, seconds: float) -> None: ...
+
+
+@dataclass(slots=True)
+class StepCall:
+    """One sequence's share of a call of `step`: positions (patch slots) at..at+size-1."""
+
+    step: str
+    state: Sequence
+    at: int
+    size: int
+    ints: dict[str, np.ndarray]  # its int inputs without the batch dim (padded to the batch's size)
+    x: Tensor | None = None  # its float input: the decoder's h (S, D), the global step's patch bytes (P, L, D)
+    outputs: Outputs = field(default_factory=dict)
+
+
+class StepRunner:
+    """Runs calls of one step for up to `rows` sequences as one backend call.
+
+    Owns the per-call input buffers (int inputs sized rows x max_step, allocated once: the same
+    addresses call after call, so a backend binds them once per shape) and the scratch buffers of
+    gathered caches. Not thread-safe: one runner per thread that steps (a Generator's sequence, or
+    the batch engine's loop); `locks` (per step) guard the shared backend and its output buffers.
+    """
+
+    def __init__(self, backend: Backend, rows: int, locks: dict[str, contextlib.AbstractContextManager] | None = None):
+        self.backend, self.rows = backend, rows
+        self.specs: dict[str, StepSpec] = backend.specs
+        self.max_step = max_step(self.specs)
+        self.locks = locks if locks is not None else dict.fromkeys(self.specs, contextlib.nullcontext())
+        device = backend.device
+        self._host = device.type == "cpu"
+        self._ints: dict[tuple[str, str], Tensor] = {}
+        for step, spec in self.specs.items():
+            for t in spec.inputs:
+                if t.dtype == "int32":
+                    n = rows * math.prod(self.max_step if isinstance(d, str) else d for d in t.shape[1:])
+                    self._ints[step, t.name] = torch.zeros(n, dtype=torch.int32, device=device)
+        self._scratch: dict[str, Tensor] = {}  # flat float buffers, grown on demand
+        self._views: dict[tuple, tuple[Tensor, np.ndarray]] = {}
+        self._plans = {step: _step_plan(spec) for step, spec in self.specs.items()}
+
+    # ------------------------------------------------------------------ inputs
+    def _int_view(self, step: str, name: str, shape: tuple[int, ...]) -> tuple[Tensor, np.ndarray]:
+        """The (shape) view of an int input's buffer and its host array (memoised: same address)."""
+        key = (step, name, shape)
+        views = self._views.get(key)
+        if views is None:
+            view = self._ints[step, name][: math.prod(shape)].view(shape)
+            views = self._views[key] = (view, view.numpy() if self._host else np.empty(shape, dtype=np.int32))
+        return views
+
+    def _int_input(self, plan: _StepPlan, name: str, calls: list[StepCall], size: int) -> Tensor:
+        """The calls' values of int input `name` in one (b, ...) tensor (rows padded to `size`)."""
+        shape = (len(calls), *(size if d is None else d for d in plan.ints[name]))
+        view, host = self._int_view(plan.step, name, shape)
+        if host.ndim == 1:
+            for i, c in enumerate(calls):
+                host[i] = c.ints[name]
+        else:
+            pad = PAD.get(name, 0)
+            for i, c in enumerate(calls):
+                values = c.ints[name]
+                n = len(values)
+                host[i, :n] = values
+                if n < size:
+                    host[i, n:] = pad
+        if not self._host:
+            view.copy_(torch.from_numpy(host), non_blocking=True)
+        return view
+
+    def _scratch_view(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A contiguous (shape) view of a reusable flat buffer (zeroed when it is first made or grown)."""
+        n = math.prod(shape)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = torch.zeros(max(n, 1), dtype=dtype, device=self.backend.device)
+            self._scratch[key] = buf
+        return buf[:n].view(shape)
+
+    def _float_input(self, step: str, calls: list[StepCall], size: int) -> Tensor:
+        """The calls' float inputs in one batch: (b, S, D) h, or (b, P, L, D) patch bytes, zero-padded."""
+        if len(calls) == 1:
+            return calls[0].x.unsqueeze(0)
+        xs = [c.x for c in calls]
+        inner = tuple(max(x.shape[d] for x in xs) for d in range(1, xs[0].dim()))
+        out = self._scratch_view(f"{step}.x", (len(xs), size, *inner), xs[0].dtype)
+        if len(inner) > 1:  # patch bytes: every patch is padded to the longest
+            out.zero_()
+        for i, x in enumerate(xs):
+            out[i, : x.shape[0], *(slice(0, n) for n in x.shape[1:])] = x
+            if x.shape[0] < size and len(inner) == 1:
+                out[i, x.shape[0] :] = 0
+        return out
+
+    # ------------------------------------------------------------------ caches
+    @staticmethod
+    def _consecutive(calls: list[StepCall]) -> bool:
+        """The calls' rows are consecutive rows of one RowCaches."""
+        rows, first = calls[0].state.rows, calls[0].state.row
+        return all(c.state.rows is rows and c.state.row == first + i for i, c in enumerate(calls))
+
+    def _gather(self, key: str, parts: list[KV]) -> KV:
+        """Per layer (k, v): the calls' caches (each (1, ..., slots_i, d)) stacked into scratch rows,
+        each padded to the widest along the slot axis."""
+        out = []
+        for layer in range(len(parts[0])):
+            pair = []
+            for j in range(2):
+                xs = [p[layer][j] for p in parts]
+                slots = max(x.shape[-2] for x in xs)
+                shape = (len(xs), *xs[0].shape[1:-2], slots, xs[0].shape[-1])
+                buf = self._scratch_view(f"{key}.{layer}.{j}", shape, xs[0].dtype)
+                for i, x in enumerate(xs):
+                    buf[i, ..., : x.shape[-2], :] = x[0]
+                pair.append(buf)
+            out.append((pair[0], pair[1]))
+        return out
+
+    @staticmethod
+    def _scatter_back(gathered: KV, parts: list[KV], slots: list[list[int] | slice]) -> None:
+        """Copy the slots each call's step wrote from the scratch rows back to its own caches."""
+        for (gk, gv), *own in zip(gathered, *parts, strict=True):
+            for i, ((k, v), where) in enumerate(zip(own, slots, strict=True)):
+                k[0, ..., where, :] = gk[i, ..., where, :]
+                v[0, ..., where, :] = gv[i, ..., where, :]
+
+    def _cache_feeds(self, plan: _StepPlan, calls: list[StepCall], gathered: list) -> dict[str, Tensor]:
+        """The step's cache inputs for these calls; `gathered` gets what must be copied back after."""
+        step, b = plan.step, len(calls)
+        first = calls[0].state
+        consecutive = b == 1 or self._consecutive(calls)
+        if plan.ring:
+            if not consecutive:
+                raise InternalError(f"step {step}: ring caches of the batch are not consecutive rows")
+            feeds = dict(first.rows.feeds(plan.stack, plan.cross, first.row, first.row + b))
+        elif b == 1:
+            cache = first.linear[plan.stack]
+            cache.for_step(max(calls[0].at + (calls[0].size if plan.writes else 0), 1))
+            feeds = dict(cache.feeds())
+            if plan.cross:
+                feeds |= first.rows.feeds(None, True, first.row, first.row + 1)
+        else:  # caches sized per sequence: gathered into scratch rows, written slots copied back
+            own = [c.state.linear[plan.stack].for_step(max(c.at + (c.size if plan.writes else 0), 1)) for c in calls]
+            scratch = self._gather(f"{step}.past", own)
+            feeds = named_kv(PAST, scratch)
+            if plan.writes:
+                gathered.append((scratch, own, [slice(c.at, c.at + c.size) for c in calls]))
+            if plan.cross:  # the cross rings too: this step's rows may be any sequences
+                own = [c.state.rows.cross_rows(c.state.row, c.state.row + 1) for c in calls]
+                scratch = self._gather(f"{step}.cross", own)
+                feeds |= named_kv(CROSS, scratch)
+                C = own[0][0][0].shape[-2]
+                gathered.append((scratch, own, [[(c.at + j) % C for j in range(c.size)] for c in calls]))
+        return feeds
+
+    # ------------------------------------------------------------------ the call
+    def run(self, calls: list[StepCall]) -> None:
+        """Run `calls` (one step) as one backend call; each call's `outputs` get its own rows.
+
+        Ring caches: the calls' sequences must sit in consecutive rows of one RowCaches (InternalError
+        otherwise). Every call must carry the same number of positions, except for a step whose
+        cache is gathered (patches of a global step: padded in the scratch) and the diffusion head
+        (it writes no cache).
+        """
+        step = calls[0].step
+        plan = self._plans[step]
+        b = len(calls)
+        if b > self.rows:
+            raise InternalError(f"step {step}: {b} calls for a runner of {self.rows} rows")
+        size = calls[0].size if b == 1 else max(c.size for c in calls)
+        if b > 1 and plan.writes and plan.ring and any(c.size != size for c in calls):
+            raise InternalError(f"step {step}: calls of {sorted({c.size for c in calls})} positions in one batch")
+        gathered: list[tuple[KV, list[KV], list]] = []  # scratch, own caches, written slots
+        feeds = self._cache_feeds(plan, calls, gathered)
+        start, host = self._int_view(step, "start", (b,))
+        for i, c in enumerate(calls):
+            host[i] = c.at
+        if not self._host:
+            start.copy_(torch.from_numpy(host), non_blocking=True)
+        feeds["start"] = start
+        for name in plan.ints:
+            if name != "start":
+                feeds[name] = self._int_input(plan, name, calls, size)
+        if plan.x is not None:
+            feeds[plan.x] = self._float_input(step, calls, size)
+        with self.locks[step]:
+            t0 = time.perf_counter()
+            out = self.backend.run_step(step, feeds, check=False)
+            own = [(name, out[name].clone() if name == "h" else out[name].to("cpu", copy=True)) for name in plan.read]
+            seconds = time.perf_counter() - t0
+        for scratch, parts, slots in gathered:
+            self._scatter_back(scratch, parts, slots)
+        share = seconds / b
+        for i, c in enumerate(calls):
+            c.outputs = {name: t[i, : c.size] if b > 1 else t[0] for name, t in own}
+            c.state.count(step, c.size, share)
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """What a step call needs, read once from the step's spec."""
+
+    step: str
+    stack: str
+    ring: bool  # its self-attention cache is a ring (rows of a RowCaches), else a LinearCache
+    writes: bool  # it writes its caches (every step but the diffusion head)
+    cross: bool  # it takes the decoder's cross ring
+    ints: dict[str, tuple[int | None, ...]]  # int inputs -> dims after the batch (None: the call's size)
+    x: str | None  # its float input from the sequence (h, patch bytes)
+    read: tuple[str, ...]  # the outputs a sequence reads
+
+
+def _step_plan(spec: StepSpec) -> _StepPlan:
+    ints = {
+        t.name: tuple(None if isinstance(d, str) else d for d in t.shape[1:]) for t in spec.inputs if t.dtype == "int32"
+    }
+    return _StepPlan(
+        step=spec.name,
+        stack=spec.stack,
+        ring=spec.ring,
+        writes=bool(spec.aliases),
+        cross=any(t.name.startswith(f"{CROSS}.") for t in spec.inputs),
+        ints=ints,
+        x=_FLOAT_INPUT.get(spec.name),
+        read=_READ[spec.name],
+    )
+
+
+_FLOAT_INPUT = {"decoder": "h", "global": "patch_bytes"}
+# the outputs a sequence reads (copied out under the step's lock: the backend reuses its buffers);
+# byte states stay on the backend's device, logits and entropies come to the host
+_READ = {"entropy": ("entropies",), "encoder": ("h",), "global": (), "decoder": ("logits",),
+         "decoder_block": ("logits",)}  # fmt: skip
+
+
+def run_plan(runner: StepRunner, plan: Plan[R]) -> Coroutine[None, None, R]:
+    """Drive a plan alone: run each of its step calls at once; yield where it says a round ended."""
+    sent: Outputs | None = None
+    while True:
+        try:
+            call = plan.send(sent)
+        except StopIteration as done:
+            return done.value
+        if call is None:
+            yield
+            sent = None
+        else:
+            runner.run([call])
+            sent = call.outputs
