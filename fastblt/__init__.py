@@ -4,6 +4,7 @@ Public API (imports are lazy so `import fastblt` stays light):
     fastblt.load("default" | path) -> BltModel
     fastblt.encode(text_or_bytes) -> list[int]      fastblt.decode(ids) -> str
     fastblt.Generator(checkpoint_or_model, backend="ort"|"torch"|"trt", artifacts=None)
+    fastblt.AsyncEngine(checkpoint_or_model, backend="ort", max_batch=16)   (asyncio, batched)
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from fastblt.version import __version__ as __version__
 if TYPE_CHECKING:
     from fastblt.model.blt import BltModel
 
-__all__ = ["FastBltError", "decode", "encode", "load", "Generator", "Generation"]
+__all__ = ["FastBltError", "decode", "encode", "load", "Generator", "Generation", "AsyncEngine", "BatchEngine"]
 
 _LAZY = {
     "Generator": "fastblt.runtime.generator",
     "Generation": "fastblt.runtime.generator",
+    "AsyncEngine": "fastblt.runtime.async_engine",
+    "BatchEngine": "fastblt.runtime.batch",
 }
 
 

@@ -37,3 +37,15 @@ class BackendUnavailable(FastBltError):
 
 class InternalError(Exception):
     """An invariant of fastblt itself broke: a bug, not a user error."""
+
+
+class EngineBusy(FastBltError):
+    """A batch engine's queue is full: nothing is wrong with the request; retry later."""
+
+
+class EngineClosed(FastBltError):
+    """A batch engine is shutting down and takes no new requests."""
+
+
+class Cancelled(FastBltError):
+    """A request was cancelled before it finished."""

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("fastblt.cli.export", "export", "Export every step graph to ONNX with a manifest, and check it."),
     "build": ("fastblt.cli.build", "build", "Build TensorRT engines from an export (needs a GPU)."),
     "generate": ("fastblt.cli.generate", "generate", "Generate bytes with ar, blt-d, blt-s or blt-dv."),
+    "serve": ("fastblt.cli.serve", "serve", "Serve completions over HTTP (OpenAI-compatible, batched)."),
     "bench": ("fastblt.cli.bench", "bench", "Benchmark every mode x backend on fixed prompts."),
     "validate": ("fastblt.cli.validate", "validate", "Prove numerically that the artifacts compute the checkpoint."),
     "info": ("fastblt.cli.info", "info", "Show a checkpoint's config, sizes and which backends can run here."),

@@ -108,3 +108,24 @@ def test_threads_share_an_ort_generator_safely(ort_gen):
     for t in threads:
         t.join()
     assert got == want
+
+
+def test_batched_requests_on_ort_equal_batch_one(ort_gen):
+    """onnxruntime computes each row of a batched call as it computes the row alone: mixed modes,
+    prompts and seeded sampling in batches of 6 give every request its batch-1 bytes."""
+    from fastblt.runtime.batch import BatchEngine
+    from fastblt.runtime.options import make_request
+
+    jobs = [(p, m, n) for n, p in zip((9, 17, 30), PROMPTS, strict=False) for m in ("ar", "blt-s", "blt-d", "blt-dv")]
+    jobs += [(PROMPTS[4], "ar", 25)] * 3
+    sampled = {"temperature": 0.8, "seed": 7}
+    want = [ort_gen.generate(p, mode=m, max_bytes=n, stop_on_eos=False, **(sampled if i % 3 == 0 else {})).ids
+            for i, (p, m, n) in enumerate(jobs)]  # fmt: skip
+    with BatchEngine(ort_gen.engine, max_batch=6) as batch:
+        tickets = [
+            batch.submit(make_request(p, ort_gen.config, m, n, stop_on_eos=False, **(sampled if i % 3 == 0 else {})))
+            for i, (p, m, n) in enumerate(jobs)
+        ]
+        got = [t.result(120).ids for t in tickets]
+        assert batch.stats.rows["decoder"] > batch.stats.calls["decoder"]
+    assert got == want

@@ -1,0 +1,409 @@
+"""Continuous batching: up to `max_batch` sequences decoding at once, sharing every step call.
+
+Each request runs the same plan a Generator runs alone (loops.generate: prefill, then its mode's
+loop), on a SequenceState whose ring caches are one row of the batch's RowCaches. A plan yields
+its step calls; the batch loop (one thread) collects the pending call of every live sequence and
+runs them step by step:
+
+- Steps are taken in a cycle (encoder, entropy, global, decoder, diffusion head): each turn runs
+  every pending call of the next step that has any, so sequences that do the same work stay in
+  step with each other (ar rows all encode, then all patch, ...) and no step waits more than a
+  cycle.
+- Calls of one step are grouped into backend calls: the same number of new positions (a ring
+  step's rows cannot be padded: padding would write a sequence's ring) and consecutive rows (one
+  contiguous slice of every ring buffer). Live sequences keep rows 0..n-1: a leaving one's row is
+  refilled by the last. The global step, whose cache grows per sequence, runs every pending
+  sequence in one call (its caches are gathered), patches padded in the scratch; rows without a
+  closed patch are not in it.
+- Requests of any mode and sampling settings share a batch: a call's rows only need the same
+  step and size. Each request keeps its own RNG, stop strings and output.
+
+Requests join between turns (first in, first out, while a row is free) and leave as soon as their
+plan ends, their stop condition is met, they are cancelled or they fail; waiting requests beyond
+`max_queue` are refused (`EngineBusy`). Output is exact per request: the step graphs compute each
+row as they compute it alone, so a request's bytes do not depend on what else is in the batch
+(tests/runtime/test_batch.py, benchmarks/batch_exactness.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastblt.errors import Cancelled, EngineBusy, EngineClosed, FastBltError, InputError, InternalError
+from fastblt.export.spec import STEPS, TORCH_DTYPES, state_dtype
+from fastblt.runtime import loops
+from fastblt.runtime.caches import RowCaches
+from fastblt.runtime.calls import StepCall, StepRunner
+from fastblt.runtime.engine import Engine
+from fastblt.runtime.generator import Generation, generation, new_run
+from fastblt.runtime.options import Request, check_fit
+from fastblt.runtime.state import SequenceState
+from fastblt.runtime.stream import Output, TextChunker
+
+CYCLE = ("encoder", "entropy", "global", "decoder", "decoder_block")  # the order sequences take steps in
+assert sorted(CYCLE) == sorted(STEPS)
+
+
+@dataclass
+class BatchStats:
+    """What the batch loop has done so far (monotonic counters) and holds now."""
+
+    active: int = 0  # sequences holding a row
+    queued: int = 0  # requests waiting for one
+    turns: int = 0  # steps taken
+    calls: dict[str, int] = field(default_factory=dict)  # backend calls per step
+    rows: dict[str, int] = field(default_factory=dict)  # sequences served per step (sum over its calls)
+    admitted: int = 0
+    finished: int = 0  # ended normally (eos, stop string, max_bytes)
+    cancelled: int = 0
+    failed: int = 0
+
+
+class Ticket:
+    """One submitted request: wait for it, cancel it, and (with `on_text`) stream it.
+
+    Callbacks run on the batch loop's thread: keep them short (hand the value to your own thread
+    or event loop), and never block in them.
+    """
+
+    def __init__(self, request: Request, on_text: Callable[[str], None] | None,
+                 on_done: Callable[[Ticket], None] | None):  # fmt: skip
+        self.request = request
+        self.on_text, self.on_done = on_text, on_done
+        self.generation: Generation | None = None
+        self.error: BaseException | None = None
+        self.submitted = time.perf_counter()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        """Stop this request: it leaves the batch (or the queue) before the next step is taken."""
+        self._cancel.set()
+
+    def result(self, timeout: float | None = None) -> Generation:
+        """Wait for the Generation; raises the request's error, `Cancelled`, or TimeoutError."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request not finished after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        assert self.generation is not None
+        return self.generation
+
+    def _finish(self, generation: Generation | None, error: BaseException | None) -> None:
+        self.generation, self.error = generation, error
+        self._done.set()
+        if self.on_done is not None:
+            self.on_done(self)
+
+
+class _Sequence:
+    """A request holding a row: its state, its run, its plan and the step call it waits on."""
+
+    def __init__(self, ticket: Ticket, state: SequenceState, max_step: int):
+        req = ticket.request
+        self.ticket, self.state = ticket, state
+        self.run = new_run(state, req.opts, Output(req.opts.max_bytes, req.opts.stop, req.opts.stop_on_eos))
+        self.plan = loops.generate(self.run, list(req.ids), req.opts.prefill_chunk or max_step)
+        self.chunker = TextChunker(req.opts.stop) if ticket.on_text is not None else None
+        self.cohort = req.opts.mode, req.opts.k
+        self.pending: StepCall | None = None
+        self.parked = False  # at the end of a round, waiting for its cohort
+        self.joined = False  # has ended a round (a prefilling sequence holds up no cohort)
+        self.ended = False
+
+    def advance(self, outputs: dict | None) -> None:
+        """Run the plan up to its next step call, or to the end of a round (streaming what the
+        round verified; the sequence then parks until its cohort is at the end of a round too)."""
+        try:
+            item = self.plan.send(outputs)
+        except StopIteration:
+            self.pending, self.ended = None, True
+            return
+        self.pending = item
+        if item is None:
+            self.parked = self.joined = True
+            self._stream()
+
+    def _stream(self, final: bool = False) -> None:
+        if self.chunker is not None:
+            text = self.chunker.take(self.run.out.data, final=final)
+            if text:
+                try:
+                    self.ticket.on_text(text)
+                except Exception:  # a listener that fails has gone: stop the request, not the batch
+                    self.ticket.cancel()
+
+
+class BatchEngine:
+    """Runs requests in batches over one Engine, on a thread of its own (see the module docstring).
+
+    Args:
+        engine: the backend and config (a Generator's `.engine`, or `open_engine(...)`).
+        max_batch: sequences decoding at once (rows of every batched step call).
+        max_queue: requests waiting for a row beyond which `submit` raises EngineBusy.
+        max_context: optional limit on ids (prompt + output) per request, as Generator's.
+        backend_name, params: what each Generation's stats report (Generator's values).
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 256, max_context: int | None = None,
+                 backend_name: str = "", params: dict[str, int] | None = None):  # fmt: skip
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise InputError(f"max_batch: expected an int >= 1, got {max_batch!r}")
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise InputError(f"max_queue: expected an int >= 0, got {max_queue!r}")
+        backend, config = engine.backend, engine.config
+        self.engine, self.config = engine, config
+        self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
+        self.backend_name, self.params = backend_name or backend.name, params or {}
+        self.rows = RowCaches(
+            backend.specs, config, max_batch, TORCH_DTYPES[state_dtype(backend.specs)], backend.device
+        )
+        self.runner = StepRunner(backend, max_batch, engine.locks)
+        self.live: list[_Sequence] = []  # row i holds live[i]
+        self.queue: deque[Ticket] = deque()
+        self.stats = BatchStats(calls=dict.fromkeys(STEPS, 0), rows=dict.fromkeys(STEPS, 0))
+        self._idle: list[SequenceState] = []
+        self._cv = threading.Condition()
+        self._closing = False
+        self._cycle = 0
+        self._thread = threading.Thread(target=self._loop, name="fastblt-batch", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, request: Request, on_text: Callable[[str], None] | None = None,
+               on_done: Callable[[Ticket], None] | None = None) -> Ticket:  # fmt: skip
+        """Queue a checked request (make_request); returns its Ticket at once.
+
+        Raises InputError when it cannot fit the graphs or `max_context`, EngineBusy when the queue
+        is full, EngineClosed once `close` began.
+        """
+        check_fit(request, self.engine.max_step, self.max_context)
+        ticket = Ticket(request, on_text, on_done)
+        with self._cv:
+            if self._closing:
+                raise EngineClosed("engine: closing; it takes no new requests")
+            waiting = len(self.live) + len(self.queue) - self.max_batch  # beyond the rows there are
+            if waiting >= self.max_queue:
+                raise EngineBusy(f"engine: {waiting} requests already wait for a row (max_queue {self.max_queue})")
+            self.queue.append(ticket)
+            self.stats.queued = len(self.queue)
+            self._cv.notify()
+        return ticket
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new requests; finish the ones admitted or queued, then stop the loop."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> BatchEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self.live and not self.queue and not self._closing:
+                    self._cv.wait()
+                if self._closing and not self.live and not self.queue:
+                    return
+            try:
+                with self._cv:
+                    self._admit()
+                self._drop_cancelled()
+                self._resume_cohorts()
+                self._turn()
+                self._retire()
+            except Exception as e:  # a bug of the batch itself: fail what it holds, keep serving
+                self._fail_all(InternalError(f"batch engine: {e!r}"))
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._cv:
+            held, self.live = [seq for seq in self.live if seq is not None], []
+            for seq in held:
+                self.stats.failed += 1
+                self._end(seq.ticket, None, error)
+                seq.state.reset()
+            self.stats.active = 0
+
+    def _admit(self) -> None:
+        """Give free rows to waiting requests (caller holds the lock)."""
+        while self.queue and len(self.live) < self.max_batch:
+            ticket = self.queue.popleft()
+            if ticket.cancelled:
+                self._end(ticket, None, Cancelled("request cancelled while queued"))
+                continue
+            state = self._idle.pop() if self._idle else None
+            if state is None:
+                state = SequenceState(self.engine.backend, self.config, rows=self.rows, row=len(self.live))
+            state.reset()
+            state.reset_counters()
+            seq = _Sequence(ticket, state, self.engine.max_step)
+            self._place(seq)
+            self.stats.admitted += 1
+            self._advance(seq, None)
+        self.stats.queued, self.stats.active = len(self.queue), len(self.live)
+
+    def _advance(self, seq: _Sequence, outputs: dict | None) -> None:
+        try:
+            seq.advance(outputs)
+        except Exception as e:  # a request's own failure (e.g. past the position limit) ends only it
+            seq.pending, seq.ended = None, True
+            seq.ticket.error = e if isinstance(e, FastBltError) else InternalError(f"request failed: {e!r}")
+
+    def _drop_cancelled(self) -> None:
+        for seq in self.live:
+            if seq.ticket.cancelled and not seq.ended:
+                seq.pending, seq.ended = None, True
+
+    def _resume_cohorts(self) -> None:
+        """Resume the parked sequences of every cohort (same mode and k) none of whose joined
+        members is still inside a round: a cohort starts its rounds together, so its sequences
+        take the same steps at the same turns and share every call."""
+        busy = {seq.cohort for seq in self.live if seq.joined and not seq.parked and not seq.ended}
+        for seq in self.live:
+            if seq.parked and seq.cohort not in busy and not seq.ended:
+                seq.parked = False
+                self._advance(seq, None)
+
+    def _turn(self) -> None:
+        """Take the next step of the cycle that some live sequence waits on."""
+        waiting = {seq.pending.step for seq in self.live if seq.pending is not None}
+        if not waiting:
+            return
+        for k in range(len(CYCLE)):
+            step = CYCLE[(self._cycle + k) % len(CYCLE)]
+            if step in waiting:
+                self._cycle = (self._cycle + k + 1) % len(CYCLE)
+                break
+        calls = [seq for seq in self.live if seq.pending is not None and seq.pending.step == step]
+        self.stats.turns += 1
+        for group in self._groups(step, calls):
+            try:
+                self.runner.run([seq.pending for seq in group])
+            except Exception as e:  # the backend failed this call: its requests fail, the rest go on
+                err = e if isinstance(e, FastBltError) else InternalError(f"step {step} failed: {e!r}")
+                for seq in group:
+                    seq.pending, seq.ended, seq.ticket.error = None, True, err
+                continue
+            self.stats.calls[step] += 1
+            self.stats.rows[step] += len(group)
+            for seq in group:
+                call = seq.pending
+                self._advance(seq, call.outputs)
+
+    def _groups(self, step: str, seqs: list[_Sequence]) -> list[list[_Sequence]]:
+        """Backend calls for one step: one per (size, run of consecutive rows); a step with a
+        gathered cache (the global step) runs all its sequences in one call."""
+        if not self.runner.specs[step].ring:
+            return [seqs]
+        by_size: dict[int, list[_Sequence]] = {}
+        for seq in seqs:
+            by_size.setdefault(seq.pending.size, []).append(seq)
+        groups = []
+        for same in by_size.values():
+            run = [same[0]]
+            for seq in same[1:]:
+                if seq.state.row == run[-1].state.row + 1:
+                    run.append(seq)
+                else:
+                    groups.append(run)
+                    run = [seq]
+            groups.append(run)
+        return groups
+
+    def _retire(self) -> None:
+        """Finish the sequences that ended and give their rows back (`_vacate`)."""
+        ended = [seq for seq in self.live if seq.ended or seq.ticket.cancelled]
+        if not ended:
+            return
+        for seq in ended:
+            self._finish(seq)
+        with self._cv:
+            for seq in ended:
+                self._vacate(seq.state.row)
+            self.stats.active = len(self.live)
+
+    # ------------------------------------------------------------------ rows
+    # Live sequences hold rows 0..n-1, each cohort's in one block of consecutive rows (blocks in
+    # the order the cohorts arrived), so a cohort's calls are one backend call each. Joining or
+    # leaving moves at most one row per later block.
+    def _move(self, src: int, dst: int) -> None:
+        self.rows.move(src, dst)
+        seq = self.live[src]
+        self.live[dst], self.live[src] = seq, None
+        seq.state.row = dst
+
+    def _block_starts(self, first: int) -> list[int]:
+        """Rows at which a block starts, from row `first` on."""
+        return [i for i in range(first, len(self.live)) if i == first or self.live[i].cohort != self.live[i - 1].cohort]
+
+    def _place(self, seq: _Sequence) -> None:
+        """Put a new sequence at the end of its cohort's block (a new cohort: after the last block)."""
+        mine = [i for i, other in enumerate(self.live) if other.cohort == seq.cohort]
+        row = mine[-1] + 1 if mine else len(self.live)
+        later = self._block_starts(row) if row < len(self.live) else []
+        self.live.append(None)
+        ends = [*later[1:], len(self.live) - 1]  # past each later block's end
+        for start, end in reversed(list(zip(later, ends[: len(later)], strict=True))):
+            self._move(start, end)
+        self.live[row] = seq
+        seq.state.row = row
+
+    def _vacate(self, row: int) -> None:
+        """Free a row: the last row of its block fills it, the last row of each later block fills
+        the hole the block before left; the last row of the batch is then free."""
+        cohort = self.live[row].cohort
+        end = row
+        while end + 1 < len(self.live) and self.live[end + 1].cohort == cohort:
+            end += 1
+        self.live[row] = None
+        if end != row:
+            self._move(end, row)
+        hole = end
+        while hole + 1 < len(self.live):
+            block_end = hole + 1
+            while block_end + 1 < len(self.live) and self.live[block_end + 1].cohort == self.live[hole + 1].cohort:
+                block_end += 1
+            self._move(block_end, hole)
+            hole = block_end
+        self.live.pop()
+
+    def _finish(self, seq: _Sequence) -> None:
+        ticket = seq.ticket
+        if ticket.error is not None:
+            self.stats.failed += 1
+            self._end(ticket, None, ticket.error)
+        elif ticket.cancelled and not seq.run.out.done:
+            self.stats.cancelled += 1
+            self._end(ticket, None, Cancelled("request cancelled"))
+        else:
+            seq._stream(final=True)
+            self.stats.finished += 1
+            n_prompt = len(ticket.request.ids)
+            self._end(ticket, generation(seq.run, self.backend_name, n_prompt, self.params, self.config), None)
+        seq.state.reset()
+        if len(self._idle) < self.max_batch:
+            self._idle.append(seq.state)
+
+    @staticmethod
+    def _end(ticket: Ticket, result: Generation | None, error: BaseException | None) -> None:
+        with contextlib.suppress(Exception):  # a caller's callback must not stop the batch
+            ticket._finish(result, error)

@@ -1,0 +1,88 @@
+"""`fastblt serve` as a child process on the loopback interface, for tests and benchmarks.
+
+The child runs in a process group of its own and is stopped through that group (SIGTERM, then
+SIGKILL after a grace period), never by name; it binds 127.0.0.1 on a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`with ServerProcess(["--max-batch", "8"]) as srv: srv.url` -> a ready server's base URL.
+
+    Args:
+        args: extra `fastblt serve` options (host and port are set here).
+        ready_timeout: seconds to wait for GET /health to answer 200.
+        log: where the child's output goes (default: a temporary file, shown if it fails to start).
+    """
+
+    def __init__(self, args: list[str] | None = None, ready_timeout: float = 300.0, log: Path | None = None):
+        self.args, self.ready_timeout = list(args or []), ready_timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ServerProcess:
+        cmd = [sys.executable, "-m", "fastblt.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--log-level", "warning", *self.args]  # fmt: skip
+        if self.log_path is None:
+            import tempfile
+
+            self.log_path = Path(tempfile.mkstemp(prefix="fastblt-serve-", suffix=".log")[1])
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fastblt serve exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"fastblt serve not ready after {self.ready_timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the server's process group."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        """SIGTERM the group, wait up to `grace` seconds, then SIGKILL it; the exit code."""
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,146 @@
+"""The batch engine: every request's output equals its batch-1 Generator output, whatever else is
+in the batch (modes, lengths, sampling, cancellations, failures), and rows are really shared."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+import pytest
+from runtime_refs import PROMPTS, tiny_model, torch_generator
+
+from fastblt.errors import Cancelled, EngineBusy, EngineClosed, InputError
+from fastblt.runtime.batch import BatchEngine
+from fastblt.runtime.generator import Generator
+from fastblt.runtime.options import make_request
+
+MODES = ("ar", "blt-s", "blt-d", "blt-dv")
+
+
+def batch_of(gen: Generator, max_batch: int = 8, max_queue: int = 64) -> BatchEngine:
+    return BatchEngine(gen.engine, max_batch, max_queue, backend_name=gen.backend_name, params=gen.params)
+
+
+def jobs(n: int, seed: int = 0) -> list[tuple[bytes | str, str, int, dict]]:
+    """n requests of mixed prompts, modes, lengths and options."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        mode = MODES[(i // len(PROMPTS)) % len(MODES)] if i < 24 else rng.choice(MODES)
+        options: dict = {"stop_on_eos": False}
+        if rng.random() < 0.3:
+            options |= {"temperature": 0.9, "top_k": 20, "seed": rng.randrange(1000)}
+        if mode == "blt-s" and rng.random() < 0.5:
+            options["k"] = rng.choice([2, 5])
+        out.append((prompt, mode, rng.choice([7, 19, 33]), options))
+    return out
+
+
+@pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
+def test_batched_outputs_equal_batch_one_outputs(name):
+    """Mixed modes, prompts, lengths and seeded sampling in batches of 8 (rows refilled as requests
+    end): each request's ids equal what Generator.generate gives it alone."""
+    g = torch_generator(name)
+    work = jobs(40, seed=1 if name == "small-window" else 0)
+    want = [g.generate(p, mode=m, max_bytes=n, **o).ids for p, m, n, o in work]
+    with batch_of(g, max_batch=8) as batch:
+        tickets = [batch.submit(make_request(p, g.config, m, n, **o)) for p, m, n, o in work]
+        got = [t.result(120).ids for t in tickets]
+        stats = batch.stats
+    assert got == want
+    assert stats.finished == len(work) and stats.active == 0
+    assert stats.rows["decoder"] > 1.5 * stats.calls["decoder"]  # rows were shared, not run one by one
+
+
+def test_identical_prompts_in_one_batch_continue_identically():
+    """Meta's blt issue #123 (batched patching changed greedy output) does not happen here."""
+    g = torch_generator("small-window")
+    with batch_of(g, max_batch=6) as batch:
+        tickets = [batch.submit(make_request(PROMPTS[3], g.config, "ar", 40, stop_on_eos=False)) for _ in range(6)]
+        outs = [t.result(60).ids for t in tickets]
+    assert all(o == outs[0] for o in outs)
+    assert outs[0] == g.generate(PROMPTS[3], mode="ar", max_bytes=40, stop_on_eos=False).ids
+
+
+def test_ar_rows_step_together():
+    """Same-mode rows take the same step at the same turn: one decoder call serves all of them."""
+    g = torch_generator()
+    with batch_of(g, max_batch=4) as batch:
+        tickets = [batch.submit(make_request(p, g.config, "ar", 30, stop_on_eos=False)) for p in PROMPTS[:4]]
+        [t.result(60) for t in tickets]
+        s = batch.stats
+    assert s.rows["decoder"] / s.calls["decoder"] > 3.0
+    assert s.rows["global"] / s.calls["global"] > 1.0  # patches closing in different rows share a call
+
+
+def test_streamed_text_is_the_generation():
+    g = torch_generator()
+    chunks: list[str] = []
+    with batch_of(g) as batch:
+        t = batch.submit(make_request(PROMPTS[1], g.config, "blt-s", 30, stop=["o"]), on_text=chunks.append)
+        out = t.result(60)
+    assert "".join(chunks) == out.text
+    assert out.text == g.generate(PROMPTS[1], mode="blt-s", max_bytes=30, stop=["o"]).text
+
+
+def test_a_cancelled_request_leaves_and_the_others_stay_exact():
+    g = torch_generator("small-window")
+    with batch_of(g, max_batch=4) as batch:
+        long = batch.submit(make_request(PROMPTS[0], g.config, "ar", 5000, stop_on_eos=False))
+        others = [batch.submit(make_request(p, g.config, "blt-s", 25, stop_on_eos=False)) for p in PROMPTS[1:4]]
+        time.sleep(0.05)
+        long.cancel()
+        with pytest.raises(Cancelled):
+            long.result(30)
+        outs = [t.result(60).ids for t in others]
+        deadline = time.time() + 10
+        while batch.stats.active and time.time() < deadline:
+            time.sleep(0.01)
+        assert batch.stats.active == 0 and batch.stats.cancelled == 1
+    assert outs == [g.generate(p, mode="blt-s", max_bytes=25, stop_on_eos=False).ids for p in PROMPTS[1:4]]
+
+
+def test_a_failing_request_fails_alone():
+    """A prompt past the global model's position limit fails with its InputError; the requests
+    beside it finish exactly."""
+    base = tiny_model("small-window")
+    cfg = base.config
+    model = type(base)(dataclasses.replace(cfg, global_model=dataclasses.replace(cfg.global_model, max_positions=24)))
+    model.load_state_dict(base.state_dict())
+    g = Generator(model.eval(), backend="torch")
+    with batch_of(g, max_batch=3) as batch:
+        bad = batch.submit(make_request("x" * 300, g.config, "ar", 10))
+        good = [batch.submit(make_request(p, g.config, "ar", 12, stop_on_eos=False)) for p in ("ab", "cd")]
+        with pytest.raises(InputError, match="global model's limit"):
+            bad.result(60)
+        outs = [t.result(60).ids for t in good]
+        assert batch.stats.failed == 1
+    assert outs == [g.generate(p, mode="ar", max_bytes=12, stop_on_eos=False).ids for p in ("ab", "cd")]
+
+
+def test_a_full_queue_refuses_and_a_closed_engine_refuses():
+    g = torch_generator()
+    batch = batch_of(g, max_batch=1, max_queue=1)
+    req = make_request(PROMPTS[0], g.config, "ar", 200, stop_on_eos=False)
+    first = batch.submit(make_request(PROMPTS[0], g.config, "ar", 20_000, stop_on_eos=False))  # busy till cancelled
+    deadline = time.time() + 10
+    while batch.stats.active == 0 and time.time() < deadline:  # the first one holds the only row
+        time.sleep(0.005)
+    second = batch.submit(req)  # waits in the queue
+    with pytest.raises(EngineBusy, match="max_queue 1"):
+        batch.submit(req)
+    first.cancel()
+    batch.close(30)  # finishes what was admitted or queued
+    assert second.result(0).ids == g.generate(PROMPTS[0], mode="ar", max_bytes=200, stop_on_eos=False).ids
+    with pytest.raises(EngineClosed):
+        batch.submit(req)
+
+
+def test_requests_are_checked_against_the_graphs_before_they_queue():
+    g = torch_generator()
+    with batch_of(g) as batch, pytest.raises(InputError, match="prefill_chunk"):
+        batch.submit(make_request("x", g.config, "ar", 4, prefill_chunk=10_000))
+    with pytest.raises(InputError, match="max_batch"):
+        BatchEngine(g.engine, max_batch=0)

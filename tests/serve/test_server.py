@@ -1,0 +1,107 @@
+"""`fastblt serve` as a user runs it, called with the real openai client: completions equal
+Generator.generate for the same settings, in every mode, streamed or not, alone or 64 at once."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import openai
+import pytest
+from conftest import KEY
+
+MODEL = "fastblt-default"
+PROMPT = "import os\n\n\ndef main("
+MODES = ("ar", "blt-s", "blt-d", "blt-dv")
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_completions_equal_generate_in_every_mode(server, reference, mode):
+    c = client(server)
+    want = reference.generate(PROMPT, mode=mode, max_bytes=48, temperature=0.0)
+    r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=48, temperature=0, extra_body={"mode": mode})
+    choice = r.choices[0]
+    assert choice.text == want.text
+    assert choice.finish_reason == ("length" if want.stop_reason == "max_bytes" else "stop")
+    assert r.usage.prompt_tokens == len(PROMPT.encode()) and r.usage.completion_tokens == len(want.ids)
+    assert r.model == MODEL and r.object == "text_completion"
+
+    chunks = list(c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=48, temperature=0, stream=True,
+                                       extra_body={"mode": mode}))  # fmt: skip
+    assert "".join(ch.choices[0].text for ch in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    assert all(ch.choices[0].finish_reason is None for ch in chunks[:-1])
+
+
+def test_stop_strings_seeds_and_fastblt_fields(server, reference):
+    c = client(server)
+    full = reference.generate(PROMPT, mode="blt-s", max_bytes=80, temperature=0.0).text
+    stops = [full[30:34], "\x00never"]  # one that occurs in the output
+    want = reference.generate(PROMPT, mode="blt-s", max_bytes=80, stop=stops, temperature=0.0)
+    r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=80, temperature=0, stop=stops)
+    assert r.choices[0].text == want.text == full[: full.find(stops[0])]
+    assert r.choices[0].finish_reason == "stop"
+
+    opts = dict(temperature=0.8, top_p=0.9, seed=1234)
+    want = reference.generate(PROMPT, mode="ar", max_bytes=40, **opts)
+    got = [c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, extra_body={"mode": "ar"}, **opts)
+           for _ in range(2)]  # fmt: skip
+    assert got[0].choices[0].text == got[1].choices[0].text == want.text
+
+    want = reference.generate(PROMPT, mode="blt-dv", max_bytes=40, k=4, top_k=5, temperature=0.7, seed=9)
+    r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0.7, seed=9,
+                             extra_body={"mode": "blt-dv", "k": 4, "top_k": 5})  # fmt: skip
+    assert r.choices[0].text == want.text
+
+    stream = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
+                                  stream_options={"include_usage": True})  # fmt: skip
+    last = list(stream)[-1]
+    assert last.usage.completion_tokens == 20 and last.choices == []
+
+
+def test_sixty_four_concurrent_requests_equal_serial(server, reference):
+    prompts = [f"def f{i}(x):\n    return x" for i in range(8)]
+    jobs = [(prompts[i % 8], MODES[i % 4] if i % 4 != 2 else "blt-s") for i in range(64)]
+    want = {(p, m): reference.generate(p, mode=m, max_bytes=24, temperature=0.0).text for p, m in set(jobs)}
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=300)
+        rs = await asyncio.gather(*[c.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0,
+                                                         extra_body={"mode": m}) for p, m in jobs])  # fmt: skip
+        await c.close()
+        return rs
+
+    rows, calls = 'fastblt_step_rows_total{step="decoder"}', 'fastblt_step_calls_total{step="decoder"}'
+    before = _metric(server, rows), _metric(server, calls)
+    got = asyncio.run(main())
+    assert [r.choices[0].text for r in got] == [want[j] for j in jobs]
+    served, made = _metric(server, rows) - before[0], _metric(server, calls) - before[1]
+    assert served > 2 * made  # they shared step calls
+
+
+def test_models_health_metrics_and_keys(server):
+    h = httpx.get(f"{server.url}/health")
+    assert h.status_code == 200 and h.json() == {"status": "ok"} and h.headers["x-fastblt-replica"]
+    m = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert [d["id"] for d in m["data"]] == [MODEL]
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("fastblt_requests_total", "fastblt_generated_bytes_total", "fastblt_queue_depth",
+                 "fastblt_batch_occupancy", "fastblt_time_to_first_byte_seconds_bucket",
+                 "fastblt_inter_byte_latency_seconds_bucket", "fastblt_accepted_bytes_total"):  # fmt: skip
+        assert name in text, name
+    assert _metric(server, 'fastblt_requests_total{mode="ar",status="200"}') >= 1
+
+
+def _metric(server, series: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    assert m is not None, f"{series} not in /metrics"
+    return float(m.group(1))
