@@ -86,6 +86,9 @@ class OrtBackend(Backend):
             threads = self.threads if self.threads is not None else (0 if spec.stack == "global" else 1)
             options.intra_op_num_threads = threads  # 0: onnxruntime's default
             options.inter_op_num_threads = 1
+            # workers sleep between calls instead of spinning: the host work between step calls
+            # (and a batch's other rows) needs those cores (benchmarks/results/serve_load.md)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             path = self.artifacts_dir / self.manifest["graphs"][step]["file"]
             session = ort.InferenceSession(str(path), options, providers=providers)
             got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])

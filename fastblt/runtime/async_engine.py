@@ -17,6 +17,7 @@ a full queue raises `EngineBusy`.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,6 @@ from fastblt.runtime.batch import BatchEngine, BatchStats, Ticket
 from fastblt.runtime.engine import Engine
 from fastblt.runtime.generator import Generation, Generator
 from fastblt.runtime.options import Request
-
-_DONE = object()
 
 
 class AsyncEngine:
@@ -119,37 +118,57 @@ def _settle(future: asyncio.Future) -> None:
 
 
 class TextStream:
-    """One streamed request: `async for text in stream`; `cancel()` or `aclose()` to stop it."""
+    """One streamed request: `async for text in stream`; `cancel()` or `aclose()` to stop it.
+
+    Text the batch verifies while the consumer is busy is joined into one chunk: the batch thread
+    wakes the event loop once per burst, not once per round, so many streams do not flood it.
+    """
 
     def __init__(self, batch: BatchEngine, request: Request):
-        loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        put = self._queue.put_nowait
-
-        def on_text(text: str) -> None:
-            loop.call_soon_threadsafe(put, text)
-
-        def on_done(ticket: Ticket) -> None:
-            loop.call_soon_threadsafe(put, _DONE)
-
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._texts: list[str] = []
+        self._finished = False
+        self._wake: asyncio.Event = asyncio.Event()
+        self._waking = False
         self.generation: Generation | None = None
-        self.ticket = batch.submit(request, on_text=on_text, on_done=on_done)
+        self.ticket = batch.submit(request, on_text=self._on_text, on_done=self._on_done)
+
+    def _on_text(self, text: str) -> None:  # the batch's thread
+        with self._lock:
+            self._texts.append(text)
+            self._signal()
+
+    def _on_done(self, ticket: Ticket) -> None:  # the batch's thread
+        with self._lock:
+            self._finished = True
+            self._signal()
+
+    def _signal(self) -> None:
+        if not self._waking:
+            self._waking = True
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     def __aiter__(self) -> TextStream:
         return self
 
     async def __anext__(self) -> str:
-        if self.generation is not None or self.ticket.cancelled:
-            raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except asyncio.CancelledError:
-            self.ticket.cancel()
-            raise
-        if item is _DONE:
-            self.generation = self.ticket.result(0)  # raises the request's error
-            raise StopAsyncIteration
-        return item
+        while True:
+            with self._lock:
+                texts, self._texts = self._texts, []
+                finished, self._waking = self._finished, False
+                self._wake.clear()
+            if texts:
+                return "".join(texts)
+            if finished or self.ticket.cancelled:
+                if self.generation is None and finished:
+                    self.generation = self.ticket.result(0)  # raises the request's error
+                raise StopAsyncIteration
+            try:
+                await self._wake.wait()
+            except asyncio.CancelledError:
+                self.ticket.cancel()
+                raise
 
     def cancel(self) -> None:
         """Stop the request (its row is freed before the batch's next step)."""

@@ -27,9 +27,11 @@ row as they compute it alone, so a request's bytes do not depend on what else is
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -181,6 +183,8 @@ class BatchEngine:
         self._cycle = 0
         self._thread = threading.Thread(target=self._loop, name="fastblt-batch", daemon=True)
         self._thread.start()
+        ref = weakref.ref(self)
+        atexit.register(lambda: (e := ref()) is not None and e.close(10, cancel=True))  # no step at interpreter exit
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request, on_text: Callable[[str], None] | None = None,
@@ -203,10 +207,14 @@ class BatchEngine:
             self._cv.notify()
         return ticket
 
-    def close(self, timeout: float | None = None) -> None:
-        """Take no new requests; finish the ones admitted or queued, then stop the loop."""
+    def close(self, timeout: float | None = None, cancel: bool = False) -> None:
+        """Take no new requests; finish the ones admitted or queued (or, with `cancel`, cancel
+        them), then stop the loop."""
         with self._cv:
             self._closing = True
+            if cancel:
+                for ticket in [*self.queue, *(seq.ticket for seq in self.live if seq is not None)]:
+                    ticket.cancel()
             self._cv.notify()
         self._thread.join(timeout)
 

@@ -29,8 +29,8 @@ from torch import Tensor
 
 from fastblt.engines.base import Backend
 from fastblt.errors import InternalError
-from fastblt.export.spec import CROSS, PAST, StepSpec, max_step, named_kv
-from fastblt.runtime.caches import KV, LinearCache, RowCaches
+from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, StepSpec, max_step, named_kv
+from fastblt.runtime.caches import KV, LinearCache, RowCaches, round_up
 
 R = TypeVar("R")
 Outputs = dict[str, Tensor]
@@ -148,15 +148,15 @@ class StepRunner:
         rows, first = calls[0].state.rows, calls[0].state.row
         return all(c.state.rows is rows and c.state.row == first + i for i, c in enumerate(calls))
 
-    def _gather(self, key: str, parts: list[KV]) -> KV:
+    def _gather(self, key: str, parts: list[KV], min_slots: int = 0) -> KV:
         """Per layer (k, v): the calls' caches (each (1, ..., slots_i, d)) stacked into scratch rows,
-        each padded to the widest along the slot axis."""
+        each padded to the widest along the slot axis (and to at least `min_slots`)."""
         out = []
         for layer in range(len(parts[0])):
             pair = []
             for j in range(2):
                 xs = [p[layer][j] for p in parts]
-                slots = max(x.shape[-2] for x in xs)
+                slots = max(min_slots, *(x.shape[-2] for x in xs))
                 shape = (len(xs), *xs[0].shape[1:-2], slots, xs[0].shape[-1])
                 buf = self._scratch_view(f"{key}.{layer}.{j}", shape, xs[0].dtype)
                 for i, x in enumerate(xs):
@@ -190,7 +190,8 @@ class StepRunner:
                 feeds |= first.rows.feeds(None, True, first.row, first.row + 1)
         else:  # caches sized per sequence: gathered into scratch rows, written slots copied back
             own = [c.state.linear[plan.stack].for_step(max(c.at + (c.size if plan.writes else 0), 1)) for c in calls]
-            scratch = self._gather(f"{step}.past", own)
+            size = max(c.size for c in calls) if plan.writes else 0  # padded positions are written too
+            scratch = self._gather(f"{step}.past", own, round_up(max(c.at for c in calls) + size, PAST_BUCKET))
             feeds = named_kv(PAST, scratch)
             if plan.writes:
                 gathered.append((scratch, own, [slice(c.at, c.at + c.size) for c in calls]))

@@ -6,12 +6,12 @@
     for chunk in g.stream("def main(", mode="blt-d"): print(chunk, end="")
 
 Threads: a Generator may be shared by several threads. Every call gets its own SequenceState
-(host state and static caches, taken from a small pool so big buffers are not reallocated per
-call), and the backend is shared behind one lock per backend: each step graph call plus the
-copy of its outputs into the calling state's buffers holds the lock (backends own their output
-buffers), so calls interleave step by step and never see each other's data. Calls on one
-Generator therefore share the backend's cores; for parallel throughput create one Generator
-per worker. Host time in the statistics includes time spent waiting for that lock.
+(host state and caches, taken from a small pool so big buffers are not reallocated per call),
+and the backend is shared behind its step locks: each step graph call plus the copy of its
+outputs holds its step's lock (backends own their output buffers), so calls interleave step by
+step and never see each other's data, one sequence per step call. For throughput across many
+requests, batch them (batch.py, async_engine.py). Host time in the statistics includes time
+spent waiting for the locks.
 """
 
 from __future__ import annotations

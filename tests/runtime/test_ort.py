@@ -129,3 +129,16 @@ def test_batched_requests_on_ort_equal_batch_one(ort_gen):
         got = [t.result(120).ids for t in tickets]
         assert batch.stats.rows["decoder"] > batch.stats.calls["decoder"]
     assert got == want
+
+
+def test_a_padded_global_step_on_ort_is_bit_exact(ort_gen):
+    """A row of a global call padded with another row's patches and a wider gathered cache writes
+    exactly what it writes alone."""
+    from test_batch import padded_global_step
+
+    a, alone = padded_global_step(ort_gen)
+    for (k, v), (k1, v1) in zip(a.linear["global"].kv, alone.linear["global"].kv, strict=True):
+        assert torch.equal(k[:, :, 62], k1[:, :, 62]) and torch.equal(v[:, :, 62], v1[:, :, 62])
+    for (k, v), (k1, v1) in zip(a.rows.cross, alone.rows.cross, strict=True):
+        slot = 62 % k.shape[2]
+        assert torch.equal(k[0, :, slot], k1[0, :, slot]) and torch.equal(v[0, :, slot], v1[0, :, slot])
