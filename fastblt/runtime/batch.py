@@ -318,11 +318,15 @@ class BatchEngine:
                 self._advance(seq, call.outputs)
 
     def _groups(self, step: str, seqs: list[_Sequence]) -> list[list[_Sequence]]:
-        """Backend calls for one step: one per (size, run of consecutive rows); a step with a
-        gathered cache (the global step) runs all its sequences in one call."""
-        if not self.runner.specs[step].ring:
-            return [seqs]
+        """Backend calls for one step: one per (size, run of consecutive rows). A step with a
+        gathered cache (the global step) takes any rows, padded to its widest: one call per
+        power-of-two bin of sizes, so a decoding row (one patch) is never padded to a prefilling
+        row's eight (every padded patch is computed through every layer)."""
         by_size: dict[int, list[_Sequence]] = {}
+        if not self.runner.specs[step].ring:
+            for seq in seqs:
+                by_size.setdefault(1 << (seq.pending.size - 1).bit_length(), []).append(seq)
+            return list(by_size.values())
         for seq in seqs:
             by_size.setdefault(seq.pending.size, []).append(seq)
         groups = []
