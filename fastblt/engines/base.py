@@ -39,6 +39,8 @@ class Backend(ABC):
     device: torch.device = torch.device("cpu")
     # whether two different steps may run at once from two threads (each has its own buffers)
     concurrent_steps: bool = False
+    # the most rows (sequences) one call may carry, once active; None: no bound of the backend's own
+    max_rows: int | None = None
 
     def __init__(self, specs: dict[str, StepSpec]):
         self.specs = specs

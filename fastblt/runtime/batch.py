@@ -167,6 +167,11 @@ class BatchEngine:
         if not isinstance(max_queue, int) or max_queue < 0:
             raise InputError(f"max_queue: expected an int >= 0, got {max_queue!r}")
         backend, config = engine.backend, engine.config
+        if backend.max_rows is not None and max_batch > backend.max_rows:
+            raise InputError(
+                f"max_batch {max_batch}: the {backend.name} backend's engines take at most {backend.max_rows} rows "
+                f"per call; lower max_batch or rebuild them with `fastblt build --max-batch {max_batch}`"
+            )
         self.engine, self.config = engine, config
         self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
         self.backend_name, self.params = backend_name or backend.name, params or {}

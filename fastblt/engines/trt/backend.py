@@ -272,6 +272,8 @@ class TrtBackend(Backend):
                 runners[step] = StepRunner(spec, engine, profiles, self.device, stream, on_stream, sync, allocation)
                 self.manifests[step] = manifest
         self.runners = runners
+        # every step must take a batch's rows: the smallest of the steps' largest profile batch
+        self.max_rows = min(max(p.dims["batch"].max for p in r.profiles) for r in runners.values())
 
     def _run_step_impl(self, step: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.runners[step].run(feeds)

@@ -352,3 +352,25 @@ def test_trt_backend_on_a_gpu(tmp_path, model):
         random_cases(specs, model), TorchBackend(specs, model), {"trt": trt_backend.TrtBackend(specs, art)}, GraphRun()
     )
     assert report.compared > 0 and bool(report), report.failures()[:5]
+
+
+def test_a_batch_engine_fits_its_rows_to_the_engines_profiles(fake_env, model):
+    """Engines built for 2 rows serve a batch of 2 (each request as it runs alone on torch) and
+    refuse a batch of 3 up front, saying how to rebuild."""
+    from fastblt.runtime.batch import BatchEngine
+    from fastblt.runtime.engine import Engine
+    from fastblt.runtime.generator import Generator
+    from fastblt.runtime.options import make_request
+
+    _, art, specs = fake_env
+    engine = Engine(trt_backend.TrtBackend(specs, art, device="cpu"), model.config)
+    assert engine.backend.max_rows == 2
+    with pytest.raises(InputError, match=r"max_batch 3: .* at most 2 rows .*`fastblt build --max-batch 3`"):
+        BatchEngine(engine, max_batch=3)
+    ref = Generator(model, backend=Engine(TorchBackend(specs, model), model.config))
+    prompts = ["def main(", "import os", "x = 1"]
+    with BatchEngine(engine, max_batch=2) as batch:
+        tickets = [batch.submit(make_request(p, model.config, "ar", 10, stop_on_eos=False)) for p in prompts]
+        got = [t.result(120).ids for t in tickets]
+        assert batch.stats.rows["decoder"] > batch.stats.calls["decoder"]
+    assert got == [ref.generate(p, mode="ar", max_bytes=10, stop_on_eos=False).ids for p in prompts]
