@@ -80,7 +80,7 @@ def _summary(out: Path, manifest: dict, up_to_date: bool, seconds: float) -> dic
     show_default=True,
     help="Most positions per step call (prefill chunk, k+1, a block); windowed caches hold window + this.",
 )
-@click.option("--max-batch", type=int, default=8, show_default=True, help="Largest batch (dynamic dim bound).")
+@click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch (dynamic dim bound).")
 @deprecated_option("--max-context", "caches follow the context up to the model's limit")
 @deprecated_option("--max-patches", "the global cache follows the context up to the model's limit")
 @click.option("--force", is_flag=True, help="Replace an output directory that holds a different export.")

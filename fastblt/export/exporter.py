@@ -55,7 +55,7 @@ class ExportOptions:
     dtype: str = "float32"  # "float32" | "float16" | "bfloat16" (or fp32/fp16/bf16)
     opset: int = DEFAULT_OPSET
     max_step: int = DEFAULT_MAX_STEP  # positions per step call (sets the rings' sizes, export/spec.py)
-    max_batch: int = 8  # upper bound of the dynamic batch dim (TensorRT profiles)
+    max_batch: int = 64  # upper bound of the dynamic batch dim (TensorRT profiles; a batch engine's rows)
     external_data_bytes: int = field(default=EXTERNAL_DATA_BYTES, compare=False)
 
     def __post_init__(self) -> None:

@@ -40,7 +40,7 @@ def test_manifest_describes_every_graph(fp32_export, ckpt_dir, ref_model):
     m = read_manifest(fp32_export)
     assert m["checkpoint"]["hash"] == checkpoint_hash(ckpt_dir)
     assert BltConfig.from_dict(m["checkpoint"]["config"]) == ref_model.config
-    assert m["options"] == {"dtype": "float32", "opset": 24, "max_step": MAX_STEP, "max_batch": 8}
+    assert m["options"] == {"dtype": "float32", "opset": 24, "max_step": MAX_STEP, "max_batch": 64}
     assert {"torch", "onnx", "onnxscript", "onnxruntime", "fastblt"} <= set(m["versions"])
     assert m["dims"]["new"] == {"min": 1, "max": MAX_STEP}
     assert m["dims"]["past"] == {"min": 1, "max": 4096}  # the global model's position limit
@@ -100,7 +100,7 @@ def test_force_replaces_atomically(fp32_export, ckpt_dir, tmp_path, monkeypatch,
     code, _, err = run_cli(_export_args(ckpt_dir, out, "--max-batch", "2", "--force"), monkeypatch, capsys)
     assert code == 0, err
     m = read_manifest(out)
-    assert m["options"]["max_batch"] == 2 and real["options"]["max_batch"] == 8
+    assert m["options"]["max_batch"] == 2 and real["options"]["max_batch"] == 64
     assert _leftovers(tmp_path, "exp") == []
 
 
