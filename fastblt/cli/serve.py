@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 
@@ -24,7 +27,7 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=16, show_default=True,
               help="Requests decoding at once (rows of every batched step call).")  # fmt: skip
 @click.option("--max-queue", type=click.IntRange(0), default=256, show_default=True,
-              help="Requests waiting for a row; past it, 429 with Retry-After.")  # fmt: skip
+              help="Requests waiting for a row (--ray: in each proxy); past it, 429 with Retry-After.")  # fmt: skip
 @click.option("--mode", type=click.Choice(MODES), default="blt-s", show_default=True,
               help="Mode of a request that names none (blt-s: greedy output is ar's).")  # fmt: skip
 @click.option("--api-key", default=None, envvar="FASTBLT_API_KEY",
@@ -41,9 +44,22 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
               help="On SIGTERM/SIGINT: seconds to let requests in flight finish.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)  # fmt: skip
+@click.option("--ray", "use_ray", is_flag=True, help="Serve as replicas of a Ray Serve deployment (docs/scale-out.md).")
+@click.option("--ray-address", default=None, help="--ray: a running cluster's address [default: start a local one].")
+@click.option("--replicas", type=click.IntRange(1), default=None, help="--ray: this many replicas [default: 1].")
+@click.option("--min-replicas", type=click.IntRange(0), default=None,
+              help="--ray: autoscale from this many replicas [default: 1] ...")  # fmt: skip
+@click.option("--max-replicas", type=click.IntRange(1), default=None, help="--ray: ... up to this many.")
+@click.option("--target-ongoing-requests", type=click.FloatRange(0, min_open=True), default=None,
+              help="--ray, autoscaling: requests per replica to scale to [default: --max-batch].")  # fmt: skip
+@click.option("--num-cpus", type=click.FloatRange(0), default=None, help="--ray: CPUs per replica [default: 1].")
+@click.option("--num-gpus", type=click.FloatRange(0), default=None, help="--ray: GPUs per replica [default: 0].")
+@click.option("--print-config", is_flag=True,
+              help="--ray: write the equivalent Serve config (YAML, for `serve deploy`) and exit.")  # fmt: skip
 def serve(
     checkpoint, backend, artifacts, host, port, max_batch, max_queue, mode, api_key, model_name, max_body,
-    max_context, threads, device, graceful_timeout, log_level,
+    max_context, threads, device, graceful_timeout, log_level, use_ray, ray_address, replicas, min_replicas,
+    max_replicas, target_ongoing_requests, num_cpus, num_gpus, print_config,
 ):  # fmt: skip
     """Serve completions over HTTP, OpenAI-compatible, with continuous batching.
 
@@ -60,20 +76,46 @@ def serve(
            -d '{"model": "fastblt-default", "prompt": "def main(", "max_tokens": 64, "temperature": 0}'
 
     SIGTERM stops taking requests, lets those in flight finish, then exits 0.
+
+    \b
+    With --ray, the same server runs as replicas of a Ray Serve deployment behind
+    Ray Serve's HTTP proxy on --host/--port (docs/scale-out.md):
+      fastblt serve --ray --replicas 2 --max-batch 16
+      fastblt serve --ray --ray-address HEAD_IP:6379 --min-replicas 1 --max-replicas 8 --host 0.0.0.0
+      fastblt serve --ray --replicas 4 --print-config > fastblt.yaml   # then: serve deploy fastblt.yaml
     """
-    import uvicorn
+    ray_opts = {"--ray-address": ray_address, "--replicas": replicas, "--min-replicas": min_replicas,
+                "--max-replicas": max_replicas, "--target-ongoing-requests": target_ongoing_requests,
+                "--num-cpus": num_cpus, "--num-gpus": num_gpus, "--print-config": print_config or None}  # fmt: skip
+    if not use_ray and (given := [flag for flag, v in ray_opts.items() if v is not None]):
+        raise click.UsageError(f"{given[0]} applies only with --ray")
+    scaling = _scaling(replicas, min_replicas, max_replicas, target_ongoing_requests, num_cpus, num_gpus,
+                       graceful_timeout) if use_ray else None  # fmt: skip
+    if print_config and ray_address is not None:
+        raise click.UsageError("--print-config starts nothing: give the address to `serve deploy --address` instead")
 
-    from fastblt.cli.progress import first_use_notice
-
-    _Server = _server_class()
     from fastblt.formats.checkpoint import load_config, resolve_checkpoint_path
-    from fastblt.runtime.async_engine import AsyncEngine
-    from fastblt.serve.app import ServeSettings, create_app
 
     path = resolve_checkpoint_path(checkpoint)
     name = model_name or f"fastblt-{'default' if checkpoint == 'default' else path.name}"
     if max_context is None:  # a request that cannot fit is refused before it runs, not past 16 KB of work
         max_context = BYTES_PER_PATCH * load_config(path).global_model.max_positions
+    if use_ray:
+        server = {"checkpoint": checkpoint if checkpoint == "default" else str(path.resolve()), "backend": backend,
+                  "artifacts": str(Path(artifacts).resolve()) if artifacts else None, "max_batch": max_batch,
+                  "max_queue": max_queue, "max_context": max_context, "threads": threads, "device": device,
+                  "mode": mode, "model_name": name, "api_key": api_key, "max_body": max_body}  # fmt: skip
+        _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config)
+        return
+
+    import uvicorn
+
+    from fastblt.cli.progress import first_use_notice
+
+    _Server = _server_class()
+    from fastblt.runtime.async_engine import AsyncEngine
+    from fastblt.serve.app import ServeSettings, create_app
+
     click.echo(f"fastblt serve: loading {checkpoint} on {backend} (max_batch {max_batch})", err=True)
     engine = AsyncEngine(
         checkpoint, backend, max_batch=max_batch, max_queue=max_queue, artifacts=artifacts, max_context=max_context,
@@ -87,6 +129,74 @@ def serve(
         _Server(config).run()
     finally:
         engine.close()
+
+
+def _scaling(replicas, min_replicas, max_replicas, target, num_cpus, num_gpus, graceful_timeout) -> dict:
+    """DeploymentOptions' fields from --ray's options, or a usage error naming the flags."""
+    autoscaling = min_replicas is not None or max_replicas is not None
+    if replicas is not None and autoscaling:
+        raise click.UsageError("--replicas and --min-replicas/--max-replicas: give a fixed count or a range, not both")
+    if autoscaling and max_replicas is None:
+        raise click.UsageError("--min-replicas needs --max-replicas (the most replicas autoscaling may start)")
+    if autoscaling and min_replicas is not None and min_replicas > max_replicas:
+        raise click.UsageError(f"--min-replicas {min_replicas} is more than --max-replicas {max_replicas}")
+    if target is not None and not autoscaling:
+        raise click.UsageError("--target-ongoing-requests applies only with --min-replicas/--max-replicas")
+    return {"replicas": None if autoscaling else (replicas or 1), "min_replicas": min_replicas,
+            "max_replicas": max_replicas, "target_ongoing_requests": target,
+            "num_cpus": 1.0 if num_cpus is None else num_cpus, "num_gpus": 0.0 if num_gpus is None else num_gpus,
+            "graceful_timeout": graceful_timeout}  # fmt: skip
+
+
+def _serve_on_ray(server: dict, scaling: dict, address: str | None, host: str, port: int, log_level: str,
+                  print_config: bool) -> None:  # fmt: skip
+    """Deploy on Ray Serve and block until SIGTERM/SIGINT (or, with print_config, print its config)."""
+    from fastblt.errors import BackendUnavailable
+
+    try:
+        from fastblt.serve import ray_serve
+    except ImportError as e:
+        raise BackendUnavailable(f"--ray needs Ray Serve ({e}); install it: pip install 'fastblt[ray]'") from None
+    opts, deploy = ray_serve.ServerOptions(**server), ray_serve.DeploymentOptions(**scaling)
+    if print_config:
+        import yaml
+
+        if opts.api_key is not None:
+            click.echo("note: the API key is not written to the config; add it to the args of your copy", err=True)
+        config = ray_serve.serve_config(opts, deploy, host, port)
+        click.echo("# fastblt serve --ray as a Ray Serve config: serve deploy this-file.yaml (docs/scale-out.md)")
+        click.echo(yaml.safe_dump(config, sort_keys=False), nl=False)
+        return
+    where = address or "a local cluster (127.0.0.1)"
+    click.echo(f"fastblt serve: deploying {server['model_name']!r} on Ray at {where}", err=True)
+    # a local cluster offers what the replicas reserve, even past this machine's cores: the user asked for them
+    cpus = max(os.cpu_count() or 1, deploy.most_replicas * deploy.num_cpus)
+    cluster = ray_serve.connect(address, cpus_per_node=cpus)
+    # after connecting: ray.init installs its own SIGTERM handler, which aborts the process
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        t0 = time.monotonic()
+        ray_serve.deploy(opts, deploy, host, port, log_level=log_level)
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        while not stop.is_set():
+            try:
+                ray_serve.wait_ready(url, deploy.initial_replicas, timeout=60.0, stop=stop)
+            except TimeoutError:  # replicas that cannot be placed wait for resources, and say so
+                click.echo(f"fastblt serve: still waiting for replicas: {ray_serve.status()}", err=True)
+                continue
+            if not stop.is_set():
+                ready = f"{deploy.initial_replicas} replica(s) ready in {time.monotonic() - t0:.1f} s"
+                where = f"model {server['model_name']!r} at http://{host}:{port}/v1 (Ray Serve)"
+                click.echo(f"fastblt serve: {ready}; {where}", err=True)
+            break
+        stop.wait()
+        click.echo("fastblt serve: stopping (requests in flight finish first)", err=True)
+    finally:
+        ray_serve.undeploy(cluster)
+        for sig, handler in previous.items():
+            if handler is not None:  # None: a handler installed from C, which Python cannot reinstall
+                signal.signal(sig, handler)
 
 
 def _server_class():

@@ -36,6 +36,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
+        self._own_log = log is None  # a temporary log is removed when the server stops
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> ServerProcess:
@@ -61,7 +62,10 @@ class ServerProcess:
         raise RuntimeError(f"fastblt serve not ready after {self.ready_timeout} s:\n{self.output()}")
 
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""
+        """The end of the server's output so far."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-4000:]
 
     def signal(self, sig: int) -> None:
         """Send `sig` to the server's process group."""
@@ -79,6 +83,8 @@ class ServerProcess:
             self.signal(signal.SIGKILL)
             self.proc.wait(10)
         self._log.close()
+        if self._own_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
         return self.proc.returncode
 
     def __enter__(self) -> ServerProcess:

@@ -1,0 +1,465 @@
+"""`fastblt serve --ray`: the same server as replicas of a Ray Serve deployment.
+
+Each replica builds one AsyncEngine (loaded once, when the replica starts; the export cache on disk
+is shared where the nodes share a filesystem) and serves `create_app`'s FastAPI app unchanged
+through `@serve.ingress`: every endpoint, error and stream is `fastblt serve`'s. Ray Serve's HTTP
+proxy routes each request to a replica; `x-fastblt-replica` names the one that answered
+("app#deployment#id", Ray's full replica id less its prefix), and `/metrics` answers with that
+replica's registry. Each replica also copies its registry into Ray's metrics every few seconds, so
+Ray's per-node Prometheus endpoint has every replica's series (`ray_fastblt_*{replica=...}`).
+
+    ServerOptions      what each replica runs (a Serve config's `args`)
+    DeploymentOptions  how many replicas, what each reserves (the config's deployment entry)
+    build(args)        the config's import_path, fastblt.serve.ray_serve:build
+    serve_config(...)  the config `fastblt serve --ray --print-config` writes
+    connect / deploy / wait_ready / undeploy   what `fastblt serve --ray` does, in order
+    RayServer          a local cluster with the app deployed on 127.0.0.1, for tests and benchmarks
+
+Docs: docs/scale-out.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+from ray.serve.metrics import Gauge
+
+from fastblt.errors import ConfigError, FastBltError
+from fastblt.runtime.async_engine import AsyncEngine
+from fastblt.serve.app import ServeSettings, create_app
+from fastblt.serve.process import free_port
+
+APP = "fastblt"
+DEPLOYMENT = "FastBlt"
+IMPORT_PATH = "fastblt.serve.ray_serve:build"
+ACTOR_PREFIX = "SERVE_REPLICA::"  # a replica's actor is named this + its full id, in namespace "serve"
+LOOPBACK = "127.0.0.1"
+MIRROR_EVERY_S = 5.0  # how often a replica copies its registry into Ray's metrics (Ray exports every 10 s)
+# Serve notices a dead replica at its next health check (Ray's default: every 10 s) and only then
+# starts another; a check is one small RPC.
+HEALTH_CHECK_S = 2.0
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What each replica serves: `fastblt serve`'s options for one engine and its app."""
+
+    checkpoint: str = "default"  # "default" or a directory at the same path on every node
+    backend: str = "ort"
+    artifacts: str | None = None
+    max_batch: int = 16
+    max_queue: int = 256  # requests waiting in each proxy's router for a replica (then 429)
+    max_context: int | None = None
+    threads: int | None = None
+    device: str | None = None
+    mode: str = "blt-s"
+    model_name: str = "fastblt-default"
+    api_key: str | None = None
+    max_body: int = 1 << 20
+    retry_after: int = 1  # seconds, in a 429's Retry-After
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> ServerOptions:
+        """From a Serve config's `args` (an unknown key is a ConfigError naming it)."""
+        args = dict(args or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(args) - known):
+            expected = ", ".join(sorted(known))
+            raise ConfigError(f"args: unknown option(s) {', '.join(unknown)}; expected some of {expected}")
+        return cls(**args)
+
+    def to_args(self) -> dict[str, Any]:
+        """The options that differ from the defaults, as a Serve config's `args`."""
+        default = ServerOptions()
+        return {k: v for k, v in dataclasses.asdict(self).items() if v != getattr(default, k)}
+
+
+@dataclass(frozen=True)
+class DeploymentOptions:
+    """How many replicas there are and what each reserves on its node.
+
+    A fixed count (`replicas`), or autoscaling between `min_replicas` and `max_replicas` on the
+    requests each replica holds (`target_ongoing_requests`; default: one full batch).
+    """
+
+    replicas: int | None = 1
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    graceful_timeout: float = 60.0  # seconds a stopping replica lets its requests finish
+
+    def __post_init__(self) -> None:
+        lo, hi = self.min_replicas, self.max_replicas
+        if self.replicas is not None and (lo is not None or hi is not None):
+            raise ConfigError("replicas: give a fixed count or min/max replicas (autoscaling), not both")
+        if self.replicas is None and hi is None:
+            raise ConfigError("max_replicas: autoscaling needs an upper bound")
+        if self.replicas is not None and self.replicas < 1:
+            raise ConfigError(f"replicas: expected >= 1, got {self.replicas}")
+        if hi is not None and not (hi >= 1 and 0 <= (lo or 0) <= hi):
+            raise ConfigError(f"min_replicas, max_replicas: expected 0 <= min <= max and max >= 1, got {lo}, {hi}")
+        if self.target_ongoing_requests is not None and self.replicas is not None:
+            raise ConfigError("target_ongoing_requests: applies only to autoscaling (min/max replicas)")
+        if self.target_ongoing_requests is not None and self.target_ongoing_requests <= 0:
+            raise ConfigError(f"target_ongoing_requests: expected > 0, got {self.target_ongoing_requests}")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError(f"num_cpus, num_gpus: expected >= 0, got {self.num_cpus}, {self.num_gpus}")
+
+    @property
+    def initial_replicas(self) -> int:
+        """Replicas running once the deployment is up."""
+        return self.replicas if self.replicas is not None else (1 if self.min_replicas is None else self.min_replicas)
+
+    @property
+    def most_replicas(self) -> int:
+        return self.replicas if self.replicas is not None else self.max_replicas
+
+    def entry(self, server: ServerOptions) -> dict[str, Any]:
+        """The deployment's entry in a Serve config (less `name`, its `.options()` here)."""
+        entry: dict[str, Any] = {"name": DEPLOYMENT}
+        if self.replicas is None:
+            entry["autoscaling_config"] = {
+                "min_replicas": 1 if self.min_replicas is None else self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests or server.max_batch,
+            }
+        else:
+            entry["num_replicas"] = self.replicas
+        # A replica holds one batch decoding and one waiting, so a freed row refills without a trip
+        # through the router; the rest wait in the router of the proxy they came to (max_queue,
+        # then 429), which hands each to the first replica with room, on any node.
+        entry["max_ongoing_requests"] = 2 * server.max_batch
+        entry["max_queued_requests"] = server.max_queue
+        entry["backpressure_config"] = {"status_code": 429, "retry_after_s": server.retry_after}
+        entry["graceful_shutdown_timeout_s"] = self.graceful_timeout
+        entry["health_check_period_s"] = HEALTH_CHECK_S
+        entry["ray_actor_options"] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        return entry
+
+
+# ---------------------------------------------------------------------------- the replica
+def replica_name(replica_id: Any) -> str:
+    """'app#deployment#id' of a Serve ReplicaID; its actor is named ACTOR_PREFIX + this."""
+    return replica_id.to_full_id_str().removeprefix(ACTOR_PREFIX)
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress()
+class FastBltReplica:
+    """One replica: one AsyncEngine behind `create_app`'s app, named by its Serve replica id."""
+
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.name = replica_name(serve.get_replica_context().replica_id)
+
+    async def __serve_build_asgi_app__(self) -> FastAPI:
+        o, t0 = self.options, time.perf_counter()
+        # Loaded here rather than in the app's lifespan: an error here reaches the deployment's
+        # status with its message (a failed lifespan is only "ASGI lifespan startup failed").
+        engine = await asyncio.to_thread(
+            AsyncEngine, o.checkpoint, o.backend, max_batch=o.max_batch, max_queue=o.max_queue,
+            max_context=o.max_context, artifacts=o.artifacts, threads=o.threads, device=o.device,
+        )  # fmt: skip
+        log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)
+        settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_key=o.api_key, max_body=o.max_body,
+                                 retry_after=o.retry_after, replica=self.name)  # fmt: skip
+        app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown
+        self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
+        return app
+
+
+async def mirror_metrics(app: FastAPI, every: float = MIRROR_EVERY_S) -> None:
+    """Copy the app's /metrics into Ray's metrics (as gauges tagged with this replica) forever."""
+    gauges: dict[str, Gauge] = {}
+    while True:
+        await asyncio.sleep(every)
+        try:
+            for family in text_string_to_metric_families((await asgi_get(app, "/metrics")).decode()):
+                for s in family.samples:
+                    if s.name not in gauges:
+                        gauges[s.name] = Gauge(s.name, family.documentation, tag_keys=tuple(sorted(s.labels)))
+                    gauges[s.name].set(s.value, tags=dict(s.labels))
+        except Exception as e:  # an export problem must never stop the replica serving
+            log.warning("fastblt replica: metrics not mirrored to Ray: %r", e)
+
+
+async def asgi_get(app: Any, path: str) -> bytes:
+    """The body of GET `path` from an ASGI app, in this process (no socket)."""
+    body = bytearray()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
+             "client": (LOOPBACK, 0), "server": (LOOPBACK, 0)}  # fmt: skip
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            body.extend(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return bytes(body)
+
+
+# ---------------------------------------------------------------------------- deploying
+def deployment(server: ServerOptions, deploy: DeploymentOptions | None = None) -> serve.Application:
+    """The bound application: `server` on every replica, scaled as `deploy` says."""
+    entry = (deploy or DeploymentOptions()).entry(server)
+    del entry["name"]
+    return FastBltReplica.options(**entry).bind(server)
+
+
+def build(args: dict[str, Any]) -> serve.Application:
+    """The Serve config's application builder (import_path fastblt.serve.ray_serve:build).
+
+    `args` are ServerOptions' fields; the config's `deployments` entry sets replicas and resources.
+    """
+    return deployment(ServerOptions.from_args(args))
+
+
+def serve_config(server: ServerOptions, deploy: DeploymentOptions, host: str = LOOPBACK, port: int = 8000,
+                 proxy_location: str = "EveryNode") -> dict[str, Any]:  # fmt: skip
+    """The Serve config (`serve deploy FILE`) that deploys what `fastblt serve --ray` would.
+
+    The API key is not written (a config file tends to be shared); give it to the replicas as
+    the builder's `api_key` arg in a copy you keep to yourself.
+    """
+    args = {k: v for k, v in server.to_args().items() if k != "api_key"}
+    app = {"name": APP, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args,
+           "deployments": [deploy.entry(server)]}  # fmt: skip
+    return {"proxy_location": proxy_location, "http_options": {"host": host, "port": port}, "applications": [app]}
+
+
+@contextlib.contextmanager
+def loopback_driver() -> Iterator[None]:
+    """Let `ray.init(address="127.0.0.1:port")` reach a cluster that listens on loopback only.
+
+    ray.init replaces a loopback address by the machine's IP, where such a cluster does not
+    listen, unless Ray's multi-machine mode is off (as RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 sets it
+    when ray is imported); it is off only while this driver connects.
+    """
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # else ray.init would wait for the cluster forever
+        raise FastBltError(f"ray {ray.__version__}: no way to keep a local cluster on 127.0.0.1; use --ray-address")
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def connect(address: str | None = None, nodes: int = 1, cpus_per_node: float | None = None,
+            gpus: int | None = None) -> Any:  # fmt: skip
+    """Connect this process to the Ray cluster at `address`, or start a local one and connect.
+
+    A local cluster listens on 127.0.0.1 only (no other machine can join it) and has `nodes`
+    raylets of `cpus_per_node` logical CPUs each (default: this machine's CPUs); the head offers
+    `gpus` GPUs (default: those torch sees), the others none. Returns the local cluster (give it
+    to `undeploy`), or None for a cluster at `address`.
+    """
+    if address is not None:
+        check_reachable(address)
+        ray.init(address=address, log_to_driver=False)
+        return None
+    import torch
+    from ray.cluster_utils import Cluster
+
+    cpus = os.cpu_count() if cpus_per_node is None else cpus_per_node
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    node = {"num_cpus": cpus, "num_gpus": gpus, "node_ip_address": LOOPBACK, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=node)
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=cpus, num_gpus=0, node_ip_address=LOOPBACK)
+        with loopback_driver():
+            ray.init(address=cluster.address, log_to_driver=False)
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A FastBltError unless something listens at a "host:port" address (ray.init would wait for
+    an absent cluster for minutes); "auto", "ray://..." and other forms are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise FastBltError(
+            f"ray address {address}: nothing answers there ({e}); is `ray start --head` running?"
+        ) from None
+
+
+def deploy(server: ServerOptions, options: DeploymentOptions, host: str = LOOPBACK, port: int = 8000,
+           proxy_location: str = "EveryNode", log_level: str = "INFO") -> None:  # fmt: skip
+    """Start Serve's proxies on host:port (unless Serve already runs) and deploy, without waiting."""
+    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
+    target = serve.RunTarget(deployment(server, options), name=APP, route_prefix="/",
+                             logging_config={"log_level": log_level.upper()})  # fmt: skip
+    serve.run_many([target], wait_for_applications_running=False)
+
+
+def status() -> dict[str, Any]:
+    """The app's Serve status: {"status": "RUNNING", "message": ..., "replicas": {"RUNNING": 2, ...}}."""
+    app = serve.status().applications.get(APP)
+    if app is None:
+        return {"status": "NOT_DEPLOYED", "message": "", "replicas": {}}
+    dep = app.deployments.get(DEPLOYMENT)
+    replicas = {_value(k): v for k, v in dep.replica_states.items()} if dep is not None else {}
+    message = (dep.message if dep is not None else "") or app.message  # the deployment's has the replica's error
+    return {"status": _value(app.status), "message": message, "replicas": replicas}
+
+
+def _value(e: Any) -> str:
+    return str(getattr(e, "value", e))
+
+
+def wait_ready(url: str, replicas: int, timeout: float, stop: threading.Event | None = None) -> float:
+    """Wait until `replicas` replicas run and `url`/health answers 200 (or `stop` is set); the
+    seconds it took.
+
+    Raises FastBltError when the deployment fails (naming the replica's error), TimeoutError past
+    `timeout`.
+    """
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and not (stop is not None and stop.is_set()):
+        st = status()
+        if st["status"] == "DEPLOY_FAILED":
+            last = next((line for line in reversed(st["message"].splitlines()) if line.strip()), "no message")
+            raise FastBltError(f"ray serve: deployment failed: {last.strip()}")  # a traceback's last line: the error
+        # with no replica yet (autoscaling from 0), /health would wait for the first one to start
+        if (
+            st["status"] == "RUNNING"
+            and st["replicas"].get("RUNNING", 0) >= replicas
+            and (replicas == 0 or _healthy(url))
+        ):
+            return time.monotonic() - t0
+        time.sleep(0.25)
+    if stop is not None and stop.is_set():
+        return time.monotonic() - t0
+    raise TimeoutError(f"ray serve: not ready after {timeout:.0f} s: {status()}")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def undeploy(cluster: Any = None) -> None:
+    """Delete the app (letting requests in flight finish); with a local `cluster`, stop Serve,
+    disconnect and stop its nodes. Safe after a failed start."""
+    try:
+        if ray.is_initialized():
+            if cluster is None:
+                serve.delete(APP)
+            elif _still_alive(cluster):
+                serve.shutdown()
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+
+
+def _still_alive(cluster: Any, within: float = 1.0) -> bool:
+    """Whether a local cluster's head processes stay alive for `within` s: a signal sent to this
+    process's group reaches them too, and then Serve cannot be shut down (it would wait 30 s)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not cluster.head_node.remaining_processes_alive():
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def replicas() -> list[str]:
+    """The names (as x-fastblt-replica gives them) of the replica actors alive now."""
+    prefix = f"{ACTOR_PREFIX}{APP}#{DEPLOYMENT}#"
+    return sorted(a["name"].removeprefix(ACTOR_PREFIX) for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and a["name"].startswith(prefix))  # fmt: skip
+
+
+def replica_actor(name: str) -> ray.actor.ActorHandle:
+    """The actor of the replica `x-fastblt-replica: name` came from (to inspect or kill it)."""
+    return ray.get_actor(ACTOR_PREFIX + name, namespace="serve")
+
+
+class RayServer:
+    """A local Ray cluster with the app deployed behind 127.0.0.1:<free port>.
+
+        with RayServer(ServerOptions(max_batch=16), DeploymentOptions(replicas=2), nodes=2) as srv:
+            srv.url  # Ray Serve's proxy, on the head node; srv.replicas(), srv.startup_seconds
+
+    Args:
+        server: what each replica serves.
+        deploy: replicas and what each reserves (default: one replica, one CPU).
+        nodes: Ray nodes on this machine (raylets of their own; the first is the head).
+        cpus_per_node: logical CPUs per node (default: enough for the most replicas, spread evenly).
+            One CPU per replica and per node puts each replica on a node of its own.
+        ready_timeout: seconds for every replica to run and /health to answer.
+    """
+
+    def __init__(self, server: ServerOptions | None = None, deploy: DeploymentOptions | None = None, nodes: int = 1,
+                 cpus_per_node: float | None = None, ready_timeout: float = 300.0):  # fmt: skip
+        self.server, self.deploy = server or ServerOptions(), deploy or DeploymentOptions()
+        need = self.deploy.most_replicas * self.deploy.num_cpus
+        self.nodes, self.cpus_per_node = nodes, cpus_per_node or max(1, math.ceil(need / nodes))
+        self.ready_timeout = ready_timeout
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.cluster: Any = None
+        self.startup_seconds: float | None = None  # cluster start, deploy, every replica ready
+
+    def start(self) -> RayServer:
+        t0 = time.perf_counter()
+        self.cluster = connect(None, self.nodes, self.cpus_per_node)
+        try:
+            deploy(self.server, self.deploy, LOOPBACK, self.port, proxy_location="HeadOnly", log_level="WARNING")
+            wait_ready(self.url, self.deploy.initial_replicas, self.ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.perf_counter() - t0
+        return self
+
+    def replicas(self) -> list[str]:
+        return replicas()
+
+    def stop(self) -> None:
+        """Stop Serve, disconnect and stop every node (safe twice, and after a failed start)."""
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            undeploy(cluster)
+
+    def __enter__(self) -> RayServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,229 @@
+"""`fastblt serve --ray`: the same server as Ray Serve replicas.
+
+Fast (no cluster): --print-config is a valid Serve config that deploys what the options say; the
+--ray options are checked together. On a local two-node cluster (127.0.0.1 only, one CPU per node
+so each replica has a node of its own): completions through Ray Serve's proxy equal
+Generator.generate, both replicas answer, each replica's metrics reach Ray's exporter, and a replica
+killed under load costs only clean, retryable failures of the requests it held, then comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from tiny import run_cli
+
+ray = pytest.importorskip("ray", reason="Ray Serve is the fastblt[ray] extra")
+import yaml  # noqa: E402 (comes with ray)
+from ray import serve  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from fastblt.errors import ConfigError  # noqa: E402
+from fastblt.serve import ray_serve  # noqa: E402
+from fastblt.serve.app import REPLICA_HEADER  # noqa: E402
+from fastblt.serve.process import ServerProcess  # noqa: E402
+from fastblt.serve.ray_serve import DeploymentOptions, RayServer, ServerOptions  # noqa: E402
+
+MODEL = "fastblt-default"
+MODES = ("ar", "blt-s", "blt-d", "blt-dv")
+
+
+# ---------------------------------------------------------------------------- no cluster
+def print_config(args: list[str], monkeypatch, capsys) -> dict:
+    code, out, err = run_cli(["serve", "--ray", *args, "--print-config"], monkeypatch, capsys)
+    assert code == 0, err
+    return yaml.safe_load(out)
+
+
+def test_print_config_is_a_serve_config_for_the_options(monkeypatch, capsys):
+    config = print_config(["--replicas", "3", "--max-batch", "8", "--mode", "ar", "--num-cpus", "2", "--num-gpus",
+                           "0.5", "--host", "0.0.0.0", "--port", "9000"], monkeypatch, capsys)  # fmt: skip
+    ServeDeploySchema.model_validate(config)  # what `serve deploy` reads
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 9000}
+    (app,) = config["applications"]
+    assert app["import_path"] == "fastblt.serve.ray_serve:build" and app["route_prefix"] == "/"
+    assert app["args"] == {"max_batch": 8, "mode": "ar", "max_context": 16384}
+    (dep,) = app["deployments"]
+    assert dep["name"] == "FastBlt" and dep["num_replicas"] == 3 and "autoscaling_config" not in dep
+    assert dep["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.5}
+    assert dep["max_ongoing_requests"] == 16 and dep["max_queued_requests"] == 256
+
+    module, attr = app["import_path"].split(":")
+    built = getattr(__import__(module, fromlist=[attr]), attr)(app["args"])
+    assert isinstance(built, serve.Application)
+    with pytest.raises(ConfigError, match="unknown option.*max_batc\\b"):
+        ray_serve.build({"max_batc": 8})
+
+
+def test_print_config_autoscales_and_keeps_the_key_out(monkeypatch, capsys):
+    config = print_config(["--min-replicas", "0", "--max-replicas", "4", "--max-batch", "6", "--api-key", "secret"],
+                          monkeypatch, capsys)  # fmt: skip
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    (dep,) = app["deployments"]
+    assert dep["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 6}
+    assert "num_replicas" not in dep and "api_key" not in app["args"]
+    config = print_config(["--max-replicas", "2", "--target-ongoing-requests", "3"], monkeypatch, capsys)
+    dep = config["applications"][0]["deployments"][0]
+    assert dep["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 3.0}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--replicas", "2"], "--replicas applies only with --ray"),
+        (["--print-config"], "--print-config applies only with --ray"),
+        (["--ray", "--replicas", "2", "--min-replicas", "1"], "not both"),
+        (["--ray", "--replicas", "2", "--max-replicas", "3"], "not both"),
+        (["--ray", "--min-replicas", "2"], "--min-replicas needs --max-replicas"),
+        (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "more than --max-replicas"),
+        (["--ray", "--target-ongoing-requests", "4"], "only with --min-replicas/--max-replicas"),
+        (["--ray", "--ray-address", "10.0.0.1:6379", "--print-config"], "starts nothing"),
+        (["--ray", "--replicas", "0"], "--replicas"),
+        (["--ray", "--num-cpus", "-1"], "--num-cpus"),
+    ],
+)
+def test_ray_options_are_checked_together(args, message, monkeypatch, capsys):
+    code, out, err = run_cli(["serve", *args], monkeypatch, capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert out == ""
+
+
+def test_deployment_options_refuse_what_serve_would_not_run():
+    for bad in ({"replicas": 2, "max_replicas": 3}, {"replicas": None}, {"replicas": None, "min_replicas": 3,
+                "max_replicas": 2}, {"target_ongoing_requests": 2.0}, {"num_cpus": -1.0}):  # fmt: skip
+        with pytest.raises(ConfigError):
+            DeploymentOptions(**bad)
+
+
+@pytest.mark.timeout(240)
+def test_the_command_serves_on_a_local_cluster_and_stops_cleanly(reference):
+    """`fastblt serve --ray` as a user runs it; stopped as ServerProcess stops anything (SIGTERM to its group)."""
+    with ServerProcess(["--ray", "--replicas", "1", "--max-batch", "2", "--threads", "1"], ready_timeout=180) as srv:
+        want = reference.generate("def main(", mode="blt-s", max_bytes=24, temperature=0.0).text
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="-", max_retries=0, timeout=60)
+        r = c.completions.with_raw_response.create(model=MODEL, prompt="def main(", max_tokens=24, temperature=0)
+        assert r.parse().choices[0].text == want
+        assert r.headers[REPLICA_HEADER].startswith("fastblt#FastBlt#")
+        deadline = time.monotonic() + 20  # /health answers a moment before the command says so
+        while "replica(s) ready" not in srv.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "replica(s) ready" in srv.output()
+        t0 = time.monotonic()
+        assert srv.stop() == 0 and time.monotonic() - t0 < 30
+
+
+# ---------------------------------------------------------------------------- a two-node cluster
+@pytest.fixture(scope="module")
+def ray_server():
+    with RayServer(ServerOptions(max_batch=4, threads=1), DeploymentOptions(replicas=2), nodes=2, cpus_per_node=1,
+                   ready_timeout=240) as srv:  # fmt: skip
+        yield srv
+
+
+async def complete(c: openai.AsyncOpenAI, prompt: str, mode: str, max_bytes: int, stream: bool) -> tuple[str, str]:
+    """(text, replica) of one greedy completion, streamed or not."""
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=max_bytes, temperature=0, extra_body={"mode": mode})
+    r = await c.completions.with_raw_response.create(stream=stream, **kw)
+    if not stream:
+        return r.parse().choices[0].text, r.headers[REPLICA_HEADER]
+    chunks = [ch async for ch in r.parse()]
+    assert chunks[-1].choices[0].finish_reason is not None  # a stream that ends, ends complete
+    return "".join(ch.choices[0].text for ch in chunks), r.headers[REPLICA_HEADER]
+
+
+def jobs(n: int, max_bytes: int, reference) -> list[tuple[str, str, bool, str]]:
+    """n distinct (prompt, mode, stream, expected text): a wrong answer can only be someone else's."""
+    out = []
+    for i in range(n):
+        prompt, mode = f"def job_{i}(x, y):\n    return", MODES[i % 4]
+        want = reference.generate(prompt, mode=mode, max_bytes=max_bytes, temperature=0.0).text
+        out.append((prompt, mode, i % 3 == 0, want))
+    return out
+
+
+def answer_as_generate(srv: RayServer, reference) -> None:
+    """16 concurrent requests (4 a batch, 8 a replica at most) equal Generator's; both replicas answer."""
+    todo = jobs(16, 48, reference)
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="-", max_retries=0, timeout=120) as c:
+            return await asyncio.gather(*[complete(c, p, m, 48, s) for p, m, s, _ in todo])
+
+    got = asyncio.run(main())
+    assert [text for text, _ in got] == [want for *_, want in todo]
+    assert len(srv.replicas()) == 2
+    assert {replica for _, replica in got} == set(srv.replicas())  # both, by their Ray names
+
+
+@pytest.mark.timeout(300)
+def test_replicas_answer_as_generate_and_share_the_load(ray_server, reference):
+    answer_as_generate(ray_server, reference)
+
+
+@pytest.mark.timeout(300)
+def test_each_replica_has_its_metrics(ray_server, reference):
+    r = httpx.get(f"{ray_server.url}/metrics", timeout=30)
+    assert r.status_code == 200 and r.headers[REPLICA_HEADER] in ray_server.replicas()
+    assert re.search(r'^fastblt_requests_total\{mode="\S+",status="200"\} \d', r.text, re.M)
+    ids = {name.rsplit("#", 1)[1] for name in ray_server.replicas()}  # Ray's `replica` label
+    ports = [(n["NodeManagerAddress"], n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
+    seen: set[str] = set()
+    deadline = time.monotonic() + 90  # a replica mirrors every 5 s, Ray exports every 10 s
+    while not ids <= seen and time.monotonic() < deadline:
+        for host, port in ports:
+            text = httpx.get(f"http://{host}:{port}/metrics", timeout=10).text
+            seen |= set(re.findall(r'^ray_fastblt_batch_rows\{[^}]*\breplica="(\w+)"', text, re.M))
+        time.sleep(2)
+    assert ids <= seen, f"replicas {ids - seen} not in Ray's metrics"
+
+
+@pytest.mark.timeout(420)
+def test_a_killed_replica_fails_only_its_requests_cleanly_and_comes_back(ray_server, reference):
+    todo = jobs(24, 160, reference)
+    done: list[float] = []
+
+    async def one(c, prompt, mode, stream):
+        t0 = time.monotonic()
+        try:
+            return await complete(c, prompt, mode, 160, stream)
+        except (openai.InternalServerError, openai.APIConnectionError) as e:  # 5xx, or the connection cut
+            return e, time.monotonic() - t0
+        finally:
+            done.append(time.monotonic())
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{ray_server.url}/v1", api_key="-", max_retries=0, timeout=120) as c:
+            tasks = [asyncio.ensure_future(one(c, p, m, s)) for p, m, s, _ in todo]
+            while len(done) < 4:  # under load: both replicas hold requests now
+                await asyncio.sleep(0.02)
+            victim = ray_server.replicas()[0]
+            ray.kill(ray_serve.replica_actor(victim), no_restart=True)
+            return victim, await asyncio.gather(*tasks)
+
+    victim, got = asyncio.run(main())
+    failed = [r for r in got if isinstance(r[0], Exception)]
+    for (text, replica), (*_, want) in zip(got, todo, strict=True):
+        if not isinstance(text, Exception):
+            assert text == want, f"{replica} answered with other bytes"
+    assert 1 <= len(failed) <= 2 * 4, failed  # at most what the victim held: max_ongoing_requests = 2 * max_batch
+    assert not any(isinstance(e, openai.APITimeoutError) or seconds > 60 for e, seconds in failed), failed
+    assert any(replica != victim for text, replica in got if not isinstance(text, Exception))
+
+    deadline = time.monotonic() + 120  # Serve starts a replacement
+    while not (back := replaced(victim)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert back, (ray_serve.status(), ray_server.replicas())
+    answer_as_generate(ray_server, reference)
+
+
+def replaced(victim: str) -> bool:
+    """Two replicas run again, and the victim is not one of them."""
+    st, names = ray_serve.status(), ray_serve.replicas()
+    return st["status"] == "RUNNING" and st["replicas"].get("RUNNING") == 2 and len(names) == 2 and victim not in names
