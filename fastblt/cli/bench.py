@@ -38,8 +38,8 @@ def _speed_note(row: dict, ar: dict) -> str:
 
 
 CALL_COST_NOTE = (
-    "On this CPU a step call costs about the same whatever it computes (onnxruntime's per-node overhead and "
-    "attention over the whole static cache dominate a model this small), so speed follows the number of "
+    "On this CPU a step call costs a few hundred microseconds whatever it computes (node overhead and "
+    "attention over the local stacks' rings dominate a model this small), so speed follows the number of "
     "calls, not the weights read. A BLT-S draft byte still costs an encoder and a decoder call (ar: entropy, "
     "encoder, decoder and a share of a global call), which bounds BLT-S near 1.5x even at full acceptance; "
     "Eq. 8's weight traffic is what the paper's GPU speedups follow."

@@ -9,20 +9,23 @@ runs them step by step:
   every pending call of the next step that has any, so sequences that do the same work stay in
   step with each other (ar rows all encode, then all patch, ...) and no step waits more than a
   cycle.
+- A cohort (the requests of one mode and draft length) starts its rounds together: a sequence
+  that ends a round parks until every sequence of its cohort has (one still in its prefill holds
+  up none), so blt-s rows draft and verify in the same turns instead of drifting apart.
 - Calls of one step are grouped into backend calls: the same number of new positions (a ring
   step's rows cannot be padded: padding would write a sequence's ring) and consecutive rows (one
-  contiguous slice of every ring buffer). Live sequences keep rows 0..n-1: a leaving one's row is
-  refilled by the last. The global step, whose cache grows per sequence, runs every pending
-  sequence in one call (its caches are gathered), patches padded in the scratch; rows without a
-  closed patch are not in it.
+  contiguous slice of every ring buffer). Live sequences hold rows 0..n-1, each cohort in one
+  block; joining or leaving moves at most one row per later block. The global step, whose cache
+  grows per sequence, gathers its rows' caches, so it takes any rows: one call per power-of-two
+  bin of patch counts, padded inside the scratch; rows without a closed patch are not in it.
 - Requests of any mode and sampling settings share a batch: a call's rows only need the same
   step and size. Each request keeps its own RNG, stop strings and output.
 
 Requests join between turns (first in, first out, while a row is free) and leave as soon as their
-plan ends, their stop condition is met, they are cancelled or they fail; waiting requests beyond
-`max_queue` are refused (`EngineBusy`). Output is exact per request: the step graphs compute each
-row as they compute it alone, so a request's bytes do not depend on what else is in the batch
-(tests/runtime/test_batch.py, benchmarks/batch_exactness.py).
+plan ends, their stop condition is met, they are cancelled or they fail; requests beyond
+`max_batch + max_queue` are refused (`EngineBusy`). Output is exact per request: the step graphs
+compute each row as they compute it alone, so a request's bytes do not depend on what else is in
+the batch (tests/runtime/test_batch.py, benchmarks/batch_scaling.py; docs/serving.md).
 """
 
 from __future__ import annotations
