@@ -24,8 +24,9 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
 @click.option("--artifacts", default=None, help="Exported graphs (ort/trt); default: exported once into a cache.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--max-batch", type=click.IntRange(1, 1024), default=16, show_default=True,
-              help="Requests decoding at once (rows of every batched step call).")  # fmt: skip
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=None,
+              help="Requests decoding at once (rows of every batched step call) "
+              "[default: 16; trt: at most the engines' rows].")  # fmt: skip
 @click.option("--max-queue", type=click.IntRange(0), default=256, show_default=True,
               help="Requests waiting for a row (--ray: in each proxy); past it, 429 with Retry-After.")  # fmt: skip
 @click.option("--mode", type=click.Choice(MODES), default="blt-s", show_default=True,
@@ -101,6 +102,9 @@ def serve(
     if max_context is None:  # a request that cannot fit is refused before it runs, not past 16 KB of work
         max_context = BYTES_PER_PATCH * load_config(path).global_model.max_positions
     if use_ray:
+        from fastblt.runtime.batch import DEFAULT_MAX_BATCH
+
+        max_batch = max_batch or DEFAULT_MAX_BATCH
         server = {"checkpoint": checkpoint if checkpoint == "default" else str(path.resolve()), "backend": backend,
                   "artifacts": str(Path(artifacts).resolve()) if artifacts else None, "max_batch": max_batch,
                   "max_queue": max_queue, "max_context": max_context, "threads": threads, "device": device,
@@ -116,14 +120,14 @@ def serve(
     from fastblt.runtime.async_engine import AsyncEngine
     from fastblt.serve.app import ServeSettings, create_app
 
-    click.echo(f"fastblt serve: loading {checkpoint} on {backend} (max_batch {max_batch})", err=True)
+    click.echo(f"fastblt serve: loading {checkpoint} on {backend}", err=True)
     engine = AsyncEngine(
         checkpoint, backend, max_batch=max_batch, max_queue=max_queue, artifacts=artifacts, max_context=max_context,
         threads=threads, device=device, on_export=first_use_notice,
     )  # fmt: skip
     settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body)
     app = create_app(engine, settings)
-    click.echo(f"fastblt serve: model {name!r} at http://{host}:{port}/v1", err=True)
+    click.echo(f"fastblt serve: model {name!r} at http://{host}:{port}/v1 (max_batch {engine.max_batch})", err=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout)
     try:
         _Server(config).run()

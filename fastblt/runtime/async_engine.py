@@ -35,7 +35,7 @@ class AsyncEngine:
 
     Args:
         checkpoint_or_model, backend: as for `Generator`.
-        max_batch: sequences decoding at once.
+        max_batch: sequences decoding at once (None: 16, or fewer if the trt engines take fewer).
         max_queue: requests waiting for a row beyond which new ones raise EngineBusy.
         max_context: optional limit on ids (prompt + output) per request.
         load: Generator's other keyword arguments (artifacts, threads, cache_dir, device,
@@ -46,7 +46,7 @@ class AsyncEngine:
         self,
         checkpoint_or_model: str | Path | BltModel = "default",
         backend: str | Backend | Engine = "ort",
-        max_batch: int = 16,
+        max_batch: int | None = None,
         max_queue: int = 256,
         max_context: int | None = None,
         **load: Any,

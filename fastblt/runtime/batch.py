@@ -51,6 +51,7 @@ from fastblt.runtime.state import SequenceState
 from fastblt.runtime.stream import Output, TextChunker
 
 CYCLE = ("encoder", "entropy", "global", "decoder", "decoder_block")  # the order sequences take steps in
+DEFAULT_MAX_BATCH = 16
 assert sorted(CYCLE) == sorted(STEPS)
 
 
@@ -157,19 +158,29 @@ class BatchEngine:
 
     Args:
         engine: the backend and config (a Generator's `.engine`, or `open_engine(...)`).
-        max_batch: sequences decoding at once (rows of every batched step call).
+        max_batch: sequences decoding at once (rows of every batched step call); None: 16, or
+            fewer when the backend's engines take fewer rows per call (trt).
         max_queue: requests waiting for a row beyond which `submit` raises EngineBusy.
         max_context: optional limit on ids (prompt + output) per request, as Generator's.
         backend_name, params: what each Generation's stats report (Generator's values).
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 256, max_context: int | None = None,
-                 backend_name: str = "", params: dict[str, int] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int | None = None,
+        max_queue: int = 256,
+        max_context: int | None = None,
+        backend_name: str = "",
+        params: dict[str, int] | None = None,
+    ):
+        backend, config = engine.backend, engine.config
+        if max_batch is None:
+            max_batch = min(DEFAULT_MAX_BATCH, backend.max_rows or DEFAULT_MAX_BATCH)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch: expected an int >= 1, got {max_batch!r}")
         if not isinstance(max_queue, int) or max_queue < 0:
             raise InputError(f"max_queue: expected an int >= 0, got {max_queue!r}")
-        backend, config = engine.backend, engine.config
         if backend.max_rows is not None and max_batch > backend.max_rows:
             raise InputError(
                 f"max_batch {max_batch}: the {backend.name} backend's engines take at most {backend.max_rows} rows "

@@ -369,7 +369,8 @@ def test_a_batch_engine_fits_its_rows_to_the_engines_profiles(fake_env, model):
         BatchEngine(engine, max_batch=3)
     ref = Generator(model, backend=Engine(TorchBackend(specs, model), model.config))
     prompts = ["def main(", "import os", "x = 1"]
-    with BatchEngine(engine, max_batch=2) as batch:
+    with BatchEngine(engine) as batch:  # by default as wide as the engines allow
+        assert batch.max_batch == 2
         tickets = [batch.submit(make_request(p, model.config, "ar", 10, stop_on_eos=False)) for p in prompts]
         got = [t.result(120).ids for t in tickets]
         assert batch.stats.rows["decoder"] > batch.stats.calls["decoder"]
