@@ -14,17 +14,12 @@ Results: benchmarks/results/batch_scaling.{json,md,png}.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import sysconfig
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from common import code_snippets, machine_meta, save
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = (1, 4, 16, 64)
 STEPS = ("entropy", "encoder", "decoder", "decoder_block", "global")
 MODES = ("ar", "blt-s", "blt-d", "blt-dv")
@@ -85,14 +80,8 @@ def graph_scaling(backend) -> dict:
 
 
 def code_prompts(n: int) -> list[str]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    text = "".join((root / f).read_text() for f in ("json/decoder.py", "email/message.py", "textwrap.py"))
-    rng = np.random.default_rng(1)
-    out = []
-    while len(out) < n:
-        s = text.find("\n", int(rng.integers(0, len(text) - 1000))) + 1
-        out.append(text[s : s + int(rng.integers(20, 300))])
-    return out
+    """n prompts of stdlib code, 20 to 300 bytes each, starting at line boundaries."""
+    return code_snippets(n, ("json/decoder.py", "email/message.py", "textwrap.py"), (20, 300), seed=1, tail=1000)
 
 
 def exactness(g) -> dict:
@@ -192,27 +181,13 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main() -> None:
-    import onnxruntime
-
     from fastblt.runtime.generator import Generator
 
     g = Generator("default")
-    r = {
-        "meta": {
-            "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpu_count": os.cpu_count(),
-            "onnxruntime": onnxruntime.__version__,
-        }
-    }
+    r = {"meta": machine_meta()}
     r["graphs"] = graph_scaling(g.engine.backend)
     r["exactness"] = exactness(g)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batch_scaling.json").write_text(json.dumps(r, indent=2) + "\n")
-    md = render(r)
-    (RESULTS / "batch_scaling.md").write_text(md)
-    plot(r, RESULTS / "batch_scaling.png")
-    print(md)
+    save("batch_scaling", r, render, plot)
 
 
 if __name__ == "__main__":

@@ -27,16 +27,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import sysconfig
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+from common import RESULTS, code_snippets, machine_meta, save, targets_table
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "fastblt-default"
 MODES = ("ar", "blt-s")
 LEVELS = (1, 4, 16, 64)
@@ -47,14 +44,7 @@ SOURCES = ("json/decoder.py", "json/encoder.py", "email/message.py", "textwrap.p
 
 def code_prompts(n: int) -> list[str]:
     """n prompts of stdlib code, 100 to 300 bytes each, starting at line boundaries."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    text = "".join((root / f).read_text() for f in SOURCES)
-    rng = np.random.default_rng(0)
-    out = []
-    while len(out) < n:
-        start = text.find("\n", int(rng.integers(0, len(text) - 2000))) + 1
-        out.append(text[start : start + int(rng.integers(100, 300))])
-    return out
+    return code_snippets(n, SOURCES, (100, 300), seed=0, tail=2000)
 
 
 async def one(client: httpx.AsyncClient, url: str, prompt: str, mode: str) -> dict:
@@ -139,11 +129,8 @@ def render(r: dict) -> str:
         "",
         "## Targets",
         "",
-        "| target | measured | bound | met |",
-        "|---|---:|---:|:-:|",
+        *targets_table(r["targets"]),
     ]
-    for t in r["targets"]:
-        lines.append(f"| {t['target']} | {t['value']:.3g} | {t['bound']} | {'yes' if t['met'] else '**no**'} |")
     lines += ["", "## Per mode and concurrency", ""]
     lines += ["| mode | streams | requests | aggregate B/s | x 1 stream | TTFB p50 / p95 ms | "
               "inter-byte p50 / p95 / p99 ms | errors | != alone |"]  # fmt: skip
@@ -320,8 +307,6 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="1 and 2 Ray Serve replicas, 16 and 64 streams")
     ap.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch [default: its own]")
     args = ap.parse_args()
-    import onnxruntime
-
     from fastblt.runtime.generator import Generator
     from fastblt.serve.process import ServerProcess
 
@@ -336,10 +321,7 @@ def main() -> None:
     r: dict = {
         "meta": {
             "command": "python benchmarks/serve_load.py" + (" --quick" if args.quick else " --ray" if args.ray else ""),
-            "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpu_count": os.cpu_count(),
-            "onnxruntime": onnxruntime.__version__,
+            **machine_meta(),
             "max_batch": max_batch or 16,
             "max_tokens": MAX_TOKENS,
         },
@@ -347,12 +329,7 @@ def main() -> None:
     }
     if args.ray:
         r["layouts"] = run_ray(prompts, want, max_batch)
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "serve_load_ray.json").write_text(json.dumps(r, indent=2) + "\n")
-        md = render_ray(r)
-        (RESULTS / "serve_load_ray.md").write_text(md)
-        plot_ray(r, RESULTS / "serve_load_ray.png")
-        print(md)
+        save("serve_load_ray", r, render_ray, plot_ray)
         return
     with ServerProcess(server_args) as srv:
         for mode in MODES:
@@ -366,13 +343,7 @@ def main() -> None:
                 print(line + f"gap p95 {s['gap_p95_ms']:.2f} ms, errors {s['errors']}, wrong {s['wrong']}", flush=True)
             r["levels"][mode] = rows
     r["targets"] = targets(r)
-    RESULTS.mkdir(exist_ok=True)
-    stem = "serve_load_quick" if args.quick else "serve_load"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
-    md = render(r)
-    (RESULTS / f"{stem}.md").write_text(md)
-    plot(r, RESULTS / f"{stem}.png")
-    print(md)
+    save("serve_load_quick" if args.quick else "serve_load", r, render, plot)
 
 
 if __name__ == "__main__":

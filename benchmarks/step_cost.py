@@ -22,8 +22,6 @@ Results: benchmarks/results/step_cost.{json,md,png}.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import sysconfig
@@ -31,8 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import machine_meta, save, targets_table
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHORT = 'import os\n\n\ndef fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b'  # 82 bytes
 POSITIONS = (100, 1000, 3000, 10000)
 MODES = ("ar", "blt-s", "blt-dv", "blt-d")
@@ -229,11 +227,8 @@ def render(r: dict) -> str:
         "",
         "## Targets",
         "",
-        "| target | measured | bound | met |",
-        "|---|---:|---:|:-:|",
+        *targets_table(r["targets"]),
     ]
-    for t in r["targets"]:
-        lines.append(f"| {t['target']} | {t['value']:.3g} | {t['bound']} | {'yes' if t['met'] else '**no**'} |")
     lines += ["", "## Decode cost by position (ar, after a prompt of n bytes of stdlib code)", ""]
     lines += ["| prompt bytes | B/s | us per byte |", "|---:|---:|---:|"]
     for n, row in r["positions"].items():
@@ -311,22 +306,12 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--memory-child":
         memory_child(int(sys.argv[2]))
         return
-    import onnxruntime
-
     from fastblt.runtime.generator import Generator
 
     def log(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
 
-    r: dict = {
-        "meta": {
-            "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpu_count": os.cpu_count(),
-            "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__,
-        }
-    }
+    r: dict = {"meta": machine_meta() | {"torch": torch.__version__}}
     r["capacity"] = capacity(log)
     g = Generator("default", backend="ort")
     g.generate(SHORT, mode="ar", max_bytes=16)
@@ -338,12 +323,7 @@ def main() -> None:
     r["long_context"] = long_context(g, log)
     r["memory"] = memory(log)
     r["targets"] = targets(r)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "step_cost.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
-    md = render(json.loads(json.dumps(r, default=str)))
-    (RESULTS / "step_cost.md").write_text(md)
-    plot(r, RESULTS / "step_cost.png")
-    print(md)
+    save("step_cost", r, render, plot)
 
 
 if __name__ == "__main__":
