@@ -4,6 +4,7 @@ On a machine with an NVIDIA GPU:
   1. the torch backend on the GPU (every cache on the device) against the    fastblt validate
      CPU reference: every graph, and greedy ar / blt-s / blt-d / blt-dv
      byte for byte                                                          --device cuda
+     and 16 greedy requests batched equal to the same requests alone         (in this script)
   2. its speed per mode, with CUDA graphs and eager                         fastblt bench --device cuda
 With onnxruntime's CUDAExecutionProvider (onnxruntime-gpu; else skipped, with the reason):
   3. export in fp32; where onnxruntime places each graph's nodes (the ops   fastblt export
@@ -11,7 +12,7 @@ With onnxruntime's CUDAExecutionProvider (onnxruntime-gpu; else skipped, with th
      greedy ar / blt-s / blt-d / blt-dv end to end against torch            fastblt validate --backends ort
      (the ort backend takes CUDA first and binds device tensors); greedy
      on the ort backend on cuda (device checked) byte for byte against
-     torch on the CPU, lossless modes == ar                                 (in this script)
+     torch on the CPU, lossless modes == ar; 16 requests batched == alone   (in this script)
 With TensorRT as well (the graphs need TensorRT >= 10.15: opset 24):
   4. export the checkpoint (default: the embedded one) in fp32 and fp16      fastblt export --max-step
   5. parse every graph with TensorRT's ONNX parser (each graph's verdict,    (in this script)
@@ -20,7 +21,8 @@ With TensorRT as well (the graphs need TensorRT >= 10.15: opset 24):
   7. per-graph parity: torch vs ort, torch vs trt, ort vs trt (polygraphy),  fastblt validate
      composite gates for fp16; fp32 also end to end: greedy ar / blt-s /
      blt-d / blt-dv on ort and trt byte for byte against torch
-  8. greedy lossless modes on trt: blt-s and blt-dv == ar, per dtype        (in this script)
+  8. greedy lossless modes on trt: blt-s and blt-dv == ar, per dtype; in    (in this script)
+     fp32 also requests batched (as many rows as the engines take) == alone
   9. fastblt bench --backends trt on the fp16 engines                        fastblt bench
 and write one report: OUT/gpu_check.json and OUT/gpu_check.md (validate's and bench's own
 reports in OUT/validate-*/ and OUT/bench-*/). Every check runs in a child process, so a crash
@@ -241,6 +243,17 @@ def greedy_check(runner: Runner, name: str, backend: str, art: Path, args: argpa
     return runner.probe(name, cmd)
 
 
+def batch_check(
+    runner: Runner, name: str, backend: str, art: Path | None, args: argparse.Namespace, **kw: Any
+) -> Check:
+    """The `batch` probe: requests batched on `backend` equal the same requests alone (see probe_batch)."""
+    if runner.left() < 30:
+        return runner.skip(name, "not run: the 10-minute budget is spent")
+    cmd = ["batch", "--backend", backend, "--checkpoint", args.checkpoint, "--max-bytes", str(args.max_bytes)]
+    cmd += ["--artifacts", str(art)] if art is not None else ["--device", kw.get("device", "cuda")]
+    return runner.probe(name, cmd + ["--expect-device", kw.get("expect_device", "cuda")])
+
+
 def lossless_on_trt(runner: Runner, dtype: str, art: Path, args: argparse.Namespace) -> Check:
     """Greedy ar, blt-s, blt-dv and blt-d on the trt backend; blt-s and blt-dv must equal ar."""
     return greedy_check(runner, f"lossless modes on trt ({dtype})", "trt", art, args)
@@ -377,6 +390,49 @@ def probe_greedy(a: argparse.Namespace) -> dict:
     return {"status": "fail" if bad else "pass", "detail": "; ".join(bad) if bad else what, "data": data}
 
 
+BATCH_REQUESTS = 16
+
+
+def probe_batch(a: argparse.Namespace) -> dict:
+    """16 greedy requests (ar and blt-s on varied prompts) through the batch engine on `a.backend`,
+    each against the same request run alone: a request's bytes must not depend on its batch. Also
+    the time of the 16 run one after another over their time batched (reported, not gated)."""
+    from fastblt.runtime.batch import BatchEngine
+    from fastblt.runtime.generator import Generator
+    from fastblt.runtime.options import make_request
+    from fastblt.validate.graphs import DEFAULT_PROMPTS
+
+    device = {"device": a.device} if a.backend == "torch" else {"artifacts": a.artifacts}
+    gen = Generator(a.checkpoint, backend=a.backend, **device)
+    if gen.device.type != a.expect_device:
+        gen.close()
+        return {"status": "fail", "detail": f"the {a.backend} backend computes on {gen.device}, not {a.expect_device}"}
+    jobs = [(f"{DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]}{' ' * (i // len(DEFAULT_PROMPTS))}", ("ar", "blt-s")[i % 2])
+            for i in range(BATCH_REQUESTS)]  # fmt: skip
+    options = dict(max_bytes=a.max_bytes, temperature=0.0, stop_on_eos=False)
+    gen.generate(jobs[0][0], mode="ar", **options)  # warm-up: first calls, CUDA graphs
+    t0 = time.perf_counter()
+    alone = [list(gen.generate(p, mode=m, **options).ids) for p, m in jobs]
+    t_alone = time.perf_counter() - t0
+    with BatchEngine(gen.engine) as batch:
+        t0 = time.perf_counter()
+        tickets = [batch.submit(make_request(p, gen.config, m, **options)) for p, m in jobs]
+        batched = [list(t.result(300).ids) for t in tickets]
+        t_batch = time.perf_counter() - t0
+        rows = batch.max_batch
+        per_call = {s: batch.stats.rows[s] / max(batch.stats.calls[s], 1) for s in batch.stats.calls}
+    gen.close()
+    bad = [f"request {i} ({m}): from byte {_first_diff(x, y)}"
+           for i, ((_, m), x, y) in enumerate(zip(jobs, alone, batched, strict=True)) if x != y]  # fmt: skip
+    speedup = t_alone / t_batch if t_batch else 0.0
+    data = {"device": str(gen.device), "max_batch": rows, "requests": len(jobs), "differ": len(bad),
+            "alone_s": t_alone, "batched_s": t_batch, "speedup": speedup, "rows_per_call": per_call}  # fmt: skip
+    what = f"{len(jobs)} requests (ar, blt-s) at max_batch {rows} on {gen.device}: "
+    if bad:
+        return {"status": "fail", "detail": what + f"{len(bad)} differ from alone: " + "; ".join(bad[:4]), "data": data}
+    return {"status": "pass", "detail": what + f"all equal alone; {speedup:.1f}x the time alone", "data": data}
+
+
 def _first_diff(a: list[int], b: list[int]) -> int:
     return next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
 
@@ -427,11 +483,12 @@ def probe_ort_session(path: str) -> int:
 def probe_main(argv: list[str]) -> int:
     """`gpu_check.py --probe KIND ...`: one in-process check; prints its result as the last line."""
     ap = argparse.ArgumentParser(prog="gpu_check.py --probe")
-    ap.add_argument("kind", choices=("greedy", "trt-parse", "ort-session"))
+    ap.add_argument("kind", choices=("greedy", "batch", "trt-parse", "ort-session"))
     ap.add_argument("path", nargs="?")
     ap.add_argument("--artifacts", type=Path)
     ap.add_argument("--checkpoint", default="default")
-    ap.add_argument("--backend", choices=("ort", "trt"), default="trt")
+    ap.add_argument("--backend", choices=("torch", "ort", "trt"), default="trt")
+    ap.add_argument("--device", default="cuda", help="the torch backend's device")
     ap.add_argument("--max-bytes", type=int, default=24)
     ap.add_argument("--expect-device", default="cuda")
     ap.add_argument("--against-torch", action="store_true")
@@ -439,7 +496,8 @@ def probe_main(argv: list[str]) -> int:
     if a.kind == "ort-session":
         return probe_ort_session(a.path)
     try:
-        result = probe_greedy(a) if a.kind == "greedy" else probe_trt_parse(a)
+        probes = {"greedy": probe_greedy, "batch": probe_batch, "trt-parse": probe_trt_parse}
+        result = probes[a.kind](a)
     except Exception as e:  # noqa: BLE001 - a crash is this check's failure, reported with its message
         result = {"status": "fail", "detail": f"{type(e).__name__}: {e}"[:1500]}
     print(json.dumps(result, default=str), flush=True)
@@ -497,13 +555,19 @@ def cuda_checks(runner: Runner, args: argparse.Namespace) -> None:
     val += ["--max-step", str(args.max_step), "--max-bytes", str(args.max_bytes)]
     val += ["--report", str(args.out / "validate-cuda"), "--json"]
     validate_summary(runner.command("parity torch on cuda (fp32)", val, parse_json=True))
+    batch_check(runner, "batched = alone, torch on cuda", "torch", None, args)
     bench = ["bench", "--checkpoint", args.checkpoint, "--backends", "torch", "--device", "cuda", "--no-hf", "--json"]
     bench_summary(runner.command("bench torch on cuda", bench + ["--out", str(args.out / "bench-cuda")], True))
     eager = bench + ["--no-cuda-graphs", "--no-comparison", "--out", str(args.out / "bench-cuda-eager")]
     bench_summary(runner.command("bench torch on cuda, eager", eager, parse_json=True))
 
 
-ORT_CHECKS = ("ort cuda placement (fp32)", "parity ort on cuda (fp32)", "greedy on ort (cuda)")
+ORT_CHECKS = (
+    "ort cuda placement (fp32)",
+    "parity ort on cuda (fp32)",
+    "greedy on ort (cuda)",
+    "batched = alone, ort on cuda",
+)
 
 
 def ort_cuda_checks(runner: Runner, args: argparse.Namespace) -> None:
@@ -524,6 +588,7 @@ def ort_cuda_checks(runner: Runner, args: argparse.Namespace) -> None:
     val += ["--max-bytes", str(args.max_bytes), "--report", str(args.out / "validate-ort-cuda"), "--json"]
     validate_summary(runner.command("parity ort on cuda (fp32)", val, parse_json=True))
     greedy_check(runner, "greedy on ort (cuda)", "ort", art, args, against_torch=True)
+    batch_check(runner, "batched = alone, ort on cuda", "ort", art, args)
 
 
 def trt_checks(runner: Runner, args: argparse.Namespace) -> None:
@@ -532,6 +597,7 @@ def trt_checks(runner: Runner, args: argparse.Namespace) -> None:
         exp, art = export_once(runner, args, dtype)
         arts[dtype] = art
         later = (f"trt parse ({dtype})", f"build {dtype}", f"parity ({dtype})", f"lossless modes on trt ({dtype})")
+        later += (f"batched = alone, trt ({dtype})",) if dtype == "fp32" else ()
         if exp.status != "pass":
             for what in later:
                 runner.skip(what, f"not run: export {dtype} failed")
@@ -548,8 +614,8 @@ def trt_checks(runner: Runner, args: argparse.Namespace) -> None:
             parse_json=True,
         )
         if build.status != "pass":
-            runner.skip(f"parity ({dtype})", f"not run: build {dtype} failed")
-            runner.skip(f"lossless modes on trt ({dtype})", f"not run: build {dtype} failed")
+            for what in later[2:]:
+                runner.skip(what, f"not run: build {dtype} failed")
             continue
         val = ["validate", "--checkpoint", args.checkpoint, "--artifacts", str(art), "--backends", "ort,trt"]
         val += ["--max-bytes", str(args.max_bytes), "--report", str(args.out / f"validate-{dtype}"), "--json"]
@@ -558,6 +624,8 @@ def trt_checks(runner: Runner, args: argparse.Namespace) -> None:
         parity = runner.command(f"parity ({dtype})", val, parse_json=True)
         validate_summary(parity)
         lossless_on_trt(runner, dtype, art, args)
+        if dtype == "fp32":  # as many rows as the engines take (fastblt build --max-batch 2 above)
+            batch_check(runner, "batched = alone, trt (fp32)", "trt", art, args)
     builds = [c for c in runner.checks if c.name.startswith("build")]
     if builds and all(c.status == "pass" for c in builds) and len(builds) == len(DTYPES):
         bench = ["bench", "--checkpoint", args.checkpoint, "--backends", "trt", "--artifacts", str(arts["fp16"])]
