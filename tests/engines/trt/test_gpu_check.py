@@ -225,19 +225,27 @@ def test_parse_placement_reads_onnxruntimes_log():
     }
 
 
-def test_greedy_probe_runs_the_runtime_on_an_export(tmp_path):
-    """The probe behind 'greedy on ort (cuda)' and 'lossless modes on trt', here on the CPU: the
-    export and the Generator as the step contract has them (max_step, no capacities)."""
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """gpu_check's own fp32 export of a tiny BLT-D checkpoint: (module, runner, args, export dir)."""
     from fastblt.formats.checkpoint import save_checkpoint
 
     from tiny import make_model
 
+    tmp_path = tmp_path_factory.mktemp("gpu_check")
     gc = load_gpu_check()
     ckpt = save_checkpoint(make_model(), tmp_path / "ckpt")
-    runner = gc.Runner(tmp_path, budget_s=240)
+    runner = gc.Runner(tmp_path, budget_s=480)
     args = _args(tmp_path, checkpoint=str(ckpt))
     exp, art = gc.export_once(runner, args, "fp32")
     assert exp.status == "pass", exp.output_tail
+    return gc, runner, args, art
+
+
+def test_greedy_probe_runs_the_runtime_on_an_export(tiny_export):
+    """The probe behind 'greedy on ort (cuda)' and 'lossless modes on trt', here on the CPU: the
+    export and the Generator as the step contract has them (max_step, no capacities)."""
+    gc, runner, args, art = tiny_export
     check = gc.greedy_check(runner, "greedy on ort (cpu)", "ort", art, args, expect_device="cpu", against_torch=True)
     assert check.status == "pass", (check.detail, check.output_tail)
     assert check.data["modes"] == ["ar", "blt-s", "blt-d", "blt-dv"] and check.data["device"] == "cpu"
@@ -245,18 +253,9 @@ def test_greedy_probe_runs_the_runtime_on_an_export(tmp_path):
     assert wrong.status == "fail" and "computes on cpu, not cuda" in wrong.detail
 
 
-def test_batch_probe_compares_batched_requests_with_alone(tmp_path):
+def test_batch_probe_compares_batched_requests_with_alone(tiny_export):
     """The probe behind 'batched = alone, ...', here on the CPU for ort (over an export) and torch."""
-    from fastblt.formats.checkpoint import save_checkpoint
-
-    from tiny import make_model
-
-    gc = load_gpu_check()
-    ckpt = save_checkpoint(make_model(), tmp_path / "ckpt")
-    runner = gc.Runner(tmp_path, budget_s=240)
-    args = _args(tmp_path, checkpoint=str(ckpt))
-    exp, art = gc.export_once(runner, args, "fp32")
-    assert exp.status == "pass", exp.output_tail
+    gc, runner, args, art = tiny_export
     check = gc.batch_check(runner, "batched = alone, ort (cpu)", "ort", art, args, expect_device="cpu")
     assert check.status == "pass", (check.detail, check.output_tail)
     data = check.data
