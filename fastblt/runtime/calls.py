@@ -200,7 +200,7 @@ class StepRunner:
                 scratch = self._gather(f"{step}.cross", own)
                 feeds |= named_kv(CROSS, scratch)
                 C = own[0][0][0].shape[-2]
-                gathered.append((scratch, own, [[(c.at + j) % C for j in range(c.size)] for c in calls]))
+                gathered.append((scratch, own, [_ring_slots(c.at, c.size, C) for c in calls]))
         return feeds
 
     # ------------------------------------------------------------------ the call
@@ -244,6 +244,12 @@ class StepRunner:
         for i, c in enumerate(calls):
             c.outputs = {name: t[i, : c.size] if b > 1 else t[0] for name, t in own}
             c.state.count(step, c.size, share)
+
+
+def _ring_slots(at: int, size: int, slots: int) -> slice | list[int]:
+    """The ring slots of positions at..at+size-1: a slice unless they wrap (slicing copies faster)."""
+    first = at % slots
+    return slice(first, first + size) if first + size <= slots else [(at + j) % slots for j in range(size)]
 
 
 @dataclass(frozen=True)

@@ -183,3 +183,17 @@ def test_a_global_step_pads_rows_inside_its_scratch_only():
         assert torch.allclose(k[:, :, 62], k1[:, :, 62], atol=1e-5) and torch.allclose(
             v[:, :, 62], v1[:, :, 62], atol=1e-5
         )
+
+
+def test_ring_slots_are_a_slice_unless_they_wrap():
+    """The cross ring slots a global call copies back: a slice when they do not wrap, else a list;
+    either way the slots of the positions, in order."""
+    import torch
+
+    from fastblt.runtime.calls import _ring_slots
+
+    ring = torch.arange(34)
+    for at, size in [(0, 1), (5, 7), (62, 1), (33, 1), (31, 5), (100, 30)]:
+        slots = _ring_slots(at, size, 34)
+        assert isinstance(slots, slice) == ((at % 34) + size <= 34)
+        assert ring[slots].tolist() == [(at + j) % 34 for j in range(size)]
