@@ -1,7 +1,7 @@
 """A long mixed load on one `fastblt serve`: does its memory level off, does it stay correct, and
 does it end with every slot free?
 
-    python benchmarks/serve_soak.py                   # 2,000 requests, ~6 minutes on 2 cores
+    python benchmarks/serve_soak.py                   # 2,000 requests, ~10 minutes on 2 cores
     python benchmarks/serve_soak.py --requests 400    # a shorter run
 
 16 clients send requests one after another, drawn with a fixed seed: every mode, greedy or sampled
