@@ -32,8 +32,8 @@ def tiny_model(name: str = "hf-test-sizes", block_size: int = 4, seed: int = 0):
 
 
 @functools.cache
-def torch_generator(name: str = "hf-test-sizes", block_size: int = 4, seed: int = 0, capacity: int = 256):
-    return Generator(tiny_model(name, block_size, seed), backend="torch", max_context=capacity)
+def torch_generator(name: str = "hf-test-sizes", block_size: int = 4, seed: int = 0, max_context: int = 256):
+    return Generator(tiny_model(name, block_size, seed), backend="torch", max_context=max_context)
 
 
 def full_recompute_greedy(model, prompt, max_bytes: int, stop_on_eos: bool = True) -> list[int]:

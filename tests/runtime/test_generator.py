@@ -64,7 +64,7 @@ def test_bad_options_fail_before_any_work(options, error, match):
 
 
 def test_bad_prompts_and_max_context():
-    g = torch_generator(capacity=64)
+    g = torch_generator(max_context=64)
     with pytest.raises(InputError, match="empty"):
         g.generate("", mode="ar")
     with pytest.raises(InputError, match="str or bytes"):

@@ -152,7 +152,7 @@ def resolve_sizes(
 ) -> PhaseSizes:
     """Fill defaults and check every size against the export's ranges.
 
-    Defaults are clamped to the export (prefill min(512, max new)); a value the user asked for
+    Defaults are clamped to the export (prefill: its max_step); a value the user asked for
     that the export cannot take is an error, never silently lowered.
     """
     new_max, batch_max, len_max = ranges["new"][1], ranges["batch"][1], ranges["patch_len"][1]

@@ -48,13 +48,13 @@ def test_parse_profile_option():
 def test_default_profiles_per_step(manifest):
     profiles = manifest_profiles(manifest)
     assert set(profiles) == {"entropy", "encoder", "global", "decoder", "decoder_block"}
-    # byte steps: decode S=1, block S<=B=4, verify S<=k+1=9, prefill S<=min(128, max_step 32); batch 1..1
+    # byte steps: decode S=1, block S<=B=4, verify S<=k+1=9, prefill S<=max_step 32; batch 1..1
     dec = by_name(profiles["decoder"])
     assert list(dec) == ["decode", "block", "verify", "prefill"]  # smallest first
     assert dec["decode"] == {"batch": [1, 1, 1], "new": [1, 1, 1]}
     assert dec["block"]["new"] == [1, 4, 4]
     assert dec["verify"]["new"] == [1, 9, 9]
-    assert dec["prefill"]["new"] == [1, 32, 32]  # the default (DEFAULT_MAX_STEP 128) is clamped to max_step
+    assert dec["prefill"]["new"] == [1, 32, 32]  # the default: the export's max_step
     # the diffusion head only runs blocks
     assert by_name(profiles["decoder_block"]) == {"block": {"batch": [1, 1, 1], "new": [1, 4, 4]}}
     # the global step: S new bytes close <= S patches; patch_len up to the export's bound; its
