@@ -19,6 +19,10 @@ reserved one CPU and lands on a node of its own), and the table adds each layout
 (cluster, deployment, replicas ready) and every replica's resident memory after the load. Both
 replicas share this machine's two cores with each other and with the client.
 
+The default run then starts a second server with `--lanes 1` (one batch loop of 16 rows instead of
+the default's two of 8; docs/serving.md) and repeats the 1- and 16-stream levels on it, so the table
+shows what the lanes buy, side by side in one run.
+
 Results: benchmarks/results/serve_load.{json,md,png}; with --ray, serve_load_ray.{json,md,png}.
 """
 
@@ -37,6 +41,7 @@ from common import RESULTS, code_snippets, machine_meta, save, targets_table
 MODEL = "fastblt-default"
 MODES = ("ar", "blt-s")
 LEVELS = (1, 4, 16, 64)
+ONE_LANE_LEVELS = (1, 16)
 MAX_TOKENS = 256
 TARGETS = {"x16_vs_x1": 6.0}
 SOURCES = ("json/decoder.py", "json/encoder.py", "email/message.py", "textwrap.py", "string.py", "shlex.py")
@@ -124,7 +129,8 @@ def render(r: dict) -> str:
         "# Serving load: `fastblt serve` over loopback",
         "",
         f"`{m['command']}` — {m['date']}, {m['machine']}, {m['cpu_count']} CPUs shared by server and client. "
-        f"Server: `fastblt serve` at its defaults (max_batch {m['max_batch']}, ort backend), embedded default "
+        f"Server: `fastblt serve` at its defaults (max_batch {m['max_batch']} in {m.get('lanes', 1)} lane(s), ort "
+        "backend), embedded default "
         f"checkpoint. {MAX_TOKENS} greedy bytes per request on stdlib code prompts of 100-300 bytes, streamed.",
         "",
         "## Targets",
@@ -146,6 +152,23 @@ def render(r: dict) -> str:
                 f"{s['errors']} | {s['wrong']} |"
             )
     lines += ["", "!= alone: responses whose text differs from the same request run alone (Generator, batch 1).", ""]
+    if r.get("one_lane"):
+        lines += ["## The default's lanes vs one lane", "",
+                  f"The same load on a second server started with `--lanes 1` (one batch loop of {m['max_batch']} "
+                  f"rows instead of {m.get('lanes', 1)} of {m['max_batch'] // max(m.get('lanes', 1), 1)}), in the "
+                  "same run.", "",
+                  "| mode | streams | default B/s | --lanes 1 B/s | default / one lane | "
+                  "inter-byte p95 ms, default / one lane | != alone |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for mode, rows in r["one_lane"].items():
+            for c, s in rows.items():
+                d = r["levels"][mode][c]
+                lines.append(
+                    f"| {mode} | {c} | {d['bytes_per_s']:.0f} | {s['bytes_per_s']:.0f} | "
+                    f"{d['bytes_per_s'] / s['bytes_per_s']:.2f} | {d['gap_p95_ms']:.2f} / {s['gap_p95_ms']:.2f} | "
+                    f"{s['wrong']} |"
+                )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -161,6 +184,9 @@ def plot(r: dict, path: Path) -> None:
         a.plot(cs, [rows[str(c)]["bytes_per_s"] for c in cs], marker="o", label=mode)
         b.plot(cs, [rows[str(c)]["gap_p95_ms"] for c in cs], marker="o", label=f"{mode} p95")
         b.plot(cs, [rows[str(c)]["gap_p50_ms"] for c in cs], marker=".", ls="--", label=f"{mode} p50")
+    for mode, rows in r.get("one_lane", {}).items():
+        cs = [int(c) for c in rows]
+        a.plot(cs, [rows[str(c)]["bytes_per_s"] for c in cs], marker="x", ls=":", label=f"{mode}, --lanes 1")
     for ax in (a, b):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")
@@ -301,12 +327,31 @@ def plot_ray(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_levels(server: type, server_args: list[str], prompts: list[str], want: dict, levels: tuple[int, ...],
+               quick: bool = False) -> dict:  # fmt: skip
+    """Every mode at every concurrency level on one server started with `server_args`."""
+    out = {}
+    with server(server_args) as srv:
+        for mode in MODES:
+            rows = {}
+            for c in levels:
+                total = 8 if quick else max(8, 2 * c)
+                asyncio.run(level(srv.url, prompts, mode, 1, 1))  # warm this mode's path
+                rows[str(c)] = summarize(asyncio.run(level(srv.url, prompts, mode, c, total)), prompts, want[mode])
+                s = rows[str(c)]
+                line = f"{mode} x{c}: {s['bytes_per_s']:.0f} B/s, ttfb p50 {s['ttfb_p50_ms']:.0f} ms, "
+                print(line + f"gap p95 {s['gap_p95_ms']:.2f} ms, errors {s['errors']}, wrong {s['wrong']}", flush=True)
+            out[mode] = rows
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="concurrency 1 and 4, 8 requests each")
     ap.add_argument("--ray", action="store_true", help="1 and 2 Ray Serve replicas, 16 and 64 streams")
     ap.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch [default: its own]")
     args = ap.parse_args()
+    from fastblt.runtime.async_engine import default_lanes
     from fastblt.runtime.generator import Generator
     from fastblt.serve.process import ServerProcess
 
@@ -323,6 +368,7 @@ def main() -> None:
             "command": "python benchmarks/serve_load.py" + (" --quick" if args.quick else " --ray" if args.ray else ""),
             **machine_meta(),
             "max_batch": max_batch or 16,
+            "lanes": default_lanes("ort"),
             "max_tokens": MAX_TOKENS,
         },
         "levels": {},
@@ -331,17 +377,9 @@ def main() -> None:
         r["layouts"] = run_ray(prompts, want, max_batch)
         save("serve_load_ray", r, render_ray, plot_ray)
         return
-    with ServerProcess(server_args) as srv:
-        for mode in MODES:
-            rows = {}
-            for c in levels:
-                total = 8 if args.quick else max(8, 2 * c)
-                asyncio.run(level(srv.url, prompts, mode, 1, 1))  # warm this mode's path
-                rows[str(c)] = summarize(asyncio.run(level(srv.url, prompts, mode, c, total)), prompts, want[mode])
-                s = rows[str(c)]
-                line = f"{mode} x{c}: {s['bytes_per_s']:.0f} B/s, ttfb p50 {s['ttfb_p50_ms']:.0f} ms, "
-                print(line + f"gap p95 {s['gap_p95_ms']:.2f} ms, errors {s['errors']}, wrong {s['wrong']}", flush=True)
-            r["levels"][mode] = rows
+    r["levels"] = run_levels(ServerProcess, server_args, prompts, want, levels, args.quick)
+    if not args.quick:
+        r["one_lane"] = run_levels(ServerProcess, [*server_args, "--lanes", "1"], prompts, want, ONE_LANE_LEVELS)
     r["targets"] = targets(r)
     save("serve_load_quick" if args.quick else "serve_load", r, render, plot)
 

@@ -58,20 +58,24 @@ class ServeSettings:
     replica: str | None = None  # the x-fastblt-replica header (None: host:pid)
 
 
+def _metrics(engine: AsyncEngine) -> Metrics:
+    return Metrics(lambda: engine.stats, engine.max_batch)
+
+
 def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeSettings | None = None) -> FastAPI:
     """The app over `engine`, or over the engine `engine()` builds at startup (closed at shutdown)."""
     settings = settings or ServeSettings()
     replica = settings.replica or f"{socket.gethostname()}:{os.getpid()}"
     state: dict = {"engine": engine if isinstance(engine, AsyncEngine) else None, "metrics": Metrics()}
     if state["engine"] is not None:
-        state["metrics"] = Metrics(state["engine"].stats, state["engine"].max_batch)
+        state["metrics"] = _metrics(state["engine"])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         built = None
         if state["engine"] is None:
             built = await asyncio.to_thread(engine)
-            state["engine"], state["metrics"] = built, Metrics(built.stats, built.max_batch)
+            state["engine"], state["metrics"] = built, _metrics(built)
         try:
             yield
         finally:

@@ -10,7 +10,7 @@ the batches are).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,11 +28,11 @@ GAP_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 class EngineCollector(Collector):
     """What the batch engine holds and has done, read when Prometheus scrapes."""
 
-    def __init__(self, stats: BatchStats, max_batch: int):
+    def __init__(self, stats: Callable[[], BatchStats], max_batch: int):
         self.stats, self.max_batch = stats, max_batch
 
     def collect(self) -> Iterator:
-        s = self.stats
+        s = self.stats()
         yield GaugeMetricFamily("fastblt_queue_depth", "Requests waiting for a batch row.", value=s.queued)
         yield GaugeMetricFamily("fastblt_batch_occupancy", "Sequences decoding in the batch now.", value=s.active)
         yield GaugeMetricFamily("fastblt_batch_rows", "Rows of the batch (max_batch).", value=self.max_batch)
@@ -49,7 +49,8 @@ class EngineCollector(Collector):
 class Metrics:
     """The server's metrics; `render()` is the /metrics body."""
 
-    def __init__(self, stats: BatchStats | None = None, max_batch: int = 0):
+    def __init__(self, stats: Callable[[], BatchStats] | None = None, max_batch: int = 0):
+        """stats: reads the engine's counters now (an AsyncEngine's `stats`, summed over its lanes)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("fastblt_requests", "Completion requests by HTTP status and mode.",

@@ -66,6 +66,7 @@ class ServerOptions:
     backend: str = "ort"
     artifacts: str | None = None
     max_batch: int = 16
+    lanes: int | None = None  # batch loops per replica (None: two for ort when the replica reserves >= 2 CPUs)
     max_queue: int = 256  # requests waiting in each proxy's router for a replica (then 429)
     max_context: int | None = None
     threads: int | None = None
@@ -176,8 +177,10 @@ class FastBltReplica:
         o, t0 = self.options, time.perf_counter()
         # Loaded here rather than in the app's lifespan: an error here reaches the deployment's
         # status with its message (a failed lifespan is only "ASGI lifespan startup failed").
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+        lanes = o.lanes or (2 if o.backend == "ort" and cpus >= 2 else 1)  # not the node's cores: its share
         engine = await asyncio.to_thread(
-            AsyncEngine, o.checkpoint, o.backend, max_batch=o.max_batch, max_queue=o.max_queue,
+            AsyncEngine, o.checkpoint, o.backend, max_batch=o.max_batch, lanes=lanes, max_queue=o.max_queue,
             max_context=o.max_context, artifacts=o.artifacts, threads=o.threads, device=o.device,
         )  # fmt: skip
         log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)

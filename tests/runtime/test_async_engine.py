@@ -74,3 +74,70 @@ def test_bad_requests_raise_before_queueing_and_a_full_queue_is_busy(engine):
             await s.aclose()
 
     asyncio.run(main())
+
+
+def test_two_lanes_split_the_rows_and_equal_serial_generation():
+    eng = AsyncEngine(tiny_model("small-window"), backend="torch", max_batch=5, max_queue=3, lanes=2)
+    try:
+        assert [lane.max_batch for lane in eng.lanes] == [3, 2] and eng.max_batch == 5
+        assert [lane.max_queue for lane in eng.lanes] == [2, 1]
+        assert eng.lanes[0].engine is not eng.lanes[1].engine  # a backend of its own per lane
+        g = eng.generator
+        work = [(p, m) for p in PROMPTS[:2] for m in ("ar", "blt-s", "blt-d", "blt-dv")]
+
+        async def main():
+            return await asyncio.gather(*[eng.generate(p, mode=m, max_bytes=16, stop_on_eos=False) for p, m in work])
+
+        outs = asyncio.run(main())
+        assert [o.ids for o in outs] == [g.generate(p, mode=m, max_bytes=16, stop_on_eos=False).ids for p, m in work]
+        admitted = [lane.stats.admitted for lane in eng.lanes]
+        assert min(admitted) > 0 and eng.stats.admitted == sum(admitted) == len(work)
+        assert eng.stats.calls["decoder"] == sum(lane.stats.calls["decoder"] for lane in eng.lanes)
+    finally:
+        eng.close(30)
+
+
+def test_a_full_lane_passes_requests_to_one_with_room():
+    eng = AsyncEngine(tiny_model("small-window"), backend="torch", max_batch=3, max_queue=1, lanes=2)
+    try:
+        assert [(lane.max_batch, lane.max_queue) for lane in eng.lanes] == [(2, 1), (1, 0)]
+
+        async def main():
+            # three decoding (two in lane 0); the fourth goes to the least loaded lane, lane 1, which
+            # has no queue, so it waits in lane 0's; a fifth finds no room anywhere
+            streams = [eng.stream(PROMPTS[0], mode="ar", max_bytes=20_000, stop_on_eos=False) for _ in range(4)]
+            held = [len(lane.queue) + sum(s is not None for s in lane.live) for lane in eng.lanes]
+            with pytest.raises(EngineBusy, match="max_queue 1"):
+                eng.stream(PROMPTS[0], mode="ar", max_bytes=5)
+            for s in streams:
+                await s.aclose()
+            return held
+
+        assert asyncio.run(main()) == [3, 1]
+    finally:
+        eng.close(30)
+
+
+def test_lane_arguments_are_checked_and_defaults_follow_the_backend(monkeypatch):
+    from fastblt.runtime import async_engine as ae
+
+    model = tiny_model("small-window")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InputError, match="lanes: expected an int >= 1"):
+            AsyncEngine(model, backend="torch", lanes=bad)
+    with pytest.raises(InputError, match="max_batch: expected an int >= 1"):
+        AsyncEngine(model, backend="torch", max_batch=0)
+    one = AsyncEngine(model, backend="torch", max_batch=1, lanes=2)  # a lane holds at least one row
+    try:
+        assert len(one.lanes) == 1
+        with pytest.raises(InputError, match="give the backend by name"):
+            AsyncEngine(model, backend=one.generator.engine, lanes=2)
+    finally:
+        one.close(30)
+    monkeypatch.setattr(ae, "cpu_cores", lambda: 2)
+    assert (ae.default_lanes("ort"), ae.default_lanes("torch"), ae.lane_threads(2)) == (2, 1, 1)
+    monkeypatch.setattr(ae, "cpu_cores", lambda: 1)
+    assert ae.default_lanes("ort") == 1
+    monkeypatch.setattr(ae, "cpu_cores", lambda: 16)
+    assert ae.lane_threads(2) is None  # eight cores a lane: the backend's own thread policy
+    assert [sum(ae.share(n, k, i) for i in range(k)) for n, k in ((16, 2), (5, 2), (7, 3))] == [16, 5, 7]

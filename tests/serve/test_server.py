@@ -98,6 +98,7 @@ def test_models_health_metrics_and_keys(server):
                  "fastblt_inter_byte_latency_seconds_bucket", "fastblt_accepted_bytes_total"):  # fmt: skip
         assert name in text, name
     assert _metric(server, 'fastblt_requests_total{mode="ar",status="200"}') >= 1
+    assert _metric(server, "fastblt_batch_rows") == 16  # --max-batch, over every lane
 
 
 def _metric(server, series: str) -> float:
