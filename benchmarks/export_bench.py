@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from fastblt.export.exporter import ExportOptions, export_model, mapped_weights
+from fastblt.export.exporter import export_model, mapped_weights
+from fastblt.export.options import ExportOptions
 from fastblt.export.spec import DEFAULT_MAX_STEP, FLOAT_DTYPES, TORCH_DTYPES
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig, blt_1b_config, tiny_config

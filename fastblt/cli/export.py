@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from fastblt.cli.common import deprecated_option
-from fastblt.export.exporter import DEFAULT_OPSET, ExportOptions
+from fastblt.export.options import DEFAULT_OPSET, ExportOptions
 from fastblt.export.spec import DEFAULT_MAX_STEP, FLOAT_DTYPES
 
 
@@ -107,7 +107,8 @@ def export(checkpoint, out, dtype, opset, max_step, max_batch, force, check_dir,
 
 def _run_export(checkpoint, out, dtype, opset, max_step, max_batch, force, as_json) -> None:
     from fastblt.export.checks import ExportCheckFailed
-    from fastblt.export.exporter import existing_export, export_model, mapped_weights
+    from fastblt.export.exporter import export_model, mapped_weights
+    from fastblt.export.options import existing_export
     from fastblt.export.spec import TORCH_DTYPES
     from fastblt.formats.checkpoint import checkpoint_hash, resolve_checkpoint_path
 

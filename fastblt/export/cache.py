@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fastblt.errors import ManifestMismatch
-from fastblt.export.exporter import ExportOptions, Progress, existing_export, export_model
+from fastblt.export.options import ExportOptions, Progress, existing_export
 from fastblt.export.spec import TORCH_DTYPES
 from fastblt.model.blt import BltModel
 
@@ -78,6 +78,9 @@ def cached_export(
     out = cache_entry(key, options, cache_dir)
     if existing_export(out, key, options) == "same":
         return out
+
+    from fastblt.export.exporter import export_model  # builds and checks graphs: imports onnx (~0.5 s)
+
     progress = notice(out) if notice is not None else None
     want = TORCH_DTYPES[options.dtype]
     if any(p.dtype != want for p in model.parameters() if p.is_floating_point()):

@@ -28,11 +28,20 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from fastblt.errors import InternalError
-from fastblt.export.spec import CROSS, CROSS_PRESENT, PAST, PRESENT, TORCH_DTYPES, StepSpec, TensorSpec, kv_names
+from fastblt.export.spec import (
+    CROSS,
+    CROSS_PRESENT,
+    OPSET,
+    PAST,
+    PRESENT,
+    TORCH_DTYPES,
+    StepSpec,
+    TensorSpec,
+    kv_names,
+)
 from fastblt.model.config import BltConfig, StackConfig
 from fastblt.model.layers import rope_inv_freq
 
-OPSET = 24
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 ONNX_TYPES = {
     "int32": TensorProto.INT32,

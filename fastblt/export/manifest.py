@@ -48,17 +48,23 @@ def graphs_revision() -> str:
     return h.hexdigest()[:16]
 
 
+def code_versions() -> dict[str, str]:
+    """What decides whether an export is current: fastblt's version and the graph code's digest
+    (read without importing onnx, so finding a cached export stays cheap)."""
+    from fastblt.version import __version__
+
+    return {"fastblt": __version__, "graphs": graphs_revision()}
+
+
 def versions() -> dict[str, str]:
+    """code_versions and the libraries an export was written and checked with (for the manifest)."""
     import onnx
     import onnxruntime
     import onnxscript
     import torch
 
-    from fastblt.version import __version__
-
     return {
-        "fastblt": __version__,
-        "graphs": graphs_revision(),
+        **code_versions(),
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxscript": onnxscript.__version__,

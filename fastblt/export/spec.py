@@ -30,6 +30,7 @@ STEPS = ("entropy", "encoder", "global", "decoder", "decoder_block")
 DYNAMIC_DIMS = ("batch", "new", "patches", "patch_len", "past")
 STACKS = ("entropy", "encoder", "global", "decoder")  # the four self-attention caches
 PAST, PRESENT, CROSS, CROSS_PRESENT = "past", "present", "cross", "cross_present"
+OPSET = 24  # the ONNX opset the graphs are written in (TensorScatter, Attention, RotaryEmbedding, RMSNormalization)
 DEFAULT_MAX_STEP = 32  # positions per step call: prefill chunks, k + 1 verified bytes, a block
 PAST_BUCKET = 64  # a linear cache's `past` is its live prefix rounded up to a multiple of this
 TORCH_DTYPES = {"int32": torch.int32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -23,6 +23,7 @@ from fastblt.model.hashing import hash_ids_torch
 from fastblt.model.layers import (
     NEG,
     CrossAttention,
+    Embedding,
     KVCache,
     RMSNorm,
     TransformerBlock,
@@ -64,7 +65,7 @@ class EntropyModel(nn.Module):
     def __init__(self, cfg: StackConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
+        self.tok_embeddings = Embedding(vocab_size, cfg.dim)
         self.layers = make_layers(cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
@@ -81,7 +82,7 @@ class LocalEncoder(nn.Module):
     def __init__(self, config: BltConfig):
         super().__init__()
         cfg = config.encoder
-        self.tok_embeddings = nn.Embedding(config.vocab_size, cfg.dim)
+        self.tok_embeddings = Embedding(config.vocab_size, cfg.dim)
         self.layers = make_layers(cfg)
         self.patch_embedding_projection = nn.Linear(cfg.dim, cfg.dim * config.cross_attn_k, bias=False)
         self.cross_attn_layers = nn.ModuleList([CrossAttention(cfg.dim, config.cross_attn_heads_encoder, cfg.norm_eps)])
@@ -113,7 +114,7 @@ class LocalDecoder(nn.Module):
         # BLT-D: the byte/[MASK]/[PAD] embedding of diffusion-block positions (clean positions
         # take the encoder's byte states, as in BLT).
         if config.blt_d is not None:
-            self.diffusion_embeddings = nn.Embedding(config.blt_d.embedding_rows, cfg.dim)
+            self.diffusion_embeddings = Embedding(config.blt_d.embedding_rows, cfg.dim)
         else:
             self.diffusion_embeddings = None
 
@@ -125,7 +126,7 @@ class BltModel(nn.Module):
         super().__init__()
         self.config = config
         self.encoder_hash_tok_embedding = nn.ModuleList(
-            nn.Embedding(config.hash_vocab, config.encoder.dim) for _ in range(config.n_hash_tables)
+            Embedding(config.hash_vocab, config.encoder.dim) for _ in range(config.n_hash_tables)
         )
         self.local_encoder = LocalEncoder(config)
         self.global_transformer = GlobalTransformer(config)

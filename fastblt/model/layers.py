@@ -1,5 +1,5 @@
 """The building blocks shared by all four BLT stacks: RMSNorm, interleaved RoPE, masked attention,
-SwiGLU, the pre-norm block and BLT's cross-attention.
+SwiGLU, the pre-norm block and BLT's cross-attention (and the embedding table they start from).
 
 Every function works on plain tensors so the same code serves the full forward, the incremental
 step functions and the ONNX export. Attention logits, softmax, norms and RoPE run in fp32 whatever
@@ -22,6 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 NEG = -1e9  # additive mask value: finite, far below any real logit
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose weight is left uninitialised on the meta device, where checkpoint loading
+    builds the model: there `normal_` would import torch._dynamo (~0.8 s, once per process) for values
+    nobody reads. Anywhere else it initialises as nn.Embedding does."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
 
 
 class RMSNorm(nn.Module):

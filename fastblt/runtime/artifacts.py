@@ -18,8 +18,8 @@ from fastblt.engines.registry import backend_factory
 from fastblt.engines.torch_backend import TorchBackend
 from fastblt.errors import InputError, ManifestMismatch
 from fastblt.export.cache import ExportNotice, cached_export, model_hash, source_hash
-from fastblt.export.exporter import ExportOptions
 from fastblt.export.manifest import MANIFEST, read_manifest, verify_source
+from fastblt.export.options import ExportOptions
 from fastblt.export.spec import max_step, step_specs
 from fastblt.model.blt import BltModel
 from fastblt.runtime.state import SequenceState

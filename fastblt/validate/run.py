@@ -271,7 +271,7 @@ def _specs(opts: ValidateOptions, config: BltConfig, manifest: dict | None) -> t
     if manifest is None:
         dtype = opts.dtype or "float32"
         return step_specs(config, opts.max_step, dtype), dtype
-    from fastblt.export.exporter import ExportOptions
+    from fastblt.export.options import ExportOptions
 
     mopts = manifest["options"]
     if opts.dtype is not None and opts.dtype != mopts["dtype"]:
@@ -289,8 +289,8 @@ def _artifacts(
     """The export directory to validate (given, or the export cache's entry, exported once) and its
     manifest, checked against the checkpoint: the same config, and the same hash when it is known."""
     from fastblt.export.cache import cached_export, source_hash
-    from fastblt.export.exporter import ExportOptions
     from fastblt.export.manifest import MANIFEST, read_manifest, verify_source
+    from fastblt.export.options import ExportOptions
 
     ckpt_hash = source_hash(model, path) if path is not None else None
     if opts.artifacts is None:

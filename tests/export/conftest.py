@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastblt.export.exporter import ExportOptions, export_model
+from fastblt.export.exporter import export_model
+from fastblt.export.options import ExportOptions
 from fastblt.formats.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
 from fastblt.model.blt import BltModel
 

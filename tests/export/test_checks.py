@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 
 from fastblt.errors import InputError
 from fastblt.export.checks import check_hash_ids, check_io, check_trt_ops, load_trt_ops
-from fastblt.export.exporter import ExportOptions
+from fastblt.export.options import ExportOptions
 from fastblt.export.spec import step_specs
 
 from export_helpers import MAX_STEP

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -123,6 +125,22 @@ def test_trt_unavailable_is_a_clear_error():
 def test_public_exports_are_lazy():
     assert fastblt.Generator is Generator
     assert fastblt.Generation is Generation
+
+
+def test_a_cached_export_loads_without_the_exporters_imports(tmp_path):
+    """Start-up cost: loading a checkpoint and finding its graphs in the cache import neither onnx
+    (~0.5 s; only exporting needs it) nor torch._dynamo (~0.8 s; the meta device's normal_ would)."""
+    code = (
+        "import sys, fastblt\n"
+        "g = fastblt.Generator('default', cache_dir=sys.argv[1])\n"
+        "g.generate('def f(', mode='ar', max_bytes=4)\n"
+        "print(sorted(m for m in ('onnx', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    run = [sys.executable, "-c", code, str(tmp_path)]
+    first = subprocess.run(run, capture_output=True, text=True, timeout=300, check=True)  # exports
+    assert "onnx" in first.stdout
+    again = subprocess.run(run, capture_output=True, text=True, timeout=300, check=True)
+    assert again.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------------ streaming and stops

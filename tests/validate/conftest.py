@@ -13,7 +13,8 @@ import pytest
 import torch
 from validate_helpers import MAX_STEP
 
-from fastblt.export.exporter import ExportOptions, export_model
+from fastblt.export.exporter import export_model
+from fastblt.export.options import ExportOptions
 from fastblt.formats.checkpoint import checkpoint_hash, load_checkpoint, save_checkpoint
 
 from tiny import make_model

@@ -18,7 +18,7 @@ from validate_helpers import MAX_STEP, broken_copy, run_cli, scopes
 from fastblt.engines.base import Backend
 from fastblt.engines.registry import available
 from fastblt.engines.torch_backend import TorchBackend
-from fastblt.export.exporter import ExportOptions
+from fastblt.export.options import ExportOptions
 from fastblt.formats.checkpoint import save_checkpoint
 from fastblt.validate.e2e import E2ERun, e2e_parity
 from fastblt.validate.graphs import reference_specs

@@ -342,7 +342,8 @@ def test_trt_backend_on_a_gpu(tmp_path, model):
     status = trt_build.trt_availability()
     if not status.available:
         pytest.skip(f"trt unavailable here: {status.reason}")
-    from fastblt.export.exporter import ExportOptions, export_model
+    from fastblt.export.exporter import export_model
+    from fastblt.export.options import ExportOptions
 
     art = tmp_path / "art"
     export_model(model, art, ExportOptions(max_step=64, max_batch=2), checkpoint_hash="tiny")

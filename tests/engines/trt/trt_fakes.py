@@ -33,10 +33,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from fastblt.export.exporter import ExportOptions
-from fastblt.export.graphs import OPSET
 from fastblt.export.manifest import FORMAT, FORMAT_VERSION, write_manifest
-from fastblt.export.spec import DEFAULT_MAX_STEP, TORCH_DTYPES, StepSpec, dim_ranges
+from fastblt.export.options import ExportOptions
+from fastblt.export.spec import DEFAULT_MAX_STEP, OPSET, TORCH_DTYPES, StepSpec, dim_ranges
 from fastblt.model.config import BltConfig
 
 _ONNX_TYPES = {"int32": TensorProto.INT32, "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
