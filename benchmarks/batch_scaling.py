@@ -7,8 +7,13 @@ a request's bytes depend on its batch, over 1,000 requests.
    position per row (the global step: one 4-byte patch per row, 256 cached patches), caches bound
    in place as the runtime binds them: microseconds per call and the throughput of a b-row call
    over a 1-row call. Also whether row r of a b-row call is bit-identical to that row alone.
-2. 1,000 requests of every mode (greedy, and seeded sampling) on stdlib code prompts through the
-   batch engine (max_batch 16), each compared with the same request run alone by Generator.
+2. 1,000 requests of every mode (greedy, and seeded sampling) on stdlib code prompts through an
+   AsyncEngine at its defaults (max_batch 16, in two lanes on two or more cores), each compared
+   with the same request run alone by Generator (whose global step uses every core; the lanes'
+   steps one thread each).
+3. In process, without HTTP: 16 greedy requests of 256 bytes at once (`ar`, then `blt-s`) through
+   an AsyncEngine at its defaults and with `lanes=1`, and one request alone on the default engine;
+   aggregate bytes/s (median of three interleaved repeats).
 Results: benchmarks/results/batch_scaling.{json,md,png}.
 """
 
@@ -84,9 +89,8 @@ def code_prompts(n: int) -> list[str]:
     return code_snippets(n, ("json/decoder.py", "email/message.py", "textwrap.py"), (20, 300), seed=1, tail=1000)
 
 
-def exactness(g) -> dict:
-    from fastblt.runtime.batch import BatchEngine
-    from fastblt.runtime.options import make_request
+def exactness(g, engine) -> dict:
+    import asyncio
 
     prompts = code_prompts(N_REQUESTS)
     jobs = []
@@ -98,12 +102,17 @@ def exactness(g) -> dict:
     t0 = time.perf_counter()
     want = [g.generate(p, mode=m, max_bytes=n, **o).ids for p, m, n, o in jobs]
     alone_s = time.perf_counter() - t0
-    with BatchEngine(g.engine, max_batch=16, max_queue=N_REQUESTS) as batch:
-        t0 = time.perf_counter()
-        tickets = [batch.submit(make_request(p, g.config, m, n, **o)) for p, m, n, o in jobs]
-        got = [t.result(1200).ids for t in tickets]
-        batch_s = time.perf_counter() - t0
-        stats = batch.stats
+
+    async def run_all() -> list:
+        return await asyncio.gather(*[engine.generate(p, mode=m, max_bytes=n, **o) for p, m, n, o in jobs])
+
+    before = engine.stats
+    t0 = time.perf_counter()
+    got = [x.ids for x in asyncio.run(run_all())]
+    batch_s = time.perf_counter() - t0
+    stats = engine.stats
+    calls = {s: stats.calls[s] - before.calls[s] for s in stats.calls}
+    rows = {s: stats.rows[s] - before.rows[s] for s in stats.rows}
     differ = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
     by_mode = {m: sum(1 for i in differ if jobs[i][1] == m) for m in MODES}
     print(f"exactness: {len(differ)} of {len(jobs)} requests differ from batch 1", flush=True)
@@ -115,8 +124,34 @@ def exactness(g) -> dict:
         "bytes": sum(len(x) for x in got),
         "alone_s": alone_s,
         "batched_s": batch_s,
-        "rows_per_call": {s: stats.rows[s] / max(stats.calls[s], 1) for s in stats.calls},
+        "rows_per_call": {s: rows[s] / max(calls[s], 1) for s in calls},
+        "lanes": len(engine.lanes),
     }
+
+
+def in_process(engines: dict) -> dict:
+    """Aggregate bytes/s of 16 requests at once on each engine, and of one alone on the first."""
+    import asyncio
+    import statistics
+
+    prompts = code_snippets(16, ("json/encoder.py", "string.py", "shlex.py"), (100, 300), seed=2, tail=2000)
+
+    async def run(engine, ps: list[str], mode: str) -> float:
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*[engine.generate(p, mode=mode, max_bytes=256, stop_on_eos=False) for p in ps])
+        return sum(len(o.bytes) for o in outs) / (time.perf_counter() - t0)
+
+    out = {}
+    for mode in ("ar", "blt-s"):
+        first = next(iter(engines.values()))
+        runs: dict[str, list[float]] = {"1 stream": [], **{f"16 streams, {k}": [] for k in engines}}
+        for _ in range(3):
+            runs["1 stream"].append(asyncio.run(run(first, prompts[:1], mode)))
+            for name, engine in engines.items():
+                runs[f"16 streams, {name}"].append(asyncio.run(run(engine, prompts, mode)))
+        out[mode] = {k: statistics.median(v) for k, v in runs.items()}
+        print(f"in process {mode}: " + ", ".join(f"{k} {v:.0f} B/s" for k, v in out[mode].items()), flush=True)
+    return out
 
 
 def render(r: dict) -> str:
@@ -147,7 +182,7 @@ def render(r: dict) -> str:
         "x b throughput: rows per second of a b-row call over a 1-row call. rows bit-exact: each row of a",
         "16-row call equals that row run alone, every output element.",
         "",
-        f"## {e['requests']:,} requests, batched (max_batch 16) against each run alone",
+        f"## {e['requests']:,} requests, batched (max_batch 16 in {e.get('lanes', 1)} lane(s)) against each run alone",
         "",
         f"Every mode in turn, {e['sampled']} of them sampled with their own seed, 32 bytes each on stdlib code "
         f"prompts of 20-300 bytes: **{e['differ']} differ** ({modes}). "
@@ -155,6 +190,19 @@ def render(r: dict) -> str:
         "rows per backend call: " + ", ".join(f"{k} {v:.1f}" for k, v in e["rows_per_call"].items()) + ".",
         "",
     ]
+    if "in_process" in r:
+        cols = list(next(iter(r["in_process"].values())))
+        lines += ["## In process: 16 streams at once, no HTTP", "",
+                  "16 greedy requests of 256 bytes at once through an AsyncEngine (stdlib code prompts of 100-300 "
+                  "bytes), median of three interleaved repeats; `1 stream`: one request alone on the default "
+                  "engine. The ratio is against it.", "",
+                  "| mode | " + " | ".join(f"{c} B/s" for c in cols) + " | " + " | ".join(f"{c} x" for c in cols[1:])
+                  + " |", "|---|" + "---:|" * (2 * len(cols) - 1)]  # fmt: skip
+        for mode, row in r["in_process"].items():
+            base = row[cols[0]]
+            lines.append(f"| {mode} | " + " | ".join(f"{row[c]:.0f}" for c in cols) + " | "
+                         + " | ".join(f"{row[c] / base:.2f}" for c in cols[1:]) + " |")  # fmt: skip
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -181,12 +229,20 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main() -> None:
+    from fastblt.runtime.async_engine import AsyncEngine
     from fastblt.runtime.generator import Generator
 
     g = Generator("default")
     r = {"meta": machine_meta()}
     r["graphs"] = graph_scaling(g.engine.backend)
-    r["exactness"] = exactness(g)
+    default = AsyncEngine("default", max_queue=N_REQUESTS)
+    r["exactness"] = exactness(g, default)
+    g.close()
+    one_lane = AsyncEngine("default", lanes=1)
+    lanes = f"{len(default.lanes)} lanes (default)" if len(default.lanes) > 1 else "1 lane (default)"
+    r["in_process"] = in_process({lanes: default, "lanes=1": one_lane})
+    for engine in (default, one_lane):
+        engine.close()
     save("batch_scaling", r, render, plot)
 
 

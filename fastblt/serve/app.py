@@ -59,7 +59,7 @@ class ServeSettings:
 
 
 def _metrics(engine: AsyncEngine) -> Metrics:
-    return Metrics(lambda: engine.stats, engine.max_batch)
+    return Metrics(lambda: engine.stats, engine.max_batch, len(engine.lanes))
 
 
 def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeSettings | None = None) -> FastAPI:

@@ -28,14 +28,15 @@ GAP_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 class EngineCollector(Collector):
     """What the batch engine holds and has done, read when Prometheus scrapes."""
 
-    def __init__(self, stats: Callable[[], BatchStats], max_batch: int):
-        self.stats, self.max_batch = stats, max_batch
+    def __init__(self, stats: Callable[[], BatchStats], max_batch: int, lanes: int = 1):
+        self.stats, self.max_batch, self.lanes = stats, max_batch, lanes
 
     def collect(self) -> Iterator:
         s = self.stats()
         yield GaugeMetricFamily("fastblt_queue_depth", "Requests waiting for a batch row.", value=s.queued)
         yield GaugeMetricFamily("fastblt_batch_occupancy", "Sequences decoding in the batch now.", value=s.active)
         yield GaugeMetricFamily("fastblt_batch_rows", "Rows of the batch (max_batch).", value=self.max_batch)
+        yield GaugeMetricFamily("fastblt_batch_lanes", "Batch loops the rows are split across.", value=self.lanes)
         calls = CounterMetricFamily("fastblt_step_calls", "Backend calls per step graph.", labels=["step"])
         rows = CounterMetricFamily("fastblt_step_rows", "Sequences served by those calls, per step graph.",
                                    labels=["step"])  # fmt: skip
@@ -49,7 +50,7 @@ class EngineCollector(Collector):
 class Metrics:
     """The server's metrics; `render()` is the /metrics body."""
 
-    def __init__(self, stats: Callable[[], BatchStats] | None = None, max_batch: int = 0):
+    def __init__(self, stats: Callable[[], BatchStats] | None = None, max_batch: int = 0, lanes: int = 1):
         """stats: reads the engine's counters now (an AsyncEngine's `stats`, summed over its lanes)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -64,7 +65,7 @@ class Metrics:
         self.accepted = Counter("fastblt_accepted_bytes", "Draft bytes accepted (blt-s, blt-dv).", ["mode"],
                                 registry=r)  # fmt: skip
         if stats is not None:
-            r.register(EngineCollector(stats, max_batch))
+            r.register(EngineCollector(stats, max_batch, lanes))
 
     def request(self, status: int, mode: str) -> None:
         self.requests.labels(str(status), mode).inc()

@@ -11,6 +11,8 @@ import openai
 import pytest
 from conftest import KEY
 
+from fastblt.runtime.async_engine import default_lanes
+
 MODEL = "fastblt-default"
 PROMPT = "import os\n\n\ndef main("
 MODES = ("ar", "blt-s", "blt-d", "blt-dv")
@@ -99,6 +101,7 @@ def test_models_health_metrics_and_keys(server):
         assert name in text, name
     assert _metric(server, 'fastblt_requests_total{mode="ar",status="200"}') >= 1
     assert _metric(server, "fastblt_batch_rows") == 16  # --max-batch, over every lane
+    assert _metric(server, "fastblt_batch_lanes") == default_lanes("ort")
 
 
 def _metric(server, series: str) -> float:
