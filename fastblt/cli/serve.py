@@ -110,9 +110,9 @@ def serve(
         max_batch = max_batch or DEFAULT_MAX_BATCH
         server = {"checkpoint": checkpoint if checkpoint == "default" else str(path.resolve()), "backend": backend,
                   "artifacts": str(Path(artifacts).resolve()) if artifacts else None, "max_batch": max_batch,
-                  "lanes": lanes, "max_queue": max_queue,
-                  "max_context": max_context, "threads": threads, "device": device,
-                  "mode": mode, "model_name": name, "api_key": api_key, "max_body": max_body}  # fmt: skip
+                  "lanes": lanes, "max_queue": max_queue, "max_context": max_context, "threads": threads,
+                  "device": device, "mode": mode, "model_name": name, "api_key": api_key,
+                  "max_body": max_body}  # fmt: skip
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config)
         return
 

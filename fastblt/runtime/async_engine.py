@@ -13,7 +13,7 @@ awaiting never blocks the event loop on a step call. A request runs on one lane,
 the fewest requests when it arrives, and computes there what it computes alone. Two lanes are the
 default for the ort backend on a CPU with two or more cores: onnxruntime releases the GIL in a
 step call, so one lane's Python between calls overlaps the other lane's call
-(benchmarks/results/serve_load.md measures one lane against two). Cancelling the awaiting task (or
+(benchmarks/results/batch_scaling.md and serve_load.md measure one lane against two). Cancelling the awaiting task (or
 leaving `async for` early and closing the stream) cancels the request; its row is free before the
 batch's next step. Bad requests raise `FastBltError` when they are made, before they are queued;
 a full queue raises `EngineBusy`.
@@ -84,19 +84,26 @@ class AsyncEngine:
         self.config, self.model = g.config, g.model
         if not asked and g.device.type != "cpu":
             lanes = 1  # the default counts CPU cores; on a GPU one lane feeds it
-        engines = [g.engine]
+        engines, self.lanes = [g.engine], []
         load.pop("on_export", None)  # told once, by the first lane's export
-        for _ in range(lanes - 1):
-            engines.append(open_engine(g.model, backend, g.checkpoint_path, threads=threads, **load))
         if max_batch is None:
             rows = g.engine.backend.max_rows
             max_batch = min(DEFAULT_MAX_BATCH, rows * lanes if rows else DEFAULT_MAX_BATCH)
         self.max_queue = max_queue
-        self.lanes = [
-            BatchEngine(e, share(max_batch, lanes, i), share(max_queue, lanes, i), max_context, g.backend_name,
-                        g.params)
-            for i, e in enumerate(engines)
-        ]  # fmt: skip
+        try:
+            for _ in range(lanes - 1):
+                engines.append(open_engine(g.model, backend, g.checkpoint_path, threads=threads, **load))
+            for i, e in enumerate(engines):
+                queue = share(max_queue, lanes, i)
+                self.lanes.append(BatchEngine(e, share(max_batch, lanes, i), queue, max_context, g.backend_name,
+                                              g.params))  # fmt: skip
+        except BaseException:  # a lane that cannot start: give back what the others took
+            for lane in self.lanes:
+                lane.close(0, cancel=True)
+            for e in engines[1:]:
+                e.close()
+            g.close()
+            raise
 
     @property
     def batch(self) -> BatchEngine:
@@ -175,7 +182,8 @@ class AsyncEngine:
 
 def default_lanes(backend: str | Backend | Engine) -> int:
     """Lanes when none are asked for: two for the ort backend on a machine with two or more cores
-    (measured on 2 cores: 16 streams ~1.3x faster than one lane of 16 rows, one stream no slower),
+    (measured on 2 cores: 16 streams ~1.3x faster than one lane of 16 rows, one stream no slower;
+    three or four lanes slower than two; benchmarks/results/batch_scaling.md),
     else one (the torch backend's Python per op holds the GIL; a GPU is fed by one lane)."""
     return 2 if backend == "ort" and cpu_cores() >= 2 else 1
 

@@ -141,3 +141,29 @@ def test_lane_arguments_are_checked_and_defaults_follow_the_backend(monkeypatch)
     monkeypatch.setattr(ae, "cpu_cores", lambda: 16)
     assert ae.lane_threads(2) is None  # eight cores a lane: the backend's own thread policy
     assert [sum(ae.share(n, k, i) for i in range(k)) for n, k in ((16, 2), (5, 2), (7, 3))] == [16, 5, 7]
+
+
+def test_a_lane_that_cannot_start_leaves_no_batch_loop_running(monkeypatch):
+    import threading
+
+    from fastblt.runtime import async_engine as ae
+
+    def loops() -> int:
+        return sum(t.name == "fastblt-batch" and t.is_alive() for t in threading.enumerate())
+
+    before = loops()
+    made = []
+
+    class FailingSecond(ae.BatchEngine):
+        def __init__(self, *args, **kwargs):
+            if made:
+                raise InputError("max_batch 2: the second lane refuses it")
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(ae, "BatchEngine", FailingSecond)
+    with pytest.raises(InputError, match="second lane"):
+        AsyncEngine(tiny_model("small-window"), backend="torch", max_batch=4, lanes=2)
+    assert len(made) == 1
+    made[0]._thread.join(10)
+    assert loops() == before
