@@ -71,6 +71,8 @@ class OrtBackend(Backend):
         self._sessions: dict = {}
         self._bindings: dict = {}
         self._bound: dict[str, dict[str, tuple]] = {}
+        self._seen: dict[str, list] = {}
+        self._own: dict[str, dict[str, torch.Tensor]] = {}  # the own outputs bound now, per step
         self._outputs: dict[str, OrderedDict] = {step: OrderedDict() for step in specs}
         self._plans = {step: _plan(spec) for step, spec in specs.items()}
         self.device = torch.device("cpu")
@@ -97,7 +99,9 @@ class OrtBackend(Backend):
                 raise ManifestMismatch(f"{path}: graph I/O names {got}, manifest/spec {want}")
             self._sessions[step] = session
             self._bindings[step] = session.io_binding()
-            self._bound[step] = {}  # name -> (device, shape, address) last bound
+            self._bound[step] = {}  # name -> (address, shape) last bound
+            self._seen[step] = [None] * len(spec.inputs)  # the tensor objects fed last, by input
+            self._own.pop(step, None)
         on_cuda = "CUDAExecutionProvider" in next(iter(self._sessions.values())).get_providers()
         self.device = torch.device("cuda") if on_cuda and torch.cuda.is_available() else torch.device("cpu")
 
@@ -105,28 +109,56 @@ class OrtBackend(Backend):
         self._sessions.clear()
         self._bindings.clear()
         self._bound.clear()
+        self._seen.clear()
+        self._own.clear()
         for buffers in self._outputs.values():
             buffers.clear()
 
     # the hot path -------------------------------------------------------------------------
     def _run_step_impl(self, step: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Bind feeds by pointer (only what moved or changed shape), bind the outputs, run. Outputs
-        are valid until the next call of `step` with the same output shapes (reused, not reallocated)."""
-        plan, binding, bound = self._plans[step], self._bindings[step], self._bound[step]
+        are valid until the next call of `step` with the same output shapes (reused, not reallocated).
+
+        A feed that is the very tensor object of the previous call (the caches, the runner's reused
+        input views) is not looked at again: the runtime never resizes a tensor it feeds. Unless an
+        input changed shape or a cache moved, the outputs of the previous call are bound already."""
+        plan, binding, bound, seen = self._plans[step], self._bindings[step], self._bound[step], self._seen[step]
         keep = []  # contiguous copies must outlive the run
-        for name, elem, in_place in plan.inputs:
+        rebind = False  # the outputs: an input's shape changed (new output shapes) or a cache moved
+        for i, (name, elem, in_place) in enumerate(plan.inputs):
             x = feeds[name]
+            if x is seen[i]:
+                continue
+            seen[i] = x
             if not x.is_contiguous():
                 if in_place:  # a copy would take the in-place write away from the caller
                     raise InternalError(f"step {step} | input {name}: a cache written in place must be contiguous")
                 x = x.contiguous()
                 keep.append(x)
+                seen[i] = None  # a fresh copy every call
             where = (x.data_ptr(), x.shape)
-            if bound.get(name) != where:  # the caches and the caller's reused inputs keep their address
+            last = bound.get(name)
+            if last != where:  # the caches and the caller's reused inputs keep their address
                 binding.bind_input(name, x.device.type, x.device.index or 0, elem, tuple(x.shape), where[0])
                 bound[name] = where
+                rebind = rebind or in_place or last is None or last[1] != where[1]
+        own = self._own.get(step)
+        if rebind or own is None:
+            own = self._bind_outputs(step, plan, binding, bound, feeds)
+        outputs = dict(own)
+        for name, _, source in plan.aliased:
+            outputs[name] = feeds[source]
+        self._sessions[step].run_with_iobinding(binding)
+        if self.device.type == "cuda":
+            binding.synchronize_outputs()
+        del keep
+        return outputs
+
+    def _bind_outputs(self, step: str, plan: _Plan, binding, bound: dict, feeds: dict[str, torch.Tensor]) -> dict:
+        """Bind this call's outputs (own buffers for its shapes; caches to their inputs); the own ones."""
         shapes = tuple(tuple(d if type(d) is int else feeds[d[0]].shape[d[1]] for d in o[3]) for o in plan.own)
-        outputs = dict(self._output_buffers(step, plan, shapes))
+        own = self._own[step] = self._output_buffers(step, plan, shapes)
+        outputs = dict(own)
         for name, _, source in plan.aliased:
             outputs[name] = feeds[source]
         dev = self.device
@@ -136,11 +168,7 @@ class OrtBackend(Backend):
             if bound.get(name) != where:
                 binding.bind_output(name, dev.type, dev.index or 0, elem, tuple(y.shape), where[0])
                 bound[name] = where
-        self._sessions[step].run_with_iobinding(binding)
-        if dev.type == "cuda":
-            binding.synchronize_outputs()
-        del keep
-        return outputs
+        return own
 
     def _output_buffers(self, step: str, plan: _Plan, shapes: tuple) -> dict[str, torch.Tensor]:
         """This call's own output tensors (not the aliased caches), reused per set of shapes."""

@@ -72,3 +72,32 @@ def test_outputs_reused_per_shape_and_noncontiguous_inputs(fp32_export, ref_mode
         strided["tokens"] = feeds["tokens"].t().contiguous().t()  # same values, transposed strides
         assert not strided["tokens"].is_contiguous()
         torch.testing.assert_close(backend.run_step("encoder", strided)["h"], h0, rtol=0, atol=0)
+
+
+def test_feeds_seen_before_are_rebound_only_when_they_move(fp32_export, ref_model):
+    """The backend skips binding a feed that is the same tensor object as last call: new contents of
+    that tensor, a new tensor at another address and a cache moved to new memory are all seen."""
+    specs = step_specs(ref_model.config, MAX_STEP)
+    spec = specs["decoder"]
+    with OrtBackend(specs, fp32_export, threads=1) as backend, OrtBackend(specs, fp32_export, threads=1) as fresh:
+
+        def alone(feeds):  # a backend that has bound nothing yet, on copies
+            out = fresh.run_step("decoder", {k: v.clone() for k, v in feeds.items()})
+            fresh._seen["decoder"] = [None] * len(spec.inputs)
+            fresh._bound["decoder"].clear()
+            return out["logits"].clone()
+
+        feeds = random_feeds(spec, ref_model.config, [7], 1, seed=3)
+        want = alone(feeds)
+        torch.testing.assert_close(backend.run_step("decoder", feeds)["logits"], want, rtol=0, atol=0)
+        feeds["h"].copy_(random_feeds(spec, ref_model.config, [7], 1, seed=4)["h"])  # same object, new values
+        want = alone(feeds)
+        torch.testing.assert_close(backend.run_step("decoder", feeds)["logits"], want, rtol=0, atol=0)
+        feeds["h"] = feeds["h"].clone() * 0.5  # a new tensor at another address
+        want = alone(feeds)
+        torch.testing.assert_close(backend.run_step("decoder", feeds)["logits"], want, rtol=0, atol=0)
+        moved = {k: (torch.zeros_like(v) if k.startswith("past.") else v) for k, v in feeds.items()}  # new memory
+        old, want = feeds["past.0.k"].clone(), alone(moved)
+        torch.testing.assert_close(backend.run_step("decoder", moved)["logits"], want, rtol=0, atol=0)
+        assert moved["past.0.k"].abs().sum() > 0  # this step's keys went to the moved cache
+        assert torch.equal(feeds["past.0.k"], old)  # and not to the one bound before
