@@ -127,9 +127,16 @@ class StepRunner:
         return buf[:n].view(shape)
 
     def _float_input(self, step: str, calls: list[StepCall], size: int) -> Tensor:
-        """The calls' float inputs in one batch: (b, S, D) h, or (b, P, L, D) patch bytes, zero-padded."""
+        """The calls' float inputs in one batch: (b, S, D) h, or (b, P, L, D) patch bytes, zero-padded.
+
+        Copied into a reusable buffer even for one call: the copy is a few hundred floats, and a
+        buffer that keeps its address is bound once, where a new view of the caller's tensor would be
+        bound again on every call."""
         if len(calls) == 1:
-            return calls[0].x.unsqueeze(0)
+            x = calls[0].x
+            out = self._scratch_view(f"{step}.x", (1, *x.shape), x.dtype)
+            out[0] = x
+            return out
         xs = [c.x for c in calls]
         inner = tuple(max(x.shape[d] for x in xs) for d in range(1, xs[0].dim()))
         out = self._scratch_view(f"{step}.x", (len(xs), size, *inner), xs[0].dtype)
