@@ -15,7 +15,10 @@ Measured, each side by side in one run:
 - long context: a 10,000-byte prompt then 1,000 bytes in every mode (lossless modes must equal ar),
   and the peak resident memory of that call over a warm engine, against a 1,000-byte prompt (each
   in a fresh process: the peak is a high-water mark);
-- calls per byte and time per call of every mode after the 82-byte prompt.
+- calls per byte and time per call of every mode after the 82-byte prompt;
+- each step graph's cost per call inside `ar` decoding (the runtime's own calls, one position each)
+  and the same call repeated on its own with the same inputs (caches warm): what the other
+  graphs and the Python between calls cost it by evicting its weights and rings.
 Results: benchmarks/results/step_cost.{json,md,png}.
 """
 
@@ -111,6 +114,40 @@ def modes(g, log) -> dict:
         log(f"mode {mode}: {bps:.0f} B/s, {row['calls_per_byte']:.2f} calls/byte, {row['us_per_call']:.0f} us/call")
     for row in rows.values():
         row["vs_ar"] = row["bytes_per_s"] / rows["ar"]["bytes_per_s"]
+    return rows
+
+
+def call_costs(g, log) -> dict:
+    """Per step graph: us per one-position call while `ar` decodes, and the last such call's inputs
+    run again and again on their own (its rings and weights then stay in the core's caches)."""
+    backend = g.engine.backend
+    run, seen = backend.run_step, {}
+
+    def timed_run(step: str, feeds: dict, check: bool = True) -> dict:
+        t0 = time.perf_counter()
+        out = run(step, feeds, check)
+        dt = time.perf_counter() - t0
+        new = next(feeds[n].shape[1] for n in ("tokens", "h", "patch_lens", "block_ids") if n in feeds)
+        if new == 1:  # decode calls: one position (the global step: one patch)
+            n, total, _ = seen.get(step, (0, 0.0, None))
+            seen[step] = (n + 1, total + dt, dict(feeds))
+        return out
+
+    backend.run_step = timed_run
+    try:
+        out = g.generate(SHORT, mode="ar", max_bytes=DECODE_BYTES, stop_on_eos=False)
+    finally:
+        del backend.run_step
+    rows = {}
+    for step, (n, total, feeds) in seen.items():
+        for _ in range(20):
+            run(step, feeds, False)
+        t0 = time.perf_counter()
+        for _ in range(200):
+            run(step, feeds, False)
+        alone = (time.perf_counter() - t0) / 200
+        rows[step] = {"calls_per_byte": n / out.stats.generated, "us_in_ar": 1e6 * total / n, "us_alone": 1e6 * alone}
+        log(f"call cost: {step}: {rows[step]['us_in_ar']:.0f} us in ar, {rows[step]['us_alone']:.0f} us alone")
     return rows
 
 
@@ -243,6 +280,21 @@ def render(r: dict) -> str:
             f"| {mode} | {row['bytes_per_s']:.0f} | {row['vs_ar']:.2f} | {row['calls_per_byte']:.2f} | "
             f"{row['us_per_call']:.0f} | {100 * row['host_share']:.0f}% | {acc} | {same} |"
         )
+    if "call_costs" in r:
+        lines += ["", "## A step call inside ar decoding, and the same call on its own", ""]
+        lines += ["| step | calls per byte | us per call in ar | us per call alone | in ar / alone |"]
+        lines += ["|---|---:|---:|---:|---:|"]
+        for step, row in r["call_costs"].items():
+            lines.append(
+                f"| {step} | {row['calls_per_byte']:.2f} | {row['us_in_ar']:.0f} | {row['us_alone']:.0f} | "
+                f"{row['us_in_ar'] / row['us_alone']:.1f}x |"
+            )
+        lines += [
+            "",
+            "Alone: the last one-position call of that step run again 200 times with the same inputs, so its "
+            "weights and caches stay in the core's caches; in ar the other graphs and the Python between calls "
+            "evict them (a byte touches several MB of weights and rings against a 2 MB L2 here).",
+        ]
     hf = r["hf"]
     lines += ["", f"## ar against transformers ({hf['name']})", ""]
     lines += ["| prompt bytes | transformers: new bytes | transformers B/s | ar B/s | ratio | greedy bytes identical |"]
@@ -316,6 +368,7 @@ def main() -> None:
     g = Generator("default", backend="ort")
     g.generate(SHORT, mode="ar", max_bytes=16)
     r["modes"] = modes(g, log)
+    r["call_costs"] = call_costs(g, log)
     r["positions"] = positions(g, log)
     r["position_ratio"] = r["positions"][3000]["us_per_byte"] / r["positions"][100]["us_per_byte"]
     r["hf"] = hf_peer(g, SHORT, 96, log)

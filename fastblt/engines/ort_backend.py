@@ -12,6 +12,7 @@ graph against the `specs` the caller will feed (ManifestMismatch names the field
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,7 @@ class OrtBackend(Backend):
             self._sessions[step] = session
             self._bindings[step] = session.io_binding()
             self._bound[step] = {}  # name -> (address, shape) last bound
-            self._seen[step] = [None] * len(spec.inputs)  # the tensor objects fed last, by input
+            self._seen[step] = [None] * len(spec.inputs)  # weak references to the tensors fed last
             self._own.pop(step, None)
         on_cuda = "CUDAExecutionProvider" in next(iter(self._sessions.values())).get_providers()
         self.device = torch.device("cuda") if on_cuda and torch.cuda.is_available() else torch.device("cpu")
@@ -120,16 +121,18 @@ class OrtBackend(Backend):
         are valid until the next call of `step` with the same output shapes (reused, not reallocated).
 
         A feed that is the very tensor object of the previous call (the caches, the runner's reused
-        input views) is not looked at again: the runtime never resizes a tensor it feeds. Unless an
-        input changed shape or a cache moved, the outputs of the previous call are bound already."""
+        input views) is not looked at again: the runtime never resizes a tensor it feeds. The
+        backend remembers those objects by weak reference only: a cache the caller replaces (a
+        growing global cache) is freed at once, not held until the next call. Unless an input
+        changed shape or a cache moved, the outputs of the previous call are bound already."""
         plan, binding, bound, seen = self._plans[step], self._bindings[step], self._bound[step], self._seen[step]
         keep = []  # contiguous copies must outlive the run
         rebind = False  # the outputs: an input's shape changed (new output shapes) or a cache moved
         for i, (name, elem, in_place) in enumerate(plan.inputs):
             x = feeds[name]
-            if x is seen[i]:
+            if seen[i] is not None and seen[i]() is x:
                 continue
-            seen[i] = x
+            seen[i] = weakref.ref(x)
             if not x.is_contiguous():
                 if in_place:  # a copy would take the in-place write away from the caller
                     raise InternalError(f"step {step} | input {name}: a cache written in place must be contiguous")

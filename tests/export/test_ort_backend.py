@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -101,3 +102,6 @@ def test_feeds_seen_before_are_rebound_only_when_they_move(fp32_export, ref_mode
         torch.testing.assert_close(backend.run_step("decoder", moved)["logits"], want, rtol=0, atol=0)
         assert moved["past.0.k"].abs().sum() > 0  # this step's keys went to the moved cache
         assert torch.equal(feeds["past.0.k"], old)  # and not to the one bound before
+        gone = weakref.ref(moved["past.0.k"])
+        del moved
+        assert gone() is None  # the backend does not keep a cache its caller dropped (a grown global cache)
