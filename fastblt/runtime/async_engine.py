@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,9 +170,13 @@ class AsyncEngine:
         return TextStream(self._submit, self._request(prompt, mode, max_bytes, options))
 
     def close(self, timeout: float | None = None) -> None:
-        """Finish the requests in flight, then stop the batch loops and release the backends."""
+        """Finish the requests in flight, then stop the batch loops and release the backends (every
+        lane stops taking requests at once; `timeout` bounds the wait for all of them)."""
         for lane in self.lanes:
-            lane.close(timeout)
+            lane.close(0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for lane in self.lanes:
+            lane.close(None if deadline is None else max(deadline - time.monotonic(), 0.0))
         for lane in self.lanes[1:]:
             lane.engine.close()
         self.generator.close()

@@ -129,9 +129,9 @@ class StepRunner:
     def _float_input(self, step: str, calls: list[StepCall], size: int) -> Tensor:
         """The calls' float inputs in one batch: (b, S, D) h, or (b, P, L, D) patch bytes, zero-padded.
 
-        Copied into a reusable buffer even for one call: the copy is a few hundred floats, and a
-        buffer that keeps its address is bound once, where a new view of the caller's tensor would be
-        bound again on every call."""
+        Copied into a reusable buffer even for one call: the copy is small (one step's new byte
+        states), and a buffer that keeps its address is bound once, where a new view of the caller's
+        tensor would be bound again on every call."""
         if len(calls) == 1:
             x = calls[0].x
             out = self._scratch_view(f"{step}.x", (1, *x.shape), x.dtype)

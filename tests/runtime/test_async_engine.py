@@ -167,3 +167,13 @@ def test_a_lane_that_cannot_start_leaves_no_batch_loop_running(monkeypatch):
     assert len(made) == 1
     made[0]._thread.join(10)
     assert loops() == before
+
+
+def test_closing_stops_every_lane_taking_requests():
+    from fastblt.errors import EngineClosed
+
+    eng = AsyncEngine(tiny_model("small-window"), backend="torch", max_batch=4, lanes=2)
+    eng.close(30)
+    assert all(lane._closing and not lane._thread.is_alive() for lane in eng.lanes)
+    with pytest.raises(EngineClosed):
+        asyncio.run(eng.generate(PROMPTS[0], mode="ar", max_bytes=4))
