@@ -18,10 +18,12 @@ def first_use_notice(out: Path):
         "(once; later runs load them from there)",
         err=True,
     )
-    bar = tqdm(desc="export", unit="graph", file=sys.stderr, leave=False)
+    bars: list[tqdm] = []  # made at the first event, which knows the total (no bar without one)
 
     def progress(event: str, step: str, i: int, total: int, entry: dict | None) -> None:
-        bar.total = total
+        if not bars:
+            bars.append(tqdm(total=total, desc="export", unit="graph", file=sys.stderr, leave=False))
+        bar = bars[0]
         if event == "start":
             bar.set_postfix_str(step)
         elif event == "done":
