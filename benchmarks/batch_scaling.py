@@ -1,7 +1,8 @@
 """Batching, measured where it happens: each step graph's cost per row at 1 to 64 rows, and whether
 a request's bytes depend on its batch, over 1,000 requests.
 
-    python benchmarks/batch_scaling.py            # ~3 minutes on 2 cores
+    python benchmarks/batch_scaling.py                  # ~4 minutes on 2 cores
+    python benchmarks/batch_scaling.py --backend torch  # parts 1 and 2 on the torch backend (~6 min)
 
 1. Per graph (the embedded default's export, onnxruntime at the backend's own settings), one new
    position per row (the global step: one 4-byte patch per row, 256 cached patches), caches bound
@@ -14,7 +15,9 @@ a request's bytes depend on its batch, over 1,000 requests.
 3. In process, without HTTP: 16 greedy requests of 256 bytes at once (`ar`, then `blt-s`) through
    an AsyncEngine at its defaults and with `lanes=1`, and one request alone on the default engine;
    aggregate bytes/s (median of three interleaved repeats).
-Results: benchmarks/results/batch_scaling.{json,md,png}.
+Results: benchmarks/results/batch_scaling.{json,md,png}; with --backend torch,
+batch_scaling_torch.{json,md,png} (the torch backend's kernels may round a row differently in a
+batch, so part 2 there counts how often that flips a byte).
 """
 
 from __future__ import annotations
@@ -156,11 +159,13 @@ def in_process(engines: dict) -> dict:
 
 def render(r: dict) -> str:
     m = r["meta"]
+    backend = m.get("backend", "ort")
+    flag = "" if backend == "ort" else f" --backend {backend}"
     lines = [
         "# Batching: step graphs per row, and exactness per request",
         "",
-        f"`python benchmarks/batch_scaling.py` — {m['date']}, {m['machine']}, {m['cpu_count']} CPUs, onnxruntime "
-        f"{m['onnxruntime']}, the embedded default's export at the ort backend's own settings.",
+        f"`python benchmarks/batch_scaling.py{flag}` — {m['date']}, {m['machine']}, {m['cpu_count']} CPUs, "
+        f"onnxruntime {m['onnxruntime']}, the embedded default on the {backend} backend at its own settings.",
         "",
         "## Each graph at 1 to 64 rows (one new position per row; global: one 4-byte patch, 256 cached)",
         "",
@@ -220,7 +225,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_yscale("log", base=2)
     ax.set_xlabel("rows per call")
     ax.set_ylabel("throughput vs 1 row")
-    ax.set_title("step graphs on onnxruntime (CPU): what a batch buys")
+    ax.set_title(f"step graphs on {r['meta'].get('backend', 'ort')} (CPU): what a batch buys")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -229,15 +234,24 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main() -> None:
+    import argparse
+
     from fastblt.runtime.async_engine import AsyncEngine
     from fastblt.runtime.generator import Generator
 
-    g = Generator("default")
-    r = {"meta": machine_meta()}
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=("ort", "torch"), default="ort")
+    backend = ap.parse_args().backend
+    g = Generator("default", backend=backend)
+    r = {"meta": machine_meta() | {"backend": backend}}
     r["graphs"] = graph_scaling(g.engine.backend)
-    default = AsyncEngine("default", max_queue=N_REQUESTS)
+    default = AsyncEngine("default", backend=backend, max_queue=N_REQUESTS)
     r["exactness"] = exactness(g, default)
     g.close()
+    if backend != "ort":
+        default.close()
+        save(f"batch_scaling_{backend}", r, render, plot)
+        return
     one_lane = AsyncEngine("default", lanes=1)
     lanes = f"{len(default.lanes)} lanes (default)" if len(default.lanes) > 1 else "1 lane (default)"
     r["in_process"] = in_process({lanes: default, "lanes=1": one_lane})

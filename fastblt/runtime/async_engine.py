@@ -113,7 +113,8 @@ class AsyncEngine:
 
     @property
     def stats(self) -> BatchStats:
-        """The batch loops' counters and what they hold now (active rows, queue depth), summed over lanes."""
+        """A snapshot of the batch loops' counters and what they hold now (active rows, queue depth),
+        summed over lanes."""
         return sum_stats([lane.stats for lane in self.lanes])
 
     @property
@@ -214,9 +215,7 @@ def share(total: int, parts: int, i: int) -> int:
 
 
 def sum_stats(stats: list[BatchStats]) -> BatchStats:
-    """Several batch loops' counters as one."""
-    if len(stats) == 1:
-        return stats[0]
+    """Several batch loops' counters as one new BatchStats (a snapshot, also for one lane)."""
     out = BatchStats(calls={}, rows={})
     for s in stats:
         for name in ("active", "queued", "turns", "admitted", "finished", "cancelled", "failed"):

@@ -26,11 +26,13 @@ def test_concurrent_awaits_equal_serial_generation(engine):
         return await asyncio.gather(*[engine.generate(p, mode=m, max_bytes=20, stop_on_eos=False) for p, m in work])
 
     engine.batch.max_queue = 64
+    snapshot = engine.stats
     try:
         outs = asyncio.run(main())
     finally:
         engine.batch.max_queue = 2
     assert [o.ids for o in outs] == [g.generate(p, mode=m, max_bytes=20, stop_on_eos=False).ids for p, m in work]
+    assert engine.stats.admitted == snapshot.admitted + len(work)  # `stats` is a snapshot, not the live counters
 
 
 def test_stream_yields_the_generation_text(engine):
