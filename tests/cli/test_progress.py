@@ -18,4 +18,4 @@ def test_first_use_notice_names_the_directory_and_counts_the_graphs(capsys):
     first, bar = err.split("\n", 1)
     assert first.startswith("fastblt: first use of this checkpoint") and "/cache/abc/float32-step32" in first
     assert "0/5" in bar and "decoder_block" in bar
-    assert "0graph" not in bar  # no bar drawn before the total is known
+    assert "export: 0graph [" not in bar  # no total-less bar drawn before the total is known
