@@ -108,7 +108,10 @@ def test_a_full_lane_passes_requests_to_one_with_room():
             # three decoding (two in lane 0); the fourth goes to the least loaded lane, lane 1, which
             # has no queue, so it waits in lane 0's; a fifth finds no room anywhere
             streams = [eng.stream(PROMPTS[0], mode="ar", max_bytes=20_000, stop_on_eos=False) for _ in range(4)]
-            held = [len(lane.queue) + sum(s is not None for s in lane.live) for lane in eng.lanes]
+            held = []
+            for lane in eng.lanes:
+                with lane._cv:  # admission moves a request from the queue to a row under this lock
+                    held.append(len(lane.queue) + sum(s is not None for s in lane.live))
             with pytest.raises(EngineBusy, match="max_queue 1"):
                 eng.stream(PROMPTS[0], mode="ar", max_bytes=5)
             for s in streams:
