@@ -75,9 +75,7 @@ Drafter = Callable[[Run, int, int], Plan[tuple[list[int], Tensor | None]]]
 # ------------------------------------------------------------------------ shared steps
 def prefill(state: SequenceState, ids: list[int], chunk: int) -> Plan[Tensor]:
     """Commit the prompt in chunks; returns the last position's next-byte logits (V,)."""
-    for i in range(0, len(ids), chunk):
-        logits = yield from state.append(ids[i : i + chunk])
-    return logits[-1]
+    return (yield from state.prefill(ids, chunk))
 
 
 def generate(run: Run, ids: list[int], chunk: int) -> Plan[None]:

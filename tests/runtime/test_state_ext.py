@@ -110,3 +110,24 @@ def test_rolling_back_further_than_max_step_is_refused():
     st.reset()
     assert st.n == 0 and st.written == 0
     assert torch.equal(st.run(st.append(tokens[:8])), (b := new_state(model, max_step=8)).run(b.append(tokens[:8])))
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_prefill_equals_appending_chunk_by_chunk(name, chunk):
+    """Grouped prefill (entropy and encoder steps ahead, one global step per group of chunks) leaves
+    the state and the logits that appending each chunk in turn does, across many groups (max_step 8:
+    a group's patches wrap the cross ring) and with decoding after it."""
+    model = tiny_model(name)
+    tokens = random_tokens(150, seed=5)[0].numpy()
+    a, b = new_state(model, max_step=8), new_state(model, max_step=8)
+    want = None
+    for i in range(0, len(tokens), chunk):
+        want = b.run(b.append(tokens[i : i + chunk]))[-1]
+    got = a.run(a.prefill(tokens, chunk))
+    assert a.calls["global"] < b.calls["global"]  # grouped: fewer global steps
+    assert a.calls["entropy"] == b.calls["entropy"] and a.calls["decoder"] == b.calls["decoder"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (a.n, a.g_len) == (b.n, b.g_len) and np.array_equal(a.closed[: a.n + 1], b.closed[: b.n + 1])
+    for t in random_tokens(12, seed=6)[0].tolist():  # decoding on top reads every cache the prefill wrote
+        torch.testing.assert_close(a.run(a.append([t])), b.run(b.append([t])), rtol=0, atol=1e-5)
