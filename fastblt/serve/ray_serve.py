@@ -177,8 +177,7 @@ class FastBltReplica:
         o, t0 = self.options, time.perf_counter()
         # Loaded here rather than in the app's lifespan: an error here reaches the deployment's
         # status with its message (a failed lifespan is only "ASGI lifespan startup failed").
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
-        lanes = o.lanes or (2 if o.backend == "ort" and cpus >= 2 else 1)  # not the node's cores: its share
+        lanes = replica_lanes(o, ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         engine = await asyncio.to_thread(
             AsyncEngine, o.checkpoint, o.backend, max_batch=o.max_batch, lanes=lanes, max_queue=o.max_queue,
             max_context=o.max_context, artifacts=o.artifacts, threads=o.threads, device=o.device,
@@ -189,6 +188,12 @@ class FastBltReplica:
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown
         self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
         return app
+
+
+def replica_lanes(options: ServerOptions, cpus: float) -> int:
+    """A replica's lanes: the options' own, else two for ort when Ray assigned it two CPUs or more
+    (what it reserved, not the node's cores, which it shares with other replicas), else one."""
+    return options.lanes or (2 if options.backend == "ort" and cpus >= 2 else 1)
 
 
 async def mirror_metrics(app: FastAPI, every: float = MIRROR_EVERY_S) -> None:

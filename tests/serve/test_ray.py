@@ -41,6 +41,13 @@ def print_config(args: list[str], monkeypatch, capsys) -> dict:
     return yaml.safe_load(out)
 
 
+def test_a_replica_takes_lanes_from_the_cpus_ray_assigned_it():
+    lanes = ray_serve.replica_lanes
+    assert [lanes(ServerOptions(), cpus) for cpus in (0.5, 1.0, 2.0, 4.0)] == [1, 1, 2, 2]
+    assert lanes(ServerOptions(backend="torch"), 4.0) == 1
+    assert lanes(ServerOptions(lanes=3), 1.0) == 3  # asked for: as given
+
+
 def test_print_config_is_a_serve_config_for_the_options(monkeypatch, capsys):
     config = print_config(["--replicas", "3", "--max-batch", "8", "--mode", "ar", "--num-cpus", "2", "--num-gpus",
                            "0.5", "--host", "0.0.0.0", "--port", "9000"], monkeypatch, capsys)  # fmt: skip
