@@ -1,7 +1,7 @@
 """Load on `fastblt serve` over loopback: aggregate bytes/s and latencies at 1, 4, 16 and 64
 concurrent streams, greedy `ar` and `blt-s`, on code prompts, at the server's default settings.
 
-    python benchmarks/serve_load.py                 # ~3 minutes on 2 cores
+    python benchmarks/serve_load.py                 # ~6 minutes on 2 cores
     python benchmarks/serve_load.py --quick         # concurrency 1 and 4 only, fewer requests
     python benchmarks/serve_load.py --ray           # 1 and 2 Ray Serve replicas side by side (~3 min)
 
