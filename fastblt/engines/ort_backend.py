@@ -161,12 +161,9 @@ class OrtBackend(Backend):
         """Bind this call's outputs (own buffers for its shapes; caches to their inputs); the own ones."""
         shapes = tuple(tuple(d if type(d) is int else feeds[d[0]].shape[d[1]] for d in o[3]) for o in plan.own)
         own = self._own[step] = self._output_buffers(step, plan, shapes)
-        outputs = dict(own)
-        for name, _, source in plan.aliased:
-            outputs[name] = feeds[source]
         dev = self.device
-        for name, elem, *_ in (*plan.own, *plan.aliased):
-            y = outputs[name]
+        targets = [(name, elem, own[name]) for name, elem, *_ in plan.own]
+        for name, elem, y in targets + [(name, elem, feeds[source]) for name, elem, source in plan.aliased]:
             where = (y.data_ptr(), y.shape)
             if bound.get(name) != where:
                 binding.bind_output(name, dev.type, dev.index or 0, elem, tuple(y.shape), where[0])

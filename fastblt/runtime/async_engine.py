@@ -32,7 +32,7 @@ from typing import Any
 from fastblt.engines.base import Backend
 from fastblt.errors import EngineBusy, InputError
 from fastblt.model.blt import BltModel
-from fastblt.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine, BatchStats, Ticket
+from fastblt.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine, BatchStats, Ticket, check_sizes
 from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.generator import Generation, Generator
 from fastblt.runtime.options import Request
@@ -69,10 +69,7 @@ class AsyncEngine:
             raise InputError(f"lanes: expected an int >= 1, got {lanes!r}")
         if lanes is not None and lanes > 1 and not isinstance(backend, str):
             raise InputError("lanes: more than one lane opens the backend once per lane; give the backend by name")
-        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
-            raise InputError(f"max_batch: expected an int >= 1, got {max_batch!r}")
-        if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
-            raise InputError(f"max_queue: expected an int >= 0, got {max_queue!r}")
+        check_sizes(1 if max_batch is None else max_batch, max_queue)  # before any lane is opened
         asked = lanes is not None
         lanes = lanes or default_lanes(backend)
         if max_batch is not None:

@@ -153,6 +153,14 @@ class _Sequence:
                     self.ticket.cancel()
 
 
+def check_sizes(max_batch: int, max_queue: int) -> None:
+    """InputError naming `max_batch` (an int >= 1) or `max_queue` (an int >= 0) when it is not one."""
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise InputError(f"max_batch: expected an int >= 1, got {max_batch!r}")
+    if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
+        raise InputError(f"max_queue: expected an int >= 0, got {max_queue!r}")
+
+
 class BatchEngine:
     """Runs requests in batches over one Engine, on a thread of its own (see the module docstring).
 
@@ -177,10 +185,7 @@ class BatchEngine:
         backend, config = engine.backend, engine.config
         if max_batch is None:
             max_batch = min(DEFAULT_MAX_BATCH, backend.max_rows or DEFAULT_MAX_BATCH)
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise InputError(f"max_batch: expected an int >= 1, got {max_batch!r}")
-        if not isinstance(max_queue, int) or max_queue < 0:
-            raise InputError(f"max_queue: expected an int >= 0, got {max_queue!r}")
+        check_sizes(max_batch, max_queue)
         if backend.max_rows is not None and max_batch > backend.max_rows:
             raise InputError(
                 f"max_batch {max_batch}: the {backend.name} backend's engines take at most {backend.max_rows} rows "

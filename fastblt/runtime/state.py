@@ -321,20 +321,20 @@ class SequenceState:
         tokens = np.asarray(tokens, dtype=np.int64)
         if len(tokens) == 0:
             raise InputError("prefill: no tokens")
-        self._check_step(min(chunk, len(tokens)))
         group: list[tuple[int, int]] = []  # (at, S) of chunks encoded and patched, not decoded
         spans: list[tuple[int, int]] = []  # the patches they close
-        logits = None
+        at = self.n
         for i in range(0, len(tokens), chunk):
-            part, at = tokens[i : i + chunk], self.n + sum(S for _, S in group)
-            yield from self.run_encoder(at, part)  # also records the bytes at their positions
+            part = tokens[i : i + chunk]
+            yield from self.run_encoder(at, part)  # checks the chunk's size; records the bytes
             ent = yield from self.run_entropy(at, part)
             closed = self._mark_patches(at, ent)
             if len(spans) + len(closed) > self.max_step:  # the pending chunks first
-                logits = yield from self._decode_group(group, spans)
+                yield from self._decode_group(group, spans)
                 group, spans = [], []
             group.append((at, len(part)))
             spans += closed
+            at += len(part)
         logits = yield from self._decode_group(group, spans)
         return logits[-1]
 
