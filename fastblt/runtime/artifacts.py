@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from fastblt.engines.base import Backend
 from fastblt.engines.registry import backend_factory
 from fastblt.engines.torch_backend import TorchBackend
@@ -68,13 +70,12 @@ def probe(model: BltModel, backend: Backend, dtype: str, directory: Path) -> Non
     """A short prompt through the graphs and through the torch steps: same logits, or refuse."""
     ref = SequenceState(TorchBackend(step_specs(model.config, max_step(backend.specs)), model), model.config)
     cand = SequenceState(backend, model.config)
-    want, got = ref.run(ref.append(PROBE_IDS)), cand.run(cand.append(PROBE_IDS))
-    if dtype in PROBE_ATOL:
-        ok = float((want - got).abs().max()) <= PROBE_ATOL[dtype]
-    else:
-        ok = float((want.argmax(-1) == got.argmax(-1)).float().mean()) >= 0.9
+    want, got = ref.run(ref.append(PROBE_IDS)), cand.run(cand.append(PROBE_IDS))  # (S, V) numpy
+    diff = float(np.abs(want - got).max())
+    agree = float((want.argmax(-1) == got.argmax(-1)).mean())
+    ok = diff <= PROBE_ATOL[dtype] if dtype in PROBE_ATOL else agree >= 0.9
     if not ok:
         raise ManifestMismatch(
             f"{directory}: the graphs do not compute this model (probe logits differ: max abs "
-            f"{float((want - got).abs().max()):.3g}); the artifacts come from other weights"
+            f"{diff:.3g}); the artifacts come from other weights"
         )

@@ -29,13 +29,22 @@ from torch import Tensor
 
 from fastblt.engines.base import Backend
 from fastblt.errors import InternalError
-from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, StepSpec, max_step, named_kv
+from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, TORCH_DTYPES, StepSpec, max_step, named_kv, state_dtype
 from fastblt.runtime.caches import KV, LinearCache, RowCaches, round_up
 
 R = TypeVar("R")
-Outputs = dict[str, Tensor]
+Outputs = dict[str, Tensor | np.ndarray]  # logits and entropies: numpy; h: as the call's x
 Plan = Coroutine["StepCall | None", Outputs, R]  # yields step calls (None: a round ended), returns R
 PAD = {"patch_lens": 1}  # padding value of an int input where 0 is not a valid one
+MAX_VIEWS = 64  # memoised views per scratch buffer (gathered caches take a new shape as contexts grow)
+
+
+def host_arrays(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a sequence's host-side step data (its byte states, float inputs, and the outputs it
+    reads) are numpy arrays. On the host they are: right after a step call has evicted the core's
+    caches a small torch call costs 10-20 us and a numpy one ~2 us, and a byte's host time was
+    mostly such calls. Not for CUDA (the byte states stay on the device) or bfloat16 (numpy has none)."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.float16)
 
 
 class Sequence(Protocol):
@@ -58,7 +67,9 @@ class StepCall:
     at: int
     size: int
     ints: dict[str, np.ndarray]  # its int inputs without the batch dim (padded to the batch's size)
-    x: Tensor | None = None  # its float input: the decoder's h (S, D), the global step's patch bytes (P, L, D)
+    # its float input: the decoder's h (S, D), the global step's patch bytes (P, L, D); a numpy
+    # array where the runner's `host` is set, else a tensor on the backend's device
+    x: Tensor | np.ndarray | None = None
     outputs: Outputs = field(default_factory=dict)
 
 
@@ -67,8 +78,13 @@ class StepRunner:
 
     Owns the per-call input buffers (int inputs sized rows x max_step, allocated once: the same
     addresses call after call, so a backend binds them once per shape) and the scratch buffers of
-    gathered caches. Not thread-safe: one runner per thread that steps (a Generator's sequence, or
-    the batch engine's loop); `locks` (per step) guard the shared backend and its output buffers.
+    gathered caches, with their views memoised (the same tensor object call after call, which a
+    backend need not look at again). Not thread-safe: one runner per thread that steps (a
+    Generator's sequence, or the batch engine's loop); `locks` (per step) guard the shared backend
+    and its output buffers.
+
+    What a call's sequences read comes back to the host: logits and entropies as numpy arrays, byte
+    states (h) as numpy arrays where `host` (host_arrays) is set, else as tensors on the device.
     """
 
     def __init__(self, backend: Backend, rows: int, locks: dict[str, contextlib.AbstractContextManager] | None = None):
@@ -78,6 +94,8 @@ class StepRunner:
         self.locks = locks if locks is not None else dict.fromkeys(self.specs, contextlib.nullcontext())
         device = backend.device
         self._host = device.type == "cpu"
+        self.dtype = TORCH_DTYPES[state_dtype(self.specs)]
+        self.host = host_arrays(device, self.dtype)
         self._ints: dict[tuple[str, str], Tensor] = {}
         for step, spec in self.specs.items():
             for t in spec.inputs:
@@ -85,7 +103,9 @@ class StepRunner:
                     n = rows * math.prod(self.max_step if isinstance(d, str) else d for d in t.shape[1:])
                     self._ints[step, t.name] = torch.zeros(n, dtype=torch.int32, device=device)
         self._scratch: dict[str, Tensor] = {}  # flat float buffers, grown on demand
+        self._scratch_views: dict[str, dict[tuple, tuple[Tensor, np.ndarray | None]]] = {}  # per buffer
         self._views: dict[tuple, tuple[Tensor, np.ndarray]] = {}
+        self._out_views: dict[tuple[str, str], tuple[Tensor, np.ndarray]] = {}  # a backend's reused outputs
         self._plans = {step: _step_plan(spec) for step, spec in self.specs.items()}
 
     # ------------------------------------------------------------------ inputs
@@ -117,14 +137,24 @@ class StepRunner:
             view.copy_(torch.from_numpy(host), non_blocking=True)
         return view
 
-    def _scratch_view(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        """A contiguous (shape) view of a reusable flat buffer (zeroed when it is first made or grown)."""
+    def _scratch_view(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, np.ndarray | None]:
+        """A contiguous (shape) view of a reusable flat buffer (zeroed when it is first made or
+        grown), and its numpy twin where `host` is set; memoised per shape until the buffer grows."""
+        views = self._scratch_views.setdefault(key, {})
+        found = views.get(shape)
+        if found is not None:
+            return found
         n = math.prod(shape)
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < n or buf.dtype != dtype:
+            views.clear()  # views of the old buffer would keep it alive
             buf = torch.zeros(max(n, 1), dtype=dtype, device=self.backend.device)
             self._scratch[key] = buf
-        return buf[:n].view(shape)
+        elif len(views) >= MAX_VIEWS:
+            views.clear()
+        view = buf[:n].view(shape)
+        found = views[shape] = (view, view.numpy() if self.host else None)
+        return found
 
     def _float_input(self, step: str, calls: list[StepCall], size: int) -> Tensor:
         """The calls' float inputs in one batch: (b, S, D) h, or (b, P, L, D) patch bytes, zero-padded.
@@ -132,21 +162,33 @@ class StepRunner:
         Copied into a reusable buffer even for one call: the copy is small (one step's new byte
         states), and a buffer that keeps its address is bound once, where a new view of the caller's
         tensor would be bound again on every call."""
-        if len(calls) == 1:
-            x = calls[0].x
-            out = self._scratch_view(f"{step}.x", (1, *x.shape), x.dtype)
-            out[0] = x
-            return out
         xs = [c.x for c in calls]
-        inner = tuple(max(x.shape[d] for x in xs) for d in range(1, xs[0].dim()))
-        out = self._scratch_view(f"{step}.x", (len(xs), size, *inner), xs[0].dtype)
+        if len(xs) == 1:
+            out, host = self._scratch_view(f"{step}.x", (1, *xs[0].shape), self.dtype)
+            (host if host is not None else out)[0] = xs[0]
+            return out
+        inner = tuple(max(x.shape[d] for x in xs) for d in range(1, xs[0].ndim))
+        out, host = self._scratch_view(f"{step}.x", (len(xs), size, *inner), self.dtype)
+        dst = host if host is not None else out
         if len(inner) > 1:  # patch bytes: every patch is padded to the longest
-            out.zero_()
+            dst[...] = 0
         for i, x in enumerate(xs):
-            out[i, : x.shape[0], *(slice(0, n) for n in x.shape[1:])] = x
+            dst[i, : x.shape[0], *(slice(0, n) for n in x.shape[1:])] = x
             if x.shape[0] < size and len(inner) == 1:
-                out[i, x.shape[0] :] = 0
+                dst[i, x.shape[0] :] = 0
         return out
+
+    def _read(self, step: str, name: str, t: Tensor) -> Tensor | np.ndarray:
+        """A copy of output `name` the caller keeps (the backend reuses its buffers): on the host
+        through the buffer's memoised numpy view; byte states off the host stay on the device."""
+        if self.host:
+            views = self._out_views.get((step, name))
+            if views is None or views[0] is not t:
+                views = self._out_views[step, name] = (t, t.detach().numpy())
+            return views[1].copy()
+        if name == "h":
+            return t.clone()
+        return (t.float() if t.dtype == torch.bfloat16 else t).to("cpu", copy=True).numpy()
 
     # ------------------------------------------------------------------ caches
     @staticmethod
@@ -165,7 +207,7 @@ class StepRunner:
                 xs = [p[layer][j] for p in parts]
                 slots = max(min_slots, *(x.shape[-2] for x in xs))
                 shape = (len(xs), *xs[0].shape[1:-2], slots, xs[0].shape[-1])
-                buf = self._scratch_view(f"{key}.{layer}.{j}", shape, xs[0].dtype)
+                buf, _ = self._scratch_view(f"{key}.{layer}.{j}", shape, xs[0].dtype)
                 for i, x in enumerate(xs):
                     buf[i, ..., : x.shape[-2], :] = x[0]
                 pair.append(buf)
@@ -243,7 +285,7 @@ class StepRunner:
         with self.locks[step]:
             t0 = time.perf_counter()
             out = self.backend.run_step(step, feeds, check=False)
-            own = [(name, out[name].clone() if name == "h" else out[name].to("cpu", copy=True)) for name in plan.read]
+            own = [(name, self._read(step, name, out[name])) for name in plan.read]
             seconds = time.perf_counter() - t0
         for scratch, parts, slots in gathered:
             self._scatter_back(scratch, parts, slots)

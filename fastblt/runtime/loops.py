@@ -89,7 +89,7 @@ def generate(run: Run, ids: list[int], chunk: int) -> Plan[None]:
     yield from LOOPS[run.opts.mode](run, logits)
 
 
-def next_byte(run: Run, logits: Tensor) -> int:
+def next_byte(run: Run, logits: np.ndarray) -> int:
     """The pending byte after exact logits (V,): argmax, or a draw when sampling."""
     return int(pick(logits, run.params, run.gen))  # host sync: the next byte
 
@@ -100,11 +100,11 @@ def verify(run: Run, c: int, drafts: list[int], encoded: bool) -> Plan[Tensor]:
     return (yield from run.state.append([c, *drafts], encoded=encoded))
 
 
-def accept(run: Run, drafts: list[int], q: Tensor | None, logits: Tensor) -> tuple[int, int]:
+def accept(run: Run, drafts: list[int], q: Tensor | None, logits: np.ndarray) -> tuple[int, int]:
     """Accepted draft count and the next pending byte (correction or bonus)."""
-    d = torch.tensor(drafts, dtype=torch.int64)
     if run.params.greedy:
-        return greedy_accept(d, logits)
+        return greedy_accept(drafts, logits)
+    d = torch.tensor(drafts, dtype=torch.int64)
     return speculative_accept(d, q, probs_from_logits(logits, run.params), run.gen)
 
 
@@ -115,7 +115,7 @@ def rollback_to_accepted(run: Run, n0: int, drafts: list[int], a: int) -> None:
 
 
 # ------------------------------------------------------------------------ ar
-def ar(run: Run, logits: Tensor) -> Plan[None]:
+def ar(run: Run, logits: np.ndarray) -> Plan[None]:
     """Plain BLT: one byte per round."""
     c = next_byte(run, logits)
     while not run.out.push((c,)):
@@ -149,7 +149,7 @@ def draft_ar(run: Run, c: int, k: int) -> Plan[tuple[list[int], Tensor | None]]:
     return drafts, torch.stack(qs) if qs else None
 
 
-def blt_s(run: Run, logits: Tensor, drafter: Drafter = draft_ar) -> Plan[None]:
+def blt_s(run: Run, logits: np.ndarray, drafter: Drafter = draft_ar) -> Plan[None]:
     """Self-speculation: draft k, verify in one pass, accept the agreeing prefix plus one byte."""
     c = next_byte(run, logits)
     while not run.out.push((c,)):
@@ -196,7 +196,7 @@ def denoise(run: Run, block: np.ndarray, first: int, need: int, read: int, at: i
     q = None if params.greedy else torch.zeros(len(block), st.config.vocab_size)
     end, steps = first + need, 0
     while bool(masked[first:end].any()):  # host sync: one per diffusion step
-        logits = yield from st.run_block(block, read, at)  # (B, V)
+        logits = torch.from_numpy((yield from st.run_block(block, read, at)))  # (B, V)
         probs = probs_from_logits(logits, params) if rule != "one-step" or q is not None else None
         tok = logits.argmax(-1) if params.greedy else torch.multinomial(probs, 1, generator=run.gen)[:, 0]
         if rule == "one-step":
@@ -230,7 +230,7 @@ def draft_block(run: Run, pending: list[int], need: int, rule: str) -> Plan[tupl
 
 
 # ------------------------------------------------------------------------ blt-d
-def blt_d(run: Run, logits: Tensor) -> Plan[None]:
+def blt_d(run: Run, logits: np.ndarray) -> Plan[None]:
     """Block diffusion: denoise B cells, commit them, repeat. The prefill logits are unused."""
     del logits
     while True:
@@ -257,7 +257,7 @@ def draft_diffusion(run: Run, c: int, k: int) -> Plan[tuple[list[int], Tensor | 
     return drafts, q
 
 
-def blt_dv(run: Run, logits: Tensor, drafter: Drafter = draft_diffusion) -> Plan[None]:
+def blt_dv(run: Run, logits: np.ndarray, drafter: Drafter = draft_diffusion) -> Plan[None]:
     """Diffusion draft + autoregressive verification: greedy output identical to ar."""
     c = next_byte(run, logits)
     while not run.out.push((c,)):

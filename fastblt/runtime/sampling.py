@@ -1,7 +1,8 @@
 """Sampling and the acceptance rules of the four decoding loops: pure functions on tensors.
 
-Distributions are (..., V) float32 probabilities on the host. Greedy decoding is temperature 0:
-argmax of the raw logits (ties go to the lowest id, as torch.argmax). With temperature > 0 the
+Logits come from the step graphs as numpy arrays (torch tensors work too); distributions are
+(..., V) float32 torch probabilities on the host. Greedy decoding is temperature 0: argmax of the
+raw logits (ties go to the lowest id, in numpy as in torch). With temperature > 0 the
 logits are divided by the temperature, then top-k, then top-p (nucleus) are applied, and
 tokens are drawn with a seeded `torch.Generator` (reproducible for a given seed, backend and
 mode).
@@ -19,8 +20,10 @@ Rules (fast_blt_algorithms.md sections 3-6, 8.6):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,12 +41,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def probs_from_logits(logits: Tensor, params: SamplingParams) -> Tensor:
+def probs_from_logits(logits: Tensor | np.ndarray, params: SamplingParams) -> Tensor:
     """(..., V) logits -> (..., V) float32 probabilities after temperature, top-k and top-p.
 
     Greedy params give the plain softmax (what confidence and entropy unmasking read).
     """
-    x = logits.float()
+    x = torch.as_tensor(logits).float()
     if params.greedy:
         return torch.softmax(x, dim=-1)
     x = x / params.temperature
@@ -67,10 +70,10 @@ def sample(probs: Tensor, gen: torch.Generator) -> Tensor:
     return torch.multinomial(flat, 1, generator=gen).view(probs.shape[:-1])
 
 
-def pick(logits: Tensor, params: SamplingParams, gen: torch.Generator | None) -> Tensor:
+def pick(logits: Tensor | np.ndarray, params: SamplingParams, gen: torch.Generator | None) -> Tensor | np.ndarray:
     """The next token(s) for (..., V) logits: argmax when greedy, else a draw. -> (...) int64."""
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return logits.argmax(-1)  # numpy's and torch's: the first of equal maxima
     return sample(probs_from_logits(logits, params), gen)
 
 
@@ -109,17 +112,18 @@ def entropy_bound_unmask(entropies: Tensor, masked: Tensor, gamma: float) -> Ten
 
 
 # ------------------------------------------------------------------------ verification
-def greedy_accept(drafts: Tensor, target_logits: Tensor) -> tuple[int, int]:
+def greedy_accept(drafts: Sequence[int] | Tensor, target_logits: Tensor | np.ndarray) -> tuple[int, int]:
     """Exact-match acceptance (the paper's Algorithm 2).
 
-    drafts (k,) int64; target_logits (k+1, V): row j predicts the byte after draft position j-1
+    drafts (k,) ids; target_logits (k+1, V): row j predicts the byte after draft position j-1
     (row 0 follows the pending byte). Returns (accepted count a, next byte = argmax of row a).
     """
-    k = drafts.shape[0]
-    best = target_logits.argmax(dim=-1)  # (k+1,)
-    agree = (best[:k] == drafts).to(torch.int64)
-    a = int(torch.cumprod(agree, dim=0).sum()) if k else 0  # host sync: accepted length
-    return a, int(best[a])
+    best = target_logits.argmax(-1).tolist()  # (k+1,) host sync: the verifier's bytes
+    drafts = [int(d) for d in drafts]
+    a = 0
+    while a < len(drafts) and drafts[a] == best[a]:
+        a += 1
+    return a, best[a]
 
 
 def speculative_accept(drafts: Tensor, q: Tensor, p: Tensor, gen: torch.Generator | None) -> tuple[int, int]:

@@ -27,7 +27,6 @@ import contextlib
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from fastblt.engines.base import Backend
 from fastblt.errors import InputError
@@ -35,7 +34,7 @@ from fastblt.export.spec import TORCH_DTYPES, max_step, state_dtype
 from fastblt.model.config import HASH_PRIMES, BltConfig
 from fastblt.model.patching import closes_patch
 from fastblt.runtime.caches import LinearCache, RowCaches, buffer, stack_configs
-from fastblt.runtime.calls import Plan, R, StepCall, StepRunner, run_plan
+from fastblt.runtime.calls import Plan, R, StepCall, StepRunner, host_arrays, run_plan
 
 
 class HostArrays:
@@ -123,7 +122,9 @@ class SequenceState:
         # a batched state's calls are run by its batch; one alone runs its own
         self.runner = StepRunner(backend, 1, locks) if rows is None else None
         self.host = HostArrays()
+        self.numpy = host_arrays(self.device, dtype)  # byte states and float inputs as numpy arrays
         self.h = buffer((1024, config.encoder.dim), dtype, self.device)  # encoder byte states
+        self._h = self.h.numpy() if self.numpy else self.h  # what the host reads and writes
         self.hasher = IncrementalHasher(config)
         self.patch_limit = config.global_model.max_positions
         self.n = 0
@@ -196,10 +197,11 @@ class SequenceState:
     def _room(self, end: int) -> None:
         """Grow the per-position arrays to hold positions < end."""
         self.host.ensure(end)
-        if end > self.h.shape[0]:
-            grown = buffer((max(end, self.h.shape[0] * 3 // 2), self.h.shape[1]), self.dtype, self.device)
-            grown[: self.h.shape[0]] = self.h
+        if end > len(self._h):  # the host view: a numpy call where the tensor's would cost more
+            grown = buffer((max(end, len(self._h) * 3 // 2), self.h.shape[1]), self.dtype, self.device)
+            grown[: len(self._h)] = self.h
             self.h = grown
+            self._h = grown.numpy() if self.numpy else grown
 
     def open_patch_start(self, n: int | None = None) -> int:
         """First byte of the patch still open after n committed bytes (== n if none is open)."""
@@ -211,7 +213,7 @@ class SequenceState:
         """Entropies (S,) of the next byte after each of tokens at positions at.."""
         self._check_step(len(tokens), at)
         out = yield StepCall("entropy", self, at, len(tokens), {"tokens": tokens})
-        return out["entropies"].float().numpy()
+        return out["entropies"].astype(np.float32, copy=False)
 
     def run_encoder(self, at: int, tokens: np.ndarray) -> Plan[None]:
         """Encoder states for tokens placed at positions at.. (writes self.h and the encoder cache)."""
@@ -226,7 +228,7 @@ class SequenceState:
         )
         hash_ids = self.hasher(window, S)
         out = yield StepCall("encoder", self, at, S, {"tokens": tokens, "hash_ids": hash_ids})
-        self.h[at : at + S] = out["h"]
+        self._h[at : at + S] = out["h"]
 
     def run_global(self, spans: list[tuple[int, int]], at: int) -> Plan[None]:
         """Global steps over patches given as byte spans [s, e) (max_step per call); their entries go
@@ -243,19 +245,23 @@ class SequenceState:
                 f"(reached after {spans[-1][1]} bytes); shorten the prompt or max_bytes"
             )
         L = max(e - s for s, e in spans)
-        patch_bytes = torch.zeros(len(spans), L, self.config.encoder.dim, dtype=self.dtype, device=self.device)
+        shape = (len(spans), L, self.config.encoder.dim)
+        if self.numpy:
+            patch_bytes = np.zeros(shape, dtype=self._h.dtype)
+        else:
+            patch_bytes = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for j, (s, e) in enumerate(spans):
-            patch_bytes[j, : e - s] = self.h[s:e]
+            patch_bytes[j, : e - s] = self._h[s:e]
         lens = np.array([e - s for s, e in spans])
         yield StepCall("global", self, at, len(spans), {"patch_lens": lens}, patch_bytes)
 
-    def run_decoder(self, at: int, S: int, read_patch: np.ndarray) -> Plan[Tensor]:
+    def run_decoder(self, at: int, S: int, read_patch: np.ndarray) -> Plan[np.ndarray]:
         """Causal decoder over byte states h[at:at+S] -> logits (S, V); writes the decoder cache."""
         self._check_step(S, at)
-        out = yield StepCall("decoder", self, at, S, {"read_patch": read_patch}, self.h[at : at + S])
+        out = yield StepCall("decoder", self, at, S, {"read_patch": read_patch}, self._h[at : at + S])
         return out["logits"]
 
-    def run_block(self, block_ids: np.ndarray, read_patch: int, at: int | None = None) -> Plan[Tensor]:
+    def run_block(self, block_ids: np.ndarray, read_patch: int, at: int | None = None) -> Plan[np.ndarray]:
         """The diffusion head on a block at positions at..at+B-1 (default at = n) -> logits (B, V).
 
         The block attends to the committed decoder cache below `at` (at <= n) and to itself, and
@@ -270,8 +276,10 @@ class SequenceState:
         return out["logits"]
 
     # ------------------------------------------------------------------ sequence operations
-    def append(self, tokens: list[int] | np.ndarray, encoded: bool = False, close_open: bool = False) -> Plan[Tensor]:
-        """Commit tokens at positions n..n+S-1; returns their next-byte logits (S, V).
+    def append(
+        self, tokens: list[int] | np.ndarray, encoded: bool = False, close_open: bool = False
+    ) -> Plan[np.ndarray]:
+        """Commit tokens at positions n..n+S-1; returns their next-byte logits (S, V), on the host.
 
         Runs the entropy step, the encoder step (skipped when `encoded`: drafting already wrote
         these positions' encoder states, which do not depend on patching), one global step for
@@ -290,7 +298,7 @@ class SequenceState:
             parts = []
             for i in range(0, S, m):
                 parts.append((yield from self.append(tokens[i : i + m], encoded, close_open and i + m >= S)))
-            return torch.cat(parts)
+            return np.concatenate(parts)
         self._room(at + S)
         self.tokens[at : at + S] = tokens
         if not encoded:
@@ -309,7 +317,7 @@ class SequenceState:
         self.n = at + S
         return logits
 
-    def prefill(self, tokens: list[int] | np.ndarray, chunk: int) -> Plan[Tensor]:
+    def prefill(self, tokens: list[int] | np.ndarray, chunk: int) -> Plan[np.ndarray]:
         """Commit a prompt in chunks of `chunk` positions; returns the last position's next-byte
         logits (V,). What `append` of each chunk in turn computes, with fewer global steps.
 
@@ -338,7 +346,7 @@ class SequenceState:
         logits = yield from self._decode_group(group, spans)
         return logits[-1]
 
-    def _decode_group(self, group: list[tuple[int, int]], spans: list[tuple[int, int]]) -> Plan[Tensor]:
+    def _decode_group(self, group: list[tuple[int, int]], spans: list[tuple[int, int]]) -> Plan[np.ndarray]:
         """One global step for the patches `group`'s chunks close, then their decoder steps in order."""
         self._forced_at = None
         if spans:

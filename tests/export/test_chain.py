@@ -34,9 +34,9 @@ def test_prefill_then_50_decode_steps(backend, ref_model):
     assert len(set(lengths[1:-1].tolist())) >= 3, f"patches should vary in length, got {lengths.tolist()}"
     state = SequenceState(backend, ref_model.config)
     t = tokens[0].numpy()
-    outs = [state.run(state.append(t[:30])).clone()]
+    outs = [torch.from_numpy(state.run(state.append(t[:30])))]
     for i in range(30, 80):
-        outs.append(state.run(state.append(t[i : i + 1])).clone())
+        outs.append(torch.from_numpy(state.run(state.append(t[i : i + 1]))))
     err = float((torch.cat(outs) - full).abs().max())
     assert err <= 1e-4, f"max abs diff {err:.3g} over 30 prefill + 50 decode positions"
     assert state.calls["decoder"] == 52 and state.calls["global"] >= 1  # 30 = 16 + 14, then 50 single bytes
@@ -50,14 +50,14 @@ def test_chunks_and_rollback(backend, ref_model):
     state = SequenceState(backend, ref_model.config)
     t = tokens[0].numpy()
     outs = [
-        state.run(state.append(t[:7])).clone(),
-        state.run(state.append(t[7:8])).clone(),
-        state.run(state.append(t[8:20])).clone(),
+        torch.from_numpy(state.run(state.append(t[:7]))),
+        torch.from_numpy(state.run(state.append(t[7:8]))),
+        torch.from_numpy(state.run(state.append(t[8:20]))),
     ]
     state.run(state.append(t[20:27]))  # speculative work, then rolled back to 15
     state.rollback(15)
     outs = [torch.cat(outs)[:15]]
     for i in range(15, 70, 4):
-        outs.append(state.run(state.append(t[i : i + 4])).clone())
+        outs.append(torch.from_numpy(state.run(state.append(t[i : i + 4]))))
     err = float((torch.cat(outs) - full).abs().max())
     assert err <= 1e-4, f"max abs diff {err:.3g}"

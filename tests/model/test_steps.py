@@ -44,7 +44,7 @@ def test_chunked_prefill_decode_and_rollback_match_full_forward(name, chunks, ro
         if n >= N:
             break
         size = min(size, N - n)
-        logits[n : n + size] = state.run(state.append(tokens[n : n + size]))
+        logits[n : n + size] = torch.from_numpy(state.run(state.append(tokens[n : n + size])))
         n += size
         if todo and todo[0][0] <= n:
             _, junk = todo.pop(0)
@@ -164,7 +164,7 @@ def test_rings_wrap_many_times_and_roll_back_across_the_wrap(chunks, junk):
     n, i = 0, 0
     while n < LONG:
         size = min(chunks[i % len(chunks)], LONG - n)
-        logits[n : n + size] = state.run(state.append(tokens[n : n + size]))
+        logits[n : n + size] = torch.from_numpy(state.run(state.append(tokens[n : n + size])))
         n += size
         wrong = junk[i % len(junk)]
         if wrong and n < LONG:

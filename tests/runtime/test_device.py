@@ -7,6 +7,7 @@ what the CPU generates, byte for byte, in every mode; `fastblt validate --device
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from runtime_refs import PROMPTS, tiny_model
@@ -69,7 +70,7 @@ def test_state_buffers_live_on_the_backend_device():
     buffers = state_buffers(state)
     assert {b.device for b in buffers} == {backend.device}
     logits = state.run(state.append([1, 72, 105]))
-    assert logits.device.type == "cpu" and logits.shape == (3, model.config.vocab_size)
+    assert isinstance(logits, np.ndarray) and logits.shape == (3, model.config.vocab_size)  # on the host
 
 
 # ------------------------------------------------------------------------------ on a GPU
