@@ -27,6 +27,7 @@ from fastblt.export.spec import TORCH_DTYPES, StepSpec
 # onnx.TensorProto element types (ORT's bind_* accept them as ints; numpy has no bfloat16)
 _ELEM = {"int32": 6, "float32": 1, "float16": 10, "bfloat16": 16}
 _MAX_SHAPES_PER_STEP = 32  # output buffer sets kept per step (LRU): prefill sizes vary, decode repeats
+_SEEN_PER_INPUT = 8  # tensor objects remembered per input (the runner feeds one view per shape)
 
 
 class OrtBackend(Backend):
@@ -101,7 +102,7 @@ class OrtBackend(Backend):
             self._sessions[step] = session
             self._bindings[step] = session.io_binding()
             self._bound[step] = {}  # name -> (address, shape) last bound
-            self._seen[step] = [None] * len(spec.inputs)  # weak references to the tensors fed last
+            self._seen[step] = [{} for _ in spec.inputs]  # per input: tensors fed lately, by id (weakly)
             self._own.pop(step, None)
         on_cuda = "CUDAExecutionProvider" in next(iter(self._sessions.values())).get_providers()
         self.device = torch.device("cuda") if on_cuda and torch.cuda.is_available() else torch.device("cpu")
@@ -120,8 +121,9 @@ class OrtBackend(Backend):
         """Bind feeds by pointer (only what moved or changed shape), bind the outputs, run. Outputs
         are valid until the next call of `step` with the same output shapes (reused, not reallocated).
 
-        A feed that is the very tensor object of the previous call (the caches, the runner's reused
-        input views) is not looked at again: the runtime never resizes a tensor it feeds. The
+        A feed that is a tensor object fed lately (the caches, the runner's reused input views, one
+        per shape) is not looked at again: the runtime never resizes a tensor it feeds, and a torch
+        attribute read costs several microseconds on the caches a step call has just evicted. The
         backend remembers those objects by weak reference only: a cache the caller replaces (a
         growing global cache) is freed at once, not held until the next call. Unless an input
         changed shape or a cache moved, the outputs of the previous call are bound already."""
@@ -130,19 +132,23 @@ class OrtBackend(Backend):
         rebind = False  # the outputs: an input's shape changed (new output shapes) or a cache moved
         for i, (name, elem, in_place) in enumerate(plan.inputs):
             x = feeds[name]
-            if seen[i] is not None and seen[i]() is x:
-                continue
-            seen[i] = weakref.ref(x)
-            if not x.is_contiguous():
-                if in_place:  # a copy would take the in-place write away from the caller
-                    raise InternalError(f"step {step} | input {name}: a cache written in place must be contiguous")
-                x = x.contiguous()
-                keep.append(x)
-                seen[i] = None  # a fresh copy every call
-            where = (x.data_ptr(), x.shape)
+            known = seen[i].get(id(x))
+            if known is not None and known[0]() is x:
+                where, device = known[1], known[2]
+            else:
+                if not x.is_contiguous():
+                    if in_place:  # a copy would take the in-place write away from the caller
+                        raise InternalError(f"step {step} | input {name}: a cache written in place must be contiguous")
+                    x = x.contiguous()
+                    keep.append(x)
+                where, device = (x.data_ptr(), x.shape), x.device
+                if not keep or keep[-1] is not x:  # a fresh copy is not remembered
+                    if len(seen[i]) >= _SEEN_PER_INPUT:
+                        seen[i].clear()
+                    seen[i][id(feeds[name])] = (weakref.ref(x), where, device)
             last = bound.get(name)
             if last != where:  # the caches and the caller's reused inputs keep their address
-                binding.bind_input(name, x.device.type, x.device.index or 0, elem, tuple(x.shape), where[0])
+                binding.bind_input(name, device.type, device.index or 0, elem, tuple(where[1]), where[0])
                 bound[name] = where
                 rebind = rebind or in_place or last is None or last[1] != where[1]
         own = self._own.get(step)
@@ -162,11 +168,11 @@ class OrtBackend(Backend):
         shapes = tuple(tuple(d if type(d) is int else feeds[d[0]].shape[d[1]] for d in o[3]) for o in plan.own)
         own = self._own[step] = self._output_buffers(step, plan, shapes)
         dev = self.device
-        targets = [(name, elem, own[name]) for name, elem, *_ in plan.own]
-        for name, elem, y in targets + [(name, elem, feeds[source]) for name, elem, source in plan.aliased]:
-            where = (y.data_ptr(), y.shape)
+        targets = [(name, elem, (y.data_ptr(), y.shape)) for name, elem, y in ((n, e, own[n]) for n, e, *_ in plan.own)]
+        # an aliased output is its cache input, whose address and shape were just bound (no torch calls)
+        for name, elem, where in targets + [(name, elem, bound[source]) for name, elem, source in plan.aliased]:
             if bound.get(name) != where:
-                binding.bind_output(name, dev.type, dev.index or 0, elem, tuple(y.shape), where[0])
+                binding.bind_output(name, dev.type, dev.index or 0, elem, tuple(where[1]), where[0])
                 bound[name] = where
         return own
 

@@ -192,22 +192,24 @@ def denoise(run: Run, block: np.ndarray, first: int, need: int, read: int, at: i
     """
     st, params = run.state, run.params
     mask_id = st.config.blt_d.mask_id
-    masked = torch.from_numpy(block == mask_id)
+    masked = block == mask_id  # numpy on the host, as the logits: torch calls cost more there (calls.py)
     q = None if params.greedy else torch.zeros(len(block), st.config.vocab_size)
     end, steps = first + need, 0
-    while bool(masked[first:end].any()):  # host sync: one per diffusion step
-        logits = torch.from_numpy((yield from st.run_block(block, read, at)))  # (B, V)
+    while masked[first:end].any():  # host sync: one per diffusion step
+        logits = yield from st.run_block(block, read, at)  # (B, V)
         probs = probs_from_logits(logits, params) if rule != "one-step" or q is not None else None
-        tok = logits.argmax(-1) if params.greedy else torch.multinomial(probs, 1, generator=run.gen)[:, 0]
+        draw = None if params.greedy else torch.multinomial(probs, 1, generator=run.gen)[:, 0]
+        tok = logits.argmax(-1) if draw is None else draw.numpy()
         if rule == "one-step":
-            chosen = masked.clone()
+            chosen = masked.copy()
         elif rule == "confidence":
-            chosen = confidence_unmask(probs.gather(1, tok[:, None])[:, 0], masked, run.opts.alpha)
+            confidence = probs.gather(1, torch.from_numpy(tok)[:, None])[:, 0]
+            chosen = confidence_unmask(confidence, torch.from_numpy(masked), run.opts.alpha).numpy()
         else:
-            chosen = entropy_bound_unmask(entropy_of(probs), masked, run.opts.gamma)
-        block[chosen.numpy()] = tok[chosen].numpy()
+            chosen = entropy_bound_unmask(entropy_of(probs), torch.from_numpy(masked), run.opts.gamma).numpy()
+        block[chosen] = tok[chosen]
         if q is not None:
-            q[chosen] = probs[chosen]
+            q[torch.from_numpy(chosen)] = probs[torch.from_numpy(chosen)]
         masked &= ~chosen
         steps += 1
         if run.opts.stop_on_eos:

@@ -76,7 +76,7 @@ def test_outputs_reused_per_shape_and_noncontiguous_inputs(fp32_export, ref_mode
 
 
 def test_feeds_seen_before_are_rebound_only_when_they_move(fp32_export, ref_model):
-    """The backend skips binding a feed that is the same tensor object as last call: new contents of
+    """The backend skips binding a feed that is a tensor object it was fed before: new contents of
     that tensor, a new tensor at another address and a cache moved to new memory are all seen."""
     specs = step_specs(ref_model.config, MAX_STEP)
     spec = specs["decoder"]
@@ -84,7 +84,7 @@ def test_feeds_seen_before_are_rebound_only_when_they_move(fp32_export, ref_mode
 
         def alone(feeds):  # a backend that has bound nothing yet, on copies
             out = fresh.run_step("decoder", {k: v.clone() for k, v in feeds.items()})
-            fresh._seen["decoder"] = [None] * len(spec.inputs)
+            fresh._seen["decoder"] = [{} for _ in spec.inputs]
             fresh._bound["decoder"].clear()
             return out["logits"].clone()
 
@@ -95,6 +95,13 @@ def test_feeds_seen_before_are_rebound_only_when_they_move(fp32_export, ref_mode
         want = alone(feeds)
         torch.testing.assert_close(backend.run_step("decoder", feeds)["logits"], want, rtol=0, atol=0)
         feeds["h"] = feeds["h"].clone() * 0.5  # a new tensor at another address
+        want = alone(feeds)
+        torch.testing.assert_close(backend.run_step("decoder", feeds)["logits"], want, rtol=0, atol=0)
+        first = feeds["h"]  # two objects in turn (the runner feeds one view per shape): each rebound
+        feeds["h"] = first.clone() * 2
+        backend.run_step("decoder", feeds)
+        feeds["h"] = first
+        first.mul_(3)
         want = alone(feeds)
         torch.testing.assert_close(backend.run_step("decoder", feeds)["logits"], want, rtol=0, atol=0)
         moved = {k: (torch.zeros_like(v) if k.startswith("past.") else v) for k, v in feeds.items()}  # new memory

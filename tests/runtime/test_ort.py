@@ -142,3 +142,25 @@ def test_a_padded_global_step_on_ort_is_bit_exact(ort_gen):
     for (k, v), (k1, v1) in zip(a.rows.cross, alone.rows.cross, strict=True):
         slot = 62 % k.shape[2]
         assert torch.equal(k[0, :, slot], k1[0, :, slot]) and torch.equal(v[0, :, slot], v1[0, :, slot])
+
+
+@pytest.mark.parametrize("mode", ["ar", "blt-s"])
+def test_the_host_side_of_a_byte_makes_few_torch_calls(ort_gen, mode):
+    """Right after a step call has evicted the core's caches a small torch call costs 10-20 us and
+    a numpy one ~2 us, so between step calls the runtime works on numpy views (calls.host_arrays)
+    and the backend looks at a tensor it was fed before without reading its attributes. A byte made
+    ~34 torch calls before that; a handful are left (a global step's patch bytes and outputs)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    ort_gen.generate(PROMPTS[0], mode=mode, max_bytes=8, stop_on_eos=False)  # buffers and bindings made
+    with Count():
+        out = ort_gen.generate(PROMPTS[0], mode=mode, max_bytes=64, stop_on_eos=False)
+    assert len(out.ids) == 64
+    assert Count.calls / 64 <= 10, f"{Count.calls / 64:.1f} torch calls per byte"
