@@ -38,7 +38,7 @@ class Variant:
 
 VARIANTS = (
     Variant("ar", "ar"),
-    Variant("blt-s", "blt-s", {"k": 8}),
+    Variant("blt-s", "blt-s"),  # k 16 (the default)
     Variant("blt-dv", "blt-dv"),  # one-step drafting, "force" block start
     Variant("blt-d", "blt-d"),  # confidence alpha 0.7, "force" block start
     Variant("blt-d/patch", "blt-d", {"block_start": "patch"}, main=False),
@@ -47,7 +47,7 @@ VARIANTS = (
     Variant("blt-dv/alpha0.3", "blt-dv", {"unmask": "confidence"}, main=False),
     Variant("blt-dv/alpha0.3/patch", "blt-dv", {"unmask": "confidence", "block_start": "patch"}, main=False),
     Variant("blt-s/k4", "blt-s", {"k": 4}, main=False),
-    Variant("blt-s/k16", "blt-s", {"k": 16}, main=False),
+    Variant("blt-s/k8", "blt-s", {"k": 8}, main=False),
 )
 
 

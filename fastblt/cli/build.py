@@ -32,7 +32,7 @@ def _progress(event: str, step: str, i: int, total: int, rec) -> None:
     "--artifacts", type=click.Path(path_type=Path, file_okay=False), required=True, help="An export directory."
 )
 @click.option("--engines", type=click.Path(path_type=Path, file_okay=False), help="[default: ARTIFACTS/engines]")
-@click.option("--profile", "profile_text", default=None, help="Phase sizes: prefill=512,decode=1,verify=9,block=8.")
+@click.option("--profile", "profile_text", default=None, help="Phase sizes: prefill=512,decode=1,verify=17,block=8.")
 @click.option("--max-batch", type=int, default=1, show_default=True, help="Largest batch the engines take.")
 @click.option("--workspace", type=float, default=DEFAULT_WORKSPACE_GB, show_default=True, help="Builder workspace, GB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path, dir_okay=False), help="[default: ENGINES/timing.cache]")

@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 
 from fastblt.engines.registry import BACKENDS
-from fastblt.runtime.options import BLOCK_START_RULES, MODES
+from fastblt.runtime.options import BLOCK_START_RULES, DEFAULT_K, MODES
 
 UNMASK = ("confidence", "entropy", "one-step")
+K_HELP = f"blt-s: bytes drafted per round [default: {DEFAULT_K}, or max_step - 1 on smaller graphs]."
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
@@ -40,7 +41,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--seed", type=int, default=None, help="Seed of the sampler (reproducible runs).")
-@click.option("--k", "k", type=int, default=8, show_default=True, help="blt-s: bytes drafted per round.")
+@click.option("--k", "k", type=int, default=None, help=K_HELP)
 @click.option("--unmask", type=click.Choice(UNMASK), default=None, help="blt-d/blt-dv unmasking rule.")
 @click.option("--alpha", type=float, default=None, help="Confidence threshold (blt-d 0.7, blt-dv 0.3).")
 @click.option("--gamma", type=float, default=None, help="Entropy bound (blt-d 1.0, blt-dv 1.5).")

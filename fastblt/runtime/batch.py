@@ -46,7 +46,7 @@ from fastblt.runtime.caches import RowCaches
 from fastblt.runtime.calls import StepCall, StepRunner
 from fastblt.runtime.engine import Engine
 from fastblt.runtime.generator import Generation, generation, new_run
-from fastblt.runtime.options import Request, check_fit
+from fastblt.runtime.options import Request, check_fit, draft_length
 from fastblt.runtime.state import SequenceState
 from fastblt.runtime.stream import Output, TextChunker
 
@@ -124,7 +124,7 @@ class _Sequence:
         self.run = new_run(state, req.opts, Output(req.opts.max_bytes, req.opts.stop, req.opts.stop_on_eos))
         self.plan = loops.generate(self.run, list(req.ids), req.opts.prefill_chunk or max_step)
         self.chunker = TextChunker(req.opts.stop) if ticket.on_text is not None else None
-        self.cohort = req.opts.mode, req.opts.k
+        self.cohort = req.opts.mode, draft_length(req.opts, max_step)
         self.pending: StepCall | None = None
         self.parked = False  # at the end of a round, waiting for its cohort
         self.joined = False  # has ended a round (a prefilling sequence holds up no cohort)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fastblt.model.config import EOS_ID
 from fastblt.runtime.calls import Plan
-from fastblt.runtime.options import DecodeOptions
+from fastblt.runtime.options import DecodeOptions, draft_length
 from fastblt.runtime.sampling import (
     SamplingParams,
     confidence_unmask,
@@ -155,7 +155,8 @@ def blt_s(run: Run, logits: np.ndarray, drafter: Drafter = draft_ar) -> Plan[Non
     while not run.out.push((c,)):
         yield None
         n0 = run.state.n
-        k = min(run.opts.k, run.out.remaining - 1)  # the byte after the last draft is free
+        # the byte after the last draft is free
+        k = min(draft_length(run.opts, run.state.max_step), run.out.remaining - 1)
         drafts, q = yield from drafter(run, c, k)
         a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=True)))
         rollback_to_accepted(run, n0, drafts, a)

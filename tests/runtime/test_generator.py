@@ -341,3 +341,24 @@ def test_a_backend_instance_for_another_model_or_with_options_is_refused():
         Generator(model, backend=TorchBackend(step_specs(other.config), other))
     with pytest.raises(InputError, match="threads, device: not used with a Backend instance"):
         Generator(model, backend=TorchBackend(step_specs(model.config), model), threads=1, device="cpu")
+
+
+def test_the_default_draft_length_fits_graphs_of_any_max_step():
+    """blt-s drafts 16 bytes per round by default, max_step - 1 on graphs too small for a verify
+    step of 17 positions; an explicit k that does not fit is refused, naming it."""
+    from fastblt.engines.torch_backend import TorchBackend
+    from fastblt.export.spec import step_specs
+    from fastblt.runtime.options import DEFAULT_K, draft_length, make_options
+
+    assert DEFAULT_K == 16
+    assert draft_length(make_options(), 32) == 16 and draft_length(make_options(), 8) == 7
+    assert draft_length(make_options(k=4), 32) == 4
+    model = tiny_model()
+    small = Generator(model, backend=TorchBackend(step_specs(model.config, max_step=8), model))
+    out = small.generate("def main(", mode="blt-s", max_bytes=30, stop_on_eos=False)
+    assert max(out.stats.accept_hist) <= 7 and out.stats.drafted <= 7 * out.stats.rounds  # rounds of <= 7 drafts
+    assert out.ids == torch_generator().generate("def main(", mode="ar", max_bytes=30, stop_on_eos=False).ids
+    with pytest.raises(InputError, match="option k: 8 drafts \\+ 1 exceed the graphs' max_step 8"):
+        small.generate("def main(", mode="blt-s", max_bytes=30, k=8)
+    big = torch_generator().generate("def main(", mode="blt-s", max_bytes=40, stop_on_eos=False)
+    assert big.stats.drafted > 8 * big.stats.rounds  # the default's rounds draft more than the old 8

@@ -48,12 +48,12 @@ def test_parse_profile_option():
 def test_default_profiles_per_step(manifest):
     profiles = manifest_profiles(manifest)
     assert set(profiles) == {"entropy", "encoder", "global", "decoder", "decoder_block"}
-    # byte steps: decode S=1, block S<=B=4, verify S<=k+1=9, prefill S<=max_step 32; batch 1..1
+    # byte steps: decode S=1, block S<=B=4, verify S<=k+1=17, prefill S<=max_step 32; batch 1..1
     dec = by_name(profiles["decoder"])
     assert list(dec) == ["decode", "block", "verify", "prefill"]  # smallest first
     assert dec["decode"] == {"batch": [1, 1, 1], "new": [1, 1, 1]}
     assert dec["block"]["new"] == [1, 4, 4]
-    assert dec["verify"]["new"] == [1, 9, 9]
+    assert dec["verify"]["new"] == [1, 17, 17]
     assert dec["prefill"]["new"] == [1, 32, 32]  # the default: the export's max_step
     # the diffusion head only runs blocks
     assert by_name(profiles["decoder_block"]) == {"block": {"batch": [1, 1, 1], "new": [1, 4, 4]}}
@@ -62,7 +62,7 @@ def test_default_profiles_per_step(manifest):
     glob = by_name(profiles["global"])
     past = [1, TYPICAL_PAST, PAST]
     assert glob["decode"] == {"batch": [1, 1, 1], "patches": [1, 1, 1], "patch_len": [1, 8, LONGEST], "past": past}
-    assert glob["verify"]["patches"] == [1, 3, 9]
+    assert glob["verify"]["patches"] == [1, 5, 17]  # opt: 17 bytes / 4 per typical patch
     assert glob["prefill"]["patches"] == [1, 8, 32]
     assert {p["past"] == past for p in glob.values()} == {True}
     # the windowed stacks' rings are static: no step but the global one has a `past` dim
@@ -73,7 +73,7 @@ def test_default_profiles_per_step(manifest):
 
 
 def test_profile_shapes_keep_static_rings_and_range_the_global_cache(manifest):
-    p = manifest_profiles(manifest, {"prefill": 16})["decoder"][-1]
+    p = next(p for p in manifest_profiles(manifest, {"prefill": 16})["decoder"] if p.name == "prefill")
     inputs = {t.name: t for t in graph_inputs(manifest, "decoder")}
     lo, opt, hi = p.shapes(inputs["past.0.k"])
     assert lo == opt == hi == (1, 2, RING, 8)  # the ring of window + max_step slots is fixed
@@ -125,7 +125,8 @@ def test_plain_blt_has_no_block_profile(tmp_path):
     manifest = write_fake_export(tmp_path, tiny_config(blt_d=False), max_step=16)[0]
     profiles = manifest_profiles(manifest)
     assert "decoder_block" not in profiles
-    assert [p.name for p in profiles["encoder"]] == ["decode", "verify", "prefill"]
+    # verify (k+1 = 17, clamped to the export's max_step 16) and prefill coincide: one profile
+    assert [p.name for p in profiles["encoder"]] == ["decode", "verify+prefill"]
     with pytest.raises(InputError, match="no diffusion head"):
         manifest_profiles(manifest, {"block": 4})
 
