@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import mmap
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,6 +20,16 @@ from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, StepSpec, cross_slots,
 from fastblt.model.config import BltConfig, StackConfig
 
 KV = list[tuple[Tensor, Tensor]]
+HostKV = list[tuple[np.ndarray, np.ndarray]]
+
+
+def host_arrays(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the host side works on numpy views of these buffers (a sequence's byte states and
+    float inputs, the outputs it reads, the caches a batch gathers). On the host it does: right
+    after a step call has evicted the core's caches a small torch call costs 10-20 us and a numpy
+    one ~2 us, and a byte's host time was mostly such calls. Not for CUDA (the buffers stay on the
+    device) or bfloat16 (numpy has none)."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.float16)
 
 
 def buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -69,6 +80,8 @@ class RowCaches:
         shape = (rows, 1, cross_slots(max_step(specs)), config.cross_attn_k * config.decoder.dim)
         self.cross: KV = [(buffer(shape, dtype, device), buffer(shape, dtype, device))
                           for _ in range(config.decoder_cross_layers)]  # fmt: skip
+        host = host_arrays(device, dtype)
+        self.cross_host: HostKV | None = [(k.numpy(), v.numpy()) for k, v in self.cross] if host else None
         self._feeds: dict[tuple, dict[str, Tensor]] = {}
 
     def feeds(self, stack: str | None, cross: bool, lo: int, hi: int) -> dict[str, Tensor]:
@@ -89,6 +102,10 @@ class RowCaches:
 
     def cross_rows(self, lo: int, hi: int) -> KV:
         return [(k[lo:hi], v[lo:hi]) for k, v in self.cross]
+
+    def cross_rows_host(self, lo: int, hi: int) -> KV | HostKV:
+        """Rows lo..hi-1 of the cross ring as the host copies them (numpy views where host_arrays)."""
+        return [(k[lo:hi], v[lo:hi]) for k, v in (self.cross_host or self.cross)]
 
     def move(self, src: int, dst: int) -> None:
         """Copy row src into row dst (a batch keeps its live rows first)."""
@@ -113,6 +130,8 @@ class LinearCache:
         self.limit = round_up(cfg.max_positions, PAST_BUCKET)
         self.kv = zeros_kv(cfg, 1, PAST_BUCKET, dtype, device)
         self._feeds: dict[str, Tensor] | None = None
+        self._numpy = host_arrays(device, dtype)
+        self._host: HostKV | None = None
 
     @property
     def slots(self) -> int:
@@ -130,15 +149,23 @@ class LinearCache:
             self._feeds = named_kv(PAST, self.kv)
         return self._feeds
 
+    def host(self) -> KV | HostKV:
+        """The buffers as the host copies them (numpy views where host_arrays), until next replaced."""
+        if not self._numpy:
+            return self.kv
+        if self._host is None:
+            self._host = [(k.numpy(), v.numpy()) for k, v in self.kv]
+        return self._host
+
     def reset(self) -> None:
         """Back to one bucket (a new sequence)."""
         if self.slots != PAST_BUCKET:
-            self._feeds = None
+            self._feeds = self._host = None
             self.kv = zeros_kv(self.cfg, 1, PAST_BUCKET, self.dtype, self.device)
 
     def _resize(self, slots: int) -> None:
         """One buffer at a time, so the copy needs one layer's worth of extra memory, not a model's."""
-        self._feeds = None  # holds no old buffer while it is replaced
+        self._feeds = self._host = None  # hold no old buffer while it is replaced
         for i, pair in enumerate(self.kv):
             new = []
             for old in pair:

@@ -30,21 +30,13 @@ from torch import Tensor
 from fastblt.engines.base import Backend
 from fastblt.errors import InternalError
 from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, TORCH_DTYPES, StepSpec, max_step, named_kv, state_dtype
-from fastblt.runtime.caches import KV, LinearCache, RowCaches, round_up
+from fastblt.runtime.caches import KV, HostKV, LinearCache, RowCaches, host_arrays, round_up
 
 R = TypeVar("R")
 Outputs = dict[str, Tensor | np.ndarray]  # logits and entropies: numpy; h: as the call's x
 Plan = Coroutine["StepCall | None", Outputs, R]  # yields step calls (None: a round ended), returns R
 PAD = {"patch_lens": 1}  # padding value of an int input where 0 is not a valid one
 MAX_VIEWS = 64  # memoised views per scratch buffer (gathered caches take a new shape as contexts grow)
-
-
-def host_arrays(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a sequence's host-side step data (its byte states, float inputs, and the outputs it
-    reads) are numpy arrays. On the host they are: right after a step call has evicted the core's
-    caches a small torch call costs 10-20 us and a numpy one ~2 us, and a byte's host time was
-    mostly such calls. Not for CUDA (the byte states stay on the device) or bfloat16 (numpy has none)."""
-    return device.type == "cpu" and dtype in (torch.float32, torch.float16)
 
 
 class Sequence(Protocol):
@@ -197,25 +189,28 @@ class StepRunner:
         rows, first = calls[0].state.rows, calls[0].state.row
         return all(c.state.rows is rows and c.state.row == first + i for i, c in enumerate(calls))
 
-    def _gather(self, key: str, parts: list[KV], min_slots: int = 0) -> KV:
-        """Per layer (k, v): the calls' caches (each (1, ..., slots_i, d)) stacked into scratch rows,
-        each padded to the widest along the slot axis (and to at least `min_slots`)."""
-        out = []
+    def _gather(self, key: str, parts: list[KV | HostKV], min_slots: int = 0) -> tuple[KV, KV | HostKV]:
+        """Per layer (k, v): the calls' caches (each (1, ..., slots_i, d); numpy views where `host`)
+        stacked into scratch rows, each padded to the widest along the slot axis (and to at least
+        `min_slots`). Returns the scratch as the backend is fed it and as the host copies it."""
+        feed, host = [], []
         for layer in range(len(parts[0])):
-            pair = []
+            pairs = []
             for j in range(2):
                 xs = [p[layer][j] for p in parts]
                 slots = max(min_slots, *(x.shape[-2] for x in xs))
                 shape = (len(xs), *xs[0].shape[1:-2], slots, xs[0].shape[-1])
-                buf, _ = self._scratch_view(f"{key}.{layer}.{j}", shape, xs[0].dtype)
+                buf, buf_host = self._scratch_view(f"{key}.{layer}.{j}", shape, self.dtype)
+                dst = buf_host if buf_host is not None else buf
                 for i, x in enumerate(xs):
-                    buf[i, ..., : x.shape[-2], :] = x[0]
-                pair.append(buf)
-            out.append((pair[0], pair[1]))
-        return out
+                    dst[i, ..., : x.shape[-2], :] = x[0]
+                pairs.append((buf, dst))
+            feed.append((pairs[0][0], pairs[1][0]))
+            host.append((pairs[0][1], pairs[1][1]))
+        return feed, host
 
     @staticmethod
-    def _scatter_back(gathered: KV, parts: list[KV], slots: list[list[int] | slice]) -> None:
+    def _scatter_back(gathered: KV | HostKV, parts: list[KV | HostKV], slots: list[list[int] | slice]) -> None:
         """Copy the slots each call's step wrote from the scratch rows back to its own caches."""
         for (gk, gv), *own in zip(gathered, *parts, strict=True):
             for i, ((k, v), where) in enumerate(zip(own, slots, strict=True)):
@@ -238,18 +233,21 @@ class StepRunner:
             if plan.cross:
                 feeds |= first.rows.feeds(None, True, first.row, first.row + 1)
         else:  # caches sized per sequence: gathered into scratch rows, written slots copied back
-            own = [c.state.linear[plan.stack].for_step(max(c.at + (c.size if plan.writes else 0), 1)) for c in calls]
+            caches = [c.state.linear[plan.stack] for c in calls]
+            for c, cache in zip(calls, caches, strict=True):
+                cache.for_step(max(c.at + (c.size if plan.writes else 0), 1))
+            own = [cache.host() for cache in caches]
             size = max(c.size for c in calls) if plan.writes else 0  # padded positions are written too
-            scratch = self._gather(f"{step}.past", own, round_up(max(c.at for c in calls) + size, PAST_BUCKET))
+            scratch, host = self._gather(f"{step}.past", own, round_up(max(c.at for c in calls) + size, PAST_BUCKET))
             feeds = named_kv(PAST, scratch)
             if plan.writes:
-                gathered.append((scratch, own, [slice(c.at, c.at + c.size) for c in calls]))
+                gathered.append((host, own, [slice(c.at, c.at + c.size) for c in calls]))
             if plan.cross:  # the cross rings too: this step's rows may be any sequences
-                own = [c.state.rows.cross_rows(c.state.row, c.state.row + 1) for c in calls]
-                scratch = self._gather(f"{step}.cross", own)
+                own = [c.state.rows.cross_rows_host(c.state.row, c.state.row + 1) for c in calls]
+                scratch, host = self._gather(f"{step}.cross", own)
                 feeds |= named_kv(CROSS, scratch)
                 C = own[0][0][0].shape[-2]
-                gathered.append((scratch, own, [_ring_slots(c.at, c.size, C) for c in calls]))
+                gathered.append((host, own, [_ring_slots(c.at, c.size, C) for c in calls]))
         return feeds
 
     # ------------------------------------------------------------------ the call

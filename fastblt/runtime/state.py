@@ -33,8 +33,8 @@ from fastblt.errors import InputError
 from fastblt.export.spec import TORCH_DTYPES, max_step, state_dtype
 from fastblt.model.config import HASH_PRIMES, BltConfig
 from fastblt.model.patching import closes_patch
-from fastblt.runtime.caches import LinearCache, RowCaches, buffer, stack_configs
-from fastblt.runtime.calls import Plan, R, StepCall, StepRunner, host_arrays, run_plan
+from fastblt.runtime.caches import LinearCache, RowCaches, buffer, host_arrays, stack_configs
+from fastblt.runtime.calls import Plan, R, StepCall, StepRunner, run_plan
 
 
 class HostArrays:

@@ -147,7 +147,7 @@ def test_a_padded_global_step_on_ort_is_bit_exact(ort_gen):
 @pytest.mark.parametrize("mode", ["ar", "blt-s"])
 def test_the_host_side_of_a_byte_makes_few_torch_calls(ort_gen, mode):
     """Right after a step call has evicted the core's caches a small torch call costs 10-20 us and
-    a numpy one ~2 us, so between step calls the runtime works on numpy views (calls.host_arrays)
+    a numpy one ~2 us, so between step calls the runtime works on numpy views (caches.host_arrays)
     and the backend looks at a tensor it was fed before without reading its attributes. A byte made
     ~34 torch calls before that; a handful are left (a global step's patch bytes and outputs)."""
     from torch.overrides import TorchFunctionMode
