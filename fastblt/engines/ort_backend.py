@@ -145,7 +145,7 @@ class OrtBackend(Backend):
                 if not keep or keep[-1] is not x:  # a fresh copy is not remembered
                     if len(seen[i]) >= _SEEN_PER_INPUT:
                         seen[i].clear()
-                    seen[i][id(feeds[name])] = (weakref.ref(x), where, device)
+                    seen[i][id(x)] = (weakref.ref(x), where, device)
             last = bound.get(name)
             if last != where:  # the caches and the caller's reused inputs keep their address
                 binding.bind_input(name, device.type, device.index or 0, elem, tuple(where[1]), where[0])

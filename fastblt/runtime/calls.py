@@ -60,7 +60,7 @@ class StepCall:
     size: int
     ints: dict[str, np.ndarray]  # its int inputs without the batch dim (padded to the batch's size)
     # its float input: the decoder's h (S, D), the global step's patch bytes (P, L, D); a numpy
-    # array where the runner's `host` is set, else a tensor on the backend's device
+    # array where the runner's `numpy` is set, else a tensor on the backend's device
     x: Tensor | np.ndarray | None = None
     outputs: Outputs = field(default_factory=dict)
 
@@ -76,7 +76,7 @@ class StepRunner:
     and its output buffers.
 
     What a call's sequences read comes back to the host: logits and entropies as numpy arrays, byte
-    states (h) as numpy arrays where `host` (host_arrays) is set, else as tensors on the device.
+    states (h) as numpy arrays where `numpy` (host_arrays) is set, else as tensors on the device.
     """
 
     def __init__(self, backend: Backend, rows: int, locks: dict[str, contextlib.AbstractContextManager] | None = None):
@@ -87,7 +87,7 @@ class StepRunner:
         device = backend.device
         self._host = device.type == "cpu"
         self.dtype = TORCH_DTYPES[state_dtype(self.specs)]
-        self.host = host_arrays(device, self.dtype)
+        self.numpy = host_arrays(device, self.dtype)
         self._ints: dict[tuple[str, str], Tensor] = {}
         for step, spec in self.specs.items():
             for t in spec.inputs:
@@ -131,7 +131,7 @@ class StepRunner:
 
     def _scratch_view(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, np.ndarray | None]:
         """A contiguous (shape) view of a reusable flat buffer (zeroed when it is first made or
-        grown), and its numpy twin where `host` is set; memoised per shape until the buffer grows."""
+        grown), and its numpy twin where `numpy` is set; memoised per shape until the buffer grows."""
         views = self._scratch_views.setdefault(key, {})
         found = views.get(shape)
         if found is not None:
@@ -145,7 +145,7 @@ class StepRunner:
         elif len(views) >= MAX_VIEWS:
             views.clear()
         view = buf[:n].view(shape)
-        found = views[shape] = (view, view.numpy() if self.host else None)
+        found = views[shape] = (view, view.numpy() if self.numpy else None)
         return found
 
     def _float_input(self, step: str, calls: list[StepCall], size: int) -> Tensor:
@@ -173,7 +173,7 @@ class StepRunner:
     def _read(self, step: str, name: str, t: Tensor) -> Tensor | np.ndarray:
         """A copy of output `name` the caller keeps (the backend reuses its buffers): on the host
         through the buffer's memoised numpy view; byte states off the host stay on the device."""
-        if self.host:
+        if self.numpy:
             views = self._out_views.get((step, name))
             if views is None or views[0] is not t:
                 views = self._out_views[step, name] = (t, t.detach().numpy())
@@ -190,7 +190,7 @@ class StepRunner:
         return all(c.state.rows is rows and c.state.row == first + i for i, c in enumerate(calls))
 
     def _gather(self, key: str, parts: list[KV | HostKV], min_slots: int = 0) -> tuple[KV, KV | HostKV]:
-        """Per layer (k, v): the calls' caches (each (1, ..., slots_i, d); numpy views where `host`)
+        """Per layer (k, v): the calls' caches (each (1, ..., slots_i, d); numpy views where `numpy`)
         stacked into scratch rows, each padded to the widest along the slot axis (and to at least
         `min_slots`). Returns the scratch as the backend is fed it and as the host copies it."""
         feed, host = [], []

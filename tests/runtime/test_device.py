@@ -85,7 +85,7 @@ def test_cuda_state_keeps_every_buffer_on_the_gpu():
     assert {b.device.type for b in buffers} == {"cuda"}
     cpu = SequenceState(TorchBackend(step_specs(model.config), model), model.config)
     ids = [1, *b"def main(argv):"]
-    assert torch.allclose(state.run(state.append(ids)), cpu.run(cpu.append(ids)), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(state.run(state.append(ids)), cpu.run(cpu.append(ids)), atol=1e-4, rtol=0)
 
 
 @pytest.mark.gpu
