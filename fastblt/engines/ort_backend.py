@@ -78,6 +78,7 @@ class OrtBackend(Backend):
         self._outputs: dict[str, OrderedDict] = {step: OrderedDict() for step in specs}
         self._plans = {step: _plan(spec) for step, spec in specs.items()}
         self.device = torch.device("cpu")
+        self._sync = False
 
     # lifecycle --------------------------------------------------------------------------
     def _activate_impl(self) -> None:
@@ -106,6 +107,7 @@ class OrtBackend(Backend):
             self._own.pop(step, None)
         on_cuda = "CUDAExecutionProvider" in next(iter(self._sessions.values())).get_providers()
         self.device = torch.device("cuda") if on_cuda and torch.cuda.is_available() else torch.device("cpu")
+        self._sync = self.device.type == "cuda"  # read per call: a torch attribute read costs more there
 
     def _deactivate_impl(self) -> None:
         self._sessions.clear()
@@ -158,7 +160,7 @@ class OrtBackend(Backend):
         for name, _, source in plan.aliased:
             outputs[name] = feeds[source]
         self._sessions[step].run_with_iobinding(binding)
-        if self.device.type == "cuda":
+        if self._sync:
             binding.synchronize_outputs()
         del keep
         return outputs
