@@ -164,3 +164,26 @@ def test_the_host_side_of_a_byte_makes_few_torch_calls(ort_gen, mode):
         out = ort_gen.generate(PROMPTS[0], mode=mode, max_bytes=64, stop_on_eos=False)
     assert len(out.ids) == 64
     assert Count.calls / 64 <= 10, f"{Count.calls / 64:.1f} torch calls per byte"
+
+
+def test_the_torch_host_path_computes_what_the_numpy_path_does(ort_gen, export_cache, monkeypatch):
+    """Off the host (CUDA) or in bfloat16 a sequence's byte states, float inputs and gathered caches
+    stay torch tensors (caches.host_arrays); forced onto that path on the CPU, every mode and a
+    batch of mixed requests give the bytes the numpy path gives."""
+    from fastblt.runtime import caches, calls, state
+    from fastblt.runtime.batch import BatchEngine
+    from fastblt.runtime.options import make_request
+
+    jobs = [(p, m) for p in PROMPTS[:3] for m in ("ar", "blt-s", "blt-d", "blt-dv")]
+    want = [ort_gen.generate(p, mode=m, max_bytes=24, stop_on_eos=False).ids for p, m in jobs]
+    for module in (caches, calls, state):
+        monkeypatch.setattr(module, "host_arrays", lambda device, dtype: False)
+    torch_path = Generator(tiny_model(), backend="ort", threads=1, cache_dir=export_cache)
+    st = torch_path.engine.acquire()
+    assert not st.numpy and not st.runner.numpy
+    torch_path.engine.release(st)
+    assert [torch_path.generate(p, mode=m, max_bytes=24, stop_on_eos=False).ids for p, m in jobs] == want
+    with BatchEngine(torch_path.engine, max_batch=6) as batch:
+        assert not batch.runner.numpy and batch.rows.cross_host is None
+        tickets = [batch.submit(make_request(p, torch_path.config, m, 24, stop_on_eos=False)) for p, m in jobs]
+        assert [t.result(120).ids for t in tickets] == want
