@@ -204,8 +204,8 @@ def denoise(run: Run, block: np.ndarray, first: int, need: int, read: int, at: i
         if rule == "one-step":
             chosen = masked.copy()
         elif rule == "confidence":
-            confidence = probs.gather(1, torch.from_numpy(tok)[:, None])[:, 0]
-            chosen = confidence_unmask(confidence, torch.from_numpy(masked), run.opts.alpha).numpy()
+            confidence = probs.numpy()[np.arange(len(tok)), tok]
+            chosen = confidence_unmask(confidence, masked, run.opts.alpha)
         else:
             chosen = entropy_bound_unmask(entropy_of(probs), torch.from_numpy(masked), run.opts.gamma).numpy()
         block[chosen] = tok[chosen]

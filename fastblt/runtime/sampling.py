@@ -84,15 +84,19 @@ def entropy_of(probs: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------ unmasking (BLT-D)
-def confidence_unmask(confidence: Tensor, masked: Tensor, alpha: float) -> Tensor:
+def confidence_unmask(
+    confidence: Tensor | np.ndarray, masked: Tensor | np.ndarray, alpha: float
+) -> Tensor | np.ndarray:
     """Cells to unmask: masked cells with confidence >= alpha, at least the most confident one.
 
-    confidence (B,) float, masked (B,) bool (at least one True) -> (B,) bool.
+    confidence (B,) float, masked (B,) bool (at least one True) -> (B,) bool; numpy arrays (the
+    runtime's, on the host) or tensors, the same comparisons either way.
     """
     chosen = masked & (confidence >= alpha)
     if not bool(chosen.any()):  # host sync: one per unmasking step
-        best = torch.where(masked, confidence, torch.full_like(confidence, -1.0)).argmax()
-        chosen = torch.zeros_like(masked)
+        xp = np if isinstance(confidence, np.ndarray) else torch
+        best = xp.where(masked, confidence, -1.0).argmax()
+        chosen = xp.zeros_like(masked)
         chosen[best] = True
     return chosen
 

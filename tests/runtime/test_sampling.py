@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,6 +29,21 @@ def test_confidence_unmask_threshold_and_at_least_one():
     assert confidence_unmask(conf, masked, 0.7).tolist() == [False, True, False, False]
     # alpha = 0: everything masked goes at once
     assert confidence_unmask(conf, masked, 0.0).tolist() == [True, True, True, False]
+
+
+def test_confidence_unmask_on_numpy_equals_torch():
+    """The runtime unmasks with the host's numpy arrays: the same cells as on tensors, fallback included,
+    and float32 confidences compared with alpha in float32 as torch does (0.7 is not a float32)."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        conf = rng.random(8, dtype=np.float32)
+        conf[rng.random(8) < 0.2] = np.float32(0.7)  # exactly at the threshold, as float32
+        masked = rng.random(8) < 0.6
+        masked[rng.integers(8)] = True
+        for alpha in (0.0, 0.3, 0.7, 0.95):
+            got = confidence_unmask(conf, masked, alpha)
+            want = confidence_unmask(torch.from_numpy(conf), torch.from_numpy(masked), alpha)
+            assert isinstance(got, np.ndarray) and got.tolist() == want.tolist()
 
 
 def test_entropy_bound_unmask_prefix_of_ascending_entropies():
