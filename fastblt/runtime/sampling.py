@@ -46,7 +46,10 @@ def probs_from_logits(logits: Tensor | np.ndarray, params: SamplingParams) -> Te
 
     Greedy params give the plain softmax (what confidence and entropy unmasking read).
     """
-    x = torch.as_tensor(logits).float()
+    if isinstance(logits, np.ndarray) and logits.dtype == np.float32:  # the runtime's: wrapped, not copied
+        x = torch.from_numpy(logits)
+    else:
+        x = torch.as_tensor(logits).float()
     if params.greedy:
         return torch.softmax(x, dim=-1)
     x = x / params.temperature
@@ -74,7 +77,10 @@ def pick(logits: Tensor | np.ndarray, params: SamplingParams, gen: torch.Generat
     """The next token(s) for (..., V) logits: argmax when greedy, else a draw. -> (...) int64."""
     if params.greedy:
         return logits.argmax(-1)  # numpy's and torch's: the first of equal maxima
-    return sample(probs_from_logits(logits, params), gen)
+    probs = probs_from_logits(logits, params)
+    if logits.ndim == 1:  # one row (a decoding step): the draw `sample` makes, with fewer torch calls
+        return torch.multinomial(probs, 1, generator=gen)[0]
+    return sample(probs, gen)
 
 
 def entropy_of(probs: Tensor) -> Tensor:
