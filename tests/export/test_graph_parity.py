@@ -109,3 +109,21 @@ def test_bf16_graph_parity(bf16_export):
         step, check = next(iter(skipped.items()))
         pytest.skip(f"bf16 ORT parity is for GPU/TensorRT: {step}: {check['detail'][:160]}")
     pytest.fail("onnxruntime now loads bf16 graphs on the CPU: add the bf16 parity run here")
+
+
+def test_fp16_export_decodes_through_the_numpy_host_path(fp16_export, ref_model):
+    """An fp16 export runs on the runtime's numpy host path in float16 (caches.host_arrays): its
+    byte states are float16 arrays, and the lossless modes give ar's bytes on it."""
+    import numpy as np
+
+    from fastblt.runtime.generator import Generator
+
+    g = Generator(ref_model, backend="ort", artifacts=fp16_export, threads=1)
+    state = g.engine.acquire()
+    assert state.numpy and state._h.dtype == np.float16
+    g.engine.release(state)
+    modes = ["blt-s", "blt-dv"] if ref_model.config.blt_d is not None else ["blt-s"]
+    for prompt in ("def main(", "import os\n\n"):
+        want = g.generate(prompt, mode="ar", max_bytes=24, stop_on_eos=False).ids
+        for mode in modes:
+            assert g.generate(prompt, mode=mode, max_bytes=24, stop_on_eos=False).ids == want, mode
