@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from fastblt.engines.registry import BACKENDS
-from fastblt.runtime.options import BLOCK_START_RULES, DEFAULT_K, MODES
+from fastblt.export.spec import DEFAULT_K
+from fastblt.runtime.options import BLOCK_START_RULES, MODES
 
 UNMASK = ("confidence", "entropy", "one-step")
 K_HELP = f"blt-s: bytes drafted per round [default: {DEFAULT_K}, or max_step - 1 on smaller graphs]."

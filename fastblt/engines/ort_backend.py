@@ -141,10 +141,10 @@ class OrtBackend(Backend):
                 if not x.is_contiguous():
                     if in_place:  # a copy would take the in-place write away from the caller
                         raise InternalError(f"step {step} | input {name}: a cache written in place must be contiguous")
-                    x = x.contiguous()
+                    x = x.contiguous()  # a fresh copy every call: not remembered
                     keep.append(x)
                 where, device = (x.data_ptr(), x.shape), x.device
-                if not keep or keep[-1] is not x:  # a fresh copy is not remembered
+                if x is feeds[name]:
                     if len(seen[i]) >= _SEEN_PER_INPUT:
                         seen[i].clear()
                     seen[i][id(x)] = (weakref.ref(x), where, device)

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from fastblt.errors import CapabilityError, InputError
+from fastblt.export.spec import DEFAULT_K
 from fastblt.model.config import BltConfig
 from fastblt.model.tokenizer import encode
 from fastblt.runtime.sampling import SamplingParams
@@ -23,7 +24,6 @@ MODES = ("ar", "blt-d", "blt-s", "blt-dv")
 UNMASK_RULES = {"blt-d": ("confidence", "entropy"), "blt-dv": ("one-step", "confidence", "entropy")}
 BLOCK_START_RULES = ("force", "patch")
 MAX_DRAFT = 64
-DEFAULT_K = 16  # drafts per blt-s round: 7-12% faster than 8 on code and prose, greedy or sampled (docs/generation.md)
 
 
 @dataclass(frozen=True)

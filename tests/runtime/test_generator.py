@@ -347,8 +347,8 @@ def test_the_default_draft_length_fits_graphs_of_any_max_step():
     """blt-s drafts 16 bytes per round by default, max_step - 1 on graphs too small for a verify
     step of 17 positions; an explicit k that does not fit is refused, naming it."""
     from fastblt.engines.torch_backend import TorchBackend
-    from fastblt.export.spec import step_specs
-    from fastblt.runtime.options import DEFAULT_K, draft_length, make_options
+    from fastblt.export.spec import DEFAULT_K, step_specs
+    from fastblt.runtime.options import draft_length, make_options
 
     assert DEFAULT_K == 16
     assert draft_length(make_options(), 32) == 16 and draft_length(make_options(), 8) == 7

@@ -26,13 +26,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fastblt.errors import InputError, ManifestMismatch
-from fastblt.export.spec import DEFAULT_MAX_STEP, DYNAMIC_DIMS, TensorSpec
+from fastblt.export.spec import DEFAULT_K, DEFAULT_MAX_STEP, DYNAMIC_DIMS, TensorSpec
 
 PHASES = ("decode", "verify", "block", "prefill")
 PHASES_OF_STEP = {"decoder_block": ("block",)}  # every other step: all PHASES
 DEFAULT_PREFILL = DEFAULT_MAX_STEP  # DecodeOptions.prefill_chunk's default: the export's max_step
 TYPICAL_PAST = 1024  # the `opt` of the global cache's slots: a few KB of context
-DEFAULT_K = 16  # runtime/options.DEFAULT_K (blt-s drafts): verify runs k+1 positions
 # BLT's entropy patching averages about 4 bytes per patch; it sets the `opt` of the global step's
 # patch dims (a chunk of S bytes closes about S/4 patches of about 4 bytes). Only tuning, not limits.
 TYPICAL_PATCH_BYTES = 4
