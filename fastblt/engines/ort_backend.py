@@ -74,6 +74,7 @@ class OrtBackend(Backend):
         self._bindings: dict = {}
         self._bound: dict[str, dict[str, tuple]] = {}
         self._seen: dict[str, list] = {}
+        self._last: dict[str, list] = {}
         self._own: dict[str, dict[str, torch.Tensor]] = {}  # the own outputs bound now, per step
         self._outputs: dict[str, OrderedDict] = {step: OrderedDict() for step in specs}
         self._plans = {step: _plan(spec) for step, spec in specs.items()}
@@ -104,6 +105,7 @@ class OrtBackend(Backend):
             self._bindings[step] = session.io_binding()
             self._bound[step] = {}  # name -> (address, shape) last bound
             self._seen[step] = [{} for _ in spec.inputs]  # per input: tensors fed lately, by id (weakly)
+            self._last[step] = [None] * len(spec.inputs)  # per input: the tensor the last call bound (weakly)
             self._own.pop(step, None)
         on_cuda = "CUDAExecutionProvider" in next(iter(self._sessions.values())).get_providers()
         self.device = torch.device("cuda") if on_cuda and torch.cuda.is_available() else torch.device("cpu")
@@ -114,6 +116,7 @@ class OrtBackend(Backend):
         self._bindings.clear()
         self._bound.clear()
         self._seen.clear()
+        self._last.clear()
         self._own.clear()
         for buffers in self._outputs.values():
             buffers.clear()
@@ -130,13 +133,19 @@ class OrtBackend(Backend):
         growing global cache) is freed at once, not held until the next call. Unless an input
         changed shape or a cache moved, the outputs of the previous call are bound already."""
         plan, binding, bound, seen = self._plans[step], self._bindings[step], self._bound[step], self._seen[step]
+        prev = self._last[step]
         keep = []  # contiguous copies must outlive the run
         rebind = False  # the outputs: an input's shape changed (new output shapes) or a cache moved
         for i, (name, elem, in_place) in enumerate(plan.inputs):
             x = feeds[name]
+            ref = prev[i]
+            if ref is not None and ref() is x:  # the previous call bound this very tensor
+                continue
+            prev[i] = None
             known = seen[i].get(id(x))
             if known is not None and known[0]() is x:
                 where, device = known[1], known[2]
+                prev[i] = known[0]
             else:
                 if not x.is_contiguous():
                     if in_place:  # a copy would take the in-place write away from the caller
@@ -147,7 +156,9 @@ class OrtBackend(Backend):
                 if x is feeds[name]:
                     if len(seen[i]) >= _SEEN_PER_INPUT:
                         seen[i].clear()
-                    seen[i][id(x)] = (weakref.ref(x), where, device)
+                    ref = weakref.ref(x)
+                    seen[i][id(x)] = (ref, where, device)
+                    prev[i] = ref
             last = bound.get(name)
             if last != where:  # the caches and the caller's reused inputs keep their address
                 binding.bind_input(name, device.type, device.index or 0, elem, tuple(where[1]), where[0])
