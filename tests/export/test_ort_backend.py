@@ -9,7 +9,7 @@ import pytest
 import torch
 from parity_helpers import random_feeds
 
-from fastblt.engines.ort_backend import OrtBackend
+from fastblt.engines.ort_backend import OrtBackend, _runner
 from fastblt.engines.registry import available
 from fastblt.errors import ManifestMismatch
 from fastblt.export.spec import step_specs
@@ -112,3 +112,29 @@ def test_feeds_seen_before_are_rebound_only_when_they_move(fp32_export, ref_mode
         gone = weakref.ref(moved["past.0.k"])
         del moved
         assert gone() is None  # the backend does not keep a cache its caller dropped (a grown global cache)
+
+
+def test_the_direct_run_and_its_fallback_compute_the_same(fp32_export, ref_model):
+    """The backend runs a binding on the pybind session where onnxruntime's wrapper exposes it, and
+    through the public method where it does not: both write the same outputs."""
+    specs = step_specs(ref_model.config, MAX_STEP)
+    with OrtBackend(specs, fp32_export, threads=1) as backend:
+        feeds = random_feeds(specs["encoder"], ref_model.config, [5, 9], 3, seed=5)
+        want = backend.run_step("encoder", feeds)["h"].clone()
+        session, binding = backend._sessions["encoder"], backend._bindings["encoder"]
+        assert _runner(session, binding).func == session._sess.run_with_iobinding  # the direct call here
+
+        class Public:  # a wrapper without the private attributes: its public method is used
+            def __init__(self):
+                self.calls = 0
+
+            def run_with_iobinding(self, b):
+                self.calls += 1
+                session.run_with_iobinding(b)
+
+        public = Public()
+        backend._runs["encoder"] = _runner(public, binding)
+        backend._own["encoder"]["h"].zero_()
+        got = backend.run_step("encoder", feeds)["h"]
+        assert public.calls == 1
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
