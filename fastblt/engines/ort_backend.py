@@ -41,7 +41,7 @@ class OrtBackend(Backend):
         threads: intra-op threads per session. None: one for the per-byte steps (their matrices are
             too small to split across cores: the hand-off costs more) and onnxruntime's default (all
             cores) for the global step, whose weights are most of the model
-            (benchmarks/results/runtime_bench.md measures both).
+            (benchmarks/results/runtime_bench.md measures both). Workers spin only inside a call.
         providers: onnxruntime execution providers (None: CUDA then CPU when CUDA is available,
             else CPU).
         verify_hashes: check every graph file's sha256 against the manifest (on by default).
@@ -95,9 +95,14 @@ class OrtBackend(Backend):
             threads = self.threads if self.threads is not None else (0 if spec.stack == "global" else 1)
             options.intra_op_num_threads = threads  # 0: onnxruntime's default
             options.inter_op_num_threads = 1
-            # workers sleep between calls instead of spinning: the host work between step calls
-            # (and a batch's other rows) needs those cores (benchmarks/results/serve_load.md)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            # a session with workers (the global step) lets them spin inside a call, where each of
+            # its ~200 nodes hands work to them and a sleeping worker takes tens of microseconds to
+            # wake (1.3 ms -> 0.86 ms a call on 2 cores), and stops them when the call returns: the
+            # host work between calls, torch's own threads and a batch's other lanes need those
+            # cores (spinning between calls made blt-d 2x slower; docs/benchmarks.md)
+            spin = "0" if threads == 1 else "1"
+            options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+            options.add_session_config_entry("session.force_spinning_stop", "1")
             path = self.artifacts_dir / self.manifest["graphs"][step]["file"]
             session = ort.InferenceSession(str(path), options, providers=providers)
             got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])

@@ -187,3 +187,23 @@ def test_the_torch_host_path_computes_what_the_numpy_path_does(ort_gen, export_c
         assert not batch.runner.numpy and batch.rows.cross_host is None
         tickets = [batch.submit(make_request(p, torch_path.config, m, 24, stop_on_eos=False)) for p, m in jobs]
         assert [t.result(120).ids for t in tickets] == want
+
+
+def test_default_threads_spin_only_inside_a_global_call_and_compute_the_same(ort_gen, export_cache):
+    """By default the per-byte steps run on one thread and the global step on onnxruntime's pool,
+    whose workers spin inside a call and stop when it returns; the bytes are those of one thread."""
+    g = Generator(tiny_model(), backend="ort", cache_dir=export_cache)
+    try:
+        g.generate(PROMPTS[0], mode="ar", max_bytes=4)  # sessions are made on first use
+        sessions = g.engine.backend._sessions
+        for step, session in sessions.items():
+            options = session.get_session_options()
+            pool = step == "global"
+            assert options.intra_op_num_threads == (0 if pool else 1)
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if pool else "0")
+            assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        for mode in ("ar", "blt-s"):
+            want = ort_gen.generate(PROMPTS[1], mode=mode, max_bytes=N).bytes
+            assert g.generate(PROMPTS[1], mode=mode, max_bytes=N).bytes == want
+    finally:
+        g.close()
