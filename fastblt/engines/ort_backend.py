@@ -29,6 +29,7 @@ from fastblt.export.spec import TORCH_DTYPES, StepSpec
 # onnx.TensorProto element types (ORT's bind_* accept them as ints; numpy has no bfloat16)
 _ELEM = {"int32": 6, "float32": 1, "float16": 10, "bfloat16": 16}
 _MAX_SHAPES_PER_STEP = 32  # output buffer sets kept per step (LRU): prefill sizes vary, decode repeats
+_TINY = 5e-324  # the smallest positive double, a denormal
 _SEEN_PER_INPUT = 8  # tensor objects remembered per input (the runner feeds one view per shape)
 
 
@@ -89,6 +90,7 @@ class OrtBackend(Backend):
         import onnxruntime as ort
 
         providers = self.providers or _default_providers()
+        flushing = flushes_denormals()  # the first session of a process sets its creator thread's mode
         for step, spec in self.specs.items():
             options = ort.SessionOptions()
             options.log_severity_level = 3
@@ -103,6 +105,10 @@ class OrtBackend(Backend):
             spin = "0" if threads == 1 else "1"
             options.add_session_config_entry("session.intra_op.allow_spinning", spin)
             options.add_session_config_entry("session.force_spinning_stop", "1")
+            # denormals flushed to zero: attention over a long context underflows, and each use of a
+            # denormal costs a microcode assist (a 10 KB prompt committed 36% faster, the bytes
+            # the same). This sets the session's workers; the calling thread flushes per call
+            options.add_session_config_entry("session.set_denormal_as_zero", "1")
             path = self.artifacts_dir / self.manifest["graphs"][step]["file"]
             session = ort.InferenceSession(str(path), options, providers=providers)
             got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
@@ -116,6 +122,8 @@ class OrtBackend(Backend):
             self._seen[step] = [{} for _ in spec.inputs]  # per input: tensors fed lately, by id (weakly)
             self._last[step] = [None] * len(spec.inputs)  # per input: the tensor the last call bound (weakly)
             self._own.pop(step, None)
+        if flushes_denormals() != flushing:  # not ours to keep: the caller's thread gets its own mode back
+            torch.set_flush_denormal(flushing)
         on_cuda = "CUDAExecutionProvider" in next(iter(self._sessions.values())).get_providers()
         self.device = torch.device("cuda") if on_cuda and torch.cuda.is_available() else torch.device("cpu")
         self._sync = self.device.type == "cuda"  # read per call: a torch attribute read costs more there
@@ -180,7 +188,14 @@ class OrtBackend(Backend):
         outputs = dict(own)
         for name, _, source in plan.aliased:
             outputs[name] = feeds[source]
-        self._runs[step]()
+        if flushes_denormals():
+            self._runs[step]()
+        else:  # the calling thread flushes denormals for this call only
+            torch.set_flush_denormal(True)
+            try:
+                self._runs[step]()
+            finally:
+                torch.set_flush_denormal(False)
         if self._sync:
             binding.synchronize_outputs()
         del keep
@@ -241,6 +256,12 @@ def _plan(spec: StepSpec) -> _Plan:
     )
     aliased = tuple((t.name, _ELEM[t.dtype], aliases[t.name]) for t in spec.outputs if t.name in aliases)
     return _Plan(inputs, own, aliased)
+
+
+def flushes_denormals() -> bool:
+    """Whether this thread's floating-point unit flushes denormals to zero: the smallest double
+    times two is 0.0 then (a Python float multiply obeys the thread's mode, as every kernel does)."""
+    return _TINY * 2.0 == 0.0
 
 
 def _runner(session, binding) -> Callable[[], None]:

@@ -7,6 +7,7 @@ Generator keys its own cache), so only the first run of the suite pays for the O
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -93,8 +94,6 @@ def test_explicit_artifacts_and_their_checks(ort_gen, tmp_path):
 def test_threads_share_an_ort_generator_safely(ort_gen):
     """ORT output buffers are shared per backend: the per-backend lock and the state's copies keep
     concurrent calls apart."""
-    import threading
-
     jobs = [(p, m) for p in PROMPTS[:2] for m in ("ar", "blt-s", "blt-dv", "blt-d")]
     want = {job: ort_gen.generate(job[0], mode=job[1], max_bytes=24, stop_on_eos=False).ids for job in jobs}
     got: dict = {}
@@ -191,7 +190,8 @@ def test_the_torch_host_path_computes_what_the_numpy_path_does(ort_gen, export_c
 
 def test_default_threads_spin_only_inside_a_global_call_and_compute_the_same(ort_gen, export_cache):
     """By default the per-byte steps run on one thread and the global step on onnxruntime's pool,
-    whose workers spin inside a call and stop when it returns; the bytes are those of one thread."""
+    whose workers spin inside a call and stop when it returns (and flush denormals); the bytes are
+    those of one thread."""
     g = Generator(tiny_model(), backend="ort", cache_dir=export_cache)
     try:
         g.generate(PROMPTS[0], mode="ar", max_bytes=4)  # sessions are made on first use
@@ -202,8 +202,42 @@ def test_default_threads_spin_only_inside_a_global_call_and_compute_the_same(ort
             assert options.intra_op_num_threads == (0 if pool else 1)
             assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if pool else "0")
             assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+            assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
         for mode in ("ar", "blt-s"):
             want = ort_gen.generate(PROMPTS[1], mode=mode, max_bytes=N).bytes
             assert g.generate(PROMPTS[1], mode=mode, max_bytes=N).bytes == want
     finally:
         g.close()
+
+
+@pytest.mark.parametrize("caller_flushes", [False, True])
+def test_a_step_flushes_denormals_and_gives_the_callers_mode_back(ort_gen, export_cache, caller_flushes):
+    """Step calls run with denormals flushed to zero (long contexts underflow in attention, and a
+    denormal costs a microcode assist per use), on the calling thread only for the call: a caller's
+    own floating-point mode is what it was, whether it flushed or not, after loading and stepping."""
+    from fastblt.engines.ort_backend import flushes_denormals
+
+    seen = []
+
+    def run():
+        torch.set_flush_denormal(caller_flushes)
+        try:
+            g = Generator(tiny_model(), backend="ort", threads=1, cache_dir=export_cache)
+            seen.append(flushes_denormals())  # after loading (sessions are made on first use)
+            out = g.generate(PROMPTS[0], mode="ar", max_bytes=8)
+            runs = g.engine.backend._runs
+            inside = []
+            for step, call in list(runs.items()):
+                runs[step] = lambda call=call: (inside.append(flushes_denormals()), call())
+            g.generate(PROMPTS[0], mode="ar", max_bytes=8)
+            seen.append(flushes_denormals())  # after stepping
+            seen.append(all(inside) and len(inside) > 0)
+            seen.append(out.bytes == ort_gen.generate(PROMPTS[0], mode="ar", max_bytes=8).bytes)
+            g.close()
+        finally:
+            torch.set_flush_denormal(False)
+
+    worker = threading.Thread(target=run)  # a thread of its own: the mode is per thread
+    worker.start()
+    worker.join()
+    assert seen == [caller_flushes, caller_flushes, True, True]
