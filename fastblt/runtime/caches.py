@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, StepSpec, cross_slots, max_step, named_kv
+from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, StepSpec, cross_slots, max_step, named_kv, past_slots
 from fastblt.model.config import BltConfig, StackConfig
 
 KV = list[tuple[Tensor, Tensor]]
@@ -32,14 +32,18 @@ def host_arrays(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.float32, torch.float16)
 
 
-def buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, populate: bool = False) -> Tensor:
     """A zeroed buffer. On the host, its own anonymous memory map: a cache that grows replaces its
     buffers every few patches, and unmapping gives the old ones back to the system at once, where
-    the C heap would keep them (fragmented) and the process would grow by more than it holds."""
+    the C heap would keep them (fragmented) and the process would grow by more than it holds.
+    `populate`: its pages are mapped in one call now (for a buffer about to be filled): faulting
+    them in one by one as a copy first touches them cost more than the copy."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
-    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=math.prod(shape)).view(shape)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+    memory = mmap.mmap(-1, max(nbytes, 1), flags=flags)
+    return torch.frombuffer(memory, dtype=dtype, count=math.prod(shape)).view(shape)
 
 
 def zeros_kv(cfg: StackConfig, rows: int, slots: int, dtype: torch.dtype, device: torch.device) -> KV:
@@ -121,7 +125,7 @@ class RowCaches:
 
 class LinearCache:
     """An unwindowed stack's cache: buffers (1, heads, slots, head_dim) per layer holding the live
-    prefix rounded up to PAST_BUCKET slots, grown (copied into larger buffers) as the sequence
+    prefix rounded up (spec.past_slots), grown (copied into larger buffers) as the sequence
     reaches a new bucket, so memory and a step's cost follow the context. A prefix along the slot
     axis of a (heads, slots) buffer is not contiguous, so the buffers are sized to it instead."""
 
@@ -140,7 +144,7 @@ class LinearCache:
     def for_step(self, end: int) -> KV:
         """The buffers, holding at least `end` slots (grown first when needed)."""
         if end > self.slots:
-            self._resize(min(round_up(end, PAST_BUCKET), self.limit))
+            self._resize(min(past_slots(end), self.limit))
         return self.kv
 
     def feeds(self) -> dict[str, Tensor]:
@@ -169,7 +173,7 @@ class LinearCache:
         for i, pair in enumerate(self.kv):
             new = []
             for old in pair:
-                buf = buffer((*old.shape[:2], slots, old.shape[3]), self.dtype, self.device)
+                buf = buffer((*old.shape[:2], slots, old.shape[3]), self.dtype, self.device, populate=True)
                 buf[:, :, : old.shape[2]].copy_(old)
                 new.append(buf)
             self.kv[i] = (new[0], new[1])

@@ -29,8 +29,8 @@ from torch import Tensor
 
 from fastblt.engines.base import Backend
 from fastblt.errors import InternalError
-from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, TORCH_DTYPES, StepSpec, max_step, named_kv, state_dtype
-from fastblt.runtime.caches import KV, HostKV, LinearCache, RowCaches, host_arrays, round_up
+from fastblt.export.spec import CROSS, PAST, TORCH_DTYPES, StepSpec, max_step, named_kv, past_slots, state_dtype
+from fastblt.runtime.caches import KV, HostKV, LinearCache, RowCaches, host_arrays
 
 R = TypeVar("R")
 Outputs = dict[str, Tensor | np.ndarray]  # logits and entropies: numpy; h: as the call's x
@@ -239,7 +239,7 @@ class StepRunner:
                 cache.for_step(max(c.at + (c.size if plan.writes else 0), 1))
             own = [cache.host() for cache in caches]
             size = max(c.size for c in calls) if plan.writes else 0  # padded positions are written too
-            scratch, host = self._gather(f"{step}.past", own, round_up(max(c.at for c in calls) + size, PAST_BUCKET))
+            scratch, host = self._gather(f"{step}.past", own, past_slots(max(c.at for c in calls) + size))
             feeds = named_kv(PAST, scratch)
             if plan.writes:
                 gathered.append((host, own, [slice(c.at, c.at + c.size) for c in calls]))

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastblt.engines.torch_backend import TorchBackend
-from fastblt.export.spec import PAST_BUCKET, cross_slots, step_specs
+from fastblt.export.spec import PAST_BUCKET, cross_slots, past_slots, step_specs
 from fastblt.model import steps
 from fastblt.model.patching import decoder_patch_ids, patch_ids_from_lengths
 from fastblt.runtime.state import SequenceState
@@ -183,7 +183,19 @@ def test_the_global_cache_grows_with_the_context_and_shrinks_for_a_new_sequence(
     tokens = LONG_TOKENS[0].numpy()
     for n in range(0, 600, 12):
         state.run(state.append(tokens[n : n + 12]))
-    assert global_cache.slots >= state.g_len > PAST_BUCKET and global_cache.slots % PAST_BUCKET == 0
-    assert global_cache.slots - state.g_len < PAST_BUCKET  # the live prefix, rounded up to one bucket
+    assert state.g_len > PAST_BUCKET and global_cache.slots == past_slots(state.g_len)  # the live prefix, rounded up
     state.reset()
     assert global_cache.slots == PAST_BUCKET and state.n == 0
+
+
+def test_a_linear_cache_grows_by_a_bucket_or_an_eighth():
+    """past_slots: the live prefix rounded up to PAST_BUCKET slots, or to an eighth of its power of
+    two once that is more; never fewer than n, never more than an eighth (or a bucket) beyond it,
+    and growing with n; a cache of 10,000 positions grows in far fewer copies than bucket by bucket."""
+    sizes = [past_slots(n) for n in range(1, 10_001)]
+    for n, slots in enumerate(sizes, start=1):
+        assert n <= slots <= n + max(PAST_BUCKET - 1, n // 8) and slots % PAST_BUCKET == 0
+    assert sizes == sorted(sizes)
+    assert past_slots(100) == 128 and past_slots(1024) == 1024 and past_slots(2600) == 2816
+    growths = len(set(sizes))
+    assert growths < 10_000 // PAST_BUCKET // 3  # 42 sizes, where buckets alone would be 157
