@@ -47,12 +47,15 @@ def probs_from_logits(logits: Tensor | np.ndarray, params: SamplingParams) -> Te
     Greedy params give the plain softmax (what confidence and entropy unmasking read).
     """
     if isinstance(logits, np.ndarray) and logits.dtype == np.float32:  # the runtime's: wrapped, not copied
+        if not params.greedy:  # float32 / a Python float: one IEEE division per cell in numpy as in torch
+            logits = logits / params.temperature
         x = torch.from_numpy(logits)
     else:
         x = torch.as_tensor(logits).float()
+        if not params.greedy:
+            x = x / params.temperature
     if params.greedy:
         return torch.softmax(x, dim=-1)
-    x = x / params.temperature
     if params.top_k is not None and params.top_k < x.shape[-1]:
         kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]  # (..., 1)
         x = x.masked_fill(x < kth, float("-inf"))

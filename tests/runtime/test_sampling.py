@@ -89,6 +89,22 @@ def test_top_k_top_p_temperature():
     assert int(pick(logits, SamplingParams(), None)) == 0
 
 
+def test_numpy_logits_sample_as_torch_logits_do():
+    """The runtime's logits are numpy arrays: dividing by the temperature there (one IEEE division
+    per cell, as torch's) gives the distribution torch's tensors give, bit for bit, and the same
+    draws from the same seed."""
+    rng = np.random.default_rng(3)
+    for temperature in (0.05, 0.7, 0.8, 1.0, 1.3, 2.0, float(rng.uniform(0.01, 2))):
+        for top_k, top_p in ((None, None), (40, None), (None, 0.9)):
+            params = SamplingParams(temperature, top_k=top_k, top_p=top_p)
+            logits = (rng.standard_normal((4, 260)) * rng.uniform(0.5, 20)).astype(np.float32)
+            assert torch.equal(probs_from_logits(logits, params), probs_from_logits(torch.from_numpy(logits), params))
+            draws = [
+                pick(x, params, torch.Generator().manual_seed(5)).tolist() for x in (logits[0], torch.tensor(logits[0]))
+            ]
+            assert draws[0] == draws[1]
+
+
 def test_seeded_sampling_is_reproducible():
     logits = torch.randn(3, 50)
     params = SamplingParams(1.0, top_p=0.9)
