@@ -149,12 +149,13 @@ class OrtBackend(Backend):
         attribute read costs several microseconds on the caches a step call has just evicted. The
         backend remembers those objects by weak reference only: a cache the caller replaces (a
         growing global cache) is freed at once, not held until the next call. Unless an input
-        changed shape or a cache moved, the outputs of the previous call are bound already."""
+        changed a dimension an output's shape reads or a cache moved, the outputs of the previous
+        call are bound already."""
         plan, binding, bound, seen = self._plans[step], self._bindings[step], self._bound[step], self._seen[step]
         prev = self._last[step]
         keep = []  # contiguous copies must outlive the run
         rebind = False  # the outputs: an input's shape changed (new output shapes) or a cache moved
-        for i, (name, elem, in_place) in enumerate(plan.inputs):
+        for i, (name, elem, in_place, sizes) in enumerate(plan.inputs):
             x = feeds[name]
             ref = prev[i]
             if ref is not None and ref() is x:  # the previous call bound this very tensor
@@ -181,7 +182,9 @@ class OrtBackend(Backend):
             if last != where:  # the caches and the caller's reused inputs keep their address
                 binding.bind_input(name, device.type, device.index or 0, elem, tuple(where[1]), where[0])
                 bound[name] = where
-                rebind = rebind or in_place or last is None or last[1] != where[1]
+                # outputs are bound again when a cache moved or an output's shape changed (not for
+                # a global step's longer patches: its latents' shape does not read patch_len)
+                rebind = rebind or in_place or last is None or any(last[1][a] != where[1][a] for a in sizes)
         own = self._own.get(step)
         if rebind or own is None:
             own = self._bind_outputs(step, plan, binding, bound, feeds)
@@ -235,7 +238,8 @@ class OrtBackend(Backend):
 class _Plan:
     """How one step is bound, worked out once from its spec (the hot path only reads it)."""
 
-    inputs: tuple[tuple[str, int, bool], ...]  # name, ONNX element type, written in place
+    # name, ONNX element type, written in place, the axes an own output's shape is read from
+    inputs: tuple[tuple[str, int, bool, tuple[int, ...]], ...]
     own: tuple[tuple[str, int, torch.dtype, tuple], ...]  # name, element type, dtype, shape recipe
     aliased: tuple[tuple[str, int, str], ...]  # output name, element type, the input it is
 
@@ -248,7 +252,11 @@ def _plan(spec: StepSpec) -> _Plan:
             if isinstance(d, str):
                 where.setdefault(d, (t.name, axis))
     aliases = dict(spec.aliases)
-    inputs = tuple((t.name, _ELEM[t.dtype], t.name in aliases.values()) for t in spec.inputs)
+    sized = {where[d] for t in spec.outputs if t.name not in aliases for d in t.shape if isinstance(d, str)}
+    inputs = tuple(
+        (t.name, _ELEM[t.dtype], t.name in aliases.values(), tuple(a for n, a in sorted(sized) if n == t.name))
+        for t in spec.inputs
+    )
     own = tuple(
         (t.name, _ELEM[t.dtype], TORCH_DTYPES[t.dtype], tuple(d if isinstance(d, int) else where[d] for d in t.shape))
         for t in spec.outputs

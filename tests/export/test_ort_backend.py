@@ -138,3 +138,26 @@ def test_the_direct_run_and_its_fallback_compute_the_same(fp32_export, ref_model
         got = backend.run_step("encoder", feeds)["h"]
         assert public.calls == 1
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_longer_patches_rebind_no_output(fp32_export, ref_model):
+    """A global step's latents do not read the patch length: a call whose patches are longer binds
+    its new patch bytes and keeps the outputs bound, and computes what a fresh backend does."""
+    specs = step_specs(ref_model.config, MAX_STEP)
+    with OrtBackend(specs, fp32_export, threads=1) as backend, OrtBackend(specs, fp32_export, threads=1) as fresh:
+        feeds = random_feeds(specs["global"], ref_model.config, [40], 2, seed=6)
+        backend.run_step("global", feeds)  # the caches are written in place: the same tensors next
+        latents = backend._own["global"]["latents"]
+        longer = dict(feeds)
+        L, D = feeds["patch_bytes"].shape[2:]
+        longer["patch_bytes"] = torch.cat([feeds["patch_bytes"], torch.randn(1, 2, 3, D)], 2)
+        longer["patch_lens"] = torch.tensor([[L + 3, 2]], dtype=torch.int32)
+        copies = {k: v.clone() for k, v in longer.items()}
+        calls = []
+        original = backend._bind_outputs
+        backend._bind_outputs = lambda *a: calls.append(a[0]) or original(*a)
+        got = backend.run_step("global", longer)["latents"]
+        assert calls == [] and got is latents  # outputs kept
+        want = fresh.run_step("global", copies)
+        torch.testing.assert_close(got, want["latents"], rtol=0, atol=0)
+        torch.testing.assert_close(longer["past.0.k"], want["present.0.k"], rtol=0, atol=0)
