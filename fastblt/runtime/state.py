@@ -299,15 +299,16 @@ class SequenceState:
             for i in range(0, S, m):
                 parts.append((yield from self.append(tokens[i : i + m], encoded, close_open and i + m >= S)))
             return np.concatenate(parts)
-        self._room(at + S)
-        self.tokens[at : at + S] = tokens
-        if not encoded:
+        if encoded:
+            self._room(at + S)
+            self.tokens[at : at + S] = tokens
+        else:  # records the tokens itself
             yield from self.run_encoder(at, tokens)
         ent = yield from self.run_entropy(at, tokens)
         spans = self._mark_patches(at, ent)
         self._forced_at = None
-        s_open = self.open_patch_start(at + S)
-        forced = [(s_open, at + S)] if close_open and s_open < at + S else []
+        s_open = self.open_patch_start(at + S) if close_open else at + S
+        forced = [(s_open, at + S)] if s_open < at + S else []
         if spans or forced:
             yield from self.run_global(spans + forced, self.g_len)
             self.g_len += len(spans)
@@ -359,16 +360,27 @@ class SequenceState:
         return logits
 
     def _mark_patches(self, at: int, ent: np.ndarray) -> list[tuple[int, int]]:
-        """Patch bookkeeping for bytes at..at+S-1; returns the spans of the patches they close."""
-        spans = []
-        for j, h_i in enumerate(ent):
+        """Patch bookkeeping for bytes at..at+S-1; returns the spans of the patches they close.
+        Worked out in Python numbers and written back a slice per array: a decoding byte does this
+        once, and numpy element reads and writes cost microseconds each on evicted caches."""
+        host, patching, S = self.host, self.config.patching, len(ent)
+        host.entropies[at : at + S] = ent
+        closes, length = (bool(host.closes[at - 1]), int(host.patch_len[at - 1])) if at > 0 else (True, 0)
+        count = int(host.closed[at])
+        spans, lengths, flags, counts = [], [], [], []
+        for j, h_i in enumerate(ent.tolist()):
             i = at + j
-            self.entropies[i] = h_i
-            self.patch_len[i] = 1 if i == 0 or self.closes[i - 1] else self.patch_len[i - 1] + 1
-            self.closes[i] = closes_patch(i, float(h_i), int(self.patch_len[i]), self.config.patching)
-            self.closed[i + 1] = self.closed[i] + int(self.closes[i])
-            if self.closes[i]:
-                spans.append((i + 1 - int(self.patch_len[i]), i + 1))
+            length = 1 if closes else length + 1
+            closes = closes_patch(i, h_i, length, patching)
+            if closes:
+                count += 1
+                spans.append((i + 1 - length, i + 1))
+            lengths.append(length)
+            flags.append(closes)
+            counts.append(count)
+        host.patch_len[at : at + S] = lengths
+        host.closes[at : at + S] = flags
+        host.closed[at + 1 : at + S + 1] = counts
         return spans
 
     def rollback(self, n: int) -> None:
