@@ -34,6 +34,7 @@ from fastblt.runtime import loops
 from fastblt.runtime.calls import run_plan
 from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.options import DecodeOptions, Request, check_fit, make_request
+from fastblt.runtime.sampling import new_rng
 from fastblt.runtime.state import SequenceState
 from fastblt.runtime.stats import BYTES_PER_PARAM, RoundStats, Stats, build_stats
 from fastblt.runtime.stream import Output, TextChunker
@@ -205,10 +206,7 @@ class _Call:
 
 def new_run(state: SequenceState, opts: DecodeOptions, out: Output) -> loops.Run:
     """A call's context on `state`: its options, where its bytes go, its own seeded RNG."""
-    rng = None
-    if not opts.sampling.greedy:
-        rng = torch.Generator()
-        rng.manual_seed(opts.seed) if opts.seed is not None else rng.seed()
+    rng = None if opts.sampling.greedy else new_rng(opts.seed)
     return loops.Run(state, opts, out, rng, RoundStats())
 
 

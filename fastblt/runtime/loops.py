@@ -26,13 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from fastblt.model.config import EOS_ID
 from fastblt.runtime.calls import Plan
 from fastblt.runtime.options import DecodeOptions, draft_length
 from fastblt.runtime.sampling import (
+    Rng,
     SamplingParams,
     confidence_unmask,
     entropy_bound_unmask,
@@ -40,6 +39,7 @@ from fastblt.runtime.sampling import (
     greedy_accept,
     pick,
     probs_from_logits,
+    sample,
     speculative_accept,
 )
 from fastblt.runtime.state import SequenceState
@@ -54,7 +54,7 @@ class Run:
     state: SequenceState
     opts: DecodeOptions
     out: Output
-    gen: torch.Generator | None
+    gen: Rng | None  # the request's sampling generator (None when greedy)
     rounds: RoundStats
     prefill: dict = field(default_factory=dict)  # when the prompt was committed, and its counters
 
@@ -69,11 +69,11 @@ class Run:
 # a drafter is a plan given (run, pending byte c, at most k drafts) that returns (drafts, q (len, V)
 # or None); blt-s drafters must also write the encoder states of [c, d_1..d_len] at n..n+len (verify
 # skips them)
-Drafter = Callable[[Run, int, int], Plan[tuple[list[int], Tensor | None]]]
+Drafter = Callable[[Run, int, int], Plan[tuple[list[int], np.ndarray | None]]]
 
 
 # ------------------------------------------------------------------------ shared steps
-def prefill(state: SequenceState, ids: list[int], chunk: int) -> Plan[Tensor]:
+def prefill(state: SequenceState, ids: list[int], chunk: int) -> Plan[np.ndarray]:
     """Commit the prompt in chunks; returns the last position's next-byte logits (V,)."""
     return (yield from state.prefill(ids, chunk))
 
@@ -94,18 +94,17 @@ def next_byte(run: Run, logits: np.ndarray) -> int:
     return int(pick(logits, run.params, run.gen))  # host sync: the next byte
 
 
-def verify(run: Run, c: int, drafts: list[int], encoded: bool) -> Plan[Tensor]:
+def verify(run: Run, c: int, drafts: list[int], encoded: bool) -> Plan[np.ndarray]:
     """One causal pass over [c, d_1..d_k] at n..n+k (entropy, encoder unless encoded, global,
     decoder) -> logits (k+1, V); row j predicts the byte after position n+j."""
     return (yield from run.state.append([c, *drafts], encoded=encoded))
 
 
-def accept(run: Run, drafts: list[int], q: Tensor | None, logits: np.ndarray) -> tuple[int, int]:
+def accept(run: Run, drafts: list[int], q: np.ndarray | None, logits: np.ndarray) -> tuple[int, int]:
     """Accepted draft count and the next pending byte (correction or bonus)."""
     if run.params.greedy:
         return greedy_accept(drafts, logits)
-    d = torch.tensor(drafts, dtype=torch.int64)
-    return speculative_accept(d, q, probs_from_logits(logits, run.params), run.gen)
+    return speculative_accept(drafts, q, probs_from_logits(logits, run.params), run.gen)
 
 
 def rollback_to_accepted(run: Run, n0: int, drafts: list[int], a: int) -> None:
@@ -126,13 +125,13 @@ def ar(run: Run, logits: np.ndarray) -> Plan[None]:
 
 
 # ------------------------------------------------------------------------ blt-s
-def draft_ar(run: Run, c: int, k: int) -> Plan[tuple[list[int], Tensor | None]]:
+def draft_ar(run: Run, c: int, k: int) -> Plan[tuple[list[int], np.ndarray | None]]:
     """BLT-S drafting: up to k bytes after c from the decoder alone, reading the latest closed
     latent. Writes encoder states (exact) and decoder cache entries (scratch) at n..n+len."""
     st = run.state
     n, read = st.n, np.array([st.g_len - 1])
     drafts: list[int] = []
-    qs: list[Tensor] = []
+    qs: list[np.ndarray] = []
     x = c
     for j in range(k):
         yield from st.run_encoder(n + j, np.array([x]))
@@ -141,12 +140,12 @@ def draft_ar(run: Run, c: int, k: int) -> Plan[tuple[list[int], Tensor | None]]:
             x = int(logits.argmax())  # host sync: the draft byte feeds the next step
         else:
             qs.append(probs_from_logits(logits, run.params))
-            x = int(torch.multinomial(qs[-1], 1, generator=run.gen))  # host sync: as above
+            x = int(sample(qs[-1], run.gen))  # host sync: as above
         drafts.append(x)
         if run.is_eos(x):
             break
     yield from st.run_encoder(n + len(drafts), np.array([x]))  # the last draft's state, for verify
-    return drafts, torch.stack(qs) if qs else None
+    return drafts, np.stack(qs) if qs else None
 
 
 def blt_s(run: Run, logits: np.ndarray, drafter: Drafter = draft_ar) -> Plan[None]:
@@ -184,7 +183,9 @@ def block_start(run: Run, pending: list[int]) -> Plan[tuple[int, int, list[int]]
     return st.n, (yield from st.force_close()), list(pending)
 
 
-def denoise(run: Run, block: np.ndarray, first: int, need: int, read: int, at: int, rule: str) -> Plan[Tensor | None]:
+def denoise(
+    run: Run, block: np.ndarray, first: int, need: int, read: int, at: int, rule: str
+) -> Plan[np.ndarray | None]:
     """Unmask block cells first..first+need-1 (in place) with the diffusion head.
 
     rule: "one-step" (every masked cell at once), "confidence" (>= alpha, at least one) or
@@ -194,23 +195,22 @@ def denoise(run: Run, block: np.ndarray, first: int, need: int, read: int, at: i
     st, params = run.state, run.params
     mask_id = st.config.blt_d.mask_id
     masked = block == mask_id  # numpy on the host, as the logits: torch calls cost more there (calls.py)
-    q = None if params.greedy else torch.zeros(len(block), st.config.vocab_size)
+    q = None if params.greedy else np.zeros((len(block), st.config.vocab_size), dtype=np.float32)
     end, steps = first + need, 0
     while masked[first:end].any():  # host sync: one per diffusion step
         logits = yield from st.run_block(block, read, at)  # (B, V)
         probs = probs_from_logits(logits, params) if rule != "one-step" or q is not None else None
-        draw = None if params.greedy else torch.multinomial(probs, 1, generator=run.gen)[:, 0]
-        tok = logits.argmax(-1) if draw is None else draw.numpy()
+        tok = logits.argmax(-1) if params.greedy else sample(probs, run.gen)
         if rule == "one-step":
             chosen = masked.copy()
         elif rule == "confidence":
-            confidence = probs.numpy()[np.arange(len(tok)), tok]
+            confidence = probs[np.arange(len(tok)), tok]
             chosen = confidence_unmask(confidence, masked, run.opts.alpha)
         else:
-            chosen = entropy_bound_unmask(entropy_of(probs), torch.from_numpy(masked), run.opts.gamma).numpy()
+            chosen = entropy_bound_unmask(entropy_of(probs), masked, run.opts.gamma)
         block[chosen] = tok[chosen]
         if q is not None:
-            q[torch.from_numpy(chosen)] = probs[torch.from_numpy(chosen)]
+            q[chosen] = probs[chosen]
         masked &= ~chosen
         steps += 1
         if run.opts.stop_on_eos:
@@ -220,7 +220,7 @@ def denoise(run: Run, block: np.ndarray, first: int, need: int, read: int, at: i
     return q
 
 
-def draft_block(run: Run, pending: list[int], need: int, rule: str) -> Plan[tuple[list[int], Tensor | None]]:
+def draft_block(run: Run, pending: list[int], need: int, rule: str) -> Plan[tuple[list[int], np.ndarray | None]]:
     """A diffusion block after the committed bytes: returns its first `need` new cells and their q."""
     at, read, known = yield from block_start(run, pending)
     B = run.state.config.blt_d.block_size
@@ -248,7 +248,7 @@ def blt_d(run: Run, logits: np.ndarray) -> Plan[None]:
 
 
 # ------------------------------------------------------------------------ blt-dv
-def draft_diffusion(run: Run, c: int, k: int) -> Plan[tuple[list[int], Tensor | None]]:
+def draft_diffusion(run: Run, c: int, k: int) -> Plan[tuple[list[int], np.ndarray | None]]:
     """BLT-DV drafting: the block [c, MASK...] unmasked by the diffusion head (one step by default);
     up to k drafts, cut after a drafted EOS (nothing after it can be output)."""
     if k <= 0:

@@ -1,11 +1,13 @@
-"""Sampling and the acceptance rules of the four decoding loops: pure functions on tensors.
+"""Sampling and the acceptance rules of the four decoding loops: pure functions on numpy arrays.
 
-Logits come from the step graphs as numpy arrays (torch tensors work too); distributions are
-(..., V) float32 torch probabilities on the host. Greedy decoding is temperature 0: argmax of the
-raw logits (ties go to the lowest id, in numpy as in torch). With temperature > 0 the
-logits are divided by the temperature, then top-k, then top-p (nucleus) are applied, and
-tokens are drawn with a seeded `torch.Generator` (reproducible for a given seed, backend and
-mode).
+Logits come from the step graphs as numpy arrays (torch tensors are taken too); distributions are
+(..., V) float32 probabilities on the host, and every draw comes from the request's own seeded
+`numpy.random.Generator` (reproducible for a given seed, backend and mode). The host side of a
+byte runs right after a step call has evicted the core's caches, where a numpy call costs a few
+microseconds and a torch call 10-20: a sampled byte's draw took ~137 us in torch calls.
+Greedy decoding is temperature 0: argmax of the raw logits (ties go to the lowest id). With
+temperature > 0 the logits are divided by the temperature, then top-k, then top-p (nucleus) are
+applied.
 
 Rules (fast_blt_algorithms.md sections 3-6, 8.6):
 - `confidence_unmask`: every masked cell whose confidence >= alpha, at least the most confident.
@@ -24,8 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
+
+Rng = np.random.Generator
+
+
+def new_rng(seed: int | None) -> Rng:
+    """A request's generator: seeded, or from the system's entropy."""
+    return np.random.default_rng(seed)
 
 
 @dataclass(frozen=True)
@@ -41,91 +49,100 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def probs_from_logits(logits: Tensor | np.ndarray, params: SamplingParams) -> Tensor:
+def _array(x: Tensor | np.ndarray) -> np.ndarray:
+    """A float32 numpy view (a copy where it must) of logits or probabilities."""
+    if isinstance(x, np.ndarray):
+        return x if x.dtype == np.float32 else x.astype(np.float32)
+    return x.detach().float().cpu().numpy()
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def probs_from_logits(logits: Tensor | np.ndarray, params: SamplingParams) -> np.ndarray:
     """(..., V) logits -> (..., V) float32 probabilities after temperature, top-k and top-p.
 
     Greedy params give the plain softmax (what confidence and entropy unmasking read).
     """
-    if isinstance(logits, np.ndarray) and logits.dtype == np.float32:  # the runtime's: wrapped, not copied
-        if not params.greedy:  # float32 / a Python float: one IEEE division per cell in numpy as in torch
-            logits = logits / params.temperature
-        x = torch.from_numpy(logits)
-    else:
-        x = torch.as_tensor(logits).float()
-        if not params.greedy:
-            x = x / params.temperature
+    x = _array(logits)
     if params.greedy:
-        return torch.softmax(x, dim=-1)
-    if params.top_k is not None and params.top_k < x.shape[-1]:
-        kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]  # (..., 1)
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
+        return softmax(x)
+    x = x / np.float32(params.temperature)
+    V = x.shape[-1]
+    if params.top_k is not None and params.top_k < V:
+        kth = np.partition(x, V - params.top_k, axis=-1)[..., V - params.top_k, None]  # the k-th largest
+        x = np.where(x < kth, np.float32(-np.inf), x)
+    probs = softmax(x)
     if params.top_p is not None and params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, axis=-1)
         # drop a cell once the mass before it already reaches top_p (the top cell always stays)
-        drop_sorted = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+        drop_sorted = (np.cumsum(sorted_p, axis=-1) - sorted_p) >= params.top_p
+        drop = np.empty_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        probs = np.where(drop, np.float32(0.0), probs)
+        probs = probs / probs.sum(axis=-1, keepdims=True)
     return probs
 
 
-def sample(probs: Tensor, gen: torch.Generator) -> Tensor:
-    """One draw per row: (..., V) probabilities -> (...) int64."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=gen).view(probs.shape[:-1])
+def sample(probs: np.ndarray, rng: Rng) -> np.ndarray:
+    """One draw per row: (..., V) probabilities (not necessarily normalised) -> (...) int64.
+
+    Inverse transform on the float64 running sum: one uniform per row, so a row's draw consumes
+    the same share of its generator whatever the vocabulary."""
+    p = _array(probs)
+    cum = np.cumsum(p, axis=-1, dtype=np.float64)
+    u = rng.random(p.shape[:-1]) * cum[..., -1]
+    idx = (cum <= u[..., None]).sum(axis=-1)  # the first cell whose running sum passes u
+    if np.any(idx >= p.shape[-1]):  # u rounded up to the total (~2^-53): the last cell with mass
+        last = p.shape[-1] - 1 - np.argmax(p[..., ::-1] > 0, axis=-1)
+        idx = np.minimum(idx, last)
+    return idx
 
 
-def pick(logits: Tensor | np.ndarray, params: SamplingParams, gen: torch.Generator | None) -> Tensor | np.ndarray:
+def pick(logits: Tensor | np.ndarray, params: SamplingParams, rng: Rng | None) -> Tensor | np.ndarray:
     """The next token(s) for (..., V) logits: argmax when greedy, else a draw. -> (...) int64."""
     if params.greedy:
         return logits.argmax(-1)  # numpy's and torch's: the first of equal maxima
-    probs = probs_from_logits(logits, params)
-    if logits.ndim == 1:  # one row (a decoding step): the draw `sample` makes, with fewer torch calls
-        return torch.multinomial(probs, 1, generator=gen)[0]
-    return sample(probs, gen)
+    return sample(probs_from_logits(logits, params), rng)
 
 
-def entropy_of(probs: Tensor) -> Tensor:
+def entropy_of(probs: np.ndarray) -> np.ndarray:
     """Entropy in nats of (..., V) probabilities -> (...)."""
-    logp = torch.log(probs.clamp_min(1e-30))
-    return -(probs * logp).sum(-1)
+    return -(probs * np.log(np.maximum(probs, np.float32(1e-30)))).sum(axis=-1)
 
 
 # ------------------------------------------------------------------------ unmasking (BLT-D)
-def confidence_unmask(
-    confidence: Tensor | np.ndarray, masked: Tensor | np.ndarray, alpha: float
-) -> Tensor | np.ndarray:
+def confidence_unmask(confidence: np.ndarray, masked: np.ndarray, alpha: float) -> np.ndarray:
     """Cells to unmask: masked cells with confidence >= alpha, at least the most confident one.
 
-    confidence (B,) float, masked (B,) bool (at least one True) -> (B,) bool; numpy arrays (the
-    runtime's, on the host) or tensors, the same comparisons either way.
+    confidence (B,) float, masked (B,) bool (at least one True) -> (B,) bool.
     """
     chosen = masked & (confidence >= alpha)
-    if not bool(chosen.any()):  # host sync: one per unmasking step
-        xp = np if isinstance(confidence, np.ndarray) else torch
-        best = xp.where(masked, confidence, -1.0).argmax()
-        chosen = xp.zeros_like(masked)
-        chosen[best] = True
+    if not chosen.any():  # host sync: one per unmasking step
+        chosen = np.zeros_like(masked)
+        chosen[np.where(masked, confidence, -1.0).argmax()] = True
     return chosen
 
 
-def entropy_bound_unmask(entropies: Tensor, masked: Tensor, gamma: float) -> Tensor:
+def entropy_bound_unmask(entropies: np.ndarray, masked: np.ndarray, gamma: float) -> np.ndarray:
     """Cells to unmask: masked cells by ascending entropy while the running sum <= gamma, at least one.
 
     entropies (B,) float, masked (B,) bool (at least one True) -> (B,) bool.
     """
-    ent = torch.where(masked, entropies, torch.full_like(entropies, float("inf")))
-    order = torch.argsort(ent, stable=True)
-    within = torch.cumsum(ent[order], dim=0) <= gamma  # inf cells never fit
+    ent = np.where(masked, entropies, np.inf)
+    order = np.argsort(ent, kind="stable")
+    within = np.cumsum(ent[order]) <= gamma  # inf cells never fit
     within[0] = True  # at least the lowest-entropy masked cell
-    chosen = torch.zeros_like(masked)
+    chosen = np.zeros_like(masked)
     chosen[order] = within
     return chosen & masked
 
 
 # ------------------------------------------------------------------------ verification
-def greedy_accept(drafts: Sequence[int] | Tensor, target_logits: Tensor | np.ndarray) -> tuple[int, int]:
+def greedy_accept(drafts: Sequence[int] | np.ndarray, target_logits: Tensor | np.ndarray) -> tuple[int, int]:
     """Exact-match acceptance (the paper's Algorithm 2).
 
     drafts (k,) ids; target_logits (k+1, V): row j predicts the byte after draft position j-1
@@ -139,26 +156,23 @@ def greedy_accept(drafts: Sequence[int] | Tensor, target_logits: Tensor | np.nda
     return a, best[a]
 
 
-def speculative_accept(drafts: Tensor, q: Tensor, p: Tensor, gen: torch.Generator | None) -> tuple[int, int]:
+def speculative_accept(
+    drafts: Sequence[int] | np.ndarray, q: np.ndarray | None, p: np.ndarray, rng: Rng
+) -> tuple[int, int]:
     """Speculative-sampling acceptance (Leviathan et al. 2023).
 
-    drafts (k,) int64 drawn from q; q (k, V) the draft distributions; p (k+1, V) the verifier's
+    drafts (k,) ids drawn from q; q (k, V) the draft distributions; p (k+1, V) the verifier's
     (processed the same way). Returns (accepted count a, next byte): the residual draw at the
     first rejection, or the bonus draw from p[k] when all k are accepted.
     """
-    k = drafts.shape[0]
-    if k:
-        idx = drafts.view(k, 1)
-        p_x, q_x = p[:k].gather(1, idx).squeeze(1), q.gather(1, idx).squeeze(1)
-        u = torch.rand(k, generator=gen)
-        ok = (u * q_x < p_x).to(torch.int64)  # u < p/q without dividing by q
-        a = int(torch.cumprod(ok, dim=0).sum())  # host sync: accepted length
-    else:
-        a = 0
+    d = np.asarray(drafts, dtype=np.int64)
+    p, k, a = _array(p), len(d), 0
+    if k:  # no drafts, no q (a drafter may return None then)
+        q, rows = _array(q), np.arange(k)
+        ok = rng.random(k) * q[rows, d] < p[rows, d]  # u < p/q without dividing by q
+        a = k if ok.all() else int(np.argmin(ok))  # host sync: accepted length
     if a < k:
-        residual = (p[a] - q[a]).clamp_min(0.0)
-        total = residual.sum()
+        residual = np.maximum(p[a] - q[a], np.float32(0.0))
         # p == q on this row cannot reject; guard against round-off all the same
-        dist = residual / total if float(total) > 0 else p[a]
-        return a, int(sample(dist, gen))
-    return a, int(sample(p[k], gen))
+        return a, int(sample(residual if residual.sum() > 0 else p[a], rng))
+    return a, int(sample(p[k], rng))

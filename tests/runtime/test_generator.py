@@ -21,7 +21,7 @@ from fastblt.model.config import BltDConfig
 from fastblt.model.tokenizer import encode
 from fastblt.runtime import loops
 from fastblt.runtime.generator import Generation, Generator
-from fastblt.runtime.sampling import SamplingParams, probs_from_logits
+from fastblt.runtime.sampling import SamplingParams, probs_from_logits, sample
 from fastblt.runtime.stream import Output, TextChunker
 
 from tiny import make_model
@@ -221,11 +221,11 @@ def _skewed_drafter(encode_states: bool):
     """Draws drafts from a fixed q far from p (half its mass outside p's top-3 support)."""
 
     def drafter(run, c, k):  # a plan (it may yield step calls), as loops' drafters are
-        q = torch.zeros(k, 260)
-        q[:, 4 + 97 : 4 + 97 + 6] = torch.tensor([0.3, 0.1, 0.1, 0.2, 0.2, 0.1])
+        q = np.zeros((k, 260), dtype=np.float32)
+        q[:, 4 + 97 : 4 + 97 + 6] = [0.3, 0.1, 0.1, 0.2, 0.2, 0.1]
         q[:, 4 + 32] = 0.0
-        q = q / q.sum(-1, keepdim=True)
-        drafts = torch.multinomial(q, 1, generator=run.gen)[:, 0].tolist()
+        q = q / q.sum(-1, keepdims=True)
+        drafts = sample(q, run.gen).tolist()
         if encode_states:
             yield from run.state.run_encoder(run.state.n, np.array([c, *drafts]))
         return drafts, q
@@ -248,9 +248,9 @@ def test_speculative_sampling_matches_ar_distribution(mode, drafter, monkeypatch
     with torch.no_grad():
         p1 = probs_from_logits(model(torch.tensor([ids]))[0, -1], params)
         joint = {}
-        for b1 in torch.nonzero(p1).flatten().tolist():
+        for b1 in np.flatnonzero(p1).tolist():
             p2 = probs_from_logits(model(torch.tensor([ids + [b1]]))[0, -1], params)
-            for b2 in torch.nonzero(p2).flatten().tolist():
+            for b2 in np.flatnonzero(p2).tolist():
                 joint[(b1, b2)] = float(p1[b1] * p2[b2])
     n, counts, drafted = 800, {}, 0
     kw = dict(mode=mode, max_bytes=3, temperature=1.0, top_k=3, stop_on_eos=False)
