@@ -255,7 +255,7 @@ class StepRunner:
         """The feeds of a one-row ring call on the host, with the call's values written in: one
         dict per (step, row, size), made once from the memoised views and reused as it is. A
         decoding byte makes three such calls, and rebuilding the dict (the cache views, every int
-        input, the float input) was a third of the host time between them."""
+        input, the float input) costs a third of the host time between them."""
         key = (plan.step, call.state.rows, call.state.row, call.size, None if call.x is None else call.x.shape)
         found = self._one_row.get(key)
         if found is None:
