@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
+from fastblt.errors import InternalError
+
 Rng = np.random.Generator
 
 
@@ -94,7 +96,10 @@ def sample(probs: np.ndarray, rng: Rng) -> np.ndarray:
     the same share of its generator whatever the vocabulary."""
     p = _array(probs)
     cum = np.cumsum(p, axis=-1, dtype=np.float64)
-    u = rng.random(p.shape[:-1]) * cum[..., -1]
+    total = cum[..., -1]
+    if not (np.isfinite(total) & (total > 0)).all():  # NaN or inf logits, or no mass: never a silent byte
+        raise InternalError(f"sampling: a distribution sums to {total.min()} (NaN/inf logits from the step graphs?)")
+    u = rng.random(p.shape[:-1]) * total
     idx = (cum <= u[..., None]).sum(axis=-1)  # the first cell whose running sum passes u
     if np.any(idx >= p.shape[-1]):  # u rounded up to the total (~2^-53): the last cell with mass
         last = p.shape[-1] - 1 - np.argmax(p[..., ::-1] > 0, axis=-1)

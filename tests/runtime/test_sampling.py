@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastblt.errors import InternalError
 from fastblt.runtime.sampling import (
     SamplingParams,
     confidence_unmask,
@@ -124,6 +125,17 @@ def test_draws_follow_the_distribution_and_never_a_zero_cell():
         assert _chi2_ok(counts, p[row] / p[row].sum())
     one = sample(p[0], new_rng(1))
     assert one.shape == () and p[0][int(one)] > 0
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf in the softmax
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_logits_that_are_not_numbers_fail_the_draw_instead_of_picking_a_byte(bad):
+    logits = np.zeros(8, dtype=np.float32)
+    logits[3] = bad
+    with pytest.raises(InternalError, match="sampling: a distribution sums to"):
+        pick(logits, SamplingParams(1.0), new_rng(0))
+    with pytest.raises(InternalError, match="sampling"):
+        sample(np.zeros((2, 4), dtype=np.float32), new_rng(0))  # no mass at all
 
 
 @pytest.mark.parametrize("case", ["close", "far", "disjoint-support"])
