@@ -223,8 +223,8 @@ def test_a_step_flushes_denormals_and_gives_the_callers_mode_back(ort_gen, expor
         torch.set_flush_denormal(caller_flushes)
         try:
             g = Generator(tiny_model(), backend="ort", threads=1, cache_dir=export_cache)
-            seen.append(flushes_denormals())  # after loading (sessions are made on first use)
-            out = g.generate(PROMPTS[0], mode="ar", max_bytes=8)
+            out = g.generate(PROMPTS[0], mode="ar", max_bytes=8)  # makes the sessions, then steps
+            seen.append(flushes_denormals())
             runs = g.engine.backend._runs
             inside = []
             for step, call in list(runs.items()):
