@@ -313,8 +313,7 @@ class SequenceState:
             yield from self.run_global(spans + forced, self.g_len)
             self.g_len += len(spans)
             self._forced_at = at + S if forced else None
-        read = self.closed[at + 1 : at + S + 1] - 1  # the last patch closed at or before each byte
-        logits = yield from self.run_decoder(at, S, read)
+        logits = yield from self.run_decoder(at, S, self._reads(at, S))
         self.n = at + S
         return logits
 
@@ -355,9 +354,13 @@ class SequenceState:
             self.g_len += len(spans)
         logits = None
         for at, S in group:
-            logits = yield from self.run_decoder(at, S, self.closed[at + 1 : at + S + 1] - 1)
+            logits = yield from self.run_decoder(at, S, self._reads(at, S))
             self.n = at + S
         return logits
+
+    def _reads(self, at: int, S: int) -> np.ndarray:
+        """The patch each of positions at..at+S-1 reads: the last one closed at or before it."""
+        return self.closed[at + 1 : at + S + 1] - 1
 
     def _mark_patches(self, at: int, ent: np.ndarray) -> list[tuple[int, int]]:
         """Patch bookkeeping for bytes at..at+S-1; returns the spans of the patches they close.

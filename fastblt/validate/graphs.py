@@ -38,7 +38,7 @@ from torch import Tensor
 
 from fastblt.engines.base import Backend, check_feeds
 from fastblt.errors import InputError
-from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, TORCH_DTYPES, StepSpec, max_step
+from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, TORCH_DTYPES, StepSpec, max_step, past_slots
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
 from fastblt.model.steps import slot_positions
@@ -119,7 +119,7 @@ def random_feeds(spec: StepSpec, config: BltConfig, starts: list[int], S: int, s
     B = len(starts)
     start = torch.tensor(starts, dtype=torch.int32)
     L = PATCH_LEN if spec.name == "global" else 1
-    past = -(-(max(starts) + S) // PAST_BUCKET) * PAST_BUCKET
+    past = past_slots(max(starts) + S)  # what the runtime feeds a linear cache holding them
     sizes = {"batch": B, "new": S, "patches": S, "patch_len": L, "past": past}
     feeds: dict[str, Tensor] = {}
     for t in spec.inputs:
