@@ -7,10 +7,11 @@ does it end with every slot free?
 16 clients send requests one after another, drawn with a fixed seed: every mode, greedy or sampled
 with a seed, 8 to 160 new bytes, stop strings, prompts of 20 to 600 bytes; a fifth of them
 streamed, and a third of those dropped by the client after a few events; one in twelve malformed
-(must get a 4xx). Every 100 requests the server's resident memory (VmRSS of its process) is read.
-Greedy and seeded responses that ran to the end are compared with the same request run alone by
-`fastblt.Generator`. At the end `/metrics` must show no request decoding or queued.
-The server runs at its defaults in its own process group on 127.0.0.1.
+(must get a 4xx). Every 100 requests the server's resident memory is read (VmRSS summed over its
+process group: the server and its lane processes). Greedy and seeded responses that ran to the
+end are compared with the same request run alone by `fastblt.Generator`. At the end `/metrics`
+must show no request decoding or queued. The server runs at its defaults in its own process
+group on 127.0.0.1.
 
 Results: benchmarks/results/serve_soak.{json,md,png}.
 """
@@ -97,10 +98,21 @@ async def send(client: httpx.AsyncClient, url: str, job: dict) -> dict:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Resident memory of the server's process group (the server and its lane processes)."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pid:
+                continue
+            total += next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
+                          if line.startswith("VmRSS:"))  # fmt: skip
+        except (OSError, StopIteration):  # ended meanwhile, or a zombie
+            continue
+    if total == 0:
+        raise RuntimeError(f"no resident memory for process group {pid}")
+    return total / 1024
 
 
 async def soak(base: str, pid: int, jobs: list[dict]) -> dict:

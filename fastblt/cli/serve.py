@@ -30,6 +30,9 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
 @click.option("--lanes", type=click.IntRange(1, 64), default=None,
               help="Batch loops, each with its own backend sessions and max-batch/lanes rows [default: 2 for ort "
               "on two or more cores, else 1; --ray: per replica, from --num-cpus].")  # fmt: skip
+@click.option("--lane-processes/--lane-threads", "lane_processes", default=None,
+              help="Run each lane in a worker process of its own, or as a thread of the server [default: "
+              "processes for ort on a CPU with two or more lanes: threads take turns on one GIL].")  # fmt: skip
 @click.option("--max-queue", type=click.IntRange(0), default=256, show_default=True,
               help="Requests waiting for a row (--ray: in each proxy); past it, 429 with Retry-After.")  # fmt: skip
 @click.option("--mode", type=click.Choice(MODES), default="blt-s", show_default=True,
@@ -61,9 +64,9 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
 @click.option("--print-config", is_flag=True,
               help="--ray: write the equivalent Serve config (YAML, for `serve deploy`) and exit.")  # fmt: skip
 def serve(
-    checkpoint, backend, artifacts, host, port, max_batch, lanes, max_queue, mode, api_key, model_name, max_body,
-    max_context, threads, device, graceful_timeout, log_level, use_ray, ray_address, replicas, min_replicas,
-    max_replicas, target_ongoing_requests, num_cpus, num_gpus, print_config,
+    checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
+    model_name, max_body, max_context, threads, device, graceful_timeout, log_level, use_ray, ray_address, replicas,
+    min_replicas, max_replicas, target_ongoing_requests, num_cpus, num_gpus, print_config,
 ):  # fmt: skip
     """Serve completions over HTTP, OpenAI-compatible, with continuous batching.
 
@@ -110,9 +113,9 @@ def serve(
         max_batch = max_batch or DEFAULT_MAX_BATCH
         server = {"checkpoint": checkpoint if checkpoint == "default" else str(path.resolve()), "backend": backend,
                   "artifacts": str(Path(artifacts).resolve()) if artifacts else None, "max_batch": max_batch,
-                  "lanes": lanes, "max_queue": max_queue, "max_context": max_context, "threads": threads,
-                  "device": device, "mode": mode, "model_name": name, "api_key": api_key,
-                  "max_body": max_body}  # fmt: skip
+                  "lanes": lanes, "lane_processes": lane_processes, "max_queue": max_queue,
+                  "max_context": max_context, "threads": threads, "device": device, "mode": mode, "model_name": name,
+                  "api_key": api_key, "max_body": max_body}  # fmt: skip
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config)
         return
 
@@ -127,17 +130,23 @@ def serve(
     click.echo(f"fastblt serve: loading {checkpoint} on {backend}", err=True)
     engine = AsyncEngine(
         checkpoint, backend, max_batch=max_batch, max_queue=max_queue, artifacts=artifacts, max_context=max_context,
-        lanes=lanes, threads=threads, device=device, on_export=first_use_notice,
+        lanes=lanes, processes=lane_processes, threads=threads, device=device, on_export=first_use_notice,
     )  # fmt: skip
     settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body)
     app = create_app(engine, settings)
     click.echo(f"fastblt serve: model {name!r} at http://{host}:{port}/v1 (max_batch {engine.max_batch}, "
-               f"{len(engine.lanes)} lane{'s' if len(engine.lanes) > 1 else ''})", err=True)  # fmt: skip
+               f"{_lanes(engine)})", err=True)  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout)
     try:
         _Server(config).run()
     finally:
         engine.close()
+
+
+def _lanes(engine) -> str:
+    """'2 lanes in processes', '1 lane'."""
+    n = len(engine.lanes)
+    return f"{n} lane{'s' if n > 1 else ''}{' in processes' if engine.processes else ''}"
 
 
 def _scaling(replicas, min_replicas, max_replicas, target, num_cpus, num_gpus, graceful_timeout) -> dict:

@@ -11,9 +11,10 @@ Requests from any number of tasks share the engine's batch loops (batch.py, one 
 *lane*, each on its own thread with its own backend sessions and its share of `max_batch` rows):
 awaiting never blocks the event loop on a step call. A request runs on one lane, the one holding
 the fewest requests when it arrives, and computes there what it computes alone. Two lanes are the
-default for the ort backend on a CPU with two or more cores: onnxruntime releases the GIL in a
-step call, so one lane's Python between calls overlaps the other lane's call
-(benchmarks/results/batch_scaling.md and serve_load.md measure one lane against two). Cancelling the awaiting task (or
+default for the ort backend on a CPU with two or more cores (benchmarks/results/batch_scaling.md
+and serve_load.md measure one lane against two). Lanes of the ort backend on a CPU run in worker
+processes of their own (lane_process.py) when the checkpoint is given by name or path: in threads,
+every lane's Python between step calls and the event loop's take turns on one GIL. Cancelling the awaiting task (or
 leaving `async for` early and closing the stream) cancels the request; its row is free before the
 batch's next step. Bad requests raise `FastBltError` when they are made, before they are queued;
 a full queue raises `EngineBusy`.
@@ -30,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from fastblt.engines.base import Backend
-from fastblt.errors import EngineBusy, InputError
+from fastblt.errors import EngineBusy, EngineClosed, InputError
 from fastblt.model.blt import BltModel
 from fastblt.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine, BatchStats, Ticket, check_sizes
 from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.generator import Generation, Generator
+from fastblt.runtime.lane_process import ProcessLane
 from fastblt.runtime.options import Request
 
 
@@ -49,6 +51,8 @@ class AsyncEngine:
         max_context: optional limit on ids (prompt + output) per request.
         lanes: batch loops, each with its own backend sessions and max_batch / lanes rows (None:
             `default_lanes`). More than one needs a backend given by name.
+        processes: run each lane in a worker process of its own (None: `default_processes`).
+            Needs a backend given by name and a checkpoint given by name or path.
         load: Generator's other keyword arguments (artifacts, threads, cache_dir, device,
             cuda_graphs, on_export); loading happens here, once per lane (the model once). With
             several lanes sharing the cores and `threads` None, each lane's steps run on
@@ -63,6 +67,7 @@ class AsyncEngine:
         max_queue: int = 256,
         max_context: int | None = None,
         lanes: int | None = None,
+        processes: bool | None = None,
         **load: Any,
     ):
         if lanes is not None and (not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1):
@@ -82,31 +87,62 @@ class AsyncEngine:
         self.config, self.model = g.config, g.model
         if not asked and g.device.type != "cpu":
             lanes = 1  # the default counts CPU cores; on a GPU one lane feeds it
-        engines, self.lanes = [g.engine], []
+        if processes is None:
+            processes = default_processes(backend, lanes, g)
+        elif processes and (not isinstance(backend, str) or g.checkpoint_path is None):
+            raise InputError("processes: a worker process loads the checkpoint itself; give it and the backend by name")
+        self.engines, self.lanes = [g.engine], []
         load.pop("on_export", None)  # told once, by the first lane's export
         if max_batch is None:
             rows = g.engine.backend.max_rows
             max_batch = min(DEFAULT_MAX_BATCH, rows * lanes if rows else DEFAULT_MAX_BATCH)
         self.max_queue = max_queue
         try:
-            for _ in range(lanes - 1):
-                engines.append(open_engine(g.model, backend, g.checkpoint_path, threads=threads, **load))
-            for i, e in enumerate(engines):
-                queue = share(max_queue, lanes, i)
-                self.lanes.append(BatchEngine(e, share(max_batch, lanes, i), queue, max_context, g.backend_name,
-                                              g.params))  # fmt: skip
+            if processes:
+                self._start_processes(backend, lanes, max_batch, max_queue, max_context, {"threads": threads, **load})
+            else:
+                self._start_threads(backend, lanes, max_batch, max_queue, max_context, {"threads": threads, **load})
         except BaseException:  # a lane that cannot start: give back what the others took
             for lane in self.lanes:
                 lane.close(0, cancel=True)
-            for e in engines[1:]:
+            for e in self.engines[1:]:
                 e.close()
             g.close()
             raise
 
+    def _start_threads(self, backend: str | Backend | Engine, lanes: int, max_batch: int, max_queue: int,
+                       max_context: int | None, load: dict[str, Any]) -> None:  # fmt: skip
+        """Lanes as threads of this process: the Generator's engine and lanes - 1 more."""
+        g = self.generator
+        for _ in range(lanes - 1):
+            self.engines.append(open_engine(g.model, backend, g.checkpoint_path, **load))  # type: ignore[arg-type]
+        for i, e in enumerate(self.engines):
+            queue = share(max_queue, lanes, i)
+            self.lanes.append(BatchEngine(e, share(max_batch, lanes, i), queue, max_context, g.backend_name,
+                                          g.params))  # fmt: skip
+
+    def _start_processes(self, backend: str, lanes: int, max_batch: int, max_queue: int, max_context: int | None,
+                         load: dict[str, Any]) -> None:  # fmt: skip
+        """Lanes as worker processes, started together; the Generator's own sessions are let go
+        (it keeps checking requests, and loads them again if it is asked to generate)."""
+        g = self.generator
+        assert g.checkpoint_path is not None
+        for i in range(lanes):
+            rows, queue = share(max_batch, lanes, i), share(max_queue, lanes, i)
+            self.lanes.append(ProcessLane(g.checkpoint_path, backend, rows, queue, max_context, load))
+        for lane in self.lanes:
+            lane.wait_ready()
+        g.engine.backend.deactivate()
+
     @property
-    def batch(self) -> BatchEngine:
-        """The first lane's batch engine (the only one with `lanes=1`)."""
+    def batch(self) -> BatchEngine | ProcessLane:
+        """The first lane (the only one with `lanes=1`)."""
         return self.lanes[0]
+
+    @property
+    def processes(self) -> bool:
+        """Whether the lanes run in worker processes."""
+        return isinstance(self.lanes[0], ProcessLane)
 
     @property
     def stats(self) -> BatchStats:
@@ -119,14 +155,19 @@ class AsyncEngine:
         return sum(lane.max_batch for lane in self.lanes)
 
     def _submit(self, request: Request, **callbacks: Any) -> Ticket:
-        """Queue on the lane holding the fewest requests, or the next with room; EngineBusy when none has."""
-        for lane in sorted(self.lanes, key=lambda b: b.stats.active + b.stats.queued):
+        """Queue on the lane holding the fewest requests, or the next with room; EngineBusy when none
+        has, EngineClosed when every lane is closing (or its process is gone)."""
+        closed: EngineClosed | None = None
+        for lane in sorted(self.lanes, key=lambda b: b.load):
             try:
                 return lane.submit(request, **callbacks)
             except EngineBusy:
                 continue
-        s = self.stats
-        waiting = s.active + s.queued - self.max_batch
+            except EngineClosed as e:
+                closed = e
+        if closed is not None and all(lane.closed for lane in self.lanes):
+            raise closed
+        waiting = sum(lane.load for lane in self.lanes) - self.max_batch
         raise EngineBusy(f"engine: {waiting} requests already wait for a row (max_queue {self.max_queue})")
 
     def request(self, prompt: str | bytes, mode: str = "blt-d", max_bytes: int = 256, **options: Any) -> Request:
@@ -175,8 +216,8 @@ class AsyncEngine:
         deadline = None if timeout is None else time.monotonic() + timeout
         for lane in self.lanes:
             lane.close(None if deadline is None else max(deadline - time.monotonic(), 0.0))
-        for lane in self.lanes[1:]:
-            lane.engine.close()
+        for e in self.engines[1:]:
+            e.close()
         self.generator.close()
 
     async def aclose(self) -> None:
@@ -189,6 +230,13 @@ def default_lanes(backend: str | Backend | Engine) -> int:
     three or four lanes slower than two; benchmarks/results/batch_scaling.md),
     else one (the torch backend's Python per op holds the GIL; a GPU is fed by one lane)."""
     return 2 if backend == "ort" and cpu_cores() >= 2 else 1
+
+
+def default_processes(backend: str | Backend | Engine, lanes: int, generator: Generator) -> bool:
+    """Worker processes when there is more than one lane of the ort backend on a CPU and the
+    checkpoint has a path the workers can load (measured on 2 cores: 16 streams 1.3x faster than
+    thread lanes; benchmarks/results/batch_scaling.md). The torch backend keeps one lane."""
+    return lanes > 1 and backend == "ort" and generator.device.type == "cpu" and generator.checkpoint_path is not None
 
 
 def lane_threads(lanes: int) -> int | None:

@@ -231,6 +231,16 @@ class BatchEngine:
             self._cv.notify()
         return ticket
 
+    @property
+    def closed(self) -> bool:
+        """Whether it takes no more requests."""
+        return self._closing
+
+    @property
+    def load(self) -> int:
+        """Requests this batch holds (decoding or queued)."""
+        return len(self.live) + len(self.queue)
+
     def close(self, timeout: float | None = None, cancel: bool = False) -> None:
         """Take no new requests; finish the ones admitted or queued (or, with `cancel`, cancel
         them), then stop the loop."""

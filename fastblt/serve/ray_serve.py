@@ -67,6 +67,7 @@ class ServerOptions:
     artifacts: str | None = None
     max_batch: int = 16
     lanes: int | None = None  # batch loops per replica (None: two for ort when the replica reserves >= 2 CPUs)
+    lane_processes: bool | None = None  # lanes in worker processes (None: AsyncEngine's default)
     max_queue: int = 256  # requests waiting in each proxy's router for a replica (then 429)
     max_context: int | None = None
     threads: int | None = None
@@ -179,7 +180,8 @@ class FastBltReplica:
         # status with its message (a failed lifespan is only "ASGI lifespan startup failed").
         lanes = replica_lanes(o, ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         engine = await asyncio.to_thread(
-            AsyncEngine, o.checkpoint, o.backend, max_batch=o.max_batch, lanes=lanes, max_queue=o.max_queue,
+            AsyncEngine, o.checkpoint, o.backend, max_batch=o.max_batch, lanes=lanes, processes=o.lane_processes,
+            max_queue=o.max_queue,
             max_context=o.max_context, artifacts=o.artifacts, threads=o.threads, device=o.device,
         )  # fmt: skip
         log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)

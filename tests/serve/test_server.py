@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from conftest import KEY
 
-from fastblt.runtime.async_engine import default_lanes
+from fastblt.runtime.async_engine import cpu_cores, default_lanes
+from fastblt.serve.process import ServerProcess
 
 MODEL = "fastblt-default"
 PROMPT = "import os\n\n\ndef main("
@@ -94,7 +96,12 @@ def test_models_health_metrics_and_keys(server):
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
         r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    text = httpx.get(f"{server.url}/metrics").text
+    list(
+        client(server).completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=4, stream=True, extra_body={"mode": "ar"}
+        )
+    )
+    text = httpx.get(f"{server.url}/metrics").text  # the histograms have a request to show
     for name in ("fastblt_requests_total", "fastblt_generated_bytes_total", "fastblt_queue_depth",
                  "fastblt_batch_occupancy", "fastblt_time_to_first_byte_seconds_bucket",
                  "fastblt_inter_byte_latency_seconds_bucket", "fastblt_accepted_bytes_total"):  # fmt: skip
@@ -109,3 +116,27 @@ def _metric(server, series: str) -> float:
     m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
     assert m is not None, f"{series} not in /metrics"
     return float(m.group(1))
+
+
+def group_children(pid: int) -> list[int]:
+    """The other live processes of process group `pid` (a server started in its own group)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if proc.name.isdigit() and int(proc.name) != pid and int(fields[2]) == pid and fields[0] != "Z":
+            out.append(int(proc.name))
+    return out
+
+
+def test_lanes_run_in_worker_processes_unless_asked_for_threads(server, reference):
+    lanes = default_lanes("ort")
+    assert len(group_children(server.proc.pid)) == (lanes if lanes > 1 and cpu_cores() >= 2 else 0)
+    with ServerProcess(["--lane-threads", "--lanes", "2", "--max-batch", "2"]) as threads:
+        assert group_children(threads.proc.pid) == []
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "mode": "ar"}
+        got = httpx.post(f"{threads.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        assert _metric(threads, "fastblt_batch_lanes") == 2
+    assert got == reference.generate(PROMPT, mode="ar", max_bytes=16, temperature=0.0).text

@@ -1,0 +1,320 @@
+"""A lane in a worker process of its own: a BatchEngine that shares no interpreter lock.
+
+Thread lanes (async_engine.py) overlap one lane's step calls with another's Python, but every
+lane's Python between calls (sampling, patch bookkeeping, feeds) and the event loop's request
+handling take turns on one GIL. On 2 cores, two one-lane processes of 8 rows each made 4,658 B/s
+of greedy `ar` side by side, where one process with two thread lanes of 8 made 3,665: the lock,
+not the cores, was the limit, and more cores make it worse. A `ProcessLane` runs the same
+BatchEngine in a spawned child; the parent keeps the request checks, the event loop and HTTP.
+
+Traffic over one duplex pipe per lane: the parent sends `("submit", id, request, stream)`,
+`("cancel", id)`, `("stats",)` and `("close", cancel)`; the child answers `("text", id, text)`
+(a streamed chunk), `("done", id, generation, error)`, `("stats", BatchStats)` and `("closed",)`.
+A reader thread in the parent turns them into the callbacks of the request's Ticket, exactly as
+a thread lane calls them, so AsyncEngine treats both kinds alike. The child ignores SIGINT and
+SIGTERM (a server's process group gets them: the parent decides when its lanes stop, after the
+requests in flight) and ends when its pipe closes, so it never outlives the parent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from fastblt.errors import EngineBusy, EngineClosed, FastBltError, InternalError
+from fastblt.runtime.batch import BatchEngine, BatchStats, Ticket, check_sizes
+from fastblt.runtime.options import Request
+
+START_TIMEOUT = 600.0  # seconds a child may take to load (a first export can take a while on a big model)
+STATS_TIMEOUT = 5.0  # seconds to wait for a live child's counters before reporting the last ones
+
+
+class _RemoteTicket(Ticket):
+    """A Ticket whose request runs in a child: cancelling it also tells the child."""
+
+    def __init__(self, lane: ProcessLane, rid: int, *args: Any):
+        super().__init__(*args)
+        self._lane, self._rid = lane, rid
+
+    def cancel(self) -> None:
+        if not self.cancelled and not self.done:
+            self._lane._send(("cancel", self._rid))
+        super().cancel()
+
+
+class ProcessLane:
+    """One lane (a BatchEngine of `max_batch` rows) in a child process, driven through a pipe.
+
+    Args:
+        checkpoint: the checkpoint's path (the child loads it itself).
+        backend: the backend's name.
+        max_batch, max_queue, max_context: as for BatchEngine.
+        load: Generator's loading options for the child (artifacts, threads, cache_dir, device,
+            cuda_graphs); the parent has loaded the same checkpoint first, so any export the
+            child needs is already in the cache.
+
+    Call `wait_ready()` before submitting: lanes start in parallel, each loading its sessions.
+    """
+
+    def __init__(self, checkpoint: Path, backend: str, max_batch: int, max_queue: int,
+                 max_context: int | None, load: dict[str, Any]):  # fmt: skip
+        check_sizes(max_batch, max_queue)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        # A fresh interpreter, not a fork (a forked copy of onnxruntime's threads would hang) and not
+        # multiprocessing's spawn (which imports the caller's __main__ again: a script without a
+        # main guard would start its engine in every lane).
+        ours, theirs = socket.socketpair()
+        with theirs:
+            fd = theirs.fileno()
+            cmd = [sys.executable, "-c", "from fastblt.runtime.lane_process import main; main()", str(fd)]
+            self._proc = subprocess.Popen(cmd, pass_fds=(fd,), stdin=subprocess.DEVNULL)
+        self._conn = Connection(ours.detach())
+        self._conn.send((str(checkpoint), backend, max_batch, max_queue, max_context, load))
+        self._send_lock = threading.Lock()
+        self._tickets: dict[int, _RemoteTicket] = {}
+        self._lock = threading.Lock()  # guards _tickets and _closing
+        self._ids = itertools.count()
+        self._closing = False
+        self._stats = BatchStats(calls={}, rows={})
+        self._stats_wanted = threading.Lock()  # one stats round trip at a time
+        self._stats_event = threading.Event()
+        self._closed = threading.Event()
+        self._reader: threading.Thread | None = None
+        self._lost: str | None = None  # why the child is gone, once it is
+
+    # ------------------------------------------------------------------ lifecycle
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait for the child to load; raise its error (or InternalError) if it could not."""
+        if not self._conn.poll(timeout):
+            self._kill()
+            raise InternalError(f"lane process: not ready after {timeout:.0f} s")
+        try:
+            msg = self._conn.recv()
+        except (EOFError, OSError):
+            self._kill()
+            raise InternalError(f"lane process: exited while loading (exit code {self._proc.poll()})") from None
+        if msg[0] != "ready":
+            self._kill()
+            raise msg[1]
+        self._stats = msg[1]
+        self._reader = threading.Thread(target=self._read, name="fastblt-lane-reader", daemon=True)
+        self._reader.start()
+        ref = weakref.ref(self)
+        atexit.register(lambda: (lane := ref()) is not None and lane.close(10, cancel=True))
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def closed(self) -> bool:
+        """Whether it takes no more requests (closing, or its process is gone)."""
+        return self._closing or self._lost is not None
+
+    @property
+    def load(self) -> int:
+        """Requests this lane holds (decoding or queued): what AsyncEngine balances lanes by."""
+        return len(self._tickets)
+
+    @property
+    def stats(self) -> BatchStats:
+        """The child's counters now (the last ones known when it does not answer)."""
+        with self._stats_wanted:
+            if self._lost is None and not self._closed.is_set():
+                self._stats_event.clear()
+                if self._send(("stats",)):
+                    self._stats_event.wait(STATS_TIMEOUT)
+            return self._stats
+
+    def submit(self, request: Request, on_text: Callable[[str], None] | None = None,
+               on_done: Callable[[Ticket], None] | None = None) -> Ticket:  # fmt: skip
+        """Queue a checked request in the child; as BatchEngine.submit (EngineBusy, EngineClosed)."""
+        rid = next(self._ids)
+        ticket = _RemoteTicket(self, rid, request, on_text, on_done)
+        with self._lock:
+            if self._closing or self._lost is not None:
+                why = "closing" if self._lost is None else self._lost
+                raise EngineClosed(f"engine: {why}; it takes no new requests")
+            waiting = len(self._tickets) - self.max_batch
+            if waiting >= self.max_queue:
+                raise EngineBusy(f"engine: {waiting} requests already wait for a row (max_queue {self.max_queue})")
+            self._tickets[rid] = ticket
+        if not self._send(("submit", rid, request, on_text is not None)):
+            self._lost_child()
+        return ticket
+
+    def close(self, timeout: float | None = None, cancel: bool = False) -> None:
+        """Take no new requests; the child finishes (or, with `cancel`, cancels) what it holds,
+        then exits. `timeout` bounds the wait; a child still running after it is cancelled, then
+        stopped."""
+        with self._lock:
+            first = not self._closing
+            self._closing = True
+        if first or cancel:
+            self._send(("close", cancel))
+        if timeout == 0:
+            return
+        if not self._closed.wait(timeout) and not cancel:
+            self._send(("close", True))
+            self._closed.wait(10)
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._kill()
+        self._conn.close()
+
+    # ------------------------------------------------------------------ the pipe
+    def _send(self, msg: tuple) -> bool:
+        """Send to the child; False when it is gone."""
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+            return True
+        except (OSError, ValueError, EOFError):
+            return False
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError, pickle.UnpicklingError):
+                self._lost_child()
+                return
+            kind = msg[0]
+            if kind == "text":
+                ticket = self._tickets.get(msg[1])
+                if ticket is not None and ticket.on_text is not None:
+                    try:
+                        ticket.on_text(msg[2])
+                    except Exception:  # a listener that fails has gone: stop the request
+                        ticket.cancel()
+            elif kind == "done":
+                with self._lock:
+                    ticket = self._tickets.pop(msg[1], None)
+                if ticket is not None:
+                    with contextlib.suppress(Exception):  # a caller's callback must not stop the lane
+                        ticket._finish(msg[2], msg[3])
+            elif kind == "stats":
+                self._stats = msg[1]
+                self._stats_event.set()
+            elif kind == "closed":
+                self._closed.set()
+                self._lost_child("closed")
+                return
+
+    def _lost_child(self, why: str | None = None) -> None:
+        """The child is gone: fail what it held (it cannot finish them)."""
+        with self._lock:
+            if self._lost is None:
+                code = self._proc.poll()
+                self._lost = why or f"its lane process exited (exit code {code})"
+            held, self._tickets = list(self._tickets.values()), {}
+        error = InternalError(f"engine: {self._lost} before the request finished")
+        for ticket in held:
+            with contextlib.suppress(Exception):
+                ticket._finish(None, error)
+        self._stats.active = self._stats.queued = 0
+        self._stats_event.set()
+        self._closed.set()
+
+    def _kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(5)
+
+
+# ---------------------------------------------------------------------- the child
+def main() -> None:
+    """The child's entry point: its end of the pipe is the file descriptor in argv[1]."""
+    conn = Connection(int(sys.argv[1]))
+    checkpoint, *args = conn.recv()
+    _child(conn, Path(checkpoint), *args)
+
+
+def _child(conn: Connection, checkpoint: Path, backend: str, max_batch: int, max_queue: int,
+           max_context: int | None, load: dict[str, Any]) -> None:  # fmt: skip
+    """The child's main thread: load, then serve the parent's messages until told to close or the
+    pipe closes. Callbacks from the batch thread send on the same pipe (under a lock)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    send_lock = threading.Lock()
+
+    def send(msg: tuple) -> None:
+        try:
+            with send_lock:
+                conn.send(msg)
+        except (OSError, ValueError):
+            pass  # the parent is gone: the main thread sees the pipe close
+
+    try:
+        import torch
+
+        from fastblt.runtime.generator import Generator
+
+        torch.set_num_threads(load.get("threads") or 1)  # host-side torch: the lane's cores, not the machine's
+        gen = Generator(checkpoint, backend, max_context=max_context, **load)
+        batch = BatchEngine(gen.engine, max_batch, max_queue, max_context, gen.backend_name, gen.params)
+    except BaseException as e:  # noqa: BLE001 (the parent raises it)
+        send(("failed", _portable(e)))
+        return
+    send(("ready", batch.stats))
+    tickets: weakref.WeakValueDictionary[int, Ticket] = weakref.WeakValueDictionary()
+    closing = False
+    while True:
+        if closing and not batch._thread.is_alive():
+            break
+        try:
+            if closing and not conn.poll(0.05):
+                continue
+            msg = conn.recv()
+        except (EOFError, OSError):  # the parent is gone: nobody waits for these requests
+            batch.close(10, cancel=True)
+            return
+        kind = msg[0]
+        if kind == "submit":
+            _, rid, request, streamed = msg
+            on_text = (lambda text, rid=rid: send(("text", rid, text))) if streamed else None
+            on_done = lambda t, rid=rid: send(("done", rid, t.generation, _portable(t.error)))  # noqa: E731
+            try:
+                tickets[rid] = batch.submit(request, on_text=on_text, on_done=on_done)
+            except FastBltError as e:
+                send(("done", rid, None, e))
+        elif kind == "cancel":
+            ticket = tickets.get(msg[1])
+            if ticket is not None:
+                ticket.cancel()
+        elif kind == "stats":
+            with batch._cv:
+                snap = BatchStats(**{**vars(batch.stats), "calls": dict(batch.stats.calls),
+                                     "rows": dict(batch.stats.rows)})  # fmt: skip
+            send(("stats", snap))
+        elif kind == "close":
+            closing = True
+            batch.close(0, cancel=msg[1])
+    gen.close()
+    send(("closed",))
+    time.sleep(0)  # let the pipe flush before the process ends
+
+
+def _portable(error: BaseException | None) -> BaseException | None:
+    """The error itself when it crosses the pipe intact, else an InternalError naming it."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return InternalError(f"lane process: {error!r}")

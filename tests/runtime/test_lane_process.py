@@ -1,0 +1,173 @@
+"""Lanes in worker processes: the same bytes as Generator, cancellation, a full queue, a lane
+process that dies, closing, and no worker outliving its parent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from runtime_refs import PROMPTS, tiny_model
+
+from fastblt.errors import EngineBusy, EngineClosed, InputError, InternalError
+from fastblt.runtime import async_engine as ae
+from fastblt.runtime.async_engine import AsyncEngine
+from fastblt.runtime.lane_process import ProcessLane
+
+
+def gone(pid: int, within: float) -> bool:
+    """Whether process `pid` has ended within `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # our own child: reap it, or it stays a zombie that os.kill still finds
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncEngine("default", backend="ort", max_batch=4, max_queue=16, lanes=2, processes=True)
+    yield eng
+    eng.close(30)
+
+
+def test_lanes_run_in_processes_of_their_own(engine):
+    assert engine.processes and all(isinstance(lane, ProcessLane) for lane in engine.lanes)
+    pids = {lane.pid for lane in engine.lanes}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert [lane.max_batch for lane in engine.lanes] == [2, 2] and engine.max_batch == 4
+
+
+def test_requests_equal_generator_in_every_mode(engine):
+    g = engine.generator
+    work = [(p, m) for p in PROMPTS[:3] for m in ("ar", "blt-s", "blt-d", "blt-dv")]
+    sampled = dict(temperature=0.8, seed=11)
+
+    async def main():
+        greedy = [engine.generate(p, mode=m, max_bytes=24, stop_on_eos=False) for p, m in work]
+        return await asyncio.gather(*greedy, engine.generate(PROMPTS[3], mode="blt-s", max_bytes=24, **sampled))
+
+    outs = asyncio.run(main())
+    want = [g.generate(p, mode=m, max_bytes=24, stop_on_eos=False).ids for p, m in work]
+    assert [o.ids for o in outs[:-1]] == want
+    assert outs[-1].ids == g.generate(PROMPTS[3], mode="blt-s", max_bytes=24, **sampled).ids
+    assert sum(lane.stats.admitted for lane in engine.lanes) >= len(work) + 1
+    assert all(lane.stats.admitted > 0 for lane in engine.lanes)  # both lanes took requests
+
+
+def test_stream_and_stop_string_cross_the_pipe(engine):
+    async def main():
+        stream = engine.stream(PROMPTS[0], mode="ar", max_bytes=40, stop=["\n"], stop_on_eos=False)
+        chunks = [c async for c in stream]
+        return chunks, stream.generation
+
+    chunks, gen = asyncio.run(main())
+    want = engine.generator.generate(PROMPTS[0], mode="ar", max_bytes=40, stop=["\n"], stop_on_eos=False)
+    assert "".join(chunks) == gen.text == want.text and gen.stop_reason == want.stop_reason
+    assert gen.stats.mode == "ar" and gen.stats.generated == len(want.ids)
+
+
+def test_cancelling_frees_the_row_in_the_child(engine):
+    async def main():
+        task = asyncio.create_task(engine.generate(PROMPTS[0], mode="ar", max_bytes=50_000, stop_on_eos=False))
+        while engine.stats.active == 0 and not task.done():
+            await asyncio.sleep(0.01)
+        assert not task.done(), task.exception()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):
+            if engine.stats.active == 0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(main())
+
+
+def test_a_full_queue_is_refused_at_once():
+    eng = AsyncEngine("default", backend="ort", max_batch=2, max_queue=0, lanes=2, processes=True)
+    try:
+
+        async def main():
+            long = [eng.generate(PROMPTS[0], mode="ar", max_bytes=50_000, stop_on_eos=False) for _ in range(2)]
+            tasks = [asyncio.create_task(c) for c in long]
+            await asyncio.sleep(0)
+            with pytest.raises(EngineBusy, match="max_queue 0"):
+                await eng.generate(PROMPTS[1], mode="ar", max_bytes=4)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run(main())
+    finally:
+        eng.close(30)
+
+
+def test_a_lane_whose_process_dies_fails_its_requests_and_the_other_serves():
+    eng = AsyncEngine("default", backend="ort", max_batch=2, lanes=2, processes=True)
+    try:
+
+        async def main():
+            first = asyncio.create_task(eng.generate(PROMPTS[0], mode="ar", max_bytes=50_000, stop_on_eos=False))
+            while eng.stats.active == 0:
+                await asyncio.sleep(0.01)
+            victim = next(lane for lane in eng.lanes if lane.load)
+            os.kill(victim.pid, signal.SIGKILL)
+            with pytest.raises(InternalError, match="lane process exited"):
+                await first
+            assert victim.closed and victim.load == 0
+            out = await eng.generate(PROMPTS[1], mode="ar", max_bytes=8, stop_on_eos=False)
+            return out.ids
+
+        ids = asyncio.run(main())
+        assert ids == eng.generator.generate(PROMPTS[1], mode="ar", max_bytes=8, stop_on_eos=False).ids
+    finally:
+        eng.close(30)
+
+
+def test_closing_ends_the_processes_and_refuses_new_requests():
+    eng = AsyncEngine("default", backend="ort", max_batch=2, lanes=2, processes=True)
+    pids = [lane.pid for lane in eng.lanes]
+    eng.close(30)
+    assert all(gone(pid, 10) for pid in pids)
+    with pytest.raises(EngineClosed):
+        asyncio.run(eng.generate(PROMPTS[0], mode="ar", max_bytes=4))
+
+
+def test_workers_do_not_outlive_their_parent(tmp_path):
+    script = tmp_path / "parent.py"  # no main guard: a worker must not run it again
+    script.write_text(
+        "import os, fastblt\n"
+        "eng = fastblt.AsyncEngine('default', backend='ort', max_batch=2, lanes=2, processes=True)\n"
+        "print(' '.join(str(lane.pid) for lane in eng.lanes), flush=True)\n"
+        "os._exit(0)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2 and all(gone(pid, 20) for pid in pids)
+
+
+def test_processes_default_and_refusals(monkeypatch):
+    monkeypatch.setattr(ae, "cpu_cores", lambda: 2)
+    model = tiny_model("small-window")
+    eng = AsyncEngine(model, backend="torch", max_batch=2, lanes=2)
+    try:
+        assert not eng.processes  # a model object has no path a worker could load
+    finally:
+        eng.close(30)
+    with pytest.raises(InputError, match="processes"):
+        AsyncEngine(model, backend="torch", max_batch=2, lanes=2, processes=True)
