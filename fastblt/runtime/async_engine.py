@@ -38,6 +38,7 @@ from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.generator import Generation, Generator
 from fastblt.runtime.lane_process import ProcessLane
 from fastblt.runtime.options import Request
+from fastblt.runtime.wakeups import wake
 
 
 class AsyncEngine:
@@ -190,7 +191,7 @@ class AsyncEngine:
         done = loop.create_future()
 
         def finished(ticket: Ticket) -> None:
-            loop.call_soon_threadsafe(_settle, done)
+            wake(loop, lambda: _settle(done), ticket.cancel)
 
         ticket = self._submit(req, on_done=finished)
         try:
@@ -306,7 +307,7 @@ class TextStream:
     def _signal(self) -> None:
         if not self._waking:
             self._waking = True
-            self._loop.call_soon_threadsafe(self._wake.set)
+            wake(self._loop, self._wake.set, self.cancel)
 
     def __aiter__(self) -> TextStream:
         return self

@@ -49,6 +49,7 @@ from fastblt.runtime.generator import Generation, generation, new_run
 from fastblt.runtime.options import Request, check_fit, draft_length
 from fastblt.runtime.state import SequenceState
 from fastblt.runtime.stream import Output, TextChunker
+from fastblt.runtime.wakeups import deferred_wakes
 
 CYCLE = ("encoder", "entropy", "global", "decoder", "decoder_block")  # the order sequences take steps in
 DEFAULT_MAX_BATCH = 16  # past 16 rows a CPU step call gains little more per row (batch_scaling.md)
@@ -171,6 +172,8 @@ class BatchEngine:
         max_queue: requests waiting for a row beyond which `submit` raises EngineBusy.
         max_context: optional limit on ids (prompt + output) per request, as Generator's.
         backend_name, params: what each Generation's stats report (Generator's values).
+        on_turn: called on the loop's thread after each turn (a lane process sends the turn's
+            streamed text to its parent then, as one message).
     """
 
     def __init__(
@@ -181,6 +184,7 @@ class BatchEngine:
         max_context: int | None = None,
         backend_name: str = "",
         params: dict[str, int] | None = None,
+        on_turn: Callable[[], None] | None = None,
     ):
         backend, config = engine.backend, engine.config
         if max_batch is None:
@@ -205,6 +209,7 @@ class BatchEngine:
         self._cv = threading.Condition()
         self._closing = False
         self._cycle = 0
+        self._on_turn = on_turn
         self._thread = threading.Thread(target=self._loop, name="fastblt-batch", daemon=True)
         self._thread.start()
         ref = weakref.ref(self)
@@ -267,14 +272,18 @@ class BatchEngine:
                 if self._closing and not self.live and not self.queue:
                     return
             try:
-                with self._cv:
-                    self._admit()
-                self._drop_cancelled()
-                self._resume_cohorts()
-                self._turn()
-                self._retire()
+                with deferred_wakes():  # the turn's callbacks wake each listening event loop once
+                    with self._cv:
+                        self._admit()
+                    self._drop_cancelled()
+                    self._resume_cohorts()
+                    self._turn()
+                    self._retire()
             except Exception as e:  # a bug of the batch itself: fail what it holds, keep serving
                 self._fail_all(InternalError(f"batch engine: {e!r}"))
+            if self._on_turn is not None:
+                with contextlib.suppress(Exception):  # a caller's callback must not stop the batch
+                    self._on_turn()
 
     def _fail_all(self, error: Exception) -> None:
         with self._cv:

@@ -8,8 +8,9 @@ not the cores, was the limit, and more cores make it worse. A `ProcessLane` runs
 BatchEngine in a spawned child; the parent keeps the request checks, the event loop and HTTP.
 
 Traffic over one duplex pipe per lane: the parent sends `("submit", id, request, stream)`,
-`("cancel", id)`, `("stats",)` and `("close", cancel)`; the child answers `("text", id, text)`
-(a streamed chunk), `("done", id, generation, error)`, `("stats", BatchStats)` and `("closed",)`.
+`("cancel", id)`, `("stats",)` and `("close", cancel)`; the child answers `("texts", [(id,
+text), ...])` (a turn's streamed chunks, one message per turn), `("done", id, generation, error)`,
+`("stats", BatchStats)` and `("closed",)`.
 A reader thread in the parent turns them into the callbacks of the request's Ticket, exactly as
 a thread lane calls them, so AsyncEngine treats both kinds alike. The child ignores SIGINT and
 SIGTERM (a server's process group gets them: the parent decides when its lanes stop, after the
@@ -37,6 +38,7 @@ from typing import Any
 from fastblt.errors import EngineBusy, EngineClosed, FastBltError, InternalError
 from fastblt.runtime.batch import BatchEngine, BatchStats, Ticket, check_sizes
 from fastblt.runtime.options import Request
+from fastblt.runtime.wakeups import deferred_wakes
 
 START_TIMEOUT = 600.0  # seconds a child may take to load (a first export can take a while on a big model)
 STATS_TIMEOUT = 5.0  # seconds to wait for a live child's counters before reporting the last ones
@@ -194,13 +196,15 @@ class ProcessLane:
                 self._lost_child()
                 return
             kind = msg[0]
-            if kind == "text":
-                ticket = self._tickets.get(msg[1])
-                if ticket is not None and ticket.on_text is not None:
-                    try:
-                        ticket.on_text(msg[2])
-                    except Exception:  # a listener that fails has gone: stop the request
-                        ticket.cancel()
+            if kind == "texts":
+                with deferred_wakes():
+                    for rid, text in msg[1]:
+                        ticket = self._tickets.get(rid)
+                        if ticket is not None and ticket.on_text is not None:
+                            try:
+                                ticket.on_text(text)
+                            except Exception:  # a listener that fails has gone: stop the request
+                                ticket.cancel()
             elif kind == "done":
                 with self._lock:
                     ticket = self._tickets.pop(msg[1], None)
@@ -251,6 +255,7 @@ def _child(conn: Connection, checkpoint: Path, backend: str, max_batch: int, max
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     send_lock = threading.Lock()
+    texts: list[tuple[int, str]] = []  # the turn's streamed chunks (the batch thread's own list)
 
     def send(msg: tuple) -> None:
         try:
@@ -259,6 +264,15 @@ def _child(conn: Connection, checkpoint: Path, backend: str, max_batch: int, max
         except (OSError, ValueError):
             pass  # the parent is gone: the main thread sees the pipe close
 
+    def flush() -> None:  # on the batch thread: after each turn, and before a request's end
+        if texts:
+            send(("texts", texts[:]))
+            texts.clear()
+
+    def finished(rid: int, ticket: Ticket) -> None:
+        flush()
+        send(("done", rid, ticket.generation, _portable(ticket.error)))
+
     try:
         import torch
 
@@ -266,7 +280,7 @@ def _child(conn: Connection, checkpoint: Path, backend: str, max_batch: int, max
 
         torch.set_num_threads(load.get("threads") or 1)  # host-side torch: the lane's cores, not the machine's
         gen = Generator(checkpoint, backend, max_context=max_context, **load)
-        batch = BatchEngine(gen.engine, max_batch, max_queue, max_context, gen.backend_name, gen.params)
+        batch = BatchEngine(gen.engine, max_batch, max_queue, max_context, gen.backend_name, gen.params, flush)
     except BaseException as e:  # noqa: BLE001 (the parent raises it)
         send(("failed", _portable(e)))
         return
@@ -286,8 +300,8 @@ def _child(conn: Connection, checkpoint: Path, backend: str, max_batch: int, max
         kind = msg[0]
         if kind == "submit":
             _, rid, request, streamed = msg
-            on_text = (lambda text, rid=rid: send(("text", rid, text))) if streamed else None
-            on_done = lambda t, rid=rid: send(("done", rid, t.generation, _portable(t.error)))  # noqa: E731
+            on_text = (lambda text, rid=rid: texts.append((rid, text))) if streamed else None
+            on_done = lambda t, rid=rid: finished(rid, t)  # noqa: E731
             try:
                 tickets[rid] = batch.submit(request, on_text=on_text, on_done=on_done)
             except FastBltError as e:
