@@ -12,9 +12,10 @@ a request's bytes depend on its batch, over 1,000 requests.
    AsyncEngine at its defaults (max_batch 16, in two lanes on two or more cores), each compared
    with the same request run alone by Generator (whose global step uses every core; the lanes'
    steps one thread each).
-3. In process, without HTTP: 16 greedy requests of 256 bytes at once (`ar`, then `blt-s`) through
-   an AsyncEngine at its defaults and with `lanes=1`, and one request alone on the default engine;
-   aggregate bytes/s (median of three interleaved repeats).
+3. In process, without HTTP: 16 requests of 256 bytes at once (`ar`, then `blt-s`, greedy and
+   sampled) through an AsyncEngine at its defaults (lanes in worker processes where it has two
+   or more), with the same lanes as threads, and with `lanes=1`, and one request alone on the
+   default engine; aggregate bytes/s (median of three interleaved repeats).
 Results: benchmarks/results/batch_scaling.{json,md,png}; with --backend torch,
 batch_scaling_torch.{json,md,png} (the torch backend's kernels may round a row differently in a
 batch, so part 2 there counts how often that flips a byte).
@@ -257,10 +258,14 @@ def main() -> None:
         default.close()
         save(f"batch_scaling_{backend}", r, render, plot)
         return
-    one_lane = AsyncEngine("default", lanes=1)
-    lanes = f"{len(default.lanes)} lanes (default)" if len(default.lanes) > 1 else "1 lane (default)"
-    r["in_process"] = in_process({lanes: default, "lanes=1": one_lane})
-    for engine in (default, one_lane):
+    n = len(default.lanes)
+    engines = {f"{n} lanes{' in processes' if default.processes else ''} (default)" if n > 1 else "1 lane (default)":
+               default}  # fmt: skip
+    if default.processes:
+        engines[f"{n} lanes in threads"] = AsyncEngine("default", lanes=n, processes=False)
+    engines["lanes=1"] = AsyncEngine("default", lanes=1)
+    r["in_process"] = in_process(engines)
+    for engine in engines.values():
         engine.close()
     save("batch_scaling", r, render, plot)
 

@@ -19,9 +19,10 @@ reserved one CPU and lands on a node of its own), and the table adds each layout
 (cluster, deployment, replicas ready) and every replica's resident memory after the load. Both
 replicas share this machine's two cores with each other and with the client.
 
-The default run then starts a second server with `--lanes 1` (one batch loop of 16 rows instead of
-the default's two of 8; docs/serving.md) and repeats the 1- and 16-stream levels on it, so the table
-shows what the lanes buy, side by side in one run.
+The default run then starts two more servers, one with `--lanes 1` (one batch loop of 16 rows
+instead of the default's two of 8) and one with `--lane-threads` (the lanes as threads of the
+server instead of worker processes; docs/serving.md), and repeats the 1- and 16-stream levels on
+each, so the table shows what the lanes and their processes buy, side by side in one run.
 
 Results: benchmarks/results/serve_load.{json,md,png}; with --ray, serve_load_ray.{json,md,png}.
 """
@@ -41,7 +42,7 @@ from common import RESULTS, code_snippets, machine_meta, save, targets_table
 MODEL = "fastblt-default"
 MODES = ("ar", "blt-s")
 LEVELS = (1, 4, 16, 64)
-ONE_LANE_LEVELS = (1, 16)
+OTHER_LEVELS = (1, 16)
 MAX_TOKENS = 256
 TARGETS = {"x16_vs_x1": 6.0}
 SOURCES = ("json/decoder.py", "json/encoder.py", "email/message.py", "textwrap.py", "string.py", "shlex.py")
@@ -152,22 +153,25 @@ def render(r: dict) -> str:
                 f"{s['errors']} | {s['wrong']} |"
             )
     lines += ["", "!= alone: responses whose text differs from the same request run alone (Generator, batch 1).", ""]
-    if r.get("one_lane"):
-        lines += ["## The default's lanes vs one lane", "",
-                  f"The same load on a second server started with `--lanes 1` (one batch loop of {m['max_batch']} "
-                  f"rows instead of {m.get('lanes', 1)} of {m['max_batch'] // max(m.get('lanes', 1), 1)}), in the "
-                  "same run.", "",
-                  "| mode | streams | default B/s | --lanes 1 B/s | default / one lane | "
-                  "inter-byte p95 ms, default / one lane | != alone |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for mode, rows in r["one_lane"].items():
-            for c, s in rows.items():
+    if r.get("others"):
+        lanes = m.get("lanes", 1)
+        lines += ["## The default against other layouts", "",
+                  "The same load on more servers, in the same run: `--lanes 1` (one batch loop of "
+                  f"{m['max_batch']} rows instead of {lanes} of {m['max_batch'] // max(lanes, 1)}) and "
+                  "`--lane-threads` (the default's lanes as threads of the server, not worker processes).", "",
+                  "| mode | streams | default B/s | " + " | ".join(f"{k} B/s | default / {k}" for k in r["others"])
+                  + " | inter-byte p95 ms, default / " + " / ".join(r["others"]) + " | != alone |",
+                  "|---|---:|---:|" + "---:|---:|" * len(r["others"]) + "---:|---:|"]  # fmt: skip
+        first = next(iter(r["others"].values()))
+        for mode, rows in first.items():
+            for c in rows:
                 d = r["levels"][mode][c]
-                lines.append(
-                    f"| {mode} | {c} | {d['bytes_per_s']:.0f} | {s['bytes_per_s']:.0f} | "
-                    f"{d['bytes_per_s'] / s['bytes_per_s']:.2f} | {d['gap_p95_ms']:.2f} / {s['gap_p95_ms']:.2f} | "
-                    f"{s['wrong']} |"
-                )
+                others = [o[mode][c] for o in r["others"].values()]
+                ratio = [d["bytes_per_s"] / o["bytes_per_s"] for o in others]
+                cells = " | ".join(f"{o['bytes_per_s']:.0f} | {x:.2f}" for o, x in zip(others, ratio, strict=True))
+                p95 = " / ".join(f"{o['gap_p95_ms']:.2f}" for o in [d, *others])
+                lines.append(f"| {mode} | {c} | {d['bytes_per_s']:.0f} | {cells} | {p95} | "
+                             f"{sum(o['wrong'] for o in others)} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 
@@ -184,9 +188,10 @@ def plot(r: dict, path: Path) -> None:
         a.plot(cs, [rows[str(c)]["bytes_per_s"] for c in cs], marker="o", label=mode)
         b.plot(cs, [rows[str(c)]["gap_p95_ms"] for c in cs], marker="o", label=f"{mode} p95")
         b.plot(cs, [rows[str(c)]["gap_p50_ms"] for c in cs], marker=".", ls="--", label=f"{mode} p50")
-    for mode, rows in r.get("one_lane", {}).items():
-        cs = [int(c) for c in rows]
-        a.plot(cs, [rows[str(c)]["bytes_per_s"] for c in cs], marker="x", ls=":", label=f"{mode}, --lanes 1")
+    for name, other in r.get("others", {}).items():
+        for mode, rows in other.items():
+            cs = [int(c) for c in rows]
+            a.plot(cs, [rows[str(c)]["bytes_per_s"] for c in cs], marker="x", ls=":", label=f"{mode}, {name}")
     for ax in (a, b):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")
@@ -379,7 +384,8 @@ def main() -> None:
         return
     r["levels"] = run_levels(ServerProcess, server_args, prompts, want, levels, args.quick)
     if not args.quick:
-        r["one_lane"] = run_levels(ServerProcess, [*server_args, "--lanes", "1"], prompts, want, ONE_LANE_LEVELS)
+        r["others"] = {flag: run_levels(ServerProcess, [*server_args, *flag.split()], prompts, want, OTHER_LEVELS)
+                       for flag in ("--lanes 1", "--lane-threads")}  # fmt: skip
     r["targets"] = targets(r)
     save("serve_load_quick" if args.quick else "serve_load", r, render, plot)
 
