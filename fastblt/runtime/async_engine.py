@@ -236,8 +236,10 @@ def default_lanes(backend: str | Backend | Engine) -> int:
 def default_processes(backend: str | Backend | Engine, lanes: int, generator: Generator) -> bool:
     """Worker processes when there is more than one lane of the ort backend on a CPU and the
     checkpoint has a path the workers can load (measured on 2 cores: 16 streams 1.3x faster than
-    thread lanes; benchmarks/results/batch_scaling.md). The torch backend keeps one lane."""
-    return lanes > 1 and backend == "ort" and generator.device.type == "cpu" and generator.checkpoint_path is not None
+    thread lanes; benchmarks/results/batch_scaling.md). The torch backend keeps one lane; a worker
+    gets its end of the pipe as an inherited file descriptor, which needs POSIX."""
+    cpu = generator.device.type == "cpu" and os.name == "posix"
+    return lanes > 1 and backend == "ort" and cpu and generator.checkpoint_path is not None
 
 
 def lane_threads(lanes: int) -> int | None:

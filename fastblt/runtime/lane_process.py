@@ -278,7 +278,8 @@ def _child(conn: Connection, checkpoint: Path, backend: str, max_batch: int, max
 
         from fastblt.runtime.generator import Generator
 
-        torch.set_num_threads(load.get("threads") or 1)  # host-side torch: the lane's cores, not the machine's
+        if load.get("threads"):  # torch on the host side too: the lane's cores, not the machine's
+            torch.set_num_threads(load["threads"])
         gen = Generator(checkpoint, backend, max_context=max_context, **load)
         batch = BatchEngine(gen.engine, max_batch, max_queue, max_context, gen.backend_name, gen.params, flush)
     except BaseException as e:  # noqa: BLE001 (the parent raises it)
