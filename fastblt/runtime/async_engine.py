@@ -14,9 +14,9 @@ the fewest requests when it arrives, and computes there what it computes alone. 
 default for the ort backend on a CPU with two or more cores (benchmarks/results/batch_scaling.md
 and serve_load.md measure one lane against two). Lanes of the ort backend on a CPU run in worker
 processes of their own (lane_process.py) when the checkpoint is given by name or path: in threads,
-every lane's Python between step calls and the event loop's take turns on one GIL. Cancelling the awaiting task (or
-leaving `async for` early and closing the stream) cancels the request; its row is free before the
-batch's next step. Bad requests raise `FastBltError` when they are made, before they are queued;
+every lane's Python between step calls and the event loop's take turns on one GIL. Cancelling the
+awaiting task (or leaving `async for` early and closing the stream) cancels the request; its row is
+free before the batch's next step. Bad requests raise `FastBltError` when they are made, before they are queued;
 a full queue raises `EngineBusy`.
 """
 
@@ -150,6 +150,11 @@ class AsyncEngine:
         """A snapshot of the batch loops' counters and what they hold now (active rows, queue depth),
         summed over lanes."""
         return sum_stats([lane.stats for lane in self.lanes])
+
+    @property
+    def lanes_alive(self) -> int:
+        """Lanes whose batch loop still runs (a lane whose worker process died is not)."""
+        return sum(lane.alive for lane in self.lanes)
 
     @property
     def max_batch(self) -> int:

@@ -242,6 +242,11 @@ class BatchEngine:
         return self._closing
 
     @property
+    def alive(self) -> bool:
+        """Whether its loop still runs."""
+        return self._thread.is_alive()
+
+    @property
     def load(self) -> int:
         """Requests this batch holds (decoding or queued)."""
         return len(self.live) + len(self.queue)

@@ -127,6 +127,11 @@ class ProcessLane:
         return self._closing or self._lost is not None
 
     @property
+    def alive(self) -> bool:
+        """Whether its process still serves (it may be closing)."""
+        return self._lost is None
+
+    @property
     def load(self) -> int:
         """Requests this lane holds (decoding or queued): what AsyncEngine balances lanes by."""
         return len(self._tickets)

@@ -2,7 +2,7 @@
 
     POST /v1/completions   completions (streamed as server-sent events with "stream": true)
     GET  /v1/models        the one model served
-    GET  /health           200 once the engine is ready
+    GET  /health           200 once the engine is ready (503 while loading, or once no lane runs)
     GET  /metrics          Prometheus text (metrics.py)
 
 Every error is OpenAI's error object with a 4xx (the request's fault: a field named in `param`)
@@ -59,7 +59,7 @@ class ServeSettings:
 
 
 def _metrics(engine: AsyncEngine) -> Metrics:
-    return Metrics(lambda: engine.stats, engine.max_batch, len(engine.lanes))
+    return Metrics(lambda: engine.stats, engine.max_batch, len(engine.lanes), lambda: engine.lanes_alive)
 
 
 def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeSettings | None = None) -> FastAPI:
@@ -113,7 +113,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ready()
+        if ready().lanes_alive == 0:  # every worker lane died: no request could run
+            raise ApiError(503, "engine: no batch lane is running", kind="server_error")
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

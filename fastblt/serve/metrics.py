@@ -28,8 +28,10 @@ GAP_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 class EngineCollector(Collector):
     """What the batch engine holds and has done, read when Prometheus scrapes."""
 
-    def __init__(self, stats: Callable[[], BatchStats], max_batch: int, lanes: int = 1):
+    def __init__(self, stats: Callable[[], BatchStats], max_batch: int, lanes: int = 1,
+                 alive: Callable[[], int] | None = None):  # fmt: skip
         self.stats, self.max_batch, self.lanes = stats, max_batch, lanes
+        self.alive = alive or (lambda: lanes)
 
     def collect(self) -> Iterator:
         s = self.stats()
@@ -37,6 +39,8 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("fastblt_batch_occupancy", "Sequences decoding in the batch now.", value=s.active)
         yield GaugeMetricFamily("fastblt_batch_rows", "Rows of the batch (max_batch).", value=self.max_batch)
         yield GaugeMetricFamily("fastblt_batch_lanes", "Batch loops the rows are split across.", value=self.lanes)
+        yield GaugeMetricFamily("fastblt_batch_lanes_alive", "Batch loops still running (a lane whose worker "
+                                "process died is not).", value=self.alive())  # fmt: skip
         calls = CounterMetricFamily("fastblt_step_calls", "Backend calls per step graph.", labels=["step"])
         rows = CounterMetricFamily("fastblt_step_rows", "Sequences served by those calls, per step graph.",
                                    labels=["step"])  # fmt: skip
@@ -50,8 +54,10 @@ class EngineCollector(Collector):
 class Metrics:
     """The server's metrics; `render()` is the /metrics body."""
 
-    def __init__(self, stats: Callable[[], BatchStats] | None = None, max_batch: int = 0, lanes: int = 1):
-        """stats: reads the engine's counters now (an AsyncEngine's `stats`, summed over its lanes)."""
+    def __init__(self, stats: Callable[[], BatchStats] | None = None, max_batch: int = 0, lanes: int = 1,
+                 alive: Callable[[], int] | None = None):  # fmt: skip
+        """stats: reads the engine's counters now (an AsyncEngine's `stats`, summed over its lanes);
+        alive: its lanes still running now."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("fastblt_requests", "Completion requests by HTTP status and mode.",
@@ -65,7 +71,7 @@ class Metrics:
         self.accepted = Counter("fastblt_accepted_bytes", "Draft bytes accepted (blt-s, blt-dv).", ["mode"],
                                 registry=r)  # fmt: skip
         if stats is not None:
-            r.register(EngineCollector(stats, max_batch, lanes))
+            r.register(EngineCollector(stats, max_batch, lanes, alive))
 
     def request(self, status: int, mode: str) -> None:
         self.requests.labels(str(status), mode).inc()

@@ -128,7 +128,7 @@ def test_a_lane_whose_process_dies_fails_its_requests_and_the_other_serves():
             os.kill(victim.pid, signal.SIGKILL)
             with pytest.raises(InternalError, match="lane process exited"):
                 await first
-            assert victim.closed and victim.load == 0
+            assert victim.closed and victim.load == 0 and not victim.alive and eng.lanes_alive == 1
             out = await eng.generate(PROMPTS[1], mode="ar", max_bytes=8, stop_on_eos=False)
             return out.ids
 

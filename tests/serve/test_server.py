@@ -4,7 +4,10 @@ Generator.generate for the same settings, in every mode, streamed or not, alone 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -109,6 +112,7 @@ def test_models_health_metrics_and_keys(server):
     assert _metric(server, 'fastblt_requests_total{mode="ar",status="200"}') >= 1
     assert _metric(server, "fastblt_batch_rows") == 16  # --max-batch, over every lane
     assert _metric(server, "fastblt_batch_lanes") == default_lanes("ort")
+    assert _metric(server, "fastblt_batch_lanes_alive") == default_lanes("ort")
 
 
 def _metric(server, series: str) -> float:
@@ -140,3 +144,21 @@ def test_lanes_run_in_worker_processes_unless_asked_for_threads(server, referenc
         got = httpx.post(f"{threads.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
         assert _metric(threads, "fastblt_batch_lanes") == 2
     assert got == reference.generate(PROMPT, mode="ar", max_bytes=16, temperature=0.0).text
+
+
+def test_a_server_whose_lane_processes_all_died_says_so():
+    with ServerProcess(["--lanes", "2", "--lane-processes", "--max-batch", "2"]) as srv:
+        workers = group_children(srv.proc.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(200):
+            if httpx.get(f"{srv.url}/health").status_code == 503:
+                break
+            time.sleep(0.05)
+        health = httpx.get(f"{srv.url}/health")
+        assert health.status_code == 503 and "no batch lane" in health.json()["error"]["message"]
+        assert _metric(srv, "fastblt_batch_lanes_alive") == 0 and _metric(srv, "fastblt_batch_lanes") == 2
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4}
+        r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
