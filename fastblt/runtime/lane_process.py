@@ -5,16 +5,17 @@ lane's Python between calls (sampling, patch bookkeeping, feeds) and the event l
 handling take turns on one GIL. On 2 cores, two one-lane processes of 8 rows each made 4,658 B/s
 of greedy `ar` side by side, where one process with two thread lanes of 8 made 3,665: the lock,
 not the cores, was the limit, and more cores make it worse. A `ProcessLane` runs the same
-BatchEngine in a spawned child; the parent keeps the request checks, the event loop and HTTP.
+BatchEngine in a child process; the parent keeps the request checks, the event loop and HTTP.
 
 Traffic over one duplex pipe per lane: the parent sends `("submit", id, request, stream)`,
 `("cancel", id)`, `("stats",)` and `("close", cancel)`; the child answers `("texts", [(id,
 text), ...])` (a turn's streamed chunks, one message per turn), `("done", id, generation, error)`,
-`("stats", BatchStats)` and `("closed",)`.
-A reader thread in the parent turns them into the callbacks of the request's Ticket, exactly as
-a thread lane calls them, so AsyncEngine treats both kinds alike. The child ignores SIGINT and
-SIGTERM (a server's process group gets them: the parent decides when its lanes stop, after the
-requests in flight) and ends when its pipe closes, so it never outlives the parent.
+`("stats", BatchStats)` and `("closed",)`. A reader thread in the parent turns them into the
+callbacks of the request's Ticket, exactly as a thread lane calls them, so AsyncEngine treats
+both kinds alike. The child ignores SIGINT and SIGTERM (a server's process group gets them: the
+parent decides when its lanes stop, after the requests in flight) and ends when its pipe closes,
+so it never outlives the parent. A child that dies fails the requests it held, and the lane
+starts another (after a growing pause while children die young).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import logging
 import pickle
 import signal
 import socket
@@ -42,6 +44,10 @@ from fastblt.runtime.wakeups import deferred_wakes
 
 START_TIMEOUT = 600.0  # seconds a child may take to load (a first export can take a while on a big model)
 STATS_TIMEOUT = 5.0  # seconds to wait for a live child's counters before reporting the last ones
+YOUNG_S = 30.0  # a child that dies sooner than this is started again only after a pause
+MAX_RESTART_DELAY_S = 60.0
+
+log = logging.getLogger("fastblt.lane")
 
 
 class _RemoteTicket(Ticket):
@@ -72,34 +78,46 @@ class ProcessLane:
     """
 
     def __init__(self, checkpoint: Path, backend: str, max_batch: int, max_queue: int,
-                 max_context: int | None, load: dict[str, Any]):  # fmt: skip
+                 max_context: int | None, load: dict[str, Any], restart: bool = True):  # fmt: skip
         check_sizes(max_batch, max_queue)
         self.max_batch, self.max_queue = max_batch, max_queue
-        # A fresh interpreter, not a fork (a forked copy of onnxruntime's threads would hang) and not
-        # multiprocessing's spawn (which imports the caller's __main__ again: a script without a
-        # main guard would start its engine in every lane).
+        self._args = (str(checkpoint), backend, max_batch, max_queue, max_context, load)
+        self._restart = restart
+        self.restarts = 0  # children started again after one died
+        self._send_lock = threading.Lock()
+        self._tickets: dict[int, _RemoteTicket] = {}
+        self._lock = threading.Lock()  # guards _tickets, _closing and _lost
+        self._ids = itertools.count()
+        self._closing = False
+        self._base = BatchStats(calls={}, rows={})  # the counters of children that died
+        self._stats = BatchStats(calls={}, rows={})  # the live child's, as last reported
+        self._stats_wanted = threading.Lock()  # one stats round trip at a time
+        self._stats_event = threading.Event()
+        self._closed = threading.Event()
+        self._lost: str | None = "starting"  # why no child serves now (None: one does)
+        self._spawn()
+
+    def _spawn(self) -> None:
+        """Start a child. A fresh interpreter, not a fork (a forked copy of onnxruntime's threads
+        would hang) and not multiprocessing's spawn (which imports the caller's __main__ again: a
+        script without a main guard would start its engine in every lane)."""
         ours, theirs = socket.socketpair()
         with theirs:
             fd = theirs.fileno()
             cmd = [sys.executable, "-c", "from fastblt.runtime.lane_process import main; main()", str(fd)]
             self._proc = subprocess.Popen(cmd, pass_fds=(fd,), stdin=subprocess.DEVNULL)
         self._conn = Connection(ours.detach())
-        self._conn.send((str(checkpoint), backend, max_batch, max_queue, max_context, load))
-        self._send_lock = threading.Lock()
-        self._tickets: dict[int, _RemoteTicket] = {}
-        self._lock = threading.Lock()  # guards _tickets and _closing
-        self._ids = itertools.count()
-        self._closing = False
-        self._stats = BatchStats(calls={}, rows={})
-        self._stats_wanted = threading.Lock()  # one stats round trip at a time
-        self._stats_event = threading.Event()
-        self._closed = threading.Event()
-        self._reader: threading.Thread | None = None
-        self._lost: str | None = None  # why the child is gone, once it is
+        self._conn.send(self._args)
+        self._started = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Wait for the child to load; raise its error (or InternalError) if it could not."""
+        self._ready(timeout)
+        ref = weakref.ref(self)
+        atexit.register(lambda: (lane := ref()) is not None and lane.close(10, cancel=True))
+
+    def _ready(self, timeout: float) -> None:
         if not self._conn.poll(timeout):
             self._kill()
             raise InternalError(f"lane process: not ready after {timeout:.0f} s")
@@ -107,15 +125,14 @@ class ProcessLane:
             msg = self._conn.recv()
         except (EOFError, OSError):
             self._kill()
-            raise InternalError(f"lane process: exited while loading (exit code {self._proc.poll()})") from None
+            raise InternalError(f"lane process: exited while loading (exit code {self._exit_code()})") from None
         if msg[0] != "ready":
             self._kill()
             raise msg[1]
-        self._stats = msg[1]
-        self._reader = threading.Thread(target=self._read, name="fastblt-lane-reader", daemon=True)
-        self._reader.start()
-        ref = weakref.ref(self)
-        atexit.register(lambda: (lane := ref()) is not None and lane.close(10, cancel=True))
+        with self._lock:
+            self._stats, self._lost = msg[1], None
+            self._closed.clear()
+        threading.Thread(target=self._read, args=(self._conn,), name="fastblt-lane-reader", daemon=True).start()
 
     @property
     def pid(self) -> int:
@@ -138,13 +155,14 @@ class ProcessLane:
 
     @property
     def stats(self) -> BatchStats:
-        """The child's counters now (the last ones known when it does not answer)."""
+        """The counters now: the live child's (the last ones known when it does not answer) added
+        to those of the children before it, so they only grow."""
         with self._stats_wanted:
             if self._lost is None and not self._closed.is_set():
                 self._stats_event.clear()
                 if self._send(("stats",)):
                     self._stats_event.wait(STATS_TIMEOUT)
-            return self._stats
+            return _added(self._base, self._stats)
 
     def submit(self, request: Request, on_text: Callable[[str], None] | None = None,
                on_done: Callable[[Ticket], None] | None = None) -> Ticket:  # fmt: skip
@@ -193,10 +211,10 @@ class ProcessLane:
         except (OSError, ValueError, EOFError):
             return False
 
-    def _read(self) -> None:
+    def _read(self, conn: Connection) -> None:
         while True:
             try:
-                msg = self._conn.recv()
+                msg = conn.recv()
             except (EOFError, OSError, pickle.UnpicklingError):
                 self._lost_child()
                 return
@@ -225,24 +243,72 @@ class ProcessLane:
                 return
 
     def _lost_child(self, why: str | None = None) -> None:
-        """The child is gone: fail what it held (it cannot finish them)."""
+        """The child is gone: fail what it held (it cannot finish them), and start another unless
+        the lane is closing."""
+        why = why or f"its lane process exited (exit code {self._exit_code()})"
         with self._lock:
-            if self._lost is None:
-                code = self._proc.poll()
-                self._lost = why or f"its lane process exited (exit code {code})"
+            first = self._lost is None
+            if first:
+                self._lost = why
             held, self._tickets = list(self._tickets.values()), {}
+            revive = first and why != "closed" and self._restart and not self._closing
         error = InternalError(f"engine: {self._lost} before the request finished")
         for ticket in held:
             with contextlib.suppress(Exception):
                 ticket._finish(None, error)
-        self._stats.active = self._stats.queued = 0
+        if first:
+            self._stats.active = self._stats.queued = 0
+            self._stats.failed += len(held)
+            self._base, self._stats = _added(self._base, self._stats), BatchStats(calls={}, rows={})
         self._stats_event.set()
         self._closed.set()
+        if revive:
+            lived = time.monotonic() - self._started
+            threading.Thread(target=self._revive, args=(lived,), name="fastblt-lane-restart", daemon=True).start()
+
+    def _revive(self, lived: float) -> None:
+        """Start a new child for a lane whose child died, after a pause that doubles while
+        children die young (a request that kills its lane must not make it spin)."""
+        delay = 0.0 if lived > YOUNG_S else 1.0
+        while True:
+            time.sleep(delay)
+            if self._closing:
+                return
+            log.warning("fastblt lane %s: its process died (%s); starting another", id(self), self._lost)
+            try:
+                self._spawn()
+                self._ready(START_TIMEOUT)
+            except Exception as e:
+                log.warning("fastblt lane %s: could not start its process again: %s", id(self), e)
+                delay = min(max(2 * delay, 1.0), MAX_RESTART_DELAY_S)
+                continue
+            self.restarts += 1
+            if self._closing:  # closed while the child loaded: it gets the same close
+                self._send(("close", True))
+            return
+
+    def _exit_code(self) -> int | None:
+        """The child's exit code (a moment after its pipe closed it may not be reaped yet)."""
+        try:
+            return self._proc.wait(1)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _kill(self) -> None:
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait(5)
+
+
+def _added(a: BatchStats, b: BatchStats) -> BatchStats:
+    """a's counters plus b's; b's active and queued."""
+    out = BatchStats(active=b.active, queued=b.queued, calls=dict(a.calls), rows=dict(a.rows))
+    for name in ("turns", "admitted", "finished", "cancelled", "failed"):
+        setattr(out, name, getattr(a, name) + getattr(b, name))
+    for step in b.calls:
+        out.calls[step] = out.calls.get(step, 0) + b.calls[step]
+        out.rows[step] = out.rows.get(step, 0) + b.rows[step]
+    return out
 
 
 # ---------------------------------------------------------------------- the child

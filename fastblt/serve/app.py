@@ -2,7 +2,7 @@
 
     POST /v1/completions   completions (streamed as server-sent events with "stream": true)
     GET  /v1/models        the one model served
-    GET  /health           200 once the engine is ready (503 while loading, or once no lane runs)
+    GET  /health           200 once the engine is ready (503 while loading, or while no lane runs)
     GET  /metrics          Prometheus text (metrics.py)
 
 Every error is OpenAI's error object with a 4xx (the request's fault: a field named in `param`)

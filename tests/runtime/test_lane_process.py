@@ -116,7 +116,7 @@ def test_a_full_queue_is_refused_at_once():
         eng.close(30)
 
 
-def test_a_lane_whose_process_dies_fails_its_requests_and_the_other_serves():
+def test_a_lane_whose_process_dies_fails_its_requests_and_starts_again():
     eng = AsyncEngine("default", backend="ort", max_batch=2, lanes=2, processes=True)
     try:
 
@@ -125,15 +125,26 @@ def test_a_lane_whose_process_dies_fails_its_requests_and_the_other_serves():
             while eng.stats.active == 0:
                 await asyncio.sleep(0.01)
             victim = next(lane for lane in eng.lanes if lane.load)
-            os.kill(victim.pid, signal.SIGKILL)
-            with pytest.raises(InternalError, match="lane process exited"):
+            dead = victim.pid
+            os.kill(dead, signal.SIGKILL)
+            with pytest.raises(InternalError, match=r"lane process exited \(exit code -9\)"):
                 await first
             assert victim.closed and victim.load == 0 and not victim.alive and eng.lanes_alive == 1
-            out = await eng.generate(PROMPTS[1], mode="ar", max_bytes=8, stop_on_eos=False)
-            return out.ids
+            alone = await eng.generate(PROMPTS[1], mode="ar", max_bytes=8, stop_on_eos=False)  # the other lane
+            for _ in range(600):  # started again after a pause (it died young)
+                if victim.alive:
+                    break
+                await asyncio.sleep(0.05)
+            assert victim.alive and victim.pid != dead and victim.restarts == 1 and eng.lanes_alive == 2
+            both = await asyncio.gather(*[eng.generate(p, mode="ar", max_bytes=8, stop_on_eos=False)
+                                          for p in PROMPTS[1:3]])  # fmt: skip
+            assert victim.stats.failed >= 1 and victim.stats.finished >= 1  # counters survive the restart
+            return [alone.ids] + [o.ids for o in both]
 
         ids = asyncio.run(main())
-        assert ids == eng.generator.generate(PROMPTS[1], mode="ar", max_bytes=8, stop_on_eos=False).ids
+        g = eng.generator
+        want = [g.generate(p, mode="ar", max_bytes=8, stop_on_eos=False).ids for p in PROMPTS[1:2] + PROMPTS[1:3]]
+        assert ids == want
     finally:
         eng.close(30)
 

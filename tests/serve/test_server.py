@@ -146,7 +146,7 @@ def test_lanes_run_in_worker_processes_unless_asked_for_threads(server, referenc
     assert got == reference.generate(PROMPT, mode="ar", max_bytes=16, temperature=0.0).text
 
 
-def test_a_server_whose_lane_processes_all_died_says_so():
+def test_a_server_whose_lane_processes_all_died_says_so_and_starts_them_again(reference):
     with ServerProcess(["--lanes", "2", "--lane-processes", "--max-batch", "2"]) as srv:
         workers = group_children(srv.proc.pid)
         assert len(workers) == 2
@@ -159,6 +159,15 @@ def test_a_server_whose_lane_processes_all_died_says_so():
         health = httpx.get(f"{srv.url}/health")
         assert health.status_code == 503 and "no batch lane" in health.json()["error"]["message"]
         assert _metric(srv, "fastblt_batch_lanes_alive") == 0 and _metric(srv, "fastblt_batch_lanes") == 2
-        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4}
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "mode": "ar"}
         r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        for _ in range(600):  # both started again (after a pause: they died young)
+            if _metric(srv, "fastblt_batch_lanes_alive") == 2:
+                break
+            time.sleep(0.1)
+        assert _metric(srv, "fastblt_batch_lanes_alive") == 2 and httpx.get(f"{srv.url}/health").status_code == 200
+        assert not set(workers) & set(group_children(srv.proc.pid))
+        r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+        want = reference.generate(PROMPT, mode="ar", max_bytes=4, temperature=0.0).text
+        assert r.json()["choices"][0]["text"] == want
