@@ -8,16 +8,16 @@
     stream.generation  # the finished Generation
 
 Requests from any number of tasks share the engine's batch loops (batch.py, one BatchEngine per
-*lane*, each on its own thread with its own backend sessions and its share of `max_batch` rows):
-awaiting never blocks the event loop on a step call. A request runs on one lane, the one holding
-the fewest requests when it arrives, and computes there what it computes alone. Two lanes are the
-default for the ort backend on a CPU with two or more cores (benchmarks/results/batch_scaling.md
-and serve_load.md measure one lane against two). Lanes of the ort backend on a CPU run in worker
-processes of their own (lane_process.py) when the checkpoint is given by name or path: in threads,
-every lane's Python between step calls and the event loop's take turns on one GIL. Cancelling the
-awaiting task (or leaving `async for` early and closing the stream) cancels the request; its row is
-free before the batch's next step. Bad requests raise `FastBltError` when they are made, before they are queued;
-a full queue raises `EngineBusy`.
+*lane*, each with its own backend sessions and its share of `max_batch` rows, on a thread of this
+process or in a worker process of its own): awaiting never blocks the event loop on a step call.
+A request runs on one lane, the one holding the fewest requests when it arrives, and computes
+there what it computes alone. Two lanes are the default for the ort backend on a CPU with two or
+more cores (benchmarks/results/batch_scaling.md and serve_load.md measure one lane against two),
+each in a worker process (lane_process.py) when the checkpoint is given by name or path: as
+threads, every lane's Python between step calls and the event loop's take turns on one GIL.
+Cancelling the awaiting task (or leaving `async for` early and closing the stream) cancels the
+request; its row is free before the batch's next step. Bad requests raise `FastBltError` when
+they are made, before they are queued; a full queue raises `EngineBusy`.
 """
 
 from __future__ import annotations
@@ -240,8 +240,8 @@ def default_lanes(backend: str | Backend | Engine) -> int:
 
 def default_processes(backend: str | Backend | Engine, lanes: int, generator: Generator) -> bool:
     """Worker processes when there is more than one lane of the ort backend on a CPU and the
-    checkpoint has a path the workers can load (measured on 2 cores: 16 streams 1.3x faster than
-    thread lanes; benchmarks/results/batch_scaling.md). The torch backend keeps one lane; a worker
+    checkpoint has a path the workers can load (measured on 2 cores: 16 streams 1.1-1.4x faster
+    than thread lanes; benchmarks/results/batch_scaling.md, serve_load.md). The torch backend keeps one lane; a worker
     gets its end of the pipe as an inherited file descriptor, which needs POSIX."""
     cpu = generator.device.type == "cpu" and os.name == "posix"
     return lanes > 1 and backend == "ort" and cpu and generator.checkpoint_path is not None
