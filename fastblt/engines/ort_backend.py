@@ -31,6 +31,7 @@ _ELEM = {"int32": 6, "float32": 1, "float16": 10, "bfloat16": 16}
 _MAX_SHAPES_PER_STEP = 32  # output buffer sets kept per step (LRU): prefill sizes vary, decode repeats
 _TINY = 5e-324  # the smallest positive double, a denormal
 _SEEN_PER_INPUT = 8  # tensor objects remembered per input (the runner feeds one view per shape)
+WIDE = "global (wide)"  # the key of widen_global's session
 
 
 class OrtBackend(Backend):
@@ -82,51 +83,73 @@ class OrtBackend(Backend):
         self._own: dict[str, dict[str, torch.Tensor]] = {}  # the own outputs bound now, per step
         self._outputs: dict[str, OrderedDict] = {step: OrderedDict() for step in specs}
         self._plans = {step: _plan(spec) for step, spec in specs.items()}
+        self._wide: tuple[int, Callable[[], bool]] | None = None  # widen_global's threads and test
         self.device = torch.device("cpu")
         self._sync = False
 
+    def widen_global(self, threads: int, when: Callable[[], bool]) -> None:
+        """Keep a second global-step session on `threads` intra-op threads (0: every core) and run
+        the global step there whenever `when()` says so. A batch lane whose cores are shared with
+        other lanes runs its global step on one thread (two lanes' wide calls at once fight over
+        the cores: 16 streams 25% slower); `when` tells it the other lanes are idle, so a request
+        alone gets the cores back. Both sessions compute the same bits (MLAS splits the work over
+        rows and columns, not sums; tests/runtime/test_ort.py checks it)."""
+        if "global" not in self.specs:
+            raise InternalError("widen_global: this backend has no global step")
+        self._wide = (threads, when)
+        self._plans[WIDE] = self._plans["global"]
+        self._outputs[WIDE] = OrderedDict()
+        if self.active:
+            self._open(WIDE, self.specs["global"], threads)
+
     # lifecycle --------------------------------------------------------------------------
     def _activate_impl(self) -> None:
-        import onnxruntime as ort
-
-        providers = self.providers or _default_providers()
         flushing = flushes_denormals()  # the first session of a process sets its creator thread's mode
         for step, spec in self.specs.items():
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            threads = self.threads if self.threads is not None else (0 if spec.stack == "global" else 1)
-            options.intra_op_num_threads = threads  # 0: onnxruntime's default
-            options.inter_op_num_threads = 1
-            # a session with workers (the global step) lets them spin inside a call, where each of
-            # its ~200 nodes hands work to them and a sleeping worker takes tens of microseconds to
-            # wake (1.3 ms -> 0.86 ms a call on 2 cores), and stops them when the call returns: the
-            # host work between calls, torch's own threads and a batch's other lanes need those
-            # cores (spinning between calls made blt-d 2x slower; docs/benchmarks.md)
-            spin = "0" if threads == 1 else "1"
-            options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-            options.add_session_config_entry("session.force_spinning_stop", "1")
-            # denormals flushed to zero: attention over a long context underflows, and each use of a
-            # denormal costs a microcode assist (a 10 KB prompt committed 36% faster, the bytes
-            # the same). This sets the session's workers; the calling thread flushes per call
-            options.add_session_config_entry("session.set_denormal_as_zero", "1")
-            path = self.artifacts_dir / self.manifest["graphs"][step]["file"]
-            session = ort.InferenceSession(str(path), options, providers=providers)
-            got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-            want = ([t.name for t in spec.inputs], [t.name for t in spec.outputs])
-            if got != want:
-                raise ManifestMismatch(f"{path}: graph I/O names {got}, manifest/spec {want}")
-            self._sessions[step] = session
-            self._bindings[step] = binding = session.io_binding()
-            self._runs[step] = _runner(session, binding)
-            self._bound[step] = {}  # name -> (address, shape) last bound
-            self._seen[step] = [{} for _ in spec.inputs]  # per input: tensors fed lately, by id (weakly)
-            self._last[step] = [None] * len(spec.inputs)  # per input: the tensor the last call bound (weakly)
-            self._own.pop(step, None)
+            self._open(step, spec, self.threads if self.threads is not None else (0 if spec.stack == "global" else 1))
+        if self._wide is not None:
+            self._open(WIDE, self.specs["global"], self._wide[0])
         if flushes_denormals() != flushing:  # not ours to keep: the caller's thread gets its own mode back
             torch.set_flush_denormal(flushing)
         on_cuda = "CUDAExecutionProvider" in next(iter(self._sessions.values())).get_providers()
         self.device = torch.device("cuda") if on_cuda and torch.cuda.is_available() else torch.device("cpu")
         self._sync = self.device.type == "cuda"  # read per call: a torch attribute read costs more there
+
+    def _open(self, key: str, spec: StepSpec, threads: int) -> None:
+        """The session (and IO binding) that runs `key`: a step, or the wide global session."""
+        import onnxruntime as ort
+
+        providers = self.providers or _default_providers()
+        step = spec.name
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default
+        options.inter_op_num_threads = 1
+        # a session with workers (the global step) lets them spin inside a call, where each of
+        # its ~200 nodes hands work to them and a sleeping worker takes tens of microseconds to
+        # wake (1.3 ms -> 0.86 ms a call on 2 cores), and stops them when the call returns: the
+        # host work between calls, torch's own threads and a batch's other lanes need those
+        # cores (spinning between calls made blt-d 2x slower; docs/benchmarks.md)
+        spin = "0" if threads == 1 else "1"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        # denormals flushed to zero: attention over a long context underflows, and each use of a
+        # denormal costs a microcode assist (a 10 KB prompt committed 36% faster, the bytes
+        # the same). This sets the session's workers; the calling thread flushes per call
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        path = self.artifacts_dir / self.manifest["graphs"][step]["file"]
+        session = ort.InferenceSession(str(path), options, providers=providers)
+        got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        want = ([t.name for t in spec.inputs], [t.name for t in spec.outputs])
+        if got != want:
+            raise ManifestMismatch(f"{path}: graph I/O names {got}, manifest/spec {want}")
+        self._sessions[key] = session
+        self._bindings[key] = binding = session.io_binding()
+        self._runs[key] = _runner(session, binding)
+        self._bound[key] = {}  # name -> (address, shape) last bound
+        self._seen[key] = [{} for _ in spec.inputs]  # per input: tensors fed lately, by id (weakly)
+        self._last[key] = [None] * len(spec.inputs)  # per input: the tensor the last call bound (weakly)
+        self._own.pop(key, None)
 
     def _deactivate_impl(self) -> None:
         self._sessions.clear()
@@ -151,6 +174,8 @@ class OrtBackend(Backend):
         growing global cache) is freed at once, not held until the next call. Unless an input
         changed a dimension an output's shape reads or a cache moved, the outputs of the previous
         call are bound already."""
+        if step == "global" and self._wide is not None and self._wide[1]():
+            step = WIDE
         plan, binding, bound, seen = self._plans[step], self._bindings[step], self._bound[step], self._seen[step]
         prev = self._last[step]
         keep = []  # contiguous copies must outlive the run

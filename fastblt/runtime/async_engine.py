@@ -93,6 +93,7 @@ class AsyncEngine:
         elif processes and (not isinstance(backend, str) or g.checkpoint_path is None):
             raise InputError("processes: a worker process loads the checkpoint itself; give it and the backend by name")
         self.engines, self.lanes = [g.engine], []
+        self._peers_lock = threading.Lock()
         load.pop("on_export", None)  # told once, by the first lane's export
         if max_batch is None:
             rows = g.engine.backend.max_rows
@@ -128,12 +129,25 @@ class AsyncEngine:
         (it keeps checking requests, and loads them again if it is asked to generate)."""
         g = self.generator
         assert g.checkpoint_path is not None
+        if lanes > 1 and load.get("threads") == 1 and cpu_cores() > 1:
+            load = {**load, "wide_global": 0}  # a lane alone runs its global step on every core
         for i in range(lanes):
             rows, queue = share(max_batch, lanes, i), share(max_queue, lanes, i)
             self.lanes.append(ProcessLane(g.checkpoint_path, backend, rows, queue, max_context, load))
         for lane in self.lanes:
             lane.wait_ready()
+            lane.on_change = self._update_peers
         g.engine.backend.deactivate()
+
+    def _update_peers(self) -> None:
+        """Tell each worker lane whether another lane holds requests (after a request joins or
+        leaves one): a lane alone runs its global step on every core."""
+        if not self.processes:
+            return
+        with self._peers_lock:
+            loads = [lane.load for lane in self.lanes]
+            for lane, load in zip(self.lanes, loads, strict=True):
+                lane.tell_peers(sum(loads) - load > 0)
 
     @property
     def batch(self) -> BatchEngine | ProcessLane:
@@ -166,7 +180,9 @@ class AsyncEngine:
         closed: EngineClosed | None = None
         for lane in sorted(self.lanes, key=lambda b: b.load):
             try:
-                return lane.submit(request, **callbacks)
+                ticket = lane.submit(request, **callbacks)
+                self._update_peers()
+                return ticket
             except EngineBusy:
                 continue
             except EngineClosed as e:

@@ -8,7 +8,7 @@ not the cores, was the limit, and more cores make it worse. A `ProcessLane` runs
 BatchEngine in a child process; the parent keeps the request checks, the event loop and HTTP.
 
 Traffic over one duplex pipe per lane: the parent sends `("submit", id, request, stream)`,
-`("cancel", id)`, `("stats",)` and `("close", cancel)`; the child answers `("texts", [(id,
+`("cancel", id)`, `("peers", busy)`, `("stats",)` and `("close", cancel)`; the child answers `("texts", [(id,
 text), ...])` (a turn's streamed chunks, one message per turn), `("done", id, generation, error)`,
 `("stats", BatchStats)` and `("closed",)`. A reader thread in the parent turns them into the
 callbacks of the request's Ticket, exactly as a thread lane calls them, so AsyncEngine treats
@@ -95,6 +95,8 @@ class ProcessLane:
         self._stats_event = threading.Event()
         self._closed = threading.Event()
         self._lost: str | None = "starting"  # why no child serves now (None: one does)
+        self._peers_busy = False  # whether the other lanes hold requests, as last told to the child
+        self.on_change: Callable[[], None] | None = None  # called when a request leaves the lane
         self._spawn()
 
     def _spawn(self) -> None:
@@ -133,6 +135,15 @@ class ProcessLane:
             self._stats, self._lost = msg[1], None
             self._closed.clear()
         threading.Thread(target=self._read, args=(self._conn,), name="fastblt-lane-reader", daemon=True).start()
+        if self._peers_busy:  # a child started again begins alone
+            self._send(("peers", True))
+
+    def tell_peers(self, busy: bool) -> None:
+        """Tell the child whether the other lanes hold requests (it runs its global step on every
+        core only while they do not: `OrtBackend.widen_global`)."""
+        if busy != self._peers_busy:
+            self._peers_busy = busy
+            self._send(("peers", busy))
 
     @property
     def pid(self) -> int:
@@ -234,6 +245,7 @@ class ProcessLane:
                 if ticket is not None:
                     with contextlib.suppress(Exception):  # a caller's callback must not stop the lane
                         ticket._finish(msg[2], msg[3])
+                    self._changed()
             elif kind == "stats":
                 self._stats = msg[1]
                 self._stats_event.set()
@@ -256,6 +268,8 @@ class ProcessLane:
         for ticket in held:
             with contextlib.suppress(Exception):
                 ticket._finish(None, error)
+        if held:
+            self._changed()
         if first:
             self._stats.active = self._stats.queued = 0
             self._stats.failed += len(held)
@@ -286,6 +300,11 @@ class ProcessLane:
             if self._closing:  # closed while the child loaded: it gets the same close
                 self._send(("close", True))
             return
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            with contextlib.suppress(Exception):
+                self.on_change()
 
     def _exit_code(self) -> int | None:
         """The child's exit code (a moment after its pipe closed it may not be reaped yet)."""
@@ -349,9 +368,13 @@ def _child(conn: Connection, checkpoint: Path, backend: str, max_batch: int, max
 
         from fastblt.runtime.generator import Generator
 
+        wide = load.pop("wide_global", None)
         if load.get("threads"):  # torch on the host side too: the lane's cores, not the machine's
             torch.set_num_threads(load["threads"])
         gen = Generator(checkpoint, backend, max_context=max_context, **load)
+        alone = [True]  # no other lane holds a request (the parent says when that changes)
+        if wide is not None and hasattr(gen.engine.backend, "widen_global"):
+            gen.engine.backend.widen_global(wide, lambda: alone[0])
         batch = BatchEngine(gen.engine, max_batch, max_queue, max_context, gen.backend_name, gen.params, flush)
     except BaseException as e:  # noqa: BLE001 (the parent raises it)
         send(("failed", _portable(e)))
@@ -378,6 +401,8 @@ def _child(conn: Connection, checkpoint: Path, backend: str, max_batch: int, max
                 tickets[rid] = batch.submit(request, on_text=on_text, on_done=on_done)
             except FastBltError as e:
                 send(("done", rid, None, e))
+        elif kind == "peers":
+            alone[0] = not msg[1]
         elif kind == "cancel":
             ticket = tickets.get(msg[1])
             if ticket is not None:

@@ -79,6 +79,30 @@ def test_stream_and_stop_string_cross_the_pipe(engine):
     assert gen.stats.mode == "ar" and gen.stats.generated == len(want.ids)
 
 
+def test_each_lane_is_told_whether_the_others_hold_requests(engine):
+    """A lane alone runs its global step on every core; the parent tells it when that changes."""
+
+    async def main():
+        long = [asyncio.create_task(engine.generate(PROMPTS[0], mode="ar", max_bytes=50_000, stop_on_eos=False))]
+        await asyncio.sleep(0)
+        alone = [lane._peers_busy for lane in engine.lanes]
+        long.append(asyncio.create_task(engine.generate(PROMPTS[1], mode="ar", max_bytes=50_000, stop_on_eos=False)))
+        await asyncio.sleep(0)
+        both = [lane._peers_busy for lane in engine.lanes]
+        for t in long:
+            t.cancel()
+        await asyncio.gather(*long, return_exceptions=True)
+        for _ in range(500):
+            if not any(lane._peers_busy for lane in engine.lanes):
+                break
+            await asyncio.sleep(0.01)
+        return alone, both, [lane._peers_busy for lane in engine.lanes]
+
+    alone, both, after = asyncio.run(main())
+    assert sorted(alone) == [False, True]  # the lane holding the request is told it is alone
+    assert both == [True, True] and after == [False, False]
+
+
 def test_cancelling_frees_the_row_in_the_child(engine):
     async def main():
         task = asyncio.create_task(engine.generate(PROMPTS[0], mode="ar", max_bytes=50_000, stop_on_eos=False))

@@ -210,6 +210,35 @@ def test_default_threads_spin_only_inside_a_global_call_and_compute_the_same(ort
         g.close()
 
 
+def test_a_wide_global_session_runs_when_asked_and_computes_the_same(ort_gen, export_cache):
+    """widen_global: a second global session on every core, used only while `when()` is true,
+    giving the bytes of the one-thread session (what a lane alone relies on)."""
+    from fastblt.engines.ort_backend import WIDE
+
+    g = Generator(tiny_model(), backend="ort", threads=1, cache_dir=export_cache)
+    try:
+        backend, wide = g.engine.backend, [False]
+        backend.widen_global(0, lambda: wide[0])
+        assert backend._sessions[WIDE].get_session_options().intra_op_num_threads == 0
+        runs = {key: 0 for key in ("global", WIDE)}
+        for key in runs:
+            inner = backend._runs[key]
+            backend._runs[key] = lambda inner=inner, key=key: (runs.__setitem__(key, runs[key] + 1), inner())
+        want = {mode: ort_gen.generate(PROMPTS[2], mode=mode, max_bytes=N).bytes for mode in ("ar", "blt-s")}
+        for flag in (False, True):
+            wide[0] = flag
+            before = dict(runs)
+            for mode in want:
+                assert g.generate(PROMPTS[2], mode=mode, max_bytes=N).bytes == want[mode]
+            used = WIDE if flag else "global"
+            assert runs[used] > before[used] and all(runs[k] == before[k] for k in runs if k != used)
+        g.close()  # sessions go; activation makes both again
+        g.generate(PROMPTS[2], mode="ar", max_bytes=4)
+        assert WIDE in backend._sessions
+    finally:
+        g.close()
+
+
 @pytest.mark.parametrize("caller_flushes", [False, True])
 def test_a_step_flushes_denormals_and_gives_the_callers_mode_back(ort_gen, export_cache, caller_flushes):
     """Step calls run with denormals flushed to zero (long contexts underflow in attention, and a
