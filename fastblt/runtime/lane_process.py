@@ -73,6 +73,7 @@ class ProcessLane:
         load: Generator's loading options for the child (artifacts, threads, cache_dir, device,
             cuda_graphs); the parent has loaded the same checkpoint first, so any export the
             child needs is already in the cache.
+        restart: start a new child when one dies (its requests fail either way).
 
     Call `wait_ready()` before submitting: lanes start in parallel, each loading its sessions.
     """
