@@ -342,66 +342,59 @@ def main() -> None:
 def _child(conn: Connection, checkpoint: Path, backend: str, max_batch: int, max_queue: int,
            max_context: int | None, load: dict[str, Any]) -> None:  # fmt: skip
     """The child's main thread: load, then serve the parent's messages until told to close or the
-    pipe closes. Callbacks from the batch thread send on the same pipe (under a lock)."""
+    pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    send_lock = threading.Lock()
-    texts: list[tuple[int, str]] = []  # the turn's streamed chunks (the batch thread's own list)
-
-    def send(msg: tuple) -> None:
-        try:
-            with send_lock:
-                conn.send(msg)
-        except (OSError, ValueError):
-            pass  # the parent is gone: the main thread sees the pipe close
-
-    def flush() -> None:  # on the batch thread: after each turn, and before a request's end
-        if texts:
-            send(("texts", texts[:]))
-            texts.clear()
-
-    def finished(rid: int, ticket: Ticket) -> None:
-        flush()
-        send(("done", rid, ticket.generation, _portable(ticket.error)))
-
+    out = _Outbox(conn)
+    alone = [True]  # no other lane holds a request (the parent says when that changes)
     try:
-        import torch
-
-        from fastblt.runtime.generator import Generator
-
-        wide = load.pop("wide_global", None)
-        if load.get("threads"):  # torch on the host side too: the lane's cores, not the machine's
-            torch.set_num_threads(load["threads"])
-        gen = Generator(checkpoint, backend, max_context=max_context, **load)
-        alone = [True]  # no other lane holds a request (the parent says when that changes)
-        if wide is not None and hasattr(gen.engine.backend, "widen_global"):
-            gen.engine.backend.widen_global(wide, lambda: alone[0])
-        batch = BatchEngine(gen.engine, max_batch, max_queue, max_context, gen.backend_name, gen.params, flush)
+        gen, batch = _load(checkpoint, backend, max_batch, max_queue, max_context, load, out, alone)
     except BaseException as e:  # noqa: BLE001 (the parent raises it)
-        send(("failed", _portable(e)))
+        out.send(("failed", _portable(e)))
         return
-    send(("ready", batch.stats))
+    out.send(("ready", batch.stats))
+    if _serve(conn, batch, out, alone):
+        gen.close()
+        out.send(("closed",))  # a blocking write: in the socket's buffer before the process ends
+
+
+def _load(checkpoint: Path, backend: str, max_batch: int, max_queue: int, max_context: int | None,
+          load: dict[str, Any], out: _Outbox, alone: list[bool]) -> tuple[Any, BatchEngine]:  # fmt: skip
+    """The lane's Generator (its backend and sessions) and BatchEngine."""
+    import torch
+
+    from fastblt.runtime.generator import Generator
+
+    wide = load.pop("wide_global", None)
+    if load.get("threads"):  # torch on the host side too: the lane's cores, not the machine's
+        torch.set_num_threads(load["threads"])
+    gen = Generator(checkpoint, backend, max_context=max_context, **load)
+    if wide is not None and hasattr(gen.engine.backend, "widen_global"):
+        gen.engine.backend.widen_global(wide, lambda: alone[0])
+    return gen, BatchEngine(gen.engine, max_batch, max_queue, max_context, gen.backend_name, gen.params, out.flush)
+
+
+def _serve(conn: Connection, batch: BatchEngine, out: _Outbox, alone: list[bool]) -> bool:
+    """The parent's messages, until the batch has closed (True) or the pipe has (False: the parent
+    is gone, and nobody waits for the requests, which are cancelled)."""
     tickets: weakref.WeakValueDictionary[int, Ticket] = weakref.WeakValueDictionary()
     closing = False
-    while True:
-        if closing and not batch._thread.is_alive():
-            break
+    while not (closing and not batch._thread.is_alive()):
         try:
             if closing and not conn.poll(0.05):
                 continue
             msg = conn.recv()
-        except (EOFError, OSError):  # the parent is gone: nobody waits for these requests
+        except (EOFError, OSError):
             batch.close(10, cancel=True)
-            return
+            return False
         kind = msg[0]
         if kind == "submit":
             _, rid, request, streamed = msg
-            on_text = (lambda text, rid=rid: texts.append((rid, text))) if streamed else None
-            on_done = lambda t, rid=rid: finished(rid, t)  # noqa: E731
+            on_text = (lambda text, rid=rid: out.text(rid, text)) if streamed else None
             try:
-                tickets[rid] = batch.submit(request, on_text=on_text, on_done=on_done)
+                tickets[rid] = batch.submit(request, on_text=on_text, on_done=lambda t, rid=rid: out.done(rid, t))
             except FastBltError as e:
-                send(("done", rid, None, e))
+                out.send(("done", rid, None, e))
         elif kind == "peers":
             alone[0] = not msg[1]
         elif kind == "cancel":
@@ -412,13 +405,40 @@ def _child(conn: Connection, checkpoint: Path, backend: str, max_batch: int, max
             with batch._cv:
                 snap = BatchStats(**{**vars(batch.stats), "calls": dict(batch.stats.calls),
                                      "rows": dict(batch.stats.rows)})  # fmt: skip
-            send(("stats", snap))
+            out.send(("stats", snap))
         elif kind == "close":
             closing = True
             batch.close(0, cancel=msg[1])
-    gen.close()
-    send(("closed",))
-    time.sleep(0)  # let the pipe flush before the process ends
+    return True
+
+
+class _Outbox:
+    """The child's side of the pipe: sends under a lock (the main thread and the batch thread both
+    send), and a turn's streamed chunks as one message."""
+
+    def __init__(self, conn: Connection):
+        self.conn, self.lock = conn, threading.Lock()
+        self.texts: list[tuple[int, str]] = []  # the batch thread's own list
+
+    def send(self, msg: tuple) -> None:
+        try:
+            with self.lock:
+                self.conn.send(msg)
+        except (OSError, ValueError):
+            pass  # the parent is gone: the main thread sees the pipe close
+
+    def text(self, rid: int, text: str) -> None:
+        self.texts.append((rid, text))
+
+    def flush(self) -> None:
+        """After each turn (the batch's on_turn), and before a request's end."""
+        if self.texts:
+            self.send(("texts", self.texts[:]))
+            self.texts.clear()
+
+    def done(self, rid: int, ticket: Ticket) -> None:
+        self.flush()
+        self.send(("done", rid, ticket.generation, _portable(ticket.error)))
 
 
 def _portable(error: BaseException | None) -> BaseException | None:
