@@ -171,6 +171,11 @@ class AsyncEngine:
         return sum(lane.alive for lane in self.lanes)
 
     @property
+    def lane_restarts(self) -> int:
+        """Worker processes started again after one died, over all lanes."""
+        return sum(getattr(lane, "restarts", 0) for lane in self.lanes)
+
+    @property
     def max_batch(self) -> int:
         return sum(lane.max_batch for lane in self.lanes)
 

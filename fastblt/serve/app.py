@@ -59,7 +59,9 @@ class ServeSettings:
 
 
 def _metrics(engine: AsyncEngine) -> Metrics:
-    return Metrics(lambda: engine.stats, engine.max_batch, len(engine.lanes), lambda: engine.lanes_alive)
+    return Metrics(
+        lambda: engine.stats, engine.max_batch, len(engine.lanes), lambda: (engine.lanes_alive, engine.lane_restarts)
+    )
 
 
 def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeSettings | None = None) -> FastAPI:

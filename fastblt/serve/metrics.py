@@ -29,9 +29,9 @@ class EngineCollector(Collector):
     """What the batch engine holds and has done, read when Prometheus scrapes."""
 
     def __init__(self, stats: Callable[[], BatchStats], max_batch: int, lanes: int = 1,
-                 alive: Callable[[], int] | None = None):  # fmt: skip
+                 health: Callable[[], tuple[int, int]] | None = None):  # fmt: skip
         self.stats, self.max_batch, self.lanes = stats, max_batch, lanes
-        self.alive = alive or (lambda: lanes)
+        self.health = health or (lambda: (lanes, 0))
 
     def collect(self) -> Iterator:
         s = self.stats()
@@ -39,8 +39,11 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("fastblt_batch_occupancy", "Sequences decoding in the batch now.", value=s.active)
         yield GaugeMetricFamily("fastblt_batch_rows", "Rows of the batch (max_batch).", value=self.max_batch)
         yield GaugeMetricFamily("fastblt_batch_lanes", "Batch loops the rows are split across.", value=self.lanes)
-        yield GaugeMetricFamily("fastblt_batch_lanes_alive", "Batch loops still running (a lane whose worker "
-                                "process died is not).", value=self.alive())  # fmt: skip
+        alive, restarts = self.health()
+        yield GaugeMetricFamily("fastblt_batch_lanes_alive", "Batch loops running now (a lane whose worker "
+                                "process died is not, until its new one is up).", value=alive)  # fmt: skip
+        yield CounterMetricFamily("fastblt_lane_restarts", "Worker processes started again after one died.",
+                                  value=restarts)  # fmt: skip
         calls = CounterMetricFamily("fastblt_step_calls", "Backend calls per step graph.", labels=["step"])
         rows = CounterMetricFamily("fastblt_step_rows", "Sequences served by those calls, per step graph.",
                                    labels=["step"])  # fmt: skip
@@ -55,9 +58,9 @@ class Metrics:
     """The server's metrics; `render()` is the /metrics body."""
 
     def __init__(self, stats: Callable[[], BatchStats] | None = None, max_batch: int = 0, lanes: int = 1,
-                 alive: Callable[[], int] | None = None):  # fmt: skip
+                 health: Callable[[], tuple[int, int]] | None = None):  # fmt: skip
         """stats: reads the engine's counters now (an AsyncEngine's `stats`, summed over its lanes);
-        alive: its lanes still running now."""
+        health: its lanes running now, and worker processes started again so far."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("fastblt_requests", "Completion requests by HTTP status and mode.",
@@ -71,7 +74,7 @@ class Metrics:
         self.accepted = Counter("fastblt_accepted_bytes", "Draft bytes accepted (blt-s, blt-dv).", ["mode"],
                                 registry=r)  # fmt: skip
         if stats is not None:
-            r.register(EngineCollector(stats, max_batch, lanes, alive))
+            r.register(EngineCollector(stats, max_batch, lanes, health))
 
     def request(self, status: int, mode: str) -> None:
         self.requests.labels(str(status), mode).inc()

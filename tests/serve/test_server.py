@@ -113,6 +113,7 @@ def test_models_health_metrics_and_keys(server):
     assert _metric(server, "fastblt_batch_rows") == 16  # --max-batch, over every lane
     assert _metric(server, "fastblt_batch_lanes") == default_lanes("ort")
     assert _metric(server, "fastblt_batch_lanes_alive") == default_lanes("ort")
+    assert _metric(server, "fastblt_lane_restarts_total") == 0
 
 
 def _metric(server, series: str) -> float:
@@ -167,6 +168,7 @@ def test_a_server_whose_lane_processes_all_died_says_so_and_starts_them_again(re
                 break
             time.sleep(0.1)
         assert _metric(srv, "fastblt_batch_lanes_alive") == 2 and httpx.get(f"{srv.url}/health").status_code == 200
+        assert _metric(srv, "fastblt_lane_restarts_total") == 2
         assert not set(workers) & set(group_children(srv.proc.pid))
         r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
         want = reference.generate(PROMPT, mode="ar", max_bytes=4, temperature=0.0).text
