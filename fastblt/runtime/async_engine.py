@@ -33,7 +33,7 @@ from typing import Any
 from fastblt.engines.base import Backend
 from fastblt.errors import EngineBusy, EngineClosed, InputError
 from fastblt.model.blt import BltModel
-from fastblt.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine, BatchStats, Ticket, check_sizes
+from fastblt.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine, BatchStats, Ticket, check_sizes, sum_stats
 from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.generator import Generation, Generator
 from fastblt.runtime.lane_process import ProcessLane
@@ -286,18 +286,6 @@ def cpu_cores() -> int:
 def share(total: int, parts: int, i: int) -> int:
     """Part i of `total` split as evenly as integers allow (the first parts take the remainder)."""
     return total // parts + (i < total % parts)
-
-
-def sum_stats(stats: list[BatchStats]) -> BatchStats:
-    """Several batch loops' counters as one new BatchStats (a snapshot, also for one lane)."""
-    out = BatchStats(calls={}, rows={})
-    for s in stats:
-        for name in ("active", "queued", "turns", "admitted", "finished", "cancelled", "failed"):
-            setattr(out, name, getattr(out, name) + getattr(s, name))
-        for step in s.calls:
-            out.calls[step] = out.calls.get(step, 0) + s.calls[step]
-            out.rows[step] = out.rows.get(step, 0) + s.rows[step]
-    return out
 
 
 def _settle(future: asyncio.Future) -> None:

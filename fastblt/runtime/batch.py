@@ -71,6 +71,18 @@ class BatchStats:
     failed: int = 0
 
 
+def sum_stats(stats: list[BatchStats]) -> BatchStats:
+    """Several batch loops' counters as one new BatchStats (a snapshot, also for one lane)."""
+    out = BatchStats(calls={}, rows={})
+    for s in stats:
+        for name in ("active", "queued", "turns", "admitted", "finished", "cancelled", "failed"):
+            setattr(out, name, getattr(out, name) + getattr(s, name))
+        for step in s.calls:
+            out.calls[step] = out.calls.get(step, 0) + s.calls[step]
+            out.rows[step] = out.rows.get(step, 0) + s.rows[step]
+    return out
+
+
 class Ticket:
     """One submitted request: wait for it, cancel it, and (with `on_text`) stream it.
 

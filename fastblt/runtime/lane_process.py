@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fastblt.errors import EngineBusy, EngineClosed, FastBltError, InternalError
-from fastblt.runtime.batch import BatchEngine, BatchStats, Ticket, check_sizes
+from fastblt.runtime.batch import BatchEngine, BatchStats, Ticket, check_sizes, sum_stats
 from fastblt.runtime.options import Request
 from fastblt.runtime.wakeups import deferred_wakes
 
@@ -174,7 +174,7 @@ class ProcessLane:
                 self._stats_event.clear()
                 if self._send(("stats",)):
                     self._stats_event.wait(STATS_TIMEOUT)
-            return _added(self._base, self._stats)
+            return sum_stats([self._base, self._stats])
 
     def submit(self, request: Request, on_text: Callable[[str], None] | None = None,
                on_done: Callable[[Ticket], None] | None = None) -> Ticket:  # fmt: skip
@@ -274,7 +274,7 @@ class ProcessLane:
         if first:
             self._stats.active = self._stats.queued = 0
             self._stats.failed += len(held)
-            self._base, self._stats = _added(self._base, self._stats), BatchStats(calls={}, rows={})
+            self._base, self._stats = sum_stats([self._base, self._stats]), BatchStats(calls={}, rows={})
         self._stats_event.set()
         self._closed.set()
         if revive:
@@ -318,17 +318,6 @@ class ProcessLane:
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait(5)
-
-
-def _added(a: BatchStats, b: BatchStats) -> BatchStats:
-    """a's counters plus b's; b's active and queued."""
-    out = BatchStats(active=b.active, queued=b.queued, calls=dict(a.calls), rows=dict(a.rows))
-    for name in ("turns", "admitted", "finished", "cancelled", "failed"):
-        setattr(out, name, getattr(a, name) + getattr(b, name))
-    for step in b.calls:
-        out.calls[step] = out.calls.get(step, 0) + b.calls[step]
-        out.rows[step] = out.rows.get(step, 0) + b.rows[step]
-    return out
 
 
 # ---------------------------------------------------------------------- the child
@@ -403,8 +392,7 @@ def _serve(conn: Connection, batch: BatchEngine, out: _Outbox, alone: list[bool]
                 ticket.cancel()
         elif kind == "stats":
             with batch._cv:
-                snap = BatchStats(**{**vars(batch.stats), "calls": dict(batch.stats.calls),
-                                     "rows": dict(batch.stats.rows)})  # fmt: skip
+                snap = sum_stats([batch.stats])
             out.send(("stats", snap))
         elif kind == "close":
             closing = True
