@@ -97,25 +97,22 @@ async def send(client: httpx.AsyncClient, url: str, job: dict) -> dict:
         return {"status": 0, "error": f"{type(e).__name__}: {e}"}
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(srv) -> float:
     """Resident memory of the server's process group (the server and its lane processes)."""
     total = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in srv.group():
         try:
-            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pid:
-                continue
-            total += next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
-                          if line.startswith("VmRSS:"))  # fmt: skip
-        except (OSError, StopIteration):  # ended meanwhile, or a zombie
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:  # ended meanwhile
             continue
+        total += next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
     if total == 0:
-        raise RuntimeError(f"no resident memory for process group {pid}")
+        raise RuntimeError(f"no resident memory for process group {srv.proc.pid}")
     return total / 1024
 
 
-async def soak(base: str, pid: int, jobs: list[dict]) -> dict:
+async def soak(srv, jobs: list[dict]) -> dict:
+    base = srv.url
     queue = list(jobs)
     results: dict[int, dict] = {}
     samples: list[tuple[int, float, float]] = []  # requests done, seconds, RSS MB
@@ -127,7 +124,7 @@ async def soak(base: str, pid: int, jobs: list[dict]) -> dict:
             results[job["i"]] = await send(client, f"{base}/v1/completions", job)
             done = len(results)
             if done % SAMPLE_EVERY == 0:
-                samples.append((done, time.perf_counter() - t0, rss_mb(pid)))
+                samples.append((done, time.perf_counter() - t0, rss_mb(srv)))
                 print(f"{done} requests, {samples[-1][1]:.0f} s, server RSS {samples[-1][2]:.0f} MB", flush=True)
 
     limits = httpx.Limits(max_connections=CLIENTS + 4)
@@ -255,7 +252,7 @@ def main() -> None:
     command = "python benchmarks/serve_soak.py" + (f" --requests {args.requests}" if args.requests != 2000 else "")
     r: dict = {"meta": machine_meta() | {"command": command, "requests": args.requests}}
     with ServerProcess() as srv:
-        run = asyncio.run(soak(srv.url, srv.proc.pid, jobs))
+        run = asyncio.run(soak(srv, jobs))
     r |= {"samples": run["samples"], "wall_s": run["wall_s"], "idle": run["idle"]}
     r["counts"] = check(jobs, run["results"])
     r["targets"] = targets(r)

@@ -67,6 +67,23 @@ class ServerProcess:
             return ""
         return self.log_path.read_text(errors="replace")[-4000:]
 
+    def group(self) -> list[int]:
+        """The live processes of the server's group (the server first, then its lane workers);
+        zombies left. Linux (/proc); empty elsewhere or before it starts."""
+        if self.proc is None or not Path("/proc").is_dir():
+            return []
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                state, _, pgid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):  # ended meanwhile
+                continue
+            if int(pgid) == self.proc.pid and state != "Z":
+                found.append(int(proc.name))
+        return sorted(found, key=lambda pid: pid != self.proc.pid)
+
     def signal(self, sig: int) -> None:
         """Send `sig` to the server's process group."""
         if self.proc is not None and self.proc.poll() is None:

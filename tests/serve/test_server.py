@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -123,24 +122,11 @@ def _metric(server, series: str) -> float:
     return float(m.group(1))
 
 
-def group_children(pid: int) -> list[int]:
-    """The other live processes of process group `pid` (a server started in its own group)."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if proc.name.isdigit() and int(proc.name) != pid and int(fields[2]) == pid and fields[0] != "Z":
-            out.append(int(proc.name))
-    return out
-
-
 def test_lanes_run_in_worker_processes_unless_asked_for_threads(server, reference):
     lanes = default_lanes("ort")
-    assert len(group_children(server.proc.pid)) == (lanes if lanes > 1 and cpu_cores() >= 2 else 0)
+    assert len(server.group()[1:]) == (lanes if lanes > 1 and cpu_cores() >= 2 else 0)
     with ServerProcess(["--lane-threads", "--lanes", "2", "--max-batch", "2"]) as threads:
-        assert group_children(threads.proc.pid) == []
+        assert threads.group()[1:] == []
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "mode": "ar"}
         got = httpx.post(f"{threads.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
         assert _metric(threads, "fastblt_batch_lanes") == 2
@@ -149,7 +135,7 @@ def test_lanes_run_in_worker_processes_unless_asked_for_threads(server, referenc
 
 def test_a_server_whose_lane_processes_all_died_says_so_and_starts_them_again(reference):
     with ServerProcess(["--lanes", "2", "--lane-processes", "--max-batch", "2"]) as srv:
-        workers = group_children(srv.proc.pid)
+        workers = srv.group()[1:]
         assert len(workers) == 2
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
@@ -169,7 +155,7 @@ def test_a_server_whose_lane_processes_all_died_says_so_and_starts_them_again(re
             time.sleep(0.1)
         assert _metric(srv, "fastblt_batch_lanes_alive") == 2 and httpx.get(f"{srv.url}/health").status_code == 200
         assert _metric(srv, "fastblt_lane_restarts_total") == 2
-        assert not set(workers) & set(group_children(srv.proc.pid))
+        assert not set(workers) & set(srv.group()[1:])
         r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
         want = reference.generate(PROMPT, mode="ar", max_bytes=4, temperature=0.0).text
         assert r.json()["choices"][0]["text"] == want
