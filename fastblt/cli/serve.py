@@ -28,8 +28,9 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
               help="Requests decoding at once (rows of every batched step call) "
               "[default: 16; trt: at most the engines' rows].")  # fmt: skip
 @click.option("--lanes", type=click.IntRange(1, 64), default=None,
-              help="Batch loops, each with its own backend sessions and max-batch/lanes rows [default: 2 for ort "
-              "on two or more cores, else 1; --ray: per replica, from --num-cpus].")  # fmt: skip
+              help="Batch loops, each with its own backend sessions and max-batch/lanes rows [default: ort: one per "
+              "core this process may use (affinity, cgroup quota), at most max-batch and what half the free memory "
+              "holds, 2 as threads; else 1; --ray: per replica, from --num-cpus].")  # fmt: skip
 @click.option("--lane-processes/--lane-threads", "lane_processes", default=None,
               help="Run each lane in a worker process of its own, or as a thread of the server [default: "
               "processes for ort on a CPU with two or more lanes: threads take turns on one GIL].")  # fmt: skip

@@ -13,6 +13,7 @@ graph against the `specs` the caller will feed (ManifestMismatch names the field
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from fastblt.engines.base import Availability, Backend
 from fastblt.errors import InternalError, ManifestMismatch
 from fastblt.export.manifest import MANIFEST, read_manifest, verify_files, verify_specs
 from fastblt.export.spec import TORCH_DTYPES, StepSpec
+from fastblt.machine import cpu_cores
 
 # onnx.TensorProto element types (ORT's bind_* accept them as ints; numpy has no bfloat16)
 _ELEM = {"int32": 6, "float32": 1, "float16": 10, "bfloat16": 16}
@@ -41,8 +43,8 @@ class OrtBackend(Backend):
         specs: the step specs the caller will feed (export/spec.py `step_specs(config, max_step, dtype)`).
         artifacts_dir: directory with manifest.json and the .onnx files.
         threads: intra-op threads per session. None: one for the per-byte steps (their matrices are
-            too small to split across cores: the hand-off costs more) and onnxruntime's default (all
-            cores) for the global step, whose weights are most of the model
+            too small to split across cores: the hand-off costs more) and every core this process
+            may use for the global step, whose weights are most of the model
             (benchmarks/results/runtime_bench.md measures both). Workers spin only inside a call.
         providers: onnxruntime execution providers (None: CUDA then CPU when CUDA is available,
             else CPU).
@@ -84,8 +86,25 @@ class OrtBackend(Backend):
         self._outputs: dict[str, OrderedDict] = {step: OrderedDict() for step in specs}
         self._plans = {step: _plan(spec) for step, spec in specs.items()}
         self._wide: tuple[int, Callable[[], bool]] | None = None  # widen_global's threads and test
+        self._global_threads = threads if threads is not None else _all_cores()
         self.device = torch.device("cpu")
         self._sync = False
+
+    @property
+    def graph_bytes(self) -> int:
+        """Bytes of the graph files this backend runs (their weights, mostly): a process holds them
+        once more in its sessions."""
+        graphs = self.manifest["graphs"]
+        return sum((self.artifacts_dir / graphs[step]["file"]).stat().st_size for step in self.specs)
+
+    def set_global_threads(self, threads: int) -> None:
+        """Run the global step on `threads` intra-op threads (0: onnxruntime's default, every core),
+        the per-byte steps as they are: a batch lane sharing the machine takes its share of the
+        cores for the global step, whose matrices are the ones worth splitting."""
+        if threads != self._global_threads:
+            self._global_threads = threads
+            if self.active:
+                self._open("global", self.specs["global"], threads)
 
     def widen_global(self, threads: int, when: Callable[[], bool]) -> None:
         """Keep a second global-step session on `threads` intra-op threads (0: every core) and run
@@ -106,7 +125,8 @@ class OrtBackend(Backend):
     def _activate_impl(self) -> None:
         flushing = flushes_denormals()  # the first session of a process sets its creator thread's mode
         for step, spec in self.specs.items():
-            self._open(step, spec, self.threads if self.threads is not None else (0 if spec.stack == "global" else 1))
+            per_byte = self.threads if self.threads is not None else 1
+            self._open(step, spec, self._global_threads if spec.stack == "global" else per_byte)
         if self._wide is not None:
             self._open(WIDE, self.specs["global"], self._wide[0])
         if flushes_denormals() != flushing:  # not ours to keep: the caller's thread gets its own mode back
@@ -306,6 +326,13 @@ def _runner(session, binding) -> Callable[[], None]:
     if raw_binding is None or not hasattr(raw_session, "run_with_iobinding"):
         return functools.partial(session.run_with_iobinding, binding)
     return functools.partial(raw_session.run_with_iobinding, raw_binding, None)
+
+
+def _all_cores() -> int:
+    """Intra-op threads for "every core": onnxruntime's own default (0) counts the host's cores,
+    which a cpuset or a container's CPU quota may not lend this process; then the cores it may use."""
+    cores = cpu_cores()
+    return 0 if cores == os.cpu_count() else cores
 
 
 def _default_providers() -> list[str]:

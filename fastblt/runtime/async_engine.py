@@ -11,10 +11,11 @@ Requests from any number of tasks share the engine's batch loops (batch.py, one 
 *lane*, each with its own backend sessions and its share of `max_batch` rows, on a thread of this
 process or in a worker process of its own): awaiting never blocks the event loop on a step call.
 A request runs on one lane, the one holding the fewest requests when it arrives, and computes
-there what it computes alone. Two lanes are the default for the ort backend on a CPU with two or
-more cores (benchmarks/results/batch_scaling.md and serve_load.md measure one lane against two),
-each in a worker process (lane_process.py) when the checkpoint is given by name or path: as
-threads, every lane's Python between step calls and the event loop's take turns on one GIL.
+there what it computes alone. For the ort backend on a CPU the default is a lane per core
+(`default_lanes`; benchmarks/results/batch_scaling.md and serve_load.md measure one lane against
+two on 2 cores), each in a worker process (lane_process.py) when the checkpoint is given by name
+or path: as threads, every lane's Python between step calls and the event loop's take turns on
+one GIL.
 Cancelling the awaiting task (or leaving `async for` early and closing the stream) cancels the
 request; its row is free before the batch's next step. Bad requests raise `FastBltError` when
 they are made, before they are queued; a full queue raises `EngineBusy`.
@@ -32,6 +33,7 @@ from typing import Any
 
 from fastblt.engines.base import Backend
 from fastblt.errors import EngineBusy, EngineClosed, InputError
+from fastblt.machine import cpu_cores, memory_available
 from fastblt.model.blt import BltModel
 from fastblt.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine, BatchStats, Ticket, check_sizes, sum_stats
 from fastblt.runtime.engine import Engine, open_engine
@@ -51,13 +53,15 @@ class AsyncEngine:
         max_queue: requests waiting for a row (over all lanes) beyond which new ones raise EngineBusy.
         max_context: optional limit on ids (prompt + output) per request.
         lanes: batch loops, each with its own backend sessions and max_batch / lanes rows (None:
-            `default_lanes`). More than one needs a backend given by name.
+            `default_lanes`, lowered by `memory_lanes`). More than one needs a backend given by name.
         processes: run each lane in a worker process of its own (None: `default_processes`).
             Needs a backend given by name and a checkpoint given by name or path.
+        cores: the cores the lanes share (None: those this process may use, `machine.cpu_cores`);
+            e.g. what a scheduler reserved for it without pinning it.
         load: Generator's other keyword arguments (artifacts, threads, cache_dir, device,
             cuda_graphs, on_export); loading happens here, once per lane (the model once). With
-            several lanes sharing the cores and `threads` None, each lane's steps run on
-            `lane_threads` threads.
+            `threads` None on ort, each lane's per-byte steps run on one thread and its global step
+            on `global_threads`.
     """
 
     def __init__(
@@ -69,20 +73,27 @@ class AsyncEngine:
         max_context: int | None = None,
         lanes: int | None = None,
         processes: bool | None = None,
+        cores: int | None = None,
         **load: Any,
     ):
         if lanes is not None and (not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1):
             raise InputError(f"lanes: expected an int >= 1, got {lanes!r}")
         if lanes is not None and lanes > 1 and not isinstance(backend, str):
             raise InputError("lanes: more than one lane opens the backend once per lane; give the backend by name")
+        if cores is not None and (not isinstance(cores, int) or isinstance(cores, bool) or cores < 1):
+            raise InputError(f"cores: expected an int >= 1, got {cores!r}")
         check_sizes(1 if max_batch is None else max_batch, max_queue)  # before any lane is opened
+        self.cores = cores or cpu_cores()
         asked = lanes is not None
-        lanes = lanes or default_lanes(backend)
-        if max_batch is not None:
-            lanes = min(lanes, max_batch)  # every lane holds at least one row
+        if asked:
+            lanes = min(lanes, max_batch or lanes)  # every lane holds at least one row
+        else:
+            lanes = default_lanes(backend, self.cores, max_batch, processes is not False)  # lowered below
         given_threads = load.pop("threads", None)
-        split = lanes > 1 and backend == "ort" and given_threads is None  # torch sets its threads process-wide
-        threads = lane_threads(lanes) if split else given_threads
+        # ort lanes split the cores: per-byte steps on one thread each, the global step on a
+        # lane's share (set once the lanes are known); torch sets its threads process-wide
+        split = backend == "ort" and given_threads is None
+        threads = 1 if split and lanes > 1 else given_threads
         self.generator = Generator(checkpoint_or_model, backend, max_context=max_context, threads=threads, **load)
         g = self.generator
         self.config, self.model = g.config, g.model
@@ -92,6 +103,9 @@ class AsyncEngine:
             processes = default_processes(backend, lanes, g)
         elif processes and (not isinstance(backend, str) or g.checkpoint_path is None):
             raise InputError("processes: a worker process loads the checkpoint itself; give it and the backend by name")
+        if not asked:
+            lanes = min(lanes, THREAD_LANES) if not processes else min(lanes, memory_lanes(lane_bytes(g)))
+            processes = processes and lanes > 1
         self.engines, self.lanes = [g.engine], []
         self._peers_lock = threading.Lock()
         load.pop("on_export", None)  # told once, by the first lane's export
@@ -99,11 +113,16 @@ class AsyncEngine:
             rows = g.engine.backend.max_rows
             max_batch = min(DEFAULT_MAX_BATCH, rows * lanes if rows else DEFAULT_MAX_BATCH)
         self.max_queue = max_queue
+        # the backend's default global threads are every core: right only for a lone lane on them all
+        own = threads is None and self.cores == cpu_cores()
+        split_threads = {"global_threads": global_threads(self.cores, lanes)} if split and not own else {}
         try:
             if processes:
-                self._start_processes(backend, lanes, max_batch, max_queue, max_context, {"threads": threads, **load})
+                self._start_processes(backend, lanes, max_batch, max_queue, max_context,
+                                      {"threads": threads, **load, **split_threads})  # fmt: skip
             else:
-                self._start_threads(backend, lanes, max_batch, max_queue, max_context, {"threads": threads, **load})
+                self._start_threads(backend, lanes, max_batch, max_queue, max_context, {"threads": threads, **load},
+                                    split_threads.get("global_threads"))  # fmt: skip
         except BaseException:  # a lane that cannot start: give back what the others took
             for lane in self.lanes:
                 lane.close(0, cancel=True)
@@ -113,12 +132,14 @@ class AsyncEngine:
             raise
 
     def _start_threads(self, backend: str | Backend | Engine, lanes: int, max_batch: int, max_queue: int,
-                       max_context: int | None, load: dict[str, Any]) -> None:  # fmt: skip
+                       max_context: int | None, load: dict[str, Any], global_threads: int | None) -> None:  # fmt: skip
         """Lanes as threads of this process: the Generator's engine and lanes - 1 more."""
         g = self.generator
         for _ in range(lanes - 1):
             self.engines.append(open_engine(g.model, backend, g.checkpoint_path, **load))  # type: ignore[arg-type]
         for i, e in enumerate(self.engines):
+            if global_threads is not None:
+                e.backend.set_global_threads(global_threads)  # type: ignore[attr-defined]
             queue = share(max_queue, lanes, i)
             self.lanes.append(BatchEngine(e, share(max_batch, lanes, i), queue, max_context, g.backend_name,
                                           g.params))  # fmt: skip
@@ -129,8 +150,8 @@ class AsyncEngine:
         (it keeps checking requests, and loads them again if it is asked to generate)."""
         g = self.generator
         assert g.checkpoint_path is not None
-        if lanes > 1 and load.get("threads") == 1 and cpu_cores() > 1:
-            load = {**load, "wide_global": 0}  # a lane alone runs its global step on every core
+        if load.get("global_threads", self.cores) < self.cores:
+            load = {**load, "wide_global": self.cores}  # a lane alone runs its global step on every core
         for i in range(lanes):
             rows, queue = share(max_batch, lanes, i), share(max_queue, lanes, i)
             self.lanes.append(ProcessLane(g.checkpoint_path, backend, rows, queue, max_context, load))
@@ -251,12 +272,25 @@ class AsyncEngine:
         await asyncio.to_thread(self.close)
 
 
-def default_lanes(backend: str | Backend | Engine) -> int:
-    """Lanes when none are asked for: two for the ort backend on a machine with two or more cores
-    (measured on 2 cores: 16 streams ~1.3x faster than one lane of 16 rows, one stream no slower;
-    three or four lanes slower than two; benchmarks/results/batch_scaling.md),
-    else one (the torch backend's Python per op holds the GIL; a GPU is fed by one lane)."""
-    return 2 if backend == "ort" and cpu_cores() >= 2 else 1
+THREAD_LANES = 2  # most lanes as threads of one process (three or four were slower than two on 2 cores)
+LANE_BASE_BYTES = 256 << 20  # a worker lane without its graphs: the interpreter, torch, onnxruntime
+
+
+def default_lanes(backend: str | Backend | Engine, cores: int | None = None, max_batch: int | None = None,
+                  processes: bool = True) -> int:  # fmt: skip
+    """Lanes when none are asked for, before memory is counted (`memory_lanes`).
+
+    The ort backend: one lane per core when lanes run in worker processes, at most `max_batch`
+    (every lane holds a row). A lane's per-byte steps run on one core (their matrices are too small
+    to split: the hand-off costs more), so only more lanes keep more cores busy; on 2 cores two lanes
+    made 16 streams ~1.3x faster than one lane of 16 rows and three were slower
+    (benchmarks/results/batch_scaling.md). As threads of one process at most THREAD_LANES: their
+    Python takes turns on one GIL. Other backends: one (torch's Python per op holds the GIL; a GPU
+    is fed by one lane)."""
+    if backend != "ort":
+        return 1
+    cores = cores or cpu_cores()
+    return max(1, min(cores, max_batch or DEFAULT_MAX_BATCH, cores if processes else THREAD_LANES))
 
 
 def default_processes(backend: str | Backend | Engine, lanes: int, generator: Generator) -> bool:
@@ -268,19 +302,25 @@ def default_processes(backend: str | Backend | Engine, lanes: int, generator: Ge
     return lanes > 1 and backend == "ort" and cpu and generator.checkpoint_path is not None
 
 
-def lane_threads(lanes: int) -> int | None:
-    """Intra-op threads per lane when the caller gives none: one when the lanes leave a core or
-    less each (a global step on two threads would wait for the other lane's core), else the
-    backend's default."""
-    return 1 if cpu_cores() // lanes <= 1 else None
+def global_threads(cores: int, lanes: int) -> int:
+    """Intra-op threads of each ort lane's global step: the lane's share of the cores, at least one
+    (two lanes' global steps on every core at once fight over them: 16 streams 25% slower on 2
+    cores). A worker lane alone gets every core back (`OrtBackend.widen_global`)."""
+    return max(1, cores // lanes)
 
 
-def cpu_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def lane_bytes(generator: Generator) -> int:
+    """Memory a worker lane takes, estimated: LANE_BASE_BYTES and twice its graph files (onnxruntime
+    keeps the weights and a prepacked copy of the matrices; the default checkpoint's 47 MB of graphs
+    took 89 MB in a session, its worker ~300 MB in all)."""
+    return LANE_BASE_BYTES + 2 * getattr(generator.engine.backend, "graph_bytes", 0)
+
+
+def memory_lanes(per_lane: int, available: int | None = None) -> int:
+    """Worker lanes that fit in half the memory this process could still take (the rest is for the
+    requests' caches, the server and whatever else runs here); unlimited when it cannot be read."""
+    available = memory_available() if available is None else available
+    return max(1, available // 2 // per_lane) if available is not None else 1 << 16
 
 
 def share(total: int, parts: int, i: int) -> int:

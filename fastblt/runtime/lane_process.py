@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import itertools
 import logging
 import pickle
@@ -354,13 +355,24 @@ def _load(checkpoint: Path, backend: str, max_batch: int, max_queue: int, max_co
 
     from fastblt.runtime.generator import Generator
 
-    wide = load.pop("wide_global", None)
+    wide, global_threads = load.pop("wide_global", None), load.pop("global_threads", None)
     if load.get("threads"):  # torch on the host side too: the lane's cores, not the machine's
         torch.set_num_threads(load["threads"])
     gen = Generator(checkpoint, backend, max_context=max_context, **load)
-    if wide is not None and hasattr(gen.engine.backend, "widen_global"):
-        gen.engine.backend.widen_global(wide, lambda: alone[0])
+    gen.model = None  # type: ignore[assignment]  # the graphs hold the weights; the torch copy would cost each worker its size
+    _give_back_freed_memory()
+    backend_ = gen.engine.backend
+    if global_threads is not None and hasattr(backend_, "set_global_threads"):
+        backend_.set_global_threads(global_threads)
+    if wide is not None and hasattr(backend_, "widen_global"):
+        backend_.widen_global(wide, lambda: alone[0])
     return gen, BatchEngine(gen.engine, max_batch, max_queue, max_context, gen.backend_name, gen.params, out.flush)
+
+
+def _give_back_freed_memory() -> None:
+    """glibc keeps small freed blocks (the torch model's) for reuse; a worker will not reuse them."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _serve(conn: Connection, batch: BatchEngine, out: _Outbox, alone: list[bool]) -> bool:

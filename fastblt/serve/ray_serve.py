@@ -66,7 +66,7 @@ class ServerOptions:
     backend: str = "ort"
     artifacts: str | None = None
     max_batch: int = 16
-    lanes: int | None = None  # batch loops per replica (None: two for ort when the replica reserves >= 2 CPUs)
+    lanes: int | None = None  # batch loops per replica (None: AsyncEngine's default for the CPUs it reserves)
     lane_processes: bool | None = None  # lanes in worker processes (None: AsyncEngine's default)
     max_queue: int = 256  # requests waiting in each proxy's router for a replica (then 429)
     max_context: int | None = None
@@ -178,10 +178,10 @@ class FastBltReplica:
         o, t0 = self.options, time.perf_counter()
         # Loaded here rather than in the app's lifespan: an error here reaches the deployment's
         # status with its message (a failed lifespan is only "ASGI lifespan startup failed").
-        lanes = replica_lanes(o, ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+        cores = replica_cores(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         engine = await asyncio.to_thread(
-            AsyncEngine, o.checkpoint, o.backend, max_batch=o.max_batch, lanes=lanes, processes=o.lane_processes,
-            max_queue=o.max_queue,
+            AsyncEngine, o.checkpoint, o.backend, max_batch=o.max_batch, lanes=o.lanes, processes=o.lane_processes,
+            cores=cores, max_queue=o.max_queue,
             max_context=o.max_context, artifacts=o.artifacts, threads=o.threads, device=o.device,
         )  # fmt: skip
         log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)
@@ -192,10 +192,10 @@ class FastBltReplica:
         return app
 
 
-def replica_lanes(options: ServerOptions, cpus: float) -> int:
-    """A replica's lanes: the options' own, else two for ort when Ray assigned it two CPUs or more
-    (what it reserved, not the node's cores, which it shares with other replicas), else one."""
-    return options.lanes or (2 if options.backend == "ort" and cpus >= 2 else 1)
+def replica_cores(cpus: float) -> int:
+    """The cores a replica sizes its lanes and threads by: the CPUs Ray assigned it (at least one),
+    not the node's, which it shares with other replicas (Ray reserves CPUs but pins none)."""
+    return max(1, int(cpus))
 
 
 async def mirror_metrics(app: FastAPI, every: float = MIRROR_EVERY_S) -> None:

@@ -140,13 +140,25 @@ def test_lane_arguments_are_checked_and_defaults_follow_the_backend(monkeypatch)
             AsyncEngine(model, backend=one.generator.engine, lanes=2)
     finally:
         one.close(30)
-    monkeypatch.setattr(ae, "cpu_cores", lambda: 2)
-    assert (ae.default_lanes("ort"), ae.default_lanes("torch"), ae.lane_threads(2)) == (2, 1, 1)
-    monkeypatch.setattr(ae, "cpu_cores", lambda: 1)
-    assert ae.default_lanes("ort") == 1
-    monkeypatch.setattr(ae, "cpu_cores", lambda: 16)
-    assert ae.lane_threads(2) is None  # eight cores a lane: the backend's own thread policy
     assert [sum(ae.share(n, k, i) for i in range(k)) for n, k in ((16, 2), (5, 2), (7, 3))] == [16, 5, 7]
+
+
+def test_the_lane_plan_follows_cores_rows_and_memory(monkeypatch):
+    """A worker lane per core (at most a row each), two at most as threads, one for torch; each
+    ort lane's global step on its share of the cores; no more workers than half the memory holds."""
+    from fastblt.runtime import async_engine as ae
+
+    monkeypatch.setattr(ae, "cpu_cores", lambda: 2)
+    assert (ae.default_lanes("ort"), ae.default_lanes("torch")) == (2, 1)
+    lanes = ae.default_lanes
+    assert [lanes("ort", cores) for cores in (1, 2, 3, 16, 64)] == [1, 2, 3, 16, 16]  # 16 rows by default
+    assert (lanes("ort", 16, max_batch=4), lanes("ort", 16, max_batch=64)) == (4, 16)
+    assert (lanes("ort", 16, processes=False), lanes("ort", 1, processes=False)) == (2, 1)
+    assert [ae.global_threads(cores, n) for cores, n in ((2, 2), (3, 2), (16, 2), (16, 16), (4, 1))] == [1, 1, 8, 1, 4]
+    mb = 1 << 20
+    assert [ae.memory_lanes(300 * mb, avail * mb) for avail in (100, 600, 1200, 10_000)] == [1, 1, 2, 16]
+    monkeypatch.setattr(ae, "memory_available", lambda: None)
+    assert ae.memory_lanes(300 * mb) > 1000  # unknown: no limit from memory
 
 
 def test_a_lane_that_cannot_start_leaves_no_batch_loop_running(monkeypatch):

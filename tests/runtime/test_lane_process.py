@@ -200,6 +200,76 @@ def test_workers_do_not_outlive_their_parent(tmp_path):
     assert len(pids) == 2 and all(gone(pid, 20) for pid in pids)
 
 
+class _Planned:
+    """Stands in for a ProcessLane: records what the engine would start a worker with."""
+
+    started: list[_Planned] = []
+
+    def __init__(self, checkpoint, backend, max_batch, max_queue, max_context, load):
+        self.max_batch, self.load_options, self.load, self.alive, self.closed = max_batch, load, 0, True, False
+        self.on_change = None
+        _Planned.started.append(self)
+
+    def wait_ready(self) -> None:
+        pass
+
+    def close(self, timeout=None, cancel=False) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    ("cores", "lanes", "memory_mb", "want"),
+    [
+        (8, None, None, (8, [2] * 8, 1, 8)),  # a worker per core, a global thread each, all 8 alone
+        (8, 2, None, (2, [8, 8], 4, 8)),  # asked for two: half the cores for each global step
+        (16, None, 700, (1, [16], 16, None)),  # memory for one worker: one lane in this process
+        (2, None, None, (2, [8, 8], 1, 2)),  # this machine's kind
+    ],
+)
+def test_the_engine_starts_its_lanes_with_their_share_of_the_cores(monkeypatch, cores, lanes, memory_mb, want):
+    monkeypatch.setattr(ae, "cpu_cores", lambda: cores)
+    monkeypatch.setattr(ae, "memory_available", lambda: None if memory_mb is None else memory_mb << 20)
+    monkeypatch.setattr(ae, "ProcessLane", _Planned)
+    _Planned.started = []
+    eng = AsyncEngine("default", backend="ort", lanes=lanes)
+    try:
+        n, rows, global_threads, wide = want
+        if wide is None:  # no worker: the engine's own lane, its global session on the share
+            assert not eng.processes and len(eng.lanes) == n and not _Planned.started
+            backend = eng.generator.engine.backend
+            assert backend._sessions["global"].get_session_options().intra_op_num_threads == global_threads
+            return
+        assert eng.processes and [lane.max_batch for lane in _Planned.started] == rows
+        for lane in _Planned.started:
+            assert lane.load_options["threads"] == 1 and lane.load_options["global_threads"] == global_threads
+            assert lane.load_options["wide_global"] == wide
+    finally:
+        eng.close(30)
+
+
+def test_a_worker_loads_without_the_torch_model_and_with_its_threads(tmp_path):
+    """The child's load (in this process): sessions on the threads the engine gave it, the global
+    step on its share, a wide session for when it is alone, no torch copy of the weights."""
+    from fastblt.engines.ort_backend import WIDE
+    from fastblt.runtime import lane_process
+    from fastblt.runtime.generator import Generator
+
+    class Out:
+        def flush(self) -> None:
+            pass
+
+    path = Generator("default", "ort").checkpoint_path
+    options = {"threads": 1, "global_threads": 2, "wide_global": 3}
+    gen, batch = lane_process._load(path, "ort", 2, 4, None, options, Out(), [True])
+    try:
+        threads = {k: s.get_session_options().intra_op_num_threads for k, s in gen.engine.backend._sessions.items()}
+        assert threads.pop("global") == 2 and threads.pop(WIDE) == 3 and set(threads.values()) == {1}
+        assert gen.model is None
+    finally:
+        batch.close(10)
+        gen.close()
+
+
 def test_processes_default_and_refusals(monkeypatch):
     monkeypatch.setattr(ae, "cpu_cores", lambda: 2)
     model = tiny_model("small-window")

@@ -7,6 +7,7 @@ Generator keys its own cache), so only the first run of the suite pays for the O
 from __future__ import annotations
 
 import copy
+import os
 import threading
 
 import pytest
@@ -235,6 +236,42 @@ def test_a_wide_global_session_runs_when_asked_and_computes_the_same(ort_gen, ex
         g.close()  # sessions go; activation makes both again
         g.generate(PROMPTS[2], mode="ar", max_bytes=4)
         assert WIDE in backend._sessions
+    finally:
+        g.close()
+
+
+def test_global_threads_follow_the_cores_lent_and_a_lanes_share(ort_gen, export_cache, monkeypatch):
+    """The per-byte steps run on one thread; the global step on every core this process may use
+    (onnxruntime's own count, 0, only when that is the host's); set_global_threads gives it a lane's
+    share, reopening only that session, with the same bytes."""
+    from fastblt.engines import ort_backend
+
+    def threads(backend) -> dict[str, int]:
+        return {k: s.get_session_options().intra_op_num_threads for k, s in backend._sessions.items()}
+
+    for cores, want in ((os.cpu_count(), 0), (1, 1)):  # all the host's cores; a quota of one
+        monkeypatch.setattr(ort_backend, "cpu_cores", lambda cores=cores: cores)
+        g = Generator(tiny_model(), backend="ort", cache_dir=export_cache)
+        try:
+            got = threads(g.engine.backend)
+            assert got.pop("global") == want and set(got.values()) == {1}
+        finally:
+            g.close()
+    g = Generator(tiny_model(), backend="ort", threads=1, cache_dir=export_cache)
+    try:
+        backend = g.engine.backend
+        want = ort_gen.generate(PROMPTS[2], mode="ar", max_bytes=N).bytes
+        before = dict(backend._sessions)
+        backend.set_global_threads(2)
+        got = threads(backend)
+        assert got.pop("global") == 2 and set(got.values()) == {1}
+        assert [k for k in before if backend._sessions[k] is not before[k]] == ["global"]
+        assert g.generate(PROMPTS[2], mode="ar", max_bytes=N).bytes == want
+        g.close()  # reactivation keeps the share
+        g.generate(PROMPTS[2], mode="ar", max_bytes=4)
+        assert threads(backend)["global"] == 2
+        on_disk = sum(f.stat().st_size for f in backend.artifacts_dir.iterdir() if f.is_file())
+        assert 0 < backend.graph_bytes <= on_disk
     finally:
         g.close()
 

@@ -41,11 +41,12 @@ def print_config(args: list[str], monkeypatch, capsys) -> dict:
     return yaml.safe_load(out)
 
 
-def test_a_replica_takes_lanes_from_the_cpus_ray_assigned_it():
-    lanes = ray_serve.replica_lanes
-    assert [lanes(ServerOptions(), cpus) for cpus in (0.5, 1.0, 2.0, 4.0)] == [1, 1, 2, 2]
-    assert lanes(ServerOptions(backend="torch"), 4.0) == 1
-    assert lanes(ServerOptions(lanes=3), 1.0) == 3  # asked for: as given
+def test_a_replica_sizes_its_lanes_by_the_cpus_ray_assigned_it(monkeypatch):
+    from fastblt.runtime import async_engine as ae
+
+    assert [ray_serve.replica_cores(cpus) for cpus in (0.0, 0.5, 1.0, 2.0, 4.0)] == [1, 1, 1, 2, 4]
+    monkeypatch.setattr(ae, "cpu_cores", lambda: 64)  # the node's cores, which replicas share
+    assert [ae.default_lanes("ort", ray_serve.replica_cores(c)) for c in (1.0, 2.0, 4.0)] == [1, 2, 4]
 
 
 def test_print_config_is_a_serve_config_for_the_options(monkeypatch, capsys):
