@@ -7,11 +7,13 @@ does it end with every slot free?
 16 clients send requests one after another, drawn with a fixed seed: every mode, greedy or sampled
 with a seed, 8 to 160 new bytes, stop strings, prompts of 20 to 600 bytes; a fifth of them
 streamed, and a third of those dropped by the client after a few events; one in twelve malformed
-(must get a 4xx). Every 100 requests the server's resident memory is read (VmRSS summed over its
-process group: the server and its lane processes). Greedy and seeded responses that ran to the
+(must get a 4xx). Every 100 requests the server's memory is read (the proportional set size summed
+over its process group: the server, its lane processes and their zygote). Greedy and seeded responses that ran to the
 end are compared with the same request run alone by `fastblt.Generator`. At the end `/metrics`
 must show no request decoding or queued. The server runs at its defaults in its own process
-group on 127.0.0.1.
+group on 127.0.0.1. Then three servers, one after another, take the first 200 requests with their
+lanes laid out three ways (worker processes forked from a zygote, the default; fresh
+interpreters; threads): their memory at rest and after.
 
 Results: benchmarks/results/serve_soak.{json,md,png}.
 """
@@ -97,17 +99,19 @@ async def send(client: httpx.AsyncClient, url: str, job: dict) -> dict:
         return {"status": 0, "error": f"{type(e).__name__}: {e}"}
 
 
-def rss_mb(srv) -> float:
-    """Resident memory of the server's process group (the server and its lane processes)."""
+def pss_mb(srv) -> float:
+    """Memory of the server's process group: the proportional set size summed over the server, its
+    lane workers and their zygote (pages the forked workers share count once, split among them;
+    resident sizes would count them once per worker)."""
     total = 0
     for pid in srv.group():
         try:
-            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
         except OSError:  # ended meanwhile
             continue
-        total += next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
+        total += next((int(line.split()[1]) for line in rollup if line.startswith("Pss:")), 0)
     if total == 0:
-        raise RuntimeError(f"no resident memory for process group {srv.proc.pid}")
+        raise RuntimeError(f"no memory read for process group {srv.proc.pid}")
     return total / 1024
 
 
@@ -115,7 +119,7 @@ async def soak(srv, jobs: list[dict]) -> dict:
     base = srv.url
     queue = list(jobs)
     results: dict[int, dict] = {}
-    samples: list[tuple[int, float, float]] = []  # requests done, seconds, RSS MB
+    samples: list[tuple[int, float, float]] = []  # requests done, seconds, PSS MB
     t0 = time.perf_counter()
 
     async def client_loop(client: httpx.AsyncClient) -> None:
@@ -124,8 +128,8 @@ async def soak(srv, jobs: list[dict]) -> dict:
             results[job["i"]] = await send(client, f"{base}/v1/completions", job)
             done = len(results)
             if done % SAMPLE_EVERY == 0:
-                samples.append((done, time.perf_counter() - t0, rss_mb(srv)))
-                print(f"{done} requests, {samples[-1][1]:.0f} s, server RSS {samples[-1][2]:.0f} MB", flush=True)
+                samples.append((done, time.perf_counter() - t0, pss_mb(srv)))
+                print(f"{done} requests, {samples[-1][1]:.0f} s, server PSS {samples[-1][2]:.0f} MB", flush=True)
 
     limits = httpx.Limits(max_connections=CLIENTS + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
@@ -149,6 +153,26 @@ async def settled(client: httpx.AsyncClient, base: str, timeout: float = 10.0) -
         if not any(values.values()) or time.monotonic() > deadline:
             return values
         await asyncio.sleep(0.2)
+
+
+LAYOUTS = (  # the server's lanes, laid out three ways (its defaults otherwise)
+    ("worker processes forked from a zygote (the default)", [], {}),
+    ("worker processes, each a fresh interpreter (FASTBLT_ZYGOTE=0)", [], {"FASTBLT_ZYGOTE": "0"}),
+    ("threads of the server (--lane-threads)", ["--lane-threads"], {}),
+)
+LAYOUT_REQUESTS = 200
+
+
+def memory_of(name: str, args: list[str], env: dict[str, str], jobs: list[dict]) -> dict:
+    """A server's memory with its lanes laid out one way: at rest, then after the first jobs."""
+    from fastblt.serve.process import ServerProcess
+
+    with ServerProcess(args, env=env) as srv:
+        processes, rest = len(srv.group()), pss_mb(srv)
+        run = asyncio.run(soak(srv, jobs))
+        after = pss_mb(srv)
+    print(f"{name}: {rest:.0f} MB at rest, {after:.0f} MB after {len(jobs)} requests", flush=True)
+    return {"layout": name, "processes": processes, "rest_mb": rest, "after_mb": after, "wall_s": run["wall_s"]}
 
 
 def check(jobs: list[dict], results: dict[int, dict]) -> dict:
@@ -184,7 +208,7 @@ def targets(r: dict) -> list[dict]:
         ("server errors and failed connections", c["errors"], "== 0", c["errors"] == 0),
         ("malformed requests not answered 4xx", c["bad_not_4xx"], "== 0", c["bad_not_4xx"] == 0),
         ("requests decoding or queued at the end", sum(r["idle"].values()), "== 0", not any(r["idle"].values())),
-        (f"server RSS growth, request {s[0][0]} to {s[-1][0]} (MB)", growth, f"<= {GROWTH_BOUND_MB:g}",
+        (f"server memory (PSS) growth, request {s[0][0]} to {s[-1][0]} (MB)", growth, f"<= {GROWTH_BOUND_MB:g}",
          growth <= GROWTH_BOUND_MB),
     ]  # fmt: skip
     return [{"target": t, "value": float(v), "bound": b, "met": bool(m)} for t, v, b, m in rows]
@@ -210,9 +234,18 @@ def render(r: dict) -> str:
         "|---:|---:|---:|---:|---:|",
         f"| {c['ok']} | {c['compared']} | {c['dropped']} | {c['bad_4xx']} | {c['errors']} |",
         "",
-        "## Server resident memory",
+        f"## Memory by lane layout (the first {LAYOUT_REQUESTS} requests, one server after another)",
         "",
-        "| requests | seconds | RSS MB |",
+        "| lanes | processes | PSS MB at rest | after the requests | seconds |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {x['layout']} | {x['processes']} | {x['rest_mb']:.0f} | {x['after_mb']:.0f} | {x['wall_s']:.0f} |"
+            for x in r.get("layouts", [])
+        ),
+        "",
+        "## Server memory (proportional set size over its process group)",
+        "",
+        "| requests | seconds | PSS MB |",
         "|---:|---:|---:|",
         *(f"| {n} | {t:.0f} | {mb:.0f} |" for n, t, mb in r["samples"]),
         "",
@@ -230,9 +263,9 @@ def plot(r: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(n, mb, marker="o")
     ax.set_xlabel("requests served")
-    ax.set_ylabel("server RSS (MB)")
+    ax.set_ylabel("server PSS (MB)")
     ax.set_ylim(0, max(mb) * 1.15)
-    ax.set_title("fastblt serve under a mixed load: resident memory")
+    ax.set_title("fastblt serve under a mixed load: memory")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -254,6 +287,7 @@ def main() -> None:
     with ServerProcess() as srv:
         run = asyncio.run(soak(srv, jobs))
     r |= {"samples": run["samples"], "wall_s": run["wall_s"], "idle": run["idle"]}
+    r["layouts"] = [memory_of(name, args_, env, jobs[:LAYOUT_REQUESTS]) for name, args_, env in LAYOUTS]
     r["counts"] = check(jobs, run["results"])
     r["targets"] = targets(r)
     save("serve_soak" if args.requests == 2000 else "serve_soak_short", r, render, plot)

@@ -38,9 +38,10 @@ from fastblt.model.blt import BltModel
 from fastblt.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine, BatchStats, Ticket, check_sizes, sum_stats
 from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.generator import Generation, Generator
-from fastblt.runtime.lane_process import ProcessLane
+from fastblt.runtime.lane_process import ProcessLane, start_zygote
 from fastblt.runtime.options import Request
 from fastblt.runtime.wakeups import wake
+from fastblt.runtime.zygote import Zygote
 
 
 class AsyncEngine:
@@ -107,6 +108,7 @@ class AsyncEngine:
             lanes = min(lanes, THREAD_LANES) if not processes else min(lanes, memory_lanes(lane_bytes(g)))
             processes = processes and lanes > 1
         self.engines, self.lanes = [g.engine], []
+        self._zygote: Zygote | None = None
         self._peers_lock = threading.Lock()
         load.pop("on_export", None)  # told once, by the first lane's export
         if max_batch is None:
@@ -126,6 +128,7 @@ class AsyncEngine:
         except BaseException:  # a lane that cannot start: give back what the others took
             for lane in self.lanes:
                 lane.close(0, cancel=True)
+            self._close_zygote()
             for e in self.engines[1:]:
                 e.close()
             g.close()
@@ -152,9 +155,11 @@ class AsyncEngine:
         assert g.checkpoint_path is not None
         if load.get("global_threads", self.cores) < self.cores:
             load = {**load, "wide_global": self.cores}  # a lane alone runs its global step on every core
+        self._zygote = start_zygote()  # the workers share its imports
         for i in range(lanes):
             rows, queue = share(max_batch, lanes, i), share(max_queue, lanes, i)
-            self.lanes.append(ProcessLane(g.checkpoint_path, backend, rows, queue, max_context, load))
+            self.lanes.append(ProcessLane(g.checkpoint_path, backend, rows, queue, max_context, load,
+                                          zygote=self._zygote))  # fmt: skip
         for lane in self.lanes:
             lane.wait_ready()
             lane.on_change = self._update_peers
@@ -264,16 +269,22 @@ class AsyncEngine:
         deadline = None if timeout is None else time.monotonic() + timeout
         for lane in self.lanes:
             lane.close(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        self._close_zygote()
         for e in self.engines[1:]:
             e.close()
         self.generator.close()
+
+    def _close_zygote(self) -> None:
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
 
 
 THREAD_LANES = 2  # most lanes as threads of one process (three or four were slower than two on 2 cores)
-LANE_BASE_BYTES = 256 << 20  # a worker lane without its graphs: the interpreter, torch, onnxruntime
+LANE_BASE_BYTES = 128 << 20  # a worker lane without its graphs (~100 MB forked from a zygote, ~200 MB on its own)
 
 
 def default_lanes(backend: str | Backend | Engine, cores: int | None = None, max_batch: int | None = None,
@@ -312,7 +323,8 @@ def global_threads(cores: int, lanes: int) -> int:
 def lane_bytes(generator: Generator) -> int:
     """Memory a worker lane takes, estimated: LANE_BASE_BYTES and twice its graph files (onnxruntime
     keeps the weights and a prepacked copy of the matrices; the default checkpoint's 47 MB of graphs
-    took 89 MB in a session, its worker ~300 MB in all)."""
+    took 89 MB in a session; its worker's proportional set size was ~190 MB forked from a zygote,
+    ~300 MB as a fresh interpreter)."""
     return LANE_BASE_BYTES + 2 * getattr(generator.engine.backend, "graph_bytes", 0)
 
 

@@ -5,7 +5,8 @@ lane's Python between calls (sampling, patch bookkeeping, feeds) and the event l
 handling take turns on one GIL. On 2 cores, two one-lane processes of 8 rows each made 4,658 B/s
 of greedy `ar` side by side, where one process with two thread lanes of 8 made 3,665: the lock,
 not the cores, was the limit, and more cores make it worse. A `ProcessLane` runs the same
-BatchEngine in a child process; the parent keeps the request checks, the event loop and HTTP.
+BatchEngine in a child process (forked from a zygote where there is one: zygote.py); the parent
+keeps the request checks, the event loop and HTTP.
 
 Traffic over one duplex pipe per lane: the parent sends `("submit", id, request, stream)`,
 `("cancel", id)`, `("peers", busy)`, `("stats",)` and `("close", cancel)`; the child answers `("texts", [(id,
@@ -25,6 +26,7 @@ import contextlib
 import ctypes
 import itertools
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -42,6 +44,8 @@ from fastblt.errors import EngineBusy, EngineClosed, FastBltError, InternalError
 from fastblt.runtime.batch import BatchEngine, BatchStats, Ticket, check_sizes, sum_stats
 from fastblt.runtime.options import Request
 from fastblt.runtime.wakeups import deferred_wakes
+from fastblt.runtime.zygote import Forked, Zygote, set_name
+from fastblt.runtime.zygote import available as zygote_available
 
 START_TIMEOUT = 600.0  # seconds a child may take to load (a first export can take a while on a big model)
 STATS_TIMEOUT = 5.0  # seconds to wait for a live child's counters before reporting the last ones
@@ -80,8 +84,10 @@ class ProcessLane:
     """
 
     def __init__(self, checkpoint: Path, backend: str, max_batch: int, max_queue: int,
-                 max_context: int | None, load: dict[str, Any], restart: bool = True):  # fmt: skip
+                 max_context: int | None, load: dict[str, Any], restart: bool = True,
+                 zygote: Zygote | None = None):  # fmt: skip
         check_sizes(max_batch, max_queue)
+        self._zygote = zygote
         self.max_batch, self.max_queue = max_batch, max_queue
         self._args = (str(checkpoint), backend, max_batch, max_queue, max_context, load)
         self._restart = restart
@@ -102,17 +108,30 @@ class ProcessLane:
         self._spawn()
 
     def _spawn(self) -> None:
-        """Start a child. A fresh interpreter, not a fork (a forked copy of onnxruntime's threads
-        would hang) and not multiprocessing's spawn (which imports the caller's __main__ again: a
-        script without a main guard would start its engine in every lane)."""
+        """Start a child: forked from the zygote when there is one (zygote.py), else a fresh
+        interpreter. Never a fork of this process (a forked copy of onnxruntime's threads would
+        hang) and not multiprocessing's spawn (which imports the caller's __main__ again: a script
+        without a main guard would start its engine in every lane)."""
         ours, theirs = socket.socketpair()
         with theirs:
             fd = theirs.fileno()
-            cmd = [sys.executable, "-c", "from fastblt.runtime.lane_process import main; main()", str(fd)]
-            self._proc = subprocess.Popen(cmd, pass_fds=(fd,), stdin=subprocess.DEVNULL)
+            self._proc = self._fork(fd) or subprocess.Popen(
+                [sys.executable, "-c", "from fastblt.runtime.lane_process import main; main()", str(fd)],
+                pass_fds=(fd,), stdin=subprocess.DEVNULL,
+            )  # fmt: skip
         self._conn = Connection(ours.detach())
         self._conn.send(self._args)
         self._started = time.monotonic()
+
+    def _fork(self, fd: int) -> Forked | None:
+        if self._zygote is None:
+            return None
+        try:
+            return self._zygote.fork(fd)
+        except OSError as e:
+            log.warning("fastblt lane %s: %s; starting a fresh interpreter instead", id(self), e)
+            self._zygote = None
+            return None
 
     # ------------------------------------------------------------------ lifecycle
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
@@ -322,9 +341,30 @@ class ProcessLane:
 
 
 # ---------------------------------------------------------------------- the child
+PRELOAD = ("torch", "numpy", "fastblt.runtime.generator", "fastblt.engines.ort_backend")  # a zygote's imports
+
+
+def start_zygote() -> Zygote | None:
+    """A zygote to fork this engine's workers from, or None where there can be none or the
+    environment says FASTBLT_ZYGOTE=0 (the workers then start as fresh interpreters)."""
+    if not zygote_available() or os.environ.get("FASTBLT_ZYGOTE", "1") == "0":
+        return None
+    try:
+        return Zygote("fastblt.runtime.lane_process:serve", PRELOAD, "fastblt-lane")
+    except OSError as e:
+        log.warning("fastblt lanes: %s; workers start as fresh interpreters", e)
+        return None
+
+
 def main() -> None:
-    """The child's entry point: its end of the pipe is the file descriptor in argv[1]."""
-    conn = Connection(int(sys.argv[1]))
+    """A fresh interpreter's entry point: its end of the pipe is the file descriptor in argv[1]."""
+    set_name("fastblt-lane")
+    serve(int(sys.argv[1]))
+
+
+def serve(fd: int) -> None:
+    """A worker's life on its end of the pipe: load as the parent says, serve until closed."""
+    conn = Connection(fd)
     checkpoint, *args = conn.recv()
     _child(conn, Path(checkpoint), *args)
 

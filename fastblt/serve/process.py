@@ -31,8 +31,10 @@ class ServerProcess:
         log: where the child's output goes (default: a temporary file, shown if it fails to start).
     """
 
-    def __init__(self, args: list[str] | None = None, ready_timeout: float = 300.0, log: Path | None = None):
+    def __init__(self, args: list[str] | None = None, ready_timeout: float = 300.0, log: Path | None = None,
+                 env: dict[str, str] | None = None):  # fmt: skip
         self.args, self.ready_timeout = list(args or []), ready_timeout
+        self.env = None if env is None else {**os.environ, **env}  # added to this process's environment
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
@@ -47,7 +49,8 @@ class ServerProcess:
 
             self.log_path = Path(tempfile.mkstemp(prefix="fastblt-serve-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=self.env)  # fmt: skip
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -68,8 +71,9 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def group(self) -> list[int]:
-        """The live processes of the server's group (the server first, then its lane workers);
-        zombies left. Linux (/proc); empty elsewhere or before it starts."""
+        """The live processes of the server's group (the server first, then its lane workers and
+        the zygote they are forked from); zombies left. Linux (/proc); empty elsewhere or before
+        it starts."""
         if self.proc is None or not Path("/proc").is_dir():
             return []
         found = []
@@ -83,6 +87,17 @@ class ServerProcess:
             if int(pgid) == self.proc.pid and state != "Z":
                 found.append(int(proc.name))
         return sorted(found, key=lambda pid: pid != self.proc.pid)
+
+    def workers(self) -> list[int]:
+        """The server's lane worker processes (named fastblt-lane)."""
+        found = []
+        for pid in self.group()[1:]:
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "fastblt-lane":
+                    found.append(pid)
+            except OSError:  # ended meanwhile
+                continue
+        return found
 
     def signal(self, sig: int) -> None:
         """Send `sig` to the server's process group."""

@@ -47,10 +47,21 @@ def engine():
     eng.close(30)
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def name_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
 def test_lanes_run_in_processes_of_their_own(engine):
     assert engine.processes and all(isinstance(lane, ProcessLane) for lane in engine.lanes)
     pids = {lane.pid for lane in engine.lanes}
     assert len(pids) == 2 and os.getpid() not in pids
+    zygote = engine._zygote.pid  # forked from one process that imported the runtime for all
+    assert {parent_of(pid) for pid in pids} == {zygote} and parent_of(zygote) == os.getpid()
+    assert {name_of(pid) for pid in pids} == {"fastblt-lane"} and name_of(zygote) == "fastblt-zygote"
     assert [lane.max_batch for lane in engine.lanes] == [2, 2] and engine.max_batch == 4
 
 
@@ -177,9 +188,27 @@ def test_a_lane_whose_process_dies_fails_its_requests_and_starts_again():
         eng.close(30)
 
 
+def test_without_its_zygote_a_lane_starts_a_fresh_interpreter():
+    eng = AsyncEngine("default", backend="ort", max_batch=2, lanes=2, processes=True)
+    try:
+        victim = eng.lanes[0]
+        dead = victim.pid
+        os.kill(eng._zygote.pid, signal.SIGKILL)
+        os.kill(dead, signal.SIGKILL)
+        for _ in range(600):  # died young: started again after a pause
+            if victim.alive and victim.pid != dead:
+                break
+            time.sleep(0.05)
+        assert victim.alive and parent_of(victim.pid) == os.getpid() and name_of(victim.pid) == "fastblt-lane"
+        out = asyncio.run(eng.generate(PROMPTS[1], mode="ar", max_bytes=8, stop_on_eos=False))
+        assert out.ids == eng.generator.generate(PROMPTS[1], mode="ar", max_bytes=8, stop_on_eos=False).ids
+    finally:
+        eng.close(30)
+
+
 def test_closing_ends_the_processes_and_refuses_new_requests():
     eng = AsyncEngine("default", backend="ort", max_batch=2, lanes=2, processes=True)
-    pids = [lane.pid for lane in eng.lanes]
+    pids = [lane.pid for lane in eng.lanes] + [eng._zygote.pid]
     eng.close(30)
     assert all(gone(pid, 10) for pid in pids)
     with pytest.raises(EngineClosed):
@@ -191,13 +220,13 @@ def test_workers_do_not_outlive_their_parent(tmp_path):
     script.write_text(
         "import os, fastblt\n"
         "eng = fastblt.AsyncEngine('default', backend='ort', max_batch=2, lanes=2, processes=True)\n"
-        "print(' '.join(str(lane.pid) for lane in eng.lanes), flush=True)\n"
+        "print(' '.join(str(lane.pid) for lane in eng.lanes), eng._zygote.pid, flush=True)\n"
         "os._exit(0)\n"
     )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     pids = [int(p) for p in out.stdout.split()]
-    assert len(pids) == 2 and all(gone(pid, 20) for pid in pids)
+    assert len(pids) == 3 and all(gone(pid, 20) for pid in pids)  # the workers and their zygote
 
 
 class _Planned:
@@ -205,7 +234,7 @@ class _Planned:
 
     started: list[_Planned] = []
 
-    def __init__(self, checkpoint, backend, max_batch, max_queue, max_context, load):
+    def __init__(self, checkpoint, backend, max_batch, max_queue, max_context, load, zygote=None):
         self.max_batch, self.load_options, self.load, self.alive, self.closed = max_batch, load, 0, True, False
         self.on_change = None
         _Planned.started.append(self)

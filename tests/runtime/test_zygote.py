@@ -1,0 +1,82 @@
+"""The fork server behind worker lanes, with stdlib functions as the workers' entry points: pids,
+exit codes (a worker's own, and -signal), a worker that outlives nothing, closing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from fastblt.runtime import zygote as zy
+
+pytestmark = pytest.mark.skipif(not zy.available(), reason="the zygote forks workers on Linux only")
+
+
+def start(entry: str) -> zy.Zygote:
+    return zy.Zygote(entry, ("json",), "fastblt-test")
+
+
+def fork(z: zy.Zygote) -> tuple[zy.Forked, socket.socket]:
+    ours, theirs = socket.socketpair()
+    with theirs:
+        return z.fork(theirs.fileno()), ours
+
+
+def test_a_worker_gets_its_socket_and_its_exit_code_comes_back():
+    z = start("sys:exit")  # the worker calls sys.exit(fd): its exit code is the fd it was given
+    try:
+        worker, ours = fork(z)
+        code = worker.wait(30)
+        assert 3 <= code < 1024 and worker.poll() == code and worker.pid != z.pid
+        ours.close()
+    finally:
+        z.close()
+
+
+def test_a_killed_worker_reports_its_signal_and_a_running_one_none():
+    z = start("time:sleep")  # sleeps fd seconds
+    try:
+        worker, ours = fork(z)
+        assert worker.poll() is None
+        deadline = time.monotonic() + 10  # the worker names itself just after the fork
+        while comm(worker.pid) != "fastblt-test" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert comm(worker.pid) == "fastblt-test" and comm(z.pid) == "fastblt-zygote"
+        with pytest.raises(subprocess.TimeoutExpired):
+            worker.wait(0.1)
+        worker.kill()
+        assert worker.wait(30) == -signal.SIGKILL
+        ours.close()
+    finally:
+        z.close()
+
+
+def test_closing_ends_the_zygote_and_forking_after_it_fails_cleanly():
+    z = start("sys:exit")
+    pid = z.pid
+    z.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the zygote still runs after close")
+    with pytest.raises(OSError):
+        fork(z)
+
+
+def test_a_zygote_that_cannot_import_says_so():
+    with pytest.raises(OSError, match="zygote: exited while importing"):
+        zy.Zygote("sys:exit", ("no_such_module_here",), "fastblt-test", timeout=60)
+
+
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
