@@ -190,10 +190,14 @@ class StepRunner:
         rows, first = calls[0].state.rows, calls[0].state.row
         return all(c.state.rows is rows and c.state.row == first + i for i, c in enumerate(calls))
 
-    def _gather(self, key: str, parts: list[KV | HostKV], min_slots: int = 0) -> tuple[KV, KV | HostKV]:
+    def _gather(self, key: str, parts: list[KV | HostKV], min_slots: int = 0,
+                live: list[int] | None = None) -> tuple[KV, KV | HostKV]:  # fmt: skip
         """Per layer (k, v): the calls' caches (each (1, ..., slots_i, d); numpy views where `numpy`)
         stacked into scratch rows, each padded to the widest along the slot axis (and to at least
-        `min_slots`). Returns the scratch as the backend is fed it and as the host copies it."""
+        `min_slots`). `live`: per call, the slots it reads (the rest of its row is masked, so left
+        as the scratch holds it: a linear cache's buffer is up to an eighth longer than its
+        content, and this copy is a long batch's largest host cost). Returns the scratch as the
+        backend is fed it and as the host copies it."""
         feed, host = [], []
         for layer in range(len(parts[0])):
             pairs = []
@@ -204,7 +208,8 @@ class StepRunner:
                 buf, buf_host = self._scratch_view(f"{key}.{layer}.{j}", shape, self.dtype)
                 dst = buf_host if buf_host is not None else buf
                 for i, x in enumerate(xs):
-                    dst[i, ..., : x.shape[-2], :] = x[0]
+                    n = x.shape[-2] if live is None else live[i]
+                    dst[i, ..., :n, :] = x[0, ..., :n, :]
                 pairs.append((buf, dst))
             feed.append((pairs[0][0], pairs[1][0]))
             host.append((pairs[0][1], pairs[1][1]))
@@ -239,7 +244,8 @@ class StepRunner:
                 cache.for_step(max(c.at + (c.size if plan.writes else 0), 1))
             own = [cache.host() for cache in caches]
             size = max(c.size for c in calls) if plan.writes else 0  # padded positions are written too
-            scratch, host = self._gather(f"{step}.past", own, past_slots(max(c.at for c in calls) + size))
+            scratch, host = self._gather(f"{step}.past", own, past_slots(max(c.at for c in calls) + size),
+                                         [c.at for c in calls])  # fmt: skip
             feeds = named_kv(PAST, scratch)
             if plan.writes:
                 gathered.append((host, own, [slice(c.at, c.at + c.size) for c in calls]))
