@@ -100,13 +100,14 @@ class AsyncEngine:
         self.config, self.model = g.config, g.model
         if not asked and g.device.type != "cpu":
             lanes = 1  # the default counts CPU cores; on a GPU one lane feeds it
-        if processes is None:
+        defaulted = processes is None
+        if defaulted:
             processes = default_processes(backend, lanes, g)
         elif processes and (not isinstance(backend, str) or g.checkpoint_path is None):
             raise InputError("processes: a worker process loads the checkpoint itself; give it and the backend by name")
         if not asked:
             lanes = min(lanes, THREAD_LANES) if not processes else min(lanes, memory_lanes(lane_bytes(g)))
-            processes = processes and lanes > 1
+            processes = processes and (lanes > 1 or not defaulted)  # one lane: a worker only if asked for
         self.engines, self.lanes = [g.engine], []
         self._zygote: Zygote | None = None
         self._peers_lock = threading.Lock()

@@ -247,31 +247,33 @@ class _Planned:
 
 
 @pytest.mark.parametrize(
-    ("cores", "lanes", "memory_mb", "want"),
+    ("cores", "lanes", "processes", "memory_mb", "want"),
     [
-        (8, None, None, (8, [2] * 8, 1, 8)),  # a worker per core, a global thread each, all 8 alone
-        (8, 2, None, (2, [8, 8], 4, 8)),  # asked for two: half the cores for each global step
-        (16, None, 700, (1, [16], 16, None)),  # memory for one worker: one lane in this process
-        (2, None, None, (2, [8, 8], 1, 2)),  # this machine's kind
+        (8, None, None, None, (True, [2] * 8, 1, 8)),  # a worker per core, a global thread each, all 8 alone
+        (8, 2, None, None, (True, [8, 8], 4, 8)),  # asked for two: half the cores for each global step
+        (16, None, None, 700, (False, [16], 16, None)),  # memory for one worker: one lane in this process
+        (16, None, True, 700, (True, [16], 16, None)),  # ... unless workers were asked for: one worker
+        (2, None, None, None, (True, [8, 8], 1, 2)),  # this machine's kind
     ],
 )
-def test_the_engine_starts_its_lanes_with_their_share_of_the_cores(monkeypatch, cores, lanes, memory_mb, want):
+def test_the_engine_starts_its_lanes_with_their_share_of_the_cores(monkeypatch, cores, lanes, processes, memory_mb,
+                                                                   want):  # fmt: skip
     monkeypatch.setattr(ae, "cpu_cores", lambda: cores)
     monkeypatch.setattr(ae, "memory_available", lambda: None if memory_mb is None else memory_mb << 20)
     monkeypatch.setattr(ae, "ProcessLane", _Planned)
     _Planned.started = []
-    eng = AsyncEngine("default", backend="ort", lanes=lanes)
+    eng = AsyncEngine("default", backend="ort", lanes=lanes, processes=processes)
     try:
-        n, rows, global_threads, wide = want
-        if wide is None:  # no worker: the engine's own lane, its global session on the share
-            assert not eng.processes and len(eng.lanes) == n and not _Planned.started
+        workers, rows, global_threads, wide = want
+        if not workers:  # the engine's own lane, its global session on the share
+            assert not eng.processes and [lane.max_batch for lane in eng.lanes] == rows and not _Planned.started
             backend = eng.generator.engine.backend
             assert backend._sessions["global"].get_session_options().intra_op_num_threads == global_threads
             return
         assert eng.processes and [lane.max_batch for lane in _Planned.started] == rows
         for lane in _Planned.started:
             assert lane.load_options["threads"] == 1 and lane.load_options["global_threads"] == global_threads
-            assert lane.load_options["wide_global"] == wide
+            assert lane.load_options.get("wide_global") == wide
     finally:
         eng.close(30)
 
