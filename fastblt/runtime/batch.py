@@ -362,10 +362,11 @@ class BatchEngine:
                 self._cycle = (self._cycle + k + 1) % len(CYCLE)
                 break
         calls = [seq for seq in self.live if seq.pending is not None and seq.pending.step == step]
+        states = [seq.state for seq in self.live]  # by row: a global step's padding rows
         self.stats.turns += 1
         for group in self._groups(step, calls):
             try:
-                self.runner.run([seq.pending for seq in group])
+                self.runner.run([seq.pending for seq in group], states)
             except Exception as e:  # the backend failed this call: its requests fail, the rest go on
                 err = e if isinstance(e, FastBltError) else InternalError(f"step {step} failed: {e!r}")
                 for seq in group:
@@ -379,9 +380,10 @@ class BatchEngine:
 
     def _groups(self, step: str, seqs: list[_Sequence]) -> list[list[_Sequence]]:
         """Backend calls for one step: one per (size, run of consecutive rows). A step with a
-        gathered cache (the global step) takes any rows, padded to its widest: one call per
-        power-of-two bin of sizes, so a decoding row (one patch) is never padded to a prefilling
-        row's eight (every padded patch is computed through every layer)."""
+        linear cache (the global step) takes any rows, padded to its widest (the rows between them
+        run as padding: StepRunner.run): one call per power-of-two bin of sizes, so a decoding row
+        (one patch) is never padded to a prefilling row's eight (every padded patch is computed
+        through every layer)."""
         by_size: dict[int, list[_Sequence]] = {}
         if not self.runner.specs[step].ring:
             for seq in seqs:
@@ -412,6 +414,8 @@ class BatchEngine:
             for seq in ended:
                 self._vacate(seq.state.row)
             self.stats.active = len(self.live)
+        if not self.live:
+            self.runner.trim()
 
     # ------------------------------------------------------------------ rows
     # Live sequences hold rows 0..n-1, each cohort's in one block of consecutive rows (blocks in

@@ -7,11 +7,14 @@ call: a Generator runs each call alone, the batch engine (batch.py) runs many at
 path for both is what makes a batched sequence compute what it computes alone.
 
 Rows of a batched call: the ring caches of the calls' sequences must be consecutive rows of one
-RowCaches (the batch engine groups them so); caches that grow with each sequence (LinearCache) and
-the cross ring of a global step are gathered into scratch buffers and the slots the step wrote
-are copied back, so the rows of a global step may be any sequences. A call with fewer positions
-(patches) than the batch's widest is padded only where the padding cannot reach a sequence's own
-buffers: in the gathered scratch.
+RowCaches (the batch engine groups them so). A global step may take any rows: given the batch's
+sequences by row (`neighbours`), it runs over the range of rows from the first caller to the last,
+the sequences between them as padding rows, on a mirror of the batch's linear caches (MirrorRows,
+no copy per call); otherwise the callers' linear caches are gathered into scratch rows. Either
+way the global step writes the cross ring of a scratch, and the slots the callers wrote are copied
+back to their own caches. A call with fewer positions (patches) than the batch's widest is padded
+only where the padding cannot reach what a sequence reads: in scratch rows, and in mirror slots
+past the ones it reads (`free_slot`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from collections.abc import Generator as Coroutine
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -30,12 +34,20 @@ from torch import Tensor
 from fastblt.engines.base import Backend
 from fastblt.errors import InternalError
 from fastblt.export.spec import CROSS, PAST, TORCH_DTYPES, StepSpec, max_step, named_kv, past_slots, state_dtype
-from fastblt.runtime.caches import KV, HostKV, LinearCache, RowCaches, host_arrays
+from fastblt.runtime.caches import KV, HostKV, LinearCache, MirrorRows, RowCaches, host_arrays
 
 R = TypeVar("R")
 Outputs = dict[str, Tensor | np.ndarray]  # logits and entropies: numpy; h: as the call's x
 Plan = Coroutine["StepCall | None", Outputs, R]  # yields step calls (None: a round ended), returns R
 PAD = {"patch_lens": 1}  # padding value of an int input where 0 is not a valid one
+_EMPTY = np.zeros(0, dtype=np.int64)  # a padding call's int inputs: all padding
+# A global step runs over the range of batch rows its callers span (no copy of their caches) when
+# its padding rows hold at most this many patches per caller, else it gathers the callers' caches:
+# every padded patch is computed through every layer. 16 streams, two lanes of 8, against gathering
+# always: ar +2% at 256 bytes out, +12% at 2,048; blt-s (whose verify steps close several patches
+# a row) -2% to -1%, within the noise (docs/serving.md).
+PAD_WORK = 1.0
+Copies = list[Callable[[], None]]  # what to copy back to the calls' own caches after a call
 MAX_VIEWS = 64  # memoised views per scratch buffer (gathered caches take a new shape as contexts grow)
 
 
@@ -48,6 +60,8 @@ class Sequence(Protocol):
     linear: dict[str, LinearCache]
 
     def count(self, step: str, positions: int, seconds: float) -> None: ...
+
+    def free_slot(self) -> int: ...  # the first linear-cache slot it does not read (padding may write there)
 
 
 @dataclass(slots=True)
@@ -99,6 +113,7 @@ class StepRunner:
         self._views: dict[tuple, tuple[Tensor, np.ndarray]] = {}
         self._out_views: dict[tuple[str, str], tuple[Tensor, np.ndarray]] = {}  # a backend's reused outputs
         self._one_row: dict[tuple, tuple[dict[str, Tensor], list, np.ndarray | None]] = {}  # _one_row_feeds
+        self._mirrors: dict[str, MirrorRows] = {}  # per linear stack, for a batch (`neighbours`)
         self._plans = {step: _step_plan(spec) for step, spec in self.specs.items()}
 
     # ------------------------------------------------------------------ inputs
@@ -216,15 +231,89 @@ class StepRunner:
         return feed, host
 
     @staticmethod
-    def _scatter_back(gathered: KV | HostKV, parts: list[KV | HostKV], slots: list[list[int] | slice]) -> None:
-        """Copy the slots each call's step wrote from the scratch rows back to its own caches."""
-        for (gk, gv), *own in zip(gathered, *parts, strict=True):
-            for i, ((k, v), where) in enumerate(zip(own, slots, strict=True)):
-                k[0, ..., where, :] = gk[i, ..., where, :]
-                v[0, ..., where, :] = gv[i, ..., where, :]
+    def _scatter_back(gathered: KV | HostKV, parts: list[KV | HostKV | None], slots: list[list[int] | slice]) -> None:
+        """Copy the slots each call's step wrote from the scratch rows back to its own caches (a
+        padding row, None, has none)."""
+        for layer, (gk, gv) in enumerate(gathered):
+            for i, (own, where) in enumerate(zip(parts, slots, strict=True)):
+                if own is not None:
+                    k, v = own[layer]
+                    k[0, ..., where, :] = gk[i, ..., where, :]
+                    v[0, ..., where, :] = gv[i, ..., where, :]
 
-    def _cache_feeds(self, plan: _StepPlan, calls: list[StepCall], gathered: list) -> dict[str, Tensor]:
-        """The step's cache inputs for these calls; `gathered` gets what must be copied back after."""
+    def _cover(self, plan: _StepPlan, calls: list[StepCall], neighbours: list[Sequence]) -> list[StepCall] | None:
+        """The calls of a linear-cache step over the range of batch rows from the first caller to
+        the last, the sequences between them as padding calls (no positions, placed at their
+        `free_slot`); None when the padding would cost more than a gather (PAD_WORK) or the mirror
+        cannot hold them (past the stack's position limit)."""
+        by_row = {c.state.row: c for c in calls}
+        lo, hi = min(by_row), max(by_row) + 1
+        size = max(c.size for c in calls)
+        if (hi - lo - len(calls)) * size > PAD_WORK * len(calls):
+            return None
+        x = calls[0].x
+        full = []
+        for row in range(lo, hi):
+            call = by_row.get(row)
+            if call is None:
+                seq = neighbours[row]
+                pad = x[:0, :1] if x is not None else None  # (0, 1, D): no patch
+                call = StepCall(plan.step, seq, seq.free_slot(), 0, {n: _EMPTY for n in plan.ints if n != "start"}, pad)
+            full.append(call)
+        mirror = self._mirror(plan.stack, calls[0].state.linear[plan.stack])
+        return full if mirror.reserve(max(c.at for c in full) + size) else None
+
+    def trim(self) -> None:
+        """Let go of the batch's mirrors and scratch buffers, which keep the size of the longest
+        context they served (a batch calls this when it runs empty: the next requests may be short)."""
+        self._mirrors.clear()
+        self._scratch.clear()
+        self._scratch_views.clear()
+        self._one_row.clear()
+
+    def _mirror(self, stack: str, like: LinearCache) -> MirrorRows:
+        mirror = self._mirrors.get(stack)
+        if mirror is None:
+            mirror = self._mirrors[stack] = MirrorRows(like.cfg, self.rows, like.dtype, like.device)
+        return mirror
+
+    def _mirror_feeds(self, plan: _StepPlan, calls: list[StepCall], after: Copies) -> dict[str, Tensor]:
+        """A covered range's cache inputs (`_cover`): the mirror's rows, each caller's row synced to
+        its own cache first; the cross ring (which the global step only writes) a scratch. What the
+        callers wrote is copied back after the call."""
+        mirror = self._mirrors[plan.stack]
+        lo, hi = calls[0].state.row, calls[-1].state.row + 1
+        for c in calls:
+            cache = c.state.linear[plan.stack]
+            if c.size:
+                cache.for_step(c.at + c.size)
+                mirror.sync(c.state.row, cache, c.at)
+            else:
+                mirror.lend(c.state.row, cache)
+        feeds = dict(mirror.feeds(lo, hi))
+        written = [c for c in calls if c.size]
+
+        def write_back() -> None:
+            for c in written:
+                mirror.write_back(c.state.row, c.state.linear[plan.stack], slice(c.at, c.at + c.size))
+
+        after.append(write_back)
+        if plan.cross:
+            own = [c.state.rows.cross_rows_host(c.state.row, c.state.row + 1) if c.size else None for c in calls]
+            scratch, host = [], []
+            for layer, (k, _) in enumerate(calls[0].state.rows.cross_rows_host(lo, lo + 1)):
+                shape = (len(calls), *k.shape[1:])
+                pair = [self._scratch_view(f"{plan.step}.cross.{layer}.{j}", shape, self.dtype) for j in range(2)]
+                scratch.append((pair[0][0], pair[1][0]))
+                host.append(tuple(h if h is not None else t for t, h in pair))
+            feeds |= named_kv(CROSS, scratch)
+            C = scratch[0][0].shape[-2]
+            slots = [_ring_slots(c.at, c.size, C) for c in calls]
+            after.append(lambda: self._scatter_back(host, own, slots))
+        return feeds
+
+    def _cache_feeds(self, plan: _StepPlan, calls: list[StepCall], after: Copies) -> dict[str, Tensor]:
+        """The step's cache inputs for these calls; `after` gets the copies to make after the call."""
         step, b = plan.step, len(calls)
         first = calls[0].state
         consecutive = b == 1 or self._consecutive(calls)
@@ -248,13 +337,19 @@ class StepRunner:
                                          [c.at for c in calls])  # fmt: skip
             feeds = named_kv(PAST, scratch)
             if plan.writes:
-                gathered.append((host, own, [slice(c.at, c.at + c.size) for c in calls]))
+                slots = [slice(c.at, c.at + c.size) for c in calls]
+                after.append(lambda: self._scatter_back(host, own, slots))
+                mirror = self._mirrors.get(plan.stack)
+                if mirror is not None:  # written here, not in the batch's mirror: it follows
+                    writes = [(c.state.row, cache, w) for c, cache, w in zip(calls, caches, slots, strict=True)]
+                    after.append(lambda: mirror.follow(writes))
             if plan.cross:  # the cross rings too: this step's rows may be any sequences
-                own = [c.state.rows.cross_rows_host(c.state.row, c.state.row + 1) for c in calls]
-                scratch, host = self._gather(f"{step}.cross", own)
+                cross = [c.state.rows.cross_rows_host(c.state.row, c.state.row + 1) for c in calls]
+                scratch, cross_host = self._gather(f"{step}.cross", cross)
                 feeds |= named_kv(CROSS, scratch)
-                C = own[0][0][0].shape[-2]
-                gathered.append((host, own, [_ring_slots(c.at, c.size, C) for c in calls]))
+                C = cross[0][0][0].shape[-2]
+                ring = [_ring_slots(c.at, c.size, C) for c in calls]
+                after.append(lambda: self._scatter_back(cross_host, cross, ring))
         return feeds
 
     def _one_row_feeds(self, plan: _StepPlan, call: StepCall) -> dict[str, Tensor]:
@@ -285,27 +380,39 @@ class StepRunner:
         return feeds
 
     # ------------------------------------------------------------------ the call
-    def run(self, calls: list[StepCall]) -> None:
+    def run(self, calls: list[StepCall], neighbours: list[Sequence] | None = None) -> None:
         """Run `calls` (one step) as one backend call; each call's `outputs` get its own rows.
 
         Ring caches: the calls' sequences must sit in consecutive rows of one RowCaches (InternalError
         otherwise). Every call must carry the same number of positions, except for a step whose
-        cache is gathered (patches of a global step: padded in the scratch) and the diffusion head
-        (it writes no cache).
+        cache is linear (patches of a global step: padded) and the diffusion head (it writes no
+        cache). `neighbours`: a batch's sequences by row; a linear-cache step then runs over the
+        range of rows its calls span (`_cover`).
         """
         step = calls[0].step
         plan = self._plans[step]
+        if neighbours is not None and not plan.ring and plan.writes:
+            calls = sorted(calls, key=lambda c: c.state.row)
+            covered = self._cover(plan, calls, neighbours)
+        else:
+            covered = None
+        real = calls
+        if covered is not None:
+            calls = covered
         b = len(calls)
         if b > self.rows:
             raise InternalError(f"step {step}: {b} calls for a runner of {self.rows} rows")
         size = calls[0].size if b == 1 else max(c.size for c in calls)
         if b > 1 and plan.writes and plan.ring and any(c.size != size for c in calls):
             raise InternalError(f"step {step}: calls of {sorted({c.size for c in calls})} positions in one batch")
-        gathered: list[tuple[KV, list[KV], list]] = []  # scratch, own caches, written slots
+        after: Copies = []
         if b == 1 and plan.ring and self.numpy:
             feeds = self._one_row_feeds(plan, calls[0])
         else:
-            feeds = self._cache_feeds(plan, calls, gathered)
+            if covered is not None:
+                feeds = self._mirror_feeds(plan, calls, after)
+            else:
+                feeds = self._cache_feeds(plan, calls, after)
             start, host = self._int_view(step, "start", (b,))
             for i, c in enumerate(calls):
                 host[i] = c.at
@@ -322,12 +429,13 @@ class StepRunner:
             out = self.backend.run_step(step, feeds, check=False)
             own = [(name, self._read(step, name, out[name])) for name in plan.read]
             seconds = time.perf_counter() - t0
-        for scratch, parts, slots in gathered:
-            self._scatter_back(scratch, parts, slots)
-        share = seconds / b
+        for copy in after:
+            copy()
+        share = seconds / len(real)
         for i, c in enumerate(calls):
-            c.outputs = {name: t[i, : c.size] if b > 1 else t[0] for name, t in own}
-            c.state.count(step, c.size, share)
+            if c.size or covered is None:  # a padding row's outputs are no one's
+                c.outputs = {name: t[i, : c.size] if b > 1 else t[0] for name, t in own}
+                c.state.count(step, c.size, share)
 
 
 def _ring_slots(at: int, size: int, slots: int) -> slice | list[int]:

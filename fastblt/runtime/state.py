@@ -411,6 +411,12 @@ class SequenceState:
         for cache in self.linear.values():
             cache.reset()
 
+    def free_slot(self) -> int:
+        """The first global-cache slot this sequence does not read: a padding row of a batched global
+        step may write from there. Slots from g_len on are scratch, except the forced latent in
+        slot g_len while `force_close` may still return it."""
+        return self.g_len + (self._forced_at is not None)
+
     def force_close(self) -> Plan[int]:
         """The paper's block-start rule: the latent the next block reads.
 

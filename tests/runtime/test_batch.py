@@ -197,3 +197,83 @@ def test_ring_slots_are_a_slice_unless_they_wrap():
         slots = _ring_slots(at, size, 34)
         assert isinstance(slots, slice) == ((at % 34) + size <= 34)
         assert ring[slots].tolist() == [(at + j) % 34 for j in range(size)]
+
+
+@pytest.mark.parametrize("pad_work", [0.0, float("inf")])
+def test_global_steps_over_row_ranges_equal_gathered_ones(monkeypatch, pad_work):
+    """A batch's global steps run over the range of rows their callers span, on the mirror of the
+    batch's linear caches (padding rows in between written past what they read, a blt-d row's
+    forced latent among them), or gather the callers' caches (PAD_WORK 0: never a range): either
+    way every request's ids equal Generator's, and with ranges some calls really were padded."""
+    from fastblt.runtime import calls as calls_module
+
+    monkeypatch.setattr(calls_module, "PAD_WORK", pad_work)
+    padded, forced = [], []
+    cover = calls_module.StepRunner._cover
+
+    def spy(self, plan, calls, neighbours):
+        full = cover(self, plan, calls, neighbours)
+        pads = [c for c in full or [] if c.size == 0]
+        padded.append(len(pads))
+        forced.extend(c.state._forced_at is not None for c in pads)
+        return full
+
+    monkeypatch.setattr(calls_module.StepRunner, "_cover", spy)
+    g = torch_generator("small-window")
+    work = jobs(32, seed=3)
+    want = [g.generate(p, mode=m, max_bytes=n, **o).ids for p, m, n, o in work]
+    with batch_of(g, max_batch=8) as batch:
+        got = [t.result(120).ids for t in [batch.submit(make_request(p, g.config, m, n, **o)) for p, m, n, o in work]]
+        deadline = time.monotonic() + 10  # an empty batch lets go of its mirror (sized to its longest context)
+        while batch.runner._mirrors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not batch.runner._mirrors and not batch.runner._scratch
+    assert got == want
+    if pad_work:
+        assert sum(padded) > 10 and any(forced)  # padding rows, one of them holding a forced latent
+    else:
+        assert padded and not any(padded)
+
+
+def test_a_mirror_row_is_copied_in_only_when_it_changes_hands():
+    """MirrorRows: a row syncs from a sequence's cache once (then the steps write it in place and
+    the written slots go back), padding keeps a row's mirror only for its own sequence, a reset
+    sequence is copied in again, growth keeps every row, and the position limit is refused."""
+    import torch
+
+    from fastblt.model.config import StackConfig
+    from fastblt.runtime.caches import LinearCache, MirrorRows
+
+    cfg = StackConfig(dim=8, n_layers=1, n_heads=2, ffn_dim=8, max_positions=256)
+    mirror = MirrorRows(cfg, 3, torch.float32, torch.device("cpu"))
+    a, b = (LinearCache(cfg, torch.float32, torch.device("cpu")) for _ in range(2))
+    for cache, value in ((a, 1.0), (b, 2.0)):
+        cache.for_step(40)
+        for k, v in cache.kv:
+            k.fill_(value)
+            v.fill_(-value)
+    k = mirror.kv[0][0]
+    mirror.sync(0, a, 30)
+    assert (k[0, :, :30] == 1).all() and (k[0, :, 30:] == 0).all()
+    k[0, :, :30] = 5.0  # a sync of the same sequence copies nothing
+    mirror.sync(0, a, 30)
+    assert (k[0, :, :30] == 5).all()
+    mirror.lend(0, a)  # its own sequence as padding: still its mirror
+    mirror.sync(0, a, 30)
+    assert (k[0, :, :30] == 5).all()
+    mirror.lend(0, b)  # another sequence's padding: no longer anyone's
+    mirror.sync(0, a, 30)
+    assert (k[0, :, :30] == 1).all()
+    k[0, :, 30:32] = 7.0
+    mirror.write_back(0, a, slice(30, 32))
+    assert (a.kv[0][0][0, :, 30:32] == 7).all() and (a.kv[0][0][0, :, 32:] == 1).all()
+    a.reset()  # a new sequence on the same cache: copied in again
+    k[0] = 9.0
+    mirror.sync(0, a, 1)
+    assert (k[0, :, :1] == a.kv[0][0][0, :, :1]).all() and (k[0, :, 1:] == 9).all()
+    mirror.sync(1, b, 40)
+    assert mirror.reserve(200) and mirror.cap >= 200
+    assert (mirror.kv[0][0][1, :, :40] == 2).all()  # growth kept the rows
+    assert not mirror.reserve(257 + 64)  # past the position limit (rounded to a bucket)
+    mirror.follow([(1, b, slice(0, 2)), (2, a, slice(0, 1))])  # b's row follows; a mirrors nowhere
+    assert mirror.owners[1] is not None and mirror.owners[2] is None

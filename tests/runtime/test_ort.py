@@ -110,11 +110,16 @@ def test_threads_share_an_ort_generator_safely(ort_gen):
     assert got == want
 
 
-def test_batched_requests_on_ort_equal_batch_one(ort_gen):
+@pytest.mark.parametrize("pad_work", [1.0, float("inf")])
+def test_batched_requests_on_ort_equal_batch_one(ort_gen, monkeypatch, pad_work):
     """onnxruntime computes each row of a batched call as it computes the row alone: mixed modes,
-    prompts and seeded sampling in batches of 6 give every request its batch-1 bytes."""
+    prompts and seeded sampling in batches of 6 give every request its batch-1 bytes, with the
+    global steps over row ranges where padding is cheap (the default) or always."""
+    from fastblt.runtime import calls
     from fastblt.runtime.batch import BatchEngine
     from fastblt.runtime.options import make_request
+
+    monkeypatch.setattr(calls, "PAD_WORK", pad_work)
 
     jobs = [(p, m, n) for n, p in zip((9, 17, 30), PROMPTS, strict=False) for m in ("ar", "blt-s", "blt-d", "blt-dv")]
     jobs += [(PROMPTS[4], "ar", 25)] * 3
