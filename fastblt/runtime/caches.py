@@ -248,6 +248,9 @@ class MirrorRows(_Buffers):
         for (mk, mv), (k, v) in zip(self.host(), cache.host(), strict=True):
             mk[row, ..., :upto, :] = k[0, ..., :upto, :]
             mv[row, ..., :upto, :] = v[0, ..., :upto, :]
+        # a row it left (the batch moves sequences) stops mirroring it: it would miss what is
+        # written here, and the sequence may come back to it
+        self.owners = [None if o == key else o for o in self.owners]
         self.owners[row] = key
 
     def lend(self, row: int, cache: LinearCache) -> None:

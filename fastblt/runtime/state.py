@@ -131,6 +131,7 @@ class SequenceState:
         self.g_len = 0
         self.written = 0  # positions < written have been written to the rings (some maybe rolled back)
         self._forced_at: int | None = None  # n at which slot g_len holds the open patch's forced latent
+        self._global_end = 0  # while a global step runs in parts: the slot after its last patch
         self.reset_counters()
 
     # the bookkeeping arrays, by position
@@ -235,8 +236,12 @@ class SequenceState:
         to patch slots at.."""
         m = self.max_step
         if len(spans) > m:
-            for i in range(0, len(spans), m):
-                yield from self.run_global(spans[i : i + m], at + i)
+            self._global_end = at + len(spans)  # slots a later part reads: no padding row may write them
+            try:
+                for i in range(0, len(spans), m):
+                    yield from self.run_global(spans[i : i + m], at + i)
+            finally:
+                self._global_end = 0
             return
         end = at + len(spans)
         if end > self.patch_limit:
@@ -407,15 +412,16 @@ class SequenceState:
     def reset(self) -> None:
         """An empty sequence on the same buffers (a new one fills every position from 0 before it is
         read, so no ring needs clearing); linear caches shrink back to one bucket."""
-        self.n, self.g_len, self.written, self._forced_at = 0, 0, 0, None
+        self.n, self.g_len, self.written, self._forced_at, self._global_end = 0, 0, 0, None, 0
         for cache in self.linear.values():
             cache.reset()
 
     def free_slot(self) -> int:
         """The first global-cache slot this sequence does not read: a padding row of a batched global
         step may write from there. Slots from g_len on are scratch, except the forced latent in
-        slot g_len while `force_close` may still return it."""
-        return self.g_len + (self._forced_at is not None)
+        slot g_len while `force_close` may still return it, and the slots the earlier parts of a
+        global step split in max_step parts wrote (g_len counts them only after the last part)."""
+        return max(self.g_len + (self._forced_at is not None), self._global_end)
 
     def force_close(self) -> Plan[int]:
         """The paper's block-start rule: the latent the next block reads.

@@ -238,7 +238,9 @@ def test_global_steps_over_row_ranges_equal_gathered_ones(monkeypatch, pad_work)
 def test_a_mirror_row_is_copied_in_only_when_it_changes_hands():
     """MirrorRows: a row syncs from a sequence's cache once (then the steps write it in place and
     the written slots go back), padding keeps a row's mirror only for its own sequence, a reset
-    sequence is copied in again, growth keeps every row, and the position limit is refused."""
+    sequence is copied in again, a sequence that moved away and back is copied in again (1,000
+    batched requests found 3 that differed before), growth keeps every row, and the position
+    limit is refused."""
     import torch
 
     from fastblt.model.config import StackConfig
@@ -272,8 +274,54 @@ def test_a_mirror_row_is_copied_in_only_when_it_changes_hands():
     mirror.sync(0, a, 1)
     assert (k[0, :, :1] == a.kv[0][0][0, :, :1]).all() and (k[0, :, 1:] == 9).all()
     mirror.sync(1, b, 40)
+    mirror.sync(2, b, 40)  # b moved to row 2 (the batch moves rows): row 1 no longer mirrors it
+    assert mirror.owners[1] is None and mirror.owners[2] is not None
+    k[1] = 9.0  # stale, as a row left behind would be
+    mirror.sync(1, b, 40)  # back in row 1: copied in again, not trusted
+    assert (k[1, :, :40] == 2).all() and mirror.owners[2] is None
     assert mirror.reserve(200) and mirror.cap >= 200
     assert (mirror.kv[0][0][1, :, :40] == 2).all()  # growth kept the rows
     assert not mirror.reserve(257 + 64)  # past the position limit (rounded to a bucket)
     mirror.follow([(1, b, slice(0, 2)), (2, a, slice(0, 1))])  # b's row follows; a mirrors nowhere
     assert mirror.owners[1] is not None and mirror.owners[2] is None
+
+
+def test_a_global_step_in_parts_is_not_overwritten_by_padding_between_them():
+    """A global step of more than max_step patches runs in parts, and g_len counts them only after
+    the last: between two parts the sequence may be a padding row of another batched global call,
+    which must write past the first part's slots (`free_slot`), or the second part reads clobbered
+    ones (found by 1,000 batched requests: 3 sampled blt-dv rows differed)."""
+    import torch
+
+    from fastblt.runtime.caches import RowCaches
+    from fastblt.runtime.calls import StepRunner
+    from fastblt.runtime.state import SequenceState
+
+    g = torch_generator("small-window")
+    backend, config = g.engine.backend, g.config
+    rows = RowCaches(backend.specs, config, 3, torch.float32, backend.device)
+    states = [SequenceState(backend, config, rows=rows, row=i) for i in range(3)]
+    alone = SequenceState(backend, config)
+    n = 4 * 40
+    h = torch.randn(n, config.encoder.dim, generator=torch.Generator().manual_seed(2))
+    for st in (*states, alone):
+        st._room(n)
+        st.h[:n] = h.to(st.dtype)
+    spans = [(4 * i, 4 * i + 4) for i in range(40)]  # 40 patches: parts of 32 and 8
+    runner = StepRunner(backend, 3)
+    plan = states[1].run_global(spans, 0)
+    first = next(plan)
+    runner.run([first], states)
+    second = plan.send(first.outputs)
+    assert states[1].free_slot() == 40  # the parts' end, though g_len is still 0
+    others = [next(states[i].run_global([(0, 4)], 0)) for i in (0, 2)]  # row 1 pads this call
+    runner.run(others, states)
+    runner.run([second], states)
+    alone.run(alone.run_global(spans, 0))
+    got_kv, want_kv = states[1].linear["global"].kv, alone.linear["global"].kv
+    for (k, v), (k1, v1) in zip(got_kv, want_kv, strict=True):  # what the second part wrote
+        assert torch.allclose(k[:, :, 32:40], k1[:, :, 32:40], atol=1e-5)
+        assert torch.allclose(v[:, :, 32:40], v1[:, :, 32:40], atol=1e-5)
+    for (k, v), (k1, v1) in zip(rows.cross_rows(1, 2), alone.rows.cross_rows(0, 1), strict=True):
+        assert torch.allclose(k[:, :, 32:40], k1[:, :, 32:40], atol=1e-5)
+        assert torch.allclose(v[:, :, 32:40], v1[:, :, 32:40], atol=1e-5)
