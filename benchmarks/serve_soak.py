@@ -43,7 +43,7 @@ BAD = (
     json.dumps({"model": MODEL, "prompt": "x", "n": 2}).encode(),
     b'{"model": "fastblt-default", "prompt": "\xff\xfe"}',
 )
-GROWTH_BOUND_MB = 50.0  # resident memory from the first sample (after 100 requests) to the last
+GROWTH_BOUND_MB = 50.0  # memory from the first sample (after 100 requests) to the highest
 
 
 def draw_requests(n: int, seed: int) -> list[dict]:
@@ -202,13 +202,14 @@ def check(jobs: list[dict], results: dict[int, dict]) -> dict:
 
 def targets(r: dict) -> list[dict]:
     c, s = r["counts"], r["samples"]
-    growth = s[-1][2] - s[0][2] if len(s) > 1 else 0.0
+    growth = max(mb for _, _, mb in s) - s[0][2]  # to the highest sample: a batch that runs empty lets go of memory
     rows = [
         ("responses != the request alone", c["wrong"], "== 0", c["wrong"] == 0),
         ("server errors and failed connections", c["errors"], "== 0", c["errors"] == 0),
         ("malformed requests not answered 4xx", c["bad_not_4xx"], "== 0", c["bad_not_4xx"] == 0),
         ("requests decoding or queued at the end", sum(r["idle"].values()), "== 0", not any(r["idle"].values())),
-        (f"server memory (PSS) growth, request {s[0][0]} to {s[-1][0]} (MB)", growth, f"<= {GROWTH_BOUND_MB:g}",
+        (f"server memory (PSS) growth, request {s[0][0]} to the highest of {len(s)} samples (MB)", growth,
+         f"<= {GROWTH_BOUND_MB:g}",
          growth <= GROWTH_BOUND_MB),
     ]  # fmt: skip
     return [{"target": t, "value": float(v), "bound": b, "met": bool(m)} for t, v, b, m in rows]

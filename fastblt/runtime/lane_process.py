@@ -341,7 +341,8 @@ class ProcessLane:
 
 
 # ---------------------------------------------------------------------- the child
-PRELOAD = ("torch", "numpy", "fastblt.runtime.generator", "fastblt.engines.ort_backend")  # a zygote's imports
+PRELOAD = ("torch", "numpy", "fastblt.runtime.lane_process", "fastblt.runtime.generator",
+           "fastblt.engines.ort_backend")  # a zygote's imports: what every worker imports but onnxruntime  # fmt: skip
 
 
 def start_zygote() -> Zygote | None:

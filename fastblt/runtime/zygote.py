@@ -3,7 +3,7 @@
 A worker lane started as a fresh interpreter imports torch and the runtime itself: ~150 MB of
 code and data per worker, the same bytes in every one. Forked from one process that imported
 them once, the workers share those pages copy-on-write (the default checkpoint's workers: ~300 MB
-each on their own, ~175 MB forked; docs/serving.md). The zygote is itself a fresh interpreter
+each on their own, ~190 MB forked; docs/serving.md). The zygote is itself a fresh interpreter
 (not a fork of the caller, whose onnxruntime sessions own threads a fork would not copy) that
 imports what a worker needs except onnxruntime, which starts a thread at import: it stays
 single-threaded (OpenBLAS is told to start no pool), so a fork copies a process in a consistent
