@@ -51,15 +51,16 @@ def zeros_kv(cfg: StackConfig, rows: int, slots: int, dtype: torch.dtype, device
     return [(buffer(shape, dtype, device), buffer(shape, dtype, device)) for _ in range(cfg.n_layers)]
 
 
-def grow_kv(kv: KV, slots: int, dtype: torch.dtype, device: torch.device) -> None:
+def resize_kv(kv: KV, slots: int, dtype: torch.dtype, device: torch.device) -> None:
     """Replace each (rows, heads, old, d) buffer of `kv` by a (rows, heads, slots, d) one holding
-    its content, one buffer at a time: the copy needs one layer's worth of extra memory, not a
+    its first slots, one buffer at a time: the copy needs one layer's worth of extra memory, not a
     model's."""
     for i, pair in enumerate(kv):
         new = []
         for old in pair:
             buf = buffer((*old.shape[:2], slots, old.shape[3]), dtype, device, populate=True)
-            buf[:, :, : old.shape[2]].copy_(old)
+            n = min(slots, old.shape[2])
+            buf[:, :, :n].copy_(old[:, :, :n])
             new.append(buf)
         kv[i] = (new[0], new[1])
         del pair, new
@@ -196,7 +197,7 @@ class LinearCache(_Buffers):
 
     def _resize(self, slots: int) -> None:
         self._feeds = self._host = None  # hold no old buffer while it is replaced
-        grow_kv(self.kv, slots, self.dtype, self.device)
+        resize_kv(self.kv, slots, self.dtype, self.device)
 
 
 class MirrorRows(_Buffers):
@@ -228,9 +229,20 @@ class MirrorRows(_Buffers):
         if end > self.limit:
             return False
         if end > self.cap:
-            self._host, self._feeds = None, {}
-            grow_kv(self.kv, min(past_slots(end), self.limit), self.dtype, self.device)
+            self._resize(min(past_slots(end), self.limit))
         return True
+
+    def fit(self, end: int) -> None:
+        """Shrink to `end` slots (rounded up) once that is under half the buffers: `end` covers
+        what every live row reads, and a call attends over every slot of the mirror (masked), so
+        a mirror still sized to a request that has left would slow every global step."""
+        slots = min(past_slots(max(end, 1)), self.limit)
+        if 2 * slots <= self.cap:
+            self._resize(slots)
+
+    def _resize(self, slots: int) -> None:
+        self._host, self._feeds = None, {}
+        resize_kv(self.kv, slots, self.dtype, self.device)
 
     def feeds(self, lo: int, hi: int) -> dict[str, Tensor]:
         """Rows lo..hi-1 as named cache inputs (`past.*`), written in place by the step."""

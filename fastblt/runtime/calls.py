@@ -47,6 +47,9 @@ _EMPTY = np.zeros(0, dtype=np.int64)  # a padding call's int inputs: all padding
 # always: ar +2% at 256 bytes out, +12% at 2,048; blt-s (whose verify steps close several patches
 # a row) -2% to -1%, within the noise (docs/serving.md).
 PAD_WORK = 1.0
+# ... and when the mirror, sized to the batch's longest live row, is under this many times what the
+# range's rows read: every row of a call attends over every slot of the mirror (masked)
+CAP_SLACK = 2
 Copies = list[Callable[[], None]]  # what to copy back to the calls' own caches after a call
 MAX_VIEWS = 64  # memoised views per scratch buffer (gathered caches take a new shape as contexts grow)
 
@@ -261,7 +264,11 @@ class StepRunner:
                 call = StepCall(plan.step, seq, seq.free_slot(), 0, {n: _EMPTY for n in plan.ints if n != "start"}, pad)
             full.append(call)
         mirror = self._mirror(plan.stack, calls[0].state.linear[plan.stack])
-        return full if mirror.reserve(max(c.at for c in full) + size) else None
+        mirror.fit(max(seq.free_slot() for seq in neighbours) + self.max_step)
+        need = max(c.at for c in full) + size
+        # every row attends over the mirror's whole length: where a longer row outside the range
+        # sized it, gathering pads only to these rows' widest
+        return full if mirror.reserve(need) and mirror.cap < CAP_SLACK * past_slots(need) else None
 
     def trim(self) -> None:
         """Let go of the batch's mirrors and scratch buffers, which keep the size of the longest
@@ -339,10 +346,6 @@ class StepRunner:
             if plan.writes:
                 slots = [slice(c.at, c.at + c.size) for c in calls]
                 after.append(lambda: self._scatter_back(host, own, slots))
-                mirror = self._mirrors.get(plan.stack)
-                if mirror is not None:  # written here, not in the batch's mirror: it follows
-                    writes = [(c.state.row, cache, w) for c, cache, w in zip(calls, caches, slots, strict=True)]
-                    after.append(lambda: mirror.follow(writes))
             if plan.cross:  # the cross rings too: this step's rows may be any sequences
                 cross = [c.state.rows.cross_rows_host(c.state.row, c.state.row + 1) for c in calls]
                 scratch, cross_host = self._gather(f"{step}.cross", cross)
@@ -350,6 +353,10 @@ class StepRunner:
                 C = cross[0][0][0].shape[-2]
                 ring = [_ring_slots(c.at, c.size, C) for c in calls]
                 after.append(lambda: self._scatter_back(cross_host, cross, ring))
+        mirror = self._mirrors.get(plan.stack) if not plan.ring and plan.writes else None
+        if mirror is not None:  # written without the batch's mirror (gathered, or alone): it follows
+            writes = [(c.state.row, c.state.linear[plan.stack], slice(c.at, c.at + c.size)) for c in calls]
+            after.append(lambda: mirror.follow(writes))
         return feeds
 
     def _one_row_feeds(self, plan: _StepPlan, call: StepCall) -> dict[str, Tensor]:

@@ -281,6 +281,11 @@ def test_a_mirror_row_is_copied_in_only_when_it_changes_hands():
     assert (k[1, :, :40] == 2).all() and mirror.owners[2] is None
     assert mirror.reserve(200) and mirror.cap >= 200
     assert (mirror.kv[0][0][1, :, :40] == 2).all()  # growth kept the rows
+    cap = mirror.cap
+    mirror.fit(cap // 2 + 1)  # live rows still need over half of it: kept
+    assert mirror.cap == cap
+    mirror.fit(40)  # the long one left: shrunk to what the live rows read, their slots kept
+    assert mirror.cap < cap and mirror.cap >= 40 and (mirror.kv[0][0][1, :, :40] == 2).all()
     assert not mirror.reserve(257 + 64)  # past the position limit (rounded to a bucket)
     mirror.follow([(1, b, slice(0, 2)), (2, a, slice(0, 1))])  # b's row follows; a mirrors nowhere
     assert mirror.owners[1] is not None and mirror.owners[2] is None
