@@ -285,6 +285,7 @@ class AsyncEngine:
 
 
 THREAD_LANES = 2  # most lanes as threads of one process (three or four were slower than two on 2 cores)
+MAX_LANES = 64  # most lanes by default (and `fastblt serve --lanes`): a process each
 LANE_BASE_BYTES = 128 << 20  # a worker lane without its graphs (~100 MB forked from a zygote, ~200 MB on its own)
 
 
@@ -293,7 +294,7 @@ def default_lanes(backend: str | Backend | Engine, cores: int | None = None, max
     """Lanes when none are asked for, before memory is counted (`memory_lanes`).
 
     The ort backend: one lane per core when lanes run in worker processes, at most `max_batch`
-    (every lane holds a row). A lane's per-byte steps run on one core (their matrices are too small
+    (every lane holds a row) and MAX_LANES. A lane's per-byte steps run on one core (their matrices are too small
     to split: the hand-off costs more), so only more lanes keep more cores busy; on 2 cores two lanes
     made 16 streams ~1.3x faster than one lane of 16 rows and three were slower
     (benchmarks/results/batch_scaling.md). As threads of one process at most THREAD_LANES: their
@@ -302,7 +303,7 @@ def default_lanes(backend: str | Backend | Engine, cores: int | None = None, max
     if backend != "ort":
         return 1
     cores = cores or cpu_cores()
-    return max(1, min(cores, max_batch or DEFAULT_MAX_BATCH, cores if processes else THREAD_LANES))
+    return max(1, min(cores, max_batch or DEFAULT_MAX_BATCH, MAX_LANES if processes else THREAD_LANES))
 
 
 def default_processes(backend: str | Backend | Engine, lanes: int, generator: Generator) -> bool:

@@ -153,6 +153,7 @@ def test_the_lane_plan_follows_cores_rows_and_memory(monkeypatch):
     lanes = ae.default_lanes
     assert [lanes("ort", cores) for cores in (1, 2, 3, 16, 64)] == [1, 2, 3, 16, 16]  # 16 rows by default
     assert (lanes("ort", 16, max_batch=4), lanes("ort", 16, max_batch=64)) == (4, 16)
+    assert lanes("ort", 256, max_batch=1024) == ae.MAX_LANES  # a process each: bounded
     assert (lanes("ort", 16, processes=False), lanes("ort", 1, processes=False)) == (2, 1)
     assert [ae.global_threads(cores, n) for cores, n in ((2, 2), (3, 2), (16, 2), (16, 16), (4, 1))] == [1, 1, 8, 1, 4]
     mb = 1 << 20
