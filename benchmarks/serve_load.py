@@ -355,7 +355,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="concurrency 1 and 4, 8 requests each")
     ap.add_argument("--ray", action="store_true", help="1 and 2 Ray Serve replicas, 16 and 64 streams")
     ap.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch [default: its own]")
+    ap.add_argument("--compare-lanes", default="", metavar="N,N",
+                    help="more servers with --lanes N, side by side with the default (e.g. 2,8 on 16 cores, where "
+                    "the default is a lane per core)")  # fmt: skip
     args = ap.parse_args()
+    try:
+        compare = [int(n) for n in args.compare_lanes.split(",") if n.strip()]
+    except ValueError:
+        compare = [0]
+    if any(n < 1 for n in compare):
+        ap.error(f"--compare-lanes: expected comma-separated lane counts >= 1, got {args.compare_lanes!r}")
     from fastblt.runtime.async_engine import default_lanes
     from fastblt.runtime.generator import Generator
     from fastblt.serve.process import ServerProcess
@@ -370,7 +379,9 @@ def main() -> None:
     server_args = ["--max-queue", "512"] + (["--max-batch", str(max_batch)] if max_batch else [])
     r: dict = {
         "meta": {
-            "command": "python benchmarks/serve_load.py" + (" --quick" if args.quick else " --ray" if args.ray else ""),
+            "command": "python benchmarks/serve_load.py"
+            + (" --quick" if args.quick else " --ray" if args.ray else "")
+            + (f" --compare-lanes {args.compare_lanes}" if compare else ""),
             **machine_meta(),
             "max_batch": max_batch or 16,
             "lanes": default_lanes("ort"),
@@ -384,8 +395,9 @@ def main() -> None:
         return
     r["levels"] = run_levels(ServerProcess, server_args, prompts, want, levels, args.quick)
     if not args.quick:
+        flags = ("--lanes 1", "--lane-threads", *(f"--lanes {n}" for n in compare))
         r["others"] = {flag: run_levels(ServerProcess, [*server_args, *flag.split()], prompts, want, OTHER_LEVELS)
-                       for flag in ("--lanes 1", "--lane-threads")}  # fmt: skip
+                       for flag in flags}  # fmt: skip
     r["targets"] = targets(r)
     save("serve_load_quick" if args.quick else "serve_load", r, render, plot)
 
