@@ -118,14 +118,10 @@ class AsyncEngine:
         self.max_queue = max_queue
         # the backend's default global threads are every core: right only for a lone lane on them all
         own = threads is None and self.cores == cpu_cores()
-        split_threads = {"global_threads": global_threads(self.cores, lanes)} if split and not own else {}
+        shared = global_threads(self.cores, lanes) if split and not own else None
+        start = self._start_processes if processes else self._start_threads
         try:
-            if processes:
-                self._start_processes(backend, lanes, max_batch, max_queue, max_context,
-                                      {"threads": threads, **load, **split_threads})  # fmt: skip
-            else:
-                self._start_threads(backend, lanes, max_batch, max_queue, max_context, {"threads": threads, **load},
-                                    split_threads.get("global_threads"))  # fmt: skip
+            start(backend, lanes, max_batch, max_queue, max_context, {"threads": threads, **load}, shared)
         except BaseException:  # a lane that cannot start: give back what the others took
             for lane in self.lanes:
                 lane.close(0, cancel=True)
@@ -136,26 +132,29 @@ class AsyncEngine:
             raise
 
     def _start_threads(self, backend: str | Backend | Engine, lanes: int, max_batch: int, max_queue: int,
-                       max_context: int | None, load: dict[str, Any], global_threads: int | None) -> None:  # fmt: skip
-        """Lanes as threads of this process: the Generator's engine and lanes - 1 more."""
+                       max_context: int | None, load: dict[str, Any], shared: int | None) -> None:  # fmt: skip
+        """Lanes as threads of this process: the Generator's engine and lanes - 1 more; `shared`: each
+        lane's global-step threads (None: the backend's own)."""
         g = self.generator
         for _ in range(lanes - 1):
             self.engines.append(open_engine(g.model, backend, g.checkpoint_path, **load))  # type: ignore[arg-type]
         for i, e in enumerate(self.engines):
-            if global_threads is not None:
-                e.backend.set_global_threads(global_threads)  # type: ignore[attr-defined]
+            if shared is not None:
+                e.backend.set_global_threads(shared)  # type: ignore[attr-defined]
             queue = share(max_queue, lanes, i)
             self.lanes.append(BatchEngine(e, share(max_batch, lanes, i), queue, max_context, g.backend_name,
                                           g.params))  # fmt: skip
 
     def _start_processes(self, backend: str, lanes: int, max_batch: int, max_queue: int, max_context: int | None,
-                         load: dict[str, Any]) -> None:  # fmt: skip
+                         load: dict[str, Any], shared: int | None) -> None:  # fmt: skip
         """Lanes as worker processes, started together; the Generator's own sessions are let go
         (it keeps checking requests, and loads them again if it is asked to generate)."""
         g = self.generator
         assert g.checkpoint_path is not None
-        if load.get("global_threads", self.cores) < self.cores:
-            load = {**load, "wide_global": self.cores}  # a lane alone runs its global step on every core
+        if shared is not None:
+            load = {**load, "global_threads": shared}
+            if shared < self.cores:
+                load["wide_global"] = self.cores  # a lane alone runs its global step on every core
         self._zygote = start_zygote()  # the workers share its imports
         for i in range(lanes):
             rows, queue = share(max_batch, lanes, i), share(max_queue, lanes, i)

@@ -398,14 +398,10 @@ class StepRunner:
         """
         step = calls[0].step
         plan = self._plans[step]
+        real, covered = calls, None
         if neighbours is not None and not plan.ring and plan.writes:
-            calls = sorted(calls, key=lambda c: c.state.row)
-            covered = self._cover(plan, calls, neighbours)
-        else:
-            covered = None
-        real = calls
-        if covered is not None:
-            calls = covered
+            covered = self._cover(plan, sorted(calls, key=lambda c: c.state.row), neighbours)
+        calls = covered or calls
         b = len(calls)
         if b > self.rows:
             raise InternalError(f"step {step}: {b} calls for a runner of {self.rows} rows")
@@ -416,10 +412,7 @@ class StepRunner:
         if b == 1 and plan.ring and self.numpy:
             feeds = self._one_row_feeds(plan, calls[0])
         else:
-            if covered is not None:
-                feeds = self._mirror_feeds(plan, calls, after)
-            else:
-                feeds = self._cache_feeds(plan, calls, after)
+            feeds = (self._mirror_feeds if covered else self._cache_feeds)(plan, calls, after)
             start, host = self._int_view(step, "start", (b,))
             for i, c in enumerate(calls):
                 host[i] = c.at

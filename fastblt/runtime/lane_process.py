@@ -421,7 +421,7 @@ def _serve(conn: Connection, batch: BatchEngine, out: _Outbox, alone: list[bool]
     is gone, and nobody waits for the requests, which are cancelled)."""
     tickets: weakref.WeakValueDictionary[int, Ticket] = weakref.WeakValueDictionary()
     closing = False
-    while not (closing and not batch._thread.is_alive()):
+    while not (closing and not batch.alive):
         try:
             if closing and not conn.poll(0.05):
                 continue
