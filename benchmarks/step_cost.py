@@ -37,6 +37,8 @@ from common import machine_meta, save, targets_table
 SHORT = 'import os\n\n\ndef fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b'  # 82 bytes
 POSITIONS = (100, 1000, 3000, 10000)
 MODES = ("ar", "blt-s", "blt-dv", "blt-d")
+# the modes table: each mode at its defaults, and blt-s with the paper's drafter alone
+MODE_ROWS = (*((m, m, {}) for m in MODES), ("blt-s, lookup 0", "blt-s", {"lookup": 0}))
 DECODE_BYTES = 256
 TARGETS = {
     "capacity_ratio": 1.15,  # ar B/s, limit 256 vs none: within 15%
@@ -95,9 +97,9 @@ def positions(g, log) -> dict:
 def modes(g, log) -> dict:
     rows = {}
     ar_ids = None
-    for mode in MODES:
-        bps = best_of(3, lambda m=mode: timed(g, SHORT, m, DECODE_BYTES)[0])
-        _, out = timed(g, SHORT, mode, DECODE_BYTES)
+    for name, mode, options in MODE_ROWS:
+        bps = best_of(3, lambda m=mode, o=options: timed(g, SHORT, m, DECODE_BYTES, **o)[0])
+        _, out = timed(g, SHORT, mode, DECODE_BYTES, **options)
         s = out.stats
         calls = sum(s.passes.values())
         row = {
@@ -107,11 +109,13 @@ def modes(g, log) -> dict:
             "us_per_call": 1e6 * s.decode_backend_s / max(calls, 1),
             "host_share": 1 - s.decode_backend_s / s.decode_s if s.decode_s else 0.0,
             "acceptance": s.acceptance_rate,
+            "rounds": s.rounds if mode != "ar" else None,
+            "lookup_rounds": s.lookup_rounds,
         }
         ar_ids = out.ids if mode == "ar" else ar_ids
         row["identical_to_ar"] = out.ids == ar_ids if mode != "blt-d" else None
-        rows[mode] = row
-        log(f"mode {mode}: {bps:.0f} B/s, {row['calls_per_byte']:.2f} calls/byte, {row['us_per_call']:.0f} us/call")
+        rows[name] = row
+        log(f"mode {name}: {bps:.0f} B/s, {row['calls_per_byte']:.2f} calls/byte, {row['us_per_call']:.0f} us/call")
     for row in rows.values():
         row["vs_ar"] = row["bytes_per_s"] / rows["ar"]["bytes_per_s"]
     return rows
@@ -247,7 +251,8 @@ def targets(r: dict) -> list[dict]:
         t("ar vs transformers full recompute, 82-byte prompt", hf["ratio"], TARGETS["ar_vs_hf"], ">="),
         t("ar vs transformers full recompute, 1,000-byte prompt", hf_long["ratio"], TARGETS["ar_vs_hf_long"], ">="),
         t("greedy bytes identical to transformers", float(hf["identical"] and hf_long["identical"]), 1.0, ">="),
-        t("blt-s vs ar", r["modes"]["blt-s"]["vs_ar"], 1.5, ">="),
+        t("blt-s vs ar (its defaults)", r["modes"]["blt-s"]["vs_ar"], 1.5, ">="),
+        t("blt-s vs ar, the paper's drafter alone (lookup 0)", r["modes"]["blt-s, lookup 0"]["vs_ar"], 1.5, ">="),
         t("10,000-byte prompt: lossless modes equal ar", float(lossless), 1.0, ">="),
         t("peak memory growth, 10,000 vs 1,000-byte prompt (MB)", r["memory"]["growth_mb"], TARGETS["memory_mb"], "<="),
     ]
@@ -271,15 +276,24 @@ def render(r: dict) -> str:
     for n, row in r["positions"].items():
         lines.append(f"| {int(n):,} | {row['bytes_per_s']:.0f} | {row['us_per_byte']:.0f} |")
     lines += ["", "## Modes after the 82-byte prompt", ""]
-    lines += ["| mode | B/s | x ar | calls per byte | us per call | host share | acceptance | = ar |"]
-    lines += ["|---|---:|---:|---:|---:|---:|---:|:-:|"]
+    lines += [
+        "| mode | B/s | x ar | calls per byte | us per call | host share | acceptance | rounds from context | = ar |"
+    ]
+    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
     for mode, row in r["modes"].items():
         acc = "" if row["acceptance"] is None else f"{100 * row['acceptance']:.0f}%"
         same = "" if row["identical_to_ar"] is None else ("yes" if row["identical_to_ar"] else "**no**")
+        looked = "" if not row.get("rounds") else f"{row['lookup_rounds']} of {row['rounds']}"
         lines.append(
             f"| {mode} | {row['bytes_per_s']:.0f} | {row['vs_ar']:.2f} | {row['calls_per_byte']:.2f} | "
-            f"{row['us_per_call']:.0f} | {100 * row['host_share']:.0f}% | {acc} | {same} |"
+            f"{row['us_per_call']:.0f} | {100 * row['host_share']:.0f}% | {acc} | {looked} | {same} |"
         )
+    lines += [
+        "",
+        "blt-s at its defaults drafts a greedy round from the context when the last 8 bytes occurred before "
+        "(what followed them, continued as a loop; no draft call); `lookup 0` is the paper's drafter alone. "
+        "The embedded default's greedy continuations repeat themselves, which is where those rounds come from.",
+    ]
     if "call_costs" in r:
         lines += ["", "## A step call inside ar decoding, and the same call on its own", ""]
         lines += ["| step | calls per byte | us per call in ar | us per call alone | in ar / alone |"]

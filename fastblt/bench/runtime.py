@@ -38,7 +38,7 @@ class Variant:
 
 VARIANTS = (
     Variant("ar", "ar"),
-    Variant("blt-s", "blt-s"),  # k 16 (the default)
+    Variant("blt-s", "blt-s"),  # k 16, greedy rounds drafted from the context where it repeats (the defaults)
     Variant("blt-dv", "blt-dv"),  # one-step drafting, "force" block start
     Variant("blt-d", "blt-d"),  # confidence alpha 0.7, "force" block start
     Variant("blt-d/patch", "blt-d", {"block_start": "patch"}, main=False),
@@ -48,6 +48,7 @@ VARIANTS = (
     Variant("blt-dv/alpha0.3/patch", "blt-dv", {"unmask": "confidence", "block_start": "patch"}, main=False),
     Variant("blt-s/k4", "blt-s", {"k": 4}, main=False),
     Variant("blt-s/k8", "blt-s", {"k": 8}, main=False),
+    Variant("blt-s/lookup0", "blt-s", {"lookup": 0}, main=False),  # the paper's drafter alone
 )
 
 
@@ -91,6 +92,10 @@ def ar_bits_per_byte(model, prompt: bytes, ids: list[int]) -> float:
     return float(nll) / max(len(ids), 1) / float(np.log(2))
 
 
+def _ratio(a: int, b: int) -> float | None:
+    return a / b if b else None
+
+
 def _row(name: str, backend: str, variant: Variant, gens: list, ar_ids: list[list[int]] | None) -> dict:
     st = [g.stats for g in gens]
     total = sum(s.generated for s in st)
@@ -124,6 +129,9 @@ def _row(name: str, backend: str, variant: Variant, gens: list, ar_ids: list[lis
         "accept_hist": _sum_hists([s.accept_hist for s in st]),
         "unmask_steps": _sum_hists([s.unmask_steps for s in st]),
         "block_start_fallbacks": sum(s.block_start_fallbacks for s in st),
+        "rounds": sum(s.rounds for s in st),
+        "lookup_rounds": sum(s.lookup_rounds for s in st),
+        "lookup_acceptance": _ratio(sum(s.lookup_accepted for s in st), sum(s.lookup_drafted for s in st)),
         "eq8": eq8,
         "host_fraction": sum(s.host_s for s in st) / sum(s.wall_s for s in st),
         "decode_host_fraction": 1 - sum(s.decode_backend_s for s in st) / decode if decode > 0 else 0.0,

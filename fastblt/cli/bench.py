@@ -30,6 +30,11 @@ def _speed_note(row: dict, ar: dict) -> str:
         hist = {int(k): v for k, v in row["accept_hist"].items()}
         if hist:
             note += f" ({100 * hist.get(0, 0) / sum(hist.values()):.0f}% of rounds accept none)"
+    if row.get("lookup_rounds"):
+        note += (
+            f"; {row['lookup_rounds']} of {row['rounds']} rounds drafted from the context "
+            f"({100 * row['lookup_acceptance']:.0f}% of those drafts verify)"
+        )
     if row["unmask_steps"]:
         blocks = sum(row["unmask_steps"].values())
         steps = sum(int(k) * v for k, v in row["unmask_steps"].items()) / max(blocks, 1)
@@ -40,9 +45,10 @@ def _speed_note(row: dict, ar: dict) -> str:
 CALL_COST_NOTE = (
     "On this CPU a step call costs a few hundred microseconds whatever it computes (node overhead and "
     "attention over the local stacks' rings dominate a model this small), so speed follows the number of "
-    "calls, not the weights read. A BLT-S draft byte still costs an encoder and a decoder call (ar: entropy, "
-    "encoder, decoder and a share of a global call), which bounds BLT-S near 1.5x even at full acceptance; "
-    "Eq. 8's weight traffic is what the paper's GPU speedups follow."
+    "calls, not the weights read. A BLT-S draft byte from the decoder still costs an encoder and a decoder call "
+    "(ar: entropy, encoder, decoder and a share of a global call), which bounds the paper's drafter near 1.5x "
+    "even at full acceptance (blt-s/lookup0); greedy rounds whose last 8 bytes occurred before draft what "
+    "followed them instead, with no draft call. Eq. 8's weight traffic is what the paper's GPU speedups follow."
 )
 
 

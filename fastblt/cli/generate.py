@@ -10,10 +10,15 @@ import click
 
 from fastblt.engines.registry import BACKENDS
 from fastblt.export.spec import DEFAULT_K
+from fastblt.runtime.lookup import LOOKUP_MATCH
 from fastblt.runtime.options import BLOCK_START_RULES, MODES
 
 UNMASK = ("confidence", "entropy", "one-step")
 K_HELP = f"blt-s: bytes drafted per round [default: {DEFAULT_K}, or max_step - 1 on smaller graphs]."
+LOOKUP_HELP = (
+    f"blt-s, greedy: draft from the context when its last N bytes occurred before; 0: always the "
+    f"decoder, as the paper [default: {LOOKUP_MATCH}]."
+)
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
@@ -43,6 +48,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
 @click.option("--top-p", type=float, default=None)
 @click.option("--seed", type=int, default=None, help="Seed of the sampler (reproducible runs).")
 @click.option("--k", "k", type=int, default=None, help=K_HELP)
+@click.option("--lookup", type=int, default=None, help=LOOKUP_HELP)
 @click.option("--unmask", type=click.Choice(UNMASK), default=None, help="blt-d/blt-dv unmasking rule.")
 @click.option("--alpha", type=float, default=None, help="Confidence threshold (blt-d 0.7, blt-dv 0.3).")
 @click.option("--gamma", type=float, default=None, help="Entropy bound (blt-d 1.0, blt-dv 1.5).")
@@ -63,7 +69,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr but errors (no first-use export notice).")
 def generate(
     checkpoint, prompt, prompt_file, mode, backend, artifacts, max_bytes, temperature, top_k, top_p, seed, k,
-    unmask, alpha, gamma, block_start, stop, ignore_eos, max_context, threads, device, cuda_graphs, stream,
+    lookup, unmask, alpha, gamma, block_start, stop, ignore_eos, max_context, threads, device, cuda_graphs, stream,
     as_json, quiet,
 ):  # fmt: skip
     """Generate bytes after a prompt with ar, blt-d, blt-s or blt-dv."""
@@ -74,7 +80,7 @@ def generate(
 
     data = read_prompt(prompt, prompt_file)
     options = dict(
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, unmask=unmask, alpha=alpha,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, lookup=lookup, unmask=unmask, alpha=alpha,
         gamma=gamma, block_start=block_start, stop=list(stop), stop_on_eos=not ignore_eos,
     )  # fmt: skip
     # checked once, against the checkpoint's config, before anything is loaded or exported

@@ -9,6 +9,7 @@ certain under AR semantics (the argmax, or a draw, of exact logits) but not yet 
 - blt-s:  draft k bytes after c with the decoder alone, reading the latest closed latent (new
           patch boundaries ignored); verify [c, d_1..d_k] in one append (encoder states already
           written by the draft: they do not depend on patching); accept; roll back the rest.
+          Greedy rounds whose last bytes occurred before draft what followed them instead.
 - blt-dv: draft the block [c, MASK...] with the diffusion head; verify [c, drafts] as blt-s.
 - blt-d:  denoise a block of [MASK]s with the diffusion head, then commit it (no verification).
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from fastblt.model.config import EOS_ID
 from fastblt.runtime.calls import Plan
+from fastblt.runtime.lookup import continuation
 from fastblt.runtime.options import DecodeOptions, draft_length
 from fastblt.runtime.sampling import (
     Rng,
@@ -57,6 +59,9 @@ class Run:
     gen: Rng | None  # the request's sampling generator (None when greedy)
     rounds: RoundStats
     prefill: dict = field(default_factory=dict)  # when the prompt was committed, and its counters
+    # blt-s may draft from the context: a batch turns it off while other requests draft in the
+    # same rounds (a row that skipped drafting would only wait for them; greedy bytes are the same)
+    lookup: bool = True
 
     @property
     def params(self) -> SamplingParams:
@@ -148,16 +153,31 @@ def draft_ar(run: Run, c: int, k: int) -> Plan[tuple[list[int], np.ndarray | Non
     return drafts, np.stack(qs) if qs else None
 
 
+def draft_context(run: Run, c: int) -> list[int]:
+    """Greedy BLT-S drafting from the context (runtime/lookup.py): free, so as many drafts as one
+    verify step takes; [] when the last `lookup` bytes never occurred before, or lookup is off."""
+    if not (run.opts.lookup and run.lookup):
+        return []
+    st = run.state
+    return continuation(st.host.tokens[: st.n], c, run.opts.lookup, min(st.max_step, run.out.remaining) - 1)
+
+
 def blt_s(run: Run, logits: np.ndarray, drafter: Drafter = draft_ar) -> Plan[None]:
-    """Self-speculation: draft k, verify in one pass, accept the agreeing prefix plus one byte."""
+    """Self-speculation: draft k, verify in one pass, accept the agreeing prefix plus one byte.
+    A greedy round whose context repeats drafts the bytes that followed instead (no draft calls)."""
     c = next_byte(run, logits)
     while not run.out.push((c,)):
         yield None
         n0 = run.state.n
-        # the byte after the last draft is free
-        k = min(draft_length(run.opts, run.state.max_step), run.out.remaining - 1)
-        drafts, q = yield from drafter(run, c, k)
-        a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=True)))
+        drafts, q = draft_context(run, c), None
+        if drafts:
+            a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=False)))
+            run.rounds.looked_up(len(drafts), a)
+        else:
+            # the byte after the last draft is free
+            k = min(draft_length(run.opts, run.state.max_step), run.out.remaining - 1)
+            drafts, q = yield from drafter(run, c, k)
+            a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=True)))
         rollback_to_accepted(run, n0, drafts, a)
         if run.out.push(drafts[:a]):
             return

@@ -5,7 +5,8 @@ Per-mode defaults are resolved here (`resolve`), so the loops read plain values:
 - blt-dv: drafting "one-step" (every [MASK] filled by one diffusion pass: the paper's fastest
   setting, and the one whose draft distribution is exact for speculative sampling), or
   "confidence" with alpha 0.3 / "entropy" with gamma 1.5 (the paper's permissive settings).
-- blt-s: k = 8 draft bytes.
+- blt-s: k = 16 draft bytes (DEFAULT_K, or max_step - 1 on graphs that take fewer); greedy rounds
+  draft from the context instead when its last 8 bytes occurred before (runtime/lookup.py).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from fastblt.errors import CapabilityError, InputError
 from fastblt.export.spec import DEFAULT_K
 from fastblt.model.config import BltConfig
 from fastblt.model.tokenizer import encode
+from fastblt.runtime.lookup import LOOKUP_MATCH
 from fastblt.runtime.sampling import SamplingParams
 
 MODES = ("ar", "blt-d", "blt-s", "blt-dv")
 UNMASK_RULES = {"blt-d": ("confidence", "entropy"), "blt-dv": ("one-step", "confidence", "entropy")}
 BLOCK_START_RULES = ("force", "patch")
 MAX_DRAFT = 64
+MAX_LOOKUP = 1024  # a longer suffix than this is as good as no lookup
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class DecodeOptions:
     mode: "ar" | "blt-d" | "blt-s" | "blt-dv". max_bytes: generated ids (bytes) at most, >= 1.
     temperature 0 = greedy; top_k >= 1, top_p in (0, 1]; seed: the sampling generator's seed.
     k: BLT-S draft length (None: 16, or max_step - 1 on graphs that take fewer; `draft_length`).
+    lookup: BLT-S, greedy: draft from the context when the last `lookup` bytes (the pending byte
+    included) occurred before (None: LOOKUP_MATCH, 8; 0: the decoder always drafts, as the paper's BLT-S).
     unmask / alpha / gamma: BLT-D and BLT-DV unmasking. block_start:
     "force" (the paper's rule: force-close the open patch, the block reads its latent) or
     "patch" (start the block at the open patch's first byte, reading the last closed latent).
@@ -47,6 +52,7 @@ class DecodeOptions:
     top_p: float | None = None
     seed: int | None = None
     k: int | None = None
+    lookup: int | None = None
     unmask: str | None = None
     alpha: float | None = None
     gamma: float | None = None
@@ -122,6 +128,18 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
         _int("seed", opts.seed, 0, 2**63 - 1)
     if opts.k is not None:
         _int("k", opts.k, 1, MAX_DRAFT)
+    lookup = opts.lookup
+    if lookup is not None:
+        _int("lookup", lookup, 0, MAX_LOOKUP)
+        if opts.mode != "blt-s":
+            raise InputError(f"option lookup: only blt-s drafts from the context; mode is {opts.mode}")
+        if lookup and opts.temperature > 0:
+            raise InputError(
+                "option lookup: context drafts are for greedy decoding (temperature 0); "
+                "sampled blt-s drafts with the decoder (leave lookup unset, or 0)"
+            )
+    elif opts.mode == "blt-s":
+        lookup = LOOKUP_MATCH if opts.temperature == 0 else 0
     if opts.prefill_chunk is not None:
         _int("prefill_chunk", opts.prefill_chunk, 1)
     if opts.block_start not in BLOCK_START_RULES:
@@ -141,7 +159,7 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
         _real("gamma", gamma, 0.0, 1e6)
     elif unmask is not None or alpha is not None or gamma is not None:
         raise InputError(f"options unmask/alpha/gamma: only blt-d and blt-dv unmask; mode is {opts.mode}")
-    return dataclasses.replace(opts, unmask=unmask, alpha=alpha, gamma=gamma, stop=stop)
+    return dataclasses.replace(opts, lookup=lookup, unmask=unmask, alpha=alpha, gamma=gamma, stop=stop)
 
 
 @dataclass(frozen=True)

@@ -51,12 +51,20 @@ class RoundStats:
     accept_hist: Counter = field(default_factory=Counter)  # accepted drafts per round -> rounds
     unmask_steps: Counter = field(default_factory=Counter)  # diffusion passes per block -> blocks
     block_start_fallbacks: int = 0  # "patch" rule rounds that had to force-close instead
+    lookup_rounds: int = 0  # blt-s rounds that drafted from the context (counted in the above too)
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
 
     def verified(self, drafted: int, accepted: int) -> None:
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
         self.accept_hist[accepted] += 1
+
+    def looked_up(self, drafted: int, accepted: int) -> None:
+        self.lookup_rounds += 1
+        self.lookup_drafted += drafted
+        self.lookup_accepted += accepted
 
 
 def module_passes(calls: dict[str, int]) -> dict[str, int]:
@@ -118,6 +126,9 @@ class Stats:
     accept_hist: dict[int, int]
     unmask_steps: dict[int, int]
     block_start_fallbacks: int
+    lookup_rounds: int  # blt-s rounds drafted from the context (rounds, drafted, accepted include them)
+    lookup_drafted: int
+    lookup_accepted: int
     bytes_per_decoder_pass: float
     bytes_per_global_pass: float
     passes_per_byte: dict[str, float]
@@ -184,6 +195,9 @@ def build_stats(
         accept_hist=dict(sorted(rounds.accept_hist.items())),
         unmask_steps=dict(sorted(rounds.unmask_steps.items())),
         block_start_fallbacks=rounds.block_start_fallbacks,
+        lookup_rounds=rounds.lookup_rounds,
+        lookup_drafted=rounds.lookup_drafted,
+        lookup_accepted=rounds.lookup_accepted,
         bytes_per_decoder_pass=out_ids / passes["decoder"] if passes["decoder"] else float(out_ids),
         bytes_per_global_pass=out_ids / passes["global"] if passes["global"] else float(out_ids),
         passes_per_byte={m: passes[m] / gen for m in MODULES},

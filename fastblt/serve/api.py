@@ -33,7 +33,7 @@ NEUTRAL = {
     "suffix": (None, ""),
 }
 FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "user"}
-FASTBLT_FIELDS = {"mode", "k", "alpha", "gamma", "unmask", "top_k", "block_start"}
+FASTBLT_FIELDS = {"mode", "k", "lookup", "alpha", "gamma", "unmask", "top_k", "block_start"}
 
 
 class ApiError(Exception):
@@ -132,8 +132,8 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
             raise ApiError(400, f"stop: at most {MAX_STOP} sequences, got {len(stops)}", "stop")
         if stops:
             options["stop"] = stops
-    for name, kind in (("k", int), ("alpha", float), ("gamma", float), ("unmask", str), ("top_k", int),
-                       ("block_start", str)):  # fmt: skip
+    for name, kind in (("k", int), ("lookup", int), ("alpha", float), ("gamma", float), ("unmask", str),
+                       ("top_k", int), ("block_start", str)):  # fmt: skip
         value = _get(body, name, kind)
         if value is not None:
             options[name] = value

@@ -88,7 +88,9 @@ def test_hostile_requests_get_4xx_and_the_server_stays_up(server):
 def test_field_errors_name_the_field(server):
     for field, raw in [("max_tokens", body(max_tokens=-1)), ("temperature", body(temperature="x")),
                        ("mode", body(mode="fast")), ("k", body(k=1000)), ("foo", body(foo=1)),
-                       ("max_tokens", body(max_tokens=10**9)), ("prompt", body(prompt=3))]:  # fmt: skip
+                       ("max_tokens", body(max_tokens=10**9)), ("prompt", body(prompt=3)),
+                       ("lookup", body(lookup="8")),
+                       ("lookup", body(mode="blt-s", lookup=8, temperature=1.0))]:  # fmt: skip
         r = httpx.post(f"{server.url}/v1/completions", content=raw, headers=AUTH, timeout=60)
         assert r.json()["error"]["param"] == field, (field, r.json())
 

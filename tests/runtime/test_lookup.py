@@ -1,0 +1,78 @@
+"""Context-lookup drafts for greedy blt-s: the search itself, the defaults, and that a request's
+bytes stay ar's whether its rounds drafted from the context or not (alone or in a batch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from runtime_refs import tiny_model, torch_generator
+
+from fastblt.model.tokenizer import encode
+from fastblt.runtime.batch import BatchEngine
+from fastblt.runtime.generator import Generator
+from fastblt.runtime.lookup import LOOKUP_MATCH, continuation
+from fastblt.runtime.options import make_request
+
+
+def ids(text: bytes) -> np.ndarray:
+    return np.array(encode(text), dtype=np.int64)
+
+
+def test_continuation_follows_the_latest_earlier_occurrence():
+    history = ids(b"abcX1 abcY2 abc")  # BOS first, as a sequence's tokens are
+    c = encode(b"Z", bos=False)[0]
+    assert continuation(history, encode(b"c", bos=False)[0], 2, 5) == []  # "cc" never occurred
+    got = continuation(history[:-1], encode(b"c", bos=False)[0], 3, 4)  # suffix "abc" -> "Y2 a"
+    assert bytes(i - 4 for i in got) == b"Y2 a"
+    assert continuation(history, c, 1, 3) == []  # "Z" is new
+    assert len(continuation(history[:-1], encode(b"c", bos=False)[0], 3, 2)) == 2  # k of them
+
+
+def test_continuation_never_matches_the_suffix_itself_and_continues_a_loop():
+    history = ids(b"ab")
+    b = encode(b"b", bos=False)[0]
+    assert continuation(history[:-1], b, 2, 8) == []  # "ab" occurs only as the suffix
+    got = continuation(ids(b"abab"), encode(b"a", bos=False)[0], 2, 7)  # suffix "ba": once before
+    assert bytes(i - 4 for i in got) == b"bababab"  # what followed it, then on with the loop it is in
+    assert continuation(ids(b"ab"), b, 5, 8) == []  # longer than the text
+    assert continuation(ids(b"abab"), b, 0, 8) == [] and continuation(ids(b"abab"), b, 2, 0) == []
+
+
+def test_lookup_defaults_to_greedy_blt_s_only():
+    config = tiny_model().config
+    assert make_request(b"x", config, "blt-s").opts.lookup == LOOKUP_MATCH
+    assert make_request(b"x", config, "blt-s", temperature=0.7).opts.lookup == 0
+    assert make_request(b"x", config, "blt-s", lookup=0).opts.lookup == 0
+    assert make_request(b"x", config, "ar").opts.lookup is None
+
+
+def test_the_default_checkpoints_greedy_loop_is_drafted_from_the_context():
+    """The embedded default falls into repeating code on this prompt: rounds draft from what it
+    wrote before (whole rounds accepted), and the bytes are ar's."""
+    g = Generator("default", backend="torch")
+    prompt = 'import os\n\n\ndef fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b'
+    ar = g.generate(prompt, mode="ar", max_bytes=160, stop_on_eos=False)
+    got = g.generate(prompt, mode="blt-s", max_bytes=160, stop_on_eos=False)
+    assert got.ids == ar.ids
+    assert got.stats.lookup_rounds > 0 and got.stats.lookup_accepted > 0
+    off = g.generate(prompt, mode="blt-s", max_bytes=160, stop_on_eos=False, lookup=0)
+    assert off.ids == ar.ids and off.stats.lookup_rounds == 0
+    assert got.stats.passes["decoder"] < off.stats.passes["decoder"]  # the lookup rounds drafted nothing
+
+
+@pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
+def test_a_batch_drafts_from_the_context_only_for_a_request_alone_in_its_cohort(name):
+    """Alone in its cohort a greedy blt-s row drafts from its context; two rows of one cohort
+    draft with the decoder together (neither would gain: the round waits for both). Bytes are
+    ar's either way."""
+    g = torch_generator(name)
+    prompt = "ab" * 40
+    ar = g.generate(prompt, mode="ar", max_bytes=40, stop_on_eos=False).ids
+    with BatchEngine(g.engine, max_batch=4) as batch:
+        alone = batch.submit(make_request(prompt, g.config, "blt-s", 40, lookup=1, stop_on_eos=False)).result(60)
+        with batch._cv:  # both queued before the loop admits either: one cohort from the first round
+            pair = [batch.submit(make_request(prompt, g.config, "blt-s", 40, lookup=1, stop_on_eos=False))
+                    for _ in range(2)]  # fmt: skip
+        together = [t.result(60) for t in pair]
+    assert alone.ids == ar and alone.stats.lookup_rounds > 0
+    assert all(t.ids == ar and t.stats.lookup_rounds == 0 for t in together)
