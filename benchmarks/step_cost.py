@@ -283,7 +283,7 @@ def render(r: dict) -> str:
     for mode, row in r["modes"].items():
         acc = "" if row["acceptance"] is None else f"{100 * row['acceptance']:.0f}%"
         same = "" if row["identical_to_ar"] is None else ("yes" if row["identical_to_ar"] else "**no**")
-        looked = "" if not row.get("rounds") else f"{row['lookup_rounds']} of {row['rounds']}"
+        looked = f"{row['lookup_rounds']} of {row['rounds']}" if mode.startswith("blt-s") else ""
         lines.append(
             f"| {mode} | {row['bytes_per_s']:.0f} | {row['vs_ar']:.2f} | {row['calls_per_byte']:.2f} | "
             f"{row['us_per_call']:.0f} | {100 * row['host_share']:.0f}% | {acc} | {looked} | {same} |"
