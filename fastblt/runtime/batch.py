@@ -18,7 +18,7 @@ runs them step by step:
   block; joining or leaving moves at most one row per later block. The global step, whose cache
   grows per sequence, gathers its rows' caches, so it takes any rows: one call per power-of-two
   bin of patch counts, padded inside the scratch; rows without a closed patch are not in it.
-- A greedy blt-s request drafts from its context (loops.draft_context) only while no other
+- A greedy blt-s or blt-dv request drafts from its context (loops.draft_context) only while no other
   request shares its cohort; its bytes are the same either way.
 - Requests of any mode and sampling settings share a batch: a call's rows only need the same
   step and size. Each request keeps its own RNG, stop strings and output.
@@ -352,7 +352,7 @@ class BatchEngine:
         for seq in self.live:
             if seq.parked and seq.cohort not in busy and not seq.ended:
                 seq.parked = False
-                # a blt-s row drafts from its context only alone in its cohort: with others it
+                # a row drafts from its context only alone in its cohort: with others it
                 # would finish its round early and wait for their drafts anyway
                 seq.run.lookup = members[seq.cohort] == 1
                 self._advance(seq, None)

@@ -9,8 +9,9 @@ certain under AR semantics (the argmax, or a draw, of exact logits) but not yet 
 - blt-s:  draft k bytes after c with the decoder alone, reading the latest closed latent (new
           patch boundaries ignored); verify [c, d_1..d_k] in one append (encoder states already
           written by the draft: they do not depend on patching); accept; roll back the rest.
-          Greedy rounds whose last bytes occurred before draft what followed them instead.
 - blt-dv: draft the block [c, MASK...] with the diffusion head; verify [c, drafts] as blt-s.
+- blt-s and blt-dv, greedy: a round whose last bytes occurred before drafts what followed them
+          instead (runtime/lookup.py), with no draft call; the verify pass encodes those drafts.
 - blt-d:  denoise a block of [MASK]s with the diffusion head, then commit it (no verification).
 
 Each loop is a plan (calls.py): a generator that yields the step calls of its sequence (run by a
@@ -59,7 +60,7 @@ class Run:
     gen: Rng | None  # the request's sampling generator (None when greedy)
     rounds: RoundStats
     prefill: dict = field(default_factory=dict)  # when the prompt was committed, and its counters
-    # blt-s may draft from the context: a batch turns it off while other requests draft in the
+    # blt-s / blt-dv may draft from the context: a batch turns it off while other requests draft in the
     # same rounds (a row that skipped drafting would only wait for them; greedy bytes are the same)
     lookup: bool = True
 
@@ -118,6 +119,25 @@ def rollback_to_accepted(run: Run, n0: int, drafts: list[int], a: int) -> None:
     run.rounds.verified(len(drafts), a)
 
 
+def draft_context(run: Run, c: int) -> list[int]:
+    """Greedy drafting from the context (runtime/lookup.py): free, so as many drafts as one
+    verify step takes; [] when the last `lookup` bytes never occurred before, or lookup is off."""
+    if not (run.opts.lookup and run.lookup):
+        return []
+    st = run.state
+    return continuation(st.host.tokens[: st.n], c, run.opts.lookup, min(st.max_step, run.out.remaining) - 1)
+
+
+def draft_round(run: Run, c: int, k: int, drafter: Drafter) -> Plan[tuple[list[int], np.ndarray | None, bool]]:
+    """A verified round's drafts: from the context where it repeats, else up to k from the
+    mode's drafter. Returns (drafts, q, whether they came from the context)."""
+    drafts = draft_context(run, c)
+    if drafts:
+        return drafts, None, True
+    drafts, q = yield from drafter(run, c, k)
+    return drafts, q, False
+
+
 # ------------------------------------------------------------------------ ar
 def ar(run: Run, logits: np.ndarray) -> Plan[None]:
     """Plain BLT: one byte per round."""
@@ -153,15 +173,6 @@ def draft_ar(run: Run, c: int, k: int) -> Plan[tuple[list[int], np.ndarray | Non
     return drafts, np.stack(qs) if qs else None
 
 
-def draft_context(run: Run, c: int) -> list[int]:
-    """Greedy BLT-S drafting from the context (runtime/lookup.py): free, so as many drafts as one
-    verify step takes; [] when the last `lookup` bytes never occurred before, or lookup is off."""
-    if not (run.opts.lookup and run.lookup):
-        return []
-    st = run.state
-    return continuation(st.host.tokens[: st.n], c, run.opts.lookup, min(st.max_step, run.out.remaining) - 1)
-
-
 def blt_s(run: Run, logits: np.ndarray, drafter: Drafter = draft_ar) -> Plan[None]:
     """Self-speculation: draft k, verify in one pass, accept the agreeing prefix plus one byte.
     A greedy round whose context repeats drafts the bytes that followed instead (no draft calls)."""
@@ -169,15 +180,13 @@ def blt_s(run: Run, logits: np.ndarray, drafter: Drafter = draft_ar) -> Plan[Non
     while not run.out.push((c,)):
         yield None
         n0 = run.state.n
-        drafts, q = draft_context(run, c), None
-        if drafts:
-            a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=False)))
+        # the byte after the last draft is free
+        k = min(draft_length(run.opts, run.state.max_step), run.out.remaining - 1)
+        drafts, q, looked = yield from draft_round(run, c, k, drafter)
+        # the drafter wrote the encoder states of its drafts; context drafts have none yet
+        a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=not looked)))
+        if looked:
             run.rounds.looked_up(len(drafts), a)
-        else:
-            # the byte after the last draft is free
-            k = min(draft_length(run.opts, run.state.max_step), run.out.remaining - 1)
-            drafts, q = yield from drafter(run, c, k)
-            a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=True)))
         rollback_to_accepted(run, n0, drafts, a)
         if run.out.push(drafts[:a]):
             return
@@ -281,14 +290,18 @@ def draft_diffusion(run: Run, c: int, k: int) -> Plan[tuple[list[int], np.ndarra
 
 
 def blt_dv(run: Run, logits: np.ndarray, drafter: Drafter = draft_diffusion) -> Plan[None]:
-    """Diffusion draft + autoregressive verification: greedy output identical to ar."""
+    """Diffusion draft + autoregressive verification: greedy output identical to ar. A greedy
+    round whose context repeats drafts the bytes that followed instead (no diffusion pass)."""
     c = next_byte(run, logits)
     while not run.out.push((c,)):
         yield None
         n0 = run.state.n
         # the byte after the last draft is free; [c, drafts] must fit one verify step
-        drafts, q = yield from drafter(run, c, min(run.out.remaining, run.state.max_step) - 1)
+        k = min(run.out.remaining, run.state.max_step) - 1
+        drafts, q, looked = yield from draft_round(run, c, k, drafter)
         a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=False)))
+        if looked:
+            run.rounds.looked_up(len(drafts), a)
         rollback_to_accepted(run, n0, drafts, a)
         if run.out.push(drafts[:a]):
             return

@@ -5,8 +5,9 @@ Per-mode defaults are resolved here (`resolve`), so the loops read plain values:
 - blt-dv: drafting "one-step" (every [MASK] filled by one diffusion pass: the paper's fastest
   setting, and the one whose draft distribution is exact for speculative sampling), or
   "confidence" with alpha 0.3 / "entropy" with gamma 1.5 (the paper's permissive settings).
-- blt-s: k = 16 draft bytes (DEFAULT_K, or max_step - 1 on graphs that take fewer); greedy rounds
-  draft from the context instead when its last 8 bytes occurred before (runtime/lookup.py).
+- blt-s: k = 16 draft bytes (DEFAULT_K, or max_step - 1 on graphs that take fewer).
+- blt-s and blt-dv, greedy: a round drafts from the context instead when its last 8 bytes
+  occurred before (runtime/lookup.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MODES = ("ar", "blt-d", "blt-s", "blt-dv")
 UNMASK_RULES = {"blt-d": ("confidence", "entropy"), "blt-dv": ("one-step", "confidence", "entropy")}
 BLOCK_START_RULES = ("force", "patch")
 MAX_DRAFT = 64
+LOOKUP_MODES = ("blt-s", "blt-dv")  # the verified modes: a draft from the context is checked like theirs
 MAX_LOOKUP = 1024  # a longer suffix than this is as good as no lookup
 
 
@@ -36,8 +38,8 @@ class DecodeOptions:
     mode: "ar" | "blt-d" | "blt-s" | "blt-dv". max_bytes: generated ids (bytes) at most, >= 1.
     temperature 0 = greedy; top_k >= 1, top_p in (0, 1]; seed: the sampling generator's seed.
     k: BLT-S draft length (None: 16, or max_step - 1 on graphs that take fewer; `draft_length`).
-    lookup: BLT-S, greedy: draft from the context when the last `lookup` bytes (the pending byte
-    included) occurred before (None: LOOKUP_MATCH, 8; 0: the decoder always drafts, as the paper's BLT-S).
+    lookup: BLT-S and BLT-DV, greedy: draft from the context when the last `lookup` bytes (the
+    pending byte included) occurred before (None: LOOKUP_MATCH, 8; 0: never, as the paper's modes).
     unmask / alpha / gamma: BLT-D and BLT-DV unmasking. block_start:
     "force" (the paper's rule: force-close the open patch, the block reads its latent) or
     "patch" (start the block at the open patch's first byte, reading the last closed latent).
@@ -131,14 +133,14 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
     lookup = opts.lookup
     if lookup is not None:
         _int("lookup", lookup, 0, MAX_LOOKUP)
-        if opts.mode != "blt-s":
-            raise InputError(f"option lookup: only blt-s drafts from the context; mode is {opts.mode}")
+        if opts.mode not in LOOKUP_MODES:
+            raise InputError(f"option lookup: only blt-s and blt-dv draft from the context; mode is {opts.mode}")
         if lookup and opts.temperature > 0:
             raise InputError(
                 "option lookup: context drafts are for greedy decoding (temperature 0); "
-                "sampled blt-s drafts with the decoder (leave lookup unset, or 0)"
+                f"sampled {opts.mode} drafts with its own drafter (leave lookup unset, or 0)"
             )
-    elif opts.mode == "blt-s":
+    elif opts.mode in LOOKUP_MODES:
         lookup = LOOKUP_MATCH if opts.temperature == 0 else 0
     if opts.prefill_chunk is not None:
         _int("prefill_chunk", opts.prefill_chunk, 1)

@@ -59,25 +59,26 @@ def test_blt_s_equals_ar(name, k):
         assert got.stats.drafted > 0
 
 
+@pytest.mark.parametrize("mode", ["blt-s", "blt-dv"])
 @pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
 @pytest.mark.parametrize("lookup", [1, 3, 16])
-def test_blt_s_context_drafts_equal_ar(name, lookup):
+def test_context_drafts_equal_ar(mode, name, lookup):
     """Rounds that draft from the context (as long as a verify step takes, across patch
     boundaries and up to max_bytes) leave the output ar's; lookup=0 drafts none from it."""
     g = torch_generator(name)
     prompts = [*PROMPTS, PROMPTS[3] * 9, "ab" * 40]
     looked_up = 0
     for prompt in prompts:
-        got = g.generate(prompt, mode="blt-s", max_bytes=N_BYTES, lookup=lookup, stop_on_eos=False)
+        got = g.generate(prompt, mode=mode, max_bytes=N_BYTES, lookup=lookup, stop_on_eos=False)
         assert got.ids == _ar(prompt, name=name), (prompt, lookup)
         looked_up += got.stats.lookup_rounds
         assert got.stats.lookup_accepted <= got.stats.lookup_drafted
     if lookup < 16:  # a random model's output repeats no 16 bytes (the default checkpoint's does: test_ort)
         assert looked_up > 0
     for n in (1, 2, 3, 5):  # drafts cut to the bytes still wanted
-        got = g.generate("ab" * 40, mode="blt-s", max_bytes=n, lookup=lookup, stop_on_eos=False)
+        got = g.generate("ab" * 40, mode=mode, max_bytes=n, lookup=lookup, stop_on_eos=False)
         assert got.ids == _ar("ab" * 40, n, name=name)
-    off = g.generate(PROMPTS[3] * 9, mode="blt-s", max_bytes=N_BYTES, lookup=0, stop_on_eos=False)
+    off = g.generate(PROMPTS[3] * 9, mode=mode, max_bytes=N_BYTES, lookup=0, stop_on_eos=False)
     assert off.stats.lookup_rounds == 0 and off.ids == _ar(PROMPTS[3] * 9, name=name)
 
 
@@ -146,8 +147,8 @@ def test_forced_rejection_at_every_draft_position(mode, k, monkeypatch):
         drafter = _fake_drafter(truth, prompt_len, wrong_at, log, encode=(mode == "blt-s"))
         loop = loops.blt_s if mode == "blt-s" else loops.blt_dv
         monkeypatch.setitem(loops.LOOPS, mode, lambda run, logits, f=loop, d=drafter: f(run, logits, drafter=d))
-        lookup = {"lookup": 0} if mode == "blt-s" else {}  # every round through the fake drafter
-        got = g.generate(prompt, mode=mode, max_bytes=n, k=k, stop_on_eos=False, **lookup)
+        # lookup 0: every round through the fake drafter
+        got = g.generate(prompt, mode=mode, max_bytes=n, k=k, stop_on_eos=False, lookup=0)
         assert got.ids == truth[:n], (mode, k, wrong_at)
         hist = got.stats.accept_hist
         full_rounds = [exp for drafted, exp in log if drafted == k or mode == "blt-dv"]

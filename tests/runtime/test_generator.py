@@ -40,7 +40,7 @@ BAD_OPTIONS = [
     (dict(mode="blt-s", lookup=-1), InputError, "option lookup"),
     (dict(mode="blt-s", lookup=2.0), InputError, "option lookup"),
     (dict(mode="blt-s", lookup=16, temperature=0.8), InputError, "option lookup: context drafts are for greedy"),
-    (dict(mode="blt-dv", lookup=16), InputError, "option lookup: only blt-s"),
+    (dict(mode="ar", lookup=16), InputError, "option lookup: only blt-s and blt-dv"),
     (dict(mode="blt-d", unmask="one-step"), InputError, "unmask"),
     (dict(mode="blt-d", alpha=1.5), InputError, "alpha"),
     (dict(mode="blt-d", gamma=-1.0), InputError, "gamma"),
