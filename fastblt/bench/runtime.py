@@ -48,7 +48,8 @@ VARIANTS = (
     Variant("blt-dv/alpha0.3/patch", "blt-dv", {"unmask": "confidence", "block_start": "patch"}, main=False),
     Variant("blt-s/k4", "blt-s", {"k": 4}, main=False),
     Variant("blt-s/k8", "blt-s", {"k": 8}, main=False),
-    Variant("blt-s/lookup0", "blt-s", {"lookup": 0}, main=False),  # the paper's drafter alone
+    Variant("blt-s/lookup0", "blt-s", {"lookup": 0}, main=False),  # the paper's drafters alone
+    Variant("blt-dv/lookup0", "blt-dv", {"lookup": 0}, main=False),
 )
 
 
