@@ -16,8 +16,8 @@ from fastblt.runtime.options import BLOCK_START_RULES, MODES
 UNMASK = ("confidence", "entropy", "one-step")
 K_HELP = f"blt-s: bytes drafted per round [default: {DEFAULT_K}, or max_step - 1 on smaller graphs]."
 LOOKUP_HELP = (
-    f"blt-s, greedy: draft from the context when its last N bytes occurred before; 0: always the "
-    f"decoder, as the paper [default: {LOOKUP_MATCH}]."
+    f"blt-s/blt-dv, greedy: draft from the context when its last N bytes occurred before; 0: never, "
+    f"as the paper [default: {LOOKUP_MATCH}]."
 )
 
 

@@ -22,7 +22,7 @@ def continuation(ids: np.ndarray, c: int, match: int, k: int) -> list[int]:
     """The k ids that followed the latest earlier occurrence of the last `match` ids of ids + [c]
     (continued periodically where they reach the end); [] when that suffix occurred nowhere before.
 
-    The search runs over the ids as bytes (C speed; a context of 10,000 bytes takes ~20 us).
+    The search runs over the ids as bytes (C speed: ~10 us over 10,000 bytes here).
     Special ids fold onto bytes 252-255, so a match through one may draft a wrong byte: the verify
     pass rejects it like any other wrong draft."""
     n = len(ids) + 1

@@ -51,7 +51,7 @@ class RoundStats:
     accept_hist: Counter = field(default_factory=Counter)  # accepted drafts per round -> rounds
     unmask_steps: Counter = field(default_factory=Counter)  # diffusion passes per block -> blocks
     block_start_fallbacks: int = 0  # "patch" rule rounds that had to force-close instead
-    lookup_rounds: int = 0  # blt-s rounds that drafted from the context (counted in the above too)
+    lookup_rounds: int = 0  # blt-s / blt-dv rounds drafted from the context (counted in the above too)
     lookup_drafted: int = 0
     lookup_accepted: int = 0
 
@@ -126,7 +126,7 @@ class Stats:
     accept_hist: dict[int, int]
     unmask_steps: dict[int, int]
     block_start_fallbacks: int
-    lookup_rounds: int  # blt-s rounds drafted from the context (rounds, drafted, accepted include them)
+    lookup_rounds: int  # blt-s / blt-dv rounds drafted from the context (rounds, drafted, accepted include them)
     lookup_drafted: int
     lookup_accepted: int
     bytes_per_decoder_pass: float
