@@ -18,8 +18,9 @@ runs them step by step:
   block; joining or leaving moves at most one row per later block. The global step, whose cache
   grows per sequence, gathers its rows' caches, so it takes any rows: one call per power-of-two
   bin of patch counts, padded inside the scratch; rows without a closed patch are not in it.
-- A greedy blt-s or blt-dv request drafts from its context (loops.draft_context) only while no other
-  request shares its cohort; its bytes are the same either way.
+- A cohort of greedy blt-s or blt-dv requests drafts a round from their contexts
+  (loops.draft_context) only when every row starting the round can; their bytes are the same
+  either way.
 - Requests of any mode and sampling settings share a batch: a call's rows only need the same
   step and size. Each request keeps its own RNG, stop strings and output.
 
@@ -37,7 +38,7 @@ import contextlib
 import threading
 import time
 import weakref
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -348,14 +349,15 @@ class BatchEngine:
         members is still inside a round: a cohort starts its rounds together, so its sequences
         take the same steps at the same turns and share every call."""
         busy = {seq.cohort for seq in self.live if seq.joined and not seq.parked and not seq.ended}
-        members = Counter(seq.cohort for seq in self.live if not seq.ended)
-        for seq in self.live:
-            if seq.parked and seq.cohort not in busy and not seq.ended:
-                seq.parked = False
-                # a row drafts from its context only alone in its cohort: with others it
-                # would finish its round early and wait for their drafts anyway
-                seq.run.lookup = members[seq.cohort] == 1
-                self._advance(seq, None)
+        starting = [seq for seq in self.live if seq.parked and seq.cohort not in busy and not seq.ended]
+        ready: dict = {}
+        for seq in starting:
+            ready[seq.cohort] = ready.get(seq.cohort, True) and loops.context_ready(seq.run)
+        for seq in starting:
+            seq.parked = False
+            # a cohort drafts from the context only when every row starting the round can
+            seq.run.lookup = ready[seq.cohort]
+            self._advance(seq, None)
 
     def _turn(self) -> None:
         """Take the next step of the cycle that some live sequence waits on."""

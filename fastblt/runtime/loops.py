@@ -60,8 +60,9 @@ class Run:
     gen: Rng | None  # the request's sampling generator (None when greedy)
     rounds: RoundStats
     prefill: dict = field(default_factory=dict)  # when the prompt was committed, and its counters
-    # blt-s / blt-dv may draft from the context: a batch turns it off while other requests draft in the
-    # same rounds (a row that skipped drafting would only wait for them; greedy bytes are the same)
+    # blt-s / blt-dv may draft from the context: a batch allows it for a round only when every row
+    # of the cohort starting it can (a row that skipped drafting would only wait for the others'
+    # drafts; greedy bytes are the same either way)
     lookup: bool = True
 
     @property
@@ -126,6 +127,15 @@ def draft_context(run: Run, c: int) -> list[int]:
         return []
     st = run.state
     return continuation(st.host.tokens[: st.n], c, run.opts.lookup, min(st.max_step, run.out.remaining) - 1)
+
+
+def context_ready(run: Run) -> bool:
+    """At the end of a blt-s / blt-dv round (its pending byte last in the output): whether the
+    context has drafts for the next round, whatever `run.lookup` says."""
+    if not (run.opts.lookup and run.out.ids):
+        return False
+    st = run.state
+    return bool(continuation(st.host.tokens[: st.n], run.out.ids[-1], run.opts.lookup, 1))
 
 
 def draft_round(run: Run, c: int, k: int, drafter: Drafter) -> Plan[tuple[list[int], np.ndarray | None, bool]]:

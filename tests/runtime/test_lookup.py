@@ -65,18 +65,28 @@ def test_the_default_checkpoints_greedy_loop_is_drafted_from_the_context(mode):
 
 @pytest.mark.parametrize(("name", "mode"), [("hf-test-sizes", "blt-s"), ("small-window", "blt-s"),
                                              ("hf-test-sizes", "blt-dv")])  # fmt: skip
-def test_a_batch_drafts_from_the_context_only_for_a_request_alone_in_its_cohort(name, mode):
-    """Alone in its cohort a greedy blt-s row drafts from its context; two rows of one cohort
-    draft with the decoder together (neither would gain: the round waits for both). Bytes are
-    ar's either way."""
+def test_a_batch_cohort_drafts_from_the_context_only_when_all_its_rows_can(name, mode):
+    """A row alone, and two rows whose contexts both repeat, draft rounds from them (the pair in
+    shared calls); beside a row that cannot (lookup 0, same cohort) a row drafts with the
+    decoder. Bytes are ar's throughout."""
     g = torch_generator(name)
     prompt = "ab" * 40
     ar = g.generate(prompt, mode="ar", max_bytes=40, stop_on_eos=False).ids
+
+    def together(batch, lookups):
+        with batch._cv:  # all queued before the loop admits any: one cohort from the first round
+            tickets = [batch.submit(make_request(prompt, g.config, mode, 40, lookup=lk, stop_on_eos=False))
+                       for lk in lookups]  # fmt: skip
+        return [t.result(60) for t in tickets]
+
     with BatchEngine(g.engine, max_batch=4) as batch:
-        alone = batch.submit(make_request(prompt, g.config, mode, 40, lookup=1, stop_on_eos=False)).result(60)
-        with batch._cv:  # both queued before the loop admits either: one cohort from the first round
-            pair = [batch.submit(make_request(prompt, g.config, mode, 40, lookup=1, stop_on_eos=False))
-                    for _ in range(2)]  # fmt: skip
-        together = [t.result(60) for t in pair]
+        (alone,) = together(batch, [1])
+        calls0, rows0 = dict(batch.stats.calls), dict(batch.stats.rows)
+        pair = together(batch, [1, 1])
+        calls = {s: batch.stats.calls[s] - calls0[s] for s in calls0}
+        rows = {s: batch.stats.rows[s] - rows0[s] for s in rows0}
+        mixed = together(batch, [1, 0])
     assert alone.ids == ar and alone.stats.lookup_rounds > 0
-    assert all(t.ids == ar and t.stats.lookup_rounds == 0 for t in together)
+    assert all(t.ids == ar and t.stats.lookup_rounds > 0 for t in pair)
+    assert all(rows[s] == 2 * calls[s] for s in calls)  # every call of the pair shared
+    assert all(t.ids == ar and t.stats.lookup_rounds == 0 for t in mixed)
