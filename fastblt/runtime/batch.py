@@ -347,15 +347,16 @@ class BatchEngine:
     def _resume_cohorts(self) -> None:
         """Resume the parked sequences of every cohort (same mode and k) none of whose joined
         members is still inside a round: a cohort starts its rounds together, so its sequences
-        take the same steps at the same turns and share every call."""
+        take the same steps at the same turns and share every call. Its greedy blt-s / blt-dv rows
+        draft a round from their contexts only when all of them can (one would otherwise finish
+        early and wait for the others' drafts)."""
         busy = {seq.cohort for seq in self.live if seq.joined and not seq.parked and not seq.ended}
         starting = [seq for seq in self.live if seq.parked and seq.cohort not in busy and not seq.ended]
-        ready: dict = {}
+        ready: dict[tuple[str, int], bool] = {}  # per cohort: every row starting a round can draft from its context
         for seq in starting:
             ready[seq.cohort] = ready.get(seq.cohort, True) and loops.context_ready(seq.run)
         for seq in starting:
             seq.parked = False
-            # a cohort drafts from the context only when every row starting the round can
             seq.run.lookup = ready[seq.cohort]
             self._advance(seq, None)
 

@@ -120,22 +120,21 @@ def rollback_to_accepted(run: Run, n0: int, drafts: list[int], a: int) -> None:
     run.rounds.verified(len(drafts), a)
 
 
+def _from_context(run: Run, c: int, k: int) -> list[int]:
+    st = run.state
+    return continuation(st.host.tokens[: st.n], c, run.opts.lookup, k) if run.opts.lookup else []
+
+
 def draft_context(run: Run, c: int) -> list[int]:
     """Greedy drafting from the context (runtime/lookup.py): free, so as many drafts as one
     verify step takes; [] when the last `lookup` bytes never occurred before, or lookup is off."""
-    if not (run.opts.lookup and run.lookup):
-        return []
-    st = run.state
-    return continuation(st.host.tokens[: st.n], c, run.opts.lookup, min(st.max_step, run.out.remaining) - 1)
+    return _from_context(run, c, min(run.state.max_step, run.out.remaining) - 1) if run.lookup else []
 
 
 def context_ready(run: Run) -> bool:
     """At the end of a blt-s / blt-dv round (its pending byte last in the output): whether the
     context has drafts for the next round, whatever `run.lookup` says."""
-    if not (run.opts.lookup and run.out.ids):
-        return False
-    st = run.state
-    return bool(continuation(st.host.tokens[: st.n], run.out.ids[-1], run.opts.lookup, 1))
+    return bool(run.out.ids and _from_context(run, run.out.ids[-1], 1))
 
 
 def draft_round(run: Run, c: int, k: int, drafter: Drafter) -> Plan[tuple[list[int], np.ndarray | None, bool]]:
