@@ -128,7 +128,8 @@ def _from_context(run: Run, c: int, k: int) -> list[int]:
 def draft_context(run: Run, c: int) -> list[int]:
     """Greedy drafting from the context (runtime/lookup.py): free, so as many drafts as one
     verify step takes; [] when the last `lookup` bytes never occurred before, or lookup is off."""
-    return _from_context(run, c, min(run.state.max_step, run.out.remaining) - 1) if run.lookup else []
+    st = run.state
+    return _from_context(run, c, min(st.max_step, run.out.remaining, st.draft_room() + 1) - 1) if run.lookup else []
 
 
 def context_ready(run: Run) -> bool:
@@ -190,7 +191,7 @@ def blt_s(run: Run, logits: np.ndarray, drafter: Drafter = draft_ar) -> Plan[Non
         yield None
         n0 = run.state.n
         # the byte after the last draft is free
-        k = min(draft_length(run.opts, run.state.max_step), run.out.remaining - 1)
+        k = min(draft_length(run.opts, run.state.max_step), run.out.remaining - 1, run.state.draft_room())
         drafts, q, looked = yield from draft_round(run, c, k, drafter)
         # the drafter wrote the encoder states of its drafts; context drafts have none yet
         a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=not looked)))
@@ -306,7 +307,7 @@ def blt_dv(run: Run, logits: np.ndarray, drafter: Drafter = draft_diffusion) -> 
         yield None
         n0 = run.state.n
         # the byte after the last draft is free; [c, drafts] must fit one verify step
-        k = min(run.out.remaining, run.state.max_step) - 1
+        k = min(run.out.remaining, run.state.max_step, run.state.draft_room() + 1) - 1
         drafts, q, looked = yield from draft_round(run, c, k, drafter)
         a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=False)))
         if looked:

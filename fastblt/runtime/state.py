@@ -204,6 +204,12 @@ class SequenceState:
             self.h = grown
             self._h = grown.numpy() if self.numpy else grown
 
+    def draft_room(self) -> int:
+        """Drafts a verify step after the pending byte may hold without its global step passing
+        the model's position limit (each of its positions may close a patch): near the limit a
+        drafting mode then fails exactly where ar does, not a round early."""
+        return max(self.patch_limit - self.g_len - 1, 0)
+
     def open_patch_start(self, n: int | None = None) -> int:
         """First byte of the patch still open after n committed bytes (== n if none is open)."""
         n = self.n if n is None else n

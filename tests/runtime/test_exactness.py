@@ -6,13 +6,17 @@ draft position in turn (forced rejections), which prove the rollback.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 
 import numpy as np
 import pytest
 from runtime_refs import PROMPTS, full_recompute_greedy, tiny_model, torch_generator
 
+from fastblt.errors import InputError
 from fastblt.runtime import loops
+from fastblt.runtime.generator import Generator
 
 from tiny import TINY_CONFIGS
 
@@ -80,6 +84,38 @@ def test_context_drafts_equal_ar(mode, name, lookup):
         assert got.ids == _ar("ab" * 40, n, name=name)
     off = g.generate(PROMPTS[3] * 9, mode=mode, max_bytes=N_BYTES, lookup=0, stop_on_eos=False)
     assert off.stats.lookup_rounds == 0 and off.ids == _ar(PROMPTS[3] * 9, name=name)
+
+
+@pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
+def test_drafting_modes_reach_the_position_limit_exactly_as_ar(name):
+    """Near the global model's position limit (in patches) a verify step's drafts could close
+    patches past it: blt-s and blt-dv draft no more than the patches left, so they produce every
+    byte ar produces and fail at the same max_bytes."""
+    model = tiny_model(name)
+    small = copy.deepcopy(model)
+    small.config = dataclasses.replace(
+        model.config, global_model=dataclasses.replace(model.config.global_model, max_positions=40)
+    )
+    g = Generator(small, backend="torch")
+    prompt = "ab" * 5
+
+    def fits(mode: str, n: int, **kw) -> bool:
+        try:
+            g.generate(prompt, mode=mode, max_bytes=n, stop_on_eos=False, **kw)
+        except InputError:
+            return False
+        return True
+
+    lo, hi = 1, 400  # ar fits lo bytes, not hi
+    assert fits("ar", lo) and not fits("ar", hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits("ar", mid) else (lo, mid)
+    ar = g.generate(prompt, mode="ar", max_bytes=lo, stop_on_eos=False).ids
+    for mode, kw in [("blt-s", {"lookup": 0}), ("blt-s", {"lookup": 1}), ("blt-dv", {"lookup": 0}),
+                     ("blt-dv", {"lookup": 1})]:  # fmt: skip
+        assert g.generate(prompt, mode=mode, max_bytes=lo, stop_on_eos=False, **kw).ids == ar, (mode, kw)
+        assert not fits(mode, hi, **kw), (mode, kw)
 
 
 # every model, block size, drafting rule and block-start rule appears (pairwise, not the full product)
