@@ -17,10 +17,22 @@ import torch
 from torch import Tensor
 
 from fastblt.export.spec import CROSS, PAST, PAST_BUCKET, StepSpec, cross_slots, max_step, named_kv, past_slots
+from fastblt.machine import memory_available
 from fastblt.model.config import BltConfig, StackConfig
 
 KV = list[tuple[Tensor, Tensor]]
 HostKV = list[tuple[np.ndarray, np.ndarray]]
+
+
+MIRROR_SHARE = 0.25  # of the memory available, what one growth of a batch's global-cache mirror may take
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free where a buffer on `device` lives: the GPU's, or what this process may still use
+    of the host's (machine.memory_available); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return memory_available()
 
 
 def host_arrays(device: torch.device, dtype: torch.dtype) -> bool:
@@ -225,11 +237,18 @@ class MirrorRows(_Buffers):
         return self.kv[0][0].shape[2]
 
     def reserve(self, end: int) -> bool:
-        """Make room for `end` slots in every row; False when that is past the limit."""
+        """Make room for `end` slots in every row; False when that is past the limit, or when
+        growing would take more than MIRROR_SHARE of the memory available (the mirror is a second
+        copy of every row's cache: past that the batch gathers its callers' caches instead)."""
         if end > self.limit:
             return False
         if end > self.cap:
-            self._resize(min(past_slots(end), self.limit))
+            slots = min(past_slots(end), self.limit)
+            grow = (slots - self.cap) * sum(k.nbytes + v.nbytes for k, v in self.kv) // self.cap
+            free = available_memory(self.device)
+            if free is not None and grow > MIRROR_SHARE * free:
+                return False
+            self._resize(slots)
         return True
 
     def fit(self, end: int) -> None:

@@ -235,6 +235,32 @@ def test_global_steps_over_row_ranges_equal_gathered_ones(monkeypatch, pad_work)
         assert padded and not any(padded)
 
 
+def test_a_mirror_grows_only_within_its_share_of_free_memory(monkeypatch):
+    """Where growing the global step's mirror would take more than MIRROR_SHARE of the memory
+    left, it stays as it is and the batch gathers its callers' caches: outputs are the same."""
+    from fastblt.runtime import caches
+
+    caps = []
+    reserve = caches.MirrorRows.reserve
+
+    def spy(self, end):
+        ok = reserve(self, end)
+        caps.append((end, self.cap, ok))
+        return ok
+
+    monkeypatch.setattr(caches.MirrorRows, "reserve", spy)
+    monkeypatch.setattr(caches, "available_memory", lambda device: 1)  # nothing left to grow into
+    g = torch_generator("small-window")
+    work = jobs(24, seed=5)
+    want = [g.generate(p, mode=m, max_bytes=n, **o).ids for p, m, n, o in work]
+    with batch_of(g, max_batch=8) as batch:
+        got = [t.result(120).ids for t in [batch.submit(make_request(p, g.config, m, n, **o)) for p, m, n, o in work]]
+    assert got == want
+    first = caps[0][1]
+    assert all(cap == first for _, cap, _ in caps)  # never grew
+    assert any(end > cap and not ok for end, cap, ok in caps)  # and was asked to
+
+
 def test_a_mirror_row_is_copied_in_only_when_it_changes_hands():
     """MirrorRows: a row syncs from a sequence's cache once (then the steps write it in place and
     the written slots go back), padding keeps a row's mirror only for its own sequence, a reset
