@@ -77,7 +77,7 @@ def test_context_drafts_equal_ar(mode, name, lookup):
         assert got.ids == _ar(prompt, name=name), (prompt, lookup)
         looked_up += got.stats.lookup_rounds
         assert got.stats.lookup_accepted <= got.stats.lookup_drafted
-    if lookup < 16:  # a random model's output repeats no 16 bytes (the default checkpoint's does: test_ort)
+    if lookup < 16:  # a random model's output repeats no 16 bytes (the default checkpoint's does: test_lookup)
         assert looked_up > 0
     for n in (1, 2, 3, 5):  # drafts cut to the bytes still wanted
         got = g.generate("ab" * 40, mode=mode, max_bytes=n, lookup=lookup, stop_on_eos=False)
