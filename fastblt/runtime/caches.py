@@ -244,7 +244,7 @@ class MirrorRows(_Buffers):
             return False
         if end > self.cap:
             slots = min(past_slots(end), self.limit)
-            grow = (slots - self.cap) * sum(k.nbytes + v.nbytes for k, v in self.kv) // self.cap
+            grow = (slots - self.cap) * self.nbytes() // self.cap
             free = available_memory(self.device)
             if free is not None and grow > MIRROR_SHARE * free:
                 return False
@@ -276,9 +276,7 @@ class MirrorRows(_Buffers):
         key = (id(cache), cache.epoch)
         if self.owners[row] == key:
             return
-        for (mk, mv), (k, v) in zip(self.host(), cache.host(), strict=True):
-            mk[row, ..., :upto, :] = k[0, ..., :upto, :]
-            mv[row, ..., :upto, :] = v[0, ..., :upto, :]
+        self._pull(row, cache, slice(0, upto))
         # a row it left (the batch moves sequences) stops mirroring it: it would miss what is
         # written here, and the sequence may come back to it
         self.owners = [None if o == key else o for o in self.owners]
@@ -296,11 +294,15 @@ class MirrorRows(_Buffers):
         for row, cache, where in writes:
             key = (id(cache), cache.epoch)
             if self.owners[row] == key and where.stop <= self.cap:
-                for (mk, mv), (k, v) in zip(self.host(), cache.host(), strict=True):
-                    mk[row, ..., where, :] = k[0, ..., where, :]
-                    mv[row, ..., where, :] = v[0, ..., where, :]
+                self._pull(row, cache, where)
             else:
                 self.owners = [None if o == key else o for o in self.owners]
+
+    def _pull(self, row: int, cache: LinearCache, where: slice) -> None:
+        """Copy slots `where` of the sequence's own cache into row `row` (write_back's inverse)."""
+        for (mk, mv), (k, v) in zip(self.host(), cache.host(), strict=True):
+            mk[row, ..., where, :] = k[0, ..., where, :]
+            mv[row, ..., where, :] = v[0, ..., where, :]
 
     def write_back(self, row: int, cache: LinearCache, where: slice) -> None:
         """Copy the slots a step wrote in row `row` back to the sequence's own cache."""

@@ -227,7 +227,8 @@ class StepRunner:
                 dst = buf_host if buf_host is not None else buf
                 for i, x in enumerate(xs):
                     n = x.shape[-2] if live is None else live[i]
-                    dst[i, ..., :n, :] = x[0, ..., :n, :]
+                    if n:
+                        dst[i, ..., :n, :] = x[0, ..., :n, :]
                 pairs.append((buf, dst))
             feed.append((pairs[0][0], pairs[1][0]))
             host.append((pairs[0][1], pairs[1][1]))
@@ -307,12 +308,9 @@ class StepRunner:
         after.append(write_back)
         if plan.cross:
             own = [c.state.rows.cross_rows_host(c.state.row, c.state.row + 1) if c.size else None for c in calls]
-            scratch, host = [], []
-            for layer, (k, _) in enumerate(calls[0].state.rows.cross_rows_host(lo, lo + 1)):
-                shape = (len(calls), *k.shape[1:])
-                pair = [self._scratch_view(f"{plan.step}.cross.{layer}.{j}", shape, self.dtype) for j in range(2)]
-                scratch.append((pair[0][0], pair[1][0]))
-                host.append(tuple(h if h is not None else t for t, h in pair))
+            ring = calls[0].state.rows.cross_rows_host(lo, lo + 1)
+            # scratch rows of the ring's shape, nothing copied in: the step only writes them
+            scratch, host = self._gather(f"{plan.step}.cross", [ring] * len(calls), live=[0] * len(calls))
             feeds |= named_kv(CROSS, scratch)
             C = scratch[0][0].shape[-2]
             slots = [_ring_slots(c.at, c.size, C) for c in calls]
