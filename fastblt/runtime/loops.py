@@ -210,10 +210,11 @@ def block_start(run: Run, pending: list[int]) -> Plan[tuple[int, int, list[int]]
     whose latent the block reads (the next commit overwrites that slot: an O(1) rollback).
     "patch": the block starts at the open patch's first byte s and reads the last closed latent,
     as in training; the open patch's committed bytes (and the pending byte) fill its first cells.
-    When they would leave no [MASK] cell, this round falls back to "force".
+    When they would leave no [MASK] cell, this round falls back to "force". At the global model's
+    position limit, where a forced latent has no slot, a "force" round starts as "patch" does.
     """
     st, B = run.state, run.state.config.blt_d.block_size
-    if run.opts.block_start == "patch":
+    if run.opts.block_start == "patch" or st.g_len >= st.patch_limit:
         s = st.open_patch_start()
         known = [int(t) for t in st.tokens[s : st.n]] + pending
         if len(known) < B:

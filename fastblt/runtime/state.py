@@ -319,7 +319,8 @@ class SequenceState:
         spans = self._mark_patches(at, ent)
         self._forced_at = None
         s_open = self.open_patch_start(at + S) if close_open else at + S
-        forced = [(s_open, at + S)] if s_open < at + S else []
+        # the forced latent takes the slot after the closed patches: none past the position limit
+        forced = [(s_open, at + S)] if s_open < at + S and self.g_len + len(spans) < self.patch_limit else []
         if spans or forced:
             yield from self.run_global(spans + forced, self.g_len)
             self.g_len += len(spans)

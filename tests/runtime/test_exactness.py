@@ -91,12 +91,7 @@ def test_drafting_modes_reach_the_position_limit_exactly_as_ar(name):
     """Near the global model's position limit (in patches) a verify step's drafts could close
     patches past it: blt-s and blt-dv draft no more than the patches left, so they produce every
     byte ar produces and fail at the same max_bytes."""
-    model = tiny_model(name)
-    small = copy.deepcopy(model)
-    small.config = dataclasses.replace(
-        model.config, global_model=dataclasses.replace(model.config.global_model, max_positions=40)
-    )
-    g = Generator(small, backend="torch")
+    g = Generator(_forty_patches(name), backend="torch")
     prompt = "ab" * 5
 
     def fits(mode: str, n: int, **kw) -> bool:
@@ -116,6 +111,34 @@ def test_drafting_modes_reach_the_position_limit_exactly_as_ar(name):
                      ("blt-dv", {"lookup": 1})]:  # fmt: skip
         assert g.generate(prompt, mode=mode, max_bytes=lo, stop_on_eos=False, **kw).ids == ar, (mode, kw)
         assert not fits(mode, hi, **kw), (mode, kw)
+
+
+def _forty_patches(name: str):
+    """A tiny model whose global model holds 40 patches: its position limit is reached in ~100 bytes."""
+    model = tiny_model(name)
+    small = copy.deepcopy(model)
+    small.config = dataclasses.replace(
+        model.config, global_model=dataclasses.replace(model.config.global_model, max_positions=40)
+    )
+    return small
+
+
+@pytest.mark.parametrize("name", ["small-window", "deep-local"])
+@pytest.mark.parametrize("block_start", ["force", "patch"])
+def test_blt_d_fails_only_where_its_bytes_pass_the_position_limit(name, block_start):
+    """blt-d commits each block but the last; a "force" block also needs a slot for its forced
+    latent. At the limit it starts a block as "patch" does instead: a blt-d call fails only when
+    the bytes it commits close more patches than the model holds, as ar would on those bytes."""
+    g = Generator(_forty_patches(name), backend="torch")
+    for prompt in ["ab" * 5, "hello world, ", "xyz" * 7, "def f(x):\n  return x\n"]:
+        call = g._call(prompt, "blt-d", 400, {"stop_on_eos": False, "block_start": block_start})
+        with pytest.raises(InputError, match="exceed the global model's limit of 40 patches") as blt_d:
+            for _ in call:
+                pass
+        committed = prompt.encode() + bytes(call.out.data)  # the failing commit was of every byte out
+        with pytest.raises(InputError) as ar:
+            g.generate(committed, mode="ar", max_bytes=1, stop_on_eos=False)
+        assert str(blt_d.value) == str(ar.value)  # the same patch count after the same bytes
 
 
 # every model, block size, drafting rule and block-start rule appears (pairwise, not the full product)
