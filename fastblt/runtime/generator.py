@@ -130,7 +130,7 @@ class Generator:
     ) -> Generation:
         """Generate up to `max_bytes` ids after `prompt` (str: UTF-8; bytes: as is).
 
-        options: see DecodeOptions (temperature, top_k, top_p, seed, k, unmask, alpha, gamma,
+        options: see DecodeOptions (temperature, top_k, top_p, seed, k, lookup, unmask, alpha, gamma,
         block_start, stop, stop_on_eos, prefill_chunk). Bad values raise before any work.
         `prompt` may instead be a Request (options.make_request: checked once, e.g. on admission),
         given alone.
