@@ -173,7 +173,10 @@ class LinearCache(_Buffers):
     """An unwindowed stack's cache: buffers (1, heads, slots, head_dim) per layer holding the live
     prefix rounded up (spec.past_slots), grown (copied into larger buffers) as the sequence
     reaches a new bucket, so memory and a step's cost follow the context. A prefix along the slot
-    axis of a (heads, slots) buffer is not contiguous, so the buffers are sized to it instead."""
+    axis of a (heads, slots) buffer is not contiguous, so the buffers are sized to it instead.
+
+    In a batch the cache may be lent to a row of the batch's MirrorRows: its buffers are then that
+    row (views, `lent`), so the batch holds each sequence's cache once."""
 
     def __init__(self, cfg: StackConfig, dtype: torch.dtype, device: torch.device):
         self.cfg, self.dtype, self.device = cfg, dtype, device
@@ -182,15 +185,17 @@ class LinearCache(_Buffers):
         self._feeds: dict[str, Tensor] | None = None
         self._numpy = host_arrays(device, dtype)
         self._host: HostKV | None = None
-        self.epoch = 0  # counts resets: which sequence's content it holds (a MirrorRows key)
+        self.lent: tuple[MirrorRows, int] | None = None  # the mirror and row its buffers are
 
     @property
     def slots(self) -> int:
         return self.kv[0][0].shape[2]
 
     def for_step(self, end: int) -> KV:
-        """The buffers, holding at least `end` slots (grown first when needed)."""
-        if end > self.slots:
+        """The buffers, holding at least `end` slots (grown first when needed: a lent cache grows
+        its mirror, or takes its slots back where the mirror may not grow)."""
+        if end > self.slots and (self.lent is None or not self.lent[0].reserve(end)):
+            self.take_back()
             self._resize(min(past_slots(end), self.limit))
         return self.kv
 
@@ -201,11 +206,32 @@ class LinearCache(_Buffers):
         return self._feeds
 
     def reset(self) -> None:
-        """Back to one bucket (a new sequence)."""
-        self.epoch += 1
-        if self.slots != PAST_BUCKET:
-            self._feeds = self._host = None
-            self.kv = zeros_kv(self.cfg, 1, PAST_BUCKET, self.dtype, self.device)
+        """Back to one bucket of its own (a new sequence)."""
+        if self.lent is not None:
+            mirror, row = self.lent
+            mirror.owners[row] = None
+            self.lent = None
+            self._use(zeros_kv(self.cfg, 1, PAST_BUCKET, self.dtype, self.device))
+        elif self.slots != PAST_BUCKET:
+            self._use(zeros_kv(self.cfg, 1, PAST_BUCKET, self.dtype, self.device))
+
+    def take_back(self) -> None:
+        """A lent cache gets buffers of its own again, holding every slot of its mirror row."""
+        if self.lent is None:
+            return
+        mirror, row = self.lent
+        mirror.owners[row] = None
+        self.lent = None
+        own = zeros_kv(self.cfg, 1, mirror.cap, self.dtype, self.device)
+        for (k, v), (rk, rv) in zip(own, self.kv, strict=True):
+            k.copy_(rk)
+            v.copy_(rv)
+        self._use(own)
+
+    def _use(self, kv: KV) -> None:
+        """Its buffers are now `kv` (the old ones are let go, with the views made of them)."""
+        self._feeds = self._host = None
+        self.kv = kv
 
     def _resize(self, slots: int) -> None:
         self._feeds = self._host = None  # hold no old buffer while it is replaced
@@ -213,14 +239,16 @@ class LinearCache(_Buffers):
 
 
 class MirrorRows(_Buffers):
-    """A batch's linear caches of one stack mirrored into one (rows, heads, cap, head_dim) buffer
-    per tensor, row r holding the sequence in batch row r, so that a step over a range of rows
-    reads them as one contiguous slice instead of gathering each sequence's cache into a scratch
-    (a copy that grows with the context: 15-20% of a batch lane's time at 512-2,048 bytes out).
+    """A batch's linear caches of one stack in one (rows, heads, cap, head_dim) buffer per tensor,
+    so that a step over a range of rows reads them as one contiguous slice instead of gathering
+    each sequence's cache into a scratch (a copy that grows with the context: 15-20% of a batch
+    lane's time at 512-2,048 bytes out).
 
-    Each sequence's LinearCache stays the truth: a row is copied in from it when the row changes
-    hands (`sync`), and the slots a step writes in the mirror are copied back to it. `cap` grows
-    to the longest row's need (never past the stack's position limit, rounded to a bucket).
+    A sequence's cache is lent to the row it steps in (`sync`: copied in once, its own buffers let
+    go), and is that row from then on: steps write it in place, a step that gathers reads and
+    writes it there too, so the batch holds each cache once. A row another sequence needs (the
+    batch moves sequences between rows) first gives its cache its own buffers back. `cap` grows to
+    the longest row's need (never past the stack's position limit, rounded to a bucket).
     """
 
     def __init__(self, cfg: StackConfig, rows: int, dtype: torch.dtype, device: torch.device):
@@ -230,7 +258,7 @@ class MirrorRows(_Buffers):
         self._numpy = host_arrays(device, dtype)
         self._host: HostKV | None = None
         self._feeds: dict[tuple[int, int], dict[str, Tensor]] = {}
-        self.owners: list[tuple[int, int] | None] = [None] * rows  # (id, epoch) of the cache each row mirrors
+        self.owners: list[LinearCache | None] = [None] * rows  # the cache lent to each row
 
     @property
     def cap(self) -> int:
@@ -238,8 +266,8 @@ class MirrorRows(_Buffers):
 
     def reserve(self, end: int) -> bool:
         """Make room for `end` slots in every row; False when that is past the limit, or when
-        growing would take more than MIRROR_SHARE of the memory available (the mirror is a second
-        copy of every row's cache: past that the batch gathers its callers' caches instead)."""
+        growing would take more than MIRROR_SHARE of the memory available (every row grows, used
+        or not: past that the batch gathers its callers' caches instead)."""
         if end > self.limit:
             return False
         if end > self.cap:
@@ -262,6 +290,12 @@ class MirrorRows(_Buffers):
     def _resize(self, slots: int) -> None:
         self._host, self._feeds = None, {}
         resize_kv(self.kv, slots, self.dtype, self.device)
+        for row, cache in enumerate(self.owners):
+            if cache is not None:
+                cache._use(self._row(row))
+
+    def _row(self, row: int) -> KV:
+        return [(k[row : row + 1], v[row : row + 1]) for k, v in self.kv]
 
     def feeds(self, lo: int, hi: int) -> dict[str, Tensor]:
         """Rows lo..hi-1 as named cache inputs (`past.*`), written in place by the step."""
@@ -271,41 +305,33 @@ class MirrorRows(_Buffers):
         return feeds
 
     def sync(self, row: int, cache: LinearCache, upto: int) -> None:
-        """Make row `row` mirror `cache` below slot `upto` (a copy only when the row held another
-        sequence, or this one before it was reset)."""
-        key = (id(cache), cache.epoch)
-        if self.owners[row] == key:
+        """Lend `cache` to row `row`, its slots below `upto` copied in (from its own buffers, or
+        from the row it was lent to before); nothing to do when it is lent there already."""
+        if self.owners[row] is cache:
             return
-        self._pull(row, cache, slice(0, upto))
-        # a row it left (the batch moves sequences) stops mirroring it: it would miss what is
-        # written here, and the sequence may come back to it
-        self.owners = [None if o == key else o for o in self.owners]
-        self.owners[row] = key
+        self.release(row)
+        if cache.lent is not None and cache.lent[0] is not self:
+            cache.take_back()
+        src = self._row(cache.lent[1]) if cache.lent is not None else cache.kv
+        n = min(upto, src[0][0].shape[2])
+        for (k, v), (sk, sv) in zip(self._row(row), src, strict=True):
+            k[..., :n, :].copy_(sk[..., :n, :])
+            v[..., :n, :].copy_(sv[..., :n, :])
+        if cache.lent is not None:
+            self.owners[cache.lent[1]] = None
+        self.owners[row] = cache
+        cache.lent = (self, row)
+        cache._use(self._row(row))
 
     def lend(self, row: int, cache: LinearCache) -> None:
-        """Row `row` is written past what `cache` reads (a padding row): it stays its mirror if it
-        was, else it mirrors nothing."""
-        if self.owners[row] != (id(cache), cache.epoch):
-            self.owners[row] = None
+        """Row `row` is written past what `cache` reads (a padding row): a cache lent to it by
+        another sequence takes its slots back first."""
+        if self.owners[row] is not cache:
+            self.release(row)
 
-    def follow(self, writes: list[tuple[int, LinearCache, slice]]) -> None:
-        """Caches written without this mirror (a step that gathered them), as (row, cache, slots):
-        a row that mirrors its cache gets those slots too, any other row mirroring it no longer does."""
-        for row, cache, where in writes:
-            key = (id(cache), cache.epoch)
-            if self.owners[row] == key and where.stop <= self.cap:
-                self._pull(row, cache, where)
-            else:
-                self.owners = [None if o == key else o for o in self.owners]
-
-    def _pull(self, row: int, cache: LinearCache, where: slice) -> None:
-        """Copy slots `where` of the sequence's own cache into row `row` (write_back's inverse)."""
-        for (mk, mv), (k, v) in zip(self.host(), cache.host(), strict=True):
-            mk[row, ..., where, :] = k[0, ..., where, :]
-            mv[row, ..., where, :] = v[0, ..., where, :]
-
-    def write_back(self, row: int, cache: LinearCache, where: slice) -> None:
-        """Copy the slots a step wrote in row `row` back to the sequence's own cache."""
-        for (mk, mv), (k, v) in zip(self.host(), cache.host(), strict=True):
-            k[0, ..., where, :] = mk[row, ..., where, :]
-            v[0, ..., where, :] = mv[row, ..., where, :]
+    def release(self, row: int | None = None) -> None:
+        """The cache lent to row `row` (None: to every row) gets its own buffers back."""
+        for r in range(self.rows) if row is None else (row,):
+            cache = self.owners[r]
+            if cache is not None:
+                cache.take_back()

@@ -9,12 +9,13 @@ path for both is what makes a batched sequence compute what it computes alone.
 Rows of a batched call: the ring caches of the calls' sequences must be consecutive rows of one
 RowCaches (the batch engine groups them so). A global step may take any rows: given the batch's
 sequences by row (`neighbours`), it runs over the range of rows from the first caller to the last,
-the sequences between them as padding rows, on a mirror of the batch's linear caches (MirrorRows,
-no copy per call); otherwise the callers' linear caches are gathered into scratch rows. Either
-way the global step writes the cross ring of a scratch, and the slots the callers wrote are copied
-back to their own caches. A call with fewer positions (patches) than the batch's widest is padded
-only where the padding cannot reach what a sequence reads: in scratch rows, and in mirror slots
-past the ones it reads (`free_slot`).
+the sequences between them as padding rows, on the batch's MirrorRows, where each sequence's
+linear cache is lent to its row (no copy per call); otherwise the callers' linear caches (a lent
+one where its row is) are gathered into scratch rows. Either way the global step writes the cross
+ring of a scratch, and the slots the callers wrote are copied back to their own caches. A call
+with fewer positions (patches) than the batch's widest is padded only where the padding cannot
+reach what a sequence reads: in scratch rows, and in mirror slots past the ones it reads
+(`free_slot`).
 """
 
 from __future__ import annotations
@@ -274,6 +275,8 @@ class StepRunner:
     def trim(self) -> None:
         """Let go of the batch's mirrors and scratch buffers, which keep the size of the longest
         context they served (a batch calls this when it runs empty: the next requests may be short)."""
+        for mirror in self._mirrors.values():
+            mirror.release()  # a cache still lent to a row keeps its slots
         self._mirrors.clear()
         self._scratch.clear()
         self._scratch_views.clear()
@@ -286,26 +289,18 @@ class StepRunner:
         return mirror
 
     def _mirror_feeds(self, plan: _StepPlan, calls: list[StepCall], after: Copies) -> dict[str, Tensor]:
-        """A covered range's cache inputs (`_cover`): the mirror's rows, each caller's row synced to
-        its own cache first; the cross ring (which the global step only writes) a scratch. What the
-        callers wrote is copied back after the call."""
+        """A covered range's cache inputs (`_cover`): the mirror's rows, each caller's cache lent to
+        its row (copied in once); the cross ring (which the global step only writes) a scratch,
+        whose slots the callers wrote are copied back after the call."""
         mirror = self._mirrors[plan.stack]
         lo, hi = calls[0].state.row, calls[-1].state.row + 1
         for c in calls:
             cache = c.state.linear[plan.stack]
             if c.size:
-                cache.for_step(c.at + c.size)
                 mirror.sync(c.state.row, cache, c.at)
             else:
                 mirror.lend(c.state.row, cache)
         feeds = dict(mirror.feeds(lo, hi))
-        written = [c for c in calls if c.size]
-
-        def write_back() -> None:
-            for c in written:
-                mirror.write_back(c.state.row, c.state.linear[plan.stack], slice(c.at, c.at + c.size))
-
-        after.append(write_back)
         if plan.cross:
             own = [c.state.rows.cross_rows_host(c.state.row, c.state.row + 1) if c.size else None for c in calls]
             ring = calls[0].state.rows.cross_rows_host(lo, lo + 1)
@@ -351,10 +346,6 @@ class StepRunner:
                 C = cross[0][0][0].shape[-2]
                 ring = [_ring_slots(c.at, c.size, C) for c in calls]
                 after.append(lambda: self._scatter_back(cross_host, cross, ring))
-        mirror = self._mirrors.get(plan.stack) if not plan.ring and plan.writes else None
-        if mirror is not None:  # written without the batch's mirror (gathered, or alone): it follows
-            writes = [(c.state.row, c.state.linear[plan.stack], slice(c.at, c.at + c.size)) for c in calls]
-            after.append(lambda: mirror.follow(writes))
         return feeds
 
     def _one_row_feeds(self, plan: _StepPlan, call: StepCall) -> dict[str, Tensor]:

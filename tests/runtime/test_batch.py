@@ -261,15 +261,17 @@ def test_a_mirror_grows_only_within_its_share_of_free_memory(monkeypatch):
     assert any(end > cap and not ok for end, cap, ok in caps)  # and was asked to
 
 
-def test_a_mirror_row_is_copied_in_only_when_it_changes_hands():
-    """MirrorRows: a row syncs from a sequence's cache once (then the steps write it in place and
-    the written slots go back), padding keeps a row's mirror only for its own sequence, a reset
-    sequence is copied in again, a sequence that moved away and back is copied in again (1,000
-    batched requests found 3 that differed before), growth keeps every row, and the position
-    limit is refused."""
+def test_a_cache_lent_to_a_mirror_row_is_that_row_and_is_copied_only_when_it_changes_hands(monkeypatch):
+    """MirrorRows: a sequence's cache lent to a row is copied in once and is that row from then on
+    (its own buffers let go: the batch holds it once); padding by its own sequence keeps it there,
+    another sequence's padding or sync gives it its own buffers back with the row's slots; a
+    sequence the batch moved is copied from its old row (1,000 batched requests found 3 that
+    differed when a row left behind was trusted); growth and shrinking keep every lent row and
+    re-point its cache; past the position limit, or the memory share, the cache grows on its own."""
     import torch
 
     from fastblt.model.config import StackConfig
+    from fastblt.runtime import caches
     from fastblt.runtime.caches import LinearCache, MirrorRows
 
     cfg = StackConfig(dim=8, n_layers=1, n_heads=2, ffn_dim=8, max_positions=256)
@@ -280,41 +282,56 @@ def test_a_mirror_row_is_copied_in_only_when_it_changes_hands():
         for k, v in cache.kv:
             k.fill_(value)
             v.fill_(-value)
-    k = mirror.kv[0][0]
+
+    def mk(row: int) -> torch.Tensor:
+        return mirror.kv[0][0][row]
+
+    def is_row(cache: LinearCache, row: int) -> bool:
+        return cache.lent == (mirror, row) and cache.kv[0][0].data_ptr() == mk(row).data_ptr()
+
+    assert mirror.reserve(40)
     mirror.sync(0, a, 30)
-    assert (k[0, :, :30] == 1).all() and (k[0, :, 30:] == 0).all()
-    k[0, :, :30] = 5.0  # a sync of the same sequence copies nothing
+    assert is_row(a, 0) and mirror.owners[0] is a
+    assert (mk(0)[:, :30] == 1).all() and (mk(0)[:, 30:] == 0).all() and (mirror.kv[0][1][0, :, :30] == -1).all()
+    mk(0)[:, :30] = 5.0  # a step writing the row writes the cache
+    mirror.sync(0, a, 30)  # copies nothing
+    assert (a.kv[0][0][0, :, :30] == 5).all()
+    mirror.lend(0, a)  # its own sequence as padding: still lent
+    assert is_row(a, 0)
+    mirror.lend(0, b)  # another sequence's padding: a gets its slots back first
+    assert a.lent is None and mirror.owners[0] is None and (a.kv[0][0][0, :, :30] == 5).all()
+    mk(0).fill_(9.0)
+    assert (a.kv[0][0][0, :, :30] == 5).all()  # its own buffers now
     mirror.sync(0, a, 30)
-    assert (k[0, :, :30] == 5).all()
-    mirror.lend(0, a)  # its own sequence as padding: still its mirror
-    mirror.sync(0, a, 30)
-    assert (k[0, :, :30] == 5).all()
-    mirror.lend(0, b)  # another sequence's padding: no longer anyone's
-    mirror.sync(0, a, 30)
-    assert (k[0, :, :30] == 1).all()
-    k[0, :, 30:32] = 7.0
-    mirror.write_back(0, a, slice(30, 32))
-    assert (a.kv[0][0][0, :, 30:32] == 7).all() and (a.kv[0][0][0, :, 32:] == 1).all()
-    a.reset()  # a new sequence on the same cache: copied in again
-    k[0] = 9.0
-    mirror.sync(0, a, 1)
-    assert (k[0, :, :1] == a.kv[0][0][0, :, :1]).all() and (k[0, :, 1:] == 9).all()
+    assert is_row(a, 0) and (mk(0)[:, :30] == 5).all()
+    a.reset()  # a new sequence on the same cache: its own bucket again, the row lent to no one
+    assert a.lent is None and mirror.owners[0] is None and a.slots == caches.PAST_BUCKET and (a.kv[0][0] == 0).all()
     mirror.sync(1, b, 40)
-    mirror.sync(2, b, 40)  # b moved to row 2 (the batch moves rows): row 1 no longer mirrors it
-    assert mirror.owners[1] is None and mirror.owners[2] is not None
-    k[1] = 9.0  # stale, as a row left behind would be
-    mirror.sync(1, b, 40)  # back in row 1: copied in again, not trusted
-    assert (k[1, :, :40] == 2).all() and mirror.owners[2] is None
+    mirror.sync(2, b, 40)  # b moved to row 2 (the batch moves rows): copied from row 1
+    assert is_row(b, 2) and mirror.owners[1] is None and (mk(2)[:, :40] == 2).all()
+    mk(1).fill_(9.0)  # row 1 is no one's now
+    mirror.sync(1, b, 40)  # back in row 1
+    assert is_row(b, 1) and (mk(1)[:, :40] == 2).all() and mirror.owners[2] is None
+    mirror.sync(1, a, 1)  # another sequence takes b's row: b takes its slots back
+    assert is_row(a, 1) and b.lent is None and (b.kv[0][0][0, :, :40] == 2).all()
+    mirror.sync(2, b, 40)
     assert mirror.reserve(200) and mirror.cap >= 200
-    assert (mirror.kv[0][0][1, :, :40] == 2).all()  # growth kept the rows
+    # growth kept every row and re-pointed the cache lent to it
+    assert is_row(b, 2) and b.slots == mirror.cap and (b.kv[0][0][0, :, :40] == 2).all()
     cap = mirror.cap
     mirror.fit(cap // 2 + 1)  # live rows still need over half of it: kept
     assert mirror.cap == cap
     mirror.fit(40)  # the long one left: shrunk to what the live rows read, their slots kept
-    assert mirror.cap < cap and mirror.cap >= 40 and (mirror.kv[0][0][1, :, :40] == 2).all()
+    assert mirror.cap < cap and mirror.cap >= 40 and is_row(b, 2) and (b.kv[0][0][0, :, :40] == 2).all()
+    b.for_step(mirror.cap + 1)  # a lent cache that needs more slots grows its mirror
+    assert is_row(b, 2) and b.slots >= 41 and mirror.cap == b.slots
     assert not mirror.reserve(257 + 64)  # past the position limit (rounded to a bucket)
-    mirror.follow([(1, b, slice(0, 2)), (2, a, slice(0, 1))])  # b's row follows; a mirrors nowhere
-    assert mirror.owners[1] is not None and mirror.owners[2] is None
+    monkeypatch.setattr(caches, "available_memory", lambda device: 1)  # no memory left to grow the mirror
+    need = mirror.cap + 1
+    b.for_step(need)  # grows on its own instead, its slots kept
+    assert b.lent is None and mirror.owners[2] is None and b.slots >= need and (b.kv[0][0][0, :, :40] == 2).all()
+    mirror.release()  # every lent cache back on its own buffers
+    assert a.lent is None and mirror.owners == [None] * 3
 
 
 def test_a_global_step_in_parts_is_not_overwritten_by_padding_between_them():
