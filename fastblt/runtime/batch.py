@@ -431,8 +431,9 @@ class BatchEngine:
     # the order the cohorts arrived), so a cohort's calls are one backend call each. Joining or
     # leaving moves at most one row per later block.
     def _move(self, src: int, dst: int) -> None:
-        self.rows.move(src, dst)
         seq = self.live[src]
+        self.rows.move(src, dst)
+        self.runner.move_row(src, dst, seq.state.free_slot())
         self.live[dst], self.live[src] = seq, None
         seq.state.row = dst
 

@@ -195,7 +195,7 @@ class LinearCache(_Buffers):
         """The buffers, holding at least `end` slots (grown first when needed: a lent cache grows
         its mirror, or takes its slots back where the mirror may not grow)."""
         if end > self.slots and (self.lent is None or not self.lent[0].reserve(end)):
-            self.take_back()
+            self.take_back(end)
             self._resize(min(past_slots(end), self.limit))
         return self.kv
 
@@ -215,17 +215,19 @@ class LinearCache(_Buffers):
         elif self.slots != PAST_BUCKET:
             self._use(zeros_kv(self.cfg, 1, PAST_BUCKET, self.dtype, self.device))
 
-    def take_back(self) -> None:
-        """A lent cache gets buffers of its own again, holding every slot of its mirror row."""
+    def take_back(self, upto: int | None = None) -> None:
+        """A lent cache gets buffers of its own again, holding its row's slots below `upto` (None:
+        every slot of the row; a sequence reads none from its `free_slot` on)."""
         if self.lent is None:
             return
         mirror, row = self.lent
         mirror.owners[row] = None
         self.lent = None
-        own = zeros_kv(self.cfg, 1, mirror.cap, self.dtype, self.device)
+        n = mirror.cap if upto is None else min(upto, mirror.cap)
+        own = zeros_kv(self.cfg, 1, min(past_slots(max(n, 1)), self.limit), self.dtype, self.device)
         for (k, v), (rk, rv) in zip(own, self.kv, strict=True):
-            k.copy_(rk)
-            v.copy_(rv)
+            k[..., :n, :].copy_(rk[..., :n, :])
+            v[..., :n, :].copy_(rv[..., :n, :])
         self._use(own)
 
     def _use(self, kv: KV) -> None:
@@ -246,9 +248,10 @@ class MirrorRows(_Buffers):
 
     A sequence's cache is lent to the row it steps in (`sync`: copied in once, its own buffers let
     go), and is that row from then on: steps write it in place, a step that gathers reads and
-    writes it there too, so the batch holds each cache once. A row another sequence needs (the
-    batch moves sequences between rows) first gives its cache its own buffers back. `cap` grows to
-    the longest row's need (never past the stack's position limit, rounded to a bucket).
+    writes it there too, so the batch holds each cache once. A sequence the batch moves to another
+    row takes its lent row along (`move`); a row another sequence needs while a cache is still lent
+    to it first gives that cache its own buffers back. `cap` grows to the longest row's need
+    (never past the stack's position limit, rounded to a bucket).
     """
 
     def __init__(self, cfg: StackConfig, rows: int, dtype: torch.dtype, device: torch.device):
@@ -322,6 +325,22 @@ class MirrorRows(_Buffers):
         self.owners[row] = cache
         cache.lent = (self, row)
         cache._use(self._row(row))
+
+    def move(self, src: int, dst: int, upto: int) -> None:
+        """The sequence in row `src` moves to row `dst` (the batch keeps its live rows first): the
+        cache lent to `src` is copied below slot `upto` (its sequence's `free_slot`) and lent to
+        `dst`, with no buffers of its own in between."""
+        cache = self.owners[src]
+        if cache is None:
+            return
+        self.release(dst)
+        n = min(upto, self.cap)
+        for k, v in self.kv:
+            k[dst, ..., :n, :].copy_(k[src, ..., :n, :])
+            v[dst, ..., :n, :].copy_(v[src, ..., :n, :])
+        self.owners[src], self.owners[dst] = None, cache
+        cache.lent = (self, dst)
+        cache._use(self._row(dst))
 
     def lend(self, row: int, cache: LinearCache) -> None:
         """Row `row` is written past what `cache` reads (a padding row): a cache lent to it by

@@ -222,7 +222,9 @@ class StepRunner:
             pairs = []
             for j in range(2):
                 xs = [p[layer][j] for p in parts]
-                slots = max(min_slots, *(x.shape[-2] for x in xs))
+                # a cache lent to a batch's mirror row is as long as the longest row: with `live`,
+                # `min_slots` covers what the calls read and write, and the rest would be masked
+                slots = min_slots if live is not None and min_slots else max(min_slots, *(x.shape[-2] for x in xs))
                 shape = (len(xs), *xs[0].shape[1:-2], slots, xs[0].shape[-1])
                 buf, buf_host = self._scratch_view(f"{key}.{layer}.{j}", shape, self.dtype)
                 dst = buf_host if buf_host is not None else buf
@@ -282,6 +284,12 @@ class StepRunner:
         self._scratch_views.clear()
         self._one_row.clear()
 
+    def move_row(self, src: int, dst: int, upto: int) -> None:
+        """A batch moved the sequence in row `src` to row `dst`: the linear cache lent to `src` (its
+        slots below `upto`, the sequence's `free_slot`) goes along (MirrorRows.move)."""
+        for mirror in self._mirrors.values():
+            mirror.move(src, dst, upto)
+
     def _mirror(self, stack: str, like: LinearCache) -> MirrorRows:
         mirror = self._mirrors.get(stack)
         if mirror is None:
@@ -321,7 +329,7 @@ class StepRunner:
             if not consecutive:
                 raise InternalError(f"step {step}: ring caches of the batch are not consecutive rows")
             feeds = dict(first.rows.feeds(plan.stack, plan.cross, first.row, first.row + b))
-        elif b == 1:
+        elif b == 1:  # its cache as it is (lent to a mirror row: the whole row, masked past what it reads)
             cache = first.linear[plan.stack]
             cache.for_step(max(calls[0].at + (calls[0].size if plan.writes else 0), 1))
             feeds = dict(cache.feeds())

@@ -265,9 +265,10 @@ def test_a_cache_lent_to_a_mirror_row_is_that_row_and_is_copied_only_when_it_cha
     """MirrorRows: a sequence's cache lent to a row is copied in once and is that row from then on
     (its own buffers let go: the batch holds it once); padding by its own sequence keeps it there,
     another sequence's padding or sync gives it its own buffers back with the row's slots; a
-    sequence the batch moved is copied from its old row (1,000 batched requests found 3 that
-    differed when a row left behind was trusted); growth and shrinking keep every lent row and
-    re-point its cache; past the position limit, or the memory share, the cache grows on its own."""
+    sequence the batch moves takes its row along (or, synced in another row, is copied from its
+    old one: 1,000 batched requests found 3 that differed when a row left behind was trusted);
+    growth and shrinking keep every lent row and re-point its cache; past the position limit, or
+    the memory share, the cache grows on its own."""
     import torch
 
     from fastblt.model.config import StackConfig
@@ -314,7 +315,12 @@ def test_a_cache_lent_to_a_mirror_row_is_that_row_and_is_copied_only_when_it_cha
     assert is_row(b, 1) and (mk(1)[:, :40] == 2).all() and mirror.owners[2] is None
     mirror.sync(1, a, 1)  # another sequence takes b's row: b takes its slots back
     assert is_row(a, 1) and b.lent is None and (b.kv[0][0][0, :, :40] == 2).all()
-    mirror.sync(2, b, 40)
+    mirror.sync(0, b, 40)
+    mk(2).fill_(9.0)
+    mirror.move(0, 2, 40)  # the batch moves b: its row goes along, below its free slot
+    assert is_row(b, 2) and mirror.owners[0] is None and (mk(2)[:, :40] == 2).all() and (mk(2)[:, 40:] == 9).all()
+    mirror.move(0, 1, 40)  # nothing lent to row 0: nothing moves
+    assert is_row(a, 1) and is_row(b, 2)
     assert mirror.reserve(200) and mirror.cap >= 200
     # growth kept every row and re-pointed the cache lent to it
     assert is_row(b, 2) and b.slots == mirror.cap and (b.kv[0][0][0, :, :40] == 2).all()
