@@ -16,7 +16,7 @@ a request's bytes depend on its batch, over 1,000 requests.
    sampled) through an AsyncEngine at its defaults (lanes in worker processes where it has two
    or more), with the same lanes as threads, and with `lanes=1`, and one request alone on the
    default engine; aggregate bytes/s (median of three interleaved repeats).
-4. Memory: 8 requests of 8,000-byte prompts at once in one batch of 8 rows: the peak bytes of the
+4. Memory: 8, then 2 requests of 8,000-byte prompts at once in one batch of 8 rows: the peak bytes of the
    batch's global caches (its MirrorRows and any cache not lent to them), against what the same
    requests' caches hold on their own at that moment: a batch holds each cache once.
 Results: benchmarks/results/batch_scaling.{json,md,png}; with --backend torch,
@@ -138,16 +138,15 @@ def exactness(g, engine) -> dict:
     }
 
 
-def global_cache_memory(g) -> dict:
+def global_cache_memory(g, requests: int, rows: int = 8, n: int = 8000) -> dict:
     """Peak bytes of a batch's global caches (sampled after every step call) against the same
     sequences' caches held alone, each sized to what it reads (spec.past_slots)."""
     from fastblt.export.spec import past_slots
     from fastblt.runtime.batch import BatchEngine
     from fastblt.runtime.options import make_request
 
-    rows, n = 8, 8000
-    prompts = code_snippets(rows, ("email/message.py", "json/decoder.py", "json/encoder.py"), (n, n + 1), seed=4,
-                            tail=n)  # fmt: skip
+    prompts = code_snippets(requests, ("email/message.py", "json/decoder.py", "json/encoder.py"), (n, n + 1),
+                            seed=4, tail=n)  # fmt: skip
     batch = BatchEngine(g.engine, max_batch=rows)
     peak = {"batch": 0, "own": 0, "alone": 0}
     run = batch.runner.run
@@ -171,8 +170,11 @@ def global_cache_memory(g) -> dict:
     seconds = time.perf_counter() - t0
     batch.close()
     mb = {k: v / 2**20 for k, v in peak.items()}
-    print(f"memory: batch global caches peak {mb['batch']:.0f} MB, alone {mb['alone']:.0f} MB", flush=True)
-    return {"requests": rows, "prompt_bytes": n, "seconds": seconds} | {f"{k}_mb": v for k, v in mb.items()}
+    print(f"memory, {requests} requests: batch global caches peak {mb['batch']:.0f} MB, alone {mb['alone']:.0f} MB",
+          flush=True)  # fmt: skip
+    return {"requests": requests, "rows": rows, "prompt_bytes": n, "seconds": seconds} | {
+        f"{k}_mb": v for k, v in mb.items()
+    }
 
 
 def in_process(engines: dict) -> dict:
@@ -241,17 +243,18 @@ def render(r: dict) -> str:
         "",
     ]
     if "memory" in r:
-        mem = r["memory"]
-        lines += [f"## Memory: {mem['requests']} requests of {mem['prompt_bytes']:,}-byte prompts in one batch of "
-                  f"{mem['requests']} rows", "",
-                  "| global caches at their peak | MB |", "|---|---:|",
-                  f"| the batch (its MirrorRows and any cache not lent to them) | {mem['batch_mb']:.0f} |",
-                  f"| ... of which caches not lent | {mem['own_mb']:.0f} |",
-                  f"| the same requests' caches on their own | {mem['alone_mb']:.0f} |",
-                  f"| batch / alone | {mem['batch_mb'] / mem['alone_mb']:.2f} |", "",
-                  "Sampled after every step call. A request's cache is lent to its row of the batch's MirrorRows "
-                  "(one buffer, every row as long as the longest), so the batch holds it once; alone, a cache "
-                  "holds what its request reads, rounded up (spec.past_slots).", ""]  # fmt: skip
+        first = r["memory"][0]
+        lines += [f"## Memory: the global caches of {first['prompt_bytes']:,}-byte prompts in a batch of "
+                  f"{first['rows']} rows", "",
+                  "| requests | batch peak MB | of it not lent | the same caches alone MB | batch / alone |",
+                  "|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for mem in r["memory"]:
+            lines.append(f"| {mem['requests']} | {mem['batch_mb']:.0f} | {mem['own_mb']:.0f} | {mem['alone_mb']:.0f} | "
+                         f"{mem['batch_mb'] / mem['alone_mb']:.2f} |")  # fmt: skip
+        lines += ["", "Sampled after every step call; `ar`, 64 bytes out. A request's cache is lent to its row of "
+                  "the batch's MirrorRows (one buffer of the rows live requests hold, every row as long as the "
+                  "longest), so the batch holds it once; alone, a cache holds what its request reads, rounded up "
+                  "(spec.past_slots).", ""]  # fmt: skip
     if "in_process" in r:
         cols = list(next(iter(r["in_process"].values())))
         lines += ["## In process: 16 streams at once, no HTTP", "",
@@ -305,7 +308,7 @@ def main() -> None:
     r["graphs"] = graph_scaling(g.engine.backend)
     default = AsyncEngine("default", backend=backend, max_queue=N_REQUESTS)
     r["exactness"] = exactness(g, default)
-    r["memory"] = global_cache_memory(g)
+    r["memory"] = [global_cache_memory(g, requests) for requests in (8, 2)]
     g.close()
     if backend != "ort":
         default.close()

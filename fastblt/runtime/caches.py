@@ -63,16 +63,17 @@ def zeros_kv(cfg: StackConfig, rows: int, slots: int, dtype: torch.dtype, device
     return [(buffer(shape, dtype, device), buffer(shape, dtype, device)) for _ in range(cfg.n_layers)]
 
 
-def resize_kv(kv: KV, slots: int, dtype: torch.dtype, device: torch.device) -> None:
+def resize_kv(kv: KV, slots: int, dtype: torch.dtype, device: torch.device, rows: int | None = None) -> None:
     """Replace each (rows, heads, old, d) buffer of `kv` by a (rows, heads, slots, d) one holding
-    its first slots, one buffer at a time: the copy needs one layer's worth of extra memory, not a
-    model's."""
+    its first slots (and its first `rows` rows: None keeps them all), one buffer at a time: the
+    copy needs one layer's worth of extra memory, not a model's."""
     for i, pair in enumerate(kv):
         new = []
         for old in pair:
-            buf = buffer((*old.shape[:2], slots, old.shape[3]), dtype, device, populate=True)
-            n = min(slots, old.shape[2])
-            buf[:, :, :n].copy_(old[:, :, :n])
+            r = old.shape[0] if rows is None else rows
+            buf = buffer((r, old.shape[1], slots, old.shape[3]), dtype, device, populate=True)
+            n, m = min(slots, old.shape[2]), min(r, old.shape[0])
+            buf[:m, :, :n].copy_(old[:m, :, :n])
             new.append(buf)
         kv[i] = (new[0], new[1])
         del pair, new
@@ -251,48 +252,59 @@ class MirrorRows(_Buffers):
     writes it there too, so the batch holds each cache once. A sequence the batch moves to another
     row takes its lent row along (`move`); a row another sequence needs while a cache is still lent
     to it first gives that cache its own buffers back. `cap` grows to the longest row's need
-    (never past the stack's position limit, rounded to a bucket).
+    (never past the stack's position limit, rounded to a bucket), and `rows` to the rows the
+    batch's live sequences hold (its first ones), up to `max_rows`.
     """
 
-    def __init__(self, cfg: StackConfig, rows: int, dtype: torch.dtype, device: torch.device):
-        self.cfg, self.rows, self.dtype, self.device = cfg, rows, dtype, device
+    def __init__(self, cfg: StackConfig, max_rows: int, dtype: torch.dtype, device: torch.device):
+        self.cfg, self.max_rows, self.dtype, self.device = cfg, max_rows, dtype, device
         self.limit = round_up(cfg.max_positions, PAST_BUCKET)
-        self.kv = zeros_kv(cfg, rows, PAST_BUCKET, dtype, device)
+        self.kv = zeros_kv(cfg, 1, PAST_BUCKET, dtype, device)
         self._numpy = host_arrays(device, dtype)
         self._host: HostKV | None = None
         self._feeds: dict[tuple[int, int], dict[str, Tensor]] = {}
-        self.owners: list[LinearCache | None] = [None] * rows  # the cache lent to each row
+        self.owners: list[LinearCache | None] = [None] * max_rows  # the cache lent to each row
 
     @property
     def cap(self) -> int:
         return self.kv[0][0].shape[2]
 
-    def reserve(self, end: int) -> bool:
-        """Make room for `end` slots in every row; False when that is past the limit, or when
-        growing would take more than MIRROR_SHARE of the memory available (every row grows, used
-        or not: past that the batch gathers its callers' caches instead)."""
-        if end > self.limit:
+    @property
+    def rows(self) -> int:
+        return self.kv[0][0].shape[0]
+
+    def reserve(self, end: int, rows: int = 1) -> bool:
+        """Make room for `end` slots in rows 0..rows-1 (rows grow by doubling: a batch's live rows
+        come first, and a row that no request uses holds no memory); False when that is past the
+        position limit, or when growing would take more than MIRROR_SHARE of the memory available
+        (every row grows, used or not: past that the batch gathers its callers' caches instead)."""
+        if end > self.limit or rows > self.max_rows:
             return False
-        if end > self.cap:
-            slots = min(past_slots(end), self.limit)
-            grow = (slots - self.cap) * self.nbytes() // self.cap
+        if end > self.cap or rows > self.rows:
+            slots = max(self.cap, min(past_slots(end), self.limit))
+            n = max(self.rows, min(1 << (rows - 1).bit_length(), self.max_rows))
+            grow = self.nbytes() * (n * slots - self.rows * self.cap) // (self.rows * self.cap)
             free = available_memory(self.device)
             if free is not None and grow > MIRROR_SHARE * free:
                 return False
-            self._resize(slots)
+            self._resize(n, slots)
         return True
 
-    def fit(self, end: int) -> None:
-        """Shrink to `end` slots (rounded up) once that is under half the buffers: `end` covers
-        what every live row reads, and a call attends over every slot of the mirror (masked), so
-        a mirror still sized to a request that has left would slow every global step."""
+    def fit(self, end: int, rows: int) -> None:
+        """Shrink to `end` slots and `rows` rows (rounded up) once either is under half of what the
+        buffers hold: they cover what every live row reads, and a call attends over every slot of
+        the mirror (masked), so a mirror still sized to a request that has left would slow every
+        global step and hold its memory."""
         slots = min(past_slots(max(end, 1)), self.limit)
-        if 2 * slots <= self.cap:
-            self._resize(slots)
+        n = min(1 << (max(rows, 1) - 1).bit_length(), self.max_rows)
+        if 2 * slots <= self.cap or 2 * n <= self.rows:
+            self._resize(n if 2 * n <= self.rows else self.rows, slots if 2 * slots <= self.cap else self.cap)
 
-    def _resize(self, slots: int) -> None:
+    def _resize(self, rows: int, slots: int) -> None:
+        for row in range(rows, self.rows):
+            self.release(row)  # rows that go: a cache lent to one gets its own buffers back
         self._host, self._feeds = None, {}
-        resize_kv(self.kv, slots, self.dtype, self.device)
+        resize_kv(self.kv, slots, self.dtype, self.device, rows)
         for row, cache in enumerate(self.owners):
             if cache is not None:
                 cache._use(self._row(row))
@@ -333,6 +345,9 @@ class MirrorRows(_Buffers):
         cache = self.owners[src]
         if cache is None:
             return
+        if not self.reserve(1, dst + 1):  # no room for row dst: the cache gets its own buffers back
+            cache.take_back(upto)
+            return
         self.release(dst)
         n = min(upto, self.cap)
         for k, v in self.kv:
@@ -350,7 +365,7 @@ class MirrorRows(_Buffers):
 
     def release(self, row: int | None = None) -> None:
         """The cache lent to row `row` (None: to every row) gets its own buffers back."""
-        for r in range(self.rows) if row is None else (row,):
+        for r in range(len(self.owners)) if row is None else (row,):
             cache = self.owners[r]
             if cache is not None:
                 cache.take_back()

@@ -268,11 +268,11 @@ class StepRunner:
                 call = StepCall(plan.step, seq, seq.free_slot(), 0, {n: _EMPTY for n in plan.ints if n != "start"}, pad)
             full.append(call)
         mirror = self._mirror(plan.stack, calls[0].state.linear[plan.stack])
-        mirror.fit(max(seq.free_slot() for seq in neighbours) + self.max_step)
+        mirror.fit(max(seq.free_slot() for seq in neighbours) + self.max_step, len(neighbours))
         need = max(c.at for c in full) + size
         # every row attends over the mirror's whole length: where a longer row outside the range
         # sized it, gathering pads only to these rows' widest
-        return full if mirror.reserve(need) and mirror.cap < CAP_SLACK * past_slots(need) else None
+        return full if mirror.reserve(need, hi) and mirror.cap < CAP_SLACK * past_slots(need) else None
 
     def trim(self) -> None:
         """Let go of the batch's mirrors and scratch buffers, which keep the size of the longest

@@ -243,8 +243,8 @@ def test_a_mirror_grows_only_within_its_share_of_free_memory(monkeypatch):
     caps = []
     reserve = caches.MirrorRows.reserve
 
-    def spy(self, end):
-        ok = reserve(self, end)
+    def spy(self, end, rows=1):
+        ok = reserve(self, end, rows)
         caps.append((end, self.cap, ok))
         return ok
 
@@ -290,7 +290,7 @@ def test_a_cache_lent_to_a_mirror_row_is_that_row_and_is_copied_only_when_it_cha
     def is_row(cache: LinearCache, row: int) -> bool:
         return cache.lent == (mirror, row) and cache.kv[0][0].data_ptr() == mk(row).data_ptr()
 
-    assert mirror.reserve(40)
+    assert mirror.rows == 1 and mirror.reserve(40, 3) and mirror.rows == 3  # rows as the batch needs them
     mirror.sync(0, a, 30)
     assert is_row(a, 0) and mirror.owners[0] is a
     assert (mk(0)[:, :30] == 1).all() and (mk(0)[:, 30:] == 0).all() and (mirror.kv[0][1][0, :, :30] == -1).all()
@@ -325,9 +325,9 @@ def test_a_cache_lent_to_a_mirror_row_is_that_row_and_is_copied_only_when_it_cha
     # growth kept every row and re-pointed the cache lent to it
     assert is_row(b, 2) and b.slots == mirror.cap and (b.kv[0][0][0, :, :40] == 2).all()
     cap = mirror.cap
-    mirror.fit(cap // 2 + 1)  # live rows still need over half of it: kept
-    assert mirror.cap == cap
-    mirror.fit(40)  # the long one left: shrunk to what the live rows read, their slots kept
+    mirror.fit(cap // 2 + 1, 3)  # live rows still need over half of it: kept
+    assert mirror.cap == cap and mirror.rows == 3
+    mirror.fit(40, 3)  # the long one left: shrunk to what the live rows read, their slots kept
     assert mirror.cap < cap and mirror.cap >= 40 and is_row(b, 2) and (b.kv[0][0][0, :, :40] == 2).all()
     b.for_step(mirror.cap + 1)  # a lent cache that needs more slots grows its mirror
     assert is_row(b, 2) and b.slots >= 41 and mirror.cap == b.slots
@@ -336,6 +336,13 @@ def test_a_cache_lent_to_a_mirror_row_is_that_row_and_is_copied_only_when_it_cha
     need = mirror.cap + 1
     b.for_step(need)  # grows on its own instead, its slots kept
     assert b.lent is None and mirror.owners[2] is None and b.slots >= need and (b.kv[0][0][0, :, :40] == 2).all()
+    monkeypatch.undo()
+    mirror.sync(2, b, 40)
+    mirror.fit(40, 1)  # one live row left: rows 1 and 2 go, their caches back on their own buffers
+    assert mirror.rows == 1 and a.lent is None and b.lent is None and (b.kv[0][0][0, :, :40] == 2).all()
+    mirror.sync(0, a, 1)
+    mirror.move(0, 2, 1)  # a move past the rows grows them
+    assert mirror.rows == 3 and is_row(a, 2)
     mirror.release()  # every lent cache back on its own buffers
     assert a.lent is None and mirror.owners == [None] * 3
 
