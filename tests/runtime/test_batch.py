@@ -267,8 +267,9 @@ def test_a_cache_lent_to_a_mirror_row_is_that_row_and_is_copied_only_when_it_cha
     another sequence's padding or sync gives it its own buffers back with the row's slots; a
     sequence the batch moves takes its row along (or, synced in another row, is copied from its
     old one: 1,000 batched requests found 3 that differed when a row left behind was trusted);
-    growth and shrinking keep every lent row and re-point its cache; past the position limit, or
-    the memory share, the cache grows on its own."""
+    growth and shrinking keep every lent row and re-point its cache; rows grow as the batch needs
+    them and go when under half are live; past the position limit, or the memory share, the cache
+    grows on its own."""
     import torch
 
     from fastblt.model.config import StackConfig
