@@ -79,6 +79,13 @@ def resize_kv(kv: KV, slots: int, dtype: torch.dtype, device: torch.device, rows
         del pair, new
 
 
+def copy_slots(dst: KV, src: KV, n: int) -> None:
+    """Copy the first n slots of every (k, v) buffer of `src` into `dst`."""
+    for (k, v), (sk, sv) in zip(dst, src, strict=True):
+        k[..., :n, :].copy_(sk[..., :n, :])
+        v[..., :n, :].copy_(sv[..., :n, :])
+
+
 def stack_configs(config: BltConfig) -> dict[str, StackConfig]:
     """The four self-attention stacks by cache name (export/spec.py STACKS)."""
     assert config.entropy is not None
@@ -151,26 +158,7 @@ class RowCaches:
         return (sum(kv_bytes(kv) for kv in self.rings.values()) + kv_bytes(self.cross)) // self.rows
 
 
-class _Buffers:
-    """Cache buffers `kv` as the host sees them."""
-
-    kv: KV
-    _numpy: bool  # host_arrays
-    _host: HostKV | None  # their numpy views, until the buffers are replaced
-
-    def host(self) -> KV | HostKV:
-        """The buffers as the host copies them (numpy views where host_arrays), until next replaced."""
-        if not self._numpy:
-            return self.kv
-        if self._host is None:
-            self._host = [(k.numpy(), v.numpy()) for k, v in self.kv]
-        return self._host
-
-    def nbytes(self) -> int:
-        return kv_bytes(self.kv)
-
-
-class LinearCache(_Buffers):
+class LinearCache:
     """An unwindowed stack's cache: buffers (1, heads, slots, head_dim) per layer holding the live
     prefix rounded up (spec.past_slots), grown (copied into larger buffers) as the sequence
     reaches a new bucket, so memory and a step's cost follow the context. A prefix along the slot
@@ -192,6 +180,17 @@ class LinearCache(_Buffers):
     def slots(self) -> int:
         return self.kv[0][0].shape[2]
 
+    def host(self) -> KV | HostKV:
+        """The buffers as the host copies them (numpy views where host_arrays), until next replaced."""
+        if not self._numpy:
+            return self.kv
+        if self._host is None:
+            self._host = [(k.numpy(), v.numpy()) for k, v in self.kv]
+        return self._host
+
+    def nbytes(self) -> int:
+        return kv_bytes(self.kv)
+
     def for_step(self, end: int) -> KV:
         """The buffers, holding at least `end` slots (grown first when needed: a lent cache grows
         its mirror, or takes its slots back where the mirror may not grow)."""
@@ -208,28 +207,28 @@ class LinearCache(_Buffers):
 
     def reset(self) -> None:
         """Back to one bucket of its own (a new sequence)."""
-        if self.lent is not None:
-            mirror, row = self.lent
-            mirror.owners[row] = None
-            self.lent = None
-            self._use(zeros_kv(self.cfg, 1, PAST_BUCKET, self.dtype, self.device))
-        elif self.slots != PAST_BUCKET:
+        if self._detach() is not None or self.slots != PAST_BUCKET:
             self._use(zeros_kv(self.cfg, 1, PAST_BUCKET, self.dtype, self.device))
 
     def take_back(self, upto: int | None = None) -> None:
         """A lent cache gets buffers of its own again, holding its row's slots below `upto` (None:
         every slot of the row; a sequence reads none from its `free_slot` on)."""
-        if self.lent is None:
+        mirror = self._detach()
+        if mirror is None:
             return
+        n = mirror.cap if upto is None else min(upto, mirror.cap)
+        own = zeros_kv(self.cfg, 1, min(past_slots(max(n, 1)), self.limit), self.dtype, self.device)
+        copy_slots(own, self.kv, n)
+        self._use(own)
+
+    def _detach(self) -> MirrorRows | None:
+        """No longer lent: the mirror it was lent to (its row now lent to no one), or None."""
+        if self.lent is None:
+            return None
         mirror, row = self.lent
         mirror.owners[row] = None
         self.lent = None
-        n = mirror.cap if upto is None else min(upto, mirror.cap)
-        own = zeros_kv(self.cfg, 1, min(past_slots(max(n, 1)), self.limit), self.dtype, self.device)
-        for (k, v), (rk, rv) in zip(own, self.kv, strict=True):
-            k[..., :n, :].copy_(rk[..., :n, :])
-            v[..., :n, :].copy_(rv[..., :n, :])
-        self._use(own)
+        return mirror
 
     def _use(self, kv: KV) -> None:
         """Its buffers are now `kv` (the old ones are let go, with the views made of them)."""
@@ -241,7 +240,7 @@ class LinearCache(_Buffers):
         resize_kv(self.kv, slots, self.dtype, self.device)
 
 
-class MirrorRows(_Buffers):
+class MirrorRows:
     """A batch's linear caches of one stack in one (rows, heads, cap, head_dim) buffer per tensor,
     so that a step over a range of rows reads them as one contiguous slice instead of gathering
     each sequence's cache into a scratch (a copy that grows with the context: 15-20% of a batch
@@ -260,8 +259,6 @@ class MirrorRows(_Buffers):
         self.cfg, self.max_rows, self.dtype, self.device = cfg, max_rows, dtype, device
         self.limit = round_up(cfg.max_positions, PAST_BUCKET)
         self.kv = zeros_kv(cfg, 1, PAST_BUCKET, dtype, device)
-        self._numpy = host_arrays(device, dtype)
-        self._host: HostKV | None = None
         self._feeds: dict[tuple[int, int], dict[str, Tensor]] = {}
         self.owners: list[LinearCache | None] = [None] * max_rows  # the cache lent to each row
 
@@ -272,6 +269,9 @@ class MirrorRows(_Buffers):
     @property
     def rows(self) -> int:
         return self.kv[0][0].shape[0]
+
+    def nbytes(self) -> int:
+        return kv_bytes(self.kv)
 
     def reserve(self, end: int, rows: int = 1) -> bool:
         """Make room for `end` slots in rows 0..rows-1 (rows grow by doubling: a batch's live rows
@@ -303,7 +303,7 @@ class MirrorRows(_Buffers):
     def _resize(self, rows: int, slots: int) -> None:
         for row in range(rows, self.rows):
             self.release(row)  # rows that go: a cache lent to one gets its own buffers back
-        self._host, self._feeds = None, {}
+        self._feeds = {}
         resize_kv(self.kv, slots, self.dtype, self.device, rows)
         for row, cache in enumerate(self.owners):
             if cache is not None:
@@ -327,13 +327,8 @@ class MirrorRows(_Buffers):
         self.release(row)
         if cache.lent is not None and cache.lent[0] is not self:
             cache.take_back()
-        src = self._row(cache.lent[1]) if cache.lent is not None else cache.kv
-        n = min(upto, src[0][0].shape[2])
-        for (k, v), (sk, sv) in zip(self._row(row), src, strict=True):
-            k[..., :n, :].copy_(sk[..., :n, :])
-            v[..., :n, :].copy_(sv[..., :n, :])
-        if cache.lent is not None:
-            self.owners[cache.lent[1]] = None
+        copy_slots(self._row(row), cache.kv, min(upto, cache.slots))  # its own buffers, or its old row
+        cache._detach()
         self.owners[row] = cache
         cache.lent = (self, row)
         cache._use(self._row(row))
@@ -345,17 +340,10 @@ class MirrorRows(_Buffers):
         cache = self.owners[src]
         if cache is None:
             return
-        if not self.reserve(1, dst + 1):  # no room for row dst: the cache gets its own buffers back
+        if self.reserve(1, dst + 1):
+            self.sync(dst, cache, upto)
+        else:  # no room for row dst: the cache gets its own buffers back
             cache.take_back(upto)
-            return
-        self.release(dst)
-        n = min(upto, self.cap)
-        for k, v in self.kv:
-            k[dst, ..., :n, :].copy_(k[src, ..., :n, :])
-            v[dst, ..., :n, :].copy_(v[src, ..., :n, :])
-        self.owners[src], self.owners[dst] = None, cache
-        cache.lent = (self, dst)
-        cache._use(self._row(dst))
 
     def lend(self, row: int, cache: LinearCache) -> None:
         """Row `row` is written past what `cache` reads (a padding row): a cache lent to it by
