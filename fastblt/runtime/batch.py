@@ -315,7 +315,17 @@ class BatchEngine:
             self.stats.active = 0
 
     def _admit(self) -> None:
-        """Give free rows to waiting requests (caller holds the lock)."""
+        """End the waiting requests cancelled since the last turn (one whose caller gave up keeps
+        no place in the queue, where it would count against max_queue until a row freed), then
+        give free rows to the rest (caller holds the lock)."""
+        if any(ticket.cancelled for ticket in self.queue):
+            waiting: deque[Ticket] = deque()
+            for ticket in self.queue:
+                if ticket.cancelled:
+                    self._end(ticket, None, Cancelled("request cancelled while queued"))
+                else:
+                    waiting.append(ticket)
+            self.queue = waiting
         while self.queue and len(self.live) < self.max_batch:
             ticket = self.queue.popleft()
             if ticket.cancelled:

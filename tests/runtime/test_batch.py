@@ -139,6 +139,27 @@ def test_a_full_queue_refuses_and_a_closed_engine_refuses():
         batch.submit(req)
 
 
+def test_a_request_cancelled_while_queued_leaves_the_queue_at_once():
+    """A waiting request whose caller gave up ends at the next turn, with every row still busy, so
+    it no longer counts against max_queue."""
+    g = torch_generator()
+    batch = batch_of(g, max_batch=1, max_queue=1)
+    first = batch.submit(make_request(PROMPTS[0], g.config, "ar", 20_000, stop_on_eos=False))  # busy till cancelled
+    deadline = time.time() + 10
+    while batch.stats.active == 0 and time.time() < deadline:
+        time.sleep(0.005)
+    req = make_request(PROMPTS[1], g.config, "ar", 30, stop_on_eos=False)
+    gone = batch.submit(req)
+    gone.cancel()
+    with pytest.raises(Cancelled, match="while queued"):
+        gone.result(10)
+    assert not first.done and batch.stats.queued == 0
+    waiting = batch.submit(req)  # the place is free again
+    first.cancel()
+    assert waiting.result(60).ids == g.generate(PROMPTS[1], mode="ar", max_bytes=30, stop_on_eos=False).ids
+    batch.close(30)
+
+
 def test_requests_are_checked_against_the_graphs_before_they_queue():
     g = torch_generator()
     with batch_of(g) as batch, pytest.raises(InputError, match="prefill_chunk"):
