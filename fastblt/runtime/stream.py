@@ -66,8 +66,9 @@ class TextChunker:
     """Incremental UTF-8 decoding of `Output.data` that holds back a possible stop-string prefix."""
 
     def __init__(self, stop: tuple[bytes, ...] = ()):
-        self.stop = stop
+        self.stops = [StopPrefix(s) for s in stop if s]
         self.sent = 0  # bytes of data already fed to the decoder
+        self.seen = 0  # bytes of data already fed to the stop prefixes
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def take(self, data: bytearray, final: bool = False) -> str:
@@ -81,10 +82,40 @@ class TextChunker:
 
     def _held(self, data: bytearray) -> int:
         """Length of the longest suffix of data that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(data)), best, -1):
-                if data.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+        if not self.stops:
+            return 0
+        if len(data) < self.seen:  # cut by a stop string (Output is done): start over on what is left
+            for p in self.stops:
+                p.matched = 0
+            self.seen = 0
+        new, self.seen = bytes(data[self.seen :]), len(data)
+        return max(p.feed(new) for p in self.stops)
+
+
+class StopPrefix:
+    """How much of one stop string the output ends with, updated byte by byte (Knuth-Morris-Pratt):
+    a chunk costs what its new bytes cost, where testing every prefix of the stop string against
+    the output's end would cost its length squared on every chunk (a client may send long ones)."""
+
+    def __init__(self, stop: bytes):
+        self.stop, self.matched = stop, 0
+        self.fall = [0] * len(stop)  # fall[i]: longest proper prefix of stop[: i + 1] that ends it
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fall[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fall[i] = k
+
+    def feed(self, new: bytes) -> int:
+        """Take the output's next bytes; returns the longest proper prefix of the stop string the
+        output now ends with."""
+        stop, fall, n = self.stop, self.fall, self.matched
+        for b in new:
+            while n and (n == len(stop) or stop[n] != b):
+                n = fall[n - 1]
+            if stop[n] == b:
+                n += 1
+        self.matched = n
+        return n if n < len(stop) else fall[n - 1]

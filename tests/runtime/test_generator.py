@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import random
 import subprocess
 import sys
 import threading
@@ -160,6 +161,31 @@ def test_text_chunker_keeps_utf8_and_stop_prefixes_whole():
     assert chunks == ["caf", "", "é ", "", "END?"]
     data += b"E"
     assert ch.take(data) == "" and ch.take(data, final=True) == "E"
+
+
+def test_text_chunker_holds_the_longest_stop_prefix_the_output_ends_with():
+    """The chunker's running match (updated by each chunk's new bytes) against the definition:
+    the longest proper prefix of any stop string that the output ends with, on random outputs over
+    small alphabets (overlapping, self-similar stops) grown in random chunks."""
+    rng = random.Random(0)
+
+    def longest(stops, data):
+        return max((n for s in stops for n in range(len(s)) if data.endswith(s[:n])), default=0)
+
+    for trial in range(2000):
+        alphabet = b"ab" if trial % 2 else b"abc"
+        stops = tuple(bytes(rng.choices(alphabet, k=rng.randint(1, 7))) for _ in range(rng.randint(1, 4)))
+        ch, data = TextChunker(stops), bytearray()
+        for _ in range(rng.randint(1, 12)):
+            data += bytes(rng.choices(alphabet, k=rng.randint(0, 5)))
+            assert ch._held(data) == longest(stops, data), (stops, bytes(data))
+    long_stop = b"q" * 5000 + b"a"
+    ch, data = TextChunker((long_stop,)), bytearray(b"x")
+    for _ in range(4999):
+        data += b"q"
+        assert ch.take(data) == ("x" if len(data) == 2 else "")
+    data += b"r"
+    assert ch.take(data) == "q" * 4999 + "r"
 
 
 def test_output_stop_conditions():
