@@ -23,6 +23,17 @@ class InputError(FastBltError):
     """Bad call arguments: token ids, prompts, shapes, sampling values."""
 
 
+class PositionLimit(InputError):
+    """A sequence reached the global model's position limit (in patches) after `bytes_read` ids."""
+
+    def __init__(self, message: str, limit: int = 0, bytes_read: int = 0):
+        super().__init__(message, limit, bytes_read)  # all of them: it crosses a lane's pipe pickled
+        self.limit, self.bytes_read = limit, bytes_read
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 class CapabilityError(FastBltError):
     """The checkpoint cannot do what was asked (for example BLT-D on a plain BLT checkpoint)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -108,6 +109,9 @@ def serve(
     name = model_name or f"fastblt-{'default' if checkpoint == 'default' else path.name}"
     if max_context is None:  # a request that cannot fit is refused before it runs, not past 16 KB of work
         max_context = BYTES_PER_PATCH * load_config(path).global_model.max_positions
+    if api_key is not None and (not api_key or api_key != api_key.strip()):
+        raise click.BadParameter("empty, or spaces at its ends: clients could not send it as a bearer token",
+                                 param_hint="'--api-key'")  # fmt: skip
     if use_ray:
         from fastblt.runtime.batch import DEFAULT_MAX_BATCH
 
@@ -130,7 +134,8 @@ def serve(
 
     click.echo(f"fastblt serve: loading {checkpoint} on {backend}", err=True)
     engine = AsyncEngine(
-        checkpoint, backend, max_batch=max_batch, max_queue=max_queue, artifacts=artifacts, max_context=max_context,
+        checkpoint, backend, max_batch=max_batch, max_queue=max_queue, artifacts=artifacts,
+        max_context=max_context + 1,  # bytes, and the BOS id
         lanes=lanes, processes=lane_processes, threads=threads, device=device, on_export=first_use_notice,
     )  # fmt: skip
     settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body)
@@ -223,7 +228,22 @@ def _server_class():
 
     class Server(uvicorn.Server):
         """uvicorn's server, except that a SIGTERM / SIGINT ends in a normal exit (0) once the
-        requests in flight have finished, instead of re-raising the signal afterwards."""
+        requests in flight have finished, instead of re-raising the signal afterwards, and that
+        requests still running when the grace period is nearly out are ended with an answer (the
+        app's `stop_requests`) before uvicorn cancels them mid-body."""
+
+        async def shutdown(self, sockets=None) -> None:
+            stop = getattr(getattr(self.config.app, "state", None), "stop_requests", None)
+            grace = self.config.timeout_graceful_shutdown
+            timer = None
+            if stop is not None and grace is not None:
+                lead = min(1.0, grace / 4)  # for the last events to go out
+                timer = asyncio.get_running_loop().call_later(max(grace - lead, 0.0), stop)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fastblt.engines.base import Backend
-from fastblt.errors import InputError
+from fastblt.errors import InputError, PositionLimit
 from fastblt.export.spec import TORCH_DTYPES, max_step, state_dtype
 from fastblt.model.config import HASH_PRIMES, BltConfig
 from fastblt.model.patching import closes_patch
@@ -251,9 +251,11 @@ class SequenceState:
             return
         end = at + len(spans)
         if end > self.patch_limit:
-            raise InputError(
+            raise PositionLimit(
                 f"sequence: {end} patches exceed the global model's limit of {self.patch_limit} patches "
-                f"(reached after {spans[-1][1]} bytes); shorten the prompt or max_bytes"
+                f"(reached after {spans[-1][1]} bytes); shorten the prompt or max_bytes",
+                self.patch_limit,
+                spans[-1][1],
             )
         L = max(e - s for s, e in spans)
         shape = (len(spans), L, self.config.encoder.dim)

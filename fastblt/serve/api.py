@@ -22,13 +22,14 @@ from fastblt.runtime.options import MODES
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 # OpenAI fields fastblt accepts only at their neutral value (what "not asked for" means)
+# (null is the default OpenAI's clients send for every one of them)
 NEUTRAL = {
-    "n": (1,),
-    "best_of": (1,),
-    "echo": (False,),
+    "n": (1, None),
+    "best_of": (1, None),
+    "echo": (False, None),
     "logprobs": (None, 0),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0, None),
+    "frequency_penalty": (0, 0.0, None),
     "logit_bias": (None, {}),
     "suffix": (None, ""),
 }
@@ -68,6 +69,10 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
         raise ApiError(400, "body: not valid UTF-8") from None
     except json.JSONDecodeError as e:
         raise ApiError(400, f"body: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ApiError(400, f"body: invalid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "body: invalid JSON (nested too deeply)") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"body: expected a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - FIELDS - FASTBLT_FIELDS - set(NEUTRAL))
@@ -84,8 +89,12 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
         raise ApiError(404, f"model {model!r}: not served here; GET /v1/models lists {model_id!r}", "model",
                        "model_not_found")  # fmt: skip
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        raise ApiError(400, f"prompt: {len(prompt)} prompts; fastblt completes one prompt per request", "prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (int, list)) for p in prompt):
+        raise ApiError(400, "prompt: token ids; fastblt takes the prompt as a string (it reads bytes)", "prompt")
     if not isinstance(prompt, str):
         raise ApiError(400, f"prompt: expected a string, got {_kind(body.get('prompt'))}", "prompt")
     try:
@@ -102,6 +111,8 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
     if stream_options is not None:
         if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
             raise ApiError(400, 'stream_options: expected {"include_usage": bool}', "stream_options")
+        if not stream:
+            raise ApiError(400, "stream_options: only allowed with stream: true", "stream_options")
         include_usage = _get(stream_options, "include_usage", bool, False, label="stream_options.include_usage")
     _get(body, "user", str)
 

@@ -1,7 +1,7 @@
 """`fastblt serve`'s ASGI app: an OpenAI-compatible completions API over an AsyncEngine.
 
     POST /v1/completions   completions (streamed as server-sent events with "stream": true)
-    GET  /v1/models        the one model served
+    GET  /v1/models        the one model served (/v1/models/{id}: that model, or 404)
     GET  /health           200 once the engine is ready (503 while loading, or while no lane runs)
     GET  /metrics          Prometheus text (metrics.py)
 
@@ -9,7 +9,8 @@ Every error is OpenAI's error object with a 4xx (the request's fault: a field na
 or 5xx; the engine keeps serving. A full queue is 429 with Retry-After. A streamed request's first
 event is awaited before the response starts, so a request that fails in its prefill (a prompt past
 the model's limit) still gets its 400; once bytes flow, a failure is an error event, then [DONE].
-A client that goes away cancels its request: its batch row is free before the next step.
+A client that goes away cancels its request (waiting for a row or decoding): its row or its place
+in the queue is free before the batch's next step.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from fastblt.errors import CapabilityError, EngineBusy, EngineClosed, FastBltError, InputError
-from fastblt.runtime.async_engine import AsyncEngine
-from fastblt.runtime.generator import Generation
+from fastblt.errors import CapabilityError, EngineBusy, EngineClosed, FastBltError, InputError, PositionLimit
+from fastblt.runtime.async_engine import AsyncEngine, TextStream
 from fastblt.serve.api import (
     ApiError,
     Completion,
@@ -44,6 +46,7 @@ from fastblt.serve.api import (
 from fastblt.serve.metrics import CONTENT_TYPE, Metrics
 
 REPLICA_HEADER = "x-fastblt-replica"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     app = FastAPI(title="fastblt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_ReplicaHeader, value=replica)
+    inflight = _InFlight()
+    app.state.stop_requests = inflight.stop  # the server calls it when its grace period runs out
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -93,8 +98,9 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").body(),
-                            e.status_code)  # fmt: skip
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        error = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", None, code)
+        return JSONResponse(error.body(), e.status_code, headers=e.headers)  # a 405's Allow
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception) -> JSONResponse:
@@ -108,12 +114,13 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     def authorize(request: Request) -> None:
         if settings.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), settings.api_key.encode())
+        if not ok:
             raise ApiError(401, "authorization: missing or wrong API key (Authorization: Bearer <key>)", None,
                            "invalid_api_key")  # fmt: skip
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         if ready().lanes_alive == 0:  # every worker lane died: no request could run
             raise ApiError(503, "engine: no batch lane is running", kind="server_error")
@@ -123,12 +130,22 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     async def metrics() -> Response:
         return Response(state["metrics"].render(), media_type=CONTENT_TYPE)
 
+    model = {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "fastblt"}
+
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         authorize(request)
         ready()
-        model = {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "fastblt"}
         return JSONResponse({"object": "list", "data": [model]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def one_model(request: Request, model_id: str) -> JSONResponse:
+        authorize(request)
+        ready()
+        if model_id != settings.model_id:
+            raise ApiError(404, f"model {model_id!r}: not served here; GET /v1/models lists {settings.model_id!r}",
+                           "model", "model_not_found")  # fmt: skip
+        return JSONResponse(model)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -142,13 +159,12 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             mode = comp.options["mode"]
             req = _request(eng, comp)
             if comp.stream:
-                response = await _stream(eng, comp, req, settings, m, arrived)
-            else:
-                gen = await _generate(eng, req, request)
-                m.generation(gen, arrived)
-                body = completion_body(completion_id(), settings.model_id, gen.text, finish_reason(gen.stop_reason),
-                                       usage(len(req.ids) - 1, len(gen.ids)))  # fmt: skip
-                response = JSONResponse(body)
+                return await _stream(eng, comp, req, request, inflight, settings, m, arrived)  # counted as it ends
+            gen = await _unless_gone(eng.generate(req), request, inflight)
+            m.generation(gen, arrived)
+            body = completion_body(completion_id(), settings.model_id, gen.text, finish_reason(gen.stop_reason),
+                                   usage(len(req.ids) - 1, len(gen.ids)))  # fmt: skip
+            response = JSONResponse(body)
         except ApiError as e:
             m.request(e.status, mode)
             raise
@@ -161,7 +177,10 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             raise ApiError(503, str(e), None, "shutting_down", "server_error") from None
         except FastBltError as e:
             m.request(400, mode)
-            raise ApiError(400, str(e), _param(e)) from None
+            raise _field_error(e, comp) from None
+        except Exception:
+            m.request(500, mode)
+            raise
         m.request(response.status_code, mode)
         return response
 
@@ -175,48 +194,94 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise ApiError(413, f"body: {length} bytes exceed the limit of {limit}", None, "body_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"body: more than the limit of {limit} bytes", None, "body_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"body: more than the limit of {limit} bytes", None, "body_too_large")
+    except ClientDisconnect:
+        raise ApiError(499, "client closed the request while sending it", None, "client_closed") from None
     return bytes(body)
 
 
 def _request(eng: AsyncEngine, comp: Completion):
-    """The engine's checked Request; a refused option is a 400 naming the field."""
+    """The engine's checked Request; a refused option is a 400 naming the field. The size limit
+    (the engine's max_context, less the BOS id) is checked here, in the request's own terms."""
+    limit = None if eng.generator.max_context is None else eng.generator.max_context - 1
+    size = len(comp.prompt.encode())
+    if limit is not None and size + comp.max_tokens > limit:
+        fix = "shorten the prompt" if size >= limit else f"lower max_tokens to at most {limit - size}"
+        raise ApiError(400, f"prompt + max_tokens: {size} + {comp.max_tokens} bytes exceed this server's limit of "
+                       f"{limit} bytes per request; {fix}", "prompt" if size >= limit else "max_tokens",
+                       "context_length_exceeded")  # fmt: skip
     try:
         return eng.request(comp.prompt, max_bytes=comp.max_tokens, **comp.options)
     except (InputError, CapabilityError) as e:
-        raise ApiError(400, str(e), _param(e)) from None
+        raise _field_error(e, comp) from None
 
 
-_OPTION = re.compile(r"^options? (\w+)")
+_OPTION = re.compile(r"^(?:options?|prompt) ?([\w/]*)")
 
 
-def _param(e: Exception) -> str | None:
-    """The request field an engine error is about (its messages start with what they name)."""
-    text = str(e)
+def _field_error(e: FastBltError, comp: Completion) -> ApiError:
+    """A 400 for an engine error, naming the request field it is about (engine messages start with
+    what they name). A sequence past the global model's position limit is the prompt's fault when
+    the prompt alone reaches it, else max_tokens'."""
+    if isinstance(e, PositionLimit):
+        prompt = len(comp.prompt.encode())
+        if e.bytes_read <= prompt + 1:  # + 1: the BOS id
+            fix, param = "shorten the prompt", "prompt"
+        else:
+            fix, param = f"lower max_tokens below {e.bytes_read - prompt - 1}", "max_tokens"
+        return ApiError(400, f"{param}: the text reaches the model's limit of {e.limit} patches after "
+                        f"{e.bytes_read - 1} bytes ({prompt} in the prompt); {fix}", param,
+                        "context_length_exceeded")  # fmt: skip
+    text, param = str(e), None
     if (m := _OPTION.match(text)) is not None:
-        return {"max_bytes": "max_tokens"}.get(m.group(1), m.group(1))
-    if text.startswith(("prompt + max_bytes", "sequence:")):
-        return "max_tokens" if "max_bytes" in text else "prompt"
-    if text.startswith("mode") or isinstance(e, CapabilityError):
-        return "mode"
-    return None
+        names = {"max_bytes": "max_tokens", "": "prompt"}.get(m.group(1), m.group(1)).split("/")
+        param = next((n for n in names if n in comp.options), names[0])  # the one the request gave
+    elif text.startswith("mode") or isinstance(e, CapabilityError):
+        param = "mode"
+    return ApiError(400, text, param)
 
 
-async def _generate(eng: AsyncEngine, req, request: Request) -> Generation:
-    """Generate, cancelling the request if the client goes away first."""
-    task = asyncio.ensure_future(eng.generate(req))
+class _InFlight:
+    """The requests a server is answering, for a shutdown whose grace period runs out: `stop` ends
+    them with an answer (a 503, or an error event and [DONE] on a stream) rather than leaving
+    uvicorn to cancel them mid-body."""
+
+    def __init__(self) -> None:
+        self.stopping = asyncio.Event()
+        self.streams: set[TextStream] = set()
+
+    def stop(self) -> None:  # on the event loop
+        self.stopping.set()
+        for stream in list(self.streams):
+            stream.cancel()
+
+    @staticmethod
+    def error() -> ApiError:
+        return ApiError(503, "server: shutting down; the request was stopped when the server's grace period "
+                        "(--graceful-timeout) ran out", None, "shutting_down", "server_error")  # fmt: skip
+
+
+async def _unless_gone(work: Coroutine[Any, Any, T], request: Request, inflight: _InFlight) -> T:
+    """Await `work`, cancelling it (and answering 499) if the client goes away first, or (503) if
+    the server stops it."""
+    task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_disconnected(request))
+    stop = asyncio.ensure_future(inflight.stopping.wait())
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watch, stop}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
+        stop.cancel()
     if not task.done():
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, FastBltError):
             await task
+        if inflight.stopping.is_set():
+            raise inflight.error()
         raise ApiError(499, "client closed the request", None, "client_closed")
     return task.result()
 
@@ -226,40 +291,67 @@ async def _disconnected(request: Request, every: float = 0.1) -> None:
         await asyncio.sleep(every)
 
 
-async def _stream(eng: AsyncEngine, comp: Completion, req, settings: ServeSettings, m: Metrics,
-                  arrived: float) -> StreamingResponse:  # fmt: skip
-    """Start the stream and wait for its first event (so a failing prefill is still a 4xx)."""
+async def _stream(eng: AsyncEngine, comp: Completion, req, request: Request, inflight: _InFlight,
+                  settings: ServeSettings, m: Metrics, arrived: float) -> StreamingResponse:  # fmt: skip
+    """Start the stream and wait for its first event, so a failing prefill is still a 4xx and a
+    client that leaves while its request waits for a row frees its place. A stream's status is
+    counted when it ends: 200, 499 when the client left first, or its error's."""
     stream = eng.stream(req)
     try:
-        first = await stream.__anext__()
-    except StopAsyncIteration:
-        first = None
+        first = await _unless_gone(_first(stream), request, inflight)
     except BaseException:
         stream.cancel()
         raise
     cid, created = completion_id(), int(time.time())
 
+    def chunk(text: str, reason: str | None = None) -> bytes:
+        body = completion_body(cid, settings.model_id, text, reason, created=created)
+        if comp.include_usage:
+            body["usage"] = None  # only the last chunk, after the choices, carries it
+        return sse(body)
+
     async def events() -> AsyncIterator[bytes]:
+        status = 499  # unless it gets to its end
+        inflight.streams.add(stream)
         try:
             if first is not None:
-                yield sse(completion_body(cid, settings.model_id, first, None, created=created))
+                yield chunk(first)
                 async for text in stream:
-                    yield sse(completion_body(cid, settings.model_id, text, None, created=created))
+                    yield chunk(text)
             gen = stream.generation
+            if gen is None:  # cancelled while the client still reads: the server stopped it
+                raise inflight.error()
             m.generation(gen, arrived)
-            yield sse(completion_body(cid, settings.model_id, "", finish_reason(gen.stop_reason), created=created))
+            status = 200
+            yield chunk("", finish_reason(gen.stop_reason))
             if comp.include_usage:
                 body = completion_body(cid, settings.model_id, "", None, usage(len(req.ids) - 1, len(gen.ids)), created)
                 body["choices"] = []
                 yield sse(body)
             yield sse("[DONE]")
-        except FastBltError as e:  # bytes already went out: the failure is an event
-            yield sse(ApiError(400, str(e), _param(e)).body())
+        except (FastBltError, ApiError) as e:  # bytes already went out: the failure is an event
+            error = e if isinstance(e, ApiError) else _field_error(e, comp)
+            status = error.status
+            yield sse(error.body())
+            yield sse("[DONE]")
+        except Exception as e:  # our own failure (a lane that died): still an event, not a cut body
+            status = 500
+            yield sse(ApiError(500, f"internal error: {e}", kind="server_error").body())
             yield sse("[DONE]")
         finally:
+            inflight.streams.discard(stream)
             stream.cancel()  # a no-op once it finished; frees the row when the client went away
+            m.request(status, comp.options["mode"])
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _first(stream: TextStream) -> str | None:
+    """A stream's first chunk, or None when it ends without one."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
 
 
 class _ReplicaHeader:

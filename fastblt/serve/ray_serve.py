@@ -69,7 +69,7 @@ class ServerOptions:
     lanes: int | None = None  # batch loops per replica (None: AsyncEngine's default for the CPUs it reserves)
     lane_processes: bool | None = None  # lanes in worker processes (None: AsyncEngine's default)
     max_queue: int = 256  # requests waiting in each proxy's router for a replica (then 429)
-    max_context: int | None = None
+    max_context: int | None = None  # bytes (prompt + max_tokens) per request
     threads: int | None = None
     device: str | None = None
     mode: str = "blt-s"
@@ -182,7 +182,8 @@ class FastBltReplica:
         engine = await asyncio.to_thread(
             AsyncEngine, o.checkpoint, o.backend, max_batch=o.max_batch, lanes=o.lanes, processes=o.lane_processes,
             cores=cores, max_queue=o.max_queue,
-            max_context=o.max_context, artifacts=o.artifacts, threads=o.threads, device=o.device,
+            max_context=None if o.max_context is None else o.max_context + 1,  # bytes, and the BOS id
+            artifacts=o.artifacts, threads=o.threads, device=o.device,
         )  # fmt: skip
         log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)
         settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_key=o.api_key, max_body=o.max_body,

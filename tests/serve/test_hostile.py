@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 
@@ -25,6 +26,7 @@ def body(**changes) -> bytes:
 
 
 DROP = object()
+RAW = b'{"model": "fastblt-default", "prompt": "x", '  # a body to finish by hand
 HOSTILE: list[tuple[str, bytes | None, int]] = [  # what, body, expected status (0: any 4xx)
     ("invalid JSON", b"{", 400),
     ("empty body", b"", 400),
@@ -36,6 +38,18 @@ HOSTILE: list[tuple[str, bytes | None, int]] = [  # what, body, expected status 
     ("a lone surrogate in the prompt", b'{"model": "fastblt-default", "prompt": "\\ud800"}', 400),
     ("prompt is a number", body(prompt=3), 400),
     ("two prompts", body(prompt=["a", "b"]), 400),
+    ("token ids as the prompt", body(prompt=[1, 2, 3]), 400),
+    (
+        "an integer of 5,000 digits",
+        b'{"model": "fastblt-default", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+        400,
+    ),
+    (
+        "JSON nested 100,000 deep",
+        b'{"model": "fastblt-default", "prompt": "x", "user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        400,
+    ),
+    ("stream_options without stream", body(stream_options={"include_usage": True}), 400),
     ("prompt null", body(prompt=None), 400),
     ("no prompt", body(prompt=DROP), 400),
     ("no model", body(model=DROP), 400),
@@ -78,30 +92,89 @@ def test_hostile_requests_get_4xx_and_the_server_stays_up(server):
             assert r.status_code == status, (what, r.status_code, r.text[:200])
             err = r.json()["error"]
             assert err["message"] and err["type"], what
-        assert c.get(url, headers=AUTH).status_code == 405
+        r = c.get(url, headers=AUTH)
+        assert r.status_code == 405 and r.headers["Allow"] == "POST"
         assert c.post(f"{server.url}/v2/nothing", content=body(), headers=AUTH).status_code == 404
-        r = c.post(url, content=body(), headers=AUTH)
+        nulls = dict.fromkeys(("n", "best_of", "echo", "presence_penalty", "frequency_penalty", "logprobs"))
+        r = c.post(url, content=body(**nulls), headers=AUTH)  # null is "not asked for", as clients send it
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:  # leaves while sending its body
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n"
+        )
+        s.sendall(head.encode() + b'{"model": ')
     assert _occupancy_back_to_zero(server)
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    assert "Traceback" not in server.output()  # every one of them was answered, none failed inside
+
+
+# 6,000 bytes that patch into more than the default's 4,096 patches: high entropy, short patches
+NOISE = "".join(chr(33 + (i * 7919) % 90) for i in range(6000))
 
 
 def test_field_errors_name_the_field(server):
+    """`param` names the field the request gave: the size limit is the prompt's fault when the
+    prompt alone reaches it, else max_tokens'; of unmask/alpha/gamma, the one that was sent."""
     for field, raw in [("max_tokens", body(max_tokens=-1)), ("temperature", body(temperature="x")),
                        ("mode", body(mode="fast")), ("k", body(k=1000)), ("foo", body(foo=1)),
                        ("max_tokens", body(max_tokens=10**9)), ("prompt", body(prompt=3)),
-                       ("lookup", body(lookup="8")),
-                       ("lookup", body(mode="blt-s", lookup=8, temperature=1.0))]:  # fmt: skip
+                       ("lookup", body(lookup="8")), ("prompt", body(prompt="")),
+                       ("lookup", body(mode="blt-s", lookup=8, temperature=1.0)),
+                       ("alpha", body(mode="ar", alpha=0.5)), ("gamma", body(mode="ar", gamma=0.5)),
+                       ("prompt", body(prompt="x" * 16_500, max_tokens=1)),
+                       ("max_tokens", body(prompt="x" * 100, max_tokens=16_300)),
+                       ("prompt", body(prompt=NOISE, max_tokens=1)),
+                       ("prompt", body(prompt=NOISE, max_tokens=1, stream=True))]:  # fmt: skip
         r = httpx.post(f"{server.url}/v1/completions", content=raw, headers=AUTH, timeout=60)
-        assert r.json()["error"]["param"] == field, (field, r.json())
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.json())
+        assert "max_bytes" not in r.json()["error"]["message"]  # the request's own names
+    r = httpx.post(f"{server.url}/v1/completions", content=body(prompt=NOISE, max_tokens=1), headers=AUTH, timeout=60)
+    assert r.json()["error"]["code"] == "context_length_exceeded" and "4096 patches" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/completions", content=body(prompt="x" * 16_383, max_tokens=1), headers=AUTH,
+                   timeout=60)  # fmt: skip
+    assert r.status_code == 200  # --max-context counts bytes: 16,384 fit
 
 
 def test_a_client_leaving_mid_stream_frees_its_row(server):
+    left = 'fastblt_requests_total{mode="ar",status="499"}'
+    before = _metric(server, left)
     req = {**OK, "max_tokens": 5000, "stream": True, "mode": "ar"}
     with httpx.Client(timeout=60) as c, c.stream("POST", f"{server.url}/v1/completions", json=req, headers=AUTH) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
     assert _occupancy_back_to_zero(server)
+    deadline = time.time() + 10
+    while _metric(server, left) == before and time.time() < deadline:  # counted when the stream ends
+        time.sleep(0.05)
+    assert _metric(server, left) == before + 1
+
+
+def test_a_client_leaving_while_queued_frees_its_place():
+    """Requests (plain and streamed) whose clients give up while every row is busy leave the queue
+    at once: the next request waits for a row instead of getting 429."""
+    with ServerProcess(["--max-batch", "1", "--max-queue", "1", "--lanes", "1"]) as srv:
+        url = f"{srv.url}/v1/completions"
+        hold = {**OK, "max_tokens": 16_000, "stream": True, "mode": "ar", "temperature": 1}
+        with httpx.Client(timeout=60) as c, c.stream("POST", url, json=hold) as held:
+            assert held.status_code == 200
+            for stream in (False, True):
+                with pytest.raises(httpx.TimeoutException):  # queued: no answer (streams: no headers) yet
+                    httpx.post(url, json={**OK, "stream": stream}, timeout=0.5)
+                deadline = time.time() + 10
+                while _metric(srv, "fastblt_queue_depth") and time.time() < deadline:
+                    time.sleep(0.05)
+                assert _metric(srv, "fastblt_queue_depth") == 0
+            waiting: list[httpx.Response] = []
+            t = threading.Thread(target=lambda: waiting.append(httpx.post(url, json=OK, timeout=120)))
+            t.start()
+            deadline = time.time() + 10
+            while not _metric(srv, "fastblt_queue_depth") and time.time() < deadline and t.is_alive():
+                time.sleep(0.05)
+            assert t.is_alive()  # queued, not refused
+        t.join(120)
+        assert waiting[0].status_code == 200
+        assert _metric(srv, 'fastblt_requests_total{mode="blt-s",status="499"}') == 2
 
 
 def test_a_full_queue_is_429_with_retry_after():
@@ -139,6 +212,52 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0():
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{srv.url}/health", timeout=5)
     srv.stop()
+
+
+def test_requests_still_running_when_the_grace_period_ends_get_an_answer():
+    """SIGTERM with --graceful-timeout 2 and two long requests in flight: the stream ends with a
+    shutting_down error event and [DONE], the plain request gets a 503, the server exits 0."""
+    srv = ServerProcess(["--max-batch", "2", "--graceful-timeout", "2"]).start()
+    long = {**OK, "prompt": "x = [", "max_tokens": 16_000, "mode": "ar", "temperature": 1}
+    events: list[str] = []
+    plain: list[httpx.Response] = []
+
+    def consume():
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json={**long, "stream": True}, timeout=120) as r:
+            events.extend(line for line in r.iter_lines() if line)
+
+    threads = [threading.Thread(target=consume),
+               threading.Thread(target=lambda: plain.append(httpx.post(f"{srv.url}/v1/completions", json=long,
+                                                                       timeout=120)))]  # fmt: skip
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while len(events) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    srv.signal(signal.SIGTERM)
+    for t in threads:
+        t.join(120)
+    assert srv.proc.wait(60) == 0
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == "shutting_down"
+    assert plain[0].status_code == 503 and plain[0].json()["error"]["code"] == "shutting_down"
+    assert "Traceback" not in srv.output()
+    srv.stop()
+
+
+def test_an_api_key_clients_cannot_send_is_refused_at_start():
+    from click.testing import CliRunner
+
+    from fastblt.cli import cli
+
+    for key in ("", " key"):
+        r = CliRunner().invoke(cli, ["serve", "--api-key", key])
+        assert r.exit_code == 2 and "--api-key" in r.output
+
+
+def _metric(server, series: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    line = next((ln for ln in text.splitlines() if ln.startswith(series + " ")), None)
+    return 0.0 if line is None else float(line.split()[1])
 
 
 def _occupancy_back_to_zero(server, timeout: float = 10.0) -> bool:

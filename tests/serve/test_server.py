@@ -66,8 +66,9 @@ def test_stop_strings_seeds_and_fastblt_fields(server, reference):
 
     stream = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
                                   stream_options={"include_usage": True})  # fmt: skip
-    last = list(stream)[-1]
+    *chunks, last = list(stream)
     assert last.usage.completion_tokens == 20 and last.choices == []
+    assert all("usage" in ch.model_fields_set and ch.usage is None for ch in chunks)  # null, as OpenAI sends it
 
 
 def test_sixty_four_concurrent_requests_equal_serial(server, reference):
@@ -93,11 +94,17 @@ def test_sixty_four_concurrent_requests_equal_serial(server, reference):
 def test_models_health_metrics_and_keys(server):
     h = httpx.get(f"{server.url}/health")
     assert h.status_code == 200 and h.json() == {"status": "ok"} and h.headers["x-fastblt-replica"]
+    assert httpx.head(f"{server.url}/health").status_code == 200
     m = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert [d["id"] for d in m["data"]] == [MODEL]
-    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
+    assert client(server).models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client(server).models.retrieve("gpt-4")
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
         r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    for given in (f"bearer {KEY}", f"BEARER {KEY}", f"Bearer  {KEY}"):  # the scheme is case-insensitive
+        assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": given}).status_code == 200
     list(
         client(server).completions.create(
             model=MODEL, prompt=PROMPT, max_tokens=4, stream=True, extra_body={"mode": "ar"}
