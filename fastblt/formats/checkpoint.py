@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import safetensors.torch
 import torch
@@ -340,6 +340,18 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
+class _Entry(NamedTuple):
+    """One tensor of a safetensors header: where its bytes lie in the data section."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+_HEADER_LIMIT = 100_000_000  # the safetensors library's own bound on the JSON header
+
+
 def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors as zero-copy views of a private (copy-on-write) mapping.
 
@@ -349,27 +361,97 @@ def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with open(_need_file(path), "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        n = int.from_bytes(mm[:8], "little")
-        header = json.loads(mm[8 : 8 + n])
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
         raise CheckpointError(f"{path}: cannot map safetensors file ({_one_line(e)})") from None
-    header.pop("__metadata__", None)
-    base, state = 8 + n, {}
-    for name, info in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        begin, end = info.get("data_offsets", (0, -1))
-        count = math.prod(info.get("shape", ()))
-        if dtype is None or end - begin != count * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {name}: bad safetensors header entry {info}")
-        if base + end > len(mm):
-            raise CheckpointError(f"{path}: cannot map safetensors file (tensor {name} ends past the end of the file)")
+    base, entries = _safetensors_header(path, mm)
+    state = {}
+    for name, e in entries.items():
+        count = math.prod(e.shape)
         flat = (
-            torch.frombuffer(mm, dtype=dtype, count=count, offset=base + begin)
+            torch.frombuffer(mm, dtype=e.dtype, count=count, offset=base + e.begin)
             if count
-            else torch.empty(0, dtype=dtype)
+            else torch.empty(0, dtype=e.dtype)
         )
-        state[name] = flat.view(info["shape"])
+        state[name] = flat.view(e.shape)
     return state
+
+
+def _safetensors_header(path: Path, buf: mmap.mmap) -> tuple[int, dict[str, _Entry]]:
+    """The data section's start and the tensors of a safetensors file, checked as the format
+    specifies (and as the safetensors library, which `load_checkpoint` reads through, checks):
+    views of bytes outside a tensor's own would be silently wrong weights."""
+    n = int.from_bytes(buf[:8], "little") if len(buf) >= 8 else -1
+    if not 0 <= n <= min(len(buf) - 8, _HEADER_LIMIT):
+        raise CheckpointError(
+            f"{path}: not a safetensors file (header length {n} for a file of {len(buf)} bytes; "
+            f"expected 8 bytes of length, then that many bytes of JSON header, up to {_HEADER_LIMIT})"
+        )
+    try:
+        header = json.loads(buf[8 : 8 + n].decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # ValueError: UTF-8 and JSON errors alike
+        raise CheckpointError(f"{path}: safetensors header is not UTF-8 JSON ({_one_line(e)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is {_brief(header)}, expected a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: safetensors __metadata__ {_brief(metadata)}: expected an object of strings")
+    size = len(buf) - 8 - n
+    entries = {name: _safetensors_entry(path, name, info, size) for name, info in header.items()}
+    _check_coverage(path, entries, size)
+    return 8 + n, entries
+
+
+def _safetensors_entry(path: Path, name: str, info: Any, size: int) -> _Entry:
+    """One header entry, its dtype, shape and data_offsets checked against each other and `size`."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(
+            f"{where}: header entry {_brief(info)}: expected an object with dtype, shape and data_offsets"
+        )
+    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise CheckpointError(f"{where}: dtype {_brief(dtype_name)}: expected one of {', '.join(_SAFETENSORS_DTYPES)}")
+    if not _naturals(shape):
+        raise CheckpointError(f"{where}: shape {_brief(shape)}: expected a list of non-negative ints")
+    if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: data_offsets {_brief(offsets)}: expected [begin, end] with 0 <= begin <= end")
+    if offsets[1] > size:  # most often a truncated download
+        raise CheckpointError(
+            f"{path}: cannot map safetensors file (tensor {name!r} ends past the end of the file: "
+            f"data_offsets {offsets}, {size} bytes after the header)"
+        )
+    need = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != need:
+        raise CheckpointError(
+            f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes; "
+            f"shape {shape} of {dtype_name} needs {need}"
+        )
+    return _Entry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_coverage(path: Path, entries: dict[str, _Entry], size: int) -> None:
+    """The tensors cover the data section exactly once, as the format requires: no tensor reads
+    another's bytes, and no bytes hide unindexed between them."""
+    at = 0
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin != at:
+            what = "overlaps the tensor before it" if e.begin < at else f"leaves bytes {at}..{e.begin} unindexed"
+            raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {[e.begin, e.end]} {what}")
+        at = e.end
+    if at != size:
+        raise CheckpointError(f"{path}: the tensors cover {at} of the {size} data bytes after the header")
+
+
+def _naturals(value: Any) -> bool:
+    """A list of non-negative ints (true/false excluded: Python counts them as ints)."""
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def _brief(value: Any, limit: int = 60) -> str:
+    """`value`'s repr, cut to `limit` characters: a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_pth(path: Path, mapped: bool = False) -> dict[str, torch.Tensor]:
