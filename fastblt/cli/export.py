@@ -111,9 +111,11 @@ def _run_export(checkpoint, out, dtype, opset, max_step, max_batch, force, as_js
     from fastblt.export.options import existing_export
     from fastblt.export.spec import TORCH_DTYPES
     from fastblt.formats.checkpoint import checkpoint_hash, resolve_checkpoint_path
+    from fastblt.formats.files import check_apart
 
     options = ExportOptions(dtype=dtype, opset=opset, max_step=max_step, max_batch=max_batch)
     source = resolve_checkpoint_path(checkpoint)
+    check_apart(out, source, "checkpoint")  # --force replaces `out` whole
     ckpt_hash = checkpoint_hash(source)
     status = existing_export(out, ckpt_hash, options)
     if status == "same":

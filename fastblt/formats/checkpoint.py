@@ -34,7 +34,7 @@ import torch
 
 from fastblt.errors import CheckpointError, ConfigError
 from fastblt.formats import keymap, meta
-from fastblt.formats.files import replace_dir, staging_dir
+from fastblt.formats.files import check_apart, replace_dir, staging_dir
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
 
@@ -155,7 +155,7 @@ def save_checkpoint(
     if existing and not overwrite and set(existing) != set(_layout_names(fmt, config)):
         raise CheckpointError(
             f"{out}: directory is not empty and holds other files ({', '.join(sorted(existing)[:5])}); "
-            "pass overwrite=True to replace it"
+            "pass overwrite=True (--force) to replace it"
         )
     tmp = staging_dir(out, "tmp")
     try:
@@ -163,7 +163,7 @@ def save_checkpoint(
         if existing and not overwrite:
             if _same_files(tmp, out):
                 return out
-            raise CheckpointError(f"{out}: holds a different checkpoint; pass overwrite=True to replace it")
+            raise CheckpointError(f"{out}: holds a different checkpoint; pass overwrite=True (--force) to replace it")
         replace_dir(tmp, out)
     finally:
         if tmp.exists():
@@ -180,8 +180,7 @@ def convert(
     """
     ckpt = _locate(src)
     out = Path(out_dir).expanduser()
-    if out.exists() and out.resolve() == ckpt.root.resolve():
-        raise CheckpointError(f"{out}: is the source checkpoint; convert into another directory")
+    check_apart(out, ckpt.root, "source checkpoint")
     state = _read_state(ckpt)
     model = _build_model(ckpt, state, dtype or _dominant_dtype(state))
     return save_checkpoint(model, out, fmt, overwrite=overwrite)

@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fastblt.errors import FastBltError
+
 
 def staging_dir(out: Path, purpose: str) -> Path:
     """A fresh, world-readable temporary directory next to `out` (same filesystem: renames are atomic)."""
@@ -34,4 +36,16 @@ def replace_dir(tmp: Path, out: Path) -> None:
     except BaseException:
         old.rename(out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:  # `out` was a file (replaced only when the caller was told to)
+        old.unlink(missing_ok=True)
+
+
+def check_apart(out: Path, source: Path, what: str) -> None:
+    """FastBltError unless `out` can be replaced without touching `source`: not the same
+    directory, not one that holds it, not one inside it (replacing `out` deletes what it holds)."""
+    o, s = Path(out).expanduser().resolve(), Path(source).expanduser().resolve()
+    if o == s or o in s.parents or s in o.parents:
+        how = "is" if o == s else "holds" if o in s.parents else "is inside"
+        raise FastBltError(f"{out}: {how} the {what} {source}; write into another directory")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from fastblt.errors import CheckpointError, ConfigError
+from fastblt.errors import CheckpointError, ConfigError, FastBltError
 from fastblt.formats import checkpoint as ckpt_mod
 from fastblt.formats.checkpoint import (
     FORMATS,
@@ -26,6 +27,8 @@ from fastblt.formats.checkpoint import (
 from fastblt.formats.meta import config_to_meta
 from fastblt.model.blt import BltModel
 from fastblt.model.config import blt_1b_config, tiny_config
+
+from tiny import run_cli
 
 TOKENS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 100, 101, 4, 5, 6, 200, 201, 202]])
 PATCHES = torch.tensor([[1, 3, 2, 3], [1, 1, 4, 3]])  # explicit multi-byte patches
@@ -214,10 +217,25 @@ def test_convert_chain_keeps_weights(tmp_path: Path, dtype: torch.dtype | None) 
     assert all(torch.equal(v, ref[k]) for k, v in final.state_dict().items())
 
 
-def test_convert_refuses_its_own_source(tmp_path: Path) -> None:
-    src = saved(tmp_path)
-    with pytest.raises(CheckpointError, match="is the source checkpoint"):
-        convert(src, "hf", src, overwrite=True)
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside"])
+def test_convert_and_export_never_replace_their_source(tmp_path: Path, where: str, monkeypatch, capsys) -> None:
+    """An output that is the source checkpoint, holds it, or lies inside it (where --force would
+    replace it whole, taking the source along) is refused before anything is written."""
+    src = saved(tmp_path / "par", "meta-hub")  # a layout with a subdirectory (entropy_model/)
+    out = {"same": src, "parent": src.parent, "inside": src / "entropy_model"}[where]
+    before = _files(tmp_path)
+    with pytest.raises(FastBltError, match=r"(is|holds|is inside) the source checkpoint"):
+        convert(src, "hf", out, overwrite=True)
+    for args in (["convert", str(src), "--to", "hf", "--out", str(out), "--force"],
+                 ["export", "--checkpoint", str(src), "--out", str(out), "--force"]):  # fmt: skip
+        code, _, err = run_cli(args, monkeypatch, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert re.search(r"(is|holds|is inside) the (source )?checkpoint", err), err
+    assert _files(tmp_path) == before
 
 
 def test_checkpoint_hash_is_stable_and_sees_weights(tmp_path: Path) -> None:
@@ -493,3 +511,15 @@ def test_mapped_reading_checks_like_loading(tmp_path: Path) -> None:
     _edit_weights(out, lambda s: s.pop("local_decoder.norm.weight"))
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\) local_decoder\.norm\.weight \(1 in all\)"):
         load_mapped(out)
+
+
+def test_replacing_a_file_with_a_directory_leaves_nothing_aside(tmp_path: Path) -> None:
+    from fastblt.formats.files import replace_dir, staging_dir
+
+    out = tmp_path / "out"
+    out.write_text("an old file the caller was told to replace")
+    tmp = staging_dir(out, "tmp")
+    (tmp / "a.txt").write_text("new")
+    replace_dir(tmp, out)
+    assert (out / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
