@@ -105,9 +105,9 @@ def check_export(directory: str | Path, progress: Progress | None = None) -> dic
     try:
         config = BltConfig.from_dict(manifest["checkpoint"]["config"])
         options = ExportOptions(**manifest["options"])
+        specs = options.specs(config)  # refuses options no export has, e.g. max_step under a diffusion block
     except (FastBltError, TypeError) as e:
         raise ManifestMismatch(f"{where}: field checkpoint.config/options: unreadable ({e})") from None
-    specs = options.specs(config)
     verify_specs(manifest, specs, where)
     results = {}
     for i, (step, spec) in enumerate(specs.items()):

@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastblt.errors import ManifestMismatch
-from fastblt.export.spec import StepSpec
+from fastblt.export.spec import FLOAT_DTYPES, StepSpec
 
 MANIFEST = "manifest.json"
 FORMAT, FORMAT_VERSION = "fastblt-export", 2
@@ -82,20 +84,19 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
 
 
 def read_manifest(directory: Path) -> dict:
+    """The manifest of an export directory, its fields' types checked: every reader may index it."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ManifestMismatch(f"{path}: no manifest (not a fastblt export directory)")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON and UTF-8 errors alike
         raise ManifestMismatch(f"{path}: unreadable manifest: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestMismatch(f"{path}: format {_get(manifest, 'format')!r}, expected {FORMAT!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ManifestMismatch(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
-    for key in ("checkpoint", "options", "graphs"):
-        if not isinstance(manifest.get(key), dict):
-            raise ManifestMismatch(f"{path}: field {key}: missing or not an object")
+    _check_fields(manifest, path)
     return manifest
 
 
@@ -167,3 +168,91 @@ def _first_diff(a: Any, b: Any, where: str) -> str:
 
 def _get(d: Any, key: str) -> Any:
     return d.get(key) if isinstance(d, dict) else None
+
+
+# ------------------------------------------------------------------------------ field types
+# Every field a reader indexes is checked here, once: a hand-edited or truncated manifest is then
+# a one-line ManifestMismatch naming the field, not an AttributeError deep in a backend.
+_Is = Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class _Field:
+    """What a field's value must satisfy, and how the error message says it."""
+
+    ok: _Is
+    expected: str
+    required: bool = True
+
+
+def _int_at_least(low: int) -> _Is:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _tensor(t: Any) -> bool:
+    return (
+        isinstance(t, dict)
+        and isinstance(t.get("name"), str)
+        and isinstance(t.get("dtype"), str)
+        and isinstance(t.get("shape"), list)
+    )
+
+
+def _tensor_list(v: Any) -> bool:
+    return isinstance(v, list) and all(_tensor(t) for t in v)
+
+
+_OBJECT = _Field(lambda v: isinstance(v, dict), "an object")
+_STR_OR_NULL = _Field(lambda v: v is None or isinstance(v, str), "a string or null", required=False)
+_TENSORS = _Field(_tensor_list, "a list of {name, dtype, shape} objects")
+_TOP = {
+    "checkpoint": _OBJECT,
+    "options": _OBJECT,
+    "dims": _Field(_OBJECT.ok, _OBJECT.expected, required=False),
+    "versions": _Field(_OBJECT.ok, _OBJECT.expected, required=False),
+    "graphs": _Field(_OBJECT.ok, "an object {step: graph}"),
+}
+_CHECKPOINT = {"config": _OBJECT, "hash": _STR_OR_NULL, "source": _STR_OR_NULL}
+_OPTIONS = {
+    "dtype": _Field(lambda v: v in FLOAT_DTYPES.values(), f"one of {', '.join(FLOAT_DTYPES.values())}"),
+    "opset": _Field(_int_at_least(1), "an int"),
+    "max_step": _Field(_int_at_least(2), "an int >= 2"),
+    "max_batch": _Field(_int_at_least(1), "an int >= 1"),
+}
+_GRAPH = {
+    "file": _Field(lambda v: isinstance(v, str), "a file name"),
+    "external_data": _Field(_STR_OR_NULL.ok, "a file name or null", required=False),
+    "sha256": _Field(
+        lambda v: isinstance(v, dict) and all(isinstance(h, str) for h in v.values()),
+        "an object {file name: sha256 hex}",
+    ),
+    "inputs": _TENSORS,
+    "outputs": _TENSORS,
+}
+
+
+def _check_fields(manifest: dict, path: Path) -> None:
+    """The type (and, for options, the range) of every field fastblt reads; ManifestMismatch names
+    the first wrong one by its path, e.g. graphs.encoder.sha256."""
+    _check(manifest, _TOP, "", path)
+    _check(manifest["checkpoint"], _CHECKPOINT, "checkpoint.", path)
+    _check(manifest["options"], _OPTIONS, "options.", path)
+    graphs = manifest["graphs"]
+    _check(graphs, dict.fromkeys(graphs, _OBJECT), "graphs.", path)
+    for step, entry in graphs.items():
+        _check(entry, _GRAPH, f"graphs.{step}.", path)
+
+
+def _check(obj: dict, fields: dict[str, _Field], prefix: str, path: Path) -> None:
+    for key, field in fields.items():
+        if key not in obj:
+            if field.required:
+                raise ManifestMismatch(f"{path}: field {prefix}{key}: missing (expected {field.expected})")
+        elif not field.ok(obj[key]):
+            raise ManifestMismatch(f"{path}: field {prefix}{key}: expected {field.expected}, got {_short(obj[key])}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """`value` as JSON, cut to `limit` characters: the error stays one readable line."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

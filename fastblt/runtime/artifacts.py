@@ -22,7 +22,7 @@ from fastblt.errors import InputError, ManifestMismatch
 from fastblt.export.cache import ExportNotice, cached_export, model_hash, source_hash
 from fastblt.export.manifest import MANIFEST, read_manifest, verify_source
 from fastblt.export.options import ExportOptions
-from fastblt.export.spec import max_step, step_specs
+from fastblt.export.spec import StepSpec, max_step, step_specs
 from fastblt.model.blt import BltModel
 from fastblt.runtime.state import SequenceState
 
@@ -57,13 +57,22 @@ def graph_backend(
     directory = Path(artifacts).expanduser()
     manifest = read_manifest(directory)
     options = manifest["options"]
-    specs = step_specs(model.config, options["max_step"], options["dtype"])
     known = source_hash(model, checkpoint_path) if checkpoint_path else None
     verify_source(manifest, model.config.to_dict(), directory / MANIFEST, known)
+    specs = _manifest_specs(model, options, directory)
     backend = factory(specs, directory, threads=threads, **(extra or {})).activate()
     if checkpoint_path is None and manifest["checkpoint"].get("hash") != model_hash(model):
         probe(model, backend, options["dtype"], directory)
     return backend
+
+
+def _manifest_specs(model: BltModel, options: dict, directory: Path) -> dict[str, StepSpec]:
+    """The step specs the manifest's options give for `model`: options that no export could have
+    (a diffusion block longer than max_step) mean the manifest was edited, so it is named."""
+    try:
+        return step_specs(model.config, options["max_step"], options["dtype"])
+    except InputError as e:
+        raise ManifestMismatch(f"{directory / MANIFEST}: field options: {e}") from None
 
 
 def probe(model: BltModel, backend: Backend, dtype: str, directory: Path) -> None:
