@@ -11,6 +11,7 @@ machine falls on every mode alike. `fastblt bench` prints and saves the result (
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import time
 from collections.abc import Callable
@@ -172,8 +173,27 @@ class BenchConfig:
     cuda_graphs: bool | None = None  # torch on CUDA (None: on)
 
 
+def check_runnable(cfg: BenchConfig) -> None:
+    """Refuse, before any measurement, a run that would stop partway: a requested backend that
+    cannot run here (BackendUnavailable, with the reason), a device that is not here, trt without
+    its engines, the peer without transformers. Otherwise the backends before it are measured for
+    minutes and then thrown away."""
+    from fastblt.engines.base import resolve_device
+    from fastblt.engines.registry import backend_factory
+
+    for name in cfg.backends:
+        backend_factory(name)  # InputError if unknown, BackendUnavailable if it cannot run here
+    if cfg.device is not None and any(b != "ort" for b in cfg.backends):
+        resolve_device(cfg.device)
+    if "trt" in cfg.backends and cfg.artifacts is None:
+        raise InputError("bench backend trt: needs --artifacts DIR with built engines (see `fastblt build`)")
+    if cfg.hf and importlib.util.find_spec("transformers") is None:
+        raise InputError("bench HF peer: transformers is not installed (install it, or pass --no-hf)")
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run every variant on every backend (+ the HF peer); returns the result record."""
+    check_runnable(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     prompts = bench_prompts(cfg.prompts)

@@ -7,10 +7,17 @@ Results go to benchmarks/results/runtime_bench.{json,md,png} (or --out DIR).
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import click
+
+from fastblt.errors import InputError
+
+OUTPUTS = ("runtime_bench.json", "runtime_bench.md", "runtime_bench.png")
 
 
 def _calls_per_byte(row: dict) -> float:
@@ -210,7 +217,8 @@ def _ar_bpb(rows: dict, backend: str) -> str:
     return f"{ar['ar_bits_per_byte']:.2f}" if "ar_bits_per_byte" in ar else "?"
 
 
-def save_chart(result: dict, path: Path) -> None:
+def chart_png(result: dict) -> bytes:
+    """The bytes/s bar chart as PNG bytes (written by the caller, once everything rendered)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,8 +242,162 @@ def save_chart(result: dict, path: Path) -> None:
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.0f}" if v >= 10 else f"{v:.1f}", ha="center", va="bottom", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    return buf.getvalue()
+
+
+# What rendering reads from a saved record, checked before anything is written. A kind ending in
+# " or null" also accepts null. "targets" and "notes" are recomputed, so they are not read.
+_META_FIELDS = {
+    "command": "a string",
+    "date": "a string",
+    "machine": "a string",
+    "cpu_count": "an integer or null",
+    "load_avg_at_start": "a list",
+    "max_bytes": "an integer",
+    "max_context": "an integer or null",
+    "checkpoint": "a string",
+    "torch": "a string",
+    "onnxruntime": "a string or null",
+    "prompts": "a list",
+}
+_ROW_FIELDS = {
+    "name": "a string",
+    "mode": "a string",
+    "backend": "a string",
+    "bytes_per_s": "a number",
+    "ms_per_byte": "a number",
+    "latency_p50_ms": "a number",
+    "latency_p95_ms": "a number",
+    "passes_per_byte": "an object",
+    "acceptance": "a number or null",
+    "accept_hist": "an object",
+    "unmask_steps": "an object",
+    "eq8": "an object",
+    "host_fraction": "a number",
+    "per_prompt": "a list",
+}
+_HF_FIELDS = {
+    "name": "a string",
+    "transformers": "a string or null",
+    "prompts": "a list",
+    "bytes_per_s": "a number",
+    "identical_to_ar": "an object",
+}
+_KINDS = {
+    "an object": lambda v: isinstance(v, dict),
+    "a list": lambda v: isinstance(v, list),
+    "a string": lambda v: isinstance(v, str),
+    "a number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "true or false": lambda v: isinstance(v, bool),
+}
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return next(k for k, ok in _KINDS.items() if k != "an integer" and ok(value))
+
+
+def _check(value, kind: str, where: str, label: str) -> None:
+    base = kind.removesuffix(" or null")
+    if (value is None and base != kind) or _KINDS[base](value):
+        return
+    raise InputError(f"{label}: {where}: expected {kind}, got {_json_kind(value)}")
+
+
+def _fields(obj: dict, fields: dict[str, str], where: str, label: str, optional: dict[str, str] | None = None) -> None:
+    """`where` is the path of `obj` with its trailing dot ("rows[2]."), or "" at the top."""
+    for key, kind in fields.items():
+        if key not in obj:
+            raise InputError(f"{label}: {where}{key}: missing")
+        _check(obj[key], kind, f"{where}{key}", label)
+    for key, kind in (optional or {}).items():
+        if key in obj:
+            _check(obj[key], kind, f"{where}{key}", label)
+
+
+def _each(items: list, kind: str, where: str, label: str) -> None:
+    for i, v in enumerate(items):
+        _check(v, kind, f"{where}[{i}]", label)
+
+
+def _values(obj: dict, kind: str, where: str, label: str) -> None:
+    for k, v in obj.items():
+        _check(v, kind, f"{where}.{k}", label)
+
+
+def _histogram(obj: dict, where: str, label: str) -> None:
+    for k, v in obj.items():
+        if not k.lstrip("-").isdigit():
+            raise InputError(f"{label}: {where}: key {k!r} is not an integer")
+        _check(v, "a number", f"{where}.{k}", label)
+
+
+def check_result(result, label: str) -> None:
+    """Everything rendering reads, present and of the right JSON kind; InputError naming the field."""
+    _check(result, "an object", "top level", label)
+    _fields(result, {"meta": "an object", "rows": "a list"}, "", label, {"hf": "an object or null"})
+    meta, rows = result["meta"], result["rows"]
+    _fields(meta, _META_FIELDS, "meta.", label, {"threads": "an integer or null", "devices": "an object"})
+    _each(meta["load_avg_at_start"], "a number", "meta.load_avg_at_start", label)
+    for i, p in enumerate(meta["prompts"]):
+        _check(p, "an object", f"meta.prompts[{i}]", label)
+        _fields(p, {"file": "a string", "bytes": "an integer"}, f"meta.prompts[{i}].", label)
+    _values(meta.get("devices", {}), "a string", "meta.devices", label)
+    if not rows:
+        raise InputError(f"{label}: rows: empty, expected the measured rows")
+    for i, r in enumerate(rows):
+        where = f"rows[{i}]"
+        _check(r, "an object", where, label)
+        _fields(r, _ROW_FIELDS, f"{where}.", label, {
+            "identical_to_ar": "true or false", "ar_bits_per_byte": "a number", "lookup_rounds": "an integer",
+        })  # fmt: skip
+        if r["mode"] == "blt-d":  # its = ar column and the block-start note read the agreements
+            _fields(r, {"ar_positional_agreement": "a number", "ar_prefix_agreement": "a number"}, f"{where}.", label)
+        if r.get("lookup_rounds"):
+            _fields(r, {"rounds": "an integer", "lookup_acceptance": "a number"}, f"{where}.", label)
+        _values(r["passes_per_byte"], "a number", f"{where}.passes_per_byte", label)
+        _histogram(r["accept_hist"], f"{where}.accept_hist", label)
+        _histogram(r["unmask_steps"], f"{where}.unmask_steps", label)
+        for split in ("this", "blt-1b", "blt-3b"):
+            _fields(r["eq8"], {split: "an object"}, f"{where}.eq8.", label)
+            _fields(r["eq8"][split], {"bytes_per_byte": "a number"}, f"{where}.eq8.{split}.", label)
+        for j, p in enumerate(r["per_prompt"]):
+            _check(p, "an object", f"{where}.per_prompt[{j}]", label)
+            _fields(p, {"bytes": "an integer", "decode_s": "a number"}, f"{where}.per_prompt[{j}].", label)
+    hf = result.get("hf")
+    if hf is not None:
+        _fields(hf, _HF_FIELDS, "hf.", label)
+        _values(hf["identical_to_ar"], "true or false", "hf.identical_to_ar", label)
+
+
+def load_result(path: Path) -> dict:
+    """A saved runtime_bench.json, read and checked whole; InputError (one line) naming the file."""
+    label = f"--render {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{label}: is a directory, expected a runtime_bench.json") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{label}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise InputError(f"{label}: cannot read it ({e.strerror or e})") from None
+    try:
+        result = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{label}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{label}: invalid JSON (nested too deeply)") from None
+    check_result(result, label)
+    return result
 
 
 @click.command("bench")
@@ -245,7 +407,10 @@ def save_chart(result: dict, path: Path) -> None:
 @click.option("--prompts", type=click.IntRange(1, 3), default=3, show_default=True)
 @click.option("--max-context", type=int, default=None, help="Limit on ids per call [default: the model's].")
 @click.option(
-    "--threads", type=int, default=None, help="Intra-op threads of every engine and the peer [default: each one's own]."
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Intra-op threads of every engine and the peer [default: each one's own].",
 )
 @click.option("--device", default=None, help="torch/trt backends: cpu, cuda, cuda:1 (ort: its providers decide).")
 @click.option("--artifacts", default=None, help="trt: the export directory holding the engines (fastblt build).")
@@ -267,10 +432,16 @@ def bench(
     """Benchmark every mode x backend on fixed prompts (+ the Hugging Face peer)."""
     from fastblt.bench.runtime import BenchConfig, evaluate_targets, run_bench
 
+    out_dir = _check_out(Path(out))
     if render is not None:
-        result = json.loads(Path(render).read_text())
-        result["targets"] = evaluate_targets(result)
-        _save(result, Path(out), as_json)
+        source = Path(render)
+        result = load_result(source)
+        try:  # numbers the checks let through can still break the arithmetic (an ar row at 0 bytes/s)
+            result["targets"] = evaluate_targets(result)
+            files, md = _render(result)
+        except (ArithmeticError, KeyError, IndexError, TypeError, ValueError) as e:
+            raise InputError(f"--render {source}: cannot render it ({type(e).__name__}: {e})") from None
+        _report(result, md, _write(files, out_dir, keep=source), as_json)
         return
 
     names = tuple(b.strip() for b in backends.split(",") if b.strip())
@@ -282,15 +453,88 @@ def bench(
         device=device, artifacts=artifacts, cuda_graphs=cuda_graphs,
     )  # fmt: skip
     result = run_bench(cfg, log=lambda s: click.echo(s, err=True))
-    _save(result, Path(out), as_json)
+    files, md = _render(result)
+    _report(result, md, _write(files, out_dir), as_json)
 
 
-def _save(result: dict, out_dir: Path, as_json: bool) -> None:
+def _check_out(out_dir: Path) -> Path:
+    """--out must be (or become) a directory whose runtime_bench.* are plain files: checked before
+    any measurement or rendering, so a bad --out costs neither."""
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == out_dir else f" ({existing} is not a directory)"
+        raise InputError(f"--out {out_dir}: not a directory{where}")
+    for name in OUTPUTS:
+        path = out_dir / name
+        if path.exists() and not path.is_file():
+            raise InputError(f"--out {out_dir}: {name} exists and is not a regular file")
+    return out_dir
+
+
+def _render(result: dict) -> tuple[dict[str, bytes], str]:
+    """Every output file's bytes, in memory: nothing is written until all of them rendered."""
     result["notes"] = notes_for(result)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "runtime_bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     md = render_markdown(result)
-    (out_dir / "runtime_bench.md").write_text(md)
-    save_chart(result, out_dir / "runtime_bench.png")
+    files = {
+        "runtime_bench.json": (json.dumps(result, indent=2, default=str) + "\n").encode(),
+        "runtime_bench.md": md.encode(),
+        "runtime_bench.png": chart_png(result),
+    }
+    return files, md
+
+
+def _write(files: dict[str, bytes], out_dir: Path, keep: Path | None = None) -> list[Path]:
+    """Each file replaced atomically; returns the paths written. `keep` (the --render input) is
+    never rewritten: it holds the measurements, and the .md / .png are what a re-render is for."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out_dir}: cannot create it ({e.strerror or e})") from None
+    written = []
+    for name, data in files.items():
+        path = out_dir / name
+        if keep is not None and _same_file(path, keep):
+            continue
+        try:
+            _write_atomic(path, data)
+        except OSError as e:
+            raise InputError(f"--out {out_dir}: cannot write {name} ({e.strerror or e})") from None
+        written.append(path)
+    return written
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Readers, and an interrupted run, see the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(path))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _mode_for(path: Path) -> int:
+    """The replaced file's permissions, or a new file's (mkstemp's are owner-only)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _report(result: dict, md: str, written: list[Path], as_json: bool) -> None:
     click.echo(json.dumps(result, indent=2, default=str) if as_json else md)
-    click.echo(f"saved {out_dir / 'runtime_bench.json'}, .md, .png", err=True)
+    click.echo("saved " + ", ".join(map(str, written)), err=True)
