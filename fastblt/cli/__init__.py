@@ -80,6 +80,10 @@ def main() -> None:
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except OSError as e:  # a file or directory we were pointed at cannot be read or written
+        where = f"{e.filename}: " if e.filename is not None else ""
+        click.echo(f"error: {where}{e.strerror or e}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

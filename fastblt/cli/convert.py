@@ -33,8 +33,11 @@ def convert(src: str, target: str, out_dir: str, dtype: str | None, force: bool,
     The entropy model travels with the checkpoint in every layout; BLT-D rows are kept.
 
     \b
-    Example:
-      fastblt convert default --to hf --out /tmp/blt-hf
+    Examples:
+      fastblt convert /data/blt-1b --to fastblt --out /tmp/blt-1b   # a facebook/blt-1b download
+      fastblt convert default --to fastblt --dtype bf16 --out /tmp/blt-bf16
+    The embedded default has fastblt's decoder input norm, which the released layouts cannot
+    hold, so it converts only to fastblt.
     """
     from fastblt.formats.checkpoint import checkpoint_hash, detect_format, resolve_checkpoint_path
     from fastblt.formats.checkpoint import convert as run_convert

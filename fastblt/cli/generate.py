@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from fastblt.cli.common import reader_may_leave
 from fastblt.engines.registry import BACKENDS
 from fastblt.export.spec import DEFAULT_K
 from fastblt.runtime.lookup import LOOKUP_MATCH
@@ -26,13 +27,28 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompt-file F")
     if prompt is not None:
-        return prompt
-    path = Path(prompt_file)
+        return arg_bytes(prompt)
     if prompt_file == "-":
+        if sys.stdin is None:
+            raise click.BadParameter("-: standard input is closed", param_hint="--prompt-file")
         return sys.stdin.buffer.read()
-    if not path.is_file():
-        raise click.BadParameter(f"{path}: no such file", param_hint="--prompt-file")
-    return path.read_bytes()
+    path = Path(prompt_file)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise click.BadParameter(f"{path}: no such file", param_hint="--prompt-file") from None
+    except OSError as e:
+        raise click.BadParameter(f"{path}: {e.strerror or e}", param_hint="--prompt-file") from None
+
+
+def arg_bytes(text: str) -> str | bytes:
+    """A command-line argument as given: Python decodes argv bytes that are not UTF-8 to lone
+    surrogates, which cannot be encoded again; those come back as the original bytes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
 
 
 @click.command("generate")
@@ -61,7 +77,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
     default=None,
     help="Most ids (prompt + output) a call may hold [default: no limit but the model's].",
 )
-@click.option("--threads", type=int, default=None, help="Intra-op threads of the backend.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads of the backend.")
 @click.option("--device", default=None, help="torch/trt: where to compute and keep the caches (cpu, cuda, cuda:1).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="torch on CUDA: CUDA graphs [default: on].")
 @click.option("--stream", is_flag=True, help="Print text as it is verified.")
@@ -81,7 +97,7 @@ def generate(
     data = read_prompt(prompt, prompt_file)
     options = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, lookup=lookup, unmask=unmask, alpha=alpha,
-        gamma=gamma, block_start=block_start, stop=list(stop), stop_on_eos=not ignore_eos,
+        gamma=gamma, block_start=block_start, stop=[arg_bytes(x) for x in stop], stop_on_eos=not ignore_eos,
     )  # fmt: skip
     # checked once, against the checkpoint's config, before anything is loaded or exported
     request = make_request(data, load_config(resolve_checkpoint_path(checkpoint)), mode, max_bytes, **options)
@@ -91,13 +107,14 @@ def generate(
     )  # fmt: skip
     if stream and not as_json:
         it = g.stream(request)
-        while True:
-            try:
-                click.echo(next(it), nl=False)
-                sys.stdout.flush()
-            except StopIteration:
-                break
-        click.echo()
+        with reader_may_leave():
+            while True:
+                try:
+                    click.echo(next(it), nl=False)
+                    sys.stdout.flush()
+                except StopIteration:
+                    break
+            click.echo()
         return
     out = g.generate(request)
     if as_json:

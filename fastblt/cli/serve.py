@@ -47,7 +47,8 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
 @click.option("--max-context", type=click.IntRange(2), default=None,
               help="Most bytes (prompt + max_tokens) per request; more is a 400 [default: 4 per patch of the "
               "global model's position limit, 16,384 for the default].")  # fmt: skip
-@click.option("--threads", type=int, default=None, help="Intra-op threads of the backend (of each lane).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads of the backend (of each lane).")  # fmt: skip
 @click.option("--device", default=None, help="torch/trt: where to compute (cpu, cuda, cuda:1).")
 @click.option("--graceful-timeout", type=float, default=60.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds to let requests in flight finish.")  # fmt: skip

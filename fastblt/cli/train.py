@@ -8,14 +8,16 @@ from pathlib import Path
 
 import click
 
+from fastblt.cli.common import Positive
+
 
 @click.command("train")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/default", show_default=True)
-@click.option("--minutes", type=float, default=135.0, show_default=True, help="Wall clock of the BLT-D phase.")
-@click.option("--entropy-minutes", type=float, default=10.0, show_default=True)
+@click.option("--minutes", type=Positive(), default=135.0, show_default=True, help="Wall clock of the BLT-D phase.")
+@click.option("--entropy-minutes", type=Positive(minimum=0.0), default=10.0, show_default=True)
 @click.option(
     "--baseline-minutes",
-    type=float,
+    type=Positive(minimum=0.0),
     default=None,
     help="Wall clock of the plain byte-LM baseline [default: --entropy-minutes + --minutes, the BLT-D's whole "
     "training time].",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from fastblt.cli.common import deprecated_option
+from fastblt.cli.common import Positive, deprecated_option
 from fastblt.errors import BackendUnavailable, FastBltError, InputError
 from fastblt.export.spec import DEFAULT_MAX_STEP
 
@@ -90,14 +90,14 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
     "--max-step", type=int, default=DEFAULT_MAX_STEP, show_default=True, help="Positions per step without artifacts."
 )
 @deprecated_option("--capacity", "caches follow the context; --max-step sets the rings' headroom")
-@click.option("--atol", type=float, default=None, help="fp32 max-abs gate [default: 1e-4, docs/validation.md].")
+@click.option("--atol", type=Positive(), default=None, help="fp32 max-abs gate [default: 1e-4, docs/validation.md].")
 @click.option("--no-real", is_flag=True, help="Random graph inputs only (no prompt-derived ones).")
 @click.option("--no-e2e", is_flag=True, help="Skip end-to-end generation.")
 @click.option("--no-layers", is_flag=True, help="Do not localise failed graphs per layer.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--threads",
-    type=int,
+    type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="Intra-op threads of torch and onnxruntime (small step graphs run fastest on one; raise it for big models).",
@@ -192,11 +192,11 @@ def _run(**kw) -> int:
         click.echo(report.to_json())
     else:
         _print_summary(report, paths)
-    if not report:
-        return EXIT_FAIL
-    if any(s.what in opts.backends for s in report.skipped):
+    unavailable = any(s.what in opts.backends for s in report.skipped)
+    nothing_ran = not report.meta.get("backends_run")  # every backend asked for was skipped
+    if unavailable and (nothing_ran or (report.failed == 0 and not report.errors)):
         return EXIT_UNAVAILABLE
-    return EXIT_PASS
+    return EXIT_PASS if report else EXIT_FAIL
 
 
 def _print_summary(report, paths: dict) -> None:

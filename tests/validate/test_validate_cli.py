@@ -156,7 +156,7 @@ def test_a_missing_backend_is_skipped_with_its_reason_not_passed(ckpt, artifacts
     assert report["skipped"] == [{"what": "trt", "reason": available()["trt"].reason}]
     assert all("trt" not in pair for pair in report["pairs"])
     code, _, out, _ = _validate(["--checkpoint", str(ckpt), "--backends", "trt", *FAST], monkeypatch, capsys)
-    assert code == 1 and "skipped trt:" in out  # nothing ran at all: a failure, not a pass
+    assert code == 3 and "skipped trt:" in out  # nothing ran at all: not a pass, and not a failed gate either
 
 
 @pytest.mark.parametrize("kind", ["missing", "directory", "binary", "empty"])

@@ -1,0 +1,85 @@
+"""What the command line does with input it cannot use: one line on stderr and exit 2, never a
+traceback; and with a reader that leaves early: a quiet stop."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastblt.formats.checkpoint import save_checkpoint
+
+from tiny import make_model, run_cli
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_checkpoint(make_model(), tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def _generate(ckpt, *args: str) -> list[str]:
+    return ["generate", "--checkpoint", str(ckpt), "--backend", "torch", "--mode", "ar", *args]
+
+
+def _one_line_error(code: int, err: str, *needles: str) -> None:
+    """Exit 2 and one error line naming what is wrong (a usage error also shows click's usage)."""
+    lines = [line for line in err.splitlines() if line.lower().startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert all(n in lines[0] for n in needles), err
+
+
+def test_a_prompt_that_cannot_be_read_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(_generate(ckpt, "--prompt-file", str(tmp_path)), monkeypatch, capsys)
+    _one_line_error(code, err, "--prompt-file", str(tmp_path), "Is a directory")
+    monkeypatch.setattr(sys, "stdin", None)  # started with stdin closed (`<&-`)
+    code, _, err = run_cli(_generate(ckpt, "--prompt-file", "-"), monkeypatch, capsys)
+    _one_line_error(code, err, "standard input is closed")
+
+
+def test_arguments_that_are_not_utf8_are_their_bytes(ckpt, monkeypatch, capsys):
+    """argv bytes that are not UTF-8 reach Python as lone surrogates: the prompt and stop strings
+    are the bytes the user typed."""
+    raw = b"ab\xffcd".decode("utf-8", "surrogateescape")
+    code, out, err = run_cli(_generate(ckpt, "--prompt", raw, "--stop", raw, "--max-bytes", "4", "--json"),
+                             monkeypatch, capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["stats"]["prompt_ids"] == 1 + 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--prompt", "x", "--threads", "0"],
+        ["validate", "--threads", "-1"],
+        ["validate", "--atol", "nan"],
+        ["validate", "--atol", "-1"],
+        ["serve", "--threads", "0"],
+        ["train", "--minutes", "nan"],
+        ["train", "--entropy-minutes", "-1"],
+    ],
+)
+def test_numbers_out_of_range_are_refused_by_the_option(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # were one accepted, whatever it started would write here
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2 and f"Invalid value for '{args[-2]}'" in err and "Traceback" not in err
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    args = ["convert", str(ckpt), "--to", "fastblt", "--out", str(blocker / "out")]
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    _one_line_error(code, err, str(blocker))
+    assert blocker.read_text() == "mine"
+
+
+def test_a_reader_that_leaves_stops_the_stream_quietly(ckpt):
+    """`fastblt generate --stream | head -c1`: the exit status of a process stopped by SIGPIPE
+    (141), nothing on stderr (click alone would exit 1, our "a gate failed")."""
+    cmd = [sys.executable, "-m", "fastblt.cli", *_generate(ckpt, "--prompt", "x", "--stream", "--max-bytes", "200")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # gone before the first byte: its first write finds no reader
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == b"", err.decode(errors="replace")
