@@ -186,6 +186,8 @@ def _run(**kw) -> int:
         save_outputs=kw["save_outputs"],
         cache_dir=kw["cache_dir"],
     )
+    if kw["modes"] is not None:  # asked for by name: a mode the checkpoint cannot run is an error, not a skip
+        _check_modes(kw["checkpoint"], opts.modes)
     report = validate(opts, log=lambda line: click.echo(line, err=True))
     paths = report.save(kw["report_dir"]) if kw["report_dir"] is not None else {}
     if kw["as_json"]:
@@ -197,6 +199,15 @@ def _run(**kw) -> int:
     if unavailable and (nothing_ran or (report.failed == 0 and not report.errors)):
         return EXIT_UNAVAILABLE
     return EXIT_PASS if report else EXIT_FAIL
+
+
+def _check_modes(checkpoint: str, modes: tuple[str, ...]) -> None:
+    from fastblt.errors import CapabilityError
+    from fastblt.formats.checkpoint import load_config, resolve_checkpoint_path
+
+    diffusion = [m for m in modes if m in ("blt-d", "blt-dv")]
+    if diffusion and load_config(resolve_checkpoint_path(checkpoint)).blt_d is None:
+        raise CapabilityError(f"--modes {','.join(diffusion)}: needs a BLT-D checkpoint; {checkpoint} is a plain BLT")
 
 
 def _print_summary(report, paths: dict) -> None:

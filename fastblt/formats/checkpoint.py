@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import mmap
+import pickle
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -121,6 +122,7 @@ def load_mapped(path: str | Path) -> tuple[BltConfig, dict[str, torch.Tensor]]:
     ckpt = _locate(path)
     state = _read_state(ckpt, mapped=True)
     _check_state(ckpt, state, _expected_shapes(ckpt.config))
+    _check_finite(ckpt, state)
     return ckpt.config, state
 
 
@@ -457,7 +459,9 @@ def _read_pth(path: Path, mapped: bool = False) -> dict[str, torch.Tensor]:
     """A Meta `consolidated.pth`: {"model": state dict}."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
-    except Exception as e:  # zipfile, pickle, EOF and torch errors alike
+    except pickle.UnpicklingError:  # torch's own message suggests weights_only=False: never here
+        raise CheckpointError(f"{path}: not a torch file of tensors only (read with weights_only=True)") from None
+    except Exception as e:  # zipfile, EOF and torch errors alike
         raise CheckpointError(f"{path}: cannot read torch file ({_one_line(e)})") from None
     state = obj.get("model") if isinstance(obj, dict) else None
     if not isinstance(state, dict):
@@ -492,8 +496,19 @@ def _build_model(ckpt: _Checkpoint, state: dict[str, torch.Tensor], dtype: torch
     with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
         model = BltModel(ckpt.config)
     _check_state(ckpt, state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    _check_finite(ckpt, state)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval()
+
+
+def _check_finite(ckpt: _Checkpoint, state: dict[str, torch.Tensor]) -> None:
+    """No NaN or Inf in any weight: a model holding one generates garbage (ids that are no bytes)
+    without any error, so a damaged file is refused where it is read."""
+    for key, t in state.items():
+        if not torch.isfinite(t).all():
+            where = ", ".join(str(f) for f in (*ckpt.weight_files, ckpt.entropy_weights) if f is not None)
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{where}: tensor {key}: {bad} of {t.numel()} values are NaN or infinite")
 
 
 def _expected_shapes(config: BltConfig) -> dict[str, tuple[int, ...]]:

@@ -60,7 +60,7 @@ class StackConfig:
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "ffn_dim", "max_positions"):
             v = getattr(self, name)
-            _need(isinstance(v, int) and v >= 1, f"config field {name}: expected an int >= 1, got {v!r}")
+            _need(_is_int(v) and v >= 1, f"config field {name}: expected an int >= 1, got {v!r}")
         _need(
             self.dim % self.n_heads == 0 and (self.dim // self.n_heads) % 2 == 0,
             f"config field dim: {self.dim} must split into {self.n_heads} heads of even size",
@@ -68,7 +68,7 @@ class StackConfig:
         _need(self.rope_theta > 0, f"config field rope_theta: expected > 0, got {self.rope_theta}")
         _need(0 < self.norm_eps < 1, f"config field norm_eps: expected in (0, 1), got {self.norm_eps}")
         _need(
-            self.window is None or (isinstance(self.window, int) and self.window >= 1),
+            self.window is None or (_is_int(self.window) and self.window >= 1),
             f"config field window: expected None or an int >= 1, got {self.window!r}",
         )
 
@@ -158,12 +158,12 @@ class BltConfig:
             f"(got {self.encoder.dim} and {self.decoder.dim})",
         )
         _need(
-            isinstance(self.cross_attn_k, int) and self.cross_attn_k >= 1,
+            _is_int(self.cross_attn_k) and self.cross_attn_k >= 1,
             f"config field cross_attn_k: expected an int >= 1, got {self.cross_attn_k!r}",
         )
         for name, d in (("cross_attn_heads_encoder", self.encoder.dim), ("cross_attn_heads_decoder", self.decoder.dim)):
             h = getattr(self, name)
-            _need(isinstance(h, int) and h >= 1 and d % h == 0, f"config field {name}: {h!r} does not divide {d}")
+            _need(_is_int(h) and h >= 1 and d % h == 0, f"config field {name}: expected an int dividing {d}, got {h!r}")
         _need(
             len(self.hash_sizes) >= 1 and all(isinstance(n, int) and 1 <= n <= 16 for n in self.hash_sizes),
             f"config field hash_sizes: expected n-gram sizes in [1, 16], got {list(self.hash_sizes)}",
@@ -241,7 +241,17 @@ def _build(kind: type, d: Any, where: str) -> Any:
     unknown = sorted(set(d) - names)
     if unknown:
         raise ConfigError(f"config field {where}: unknown field(s) {unknown}")
-    return kind(**d)
+    try:
+        return kind(**d)
+    except ConfigError as e:  # a section's own checks name its field; the path says which section
+        field, text = "config field ", str(e)
+        if where == "model" or not text.startswith(field) or text.startswith(f"{field}{where}."):
+            raise
+        raise ConfigError(f"{field}{where}.{text[len(field) :]}") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON's true is not a size
 
 
 def tiny_config(

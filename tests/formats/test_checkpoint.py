@@ -455,7 +455,15 @@ def _edit_json(path: Path, edit) -> None:
 @pytest.mark.parametrize(
     ("fmt", "file", "edit", "field"),
     [
-        ("fastblt", "config.json", lambda d: d["model"]["encoder"].update(n_layers=-1), "n_layers"),
+        ("fastblt", "config.json", lambda d: d["model"]["encoder"].update(n_layers=-1), "encoder.n_layers"),
+        ("fastblt", "config.json", lambda d: d["model"]["decoder"].update(n_layers=True), "decoder.n_layers"),
+        ("fastblt", "config.json", lambda d: d["model"]["global_model"].update(dim=250), "global_model.dim"),
+        (
+            "fastblt",
+            "config.json",
+            lambda d: d["model"].update(cross_attn_heads_encoder="4"),
+            "cross_attn_heads_encoder: expected an int",
+        ),
         ("fastblt", "config.json", lambda d: d["model"].update(hash_vocab=0), "hash_vocab"),
         ("hf", "config.json", lambda d: d["global_config"].update(num_hidden_layers=0), "n_layers"),
         ("hf", "config.json", lambda d: d.pop("encoder_config"), "encoder_config"),
@@ -523,3 +531,15 @@ def test_replacing_a_file_with_a_directory_leaves_nothing_aside(tmp_path: Path) 
     replace_dir(tmp, out)
     assert (out / "a.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_weight_that_is_not_finite_is_refused_where_it_is_read(tmp_path: Path, bad: float) -> None:
+    """A damaged weight would make the model generate ids that are no bytes, silently."""
+    model = make_model()
+    with torch.no_grad():
+        model.local_encoder.layers[0].attention.wq.weight[3, 5] = bad
+    src = saved(tmp_path, model=model)
+    for read in (load_checkpoint, load_mapped):
+        with pytest.raises(CheckpointError, match=r"local_encoder\.layers\.0\.attention\.wq\.weight: 1 of \d+ values"):
+            read(src)

@@ -204,3 +204,9 @@ def test_without_artifacts_the_cached_export_is_found_and_reused(ckpt, artifacts
     code, report, _, err = _validate([*args, "--graphs", "decoder", "--json"], monkeypatch, capsys)
     assert code == 0, err
     assert report["meta"]["artifacts"] == str(cached) and "exporting" not in err
+
+
+def test_a_mode_asked_for_that_the_checkpoint_cannot_run_is_bad_input(monkeypatch, capsys, tmp_path):
+    plain = save_checkpoint(make_model(blt_d=False), tmp_path / "plain")
+    code, _, _, err = _validate(["--checkpoint", str(plain), "--modes", "ar,blt-d", *FAST], monkeypatch, capsys)
+    assert code == 2 and "--modes blt-d: needs a BLT-D checkpoint" in err
