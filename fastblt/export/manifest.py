@@ -219,9 +219,18 @@ _OPTIONS = {
     "max_step": _Field(_int_at_least(2), "an int >= 2"),
     "max_batch": _Field(_int_at_least(1), "an int >= 1"),
 }
+
+
+def _file_name(v: Any) -> bool:
+    """A name inside the export directory: a manifest never points elsewhere."""
+    return isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v and "\\" not in v
+
+
 _GRAPH = {
-    "file": _Field(lambda v: isinstance(v, str), "a file name"),
-    "external_data": _Field(_STR_OR_NULL.ok, "a file name or null", required=False),
+    "file": _Field(_file_name, "a file name in the export directory"),
+    "external_data": _Field(
+        lambda v: v is None or _file_name(v), "a file name in the export directory, or null", required=False
+    ),  # fmt: skip
     "sha256": _Field(
         lambda v: isinstance(v, dict) and all(isinstance(h, str) for h in v.values()),
         "an object {file name: sha256 hex}",

@@ -41,6 +41,8 @@ TAMPERED = [  # (field, value): each is a type that no export writes
     ("graphs.encoder.sha256", "0" * 64),
     ("graphs.encoder", None),
     ("graphs.decoder.file", 3),
+    ("graphs.decoder.file", "../other/decoder.onnx"),  # outside the export directory
+    ("graphs.entropy.external_data", "/etc/passwd"),
     ("graphs.decoder.external_data", ["x"]),
     ("graphs.global.inputs", [{"name": "start"}]),
     ("options.max_step", "x"),
