@@ -136,8 +136,8 @@ def test_field_errors_name_the_field(server):
 
 
 def test_a_client_leaving_mid_stream_frees_its_row(server):
-    left = 'fastblt_requests_total{mode="ar",status="499"}'
-    before = _metric(server, left)
+    left, work = 'fastblt_requests_total{mode="ar",status="499"}', "fastblt_engine_generated_ids_total"
+    before, done_before = _metric(server, left), _metric(server, work)
     req = {**OK, "max_tokens": 5000, "stream": True, "mode": "ar"}
     with httpx.Client(timeout=60) as c, c.stream("POST", f"{server.url}/v1/completions", json=req, headers=AUTH) as r:
         assert r.status_code == 200
@@ -145,9 +145,10 @@ def test_a_client_leaving_mid_stream_frees_its_row(server):
         assert next(lines).startswith("data: ")
     assert _occupancy_back_to_zero(server)
     deadline = time.time() + 10
-    while _metric(server, left) == before and time.time() < deadline:  # counted when the stream ends
-        time.sleep(0.05)
+    while (_metric(server, left) == before or _metric(server, work) == done_before) and time.time() < deadline:
+        time.sleep(0.05)  # counted when the stream ends, and when the batch lets the request go
     assert _metric(server, left) == before + 1
+    assert _metric(server, work) > done_before  # the bytes it got before it left count as work done
 
 
 def test_a_client_leaving_while_queued_frees_its_place():
