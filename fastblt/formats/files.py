@@ -1,12 +1,13 @@
-"""Directories written whole or not at all.
+"""Directories and files written whole or not at all.
 
 Checkpoints and exports are written into a temporary directory next to their destination, then
-renamed into place, so a failure or Ctrl-C leaves nothing half-written and never loses what was
-there before.
+renamed into place (single files likewise: `write_atomic`), so a failure or Ctrl-C leaves nothing
+half-written and never loses what was there before.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -49,3 +50,28 @@ def check_apart(out: Path, source: Path, what: str) -> None:
     if o == s or o in s.parents or s in o.parents:
         how = "is" if o == s else "holds" if o in s.parents else "is inside"
         raise FastBltError(f"{out}: {how} the {what} {source}; write into another directory")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Readers, and an interrupted run, see the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(path))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _mode_for(path: Path) -> int:
+    """The replaced file's permissions, or a new file's (mkstemp's are owner-only)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
