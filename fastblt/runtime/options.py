@@ -130,6 +130,8 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
         _int("seed", opts.seed, 0, 2**63 - 1)
     if opts.k is not None:
         _int("k", opts.k, 1, MAX_DRAFT)
+        if opts.mode not in LOOKUP_MODES:  # silently ignored, it would also split batch cohorts
+            raise InputError(f"option k: only blt-s and blt-dv draft; mode is {opts.mode}")
     lookup = opts.lookup
     if lookup is not None:
         _int("lookup", lookup, 0, MAX_LOOKUP)

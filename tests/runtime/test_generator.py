@@ -38,6 +38,7 @@ BAD_OPTIONS = [
     (dict(temperature=1.0, top_k=0), InputError, "top_k"),
     (dict(seed=-3), InputError, "seed"),
     (dict(mode="blt-s", k=0), InputError, "option k"),
+    (dict(mode="ar", k=4), InputError, "option k: only blt-s and blt-dv"),
     (dict(mode="blt-s", lookup=-1), InputError, "option lookup"),
     (dict(mode="blt-s", lookup=2.0), InputError, "option lookup"),
     (dict(mode="blt-s", lookup=16, temperature=0.8), InputError, "option lookup: context drafts are for greedy"),
