@@ -328,7 +328,12 @@ def _cases(opts: ValidateOptions, model: BltModel, specs: dict[str, StepSpec], p
         if opts.real:
             cases += real_cases(model, specs, prompts)
     if opts.graphs:
-        cases = [c for c in cases if c.step in opts.graphs]
+        kept = [c for c in cases if c.step in opts.graphs]
+        if opts.load_inputs is not None and cases and not kept:
+            held = sorted({c.step for c in cases})
+            raise InputError(f"--load-inputs {opts.load_inputs}: holds inputs of {', '.join(held)}, "
+                             f"none of --graphs {','.join(opts.graphs)}")  # fmt: skip
+        cases = kept
     return cases
 
 

@@ -210,3 +210,13 @@ def test_a_mode_asked_for_that_the_checkpoint_cannot_run_is_bad_input(monkeypatc
     plain = save_checkpoint(make_model(blt_d=False), tmp_path / "plain")
     code, _, _, err = _validate(["--checkpoint", str(plain), "--modes", "ar,blt-d", *FAST], monkeypatch, capsys)
     assert code == 2 and "--modes blt-d: needs a BLT-D checkpoint" in err
+
+
+def test_saved_inputs_of_other_graphs_are_bad_input(ckpt, artifacts, monkeypatch, capsys, tmp_path):
+    base = ["--checkpoint", str(ckpt), "--artifacts", str(artifacts), "--backends", "ort", *FAST]
+    code, _, _, err = _validate([*base, "--graphs", "entropy", "--save-inputs", str(tmp_path / "in")], monkeypatch,
+                                capsys)  # fmt: skip
+    assert code == 0, err
+    code, _, _, err = _validate([*base, "--graphs", "encoder", "--load-inputs", str(tmp_path / "in")], monkeypatch,
+                                capsys)  # fmt: skip
+    assert code == 2 and "holds inputs of entropy, none of --graphs encoder" in err
