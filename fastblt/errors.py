@@ -50,6 +50,11 @@ class InternalError(Exception):
     """An invariant of fastblt itself broke: a bug, not a user error."""
 
 
+class DeviceUnavailable(BackendUnavailable, InputError):
+    """The device asked for is not on this machine (no CUDA, or fewer GPUs): the CLI's exit 3, as
+    for a backend that cannot run here; still an InputError for callers that catch those."""
+
+
 class EngineBusy(FastBltError):
     """A batch engine's queue is full: nothing is wrong with the request; retry later."""
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastblt.errors import InputError
+from fastblt.errors import DeviceUnavailable, InputError
 from fastblt.export.spec import TORCH_DTYPES, StepSpec
 
 
@@ -90,17 +90,18 @@ class Backend(ABC):
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device that exists here ("cuda" becomes "cuda:0"); InputError names it otherwise."""
+    """A torch device that exists here ("cuda" becomes "cuda:0"); InputError names it otherwise
+    (DeviceUnavailable where it is a real device this machine lacks)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise InputError(f"device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device {device!r}: CUDA is not available here (torch {torch.__version__})")
+            raise DeviceUnavailable(f"device {device!r}: CUDA is not available here (torch {torch.__version__})")
         index = torch.cuda.current_device() if dev.index is None else dev.index
         if index >= torch.cuda.device_count():
-            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise DeviceUnavailable(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         return torch.device("cuda", index)
     if dev.type != "cpu":
         raise InputError(f"device {device!r}: fastblt runs on cpu or cuda")

@@ -117,3 +117,11 @@ def test_validate_on_cuda_passes(tmp_path):
     report = validate(opts, model=tiny_model())
     assert report.compared > 0 and bool(report), report.failures()[:5]
     assert any(name.startswith("torch@cuda") for name in report.meta["backends_run"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: the device is not missing")
+def test_a_missing_cuda_device_exits_3_as_an_unavailable_backend(monkeypatch, capsys):
+    from tiny import run_cli
+
+    code, _, err = run_cli(["generate", "--prompt", "x", "--backend", "torch", "--device", "cuda"], monkeypatch, capsys)
+    assert code == 3 and "CUDA is not available here" in err
