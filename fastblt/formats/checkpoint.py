@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import safetensors.torch
 import torch
 
-from fastblt.errors import CheckpointError, ConfigError
+from fastblt.errors import CheckpointError, ConfigError, InputError
 from fastblt.formats import keymap, meta
 from fastblt.formats.files import check_apart, replace_dir, staging_dir
 from fastblt.model.blt import BltModel
@@ -105,10 +105,25 @@ def load_config(path: str | Path) -> BltConfig:
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> BltModel:
     """Load the checkpoint directory `path` (any format, or "default") into a BltModel in eval mode.
 
-    Weights load strictly and floating tensors are cast to `dtype` (default float32).
+    Weights load strictly and floating tensors are cast to `dtype` (default float32; a torch
+    dtype or its name: "float16", "bf16", ...).
     """
+    dtype = _float_dtype(dtype)
     ckpt = _locate(path)
     return _build_model(ckpt, _read_state(ckpt), dtype or torch.float32)
+
+
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+
+
+def _float_dtype(dtype: object) -> torch.dtype | None:
+    """None, a floating torch dtype, or the name of one; InputError naming `dtype` otherwise."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in _DTYPE_NAMES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.lower()]
+    raise InputError(f"dtype: expected one of {', '.join(_DTYPE_NAMES)} (or the torch dtype), got {dtype!r}")
 
 
 def load_mapped(path: str | Path) -> tuple[BltConfig, dict[str, torch.Tensor]]:

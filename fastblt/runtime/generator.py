@@ -16,6 +16,7 @@ spent waiting for the locks.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class Generator:
             check_name(backend)
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
             raise InputError(f"max_context: expected an int >= 2, got {max_context!r}")
+        _check_loading(threads, cache_dir, on_export)
         self.model, self.checkpoint_path = _load(checkpoint_or_model)
         self.config: BltConfig = self.model.config
         if self.config.entropy is None:
@@ -252,3 +254,21 @@ def _load(checkpoint_or_model: str | Path | BltModel) -> tuple[BltModel, Path | 
 
     path = resolve_checkpoint_path(checkpoint_or_model)
     return load_checkpoint(path), path
+
+
+MAX_THREADS = 256  # intra-op threads a backend may be given (a typo of 10**6 would try to start them all)
+
+
+def _check_loading(threads: object, cache_dir: object, on_export: object) -> None:
+    """InputError naming the loading argument that cannot work, before anything is loaded."""
+    bad_int = isinstance(threads, bool) or not isinstance(threads, int)
+    if threads is not None and (bad_int or not 1 <= threads <= MAX_THREADS):
+        raise InputError(f"threads: expected an int in [1, {MAX_THREADS}], got {threads!r}")
+    if cache_dir is not None:
+        if not isinstance(cache_dir, (str, os.PathLike)):
+            raise InputError(f"cache_dir: expected a directory path, got {cache_dir!r}")
+        path = Path(cache_dir).expanduser()
+        if path.exists() and not path.is_dir():
+            raise InputError(f"cache_dir {path}: exists and is not a directory")
+    if on_export is not None and not callable(on_export):
+        raise InputError(f"on_export: expected a callable or None, got {on_export!r}")

@@ -91,7 +91,10 @@ def _stops(stop: object) -> tuple[bytes, ...]:
     out = []
     for s in items:
         if isinstance(s, str):
-            s = s.encode("utf-8")
+            try:
+                s = s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"option stop: {s!r} is not encodable as UTF-8 (a lone surrogate)") from None
         if not isinstance(s, (bytes, bytearray)) or len(s) == 0:
             raise InputError(f"option stop: expected non-empty strings or bytes, got {s!r}")
         out.append(bytes(s))

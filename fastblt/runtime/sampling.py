@@ -71,7 +71,9 @@ def probs_from_logits(logits: Tensor | np.ndarray, params: SamplingParams) -> np
     x = _array(logits)
     if params.greedy:
         return softmax(x)
-    x = x / np.float32(params.temperature)
+    # from the row's maximum first: a tiny temperature then sends the others to -inf, not to inf - inf
+    with np.errstate(over="ignore"):
+        x = (x - x.max(axis=-1, keepdims=True)) / np.float32(params.temperature)
     V = x.shape[-1]
     if params.top_k is not None and params.top_k < V:
         kth = np.partition(x, V - params.top_k, axis=-1)[..., V - params.top_k, None]  # the k-th largest
@@ -82,6 +84,7 @@ def probs_from_logits(logits: Tensor | np.ndarray, params: SamplingParams) -> np
         sorted_p = np.take_along_axis(probs, order, axis=-1)
         # drop a cell once the mass before it already reaches top_p (the top cell always stays)
         drop_sorted = (np.cumsum(sorted_p, axis=-1) - sorted_p) >= params.top_p
+        drop_sorted[..., 0] = False  # also where top_p is below float32's smallest number
         drop = np.empty_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         probs = np.where(drop, np.float32(0.0), probs)

@@ -393,3 +393,31 @@ def test_the_default_draft_length_fits_graphs_of_any_max_step():
         small.generate("def main(", mode="blt-s", max_bytes=30, k=8)
     big = torch_generator().generate("def main(", mode="blt-s", max_bytes=40, stop_on_eos=False)
     assert big.stats.drafted > 8 * big.stats.rounds  # the default's rounds draft more than the old 8
+
+
+def test_text_that_is_not_utf8_and_ids_that_are_not_ids_are_input_errors():
+    g = torch_generator()
+    with pytest.raises(InputError, match="prompt: not encodable as UTF-8"):
+        g.generate("x\ud800", mode="ar", max_bytes=2)
+    with pytest.raises(InputError, match="option stop: .* not encodable as UTF-8"):
+        g.generate("x", mode="ar", max_bytes=2, stop="\ud800")
+    for ids in (b"hi", "abc", None, [104.9], [float("nan")], torch.tensor([[108, 109]])):
+        with pytest.raises(InputError, match="ids: expected"):
+            fastblt.decode(ids)
+    assert fastblt.decode([np.int64(108), 109]) == fastblt.decode(torch.tensor([108, 109])) == "hi"
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1e-38), dict(temperature=0.8, top_p=1e-46)])
+def test_extreme_sampling_settings_sample_the_top_byte(params):
+    """A temperature near 0, or top_p below float32's smallest number, leaves only the most likely
+    byte (the greedy one), not a distribution of NaN."""
+    g = torch_generator()
+    want = g.generate(PROMPTS[0], mode="ar", max_bytes=12, stop_on_eos=False).ids
+    assert g.generate(PROMPTS[0], mode="ar", max_bytes=12, stop_on_eos=False, seed=3, **params).ids == want
+
+
+def test_load_takes_dtype_names():
+    model = fastblt.load("default", dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(InputError, match="dtype: expected one of"):
+        fastblt.load("default", dtype="int8")

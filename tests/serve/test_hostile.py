@@ -36,6 +36,7 @@ HOSTILE: list[tuple[str, bytes | None, int]] = [  # what, body, expected status 
     ("invalid UTF-8", b'{"model": "\xff\xfe", "prompt": "x"}', 400),
     ("NaN temperature", b'{"model": "fastblt-default", "prompt": "x", "temperature": NaN}', 400),
     ("a lone surrogate in the prompt", b'{"model": "fastblt-default", "prompt": "\\ud800"}', 400),
+    ("a lone surrogate in a stop string", RAW + b'"stop": "\\ud800"}', 400),
     ("prompt is a number", body(prompt=3), 400),
     ("two prompts", body(prompt=["a", "b"]), 400),
     ("token ids as the prompt", body(prompt=[1, 2, 3]), 400),
