@@ -24,10 +24,13 @@ they are made, before they are queued; a full queue raises `EngineBusy`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,11 @@ class AsyncEngine:
             raise InputError("lanes: more than one lane opens the backend once per lane; give the backend by name")
         if cores is not None and (not isinstance(cores, int) or isinstance(cores, bool) or cores < 1):
             raise InputError(f"cores: expected an int >= 1, got {cores!r}")
+        if processes is not None and not isinstance(processes, bool):
+            raise InputError(f"processes: expected True, False or None, got {processes!r}")
+        unknown = sorted(set(load) - LOAD_ARGS)
+        if unknown:
+            raise InputError(f"{', '.join(unknown)}: unknown; AsyncEngine also takes {', '.join(sorted(LOAD_ARGS))}")
         check_sizes(1 if max_batch is None else max_batch, max_queue)  # before any lane is opened
         self.cores = cores or cpu_cores()
         asked = lanes is not None
@@ -130,6 +138,8 @@ class AsyncEngine:
                 e.close()
             g.close()
             raise
+        # an engine dropped without close() still ends its worker processes (and zygote)
+        self._finalizer = weakref.finalize(self, _stop_lanes, list(self.lanes), self._zygote)
 
     def _start_threads(self, backend: str | Backend | Engine, lanes: int, max_batch: int, max_queue: int,
                        max_context: int | None, load: dict[str, Any], shared: int | None) -> None:  # fmt: skip
@@ -162,7 +172,7 @@ class AsyncEngine:
                                           zygote=self._zygote))  # fmt: skip
         for lane in self.lanes:
             lane.wait_ready()
-            lane.on_change = self._update_peers
+            lane.on_change = _weakly(self._update_peers)  # a lane must not keep its engine alive
         g.engine.backend.deactivate()
 
     def _update_peers(self) -> None:
@@ -268,7 +278,12 @@ class AsyncEngine:
             lane.close(0)
         deadline = None if timeout is None else time.monotonic() + timeout
         for lane in self.lanes:
-            lane.close(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:  # out of time: what it still holds is cancelled
+                lane.close(10, cancel=True)
+            else:
+                lane.close(left)
+        self._finalizer.detach()
         self._close_zygote()
         for e in self.engines[1:]:
             e.close()
@@ -281,6 +296,32 @@ class AsyncEngine:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
+
+
+LOAD_ARGS = frozenset({"artifacts", "threads", "cache_dir", "device", "cuda_graphs", "on_export"})  # Generator's
+
+
+def _weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """`method`, called only while its object lives."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
+
+
+def _stop_lanes(lanes: list, zygote: Zygote | None) -> None:
+    """An engine that was dropped unclosed: each lane cancels what it holds and stops, without
+    waiting (this may run in the garbage collector), and the zygote goes."""
+    for lane in lanes:
+        with contextlib.suppress(Exception):
+            lane.close(0, cancel=True)
+    if zygote is not None:
+        with contextlib.suppress(Exception):
+            zygote.close()
 
 
 THREAD_LANES = 2  # most lanes as threads of one process (three or four were slower than two on 2 cores)
@@ -361,7 +402,10 @@ class TextStream:
         self._wake: asyncio.Event = asyncio.Event()
         self._waking = False
         self.generation: Generation | None = None
-        self.ticket = submit(request, on_text=self._on_text, on_done=self._on_done)
+        # the ticket reaches this stream weakly: a stream its consumer dropped (a `break` out of
+        # `async for`, an exception in its body) is collected, and that cancels its request
+        ref = weakref.ref(self)
+        self.ticket = submit(request, on_text=partial(_to_stream, ref), on_done=partial(_done_to_stream, ref))
 
     def _on_text(self, text: str) -> None:  # the batch's thread
         with self._lock:
@@ -406,3 +450,27 @@ class TextStream:
     async def aclose(self) -> None:
         if not self.ticket.done:
             self.ticket.cancel()
+
+    async def __aenter__(self) -> TextStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        ticket = getattr(self, "ticket", None)
+        if ticket is not None and not ticket.done:
+            ticket.cancel()
+
+
+def _to_stream(ref: weakref.ref, text: str) -> None:
+    stream = ref()
+    if stream is None:  # dropped by its consumer: failing here makes the batch cancel the request
+        raise LookupError("stream: its consumer let go of it")
+    stream._on_text(text)
+
+
+def _done_to_stream(ref: weakref.ref, ticket: Ticket) -> None:
+    stream = ref()
+    if stream is not None:
+        stream._on_done(ticket)

@@ -269,14 +269,19 @@ class BatchEngine:
 
     def close(self, timeout: float | None = None, cancel: bool = False) -> None:
         """Take no new requests; finish the ones admitted or queued (or, with `cancel`, cancel
-        them), then stop the loop."""
+        them), then stop the loop. `timeout` bounds the wait: what is still running after it is
+        cancelled (0: only stop taking requests, and return at once)."""
         with self._cv:
             self._closing = True
             if cancel:
                 for ticket in [*self.queue, *(seq.ticket for seq in self.live if seq is not None)]:
                     ticket.cancel()
             self._cv.notify()
+        if timeout == 0:
+            return
         self._thread.join(timeout)
+        if self._thread.is_alive() and not cancel:
+            self.close(10, cancel=True)
 
     def __enter__(self) -> BatchEngine:
         return self
@@ -324,6 +329,7 @@ class BatchEngine:
             waiting: deque[Ticket] = deque()
             for ticket in self.queue:
                 if ticket.cancelled:
+                    self.stats.cancelled += 1
                     self._end(ticket, None, Cancelled("request cancelled while queued"))
                 else:
                     waiting.append(ticket)
@@ -331,6 +337,7 @@ class BatchEngine:
         while self.queue and len(self.live) < self.max_batch:
             ticket = self.queue.popleft()
             if ticket.cancelled:
+                self.stats.cancelled += 1
                 self._end(ticket, None, Cancelled("request cancelled while queued"))
                 continue
             state = self._idle.pop() if self._idle else None

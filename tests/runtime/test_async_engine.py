@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from runtime_refs import PROMPTS, tiny_model
 
-from fastblt.errors import EngineBusy, InputError
+from fastblt.errors import Cancelled, EngineBusy, InputError
+from fastblt.formats.checkpoint import save_checkpoint
 from fastblt.runtime.async_engine import AsyncEngine
 
 
@@ -196,3 +198,68 @@ def test_closing_stops_every_lane_taking_requests():
     assert all(lane._closing and not lane._thread.is_alive() for lane in eng.lanes)
     with pytest.raises(EngineClosed):
         asyncio.run(eng.generate(PROMPTS[0], mode="ar", max_bytes=4))
+
+
+def _active_reaches(engine, want: int, seconds: float = 20.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while engine.stats.active != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return engine.stats.active == want
+
+
+def test_a_stream_its_consumer_lets_go_of_frees_its_row(engine):
+    """Leaving `async for` by break or by an exception drops the stream: that cancels its request
+    (the batch reaches a stream only weakly); `async with` closes it too."""
+
+    async def leave(how: str) -> None:
+        if how == "with":
+            async with engine.stream(PROMPTS[0], mode="ar", max_bytes=50_000, stop_on_eos=False) as stream:
+                async for _ in stream:
+                    return
+        async for _ in engine.stream(PROMPTS[1], mode="ar", max_bytes=50_000, stop_on_eos=False):
+            if how == "break":
+                break
+            raise KeyError("the consumer failed")
+
+    before = engine.stats.cancelled
+    for how in ("break", "raise", "with"):
+        with contextlib.suppress(KeyError):
+            asyncio.run(leave(how))
+        assert _active_reaches(engine, 0), how
+    assert engine.stats.cancelled == before + 3
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_closing_with_a_timeout_cancels_what_every_lane_still_holds(processes, tmp_path):
+    if processes:  # worker lanes load a checkpoint by path
+        path = save_checkpoint(tiny_model("small-window"), tmp_path / "ckpt")
+        eng = AsyncEngine(str(path), backend="ort", max_batch=4, lanes=2, processes=True, cache_dir=tmp_path / "c")
+    else:
+        eng = AsyncEngine(tiny_model("small-window"), backend="torch", max_batch=4, lanes=2)
+
+    async def start() -> list:
+        streams = [eng.stream(p, mode="ar", max_bytes=50_000, stop_on_eos=False) for p in PROMPTS[:3]]
+        while eng.stats.active < 3:
+            await asyncio.sleep(0.01)
+        return streams
+
+    streams = asyncio.run(start())
+    eng.close(timeout=0.5)
+    if processes:
+        assert all(lane._proc.poll() is not None for lane in eng.lanes)  # every worker, not only the first
+    else:
+        assert all(not lane._thread.is_alive() for lane in eng.lanes)
+    assert all(s.ticket.done and isinstance(s.ticket.error, Cancelled) for s in streams)
+
+
+def test_loading_arguments_are_checked_before_anything_loads(tmp_path):
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    for kw, message in [(dict(threads="2"), "threads: expected an int"), (dict(threads=0), "threads"),
+                        (dict(threads=10**6), "threads"), (dict(cache_dir=afile), "is not a directory"),
+                        (dict(on_export=5), "on_export: expected a callable"), (dict(processes="yes"), "processes"),
+                        (dict(bogus=1), "bogus: unknown")]:  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            AsyncEngine(tiny_model("small-window"), backend="torch", max_batch=2, **kw)

@@ -154,7 +154,7 @@ def test_a_request_cancelled_while_queued_leaves_the_queue_at_once():
     gone.cancel()
     with pytest.raises(Cancelled, match="while queued"):
         gone.result(10)
-    assert not first.done and batch.stats.queued == 0
+    assert not first.done and batch.stats.queued == 0 and batch.stats.cancelled == 1
     waiting = batch.submit(req)  # the place is free again
     first.cancel()
     assert waiting.result(60).ids == g.generate(PROMPTS[1], mode="ar", max_bytes=30, stop_on_eos=False).ids
