@@ -263,3 +263,18 @@ def test_loading_arguments_are_checked_before_anything_loads(tmp_path):
                         (dict(bogus=1), "bogus: unknown")]:  # fmt: skip
         with pytest.raises(InputError, match=message):
             AsyncEngine(tiny_model("small-window"), backend="torch", max_batch=2, **kw)
+
+
+def test_an_engine_dropped_without_close_ends_its_worker_processes(tmp_path):
+    import gc
+    import time
+
+    path = save_checkpoint(tiny_model("small-window"), tmp_path / "ckpt")
+    eng = AsyncEngine(str(path), backend="ort", max_batch=2, lanes=2, processes=True, cache_dir=tmp_path / "c")
+    lanes = list(eng.lanes)
+    del eng
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while any(lane._proc.poll() is None for lane in lanes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(lane._proc.poll() is not None for lane in lanes)
