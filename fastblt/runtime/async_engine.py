@@ -42,7 +42,7 @@ from fastblt.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine, BatchStats, Ti
 from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.generator import Generation, Generator
 from fastblt.runtime.lane_process import ProcessLane, start_zygote
-from fastblt.runtime.options import Request
+from fastblt.runtime.options import Request, checked
 from fastblt.runtime.wakeups import wake
 from fastblt.runtime.zygote import Zygote
 
@@ -241,7 +241,7 @@ class AsyncEngine:
         if isinstance(prompt, Request):
             if options or (mode, max_bytes) != ("blt-d", 256):
                 raise InputError("generate: a Request carries its own mode, max_bytes and options; give it alone")
-            return prompt
+            return checked(prompt, self.config)
         return self.request(prompt, mode, max_bytes, **options)
 
     async def generate(

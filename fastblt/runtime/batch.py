@@ -49,7 +49,7 @@ from fastblt.runtime.caches import RowCaches
 from fastblt.runtime.calls import StepCall, StepRunner
 from fastblt.runtime.engine import Engine
 from fastblt.runtime.generator import Generation, generation, new_run
-from fastblt.runtime.options import Request, check_fit, draft_length
+from fastblt.runtime.options import Request, check_fit, checked, draft_length
 from fastblt.runtime.state import SequenceState
 from fastblt.runtime.stream import Output, TextChunker
 from fastblt.runtime.wakeups import deferred_wakes
@@ -239,6 +239,7 @@ class BatchEngine:
         Raises InputError when it cannot fit the graphs or `max_context`, EngineBusy when the queue
         is full, EngineClosed once `close` began.
         """
+        request = checked(request, self.config)
         check_fit(request, self.engine.max_step, self.max_context)
         ticket = Ticket(request, on_text, on_done)
         with self._cv:

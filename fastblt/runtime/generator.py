@@ -34,7 +34,7 @@ from fastblt.model.config import BltConfig
 from fastblt.runtime import loops
 from fastblt.runtime.calls import run_plan
 from fastblt.runtime.engine import Engine, open_engine
-from fastblt.runtime.options import DecodeOptions, Request, check_fit, make_request
+from fastblt.runtime.options import DecodeOptions, Request, check_fit, checked, make_request
 from fastblt.runtime.sampling import new_rng
 from fastblt.runtime.state import SequenceState
 from fastblt.runtime.stats import BYTES_PER_PARAM, RoundStats, Stats, build_stats
@@ -180,7 +180,7 @@ class Generator:
         if isinstance(prompt, Request):
             if options or (mode, max_bytes) != ("blt-d", 256):
                 raise InputError("generate: a Request carries its own mode, max_bytes and options; give it alone")
-            req = prompt
+            req = checked(prompt, self.config)
         else:
             req = self.request(prompt, mode, max_bytes, **options)
         check_fit(req, self.engine.max_step, self.max_context)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from fastblt.errors import CapabilityError, InputError
 from fastblt.export.spec import DEFAULT_K
-from fastblt.model.config import BltConfig
+from fastblt.model.config import VOCAB_SIZE, BltConfig
 from fastblt.model.tokenizer import encode
 from fastblt.runtime.lookup import LOOKUP_MATCH
 from fastblt.runtime.sampling import SamplingParams
@@ -188,6 +188,19 @@ def make_request(
     CapabilityError name what is wrong."""
     opts = resolve(make_options(mode=mode, max_bytes=max_bytes, **options), config)
     return Request(tuple(encode(prompt)), opts)
+
+
+def checked(req: Request, config: BltConfig) -> Request:
+    """`req` as make_request would have made it: a Request built or replaced by hand is checked
+    again (ids in the vocabulary, options against the mode and checkpoint) rather than trusted."""
+    ids = req.ids
+    if not isinstance(req, Request) or not isinstance(ids, tuple) or not ids:
+        raise InputError(f"request: expected a Request with a tuple of ids (make_request), got {req!r:.80}")
+    if not all(type(i) is int for i in ids) or min(ids) < 0 or max(ids) >= VOCAB_SIZE:
+        raise InputError(f"request ids: expected ints in [0, {VOCAB_SIZE}) (make_request encodes a prompt)")
+    if not isinstance(req.opts, DecodeOptions):
+        raise InputError(f"request opts: expected DecodeOptions, got {type(req.opts).__name__}")
+    return Request(ids, resolve(req.opts, config))
 
 
 def draft_length(opts: DecodeOptions, max_step: int) -> int:

@@ -22,6 +22,7 @@ from fastblt.model.config import BltDConfig
 from fastblt.model.tokenizer import encode
 from fastblt.runtime import loops
 from fastblt.runtime.generator import Generation, Generator
+from fastblt.runtime.options import DecodeOptions, Request, make_request
 from fastblt.runtime.sampling import SamplingParams, probs_from_logits, sample
 from fastblt.runtime.stream import Output, TextChunker
 
@@ -421,3 +422,16 @@ def test_load_takes_dtype_names():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with pytest.raises(InputError, match="dtype: expected one of"):
         fastblt.load("default", dtype="int8")
+
+
+def test_a_request_built_by_hand_is_checked_like_a_made_one():
+    """Requests from make_request are checked once; one built or replaced by hand is checked again
+    when it runs (ids in the vocabulary, options resolved against the mode and checkpoint)."""
+    g = torch_generator()
+    made = make_request(PROMPTS[0], g.config, "blt-d", 12)
+    by_hand = Request(made.ids, DecodeOptions(mode="blt-d", max_bytes=12))  # defaults left unresolved
+    assert g.generate(by_hand).ids == g.generate(made).ids
+    with pytest.raises(InputError, match=r"request ids: expected ints in \[0, 260\)"):
+        g.generate(Request((1, 999, 105), DecodeOptions(mode="ar")))
+    with pytest.raises(InputError, match="option max_bytes"):
+        g.generate(dataclasses.replace(made, opts=dataclasses.replace(made.opts, max_bytes=-5)))
