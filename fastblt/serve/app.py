@@ -31,7 +31,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from fastblt.errors import CapabilityError, EngineBusy, EngineClosed, FastBltError, InputError, PositionLimit
+from fastblt.errors import (
+    Cancelled,
+    CapabilityError,
+    EngineBusy,
+    EngineClosed,
+    FastBltError,
+    InputError,
+    PositionLimit,
+)
 from fastblt.runtime.async_engine import AsyncEngine, TextStream
 from fastblt.serve.api import (
     ApiError,
@@ -283,7 +291,12 @@ async def _unless_gone(work: Coroutine[Any, Any, T], request: Request, inflight:
         if inflight.stopping.is_set():
             raise inflight.error()
         raise ApiError(499, "client closed the request", None, "client_closed")
-    return task.result()
+    try:
+        return task.result()
+    except Cancelled:  # the server's stop reached the request before this saw the stop
+        if inflight.stopping.is_set():
+            raise inflight.error() from None
+        raise
 
 
 async def _disconnected(request: Request, every: float = 0.1) -> None:
@@ -330,6 +343,8 @@ async def _stream(eng: AsyncEngine, comp: Completion, req, request: Request, inf
                 yield sse(body)
             yield sse("[DONE]")
         except (FastBltError, ApiError) as e:  # bytes already went out: the failure is an event
+            if isinstance(e, Cancelled) and inflight.stopping.is_set():  # it ended before the stream saw why
+                e = inflight.error()
             error = e if isinstance(e, ApiError) else _field_error(e, comp)
             status = error.status
             yield sse(error.body())
