@@ -137,7 +137,6 @@ def load_mapped(path: str | Path) -> tuple[BltConfig, dict[str, torch.Tensor]]:
     ckpt = _locate(path)
     state = _read_state(ckpt, mapped=True)
     _check_state(ckpt, state, _expected_shapes(ckpt.config))
-    _check_finite(ckpt, state)
     return ckpt.config, state
 
 
@@ -511,19 +510,8 @@ def _build_model(ckpt: _Checkpoint, state: dict[str, torch.Tensor], dtype: torch
     with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
         model = BltModel(ckpt.config)
     _check_state(ckpt, state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    _check_finite(ckpt, state)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval()
-
-
-def _check_finite(ckpt: _Checkpoint, state: dict[str, torch.Tensor]) -> None:
-    """No NaN or Inf in any weight: a model holding one generates garbage (ids that are no bytes)
-    without any error, so a damaged file is refused where it is read."""
-    for key, t in state.items():
-        if not torch.isfinite(t).all():
-            where = ", ".join(str(f) for f in (*ckpt.weight_files, ckpt.entropy_weights) if f is not None)
-            bad = int((~torch.isfinite(t)).sum())
-            raise CheckpointError(f"{where}: tensor {key}: {bad} of {t.numel()} values are NaN or infinite")
 
 
 def _expected_shapes(config: BltConfig) -> dict[str, tuple[int, ...]]:
@@ -532,7 +520,8 @@ def _expected_shapes(config: BltConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_state(ckpt: _Checkpoint, state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
-    """Strict loading's checks, with messages that name the file and the tensor."""
+    """Strict loading's checks, with messages that name the file and the tensor; and no NaN or Inf
+    in any weight (a model holding one generates ids that are no bytes, without any error)."""
     where = ", ".join(str(f) for f in (*ckpt.weight_files, ckpt.entropy_weights) if f is not None)
     missing = [k for k in expected if k not in state]
     if missing:
@@ -548,6 +537,9 @@ def _check_state(ckpt: _Checkpoint, state: dict[str, torch.Tensor], expected: di
             )
         if not got.dtype.is_floating_point:
             raise CheckpointError(f"tensor {key}: dtype {got.dtype} in the checkpoint, expected a floating-point type")
+        if not torch.isfinite(got).all():
+            bad = int((~torch.isfinite(got)).sum())
+            raise CheckpointError(f"{where}: tensor {key}: {bad} of {got.numel()} values are NaN or infinite")
 
 
 # ------------------------------------------------------------------------------ writing

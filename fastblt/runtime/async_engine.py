@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import threading
 import time
@@ -131,9 +132,8 @@ class AsyncEngine:
         try:
             start(backend, lanes, max_batch, max_queue, max_context, {"threads": threads, **load}, shared)
         except BaseException:  # a lane that cannot start: give back what the others took
-            for lane in self.lanes:
-                lane.close(0, cancel=True)
-            self._close_zygote()
+            _stop_lanes(self.lanes, self._zygote)
+            self._zygote = None
             for e in self.engines[1:]:
                 e.close()
             g.close()
@@ -298,7 +298,8 @@ class AsyncEngine:
         await asyncio.to_thread(self.close)
 
 
-LOAD_ARGS = frozenset({"artifacts", "threads", "cache_dir", "device", "cuda_graphs", "on_export"})  # Generator's
+# Generator's loading arguments, which AsyncEngine passes on (`**load`)
+LOAD_ARGS = frozenset(inspect.signature(Generator).parameters) - {"checkpoint_or_model", "backend", "max_context"}
 
 
 def _weakly(method: Callable[[], None]) -> Callable[[], None]:
@@ -405,7 +406,8 @@ class TextStream:
         # the ticket reaches this stream weakly: a stream its consumer dropped (a `break` out of
         # `async for`, an exception in its body) is collected, and that cancels its request
         ref = weakref.ref(self)
-        self.ticket = submit(request, on_text=partial(_to_stream, ref), on_done=partial(_done_to_stream, ref))
+        self.ticket = submit(request, on_text=partial(_to_stream, ref, "_on_text"),
+                             on_done=partial(_to_stream, ref, "_on_done"))  # fmt: skip
 
     def _on_text(self, text: str) -> None:  # the batch's thread
         with self._lock:
@@ -463,14 +465,9 @@ class TextStream:
             ticket.cancel()
 
 
-def _to_stream(ref: weakref.ref, text: str) -> None:
-    stream = ref()
-    if stream is None:  # dropped by its consumer: failing here makes the batch cancel the request
-        raise LookupError("stream: its consumer let go of it")
-    stream._on_text(text)
-
-
-def _done_to_stream(ref: weakref.ref, ticket: Ticket) -> None:
+def _to_stream(ref: weakref.ref, method: str, arg: object) -> None:
+    """A ticket's callback to its stream, while the stream lives (a collected one has cancelled its
+    request in __del__)."""
     stream = ref()
     if stream is not None:
-        stream._on_done(ticket)
+        getattr(stream, method)(arg)

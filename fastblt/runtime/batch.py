@@ -330,16 +330,14 @@ class BatchEngine:
             waiting: deque[Ticket] = deque()
             for ticket in self.queue:
                 if ticket.cancelled:
-                    self.stats.cancelled += 1
-                    self._end(ticket, None, Cancelled("request cancelled while queued"))
+                    self._end_queued(ticket)
                 else:
                     waiting.append(ticket)
             self.queue = waiting
         while self.queue and len(self.live) < self.max_batch:
             ticket = self.queue.popleft()
-            if ticket.cancelled:
-                self.stats.cancelled += 1
-                self._end(ticket, None, Cancelled("request cancelled while queued"))
+            if ticket.cancelled:  # since the sweep above
+                self._end_queued(ticket)
                 continue
             state = self._idle.pop() if self._idle else None
             if state is None:
@@ -351,6 +349,10 @@ class BatchEngine:
             self.stats.admitted += 1
             self._advance(seq, None)
         self.stats.queued, self.stats.active = len(self.queue), len(self.live)
+
+    def _end_queued(self, ticket: Ticket) -> None:
+        self.stats.cancelled += 1
+        self._end(ticket, None, Cancelled("request cancelled while queued"))
 
     def _advance(self, seq: _Sequence, outputs: dict | None) -> None:
         try:
