@@ -95,6 +95,10 @@ def generate(
     from fastblt.runtime.options import make_request
 
     data = read_prompt(prompt, prompt_file)
+    for name, value in (("--top-k", top_k), ("--top-p", top_p)):
+        if value is not None and temperature == 0:  # greedy would ignore it: say so rather than not sample
+            raise click.BadParameter("shapes sampling; with --temperature 0 (the default) decoding is greedy: "
+                                     "set --temperature > 0", param_hint=name)  # fmt: skip
     options = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, lookup=lookup, unmask=unmask, alpha=alpha,
         gamma=gamma, block_start=block_start, stop=[arg_bytes(x) for x in stop], stop_on_eos=not ignore_eos,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 from fastblt.errors import CapabilityError, InputError
@@ -68,18 +69,22 @@ class DecodeOptions:
         return SamplingParams(self.temperature, self.top_k, self.top_p)
 
 
-def _int(name: str, v: object, lo: int, hi: int | None = None) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+# numbers.Integral / Real: numpy's scalars count (a service passes what its own code computed);
+# the checked value comes back as a plain int / float, which batch cohorts and JSON records hold.
+def _int(name: str, v: object, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v > hi):
         want = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]"
         raise InputError(f"option {name}: expected {want}, got {v!r}")
+    return int(v)
 
 
-def _real(name: str, v: object, lo: float, hi: float, lo_open: bool = False) -> None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _real(name: str, v: object, lo: float, hi: float, lo_open: bool = False) -> float:
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
     ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
     if not ok:
         want = f"{'(' if lo_open else '['}{lo}, {hi}]"
         raise InputError(f"option {name}: expected a number in {want}, got {v!r}")
+    return float(v)
 
 
 def _stops(stop: object) -> tuple[bytes, ...]:
@@ -123,34 +128,36 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
             f"mode {opts.mode}: needs a BLT-D checkpoint (one with diffusion rows, config blt_d); "
             "this is a plain BLT checkpoint: use ar or blt-s"
         )
-    _int("max_bytes", opts.max_bytes, 1)
-    _real("temperature", opts.temperature, 0.0, 100.0)
+    plain = {"max_bytes": _int("max_bytes", opts.max_bytes, 1)}
+    temperature = plain["temperature"] = _real("temperature", opts.temperature, 0.0, 100.0)
     if opts.top_k is not None:
-        _int("top_k", opts.top_k, 1)
+        plain["top_k"] = _int("top_k", opts.top_k, 1)
     if opts.top_p is not None:
-        _real("top_p", opts.top_p, 0.0, 1.0, lo_open=True)
+        plain["top_p"] = _real("top_p", opts.top_p, 0.0, 1.0, lo_open=True)
     if opts.seed is not None:
-        _int("seed", opts.seed, 0, 2**63 - 1)
+        plain["seed"] = _int("seed", opts.seed, 0, 2**63 - 1)
     if opts.k is not None:
-        _int("k", opts.k, 1, MAX_DRAFT)
+        plain["k"] = _int("k", opts.k, 1, MAX_DRAFT)
         if opts.mode not in LOOKUP_MODES:  # silently ignored, it would also split batch cohorts
             raise InputError(f"option k: only blt-s and blt-dv draft; mode is {opts.mode}")
     lookup = opts.lookup
     if lookup is not None:
-        _int("lookup", lookup, 0, MAX_LOOKUP)
+        lookup = _int("lookup", lookup, 0, MAX_LOOKUP)
         if opts.mode not in LOOKUP_MODES:
             raise InputError(f"option lookup: only blt-s and blt-dv draft from the context; mode is {opts.mode}")
-        if lookup and opts.temperature > 0:
+        if lookup and temperature > 0:
             raise InputError(
                 "option lookup: context drafts are for greedy decoding (temperature 0); "
                 f"sampled {opts.mode} drafts with its own drafter (leave lookup unset, or 0)"
             )
     elif opts.mode in LOOKUP_MODES:
-        lookup = LOOKUP_MATCH if opts.temperature == 0 else 0
+        lookup = LOOKUP_MATCH if temperature == 0 else 0
     if opts.prefill_chunk is not None:
-        _int("prefill_chunk", opts.prefill_chunk, 1)
+        plain["prefill_chunk"] = _int("prefill_chunk", opts.prefill_chunk, 1)
     if opts.block_start not in BLOCK_START_RULES:
         raise InputError(f"option block_start: {opts.block_start!r} is unknown; choose one of {BLOCK_START_RULES}")
+    if opts.block_start != "force" and opts.mode not in UNMASK_RULES:
+        raise InputError(f"option block_start: only blt-d and blt-dv start diffusion blocks; mode is {opts.mode}")
     if not isinstance(opts.stop_on_eos, bool):
         raise InputError(f"option stop_on_eos: expected True or False, got {opts.stop_on_eos!r}")
     stop = _stops(opts.stop)
@@ -160,13 +167,11 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
         unmask = rules[0] if unmask is None else unmask
         if unmask not in rules:
             raise InputError(f"option unmask: {unmask!r} is not a {opts.mode} rule; choose one of {rules}")
-        alpha = (0.7 if opts.mode == "blt-d" else 0.3) if alpha is None else alpha
-        gamma = (1.0 if opts.mode == "blt-d" else 1.5) if gamma is None else gamma
-        _real("alpha", alpha, 0.0, 1.0)
-        _real("gamma", gamma, 0.0, 1e6)
+        alpha = _real("alpha", (0.7 if opts.mode == "blt-d" else 0.3) if alpha is None else alpha, 0.0, 1.0)
+        gamma = _real("gamma", (1.0 if opts.mode == "blt-d" else 1.5) if gamma is None else gamma, 0.0, 1e6)
     elif unmask is not None or alpha is not None or gamma is not None:
         raise InputError(f"options unmask/alpha/gamma: only blt-d and blt-dv unmask; mode is {opts.mode}")
-    return dataclasses.replace(opts, lookup=lookup, unmask=unmask, alpha=alpha, gamma=gamma, stop=stop)
+    return dataclasses.replace(opts, lookup=lookup, unmask=unmask, alpha=alpha, gamma=gamma, stop=stop, **plain)
 
 
 @dataclass(frozen=True)

@@ -205,12 +205,13 @@ def usage(prompt_bytes: int, generated: int) -> dict:
 
 
 def completion_body(cid: str, model_id: str, text: str, reason: str | None, usage_: dict | None = None,
-                    created: int | None = None) -> dict:  # fmt: skip
+                    created: int | None = None, fingerprint: str | None = None) -> dict:  # fmt: skip
     body = {
         "id": cid,
         "object": "text_completion",
         "created": created if created is not None else int(time.time()),
         "model": model_id,
+        "system_fingerprint": fingerprint,
         "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}],
     }
     if usage_ is not None:

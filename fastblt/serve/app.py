@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import os
 import re
@@ -40,6 +41,7 @@ from fastblt.errors import (
     InputError,
     PositionLimit,
 )
+from fastblt.export.cache import source_hash
 from fastblt.runtime.async_engine import AsyncEngine, TextStream
 from fastblt.serve.api import (
     ApiError,
@@ -52,6 +54,7 @@ from fastblt.serve.api import (
     usage,
 )
 from fastblt.serve.metrics import CONTENT_TYPE, Metrics
+from fastblt.version import __version__
 
 REPLICA_HEADER = "x-fastblt-replica"
 T = TypeVar("T")
@@ -75,11 +78,20 @@ def _metrics(engine: AsyncEngine) -> Metrics:
     )
 
 
+def fingerprint(engine: AsyncEngine) -> str:
+    """OpenAI's `system_fingerprint`: what decides the bytes besides the request (the weights, the
+    backend, fastblt's version). Two servers answering with the same one compute the same model."""
+    g = engine.generator
+    key = f"{__version__}\0{g.backend_name}\0{source_hash(g.model, g.checkpoint_path)}"
+    return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeSettings | None = None) -> FastAPI:
     """The app over `engine`, or over the engine `engine()` builds at startup (closed at shutdown)."""
     settings = settings or ServeSettings()
     replica = settings.replica or f"{socket.gethostname()}:{os.getpid()}"
-    state: dict = {"engine": engine if isinstance(engine, AsyncEngine) else None, "metrics": Metrics()}
+    state: dict = {"engine": engine if isinstance(engine, AsyncEngine) else None, "metrics": Metrics(),
+                   "fingerprint": None}  # fmt: skip
     if state["engine"] is not None:
         state["metrics"] = _metrics(state["engine"])
 
@@ -89,6 +101,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         if state["engine"] is None:
             built = await asyncio.to_thread(engine)
             state["engine"], state["metrics"] = built, _metrics(built)
+        state["fingerprint"] = await asyncio.to_thread(fingerprint, state["engine"])
         try:
             yield
         finally:
@@ -166,12 +179,12 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             comp = parse_body(await _read_body(request, settings.max_body), settings.model_id, settings.default_mode)
             mode = comp.options["mode"]
             req = _request(eng, comp)
-            if comp.stream:
-                return await _stream(eng, comp, req, request, inflight, settings, m, arrived)  # counted as it ends
+            if comp.stream:  # counted as it ends
+                return await _stream(eng, comp, req, request, inflight, settings, m, arrived, state["fingerprint"])
             gen = await _unless_gone(eng.generate(req), request, inflight)
             m.generation(gen, arrived)
             body = completion_body(completion_id(), settings.model_id, gen.text, finish_reason(gen.stop_reason),
-                                   usage(len(req.ids) - 1, len(gen.ids)))  # fmt: skip
+                                   usage(len(req.ids) - 1, len(gen.ids)), fingerprint=state["fingerprint"])  # fmt: skip
             response = JSONResponse(body)
         except ApiError as e:
             m.request(e.status, mode)
@@ -305,7 +318,8 @@ async def _disconnected(request: Request, every: float = 0.1) -> None:
 
 
 async def _stream(eng: AsyncEngine, comp: Completion, req, request: Request, inflight: _InFlight,
-                  settings: ServeSettings, m: Metrics, arrived: float) -> StreamingResponse:  # fmt: skip
+                  settings: ServeSettings, m: Metrics, arrived: float,
+                  fp: str | None) -> StreamingResponse:  # fmt: skip
     """Start the stream and wait for its first event, so a failing prefill is still a 4xx and a
     client that leaves while its request waits for a row frees its place. A stream's status is
     counted when it ends: 200, 499 when the client left first, or its error's."""
@@ -318,7 +332,7 @@ async def _stream(eng: AsyncEngine, comp: Completion, req, request: Request, inf
     cid, created = completion_id(), int(time.time())
 
     def chunk(text: str, reason: str | None = None) -> bytes:
-        body = completion_body(cid, settings.model_id, text, reason, created=created)
+        body = completion_body(cid, settings.model_id, text, reason, created=created, fingerprint=fp)
         if comp.include_usage:
             body["usage"] = None  # only the last chunk, after the choices, carries it
         return sse(body)
@@ -338,7 +352,8 @@ async def _stream(eng: AsyncEngine, comp: Completion, req, request: Request, inf
             status = 200
             yield chunk("", finish_reason(gen.stop_reason))
             if comp.include_usage:
-                body = completion_body(cid, settings.model_id, "", None, usage(len(req.ids) - 1, len(gen.ids)), created)
+                used = usage(len(req.ids) - 1, len(gen.ids))
+                body = completion_body(cid, settings.model_id, "", None, used, created, fp)
                 body["choices"] = []
                 yield sse(body)
             yield sse("[DONE]")

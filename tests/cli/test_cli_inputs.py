@@ -48,6 +48,16 @@ def test_arguments_that_are_not_utf8_are_their_bytes(ckpt, monkeypatch, capsys):
     assert json.loads(out)["stats"]["prompt_ids"] == 1 + 5
 
 
+@pytest.mark.parametrize("option", ["--top-p", "--top-k"])
+def test_sampling_options_without_a_temperature_are_refused(ckpt, option, monkeypatch, capsys):
+    """Greedy decoding would ignore them: the user meant to sample and would not know they did not."""
+    code, _, err = run_cli(_generate(ckpt, "--prompt", "x", option, "1"), monkeypatch, capsys)
+    _one_line_error(code, err, option, "--temperature 0")
+    code, out, err = run_cli(_generate(ckpt, "--prompt", "x", option, "1", "--temperature", "0.5", "--seed", "3",
+                                       "--max-bytes", "2", "--json"), monkeypatch, capsys)  # fmt: skip
+    assert code == 0 and json.loads(out)["stop_reason"], err
+
+
 @pytest.mark.parametrize(
     "args",
     [

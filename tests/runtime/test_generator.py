@@ -49,6 +49,9 @@ BAD_OPTIONS = [
     (dict(mode="blt-d", gamma=-1.0), InputError, "gamma"),
     (dict(mode="ar", alpha=0.5), InputError, "unmask/alpha/gamma"),
     (dict(block_start="middle"), InputError, "block_start"),
+    (dict(mode="ar", block_start="patch"), InputError, "option block_start: only blt-d and blt-dv"),
+    (dict(mode="blt-s", block_start="patch"), InputError, "option block_start: only blt-d and blt-dv"),
+    (dict(temperature=np.bool_(True)), InputError, "temperature"),
     (dict(stop=[""]), InputError, "stop"),
     (dict(stop=[3]), InputError, "stop"),
     (dict(stop_on_eos="yes"), InputError, "stop_on_eos"),
@@ -70,6 +73,18 @@ def test_bad_options_fail_before_any_work(options, error, match):
     with pytest.raises(error, match=match):
         g.stream("abc", **{"max_bytes": 8, **options})  # checked at the call, not at next()
     assert backend.trace == []  # no step ran
+
+
+def test_numpy_scalars_are_numbers_and_come_back_plain():
+    """A service passes what its own numpy code computed; the options hold plain Python numbers
+    (batch cohorts compare them, JSON records hold them), and the bytes equal plain arguments'."""
+    g = torch_generator()
+    given = dict(max_bytes=np.int64(12), temperature=np.float32(0.5), top_k=np.int8(5), seed=np.uint32(7))
+    req = make_request("abc", g.config, "blt-s", **given)
+    plain = {"max_bytes": 12, "temperature": float(np.float32(0.5)), "top_k": 5, "seed": 7}
+    assert {name: getattr(req.opts, name) for name in plain} == plain
+    assert all(type(getattr(req.opts, n)) is type(v) for n, v in plain.items())
+    assert g.generate(req).ids == g.generate("abc", mode="blt-s", **plain).ids
 
 
 def test_bad_prompts_and_max_context():

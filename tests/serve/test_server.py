@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -15,6 +16,7 @@ import pytest
 from conftest import KEY
 
 from fastblt.runtime.async_engine import cpu_cores, default_lanes
+from fastblt.serve.app import fingerprint
 from fastblt.serve.process import ServerProcess
 
 MODEL = "fastblt-default"
@@ -36,12 +38,31 @@ def test_completions_equal_generate_in_every_mode(server, reference, mode):
     assert choice.finish_reason == ("length" if want.stop_reason == "max_bytes" else "stop")
     assert r.usage.prompt_tokens == len(PROMPT.encode()) and r.usage.completion_tokens == len(want.ids)
     assert r.model == MODEL and r.object == "text_completion"
+    assert r.system_fingerprint == fingerprint(SimpleNamespace(generator=reference))  # the same weights, on ort
 
     chunks = list(c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=48, temperature=0, stream=True,
                                        extra_body={"mode": mode}))  # fmt: skip
     assert "".join(ch.choices[0].text for ch in chunks) == want.text
+    assert {ch.system_fingerprint for ch in chunks} == {r.system_fingerprint}
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
     assert all(ch.choices[0].finish_reason is None for ch in chunks[:-1])
+
+
+def test_the_fingerprint_follows_weights_and_backend(reference):
+    import copy
+
+    import torch
+
+    fp = fingerprint(SimpleNamespace(generator=reference))
+    assert re.fullmatch(r"fp_[0-9a-f]{16}", fp)
+    torch_backend = SimpleNamespace(generator=SimpleNamespace(**{**vars(reference), "backend_name": "torch"}))
+    assert fingerprint(torch_backend) != fp
+    model = copy.deepcopy(reference.model)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1.0
+    other = SimpleNamespace(generator=SimpleNamespace(model=model, checkpoint_path=None, backend_name="ort"))
+    same = SimpleNamespace(generator=SimpleNamespace(model=reference.model, checkpoint_path=None, backend_name="ort"))
+    assert fingerprint(other) != fingerprint(same)
 
 
 def test_stop_strings_seeds_and_fastblt_fields(server, reference):
