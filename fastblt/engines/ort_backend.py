@@ -26,6 +26,7 @@ from fastblt.engines.base import Availability, Backend
 from fastblt.errors import InternalError, ManifestMismatch
 from fastblt.export.manifest import MANIFEST, read_manifest, verify_files, verify_specs
 from fastblt.export.spec import TORCH_DTYPES, StepSpec
+from fastblt.formats.files import utf8_path
 from fastblt.machine import cpu_cores
 
 # onnx.TensorProto element types (ORT's bind_* accept them as ints; numpy has no bfloat16)
@@ -63,7 +64,7 @@ class OrtBackend(Backend):
         verify_hashes: bool = True,
     ):
         super().__init__(specs)
-        self.artifacts_dir = Path(artifacts_dir).expanduser()
+        self.artifacts_dir = utf8_path(Path(artifacts_dir).expanduser(), "artifacts")
         self.threads = threads
         self.providers = providers
         self.manifest = read_manifest(self.artifacts_dir)

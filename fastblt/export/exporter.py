@@ -37,7 +37,7 @@ from fastblt.export.manifest import (
 )
 from fastblt.export.options import ExportOptions, Progress, existing_export
 from fastblt.export.spec import TORCH_DTYPES, StepSpec, dim_ranges
-from fastblt.formats.files import replace_dir, staging_dir
+from fastblt.formats.files import replace_dir, staging_dir, utf8_path
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
 
@@ -68,7 +68,7 @@ def export_model(
     different export and not `force`; in both cases nothing under `out` changes.
     """
     t0 = time.perf_counter()
-    out = Path(out).expanduser()
+    out = utf8_path(Path(out).expanduser(), "export directory")
     status = existing_export(out, checkpoint_hash, options)
     if status == "same":
         return ExportResult(out, read_manifest(out), True, time.perf_counter() - t0)

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastblt.errors import FastBltError
+from fastblt.errors import FastBltError, InputError
 
 
 def staging_dir(out: Path, purpose: str) -> Path:
@@ -50,6 +50,18 @@ def check_apart(out: Path, source: Path, what: str) -> None:
     if o == s or o in s.parents or s in o.parents:
         how = "is" if o == s else "holds" if o in s.parents else "is inside"
         raise FastBltError(f"{out}: {how} the {what} {source}; write into another directory")
+
+
+def utf8_path(path: str | Path, what: str) -> Path:
+    """`path`, refused unless its bytes are UTF-8: onnx, onnxruntime and TensorRT's parser take file
+    names as UTF-8 strings and fail deep inside on others (Python holds them with lone surrogates)."""
+    path = Path(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise InputError(f"{what} {shown}: not UTF-8; ONNX graphs are read and written only by UTF-8 paths") from None
+    return path
 
 
 def write_atomic(path: Path, data: bytes) -> None:

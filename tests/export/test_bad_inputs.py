@@ -93,3 +93,24 @@ def test_max_step_shorter_than_a_diffusion_block_names_the_manifest(fp32_export,
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1, (args[0], err)
         assert lines[0].startswith(f"error: {bad / MANIFEST}: field ") and "diffusion block of 4" in lines[0]
+
+
+def test_paths_that_are_not_utf8_are_one_line_before_any_work(fp32_export, ckpt_dir, tmp_path, monkeypatch, capsys):
+    """onnx and onnxruntime take file names as UTF-8 strings: a directory whose name is other bytes
+    (Python holds them as lone surrogates) is refused by name, and nothing is written."""
+    name = b"graphs\xff".decode("utf-8", "surrogateescape")
+    copied, out = tmp_path / "in" / name, tmp_path / "out" / name
+    shutil.copytree(fp32_export, copied)
+    for args, what, path in (
+        (["export", "--checkpoint", str(ckpt_dir), "--out", str(out)], "export directory", out),
+        (
+            ["generate", "--checkpoint", str(ckpt_dir), "--artifacts", str(copied), "--prompt", "hi"],
+            "artifacts",
+            copied,
+        ),
+    ):
+        code, _, err = run_cli(args, monkeypatch, capsys)
+        shown = str(path.parent) + "/graphs\\xff"
+        want = f"error: {what} {shown}: not UTF-8; ONNX graphs are read and written only by UTF-8 paths"
+        assert code == 2 and [line for line in err.splitlines() if line.startswith("error:")] == [want], err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -46,6 +46,7 @@ from fastblt.engines.trt.engine_cache import ENGINES_DIR, rebuild_hint
 from fastblt.engines.trt.profiles import Profile, named_sizes, select_profile
 from fastblt.errors import InputError, InternalError, ManifestMismatch
 from fastblt.export.spec import TORCH_DTYPES, StepSpec, TensorSpec
+from fastblt.formats.files import utf8_path
 
 # TensorRT DataType member name -> the spec's dtype name
 TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64"}
@@ -244,7 +245,7 @@ class TrtBackend(Backend):
         threads: int | None = None,
     ):
         super().__init__(specs)
-        self.artifacts_dir = Path(artifacts_dir)
+        self.artifacts_dir = utf8_path(artifacts_dir, "artifacts")
         self.engines_dir = Path(engines_dir) if engines_dir is not None else self.artifacts_dir / ENGINES_DIR
         self.device = torch.device(device)
         del threads
