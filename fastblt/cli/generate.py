@@ -12,7 +12,7 @@ from fastblt.cli.common import reader_may_leave
 from fastblt.engines.registry import BACKENDS
 from fastblt.export.spec import DEFAULT_K
 from fastblt.runtime.lookup import LOOKUP_MATCH
-from fastblt.runtime.options import BLOCK_START_RULES, MODES
+from fastblt.runtime.options import BLOCK_START_RULES, MAX_LOGPROBS, MODES
 
 UNMASK = ("confidence", "entropy", "one-step")
 K_HELP = f"blt-s: bytes drafted per round [default: {DEFAULT_K}, or max_step - 1 on smaller graphs]."
@@ -82,11 +82,14 @@ def arg_bytes(text: str) -> str | bytes:
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="torch on CUDA: CUDA graphs [default: on].")
 @click.option("--stream", is_flag=True, help="Print text as it is verified.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record: text, stop reason, statistics.")
+@click.option("--logprobs", type=click.IntRange(0, MAX_LOGPROBS), default=None,
+              help="With --json (ar, blt-s, blt-dv): each generated id's log-probability under the model "
+                   "and the N most likely ids' (0: the generated id's only).")  # fmt: skip
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr but errors (no first-use export notice).")
 def generate(
     checkpoint, prompt, prompt_file, mode, backend, artifacts, max_bytes, temperature, top_k, top_p, seed, k,
     lookup, unmask, alpha, gamma, block_start, stop, ignore_eos, max_context, threads, device, cuda_graphs, stream,
-    as_json, quiet,
+    as_json, logprobs, quiet,
 ):  # fmt: skip
     """Generate bytes after a prompt with ar, blt-d, blt-s or blt-dv."""
     from fastblt.cli.progress import first_use_notice
@@ -99,9 +102,12 @@ def generate(
         if value is not None and temperature == 0:  # greedy would ignore it: say so rather than not sample
             raise click.BadParameter("shapes sampling; with --temperature 0 (the default) decoding is greedy: "
                                      "set --temperature > 0", param_hint=name)  # fmt: skip
+    if logprobs is not None and not as_json:
+        raise click.BadParameter("goes into the JSON record: add --json", param_hint="--logprobs")
     options = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, lookup=lookup, unmask=unmask, alpha=alpha,
         gamma=gamma, block_start=block_start, stop=[arg_bytes(x) for x in stop], stop_on_eos=not ignore_eos,
+        logprobs=logprobs,
     )  # fmt: skip
     # checked once, against the checkpoint's config, before anything is loaded or exported
     request = make_request(data, load_config(resolve_checkpoint_path(checkpoint)), mode, max_bytes, **options)
@@ -129,6 +135,9 @@ def generate(
             "checkpoint": str(g.checkpoint_path) if g.checkpoint_path else checkpoint,
             "stats": out.stats.to_dict(),
         }
+        if out.logprobs is not None:  # per generated id (a stop string's included, EOS not), as stats count
+            record |= {"ids": out.ids, "logprobs": out.logprobs,
+                       "top_logprobs": [{str(i): v for i, v in top.items()} for top in out.top_logprobs]}  # fmt: skip
         click.echo(json.dumps(record, indent=2))
     else:
         click.echo(out.text)

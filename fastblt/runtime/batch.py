@@ -138,7 +138,8 @@ class _Sequence:
     def __init__(self, ticket: Ticket, state: SequenceState, max_step: int):
         req = ticket.request
         self.ticket, self.state = ticket, state
-        self.run = new_run(state, req.opts, Output(req.opts.max_bytes, req.opts.stop, req.opts.stop_on_eos))
+        o = req.opts
+        self.run = new_run(state, o, Output(o.max_bytes, o.stop, o.stop_on_eos, o.logprobs))
         self.plan = loops.generate(self.run, list(req.ids), req.opts.prefill_chunk or max_step)
         self.chunker = TextChunker(req.opts.stop) if ticket.on_text is not None else None
         self.cohort = req.opts.mode, draft_length(req.opts, max_step)

@@ -53,6 +53,10 @@ class Generation:
     stop_reason: str  # "eos" | "stop" | "max_bytes"
     stats: Stats
     times: list[float] = field(default_factory=list)  # time.perf_counter() when each id was verified
+    # option logprobs: per id, its log-probability under the model (natural log), and the
+    # `logprobs` most likely ids with theirs (most likely first); None when not asked for
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 class Generator:
@@ -192,7 +196,7 @@ class _Call:
 
     def __init__(self, gen: Generator, ids: list[int], opts: DecodeOptions):
         self.g, self.ids, self.opts = gen, ids, opts
-        self.out = Output(opts.max_bytes, opts.stop, opts.stop_on_eos)
+        self.out = Output(opts.max_bytes, opts.stop, opts.stop_on_eos, opts.logprobs)
         self.result: Generation | None = None
 
     def __iter__(self) -> Iterator[None]:
@@ -238,7 +242,8 @@ def generation(run: loops.Run, backend: str, prompt_ids: int, params: dict[str, 
     data = bytes(run.out.data)
     text = data.decode("utf-8", errors="replace")
     ids, times = list(run.out.ids), list(run.out.times)
-    return Generation(text=text, bytes=data, ids=ids, stop_reason=stats.stop_reason, stats=stats, times=times)
+    return Generation(text=text, bytes=data, ids=ids, stop_reason=stats.stop_reason, stats=stats, times=times,
+                      logprobs=run.out.logprobs, top_logprobs=run.out.top_logprobs)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- construction helpers

@@ -152,11 +152,11 @@ def draft_round(run: Run, c: int, k: int, drafter: Drafter) -> Plan[tuple[list[i
 def ar(run: Run, logits: np.ndarray) -> Plan[None]:
     """Plain BLT: one byte per round."""
     c = next_byte(run, logits)
-    while not run.out.push((c,)):
+    while not run.out.push((c,), logits[None]):
         yield None
         run.rounds.rounds += 1
-        logits = yield from run.state.append([c])  # commit c, get the next pending byte
-        c = next_byte(run, logits[0])
+        logits = (yield from run.state.append([c]))[0]  # commit c, get the next pending byte
+        c = next_byte(run, logits)
 
 
 # ------------------------------------------------------------------------ blt-s
@@ -187,18 +187,20 @@ def blt_s(run: Run, logits: np.ndarray, drafter: Drafter = draft_ar) -> Plan[Non
     """Self-speculation: draft k, verify in one pass, accept the agreeing prefix plus one byte.
     A greedy round whose context repeats drafts the bytes that followed instead (no draft calls)."""
     c = next_byte(run, logits)
-    while not run.out.push((c,)):
+    while not run.out.push((c,), logits[None]):
         yield None
         n0 = run.state.n
         # the byte after the last draft is free
         k = min(draft_length(run.opts, run.state.max_step), run.out.remaining - 1, run.state.draft_room())
         drafts, q, looked = yield from draft_round(run, c, k, drafter)
         # the drafter wrote the encoder states of its drafts; context drafts have none yet
-        a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=not looked)))
+        checked = yield from verify(run, c, drafts, encoded=not looked)
+        a, c = accept(run, drafts, q, checked)
         if looked:
             run.rounds.looked_up(len(drafts), a)
         rollback_to_accepted(run, n0, drafts, a)
-        if run.out.push(drafts[:a]):
+        logits = checked[a]  # what the next pending byte c was drawn after
+        if run.out.push(drafts[:a], checked):
             return
 
 
@@ -304,17 +306,19 @@ def blt_dv(run: Run, logits: np.ndarray, drafter: Drafter = draft_diffusion) -> 
     """Diffusion draft + autoregressive verification: greedy output identical to ar. A greedy
     round whose context repeats drafts the bytes that followed instead (no diffusion pass)."""
     c = next_byte(run, logits)
-    while not run.out.push((c,)):
+    while not run.out.push((c,), logits[None]):
         yield None
         n0 = run.state.n
         # the byte after the last draft is free; [c, drafts] must fit one verify step
         k = min(run.out.remaining, run.state.max_step, run.state.draft_room() + 1) - 1
         drafts, q, looked = yield from draft_round(run, c, k, drafter)
-        a, c = accept(run, drafts, q, (yield from verify(run, c, drafts, encoded=False)))
+        checked = yield from verify(run, c, drafts, encoded=False)
+        a, c = accept(run, drafts, q, checked)
         if looked:
             run.rounds.looked_up(len(drafts), a)
         rollback_to_accepted(run, n0, drafts, a)
-        if run.out.push(drafts[:a]):
+        logits = checked[a]  # what the next pending byte c was drawn after
+        if run.out.push(drafts[:a], checked):
             return
 
 

@@ -30,6 +30,8 @@ BLOCK_START_RULES = ("force", "patch")
 MAX_DRAFT = 64
 LOOKUP_MODES = ("blt-s", "blt-dv")  # the verified modes: a draft from the context is checked like theirs
 MAX_LOOKUP = 1024  # a longer suffix than this is as good as no lookup
+MAX_LOGPROBS = 20  # most likely ids reported per byte (OpenAI's completions allow 5)
+CAUSAL_MODES = ("ar", "blt-s", "blt-dv")  # every byte is drawn from the causal model's logits
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class DecodeOptions:
     "patch" (start the block at the open patch's first byte, reading the last closed latent).
     stop: byte strings that end the output (not included in it). stop_on_eos: EOS ends the output.
     prefill_chunk: prompt bytes per prefill step, at most the graphs' max_step (None: max_step).
+    logprobs: ar, blt-s, blt-dv: each generated id's log-probability under the model, and the
+    `logprobs` most likely ids' (0: the generated id's only; None: none are computed).
     """
 
     mode: str = "blt-d"
@@ -63,6 +67,7 @@ class DecodeOptions:
     stop: tuple[bytes, ...] = ()
     stop_on_eos: bool = True
     prefill_chunk: int | None = None
+    logprobs: int | None = None
 
     @property
     def sampling(self) -> SamplingParams:
@@ -154,6 +159,13 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
         lookup = LOOKUP_MATCH if temperature == 0 else 0
     if opts.prefill_chunk is not None:
         plain["prefill_chunk"] = _int("prefill_chunk", opts.prefill_chunk, 1)
+    if opts.logprobs is not None:
+        plain["logprobs"] = _int("logprobs", opts.logprobs, 0, MAX_LOGPROBS)
+        if opts.mode not in CAUSAL_MODES:
+            raise InputError(
+                f"option logprobs: {opts.mode}'s bytes come from its diffusion head, not from the model's "
+                "causal distribution; ask ar, blt-s or blt-dv (their bytes are ar's)"
+            )
     if opts.block_start not in BLOCK_START_RULES:
         raise InputError(f"option block_start: {opts.block_start!r} is unknown; choose one of {BLOCK_START_RULES}")
     if opts.block_start != "force" and opts.mode not in UNMASK_RULES:

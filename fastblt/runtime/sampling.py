@@ -63,6 +63,14 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def log_probs(logits: np.ndarray) -> np.ndarray:
+    """(V,) logits -> (V,) float64 log-probabilities of the model's own distribution (no
+    temperature, top-k or top-p: what a score means is the model's, whatever the sampler did)."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
 def probs_from_logits(logits: Tensor | np.ndarray, params: SamplingParams) -> np.ndarray:
     """(..., V) logits -> (..., V) float32 probabilities after temperature, top-k and top-p.
 

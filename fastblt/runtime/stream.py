@@ -15,33 +15,46 @@ from __future__ import annotations
 import codecs
 import time
 
+import numpy as np
+
 from fastblt.model.config import BYTE_OFFSET, EOS_ID
+from fastblt.runtime.sampling import log_probs
 
 
 class Output:
-    """The verified output of one call. `push` returns True once generation must stop."""
+    """The verified output of one call. `push` returns True once generation must stop.
 
-    def __init__(self, max_bytes: int, stop: tuple[bytes, ...] = (), stop_on_eos: bool = True):
+    With `top_logprobs` set (0 or more), every id also gets its log-probability under the logits
+    it was drawn after (`logprobs`), and the `top_logprobs` most likely ids with theirs."""
+
+    def __init__(self, max_bytes: int, stop: tuple[bytes, ...] = (), stop_on_eos: bool = True,
+                 top_logprobs: int | None = None):  # fmt: skip
         self.max_bytes, self.stop, self.stop_on_eos = max_bytes, stop, stop_on_eos
         self.ids: list[int] = []  # every generated id (EOS excluded), stop-string bytes included
         self.data = bytearray()  # output bytes (stop string removed)
         self.times: list[float] = []  # perf_counter() when each id was verified
         self.done = False
         self.stop_reason: str | None = None  # "eos" | "stop" | "max_bytes"
+        self.top_n = top_logprobs
+        self.logprobs: list[float] | None = None if top_logprobs is None else []  # one per id
+        self.top_logprobs: list[dict[int, float]] | None = None if top_logprobs is None else []
 
     @property
     def remaining(self) -> int:
         return self.max_bytes - len(self.ids)
 
-    def push(self, ids) -> bool:
-        """Append verified ids (an iterable of ints) until a stop condition; True when done."""
+    def push(self, ids, logits: np.ndarray | None = None) -> bool:
+        """Append verified ids (an iterable of ints) until a stop condition; True when done.
+        `logits` (len(ids), V): row i is what ids[i] was drawn after (read only for logprobs)."""
         now = time.perf_counter()
-        for t in ids:
+        for i, t in enumerate(ids):
             t = int(t)
             if t == EOS_ID and self.stop_on_eos:
                 return self._finish("eos")
             self.ids.append(t)
             self.times.append(now)
+            if self.logprobs is not None:
+                self._score(t, logits[i])
             if t >= BYTE_OFFSET:
                 self.data.append(t - BYTE_OFFSET)
                 if self.stop and self._cut_stop():
@@ -49,6 +62,12 @@ class Output:
             if len(self.ids) >= self.max_bytes:
                 return self._finish("max_bytes")
         return self.done
+
+    def _score(self, t: int, logits: np.ndarray) -> None:
+        lp = log_probs(logits)
+        self.logprobs.append(float(lp[t]))
+        top = np.argsort(-lp, kind="stable")[: self.top_n]  # ties: the lower id first
+        self.top_logprobs.append({int(j): float(lp[j]) for j in top})
 
     def _cut_stop(self) -> bool:
         for s in self.stop:

@@ -49,6 +49,7 @@ from fastblt.serve.api import (
     completion_body,
     completion_id,
     finish_reason,
+    logprobs_body,
     parse_body,
     sse,
     usage,
@@ -185,6 +186,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             m.generation(gen, arrived)
             body = completion_body(completion_id(), settings.model_id, gen.text, finish_reason(gen.stop_reason),
                                    usage(len(req.ids) - 1, len(gen.ids)), fingerprint=state["fingerprint"])  # fmt: skip
+            if gen.logprobs is not None:
+                body["choices"][0]["logprobs"] = logprobs_body(gen.ids, gen.bytes, gen.logprobs, gen.top_logprobs)
             response = JSONResponse(body)
         except ApiError as e:
             m.request(e.status, mode)

@@ -58,6 +58,18 @@ def test_sampling_options_without_a_temperature_are_refused(ckpt, option, monkey
     assert code == 0 and json.loads(out)["stop_reason"], err
 
 
+def test_logprobs_go_into_the_json_record(ckpt, monkeypatch, capsys):
+    code, _, err = run_cli(_generate(ckpt, "--prompt", "x", "--logprobs", "2"), monkeypatch, capsys)
+    _one_line_error(code, err, "--logprobs", "--json")
+    code, out, err = run_cli(_generate(ckpt, "--prompt", "x", "--logprobs", "2", "--max-bytes", "5", "--json",
+                                       "--ignore-eos"), monkeypatch, capsys)  # fmt: skip
+    record = json.loads(out)
+    assert code == 0 and len(record["ids"]) == len(record["logprobs"]) == len(record["top_logprobs"]) == 5, err
+    assert all(len(top) == 2 and max(top.values()) <= 0 for top in record["top_logprobs"])
+    code, _, err = run_cli(_generate(ckpt, "--prompt", "x", "--logprobs", "21", "--json"), monkeypatch, capsys)
+    assert code == 2 and "--logprobs" in err
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -16,6 +16,7 @@ import pytest
 from conftest import KEY
 
 from fastblt.runtime.async_engine import cpu_cores, default_lanes
+from fastblt.serve.api import logprobs_body
 from fastblt.serve.app import fingerprint
 from fastblt.serve.process import ServerProcess
 
@@ -63,6 +64,42 @@ def test_the_fingerprint_follows_weights_and_backend(reference):
     other = SimpleNamespace(generator=SimpleNamespace(model=model, checkpoint_path=None, backend_name="ort"))
     same = SimpleNamespace(generator=SimpleNamespace(model=reference.model, checkpoint_path=None, backend_name="ort"))
     assert fingerprint(other) != fingerprint(same)
+
+
+def test_logprobs_are_the_engines_per_byte(server, reference):
+    """OpenAI's logprobs object, a byte per token: the chosen byte's log-probability and the most
+    likely ones' (the chosen one among them), offsets into the text; the stop string's bytes are
+    not in the text, so not in the logprobs either."""
+    c = client(server)
+    prompt = "print('caf"
+    want = reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0, logprobs=3)
+    stop = want.bytes[12:14]
+    cut = want.bytes.find(stop)
+    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, logprobs=3,
+                             stop=[stop.decode()])  # fmt: skip
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    n = len(text.encode())
+    assert text == want.bytes[:cut].decode() and n == cut == len(lp.tokens) == len(lp.token_logprobs)
+    for j, (tok, value, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True)):
+        b = want.bytes[j]
+        assert tok == (chr(b) if b < 0x80 else f"bytes:\\x{b:02x}")
+        assert abs(value - want.logprobs[j]) < 1e-4 and top[tok] == value
+        assert len(top) in (3, 4) and max(top.values()) == top[tok]  # greedy: the chosen byte is the likeliest
+    assert lp.text_offset == [len(text.encode()[:j].decode("utf-8", "ignore")) for j in range(n)]
+    plain = c.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_logprobs_name_bytes_that_are_not_whole_characters():
+    data = "aé€".encode() + b"\xff" + b"z"
+    ids = [1, *(b + 4 for b in data), ord("S") + 4, ord("T") + 4]  # a special id, the text, a stop string
+    lps = [-0.5 - j for j in range(len(ids))]
+    tops = [{5: -9.0} for _ in ids]
+    o = logprobs_body(ids, data, lps, tops)
+    assert o["tokens"] == ["<bos>", "a", "bytes:\\xc3", "bytes:\\xa9", "bytes:\\xe2", "bytes:\\x82",
+                           "bytes:\\xac", "bytes:\\xff", "z"]  # fmt: skip
+    assert o["text_offset"] == [0, 0, 1, 1, 2, 2, 2, 3, 4]  # "aé€\ufffdz": a byte's character's offset
+    assert o["token_logprobs"] == lps[:9] and o["top_logprobs"][1] == {"\x01": -9.0, "a": -1.5}
 
 
 def test_stop_strings_seeds_and_fastblt_fields(server, reference):
