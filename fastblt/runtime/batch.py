@@ -139,7 +139,7 @@ class _Sequence:
         req = ticket.request
         self.ticket, self.state = ticket, state
         o = req.opts
-        self.run = new_run(state, o, Output(o.max_bytes, o.stop, o.stop_on_eos, o.logprobs))
+        self.run = new_run(state, o, Output(o.max_bytes, o.stop, o.stop_on_eos, o.logprobs, o.prompt_logprobs))
         self.plan = loops.generate(self.run, list(req.ids), req.opts.prefill_chunk or max_step)
         self.chunker = TextChunker(req.opts.stop) if ticket.on_text is not None else None
         self.cohort = req.opts.mode, draft_length(req.opts, max_step)

@@ -57,6 +57,9 @@ class Generation:
     # `logprobs` most likely ids with theirs (most likely first); None when not asked for
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    # option prompt_logprobs: the same for every prompt id after BOS (the first given BOS alone)
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[dict[int, float]] | None = None
 
 
 class Generator:
@@ -196,7 +199,7 @@ class _Call:
 
     def __init__(self, gen: Generator, ids: list[int], opts: DecodeOptions):
         self.g, self.ids, self.opts = gen, ids, opts
-        self.out = Output(opts.max_bytes, opts.stop, opts.stop_on_eos, opts.logprobs)
+        self.out = Output(opts.max_bytes, opts.stop, opts.stop_on_eos, opts.logprobs, opts.prompt_logprobs)
         self.result: Generation | None = None
 
     def __iter__(self) -> Iterator[None]:
@@ -241,9 +244,10 @@ def generation(run: loops.Run, backend: str, prompt_ids: int, params: dict[str, 
     )
     data = bytes(run.out.data)
     text = data.decode("utf-8", errors="replace")
-    ids, times = list(run.out.ids), list(run.out.times)
+    ids, times, out = list(run.out.ids), list(run.out.times), run.out
     return Generation(text=text, bytes=data, ids=ids, stop_reason=stats.stop_reason, stats=stats, times=times,
-                      logprobs=run.out.logprobs, top_logprobs=run.out.top_logprobs)  # fmt: skip
+                      logprobs=out.logprobs, top_logprobs=out.top_logprobs, prompt_logprobs=out.prompt_logprobs,
+                      prompt_top_logprobs=out.prompt_top_logprobs)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- construction helpers

@@ -80,9 +80,20 @@ Drafter = Callable[[Run, int, int], Plan[tuple[list[int], np.ndarray | None]]]
 
 
 # ------------------------------------------------------------------------ shared steps
-def prefill(state: SequenceState, ids: list[int], chunk: int) -> Plan[np.ndarray]:
-    """Commit the prompt in chunks; returns the last position's next-byte logits (V,)."""
-    return (yield from state.prefill(ids, chunk))
+def prefill(state: SequenceState, ids: list[int], chunk: int, out: Output | None = None) -> Plan[np.ndarray]:
+    """Commit the prompt in chunks; returns the last position's next-byte logits (V,). When `out`
+    scores the prompt, each prompt id after BOS is scored under its position's logits."""
+    if out is None or out.prompt_logprobs is None:
+        return (yield from state.prefill(ids, chunk))
+    done = 0
+
+    def score(rows: np.ndarray) -> None:  # row j predicts ids[j + 1]; the last predicts the output
+        nonlocal done
+        for row, t in zip(rows, ids[done + 1 :], strict=False):
+            out.score_prompt(t, row)
+        done += len(rows)
+
+    return (yield from state.prefill(ids, chunk, score))
 
 
 def generate(run: Run, ids: list[int], chunk: int) -> Plan[None]:
@@ -90,7 +101,7 @@ def generate(run: Run, ids: list[int], chunk: int) -> Plan[None]:
     the mode's loop until `run.out` is done."""
     st = run.state
     run.prefill["t_start"] = time.perf_counter()
-    logits = yield from prefill(st, ids, chunk)
+    logits = yield from prefill(st, ids, chunk, run.out)
     run.prefill |= dict(t_end=time.perf_counter(), calls=dict(st.calls), positions=dict(st.positions),
                         backend_s=st.backend_seconds)  # fmt: skip
     yield from LOOPS[run.opts.mode](run, logits)

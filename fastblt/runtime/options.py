@@ -50,6 +50,7 @@ class DecodeOptions:
     prefill_chunk: prompt bytes per prefill step, at most the graphs' max_step (None: max_step).
     logprobs: ar, blt-s, blt-dv: each generated id's log-probability under the model, and the
     `logprobs` most likely ids' (0: the generated id's only; None: none are computed).
+    prompt_logprobs: every mode: each prompt id's after BOS, likewise (the prefill computes them).
     """
 
     mode: str = "blt-d"
@@ -68,6 +69,7 @@ class DecodeOptions:
     stop_on_eos: bool = True
     prefill_chunk: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def sampling(self) -> SamplingParams:
@@ -166,6 +168,8 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
                 f"option logprobs: {opts.mode}'s bytes come from its diffusion head, not from the model's "
                 "causal distribution; ask ar, blt-s or blt-dv (their bytes are ar's)"
             )
+    if opts.prompt_logprobs is not None:
+        plain["prompt_logprobs"] = _int("prompt_logprobs", opts.prompt_logprobs, 0, MAX_LOGPROBS)
     if opts.block_start not in BLOCK_START_RULES:
         raise InputError(f"option block_start: {opts.block_start!r} is unknown; choose one of {BLOCK_START_RULES}")
     if opts.block_start != "force" and opts.mode not in UNMASK_RULES:

@@ -24,6 +24,7 @@ batched call: its share of the time).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -331,9 +332,12 @@ class SequenceState:
         self.n = at + S
         return logits
 
-    def prefill(self, tokens: list[int] | np.ndarray, chunk: int) -> Plan[np.ndarray]:
+    def prefill(
+        self, tokens: list[int] | np.ndarray, chunk: int, scores: Callable[[np.ndarray], None] | None = None
+    ) -> Plan[np.ndarray]:
         """Commit a prompt in chunks of `chunk` positions; returns the last position's next-byte
         logits (V,). What `append` of each chunk in turn computes, with fewer global steps.
+        `scores`, when given, sees every position's logits (S, V) in order, as they come.
 
         The entropy and encoder steps of consecutive chunks run first while the patches they close
         fit one global step (max_step patches; the cross ring holds those and the one before), then
@@ -352,15 +356,17 @@ class SequenceState:
             ent = yield from self.run_entropy(at, part)
             closed = self._mark_patches(at, ent)
             if len(spans) + len(closed) > self.max_step:  # the pending chunks first
-                yield from self._decode_group(group, spans)
+                yield from self._decode_group(group, spans, scores)
                 group, spans = [], []
             group.append((at, len(part)))
             spans += closed
             at += len(part)
-        logits = yield from self._decode_group(group, spans)
+        logits = yield from self._decode_group(group, spans, scores)
         return logits[-1]
 
-    def _decode_group(self, group: list[tuple[int, int]], spans: list[tuple[int, int]]) -> Plan[np.ndarray]:
+    def _decode_group(
+        self, group: list[tuple[int, int]], spans: list[tuple[int, int]], scores: Callable[[np.ndarray], None] | None
+    ) -> Plan[np.ndarray]:
         """One global step for the patches `group`'s chunks close, then their decoder steps in order."""
         self._forced_at = None
         if spans:
@@ -370,6 +376,8 @@ class SequenceState:
         for at, S in group:
             logits = yield from self.run_decoder(at, S, self._reads(at, S))
             self.n = at + S
+            if scores is not None:
+                scores(logits)
         return logits
 
     def _reads(self, at: int, S: int) -> np.ndarray:

@@ -25,19 +25,22 @@ class Output:
     """The verified output of one call. `push` returns True once generation must stop.
 
     With `top_logprobs` set (0 or more), every id also gets its log-probability under the logits
-    it was drawn after (`logprobs`), and the `top_logprobs` most likely ids with theirs."""
+    it was drawn after (`logprobs`), and the `top_logprobs` most likely ids with theirs; with
+    `prompt_top_logprobs`, every prompt id after BOS likewise (`score_prompt`, from the prefill)."""
 
     def __init__(self, max_bytes: int, stop: tuple[bytes, ...] = (), stop_on_eos: bool = True,
-                 top_logprobs: int | None = None):  # fmt: skip
+                 top_logprobs: int | None = None, prompt_top_logprobs: int | None = None):  # fmt: skip
         self.max_bytes, self.stop, self.stop_on_eos = max_bytes, stop, stop_on_eos
         self.ids: list[int] = []  # every generated id (EOS excluded), stop-string bytes included
         self.data = bytearray()  # output bytes (stop string removed)
         self.times: list[float] = []  # perf_counter() when each id was verified
         self.done = False
         self.stop_reason: str | None = None  # "eos" | "stop" | "max_bytes"
-        self.top_n = top_logprobs
+        self.top_n, self.prompt_top_n = top_logprobs, prompt_top_logprobs
         self.logprobs: list[float] | None = None if top_logprobs is None else []  # one per id
         self.top_logprobs: list[dict[int, float]] | None = None if top_logprobs is None else []
+        self.prompt_logprobs: list[float] | None = None if prompt_top_logprobs is None else []
+        self.prompt_top_logprobs: list[dict[int, float]] | None = None if prompt_top_logprobs is None else []
 
     @property
     def remaining(self) -> int:
@@ -54,7 +57,7 @@ class Output:
             self.ids.append(t)
             self.times.append(now)
             if self.logprobs is not None:
-                self._score(t, logits[i])
+                _score(t, logits[i], self.top_n, self.logprobs, self.top_logprobs)
             if t >= BYTE_OFFSET:
                 self.data.append(t - BYTE_OFFSET)
                 if self.stop and self._cut_stop():
@@ -63,11 +66,9 @@ class Output:
                 return self._finish("max_bytes")
         return self.done
 
-    def _score(self, t: int, logits: np.ndarray) -> None:
-        lp = log_probs(logits)
-        self.logprobs.append(float(lp[t]))
-        top = np.argsort(-lp, kind="stable")[: self.top_n]  # ties: the lower id first
-        self.top_logprobs.append({int(j): float(lp[j]) for j in top})
+    def score_prompt(self, t: int, logits: np.ndarray) -> None:
+        """The next prompt id `t`, scored under the logits of the position before it."""
+        _score(t, logits, self.prompt_top_n, self.prompt_logprobs, self.prompt_top_logprobs)
 
     def _cut_stop(self) -> bool:
         for s in self.stop:
@@ -79,6 +80,13 @@ class Output:
     def _finish(self, reason: str) -> bool:
         self.done, self.stop_reason = True, reason
         return True
+
+
+def _score(t: int, logits: np.ndarray, top_n: int, logprobs: list[float], tops: list[dict[int, float]]) -> None:
+    lp = log_probs(logits)
+    logprobs.append(float(lp[t]))
+    top = np.argsort(-lp, kind="stable")[:top_n]  # ties: the lower id first
+    tops.append({int(j): float(lp[j]) for j in top})
 
 
 class TextChunker:

@@ -43,6 +43,7 @@ from fastblt.errors import (
 )
 from fastblt.export.cache import source_hash
 from fastblt.runtime.async_engine import AsyncEngine, TextStream
+from fastblt.runtime.generator import Generation
 from fastblt.serve.api import (
     ApiError,
     Completion,
@@ -184,11 +185,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                 return await _stream(eng, comp, req, request, inflight, settings, m, arrived, state["fingerprint"])
             gen = await _unless_gone(eng.generate(req), request, inflight)
             m.generation(gen, arrived)
-            body = completion_body(completion_id(), settings.model_id, gen.text, finish_reason(gen.stop_reason),
-                                   usage(len(req.ids) - 1, len(gen.ids)), fingerprint=state["fingerprint"])  # fmt: skip
-            if gen.logprobs is not None:
-                body["choices"][0]["logprobs"] = logprobs_body(gen.ids, gen.bytes, gen.logprobs, gen.top_logprobs)
-            response = JSONResponse(body)
+            response = JSONResponse(_answer(comp, req, gen, settings.model_id, state["fingerprint"]))
         except ApiError as e:
             m.request(e.status, mode)
             raise
@@ -212,6 +209,24 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
 
 # ---------------------------------------------------------------------------- helpers
+def _answer(comp: Completion, req, gen: Generation, model_id: str, fp: str | None) -> dict:
+    """A non-streamed completion. With echo, the text (and logprobs) start with the prompt's;
+    with max_tokens 0 the byte the engine decoded is not part of the answer."""
+    sent = comp.max_tokens > 0
+    text = (comp.prompt if comp.echo else "") + (gen.text if sent else "")
+    reason = finish_reason(gen.stop_reason) if sent else "length"
+    used = usage(len(req.ids) - 1, len(gen.ids) if sent else 0)
+    body = completion_body(completion_id(), model_id, text, reason, used, fingerprint=fp)
+    if gen.logprobs is not None:
+        ids, data, lps, tops = [], b"", [], []
+        if comp.echo:
+            ids, data, lps, tops = list(req.ids[1:]), comp.prompt.encode(), gen.prompt_logprobs, gen.prompt_top_logprobs
+        if sent:
+            ids, data, lps, tops = ids + gen.ids, data + gen.bytes, lps + gen.logprobs, tops + gen.top_logprobs
+        body["choices"][0]["logprobs"] = logprobs_body(ids, data, lps, tops)
+    return body
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 past `limit` bytes (by Content-Length, or while it arrives)."""
     length = request.headers.get("content-length")
@@ -232,14 +247,14 @@ def _request(eng: AsyncEngine, comp: Completion):
     """The engine's checked Request; a refused option is a 400 naming the field. The size limit
     (the engine's max_context, less the BOS id) is checked here, in the request's own terms."""
     limit = None if eng.generator.max_context is None else eng.generator.max_context - 1
-    size = len(comp.prompt.encode())
-    if limit is not None and size + comp.max_tokens > limit:
+    size, decoded = len(comp.prompt.encode()), max(comp.max_tokens, 1)  # max_tokens 0 still decodes one
+    if limit is not None and size + decoded > limit:
         fix = "shorten the prompt" if size >= limit else f"lower max_tokens to at most {limit - size}"
-        raise ApiError(400, f"prompt + max_tokens: {size} + {comp.max_tokens} bytes exceed this server's limit of "
+        raise ApiError(400, f"prompt + max_tokens: {size} + {decoded} bytes exceed this server's limit of "
                        f"{limit} bytes per request; {fix}", "prompt" if size >= limit else "max_tokens",
                        "context_length_exceeded")  # fmt: skip
     try:
-        return eng.request(comp.prompt, max_bytes=comp.max_tokens, **comp.options)
+        return eng.request(comp.prompt, max_bytes=decoded, **comp.options)
     except (InputError, CapabilityError) as e:
         raise _field_error(e, comp) from None
 
@@ -344,6 +359,8 @@ async def _stream(eng: AsyncEngine, comp: Completion, req, request: Request, inf
         status = 499  # unless it gets to its end
         inflight.streams.add(stream)
         try:
+            if comp.echo:
+                yield chunk(comp.prompt)
             if first is not None:
                 yield chunk(first)
                 async for text in stream:

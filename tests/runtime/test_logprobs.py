@@ -1,5 +1,6 @@
-"""Option logprobs: every generated id's log-probability is the full model's, at its position, in
-every causal mode (ar, blt-s, blt-dv), greedy or sampled, alone or in a batch."""
+"""Options logprobs and prompt_logprobs: every generated id's log-probability is the full model's,
+at its position, in every causal mode (ar, blt-s, blt-dv), greedy or sampled, alone or in a
+batch; every prompt id's likewise, in every mode, whatever the prefill's chunks."""
 
 from __future__ import annotations
 
@@ -26,9 +27,12 @@ def full_log_probs(model, prompt, ids: list[int]) -> np.ndarray:
 
 
 def check_against_full(model, prompt, out, top: int) -> None:
-    full = full_log_probs(model, prompt, out.ids)
-    assert len(out.logprobs) == len(out.top_logprobs) == len(out.ids) > 0
-    for j, (t, lp, best) in enumerate(zip(out.ids, out.logprobs, out.top_logprobs, strict=True)):
+    check_scores(full_log_probs(model, prompt, out.ids), out.ids, out.logprobs, out.top_logprobs, top)
+
+
+def check_scores(full: np.ndarray, ids: list[int], logprobs: list[float], tops: list[dict], top: int) -> None:
+    assert len(logprobs) == len(tops) == len(ids) > 0
+    for j, (t, lp, best) in enumerate(zip(ids, logprobs, tops, strict=True)):
         assert abs(lp - full[j, t]) < TOL, (j, lp, full[j, t])
         assert len(best) == top and list(best.values()) == sorted(best.values(), reverse=True)
         assert all(abs(v - full[j, i]) < TOL for i, v in best.items())
@@ -72,3 +76,28 @@ def test_batched_logprobs_are_each_requests_own():
         outs = [t.result(120) for t in tickets]
     for (prompt, _), out in zip(work, outs, strict=True):
         check_against_full(model, prompt, out, 2)
+
+
+@pytest.mark.parametrize("mode", ["ar", "blt-s", "blt-d", "blt-dv"])
+def test_prompt_logprobs_are_the_full_models_whatever_the_chunks(mode):
+    g, model = torch_generator(), tiny_model()
+    prompt = PROMPTS[3] * 3  # patches close inside and across prefill chunks
+    ids = encode(prompt)
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)[:-1].numpy()
+    for chunk in (None, 5):
+        out = g.generate(prompt, mode=mode, max_bytes=3, prompt_logprobs=2, prefill_chunk=chunk)
+        check_scores(full, ids[1:], out.prompt_logprobs, out.prompt_top_logprobs, 2)
+        assert out.logprobs is None
+
+
+def test_batched_prompt_logprobs_are_each_requests_own():
+    g, model = torch_generator(), tiny_model()
+    with BatchEngine(g.engine, 4, 16, backend_name=g.backend_name, params=g.params) as batch:
+        tickets = [batch.submit(make_request(p, g.config, "blt-d", 4, prompt_logprobs=0)) for p in PROMPTS]
+        outs = [t.result(120) for t in tickets]
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ids = encode(prompt)  # "x": BOS and one byte, one score
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)[:-1].numpy()
+        check_scores(full, ids[1:], out.prompt_logprobs, out.prompt_top_logprobs, 0)

@@ -90,6 +90,27 @@ def test_logprobs_are_the_engines_per_byte(server, reference):
     assert plain.choices[0].logprobs is None
 
 
+def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server, reference):
+    """echo + logprobs + max_tokens 0: the prompt's log-likelihood, byte by byte, and nothing
+    generated; with max_tokens > 0, the prompt's entries then the completion's."""
+    c = client(server)
+    prompt = "def add(a, b):\n    return a + b\n"
+    want = reference.generate(prompt, mode="blt-s", max_bytes=8, temperature=0.0, logprobs=1, prompt_logprobs=1)
+    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp, n = r.choices[0].logprobs, len(prompt)
+    assert r.choices[0].text == prompt and r.usage.completion_tokens == 0 and r.choices[0].finish_reason == "length"
+    assert lp.tokens == list(prompt) and lp.text_offset == list(range(n))
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs, want.prompt_logprobs, strict=True)) < 1e-4
+    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=8, echo=True, logprobs=1, temperature=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt + want.text and r.usage.completion_tokens == 8
+    assert len(lp.tokens) == n + 8 and lp.text_offset[n] == n
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs, want.prompt_logprobs + want.logprobs, strict=True)) < 1e-4
+    chunks = list(c.completions.create(model=MODEL, prompt=prompt, max_tokens=8, echo=True, temperature=0,
+                                       stream=True))  # fmt: skip
+    assert chunks[0].choices[0].text == prompt and "".join(ch.choices[0].text for ch in chunks) == prompt + want.text
+
+
 def test_logprobs_name_bytes_that_are_not_whole_characters():
     data = "aé€".encode() + b"\xff" + b"z"
     ids = [1, *(b + 4 for b in data), ord("S") + 4, ord("T") + 4]  # a special id, the text, a stop string
