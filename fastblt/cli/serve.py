@@ -146,8 +146,8 @@ def serve(
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout)
     try:
         _Server(config).run()
-    finally:
-        engine.close()
+    finally:  # every request has had its answer: what a lane still holds nobody waits for
+        engine.close(timeout=5.0)
 
 
 def _lanes(engine) -> str:

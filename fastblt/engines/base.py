@@ -16,6 +16,7 @@ are returned there (CPU backends: the host). Callers keep long-lived buffers (th
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -30,6 +31,9 @@ class Availability:
     name: str
     available: bool
     reason: str  # why not (or a short description when available)
+
+
+_LIFECYCLE = threading.RLock()  # activation is rare: one lock for every backend
 
 
 class Backend(ABC):
@@ -48,15 +52,17 @@ class Backend(ABC):
 
     # lifecycle --------------------------------------------------------------------------
     def activate(self) -> Backend:
-        if not self.active:
-            self._activate_impl()
-            self.active = True
+        with _LIFECYCLE:  # a step call of another thread activates lazily at the same moment
+            if not self.active:
+                self._activate_impl()
+                self.active = True
         return self
 
     def deactivate(self) -> None:
-        if self.active:
-            self._deactivate_impl()
-            self.active = False
+        with _LIFECYCLE:
+            if self.active:
+                self._deactivate_impl()
+                self.active = False
 
     def __enter__(self) -> Backend:
         return self.activate()

@@ -42,7 +42,7 @@ from fastblt.model.blt import BltModel
 from fastblt.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine, BatchStats, Ticket, check_sizes, sum_stats
 from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.generator import Generation, Generator
-from fastblt.runtime.lane_process import ProcessLane, start_zygote
+from fastblt.runtime.lane_process import CANCEL_GRACE, ProcessLane, start_zygote
 from fastblt.runtime.options import Request, checked
 from fastblt.runtime.wakeups import wake
 from fastblt.runtime.zygote import Zygote
@@ -273,16 +273,21 @@ class AsyncEngine:
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the requests in flight, then stop the batch loops and release the backends (every
-        lane stops taking requests at once; `timeout` bounds the wait for all of them)."""
+        lane stops taking requests at once; `timeout` bounds the wait for all of them: what they
+        still hold then is cancelled, and a worker process not stopped CANCEL_GRACE seconds later
+        is killed)."""
         for lane in self.lanes:
             lane.close(0)
         deadline = None if timeout is None else time.monotonic() + timeout
         for lane in self.lanes:
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:  # out of time: what it still holds is cancelled
-                lane.close(10, cancel=True)
-            else:
-                lane.close(left)
+            if left is None or left > 0:
+                lane.wait_closed(left)
+        for lane in self.lanes:  # out of time: what they still hold is cancelled, all at once
+            lane.close(0, cancel=True)
+        grace_end = time.monotonic() + CANCEL_GRACE
+        for lane in self.lanes:  # one grace for all of them; a worker still running after it is killed
+            lane.close(max(grace_end - time.monotonic(), 0.05), cancel=True)
         self._finalizer.detach()
         self._close_zygote()
         for e in self.engines[1:]:
@@ -420,6 +425,11 @@ class TextStream:
             self._signal()
 
     def _signal(self) -> None:
+        if self._loop.is_closed():  # nobody can read it any more: the row goes back to the batch
+            ticket = getattr(self, "ticket", None)
+            if ticket is not None:
+                ticket.cancel()
+            return
         if not self._waking:
             self._waking = True
             wake(self._loop, self._wake.set, self.cancel)

@@ -269,6 +269,11 @@ class BatchEngine:
         """Requests this batch holds (decoding or queued)."""
         return len(self.live) + len(self.queue)
 
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait for the loop to finish what it holds after `close`; whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def close(self, timeout: float | None = None, cancel: bool = False) -> None:
         """Take no new requests; finish the ones admitted or queued (or, with `cancel`, cancel
         them), then stop the loop. `timeout` bounds the wait: what is still running after it is
@@ -340,12 +345,17 @@ class BatchEngine:
             if ticket.cancelled:  # since the sweep above
                 self._end_queued(ticket)
                 continue
-            state = self._idle.pop() if self._idle else None
-            if state is None:
-                state = SequenceState(self.engine.backend, self.config, rows=self.rows, row=len(self.live))
-            state.reset()
-            state.reset_counters()
-            seq = _Sequence(ticket, state, self.engine.max_step)
+            try:
+                state = self._idle.pop() if self._idle else None
+                if state is None:
+                    state = SequenceState(self.engine.backend, self.config, rows=self.rows, row=len(self.live))
+                state.reset()
+                state.reset_counters()
+                seq = _Sequence(ticket, state, self.engine.max_step)
+            except Exception as e:  # its state could not be made (out of memory): it alone fails
+                self.stats.failed += 1
+                self._end(ticket, None, e if isinstance(e, FastBltError) else InternalError(f"request failed: {e!r}"))
+                continue
             self._place(seq)
             self.stats.admitted += 1
             self._advance(seq, None)

@@ -9,6 +9,7 @@ runs on one Engine; several Generators (or threads) may share one.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -75,7 +76,12 @@ class Engine:
                 self._pool.append(state)
 
     def close(self) -> None:
-        self.backend.deactivate()
+        """Release the backend's sessions and buffers once no step call runs (each step's lock is
+        taken first); a later call loads them again."""
+        with contextlib.ExitStack() as held:
+            for lock in {id(lock): lock for lock in self.locks.values()}.values():
+                held.enter_context(lock)
+            self.backend.deactivate()
 
 
 def open_engine(

@@ -170,7 +170,8 @@ class Generator:
         return call.result
 
     def close(self) -> None:
-        self.engine.backend.deactivate()
+        """Release the backend's sessions (after the step calls in flight; a later call loads them again)."""
+        self.engine.close()
 
     def __enter__(self) -> Generator:
         return self

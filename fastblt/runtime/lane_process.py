@@ -28,6 +28,7 @@ import itertools
 import logging
 import os
 import pickle
+import queue
 import signal
 import socket
 import subprocess
@@ -49,10 +50,41 @@ from fastblt.runtime.zygote import available as zygote_available
 
 START_TIMEOUT = 600.0  # seconds a child may take to load (a first export can take a while on a big model)
 STATS_TIMEOUT = 5.0  # seconds to wait for a live child's counters before reporting the last ones
+CANCEL_GRACE = 2.0  # seconds a closing child has to cancel what it holds (or to exit) before it is killed
 YOUNG_S = 30.0  # a child that dies sooner than this is started again only after a pause
 MAX_RESTART_DELAY_S = 60.0
 
 log = logging.getLogger("fastblt.lane")
+
+
+class _Writer:
+    """Sends one child's messages on a thread of its own, in order. A child that stops reading
+    (stopped, stuck in native code, swapped out) fills the pipe and then blocks this thread, never
+    the caller: submit, cancel and peers run on the event loop, and a cancel may come from a
+    stream's __del__ in the middle of another send (SimpleQueue.put is reentrant)."""
+
+    def __init__(self, conn: Connection):
+        self.conn, self.failed = conn, False
+        self.queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="fastblt-lane-writer", daemon=True).start()
+
+    def put(self, msg: tuple) -> bool:
+        """Queue `msg`; False once the pipe has failed (the child is gone)."""
+        if self.failed:
+            return False
+        self.queue.put(msg)
+        return True
+
+    def stop(self) -> None:
+        self.queue.put(None)
+
+    def _run(self) -> None:
+        while (msg := self.queue.get()) is not None:
+            try:
+                self.conn.send(msg)
+            except (OSError, ValueError, EOFError):
+                self.failed = True  # the reader sees the pipe close and fails what the child held
+                return
 
 
 class _RemoteTicket(Ticket):
@@ -92,7 +124,7 @@ class ProcessLane:
         self._args = (str(checkpoint), backend, max_batch, max_queue, max_context, load)
         self._restart = restart
         self.restarts = 0  # children started again after one died
-        self._send_lock = threading.Lock()
+        self._writer: _Writer | None = None
         self._tickets: dict[int, _RemoteTicket] = {}
         self._lock = threading.Lock()  # guards _tickets, _closing and _lost
         self._ids = itertools.count()
@@ -100,7 +132,8 @@ class ProcessLane:
         self._base = BatchStats(calls={}, rows={})  # the counters of children that died
         self._stats = BatchStats(calls={}, rows={})  # the live child's, as last reported
         self._stats_wanted = threading.Lock()  # one stats round trip at a time
-        self._stats_event = threading.Event()
+        self._stats_event = threading.Event()  # set: the child answered the last stats question
+        self._stats_event.set()
         self._closed = threading.Event()
         self._lost: str | None = "starting"  # why no child serves now (None: one does)
         self._peers_busy = False  # whether the other lanes hold requests, as last told to the child
@@ -120,7 +153,10 @@ class ProcessLane:
                 pass_fds=(fd,), stdin=subprocess.DEVNULL,
             )  # fmt: skip
         self._conn = Connection(ours.detach())
-        self._conn.send(self._args)
+        if self._writer is not None:
+            self._writer.stop()
+        self._writer = _Writer(self._conn)
+        self._writer.put(self._args)
         self._started = time.monotonic()
 
     def _fork(self, fd: int) -> Forked | None:
@@ -190,7 +226,8 @@ class ProcessLane:
         """The counters now: the live child's (the last ones known when it does not answer) added
         to those of the children before it, so they only grow."""
         with self._stats_wanted:
-            if self._lost is None and not self._closed.is_set():
+            # a child that left the last question unanswered is not asked (and waited for) again
+            if self._lost is None and not self._closed.is_set() and self._stats_event.is_set():
                 self._stats_event.clear()
                 if self._send(("stats",)):
                     self._stats_event.wait(STATS_TIMEOUT)
@@ -213,10 +250,15 @@ class ProcessLane:
             self._lost_child()
         return ticket
 
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait for the child to finish what it holds after `close`; whether it has."""
+        return self._closed.wait(timeout)
+
     def close(self, timeout: float | None = None, cancel: bool = False) -> None:
         """Take no new requests; the child finishes (or, with `cancel`, cancels) what it holds,
-        then exits. `timeout` bounds the wait; a child still running after it is cancelled, then
-        stopped."""
+        then exits. `timeout` bounds the wait (0: return at once); a child still running after it
+        is cancelled, given CANCEL_GRACE seconds, then killed, so a close takes at most about
+        timeout + CANCEL_GRACE even when the child no longer reads its pipe."""
         with self._lock:
             first = not self._closing
             self._closing = True
@@ -226,22 +268,19 @@ class ProcessLane:
             return
         if not self._closed.wait(timeout) and not cancel:
             self._send(("close", True))
-            self._closed.wait(10)
-        try:
-            self._proc.wait(10)
+            self._closed.wait(CANCEL_GRACE)
+        try:  # a child that said "closed" exits as soon as its sessions are released
+            self._proc.wait(CANCEL_GRACE if self._closed.is_set() else 0)
         except subprocess.TimeoutExpired:
             self._kill()
+        if self._writer is not None:
+            self._writer.stop()
         self._conn.close()
 
     # ------------------------------------------------------------------ the pipe
     def _send(self, msg: tuple) -> bool:
-        """Send to the child; False when it is gone."""
-        try:
-            with self._send_lock:
-                self._conn.send(msg)
-            return True
-        except (OSError, ValueError, EOFError):
-            return False
+        """Queue a message to the child (it never blocks: `_Writer`); False when it is gone."""
+        return self._writer is not None and self._writer.put(msg)
 
     def _read(self, conn: Connection) -> None:
         while True:
@@ -337,7 +376,8 @@ class ProcessLane:
     def _kill(self) -> None:
         if self._proc.poll() is None:
             self._proc.kill()
-            self._proc.wait(5)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # killed; reaping it is not ours to wait for
+                self._proc.wait(5)
 
 
 # ---------------------------------------------------------------------- the child

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 RUNNING = -(1 << 62)  # "S": not ended yet
 _MSG = 9
@@ -136,13 +137,23 @@ class Forked:
 
 
 def _exists(pid: int) -> bool:
+    """Whether a worker whose zygote is gone still runs. Its workers are orphans then: one that
+    came to this process (a child subreaper, e.g. PID 1 of a container) is reaped here, and one
+    that ended but nobody reaped yet (a zombie) has ended."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 # ---------------------------------------------------------------------- the zygote

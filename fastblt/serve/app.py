@@ -151,7 +151,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state["metrics"].render(), media_type=CONTENT_TYPE)
+        # off the event loop: a worker lane asked for its counters may take seconds to answer
+        return Response(await asyncio.to_thread(state["metrics"].render), media_type=CONTENT_TYPE)
 
     model = {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "fastblt"}
 

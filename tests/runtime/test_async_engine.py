@@ -231,6 +231,23 @@ def test_a_stream_its_consumer_lets_go_of_frees_its_row(engine):
     assert engine.stats.cancelled == before + 3
 
 
+def test_a_stream_whose_event_loop_closed_frees_its_row(engine):
+    """A stream still referenced when its event loop closes cannot be read again: the next text
+    the batch has for it cancels its request."""
+    kept = []
+
+    async def start() -> None:
+        stream = engine.stream(PROMPTS[2], mode="ar", max_bytes=50_000, stop_on_eos=False)
+        kept.append(stream)
+        await stream.__anext__()  # decoding now
+        await asyncio.sleep(0.2)  # more text arrives, unread: the loop closes with a wake-up spent on it
+
+    before = engine.stats.cancelled
+    asyncio.run(start())
+    assert _active_reaches(engine, 0)
+    assert kept[0].ticket.cancelled and engine.stats.cancelled == before + 1
+
+
 @pytest.mark.parametrize("processes", [False, True])
 def test_closing_with_a_timeout_cancels_what_every_lane_still_holds(processes, tmp_path):
     if processes:  # worker lanes load a checkpoint by path

@@ -10,7 +10,7 @@ import time
 import pytest
 from runtime_refs import PROMPTS, tiny_model, torch_generator
 
-from fastblt.errors import Cancelled, EngineBusy, EngineClosed, InputError
+from fastblt.errors import Cancelled, EngineBusy, EngineClosed, InputError, InternalError
 from fastblt.runtime.batch import BatchEngine
 from fastblt.runtime.generator import Generator
 from fastblt.runtime.options import make_request
@@ -53,6 +53,30 @@ def test_batched_outputs_equal_batch_one_outputs(name):
     assert got == want
     assert stats.finished == len(work) and stats.active == 0
     assert stats.rows["decoder"] > 1.5 * stats.calls["decoder"]  # rows were shared, not run one by one
+
+
+def test_a_request_whose_state_cannot_be_made_fails_alone(monkeypatch):
+    """An allocation that fails while a request is admitted (out of memory) ends that request with
+    the error; it neither hangs its caller nor fails the requests beside it."""
+    import fastblt.runtime.batch as batch_module
+
+    g, made = torch_generator(), []
+    real = batch_module.SequenceState
+
+    def second_fails(*args, **kwargs):
+        made.append(1)
+        if len(made) == 2:
+            raise MemoryError("no memory for the caches")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "SequenceState", second_fails)
+    with batch_of(g, max_batch=4) as batch:
+        tickets = [batch.submit(make_request(PROMPTS[0], g.config, "ar", 8, stop_on_eos=False)) for _ in range(3)]
+        want = g.generate(PROMPTS[0], mode="ar", max_bytes=8, stop_on_eos=False).ids
+        assert tickets[0].result(60).ids == want and tickets[2].result(60).ids == want
+        with pytest.raises(InternalError, match="MemoryError"):
+            tickets[1].result(60)
+        assert batch.stats.failed == 1
 
 
 def test_identical_prompts_in_one_batch_continue_identically():

@@ -215,6 +215,49 @@ def test_closing_ends_the_processes_and_refuses_new_requests():
         asyncio.run(eng.generate(PROMPTS[0], mode="ar", max_bytes=4))
 
 
+def test_a_worker_that_stops_reading_blocks_neither_the_event_loop_nor_close():
+    """A stopped worker (SIGSTOP: as one stuck in native code or swapped out) keeps getting its
+    share of requests until its pipe is full: the event loop still runs (the pipe is written by a
+    thread of the lane's own), the metrics do not wait for it twice, and close(timeout) ends in
+    about timeout + the cancel grace, the worker killed."""
+    eng = AsyncEngine("default", backend="ort", max_batch=4, max_queue=64, lanes=2, processes=True)
+    stuck = eng.lanes[0].pid
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+
+        async def main() -> tuple[float, list]:
+            beats = [time.monotonic()]
+
+            async def beat() -> None:
+                while True:
+                    await asyncio.sleep(0.02)
+                    beats.append(time.monotonic())
+
+            ticker = asyncio.create_task(beat())
+            prompt = "x = 1\n" * 1200  # 7 KB each: the stopped worker's pipe fills after a dozen
+            tasks = []
+            for _ in range(40):
+                tasks.append(asyncio.create_task(eng.generate(prompt, mode="ar", max_bytes=1)))
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            ticker.cancel()
+            return max(b - a for a, b in zip(beats, beats[1:], strict=False)), tasks
+
+        stall, tasks = asyncio.run(main())
+        assert stall < 3.0, f"the event loop stalled {stall:.1f} s"  # blocked until SIGCONT without the writer
+        assert eng.lanes[0].load > 12  # the stopped worker really held its share
+        eng.stats  # noqa: B018  # asks the stopped worker once, waits STATS_TIMEOUT
+        t0 = time.monotonic()
+        eng.stats  # noqa: B018
+        assert time.monotonic() - t0 < 1.0  # a worker that left the last question unanswered is not waited for
+    finally:
+        t0 = time.monotonic()
+        eng.close(1)
+        took = time.monotonic() - t0
+    assert took < 10, f"close(1) took {took:.1f} s"
+    assert gone(stuck, 10)
+
+
 def test_workers_do_not_outlive_their_parent(tmp_path):
     script = tmp_path / "parent.py"  # no main guard: a worker must not run it again
     script.write_text(
@@ -244,6 +287,9 @@ class _Planned:
 
     def close(self, timeout=None, cancel=False) -> None:
         self.closed = True
+
+    def wait_closed(self, timeout=None) -> bool:
+        return True
 
 
 @pytest.mark.parametrize(

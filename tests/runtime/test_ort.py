@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -108,6 +109,33 @@ def test_threads_share_an_ort_generator_safely(ort_gen):
     for t in threads:
         t.join()
     assert got == want
+
+
+def test_closing_a_generator_waits_for_the_step_calls_in_flight(export_cache):
+    """close() releases the sessions between step calls, never under one: calls running on other
+    threads finish with their bytes (their next step loads the sessions again)."""
+    g = Generator(tiny_model(), backend="ort", threads=1, cache_dir=export_cache)
+    want = g.generate(PROMPTS[0], mode="blt-s", max_bytes=40, stop_on_eos=False).ids
+    got, errors, running = [], [], threading.Event()
+
+    def worker() -> None:
+        running.set()
+        for _ in range(4):
+            try:
+                got.append(g.generate(PROMPTS[0], mode="blt-s", max_bytes=40, stop_on_eos=False).ids)
+            except Exception as e:  # noqa: BLE001 (the assertion shows it)
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    running.wait()
+    while any(t.is_alive() for t in threads):
+        g.close()
+        time.sleep(0.02)
+    for t in threads:
+        t.join()
+    assert errors == [] and got == [want] * 12
 
 
 @pytest.mark.parametrize("pad_work", [1.0, float("inf")])

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,17 @@ def test_a_zygote_that_cannot_import_says_so():
 def comm(pid: int) -> str:
     with open(f"/proc/{pid}/comm") as f:
         return f.read().strip()
+
+
+def test_a_worker_that_ended_is_not_running_when_the_zygote_is_gone():
+    """With the zygote gone, a worker's end is asked of the kernel: a zombie has ended (a child of
+    ours, as orphans are under a child subreaper, is reaped), a live process has not."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not zy._exists(pid)
+    assert not Path(f"/proc/{pid}").exists()  # reaped, not left a zombie
+    assert zy._exists(os.getpid())
