@@ -110,11 +110,14 @@ class Ticket:
 
     @property
     def cancelled(self) -> bool:
+        """Whether it was cancelled before it finished."""
         return self._cancel.is_set()
 
     def cancel(self) -> None:
-        """Stop this request: it leaves the batch (or the queue) before the next step is taken."""
-        self._cancel.set()
+        """Stop this request: it leaves the batch (or the queue) before the next step is taken.
+        A request that has finished stays finished."""
+        if not self._done.is_set():
+            self._cancel.set()
 
     def result(self, timeout: float | None = None) -> Generation:
         """Wait for the Generation; raises the request's error, `Cancelled`, or TimeoutError."""

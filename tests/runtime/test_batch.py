@@ -74,6 +74,8 @@ def test_a_request_whose_state_cannot_be_made_fails_alone(monkeypatch):
         tickets = [batch.submit(make_request(PROMPTS[0], g.config, "ar", 8, stop_on_eos=False)) for _ in range(3)]
         want = g.generate(PROMPTS[0], mode="ar", max_bytes=8, stop_on_eos=False).ids
         assert tickets[0].result(60).ids == want and tickets[2].result(60).ids == want
+        tickets[0].cancel()  # after it finished: it stays finished, not cancelled
+        assert not tickets[0].cancelled and tickets[0].result(0).ids == want
         with pytest.raises(InternalError, match="MemoryError"):
             tickets[1].result(60)
         assert batch.stats.failed == 1
