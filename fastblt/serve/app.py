@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ from fastblt.runtime.generator import Generation
 from fastblt.serve.api import (
     ApiError,
     Completion,
+    choice,
     completion_body,
     completion_id,
     finish_reason,
@@ -181,12 +183,13 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             eng = ready()
             comp = parse_body(await _read_body(request, settings.max_body), settings.model_id, settings.default_mode)
             mode = comp.options["mode"]
-            req = _request(eng, comp)
+            reqs = _requests(eng, comp)
             if comp.stream:  # counted as it ends
-                return await _stream(eng, comp, req, request, inflight, settings, m, arrived, state["fingerprint"])
-            gen = await _unless_gone(eng.generate(req), request, inflight)
-            m.generation(gen, arrived)
-            response = JSONResponse(_answer(comp, req, gen, settings.model_id, state["fingerprint"]))
+                return await _stream(eng, comp, reqs, request, inflight, settings, m, arrived, state["fingerprint"])
+            gens = await _unless_gone(_together(eng.generate(r) for r in reqs), request, inflight)
+            for gen in gens:
+                m.generation(gen, arrived)
+            response = JSONResponse(_answer(comp, reqs[0], gens, settings.model_id, state["fingerprint"]))
         except ApiError as e:
             m.request(e.status, mode)
             raise
@@ -210,22 +213,27 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
 
 # ---------------------------------------------------------------------------- helpers
-def _answer(comp: Completion, req, gen: Generation, model_id: str, fp: str | None) -> dict:
-    """A non-streamed completion. With echo, the text (and logprobs) start with the prompt's;
-    with max_tokens 0 the byte the engine decoded is not part of the answer."""
-    sent = comp.max_tokens > 0
-    text = (comp.prompt if comp.echo else "") + (gen.text if sent else "")
-    reason = finish_reason(gen.stop_reason) if sent else "length"
-    used = usage(len(req.ids) - 1, len(gen.ids) if sent else 0)
-    body = completion_body(completion_id(), model_id, text, reason, used, fingerprint=fp)
-    if gen.logprobs is not None:
-        ids, data, lps, tops = [], b"", [], []
-        if comp.echo:
-            ids, data, lps, tops = list(req.ids[1:]), comp.prompt.encode(), gen.prompt_logprobs, gen.prompt_top_logprobs
-        if sent:
-            ids, data, lps, tops = ids + gen.ids, data + gen.bytes, lps + gen.logprobs, tops + gen.top_logprobs
-        body["choices"][0]["logprobs"] = logprobs_body(ids, data, lps, tops)
-    return body
+def _answer(comp: Completion, req, gens: list[Generation], model_id: str, fp: str | None) -> dict:
+    """A non-streamed completion: a choice per generation (one greedy generation is every choice).
+    With echo, the text (and logprobs) start with the prompt's; with max_tokens 0 the byte the
+    engine decoded is not part of the answer."""
+    sent, choices, generated = comp.max_tokens > 0, [], 0
+    for i in range(comp.n):
+        gen = gens[i % len(gens)]
+        text = (comp.prompt if comp.echo else "") + (gen.text if sent else "")
+        reason = finish_reason(gen.stop_reason) if sent else "length"
+        choices.append(choice(text, reason, i, None if gen.logprobs is None else _logprobs(comp, req, gen, sent)))
+        generated += len(gen.ids) if sent else 0
+    return completion_body(completion_id(), model_id, choices, usage(len(req.ids) - 1, generated), fingerprint=fp)
+
+
+def _logprobs(comp: Completion, req, gen: Generation, sent: bool) -> dict:
+    ids, data, lps, tops = [], b"", [], []
+    if comp.echo:
+        ids, data, lps, tops = list(req.ids[1:]), comp.prompt.encode(), gen.prompt_logprobs, gen.prompt_top_logprobs
+    if sent:
+        ids, data, lps, tops = ids + gen.ids, data + gen.bytes, lps + gen.logprobs, tops + gen.top_logprobs
+    return logprobs_body(ids, data, lps, tops)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -242,6 +250,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         raise ApiError(499, "client closed the request while sending it", None, "client_closed") from None
     return bytes(body)
+
+
+def _requests(eng: AsyncEngine, comp: Completion) -> list:
+    """A Request per choice: n of them when sampling (choice i with seed + i when a seed is
+    given), one when greedy (its bytes are every choice's)."""
+    req = _request(eng, comp)
+    if comp.n == 1 or req.opts.temperature == 0:
+        return [req]
+    seed = req.opts.seed
+    return [dataclasses.replace(req, opts=dataclasses.replace(req.opts, seed=None if seed is None else
+                                                              (seed + i) % 2**63)) for i in range(comp.n)]  # fmt: skip
 
 
 def _request(eng: AsyncEngine, comp: Completion):
@@ -336,46 +355,72 @@ async def _disconnected(request: Request, every: float = 0.1) -> None:
         await asyncio.sleep(every)
 
 
-async def _stream(eng: AsyncEngine, comp: Completion, req, request: Request, inflight: _InFlight,
+async def _together(work: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every result, or the first error with the rest cancelled (a choice that cannot run frees
+    the others' rows)."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _stream(eng: AsyncEngine, comp: Completion, reqs: list, request: Request, inflight: _InFlight,
                   settings: ServeSettings, m: Metrics, arrived: float,
                   fp: str | None) -> StreamingResponse:  # fmt: skip
-    """Start the stream and wait for its first event, so a failing prefill is still a 4xx and a
-    client that leaves while its request waits for a row frees its place. A stream's status is
-    counted when it ends: 200, 499 when the client left first, or its error's."""
-    stream = eng.stream(req)
+    """Start the streams (a choice each; one when greedy) and wait for each one's first event, so
+    a failing prefill is still a 4xx and a client that leaves while its requests wait for rows
+    frees their places. Chunks of all choices go out as they come, each with its index. The
+    status is counted when the response ends: 200, 499 when the client left first, or an error's."""
+    streams: list[TextStream] = []
     try:
-        first = await _unless_gone(_first(stream), request, inflight)
+        for r in reqs:
+            streams.append(eng.stream(r))
+        firsts = await _unless_gone(_together(_first(s) for s in streams), request, inflight)
     except BaseException:
-        stream.cancel()
+        for s in streams:
+            s.cancel()
         raise
     cid, created = completion_id(), int(time.time())
+    indices = [list(range(comp.n))] if len(streams) == 1 else [[i] for i in range(comp.n)]  # stream -> choices
 
-    def chunk(text: str, reason: str | None = None) -> bytes:
-        body = completion_body(cid, settings.model_id, text, reason, created=created, fingerprint=fp)
+    def chunk(j: int, text: str, reason: str | None = None) -> bytes:
+        body = completion_body(cid, settings.model_id, [choice(text, reason, i) for i in indices[j]],
+                               created=created, fingerprint=fp)  # fmt: skip
         if comp.include_usage:
             body["usage"] = None  # only the last chunk, after the choices, carries it
         return sse(body)
 
     async def events() -> AsyncIterator[bytes]:
         status = 499  # unless it gets to its end
-        inflight.streams.add(stream)
+        inflight.streams.update(streams)
+        news: asyncio.Queue = asyncio.Queue()
+        pumps = [asyncio.ensure_future(_pump(j, s, first, news))
+                 for j, (s, first) in enumerate(zip(streams, firsts, strict=True))]  # fmt: skip
         try:
             if comp.echo:
-                yield chunk(comp.prompt)
-            if first is not None:
-                yield chunk(first)
-                async for text in stream:
-                    yield chunk(text)
-            gen = stream.generation
-            if gen is None:  # cancelled while the client still reads: the server stopped it
-                raise inflight.error()
-            m.generation(gen, arrived)
+                for j in range(len(streams)):
+                    yield chunk(j, comp.prompt)
+            generated, ended = 0, 0
+            while ended < len(streams):
+                j, text = await news.get()
+                if isinstance(text, BaseException):
+                    raise text
+                if text is not None:
+                    yield chunk(j, text)
+                    continue
+                ended, gen = ended + 1, streams[j].generation
+                if gen is None:  # cancelled while the client still reads: the server stopped it
+                    raise inflight.error()
+                m.generation(gen, arrived)
+                generated += len(gen.ids) * len(indices[j])
+                yield chunk(j, "", finish_reason(gen.stop_reason))
             status = 200
-            yield chunk("", finish_reason(gen.stop_reason))
             if comp.include_usage:
-                used = usage(len(req.ids) - 1, len(gen.ids))
-                body = completion_body(cid, settings.model_id, "", None, used, created, fp)
-                body["choices"] = []
+                body = completion_body(cid, settings.model_id, [], usage(len(reqs[0].ids) - 1, generated), created, fp)
                 yield sse(body)
             yield sse("[DONE]")
         except (FastBltError, ApiError) as e:  # bytes already went out: the failure is an event
@@ -390,11 +435,26 @@ async def _stream(eng: AsyncEngine, comp: Completion, req, request: Request, inf
             yield sse(ApiError(500, f"internal error: {e}", kind="server_error").body())
             yield sse("[DONE]")
         finally:
-            inflight.streams.discard(stream)
-            stream.cancel()  # a no-op once it finished; frees the row when the client went away
+            for pump in pumps:
+                pump.cancel()
+            for s in streams:
+                inflight.streams.discard(s)
+                s.cancel()  # a no-op once it finished; frees the row when the client went away
             m.request(status, comp.options["mode"])
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _pump(j: int, stream: TextStream, first: str | None, news: asyncio.Queue) -> None:
+    """Stream `j`'s chunks onto `news` as (j, text), then (j, None) at its end, or (j, error)."""
+    try:
+        if first is not None:
+            news.put_nowait((j, first))
+            async for text in stream:
+                news.put_nowait((j, text))
+        news.put_nowait((j, None))
+    except Exception as e:  # noqa: BLE001 (the response turns it into an error event)
+        news.put_nowait((j, e))
 
 
 async def _first(stream: TextStream) -> str | None:

@@ -111,6 +111,34 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server, reference):
     assert chunks[0].choices[0].text == prompt and "".join(ch.choices[0].text for ch in chunks) == prompt + want.text
 
 
+def test_n_choices_are_each_their_own_seeded_request(server, reference):
+    """n sampled choices: choice i is the request with seed + i, streamed or not, each with its
+    index and finish reason; usage counts every choice. Greedy choices are one generation's."""
+    c = client(server)
+    opts = dict(temperature=0.9, seed=41)
+    want = [reference.generate(PROMPT, mode="ar", max_bytes=24, temperature=0.9, seed=41 + i) for i in range(3)]
+    assert len({w.text for w in want}) > 1  # the seeds make different choices
+    r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, n=3, extra_body={"mode": "ar"}, **opts)
+    assert [ch.index for ch in r.choices] == [0, 1, 2] and [ch.text for ch in r.choices] == [w.text for w in want]
+    assert r.usage.completion_tokens == sum(len(w.ids) for w in want)
+
+    more = dict(stream=True, stream_options={"include_usage": True}, extra_body={"mode": "ar"})
+    stream = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, n=3, **more, **opts)
+    *chunks, last = list(stream)
+    texts, reasons = ["", "", ""], [None, None, None]
+    for ch in chunks:
+        for part in ch.choices:
+            assert reasons[part.index] is None  # nothing after a choice's end
+            texts[part.index] += part.text
+            reasons[part.index] = part.finish_reason
+    assert texts == [w.text for w in want] and reasons == ["length"] * 3
+    assert last.usage.completion_tokens == r.usage.completion_tokens
+
+    greedy = reference.generate(PROMPT, mode="blt-s", max_bytes=16, temperature=0.0).text
+    r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, n=2, temperature=0)
+    assert [ch.text for ch in r.choices] == [greedy, greedy] and r.usage.completion_tokens == 32
+
+
 def test_logprobs_name_bytes_that_are_not_whole_characters():
     data = "aé€".encode() + b"\xff" + b"z"
     ids = [1, *(b + 4 for b in data), ord("S") + 4, ord("T") + 4]  # a special id, the text, a stop string
