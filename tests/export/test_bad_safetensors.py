@@ -122,6 +122,20 @@ def test_header_length_past_the_end_of_the_file(ckpt_dir, tmp_path):
         mapped_weights(bad, torch.float32)
 
 
+def test_a_header_length_past_the_limit_is_refused_without_reading_it(ckpt_dir, tmp_path):
+    """A header length over 100 MB (the safetensors library's bound) is refused from the 8 length
+    bytes alone, even when the file is that long: a hostile file cannot make fastblt read and parse
+    a huge header. The file is sparse: no 100 MB are written."""
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt_dir, bad)
+    n = 100_000_001
+    with open(bad / WEIGHTS, "wb") as f:
+        f.write(n.to_bytes(8, "little") + b"{}")
+        f.truncate(8 + n + 16)
+    with pytest.raises(CheckpointError, match=re.escape(f"{bad / WEIGHTS}: not a safetensors file (header length {n}")):
+        mapped_weights(bad, torch.float32)
+
+
 def test_trailing_unindexed_bytes_are_refused(ckpt_dir, tmp_path):
     bad = _rewritten(ckpt_dir, tmp_path / "bad", lambda h, f: None, data_extra=b"\0" * 16)
     with pytest.raises(CheckpointError, match="the tensors cover .* data bytes after the header"):

@@ -120,6 +120,24 @@ def test_check_dir_passes_and_catches_changed_files(fp32_export, tmp_path, monke
     assert "decoder" in err and "sha256" in err
 
 
+def test_check_dir_catches_a_changed_external_data_file(fp16_export, tmp_path, monkeypatch, capsys):
+    """A big model's weights live in <graph>.onnx.data: a corrupted (or swapped) data file must fail
+    --check like a corrupted graph, or the export would silently compute other weights."""
+    bad = tmp_path / "bad"
+    shutil.copytree(fp16_export, bad)
+    entry = read_manifest(bad)["graphs"]["decoder"]
+    data = bad / entry["external_data"]
+    assert entry["external_data"].endswith(".onnx.data") and entry["sha256"][entry["external_data"]]
+    with open(data, "r+b") as f:  # flip the lowest bit of one weight
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x01]))
+    code, _, err = run_cli(["export", "--check", str(bad)], monkeypatch, capsys)
+    assert code == 1, err
+    assert entry["external_data"] in err and "sha256" in err
+
+
 def test_check_dir_without_manifest(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["export", "--check", str(tmp_path)], monkeypatch, capsys)
     assert code == 2 and "no manifest" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -249,6 +250,19 @@ def test_checkpoint_hash_is_stable_and_sees_weights(tmp_path: Path) -> None:
     assert checkpoint_hash(save_checkpoint(model, tmp_path / "changed", "fastblt")) != h
 
 
+@pytest.mark.parametrize("fmt", ["meta-dump", "meta-hub"])
+def test_checkpoint_hash_sees_the_meta_entropy_weights(tmp_path: Path, fmt: str) -> None:
+    """The Meta layouts keep the entropy model in its own file: a change there patches the bytes
+    differently, so exports and caches keyed by the hash must not take it for the same model."""
+    model = make_model()
+    h = checkpoint_hash(save_checkpoint(model, tmp_path / "a", fmt))
+    with torch.no_grad():
+        model.entropy_model.tok_embeddings.weight[0, 0] += 1.0
+    changed = save_checkpoint(model, tmp_path / "b", fmt)
+    assert (changed / "entropy_model" / "consolidated.pth").is_file()
+    assert checkpoint_hash(changed) != h
+
+
 def test_default_checkpoint_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ckpt_mod, "ASSETS", tmp_path / "fastblt" / "assets")
     with pytest.raises(CheckpointError, match=r"not built yet \(fastblt/assets/default\); run `fastblt train`"):
@@ -316,6 +330,37 @@ def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(make_model(), tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_final_rename_puts_the_old_checkpoint_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replacing a checkpoint moves the old one aside first: if moving the new one into place then
+    fails, the old one is back where it was, not lost in a hidden directory."""
+    old = make_model(seed=0)
+    out = saved(tmp_path, model=old)
+    real = Path.rename
+
+    def rename(self, target):
+        if Path(target) == out and self.name.startswith(".ckpt.tmp-"):
+            raise OSError("rename failed")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        save_checkpoint(make_model(seed=1), out, overwrite=True)
+    monkeypatch.undo()
+    assert_same_model(old, load_checkpoint(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing left aside
+
+
+def test_a_saved_checkpoint_is_world_readable(tmp_path: Path) -> None:
+    """A checkpoint is an ordinary directory (0o755 under umask 022), not the private mode of the
+    temporary directory it was written in: other users and services can read it."""
+    umask = os.umask(0o022)
+    try:
+        out = saved(tmp_path)
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o755
 
 
 def test_save_rejects_unknown_format_and_file_target(tmp_path: Path) -> None:

@@ -71,6 +71,35 @@ def test_generate_bad_input_exits_2(ckpt, monkeypatch, args, message):
     assert code == 2 and message in err
 
 
+def test_generate_max_context_bounds_the_call(ckpt, monkeypatch):
+    """--max-context reaches the Generator: a prompt + --max-bytes past it is refused (exit 2,
+    naming max_context) instead of running unbounded."""
+    base = ["generate", "--checkpoint", str(ckpt), "--backend", "torch", "--mode", "ar", "--prompt", "def main("]
+    code, _, err = run_cli([*base, "--max-bytes", "4", "--max-context", "8"], monkeypatch)
+    assert code == 2 and "max_context 8" in err, err
+    code, _, err = run_cli([*base, "--max-bytes", "4", "--max-context", "14"], monkeypatch)  # BOS + 9 + 4 fit
+    assert code == 0, err
+
+
+def test_generate_ignore_eos_reaches_the_request(ckpt, monkeypatch):
+    """--ignore-eos turns stop_on_eos off in the request generated (EOS otherwise ends the output)."""
+    from fastblt.runtime.generator import Generator
+
+    seen = []
+    real = Generator.generate
+
+    def generate(self, request, *args, **kwargs):
+        seen.append(request.opts.stop_on_eos)
+        return real(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, "generate", generate)
+    base = ["generate", "--checkpoint", str(ckpt), "--backend", "torch", "--mode", "ar", "--prompt", "x"]
+    for extra in (["--ignore-eos"], []):
+        code, _, err = run_cli([*base, "--max-bytes", "4", "--json", *extra], monkeypatch)
+        assert code == 0, err
+    assert seen == [False, True]
+
+
 def test_generate_blt_d_on_plain_blt_checkpoint(tmp_path, monkeypatch):
     from tiny import make_model
 

@@ -114,6 +114,47 @@ def test_hostile_requests_get_4xx_and_the_server_stays_up(server):
     assert "Traceback" not in server.output()  # every one of them was answered, none failed inside
 
 
+def test_a_chunked_body_past_the_limit_is_413(server):
+    """A body sent without Content-Length (chunked, as from a generator) is counted as it arrives:
+    a client that streams a huge upload cannot make the server buffer it all."""
+    chunk = b" " * (64 << 10)
+
+    def upload():
+        yield b'{"model": "fastblt-default", "prompt": "x", "user": "'
+        for _ in range(17):  # 1.06 MiB, past the default limit of 1 MiB
+            yield chunk
+        yield b'"}'
+
+    r = httpx.post(f"{server.url}/v1/completions", content=upload(), headers=AUTH, timeout=60)
+    assert "content-length" not in {k.lower() for k in r.request.headers}  # chunked, as meant
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text[:200]
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_a_body_of_exactly_the_limit_is_accepted(server):
+    """The limit is the largest body allowed, not the smallest refused: a valid request padded
+    with JSON whitespace to exactly 1 MiB (the default --max-body) is answered."""
+    raw = body()
+    raw = raw[:-1] + b" " * ((1 << 20) - len(raw)) + b"}"
+    assert len(raw) == 1 << 20
+    r = httpx.post(f"{server.url}/v1/completions", content=raw, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text[:200]
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_the_position_limit_blames_the_prompt_when_the_prompt_alone_reaches_it():
+    """A prompt whose ids (BOS + its bytes) are exactly what reached the patch limit is the
+    prompt's fault: telling the client to lower max_tokens would never fix it."""
+    from fastblt.errors import PositionLimit
+    from fastblt.serve.api import Completion
+    from fastblt.serve.app import _field_error
+
+    comp = Completion(prompt="abcd", max_tokens=8, stream=False, include_usage=False)
+    for bytes_read, param in ((4, "prompt"), (5, "prompt"), (6, "max_tokens")):  # 5: BOS + the 4 prompt bytes
+        e = _field_error(PositionLimit("position limit", limit=4096, bytes_read=bytes_read), comp)
+        assert e.param == param, (bytes_read, e.param)
+
+
 # 6,000 bytes that patch into more than the default's 4,096 patches: high entropy, short patches
 NOISE = "".join(chr(33 + (i * 7919) % 90) for i in range(6000))
 

@@ -178,6 +178,25 @@ def test_stop_strings_seeds_and_fastblt_fields(server, reference):
     assert all("usage" in ch.model_fields_set and ch.usage is None for ch in chunks)  # null, as OpenAI sends it
 
 
+def test_four_stop_strings_are_allowed(server, reference):
+    """OpenAI allows up to 4 stop sequences: a client sending 4 must not be refused."""
+    full = reference.generate(PROMPT, mode="blt-s", max_bytes=60, temperature=0.0).text
+    stops = [full[30:34], "\x00a", "\x00b", "\x00c"]
+    want = reference.generate(PROMPT, mode="blt-s", max_bytes=60, stop=stops, temperature=0.0)
+    r = client(server).completions.create(model=MODEL, prompt=PROMPT, max_tokens=60, temperature=0, stop=stops)
+    assert r.choices[0].text == want.text == full[: full.find(stops[0])]
+
+
+def test_temperature_defaults_to_one_as_openai(server, reference):
+    """A request without temperature samples at 1.0 (OpenAI's default), not greedily: a seed
+    gives the same text as Generator.generate at temperature 1.0."""
+    want = reference.generate(PROMPT, mode="blt-s", max_bytes=40, temperature=1.0, seed=7)
+    greedy = reference.generate(PROMPT, mode="blt-s", max_bytes=40, temperature=0.0)
+    assert want.text != greedy.text  # the seed tells the two defaults apart
+    r = client(server).completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, seed=7)
+    assert r.choices[0].text == want.text
+
+
 def test_sixty_four_concurrent_requests_equal_serial(server, reference):
     prompts = [f"def f{i}(x):\n    return x" for i in range(8)]
     jobs = [(prompts[i % 8], MODES[i % 4] if i % 4 != 2 else "blt-s") for i in range(64)]
@@ -227,6 +246,28 @@ def test_models_health_metrics_and_keys(server):
     assert _metric(server, "fastblt_batch_lanes") == default_lanes("ort")
     assert _metric(server, "fastblt_batch_lanes_alive") == default_lanes("ort")
     assert _metric(server, "fastblt_lane_restarts_total") == 0
+
+
+def test_metrics_count_accepted_bytes_and_time_the_first_byte():
+    """Per request: time to first byte is arrival to the first verified byte (not the last), and
+    accepted bytes count the drafts that were accepted (not every one drafted)."""
+    from fastblt.serve.metrics import Metrics
+
+    m, arrived = Metrics(), 100.0
+    stats = SimpleNamespace(mode="blt-s", generated=2, drafted=10, accepted=3)
+    m.generation(SimpleNamespace(stats=stats, times=[arrived + 0.01, arrived + 5.0]), arrived)
+    text = m.render().decode()
+
+    def value(series: str) -> float:
+        found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+        assert found is not None, f"{series} not in {text}"
+        return float(found.group(1))
+
+    assert value('fastblt_time_to_first_byte_seconds_sum{mode="blt-s"}') == pytest.approx(0.01)
+    assert value('fastblt_time_to_first_byte_seconds_count{mode="blt-s"}') == 1
+    assert value('fastblt_accepted_bytes_total{mode="blt-s"}') == 3
+    assert value('fastblt_drafted_bytes_total{mode="blt-s"}') == 10
+    assert value('fastblt_inter_byte_latency_seconds_sum{mode="blt-s"}') == pytest.approx(4.99)
 
 
 def _metric(server, series: str) -> float:
