@@ -24,7 +24,8 @@ from fastblt.model.config import BOE_ID, BOS_ID, BYTE_OFFSET, EOS_ID
 from fastblt.runtime.options import MODES
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
-MAX_N = 16  # choices per request: each is a request of its own in the batch (greedy ones share one)
+MAX_N = 16  # choices per prompt: each is a request of its own in the batch (greedy ones share one)
+MAX_CHOICES = 64  # choices per request, over all its prompts
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 # OpenAI fields fastblt accepts only at their neutral value (what "not asked for" means)
 # (null is the default OpenAI's clients send for every one of them)
@@ -56,7 +57,7 @@ class ApiError(Exception):
 class Completion:
     """A checked completions request."""
 
-    prompt: str
+    prompts: list[str]  # one, or several (OpenAI's list of prompts): n choices each, in order
     max_tokens: int  # 0: only score the prompt (with echo); the engine still decodes a byte, unsent
     stream: bool
     include_usage: bool
@@ -92,25 +93,16 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
     if model != model_id:
         raise ApiError(404, f"model {model!r}: not served here; GET /v1/models lists {model_id!r}", "model",
                        "model_not_found")  # fmt: skip
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        raise ApiError(400, f"prompt: {len(prompt)} prompts; fastblt completes one prompt per request", "prompt")
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (int, list)) for p in prompt):
-        raise ApiError(400, "prompt: token ids; fastblt takes the prompt as a string (it reads bytes)", "prompt")
-    if not isinstance(prompt, str):
-        raise ApiError(400, f"prompt: expected a string, got {_kind(body.get('prompt'))}", "prompt")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, "prompt: not encodable as UTF-8 (a lone surrogate)", "prompt") from None
+    prompts = _prompts(body.get("prompt"))
 
     max_tokens = _get(body, "max_tokens", int, default=DEFAULT_MAX_TOKENS)
     echo = _get(body, "echo", bool, default=False)
     n = _get(body, "n", int, default=1)
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n: expected an integer in [1, {MAX_N}], got {n}", "n")
+    if len(prompts) * n > MAX_CHOICES:
+        raise ApiError(400, f"prompt: {len(prompts)} prompts x n {n} = {len(prompts) * n} choices; at most "
+                       f"{MAX_CHOICES} per request", "prompt")  # fmt: skip
     best_of = _get(body, "best_of", int)
     if best_of not in (None, 1, n):  # fastblt returns every choice it makes: none is picked from more
         raise ApiError(400, f"best_of: fastblt supports only null, 1 or n ({n}), got {best_of}", "best_of",
@@ -169,7 +161,25 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
         value = _get(body, name, kind)
         if value is not None:
             options[name] = value
-    return Completion(prompt, max_tokens, stream, include_usage, options, echo, n)
+    return Completion(prompts, max_tokens, stream, include_usage, options, echo, n)
+
+
+def _prompts(prompt: Any) -> list[str]:
+    """A string, or a list of strings (a choice set each, in order); token ids are refused."""
+    if isinstance(prompt, list) and not prompt:
+        raise ApiError(400, "prompt: an empty list; expected a string or a list of strings", "prompt")
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    if all(isinstance(p, (int, list)) and not isinstance(p, bool) for p in prompts):
+        raise ApiError(400, "prompt: token ids; fastblt takes the prompt as a string (it reads bytes)", "prompt")
+    for i, p in enumerate(prompts):
+        where = "prompt" if prompts is not prompt else f"prompt[{i}]"
+        if not isinstance(p, str):
+            raise ApiError(400, f"{where}: expected a string, got {_kind(p)}", "prompt")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{where}: not encodable as UTF-8 (a lone surrogate)", "prompt") from None
+    return prompts
 
 
 def _same(value: Any, neutral: Any) -> bool:

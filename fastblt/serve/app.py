@@ -183,13 +183,13 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             eng = ready()
             comp = parse_body(await _read_body(request, settings.max_body), settings.model_id, settings.default_mode)
             mode = comp.options["mode"]
-            reqs = _requests(eng, comp)
+            jobs = _jobs(eng, comp)
             if comp.stream:  # counted as it ends
-                return await _stream(eng, comp, reqs, request, inflight, settings, m, arrived, state["fingerprint"])
-            gens = await _unless_gone(_together(eng.generate(r) for r in reqs), request, inflight)
+                return await _stream(eng, comp, jobs, request, inflight, settings, m, arrived, state["fingerprint"])
+            gens = await _unless_gone(_together(eng.generate(job.req) for job in jobs), request, inflight)
             for gen in gens:
                 m.generation(gen, arrived)
-            response = JSONResponse(_answer(comp, reqs[0], gens, settings.model_id, state["fingerprint"]))
+            response = JSONResponse(_answer(comp, jobs, gens, settings.model_id, state["fingerprint"]))
         except ApiError as e:
             m.request(e.status, mode)
             raise
@@ -213,24 +213,52 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
 
 # ---------------------------------------------------------------------------- helpers
-def _answer(comp: Completion, req, gens: list[Generation], model_id: str, fp: str | None) -> dict:
-    """A non-streamed completion: a choice per generation (one greedy generation is every choice).
-    With echo, the text (and logprobs) start with the prompt's; with max_tokens 0 the byte the
-    engine decoded is not part of the answer."""
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One request to the engine and the choices its generation answers: a prompt's choice each
+    when sampling, all of a prompt's n choices when greedy (their bytes are the same)."""
+
+    req: Any
+    prompt: str
+    indices: list[int]
+
+
+def _jobs(eng: AsyncEngine, comp: Completion) -> list[_Job]:
+    """The engine's requests for every prompt's n choices (choice i of a prompt with seed + i
+    when a seed is given). Choice indices run prompt by prompt, as OpenAI's do."""
+    jobs = []
+    for p, prompt in enumerate(comp.prompts):
+        req, first = _request(eng, comp, prompt), p * comp.n
+        if comp.n == 1 or req.opts.temperature == 0:
+            jobs.append(_Job(req, prompt, list(range(first, first + comp.n))))
+            continue
+        for i in range(comp.n):
+            seed = None if req.opts.seed is None else (req.opts.seed + i) % 2**63
+            seeded = dataclasses.replace(req, opts=dataclasses.replace(req.opts, seed=seed))
+            jobs.append(_Job(seeded, prompt, [first + i]))
+    return jobs
+
+
+def _answer(comp: Completion, jobs: list[_Job], gens: list[Generation], model_id: str, fp: str | None) -> dict:
+    """A non-streamed completion: every job's generation is the choices it serves. With echo, a
+    choice's text (and logprobs) start with its prompt's; with max_tokens 0 the byte the engine
+    decoded is not part of the answer."""
     sent, choices, generated = comp.max_tokens > 0, [], 0
-    for i in range(comp.n):
-        gen = gens[i % len(gens)]
-        text = (comp.prompt if comp.echo else "") + (gen.text if sent else "")
+    for job, gen in zip(jobs, gens, strict=True):
+        text = (job.prompt if comp.echo else "") + (gen.text if sent else "")
         reason = finish_reason(gen.stop_reason) if sent else "length"
-        choices.append(choice(text, reason, i, None if gen.logprobs is None else _logprobs(comp, req, gen, sent)))
-        generated += len(gen.ids) if sent else 0
-    return completion_body(completion_id(), model_id, choices, usage(len(req.ids) - 1, generated), fingerprint=fp)
+        logprobs = None if gen.logprobs is None else _logprobs(comp, job, gen, sent)
+        choices += [choice(text, reason, i, logprobs) for i in job.indices]
+        generated += len(gen.ids) * len(job.indices) if sent else 0
+    choices.sort(key=lambda c: c["index"])
+    used = usage(sum(len(p.encode()) for p in comp.prompts), generated)
+    return completion_body(completion_id(), model_id, choices, used, fingerprint=fp)
 
 
-def _logprobs(comp: Completion, req, gen: Generation, sent: bool) -> dict:
+def _logprobs(comp: Completion, job: _Job, gen: Generation, sent: bool) -> dict:
     ids, data, lps, tops = [], b"", [], []
     if comp.echo:
-        ids, data, lps, tops = list(req.ids[1:]), comp.prompt.encode(), gen.prompt_logprobs, gen.prompt_top_logprobs
+        ids, data, lps, tops = list(job.req.ids[1:]), job.prompt.encode(), gen.prompt_logprobs, gen.prompt_top_logprobs
     if sent:
         ids, data, lps, tops = ids + gen.ids, data + gen.bytes, lps + gen.logprobs, tops + gen.top_logprobs
     return logprobs_body(ids, data, lps, tops)
@@ -252,29 +280,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _requests(eng: AsyncEngine, comp: Completion) -> list:
-    """A Request per choice: n of them when sampling (choice i with seed + i when a seed is
-    given), one when greedy (its bytes are every choice's)."""
-    req = _request(eng, comp)
-    if comp.n == 1 or req.opts.temperature == 0:
-        return [req]
-    seed = req.opts.seed
-    return [dataclasses.replace(req, opts=dataclasses.replace(req.opts, seed=None if seed is None else
-                                                              (seed + i) % 2**63)) for i in range(comp.n)]  # fmt: skip
-
-
-def _request(eng: AsyncEngine, comp: Completion):
-    """The engine's checked Request; a refused option is a 400 naming the field. The size limit
-    (the engine's max_context, less the BOS id) is checked here, in the request's own terms."""
+def _request(eng: AsyncEngine, comp: Completion, prompt: str):
+    """The engine's checked Request for `prompt`; a refused option is a 400 naming the field. The
+    size limit (the engine's max_context, less the BOS id) is checked here, in the request's terms."""
     limit = None if eng.generator.max_context is None else eng.generator.max_context - 1
-    size, decoded = len(comp.prompt.encode()), max(comp.max_tokens, 1)  # max_tokens 0 still decodes one
+    size, decoded = len(prompt.encode()), max(comp.max_tokens, 1)  # max_tokens 0 still decodes one
     if limit is not None and size + decoded > limit:
         fix = "shorten the prompt" if size >= limit else f"lower max_tokens to at most {limit - size}"
         raise ApiError(400, f"prompt + max_tokens: {size} + {decoded} bytes exceed this server's limit of "
                        f"{limit} bytes per request; {fix}", "prompt" if size >= limit else "max_tokens",
                        "context_length_exceeded")  # fmt: skip
     try:
-        return eng.request(comp.prompt, max_bytes=decoded, **comp.options)
+        return eng.request(prompt, max_bytes=decoded, **comp.options)
     except (InputError, CapabilityError) as e:
         raise _field_error(e, comp) from None
 
@@ -287,7 +304,7 @@ def _field_error(e: FastBltError, comp: Completion) -> ApiError:
     what they name). A sequence past the global model's position limit is the prompt's fault when
     the prompt alone reaches it, else max_tokens'."""
     if isinstance(e, PositionLimit):
-        prompt = len(comp.prompt.encode())
+        prompt = max(len(p.encode()) for p in comp.prompts)  # the longest: the likeliest to have reached it
         if e.bytes_read <= prompt + 1:  # + 1: the BOS id
             fix, param = "shorten the prompt", "prompt"
         else:
@@ -368,7 +385,7 @@ async def _together(work: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
         raise
 
 
-async def _stream(eng: AsyncEngine, comp: Completion, reqs: list, request: Request, inflight: _InFlight,
+async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request: Request, inflight: _InFlight,
                   settings: ServeSettings, m: Metrics, arrived: float,
                   fp: str | None) -> StreamingResponse:  # fmt: skip
     """Start the streams (a choice each; one when greedy) and wait for each one's first event, so
@@ -377,18 +394,17 @@ async def _stream(eng: AsyncEngine, comp: Completion, reqs: list, request: Reque
     status is counted when the response ends: 200, 499 when the client left first, or an error's."""
     streams: list[TextStream] = []
     try:
-        for r in reqs:
-            streams.append(eng.stream(r))
+        for job in jobs:
+            streams.append(eng.stream(job.req))
         firsts = await _unless_gone(_together(_first(s) for s in streams), request, inflight)
     except BaseException:
         for s in streams:
             s.cancel()
         raise
     cid, created = completion_id(), int(time.time())
-    indices = [list(range(comp.n))] if len(streams) == 1 else [[i] for i in range(comp.n)]  # stream -> choices
 
     def chunk(j: int, text: str, reason: str | None = None) -> bytes:
-        body = completion_body(cid, settings.model_id, [choice(text, reason, i) for i in indices[j]],
+        body = completion_body(cid, settings.model_id, [choice(text, reason, i) for i in jobs[j].indices],
                                created=created, fingerprint=fp)  # fmt: skip
         if comp.include_usage:
             body["usage"] = None  # only the last chunk, after the choices, carries it
@@ -402,8 +418,8 @@ async def _stream(eng: AsyncEngine, comp: Completion, reqs: list, request: Reque
                  for j, (s, first) in enumerate(zip(streams, firsts, strict=True))]  # fmt: skip
         try:
             if comp.echo:
-                for j in range(len(streams)):
-                    yield chunk(j, comp.prompt)
+                for j, job in enumerate(jobs):
+                    yield chunk(j, job.prompt)
             generated, ended = 0, 0
             while ended < len(streams):
                 j, text = await news.get()
@@ -416,11 +432,12 @@ async def _stream(eng: AsyncEngine, comp: Completion, reqs: list, request: Reque
                 if gen is None:  # cancelled while the client still reads: the server stopped it
                     raise inflight.error()
                 m.generation(gen, arrived)
-                generated += len(gen.ids) * len(indices[j])
+                generated += len(gen.ids) * len(jobs[j].indices)
                 yield chunk(j, "", finish_reason(gen.stop_reason))
             status = 200
             if comp.include_usage:
-                body = completion_body(cid, settings.model_id, [], usage(len(reqs[0].ids) - 1, generated), created, fp)
+                used = usage(sum(len(p.encode()) for p in comp.prompts), generated)
+                body = completion_body(cid, settings.model_id, [], used, created, fp)
                 yield sse(body)
             yield sse("[DONE]")
         except (FastBltError, ApiError) as e:  # bytes already went out: the failure is an event
