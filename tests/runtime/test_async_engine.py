@@ -248,6 +248,40 @@ def test_a_stream_whose_event_loop_closed_frees_its_row(engine):
     assert kept[0].ticket.cancelled and engine.stats.cancelled == before + 1
 
 
+def test_a_stream_still_referenced_is_cancelled_by_its_task_or_aclose(engine):
+    """A stream its consumer still holds (so dropping it cancels nothing) is cancelled when the
+    task iterating it is cancelled, or when it is closed with `aclose`: otherwise its request
+    decodes on, holding a row, until max_bytes."""
+
+    async def main(how: str) -> bool:
+        stream = engine.stream(PROMPTS[0], mode="ar", max_bytes=50_000, stop_on_eos=False)
+        try:
+            await stream.__anext__()  # decoding now
+            if how == "task":
+
+                async def consume() -> None:
+                    async for _ in stream:  # suspends only while it waits for text
+                        pass
+
+                task = asyncio.create_task(consume())
+                await asyncio.sleep(0.05)
+                assert not task.done(), task.exception()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            else:
+                await stream.aclose()
+            return stream.ticket.cancelled  # while the loop runs (a closed loop cancels it anyway)
+        finally:
+            stream.cancel()
+
+    before = engine.stats.cancelled
+    for how in ("task", "aclose"):
+        assert asyncio.run(main(how)), how
+        assert _active_reaches(engine, 0), how
+    assert engine.stats.cancelled == before + 2
+
+
 @pytest.mark.parametrize("processes", [False, True])
 def test_closing_with_a_timeout_cancels_what_every_lane_still_holds(processes, tmp_path):
     if processes:  # worker lanes load a checkpoint by path

@@ -102,6 +102,22 @@ def test_ar_rows_step_together():
     assert s.rows["global"] / s.calls["global"] > 1.0  # patches closing in different rows share a call
 
 
+def test_blt_s_rows_start_their_rounds_together():
+    """A cohort's rows wait for each other at the end of a round, so rows that finished their
+    prefills at different turns (prompts of 1 to 5 prefill chunks) still draft and verify in the
+    same turns: their verify passes share entropy steps, their drafts decoder calls. Rows that
+    each started a round as soon as they could would drift apart and run them one by one."""
+    g = torch_generator()
+    prompts = [PROMPTS[3] * n for n in (1, 3, 5, 7)]
+    with batch_of(g, max_batch=4) as batch:
+        with batch._cv:  # all four are admitted at the same turn
+            tickets = [batch.submit(make_request(p, g.config, "blt-s", 80, stop_on_eos=False)) for p in prompts]
+        [t.result(60) for t in tickets]
+        s = batch.stats
+    assert s.rows["entropy"] / s.calls["entropy"] > 1.6
+    assert s.rows["decoder"] / s.calls["decoder"] > 2.8
+
+
 def test_streamed_text_is_the_generation():
     g = torch_generator()
     chunks: list[str] = []
@@ -110,6 +126,47 @@ def test_streamed_text_is_the_generation():
         out = t.result(60)
     assert "".join(chunks) == out.text
     assert out.text == g.generate(PROMPTS[1], mode="blt-s", max_bytes=30, stop=["o"]).text
+
+
+def test_a_listener_that_fails_cancels_its_request():
+    """An `on_text` callback that raises has lost its consumer: the request is cancelled at once
+    (its row freed) instead of decoding on, unread, to max_bytes."""
+    g = torch_generator()
+    calls = []
+
+    def gone(text: str) -> None:
+        calls.append(text)
+        raise ConnectionResetError("the client went away")
+
+    with batch_of(g) as batch:
+        before = batch.stats.cancelled
+        t = batch.submit(make_request(PROMPTS[0], g.config, "ar", 10_000, stop_on_eos=False), on_text=gone)
+        with pytest.raises(Cancelled):
+            t.result(60)
+        assert len(calls) == 1 and batch.stats.cancelled == before + 1
+
+
+def test_a_finished_request_cancelled_before_it_is_retired_keeps_its_generation(monkeypatch):
+    """A request that met its stop condition is finished, even when its ticket is cancelled (by
+    close(timeout), or its caller) in the same turn, before the batch retires it: it returns its
+    Generation, not Cancelled, and counts as finished."""
+    g = torch_generator()
+    retire = BatchEngine._retire
+
+    def cancel_first(self):
+        for seq in self.live:
+            if seq.ended and seq.ticket.error is None:
+                seq.ticket.cancel()
+                assert seq.ticket.cancelled  # not done yet: the flag is set
+        retire(self)
+
+    monkeypatch.setattr(BatchEngine, "_retire", cancel_first)
+    work = [(p, m) for p in PROMPTS[:2] for m in ("ar", "blt-s", "blt-d")]
+    with batch_of(g) as batch:
+        tickets = [batch.submit(make_request(p, g.config, m, 12, stop_on_eos=False)) for p, m in work]
+        got = [t.result(60).ids for t in tickets]
+        assert batch.stats.finished == len(work) and batch.stats.cancelled == 0
+    assert got == [g.generate(p, mode=m, max_bytes=12, stop_on_eos=False).ids for p, m in work]
 
 
 def test_a_cancelled_request_leaves_and_the_others_stay_exact():
@@ -394,6 +451,35 @@ def test_a_cache_lent_to_a_mirror_row_is_that_row_and_is_copied_only_when_it_cha
     assert mirror.rows == 3 and is_row(a, 2)
     mirror.release()  # every lent cache back on its own buffers
     assert a.lent is None and mirror.owners == [None] * 3
+
+
+def test_a_lent_cache_takes_back_every_slot_its_row_holds():
+    """take_back copies the row's slots into the cache's own buffers: every slot below `upto` (or
+    every slot of the row), each with its own value, the last one included; a slot lost there is
+    a global-cache entry the sequence later attends to as zeros (wrong bytes, no error)."""
+    import torch
+
+    from fastblt.model.config import StackConfig
+    from fastblt.runtime.caches import LinearCache, MirrorRows
+
+    cfg = StackConfig(dim=8, n_layers=2, n_heads=2, ffn_dim=8, max_positions=256)
+    mirror = MirrorRows(cfg, 2, torch.float32, torch.device("cpu"))
+    assert mirror.reserve(64, 2)
+    for upto in (37, None):
+        cache = LinearCache(cfg, torch.float32, torch.device("cpu"))
+        mirror.sync(1, cache, 0)
+        assert cache.lent == (mirror, 1)
+        written = []
+        for k, v in cache.kv:  # a step writing the row: a distinct value in every slot
+            for t, sign in ((k, 1.0), (v, -1.0)):
+                t.copy_(sign * (1 + torch.arange(t.numel(), dtype=t.dtype)).view(t.shape))
+                written.append(t.clone())
+        n = mirror.cap if upto is None else upto
+        cache.take_back(upto)
+        assert cache.lent is None and mirror.owners[1] is None and cache.slots >= n
+        got = [t for pair in cache.kv for t in pair]
+        for mine, want in zip(got, written, strict=True):
+            assert torch.equal(mine[:, :, :n], want[:, :, :n])
 
 
 def test_a_global_step_in_parts_is_not_overwritten_by_padding_between_them():

@@ -87,6 +87,18 @@ def test_numpy_scalars_are_numbers_and_come_back_plain():
     assert g.generate(req).ids == g.generate("abc", mode="blt-s", **plain).ids
 
 
+def test_diffusion_modes_default_to_the_papers_unmasking_settings():
+    """Options left unset take the documented per-mode defaults: blt-d unmasks by confidence
+    (alpha 0.7, the paper's headline; entropy gamma 1.0), blt-dv drafts in one step (its
+    confidence alpha 0.3, entropy gamma 1.5: the permissive settings). A wrong default silently
+    changes every call's bytes and speed."""
+    cfg = tiny_model().config
+    d = make_request(b"x", cfg, "blt-d").opts
+    assert (d.unmask, d.alpha, d.gamma) == ("confidence", 0.7, 1.0)
+    dv = make_request(b"x", cfg, "blt-dv").opts
+    assert (dv.unmask, dv.alpha, dv.gamma) == ("one-step", 0.3, 1.5)
+
+
 def test_bad_prompts_and_max_context():
     g = torch_generator(max_context=64)
     with pytest.raises(InputError, match="empty"):
@@ -214,6 +226,17 @@ def test_output_stop_conditions():
     assert out.push([5, 6, 2, 7]) and out.stop_reason == "max_bytes" and out.ids == [5, 6, 2]
     out = Output(max_bytes=5, stop_on_eos=True)
     assert out.push([5, 2, 7]) and out.stop_reason == "eos" and out.ids == [5]
+
+
+def test_output_keeps_the_zero_byte():
+    """Id 4 is byte 0x00, a byte like any other: a binary output keeps it, and a stop string that
+    holds it ends the output there."""
+    out = Output(5)
+    assert not out.push([4, 5])
+    assert bytes(out.data) == b"\x00\x01"
+    out = Output(max_bytes=5, stop=(b"\x00",))
+    assert out.push([5, 4, 6])
+    assert out.stop_reason == "stop" and bytes(out.data) == b"\x01" and out.ids == [5, 4]
 
 
 @pytest.mark.parametrize("mode", ["ar", "blt-s", "blt-dv", "blt-d"])
@@ -361,6 +384,34 @@ def test_stats_are_consistent():
     assert d.eq8["blt-1b"]["bytes_per_byte"] < ar.eq8["blt-1b"]["bytes_per_byte"]
 
 
+def test_ar_counts_a_round_per_appended_byte():
+    """ar's rounds are its decoding steps: one per byte appended after the first (the last byte is
+    never appended), as many as its decoder passes, so rounds-based reports (bytes per round) of ar
+    are not zero or off."""
+    s = torch_generator().generate(PROMPTS[0], mode="ar", max_bytes=25, stop_on_eos=False).stats
+    assert s.rounds == s.generated - 1 == s.passes["decoder"] == 24
+
+
+def test_blt_s_drafts_no_more_than_the_output_can_still_take(monkeypatch):
+    """A blt-s round's pending byte takes one place of what is left of max_bytes, so it drafts at
+    most `remaining - 1` bytes: a draft past max_bytes is work (a decoder pass per byte) whose
+    result can never be output. A call of max_bytes 2 has no room for any draft."""
+    asked = []
+
+    def drafter(run, c, k):
+        asked.append((k, run.out.remaining))
+        return (yield from loops.draft_ar(run, c, k))
+
+    monkeypatch.setitem(loops.LOOPS, "blt-s", lambda run, logits: loops.blt_s(run, logits, drafter=drafter))
+    g = torch_generator()
+    kw = dict(mode="blt-s", stop_on_eos=False, lookup=0)
+    out = g.generate(PROMPTS[0], max_bytes=12, **kw)
+    assert asked and all(k <= remaining - 1 for k, remaining in asked)
+    assert asked[0] == (10, 11)  # the first round drafts all the output can still take
+    assert out.ids == g.generate(PROMPTS[0], mode="ar", max_bytes=12, stop_on_eos=False).ids
+    assert g.generate(PROMPTS[0], max_bytes=2, **kw).stats.drafted == 0
+
+
 def test_errors_are_fastblt_errors():
     assert issubclass(InputError, FastBltError) and issubclass(CapabilityError, FastBltError)
     assert BltDConfig().block_size == 8
@@ -446,7 +497,9 @@ def test_a_request_built_by_hand_is_checked_like_a_made_one():
     made = make_request(PROMPTS[0], g.config, "blt-d", 12)
     by_hand = Request(made.ids, DecodeOptions(mode="blt-d", max_bytes=12))  # defaults left unresolved
     assert g.generate(by_hand).ids == g.generate(made).ids
-    with pytest.raises(InputError, match=r"request ids: expected ints in \[0, 260\)"):
-        g.generate(Request((1, 999, 105), DecodeOptions(mode="ar")))
+    for ids in ((1, 999, 105), (1, 260)):  # 260 is the first id past the vocabulary (the [MASK] row)
+        with pytest.raises(InputError, match=r"request ids: expected ints in \[0, 260\)"):
+            g.generate(Request(ids, DecodeOptions(mode="ar", max_bytes=2)))
+    assert len(g.generate(Request((1, 259), DecodeOptions(mode="ar", max_bytes=2, stop_on_eos=False))).ids) == 2
     with pytest.raises(InputError, match="option max_bytes"):
         g.generate(dataclasses.replace(made, opts=dataclasses.replace(made.opts, max_bytes=-5)))

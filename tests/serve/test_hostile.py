@@ -38,7 +38,8 @@ HOSTILE: list[tuple[str, bytes | None, int]] = [  # what, body, expected status 
     ("a lone surrogate in the prompt", b'{"model": "fastblt-default", "prompt": "\\ud800"}', 400),
     ("a lone surrogate in a stop string", RAW + b'"stop": "\\ud800"}', 400),
     ("prompt is a number", body(prompt=3), 400),
-    ("two prompts", body(prompt=["a", "b"]), 400),
+    ("an empty list of prompts", body(prompt=[]), 400),
+    ("a list of prompts with a number", body(prompt=["a", 3]), 400),
     ("token ids as the prompt", body(prompt=[1, 2, 3]), 400),
     (
         "an integer of 5,000 digits",
@@ -149,7 +150,7 @@ def test_the_position_limit_blames_the_prompt_when_the_prompt_alone_reaches_it()
     from fastblt.serve.api import Completion
     from fastblt.serve.app import _field_error
 
-    comp = Completion(prompt="abcd", max_tokens=8, stream=False, include_usage=False)
+    comp = Completion(prompts=["abcd"], max_tokens=8, stream=False, include_usage=False)
     for bytes_read, param in ((4, "prompt"), (5, "prompt"), (6, "max_tokens")):  # 5: BOS + the 4 prompt bytes
         e = _field_error(PositionLimit("position limit", limit=4096, bytes_read=bytes_read), comp)
         assert e.param == param, (bytes_read, e.param)
