@@ -44,6 +44,7 @@ from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.generator import Generation, Generator
 from fastblt.runtime.lane_process import CANCEL_GRACE, ProcessLane, start_zygote
 from fastblt.runtime.options import Request, checked
+from fastblt.runtime.stream import Scores
 from fastblt.runtime.wakeups import wake
 from fastblt.runtime.zygote import Zygote
 
@@ -404,20 +405,29 @@ class TextStream:
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
         self._texts: list[str] = []
+        self._scores: list[Scores] = []
         self._finished = False
         self._wake: asyncio.Event = asyncio.Event()
         self._waking = False
         self.generation: Generation | None = None
+        # option logprobs: the scores of the chunk `__anext__` returned last (ids, logprobs, top)
+        self.chunk_scores: Scores | None = None
         # the ticket reaches this stream weakly: a stream its consumer dropped (a `break` out of
         # `async for`, an exception in its body) is collected, and that cancels its request
         ref = weakref.ref(self)
+        scored = request.opts.logprobs is not None
         self.ticket = submit(request, on_text=partial(_to_stream, ref, "_on_text"),
-                             on_done=partial(_to_stream, ref, "_on_done"))  # fmt: skip
+                             on_done=partial(_to_stream, ref, "_on_done"),
+                             on_scores=partial(_to_stream, ref, "_on_scores") if scored else None)  # fmt: skip
 
     def _on_text(self, text: str) -> None:  # the batch's thread
         with self._lock:
             self._texts.append(text)
             self._signal()
+
+    def _on_scores(self, scores: Scores) -> None:  # the batch's thread, before the chunk's text
+        with self._lock:
+            self._scores.append(scores)
 
     def _on_done(self, ticket: Ticket) -> None:  # the batch's thread
         with self._lock:
@@ -441,9 +451,11 @@ class TextStream:
         while True:
             with self._lock:
                 texts, self._texts = self._texts, []
+                scores, self._scores = self._scores, []
                 finished, self._waking = self._finished, False
                 self._wake.clear()
             if texts:
+                self.chunk_scores = _joined(scores) if scores else None
                 return "".join(texts)
             if finished or self.ticket.cancelled:
                 if self.generation is None and finished:
@@ -473,6 +485,16 @@ class TextStream:
         ticket = getattr(self, "ticket", None)
         if ticket is not None and not ticket.done:
             ticket.cancel()
+
+
+def _joined(parts: list[Scores]) -> Scores:
+    """Several chunks' scores as one chunk's (their texts are joined too)."""
+    ids, logprobs, tops = [], [], []
+    for part_ids, part_logprobs, part_tops in parts:
+        ids += part_ids
+        logprobs += part_logprobs
+        tops += part_tops
+    return ids, logprobs, tops
 
 
 def _to_stream(ref: weakref.ref, method: str, arg: object) -> None:

@@ -51,7 +51,7 @@ from fastblt.runtime.engine import Engine
 from fastblt.runtime.generator import Generation, generation, new_run
 from fastblt.runtime.options import Request, check_fit, checked, draft_length
 from fastblt.runtime.state import SequenceState
-from fastblt.runtime.stream import Output, TextChunker
+from fastblt.runtime.stream import Output, Scores, TextChunker
 from fastblt.runtime.wakeups import deferred_wakes
 
 CYCLE = ("encoder", "entropy", "global", "decoder", "decoder_block")  # the order sequences take steps in
@@ -95,9 +95,11 @@ class Ticket:
     """
 
     def __init__(self, request: Request, on_text: Callable[[str], None] | None,
-                 on_done: Callable[[Ticket], None] | None):  # fmt: skip
+                 on_done: Callable[[Ticket], None] | None,
+                 on_scores: Callable[[Scores], None] | None = None):  # fmt: skip
         self.request = request
         self.on_text, self.on_done = on_text, on_done
+        self.on_scores = on_scores  # with option logprobs: each streamed chunk's scores, before its text
         self.generation: Generation | None = None
         self.error: BaseException | None = None
         self.submitted = time.perf_counter()
@@ -169,6 +171,8 @@ class _Sequence:
             text = self.chunker.take(self.run.out.data, final=final)
             if text:
                 try:
+                    if self.ticket.on_scores is not None and self.run.out.logprobs is not None:
+                        self.ticket.on_scores(self.run.out.new_scores(self.chunker.sent))
                     self.ticket.on_text(text)
                 except Exception:  # a listener that fails has gone: stop the request, not the batch
                     self.ticket.cancel()
@@ -237,15 +241,17 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request, on_text: Callable[[str], None] | None = None,
-               on_done: Callable[[Ticket], None] | None = None) -> Ticket:  # fmt: skip
-        """Queue a checked request (make_request); returns its Ticket at once.
+               on_done: Callable[[Ticket], None] | None = None,
+               on_scores: Callable[[Scores], None] | None = None) -> Ticket:  # fmt: skip
+        """Queue a checked request (make_request); returns its Ticket at once. `on_text` gets the
+        text as it is verified; `on_scores` (option logprobs) each such chunk's scores first.
 
         Raises InputError when it cannot fit the graphs or `max_context`, EngineBusy when the queue
         is full, EngineClosed once `close` began.
         """
         request = checked(request, self.config)
         check_fit(request, self.engine.max_step, self.max_context)
-        ticket = Ticket(request, on_text, on_done)
+        ticket = Ticket(request, on_text, on_done, on_scores)
         with self._cv:
             if self._closing:
                 raise EngineClosed("engine: closing; it takes no new requests")

@@ -8,9 +8,10 @@ not the cores, was the limit, and more cores make it worse. A `ProcessLane` runs
 BatchEngine in a child process (forked from a zygote where there is one: zygote.py); the parent
 keeps the request checks, the event loop and HTTP.
 
-Traffic over one duplex pipe per lane: the parent sends `("submit", id, request, stream)`,
-`("cancel", id)`, `("peers", busy)`, `("stats",)` and `("close", cancel)`; the child answers `("texts", [(id,
-text), ...])` (a turn's streamed chunks, one message per turn), `("done", id, generation, error)`,
+Traffic over one duplex pipe per lane: the parent sends `("submit", id, request, stream,
+scores)`, `("cancel", id)`, `("peers", busy)`, `("stats",)` and `("close", cancel)`; the child
+answers `("texts", [(id, text, scores or None), ...])` (a turn's streamed chunks, one message per
+turn), `("done", id, generation, error)`,
 `("stats", BatchStats)` and `("closed",)`. A reader thread in the parent turns them into the
 callbacks of the request's Ticket, exactly as a thread lane calls them, so AsyncEngine treats
 both kinds alike. The child ignores SIGINT and SIGTERM (a server's process group gets them: the
@@ -44,6 +45,7 @@ from typing import Any
 from fastblt.errors import EngineBusy, EngineClosed, FastBltError, InternalError
 from fastblt.runtime.batch import BatchEngine, BatchStats, Ticket, check_sizes, sum_stats
 from fastblt.runtime.options import Request
+from fastblt.runtime.stream import Scores
 from fastblt.runtime.wakeups import deferred_wakes
 from fastblt.runtime.zygote import Forked, Zygote, set_name
 from fastblt.runtime.zygote import available as zygote_available
@@ -234,10 +236,11 @@ class ProcessLane:
             return sum_stats([self._base, self._stats])
 
     def submit(self, request: Request, on_text: Callable[[str], None] | None = None,
-               on_done: Callable[[Ticket], None] | None = None) -> Ticket:  # fmt: skip
+               on_done: Callable[[Ticket], None] | None = None,
+               on_scores: Callable[[Scores], None] | None = None) -> Ticket:  # fmt: skip
         """Queue a checked request in the child; as BatchEngine.submit (EngineBusy, EngineClosed)."""
         rid = next(self._ids)
-        ticket = _RemoteTicket(self, rid, request, on_text, on_done)
+        ticket = _RemoteTicket(self, rid, request, on_text, on_done, on_scores)
         with self._lock:
             if self._closing or self._lost is not None:
                 why = "closing" if self._lost is None else self._lost
@@ -246,7 +249,7 @@ class ProcessLane:
             if waiting >= self.max_queue:
                 raise EngineBusy(f"engine: {waiting} requests already wait for a row (max_queue {self.max_queue})")
             self._tickets[rid] = ticket
-        if not self._send(("submit", rid, request, on_text is not None)):
+        if not self._send(("submit", rid, request, on_text is not None, on_scores is not None)):
             self._lost_child()
         return ticket
 
@@ -292,10 +295,12 @@ class ProcessLane:
             kind = msg[0]
             if kind == "texts":
                 with deferred_wakes():
-                    for rid, text in msg[1]:
+                    for rid, text, scores in msg[1]:
                         ticket = self._tickets.get(rid)
                         if ticket is not None and ticket.on_text is not None:
                             try:
+                                if scores is not None and ticket.on_scores is not None:
+                                    ticket.on_scores(scores)
                                 ticket.on_text(text)
                             except Exception:  # a listener that fails has gone: stop the request
                                 ticket.cancel()
@@ -471,10 +476,12 @@ def _serve(conn: Connection, batch: BatchEngine, out: _Outbox, alone: list[bool]
             return False
         kind = msg[0]
         if kind == "submit":
-            _, rid, request, streamed = msg
+            _, rid, request, streamed, scored = msg
             on_text = (lambda text, rid=rid: out.text(rid, text)) if streamed else None
+            on_scores = (lambda scores, rid=rid: out.scores(rid, scores)) if scored else None
             try:
-                tickets[rid] = batch.submit(request, on_text=on_text, on_done=lambda t, rid=rid: out.done(rid, t))
+                tickets[rid] = batch.submit(request, on_text=on_text, on_done=lambda t, rid=rid: out.done(rid, t),
+                                            on_scores=on_scores)  # fmt: skip
             except FastBltError as e:
                 out.send(("done", rid, None, e))
         elif kind == "peers":
@@ -499,7 +506,8 @@ class _Outbox:
 
     def __init__(self, conn: Connection):
         self.conn, self.lock = conn, threading.Lock()
-        self.texts: list[tuple[int, str]] = []  # the batch thread's own list
+        self.texts: list[tuple[int, str, Scores | None]] = []  # the batch thread's own list
+        self.pending: dict[int, Scores] = {}  # a chunk's scores, until its text comes
 
     def send(self, msg: tuple) -> None:
         try:
@@ -508,8 +516,11 @@ class _Outbox:
         except (OSError, ValueError):
             pass  # the parent is gone: the main thread sees the pipe close
 
+    def scores(self, rid: int, scores: Scores) -> None:
+        self.pending[rid] = scores
+
     def text(self, rid: int, text: str) -> None:
-        self.texts.append((rid, text))
+        self.texts.append((rid, text, self.pending.pop(rid, None)))
 
     def flush(self) -> None:
         """After each turn (the batch's on_turn), and before a request's end."""

@@ -20,6 +20,8 @@ import numpy as np
 from fastblt.model.config import BYTE_OFFSET, EOS_ID
 from fastblt.runtime.sampling import log_probs
 
+Scores = tuple[list[int], list[float], list[dict[int, float]]]  # ids, their logprobs, their top logprobs
+
 
 class Output:
     """The verified output of one call. `push` returns True once generation must stop.
@@ -41,6 +43,8 @@ class Output:
         self.top_logprobs: list[dict[int, float]] | None = None if top_logprobs is None else []
         self.prompt_logprobs: list[float] | None = None if prompt_top_logprobs is None else []
         self.prompt_top_logprobs: list[dict[int, float]] | None = None if prompt_top_logprobs is None else []
+        self.byte_ids: list[int] = []  # per byte of data, the index of its id in ids
+        self._scored = 0  # ids whose scores `new_scores` has handed out
 
     @property
     def remaining(self) -> int:
@@ -60,6 +64,7 @@ class Output:
                 _score(t, logits[i], self.top_n, self.logprobs, self.top_logprobs)
             if t >= BYTE_OFFSET:
                 self.data.append(t - BYTE_OFFSET)
+                self.byte_ids.append(len(self.ids) - 1)
                 if self.stop and self._cut_stop():
                     return self._finish("stop")
             if len(self.ids) >= self.max_bytes:
@@ -70,10 +75,18 @@ class Output:
         """The next prompt id `t`, scored under the logits of the position before it."""
         _score(t, logits, self.prompt_top_n, self.prompt_logprobs, self.prompt_top_logprobs)
 
+    def new_scores(self, upto: int) -> Scores:
+        """The scores of the ids up to data byte `upto` (exclusive) not handed out before: a
+        streamed chunk's (ids, logprobs, top_logprobs), special ids between its bytes included."""
+        end = self.byte_ids[upto - 1] + 1 if upto else self._scored
+        start, self._scored = self._scored, max(self._scored, end)
+        return self.ids[start:end], self.logprobs[start:end], self.top_logprobs[start:end]
+
     def _cut_stop(self) -> bool:
         for s in self.stop:
             if self.data.endswith(s):
                 del self.data[len(self.data) - len(s) :]
+                del self.byte_ids[len(self.byte_ids) - len(s) :]
                 return True
         return False
 

@@ -150,9 +150,9 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
             options["stop"] = stops
     logprobs = _get(body, "logprobs", int)
     if logprobs is not None:
-        if stream:
-            raise ApiError(400, "logprobs: not available with stream: true; ask without streaming", "logprobs",
-                           "unsupported")  # fmt: skip
+        if stream and echo:  # the prompt's scores come with the finished generation, after its text
+            raise ApiError(400, "logprobs: with echo, not available with stream: true; ask without streaming",
+                           "logprobs", "unsupported")  # fmt: skip
         options["logprobs"] = logprobs  # its range and the mode are the engine's to check
         if echo:
             options["prompt_logprobs"] = logprobs
@@ -266,24 +266,39 @@ def token(i: int) -> str:
     return chr(b) if b < 0x80 else f"bytes:\\x{b:02x}"
 
 
+class ByteScores:
+    """OpenAI's completions `logprobs` object, built chunk by chunk for a streamed choice (or at
+    once): `tokens`, `token_logprobs`, `top_logprobs` (the most likely ids and the chosen one: up
+    to logprobs + 1, as OpenAI's), `text_offset` (each byte's character's offset in the text, which
+    continues from one chunk to the next)."""
+
+    def __init__(self, offset: int = 0):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.chars = offset
+
+    def add(self, ids: list[int], logprobs: list[float], top: list[dict[int, float]],
+            n_bytes: int | None = None) -> dict:  # fmt: skip
+        """The entries of `ids`, up to `n_bytes` byte ids (ids past them, a stop string's, are not
+        in the text, so not here either)."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        taken = 0
+        for i, lp, best in zip(ids, logprobs, top, strict=True):
+            if i >= BYTE_OFFSET and taken == n_bytes:
+                break
+            out["tokens"].append(token(i))
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({token(j): v for j, v in {**best, i: lp}.items()})
+            out["text_offset"].append(self.chars)
+            if i >= BYTE_OFFSET:
+                self.chars += len(self.decoder.decode(bytes([i - BYTE_OFFSET])))
+                taken += 1
+        return out
+
+
 def logprobs_body(ids: list[int], data: bytes, logprobs: list[float], top: list[dict[int, float]]) -> dict:
-    """OpenAI's completions `logprobs` object for the output bytes: one entry per byte of `data`
-    (ids past it, a stop string's, are not in the text, so not here either). `top_logprobs`
-    holds the most likely ids and the chosen one (up to logprobs + 1, as OpenAI's); `text_offset`
-    is each byte's character's offset in the completion's text."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    decoder, chars, n_bytes = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0, 0
-    for i, lp, best in zip(ids, logprobs, top, strict=True):
-        if i >= BYTE_OFFSET and n_bytes == len(data):
-            break  # the stop string's bytes
-        out["tokens"].append(token(i))
-        out["token_logprobs"].append(lp)
-        out["top_logprobs"].append({token(j): v for j, v in {**best, i: lp}.items()})
-        out["text_offset"].append(chars)
-        if i >= BYTE_OFFSET:
-            chars += len(decoder.decode(data[n_bytes : n_bytes + 1]))
-            n_bytes += 1
-    return out
+    """OpenAI's `logprobs` object for a whole text: one entry per byte of `data` (the ids' bytes
+    up to the text's end) and the special ids among them."""
+    return ByteScores().add(ids, logprobs, top, len(data))
 
 
 def sse(data: dict | str) -> bytes:

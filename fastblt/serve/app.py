@@ -45,8 +45,10 @@ from fastblt.errors import (
 from fastblt.export.cache import source_hash
 from fastblt.runtime.async_engine import AsyncEngine, TextStream
 from fastblt.runtime.generator import Generation
+from fastblt.runtime.stream import Scores
 from fastblt.serve.api import (
     ApiError,
+    ByteScores,
     Completion,
     choice,
     completion_body,
@@ -403,8 +405,11 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
         raise
     cid, created = completion_id(), int(time.time())
 
-    def chunk(j: int, text: str, reason: str | None = None) -> bytes:
-        body = completion_body(cid, settings.model_id, [choice(text, reason, i) for i in jobs[j].indices],
+    scored = [ByteScores() for _ in jobs]  # logprobs: each stream's offsets run on from chunk to chunk
+
+    def chunk(j: int, text: str, reason: str | None = None, scores: Scores | None = None) -> bytes:
+        logprobs = None if scores is None else scored[j].add(*scores)
+        body = completion_body(cid, settings.model_id, [choice(text, reason, i, logprobs) for i in jobs[j].indices],
                                created=created, fingerprint=fp)  # fmt: skip
         if comp.include_usage:
             body["usage"] = None  # only the last chunk, after the choices, carries it
@@ -422,11 +427,11 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
                     yield chunk(j, job.prompt)
             generated, ended = 0, 0
             while ended < len(streams):
-                j, text = await news.get()
+                j, text, scores = await news.get()
                 if isinstance(text, BaseException):
                     raise text
                 if text is not None:
-                    yield chunk(j, text)
+                    yield chunk(j, text, scores=scores)
                     continue
                 ended, gen = ended + 1, streams[j].generation
                 if gen is None:  # cancelled while the client still reads: the server stopped it
@@ -462,22 +467,23 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _pump(j: int, stream: TextStream, first: str | None, news: asyncio.Queue) -> None:
-    """Stream `j`'s chunks onto `news` as (j, text), then (j, None) at its end, or (j, error)."""
+async def _pump(j: int, stream: TextStream, first: tuple[str, Scores | None] | None, news: asyncio.Queue) -> None:
+    """Stream `j`'s chunks onto `news` as (j, text, scores), then (j, None, None) at its end, or
+    (j, error, None)."""
     try:
         if first is not None:
-            news.put_nowait((j, first))
+            news.put_nowait((j, *first))
             async for text in stream:
-                news.put_nowait((j, text))
-        news.put_nowait((j, None))
+                news.put_nowait((j, text, stream.chunk_scores))
+        news.put_nowait((j, None, None))
     except Exception as e:  # noqa: BLE001 (the response turns it into an error event)
-        news.put_nowait((j, e))
+        news.put_nowait((j, e, None))
 
 
-async def _first(stream: TextStream) -> str | None:
-    """A stream's first chunk, or None when it ends without one."""
+async def _first(stream: TextStream) -> tuple[str, Scores | None] | None:
+    """A stream's first chunk and its scores, or None when it ends without one."""
     try:
-        return await stream.__anext__()
+        return await stream.__anext__(), stream.chunk_scores
     except StopAsyncIteration:
         return None
 

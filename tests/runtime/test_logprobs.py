@@ -101,3 +101,35 @@ def test_batched_prompt_logprobs_are_each_requests_own():
         with torch.no_grad():
             full = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)[:-1].numpy()
         check_scores(full, ids[1:], out.prompt_logprobs, out.prompt_top_logprobs, 0)
+
+
+def test_streamed_chunks_carry_their_scores():
+    """An AsyncEngine stream with logprobs: each chunk's scores are its bytes' (and the ids between
+    them), in order, so together they are the Generation's, up to the text's end (a stop string's
+    ids, cut from the text, are not streamed)."""
+    import asyncio
+
+    from fastblt.runtime.async_engine import AsyncEngine
+
+    eng = AsyncEngine(tiny_model(), backend="torch", max_batch=4, lanes=1, processes=False)
+    try:
+        full = eng.generator.generate(PROMPTS[1], mode="blt-s", max_bytes=40, stop_on_eos=False, logprobs=2)
+        stop = bytes(full.bytes[20:22])
+
+        async def main():
+            stream = eng.stream(PROMPTS[1], mode="blt-s", max_bytes=40, stop_on_eos=False, logprobs=2, stop=[stop])
+            parts = []
+            async for _ in stream:
+                assert stream.chunk_scores is not None  # every chunk has its scores
+                parts.append(stream.chunk_scores)
+            return parts, stream.generation
+
+        parts, gen = asyncio.run(main())
+        assert len(parts) > 1  # really streamed in several chunks
+        assert gen.stop_reason == "stop"
+        ids = [i for p in parts for i in p[0]]
+        assert ids == gen.ids[: len(ids)] and bytes(i - 4 for i in ids if i >= 4) == gen.bytes
+        assert [v for p in parts for v in p[1]] == gen.logprobs[: len(ids)]
+        assert [t for p in parts for t in p[2]] == gen.top_logprobs[: len(ids)]
+    finally:
+        eng.close(30)

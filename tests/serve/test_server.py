@@ -89,6 +89,23 @@ def test_logprobs_are_the_engines_per_byte(server, reference):
     plain = c.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
     assert plain.choices[0].logprobs is None
 
+    # streamed (n 2, sampled): each choice's chunks carry their bytes' entries, offsets running on
+    # across chunks; together they are the choice's logprobs as a non-streamed answer has them
+    opts = dict(model=MODEL, prompt=prompt, max_tokens=32, temperature=0.9, seed=3, n=2, logprobs=2,
+                extra_body={"mode": "ar"})  # fmt: skip
+    whole = c.completions.create(**opts)
+    parts: dict[int, dict] = {0: {}, 1: {}}
+    chunks = 0
+    for chunk in c.completions.create(stream=True, **opts):
+        for ch in chunk.choices:
+            if ch.text:
+                chunks += 1
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    parts[ch.index].setdefault(key, []).extend(getattr(ch.logprobs, key))
+    assert chunks > 2
+    for i, ch in enumerate(whole.choices):
+        assert parts[i] == {key: getattr(ch.logprobs, key) for key in parts[i]} and len(parts[i]["tokens"]) > 0
+
 
 def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server, reference):
     """echo + logprobs + max_tokens 0: the prompt's log-likelihood, byte by byte, and nothing
