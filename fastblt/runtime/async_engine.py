@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fastblt.engines.base import Backend
-from fastblt.errors import EngineBusy, EngineClosed, InputError
+from fastblt.errors import Cancelled, EngineBusy, EngineClosed, InputError
 from fastblt.machine import cpu_cores, memory_available
 from fastblt.model.blt import BltModel
 from fastblt.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine, BatchStats, Ticket, check_sizes, sum_stats
@@ -460,6 +460,8 @@ class TextStream:
             if finished or self.ticket.cancelled:
                 if self.generation is None and finished:
                     self.generation = self.ticket.result(0)  # raises the request's error
+                if self.generation is None:  # cancelled, its end not reported yet: the same answer at once
+                    raise Cancelled("request cancelled")
                 raise StopAsyncIteration
             try:
                 await self._wake.wait()

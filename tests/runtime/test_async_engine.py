@@ -329,3 +329,22 @@ def test_an_engine_dropped_without_close_ends_its_worker_processes(tmp_path):
     while any(lane._proc.poll() is None for lane in lanes) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(lane._proc.poll() is not None for lane in lanes)
+
+
+def test_a_cancelled_stream_ends_with_cancelled_whenever_it_is_read(engine):
+    """Reading a cancelled stream raises Cancelled, whether the batch has reported its end yet or
+    not (it ended quietly before the report, so a consumer could take a cut text for a whole one)."""
+
+    async def main(wait: float) -> None:
+        stream = engine.stream(PROMPTS[0], mode="ar", max_bytes=50_000, stop_on_eos=False)
+        await stream.__anext__()
+        stream.cancel()
+        await asyncio.sleep(wait)  # 0: before the batch reports the end; 0.5: after
+        with pytest.raises(Cancelled):
+            async for _ in stream:
+                pass
+        assert stream.generation is None
+
+    for wait in (0.0, 0.5):
+        asyncio.run(main(wait))
+    assert _active_reaches(engine, 0)
