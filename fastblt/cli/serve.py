@@ -131,12 +131,12 @@ def serve(
 
     _Server = _server_class()
     from fastblt.runtime.async_engine import AsyncEngine
-    from fastblt.serve.app import ServeSettings, create_app
+    from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, create_app
 
     click.echo(f"fastblt serve: loading {checkpoint} on {backend}", err=True)
     engine = AsyncEngine(
         checkpoint, backend, max_batch=max_batch, max_queue=max_queue, artifacts=artifacts,
-        max_context=max_context + 1,  # bytes, and the BOS id
+        max_context=max_context + SERVE_EXTRA_IDS,  # bytes, BOS and the byte scoring drops
         lanes=lanes, processes=lane_processes, threads=threads, device=device, on_export=first_use_notice,
     )  # fmt: skip
     settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body)

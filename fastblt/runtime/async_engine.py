@@ -216,6 +216,11 @@ class AsyncEngine:
     def max_batch(self) -> int:
         return sum(lane.max_batch for lane in self.lanes)
 
+    @property
+    def capacity(self) -> int:
+        """Requests it can hold at once (every lane's rows and queue places): more are never taken."""
+        return sum(lane.max_batch + lane.max_queue for lane in self.lanes)
+
     def _submit(self, request: Request, **callbacks: Any) -> Ticket:
         """Queue on the lane holding the fewest requests, or the next with room; EngineBusy when none
         has, EngineClosed when every lane is closing (or its process is gone)."""

@@ -64,6 +64,7 @@ class Completion:
     options: dict[str, Any] = field(default_factory=dict)  # Generator options (mode, temperature, ...)
     echo: bool = False
     n: int = 1  # choices
+    logprobs: int | None = None  # the most likely bytes reported per byte (None: no logprobs)
 
 
 def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
@@ -102,7 +103,7 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
         raise ApiError(400, f"n: expected an integer in [1, {MAX_N}], got {n}", "n")
     if len(prompts) * n > MAX_CHOICES:
         raise ApiError(400, f"prompt: {len(prompts)} prompts x n {n} = {len(prompts) * n} choices; at most "
-                       f"{MAX_CHOICES} per request", "prompt")  # fmt: skip
+                       f"{MAX_CHOICES} per request", "n" if n > 1 else "prompt")  # fmt: skip
     best_of = _get(body, "best_of", int)
     if best_of not in (None, 1, n):  # fastblt returns every choice it makes: none is picked from more
         raise ApiError(400, f"best_of: fastblt supports only null, 1 or n ({n}), got {best_of}", "best_of",
@@ -153,15 +154,16 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
         if stream and echo:  # the prompt's scores come with the finished generation, after its text
             raise ApiError(400, "logprobs: with echo, not available with stream: true; ask without streaming",
                            "logprobs", "unsupported")  # fmt: skip
-        options["logprobs"] = logprobs  # its range and the mode are the engine's to check
-        if echo:
+        if max_tokens > 0:  # its range and the mode are the engine's to check
+            options["logprobs"] = logprobs
+        if echo:  # the prompt's scores, from the prefill: any mode
             options["prompt_logprobs"] = logprobs
     for name, kind in (("k", int), ("lookup", int), ("alpha", float), ("gamma", float), ("unmask", str),
                        ("top_k", int), ("block_start", str)):  # fmt: skip
         value = _get(body, name, kind)
         if value is not None:
             options[name] = value
-    return Completion(prompts, max_tokens, stream, include_usage, options, echo, n)
+    return Completion(prompts, max_tokens, stream, include_usage, options, echo, n, logprobs)
 
 
 def _prompts(prompt: Any) -> list[str]:
@@ -288,10 +290,14 @@ class ByteScores:
             out["tokens"].append(token(i))
             out["token_logprobs"].append(lp)
             out["top_logprobs"].append({token(j): v for j, v in {**best, i: lp}.items()})
-            out["text_offset"].append(self.chars)
             if i >= BYTE_OFFSET:
                 self.chars += len(self.decoder.decode(bytes([i - BYTE_OFFSET])))
                 taken += 1
+                # a byte the decoder holds starts the character still to come; one it let go of is
+                # the last character out (a held byte that turned out invalid went out before it)
+                out["text_offset"].append(self.chars if self.decoder.getstate()[0] else self.chars - 1)
+            else:
+                out["text_offset"].append(self.chars)
         return out
 
 

@@ -63,6 +63,9 @@ from fastblt.serve.metrics import CONTENT_TYPE, Metrics
 from fastblt.version import __version__
 
 REPLICA_HEADER = "x-fastblt-replica"
+# ids an engine behind the server holds beyond --max-context bytes: BOS, and the byte a scoring
+# request (max_tokens 0) decodes and drops
+SERVE_EXTRA_IDS = 2
 T = TypeVar("T")
 
 
@@ -230,14 +233,18 @@ def _jobs(eng: AsyncEngine, comp: Completion) -> list[_Job]:
     when a seed is given). Choice indices run prompt by prompt, as OpenAI's do."""
     jobs = []
     for p, prompt in enumerate(comp.prompts):
-        req, first = _request(eng, comp, prompt), p * comp.n
-        if comp.n == 1 or req.opts.temperature == 0:
+        req, first = _request(eng, comp, prompt, p), p * comp.n
+        if comp.n == 1 or req.opts.temperature == 0 or comp.max_tokens == 0:  # one answer for all
             jobs.append(_Job(req, prompt, list(range(first, first + comp.n))))
             continue
         for i in range(comp.n):
             seed = None if req.opts.seed is None else (req.opts.seed + i) % 2**63
             seeded = dataclasses.replace(req, opts=dataclasses.replace(req.opts, seed=seed))
             jobs.append(_Job(seeded, prompt, [first + i]))
+    if len(jobs) > eng.capacity:  # more than ever fit at once: a 429 would not pass on retry
+        field = "n" if comp.n > 1 else "prompt"
+        raise ApiError(400, f"{field}: {len(comp.prompts)} prompts x n {comp.n} need {len(jobs)} requests; this "
+                       f"server holds at most {eng.capacity} (--max-batch rows + --max-queue)", field)  # fmt: skip
     return jobs
 
 
@@ -249,7 +256,7 @@ def _answer(comp: Completion, jobs: list[_Job], gens: list[Generation], model_id
     for job, gen in zip(jobs, gens, strict=True):
         text = (job.prompt if comp.echo else "") + (gen.text if sent else "")
         reason = finish_reason(gen.stop_reason) if sent else "length"
-        logprobs = None if gen.logprobs is None else _logprobs(comp, job, gen, sent)
+        logprobs = None if comp.logprobs is None else _logprobs(comp, job, gen, sent)
         choices += [choice(text, reason, i, logprobs) for i in job.indices]
         generated += len(gen.ids) * len(job.indices) if sent else 0
     choices.sort(key=lambda c: c["index"])
@@ -282,18 +289,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _request(eng: AsyncEngine, comp: Completion, prompt: str):
-    """The engine's checked Request for `prompt`; a refused option is a 400 naming the field. The
-    size limit (the engine's max_context, less the BOS id) is checked here, in the request's terms."""
-    limit = None if eng.generator.max_context is None else eng.generator.max_context - 1
-    size, decoded = len(prompt.encode()), max(comp.max_tokens, 1)  # max_tokens 0 still decodes one
-    if limit is not None and size + decoded > limit:
+def _request(eng: AsyncEngine, comp: Completion, prompt: str, p: int = 0):
+    """The engine's checked Request for `prompt` (the p-th); a refused option is a 400 naming the
+    field. The size limit (`serve --max-context`: the engine's max_context less the BOS id and the
+    byte a scoring request decodes and drops) is checked here, in the request's terms."""
+    limit = None if eng.generator.max_context is None else eng.generator.max_context - SERVE_EXTRA_IDS
+    size = len(prompt.encode())
+    if limit is not None and size + comp.max_tokens > limit:
+        which = f"prompt[{p}]" if len(comp.prompts) > 1 else "prompt"
         fix = "shorten the prompt" if size >= limit else f"lower max_tokens to at most {limit - size}"
-        raise ApiError(400, f"prompt + max_tokens: {size} + {decoded} bytes exceed this server's limit of "
-                       f"{limit} bytes per request; {fix}", "prompt" if size >= limit else "max_tokens",
+        raise ApiError(400, f"{which} + max_tokens: {size} + {comp.max_tokens} bytes exceed this server's limit "
+                       f"of {limit} bytes per request; {fix}", "prompt" if size >= limit else "max_tokens",
                        "context_length_exceeded")  # fmt: skip
     try:
-        return eng.request(prompt, max_bytes=decoded, **comp.options)
+        return eng.request(prompt, max_bytes=max(comp.max_tokens, 1), **comp.options)  # max_tokens 0 decodes one
     except (InputError, CapabilityError) as e:
         raise _field_error(e, comp) from None
 
@@ -316,7 +325,8 @@ def _field_error(e: FastBltError, comp: Completion) -> ApiError:
                         "context_length_exceeded")  # fmt: skip
     text, param = str(e), None
     if (m := _OPTION.match(text)) is not None:
-        names = {"max_bytes": "max_tokens", "": "prompt"}.get(m.group(1), m.group(1)).split("/")
+        names = {"max_bytes": "max_tokens", "": "prompt", "prompt_logprobs": "logprobs"}.get(m.group(1), m.group(1))
+        names = names.split("/")
         param = next((n for n in names if n in comp.options), names[0])  # the one the request gave
     elif text.startswith("mode") or isinstance(e, CapabilityError):
         param = "mode"

@@ -42,7 +42,7 @@ from ray.serve.metrics import Gauge
 
 from fastblt.errors import ConfigError, FastBltError
 from fastblt.runtime.async_engine import AsyncEngine
-from fastblt.serve.app import ServeSettings, create_app
+from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, create_app
 from fastblt.serve.process import free_port
 
 APP = "fastblt"
@@ -182,7 +182,7 @@ class FastBltReplica:
         engine = await asyncio.to_thread(
             AsyncEngine, o.checkpoint, o.backend, max_batch=o.max_batch, lanes=o.lanes, processes=o.lane_processes,
             cores=cores, max_queue=o.max_queue,
-            max_context=None if o.max_context is None else o.max_context + 1,  # bytes, and the BOS id
+            max_context=None if o.max_context is None else o.max_context + SERVE_EXTRA_IDS,  # BOS, dropped byte
             artifacts=o.artifacts, threads=o.threads, device=o.device,
         )  # fmt: skip
         log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)

@@ -36,11 +36,12 @@ def test_each_prompt_gets_its_n_choices_in_order(server, reference):
     assert texts == greedy
 
 
-def test_bad_prompt_lists_are_400_naming_the_prompt(server):
+def test_bad_prompt_lists_are_400_naming_the_field(server):
     auth = {"Authorization": f"Bearer {KEY}"}
-    for prompt, n, needle in [([], 1, "empty list"), (["a", 3], 1, "prompt[1]: expected a string"),
-                              (["a"] * 5, 16, "80 choices"), ([[1, 2]], 1, "token ids")]:  # fmt: skip
+    for prompt, n, needle, param in [([], 1, "empty list", "prompt"), (["a", 3], 1, "prompt[1]: expected a string",
+                                      "prompt"), (["a"] * 5, 16, "80 choices", "n"),
+                                     ([[1, 2]], 1, "token ids", "prompt")]:  # fmt: skip
         body = {"model": MODEL, "prompt": prompt, "n": n, "max_tokens": 2}
         r = httpx.post(f"{server.url}/v1/completions", json=body, headers=auth, timeout=60)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         assert needle in r.json()["error"]["message"], r.text

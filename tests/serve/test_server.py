@@ -156,6 +156,45 @@ def test_n_choices_are_each_their_own_seeded_request(server, reference):
     assert [ch.text for ch in r.choices] == [greedy, greedy] and r.usage.completion_tokens == 32
 
 
+def test_choices_become_as_many_requests_as_they_need_and_no_more_than_fit(reference):
+    """Sampled choices are a request each; greedy ones, and scoring (max_tokens 0, whose byte is
+    dropped), one per prompt. More requests than the server can ever hold is a 400 naming n (a 429
+    would fail on every retry); a scoring request may fill --max-context with its prompt alone."""
+    from fastblt.serve.api import Completion
+    from fastblt.serve.app import SERVE_EXTRA_IDS, ApiError, _jobs
+
+    eng = SimpleNamespace(request=reference.request, capacity=20,
+                          generator=SimpleNamespace(max_context=10 + SERVE_EXTRA_IDS))  # fmt: skip
+
+    def jobs(max_tokens: int, n: int, temperature: float, prompts=("abc", "de")) -> list:
+        options = {"mode": "ar", "temperature": temperature}
+        return _jobs(eng, Completion(list(prompts), max_tokens, False, False, options, echo=True, n=n))
+
+    assert [j.indices for j in jobs(4, 3, 1.0)] == [[0], [1], [2], [3], [4], [5]]
+    assert [j.req.opts.seed for j in jobs(4, 3, 1.0)] == [None] * 6  # no seed given: each its own
+    assert [j.indices for j in jobs(4, 3, 0.0)] == [[0, 1, 2], [3, 4, 5]]
+    assert [j.indices for j in jobs(0, 16, 1.0)] == [list(range(16)), list(range(16, 32))]
+    with pytest.raises(ApiError) as e:
+        jobs(4, 16, 1.0)  # 32 requests, 20 places
+    assert e.value.status == 400 and e.value.param == "n" and "at most 20" in e.value.message
+    assert len(jobs(0, 1, 1.0, prompts=["x" * 10])) == 1  # the prompt alone fills the limit
+    with pytest.raises(ApiError) as e:
+        jobs(1, 1, 1.0, prompts=["y", "x" * 10])
+    assert e.value.code == "context_length_exceeded" and e.value.message.startswith("prompt[1] + max_tokens")
+
+
+def test_scoring_a_text_works_in_every_mode(server, reference):
+    """The prompt's scores come from the prefill's causal pass, so scoring works in blt-d too
+    (whose own bytes have no causal scores)."""
+    prompt = "for i in range(10):\n"
+    want = reference.generate(prompt, mode="ar", max_bytes=1, prompt_logprobs=0).prompt_logprobs
+    for mode in ("blt-d", "blt-s"):
+        r = client(server).completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=0,
+                                              extra_body={"mode": mode})  # fmt: skip
+        got = r.choices[0].logprobs.token_logprobs
+        assert len(got) == len(prompt) and max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4, mode
+
+
 def test_logprobs_name_bytes_that_are_not_whole_characters():
     data = "aé€".encode() + b"\xff" + b"z"
     ids = [1, *(b + 4 for b in data), ord("S") + 4, ord("T") + 4]  # a special id, the text, a stop string
@@ -166,6 +205,12 @@ def test_logprobs_name_bytes_that_are_not_whole_characters():
                            "bytes:\\xac", "bytes:\\xff", "z"]  # fmt: skip
     assert o["text_offset"] == [0, 0, 1, 1, 2, 2, 2, 3, 4]  # "aé€\ufffdz": a byte's character's offset
     assert o["token_logprobs"] == lps[:9] and o["top_logprobs"][1] == {"\x01": -9.0, "a": -1.5}
+    # a lead byte the next byte shows invalid is its own U+FFFD, and the next byte is after it
+    for data, offsets in ((b"a\xf2b", [0, 1, 2]), (b"\xe2\xc3\xa9z", [0, 1, 1, 2]), (b"\xf0\x9f", [0, 0])):
+        ids = [b + 4 for b in data]
+        o = logprobs_body(ids, data, [0.0] * len(ids), [{}] * len(ids))
+        text = data.decode("utf-8", "replace")
+        assert o["text_offset"] == offsets and max(offsets) < len(text), (data, text)
 
 
 def test_stop_strings_seeds_and_fastblt_fields(server, reference):
