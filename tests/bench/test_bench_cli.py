@@ -60,6 +60,12 @@ BAD_RENDER = [
     ("str_bytes.json", _edited(lambda r: r["meta"].update(max_bytes="256")), "meta.max_bytes: expected an integer"),
     ("bad_hf.json", _edited(lambda r: r["hf"].update(bytes_per_s=None)), "hf.bytes_per_s: expected a number"),
     ("ar_zero.json", _edited(lambda r: r["rows"][0].update(bytes_per_s=0)), "cannot render it (ZeroDivisionError"),
+    # a histogram's keys are counts (accepted bytes, unmasking steps): a key like "two" is a wrong file
+    (
+        "hist_key.json",
+        _edited(lambda r: r["rows"][1]["accept_hist"].update(two=1)),
+        "rows[1].accept_hist: key 'two' is not an integer",
+    ),
 ]
 
 

@@ -105,3 +105,17 @@ def test_a_reader_that_leaves_stops_the_stream_quietly(ckpt):
     proc.stdout.close()  # gone before the first byte: its first write finds no reader
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and err == b"", err.decode(errors="replace")
+
+
+def test_convert_into_a_directory_of_other_files_needs_force(ckpt, tmp_path, monkeypatch, capsys):
+    """`--out` pointing at a directory that holds someone's files must not wipe them unless the
+    user said --force: exit 2, one line naming the directory and --force, the file kept."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["convert", str(ckpt), "--to", "fastblt", "--out", str(out)]
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    _one_line_error(code, err, str(out), "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    code, _, err = run_cli([*args, "--force"], monkeypatch, capsys)
+    assert code == 0 and not (out / "notes.txt").exists() and (out / "model.safetensors").is_file(), err

@@ -8,6 +8,7 @@ import torch
 import fastblt
 from fastblt.errors import ConfigError, InputError
 from fastblt.model.config import BltConfig, StackConfig, tiny_config
+from fastblt.model.tokenizer import ids_to_bytes
 
 from tiny import make_model, random_tokens
 
@@ -92,3 +93,12 @@ def test_encode_decode_round_trip():
     assert fastblt.encode(b"\xff\x00") == [1, 259, 4]
     with pytest.raises(InputError, match="300"):
         fastblt.decode([300])
+
+
+def test_the_first_id_past_the_vocabulary_is_refused():
+    """Id 260 is one past the last byte id (259): decoding it must name it, not fail inside
+    bytearray (or turn it into a byte that no model produced)."""
+    assert ids_to_bytes([259]) == b"\xff"
+    with pytest.raises(InputError) as e:
+        ids_to_bytes([5, 260])
+    assert one_line(e) == "token id 260: outside the vocabulary [0, 260)"

@@ -131,3 +131,63 @@ def test_two_candidates_without_the_reference_are_compared_by_polygraphy():
 def test_no_cases_is_a_failure():
     report = graph_parity([], TorchBackend(SPECS, MODEL), {"torch": TorchBackend(SPECS, MODEL)}, GraphRun())
     assert not report and isinstance(report, Report) and report.errors
+
+
+class DropsOutput(Backend):
+    """A backend whose `step` returns every output but `output` (an export that lost a graph output)."""
+
+    name = "drops"
+
+    def __init__(self, inner: Backend, step: str, output: str):
+        super().__init__(inner.specs)
+        self.inner, self.step, self.output = inner, step, output
+
+    def _activate_impl(self) -> None:
+        self.inner.activate()
+
+    def _run_step_impl(self, step, feeds):
+        out = self.inner.run_step(step, feeds, check=False)
+        return {k: v for k, v in out.items() if not (step == self.step and k == self.output)}
+
+
+class NanReference(Backend):
+    """A reference whose `step` writes NaN into one element of `output`."""
+
+    name = "nan"
+
+    def __init__(self, inner: Backend, step: str, output: str):
+        super().__init__(inner.specs)
+        self.inner, self.step, self.output = inner, step, output
+
+    def _activate_impl(self) -> None:
+        self.inner.activate()
+
+    def _run_step_impl(self, step, feeds):
+        out = dict(self.inner.run_step(step, feeds, check=False))
+        if step == self.step:
+            bad = out[self.output].clone()
+            bad.view(-1)[0] = float("nan")
+            out[self.output] = bad
+        return out
+
+
+def test_a_candidate_missing_an_output_fails_and_names_it():
+    """A candidate that returns no `entropies` is not a pass on the outputs it did return: the
+    patcher would run on nothing, so the report fails and says which output is missing."""
+    cases = random_cases(SPECS, MODEL, steps=("entropy",))[:2]
+    cand = DropsOutput(TorchBackend(SPECS, MODEL), "entropy", "entropies")
+    report = graph_parity(cases, TorchBackend(SPECS, MODEL), {"drops": cand}, GraphRun())
+    assert not report
+    assert len(report.errors) == 2 and all(
+        e.startswith("drops | entropy | ") and e.endswith(": output entropies missing") for e in report.errors
+    ), report.errors
+
+
+def test_a_non_finite_reference_is_reported():
+    """A NaN in the reference is named as the reference's fault, not blamed on (or hidden by) the
+    candidate's comparison: the gate cannot vouch for outputs measured against garbage."""
+    cases = random_cases(SPECS, MODEL, steps=("entropy",))[:1]
+    ref = NanReference(TorchBackend(SPECS, MODEL), "entropy", "entropies")
+    report = graph_parity(cases, ref, {"torch": TorchBackend(SPECS, MODEL)}, GraphRun())
+    assert not report
+    assert report.errors == [f"torch | entropy | {cases[0].label} | entropies: reference is not finite"]

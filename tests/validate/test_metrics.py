@@ -105,3 +105,32 @@ def test_sequences():
     assert tie and "near-tie" in tie.summary()
     tie.margin = 0.5
     assert not tie
+
+
+def test_a_row_whose_reference_margin_is_exactly_the_threshold_is_gated():
+    """The gate covers rows with margin >= 0.1 (docs/validation.md): a row at exactly 0.1 is a clear
+    decision, and a candidate that flips it fails (fp64 values, so the margin is exactly 0.1)."""
+    ref = np.zeros((1, 4))
+    ref[0, 0] = 0.1  # top-1 minus top-2: 0.1 - 0.0, exactly the threshold
+    cand = ref.copy()
+    cand[0, 2] = 1.0
+    assert top1_agreement(ref, cand, 0.1) == (0.0, 1, 1)  # counted, and it disagrees
+
+
+def test_top1_agreement_of_exactly_099_passes():
+    """99 of 100 rows agreeing is top-1 agreement 0.99, which meets `top1 >= 0.99`."""
+    ref = np.zeros((100, 5))
+    ref[:, 0] = 1.0
+    cand = ref.copy()
+    cand[0, 3] = 2.0  # one row of 100 picks another id
+    res = compare("logits", ref, cand, Tolerance(atol=None, top1=0.99))
+    assert res.top1 == 0.99 and res.top1_rows == 100
+    assert res
+
+
+def test_a_divergence_at_exactly_the_tie_margin_is_not_a_tie():
+    """A reference margin of exactly the tie margin was a decision (the same bound as the top-1 gate's
+    rows), so a reduced-precision sequence that parts there fails."""
+    seq = SequenceResult.of([5, 6], [5, 9])
+    seq.margin, seq.tie_margin = 0.1, 0.1
+    assert not seq.at_tie and not seq

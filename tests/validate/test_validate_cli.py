@@ -220,3 +220,33 @@ def test_saved_inputs_of_other_graphs_are_bad_input(ckpt, artifacts, monkeypatch
     code, _, _, err = _validate([*base, "--graphs", "encoder", "--load-inputs", str(tmp_path / "in")], monkeypatch,
                                 capsys)  # fmt: skip
     assert code == 2 and "holds inputs of entropy, none of --graphs encoder" in err
+
+
+@pytest.mark.skipif(available()["trt"].available, reason="TensorRT is available here: nothing is missing")
+def test_a_failed_gate_beside_a_missing_backend_is_a_failure(ckpt, artifacts, monkeypatch, capsys, tmp_path):
+    """A gate that failed on the backends that did run is exit 1, even when another requested
+    backend was unavailable: exit 3 ("could not run here") would hide a wrong export from CI."""
+    bad, _ = broken_copy(artifacts, tmp_path / "bad", "decoder", _perturb_ffn(1))
+    args = ["--checkpoint", str(ckpt), "--artifacts", str(bad), "--backends", "ort,trt", *FAST, "--no-layers"]
+    code, report, _, err = _validate([*args, "--graphs", "decoder", "--json"], monkeypatch, capsys)
+    assert code == 1, err
+    assert report["failed"] > 0 and [s["what"] for s in report["skipped"]] == ["trt"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: the device exists")
+def test_a_device_this_machine_lacks_is_exit_3(ckpt, monkeypatch, capsys):
+    """`--device cuda` without CUDA is "cannot run here" (exit 3, as for a missing backend), not bad
+    input (exit 2): a CI matrix skips the job instead of reporting a broken command line."""
+    args = ["--checkpoint", str(ckpt), "--backends", "torch", "--device", "cuda", *FAST]
+    code, _, out, err = _validate(args, monkeypatch, capsys)
+    assert code == 3 and out == "", err
+    assert err.startswith("error: device 'cuda': CUDA is not available here")
+
+
+def test_a_dtype_other_than_the_artifacts_is_refused(ckpt, artifacts, monkeypatch, capsys):
+    """`--dtype fp16` on fp32 artifacts must not silently validate fp32 graphs under fp32 gates (the
+    user would believe the fp16 deployment passed): exit 2 naming both dtypes."""
+    args = ["--checkpoint", str(ckpt), "--artifacts", str(artifacts), "--dtype", "fp16", *FAST]
+    code, _, _, err = _validate([*args, "--graphs", "entropy"], monkeypatch, capsys)
+    assert code == 2
+    assert "--dtype float16: the artifacts were exported in float32" in err

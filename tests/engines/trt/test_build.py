@@ -185,3 +185,25 @@ def test_cli_builds_and_reports_progress(export, monkeypatch, capsys):
     assert [e["status"] for e in json.loads(out)["engines"]] == ["built"] * 5
     code, out, err = run_cli(monkeypatch, capsys, "build", "--artifacts", str(art))
     assert code == 0 and "up to date (key" in err and "0 built, 5 up to date" in err
+
+
+def test_a_parsed_network_with_other_inputs_is_refused(export, monkeypatch):
+    """The engine binds inputs by the export manifest's names: a network the parser read with other
+    inputs (another or a re-exported ONNX) is a build error, not an engine that binds wrongly."""
+    art, manifest = export
+    use_fake(monkeypatch)
+    names = [t.name for t in graph_inputs(manifest, "decoder")]
+    builder, network, _ = trt_build.NetworkFromOnnxPath(art / "decoder.onnx", names)()  # as written: accepted
+    assert [network.get_input(i).name for i in range(network.num_inputs)] == names
+    with pytest.raises(trt_build.EngineBuildError, match="parsed network inputs .*, manifest has "):
+        trt_build.NetworkFromOnnxPath(art / "decoder.onnx", names[::-1])()
+
+
+@pytest.mark.parametrize("level", [-1, 6])
+def test_optimization_levels_outside_0_to_5_are_refused(export, monkeypatch, level):
+    """TensorRT's builder optimization levels are 0..5; another value is refused before any build."""
+    art, _ = export
+    fake = use_fake(monkeypatch)
+    with pytest.raises(InputError, match=f"--opt-level {level}: expected 0..5"):
+        trt_build.build_engines(art, opt_level=level)
+    assert not any(c[0] == "Builder" for c in fake.log)

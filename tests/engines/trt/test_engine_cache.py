@@ -174,3 +174,38 @@ def test_engine_from_path_deserializes_only_after_the_check(tmp_path, monkeypatc
     write(tmp_path, plan=json.dumps({"io": [], "profiles": [], "source": "decoder.onnx"}).encode())
     engine, manifest = EngineFromPath(tmp_path, "decoder", GRAPH, MACHINE, HINT)()
     assert ("deserialize_cuda_engine",) in fake.log and manifest.step == "decoder"
+
+
+def test_a_plan_file_outside_the_engine_dir_is_refused(tmp_path):
+    """A manifest may not point the loader at another file (`../x.plan`), even one whose sha256 it
+    records: only `{step}.plan` next to it is ever deserialized."""
+    engines = tmp_path / "engines"
+    write(engines)
+    (tmp_path / "x.plan").write_bytes(b"FOREIGN")
+    d = json.loads(manifest_path(engines, "decoder").read_text())
+    d.update(plan_file="../x.plan", plan_sha256=sha256_bytes(b"FOREIGN"), plan_bytes=7)
+    manifest_path(engines, "decoder").write_text(json.dumps(d))
+    with pytest.raises(ManifestMismatch, match=r"field plan_file is '\.\./x\.plan', expected decoder\.plan"):
+        check_engine(engines, "decoder", GRAPH, MACHINE, HINT)
+
+
+def test_an_edited_manifest_is_not_up_to_date(tmp_path):
+    """`fastblt build` must rebuild an engine whose manifest was edited by hand (here gpu_name, the
+    recorded key left as it was): the key recomputed from its fields no longer matches."""
+    write(tmp_path)
+    assert up_to_date(tmp_path, "decoder", key())
+    d = json.loads(manifest_path(tmp_path, "decoder").read_text())
+    d["gpu_name"] = "NVIDIA H200"
+    manifest_path(tmp_path, "decoder").write_text(json.dumps(d))
+    assert d["cache_key"] == key() and not up_to_date(tmp_path, "decoder", key())
+
+
+def test_another_manifest_format_version_is_refused(tmp_path):
+    """A manifest of a newer (or older) engine format is not read as if it were version 1."""
+    write(tmp_path)
+    d = json.loads(manifest_path(tmp_path, "decoder").read_text())
+    d["format_version"] = 2
+    manifest_path(tmp_path, "decoder").write_text(json.dumps(d))
+    with pytest.raises(ManifestMismatch, match="format_version 2, expected 1"):
+        check_engine(tmp_path, "decoder", GRAPH, MACHINE, HINT)
+    assert not up_to_date(tmp_path, "decoder", key())

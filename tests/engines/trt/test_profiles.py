@@ -173,3 +173,13 @@ def test_profile_round_trip_and_range_checks():
     assert p.contains({"batch": 2, "new": 9}) and not p.contains({"batch": 1, "new": 10})
     with pytest.raises(InputError, match="1 <= min <= opt <= max"):
         DimRange(0, 1, 1)
+
+
+def test_sizes_at_the_exports_maximum_are_accepted(manifest):
+    """The export's max_step and max_batch are inclusive bounds: asking for exactly them builds
+    (a user who passes --profile prefill=<max_step> gets that profile, not an error)."""
+    profiles = manifest_profiles(manifest, {"prefill": MAX_STEP, "verify": MAX_STEP}, max_batch=2)
+    dec = by_name(profiles["decoder"])  # verify and prefill now have the same ranges: one profile
+    assert dec["verify+prefill"]["new"] == [1, MAX_STEP, MAX_STEP] and dec["decode"]["batch"] == [1, 1, 2]
+    with pytest.raises(InputError, match=f"--profile prefill={MAX_STEP + 1}: exceeds"):
+        manifest_profiles(manifest, {"prefill": MAX_STEP + 1})
