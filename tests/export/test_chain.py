@@ -4,6 +4,9 @@ written in place by the graphs and wrapping around."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -59,5 +62,32 @@ def test_chunks_and_rollback(backend, ref_model):
     outs = [torch.cat(outs)[:15]]
     for i in range(15, 70, 4):
         outs.append(torch.from_numpy(state.run(state.append(t[i : i + 4]))))
+    err = float((torch.cat(outs) - full).abs().max())
+    assert err <= 1e-4, f"max abs diff {err:.3g}"
+
+
+def test_every_byte_a_patch_with_full_steps_and_rollback(backend, ref_model):
+    """Every byte closes a patch (threshold below any entropy), so a max_step call writes max_step
+    patches into the decoder's cross ring in one global step; rolled back into the middle of that
+    step and continued, the logits must still be the full forward's. The ring is max_step + 2
+    patches (the exported contract TensorRT profiles and the runtime's buffers are sized from)."""
+    cfg = ref_model.config
+    model = copy.deepcopy(ref_model)
+    model.config = dataclasses.replace(cfg, patching=dataclasses.replace(cfg.patching, threshold=-1.0))
+    tokens = random_tokens(60, seed=7)
+    full = _full(model, tokens)
+    assert set(model.patch(tokens)[0][:60].tolist()) == {1}
+    decoder = backend.specs["decoder"]
+    assert decoder.input("cross.0.k").shape[2] == MAX_STEP + 2
+    state = SequenceState(backend, model.config)
+    assert state.rows.cross[0][0].shape[2] == MAX_STEP + 2
+    t = tokens[0].numpy()
+    outs = [torch.from_numpy(state.run(state.append(t[:3])))]
+    outs.append(torch.from_numpy(state.run(state.append(t[3 : 3 + MAX_STEP]))))
+    assert state.g_len == state.n == 3 + MAX_STEP  # one patch per byte
+    state.rollback(9)
+    outs = [torch.cat(outs)[:9]]
+    for i in range(9, 60, MAX_STEP):
+        outs.append(torch.from_numpy(state.run(state.append(t[i : i + MAX_STEP]))))
     err = float((torch.cat(outs) - full).abs().max())
     assert err <= 1e-4, f"max abs diff {err:.3g}"

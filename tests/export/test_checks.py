@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from fastblt.errors import InputError
-from fastblt.export.checks import check_hash_ids, check_io, check_trt_ops, load_trt_ops
+from fastblt.export.checks import _check_ort, check_hash_ids, check_io, check_trt_ops, load_trt_ops
 from fastblt.export.options import ExportOptions
 from fastblt.export.spec import step_specs
 
@@ -126,3 +128,67 @@ def test_export_options_are_validated(kw, message):
     with pytest.raises(InputError, match=message):
         ExportOptions(**kw)
     assert ExportOptions(dtype="bf16").dtype == "bfloat16"
+
+
+def test_io_check_compares_dtypes(fp32_export, ref_model):
+    """An fp32 graph checked against the fp16 spec (same names and shapes) must fail on its dtype,
+    or an export could record graphs whose caches the runtime then feeds in the wrong precision."""
+    proto = onnx.load(str(fp32_export / "entropy.onnx"), load_external_data=False)
+    fp16 = step_specs(ref_model.config, MAX_STEP, "float16")["entropy"]
+    r = check_io(proto, fp16)
+    assert r.status == "fail" and "input past.0.k: dtype float32, expected float16" in r.detail
+
+
+def test_trt_ops_opset_outside_the_tables_range():
+    """A model opset TensorRT's list does not cover must fail the gate, not be waved through."""
+    table = dataclasses.replace(load_trt_ops(), opset_max=20)
+    mm = _model([helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")],
+                [_vi("a", F, [2, 3]), _vi("b", F, [3, 4])], [_vi("y", F, [2, 4])], opset=21)  # fmt: skip
+    r = check_trt_ops(_typed(mm), 21, table)
+    assert r.status == "fail" and "opset 21 outside TensorRT's range 9..20" in r.detail
+    assert check_trt_ops(_typed(mm), 21, load_trt_ops()).status == "pass"
+
+
+def test_trt_ops_model_local_functions_fail():
+    """TensorRT's parser does not inline model-local functions: a graph carrying any must fail."""
+    body = helper.make_function("my.fns", "Twice", ["x"], ["y"], [helper.make_node("Add", ["x", "x"], ["y"])],
+                                [helper.make_opsetid("", 20)])  # fmt: skip
+    mm = _model([helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")],
+                [_vi("a", F, [2, 3]), _vi("b", F, [3, 4])], [_vi("y", F, [2, 4])])  # fmt: skip
+    mm.functions.append(body)
+    r = check_trt_ops(mm, 20, load_trt_ops())
+    assert r.status == "fail" and "model-local functions ['Twice']" in r.detail
+
+
+def test_hash_ids_offset_only_by_a_constant():
+    """Adding a table's constant base row keeps hash ids an index; adding another graph input is
+    arithmetic on hashed values (the host's hashing could move into the graph) and must fail."""
+    table = helper.make_tensor("table", F, [64, 4], [0.0] * 256)
+    base = helper.make_tensor("base", I32, [], [16])
+    offset = [
+        helper.make_node("Add", ["hash_ids", "base"], ["h"], name="offset"),
+        helper.make_node("Gather", ["table", "h"], ["y"], name="embed"),
+    ]
+    assert check_hash_ids(_hash_graph(offset, [table, base])).status == "pass"
+    inputs = [_vi("hash_ids", I32, [2, 3, 2]), _vi("base", I32, [])]
+    mixed = _typed(_model(offset, inputs, [_vi("y", F, None)], [table]))
+    r = check_hash_ids(mixed)
+    assert r.status == "fail" and "Add node 'offset' computes on hashed values (INT32)" in r.detail
+
+
+def test_ort_check_fails_a_float32_graph_it_cannot_load(tmp_path, ref_model):
+    """Only a bfloat16 graph without an ORT CPU kernel is skipped: a float32 graph that onnxruntime
+    cannot load (here NOT_IMPLEMENTED, the bf16 error code) fails, or a broken export would pass."""
+    bern = _model([helper.make_node("Bernoulli", ["a"], ["y"], name="b")], [_vi("a", F, [2, 3])],
+                  [_vi("y", F, [2, 3])], opset=24)  # fmt: skip
+    path = tmp_path / "entropy.onnx"
+    onnx.save(bern, str(path))
+    import onnxruntime as ort
+
+    try:  # the premise: this onnxruntime has no float32 Bernoulli kernel (1.20-1.32 have none)
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        pytest.skip(f"onnxruntime {ort.__version__} runs float32 Bernoulli: this test needs another such op")
+    except Exception as e:  # noqa: BLE001 (onnxruntime's own exception types)
+        assert "NOT_IMPLEMENTED" in str(e)
+    r = _check_ort(path, step_specs(ref_model.config, MAX_STEP)["entropy"])
+    assert r.status == "fail" and r.detail.startswith("entropy.onnx: ") and "NOT_IMPLEMENTED" in r.detail

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
 import onnx
 import pytest
 
+from fastblt.errors import InputError, ManifestMismatch
 from fastblt.export import exporter
 from fastblt.export.checks import TrtOpTable, load_trt_ops
-from fastblt.export.manifest import MANIFEST, read_manifest, sha256_file
+from fastblt.export.exporter import export_model
+from fastblt.export.manifest import MANIFEST, read_manifest, sha256_file, write_manifest
+from fastblt.export.options import ExportOptions, existing_export
 from fastblt.export.spec import STEPS, step_specs
 from fastblt.formats.checkpoint import checkpoint_hash
 from fastblt.model.config import BltConfig
@@ -193,3 +197,65 @@ def test_out_dir_with_other_files_is_refused(ckpt_dir, tmp_path, monkeypatch, ca
     code, _, err = run_cli(_export_args(ckpt_dir, tmp_path), monkeypatch, capsys)
     assert code == 2 and "notes.txt" in err and "--force" in err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_export_model_without_force_keeps_a_directory_of_other_files(ref_model, tmp_path):
+    """The API refuses, like the CLI, to replace a directory that is not this export: without
+    `force` a user's files there must survive (ManifestMismatch, nothing written)."""
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ManifestMismatch, match=r"holds other files \(notes\.txt\).*--force"):
+        export_model(copy.deepcopy(ref_model), tmp_path, ExportOptions(max_step=MAX_STEP), checkpoint_hash="0" * 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _flip_byte(path, at: int = 100) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("change", ["graph file", "checkpoint", "graph code"])
+def test_existing_export_is_not_the_same(fp32_export, ckpt_dir, tmp_path, change):
+    """An export is reused ("same", nothing re-exported) only with intact files, the same checkpoint
+    and the same graph code: any of them changed must make it a different export, said why, or a
+    corrupted or stale export would be served as up to date."""
+    out = tmp_path / "exp"
+    shutil.copytree(fp32_export, out)
+    ckpt, options = checkpoint_hash(ckpt_dir), ExportOptions(max_step=MAX_STEP)
+    assert existing_export(out, ckpt, options) == "same"
+    if change == "graph file":
+        _flip_byte(out / "encoder.onnx")
+        expected = "its export is unreadable or changed"
+        assert "graphs.encoder.sha256[encoder.onnx]" in existing_export(out, ckpt, options)
+    elif change == "checkpoint":
+        ckpt, expected = "0" * 64, f"it was exported from checkpoint {checkpoint_hash(ckpt_dir)[:12]}, not 000000000000"
+    else:
+        manifest = read_manifest(out)
+        manifest["versions"]["graphs"] = "0" * 16
+        write_manifest(out, manifest)
+        expected = "(graph code 0000000000000000)"
+    assert expected in existing_export(out, ckpt, options)
+
+
+def test_export_model_refuses_weights_of_another_dtype(ref_model, tmp_path):
+    """An fp32 model asked for a float16 export must be refused with the fix (cast it first), not
+    exported into graphs whose declared dtype its weights do not have."""
+    out = tmp_path / "exp"
+    with pytest.raises(InputError, match=r"model weights are \['torch.float32'\].*float16.*cast it first"):
+        export_model(copy.deepcopy(ref_model), out, ExportOptions(dtype="fp16", max_step=MAX_STEP))
+    assert not out.exists()
+
+
+def test_check_export_catches_a_manifest_whose_specs_were_edited(fp32_export, tmp_path):
+    """check_export must compare the manifest's recorded graph I/O with the specs its config gives:
+    a manifest claiming other shapes (what the runtime binds buffers from) must not pass."""
+    out = tmp_path / "exp"
+    shutil.copytree(fp32_export, out)
+    manifest = read_manifest(out)
+    manifest["graphs"]["encoder"]["inputs"][0]["shape"] = ["batch", 7]
+    write_manifest(out, manifest)
+    with pytest.raises(ManifestMismatch, match=r"graphs\.encoder\.inputs\[0\] \(tokens\)\.shape"):
+        exporter.check_export(out)

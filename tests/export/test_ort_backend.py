@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import weakref
 
@@ -11,7 +12,7 @@ from parity_helpers import random_feeds
 
 from fastblt.engines.ort_backend import OrtBackend, _runner
 from fastblt.engines.registry import available
-from fastblt.errors import ManifestMismatch
+from fastblt.errors import InputError, ManifestMismatch
 from fastblt.export.spec import step_specs
 
 from export_helpers import MAX_STEP
@@ -161,3 +162,27 @@ def test_longer_patches_rebind_no_output(fp32_export, ref_model):
         want = fresh.run_step("global", copies)
         torch.testing.assert_close(got, want["latents"], rtol=0, atol=0)
         torch.testing.assert_close(longer["past.0.k"], want["present.0.k"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name, bad, message",
+    [
+        ("tokens", lambda t: t.to(torch.int64), "input tokens: dtype torch.int64, expected int32"),
+        (
+            "past.0.k",
+            lambda t: torch.cat([t, t], 1),
+            "input past.0.k: shape (2, 4, 40, 8), expected ('batch', 2, 40, 8)",
+        ),
+    ],
+    ids=["int64-tokens", "cache-heads"],
+)
+def test_run_step_refuses_feeds_of_the_wrong_dtype_or_static_dim(fp32_export, ref_model, name, bad, message):
+    """A feed of the wrong dtype (int64 tokens, numpy's default) or a cache with a wrong static dim
+    must raise InputError naming the input before onnxruntime sees it, not an ORT error or reading
+    memory as the wrong type."""
+    specs = step_specs(ref_model.config, MAX_STEP)
+    with OrtBackend(specs, fp32_export, threads=1) as backend:
+        feeds = random_feeds(specs["encoder"], ref_model.config, [5, 9], 3, seed=7)
+        feeds[name] = bad(feeds[name])
+        with pytest.raises(InputError, match=re.escape(f"step encoder | {message}")):
+            backend.run_step("encoder", feeds)
