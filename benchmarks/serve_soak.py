@@ -40,7 +40,7 @@ BAD = (
     json.dumps({"model": MODEL, "prompt": 5}).encode(),
     json.dumps({"model": MODEL, "prompt": "x", "max_tokens": -3}).encode(),
     json.dumps({"model": MODEL, "prompt": "x", "mode": "fast"}).encode(),
-    json.dumps({"model": MODEL, "prompt": "x", "n": 2}).encode(),
+    json.dumps({"model": MODEL, "prompt": "x", "n": 17}).encode(),
     b'{"model": "fastblt-default", "prompt": "\xff\xfe"}',
 )
 GROWTH_BOUND_MB = 50.0  # memory from the first sample (after 100 requests) to the highest
