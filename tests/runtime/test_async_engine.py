@@ -348,3 +348,14 @@ def test_a_cancelled_stream_ends_with_cancelled_whenever_it_is_read(engine):
     for wait in (0.0, 0.5):
         asyncio.run(main(wait))
     assert _active_reaches(engine, 0)
+
+
+def test_closing_with_time_to_spare_finishes_what_is_in_flight():
+    """close(timeout) waits for the requests in flight while the time lasts: with time to spare
+    they finish whole (they are cancelled only when it runs out). `capacity` is every lane's rows
+    and queue places: what the server may take at once."""
+    eng = AsyncEngine(tiny_model(), backend="torch", max_batch=4, max_queue=6, lanes=2, processes=False)
+    assert eng.capacity == 4 + 6 == sum(lane.max_batch + lane.max_queue for lane in eng.lanes)
+    tickets = [eng._submit(eng.request(p, mode="ar", max_bytes=200, stop_on_eos=False)) for p in PROMPTS[:3]]
+    eng.close(timeout=60)
+    assert [len(t.result(0).ids) for t in tickets] == [200, 200, 200]

@@ -503,3 +503,39 @@ def test_a_request_built_by_hand_is_checked_like_a_made_one():
     assert len(g.generate(Request((1, 259), DecodeOptions(mode="ar", max_bytes=2, stop_on_eos=False))).ids) == 2
     with pytest.raises(InputError, match="option max_bytes"):
         g.generate(dataclasses.replace(made, opts=dataclasses.replace(made.opts, max_bytes=-5)))
+
+
+def test_closing_waits_for_the_step_call_in_flight():
+    """Engine.close (Generator.close) releases the backend only between step calls: a step running
+    on another thread finishes on live sessions, then the backend is released."""
+    from fastblt.engines.torch_backend import TorchBackend
+    from fastblt.export.spec import step_specs
+
+    model = tiny_model()
+    running, release, events = threading.Event(), threading.Event(), []
+
+    class Slow(TorchBackend):
+        def _run_step_impl(self, step, feeds):
+            if not running.is_set():
+                running.set()
+                release.wait(30)  # the first step call holds its lock until released
+            out = super()._run_step_impl(step, feeds)
+            events.append("step")
+            return out
+
+        def _deactivate_impl(self):
+            events.append("released")
+            super()._deactivate_impl()
+
+    g = Generator(model, backend=Slow(step_specs(model.config), model))
+    worker = threading.Thread(target=lambda: g.generate(PROMPTS[0], mode="ar", max_bytes=2))
+    worker.start()
+    assert running.wait(30)
+    closer = threading.Thread(target=g.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive() and "released" not in events  # waiting for the step in flight
+    release.set()
+    closer.join(30)
+    worker.join(30)
+    assert events.index("released") > 0 and events[0] == "step"

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from runtime_refs import PROMPTS, tiny_model
 from fastblt.errors import EngineBusy, EngineClosed, InputError, InternalError
 from fastblt.runtime import async_engine as ae
 from fastblt.runtime.async_engine import AsyncEngine
-from fastblt.runtime.lane_process import ProcessLane
+from fastblt.runtime.lane_process import CANCEL_GRACE, ProcessLane
 
 
 def gone(pid: int, within: float) -> bool:
@@ -220,6 +221,7 @@ def test_a_worker_that_stops_reading_blocks_neither_the_event_loop_nor_close():
     share of requests until its pipe is full: the event loop still runs (the pipe is written by a
     thread of the lane's own), the metrics do not wait for it twice, and close(timeout) ends in
     about timeout + the cancel grace, the worker killed."""
+    writers_before = {t for t in threading.enumerate() if t.name == "fastblt-lane-writer"}  # other engines'
     eng = AsyncEngine("default", backend="ort", max_batch=4, max_queue=64, lanes=2, processes=True)
     stuck = eng.lanes[0].pid
     os.kill(stuck, signal.SIGSTOP)
@@ -252,10 +254,17 @@ def test_a_worker_that_stops_reading_blocks_neither_the_event_loop_nor_close():
         assert time.monotonic() - t0 < 1.0  # a worker that left the last question unanswered is not waited for
     finally:
         t0 = time.monotonic()
+        eng.lanes[0].close(0.5)  # the stuck lane alone: cancelled after 0.5 s, killed CANCEL_GRACE later
+        took_lane = time.monotonic() - t0
+        t0 = time.monotonic()
         eng.close(1)
         took = time.monotonic() - t0
+    assert took_lane < 0.5 + CANCEL_GRACE + 2, f"the stuck lane's close(0.5) took {took_lane:.1f} s"
     assert took < 10, f"close(1) took {took:.1f} s"
     assert gone(stuck, 10)
+    time.sleep(0.2)  # a writer ends on its next message
+    writers = {t for t in threading.enumerate() if t.name == "fastblt-lane-writer"} - writers_before
+    assert not writers, writers  # every lane's writer stopped with its lane
 
 
 def test_workers_do_not_outlive_their_parent(tmp_path):

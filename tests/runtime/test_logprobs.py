@@ -81,14 +81,18 @@ def test_batched_logprobs_are_each_requests_own():
 @pytest.mark.parametrize("mode", ["ar", "blt-s", "blt-d", "blt-dv"])
 def test_prompt_logprobs_are_the_full_models_whatever_the_chunks(mode):
     g, model = torch_generator(), tiny_model()
-    prompt = PROMPTS[3] * 3  # patches close inside and across prefill chunks
-    ids = encode(prompt)
-    with torch.no_grad():
-        full = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)[:-1].numpy()
-    for chunk in (None, 5):
-        out = g.generate(prompt, mode=mode, max_bytes=3, prompt_logprobs=2, prefill_chunk=chunk)
-        check_scores(full, ids[1:], out.prompt_logprobs, out.prompt_top_logprobs, 2)
-        assert out.logprobs is None
+    # patches close inside and across prefill chunks; the long prompt closes more patches than one
+    # global step takes, so its prefill decodes in several groups
+    for prompt in (PROMPTS[3] * 3, PROMPTS[3] * 10):
+        ids = encode(prompt)
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)[:-1].numpy()
+        for chunk in (None, 5):
+            out = g.generate(prompt, mode=mode, max_bytes=3, prompt_logprobs=2, prefill_chunk=chunk)
+            check_scores(full, ids[1:], out.prompt_logprobs, out.prompt_top_logprobs, 2)
+            assert out.logprobs is None
+    with pytest.raises(InputError, match="option prompt_logprobs"):
+        make_request("x", g.config, mode, prompt_logprobs=21)
 
 
 def test_batched_prompt_logprobs_are_each_requests_own():
@@ -116,20 +120,23 @@ def test_streamed_chunks_carry_their_scores():
         full = eng.generator.generate(PROMPTS[1], mode="blt-s", max_bytes=40, stop_on_eos=False, logprobs=2)
         stop = bytes(full.bytes[20:22])
 
-        async def main():
+        async def main(late: bool):
             stream = eng.stream(PROMPTS[1], mode="blt-s", max_bytes=40, stop_on_eos=False, logprobs=2, stop=[stop])
+            if late:  # every chunk arrived before the first read: they are read as one
+                await asyncio.to_thread(stream.ticket.result, 60)
             parts = []
             async for _ in stream:
                 assert stream.chunk_scores is not None  # every chunk has its scores
                 parts.append(stream.chunk_scores)
             return parts, stream.generation
 
-        parts, gen = asyncio.run(main())
-        assert len(parts) > 1  # really streamed in several chunks
-        assert gen.stop_reason == "stop"
-        ids = [i for p in parts for i in p[0]]
-        assert ids == gen.ids[: len(ids)] and bytes(i - 4 for i in ids if i >= 4) == gen.bytes
-        assert [v for p in parts for v in p[1]] == gen.logprobs[: len(ids)]
-        assert [t for p in parts for t in p[2]] == gen.top_logprobs[: len(ids)]
+        for late in (False, True):
+            parts, gen = asyncio.run(main(late))
+            assert late or len(parts) > 1  # really streamed in several chunks
+            assert gen.stop_reason == "stop"
+            ids = [i for p in parts for i in p[0]]
+            assert ids == gen.ids[: len(ids)] and bytes(i - 4 for i in ids if i >= 4) == gen.bytes
+            assert [v for p in parts for v in p[1]] == gen.logprobs[: len(ids)]
+            assert [t for p in parts for t in p[2]] == gen.top_logprobs[: len(ids)]
     finally:
         eng.close(30)

@@ -95,3 +95,30 @@ def test_a_worker_that_ended_is_not_running_when_the_zygote_is_gone():
     assert not zy._exists(pid)
     assert not Path(f"/proc/{pid}").exists()  # reaped, not left a zombie
     assert zy._exists(os.getpid())
+
+
+def test_a_zombie_that_is_not_ours_has_ended():
+    """A worker whose parent (a zygote) no longer reaps it is a zombie this process cannot reap:
+    it has ended all the same (kill(pid, 0) still finds it)."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # a stand-in for the zygote: forks a worker that exits at once, and never reaps it
+        grandchild = os.fork()
+        if grandchild == 0:
+            os._exit(0)
+        os.write(write, grandchild.to_bytes(4, "little"))
+        time.sleep(30)
+        os._exit(0)
+    try:
+        os.close(write)
+        worker = int.from_bytes(os.read(read, 4), "little")
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(worker, 0)  # still there for the kernel's purposes
+        assert not zy._exists(worker)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(read)

@@ -36,6 +36,16 @@ def test_each_prompt_gets_its_n_choices_in_order(server, reference):
     assert texts == greedy
 
 
+def test_sixty_four_choices_and_best_of_n_are_taken(server):
+    """The limits are inclusive: 4 prompts x n 16 = 64 choices is answered, and best_of equal to n
+    (every choice made is returned) is accepted."""
+    c = client(server)
+    r = c.completions.create(model=MODEL, prompt=["a"] * 4, n=16, max_tokens=2, temperature=0.5, seed=1)
+    assert [ch.index for ch in r.choices] == list(range(64))
+    r = c.completions.create(model=MODEL, prompt=PROMPTS[0], n=2, best_of=2, max_tokens=4, temperature=0)
+    assert len(r.choices) == 2 and r.choices[0].text == r.choices[1].text
+
+
 def test_bad_prompt_lists_are_400_naming_the_field(server):
     auth = {"Authorization": f"Bearer {KEY}"}
     for prompt, n, needle, param in [([], 1, "empty list", "prompt"), (["a", 3], 1, "prompt[1]: expected a string",

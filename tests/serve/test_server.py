@@ -154,6 +154,9 @@ def test_n_choices_are_each_their_own_seeded_request(server, reference):
     greedy = reference.generate(PROMPT, mode="blt-s", max_bytes=16, temperature=0.0).text
     r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, n=2, temperature=0)
     assert [ch.text for ch in r.choices] == [greedy, greedy] and r.usage.completion_tokens == 32
+    *_, last = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, n=2, temperature=0, stream=True,
+                                    stream_options={"include_usage": True})  # fmt: skip
+    assert last.usage.completion_tokens == 32  # both choices, though one generation streamed them
 
 
 def test_choices_become_as_many_requests_as_they_need_and_no_more_than_fit(reference):
@@ -171,6 +174,9 @@ def test_choices_become_as_many_requests_as_they_need_and_no_more_than_fit(refer
         return _jobs(eng, Completion(list(prompts), max_tokens, False, False, options, echo=True, n=n))
 
     assert [j.indices for j in jobs(4, 3, 1.0)] == [[0], [1], [2], [3], [4], [5]]
+    seeded = _jobs(eng, Completion(["abc"], 4, False, False, {"mode": "ar", "temperature": 1.0, "seed": 2**63 - 1},
+                                   n=3))  # fmt: skip
+    assert [j.req.opts.seed for j in seeded] == [2**63 - 1, 0, 1]  # seed + i, mod 2^63 (the seeds there are)
     assert [j.req.opts.seed for j in jobs(4, 3, 1.0)] == [None] * 6  # no seed given: each its own
     assert [j.indices for j in jobs(4, 3, 0.0)] == [[0, 1, 2], [3, 4, 5]]
     assert [j.indices for j in jobs(0, 16, 1.0)] == [list(range(16)), list(range(16, 32))]
@@ -181,6 +187,39 @@ def test_choices_become_as_many_requests_as_they_need_and_no_more_than_fit(refer
     with pytest.raises(ApiError) as e:
         jobs(1, 1, 1.0, prompts=["y", "x" * 10])
     assert e.value.code == "context_length_exceeded" and e.value.message.startswith("prompt[1] + max_tokens")
+
+
+def test_together_cancels_the_rest_when_one_fails():
+    """One choice that cannot run (its lane refused it) frees the others' rows: they are cancelled,
+    not left decoding for an answer nobody will send."""
+    from fastblt.serve.app import _together
+
+    async def main() -> bool:
+        gate = asyncio.Event()
+
+        async def fails() -> None:
+            raise RuntimeError("refused")
+
+        async def waits() -> None:
+            await gate.wait()
+
+        other = asyncio.ensure_future(waits())
+        with pytest.raises(RuntimeError):
+            await _together([fails(), other])
+        return other.cancelled()
+
+    assert asyncio.run(main())
+
+
+def test_a_scoring_request_of_a_full_context_fits_the_engine(reference):
+    """The server's engine holds --max-context bytes plus BOS plus the byte a scoring request
+    decodes and drops: a prompt of exactly --max-context bytes with max_tokens 0 fits it."""
+    from fastblt.runtime.options import check_fit
+    from fastblt.serve.app import SERVE_EXTRA_IDS
+
+    limit = 50
+    req = reference.request("x" * limit, mode="ar", max_bytes=1)  # what _request makes of max_tokens 0
+    check_fit(req, reference.engine.max_step, limit + SERVE_EXTRA_IDS)
 
 
 def test_scoring_a_text_works_in_every_mode(server, reference):
