@@ -43,8 +43,7 @@ class Output:
         self.top_logprobs: list[dict[int, float]] | None = None if top_logprobs is None else []
         self.prompt_logprobs: list[float] | None = None if prompt_top_logprobs is None else []
         self.prompt_top_logprobs: list[dict[int, float]] | None = None if prompt_top_logprobs is None else []
-        self.byte_ids: list[int] = []  # per byte of data, the index of its id in ids
-        self._scored = 0  # ids whose scores `new_scores` has handed out
+        self._scored = self._scored_bytes = 0  # ids (and the bytes among them) `new_scores` handed out
 
     @property
     def remaining(self) -> int:
@@ -64,7 +63,6 @@ class Output:
                 _score(t, logits[i], self.top_n, self.logprobs, self.top_logprobs)
             if t >= BYTE_OFFSET:
                 self.data.append(t - BYTE_OFFSET)
-                self.byte_ids.append(len(self.ids) - 1)
                 if self.stop and self._cut_stop():
                     return self._finish("stop")
             if len(self.ids) >= self.max_bytes:
@@ -78,15 +76,17 @@ class Output:
     def new_scores(self, upto: int) -> Scores:
         """The scores of the ids up to data byte `upto` (exclusive) not handed out before: a
         streamed chunk's (ids, logprobs, top_logprobs), special ids between its bytes included."""
-        end = self.byte_ids[upto - 1] + 1 if upto else self._scored
-        start, self._scored = self._scored, max(self._scored, end)
+        start = end = self._scored
+        while self._scored_bytes < upto:  # through the id of data byte upto - 1 (a byte id each)
+            self._scored_bytes += self.ids[end] >= BYTE_OFFSET
+            end += 1
+        self._scored = end
         return self.ids[start:end], self.logprobs[start:end], self.top_logprobs[start:end]
 
     def _cut_stop(self) -> bool:
         for s in self.stop:
             if self.data.endswith(s):
                 del self.data[len(self.data) - len(s) :]
-                del self.byte_ids[len(self.byte_ids) - len(s) :]
                 return True
         return False
 
