@@ -133,49 +133,38 @@ def test_no_cases_is_a_failure():
     assert not report and isinstance(report, Report) and report.errors
 
 
-class DropsOutput(Backend):
-    """A backend whose `step` returns every output but `output` (an export that lost a graph output)."""
+class Altered(Backend):
+    """A backend whose `step` outputs pass through `alter` (an export that lost or broke one)."""
 
-    name = "drops"
+    name = "altered"
 
-    def __init__(self, inner: Backend, step: str, output: str):
+    def __init__(self, inner: Backend, step: str, alter):
         super().__init__(inner.specs)
-        self.inner, self.step, self.output = inner, step, output
-
-    def _activate_impl(self) -> None:
-        self.inner.activate()
-
-    def _run_step_impl(self, step, feeds):
-        out = self.inner.run_step(step, feeds, check=False)
-        return {k: v for k, v in out.items() if not (step == self.step and k == self.output)}
-
-
-class NanReference(Backend):
-    """A reference whose `step` writes NaN into one element of `output`."""
-
-    name = "nan"
-
-    def __init__(self, inner: Backend, step: str, output: str):
-        super().__init__(inner.specs)
-        self.inner, self.step, self.output = inner, step, output
+        self.inner, self.step, self.alter = inner, step, alter
 
     def _activate_impl(self) -> None:
         self.inner.activate()
 
     def _run_step_impl(self, step, feeds):
         out = dict(self.inner.run_step(step, feeds, check=False))
-        if step == self.step:
-            bad = out[self.output].clone()
-            bad.view(-1)[0] = float("nan")
-            out[self.output] = bad
-        return out
+        return self.alter(out) if step == self.step else out
+
+
+def _without_entropies(out: dict) -> dict:
+    return {k: v for k, v in out.items() if k != "entropies"}
+
+
+def _nan_in_entropies(out: dict) -> dict:
+    bad = out["entropies"].clone()
+    bad.view(-1)[0] = float("nan")
+    return {**out, "entropies": bad}
 
 
 def test_a_candidate_missing_an_output_fails_and_names_it():
     """A candidate that returns no `entropies` is not a pass on the outputs it did return: the
     patcher would run on nothing, so the report fails and says which output is missing."""
     cases = random_cases(SPECS, MODEL, steps=("entropy",))[:2]
-    cand = DropsOutput(TorchBackend(SPECS, MODEL), "entropy", "entropies")
+    cand = Altered(TorchBackend(SPECS, MODEL), "entropy", _without_entropies)
     report = graph_parity(cases, TorchBackend(SPECS, MODEL), {"drops": cand}, GraphRun())
     assert not report
     assert len(report.errors) == 2 and all(
@@ -187,7 +176,7 @@ def test_a_non_finite_reference_is_reported():
     """A NaN in the reference is named as the reference's fault, not blamed on (or hidden by) the
     candidate's comparison: the gate cannot vouch for outputs measured against garbage."""
     cases = random_cases(SPECS, MODEL, steps=("entropy",))[:1]
-    ref = NanReference(TorchBackend(SPECS, MODEL), "entropy", "entropies")
+    ref = Altered(TorchBackend(SPECS, MODEL), "entropy", _nan_in_entropies)
     report = graph_parity(cases, ref, {"torch": TorchBackend(SPECS, MODEL)}, GraphRun())
     assert not report
     assert report.errors == [f"torch | entropy | {cases[0].label} | entropies: reference is not finite"]
