@@ -66,8 +66,8 @@ def runtime_bits(g: Generator, windows: torch.Tensor, progress: tqdm) -> tuple[n
 
 
 def server_bits(windows: torch.Tensor, progress: tqdm) -> tuple[np.ndarray, float]:
-    """Each window as an OpenAI scoring request to `fastblt serve` on 127.0.0.1 (latin-1 keeps
-    every byte of a window that is not UTF-8 out of the request: only UTF-8 windows are sent)."""
+    """Each window as an OpenAI scoring request to `fastblt serve` on 127.0.0.1 (a prompt is a
+    JSON string: the caller sends only windows that are UTF-8)."""
     import httpx
 
     from fastblt.serve.process import ServerProcess
@@ -147,9 +147,9 @@ def main(n_windows: int, backends: str, server: bool) -> None:
     model = load_checkpoint("default").eval()
     report = json.loads((resolve_checkpoint_path("default") / "report.json").read_text())
     windows = Corpus.load().heldout_windows(WINDOW_BYTES, 128)[:n_windows]
-    utf8 = torch.stack([w for w in windows if _is_utf8(w)])
+    keep = [i for i, w in enumerate(windows) if _is_utf8(w)]  # the windows a JSON prompt can carry
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    total = len(windows) * len(names) + (len(utf8) if server else 0)
+    total = len(windows) * len(names) + (len(keep) if server else 0)
     ref = reference_bits(model, windows)
     ref_all = eval_bpb(blt_forward(model), windows)["bpb"]
     rows = []
@@ -158,8 +158,7 @@ def main(n_windows: int, backends: str, server: bool) -> None:
             bits, seconds = runtime_bits(Generator("default", backend=name), windows, progress)
             rows.append(_row(f"runtime, {name}", bits, ref, seconds))
         if server:
-            keep = [i for i, w in enumerate(windows) if _is_utf8(w)]
-            bits, seconds = server_bits(utf8, progress)
+            bits, seconds = server_bits(windows[keep], progress)
             rows.append(_row("server (ort), UTF-8 windows", bits, ref[keep], seconds))
     targets = [
         {"target": f"{r['path']}: max per-window difference (bits/byte)", "value": r["max_window_diff"],
