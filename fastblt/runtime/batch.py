@@ -99,7 +99,9 @@ class Ticket:
                  on_scores: Callable[[Scores], None] | None = None):  # fmt: skip
         self.request = request
         self.on_text, self.on_done = on_text, on_done
-        self.on_scores = on_scores  # with option logprobs: each streamed chunk's scores, before its text
+        # with option logprobs: each streamed chunk's scores, before its text; with prompt_logprobs
+        # too, the first chunk's begin with the prompt's (an entry per prompt id after BOS)
+        self.on_scores = on_scores
         self.generation: Generation | None = None
         self.error: BaseException | None = None
         self.submitted = time.perf_counter()
@@ -147,6 +149,7 @@ class _Sequence:
         self.run = new_run(state, o, Output(o.max_bytes, o.stop, o.stop_on_eos, o.logprobs, o.prompt_logprobs))
         self.plan = loops.generate(self.run, list(req.ids), req.opts.prefill_chunk or max_step)
         self.chunker = TextChunker(req.opts.stop) if ticket.on_text is not None else None
+        self.prompt_scored = o.prompt_logprobs is None  # its scores went out with the first chunk's
         self.cohort = req.opts.mode, draft_length(req.opts, max_step)
         self.pending: StepCall | None = None
         self.parked = False  # at the end of a round, waiting for its cohort
@@ -172,10 +175,20 @@ class _Sequence:
             if text:
                 try:
                     if self.ticket.on_scores is not None and self.run.out.logprobs is not None:
-                        self.ticket.on_scores(self.run.out.new_scores(self.chunker.sent))
+                        self.ticket.on_scores(self._scores())
                     self.ticket.on_text(text)
                 except Exception:  # a listener that fails has gone: stop the request, not the batch
                     self.ticket.cancel()
+
+    def _scores(self) -> Scores:
+        """The scores of the chunk about to go out (the first one's led by the prompt's)."""
+        out = self.run.out
+        ids, logprobs, tops = out.new_scores(self.chunker.sent)
+        if not self.prompt_scored:
+            self.prompt_scored = True
+            prompt = list(self.ticket.request.ids[1:])
+            ids, logprobs, tops = prompt + ids, out.prompt_logprobs + logprobs, out.prompt_top_logprobs + tops
+        return ids, logprobs, tops
 
 
 def check_sizes(max_batch: int, max_queue: int) -> None:

@@ -151,9 +151,6 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
             options["stop"] = stops
     logprobs = _get(body, "logprobs", int)
     if logprobs is not None:
-        if stream and echo:  # the prompt's scores come with the finished generation, after its text
-            raise ApiError(400, "logprobs: with echo, not available with stream: true; ask without streaming",
-                           "logprobs", "unsupported")  # fmt: skip
         if max_tokens > 0:  # its range and the mode are the engine's to check
             options["logprobs"] = logprobs
         if echo:  # the prompt's scores, from the prefill: any mode

@@ -140,3 +140,28 @@ def test_streamed_chunks_carry_their_scores():
             assert [t for p in parts for t in p[2]] == gen.top_logprobs[: len(ids)]
     finally:
         eng.close(30)
+
+
+def test_a_streams_first_chunk_leads_with_the_prompts_scores():
+    """logprobs and prompt_logprobs streamed: the first chunk's scores begin with the prompt's (an
+    entry per prompt id after BOS), the rest are the chunks' own, as the Generation has them."""
+    import asyncio
+
+    from fastblt.runtime.async_engine import AsyncEngine
+
+    eng = AsyncEngine(tiny_model(), backend="torch", max_batch=4, lanes=1, processes=False)
+    try:
+
+        async def main():
+            stream = eng.stream(PROMPTS[1], mode="ar", max_bytes=24, stop_on_eos=False, logprobs=1, prompt_logprobs=1)
+            return [stream.chunk_scores async for _ in stream], stream.generation
+
+        parts, gen = asyncio.run(main())
+        n = len(encode(PROMPTS[1])) - 1
+        ids = [i for p in parts for i in p[0]]
+        assert ids == encode(PROMPTS[1])[1:] + gen.ids
+        assert [v for p in parts for v in p[1]] == gen.prompt_logprobs + gen.logprobs
+        assert [t for p in parts for t in p[2]] == gen.prompt_top_logprobs + gen.top_logprobs
+        assert len(parts[0][0]) > n  # the prompt's entries and the first chunk's own
+    finally:
+        eng.close(30)

@@ -127,6 +127,23 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server, reference):
                                        stream=True))  # fmt: skip
     assert chunks[0].choices[0].text == prompt and "".join(ch.choices[0].text for ch in chunks) == prompt + want.text
 
+    # streamed with logprobs: the first chunk (the prompt) carries the prompt's entries, the rest
+    # the completion's; together they are the non-streamed object (n 2 greedy: one generation; a
+    # stop string at the first byte: no chunk but the prompt's)
+    for max_tokens, stop in ((8, None), (1, None), (8, want.text[:1])):
+        opts = dict(model=MODEL, prompt=prompt, max_tokens=max_tokens, echo=True, logprobs=2, temperature=0, n=2,
+                    stop=stop)  # fmt: skip
+        whole = c.completions.create(**opts).choices[0].logprobs
+        assert len(whole.tokens) == n + (max_tokens if stop is None else 0)
+        chunks = list(c.completions.create(stream=True, **opts))
+        first = chunks[0].choices[0]
+        assert first.text == prompt and first.logprobs.tokens == list(prompt)
+        assert first.logprobs.token_logprobs == whole.token_logprobs[:n]
+        for i in (0, 1):
+            parts = [ch.logprobs for chunk in chunks for ch in chunk.choices if ch.index == i and ch.text]
+            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                assert [x for part in parts for x in getattr(part, key)] == getattr(whole, key), (max_tokens, key)
+
 
 def test_n_choices_are_each_their_own_seeded_request(server, reference):
     """n sampled choices: choice i is the request with seed + i, streamed or not, each with its
