@@ -210,6 +210,13 @@ class LinearCache:
         if self._detach() is not None or self.slots != PAST_BUCKET:
             self._use(zeros_kv(self.cfg, 1, PAST_BUCKET, self.dtype, self.device))
 
+    def copy_from(self, other: LinearCache, upto: int) -> None:
+        """Hold `other`'s slots below `upto` in buffers of its own (another sequence's prompt)."""
+        self.reset()
+        if upto > self.slots:
+            self._resize(min(past_slots(upto), self.limit))
+        copy_slots(self.kv, other.kv, upto)
+
     def take_back(self, upto: int | None = None) -> None:
         """A lent cache gets buffers of its own again, holding its row's slots below `upto` (None:
         every slot of the row; a sequence reads none from its `free_slot` on)."""

@@ -60,6 +60,7 @@ class Run:
     gen: Rng | None  # the request's sampling generator (None when greedy)
     rounds: RoundStats
     prefill: dict = field(default_factory=dict)  # when the prompt was committed, and its counters
+    prompt_logits: np.ndarray | None = None  # the last prompt position's, once the prompt is committed
     # blt-s / blt-dv may draft from the context: a batch allows it for a round only when every row
     # of the cohort starting it can (a row that skipped drafting would only wait for the others'
     # drafts; greedy bytes are the same either way)
@@ -104,6 +105,14 @@ def generate(run: Run, ids: list[int], chunk: int) -> Plan[None]:
     logits = yield from prefill(st, ids, chunk, run.out)
     run.prefill |= dict(t_end=time.perf_counter(), calls=dict(st.calls), positions=dict(st.positions),
                         backend_s=st.backend_seconds)  # fmt: skip
+    run.prompt_logits = logits
+    yield from LOOPS[run.opts.mode](run, logits)
+
+
+def resume(run: Run, logits: np.ndarray) -> Plan[None]:
+    """A call whose state holds its prompt already (a copy of another request's prefill, with the
+    last prompt position's `logits`): the mode's loop until `run.out` is done."""
+    run.prompt_logits = logits
     yield from LOOPS[run.opts.mode](run, logits)
 
 

@@ -433,6 +433,24 @@ class SequenceState:
         for cache in self.linear.values():
             cache.reset()
 
+    def copy_from(self, src: SequenceState) -> None:
+        """Become a copy of `src`, another row of the same batch, at its frontier: positions,
+        patches, byte states and every cache (what `src` wrote past its frontier too, which the
+        next step overwrites). The step graphs compute each row as they compute it alone, so a
+        copy of another request's prefill is what this one's own would have made."""
+        if src.rows is not self.rows:
+            raise InputError("copy_from: the states are not rows of one batch")
+        self.rows.move(src.row, self.row)
+        for name, cache in self.linear.items():
+            cache.copy_from(src.linear[name], src.free_slot())
+        self.host = HostArrays(len(src.host.tokens))
+        for name in ("tokens", "entropies", "closes", "closed", "patch_len"):
+            getattr(self.host, name)[:] = getattr(src.host, name)
+        self._room(src.written)
+        self._h[: src.written] = src._h[: src.written]
+        self.n, self.g_len, self.written = src.n, src.g_len, src.written
+        self._forced_at, self._global_end = src._forced_at, src._global_end
+
     def free_slot(self) -> int:
         """The first global-cache slot this sequence does not read: a padding row of a batched global
         step may write from there. Slots from g_len on are scratch, except the forced latent in

@@ -47,6 +47,9 @@ class EngineCollector(Collector):
         yield CounterMetricFamily("fastblt_engine_generated_ids", "Ids the batch engine generated for every "
                                   "request that ended, finished, cancelled or failed: the work done (requests "
                                   "finished count theirs in fastblt_generated_bytes).", value=s.generated)  # fmt: skip
+        yield CounterMetricFamily("fastblt_shared_prefills", "Requests that took a copy of another request's "
+                                  "prefill of the same prompt (n choices) instead of running their own.",
+                                  value=s.shared_prefills)  # fmt: skip
         calls = CounterMetricFamily("fastblt_step_calls", "Backend calls per step graph.", labels=["step"])
         rows = CounterMetricFamily("fastblt_step_rows", "Sequences served by those calls, per step graph.",
                                    labels=["step"])  # fmt: skip

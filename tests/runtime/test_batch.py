@@ -91,6 +91,51 @@ def test_identical_prompts_in_one_batch_continue_identically():
     assert outs[0] == g.generate(PROMPTS[3], mode="ar", max_bytes=40, stop_on_eos=False).ids
 
 
+def test_choices_of_one_prompt_prefill_once():
+    """Requests of one prompt admitted while it prefills (n choices of a completion) take a copy of
+    that prefill: each still equals its batch-1 output, in every mode, greedy or sampled, with its
+    prompt scored; a request prefilling in other chunks, or scoring the prompt otherwise, or of
+    another prompt runs its own."""
+    g = torch_generator()
+    prompt = PROMPTS[5] * 2  # several prefill chunks, a patch open at its end
+    work = [(prompt, m, {"temperature": t, "seed": s, "prompt_logprobs": 2})
+            for m in MODES for t, s in ((0.0, None), (0.9, 7))]  # fmt: skip
+    work += [(prompt, "ar", {"prefill_chunk": 5, "prompt_logprobs": 2}), (prompt, "ar", {"prompt_logprobs": 1}),
+             (prompt + "#", "ar", {"prompt_logprobs": 2})]  # fmt: skip
+    want = [g.generate(p, mode=m, max_bytes=24, stop_on_eos=False, **o) for p, m, o in work]
+    with batch_of(g, max_batch=len(work)) as batch:
+        with batch._cv:  # admitted at one turn, the first one's prefill not begun
+            tickets = [batch.submit(make_request(p, g.config, m, 24, stop_on_eos=False, **o)) for p, m, o in work]
+        got = [t.result(120) for t in tickets]
+        assert batch.stats.shared_prefills == 7  # the first eight share one prefill
+    for w, o in zip(want, got, strict=True):
+        assert o.ids == w.ids and o.prompt_logprobs == w.prompt_logprobs
+        assert o.prompt_top_logprobs == w.prompt_top_logprobs
+    ran = [sum(o.stats.prefill_passes.values()) > 0 for o in got]
+    assert ran == [True] + [False] * 7 + [True] * 3
+
+
+def test_a_request_waiting_for_a_prefill_whose_request_leaves_runs_its_own():
+    """Its leader cancelled in the middle of the prefill: the request waiting for a copy prefills
+    the prompt itself and still equals its batch-1 output."""
+    g = torch_generator()
+    opts = dict(stop_on_eos=False, prefill_chunk=1)  # a prefill of many turns
+    want = g.generate(PROMPTS[3] * 4, mode="ar", max_bytes=16, **opts).ids
+    with batch_of(g, max_batch=2) as batch:
+        with batch._cv:
+            first, second = (batch.submit(make_request(PROMPTS[3] * 4, g.config, "ar", 16, **opts)) for _ in range(2))
+        deadline = time.monotonic() + 60
+        while batch.live[:1] == [] or batch.live[0].state.n < 8:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert batch.live[1].leader is batch.live[0]  # waiting for the first one's prefill
+        first.cancel()
+        assert second.result(120).ids == want
+        assert batch.stats.shared_prefills == 0
+    with pytest.raises(Cancelled):
+        first.result(0)
+
+
 def test_ar_rows_step_together():
     """Same-mode rows take the same step at the same turn: one decoder call serves all of them."""
     g = torch_generator()

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -143,6 +144,22 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(server, reference):
             parts = [ch.logprobs for chunk in chunks for ch in chunk.choices if ch.index == i and ch.text]
             for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                 assert [x for part in parts for x in getattr(part, key)] == getattr(whole, key), (max_tokens, key)
+
+
+def test_n_choices_of_a_long_prompt_prefill_it_once_per_lane(server, reference):
+    """n sampled choices of a long prompt: a lane's first choice prefills it, the others there
+    take a copy of that prefill, and every choice is still its own seeded request's bytes."""
+    import textwrap
+
+    prompt = Path(textwrap.__file__).read_text()[:1500]
+    n, lanes = 8, int(_metric(server, "fastblt_batch_lanes"))
+    before = _metric(server, "fastblt_shared_prefills_total")
+    r = client(server).completions.create(model=MODEL, prompt=prompt, max_tokens=6, n=n, temperature=0.9, seed=5,
+                                          extra_body={"mode": "ar"})  # fmt: skip
+    shared = _metric(server, "fastblt_shared_prefills_total") - before
+    assert n - lanes <= shared <= n - 1
+    want = [reference.generate(prompt, mode="ar", max_bytes=6, temperature=0.9, seed=5 + i).text for i in range(n)]
+    assert [ch.text for ch in r.choices] == want
 
 
 def test_n_choices_are_each_their_own_seeded_request(server, reference):
