@@ -49,7 +49,7 @@ from fastblt.errors import Cancelled, EngineBusy, EngineClosed, FastBltError, In
 from fastblt.export.spec import STEPS, TORCH_DTYPES, state_dtype
 from fastblt.runtime import loops
 from fastblt.runtime.caches import RowCaches
-from fastblt.runtime.calls import StepCall, StepRunner
+from fastblt.runtime.calls import Plan, StepCall, StepRunner
 from fastblt.runtime.engine import Engine
 from fastblt.runtime.generator import Generation, generation, new_run
 from fastblt.runtime.options import Request, check_fit, checked, draft_length
@@ -176,17 +176,20 @@ class _Sequence:
         )  # fmt: skip
 
     def take_prompt(self) -> None:
-        """Start decoding from a copy of the leader's prefill (it committed the prompt this turn; its
-        state is still at the prompt's end: its first step call has not run)."""
-        leader, out = self.leader, self.run.out
-        self.state.copy_from(leader.state)
+        """Decode from a copy of the leader's prefill, taken when the plan is next advanced: at once,
+        in the turn the leader committed the prompt (its state is still at the prompt's end: its
+        first step call has not run). A copy that fails (out of memory) fails this request alone."""
+        self.plan, self.leader = self._from_copy(self.leader), None
+
+    def _from_copy(self, leader: _Sequence) -> Plan[None]:
+        out, st = self.run.out, self.state
+        st.copy_from(leader.state)
         if out.prompt_logprobs is not None:
             out.prompt_logprobs += leader.run.out.prompt_logprobs
             out.prompt_top_logprobs += [dict(t) for t in leader.run.out.prompt_top_logprobs]
-        st = self.state
         self.run.prefill |= dict(t_end=time.perf_counter(), calls=dict(st.calls), positions=dict(st.positions),
                                  backend_s=st.backend_seconds)  # fmt: skip
-        self.plan, self.leader = loops.resume(self.run, leader.run.prompt_logits.copy()), None
+        yield from loops.resume(self.run, leader.run.prompt_logits.copy())
 
     def prefill_alone(self) -> None:
         """The leader left before its prefill ended: run this request's own."""

@@ -136,6 +136,31 @@ def test_a_request_waiting_for_a_prefill_whose_request_leaves_runs_its_own():
         first.result(0)
 
 
+def test_a_copy_of_a_prefill_that_fails_fails_its_request_alone(monkeypatch):
+    """Out of memory while copying the leader's state: that request fails, the leader and the
+    other followers finish as they would alone."""
+    from fastblt.runtime.state import SequenceState
+
+    g = torch_generator()
+    real, copies = SequenceState.copy_from, []
+
+    def second_fails(self, src):
+        copies.append(1)
+        if len(copies) == 2:
+            raise MemoryError("no memory for the copy")
+        real(self, src)
+
+    monkeypatch.setattr(SequenceState, "copy_from", second_fails)
+    want = g.generate(PROMPTS[5], mode="ar", max_bytes=12, stop_on_eos=False).ids
+    with batch_of(g, max_batch=4) as batch:
+        with batch._cv:
+            tickets = [batch.submit(make_request(PROMPTS[5], g.config, "ar", 12, stop_on_eos=False)) for _ in range(4)]
+        with pytest.raises(InternalError, match="MemoryError"):
+            tickets[2].result(60)
+        assert [tickets[i].result(60).ids for i in (0, 1, 3)] == [want] * 3
+        assert batch.stats.failed == 1 and batch.stats.finished == 3
+
+
 def test_ar_rows_step_together():
     """Same-mode rows take the same step at the same turn: one decoder call serves all of them."""
     g = torch_generator()
