@@ -1,6 +1,6 @@
 """n choices of one prompt: a lane prefills the prompt once and its other choices start from a copy.
 
-    python benchmarks/shared_prefill.py    # ~3 minutes on 2 cores
+    python benchmarks/shared_prefill.py    # ~1 minute on 2 cores
 
 An AsyncEngine at its defaults takes 8 sampled `ar` requests at once, 64 bytes each, in two ways
 side by side (median of three interleaved repeats) for prompts of 250, 1,000 and 3,000 bytes of
@@ -113,7 +113,7 @@ def plot(r: dict, path: Path) -> None:
     ax.bar([i + 0.2 for i in x], [row["distinct"]["last"] for row in rows], 0.4, label=f"{N} prompts")
     ax.set_xticks(list(x), [f"{row['prompt_bytes']:,} B" for row in rows])
     ax.set_ylabel(f"seconds until {N} choices end")
-    ax.set_title(f"{N} sampled choices of {MAX_BYTES} bytes: prefilled once or {N} times")
+    ax.set_title(f"{N} sampled choices of {MAX_BYTES} bytes: prefilled once per lane or {N} times")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
