@@ -136,6 +136,23 @@ def test_a_request_waiting_for_a_prefill_whose_request_leaves_runs_its_own():
         first.result(0)
 
 
+def test_a_request_arriving_after_the_prefill_ended_runs_its_own():
+    """Once a request's prefill has ended its state moves on: a request of the same prompt that
+    arrives then prefills the prompt itself."""
+    import threading
+
+    g = torch_generator()
+    want = g.generate(PROMPTS[5], mode="ar", max_bytes=40, stop_on_eos=False).ids
+    decoding = threading.Event()
+    with batch_of(g, max_batch=2) as batch:
+        first = batch.submit(make_request(PROMPTS[5], g.config, "ar", 40, stop_on_eos=False),
+                             on_text=lambda _: decoding.set())  # fmt: skip
+        assert decoding.wait(60)
+        second = batch.submit(make_request(PROMPTS[5], g.config, "ar", 40, stop_on_eos=False))
+        assert first.result(60).ids == want and second.result(60).ids == want
+        assert batch.stats.shared_prefills == 0
+
+
 def test_a_copy_of_a_prefill_that_fails_fails_its_request_alone(monkeypatch):
     """Out of memory while copying the leader's state: that request fails, the leader and the
     other followers finish as they would alone."""
