@@ -9,6 +9,7 @@ unavailable here.
 from __future__ import annotations
 
 import importlib
+import io
 import sys
 
 import click
@@ -60,10 +61,40 @@ def cli() -> None:
     """
 
 
+class _Stdout(io.TextIOWrapper):
+    """sys.stdout, whose failed writes name it (`> /dev/full`: "error: stdout: No space left on
+    device", where the OSError of a write names no file). A reader that left (BrokenPipeError) is
+    passed on as it is: commands end quietly then."""
+
+    def write(self, s: str) -> int:
+        try:
+            return super().write(s)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, "stdout") from None
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, "stdout") from None
+
+
+def _named_stdout() -> None:
+    out = sys.stdout
+    if type(out) is io.TextIOWrapper:  # the interpreter's own (not a test runner's capture)
+        sys.stdout = _Stdout(out.detach(), encoding=out.encoding, errors=out.errors,
+                             line_buffering=out.line_buffering, write_through=out.write_through)  # fmt: skip
+
+
 def main() -> None:
     """Entry point: fastblt errors become one line on stderr and exit code 2 (3: backend unavailable)."""
     from fastblt.errors import BackendUnavailable, FastBltError
 
+    _named_stdout()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

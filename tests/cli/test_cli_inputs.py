@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -105,6 +106,17 @@ def test_a_reader_that_leaves_stops_the_stream_quietly(ckpt):
     proc.stdout.close()  # gone before the first byte: its first write finds no reader
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and err == b"", err.decode(errors="replace")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"]])
+def test_a_full_stdout_is_named(args):
+    """`fastblt info > /dev/full`: one line naming stdout (a write's OSError names no file), exit 2."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "fastblt.cli", *args], stdout=full, stderr=subprocess.PIPE,
+                              timeout=120)  # fmt: skip
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 2 and err == "error: stdout: No space left on device\n", err
 
 
 def test_convert_into_a_directory_of_other_files_needs_force(ckpt, tmp_path, monkeypatch, capsys):
