@@ -178,7 +178,7 @@ class ProcessLane:
         ref = weakref.ref(self)
         atexit.register(lambda: (lane := ref()) is not None and lane.close(10, cancel=True))
 
-    def _ready(self, timeout: float) -> None:
+    def _ready(self, timeout: float, restarted: bool = False) -> None:
         if not self._conn.poll(timeout):
             self._kill()
             raise InternalError(f"lane process: not ready after {timeout:.0f} s")
@@ -191,6 +191,7 @@ class ProcessLane:
             self._kill()
             raise msg[1]
         with self._lock:
+            self.restarts += restarted  # counted before the lane reads as alive again
             self._stats, self._lost = msg[1], None
             self._closed.clear()
         threading.Thread(target=self._read, args=(self._conn,), name="fastblt-lane-reader", daemon=True).start()
@@ -356,12 +357,11 @@ class ProcessLane:
             log.warning("fastblt lane %s: its process died (%s); starting another", id(self), self._lost)
             try:
                 self._spawn()
-                self._ready(START_TIMEOUT)
+                self._ready(START_TIMEOUT, restarted=True)
             except Exception as e:
                 log.warning("fastblt lane %s: could not start its process again: %s", id(self), e)
                 delay = min(max(2 * delay, 1.0), MAX_RESTART_DELAY_S)
                 continue
-            self.restarts += 1
             if self._closing:  # closed while the child loaded: it gets the same close
                 self._send(("close", True))
             return
