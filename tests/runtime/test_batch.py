@@ -122,11 +122,11 @@ def test_a_request_waiting_for_a_prefill_whose_request_leaves_runs_its_own():
     """Its leader cancelled in the middle of the prefill: the request waiting for a copy prefills
     the prompt itself and still equals its batch-1 output."""
     g = torch_generator()
-    opts = dict(stop_on_eos=False, prefill_chunk=1)  # a prefill of many turns
-    want = g.generate(PROMPTS[3] * 4, mode="ar", max_bytes=16, **opts).ids
+    opts = dict(stop_on_eos=False, prefill_chunk=1)  # a prefill of ~200 decoder turns: time to cancel in
+    want = g.generate(PROMPTS[3] * 10, mode="ar", max_bytes=16, **opts).ids
     with batch_of(g, max_batch=2) as batch:
         with batch._cv:
-            first, second = (batch.submit(make_request(PROMPTS[3] * 4, g.config, "ar", 16, **opts)) for _ in range(2))
+            first, second = (batch.submit(make_request(PROMPTS[3] * 10, g.config, "ar", 16, **opts)) for _ in range(2))
         deadline = time.monotonic() + 60
         while batch.live[:1] == [] or batch.live[0].state.n < 8:
             assert time.monotonic() < deadline
