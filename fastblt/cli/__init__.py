@@ -8,9 +8,11 @@ unavailable here.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import sys
+from collections.abc import Iterator
 
 import click
 
@@ -67,20 +69,22 @@ class _Stdout(io.TextIOWrapper):
     passed on as it is: commands end quietly then."""
 
     def write(self, s: str) -> int:
-        try:
+        with _naming_stdout():
             return super().write(s)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, "stdout") from None
 
     def flush(self) -> None:
-        try:
+        with _naming_stdout():
             super().flush()
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, "stdout") from None
+
+
+@contextlib.contextmanager
+def _naming_stdout() -> Iterator[None]:
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, "stdout") from None
 
 
 def _named_stdout() -> None:

@@ -156,8 +156,10 @@ class _Sequence:
         # a request admitted while another of the same prompt prefills it waits for a copy of that
         # prefill (`take_prompt`) instead of running its own: n choices of one prompt prefill once
         self.leader = leader
-        self.plan = loops.generate(self.run, list(req.ids), self.chunk) if leader is None else None
-        self.run.prefill["t_start"] = time.perf_counter()
+        if leader is None:
+            self.plan = loops.generate(self.run, list(req.ids), self.chunk)
+        else:  # its wait counts as its prefill
+            self.plan, self.run.prefill["t_start"] = None, time.perf_counter()
         self.chunker = TextChunker(req.opts.stop) if ticket.on_text is not None else None
         self.prompt_scored = o.prompt_logprobs is None  # its scores went out with the first chunk's
         self.cohort = req.opts.mode, draft_length(req.opts, max_step)
@@ -166,10 +168,11 @@ class _Sequence:
         self.joined = False  # has ended a round (a prefilling sequence holds up no cohort)
         self.ended = False
 
-    def can_lead(self, ticket: Ticket, chunk: int) -> bool:
+    def can_lead(self, ticket: Ticket) -> bool:
         """Whether the request of `ticket` may take a copy of this sequence's prefill: this one
         prefills the same prompt in the same chunks (and scores it alike), and has not finished."""
         req, mine = ticket.request, self.ticket.request
+        chunk = req.opts.prefill_chunk or self.state.max_step
         return (
             self.leader is None and self.run.prompt_logits is None and not self.ended and not self.ticket.cancelled
             and chunk == self.chunk and req.opts.prompt_logprobs == mine.opts.prompt_logprobs and req.ids == mine.ids
@@ -182,13 +185,11 @@ class _Sequence:
         self.plan, self.leader = self._from_copy(self.leader), None
 
     def _from_copy(self, leader: _Sequence) -> Plan[None]:
-        out, st = self.run.out, self.state
-        st.copy_from(leader.state)
+        out = self.run.out
+        self.state.copy_from(leader.state)
         if out.prompt_logprobs is not None:
             out.prompt_logprobs += leader.run.out.prompt_logprobs
             out.prompt_top_logprobs += [dict(t) for t in leader.run.out.prompt_top_logprobs]
-        self.run.prefill |= dict(t_end=time.perf_counter(), calls=dict(st.calls), positions=dict(st.positions),
-                                 backend_s=st.backend_seconds)  # fmt: skip
         yield from loops.resume(self.run, leader.run.prompt_logits.copy())
 
     def prefill_alone(self) -> None:
@@ -414,8 +415,7 @@ class BatchEngine:
                     state = SequenceState(self.engine.backend, self.config, rows=self.rows, row=len(self.live))
                 state.reset()
                 state.reset_counters()
-                chunk = ticket.request.opts.prefill_chunk or self.engine.max_step
-                leader = next((seq for seq in self.live if seq.can_lead(ticket, chunk)), None)
+                leader = next((seq for seq in self.live if seq.can_lead(ticket)), None)
                 seq = _Sequence(ticket, state, self.engine.max_step, leader)
             except Exception as e:  # its state could not be made (out of memory): it alone fails
                 self.stats.failed += 1

@@ -103,15 +103,16 @@ def generate(run: Run, ids: list[int], chunk: int) -> Plan[None]:
     st = run.state
     run.prefill["t_start"] = time.perf_counter()
     logits = yield from prefill(st, ids, chunk, run.out)
-    run.prefill |= dict(t_end=time.perf_counter(), calls=dict(st.calls), positions=dict(st.positions),
-                        backend_s=st.backend_seconds)  # fmt: skip
-    run.prompt_logits = logits
-    yield from LOOPS[run.opts.mode](run, logits)
+    yield from resume(run, logits)
 
 
 def resume(run: Run, logits: np.ndarray) -> Plan[None]:
-    """A call whose state holds its prompt already (a copy of another request's prefill, with the
-    last prompt position's `logits`): the mode's loop until `run.out` is done."""
+    """From a committed prompt (this call's own prefill, or a copy of another request's) whose last
+    position's next-byte logits are `logits`: its end and counters kept in `run.prefill`, then the
+    mode's loop until `run.out` is done."""
+    st = run.state
+    run.prefill |= dict(t_end=time.perf_counter(), calls=dict(st.calls), positions=dict(st.positions),
+                        backend_s=st.backend_seconds)  # fmt: skip
     run.prompt_logits = logits
     yield from LOOPS[run.opts.mode](run, logits)
 

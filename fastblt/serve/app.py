@@ -416,8 +416,8 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
     cid, created = completion_id(), int(time.time())
 
     scored = [ByteScores() for _ in jobs]  # logprobs: each stream's offsets run on from chunk to chunk
-    echoed = [_prompt_scores(comp, job, s, first) for job, s, first in zip(jobs, streams, firsts, strict=True)]
-    firsts = [f if e is None or f is None else (f[0], e[1]) for f, e in zip(firsts, echoed, strict=True)]
+    split = [_echo_scores(comp, job, s, first) for job, s, first in zip(jobs, streams, firsts, strict=True)]
+    echoed, firsts = [e for e, _ in split], [f for _, f in split]
 
     def chunk(j: int, text: str, reason: str | None = None, scores: Scores | None = None) -> bytes:
         logprobs = None if scores is None else scored[j].add(*scores)
@@ -436,7 +436,7 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
         try:
             if comp.echo:
                 for j, job in enumerate(jobs):
-                    yield chunk(j, job.prompt, scores=None if echoed[j] is None else echoed[j][0])
+                    yield chunk(j, job.prompt, scores=echoed[j])
             generated, ended = 0, 0
             while ended < len(streams):
                 j, text, scores = await news.get()
@@ -492,19 +492,19 @@ async def _pump(j: int, stream: TextStream, first: tuple[str, Scores | None] | N
         news.put_nowait((j, e, None))
 
 
-def _prompt_scores(comp: Completion, job: _Job, stream: TextStream,
-                   first: tuple[str, Scores | None] | None) -> tuple[Scores, Scores | None] | None:  # fmt: skip
-    """With echo and logprobs: the prompt's scores, and the first chunk's own (the batch sends the
-    prompt's at the head of the first chunk's; a stream that ended without a chunk has them in its
-    generation)."""
+def _echo_scores(comp: Completion, job: _Job, stream: TextStream, first: tuple[str, Scores | None] | None
+                 ) -> tuple[Scores | None, tuple[str, Scores | None] | None]:  # fmt: skip
+    """The echo chunk's scores (None unless echo and logprobs) and the first chunk with its own:
+    the batch sends the prompt's at the head of the first chunk's; a stream that ended without a
+    chunk has them in its generation."""
     if not comp.echo or comp.logprobs is None:
-        return None
+        return None, first
     if first is None:
         gen = stream.generation
         return (list(job.req.ids[1:]), gen.prompt_logprobs, gen.prompt_top_logprobs), None
     n = len(job.req.ids) - 1
-    ids, logprobs, tops = first[1]
-    return (ids[:n], logprobs[:n], tops[:n]), (ids[n:], logprobs[n:], tops[n:])
+    text, (ids, logprobs, tops) = first
+    return (ids[:n], logprobs[:n], tops[:n]), (text, (ids[n:], logprobs[n:], tops[n:]))
 
 
 async def _first(stream: TextStream) -> tuple[str, Scores | None] | None:
