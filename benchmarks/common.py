@@ -62,3 +62,25 @@ def save(stem: str, result: dict, render: Callable[[dict], str], plot: Callable[
     (RESULTS / f"{stem}.md").write_text(md)
     plot(result, RESULTS / f"{stem}.png")
     print(md)
+
+
+def grouped_bars(path: Path, groups: list[str], series: list[tuple[str, list[float]]], ylabel: str,
+                 title: str) -> None:  # fmt: skip
+    """A bar chart: one group of bars per entry of `groups`, one bar per (label, values) series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for j, (label, values) in enumerate(series):
+        ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))], values, width, label=label)
+    ax.set_xticks(list(range(len(groups))), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

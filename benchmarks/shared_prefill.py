@@ -2,7 +2,8 @@
 
     python benchmarks/shared_prefill.py    # ~1 minute on 2 cores
 
-An AsyncEngine at its defaults takes 8 sampled `ar` requests at once, 64 bytes each, in two ways
+An AsyncEngine at its defaults (but without prompt snapshots: the second and third repeats would
+load the first's prompts) takes 8 sampled `ar` requests at once, 64 bytes each, in two ways
 side by side (median of three interleaved repeats) for prompts of 250, 1,000 and 3,000 bytes of
 stdlib code: one prompt with 8 seeds (what `n: 8` asks of `fastblt serve`: the choices share the
 prefill), and 8 different prompts of the same length (each request prefills its own). Reported:
@@ -19,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import code_snippets, machine_meta, save
+from common import code_snippets, grouped_bars, machine_meta, save
 
 N = 8
 LENGTHS = (250, 1000, 3000)
@@ -76,7 +77,8 @@ def render(r: dict) -> str:
         "# n choices of one prompt: one prefill per lane",
         "",
         f"`python benchmarks/shared_prefill.py` — {m['date']}, {m['machine']}, {m['cpu_count']} CPUs, onnxruntime "
-        f"{m['onnxruntime']}. An AsyncEngine at its defaults ({r['lanes']} lane(s), max_batch {r['max_batch']}); "
+        f"{m['onnxruntime']}. An AsyncEngine at its defaults ({r['lanes']} lane(s), max_batch {r['max_batch']}) "
+        "without prompt snapshots (`prompt_cache_mb=0`: repeats would load the first one's prompts); "
         f"{N} sampled `ar` requests at once, {MAX_BYTES} bytes each, median of three interleaved repeats.",
         "",
         f"| prompt bytes | prefills shared, one prompt x {N} | first byte of all, one prompt s | {N} prompts s | "
@@ -101,30 +103,18 @@ def render(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = r["rows"]
-    x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.bar([i - 0.2 for i in x], [row["same"]["last"] for row in rows], 0.4, label=f"one prompt x {N} (shared)")
-    ax.bar([i + 0.2 for i in x], [row["distinct"]["last"] for row in rows], 0.4, label=f"{N} prompts")
-    ax.set_xticks(list(x), [f"{row['prompt_bytes']:,} B" for row in rows])
-    ax.set_ylabel(f"seconds until {N} choices end")
-    ax.set_title(f"{N} sampled choices of {MAX_BYTES} bytes: prefilled once per lane or {N} times")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    grouped_bars(path, [f"{row['prompt_bytes']:,} B" for row in rows],
+                 [(f"one prompt x {N} (shared)", [row["same"]["last"] for row in rows]),
+                  (f"{N} prompts", [row["distinct"]["last"] for row in rows])],
+                 f"seconds until {N} choices end",
+                 f"{N} sampled choices of {MAX_BYTES} bytes: prefilled once per lane or {N} times")  # fmt: skip
 
 
 def main() -> None:
     from fastblt.runtime.async_engine import AsyncEngine
 
-    engine = AsyncEngine("default")
+    engine = AsyncEngine("default", prompt_cache_mb=0)
     try:
         r = {"meta": machine_meta(), "lanes": len(engine.lanes), "max_batch": engine.max_batch}
         r["rows"] = [measure(engine, length) for length in LENGTHS]

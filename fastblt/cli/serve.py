@@ -15,6 +15,7 @@ import click
 
 from fastblt.engines.registry import BACKENDS
 from fastblt.runtime.options import MODES
+from fastblt.runtime.prompt_cache import DEFAULT_MB
 
 BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's limit (code averages ~3.8)
 
@@ -49,6 +50,9 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
               "global model's position limit, 16,384 for the default].")  # fmt: skip
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads of the backend (of each lane).")  # fmt: skip
+@click.option("--prompt-cache-mb", type=click.FloatRange(0), default=DEFAULT_MB, show_default=True,
+              help="Memory per lane for snapshots of committed prompts: a request whose prompt was seen before "
+              "loads it instead of committing it again, with the same bytes (0: off).")  # fmt: skip
 @click.option("--device", default=None, help="torch/trt: where to compute (cpu, cuda, cuda:1).")
 @click.option("--graceful-timeout", type=float, default=60.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds to let requests in flight finish.")  # fmt: skip
@@ -68,7 +72,8 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
               help="--ray: write the equivalent Serve config (YAML, for `serve deploy`) and exit.")  # fmt: skip
 def serve(
     checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
-    model_name, max_body, max_context, threads, device, graceful_timeout, log_level, use_ray, ray_address, replicas,
+    model_name, max_body, max_context, threads, prompt_cache_mb, device, graceful_timeout, log_level, use_ray,
+    ray_address, replicas,
     min_replicas, max_replicas, target_ongoing_requests, num_cpus, num_gpus, print_config,
 ):  # fmt: skip
     """Serve completions over HTTP, OpenAI-compatible, with continuous batching.
@@ -120,7 +125,8 @@ def serve(
         server = {"checkpoint": checkpoint if checkpoint == "default" else str(path.resolve()), "backend": backend,
                   "artifacts": str(Path(artifacts).resolve()) if artifacts else None, "max_batch": max_batch,
                   "lanes": lanes, "lane_processes": lane_processes, "max_queue": max_queue,
-                  "max_context": max_context, "threads": threads, "device": device, "mode": mode, "model_name": name,
+                  "max_context": max_context, "threads": threads, "prompt_cache_mb": prompt_cache_mb,
+                  "device": device, "mode": mode, "model_name": name,
                   "api_key": api_key, "max_body": max_body}  # fmt: skip
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config)
         return
@@ -138,6 +144,7 @@ def serve(
         checkpoint, backend, max_batch=max_batch, max_queue=max_queue, artifacts=artifacts,
         max_context=max_context + SERVE_EXTRA_IDS,  # bytes, BOS and the byte scoring drops
         lanes=lanes, processes=lane_processes, threads=threads, device=device, on_export=first_use_notice,
+        prompt_cache_mb=prompt_cache_mb,
     )  # fmt: skip
     settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body)
     app = create_app(engine, settings)

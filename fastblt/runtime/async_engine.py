@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -44,6 +46,7 @@ from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.generator import Generation, Generator
 from fastblt.runtime.lane_process import CANCEL_GRACE, ProcessLane, start_zygote
 from fastblt.runtime.options import Request, checked
+from fastblt.runtime.prompt_cache import prompt_key
 from fastblt.runtime.stream import Scores
 from fastblt.runtime.wakeups import wake
 from fastblt.runtime.zygote import Zygote
@@ -65,7 +68,8 @@ class AsyncEngine:
         cores: the cores the lanes share (None: those this process may use, `machine.cpu_cores`);
             e.g. what a scheduler reserved for it without pinning it.
         load: Generator's other keyword arguments (artifacts, threads, cache_dir, device,
-            cuda_graphs, on_export); loading happens here, once per lane (the model once). With
+            cuda_graphs, on_export, prompt_cache_mb: per lane); loading happens here, once per lane
+            (the model once). With
             `threads` None on ort, each lane's per-byte steps run on one thread and its global step
             on `global_threads`.
     """
@@ -119,6 +123,7 @@ class AsyncEngine:
             lanes = min(lanes, THREAD_LANES) if not processes else min(lanes, memory_lanes(lane_bytes(g)))
             processes = processes and (lanes > 1 or not defaulted)  # one lane: a worker only if asked for
         self.engines, self.lanes = [g.engine], []
+        self._homes = PromptHomes()
         self._zygote: Zygote | None = None
         self._peers_lock = threading.Lock()
         load.pop("on_export", None)  # told once, by the first lane's export
@@ -222,12 +227,17 @@ class AsyncEngine:
         return sum(lane.max_batch + lane.max_queue for lane in self.lanes)
 
     def _submit(self, request: Request, **callbacks: Any) -> Ticket:
-        """Queue on the lane holding the fewest requests, or the next with room; EngineBusy when none
-        has, EngineClosed when every lane is closing (or its process is gone)."""
+        """Queue on the lane holding the fewest requests (of lanes holding as few, the one that last
+        took this prompt: it keeps its snapshot), or the next with room; EngineBusy when none has,
+        EngineClosed when every lane is closing (or its process is gone)."""
         closed: EngineClosed | None = None
-        for lane in sorted(self.lanes, key=lambda b: b.load):
+        digest = prompt_digest(request, self.generator.engine.max_step) if len(self.lanes) > 1 else None
+        home = self._homes.get(digest)
+        for i in sorted(range(len(self.lanes)), key=lambda i: (self.lanes[i].load, i != home)):
+            lane = self.lanes[i]
             try:
                 ticket = lane.submit(request, **callbacks)
+                self._homes.put(digest, i)
                 self._update_peers()
                 return ticket
             except EngineBusy:
@@ -378,8 +388,9 @@ def lane_bytes(generator: Generator) -> int:
     """Memory a worker lane takes, estimated: LANE_BASE_BYTES and twice its graph files (onnxruntime
     keeps the weights and a prepacked copy of the matrices; the default checkpoint's 47 MB of graphs
     took 89 MB in a session; its worker's proportional set size was ~190 MB forked from a zygote,
-    ~300 MB as a fresh interpreter)."""
-    return LANE_BASE_BYTES + 2 * getattr(generator.engine.backend, "graph_bytes", 0)
+    ~300 MB as a fresh interpreter), and its prompt snapshots' budget."""
+    engine = generator.engine
+    return LANE_BASE_BYTES + 2 * getattr(engine.backend, "graph_bytes", 0) + engine.prompts.budget
 
 
 def memory_lanes(per_lane: int, available: int | None = None) -> int:
@@ -392,6 +403,36 @@ def memory_lanes(per_lane: int, available: int | None = None) -> int:
 def share(total: int, parts: int, i: int) -> int:
     """Part i of `total` split as evenly as integers allow (the first parts take the remainder)."""
     return total // parts + (i < total % parts)
+
+
+def prompt_digest(request: Request, max_step: int) -> bytes | None:
+    """A digest of the key of the request's prompt snapshot (None: its prompt is not kept)."""
+    key = prompt_key(list(request.ids), request.opts.prefill_chunk or max_step)
+    return None if key is None else hashlib.blake2b(key, digest_size=16).digest()
+
+
+class PromptHomes:
+    """The lane that last took each recent prompt long enough to be kept (prompt_cache.py), by
+    `prompt_digest`: a routing hint, so a collision costs a prefill, never a wrong byte."""
+
+    SIZE = 4096  # prompts remembered
+
+    def __init__(self) -> None:
+        self._lanes: OrderedDict[bytes, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: bytes | None) -> int | None:
+        with self._lock:
+            return None if digest is None else self._lanes.get(digest)
+
+    def put(self, digest: bytes | None, lane: int) -> None:
+        if digest is None:
+            return
+        with self._lock:
+            self._lanes[digest] = lane
+            self._lanes.move_to_end(digest)
+            if len(self._lanes) > self.SIZE:
+                self._lanes.popitem(last=False)
 
 
 def _settle(future: asyncio.Future) -> None:

@@ -148,10 +148,25 @@ class RowCaches:
 
     def move(self, src: int, dst: int) -> None:
         """Copy row src into row dst (a batch keeps its live rows first)."""
-        for kv in (*self.rings.values(), self.cross):
-            for k, v in kv:
-                k[dst].copy_(k[src])
-                v[dst].copy_(v[src])
+        for t in self._buffers():
+            t[dst].copy_(t[src])
+
+    def save_row(self, row: int) -> list[Tensor]:
+        """Row `row` of every ring and cross buffer, in buffers of its own (part of a prompt
+        snapshot, which outlives the row's sequence)."""
+        saved = []
+        for t in self._buffers():
+            saved.append(buffer(tuple(t.shape[1:]), t.dtype, t.device, populate=True))
+            saved[-1].copy_(t[row])
+        return saved
+
+    def load_row(self, row: int, saved: list[Tensor]) -> None:
+        """Write what `save_row` took (on caches of the same specs) into row `row`."""
+        for t, s in zip(self._buffers(), saved, strict=True):
+            t[row].copy_(s)
+
+    def _buffers(self) -> list[Tensor]:
+        return [t for kv in (*self.rings.values(), self.cross) for pair in kv for t in pair]
 
     def row_bytes(self) -> int:
         """Bytes one row holds."""
@@ -210,12 +225,22 @@ class LinearCache:
         if self._detach() is not None or self.slots != PAST_BUCKET:
             self._use(zeros_kv(self.cfg, 1, PAST_BUCKET, self.dtype, self.device))
 
-    def copy_from(self, other: LinearCache, upto: int) -> None:
-        """Hold `other`'s slots below `upto` in buffers of its own (another sequence's prompt)."""
+    def copy_from(self, other: LinearCache | KV, upto: int) -> None:
+        """Hold the slots below `upto` of `other` (another sequence's cache, or buffers `save`
+        took) in buffers of its own."""
         self.reset()
         if upto > self.slots:
             self._resize(min(past_slots(upto), self.limit))
-        copy_slots(self.kv, other.kv, upto)
+        copy_slots(self.kv, other.kv if isinstance(other, LinearCache) else other, upto)
+
+    def save(self, upto: int) -> KV:
+        """Its slots below `upto` in buffers of their own, sized to them (part of a prompt snapshot)."""
+        saved = []
+        for k, v in self.kv:
+            pair = [buffer((*t.shape[:2], upto, t.shape[3]), t.dtype, t.device, populate=True) for t in (k, v)]
+            copy_slots([(pair[0], pair[1])], [(k, v)], upto)
+            saved.append((pair[0], pair[1]))
+        return saved
 
     def take_back(self, upto: int | None = None) -> None:
         """A lent cache gets buffers of its own again, holding its row's slots below `upto` (None:

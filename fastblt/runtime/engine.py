@@ -23,6 +23,7 @@ from fastblt.export.spec import max_step, state_dtype, step_specs
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
 from fastblt.runtime.artifacts import graph_backend
+from fastblt.runtime.prompt_cache import DEFAULT_MB, PromptCache
 from fastblt.runtime.state import SequenceState
 
 POOL_SIZE = 4  # idle SequenceStates kept per engine
@@ -35,9 +36,11 @@ class Engine:
         backend: any Backend (activated here); its specs fix the capacities and dtype and must be
             the step specs of `config` at those capacities.
         config: the checkpoint's config.
+        prompt_cache_mb: memory for prompt snapshots (prompt_cache.py; 0: none), shared by every
+            sequence on this engine.
     """
 
-    def __init__(self, backend: Backend, config: BltConfig):
+    def __init__(self, backend: Backend, config: BltConfig, prompt_cache_mb: float = DEFAULT_MB):
         try:
             steps, dtype = max_step(backend.specs), state_dtype(backend.specs)
         except (KeyError, StopIteration, TypeError, ValueError, AttributeError):
@@ -52,6 +55,7 @@ class Engine:
         self.locks = {step: threading.Lock() if backend.concurrent_steps else one for step in backend.specs}
         self._pool: list[SequenceState] = []
         self._pool_lock = threading.Lock()
+        self.prompts = PromptCache(prompt_cache_mb)
 
     @property
     def device(self) -> torch.device:
@@ -94,6 +98,7 @@ def open_engine(
     device: str | None = None,
     cuda_graphs: bool | None = None,
     on_export: ExportNotice | None = None,
+    prompt_cache_mb: float = DEFAULT_MB,
 ) -> Engine:
     """An Engine for `model` on the backend named `backend` (see Generator for the arguments)."""
     check_name(backend)
@@ -109,7 +114,8 @@ def open_engine(
             raise InputError("artifacts: the torch backend runs the checkpoint itself; pass artifacts only for ort/trt")
         factory = backend_factory(backend)
         specs = step_specs(model.config)
-        return Engine(factory(specs, model, threads=threads, device=device, cuda_graphs=cuda_graphs), model.config)
+        torch_backend = factory(specs, model, threads=threads, device=device, cuda_graphs=cuda_graphs)
+        return Engine(torch_backend, model.config, prompt_cache_mb)
     extra = {"device": device} if backend == "trt" and device is not None else {}
     graphs = graph_backend(model, checkpoint_path, backend, artifacts, threads, cache_dir, extra, on_export)
-    return Engine(graphs, model.config)
+    return Engine(graphs, model.config, prompt_cache_mb)

@@ -35,6 +35,7 @@ from fastblt.runtime import loops
 from fastblt.runtime.calls import run_plan
 from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.options import DecodeOptions, Request, check_fit, checked, make_request
+from fastblt.runtime.prompt_cache import DEFAULT_MB, check_budget
 from fastblt.runtime.sampling import new_rng
 from fastblt.runtime.state import SequenceState
 from fastblt.runtime.stats import BYTES_PER_PARAM, RoundStats, Stats, build_stats
@@ -85,6 +86,9 @@ class Generator:
             (None: on for CUDA devices; False: every call eager).
         on_export: told once, with the cache directory, before a first-use export starts (it takes
             seconds); may return a per-graph progress callback (export/exporter.py `Progress`).
+        prompt_cache_mb: memory for prompt snapshots (None: 64 MB; 0: none): a call whose prompt
+            was committed before loads it instead of committing it again, with the same bytes
+            (runtime/prompt_cache.py; docs/generation.md).
     """
 
     def __init__(
@@ -98,12 +102,14 @@ class Generator:
         device: str | None = None,
         cuda_graphs: bool | None = None,
         on_export: ExportNotice | None = None,
+        prompt_cache_mb: float | None = None,
     ):
         if not isinstance(backend, (Engine, Backend)):
             check_name(backend)
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
             raise InputError(f"max_context: expected an int >= 2, got {max_context!r}")
         _check_loading(threads, cache_dir, on_export)
+        prompt_mb = DEFAULT_MB if prompt_cache_mb is None else check_budget(prompt_cache_mb)
         self.model, self.checkpoint_path = _load(checkpoint_or_model)
         self.config: BltConfig = self.model.config
         if self.config.entropy is None:
@@ -113,11 +119,13 @@ class Generator:
         if isinstance(backend, (Engine, Backend)):
             given = dict(artifacts=artifacts, threads=threads, device=device)
             given |= dict(cache_dir=cache_dir, cuda_graphs=cuda_graphs, on_export=on_export)
+            if isinstance(backend, Engine):  # an Engine keeps its own prompt snapshots
+                given["prompt_cache_mb"] = prompt_cache_mb
             extra = [k for k, v in given.items() if v is not None]
             if extra:
                 kind = "an Engine" if isinstance(backend, Engine) else "a Backend"
                 raise InputError(f"{', '.join(extra)}: not used with {kind} instance (it is already set up)")
-            self.engine = backend if isinstance(backend, Engine) else Engine(backend, self.config)
+            self.engine = backend if isinstance(backend, Engine) else Engine(backend, self.config, prompt_mb)
             if self.engine.config != self.config:
                 raise InputError("backend: the Engine runs another checkpoint's config")
             self.backend_name = self.engine.backend.name
@@ -125,7 +133,7 @@ class Generator:
         self.backend_name = backend
         self.engine = open_engine(
             self.model, backend, self.checkpoint_path, artifacts, threads, cache_dir, device, cuda_graphs,
-            on_export,
+            on_export, prompt_mb,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ public API
@@ -208,7 +216,8 @@ class _Call:
         state = g.engine.acquire()
         try:
             run = new_run(state, self.opts, self.out)
-            yield from run_plan(state.runner, loops.generate(run, self.ids, self.opts.prefill_chunk or state.max_step))
+            chunk = self.opts.prefill_chunk or state.max_step
+            yield from run_plan(state.runner, loops.generate(run, self.ids, chunk, g.engine.prompts))
             self.result = generation(run, g.backend_name, len(self.ids), g.params, g.config)
         finally:
             g.engine.release(state)
@@ -242,6 +251,7 @@ def generation(run: loops.Run, backend: str, prompt_ids: int, params: dict[str, 
         t_end=time.perf_counter(),
         backend_s=st.backend_seconds,
         prefill_backend_s=pre["backend_s"],
+        prompt_cached=pre.get("cached", 0),
     )
     data = bytes(run.out.data)
     text = data.decode("utf-8", errors="replace")

@@ -337,7 +337,7 @@ class ProcessLane:
         if held:
             self._changed()
         if first:
-            self._stats.active = self._stats.queued = 0
+            self._stats.active = self._stats.queued = self._stats.prompt_cache_bytes = 0
             self._stats.failed += len(held)
             self._base, self._stats = sum_stats([self._base, self._stats]), BatchStats(calls={}, rows={})
         self._stats_event.set()

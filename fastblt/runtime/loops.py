@@ -33,6 +33,7 @@ from fastblt.model.config import EOS_ID
 from fastblt.runtime.calls import Plan
 from fastblt.runtime.lookup import continuation
 from fastblt.runtime.options import DecodeOptions, draft_length
+from fastblt.runtime.prompt_cache import PromptCache, cut
 from fastblt.runtime.sampling import (
     Rng,
     SamplingParams,
@@ -81,12 +82,15 @@ Drafter = Callable[[Run, int, int], Plan[tuple[list[int], np.ndarray | None]]]
 
 
 # ------------------------------------------------------------------------ shared steps
-def prefill(state: SequenceState, ids: list[int], chunk: int, out: Output | None = None) -> Plan[np.ndarray]:
-    """Commit the prompt in chunks; returns the last position's next-byte logits (V,). When `out`
+def prefill(
+    state: SequenceState, ids: list[int], chunk: int, out: Output | None = None, lo: int = 0, hi: int | None = None
+) -> Plan[np.ndarray]:
+    """Commit ids[lo:hi] in chunks; returns the last position's next-byte logits (V,). When `out`
     scores the prompt, each prompt id after BOS is scored under its position's logits."""
+    hi = len(ids) if hi is None else hi
     if out is None or out.prompt_logprobs is None:
-        return (yield from state.prefill(ids, chunk))
-    done = 0
+        return (yield from state.prefill(ids[lo:hi], chunk))
+    done = lo
 
     def score(rows: np.ndarray) -> None:  # row j predicts ids[j + 1]; the last predicts the output
         nonlocal done
@@ -94,15 +98,28 @@ def prefill(state: SequenceState, ids: list[int], chunk: int, out: Output | None
             out.score_prompt(t, row)
         done += len(rows)
 
-    return (yield from state.prefill(ids, chunk, score))
+    return (yield from state.prefill(ids[lo:hi], chunk, score))
 
 
-def generate(run: Run, ids: list[int], chunk: int) -> Plan[None]:
+def generate(run: Run, ids: list[int], chunk: int, prompts: PromptCache | None = None) -> Plan[None]:
     """A whole call: commit the prompt (its time and step counters kept in `run.prefill`), then
-    the mode's loop until `run.out` is done."""
+    the mode's loop until `run.out` is done.
+
+    The prompt is committed in two parts, split at its cut (prompt_cache.py): with `prompts`, the
+    first part is loaded from a snapshot when one is kept, and kept when it was not."""
     st = run.state
     run.prefill["t_start"] = time.perf_counter()
-    logits = yield from prefill(st, ids, chunk, run.out)
+    q = cut(len(ids), chunk)
+    key = prompts.key(ids, chunk) if prompts is not None and run.out.prompt_logprobs is None else None
+    snap = prompts.get(key) if key is not None else None
+    if snap is not None:
+        st.load(snap)
+        run.prefill["cached"] = q
+    elif q:
+        yield from prefill(st, ids, chunk, run.out, 0, q)
+        if key is not None and prompts.wants(key, st.saved_bytes()):
+            prompts.put(key, st.save())
+    logits = yield from prefill(st, ids, chunk, run.out, q)
     yield from resume(run, logits)
 
 

@@ -25,17 +25,34 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fastblt.engines.base import Backend
-from fastblt.errors import InputError, PositionLimit
+from fastblt.errors import InputError, InternalError, PositionLimit
 from fastblt.export.spec import TORCH_DTYPES, max_step, state_dtype
 from fastblt.model.config import HASH_PRIMES, BltConfig
 from fastblt.model.patching import closes_patch
-from fastblt.runtime.caches import LinearCache, RowCaches, buffer, host_arrays, stack_configs
+from fastblt.runtime.caches import KV, LinearCache, RowCaches, buffer, host_arrays, stack_configs
 from fastblt.runtime.calls import Plan, R, StepCall, StepRunner, run_plan
+
+
+@dataclass
+class Snapshot:
+    """A sequence at a committed frontier `n`, in buffers of its own (SequenceState.save / load)."""
+
+    n: int
+    g_len: int
+    rows: list[torch.Tensor]  # its ring and cross rows (RowCaches.save_row)
+    linear: dict[str, KV]  # each unwindowed stack's slots below g_len
+    host: dict[str, np.ndarray]  # the bookkeeping arrays below n (closed: below n + 1)
+    h: torch.Tensor  # byte states below n
+
+    def nbytes(self) -> int:
+        tensors = [*self.rows, self.h, *(t for kv in self.linear.values() for pair in kv for t in pair)]
+        return sum(t.nbytes for t in tensors) + sum(a.nbytes for a in self.host.values())
 
 
 class HostArrays:
@@ -450,6 +467,41 @@ class SequenceState:
         self._h[: src.written] = src._h[: src.written]
         self.n, self.g_len, self.written = src.n, src.g_len, src.written
         self._forced_at, self._global_end = src._forced_at, src._global_end
+
+    def save(self) -> Snapshot:
+        """This sequence at its frontier, in buffers of its own (a prompt snapshot: prompt_cache.py).
+        Taken between steps, with nothing written past the frontier."""
+        n, g = self.n, self.g_len
+        if self.written != n or self._forced_at is not None or self._global_end:
+            raise InternalError("save: the sequence holds work past its frontier")
+        host = {name: getattr(self.host, name)[:n].copy() for name in ("tokens", "entropies", "closes", "patch_len")}
+        host["closed"] = self.host.closed[: n + 1].copy()
+        h = buffer((n, self.h.shape[1]), self.dtype, self.device)
+        h[:] = self.h[:n]
+        return Snapshot(n, g, self.rows.save_row(self.row), {k: c.save(g) for k, c in self.linear.items()}, host, h)
+
+    def saved_bytes(self) -> int:
+        """What `save` would hold now (Snapshot.nbytes), without taking it."""
+        n, g = self.n, self.g_len
+        linear = sum(c.nbytes() // c.slots * g for c in self.linear.values())
+        host = n * sum(a.itemsize for a in (self.host.tokens, self.host.entropies, self.host.closes,
+                                            self.host.patch_len)) + (n + 1) * self.host.closed.itemsize  # fmt: skip
+        return self.rows.row_bytes() + linear + n * self.h[0].nbytes + host
+
+    def load(self, snap: Snapshot) -> None:
+        """Become the sequence `save` took (on a backend of the same specs): what continuing from
+        there computes is what the saved sequence would have computed."""
+        n = snap.n
+        self.rows.load_row(self.row, snap.rows)
+        for name, cache in self.linear.items():
+            cache.copy_from(snap.linear[name], snap.g_len)
+        self.host = HostArrays(max(1024, n + 1))
+        for name, saved in snap.host.items():
+            getattr(self.host, name)[: len(saved)] = saved
+        self._room(n)
+        self._h[:n] = snap.h.numpy() if self.numpy else snap.h
+        self.n, self.g_len, self.written = n, snap.g_len, n
+        self._forced_at, self._global_end = None, 0
 
     def free_slot(self) -> int:
         """The first global-cache slot this sequence does not read: a padding row of a batched global

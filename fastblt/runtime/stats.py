@@ -143,6 +143,7 @@ class Stats:
     ttfb_s: float  # call start -> first verified id
     latency_p50_s: float  # gaps between successive verified ids
     latency_p95_s: float
+    prompt_cached: int = 0  # prompt ids loaded from a snapshot instead of committed (prompt_cache.py)
 
     @property
     def host_fraction(self) -> float:
@@ -173,6 +174,7 @@ def build_stats(
     t_end: float,
     backend_s: float,
     prefill_backend_s: float,
+    prompt_cached: int = 0,
 ) -> Stats:
     passes = module_passes(calls)
     gen = max(out_ids, 1)
@@ -212,4 +214,5 @@ def build_stats(
         ttfb_s=(times[0] - t_start) if times else wall,
         latency_p50_s=float(np.percentile(gaps, 50)),
         latency_p95_s=float(np.percentile(gaps, 95)),
+        prompt_cached=prompt_cached,
     )

@@ -50,6 +50,12 @@ class EngineCollector(Collector):
         yield CounterMetricFamily("fastblt_shared_prefills", "Requests that took a copy of another request's "
                                   "prefill of the same prompt (n choices) instead of running their own.",
                                   value=s.shared_prefills)  # fmt: skip
+        yield CounterMetricFamily("fastblt_prompt_cache_hits", "Requests that loaded a snapshot of their prompt "
+                                  "kept by an earlier one instead of committing it.", value=s.prompt_hits)  # fmt: skip
+        yield CounterMetricFamily("fastblt_prompt_cache_hit_ids", "Prompt ids those requests loaded instead of "
+                                  "committing them.", value=s.prompt_hit_ids)  # fmt: skip
+        yield GaugeMetricFamily("fastblt_prompt_cache_bytes", "Memory the prompt snapshots hold now (every lane).",
+                                value=s.prompt_cache_bytes)  # fmt: skip
         calls = CounterMetricFamily("fastblt_step_calls", "Backend calls per step graph.", labels=["step"])
         rows = CounterMetricFamily("fastblt_step_rows", "Sequences served by those calls, per step graph.",
                                    labels=["step"])  # fmt: skip

@@ -42,6 +42,7 @@ from ray.serve.metrics import Gauge
 
 from fastblt.errors import ConfigError, FastBltError
 from fastblt.runtime.async_engine import AsyncEngine
+from fastblt.runtime.prompt_cache import DEFAULT_MB
 from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, create_app
 from fastblt.serve.process import free_port
 
@@ -71,6 +72,7 @@ class ServerOptions:
     max_queue: int = 256  # requests waiting in each proxy's router for a replica (then 429)
     max_context: int | None = None  # bytes (prompt + max_tokens) per request
     threads: int | None = None
+    prompt_cache_mb: float = DEFAULT_MB  # per lane
     device: str | None = None
     mode: str = "blt-s"
     model_name: str = "fastblt-default"
@@ -183,7 +185,7 @@ class FastBltReplica:
             AsyncEngine, o.checkpoint, o.backend, max_batch=o.max_batch, lanes=o.lanes, processes=o.lane_processes,
             cores=cores, max_queue=o.max_queue,
             max_context=None if o.max_context is None else o.max_context + SERVE_EXTRA_IDS,  # BOS, dropped byte
-            artifacts=o.artifacts, threads=o.threads, device=o.device,
+            artifacts=o.artifacts, threads=o.threads, device=o.device, prompt_cache_mb=o.prompt_cache_mb,
         )  # fmt: skip
         log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)
         settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_key=o.api_key, max_body=o.max_body,

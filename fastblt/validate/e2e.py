@@ -58,10 +58,11 @@ def available_modes(model: BltModel, modes: tuple[str, ...]) -> tuple[list[str],
 
 def make_generator(model: BltModel, backend: Backend):
     """A `Generator` that runs on this backend instance (which the caller may wrap: validation
-    inserts a tracing wrapper)."""
+    inserts a tracing wrapper), without prompt snapshots: every mode's call commits its prompt, so
+    every step call of it is traced and compared."""
     from fastblt.runtime.generator import Generator
 
-    return Generator(model, backend=backend)
+    return Generator(model, backend=backend, prompt_cache_mb=0)
 
 
 class _Traced:

@@ -32,8 +32,13 @@ def tiny_model(name: str = "hf-test-sizes", block_size: int = 4, seed: int = 0):
 
 
 @functools.cache
-def torch_generator(name: str = "hf-test-sizes", block_size: int = 4, seed: int = 0, max_context: int = 256):
-    return Generator(tiny_model(name, block_size, seed), backend="torch", max_context=max_context)
+def torch_generator(
+    name: str = "hf-test-sizes", block_size: int = 4, seed: int = 0, max_context: int = 256, prompt_cache_mb: float = 0
+):
+    """A shared Generator; without prompt snapshots unless asked, so that the outputs tests compare
+    (batched against alone, one mode against another) each commit their prompt themselves."""
+    return Generator(tiny_model(name, block_size, seed), backend="torch", max_context=max_context,
+                     prompt_cache_mb=prompt_cache_mb)  # fmt: skip
 
 
 def full_recompute_greedy(model, prompt, max_bytes: int, stop_on_eos: bool = True) -> list[int]:

@@ -359,3 +359,28 @@ def test_closing_with_time_to_spare_finishes_what_is_in_flight():
     tickets = [eng._submit(eng.request(p, mode="ar", max_bytes=200, stop_on_eos=False)) for p in PROMPTS[:3]]
     eng.close(timeout=60)
     assert [len(t.result(0).ids) for t in tickets] == [200, 200, 200]
+
+
+def test_a_prompt_goes_back_to_the_lane_that_keeps_its_snapshot():
+    """Of lanes holding as few requests, the one that last took a prompt takes it again (its
+    snapshot is there): a prompt first sent while lane 0 was busy loads it on lane 1 when both are
+    idle; outputs equal a Generator's."""
+    eng = AsyncEngine(tiny_model("small-window"), backend="torch", max_batch=2, lanes=2)
+    prompt = (PROMPTS[5] * 3).encode()
+    want = eng.generator.generate(prompt, mode="ar", max_bytes=8, stop_on_eos=False).ids
+
+    async def main():
+        busy = asyncio.ensure_future(eng.generate(PROMPTS[0], mode="ar", max_bytes=300, stop_on_eos=False))
+        await asyncio.sleep(0)  # submitted: lane 0 holds it
+        first = await eng.generate(prompt, mode="ar", max_bytes=8, stop_on_eos=False)
+        await busy
+        return first, await eng.generate(prompt, mode="ar", max_bytes=8, stop_on_eos=False)
+
+    try:
+        first, again = asyncio.run(main())
+        hits = [lane.stats.prompt_hits for lane in eng.lanes]
+    finally:
+        eng.close(30)
+    assert first.ids == again.ids == want
+    assert (first.stats.prompt_cached, again.stats.prompt_cached > 0) == (0, True)
+    assert hits == [0, 1]

@@ -340,3 +340,26 @@ def test_a_step_flushes_denormals_and_gives_the_callers_mode_back(ort_gen, expor
     worker.start()
     worker.join()
     assert seen == [caller_flushes, caller_flushes, True, True]
+
+
+def test_prompt_snapshots_of_batch_rows_on_ort_are_bit_exact(ort_gen, export_cache):
+    """Requests in rows past the first keep snapshots of their prompts, and requests of those
+    prompts load them into other rows: every score equals, to the bit, a Generator's that commits
+    every prompt itself (onnxruntime computes a batched row as the row alone)."""
+    from fastblt.runtime.batch import BatchEngine
+    from fastblt.runtime.options import make_request
+
+    plain = Generator(tiny_model(), backend="ort", threads=1, cache_dir=export_cache, prompt_cache_mb=0)
+    long = [bytes([65 + i]) + (PROMPTS[5] * 3).encode() for i in range(3)]
+    work = [(PROMPTS[0], "blt-d", 40)] + [(p, m, 24) for p in long for m in ("ar", "blt-s", "blt-dv")]
+    options = [{"stop_on_eos": False} | ({} if m == "blt-d" else {"logprobs": 1}) for _, m, _ in work]
+    want = [plain.generate(p, mode=m, max_bytes=n, **o) for (p, m, n), o in zip(work, options, strict=True)]
+    ort_gen.engine.prompts.clear()
+    hits = ort_gen.engine.prompts.stats.hits
+    for _ in range(2):  # the first pass keeps the snapshots, the second loads them
+        with BatchEngine(ort_gen.engine, max_batch=4) as batch:
+            tickets = [batch.submit(make_request(p, ort_gen.config, m, n, **o))
+                       for (p, m, n), o in zip(work, options, strict=True)]  # fmt: skip
+            got = [t.result(120) for t in tickets]
+        assert [(g.ids, g.logprobs) for g in got] == [(w.ids, w.logprobs) for w in want]
+    assert ort_gen.engine.prompts.stats.hits >= hits + 3

@@ -162,6 +162,22 @@ def test_n_choices_of_a_long_prompt_prefill_it_once_per_lane(server, reference):
     assert [ch.text for ch in r.choices] == want
 
 
+def test_a_prompt_sent_again_loads_its_snapshot(server, reference):
+    """The same long prompt twice, one after the other: the second request loads the snapshot the
+    first one's lane kept (the router sends it back there) and answers the same bytes."""
+    import difflib
+
+    prompt = Path(difflib.__file__).read_text()[2000:3000]
+    hits = _metric(server, "fastblt_prompt_cache_hits_total")
+    ids = _metric(server, "fastblt_prompt_cache_hit_ids_total")
+    opts = dict(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_body={"mode": "blt-s"})
+    texts = [client(server).completions.create(**opts).choices[0].text for _ in range(2)]
+    assert texts == [reference.generate(prompt, mode="blt-s", max_bytes=16).text] * 2
+    assert _metric(server, "fastblt_prompt_cache_hits_total") == hits + 1
+    assert _metric(server, "fastblt_prompt_cache_hit_ids_total") >= ids + 960
+    assert _metric(server, "fastblt_prompt_cache_bytes") > 0
+
+
 def test_n_choices_are_each_their_own_seeded_request(server, reference):
     """n sampled choices: choice i is the request with seed + i, streamed or not, each with its
     index and finish reason; usage counts every choice. Greedy choices are one generation's."""
