@@ -1,15 +1,19 @@
-"""Prompt snapshots: what a prompt sent again saves, and what keeping snapshots costs the rest.
+"""Prompt snapshots: what a prompt sent again or continued saves, and what keeping them costs.
 
-    python benchmarks/prompt_cache.py    # ~2 minutes on 2 cores
+    python benchmarks/prompt_cache.py    # ~3 minutes on 2 cores
 
-Three Generators on ort at their defaults but for prompt_cache_mb, side by side, per prompt (stdlib
-code of 250, 1,000 and 3,000 bytes, 5 prompts each, greedy `ar`, 16 bytes): snapshots off (every
-call commits its prompt), snapshots on with the prompt new (it commits it and keeps a snapshot),
-and on with the prompt sent again (it loads the snapshot). Reported: the median time to the first
-byte (the prompt's commit and the first byte's step calls), the snapshot's size, and whether the
-three give the same bytes. Then an AsyncEngine at its defaults (every lane, the router sending a
-prompt back to the lane that last took it): a 1,000-byte prompt sent 6 times one after another
-(a user's regenerate button: sampled, a seed each), first request against the others.
+Two Generators on ort at their defaults but for prompt_cache_mb (64 MB and 0), side by side:
+- per prompt (stdlib code of 250, 1,000 and 3,000 bytes, 7 prompts each, greedy `ar`, 16 bytes):
+  snapshots off (every call commits its prompt), on with the prompt new (it commits it and keeps
+  snapshots), and on with the prompt sent again (it loads one). Reported: the median time to the
+  first byte (the prompt's commit and the first byte's step calls), the snapshot's size, and
+  whether the three give the same bytes;
+- a conversation (5 conversations of 4 turns): turn 1 is 600 bytes of code, each next turn the
+  last prompt, its 16-byte answer and 400 more bytes of code; per turn, time to the first byte
+  with snapshots and without, and the bytes.
+Then an AsyncEngine at its defaults (every lane, the router sending a prompt back to the lane that
+last took it): a 1,000-byte prompt sent 6 times one after another (a user's regenerate button:
+sampled, a seed each), first request against the others.
 
 Results: benchmarks/results/prompt_cache.{json,md,png}.
 """
@@ -24,12 +28,13 @@ from pathlib import Path
 from common import code_snippets, grouped_bars, machine_meta, save
 
 from fastblt.model.tokenizer import encode
-from fastblt.runtime.prompt_cache import prompt_key
+from fastblt.runtime.prompt_cache import prompt_keys
 
 LENGTHS = (250, 1000, 3000)
 PER_LENGTH = 7
 MAX_BYTES = 16
 AGAIN = 6
+CONVERSATIONS, TURNS = 5, 4
 SOURCES = ("argparse.py", "email/message.py", "textwrap.py")
 
 
@@ -43,7 +48,7 @@ def measure(off, on, length: int) -> dict:
             out = g.generate(prompt, mode="ar", max_bytes=MAX_BYTES, stop_on_eos=False)
             ttfb[name].append(out.stats.ttfb_s)
             outs[name] = out
-        snap = on.engine.prompts.peek(prompt_key(encode(prompt), on.engine.max_step))
+        snap = on.engine.prompts.peek(prompt_keys(encode(prompt), on.engine.max_step)[0][1])  # at its cut
         sizes.append(snap.nbytes())
         assert outs["again"].stats.prompt_cached > 0 and outs["new"].stats.prompt_cached == 0
         differ += not (outs["off"].bytes == outs["new"].bytes == outs["again"].bytes)
@@ -53,6 +58,35 @@ def measure(off, on, length: int) -> dict:
           f"again {row['ttfb_again'] * 1e3:.1f} ms; snapshot {row['snapshot_mb']:.1f} MB; differ {differ}",
           flush=True)  # fmt: skip
     return row
+
+
+def conversation(off, on) -> list[dict]:
+    """Per turn: median time to the first byte with snapshots off and on, prompt ids loaded, bytes
+    that differ."""
+    texts = code_snippets(CONVERSATIONS * TURNS, SOURCES, (600, 601), seed=11, tail=4000)
+    rows = [{"turn": t + 1, "off": [], "on": [], "loaded": [], "differ": 0, "bytes": []} for t in range(TURNS)]
+    for c in range(CONVERSATIONS):
+        prompt = ""
+        for t, row in enumerate(rows):
+            prompt += texts[c * TURNS + t][: 600 if t == 0 else 400]
+            a = off.generate(prompt, mode="ar", max_bytes=MAX_BYTES, stop_on_eos=False)
+            b = on.generate(prompt, mode="ar", max_bytes=MAX_BYTES, stop_on_eos=False)
+            row["off"].append(a.stats.ttfb_s)
+            row["on"].append(b.stats.ttfb_s)
+            row["loaded"].append(b.stats.prompt_cached)
+            row["bytes"].append(len(prompt.encode()))
+            row["differ"] += a.bytes != b.bytes
+            prompt += b.text
+    out = []
+    for row in rows:
+        out.append({"turn": row["turn"], "prompt_bytes": statistics.median(row["bytes"]),
+                    "ttfb_off": statistics.median(row["off"]), "ttfb_on": statistics.median(row["on"]),
+                    "loaded": statistics.median(row["loaded"]), "differ": row["differ"]})  # fmt: skip
+        r = out[-1]
+        print(f"turn {r['turn']} ({r['prompt_bytes']:.0f} B): first byte off {r['ttfb_off'] * 1e3:.1f} ms, "
+              f"on {r['ttfb_on'] * 1e3:.1f} ms, {r['loaded']:.0f} ids loaded; differ {r['differ']}",
+              flush=True)  # fmt: skip
+    return out
 
 
 async def regenerate(engine, prompt: str) -> list[dict]:
@@ -118,6 +152,18 @@ def render(r: dict) -> str:
         "Sent again: the same prompt, loaded from the snapshot, the last chunk committed. Bytes differ: "
         "prompts whose three outputs are not identical.",
         "",
+        f"**A conversation** ({CONVERSATIONS} conversations, medians): turn 1 is 600 bytes of stdlib code, "
+        f"each next turn the last prompt, its {MAX_BYTES}-byte answer and 400 more bytes; each turn loads the "
+        "snapshot the turn before kept at the 512-multiple below its cut, and commits from there.",
+        "",
+        "| turn | prompt bytes | first byte, snapshots off ms | on ms | off / on | prompt ids loaded | bytes differ |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {c['turn']} | {c['prompt_bytes']:,.0f} | {c['ttfb_off'] * 1e3:.1f} | {c['ttfb_on'] * 1e3:.1f} | "
+            f"{c['ttfb_off'] / c['ttfb_on']:.1f}x | {c['loaded']:,.0f} | {c['differ']} of {CONVERSATIONS} |"
+            for c in r["conversation"]
+        ],
+        "",
         f"**Through an AsyncEngine** at its defaults ({s['lanes']} lane(s)): a 1,000-byte prompt sent {AGAIN} "
         f"times one after another, sampled (temperature 0.8, seeds 0..{AGAIN - 1}): first byte "
         f"{s['ttfb_first'] * 1e3:.1f} ms for the first request, {s['ttfb_again'] * 1e3:.1f} ms (median) for "
@@ -148,6 +194,7 @@ def main() -> None:
     for g in (off, on):  # sessions loaded, buffers made
         g.generate(warm[::-1], mode="ar", max_bytes=MAX_BYTES)
     r = {"meta": machine_meta(), "rows": [measure(off, on, length) for length in LENGTHS]}
+    r["conversation"] = conversation(off, on)
     on.close()
     r["serve"] = serve_like(off)
     save("prompt_cache", r, render, plot)

@@ -11,10 +11,11 @@ streamed, and a third of those dropped by the client after a few events; one in 
 (must get a 4xx). Every 50 requests the server's memory is read: the proportional set size summed
 over its process group (the server, its lane processes and their zygote), and the anonymous part
 of it (heap: what a leak grows; file pages shared with other processes move with what else runs)
-for the server and for the workers. Greedy and seeded choices that ran to the end are compared
-with the same request run alone by `fastblt.Generator`. At the end `/metrics` must show no
-request decoding or queued. The server runs at its defaults in its own process
-group on 127.0.0.1. Then three servers, one after another, take the first 200 requests with their
+for the server and for the workers, and what the lanes' prompt snapshots hold (/metrics): they
+fill up to their budget by design, so the trends are read net of them. Greedy and seeded choices
+that ran to the end are compared with the same request run alone by `fastblt.Generator`. At the
+end `/metrics` must show no request decoding or queued. The server runs at its defaults in its
+own process group on 127.0.0.1. Then three servers, one after another, take the first 200 requests with their
 lanes laid out three ways (worker processes forked from a zygote, the default; fresh
 interpreters; threads): their memory at rest and after.
 
@@ -32,6 +33,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from common import code_snippets, machine_meta, save, targets_table
+
+from fastblt.runtime.prompt_cache import DEFAULT_MB
 
 MODEL = "fastblt-default"
 MODES = ("ar", "blt-s", "blt-d", "blt-dv")
@@ -145,11 +148,18 @@ def memory(srv) -> dict[str, float]:
     return out
 
 
+def snapshot_mb(srv) -> float:
+    """MB the lanes' prompt snapshots hold now (the server's /metrics)."""
+    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    line = next(x for x in text.splitlines() if x.startswith("fastblt_prompt_cache_bytes "))
+    return float(line.split()[-1]) / 2**20
+
+
 async def soak(srv, jobs: list[dict]) -> dict:
     base = srv.url
     queue = list(jobs)
     results: dict[int, dict] = {}
-    samples: list[tuple[int, float, float, float, float]] = []  # requests, seconds, MB: total, server, workers
+    samples: list[tuple] = []  # requests, seconds, MB: total, server, workers, prompt snapshots
     t0 = time.perf_counter()
 
     async def client_loop(client: httpx.AsyncClient) -> None:
@@ -159,9 +169,12 @@ async def soak(srv, jobs: list[dict]) -> dict:
             done = len(results)
             if done % SAMPLE_EVERY == 0:
                 mb = memory(srv)
-                samples.append((done, time.perf_counter() - t0, mb["total"], mb["server_anon"], mb["workers_anon"]))
+                snap = snapshot_mb(srv)
+                samples.append((done, time.perf_counter() - t0, mb["total"], mb["server_anon"], mb["workers_anon"],
+                                snap))  # fmt: skip
                 print(f"{done} requests, {samples[-1][1]:.0f} s, PSS {mb['total']:.0f} MB (anonymous: server "
-                      f"{mb['server_anon']:.0f}, workers {mb['workers_anon']:.0f})", flush=True)  # fmt: skip
+                      f"{mb['server_anon']:.0f}, workers {mb['workers_anon']:.0f}; prompt snapshots {snap:.0f})",
+                      flush=True)  # fmt: skip
 
     limits = httpx.Limits(max_connections=CLIENTS + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
@@ -247,14 +260,19 @@ def memory_trends(s: list) -> dict[str, float]:
     """growth: total PSS from the sample at GROWTH_FROM requests to the highest (a batch that runs
     empty lets go of memory); server_slope: the server's anonymous PSS over the second half, MB per 1,000 requests;
     workers_drift: the workers' lowest anonymous PSS of the last third minus that of the middle.
-    The last sample, read as the other clients' requests drain, is left out of both (a drained
-    batch sits below a loaded one)."""
+    The total and the workers' are net of the prompt snapshots (the workers hold them; bounded by
+    their budget, they fill it by design). The last sample, read as the other clients' requests
+    drain, is left out of both (a drained batch sits below a loaded one)."""
     loaded = s[:-1]
     half, third = loaded[len(loaded) // 2 :], len(loaded) // 3
+    total = [x[2] - x[5] for x in s]
+    workers = [x[4] - x[5] for x in loaded]
+    start = next(i for i, x in enumerate(s) if x[0] >= min(GROWTH_FROM, s[-1][0]))
     return {
-        "growth": max(x[2] for x in s) - next(x for x in s if x[0] >= min(GROWTH_FROM, s[-1][0]))[2],
+        "growth": max(total) - total[start],
         "server_slope": 1000 * slope([x[0] for x in half], [x[3] for x in half]),
-        "workers_drift": min(x[4] for x in loaded[2 * third :]) - min(x[4] for x in loaded[third : 2 * third]),
+        "workers_drift": min(workers[2 * third :]) - min(workers[third : 2 * third]),
+        "snapshots": max(x[5] for x in s),
     }
 
 
@@ -266,12 +284,15 @@ def targets(r: dict) -> list[dict]:
         ("server errors and failed connections", c["errors"], "== 0", c["errors"] == 0),
         ("malformed requests not answered 4xx", c["bad_not_4xx"], "== 0", c["bad_not_4xx"] == 0),
         ("requests decoding or queued at the end", sum(r["idle"].values()), "== 0", not any(r["idle"].values())),
-        (f"memory (PSS of the process group) growth, request {GROWTH_FROM} to the highest of {len(s)} samples (MB)",
-         m["growth"], f"<= {GROWTH_BOUND_MB:g}", m["growth"] <= GROWTH_BOUND_MB),
+        (f"memory (PSS of the process group, net of prompt snapshots) growth, request {GROWTH_FROM} to the "
+         f"highest of {len(s)} samples (MB)", m["growth"], f"<= {GROWTH_BOUND_MB:g}", m["growth"] <= GROWTH_BOUND_MB),
         ("server heap (anonymous PSS): slope over the second half (MB per 1,000 requests)", m["server_slope"],
          f"<= {SERVER_SLOPE_BOUND:g}", m["server_slope"] <= SERVER_SLOPE_BOUND),
-        ("workers' heaps (anonymous PSS): lowest of the last third minus lowest of the middle third (MB)",
-         m["workers_drift"], f"<= {WORKER_DRIFT_BOUND_MB:g}", m["workers_drift"] <= WORKER_DRIFT_BOUND_MB),
+        ("workers' heaps (anonymous PSS, net of prompt snapshots): lowest of the last third minus lowest of the "
+         "middle third (MB)", m["workers_drift"], f"<= {WORKER_DRIFT_BOUND_MB:g}",
+         m["workers_drift"] <= WORKER_DRIFT_BOUND_MB),
+        ("prompt snapshots, most held (MB)", m["snapshots"], f"<= {r['snapshot_budget_mb']:g} (the lanes' budget)",
+         m["snapshots"] <= r["snapshot_budget_mb"]),
     ]  # fmt: skip
     return [{"target": t, "value": float(v), "bound": b, "met": bool(ok)} for t, v, b, ok in rows]
 
@@ -311,9 +332,12 @@ def render(r: dict) -> str:
         "PSS: the proportional set size over the server's process group (the server, its lane workers, their "
         "zygote); anonymous: the part of it that is not file pages (heap), of the server and of the workers.",
         "",
-        "| requests | seconds | PSS MB | server anonymous MB | workers anonymous MB |",
-        "|---:|---:|---:|---:|---:|",
-        *(f"| {n} | {t:.0f} | {mb:.0f} | {srv:.1f} | {wrk:.1f} |" for n, t, mb, srv, wrk in r["samples"]),
+        "| requests | seconds | PSS MB | server anonymous MB | workers anonymous MB | prompt snapshots MB |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {n} | {t:.0f} | {mb:.0f} | {srv:.1f} | {wrk:.1f} | {snap:.1f} |"
+            for n, t, mb, srv, wrk, snap in r["samples"]
+        ),  # fmt: skip
         "",
     ]
     return "\n".join(lines)
@@ -325,11 +349,12 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n, _, mb, srv, wrk = zip(*r["samples"], strict=True)
+    n, _, mb, srv, wrk, snap = zip(*r["samples"], strict=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(n, mb, marker=".", label="PSS, process group")
     ax.plot(n, srv, marker=".", label="anonymous, server")
     ax.plot(n, wrk, marker=".", label="anonymous, workers")
+    ax.plot(n, snap, marker=".", label="prompt snapshots (in the workers)")
     ax.set_xlabel("requests served")
     ax.set_ylabel("MB")
     ax.set_ylim(0, max(mb) * 1.15)
@@ -350,6 +375,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.render is not None:
         r = json.loads(args.render.read_text())
+        r["samples"] = [[*x, 0.0][:6] for x in r["samples"]]  # results from before prompt snapshots had none
+        r.setdefault("snapshot_budget_mb", 0.0)
         r["targets"] = targets(r)
         save(args.render.stem, r, render, plot)
         return
@@ -361,6 +388,9 @@ def main() -> None:
     command = "python benchmarks/serve_soak.py" + (f" --requests {args.requests}" if args.requests != 2000 else "")
     r: dict = {"meta": machine_meta() | {"command": command, "requests": args.requests}}
     with ServerProcess() as srv:
+        lanes = next(float(x.split()[-1]) for x in httpx.get(f"{srv.url}/metrics").text.splitlines()
+                     if x.startswith("fastblt_batch_lanes "))  # fmt: skip
+        r["snapshot_budget_mb"] = lanes * DEFAULT_MB
         run = asyncio.run(soak(srv, jobs))
     r |= {"samples": run["samples"], "wall_s": run["wall_s"], "idle": run["idle"]}
     r["layouts"] = [memory_of(name, args_, env, jobs[:LAYOUT_REQUESTS]) for name, args_, env in LAYOUTS]

@@ -51,8 +51,9 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads of the backend (of each lane).")  # fmt: skip
 @click.option("--prompt-cache-mb", type=click.FloatRange(0), default=DEFAULT_MB, show_default=True,
-              help="Memory per lane for snapshots of committed prompts: a request whose prompt was seen before "
-              "loads it instead of committing it again, with the same bytes (0: off).")  # fmt: skip
+              help="Memory per lane for snapshots of committed prompts: a request whose prompt begins with one "
+              "seen before (the same prompt, a conversation's next turn) loads it instead of committing it "
+              "again, with the same bytes (0: off).")  # fmt: skip
 @click.option("--device", default=None, help="torch/trt: where to compute (cpu, cuda, cuda:1).")
 @click.option("--graceful-timeout", type=float, default=60.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds to let requests in flight finish.")  # fmt: skip

@@ -46,7 +46,7 @@ from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.generator import Generation, Generator
 from fastblt.runtime.lane_process import CANCEL_GRACE, ProcessLane, start_zygote
 from fastblt.runtime.options import Request, checked
-from fastblt.runtime.prompt_cache import prompt_key
+from fastblt.runtime.prompt_cache import prompt_keys
 from fastblt.runtime.stream import Scores
 from fastblt.runtime.wakeups import wake
 from fastblt.runtime.zygote import Zygote
@@ -231,13 +231,13 @@ class AsyncEngine:
         took this prompt: it keeps its snapshot), or the next with room; EngineBusy when none has,
         EngineClosed when every lane is closing (or its process is gone)."""
         closed: EngineClosed | None = None
-        digest = prompt_digest(request, self.generator.engine.max_step) if len(self.lanes) > 1 else None
-        home = self._homes.get(digest)
+        digests = prompt_digests(request, self.generator.engine.max_step) if len(self.lanes) > 1 else []
+        home = self._homes.get(digests)
         for i in sorted(range(len(self.lanes)), key=lambda i: (self.lanes[i].load, i != home)):
             lane = self.lanes[i]
             try:
                 ticket = lane.submit(request, **callbacks)
-                self._homes.put(digest, i)
+                self._homes.put(digests, i)
                 self._update_peers()
                 return ticket
             except EngineBusy:
@@ -405,33 +405,34 @@ def share(total: int, parts: int, i: int) -> int:
     return total // parts + (i < total % parts)
 
 
-def prompt_digest(request: Request, max_step: int) -> bytes | None:
-    """A digest of the key of the request's prompt snapshot (None: its prompt is not kept)."""
-    key = prompt_key(list(request.ids), request.opts.prefill_chunk or max_step)
-    return None if key is None else hashlib.blake2b(key, digest_size=16).digest()
+def prompt_digests(request: Request, max_step: int) -> list[bytes]:
+    """Digests of the keys of the snapshots the request's prompt could load, deepest first."""
+    keys = prompt_keys(list(request.ids), request.opts.prefill_chunk or max_step)
+    return [hashlib.blake2b(key, digest_size=16).digest() for _, key in keys]
 
 
 class PromptHomes:
-    """The lane that last took each recent prompt long enough to be kept (prompt_cache.py), by
-    `prompt_digest`: a routing hint, so a collision costs a prefill, never a wrong byte."""
+    """The lane that last took each recent prompt, by the digests of its deepest snapshot keys
+    (`prompt_digests`: those it keeps): a routing hint, so a collision costs a prefill, never a
+    wrong byte."""
 
-    SIZE = 4096  # prompts remembered
+    SIZE = 4096  # keys remembered
 
     def __init__(self) -> None:
         self._lanes: OrderedDict[bytes, int] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, digest: bytes | None) -> int | None:
+    def get(self, digests: list[bytes]) -> int | None:
+        """The lane that last took a prompt with the deepest of these keys, or None."""
         with self._lock:
-            return None if digest is None else self._lanes.get(digest)
+            return next((self._lanes[d] for d in digests if d in self._lanes), None)
 
-    def put(self, digest: bytes | None, lane: int) -> None:
-        if digest is None:
-            return
+    def put(self, digests: list[bytes], lane: int) -> None:
         with self._lock:
-            self._lanes[digest] = lane
-            self._lanes.move_to_end(digest)
-            if len(self._lanes) > self.SIZE:
+            for digest in digests[:2]:
+                self._lanes[digest] = lane
+                self._lanes.move_to_end(digest)
+            while len(self._lanes) > self.SIZE:
                 self._lanes.popitem(last=False)
 
 

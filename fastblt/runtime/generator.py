@@ -87,8 +87,9 @@ class Generator:
         on_export: told once, with the cache directory, before a first-use export starts (it takes
             seconds); may return a per-graph progress callback (export/exporter.py `Progress`).
         prompt_cache_mb: memory for prompt snapshots (None: 64 MB; 0: none): a call whose prompt
-            was committed before loads it instead of committing it again, with the same bytes
-            (runtime/prompt_cache.py; docs/generation.md).
+            begins with one committed before (the same prompt, a conversation's next turn) loads
+            it instead of committing it again, with the same bytes (runtime/prompt_cache.py;
+            docs/generation.md).
     """
 
     def __init__(

@@ -33,7 +33,7 @@ from fastblt.model.config import EOS_ID
 from fastblt.runtime.calls import Plan
 from fastblt.runtime.lookup import continuation
 from fastblt.runtime.options import DecodeOptions, draft_length
-from fastblt.runtime.prompt_cache import PromptCache, cut
+from fastblt.runtime.prompt_cache import PromptCache, prompt_keys, split_points
 from fastblt.runtime.sampling import (
     Rng,
     SamplingParams,
@@ -105,21 +105,27 @@ def generate(run: Run, ids: list[int], chunk: int, prompts: PromptCache | None =
     """A whole call: commit the prompt (its time and step counters kept in `run.prefill`), then
     the mode's loop until `run.out` is done.
 
-    The prompt is committed in two parts, split at its cut (prompt_cache.py): with `prompts`, the
-    first part is loaded from a snapshot when one is kept, and kept when it was not."""
+    The prompt is committed in parts split at its split points (prompt_cache.py). With `prompts`,
+    it starts from the deepest point a snapshot is kept at, and keeps snapshots at its own two
+    deepest points (its cut, and the stride point below it)."""
     st = run.state
     run.prefill["t_start"] = time.perf_counter()
-    q = cut(len(ids), chunk)
-    key = prompts.key(ids, chunk) if prompts is not None and run.out.prompt_logprobs is None else None
-    snap = prompts.get(key) if key is not None else None
-    if snap is not None:
+    scoring = run.out.prompt_logprobs is not None
+    keys = prompt_keys(ids, chunk) if prompts is not None and prompts.budget and not scoring else []
+    found = prompts.find(keys) if keys else None
+    start = 0
+    if found is not None:
+        start, snap = found
         st.load(snap)
-        run.prefill["cached"] = q
-    elif q:
-        yield from prefill(st, ids, chunk, run.out, 0, q)
-        if key is not None and prompts.wants(key, st.saved_bytes()):
-            prompts.put(key, st.save())
-    logits = yield from prefill(st, ids, chunk, run.out, q)
+        run.prefill["cached"] = start
+    keep = dict(keys[:2])
+    for point in split_points(len(ids), chunk):
+        if point > start:
+            yield from prefill(st, ids, chunk, run.out, start, point)
+            start = point
+            if point in keep and prompts.wants(keep[point], st.saved_bytes()):
+                prompts.put(keep[point], st.save())
+    logits = yield from prefill(st, ids, chunk, run.out, start)
     yield from resume(run, logits)
 
 

@@ -1,22 +1,24 @@
-"""Prompt snapshots: a committed prompt kept so that the next request with that prompt starts from
-it instead of committing it again (a retry, another sample, another mode, the same document with
-another short question after it).
+"""Prompt snapshots: a committed prompt kept so that a later request whose prompt begins with it
+starts from it instead of committing it again (a retry, another sample or mode, a conversation's
+next turn, another question after the same document).
 
-A prompt of n ids (BOS first) is committed in chunks from position 0, in two parts: the positions
-below `cut(n, chunk)`, the last chunk boundary before its end, then the rest (loops.generate), each
-part in as few global steps as it can. The sequence at the cut is therefore the same whatever
-follows it, and a request whose prompt has the same ids below the same cut (the same prompt, or
-one that differs only after the cut) loads a snapshot of it (SequenceState.load) and commits the
-rest: the same step calls on the same inputs as its own prefill, so the same bytes. Prompts that
-extend a cached one past its cut commit the whole prompt (their prefill groups its global steps
-across that boundary).
+A prompt of n ids (BOS first) is committed in chunks from position 0, in parts split at fixed
+points (`split_points`): every multiple of the stride (512 positions, rounded up to whole chunks)
+below its cut, and its cut, the last chunk boundary before its end; each part in as few global
+steps as it can (loops.generate). So the sequence at a split point is the same whatever follows
+it, and a request whose prompt has the same ids below one of its own split points loads a
+snapshot taken there (SequenceState.load) and commits the rest: the same step calls on the same
+inputs as its own prefill, so the same bytes.
 
-Snapshots are kept least recently used first out, within a budget in bytes; each holds a row of the
-ring caches (~1.5 MB for the default checkpoint), the global cache up to the cut (~10 KB per patch)
-and the byte states, in buffers of its own. Not kept: prompts with fewer than MIN_CUT positions
-before their cut (their prefill costs little more than a snapshot), snapshots over a quarter of the
-budget (one long prompt would push out several; ~4 KB of code at the default 64 MB), and
-requests that score their prompt (prompt_logprobs needs every position's logits).
+A request keeps snapshots at its two deepest split points: its cut (the same prompt again) and the
+stride point below it (a prompt extending this one, say the next turn of a conversation, which
+shares the ids below that point but not the cut). They are kept least recently used first out
+within a budget in bytes; each holds a row of the ring caches (~1.5 MB for the default
+checkpoint), the global cache up to its point (~10 KB per patch) and the byte states, in buffers
+of its own. Not kept: points below MIN_CUT positions (their prefill costs little more than a
+snapshot), snapshots over a quarter of the budget (one long prompt would push out several; ~4 KB
+of code at the default 64 MB), and requests that score their prompt (prompt_logprobs needs every
+position's logits).
 """
 
 from __future__ import annotations
@@ -33,21 +35,33 @@ from fastblt.errors import InputError
 if TYPE_CHECKING:  # the CLI reads DEFAULT_MB without loading torch
     from fastblt.runtime.state import Snapshot
 
-MIN_CUT = 128  # positions before the cut below which a prompt is not kept
+MIN_CUT = 128  # positions below which no snapshot is kept
+STRIDE = 512  # positions between a prompt's fixed split points (rounded up to whole chunks)
 DEFAULT_MB = 64  # per engine (per lane): ~14 snapshots of 1,000-byte prompts on the default checkpoint
 
 
 def cut(n: int, chunk: int) -> int:
-    """Where a prompt of n ids is split: the last multiple of `chunk` below n (0 when n <= chunk)."""
+    """The last multiple of `chunk` below n (0 when n <= chunk): where a prompt of n ids is split last."""
     return (n - 1) // chunk * chunk
 
 
-def prompt_key(ids: list[int], chunk: int) -> bytes | None:
-    """What identifies a prompt's snapshot: the chunk and the ids below its cut (None: too short)."""
-    q = cut(len(ids), chunk)
-    if q < MIN_CUT:
-        return None
-    return chunk.to_bytes(4, "little") + np.asarray(ids[:q], dtype=np.uint16).tobytes()
+def split_points(n: int, chunk: int) -> list[int]:
+    """Where a prompt of n ids is split, ascending: every multiple of the stride below its cut, then
+    its cut (none when n <= chunk). The stride points depend on the chunk alone, so prompts that
+    pass one are split alike below it."""
+    q = cut(n, chunk)
+    stride = -(-STRIDE // chunk) * chunk
+    return [*range(stride, q, stride), q] if q else []
+
+
+def prompt_keys(ids: list[int], chunk: int) -> list[tuple[int, bytes]]:
+    """(split point, key) of each snapshot a prompt could load, deepest first; a key is the chunk
+    and the ids below its point."""
+    points = [p for p in split_points(len(ids), chunk) if p >= MIN_CUT]
+    if not points:
+        return []
+    head, data = chunk.to_bytes(4, "little"), np.asarray(ids[: points[-1]], dtype=np.uint16).tobytes()
+    return [(p, head + data[: 2 * p]) for p in reversed(points)]
 
 
 def check_budget(mb: object) -> float:
@@ -62,7 +76,7 @@ class CacheStats:
     """What a PromptCache has done (monotonic counters) and holds now."""
 
     hits: int = 0  # requests that loaded a snapshot
-    misses: int = 0  # requests that could have (a long enough prompt) and found none
+    misses: int = 0  # requests that looked for one and found none
     stored: int = 0
     evicted: int = 0
     entries: int = 0
@@ -71,17 +85,13 @@ class CacheStats:
 
 
 class PromptCache:
-    """Snapshots by (chunk, the prompt's ids below its cut), within `budget_mb`; thread-safe."""
+    """Snapshots by key (prompt_keys), within `budget_mb`; thread-safe."""
 
     def __init__(self, budget_mb: float = DEFAULT_MB):
         self.budget = int(check_budget(budget_mb) * 2**20)
         self.stats = CacheStats()
         self._entries: OrderedDict[bytes, Snapshot] = OrderedDict()
         self._lock = threading.Lock()
-
-    def key(self, ids: list[int], chunk: int) -> bytes | None:
-        """The key of a prompt's snapshot, or None when the cache is off or the prompt too short."""
-        return prompt_key(ids, chunk) if self.budget else None
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
@@ -96,27 +106,32 @@ class PromptCache:
         """Whether a snapshot of `size` bytes under `key` would be kept (none is yet, and it is at
         most a quarter of the budget): asked before a snapshot is taken."""
         with self._lock:
-            return key not in self._entries and size <= self.budget // 4
+            return self._wants(key, size)
 
-    def get(self, key: bytes) -> Snapshot | None:
-        """The snapshot stored under `key` (now the most recently used), or None."""
+    def _wants(self, key: bytes, size: int) -> bool:
+        return key not in self._entries and size <= self.budget // 4
+
+    def find(self, keys: list[tuple[int, bytes]]) -> tuple[int, Snapshot] | None:
+        """The first of `keys` (prompt_keys, deepest first) with a snapshot: its point and the
+        snapshot (now the most recently used); one hit or one miss counted."""
         with self._lock:
-            snap = self._entries.get(key)
-            if snap is None:
-                self.stats.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.stats.hits += 1
-            self.stats.positions += snap.n
-            return snap
+            for point, key in keys:
+                snap = self._entries.get(key)
+                if snap is not None:
+                    self._entries.move_to_end(key)
+                    self.stats.hits += 1
+                    self.stats.positions += point
+                    return point, snap
+            self.stats.misses += 1
+            return None
 
     def put(self, key: bytes, snap: Snapshot) -> None:
         """Keep `snap` under `key` (unless `wants` says no), letting the least recently used go
         until it fits the budget."""
         size = snap.nbytes()
-        if not self.wants(key, size):
-            return
         with self._lock:
+            if not self._wants(key, size):
+                return
             while self.stats.bytes + size > self.budget:
                 _, old = self._entries.popitem(last=False)
                 self.stats.bytes -= old.nbytes()

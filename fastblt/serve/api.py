@@ -230,8 +230,10 @@ def finish_reason(stop_reason: str) -> str:
     return "length" if stop_reason == "max_bytes" else "stop"
 
 
-def usage(prompt_bytes: int, generated: int) -> dict:
-    return {"prompt_tokens": prompt_bytes, "completion_tokens": generated, "total_tokens": prompt_bytes + generated}
+def usage(prompt_bytes: int, generated: int, cached: int = 0) -> dict:
+    """OpenAI's usage object in bytes; `cached`: prompt bytes loaded from prompt snapshots."""
+    return {"prompt_tokens": prompt_bytes, "completion_tokens": generated, "total_tokens": prompt_bytes + generated,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
 
 def choice(text: str, reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:

@@ -260,8 +260,17 @@ def _answer(comp: Completion, jobs: list[_Job], gens: list[Generation], model_id
         choices += [choice(text, reason, i, logprobs) for i in job.indices]
         generated += len(gen.ids) * len(job.indices) if sent else 0
     choices.sort(key=lambda c: c["index"])
-    used = usage(sum(len(p.encode()) for p in comp.prompts), generated)
-    return completion_body(completion_id(), model_id, choices, used, fingerprint=fp)
+    return completion_body(completion_id(), model_id, choices, _usage(comp, jobs, gens, generated), fingerprint=fp)
+
+
+def _usage(comp: Completion, jobs: list[_Job], gens: list[Generation], generated: int) -> dict:
+    """Usage in bytes; each prompt's cached bytes (loaded from a snapshot, BOS not counted) once,
+    as its bytes are, however many of its choices loaded it."""
+    cached: dict[int, int] = {}
+    for job, gen in zip(jobs, gens, strict=True):
+        p = job.indices[0] // comp.n
+        cached[p] = max(cached.get(p, 0), gen.stats.prompt_cached - 1, 0)
+    return usage(sum(len(p.encode()) for p in comp.prompts), generated, sum(cached.values()))
 
 
 def _logprobs(comp: Completion, job: _Job, gen: Generation, sent: bool) -> dict:
@@ -453,7 +462,7 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
                 yield chunk(j, "", finish_reason(gen.stop_reason))
             status = 200
             if comp.include_usage:
-                used = usage(sum(len(p.encode()) for p in comp.prompts), generated)
+                used = _usage(comp, jobs, [s.generation for s in streams], generated)
                 body = completion_body(cid, settings.model_id, [], used, created, fp)
                 yield sse(body)
             yield sse("[DONE]")

@@ -342,24 +342,32 @@ def test_a_step_flushes_denormals_and_gives_the_callers_mode_back(ort_gen, expor
     assert seen == [caller_flushes, caller_flushes, True, True]
 
 
-def test_prompt_snapshots_of_batch_rows_on_ort_are_bit_exact(ort_gen, export_cache):
+@pytest.mark.parametrize("pad_work", [1.0, float("inf")])
+def test_prompt_snapshots_of_batch_rows_on_ort_are_bit_exact(ort_gen, export_cache, monkeypatch, pad_work):
     """Requests in rows past the first keep snapshots of their prompts, and requests of those
     prompts load them into other rows: every score equals, to the bit, a Generator's that commits
-    every prompt itself (onnxruntime computes a batched row as the row alone)."""
+    every prompt itself (onnxruntime computes a batched row as the row alone), with the global
+    steps over row ranges where padding is cheap (the default) or always."""
+    from fastblt.runtime import calls
     from fastblt.runtime.batch import BatchEngine
     from fastblt.runtime.options import make_request
 
+    monkeypatch.setattr(calls, "PAD_WORK", pad_work)
+
     plain = Generator(tiny_model(), backend="ort", threads=1, cache_dir=export_cache, prompt_cache_mb=0)
-    long = [bytes([65 + i]) + (PROMPTS[5] * 3).encode() for i in range(3)]
+    text = (PROMPTS[5] * 3 + PROMPTS[3] * 20).encode()
+    long = [bytes([65 + i]) + text[:600] for i in range(3)]  # kept at 512 and at their cuts
     work = [(PROMPTS[0], "blt-d", 40)] + [(p, m, 24) for p in long for m in ("ar", "blt-s", "blt-dv")]
-    options = [{"stop_on_eos": False} | ({} if m == "blt-d" else {"logprobs": 1}) for _, m, _ in work]
-    want = [plain.generate(p, mode=m, max_bytes=n, **o) for (p, m, n), o in zip(work, options, strict=True)]
+    turns = [(p + text[::-1][:300], "ar", 24) for p in long]  # the next turns: they load the snapshots at 512
     ort_gen.engine.prompts.clear()
     hits = ort_gen.engine.prompts.stats.hits
-    for _ in range(2):  # the first pass keeps the snapshots, the second loads them
+    for jobs in (work, work + turns):  # the first pass keeps snapshots, the second loads them
+        options = [{"stop_on_eos": False} | ({} if m == "blt-d" else {"logprobs": 1}) for _, m, _ in jobs]
+        want = [plain.generate(p, mode=m, max_bytes=n, **o) for (p, m, n), o in zip(jobs, options, strict=True)]
         with BatchEngine(ort_gen.engine, max_batch=4) as batch:
             tickets = [batch.submit(make_request(p, ort_gen.config, m, n, **o))
-                       for (p, m, n), o in zip(work, options, strict=True)]  # fmt: skip
+                       for (p, m, n), o in zip(jobs, options, strict=True)]  # fmt: skip
             got = [t.result(120) for t in tickets]
         assert [(g.ids, g.logprobs) for g in got] == [(w.ids, w.logprobs) for w in want]
-    assert ort_gen.engine.prompts.stats.hits >= hits + 3
+    assert [g.stats.prompt_cached for g in got[-3:]] == [512] * 3
+    assert ort_gen.engine.prompts.stats.hits >= hits + 6

@@ -1,6 +1,6 @@
-"""Prompt snapshots: a call whose prompt was committed before loads it instead of committing it
-again, and computes exactly what its own prefill would have (every mode, greedy and sampled,
-alone and in a batch); the cache keeps within its budget, least recently used first out."""
+"""Prompt snapshots: a call whose prompt begins with one committed before loads that instead of
+committing it again, and computes exactly what its own prefill would have (every mode, greedy and
+sampled, alone and in a batch); the cache keeps within its budget, least recently used first out."""
 
 from __future__ import annotations
 
@@ -14,68 +14,77 @@ from fastblt.model.tokenizer import encode
 from fastblt.runtime.batch import BatchEngine
 from fastblt.runtime.generator import Generator
 from fastblt.runtime.options import make_request
-from fastblt.runtime.prompt_cache import MIN_CUT, PromptCache, cut
+from fastblt.runtime.prompt_cache import MIN_CUT, PromptCache, cut, prompt_keys, split_points
 
 MODES = ("ar", "blt-s", "blt-d", "blt-dv")
-LONG = (PROMPTS[5] * 3).encode()  # 270 bytes: several chunks, the cut past MIN_CUT
-OTHER = b"# another file\n" + LONG[15:]  # the same length, other ids before the cut
+TEXT = ((PROMPTS[5] + PROMPTS[3] + PROMPTS[0]) * 12).encode()
+LONG = TEXT[:700]  # split at 512 (the stride) and at its cut
+NEXT = LONG + TEXT[::-1][:600]  # a conversation's next turn: it shares the ids below 512, not below LONG's cut
+OTHER = b"# another file\n" + LONG[15:]  # the same length, other ids below every split point
 
 
 def plain_generator() -> Generator:
-    return torch_generator(max_context=512)
+    return torch_generator(max_context=2048)
 
 
 def cached_generator() -> Generator:
-    return torch_generator(max_context=512, prompt_cache_mb=64)
+    return torch_generator(max_context=2048, prompt_cache_mb=64)
 
 
-def test_the_cut_is_the_last_chunk_boundary_before_the_end():
+def test_split_points_and_keys():
+    """A prompt is split at every multiple of the stride (512, in whole chunks) below its cut, the
+    last chunk boundary before its end; keys (deepest first) are the ids below a point."""
     assert [cut(n, 32) for n in (1, 32, 33, 64, 65, 200)] == [0, 0, 32, 32, 64, 192]
-    cache = PromptCache(1)
-    ids = list(range(MIN_CUT + 1))
-    assert cache.key(ids[:-1], 1) is None  # its cut is MIN_CUT - 1
-    assert cache.key(ids, 1) is not None and cache.key(ids, 1) != cache.key(ids, 2)
-    assert PromptCache(0).key(ids, 1) is None  # off
+    assert [split_points(n, 32) for n in (1, 33, 513, 600, 1100)] == [[], [32], [512], [512, 576], [512, 1024, 1088]]
+    assert split_points(1100, 5) == [515, 1030, 1095]  # the stride in whole chunks
+    ids = list(range(1100))
+    keys = prompt_keys(ids, 32)
+    assert [p for p, _ in keys] == [1088, 1024, 512]
+    longer = dict(prompt_keys(ids + [7] * 40, 32))
+    assert longer[1024] == dict(keys)[1024] and longer[512] == dict(keys)[512] and 1088 not in longer
+    assert prompt_keys(ids, 5)[0][1] != keys[0][1]  # the chunk is part of the key
+    assert prompt_keys(list(range(MIN_CUT)), 1) == []  # no point at MIN_CUT or past it
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_prompt_committed_before_is_loaded_and_computes_the_same(mode):
     """The same prompt again (greedy, then sampled with a seed) and one that differs only after its
-    cut load the first call's snapshot; each equals a Generator without snapshots."""
+    cut load the first call's snapshot at the cut; the next turn of a conversation loads the one at
+    the stride point below it. Each equals, to the bit, a Generator without snapshots."""
     plain, g = plain_generator(), cached_generator()
     g.engine.prompts.clear()
     hits = g.engine.prompts.stats.hits
     q = cut(len(LONG) + 1, g.engine.max_step)  # BOS first
-    calls = ((LONG, {}), (LONG, {"temperature": 0.9, "seed": 3}), (LONG[:-1] + b"?", {}))
-    for i, (prompt, options) in enumerate(calls):
+    calls = ((LONG, {}, 0), (LONG, {"temperature": 0.9, "seed": 3}, q), (LONG[:-1] + b"?", {}, q), (NEXT, {}, 512))
+    for i, (prompt, options, loaded) in enumerate(calls):
         options |= {"max_bytes": 30, "stop_on_eos": False} | ({} if mode == "blt-d" else {"logprobs": 1})
         want = plain.generate(prompt, mode=mode, **options)
         other = bytes([65 + i]) + LONG[::-1]  # committed in full: the state the next call takes holds it
         g.generate(other, mode="ar", max_bytes=30)
         first = g.generate(prompt, mode=mode, **options)
         assert first.ids == want.ids and first.logprobs == want.logprobs  # the same computation, to the bit
-        loaded = i > 0
-        assert first.stats.prompt_cached == (q if loaded else 0)
-        assert (sum(first.stats.prefill_passes.values()) < sum(want.stats.prefill_passes.values())) == loaded
-    assert g.engine.prompts.stats.hits == hits + 2
+        assert first.stats.prompt_cached == loaded
+        assert (sum(first.stats.prefill_passes.values()) < sum(want.stats.prefill_passes.values())) == (loaded > 0)
+    assert g.engine.prompts.stats.hits == hits + 3
 
 
 def test_what_misses_and_what_is_not_kept():
-    """Other ids before the cut, another prefill chunk, or prompt scoring: the prompt is committed
-    in full; a request scoring its prompt keeps no snapshot either."""
+    """Other ids below every split point, another prefill chunk, or prompt scoring: the prompt is
+    committed in full; a request keeps snapshots at its two deepest points (none when it scores its
+    prompt, none below MIN_CUT)."""
     g = cached_generator()
     g.engine.prompts.clear()
     stats = g.engine.prompts.stats
     stored, hits = stats.stored, stats.hits
     g.generate(LONG, mode="ar", max_bytes=4)
-    assert (stats.stored, stats.hits) == (stored + 1, hits)
+    assert (stats.stored, stats.hits) == (stored + 2, hits)
     for prompt, options in ((OTHER, {}), (LONG, {"prefill_chunk": 5}), (LONG, {"prompt_logprobs": 1})):
         out = g.generate(prompt, mode="ar", max_bytes=4, **options)
         assert out.stats.prompt_cached == 0
         assert out.ids == plain_generator().generate(prompt, mode="ar", max_bytes=4, **options).ids
-    assert (stats.stored, stats.hits) == (stored + 3, hits)  # OTHER's, the 5-byte chunks'; not the scored one's
+    assert (stats.stored, stats.hits) == (stored + 6, hits)  # OTHER's, the 5-byte chunks'; not the scored one's
     g.generate(b"x" * (MIN_CUT - 40), mode="ar", max_bytes=4)
-    assert stats.stored == stored + 3
+    assert stats.stored == stored + 6
 
 
 def test_a_loaded_snapshot_is_the_saved_sequence():
@@ -120,10 +129,11 @@ def test_the_cache_keeps_within_its_budget_least_recently_used_first_out():
     cache = PromptCache(4.5 * size / 2**20)  # four of them
     for key in (b"a", b"b", b"c", b"d"):
         cache.put(key, snap)
-    assert cache.get(b"a") is snap  # now the most recently used
+    assert cache.find([(9, b"z"), (1, b"a")]) == (1, snap)  # the first key kept; now the most recently used
     cache.put(b"e", snap)
     assert [key in cache for key in (b"a", b"b", b"c", b"d", b"e")] == [True, False, True, True, True]
     assert (cache.stats.entries, cache.stats.evicted, cache.stats.bytes) == (4, 1, 4 * size)
+    assert cache.find([(9, b"z")]) is None and (cache.stats.hits, cache.stats.misses) == (1, 1)
     small = PromptCache(3.9 * size / 2**20)
     small.put(b"a", snap)  # over a quarter of its budget
     assert b"a" not in small and small.stats.bytes == 0

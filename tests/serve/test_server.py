@@ -163,17 +163,24 @@ def test_n_choices_of_a_long_prompt_prefill_it_once_per_lane(server, reference):
 
 
 def test_a_prompt_sent_again_loads_its_snapshot(server, reference):
-    """The same long prompt twice, one after the other: the second request loads the snapshot the
-    first one's lane kept (the router sends it back there) and answers the same bytes."""
+    """The same long prompt again, one request after another: the later ones load the snapshot the
+    first one's lane kept (the router sends them back there), answer the same bytes and count the
+    bytes loaded as cached in their usage."""
     import difflib
 
     prompt = Path(difflib.__file__).read_text()[2000:3000]
     hits = _metric(server, "fastblt_prompt_cache_hits_total")
     ids = _metric(server, "fastblt_prompt_cache_hit_ids_total")
     opts = dict(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_body={"mode": "blt-s"})
-    texts = [client(server).completions.create(**opts).choices[0].text for _ in range(2)]
-    assert texts == [reference.generate(prompt, mode="blt-s", max_bytes=16).text] * 2
-    assert _metric(server, "fastblt_prompt_cache_hits_total") == hits + 1
+    first, again = (client(server).completions.create(**opts) for _ in range(2))
+    assert [r.choices[0].text for r in (first, again)] == [
+        reference.generate(prompt, mode="blt-s", max_bytes=16).text
+    ] * 2
+    # OpenAI's usage names the prompt tokens served from a cache: bytes below the cut, BOS not counted
+    assert [r.usage.prompt_tokens_details.cached_tokens for r in (first, again)] == [0, 991]
+    stream = client(server).completions.create(stream=True, stream_options={"include_usage": True}, **opts)
+    assert list(stream)[-1].usage.prompt_tokens_details.cached_tokens == 991
+    assert _metric(server, "fastblt_prompt_cache_hits_total") == hits + 2
     assert _metric(server, "fastblt_prompt_cache_hit_ids_total") >= ids + 960
     assert _metric(server, "fastblt_prompt_cache_bytes") > 0
 

@@ -135,9 +135,9 @@ def test_a_cache_at_the_wrong_position_names_the_first_diverging_step(model, art
     assert res.first_diff is not None and res.margin is not None
     assert res.step["step"] == "encoder" and res.step["module"] == "local_encoder" and res.step["output"] == "h"
     assert res.step["start"] == MAX_STEP  # the second prefill chunk: the first call to read the first's entries
-    # calls #0, #1: the first chunk's encoder and entropy steps; prefill runs the next chunk's
-    # encoder (#2) before the first chunk's global and decoder steps
-    assert f"first diverging step #2: encoder (local_encoder) at position {MAX_STEP}" in report.failures()[0]
+    # the prompt (23 ids) is committed in two parts split at its cut, MAX_STEP: calls #0-#3 are the
+    # first chunk's encoder, entropy, global and decoder steps, #4 the second chunk's encoder
+    assert f"first diverging step #4: encoder (local_encoder) at position {MAX_STEP}" in report.failures()[0]
 
 
 def test_artifacts_of_another_checkpoint_are_refused(artifacts, monkeypatch, capsys, tmp_path):
