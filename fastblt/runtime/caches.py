@@ -79,6 +79,18 @@ def resize_kv(kv: KV, slots: int, dtype: torch.dtype, device: torch.device, rows
         del pair, new
 
 
+def packed(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies of `tensors` (one dtype and device) in one buffer of their own: a prompt snapshot is a
+    few dozen small tensors, and mapping a buffer per tensor cost more than copying them."""
+    flat = buffer((sum(t.numel() for t in tensors),), tensors[0].dtype, tensors[0].device, populate=True)
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at : at + t.numel()].view(t.shape))
+        out[-1].copy_(t)
+        at += t.numel()
+    return out
+
+
 def copy_slots(dst: KV, src: KV, n: int) -> None:
     """Copy the first n slots of every (k, v) buffer of `src` into `dst`."""
     for (k, v), (sk, sv) in zip(dst, src, strict=True):
@@ -151,17 +163,12 @@ class RowCaches:
         for t in self._buffers():
             t[dst].copy_(t[src])
 
-    def save_row(self, row: int) -> list[Tensor]:
-        """Row `row` of every ring and cross buffer, in buffers of its own (part of a prompt
-        snapshot, which outlives the row's sequence)."""
-        saved = []
-        for t in self._buffers():
-            saved.append(buffer(tuple(t.shape[1:]), t.dtype, t.device, populate=True))
-            saved[-1].copy_(t[row])
-        return saved
+    def row(self, row: int) -> list[Tensor]:
+        """Row `row` of every ring and cross buffer (views), in the order `load_row` takes them."""
+        return [t[row] for t in self._buffers()]
 
     def load_row(self, row: int, saved: list[Tensor]) -> None:
-        """Write what `save_row` took (on caches of the same specs) into row `row`."""
+        """Write copies of another RowCaches' `row` (of the same specs) into row `row`."""
         for t, s in zip(self._buffers(), saved, strict=True):
             t[row].copy_(s)
 
@@ -233,14 +240,9 @@ class LinearCache:
             self._resize(min(past_slots(upto), self.limit))
         copy_slots(self.kv, other.kv if isinstance(other, LinearCache) else other, upto)
 
-    def save(self, upto: int) -> KV:
-        """Its slots below `upto` in buffers of their own, sized to them (part of a prompt snapshot)."""
-        saved = []
-        for k, v in self.kv:
-            pair = [buffer((*t.shape[:2], upto, t.shape[3]), t.dtype, t.device, populate=True) for t in (k, v)]
-            copy_slots([(pair[0], pair[1])], [(k, v)], upto)
-            saved.append((pair[0], pair[1]))
-        return saved
+    def prefix(self, upto: int) -> KV:
+        """Its slots below `upto` (views)."""
+        return [(k[:, :, :upto], v[:, :, :upto]) for k, v in self.kv]
 
     def take_back(self, upto: int | None = None) -> None:
         """A lent cache gets buffers of its own again, holding its row's slots below `upto` (None:

@@ -3,7 +3,7 @@ starts from it instead of committing it again (a retry, another sample or mode, 
 next turn, another question after the same document).
 
 A prompt of n ids (BOS first) is committed in chunks from position 0, in parts split at fixed
-points (`split_points`): every multiple of the stride (512 positions, rounded up to whole chunks)
+points (`split_points`): every multiple of the stride (256 positions, rounded up to whole chunks)
 below its cut, and its cut, the last chunk boundary before its end; each part in as few global
 steps as it can (loops.generate). So the sequence at a split point is the same whatever follows
 it, and a request whose prompt has the same ids below one of its own split points loads a
@@ -36,7 +36,9 @@ if TYPE_CHECKING:  # the CLI reads DEFAULT_MB without loading torch
     from fastblt.runtime.state import Snapshot
 
 MIN_CUT = 128  # positions below which no snapshot is kept
-STRIDE = 512  # positions between a prompt's fixed split points (rounded up to whole chunks)
+STRIDE = 256  # positions between a prompt's fixed split points (rounded up to whole chunks): splitting
+# prompts of 1,000 to 8,000 bytes at every 512, 256 or 128 positions changed their commit time by less than
+# the noise; the next turn of a conversation recommits on average half a stride of the last prompt
 DEFAULT_MB = 64  # per engine (per lane): ~14 snapshots of 1,000-byte prompts on the default checkpoint
 
 

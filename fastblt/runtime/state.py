@@ -35,7 +35,7 @@ from fastblt.errors import InputError, InternalError, PositionLimit
 from fastblt.export.spec import TORCH_DTYPES, max_step, state_dtype
 from fastblt.model.config import HASH_PRIMES, BltConfig
 from fastblt.model.patching import closes_patch
-from fastblt.runtime.caches import KV, LinearCache, RowCaches, buffer, host_arrays, stack_configs
+from fastblt.runtime.caches import KV, LinearCache, RowCaches, buffer, host_arrays, packed, stack_configs
 from fastblt.runtime.calls import Plan, R, StepCall, StepRunner, run_plan
 
 
@@ -45,7 +45,7 @@ class Snapshot:
 
     n: int
     g_len: int
-    rows: list[torch.Tensor]  # its ring and cross rows (RowCaches.save_row)
+    rows: list[torch.Tensor]  # its ring and cross rows (RowCaches.row)
     linear: dict[str, KV]  # each unwindowed stack's slots below g_len
     host: dict[str, np.ndarray]  # the bookkeeping arrays below n (closed: below n + 1)
     h: torch.Tensor  # byte states below n
@@ -476,9 +476,12 @@ class SequenceState:
             raise InternalError("save: the sequence holds work past its frontier")
         host = {name: getattr(self.host, name)[:n].copy() for name in ("tokens", "entropies", "closes", "patch_len")}
         host["closed"] = self.host.closed[: n + 1].copy()
-        h = buffer((n, self.h.shape[1]), self.dtype, self.device)
-        h[:] = self.h[:n]
-        return Snapshot(n, g, self.rows.save_row(self.row), {k: c.save(g) for k, c in self.linear.items()}, host, h)
+        rows = self.rows.row(self.row)
+        linear = [t for cache in self.linear.values() for pair in cache.prefix(g) for t in pair]
+        copies = packed([*rows, *linear, self.h[:n]])
+        rows, linear = copies[: len(rows)], iter(copies[len(rows) : -1])
+        kv = {name: [(next(linear), next(linear)) for _ in cache.kv] for name, cache in self.linear.items()}
+        return Snapshot(n, g, rows, kv, host, copies[-1])
 
     def saved_bytes(self) -> int:
         """What `save` would hold now (Snapshot.nbytes), without taking it."""

@@ -18,7 +18,7 @@ from fastblt.runtime.prompt_cache import MIN_CUT, PromptCache, cut, prompt_keys,
 
 MODES = ("ar", "blt-s", "blt-d", "blt-dv")
 TEXT = ((PROMPTS[5] + PROMPTS[3] + PROMPTS[0]) * 12).encode()
-LONG = TEXT[:700]  # split at 512 (the stride) and at its cut
+LONG = TEXT[:700]  # split at 256 and 512 (the stride's multiples) and at its cut
 NEXT = LONG + TEXT[::-1][:600]  # a conversation's next turn: it shares the ids below 512, not below LONG's cut
 OTHER = b"# another file\n" + LONG[15:]  # the same length, other ids below every split point
 
@@ -32,14 +32,14 @@ def cached_generator() -> Generator:
 
 
 def test_split_points_and_keys():
-    """A prompt is split at every multiple of the stride (512, in whole chunks) below its cut, the
+    """A prompt is split at every multiple of the stride (256, in whole chunks) below its cut, the
     last chunk boundary before its end; keys (deepest first) are the ids below a point."""
     assert [cut(n, 32) for n in (1, 32, 33, 64, 65, 200)] == [0, 0, 32, 32, 64, 192]
-    assert [split_points(n, 32) for n in (1, 33, 513, 600, 1100)] == [[], [32], [512], [512, 576], [512, 1024, 1088]]
-    assert split_points(1100, 5) == [515, 1030, 1095]  # the stride in whole chunks
+    assert [split_points(n, 32) for n in (1, 33, 257, 300, 600)] == [[], [32], [256], [256, 288], [256, 512, 576]]
+    assert split_points(600, 5) == [260, 520, 595]  # the stride in whole chunks
     ids = list(range(1100))
     keys = prompt_keys(ids, 32)
-    assert [p for p, _ in keys] == [1088, 1024, 512]
+    assert [p for p, _ in keys] == [1088, 1024, 768, 512, 256]
     longer = dict(prompt_keys(ids + [7] * 40, 32))
     assert longer[1024] == dict(keys)[1024] and longer[512] == dict(keys)[512] and 1088 not in longer
     assert prompt_keys(ids, 5)[0][1] != keys[0][1]  # the chunk is part of the key
