@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import inspect
 import os
 import threading
@@ -68,10 +67,9 @@ class AsyncEngine:
         cores: the cores the lanes share (None: those this process may use, `machine.cpu_cores`);
             e.g. what a scheduler reserved for it without pinning it.
         load: Generator's other keyword arguments (artifacts, threads, cache_dir, device,
-            cuda_graphs, on_export, prompt_cache_mb: per lane); loading happens here, once per lane
-            (the model once). With
-            `threads` None on ort, each lane's per-byte steps run on one thread and its global step
-            on `global_threads`.
+            cuda_graphs, on_export, prompt_cache_mb: per lane); loading happens here, once per
+            lane (the model once). With `threads` None on ort, each lane's per-byte steps run on
+            one thread and its global step on `global_threads`.
     """
 
     def __init__(
@@ -406,15 +404,13 @@ def share(total: int, parts: int, i: int) -> int:
 
 
 def prompt_digests(request: Request, max_step: int) -> list[bytes]:
-    """Digests of the keys of the snapshots the request's prompt could load, deepest first."""
-    keys = prompt_keys(list(request.ids), request.opts.prefill_chunk or max_step)
-    return [hashlib.blake2b(key, digest_size=16).digest() for _, key in keys]
+    """The keys of the snapshots the request's prompt could load, deepest first (prompt_keys)."""
+    return [key for _, key in prompt_keys(list(request.ids), request.opts.prefill_chunk or max_step)]
 
 
 class PromptHomes:
-    """The lane that last took each recent prompt, by the digests of its deepest snapshot keys
-    (`prompt_digests`: those it keeps): a routing hint, so a collision costs a prefill, never a
-    wrong byte."""
+    """The lane that last took each recent prompt, by its deepest snapshot keys (`prompt_digests`:
+    those it keeps): a routing hint, so a collision costs a prefill, never a wrong byte."""
 
     SIZE = 4096  # keys remembered
 

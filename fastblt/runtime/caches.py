@@ -233,8 +233,8 @@ class LinearCache:
             self._use(zeros_kv(self.cfg, 1, PAST_BUCKET, self.dtype, self.device))
 
     def copy_from(self, other: LinearCache | KV, upto: int) -> None:
-        """Hold the slots below `upto` of `other` (another sequence's cache, or buffers `save`
-        took) in buffers of its own."""
+        """Hold the slots below `upto` of `other` (another sequence's cache, or a prompt snapshot's
+        copy of one) in buffers of its own."""
         self.reset()
         if upto > self.slots:
             self._resize(min(past_slots(upto), self.limit))

@@ -112,7 +112,7 @@ def generate(run: Run, ids: list[int], chunk: int, prompts: PromptCache | None =
     run.prefill["t_start"] = time.perf_counter()
     scoring = run.out.prompt_logprobs is not None
     keys = prompt_keys(ids, chunk) if prompts is not None and prompts.budget and not scoring else []
-    found = prompts.find(keys) if keys else None
+    found = prompts.find(keys, ids) if keys else None
     start = 0
     if found is not None:
         start, snap = found

@@ -23,6 +23,7 @@ position's logits).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -57,13 +58,19 @@ def split_points(n: int, chunk: int) -> list[int]:
 
 
 def prompt_keys(ids: list[int], chunk: int) -> list[tuple[int, bytes]]:
-    """(split point, key) of each snapshot a prompt could load, deepest first; a key is the chunk
-    and the ids below its point."""
+    """(split point, key) of each snapshot a prompt could load, deepest first. A key is a digest
+    of the chunk and the ids below its point, all of a prompt's in one pass over its ids; a
+    snapshot found by one is used only if its own ids are the prompt's (`PromptCache.find`)."""
     points = [p for p in split_points(len(ids), chunk) if p >= MIN_CUT]
     if not points:
         return []
-    head, data = chunk.to_bytes(4, "little"), np.asarray(ids[: points[-1]], dtype=np.uint16).tobytes()
-    return [(p, head + data[: 2 * p]) for p in reversed(points)]
+    data = np.asarray(ids[: points[-1]], dtype=np.uint16).tobytes()
+    digest, keys, at = hashlib.blake2b(chunk.to_bytes(4, "little"), digest_size=16), [], 0
+    for p in points:
+        digest.update(data[2 * at : 2 * p])
+        keys.append((p, digest.copy().digest()))
+        at = p
+    return keys[::-1]
 
 
 def check_budget(mb: object) -> float:
@@ -113,13 +120,14 @@ class PromptCache:
     def _wants(self, key: bytes, size: int) -> bool:
         return key not in self._entries and size <= self.budget // 4
 
-    def find(self, keys: list[tuple[int, bytes]]) -> tuple[int, Snapshot] | None:
-        """The first of `keys` (prompt_keys, deepest first) with a snapshot: its point and the
-        snapshot (now the most recently used); one hit or one miss counted."""
+    def find(self, keys: list[tuple[int, bytes]], ids: list[int]) -> tuple[int, Snapshot] | None:
+        """The first of `keys` (prompt_keys of `ids`, deepest first) with a snapshot of those very
+        ids below its point: the point and the snapshot (now the most recently used); one hit or
+        one miss counted."""
         with self._lock:
             for point, key in keys:
                 snap = self._entries.get(key)
-                if snap is not None:
+                if snap is not None and np.array_equal(snap.host["tokens"], ids[:point]):
                     self._entries.move_to_end(key)
                     self.stats.hits += 1
                     self.stats.positions += point

@@ -42,6 +42,7 @@ def test_split_points_and_keys():
     assert [p for p, _ in keys] == [1088, 1024, 768, 512, 256]
     longer = dict(prompt_keys(ids + [7] * 40, 32))
     assert longer[1024] == dict(keys)[1024] and longer[512] == dict(keys)[512] and 1088 not in longer
+    assert dict(prompt_keys(ids[:511] + [7] + ids[512:], 32))[512] != dict(keys)[512]  # every id below the point
     assert prompt_keys(ids, 5)[0][1] != keys[0][1]  # the chunk is part of the key
     assert prompt_keys(list(range(MIN_CUT)), 1) == []  # no point at MIN_CUT or past it
 
@@ -129,11 +130,14 @@ def test_the_cache_keeps_within_its_budget_least_recently_used_first_out():
     cache = PromptCache(4.5 * size / 2**20)  # four of them
     for key in (b"a", b"b", b"c", b"d"):
         cache.put(key, snap)
-    assert cache.find([(9, b"z"), (1, b"a")]) == (1, snap)  # the first key kept; now the most recently used
+    ids, n = encode(LONG), snap.n
+    assert cache.find([(9, b"z"), (n, b"a")], ids) == (n, snap)  # the first key kept; now the most recently used
     cache.put(b"e", snap)
     assert [key in cache for key in (b"a", b"b", b"c", b"d", b"e")] == [True, False, True, True, True]
     assert (cache.stats.entries, cache.stats.evicted, cache.stats.bytes) == (4, 1, 4 * size)
-    assert cache.find([(9, b"z")]) is None and (cache.stats.hits, cache.stats.misses) == (1, 1)
+    assert cache.find([(9, b"z")], ids) is None and (cache.stats.hits, cache.stats.misses) == (1, 1)
+    # a key is a digest: a snapshot under it whose ids are not the prompt's is not used
+    assert cache.find([(n, b"c")], encode(OTHER)) is None and cache.stats.misses == 2
     small = PromptCache(3.9 * size / 2**20)
     small.put(b"a", snap)  # over a quarter of its budget
     assert b"a" not in small and small.stats.bytes == 0
