@@ -10,7 +10,9 @@ Two Generators on ort at their defaults but for prompt_cache_mb (64 MB and 0), s
   whether the three give the same bytes;
 - a conversation (5 conversations of 4 turns): turn 1 is 600 bytes of code, each next turn the
   last prompt, its 16-byte answer and 400 more bytes of code; per turn, time to the first byte
-  with snapshots and without, and the bytes.
+  with snapshots and without, and the bytes;
+- scoring: 5 contexts of 1,000 bytes, each with 4 continuations, prompt_logprobs 1 (an evaluation
+  harness's loglikelihood requests): seconds per request, and whether every score is the same.
 Then an AsyncEngine at its defaults (every lane, the router sending a prompt back to the lane that
 last took it): a 1,000-byte prompt sent 6 times one after another (a user's regenerate button:
 sampled, a seed each), first request against the others.
@@ -35,6 +37,7 @@ PER_LENGTH = 7
 MAX_BYTES = 16
 AGAIN = 6
 CONVERSATIONS, TURNS = 5, 4
+CONTINUATIONS = 4
 SOURCES = ("argparse.py", "email/message.py", "textwrap.py")
 
 
@@ -48,7 +51,7 @@ def measure(off, on, length: int) -> dict:
             out = g.generate(prompt, mode="ar", max_bytes=MAX_BYTES, stop_on_eos=False)
             ttfb[name].append(out.stats.ttfb_s)
             outs[name] = out
-        snap = on.engine.prompts.peek(prompt_keys(encode(prompt), on.engine.max_step)[0][1])  # at its cut
+        snap = on.engine.prompts.peek(prompt_keys(encode(prompt), on.engine.max_step)[0][1]).snap  # at its cut
         sizes.append(snap.nbytes())
         assert outs["again"].stats.prompt_cached > 0 and outs["new"].stats.prompt_cached == 0
         differ += not (outs["off"].bytes == outs["new"].bytes == outs["again"].bytes)
@@ -103,6 +106,27 @@ def conversation(off, on) -> list[dict]:
               f"on {r['ttfb_on'] * 1e3:.1f} ms, {r['loaded']:.0f} ids loaded; differ {r['differ']}",
               flush=True)  # fmt: skip
     return out
+
+
+def scoring(off, on) -> dict:
+    """An evaluation harness's loglikelihood requests: a 1,000-byte context scored with each of
+    CONTINUATIONS continuations (prompt_logprobs 1), per context; seconds per request, median over
+    5 contexts, with snapshots on and off, and whether every score is the same."""
+    contexts = code_snippets(5, SOURCES, (1000, 1001), seed=13, tail=4000)
+    conts = code_snippets(CONTINUATIONS, SOURCES, (20, 60), seed=17, tail=4000)
+    seconds: dict[str, list[float]] = {"off": [], "on": []}
+    differ = 0
+    for context in contexts:
+        for cont in conts:
+            outs = {}
+            for name, g in (("off", off), ("on", on)):
+                t0 = time.perf_counter()
+                outs[name] = g.generate(context + cont, mode="ar", max_bytes=1, prompt_logprobs=1)
+                seconds[name].append(time.perf_counter() - t0)
+            differ += outs["off"].prompt_top_logprobs != outs["on"].prompt_top_logprobs
+    r = {k: statistics.median(v) for k, v in seconds.items()} | {"differ": differ, "requests": len(seconds["on"])}
+    print(f"scoring: off {r['off'] * 1e3:.1f} ms, on {r['on'] * 1e3:.1f} ms per request; differ {differ}", flush=True)
+    return r
 
 
 async def regenerate(engine, prompt: str) -> list[dict]:
@@ -182,6 +206,13 @@ def render(r: dict) -> str:
             for c in r["conversation"]
         ],
         "",
+        f"**Scoring** (an evaluation harness's loglikelihood requests): 5 contexts of 1,000 bytes of stdlib "
+        f"code, each scored with {CONTINUATIONS} continuations of 20-60 bytes (`prompt_logprobs` 1, one byte "
+        f"out): {r['scoring']['off'] * 1e3:.1f} ms per request with snapshots off, {r['scoring']['on'] * 1e3:.1f} "
+        f"ms on ({r['scoring']['off'] / r['scoring']['on']:.1f}x; medians; a context's first request commits "
+        f"it and keeps its scores, the others load them at the 256-multiple below the context's end); "
+        f"{r['scoring']['differ']} of {r['scoring']['requests']} requests' scores differ.",
+        "",
         f"**Through an AsyncEngine** at its defaults ({s['lanes']} lane(s)): a 1,000-byte prompt sent {AGAIN} "
         f"times one after another, sampled (temperature 0.8, seeds 0..{AGAIN - 1}): first byte "
         f"{s['ttfb_first'] * 1e3:.1f} ms for the first request, {s['ttfb_again'] * 1e3:.1f} ms (median) for "
@@ -213,6 +244,7 @@ def main() -> None:
         g.generate(warm[::-1], mode="ar", max_bytes=MAX_BYTES)
     r = {"meta": machine_meta(), "rows": [measure(off, on, length) for length in LENGTHS]}
     r["conversation"] = conversation(off, on)
+    r["scoring"] = scoring(off, on)
     on.close()
     r["serve"] = serve_like(off)
     save("prompt_cache", r, render, plot)

@@ -33,7 +33,7 @@ from fastblt.model.config import EOS_ID
 from fastblt.runtime.calls import Plan
 from fastblt.runtime.lookup import continuation
 from fastblt.runtime.options import DecodeOptions, draft_length
-from fastblt.runtime.prompt_cache import PromptCache, prompt_keys, split_points
+from fastblt.runtime.prompt_cache import Kept, PromptCache, PromptScores, prompt_keys, split_points
 from fastblt.runtime.sampling import (
     Rng,
     SamplingParams,
@@ -106,26 +106,33 @@ def generate(run: Run, ids: list[int], chunk: int, prompts: PromptCache | None =
     the mode's loop until `run.out` is done.
 
     The prompt is committed in parts split at its split points (prompt_cache.py). With `prompts`,
-    it starts from the deepest point a snapshot is kept at, and keeps snapshots at its own two
-    deepest points (its cut, and the stride point below it)."""
-    st = run.state
+    it starts from the deepest point a snapshot is kept at (one carrying the prompt's scores when
+    it scores its prompt), and keeps snapshots at its own two deepest points (its cut, and the
+    stride point below it)."""
+    st, out = run.state, run.out
     run.prefill["t_start"] = time.perf_counter()
-    scoring = run.out.prompt_logprobs is not None
-    keys = prompt_keys(ids, chunk) if prompts is not None and prompts.budget and not scoring else []
-    found = prompts.find(keys, ids) if keys else None
+    top_n = out.prompt_top_n  # None: the prompt is not scored
+    keys = prompt_keys(ids, chunk) if prompts is not None and prompts.budget else []
+    found = prompts.find(keys, ids, top_n) if keys else None
     start = 0
     if found is not None:
-        start, snap = found
-        st.load(snap)
+        start, kept = found
+        st.load(kept.snap)
+        if top_n is not None:
+            logprobs, tops = kept.scores.lists(top_n)
+            out.prompt_logprobs += logprobs
+            out.prompt_top_logprobs += tops
         run.prefill["cached"] = start
-    keep = dict(keys[:2])
+    keep, rank = dict(keys[:2]), -1 if top_n is None else top_n
     for point in split_points(len(ids), chunk):
         if point > start:
-            yield from prefill(st, ids, chunk, run.out, start, point)
+            yield from prefill(st, ids, chunk, out, start, point)
             start = point
-            if point in keep and prompts.wants(keep[point], st.saved_bytes()):
-                prompts.put(keep[point], st.save())
-    logits = yield from prefill(st, ids, chunk, run.out, start)
+            size = st.saved_bytes() + (0 if top_n is None else PromptScores.size(point, top_n))
+            if point in keep and prompts.wants(keep[point], size, rank):
+                scores = None if top_n is None else PromptScores.of(out.prompt_logprobs, out.prompt_top_logprobs, top_n)
+                prompts.put(keep[point], Kept(st.save(), scores))
+    logits = yield from prefill(st, ids, chunk, out, start)
     yield from resume(run, logits)
 
 

@@ -16,9 +16,10 @@ shares the ids below that point but not the cut). They are kept least recently u
 within a budget in bytes; each holds a row of the ring caches (~1.5 MB for the default
 checkpoint), the global cache up to its point (~10 KB per patch) and the byte states, in buffers
 of its own. Not kept: points below MIN_CUT positions (their prefill costs little more than a
-snapshot), snapshots over a quarter of the budget (one long prompt would push out several; ~4 KB
-of code at the default 64 MB), and requests that score their prompt (prompt_logprobs needs every
-position's logits).
+snapshot) and snapshots over a quarter of the budget (one long prompt would push out several;
+~4 KB of code at the default 64 MB). A request that scores its prompt (prompt_logprobs: every
+position's scores) keeps them with its snapshots and loads only snapshots that carry them, with at
+least its number of top ids; a snapshot with more replaces one kept with fewer or none.
 """
 
 from __future__ import annotations
@@ -93,60 +94,116 @@ class CacheStats:
     positions: int = 0  # prompt positions loaded instead of committed, over all hits
 
 
+@dataclass
+class PromptScores:
+    """The scores of a snapshot's prompt ids after BOS (Output.score_prompt's, from the rows that
+    committed them), each with its `top_n` most likely ids: a request scoring its prompt with as
+    many or fewer takes them, cut to its own (their order is the ranking's)."""
+
+    logprobs: np.ndarray  # (n,) float64
+    top_ids: np.ndarray  # (n, top_n) int32
+    top_logprobs: np.ndarray  # (n, top_n) float64
+
+    @property
+    def top_n(self) -> int:
+        return self.top_ids.shape[1]
+
+    @staticmethod
+    def size(n: int, top_n: int) -> int:
+        return n * (8 + 12 * top_n)
+
+    @classmethod
+    def of(cls, logprobs: list[float], tops: list[dict[int, float]], top_n: int) -> PromptScores:
+        shape = (len(tops), top_n)
+        return cls(np.asarray(logprobs, dtype=np.float64),
+                   np.asarray([list(t) for t in tops], dtype=np.int32).reshape(shape),
+                   np.asarray([list(t.values()) for t in tops], dtype=np.float64).reshape(shape))  # fmt: skip
+
+    def lists(self, top_n: int) -> tuple[list[float], list[dict[int, float]]]:
+        """(logprobs, top logprobs) as Output holds them, each top cut to `top_n`."""
+        ids, lps = self.top_ids[:, :top_n].tolist(), self.top_logprobs[:, :top_n].tolist()
+        return self.logprobs.tolist(), [dict(zip(i, lp, strict=True)) for i, lp in zip(ids, lps, strict=True)]
+
+
+@dataclass
+class Kept:
+    """A snapshot and, when the request that took it scored its prompt, those scores."""
+
+    snap: Snapshot
+    scores: PromptScores | None = None
+
+    @property
+    def rank(self) -> int:
+        """Which requests it serves: -1 those that do not score their prompt, else those scoring
+        it with at most `rank` top ids."""
+        return -1 if self.scores is None else self.scores.top_n
+
+    def nbytes(self) -> int:
+        scores = self.scores
+        return self.snap.nbytes() + (0 if scores is None else PromptScores.size(len(scores.logprobs), scores.top_n))
+
+
 class PromptCache:
     """Snapshots by key (prompt_keys), within `budget_mb`; thread-safe."""
 
     def __init__(self, budget_mb: float = DEFAULT_MB):
         self.budget = int(check_budget(budget_mb) * 2**20)
         self.stats = CacheStats()
-        self._entries: OrderedDict[bytes, Snapshot] = OrderedDict()
+        self._entries: OrderedDict[bytes, Kept] = OrderedDict()
         self._lock = threading.Lock()
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
             return key in self._entries
 
-    def peek(self, key: bytes) -> Snapshot | None:
-        """The snapshot under `key`, if any, as it is: no hit or miss counted, its place unchanged."""
+    def peek(self, key: bytes) -> Kept | None:
+        """What is kept under `key`, if anything, as it is: no hit or miss counted, its place unchanged."""
         with self._lock:
             return self._entries.get(key)
 
-    def wants(self, key: bytes, size: int) -> bool:
-        """Whether a snapshot of `size` bytes under `key` would be kept (none is yet, and it is at
-        most a quarter of the budget): asked before a snapshot is taken."""
+    def wants(self, key: bytes, size: int, rank: int = -1) -> bool:
+        """Whether a snapshot of `size` bytes serving `rank` (Kept.rank) under `key` would be kept:
+        none serving as much is kept there yet, and it is at most a quarter of the budget. Asked
+        before a snapshot is taken."""
         with self._lock:
-            return self._wants(key, size)
+            return self._wants(key, size, rank)
 
-    def _wants(self, key: bytes, size: int) -> bool:
-        return key not in self._entries and size <= self.budget // 4
+    def _wants(self, key: bytes, size: int, rank: int) -> bool:
+        old = self._entries.get(key)
+        return (old is None or old.rank < rank) and size <= self.budget // 4
 
-    def find(self, keys: list[tuple[int, bytes]], ids: list[int]) -> tuple[int, Snapshot] | None:
+    def find(self, keys: list[tuple[int, bytes]], ids: list[int], top_n: int | None = None) -> tuple[int, Kept] | None:
         """The first of `keys` (prompt_keys of `ids`, deepest first) with a snapshot of those very
-        ids below its point: the point and the snapshot (now the most recently used); one hit or
-        one miss counted."""
+        ids below its point, carrying the prompt's scores with at least `top_n` top ids when
+        `top_n` is given: the point and what is kept (now the most recently used); one hit or one
+        miss counted."""
         with self._lock:
             for point, key in keys:
-                snap = self._entries.get(key)
-                if snap is not None and np.array_equal(snap.host["tokens"], ids[:point]):
+                kept = self._entries.get(key)
+                if kept is None or (top_n is not None and kept.rank < top_n):
+                    continue
+                if np.array_equal(kept.snap.host["tokens"], ids[:point]):
                     self._entries.move_to_end(key)
                     self.stats.hits += 1
                     self.stats.positions += point
-                    return point, snap
+                    return point, kept
             self.stats.misses += 1
             return None
 
-    def put(self, key: bytes, snap: Snapshot) -> None:
-        """Keep `snap` under `key` (unless `wants` says no), letting the least recently used go
-        until it fits the budget."""
-        size = snap.nbytes()
+    def put(self, key: bytes, kept: Kept) -> None:
+        """Keep `kept` under `key` (unless `wants` says no; it replaces one serving less), letting the
+        least recently used go until it fits the budget."""
+        size = kept.nbytes()
         with self._lock:
-            if not self._wants(key, size):
+            if not self._wants(key, size, kept.rank):
                 return
-            while self.stats.bytes + size > self.budget:
-                _, old = self._entries.popitem(last=False)
-                self.stats.bytes -= old.nbytes()
+            old = self._entries.pop(key, None)
+            self.stats.bytes -= 0 if old is None else old.nbytes()
+            while self._entries and self.stats.bytes + size > self.budget:
+                _, evicted = self._entries.popitem(last=False)
+                self.stats.bytes -= evicted.nbytes()
                 self.stats.evicted += 1
-            self._entries[key] = snap
+            self._entries[key] = kept
             self.stats.bytes += size
             self.stats.stored += 1
             self.stats.entries = len(self._entries)

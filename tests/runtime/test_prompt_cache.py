@@ -14,7 +14,7 @@ from fastblt.model.tokenizer import encode
 from fastblt.runtime.batch import BatchEngine
 from fastblt.runtime.generator import Generator
 from fastblt.runtime.options import make_request
-from fastblt.runtime.prompt_cache import MIN_CUT, PromptCache, cut, prompt_keys, split_points
+from fastblt.runtime.prompt_cache import MIN_CUT, Kept, PromptCache, cut, prompt_keys, split_points
 
 MODES = ("ar", "blt-s", "blt-d", "blt-dv")
 TEXT = ((PROMPTS[5] + PROMPTS[3] + PROMPTS[0]) * 12).encode()
@@ -70,22 +70,49 @@ def test_a_prompt_committed_before_is_loaded_and_computes_the_same(mode):
 
 
 def test_what_misses_and_what_is_not_kept():
-    """Other ids below every split point, another prefill chunk, or prompt scoring: the prompt is
-    committed in full; a request keeps snapshots at its two deepest points (none when it scores its
-    prompt, none below MIN_CUT)."""
+    """Other ids below every split point or another prefill chunk: the prompt is committed in full;
+    a request keeps snapshots at its two deepest points (none below MIN_CUT)."""
     g = cached_generator()
     g.engine.prompts.clear()
     stats = g.engine.prompts.stats
     stored, hits = stats.stored, stats.hits
     g.generate(LONG, mode="ar", max_bytes=4)
     assert (stats.stored, stats.hits) == (stored + 2, hits)
-    for prompt, options in ((OTHER, {}), (LONG, {"prefill_chunk": 5}), (LONG, {"prompt_logprobs": 1})):
+    for prompt, options in ((OTHER, {}), (LONG, {"prefill_chunk": 5})):
         out = g.generate(prompt, mode="ar", max_bytes=4, **options)
         assert out.stats.prompt_cached == 0
         assert out.ids == plain_generator().generate(prompt, mode="ar", max_bytes=4, **options).ids
-    assert (stats.stored, stats.hits) == (stored + 6, hits)  # OTHER's, the 5-byte chunks'; not the scored one's
+    assert (stats.stored, stats.hits) == (stored + 6, hits)
     g.generate(b"x" * (MIN_CUT - 40), mode="ar", max_bytes=4)
     assert stats.stored == stored + 6
+
+
+def test_a_scored_prompt_loads_only_snapshots_with_its_scores():
+    """A request scoring its prompt (prompt_logprobs N) loads a snapshot only if it carries the
+    prompt's scores with at least N top ids, then has every score, to the bit, that committing
+    the prompt gives it; one that finds none commits it and keeps snapshots with its scores,
+    replacing those with fewer. Requests that do not score load either kind."""
+    plain, g = plain_generator(), cached_generator()
+    g.engine.prompts.clear()
+    stats = g.engine.prompts.stats
+    hits = stats.hits
+    q = cut(len(NEXT) + 1, g.engine.max_step)
+    calls = [  # (prompt, prompt_logprobs, prompt ids loaded)
+        (LONG, None, 0),  # keeps snapshots without scores
+        (LONG, 2, 0),  # they do not serve it: commits, keeps snapshots with 2 top ids in their place
+        (LONG, None, 672),  # a request that does not score loads a scored one
+        (LONG[:-1] + b"?", 1, 672),  # fewer top ids: loads them, cut to 1
+        (LONG, 3, 0),  # more top ids than kept: commits, keeps snapshots with 3
+        (NEXT, 3, 512),  # the next turn, scored: the stride point's snapshot and its scores
+        (NEXT, 0, q),  # its own cut's now
+    ]
+    for prompt, n, loaded in calls:
+        options = {"max_bytes": 8, "stop_on_eos": False} | ({} if n is None else {"prompt_logprobs": n})
+        want, out = plain.generate(prompt, mode="ar", **options), g.generate(prompt, mode="ar", **options)
+        assert out.stats.prompt_cached == loaded, (prompt[-8:], n)
+        assert out.ids == want.ids
+        assert out.prompt_logprobs == want.prompt_logprobs and out.prompt_top_logprobs == want.prompt_top_logprobs
+    assert stats.hits == hits + 4
 
 
 def test_a_loaded_snapshot_is_the_saved_sequence():
@@ -126,20 +153,20 @@ def test_the_cache_keeps_within_its_budget_least_recently_used_first_out():
         assert st.saved_bytes() == snap.nbytes()  # what the cache asks before it takes one
     finally:
         g.engine.release(st)
-    size = snap.nbytes()
+    size, kept = snap.nbytes(), Kept(snap)
     cache = PromptCache(4.5 * size / 2**20)  # four of them
     for key in (b"a", b"b", b"c", b"d"):
-        cache.put(key, snap)
+        cache.put(key, kept)
     ids, n = encode(LONG), snap.n
-    assert cache.find([(9, b"z"), (n, b"a")], ids) == (n, snap)  # the first key kept; now the most recently used
-    cache.put(b"e", snap)
+    assert cache.find([(9, b"z"), (n, b"a")], ids) == (n, kept)  # the first key kept; now the most recently used
+    cache.put(b"e", kept)
     assert [key in cache for key in (b"a", b"b", b"c", b"d", b"e")] == [True, False, True, True, True]
     assert (cache.stats.entries, cache.stats.evicted, cache.stats.bytes) == (4, 1, 4 * size)
     assert cache.find([(9, b"z")], ids) is None and (cache.stats.hits, cache.stats.misses) == (1, 1)
     # a key is a digest: a snapshot under it whose ids are not the prompt's is not used
     assert cache.find([(n, b"c")], encode(OTHER)) is None and cache.stats.misses == 2
     small = PromptCache(3.9 * size / 2**20)
-    small.put(b"a", snap)  # over a quarter of its budget
+    small.put(b"a", kept)  # over a quarter of its budget
     assert b"a" not in small and small.stats.bytes == 0
 
 

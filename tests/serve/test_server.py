@@ -185,6 +185,23 @@ def test_a_prompt_sent_again_loads_its_snapshot(server, reference):
     assert _metric(server, "fastblt_prompt_cache_bytes") > 0
 
 
+def test_scoring_requests_of_one_context_load_its_scored_snapshot(server, reference):
+    """Evaluation harnesses score a context with each of several continuations (echo + logprobs +
+    max_tokens 0): the later ones load the context's snapshot with its scores, count those bytes
+    as cached, and score every byte as the first request and a Generator alone do."""
+    import difflib
+
+    context = Path(difflib.__file__).read_text()[5000:5700]
+    opts = dict(model=MODEL, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    prompts = [context + "a = 1\n", context + "bb = 2\n", context + "a = 1\n"]  # 707 and 708 ids: cut at 704
+    rs = [client(server).completions.create(prompt=p, **opts) for p in prompts]
+    # the second shares the context's ids below 512 (its stride point), the third the first's below 704
+    assert [r.usage.prompt_tokens_details.cached_tokens for r in rs] == [0, 511, 703]
+    assert rs[2].choices[0].logprobs == rs[0].choices[0].logprobs  # loaded, to the bit
+    want = reference.generate(prompts[1], mode="ar", max_bytes=1, prompt_logprobs=2).prompt_logprobs
+    assert max(abs(a - b) for a, b in zip(rs[1].choices[0].logprobs.token_logprobs, want, strict=True)) < 1e-4
+
+
 def test_n_choices_are_each_their_own_seeded_request(server, reference):
     """n sampled choices: choice i is the request with seed + i, streamed or not, each with its
     index and finish reason; usage counts every choice. Greedy choices are one generation's."""
