@@ -41,7 +41,7 @@ MIN_CUT = 128  # positions below which no snapshot is kept
 STRIDE = 256  # positions between a prompt's fixed split points (rounded up to whole chunks): splitting
 # prompts of 1,000 to 8,000 bytes at every 512, 256 or 128 positions changed their commit time by less than
 # the noise; the next turn of a conversation recommits on average half a stride of the last prompt
-DEFAULT_MB = 64  # per engine (per lane): ~14 snapshots of 1,000-byte prompts on the default checkpoint
+DEFAULT_MB = 64  # per engine (per lane): ~16 snapshots of 1,000-byte prompts (two a prompt) on the default
 
 
 def cut(n: int, chunk: int) -> int:

@@ -33,7 +33,7 @@ def cached_generator() -> Generator:
 
 def test_split_points_and_keys():
     """A prompt is split at every multiple of the stride (256, in whole chunks) below its cut, the
-    last chunk boundary before its end; keys (deepest first) are the ids below a point."""
+    last chunk boundary before its end; keys (deepest first) are digests of the ids below a point."""
     assert [cut(n, 32) for n in (1, 32, 33, 64, 65, 200)] == [0, 0, 32, 32, 64, 192]
     assert [split_points(n, 32) for n in (1, 33, 257, 300, 600)] == [[], [32], [256], [256, 288], [256, 512, 576]]
     assert split_points(600, 5) == [260, 520, 595]  # the stride in whole chunks
