@@ -125,3 +125,24 @@ def test_a_missing_cuda_device_exits_3_as_an_unavailable_backend(monkeypatch, ca
 
     code, _, err = run_cli(["generate", "--prompt", "x", "--backend", "torch", "--device", "cuda"], monkeypatch, capsys)
     assert code == 3 and "CUDA is not available here" in err
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_prompt_snapshots_on_cuda_stay_on_the_gpu_and_compute_the_same(mode):
+    """A snapshot of a sequence on the GPU is kept in GPU memory, and a prompt sent again loads it
+    there and generates what a GPU Generator without snapshots does."""
+    from fastblt.model.tokenizer import encode
+    from fastblt.runtime.prompt_cache import prompt_keys
+
+    model = tiny_model()
+    plain = Generator(model, backend="torch", max_context=1024, device="cuda", prompt_cache_mb=0)
+    cached = Generator(model, backend="torch", max_context=1024, device="cuda")
+    prompt = (PROMPTS[5] * 4).encode()  # kept at 256 and at its cut
+    for _ in range(2):
+        got = cached.generate(prompt, mode=mode, max_bytes=24, stop_on_eos=False)
+        assert got.ids == plain.generate(prompt, mode=mode, max_bytes=24, stop_on_eos=False).ids
+    assert got.stats.prompt_cached > 0
+    kept = cached.engine.prompts.peek(prompt_keys(encode(prompt), cached.engine.max_step)[0][1])
+    assert {t.device.type for t in [*kept.snap.rows, kept.snap.h]} == {"cuda"}
