@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from fastblt.cli.common import Positive
 from fastblt.engines.trt.build import DEFAULT_WORKSPACE_GB
 
 
@@ -34,7 +35,8 @@ def _progress(event: str, step: str, i: int, total: int, rec) -> None:
 @click.option("--engines", type=click.Path(path_type=Path, file_okay=False), help="[default: ARTIFACTS/engines]")
 @click.option("--profile", "profile_text", default=None, help="Phase sizes: prefill=512,decode=1,verify=17,block=8.")
 @click.option("--max-batch", type=int, default=1, show_default=True, help="Largest batch the engines take.")
-@click.option("--workspace", type=float, default=DEFAULT_WORKSPACE_GB, show_default=True, help="Builder workspace, GB.")
+@click.option("--workspace", type=Positive(), default=DEFAULT_WORKSPACE_GB, show_default=True,
+              help="Builder workspace, GB.")  # fmt: skip
 @click.option("--timing-cache", type=click.Path(path_type=Path, dir_okay=False), help="[default: ENGINES/timing.cache]")
 @click.option("--opt-level", type=int, default=None, help="Builder optimization level 0-5 [default: TensorRT's, 3].")
 @click.option("--force", is_flag=True, help="Rebuild engines whose cache key matches.")

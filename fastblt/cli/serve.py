@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from fastblt.cli.common import Positive
 from fastblt.engines.registry import BACKENDS
 from fastblt.runtime.options import MODES
 from fastblt.runtime.prompt_cache import DEFAULT_MB
@@ -50,12 +51,12 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
               "global model's position limit, 16,384 for the default].")  # fmt: skip
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads of the backend (of each lane).")  # fmt: skip
-@click.option("--prompt-cache-mb", type=click.FloatRange(0), default=DEFAULT_MB, show_default=True,
+@click.option("--prompt-cache-mb", type=Positive(minimum=0.0), default=DEFAULT_MB, show_default=True,
               help="Memory per lane for snapshots of committed prompts: a request whose prompt begins with one "
               "seen before (the same prompt, a conversation's next turn) loads it instead of committing it "
               "again, with the same bytes (0: off).")  # fmt: skip
 @click.option("--device", default=None, help="torch/trt: where to compute (cpu, cuda, cuda:1).")
-@click.option("--graceful-timeout", type=float, default=60.0, show_default=True,
+@click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds to let requests in flight finish.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)  # fmt: skip
@@ -65,10 +66,10 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
 @click.option("--min-replicas", type=click.IntRange(0), default=None,
               help="--ray: autoscale from this many replicas [default: 1] ...")  # fmt: skip
 @click.option("--max-replicas", type=click.IntRange(1), default=None, help="--ray: ... up to this many.")
-@click.option("--target-ongoing-requests", type=click.FloatRange(0, min_open=True), default=None,
+@click.option("--target-ongoing-requests", type=Positive(), default=None,
               help="--ray, autoscaling: requests per replica to scale to [default: --max-batch].")  # fmt: skip
-@click.option("--num-cpus", type=click.FloatRange(0), default=None, help="--ray: CPUs per replica [default: 1].")
-@click.option("--num-gpus", type=click.FloatRange(0), default=None, help="--ray: GPUs per replica [default: 0].")
+@click.option("--num-cpus", type=Positive(minimum=0.0), default=None, help="--ray: CPUs per replica [default: 1].")
+@click.option("--num-gpus", type=Positive(minimum=0.0), default=None, help="--ray: GPUs per replica [default: 0].")
 @click.option("--print-config", is_flag=True,
               help="--ray: write the equivalent Serve config (YAML, for `serve deploy`) and exit.")  # fmt: skip
 def serve(

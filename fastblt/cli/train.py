@@ -35,21 +35,21 @@ from fastblt.cli.common import Positive
 @click.option("--seed", type=int, default=1234, show_default=True)
 @click.option(
     "--mask-weight",
-    type=click.FloatRange(min=0.0),
+    type=Positive(minimum=0.0),
     default=None,
     help="Weight of the block-diffusion loss against next-byte loss [default: 0.3, train.DEFAULT_MASK_WEIGHT; "
     "the paper: 1].",
 )
 @click.option(
     "--lr",
-    type=click.FloatRange(min=0.0, min_open=True),
+    type=Positive(),
     default=None,
     help="Peak learning rate of the BLT-D phase [default: 6e-3, train.DEFAULT_LR; "
     "benchmarks/train_variants.py compares recipes].",
 )
 @click.option(
     "--baseline-lr",
-    type=click.FloatRange(min=0.0, min_open=True),
+    type=Positive(),
     default=None,
     help="Peak learning rate of the baseline phase [default: 3e-3, train.DEFAULT_BASELINE_LR].",
 )

@@ -95,6 +95,10 @@ def test_print_config_autoscales_and_keeps_the_key_out(monkeypatch, capsys):
         (["--ray", "--ray-address", "10.0.0.1:6379", "--print-config"], "starts nothing"),
         (["--ray", "--replicas", "0"], "--replicas"),
         (["--ray", "--num-cpus", "-1"], "--num-cpus"),
+        (["--ray", "--num-gpus", "nan"], "--num-gpus"),  # click's FloatRange lets NaN through
+        (["--graceful-timeout", "nan"], "--graceful-timeout"),  # uvicorn fails with a traceback once it serves
+        (["--graceful-timeout", "-1"], "--graceful-timeout"),
+        (["--prompt-cache-mb", "inf"], "--prompt-cache-mb"),
     ],
 )
 def test_ray_options_are_checked_together(args, message, monkeypatch, capsys):

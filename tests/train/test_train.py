@@ -376,9 +376,11 @@ def test_baseline_lr_sets_only_the_baseline_and_is_recorded(tmp_path):
     torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "baseline" / "result.json").read_text())["phase"]["lr"] == 0.011
-    for flag in ("--lr", "--baseline-lr", "--threads"):
-        bad = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path), flag, "0"])
-        assert bad.exit_code == 2 and flag in bad.output
+    for flag, value in (("--lr", "0"), ("--baseline-lr", "0"), ("--threads", "0"), ("--lr", "nan"),
+                        ("--baseline-lr", "inf"), ("--mask-weight", "nan"), ("--mask-weight", "-1")):  # fmt: skip
+        bad = CliRunner().invoke(train, ["--smoke", "--out", str(tmp_path / "bad"), flag, value])
+        assert bad.exit_code == 2 and flag in bad.output, (flag, value)
+    assert not (tmp_path / "bad").exists()  # refused before anything ran
 
 
 def test_with_tests_is_recorded_and_every_later_phase_must_agree(tmp_path):

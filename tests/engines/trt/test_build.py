@@ -174,6 +174,9 @@ def test_cli_dry_run_and_unavailable_exit_code(export, monkeypatch, capsys):
     assert "error: backend trt: unavailable here: tensorrt is not installed" in err
     code, _, err = run_cli(monkeypatch, capsys, "build", "--artifacts", str(art), "--profile", "prefill=999")
     assert code == 2 and "exceeds the export's max new positions" in err
+    for workspace in ("nan", "0", "-2"):  # click's FloatRange would let NaN through
+        code, _, err = run_cli(monkeypatch, capsys, "build", "--artifacts", str(art), "--workspace", workspace)
+        assert code == 2 and "--workspace" in err
 
 
 def test_cli_builds_and_reports_progress(export, monkeypatch, capsys):
