@@ -94,8 +94,7 @@ def prefill(
 
     def score(rows: np.ndarray) -> None:  # row j predicts ids[j + 1]; the last predicts the output
         nonlocal done
-        for row, t in zip(rows, ids[done + 1 :], strict=False):
-            out.score_prompt(t, row)
+        out.score_prompt(ids[done + 1 : done + 1 + len(rows)], rows)
         done += len(rows)
 
     return (yield from state.prefill(ids[lo:hi], chunk, score))

@@ -64,11 +64,11 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def log_probs(logits: np.ndarray) -> np.ndarray:
-    """(V,) logits -> (V,) float64 log-probabilities of the model's own distribution (no
+    """(..., V) logits -> (..., V) float64 log-probabilities of the model's own distribution (no
     temperature, top-k or top-p: what a score means is the model's, whatever the sampler did)."""
     x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max()
-    return x - np.log(np.exp(x).sum())
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def probs_from_logits(logits: Tensor | np.ndarray, params: SamplingParams) -> np.ndarray:

@@ -69,9 +69,16 @@ class Output:
                 return self._finish("max_bytes")
         return self.done
 
-    def score_prompt(self, t: int, logits: np.ndarray) -> None:
-        """The next prompt id `t`, scored under the logits of the position before it."""
-        _score(t, logits, self.prompt_top_n, self.prompt_logprobs, self.prompt_top_logprobs)
+    def score_prompt(self, ids: list[int], rows: np.ndarray) -> None:
+        """The next prompt ids, each scored under its row of logits (the position before it; rows
+        past the last id are not read): a prefill chunk's rows at once, in numpy calls per chunk
+        rather than per row (~28 us a row alone)."""
+        rows = np.asarray(rows)[: len(ids)]
+        lp = log_probs(rows)  # (S, V)
+        top = np.argsort(-lp, axis=-1, kind="stable")[:, : self.prompt_top_n]  # ties: the lower id first
+        values = np.take_along_axis(lp, top, axis=-1).tolist()
+        self.prompt_logprobs += lp[np.arange(len(rows)), ids[: len(rows)]].tolist()
+        self.prompt_top_logprobs += [dict(zip(i, v, strict=True)) for i, v in zip(top.tolist(), values, strict=True)]
 
     def new_scores(self, upto: int) -> Scores:
         """The scores of the ids up to data byte `upto` (exclusive) not handed out before: a

@@ -165,3 +165,19 @@ def test_a_streams_first_chunk_leads_with_the_prompts_scores():
         assert len(parts[0][0]) > n  # the prompt's entries and the first chunk's own
     finally:
         eng.close(30)
+
+
+def test_a_chunks_prompt_scores_rank_ties_by_id_and_skip_the_row_past_the_prompt():
+    """A prefill chunk's rows are scored at once: each id under its own row, top ids most likely
+    first with ties broken by the lower id, and a row with no prompt id after it (the last one,
+    which predicts the output) not scored."""
+    from fastblt.runtime.stream import Output
+
+    out = Output(8, prompt_top_logprobs=3)
+    rows = np.zeros((3, 260), dtype=np.float32)
+    rows[1, 200] = rows[1, 7] = 5.0  # a tie between 7 and 200 above the rest
+    out.score_prompt([9, 200], rows)
+    assert len(out.prompt_logprobs) == 2
+    assert out.prompt_logprobs[0] == pytest.approx(-np.log(260.0), rel=1e-12)  # every logit equal: each id 1/260
+    assert list(out.prompt_top_logprobs[0]) == [0, 1, 2] and list(out.prompt_top_logprobs[1]) == [7, 200, 0]
+    assert out.prompt_logprobs[1] == out.prompt_top_logprobs[1][200] == out.prompt_top_logprobs[1][7]
