@@ -127,8 +127,10 @@ def generate(run: Run, ids: list[int], chunk: int, prompts: PromptCache | None =
         if point > start:
             yield from prefill(st, ids, chunk, out, start, point)
             start = point
+            if point not in keep:
+                continue
             size = st.saved_bytes() + (0 if top_n is None else PromptScores.size(point, top_n))
-            if point in keep and prompts.wants(keep[point], size, rank):
+            if prompts.wants(keep[point], size, rank):
                 scores = None if top_n is None else PromptScores.of(out.prompt_logprobs, out.prompt_top_logprobs, top_n)
                 prompts.put(keep[point], Kept(st.save(), scores))
     logits = yield from prefill(st, ids, chunk, out, start)

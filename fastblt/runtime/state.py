@@ -460,13 +460,8 @@ class SequenceState:
         self.rows.move(src.row, self.row)
         for name, cache in self.linear.items():
             cache.copy_from(src.linear[name], src.free_slot())
-        self.host = HostArrays(len(src.host.tokens))
-        for name in ("tokens", "entropies", "closes", "closed", "patch_len"):
-            getattr(self.host, name)[:] = getattr(src.host, name)
-        self._room(src.written)
-        self._h[: src.written] = src._h[: src.written]
-        self.n, self.g_len, self.written = src.n, src.g_len, src.written
-        self._forced_at, self._global_end = src._forced_at, src._global_end
+        host = {name: getattr(src.host, name) for name in ("tokens", "entropies", "closes", "closed", "patch_len")}
+        self._adopt(host, src._h[: src.written], src.n, src.g_len, src.written, src._forced_at, src._global_end)
 
     def save(self) -> Snapshot:
         """This sequence at its frontier, in buffers of its own (a prompt snapshot: prompt_cache.py).
@@ -494,17 +489,22 @@ class SequenceState:
     def load(self, snap: Snapshot) -> None:
         """Become the sequence `save` took (on a backend of the same specs): what continuing from
         there computes is what the saved sequence would have computed."""
-        n = snap.n
         self.rows.load_row(self.row, snap.rows)
         for name, cache in self.linear.items():
             cache.copy_from(snap.linear[name], snap.g_len)
-        self.host = HostArrays(max(1024, n + 1))
-        for name, saved in snap.host.items():
-            getattr(self.host, name)[: len(saved)] = saved
-        self._room(n)
-        self._h[:n] = snap.h.numpy() if self.numpy else snap.h
-        self.n, self.g_len, self.written = n, snap.g_len, n
-        self._forced_at, self._global_end = None, 0
+        self._adopt(snap.host, snap.h.numpy() if self.numpy else snap.h, snap.n, snap.g_len, snap.n)
+
+    def _adopt(self, host: dict[str, np.ndarray], h: np.ndarray | torch.Tensor, n: int, g_len: int, written: int,
+               forced_at: int | None = None, global_end: int = 0) -> None:  # fmt: skip
+        """Take another sequence's bookkeeping arrays (from position 0), byte states below `written`
+        and frontiers (copy_from, load)."""
+        self.host = HostArrays(max(1024, len(host["tokens"]) + 1))
+        for name, arr in host.items():
+            getattr(self.host, name)[: len(arr)] = arr
+        self._room(written)
+        self._h[:written] = h
+        self.n, self.g_len, self.written = n, g_len, written
+        self._forced_at, self._global_end = forced_at, global_end
 
     def free_slot(self) -> int:
         """The first global-cache slot this sequence does not read: a padding row of a batched global
