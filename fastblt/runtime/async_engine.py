@@ -46,6 +46,7 @@ from fastblt.runtime.generator import Generation, Generator
 from fastblt.runtime.lane_process import CANCEL_GRACE, ProcessLane, start_zygote
 from fastblt.runtime.options import Request, checked
 from fastblt.runtime.prompt_cache import prompt_keys
+from fastblt.runtime.prompt_share import remove_dir, share_dir
 from fastblt.runtime.stream import Scores
 from fastblt.runtime.wakeups import wake
 from fastblt.runtime.zygote import Zygote
@@ -66,6 +67,9 @@ class AsyncEngine:
             Needs a backend given by name and a checkpoint given by name or path.
         cores: the cores the lanes share (None: those this process may use, `machine.cpu_cores`);
             e.g. what a scheduler reserved for it without pinning it.
+        share_prompts: worker lanes on the host load each other's prompt snapshots, through files
+            in /dev/shm (prompt_share.py; without /dev/shm each lane keeps its own). False: each
+            lane finds only the snapshots it took itself.
         load: Generator's other keyword arguments (artifacts, threads, cache_dir, device,
             cuda_graphs, on_export, prompt_cache_mb: per lane); loading happens here, once per
             lane (the model once). With `threads` None on ort, each lane's per-byte steps run on
@@ -82,6 +86,7 @@ class AsyncEngine:
         lanes: int | None = None,
         processes: bool | None = None,
         cores: int | None = None,
+        share_prompts: bool = True,
         **load: Any,
     ):
         if lanes is not None and (not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1):
@@ -92,6 +97,8 @@ class AsyncEngine:
             raise InputError(f"cores: expected an int >= 1, got {cores!r}")
         if processes is not None and not isinstance(processes, bool):
             raise InputError(f"processes: expected True, False or None, got {processes!r}")
+        if not isinstance(share_prompts, bool):
+            raise InputError(f"share_prompts: expected True or False, got {share_prompts!r}")
         unknown = sorted(set(load) - LOAD_ARGS)
         if unknown:
             raise InputError(f"{', '.join(unknown)}: unknown; AsyncEngine also takes {', '.join(sorted(LOAD_ARGS))}")
@@ -123,6 +130,7 @@ class AsyncEngine:
         self.engines, self.lanes = [g.engine], []
         self._homes = PromptHomes()
         self._zygote: Zygote | None = None
+        self._shared: Path | None = None  # the lanes' prompt snapshot files (prompt_share.py)
         self._peers_lock = threading.Lock()
         load.pop("on_export", None)  # told once, by the first lane's export
         if max_batch is None:
@@ -132,18 +140,20 @@ class AsyncEngine:
         # the backend's default global threads are every core: right only for a lone lane on them all
         own = threads is None and self.cores == cpu_cores()
         shared = global_threads(self.cores, lanes) if split and not own else None
+        if processes and share_prompts and lanes > 1 and g.engine.prompts.budget and g.device.type == "cpu":
+            self._shared = share_dir()  # None where there is no shared memory: each lane keeps its own
         start = self._start_processes if processes else self._start_threads
         try:
             start(backend, lanes, max_batch, max_queue, max_context, {"threads": threads, **load}, shared)
         except BaseException:  # a lane that cannot start: give back what the others took
-            _stop_lanes(self.lanes, self._zygote)
+            _stop_lanes(self.lanes, self._zygote, self._shared)
             self._zygote = None
             for e in self.engines[1:]:
                 e.close()
             g.close()
             raise
         # an engine dropped without close() still ends its worker processes (and zygote)
-        self._finalizer = weakref.finalize(self, _stop_lanes, list(self.lanes), self._zygote)
+        self._finalizer = weakref.finalize(self, _stop_lanes, list(self.lanes), self._zygote, self._shared)
 
     def _start_threads(self, backend: str | Backend | Engine, lanes: int, max_batch: int, max_queue: int,
                        max_context: int | None, load: dict[str, Any], shared: int | None) -> None:  # fmt: skip
@@ -172,7 +182,8 @@ class AsyncEngine:
         self._zygote = start_zygote()  # the workers share its imports
         for i in range(lanes):
             rows, queue = share(max_batch, lanes, i), share(max_queue, lanes, i)
-            self.lanes.append(ProcessLane(g.checkpoint_path, backend, rows, queue, max_context, load,
+            own = load if self._shared is None else {**load, "prompt_share": (str(self._shared), i)}
+            self.lanes.append(ProcessLane(g.checkpoint_path, backend, rows, queue, max_context, own,
                                           zygote=self._zygote))  # fmt: skip
         for lane in self.lanes:
             lane.wait_ready()
@@ -304,6 +315,7 @@ class AsyncEngine:
             lane.close(max(grace_end - time.monotonic(), 0.05), cancel=True)
         self._finalizer.detach()
         self._close_zygote()
+        remove_dir(self._shared)
         for e in self.engines[1:]:
             e.close()
         self.generator.close()
@@ -333,15 +345,16 @@ def _weakly(method: Callable[[], None]) -> Callable[[], None]:
     return call
 
 
-def _stop_lanes(lanes: list, zygote: Zygote | None) -> None:
+def _stop_lanes(lanes: list, zygote: Zygote | None, shared: Path | None = None) -> None:
     """An engine that was dropped unclosed: each lane cancels what it holds and stops, without
-    waiting (this may run in the garbage collector), and the zygote goes."""
+    waiting (this may run in the garbage collector), and the zygote and snapshot files go."""
     for lane in lanes:
         with contextlib.suppress(Exception):
             lane.close(0, cancel=True)
     if zygote is not None:
         with contextlib.suppress(Exception):
             zygote.close()
+    remove_dir(shared)
 
 
 THREAD_LANES = 2  # most lanes as threads of one process (three or four were slower than two on 2 cores)

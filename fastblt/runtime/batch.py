@@ -82,6 +82,7 @@ class BatchStats:
     shared_prefills: int = 0  # requests that took a copy of another's prefill instead of their own
     prompt_hits: int = 0  # requests that loaded a prompt snapshot (prompt_cache.py)
     prompt_hit_ids: int = 0  # prompt ids those loaded instead of committing them
+    prompt_shared_hits: int = 0  # of the hits, snapshots another lane kept (prompt_share.py)
     prompt_cache_bytes: int = 0  # what the snapshots hold now
 
 
@@ -90,7 +91,8 @@ def sum_stats(stats: list[BatchStats]) -> BatchStats:
     out = BatchStats(calls={}, rows={})
     for s in stats:
         for name in ("active", "queued", "turns", "admitted", "finished", "cancelled", "failed", "generated",
-                     "shared_prefills", "prompt_hits", "prompt_hit_ids", "prompt_cache_bytes"):  # fmt: skip
+                     "shared_prefills", "prompt_hits", "prompt_hit_ids", "prompt_shared_hits",
+                     "prompt_cache_bytes"):  # fmt: skip
             setattr(out, name, getattr(out, name) + getattr(s, name))
         for step in s.calls:
             out.calls[step] = out.calls.get(step, 0) + s.calls[step]
@@ -602,6 +604,7 @@ class BatchEngine:
         self.stats.prompt_hits += loaded > 0
         self.stats.prompt_hit_ids += loaded
         self.stats.prompt_cache_bytes = self.engine.prompts.stats.bytes
+        self.stats.prompt_shared_hits = self.engine.prompts.stats.shared_hits
         if ticket.error is not None:
             self.stats.failed += 1
             self._end(ticket, None, ticket.error)

@@ -442,6 +442,7 @@ def _load(checkpoint: Path, backend: str, max_batch: int, max_queue: int, max_co
     from fastblt.runtime.generator import Generator
 
     wide, global_threads = load.pop("wide_global", None), load.pop("global_threads", None)
+    shared = load.pop("prompt_share", None)  # (directory, lane): the engine's snapshot files
     if load.get("threads"):  # torch on the host side too: the lane's cores, not the machine's
         torch.set_num_threads(load["threads"])
     gen = Generator(checkpoint, backend, max_context=max_context, **load)
@@ -452,6 +453,10 @@ def _load(checkpoint: Path, backend: str, max_batch: int, max_queue: int, max_co
         backend_.set_global_threads(global_threads)
     if wide is not None and hasattr(backend_, "widen_global"):
         backend_.widen_global(wide, lambda: alone[0])
+    if shared is not None and gen.engine.prompts.budget and gen.engine.device.type == "cpu":
+        from fastblt.runtime.prompt_share import SnapshotFiles
+
+        gen.engine.prompts.shared = SnapshotFiles(*shared)
     return gen, BatchEngine(gen.engine, max_batch, max_queue, max_context, gen.backend_name, gen.params, out.flush)
 
 

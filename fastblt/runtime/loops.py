@@ -132,7 +132,7 @@ def generate(run: Run, ids: list[int], chunk: int, prompts: PromptCache | None =
             size = st.saved_bytes() + (0 if top_n is None else PromptScores.size(point, top_n))
             if prompts.wants(keep[point], size, rank):
                 scores = None if top_n is None else PromptScores.of(out.prompt_logprobs, out.prompt_top_logprobs, top_n)
-                prompts.put(keep[point], Kept(st.save(), scores))
+                prompts.put(keep[point], Kept(st.save(copy=False), scores))
     logits = yield from prefill(st, ids, chunk, out, start)
     yield from resume(run, logits)
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -86,6 +87,7 @@ class CacheStats:
     """What a PromptCache has done (monotonic counters) and holds now."""
 
     hits: int = 0  # requests that loaded a snapshot
+    shared_hits: int = 0  # of those, snapshots another lane kept (SharedSnapshots)
     misses: int = 0  # requests that looked for one and found none
     stored: int = 0
     evicted: int = 0
@@ -143,13 +145,27 @@ class Kept:
         return self.snap.nbytes() + (0 if scores is None else PromptScores.size(len(scores.logprobs), scores.top_n))
 
 
-class PromptCache:
-    """Snapshots by key (prompt_keys), within `budget_mb`; thread-safe."""
+class SharedSnapshots(Protocol):
+    """Where the other lanes of an engine keep their snapshots (prompt_share.SnapshotFiles)."""
 
-    def __init__(self, budget_mb: float = DEFAULT_MB):
+    def publish(self, key: bytes, kept: Kept) -> Kept | None: ...
+    def find(self, key: bytes, top_n: int | None = None) -> Kept | None: ...
+    def serves(self, key: bytes, rank: int) -> bool: ...
+    def touched(self, key: bytes) -> float: ...
+    def remove(self, key: bytes) -> None: ...
+
+
+class PromptCache:
+    """Snapshots by key (prompt_keys), within `budget_mb`; thread-safe. With `shared` (a worker
+    lane's), each kept snapshot is also published to the engine's other lanes, and a key missing
+    here is looked for among theirs."""
+
+    def __init__(self, budget_mb: float = DEFAULT_MB, shared: SharedSnapshots | None = None):
         self.budget = int(check_budget(budget_mb) * 2**20)
+        self.shared = shared
         self.stats = CacheStats()
         self._entries: OrderedDict[bytes, Kept] = OrderedDict()
+        self._used: dict[bytes, float] = {}  # when this cache last stored or found each key (time.time)
         self._lock = threading.Lock()
 
     def __contains__(self, key: bytes) -> bool:
@@ -170,7 +186,9 @@ class PromptCache:
 
     def _wants(self, key: bytes, size: int, rank: int) -> bool:
         old = self._entries.get(key)
-        return (old is None or old.rank < rank) and size <= self.budget // 4
+        if (old is not None and old.rank >= rank) or size > self.budget // 4:
+            return False
+        return self.shared is None or not self.shared.serves(key, rank)
 
     def find(self, keys: list[tuple[int, bytes]], ids: list[int], top_n: int | None = None) -> tuple[int, Kept] | None:
         """The first of `keys` (prompt_keys of `ids`, deepest first) with a snapshot of those very
@@ -179,37 +197,66 @@ class PromptCache:
         miss counted."""
         with self._lock:
             for point, key in keys:
-                kept = self._entries.get(key)
+                kept, own = self._entries.get(key), True
                 if kept is None or (top_n is not None and kept.rank < top_n):
+                    kept, own = None if self.shared is None else self.shared.find(key, top_n), False
+                if kept is None or not np.array_equal(kept.snap.host["tokens"], ids[:point]):
                     continue
-                if np.array_equal(kept.snap.host["tokens"], ids[:point]):
+                if own:
                     self._entries.move_to_end(key)
-                    self.stats.hits += 1
-                    self.stats.positions += point
-                    return point, kept
+                    self._used[key] = time.time()
+                self.stats.hits += 1
+                self.stats.shared_hits += not own
+                self.stats.positions += point
+                return point, kept
             self.stats.misses += 1
             return None
 
     def put(self, key: bytes, kept: Kept) -> None:
         """Keep `kept` under `key` (unless `wants` says no; it replaces one serving less), letting the
-        least recently used go until it fits the budget."""
+        least recently used go until it fits the budget (one another lane loaded since this cache
+        last used it goes round once more). Shared, it is kept as the file it is published to; a
+        borrowed snapshot (views of a live sequence) is written there or copied, here and now."""
         size = kept.nbytes()
+        if not self.wants(key, size, kept.rank):
+            return
+        published = None if self.shared is None else self.shared.publish(key, kept)
+        if published is None and kept.snap.borrowed:
+            kept = Kept(kept.snap.copy(), kept.scores)
         with self._lock:
-            if not self._wants(key, size, kept.rank):
-                return
-            old = self._entries.pop(key, None)
-            self.stats.bytes -= 0 if old is None else old.nbytes()
-            while self._entries and self.stats.bytes + size > self.budget:
-                _, evicted = self._entries.popitem(last=False)
-                self.stats.bytes -= evicted.nbytes()
-                self.stats.evicted += 1
-            self._entries[key] = kept
-            self.stats.bytes += size
-            self.stats.stored += 1
-            self.stats.entries = len(self._entries)
+            stored = self._wants(key, size, kept.rank)  # again: another thread may have kept one
+            if stored:
+                self._store(key, published or kept, size)
+        if self.shared is not None and (published is None) == stored:
+            self.shared.remove(key)  # not kept, or a file of ours under `key` serves less than what is
+
+    def _store(self, key: bytes, kept: Kept, size: int) -> None:
+        old = self._entries.pop(key, None)
+        self.stats.bytes -= 0 if old is None else old.nbytes()
+        spared: set[bytes] = set()
+        while self._entries and self.stats.bytes + size > self.budget:
+            oldest = next(iter(self._entries))
+            if self.shared is not None and oldest not in spared and self.shared.touched(oldest) > self._used[oldest]:
+                spared.add(oldest)
+                self._entries.move_to_end(oldest)
+                continue
+            self._drop(oldest)
+            self.stats.evicted += 1
+        self._entries[key], self._used[key] = kept, time.time()
+        self.stats.bytes += size
+        self.stats.stored += 1
+        self.stats.entries = len(self._entries)
+
+    def _drop(self, key: bytes) -> None:
+        kept = self._entries.pop(key)
+        del self._used[key]
+        self.stats.bytes -= kept.nbytes()
+        if self.shared is not None:
+            self.shared.remove(key)
 
     def clear(self) -> None:
         """Let every snapshot go."""
         with self._lock:
-            self._entries.clear()
-            self.stats.bytes = self.stats.entries = 0
+            for key in list(self._entries):
+                self._drop(key)
+            self.stats.entries = 0

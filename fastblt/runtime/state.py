@@ -41,7 +41,8 @@ from fastblt.runtime.calls import Plan, R, StepCall, StepRunner, run_plan
 
 @dataclass
 class Snapshot:
-    """A sequence at a committed frontier `n`, in buffers of its own (SequenceState.save / load)."""
+    """A sequence at a committed frontier `n` (SequenceState.save / load), in buffers of its own,
+    or `borrowed`: views of the live sequence's, to be written out or copied before it changes."""
 
     n: int
     g_len: int
@@ -49,10 +50,21 @@ class Snapshot:
     linear: dict[str, KV]  # each unwindowed stack's slots below g_len
     host: dict[str, np.ndarray]  # the bookkeeping arrays below n (closed: below n + 1)
     h: torch.Tensor  # byte states below n
+    borrowed: bool = False
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Its tensors: rows, then each stack's (k, v) per layer, then h."""
+        return [*self.rows, *(t for kv in self.linear.values() for pair in kv for t in pair), self.h]
 
     def nbytes(self) -> int:
-        tensors = [*self.rows, self.h, *(t for kv in self.linear.values() for pair in kv for t in pair)]
-        return sum(t.nbytes for t in tensors) + sum(a.nbytes for a in self.host.values())
+        return sum(t.nbytes for t in self.tensors()) + sum(a.nbytes for a in self.host.values())
+
+    def copy(self) -> Snapshot:
+        """This snapshot in one buffer of its own (`packed`)."""
+        copies = iter(packed(self.tensors()))
+        rows = [next(copies) for _ in self.rows]
+        linear = {name: [(next(copies), next(copies)) for _ in kv] for name, kv in self.linear.items()}
+        return Snapshot(self.n, self.g_len, rows, linear, self.host, next(copies))
 
 
 class HostArrays:
@@ -463,20 +475,18 @@ class SequenceState:
         host = {name: getattr(src.host, name) for name in ("tokens", "entropies", "closes", "closed", "patch_len")}
         self._adopt(host, src._h[: src.written], src.n, src.g_len, src.written, src._forced_at, src._global_end)
 
-    def save(self) -> Snapshot:
-        """This sequence at its frontier, in buffers of its own (a prompt snapshot: prompt_cache.py).
-        Taken between steps, with nothing written past the frontier."""
+    def save(self, copy: bool = True) -> Snapshot:
+        """This sequence at its frontier, in buffers of its own (a prompt snapshot: prompt_cache.py);
+        `copy=False`: borrowed, views of this sequence's (PromptCache.put writes them to a file or
+        copies them). Taken between steps, with nothing written past the frontier."""
         n, g = self.n, self.g_len
         if self.written != n or self._forced_at is not None or self._global_end:
             raise InternalError("save: the sequence holds work past its frontier")
         host = {name: getattr(self.host, name)[:n].copy() for name in ("tokens", "entropies", "closes", "patch_len")}
         host["closed"] = self.host.closed[: n + 1].copy()
-        rows = self.rows.row(self.row)
-        linear = [t for cache in self.linear.values() for pair in cache.prefix(g) for t in pair]
-        copies = packed([*rows, *linear, self.h[:n]])
-        rows, linear = copies[: len(rows)], iter(copies[len(rows) : -1])
-        kv = {name: [(next(linear), next(linear)) for _ in cache.kv] for name, cache in self.linear.items()}
-        return Snapshot(n, g, rows, kv, host, copies[-1])
+        linear = {name: cache.prefix(g) for name, cache in self.linear.items()}
+        snap = Snapshot(n, g, self.rows.row(self.row), linear, host, self.h[:n], borrowed=True)
+        return snap.copy() if copy else snap
 
     def saved_bytes(self) -> int:
         """What `save` would hold now (Snapshot.nbytes), without taking it."""
