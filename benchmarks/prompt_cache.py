@@ -1,6 +1,6 @@
 """Prompt snapshots: what a prompt sent again or continued saves, and what keeping them costs.
 
-    python benchmarks/prompt_cache.py    # ~3 minutes on 2 cores
+    python benchmarks/prompt_cache.py    # ~4 minutes on 2 cores
 
 Two Generators on ort at their defaults but for prompt_cache_mb (64 MB and 0), side by side:
 - per prompt (stdlib code of 250, 1,000 and 3,000 bytes, 7 prompts each, greedy `ar`, 16 bytes):
@@ -15,7 +15,9 @@ Two Generators on ort at their defaults but for prompt_cache_mb (64 MB and 0), s
   harness's loglikelihood requests): seconds per request, and whether every score is the same.
 Then an AsyncEngine at its defaults (every lane, the router sending a prompt back to the lane that
 last took it): a 1,000-byte prompt sent 6 times one after another (a user's regenerate button:
-sampled, a seed each), first request against the others.
+sampled, a seed each), first request against the others. And many clients: 16 at once sending 16
+prompts of 1,000 bytes 6 times each in a shuffled order (greedy `ar`, 32 bytes), with the lanes
+sharing their snapshots (the default) and with each lane finding only its own, alternated twice.
 
 Results: benchmarks/results/prompt_cache.{json,md,png}.
 """
@@ -23,6 +25,7 @@ Results: benchmarks/results/prompt_cache.{json,md,png}.
 from __future__ import annotations
 
 import asyncio
+import random
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +42,7 @@ AGAIN = 6
 CONVERSATIONS, TURNS = 5, 4
 CONTINUATIONS = 4
 SOURCES = ("argparse.py", "email/message.py", "textwrap.py")
+CLIENTS, POOL, SENDS, CLIENT_BYTES, ROUNDS = 16, 16, 6, 32, 2
 
 
 def measure(off, on, length: int) -> dict:
@@ -165,6 +169,53 @@ def serve_like(alone) -> dict:
     return r
 
 
+async def clients(engine, order: list[str]) -> list[dict]:
+    """CLIENTS tasks taking prompts from `order` until it is empty: per request its time to the first
+    chunk and its text."""
+    todo, out = list(order), []
+
+    async def client() -> None:
+        while todo:
+            prompt, t0, first, parts = todo.pop(), time.perf_counter(), None, []
+            async for text in engine.stream(prompt, mode="ar", max_bytes=CLIENT_BYTES, stop_on_eos=False):
+                first = time.perf_counter() - t0 if first is None else first
+                parts.append(text)
+            out.append({"prompt": prompt, "ttfb": first, "text": "".join(parts)})
+
+    await asyncio.gather(*(client() for _ in range(CLIENTS)))
+    return out
+
+
+def shared_lanes(alone) -> list[dict]:
+    """Many clients resending prompts, lanes sharing snapshots or not (alternated ROUNDS times)."""
+    from fastblt.runtime.async_engine import AsyncEngine
+
+    pool = code_snippets(POOL, SOURCES, (1000, 1001), seed=11, tail=4000)
+    order = [p for p in pool for _ in range(SENDS)]
+    random.Random(0).shuffle(order)
+    want = {p: alone.generate(p, mode="ar", max_bytes=CLIENT_BYTES, stop_on_eos=False).text for p in pool}
+    results = []
+    for share in [False, True] * ROUNDS:
+        engine = AsyncEngine("default", share_prompts=share)
+        try:
+            t0 = time.perf_counter()
+            runs = asyncio.run(clients(engine, order))
+            wall, stats, lanes = time.perf_counter() - t0, engine.stats, len(engine.lanes)
+        finally:
+            engine.close()
+        ttfb = sorted(x["ttfb"] for x in runs)
+        r = {"share": share, "lanes": lanes, "requests": len(runs), "possible": len(order) - POOL, "wall_s": wall,
+             "hits": stats.prompt_hits, "shared_hits": stats.prompt_shared_hits,
+             "shared_prefills": stats.shared_prefills, "ttfb_p50": ttfb[len(ttfb) // 2],
+             "ttfb_p95": ttfb[int(0.95 * len(ttfb))],
+             "differ": sum(x["text"] != want[x["prompt"]] for x in runs)}  # fmt: skip
+        print(f"{CLIENTS} clients, lanes {'sharing' if share else 'alone'}: {wall:.1f} s, hits {r['hits']} "
+              f"({r['shared_hits']} shared) of {r['possible']}, first byte p50 {r['ttfb_p50'] * 1e3:.0f} ms, "
+              f"differ {r['differ']}", flush=True)  # fmt: skip
+        results.append(r)
+    return results
+
+
 def render(r: dict) -> str:
     m, s = r["meta"], r["serve"]
     lines = [
@@ -219,6 +270,27 @@ def render(r: dict) -> str:
         f"the others ({s['ttfb_first'] / s['ttfb_again']:.1f}x sooner); {s['loaded']} of {AGAIN - 1} loaded "
         f"the snapshot; {s['differ']} differ from the same seeded request run alone by a Generator.",
         "",
+        f"**Many clients** through the same AsyncEngine ({r['clients'][0]['lanes']} worker lanes): {CLIENTS} "
+        f"clients at once send {POOL} prompts of 1,000 bytes of stdlib code {SENDS} times each, in one shuffled "
+        f"order (greedy `ar`, {CLIENT_BYTES} bytes): {r['clients'][0]['possible']} "
+        "requests could load a snapshot. Lanes sharing: every lane loads the snapshots any lane kept (files in "
+        "/dev/shm, the default); alone: `share_prompts=False`, a lane finds only its own (the router sends a "
+        "prompt back to its lane only when the lanes' loads tie). Runs alternated; each its own engine.",
+        "",
+        "| lanes | run | seconds | prompt snapshots loaded | from another lane | prefills shared in a batch | "
+        "first byte p50 ms | p95 ms | outputs differ |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {'sharing' if c['share'] else 'alone'} | {i // 2 + 1} | {c['wall_s']:.1f} | {c['hits']} of "
+            f"{c['possible']} | {c['shared_hits']} | {c['shared_prefills']} | {c['ttfb_p50'] * 1e3:.0f} | "
+            f"{c['ttfb_p95'] * 1e3:.0f} | {c['differ']} of {c['requests']} |"
+            for i, c in enumerate(r["clients"])
+        ],
+        "",
+        "Requests that find no snapshot commit their prompt, or copy the prefill of a request of the same prompt "
+        "their lane admitted first (a shared prefill); outputs are compared with a Generator's alone, without "
+        "snapshots.",
+        "",
     ]
     return "\n".join(lines)
 
@@ -247,6 +319,7 @@ def main() -> None:
     r["scoring"] = scoring(off, on)
     on.close()
     r["serve"] = serve_like(off)
+    r["clients"] = shared_lanes(off)
     save("prompt_cache", r, render, plot)
 
 

@@ -55,6 +55,9 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
               help="Memory per lane for snapshots of committed prompts: a request whose prompt begins with one "
               "seen before (the same prompt, a conversation's next turn) loads it instead of committing it "
               "again, with the same bytes (0: off).")  # fmt: skip
+@click.option("--share-prompts/--no-share-prompts", default=True, show_default=True,
+              help="Worker lanes load each other's prompt snapshots, through files in /dev/shm (without it, or "
+              "with it full, each lane keeps its own).")  # fmt: skip
 @click.option("--device", default=None, help="torch/trt: where to compute (cpu, cuda, cuda:1).")
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds to let requests in flight finish.")  # fmt: skip
@@ -74,7 +77,8 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
               help="--ray: write the equivalent Serve config (YAML, for `serve deploy`) and exit.")  # fmt: skip
 def serve(
     checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
-    model_name, max_body, max_context, threads, prompt_cache_mb, device, graceful_timeout, log_level, use_ray,
+    model_name, max_body, max_context, threads, prompt_cache_mb, share_prompts, device, graceful_timeout, log_level,
+    use_ray,
     ray_address, replicas,
     min_replicas, max_replicas, target_ongoing_requests, num_cpus, num_gpus, print_config,
 ):  # fmt: skip
@@ -128,7 +132,7 @@ def serve(
                   "artifacts": str(Path(artifacts).resolve()) if artifacts else None, "max_batch": max_batch,
                   "lanes": lanes, "lane_processes": lane_processes, "max_queue": max_queue,
                   "max_context": max_context, "threads": threads, "prompt_cache_mb": prompt_cache_mb,
-                  "device": device, "mode": mode, "model_name": name,
+                  "share_prompts": share_prompts, "device": device, "mode": mode, "model_name": name,
                   "api_key": api_key, "max_body": max_body}  # fmt: skip
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config)
         return
@@ -146,7 +150,7 @@ def serve(
         checkpoint, backend, max_batch=max_batch, max_queue=max_queue, artifacts=artifacts,
         max_context=max_context + SERVE_EXTRA_IDS,  # bytes, BOS and the byte scoring drops
         lanes=lanes, processes=lane_processes, threads=threads, device=device, on_export=first_use_notice,
-        prompt_cache_mb=prompt_cache_mb,
+        prompt_cache_mb=prompt_cache_mb, share_prompts=share_prompts,
     )  # fmt: skip
     settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body)
     app = create_app(engine, settings)
@@ -160,9 +164,10 @@ def serve(
 
 
 def _lanes(engine) -> str:
-    """'2 lanes in processes', '1 lane'."""
-    n = len(engine.lanes)
-    return f"{n} lane{'s' if n > 1 else ''}{' in processes' if engine.processes else ''}"
+    """'2 lanes in processes, prompt snapshots shared in /dev/shm/...', '1 lane'."""
+    n, shared = len(engine.lanes), engine.prompt_share_dir
+    where = f", prompt snapshots shared in {shared}" if shared is not None else ""
+    return f"{n} lane{'s' if n > 1 else ''}{' in processes' if engine.processes else ''}{where}"
 
 
 def _scaling(replicas, min_replicas, max_replicas, target, num_cpus, num_gpus, graceful_timeout) -> dict:

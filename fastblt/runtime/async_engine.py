@@ -206,6 +206,11 @@ class AsyncEngine:
         return self.lanes[0]
 
     @property
+    def prompt_share_dir(self) -> Path | None:
+        """Where the worker lanes share their prompt snapshots (prompt_share.py), or None."""
+        return self._shared
+
+    @property
     def processes(self) -> bool:
         """Whether the lanes run in worker processes."""
         return isinstance(self.lanes[0], ProcessLane)

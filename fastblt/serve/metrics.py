@@ -54,6 +54,9 @@ class EngineCollector(Collector):
                                   "kept by an earlier one instead of committing it.", value=s.prompt_hits)  # fmt: skip
         yield CounterMetricFamily("fastblt_prompt_cache_hit_ids", "Prompt ids those requests loaded instead of "
                                   "committing them.", value=s.prompt_hit_ids)  # fmt: skip
+        yield CounterMetricFamily("fastblt_prompt_cache_shared_hits", "Of those requests, the ones that loaded "
+                                  "a snapshot another lane kept (lanes share them through /dev/shm).",
+                                  value=s.prompt_shared_hits)  # fmt: skip
         yield GaugeMetricFamily("fastblt_prompt_cache_bytes", "Memory the prompt snapshots hold now (every lane).",
                                 value=s.prompt_cache_bytes)  # fmt: skip
         calls = CounterMetricFamily("fastblt_step_calls", "Backend calls per step graph.", labels=["step"])

@@ -73,6 +73,7 @@ class ServerOptions:
     max_context: int | None = None  # bytes (prompt + max_tokens) per request
     threads: int | None = None
     prompt_cache_mb: float = DEFAULT_MB  # per lane
+    share_prompts: bool = True  # a replica's worker lanes load each other's prompt snapshots
     device: str | None = None
     mode: str = "blt-s"
     model_name: str = "fastblt-default"
@@ -186,6 +187,7 @@ class FastBltReplica:
             cores=cores, max_queue=o.max_queue,
             max_context=None if o.max_context is None else o.max_context + SERVE_EXTRA_IDS,  # BOS, dropped byte
             artifacts=o.artifacts, threads=o.threads, device=o.device, prompt_cache_mb=o.prompt_cache_mb,
+            share_prompts=o.share_prompts,
         )  # fmt: skip
         log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)
         settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_key=o.api_key, max_body=o.max_body,

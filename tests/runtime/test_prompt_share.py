@@ -202,7 +202,7 @@ def test_worker_lanes_load_each_others_snapshots(tmp_path, share):
     eng = AsyncEngine(str(path), backend="ort", max_batch=2, lanes=2, processes=True, cache_dir=tmp_path / "c",
                       share_prompts=share)  # fmt: skip
     try:
-        shared = eng._shared
+        shared = eng.prompt_share_dir
         assert (shared is not None and shared.is_dir()) == share
         req = make_request(LONG, eng.config, "ar", 16, stop_on_eos=False)
         first = eng.lanes[0].submit(req).result(120)

@@ -69,6 +69,14 @@ def test_print_config_is_a_serve_config_for_the_options(monkeypatch, capsys):
         ray_serve.build({"max_batc": 8})
 
 
+def test_print_config_passes_the_lanes_prompt_sharing(monkeypatch, capsys):
+    (app,) = print_config(["--no-share-prompts"], monkeypatch, capsys)["applications"]
+    assert app["args"]["share_prompts"] is False
+    assert ray_serve.ServerOptions.from_args(app["args"]).share_prompts is False
+    (app,) = print_config([], monkeypatch, capsys)["applications"]
+    assert "share_prompts" not in app["args"]  # the default
+
+
 def test_print_config_autoscales_and_keeps_the_key_out(monkeypatch, capsys):
     config = print_config(["--min-replicas", "0", "--max-replicas", "4", "--max-batch", "6", "--api-key", "secret"],
                           monkeypatch, capsys)  # fmt: skip

@@ -185,6 +185,24 @@ def test_a_prompt_sent_again_loads_its_snapshot(server, reference):
     assert _metric(server, "fastblt_prompt_cache_bytes") > 0
 
 
+def test_lanes_load_each_others_prompt_snapshots(server, reference):
+    """A prompt's sampled choices spread over the lanes (n 4): those on a lane other than the one
+    that kept its snapshot load that lane's file, with the bytes of their seeded requests alone."""
+    import difflib
+
+    if len(server.workers()) < 2:
+        pytest.skip("one lane (a 1-core machine): nothing to share")
+    prompt = Path(difflib.__file__).read_text()[6000:7000]
+    opts = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=0.9, seed=5, extra_body={"mode": "ar"})
+    hits, shared = (_metric(server, f"fastblt_prompt_cache_{m}_total") for m in ("hits", "shared_hits"))
+    client(server).completions.create(**opts)  # one lane commits it and keeps its snapshot
+    r = client(server).completions.create(n=4, **opts)
+    want = [reference.generate(prompt, mode="ar", max_bytes=12, temperature=0.9, seed=5 + i).text for i in range(4)]
+    assert [ch.text for ch in r.choices] == want
+    assert _metric(server, "fastblt_prompt_cache_shared_hits_total") >= shared + 1
+    assert _metric(server, "fastblt_prompt_cache_hits_total") >= hits + 2  # a lane's others may copy its prefill
+
+
 def test_scoring_requests_of_one_context_load_its_scored_snapshot(server, reference):
     """Evaluation harnesses score a context with each of several continuations (echo + logprobs +
     max_tokens 0): the later ones load the context's snapshot with its scores, count those bytes
