@@ -12,7 +12,9 @@ streamed, and a third of those dropped by the client after a few events; one in 
 over its process group (the server, its lane processes and their zygote), and the anonymous part
 of it (heap: what a leak grows; file pages shared with other processes move with what else runs)
 for the server and for the workers, and what the lanes' prompt snapshots hold (/metrics): they
-fill up to their budget by design, so the trends are read net of them. Greedy and seeded choices
+fill up to their budget by design, so the trends are read net of them. The lanes keep their
+snapshots as files in /dev/shm (prompt_share.py), counted once at their size in place of the
+shared-memory pages the processes map. Greedy and seeded choices
 that ran to the end are compared with the same request run alone by `fastblt.Generator`. At the
 end `/metrics` must show no request decoding or queued. The server runs at its defaults in its
 own process group on 127.0.0.1. Then three servers, one after another, take the first 200 requests with their
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -35,6 +39,7 @@ import numpy as np
 from common import code_snippets, machine_meta, save, targets_table
 
 from fastblt.runtime.prompt_cache import DEFAULT_MB
+from fastblt.runtime.prompt_share import DIR_PREFIX, SHARED_MEMORY
 
 MODEL = "fastblt-default"
 MODES = ("ar", "blt-s", "blt-d", "blt-dv")
@@ -132,8 +137,9 @@ async def send(client: httpx.AsyncClient, url: str, job: dict) -> dict:
 def memory(srv) -> dict[str, float]:
     """MB of the server's process group: the proportional set size summed over the server, its lane
     workers and their zygote (pages the forked workers share count once, split among them; resident
-    sizes would count them once per worker), and the anonymous part of it (heap and the like, not
-    file pages) of the server and of the workers."""
+    sizes would count them once per worker) without shared-memory pages, plus the lanes' snapshot
+    files in /dev/shm (`files`, all of them, mapped or not); and the anonymous part of it (heap and
+    the like, not file pages) of the server and of the workers."""
     out = {"total": 0.0, "server_anon": 0.0, "workers_anon": 0.0}
     for pid in srv.group():
         try:
@@ -141,11 +147,27 @@ def memory(srv) -> dict[str, float]:
         except OSError:  # ended meanwhile
             continue
         kb = {line.split(":")[0]: int(line.split()[1]) for line in rollup if line.startswith("Pss")}
-        out["total"] += kb.get("Pss", 0) / 1024
+        out["total"] += (kb.get("Pss", 0) - kb.get("Pss_Shmem", 0)) / 1024
         out["server_anon" if pid == srv.proc.pid else "workers_anon"] += kb.get("Pss_Anon", 0) / 1024
     if out["total"] == 0:
         raise RuntimeError(f"no memory read for process group {srv.proc.pid}")
+    out["files"] = snapshot_files_mb(srv.proc.pid)
+    out["total"] += out["files"]
     return out
+
+
+def snapshot_dirs(pid: int) -> list[Path]:
+    """The prompt snapshot directories of the engine in process `pid` (prompt_share.py)."""
+    return [d for d in SHARED_MEMORY.glob(f"{DIR_PREFIX}*-{pid}-*") if d.name.split("-")[-2] == str(pid)]
+
+
+def snapshot_files_mb(pid: int) -> float:
+    total = 0
+    for d in snapshot_dirs(pid):
+        for f in d.iterdir():
+            with contextlib.suppress(OSError):
+                total += f.stat().st_blocks * 512
+    return total / 2**20
 
 
 def snapshot_mb(srv) -> float:
@@ -159,7 +181,7 @@ async def soak(srv, jobs: list[dict]) -> dict:
     base = srv.url
     queue = list(jobs)
     results: dict[int, dict] = {}
-    samples: list[tuple] = []  # requests, seconds, MB: total, server, workers, prompt snapshots
+    samples: list[tuple] = []  # requests, seconds, MB: total, server, workers, prompt snapshots, their files
     t0 = time.perf_counter()
 
     async def client_loop(client: httpx.AsyncClient) -> None:
@@ -171,7 +193,7 @@ async def soak(srv, jobs: list[dict]) -> dict:
                 mb = memory(srv)
                 snap = snapshot_mb(srv)
                 samples.append((done, time.perf_counter() - t0, mb["total"], mb["server_anon"], mb["workers_anon"],
-                                snap))  # fmt: skip
+                                snap, mb["files"]))  # fmt: skip
                 print(f"{done} requests, {samples[-1][1]:.0f} s, PSS {mb['total']:.0f} MB (anonymous: server "
                       f"{mb['server_anon']:.0f}, workers {mb['workers_anon']:.0f}; prompt snapshots {snap:.0f})",
                       flush=True)  # fmt: skip
@@ -260,19 +282,20 @@ def memory_trends(s: list) -> dict[str, float]:
     """growth: total PSS from the sample at GROWTH_FROM requests to the highest (a batch that runs
     empty lets go of memory); server_slope: the server's anonymous PSS over the second half, MB per 1,000 requests;
     workers_drift: the workers' lowest anonymous PSS of the last third minus that of the middle.
-    The total and the workers' are net of the prompt snapshots (the workers hold them; bounded by
-    their budget, they fill it by design). The last sample, read as the other clients' requests
+    The total and the workers' are net of the prompt snapshots (bounded by their budget, they fill
+    it by design; the workers' heaps hold only those not in files). The last sample, read as the other clients' requests
     drain, is left out of both (a drained batch sits below a loaded one)."""
     loaded = s[:-1]
     half, third = loaded[len(loaded) // 2 :], len(loaded) // 3
     total = [x[2] - x[5] for x in s]
-    workers = [x[4] - x[5] for x in loaded]
+    workers = [x[4] - (x[5] - x[6]) for x in loaded]
     start = next(i for i, x in enumerate(s) if x[0] >= min(GROWTH_FROM, s[-1][0]))
     return {
         "growth": max(total) - total[start],
         "server_slope": 1000 * slope([x[0] for x in half], [x[3] for x in half]),
         "workers_drift": min(workers[2 * third :]) - min(workers[third : 2 * third]),
         "snapshots": max(x[5] for x in s),
+        "files": max(x[6] for x in s),
     }
 
 
@@ -293,6 +316,9 @@ def targets(r: dict) -> list[dict]:
          m["workers_drift"] <= WORKER_DRIFT_BOUND_MB),
         ("prompt snapshots, most held (MB)", m["snapshots"], f"<= {r['snapshot_budget_mb']:g} (the lanes' budget)",
          m["snapshots"] <= r["snapshot_budget_mb"]),
+        ("their files in /dev/shm, most held (MB)", m["files"], f"<= {r['snapshot_budget_mb']:g}",
+         m["files"] <= r["snapshot_budget_mb"]),
+        ("snapshot directories left once the server stopped", r.get("dirs_left", 0), "== 0", not r.get("dirs_left")),
     ]  # fmt: skip
     return [{"target": t, "value": float(v), "bound": b, "met": bool(ok)} for t, v, b, ok in rows]
 
@@ -303,10 +329,11 @@ def render(r: dict) -> str:
         "# Serving soak: a long mixed load on `fastblt serve`",
         "",
         f"`{m['command']}` — {m['date']}, {m['machine']}, {m['cpu_count']} CPUs shared by server and client, "
-        f"onnxruntime {m['onnxruntime']}. Server at its defaults; {CLIENTS} clients, {m['requests']} requests "
-        f"in {r['wall_s']:.0f} s: every mode, greedy and seeded sampling, 8-160 bytes, some with n 2-3, two "
-        "prompts, logprobs, echo or scoring only, a fifth streamed (a third of those dropped mid-stream), one in "
-        "twelve malformed.",
+        f"onnxruntime {m['onnxruntime']}. Server at its defaults"
+        f"{' but ' + ' '.join(m['server_args']) if m.get('server_args') else ''}; {CLIENTS} clients, "
+        f"{m['requests']} requests in {r['wall_s']:.0f} s: every mode, greedy and seeded sampling, 8-160 bytes, "
+        "some with n 2-3, two prompts, logprobs, echo or scoring only, a fifth streamed (a third of those dropped "
+        "mid-stream), one in twelve malformed.",
         "",
         "## Targets",
         "",
@@ -332,11 +359,12 @@ def render(r: dict) -> str:
         "PSS: the proportional set size over the server's process group (the server, its lane workers, their "
         "zygote); anonymous: the part of it that is not file pages (heap), of the server and of the workers.",
         "",
-        "| requests | seconds | PSS MB | server anonymous MB | workers anonymous MB | prompt snapshots MB |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| requests | seconds | PSS MB | server anonymous MB | workers anonymous MB | prompt snapshots MB | "
+        "in /dev/shm MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {n} | {t:.0f} | {mb:.0f} | {srv:.1f} | {wrk:.1f} | {snap:.1f} |"
-            for n, t, mb, srv, wrk, snap in r["samples"]
+            f"| {n} | {t:.0f} | {mb:.0f} | {srv:.1f} | {wrk:.1f} | {snap:.1f} | {files:.1f} |"
+            for n, t, mb, srv, wrk, snap, files in r["samples"]
         ),  # fmt: skip
         "",
     ]
@@ -349,12 +377,12 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n, _, mb, srv, wrk, snap = zip(*r["samples"], strict=True)
+    n, _, mb, srv, wrk, snap, _ = zip(*r["samples"], strict=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(n, mb, marker=".", label="PSS, process group")
     ax.plot(n, srv, marker=".", label="anonymous, server")
     ax.plot(n, wrk, marker=".", label="anonymous, workers")
-    ax.plot(n, snap, marker=".", label="prompt snapshots (in the workers)")
+    ax.plot(n, snap, marker=".", label="prompt snapshots (files in /dev/shm)")
     ax.set_xlabel("requests served")
     ax.set_ylabel("MB")
     ax.set_ylim(0, max(mb) * 1.15)
@@ -370,12 +398,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=2000, help="requests in all (default 2,000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--server-args", default="", metavar="ARGS",
+                    help="more `fastblt serve` options for the server soaked, e.g. '--no-share-prompts' (its results "
+                    "are saved under serve_soak_<--tag>)")  # fmt: skip
+    ap.add_argument("--tag", default="variant", help="with --server-args: the results' name suffix")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
                     help="re-render a saved result, its targets recomputed from its samples")  # fmt: skip
     args = ap.parse_args()
     if args.render is not None:
         r = json.loads(args.render.read_text())
-        r["samples"] = [[*x, 0.0][:6] for x in r["samples"]]  # results from before prompt snapshots had none
+        # results from before prompt snapshots had none, and from before their files none in /dev/shm
+        r["samples"] = [[*x, 0.0, 0.0][:7] if len(x) < 7 else x for x in r["samples"]]
         r.setdefault("snapshot_budget_mb", 0.0)
         r["targets"] = targets(r)
         save(args.render.stem, r, render, plot)
@@ -386,17 +419,22 @@ def main() -> None:
 
     jobs = draw_requests(args.requests, args.seed)
     command = "python benchmarks/serve_soak.py" + (f" --requests {args.requests}" if args.requests != 2000 else "")
-    r: dict = {"meta": machine_meta() | {"command": command, "requests": args.requests}}
-    with ServerProcess() as srv:
+    server_args = shlex.split(args.server_args)
+    if server_args:
+        command += f" --server-args {shlex.quote(args.server_args)} --tag {shlex.quote(args.tag)}"
+    r: dict = {"meta": machine_meta() | {"command": command, "requests": args.requests, "server_args": server_args}}
+    with ServerProcess(server_args) as srv:
         lanes = next(float(x.split()[-1]) for x in httpx.get(f"{srv.url}/metrics").text.splitlines()
                      if x.startswith("fastblt_batch_lanes "))  # fmt: skip
         r["snapshot_budget_mb"] = lanes * DEFAULT_MB
         run = asyncio.run(soak(srv, jobs))
-    r |= {"samples": run["samples"], "wall_s": run["wall_s"], "idle": run["idle"]}
+        pid = srv.proc.pid
+    r |= {"samples": run["samples"], "wall_s": run["wall_s"], "idle": run["idle"], "dirs_left": len(snapshot_dirs(pid))}
     r["layouts"] = [memory_of(name, args_, env, jobs[:LAYOUT_REQUESTS]) for name, args_, env in LAYOUTS]
     r["counts"] = check(jobs, run["results"])
     r["targets"] = targets(r)
-    save("serve_soak" if args.requests == 2000 else "serve_soak_short", r, render, plot)
+    name = "serve_soak" + ("" if args.requests == 2000 else "_short") + (f"_{args.tag}" if server_args else "")
+    save(name, r, render, plot)
 
 
 if __name__ == "__main__":
