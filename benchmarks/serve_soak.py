@@ -2,7 +2,7 @@
 does it end with every slot free?
 
     python benchmarks/serve_soak.py                   # 2,000 requests, ~10 minutes on 2 cores
-    python benchmarks/serve_soak.py --requests 400    # a shorter run
+    python benchmarks/serve_soak.py --requests 400    # a shorter run (serve_soak_400)
 
 16 clients send requests one after another, drawn with a fixed seed: every mode, greedy or sampled
 with a seed, 8 to 160 new bytes, stop strings, prompts of 20 to 600 bytes, some with n 2-3
@@ -433,7 +433,8 @@ def main() -> None:
     r["layouts"] = [memory_of(name, args_, env, jobs[:LAYOUT_REQUESTS]) for name, args_, env in LAYOUTS]
     r["counts"] = check(jobs, run["results"])
     r["targets"] = targets(r)
-    name = "serve_soak" + ("" if args.requests == 2000 else "_short") + (f"_{args.tag}" if server_args else "")
+    count = "" if args.requests == 2000 else f"_{args.requests}"
+    name = "serve_soak" + count + (f"_{args.tag}" if server_args else "")
     save(name, r, render, plot)
 
 
