@@ -130,7 +130,7 @@ class AsyncEngine:
         self.engines, self.lanes = [g.engine], []
         self._homes = PromptHomes()
         self._zygote: Zygote | None = None
-        self._shared: Path | None = None  # the lanes' prompt snapshot files (prompt_share.py)
+        self._prompt_dir: Path | None = None  # the lanes' prompt snapshot files (prompt_share.py)
         self._peers_lock = threading.Lock()
         load.pop("on_export", None)  # told once, by the first lane's export
         if max_batch is None:
@@ -141,19 +141,19 @@ class AsyncEngine:
         own = threads is None and self.cores == cpu_cores()
         shared = global_threads(self.cores, lanes) if split and not own else None
         if processes and share_prompts and lanes > 1 and g.engine.prompts.budget and g.device.type == "cpu":
-            self._shared = share_dir()  # None where there is no shared memory: each lane keeps its own
+            self._prompt_dir = share_dir()  # None where there is no shared memory: each lane keeps its own
         start = self._start_processes if processes else self._start_threads
         try:
             start(backend, lanes, max_batch, max_queue, max_context, {"threads": threads, **load}, shared)
         except BaseException:  # a lane that cannot start: give back what the others took
-            _stop_lanes(self.lanes, self._zygote, self._shared)
+            _stop_lanes(self.lanes, self._zygote, self._prompt_dir)
             self._zygote = None
             for e in self.engines[1:]:
                 e.close()
             g.close()
             raise
         # an engine dropped without close() still ends its worker processes (and zygote)
-        self._finalizer = weakref.finalize(self, _stop_lanes, list(self.lanes), self._zygote, self._shared)
+        self._finalizer = weakref.finalize(self, _stop_lanes, list(self.lanes), self._zygote, self._prompt_dir)
 
     def _start_threads(self, backend: str | Backend | Engine, lanes: int, max_batch: int, max_queue: int,
                        max_context: int | None, load: dict[str, Any], shared: int | None) -> None:  # fmt: skip
@@ -182,7 +182,7 @@ class AsyncEngine:
         self._zygote = start_zygote()  # the workers share its imports
         for i in range(lanes):
             rows, queue = share(max_batch, lanes, i), share(max_queue, lanes, i)
-            own = load if self._shared is None else {**load, "prompt_share": (str(self._shared), i)}
+            own = load if self._prompt_dir is None else {**load, "prompt_share": (str(self._prompt_dir), i)}
             self.lanes.append(ProcessLane(g.checkpoint_path, backend, rows, queue, max_context, own,
                                           zygote=self._zygote))  # fmt: skip
         for lane in self.lanes:
@@ -208,7 +208,7 @@ class AsyncEngine:
     @property
     def prompt_share_dir(self) -> Path | None:
         """Where the worker lanes share their prompt snapshots (prompt_share.py), or None."""
-        return self._shared
+        return self._prompt_dir
 
     @property
     def processes(self) -> bool:
@@ -320,7 +320,7 @@ class AsyncEngine:
             lane.close(max(grace_end - time.monotonic(), 0.05), cancel=True)
         self._finalizer.detach()
         self._close_zygote()
-        remove_dir(self._shared)
+        remove_dir(self._prompt_dir)
         for e in self.engines[1:]:
             e.close()
         self.generator.close()
@@ -350,7 +350,7 @@ def _weakly(method: Callable[[], None]) -> Callable[[], None]:
     return call
 
 
-def _stop_lanes(lanes: list, zygote: Zygote | None, shared: Path | None = None) -> None:
+def _stop_lanes(lanes: list, zygote: Zygote | None, prompt_dir: Path | None = None) -> None:
     """An engine that was dropped unclosed: each lane cancels what it holds and stops, without
     waiting (this may run in the garbage collector), and the zygote and snapshot files go."""
     for lane in lanes:
@@ -359,7 +359,7 @@ def _stop_lanes(lanes: list, zygote: Zygote | None, shared: Path | None = None) 
     if zygote is not None:
         with contextlib.suppress(Exception):
             zygote.close()
-    remove_dir(shared)
+    remove_dir(prompt_dir)
 
 
 THREAD_LANES = 2  # most lanes as threads of one process (three or four were slower than two on 2 cores)

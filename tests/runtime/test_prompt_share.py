@@ -221,6 +221,18 @@ def test_worker_lanes_load_each_others_snapshots(tmp_path, share):
         AsyncEngine(tiny_model("small-window"), backend="torch", share_prompts="yes")
 
 
+def test_an_engine_dropped_without_close_removes_its_directory(tmp_path):
+    import gc
+
+    path = save_checkpoint(tiny_model("small-window"), tmp_path / "ckpt")
+    eng = AsyncEngine(str(path), backend="ort", max_batch=2, lanes=2, processes=True, cache_dir=tmp_path / "c")
+    shared = eng.prompt_share_dir
+    assert shared is not None and shared.is_dir()
+    del eng
+    gc.collect()
+    assert not shared.exists()
+
+
 def test_no_budget_no_files(tmp_path):
     g = lane(tmp_path, 0, 0)
     g.generate(LONG, mode="ar", max_bytes=4)
