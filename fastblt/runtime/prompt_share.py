@@ -21,7 +21,9 @@ sharing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -45,6 +47,7 @@ ALIGN = 64
 HEADER_MAX = 1 << 20  # bytes: a header past this is not one of ours
 FIELDS = (("n", int), ("g_len", int), ("lane", int), ("rank", int), ("linear", dict), ("arrays", list))
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+log = logging.getLogger("fastblt.prompts")
 
 
 def share_dir(root: Path = SHARED_MEMORY) -> Path | None:
@@ -102,6 +105,7 @@ class SnapshotFiles:
     def __init__(self, directory: Path | str, lane: int):
         self.dir, self.lane = Path(directory), lane
         self._own: dict[bytes, int] = {}  # key -> inode of the file this lane wrote
+        self._told_full = False
         for path in self.dir.glob(f"*.{lane}.tmp"):  # left by this lane's worker before a restart
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -127,9 +131,14 @@ class SnapshotFiles:
                 os.unlink(tmp)
             self._own[key] = final.stat().st_ino
             mapped = _read(final)
-        except OSError:
+        except OSError as e:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) and not self._told_full:
+                self._told_full = True
+                log.warning("fastblt lane %d: %s is full: its prompt snapshots stay in its own memory, unshared "
+                            "(give /dev/shm more room, e.g. docker --shm-size, or serve --no-share-prompts)",
+                            self.lane, self.dir.parent)  # fmt: skip
             return None
         return mapped
 

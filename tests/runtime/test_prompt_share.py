@@ -153,15 +153,20 @@ def test_eviction_removes_files_and_spares_one_another_lane_loaded(tmp_path):
     assert list(tmp_path.iterdir()) == [] and cache.stats.bytes == 0
 
 
-def test_a_snapshot_whose_file_cannot_be_written_stays_in_the_lane(tmp_path, monkeypatch):
+def test_a_snapshot_whose_file_cannot_be_written_stays_in_the_lane(tmp_path, monkeypatch, caplog):
+    """/dev/shm full: the lane keeps its snapshots in its own memory and says so once."""
+
     def full(path, kept, lane):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(prompt_share, "_write", full)
     plain, a = plain_generator(), lane(tmp_path, 0)
-    a.generate(LONG, mode="ar", max_bytes=4)
+    with caplog.at_level("WARNING", logger="fastblt.prompts"):
+        a.generate(LONG, mode="ar", max_bytes=4)
     out = a.generate(LONG, mode="ar", max_bytes=12, stop_on_eos=False)
     assert list(tmp_path.iterdir()) == [] and a.engine.prompts.stats.stored == 2
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["fastblt lane 0"]  # two failed, told once
+    assert "is full" in caplog.records[0].getMessage()
     assert out.stats.prompt_cached > 0
     assert out.ids == plain.generate(LONG, mode="ar", max_bytes=12, stop_on_eos=False).ids
 
