@@ -45,7 +45,7 @@ from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.generator import Generation, Generator
 from fastblt.runtime.lane_process import CANCEL_GRACE, ProcessLane, start_zygote
 from fastblt.runtime.options import Request, checked
-from fastblt.runtime.prompt_cache import prompt_keys
+from fastblt.runtime.prompt_cache import PromptCache, prompt_keys
 from fastblt.runtime.prompt_share import remove_dir, share_dir
 from fastblt.runtime.stream import Scores
 from fastblt.runtime.wakeups import wake
@@ -67,9 +67,9 @@ class AsyncEngine:
             Needs a backend given by name and a checkpoint given by name or path.
         cores: the cores the lanes share (None: those this process may use, `machine.cpu_cores`);
             e.g. what a scheduler reserved for it without pinning it.
-        share_prompts: worker lanes on the host load each other's prompt snapshots, through files
-            in /dev/shm (prompt_share.py; without /dev/shm each lane keeps its own). False: each
-            lane finds only the snapshots it took itself.
+        share_prompts: lanes load each other's prompt snapshots: worker lanes on the host through
+            files in /dev/shm (prompt_share.py; without /dev/shm each keeps its own), thread lanes
+            from one cache of all their budgets. False: each lane finds only the snapshots it took.
         load: Generator's other keyword arguments (artifacts, threads, cache_dir, device,
             cuda_graphs, on_export, prompt_cache_mb: per lane); loading happens here, once per
             lane (the model once). With `threads` None on ort, each lane's per-byte steps run on
@@ -131,6 +131,7 @@ class AsyncEngine:
         self._homes = PromptHomes()
         self._zygote: Zygote | None = None
         self._prompt_dir: Path | None = None  # the lanes' prompt snapshot files (prompt_share.py)
+        self._pooled: PromptCache | None = None  # thread lanes' one prompt cache
         self._peers_lock = threading.Lock()
         load.pop("on_export", None)  # told once, by the first lane's export
         if max_batch is None:
@@ -140,8 +141,11 @@ class AsyncEngine:
         # the backend's default global threads are every core: right only for a lone lane on them all
         own = threads is None and self.cores == cpu_cores()
         shared = global_threads(self.cores, lanes) if split and not own else None
-        if processes and share_prompts and lanes > 1 and g.engine.prompts.budget and g.device.type == "cpu":
-            self._prompt_dir = share_dir()  # None where there is no shared memory: each lane keeps its own
+        if share_prompts and lanes > 1 and g.engine.prompts.budget:
+            if not processes:  # threads of one process: one cache of every lane's budget
+                self._pooled = PromptCache(g.engine.prompts.budget * lanes / 2**20)
+            elif g.device.type == "cpu":
+                self._prompt_dir = share_dir()  # None where there is no shared memory: each lane keeps its own
         start = self._start_processes if processes else self._start_threads
         try:
             start(backend, lanes, max_batch, max_queue, max_context, {"threads": threads, **load}, shared)
@@ -165,6 +169,8 @@ class AsyncEngine:
         for i, e in enumerate(self.engines):
             if shared is not None:
                 e.backend.set_global_threads(shared)  # type: ignore[attr-defined]
+            if self._pooled is not None:
+                e.prompts = self._pooled
             queue = share(max_queue, lanes, i)
             self.lanes.append(BatchEngine(e, share(max_batch, lanes, i), queue, max_context, g.backend_name,
                                           g.params))  # fmt: skip
@@ -218,8 +224,11 @@ class AsyncEngine:
     @property
     def stats(self) -> BatchStats:
         """A snapshot of the batch loops' counters and what they hold now (active rows, queue depth),
-        summed over lanes."""
-        return sum_stats([lane.stats for lane in self.lanes])
+        summed over lanes (thread lanes' pooled snapshots once)."""
+        out = sum_stats([lane.stats for lane in self.lanes])
+        if self._pooled is not None:
+            out.prompt_cache_bytes = self._pooled.stats.bytes
+        return out
 
     @property
     def lanes_alive(self) -> int:

@@ -364,8 +364,9 @@ def test_closing_with_time_to_spare_finishes_what_is_in_flight():
 def test_a_prompt_goes_back_to_the_lane_that_keeps_its_snapshot():
     """Of lanes holding as few requests, the one that last took a prompt takes it again (its
     snapshot is there): a prompt first sent while lane 0 was busy loads it on lane 1 when both are
-    idle; outputs equal a Generator's."""
-    eng = AsyncEngine(tiny_model("small-window"), backend="torch", max_batch=2, lanes=2)
+    idle; outputs equal a Generator's. (Lanes that do not share snapshots: where they do, any lane
+    would load it.)"""
+    eng = AsyncEngine(tiny_model("small-window"), backend="torch", max_batch=2, lanes=2, share_prompts=False)
     prompt = (PROMPTS[5] * 3).encode()
     want = eng.generator.generate(prompt, mode="ar", max_bytes=8, stop_on_eos=False).ids
 

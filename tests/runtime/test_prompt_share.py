@@ -226,6 +226,26 @@ def test_worker_lanes_load_each_others_snapshots(tmp_path, share):
         AsyncEngine(tiny_model("small-window"), backend="torch", share_prompts="yes")
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_thread_lanes_pool_their_snapshots(share):
+    """Lanes as threads of one process keep one cache of all their budgets (counted once in the
+    engine's stats): a prompt lane 0 took loads on lane 1."""
+    eng = AsyncEngine(tiny_model(), backend="torch", max_batch=2, lanes=2, processes=False, prompt_cache_mb=64,
+                      share_prompts=share)  # fmt: skip
+    try:
+        req = make_request(LONG, eng.config, "ar", 16, stop_on_eos=False)
+        first, again = eng.lanes[0].submit(req).result(120), eng.lanes[1].submit(req).result(120)
+        caches = {id(e.prompts) for e in eng.engines}
+        held, total = eng.engines[0].prompts.stats.bytes, eng.stats.prompt_cache_bytes
+    finally:
+        eng.close(30)
+    want = plain_generator().generate(LONG, mode="ar", max_bytes=16, stop_on_eos=False)
+    assert first.ids == again.ids == want.ids
+    assert (first.stats.prompt_cached, again.stats.prompt_cached) == (0, cut(len(LONG) + 1, 32) if share else 0)
+    assert len(caches) == (1 if share else 2) and held > 0 and total == (held if share else 2 * held)
+    assert eng.engines[0].prompts.budget == 64 * 2**20 * (2 if share else 1)
+
+
 def test_an_engine_dropped_without_close_removes_its_directory(tmp_path):
     import gc
 
