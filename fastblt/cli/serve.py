@@ -56,8 +56,8 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
               "seen before (the same prompt, a conversation's next turn) loads it instead of committing it "
               "again, with the same bytes (0: off).")  # fmt: skip
 @click.option("--share-prompts/--no-share-prompts", default=True, show_default=True,
-              help="Worker lanes load each other's prompt snapshots, through files in /dev/shm (without it, or "
-              "with it full, each lane keeps its own).")  # fmt: skip
+              help="Lanes load each other's prompt snapshots: worker lanes through files in /dev/shm (where it "
+              "is full, each keeps its own), thread lanes from one cache of all their budgets.")  # fmt: skip
 @click.option("--device", default=None, help="torch/trt: where to compute (cpu, cuda, cuda:1).")
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds to let requests in flight finish.")  # fmt: skip
