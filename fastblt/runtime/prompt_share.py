@@ -106,11 +106,8 @@ class SnapshotFiles:
         self.dir, self.lane = Path(directory), lane
         self._own: dict[bytes, int] = {}  # key -> inode of the file this lane wrote
         self._told_full = False
-        for path in self.dir.glob(f"*.{lane}.tmp"):  # left by this lane's worker before a restart
-            with contextlib.suppress(OSError):
-                path.unlink()
-        for path in self.dir.iterdir() if self.dir.is_dir() else []:
-            if _owner(path) == lane:
+        for path in self.dir.iterdir() if self.dir.is_dir() else []:  # left by this lane's worker before a restart
+            if path.name.endswith(f".{lane}.tmp") or _owner(path) == lane:
                 with contextlib.suppress(OSError):
                     path.unlink()
 
