@@ -32,7 +32,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 
 import httpx
@@ -140,19 +142,27 @@ def render(r: dict) -> str:
     ]
     lines += ["", "## Per mode and concurrency", ""]
     lines += ["| mode | streams | requests | aggregate B/s | x 1 stream | TTFB p50 / p95 ms | "
-              "inter-byte p50 / p95 / p99 ms | errors | != alone |"]  # fmt: skip
-    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "inter-byte p50 / p95 / p99 ms | CPU % lanes / server / client | errors | != alone |"]  # fmt: skip
+    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode, rows in r["levels"].items():
         base = rows["1"]["bytes_per_s"] if "1" in rows else None
         for c, s in rows.items():
             ratio = f"{s['bytes_per_s'] / base:.2f}" if base else ""
+            cpu = " / ".join(f"{100 * s['cpu'][k]:.0f}" for k in ("lanes", "server", "client")) if "cpu" in s else ""
             lines.append(
                 f"| {mode} | {c} | {s['requests']} | {s['bytes_per_s']:.0f} | {ratio} | "
                 f"{s['ttfb_p50_ms']:.0f} / {s['ttfb_p95_ms']:.0f} | "
-                f"{s['gap_p50_ms']:.2f} / {s['gap_p95_ms']:.2f} / {s['gap_p99_ms']:.2f} | "
+                f"{s['gap_p50_ms']:.2f} / {s['gap_p95_ms']:.2f} / {s['gap_p99_ms']:.2f} | {cpu} | "
                 f"{s['errors']} | {s['wrong']} |"
             )
-    lines += ["", "!= alone: responses whose text differs from the same request run alone (Generator, batch 1).", ""]
+    lines += [
+        "",
+        "!= alone: responses whose text differs from the same request run alone (Generator, batch 1). "
+        "CPU %: the level's CPU time as a share of the host's cores over its wall time: the server's lane "
+        "worker processes, the server process (HTTP, server-sent events, the lanes' messages) and this "
+        "benchmark's client (on the same cores; a remote client's share would be free for the lanes).",
+        "",
+    ]
     if r.get("others"):
         lanes = m.get("lanes", 1)
         lines += ["## The default against other layouts", "",
@@ -332,6 +342,28 @@ def plot_ray(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process `pid` has used, 0 once it is gone (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_use(srv, load: Coroutine[None, None, dict]) -> tuple[dict, dict]:
+    """The result of running `load` and the CPU seconds the server process, its lane workers and this client
+    process spent meanwhile, each as a share of the host's cores over the wall time."""
+    main, workers = srv.proc.pid, srv.workers()
+    before = {pid: cpu_seconds(pid) for pid in (main, *workers)}
+    client, t0 = time.process_time(), time.perf_counter()
+    out = asyncio.run(load)
+    wall, cores = time.perf_counter() - t0, os.cpu_count() or 1
+    used = {pid: cpu_seconds(pid) - before[pid] for pid in before}
+    share = {"server": used[main], "lanes": sum(used[pid] for pid in workers), "client": time.process_time() - client}
+    return out, {name: seconds / (wall * cores) for name, seconds in share.items()}
+
+
 def run_levels(server: type, server_args: list[str], prompts: list[str], want: dict, levels: tuple[int, ...],
                quick: bool = False) -> dict:  # fmt: skip
     """Every mode at every concurrency level on one server started with `server_args`."""
@@ -342,7 +374,8 @@ def run_levels(server: type, server_args: list[str], prompts: list[str], want: d
             for c in levels:
                 total = 8 if quick else max(8, 2 * c)
                 asyncio.run(level(srv.url, prompts, mode, 1, 1))  # warm this mode's path
-                rows[str(c)] = summarize(asyncio.run(level(srv.url, prompts, mode, c, total)), prompts, want[mode])
+                run, cpu = cpu_use(srv, level(srv.url, prompts, mode, c, total))
+                rows[str(c)] = {**summarize(run, prompts, want[mode]), "cpu": cpu}
                 s = rows[str(c)]
                 line = f"{mode} x{c}: {s['bytes_per_s']:.0f} B/s, ttfb p50 {s['ttfb_p50_ms']:.0f} ms, "
                 print(line + f"gap p95 {s['gap_p95_ms']:.2f} ms, errors {s['errors']}, wrong {s['wrong']}", flush=True)
