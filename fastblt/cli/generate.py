@@ -41,6 +41,20 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
         raise click.BadParameter(f"{path}: {e.strerror or e}", param_hint="--prompt-file") from None
 
 
+def parse_bias(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[int, float]]:
+    """--logit-bias BYTE=BIAS pairs (the byte and bias ranges are the options' to check)."""
+    pairs = []
+    for value in values:
+        byte, sep, bias = value.partition("=")
+        try:
+            pairs.append((int(byte), float(bias)))
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected BYTE=BIAS, e.g. 10=-100 (a byte value 0-255)") from None
+        if not sep:
+            raise click.BadParameter(f"{value!r}: expected BYTE=BIAS, e.g. 10=-100 (a byte value 0-255)")
+    return pairs
+
+
 def arg_bytes(text: str) -> str | bytes:
     """A command-line argument as given: Python decodes argv bytes that are not UTF-8 to lone
     surrogates, which cannot be encoded again; those come back as the original bytes."""
@@ -71,6 +85,9 @@ def arg_bytes(text: str) -> str | bytes:
 @click.option("--block-start", type=click.Choice(BLOCK_START_RULES), default="force", show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not part of the output.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at EOS.")
+@click.option("--logit-bias", "logit_bias", multiple=True, callback=parse_bias, metavar="BYTE=BIAS",
+              help="Add BIAS (-100 to 100) to byte BYTE's logit (0-255) wherever a byte is chosen (repeatable; "
+                   "-100 bans it: --logit-bias 10=-100 writes no newline).")  # fmt: skip
 @click.option(
     "--max-context",
     type=int,
@@ -88,8 +105,8 @@ def arg_bytes(text: str) -> str | bytes:
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr but errors (no first-use export notice).")
 def generate(
     checkpoint, prompt, prompt_file, mode, backend, artifacts, max_bytes, temperature, top_k, top_p, seed, k,
-    lookup, unmask, alpha, gamma, block_start, stop, ignore_eos, max_context, threads, device, cuda_graphs, stream,
-    as_json, logprobs, quiet,
+    lookup, unmask, alpha, gamma, block_start, stop, ignore_eos, logit_bias, max_context, threads, device, cuda_graphs,
+    stream, as_json, logprobs, quiet,
 ):  # fmt: skip
     """Generate bytes after a prompt with ar, blt-d, blt-s or blt-dv."""
     from fastblt.cli.progress import first_use_notice
@@ -107,7 +124,7 @@ def generate(
     options = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, lookup=lookup, unmask=unmask, alpha=alpha,
         gamma=gamma, block_start=block_start, stop=[arg_bytes(x) for x in stop], stop_on_eos=not ignore_eos,
-        logprobs=logprobs,
+        logprobs=logprobs, logit_bias=logit_bias,
     )  # fmt: skip
     # checked once, against the checkpoint's config, before anything is loaded or exported
     request = make_request(data, load_config(resolve_checkpoint_path(checkpoint)), mode, max_bytes, **options)

@@ -45,6 +45,7 @@ from fastblt.runtime.sampling import (
     probs_from_logits,
     sample,
     speculative_accept,
+    steer,
 )
 from fastblt.runtime.state import SequenceState
 from fastblt.runtime.stats import RoundStats
@@ -162,7 +163,7 @@ def verify(run: Run, c: int, drafts: list[int], encoded: bool) -> Plan[np.ndarra
 def accept(run: Run, drafts: list[int], q: np.ndarray | None, logits: np.ndarray) -> tuple[int, int]:
     """Accepted draft count and the next pending byte (correction or bonus)."""
     if run.params.greedy:
-        return greedy_accept(drafts, logits)
+        return greedy_accept(drafts, steer(logits, run.params))
     return speculative_accept(drafts, q, probs_from_logits(logits, run.params), run.gen)
 
 
@@ -224,7 +225,7 @@ def draft_ar(run: Run, c: int, k: int) -> Plan[tuple[list[int], np.ndarray | Non
         yield from st.run_encoder(n + j, np.array([x]))
         logits = (yield from st.run_decoder(n + j, 1, read))[0]
         if run.params.greedy:
-            x = int(logits.argmax())  # host sync: the draft byte feeds the next step
+            x = int(pick(logits, run.params, None))  # host sync: the draft byte feeds the next step
         else:
             qs.append(probs_from_logits(logits, run.params))
             x = int(sample(qs[-1], run.gen))  # host sync: as above
@@ -294,7 +295,7 @@ def denoise(
     while masked[first:end].any():  # host sync: one per diffusion step
         logits = yield from st.run_block(block, read, at)  # (B, V)
         probs = probs_from_logits(logits, params) if rule != "one-step" or q is not None else None
-        tok = logits.argmax(-1) if params.greedy else sample(probs, run.gen)
+        tok = pick(logits, params, None) if params.greedy else sample(probs, run.gen)
         if rule == "one-step":
             chosen = masked.copy()
         elif rule == "confidence":

@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 from fastblt.errors import CapabilityError, InputError
 from fastblt.export.spec import DEFAULT_K
@@ -51,6 +53,9 @@ class DecodeOptions:
     logprobs: ar, blt-s, blt-dv: each generated id's log-probability under the model, and the
     `logprobs` most likely ids' (0: the generated id's only; None: none are computed).
     prompt_logprobs: every mode: each prompt id's after BOS, likewise (the prefill computes them).
+    logit_bias: {byte: bias}: added to the logit of each byte (0-255) wherever a byte is chosen,
+    drafted or verified, before temperature, top-k and top-p (OpenAI's logit_bias with a byte per
+    token; -100 bans a byte, +100 all but forces it). Checked into sorted (byte, bias) pairs.
     """
 
     mode: str = "blt-d"
@@ -70,10 +75,11 @@ class DecodeOptions:
     prefill_chunk: int | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
-    @property
+    @cached_property  # a request's loops read it every byte
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p)
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.logit_bias)
 
 
 # numbers.Integral / Real: numpy's scalars count (a service passes what its own code computed);
@@ -113,12 +119,34 @@ def _stops(stop: object) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+def _biases(pairs: object) -> tuple[tuple[int, float], ...]:
+    """(byte, bias) pairs, sorted by byte: each byte an int in [0, 255] once, each bias in
+    [-100, 100] (OpenAI's range)."""
+    try:
+        items = [tuple(pair) for pair in pairs]  # type: ignore[attr-defined]
+    except TypeError:
+        raise InputError(f"option logit_bias: expected {{byte: bias}}, got {pairs!r:.80}") from None
+    out: dict[int, float] = {}
+    for item in items:
+        if len(item) != 2:
+            raise InputError(f"option logit_bias: expected (byte, bias) pairs, got {item!r:.80}")
+        byte = _int("logit_bias byte", item[0], 0, 255)
+        if byte in out:
+            raise InputError(f"option logit_bias: byte {byte} is given twice")
+        out[byte] = _real(f"logit_bias[{byte}]", item[1], -100.0, 100.0)
+    return tuple(sorted(out.items()))
+
+
 def make_options(**options: object) -> DecodeOptions:
     """Build DecodeOptions from keyword arguments; unknown names and bad values are InputErrors."""
     names = {f.name for f in dataclasses.fields(DecodeOptions)}
     unknown = sorted(set(options) - names)
     if unknown:
         raise InputError(f"option(s) {unknown}: unknown; known options are {sorted(names)}")
+    if isinstance(options.get("logit_bias"), Mapping):
+        options["logit_bias"] = tuple(options["logit_bias"].items())  # type: ignore[union-attr]
+    elif options.get("logit_bias", ()) is None:
+        options["logit_bias"] = ()
     if "stop" in options and options["stop"] is not None:
         options["stop"] = _stops(options["stop"])
     elif "stop" in options:
@@ -170,6 +198,8 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
             )
     if opts.prompt_logprobs is not None:
         plain["prompt_logprobs"] = _int("prompt_logprobs", opts.prompt_logprobs, 0, MAX_LOGPROBS)
+    if opts.logit_bias:
+        plain["logit_bias"] = _biases(opts.logit_bias)
     if opts.block_start not in BLOCK_START_RULES:
         raise InputError(f"option block_start: {opts.block_start!r} is unknown; choose one of {BLOCK_START_RULES}")
     if opts.block_start != "force" and opts.mode not in UNMASK_RULES:

@@ -5,9 +5,9 @@ Logits come from the step graphs as numpy arrays (torch tensors are taken too); 
 `numpy.random.Generator` (reproducible for a given seed, backend and mode). The host side of a
 byte runs right after a step call has evicted the core's caches, where a numpy call costs a few
 microseconds and a torch call 10-20: a sampled byte's draw took ~137 us in torch calls.
-Greedy decoding is temperature 0: argmax of the raw logits (ties go to the lowest id). With
+Greedy decoding is temperature 0: argmax of the logits (ties go to the lowest id). With
 temperature > 0 the logits are divided by the temperature, then top-k, then top-p (nucleus) are
-applied.
+applied. A request's logit bias is added first, wherever bytes are chosen (`steer`).
 
 Rules (fast_blt_algorithms.md sections 3-6, 8.6):
 - `confidence_unmask`: every masked cell whose confidence >= alpha, at least the most confident.
@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from torch import Tensor
 
 from fastblt.errors import InternalError
+from fastblt.model.config import BYTE_OFFSET
 
 Rng = np.random.Generator
 
@@ -40,15 +42,34 @@ def new_rng(seed: int | None) -> Rng:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy (top_k, top_p and seed are then unused)."""
+    """temperature 0 = greedy (top_k, top_p and seed are then unused). bias: (byte, bias) pairs
+    added to those bytes' logits before anything else (`steer`)."""
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @cached_property
+    def _bias_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.array([byte + BYTE_OFFSET for byte, _ in self.bias], dtype=np.int64)
+        return ids, np.array([b for _, b in self.bias], dtype=np.float32)
+
+
+def steer(logits: Tensor | np.ndarray, params: SamplingParams) -> Tensor | np.ndarray:
+    """(..., V) logits with the params' logit bias added (a copy; the logits themselves when there
+    is none): what every choice, draft and verification reads, so a biased ar and the modes that
+    verify against it still agree. Scores (log_probs) read the model's own logits."""
+    if not params.bias:
+        return logits
+    ids, values = params._bias_arrays
+    x = _array(logits).copy()
+    x[..., ids] += values
+    return x
 
 
 def _array(x: Tensor | np.ndarray) -> np.ndarray:
@@ -72,11 +93,12 @@ def log_probs(logits: np.ndarray) -> np.ndarray:
 
 
 def probs_from_logits(logits: Tensor | np.ndarray, params: SamplingParams) -> np.ndarray:
-    """(..., V) logits -> (..., V) float32 probabilities after temperature, top-k and top-p.
+    """(..., V) logits -> (..., V) float32 probabilities after the logit bias, temperature, top-k
+    and top-p.
 
-    Greedy params give the plain softmax (what confidence and entropy unmasking read).
+    Greedy params give the softmax of the biased logits (what confidence and entropy unmasking read).
     """
-    x = _array(logits)
+    x = _array(steer(logits, params))
     if params.greedy:
         return softmax(x)
     # from the row's maximum first: a tiny temperature then sends the others to -inf, not to inf - inf
@@ -119,9 +141,10 @@ def sample(probs: np.ndarray, rng: Rng) -> np.ndarray:
 
 
 def pick(logits: Tensor | np.ndarray, params: SamplingParams, rng: Rng | None) -> Tensor | np.ndarray:
-    """The next token(s) for (..., V) logits: argmax when greedy, else a draw. -> (...) int64."""
+    """The next token(s) for (..., V) logits (biased: `steer`): argmax when greedy, else a draw.
+    -> (...) int64."""
     if params.greedy:
-        return logits.argmax(-1)  # numpy's and torch's: the first of equal maxima
+        return steer(logits, params).argmax(-1)  # numpy's and torch's: the first of equal maxima
     return sample(probs_from_logits(logits, params), rng)
 
 

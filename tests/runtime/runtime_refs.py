@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from fastblt.model.config import EOS_ID, BltDConfig
+from fastblt.model.config import BYTE_OFFSET, EOS_ID, VOCAB_SIZE, BltDConfig
 from fastblt.model.tokenizer import encode
 from fastblt.runtime.generator import Generator
 
@@ -41,13 +41,18 @@ def torch_generator(
                      prompt_cache_mb=prompt_cache_mb)  # fmt: skip
 
 
-def full_recompute_greedy(model, prompt, max_bytes: int, stop_on_eos: bool = True) -> list[int]:
-    """The released generator's semantics: the whole model on every prefix, argmax of the last row."""
+def full_recompute_greedy(model, prompt, max_bytes: int, stop_on_eos: bool = True,
+                          bias: dict[int, float] | None = None) -> list[int]:  # fmt: skip
+    """The released generator's semantics: the whole model on every prefix, argmax of the last row
+    (with `bias` {byte: bias} added to those bytes' logits first, as OpenAI's logit_bias)."""
     ids = encode(prompt)
     out: list[int] = []
+    add = torch.zeros(VOCAB_SIZE)
+    for byte, b in (bias or {}).items():
+        add[byte + BYTE_OFFSET] = b
     with torch.no_grad():
         for _ in range(max_bytes):
-            c = int(model(torch.tensor([ids]))[0, -1].argmax())
+            c = int((model(torch.tensor([ids]))[0, -1] + add).argmax())
             if c == EOS_ID and stop_on_eos:
                 break
             out.append(c)

@@ -23,7 +23,7 @@ def batch_of(gen: Generator, max_batch: int = 8, max_queue: int = 64) -> BatchEn
 
 
 def jobs(n: int, seed: int = 0) -> list[tuple[bytes | str, str, int, dict]]:
-    """n requests of mixed prompts, modes, lengths and options."""
+    """n requests of mixed prompts, modes, lengths and options (a fifth with a logit bias)."""
     rng = random.Random(seed)
     prompts = [*PROMPTS, PROMPTS[5] * 2, PROMPTS[3] * 9]  # long ones: global caches past one bucket
     out = []
@@ -35,7 +35,10 @@ def jobs(n: int, seed: int = 0) -> list[tuple[bytes | str, str, int, dict]]:
             options |= {"temperature": 0.9, "top_k": 20, "seed": rng.randrange(1000)}
         if mode == "blt-s" and rng.random() < 0.5:
             options["k"] = rng.choice([2, 5])
-        out.append((prompt, mode, rng.choice([7, 19, 33]), options))
+        n = rng.choice([7, 19, 33])
+        if i % 5 == 4:  # rows of one call, each with its own logit bias (or none)
+            options["logit_bias"] = {rng.randrange(256): rng.choice([-100.0, 4.0]) for _ in range(6)}
+        out.append((prompt, mode, n, options))
     return out
 
 

@@ -61,6 +61,10 @@ def test_generate_prompt_file_with_raw_bytes(ckpt, tmp_path, monkeypatch):
         (["--temperature", "-1"], "temperature"),
         (["--temperature", "1", "--top-p", "2"], "top_p"),
         (["--prompt", "again"], "exactly one of --prompt"),
+        (["--logit-bias", "10"], "expected BYTE=BIAS"),
+        (["--logit-bias", "a=1"], "expected BYTE=BIAS"),
+        (["--logit-bias", "300=1"], "option logit_bias byte"),
+        (["--logit-bias", "10=-101"], "option logit_bias[10]"),
     ],
 )
 def test_generate_bad_input_exits_2(ckpt, monkeypatch, args, message):
@@ -69,6 +73,14 @@ def test_generate_bad_input_exits_2(ckpt, monkeypatch, args, message):
         base = base[:-2] + ["--prompt-file", "/dev/null"]
     code, _, err = run_cli([*base, *args], monkeypatch)
     assert code == 2 and message in err
+
+
+def test_generate_logit_bias_reaches_the_request(ckpt, monkeypatch):
+    """--logit-bias BYTE=BIAS (repeatable): +100 on "x" makes every byte an "x", in a verified mode too."""
+    base = ["generate", "--checkpoint", str(ckpt), "--backend", "torch", "--prompt", "def main(", "--max-bytes", "12"]
+    code, out, err = run_cli([*base, "--mode", "blt-s", "--ignore-eos", "--logit-bias", "120=100", "--logit-bias",
+                              "10=-5.5"], monkeypatch)  # fmt: skip
+    assert code == 0 and out == "x" * 12 + "\n", err
 
 
 def test_generate_max_context_bounds_the_call(ckpt, monkeypatch):

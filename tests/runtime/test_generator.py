@@ -56,7 +56,31 @@ BAD_OPTIONS = [
     (dict(stop=[3]), InputError, "stop"),
     (dict(stop_on_eos="yes"), InputError, "stop_on_eos"),
     (dict(beam_width=4), InputError, "unknown"),
+    (dict(logit_bias={256: -100}), InputError, r"option logit_bias byte: expected an int in \[0, 255\]"),
+    (dict(logit_bias={10: 100.5}), InputError, r"option logit_bias\[10\]: expected a number"),
+    (dict(logit_bias={10: float("nan")}), InputError, r"option logit_bias\[10\]"),
+    (dict(logit_bias={True: 1}), InputError, "option logit_bias byte"),
+    (dict(logit_bias=[(10, 1), (10, 2)]), InputError, "option logit_bias: byte 10 is given twice"),
+    (dict(logit_bias=[(10,)]), InputError, "option logit_bias: expected"),
+    (dict(logit_bias=7), InputError, "option logit_bias: expected"),
 ]
+
+
+@pytest.mark.parametrize("mode", ["ar", "blt-s", "blt-d", "blt-dv"])
+def test_a_logit_bias_of_100_makes_every_byte_its_byte_in_every_mode(mode):
+    """+100 on one byte outweighs any logit: greedy and sampled, drafted, verified or unmasked by
+    the diffusion head, every byte is that one; -100 on bytes 0-199 and sampled with one seed
+    twice: none of them comes (without the bias most would: the tiny model's bytes are nearly
+    uniform), and the draws are the same."""
+    g = torch_generator()
+    for opts in ({}, {"temperature": 1.0, "seed": 3}):
+        got = g.generate("def f(", mode=mode, max_bytes=24, stop_on_eos=False, logit_bias={120: 100}, **opts)
+        assert got.bytes == b"x" * 24, (mode, opts)
+    opts = {"temperature": 1.0, "seed": 11, "stop_on_eos": False}
+    assert min(g.generate("def f(", mode=mode, max_bytes=40, **opts).bytes) < 200
+    biased = {**opts, "logit_bias": dict.fromkeys(range(200), -100)}
+    first, again = (g.generate("def f(", mode=mode, max_bytes=40, **biased) for _ in range(2))
+    assert first.ids == again.ids and len(first.bytes) > 20 and min(first.bytes) >= 200
 
 
 @pytest.mark.parametrize(("options", "error", "match"), BAD_OPTIONS)

@@ -19,6 +19,7 @@ from fastblt.runtime.sampling import (
     probs_from_logits,
     sample,
     speculative_accept,
+    steer,
 )
 
 
@@ -164,3 +165,22 @@ def test_speculative_acceptance_reproduces_p(case):
     assert _chi2_ok(second, p[1])
     if case == "disjoint-support":
         assert first[4] == 0  # p = 0 there: that draft is never accepted
+
+
+def test_steer_adds_the_bias_to_its_bytes_ids_in_a_copy():
+    """A byte's id is byte + 4 (BOE, BOS, EOS and the BPE delimiter first); rows of any shape;
+    the caller's logits are left as they were; no bias: the same array, no copy."""
+    logits = np.arange(2 * 260, dtype=np.float32).reshape(2, 260)
+    before = logits.copy()
+    params = SamplingParams(bias=((0, -100.0), (10, 2.5)))
+    out = steer(logits, params)
+    assert np.array_equal(logits, before)
+    want = before.copy()
+    want[:, 4] -= 100.0
+    want[:, 14] += 2.5
+    assert np.array_equal(out, want)
+    assert steer(logits, SamplingParams()) is logits
+    assert int(pick(logits[0], params, None)) == 259  # still the last id: +2.5 on id 14 does not reach it
+    assert int(pick(np.zeros(260, np.float32), params, None)) == 14
+    probs = probs_from_logits(np.zeros(260, np.float32), SamplingParams(1.0, bias=((65, 100.0),)))
+    assert probs[65 + 4] > 0.999

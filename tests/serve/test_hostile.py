@@ -84,6 +84,12 @@ HOSTILE: list[tuple[str, bytes | None, int]] = [  # what, body, expected status 
     ("echo a string", body(echo="yes"), 400),
     ("max_tokens 0 streamed", body(max_tokens=0, echo=True, stream=True), 400),
     ("stream a string", body(stream="yes"), 400),
+    ("logit_bias a list", body(logit_bias=[10, -100]), 400),
+    ("logit_bias keyed by a word", body(logit_bias={"a": 5}), 400),
+    ("logit_bias past a byte", body(logit_bias={"256": -100}), 400),
+    ("logit_bias of 200", body(logit_bias={"10": 200}), 400),
+    ("logit_bias a string value", body(logit_bias={"10": "-100"}), 400),
+    ("logit_bias one byte twice", body(logit_bias={"10": 1, "010": 2}), 400),
     ("a 10 MB body", b'{"prompt": "' + b"a" * (10 << 20) + b'"}', 413),
     ("a prompt past the model's limit", body(prompt="x = 1\n" * 6000, max_tokens=1), 400),
 ]
@@ -101,7 +107,8 @@ def test_hostile_requests_get_4xx_and_the_server_stays_up(server):
         r = c.get(url, headers=AUTH)
         assert r.status_code == 405 and r.headers["Allow"] == "POST"
         assert c.post(f"{server.url}/v2/nothing", content=body(), headers=AUTH).status_code == 404
-        nulls = dict.fromkeys(("n", "best_of", "echo", "presence_penalty", "frequency_penalty", "logprobs"))
+        nulls = dict.fromkeys(("n", "best_of", "echo", "presence_penalty", "frequency_penalty", "logprobs",
+                               "logit_bias"))  # fmt: skip
         r = c.post(url, content=body(**nulls), headers=AUTH)  # null is "not asked for", as clients send it
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:  # leaves while sending its body
@@ -173,7 +180,9 @@ def test_field_errors_name_the_field(server):
                        ("prompt", body(prompt="x" * 16_500, max_tokens=1)),
                        ("max_tokens", body(prompt="x" * 100, max_tokens=16_300)),
                        ("prompt", body(prompt=NOISE, max_tokens=1)),
-                       ("prompt", body(prompt=NOISE, max_tokens=1, stream=True))]:  # fmt: skip
+                       ("prompt", body(prompt=NOISE, max_tokens=1, stream=True)),
+                       ("logit_bias", body(logit_bias={"300": 1})), ("logit_bias", body(logit_bias={"7": -101})),
+                       ("logit_bias", body(logit_bias={" 7": 1})), ("logit_bias", body(logit_bias=5))]:  # fmt: skip
         r = httpx.post(f"{server.url}/v1/completions", content=raw, headers=AUTH, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.json())
         assert "max_bytes" not in r.json()["error"]["message"]  # the request's own names

@@ -371,6 +371,22 @@ def test_stop_strings_seeds_and_fastblt_fields(server, reference):
     assert all("usage" in ch.model_fields_set and ch.usage is None for ch in chunks)  # null, as OpenAI sends it
 
 
+def test_logit_bias_bans_bytes_as_the_generator_does(server, reference):
+    """OpenAI's logit_bias, a byte per token: the openai client sends it as is; the answer equals
+    the Generator's with the same bias (streamed too, sampled too), and a banned byte is absent."""
+    c = client(server)
+    plain = reference.generate(PROMPT, mode="ar", max_bytes=40, temperature=0.0).bytes
+    banned = sorted(set(plain[:4]))
+    bias = {b: -100 for b in banned}
+    for mode, opts in [("blt-s", {"temperature": 0.0}), ("ar", {"temperature": 0.9, "seed": 5})]:
+        want = reference.generate(PROMPT, mode=mode, max_bytes=40, logit_bias=bias, **opts)
+        assert not set(want.bytes) & set(banned) and want.bytes != plain
+        kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=40, logit_bias={str(b): -100 for b in banned},
+                      extra_body={"mode": mode}, **opts)  # fmt: skip
+        assert c.completions.create(**kwargs).choices[0].text == want.text
+        assert "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **kwargs)) == want.text
+
+
 def test_four_stop_strings_are_allowed(server, reference):
     """OpenAI allows up to 4 stop sequences: a client sending 4 must not be refused."""
     full = reference.generate(PROMPT, mode="blt-s", max_bytes=60, temperature=0.0).text
