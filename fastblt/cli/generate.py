@@ -88,6 +88,11 @@ def arg_bytes(text: str) -> str | bytes:
 @click.option("--logit-bias", "logit_bias", multiple=True, callback=parse_bias, metavar="BYTE=BIAS",
               help="Add BIAS (-100 to 100) to byte BYTE's logit (0-255) wherever a byte is chosen (repeatable; "
                    "-100 bans it: --logit-bias 10=-100 writes no newline).")  # fmt: skip
+@click.option("--presence-penalty", type=float, default=0.0, show_default=True,
+              help="-2 to 2: taken off the logit of every byte generated before (OpenAI's).")  # fmt: skip
+@click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
+              help="-2 to 2: taken off a byte's logit once per time it was generated before (OpenAI's; "
+                   "against repetition).")  # fmt: skip
 @click.option(
     "--max-context",
     type=int,
@@ -105,8 +110,8 @@ def arg_bytes(text: str) -> str | bytes:
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr but errors (no first-use export notice).")
 def generate(
     checkpoint, prompt, prompt_file, mode, backend, artifacts, max_bytes, temperature, top_k, top_p, seed, k,
-    lookup, unmask, alpha, gamma, block_start, stop, ignore_eos, logit_bias, max_context, threads, device, cuda_graphs,
-    stream, as_json, logprobs, quiet,
+    lookup, unmask, alpha, gamma, block_start, stop, ignore_eos, logit_bias, presence_penalty, frequency_penalty,
+    max_context, threads, device, cuda_graphs, stream, as_json, logprobs, quiet,
 ):  # fmt: skip
     """Generate bytes after a prompt with ar, blt-d, blt-s or blt-dv."""
     from fastblt.cli.progress import first_use_notice
@@ -124,7 +129,8 @@ def generate(
     options = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, lookup=lookup, unmask=unmask, alpha=alpha,
         gamma=gamma, block_start=block_start, stop=[arg_bytes(x) for x in stop], stop_on_eos=not ignore_eos,
-        logprobs=logprobs, logit_bias=logit_bias,
+        logprobs=logprobs, logit_bias=logit_bias, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
     )  # fmt: skip
     # checked once, against the checkpoint's config, before anything is loaded or exported
     request = make_request(data, load_config(resolve_checkpoint_path(checkpoint)), mode, max_bytes, **options)

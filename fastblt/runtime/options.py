@@ -56,6 +56,9 @@ class DecodeOptions:
     logit_bias: {byte: bias}: added to the logit of each byte (0-255) wherever a byte is chosen,
     drafted or verified, before temperature, top-k and top-p (OpenAI's logit_bias with a byte per
     token; -100 bans a byte, +100 all but forces it). Checked into sorted (byte, bias) pairs.
+    presence_penalty / frequency_penalty: OpenAI's, in [-2, 2]: where a byte is chosen, drafted or
+    verified, each id's logit loses frequency_penalty x (times it was generated before) +
+    presence_penalty (if it was at all). Generated ids only, not the prompt's.
     """
 
     mode: str = "blt-d"
@@ -76,10 +79,13 @@ class DecodeOptions:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @cached_property  # a request's loops read it every byte
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.logit_bias)
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.logit_bias, self.presence_penalty,
+                              self.frequency_penalty)  # fmt: skip
 
 
 # numbers.Integral / Real: numpy's scalars count (a service passes what its own code computed);
@@ -200,6 +206,8 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
         plain["prompt_logprobs"] = _int("prompt_logprobs", opts.prompt_logprobs, 0, MAX_LOGPROBS)
     if opts.logit_bias:
         plain["logit_bias"] = _biases(opts.logit_bias)
+    for name in ("presence_penalty", "frequency_penalty"):
+        plain[name] = _real(name, getattr(opts, name), -2.0, 2.0)
     if opts.block_start not in BLOCK_START_RULES:
         raise InputError(f"option block_start: {opts.block_start!r} is unknown; choose one of {BLOCK_START_RULES}")
     if opts.block_start != "force" and opts.mode not in UNMASK_RULES:

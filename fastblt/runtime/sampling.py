@@ -7,7 +7,7 @@ byte runs right after a step call has evicted the core's caches, where a numpy c
 microseconds and a torch call 10-20: a sampled byte's draw took ~137 us in torch calls.
 Greedy decoding is temperature 0: argmax of the logits (ties go to the lowest id). With
 temperature > 0 the logits are divided by the temperature, then top-k, then top-p (nucleus) are
-applied. A request's logit bias is added first, wherever bytes are chosen (`steer`).
+applied. A request's logit bias and penalties come first, wherever bytes are chosen (`steer`).
 
 Rules (fast_blt_algorithms.md sections 3-6, 8.6):
 - `confidence_unmask`: every masked cell whose confidence >= alpha, at least the most confident.
@@ -43,16 +43,23 @@ def new_rng(seed: int | None) -> Rng:
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 = greedy (top_k, top_p and seed are then unused). bias: (byte, bias) pairs
-    added to those bytes' logits before anything else (`steer`)."""
+    added to those bytes' logits before anything else; presence / frequency: OpenAI's penalties on
+    ids generated before (`steer`)."""
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     bias: tuple[tuple[int, float], ...] = ()
+    presence: float = 0.0
+    frequency: float = 0.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence != 0.0 or self.frequency != 0.0
 
     @cached_property
     def _bias_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -60,15 +67,21 @@ class SamplingParams:
         return ids, np.array([b for _, b in self.bias], dtype=np.float32)
 
 
-def steer(logits: Tensor | np.ndarray, params: SamplingParams) -> Tensor | np.ndarray:
-    """(..., V) logits with the params' logit bias added (a copy; the logits themselves when there
-    is none): what every choice, draft and verification reads, so a biased ar and the modes that
-    verify against it still agree. Scores (log_probs) read the model's own logits."""
-    if not params.bias:
+def steer(logits: Tensor | np.ndarray, params: SamplingParams, counts: np.ndarray | None = None) -> Tensor | np.ndarray:
+    """(..., V) logits with the params' logit bias added and, given `counts` (how often each id
+    was generated before the position a row chooses: (V,) or (..., V)), OpenAI's penalties taken
+    off: frequency x count + presence where the count is not 0. A copy; the logits themselves when
+    there is nothing to do. What every choice, draft and verification reads, so ar and the modes
+    that verify against it agree under them too. Scores (log_probs) read the model's own logits."""
+    penalize = counts is not None and params.penalized
+    if not params.bias and not penalize:
         return logits
-    ids, values = params._bias_arrays
     x = _array(logits).copy()
-    x[..., ids] += values
+    if params.bias:
+        ids, values = params._bias_arrays
+        x[..., ids] += values
+    if penalize:
+        x -= np.float32(params.frequency) * counts + np.float32(params.presence) * (counts > 0)
     return x
 
 
@@ -92,13 +105,15 @@ def log_probs(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def probs_from_logits(logits: Tensor | np.ndarray, params: SamplingParams) -> np.ndarray:
-    """(..., V) logits -> (..., V) float32 probabilities after the logit bias, temperature, top-k
-    and top-p.
+def probs_from_logits(
+    logits: Tensor | np.ndarray, params: SamplingParams, counts: np.ndarray | None = None
+) -> np.ndarray:
+    """(..., V) logits -> (..., V) float32 probabilities after the logit bias and penalties
+    (`steer`, with `counts`), temperature, top-k and top-p.
 
     Greedy params give the softmax of the biased logits (what confidence and entropy unmasking read).
     """
-    x = _array(steer(logits, params))
+    x = _array(steer(logits, params, counts))
     if params.greedy:
         return softmax(x)
     # from the row's maximum first: a tiny temperature then sends the others to -inf, not to inf - inf
@@ -140,12 +155,14 @@ def sample(probs: np.ndarray, rng: Rng) -> np.ndarray:
     return idx
 
 
-def pick(logits: Tensor | np.ndarray, params: SamplingParams, rng: Rng | None) -> Tensor | np.ndarray:
-    """The next token(s) for (..., V) logits (biased: `steer`): argmax when greedy, else a draw.
-    -> (...) int64."""
+def pick(
+    logits: Tensor | np.ndarray, params: SamplingParams, rng: Rng | None, counts: np.ndarray | None = None
+) -> Tensor | np.ndarray:
+    """The next token(s) for (..., V) logits (steered, with `counts`): argmax when greedy, else a
+    draw. -> (...) int64."""
     if params.greedy:
-        return steer(logits, params).argmax(-1)  # numpy's and torch's: the first of equal maxima
-    return sample(probs_from_logits(logits, params), rng)
+        return steer(logits, params, counts).argmax(-1)  # numpy's and torch's: the first of equal maxima
+    return sample(probs_from_logits(logits, params, counts), rng)
 
 
 def entropy_of(probs: np.ndarray) -> np.ndarray:

@@ -42,9 +42,11 @@ def torch_generator(
 
 
 def full_recompute_greedy(model, prompt, max_bytes: int, stop_on_eos: bool = True,
-                          bias: dict[int, float] | None = None) -> list[int]:  # fmt: skip
+                          bias: dict[int, float] | None = None, presence: float = 0.0,
+                          frequency: float = 0.0) -> list[int]:  # fmt: skip
     """The released generator's semantics: the whole model on every prefix, argmax of the last row
-    (with `bias` {byte: bias} added to those bytes' logits first, as OpenAI's logit_bias)."""
+    (with `bias` {byte: bias} added to those bytes' logits first, as OpenAI's logit_bias, and
+    OpenAI's presence and frequency penalties on the ids generated before)."""
     ids = encode(prompt)
     out: list[int] = []
     add = torch.zeros(VOCAB_SIZE)
@@ -52,7 +54,9 @@ def full_recompute_greedy(model, prompt, max_bytes: int, stop_on_eos: bool = Tru
         add[byte + BYTE_OFFSET] = b
     with torch.no_grad():
         for _ in range(max_bytes):
-            c = int((model(torch.tensor([ids]))[0, -1] + add).argmax())
+            seen = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=VOCAB_SIZE).float()
+            penalty = frequency * seen + presence * (seen > 0).float()
+            c = int((model(torch.tensor([ids]))[0, -1] + add - penalty).argmax())
             if c == EOS_ID and stop_on_eos:
                 break
             out.append(c)

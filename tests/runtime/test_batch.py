@@ -23,7 +23,7 @@ def batch_of(gen: Generator, max_batch: int = 8, max_queue: int = 64) -> BatchEn
 
 
 def jobs(n: int, seed: int = 0) -> list[tuple[bytes | str, str, int, dict]]:
-    """n requests of mixed prompts, modes, lengths and options (a fifth with a logit bias)."""
+    """n requests of mixed prompts, modes, lengths and options (a fifth steered: logit bias, penalties)."""
     rng = random.Random(seed)
     prompts = [*PROMPTS, PROMPTS[5] * 2, PROMPTS[3] * 9]  # long ones: global caches past one bucket
     out = []
@@ -36,8 +36,10 @@ def jobs(n: int, seed: int = 0) -> list[tuple[bytes | str, str, int, dict]]:
         if mode == "blt-s" and rng.random() < 0.5:
             options["k"] = rng.choice([2, 5])
         n = rng.choice([7, 19, 33])
-        if i % 5 == 4:  # rows of one call, each with its own logit bias (or none)
+        if i % 5 == 4:  # rows of one call, each with its own logit bias and penalties (or none)
             options["logit_bias"] = {rng.randrange(256): rng.choice([-100.0, 4.0]) for _ in range(6)}
+            options["frequency_penalty"] = rng.choice([0.0, 1.5])
+            options["presence_penalty"] = rng.choice([-0.5, 0.0, 1.0])
         out.append((prompt, mode, n, options))
     return out
 

@@ -64,22 +64,28 @@ def test_blt_s_equals_ar(name, k):
 
 
 @pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
-def test_a_logit_bias_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it(name):
-    """logit_bias is added wherever a byte is chosen, drafted or verified: ar equals a full
-    recompute whose argmax reads the biased logits, and blt-s and blt-dv (drafts from the model
-    and from the context) equal that ar byte for byte. The bias changes the bytes (the test would
-    pass vacuously otherwise) and a banned byte never appears."""
+@pytest.mark.parametrize("steering", ["bias", "penalties", "both"])
+def test_logit_bias_and_penalties_steer_ar_as_a_full_recompute_and_the_verified_modes_equal_it(name, steering):
+    """logit_bias and the presence / frequency penalties apply wherever a byte is chosen, drafted
+    or verified: ar equals a full recompute whose argmax reads the steered logits (penalties on
+    the ids generated before each position), and blt-s and blt-dv (drafts from the model and from
+    the context, whose rows count the drafts before them) equal that ar byte for byte. Steering
+    changes the bytes (the test would pass vacuously otherwise); a banned byte never appears."""
     g = torch_generator(name)
     for prompt in (PROMPTS[0], "ab" * 30):
         plain = _ar(prompt, name=name)
-        banned = {b - 4: -100.0 for b in plain[:3] if b >= 4}
-        bias = {**banned, ord("a"): 7.5}
-        want = full_recompute_greedy(tiny_model(name), prompt, N_BYTES, stop_on_eos=False, bias=bias)
+        banned = {b - 4: -100.0 for b in plain[:3] if b >= 4} if steering != "penalties" else {}
+        bias = {**banned, ord("a"): 7.5} if steering != "penalties" else {}
+        penalties = {"presence_penalty": 0.7, "frequency_penalty": 1.3} if steering != "bias" else {}
+        want = full_recompute_greedy(tiny_model(name), prompt, N_BYTES, stop_on_eos=False, bias=bias,
+                                     presence=penalties.get("presence_penalty", 0.0),
+                                     frequency=penalties.get("frequency_penalty", 0.0))  # fmt: skip
         assert want != plain and not {b - 4 for b in want} & set(banned)
-        assert g.generate(prompt, mode="ar", max_bytes=N_BYTES, stop_on_eos=False, logit_bias=bias).ids == want
-        for mode, opts in [("blt-s", {"k": 4}), ("blt-s", {"lookup": 2}), ("blt-dv", {"lookup": 0})]:
-            got = g.generate(prompt, mode=mode, max_bytes=N_BYTES, stop_on_eos=False, logit_bias=bias, **opts)
-            assert got.ids == want, (mode, opts)
+        opts = {"max_bytes": N_BYTES, "stop_on_eos": False, "logit_bias": bias, **penalties}
+        assert g.generate(prompt, mode="ar", **opts).ids == want
+        for mode, extra in [("blt-s", {"k": 4}), ("blt-s", {"lookup": 2}), ("blt-dv", {"lookup": 0})]:
+            got = g.generate(prompt, mode=mode, **opts, **extra)
+            assert got.ids == want, (mode, extra)
 
 
 @pytest.mark.parametrize("mode", ["blt-s", "blt-dv"])

@@ -65,6 +65,7 @@ def test_generate_prompt_file_with_raw_bytes(ckpt, tmp_path, monkeypatch):
         (["--logit-bias", "a=1"], "expected BYTE=BIAS"),
         (["--logit-bias", "300=1"], "option logit_bias byte"),
         (["--logit-bias", "10=-101"], "option logit_bias[10]"),
+        (["--frequency-penalty", "3"], "option frequency_penalty"),
     ],
 )
 def test_generate_bad_input_exits_2(ckpt, monkeypatch, args, message):
@@ -75,12 +76,18 @@ def test_generate_bad_input_exits_2(ckpt, monkeypatch, args, message):
     assert code == 2 and message in err
 
 
-def test_generate_logit_bias_reaches_the_request(ckpt, monkeypatch):
-    """--logit-bias BYTE=BIAS (repeatable): +100 on "x" makes every byte an "x", in a verified mode too."""
+def test_generate_logit_bias_and_penalties_reach_the_request(ckpt, monkeypatch):
+    """--logit-bias BYTE=BIAS (repeatable): +100 on "x" makes every byte an "x", in a verified mode too;
+    --presence-penalty / --frequency-penalty: the Generator's bytes with the same penalties."""
     base = ["generate", "--checkpoint", str(ckpt), "--backend", "torch", "--prompt", "def main(", "--max-bytes", "12"]
     code, out, err = run_cli([*base, "--mode", "blt-s", "--ignore-eos", "--logit-bias", "120=100", "--logit-bias",
                               "10=-5.5"], monkeypatch)  # fmt: skip
     assert code == 0 and out == "x" * 12 + "\n", err
+    want = torch_generator().generate("def main(", mode="ar", max_bytes=12, presence_penalty=-1.5, frequency_penalty=2)
+    assert want.bytes != torch_generator().generate("def main(", mode="ar", max_bytes=12).bytes
+    code, out, err = run_cli([*base, "--mode", "blt-s", "--presence-penalty", "-1.5", "--frequency-penalty", "2",
+                              "--json"], monkeypatch)  # fmt: skip
+    assert code == 0 and bytes.fromhex(json.loads(out)["bytes_hex"]) == want.bytes, err
 
 
 def test_generate_max_context_bounds_the_call(ckpt, monkeypatch):

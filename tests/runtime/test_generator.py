@@ -63,6 +63,9 @@ BAD_OPTIONS = [
     (dict(logit_bias=[(10, 1), (10, 2)]), InputError, "option logit_bias: byte 10 is given twice"),
     (dict(logit_bias=[(10,)]), InputError, "option logit_bias: expected"),
     (dict(logit_bias=7), InputError, "option logit_bias: expected"),
+    (dict(presence_penalty=2.5), InputError, r"option presence_penalty: expected a number in \[-2.0, 2.0\]"),
+    (dict(frequency_penalty=float("inf")), InputError, "option frequency_penalty"),
+    (dict(frequency_penalty="1"), InputError, "option frequency_penalty"),
 ]
 
 
@@ -327,11 +330,17 @@ def _skewed_drafter(encode_states: bool):
     return drafter
 
 
-@pytest.mark.parametrize(("mode", "drafter"), [("blt-s", "real"), ("blt-dv", "real"), ("blt-s", "skewed")])
-def test_speculative_sampling_matches_ar_distribution(mode, drafter, monkeypatch):
+@pytest.mark.parametrize(
+    ("mode", "drafter", "steered"),
+    [("blt-s", "real", False), ("blt-dv", "real", False), ("blt-s", "skewed", False), ("blt-s", "skewed", True),
+     ("blt-dv", "real", True)],
+)  # fmt: skip
+def test_speculative_sampling_matches_ar_distribution(mode, drafter, steered, monkeypatch):
     """The first two sampled bytes of blt-s / blt-dv follow the exact AR joint distribution
     (the second one goes through draft + acceptance), with the real drafters and with a draft
-    distribution far from p (which a wrong acceptance rule would not survive)."""
+    distribution far from p (which a wrong acceptance rule would not survive); steered, under a
+    logit bias that changes the top ids and presence / frequency penalties on the first byte,
+    computed here by hand."""
     if drafter == "skewed":
         f = _skewed_drafter(encode_states=mode == "blt-s")
         monkeypatch.setitem(loops.LOOPS, mode, lambda run, logits: loops.blt_s(run, logits, drafter=f))
@@ -339,15 +348,30 @@ def test_speculative_sampling_matches_ar_distribution(mode, drafter, monkeypatch
     g = torch_generator()
     params = SamplingParams(temperature=1.0, top_k=3)
     ids = encode(PROMPTS[3])
+    steer = {}
     with torch.no_grad():
-        p1 = probs_from_logits(model(torch.tensor([ids]))[0, -1], params)
+        first = model(torch.tensor([ids]))[0, -1]
+        add, presence, frequency = torch.zeros(len(first)), 0.0, 0.0
+        if steered:  # ban the top id, lift the 4th one above all at both positions: the likeliest
+            # first byte, and the penalties then take it off the second one's lead (unpenalised, a
+            # sampler would repeat it)
+            top = first.argsort(descending=True)[:4].tolist()
+            second = model(torch.tensor([ids + [top[3]]]))[0, -1]
+            lift = float(max(first.max() - first[top[3]], second.max() - second[top[3]])) + 1.0
+            steer = {"logit_bias": {top[0] - 4: -100, top[3] - 4: lift}, "presence_penalty": 0.5,
+                     "frequency_penalty": 1.5}  # fmt: skip
+            add[top[0]], add[top[3]] = -100, lift
+            presence, frequency = 0.5, 1.5
+        p1 = probs_from_logits(first + add, params)
         joint = {}
         for b1 in np.flatnonzero(p1).tolist():
-            p2 = probs_from_logits(model(torch.tensor([ids + [b1]]))[0, -1], params)
+            penalty = torch.zeros(len(first))
+            penalty[b1] = frequency + presence  # b1 generated once
+            p2 = probs_from_logits(model(torch.tensor([ids + [b1]]))[0, -1] + add - penalty, params)
             for b2 in np.flatnonzero(p2).tolist():
                 joint[(b1, b2)] = float(p1[b1] * p2[b2])
     n, counts, drafted = 800, {}, 0
-    kw = dict(mode=mode, max_bytes=3, temperature=1.0, top_k=3, stop_on_eos=False)
+    kw = dict(mode=mode, max_bytes=3, temperature=1.0, top_k=3, stop_on_eos=False, **steer)
     if mode == "blt-s":
         kw["k"] = 1
     for seed in range(n):

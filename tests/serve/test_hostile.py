@@ -90,6 +90,9 @@ HOSTILE: list[tuple[str, bytes | None, int]] = [  # what, body, expected status 
     ("logit_bias of 200", body(logit_bias={"10": 200}), 400),
     ("logit_bias a string value", body(logit_bias={"10": "-100"}), 400),
     ("logit_bias one byte twice", body(logit_bias={"10": 1, "010": 2}), 400),
+    ("presence_penalty 3", body(presence_penalty=3), 400),
+    ("frequency_penalty a string", body(frequency_penalty="high"), 400),
+    ("suffix", body(suffix="}"), 400),
     ("a 10 MB body", b'{"prompt": "' + b"a" * (10 << 20) + b'"}', 413),
     ("a prompt past the model's limit", body(prompt="x = 1\n" * 6000, max_tokens=1), 400),
 ]
@@ -182,7 +185,9 @@ def test_field_errors_name_the_field(server):
                        ("prompt", body(prompt=NOISE, max_tokens=1)),
                        ("prompt", body(prompt=NOISE, max_tokens=1, stream=True)),
                        ("logit_bias", body(logit_bias={"300": 1})), ("logit_bias", body(logit_bias={"7": -101})),
-                       ("logit_bias", body(logit_bias={" 7": 1})), ("logit_bias", body(logit_bias=5))]:  # fmt: skip
+                       ("logit_bias", body(logit_bias={" 7": 1})), ("logit_bias", body(logit_bias=5)),
+                       ("presence_penalty", body(presence_penalty=-2.5)),
+                       ("frequency_penalty", body(frequency_penalty=True))]:  # fmt: skip
         r = httpx.post(f"{server.url}/v1/completions", content=raw, headers=AUTH, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.json())
         assert "max_bytes" not in r.json()["error"]["message"]  # the request's own names

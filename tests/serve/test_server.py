@@ -371,20 +371,27 @@ def test_stop_strings_seeds_and_fastblt_fields(server, reference):
     assert all("usage" in ch.model_fields_set and ch.usage is None for ch in chunks)  # null, as OpenAI sends it
 
 
-def test_logit_bias_bans_bytes_as_the_generator_does(server, reference):
-    """OpenAI's logit_bias, a byte per token: the openai client sends it as is; the answer equals
-    the Generator's with the same bias (streamed too, sampled too), and a banned byte is absent."""
+def test_logit_bias_and_penalties_steer_as_the_generator_does(server, reference):
+    """OpenAI's logit_bias (a byte per token) and presence / frequency penalties: the openai client
+    sends them as they are; the answer equals the Generator's with the same settings (streamed
+    too, sampled too, penalties alone), and a banned byte is absent."""
     c = client(server)
     plain = reference.generate(PROMPT, mode="ar", max_bytes=40, temperature=0.0).bytes
     banned = sorted(set(plain[:4]))
     bias = {b: -100 for b in banned}
-    for mode, opts in [("blt-s", {"temperature": 0.0}), ("ar", {"temperature": 0.9, "seed": 5})]:
-        want = reference.generate(PROMPT, mode=mode, max_bytes=40, logit_bias=bias, **opts)
+    for mode, opts, penalties in [("blt-s", {"temperature": 0.0}, {}),
+                                  ("ar", {"temperature": 0.9, "seed": 5}, {"frequency_penalty": 0.8}),
+                                  ("blt-dv", {"temperature": 0.0}, {"presence_penalty": 1.2})]:  # fmt: skip
+        want = reference.generate(PROMPT, mode=mode, max_bytes=40, logit_bias=bias, **opts, **penalties)
         assert not set(want.bytes) & set(banned) and want.bytes != plain
         kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=40, logit_bias={str(b): -100 for b in banned},
-                      extra_body={"mode": mode}, **opts)  # fmt: skip
+                      extra_body={"mode": mode}, **opts, **penalties)  # fmt: skip
         assert c.completions.create(**kwargs).choices[0].text == want.text
         assert "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **kwargs)) == want.text
+    want = reference.generate(PROMPT, mode="blt-s", max_bytes=40, temperature=0.0, frequency_penalty=1.0)
+    assert want.bytes != plain
+    r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, frequency_penalty=1.0)
+    assert r.choices[0].text == want.text
 
 
 def test_four_stop_strings_are_allowed(server, reference):
