@@ -79,13 +79,13 @@ class DecodeOptions:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
 
     @cached_property  # a request's loops read it every byte
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.logit_bias, self.presence_penalty,
-                              self.frequency_penalty)  # fmt: skip
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.logit_bias, self.presence_penalty or 0.0,
+                              self.frequency_penalty or 0.0)  # fmt: skip
 
 
 # numbers.Integral / Real: numpy's scalars count (a service passes what its own code computed);
@@ -206,8 +206,9 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
         plain["prompt_logprobs"] = _int("prompt_logprobs", opts.prompt_logprobs, 0, MAX_LOGPROBS)
     if opts.logit_bias:
         plain["logit_bias"] = _biases(opts.logit_bias)
-    for name in ("presence_penalty", "frequency_penalty"):
-        plain[name] = _real(name, getattr(opts, name), -2.0, 2.0)
+    for name in ("presence_penalty", "frequency_penalty"):  # None: 0, as OpenAI's clients send "not set"
+        penalty = getattr(opts, name)
+        plain[name] = 0.0 if penalty is None else _real(name, penalty, -2.0, 2.0)
     if opts.block_start not in BLOCK_START_RULES:
         raise InputError(f"option block_start: {opts.block_start!r} is unknown; choose one of {BLOCK_START_RULES}")
     if opts.block_start != "force" and opts.mode not in UNMASK_RULES:

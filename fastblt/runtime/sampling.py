@@ -111,7 +111,7 @@ def probs_from_logits(
     """(..., V) logits -> (..., V) float32 probabilities after the logit bias and penalties
     (`steer`, with `counts`), temperature, top-k and top-p.
 
-    Greedy params give the softmax of the biased logits (what confidence and entropy unmasking read).
+    Greedy params give the softmax of the steered logits (what confidence and entropy unmasking read).
     """
     x = _array(steer(logits, params, counts))
     if params.greedy:

@@ -66,6 +66,7 @@ BAD_OPTIONS = [
     (dict(presence_penalty=2.5), InputError, r"option presence_penalty: expected a number in \[-2.0, 2.0\]"),
     (dict(frequency_penalty=float("inf")), InputError, "option frequency_penalty"),
     (dict(frequency_penalty="1"), InputError, "option frequency_penalty"),
+    (dict(presence_penalty=None, frequency_penalty=-3), InputError, "option frequency_penalty"),
 ]
 
 
