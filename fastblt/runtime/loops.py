@@ -41,6 +41,7 @@ from fastblt.runtime.sampling import (
     entropy_bound_unmask,
     entropy_of,
     greedy_accept,
+    penalty,
     pick,
     probs_from_logits,
     sample,
@@ -67,7 +68,10 @@ class Run:
     # of the cohort starting it can (a row that skipped drafting would only wait for the others'
     # drafts; greedy bytes are the same either way)
     lookup: bool = True
-    counts: np.ndarray | None = None  # generated_counts: how often each id was generated, of the first `counted`
+    # current_penalties(): how often each id was generated (of out.ids' first `counted`), and
+    # what that takes off its logit
+    counts: np.ndarray | None = None
+    penalties: np.ndarray | None = None
     counted: int = 0
 
     @property
@@ -153,7 +157,7 @@ def resume(run: Run, logits: np.ndarray) -> Plan[None]:
 
 def next_byte(run: Run, logits: np.ndarray) -> int:
     """The pending byte after exact logits (V,): argmax, or a draw when sampling."""
-    return int(pick(logits, run.params, run.gen, generated_counts(run)))  # host sync: the next byte
+    return int(pick(logits, run.params, run.gen, current_penalties(run)))  # host sync: the next byte
 
 
 def verify(run: Run, c: int, drafts: list[int], encoded: bool) -> Plan[np.ndarray]:
@@ -165,27 +169,33 @@ def verify(run: Run, c: int, drafts: list[int], encoded: bool) -> Plan[np.ndarra
 def accept(run: Run, drafts: list[int], q: np.ndarray | None, logits: np.ndarray) -> tuple[int, int]:
     """Accepted draft count and the next pending byte (correction or bonus). With penalties, row j
     counts the drafts before it as generated: they are, if it is reached."""
-    counts = generated_counts(run)
-    if counts is not None:
-        counts = np.repeat(counts[None], len(logits), axis=0)
+    rows = current_penalties(run)
+    if rows is not None:
+        rows = np.repeat(rows[None], len(logits), axis=0)
+        times: dict[int, int] = {}
         for j, d in enumerate(drafts):
-            counts[j + 1 :, d] += 1
+            times[d] = times.get(d, run.counts[d]) + 1
+            rows[j + 1 :, d] = penalty(run.params, times[d])
     if run.params.greedy:
-        return greedy_accept(drafts, steer(logits, run.params, counts))
-    return speculative_accept(drafts, q, probs_from_logits(logits, run.params, counts), run.gen)
+        return greedy_accept(drafts, steer(logits, run.params, rows))
+    return speculative_accept(drafts, q, probs_from_logits(logits, run.params, rows), run.gen)
 
 
-def generated_counts(run: Run) -> np.ndarray | None:
-    """How often each id was generated so far (V,), kept up to date as ids are verified; None when
-    the request has no penalties. Shared: copy it to change it."""
+def current_penalties(run: Run) -> np.ndarray | None:
+    """What the request's penalties take off each id's logit now (V,) float32, for the ids
+    generated so far (kept up to date as ids are verified; `run.counts` counts them); None without
+    penalties. Shared: copy it to change it."""
     if not run.params.penalized:
         return None
     ids = run.out.ids
     if run.counts is None or run.counted > len(ids):
-        run.counts, run.counted = np.zeros(run.state.config.vocab_size, dtype=np.int64), 0
-    np.add.at(run.counts, ids[run.counted :], 1)
+        V = run.state.config.vocab_size
+        run.counts, run.penalties, run.counted = np.zeros(V, dtype=np.int64), np.zeros(V, dtype=np.float32), 0
+    for t in ids[run.counted :]:  # a few ids per call: cheaper than numpy's scatter
+        run.counts[t] += 1
+        run.penalties[t] = penalty(run.params, run.counts[t])
     run.counted = len(ids)
-    return run.counts
+    return run.penalties
 
 
 def rollback_to_accepted(run: Run, n0: int, drafts: list[int], a: int) -> None:
@@ -242,19 +252,20 @@ def draft_ar(run: Run, c: int, k: int) -> Plan[tuple[list[int], np.ndarray | Non
     drafts: list[int] = []
     qs: list[np.ndarray] = []
     x = c
-    counts = generated_counts(run)
-    counts = None if counts is None else counts.copy()  # with the drafts, as verify will count them
+    pen = current_penalties(run)
+    pen, times = (None, {}) if pen is None else (pen.copy(), {})  # with the drafts, as verify will count them
     for j in range(k):
         yield from st.run_encoder(n + j, np.array([x]))
         logits = (yield from st.run_decoder(n + j, 1, read))[0]
         if run.params.greedy:
-            x = int(pick(logits, run.params, None, counts))  # host sync: the draft byte feeds the next step
+            x = int(pick(logits, run.params, None, pen))  # host sync: the draft byte feeds the next step
         else:
-            qs.append(probs_from_logits(logits, run.params, counts))
+            qs.append(probs_from_logits(logits, run.params, pen))
             x = int(sample(qs[-1], run.gen))  # host sync: as above
         drafts.append(x)
-        if counts is not None:
-            counts[x] += 1
+        if pen is not None:
+            times[x] = times.get(x, run.counts[x]) + 1
+            pen[x] = penalty(run.params, times[x])
         if run.is_eos(x):
             break
     yield from st.run_encoder(n + len(drafts), np.array([x]))  # the last draft's state, for verify
@@ -313,15 +324,15 @@ def denoise(
     are not waited for. Returns q (B, V): each cell's distribution when it was unmasked (sampling).
     """
     st, params = run.state, run.params
-    counts = generated_counts(run)  # the ids before the block: its cells are not chosen in order
+    pen = current_penalties(run)  # for the ids before the block: its cells are not chosen in order
     mask_id = st.config.blt_d.mask_id
     masked = block == mask_id  # numpy on the host, as the logits: torch calls cost more there (calls.py)
     q = None if params.greedy else np.zeros((len(block), st.config.vocab_size), dtype=np.float32)
     end, steps = first + need, 0
     while masked[first:end].any():  # host sync: one per diffusion step
         logits = yield from st.run_block(block, read, at)  # (B, V)
-        probs = probs_from_logits(logits, params, counts) if rule != "one-step" or q is not None else None
-        tok = pick(logits, params, None, counts) if params.greedy else sample(probs, run.gen)
+        probs = probs_from_logits(logits, params, pen) if rule != "one-step" or q is not None else None
+        tok = pick(logits, params, None, pen) if params.greedy else sample(probs, run.gen)
         if rule == "one-step":
             chosen = masked.copy()
         elif rule == "confidence":

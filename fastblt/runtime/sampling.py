@@ -67,21 +67,27 @@ class SamplingParams:
         return ids, np.array([b for _, b in self.bias], dtype=np.float32)
 
 
-def steer(logits: Tensor | np.ndarray, params: SamplingParams, counts: np.ndarray | None = None) -> Tensor | np.ndarray:
-    """(..., V) logits with the params' logit bias added and, given `counts` (how often each id
-    was generated before the position a row chooses: (V,) or (..., V)), OpenAI's penalties taken
-    off: frequency x count + presence where the count is not 0. A copy; the logits themselves when
-    there is nothing to do. What every choice, draft and verification reads, so ar and the modes
-    that verify against it agree under them too. Scores (log_probs) read the model's own logits."""
-    penalize = counts is not None and params.penalized
-    if not params.bias and not penalize:
+def penalty(params: SamplingParams, times: int) -> float:
+    """What OpenAI's penalties take off the logit of an id generated `times` (>= 1) times before."""
+    return params.frequency * times + params.presence
+
+
+def steer(
+    logits: Tensor | np.ndarray, params: SamplingParams, penalties: np.ndarray | None = None
+) -> Tensor | np.ndarray:
+    """(..., V) logits with the params' logit bias added and `penalties` taken off (float32, (V,)
+    or (..., V): each id's `penalty` for the ids generated before the position a row chooses). A
+    copy; the logits themselves when there is nothing to do. What every choice, draft and
+    verification reads, so ar and the modes that verify against it agree under them too. Scores
+    (log_probs) read the model's own logits."""
+    if not params.bias and penalties is None:
         return logits
     x = _array(logits).copy()
     if params.bias:
         ids, values = params._bias_arrays
         x[..., ids] += values
-    if penalize:
-        x -= np.float32(params.frequency) * counts + np.float32(params.presence) * (counts > 0)
+    if penalties is not None:
+        x -= penalties
     return x
 
 
@@ -106,14 +112,14 @@ def log_probs(logits: np.ndarray) -> np.ndarray:
 
 
 def probs_from_logits(
-    logits: Tensor | np.ndarray, params: SamplingParams, counts: np.ndarray | None = None
+    logits: Tensor | np.ndarray, params: SamplingParams, penalties: np.ndarray | None = None
 ) -> np.ndarray:
-    """(..., V) logits -> (..., V) float32 probabilities after the logit bias and penalties
-    (`steer`, with `counts`), temperature, top-k and top-p.
+    """(..., V) logits -> (..., V) float32 probabilities after the logit bias and `penalties`
+    (`steer`), temperature, top-k and top-p.
 
     Greedy params give the softmax of the steered logits (what confidence and entropy unmasking read).
     """
-    x = _array(steer(logits, params, counts))
+    x = _array(steer(logits, params, penalties))
     if params.greedy:
         return softmax(x)
     # from the row's maximum first: a tiny temperature then sends the others to -inf, not to inf - inf
@@ -156,13 +162,13 @@ def sample(probs: np.ndarray, rng: Rng) -> np.ndarray:
 
 
 def pick(
-    logits: Tensor | np.ndarray, params: SamplingParams, rng: Rng | None, counts: np.ndarray | None = None
+    logits: Tensor | np.ndarray, params: SamplingParams, rng: Rng | None, penalties: np.ndarray | None = None
 ) -> Tensor | np.ndarray:
-    """The next token(s) for (..., V) logits (steered, with `counts`): argmax when greedy, else a
-    draw. -> (...) int64."""
+    """The next token(s) for (..., V) logits (steered: `steer`): argmax when greedy, else a draw.
+    -> (...) int64."""
     if params.greedy:
-        return steer(logits, params, counts).argmax(-1)  # numpy's and torch's: the first of equal maxima
-    return sample(probs_from_logits(logits, params, counts), rng)
+        return steer(logits, params, penalties).argmax(-1)  # numpy's and torch's: the first of equal maxima
+    return sample(probs_from_logits(logits, params, penalties), rng)
 
 
 def entropy_of(probs: np.ndarray) -> np.ndarray:
