@@ -6,7 +6,8 @@ does it end with every slot free?
 
 16 clients send requests one after another, drawn with a fixed seed: every mode, greedy or sampled
 with a seed, 8 to 160 new bytes, stop strings, prompts of 20 to 600 bytes, some with n 2-3
-choices, a list of two prompts, logprobs, echo (or only scoring the prompt); a fifth of them
+choices, a list of two prompts, logprobs, echo (or only scoring the prompt), a logit bias and
+penalties; a fifth of them
 streamed, and a third of those dropped by the client after a few events; one in twelve malformed
 (must get a 4xx). Every 50 requests the server's memory is read: the proportional set size summed
 over its process group (the server, its lane processes and their zygote), and the anonymous part
@@ -94,6 +95,9 @@ def draw_requests(n: int, seed: int) -> list[dict]:
             body["prompt"] = [body["prompt"], prompts[int(rng.integers(len(prompts)))]]
         if body["mode"] != "blt-d" and rng.random() < 0.15:
             body["logprobs"] = int(rng.integers(0, 4))
+        if rng.random() < 0.1:  # steered: a logit bias and OpenAI's penalties
+            body["logit_bias"] = {str(int(b)): float(rng.choice([-100.0, 3.0])) for b in rng.integers(0, 256, 4)}
+            body["frequency_penalty"], body["presence_penalty"] = 0.5, float(rng.choice([0.0, 0.8]))
         if rng.random() < 0.08:
             body["echo"] = True
             if not stream and rng.random() < 0.5:
@@ -101,6 +105,9 @@ def draw_requests(n: int, seed: int) -> list[dict]:
         drop_after = int(rng.integers(1, 4)) if stream and rng.random() < 1 / 3 else None
         out.append({"i": i, "body": body, "stream": stream, "drop_after": drop_after})
     return out
+
+
+STEERING = ("mode", "temperature", "stop", "presence_penalty", "frequency_penalty")  # as the Generator's options
 
 
 async def send(client: httpx.AsyncClient, url: str, job: dict) -> dict:
@@ -263,7 +270,9 @@ def check(jobs: list[dict], results: dict[int, dict]) -> dict:
             n = b.get("n", 1)
             counts["wrong"] += len(r["texts"]) != len(prompts) * n
             for k, text in enumerate(r["texts"]):  # choice k: prompt k // n, seed + k % n
-                prompt, options = prompts[k // n], {x: b[x] for x in ("mode", "temperature", "stop") if x in b}
+                prompt, options = prompts[k // n], {x: b[x] for x in STEERING if x in b}
+                if "logit_bias" in b:
+                    options["logit_bias"] = {int(byte): bias for byte, bias in b["logit_bias"].items()}
                 if "seed" in b:
                     options["seed"] = (b["seed"] + k % n) % 2**63
                 want = "" if b["max_tokens"] == 0 else g.generate(prompt, max_bytes=b["max_tokens"], **options).text
@@ -332,7 +341,8 @@ def render(r: dict) -> str:
         f"onnxruntime {m['onnxruntime']}. Server at its defaults"
         f"{' but ' + ' '.join(m['server_args']) if m.get('server_args') else ''}; {CLIENTS} clients, "
         f"{m['requests']} requests in {r['wall_s']:.0f} s: every mode, greedy and seeded sampling, 8-160 bytes, "
-        "some with n 2-3, two prompts, logprobs, echo or scoring only, a fifth streamed (a third of those dropped "
+        "some with n 2-3, two prompts, logprobs, echo or scoring only, a logit bias and penalties, a fifth streamed "
+        "(a third of those dropped "
         "mid-stream), one in twelve malformed.",
         "",
         "## Targets",
