@@ -87,8 +87,9 @@ def serve(
     \b
     Endpoints: POST /v1/completions (stream: true for server-sent events),
     GET /v1/models, GET /health, GET /metrics (Prometheus).
-    max_tokens counts bytes; fastblt's own fields (mode, k, alpha, gamma, unmask,
-    top_k, block_start) go in the body (the openai client's extra_body).
+    max_tokens counts bytes, logit_bias is keyed by byte values ("10": -100);
+    fastblt's own fields (mode, k, lookup, alpha, gamma, unmask, top_k,
+    block_start) go in the body (the openai client's extra_body).
 
     \b
     Examples:
