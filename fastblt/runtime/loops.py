@@ -253,7 +253,8 @@ def draft_ar(run: Run, c: int, k: int) -> Plan[tuple[list[int], np.ndarray | Non
     qs: list[np.ndarray] = []
     x = c
     pen = current_penalties(run)
-    pen, times = (None, {}) if pen is None else (pen.copy(), {})  # with the drafts, as verify will count them
+    pen = None if pen is None else pen.copy()  # with the drafts, counted as verify will count them
+    times: dict[int, int] = {}
     for j in range(k):
         yield from st.run_encoder(n + j, np.array([x]))
         logits = (yield from st.run_decoder(n + j, 1, read))[0]

@@ -56,9 +56,9 @@ class DecodeOptions:
     logit_bias: {byte: bias}: added to the logit of each byte (0-255) wherever a byte is chosen,
     drafted or verified, before temperature, top-k and top-p (OpenAI's logit_bias with a byte per
     token; -100 bans a byte, +100 all but forces it). Checked into sorted (byte, bias) pairs.
-    presence_penalty / frequency_penalty: OpenAI's, in [-2, 2]: where a byte is chosen, drafted or
-    verified, each id's logit loses frequency_penalty x (times it was generated before) +
-    presence_penalty (if it was at all). Generated ids only, not the prompt's.
+    presence_penalty / frequency_penalty: OpenAI's, in [-2, 2] (None: 0): where a byte is chosen,
+    drafted or verified, each id's logit loses frequency_penalty x (times it was generated before)
+    + presence_penalty (if it was at all). Generated ids only, not the prompt's.
     """
 
     mode: str = "blt-d"
