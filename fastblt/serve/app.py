@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import math
 import os
 import re
 import socket
@@ -221,31 +222,49 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 @dataclasses.dataclass(frozen=True)
 class _Job:
     """One request to the engine and the choices its generation answers: a prompt's choice each
-    when sampling, all of a prompt's n choices when greedy (their bytes are the same)."""
+    when sampling, all of a prompt's n choices when greedy (their bytes are the same); with
+    best_of > n, a candidate, whose choice (if any) is known once all have ended (`_pick_best`)."""
 
     req: Any
     prompt: str
     indices: list[int]
+    prompt_index: int = 0
 
 
 def _jobs(eng: AsyncEngine, comp: Completion) -> list[_Job]:
-    """The engine's requests for every prompt's n choices (choice i of a prompt with seed + i
-    when a seed is given). Choice indices run prompt by prompt, as OpenAI's do."""
-    jobs = []
+    """The engine's requests for every prompt's n choices, or best_of candidates (candidate i of a
+    prompt with seed + i when a seed is given; candidates score their bytes, to be ranked). Choice
+    indices run prompt by prompt, as OpenAI's do."""
+    jobs, ranked = [], comp.best_of > comp.n
     for p, prompt in enumerate(comp.prompts):
         req, first = _request(eng, comp, prompt, p), p * comp.n
-        if comp.n == 1 or req.opts.temperature == 0 or comp.max_tokens == 0:  # one answer for all
-            jobs.append(_Job(req, prompt, list(range(first, first + comp.n))))
+        if comp.best_of == 1 or req.opts.temperature == 0 or comp.max_tokens == 0:  # one answer for all
+            jobs.append(_Job(req, prompt, list(range(first, first + comp.n)), p))
             continue
-        for i in range(comp.n):
-            seed = None if req.opts.seed is None else (req.opts.seed + i) % 2**63
-            seeded = dataclasses.replace(req, opts=dataclasses.replace(req.opts, seed=seed))
-            jobs.append(_Job(seeded, prompt, [first + i]))
+        for i in range(comp.best_of):
+            opts = dataclasses.replace(req.opts, seed=None if req.opts.seed is None else (req.opts.seed + i) % 2**63)
+            if ranked and opts.logprobs is None:
+                opts = dataclasses.replace(opts, logprobs=0)
+            jobs.append(_Job(dataclasses.replace(req, opts=opts), prompt, [] if ranked else [first + i], p))
     if len(jobs) > eng.capacity:  # more than ever fit at once: a 429 would not pass on retry
-        field = "n" if comp.n > 1 else "prompt"
-        raise ApiError(400, f"{field}: {len(comp.prompts)} prompts x n {comp.n} need {len(jobs)} requests; this "
-                       f"server holds at most {eng.capacity} (--max-batch rows + --max-queue)", field)  # fmt: skip
+        field = "best_of" if ranked else "n" if comp.n > 1 else "prompt"
+        raise ApiError(400, f"{field}: {len(comp.prompts)} prompts x {field} {comp.best_of} need {len(jobs)} requests; "
+                       f"this server holds at most {eng.capacity} (--max-batch rows + --max-queue)", field)  # fmt: skip
     return jobs
+
+
+def _pick_best(comp: Completion, jobs: list[_Job], gens: list[Generation]) -> list[_Job]:
+    """best_of > n: each prompt's n candidates with the highest mean log-probability per generated
+    byte (OpenAI's rule) become its choices, best first; the others are sent nowhere."""
+    out, order = list(jobs), {}
+    for k, (job, gen) in enumerate(zip(jobs, gens, strict=True)):
+        if not job.indices:
+            score = sum(gen.logprobs) / len(gen.logprobs) if gen.logprobs else -math.inf
+            order.setdefault(job.prompt_index, []).append((-score, k))
+    for p, ranked in order.items():
+        for rank, (_, k) in enumerate(sorted(ranked)[: comp.n]):
+            out[k] = dataclasses.replace(jobs[k], indices=[p * comp.n + rank])
+    return out
 
 
 def _answer(comp: Completion, jobs: list[_Job], gens: list[Generation], model_id: str, fp: str | None) -> dict:
@@ -253,12 +272,13 @@ def _answer(comp: Completion, jobs: list[_Job], gens: list[Generation], model_id
     choice's text (and logprobs) start with its prompt's; with max_tokens 0 the byte the engine
     decoded is not part of the answer."""
     sent, choices, generated = comp.max_tokens > 0, [], 0
+    jobs = _pick_best(comp, jobs, gens) if comp.best_of > comp.n else jobs
     for job, gen in zip(jobs, gens, strict=True):
         text = (job.prompt if comp.echo else "") + (gen.text if sent else "")
         reason = finish_reason(gen.stop_reason) if sent else "length"
         logprobs = None if comp.logprobs is None else _logprobs(comp, job, gen, sent)
         choices += [choice(text, reason, i, logprobs) for i in job.indices]
-        generated += len(gen.ids) * len(job.indices) if sent else 0
+        generated += len(gen.ids) * max(len(job.indices), 1) if sent else 0  # a candidate not sent counts too
     choices.sort(key=lambda c: c["index"])
     return completion_body(completion_id(), model_id, choices, _usage(comp, jobs, gens, generated), fingerprint=fp)
 
@@ -268,7 +288,7 @@ def _usage(comp: Completion, jobs: list[_Job], gens: list[Generation], generated
     as its bytes are, however many of its choices loaded it."""
     cached: dict[int, int] = {}
     for job, gen in zip(jobs, gens, strict=True):
-        p = job.indices[0] // comp.n
+        p = job.prompt_index
         cached[p] = max(cached.get(p, 0), gen.stats.prompt_cached - 1, 0)
     return usage(sum(len(p.encode()) for p in comp.prompts), generated, sum(cached.values()))
 

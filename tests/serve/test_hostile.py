@@ -68,7 +68,10 @@ HOSTILE: list[tuple[str, bytes | None, int]] = [  # what, body, expected status 
     ("top_p 2", body(top_p=2), 400),
     ("n 17", body(n=17), 400),
     ("n 0", body(n=0), 400),
-    ("best_of more than n", body(n=2, best_of=3), 400),
+    ("best_of less than n", body(n=3, best_of=2), 400),
+    ("best_of 21", body(best_of=21, temperature=1), 400),
+    ("best_of streamed", body(best_of=3, temperature=1, stream=True), 400),
+    ("best_of of blt-d", body(best_of=3, temperature=1, mode="blt-d"), 400),
     ("five stop strings", body(stop=["a", "b", "c", "d", "e"]), 400),
     ("stop a number", body(stop=7), 400),
     ("negative seed", body(seed=-5), 400),
@@ -187,7 +190,8 @@ def test_field_errors_name_the_field(server):
                        ("logit_bias", body(logit_bias={"300": 1})), ("logit_bias", body(logit_bias={"7": -101})),
                        ("logit_bias", body(logit_bias={" 7": 1})), ("logit_bias", body(logit_bias=5)),
                        ("presence_penalty", body(presence_penalty=-2.5)),
-                       ("frequency_penalty", body(frequency_penalty=True))]:  # fmt: skip
+                       ("frequency_penalty", body(frequency_penalty=True)),
+                       ("best_of", body(best_of=3, stream=True)), ("best_of", body(best_of=2, n=3))]:  # fmt: skip
         r = httpx.post(f"{server.url}/v1/completions", content=raw, headers=AUTH, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.json())
         assert "max_bytes" not in r.json()["error"]["message"]  # the request's own names

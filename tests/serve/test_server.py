@@ -251,6 +251,26 @@ def test_n_choices_are_each_their_own_seeded_request(server, reference):
     assert last.usage.completion_tokens == 32  # both choices, though one generation streamed them
 
 
+def test_best_of_sends_the_candidates_with_the_highest_mean_logprob(server, reference):
+    """best_of > n: candidate i is the request with seed + i; the n with the highest mean
+    log-probability per byte are the choices, best first; usage counts every candidate; logprobs
+    only when asked. In a verified mode the candidates are its own sampled requests."""
+    c = client(server)
+    for mode in ("ar", "blt-s"):
+        cands = [reference.generate(PROMPT, mode=mode, max_bytes=24, temperature=0.9, seed=31 + i, logprobs=0)
+                 for i in range(4)]  # fmt: skip
+        best = sorted(cands, key=lambda w: -sum(w.logprobs) / len(w.logprobs))
+        assert best[:2] != cands[:2]  # the ranking picks other candidates than the first two seeds
+        r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, n=2, best_of=4, temperature=0.9, seed=31,
+                                 extra_body={"mode": mode})  # fmt: skip
+        assert [ch.text for ch in r.choices] == [w.text for w in best[:2]] and [ch.index for ch in r.choices] == [0, 1]
+        assert r.usage.completion_tokens == sum(len(w.ids) for w in cands)
+        assert all(ch.logprobs is None for ch in r.choices)
+    r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, best_of=4, temperature=0.9, seed=31, logprobs=1,
+                             extra_body={"mode": "blt-s"})  # fmt: skip
+    assert r.choices[0].text == best[0].text and r.choices[0].logprobs.token_logprobs == best[0].logprobs
+
+
 def test_choices_become_as_many_requests_as_they_need_and_no_more_than_fit(reference):
     """Sampled choices are a request each; greedy ones, and scoring (max_tokens 0, whose byte is
     dropped), one per prompt. More requests than the server can ever hold is a 400 naming n (a 429
