@@ -269,6 +269,15 @@ def test_best_of_sends_the_candidates_with_the_highest_mean_logprob(server, refe
     r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, best_of=4, temperature=0.9, seed=31, logprobs=1,
                              extra_body={"mode": "blt-s"})  # fmt: skip
     assert r.choices[0].text == best[0].text and r.choices[0].logprobs.token_logprobs == best[0].logprobs
+    prompts = [PROMPT, "class Parser:\n    def "]  # each prompt's candidates are ranked among themselves
+    want = []
+    for p in prompts:
+        cands = [reference.generate(p, mode="ar", max_bytes=16, temperature=0.9, seed=31 + i, logprobs=0)
+                 for i in range(3)]  # fmt: skip
+        want.append(max(cands, key=lambda w: sum(w.logprobs) / len(w.logprobs)).text)
+    r = c.completions.create(model=MODEL, prompt=prompts, max_tokens=16, best_of=3, temperature=0.9, seed=31,
+                             extra_body={"mode": "ar"})  # fmt: skip
+    assert [ch.index for ch in r.choices] == [0, 1] and [ch.text for ch in r.choices] == want
 
 
 def test_choices_become_as_many_requests_as_they_need_and_no_more_than_fit(reference):
