@@ -235,21 +235,22 @@ def _jobs(eng: AsyncEngine, comp: Completion) -> list[_Job]:
     """The engine's requests for every prompt's n choices, or best_of candidates (candidate i of a
     prompt with seed + i when a seed is given; candidates score their bytes, to be ranked). Choice
     indices run prompt by prompt, as OpenAI's do."""
-    jobs, ranked = [], comp.best_of > comp.n
+    jobs, ranked = [], comp.candidates > comp.n
     for p, prompt in enumerate(comp.prompts):
         req, first = _request(eng, comp, prompt, p), p * comp.n
-        if comp.best_of == 1 or req.opts.temperature == 0 or comp.max_tokens == 0:  # one answer for all
+        if comp.candidates == 1 or req.opts.temperature == 0 or comp.max_tokens == 0:  # one answer for all
             jobs.append(_Job(req, prompt, list(range(first, first + comp.n)), p))
             continue
-        for i in range(comp.best_of):
+        for i in range(comp.candidates):
             opts = dataclasses.replace(req.opts, seed=None if req.opts.seed is None else (req.opts.seed + i) % 2**63)
             if ranked and opts.logprobs is None:
                 opts = dataclasses.replace(opts, logprobs=0)
             jobs.append(_Job(dataclasses.replace(req, opts=opts), prompt, [] if ranked else [first + i], p))
     if len(jobs) > eng.capacity:  # more than ever fit at once: a 429 would not pass on retry
         field = "best_of" if ranked else "n" if comp.n > 1 else "prompt"
-        raise ApiError(400, f"{field}: {len(comp.prompts)} prompts x {field} {comp.best_of} need {len(jobs)} requests; "
-                       f"this server holds at most {eng.capacity} (--max-batch rows + --max-queue)", field)  # fmt: skip
+        each = f"best_of {comp.candidates}" if ranked else f"n {comp.n}"
+        raise ApiError(400, f"{field}: {len(comp.prompts)} prompts x {each} need {len(jobs)} requests; this "
+                       f"server holds at most {eng.capacity} (--max-batch rows + --max-queue)", field)  # fmt: skip
     return jobs
 
 
@@ -272,7 +273,7 @@ def _answer(comp: Completion, jobs: list[_Job], gens: list[Generation], model_id
     choice's text (and logprobs) start with its prompt's; with max_tokens 0 the byte the engine
     decoded is not part of the answer."""
     sent, choices, generated = comp.max_tokens > 0, [], 0
-    jobs = _pick_best(comp, jobs, gens) if comp.best_of > comp.n else jobs
+    jobs = _pick_best(comp, jobs, gens) if comp.candidates > comp.n else jobs
     for job, gen in zip(jobs, gens, strict=True):
         text = (job.prompt if comp.echo else "") + (gen.text if sent else "")
         reason = finish_reason(gen.stop_reason) if sent else "length"
