@@ -11,7 +11,9 @@ level's wall time. Time to first byte: request sent -> first text event. Inter-b
 event's gap from the previous event (or the first byte), spread over the bytes it carried, so a
 4-byte event after 8 ms counts 2 ms four times (p50 / p95 / p99 over every byte). Every response
 is compared with the same request run alone by `fastblt.Generator` (greedy, so it must be equal).
-The server runs in its own process group on 127.0.0.1; the client shares the machine's cores.
+The server runs in its own process group on 127.0.0.1; the client shares the machine's cores, and
+each level reports the CPU time its lane workers, the server process and the client took, as a
+share of the host's cores over the level's wall time (/proc).
 
 With --ray the same load (16 and 64 streams) goes to `fastblt serve`'s app as 1 and then 2
 replicas of a Ray Serve deployment on a local two-node cluster (loopback only; each replica is
