@@ -107,7 +107,7 @@ def draw_requests(n: int, seed: int) -> list[dict]:
     return out
 
 
-STEERING = ("mode", "temperature", "stop", "presence_penalty", "frequency_penalty")  # as the Generator's options
+SAME_OPTIONS = ("mode", "temperature", "stop", "presence_penalty", "frequency_penalty")  # the Generator's names
 
 
 async def send(client: httpx.AsyncClient, url: str, job: dict) -> dict:
@@ -270,7 +270,7 @@ def check(jobs: list[dict], results: dict[int, dict]) -> dict:
             n = b.get("n", 1)
             counts["wrong"] += len(r["texts"]) != len(prompts) * n
             for k, text in enumerate(r["texts"]):  # choice k: prompt k // n, seed + k % n
-                prompt, options = prompts[k // n], {x: b[x] for x in STEERING if x in b}
+                prompt, options = prompts[k // n], {x: b[x] for x in SAME_OPTIONS if x in b}
                 if "logit_bias" in b:
                     options["logit_bias"] = {int(byte): bias for byte, bias in b["logit_bias"].items()}
                 if "seed" in b:

@@ -45,13 +45,11 @@ def parse_bias(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
     """--logit-bias BYTE=BIAS pairs (the byte and bias ranges are the options' to check)."""
     pairs = []
     for value in values:
-        byte, sep, bias = value.partition("=")
+        byte, _, bias = value.partition("=")  # no "=": bias is "", which float() refuses
         try:
             pairs.append((int(byte), float(bias)))
         except ValueError:
             raise click.BadParameter(f"{value!r}: expected BYTE=BIAS, e.g. 10=-100 (a byte value 0-255)") from None
-        if not sep:
-            raise click.BadParameter(f"{value!r}: expected BYTE=BIAS, e.g. 10=-100 (a byte value 0-255)")
     return pairs
 
 

@@ -174,11 +174,17 @@ def accept(run: Run, drafts: list[int], q: np.ndarray | None, logits: np.ndarray
         rows = np.repeat(rows[None], len(logits), axis=0)
         times: dict[int, int] = {}
         for j, d in enumerate(drafts):
-            times[d] = times.get(d, run.counts[d]) + 1
-            rows[j + 1 :, d] = penalty(run.params, times[d])
+            rows[j + 1 :, d] = _drafted(run, times, d)
     if run.params.greedy:
         return greedy_accept(drafts, steer(logits, run.params, rows))
     return speculative_accept(drafts, q, probs_from_logits(logits, run.params, rows), run.gen)
+
+
+def _drafted(run: Run, times: dict[int, int], d: int) -> float:
+    """The penalty on id d once draft d is generated too (`times`: this round's drafts' counts so
+    far, on top of `run.counts`)."""
+    times[d] = times.get(d, run.counts[d]) + 1
+    return penalty(run.params, times[d])
 
 
 def current_penalties(run: Run) -> np.ndarray | None:
@@ -265,8 +271,7 @@ def draft_ar(run: Run, c: int, k: int) -> Plan[tuple[list[int], np.ndarray | Non
             x = int(sample(qs[-1], run.gen))  # host sync: as above
         drafts.append(x)
         if pen is not None:
-            times[x] = times.get(x, run.counts[x]) + 1
-            pen[x] = penalty(run.params, times[x])
+            pen[x] = _drafted(run, times, x)
         if run.is_eos(x):
             break
     yield from st.run_encoder(n + len(drafts), np.array([x]))  # the last draft's state, for verify
