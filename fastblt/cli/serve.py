@@ -44,6 +44,9 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
 @click.option("--api-key", default=None, envvar="FASTBLT_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/* [env: FASTBLT_API_KEY].")  # fmt: skip
 @click.option("--model-name", default=None, help="The model id clients send [default: fastblt-<checkpoint name>].")
+@click.option("--chat-template", type=click.Path(dir_okay=False), default=None,
+              help="A Jinja chat template (as Hugging Face tokenizers keep them) that renders chat messages to a "
+              "prompt: serves POST /v1/chat/completions [default: no chat endpoint].")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
 @click.option("--max-context", type=click.IntRange(2), default=None,
@@ -77,8 +80,8 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
               help="--ray: write the equivalent Serve config (YAML, for `serve deploy`) and exit.")  # fmt: skip
 def serve(
     checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
-    model_name, max_body, max_context, threads, prompt_cache_mb, share_prompts, device, graceful_timeout, log_level,
-    use_ray,
+    model_name, chat_template, max_body, max_context, threads, prompt_cache_mb, share_prompts, device,
+    graceful_timeout, log_level, use_ray,
     ray_address, replicas,
     min_replicas, max_replicas, target_ongoing_requests, num_cpus, num_gpus, print_config,
 ):  # fmt: skip
@@ -86,7 +89,8 @@ def serve(
 
     \b
     Endpoints: POST /v1/completions (stream: true for server-sent events),
-    GET /v1/models, GET /health, GET /metrics (Prometheus).
+    POST /v1/chat/completions (with --chat-template), GET /v1/models,
+    GET /health, GET /metrics (Prometheus).
     max_tokens counts bytes, logit_bias is keyed by byte values ("10": -100);
     fastblt's own fields (mode, k, lookup, alpha, gamma, unmask, top_k,
     block_start) go in the body (the openai client's extra_body).
@@ -122,6 +126,11 @@ def serve(
     name = model_name or f"fastblt-{'default' if checkpoint == 'default' else path.name}"
     if max_context is None:  # a request that cannot fit is refused before it runs, not past 16 KB of work
         max_context = BYTES_PER_PATCH * load_config(path).global_model.max_positions
+    template = None
+    if chat_template is not None:  # read and parsed now: a bad file stops the command before any loading
+        from fastblt.serve.chat import ChatTemplate
+
+        template = ChatTemplate.load(chat_template)
     if api_key is not None and (not api_key or api_key != api_key.strip()):
         raise click.BadParameter("empty, or spaces at its ends: clients could not send it as a bearer token",
                                  param_hint="'--api-key'")  # fmt: skip
@@ -134,7 +143,8 @@ def serve(
                   "lanes": lanes, "lane_processes": lane_processes, "max_queue": max_queue,
                   "max_context": max_context, "threads": threads, "prompt_cache_mb": prompt_cache_mb,
                   "share_prompts": share_prompts, "device": device, "mode": mode, "model_name": name,
-                  "api_key": api_key, "max_body": max_body}  # fmt: skip
+                  "api_key": api_key, "max_body": max_body,
+                  "chat_template": str(Path(chat_template).resolve()) if chat_template else None}  # fmt: skip
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config)
         return
 
@@ -153,7 +163,8 @@ def serve(
         lanes=lanes, processes=lane_processes, threads=threads, device=device, on_export=first_use_notice,
         prompt_cache_mb=prompt_cache_mb, share_prompts=share_prompts,
     )  # fmt: skip
-    settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body)
+    settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body,
+                             chat_template=template)  # fmt: skip
     app = create_app(engine, settings)
     click.echo(f"fastblt serve: model {name!r} at http://{host}:{port}/v1 (max_batch {engine.max_batch}, "
                f"{_lanes(engine)})", err=True)  # fmt: skip

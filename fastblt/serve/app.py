@@ -1,6 +1,7 @@
 """`fastblt serve`'s ASGI app: an OpenAI-compatible completions API over an AsyncEngine.
 
     POST /v1/completions   completions (streamed as server-sent events with "stream": true)
+    POST /v1/chat/completions  chat completions, with a chat template (chat.py; else 404)
     GET  /v1/models        the one model served (/v1/models/{id}: that model, or 404)
     GET  /health           200 once the engine is ready (503 while loading, or while no lane runs)
     GET  /metrics          Prometheus text (metrics.py)
@@ -49,17 +50,13 @@ from fastblt.runtime.generator import Generation
 from fastblt.runtime.stream import Scores
 from fastblt.serve.api import (
     ApiError,
-    ByteScores,
     Completion,
-    choice,
-    completion_body,
-    completion_id,
     finish_reason,
-    logprobs_body,
     parse_body,
     sse,
     usage,
 )
+from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.metrics import CONTENT_TYPE, Metrics
 from fastblt.version import __version__
 
@@ -80,6 +77,7 @@ class ServeSettings:
     max_body: int = 1 << 20  # bytes of a request body
     retry_after: int = 1  # seconds, in a 429's Retry-After
     replica: str | None = None  # the x-fastblt-replica header (None: host:pid)
+    chat_template: ChatTemplate | None = None  # renders chat completions' messages (None: no chat endpoint)
 
 
 def _metrics(engine: AsyncEngine) -> Metrics:
@@ -179,15 +177,14 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                            "model", "model_not_found")  # fmt: skip
         return JSONResponse(model)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+    async def complete(request: Request, parse: Callable[[bytes], Completion]) -> Response:
         arrived = time.perf_counter()
         m: Metrics = state["metrics"]
         mode = "unknown"
         try:
             authorize(request)
             eng = ready()
-            comp = parse_body(await _read_body(request, settings.max_body), settings.model_id, settings.default_mode)
+            comp = parse(await _read_body(request, settings.max_body))
             mode = comp.options["mode"]
             jobs = _jobs(eng, comp)
             if comp.stream:  # counted as it ends
@@ -215,6 +212,15 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         m.request(response.status_code, mode)
         return response
 
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await complete(request, lambda raw: parse_body(raw, settings.model_id, settings.default_mode))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, lambda raw: parse_chat_body(raw, settings.model_id, settings.default_mode,
+                                                                    settings.chat_template))  # fmt: skip
+
     return app
 
 
@@ -238,7 +244,7 @@ def _jobs(eng: AsyncEngine, comp: Completion) -> list[_Job]:
     jobs, ranked = [], comp.candidates > comp.n
     for p, prompt in enumerate(comp.prompts):
         req, first = _request(eng, comp, prompt, p), p * comp.n
-        if comp.candidates == 1 or req.opts.temperature == 0 or comp.max_tokens == 0:  # one answer for all
+        if comp.candidates == 1 or req.opts.temperature == 0 or not comp.sends_bytes:  # one answer for all
             jobs.append(_Job(req, prompt, list(range(first, first + comp.n)), p))
             continue
         for i in range(comp.candidates):
@@ -272,16 +278,17 @@ def _answer(comp: Completion, jobs: list[_Job], gens: list[Generation], model_id
     """A non-streamed completion: every job's generation is the choices it serves. With echo, a
     choice's text (and logprobs) start with its prompt's; with max_tokens 0 the byte the engine
     decoded is not part of the answer."""
-    sent, choices, generated = comp.max_tokens > 0, [], 0
+    sent, choices, generated = comp.sends_bytes, [], 0
     jobs = _pick_best(comp, jobs, gens) if comp.candidates > comp.n else jobs
     for job, gen in zip(jobs, gens, strict=True):
         text = (job.prompt if comp.echo else "") + (gen.text if sent else "")
         reason = finish_reason(gen.stop_reason) if sent else "length"
         logprobs = None if comp.logprobs is None else _logprobs(comp, job, gen, sent)
-        choices += [choice(text, reason, i, logprobs) for i in job.indices]
+        choices += [comp.shape.choice(text, reason, i, logprobs) for i in job.indices]
         generated += len(gen.ids) * max(len(job.indices), 1) if sent else 0  # a candidate not sent counts too
     choices.sort(key=lambda c: c["index"])
-    return completion_body(completion_id(), model_id, choices, _usage(comp, jobs, gens, generated), fingerprint=fp)
+    used = _usage(comp, jobs, gens, generated)
+    return comp.shape.body(comp.shape.new_id(), model_id, choices, used, fingerprint=fp)
 
 
 def _usage(comp: Completion, jobs: list[_Job], gens: list[Generation], generated: int) -> dict:
@@ -300,7 +307,7 @@ def _logprobs(comp: Completion, job: _Job, gen: Generation, sent: bool) -> dict:
         ids, data, lps, tops = list(job.req.ids[1:]), job.prompt.encode(), gen.prompt_logprobs, gen.prompt_top_logprobs
     if sent:
         ids, data, lps, tops = ids + gen.ids, data + gen.bytes, lps + gen.logprobs, tops + gen.top_logprobs
-    return logprobs_body(ids, data, lps, tops)
+    return comp.shape.scores().add(ids, lps, tops, len(data))
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -323,16 +330,27 @@ def _request(eng: AsyncEngine, comp: Completion, prompt: str, p: int = 0):
     """The engine's checked Request for `prompt` (the p-th); a refused option is a 400 naming the
     field. The size limit (`serve --max-context`: the engine's max_context less the BOS id and the
     byte a scoring request decodes and drops) is checked here, in the request's terms."""
-    limit = None if eng.generator.max_context is None else eng.generator.max_context - SERVE_EXTRA_IDS
+    g = eng.generator
+    limit = None if g.max_context is None else g.max_context - SERVE_EXTRA_IDS
     size = len(prompt.encode())
-    if limit is not None and size + comp.max_tokens > limit:
-        which = f"prompt[{p}]" if len(comp.prompts) > 1 else "prompt"
-        fix = "shorten the prompt" if size >= limit else f"lower max_tokens to at most {limit - size}"
-        raise ApiError(400, f"{which} + max_tokens: {size} + {comp.max_tokens} bytes exceed this server's limit "
-                       f"of {limit} bytes per request; {fix}", "prompt" if size >= limit else "max_tokens",
+    which = f"{comp.prompt_field}[{p}]" if len(comp.prompts) > 1 else comp.prompt_field
+    max_tokens = comp.max_tokens
+    if max_tokens is None:  # as much as fits: up to the limit, else the global model's positions at 4 bytes each
+        cap = limit if limit is not None else 4 * g.config.global_model.max_positions
+        room = cap - size
+        if room < 1:
+            raise ApiError(400, f"{which}: {size} bytes leave no room under this server's limit of {cap} bytes "
+                           f"per request; shorten the {comp.prompt_field}", comp.prompt_field,
+                           "context_length_exceeded")  # fmt: skip
+        max_tokens = room
+    elif limit is not None and size + max_tokens > limit:
+        field = comp.tokens_field
+        fix = f"shorten the {comp.prompt_field}" if size >= limit else f"lower {field} to at most {limit - size}"
+        raise ApiError(400, f"{which} + {field}: {size} + {max_tokens} bytes exceed this server's limit "
+                       f"of {limit} bytes per request; {fix}", comp.prompt_field if size >= limit else field,
                        "context_length_exceeded")  # fmt: skip
     try:
-        return eng.request(prompt, max_bytes=max(comp.max_tokens, 1), **comp.options)  # max_tokens 0 decodes one
+        return eng.request(prompt, max_bytes=max(max_tokens, 1), **comp.options)  # max_tokens 0 decodes one
     except (InputError, CapabilityError) as e:
         raise _field_error(e, comp) from None
 
@@ -347,15 +365,19 @@ def _field_error(e: FastBltError, comp: Completion) -> ApiError:
     if isinstance(e, PositionLimit):
         prompt = max(len(p.encode()) for p in comp.prompts)  # the longest: the likeliest to have reached it
         if e.bytes_read <= prompt + 1:  # + 1: the BOS id
-            fix, param = "shorten the prompt", "prompt"
+            param = comp.prompt_field
+            fix = f"shorten the {param}"
         else:
-            fix, param = f"lower max_tokens below {e.bytes_read - prompt - 1}", "max_tokens"
+            param = comp.tokens_field
+            fix = f"lower {param} below {e.bytes_read - prompt - 1}"
         return ApiError(400, f"{param}: the text reaches the model's limit of {e.limit} patches after "
                         f"{e.bytes_read - 1} bytes ({prompt} in the prompt); {fix}", param,
                         "context_length_exceeded")  # fmt: skip
     text, param = str(e), None
     if (m := _OPTION.match(text)) is not None:
-        names = {"max_bytes": "max_tokens", "": "prompt", "prompt_logprobs": "logprobs"}.get(m.group(1), m.group(1))
+        names = {"max_bytes": comp.tokens_field, "": comp.prompt_field, "prompt_logprobs": "logprobs"}.get(
+            m.group(1), m.group(1)
+        )
         names = names.split("/")
         param = next((n for n in names if n in comp.options), names[0])  # the one the request gave
     elif text.startswith("mode") or isinstance(e, CapabilityError):
@@ -443,16 +465,19 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
         for s in streams:
             s.cancel()
         raise
-    cid, created = completion_id(), int(time.time())
+    shape = comp.shape
+    cid, created = shape.new_id(), int(time.time())
 
-    scored = [ByteScores() for _ in jobs]  # logprobs: each stream's offsets run on from chunk to chunk
+    scored = [shape.scores() for _ in jobs]  # logprobs: each stream's offsets run on from chunk to chunk
+    started = [False] * len(jobs)  # a choice's first chunk says whose message it is (chat)
     split = [_echo_scores(comp, job, s, first) for job, s, first in zip(jobs, streams, firsts, strict=True)]
     echoed, firsts = [e for e, _ in split], [f for _, f in split]
 
     def chunk(j: int, text: str, reason: str | None = None, scores: Scores | None = None) -> bytes:
         logprobs = None if scores is None else scored[j].add(*scores)
-        body = completion_body(cid, settings.model_id, [choice(text, reason, i, logprobs) for i in jobs[j].indices],
-                               created=created, fingerprint=fp)  # fmt: skip
+        choices = [shape.delta(text, reason, i, logprobs, not started[j]) for i in jobs[j].indices]
+        started[j] = True
+        body = shape.body(cid, settings.model_id, choices, created=created, fingerprint=fp, chunk=True)
         if comp.include_usage:
             body["usage"] = None  # only the last chunk, after the choices, carries it
         return sse(body)
@@ -484,7 +509,7 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
             status = 200
             if comp.include_usage:
                 used = _usage(comp, jobs, [s.generation for s in streams], generated)
-                body = completion_body(cid, settings.model_id, [], used, created, fp)
+                body = shape.body(cid, settings.model_id, [], used, created, fp, chunk=True)
                 yield sse(body)
             yield sse("[DONE]")
         except (FastBltError, ApiError) as e:  # bytes already went out: the failure is an event

@@ -44,6 +44,7 @@ from fastblt.errors import ConfigError, FastBltError
 from fastblt.runtime.async_engine import AsyncEngine
 from fastblt.runtime.prompt_cache import DEFAULT_MB
 from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, create_app
+from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.process import free_port
 
 APP = "fastblt"
@@ -80,6 +81,7 @@ class ServerOptions:
     api_key: str | None = None
     max_body: int = 1 << 20
     retry_after: int = 1  # seconds, in a 429's Retry-After
+    chat_template: str | None = None  # a chat template file at the same path on every node (chat.py)
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> ServerOptions:
@@ -190,8 +192,9 @@ class FastBltReplica:
             share_prompts=o.share_prompts,
         )  # fmt: skip
         log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)
+        template = None if o.chat_template is None else ChatTemplate.load(o.chat_template)
         settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_key=o.api_key, max_body=o.max_body,
-                                 retry_after=o.retry_after, replica=self.name)  # fmt: skip
+                                 retry_after=o.retry_after, replica=self.name, chat_template=template)  # fmt: skip
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown
         self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
         return app

@@ -3,13 +3,31 @@ import pytest
 from fastblt.serve.process import ServerProcess
 
 KEY = "test-key"
+# a chat template as Hugging Face tokenizers keep them: a code model's turns as a session transcript
+CHAT_TEMPLATE = """\
+{% for m in messages %}
+{% if m.role == 'system' and not loop.first %}{{ raise_exception('a system message comes first') }}{% endif %}
+{% if m.role in ('system', 'developer') %}# {{ m.content }}
+{% elif m.role == 'user' %}>>> {{ m.content }}
+{% else %}{{ m.content }}
+{% endif %}
+{% endfor %}
+"""
 
 
 @pytest.fixture(scope="session")
-def server():
-    """The embedded default behind `fastblt serve`, as a user starts it (plus a key and a queue
-    long enough for 64 concurrent requests)."""
-    with ServerProcess(["--max-batch", "16", "--max-queue", "64", "--api-key", KEY]) as srv:
+def chat_template(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat") / "transcript.jinja"
+    path.write_text(CHAT_TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(chat_template):
+    """The embedded default behind `fastblt serve`, as a user starts it (plus a key, a queue long
+    enough for 64 concurrent requests and a chat template)."""
+    args = ["--max-batch", "16", "--max-queue", "64", "--api-key", KEY, "--chat-template", str(chat_template)]
+    with ServerProcess(args) as srv:
         yield srv
 
 

@@ -101,6 +101,33 @@ HOSTILE: list[tuple[str, bytes | None, int]] = [  # what, body, expected status 
 ]
 
 
+def chat(**changes) -> bytes:
+    b = {"model": MODEL, "messages": [{"role": "user", "content": "def main("}], "max_tokens": 8, **changes}
+    return json.dumps(b).encode()
+
+
+CHAT_HOSTILE: list[tuple[str, bytes, int]] = [  # /v1/chat/completions (the server has a chat template)
+    ("invalid JSON", b'{"messages": [', 400),
+    ("messages a string", chat(messages="hi"), 400),
+    ("messages a list of strings", chat(messages=["hi"]), 400),
+    ("a message without content", chat(messages=[{"role": "user"}]), 400),
+    ("a tool message", chat(messages=[{"role": "tool", "content": "1", "tool_call_id": "x"}]), 400),
+    ("an image part", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), 400),
+    ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400),
+    ("json mode", chat(response_format={"type": "json_object"}), 400),
+    ("top_logprobs without logprobs", chat(top_logprobs=3), 400),
+    ("max_tokens 0", chat(max_tokens=0), 400),
+    ("echo", chat(echo=True), 400),
+    (
+        "a system message the template refuses",
+        chat(messages=[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]),
+        400,
+    ),  # fmt: skip
+    ("messages past the limit", chat(messages=[{"role": "user", "content": "x = 1\n" * 3000}]), 400),
+    ("another model", chat(model="gpt-4o"), 404),
+]
+
+
 def test_hostile_requests_get_4xx_and_the_server_stays_up(server):
     assert len(HOSTILE) >= 30
     url = f"{server.url}/v1/completions"
@@ -117,6 +144,12 @@ def test_hostile_requests_get_4xx_and_the_server_stays_up(server):
                                "logit_bias"))  # fmt: skip
         r = c.post(url, content=body(**nulls), headers=AUTH)  # null is "not asked for", as clients send it
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    chat = f"{server.url}/v1/chat/completions"
+    with httpx.Client(timeout=120) as c:
+        for what, raw, status in CHAT_HOSTILE:
+            r = c.post(chat, content=raw, headers={**AUTH, "Content-Type": "application/json"})
+            assert r.status_code == status, (what, r.status_code, r.text[:200])
+            assert r.json()["error"]["message"], what
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:  # leaves while sending its body
         head = (
             f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n"
@@ -253,6 +286,8 @@ def test_a_full_queue_is_429_with_retry_after():
             r = c.post(f"{srv.url}/v1/completions", json=OK)
             assert r.status_code == 429 and r.headers["Retry-After"] == "1"
             assert r.json()["error"]["type"] == "rate_limit_error"
+            r = c.post(f"{srv.url}/v1/chat/completions", json={"model": MODEL, "messages": []})  # no template
+            assert r.status_code == 404 and "--chat-template" in r.json()["error"]["message"]
         assert _occupancy_back_to_zero(srv)
         assert httpx.post(f"{srv.url}/v1/completions", json=OK, timeout=60).status_code == 200
 

@@ -16,6 +16,7 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import CHAT_TEMPLATE
 
 from tiny import run_cli
 
@@ -27,6 +28,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 from fastblt.errors import ConfigError  # noqa: E402
 from fastblt.serve import ray_serve  # noqa: E402
 from fastblt.serve.app import REPLICA_HEADER  # noqa: E402
+from fastblt.serve.chat import ChatTemplate  # noqa: E402
 from fastblt.serve.process import ServerProcess  # noqa: E402
 from fastblt.serve.ray_serve import DeploymentOptions, RayServer, ServerOptions  # noqa: E402
 
@@ -75,6 +77,15 @@ def test_print_config_passes_the_lanes_prompt_sharing(monkeypatch, capsys):
     assert ray_serve.ServerOptions.from_args(app["args"]).share_prompts is False
     (app,) = print_config([], monkeypatch, capsys)["applications"]
     assert "share_prompts" not in app["args"]  # the default
+
+
+def test_print_config_passes_the_chat_template_by_its_full_path(chat_template, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(chat_template.parent)
+    (app,) = print_config(["--chat-template", chat_template.name], monkeypatch, capsys)["applications"]
+    assert app["args"]["chat_template"] == str(chat_template.resolve())  # the same path on every node
+    code, _, err = run_cli(["serve", "--ray", "--chat-template", str(tmp_path / "none.jinja"), "--print-config"],
+                           monkeypatch, capsys)  # fmt: skip
+    assert code == 2 and "none.jinja: no such file" in err and "Traceback" not in err
 
 
 def test_print_config_autoscales_and_keeps_the_key_out(monkeypatch, capsys):
@@ -141,9 +152,9 @@ def test_the_command_serves_on_a_local_cluster_and_stops_cleanly(reference):
 
 # ---------------------------------------------------------------------------- a two-node cluster
 @pytest.fixture(scope="module")
-def ray_server():
-    with RayServer(ServerOptions(max_batch=4, threads=1), DeploymentOptions(replicas=2), nodes=2, cpus_per_node=1,
-                   ready_timeout=240) as srv:  # fmt: skip
+def ray_server(chat_template):
+    with RayServer(ServerOptions(max_batch=4, threads=1, chat_template=str(chat_template)),
+                   DeploymentOptions(replicas=2), nodes=2, cpus_per_node=1, ready_timeout=240) as srv:  # fmt: skip
         yield srv
 
 
@@ -185,6 +196,12 @@ def answer_as_generate(srv: RayServer, reference) -> None:
 @pytest.mark.timeout(300)
 def test_replicas_answer_as_generate_and_share_the_load(ray_server, reference):
     answer_as_generate(ray_server, reference)
+    messages = [{"role": "user", "content": "def job(x, y):"}]  # each replica reads the chat template file
+    prompt = ChatTemplate(CHAT_TEMPLATE).render(messages)
+    want = reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0).text
+    c = openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key="-", max_retries=0, timeout=120)
+    r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == want and r.object == "chat.completion"
 
 
 @pytest.mark.timeout(300)

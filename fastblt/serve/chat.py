@@ -1,0 +1,252 @@
+"""OpenAI's chat completions over a byte model: the conversation rendered to one prompt by the
+operator's chat template, then generated as a completion of it.
+
+A byte model has no chat format of its own (the embedded default is a code model, and none of
+BLT's released checkpoints defines one), so the server answers POST /v1/chat/completions only when
+started with a template: Jinja source as Hugging Face tokenizers keep them (`messages`,
+`add_generation_prompt`, `raise_exception`, `tojson`), rendered in Jinja's immutable sandbox.
+Special ids are not text, so `bos_token` and `eos_token` render as "" (the engine starts every
+prompt with BOS; a turn ends where the model draws EOS, or at a `stop` string). What is generated
+after the rendered prompt is the assistant's message; `usage.prompt_tokens` counts the rendered
+prompt's bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastblt.errors import InputError
+from fastblt.model.config import BYTE_OFFSET
+from fastblt.serve.api import (
+    FASTBLT_FIELDS,
+    ApiError,
+    Completion,
+    TextShape,
+    check_fields,
+    check_model,
+    choices_per_prompt,
+    completion_body,
+    decode_options,
+    get_field,
+    json_kind,
+    load_json,
+    stream_fields,
+    token,
+)
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+ROLES = ("system", "developer", "user", "assistant")  # no tools: "tool" and "function" are refused
+FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream",
+          "stream_options", "user", "logprobs", "top_logprobs", "n", "logit_bias", "presence_penalty",
+          "frequency_penalty"}  # fmt: skip
+# OpenAI fields fastblt accepts only as "not asked for" (it serves no tools, no structured output, text only)
+NEUTRAL = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+           "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
+           "store": (None, False), "metadata": (None, {}), "modalities": (None, ["text"]),
+           "service_tier": (None, "auto", "default"), "reasoning_effort": (None,), "prediction": (None,),
+           "audio": (None,), "web_search_options": (None,)}  # fmt: skip
+MESSAGE_FIELDS = {"role", "content", "name"}
+# what a client sends back when it returns an answer's message object as it got it
+MESSAGE_NEUTRAL = {"tool_calls": (None, []), "function_call": (None,), "refusal": (None,), "audio": (None,),
+                   "annotations": (None, [])}  # fmt: skip
+
+
+class ChatTemplate:
+    """A chat template: Jinja source rendered as Hugging Face renders a tokenizer's chat template
+    (trim_blocks, lstrip_blocks, loop controls, an immutable sandbox)."""
+
+    def __init__(self, source: str, origin: str = "chat template"):
+        from jinja2 import TemplateError, TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.source, self.origin = source, origin
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])  # fmt: skip
+        env.filters["tojson"] = _tojson  # Jinja's own escapes HTML, which no prompt wants
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self._template = env.from_string(source)
+        except TemplateSyntaxError as e:
+            raise InputError(f"{origin}: line {e.lineno}: {e.message}") from None
+        except TemplateError as e:
+            raise InputError(f"{origin}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> ChatTemplate:
+        """The template in file `path`; InputError naming the file when it cannot be read or parsed."""
+        path = Path(path)
+        try:
+            source = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"chat template {path}: no such file") from None
+        except UnicodeDecodeError:
+            raise InputError(f"chat template {path}: not UTF-8 text") from None
+        except OSError as e:
+            raise InputError(f"chat template {path}: {e.strerror}") from None
+        return cls(source, f"chat template {path}")
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for `messages`, ending where the assistant's next message starts. A template
+        that refuses them (raise_exception) is a 400 naming `messages`; one that fails otherwise
+        is the server's fault (500)."""
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=True, bos_token="",
+                                         eos_token="", tools=None, documents=None)  # fmt: skip
+        except _Refused as e:
+            raise ApiError(400, f"messages: the chat template refuses them: {e}", "messages") from None
+        except Exception as e:  # noqa: BLE001 (the operator's template: any error it makes is ours, a 500)
+            raise ApiError(500, f"{self.origin}: rendering failed: {type(e).__name__}: {e}",
+                           kind="server_error") from None  # fmt: skip
+
+
+class _Refused(Exception):
+    """raise_exception() called by a template: the messages are not what it accepts."""
+
+
+def _raise_exception(message: str) -> None:
+    raise _Refused(message)
+
+
+def _tojson(value: Any, indent: int | None = None, separators: tuple | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def parse_chat_body(raw: bytes, model_id: str, default_mode: str, template: ChatTemplate | None) -> Completion:
+    """The body of POST /v1/chat/completions -> a Completion of the rendered prompt, or an
+    ApiError naming the field (404 when the server has no template)."""
+    if template is None:
+        raise ApiError(404, "POST /v1/chat/completions: this server has no chat template (start it with "
+                       "--chat-template FILE); POST /v1/completions takes a prompt", None, "not_found")  # fmt: skip
+    body = load_json(raw)
+    check_fields(body, FIELDS | FASTBLT_FIELDS, NEUTRAL)
+    check_model(body, model_id)
+    messages = _messages(body.get("messages"))
+    tokens_field, max_tokens = _max_tokens(body)
+    n = choices_per_prompt(body, 1)
+    stream, include_usage = stream_fields(body)
+    get_field(body, "user", str)
+    options = decode_options(body, default_mode)
+    logprobs = None
+    if get_field(body, "logprobs", bool, default=False):
+        logprobs = get_field(body, "top_logprobs", int, default=0)
+        if not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs: expected an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs}",
+                           "top_logprobs")  # fmt: skip
+        options["logprobs"] = logprobs  # the mode is the engine's to check
+    elif body.get("top_logprobs") is not None:
+        raise ApiError(400, "top_logprobs: only allowed with logprobs: true", "top_logprobs")
+    prompt = template.render(messages)
+    return Completion([prompt], max_tokens, stream, include_usage, options, n=n, logprobs=logprobs, shape=CHAT,
+                      prompt_field="messages", tokens_field=tokens_field)  # fmt: skip
+
+
+def _messages(messages: Any) -> list[dict[str, str]]:
+    """`messages` checked, as the template reads them: role, content (a string; text parts joined
+    with newlines) and name when given."""
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if messages == [] else json_kind(messages)
+        raise ApiError(400, f"messages: expected a non-empty list of messages, got {got}", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where}: expected an object, got {json_kind(m)}", "messages")
+        check_fields(m, MESSAGE_FIELDS, MESSAGE_NEUTRAL, f"{where}.")
+        role = get_field(m, "role", str, required=True, label=f"{where}.role")
+        if role not in ROLES:
+            raise ApiError(400, f"{where}.role: {role!r} is not one of {', '.join(ROLES)} (fastblt serves no tools)",
+                           f"{where}.role")  # fmt: skip
+        message = {"role": role, "content": _content(m.get("content"), f"{where}.content")}
+        if (name := get_field(m, "name", str, label=f"{where}.name")) is not None:
+            message["name"] = name
+        out.append(message)
+    return out
+
+
+def _content(content: Any, where: str) -> str:
+    parts = content if isinstance(content, list) else [content]
+    texts = []
+    for j, part in enumerate(parts):
+        at = f"{where}[{j}]" if isinstance(content, list) else where
+        if isinstance(part, dict) and part.get("type") == "text" and set(part) == {"type", "text"}:
+            part = part["text"]
+        elif isinstance(part, dict):
+            raise ApiError(400, f"{at}: fastblt reads text parts only ({{\"type\": \"text\", \"text\": ...}}), got "
+                           f"type {part.get('type')!r}", where)  # fmt: skip
+        if not isinstance(part, str):
+            raise ApiError(400, f"{at}: expected a string or a list of text parts, got {json_kind(part)}", where)
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{at}: not encodable as UTF-8 (a lone surrogate)", where) from None
+        texts.append(part)
+    return "\n".join(texts)
+
+
+def _max_tokens(body: dict) -> tuple[str, int | None]:
+    """(the field that sets the length, bytes or None: up to the server's limit, OpenAI's default).
+    `max_completion_tokens` is OpenAI's current name, `max_tokens` the deprecated one."""
+    given = {f: get_field(body, f, int) for f in ("max_completion_tokens", "max_tokens")}
+    given = {f: v for f, v in given.items() if v is not None}
+    if len(set(given.values())) > 1:
+        raise ApiError(400, f"max_tokens: {given['max_tokens']} and max_completion_tokens "
+                       f"{given['max_completion_tokens']} differ; give one", "max_tokens")  # fmt: skip
+    field, value = next(iter(given.items()), ("max_tokens", None))
+    if value is not None and value < 1:
+        raise ApiError(400, f"{field}: expected an integer >= 1, got {value}", field)
+    return field, value
+
+
+class ChatShape(TextShape):
+    """How chat answers look: `chat.completion` objects whose choices carry the assistant's
+    `message`, streamed as `chat.completion.chunk` deltas (the role in each choice's first), and
+    `logprobs.content` entries, a byte per token (ChatScores)."""
+
+    def new_id(self) -> str:
+        return "chatcmpl-" + super().new_id().removeprefix("cmpl-")
+
+    def body(self, cid: str, model_id: str, choices: list[dict], usage_: dict | None = None,
+             created: int | None = None, fingerprint: str | None = None, chunk: bool = False) -> dict:  # fmt: skip
+        kind = "chat.completion.chunk" if chunk else "chat.completion"
+        return completion_body(cid, model_id, choices, usage_, created, fingerprint, kind)
+
+    def choice(self, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
+        message = {"role": "assistant", "content": text, "refusal": None}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+
+    def delta(self, text: str, reason: str | None, index: int, logprobs: dict | None, first: bool) -> dict:
+        delta = {"role": "assistant", "content": text} if first else {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    def scores(self) -> ChatScores:
+        return ChatScores()
+
+
+class ChatScores:
+    """OpenAI's chat `logprobs` object, built chunk by chunk (or at once): `content`, an entry per
+    generated id: `token` (named as completions name it), `logprob`, `bytes` (the byte; null for
+    a special id) and `top_logprobs`, the most likely ids."""
+
+    def add(self, ids: list[int], logprobs: list[float], top: list[dict[int, float]],
+            n_bytes: int | None = None) -> dict:  # fmt: skip
+        """The entries of `ids`, up to `n_bytes` byte ids (a stop string's are not in the text)."""
+        content, taken = [], 0
+        for i, lp, best in zip(ids, logprobs, top, strict=True):
+            if i >= BYTE_OFFSET and taken == n_bytes:
+                break
+            taken += i >= BYTE_OFFSET
+            entry = _entry(i, lp)
+            entry["top_logprobs"] = [_entry(j, v) for j, v in best.items()]
+            content.append(entry)
+        return {"content": content, "refusal": None}
+
+
+def _entry(i: int, logprob: float) -> dict:
+    return {"token": token(i), "logprob": logprob, "bytes": [i - BYTE_OFFSET] if i >= BYTE_OFFSET else None}
+
+
+CHAT = ChatShape()

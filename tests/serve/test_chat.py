@@ -1,0 +1,201 @@
+"""POST /v1/chat/completions: the messages rendered by the server's chat template, answered as
+a completion of that prompt (equal to Generator.generate of it) in OpenAI's chat shapes, with the
+real openai client; bodies checked field by field."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from conftest import CHAT_TEMPLATE, KEY
+
+from fastblt.errors import InputError
+from fastblt.serve.api import ApiError
+from fastblt.serve.chat import ChatTemplate, parse_chat_body
+
+MODEL = "fastblt-default"
+TEMPLATE = ChatTemplate(CHAT_TEMPLATE)
+MESSAGES = [{"role": "system", "content": "path helpers"}, {"role": "user", "content": "import os\n\n\ndef main("}]
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def parse(**fields):
+    body = {"model": MODEL, "messages": MESSAGES, **fields}
+    return parse_chat_body(json.dumps({k: v for k, v in body.items() if v is not DROP}).encode(), MODEL, "blt-s",
+                           TEMPLATE)  # fmt: skip
+
+
+DROP = object()
+
+
+# ---------------------------------------------------------------------------- no server
+def test_a_template_renders_as_hugging_face_renders_one():
+    """trim_blocks and lstrip_blocks, the generation prompt asked for, special ids as "", and a
+    tojson that leaves HTML alone (Jinja's own escapes it)."""
+    source = """{{ bos_token }}
+    {% for m in messages %}
+        <|{{ m.role }}|>{{ m.content }}{{ eos_token }}
+    {% endfor %}
+    {% if add_generation_prompt %}<|assistant|>{% endif %}{{ {"a": "<b> & é"} | tojson }}"""
+    rendered = ChatTemplate(source).render([{"role": "user", "content": "hi"}])
+    assert rendered == '\n        <|user|>hi\n<|assistant|>{"a": "<b> & é"}'  # text keeps its spaces, tags do not
+
+
+def test_a_template_file_that_cannot_be_used_is_one_error_naming_it(tmp_path):
+    with pytest.raises(InputError, match=r"chat template .*nothing\.jinja: no such file"):
+        ChatTemplate.load(tmp_path / "nothing.jinja")
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}\n{{ m.content }}\n")
+    with pytest.raises(InputError, match=r"bad\.jinja: line 2: Unexpected end of template.*endfor"):
+        ChatTemplate.load(bad)
+    bad.write_bytes(b"\xff{{ messages }}")
+    with pytest.raises(InputError, match="not UTF-8"):
+        ChatTemplate.load(bad)
+
+
+def test_a_template_refusing_the_messages_is_a_400_and_one_failing_a_500():
+    with pytest.raises(ApiError) as e:
+        TEMPLATE.render([*MESSAGES, {"role": "system", "content": "late"}])
+    assert e.value.status == 400 and e.value.param == "messages" and "a system message comes first" in e.value.message
+    with pytest.raises(ApiError) as e:
+        ChatTemplate("{{ messages[0].content.upper(1, 2) }}").render(MESSAGES)
+    assert e.value.status == 500 and e.value.kind == "server_error"
+    with pytest.raises(ApiError) as e:  # the sandbox: no way out to Python's internals
+        ChatTemplate("{{ messages.__class__.__mro__ }}").render(MESSAGES)
+    assert e.value.status == 500
+
+
+def test_a_chat_body_is_the_rendered_prompt_with_its_options():
+    comp = parse(max_completion_tokens=12, temperature=0, n=2, stop="\n", logprobs=True, top_logprobs=2, mode="ar")
+    assert comp.prompts == [TEMPLATE.render(MESSAGES)] == ["# path helpers\n>>> import os\n\n\ndef main(\n"]
+    assert (comp.max_tokens, comp.tokens_field, comp.n, comp.logprobs) == (12, "max_completion_tokens", 2, 2)
+    assert comp.options == {"mode": "ar", "temperature": 0.0, "stop": ["\n"], "logprobs": 2}
+    assert parse().max_tokens is None and parse().options["mode"] == "blt-s"  # as much as fits, the server's mode
+    assert parse(max_tokens=7).max_tokens == 7 == parse(max_tokens=7, max_completion_tokens=7).max_tokens
+    assert "logprobs" not in parse(logprobs=False).options
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+              "name": "ann"}]  # fmt: skip
+    assert parse(messages=parts).prompts == [">>> a\nb\n"]
+    # what clients send when nothing is asked for, and a message passed back as the client got it
+    back = {"role": "assistant", "content": "x", "refusal": None, "tool_calls": None, "function_call": None,
+            "audio": None, "annotations": None}  # fmt: skip
+    neutral = dict(tools=[], tool_choice="none", response_format={"type": "text"}, store=False,
+                   parallel_tool_calls=True, metadata=None, service_tier="auto", user="u")  # fmt: skip
+    assert parse(messages=[*MESSAGES, back], **neutral).prompts == [TEMPLATE.render(MESSAGES) + "x\n"]
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"messages": DROP}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": "import os"}, "messages"),
+        ({"messages": [3]}, "messages"),
+        ({"messages": [{"role": "tool", "content": "1", "tool_call_id": "a"}]}, "messages[0].tool_call_id"),
+        ({"messages": [{"role": "tool", "content": "1"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content",
+        ),  # fmt: skip
+        ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
+        ({"messages": [{"role": "user", "content": "x", "name": 3}]}, "messages[0].name"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"echo": True}, "echo"),
+        ({"best_of": 2}, "best_of"),
+        ({"prompt": "x"}, "prompt"),
+        ({"n": 17}, "n"),
+        ({"mode": "fast"}, "mode"),
+        ({"model": "gpt-4o"}, "model"),
+    ],
+)
+def test_a_chat_body_is_checked_field_by_field(fields, param):
+    with pytest.raises(ApiError) as e:
+        parse(**fields)
+    assert e.value.status in (400, 404) and e.value.param == param, e.value.message
+    assert e.value.message.startswith(param.split("[")[0]) or "model" in param
+
+
+def test_without_a_template_there_is_no_chat_endpoint():
+    with pytest.raises(ApiError) as e:
+        parse_chat_body(b"{}", MODEL, "blt-s", None)
+    assert e.value.status == 404 and "--chat-template" in e.value.message
+
+
+# ---------------------------------------------------------------------------- a server
+@pytest.mark.parametrize("mode", ("ar", "blt-s", "blt-d", "blt-dv"))
+def test_chat_equals_generate_of_the_rendered_prompt(server, reference, mode):
+    c, prompt = client(server), TEMPLATE.render(MESSAGES)
+    want = reference.generate(prompt, mode=mode, max_bytes=32, temperature=0.0)
+    opts = dict(model=MODEL, messages=MESSAGES, max_completion_tokens=32, temperature=0, extra_body={"mode": mode})
+    r = c.chat.completions.create(**opts)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
+    (ch,) = r.choices
+    assert ch.message.role == "assistant" and ch.message.content == want.text and ch.logprobs is None
+    assert ch.finish_reason == ("length" if want.stop_reason == "max_bytes" else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt.encode()), len(want.ids))
+
+    chunks = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **opts))
+    *deltas, last = chunks
+    assert {x.object for x in chunks} == {"chat.completion.chunk"} and len({x.id for x in chunks}) == 1
+    assert [x.choices[0].delta.role for x in deltas] == ["assistant"] + [None] * (len(deltas) - 1)
+    assert "".join(x.choices[0].delta.content or "" for x in deltas) == want.text
+    assert [x.choices[0].finish_reason for x in deltas] == [None] * (len(deltas) - 1) + [ch.finish_reason]
+    assert last.choices == [] and last.usage == r.usage
+
+
+def test_chat_logprobs_are_the_engines_per_byte_up_to_a_stop(server, reference):
+    c, prompt = client(server), TEMPLATE.render(MESSAGES)
+    want = reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0, logprobs=3)
+    stop = want.bytes[10:12]
+    cut = want.bytes.find(stop)
+    opts = dict(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0, logprobs=True, top_logprobs=3,
+                stop=stop.decode())  # fmt: skip
+    r = c.chat.completions.create(**opts)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == want.bytes[:cut].decode() and len(content) == cut
+    for j, e in enumerate(content):
+        assert e.bytes == [want.bytes[j]] and abs(e.logprob - want.logprobs[j]) < 1e-4
+        assert e.token == (chr(want.bytes[j]) if want.bytes[j] < 0x80 else f"bytes:\\x{want.bytes[j]:02x}")
+        top = {t.bytes[0]: t.logprob for t in e.top_logprobs}
+        assert len(top) == 3 and max(top, key=top.get) == want.bytes[j]  # greedy: the chosen byte is the likeliest
+    chunks = list(c.chat.completions.create(stream=True, **opts))
+    streamed = [e for x in chunks if x.choices[0].logprobs is not None for e in x.choices[0].logprobs.content]
+    assert streamed == content
+
+
+def test_sampled_chat_choices_are_seeded_requests(server, reference):
+    c, prompt = client(server), TEMPLATE.render(MESSAGES)
+    r = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=7, n=2)
+    want = [reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=1.0, seed=7 + i).text for i in (0, 1)]
+    assert [ch.message.content for ch in sorted(r.choices, key=lambda ch: ch.index)] == want
+    assert want[0] != want[1]
+
+
+def test_a_conversation_passes_answers_back_and_loads_its_last_prompt(server, reference):
+    """The next turn's prompt starts with the last one, so it loads a snapshot of it (cached bytes)."""
+    c = client(server)
+    system = {"role": "system", "content": "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(16))}
+    turn = [system, {"role": "user", "content": "def g("}]
+    first = c.chat.completions.create(model=MODEL, messages=turn, max_tokens=24, temperature=0)
+    turn += [first.choices[0].message.model_dump(), {"role": "user", "content": "def h("}]
+    second = c.chat.completions.create(model=MODEL, messages=turn, max_tokens=24, temperature=0)
+    prompt = TEMPLATE.render([{k: m[k] for k in ("role", "content")} for m in turn])
+    assert (
+        second.choices[0].message.content
+        == reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0).text
+    )
+    assert second.usage.prompt_tokens == len(prompt.encode()) > 400
+    assert first.usage.prompt_tokens_details.cached_tokens == 0 < second.usage.prompt_tokens_details.cached_tokens
