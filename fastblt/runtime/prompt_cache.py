@@ -218,8 +218,11 @@ class PromptCache:
         last used it goes round once more). Shared, it is kept as the file it is published to; a
         borrowed snapshot (views of a live sequence) is written there or copied, here and now."""
         size = kept.nbytes()
-        if not self.wants(key, size, kept.rank):
-            return
+        with self._lock:
+            if not self._wants(key, size, kept.rank):
+                return
+            if key not in self._entries:  # room first, so that the files stay within the budget too
+                self._make_room(size)  # (one replacing a snapshot of its own key is written first)
         published = None if self.shared is None else self.shared.publish(key, kept)
         if published is None and kept.snap.borrowed:
             kept = Kept(kept.snap.copy(), kept.scores)
@@ -233,6 +236,14 @@ class PromptCache:
     def _store(self, key: bytes, kept: Kept, size: int) -> None:
         old = self._entries.pop(key, None)
         self.stats.bytes -= 0 if old is None else old.nbytes()
+        self._make_room(size)
+        self._entries[key], self._used[key] = kept, time.time()
+        self.stats.bytes += size
+        self.stats.stored += 1
+        self.stats.entries = len(self._entries)
+
+    def _make_room(self, size: int) -> None:
+        """Let the least recently used snapshots go until `size` more bytes fit the budget."""
         spared: set[bytes] = set()
         while self._entries and self.stats.bytes + size > self.budget:
             oldest = next(iter(self._entries))
@@ -242,10 +253,6 @@ class PromptCache:
                 continue
             self._drop(oldest)
             self.stats.evicted += 1
-        self._entries[key], self._used[key] = kept, time.time()
-        self.stats.bytes += size
-        self.stats.stored += 1
-        self.stats.entries = len(self._entries)
 
     def _drop(self, key: bytes) -> None:
         kept = self._entries.pop(key)

@@ -153,6 +153,23 @@ def test_eviction_removes_files_and_spares_one_another_lane_loaded(tmp_path):
     assert list(tmp_path.iterdir()) == [] and cache.stats.bytes == 0
 
 
+def test_room_is_made_before_a_file_is_written(tmp_path, monkeypatch):
+    """The files in shared memory stay within the budget too: a lane lets its least recently used
+    snapshots go before it writes the next file, not after."""
+    kept = snapshot()
+    cache = PromptCache(4.5 * kept.nbytes() / 2**20, SnapshotFiles(tmp_path, 0))
+    files, write = [], prompt_share._write
+
+    def counted(path, kept, lane):
+        write(path, kept, lane)
+        files.append(len(list(tmp_path.iterdir())))  # the one just written (under its temporary name) included
+
+    monkeypatch.setattr(prompt_share, "_write", counted)
+    for key in (b"a", b"b", b"c", b"d", b"e", b"f"):
+        cache.put(key, kept)
+    assert files == [1, 2, 3, 4, 4, 4] and len(list(tmp_path.iterdir())) == 4 and cache.stats.evicted == 2
+
+
 def test_a_snapshot_whose_file_cannot_be_written_stays_in_the_lane(tmp_path, monkeypatch, caplog):
     """/dev/shm full: the lane keeps its snapshots in its own memory and says so once."""
 
