@@ -7,7 +7,7 @@ does it end with every slot free?
 16 clients send requests one after another, drawn with a fixed seed: every mode, greedy or sampled
 with a seed, 8 to 160 new bytes, stop strings, prompts of 20 to 600 bytes, some with n 2-3
 choices, a list of two prompts, logprobs, echo (or only scoring the prompt), a logit bias and
-penalties; a fifth of them
+penalties, chat completions (a tenth, through a transcript chat template); a fifth of them
 streamed, and a third of those dropped by the client after a few events; one in twelve malformed
 (must get a 4xx). Every 50 requests the server's memory is read: the proportional set size summed
 over its process group (the server, its lane processes and their zygote), and the anonymous part
@@ -32,6 +32,8 @@ import asyncio
 import contextlib
 import json
 import shlex
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +56,14 @@ BAD = (
     json.dumps({"model": MODEL, "prompt": "x", "n": 17}).encode(),
     b'{"model": "fastblt-default", "prompt": "\xff\xfe"}',
 )
+CHAT_TEMPLATE = """\
+{% for m in messages %}
+{% if m.role == 'system' %}# {{ m.content }}
+{% elif m.role == 'user' %}>>> {{ m.content }}
+{% else %}{{ m.content }}
+{% endif %}
+{% endfor %}
+"""  # the embedded default's turns as a session transcript (docs/serving.md)
 SAMPLE_EVERY = 50
 GROWTH_FROM = 100  # requests: the batches have filled once by then (the first samples are warm-up)
 GROWTH_BOUND_MB = 50.0  # memory from the sample at GROWTH_FROM requests to the highest
@@ -102,6 +112,11 @@ def draw_requests(n: int, seed: int) -> list[dict]:
             body["echo"] = True
             if not stream and rng.random() < 0.5:
                 body |= {"max_tokens": 0, "logprobs": 1}  # only score the prompt
+        if rng.random() < 0.1 and isinstance(body["prompt"], str) and not body.get("echo"):  # the chat API
+            prompt = body.pop("prompt")
+            body["messages"] = [{"role": "system", "content": "python"}, {"role": "user", "content": prompt}]
+            if "logprobs" in body:
+                body |= {"logprobs": True, "top_logprobs": body["logprobs"]}
         drop_after = int(rng.integers(1, 4)) if stream and rng.random() < 1 / 3 else None
         out.append({"i": i, "body": body, "stream": stream, "drop_after": drop_after})
     return out
@@ -110,8 +125,10 @@ def draw_requests(n: int, seed: int) -> list[dict]:
 SAME_OPTIONS = ("mode", "temperature", "stop", "presence_penalty", "frequency_penalty")  # the Generator's names
 
 
-async def send(client: httpx.AsyncClient, url: str, job: dict) -> dict:
+async def send(client: httpx.AsyncClient, base: str, job: dict) -> dict:
     """One request -> {"status", "text"?, "dropped"?, "error"?}."""
+    chat = "messages" in job.get("body", {})
+    url = f"{base}/v1/chat/completions" if chat else f"{base}/v1/completions"
     try:
         if "bad" in job:
             headers = {"content-type": "application/json"}
@@ -122,7 +139,8 @@ async def send(client: httpx.AsyncClient, url: str, job: dict) -> dict:
             r = await client.post(url, json=body)
             if r.status_code != 200:
                 return {"status": r.status_code}
-            return {"status": 200, "texts": [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]}
+            choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+            return {"status": 200, "texts": [c["message"]["content"] if chat else c["text"] for c in choices]}
         texts: dict[int, str] = {}
         events = 0
         async with client.stream("POST", url, json=body) as r:
@@ -132,7 +150,8 @@ async def send(client: httpx.AsyncClient, url: str, job: dict) -> dict:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 for c in json.loads(line[6:])["choices"]:
-                    texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+                    text = c["delta"].get("content", "") if chat else c["text"]
+                    texts[c["index"]] = texts.get(c["index"], "") + text
                 events += 1
                 if job["drop_after"] is not None and events >= job["drop_after"]:
                     return {"status": 200, "dropped": True}  # leaving the block closes the connection
@@ -194,7 +213,7 @@ async def soak(srv, jobs: list[dict]) -> dict:
     async def client_loop(client: httpx.AsyncClient) -> None:
         while queue:
             job = queue.pop(0)
-            results[job["i"]] = await send(client, f"{base}/v1/completions", job)
+            results[job["i"]] = await send(client, base, job)
             done = len(results)
             if done % SAMPLE_EVERY == 0:
                 mb = memory(srv)
@@ -252,9 +271,11 @@ def memory_of(name: str, args: list[str], env: dict[str, str], jobs: list[dict])
 def check(jobs: list[dict], results: dict[int, dict]) -> dict:
     """Compare finished greedy/seeded responses with Generator alone; count statuses."""
     from fastblt.runtime.generator import Generator
+    from fastblt.serve.chat import ChatTemplate
 
-    g = Generator("default")
-    counts = {"ok": 0, "dropped": 0, "bad_4xx": 0, "bad_not_4xx": 0, "errors": 0, "compared": 0, "wrong": 0}
+    g, template = Generator("default"), ChatTemplate(CHAT_TEMPLATE)
+    counts = {"ok": 0, "dropped": 0, "bad_4xx": 0, "bad_not_4xx": 0, "errors": 0, "compared": 0, "wrong": 0,
+              "chat": 0}  # fmt: skip
     for job in jobs:
         r = results[job["i"]]
         if "bad" in job:
@@ -266,7 +287,8 @@ def check(jobs: list[dict], results: dict[int, dict]) -> dict:
         else:
             counts["ok"] += 1
             b = job["body"]
-            prompts = b["prompt"] if isinstance(b["prompt"], list) else [b["prompt"]]
+            prompts = [template.render(b["messages"])] if "messages" in b else b["prompt"]
+            prompts = prompts if isinstance(prompts, list) else [prompts]
             n = b.get("n", 1)
             counts["wrong"] += len(r["texts"]) != len(prompts) * n
             for k, text in enumerate(r["texts"]):  # choice k: prompt k // n, seed + k % n
@@ -277,6 +299,7 @@ def check(jobs: list[dict], results: dict[int, dict]) -> dict:
                     options["seed"] = (b["seed"] + k % n) % 2**63
                 want = "" if b["max_tokens"] == 0 else g.generate(prompt, max_bytes=b["max_tokens"], **options).text
                 counts["compared"] += 1
+                counts["chat"] += "messages" in b
                 counts["wrong"] += text != (prompt if b.get("echo") else "") + want
     g.close()
     return counts
@@ -341,7 +364,8 @@ def render(r: dict) -> str:
         f"onnxruntime {m['onnxruntime']}. Server at its defaults"
         f"{' but ' + ' '.join(m['server_args']) if m.get('server_args') else ''}; {CLIENTS} clients, "
         f"{m['requests']} requests in {r['wall_s']:.0f} s: every mode, greedy and seeded sampling, 8-160 bytes, "
-        "some with n 2-3, two prompts, logprobs, echo or scoring only, a logit bias and penalties, a fifth streamed "
+        "some with n 2-3, two prompts, logprobs, echo or scoring only, a logit bias and penalties, chat completions, "
+        "a fifth streamed "
         "(a third of those dropped "
         "mid-stream), one in twelve malformed.",
         "",
@@ -351,9 +375,9 @@ def render(r: dict) -> str:
         "",
         "## Requests",
         "",
-        "| finished | choices compared with Generator | dropped mid-stream | malformed -> 4xx | errors |",
-        "|---:|---:|---:|---:|---:|",
-        f"| {c['ok']} | {c['compared']} | {c['dropped']} | {c['bad_4xx']} | {c['errors']} |",
+        "| finished | choices compared with Generator | chat ones | dropped mid-stream | malformed -> 4xx | errors |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {c['ok']} | {c['compared']} | {c.get('chat', '')} | {c['dropped']} | {c['bad_4xx']} | {c['errors']} |",
         "",
         f"## Memory by lane layout (the first {LAYOUT_REQUESTS} requests, one server after another)",
         "",
@@ -433,14 +457,18 @@ def main() -> None:
     if server_args:
         command += f" --server-args {shlex.quote(args.server_args)} --tag {shlex.quote(args.tag)}"
     r: dict = {"meta": machine_meta() | {"command": command, "requests": args.requests, "server_args": server_args}}
-    with ServerProcess(server_args) as srv:
+    template = Path(tempfile.mkdtemp(prefix="fastblt-soak-")) / "transcript.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    chat_args = ["--chat-template", str(template)]
+    with ServerProcess(server_args + chat_args) as srv:
         lanes = next(float(x.split()[-1]) for x in httpx.get(f"{srv.url}/metrics").text.splitlines()
                      if x.startswith("fastblt_batch_lanes "))  # fmt: skip
         r["snapshot_budget_mb"] = lanes * DEFAULT_MB
         run = asyncio.run(soak(srv, jobs))
         pid = srv.proc.pid
     r |= {"samples": run["samples"], "wall_s": run["wall_s"], "idle": run["idle"], "dirs_left": len(snapshot_dirs(pid))}
-    r["layouts"] = [memory_of(name, args_, env, jobs[:LAYOUT_REQUESTS]) for name, args_, env in LAYOUTS]
+    r["layouts"] = [memory_of(name, args_ + chat_args, env, jobs[:LAYOUT_REQUESTS]) for name, args_, env in LAYOUTS]
+    shutil.rmtree(template.parent)
     r["counts"] = check(jobs, run["results"])
     r["targets"] = targets(r)
     count = "" if args.requests == 2000 else f"_{args.requests}"
