@@ -11,6 +11,7 @@ import click
 from fastblt.cli.common import reader_may_leave
 from fastblt.engines.registry import BACKENDS
 from fastblt.export.spec import DEFAULT_K
+from fastblt.runtime.grammar import FORMATS
 from fastblt.runtime.lookup import LOOKUP_MATCH
 from fastblt.runtime.options import BLOCK_START_RULES, MAX_LOGPROBS, MODES
 
@@ -91,6 +92,9 @@ def arg_bytes(text: str) -> str | bytes:
 @click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
               help="-2 to 2: taken off a byte's logit once per time it was generated before (OpenAI's; "
                    "against repetition).")  # fmt: skip
+@click.option("--format", "format_", type=click.Choice(FORMATS), default=None,
+              help="The output's format: json is one JSON object (bytes that would break it are never chosen; "
+                   "ar, blt-s, blt-dv).")  # fmt: skip
 @click.option(
     "--max-context",
     type=int,
@@ -109,7 +113,7 @@ def arg_bytes(text: str) -> str | bytes:
 def generate(
     checkpoint, prompt, prompt_file, mode, backend, artifacts, max_bytes, temperature, top_k, top_p, seed, k,
     lookup, unmask, alpha, gamma, block_start, stop, ignore_eos, logit_bias, presence_penalty, frequency_penalty,
-    max_context, threads, device, cuda_graphs, stream, as_json, logprobs, quiet,
+    format_, max_context, threads, device, cuda_graphs, stream, as_json, logprobs, quiet,
 ):  # fmt: skip
     """Generate bytes after a prompt with ar, blt-d, blt-s or blt-dv."""
     from fastblt.cli.progress import first_use_notice
@@ -128,7 +132,7 @@ def generate(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, lookup=lookup, unmask=unmask, alpha=alpha,
         gamma=gamma, block_start=block_start, stop=[arg_bytes(x) for x in stop], stop_on_eos=not ignore_eos,
         logprobs=logprobs, logit_bias=logit_bias, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
+        frequency_penalty=frequency_penalty, format=format_,
     )  # fmt: skip
     # checked once, against the checkpoint's config, before anything is loaded or exported
     request = make_request(data, load_config(resolve_checkpoint_path(checkpoint)), mode, max_bytes, **options)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastblt.model.config import EOS_ID
+from fastblt.runtime import grammar
 from fastblt.runtime.calls import Plan
 from fastblt.runtime.lookup import continuation
 from fastblt.runtime.options import DecodeOptions, draft_length
@@ -73,6 +74,9 @@ class Run:
     counts: np.ndarray | None = None
     penalties: np.ndarray | None = None
     counted: int = 0
+    # current_grammar(): with a format, the grammar's state after out.ids' first `parsed`
+    grammar_state: grammar.State | None = None
+    parsed: int = 0
 
     @property
     def params(self) -> SamplingParams:
@@ -157,7 +161,8 @@ def resume(run: Run, logits: np.ndarray) -> Plan[None]:
 
 def next_byte(run: Run, logits: np.ndarray) -> int:
     """The pending byte after exact logits (V,): argmax, or a draw when sampling."""
-    return int(pick(logits, run.params, run.gen, current_penalties(run)))  # host sync: the next byte
+    steering = _masked(current_penalties(run), current_grammar(run))
+    return int(pick(logits, run.params, run.gen, steering))  # host sync: the next byte
 
 
 def verify(run: Run, c: int, drafts: list[int], encoded: bool) -> Plan[np.ndarray]:
@@ -168,13 +173,21 @@ def verify(run: Run, c: int, drafts: list[int], encoded: bool) -> Plan[np.ndarra
 
 def accept(run: Run, drafts: list[int], q: np.ndarray | None, logits: np.ndarray) -> tuple[int, int]:
     """Accepted draft count and the next pending byte (correction or bonus). With penalties, row j
-    counts the drafts before it as generated: they are, if it is reached."""
+    counts the drafts before it as generated, and with a format it reads the grammar after them:
+    they are generated, if it is reached."""
     rows = current_penalties(run)
     if rows is not None:
         rows = np.repeat(rows[None], len(logits), axis=0)
         times: dict[int, int] = {}
         for j, d in enumerate(drafts):
             rows[j + 1 :, d] = _drafted(run, times, d)
+    g = current_grammar(run)
+    if g is not None:
+        masks = [grammar.mask(g)]
+        for d in drafts:  # a draft the grammar refuses is refused at its row; rows after it go unread
+            g = grammar.advance(g, [d]) or g
+            masks.append(grammar.mask(g))
+        rows = np.stack(masks[: len(logits)]) + (0 if rows is None else rows)
     if run.params.greedy:
         return greedy_accept(drafts, steer(logits, run.params, rows))
     return speculative_accept(drafts, q, probs_from_logits(logits, run.params, rows), run.gen)
@@ -185,6 +198,29 @@ def _drafted(run: Run, times: dict[int, int], d: int) -> float:
     far, on top of `run.counts`)."""
     times[d] = times.get(d, run.counts[d]) + 1
     return penalty(run.params, times[d])
+
+
+def current_grammar(run: Run) -> grammar.State | None:
+    """With a format, the grammar's state after the ids generated so far (kept up to date as ids
+    are verified); None without one."""
+    if run.opts.format is None:
+        return None
+    ids = run.out.ids
+    if run.grammar_state is None or run.parsed > len(ids):
+        run.grammar_state, run.parsed = grammar.BEGIN, 0
+    state = grammar.advance(run.grammar_state, ids[run.parsed :])
+    if state is None:  # every id was chosen under the grammar's mask
+        raise AssertionError(f"format {run.opts.format}: generated ids {ids[run.parsed :]} break its grammar")
+    run.grammar_state, run.parsed = state, len(ids)
+    return state
+
+
+def _masked(penalties: np.ndarray | None, state: grammar.State | None) -> np.ndarray | None:
+    """Penalties (V,) plus the grammar's mask in `state` (+inf on the ids it refuses)."""
+    if state is None:
+        return penalties
+    mask = grammar.mask(state)
+    return mask if penalties is None else penalties + mask
 
 
 def current_penalties(run: Run) -> np.ndarray | None:
@@ -260,18 +296,22 @@ def draft_ar(run: Run, c: int, k: int) -> Plan[tuple[list[int], np.ndarray | Non
     x = c
     pen = current_penalties(run)
     pen = None if pen is None else pen.copy()  # with the drafts, counted as verify will count them
+    g = current_grammar(run)  # likewise, read after them
     times: dict[int, int] = {}
     for j in range(k):
         yield from st.run_encoder(n + j, np.array([x]))
         logits = (yield from st.run_decoder(n + j, 1, read))[0]
+        steering = _masked(pen, g)
         if run.params.greedy:
-            x = int(pick(logits, run.params, None, pen))  # host sync: the draft byte feeds the next step
+            x = int(pick(logits, run.params, None, steering))  # host sync: the draft byte feeds the next step
         else:
-            qs.append(probs_from_logits(logits, run.params, pen))
+            qs.append(probs_from_logits(logits, run.params, steering))
             x = int(sample(qs[-1], run.gen))  # host sync: as above
         drafts.append(x)
         if pen is not None:
             pen[x] = _drafted(run, times, x)
+        if g is not None:
+            g = grammar.advance(g, [x])
         if run.is_eos(x):
             break
     yield from st.run_encoder(n + len(drafts), np.array([x]))  # the last draft's state, for verify

@@ -23,6 +23,7 @@ from fastblt.errors import CapabilityError, InputError
 from fastblt.export.spec import DEFAULT_K
 from fastblt.model.config import VOCAB_SIZE, BltConfig
 from fastblt.model.tokenizer import encode
+from fastblt.runtime.grammar import FORMATS
 from fastblt.runtime.lookup import LOOKUP_MATCH
 from fastblt.runtime.sampling import SamplingParams
 
@@ -59,6 +60,9 @@ class DecodeOptions:
     presence_penalty / frequency_penalty: OpenAI's, in [-2, 2] (None: 0): where a byte is chosen,
     drafted or verified, each id's logit loses frequency_penalty x (times it was generated before)
     + presence_penalty (if it was at all). Generated ids only, not the prompt's.
+    format: "json": the output is one JSON object (runtime/grammar.py): wherever a byte is chosen,
+    drafted or verified, only bytes that keep it the beginning of one may be, and EOS only once it
+    closed (a max_bytes or stop that comes first cuts it). ar, blt-s, blt-dv.
     """
 
     mode: str = "blt-d"
@@ -81,6 +85,7 @@ class DecodeOptions:
     logit_bias: tuple[tuple[int, float], ...] = ()
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
+    format: str | None = None
 
     @cached_property  # a request's loops read it every byte
     def sampling(self) -> SamplingParams:
@@ -209,6 +214,14 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
     for name in ("presence_penalty", "frequency_penalty"):  # None: 0, as OpenAI's clients send "not set"
         penalty = getattr(opts, name)
         plain[name] = 0.0 if penalty is None else _real(name, penalty, -2.0, 2.0)
+    if opts.format is not None:
+        if opts.format not in FORMATS:
+            raise InputError(f"option format: {opts.format!r} is unknown; choose one of {', '.join(FORMATS)}")
+        if opts.mode not in CAUSAL_MODES:
+            raise InputError(
+                f"option format: {opts.mode}'s diffusion head chooses a block's bytes out of order, where a "
+                "grammar reads them in order; ask ar, blt-s or blt-dv"
+            )
     if opts.block_start not in BLOCK_START_RULES:
         raise InputError(f"option block_start: {opts.block_start!r} is unknown; choose one of {BLOCK_START_RULES}")
     if opts.block_start != "force" and opts.mode not in UNMASK_RULES:

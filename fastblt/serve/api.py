@@ -33,7 +33,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 # (null is the default OpenAI's clients send for every one of them)
 NEUTRAL = {"suffix": (None, "")}
 FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "user",
-          "logprobs", "echo", "n", "best_of", "logit_bias", "presence_penalty", "frequency_penalty"}  # fmt: skip
+          "logprobs", "echo", "n", "best_of", "logit_bias", "presence_penalty", "frequency_penalty",
+          "response_format"}  # fmt: skip
 FASTBLT_FIELDS = {"mode", "k", "lookup", "alpha", "gamma", "unmask", "top_k", "block_start"}
 
 
@@ -218,12 +219,29 @@ def decode_options(body: dict, default_mode: str) -> dict[str, Any]:
         penalty = get_field(body, name, float)
         if penalty:
             options[name] = penalty
+    if _json_mode(body.get("response_format")):
+        options["format"] = "json"  # the mode is the engine's to check
     for name, kind in (("k", int), ("lookup", int), ("alpha", float), ("gamma", float), ("unmask", str),
                        ("top_k", int), ("block_start", str)):  # fmt: skip
         value = get_field(body, name, kind)
         if value is not None:
             options[name] = value
     return options
+
+
+def _json_mode(response_format: Any) -> bool:
+    """OpenAI's response_format: {"type": "json_object"} (JSON mode) -> True; {"type": "text"} or
+    null -> False; a JSON schema is refused."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if response_format is None or (kind == "text" and len(response_format) == 1):
+        return False
+    if kind == "json_object" and len(response_format) == 1:
+        return True
+    if kind == "json_schema":
+        raise ApiError(400, 'response_format: JSON schemas are not supported; {"type": "json_object"} (any JSON '
+                       "object) is", "response_format", "unsupported")  # fmt: skip
+    raise ApiError(400, f'response_format: expected {{"type": "text"}} or {{"type": "json_object"}}, got '
+                   f"{json.dumps(response_format)[:80]}", "response_format")  # fmt: skip
 
 
 def _logit_bias(bias: Any) -> list[tuple[int, Any]]:

@@ -41,13 +41,12 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 ROLES = ("system", "developer", "user", "assistant")  # no tools: "tool" and "function" are refused
 FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream",
           "stream_options", "user", "logprobs", "top_logprobs", "n", "logit_bias", "presence_penalty",
-          "frequency_penalty"}  # fmt: skip
-# OpenAI fields fastblt accepts only as "not asked for" (it serves no tools, no structured output, text only)
+          "frequency_penalty", "response_format"}  # fmt: skip
+# OpenAI fields fastblt accepts only as "not asked for" (it serves no tools, text only)
 NEUTRAL = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-           "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
-           "store": (None, False), "metadata": (None, {}), "modalities": (None, ["text"]),
-           "service_tier": (None, "auto", "default"), "reasoning_effort": (None,), "prediction": (None,),
-           "audio": (None,), "web_search_options": (None,)}  # fmt: skip
+           "parallel_tool_calls": (None, True, False), "store": (None, False), "metadata": (None, {}),
+           "modalities": (None, ["text"]), "service_tier": (None, "auto", "default"), "reasoning_effort": (None,),
+           "prediction": (None,), "audio": (None,), "web_search_options": (None,)}  # fmt: skip
 MESSAGE_FIELDS = {"role", "content", "name"}
 # what a client sends back when it returns an answer's message object as it got it
 MESSAGE_NEUTRAL = {"tool_calls": (None, []), "function_call": (None,), "refusal": (None,), "audio": (None,),

@@ -12,10 +12,13 @@ import functools
 
 import numpy as np
 import pytest
+import torch
 from runtime_refs import PROMPTS, full_recompute_greedy, tiny_model, torch_generator
 
 from fastblt.errors import InputError
-from fastblt.runtime import loops
+from fastblt.model.config import BYTE_OFFSET, EOS_ID
+from fastblt.model.tokenizer import encode
+from fastblt.runtime import grammar, loops
 from fastblt.runtime.generator import Generator
 
 from tiny import TINY_CONFIGS
@@ -86,6 +89,40 @@ def test_logit_bias_and_penalties_steer_ar_as_a_full_recompute_and_the_verified_
         for mode, extra in [("blt-s", {"k": 4}), ("blt-s", {"lookup": 2}), ("blt-dv", {"lookup": 0})]:
             got = g.generate(prompt, mode=mode, **opts, **extra)
             assert got.ids == want, (mode, extra)
+
+
+@pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
+def test_json_mode_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it(name, monkeypatch):
+    """format="json": ar equals a full recompute whose argmax reads only the bytes the grammar
+    allows after the output so far, and blt-s (model drafts, context drafts, which the grammar may
+    refuse) and blt-dv (unconstrained diffusion drafts) equal that ar byte for byte. The model's
+    drafts keep to the grammar too (verifying would repair them, at the cost of acceptance)."""
+    accept = loops.accept
+
+    def drafted_under_the_grammar(run, drafts, q, logits):
+        if run.opts.mode == "blt-s" and not run.opts.lookup:
+            assert grammar.advance(loops.current_grammar(run), drafts) is not None, drafts
+        return accept(run, drafts, q, logits)
+
+    monkeypatch.setattr(loops, "accept", drafted_under_the_grammar)
+    g, model = torch_generator(name), tiny_model(name)
+    for prompt in (PROMPTS[0], "ab" * 30):
+        ids, want, state = encode(prompt), [], grammar.BEGIN
+        with torch.no_grad():
+            for _ in range(N_BYTES):
+                logits = model(torch.tensor([ids + want]))[0, -1].numpy() - grammar.mask(state)
+                want.append(int(logits.argmax()))
+                if want[-1] == EOS_ID:
+                    break
+                state = grammar.step(state, want[-1] - BYTE_OFFSET)
+        assert want[0] == BYTE_OFFSET + ord("{") and want != _ar(prompt, name=name)
+        opts = {"max_bytes": N_BYTES, "format": "json"}
+        got = g.generate(prompt, mode="ar", **opts)
+        assert got.ids == [t for t in want if t != EOS_ID] and got.stop_reason == (
+            "eos" if EOS_ID in want else "max_bytes"
+        )
+        for mode, extra in [("blt-s", {"k": 4, "lookup": 0}), ("blt-s", {"lookup": 2}), ("blt-dv", {"lookup": 0})]:
+            assert g.generate(prompt, mode=mode, **opts, **extra).ids == got.ids, (mode, extra)
 
 
 @pytest.mark.parametrize("mode", ["blt-s", "blt-dv"])

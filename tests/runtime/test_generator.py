@@ -20,7 +20,7 @@ from fastblt.errors import BackendUnavailable, CapabilityError, FastBltError, In
 from fastblt.export.spec import DEFAULT_MAX_STEP
 from fastblt.model.config import BltDConfig
 from fastblt.model.tokenizer import encode
-from fastblt.runtime import loops
+from fastblt.runtime import grammar, loops
 from fastblt.runtime.generator import Generation, Generator
 from fastblt.runtime.options import DecodeOptions, Request, make_request
 from fastblt.runtime.sampling import SamplingParams, probs_from_logits, sample
@@ -67,6 +67,8 @@ BAD_OPTIONS = [
     (dict(frequency_penalty=float("inf")), InputError, "option frequency_penalty"),
     (dict(frequency_penalty="1"), InputError, "option frequency_penalty"),
     (dict(presence_penalty=None, frequency_penalty=-3), InputError, "option frequency_penalty"),
+    (dict(mode="ar", format="xml"), InputError, "option format: 'xml' is unknown; choose one of json"),
+    (dict(format="json"), InputError, "option format: blt-d's diffusion head chooses"),
 ]
 
 
@@ -331,17 +333,22 @@ def _skewed_drafter(encode_states: bool):
     return drafter
 
 
+def _mask(state) -> torch.Tensor:
+    return torch.from_numpy(grammar.mask(state).copy())
+
+
 @pytest.mark.parametrize(
     ("mode", "drafter", "steered"),
     [("blt-s", "real", False), ("blt-dv", "real", False), ("blt-s", "skewed", False), ("blt-s", "skewed", True),
-     ("blt-dv", "real", True)],
+     ("blt-dv", "real", True), ("blt-s", "skewed", "json"), ("blt-dv", "real", "json")],
 )  # fmt: skip
 def test_speculative_sampling_matches_ar_distribution(mode, drafter, steered, monkeypatch):
     """The first two sampled bytes of blt-s / blt-dv follow the exact AR joint distribution
     (the second one goes through draft + acceptance), with the real drafters and with a draft
     distribution far from p (which a wrong acceptance rule would not survive); steered, under a
     logit bias that changes the top ids and presence / frequency penalties on the first byte,
-    computed here by hand."""
+    computed here by hand; in JSON mode, under the grammar's masks (the skewed drafts, letters,
+    are never allowed after "{": every one is rejected)."""
     if drafter == "skewed":
         f = _skewed_drafter(encode_states=mode == "blt-s")
         monkeypatch.setitem(loops.LOOPS, mode, lambda run, logits: loops.blt_s(run, logits, drafter=f))
@@ -353,7 +360,7 @@ def test_speculative_sampling_matches_ar_distribution(mode, drafter, steered, mo
     with torch.no_grad():
         first = model(torch.tensor([ids]))[0, -1]
         add, presence, frequency = torch.zeros(len(first)), 0.0, 0.0
-        if steered:  # ban the top id, lift the 4th one above all at both positions: the likeliest
+        if steered is True:  # ban the top id, lift the 4th one above all at both positions: the likeliest
             # first byte, and the penalties then take it off the second one's lead (unpenalised, a
             # sampler would repeat it)
             top = first.argsort(descending=True)[:4].tolist()
@@ -363,11 +370,16 @@ def test_speculative_sampling_matches_ar_distribution(mode, drafter, steered, mo
                      "frequency_penalty": 1.5}  # fmt: skip
             add[top[0]], add[top[3]] = -100, lift
             presence, frequency = 0.5, 1.5
-        p1 = probs_from_logits(first + add, params)
+        if steered == "json":
+            steer = {"format": "json"}
+        masked = steered == "json"
+        p1 = probs_from_logits(first + add - (_mask(grammar.BEGIN) if masked else 0), params)
         joint = {}
         for b1 in np.flatnonzero(p1).tolist():
             penalty = torch.zeros(len(first))
             penalty[b1] = frequency + presence  # b1 generated once
+            if masked:
+                penalty = penalty + _mask(grammar.step(grammar.BEGIN, b1 - 4))
             p2 = probs_from_logits(model(torch.tensor([ids + [b1]]))[0, -1] + add - penalty, params)
             for b2 in np.flatnonzero(p2).tolist():
                 joint[(b1, b2)] = float(p1[b1] * p2[b2])

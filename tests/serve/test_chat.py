@@ -11,6 +11,7 @@ import pytest
 from conftest import CHAT_TEMPLATE, KEY
 
 from fastblt.errors import InputError
+from fastblt.runtime import grammar
 from fastblt.serve.api import ApiError
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
 
@@ -107,7 +108,9 @@ def test_a_chat_body_is_the_rendered_prompt_with_its_options():
         ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
         ({"messages": [{"role": "user", "content": "x", "name": 3}]}, "messages[0].name"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": "json"}, "response_format"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"logprobs": 2}, "logprobs"),
@@ -199,3 +202,30 @@ def test_a_conversation_passes_answers_back_and_loads_its_last_prompt(server, re
     )
     assert second.usage.prompt_tokens == len(prompt.encode()) > 400
     assert first.usage.prompt_tokens_details.cached_tokens == 0 < second.usage.prompt_tokens_details.cached_tokens
+
+
+def test_json_mode_answers_are_json_objects(server, reference):
+    """response_format json_object: greedy and sampled, chat and completions, streamed or not, the
+    answer is the Generator's in JSON mode, the grammar accepts every byte of it, and one that
+    ended (finish_reason stop) is a JSON object."""
+    c, json_object = client(server), {"type": "json_object"}
+    closed = 0
+    for content, mode, sampling in [("DEFAULTS = dict(", "blt-s", {"temperature": 0.8, "seed": 2}),
+                                    ("the user record as json", "blt-dv", {"temperature": 1.0, "seed": 3}),
+                                    ("the user record as json", "ar", {"temperature": 0.0})]:  # fmt: skip
+        messages = [{"role": "user", "content": content}]
+        want = reference.generate(TEMPLATE.render(messages), mode=mode, max_bytes=200, format="json", **sampling)
+        opts = dict(model=MODEL, messages=messages, max_tokens=200, response_format=json_object,
+                    extra_body={"mode": mode}, **sampling)  # fmt: skip
+        r = c.chat.completions.create(**opts)
+        text = r.choices[0].message.content
+        streamed = "".join(x.choices[0].delta.content or "" for x in c.chat.completions.create(stream=True, **opts))
+        assert text == want.text == streamed and text.startswith("{")
+        assert grammar.advance(grammar.BEGIN, [b + 4 for b in text.encode()]) is not None
+        if r.choices[0].finish_reason == "stop":
+            closed += 1
+            assert isinstance(json.loads(text), dict)
+    assert closed >= 2
+    r = c.completions.create(model=MODEL, prompt="settings = ", max_tokens=32, temperature=0,
+                             extra_body={"response_format": json_object})  # fmt: skip
+    assert r.choices[0].text == reference.generate("settings = ", mode="blt-s", max_bytes=32, format="json").text
