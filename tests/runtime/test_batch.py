@@ -23,7 +23,8 @@ def batch_of(gen: Generator, max_batch: int = 8, max_queue: int = 64) -> BatchEn
 
 
 def jobs(n: int, seed: int = 0) -> list[tuple[bytes | str, str, int, dict]]:
-    """n requests of mixed prompts, modes, lengths and options (a fifth steered: logit bias, penalties)."""
+    """n requests of mixed prompts, modes, lengths and options (a fifth steered: logit bias, penalties;
+    some in JSON mode)."""
     rng = random.Random(seed)
     prompts = [*PROMPTS, PROMPTS[5] * 2, PROMPTS[3] * 9]  # long ones: global caches past one bucket
     out = []
@@ -40,6 +41,8 @@ def jobs(n: int, seed: int = 0) -> list[tuple[bytes | str, str, int, dict]]:
             options["logit_bias"] = {rng.randrange(256): rng.choice([-100.0, 4.0]) for _ in range(6)}
             options["frequency_penalty"] = rng.choice([0.0, 1.5])
             options["presence_penalty"] = rng.choice([-0.5, 0.0, 1.0])
+        if i % 7 == 3 and mode != "blt-d":  # JSON mode: each row its own grammar state
+            options["format"] = "json"
         out.append((prompt, mode, n, options))
     return out
 
