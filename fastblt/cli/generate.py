@@ -42,6 +42,21 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
         raise click.BadParameter(f"{path}: {e.strerror or e}", param_hint="--prompt-file") from None
 
 
+def read_schema(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--schema FILE: the JSON schema's text (whether fastblt can hold a text to it is the options'
+    to check, naming the place in it)."""
+    if value is None:
+        return None
+    try:
+        text = Path(value).read_text(encoding="utf-8")
+        json.loads(text)
+    except FileNotFoundError:
+        raise click.BadParameter(f"{value}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise click.BadParameter(f"{value}: not a JSON file ({e})") from None
+    return text
+
+
 def parse_bias(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[int, float]]:
     """--logit-bias BYTE=BIAS pairs (the byte and bias ranges are the options' to check)."""
     pairs = []
@@ -96,6 +111,13 @@ def arg_bytes(text: str) -> str | bytes:
               help="The output's format: json is one JSON object (bytes that would break it are never chosen; "
                    "ar, blt-s, blt-dv).")  # fmt: skip
 @click.option(
+    "--schema",
+    type=click.Path(dir_okay=False),
+    callback=read_schema,
+    default=None,
+    help="A JSON schema file (OpenAI's strict subset) the JSON object follows; implies --format json.",
+)
+@click.option(
     "--max-context",
     type=int,
     default=None,
@@ -113,7 +135,7 @@ def arg_bytes(text: str) -> str | bytes:
 def generate(
     checkpoint, prompt, prompt_file, mode, backend, artifacts, max_bytes, temperature, top_k, top_p, seed, k,
     lookup, unmask, alpha, gamma, block_start, stop, ignore_eos, logit_bias, presence_penalty, frequency_penalty,
-    format_, max_context, threads, device, cuda_graphs, stream, as_json, logprobs, quiet,
+    format_, schema, max_context, threads, device, cuda_graphs, stream, as_json, logprobs, quiet,
 ):  # fmt: skip
     """Generate bytes after a prompt with ar, blt-d, blt-s or blt-dv."""
     from fastblt.cli.progress import first_use_notice
@@ -132,7 +154,7 @@ def generate(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, lookup=lookup, unmask=unmask, alpha=alpha,
         gamma=gamma, block_start=block_start, stop=[arg_bytes(x) for x in stop], stop_on_eos=not ignore_eos,
         logprobs=logprobs, logit_bias=logit_bias, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty, format=format_,
+        frequency_penalty=frequency_penalty, format=format_, schema=schema,
     )  # fmt: skip
     # checked once, against the checkpoint's config, before anything is loaded or exported
     request = make_request(data, load_config(resolve_checkpoint_path(checkpoint)), mode, max_bytes, **options)

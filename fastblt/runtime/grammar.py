@@ -1,26 +1,36 @@
 """JSON mode: which ids a request may generate next so that its text stays the beginning of one
-JSON object (RFC 8259, in UTF-8), as a mask over the model's ids.
+JSON object (RFC 8259, in UTF-8), or of one that a JSON schema admits, as a mask over the ids.
 
 A byte model reads text as it is written, so the grammar needs no alignment of tokens to text:
 each byte either continues a JSON text or does not, one step of a pushdown automaton over bytes
-(`step`). The stack holds the open containers; the rest of a state is what the automaton expects
-next (a value, a key, a colon, a comma or closing bracket, the rest of a string, number or
-literal). Strings are checked as UTF-8 (no overlong forms, no surrogates, nothing past U+10FFFF)
-and escapes as JSON's. The text starts with "{"; runs of whitespace between tokens are cut at
-MAX_WS bytes, so a model that likes spaces cannot spend its bytes on them; once the object closes,
-only EOS may follow.
+(`step`). The stack holds the open containers (each with its schema and, in an object, the
+property reached); the rest of a state is what the automaton expects next (a value of some
+schema, a key, a colon, a comma or closing bracket, the rest of a string, number or literal).
+Strings are checked as UTF-8 (no overlong forms, no surrogates, nothing past U+10FFFF) and escapes
+as JSON's. The text starts with "{"; runs of whitespace between tokens are cut at MAX_WS bytes, so
+a model that likes spaces cannot spend its bytes on them; once the object closes, only EOS may
+follow.
+
+A schema (`compile_schema`) is OpenAI's strict subset of JSON Schema: `type` (one or a list),
+`properties` with every one `required` (written in their order, as OpenAI's structured outputs
+write them) and no others, `items`, `enum`, `const`, `anyOf` of schemas a value's first byte tells
+apart; annotations (`description`, `title`, ...) are ignored and any other keyword is refused,
+so what the grammar lets through is what the schema admits. Without a schema, any object.
 
 Which ids a state allows depends only on what it expects next and the innermost container, not
-on the whole stack, so masks are computed once per such key (`mask`) and shared. A mask is what
-the sampler takes off the logits (sampling.steer): 0 for an allowed id, +inf for the rest.
+on the rest of the stack, so masks are computed once per such key (`mask`) and shared. A mask is
+what the sampler takes off the logits (sampling.steer): 0 for an allowed id, +inf for the rest.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
+from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID, VOCAB_SIZE
 
 MAX_WS = 20  # whitespace bytes in a row: a newline and indentation, not a model stuck on spaces (llama.cpp's
@@ -28,18 +38,178 @@ MAX_WS = 20  # whitespace bytes in a row: a newline and indentation, not a model
 FORMATS = ("json",)  # DecodeOptions.format
 
 # what a state expects next
-START, VALUE, KEY, COLON, AFTER, STRING, NUMBER, LITERAL, DONE = range(9)
+START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE = range(10)
 WHITESPACE = frozenset(b" \t\n\r")
+BETWEEN_TOKENS = frozenset((VALUE, KEY, COLON, AFTER))  # where whitespace may come
 DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrt')
 COMPLETE_NUMBERS = frozenset(("zero", "int", "frac", "exp"))  # number phases a value may end in
-LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 
-# a state: (open containers, innermost last: "o" object, "a" array; what it expects; its detail;
-# whitespace bytes in a row)
-State = tuple[str, int, object, int]
-BEGIN: State = ("", START, None, 0)
+
+# ------------------------------------------------------------------------ schemas
+class Node:
+    """A compiled schema: what one value may be. Compared and hashed by identity (masks are cached
+    by it); `first` is the bytes a value of it may start with."""
+
+    first: frozenset[int] = frozenset()
+
+
+class Obj(Node):
+    """An object: keys None, any keys and values; else exactly these keys (JSON text, quotes
+    included) in this order, with values of these schemas."""
+
+    first = frozenset(b"{")
+
+    def __init__(self, keys: tuple[bytes, ...] | None = None, values: tuple[Node, ...] = ()):
+        self.keys, self.values = keys, values
+
+
+class Arr(Node):
+    first = frozenset(b"[")
+
+    def __init__(self, items: Node | None = None):
+        self.items = items  # None: any value
+
+
+class Str(Node):
+    first = frozenset(b'"')
+
+
+class Num(Node):
+    first = frozenset(b"-0123456789")
+
+    def __init__(self, integer: bool = False):
+        self.integer = integer
+
+
+class Lit(Node):
+    """One of these JSON texts exactly (true / false / null, an enum's or a const's values)."""
+
+    def __init__(self, texts: tuple[bytes, ...]):
+        self.texts, self.first = texts, frozenset(t[0] for t in texts)
+
+
+class Union(Node):
+    """One of these schemas, told apart by a value's first byte."""
+
+    def __init__(self, alts: tuple[Node, ...]):
+        self.alts, self.first = alts, frozenset().union(*(a.first for a in alts))
+
+
+ANY = Union((Obj(), Arr(), Str(), Num(), Lit((b"true", b"false", b"null"))))
+JSON_OBJECT = ANY.alts[0]
+
+ANNOTATIONS = frozenset(("description", "title", "$schema", "$id", "$comment", "examples", "default"))
+KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf"))
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def compile_schema(schema: Any) -> Obj:
+    """A JSON schema (OpenAI's strict subset; its root an object) -> the Obj the grammar follows;
+    InputError naming the place in the schema that fastblt cannot hold a text to."""
+    node = _compile(schema, "schema")
+    if not isinstance(node, Obj):
+        raise InputError('option schema: the root must be an object schema ({"type": "object", ...}), as OpenAI\'s')
+    return node
+
+
+@lru_cache(maxsize=64)
+def compiled(text: str) -> Obj:
+    """The schema in JSON text `text`, compiled once (requests with the same schema share it, and
+    the masks of its states)."""
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"option schema: not JSON ({e})") from None
+    return compile_schema(schema)
+
+
+def _compile(schema: Any, at: str) -> Node:
+    if not isinstance(schema, dict):
+        raise InputError(f"option {at}: expected a JSON schema object, got {type(schema).__name__}")
+    for name in schema:
+        if name not in KEYWORDS and name not in ANNOTATIONS:
+            known = ", ".join(sorted(KEYWORDS))
+            raise InputError(f"option {at}.{name}: not supported (fastblt holds a text to {known})")
+    if "const" in schema:
+        return Lit((_text(schema["const"]),))
+    if "enum" in schema:
+        values = schema["enum"]
+        if not isinstance(values, list) or not values:
+            raise InputError(f"option {at}.enum: expected a non-empty list")
+        texts = tuple(dict.fromkeys(_text(v) for v in values))
+        return Lit(texts)
+    if "anyOf" in schema:
+        alts = schema["anyOf"]
+        if not isinstance(alts, list) or not alts or set(schema) & {"type", "properties", "items"}:
+            raise InputError(f"option {at}.anyOf: expected a non-empty list of schemas, alone")
+        return _union([_compile(s, f"{at}.anyOf[{i}]") for i, s in enumerate(alts)], f"{at}.anyOf")
+    kind = schema.get("type", "object" if "properties" in schema else None)
+    if kind is None:
+        return ANY
+    kinds = kind if isinstance(kind, list) else [kind]
+    if not kinds or not all(isinstance(k, str) and k in TYPES for k in kinds):
+        raise InputError(f"option {at}.type: expected one of {', '.join(TYPES)} or a list of them, got {kind!r}")
+    if "number" in kinds and "integer" in kinds:  # an integer is a number
+        kinds = [k for k in kinds if k != "integer"]
+    return _union([_typed(k, schema, at) for k in dict.fromkeys(kinds)], f"{at}.type")
+
+
+def _typed(kind: str, schema: dict, at: str) -> Node:
+    if kind == "object":
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        if props is None:
+            return Obj((), ()) if extra is False else JSON_OBJECT
+        if not isinstance(props, dict):
+            raise InputError(f"option {at}.properties: expected an object of schemas")
+        if extra not in (None, False):
+            raise InputError(f"option {at}.additionalProperties: only false (OpenAI's strict mode): the keys are "
+                             "the properties'")  # fmt: skip
+        required = schema.get("required", [])
+        if not isinstance(required, list) or sorted(map(str, required)) != sorted(props):
+            raise InputError(f"option {at}.required: list every property (OpenAI's strict mode: each is written, "
+                             "in order)")  # fmt: skip
+        keys = tuple(_text(k) for k in props)
+        return Obj(keys, tuple(_compile(s, f"{at}.properties.{k}") for k, s in props.items()))
+    if kind == "array":
+        return Arr(None if schema.get("items") is None else _compile(schema["items"], f"{at}.items"))
+    if kind == "string":
+        return Str()
+    if kind in ("number", "integer"):
+        return Num(integer=kind == "integer")
+    return Lit((b"true", b"false")) if kind == "boolean" else Lit((b"null",))
+
+
+def _union(alts: list[Node], at: str) -> Node:
+    if len(alts) == 1:
+        return alts[0]
+    seen: set[int] = set()
+    for a in alts:
+        if seen & a.first:
+            raise InputError(f"option {at}: alternatives whose values can start alike (fastblt tells them apart by "
+                             "their first byte: object, array, string, number, true/false, null)")  # fmt: skip
+        seen |= a.first
+    return Union(tuple(alts))
+
+
+def _text(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# ------------------------------------------------------------------------ the automaton
+# a state: (open containers, innermost last, each (its schema, in an object the property
+# reached); what it expects; its detail; whitespace bytes in a row)
+State = tuple[tuple, int, Any, int]
+
+
+def begin(root: Obj = JSON_OBJECT) -> State:
+    """The state before the first byte of a text of schema `root` (any object by default)."""
+    return ((), START, root, 0)
+
+
+BEGIN = begin()
 
 
 def step(s: State, b: int) -> State | None:
@@ -48,68 +218,94 @@ def step(s: State, b: int) -> State | None:
     if mode == STRING:
         return _string(s, b)
     if mode == NUMBER:
-        phase = _number(sub, b)  # type: ignore[arg-type]
-        if phase is not None:
-            return (stack, NUMBER, phase, 0)
-        return step((stack, AFTER, None, 0), b) if sub in COMPLETE_NUMBERS else None  # b ends the number
+        phase, integer = sub
+        nxt = _number(phase, integer, b)
+        if nxt is not None:
+            return (stack, NUMBER, (nxt, integer), 0)
+        return step((stack, AFTER, None, 0), b) if phase in COMPLETE_NUMBERS else None  # b ends the number
     if mode == LITERAL:
-        rest: bytes = sub  # type: ignore[assignment]
-        if b != rest[0]:
+        rests = tuple(sorted({r[1:] for r in sub if r and r[0] == b}))
+        if rests:
+            return _literal(stack, rests)
+        return step((stack, AFTER, None, 0), b) if b"" in sub else None  # b ends a literal that may end
+    if mode == KEY_TEXT:
+        if b != sub[0]:
             return None
-        return (stack, LITERAL, rest[1:], 0) if len(rest) > 1 else (stack, AFTER, None, 0)
+        return (stack, KEY_TEXT, sub[1:], 0) if len(sub) > 1 else (stack, COLON, None, 0)
     if b in WHITESPACE:  # between tokens: not before the object, nor after it
-        return (stack, mode, sub, ws + 1) if mode not in (START, DONE) and ws < MAX_WS else None
+        return (stack, mode, sub, ws + 1) if mode in BETWEEN_TOKENS and ws < MAX_WS else None
     if mode == START:
-        return ("o", KEY, True, 0) if b == ord("{") else None  # JSON mode's text is an object
+        return _value((), False, sub, b)
     if mode == VALUE:
-        return _value(stack, bool(sub), b)
-    if mode == KEY:  # sub: right after "{", where "}" closes an empty object
-        if b == ord('"'):
-            return (stack, STRING, (True, "n", 0, 0, 0), 0)
-        return _close(stack) if b == ord("}") and sub else None
+        first, node = sub
+        return _value(stack, first, node, b)
+    if mode == KEY:  # sub: right after "{"
+        obj, i = stack[-1]
+        if obj.keys is None:
+            if b == ord('"'):
+                return (stack, STRING, (True, "n", 0, 0, 0), 0)
+            return _close(stack) if b == ord("}") and sub else None
+        if i < len(obj.keys):
+            return (stack, KEY_TEXT, obj.keys[i][1:], 0) if b == ord('"') else None
+        return _close(stack) if b == ord("}") else None  # an object of no properties
     if mode == COLON:
-        return (stack, VALUE, False, 0) if b == ord(":") else None
+        if b != ord(":"):
+            return None
+        obj, i = stack[-1]
+        return (stack, VALUE, (False, ANY if obj.keys is None else obj.values[i]), 0)
     if mode == AFTER:
-        top = stack[-1]
-        if b == ord(","):
-            return (stack, KEY, False, 0) if top == "o" else (stack, VALUE, False, 0)
-        if b == (ord("}") if top == "o" else ord("]")):
-            return _close(stack)
+        node, i = stack[-1]
+        if isinstance(node, Arr):
+            if b == ord(","):
+                return (stack, VALUE, (False, node.items or ANY), 0)
+            return _close(stack) if b == ord("]") else None
+        more = node.keys is None or i + 1 < len(node.keys)
+        if b == ord(",") and more:
+            return (stack[:-1] + ((node, i + 1 if node.keys is not None else 0),), KEY, False, 0)
+        return _close(stack) if b == ord("}") and (node.keys is None or not more) else None
     return None
 
 
-def _value(stack: str, first: bool, b: int) -> State | None:
-    """A value starting with b (`first`: right after "[", where "]" closes an empty array)."""
-    if b == ord("{"):
-        return (stack + "o", KEY, True, 0)
-    if b == ord("["):
-        return (stack + "a", VALUE, True, 0)
+def _value(stack: tuple, first: bool, node: Node, b: int) -> State | None:
+    """A value of schema `node` starting with b (`first`: right after "[", where "]" closes an
+    empty array)."""
     if b == ord("]") and first:
         return _close(stack)
-    if b == ord('"'):
+    if isinstance(node, Union):
+        node = next((a for a in node.alts if b in a.first), None)
+    if node is None or b not in node.first:
+        return None
+    if isinstance(node, Obj):
+        return (stack + ((node, 0),), KEY, True, 0)
+    if isinstance(node, Arr):
+        return (stack + ((node, 0),), VALUE, (True, node.items or ANY), 0)
+    if isinstance(node, Str):
         return (stack, STRING, (False, "n", 0, 0, 0), 0)
-    if b == ord("-"):
-        return (stack, NUMBER, "minus", 0)
-    if b in DIGITS:
-        return (stack, NUMBER, "zero" if b == ord("0") else "int", 0)
-    if b in LITERALS:
-        return (stack, LITERAL, LITERALS[b], 0)
-    return None
+    if isinstance(node, Num):
+        return (stack, NUMBER, ("minus" if b == ord("-") else "zero" if b == ord("0") else "int", node.integer), 0)
+    return _literal(stack, tuple(sorted({t[1:] for t in node.texts if t[0] == b})))  # type: ignore[attr-defined]
 
 
-def _close(stack: str) -> State:
+def _literal(stack: tuple, rests: tuple[bytes, ...]) -> State:
+    return (stack, AFTER, None, 0) if rests == (b"",) else (stack, LITERAL, rests, 0)
+
+
+def _close(stack: tuple) -> State:
     stack = stack[:-1]
-    return (stack, AFTER, None, 0) if stack else ("", DONE, None, 0)
+    return (stack, AFTER, None, 0) if stack else ((), DONE, None, 0)
 
 
-def _number(phase: str, b: int) -> str | None:
-    """The number's phase after byte b, or None when b does not continue it."""
+def _number(phase: str, integer: bool, b: int) -> str | None:
+    """The number's phase after byte b, or None when b does not continue it (an integer has no
+    fraction or exponent)."""
     digit = b in DIGITS
     if phase == "minus":
         return ("zero" if b == ord("0") else "int") if digit else None
     if phase in ("zero", "int"):
         if digit and phase == "int":
             return "int"
+        if integer:
+            return None
         return "dot" if b == ord(".") else "e" if b in b"eE" else None
     if phase in ("dot", "frac"):
         if digit:
@@ -136,7 +332,7 @@ def _string(s: State, b: int) -> State | None:
     """Inside a string: sub is (a key's, "n" plain / "e" after a backslash / "x" hex digits to come
     / "c" UTF-8 continuation bytes to come, how many, the next byte's range)."""
     stack, _, sub, _ = s
-    key, kind, n, lo, hi = sub  # type: ignore[misc]
+    key, kind, n, lo, hi = sub
     if kind == "n":
         if b == ord('"'):
             return (stack, COLON, None, 0) if key else (stack, AFTER, None, 0)
@@ -176,12 +372,12 @@ def advance(s: State, ids: list[int]) -> State | None:
 def mask(s: State) -> np.ndarray:
     """What to take off each id's logit in state s (VOCAB_SIZE,) float32: 0 for the ids allowed
     next, +inf for the rest (EOS only once the object closed). Shared and read-only."""
-    return _mask(s[1], s[2], s[3] >= MAX_WS, s[0][-1:], bool(s[0]))
+    return _mask(s[1], s[2], s[3] >= MAX_WS, s[0][-1:])
 
 
-@lru_cache(maxsize=4096)
-def _mask(mode: int, sub: object, ws_full: bool, top: str, open_: bool) -> np.ndarray:
-    s = (top if open_ else "", mode, sub, MAX_WS if ws_full else 0)
+@lru_cache(maxsize=8192)
+def _mask(mode: int, sub: Any, ws_full: bool, top: tuple) -> np.ndarray:
+    s = (top, mode, sub, MAX_WS if ws_full else 0)
     out = np.full(VOCAB_SIZE, np.inf, dtype=np.float32)
     for b in range(256):
         if step(s, b) is not None:

@@ -207,7 +207,8 @@ def current_grammar(run: Run) -> grammar.State | None:
         return None
     ids = run.out.ids
     if run.grammar_state is None or run.parsed > len(ids):
-        run.grammar_state, run.parsed = grammar.BEGIN, 0
+        root = grammar.JSON_OBJECT if run.opts.schema is None else grammar.compiled(run.opts.schema)
+        run.grammar_state, run.parsed = grammar.begin(root), 0
     state = grammar.advance(run.grammar_state, ids[run.parsed :])
     if state is None:  # every id was chosen under the grammar's mask
         raise AssertionError(f"format {run.opts.format}: generated ids {ids[run.parsed :]} break its grammar")

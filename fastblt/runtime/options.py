@@ -13,6 +13,7 @@ Per-mode defaults are resolved here (`resolve`), so the loops read plain values:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from fastblt.errors import CapabilityError, InputError
 from fastblt.export.spec import DEFAULT_K
 from fastblt.model.config import VOCAB_SIZE, BltConfig
 from fastblt.model.tokenizer import encode
-from fastblt.runtime.grammar import FORMATS
+from fastblt.runtime.grammar import FORMATS, compiled
 from fastblt.runtime.lookup import LOOKUP_MATCH
 from fastblt.runtime.sampling import SamplingParams
 
@@ -63,6 +64,8 @@ class DecodeOptions:
     format: "json": the output is one JSON object (runtime/grammar.py): wherever a byte is chosen,
     drafted or verified, only bytes that keep it the beginning of one may be, and EOS only once it
     closed (a max_bytes or stop that comes first cuts it). ar, blt-s, blt-dv.
+    schema: a JSON schema (a dict, or its JSON text; OpenAI's strict subset, grammar.compile_schema)
+    the object must follow; implies format "json". Kept as JSON text.
     """
 
     mode: str = "blt-d"
@@ -86,6 +89,7 @@ class DecodeOptions:
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     format: str | None = None
+    schema: str | None = None
 
     @cached_property  # a request's loops read it every byte
     def sampling(self) -> SamplingParams:
@@ -158,6 +162,8 @@ def make_options(**options: object) -> DecodeOptions:
         options["logit_bias"] = tuple(options["logit_bias"].items())  # type: ignore[union-attr]
     elif options.get("logit_bias", ()) is None:
         options["logit_bias"] = ()
+    if isinstance(options.get("schema"), Mapping):  # JSON text: DecodeOptions stay plain values
+        options["schema"] = json.dumps(options["schema"], ensure_ascii=False)
     if "stop" in options and options["stop"] is not None:
         options["stop"] = _stops(options["stop"])
     elif "stop" in options:
@@ -214,9 +220,15 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
     for name in ("presence_penalty", "frequency_penalty"):  # None: 0, as OpenAI's clients send "not set"
         penalty = getattr(opts, name)
         plain[name] = 0.0 if penalty is None else _real(name, penalty, -2.0, 2.0)
-    if opts.format is not None:
-        if opts.format not in FORMATS:
-            raise InputError(f"option format: {opts.format!r} is unknown; choose one of {', '.join(FORMATS)}")
+    fmt = opts.format
+    if opts.schema is not None:
+        if not isinstance(opts.schema, str):
+            raise InputError(f"option schema: expected a JSON schema (a dict or JSON text), got {opts.schema!r:.80}")
+        compiled(opts.schema)  # InputError naming what it cannot hold a text to
+        fmt = plain["format"] = fmt or "json"
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise InputError(f"option format: {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
         if opts.mode not in CAUSAL_MODES:
             raise InputError(
                 f"option format: {opts.mode}'s diffusion head chooses a block's bytes out of order, where a "

@@ -36,6 +36,7 @@ FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed
           "logprobs", "echo", "n", "best_of", "logit_bias", "presence_penalty", "frequency_penalty",
           "response_format"}  # fmt: skip
 FASTBLT_FIELDS = {"mode", "k", "lookup", "alpha", "gamma", "unmask", "top_k", "block_start"}
+SCHEMA_FIELDS = {"name", "schema", "strict", "description"}  # response_format.json_schema's
 
 
 class ApiError(Exception):
@@ -219,8 +220,7 @@ def decode_options(body: dict, default_mode: str) -> dict[str, Any]:
         penalty = get_field(body, name, float)
         if penalty:
             options[name] = penalty
-    if _json_mode(body.get("response_format")):
-        options["format"] = "json"  # the mode is the engine's to check
+    options |= _response_format(body.get("response_format"))  # the mode and the schema are the engine's to check
     for name, kind in (("k", int), ("lookup", int), ("alpha", float), ("gamma", float), ("unmask", str),
                        ("top_k", int), ("block_start", str)):  # fmt: skip
         value = get_field(body, name, kind)
@@ -229,19 +229,25 @@ def decode_options(body: dict, default_mode: str) -> dict[str, Any]:
     return options
 
 
-def _json_mode(response_format: Any) -> bool:
-    """OpenAI's response_format: {"type": "json_object"} (JSON mode) -> True; {"type": "text"} or
-    null -> False; a JSON schema is refused."""
+def _response_format(response_format: Any) -> dict[str, Any]:
+    """OpenAI's response_format -> Generator options: {"type": "json_object"} (JSON mode) ->
+    format json; {"type": "json_schema", "json_schema": {"name", "schema", ...}} -> format json
+    and the schema; {"type": "text"} or null -> none."""
     kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if response_format is None or (kind == "text" and len(response_format) == 1):
-        return False
-    if kind == "json_object" and len(response_format) == 1:
-        return True
-    if kind == "json_schema":
-        raise ApiError(400, 'response_format: JSON schemas are not supported; {"type": "json_object"} (any JSON '
-                       "object) is", "response_format", "unsupported")  # fmt: skip
-    raise ApiError(400, f'response_format: expected {{"type": "text"}} or {{"type": "json_object"}}, got '
-                   f"{json.dumps(response_format)[:80]}", "response_format")  # fmt: skip
+    rest = set(response_format) - {"type"} if isinstance(response_format, dict) else set()
+    if response_format is None or (kind == "text" and not rest):
+        return {}
+    if kind == "json_object" and not rest:
+        return {"format": "json"}
+    if kind == "json_schema" and rest == {"json_schema"}:
+        spec = response_format["json_schema"]
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or set(spec) - SCHEMA_FIELDS:
+            raise ApiError(400, 'response_format.json_schema: expected {"name": str, "schema": {...}, "strict": bool, '
+                           '"description": str}', "response_format")  # fmt: skip
+        return {"format": "json", "schema": spec.get("schema", {"type": "object"})}
+    raise ApiError(400, f'response_format: expected {{"type": "text"}}, {{"type": "json_object"}} or {{"type": '
+                   f'"json_schema", "json_schema": ...}}, got {json.dumps(response_format)[:80]}',
+                   "response_format")  # fmt: skip
 
 
 def _logit_bias(bias: Any) -> list[tuple[int, Any]]:

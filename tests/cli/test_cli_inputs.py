@@ -89,6 +89,17 @@ def test_numbers_out_of_range_are_refused_by_the_option(args, tmp_path, monkeypa
     assert code == 2 and f"Invalid value for '{args[-2]}'" in err and "Traceback" not in err
 
 
+def test_a_schema_file_that_cannot_be_used_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(_generate(ckpt, "--prompt", "x", "--schema", str(tmp_path / "none.json")), monkeypatch,
+                           capsys)  # fmt: skip
+    _one_line_error(code, err, "--schema", "none.json: no such file")
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"properties": {"a": {"type": "string", "format": "date"}}, "required": ["a"]}')
+    code, _, err = run_cli(_generate(ckpt, "--prompt", "x", "--mode", "ar", "--schema", str(schema)), monkeypatch,
+                           capsys)  # fmt: skip
+    _one_line_error(code, err, "option schema.properties.a.format: not supported")
+
+
 def test_an_output_path_that_cannot_be_written_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")

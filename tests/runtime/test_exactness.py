@@ -91,12 +91,19 @@ def test_logit_bias_and_penalties_steer_ar_as_a_full_recompute_and_the_verified_
             assert got.ids == want, (mode, extra)
 
 
+PROPERTIES = {"id": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}},
+              "ok": {"type": ["boolean", "null"]}}  # fmt: skip
+SCHEMA = {"type": "object", "properties": PROPERTIES, "required": list(PROPERTIES), "additionalProperties": False}
+
+
 @pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
-def test_json_mode_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it(name, monkeypatch):
-    """format="json": ar equals a full recompute whose argmax reads only the bytes the grammar
-    allows after the output so far, and blt-s (model drafts, context drafts, which the grammar may
-    refuse) and blt-dv (unconstrained diffusion drafts) equal that ar byte for byte. The model's
-    drafts keep to the grammar too (verifying would repair them, at the cost of acceptance)."""
+@pytest.mark.parametrize("schema", [None, SCHEMA])
+def test_json_mode_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it(name, schema, monkeypatch):
+    """format="json" (any object, or one a schema admits): ar equals a full recompute whose argmax
+    reads only the bytes the grammar allows after the output so far, and blt-s (model drafts,
+    context drafts, which the grammar may refuse) and blt-dv (unconstrained diffusion drafts)
+    equal that ar byte for byte. The model's drafts keep to the grammar too (verifying would
+    repair them, at the cost of acceptance)."""
     accept = loops.accept
 
     def drafted_under_the_grammar(run, drafts, q, logits):
@@ -106,8 +113,9 @@ def test_json_mode_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it
 
     monkeypatch.setattr(loops, "accept", drafted_under_the_grammar)
     g, model = torch_generator(name), tiny_model(name)
+    root = grammar.JSON_OBJECT if schema is None else grammar.compile_schema(schema)
     for prompt in (PROMPTS[0], "ab" * 30):
-        ids, want, state = encode(prompt), [], grammar.BEGIN
+        ids, want, state = encode(prompt), [], grammar.begin(root)
         with torch.no_grad():
             for _ in range(N_BYTES):
                 logits = model(torch.tensor([ids + want]))[0, -1].numpy() - grammar.mask(state)
@@ -115,12 +123,14 @@ def test_json_mode_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it
                 if want[-1] == EOS_ID:
                     break
                 state = grammar.step(state, want[-1] - BYTE_OFFSET)
-        assert want[0] == BYTE_OFFSET + ord("{") and want != _ar(prompt, name=name)
-        opts = {"max_bytes": N_BYTES, "format": "json"}
+        text = bytes(t - BYTE_OFFSET for t in want if t != EOS_ID)
+        assert text.startswith(b"{") and want != _ar(prompt, name=name)
+        if schema is not None:  # its first key comes next, whatever the model prefers
+            assert text[1:].lstrip(b" \t\n\r").startswith(b'"id":')
+        opts = {"max_bytes": N_BYTES, "format": "json", "schema": schema}
         got = g.generate(prompt, mode="ar", **opts)
-        assert got.ids == [t for t in want if t != EOS_ID] and got.stop_reason == (
-            "eos" if EOS_ID in want else "max_bytes"
-        )
+        assert got.ids == [t for t in want if t != EOS_ID]
+        assert got.stop_reason == ("eos" if EOS_ID in want else "max_bytes")
         for mode, extra in [("blt-s", {"k": 4, "lookup": 0}), ("blt-s", {"lookup": 2}), ("blt-dv", {"lookup": 0})]:
             assert g.generate(prompt, mode=mode, **opts, **extra).ids == got.ids, (mode, extra)
 

@@ -69,6 +69,15 @@ BAD_OPTIONS = [
     (dict(presence_penalty=None, frequency_penalty=-3), InputError, "option frequency_penalty"),
     (dict(mode="ar", format="xml"), InputError, "option format: 'xml' is unknown; choose one of json"),
     (dict(format="json"), InputError, "option format: blt-d's diffusion head chooses"),
+    (dict(schema={"type": "object"}), InputError, "option format: blt-d's diffusion head chooses"),
+    (dict(mode="ar", schema={"type": "string"}), InputError, "option schema: the root must be an object"),
+    (dict(mode="ar", schema="{"), InputError, "option schema: not JSON"),
+    (dict(mode="ar", schema=5), InputError, "option schema: expected a JSON schema"),
+    (
+        dict(mode="ar", schema={"properties": {"a": {"minLength": 1}}, "required": ["a"]}),
+        InputError,
+        r"option schema\.properties\.a\.minLength: not supported",
+    ),  # fmt: skip
 ]
 
 

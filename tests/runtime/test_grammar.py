@@ -1,17 +1,22 @@
 """JSON mode's grammar over bytes: every JSON object (as json.dumps writes it, in every style) is
 accepted byte by byte and ends closed; whatever it accepts as closed, json.loads reads as an
-object; masks are the bytes one step allows, whatever the rest of the stack."""
+object; masks are the bytes one step allows, whatever the rest of the stack. Under a schema, what
+it admits is accepted and what is accepted validates (jsonschema); what it cannot hold a text to
+is refused by name."""
 
 from __future__ import annotations
 
 import json
 
+import jsonschema
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID
-from fastblt.runtime.grammar import BEGIN, DONE, MAX_WS, advance, mask, step
+from fastblt.runtime.grammar import BEGIN, DONE, MAX_WS, advance, begin, compile_schema, mask, step
 
 leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
 values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
@@ -107,3 +112,119 @@ def test_a_mask_reads_only_the_innermost_container():
     deep, flat = run(b'{"a":[{"b":[1'), run(b'{"c":[1')
     assert deep[0] != flat[0] and mask(deep) is mask(flat)
     assert not np.array_equal(mask(run(b'{"a":1')), mask(run(b'{"a":[1')))  # "}" vs "]"
+
+
+# ---------------------------------------------------------------------------- schemas
+def obj(props: dict) -> dict:
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
+small_values = st.one_of(st.text(max_size=3), st.integers(-20, 20), st.booleans(), st.none())
+leaf_schemas = (
+    st.sampled_from([{"type": t} for t in ("string", "number", "integer", "boolean", "null")]
+                    + [{"type": ["string", "null"]}, {"type": ["integer", "boolean"]}, {}, {"type": "object"}])
+    | st.lists(small_values, min_size=1, max_size=4).map(lambda v: {"enum": v, "description": "one of these"})
+    | small_values.map(lambda v: {"const": v})
+    | st.just({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}}]})
+)  # fmt: skip
+schemas = st.recursive(
+    leaf_schemas,
+    lambda inner: (
+        inner.map(lambda s: {"type": "array", "items": s})
+        | st.dictionaries(st.text(max_size=4), inner, max_size=3).map(obj)
+    ),
+    max_leaves=8,
+)
+root_schemas = st.dictionaries(st.text(max_size=4), schemas, max_size=4).map(obj)
+json_values = st.recursive(
+    small_values | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def instances(schema: dict) -> st.SearchStrategy:
+    """Values the schema admits, objects' keys in its order."""
+    if "const" in schema:
+        return st.just(schema["const"])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    if "anyOf" in schema:
+        return st.one_of([instances(s) for s in schema["anyOf"]])
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return st.one_of([instances({"type": k}) for k in kind])
+    if kind == "object":
+        if "properties" not in schema:
+            return st.dictionaries(st.text(max_size=3), json_values, max_size=3)
+        keys = list(schema["properties"])
+        return st.tuples(*map(instances, schema["properties"].values())).map(lambda v: dict(zip(keys, v, strict=True)))
+    if kind == "array":
+        return st.lists(instances(schema["items"]), max_size=3)
+    numbers = st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    kinds = {"string": st.text(max_size=5), "integer": st.integers(), "boolean": st.booleans(), "null": st.none(),
+             "number": numbers}  # fmt: skip
+    return kinds.get(kind, json_values)
+
+
+def follows(schema: dict, data: bytes):
+    """The state after data under `schema`, or None where a byte is refused."""
+    return advance(begin(compile_schema(schema)), [b + BYTE_OFFSET for b in data])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_what_a_schema_admits_is_accepted_and_what_is_accepted_it_admits(data):
+    """A value the schema admits, written by json.dumps (compact or indented), is accepted byte by
+    byte and ends closed; the same text with one byte changed, if still accepted as closed,
+    validates against the schema (jsonschema)."""
+    schema = data.draw(root_schemas)
+    value = data.draw(instances(schema))
+    # keys and enum / const values in their one spelling (json.dumps's without \u escapes); strings free
+    style = data.draw(st.sampled_from([{}, {"indent": 1}, {"separators": (",", ":")}]))
+    text = json.dumps(value, ensure_ascii=False, **style).encode()
+    if longest_whitespace(text) <= MAX_WS:
+        s = follows(schema, text)
+        assert s is not None and s[1] == DONE, (schema, text)
+    changed = bytearray(text)
+    changed[data.draw(st.integers(0, len(text) - 1))] = data.draw(st.integers(0, 255))
+    s = follows(schema, bytes(changed))
+    if s is not None and s[1] == DONE:
+        jsonschema.validate(json.loads(bytes(changed).decode()), schema)
+
+
+def test_a_schema_holds_keys_order_types_and_values():
+    schema = obj({"name": {"type": "string"}, "age": {"type": "integer"}, "kind": {"enum": ["a", "ab", 1, 12]},
+                  "tags": {"type": "array", "items": {"type": "string"}}, "none": obj({})})  # fmt: skip
+    assert follows(schema, b'{"name":"x","age":-3,"kind":"ab","tags":["a"],"none":{}}')[1] == DONE
+    for text in (b'{"age":3', b'{"name":"x","age":3.5', b'{"name":"x","age":3,"kind":"b"', b'{"name":1',
+                 b'{"name":"x","age":3,"kind":1,"tags":[1]', b'{"name":"x","age":3,"kind":1,"tags":[],"none":{"a"',
+                 b'{"name":"x","age":3,"kind":1,"tags":[],"none":{},'):  # fmt: skip
+        assert follows(schema, text) is None, text
+    after = follows(schema, b'{"name":"x","age":3,"kind":1')  # 1 or 12: a comma or a 2 next
+    assert sorted(np.flatnonzero(mask(after) == 0) - BYTE_OFFSET) == sorted([*b" \t\n\r", ord(","), ord("2")])
+
+
+@pytest.mark.parametrize(
+    ("schema", "match"),
+    [
+        ({"type": "string"}, "the root must be an object"),
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}, "required": ["a"]},
+            r"schema\.properties\.a\.pattern: not supported",
+        ),  # fmt: skip
+        ({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a"]}, r"schema\.required: list every"),
+        ({"type": "object", "properties": {}, "additionalProperties": True}, "additionalProperties: only false"),
+        ({"$ref": "#/$defs/x"}, r"schema\.\$ref: not supported"),
+        (
+            {"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, obj({})]}}, "required": ["a"]},
+            "can start alike",
+        ),  # fmt: skip
+        ({"type": "object", "properties": {"a": {"type": "date"}}, "required": ["a"]}, r"properties\.a\.type"),
+        ({"type": "object", "properties": {"a": {"enum": []}}, "required": ["a"]}, r"properties\.a\.enum"),
+        ([1], "expected a JSON schema object"),
+    ],
+)
+def test_what_a_schema_cannot_hold_a_text_to_is_refused_by_name(schema, match):
+    with pytest.raises(InputError, match=match):
+        compile_schema(schema)

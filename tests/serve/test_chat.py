@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import openai
 import pytest
 from conftest import CHAT_TEMPLATE, KEY
@@ -108,7 +109,8 @@ def test_a_chat_body_is_the_rendered_prompt_with_its_options():
         ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
         ({"messages": [{"role": "user", "content": "x", "name": 3}]}, "messages[0].name"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "format": 1}}}, "response_format"),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"response_format": "json"}, "response_format"),
         ({"top_logprobs": 2}, "top_logprobs"),
@@ -229,3 +231,35 @@ def test_json_mode_answers_are_json_objects(server, reference):
     r = c.completions.create(model=MODEL, prompt="settings = ", max_tokens=32, temperature=0,
                              extra_body={"response_format": json_object})  # fmt: skip
     assert r.choices[0].text == reference.generate("settings = ", mode="blt-s", max_bytes=32, format="json").text
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "languages"],
+          "properties": {"name": {"type": "string", "description": "who"}, "age": {"type": "integer"},
+                         "languages": {"type": "array", "items": {"enum": ["python", "c", "rust"]}}}}  # fmt: skip
+
+
+def test_structured_outputs_follow_the_schema(server, reference):
+    """response_format json_schema: the answer is the Generator's under the schema, its keys come
+    in the schema's order, and one that closed validates against it; a schema fastblt cannot hold
+    a text to is a 400 naming response_format."""
+    c = client(server)
+    messages = [{"role": "user", "content": "person = "}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    closed = 0
+    for seed in (1, 2, 3):
+        r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=200, temperature=0.9, seed=seed,
+                                      response_format=fmt)  # fmt: skip
+        text = r.choices[0].message.content
+        want = reference.generate(TEMPLATE.render(messages), mode="blt-s", max_bytes=200, temperature=0.9, seed=seed,
+                                  schema=PERSON)  # fmt: skip
+        assert text == want.text and text.startswith("{")
+        if r.choices[0].finish_reason == "stop":
+            closed += 1
+            value = json.loads(text)
+            jsonschema.validate(value, PERSON)
+            assert list(value) == ["name", "age", "languages"]
+    assert closed >= 2
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {**PERSON, "minProperties": 1}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, response_format=bad)
+    assert e.value.body["param"] == "response_format" and "minProperties: not supported" in e.value.body["message"]

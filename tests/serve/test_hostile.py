@@ -106,6 +106,10 @@ def chat(**changes) -> bytes:
     return json.dumps(b).encode()
 
 
+def schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
 CHAT_HOSTILE: list[tuple[str, bytes, int]] = [  # /v1/chat/completions (the server has a chat template)
     ("invalid JSON", b'{"messages": [', 400),
     ("messages a string", chat(messages="hi"), 400),
@@ -114,7 +118,17 @@ CHAT_HOSTILE: list[tuple[str, bytes, int]] = [  # /v1/chat/completions (the serv
     ("a tool message", chat(messages=[{"role": "tool", "content": "1", "tool_call_id": "x"}]), 400),
     ("an image part", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), 400),
     ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400),
-    ("a JSON schema", chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400),
+    (
+        "a JSON schema with a pattern",
+        chat(
+            response_format=schema_format(
+                {"type": "object", "properties": {"a": {"type": "string", "pattern": "^a"}}, "required": ["a"]}
+            )
+        ),
+        400,
+    ),
+    ("a JSON schema of a string", chat(response_format=schema_format({"type": "string"})), 400),
+    ("a JSON schema without a name", chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}), 400),
     ("JSON mode in blt-d", chat(response_format={"type": "json_object"}, mode="blt-d"), 400),
     ("top_logprobs without logprobs", chat(top_logprobs=3), 400),
     ("max_tokens 0", chat(max_tokens=0), 400),
