@@ -47,6 +47,9 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
 @click.option("--chat-template", type=click.Path(dir_okay=False), default=None,
               help="A Jinja chat template (as Hugging Face tokenizers keep them) that renders chat messages to a "
               "prompt: serves POST /v1/chat/completions [default: no chat endpoint].")  # fmt: skip
+@click.option("--chat-stop", multiple=True, metavar="TEXT",
+              help="With --chat-template: a string that ends the assistant's turn in the template's format "
+              "(repeatable; e.g. the next user turn's marker), added to every chat request's stops.")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
 @click.option("--max-context", type=click.IntRange(2), default=None,
@@ -80,7 +83,7 @@ BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's
               help="--ray: write the equivalent Serve config (YAML, for `serve deploy`) and exit.")  # fmt: skip
 def serve(
     checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
-    model_name, chat_template, max_body, max_context, threads, prompt_cache_mb, share_prompts, device,
+    model_name, chat_template, chat_stop, max_body, max_context, threads, prompt_cache_mb, share_prompts, device,
     graceful_timeout, log_level, use_ray,
     ray_address, replicas,
     min_replicas, max_replicas, target_ongoing_requests, num_cpus, num_gpus, print_config,
@@ -91,7 +94,8 @@ def serve(
     Endpoints: POST /v1/completions (stream: true for server-sent events),
     POST /v1/chat/completions (with --chat-template), GET /v1/models,
     GET /health, GET /metrics (Prometheus).
-    max_tokens counts bytes, logit_bias is keyed by byte values ("10": -100);
+    max_tokens counts bytes, logit_bias is keyed by byte values ("10": -100),
+    response_format takes json_object and json_schema (OpenAI's strict subset);
     fastblt's own fields (mode, k, lookup, alpha, gamma, unmask, top_k,
     block_start) go in the body (the openai client's extra_body).
 
@@ -130,7 +134,9 @@ def serve(
     if chat_template is not None:  # read and parsed now: a bad file stops the command before any loading
         from fastblt.serve.chat import ChatTemplate
 
-        template = ChatTemplate.load(chat_template)
+        template = ChatTemplate.load(chat_template, chat_stop)
+    elif chat_stop:
+        raise click.UsageError("--chat-stop applies only with --chat-template")
     if api_key is not None and (not api_key or api_key != api_key.strip()):
         raise click.BadParameter("empty, or spaces at its ends: clients could not send it as a bearer token",
                                  param_hint="'--api-key'")  # fmt: skip
@@ -144,7 +150,8 @@ def serve(
                   "max_context": max_context, "threads": threads, "prompt_cache_mb": prompt_cache_mb,
                   "share_prompts": share_prompts, "device": device, "mode": mode, "model_name": name,
                   "api_key": api_key, "max_body": max_body,
-                  "chat_template": str(Path(chat_template).resolve()) if chat_template else None}  # fmt: skip
+                  "chat_template": str(Path(chat_template).resolve()) if chat_template else None,
+                  "chat_stop": list(chat_stop)}  # fmt: skip
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config)
         return
 

@@ -55,13 +55,17 @@ MESSAGE_NEUTRAL = {"tool_calls": (None, []), "function_call": (None,), "refusal"
 
 class ChatTemplate:
     """A chat template: Jinja source rendered as Hugging Face renders a tokenizer's chat template
-    (trim_blocks, lstrip_blocks, loop controls, an immutable sandbox)."""
+    (trim_blocks, lstrip_blocks, loop controls, an immutable sandbox), and the strings that end an
+    assistant's turn in its format (`stops`: a base model writes the next turn's marker where a
+    chat-tuned one would draw EOS), added to every request's own."""
 
-    def __init__(self, source: str, origin: str = "chat template"):
+    def __init__(self, source: str, origin: str = "chat template", stops: tuple[str, ...] = ()):
+        if not all(isinstance(x, str) and x for x in stops):
+            raise InputError(f"{origin}: stop strings must be non-empty, got {stops!r}")
         from jinja2 import TemplateError, TemplateSyntaxError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        self.source, self.origin = source, origin
+        self.source, self.origin, self.stops = source, origin, tuple(stops)
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])  # fmt: skip
         env.filters["tojson"] = _tojson  # Jinja's own escapes HTML, which no prompt wants
@@ -75,7 +79,7 @@ class ChatTemplate:
             raise InputError(f"{origin}: {e}") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> ChatTemplate:
+    def load(cls, path: str | Path, stops: tuple[str, ...] = ()) -> ChatTemplate:
         """The template in file `path`; InputError naming the file when it cannot be read or parsed."""
         path = Path(path)
         try:
@@ -86,7 +90,7 @@ class ChatTemplate:
             raise InputError(f"chat template {path}: not UTF-8 text") from None
         except OSError as e:
             raise InputError(f"chat template {path}: {e.strerror}") from None
-        return cls(source, f"chat template {path}")
+        return cls(source, f"chat template {path}", stops)
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt for `messages`, ending where the assistant's next message starts. A template
@@ -138,6 +142,8 @@ def parse_chat_body(raw: bytes, model_id: str, default_mode: str, template: Chat
         options["logprobs"] = logprobs  # the mode is the engine's to check
     elif body.get("top_logprobs") is not None:
         raise ApiError(400, "top_logprobs: only allowed with logprobs: true", "top_logprobs")
+    if template.stops:  # the request's own first, then the template's turn ends
+        options["stop"] = list(dict.fromkeys([*options.get("stop", []), *template.stops]))
     prompt = template.render(messages)
     return Completion([prompt], max_tokens, stream, include_usage, options, n=n, logprobs=logprobs, shape=CHAT,
                       prompt_field="messages", tokens_field=tokens_field)  # fmt: skip

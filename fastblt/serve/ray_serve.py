@@ -82,6 +82,7 @@ class ServerOptions:
     max_body: int = 1 << 20
     retry_after: int = 1  # seconds, in a 429's Retry-After
     chat_template: str | None = None  # a chat template file at the same path on every node (chat.py)
+    chat_stop: list[str] = dataclasses.field(default_factory=list)  # strings that end an assistant's turn
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> ServerOptions:
@@ -192,7 +193,7 @@ class FastBltReplica:
             share_prompts=o.share_prompts,
         )  # fmt: skip
         log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)
-        template = None if o.chat_template is None else ChatTemplate.load(o.chat_template)
+        template = None if o.chat_template is None else ChatTemplate.load(o.chat_template, tuple(o.chat_stop))
         settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_key=o.api_key, max_body=o.max_body,
                                  retry_after=o.retry_after, replica=self.name, chat_template=template)  # fmt: skip
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown

@@ -13,6 +13,7 @@ CHAT_TEMPLATE = """\
 {% endif %}
 {% endfor %}
 """
+CHAT_STOP = "\n>>> "  # the next user turn in that transcript: where the assistant's turn ends
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +26,9 @@ def chat_template(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(chat_template):
     """The embedded default behind `fastblt serve`, as a user starts it (plus a key, a queue long
-    enough for 64 concurrent requests and a chat template)."""
-    args = ["--max-batch", "16", "--max-queue", "64", "--api-key", KEY, "--chat-template", str(chat_template)]
+    enough for 64 concurrent requests and a chat template with its turns' end)."""
+    args = ["--max-batch", "16", "--max-queue", "64", "--api-key", KEY, "--chat-template", str(chat_template),
+            "--chat-stop", CHAT_STOP]  # fmt: skip
     with ServerProcess(args) as srv:
         yield srv
 

@@ -9,7 +9,7 @@ import json
 import jsonschema
 import openai
 import pytest
-from conftest import CHAT_TEMPLATE, KEY
+from conftest import CHAT_STOP, CHAT_TEMPLATE, KEY
 
 from fastblt.errors import InputError
 from fastblt.runtime import grammar
@@ -17,7 +17,7 @@ from fastblt.serve.api import ApiError
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
 
 MODEL = "fastblt-default"
-TEMPLATE = ChatTemplate(CHAT_TEMPLATE)
+TEMPLATE = ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,))  # as the test server has it
 MESSAGES = [{"role": "system", "content": "path helpers"}, {"role": "user", "content": "import os\n\n\ndef main("}]
 
 
@@ -75,7 +75,8 @@ def test_a_chat_body_is_the_rendered_prompt_with_its_options():
     comp = parse(max_completion_tokens=12, temperature=0, n=2, stop="\n", logprobs=True, top_logprobs=2, mode="ar")
     assert comp.prompts == [TEMPLATE.render(MESSAGES)] == ["# path helpers\n>>> import os\n\n\ndef main(\n"]
     assert (comp.max_tokens, comp.tokens_field, comp.n, comp.logprobs) == (12, "max_completion_tokens", 2, 2)
-    assert comp.options == {"mode": "ar", "temperature": 0.0, "stop": ["\n"], "logprobs": 2}
+    assert comp.options == {"mode": "ar", "temperature": 0.0, "stop": ["\n", CHAT_STOP], "logprobs": 2}
+    assert parse().options["stop"] == [CHAT_STOP] == parse(stop=[CHAT_STOP]).options["stop"]  # the turn's end, once
     assert parse().max_tokens is None and parse().options["mode"] == "blt-s"  # as much as fits, the server's mode
     assert parse(max_tokens=7).max_tokens == 7 == parse(max_tokens=7, max_completion_tokens=7).max_tokens
     assert "logprobs" not in parse(logprobs=False).options
@@ -143,7 +144,7 @@ def test_without_a_template_there_is_no_chat_endpoint():
 @pytest.mark.parametrize("mode", ("ar", "blt-s", "blt-d", "blt-dv"))
 def test_chat_equals_generate_of_the_rendered_prompt(server, reference, mode):
     c, prompt = client(server), TEMPLATE.render(MESSAGES)
-    want = reference.generate(prompt, mode=mode, max_bytes=32, temperature=0.0)
+    want = reference.generate(prompt, mode=mode, max_bytes=32, temperature=0.0, stop=[CHAT_STOP])
     opts = dict(model=MODEL, messages=MESSAGES, max_completion_tokens=32, temperature=0, extra_body={"mode": mode})
     r = c.chat.completions.create(**opts)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
@@ -163,7 +164,7 @@ def test_chat_equals_generate_of_the_rendered_prompt(server, reference, mode):
 
 def test_chat_logprobs_are_the_engines_per_byte_up_to_a_stop(server, reference):
     c, prompt = client(server), TEMPLATE.render(MESSAGES)
-    want = reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0, logprobs=3)
+    want = reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0, logprobs=3, stop=[CHAT_STOP])
     stop = want.bytes[10:12]
     cut = want.bytes.find(stop)
     opts = dict(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0, logprobs=True, top_logprobs=3,
@@ -184,9 +185,20 @@ def test_chat_logprobs_are_the_engines_per_byte_up_to_a_stop(server, reference):
 def test_sampled_chat_choices_are_seeded_requests(server, reference):
     c, prompt = client(server), TEMPLATE.render(MESSAGES)
     r = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=7, n=2)
-    want = [reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=1.0, seed=7 + i).text for i in (0, 1)]
+    want = [reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=1.0, seed=7 + i, stop=[CHAT_STOP]).text
+            for i in (0, 1)]  # fmt: skip
     assert [ch.message.content for ch in sorted(r.choices, key=lambda ch: ch.index)] == want
     assert want[0] != want[1]
+
+
+def test_the_templates_turn_end_stops_the_answer(server, reference):
+    """--chat-stop: where the model writes the next user turn's marker, the assistant's turn ends."""
+    c, prompt = client(server), TEMPLATE.render(MESSAGES)
+    free = reference.generate(prompt, mode="blt-s", max_bytes=200, temperature=1.0, seed=3)
+    assert CHAT_STOP in free.text  # without the stop it runs on into a user turn
+    r = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=200, temperature=1.0, seed=3)
+    assert r.choices[0].message.content == free.text[: free.text.index(CHAT_STOP)]
+    assert r.choices[0].finish_reason == "stop"
 
 
 def test_a_conversation_passes_answers_back_and_loads_its_last_prompt(server, reference):
@@ -200,7 +212,7 @@ def test_a_conversation_passes_answers_back_and_loads_its_last_prompt(server, re
     prompt = TEMPLATE.render([{k: m[k] for k in ("role", "content")} for m in turn])
     assert (
         second.choices[0].message.content
-        == reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0).text
+        == reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0, stop=[CHAT_STOP]).text
     )
     assert second.usage.prompt_tokens == len(prompt.encode()) > 400
     assert first.usage.prompt_tokens_details.cached_tokens == 0 < second.usage.prompt_tokens_details.cached_tokens
@@ -216,7 +228,8 @@ def test_json_mode_answers_are_json_objects(server, reference):
                                     ("the user record as json", "blt-dv", {"temperature": 1.0, "seed": 3}),
                                     ("the user record as json", "ar", {"temperature": 0.0})]:  # fmt: skip
         messages = [{"role": "user", "content": content}]
-        want = reference.generate(TEMPLATE.render(messages), mode=mode, max_bytes=200, format="json", **sampling)
+        want = reference.generate(TEMPLATE.render(messages), mode=mode, max_bytes=200, format="json", stop=[CHAT_STOP],
+                                  **sampling)  # fmt: skip
         opts = dict(model=MODEL, messages=messages, max_tokens=200, response_format=json_object,
                     extra_body={"mode": mode}, **sampling)  # fmt: skip
         r = c.chat.completions.create(**opts)
@@ -251,7 +264,7 @@ def test_structured_outputs_follow_the_schema(server, reference):
                                       response_format=fmt)  # fmt: skip
         text = r.choices[0].message.content
         want = reference.generate(TEMPLATE.render(messages), mode="blt-s", max_bytes=200, temperature=0.9, seed=seed,
-                                  schema=PERSON)  # fmt: skip
+                                  schema=PERSON, stop=[CHAT_STOP])  # fmt: skip
         assert text == want.text and text.startswith("{")
         if r.choices[0].finish_reason == "stop":
             closed += 1

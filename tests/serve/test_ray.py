@@ -16,7 +16,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import CHAT_TEMPLATE
+from conftest import CHAT_STOP, CHAT_TEMPLATE
 
 from tiny import run_cli
 
@@ -81,8 +81,12 @@ def test_print_config_passes_the_lanes_prompt_sharing(monkeypatch, capsys):
 
 def test_print_config_passes_the_chat_template_by_its_full_path(chat_template, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(chat_template.parent)
-    (app,) = print_config(["--chat-template", chat_template.name], monkeypatch, capsys)["applications"]
+    (app,) = print_config(["--chat-template", chat_template.name, "--chat-stop", CHAT_STOP], monkeypatch,
+                          capsys)["applications"]  # fmt: skip
     assert app["args"]["chat_template"] == str(chat_template.resolve())  # the same path on every node
+    assert app["args"]["chat_stop"] == [CHAT_STOP] and ServerOptions.from_args(app["args"]).chat_stop == [CHAT_STOP]
+    code, _, err = run_cli(["serve", "--chat-stop", "x", "--ray", "--print-config"], monkeypatch, capsys)
+    assert code == 2 and "--chat-stop applies only with --chat-template" in err
     code, _, err = run_cli(["serve", "--ray", "--chat-template", str(tmp_path / "none.jinja"), "--print-config"],
                            monkeypatch, capsys)  # fmt: skip
     assert code == 2 and "none.jinja: no such file" in err and "Traceback" not in err
@@ -153,7 +157,7 @@ def test_the_command_serves_on_a_local_cluster_and_stops_cleanly(reference):
 # ---------------------------------------------------------------------------- a two-node cluster
 @pytest.fixture(scope="module")
 def ray_server(chat_template):
-    with RayServer(ServerOptions(max_batch=4, threads=1, chat_template=str(chat_template)),
+    with RayServer(ServerOptions(max_batch=4, threads=1, chat_template=str(chat_template), chat_stop=[CHAT_STOP]),
                    DeploymentOptions(replicas=2), nodes=2, cpus_per_node=1, ready_timeout=240) as srv:  # fmt: skip
         yield srv
 
@@ -198,7 +202,7 @@ def test_replicas_answer_as_generate_and_share_the_load(ray_server, reference):
     answer_as_generate(ray_server, reference)
     messages = [{"role": "user", "content": "def job(x, y):"}]  # each replica reads the chat template file
     prompt = ChatTemplate(CHAT_TEMPLATE).render(messages)
-    want = reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0).text
+    want = reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0, stop=[CHAT_STOP]).text
     c = openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key="-", max_retries=0, timeout=120)
     r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
     assert r.choices[0].message.content == want and r.object == "chat.completion"
