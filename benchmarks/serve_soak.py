@@ -7,7 +7,8 @@ does it end with every slot free?
 16 clients send requests one after another, drawn with a fixed seed: every mode, greedy or sampled
 with a seed, 8 to 160 new bytes, stop strings, prompts of 20 to 600 bytes, some with n 2-3
 choices, a list of two prompts, logprobs, echo (or only scoring the prompt), a logit bias and
-penalties, chat completions (a tenth, through a transcript chat template); a fifth of them
+penalties, JSON mode and a JSON schema, chat completions (a tenth, through a transcript chat
+template); a fifth of them
 streamed, and a third of those dropped by the client after a few events; one in twelve malformed
 (must get a 4xx). Every 50 requests the server's memory is read: the proportional set size summed
 over its process group (the server, its lane processes and their zygote), and the anonymous part
@@ -64,6 +65,13 @@ CHAT_TEMPLATE = """\
 {% endif %}
 {% endfor %}
 """  # the embedded default's turns as a session transcript (docs/serving.md)
+JSON_FORMATS = (
+    {"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"name": "record", "schema": {
+        "type": "object", "additionalProperties": False, "required": ["name", "size", "tags"],
+        "properties": {"name": {"type": "string"}, "size": {"type": ["integer", "null"]},
+                       "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}}}}}},
+)  # fmt: skip
 SAMPLE_EVERY = 50
 GROWTH_FROM = 100  # requests: the batches have filled once by then (the first samples are warm-up)
 GROWTH_BOUND_MB = 50.0  # memory from the sample at GROWTH_FROM requests to the highest
@@ -112,6 +120,8 @@ def draw_requests(n: int, seed: int) -> list[dict]:
             body["echo"] = True
             if not stream and rng.random() < 0.5:
                 body |= {"max_tokens": 0, "logprobs": 1}  # only score the prompt
+        if body["mode"] != "blt-d" and body["max_tokens"] and rng.random() < 0.08:  # JSON mode, or a schema
+            body["response_format"] = JSON_FORMATS[int(rng.integers(len(JSON_FORMATS)))]
         if rng.random() < 0.1 and isinstance(body["prompt"], str) and not body.get("echo"):  # the chat API
             prompt = body.pop("prompt")
             body["messages"] = [{"role": "system", "content": "python"}, {"role": "user", "content": prompt}]
@@ -295,6 +305,9 @@ def check(jobs: list[dict], results: dict[int, dict]) -> dict:
                 prompt, options = prompts[k // n], {x: b[x] for x in SAME_OPTIONS if x in b}
                 if "logit_bias" in b:
                     options["logit_bias"] = {int(byte): bias for byte, bias in b["logit_bias"].items()}
+                if "response_format" in b:
+                    options["format"] = "json"
+                    options["schema"] = b["response_format"].get("json_schema", {}).get("schema")
                 if "seed" in b:
                     options["seed"] = (b["seed"] + k % n) % 2**63
                 want = "" if b["max_tokens"] == 0 else g.generate(prompt, max_bytes=b["max_tokens"], **options).text
@@ -364,7 +377,8 @@ def render(r: dict) -> str:
         f"onnxruntime {m['onnxruntime']}. Server at its defaults"
         f"{' but ' + ' '.join(m['server_args']) if m.get('server_args') else ''}; {CLIENTS} clients, "
         f"{m['requests']} requests in {r['wall_s']:.0f} s: every mode, greedy and seeded sampling, 8-160 bytes, "
-        "some with n 2-3, two prompts, logprobs, echo or scoring only, a logit bias and penalties, chat completions, "
+        "some with n 2-3, two prompts, logprobs, echo or scoring only, a logit bias and penalties, JSON mode and "
+        "schemas, chat completions, "
         "a fifth streamed "
         "(a third of those dropped "
         "mid-stream), one in twelve malformed.",

@@ -6,7 +6,8 @@ BLT's released checkpoints defines one), so the server answers POST /v1/chat/com
 started with a template: Jinja source as Hugging Face tokenizers keep them (`messages`,
 `add_generation_prompt`, `raise_exception`, `tojson`), rendered in Jinja's immutable sandbox.
 Special ids are not text, so `bos_token` and `eos_token` render as "" (the engine starts every
-prompt with BOS; a turn ends where the model draws EOS, or at a `stop` string). What is generated
+prompt with BOS; a turn ends where the model draws EOS, or at a `stop` string: the request's, or
+one the operator names as the template's turn end, `--chat-stop`). What is generated
 after the rendered prompt is the assistant's message; `usage.prompt_tokens` counts the rendered
 prompt's bytes.
 """
