@@ -14,8 +14,9 @@ follow.
 A schema (`compile_schema`) is OpenAI's strict subset of JSON Schema: `type` (one or a list),
 `properties` with every one `required` (written in their order, as OpenAI's structured outputs
 write them) and no others, `items`, `enum`, `const`, `anyOf` of schemas a value's first byte tells
-apart; annotations (`description`, `title`, ...) are ignored and any other keyword is refused,
-so what the grammar lets through is what the schema admits. Without a schema, any object.
+apart, `$ref`s to the root's `$defs` (not recursive); annotations (`description`, `title`, ...) are
+ignored and any other keyword is refused, so what the grammar lets through is what the schema
+admits. Without a schema, any object.
 
 Which ids a state allows depends only on what it expects next and the innermost container, not
 on the rest of the stack, so masks are computed once per such key (`mask`) and shared. A mask is
@@ -101,14 +102,15 @@ ANY = Union((Obj(), Arr(), Str(), Num(), Lit((b"true", b"false", b"null"))))
 JSON_OBJECT = ANY.alts[0]
 
 ANNOTATIONS = frozenset(("description", "title", "$schema", "$id", "$comment", "examples", "default"))
-KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf"))
+KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf",
+                      "$ref", "$defs", "definitions"))  # fmt: skip
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 
 def compile_schema(schema: Any) -> Obj:
     """A JSON schema (OpenAI's strict subset; its root an object) -> the Obj the grammar follows;
     InputError naming the place in the schema that fastblt cannot hold a text to."""
-    node = _compile(schema, "schema")
+    node = _Compiler(schema).compile(schema, "schema")
     if not isinstance(node, Obj):
         raise InputError('option schema: the root must be an object schema ({"type": "object", ...}), as OpenAI\'s')
     return node
@@ -125,61 +127,88 @@ def compiled(text: str) -> Obj:
     return compile_schema(schema)
 
 
-def _compile(schema: Any, at: str) -> Node:
-    if not isinstance(schema, dict):
-        raise InputError(f"option {at}: expected a JSON schema object, got {type(schema).__name__}")
-    for name in schema:
-        if name not in KEYWORDS and name not in ANNOTATIONS:
-            known = ", ".join(sorted(KEYWORDS))
-            raise InputError(f"option {at}.{name}: not supported (fastblt holds a text to {known})")
-    if "const" in schema:
-        return Lit((_text(schema["const"]),))
-    if "enum" in schema:
-        values = schema["enum"]
-        if not isinstance(values, list) or not values:
-            raise InputError(f"option {at}.enum: expected a non-empty list")
-        texts = tuple(dict.fromkeys(_text(v) for v in values))
-        return Lit(texts)
-    if "anyOf" in schema:
-        alts = schema["anyOf"]
-        if not isinstance(alts, list) or not alts or set(schema) & {"type", "properties", "items"}:
-            raise InputError(f"option {at}.anyOf: expected a non-empty list of schemas, alone")
-        return _union([_compile(s, f"{at}.anyOf[{i}]") for i, s in enumerate(alts)], f"{at}.anyOf")
-    kind = schema.get("type", "object" if "properties" in schema else None)
-    if kind is None:
-        return ANY
-    kinds = kind if isinstance(kind, list) else [kind]
-    if not kinds or not all(isinstance(k, str) and k in TYPES for k in kinds):
-        raise InputError(f"option {at}.type: expected one of {', '.join(TYPES)} or a list of them, got {kind!r}")
-    if "number" in kinds and "integer" in kinds:  # an integer is a number
-        kinds = [k for k in kinds if k != "integer"]
-    return _union([_typed(k, schema, at) for k in dict.fromkeys(kinds)], f"{at}.type")
+class _Compiler:
+    """One schema's compilation: `$ref`s to its root's `$defs` (or `definitions`, as Pydantic and
+    OpenAI's client write nested models) are followed, each definition compiled once; a
+    definition that refers to itself, directly or not, is refused (the grammar's nodes are
+    finite)."""
 
+    def __init__(self, root: Any):
+        defs = root.get("$defs", root.get("definitions", {})) if isinstance(root, dict) else {}
+        self.defs: dict = defs if isinstance(defs, dict) else {}
+        self.done: dict[str, Node] = {}
+        self.open: list[str] = []
 
-def _typed(kind: str, schema: dict, at: str) -> Node:
-    if kind == "object":
-        props = schema.get("properties")
-        extra = schema.get("additionalProperties")
-        if props is None:
-            return Obj((), ()) if extra is False else JSON_OBJECT
-        if not isinstance(props, dict):
-            raise InputError(f"option {at}.properties: expected an object of schemas")
-        if extra not in (None, False):
-            raise InputError(f"option {at}.additionalProperties: only false (OpenAI's strict mode): the keys are "
-                             "the properties'")  # fmt: skip
-        required = schema.get("required", [])
-        if not isinstance(required, list) or sorted(map(str, required)) != sorted(props):
-            raise InputError(f"option {at}.required: list every property (OpenAI's strict mode: each is written, "
-                             "in order)")  # fmt: skip
-        keys = tuple(_text(k) for k in props)
-        return Obj(keys, tuple(_compile(s, f"{at}.properties.{k}") for k, s in props.items()))
-    if kind == "array":
-        return Arr(None if schema.get("items") is None else _compile(schema["items"], f"{at}.items"))
-    if kind == "string":
-        return Str()
-    if kind in ("number", "integer"):
-        return Num(integer=kind == "integer")
-    return Lit((b"true", b"false")) if kind == "boolean" else Lit((b"null",))
+    def compile(self, schema: Any, at: str) -> Node:
+        if not isinstance(schema, dict):
+            raise InputError(f"option {at}: expected a JSON schema object, got {type(schema).__name__}")
+        for name in schema:
+            if name not in KEYWORDS and name not in ANNOTATIONS:
+                known = ", ".join(sorted(KEYWORDS))
+                raise InputError(f"option {at}.{name}: not supported (fastblt holds a text to {known})")
+        if "$ref" in schema:
+            return self.ref(schema, at)
+        if "const" in schema:
+            return Lit((_text(schema["const"]),))
+        if "enum" in schema:
+            values = schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise InputError(f"option {at}.enum: expected a non-empty list")
+            return Lit(tuple(dict.fromkeys(_text(v) for v in values)))
+        if "anyOf" in schema:
+            alts = schema["anyOf"]
+            if not isinstance(alts, list) or not alts or set(schema) & {"type", "properties", "items"}:
+                raise InputError(f"option {at}.anyOf: expected a non-empty list of schemas, alone")
+            return _union([self.compile(s, f"{at}.anyOf[{i}]") for i, s in enumerate(alts)], f"{at}.anyOf")
+        kind = schema.get("type", "object" if "properties" in schema else None)
+        if kind is None:
+            return ANY
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not kinds or not all(isinstance(k, str) and k in TYPES for k in kinds):
+            raise InputError(f"option {at}.type: expected one of {', '.join(TYPES)} or a list of them, got {kind!r}")
+        if "number" in kinds and "integer" in kinds:  # an integer is a number
+            kinds = [k for k in kinds if k != "integer"]
+        return _union([self.typed(k, schema, at) for k in dict.fromkeys(kinds)], f"{at}.type")
+
+    def ref(self, schema: dict, at: str) -> Node:
+        ref = schema["$ref"]
+        siblings = set(schema) - {"$ref"} - ANNOTATIONS
+        prefix = next((p for p in ("#/$defs/", "#/definitions/") if isinstance(ref, str) and ref.startswith(p)), None)
+        if siblings or prefix is None or ref[len(prefix) :] not in self.defs:
+            raise InputError(f'option {at}.$ref: expected "#/$defs/NAME" of the root\'s $defs, alone, got {ref!r}')
+        name = ref[len(prefix) :]
+        if name in self.open:
+            raise InputError(f"option {at}.$ref: {ref} refers to itself (recursive schemas are not supported)")
+        if name not in self.done:
+            self.open.append(name)
+            self.done[name] = self.compile(self.defs[name], f"schema.$defs.{name}")
+            self.open.pop()
+        return self.done[name]
+
+    def typed(self, kind: str, schema: dict, at: str) -> Node:
+        if kind == "object":
+            props = schema.get("properties")
+            extra = schema.get("additionalProperties")
+            if props is None:
+                return Obj((), ()) if extra is False else JSON_OBJECT
+            if not isinstance(props, dict):
+                raise InputError(f"option {at}.properties: expected an object of schemas")
+            if extra not in (None, False):
+                raise InputError(f"option {at}.additionalProperties: only false (OpenAI's strict mode): the keys "
+                                 "are the properties'")  # fmt: skip
+            required = schema.get("required", [])
+            if not isinstance(required, list) or sorted(map(str, required)) != sorted(props):
+                raise InputError(f"option {at}.required: list every property (OpenAI's strict mode: each is "
+                                 "written, in order)")  # fmt: skip
+            keys = tuple(_text(k) for k in props)
+            return Obj(keys, tuple(self.compile(s, f"{at}.properties.{k}") for k, s in props.items()))
+        if kind == "array":
+            return Arr(None if schema.get("items") is None else self.compile(schema["items"], f"{at}.items"))
+        if kind == "string":
+            return Str()
+        if kind in ("number", "integer"):
+            return Num(integer=kind == "integer")
+        return Lit((b"true", b"false")) if kind == "boolean" else Lit((b"null",))
 
 
 def _union(alts: list[Node], at: str) -> Node:

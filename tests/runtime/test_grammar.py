@@ -205,6 +205,28 @@ def test_a_schema_holds_keys_order_types_and_values():
     assert sorted(np.flatnonzero(mask(after) == 0) - BYTE_OFFSET) == sorted([*b" \t\n\r", ord(","), ord("2")])
 
 
+def test_refs_to_defs_are_followed_as_openais_client_writes_pydantic_models():
+    """The schema openai's client sends for a Pydantic model with a nested one (its
+    to_strict_json_schema): titles, defaults, $defs and a $ref, an anyOf with null."""
+    address = {"title": "Address", "type": "object", "additionalProperties": False, "required": ["city", "zip"],
+               "properties": {"city": {"title": "City", "type": "string"},
+                              "zip": {"anyOf": [{"type": "integer"}, {"type": "null"}], "title": "Zip"}}}  # fmt: skip
+    person = {"$defs": {"Address": address}, "title": "Person", "type": "object", "additionalProperties": False,
+              "required": ["name", "kind", "home", "score"],
+              "properties": {"name": {"title": "Name", "type": "string"},
+                             "kind": {"enum": ["a", "b"], "title": "Kind", "type": "string"},
+                             "home": {"$ref": "#/$defs/Address"},
+                             "score": {"default": 1.0, "title": "Score", "type": "number"}}}  # fmt: skip
+    text = b'{"name": "x", "kind": "b", "home": {"city": "y", "zip": null}, "score": 2.5}'
+    assert follows(person, text)[1] == DONE
+    jsonschema.validate(json.loads(text), person)
+    assert follows(person, b'{"name": "x", "kind": "b", "home": {"zip"') is None  # its own keys, in order
+    twice = {**person, "properties": {**person["properties"], "work": {"$ref": "#/$defs/Address"}},
+             "required": [*person["required"], "work"]}  # fmt: skip
+    root = compile_schema(twice)
+    assert root.values[2] is root.values[4]  # a definition is compiled once
+
+
 @pytest.mark.parametrize(
     ("schema", "match"),
     [
@@ -215,7 +237,15 @@ def test_a_schema_holds_keys_order_types_and_values():
         ),  # fmt: skip
         ({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a"]}, r"schema\.required: list every"),
         ({"type": "object", "properties": {}, "additionalProperties": True}, "additionalProperties: only false"),
-        ({"$ref": "#/$defs/x"}, r"schema\.\$ref: not supported"),
+        ({"$ref": "#/$defs/x"}, r"schema\.\$ref: expected \"#/\$defs/NAME\" of the root's \$defs"),
+        (
+            {
+                "$defs": {"n": obj({"next": {"anyOf": [{"$ref": "#/$defs/n"}, {"type": "null"}]}})},
+                **obj({"a": {"$ref": "#/$defs/n"}}),
+            },
+            r"schema\.\$defs\.n\.properties\.next\.anyOf\[0\]\.\$ref: #/\$defs/n refers to itself",
+        ),
+        ({"$defs": {"n": obj({})}, **obj({"a": {"$ref": "#/$defs/n", "type": "object"}})}, r"a\.\$ref: expected"),
         (
             {"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, obj({})]}}, "required": ["a"]},
             "can start alike",

@@ -5,11 +5,14 @@ real openai client; bodies checked field by field."""
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import jsonschema
 import openai
+import pydantic
 import pytest
 from conftest import CHAT_STOP, CHAT_TEMPLATE, KEY
+from openai.lib._pydantic import to_strict_json_schema  # what the client sends for a Pydantic model
 
 from fastblt.errors import InputError
 from fastblt.runtime import grammar
@@ -276,3 +279,38 @@ def test_structured_outputs_follow_the_schema(server, reference):
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, response_format=bad)
     assert e.value.body["param"] == "response_format" and "minProperties: not supported" in e.value.body["message"]
+
+
+class Address(pydantic.BaseModel):
+    city: str
+    zip: int | None
+
+
+class Resident(pydantic.BaseModel):
+    name: str
+    kind: Literal["owner", "tenant"]
+    home: Address
+
+
+def test_the_openai_clients_parse_gets_its_pydantic_model(server, reference):
+    """client.chat.completions.parse(response_format=a Pydantic model): the client sends the
+    model's strict schema (nested models as $defs and $refs), the server holds the answer to it,
+    and the client reads it back into the model."""
+    c = client(server)
+    messages = [{"role": "user", "content": "resident = "}]
+    schema = to_strict_json_schema(Resident)
+    parsed = 0
+    for seed in range(4):
+        try:
+            r = c.chat.completions.parse(model=MODEL, messages=messages, max_tokens=300, temperature=0.9, seed=seed,
+                                         response_format=Resident)  # fmt: skip
+        except openai.LengthFinishReasonError as e:  # the model did not close it within 300 bytes
+            r = e.completion
+        text = r.choices[0].message.content
+        want = reference.generate(TEMPLATE.render(messages), mode="blt-s", max_bytes=300, temperature=0.9, seed=seed,
+                                  schema=schema, stop=[CHAT_STOP])  # fmt: skip
+        assert text == want.text
+        if r.choices[0].finish_reason == "stop":
+            parsed += 1
+            assert r.choices[0].message.parsed == Resident.model_validate_json(text)
+    assert parsed >= 1
