@@ -11,12 +11,13 @@ as JSON's. The text starts with "{"; runs of whitespace between tokens are cut a
 a model that likes spaces cannot spend its bytes on them; once the object closes, only EOS may
 follow.
 
-A schema (`compile_schema`) is OpenAI's strict subset of JSON Schema: `type` (one or a list),
-`properties` with every one `required` (written in their order, as OpenAI's structured outputs
-write them) and no others, `items`, `enum`, `const`, `anyOf` of schemas a value's first byte tells
-apart, `$ref`s to the root's `$defs` (not recursive); annotations (`description`, `title`, ...) are
-ignored and any other keyword is refused, so what the grammar lets through is what the schema
-admits. Without a schema, any object.
+A schema (`compile_schema`) is OpenAI's strict subset of JSON Schema, with optional properties:
+`type` (one or a list), `properties` (written in their order, as OpenAI's structured outputs
+write them; those not `required` may be left out) and no others, `items`, `enum`, `const`,
+`anyOf` of schemas a value's first byte tells apart, `$ref`s to the root's `$defs` (not
+recursive); annotations (`description`, `title`, ...) are ignored and any other keyword is
+refused, so what the grammar lets through is what the schema admits. Without a schema, any
+object.
 
 Which ids a state allows depends only on what it expects next and the innermost container, not
 on the rest of the stack, so masks are computed once per such key (`mask`) and shared. A mask is
@@ -57,13 +58,29 @@ class Node:
 
 
 class Obj(Node):
-    """An object: keys None, any keys and values; else exactly these keys (JSON text, quotes
-    included) in this order, with values of these schemas."""
+    """An object: keys None, any keys and values; else these keys (JSON text, quotes included) in
+    this order, with values of these schemas, the ones not `required` free to be left out."""
 
     first = frozenset(b"{")
 
-    def __init__(self, keys: tuple[bytes, ...] | None = None, values: tuple[Node, ...] = ()):
+    def __init__(self, keys: tuple[bytes, ...] | None = None, values: tuple[Node, ...] = (),
+                 required: tuple[bool, ...] | None = None):  # fmt: skip
         self.keys, self.values = keys, values
+        self.required = required if required is not None else (True,) * len(values)
+
+    def candidates(self, i: int) -> tuple[tuple[bytes, int], ...]:
+        """(key text after its opening quote, index) of the keys that may come next from key i on:
+        up to the first required one."""
+        out = []
+        for j in range(i, len(self.keys or ())):
+            out.append((self.keys[j][1:], j))  # type: ignore[index]
+            if self.required[j]:
+                break
+        return tuple(out)
+
+    def may_close(self, i: int) -> bool:
+        """Whether the object may end before key i (no required key from i on)."""
+        return not any(self.required[i:])
 
 
 class Arr(Node):
@@ -194,14 +211,16 @@ class _Compiler:
             if not isinstance(props, dict):
                 raise InputError(f"option {at}.properties: expected an object of schemas")
             if extra not in (None, False):
-                raise InputError(f"option {at}.additionalProperties: only false (OpenAI's strict mode): the keys "
-                                 "are the properties'")  # fmt: skip
+                raise InputError(f"option {at}.additionalProperties: only false (or left out): the keys are the "
+                                 "properties'")  # fmt: skip
             required = schema.get("required", [])
-            if not isinstance(required, list) or sorted(map(str, required)) != sorted(props):
-                raise InputError(f"option {at}.required: list every property (OpenAI's strict mode: each is "
-                                 "written, in order)")  # fmt: skip
+            if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
+                raise InputError(f"option {at}.required: expected a list of property names")
+            if unknown := sorted(set(required) - set(props)):
+                raise InputError(f"option {at}.required: {unknown[0]!r} is not one of the properties")
             keys = tuple(_text(k) for k in props)
-            return Obj(keys, tuple(self.compile(s, f"{at}.properties.{k}") for k, s in props.items()))
+            values = tuple(self.compile(s, f"{at}.properties.{k}") for k, s in props.items())
+            return Obj(keys, values, tuple(k in required for k in props))
         if kind == "array":
             return Arr(None if schema.get("items") is None else self.compile(schema["items"], f"{at}.items"))
         if kind == "string":
@@ -257,10 +276,12 @@ def step(s: State, b: int) -> State | None:
         if rests:
             return _literal(stack, rests)
         return step((stack, AFTER, None, 0), b) if b"" in sub else None  # b ends a literal that may end
-    if mode == KEY_TEXT:
-        if b != sub[0]:
-            return None
-        return (stack, KEY_TEXT, sub[1:], 0) if len(sub) > 1 else (stack, COLON, None, 0)
+    if mode == KEY_TEXT:  # sub: (the rest of a key's text, its index) of the keys it may still be
+        rests = tuple((r[1:], j) for r, j in sub if r[0] == b)
+        done = next((j for r, j in rests if not r), None)  # a key's text ends with its quote: one at most
+        if done is not None:
+            return (stack[:-1] + ((stack[-1][0], done),), COLON, None, 0)
+        return (stack, KEY_TEXT, rests, 0) if rests else None
     if b in WHITESPACE:  # between tokens: not before the object, nor after it
         return (stack, mode, sub, ws + 1) if mode in BETWEEN_TOKENS and ws < MAX_WS else None
     if mode == START:
@@ -274,9 +295,10 @@ def step(s: State, b: int) -> State | None:
             if b == ord('"'):
                 return (stack, STRING, (True, "n", 0, 0, 0), 0)
             return _close(stack) if b == ord("}") and sub else None
-        if i < len(obj.keys):
-            return (stack, KEY_TEXT, obj.keys[i][1:], 0) if b == ord('"') else None
-        return _close(stack) if b == ord("}") else None  # an object of no properties
+        if b == ord('"'):
+            keys = obj.candidates(i)
+            return (stack, KEY_TEXT, keys, 0) if keys else None
+        return _close(stack) if b == ord("}") and sub and obj.may_close(i) else None
     if mode == COLON:
         if b != ord(":"):
             return None
@@ -288,10 +310,13 @@ def step(s: State, b: int) -> State | None:
             if b == ord(","):
                 return (stack, VALUE, (False, node.items or ANY), 0)
             return _close(stack) if b == ord("]") else None
-        more = node.keys is None or i + 1 < len(node.keys)
-        if b == ord(",") and more:
-            return (stack[:-1] + ((node, i + 1 if node.keys is not None else 0),), KEY, False, 0)
-        return _close(stack) if b == ord("}") and (node.keys is None or not more) else None
+        if node.keys is None:
+            if b == ord(","):
+                return (stack, KEY, False, 0)
+            return _close(stack) if b == ord("}") else None
+        if b == ord(",") and i + 1 < len(node.keys):
+            return (stack[:-1] + ((node, i + 1),), KEY, False, 0)
+        return _close(stack) if b == ord("}") and node.may_close(i + 1) else None
     return None
 
 

@@ -115,8 +115,10 @@ def test_a_mask_reads_only_the_innermost_container():
 
 
 # ---------------------------------------------------------------------------- schemas
-def obj(props: dict) -> dict:
-    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+def obj(props: dict, optional: list[bool] | tuple[bool, ...] = ()) -> dict:
+    """An object schema of `props`, each required unless `optional` says so (by position)."""
+    required = [k for i, k in enumerate(props) if not (i < len(optional) and optional[i])]
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
 
 
 small_values = st.one_of(st.text(max_size=3), st.integers(-20, 20), st.booleans(), st.none())
@@ -131,11 +133,13 @@ schemas = st.recursive(
     leaf_schemas,
     lambda inner: (
         inner.map(lambda s: {"type": "array", "items": s})
-        | st.dictionaries(st.text(max_size=4), inner, max_size=3).map(obj)
+        | st.builds(obj, st.dictionaries(st.text(max_size=4), inner, max_size=3), st.lists(st.booleans(), max_size=3))
     ),
     max_leaves=8,
 )
-root_schemas = st.dictionaries(st.text(max_size=4), schemas, max_size=4).map(obj)
+root_schemas = st.builds(
+    obj, st.dictionaries(st.text(max_size=4), schemas, max_size=4), st.lists(st.booleans(), max_size=4)
+)
 json_values = st.recursive(
     small_values | st.floats(allow_nan=False, allow_infinity=False),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
@@ -157,8 +161,12 @@ def instances(schema: dict) -> st.SearchStrategy:
     if kind == "object":
         if "properties" not in schema:
             return st.dictionaries(st.text(max_size=3), json_values, max_size=3)
-        keys = list(schema["properties"])
-        return st.tuples(*map(instances, schema["properties"].values())).map(lambda v: dict(zip(keys, v, strict=True)))
+        keys, required = list(schema["properties"]), set(schema["required"])
+        present = st.tuples(*[st.just(True) if k in required else st.booleans() for k in keys])
+        values = st.tuples(*map(instances, schema["properties"].values()))
+        return st.tuples(present, values).map(  # optional keys left out or not, in order
+            lambda pv: {k: v for k, here, v in zip(keys, *pv, strict=True) if here}
+        )
     if kind == "array":
         return st.lists(instances(schema["items"]), max_size=3)
     numbers = st.integers() | st.floats(allow_nan=False, allow_infinity=False)
@@ -191,6 +199,18 @@ def test_what_a_schema_admits_is_accepted_and_what_is_accepted_it_admits(data):
     s = follows(schema, bytes(changed))
     if s is not None and s[1] == DONE:
         jsonschema.validate(json.loads(bytes(changed).decode()), schema)
+
+
+def test_optional_properties_may_be_left_out_in_order():
+    schema = obj({"a": {"type": "integer"}, "b": {"type": "integer"}, "c": {"type": "integer"}}, (True, False, True))
+    for text in (b'{"b":1}', b'{"a":1,"b":2}', b'{"b":2,"c":3}', b'{"a":1,"b":2,"c":3}'):
+        assert follows(schema, text)[1] == DONE, text
+    for text in (b"{}", b'{"a":1}', b'{"c":3,"b":2}', b'{"b":2,"a":1}', b'{"a":1,}'):
+        s = follows(schema, text)
+        assert s is None or s[1] != DONE, text
+    both = obj({"ab": {"type": "null"}, "a": {"type": "null"}}, (True, True))  # one key's text the start of another's
+    assert follows(both, b'{"a":null}')[1] == DONE and follows(both, b'{"ab":null,"a":null}')[1] == DONE
+    assert follows(both, b"{}")[1] == DONE and follows(both, b'{"a":null,"ab":null}') is None
 
 
 def test_a_schema_holds_keys_order_types_and_values():
@@ -235,7 +255,7 @@ def test_refs_to_defs_are_followed_as_openais_client_writes_pydantic_models():
             {"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}, "required": ["a"]},
             r"schema\.properties\.a\.pattern: not supported",
         ),  # fmt: skip
-        ({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a"]}, r"schema\.required: list every"),
+        ({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["c"]}, r"required: 'c' is not one of"),
         ({"type": "object", "properties": {}, "additionalProperties": True}, "additionalProperties: only false"),
         ({"$ref": "#/$defs/x"}, r"schema\.\$ref: expected \"#/\$defs/NAME\" of the root's \$defs"),
         (
