@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: the messages rendered by the server's chat template, answered as
 a completion of that prompt (equal to Generator.generate of it) in OpenAI's chat shapes, with the
-real openai client; bodies checked field by field."""
+real openai client; bodies checked field by field; JSON mode and structured outputs through
+response_format (chat and completions), down to the client's parse into a Pydantic model."""
 
 from __future__ import annotations
 
