@@ -122,6 +122,9 @@ ANNOTATIONS = frozenset(("description", "title", "$schema", "$id", "$comment", "
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf",
                       "$ref", "$defs", "definitions"))  # fmt: skip
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+MAX_DEPTH = 32  # schemas nested in a schema: deeper is refused rather than recursed into
+# OpenAI's limits on a structured-outputs schema, which also bound the grammar's work per byte
+LIMITS = {"enum and const values": 1000, "properties": 5000, "bytes of property names and values": 120_000}
 
 
 def compile_schema(schema: Any) -> Obj:
@@ -155,8 +158,30 @@ class _Compiler:
         self.defs: dict = defs if isinstance(defs, dict) else {}
         self.done: dict[str, Node] = {}
         self.open: list[str] = []
+        self.depth = 0
+        self.spent = dict.fromkeys(LIMITS, 0)
 
     def compile(self, schema: Any, at: str) -> Node:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise InputError(f"option {at}: schemas nested more than {MAX_DEPTH} deep")
+            return self._compile(schema, at)
+        finally:
+            self.depth -= 1
+
+    def spend(self, what: str, n: int, at: str) -> None:
+        self.spent[what] += n
+        if self.spent[what] > LIMITS[what]:
+            raise InputError(f"option {at}: more than {LIMITS[what]:,} {what} in the schema (OpenAI's limit)")
+
+    def literals(self, values: list, at: str) -> Lit:
+        texts = tuple(dict.fromkeys(_text(v) for v in values))
+        self.spend("enum and const values", len(values), at)
+        self.spend("bytes of property names and values", sum(map(len, texts)), at)
+        return Lit(texts)
+
+    def _compile(self, schema: Any, at: str) -> Node:
         if not isinstance(schema, dict):
             raise InputError(f"option {at}: expected a JSON schema object, got {type(schema).__name__}")
         for name in schema:
@@ -166,12 +191,12 @@ class _Compiler:
         if "$ref" in schema:
             return self.ref(schema, at)
         if "const" in schema:
-            return Lit((_text(schema["const"]),))
+            return self.literals([schema["const"]], f"{at}.const")
         if "enum" in schema:
             values = schema["enum"]
             if not isinstance(values, list) or not values:
                 raise InputError(f"option {at}.enum: expected a non-empty list")
-            return Lit(tuple(dict.fromkeys(_text(v) for v in values)))
+            return self.literals(values, f"{at}.enum")
         if "anyOf" in schema:
             alts = schema["anyOf"]
             if not isinstance(alts, list) or not alts or set(schema) & {"type", "properties", "items"}:
@@ -219,6 +244,8 @@ class _Compiler:
             if unknown := sorted(set(required) - set(props)):
                 raise InputError(f"option {at}.required: {unknown[0]!r} is not one of the properties")
             keys = tuple(_text(k) for k in props)
+            self.spend("properties", len(keys), f"{at}.properties")
+            self.spend("bytes of property names and values", sum(map(len, keys)), f"{at}.properties")
             values = tuple(self.compile(s, f"{at}.properties.{k}") for k, s in props.items())
             return Obj(keys, values, tuple(k in required for k in props))
         if kind == "array":

@@ -6,6 +6,7 @@ is refused by name."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jsonschema
@@ -273,8 +274,20 @@ def test_refs_to_defs_are_followed_as_openais_client_writes_pydantic_models():
         ({"type": "object", "properties": {"a": {"type": "date"}}, "required": ["a"]}, r"properties\.a\.type"),
         ({"type": "object", "properties": {"a": {"enum": []}}, "required": ["a"]}, r"properties\.a\.enum"),
         ([1], "expected a JSON schema object"),
+        (
+            obj({"a": functools.reduce(lambda inner, _: {"type": "array", "items": inner}, range(40), {})}),
+            r"schema\.properties\.a(\.items)+: schemas nested more than 32 deep",
+        ),  # fmt: skip
+        (
+            obj({"a": {"enum": list(range(600))}, "b": {"enum": list(range(600))}}),
+            r"schema\.properties\.b\.enum: more than 1,000 enum and const values",
+        ),  # fmt: skip
+        (obj({str(i): {} for i in range(5001)}), "more than 5,000 properties"),
+        (obj({"a": {"const": "x" * 120_000}}), "more than 120,000 bytes of property names and values"),
     ],
 )
 def test_what_a_schema_cannot_hold_a_text_to_is_refused_by_name(schema, match):
+    """Keywords outside the subset, recursion, and schemas past the limits (OpenAI's on enum values,
+    properties and their bytes; nesting, which would otherwise be recursed into), each named."""
     with pytest.raises(InputError, match=match):
         compile_schema(schema)

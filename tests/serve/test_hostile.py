@@ -3,6 +3,7 @@ away, a clean end), the server stays up, and its batch is empty again afterwards
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import socket
@@ -129,6 +130,30 @@ CHAT_HOSTILE: list[tuple[str, bytes, int]] = [  # /v1/chat/completions (the serv
     ),
     ("a JSON schema of a string", chat(response_format=schema_format({"type": "string"})), 400),
     ("a JSON schema without a name", chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}), 400),
+    (
+        "a JSON schema nested 200 deep",
+        chat(
+            response_format=schema_format(
+                {
+                    "type": "object",
+                    "required": ["a"],
+                    "properties": {
+                        "a": functools.reduce(lambda inner, _: {"type": "array", "items": inner}, range(200), {})
+                    },
+                }
+            )
+        ),
+        400,
+    ),
+    (
+        "a JSON schema of 5,000 enum values",
+        chat(
+            response_format=schema_format(
+                {"type": "object", "required": ["a"], "properties": {"a": {"enum": list(range(5000))}}}
+            )
+        ),
+        400,
+    ),
     ("JSON mode in blt-d", chat(response_format={"type": "json_object"}, mode="blt-d"), 400),
     ("top_logprobs without logprobs", chat(top_logprobs=3), 400),
     ("max_tokens 0", chat(max_tokens=0), 400),
