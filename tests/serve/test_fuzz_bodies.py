@@ -1,0 +1,106 @@
+"""Request bodies drawn at random, each field valid, wrong or missing, for both endpoints: parsing
+either gives a request or a 4xx naming a field, and the engine's checks of what parsing passed
+raise fastblt's own errors (which the server turns into 400s naming the field), never anything
+else: no body reaches the server's 500 path. No server: the app's own parsing and checking."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import CHAT_STOP, CHAT_TEMPLATE
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastblt.errors import FastBltError
+from fastblt.formats.checkpoint import load_config, resolve_checkpoint_path
+from fastblt.runtime.options import make_request
+from fastblt.serve.api import ApiError, parse_body
+from fastblt.serve.chat import ChatTemplate, parse_chat_body
+
+MODEL = "fastblt-default"
+TEMPLATE = ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,))
+CONFIG = load_config(resolve_checkpoint_path("default"))
+
+anything = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+schemas = st.fixed_dictionaries(
+    {"type": st.sampled_from(["object", "string", ["object", "null"], "array"])},
+    optional={"properties": st.dictionaries(st.text(max_size=3), st.just({"type": "integer"}) | anything, max_size=3),
+              "required": st.lists(st.text(max_size=3), max_size=3), "additionalProperties": anything,
+              "pattern": st.text(max_size=3), "$ref": st.text(max_size=8)},
+)  # fmt: skip
+response_formats = st.one_of(
+    anything,
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])}),
+    st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries(
+        {"name": st.text(max_size=4) | anything}, optional={"schema": schemas | anything, "strict": anything})}),
+)  # fmt: skip
+FIELDS = {  # a plausible value, or anything at all
+    "max_tokens": st.integers(-3, 40),
+    "temperature": st.floats(-1, 3),
+    "top_p": st.floats(-0.5, 1.5),
+    "top_k": st.integers(-2, 300),
+    "seed": st.integers(-5, 2**64),
+    "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=6),
+    "n": st.integers(-1, 20),
+    "logprobs": st.integers(-1, 25) | st.booleans(),
+    "top_logprobs": st.integers(-1, 25),
+    "logit_bias": st.dictionaries(st.sampled_from(["0", "10", "255", "256", "a", "-1"]), st.floats(-200, 200)),
+    "presence_penalty": st.floats(-3, 3),
+    "frequency_penalty": st.floats(-3, 3),
+    "response_format": response_formats,
+    "mode": st.sampled_from(["ar", "blt-s", "blt-d", "blt-dv", "fast"]),
+    "k": st.integers(-1, 200),
+    "lookup": st.integers(-1, 40),
+    "alpha": st.floats(-1, 2),
+    "gamma": st.floats(-1, 5),
+    "unmask": st.sampled_from(["one-step", "confidence", "entropy", "x"]),
+    "block_start": st.sampled_from(["force", "patch", "x"]),
+    "stream": st.booleans(),
+    "echo": st.booleans(),
+    "best_of": st.integers(0, 25),
+    "user": st.text(max_size=4),
+}
+messages = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]) | anything},
+                          optional={"content": st.text(max_size=20) | anything, "name": anything}),
+    max_size=3,
+) | anything  # fmt: skip
+
+
+def body(data, chat: bool) -> bytes:
+    chosen = data.draw(st.sets(st.sampled_from(sorted(FIELDS)), max_size=8))
+    b = {name: data.draw(FIELDS[name] | anything if data.draw(st.booleans()) else FIELDS[name]) for name in chosen}
+    b["model"] = MODEL
+    if chat:
+        b["messages"] = data.draw(messages)
+    else:
+        b["prompt"] = data.draw(st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=3) | anything)
+    return json.dumps(b, allow_nan=False).encode() if _finite(b) else b"{}"
+
+
+def _finite(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except ValueError:
+        return False
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), st.booleans())
+def test_a_random_body_is_a_request_or_a_4xx_naming_a_field(data, chat):
+    raw = body(data, chat)
+    try:
+        comp = parse_chat_body(raw, MODEL, "blt-s", TEMPLATE) if chat else parse_body(raw, MODEL, "blt-s")
+    except ApiError as e:
+        assert 400 <= e.status < 500 and e.message, e.message
+        return
+    for prompt in comp.prompts:  # what the app's _request does with it
+        try:
+            make_request(prompt, CONFIG, max_bytes=max(comp.max_tokens or 1, 1), **comp.options)
+        except FastBltError as e:
+            assert str(e).startswith(("option", "mode", "prompt")), str(e)
