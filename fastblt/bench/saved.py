@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from fastblt.errors import InputError
+from fastblt.formats.files import read_text
 
 # What rendering reads from a saved record, checked before anything is written. A kind ending in
 # " or null" also accepts null. "targets" and "notes" are recomputed, so they are not read.
@@ -141,16 +142,7 @@ def check_result(result, label: str) -> None:
 def load_result(path: Path) -> dict:
     """A saved runtime_bench.json, read and checked whole; InputError (one line) naming the file."""
     label = f"--render {path}"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{label}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{label}: is a directory, expected a runtime_bench.json") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{label}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except OSError as e:
-        raise InputError(f"{label}: cannot read it ({e.strerror or e})") from None
+    text = read_text(path, label, "a runtime_bench.json")
     try:
         result = json.loads(text)
     except json.JSONDecodeError as e:

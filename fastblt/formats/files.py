@@ -64,6 +64,20 @@ def utf8_path(path: str | Path, what: str) -> Path:
     return path
 
 
+def read_text(path: Path, label: str, expected: str = "a text file") -> str:
+    """A UTF-8 file's text; InputError (one line, starting with `label`) when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{label}: is a directory, expected {expected}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{label}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise InputError(f"{label}: cannot read it ({e.strerror or e})") from None
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Readers, and an interrupted run, see the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

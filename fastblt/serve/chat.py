@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastblt.errors import InputError
+from fastblt.formats.files import read_text
 from fastblt.model.config import BYTE_OFFSET
 from fastblt.serve.api import (
     FASTBLT_FIELDS,
@@ -82,16 +83,8 @@ class ChatTemplate:
     @classmethod
     def load(cls, path: str | Path, stops: tuple[str, ...] = ()) -> ChatTemplate:
         """The template in file `path`; InputError naming the file when it cannot be read or parsed."""
-        path = Path(path)
-        try:
-            source = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InputError(f"chat template {path}: no such file") from None
-        except UnicodeDecodeError:
-            raise InputError(f"chat template {path}: not UTF-8 text") from None
-        except OSError as e:
-            raise InputError(f"chat template {path}: {e.strerror}") from None
-        return cls(source, f"chat template {path}", stops)
+        origin = f"chat template {path}"
+        return cls(read_text(Path(path), origin, "a Jinja file"), origin, stops)
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt for `messages`, ending where the assistant's next message starts. A template
