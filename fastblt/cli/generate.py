@@ -43,18 +43,11 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
 
 
 def read_schema(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--schema FILE: the JSON schema's text (whether fastblt can hold a text to it is the options'
-    to check, naming the place in it)."""
-    if value is None:
-        return None
-    try:
-        text = Path(value).read_text(encoding="utf-8")
-        json.loads(text)
-    except FileNotFoundError:
-        raise click.BadParameter(f"{value}: no such file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise click.BadParameter(f"{value}: not a JSON file ({e})") from None
-    return text
+    """--schema FILE: the JSON schema's text (whether it is JSON, and one fastblt can hold a text
+    to, is the options' to check, naming the place in it)."""
+    from fastblt.formats.files import read_text
+
+    return None if value is None else read_text(Path(value), f"--schema {value}", "a JSON schema file")
 
 
 def parse_bias(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[int, float]]:

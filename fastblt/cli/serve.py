@@ -18,8 +18,6 @@ from fastblt.engines.registry import BACKENDS
 from fastblt.runtime.options import MODES
 from fastblt.runtime.prompt_cache import DEFAULT_MB
 
-BYTES_PER_PATCH = 4  # the default --max-context per patch of the global model's limit (code averages ~3.8)
-
 
 @click.command("serve")
 @click.option("--checkpoint", default="default", show_default=True, help="'default' or a checkpoint directory.")
@@ -129,6 +127,8 @@ def serve(
     path = resolve_checkpoint_path(checkpoint)
     name = model_name or f"fastblt-{'default' if checkpoint == 'default' else path.name}"
     if max_context is None:  # a request that cannot fit is refused before it runs, not past 16 KB of work
+        from fastblt.serve.api import BYTES_PER_PATCH
+
         max_context = BYTES_PER_PATCH * load_config(path).global_model.max_positions
     template = None
     if chat_template is not None:  # read and parsed now: a bad file stops the command before any loading

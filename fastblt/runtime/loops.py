@@ -187,7 +187,7 @@ def accept(run: Run, drafts: list[int], q: np.ndarray | None, logits: np.ndarray
         for d in drafts:  # a draft the grammar refuses is refused at its row; rows after it go unread
             g = grammar.advance(g, [d]) or g
             masks.append(grammar.mask(g))
-        rows = np.stack(masks[: len(logits)]) + (0 if rows is None else rows)
+        rows = np.stack(masks) + (0 if rows is None else rows)  # a row per position verified
     if run.params.greedy:
         return greedy_accept(drafts, steer(logits, run.params, rows))
     return speculative_accept(drafts, q, probs_from_logits(logits, run.params, rows), run.gen)

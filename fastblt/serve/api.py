@@ -19,6 +19,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ MAX_N = 16  # choices per prompt: each is a request of its own in the batch (gre
 MAX_CHOICES = 64  # choices per request, over all its prompts (best_of: candidates)
 MAX_BEST_OF = 20  # OpenAI's limit
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+BYTES_PER_PATCH = 4  # bytes a request may hold per patch of the global model's limit (code averages ~3.8)
 # OpenAI fields fastblt accepts only at their neutral value (what "not asked for" means)
 # (null is the default OpenAI's clients send for every one of them)
 NEUTRAL = {"suffix": (None, "")}
@@ -400,6 +402,19 @@ def token(i: int) -> str:
     return chr(b) if b < 0x80 else f"bytes:\\x{b:02x}"
 
 
+def in_text(ids: list[int], logprobs: list[float], top: list[dict[int, float]],
+            n_bytes: int | None = None) -> Iterator[tuple[int, float, dict[int, float]]]:  # fmt: skip
+    """(id, log-probability, most likely ids) of `ids` up to `n_bytes` byte ids: ids past them (a
+    stop string's) are not in the text, so not in its logprobs either."""
+    taken = 0
+    for i, lp, best in zip(ids, logprobs, top, strict=True):
+        if i >= BYTE_OFFSET:
+            if taken == n_bytes:
+                return
+            taken += 1
+        yield i, lp, best
+
+
 class ByteScores:
     """OpenAI's completions `logprobs` object, built chunk by chunk for a streamed choice (or at
     once): `tokens`, `token_logprobs`, `top_logprobs` (the most likely ids and the chosen one: up
@@ -412,19 +427,14 @@ class ByteScores:
 
     def add(self, ids: list[int], logprobs: list[float], top: list[dict[int, float]],
             n_bytes: int | None = None) -> dict:  # fmt: skip
-        """The entries of `ids`, up to `n_bytes` byte ids (ids past them, a stop string's, are not
-        in the text, so not here either)."""
+        """The entries of `ids`, up to `n_bytes` byte ids (`in_text`)."""
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        taken = 0
-        for i, lp, best in zip(ids, logprobs, top, strict=True):
-            if i >= BYTE_OFFSET and taken == n_bytes:
-                break
+        for i, lp, best in in_text(ids, logprobs, top, n_bytes):
             out["tokens"].append(token(i))
             out["token_logprobs"].append(lp)
             out["top_logprobs"].append({token(j): v for j, v in {**best, i: lp}.items()})
             if i >= BYTE_OFFSET:
                 self.chars += len(self.decoder.decode(bytes([i - BYTE_OFFSET])))
-                taken += 1
                 # a byte the decoder holds starts the character still to come; one it let go of is
                 # the last character out (a held byte that turned out invalid went out before it)
                 out["text_offset"].append(self.chars if self.decoder.getstate()[0] else self.chars - 1)

@@ -49,6 +49,7 @@ from fastblt.runtime.async_engine import AsyncEngine, TextStream
 from fastblt.runtime.generator import Generation
 from fastblt.runtime.stream import Scores
 from fastblt.serve.api import (
+    BYTES_PER_PATCH,
     ApiError,
     Completion,
     finish_reason,
@@ -335,8 +336,8 @@ def _request(eng: AsyncEngine, comp: Completion, prompt: str, p: int = 0):
     size = len(prompt.encode())
     which = f"{comp.prompt_field}[{p}]" if len(comp.prompts) > 1 else comp.prompt_field
     max_tokens = comp.max_tokens
-    if max_tokens is None:  # as much as fits: up to the limit, else the global model's positions at 4 bytes each
-        cap = limit if limit is not None else 4 * g.config.global_model.max_positions
+    if max_tokens is None:  # as much as fits: up to the limit, else the serve CLI's default limit
+        cap = limit if limit is not None else BYTES_PER_PATCH * g.config.global_model.max_positions
         room = cap - size
         if room < 1:
             raise ApiError(400, f"{which}: {size} bytes leave no room under this server's limit of {cap} bytes "

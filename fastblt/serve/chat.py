@@ -33,6 +33,7 @@ from fastblt.serve.api import (
     completion_body,
     decode_options,
     get_field,
+    in_text,
     json_kind,
     load_json,
     stream_fields,
@@ -232,12 +233,9 @@ class ChatScores:
 
     def add(self, ids: list[int], logprobs: list[float], top: list[dict[int, float]],
             n_bytes: int | None = None) -> dict:  # fmt: skip
-        """The entries of `ids`, up to `n_bytes` byte ids (a stop string's are not in the text)."""
-        content, taken = [], 0
-        for i, lp, best in zip(ids, logprobs, top, strict=True):
-            if i >= BYTE_OFFSET and taken == n_bytes:
-                break
-            taken += i >= BYTE_OFFSET
+        """The entries of `ids`, up to `n_bytes` byte ids (`in_text`)."""
+        content = []
+        for i, lp, best in in_text(ids, logprobs, top, n_bytes):
             entry = _entry(i, lp)
             entry["top_logprobs"] = [_entry(j, v) for j, v in best.items()]
             content.append(entry)
