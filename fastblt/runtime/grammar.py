@@ -4,24 +4,28 @@ JSON object (RFC 8259, in UTF-8), or of one that a JSON schema admits, as a mask
 A byte model reads text as it is written, so the grammar needs no alignment of tokens to text:
 each byte either continues a JSON text or does not, one step of a pushdown automaton over bytes
 (`step`). The stack holds the open containers (each with its schema and, in an object, the
-property reached); the rest of a state is what the automaton expects next (a value of some
-schema, a key, a colon, a comma or closing bracket, the rest of a string, number or literal).
-Strings are checked as UTF-8 (no overlong forms, no surrogates, nothing past U+10FFFF) and escapes
-as JSON's. The text starts with "{"; runs of whitespace between tokens are cut at MAX_WS bytes, so
-a model that likes spaces cannot spend its bytes on them; once the object closes, only EOS may
-follow.
+property reached, in an array the elements so far); the rest of a path is what the automaton
+expects next (a value of some schema, a key, a colon, a comma or closing bracket, the rest of a
+string, number or literal). Where an anyOf's alternatives start alike, a text is read along each
+at once: a state is its live paths, a byte keeps those that can take it, and a schema that could
+keep more than MAX_PATHS live is refused when compiled. Strings are checked as UTF-8 (no overlong
+forms, no surrogates, nothing past U+10FFFF) and escapes as JSON's. The text starts with "{" (or
+the first byte of another root, `begin`); runs of whitespace between tokens are cut at MAX_WS
+bytes, so a model that likes spaces cannot spend its bytes on them; once the root closes, only
+EOS may follow.
 
 A schema (`compile_schema`) is OpenAI's strict subset of JSON Schema, with optional properties:
 `type` (one or a list), `properties` (written in their order, as OpenAI's structured outputs
-write them; those not `required` may be left out) and no others, `items`, `enum`, `const`,
-`anyOf` of schemas a value's first byte tells apart, `$ref`s to the root's `$defs` (not
-recursive); annotations (`description`, `title`, ...) are ignored and any other keyword is
-refused, so what the grammar lets through is what the schema admits. Without a schema, any
-object.
+write them; those not `required` may be left out) and no others, `items`, `minItems`,
+`maxItems`, `enum`, `const`, `anyOf`, `$ref`s to the root's `$defs` (not recursive); annotations
+(`description`, `title`, ...) are ignored and any other keyword is refused, so what the grammar
+lets through is what the schema admits. Without a schema, any object. Other grammars (a list of
+tool calls) are built of the nodes and `union`.
 
-Which ids a state allows depends only on what it expects next and the innermost container, not
-on the rest of the stack, so masks are computed once per such key (`mask`) and shared. A mask is
-what the sampler takes off the logits (sampling.steer): 0 for an allowed id, +inf for the rest.
+Which ids a path allows depends only on what it expects next and the innermost container, not
+on the rest of the stack, so masks are computed once per such key (`mask`) and shared; a state of
+several paths allows what any of them does. A mask is what the sampler takes off the logits
+(sampling.steer): 0 for an allowed id, +inf for the rest.
 """
 
 from __future__ import annotations
@@ -52,9 +56,11 @@ COMPLETE_NUMBERS = frozenset(("zero", "int", "frac", "exp"))  # number phases a 
 # ------------------------------------------------------------------------ schemas
 class Node:
     """A compiled schema: what one value may be. Compared and hashed by identity (masks are cached
-    by it); `first` is the bytes a value of it may start with."""
+    by it); `first` is the bytes a value of it may start with, `width` the most paths (below) a
+    value of it may keep live at once."""
 
     first: frozenset[int] = frozenset()
+    width = 1
 
 
 class Obj(Node):
@@ -67,6 +73,7 @@ class Obj(Node):
                  required: tuple[bool, ...] | None = None):  # fmt: skip
         self.keys, self.values = keys, values
         self.required = required if required is not None else (True,) * len(values)
+        self.width = max((v.width for v in values), default=1)  # one value is read at a time
 
     def candidates(self, i: int) -> tuple[tuple[bytes, int], ...]:
         """(key text after its opening quote, index) of the keys that may come next from key i on:
@@ -84,10 +91,16 @@ class Obj(Node):
 
 
 class Arr(Node):
+    """An array of values of `items` (None: any value), min_items to max_items of them (None: no
+    most). Its stack frame counts the elements before the current one up to `cap`, past which
+    counts allow the same bytes (so a plain array's masks are one set, whatever its length)."""
+
     first = frozenset(b"[")
 
-    def __init__(self, items: Node | None = None):
-        self.items = items  # None: any value
+    def __init__(self, items: Node | None = None, min_items: int = 0, max_items: int | None = None):
+        self.items, self.min_items, self.max_items = items, min_items, max_items
+        self.cap = max(min_items, max_items or 0)
+        self.width = items.width if items is not None else 1
 
 
 class Str(Node):
@@ -109,18 +122,57 @@ class Lit(Node):
 
 
 class Union(Node):
-    """One of these schemas, told apart by a value's first byte."""
+    """One of these schemas: a value is read along each alternative its first byte admits
+    (`by_byte`), so the paths of alternatives that start alike add up in `width`."""
 
     def __init__(self, alts: tuple[Node, ...]):
         self.alts, self.first = alts, frozenset().union(*(a.first for a in alts))
+        self.by_byte = {b: tuple(a for a in alts if b in a.first) for b in self.first}
+        self.width = max((sum(a.width for a in same) for same in self.by_byte.values()), default=1)
 
 
 ANY = Union((Obj(), Arr(), Str(), Num(), Lit((b"true", b"false", b"null"))))
 JSON_OBJECT = ANY.alts[0]
+# paths live at once, at most: each costs a step a byte (~1 us of Python), so 32 keep the worst
+# byte near 30 us, a few percent of a model's, and still hold anyOfs of dozens of alike objects
+MAX_PATHS = 32
+
+
+def union(alts: list[Node], at: str) -> Node:
+    """One of the schemas `alts` (nested unions' alternatives among them, duplicates merged; a
+    single one is itself); InputError at `at` when more than MAX_PATHS paths could be live at once
+    (every Obj and Arr is as wide as its widest value, so a root built of unions from here is
+    within it)."""
+    flat = _alternatives(alts)
+    if len(flat) == 1:
+        return flat[0]
+    node = Union(tuple(flat))
+    if node.width > MAX_PATHS:
+        raise InputError(f"option {at}: alternatives that start alike keep up to {node.width} readings of a text "
+                         f"open at once, more than {MAX_PATHS}")  # fmt: skip
+    return node
+
+
+def _alternatives(alts: list[Node]) -> list[Node]:
+    """The alternatives of `alts` with nested unions flattened and the cheap duplicates merged:
+    a node once, one Str, one Num (a number admits every integer), one Lit of all the texts."""
+    flat: list[Node] = []
+    for a in alts:
+        flat.extend(_alternatives(list(a.alts)) if isinstance(a, Union) else [a])
+    lits = [a for a in flat if isinstance(a, Lit)]
+    one = {Str: next((a for a in flat if isinstance(a, Str)), None),
+           Num: min((a for a in flat if isinstance(a, Num)), key=lambda a: a.integer, default=None),
+           Lit: lits[0] if len(lits) == 1 else Lit(tuple(dict.fromkeys(t for a in lits for t in a.texts)))}  # fmt: skip
+    out: dict = {}
+    for a in flat:
+        kind = type(a) if type(a) in one else id(a)
+        out.setdefault(kind, one.get(kind, a))
+    return list(out.values())
+
 
 ANNOTATIONS = frozenset(("description", "title", "$schema", "$id", "$comment", "examples", "default"))
-KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf",
-                      "$ref", "$defs", "definitions"))  # fmt: skip
+KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+                      "enum", "const", "anyOf", "$ref", "$defs", "definitions"))  # fmt: skip
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 MAX_DEPTH = 32  # schemas nested in a schema: deeper is refused rather than recursed into
 # OpenAI's limits on a structured-outputs schema, which also bound the grammar's work per byte
@@ -188,6 +240,10 @@ class _Compiler:
             if name not in KEYWORDS and name not in ANNOTATIONS:
                 known = ", ".join(sorted(KEYWORDS))
                 raise InputError(f"option {at}.{name}: not supported (fastblt holds a text to {known})")
+        if bound := next((k for k in ("minItems", "maxItems") if k in schema), None):
+            kind = schema.get("type")
+            if "array" not in (kind if isinstance(kind, list) else [kind]) or {"$ref", "const", "enum"} & set(schema):
+                raise InputError(f'option {at}.{bound}: only beside "type": "array" (and no enum, const or $ref)')
         if "$ref" in schema:
             return self.ref(schema, at)
         if "const" in schema:
@@ -201,16 +257,14 @@ class _Compiler:
             alts = schema["anyOf"]
             if not isinstance(alts, list) or not alts or set(schema) & {"type", "properties", "items"}:
                 raise InputError(f"option {at}.anyOf: expected a non-empty list of schemas, alone")
-            return _union([self.compile(s, f"{at}.anyOf[{i}]") for i, s in enumerate(alts)], f"{at}.anyOf")
+            return union([self.compile(s, f"{at}.anyOf[{i}]") for i, s in enumerate(alts)], f"{at}.anyOf")
         kind = schema.get("type", "object" if "properties" in schema else None)
         if kind is None:
             return ANY
         kinds = kind if isinstance(kind, list) else [kind]
         if not kinds or not all(isinstance(k, str) and k in TYPES for k in kinds):
             raise InputError(f"option {at}.type: expected one of {', '.join(TYPES)} or a list of them, got {kind!r}")
-        if "number" in kinds and "integer" in kinds:  # an integer is a number
-            kinds = [k for k in kinds if k != "integer"]
-        return _union([self.typed(k, schema, at) for k in dict.fromkeys(kinds)], f"{at}.type")
+        return union([self.typed(k, schema, at) for k in dict.fromkeys(kinds)], f"{at}.type")
 
     def ref(self, schema: dict, at: str) -> Node:
         ref = schema["$ref"]
@@ -249,7 +303,8 @@ class _Compiler:
             values = tuple(self.compile(s, f"{at}.properties.{k}") for k, s in props.items())
             return Obj(keys, values, tuple(k in required for k in props))
         if kind == "array":
-            return Arr(None if schema.get("items") is None else self.compile(schema["items"], f"{at}.items"))
+            items = None if schema.get("items") is None else self.compile(schema["items"], f"{at}.items")
+            return Arr(items, *_item_counts(schema, at))
         if kind == "string":
             return Str()
         if kind in ("number", "integer"):
@@ -257,16 +312,15 @@ class _Compiler:
         return Lit((b"true", b"false")) if kind == "boolean" else Lit((b"null",))
 
 
-def _union(alts: list[Node], at: str) -> Node:
-    if len(alts) == 1:
-        return alts[0]
-    seen: set[int] = set()
-    for a in alts:
-        if seen & a.first:
-            raise InputError(f"option {at}: alternatives whose values can start alike (fastblt tells them apart by "
-                             "their first byte: object, array, string, number, true/false, null)")  # fmt: skip
-        seen |= a.first
-    return Union(tuple(alts))
+def _item_counts(schema: dict, at: str) -> tuple[int, int | None]:
+    """An array schema's minItems and maxItems: counts, the first no more than the second."""
+    least, most = schema.get("minItems", 0), schema.get("maxItems")
+    for name, n in (("minItems", least), ("maxItems", most)):
+        if (n is not None or name == "minItems") and (type(n) is not int or n < 0):
+            raise InputError(f"option {at}.{name}: expected a non-negative integer, got {n!r}")
+    if most is not None and most < least:
+        raise InputError(f"option {at}.maxItems: {most} is less than minItems ({least})")
+    return least, most
 
 
 def _text(value: Any) -> bytes:
@@ -274,43 +328,70 @@ def _text(value: Any) -> bytes:
 
 
 # ------------------------------------------------------------------------ the automaton
-# a state: (open containers, innermost last, each (its schema, in an object the property
-# reached); what it expects; its detail; whitespace bytes in a row)
-State = tuple[tuple, int, Any, int]
+# a path: one deterministic reading of the text so far, (open containers, innermost last, each (its
+# schema, in an object the property reached, in an array the elements before this one up to its
+# cap); what it expects; its detail; whitespace bytes in a row). A state: the live paths, no two
+# alike, in the order they were found (one, unless an anyOf's alternatives start alike).
+Path = tuple[tuple, int, Any, int]
+State = tuple[Path, ...]
+_DONE: Path = ((), DONE, None, 0)
 
 
-def begin(root: Obj = JSON_OBJECT) -> State:
-    """The state before the first byte of a text of schema `root` (any object by default)."""
-    return ((), START, root, 0)
+def begin(root: Node = JSON_OBJECT) -> State:
+    """The state before the first byte of a text of schema `root` (any object by default; an array
+    root's text starts with "[" and closes with its "]")."""
+    return (((), START, root, 0),)
 
 
 BEGIN = begin()
 
 
 def step(s: State, b: int) -> State | None:
-    """The state after byte b (0-255), or None when b cannot come next."""
-    stack, mode, sub, ws = s
+    """The state after byte b (0-255): every path that can take b, taken; None when none can."""
+    if len(s) == 1:
+        return _step(s[0], b) or None
+    return tuple(dict.fromkeys(q for p in s for q in _step(p, b))) or None
+
+
+def done(s: State) -> bool:
+    """Whether the text is whole in state s: EOS may come next."""
+    return any(_ends(p) for p in s)
+
+
+def _ends(p: Path) -> bool:
+    """Whether the text may end on path p: its root value closed, or a number or literal at the
+    root that may end here (its next byte could still continue it)."""
+    stack, mode, sub, _ = p
+    if mode == DONE:
+        return True
+    return not stack and (mode == NUMBER and sub[0] in COMPLETE_NUMBERS or mode == LITERAL and b"" in sub)
+
+
+def _step(p: Path, b: int) -> tuple[Path, ...]:
+    """The paths after byte b on path p: none when b cannot come next, several where a union's
+    alternatives that start alike each take it."""
+    stack, mode, sub, ws = p
     if mode == STRING:
-        return _string(s, b)
+        return _string(p, b)
     if mode == NUMBER:
         phase, integer = sub
         nxt = _number(phase, integer, b)
         if nxt is not None:
-            return (stack, NUMBER, (nxt, integer), 0)
-        return step((stack, AFTER, None, 0), b) if phase in COMPLETE_NUMBERS else None  # b ends the number
+            return ((stack, NUMBER, (nxt, integer), 0),)
+        return _step(_after(stack), b) if phase in COMPLETE_NUMBERS else ()  # b ends the number
     if mode == LITERAL:
         rests = tuple(sorted({r[1:] for r in sub if r and r[0] == b}))
         if rests:
-            return _literal(stack, rests)
-        return step((stack, AFTER, None, 0), b) if b"" in sub else None  # b ends a literal that may end
+            return (_literal(stack, rests),)
+        return _step(_after(stack), b) if b"" in sub else ()  # b ends a literal that may end
     if mode == KEY_TEXT:  # sub: (the rest of a key's text, its index) of the keys it may still be
         rests = tuple((r[1:], j) for r, j in sub if r[0] == b)
-        done = next((j for r, j in rests if not r), None)  # a key's text ends with its quote: one at most
-        if done is not None:
-            return (stack[:-1] + ((stack[-1][0], done),), COLON, None, 0)
-        return (stack, KEY_TEXT, rests, 0) if rests else None
-    if b in WHITESPACE:  # between tokens: not before the object, nor after it
-        return (stack, mode, sub, ws + 1) if mode in BETWEEN_TOKENS and ws < MAX_WS else None
+        ended = next((j for r, j in rests if not r), None)  # a key's text ends with its quote: one at most
+        if ended is not None:
+            return ((stack[:-1] + ((stack[-1][0], ended),), COLON, None, 0),)
+        return ((stack, KEY_TEXT, rests, 0),) if rests else ()
+    if b in WHITESPACE:  # between tokens: not before the root value, nor after it
+        return ((stack, mode, sub, ws + 1),) if mode in BETWEEN_TOKENS and ws < MAX_WS else ()
     if mode == START:
         return _value((), False, sub, b)
     if mode == VALUE:
@@ -320,60 +401,81 @@ def step(s: State, b: int) -> State | None:
         obj, i = stack[-1]
         if obj.keys is None:
             if b == ord('"'):
-                return (stack, STRING, (True, "n", 0, 0, 0), 0)
-            return _close(stack) if b == ord("}") and sub else None
+                return ((stack, STRING, (True, "n", 0, 0, 0), 0),)
+            return (_close(stack),) if b == ord("}") and sub else ()
         if b == ord('"'):
             keys = obj.candidates(i)
-            return (stack, KEY_TEXT, keys, 0) if keys else None
-        return _close(stack) if b == ord("}") and sub and obj.may_close(i) else None
+            return ((stack, KEY_TEXT, keys, 0),) if keys else ()
+        return (_close(stack),) if b == ord("}") and sub and obj.may_close(i) else ()
     if mode == COLON:
         if b != ord(":"):
-            return None
+            return ()
         obj, i = stack[-1]
-        return (stack, VALUE, (False, ANY if obj.keys is None else obj.values[i]), 0)
+        return ((stack, VALUE, (False, ANY if obj.keys is None else obj.values[i]), 0),)
     if mode == AFTER:
         node, i = stack[-1]
         if isinstance(node, Arr):
-            if b == ord(","):
-                return (stack, VALUE, (False, node.items or ANY), 0)
-            return _close(stack) if b == ord("]") else None
+            return _after_item(stack, node, i, b)
         if node.keys is None:
             if b == ord(","):
-                return (stack, KEY, False, 0)
-            return _close(stack) if b == ord("}") else None
+                return ((stack, KEY, False, 0),)
+            return (_close(stack),) if b == ord("}") else ()
         if b == ord(",") and i + 1 < len(node.keys):
-            return (stack[:-1] + ((node, i + 1),), KEY, False, 0)
-        return _close(stack) if b == ord("}") and node.may_close(i + 1) else None
-    return None
+            return ((stack[:-1] + ((node, i + 1),), KEY, False, 0),)
+        return (_close(stack),) if b == ord("}") and node.may_close(i + 1) else ()
+    return ()
 
 
-def _value(stack: tuple, first: bool, node: Node, b: int) -> State | None:
-    """A value of schema `node` starting with b (`first`: right after "[", where "]" closes an
-    empty array)."""
-    if b == ord("]") and first:
-        return _close(stack)
+def _after_item(stack: tuple, arr: Arr, i: int, b: int) -> tuple[Path, ...]:
+    """After an array's element (i before it, capped): "," while it may have more, "]" once it has
+    enough."""
+    n = i + 1  # elements so far (or more, past the cap, where the answer is the same; never past max_items)
+    if b == ord(","):
+        if n == arr.max_items:
+            return ()
+        return ((stack[:-1] + ((arr, n),) if n <= arr.cap else stack, VALUE, (False, arr.items or ANY), 0),)
+    return (_close(stack),) if b == ord("]") and n >= arr.min_items else ()
+
+
+def _value(stack: tuple, first: bool, node: Node, b: int) -> tuple[Path, ...]:
+    """The paths of a value of schema `node` starting with b: one for each alternative of a union
+    that b may start (`first`: right after "[", where "]" may close an empty array)."""
+    if first:
+        arr = stack[-1][0]
+        if b == ord("]"):
+            return (_close(stack),) if arr.min_items == 0 else ()
+        if arr.max_items == 0:
+            return ()
+    if b not in node.first:
+        return ()
     if isinstance(node, Union):
-        node = next((a for a in node.alts if b in a.first), None)
-    if node is None or b not in node.first:
-        return None
+        alts = node.by_byte[b]
+        if len(alts) == 1:
+            return _value(stack, False, alts[0], b)
+        return tuple(dict.fromkeys(p for a in alts for p in _value(stack, False, a, b)))
     if isinstance(node, Obj):
-        return (stack + ((node, 0),), KEY, True, 0)
+        return ((stack + ((node, 0),), KEY, True, 0),)
     if isinstance(node, Arr):
-        return (stack + ((node, 0),), VALUE, (True, node.items or ANY), 0)
+        return ((stack + ((node, 0),), VALUE, (True, node.items or ANY), 0),)
     if isinstance(node, Str):
-        return (stack, STRING, (False, "n", 0, 0, 0), 0)
+        return ((stack, STRING, (False, "n", 0, 0, 0), 0),)
     if isinstance(node, Num):
-        return (stack, NUMBER, ("minus" if b == ord("-") else "zero" if b == ord("0") else "int", node.integer), 0)
-    return _literal(stack, tuple(sorted({t[1:] for t in node.texts if t[0] == b})))  # type: ignore[attr-defined]
+        return ((stack, NUMBER, ("minus" if b == ord("-") else "zero" if b == ord("0") else "int", node.integer), 0),)
+    return (_literal(stack, tuple(sorted({t[1:] for t in node.texts if t[0] == b}))),)  # type: ignore[attr-defined]
 
 
-def _literal(stack: tuple, rests: tuple[bytes, ...]) -> State:
-    return (stack, AFTER, None, 0) if rests == (b"",) else (stack, LITERAL, rests, 0)
+def _literal(stack: tuple, rests: tuple[bytes, ...]) -> Path:
+    return _after(stack) if rests == (b"",) else (stack, LITERAL, rests, 0)
 
 
-def _close(stack: tuple) -> State:
+def _close(stack: tuple) -> Path:
     stack = stack[:-1]
-    return (stack, AFTER, None, 0) if stack else ((), DONE, None, 0)
+    return (stack, AFTER, None, 0) if stack else _DONE
+
+
+def _after(stack: tuple) -> Path:
+    """Right after a value: a comma or closing bracket of its container, or the end at the root."""
+    return (stack, AFTER, None, 0) if stack else _DONE
 
 
 def _number(phase: str, integer: bool, b: int) -> str | None:
@@ -409,61 +511,79 @@ _LEADS = {
 }
 
 
-def _string(s: State, b: int) -> State | None:
+def _string(p: Path, b: int) -> tuple[Path, ...]:
     """Inside a string: sub is (a key's, "n" plain / "e" after a backslash / "x" hex digits to come
     / "c" UTF-8 continuation bytes to come, how many, the next byte's range)."""
-    stack, _, sub, _ = s
+    stack, _, sub, _ = p
     key, kind, n, lo, hi = sub
     if kind == "n":
         if b == ord('"'):
-            return (stack, COLON, None, 0) if key else (stack, AFTER, None, 0)
+            return ((stack, COLON, None, 0),) if key else (_after(stack),)
         if b == ord("\\"):
-            return (stack, STRING, (key, "e", 0, 0, 0), 0)
+            return ((stack, STRING, (key, "e", 0, 0, 0), 0),)
         if 0x20 <= b < 0x80:
-            return s
+            return (p,)
         if b in _LEADS:
-            return (stack, STRING, (key, "c", *_LEADS[b]), 0)
-        return None  # a control character, or not a UTF-8 lead byte
+            return ((stack, STRING, (key, "c", *_LEADS[b]), 0),)
+        return ()  # a control character, or not a UTF-8 lead byte
     if kind == "e":
         if b in ESCAPES:
-            return (stack, STRING, (key, "n", 0, 0, 0), 0)
-        return (stack, STRING, (key, "x", 4, 0, 0), 0) if b == ord("u") else None
+            return ((stack, STRING, (key, "n", 0, 0, 0), 0),)
+        return ((stack, STRING, (key, "x", 4, 0, 0), 0),) if b == ord("u") else ()
     if kind == "x":
         if b not in HEX:
-            return None
-        return (stack, STRING, (key, "x", n - 1, 0, 0) if n > 1 else (key, "n", 0, 0, 0), 0)
+            return ()
+        return ((stack, STRING, (key, "x", n - 1, 0, 0) if n > 1 else (key, "n", 0, 0, 0), 0),)
     if not lo <= b <= hi:
-        return None
-    return (stack, STRING, (key, "c", n - 1, 0x80, 0xBF) if n > 1 else (key, "n", 0, 0, 0), 0)
+        return ()
+    return ((stack, STRING, (key, "c", n - 1, 0x80, 0xBF) if n > 1 else (key, "n", 0, 0, 0), 0),)
 
 
 def advance(s: State, ids: list[int]) -> State | None:
-    """The state after generated ids (an EOS once the object closed changes nothing), or None
-    when one cannot come next."""
+    """The state after generated ids (EOS once the text is whole closes it, and changes nothing
+    after), or None when one cannot come next."""
     for t in ids:
-        if s[1] == DONE and t == EOS_ID:
+        if t == EOS_ID:
+            if not done(s):
+                return None
+            s = (_DONE,)
             continue
-        nxt = step(s, t - BYTE_OFFSET) if t >= BYTE_OFFSET else None
-        if nxt is None:
+        if t < BYTE_OFFSET:
             return None
-        s = nxt
+        s = _step(s[0], t - BYTE_OFFSET) if len(s) == 1 else step(s, t - BYTE_OFFSET)  # `step`, a call less a byte
+        if not s:
+            return None
     return s
 
 
 def mask(s: State) -> np.ndarray:
     """What to take off each id's logit in state s (VOCAB_SIZE,) float32: 0 for the ids allowed
-    next, +inf for the rest (EOS only once the object closed). Shared and read-only."""
-    return _mask(s[1], s[2], s[3] >= MAX_WS, s[0][-1:])
+    next on any of its paths, +inf for the rest (EOS only once the text is whole). Shared and
+    read-only."""
+    if len(s) == 1:
+        p = s[0]
+        return _mask(p[1], p[2], p[3] >= MAX_WS, p[0][-1:])
+    keys = tuple(dict.fromkeys((p[1], p[2], p[3] >= MAX_WS, p[0][-1:]) for p in s))
+    return _mask(*keys[0]) if len(keys) == 1 else _joined_mask(keys)
 
 
 @lru_cache(maxsize=8192)
 def _mask(mode: int, sub: Any, ws_full: bool, top: tuple) -> np.ndarray:
-    s = (top, mode, sub, MAX_WS if ws_full else 0)
+    """The mask of one path, by what it expects and its innermost container."""
+    p = (top, mode, sub, MAX_WS if ws_full else 0)
     out = np.full(VOCAB_SIZE, np.inf, dtype=np.float32)
     for b in range(256):
-        if step(s, b) is not None:
+        if _step(p, b):
             out[BYTE_OFFSET + b] = 0.0
-    if mode == DONE:
+    if _ends(p):
         out[EOS_ID] = 0.0
+    out.flags.writeable = False
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _joined_mask(keys: tuple) -> np.ndarray:
+    """The mask of several paths (by their `_mask` keys): an id any of them allows is allowed."""
+    out = np.minimum.reduce([_mask(*k) for k in keys])
     out.flags.writeable = False
     return out

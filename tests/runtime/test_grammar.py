@@ -1,8 +1,8 @@
 """JSON mode's grammar over bytes: every JSON object (as json.dumps writes it, in every style) is
 accepted byte by byte and ends closed; whatever it accepts as closed, json.loads reads as an
 object; masks are the bytes one step allows, whatever the rest of the stack. Under a schema, what
-it admits is accepted and what is accepted validates (jsonschema); what it cannot hold a text to
-is refused by name."""
+it admits is accepted and what is accepted validates (jsonschema), anyOf alternatives that start
+alike read side by side; what it cannot hold a text to is refused by name."""
 
 from __future__ import annotations
 
@@ -17,7 +17,23 @@ from hypothesis import strategies as st
 
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID
-from fastblt.runtime.grammar import BEGIN, DONE, MAX_WS, advance, begin, compile_schema, mask, step
+from fastblt.runtime.grammar import (
+    BEGIN,
+    MAX_PATHS,
+    MAX_WS,
+    Arr,
+    Lit,
+    Num,
+    Obj,
+    Str,
+    advance,
+    begin,
+    compile_schema,
+    done,
+    mask,
+    step,
+    union,
+)
 
 leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
 values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
@@ -60,7 +76,7 @@ def test_every_json_object_is_accepted_byte_by_byte_and_ends_closed(obj, style):
     for b in data:
         states.append(step(states[-1], b))
         assert states[-1] is not None, (data, len(states))
-    assert states[-1][1] == DONE and all(s[1] != DONE for s in states[:-1])
+    assert done(states[-1]) and not any(map(done, states[:-1]))
     for s, b in zip(states, data, strict=False):  # what the mask allows is what step allows
         assert mask(s)[BYTE_OFFSET + b] == 0
     assert mask(states[-1])[EOS_ID] == 0 and np.isinf(np.delete(mask(states[-1]), EOS_ID)).all()
@@ -79,11 +95,11 @@ def test_what_it_accepts_as_closed_json_reads_as_an_object(obj, where, byte):
         loaded = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         loaded = None
-    if s is not None and s[1] == DONE:
+    if s is not None and done(s):
         assert isinstance(loaded, dict), data
     if isinstance(loaded, dict) and data.strip() == data and longest_whitespace(data) <= MAX_WS and b"NaN" not in data \
             and b"Infinity" not in data:  # fmt: skip
-        assert s is not None and s[1] == DONE, data
+        assert s is not None and done(s), data
 
 
 def test_bytes_that_break_json_are_refused():
@@ -92,9 +108,9 @@ def test_bytes_that_break_json_are_refused():
                  b'{"a":"\\u12g"}', b'{"\xc0\x80":1}', b'{"\xed\xa0\x80":1}', b'{"\xf4\x90\x80\x80":1}', b'{"\xff":1}',
                  b'{"a":"\xe2\x82"}'):  # fmt: skip
         s = run(data)
-        assert s is None or s[1] != DONE, data
+        assert s is None or not done(s), data
     for data in (b'{"a":"\xe2\x82\xac \xf0\x9f\x98\x80 \\u00e9 \\n"}', b'{"a":[[],{},-0.5e+3,true,null]}', b"{}"):
-        assert run(data)[1] == DONE, data
+        assert done(run(data)), data
 
 
 def test_whitespace_runs_are_cut_and_eos_comes_only_after_the_object():
@@ -111,7 +127,7 @@ def test_whitespace_runs_are_cut_and_eos_comes_only_after_the_object():
 def test_a_mask_reads_only_the_innermost_container():
     """Masks are shared between states that differ below the top of the stack."""
     deep, flat = run(b'{"a":[{"b":[1'), run(b'{"c":[1')
-    assert deep[0] != flat[0] and mask(deep) is mask(flat)
+    assert deep != flat and mask(deep) is mask(flat)
     assert not np.array_equal(mask(run(b'{"a":1')), mask(run(b'{"a":[1')))  # "}" vs "]"
 
 
@@ -128,13 +144,33 @@ leaf_schemas = (
                     + [{"type": ["string", "null"]}, {"type": ["integer", "boolean"]}, {}, {"type": "object"}])
     | st.lists(small_values, min_size=1, max_size=4).map(lambda v: {"enum": v, "description": "one of these"})
     | small_values.map(lambda v: {"const": v})
-    | st.just({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}}]})
+    | st.sampled_from([
+        {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}}]},
+        {"anyOf": [{"type": "string"}, {"enum": ["a", "ab", 1]}]},  # alternatives that start alike from here on
+        {"anyOf": [{"type": "integer"}, {"type": "number"}, {"const": 12}]},
+        {"anyOf": [{"anyOf": [{"type": "string"}, {"type": "number"}]}, {"type": "boolean"}]},
+    ])
 )  # fmt: skip
+
+
+def array(items: dict, least: int, more: int | None) -> dict:
+    """An array schema of `items`, minItems `least` (0: left out), maxItems `least + more` (None: left out)."""
+    bounds = {"minItems": least} if least else {}
+    return {"type": "array", "items": items, **bounds, **({} if more is None else {"maxItems": least + more})}
+
+
+def objects_of(inner: st.SearchStrategy) -> st.SearchStrategy:
+    return st.builds(obj, st.dictionaries(st.sampled_from(["a", "b", "ab"]) | st.text(max_size=3), inner, max_size=3),
+                     st.lists(st.booleans(), max_size=3))  # fmt: skip
+
+
 schemas = st.recursive(
     leaf_schemas,
     lambda inner: (
-        inner.map(lambda s: {"type": "array", "items": s})
-        | st.builds(obj, st.dictionaries(st.text(max_size=4), inner, max_size=3), st.lists(st.booleans(), max_size=3))
+        st.builds(array, inner, st.integers(0, 2), st.none() | st.integers(0, 2))
+        | objects_of(inner)
+        | st.lists(objects_of(inner), min_size=2, max_size=3).map(lambda alts: {"anyOf": alts})  # all start "{"
+        | st.lists(inner, min_size=2, max_size=3).map(lambda alts: {"anyOf": alts})
     ),
     max_leaves=8,
 )
@@ -169,7 +205,8 @@ def instances(schema: dict) -> st.SearchStrategy:
             lambda pv: {k: v for k, here, v in zip(keys, *pv, strict=True) if here}
         )
     if kind == "array":
-        return st.lists(instances(schema["items"]), max_size=3)
+        least = schema.get("minItems", 0)
+        return st.lists(instances(schema["items"]), min_size=least, max_size=schema.get("maxItems", least + 2))
     numbers = st.integers() | st.floats(allow_nan=False, allow_infinity=False)
     kinds = {"string": st.text(max_size=5), "integer": st.integers(), "boolean": st.booleans(), "null": st.none(),
              "number": numbers}  # fmt: skip
@@ -178,46 +215,60 @@ def instances(schema: dict) -> st.SearchStrategy:
 
 def follows(schema: dict, data: bytes):
     """The state after data under `schema`, or None where a byte is refused."""
-    return advance(begin(compile_schema(schema)), [b + BYTE_OFFSET for b in data])
+    return read(compile_schema(schema), data)
+
+
+def read(root, data: bytes):
+    """The state after data from the start of a value of node `root`, or None where a byte is refused."""
+    return advance(begin(root), [b + BYTE_OFFSET for b in data])
+
+
+def allowed(s) -> bytes:
+    """The bytes the mask allows in state s."""
+    return bytes((np.flatnonzero(mask(s)[BYTE_OFFSET:] == 0)).tolist())
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_what_a_schema_admits_is_accepted_and_what_is_accepted_it_admits(data):
     """A value the schema admits, written by json.dumps (compact or indented), is accepted byte by
-    byte and ends closed; the same text with one byte changed, if still accepted as closed,
-    validates against the schema (jsonschema)."""
+    byte, each byte one the mask allows, and ends closed; the same text with one byte changed, if
+    still accepted as closed, validates against the schema (jsonschema)."""
     schema = data.draw(root_schemas)
     value = data.draw(instances(schema))
     # keys and enum / const values in their one spelling (json.dumps's without \u escapes); strings free
     style = data.draw(st.sampled_from([{}, {"indent": 1}, {"separators": (",", ":")}]))
     text = json.dumps(value, ensure_ascii=False, **style).encode()
     if longest_whitespace(text) <= MAX_WS:
-        s = follows(schema, text)
-        assert s is not None and s[1] == DONE, (schema, text)
+        s = begin(compile_schema(schema))
+        for i, b in enumerate(text):
+            assert mask(s)[BYTE_OFFSET + b] == 0, (schema, text[: i + 1])
+            s = step(s, b)
+            assert s is not None, (schema, text[: i + 1])
+        assert done(s) and mask(s)[EOS_ID] == 0, (schema, text)
     changed = bytearray(text)
     changed[data.draw(st.integers(0, len(text) - 1))] = data.draw(st.integers(0, 255))
     s = follows(schema, bytes(changed))
-    if s is not None and s[1] == DONE:
+    if s is not None and done(s):
         jsonschema.validate(json.loads(bytes(changed).decode()), schema)
 
 
 def test_optional_properties_may_be_left_out_in_order():
     schema = obj({"a": {"type": "integer"}, "b": {"type": "integer"}, "c": {"type": "integer"}}, (True, False, True))
     for text in (b'{"b":1}', b'{"a":1,"b":2}', b'{"b":2,"c":3}', b'{"a":1,"b":2,"c":3}'):
-        assert follows(schema, text)[1] == DONE, text
+        assert done(follows(schema, text)), text
     for text in (b"{}", b'{"a":1}', b'{"c":3,"b":2}', b'{"b":2,"a":1}', b'{"a":1,}'):
         s = follows(schema, text)
-        assert s is None or s[1] != DONE, text
+        assert s is None or not done(s), text
     both = obj({"ab": {"type": "null"}, "a": {"type": "null"}}, (True, True))  # one key's text the start of another's
-    assert follows(both, b'{"a":null}')[1] == DONE and follows(both, b'{"ab":null,"a":null}')[1] == DONE
-    assert follows(both, b"{}")[1] == DONE and follows(both, b'{"a":null,"ab":null}') is None
+    assert done(follows(both, b'{"a":null}')) and done(follows(both, b'{"ab":null,"a":null}'))
+    assert done(follows(both, b"{}")) and follows(both, b'{"a":null,"ab":null}') is None
 
 
 def test_a_schema_holds_keys_order_types_and_values():
     schema = obj({"name": {"type": "string"}, "age": {"type": "integer"}, "kind": {"enum": ["a", "ab", 1, 12]},
                   "tags": {"type": "array", "items": {"type": "string"}}, "none": obj({})})  # fmt: skip
-    assert follows(schema, b'{"name":"x","age":-3,"kind":"ab","tags":["a"],"none":{}}')[1] == DONE
+    assert done(follows(schema, b'{"name":"x","age":-3,"kind":"ab","tags":["a"],"none":{}}'))
     for text in (b'{"age":3', b'{"name":"x","age":3.5', b'{"name":"x","age":3,"kind":"b"', b'{"name":1',
                  b'{"name":"x","age":3,"kind":1,"tags":[1]', b'{"name":"x","age":3,"kind":1,"tags":[],"none":{"a"',
                  b'{"name":"x","age":3,"kind":1,"tags":[],"none":{},'):  # fmt: skip
@@ -239,13 +290,82 @@ def test_refs_to_defs_are_followed_as_openais_client_writes_pydantic_models():
                              "home": {"$ref": "#/$defs/Address"},
                              "score": {"default": 1.0, "title": "Score", "type": "number"}}}  # fmt: skip
     text = b'{"name": "x", "kind": "b", "home": {"city": "y", "zip": null}, "score": 2.5}'
-    assert follows(person, text)[1] == DONE
+    assert done(follows(person, text))
     jsonschema.validate(json.loads(text), person)
     assert follows(person, b'{"name": "x", "kind": "b", "home": {"zip"') is None  # its own keys, in order
     twice = {**person, "properties": {**person["properties"], "work": {"$ref": "#/$defs/Address"}},
              "required": [*person["required"], "work"]}  # fmt: skip
     root = compile_schema(twice)
     assert root.values[2] is root.values[4]  # a definition is compiled once
+
+
+def test_a_nested_any_of_is_read_as_its_alternatives():
+    """An anyOf among an anyOf's alternatives (once an AttributeError at the value's first byte)."""
+    schema = obj({"a": {"anyOf": [{"anyOf": [{"type": "string"}, {"type": "number"}]}, {"type": "boolean"}]}})
+    for text in (b'{"a":1}', b'{"a":"x"}', b'{"a":true}'):
+        assert done(follows(schema, text)), text
+    assert follows(schema, b'{"a":n') is None
+
+
+def test_alternatives_that_start_alike_are_read_side_by_side():
+    """anyOf of objects that start alike: each one's texts are accepted, a text that mixes them is
+    refused at the first byte neither admits, and until then the mask allows what either does."""
+    point = obj({"x": {"type": "integer"}, "y": {"type": "integer"}})
+    named = obj({"x": {"type": "string"}, "name": {"type": "string"}}, (False, True))
+    schema = obj({"a": {"anyOf": [point, named]}})
+    for text in (b'{"a":{"x":1,"y":2}}', b'{"a":{"x":"s","name":"n"}}', b'{"a":{"x":"s"}}'):
+        assert done(follows(schema, text)), text
+    either = allowed(follows(schema, b'{"a":{"x":'))
+    assert set(b'"-0123456789') <= set(either) and b"t" not in either
+    for text, other in ((b'{"a":{"x":1,"', b"n"), (b'{"a":{"x":"s","', b"y")):  # a key of the other one's
+        assert follows(schema, text) is not None and follows(schema, text + other) is None, text
+    assert follows(schema, b'{"a":{"x":1}') is None  # point's y is required
+    same_start = obj({"a": {"anyOf": [obj({"id": {"type": "string"}, "n": {"type": "integer"}}),
+                                      obj({"id": {"type": "string"}, "b": {"type": "boolean"}})]}})  # fmt: skip
+    s = follows(same_start, b'{"a":{"id":"q",')
+    assert allowed(s) == b'\t\n\r "' and set(allowed(step(s, ord('"')))) == set(b"nb")
+    assert (
+        done(follows(same_start, b'{"a":{"id":"q","b":true}}')) and follows(same_start, b'{"a":{"id":"q","b":1') is None
+    )
+    assert not mask(s).flags.writeable
+
+
+def test_union_builds_a_grammar_of_tool_calls():
+    """A list of one or more calls, each a function's name and its arguments: an Arr root of a
+    union of objects that start alike, as the server builds it."""
+    f = Obj((b'"name"', b'"arguments"'), (Lit((b'"f"',)), compile_schema(obj({"q": {"type": "string"}}))))
+    g = Obj((b'"name"', b'"arguments"'), (Lit((b'"g"',)), compile_schema(obj({"n": {"type": "integer"}}))))
+    calls = Arr(union([f, g], "tools"), min_items=1)
+    assert allowed(begin(calls)) == b"["
+    for text in (
+        b'[{"name":"f","arguments":{"q":"x"}}]',
+        b'[{"name":"g","arguments":{"n":1}}, {"name":"f","arguments":{"q":""}}]',
+    ):
+        s = read(calls, text)
+        assert done(s) and advance(s, [EOS_ID]) is not None, text
+    for text in (b"[]", b'[{"name":"f","arguments":{"n"', b'[{"name":"h"', b"{"):
+        assert read(calls, text) is None, text
+    flat = union([union([f, g], "t"), Str(), Str()], "t")  # nested unions flattened, duplicates merged
+    assert union([f], "tools") is f and flat.alts[:2] == (f, g) and len(flat.alts) == 3
+    with pytest.raises(InputError, match=rf"option tools: .* up to {MAX_PATHS + 1} readings"):
+        union([Obj((b'"a"',), (Num(),)) for _ in range(MAX_PATHS + 1)], "tools")
+    assert done(read(Num(), b"12")) and advance(read(Lit((b"1", b"12")), b"1"), [EOS_ID]) is not None  # scalar roots
+
+
+def test_min_and_max_items_count_an_arrays_elements():
+    """An array closes only once minItems elements are in and takes a comma only while it has fewer
+    than maxItems; counts past what the bounds tell apart share their masks."""
+    schema = obj({"a": array({"type": "integer"}, 1, 1)})
+    for text in (b'{"a":[1]}', b'{"a":[1, 2]}'):
+        assert done(follows(schema, text)), text
+    assert b"]" not in allowed(follows(schema, b'{"a":[')) and b"," not in allowed(follows(schema, b'{"a":[1,2'))
+    assert follows(schema, b'{"a":[]') is None and follows(schema, b'{"a":[1,2,') is None
+    empty = obj({"a": array({}, 0, 0)})
+    assert follows(empty, b'{"a":[1') is None and done(follows(empty, b'{"a":[]}'))
+    plain, two = compile_schema(obj({"a": {"type": "array"}})), compile_schema(obj({"a": array({}, 2, None)}))
+    assert mask(read(plain, b'{"a":[1')) is mask(read(plain, b'{"a":[1,2,3,4'))
+    assert mask(read(two, b'{"a":[1,2,3')) is mask(read(two, b'{"a":[1,2,3,4,5'))
+    assert b"]" not in allowed(read(two, b'{"a":[1')) and b"]" in allowed(read(two, b'{"a":[1,2'))
 
 
 @pytest.mark.parametrize(
@@ -268,9 +388,18 @@ def test_refs_to_defs_are_followed_as_openais_client_writes_pydantic_models():
         ),
         ({"$defs": {"n": obj({})}, **obj({"a": {"$ref": "#/$defs/n", "type": "object"}})}, r"a\.\$ref: expected"),
         (
-            {"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, obj({})]}}, "required": ["a"]},
-            "can start alike",
-        ),  # fmt: skip
+            obj({"x": {"anyOf": [obj({f"p{i}": {"type": "string"}}) for i in range(MAX_PATHS + 1)]}}),
+            rf"schema\.properties\.x\.anyOf: alternatives that start alike keep up to {MAX_PATHS + 1} readings",
+        ),
+        (  # 2 objects, each with a value of 20 ways to read it: 40 at once
+            obj({"x": {"anyOf": [obj({"a": {"anyOf": [obj({str(i): {}}) for i in range(20)]}})] * 2}}),
+            r"schema\.properties\.x\.anyOf: .* up to 40 readings",
+        ),
+        (obj({"a": {"type": "array", "minItems": -1}}), r"schema\.properties\.a\.minItems: expected a non-negative"),
+        (obj({"a": {"type": "array", "maxItems": 1.5}}), r"schema\.properties\.a\.maxItems: expected a non-negative"),
+        (obj({"a": {"type": "array", "minItems": 2, "maxItems": 1}}), r"a\.maxItems: 1 is less than minItems \(2\)"),
+        (obj({"a": {"type": "string", "minItems": 1}}), r"a\.minItems: only beside \"type\": \"array\""),
+        (obj({"a": {"enum": [[1]], "maxItems": 0}}), r"a\.maxItems: only beside"),
         ({"type": "object", "properties": {"a": {"type": "date"}}, "required": ["a"]}, r"properties\.a\.type"),
         ({"type": "object", "properties": {"a": {"enum": []}}, "required": ["a"]}, r"properties\.a\.enum"),
         ([1], "expected a JSON schema object"),
