@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID
+from fastblt.runtime import grammar
 from fastblt.runtime.grammar import (
     BEGIN,
     MAX_PATHS,
@@ -129,6 +130,35 @@ def test_a_mask_reads_only_the_innermost_container():
     deep, flat = run(b'{"a":[{"b":[1'), run(b'{"c":[1')
     assert deep != flat and mask(deep) is mask(flat)
     assert not np.array_equal(mask(run(b'{"a":1')), mask(run(b'{"a":[1')))  # "}" vs "]"
+
+
+def test_masks_read_off_key_and_literal_texts_are_those_of_every_byte_tried():
+    """Inside a key's or a literal's text the mask is read off the texts still possible: it must
+    allow exactly the bytes a step takes (and EOS as a step would), along texts that walk keys,
+    enums, consts and alike alternatives, and one-byte changes of them."""
+    schema = obj({"kind": {"enum": ["a", "ab", "abc", 1, 12, True, None]}, "n": {"const": {"x": [1, "y"]}},
+                  "o": {"anyOf": [obj({"k": {"const": "p"}}), obj({"k": {"const": "q"}, "z": {}}, [False, True])]}},
+                 [False, False, True])  # fmt: skip
+    root = compile_schema(schema)
+    texts = [
+        b'{"kind": "ab", "n": {"x": [1, "y"]}, "o": {"k": "q", "z": null}}',
+        b'{"kind":1,"n":{"x":[1,"y"]}}',
+        b'{"kind": 12 ,"n":{"x":[1,"y"]}}',
+        b'{"kind": true, "n": {"x": [1, "y"]}, "o": {"k": "p"}}',
+    ]
+    seen = 0
+    for text in texts + [t[:i] + bytes([c]) + t[i + 1 :] for t in texts for i in range(len(t)) for c in b'a"7}']:
+        s = begin(root)
+        for b in text:
+            for path in s:
+                if path[1] in (grammar.KEY_TEXT, grammar.LITERAL):
+                    seen += 1
+                    want = [b for b in range(256) if grammar._step(path, b)]
+                    assert allowed((path,)) == bytes(want), (text, path)
+            s = step(s, b)
+            if s is None:
+                break
+    assert seen > 1000
 
 
 # ---------------------------------------------------------------------------- schemas
@@ -391,9 +421,9 @@ def test_min_and_max_items_count_an_arrays_elements():
             obj({"x": {"anyOf": [obj({f"p{i}": {"type": "string"}}) for i in range(MAX_PATHS + 1)]}}),
             rf"schema\.properties\.x\.anyOf: alternatives that start alike keep up to {MAX_PATHS + 1} readings",
         ),
-        (  # 2 objects, each with a value of 20 ways to read it: 40 at once
-            obj({"x": {"anyOf": [obj({"a": {"anyOf": [obj({str(i): {}}) for i in range(20)]}})] * 2}}),
-            r"schema\.properties\.x\.anyOf: .* up to 40 readings",
+        (  # 2 objects, each with a value of MAX_PATHS / 2 + 1 ways to read it: MAX_PATHS + 2 at once
+            obj({"x": {"anyOf": [obj({"a": {"anyOf": [obj({str(i): {}}) for i in range(MAX_PATHS // 2 + 1)]}})] * 2}}),
+            rf"schema\.properties\.x\.anyOf: .* up to {MAX_PATHS + 2} readings",
         ),
         (obj({"a": {"type": "array", "minItems": -1}}), r"schema\.properties\.a\.minItems: expected a non-negative"),
         (obj({"a": {"type": "array", "maxItems": 1.5}}), r"schema\.properties\.a\.maxItems: expected a non-negative"),
