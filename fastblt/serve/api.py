@@ -72,6 +72,7 @@ class Completion:
     shape: TextShape = field(default_factory=lambda: TEXT)  # how answers look (chat: ChatShape)
     prompt_field: str = "prompt"  # the request field errors about the prompt name
     tokens_field: str = "max_tokens"  # ... and about the length
+    format_field: str = "response_format"  # ... and about the JSON format (chat's tool calls ask for one too)
 
     @property
     def candidates(self) -> int:

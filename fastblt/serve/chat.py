@@ -39,21 +39,20 @@ from fastblt.serve.api import (
     stream_fields,
     token,
 )
+from fastblt.serve.tools import call_message, parse_tools, read_calls
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
-ROLES = ("system", "developer", "user", "assistant")  # no tools: "tool" and "function" are refused
+ROLES = ("system", "developer", "user", "assistant", "tool")  # "function" (OpenAI's deprecated tool role) is refused
 FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream",
           "stream_options", "user", "logprobs", "top_logprobs", "n", "logit_bias", "presence_penalty",
-          "frequency_penalty", "response_format"}  # fmt: skip
-# OpenAI fields fastblt accepts only as "not asked for" (it serves no tools, text only)
-NEUTRAL = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-           "parallel_tool_calls": (None, True, False), "store": (None, False), "metadata": (None, {}),
+          "frequency_penalty", "response_format", "tools", "tool_choice", "parallel_tool_calls"}  # fmt: skip
+# OpenAI fields fastblt accepts only as "not asked for" (text only; functions are the deprecated tools)
+NEUTRAL = {"functions": (None, []), "function_call": (None, "none"), "store": (None, False), "metadata": (None, {}),
            "modalities": (None, ["text"]), "service_tier": (None, "auto", "default"), "reasoning_effort": (None,),
            "prediction": (None,), "audio": (None,), "web_search_options": (None,)}  # fmt: skip
-MESSAGE_FIELDS = {"role", "content", "name"}
+MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id"}
 # what a client sends back when it returns an answer's message object as it got it
-MESSAGE_NEUTRAL = {"tool_calls": (None, []), "function_call": (None,), "refusal": (None,), "audio": (None,),
-                   "annotations": (None, [])}  # fmt: skip
+MESSAGE_NEUTRAL = {"function_call": (None,), "refusal": (None,), "audio": (None,), "annotations": (None, [])}
 
 
 class ChatTemplate:
@@ -87,13 +86,14 @@ class ChatTemplate:
         origin = f"chat template {path}"
         return cls(read_text(Path(path), origin, "a Jinja file"), origin, stops)
 
-    def render(self, messages: list[dict[str, str]]) -> str:
-        """The prompt for `messages`, ending where the assistant's next message starts. A template
-        that refuses them (raise_exception) is a 400 naming `messages`; one that fails otherwise
-        is the server's fault (500)."""
+    def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
+        """The prompt for `messages` (and the request's `tools`, OpenAI's list, as Hugging Face
+        passes them), ending where the assistant's next message starts. A template that refuses
+        them (raise_exception) is a 400 naming `messages`; one that fails otherwise is the
+        server's fault (500)."""
         try:
             return self._template.render(messages=messages, add_generation_prompt=True, bos_token="",
-                                         eos_token="", tools=None, documents=None)  # fmt: skip
+                                         eos_token="", tools=tools, documents=None)  # fmt: skip
         except _Refused as e:
             raise ApiError(400, f"messages: the chat template refuses them: {e}", "messages") from None
         except Exception as e:  # noqa: BLE001 (the operator's template: any error it makes is ours, a 500)
@@ -139,14 +139,22 @@ def parse_chat_body(raw: bytes, model_id: str, default_mode: str, template: Chat
         raise ApiError(400, "top_logprobs: only allowed with logprobs: true", "top_logprobs")
     if template.stops:  # the request's own first, then the template's turn ends
         options["stop"] = list(dict.fromkeys([*options.get("stop", []), *template.stops]))
-    prompt = template.render(messages)
-    return Completion([prompt], max_tokens, stream, include_usage, options, n=n, logprobs=logprobs, shape=CHAT,
-                      prompt_field="messages", tokens_field=tokens_field)  # fmt: skip
+    tools, shape, format_field = parse_tools(body), CHAT, "response_format"
+    if tools is not None and tools.schema is not None:  # calls asked for: the answer is held to their schema
+        if "format" in options:
+            raise ApiError(400, "response_format: a JSON format cannot be combined with tool calls (their answer is "
+                           "JSON already: tool_choice asks for it)", "response_format")  # fmt: skip
+        options |= {"format": "json", "schema": tools.schema}
+        shape, format_field = ToolShape(tools.named), "tool_choice"
+    prompt = template.render(messages, None if tools is None else tools.listed)
+    return Completion([prompt], max_tokens, stream, include_usage, options, n=n, logprobs=logprobs, shape=shape,
+                      prompt_field="messages", tokens_field=tokens_field, format_field=format_field)  # fmt: skip
 
 
-def _messages(messages: Any) -> list[dict[str, str]]:
+def _messages(messages: Any) -> list[dict[str, Any]]:
     """`messages` checked, as the template reads them: role, content (a string; text parts joined
-    with newlines) and name when given."""
+    with newlines; "" for an assistant's calls without text), name, an assistant's tool_calls and
+    a tool's tool_call_id when given."""
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if messages == [] else json_kind(messages)
         raise ApiError(400, f"messages: expected a non-empty list of messages, got {got}", "messages")
@@ -158,11 +166,21 @@ def _messages(messages: Any) -> list[dict[str, str]]:
         check_fields(m, MESSAGE_FIELDS, MESSAGE_NEUTRAL, f"{where}.")
         role = get_field(m, "role", str, required=True, label=f"{where}.role")
         if role not in ROLES:
-            raise ApiError(400, f"{where}.role: {role!r} is not one of {', '.join(ROLES)} (fastblt serves no tools)",
-                           f"{where}.role")  # fmt: skip
-        message = {"role": role, "content": _content(m.get("content"), f"{where}.content")}
+            raise ApiError(400, f"{where}.role: {role!r} is not one of {', '.join(ROLES)}", f"{where}.role")
+        calls = m.get("tool_calls") not in (None, [])
+        if calls and role != "assistant":
+            raise ApiError(400, f"{where}.tool_calls: only an assistant's message has calls", f"{where}.tool_calls")
+        call_id = get_field(m, "tool_call_id", str, required=role == "tool", label=f"{where}.tool_call_id")
+        if call_id is not None and role != "tool":
+            raise ApiError(400, f"{where}.tool_call_id: only a tool's message answers a call", f"{where}.tool_call_id")
+        content = m.get("content")
+        message = {"role": role, "content": "" if calls and content is None else _content(content, f"{where}.content")}
         if (name := get_field(m, "name", str, label=f"{where}.name")) is not None:
             message["name"] = name
+        if calls:
+            message["tool_calls"] = call_message(m, where)
+        if call_id is not None:
+            message["tool_call_id"] = call_id
         out.append(message)
     return out
 
@@ -247,3 +265,30 @@ def _entry(i: int, logprob: float) -> dict:
 
 
 CHAT = ChatShape()
+
+
+class ToolShape(ChatShape):
+    """How an answer that was asked for calls looks: the message's `tool_calls` (tools.read_calls)
+    and no content; streamed, each choice's calls go out in one delta when it ends (a call is
+    known once its JSON closes), its logprobs chunk by chunk before. finish_reason is OpenAI's:
+    "tool_calls" (a named choice: "stop"), "length" when max_tokens cut the answer (the calls that
+    closed before the cut are still given). One per request: it holds each streamed choice's text."""
+
+    def __init__(self, named: bool):
+        self.named, self.texts = named, {}
+
+    def reason(self, reason: str | None, calls: list[dict]) -> str | None:
+        return "tool_calls" if reason == "stop" and calls and not self.named else reason
+
+    def choice(self, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
+        calls = read_calls(text)
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.reason(reason, calls)}
+
+    def delta(self, text: str, reason: str | None, index: int, logprobs: dict | None, first: bool) -> dict:
+        self.texts[index] = self.texts.get(index, "") + text
+        delta: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
+        calls = read_calls(self.texts.pop(index)) if reason is not None else []
+        if calls:
+            delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(calls)]
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": self.reason(reason, calls)}

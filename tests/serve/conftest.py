@@ -5,10 +5,15 @@ from fastblt.serve.process import ServerProcess
 KEY = "test-key"
 # a chat template as Hugging Face tokenizers keep them: a code model's turns as a session transcript
 CHAT_TEMPLATE = """\
+{% if tools %}
+# tools: {{ tools | map(attribute='function') | map(attribute='name') | join(', ') }}
+{% endif %}
 {% for m in messages %}
 {% if m.role == 'system' and not loop.first %}{{ raise_exception('a system message comes first') }}{% endif %}
 {% if m.role in ('system', 'developer') %}# {{ m.content }}
 {% elif m.role == 'user' %}>>> {{ m.content }}
+{% elif m.role == 'tool' %}# {{ m.tool_call_id }} -> {{ m.content }}
+{% elif m.tool_calls %}{{ {'tool_calls': m.tool_calls | map(attribute='function') | list} | tojson }}
 {% else %}{{ m.content }}
 {% endif %}
 {% endfor %}

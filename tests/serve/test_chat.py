@@ -102,8 +102,7 @@ def test_a_chat_body_is_the_rendered_prompt_with_its_options():
         ({"messages": []}, "messages"),
         ({"messages": "import os"}, "messages"),
         ({"messages": [3]}, "messages"),
-        ({"messages": [{"role": "tool", "content": "1", "tool_call_id": "a"}]}, "messages[0].tool_call_id"),
-        ({"messages": [{"role": "tool", "content": "1"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "1"}]}, "messages[0].tool_call_id"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
         (
@@ -113,7 +112,7 @@ def test_a_chat_body_is_the_rendered_prompt_with_its_options():
         ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
         ({"messages": [{"role": "user", "content": "x", "name": 3}]}, "messages[0].name"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "format": 1}}}, "response_format"),
         ({"response_format": {"type": "xml"}}, "response_format"),

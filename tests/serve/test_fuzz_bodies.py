@@ -38,6 +38,16 @@ response_formats = st.one_of(
     st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries(
         {"name": st.text(max_size=4) | anything}, optional={"schema": schemas | anything, "strict": anything})}),
 )  # fmt: skip
+function = st.fixed_dictionaries(
+    {"name": st.sampled_from(["f", "g", "a b"]) | anything},
+    optional={"parameters": schemas | anything, "description": anything, "strict": anything},
+)
+tools = st.fixed_dictionaries({"type": st.sampled_from(["function", "x"]), "function": function}) | anything
+named = st.fixed_dictionaries(
+    {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g"])})}
+)
+called = st.fixed_dictionaries({"name": st.text(max_size=3), "arguments": st.text(max_size=10)})
+calls = st.fixed_dictionaries({"id": st.text(max_size=3), "type": st.just("function"), "function": called})
 FIELDS = {  # a plausible value, or anything at all
     "max_tokens": st.integers(-3, 40),
     "temperature": st.floats(-1, 3),
@@ -63,10 +73,15 @@ FIELDS = {  # a plausible value, or anything at all
     "echo": st.booleans(),
     "best_of": st.integers(0, 25),
     "user": st.text(max_size=4),
+    "tools": st.lists(tools, max_size=3),
+    "tool_choice": st.sampled_from(["none", "auto", "required", "x"]) | named,
+    "parallel_tool_calls": st.booleans(),
 }
 messages = st.lists(
     st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]) | anything},
-                          optional={"content": st.text(max_size=20) | anything, "name": anything}),
+                          optional={"content": st.text(max_size=20) | anything, "name": anything,
+                                    "tool_call_id": st.text(max_size=3) | anything,
+                                    "tool_calls": st.lists(calls | anything, max_size=2) | anything}),
     max_size=3,
 ) | anything  # fmt: skip
 

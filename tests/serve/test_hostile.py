@@ -116,9 +116,22 @@ CHAT_HOSTILE: list[tuple[str, bytes, int]] = [  # /v1/chat/completions (the serv
     ("messages a string", chat(messages="hi"), 400),
     ("messages a list of strings", chat(messages=["hi"]), 400),
     ("a message without content", chat(messages=[{"role": "user"}]), 400),
-    ("a tool message", chat(messages=[{"role": "tool", "content": "1", "tool_call_id": "x"}]), 400),
+    ("a tool message answering no call", chat(messages=[{"role": "tool", "content": "1"}]), 400),
     ("an image part", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), 400),
-    ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400),
+    ("tools left to choose (auto)", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400),
+    (
+        "a call of no tool",
+        chat(
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        ),
+        400,
+    ),
+    (
+        "tools of 129 functions",
+        chat(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)], tool_choice="required"),
+        400,
+    ),
     (
         "a JSON schema with a pattern",
         chat(
