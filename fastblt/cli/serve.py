@@ -48,6 +48,12 @@ from fastblt.runtime.prompt_cache import DEFAULT_MB
 @click.option("--chat-stop", multiple=True, metavar="TEXT",
               help="With --chat-template: a string that ends the assistant's turn in the template's format "
               "(repeatable; e.g. the next user turn's marker), added to every chat request's stops.")  # fmt: skip
+@click.option("--tool-call-start", metavar="TEXT", default=None,
+              help="With --chat-template: the text that starts a tool call in the template's format (e.g. "
+              "'<tool_call>'): serves tool_choice \"auto\", where the model decides whether to call [default: "
+              "only \"required\", a named function or \"none\"].")  # fmt: skip
+@click.option("--tool-call-end", metavar="TEXT", default="",
+              help="With --tool-call-start: the text that ends a call (e.g. '</tool_call>') [default: none].")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
 @click.option("--max-context", type=click.IntRange(2), default=None,
@@ -81,7 +87,8 @@ from fastblt.runtime.prompt_cache import DEFAULT_MB
               help="--ray: write the equivalent Serve config (YAML, for `serve deploy`) and exit.")  # fmt: skip
 def serve(
     checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
-    model_name, chat_template, chat_stop, max_body, max_context, threads, prompt_cache_mb, share_prompts, device,
+    model_name, chat_template, chat_stop, tool_call_start, tool_call_end, max_body, max_context, threads,
+    prompt_cache_mb, share_prompts, device,
     graceful_timeout, log_level, use_ray,
     ray_address, replicas,
     min_replicas, max_replicas, target_ongoing_requests, num_cpus, num_gpus, print_config,
@@ -133,10 +140,16 @@ def serve(
     template = None
     if chat_template is not None:  # read and parsed now: a bad file stops the command before any loading
         from fastblt.serve.chat import ChatTemplate
+        from fastblt.serve.tools import CallTags
 
-        template = ChatTemplate.load(chat_template, chat_stop)
-    elif chat_stop:
-        raise click.UsageError("--chat-stop applies only with --chat-template")
+        if tool_call_start == "":
+            raise click.BadParameter("empty: a call needs a text that starts it", param_hint="'--tool-call-start'")
+        tags = None if tool_call_start is None else CallTags(tool_call_start, tool_call_end)
+        template = ChatTemplate.load(chat_template, chat_stop, tags)
+    elif chat_stop or tool_call_start is not None:
+        raise click.UsageError("--chat-stop and --tool-call-start apply only with --chat-template")
+    if tool_call_end and tool_call_start is None:
+        raise click.UsageError("--tool-call-end applies only with --tool-call-start")
     if api_key is not None and (not api_key or api_key != api_key.strip()):
         raise click.BadParameter("empty, or spaces at its ends: clients could not send it as a bearer token",
                                  param_hint="'--api-key'")  # fmt: skip
@@ -151,7 +164,8 @@ def serve(
                   "share_prompts": share_prompts, "device": device, "mode": mode, "model_name": name,
                   "api_key": api_key, "max_body": max_body,
                   "chat_template": str(Path(chat_template).resolve()) if chat_template else None,
-                  "chat_stop": list(chat_stop)}  # fmt: skip
+                  "chat_stop": list(chat_stop), "tool_call_start": tool_call_start,
+                  "tool_call_end": tool_call_end}  # fmt: skip
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config)
         return
 

@@ -41,10 +41,11 @@ from fastblt.model.config import BYTE_OFFSET, EOS_ID, VOCAB_SIZE
 
 MAX_WS = 20  # whitespace bytes in a row: a newline and indentation, not a model stuck on spaces (llama.cpp's
 # JSON grammar allows about as many)
-FORMATS = ("json",)  # DecodeOptions.format
+FORMATS = ("json",)  # DecodeOptions.format, as users ask for it
+CALLS = "calls"  # the format of DecodeOptions.calls (set with them, never asked for alone)
 
 # what a state expects next
-START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE = range(10)
+START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, END = range(12)
 WHITESPACE = frozenset(b" \t\n\r")
 BETWEEN_TOKENS = frozenset((VALUE, KEY, COLON, AFTER))  # where whitespace may come
 DIGITS = frozenset(b"0123456789")
@@ -131,6 +132,22 @@ class Union(Node):
         self.width = max((sum(a.width for a in same) for same in self.by_byte.values()), default=1)
 
 
+class Tagged(Node):
+    """Free text in which each `start` opens one value of `call` (whitespace may come between),
+    closed by `end` (likewise), at most `most` of them (None: any number): tool calls where the
+    model decides whether to make one (chat's tool_choice "auto", serve/tools.py). Free text is
+    unconstrained; EOS comes only there. Only a root (`begin`); its frame counts the calls made,
+    up to `most`."""
+
+    first = frozenset(range(256))
+
+    def __init__(self, start: bytes, call: Node, end: bytes = b"", most: int | None = None):
+        if not start:
+            raise InputError("option calls: start must be a non-empty text")
+        self.start, self.call, self.end, self.most = start, call, end, most
+        self.width = call.width + 1  # + whitespace read both before an end text and as its start
+
+
 ANY = Union((Obj(), Arr(), Str(), Num(), Lit((b"true", b"false", b"null"))))
 JSON_OBJECT = ANY.alts[0]
 # paths live at once, at most: each costs a step a byte (~1 us of Python), so the worst byte stays
@@ -187,6 +204,25 @@ def compile_schema(schema: Any) -> Obj:
     if not isinstance(node, Obj):
         raise InputError('option schema: the root must be an object schema ({"type": "object", ...}), as OpenAI\'s')
     return node
+
+
+@lru_cache(maxsize=64)
+def tagged(text: str) -> Tagged:
+    """The Tagged root in JSON text `text`: {"start": str, "end": str, "most": int or null,
+    "schema": a JSON schema of one call (any root)}, compiled once (DecodeOptions.calls)."""
+    try:
+        spec = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"option calls: not JSON ({e})") from None
+    if not isinstance(spec, dict) or set(spec) != {"start", "end", "most", "schema"}:
+        raise InputError('option calls: expected {"start": str, "end": str, "most": int or null, "schema": {...}}')
+    start, end, most = spec["start"], spec["end"], spec["most"]
+    if not (isinstance(start, str) and start and isinstance(end, str)):
+        raise InputError("option calls: start must be a non-empty string, end a string")
+    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+        raise InputError(f"option calls.most: expected an integer >= 1 or null, got {most!r}")
+    call = _Compiler(spec["schema"]).compile(spec["schema"], "calls.schema")
+    return Tagged(start.encode(), call, end.encode(), most)
 
 
 @lru_cache(maxsize=64)
@@ -340,7 +376,9 @@ _DONE: Path = ((), DONE, None, 0)
 
 def begin(root: Node = JSON_OBJECT) -> State:
     """The state before the first byte of a text of schema `root` (any object by default; an array
-    root's text starts with "[" and closes with its "]")."""
+    root's text starts with "[" and closes with its "]"; a Tagged root's is free text)."""
+    if isinstance(root, Tagged):
+        return ((((root, 0),), FREE, 0, 0),)
     return (((), START, root, 0),)
 
 
@@ -363,7 +401,7 @@ def _ends(p: Path) -> bool:
     """Whether the text may end on path p: its root value closed, or a number or literal at the
     root that may end here (its next byte could still continue it)."""
     stack, mode, sub, _ = p
-    if mode == DONE:
+    if mode in (DONE, FREE):
         return True
     return not stack and (mode == NUMBER and sub[0] in COMPLETE_NUMBERS or mode == LITERAL and b"" in sub)
 
@@ -374,6 +412,16 @@ def _step(p: Path, b: int) -> tuple[Path, ...]:
     stack, mode, sub, ws = p
     if mode == STRING:
         return _string(p, b)
+    if mode == FREE:  # sub: how many of the start text's bytes the text ends with
+        tag, n = stack[-1]
+        k = _matched(tag.start, sub, b)
+        if k < len(tag.start):
+            return ((stack, FREE, k, 0),)
+        return () if n == tag.most else ((stack, VALUE, (False, tag.call), 0),)  # a call opens
+    if mode == END:  # sub: the rest of the end text
+        if b != sub[0]:
+            return ()
+        return ((stack, END, sub[1:], 0),) if len(sub) > 1 else (_called(stack),)
     if mode == NUMBER:
         phase, integer = sub
         nxt = _number(phase, integer, b)
@@ -391,6 +439,8 @@ def _step(p: Path, b: int) -> tuple[Path, ...]:
         if ended is not None:
             return ((stack[:-1] + ((stack[-1][0], ended),), COLON, None, 0),)
         return ((stack, KEY_TEXT, rests, 0),) if rests else ()
+    if mode == AFTER and isinstance(stack[-1][0], Tagged):
+        return _after_call(p, b)
     if b in WHITESPACE:  # between tokens: not before the root value, nor after it
         return ((stack, mode, sub, ws + 1),) if mode in BETWEEN_TOKENS and ws < MAX_WS else ()
     if mode == START:
@@ -417,6 +467,7 @@ def _step(p: Path, b: int) -> tuple[Path, ...]:
         node, i = stack[-1]
         if isinstance(node, Arr):
             return _after_item(stack, node, i, b)
+
         if node.keys is None:
             if b == ord(","):
                 return ((stack, KEY, False, 0),)
@@ -467,6 +518,33 @@ def _value(stack: tuple, first: bool, node: Node, b: int) -> tuple[Path, ...]:
 
 def _literal(stack: tuple, rests: tuple[bytes, ...]) -> Path:
     return _after(stack) if rests == (b"",) else (stack, LITERAL, rests, 0)
+
+
+def _after_call(p: Path, b: int) -> tuple[Path, ...]:
+    """Right after a call's value: its end text (whitespace may come first, and the end text may
+    start with whitespace too: both readings stay), then free text; without an end text, free
+    text at once."""
+    stack, _, _, ws = p
+    tag = stack[-1][0]
+    if not tag.end:
+        return _step(_called(stack), b)
+    out = [(stack, AFTER, None, ws + 1)] if b in WHITESPACE and ws < MAX_WS else []
+    if b == tag.end[0]:
+        out.append((stack, END, tag.end[1:], 0) if len(tag.end) > 1 else _called(stack))
+    return tuple(out)
+
+
+def _called(stack: tuple) -> Path:
+    """Free text again after a call (the Tagged frame counts it, up to `most`)."""
+    tag, n = stack[-1]
+    return (((tag, n + 1 if tag.most is not None else 0),), FREE, 0, 0)
+
+
+@lru_cache(maxsize=4096)
+def _matched(start: bytes, k: int, b: int) -> int:
+    """How many of `start`'s first bytes the text ends with, after byte b where it ended with k."""
+    text = start[:k] + bytes((b,))
+    return next((n for n in range(len(text), 0, -1) if text.endswith(start[:n])), 0)
 
 
 def _close(stack: tuple) -> Path:
@@ -584,7 +662,7 @@ def _mask(mode: int, sub: Any, ws_full: bool, top: tuple) -> np.ndarray:
 
 
 def _spelled(mode: int, sub: Any) -> set[int] | None:
-    """The bytes a path inside a key's or a literal's text allows, read off the texts still
+    """The bytes a path inside a key's, a literal's or an end text allows, read off the texts still
     possible, or None where only trying every byte tells (a literal that may end here). Alike
     alternatives (a call of one of many tools) keep a path each in such texts, and trying 256
     bytes per path would make a schema's first answer slow."""
@@ -592,6 +670,8 @@ def _spelled(mode: int, sub: Any) -> set[int] | None:
         return {r[0] for r, _ in sub}
     if mode == LITERAL and b"" not in sub:
         return {r[0] for r in sub}
+    if mode == END:
+        return {sub[0]}
     return None
 
 

@@ -207,7 +207,9 @@ def current_grammar(run: Run) -> grammar.State | None:
         return None
     ids = run.out.ids
     if run.grammar_state is None or run.parsed > len(ids):
-        root = grammar.JSON_OBJECT if run.opts.schema is None else grammar.compiled(run.opts.schema)
+        opts = run.opts
+        root = (grammar.tagged(opts.calls) if opts.calls is not None else grammar.JSON_OBJECT if opts.schema is None
+                else grammar.compiled(opts.schema))  # fmt: skip
         run.grammar_state, run.parsed = grammar.begin(root), 0
     state = grammar.advance(run.grammar_state, ids[run.parsed :])
     if state is None:  # every id was chosen under the grammar's mask

@@ -24,7 +24,7 @@ from fastblt.errors import CapabilityError, InputError
 from fastblt.export.spec import DEFAULT_K
 from fastblt.model.config import VOCAB_SIZE, BltConfig
 from fastblt.model.tokenizer import encode
-from fastblt.runtime.grammar import FORMATS, compiled
+from fastblt.runtime.grammar import CALLS, FORMATS, compiled, tagged
 from fastblt.runtime.lookup import LOOKUP_MATCH
 from fastblt.runtime.sampling import SamplingParams
 
@@ -66,6 +66,10 @@ class DecodeOptions:
     closed (a max_bytes or stop that comes first cuts it). ar, blt-s, blt-dv.
     schema: a JSON schema (a dict, or its JSON text; OpenAI's strict subset, grammar.compile_schema)
     the object must follow; implies format "json". Kept as JSON text.
+    calls: tool calls in free text, JSON text {"start": str, "end": str, "most": int or null,
+    "schema": a call's JSON schema} (grammar.tagged; serve/tools.py builds it for tool_choice
+    "auto"): the output is free text in which each `start` opens one value of the schema, held to
+    it and closed by `end`; EOS only in free text. Implies format "calls"; no schema with it.
     """
 
     mode: str = "blt-d"
@@ -90,6 +94,7 @@ class DecodeOptions:
     frequency_penalty: float | None = 0.0
     format: str | None = None
     schema: str | None = None
+    calls: str | None = None
 
     @cached_property  # a request's loops read it every byte
     def sampling(self) -> SamplingParams:
@@ -221,13 +226,20 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
         penalty = getattr(opts, name)
         plain[name] = 0.0 if penalty is None else _real(name, penalty, -2.0, 2.0)
     fmt = opts.format
-    if opts.schema is not None:
+    if opts.calls is not None:
+        if opts.schema is not None or fmt not in (None, CALLS):
+            raise InputError("option calls: free text with calls is a format of its own; give no format or schema")
+        if not isinstance(opts.calls, str):
+            raise InputError(f"option calls: expected JSON text, got {opts.calls!r:.80}")
+        tagged(opts.calls)
+        fmt = plain["format"] = CALLS
+    elif opts.schema is not None:
         if not isinstance(opts.schema, str):
             raise InputError(f"option schema: expected a JSON schema (a dict or JSON text), got {opts.schema!r:.80}")
         compiled(opts.schema)  # InputError naming what it cannot hold a text to
         fmt = plain["format"] = fmt or "json"
     if fmt is not None:
-        if fmt not in FORMATS:
+        if fmt not in FORMATS and not (fmt == CALLS and opts.calls is not None):
             raise InputError(f"option format: {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
         if opts.mode not in CAUSAL_MODES:
             raise InputError(

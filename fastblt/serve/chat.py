@@ -39,7 +39,7 @@ from fastblt.serve.api import (
     stream_fields,
     token,
 )
-from fastblt.serve.tools import call_message, parse_tools, read_calls
+from fastblt.serve.tools import CallTags, call_message, parse_tools, read_calls, read_tagged
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 ROLES = ("system", "developer", "user", "assistant", "tool")  # "function" (OpenAI's deprecated tool role) is refused
@@ -61,13 +61,16 @@ class ChatTemplate:
     assistant's turn in its format (`stops`: a base model writes the next turn's marker where a
     chat-tuned one would draw EOS), added to every request's own."""
 
-    def __init__(self, source: str, origin: str = "chat template", stops: tuple[str, ...] = ()):
+    def __init__(self, source: str, origin: str = "chat template", stops: tuple[str, ...] = (),
+                 tags: CallTags | None = None):  # fmt: skip
         if not all(isinstance(x, str) and x for x in stops):
             raise InputError(f"{origin}: stop strings must be non-empty, got {stops!r}")
+        if tags is not None and not tags.start:
+            raise InputError(f"{origin}: the text that starts a tool call must not be empty")
         from jinja2 import TemplateError, TemplateSyntaxError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        self.source, self.origin, self.stops = source, origin, tuple(stops)
+        self.source, self.origin, self.stops, self.tags = source, origin, tuple(stops), tags
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])  # fmt: skip
         env.filters["tojson"] = _tojson  # Jinja's own escapes HTML, which no prompt wants
@@ -81,10 +84,10 @@ class ChatTemplate:
             raise InputError(f"{origin}: {e}") from None
 
     @classmethod
-    def load(cls, path: str | Path, stops: tuple[str, ...] = ()) -> ChatTemplate:
+    def load(cls, path: str | Path, stops: tuple[str, ...] = (), tags: CallTags | None = None) -> ChatTemplate:
         """The template in file `path`; InputError naming the file when it cannot be read or parsed."""
         origin = f"chat template {path}"
-        return cls(read_text(Path(path), origin, "a Jinja file"), origin, stops)
+        return cls(read_text(Path(path), origin, "a Jinja file"), origin, stops, tags)
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
         """The prompt for `messages` (and the request's `tools`, OpenAI's list, as Hugging Face
@@ -139,13 +142,18 @@ def parse_chat_body(raw: bytes, model_id: str, default_mode: str, template: Chat
         raise ApiError(400, "top_logprobs: only allowed with logprobs: true", "top_logprobs")
     if template.stops:  # the request's own first, then the template's turn ends
         options["stop"] = list(dict.fromkeys([*options.get("stop", []), *template.stops]))
-    tools, shape, format_field = parse_tools(body), CHAT, "response_format"
-    if tools is not None and tools.schema is not None:  # calls asked for: the answer is held to their schema
+    tools, shape, format_field = parse_tools(body, template.tags), CHAT, "response_format"
+    if tools is not None and (tools.schema or tools.calls):  # calls may come: they are held to their schema
         if "format" in options:
-            raise ApiError(400, "response_format: a JSON format cannot be combined with tool calls (their answer is "
-                           "JSON already: tool_choice asks for it)", "response_format")  # fmt: skip
-        options |= {"format": "json", "schema": tools.schema}
-        shape, format_field = ToolShape(tools.named), "tool_choice"
+            raise ApiError(400, "response_format: a JSON format cannot be combined with tool calls (tool_choice "
+                           "holds the answer to the calls' format)", "response_format")  # fmt: skip
+        if tools.calls is not None:
+            options["calls"] = tools.calls
+            shape = TaggedShape(template.tags)  # type: ignore[arg-type]
+        else:
+            options |= {"format": "json", "schema": tools.schema}
+            shape = ToolShape(tools.named)
+        format_field = "tool_choice"
     prompt = template.render(messages, None if tools is None else tools.listed)
     return Completion([prompt], max_tokens, stream, include_usage, options, n=n, logprobs=logprobs, shape=shape,
                       prompt_field="messages", tokens_field=tokens_field, format_field=format_field)  # fmt: skip
@@ -292,3 +300,44 @@ class ToolShape(ChatShape):
         if calls:
             delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(calls)]
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": self.reason(reason, calls)}
+
+
+class TaggedShape(ChatShape):
+    """How an answer of free text with calls (tool_choice "auto") looks: the text before the first
+    call's start is the message's `content`, the calls its `tool_calls` (tools.read_tagged).
+    Streamed, the content goes out as it comes, less what could still be the start of a call;
+    once a call starts, nothing more until the choice ends, whose last delta has the calls. One
+    per request: it holds each streamed choice's text."""
+
+    def __init__(self, tags: CallTags):
+        self.tags, self.texts, self.sent, self.calling = tags, {}, {}, set()
+
+    def choice(self, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
+        content, calls = read_tagged(text, self.tags)
+        message = {"role": "assistant", "content": content if content or not calls else None, "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
+        reason = "tool_calls" if reason == "stop" and calls else reason
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+
+    def delta(self, text: str, reason: str | None, index: int, logprobs: dict | None, first: bool) -> dict:
+        whole = self.texts[index] = self.texts.get(index, "") + text
+        sent = ready = self.sent.get(index, 0)
+        start = self.tags.start
+        if index not in self.calling:  # no start before `sent`: what was held back begins there
+            at = whole.find(start, sent)
+            if at >= 0:
+                self.calling.add(index)
+                ready = at
+            else:
+                held = 0 if reason is not None else next(
+                    (n for n in range(len(start) - 1, 0, -1) if whole.endswith(start[:n])), 0)  # fmt: skip
+                ready = max(sent, len(whole) - held)
+        self.sent[index] = ready
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if ready > sent:
+            delta["content"] = whole[sent:ready]
+        if reason is not None and (calls := read_tagged(whole, self.tags)[1]):
+            delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(calls)]
+            reason = "tool_calls" if reason == "stop" else reason
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}

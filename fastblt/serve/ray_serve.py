@@ -46,6 +46,7 @@ from fastblt.runtime.prompt_cache import DEFAULT_MB
 from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, create_app
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.process import free_port
+from fastblt.serve.tools import CallTags
 
 APP = "fastblt"
 DEPLOYMENT = "FastBlt"
@@ -83,6 +84,8 @@ class ServerOptions:
     retry_after: int = 1  # seconds, in a 429's Retry-After
     chat_template: str | None = None  # a chat template file at the same path on every node (chat.py)
     chat_stop: list[str] = dataclasses.field(default_factory=list)  # strings that end an assistant's turn
+    tool_call_start: str | None = None  # the text that starts a tool call in the template's format (tools.py)
+    tool_call_end: str = ""  # ... and ends it
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> ServerOptions:
@@ -193,7 +196,8 @@ class FastBltReplica:
             share_prompts=o.share_prompts,
         )  # fmt: skip
         log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)
-        template = None if o.chat_template is None else ChatTemplate.load(o.chat_template, tuple(o.chat_stop))
+        tags = None if o.tool_call_start is None else CallTags(o.tool_call_start, o.tool_call_end)
+        template = None if o.chat_template is None else ChatTemplate.load(o.chat_template, tuple(o.chat_stop), tags)
         settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_key=o.api_key, max_body=o.max_body,
                                  retry_after=o.retry_after, replica=self.name, chat_template=template)  # fmt: skip
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown

@@ -1,19 +1,22 @@
 """OpenAI's tool calling over chat completions: the request's `tools` go to the chat template,
-and when the request asks for calls (`tool_choice` "required" or a named function) the answer is
-held by the grammar (runtime/grammar.py) to one JSON text of calls, read back into the message's
-`tool_calls`.
+and the answer is held by the grammar (runtime/grammar.py) to the calls it may make, then read
+back into the message's `tool_calls`.
 
-A model has no call format of its own that fastblt could look for in free text (no released BLT
-checkpoint is tuned for tools), so fastblt does not guess whether a text is a call: `auto`, what
-OpenAI assumes when tools come without a `tool_choice`, is refused by name. Asked for, calls are
-written as
+`tool_choice` "required" or a named function ask for calls: the answer is one JSON text of them,
 
     {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}, ...]}
 
-keys in that order, `name` one of the tools' (the named one only, for a named choice), `arguments`
-what that function's `parameters` schema admits (grammar.compile_schema's subset; none given: `{}`),
-one call or more (one with `parallel_tool_calls: false` or a named choice). The template is where
-a model is told this format; docs/serving.md shows one that does.
+keys in that order, `name` one of the tools' (the named one only, for a named choice),
+`arguments` what that function's `parameters` schema admits (grammar.compile_schema's subset;
+none given: `{}`), one call or more (one with `parallel_tool_calls: false` or a named choice).
+
+"auto" (OpenAI's default with tools) lets the model decide, so fastblt must know how a call looks
+in the model's own format: the operator names the text that starts one and the text that ends
+it (`CallTags`, `fastblt serve --tool-call-start/--tool-call-end`). The answer is then free text
+(no grammar on it) in which each start text opens one call, `{"name": ..., "arguments": ...}`
+held like the above, closed by the end text (DecodeOptions.calls). Without tags "auto" is refused
+by name: fastblt does not guess whether free text is a call. The template is where a model is
+told the format; docs/serving.md shows one that does.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,19 +39,31 @@ NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": Fal
 
 
 @dataclass(frozen=True)
+class CallTags:
+    """How a template's format marks a call in free text: `start` before its JSON, `end` after
+    it (`fastblt serve --tool-call-start / --tool-call-end`)."""
+
+    start: str
+    end: str = ""
+
+
+@dataclass(frozen=True)
 class Tools:
     """A request's tools, as its chat template reads them, and what it asks of them: `schema` is
-    the JSON schema (text) its answer is held to, None when it asks for no calls (tool_choice
-    "none": the tools are still rendered, as OpenAI's model still sees them)."""
+    the JSON schema (text) its answer is held to when it asks for calls; `calls` the
+    DecodeOptions.calls of free text with calls (tool_choice "auto"); neither when it asks for
+    none (tool_choice "none": the tools are still rendered, as OpenAI's model still sees them)."""
 
     listed: list[dict]
     schema: str | None = None
     named: bool = False  # a named choice: OpenAI's finish_reason is then "stop", not "tool_calls"
+    calls: str | None = None
 
 
-def parse_tools(body: dict) -> Tools | None:
+def parse_tools(body: dict, tags: CallTags | None = None) -> Tools | None:
     """`tools`, `tool_choice` and `parallel_tool_calls` checked; None when the request has no
-    tools. Errors name the field (a function's parameters by their place in `tools`)."""
+    tools. "auto" (OpenAI's default with tools) needs the template's call tags. Errors name the
+    field (a function's parameters by their place in `tools`)."""
     listed, choice = body.get("tools"), body.get("tool_choice")
     parallel = get_field(body, "parallel_tool_calls", bool, default=True)
     if listed in (None, []):
@@ -57,9 +73,15 @@ def parse_tools(body: dict) -> Tools | None:
         return None
     functions = _functions(listed)
     if choice is None or choice == "auto":
-        raise ApiError(400, 'tool_choice: "auto" (OpenAI\'s default when tools are given) is not served: fastblt '
-                       'does not guess whether free text is a call; send "required", {"type": "function", '
-                       '"function": {"name": ...}} or "none"', "tool_choice")  # fmt: skip
+        if tags is None:
+            raise ApiError(400, 'tool_choice: "auto" (OpenAI\'s default when tools are given) needs the text that '
+                           "starts a call in the template's format (this server has no --tool-call-start); send "
+                           '"required", {"type": "function", "function": {"name": ...}} or "none"',
+                           "tool_choice")  # fmt: skip
+        call, defs = _call_schema(functions)
+        spec = {"start": tags.start, "end": tags.end, "most": None if parallel else 1,
+                "schema": call | ({"$defs": defs} if defs else {})}  # fmt: skip
+        return Tools(listed, calls=_checked(spec, grammar.tagged))
     if choice == "none":
         return Tools(listed)
     if choice == "required":
@@ -71,14 +93,16 @@ def parse_tools(body: dict) -> Tools | None:
     return Tools(listed, _checked(calls_schema({name: functions[name]}, parallel=False)), named=True)
 
 
-def _checked(schema: dict) -> str:
-    """The calls' schema as JSON text, compiled once here (the engine finds it cached) so that
-    what only the whole can exceed (the grammar's paths, OpenAI's size limits) names `tools`."""
+def _checked(schema: dict, compile: Callable[[str], Any] = grammar.compiled) -> str:
+    """The calls' schema (or calls spec) as JSON text, compiled once here (the engine finds it
+    cached) so that what only the whole can exceed (the grammar's paths, OpenAI's size limits)
+    names `tools`."""
     text = json.dumps(schema, ensure_ascii=False)
     try:
-        grammar.compiled(text)
+        compile(text)
     except InputError as e:
-        raise ApiError(400, str(e).replace("option schema", "tools: the calls' schema", 1), "tools") from None
+        message = str(e).replace("option schema", "tools: the calls' schema", 1)
+        raise ApiError(400, message.replace("option calls", "tools: the calls' schema", 1), "tools") from None
     return text
 
 
@@ -131,9 +155,18 @@ def _named(choice: Any) -> str:
 
 def calls_schema(functions: dict[str, dict], parallel: bool) -> dict:
     """The JSON schema of an answer calling `functions` (name -> parameters): {"tool_calls": [a
-    call, ...]}, a call {"name": one of them, "arguments": what its parameters admit}. Each
-    function's `$defs` move to the root under "NAME." (their `$ref`s with them), so functions
-    may name definitions alike."""
+    call, ...]} (_call_schema)."""
+    call, defs = _call_schema(functions)
+    array = {"type": "array", "items": call, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+    schema = {"type": "object", "additionalProperties": False, "required": ["tool_calls"],
+              "properties": {"tool_calls": array}}  # fmt: skip
+    return schema | ({"$defs": defs} if defs else {})
+
+
+def _call_schema(functions: dict[str, dict]) -> tuple[dict, dict]:
+    """(the schema of one call of `functions`: {"name": one of them, "arguments": what its
+    parameters admit}, the definitions its root must hold). Each function's `$defs` move to the
+    root under "NAME." (their `$ref`s with them), so functions may name definitions alike."""
     calls, defs = [], {}
     for name, parameters in functions.items():
         moved = _moved_refs(parameters, f"{name}.")
@@ -141,11 +174,7 @@ def calls_schema(functions: dict[str, dict], parallel: bool) -> dict:
             defs |= {f"{name}.{k}": v for k, v in moved.pop(key, {}).items()}
         calls.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                       "properties": {"name": {"const": name}, "arguments": moved}})  # fmt: skip
-    items = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    array = {"type": "array", "items": items, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-    schema = {"type": "object", "additionalProperties": False, "required": ["tool_calls"],
-              "properties": {"tool_calls": array}}  # fmt: skip
-    return schema | ({"$defs": defs} if defs else {})
+    return (calls[0] if len(calls) == 1 else {"anyOf": calls}), defs
 
 
 def _moved_refs(schema: Any, prefix: str) -> Any:
@@ -178,17 +207,55 @@ def read_calls(text: str) -> list[dict]:
     start = text.find("[")
     if start < 0:
         return []
-    decoder, pos, calls = json.JSONDecoder(), start + 1, []
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        try:
-            call, pos = decoder.raw_decode(text, pos)
-        except ValueError:
-            return calls
-        arguments = json.dumps(call["arguments"], ensure_ascii=False, separators=(",", ":"))
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": call["name"], "arguments": arguments}})  # fmt: skip
+    pos, calls = start + 1, []
+    while (read := _call(text, pos, " \t\r\n,")) is not None:
+        call, pos = read
+        calls.append(call)
+    return calls
+
+
+def read_tagged(text: str, tags: CallTags) -> tuple[str, list[dict]]:
+    """(the content, the calls) of free text with calls (Tools.calls): the content is the text
+    before the first call's start; the calls, each start's JSON that closed (a cut answer's last
+    one may not have)."""
+    first = text.find(tags.start)
+    if first < 0:
+        return text, []
+    calls, pos = [], first
+    while pos >= 0 and (read := _call(text, pos + len(tags.start), " \t\r\n")) is not None:
+        call, pos = read
+        calls.append(call)
+        pos = text.find(tags.start, _past_end(text, pos, tags.end))
+    return text[:first], calls
+
+
+def _past_end(text: str, pos: int, end: str) -> int:
+    """Where free text starts again after a call's JSON ending at `pos`: past its end text and the
+    whitespace before it (the end text's bytes may hold the start text's, and it may itself start
+    with whitespace)."""
+    if not end:
+        return pos
+    p = pos
+    while not text.startswith(end, p) and p < len(text) and text[p] in " \t\r\n":
+        p += 1
+    return p + len(end) if text.startswith(end, p) else pos
+
+
+def _call(text: str, pos: int, skip: str) -> tuple[dict, int] | None:
+    """The call whose JSON starts at `pos` (after bytes of `skip`), as OpenAI's `tool_calls` entry
+    (a fresh id; arguments as compact JSON text), and where it ends; None when it did not close."""
+    while pos < len(text) and text[pos] in skip:
+        pos += 1
+    try:
+        call, end = json.JSONDecoder().raw_decode(text, pos)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not {"name", "arguments"} <= set(call):  # not in text the grammar held
+        return None
+    arguments = json.dumps(call["arguments"], ensure_ascii=False, separators=(",", ":"))
+    entry = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call["name"], "arguments": arguments}}  # fmt: skip
+    return entry, end
 
 
 def call_message(m: dict, where: str) -> list[dict]:

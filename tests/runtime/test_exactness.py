@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
+import json
 
 import numpy as np
 import pytest
@@ -115,14 +117,7 @@ def test_json_mode_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it
     g, model = torch_generator(name), tiny_model(name)
     root = grammar.JSON_OBJECT if schema is None else grammar.compile_schema(schema)
     for prompt in (PROMPTS[0], "ab" * 30):
-        ids, want, state = encode(prompt), [], grammar.begin(root)
-        with torch.no_grad():
-            for _ in range(N_BYTES):
-                logits = model(torch.tensor([ids + want]))[0, -1].numpy() - grammar.mask(state)
-                want.append(int(logits.argmax()))
-                if want[-1] == EOS_ID:
-                    break
-                state = grammar.step(state, want[-1] - BYTE_OFFSET)
+        want = _masked_recompute(model, prompt, root)
         text = bytes(t - BYTE_OFFSET for t in want if t != EOS_ID)
         assert text.startswith(b"{") and want != _ar(prompt, name=name)
         if schema is not None:  # its first key comes next, whatever the model prefers
@@ -133,6 +128,44 @@ def test_json_mode_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it
         assert got.stop_reason == ("eos" if EOS_ID in want else "max_bytes")
         for mode, extra in [("blt-s", {"k": 4, "lookup": 0}), ("blt-s", {"lookup": 2}), ("blt-dv", {"lookup": 0})]:
             assert g.generate(prompt, mode=mode, **opts, **extra).ids == got.ids, (mode, extra)
+
+
+def _masked_recompute(model, prompt: str, root: grammar.Node) -> list[int]:
+    """Greedy ids of a full recompute per byte whose argmax reads only what grammar `root` allows
+    after the output so far (EOS, when it comes, last)."""
+    ids, want, state = encode(prompt), [], grammar.begin(root)
+    with torch.no_grad():
+        for _ in range(N_BYTES):
+            logits = model(torch.tensor([ids + want]))[0, -1].numpy() - grammar.mask(state)
+            want.append(int(logits.argmax()))
+            if want[-1] == EOS_ID:
+                break
+            state = grammar.step(state, want[-1] - BYTE_OFFSET)
+    return want
+
+
+@pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
+def test_free_text_with_calls_is_ar_until_a_call_opens_and_the_verified_modes_equal_it(name):
+    """DecodeOptions.calls: free text is the model's own (ar's bytes) up to the first start text;
+    from there a call held to its schema, then the end text; ar equals a full recompute under
+    the grammar, blt-s and blt-dv equal ar. The start is two printable bytes ar writes, so a call
+    opens where ar would have written them."""
+    g, model = torch_generator(name), tiny_model(name)
+    prompt = "x"
+    plain = g.generate(prompt, mode="ar", max_bytes=N_BYTES).ids
+    free = bytes(t - BYTE_OFFSET for t in itertools.takewhile(lambda t: t >= BYTE_OFFSET, plain))  # text: bytes only
+    at = next(i for i in range(len(free) - 1) if all(0x21 <= b < 0x7F and b not in b"{" for b in free[i : i + 2]))
+    start = free[at : at + 2]
+    at = free.find(start)  # its first place
+    calls = json.dumps({"start": start.decode(), "end": "\n</c>", "most": None, "schema": SCHEMA})
+    want = _masked_recompute(model, prompt, grammar.tagged(calls))
+    text = bytes(t - BYTE_OFFSET for t in want if t != EOS_ID)
+    call = text[at + 2 :].lstrip(b" \t\n\r")
+    assert text[: at + 2] == free[: at + 2] and call.startswith(b"{") and call[1:].lstrip(b" \t\n\r")[:3] == b'"id'
+    got = g.generate(prompt, mode="ar", max_bytes=N_BYTES, calls=calls)
+    assert got.ids == [t for t in want if t != EOS_ID]
+    for mode, extra in [("blt-s", {"k": 4, "lookup": 0}), ("blt-s", {"lookup": 2}), ("blt-dv", {"lookup": 0})]:
+        assert g.generate(prompt, mode=mode, max_bytes=N_BYTES, calls=calls, **extra).ids == got.ids, (mode, extra)
 
 
 @pytest.mark.parametrize("mode", ["blt-s", "blt-dv"])

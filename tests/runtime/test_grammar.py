@@ -33,6 +33,7 @@ from fastblt.runtime.grammar import (
     done,
     mask,
     step,
+    tagged,
     union,
 )
 
@@ -450,3 +451,80 @@ def test_what_a_schema_cannot_hold_a_text_to_is_refused_by_name(schema, match):
     properties and their bytes; nesting, which would otherwise be recursed into), each named."""
     with pytest.raises(InputError, match=match):
         compile_schema(schema)
+
+
+# ---------------------------------------------------------------------------- calls in free text
+CALL = obj({"name": {"enum": ["f", "g"]}, "arguments": obj({"q": {"type": "string"}})})
+
+
+def calls(start="<call>", end="\n</call>", most=None, schema=CALL) -> str:
+    return json.dumps({"start": start, "end": end, "most": most, "schema": schema})
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=60))
+def test_free_text_is_unconstrained_until_a_start_text(text):
+    """Free text takes every byte and EOS (a mask of zeros on them: sampling as without a
+    grammar), as long as it does not write the start text."""
+    root = tagged(calls())
+    if b"<call>" in text:
+        return
+    s = read(root, text)
+    assert s is not None and done(s) and allowed(s) == bytes(range(256)) and mask(s)[EOS_ID] == 0
+
+
+def test_a_start_text_opens_a_call_held_to_its_schema_and_closed_by_the_end_text():
+    root = tagged(calls())
+    whole = (
+        b'so <<call> {"name": "g", "arguments": {"q": "x"}}  \n</call> then\n<call>{"name":"f","arguments":{"q":""}}'
+    )
+    whole += b"\n</call>"
+    s = read(root, whole)
+    assert s is not None and done(s)
+    for cut in (
+        b"so <call>",
+        b'so <call> {"name": "g"',
+        b'so <call>{"name":"f","arguments":{"q":""}}',
+        b'<call>{"name":"f","arguments":{"q":""}}\n</ca',
+    ):
+        s = read(root, cut)
+        assert not done(s) and mask(s)[EOS_ID] != 0, cut  # no EOS inside a call or its end text
+    assert allowed(read(root, b"x <call>")) == b"\t\n\r {"
+    closed = read(root, b'<call>{"name":"f","arguments":{"q":""}}')
+    assert allowed(closed) == b"\t\n\r "  # whitespace, and the end text, which starts with "\n"
+    for bad in (
+        b'<call>{"name":"h"',
+        b"<call>x",
+        b'<call>{"name":"f","arguments":{"q":""}}</call>',
+        b'<call>{"name":"f","arguments":{"q":""}}\n</cal!',
+    ):
+        assert read(root, bad) is None, bad
+    # the start found where it overlaps itself, and a call without an end text is followed by free text at once
+    assert read(tagged(calls(start="aab", end="")), b'aaab{"name":"f","arguments":{"q":"1"}}aa') is not None
+    assert read(tagged(calls(start="aab", end="")), b"aaabx") is None
+
+
+def test_most_calls_refuses_the_start_of_one_more():
+    root = tagged(calls(most=1))
+    one = b'<call>{"name":"f","arguments":{"q":""}}\n</call> and <call'
+    s = read(root, one)
+    assert s is not None and b">" not in allowed(s) and done(s)
+    assert read(tagged(calls(most=2)), one + b'>{"name":"g"') is not None
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("{", r"option calls: not JSON"),
+        ('{"start": "<c>"}', r"option calls: expected"),
+        (calls(start=""), r"start must be a non-empty string"),
+        (calls(most=0), r"option calls\.most: expected an integer >= 1"),
+        (
+            calls(schema={"type": "object", "properties": {"a": {"pattern": "x"}}}),
+            r"calls\.schema\.properties\.a\.pattern",
+        ),
+    ],
+)
+def test_a_calls_spec_that_cannot_be_held_is_refused_by_name(spec, match):
+    with pytest.raises(InputError, match=match):
+        tagged(spec)

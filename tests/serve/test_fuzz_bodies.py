@@ -16,9 +16,11 @@ from fastblt.formats.checkpoint import load_config, resolve_checkpoint_path
 from fastblt.runtime.options import make_request
 from fastblt.serve.api import ApiError, parse_body
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
+from fastblt.serve.tools import CallTags
 
 MODEL = "fastblt-default"
-TEMPLATE = ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,))
+TEMPLATES = (ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,)),  # and one that serves tool_choice "auto"
+             ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,), tags=CallTags("<call>", "</call>")))  # fmt: skip
 CONFIG = load_config(resolve_checkpoint_path("default"))
 
 anything = st.recursive(
@@ -110,7 +112,8 @@ def _finite(value) -> bool:
 def test_a_random_body_is_a_request_or_a_4xx_naming_a_field(data, chat):
     raw = body(data, chat)
     try:
-        comp = parse_chat_body(raw, MODEL, "blt-s", TEMPLATE) if chat else parse_body(raw, MODEL, "blt-s")
+        template = TEMPLATES[data.draw(st.integers(0, 1))]
+        comp = parse_chat_body(raw, MODEL, "blt-s", template) if chat else parse_body(raw, MODEL, "blt-s")
     except ApiError as e:
         assert 400 <= e.status < 500 and e.message, e.message
         return

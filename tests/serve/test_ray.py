@@ -86,7 +86,19 @@ def test_print_config_passes_the_chat_template_by_its_full_path(chat_template, t
     assert app["args"]["chat_template"] == str(chat_template.resolve())  # the same path on every node
     assert app["args"]["chat_stop"] == [CHAT_STOP] and ServerOptions.from_args(app["args"]).chat_stop == [CHAT_STOP]
     code, _, err = run_cli(["serve", "--chat-stop", "x", "--ray", "--print-config"], monkeypatch, capsys)
-    assert code == 2 and "--chat-stop applies only with --chat-template" in err
+    assert code == 2 and "--chat-stop and --tool-call-start apply only with --chat-template" in err
+    template = ["--chat-template", chat_template.name]
+    tags = ["--tool-call-start", "<c>", "--tool-call-end", "</c>"]
+    (app,) = print_config([*template, *tags], monkeypatch, capsys)["applications"]
+    options = ServerOptions.from_args(app["args"])
+    assert (options.tool_call_start, options.tool_call_end) == ("<c>", "</c>")
+    for args, says in (
+        (tags[:2], "apply only with --chat-template"),
+        ([*template, *tags[2:]], "only with --tool-call-start"),
+        ([*template, "--tool-call-start", ""], "'--tool-call-start': empty"),
+    ):
+        code, _, err = run_cli(["serve", *args, "--ray", "--print-config"], monkeypatch, capsys)
+        assert code == 2 and says in err, err
     code, _, err = run_cli(["serve", "--ray", "--chat-template", str(tmp_path / "none.jinja"), "--print-config"],
                            monkeypatch, capsys)  # fmt: skip
     assert code == 2 and "none.jinja: no such file" in err and "Traceback" not in err

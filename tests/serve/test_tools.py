@@ -16,8 +16,9 @@ from conftest import CHAT_STOP, CHAT_TEMPLATE, KEY
 from fastblt.model.config import EOS_ID
 from fastblt.runtime import grammar
 from fastblt.serve.api import ApiError
-from fastblt.serve.chat import ChatTemplate, parse_chat_body
-from fastblt.serve.tools import calls_schema, read_calls
+from fastblt.serve.chat import ChatTemplate, TaggedShape, parse_chat_body
+from fastblt.serve.process import ServerProcess
+from fastblt.serve.tools import CallTags, calls_schema, read_calls, read_tagged
 
 MODEL = "fastblt-default"
 TEMPLATE = ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,))
@@ -228,9 +229,94 @@ def test_a_conversation_with_a_calls_result_is_answered(server):
     (want,) = parse(messages=messages, tool_choice="none").prompts  # the calls and results, as the template shows them
     assert r2.usage.prompt_tokens == len(want.encode()) and want.count(" -> 21\n") == len(results) >= 1
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=8)  # "auto"
+        c.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=8)  # "auto": no call tags
     assert e.value.body["param"] == "tool_choice"
     with pytest.raises(openai.BadRequestError) as e:  # the engine's refusal of a JSON answer in blt-d names the choice
         c.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=8,
                                   extra_body={"mode": "blt-d"})  # fmt: skip
     assert e.value.body["param"] == "tool_choice" and "blt-d" in e.value.body["message"]
+
+
+# ---------------------------------------------------------------------------- tool_choice "auto"
+TAGS = CallTags(">", "</call>")  # the default writes ">" early in its answers here: its calls start there
+TAGGED = ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,), tags=TAGS)
+
+
+def test_auto_holds_free_text_with_calls_to_their_format():
+    """With the template's call tags, "auto" (and no tool_choice) asks for free text in which the
+    start text opens a call of one of the tools; parallel_tool_calls false allows one."""
+    body = {"model": MODEL, "messages": MESSAGES, "tools": TOOLS}
+    comp = parse_chat_body(json.dumps(body).encode(), MODEL, "blt-s", TAGGED)
+    spec = json.loads(comp.options["calls"])
+    assert "format" not in comp.options and (spec["start"], spec["end"], spec["most"]) == (">", "</call>", None)
+    root = grammar.tagged(comp.options["calls"])
+    text = b'so > {"name": "get_time", "arguments": {}}</call> and '
+    text += b'>{"name":"get_weather","arguments":{"city":"a","unit":"f"}}'
+    assert grammar.advance(grammar.begin(root), [b + 4 for b in text]) is not None
+    one = parse_chat_body(json.dumps({**body, "tool_choice": "auto", "parallel_tool_calls": False}).encode(), MODEL,
+                          "blt-s", TAGGED)  # fmt: skip
+    assert json.loads(one.options["calls"])["most"] == 1
+    with pytest.raises(ApiError) as e:  # a template without tags: no "auto"
+        parse(tool_choice="auto")
+    assert e.value.param == "tool_choice" and "--tool-call-start" in e.value.message
+
+
+def test_free_text_with_calls_is_read_into_content_and_calls_and_streamed_without_a_starts_bytes():
+    text = 'I will check. <<call> {"name": "f", "arguments": {"a": 1}} <call>{"name": "h", "arguments": {}} then '
+    text += '<call>{"name": "g", "arguments": {}'
+    tags = CallTags("<call>", " <call>")  # an end text that holds the start text: free text follows it
+    content, calls = read_tagged(text, tags)
+    assert content == "I will check. <" and [c["function"] for c in calls] == [{"name": "f", "arguments": '{"a":1}'}]
+    assert read_tagged("no calls < here <ca", tags) == ("no calls < here <ca", [])
+    for size in (1, 2, 3, 7, 200):  # chunked at every size: what could be a start is held back
+        shape = TaggedShape(tags)
+        chunks = [text[i : i + size] for i in range(0, len(text), size)] + [""]
+        deltas = [shape.delta(c, None if i < len(chunks) - 1 else "stop", 0, None, i == 0)
+                  for i, c in enumerate(chunks)]  # fmt: skip
+        sent = "".join(d["delta"].get("content", "") for d in deltas)
+        assert sent == content and deltas[0]["delta"]["role"] == "assistant"
+        assert [d["finish_reason"] for d in deltas][-1] == "tool_calls"
+        assert [c["function"] for c in deltas[-1]["delta"]["tool_calls"]] == [c["function"] for c in calls]
+        plain = TaggedShape(tags)  # a text without calls: all of it, the held-back tail at the end
+        ds = [plain.delta(c, None, 0, None, False) for c in ("a <", "ca")] + [plain.delta("", "length", 0, None, False)]
+        assert "".join(d["delta"].get("content", "") for d in ds) == "a <ca" and ds[-1]["finish_reason"] == "length"
+    whole = TaggedShape(tags).choice(text, "stop", 0, None)
+    assert whole["message"]["content"] == content and whole["finish_reason"] == "tool_calls"
+    assert TaggedShape(tags).choice("<call>", "length", 0, None)["message"]["content"] == ""
+
+
+@pytest.fixture(scope="module")
+def tagged_server(chat_template):
+    args = ["--max-batch", "4", "--lanes", "1", "--api-key", KEY, "--chat-template", str(chat_template), "--chat-stop",
+            CHAT_STOP, "--tool-call-start", TAGS.start, "--tool-call-end", TAGS.end]  # fmt: skip
+    with ServerProcess(args) as srv:
+        yield srv
+
+
+def test_auto_answers_are_the_generators_free_text_with_calls(tagged_server, reference):
+    """A server with call tags: "auto" answers (streamed or not) are the Generator's text under
+    the calls' grammar, read into content and calls; a call's arguments validate."""
+    c, prompt = client(tagged_server), TEMPLATE.render(MESSAGES, TOOLS)
+    body = {"model": MODEL, "messages": MESSAGES, "tools": TOOLS}
+    spec = parse_chat_body(json.dumps(body).encode(), MODEL, "blt-s", TAGGED).options["calls"]  # what "auto" asks for
+    seen = set()
+    for seed in (None, 0, 2):
+        sampling = {"temperature": 0} if seed is None else {"temperature": 0.8, "seed": seed}
+        gen = reference.generate(prompt, mode="blt-s", max_bytes=300, calls=spec, stop=[CHAT_STOP], **sampling)
+        content, calls = read_tagged(gen.text, TAGS)
+        ask = dict(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=300, **sampling)
+        (ch,) = c.chat.completions.create(**ask).choices
+        got = [t.function.model_dump() for t in ch.message.tool_calls or []]
+        assert got == [x["function"] for x in calls] and ch.message.content == (
+            content if content or not calls else None
+        )
+        assert ch.finish_reason == ("tool_calls" if calls and gen.stop_reason != "max_bytes" else
+                                    "length" if gen.stop_reason == "max_bytes" else "stop")  # fmt: skip
+        for t in got:
+            jsonschema.validate(json.loads(t["arguments"]), PARAMETERS[t["name"]])
+        chunks = list(c.chat.completions.create(stream=True, **ask))
+        assert "".join(x.choices[0].delta.content or "" for x in chunks) == content
+        streamed = [t.function.model_dump() for x in chunks for t in x.choices[0].delta.tool_calls or []]
+        assert streamed == got and chunks[-1].choices[0].finish_reason == ch.finish_reason
+        seen.add((bool(content), bool(calls)))
+    assert (False, True) in seen and (True, True) in seen  # a call at once, and text before one
