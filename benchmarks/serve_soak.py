@@ -8,7 +8,8 @@ does it end with every slot free?
 with a seed, 8 to 160 new bytes, stop strings, prompts of 20 to 600 bytes, some with n 2-3
 choices, a list of two prompts, logprobs, echo (or only scoring the prompt), a logit bias and
 penalties, JSON mode and a JSON schema, chat completions (a tenth, through a transcript chat
-template); a fifth of them
+template; two in five of them with tools: calls required, of a named function, left to the
+model, or none); a fifth of them
 streamed, and a third of those dropped by the client after a few events; one in twelve malformed
 (must get a 4xx). Every 50 requests the server's memory is read: the proportional set size summed
 over its process group (the server, its lane processes and their zygote), and the anonymous part
@@ -72,6 +73,14 @@ JSON_FORMATS = (
         "properties": {"name": {"type": "string"}, "size": {"type": ["integer", "null"]},
                        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}}}}}},
 )  # fmt: skip
+TOOLS = [
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+    {"type": "function", "function": {"name": "read_file", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["path", "lines"],
+        "properties": {"path": {"type": "string"}, "lines": {"type": ["integer", "null"]}}}}},
+]  # fmt: skip
+TOOL_CHOICES = ("required", {"type": "function", "function": {"name": "read_file"}}, "auto", "none")
+CALL_TAGS = ["--tool-call-start", "<tool_call>", "--tool-call-end", "</tool_call>"]  # what "auto" reads calls by
 SAMPLE_EVERY = 50
 GROWTH_FROM = 100  # requests: the batches have filled once by then (the first samples are warm-up)
 GROWTH_BOUND_MB = 50.0  # memory from the sample at GROWTH_FROM requests to the highest
@@ -127,6 +136,8 @@ def draw_requests(n: int, seed: int) -> list[dict]:
             body["messages"] = [{"role": "system", "content": "python"}, {"role": "user", "content": prompt}]
             if "logprobs" in body:
                 body |= {"logprobs": True, "top_logprobs": body["logprobs"]}
+            if body["mode"] != "blt-d" and "response_format" not in body and rng.random() < 0.4:  # tool calls
+                body |= {"tools": TOOLS, "tool_choice": TOOL_CHOICES[int(rng.integers(len(TOOL_CHOICES)))]}
         drop_after = int(rng.integers(1, 4)) if stream and rng.random() < 1 / 3 else None
         out.append({"i": i, "body": body, "stream": stream, "drop_after": drop_after})
     return out
@@ -150,8 +161,11 @@ async def send(client: httpx.AsyncClient, base: str, job: dict) -> dict:
             if r.status_code != 200:
                 return {"status": r.status_code}
             choices = sorted(r.json()["choices"], key=lambda c: c["index"])
-            return {"status": 200, "texts": [c["message"]["content"] if chat else c["text"] for c in choices]}
+            if not chat:
+                return {"status": 200, "texts": [c["text"] for c in choices]}
+            return {"status": 200, "texts": [answer(c["message"]) for c in choices]}
         texts: dict[int, str] = {}
+        calls: dict[int, list] = {}
         events = 0
         async with client.stream("POST", url, json=body) as r:
             if r.status_code != 200:
@@ -160,14 +174,24 @@ async def send(client: httpx.AsyncClient, base: str, job: dict) -> dict:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 for c in json.loads(line[6:])["choices"]:
-                    text = c["delta"].get("content", "") if chat else c["text"]
+                    text = (c["delta"].get("content") or "") if chat else c["text"]
                     texts[c["index"]] = texts.get(c["index"], "") + text
+                    calls.setdefault(c["index"], []).extend(c["delta"].get("tool_calls") or [] if chat else [])
                 events += 1
                 if job["drop_after"] is not None and events >= job["drop_after"]:
                     return {"status": 200, "dropped": True}  # leaving the block closes the connection
+        if chat:  # a streamed choice's content comes in pieces, its calls at its end
+            return {"status": 200, "texts": [answer({"content": texts[i] or None, "tool_calls": calls[i]})
+                                             for i in sorted(texts)]}  # fmt: skip
         return {"status": 200, "texts": [texts[i] for i in sorted(texts)]}
     except httpx.HTTPError as e:
         return {"status": 0, "error": f"{type(e).__name__}: {e}"}
+
+
+def answer(message: dict) -> str:
+    """A chat answer as one text to compare: its content, or its calls' names and arguments."""
+    calls = [[t["function"]["name"], t["function"]["arguments"]] for t in message.get("tool_calls") or []]
+    return json.dumps([message.get("content") or "", calls]) if calls else message.get("content") or ""
 
 
 def memory(srv) -> dict[str, float]:
@@ -281,9 +305,11 @@ def memory_of(name: str, args: list[str], env: dict[str, str], jobs: list[dict])
 def check(jobs: list[dict], results: dict[int, dict]) -> dict:
     """Compare finished greedy/seeded responses with Generator alone; count statuses."""
     from fastblt.runtime.generator import Generator
-    from fastblt.serve.chat import ChatTemplate
+    from fastblt.serve.chat import ChatTemplate, parse_chat_body
+    from fastblt.serve.tools import CallTags, read_calls, read_tagged
 
-    g, template = Generator("default"), ChatTemplate(CHAT_TEMPLATE)
+    tags = CallTags(CALL_TAGS[1], CALL_TAGS[3])
+    g, template = Generator("default"), ChatTemplate(CHAT_TEMPLATE, tags=tags)
     counts = {"ok": 0, "dropped": 0, "bad_4xx": 0, "bad_not_4xx": 0, "errors": 0, "compared": 0, "wrong": 0,
               "chat": 0}  # fmt: skip
     for job in jobs:
@@ -297,7 +323,11 @@ def check(jobs: list[dict], results: dict[int, dict]) -> dict:
         else:
             counts["ok"] += 1
             b = job["body"]
-            prompts = [template.render(b["messages"])] if "messages" in b else b["prompt"]
+            prompts = [template.render(b["messages"], b.get("tools"))] if "messages" in b else b["prompt"]
+            asked = {}  # what tool calls ask of the answer, as the server's parser states it
+            if "tools" in b:
+                asked = parse_chat_body(json.dumps(b).encode(), MODEL, "blt-s", template).options
+                asked = {x: asked[x] for x in ("format", "schema", "calls") if x in asked}
             prompts = prompts if isinstance(prompts, list) else [prompts]
             n = b.get("n", 1)
             counts["wrong"] += len(r["texts"]) != len(prompts) * n
@@ -310,9 +340,16 @@ def check(jobs: list[dict], results: dict[int, dict]) -> dict:
                     options["schema"] = b["response_format"].get("json_schema", {}).get("schema")
                 if "seed" in b:
                     options["seed"] = (b["seed"] + k % n) % 2**63
-                want = "" if b["max_tokens"] == 0 else g.generate(prompt, max_bytes=b["max_tokens"], **options).text
+                want = "" if b["max_tokens"] == 0 else g.generate(prompt, max_bytes=b["max_tokens"], **options,
+                                                                   **asked).text  # fmt: skip
+                if "calls" in asked:
+                    content, calls = read_tagged(want, tags)
+                    want = answer({"content": content, "tool_calls": calls})
+                elif "tools" in b and "schema" in asked:
+                    want = answer({"content": None, "tool_calls": read_calls(want)})
                 counts["compared"] += 1
                 counts["chat"] += "messages" in b
+                counts["tools"] = counts.get("tools", 0) + ("tools" in b)
                 counts["wrong"] += text != (prompt if b.get("echo") else "") + want
     g.close()
     return counts
@@ -378,7 +415,7 @@ def render(r: dict) -> str:
         f"{' but ' + ' '.join(m['server_args']) if m.get('server_args') else ''}; {CLIENTS} clients, "
         f"{m['requests']} requests in {r['wall_s']:.0f} s: every mode, greedy and seeded sampling, 8-160 bytes, "
         "some with n 2-3, two prompts, logprobs, echo or scoring only, a logit bias and penalties, JSON mode and "
-        "schemas, chat completions, "
+        "schemas, chat completions (with tool calls), "
         "a fifth streamed "
         "(a third of those dropped "
         "mid-stream), one in twelve malformed.",
@@ -389,9 +426,11 @@ def render(r: dict) -> str:
         "",
         "## Requests",
         "",
-        "| finished | choices compared with Generator | chat ones | dropped mid-stream | malformed -> 4xx | errors |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {c['ok']} | {c['compared']} | {c.get('chat', '')} | {c['dropped']} | {c['bad_4xx']} | {c['errors']} |",
+        "| finished | choices compared with Generator | chat ones | with tools | dropped mid-stream | malformed -> 4xx "
+        "| errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {c['ok']} | {c['compared']} | {c.get('chat', '')} | {c.get('tools', '')} | {c['dropped']} | {c['bad_4xx']} "
+        f"| {c['errors']} |",
         "",
         f"## Memory by lane layout (the first {LAYOUT_REQUESTS} requests, one server after another)",
         "",
@@ -473,7 +512,7 @@ def main() -> None:
     r: dict = {"meta": machine_meta() | {"command": command, "requests": args.requests, "server_args": server_args}}
     template = Path(tempfile.mkdtemp(prefix="fastblt-soak-")) / "transcript.jinja"
     template.write_text(CHAT_TEMPLATE)
-    chat_args = ["--chat-template", str(template)]
+    chat_args = ["--chat-template", str(template), *CALL_TAGS]
     with ServerProcess(server_args + chat_args) as srv:
         lanes = next(float(x.split()[-1]) for x in httpx.get(f"{srv.url}/metrics").text.splitlines()
                      if x.startswith("fastblt_batch_lanes "))  # fmt: skip
