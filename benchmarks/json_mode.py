@@ -86,7 +86,7 @@ def auto_calls() -> str:
     from fastblt.serve.tools import calls_schema
 
     call = calls_schema({"read_file": PARAMETERS, "list_dir": PARAMETERS}, True)["properties"]["tool_calls"]["items"]
-    return json.dumps({"start": "<tool_call>", "end": "</tool_call>", "most": None, "schema": call})
+    return json.dumps({"start": "<tool_call>", "end": "</tool_call>", "most": None, "lead": False, "schema": call})
 
 
 def tool_grammar(n: int) -> dict:

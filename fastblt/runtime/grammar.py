@@ -45,7 +45,7 @@ FORMATS = ("json",)  # DecodeOptions.format, as users ask for it
 CALLS = "calls"  # the format of DecodeOptions.calls (set with them, never asked for alone)
 
 # what a state expects next
-START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, END = range(12)
+START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, END, OPEN = range(13)
 WHITESPACE = frozenset(b" \t\n\r")
 BETWEEN_TOKENS = frozenset((VALUE, KEY, COLON, AFTER))  # where whitespace may come
 DIGITS = frozenset(b"0123456789")
@@ -134,17 +134,18 @@ class Union(Node):
 
 class Tagged(Node):
     """Free text in which each `start` opens one value of `call` (whitespace may come between),
-    closed by `end` (likewise), at most `most` of them (None: any number): tool calls where the
-    model decides whether to make one (chat's tool_choice "auto", serve/tools.py). Free text is
+    closed by `end` (likewise), at most `most` of them (None: any number; 0: none, the start text
+    never written): tool calls in a model's own format (chat's tools, serve/tools.py). `lead`:
+    the text starts with a call (a call asked for), else the model decides. Free text is
     unconstrained; EOS comes only there. Only a root (`begin`); its frame counts the calls made,
     up to `most`."""
 
     first = frozenset(range(256))
 
-    def __init__(self, start: bytes, call: Node, end: bytes = b"", most: int | None = None):
+    def __init__(self, start: bytes, call: Node, end: bytes = b"", most: int | None = None, lead: bool = False):
         if not start:
             raise InputError("option calls: start must be a non-empty text")
-        self.start, self.call, self.end, self.most = start, call, end, most
+        self.start, self.call, self.end, self.most, self.lead = start, call, end, most, lead
         self.width = call.width + 1  # + whitespace read both before an end text and as its start
 
 
@@ -209,20 +210,24 @@ def compile_schema(schema: Any) -> Obj:
 @lru_cache(maxsize=64)
 def tagged(text: str) -> Tagged:
     """The Tagged root in JSON text `text`: {"start": str, "end": str, "most": int or null,
-    "schema": a JSON schema of one call (any root)}, compiled once (DecodeOptions.calls)."""
+    "lead": bool, "schema": a JSON schema of one call (any root)}, compiled once
+    (DecodeOptions.calls)."""
     try:
         spec = json.loads(text)
     except ValueError as e:
         raise InputError(f"option calls: not JSON ({e})") from None
-    if not isinstance(spec, dict) or set(spec) != {"start", "end", "most", "schema"}:
-        raise InputError('option calls: expected {"start": str, "end": str, "most": int or null, "schema": {...}}')
-    start, end, most = spec["start"], spec["end"], spec["most"]
+    if not isinstance(spec, dict) or set(spec) != {"start", "end", "most", "lead", "schema"}:
+        raise InputError('option calls: expected {"start": str, "end": str, "most": int or null, "lead": bool, '
+                         '"schema": {...}}')  # fmt: skip
+    start, end, most, lead = spec["start"], spec["end"], spec["most"], spec["lead"]
     if not (isinstance(start, str) and start and isinstance(end, str)):
         raise InputError("option calls: start must be a non-empty string, end a string")
-    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
-        raise InputError(f"option calls.most: expected an integer >= 1 or null, got {most!r}")
+    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 0):
+        raise InputError(f"option calls.most: expected an integer >= 0 or null, got {most!r}")
+    if not isinstance(lead, bool) or (lead and most == 0):
+        raise InputError(f"option calls.lead: expected true or false (false when most is 0), got {lead!r}")
     call = _Compiler(spec["schema"]).compile(spec["schema"], "calls.schema")
-    return Tagged(start.encode(), call, end.encode(), most)
+    return Tagged(start.encode(), call, end.encode(), most, lead)
 
 
 @lru_cache(maxsize=64)
@@ -378,7 +383,7 @@ def begin(root: Node = JSON_OBJECT) -> State:
     """The state before the first byte of a text of schema `root` (any object by default; an array
     root's text starts with "[" and closes with its "]"; a Tagged root's is free text)."""
     if isinstance(root, Tagged):
-        return ((((root, 0),), FREE, 0, 0),)
+        return ((((root, 0),), OPEN if root.lead else FREE, root.start if root.lead else 0, 0),)
     return (((), START, root, 0),)
 
 
@@ -418,10 +423,12 @@ def _step(p: Path, b: int) -> tuple[Path, ...]:
         if k < len(tag.start):
             return ((stack, FREE, k, 0),)
         return () if n == tag.most else ((stack, VALUE, (False, tag.call), 0),)  # a call opens
-    if mode == END:  # sub: the rest of the end text
+    if mode in (END, OPEN):  # sub: the rest of a call's end text, or of the start text that leads
         if b != sub[0]:
             return ()
-        return ((stack, END, sub[1:], 0),) if len(sub) > 1 else (_called(stack),)
+        if len(sub) > 1:
+            return ((stack, mode, sub[1:], 0),)
+        return (_called(stack),) if mode == END else ((stack, VALUE, (False, stack[-1][0].call), 0),)
     if mode == NUMBER:
         phase, integer = sub
         nxt = _number(phase, integer, b)
@@ -670,7 +677,7 @@ def _spelled(mode: int, sub: Any) -> set[int] | None:
         return {r[0] for r, _ in sub}
     if mode == LITERAL and b"" not in sub:
         return {r[0] for r in sub}
-    if mode == END:
+    if mode in (END, OPEN):
         return {sub[0]}
     return None
 

@@ -67,9 +67,10 @@ class DecodeOptions:
     schema: a JSON schema (a dict, or its JSON text; OpenAI's strict subset, grammar.compile_schema)
     the object must follow; implies format "json". Kept as JSON text.
     calls: tool calls in free text, JSON text {"start": str, "end": str, "most": int or null,
-    "schema": a call's JSON schema} (grammar.tagged; serve/tools.py builds it for tool_choice
-    "auto"): the output is free text in which each `start` opens one value of the schema, held to
-    it and closed by `end`; EOS only in free text. Implies format "calls"; no schema with it.
+    "lead": bool, "schema": a call's JSON schema} (grammar.tagged; serve/tools.py builds it for a
+    model's own call format): the output is free text in which each `start` opens one value of
+    the schema, held to it and closed by `end`, at most `most` of them (`lead`: the text starts
+    with one); EOS only in free text. Implies format "calls"; no schema with it.
     """
 
     mode: str = "blt-d"

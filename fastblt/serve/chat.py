@@ -149,7 +149,7 @@ def parse_chat_body(raw: bytes, model_id: str, default_mode: str, template: Chat
                            "holds the answer to the calls' format)", "response_format")  # fmt: skip
         if tools.calls is not None:
             options["calls"] = tools.calls
-            shape = TaggedShape(template.tags)  # type: ignore[arg-type]
+            shape = TaggedShape(template.tags, tools.named)  # type: ignore[arg-type]
         else:
             options |= {"format": "json", "schema": tools.schema}
             shape = ToolShape(tools.named)
@@ -302,23 +302,24 @@ class ToolShape(ChatShape):
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": self.reason(reason, calls)}
 
 
-class TaggedShape(ChatShape):
-    """How an answer of free text with calls (tool_choice "auto") looks: the text before the first
-    call's start is the message's `content`, the calls its `tool_calls` (tools.read_tagged).
+class TaggedShape(ToolShape):
+    """How an answer in the model's own call format (the template's call tags) looks: the text
+    before the first call's start is the message's `content`, the calls its `tool_calls`
+    (tools.read_tagged); finish_reason as ToolShape's.
     Streamed, the content goes out as it comes, less what could still be the start of a call;
     once a call starts, nothing more until the choice ends, whose last delta has the calls. One
     per request: it holds each streamed choice's text."""
 
-    def __init__(self, tags: CallTags):
-        self.tags, self.texts, self.sent, self.calling = tags, {}, {}, set()
+    def __init__(self, tags: CallTags, named: bool = False):
+        super().__init__(named)
+        self.tags, self.sent, self.calling = tags, {}, set()
 
     def choice(self, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
         content, calls = read_tagged(text, self.tags)
         message = {"role": "assistant", "content": content if content or not calls else None, "refusal": None}
         if calls:
             message["tool_calls"] = calls
-        reason = "tool_calls" if reason == "stop" and calls else reason
-        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.reason(reason, calls)}
 
     def delta(self, text: str, reason: str | None, index: int, logprobs: dict | None, first: bool) -> dict:
         whole = self.texts[index] = self.texts.get(index, "") + text
@@ -337,7 +338,7 @@ class TaggedShape(ChatShape):
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         if ready > sent:
             delta["content"] = whole[sent:ready]
-        if reason is not None and (calls := read_tagged(whole, self.tags)[1]):
+        calls = read_tagged(whole, self.tags)[1] if reason is not None else []
+        if calls:
             delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(calls)]
-            reason = "tool_calls" if reason == "stop" else reason
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": self.reason(reason, calls)}

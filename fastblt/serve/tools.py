@@ -10,13 +10,14 @@ keys in that order, `name` one of the tools' (the named one only, for a named ch
 `arguments` what that function's `parameters` schema admits (grammar.compile_schema's subset;
 none given: `{}`), one call or more (one with `parallel_tool_calls: false` or a named choice).
 
-"auto" (OpenAI's default with tools) lets the model decide, so fastblt must know how a call looks
-in the model's own format: the operator names the text that starts one and the text that ends
-it (`CallTags`, `fastblt serve --tool-call-start/--tool-call-end`). The answer is then free text
+A model tuned for tools writes calls in a format of its own: the operator names the text that
+starts one and the text that ends it (`CallTags`, `fastblt serve --tool-call-start /
+--tool-call-end`), and every choice is then held to that format (DecodeOptions.calls): free text
 (no grammar on it) in which each start text opens one call, `{"name": ..., "arguments": ...}`
-held like the above, closed by the end text (DecodeOptions.calls). Without tags "auto" is refused
-by name: fastblt does not guess whether free text is a call. The template is where a model is
-told the format; docs/serving.md shows one that does.
+held like the above, closed by the end text; "auto" (OpenAI's default with tools) lets the model
+decide, "required" and a named function lead with a call, "none" keeps the start text out.
+Without tags "auto" is refused by name: fastblt does not guess whether free text is a call. The
+template is where a model is told the format; docs/serving.md shows one that does.
 """
 
 from __future__ import annotations
@@ -72,25 +73,32 @@ def parse_tools(body: dict, tags: CallTags | None = None) -> Tools | None:
                            "tools", "tool_choice")  # fmt: skip
         return None
     functions = _functions(listed)
-    if choice is None or choice == "auto":
-        if tags is None:
-            raise ApiError(400, 'tool_choice: "auto" (OpenAI\'s default when tools are given) needs the text that '
-                           "starts a call in the template's format (this server has no --tool-call-start); send "
-                           '"required", {"type": "function", "function": {"name": ...}} or "none"',
-                           "tool_choice")  # fmt: skip
-        call, defs = _call_schema(functions)
-        spec = {"start": tags.start, "end": tags.end, "most": None if parallel else 1,
-                "schema": call | ({"$defs": defs} if defs else {})}  # fmt: skip
-        return Tools(listed, calls=_checked(spec, grammar.tagged))
-    if choice == "none":
-        return Tools(listed)
-    if choice == "required":
-        return Tools(listed, _checked(calls_schema(functions, parallel)))
-    name = _named(choice)
-    if name not in functions:
-        raise ApiError(400, f"tool_choice: function {name!r} is not one of the tools ({', '.join(functions)})",
+    choice = "auto" if choice is None else choice
+    if choice == "auto" and tags is None:
+        raise ApiError(400, 'tool_choice: "auto" (OpenAI\'s default when tools are given) needs the text that '
+                       "starts a call in the template's format (this server has no --tool-call-start); send "
+                       '"required", {"type": "function", "function": {"name": ...}} or "none"',
                        "tool_choice")  # fmt: skip
-    return Tools(listed, _checked(calls_schema({name: functions[name]}, parallel=False)), named=True)
+    if choice == "none":  # in the model's format, the start text is kept out: no call
+        return Tools(listed, calls=None if tags is None else _tagged(tags, functions, most=0, lead=False))
+    named = choice not in ("auto", "required")
+    if named:
+        name = _named(choice)
+        if name not in functions:
+            raise ApiError(400, f"tool_choice: function {name!r} is not one of the tools ({', '.join(functions)})",
+                           "tool_choice")  # fmt: skip
+        functions, parallel = {name: functions[name]}, False
+    if tags is not None:  # the model's own format: calls asked for lead the text
+        return Tools(listed, named=named, calls=_tagged(tags, functions, None if parallel else 1, choice != "auto"))
+    return Tools(listed, _checked(calls_schema(functions, parallel)), named=named)
+
+
+def _tagged(tags: CallTags, functions: dict[str, dict], most: int | None, lead: bool) -> str:
+    """DecodeOptions.calls for `functions` in the format `tags` mark."""
+    call, defs = _call_schema(functions)
+    spec = {"start": tags.start, "end": tags.end, "most": most, "lead": lead,
+            "schema": call | ({"$defs": defs} if defs else {})}  # fmt: skip
+    return _checked(spec, grammar.tagged)
 
 
 def _checked(schema: dict, compile: Callable[[str], Any] = grammar.compiled) -> str:
@@ -143,7 +151,7 @@ def _functions(listed: Any) -> dict[str, dict]:
 
 def _named(choice: Any) -> str:
     if isinstance(choice, str):
-        raise ApiError(400, f'tool_choice: expected "none", "required" or {{"type": "function", "function": '
+        raise ApiError(400, f'tool_choice: expected "auto", "none", "required" or {{"type": "function", "function": '
                        f'{{"name": ...}}}}, got {choice[:40]!r}', "tool_choice")  # fmt: skip
     ok = isinstance(choice, dict) and set(choice) == {"type", "function"} and choice["type"] == "function"
     spec = choice["function"] if ok else None

@@ -157,7 +157,7 @@ def test_free_text_with_calls_is_ar_until_a_call_opens_and_the_verified_modes_eq
     at = next(i for i in range(len(free) - 1) if all(0x21 <= b < 0x7F and b not in b"{" for b in free[i : i + 2]))
     start = free[at : at + 2]
     at = free.find(start)  # its first place
-    calls = json.dumps({"start": start.decode(), "end": "\n</c>", "most": None, "schema": SCHEMA})
+    calls = json.dumps({"start": start.decode(), "end": "\n</c>", "most": None, "lead": False, "schema": SCHEMA})
     want = _masked_recompute(model, prompt, grammar.tagged(calls))
     text = bytes(t - BYTE_OFFSET for t in want if t != EOS_ID)
     call = text[at + 2 :].lstrip(b" \t\n\r")

@@ -28,7 +28,7 @@ from fastblt.runtime.stream import Output, TextChunker
 
 from tiny import make_model
 
-CALLS = '{"start": "<c>", "end": "", "most": null, "schema": {"type": "object"}}'  # DecodeOptions.calls
+CALLS = '{"start": "<c>", "end": "", "most": null, "lead": false, "schema": {"type": "object"}}'  # DecodeOptions.calls
 BAD_OPTIONS = [
     (dict(mode="beam"), InputError, "mode"),
     (dict(max_bytes=0), InputError, "max_bytes"),
@@ -82,7 +82,7 @@ BAD_OPTIONS = [
     (dict(mode="ar", calls=CALLS, format="json"), InputError, "option calls: free text with calls is a format of"),
     (dict(mode="ar", calls=CALLS, schema={"type": "object"}), InputError, "option calls: free text with calls"),
     (dict(calls=CALLS), InputError, "option format: blt-d's diffusion head chooses"),
-    (dict(mode="ar", calls=CALLS.replace('"most": null', '"most": 0')), InputError, r"option calls\.most"),
+    (dict(mode="ar", calls=CALLS.replace('"most": null', '"most": -1')), InputError, r"option calls\.most"),
     (dict(mode="ar", calls={"start": "<c>"}), InputError, "option calls: expected JSON text"),
     (dict(mode="ar", format="calls"), InputError, "option format: 'calls' is unknown; choose one of json"),
 ]

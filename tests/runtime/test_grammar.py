@@ -457,8 +457,8 @@ def test_what_a_schema_cannot_hold_a_text_to_is_refused_by_name(schema, match):
 CALL = obj({"name": {"enum": ["f", "g"]}, "arguments": obj({"q": {"type": "string"}})})
 
 
-def calls(start="<call>", end="\n</call>", most=None, schema=CALL) -> str:
-    return json.dumps({"start": start, "end": end, "most": most, "schema": schema})
+def calls(start="<call>", end="\n</call>", most=None, schema=CALL, lead=False) -> str:
+    return json.dumps({"start": start, "end": end, "most": most, "lead": lead, "schema": schema})
 
 
 @settings(max_examples=100, deadline=None)
@@ -510,6 +510,21 @@ def test_most_calls_refuses_the_start_of_one_more():
     s = read(root, one)
     assert s is not None and b">" not in allowed(s) and done(s)
     assert read(tagged(calls(most=2)), one + b'>{"name":"g"') is not None
+    none = read(tagged(calls(most=0)), b"free <cal")  # no call at all: the start text is never whole
+    assert b"l" in allowed(none) and read(tagged(calls(most=0)), b"free <call>") is None
+
+
+def test_a_leading_call_starts_the_text_and_free_text_may_follow_it():
+    """lead (a call asked for): the start text is the text's first bytes, one call follows; then
+    free text, where EOS may come or, up to `most`, another call."""
+    root = tagged(calls(lead=True))
+    assert allowed(begin(root)) == b"<" and mask(begin(root))[EOS_ID] != 0
+    assert read(root, b"x") is None and read(root, b"<call>x") is None
+    s = read(root, b'<call> {"name": "f", "arguments": {"q": ""}}\n</call>')
+    assert s is not None and done(s)
+    assert read(root, b'<call> {"name": "f", "arguments": {"q": ""}}\n</call> and <call>{"name": "g"') is not None
+    once = tagged(calls(lead=True, most=1))
+    assert b">" not in allowed(read(once, b'<call>{"name":"f","arguments":{"q":""}}\n</call><call'))
 
 
 @pytest.mark.parametrize(
@@ -518,7 +533,8 @@ def test_most_calls_refuses_the_start_of_one_more():
         ("{", r"option calls: not JSON"),
         ('{"start": "<c>"}', r"option calls: expected"),
         (calls(start=""), r"start must be a non-empty string"),
-        (calls(most=0), r"option calls\.most: expected an integer >= 1"),
+        (calls(most=-1), r"option calls\.most: expected an integer >= 0"),
+        (calls(most=0, lead=True), r"option calls\.lead: expected true or false \(false when most is 0\)"),
         (
             calls(schema={"type": "object", "properties": {"a": {"pattern": "x"}}}),
             r"calls\.schema\.properties\.a\.pattern",

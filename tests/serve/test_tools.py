@@ -248,7 +248,8 @@ def test_auto_holds_free_text_with_calls_to_their_format():
     body = {"model": MODEL, "messages": MESSAGES, "tools": TOOLS}
     comp = parse_chat_body(json.dumps(body).encode(), MODEL, "blt-s", TAGGED)
     spec = json.loads(comp.options["calls"])
-    assert "format" not in comp.options and (spec["start"], spec["end"], spec["most"]) == (">", "</call>", None)
+    assert "format" not in comp.options and (spec["start"], spec["end"], spec["most"], spec["lead"]) == (
+        ">", "</call>", None, False)  # fmt: skip
     root = grammar.tagged(comp.options["calls"])
     text = b'so > {"name": "get_time", "arguments": {}}</call> and '
     text += b'>{"name":"get_weather","arguments":{"city":"a","unit":"f"}}'
@@ -259,6 +260,29 @@ def test_auto_holds_free_text_with_calls_to_their_format():
     with pytest.raises(ApiError) as e:  # a template without tags: no "auto"
         parse(tool_choice="auto")
     assert e.value.param == "tool_choice" and "--tool-call-start" in e.value.message
+
+
+@pytest.mark.parametrize(
+    "choice, most, lead, names",
+    [
+        ("required", None, True, ["get_weather", "get_time"]),
+        ({"type": "function", "function": {"name": "get_time"}}, 1, True, ["get_time"]),
+        ("none", 0, False, ["get_weather", "get_time"]),
+    ],
+)
+def test_with_call_tags_every_choice_is_held_to_the_models_own_format(choice, most, lead, names):
+    """With the template's call tags, a call asked for leads the text in that format (not the JSON
+    answer of a template without them), and "none" keeps the start text out."""
+    body = {"model": MODEL, "messages": MESSAGES, "tools": TOOLS, "tool_choice": choice}
+    comp = parse_chat_body(json.dumps(body).encode(), MODEL, "blt-s", TAGGED)
+    spec = json.loads(comp.options["calls"])
+    assert "schema" not in comp.options and (spec["most"], spec["lead"]) == (most, lead)
+    root = grammar.tagged(comp.options["calls"])
+    for name in ("get_weather", "get_time"):
+        call = json.dumps({"name": name, "arguments": {"city": "a", "unit": "c"} if name == "get_weather" else {}})
+        state = grammar.advance(grammar.begin(root), [b + 4 for b in f"> {call}</call>".encode()])
+        assert (state is not None and grammar.done(state)) == (name in names and most != 0), (choice, name)
+    assert (grammar.advance(grammar.begin(root), [b + 4 for b in b"free text"]) is None) == lead
 
 
 def test_free_text_with_calls_is_read_into_content_and_calls_and_streamed_without_a_starts_bytes():
@@ -299,6 +323,15 @@ def test_auto_answers_are_the_generators_free_text_with_calls(tagged_server, ref
     c, prompt = client(tagged_server), TEMPLATE.render(MESSAGES, TOOLS)
     body = {"model": MODEL, "messages": MESSAGES, "tools": TOOLS}
     spec = parse_chat_body(json.dumps(body).encode(), MODEL, "blt-s", TAGGED).options["calls"]  # what "auto" asks for
+    required = json.loads(parse_chat_body(json.dumps({**body, "tool_choice": "required"}).encode(), MODEL, "blt-s",
+                                          TAGGED).options["calls"])  # fmt: skip
+    gen = reference.generate(prompt, mode="blt-s", max_bytes=300, calls=json.dumps(required), stop=[CHAT_STOP],
+                             temperature=0)  # fmt: skip
+    (ch,) = c.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                      max_tokens=300, temperature=0).choices  # fmt: skip
+    assert gen.text.startswith(">") and ch.message.content is None  # the call leads, in the model's format
+    assert [t.function.model_dump() for t in ch.message.tool_calls] == [x["function"] for x in read_tagged(
+        gen.text, TAGS)[1]]  # fmt: skip
     seen = set()
     for seed in (None, 0, 2):
         sampling = {"temperature": 0} if seed is None else {"temperature": 0.8, "seed": seed}
