@@ -46,6 +46,7 @@ from fastblt.runtime.prompt_cache import DEFAULT_MB
 from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, create_app
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.process import free_port
+from fastblt.serve.ray_route import ROUTER_PATH
 from fastblt.serve.tools import CallTags
 
 APP = "fastblt"
@@ -165,6 +166,8 @@ class DeploymentOptions:
         entry["graceful_shutdown_timeout_s"] = self.graceful_timeout
         entry["health_check_period_s"] = HEALTH_CHECK_S
         entry["ray_actor_options"] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        # a conversation's turns to the replica that keeps its prompt snapshots (ray_route.py)
+        entry["request_router_config"] = {"request_router_class": ROUTER_PATH}
         return entry
 
 

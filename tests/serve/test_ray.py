@@ -30,6 +30,7 @@ from fastblt.serve import ray_serve  # noqa: E402
 from fastblt.serve.app import REPLICA_HEADER  # noqa: E402
 from fastblt.serve.chat import ChatTemplate  # noqa: E402
 from fastblt.serve.process import ServerProcess  # noqa: E402
+from fastblt.serve.ray_route import SESSION_HEADER  # noqa: E402
 from fastblt.serve.ray_serve import DeploymentOptions, RayServer, ServerOptions  # noqa: E402
 
 MODEL = "fastblt-default"
@@ -235,6 +236,31 @@ def test_each_replica_has_its_metrics(ray_server, reference):
             seen |= set(re.findall(r'^ray_fastblt_batch_rows\{[^}]*\breplica="(\w+)"', text, re.M))
         time.sleep(2)
     assert ids <= seen, f"replicas {ids - seen} not in Ray's metrics"
+
+
+@pytest.mark.timeout(300)
+def test_a_sessions_requests_go_to_one_replica_whose_snapshots_its_next_turn_loads(ray_server):
+    """x-session-id: every request of a session goes to one replica, sessions spread over
+    both (rendezvous hashing on Ray's replica ids), so a conversation's second turn loads the
+    snapshot its first kept there (cached_tokens); requests without it still reach both (the
+    load test above)."""
+    c = openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key="-", max_retries=0, timeout=120)
+    where: dict[str, set[str]] = {}
+    for key in [f"session-{i}" for i in range(16)]:
+        for _ in range(2):
+            r = c.completions.with_raw_response.create(model=MODEL, prompt="x = ", max_tokens=2, temperature=0,
+                                                       extra_headers={SESSION_HEADER: key})  # fmt: skip
+            where.setdefault(key, set()).add(r.headers[REPLICA_HEADER])
+    assert all(len(replicas) == 1 for replicas in where.values()), where
+    assert set().union(*where.values()) == set(ray_server.replicas())
+    session = {SESSION_HEADER: "conversation"}
+    messages = [{"role": "user", "content": "def total(rows):\n" + "    s = s + rows[0] * rows[1]\n" * 24}]
+    first = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                      extra_headers=session)  # fmt: skip
+    messages += [first.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "and then"}]
+    second = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                       extra_headers=session)  # fmt: skip
+    assert second.usage.prompt_tokens_details.cached_tokens > 256
 
 
 @pytest.mark.timeout(420)
