@@ -3,8 +3,9 @@
 Fast (no cluster): --print-config is a valid Serve config that deploys what the options say; the
 --ray options are checked together. On a local two-node cluster (127.0.0.1 only, one CPU per node
 so each replica has a node of its own): completions through Ray Serve's proxy equal
-Generator.generate, both replicas answer, each replica's metrics reach Ray's exporter, and a replica
-killed under load costs only clean, retryable failures of the requests it held, then comes back.
+Generator.generate, both replicas answer, a session's requests stick to one replica (whose prompt
+snapshots its next turn loads), each replica's metrics reach Ray's exporter, and a replica killed
+under load costs only clean, retryable failures of the requests it held, then comes back.
 """
 
 from __future__ import annotations
