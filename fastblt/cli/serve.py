@@ -53,7 +53,8 @@ from fastblt.runtime.prompt_cache import DEFAULT_MB
               "'<tool_call>'): serves tool_choice \"auto\", where the model decides whether to call [default: "
               "only \"required\", a named function or \"none\"].")  # fmt: skip
 @click.option("--tool-call-end", metavar="TEXT", default="",
-              help="With --tool-call-start: the text that ends a call (e.g. '</tool_call>') [default: none].")  # fmt: skip
+              help="With --tool-call-start: the text that ends a call (e.g. '</tool_call>') "
+              "[default: none].")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
 @click.option("--max-context", type=click.IntRange(2), default=None,

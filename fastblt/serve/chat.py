@@ -305,10 +305,10 @@ class ToolShape(ChatShape):
 class TaggedShape(ToolShape):
     """How an answer in the model's own call format (the template's call tags) looks: the text
     before the first call's start is the message's `content`, the calls its `tool_calls`
-    (tools.read_tagged); finish_reason as ToolShape's.
-    Streamed, the content goes out as it comes, less what could still be the start of a call;
-    once a call starts, nothing more until the choice ends, whose last delta has the calls. One
-    per request: it holds each streamed choice's text."""
+    (tools.read_tagged); finish_reason as ToolShape's. Streamed, the content goes out as it
+    comes, less what could still be the start of a call; once a call starts, nothing more until
+    the choice ends, whose last delta has the calls. One per request: it holds each streamed
+    choice's text."""
 
     def __init__(self, tags: CallTags, named: bool = False):
         super().__init__(named)
