@@ -136,9 +136,9 @@ class Tagged(Node):
     """Free text in which each `start` opens one value of `call` (whitespace may come between),
     closed by `end` (likewise), at most `most` of them (None: any number; 0: none, the start text
     never written): tool calls in a model's own format (chat's tools, serve/tools.py). `lead`:
-    the text starts with a call (a call asked for), else the model decides. Free text is
-    unconstrained; EOS comes only there. Only a root (`begin`); its frame counts the calls made,
-    up to `most`."""
+    the text starts with a call (a call asked for), else the model decides. Free text takes any
+    byte (a text holds no special ids); EOS comes only there. Only a root (`begin`); its frame
+    counts the calls made, up to `most`."""
 
     first = frozenset(range(256))
 
@@ -474,7 +474,6 @@ def _step(p: Path, b: int) -> tuple[Path, ...]:
         node, i = stack[-1]
         if isinstance(node, Arr):
             return _after_item(stack, node, i, b)
-
         if node.keys is None:
             if b == ord(","):
                 return ((stack, KEY, False, 0),)

@@ -14,6 +14,7 @@ prompt's bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime
 from pathlib import Path
@@ -143,6 +144,8 @@ def parse_chat_body(raw: bytes, model_id: str, default_mode: str, template: Chat
     if template.stops:  # the request's own first, then the template's turn ends
         options["stop"] = list(dict.fromkeys([*options.get("stop", []), *template.stops]))
     tools, shape, format_field = parse_tools(body, template.tags), CHAT, "response_format"
+    if tools is not None and tools.none and "format" in options:  # a JSON answer, and no call in it
+        tools = dataclasses.replace(tools, calls=None)
     if tools is not None and (tools.schema or tools.calls):  # calls may come: they are held to their schema
         if "format" in options:
             raise ApiError(400, "response_format: a JSON format cannot be combined with tool calls (tool_choice "

@@ -59,6 +59,7 @@ class Tools:
     schema: str | None = None
     named: bool = False  # a named choice: OpenAI's finish_reason is then "stop", not "tool_calls"
     calls: str | None = None
+    none: bool = False  # tool_choice "none": `calls`, if any, only keeps the start text out
 
 
 def parse_tools(body: dict, tags: CallTags | None = None) -> Tools | None:
@@ -80,7 +81,7 @@ def parse_tools(body: dict, tags: CallTags | None = None) -> Tools | None:
                        '"required", {"type": "function", "function": {"name": ...}} or "none"',
                        "tool_choice")  # fmt: skip
     if choice == "none":  # in the model's format, the start text is kept out: no call
-        return Tools(listed, calls=None if tags is None else _tagged(tags, functions, most=0, lead=False))
+        return Tools(listed, calls=None if tags is None else _tagged(tags, functions, most=0, lead=False), none=True)
     named = choice not in ("auto", "required")
     if named:
         name = _named(choice)

@@ -283,6 +283,13 @@ def test_with_call_tags_every_choice_is_held_to_the_models_own_format(choice, mo
         state = grammar.advance(grammar.begin(root), [b + 4 for b in f"> {call}</call>".encode()])
         assert (state is not None and grammar.done(state)) == (name in names and most != 0), (choice, name)
     assert (grammar.advance(grammar.begin(root), [b + 4 for b in b"free text"]) is None) == lead
+    fmt = {"type": "json_object"}
+    if choice == "none":  # a JSON answer with the tools shown: JSON mode holds it, no call can come
+        comp = parse_chat_body(json.dumps({**body, "response_format": fmt}).encode(), MODEL, "blt-s", TAGGED)
+        assert comp.options["format"] == "json" and "calls" not in comp.options
+    else:
+        with pytest.raises(ApiError, match="cannot be combined with tool calls"):
+            parse_chat_body(json.dumps({**body, "response_format": fmt}).encode(), MODEL, "blt-s", TAGGED)
 
 
 def test_free_text_with_calls_is_read_into_content_and_calls_and_streamed_without_a_starts_bytes():
