@@ -193,7 +193,9 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             gens = await _unless_gone(_together(eng.generate(job.req) for job in jobs), request, inflight)
             for gen in gens:
                 m.generation(gen, arrived)
-            response = JSONResponse(_answer(comp, jobs, gens, settings.model_id, state["fingerprint"]))
+            answer = _answer(comp, jobs, gens, settings.model_id, state["fingerprint"])
+            m.tool_calls(mode, sum(len(c.get("message", {}).get("tool_calls") or ()) for c in answer["choices"]))
+            response = JSONResponse(answer)
         except ApiError as e:
             m.request(e.status, mode)
             raise
@@ -477,6 +479,7 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
         logprobs = None if scores is None else scored[j].add(*scores)
         choices = [shape.delta(text, reason, i, logprobs, not started[j]) for i in jobs[j].indices]
         started[j] = True
+        m.tool_calls(comp.options["mode"], sum(len(c.get("delta", {}).get("tool_calls") or ()) for c in choices))
         body = shape.body(cid, settings.model_id, choices, created=created, fingerprint=fp, chunk=True)
         if comp.include_usage:
             body["usage"] = None  # only the last chunk, after the choices, carries it

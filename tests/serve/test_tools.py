@@ -6,7 +6,9 @@ calls and their results back; every malformed tool, choice and message a 400 nam
 from __future__ import annotations
 
 import json
+import re
 
+import httpx
 import jsonschema
 import openai
 import pydantic
@@ -177,12 +179,14 @@ def test_required_calls_equal_the_generators_answer_under_their_schema(server, r
             jsonschema.validate(json.loads(t["arguments"]), PARAMETERS[t["name"]])
         closed += ch.finish_reason == "tool_calls"
 
+        before = calls_counted(server, mode)
         chunks = list(c.chat.completions.create(stream=True, **ask))
         deltas = [x.choices[0].delta for x in chunks]
         assert deltas[0].role == "assistant" and not any(d.content for d in deltas)
         streamed = [t for d in deltas for t in d.tool_calls or []]
         assert [{"name": t.function.name, "arguments": t.function.arguments} for t in streamed] == want
         assert [t.index for t in streamed] == list(range(len(want)))
+        assert calls_counted(server, mode) - before == len(want)  # streamed calls are counted too
         assert [x.choices[0].finish_reason for x in chunks][-1] == ch.finish_reason
     assert closed >= 1
 
@@ -216,11 +220,19 @@ def test_a_named_function_is_called_and_the_client_parses_its_arguments(server, 
     assert parsed >= 1
 
 
+def calls_counted(server, mode: str = "blt-s") -> float:
+    """fastblt_tool_calls_total{mode=...} on the server's /metrics (0 before the first)."""
+    text = httpx.get(f"{server.url}/metrics").text
+    m = re.search(rf'^fastblt_tool_calls_total\{{mode="{mode}"\}} (\S+)$', text, re.M)
+    return 0.0 if m is None else float(m.group(1))
+
+
 def test_a_conversation_with_a_calls_result_is_answered(server):
-    c = client(server)
+    c, before = client(server), calls_counted(server)
     r = c.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=300,
                                   temperature=0)  # fmt: skip
     message = r.choices[0].message
+    assert calls_counted(server) - before == len(message.tool_calls) >= 1  # /metrics counts them
     results = [{"role": "tool", "tool_call_id": t.id, "content": "21"} for t in message.tool_calls]
     messages = [*MESSAGES, message.model_dump(exclude_none=True), *results]
     r2 = c.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=16,
