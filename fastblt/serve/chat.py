@@ -44,9 +44,11 @@ from fastblt.serve.tools import CallTags, call_message, parse_tools, read_calls,
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 ROLES = ("system", "developer", "user", "assistant", "tool")  # "function" (OpenAI's deprecated tool role) is refused
+# the last two are vLLM's: an answer that continues the final (assistant's) message
 FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream",
           "stream_options", "user", "logprobs", "top_logprobs", "n", "logit_bias", "presence_penalty",
-          "frequency_penalty", "response_format", "tools", "tool_choice", "parallel_tool_calls"}  # fmt: skip
+          "frequency_penalty", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+          "continue_final_message", "add_generation_prompt"}  # fmt: skip
 # OpenAI fields fastblt accepts only as "not asked for" (text only; functions are the deprecated tools)
 NEUTRAL = {"functions": (None, []), "function_call": (None, "none"), "store": (None, False), "metadata": (None, {}),
            "modalities": (None, ["text"]), "service_tier": (None, "auto", "default"), "reasoning_effort": (None,),
@@ -90,19 +92,30 @@ class ChatTemplate:
         origin = f"chat template {path}"
         return cls(read_text(Path(path), origin, "a Jinja file"), origin, stops, tags)
 
-    def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
+    def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None, generation_prompt: bool = True,
+               continue_final: bool = False) -> str:  # fmt: skip
         """The prompt for `messages` (and the request's `tools`, OpenAI's list, as Hugging Face
-        passes them), ending where the assistant's next message starts. A template that refuses
-        them (raise_exception) is a 400 naming `messages`; one that fails otherwise is the
-        server's fault (500)."""
+        passes them), ending where the assistant's next message starts (`generation_prompt`,
+        the template's add_generation_prompt), or, with `continue_final`, right after the final
+        message's content, which the answer continues (cut there as Hugging Face's
+        continue_final_message cuts it). A template that refuses them (raise_exception) is a 400
+        naming `messages`; one that fails otherwise is the server's fault (500)."""
         try:
-            return self._template.render(messages=messages, add_generation_prompt=True, bos_token="",
+            text = self._template.render(messages=messages, add_generation_prompt=generation_prompt, bos_token="",
                                          eos_token="", tools=tools, documents=None)  # fmt: skip
         except _Refused as e:
             raise ApiError(400, f"messages: the chat template refuses them: {e}", "messages") from None
         except Exception as e:  # noqa: BLE001 (the operator's template: any error it makes is ours, a 500)
             raise ApiError(500, f"{self.origin}: rendering failed: {type(e).__name__}: {e}",
                            kind="server_error") from None  # fmt: skip
+        if not continue_final:
+            return text
+        final = messages[-1]["content"]
+        for content in (final, final.strip()):  # some templates strip what they render
+            if content and (at := text.rfind(content)) >= 0:
+                return text[: at + len(content)]
+        raise ApiError(400, "continue_final_message: the chat template does not render the final message's content "
+                       "(nothing to continue)", "continue_final_message")  # fmt: skip
 
 
 class _Refused(Exception):
@@ -157,9 +170,31 @@ def parse_chat_body(raw: bytes, model_id: str, default_mode: str, template: Chat
             options |= {"format": "json", "schema": tools.schema}
             shape = ToolShape(tools.named)
         format_field = "tool_choice"
-    prompt = template.render(messages, None if tools is None else tools.listed)
+    continued = _continued(body, messages, options)
+    prompt = template.render(messages, None if tools is None else tools.listed, not continued, continued)
     return Completion([prompt], max_tokens, stream, include_usage, options, n=n, logprobs=logprobs, shape=shape,
                       prompt_field="messages", tokens_field=tokens_field, format_field=format_field)  # fmt: skip
+
+
+def _continued(body: dict, messages: list[dict[str, Any]], options: dict) -> bool:
+    """vLLM's `continue_final_message` (the answer continues the final message, an assistant's:
+    a prefill of the answer) and `add_generation_prompt` (true unless continuing), checked."""
+    continued = get_field(body, "continue_final_message", bool, default=False)
+    generation_prompt = get_field(body, "add_generation_prompt", bool, default=not continued)
+    if continued and generation_prompt:
+        raise ApiError(400, "continue_final_message: cannot be combined with add_generation_prompt: true (a new "
+                       "message, or the final one continued)", "continue_final_message")  # fmt: skip
+    if not continued and not generation_prompt:
+        raise ApiError(400, "add_generation_prompt: false only with continue_final_message: true (the answer "
+                       "would start inside the template's markup)", "add_generation_prompt")  # fmt: skip
+    if continued and messages[-1]["role"] != "assistant":
+        raise ApiError(400, f"continue_final_message: the final message is the {messages[-1]['role']}'s; only an "
+                       "assistant's is continued", "continue_final_message")  # fmt: skip
+    if continued and ("format" in options or "calls" in options or messages[-1].get("tool_calls")):
+        raise ApiError(400, "continue_final_message: cannot be combined with response_format, tool calls or a "
+                       "final message of calls (their grammar reads an answer from its start)",
+                       "continue_final_message")  # fmt: skip
+    return continued
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:

@@ -95,6 +95,33 @@ def test_a_chat_body_is_the_rendered_prompt_with_its_options():
     assert parse(messages=[*MESSAGES, back], **neutral).prompts == [TEMPLATE.render(MESSAGES) + "x\n"]
 
 
+def test_an_answer_may_continue_the_final_assistant_message():
+    """vLLM's continue_final_message: the prompt ends right after the final (assistant's) message's
+    content, which the answer continues; refused where there is nothing to continue or a grammar
+    would read the answer from its start."""
+    prefill = [*MESSAGES, {"role": "assistant", "content": "    path = os.path.join("}]
+    comp = parse(messages=prefill, continue_final_message=True, add_generation_prompt=False)
+    assert comp.prompts == [TEMPLATE.render(MESSAGES).rstrip("\n") + "\n    path = os.path.join("]
+    assert parse(messages=prefill, continue_final_message=True).prompts == comp.prompts  # the default then: false
+    stripped = ChatTemplate("{% for m in messages %}<{{ m.content | trim }}>{% endfor %}")
+    body = {"model": MODEL, "messages": [{"role": "assistant", "content": " x "}], "continue_final_message": True}
+    assert parse_chat_body(json.dumps(body).encode(), MODEL, "blt-s", stripped).prompts == ["<x"]
+    for fields, param in (
+        ({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+        ({"add_generation_prompt": False}, "add_generation_prompt"),
+        ({"continue_final_message": True, "messages": MESSAGES}, "continue_final_message"),
+        ({"continue_final_message": True, "response_format": {"type": "json_object"}}, "continue_final_message"),
+        ({"continue_final_message": "yes"}, "continue_final_message"),
+    ):
+        with pytest.raises(ApiError) as e:
+            parse(**{"messages": prefill, **fields})
+        assert e.value.status == 400 and e.value.param == param, e.value.message
+    hidden = ChatTemplate("{% for m in messages %}{{ m.role }}{% endfor %}")  # renders no content
+    with pytest.raises(ApiError, match="does not render the final message's content"):
+        body = {"model": MODEL, "messages": prefill, "continue_final_message": True}
+        parse_chat_body(json.dumps(body).encode(), MODEL, "blt-s", hidden)
+
+
 @pytest.mark.parametrize(
     "fields, param",
     [
@@ -163,6 +190,15 @@ def test_chat_equals_generate_of_the_rendered_prompt(server, reference, mode):
     assert "".join(x.choices[0].delta.content or "" for x in deltas) == want.text
     assert [x.choices[0].finish_reason for x in deltas] == [None] * (len(deltas) - 1) + [ch.finish_reason]
     assert last.choices == [] and last.usage == r.usage
+
+
+def test_a_continued_answer_is_generate_of_the_prompt_cut_after_the_prefill(server, reference):
+    prefill = [*MESSAGES, {"role": "assistant", "content": "    path = os.path.join("}]
+    prompt = parse(messages=prefill, continue_final_message=True).prompts[0]
+    want = reference.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0, stop=[CHAT_STOP])
+    r = client(server).chat.completions.create(model=MODEL, messages=prefill, max_tokens=24, temperature=0,
+                                               extra_body={"continue_final_message": True})  # fmt: skip
+    assert r.choices[0].message.content == want.text and r.usage.prompt_tokens == len(prompt.encode())
 
 
 def test_chat_logprobs_are_the_engines_per_byte_up_to_a_stop(server, reference):

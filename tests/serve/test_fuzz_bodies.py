@@ -78,6 +78,8 @@ FIELDS = {  # a plausible value, or anything at all
     "tools": st.lists(tools, max_size=3),
     "tool_choice": st.sampled_from(["none", "auto", "required", "x"]) | named,
     "parallel_tool_calls": st.booleans(),
+    "continue_final_message": st.booleans(),
+    "add_generation_prompt": st.booleans(),
 }
 messages = st.lists(
     st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]) | anything},
