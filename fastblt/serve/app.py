@@ -178,7 +178,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                            "model", "model_not_found")  # fmt: skip
         return JSONResponse(model)
 
-    async def complete(request: Request, parse: Callable[[bytes], Completion]) -> Response:
+    async def complete(request: Request, parse: Callable[[bytes], Completion], endpoint: str) -> Response:
         arrived = time.perf_counter()
         m: Metrics = state["metrics"]
         mode = "unknown"
@@ -189,7 +189,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             mode = comp.options["mode"]
             jobs = _jobs(eng, comp)
             if comp.stream:  # counted as it ends
-                return await _stream(eng, comp, jobs, request, inflight, settings, m, arrived, state["fingerprint"])
+                return await _stream(eng, comp, jobs, request, inflight, settings, m, arrived, state["fingerprint"],
+                                     endpoint)  # fmt: skip
             gens = await _unless_gone(_together(eng.generate(job.req) for job in jobs), request, inflight)
             for gen in gens:
                 m.generation(gen, arrived)
@@ -197,32 +198,33 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             m.tool_calls(mode, sum(len(c.get("message", {}).get("tool_calls") or ()) for c in answer["choices"]))
             response = JSONResponse(answer)
         except ApiError as e:
-            m.request(e.status, mode)
+            m.request(e.status, mode, endpoint)
             raise
         except EngineBusy as e:
-            m.request(429, mode)
+            m.request(429, mode, endpoint)
             raise ApiError(429, str(e), None, "queue_full", "rate_limit_error",
                            {"Retry-After": str(settings.retry_after)}) from None  # fmt: skip
         except EngineClosed as e:
-            m.request(503, mode)
+            m.request(503, mode, endpoint)
             raise ApiError(503, str(e), None, "shutting_down", "server_error") from None
         except FastBltError as e:
-            m.request(400, mode)
+            m.request(400, mode, endpoint)
             raise _field_error(e, comp) from None
         except Exception:
-            m.request(500, mode)
+            m.request(500, mode, endpoint)
             raise
-        m.request(response.status_code, mode)
+        m.request(response.status_code, mode, endpoint)
         return response
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await complete(request, lambda raw: parse_body(raw, settings.model_id, settings.default_mode))
+        return await complete(request, lambda raw: parse_body(raw, settings.model_id, settings.default_mode),
+                              "completions")  # fmt: skip
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await complete(request, lambda raw: parse_chat_body(raw, settings.model_id, settings.default_mode,
-                                                                    settings.chat_template))  # fmt: skip
+                                                                    settings.chat_template), "chat")  # fmt: skip
 
     return app
 
@@ -452,8 +454,8 @@ async def _together(work: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
 
 
 async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request: Request, inflight: _InFlight,
-                  settings: ServeSettings, m: Metrics, arrived: float,
-                  fp: str | None) -> StreamingResponse:  # fmt: skip
+                  settings: ServeSettings, m: Metrics, arrived: float, fp: str | None,
+                  endpoint: str) -> StreamingResponse:  # fmt: skip
     """Start the streams (a choice each; one when greedy) and wait for each one's first event, so
     a failing prefill is still a 4xx and a client that leaves while its requests wait for rows
     frees their places. Chunks of all choices go out as they come, each with its index. The
@@ -532,7 +534,7 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
             for s in streams:
                 inflight.streams.discard(s)
                 s.cancel()  # a no-op once it finished; frees the row when the client went away
-            m.request(status, comp.options["mode"])
+            m.request(status, comp.options["mode"], endpoint)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -6,8 +6,10 @@ response_format (chat and completions), down to the client's parse into a Pydant
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
+import httpx
 import jsonschema
 import openai
 import pydantic
@@ -199,6 +201,23 @@ def test_a_continued_answer_is_generate_of_the_prompt_cut_after_the_prefill(serv
     r = client(server).chat.completions.create(model=MODEL, messages=prefill, max_tokens=24, temperature=0,
                                                extra_body={"continue_final_message": True})  # fmt: skip
     assert r.choices[0].message.content == want.text and r.usage.prompt_tokens == len(prompt.encode())
+
+
+def requests_counted(server, endpoint: str, mode: str = "blt-s", status: int = 200) -> float:
+    """fastblt_requests_total for these labels on the server's /metrics (0 before the first)."""
+    series = f'fastblt_requests_total{{endpoint="{endpoint}",mode="{mode}",status="{status}"}}'
+    m = re.search(rf"^{re.escape(series)} (\S+)$", httpx.get(f"{server.url}/metrics").text, re.M)
+    return 0.0 if m is None else float(m.group(1))
+
+
+def test_requests_are_counted_by_their_endpoint(server):
+    before = {e: requests_counted(server, e) for e in ("chat", "completions")}
+    client(server).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client(server).chat.completions.create(model=MODEL, messages=[], max_tokens=2)
+    after = {e: requests_counted(server, e) for e in ("chat", "completions")}
+    assert after == {"chat": before["chat"] + 1, "completions": before["completions"]}
+    assert requests_counted(server, "chat", "unknown", 400) >= 1  # refused before its mode was read
 
 
 def test_chat_logprobs_are_the_engines_per_byte_up_to_a_stop(server, reference):

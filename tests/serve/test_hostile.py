@@ -289,7 +289,8 @@ def test_field_errors_name_the_field(server):
 
 
 def test_a_client_leaving_mid_stream_frees_its_row(server):
-    left, work = 'fastblt_requests_total{mode="ar",status="499"}', "fastblt_engine_generated_ids_total"
+    left = 'fastblt_requests_total{endpoint="completions",mode="ar",status="499"}'
+    work = "fastblt_engine_generated_ids_total"
     before, done_before = _metric(server, left), _metric(server, work)
     req = {**OK, "max_tokens": 5000, "stream": True, "mode": "ar"}
     with httpx.Client(timeout=60) as c, c.stream("POST", f"{server.url}/v1/completions", json=req, headers=AUTH) as r:
@@ -328,7 +329,7 @@ def test_a_client_leaving_while_queued_frees_its_place():
             assert t.is_alive()  # queued, not refused
         t.join(120)
         assert waiting[0].status_code == 200
-        assert _metric(srv, 'fastblt_requests_total{mode="blt-s",status="499"}') == 2
+        assert _metric(srv, 'fastblt_requests_total{endpoint="completions",mode="blt-s",status="499"}') == 2
 
 
 def test_a_full_queue_is_429_with_retry_after():

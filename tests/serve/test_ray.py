@@ -226,7 +226,7 @@ def test_replicas_answer_as_generate_and_share_the_load(ray_server, reference):
 def test_each_replica_has_its_metrics(ray_server, reference):
     r = httpx.get(f"{ray_server.url}/metrics", timeout=30)
     assert r.status_code == 200 and r.headers[REPLICA_HEADER] in ray_server.replicas()
-    assert re.search(r'^fastblt_requests_total\{mode="\S+",status="200"\} \d', r.text, re.M)
+    assert re.search(r'^fastblt_requests_total\{endpoint="completions",mode="\S+",status="200"\} \d', r.text, re.M)
     ids = {name.rsplit("#", 1)[1] for name in ray_server.replicas()}  # Ray's `replica` label
     ports = [(n["NodeManagerAddress"], n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
     seen: set[str] = set()

@@ -486,7 +486,7 @@ def test_models_health_metrics_and_keys(server):
                  "fastblt_batch_occupancy", "fastblt_time_to_first_byte_seconds_bucket",
                  "fastblt_inter_byte_latency_seconds_bucket", "fastblt_accepted_bytes_total"):  # fmt: skip
         assert name in text, name
-    assert _metric(server, 'fastblt_requests_total{mode="ar",status="200"}') >= 1
+    assert _metric(server, 'fastblt_requests_total{endpoint="completions",mode="ar",status="200"}') >= 1
     assert _metric(server, "fastblt_batch_rows") == 16  # --max-batch, over every lane
     assert _metric(server, "fastblt_batch_lanes") == default_lanes("ort")
     assert _metric(server, "fastblt_batch_lanes_alive") == default_lanes("ort")
