@@ -28,10 +28,9 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-SESSION_HEADER = (
-    "x-session-id"  # Ray Serve's proxy reads it into the request's metadata (RAY_SERVE_SESSION_ID_HEADER_KEY
-)
-# on the proxies' nodes names another)
+# Ray Serve's proxy reads it into the request's metadata (RAY_SERVE_SESSION_ID_HEADER_KEY on the
+# proxies' nodes names another)
+SESSION_HEADER = "x-session-id"
 ROUTER_PATH = "fastblt.serve.ray_route.SessionAffinityRouter"  # a Serve config's request_router_class
 IMBALANCE = 8  # requests more than the least loaded replica before a session's replica is passed over
 
