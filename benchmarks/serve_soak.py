@@ -176,16 +176,26 @@ async def send(client: httpx.AsyncClient, base: str, job: dict) -> dict:
                 for c in json.loads(line[6:])["choices"]:
                     text = (c["delta"].get("content") or "") if chat else c["text"]
                     texts[c["index"]] = texts.get(c["index"], "") + text
-                    calls.setdefault(c["index"], []).extend(c["delta"].get("tool_calls") or [] if chat else [])
+                    gathered(calls.setdefault(c["index"], []), c["delta"].get("tool_calls") or [] if chat else [])
                 events += 1
                 if job["drop_after"] is not None and events >= job["drop_after"]:
                     return {"status": 200, "dropped": True}  # leaving the block closes the connection
-        if chat:  # a streamed choice's content comes in pieces, its calls at its end
+        if chat:  # a streamed choice's content comes in pieces, its calls' arguments too
             return {"status": 200, "texts": [answer({"content": texts[i] or None, "tool_calls": calls[i]})
                                              for i in sorted(texts)]}  # fmt: skip
         return {"status": 200, "texts": [texts[i] for i in sorted(texts)]}
     except httpx.HTTPError as e:
         return {"status": 0, "error": f"{type(e).__name__}: {e}"}
+
+
+def gathered(calls: list[dict], entries: list[dict]) -> None:
+    """A stream's `tool_calls` entries into `calls`, as a client puts them together: a call's first
+    entry has its name, later ones more of its arguments."""
+    for t in entries:
+        if t["index"] == len(calls):
+            calls.append({"function": dict(t["function"])})
+        else:
+            calls[t["index"]]["function"]["arguments"] += t["function"]["arguments"]
 
 
 def answer(message: dict) -> str:
@@ -306,7 +316,7 @@ def check(jobs: list[dict], results: dict[int, dict]) -> dict:
     """Compare finished greedy/seeded responses with Generator alone; count statuses."""
     from fastblt.runtime.generator import Generator
     from fastblt.serve.chat import ChatTemplate, parse_chat_body
-    from fastblt.serve.tools import CallTags, read_calls, read_tagged
+    from fastblt.serve.tools import CallReader, CallTags, read_tagged
 
     tags = CallTags(CALL_TAGS[1], CALL_TAGS[3])
     g, template = Generator("default"), ChatTemplate(CHAT_TEMPLATE, tags=tags)
@@ -342,11 +352,11 @@ def check(jobs: list[dict], results: dict[int, dict]) -> dict:
                     options["seed"] = (b["seed"] + k % n) % 2**63
                 want = "" if b["max_tokens"] == 0 else g.generate(prompt, max_bytes=b["max_tokens"], **options,
                                                                    **asked).text  # fmt: skip
-                if "calls" in asked:
-                    content, calls = read_tagged(want, tags)
-                    want = answer({"content": content, "tool_calls": calls})
-                elif "tools" in b and "schema" in asked:
-                    want = answer({"content": None, "tool_calls": read_calls(want)})
+                if "tools" in b and ("calls" in asked or "schema" in asked):
+                    reader = CallReader(tags if "calls" in asked else None)
+                    reader.feed(want)  # streamed, a call cut short has gone out as far as it was written
+                    content = read_tagged(want, tags)[0] if "calls" in asked else None
+                    want = answer({"content": content, "tool_calls": reader.calls if job["stream"] else reader.done()})
                 counts["compared"] += 1
                 counts["chat"] += "messages" in b
                 counts["tools"] = counts.get("tools", 0) + ("tools" in b)

@@ -390,6 +390,10 @@ class TextShape:
         """A builder of a choice's logprobs, chunk by chunk or at once."""
         return ByteScores()
 
+    def calls(self, index: int) -> int:
+        """How many tool calls a streamed choice has closed (chat.py's ToolShape reads them)."""
+        return 0
+
 
 SPECIAL_TOKENS = {BOE_ID: "<boe>", BOS_ID: "<bos>", EOS_ID: "<eos>"}
 

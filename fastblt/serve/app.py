@@ -481,8 +481,8 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
         logprobs = None if scores is None else scored[j].add(*scores)
         choices = [shape.delta(text, reason, i, logprobs, not started[j]) for i in jobs[j].indices]
         started[j] = True
-        if reason is not None:  # a choice's calls come in its last chunk
-            m.tool_calls(comp.options["mode"], sum(len(c.get("delta", {}).get("tool_calls") or ()) for c in choices))
+        if reason is not None:  # counted as the choice ends: the calls that closed, as a whole answer's
+            m.tool_calls(comp.options["mode"], sum(shape.calls(i) for i in jobs[j].indices))
         body = shape.body(cid, settings.model_id, choices, created=created, fingerprint=fp, chunk=True)
         if comp.include_usage:
             body["usage"] = None  # only the last chunk, after the choices, carries it

@@ -40,7 +40,7 @@ from fastblt.serve.api import (
     stream_fields,
     token,
 )
-from fastblt.serve.tools import CallTags, call_message, parse_tools, read_calls, read_tagged
+from fastblt.serve.tools import CallReader, CallTags, call_message, parse_tools, read_calls, read_tagged
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 ROLES = ("system", "developer", "user", "assistant", "tool")  # "function" (OpenAI's deprecated tool role) is refused
@@ -315,68 +315,78 @@ CHAT = ChatShape()
 
 class ToolShape(ChatShape):
     """How an answer that was asked for calls looks: the message's `tool_calls` (tools.read_calls)
-    and no content; streamed, each choice's calls go out in one delta when it ends (a call is
-    known once its JSON closes), its logprobs chunk by chunk before. finish_reason is OpenAI's:
+    and no content; streamed, as OpenAI streams them (tools.CallReader): a call's first delta
+    once its name is written, then its arguments as they are written. finish_reason is OpenAI's:
     "tool_calls" (a named choice: "stop"), "length" when max_tokens cut the answer (the calls that
-    closed before the cut are still given). One per request: it holds each streamed choice's text."""
+    closed before the cut are still given; streamed, the cut one's beginning has gone out too).
+    One per request: it holds each streamed choice's reader."""
 
-    def __init__(self, named: bool):
-        self.named, self.texts = named, {}
+    def __init__(self, named: bool, tags: CallTags | None = None):
+        self.named, self.tags, self.readers = named, tags, {}
 
-    def reason(self, reason: str | None, calls: list[dict]) -> str | None:
+    def reason(self, reason: str | None, calls: int) -> str | None:
         return "tool_calls" if reason == "stop" and calls and not self.named else reason
 
     def choice(self, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
         calls = read_calls(text)
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
-        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.reason(reason, calls)}
+        reason = self.reason(reason, len(calls))
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
 
     def delta(self, text: str, reason: str | None, index: int, logprobs: dict | None, first: bool) -> dict:
-        self.texts[index] = self.texts.get(index, "") + text
         delta: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
-        calls = read_calls(self.texts.pop(index)) if reason is not None else []
-        if calls:
-            delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(calls)]
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": self.reason(reason, calls)}
+        return self._calls(delta, text, reason, index, logprobs)
+
+    def _calls(self, delta: dict, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
+        reader = self.readers.setdefault(index, CallReader(self.tags))
+        if entries := reader.feed(text):
+            delta["tool_calls"] = entries
+        reason = self.reason(reason, reader.closed)
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    def calls(self, index: int) -> int:
+        """How many calls a streamed choice has closed so far."""
+        reader = self.readers.get(index)
+        return 0 if reader is None else reader.closed
 
 
 class TaggedShape(ToolShape):
     """How an answer in the model's own call format (the template's call tags) looks: the text
     before the first call's start is the message's `content`, the calls its `tool_calls`
     (tools.read_tagged); finish_reason as ToolShape's. Streamed, the content goes out as it
-    comes, less what could still be the start of a call; once a call starts, nothing more until
-    the choice ends, whose last delta has the calls. One per request: it holds each streamed
-    choice's text."""
+    comes, less what could still be the start of a call; once a call starts, its deltas as
+    ToolShape's. One per request: it holds each streamed choice's text and reader."""
 
     def __init__(self, tags: CallTags, named: bool = False):
-        super().__init__(named)
-        self.tags, self.sent, self.calling = tags, {}, set()
+        super().__init__(named, tags)
+        self.texts: dict[int, str] = {}
+        self.sent: dict[int, int] = {}
+        self.calling: set[int] = set()
 
     def choice(self, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
-        content, calls = read_tagged(text, self.tags)
+        content, calls = read_tagged(text, self.tags)  # type: ignore[arg-type]
         message = {"role": "assistant", "content": content if content or not calls else None, "refusal": None}
         if calls:
             message["tool_calls"] = calls
-        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.reason(reason, calls)}
+        reason = self.reason(reason, len(calls))
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
 
     def delta(self, text: str, reason: str | None, index: int, logprobs: dict | None, first: bool) -> dict:
-        whole = self.texts[index] = self.texts.get(index, "") + text
-        sent = ready = self.sent.get(index, 0)
-        start = self.tags.start
-        if index not in self.calling:  # no start before `sent`: what was held back begins there
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if index not in self.calling:  # the content: nothing before `sent` starts a call
+            whole = self.texts[index] = self.texts.get(index, "") + text
+            sent = ready = self.sent.get(index, 0)
+            start = self.tags.start  # type: ignore[union-attr]
             at = whole.find(start, sent)
             if at >= 0:
                 self.calling.add(index)
                 ready = at
+                del self.texts[index]
             else:
                 held = 0 if reason is not None else next(
                     (n for n in range(len(start) - 1, 0, -1) if whole.endswith(start[:n])), 0)  # fmt: skip
                 ready = max(sent, len(whole) - held)
-        self.sent[index] = ready
-        delta: dict[str, Any] = {"role": "assistant"} if first else {}
-        if ready > sent:
-            delta["content"] = whole[sent:ready]
-        calls = read_tagged(whole, self.tags)[1] if reason is not None else []
-        if calls:
-            delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(calls)]
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": self.reason(reason, calls)}
+            self.sent[index] = ready
+            if ready > sent:
+                delta["content"] = whole[sent:ready]
+        return self._calls(delta, text, reason, index, logprobs)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,18 +209,146 @@ def _moved_refs(schema: Any, prefix: str) -> Any:
 
 
 # ---------------------------------------------------------------------------- answers
+WHITESPACE = " \t\r\n"
+
+
+class CallReader:
+    """Reads the calls out of an answer as its text comes (`feed`), for a stream's deltas and a
+    whole answer alike: a call begins (OpenAI's `tool_calls` entry: a fresh id, its name) once its
+    name's string closes, and its `arguments` grow as they are written, in the model's own
+    spelling less the whitespace outside strings (numbers and escapes as written: re-serializing
+    would turn 1e400 into `Infinity`, which is not JSON). `tags` None: an answer held to
+    calls_schema; else free text with calls in the format `tags` mark (Tools.calls)."""
+
+    def __init__(self, tags: CallTags | None = None):
+        self.calls: list[dict] = []  # begun, in order; arguments as far as written
+        self.closed = 0  # how many of them closed: an answer cut short leaves its last one open
+        self._args: list[list[str]] = []
+        self._read: Any = self._answer() if tags is None else self._tagged(tags)
+        next(self._read)
+
+    def feed(self, text: str) -> list[dict]:
+        """What `text` adds, as OpenAI streams it: a call's first entry with its index, id, type,
+        name and the arguments so far; later ones with the index and more arguments."""
+        begun, written = len(self.calls), [len(a) for a in self._args]
+        for ch in text:
+            try:
+                self._read.send(ch)
+            except StopIteration:  # the answer's calls are over: what follows is not read
+                break
+        out: list[dict] = []
+        for j, (call, args) in enumerate(zip(self.calls, self._args, strict=True)):
+            new = "".join(args[written[j] :] if j < begun else args)
+            call["function"]["arguments"] += new
+            if j >= begun:
+                out.append({"index": j, "id": call["id"], "type": "function",
+                            "function": {"name": call["function"]["name"], "arguments": new}})  # fmt: skip
+            elif new:
+                out.append({"index": j, "function": {"arguments": new}})
+        return out
+
+    def done(self) -> list[dict]:
+        """The calls that closed, as a whole answer's message gives them."""
+        return self.calls[: self.closed]
+
+    def _answer(self) -> Generator[None, str, None]:
+        """{"tool_calls": [call, ...]}: each call after the array opens."""
+        while (yield) != "[":
+            pass
+        while True:
+            ch = yield
+            while ch in WHITESPACE or ch == ",":
+                ch = yield
+            if ch != "{":  # "]": no more calls
+                return
+            yield from self._call()
+
+    def _tagged(self, tags: CallTags) -> Generator[None, str, None]:
+        """Free text in which each start text opens a call, closed by the end text (whitespace may
+        come before it: _past_end); the free text after it may open another."""
+        while True:
+            seen = ""
+            while not seen.endswith(tags.start):
+                seen = (seen + (yield))[-len(tags.start) :]
+            ch = yield
+            while ch in WHITESPACE:
+                ch = yield
+            if ch != "{":
+                return
+            yield from self._call()
+            tail = ""
+            while tags.end and not _past_end(tail, 0, tags.end):
+                tail += yield
+
+    def _call(self) -> Generator[None, str, None]:
+        """One call's JSON after its "{": its name begins the entry, its arguments grow it."""
+        j, argued, ch = None, False, (yield)
+        while True:
+            while ch in WHITESPACE or ch == ",":
+                ch = yield
+            if ch != '"':  # "}": the call closed
+                self.closed += j is not None and argued
+                return
+            key = yield from _string(None)
+            while (yield) != ":":
+                pass
+            ch = yield
+            while ch in WHITESPACE:
+                ch = yield
+            if key == "name" and ch == '"' and j is None:
+                j = self._begin(json.loads(f'"{(yield from _string(None))}"'))
+                ch = yield
+            else:
+                argued |= key == "arguments" and j is not None
+                ch = yield from _value(ch, self._args[j] if key == "arguments" and j is not None else None)
+
+    def _begin(self, name: str) -> int:
+        self.calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                           "function": {"name": name, "arguments": ""}})  # fmt: skip
+        self._args.append([])
+        return len(self.calls) - 1
+
+
+def _string(out: list[str] | None) -> Generator[None, str, str]:
+    """A JSON string's text after its opening quote, as written (escapes kept), to its closing
+    quote, which `out` (if any) gets too."""
+    chars = []
+    while (ch := (yield)) != '"':
+        chars.append(ch)
+        if ch == "\\":
+            chars.append((yield))
+    if out is not None:
+        out.extend(chars)
+        out.append('"')
+    return "".join(chars)
+
+
+def _value(ch: str, out: list[str] | None) -> Generator[None, str, str]:
+    """A JSON value starting with `ch`, into `out` (if any) less the whitespace outside its
+    strings; returns the character after it."""
+    depth = 0
+    while True:
+        if ch == '"':
+            if out is not None:
+                out.append(ch)
+            yield from _string(out)
+        elif depth == 0 and (ch in WHITESPACE or ch in ",}]"):  # the end of a number or literal
+            return ch
+        elif ch not in WHITESPACE:
+            depth += (ch in "{[") - (ch in "}]")
+            if out is not None:
+                out.append(ch)
+        if depth == 0 and (ch == '"' or ch in "}]"):
+            return (yield)
+        ch = yield
+
+
 def read_calls(text: str) -> list[dict]:
-    """The calls of an answer held to calls_schema: OpenAI's `tool_calls` entries (a fresh id
-    each; arguments as compact JSON text). An answer cut short (by max_tokens or a stop string)
-    gives the calls that closed before the cut."""
-    start = text.find("[")
-    if start < 0:
-        return []
-    pos, calls = start + 1, []
-    while (read := _call(text, pos, " \t\r\n,")) is not None:
-        call, pos = read
-        calls.append(call)
-    return calls
+    """The calls of an answer held to calls_schema (CallReader). An answer cut short (by
+    max_tokens or a stop string) gives the calls that closed before the cut."""
+    reader = CallReader()
+    reader.feed(text)
+    return reader.done()
 
 
 def read_tagged(text: str, tags: CallTags) -> tuple[str, list[dict]]:
@@ -230,41 +358,19 @@ def read_tagged(text: str, tags: CallTags) -> tuple[str, list[dict]]:
     first = text.find(tags.start)
     if first < 0:
         return text, []
-    calls, pos = [], first
-    while pos >= 0 and (read := _call(text, pos + len(tags.start), " \t\r\n")) is not None:
-        call, pos = read
-        calls.append(call)
-        pos = text.find(tags.start, _past_end(text, pos, tags.end))
-    return text[:first], calls
+    reader = CallReader(tags)
+    reader.feed(text)
+    return text[:first], reader.done()
 
 
 def _past_end(text: str, pos: int, end: str) -> int:
     """Where free text starts again after a call's JSON ending at `pos`: past its end text and the
     whitespace before it (the end text's bytes may hold the start text's, and it may itself start
-    with whitespace)."""
-    if not end:
-        return pos
+    with whitespace); `pos` while the end text is not all there."""
     p = pos
-    while not text.startswith(end, p) and p < len(text) and text[p] in " \t\r\n":
+    while not text.startswith(end, p) and p < len(text) and text[p] in WHITESPACE:
         p += 1
     return p + len(end) if text.startswith(end, p) else pos
-
-
-def _call(text: str, pos: int, skip: str) -> tuple[dict, int] | None:
-    """The call whose JSON starts at `pos` (after bytes of `skip`), as OpenAI's `tool_calls` entry
-    (a fresh id; arguments as compact JSON text), and where it ends; None when it did not close."""
-    while pos < len(text) and text[pos] in skip:
-        pos += 1
-    try:
-        call, end = json.JSONDecoder().raw_decode(text, pos)
-    except ValueError:
-        return None
-    if not isinstance(call, dict) or not {"name", "arguments"} <= set(call):  # not in text the grammar held
-        return None
-    arguments = json.dumps(call["arguments"], ensure_ascii=False, separators=(",", ":"))
-    entry = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": call["name"], "arguments": arguments}}  # fmt: skip
-    return entry, end
 
 
 def call_message(m: dict, where: str) -> list[dict]:

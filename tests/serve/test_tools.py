@@ -14,13 +14,15 @@ import openai
 import pydantic
 import pytest
 from conftest import CHAT_STOP, CHAT_TEMPLATE, KEY
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastblt.model.config import EOS_ID
 from fastblt.runtime import grammar
 from fastblt.serve.api import ApiError
 from fastblt.serve.chat import ChatTemplate, TaggedShape, parse_chat_body
 from fastblt.serve.process import ServerProcess
-from fastblt.serve.tools import CallTags, calls_schema, read_calls, read_tagged
+from fastblt.serve.tools import CallReader, CallTags, calls_schema, read_calls, read_tagged
 
 MODEL = "fastblt-default"
 TEMPLATE = ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,))
@@ -95,6 +97,52 @@ def test_calls_are_read_back_as_openais_and_a_cut_answer_gives_those_that_closed
     assert read_calls('{"tool_ca') == [] == read_calls('{"tool_calls": [{"name": "get_weather", "argu')
 
 
+leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+arguments = st.dictionaries(st.text(), st.recursive(leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.text(), inner, max_size=3), max_leaves=8), max_size=4)  # fmt: skip
+STYLES = [{}, {"indent": 1}, {"ensure_ascii": False}, {"separators": (",", ":")}, {"indent": "\t"}]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["f", "get-x_1"]), arguments), min_size=1, max_size=3),
+       st.sampled_from(STYLES), st.integers(1, 40), st.booleans())  # fmt: skip
+def test_streamed_calls_put_together_are_the_whole_answers_in_the_models_spelling(calls, style, size, tagged):
+    """Fed in chunks of any size, a reader's entries put together (as a client does) are the
+    calls read from the whole text; each call's arguments are the model's JSON text, less the
+    whitespace outside strings (the same value, its spelling kept)."""
+    objects = [{"name": name, "arguments": args} for name, args in calls]
+    if tagged:
+        tags = CallTags("<tool_call>", "</tool_call>")
+        text = "Sure.\n" + "".join(f"<tool_call>\n{json.dumps(o, **style)}\n</tool_call> and " for o in objects)
+        whole = read_tagged(text, tags)[1]
+    else:
+        tags, text = None, json.dumps({"tool_calls": objects}, **style)
+        whole = read_calls(text)
+    reader = CallReader(tags)
+    entries = [e for i in range(0, len(text), size) for e in reader.feed(text[i : i + size])]
+    assert streamed_calls(entries) == [c["function"] for c in whole] and reader.closed == len(objects)
+    assert [c["id"] for c in whole] != [c["id"] for c in reader.done()]  # fresh ids per reading
+    for c, o in zip(whole, objects, strict=True):
+        assert c["function"]["name"] == o["name"] and json.loads(c["function"]["arguments"]) == o["arguments"]
+        spelled = json.dumps(o["arguments"], **style)  # without its whitespace outside strings
+        assert c["function"]["arguments"] == json.dumps(json.loads(spelled), separators=(",", ":"),
+                                                        ensure_ascii=style.get("ensure_ascii", True))  # fmt: skip
+
+
+def test_arguments_keep_the_models_numbers_and_escapes():
+    """A number past float's range stays JSON (re-serialized it would be Infinity); escapes and
+    digits stay as written."""
+    text = '{"tool_calls": [{"name": "f", "arguments": {"x": 1e400, "y": 1.50, "s": "\\u00e9\\/ \\" }"}}]}'
+    (call,) = read_calls(text)
+    args = call["function"]["arguments"]
+    assert args == '{"x":1e400,"y":1.50,"s":"\\u00e9\\/ \\" }"}'
+
+    def refuse(name: str):
+        raise ValueError(name)
+
+    assert json.loads(args, parse_constant=refuse)["s"] == 'é/ " }'  # strict JSON: no Infinity
+
+
 def test_a_conversation_passes_calls_and_their_results_back():
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None},
@@ -154,6 +202,22 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
+def streamed_calls(entries: list) -> list[dict]:
+    """The calls a client puts together from a stream's `tool_calls` entries (OpenAI's way: a
+    call's first entry has its index, id, type and name, later ones more of its arguments)."""
+    calls: list[dict] = []
+    for t in entries:
+        t = t if isinstance(t, dict) else t.model_dump(exclude_none=True)
+        if t["index"] == len(calls):  # a call begins
+            assert t["id"].startswith("call_") and t["type"] == "function" and t["function"]["name"]
+            calls.append({"name": t["function"]["name"], "arguments": t["function"]["arguments"]})
+        else:
+            assert t["index"] == len(calls) - 1 and set(t) == {"index", "function"} and set(t["function"]) == {
+                "arguments"}  # fmt: skip
+            calls[-1]["arguments"] += t["function"]["arguments"]
+    return calls
+
+
 def reference_calls(reference, prompt: str, schema: dict, **opts) -> tuple[list[dict], str]:
     gen = reference.generate(prompt, format="json", schema=schema, stop=[CHAT_STOP], **opts)
     return [c["function"] for c in read_calls(gen.text)], gen.stop_reason
@@ -183,10 +247,10 @@ def test_required_calls_equal_the_generators_answer_under_their_schema(server, r
         chunks = list(c.chat.completions.create(stream=True, **ask))
         deltas = [x.choices[0].delta for x in chunks]
         assert deltas[0].role == "assistant" and not any(d.content for d in deltas)
-        streamed = [t for d in deltas for t in d.tool_calls or []]
-        assert [{"name": t.function.name, "arguments": t.function.arguments} for t in streamed] == want
-        assert [t.index for t in streamed] == list(range(len(want)))
-        assert calls_counted(server, mode) - before == len(want)  # streamed calls are counted too
+        streamed = streamed_calls([t for d in deltas for t in d.tool_calls or []])
+        assert streamed[: len(want)] == want and len(deltas) > len(want) + 2  # the calls come as they are written
+        assert len(streamed) == len(want) + (ch.finish_reason == "length" and len(streamed) > len(want))
+        assert calls_counted(server, mode) - before == len(want)  # streamed calls are counted as they close
         assert [x.choices[0].finish_reason for x in chunks][-1] == ch.finish_reason
     assert closed >= 1
 
@@ -217,6 +281,12 @@ def test_a_named_function_is_called_and_the_client_parses_its_arguments(server, 
         if r.choices[0].finish_reason == "stop":
             parsed += 1
             assert calls[0].function.parsed_arguments == Weather.model_validate_json(calls[0].function.arguments)
+            with c.chat.completions.stream(model=MODEL, messages=MESSAGES, tools=[tool], tool_choice=choice,
+                                           max_tokens=300, temperature=0.8, seed=seed) as stream:  # fmt: skip
+                pieces = [e.arguments_delta for e in stream if e.type == "tool_calls.function.arguments.delta"]
+                (call,) = stream.get_final_completion().choices[0].message.tool_calls
+            assert len(pieces) > 2 and "".join(pieces) == call.function.arguments  # the client saw them come
+            assert call.function.parsed_arguments == calls[0].function.parsed_arguments
     assert parsed >= 1
 
 
@@ -319,7 +389,8 @@ def test_free_text_with_calls_is_read_into_content_and_calls_and_streamed_withou
         sent = "".join(d["delta"].get("content", "") for d in deltas)
         assert sent == content and deltas[0]["delta"]["role"] == "assistant"
         assert [d["finish_reason"] for d in deltas][-1] == "tool_calls"
-        assert [c["function"] for c in deltas[-1]["delta"]["tool_calls"]] == [c["function"] for c in calls]
+        entries = [t for d in deltas for t in d["delta"].get("tool_calls", [])]
+        assert streamed_calls(entries) == [c["function"] for c in calls] + [{"name": "g", "arguments": "{}"}]
         plain = TaggedShape(tags)  # a text without calls: all of it, the held-back tail at the end
         ds = [plain.delta(c, None, 0, None, False) for c in ("a <", "ca")] + [plain.delta("", "length", 0, None, False)]
         assert "".join(d["delta"].get("content", "") for d in ds) == "a <ca" and ds[-1]["finish_reason"] == "length"
@@ -368,7 +439,8 @@ def test_auto_answers_are_the_generators_free_text_with_calls(tagged_server, ref
             jsonschema.validate(json.loads(t["arguments"]), PARAMETERS[t["name"]])
         chunks = list(c.chat.completions.create(stream=True, **ask))
         assert "".join(x.choices[0].delta.content or "" for x in chunks) == content
-        streamed = [t.function.model_dump() for x in chunks for t in x.choices[0].delta.tool_calls or []]
-        assert streamed == got and chunks[-1].choices[0].finish_reason == ch.finish_reason
+        streamed = streamed_calls([t for x in chunks for t in x.choices[0].delta.tool_calls or []])
+        assert streamed[: len(got)] == got and chunks[-1].choices[0].finish_reason == ch.finish_reason
+        assert len(streamed) == len(got) + (ch.finish_reason == "length" and len(streamed) > len(got))
         seen.add((bool(content), bool(calls)))
     assert (False, True) in seen and (True, True) in seen  # a call at once, and text before one
