@@ -17,21 +17,25 @@ EOS may follow.
 A schema (`compile_schema`) is OpenAI's strict subset of JSON Schema, with optional properties:
 `type` (one or a list), `properties` (written in their order, as OpenAI's structured outputs
 write them; those not `required` may be left out) and no others, `items`, `minItems`,
-`maxItems`, `enum`, `const`, `anyOf`, `$ref`s to the root's `$defs` (not recursive); annotations
+`maxItems`, `enum`, `const`, `anyOf`, `$ref`s to the root's `$defs` or to the root (recursive
+ones too, from inside an object or array: trees, lists, expressions); annotations
 (`description`, `title`, ...) are ignored and any other keyword is refused, so what the grammar
 lets through is what the schema admits. Without a schema, any object. Other grammars (a list of
 tool calls) are built of the nodes and `union`.
 
 Which ids a path allows depends only on what it expects next and the innermost container, not
 on the rest of the stack, so masks are computed once per such key (`mask`) and shared; a state of
-several paths allows what any of them does. A mask is what the sampler takes off the logits
+several paths allows what any of them does. A state keeps MAX_PATHS paths at most: compiling
+refuses a schema that could need more, but for a recursive one, whose nesting is the text's, the
+first MAX_PATHS found are kept (the text stays one the schema admits; a text only the paths cut
+would have read cannot be written). A mask is what the sampler takes off the logits
 (sampling.steer): 0 for an allowed id, +inf for the rest.
 """
 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -58,7 +62,8 @@ COMPLETE_NUMBERS = frozenset(("zero", "int", "frac", "exp"))  # number phases a 
 class Node:
     """A compiled schema: what one value may be. Compared and hashed by identity (masks are cached
     by it); `first` is the bytes a value of it may start with, `width` the most paths (below) a
-    value of it may keep live at once."""
+    value of it may keep live at once; where they depend on other nodes, worked out at first use
+    (a node may hold a Ref to a definition still being compiled)."""
 
     first: frozenset[int] = frozenset()
     width = 1
@@ -74,7 +79,10 @@ class Obj(Node):
                  required: tuple[bool, ...] | None = None):  # fmt: skip
         self.keys, self.values = keys, values
         self.required = required if required is not None else (True,) * len(values)
-        self.width = max((v.width for v in values), default=1)  # one value is read at a time
+
+    @cached_property
+    def width(self) -> int:  # type: ignore[override]
+        return max((v.width for v in self.values), default=1)  # one value is read at a time
 
     def candidates(self, i: int) -> tuple[tuple[bytes, int], ...]:
         """(key text after its opening quote, index) of the keys that may come next from key i on:
@@ -101,7 +109,10 @@ class Arr(Node):
     def __init__(self, items: Node | None = None, min_items: int = 0, max_items: int | None = None):
         self.items, self.min_items, self.max_items = items, min_items, max_items
         self.cap = max(min_items, max_items or 0)
-        self.width = items.width if items is not None else 1
+
+    @cached_property
+    def width(self) -> int:  # type: ignore[override]
+        return self.items.width if self.items is not None else 1
 
 
 class Str(Node):
@@ -127,9 +138,35 @@ class Union(Node):
     (`by_byte`), so the paths of alternatives that start alike add up in `width`."""
 
     def __init__(self, alts: tuple[Node, ...]):
-        self.alts, self.first = alts, frozenset().union(*(a.first for a in alts))
-        self.by_byte = {b: tuple(a for a in alts if b in a.first) for b in self.first}
-        self.width = max((sum(a.width for a in same) for same in self.by_byte.values()), default=1)
+        self.alts = alts
+
+    @cached_property
+    def first(self) -> frozenset[int]:  # type: ignore[override]
+        return frozenset().union(*(a.first for a in self.alts))
+
+    @cached_property
+    def by_byte(self) -> dict[int, tuple[Node, ...]]:
+        return {b: tuple(a for a in self.alts if b in a.first) for b in self.first}
+
+    @cached_property
+    def width(self) -> int:  # type: ignore[override]
+        return max((sum(a.width for a in same) for same in self.by_byte.values()), default=1)
+
+
+class Ref(Node):
+    """A definition referred to from inside itself (a recursive schema), `target` once compiled.
+    Its width is not known when the nodes around it are built; it counts as 1 there, and `step`
+    keeps at most MAX_PATHS paths of a text (the first found) where a recursion's alike
+    alternatives would keep more."""
+
+    def __init__(self, ref: str):
+        self.ref, self.target = ref, None
+
+    @property
+    def first(self) -> frozenset[int]:  # type: ignore[override]
+        if self.target is None:
+            raise RuntimeError(f"{self.ref} was read before its definition was compiled")
+        return self.target.first
 
 
 class Tagged(Node):
@@ -157,19 +194,25 @@ JSON_OBJECT = ANY.alts[0]
 MAX_PATHS = 128
 
 
-def union(alts: list[Node], at: str) -> Node:
+def union(alts: list[Node], at: str, check: bool = True) -> Node:
     """One of the schemas `alts` (nested unions' alternatives among them, duplicates merged; a
     single one is itself); InputError at `at` when more than MAX_PATHS paths could be live at once
     (every Obj and Arr is as wide as its widest value, so a root built of unions from here is
-    within it)."""
+    within it). `check` False: checked later (`check_width`), once no Ref in it is still open."""
     flat = _alternatives(alts)
     if len(flat) == 1:
         return flat[0]
     node = Union(tuple(flat))
+    if check:
+        check_width(node, at)
+    return node
+
+
+def check_width(node: Node, at: str) -> None:
+    """InputError at `at` when a value of `node` could keep more than MAX_PATHS paths live."""
     if node.width > MAX_PATHS:
         raise InputError(f"option {at}: alternatives that start alike keep up to {node.width} readings of a text "
                          f"open at once, more than {MAX_PATHS}")  # fmt: skip
-    return node
 
 
 def _alternatives(alts: list[Node]) -> list[Node]:
@@ -201,7 +244,7 @@ LIMITS = {"enum and const values": 1000, "properties": 5000, "bytes of property 
 def compile_schema(schema: Any) -> Obj:
     """A JSON schema (OpenAI's strict subset; its root an object) -> the Obj the grammar follows;
     InputError naming the place in the schema that fastblt cannot hold a text to."""
-    node = _Compiler(schema).compile(schema, "schema")
+    node = _Compiler(schema).root("schema")
     if not isinstance(node, Obj):
         raise InputError('option schema: the root must be an object schema ({"type": "object", ...}), as OpenAI\'s')
     return node
@@ -226,7 +269,7 @@ def tagged(text: str) -> Tagged:
         raise InputError(f"option calls.most: expected an integer >= 0 or null, got {most!r}")
     if not isinstance(lead, bool) or (lead and most == 0):
         raise InputError(f"option calls.lead: expected true or false (false when most is 0), got {lead!r}")
-    call = _Compiler(spec["schema"]).compile(spec["schema"], "calls.schema")
+    call = _Compiler(spec["schema"]).root("calls.schema")
     return Tagged(start.encode(), call, end.encode(), most, lead)
 
 
@@ -243,17 +286,45 @@ def compiled(text: str) -> Obj:
 
 class _Compiler:
     """One schema's compilation: `$ref`s to its root's `$defs` (or `definitions`, as Pydantic and
-    OpenAI's client write nested models) are followed, each definition compiled once; a
-    definition that refers to itself, directly or not, is refused (the grammar's nodes are
-    finite)."""
+    OpenAI's client write nested models) and to the root itself ("#") are followed, each
+    definition compiled once. A definition may refer to itself (a tree, a list, an expression)
+    from inside an object or array of its own: the reference becomes a Ref to the node being
+    compiled. One that would be its own value with nothing read first is refused."""
 
     def __init__(self, root: Any):
         defs = root.get("$defs", root.get("definitions", {})) if isinstance(root, dict) else {}
-        self.defs: dict = defs if isinstance(defs, dict) else {}
+        self.schema = root
+        self.defs: dict = (defs if isinstance(defs, dict) else {}) | {"#": root}
         self.done: dict[str, Node] = {}
-        self.open: list[str] = []
+        self.open: dict[str, int] = {}  # definitions being compiled: how many containers were open then
+        self.containers = 0  # objects and arrays open where the compiler is
+        self.refs: dict[str, list[Ref]] = {}  # references to open definitions, to point at them once compiled
+        self.unchecked: list[tuple[Node, str]] = []  # unions built while a Ref was open: checked at the end
         self.depth = 0
         self.spent = dict.fromkeys(LIMITS, 0)
+
+    def root(self, at: str) -> Node:
+        """The root schema's node (a definition "#" refers to)."""
+        node = self.definition("#", at)
+        for union_, where in self.unchecked:  # every Ref points at its node now (counted 1 wide)
+            check_width(union_, where)
+        return node
+
+    def union(self, alts: list[Node], at: str) -> Node:
+        node = union(alts, at, check=not self.refs)  # a width is known once no Ref is open
+        if self.refs and isinstance(node, Union):
+            self.unchecked.append((node, at))
+        return node
+
+    def definition(self, name: str, at: str) -> Node:
+        """Definition `name` ("#": the root) compiled once; references from inside it point at it."""
+        if name not in self.done:
+            self.open[name] = self.containers
+            self.done[name] = node = self.compile(self.defs[name], at)
+            del self.open[name]
+            for ref in self.refs.pop(name, []):
+                ref.target = node
+        return self.done[name]
 
     def compile(self, schema: Any, at: str) -> Node:
         self.depth += 1
@@ -263,6 +334,15 @@ class _Compiler:
             return self._compile(schema, at)
         finally:
             self.depth -= 1
+
+    def inside(self, schema: Any, at: str) -> Node:
+        """A schema of an object's value or an array's element: a reference to a definition open
+        around that container is a recursion with bytes read between."""
+        self.containers += 1
+        try:
+            return self.compile(schema, at)
+        finally:
+            self.containers -= 1
 
     def spend(self, what: str, n: int, at: str) -> None:
         self.spent[what] += n
@@ -299,29 +379,30 @@ class _Compiler:
             alts = schema["anyOf"]
             if not isinstance(alts, list) or not alts or set(schema) & {"type", "properties", "items"}:
                 raise InputError(f"option {at}.anyOf: expected a non-empty list of schemas, alone")
-            return union([self.compile(s, f"{at}.anyOf[{i}]") for i, s in enumerate(alts)], f"{at}.anyOf")
+            return self.union([self.compile(s, f"{at}.anyOf[{i}]") for i, s in enumerate(alts)], f"{at}.anyOf")
         kind = schema.get("type", "object" if "properties" in schema else None)
         if kind is None:
             return ANY
         kinds = kind if isinstance(kind, list) else [kind]
         if not kinds or not all(isinstance(k, str) and k in TYPES for k in kinds):
             raise InputError(f"option {at}.type: expected one of {', '.join(TYPES)} or a list of them, got {kind!r}")
-        return union([self.typed(k, schema, at) for k in dict.fromkeys(kinds)], f"{at}.type")
+        return self.union([self.typed(k, schema, at) for k in dict.fromkeys(kinds)], f"{at}.type")
 
     def ref(self, schema: dict, at: str) -> Node:
         ref = schema["$ref"]
-        siblings = set(schema) - {"$ref"} - ANNOTATIONS
+        siblings = set(schema) - {"$ref"} - ANNOTATIONS - ({"$defs", "definitions"} if schema is self.schema else set())
         prefix = next((p for p in ("#/$defs/", "#/definitions/") if isinstance(ref, str) and ref.startswith(p)), None)
-        if siblings or prefix is None or ref[len(prefix) :] not in self.defs:
-            raise InputError(f'option {at}.$ref: expected "#/$defs/NAME" of the root\'s $defs, alone, got {ref!r}')
-        name = ref[len(prefix) :]
+        name = "#" if ref == "#" else None if prefix is None else ref[len(prefix) :]
+        if siblings or name not in self.defs or (name == "#") != (ref == "#"):
+            raise InputError(f'option {at}.$ref: expected "#" or "#/$defs/NAME" of the root\'s $defs, alone, got '
+                             f"{ref!r}")  # fmt: skip
         if name in self.open:
-            raise InputError(f"option {at}.$ref: {ref} refers to itself (recursive schemas are not supported)")
-        if name not in self.done:
-            self.open.append(name)
-            self.done[name] = self.compile(self.defs[name], f"schema.$defs.{name}")
-            self.open.pop()
-        return self.done[name]
+            if self.open[name] == self.containers:
+                raise InputError(f"option {at}.$ref: {ref} refers to itself with no object or array between: it "
+                                 "would be its own value")  # fmt: skip
+            self.refs.setdefault(name, []).append(node := Ref(ref))
+            return node
+        return self.definition(name, "schema" if name == "#" else f"schema.$defs.{name}")
 
     def typed(self, kind: str, schema: dict, at: str) -> Node:
         if kind == "object":
@@ -342,10 +423,10 @@ class _Compiler:
             keys = tuple(_text(k) for k in props)
             self.spend("properties", len(keys), f"{at}.properties")
             self.spend("bytes of property names and values", sum(map(len, keys)), f"{at}.properties")
-            values = tuple(self.compile(s, f"{at}.properties.{k}") for k, s in props.items())
+            values = tuple(self.inside(s, f"{at}.properties.{k}") for k, s in props.items())
             return Obj(keys, values, tuple(k in required for k in props))
         if kind == "array":
-            items = None if schema.get("items") is None else self.compile(schema["items"], f"{at}.items")
+            items = None if schema.get("items") is None else self.inside(schema["items"], f"{at}.items")
             return Arr(items, *_item_counts(schema, at))
         if kind == "string":
             return Str()
@@ -393,8 +474,8 @@ BEGIN = begin()
 def step(s: State, b: int) -> State | None:
     """The state after byte b (0-255): every path that can take b, taken; None when none can."""
     if len(s) == 1:
-        return _step(s[0], b) or None
-    return tuple(dict.fromkeys(q for p in s for q in _step(p, b))) or None
+        return _step(s[0], b)[:MAX_PATHS] or None
+    return tuple(dict.fromkeys(q for p in s for q in _step(p, b)))[:MAX_PATHS] or None
 
 
 def done(s: State) -> bool:
@@ -504,6 +585,8 @@ def _value(stack: tuple, first: bool, node: Node, b: int) -> tuple[Path, ...]:
             return (_close(stack),) if arr.min_items == 0 else ()
         if arr.max_items == 0:
             return ()
+    while isinstance(node, Ref):
+        node = node.target
     if b not in node.first:
         return ()
     if isinstance(node, Union):
@@ -635,7 +718,7 @@ def advance(s: State, ids: list[int]) -> State | None:
             continue
         if t < BYTE_OFFSET:
             return None
-        s = _step(s[0], t - BYTE_OFFSET) if len(s) == 1 else step(s, t - BYTE_OFFSET)  # `step`, a call less a byte
+        s = _step(s[0], t - BYTE_OFFSET)[:MAX_PATHS] if len(s) == 1 else step(s, t - BYTE_OFFSET)  # step, inlined
         if not s:
             return None
     return s

@@ -175,12 +175,15 @@ def calls_schema(functions: dict[str, dict], parallel: bool) -> dict:
 def _call_schema(functions: dict[str, dict]) -> tuple[dict, dict]:
     """(the schema of one call of `functions`: {"name": one of them, "arguments": what its
     parameters admit}, the definitions its root must hold). Each function's `$defs` move to the
-    root under "NAME." (their `$ref`s with them), so functions may name definitions alike."""
+    root under "NAME." (their `$ref`s with them), so functions may name definitions alike; a
+    parameters schema that refers to itself ("#") becomes the definition "NAME.#"."""
     calls, defs = [], {}
     for name, parameters in functions.items():
         moved = _moved_refs(parameters, f"{name}.")
         for key in ("$defs", "definitions"):
             defs |= {f"{name}.{k}": v for k, v in moved.pop(key, {}).items()}
+        if _refers_to(moved, f"#/$defs/{name}.#"):
+            defs[f"{name}.#"] = moved
         calls.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                       "properties": {"name": {"const": name}, "arguments": moved}})  # fmt: skip
     return (calls[0] if len(calls) == 1 else {"anyOf": calls}), defs
@@ -194,7 +197,9 @@ def _moved_refs(schema: Any, prefix: str) -> Any:
         return schema
     out = dict(schema)
     ref = schema.get("$ref")
-    if isinstance(ref, str):
+    if ref == "#":
+        out["$ref"] = f"#/$defs/{prefix}#"
+    elif isinstance(ref, str):
         for p in ("#/$defs/", "#/definitions/"):
             if ref.startswith(p):
                 out["$ref"] = "#/$defs/" + prefix + ref[len(p) :]
@@ -206,6 +211,17 @@ def _moved_refs(schema: Any, prefix: str) -> Any:
     if isinstance(schema.get("anyOf"), list):
         out["anyOf"] = [_moved_refs(s, prefix) for s in schema["anyOf"]]
     return out
+
+
+def _refers_to(schema: Any, ref: str) -> bool:
+    """Whether `schema` holds a `$ref` to `ref` where a schema is (as _moved_refs walks it)."""
+    if not isinstance(schema, dict):
+        return False
+    subs = [s for key in ("properties", "$defs", "definitions") if isinstance(schema.get(key), dict)
+            for s in schema[key].values()]  # fmt: skip
+    subs += [schema["items"]] if "items" in schema else []
+    subs += schema["anyOf"] if isinstance(schema.get("anyOf"), list) else []
+    return schema.get("$ref") == ref or any(_refers_to(s, ref) for s in subs)
 
 
 # ---------------------------------------------------------------------------- answers

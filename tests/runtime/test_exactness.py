@@ -96,10 +96,13 @@ def test_logit_bias_and_penalties_steer_ar_as_a_full_recompute_and_the_verified_
 PROPERTIES = {"id": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}},
               "ok": {"type": ["boolean", "null"]}}  # fmt: skip
 SCHEMA = {"type": "object", "properties": PROPERTIES, "required": list(PROPERTIES), "additionalProperties": False}
+# a recursive schema: the root refers to itself
+TREE = {**SCHEMA, "properties": {"id": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
+        "required": ["id", "kids"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
-@pytest.mark.parametrize("schema", [None, SCHEMA])
+@pytest.mark.parametrize("schema", [None, SCHEMA, TREE])
 def test_json_mode_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it(name, schema, monkeypatch):
     """format="json" (any object, or one a schema admits): ar equals a full recompute whose argmax
     reads only the bytes the grammar allows after the output so far, and blt-s (model drafts,

@@ -266,7 +266,13 @@ def test_what_a_schema_admits_is_accepted_and_what_is_accepted_it_admits(data):
     byte, each byte one the mask allows, and ends closed; the same text with one byte changed, if
     still accepted as closed, validates against the schema (jsonschema)."""
     schema = data.draw(root_schemas)
-    value = data.draw(instances(schema))
+    admitted_and_mutants_validate(data, schema, data.draw(instances(schema)), MAX_PATHS)
+
+
+def admitted_and_mutants_validate(data, schema: dict, value, most: int) -> None:
+    """`value` (which `schema` admits), written by json.dumps in a drawn style, is accepted byte by
+    byte (each byte one the mask allows, at most `most` paths live) and ends closed; with one
+    byte changed, if still accepted as closed, it validates against the schema (jsonschema)."""
     # keys and enum / const values in their one spelling (json.dumps's without \u escapes); strings free
     style = data.draw(st.sampled_from([{}, {"indent": 1}, {"separators": (",", ":")}]))
     text = json.dumps(value, ensure_ascii=False, **style).encode()
@@ -275,7 +281,7 @@ def test_what_a_schema_admits_is_accepted_and_what_is_accepted_it_admits(data):
         for i, b in enumerate(text):
             assert mask(s)[BYTE_OFFSET + b] == 0, (schema, text[: i + 1])
             s = step(s, b)
-            assert s is not None, (schema, text[: i + 1])
+            assert s is not None and len(s) <= most, (schema, text[: i + 1])
         assert done(s) and mask(s)[EOS_ID] == 0, (schema, text)
     changed = bytearray(text)
     changed[data.draw(st.integers(0, len(text) - 1))] = data.draw(st.integers(0, 255))
@@ -328,6 +334,60 @@ def test_refs_to_defs_are_followed_as_openais_client_writes_pydantic_models():
              "required": [*person["required"], "work"]}  # fmt: skip
     root = compile_schema(twice)
     assert root.values[2] is root.values[4]  # a definition is compiled once
+
+
+NODE = obj({"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}})
+TREE = {"$defs": {"node": NODE}, **obj({"root": {"$ref": "#/$defs/node"}})}
+NUM = obj({"op": {"const": "num"}, "value": {"type": "number"}})
+ADD = obj({"op": {"const": "add"}, "left": {"$ref": "#/$defs/expr"}, "right": {"$ref": "#/$defs/expr"}})
+EXPR = {"$defs": {"expr": {"anyOf": [NUM, ADD]}}, **obj({"expr": {"$ref": "#/$defs/expr"}})}  # alike: both "{"op"
+LIST = obj({"name": {"type": "string"}, "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}})  # the root itself
+trees = st.recursive(st.builds(lambda v: {"v": v, "kids": []}, st.integers()),
+                     lambda inner: st.builds(lambda v, kids: {"v": v, "kids": kids}, st.integers(),
+                                             st.lists(inner, max_size=3)), max_leaves=10)  # fmt: skip
+numbers = st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+exprs = st.recursive(st.builds(lambda x: {"op": "num", "value": x}, numbers),
+                     lambda inner: st.builds(lambda a, b: {"op": "add", "left": a, "right": b}, inner, inner),
+                     max_leaves=8)  # fmt: skip
+lists = st.recursive(st.builds(lambda n: {"name": n, "next": None}, st.text(max_size=3)),
+                     lambda inner: st.builds(lambda n, nx: {"name": n, "next": nx}, st.text(max_size=3), inner),
+                     max_leaves=8)  # fmt: skip
+RECURSIVE = [(TREE, trees.map(lambda t: {"root": t})), (EXPR, exprs.map(lambda e: {"expr": e})), (LIST, lists)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_recursive_schemas_admit_what_they_admit_at_any_depth(data):
+    """A tree, an expression (alternatives alike up to their "op") and a list through the root
+    itself: a value the schema admits is accepted byte by byte, whatever its depth; one byte
+    changed, a text still accepted as closed validates (jsonschema follows the recursion)."""
+    schema, values = data.draw(st.sampled_from(RECURSIVE))
+    value = data.draw(values)
+    jsonschema.validate(value, schema)
+    admitted_and_mutants_validate(data, schema, value, 2)  # "num" or "add": two readings at most
+
+
+def test_recursion_goes_deeper_than_schemas_nest_and_pydantics_root_reference_is_read():
+    deep = '{"name":"a","next":' * 100 + "null" + "}" * 100  # past MAX_DEPTH: the text's nesting, not the schema's
+    assert done(follows(LIST, deep.encode()))
+    assert follows(LIST, deep[:-1].encode()) is not None and not done(follows(LIST, deep[:-1].encode()))
+    pydantic = {"$defs": {"Node": NODE | {"title": "Node"}}, "$ref": "#/$defs/Node"}  # a recursive model's schema
+    pydantic["$defs"]["Node"]["properties"]["kids"]["items"]["$ref"] = "#/$defs/Node"
+    assert done(follows(pydantic, b'{"v": 1, "kids": [{"v": 2, "kids": []}]}'))
+    assert follows(pydantic, b'{"v": 1, "kids": [{"v": 2, "x"') is None
+
+
+def test_a_recursion_that_would_keep_more_readings_than_max_paths_keeps_the_first_found():
+    """Two alike alternatives inside themselves: each level doubles the readings of a text; a
+    state keeps MAX_PATHS of them, and the text they read is still one the schema admits."""
+    both = [obj({"k": {"type": "array", "items": {"$ref": "#/$defs/t"}}}) for _ in range(2)]
+    schema = {"$defs": {"t": {"anyOf": both}}, **obj({"t": {"$ref": "#/$defs/t"}})}
+    opened = b'{"t":' + b'{"k":[' * 9
+    s = follows(schema, opened)
+    assert len(s) == MAX_PATHS < 2**9
+    text = opened + b'{"k":[]}' + b"]}" * 9 + b"}"
+    assert done(follows(schema, text))
+    jsonschema.validate(json.loads(text), schema)
 
 
 def test_a_nested_any_of_is_read_as_its_alternatives():
@@ -409,14 +469,38 @@ def test_min_and_max_items_count_an_arrays_elements():
         ),  # fmt: skip
         ({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["c"]}, r"required: 'c' is not one of"),
         ({"type": "object", "properties": {}, "additionalProperties": True}, "additionalProperties: only false"),
-        ({"$ref": "#/$defs/x"}, r"schema\.\$ref: expected \"#/\$defs/NAME\" of the root's \$defs"),
+        ({"$ref": "#/$defs/x"}, r"schema\.\$ref: expected \"#\" or \"#/\$defs/NAME\" of the root's \$defs"),
         (
-            {
-                "$defs": {"n": obj({"next": {"anyOf": [{"$ref": "#/$defs/n"}, {"type": "null"}]}})},
-                **obj({"a": {"$ref": "#/$defs/n"}}),
-            },
-            r"schema\.\$defs\.n\.properties\.next\.anyOf\[0\]\.\$ref: #/\$defs/n refers to itself",
+            {"$defs": {"n": {"anyOf": [{"$ref": "#/$defs/n"}, {"type": "null"}]}}, **obj({"a": {"$ref": "#/$defs/n"}})},
+            r"schema\.\$defs\.n\.anyOf\[0\]\.\$ref: #/\$defs/n refers to itself with no object or array between",
         ),
+        (  # through another definition, still with nothing read between
+            {
+                "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}},
+                **obj({"x": {"$ref": "#/$defs/a"}}),
+            },
+            r"schema\.\$defs\.b\.anyOf\[0\]\.\$ref: #/\$defs/a refers to itself with no object",
+        ),  # fmt: skip
+        ({"$ref": "#"}, r"schema\.\$ref: # refers to itself with no object or array between"),
+        (  # wide alike alternatives inside a recursion: checked once the recursion's node is there
+            {
+                "$defs": {
+                    "n": obj(
+                        {
+                            "x": {
+                                "anyOf": [
+                                    obj({f"p{i}": {"anyOf": [{"$ref": "#/$defs/n"}, {"type": "null"}]}})
+                                    for i in range(MAX_PATHS + 1)
+                                ]
+                            }
+                        }
+                    )
+                },
+                **obj({"n": {"$ref": "#/$defs/n"}}),
+            },
+            rf"schema\.\$defs\.n\.properties\.x\.anyOf: alternatives that start alike keep up to {MAX_PATHS + 1}",
+        ),  # fmt: skip
+        (obj({"x": {"$ref": "#/$defs/#"}}), r"x\.\$ref: expected \"#\" or \"#/\$defs/NAME\""),
         ({"$defs": {"n": obj({})}, **obj({"a": {"$ref": "#/$defs/n", "type": "object"}})}, r"a\.\$ref: expected"),
         (
             obj({"x": {"anyOf": [obj({f"p{i}": {"type": "string"}}) for i in range(MAX_PATHS + 1)]}}),

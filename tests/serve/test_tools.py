@@ -87,6 +87,25 @@ def test_functions_may_name_their_definitions_alike():
     assert not accepts(schema, '{"tool_calls":[{"name":"wind","arguments":{"u":"c"}}]}')
 
 
+def test_a_function_whose_parameters_refer_to_themselves_is_called_with_nested_arguments():
+    """Recursive parameters ("#": the parameters themselves) become a definition of the calls'
+    schema, in the JSON answer and in the model's own format alike."""
+    tree = {"type": "object", "additionalProperties": False, "required": ["name", "kids"],
+            "properties": {"name": {"type": "string"}, "kids": {"type": "array", "items": {"$ref": "#"}}}}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "plant", "parameters": tree}}, TOOLS[1]]
+    arguments = {"name": "a", "kids": [{"name": "b", "kids": [{"name": "c", "kids": []}]}]}
+    call = {"name": "plant", "arguments": arguments}
+    assert accepts(json.loads(parse(tools=tools).options["schema"]), json.dumps({"tool_calls": [call]}))
+    assert not accepts(json.loads(parse(tools=tools).options["schema"]), json.dumps(
+        {"tool_calls": [{"name": "plant", "arguments": {"name": "a", "kids": [{"name": "b"}]}}]}))  # fmt: skip
+    body = {"model": MODEL, "messages": MESSAGES, "tools": tools, "tool_choice": "required"}
+    root = grammar.tagged(parse_chat_body(json.dumps(body).encode(), MODEL, "blt-s", TAGGED).options["calls"])
+    state = grammar.advance(grammar.begin(root), [b + 4 for b in f"> {json.dumps(call)}</call>".encode()])
+    assert state is not None and grammar.done(state)
+    (read,) = read_calls(json.dumps({"tool_calls": [call]}))
+    assert json.loads(read["function"]["arguments"]) == arguments
+
+
 def test_calls_are_read_back_as_openais_and_a_cut_answer_gives_those_that_closed():
     text = '{"tool_calls": [ {"name": "get_weather", "arguments": {"city": "Paris",  "unit": "c"}},\n {"name": "get_t'
     (call,) = read_calls(text)
