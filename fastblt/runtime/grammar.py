@@ -42,6 +42,7 @@ import numpy as np
 
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID, VOCAB_SIZE
+from fastblt.runtime.pattern import Pattern, compile_format, compile_pattern
 
 MAX_WS = 20  # whitespace bytes in a row: a newline and indentation, not a model stuck on spaces (llama.cpp's
 # JSON grammar allows about as many)
@@ -49,7 +50,7 @@ FORMATS = ("json",)  # DecodeOptions.format, as users ask for it
 CALLS = "calls"  # the format of DecodeOptions.calls (set with them, never asked for alone)
 
 # what a state expects next
-START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, END, OPEN = range(13)
+START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, END, OPEN, PATTERN = range(14)
 WHITESPACE = frozenset(b" \t\n\r")
 BETWEEN_TOKENS = frozenset((VALUE, KEY, COLON, AFTER))  # where whitespace may come
 DIGITS = frozenset(b"0123456789")
@@ -116,7 +117,13 @@ class Arr(Node):
 
 
 class Str(Node):
+    """A string; with `pattern` (a JSON Schema pattern or format, pattern.py), one whose text
+    it matches."""
+
     first = frozenset(b'"')
+
+    def __init__(self, pattern: Pattern | None = None):
+        self.pattern = pattern
 
 
 class Num(Node):
@@ -217,24 +224,25 @@ def check_width(node: Node, at: str) -> None:
 
 def _alternatives(alts: list[Node]) -> list[Node]:
     """The alternatives of `alts` with nested unions flattened and the cheap duplicates merged:
-    a node once, one Str, one Num (a number admits every integer), one Lit of all the texts."""
+    a node once, one plain Str, one Num (a number admits every integer), one Lit of all the
+    texts."""
     flat: list[Node] = []
     for a in alts:
         flat.extend(_alternatives(list(a.alts)) if isinstance(a, Union) else [a])
     lits = [a for a in flat if isinstance(a, Lit)]
-    one = {Str: next((a for a in flat if isinstance(a, Str)), None),
+    one = {Str: next((a for a in flat if isinstance(a, Str) and a.pattern is None), None),
            Num: min((a for a in flat if isinstance(a, Num)), key=lambda a: a.integer, default=None),
            Lit: lits[0] if len(lits) == 1 else Lit(tuple(dict.fromkeys(t for a in lits for t in a.texts)))}  # fmt: skip
     out: dict = {}
     for a in flat:
-        kind = type(a) if type(a) in one else id(a)
+        kind = type(a) if type(a) in one and not (isinstance(a, Str) and a.pattern) else id(a)
         out.setdefault(kind, one.get(kind, a))
     return list(out.values())
 
 
 ANNOTATIONS = frozenset(("description", "title", "$schema", "$id", "$comment", "examples", "default"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "enum", "const", "anyOf", "$ref", "$defs", "definitions"))  # fmt: skip
+                      "pattern", "format", "enum", "const", "anyOf", "$ref", "$defs", "definitions"))  # fmt: skip
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 MAX_DEPTH = 32  # schemas nested in a schema: deeper is refused rather than recursed into
 # OpenAI's limits on a structured-outputs schema, which also bound the grammar's work per byte
@@ -362,10 +370,11 @@ class _Compiler:
             if name not in KEYWORDS and name not in ANNOTATIONS:
                 known = ", ".join(sorted(KEYWORDS))
                 raise InputError(f"option {at}.{name}: not supported (fastblt holds a text to {known})")
-        if bound := next((k for k in ("minItems", "maxItems") if k in schema), None):
-            kind = schema.get("type")
-            if "array" not in (kind if isinstance(kind, list) else [kind]) or {"$ref", "const", "enum"} & set(schema):
-                raise InputError(f'option {at}.{bound}: only beside "type": "array" (and no enum, const or $ref)')
+        for bound, kind in (("minItems", "array"), ("maxItems", "array"), ("pattern", "string"), ("format", "string")):
+            kinds = schema.get("type")
+            if bound in schema and (kind not in (kinds if isinstance(kinds, list) else [kinds])
+                                    or {"$ref", "const", "enum"} & set(schema)):  # fmt: skip
+                raise InputError(f'option {at}.{bound}: only beside "type": "{kind}" (and no enum, const or $ref)')
         if "$ref" in schema:
             return self.ref(schema, at)
         if "const" in schema:
@@ -429,10 +438,21 @@ class _Compiler:
             items = None if schema.get("items") is None else self.inside(schema["items"], f"{at}.items")
             return Arr(items, *_item_counts(schema, at))
         if kind == "string":
-            return Str()
+            return self.string(schema, at)
         if kind in ("number", "integer"):
             return Num(integer=kind == "integer")
         return Lit((b"true", b"false")) if kind == "boolean" else Lit((b"null",))
+
+    def string(self, schema: dict, at: str) -> Str:
+        """A string schema: plain, or held to its `pattern` or `format` (not both)."""
+        if "pattern" in schema and "format" in schema:
+            raise InputError(f"option {at}.format: not beside a pattern (one of them)")
+        for name, compile in (("pattern", compile_pattern), ("format", compile_format)):
+            if name in schema:
+                if not isinstance(schema[name], str):
+                    raise InputError(f"option {at}.{name}: expected a string, got {type(schema[name]).__name__}")
+                return Str(compile(schema[name], f"{at}.{name}"))
+        return Str()
 
 
 def _item_counts(schema: dict, at: str) -> tuple[int, int | None]:
@@ -498,6 +518,8 @@ def _step(p: Path, b: int) -> tuple[Path, ...]:
     stack, mode, sub, ws = p
     if mode == STRING:
         return _string(p, b)
+    if mode == PATTERN:
+        return _matched_string(p, b)
     if mode == FREE:  # sub: how many of the start text's bytes the text ends with
         tag, n = stack[-1]
         k = _matched(tag.start, sub, b)
@@ -599,6 +621,8 @@ def _value(stack: tuple, first: bool, node: Node, b: int) -> tuple[Path, ...]:
     if isinstance(node, Arr):
         return ((stack + ((node, 0),), VALUE, (True, node.items or ANY), 0),)
     if isinstance(node, Str):
+        if node.pattern is not None:
+            return ((stack, PATTERN, (node.pattern, node.pattern.start, "n", 0, 0, 0, 0), 0),)
         return ((stack, STRING, (False, "n", 0, 0, 0), 0),)
     if isinstance(node, Num):
         return ((stack, NUMBER, ("minus" if b == ord("-") else "zero" if b == ord("0") else "int", node.integer), 0),)
@@ -707,6 +731,72 @@ def _string(p: Path, b: int) -> tuple[Path, ...]:
     return ((stack, STRING, (key, "c", n - 1, 0x80, 0xBF) if n > 1 else (key, "n", 0, 0, 0), 0),)
 
 
+# the escapes a string held to a pattern takes: where JSON needs one (a quote, a backslash, a control character)
+SHORT_ESCAPES = {ord('"'): 0x22, ord("\\"): 0x5C, ord("b"): 0x08, ord("f"): 0x0C, ord("n"): 0x0A, ord("r"): 0x0D,
+                 ord("t"): 0x09}  # fmt: skip
+CONTROLS = 0x1F  # below 0x20: written \u00XX (where no short escape says it)
+
+
+def _matched_string(p: Path, b: int) -> tuple[Path, ...]:
+    """Inside a string held to a pattern: sub is (the pattern, its reading so far, "n" plain / "e"
+    after a backslash / "x" hex digits to come / "c" UTF-8 continuation bytes to come, how many,
+    the next byte's range, the code point's bits so far). Each character moves the reading once
+    whole; a byte that starts one is allowed only if some character it may start can move it
+    (pattern.Pattern.takes), so no path is left without a way on. A character is written one way:
+    escaped only where JSON needs it (a quote, a backslash, a control character), else as itself
+    (a model unsure of the next character would otherwise wander into \\u escapes of any)."""
+    stack, _, sub, _ = p
+    pat, reading, kind, n, lo, hi, bits = sub
+    if kind == "n":
+        if b == ord('"'):
+            return (_after(stack),) if pat.accepts(reading) else ()
+        if b == ord("\\"):
+            escapable = pat.takes(reading, 0, CONTROLS) or any(pat.takes(reading, c, c) for c in (0x22, 0x5C))
+            return ((stack, PATTERN, (pat, reading, "e", 0, 0, 0, 0), 0),) if escapable else ()
+        if 0x20 <= b < 0x80:
+            return _read_char(stack, pat, reading, b)
+        if b not in _LEADS:
+            return ()
+        n, lo, hi = _LEADS[b]
+        return _partial_char(stack, pat, reading, "c", n, lo, hi, b & (0x3F >> n))
+    if kind == "e":
+        if b in SHORT_ESCAPES:
+            return _read_char(stack, pat, reading, SHORT_ESCAPES[b])
+        return _partial_char(stack, pat, reading, "x", 4, 0, 0, 0) if b == ord("u") else ()
+    if kind == "x":
+        if b not in HEX:
+            return ()
+        code = bits << 4 | int(chr(b), 16)
+        if n == 1:
+            return _read_char(stack, pat, reading, code) if code <= CONTROLS else ()
+        return _partial_char(stack, pat, reading, "x", n - 1, 0, 0, code)
+    if not lo <= b <= hi:
+        return ()
+    code = bits << 6 | (b & 0x3F)
+    if n == 1:
+        return _read_char(stack, pat, reading, code)
+    return _partial_char(stack, pat, reading, "c", n - 1, 0x80, 0xBF, code)
+
+
+def _read_char(stack: tuple, pat: Pattern, reading: frozenset, code: int) -> tuple[Path, ...]:
+    after = pat.step(reading, code)
+    return ((stack, PATTERN, (pat, after, "n", 0, 0, 0, 0), 0),) if after else ()
+
+
+def _partial_char(stack: tuple, pat: Pattern, reading: frozenset, kind: str, n: int, lo: int, hi: int,
+                  bits: int) -> tuple[Path, ...]:  # fmt: skip
+    """A character begun: kept only if one of the code points it may still be can move the
+    reading (`n` hex digits or continuation bytes to come, the next one in lo..hi)."""
+    if kind == "x":  # a control character
+        least, most = bits << 4 * n, min((bits + 1 << 4 * n) - 1, CONTROLS)
+    else:
+        rest = 6 * (n - 1)
+        least, most = (bits << 6 | lo & 0x3F) << rest, ((bits << 6 | hi & 0x3F) << rest) | ((1 << rest) - 1)
+    if least > most or not pat.takes(reading, least, most):
+        return ()
+    return ((stack, PATTERN, (pat, reading, kind, n, lo, hi, bits), 0),)
+
+
 def advance(s: State, ids: list[int]) -> State | None:
     """The state after generated ids (EOS once the text is whole closes it, and changes nothing
     after), or None when one cannot come next."""
@@ -761,7 +851,34 @@ def _spelled(mode: int, sub: Any) -> set[int] | None:
         return {r[0] for r in sub}
     if mode in (END, OPEN):
         return {sub[0]}
+    if mode == PATTERN and sub[2] == "n":
+        return _pattern_bytes(sub[0], sub[1])
     return None
+
+
+UTF8_LEADS = (
+    (0x80, 0x7FF, 6, 0xC0),
+    (0x800, 0xFFFF, 12, 0xE0),
+    (0x10000, 0x10FFFF, 18, 0xF0),
+)  # (from, to, shift, tag)
+
+
+def _pattern_bytes(pat: Pattern, reading: frozenset) -> set[int]:
+    """The bytes that may begin the next character of a string held to `pat` (or close it), read
+    off the code point ranges the reading may take: itself for printable ASCII, a backslash for
+    what is escaped, a UTF-8 lead byte for the rest (each lead covers a range of code points).
+    Trying every byte would read the NFA 256 times for each new reading."""
+    out = {ord('"')} if pat.accepts(reading) else set()
+    for s in reading:
+        for a, b, _ in pat.moves[s]:
+            out.update(c for c in range(max(a, 0x20), min(b, 0x7F) + 1) if c not in (0x22, 0x5C))
+            if a <= CONTROLS or a <= 0x22 <= b or a <= 0x5C <= b:
+                out.add(ord("\\"))
+            for first, last, shift, tag in UTF8_LEADS:
+                x, y = max(a, first), min(b, last)
+                if x <= y:
+                    out.update(range(tag | x >> shift, (tag | y >> shift) + 1))
+    return out
 
 
 @lru_cache(maxsize=4096)

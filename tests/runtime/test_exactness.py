@@ -99,10 +99,14 @@ SCHEMA = {"type": "object", "properties": PROPERTIES, "required": list(PROPERTIE
 # a recursive schema: the root refers to itself
 TREE = {**SCHEMA, "properties": {"id": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
         "required": ["id", "kids"]}  # fmt: skip
+# strings held to a format and to a pattern
+DATED = {**SCHEMA, "properties": {"id": {"type": "integer"}, "day": {"type": "string", "format": "date"},
+                                  "tag": {"type": "string", "pattern": "^[a-z]+[0-9]?$"}},
+         "required": ["id", "day", "tag"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
-@pytest.mark.parametrize("schema", [None, SCHEMA, TREE])
+@pytest.mark.parametrize("schema", [None, SCHEMA, TREE, DATED])
 def test_json_mode_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it(name, schema, monkeypatch):
     """format="json" (any object, or one a schema admits): ar equals a full recompute whose argmax
     reads only the bytes the grammar allows after the output so far, and blt-s (model drafts,

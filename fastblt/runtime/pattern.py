@@ -1,0 +1,396 @@
+"""JSON Schema's `pattern` and `format` for strings, as automata over code points that the grammar
+(grammar.py) runs inside a string's text.
+
+A pattern is an ECMA-262 regular expression, as JSON Schema says, matched anywhere in the string
+unless `^` / `$` anchor it (Python's `re.search`). The subset held is the one that is a regular
+language: characters, `.`, classes (`[a-z]`, `[^...]`, `\\d \\w \\s` and their complements),
+groups, `|`, `* + ? {n} {n,} {n,m}` (lazy or not: the same strings), and `^` / `$` at the start
+and end of the whole pattern's alternatives. Lookarounds, backreferences, word boundaries and
+Unicode property classes are refused by name. `\\d`, `\\w` are ASCII's, `\\s` ECMA's whitespace;
+`.` is any code point but a line terminator. A `format` (OpenAI's list) is a pattern of its own
+(FORMATS), as RFC 3339, RFC 4122, RFC 1123 and RFC 4291 write them (a date's day is not checked
+against its month, nor a hostname's length).
+
+`Pattern` is a Thompson NFA: states with code point ranges to follow and empty moves; a reading is
+the set of states it may be in. Every state can still reach the end over code points a JSON string
+can hold (surrogates are left out of every class), so a reading that is not empty never leads to
+a dead end, and the grammar's mask never allows a byte it would later have to refuse.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from fastblt.errors import InputError
+
+MAX_STATES = 5000  # an NFA past this (a repeat of a repeat) is refused: masks are read off its states
+MAX_CODE = 0x10FFFF
+CODE_POINTS = ((0, 0xD7FF), (0xE000, MAX_CODE))  # a JSON string's: no surrogates
+Ranges = tuple[tuple[int, int], ...]
+
+
+def _ranges(*spans: str | tuple[int, int]) -> Ranges:
+    """Sorted, merged ranges of single characters and (lo, hi) spans, surrogates left out."""
+    spans_ = sorted((ord(s), ord(s)) if isinstance(s, str) else s for s in spans)
+    out: list[tuple[int, int]] = []
+    for lo, hi in spans_:
+        for a, b in CODE_POINTS:  # cut out the surrogates
+            lo2, hi2 = max(lo, a), min(hi, b)
+            if lo2 > hi2:
+                continue
+            if out and lo2 <= out[-1][1] + 1:
+                out[-1] = (out[-1][0], max(out[-1][1], hi2))
+            else:
+                out.append((lo2, hi2))
+    return tuple(out)
+
+
+def _complement(r: Ranges) -> Ranges:
+    out, at = [], 0
+    for lo, hi in r:
+        if lo > at:
+            out.append((at, lo - 1))
+        at = hi + 1
+    if at <= MAX_CODE:
+        out.append((at, MAX_CODE))
+    return _ranges(*out)
+
+
+ANY = _ranges(*CODE_POINTS)
+DOT = _complement(_ranges("\n", "\r", "\u2028", "\u2029"))
+DIGIT = _ranges((ord("0"), ord("9")))
+WORD = _ranges((ord("a"), ord("z")), (ord("A"), ord("Z")), (ord("0"), ord("9")), "_")
+SPACE = _ranges(*"\t\n\v\f\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff", (0x2000, 0x200A))  # ECMA's
+CLASSES = {"d": DIGIT, "D": _complement(DIGIT), "w": WORD, "W": _complement(WORD), "s": SPACE,
+           "S": _complement(SPACE)}  # fmt: skip
+CONTROL = {"t": "\t", "n": "\n", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
+REFUSED = {"b": "word boundaries (\\b)", "B": "word boundaries (\\B)", "k": "backreferences (\\k)",
+           "p": "Unicode property classes (\\p)", "P": "Unicode property classes (\\P)",
+           "c": "control escapes (\\c)"}  # fmt: skip
+
+
+# ------------------------------------------------------------------------ parsing
+# a regex's tree: ("chars", Ranges) | ("seq", [tree]) | ("alt", [tree]) | ("repeat", tree, least, most or None)
+# | ("start",) | ("end",)
+class _Parser:
+    """An ECMA-262 pattern -> its tree; InputError at `at` naming what is not held."""
+
+    def __init__(self, text: str, at: str):
+        self.text, self.at, self.i = text, at, 0
+
+    def fail(self, why: str) -> InputError:
+        return InputError(f"option {self.at}: {why} (at character {self.i} of {self.text[:60]!r})")
+
+    def peek(self) -> str | None:
+        return self.text[self.i] if self.i < len(self.text) else None
+
+    def take(self) -> str:
+        if self.i >= len(self.text):
+            raise self.fail("the pattern ends too soon")
+        self.i += 1
+        return self.text[self.i - 1]
+
+    def parse(self) -> tuple:
+        tree = self.alternatives()
+        if self.i < len(self.text):
+            raise self.fail(f"unbalanced {self.text[self.i]!r}")
+        return tree
+
+    def alternatives(self) -> tuple:
+        alts = [self.sequence()]
+        while self.peek() == "|":
+            self.take()
+            alts.append(self.sequence())
+        return alts[0] if len(alts) == 1 else ("alt", alts)
+
+    def sequence(self) -> tuple:
+        items = []
+        while self.peek() not in (None, "|", ")"):
+            atom = self.atom()
+            items.append(self.quantified(atom))
+        return ("seq", items)
+
+    def quantified(self, atom: tuple) -> tuple:
+        c = self.peek()
+        bounds = {"*": (0, None), "+": (1, None), "?": (0, 1)}.get(c or "")
+        if bounds is not None:
+            self.take()
+        elif c == "{":
+            bounds = self.braces()
+        if bounds is None:
+            return atom
+        if atom[0] in ("start", "end"):
+            raise self.fail("a quantifier on an anchor")
+        if self.peek() == "?":  # lazy: the same strings match
+            self.take()
+        if self.peek() in ("*", "+", "?") or (self.peek() == "{" and self.braces(look=True)):
+            raise self.fail("a quantifier right after a quantifier")
+        return ("repeat", atom, *bounds)
+
+    def braces(self, look: bool = False) -> tuple[int, int | None] | None:
+        """{n}, {n,} or {n,m} at the cursor (consumed unless `look`), or None: then "{" is itself."""
+        end = self.text.find("}", self.i)
+        body = self.text[self.i + 1 : end] if end > 0 else ""
+        least, comma, most = body.partition(",")
+        if not least.isdigit() or not (most.isdigit() or most == "") or (most and not comma):
+            return None
+        if not look:
+            self.i = end + 1
+        bounds = (int(least), int(most) if most else (None if comma else int(least)))
+        if bounds[1] is not None and bounds[1] < bounds[0]:
+            raise self.fail(f"{{{body}}}: the most is less than the least")
+        return bounds
+
+    def atom(self) -> tuple:
+        c = self.take()
+        if c == "(":
+            if self.text.startswith("?:", self.i):
+                self.i += 2
+            elif self.text.startswith("?<", self.i) and self.text[self.i + 2 : self.i + 3] not in ("=", "!"):
+                close = self.text.find(">", self.i)  # a named group: a name only, the same strings
+                if close < 0:
+                    raise self.fail("an unclosed group name")
+                self.i = close + 1
+            elif self.peek() == "?":
+                raise self.fail("lookarounds ((?=, (?!, (?<=, (?<!) are not held")
+            tree = self.alternatives()
+            if self.peek() != ")":
+                raise self.fail("an unclosed group")
+            self.take()
+            return tree
+        if c == "[":
+            return ("chars", self.bracket())
+        if c == ".":
+            return ("chars", DOT)
+        if c == "^":
+            return ("start",)
+        if c == "$":
+            return ("end",)
+        if c == "\\":
+            return ("chars", self.escape(in_class=False))
+        if c in ")*+?":
+            raise self.fail(f"{c!r} with nothing before it")
+        return ("chars", _ranges(c))
+
+    def escape(self, in_class: bool) -> Ranges:
+        c = self.take()
+        if c in CLASSES:
+            return CLASSES[c]
+        if c in CONTROL:
+            return _ranges(CONTROL[c])
+        if c == "b" and in_class:
+            return _ranges("\b")
+        if c in REFUSED or c.isdigit():
+            what = REFUSED.get(c) or "backreferences (\\" + c + ")"
+            raise self.fail(f"{what} are not held")
+        if c in "xu":
+            n = 2 if c == "x" else 4
+            digits = self.text[self.i : self.i + n]
+            if len(digits) != n or any(d not in "0123456789abcdefABCDEF" for d in digits):
+                raise self.fail(f"\\{c} needs {n} hex digits")
+            self.i += n
+            code = int(digits, 16)
+            if 0xD800 <= code <= 0xDFFF:
+                raise self.fail("a surrogate (a JSON string's text holds none)")
+            return _ranges(chr(code))
+        if c.isalnum():
+            raise self.fail(f"\\{c} is not an escape ECMA-262 defines")
+        return _ranges(c)
+
+    def bracket(self) -> Ranges:
+        negated = self.peek() == "^"
+        if negated:
+            self.take()
+        spans: list = []
+        while (c := self.take()) != "]":  # ECMA's: "]" first closes an empty class ("[^]": any character)
+            lo = self.escape(in_class=True) if c == "\\" else _ranges(c)
+            if self.peek() == "-" and self.text[self.i + 1 : self.i + 2] not in ("]", ""):
+                self.take()
+                d = self.take()
+                hi = self.escape(in_class=True) if d == "\\" else _ranges(d)
+                if len(lo) != 1 or len(hi) != 1 or lo[0][0] != lo[0][1] or hi[0][0] != hi[0][1]:
+                    raise self.fail("a range between classes")
+                if hi[0][0] < lo[0][0]:
+                    raise self.fail("a range out of order")
+                spans.append((lo[0][0], hi[0][0]))
+            else:
+                spans.extend(lo)
+        ranges = _ranges(*spans)
+        ranges = _complement(ranges) if negated else ranges
+        if not ranges:
+            raise self.fail("a class no character is in")
+        return ranges
+
+
+# ------------------------------------------------------------------------ the automaton
+class Pattern:
+    """A Thompson NFA over code points: `moves[s]` the (lo, hi, next) ranges out of state s,
+    `empty[s]` its empty moves; `start` the reading before any code point."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.moves: list[list[tuple[int, int, int]]] = []
+        self.empty: list[list[int]] = []
+        self.accept = -1
+        self.start: frozenset[int] = frozenset()
+
+    def state(self) -> int:
+        if len(self.moves) >= MAX_STATES:
+            raise InputError(f"pattern {self.source[:60]!r}: more than {MAX_STATES} states once its repeats are "
+                             "written out")  # fmt: skip
+        self.moves.append([])
+        self.empty.append([])
+        return len(self.moves) - 1
+
+    def closure(self, states: set[int] | frozenset[int]) -> frozenset[int]:
+        out, todo = set(states), list(states)
+        while todo:
+            for t in self.empty[todo.pop()]:
+                if t not in out:
+                    out.add(t)
+                    todo.append(t)
+        return frozenset(out)
+
+    def step(self, states: frozenset[int], code: int) -> frozenset[int]:
+        """The reading after code point `code` (empty: the pattern cannot take it)."""
+        return _step(self, states, code)
+
+    def takes(self, states: frozenset[int], lo: int, hi: int) -> bool:
+        """Whether some code point in lo..hi can come next."""
+        return any(a <= hi and lo <= b for s in states for a, b, _ in self.moves[s])
+
+    def accepts(self, states: frozenset[int]) -> bool:
+        return self.accept in states
+
+
+@lru_cache(maxsize=65536)
+def _step(pat: Pattern, states: frozenset[int], code: int) -> frozenset[int]:
+    return pat.closure({t for s in states for a, b, t in pat.moves[s] if a <= code <= b})
+
+
+def _build(pat: Pattern, tree: tuple) -> tuple[int, int]:
+    """(entry, exit) states of a fragment reading `tree`."""
+    kind = tree[0]
+    if kind == "chars":
+        a, b = pat.state(), pat.state()
+        pat.moves[a].extend((lo, hi, b) for lo, hi in tree[1])
+        return a, b
+    if kind == "seq":
+        a = b = pat.state()
+        for item in tree[1]:
+            x, y = _build(pat, item)
+            pat.empty[b].append(x)
+            b = y
+        return a, b
+    if kind == "alt":
+        a, b = pat.state(), pat.state()
+        for item in tree[1]:
+            x, y = _build(pat, item)
+            pat.empty[a].append(x)
+            pat.empty[y].append(b)
+        return a, b
+    _, item, least, most = tree  # "repeat"
+    a = b = pat.state()
+    for _ in range(least):
+        x, y = _build(pat, item)
+        pat.empty[b].append(x)
+        b = y
+    if most is None:  # then any more
+        x, y = _build(pat, item)
+        pat.empty[b].append(x)
+        pat.empty[y].append(x)
+        end = pat.state()
+        pat.empty[b].append(end)
+        pat.empty[y].append(end)
+        return a, end
+    end = pat.state()
+    for _ in range(most - least):  # each optional one may end the run
+        pat.empty[b].append(end)
+        x, y = _build(pat, item)
+        pat.empty[b].append(x)
+        b = y
+    pat.empty[b].append(end)
+    return a, end
+
+
+def _anchored(tree: tuple, at: str, source: str) -> list[tuple[tuple, bool, bool]]:
+    """The top-level alternatives of `tree` as (body, starts at ^, ends at $); anchors anywhere
+    else are refused."""
+    alts = tree[1] if tree[0] == "alt" else [tree]
+    out = []
+    for alt in alts:
+        items = list(alt[1]) if alt[0] == "seq" else [alt]
+        start = bool(items) and items[0] == ("start",)
+        end = bool(items) and items[-1] == ("end",) and (len(items) > 1 or not start)
+        body = items[start : len(items) - end]
+        if _has_anchor(("seq", body)):
+            raise InputError(f"option {at}: ^ and $ only at the start and end of the pattern's alternatives "
+                             f"({source[:60]!r})")  # fmt: skip
+        out.append((("seq", body), start, end))
+    return out
+
+
+def _has_anchor(tree: tuple) -> bool:
+    if tree[0] in ("start", "end"):
+        return True
+    if tree[0] in ("seq", "alt"):
+        return any(_has_anchor(t) for t in tree[1])
+    return tree[0] == "repeat" and _has_anchor(tree[1])
+
+
+@lru_cache(maxsize=256)
+def compile_pattern(source: str, at: str = "pattern") -> Pattern:
+    """A pattern's NFA (searched: unanchored sides take any text), compiled once per text."""
+    tree = _Parser(source, at).parse()
+    free = ("repeat", ("chars", ANY), 0, None)
+    alts = [("seq", ([] if start else [free]) + [body] + ([] if end else [free]))
+            for body, start, end in _anchored(tree, at, source)]  # fmt: skip
+    pat = Pattern(source)
+    try:
+        entry, pat.accept = _build(pat, ("alt", alts))
+    except InputError as e:
+        raise InputError(f"option {at}: {e}") from None
+    pat.start = pat.closure({entry})
+    return pat
+
+
+# ------------------------------------------------------------------------ formats
+_DATE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+_TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = f"({_OCTET}\\.){{3}}{_OCTET}"
+_LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = f"{_LABEL}(\\.{_LABEL})*"
+_H16 = "[0-9A-Fa-f]{1,4}"
+_LS32 = f"({_H16}:{_H16}|{_IPV4})"
+
+
+def _ipv6() -> str:
+    """RFC 3986's IPv6address: eight 16-bit pieces, a run of them written "::" at most once."""
+    forms = [f"({_H16}:){{6}}{_LS32}", f"::({_H16}:){{5}}{_LS32}", f"({_H16})?::({_H16}:){{4}}{_LS32}"]
+    for k, tail in ((1, f"({_H16}:){{3}}{_LS32}"), (2, f"({_H16}:){{2}}{_LS32}"), (3, f"{_H16}:{_LS32}"),
+                    (4, _LS32), (5, _H16), (6, "")):  # fmt: skip
+        forms.append(f"(({_H16}:){{0,{k}}}{_H16})?::{tail}")
+    return "|".join(f"({f})" for f in forms)
+
+
+_DURATION_TIME = "T([0-9]+H([0-9]+M([0-9]+S)?)?|[0-9]+M([0-9]+S)?|[0-9]+S)"
+_DURATION_DATE = "([0-9]+Y([0-9]+M([0-9]+D)?)?|[0-9]+M([0-9]+D)?|[0-9]+D)"
+_ATOM = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+FORMATS = {  # OpenAI's structured outputs' formats, as whole-string patterns
+    "date-time": f"^{_DATE}[Tt]{_TIME}$",
+    "date": f"^{_DATE}$",
+    "time": f"^{_TIME}$",
+    "duration": f"^P({_DURATION_DATE}({_DURATION_TIME})?|{_DURATION_TIME}|[0-9]+W)$",
+    "email": f"^{_ATOM}(\\.{_ATOM})*@{_HOSTNAME}$",
+    "hostname": f"^{_HOSTNAME}$",
+    "ipv4": f"^{_IPV4}$",
+    "ipv6": f"^({_ipv6()})$",
+    "uuid": "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$",
+}
+
+
+def compile_format(name: str, at: str) -> Pattern:
+    if name not in FORMATS:
+        raise InputError(f"option {at}: {name!r} is not one of the formats held ({', '.join(FORMATS)})")
+    return compile_pattern(FORMATS[name], at)

@@ -1,0 +1,213 @@
+"""JSON Schema `pattern` and `format` (runtime/pattern.py): the NFA matches what Python's `re`
+matches for the shared subset of ECMA-262, and inside the grammar a string held to one is written
+byte by byte, raw or escaped, never into a dead end."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+import re
+import uuid
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastblt.errors import InputError
+from fastblt.model.config import BYTE_OFFSET, EOS_ID
+from fastblt.runtime.grammar import PATTERN, advance, begin, compile_schema, done, mask, step
+from fastblt.runtime.pattern import FORMATS, compile_format, compile_pattern
+
+# characters where ECMA-262 and Python's re (ASCII classes) agree: no \r or U+2028/9 for ".", no
+# non-ASCII whitespace for \s; some past ASCII, one past U+FFFF
+ALPHABET = 'abcxyz019_-. \n\t"\\/é中😀'
+atoms = st.sampled_from(["a", "b", "x", "1", r"\d", r"\w", r"\D", r"\W", r"\s", ".", "[a-c]", "[^a]", "[0-9x]",
+                         r"\.", r"\-", "é", "中", "😀", r"\u00e9", r"[\d_]", r"\n", '"', r"\\"])  # fmt: skip
+
+
+def quantified(atom: st.SearchStrategy) -> st.SearchStrategy:
+    quantifiers = st.sampled_from(["", "", "*", "+", "?", "{2}", "{1,3}", "{0,}", "*?", "+?"])
+    return st.tuples(atom, quantifiers).map("".join)
+
+
+regexes = st.recursive(
+    quantified(atoms),
+    lambda inner: (
+        st.lists(inner, min_size=1, max_size=3).map("".join)
+        | st.lists(inner, min_size=2, max_size=3).map(lambda alts: "(" + "|".join(alts) + ")")
+        | quantified(inner.map(lambda r: f"(?:{r})"))
+    ),
+    max_leaves=6,
+)
+patterns = st.tuples(st.sampled_from(["", "^"]), regexes, st.sampled_from(["", "$"])).map("".join)
+
+
+SPACE = "\t\n\x0b\x0c\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"  # ECMA-262's \s
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(st.sampled_from("ab()[]{}|*+?^$.-,:=!<>\\dwsuxbpkDWS0129é"), max_size=10))
+def test_any_pattern_text_compiles_or_is_refused_with_an_input_error(source):
+    """Whatever a request's pattern holds, compiling it either works or says why (a 400): never
+    another exception from inside the parser."""
+    try:
+        compile_pattern(source)
+    except InputError as e:
+        assert str(e).startswith("option pattern: ")
+
+
+def python_re(source: str, ecma: bool = True) -> re.Pattern:
+    """`source` as Python's re reads ECMA-262's: ASCII classes but ECMA's whitespace, and "$"
+    only at the very end (Python's also matches before a final newline). `ecma` False: Python's
+    own classes, for hypothesis to draw strings from within an alphabet."""
+    spaces = {"s": f"[{SPACE}]", "S": f"[^{SPACE}]"} if ecma else {}
+    source = re.sub(r"\\(.)", lambda m: spaces.get(m.group(1), m.group(0)), source)
+    return re.compile(source[:-1] + r"\Z" if source.endswith("$") else source, re.ASCII if ecma else 0)
+
+
+def drawn(source: str) -> st.SearchStrategy:
+    """Strings of ALPHABET that hold a match of `source`."""
+    return st.from_regex(python_re(source, ecma=False), alphabet=ALPHABET)
+
+
+def matches(source: str, text: str) -> bool:
+    pat = compile_pattern(source)
+    reading = pat.start
+    for ch in text:
+        reading = pat.step(reading, ord(ch))
+        if not reading:
+            return False
+    return pat.accepts(reading)
+
+
+@settings(max_examples=200, deadline=None)
+@given(patterns, st.data())
+def test_a_pattern_matches_what_python_searches_for(source, data):
+    """Strings that hold a match (drawn by hypothesis from the regex) and arbitrary ones: the NFA
+    and `re.search` (ASCII classes, as ECMA-262's) agree on each."""
+    python = python_re(source)
+    texts = [data.draw(drawn(source)), data.draw(st.text(ALPHABET, max_size=8))]
+    for text in texts:
+        assert matches(source, text) == bool(python.search(text)), (source, text)
+
+
+def follows(schema: dict, data: bytes):
+    return advance(begin(compile_schema(schema)), [b + BYTE_OFFSET for b in data])
+
+
+def holding(prop: dict) -> dict:
+    return {"type": "object", "properties": {"a": prop}, "required": ["a"], "additionalProperties": False}
+
+
+@settings(max_examples=100, deadline=None)
+@given(patterns, st.data())
+def test_a_string_held_to_a_pattern_is_written_one_way_and_never_into_a_dead_end(source, data):
+    """A matching string, as json.dumps writes it without \\u escapes, is accepted byte by byte and
+    closes (a character JSON can hold as itself is not taken escaped); the bytes the mask allows,
+    followed at random, always leave a way on (a byte or the closing quote allowed at every step),
+    and a string they close matches."""
+    python = python_re(source)
+    value = data.draw(drawn(source).filter(python.search))  # Python's \w takes "é", ECMA's does not
+    schema = holding({"type": "string", "pattern": source})
+    text = json.dumps({"a": value}, ensure_ascii=False).encode()
+    s = follows(schema, text)
+    assert s is not None and done(s), (source, text)
+    if any(0x20 <= ord(c) < 0x7F and c not in '"\\' for c in value) and max(map(ord, value)) <= 0xFFFF:
+        escaped = "".join(f"\\u{ord(c):04x}" for c in value)  # the same, every character escaped: refused
+        assert follows(schema, f'{{"a": "{escaped}"}}'.encode()) is None
+    s, rng, written = follows(schema, b'{"a":"'), random.Random(data.draw(st.integers(0, 2**32))), b""
+    for _ in range(30):
+        allowed = np.flatnonzero(mask(s)[BYTE_OFFSET:] == 0)
+        assert len(allowed), (source, written)  # a way on
+        b = int(rng.choice(allowed))
+        written += bytes([b])
+        s = step(s, b)
+        assert s is not None
+        if all(path[1] != PATTERN for path in s):  # the string closed: what it holds matches
+            assert python.search(json.loads(b'"' + written)), (source, written)
+            break
+
+
+VALID = {
+    "date-time": "2026-12-07T03:38:08.5+01:00",
+    "date": "2026-12-07",
+    "time": "23:59:60Z",
+    "duration": "P1Y2M3DT4H5M6S",
+    "email": "first.last+tag@mail.example-host.org",
+    "hostname": "a-1.example.com",
+    "ipv4": "192.168.0.255",
+    "ipv6": "2001:db8::8a2e:370:7334",
+    "uuid": "123e4567-e89b-12d3-a456-426614174000",
+}
+INVALID = {
+    "date-time": "2026-12-07 03:38:08Z",
+    "date": "2026-13-07",
+    "time": "24:00:00Z",
+    "duration": "P",
+    "email": "first@",
+    "hostname": "-a.com",
+    "ipv4": "256.1.1.1",
+    "ipv6": "1::2::3",
+    "uuid": "123e4567e89b12d3a456426614174000",
+}
+CHECKS = {"ipv4": ipaddress.IPv4Address, "ipv6": ipaddress.IPv6Address, "uuid": uuid.UUID}  # the stdlib's readers
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_formats_hold_what_their_rfcs_write(name):
+    schema = holding({"type": "string", "format": name})
+    for value, ok in ((VALID[name], True), (INVALID[name], False)):
+        s = follows(schema, json.dumps({"a": value}).encode())
+        assert (s is not None and done(s)) == ok, (name, value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(sorted(FORMATS)), st.data())
+def test_what_a_format_admits_its_reader_reads(name, data):
+    """Values drawn from a format's pattern are admitted; with a character changed, a value still
+    admitted is one the standard library reads (IP addresses, UUIDs)."""
+    python = python_re(FORMATS[name])
+    value = data.draw(st.from_regex(python, fullmatch=True))
+    pat = compile_format(name, "format")
+    assert matches(pat.source, value), (name, value)
+    if name in CHECKS and value:
+        i = data.draw(st.integers(0, len(value) - 1))
+        changed = value[:i] + data.draw(st.sampled_from("0:.-aGf")) + value[i + 1 :]
+        if matches(pat.source, changed):
+            CHECKS[name](changed)
+
+
+@pytest.mark.parametrize(
+    ("prop", "match"),
+    [
+        ({"type": "string", "pattern": "(?=a)"}, r"a\.pattern: lookarounds"),
+        ({"type": "string", "pattern": r"(a)\1"}, r"a\.pattern: backreferences \(\\1\)"),
+        ({"type": "string", "pattern": r"\bx"}, r"a\.pattern: word boundaries"),
+        ({"type": "string", "pattern": r"\p{L}"}, r"a\.pattern: Unicode property classes"),
+        ({"type": "string", "pattern": "(a"}, r"a\.pattern: an unclosed group"),
+        ({"type": "string", "pattern": "[]"}, r"a\.pattern: a class no character is in"),
+        ({"type": "string", "pattern": "a^b"}, r"a\.pattern: \^ and \$ only at the start and end"),
+        ({"type": "string", "pattern": "a**"}, r"a\.pattern: a quantifier right after a quantifier"),
+        ({"type": "string", "pattern": r"\ud800"}, r"a\.pattern: a surrogate"),
+        ({"type": "string", "pattern": "(a{1,60}){1,99}"}, r"a\.pattern: .*more than 5000 states"),
+        ({"type": "string", "pattern": 5}, r"a\.pattern: expected a string"),
+        ({"type": "string", "format": "uri"}, r"a\.format: 'uri' is not one of the formats held"),
+        ({"type": "string", "format": "date", "pattern": "x"}, r"a\.format: not beside a pattern"),
+        ({"type": "integer", "pattern": "1"}, r"a\.pattern: only beside \"type\": \"string\""),
+        ({"enum": ["a"], "format": "date"}, r"a\.format: only beside"),
+    ],
+)
+def test_patterns_and_formats_that_are_not_held_are_refused_by_name(prop, match):
+    with pytest.raises(InputError, match=r"option schema\.properties\." + match):
+        compile_schema(holding(prop))
+
+
+def test_a_pattern_string_sits_beside_others_in_a_union_and_eos_waits_for_the_object():
+    schema = holding({"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "pattern": "^x+$"}]})
+    for value, ok in (("2026-01-02", True), ("xxx", True), ("2026-x", False), ("", False)):
+        s = follows(schema, json.dumps({"a": value}).encode())
+        assert (s is not None and done(s)) == ok, value
+    s = follows(schema, b'{"a":"2026-01-02"')
+    assert mask(s)[EOS_ID] != 0 and mask(s)[BYTE_OFFSET + ord("}")] == 0
