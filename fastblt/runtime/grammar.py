@@ -35,6 +35,7 @@ would have read cannot be written). A mask is what the sampler takes off the log
 from __future__ import annotations
 
 import json
+import math
 from functools import cached_property, lru_cache
 from typing import Any
 
@@ -42,7 +43,7 @@ import numpy as np
 
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID, VOCAB_SIZE
-from fastblt.runtime.pattern import Pattern, compile_format, compile_pattern
+from fastblt.runtime.pattern import MAX_STATES, Pattern, compile_format, compile_pattern, length_pattern, number_pattern
 
 MAX_WS = 20  # whitespace bytes in a row: a newline and indentation, not a model stuck on spaces (llama.cpp's
 # JSON grammar allows about as many)
@@ -50,7 +51,7 @@ FORMATS = ("json",)  # DecodeOptions.format, as users ask for it
 CALLS = "calls"  # the format of DecodeOptions.calls (set with them, never asked for alone)
 
 # what a state expects next
-START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, END, OPEN, PATTERN = range(14)
+START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, END, OPEN, PATTERN, BOUNDED = range(15)
 WHITESPACE = frozenset(b" \t\n\r")
 BETWEEN_TOKENS = frozenset((VALUE, KEY, COLON, AFTER))  # where whitespace may come
 DIGITS = frozenset(b"0123456789")
@@ -127,10 +128,13 @@ class Str(Node):
 
 
 class Num(Node):
+    """A number (an integer if `integer`); with `pattern` (its bounds, pattern.number_pattern),
+    one whose text it matches."""
+
     first = frozenset(b"-0123456789")
 
-    def __init__(self, integer: bool = False):
-        self.integer = integer
+    def __init__(self, integer: bool = False, pattern: Pattern | None = None):
+        self.integer, self.pattern = integer, pattern
 
 
 class Lit(Node):
@@ -224,25 +228,29 @@ def check_width(node: Node, at: str) -> None:
 
 def _alternatives(alts: list[Node]) -> list[Node]:
     """The alternatives of `alts` with nested unions flattened and the cheap duplicates merged:
-    a node once, one plain Str, one Num (a number admits every integer), one Lit of all the
+    a node once, one plain Str, one plain Num (a number admits every integer), one Lit of all the
     texts."""
     flat: list[Node] = []
     for a in alts:
         flat.extend(_alternatives(list(a.alts)) if isinstance(a, Union) else [a])
     lits = [a for a in flat if isinstance(a, Lit)]
     one = {Str: next((a for a in flat if isinstance(a, Str) and a.pattern is None), None),
-           Num: min((a for a in flat if isinstance(a, Num)), key=lambda a: a.integer, default=None),
+           Num: min((a for a in flat if isinstance(a, Num) and a.pattern is None), key=lambda a: a.integer,
+                    default=None),
            Lit: lits[0] if len(lits) == 1 else Lit(tuple(dict.fromkeys(t for a in lits for t in a.texts)))}  # fmt: skip
     out: dict = {}
     for a in flat:
-        kind = type(a) if type(a) in one and not (isinstance(a, Str) and a.pattern) else id(a)
+        kind = type(a) if type(a) in one and not (isinstance(a, (Str, Num)) and a.pattern) else id(a)
         out.setdefault(kind, one.get(kind, a))
     return list(out.values())
 
 
 ANNOTATIONS = frozenset(("description", "title", "$schema", "$id", "$comment", "examples", "default"))
+BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+MAX_BOUND = 10**18  # a bound's size: past it a bound is not worth its automaton
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "pattern", "format", "enum", "const", "anyOf", "$ref", "$defs", "definitions"))  # fmt: skip
+                      "pattern", "format", "minLength", "maxLength", *BOUNDS, "enum", "const", "anyOf", "$ref",
+                      "$defs", "definitions"))  # fmt: skip
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 MAX_DEPTH = 32  # schemas nested in a schema: deeper is refused rather than recursed into
 # OpenAI's limits on a structured-outputs schema, which also bound the grammar's work per byte
@@ -370,11 +378,15 @@ class _Compiler:
             if name not in KEYWORDS and name not in ANNOTATIONS:
                 known = ", ".join(sorted(KEYWORDS))
                 raise InputError(f"option {at}.{name}: not supported (fastblt holds a text to {known})")
-        for bound, kind in (("minItems", "array"), ("maxItems", "array"), ("pattern", "string"), ("format", "string")):
+        places = (("minItems", "array"), ("maxItems", "array"), ("pattern", "string"), ("format", "string"),
+                  ("minLength", "string"), ("maxLength", "string"), *((b, "number") for b in BOUNDS))  # fmt: skip
+        for bound, kind in places:
             kinds = schema.get("type")
-            if bound in schema and (kind not in (kinds if isinstance(kinds, list) else [kinds])
+            kinds = kinds if isinstance(kinds, list) else [kinds]
+            if bound in schema and (kind not in kinds and (kind != "number" or "integer" not in kinds)
                                     or {"$ref", "const", "enum"} & set(schema)):  # fmt: skip
-                raise InputError(f'option {at}.{bound}: only beside "type": "{kind}" (and no enum, const or $ref)')
+                described = '"number" or "integer"' if kind == "number" else f'"{kind}"'
+                raise InputError(f'option {at}.{bound}: only beside "type": {described} (and no enum, const or $ref)')
         if "$ref" in schema:
             return self.ref(schema, at)
         if "const" in schema:
@@ -436,33 +448,72 @@ class _Compiler:
             return Obj(keys, values, tuple(k in required for k in props))
         if kind == "array":
             items = None if schema.get("items") is None else self.inside(schema["items"], f"{at}.items")
-            return Arr(items, *_item_counts(schema, at))
+            return Arr(items, *_counts(schema, at, "minItems", "maxItems"))
         if kind == "string":
             return self.string(schema, at)
         if kind in ("number", "integer"):
-            return Num(integer=kind == "integer")
+            return self.number(kind == "integer", schema, at)
         return Lit((b"true", b"false")) if kind == "boolean" else Lit((b"null",))
 
     def string(self, schema: dict, at: str) -> Str:
-        """A string schema: plain, or held to its `pattern` or `format` (not both)."""
-        if "pattern" in schema and "format" in schema:
-            raise InputError(f"option {at}.format: not beside a pattern (one of them)")
+        """A string schema: plain, or held to one of its `pattern`, `format` or length bounds."""
+        held = [k for k in ("pattern", "format", "minLength", "maxLength") if k in schema]
+        if len(held) > 1 and held != ["minLength", "maxLength"]:
+            raise InputError(f"option {at}.{held[1]}: not beside {held[0]} (one of pattern, format or the "
+                             "length bounds is held)")  # fmt: skip
         for name, compile in (("pattern", compile_pattern), ("format", compile_format)):
             if name in schema:
                 if not isinstance(schema[name], str):
                     raise InputError(f"option {at}.{name}: expected a string, got {type(schema[name]).__name__}")
                 return Str(compile(schema[name], f"{at}.{name}"))
+        if held:
+            least, most = _counts(schema, at, "minLength", "maxLength")
+            if max(least, most or 0) > MAX_STATES - 2:
+                raise InputError(f"option {at}.{held[-1]}: at most {MAX_STATES - 2:,} characters are held")
+            return Str(length_pattern(least, most))
         return Str()
 
+    def number(self, integer: bool, schema: dict, at: str) -> Num:
+        """A number schema: plain, or held to its bounds. An integer's bounds may have fractions
+        (the integers past them are what counts); a number's must be whole (its text is matched
+        a character at a time, pattern.number_pattern)."""
+        lows, highs = [], []  # (bound, open)
+        for name in BOUNDS:
+            v = schema.get(name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) <= MAX_BOUND:
+                raise InputError(f"option {at}.{name}: expected a number within ±{MAX_BOUND:.0e}, got "
+                                 f"{json.dumps(v)[:40]}")  # fmt: skip
+            if not integer and not float(v).is_integer():
+                raise InputError(f"option {at}.{name}: {v} has a fraction; a number's bounds are held when whole "
+                                 '(an "integer"\'s may be anything)')  # fmt: skip
+            low, exclusive = name in ("minimum", "exclusiveMinimum"), name.startswith("exclusive")
+            if integer:  # as the inclusive bound of the integers past it
+                bound = (math.floor(v) + 1 if exclusive else math.ceil(v)) if low else (
+                    math.ceil(v) - 1 if exclusive else math.floor(v))  # fmt: skip
+                (lows if low else highs).append((bound, False))
+            else:
+                (lows if low else highs).append((int(v), exclusive))
+        if not lows and not highs:
+            return Num(integer)
+        lo = max(lows, default=(None, False))  # the stricter: the higher, open on a tie
+        hi = min(highs, key=lambda b: (b[0], not b[1]), default=(None, False))  # the lower, open on a tie
+        source = number_pattern(*lo, *hi, integer)
+        if source is None:
+            raise InputError(f"option {at}: no {'integer' if integer else 'number'} is within its bounds")
+        return Num(integer, compile_pattern(source, at))
 
-def _item_counts(schema: dict, at: str) -> tuple[int, int | None]:
-    """An array schema's minItems and maxItems: counts, the first no more than the second."""
-    least, most = schema.get("minItems", 0), schema.get("maxItems")
-    for name, n in (("minItems", least), ("maxItems", most)):
-        if (n is not None or name == "minItems") and (type(n) is not int or n < 0):
+
+def _counts(schema: dict, at: str, low: str, high: str) -> tuple[int, int | None]:
+    """A schema's minItems and maxItems (or minLength and maxLength): counts, the first no more
+    than the second."""
+    least, most = schema.get(low, 0), schema.get(high)
+    for name, n in ((low, least), (high, most)):
+        if (n is not None or name == low) and (type(n) is not int or n < 0):
             raise InputError(f"option {at}.{name}: expected a non-negative integer, got {n!r}")
     if most is not None and most < least:
-        raise InputError(f"option {at}.maxItems: {most} is less than minItems ({least})")
+        raise InputError(f"option {at}.{high}: {most} is less than {low} ({least})")
     return least, most
 
 
@@ -509,7 +560,8 @@ def _ends(p: Path) -> bool:
     stack, mode, sub, _ = p
     if mode in (DONE, FREE):
         return True
-    return not stack and (mode == NUMBER and sub[0] in COMPLETE_NUMBERS or mode == LITERAL and b"" in sub)
+    return not stack and (mode == NUMBER and sub[0] in COMPLETE_NUMBERS or mode == LITERAL and b"" in sub
+                          or mode == BOUNDED and sub[0].accepts(sub[1]))  # fmt: skip
 
 
 def _step(p: Path, b: int) -> tuple[Path, ...]:
@@ -532,6 +584,12 @@ def _step(p: Path, b: int) -> tuple[Path, ...]:
         if len(sub) > 1:
             return ((stack, mode, sub[1:], 0),)
         return (_called(stack),) if mode == END else ((stack, VALUE, (False, stack[-1][0].call), 0),)
+    if mode == BOUNDED:  # sub: the bounds' pattern, its reading of the number's text so far
+        pat, reading = sub
+        after = pat.step(reading, b)
+        if after:
+            return ((stack, BOUNDED, (pat, after), 0),)
+        return _step(_after(stack), b) if pat.accepts(reading) else ()  # b ends a number within the bounds
     if mode == NUMBER:
         phase, integer = sub
         nxt = _number(phase, integer, b)
@@ -625,6 +683,9 @@ def _value(stack: tuple, first: bool, node: Node, b: int) -> tuple[Path, ...]:
             return ((stack, PATTERN, (node.pattern, node.pattern.start, "n", 0, 0, 0, 0), 0),)
         return ((stack, STRING, (False, "n", 0, 0, 0), 0),)
     if isinstance(node, Num):
+        if node.pattern is not None:
+            reading = node.pattern.step(node.pattern.start, b)
+            return ((stack, BOUNDED, (node.pattern, reading), 0),) if reading else ()
         return ((stack, NUMBER, ("minus" if b == ord("-") else "zero" if b == ord("0") else "int", node.integer), 0),)
     return (_literal(stack, tuple(sorted({t[1:] for t in node.texts if t[0] == b}))),)  # type: ignore[attr-defined]
 

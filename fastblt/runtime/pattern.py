@@ -9,7 +9,9 @@ and end of the whole pattern's alternatives. Lookarounds, backreferences, word b
 Unicode property classes are refused by name. `\\d`, `\\w` are ASCII's, `\\s` ECMA's whitespace;
 `.` is any code point but a line terminator. A `format` (OpenAI's list) is a pattern of its own
 (FORMATS), as RFC 3339, RFC 4122, RFC 1123 and RFC 4291 write them (a date's day is not checked
-against its month, nor a hostname's length).
+against its month, nor a hostname's length). A number's bounds (`minimum`, `maximum` and their
+exclusive forms, integers) are a pattern of the numbers' texts between them (`number_pattern`),
+and a string's `minLength` / `maxLength` one of its count of characters (`length_pattern`).
 
 `Pattern` is a Thompson NFA: states with code point ranges to follow and empty moves; a reading is
 the set of states it may be in. Every state can still reach the end over code points a JSON string
@@ -352,6 +354,99 @@ def compile_pattern(source: str, at: str = "pattern") -> Pattern:
         raise InputError(f"option {at}: {e}") from None
     pat.start = pat.closure({entry})
     return pat
+
+
+@lru_cache(maxsize=256)
+def length_pattern(least: int, most: int | None) -> Pattern:
+    """Any text of `least` to `most` characters (None: no most): a state per count so far (a
+    regex's `[^]{least,most}` would cost several)."""
+    top = least if most is None else most
+    pat = Pattern(f"[^]{{{least},{'' if most is None else most}}}")
+    for _ in range(top + 2):  # counts 0..top, then the end
+        pat.state()
+    for k in range(top):
+        pat.moves[k].extend((lo, hi, k + 1) for lo, hi in ANY)
+    if most is None:
+        pat.moves[top].extend((lo, hi, top) for lo, hi in ANY)
+    pat.accept = top + 1
+    for k in range(least, top + 1):
+        pat.empty[k].append(pat.accept)
+    pat.start = pat.closure({0})
+    return pat
+
+
+# ------------------------------------------------------------------------ number bounds
+def _between(x: str, y: str) -> str:
+    """A regex of the digit strings of x's length from x to y (x <= y), digit by digit."""
+    if x == y:
+        return x
+    if x[0] == y[0]:
+        return x[0] + _group(_between(x[1:], y[1:]))
+    rest = len(x) - 1
+    low, high = x[1:] == "0" * rest, y[1:] == "9" * rest  # the first digit's whole run is in
+    parts = [] if low else [x[0] + _group(_between(x[1:], "9" * rest))]
+    a, b = int(x[0]) + (not low), int(y[0]) - (not high)
+    if a <= b:
+        parts.append((f"[{a}-{b}]" if a < b else str(a)) + (f"[0-9]{{{rest}}}" if rest else ""))
+    if not high:
+        parts.append(y[0] + _group(_between("0" * rest, y[1:])))
+    return "|".join(parts)
+
+
+def _group(r: str) -> str:
+    return f"(?:{r})" if "|" in r else r
+
+
+def _naturals(lo: int, hi: int | None) -> str:
+    """A regex of the decimal texts (JSON's: no leading zero) of the integers lo..hi (None: no
+    most), lo >= 0; "" when there are none."""
+    if hi is not None and hi < lo:
+        return ""
+    width = len(str(lo))
+    parts = []
+    for n in range(width, (width if hi is None else len(str(hi))) + 1):
+        a = max(lo, 10 ** (n - 1) if n > 1 else 0)
+        b = 10**n - 1 if hi is None else min(hi, 10**n - 1)
+        if a <= b:
+            parts.append(_group(_between(str(a), str(b))))
+    if hi is None:
+        parts.append(f"[1-9][0-9]{{{width},}}")
+    return "|".join(parts)
+
+
+ANY_FRACTION, NONZERO_FRACTION, ZERO_FRACTION = r"(?:\.[0-9]+)?", r"\.[0-9]*[1-9][0-9]*", r"(?:\.0+)?"
+
+
+def _magnitudes(lo: int, lo_open: bool, hi: int | None, hi_open: bool, integer: bool) -> str:
+    """A regex of the texts of numbers m with lo < m (lo <= m unless lo_open) and m < hi (<=),
+    integer bounds lo >= 0 and hi (None: no most), without sign or exponent."""
+    if integer:
+        return _naturals(lo + lo_open, None if hi is None else hi - hi_open)
+    parts = []
+    if hi is None or lo < hi or (lo == hi and not lo_open and not hi_open):
+        fraction = NONZERO_FRACTION if lo_open else ANY_FRACTION if hi is None or lo < hi else ZERO_FRACTION
+        parts.append(str(lo) + fraction)
+    if inner := _naturals(lo + 1, None if hi is None else hi - 1):  # whole numbers between: any fraction
+        parts.append(_group(inner) + ANY_FRACTION)
+    if hi is not None and lo < hi and not hi_open:
+        parts.append(str(hi) + ZERO_FRACTION)
+    return "|".join(_group(p) for p in parts)
+
+
+def number_pattern(lo: int | None, lo_open: bool, hi: int | None, hi_open: bool, integer: bool) -> str | None:
+    """The whole-text pattern of the JSON numbers (integers if `integer`) above lo (or lo itself
+    unless lo_open) and below hi (likewise), integer bounds, None: no bound; written one way:
+    without an exponent, "-0" or a leading zero. None when no number is between."""
+    parts = []
+    if hi is None or hi > 0 or (hi == 0 and not hi_open):  # 0 and up
+        low, low_open = (0, False) if lo is None or lo < 0 else (lo, lo_open)
+        if r := _magnitudes(low, low_open, hi, hi_open, integer):
+            parts.append(r)
+    if lo is None or lo < 0:  # below 0: "-" and a magnitude above 0
+        low, low_open = (0, True) if hi is None or hi >= 0 else (-hi, hi_open)
+        if r := _magnitudes(low, low_open, None if lo is None else -lo, lo_open, integer):
+            parts.append("-" + _group(r))
+    return "^(?:" + "|".join(_group(p) for p in parts) + ")$" if parts else None
 
 
 # ------------------------------------------------------------------------ formats

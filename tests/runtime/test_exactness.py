@@ -99,8 +99,9 @@ SCHEMA = {"type": "object", "properties": PROPERTIES, "required": list(PROPERTIE
 # a recursive schema: the root refers to itself
 TREE = {**SCHEMA, "properties": {"id": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
         "required": ["id", "kids"]}  # fmt: skip
-# strings held to a format and to a pattern
-DATED = {**SCHEMA, "properties": {"id": {"type": "integer"}, "day": {"type": "string", "format": "date"},
+# a bounded integer, strings held to a format and to a pattern
+DATED = {**SCHEMA, "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                                  "day": {"type": "string", "format": "date"},
                                   "tag": {"type": "string", "pattern": "^[a-z]+[0-9]?$"}},
          "required": ["id", "day", "tag"]}  # fmt: skip
 

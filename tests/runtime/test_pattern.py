@@ -9,7 +9,9 @@ import json
 import random
 import re
 import uuid
+from fractions import Fraction
 
+import jsonschema
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID
-from fastblt.runtime.grammar import PATTERN, advance, begin, compile_schema, done, mask, step
+from fastblt.runtime.grammar import BOUNDS, PATTERN, advance, begin, compile_schema, done, mask, step
 from fastblt.runtime.pattern import FORMATS, compile_format, compile_pattern
 
 # characters where ECMA-262 and Python's re (ASCII classes) agree: no \r or U+2028/9 for ".", no
@@ -194,7 +196,7 @@ def test_what_a_format_admits_its_reader_reads(name, data):
         ({"type": "string", "pattern": "(a{1,60}){1,99}"}, r"a\.pattern: .*more than 5000 states"),
         ({"type": "string", "pattern": 5}, r"a\.pattern: expected a string"),
         ({"type": "string", "format": "uri"}, r"a\.format: 'uri' is not one of the formats held"),
-        ({"type": "string", "format": "date", "pattern": "x"}, r"a\.format: not beside a pattern"),
+        ({"type": "string", "format": "date", "pattern": "x"}, r"a\.format: not beside pattern"),
         ({"type": "integer", "pattern": "1"}, r"a\.pattern: only beside \"type\": \"string\""),
         ({"enum": ["a"], "format": "date"}, r"a\.format: only beside"),
     ],
@@ -211,3 +213,113 @@ def test_a_pattern_string_sits_beside_others_in_a_union_and_eos_waits_for_the_ob
         assert (s is not None and done(s)) == ok, value
     s = follows(schema, b'{"a":"2026-01-02"')
     assert mask(s)[EOS_ID] != 0 and mask(s)[BYTE_OFFSET + ord("}")] == 0
+
+
+# ---------------------------------------------------------------------------- number bounds
+NUMBER_TEXTS = [str(i) for i in range(-160, 161)] + [
+    f"{i}.{f}" for i in range(-160, 161, 7) for f in ("0", "5", "00", "25")
+]
+NUMBER_TEXTS += ["-0", "-0.0", "0.0", "-0.5", "007", "1e2", "1.", "-1.0", "2.50", "1E1", "0.001"]
+
+
+def within(text: str, integer: bool, bounds: dict) -> bool:
+    """Whether `text` is a number the bounds admit, written one way (no exponent, "-0" or leading
+    zero; an integer without a fraction)."""
+    shape = r"-?(0|[1-9][0-9]*)" + ("" if integer else r"(\.[0-9]+)?")
+    if not re.fullmatch(shape, text) or re.fullmatch(r"-0(\.0+)?", text):
+        return False
+    v = Fraction(text)
+    checks = {"minimum": v >= bounds.get("minimum", v), "exclusiveMinimum": "exclusiveMinimum" not in bounds or v >
+              bounds["exclusiveMinimum"], "maximum": v <= bounds.get("maximum", v),
+              "exclusiveMaximum": "exclusiveMaximum" not in bounds or v < bounds["exclusiveMaximum"]}  # fmt: skip
+    return all(checks.values())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.booleans(), st.data())
+def test_a_number_is_held_to_its_bounds(integer, data):
+    """Drawn bounds (an integer's with fractions too): a number's text is taken to its end exactly
+    when it is written one way and the bounds admit it (Fraction arithmetic; jsonschema agrees);
+    bounds no number meets are refused."""
+    values = st.integers(-150, 150) | (st.floats(-150, 150).map(lambda x: round(x, 1)) if integer else st.nothing())
+    bounds = data.draw(st.dictionaries(st.sampled_from(BOUNDS), values, min_size=1, max_size=3))
+    schema = holding({"type": "integer" if integer else "number", **bounds})
+    try:
+        root = compile_schema(schema)
+    except InputError as e:
+        assert "is within its bounds" in str(e)
+        assert not any(within(t, integer, bounds) for t in NUMBER_TEXTS + [str(x / 10) for x in range(-1600, 1601)])
+        return
+    for text in NUMBER_TEXTS:
+        s = advance(begin(root), [b + BYTE_OFFSET for b in f'{{"a": {text}}}'.encode()])
+        ok = s is not None and done(s)
+        assert ok == within(text, integer, bounds), (bounds, text)
+        if ok:
+            jsonschema.validate({"a": json.loads(text)}, schema)
+
+
+@pytest.mark.parametrize(
+    ("prop", "match"),
+    [
+        ({"type": "number", "minimum": 0.5}, r"a\.minimum: 0\.5 has a fraction"),
+        ({"type": "integer", "maximum": "9"}, r"a\.maximum: expected a number"),
+        ({"type": "integer", "maximum": True}, r"a\.maximum: expected a number"),
+        ({"type": "integer", "minimum": 10**19}, r"a\.minimum: expected a number within"),
+        ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, r"a: no integer is within its bounds"),
+        ({"type": "string", "maximum": 3}, r"a\.maximum: only beside \"type\": \"number\" or \"integer\""),
+        ({"type": "integer", "multipleOf": 3}, r"a\.multipleOf: not supported"),
+        ({"type": "string", "minLength": 1, "pattern": "x"}, r"a\.minLength: not beside pattern"),
+        ({"type": "string", "maxLength": 1.5}, r"a\.maxLength: expected a non-negative integer"),
+        ({"type": "string", "minLength": 3, "maxLength": 2}, r"a\.maxLength: 2 is less than minLength \(3\)"),
+        ({"type": "string", "maxLength": 10**4}, r"a\.maxLength: at most 4,998 characters are held"),
+        ({"type": "array", "minLength": 1}, r"a\.minLength: only beside \"type\": \"string\""),
+    ],
+)
+def test_bounds_and_lengths_that_are_not_held_are_refused_by_name(prop, match):
+    with pytest.raises(InputError, match=r"option schema\.properties\." + match):
+        compile_schema(holding(prop))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 6), st.none() | st.integers(0, 6), st.text(ALPHABET + "\r\x00", max_size=9))
+def test_a_strings_length_is_held_in_characters(least, more, value):
+    """minLength / maxLength count characters (code points, as len() and jsonschema do), raw or
+    escaped, one byte or four."""
+    most = None if more is None else least + more
+    schema = holding({"type": "string", "minLength": least, **({} if most is None else {"maxLength": most})})
+    s = follows(schema, json.dumps({"a": value}, ensure_ascii=False).encode())
+    assert (s is not None and done(s)) == (least <= len(value) and (most is None or len(value) <= most)), value
+
+
+def test_pydantic_models_with_dates_ids_bounds_patterns_and_lengths_are_held():
+    """What openai's client sends for a Pydantic model (to_strict_json_schema) with the field types
+    that carry these keywords compiles, and the models' own JSON is taken to its end."""
+    import datetime
+    from typing import Annotated
+
+    import pydantic
+    from openai.lib._pydantic import to_strict_json_schema
+
+    class Event(pydantic.BaseModel):
+        when: datetime.datetime
+        day: datetime.date
+        id: uuid.UUID
+        count: Annotated[int, pydantic.Field(ge=0, le=10)]
+        p: Annotated[float, pydantic.Field(gt=0, le=1)]
+        code: Annotated[str, pydantic.Field(pattern=r"^[A-Z]{3}$")]
+        name: Annotated[str, pydantic.Field(min_length=1, max_length=20)]
+
+    schema = to_strict_json_schema(Event)
+    assert {"format", "minimum", "exclusiveMinimum", "pattern", "minLength"} <= set(json.dumps(schema).replace(
+        '"', " ").split())  # fmt: skip
+    root = compile_schema(schema)
+    when = datetime.datetime(2026, 12, 7, 3, 38, 8, 500000, tzinfo=datetime.UTC)
+    for count, p, name in ((0, 1.0, "x"), (10, 0.25, "é" * 20)):
+        event = Event(when=when, day=when.date(), id=uuid.uuid4(), count=count, p=p, code="ABC", name=name)
+        for text in (event.model_dump_json(), event.model_dump_json(indent=1)):
+            s = advance(begin(root), [b + BYTE_OFFSET for b in text.encode()])
+            assert s is not None and done(s), text
+    for wrong in ({"count": 11}, {"p": 0.0}, {"code": "abc"}, {"name": ""}, {"name": "x" * 21}):
+        value = json.loads(event.model_dump_json()) | wrong
+        s = advance(begin(root), [b + BYTE_OFFSET for b in json.dumps(value, ensure_ascii=False).encode()])
+        assert s is None or not done(s), wrong
