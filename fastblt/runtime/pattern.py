@@ -340,18 +340,26 @@ def _has_anchor(tree: tuple) -> bool:
     return tree[0] == "repeat" and _has_anchor(tree[1])
 
 
-@lru_cache(maxsize=256)
 def compile_pattern(source: str, at: str = "pattern") -> Pattern:
-    """A pattern's NFA (searched: unanchored sides take any text), compiled once per text."""
-    tree = _Parser(source, at).parse()
+    """A pattern's NFA (searched: unanchored sides take any text), compiled once per text (schemas
+    that share a pattern share its masks); InputError at `at`."""
+    try:
+        return _compiled(source)
+    except InputError as e:
+        raise InputError(str(e).replace("option pattern", f"option {at}", 1)) from None
+
+
+@lru_cache(maxsize=256)
+def _compiled(source: str) -> Pattern:
+    tree = _Parser(source, "pattern").parse()
     free = ("repeat", ("chars", ANY), 0, None)
     alts = [("seq", ([] if start else [free]) + [body] + ([] if end else [free]))
-            for body, start, end in _anchored(tree, at, source)]  # fmt: skip
+            for body, start, end in _anchored(tree, "pattern", source)]  # fmt: skip
     pat = Pattern(source)
     try:
         entry, pat.accept = _build(pat, ("alt", alts))
     except InputError as e:
-        raise InputError(f"option {at}: {e}") from None
+        raise InputError(f"option pattern: {e}") from None
     pat.start = pat.closure({entry})
     return pat
 
