@@ -28,11 +28,19 @@ anything = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )
+held = st.fixed_dictionaries(  # a property held to a pattern, a format, bounds or lengths, right or wrong
+    {"type": st.sampled_from(["string", "integer", "number", ["string", "null"]]) | anything},
+    optional={"pattern": st.text("ab()[]{}|*+?^$.-\\dsu0", max_size=6) | anything,
+              "format": st.sampled_from(["date", "uuid", "ipv6", "uri"]) | anything,
+              "minimum": st.integers(-3, 3) | anything, "exclusiveMaximum": st.floats(-3, 3) | anything,
+              "minLength": st.integers(-1, 3) | anything, "maxLength": st.integers(0, 3) | anything},
+)  # fmt: skip
 schemas = st.fixed_dictionaries(
     {"type": st.sampled_from(["object", "string", ["object", "null"], "array"])},
-    optional={"properties": st.dictionaries(st.text(max_size=3), st.just({"type": "integer"}) | anything, max_size=3),
+    optional={"properties": st.dictionaries(st.text(max_size=3), st.just({"type": "integer"}) | held | anything,
+                                            max_size=3),
               "required": st.lists(st.text(max_size=3), max_size=3), "additionalProperties": anything,
-              "pattern": st.text(max_size=3), "$ref": st.text(max_size=8)},
+              "pattern": st.text(max_size=3), "$ref": st.sampled_from(["#", "#/$defs/a"]) | st.text(max_size=8)},
 )  # fmt: skip
 response_formats = st.one_of(
     anything,
