@@ -359,12 +359,13 @@ class TaggedShape(ToolShape):
 
     def __init__(self, tags: CallTags, named: bool = False):
         super().__init__(named, tags)
+        self.marks = tags  # the tags, never None here
         self.texts: dict[int, str] = {}
         self.sent: dict[int, int] = {}
         self.calling: set[int] = set()
 
     def choice(self, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
-        content, calls = read_tagged(text, self.tags)  # type: ignore[arg-type]
+        content, calls = read_tagged(text, self.marks)
         message = {"role": "assistant", "content": content if content or not calls else None, "refusal": None}
         if calls:
             message["tool_calls"] = calls
@@ -376,7 +377,7 @@ class TaggedShape(ToolShape):
         if index not in self.calling:  # the content: nothing before `sent` starts a call
             whole = self.texts[index] = self.texts.get(index, "") + text
             sent = ready = self.sent.get(index, 0)
-            start = self.tags.start  # type: ignore[union-attr]
+            start = self.marks.start
             at = whole.find(start, sent)
             if at >= 0:
                 self.calling.add(index)
