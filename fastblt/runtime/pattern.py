@@ -134,7 +134,8 @@ class _Parser:
         end = self.text.find("}", self.i)
         body = self.text[self.i + 1 : end] if end > 0 else ""
         least, comma, most = body.partition(",")
-        if not least.isdigit() or not (most.isdigit() or most == "") or (most and not comma):
+        digits = (least + most).isascii()  # ECMA's quantifiers count in ASCII digits
+        if not digits or not least.isdigit() or not (most.isdigit() or most == "") or (most and not comma):
             return None
         if not look:
             self.i = end + 1
