@@ -363,7 +363,8 @@ def check(jobs: list[dict], results: dict[int, dict]) -> dict:
                     reader = CallReader(tags if "calls" in asked else None)
                     reader.feed(want)  # streamed, a call cut short has gone out as far as it was written
                     content = read_tagged(want, tags)[0] if "calls" in asked else None
-                    want = answer({"content": content, "tool_calls": reader.calls if job["stream"] else reader.done()})
+                    calls = reader.begun() if job["stream"] else reader.done()
+                    want = answer({"content": content, "tool_calls": calls})
                 counts["compared"] += 1
                 counts["chat"] += "messages" in b
                 counts["tools"] = counts.get("tools", 0) + ("tools" in b)

@@ -357,15 +357,16 @@ class TaggedShape(ToolShape):
     comes, less what could still be the start of a call; once a call starts, its deltas as
     ToolShape's. One per request: it holds each streamed choice's text and reader."""
 
+    tags: CallTags  # never None here
+
     def __init__(self, tags: CallTags, named: bool = False):
         super().__init__(named, tags)
-        self.marks = tags  # the tags, never None here
         self.texts: dict[int, str] = {}
         self.sent: dict[int, int] = {}
         self.calling: set[int] = set()
 
     def choice(self, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
-        content, calls = read_tagged(text, self.marks)
+        content, calls = read_tagged(text, self.tags)
         message = {"role": "assistant", "content": content if content or not calls else None, "refusal": None}
         if calls:
             message["tool_calls"] = calls
@@ -377,7 +378,7 @@ class TaggedShape(ToolShape):
         if index not in self.calling:  # the content: nothing before `sent` starts a call
             whole = self.texts[index] = self.texts.get(index, "") + text
             sent = ready = self.sent.get(index, 0)
-            start = self.marks.start
+            start = self.tags.start
             at = whole.find(start, sent)
             if at >= 0:
                 self.calling.add(index)

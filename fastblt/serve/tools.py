@@ -179,49 +179,41 @@ def _call_schema(functions: dict[str, dict]) -> tuple[dict, dict]:
     parameters schema that refers to itself ("#") becomes the definition "NAME.#"."""
     calls, defs = [], {}
     for name, parameters in functions.items():
-        moved = _moved_refs(parameters, f"{name}.")
+        roots: set[str] = set()
+        moved = _moved_refs(parameters, f"{name}.", roots)
         for key in ("$defs", "definitions"):
             defs |= {f"{name}.{k}": v for k, v in moved.pop(key, {}).items()}
-        if _refers_to(moved, f"#/$defs/{name}.#"):
+        if roots:  # the parameters refer to themselves
             defs[f"{name}.#"] = moved
         calls.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                       "properties": {"name": {"const": name}, "arguments": moved}})  # fmt: skip
     return (calls[0] if len(calls) == 1 else {"anyOf": calls}), defs
 
 
-def _moved_refs(schema: Any, prefix: str) -> Any:
+def _moved_refs(schema: Any, prefix: str, roots: set[str]) -> Any:
     """`schema` with its `$ref`s to "#/$defs/X" (or "#/definitions/X") pointing at
     "#/$defs/PREFIX X", and its definitions renamed alike; only where a schema is (not inside
-    enum or const values). compile_schema has checked the rest."""
+    enum or const values). A `$ref` to the root ("#") points at "#/$defs/PREFIX #" and is noted in
+    `roots`. compile_schema has checked the rest."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     ref = schema.get("$ref")
     if ref == "#":
         out["$ref"] = f"#/$defs/{prefix}#"
+        roots.add(ref)
     elif isinstance(ref, str):
         for p in ("#/$defs/", "#/definitions/"):
             if ref.startswith(p):
                 out["$ref"] = "#/$defs/" + prefix + ref[len(p) :]
     for key in ("properties", "$defs", "definitions"):
         if isinstance(schema.get(key), dict):
-            out[key] = {k: _moved_refs(v, prefix) for k, v in schema[key].items()}
+            out[key] = {k: _moved_refs(v, prefix, roots) for k, v in schema[key].items()}
     if "items" in schema:
-        out["items"] = _moved_refs(schema["items"], prefix)
+        out["items"] = _moved_refs(schema["items"], prefix, roots)
     if isinstance(schema.get("anyOf"), list):
-        out["anyOf"] = [_moved_refs(s, prefix) for s in schema["anyOf"]]
+        out["anyOf"] = [_moved_refs(s, prefix, roots) for s in schema["anyOf"]]
     return out
-
-
-def _refers_to(schema: Any, ref: str) -> bool:
-    """Whether `schema` holds a `$ref` to `ref` where a schema is (as _moved_refs walks it)."""
-    if not isinstance(schema, dict):
-        return False
-    subs = [s for key in ("properties", "$defs", "definitions") if isinstance(schema.get(key), dict)
-            for s in schema[key].values()]  # fmt: skip
-    subs += [schema["items"]] if "items" in schema else []
-    subs += schema["anyOf"] if isinstance(schema.get("anyOf"), list) else []
-    return schema.get("$ref") == ref or any(_refers_to(s, ref) for s in subs)
 
 
 # ---------------------------------------------------------------------------- answers
@@ -237,35 +229,40 @@ class CallReader:
     calls_schema; else free text with calls in the format `tags` mark (Tools.calls)."""
 
     def __init__(self, tags: CallTags | None = None):
-        self.calls: list[dict] = []  # begun, in order; arguments as far as written
+        self._begun: list[tuple[str, str]] = []  # (id, name) of each call begun, in order
+        self._args: list[list[str]] = []  # each one's arguments as far as written
         self.closed = 0  # how many of them closed: an answer cut short leaves its last one open
-        self._args: list[list[str]] = []
         self._read: Any = self._answer() if tags is None else self._tagged(tags)
         next(self._read)
 
     def feed(self, text: str) -> list[dict]:
         """What `text` adds, as OpenAI streams it: a call's first entry with its index, id, type,
         name and the arguments so far; later ones with the index and more arguments."""
-        begun, written = len(self.calls), [len(a) for a in self._args]
+        begun, written = len(self._begun), [len(a) for a in self._args]
         for ch in text:
             try:
                 self._read.send(ch)
             except StopIteration:  # the answer's calls are over: what follows is not read
                 break
         out: list[dict] = []
-        for j, (call, args) in enumerate(zip(self.calls, self._args, strict=True)):
-            new = "".join(args[written[j] :] if j < begun else args)
-            call["function"]["arguments"] += new
+        for j, args in enumerate(self._args):
             if j >= begun:
-                out.append({"index": j, "id": call["id"], "type": "function",
-                            "function": {"name": call["function"]["name"], "arguments": new}})  # fmt: skip
-            elif new:
-                out.append({"index": j, "function": {"arguments": new}})
+                out.append({"index": j, **self._entry(j)})
+            elif len(args) > written[j]:
+                out.append({"index": j, "function": {"arguments": "".join(args[written[j] :])}})
         return out
+
+    def begun(self) -> list[dict]:
+        """Every call begun, as far as written (a stream has sent them so)."""
+        return [self._entry(j) for j in range(len(self._begun))]
 
     def done(self) -> list[dict]:
         """The calls that closed, as a whole answer's message gives them."""
-        return self.calls[: self.closed]
+        return [self._entry(j) for j in range(self.closed)]
+
+    def _entry(self, j: int) -> dict:
+        call_id, name = self._begun[j]
+        return {"id": call_id, "type": "function", "function": {"name": name, "arguments": "".join(self._args[j])}}
 
     def _answer(self) -> Generator[None, str, None]:
         """{"tool_calls": [call, ...]}: each call after the array opens."""
@@ -319,10 +316,9 @@ class CallReader:
                 ch = yield from _value(ch, self._args[j] if key == "arguments" and j is not None else None)
 
     def _begin(self, name: str) -> int:
-        self.calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                           "function": {"name": name, "arguments": ""}})  # fmt: skip
+        self._begun.append((f"call_{uuid.uuid4().hex[:24]}", name))
         self._args.append([])
-        return len(self.calls) - 1
+        return len(self._begun) - 1
 
 
 def _string(out: list[str] | None) -> Generator[None, str, str]:
