@@ -43,7 +43,15 @@ import numpy as np
 
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID, VOCAB_SIZE
-from fastblt.runtime.pattern import MAX_STATES, Pattern, compile_format, compile_pattern, length_pattern, number_pattern
+from fastblt.runtime.pattern import (
+    MAX_STATES,
+    Pattern,
+    compile_format,
+    compile_pattern,
+    counted,
+    length_pattern,
+    number_pattern,
+)
 
 MAX_WS = 20  # whitespace bytes in a row: a newline and indentation, not a model stuck on spaces (llama.cpp's
 # JSON grammar allows about as many)
@@ -456,22 +464,23 @@ class _Compiler:
         return Lit((b"true", b"false")) if kind == "boolean" else Lit((b"null",))
 
     def string(self, schema: dict, at: str) -> Str:
-        """A string schema: plain, or held to one of its `pattern`, `format` or length bounds."""
-        held = [k for k in ("pattern", "format", "minLength", "maxLength") if k in schema]
-        if len(held) > 1 and held != ["minLength", "maxLength"]:
-            raise InputError(f"option {at}.{held[1]}: not beside {held[0]} (one of pattern, format or the "
-                             "length bounds is held)")  # fmt: skip
+        """A string schema: plain, or held to its `pattern` or `format` (one of them), its length
+        bounds, or both."""
+        if "pattern" in schema and "format" in schema:
+            raise InputError(f"option {at}.format: not beside pattern (one of them is held)")
+        text = None
         for name, compile in (("pattern", compile_pattern), ("format", compile_format)):
             if name in schema:
                 if not isinstance(schema[name], str):
                     raise InputError(f"option {at}.{name}: expected a string, got {type(schema[name]).__name__}")
-                return Str(compile(schema[name], f"{at}.{name}"))
-        if held:
-            least, most = _counts(schema, at, "minLength", "maxLength")
-            if max(least, most or 0) > MAX_STATES - 2:
-                raise InputError(f"option {at}.{held[-1]}: at most {MAX_STATES - 2:,} characters are held")
-            return Str(length_pattern(least, most))
-        return Str()
+                text = compile(schema[name], f"{at}.{name}")
+        lengths = [k for k in ("minLength", "maxLength") if k in schema]
+        if not lengths:
+            return Str(text)
+        least, most = _counts(schema, at, "minLength", "maxLength")
+        if max(least, most or 0) > MAX_STATES - 2:
+            raise InputError(f"option {at}.{lengths[-1]}: at most {MAX_STATES - 2:,} characters are held")
+        return Str(length_pattern(least, most) if text is None else counted(text, least, most, f"{at}.{lengths[-1]}"))
 
     def number(self, integer: bool, schema: dict, at: str) -> Num:
         """A number schema: plain, or held to its bounds. An integer's bounds may have fractions

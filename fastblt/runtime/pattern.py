@@ -11,7 +11,8 @@ Unicode property classes are refused by name. `\\d`, `\\w` are ASCII's, `\\s` EC
 (FORMATS), as RFC 3339, RFC 4122, RFC 1123 and RFC 4291 write them (a date's day is not checked
 against its month, nor a hostname's length). A number's bounds (`minimum`, `maximum` and their
 exclusive forms, integers) are a pattern of the numbers' texts between them (`number_pattern`),
-and a string's `minLength` / `maxLength` one of its count of characters (`length_pattern`).
+and a string's `minLength` / `maxLength` one of its count of characters (`length_pattern`, or
+`counted` beside a pattern or format: the two read together).
 
 `Pattern` is a Thompson NFA: states with code point ranges to follow and empty moves; a reading is
 the set of states it may be in. Every state can still reach the end over code points a JSON string
@@ -382,6 +383,94 @@ def length_pattern(least: int, most: int | None) -> Pattern:
         pat.empty[k].append(pat.accept)
     pat.start = pat.closure({0})
     return pat
+
+
+class _Made(dict):
+    """A dict whose missing entries `make` fills on first read."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: int):
+        value = self[key] = self.make(key)
+        return value
+
+
+class Counted(Pattern):
+    """`inner`'s texts of `least` to `most` characters (None: no most): the product of its NFA
+    and a count, state `s * width + count`, built as readings reach it. A move is kept only
+    where the count it leads to still leaves room for one of the lengths the inner state can end
+    in (`_completions`), so a reading that is not empty never leads to a dead end here either:
+    `^[a-z]*x$` with maxLength 3 lets "ab" go on only to "x"."""
+
+    def __init__(self, inner: Pattern, least: int, most: int | None):
+        super().__init__(f"{inner.source} ({least} to {'any' if most is None else most} characters)")
+        self.inner, self.least, self.most = inner, least, most
+        self.top = least if most is None else most  # the counts kept: past `least` with no most, all alike
+        self.width = self.top + 1
+        self.lengths = _completions(inner, self.top + (most is not None))
+        self.moves = _Made(self._moves)
+        self.empty = _Made(self._empty)
+        self.start = frozenset(s * self.width for s in inner.start if self._alive(s, 0))
+
+    def _alive(self, s: int, count: int) -> bool:
+        """Whether inner state `s`, `count` characters in, can end within the bounds."""
+        low = max(self.least - count, 0)
+        room = self.lengths[s] >> low
+        return bool(room if self.most is None else room & ((2 << (self.most - count - low)) - 1))
+
+    def _moves(self, key: int) -> list[tuple[int, int, int]]:
+        s, count = divmod(key, self.width)
+        if count == self.most:
+            return []
+        after = min(count + 1, self.top)
+        return [(a, b, t * self.width + after) for a, b, t in self.inner.moves[s] if self._alive(t, after)]
+
+    def _empty(self, key: int) -> list[int]:
+        s, count = divmod(key, self.width)
+        return [t * self.width + count for t in self.inner.empty[s] if self._alive(t, count)]
+
+    def accepts(self, states: frozenset[int]) -> bool:
+        return any(key // self.width == self.inner.accept for key in states)  # alive there: within bounds
+
+
+def _completions(pat: Pattern, cap: int) -> list[int]:
+    """Per state, the lengths of the texts that take it to the end, as bits (bit n: n characters);
+    bit `cap` stands for `cap` or more. Worked backwards from the end until nothing changes."""
+    into: list[list[tuple[int, bool]]] = [[] for _ in pat.moves]  # state -> (from, by a character)
+    for s, moves in enumerate(pat.moves):
+        for _, _, t in moves:
+            into[t].append((s, True))
+        for t in pat.empty[s]:
+            into[t].append((s, False))
+    full, lengths = (2 << cap) - 1, [0] * len(pat.moves)
+    lengths[pat.accept], todo = 1, [pat.accept]
+    while todo:
+        t = todo.pop()
+        longer = lengths[t] << 1
+        longer = (longer & full) | (1 << cap if longer > full else 0)
+        for s, by_char in into[t]:
+            now = lengths[s] | (longer if by_char else lengths[t])
+            if now != lengths[s]:
+                lengths[s] = now
+                todo.append(s)
+    return lengths
+
+
+def counted(inner: Pattern, least: int, most: int | None, at: str) -> Pattern:
+    """`inner` held to `least`..`most` characters too; InputError at `at` when no text of the
+    pattern has such a length."""
+    pat = _counted(inner, least, most)
+    if not pat.start:
+        raise InputError(f"option {at}: no string of {inner.source[:60]!r} has {least} to "
+                         f"{'any' if most is None else most} characters")  # fmt: skip
+    return pat
+
+
+@lru_cache(maxsize=256)
+def _counted(inner: Pattern, least: int, most: int | None) -> Counted:
+    return Counted(inner, least, most)  # once per pattern and bounds: schemas that share them share masks
 
 
 # ------------------------------------------------------------------------ number bounds

@@ -268,7 +268,8 @@ def test_a_number_is_held_to_its_bounds(integer, data):
         ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, r"a: no integer is within its bounds"),
         ({"type": "string", "maximum": 3}, r"a\.maximum: only beside \"type\": \"number\" or \"integer\""),
         ({"type": "integer", "multipleOf": 3}, r"a\.multipleOf: not supported"),
-        ({"type": "string", "minLength": 1, "pattern": "x"}, r"a\.minLength: not beside pattern"),
+        ({"type": "string", "maxLength": 1, "pattern": "^(ab)+$"}, r"a\.maxLength: no string of '\^\(ab\)\+\$' has 0"),
+        ({"type": "string", "minLength": 2, "maxLength": 2, "format": "uuid"}, r"a\.maxLength: no string of"),
         ({"type": "string", "maxLength": 1.5}, r"a\.maxLength: expected a non-negative integer"),
         ({"type": "string", "minLength": 3, "maxLength": 2}, r"a\.maxLength: 2 is less than minLength \(3\)"),
         ({"type": "string", "maxLength": 10**4}, r"a\.maxLength: at most 4,998 characters are held"),
@@ -291,6 +292,70 @@ def test_a_strings_length_is_held_in_characters(least, more, value):
     assert (s is not None and done(s)) == (least <= len(value) and (most is None or len(value) <= most)), value
 
 
+@settings(max_examples=150, deadline=None)
+@given(patterns, st.integers(0, 4), st.none() | st.integers(0, 4), st.data())
+def test_a_pattern_with_length_bounds_holds_both_and_never_leads_into_a_dead_end(source, least, more, data):
+    """A pattern beside minLength / maxLength: a string is taken whole exactly when it matches and
+    has the length; the mask, followed at random, never reaches a reading with no way on (where
+    the pattern alone would go on but the count has no room left) and closes only on strings
+    that hold both; where no string can, the schema is refused by name."""
+    python, most = python_re(source), None if more is None else least + more
+    bounds = {"minLength": least, **({} if most is None else {"maxLength": most})}
+    schema = holding({"type": "string", "pattern": source, **bounds})
+
+    def holds(text: str) -> bool:
+        return bool(python.search(text)) and least <= len(text) and (most is None or len(text) <= most)
+
+    values = [data.draw(drawn(source)), data.draw(st.text(ALPHABET, max_size=9))]
+    try:
+        compile_schema(schema)
+    except InputError as e:
+        assert "no string of" in str(e)
+        assert not any(holds(v) for v in values), values
+        return
+    for value in values:
+        s = follows(schema, json.dumps({"a": value}, ensure_ascii=False).encode())
+        assert (s is not None and done(s)) == holds(value), (source, bounds, value)
+    s, rng, written = follows(schema, b'{"a":"'), random.Random(data.draw(st.integers(0, 2**32))), b""
+    for _ in range(12):
+        allowed = np.flatnonzero(mask(s)[BYTE_OFFSET:] == 0)
+        assert len(allowed), (source, bounds, written)  # a way on
+        b = int(rng.choice(allowed))
+        written += bytes([b])
+        s = step(s, b)
+        assert s is not None
+        if all(path[1] != PATTERN for path in s):
+            assert holds(json.loads(b'"' + written)), (source, bounds, written)
+            break
+
+
+@pytest.mark.parametrize(
+    ("prop", "value", "ok"),
+    [
+        ({"format": "email", "maxLength": 12}, "ab@cd.example", False),
+        ({"format": "email", "maxLength": 13}, "ab@cd.example", True),
+        ({"format": "hostname", "minLength": 4}, "a.b", False),
+        ({"format": "hostname", "minLength": 4}, "a.bc", True),
+        ({"pattern": "^[a-z]*x$", "maxLength": 3}, "abx", True),
+        ({"pattern": "^[a-z]*x$", "maxLength": 3}, "abcx", False),
+        ({"pattern": "é", "minLength": 2}, "é", False),
+        ({"pattern": "é", "minLength": 2, "maxLength": 2}, "😀é", True),
+    ],
+)
+def test_a_format_or_pattern_with_length_bounds_counts_characters(prop, value, ok):
+    s = follows(holding({"type": "string", **prop}), json.dumps({"a": value}, ensure_ascii=False).encode())
+    assert (s is not None and done(s)) == ok
+
+
+def test_a_count_that_leaves_no_room_for_the_patterns_end_is_masked_out():
+    """`^[a-z]*x$` with at most 3 characters: after "ab" only "x" can come (a letter would leave a
+    string the pattern cannot end), and after "abx" only the closing quote."""
+    s = follows(holding({"type": "string", "pattern": "^[a-z]*x$", "maxLength": 3}), b'{"a":"ab')
+    assert [chr(b) for b in np.flatnonzero(mask(s)[BYTE_OFFSET:] == 0)] == ["x"]
+    s = step(s, ord("x"))
+    assert [chr(b) for b in np.flatnonzero(mask(s)[BYTE_OFFSET:] == 0)] == ['"']
+
+
 def test_pydantic_models_with_dates_ids_bounds_patterns_and_lengths_are_held():
     """What openai's client sends for a Pydantic model (to_strict_json_schema) with the field types
     that carry these keywords compiles, and the models' own JSON is taken to its end."""
@@ -308,6 +373,7 @@ def test_pydantic_models_with_dates_ids_bounds_patterns_and_lengths_are_held():
         p: Annotated[float, pydantic.Field(gt=0, le=1)]
         code: Annotated[str, pydantic.Field(pattern=r"^[A-Z]{3}$")]
         name: Annotated[str, pydantic.Field(min_length=1, max_length=20)]
+        tag: Annotated[str, pydantic.Field(pattern=r"^[a-z]+$", max_length=8)]
 
     schema = to_strict_json_schema(Event)
     assert {"format", "minimum", "exclusiveMinimum", "pattern", "minLength"} <= set(json.dumps(schema).replace(
@@ -315,11 +381,13 @@ def test_pydantic_models_with_dates_ids_bounds_patterns_and_lengths_are_held():
     root = compile_schema(schema)
     when = datetime.datetime(2026, 12, 7, 3, 38, 8, 500000, tzinfo=datetime.UTC)
     for count, p, name in ((0, 1.0, "x"), (10, 0.25, "é" * 20)):
-        event = Event(when=when, day=when.date(), id=uuid.uuid4(), count=count, p=p, code="ABC", name=name)
+        event = Event(when=when, day=when.date(), id=uuid.uuid4(), count=count, p=p, code="ABC", name=name,
+                      tag="abc")  # fmt: skip
         for text in (event.model_dump_json(), event.model_dump_json(indent=1)):
             s = advance(begin(root), [b + BYTE_OFFSET for b in text.encode()])
             assert s is not None and done(s), text
-    for wrong in ({"count": 11}, {"p": 0.0}, {"code": "abc"}, {"name": ""}, {"name": "x" * 21}):
+    for wrong in ({"count": 11}, {"p": 0.0}, {"code": "abc"}, {"name": ""}, {"name": "x" * 21}, {"tag": "a" * 9},
+                  {"tag": "A"}):  # fmt: skip
         value = json.loads(event.model_dump_json()) | wrong
         s = advance(begin(root), [b + BYTE_OFFSET for b in json.dumps(value, ensure_ascii=False).encode()])
         assert s is None or not done(s), wrong
