@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal
 from functools import cached_property, lru_cache
 from typing import Any
 
@@ -49,7 +50,9 @@ from fastblt.runtime.pattern import (
     compile_format,
     compile_pattern,
     counted,
+    intersect,
     length_pattern,
+    multiple_pattern,
     number_pattern,
 )
 
@@ -126,8 +129,8 @@ class Arr(Node):
 
 
 class Str(Node):
-    """A string; with `pattern` (a JSON Schema pattern or format, pattern.py), one whose text
-    it matches."""
+    """A string; with `pattern` (its JSON Schema pattern, format and length bounds as one
+    automaton, pattern.py), one whose text it matches."""
 
     first = frozenset(b'"')
 
@@ -136,8 +139,8 @@ class Str(Node):
 
 
 class Num(Node):
-    """A number (an integer if `integer`); with `pattern` (its bounds, pattern.number_pattern),
-    one whose text it matches."""
+    """A number (an integer if `integer`); with `pattern` (its bounds and multipleOf,
+    pattern.number_pattern and multiple_pattern), one whose text it matches."""
 
     first = frozenset(b"-0123456789")
 
@@ -257,8 +260,8 @@ ANNOTATIONS = frozenset(("description", "title", "$schema", "$id", "$comment", "
 BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 MAX_BOUND = 10**18  # a bound's size: past it a bound is not worth its automaton
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "pattern", "format", "minLength", "maxLength", *BOUNDS, "enum", "const", "anyOf", "$ref",
-                      "$defs", "definitions"))  # fmt: skip
+                      "pattern", "format", "minLength", "maxLength", *BOUNDS, "multipleOf", "enum", "const", "anyOf",
+                      "$ref", "$defs", "definitions"))  # fmt: skip
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 MAX_DEPTH = 32  # schemas nested in a schema: deeper is refused rather than recursed into
 # OpenAI's limits on a structured-outputs schema, which also bound the grammar's work per byte
@@ -387,7 +390,8 @@ class _Compiler:
                 known = ", ".join(sorted(KEYWORDS))
                 raise InputError(f"option {at}.{name}: not supported (fastblt holds a text to {known})")
         places = (("minItems", "array"), ("maxItems", "array"), ("pattern", "string"), ("format", "string"),
-                  ("minLength", "string"), ("maxLength", "string"), *((b, "number") for b in BOUNDS))  # fmt: skip
+                  ("minLength", "string"), ("maxLength", "string"),
+                  *((b, "number") for b in (*BOUNDS, "multipleOf")))  # fmt: skip
         for bound, kind in places:
             kinds = schema.get("type")
             kinds = kinds if isinstance(kinds, list) else [kinds]
@@ -464,16 +468,15 @@ class _Compiler:
         return Lit((b"true", b"false")) if kind == "boolean" else Lit((b"null",))
 
     def string(self, schema: dict, at: str) -> Str:
-        """A string schema: plain, or held to its `pattern` or `format` (one of them), its length
-        bounds, or both."""
-        if "pattern" in schema and "format" in schema:
-            raise InputError(f"option {at}.format: not beside pattern (one of them is held)")
+        """A string schema: plain, or held to its `pattern`, its `format` and its length bounds,
+        any of them together."""
         text = None
         for name, compile in (("pattern", compile_pattern), ("format", compile_format)):
             if name in schema:
                 if not isinstance(schema[name], str):
                     raise InputError(f"option {at}.{name}: expected a string, got {type(schema[name]).__name__}")
-                text = compile(schema[name], f"{at}.{name}")
+                held = compile(schema[name], f"{at}.{name}")
+                text = held if text is None else intersect(text, held, f"{at}.{name}")
         lengths = [k for k in ("minLength", "maxLength") if k in schema]
         if not lengths:
             return Str(text)
@@ -504,14 +507,26 @@ class _Compiler:
                 (lows if low else highs).append((bound, False))
             else:
                 (lows if low else highs).append((int(v), exclusive))
+        multiple = self.multiple(schema["multipleOf"], integer, f"{at}.multipleOf") if "multipleOf" in schema else None
         if not lows and not highs:
-            return Num(integer)
+            return Num(integer, multiple)
         lo = max(lows, default=(None, False))  # the stricter: the higher, open on a tie
         hi = min(highs, key=lambda b: (b[0], not b[1]), default=(None, False))  # the lower, open on a tie
         source = number_pattern(*lo, *hi, integer)
         if source is None:
             raise InputError(f"option {at}: no {'integer' if integer else 'number'} is within its bounds")
-        return Num(integer, compile_pattern(source, at))
+        bounded = compile_pattern(source, at)
+        return Num(integer, bounded if multiple is None else intersect(bounded, multiple, f"{at}.multipleOf"))
+
+    def multiple(self, value: Any, integer: bool, at: str) -> Pattern:
+        """A number's `multipleOf`: its decimal digits and places (0.25: 25 and 2), the numbers that
+        are multiples written with at most that many decimals (pattern.multiple_pattern)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_BOUND:
+            raise InputError(f"option {at}: expected a number above 0 within {MAX_BOUND:.0e}, got "
+                             f"{json.dumps(value)[:40]}")  # fmt: skip
+        _, digits, exponent = Decimal(repr(value)).normalize().as_tuple()
+        step = int("".join(map(str, digits))) * 10 ** max(exponent, 0)
+        return multiple_pattern(step, max(-exponent, 0), integer, at)
 
 
 def _counts(schema: dict, at: str, low: str, high: str) -> tuple[int, int | None]:

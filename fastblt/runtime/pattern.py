@@ -11,8 +11,10 @@ Unicode property classes are refused by name. `\\d`, `\\w` are ASCII's, `\\s` EC
 (FORMATS), as RFC 3339, RFC 4122, RFC 1123 and RFC 4291 write them (a date's day is not checked
 against its month, nor a hostname's length). A number's bounds (`minimum`, `maximum` and their
 exclusive forms, integers) are a pattern of the numbers' texts between them (`number_pattern`),
-and a string's `minLength` / `maxLength` one of its count of characters (`length_pattern`, or
-`counted` beside a pattern or format: the two read together).
+its `multipleOf` an automaton of its digits' remainder (`multiple_pattern`), and a string's
+`minLength` / `maxLength` one of its count of characters (`length_pattern`, or `counted` beside a
+pattern or format: the two read together). Two automata on one value (a pattern and a format,
+bounds and a multiple) are read together (`intersect`).
 
 `Pattern` is a Thompson NFA: states with code point ranges to follow and empty moves; a reading is
 the set of states it may be in. Every state can still reach the end over code points a JSON string
@@ -22,6 +24,7 @@ a dead end, and the grammar's mask never allows a byte it would later have to re
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 
 from fastblt.errors import InputError
@@ -473,6 +476,80 @@ def _counted(inner: Pattern, least: int, most: int | None) -> Counted:
     return Counted(inner, least, most)  # once per pattern and bounds: schemas that share them share masks
 
 
+MAX_PAIRS = 50_000  # pairs of states an intersection may reach before it is refused
+
+
+def _trimmed(raw: Pattern, starts: set[int], source: str) -> Pattern:
+    """`raw`'s states reached from `starts` that can still reach its end, numbered afresh (a
+    pattern without dead ends, as the grammar needs); its start empty where none is left."""
+    seen, todo = set(starts), list(starts)
+    while todo:
+        s = todo.pop()
+        for t in [t for _, _, t in raw.moves[s]] + raw.empty[s]:
+            if t not in seen:
+                seen.add(t)
+                todo.append(t)
+    into: dict[int, list[int]] = {}
+    for s in seen:
+        for t in [t for _, _, t in raw.moves[s]] + raw.empty[s]:
+            into.setdefault(t, []).append(s)
+    alive, todo = {raw.accept} & seen, [raw.accept] if raw.accept in seen else []
+    while todo:
+        for s in into.get(todo.pop(), ()):
+            if s not in alive:
+                alive.add(s)
+                todo.append(s)
+    pat = Pattern(source)
+    ids = {s: i for i, s in enumerate(sorted(alive))}  # MAX_PAIRS bounds them, not MAX_STATES: no repeats here
+    pat.moves = [[(a, b, ids[t]) for a, b, t in raw.moves[s] if t in ids] for s in ids]
+    pat.empty = [[ids[t] for t in raw.empty[s] if t in ids] for s in ids]
+    pat.accept = ids.get(raw.accept, -1)
+    pat.start = pat.closure({ids[s] for s in starts if s in ids})
+    return pat
+
+
+def intersect(a: Pattern, b: Pattern, at: str) -> Pattern:
+    """The texts both `a` and `b` take (a `pattern` beside a `format`; a number's bounds beside its
+    `multipleOf`): InputError at `at` when there are none."""
+    try:
+        pat = _intersected(a, b)
+    except InputError as e:
+        raise InputError(f"option {at}: {e}") from None
+    if not pat.start:
+        raise InputError(f"option {at}: no text is both {a.source[:50]!r} and {b.source[:50]!r}")
+    return pat
+
+
+@lru_cache(maxsize=256)
+def _intersected(a: Pattern, b: Pattern) -> Pattern:
+    """The product of the two NFAs (a pair of states moves on the code points both ranges hold, or
+    either side alone on an empty move), as far as it is reached, then trimmed."""
+    raw, ids = Pattern(f"{a.source} and {b.source}"), {}
+
+    def state(pair: tuple[int, int]) -> int:
+        if pair not in ids:
+            if len(ids) >= MAX_PAIRS:
+                raise InputError(f"{a.source[:50]!r} and {b.source[:50]!r}: more than {MAX_PAIRS:,} pairs of "
+                                 "states together")  # fmt: skip
+            ids[pair] = len(raw.moves)
+            raw.moves.append([])
+            raw.empty.append([])
+            todo.append(pair)
+        return ids[pair]
+
+    todo: list[tuple[int, int]] = []
+    starts = {state((x, y)) for x in a.start for y in b.start}
+    while todo:
+        x, y = pair = todo.pop()
+        i = ids[pair]
+        moves = [(max(lo, lo2), min(hi, hi2), (t, t2)) for lo, hi, t in a.moves[x] for lo2, hi2, t2 in b.moves[y]
+                 if lo <= hi2 and lo2 <= hi]  # fmt: skip
+        raw.moves[i] = [(lo, hi, state(t)) for lo, hi, t in moves]
+        raw.empty[i] = [state((t, y)) for t in a.empty[x]] + [state((x, t)) for t in b.empty[y]]
+    raw.accept = ids.get((a.accept, b.accept), -1)
+    return _trimmed(raw, starts, raw.source)
+
+
 # ------------------------------------------------------------------------ number bounds
 def _between(x: str, y: str) -> str:
     """A regex of the digit strings of x's length from x to y (x <= y), digit by digit."""
@@ -545,6 +622,57 @@ def number_pattern(lo: int | None, lo_open: bool, hi: int | None, hi_open: bool,
         if r := _magnitudes(low, low_open, None if lo is None else -lo, lo_open, integer):
             parts.append("-" + _group(r))
     return "^(?:" + "|".join(_group(p) for p in parts) + ")$" if parts else None
+
+
+def multiple_pattern(step: int, places: int, integer: bool, at: str) -> Pattern:
+    """The JSON numbers (integers if `integer`) that are multiples of step / 10**places, written
+    one way (no exponent, "-0" or leading zero) with at most `places` decimals: each digit moves a
+    remainder (the digits so far, modulo `step`), a DFA of about step x (places + 1) states."""
+    if step * (places + 1) * 2 > MAX_STATES:
+        raise InputError(f"option {at}: {Decimal(step).scaleb(-places)} is not held: its digits without the point "
+                         f"({step}) times its decimals plus one are past {MAX_STATES // 2:,}")  # fmt: skip
+    return _multiple(step, places, integer)
+
+
+@lru_cache(maxsize=256)
+def _multiple(step: int, places: int, integer: bool) -> Pattern:
+    def moves(state: tuple) -> list[tuple[str, tuple]]:
+        kind = state[0]
+        digits = [(str(d), d) for d in range(10)]
+        if kind in ("start", "minus"):
+            return [("-", ("minus",))] * (kind == "start") + [("0", ("zero", kind == "minus"))] + [
+                (c, ("int", d % step)) for c, d in digits[1:]]  # fmt: skip
+        point = places > 0 and not integer
+        if kind == "zero":
+            return [(".", ("point", 0, state[1]))] if point else []
+        if kind == "int":
+            r = state[1]
+            return [(c, ("int", (10 * r + d) % step)) for c, d in digits] + [(".", ("point", r, False))] * point
+        r, k, zero = (state[1], 0, state[2]) if kind == "point" else state[1:]
+        if k == places:
+            return []
+        return [(c, ("frac", (10 * r + d) % step, k + 1, zero and d == 0)) for c, d in digits]
+
+    def whole(state: tuple) -> bool:  # a multiple; "-0" and "-0.00" are not written
+        if state[0] == "zero":
+            return not state[1]
+        if state[0] == "int":
+            return state[1] * 10**places % step == 0
+        return state[0] == "frac" and not state[3] and state[1] * 10 ** (places - state[2]) % step == 0
+
+    raw, ids, todo = Pattern(f"multiples of {Decimal(step).scaleb(-places)}"), {}, [("start",)]
+    ids[todo[0]] = raw.state()
+    raw.accept = raw.state()
+    while todo:
+        state = todo.pop()
+        for c, nxt in moves(state):
+            if nxt not in ids:
+                ids[nxt] = raw.state()
+                todo.append(nxt)
+            raw.moves[ids[state]].append((ord(c), ord(c), ids[nxt]))
+        if whole(state):
+            raw.empty[ids[state]].append(raw.accept)
+    return _trimmed(raw, {ids[("start",)]}, raw.source)
 
 
 # ------------------------------------------------------------------------ formats

@@ -9,6 +9,7 @@ import json
 import random
 import re
 import uuid
+from decimal import Decimal
 from fractions import Fraction
 
 import jsonschema
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID
 from fastblt.runtime.grammar import BOUNDS, PATTERN, advance, begin, compile_schema, done, mask, step
-from fastblt.runtime.pattern import FORMATS, compile_format, compile_pattern
+from fastblt.runtime.pattern import FORMATS, compile_format, compile_pattern, intersect
 
 # characters where ECMA-262 and Python's re (ASCII classes) agree: no \r or U+2028/9 for ".", no
 # non-ASCII whitespace for \s; some past ASCII, one past U+FFFF
@@ -196,7 +197,7 @@ def test_what_a_format_admits_its_reader_reads(name, data):
         ({"type": "string", "pattern": "(a{1,60}){1,99}"}, r"a\.pattern: .*more than 5000 states"),
         ({"type": "string", "pattern": 5}, r"a\.pattern: expected a string"),
         ({"type": "string", "format": "uri"}, r"a\.format: 'uri' is not one of the formats held"),
-        ({"type": "string", "format": "date", "pattern": "x"}, r"a\.format: not beside pattern"),
+        ({"type": "string", "format": "date", "pattern": "x"}, r"a\.format: no text is both 'x' and"),
         ({"type": "integer", "pattern": "1"}, r"a\.pattern: only beside \"type\": \"string\""),
         ({"enum": ["a"], "format": "date"}, r"a\.format: only beside"),
     ],
@@ -204,6 +205,38 @@ def test_what_a_format_admits_its_reader_reads(name, data):
 def test_patterns_and_formats_that_are_not_held_are_refused_by_name(prop, match):
     with pytest.raises(InputError, match=r"option schema\.properties\." + match):
         compile_schema(holding(prop))
+
+
+@settings(max_examples=150, deadline=None)
+@given(patterns, patterns, st.data())
+def test_two_patterns_together_take_what_both_take_and_never_lead_into_a_dead_end(first, second, data):
+    """A pattern beside a format (any two automata, pattern.intersect): a text is taken exactly
+    when both searches find a match; a walk along the characters the reading takes always has a
+    way on to a text both match (the product keeps only pairs of states that can end together)."""
+    a, b = python_re(first), python_re(second)
+    try:
+        both = intersect(compile_pattern(first), compile_pattern(second), "pattern")
+    except InputError as e:
+        assert "no text is both" in str(e)
+        assert not any(a.search(t) and b.search(t) for t in (data.draw(drawn(first)), data.draw(drawn(second))))
+        return
+    for text in (data.draw(drawn(first)), data.draw(drawn(second)), data.draw(st.text(ALPHABET, max_size=8))):
+        text = text[:10]  # Python's re backtracks: a long text that one nested repeat does not match takes ages
+        reading = both.start
+        for ch in text:
+            reading = both.step(reading, ord(ch)) if reading else reading
+        assert bool(reading and both.accepts(reading)) == bool(a.search(text) and b.search(text)), (first, second, text)
+    rng, reading, text = random.Random(data.draw(st.integers(0, 2**32))), both.start, ""
+    for _ in range(12):
+        nexts = [c for c in ALPHABET if both.step(reading, ord(c))]
+        others = any(lo <= hi for s in reading for lo, hi, _ in both.moves[s])  # beyond ALPHABET
+        assert both.accepts(reading) or nexts or others, (first, second, text)  # a way on
+        if both.accepts(reading):
+            assert a.search(text) and b.search(text), (first, second, text)
+        if not nexts or rng.random() < 0.1:
+            break
+        text += rng.choice(nexts)
+        reading = both.step(reading, ord(text[-1]))
 
 
 def test_a_pattern_string_sits_beside_others_in_a_union_and_eos_waits_for_the_object():
@@ -223,12 +256,18 @@ NUMBER_TEXTS += ["-0", "-0.0", "0.0", "-0.5", "007", "1e2", "1.", "-1.0", "2.50"
 
 
 def within(text: str, integer: bool, bounds: dict) -> bool:
-    """Whether `text` is a number the bounds admit, written one way (no exponent, "-0" or leading
-    zero; an integer without a fraction)."""
-    shape = r"-?(0|[1-9][0-9]*)" + ("" if integer else r"(\.[0-9]+)?")
+    """Whether `text` is a number the bounds (and multipleOf) admit, written one way (no exponent,
+    "-0" or leading zero; an integer without a fraction; a multiple with no more decimals than its
+    multipleOf has)."""
+    multiple = Fraction(repr(bounds["multipleOf"])) if "multipleOf" in bounds else None
+    places = max(-Decimal(repr(bounds["multipleOf"])).normalize().as_tuple().exponent, 0) if multiple else None
+    fraction = r"(\.[0-9]+)?" if places is None else rf"(\.[0-9]{{1,{places}}})?" if places else ""
+    shape = r"-?(0|[1-9][0-9]*)" + ("" if integer else fraction)
     if not re.fullmatch(shape, text) or re.fullmatch(r"-0(\.0+)?", text):
         return False
     v = Fraction(text)
+    if multiple is not None and (v / multiple).denominator != 1:
+        return False
     checks = {"minimum": v >= bounds.get("minimum", v), "exclusiveMinimum": "exclusiveMinimum" not in bounds or v >
               bounds["exclusiveMinimum"], "maximum": v <= bounds.get("maximum", v),
               "exclusiveMaximum": "exclusiveMaximum" not in bounds or v < bounds["exclusiveMaximum"]}  # fmt: skip
@@ -238,23 +277,26 @@ def within(text: str, integer: bool, bounds: dict) -> bool:
 @settings(max_examples=150, deadline=None)
 @given(st.booleans(), st.data())
 def test_a_number_is_held_to_its_bounds(integer, data):
-    """Drawn bounds (an integer's with fractions too): a number's text is taken to its end exactly
-    when it is written one way and the bounds admit it (Fraction arithmetic; jsonschema agrees);
+    """Drawn bounds (an integer's with fractions too) and multipleOf (whole or decimal, alone or
+    beside bounds): a number's text is taken to its end exactly when it is written one way and
+    they admit it (Fraction arithmetic; jsonschema agrees where its float division is exact);
     bounds no number meets are refused."""
     values = st.integers(-150, 150) | (st.floats(-150, 150).map(lambda x: round(x, 1)) if integer else st.nothing())
-    bounds = data.draw(st.dictionaries(st.sampled_from(BOUNDS), values, min_size=1, max_size=3))
+    bounds = data.draw(st.dictionaries(st.sampled_from(BOUNDS), values, max_size=3))
+    if data.draw(st.booleans()) or not bounds:
+        bounds["multipleOf"] = data.draw(st.sampled_from([1, 2, 3, 5, 7, 10, 25, 0.5, 0.25, 0.1, 0.3, 1.5, 0.05]))
     schema = holding({"type": "integer" if integer else "number", **bounds})
     try:
         root = compile_schema(schema)
     except InputError as e:
-        assert "is within its bounds" in str(e)
+        assert "is within its bounds" in str(e) or "no text is both" in str(e), str(e)
         assert not any(within(t, integer, bounds) for t in NUMBER_TEXTS + [str(x / 10) for x in range(-1600, 1601)])
         return
     for text in NUMBER_TEXTS:
         s = advance(begin(root), [b + BYTE_OFFSET for b in f'{{"a": {text}}}'.encode()])
         ok = s is not None and done(s)
         assert ok == within(text, integer, bounds), (bounds, text)
-        if ok:
+        if ok and isinstance(bounds.get("multipleOf", 1), int):
             jsonschema.validate({"a": json.loads(text)}, schema)
 
 
@@ -267,7 +309,12 @@ def test_a_number_is_held_to_its_bounds(integer, data):
         ({"type": "integer", "minimum": 10**19}, r"a\.minimum: expected a number within"),
         ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, r"a: no integer is within its bounds"),
         ({"type": "string", "maximum": 3}, r"a\.maximum: only beside \"type\": \"number\" or \"integer\""),
-        ({"type": "integer", "multipleOf": 3}, r"a\.multipleOf: not supported"),
+        ({"type": "integer", "multipleOf": 0}, r"a\.multipleOf: expected a number above 0"),
+        ({"type": "number", "multipleOf": "1"}, r"a\.multipleOf: expected a number above 0"),
+        ({"type": "number", "multipleOf": 0.0997}, r"a\.multipleOf: 0\.0997 is not held: its digits .* \(997\)"),
+        ({"type": "integer", "multipleOf": 1000, "maximum": 10**18}, r"a\.multipleOf: .* more than 50,000 pairs"),
+        ({"type": "integer", "multipleOf": 7, "minimum": 1, "maximum": 6}, r"a\.multipleOf: no text is both"),
+        ({"type": "string", "multipleOf": 2}, r"a\.multipleOf: only beside \"type\": \"number\" or \"integer\""),
         ({"type": "string", "maxLength": 1, "pattern": "^(ab)+$"}, r"a\.maxLength: no string of '\^\(ab\)\+\$' has 0"),
         ({"type": "string", "minLength": 2, "maxLength": 2, "format": "uuid"}, r"a\.maxLength: no string of"),
         ({"type": "string", "maxLength": 1.5}, r"a\.maxLength: expected a non-negative integer"),
@@ -340,6 +387,11 @@ def test_a_pattern_with_length_bounds_holds_both_and_never_leads_into_a_dead_end
         ({"pattern": "^[a-z]*x$", "maxLength": 3}, "abcx", False),
         ({"pattern": "é", "minLength": 2}, "é", False),
         ({"pattern": "é", "minLength": 2, "maxLength": 2}, "😀é", True),
+        ({"format": "email", "pattern": r"@example\.com$", "maxLength": 15}, "ab@example.com", True),
+        ({"format": "email", "pattern": r"@example\.com$", "maxLength": 15}, "ab@example.org", False),
+        ({"format": "email", "pattern": r"@example\.com$", "maxLength": 15}, "abc.d@example.com", False),
+        ({"format": "date", "pattern": "^19"}, "1999-12-31", True),
+        ({"format": "date", "pattern": "^19"}, "2000-01-01", False),
     ],
 )
 def test_a_format_or_pattern_with_length_bounds_counts_characters(prop, value, ok):

@@ -28,12 +28,13 @@ anything = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )
-held = st.fixed_dictionaries(  # a property held to a pattern, a format, bounds or lengths, right or wrong
+held = st.fixed_dictionaries(  # a property held to a pattern, a format, bounds, multiples or lengths, right or wrong
     {"type": st.sampled_from(["string", "integer", "number", ["string", "null"]]) | anything},
     optional={"pattern": st.text("ab()[]{}|*+?^$.-\\dsu0", max_size=6) | anything,
               "format": st.sampled_from(["date", "uuid", "ipv6", "uri"]) | anything,
               "minimum": st.integers(-3, 3) | anything, "exclusiveMaximum": st.floats(-3, 3) | anything,
-              "minLength": st.integers(-1, 3) | anything, "maxLength": st.integers(0, 3) | anything},
+              "minLength": st.integers(-1, 3) | anything, "maxLength": st.integers(0, 3) | anything,
+              "multipleOf": st.sampled_from([0, -1, 2, 0.25, 1e-300, 1e300, 997.5]) | anything},
 )  # fmt: skip
 schemas = st.fixed_dictionaries(
     {"type": st.sampled_from(["object", "string", ["object", "null"], "array"])},
