@@ -100,9 +100,9 @@ SCHEMA = {"type": "object", "properties": PROPERTIES, "required": list(PROPERTIE
 TREE = {**SCHEMA, "properties": {"id": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
         "required": ["id", "kids"]}  # fmt: skip
 # a bounded integer, strings held to a format and to a pattern
-DATED = {**SCHEMA, "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
-                                  "day": {"type": "string", "format": "date"},
-                                  "tag": {"type": "string", "pattern": "^[a-z]+[0-9]?$"}},
+DATED = {**SCHEMA, "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999, "multipleOf": 3},
+                                  "day": {"type": "string", "format": "date", "pattern": "^20"},
+                                  "tag": {"type": "string", "pattern": "^[a-z]+[0-9]?$", "maxLength": 4}},
          "required": ["id", "day", "tag"]}  # fmt: skip
 
 
