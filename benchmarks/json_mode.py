@@ -106,21 +106,31 @@ FORMATTED = {  # a value of each format held, and one pattern
     "date-time": "2026-12-07T03:38:08.5+01:00", "date": "2026-12-07", "time": "23:59:60Z",
     "duration": "P1Y2M3DT4H5M6S", "email": "first.last@example.com", "hostname": "api.example.com",
     "ipv4": "192.168.0.255", "ipv6": "2001:db8::8a2e:370:7334", "uuid": "123e4567-e89b-12d3-a456-426614174000",
-    "pattern": "ABC-1234",
 }  # fmt: skip
-PATTERN = "^[A-Z]{3}-[0-9]{4}$"
+HELD = {  # label: (the value's schema, a value), for the formats and for keywords held together
+    **{name: ({"type": "string", "format": name}, value) for name, value in FORMATTED.items()},
+    "pattern ^[A-Z]{3}-[0-9]{4}$": ({"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}, "ABC-1234"),
+    "email, maxLength 254": ({"type": "string", "format": "email", "maxLength": 254}, "first.last@example.com"),
+    "hostname, maxLength 253": ({"type": "string", "format": "hostname", "maxLength": 253}, "api.example.com"),
+    "date and pattern ^20": ({"type": "string", "format": "date", "pattern": "^20"}, "2026-12-07"),
+    "integer 0-10^6, multipleOf 1000": ({"type": "integer", "minimum": 0, "maximum": 10**6, "multipleOf": 1000},
+                                        250000),
+    "number, multipleOf 0.01": ({"type": "number", "multipleOf": 0.01}, 1234.56),
+    "number -10^18-10^18, multipleOf 0.25": ({"type": "number", "minimum": -(10**18), "maximum": 10**18,
+                                             "multipleOf": 0.25}, -1234.75),
+}  # fmt: skip
 
 
-def format_grammar(name: str) -> dict:
-    """The grammar's time per byte reading {"v": a string held to format `name` (or PATTERN)},
-    cold and warm as tool_grammar's."""
+def format_grammar(label: str) -> dict:
+    """The grammar's time per byte reading {"v": a value held as HELD[label] says}, cold and warm
+    as tool_grammar's, and the schema's compile time."""
     from fastblt.runtime import grammar
 
-    held = {"type": "string", **({"pattern": PATTERN} if name == "pattern" else {"format": name})}
+    held, value = HELD[label]
     t0 = time.perf_counter()
     root = grammar.compile_schema({"type": "object", "properties": {"v": held}, "required": ["v"]})
     compiled = 1e3 * (time.perf_counter() - t0)
-    return {"format": name, "compile_ms": compiled, **grammar_cost(root, json.dumps({"v": FORMATTED[name]}).encode())}
+    return {"format": label, "compile_ms": compiled, **grammar_cost(root, json.dumps({"v": value}).encode())}
 
 
 def grammar_cost(root, text: bytes) -> dict:
@@ -200,17 +210,19 @@ def render(r: dict) -> str:
         ]  # fmt: skip
     if r.get("formats"):
         lines += [
-            "## Strings held to a format or a pattern",
+            "## Values held to a format, a pattern, lengths, bounds or multiples",
             "",
-            "| format | compile ms | bytes | us per byte, first answer (masks computed) | us per byte, later answers |",
+            "| value held to | compile ms | bytes | us per byte, first answer (masks computed) | us per byte, later "
+            "answers |",
             "|---|---:|---:|---:|---:|",
             *(f"| {t['format']} | {t['compile_ms']:.1f} | {t['bytes']} | {t['cold_us_per_byte']:.0f} | "
               f"{t['warm_us_per_byte']:.1f} |" for t in r["formats"]),
             "",
-            f'`{{"v": "..."}}` with `v` held to the format (pattern: `{PATTERN}`), read byte by byte as above. '
-            "Inside the string each new reading of the pattern's automaton (runtime/pattern.py) gets its mask "
-            "computed once, read off the code point ranges it may take. compile ms: the schema's first "
-            "compilation (the automaton built; cached after).",
+            '`{"v": ...}` with `v` held as the row says, read byte by byte as above. Inside the value each new '
+            "reading of its automaton (runtime/pattern.py; keywords held together read as one: a pattern and a "
+            "format as their product, a length beside them as a count, bounds and a multiple as their product) "
+            "gets its mask computed once, read off the code point ranges it may take. compile ms: the schema's "
+            "first compilation (the automata built; cached after).",
             "",
         ]  # fmt: skip
     return "\n".join(lines)
@@ -245,7 +257,7 @@ def main() -> None:
         row |= {k: statistics.median(x[k] for x in rs) for k in rs[0]}
         rows.append(row)
     tools = [tool_grammar(n) for n in TOOL_COUNTS]
-    formats = [format_grammar(name) for name in FORMATTED]
+    formats = [format_grammar(label) for label in HELD]
     save("json_mode", {"meta": machine_meta(), "rows": rows, "tools": tools, "formats": formats}, render, plot)
 
 

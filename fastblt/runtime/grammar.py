@@ -50,6 +50,7 @@ from fastblt.runtime.pattern import (
     compile_format,
     compile_pattern,
     counted,
+    deterministic,
     intersect,
     length_pattern,
     multiple_pattern,
@@ -515,7 +516,7 @@ class _Compiler:
         source = number_pattern(*lo, *hi, integer)
         if source is None:
             raise InputError(f"option {at}: no {'integer' if integer else 'number'} is within its bounds")
-        bounded = compile_pattern(source, at)
+        bounded = deterministic(compile_pattern(source, at))
         return Num(integer, bounded if multiple is None else intersect(bounded, multiple, f"{at}.multipleOf"))
 
     def multiple(self, value: Any, integer: bool, at: str) -> Pattern:

@@ -660,19 +660,75 @@ def _multiple(step: int, places: int, integer: bool) -> Pattern:
             return state[1] * 10**places % step == 0
         return state[0] == "frac" and not state[3] and state[1] * 10 ** (places - state[2]) % step == 0
 
-    raw, ids, todo = Pattern(f"multiples of {Decimal(step).scaleb(-places)}"), {}, [("start",)]
-    ids[todo[0]] = raw.state()
-    raw.accept = raw.state()
+    ids, todo = {("start",): 0}, [("start",)]
+    table: list[dict[str, int]] = [{}]
+    final = [False]
     while todo:
         state = todo.pop()
         for c, nxt in moves(state):
             if nxt not in ids:
-                ids[nxt] = raw.state()
+                ids[nxt] = len(table)
+                table.append({})
+                final.append(whole(nxt))
                 todo.append(nxt)
-            raw.moves[ids[state]].append((ord(c), ord(c), ids[nxt]))
-        if whole(state):
-            raw.empty[ids[state]].append(raw.accept)
-    return _trimmed(raw, {ids[("start",)]}, raw.source)
+            table[ids[state]][c] = ids[nxt]
+    return _minimal(table, final, f"multiples of {Decimal(step).scaleb(-places)}")
+
+
+NUMBER_CHARS = "-.0123456789"  # a number's text held to bounds or a multiple (no exponent)
+
+
+def deterministic(pat: Pattern, chars: str = NUMBER_CHARS) -> Pattern:
+    """`pat` over `chars` alone as its minimal DFA: a reading is one state. A number's bounds and
+    its multiple are read together (intersect) as the product of two small DFAs, where their NFAs'
+    product would pair every state of one with every remainder of the other."""
+    return _deterministic(pat, chars)
+
+
+@lru_cache(maxsize=256)
+def _deterministic(pat: Pattern, chars: str) -> Pattern:
+    ids, todo = {pat.start: 0}, [pat.start]
+    table: list[dict[str, int]] = [{}]
+    final = [pat.accepts(pat.start)]
+    while todo:
+        reading = todo.pop()
+        for c in chars:
+            after = pat.step(reading, ord(c))
+            if not after:
+                continue
+            if after not in ids:
+                ids[after] = len(table)
+                table.append({})
+                final.append(pat.accepts(after))
+                todo.append(after)
+            table[ids[reading]][c] = ids[after]
+    return _minimal(table, final, pat.source)
+
+
+def _minimal(table: list[dict[str, int]], final: list[bool], source: str) -> Pattern:
+    """The DFA `table` (state -> char -> state, 0 the start) minimized (Moore: states split by
+    where their characters lead until no class splits), as a Pattern: a state per class, its final
+    ones with an empty move to the end. Multiples of 1,000 are 4 classes, not 1,000 remainders."""
+    chars = sorted({c for moves in table for c in moves})
+    cls = [int(f) for f in final]
+    while True:
+        keys = [(cls[i], *(cls[m[c]] if c in m else -1 for c in chars)) for i, m in enumerate(table)]
+        numbered = {k: n for n, k in enumerate(dict.fromkeys(keys))}
+        new = [numbered[k] for k in keys]
+        if len(numbered) == len(set(cls)):
+            break
+        cls = new
+    cls = new
+    raw = Pattern(source)
+    raw.moves = [[] for _ in range(len(numbered) + 1)]
+    raw.empty = [[] for _ in range(len(numbered) + 1)]
+    raw.accept = len(numbered)
+    for i, moves in enumerate(table):
+        if not raw.moves[cls[i]] and moves:
+            raw.moves[cls[i]] = [(ord(c), ord(c), cls[t]) for c, t in sorted(moves.items())]
+        if final[i] and not raw.empty[cls[i]]:
+            raw.empty[cls[i]].append(raw.accept)
+    return _trimmed(raw, {cls[0]}, source)
 
 
 # ------------------------------------------------------------------------ formats
