@@ -35,7 +35,6 @@ would have read cannot be written). A mask is what the sampler takes off the log
 from __future__ import annotations
 
 import json
-import math
 from decimal import Decimal
 from functools import cached_property, lru_cache
 from typing import Any
@@ -50,10 +49,8 @@ from fastblt.runtime.pattern import (
     compile_format,
     compile_pattern,
     counted,
-    deterministic,
     intersect,
     length_pattern,
-    multiple_pattern,
     number_pattern,
 )
 
@@ -141,7 +138,7 @@ class Str(Node):
 
 class Num(Node):
     """A number (an integer if `integer`); with `pattern` (its bounds and multipleOf,
-    pattern.number_pattern and multiple_pattern), one whose text it matches."""
+    pattern.number_pattern), one whose text it matches."""
 
     first = frozenset(b"-0123456789")
 
@@ -487,9 +484,8 @@ class _Compiler:
         return Str(length_pattern(least, most) if text is None else counted(text, least, most, f"{at}.{lengths[-1]}"))
 
     def number(self, integer: bool, schema: dict, at: str) -> Num:
-        """A number schema: plain, or held to its bounds. An integer's bounds may have fractions
-        (the integers past them are what counts); a number's must be whole (its text is matched
-        a character at a time, pattern.number_pattern)."""
+        """A number schema: plain, or held to its bounds (any decimals) and its multipleOf, one
+        automaton (pattern.number_pattern)."""
         lows, highs = [], []  # (bound, open)
         for name in BOUNDS:
             v = schema.get(name)
@@ -498,36 +494,26 @@ class _Compiler:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) <= MAX_BOUND:
                 raise InputError(f"option {at}.{name}: expected a number within ±{MAX_BOUND:.0e}, got "
                                  f"{json.dumps(v)[:40]}")  # fmt: skip
-            if not integer and not float(v).is_integer():
-                raise InputError(f"option {at}.{name}: {v} has a fraction; a number's bounds are held when whole "
-                                 '(an "integer"\'s may be anything)')  # fmt: skip
-            low, exclusive = name in ("minimum", "exclusiveMinimum"), name.startswith("exclusive")
-            if integer:  # as the inclusive bound of the integers past it
-                bound = (math.floor(v) + 1 if exclusive else math.ceil(v)) if low else (
-                    math.ceil(v) - 1 if exclusive else math.floor(v))  # fmt: skip
-                (lows if low else highs).append((bound, False))
-            else:
-                (lows if low else highs).append((int(v), exclusive))
-        multiple = self.multiple(schema["multipleOf"], integer, f"{at}.multipleOf") if "multipleOf" in schema else None
-        if not lows and not highs:
-            return Num(integer, multiple)
-        lo = max(lows, default=(None, False))  # the stricter: the higher, open on a tie
-        hi = min(highs, key=lambda b: (b[0], not b[1]), default=(None, False))  # the lower, open on a tie
-        source = number_pattern(*lo, *hi, integer)
-        if source is None:
-            raise InputError(f"option {at}: no {'integer' if integer else 'number'} is within its bounds")
-        bounded = deterministic(compile_pattern(source, at))
-        return Num(integer, bounded if multiple is None else intersect(bounded, multiple, f"{at}.multipleOf"))
+            bound = (Decimal(repr(v)) if isinstance(v, float) else Decimal(v), name.startswith("exclusive"))
+            (lows if name in ("minimum", "exclusiveMinimum") else highs).append(bound)
+        multiple = self.multiple(schema["multipleOf"], f"{at}.multipleOf") if "multipleOf" in schema else None
+        if not lows and not highs and multiple is None:
+            return Num(integer)
+        lo = max(lows, default=None)  # the stricter: the higher, open on a tie
+        hi = min(highs, key=lambda b: (b[0], not b[1]), default=None)  # the lower, open on a tie
+        held = number_pattern(lo, hi, multiple, integer, at)
+        if held is None:
+            what = "within its bounds" if multiple is None else "within its bounds and a multiple of its multipleOf"
+            raise InputError(f"option {at}: no {'integer' if integer else 'number'} is {what}")
+        return Num(integer, held)
 
-    def multiple(self, value: Any, integer: bool, at: str) -> Pattern:
-        """A number's `multipleOf`: its decimal digits and places (0.25: 25 and 2), the numbers that
-        are multiples written with at most that many decimals (pattern.multiple_pattern)."""
+    def multiple(self, value: Any, at: str) -> tuple[int, int]:
+        """A number's `multipleOf` as its decimal digits and places (0.25: 25 and 2)."""
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_BOUND:
             raise InputError(f"option {at}: expected a number above 0 within {MAX_BOUND:.0e}, got "
                              f"{json.dumps(value)[:40]}")  # fmt: skip
         _, digits, exponent = Decimal(repr(value)).normalize().as_tuple()
-        step = int("".join(map(str, digits))) * 10 ** max(exponent, 0)
-        return multiple_pattern(step, max(-exponent, 0), integer, at)
+        return int("".join(map(str, digits))) * 10 ** max(exponent, 0), max(-exponent, 0)
 
 
 def _counts(schema: dict, at: str, low: str, high: str) -> tuple[int, int | None]:

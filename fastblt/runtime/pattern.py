@@ -10,11 +10,11 @@ Unicode property classes are refused by name. `\\d`, `\\w` are ASCII's, `\\s` EC
 `.` is any code point but a line terminator. A `format` (OpenAI's list) is a pattern of its own
 (FORMATS), as RFC 3339, RFC 4122, RFC 1123 and RFC 4291 write them (a date's day is not checked
 against its month, nor a hostname's length). A number's bounds (`minimum`, `maximum` and their
-exclusive forms, integers) are a pattern of the numbers' texts between them (`number_pattern`),
-its `multipleOf` an automaton of its digits' remainder (`multiple_pattern`), and a string's
-`minLength` / `maxLength` one of its count of characters (`length_pattern`, or `counted` beside a
-pattern or format: the two read together). Two automata on one value (a pattern and a format,
-bounds and a multiple) are read together (`intersect`).
+exclusive forms, any decimals) are a DFA per bound comparing the text's digits with the bound's
+and its `multipleOf` one of its digits' remainder, their product minimized (`number_pattern`);
+a string's `minLength` / `maxLength` one of its count of characters (`length_pattern`, or
+`counted` beside a pattern or format: the two read together). A pattern and a format on one
+string are read together too (`intersect`).
 
 `Pattern` is a Thompson NFA: states with code point ranges to follow and empty moves; a reading is
 the set of states it may be in. Every state can still reach the end over code points a JSON string
@@ -551,91 +551,147 @@ def _intersected(a: Pattern, b: Pattern) -> Pattern:
 
 
 # ------------------------------------------------------------------------ number bounds
-def _between(x: str, y: str) -> str:
-    """A regex of the digit strings of x's length from x to y (x <= y), digit by digit."""
-    if x == y:
-        return x
-    if x[0] == y[0]:
-        return x[0] + _group(_between(x[1:], y[1:]))
-    rest = len(x) - 1
-    low, high = x[1:] == "0" * rest, y[1:] == "9" * rest  # the first digit's whole run is in
-    parts = [] if low else [x[0] + _group(_between(x[1:], "9" * rest))]
-    a, b = int(x[0]) + (not low), int(y[0]) - (not high)
-    if a <= b:
-        parts.append((f"[{a}-{b}]" if a < b else str(a)) + (f"[0-9]{{{rest}}}" if rest else ""))
-    if not high:
-        parts.append(y[0] + _group(_between("0" * rest, y[1:])))
-    return "|".join(parts)
+Dfa = tuple[tuple[dict[str, int], ...], tuple[bool, ...]]  # state -> character -> state (0 the start), finals
 
 
-def _group(r: str) -> str:
-    return f"(?:{r})" if "|" in r else r
-
-
-def _naturals(lo: int, hi: int | None) -> str:
-    """A regex of the decimal texts (JSON's: no leading zero) of the integers lo..hi (None: no
-    most), lo >= 0; "" when there are none."""
-    if hi is not None and hi < lo:
-        return ""
-    width = len(str(lo))
-    parts = []
-    for n in range(width, (width if hi is None else len(str(hi))) + 1):
-        a = max(lo, 10 ** (n - 1) if n > 1 else 0)
-        b = 10**n - 1 if hi is None else min(hi, 10**n - 1)
-        if a <= b:
-            parts.append(_group(_between(str(a), str(b))))
-    if hi is None:
-        parts.append(f"[1-9][0-9]{{{width},}}")
-    return "|".join(parts)
-
-
-ANY_FRACTION, NONZERO_FRACTION, ZERO_FRACTION = r"(?:\.[0-9]+)?", r"\.[0-9]*[1-9][0-9]*", r"(?:\.0+)?"
-
-
-def _magnitudes(lo: int, lo_open: bool, hi: int | None, hi_open: bool, integer: bool) -> str:
-    """A regex of the texts of numbers m with lo < m (lo <= m unless lo_open) and m < hi (<=),
-    integer bounds lo >= 0 and hi (None: no most), without sign or exponent."""
-    if integer:
-        return _naturals(lo + lo_open, None if hi is None else hi - hi_open)
-    parts = []
-    if hi is None or lo < hi or (lo == hi and not lo_open and not hi_open):
-        fraction = NONZERO_FRACTION if lo_open else ANY_FRACTION if hi is None or lo < hi else ZERO_FRACTION
-        parts.append(str(lo) + fraction)
-    if inner := _naturals(lo + 1, None if hi is None else hi - 1):  # whole numbers between: any fraction
-        parts.append(_group(inner) + ANY_FRACTION)
-    if hi is not None and lo < hi and not hi_open:
-        parts.append(str(hi) + ZERO_FRACTION)
-    return "|".join(_group(p) for p in parts)
-
-
-def number_pattern(lo: int | None, lo_open: bool, hi: int | None, hi_open: bool, integer: bool) -> str | None:
-    """The whole-text pattern of the JSON numbers (integers if `integer`) above lo (or lo itself
-    unless lo_open) and below hi (likewise), integer bounds, None: no bound; written one way:
-    without an exponent, "-0" or a leading zero. None when no number is between."""
-    parts = []
-    if hi is None or hi > 0 or (hi == 0 and not hi_open):  # 0 and up
-        low, low_open = (0, False) if lo is None or lo < 0 else (lo, lo_open)
-        if r := _magnitudes(low, low_open, hi, hi_open, integer):
-            parts.append(r)
-    if lo is None or lo < 0:  # below 0: "-" and a magnitude above 0
-        low, low_open = (0, True) if hi is None or hi >= 0 else (-hi, hi_open)
-        if r := _magnitudes(low, low_open, None if lo is None else -lo, lo_open, integer):
-            parts.append("-" + _group(r))
-    return "^(?:" + "|".join(_group(p) for p in parts) + ")$" if parts else None
-
-
-def multiple_pattern(step: int, places: int, integer: bool, at: str) -> Pattern:
-    """The JSON numbers (integers if `integer`) that are multiples of step / 10**places, written
-    one way (no exponent, "-0" or leading zero) with at most `places` decimals: each digit moves a
-    remainder (the digits so far, modulo `step`), a DFA of about step x (places + 1) states."""
-    if step * (places + 1) * 2 > MAX_STATES:
-        raise InputError(f"option {at}: {Decimal(step).scaleb(-places)} is not held: its digits without the point "
-                         f"({step}) times its decimals plus one are past {MAX_STATES // 2:,}")  # fmt: skip
-    return _multiple(step, places, integer)
+def number_pattern(low: tuple[Decimal, bool] | None, high: tuple[Decimal, bool] | None,
+                   multiple: tuple[int, int] | None, integer: bool, at: str) -> Pattern | None:  # fmt: skip
+    """The JSON numbers (integers if `integer`) above `low` and below `high` ((bound, open), any
+    decimal; None: no bound) that are multiples of `multiple` ((digits, places): 0.25 is (25, 2);
+    None: any), written one way (no exponent, "-0" or leading zero; a multiple with at most its
+    places of decimals). A DFA per bound compares the text's digits with the bound's, one for the
+    multiple moves the digits' remainder; their product, minimized. None when no number holds."""
+    if multiple is not None and multiple[0] * (multiple[1] + 1) * 2 > MAX_STATES:
+        step, places = multiple
+        raise InputError(f"option {at}.multipleOf: {Decimal(step).scaleb(-places)} is not held: its digits without "
+                         f"the point ({step}) times its decimals plus one are past {MAX_STATES // 2:,}")  # fmt: skip
+    try:
+        pat = _number(low, high, multiple, integer)
+    except InputError as e:
+        raise InputError(f"option {at}: {e}") from None
+    return pat if pat.start else None
 
 
 @lru_cache(maxsize=256)
-def _multiple(step: int, places: int, integer: bool) -> Pattern:
+def _number(low: tuple[Decimal, bool] | None, high: tuple[Decimal, bool] | None, multiple: tuple[int, int] | None,
+            integer: bool) -> Pattern:  # fmt: skip
+    parts = [f"{r}{'' if b[1] else '='} {b[0]}" for b, r in ((low, ">"), (high, "<")) if b]
+    dfas = [_compared(b[0], r + ("" if b[1] else "="), integer) for b, r in ((low, ">"), (high, "<")) if b]
+    if multiple is not None:
+        parts.append(f"multiple of {Decimal(multiple[0]).scaleb(-multiple[1])}")
+        dfas.append(_multiple(*multiple, integer))
+    dfa = dfas[0]
+    for other in dfas[1:]:
+        table, final = _product(dfa, other)
+        # minimizing pays where states repeat (two bounds); a product with a multiple's many
+        # remainders is taken as it is (Moore's passes over 40,000 states cost seconds)
+        dfa = _minimal(table, final) if len(table) <= MAX_STATES else (tuple(table), tuple(final))
+    return _pattern(dfa, "numbers " + ", ".join(parts))
+
+
+def _product(a: Dfa, b: Dfa) -> tuple[list[dict[str, int]], list[bool]]:
+    """The DFA of the texts both take: a pair of states per state, as far as the pairs are reached."""
+    ids, todo = {(0, 0): 0}, [(0, 0)]
+    table: list[dict[str, int]] = [{}]
+    final = [a[1][0] and b[1][0]]
+    while todo:
+        x, y = pair = todo.pop()
+        for c, t in a[0][x].items():
+            if c in b[0][y]:
+                nxt = (t, b[0][y][c])
+                if nxt not in ids:
+                    if len(ids) >= MAX_PAIRS:
+                        raise InputError(f"more than {MAX_PAIRS:,} states together")
+                    ids[nxt] = len(table)
+                    table.append({})
+                    final.append(a[1][nxt[0]] and b[1][nxt[1]])
+                    todo.append(nxt)
+                table[ids[pair]][c] = ids[nxt]
+    return table, final
+
+
+def _sign(x: int) -> int:
+    return (x > 0) - (x < 0)
+
+
+@lru_cache(maxsize=256)
+def _compared(bound: Decimal, relation: str, integer: bool) -> Dfa:
+    """The DFA of the numbers x with `x relation bound` (">", ">=", "<", "<="): the text's digits
+    are compared with the bound's as they come (its integer part's length decides first, then digit
+    by digit), the sign at the end."""
+    whole, _, fraction = format(abs(bound), "f").partition(".")
+    whole, fraction = whole.lstrip("0"), fraction.rstrip("0")
+    width = len(whole)
+
+    def in_whole(neg: bool, k: int, cmp: int, d: int) -> tuple:  # k digits read, cmp: them vs the bound's
+        if k >= width:
+            return ("int", neg, width + 1, 1)  # longer: larger
+        return ("int", neg, k + 1, cmp or _sign(d - int(whole[k])))
+
+    def in_fraction(neg: bool, cmp: int, j: int, zero: bool, d: int) -> tuple:
+        if cmp == 0:  # equal so far: the next digit against the bound's j-th
+            cmp, j = _sign(d - (int(fraction[j]) if j < len(fraction) else 0)), min(j + 1, len(fraction))
+        return ("frac", neg, cmp, j, zero and d == 0)
+
+    def whole_cmp(k: int, cmp: int) -> int:
+        return -1 if k < width else 1 if k > width else cmp
+
+    def moves(state: tuple) -> list[tuple[str, tuple]]:
+        kind, point = state[0], not integer
+        if kind in ("start", "minus"):
+            neg = kind == "minus"
+            return [("-", ("minus",))] * (not neg) + [("0", ("zero", neg))] + [
+                (str(d), in_whole(neg, 0, 0, d)) for d in range(1, 10)]  # fmt: skip
+        if kind == "zero":
+            return [(".", ("point", state[1], 0 if width == 0 else -1, True))] * point
+        if kind == "int":
+            _, neg, k, cmp = state
+            return [(str(d), in_whole(neg, k, cmp, d)) for d in range(10)] + [
+                (".", ("point", neg, whole_cmp(k, cmp), False))] * point  # fmt: skip
+        _, neg, cmp, *rest = state  # "point" (cmp of the integer parts, zero) or "frac" (cmp, j, zero)
+        j, zero = (0, rest[0]) if kind == "point" else rest
+        return [(str(d), in_fraction(neg, cmp, j, zero, d)) for d in range(10)]
+
+    def holds(state: tuple) -> bool:
+        kind = state[0]
+        if kind == "zero":
+            neg, zero, size = state[1], True, 0 if width == 0 and not fraction else -1
+        elif kind == "int":
+            neg, zero, size = state[1], False, whole_cmp(state[2], state[3]) or -bool(fraction)
+        elif kind == "frac":
+            _, neg, cmp, j, zero = state
+            size = cmp or -(j < len(fraction))
+        else:
+            return False
+        if neg and zero:  # "-0" and "-0.00" are not written
+            return False
+        x_sign, b_sign = -1 if neg else 1, -1 if bound < 0 else 1
+        order = size * x_sign if x_sign == b_sign else x_sign
+        return {">": order > 0, ">=": order >= 0, "<": order < 0, "<=": order <= 0}[relation]
+
+    return _explored(moves, holds)
+
+
+def _explored(moves, holds) -> Dfa:
+    """The DFA whose states `moves` (state -> [(character, state)]) reaches from ("start",), final
+    where `holds`, minimized."""
+    ids, todo = {("start",): 0}, [("start",)]
+    table: list[dict[str, int]] = [{}]
+    final = [holds(("start",))]
+    while todo:
+        state = todo.pop()
+        for c, nxt in moves(state):
+            if nxt not in ids:
+                ids[nxt] = len(table)
+                table.append({})
+                final.append(holds(nxt))
+                todo.append(nxt)
+            table[ids[state]][c] = ids[nxt]
+    return _minimal(table, final)
+
+
+@lru_cache(maxsize=256)
+def _multiple(step: int, places: int, integer: bool) -> Dfa:
     def moves(state: tuple) -> list[tuple[str, tuple]]:
         kind = state[0]
         digits = [(str(d), d) for d in range(10)]
@@ -660,55 +716,13 @@ def _multiple(step: int, places: int, integer: bool) -> Pattern:
             return state[1] * 10**places % step == 0
         return state[0] == "frac" and not state[3] and state[1] * 10 ** (places - state[2]) % step == 0
 
-    ids, todo = {("start",): 0}, [("start",)]
-    table: list[dict[str, int]] = [{}]
-    final = [False]
-    while todo:
-        state = todo.pop()
-        for c, nxt in moves(state):
-            if nxt not in ids:
-                ids[nxt] = len(table)
-                table.append({})
-                final.append(whole(nxt))
-                todo.append(nxt)
-            table[ids[state]][c] = ids[nxt]
-    return _minimal(table, final, f"multiples of {Decimal(step).scaleb(-places)}")
+    return _explored(moves, whole)
 
 
-NUMBER_CHARS = "-.0123456789"  # a number's text held to bounds or a multiple (no exponent)
-
-
-def deterministic(pat: Pattern, chars: str = NUMBER_CHARS) -> Pattern:
-    """`pat` over `chars` alone as its minimal DFA: a reading is one state. A number's bounds and
-    its multiple are read together (intersect) as the product of two small DFAs, where their NFAs'
-    product would pair every state of one with every remainder of the other."""
-    return _deterministic(pat, chars)
-
-
-@lru_cache(maxsize=256)
-def _deterministic(pat: Pattern, chars: str) -> Pattern:
-    ids, todo = {pat.start: 0}, [pat.start]
-    table: list[dict[str, int]] = [{}]
-    final = [pat.accepts(pat.start)]
-    while todo:
-        reading = todo.pop()
-        for c in chars:
-            after = pat.step(reading, ord(c))
-            if not after:
-                continue
-            if after not in ids:
-                ids[after] = len(table)
-                table.append({})
-                final.append(pat.accepts(after))
-                todo.append(after)
-            table[ids[reading]][c] = ids[after]
-    return _minimal(table, final, pat.source)
-
-
-def _minimal(table: list[dict[str, int]], final: list[bool], source: str) -> Pattern:
-    """The DFA `table` (state -> char -> state, 0 the start) minimized (Moore: states split by
-    where their characters lead until no class splits), as a Pattern: a state per class, its final
-    ones with an empty move to the end. Multiples of 1,000 are 4 classes, not 1,000 remainders."""
+def _minimal(table: list[dict[str, int]], final: list[bool]) -> Dfa:
+    """The DFA `table` (state -> character -> state, 0 the start) minimized (Moore: states split by
+    where their characters lead until no class splits), a state per class. Multiples of 1,000 are
+    4 classes, not 1,000 remainders."""
     chars = sorted({c for moves in table for c in moves})
     cls = [int(f) for f in final]
     while True:
@@ -718,17 +732,22 @@ def _minimal(table: list[dict[str, int]], final: list[bool], source: str) -> Pat
         if len(numbered) == len(set(cls)):
             break
         cls = new
-    cls = new
-    raw = Pattern(source)
-    raw.moves = [[] for _ in range(len(numbered) + 1)]
-    raw.empty = [[] for _ in range(len(numbered) + 1)]
-    raw.accept = len(numbered)
+    out: list[dict[str, int]] = [{} for _ in numbered]
+    finals = [False] * len(numbered)
     for i, moves in enumerate(table):
-        if not raw.moves[cls[i]] and moves:
-            raw.moves[cls[i]] = [(ord(c), ord(c), cls[t]) for c, t in sorted(moves.items())]
-        if final[i] and not raw.empty[cls[i]]:
-            raw.empty[cls[i]].append(raw.accept)
-    return _trimmed(raw, {cls[0]}, source)
+        out[new[i]] = {c: new[t] for c, t in moves.items()}
+        finals[new[i]] = final[i]
+    return tuple(out), tuple(finals)
+
+
+def _pattern(dfa: Dfa, source: str) -> Pattern:
+    """A DFA as a Pattern: its final states with an empty move to the end, trimmed."""
+    table, final = dfa
+    raw = Pattern(source)
+    raw.moves = [[(ord(c), ord(c), t) for c, t in sorted(moves.items())] for moves in table] + [[]]
+    raw.empty = [[len(table)] if f else [] for f in final] + [[]]
+    raw.accept = len(table)
+    return _trimmed(raw, {0}, source)
 
 
 # ------------------------------------------------------------------------ formats

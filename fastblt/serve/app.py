@@ -185,9 +185,11 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         try:
             authorize(request)
             eng = ready()
-            comp = parse(await _read_body(request, settings.max_body))
+            comp = await asyncio.to_thread(parse, await _read_body(request, settings.max_body))
             mode = comp.options["mode"]
-            jobs = _jobs(eng, comp)
+            # off the event loop: a request's schema or tools compile into automata (up to ~1 s for
+            # a fine multipleOf beside wide bounds), which the streams in flight must not wait for
+            jobs = await asyncio.to_thread(_jobs, eng, comp)
             if comp.stream:  # counted as it ends
                 return await _stream(eng, comp, jobs, request, inflight, settings, m, arrived, state["fingerprint"],
                                      endpoint)  # fmt: skip
