@@ -115,7 +115,10 @@ HELD = {  # label: (the value's schema, a value), for the formats and for keywor
     "date and pattern ^20": ({"type": "string", "format": "date", "pattern": "^20"}, "2026-12-07"),
     "integer 0-10^6, multipleOf 1000": ({"type": "integer", "minimum": 0, "maximum": 10**6, "multipleOf": 1000},
                                         250000),
+    "number > 0, < 0.5": ({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.5}, 0.4375),
     "number, multipleOf 0.01": ({"type": "number", "multipleOf": 0.01}, 1234.56),
+    "integer -10^18-10^18, multipleOf 997": ({"type": "integer", "minimum": -(10**18), "maximum": 10**18,
+                                             "multipleOf": 997}, 997 * 123457),
     "number -10^18-10^18, multipleOf 0.25": ({"type": "number", "minimum": -(10**18), "maximum": 10**18,
                                              "multipleOf": 0.25}, -1234.75),
 }  # fmt: skip
