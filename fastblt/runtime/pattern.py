@@ -24,6 +24,7 @@ a dead end, and the grammar's mask never allows a byte it would later have to re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from functools import lru_cache
 
@@ -509,8 +510,8 @@ def _trimmed(raw: Pattern, starts: set[int], source: str) -> Pattern:
 
 
 def intersect(a: Pattern, b: Pattern, at: str) -> Pattern:
-    """The texts both `a` and `b` take (a `pattern` beside a `format`; a number's bounds beside its
-    `multipleOf`): InputError at `at` when there are none."""
+    """The texts both `a` and `b` take (a `pattern` beside a `format`): InputError at `at` when
+    there are none."""
     try:
         pat = _intersected(a, b)
     except InputError as e:
@@ -672,7 +673,7 @@ def _compared(bound: Decimal, relation: str, integer: bool) -> Dfa:
     return _explored(moves, holds)
 
 
-def _explored(moves, holds) -> Dfa:
+def _explored(moves: Callable[[tuple], list[tuple[str, tuple]]], holds: Callable[[tuple], bool]) -> Dfa:
     """The DFA whose states `moves` (state -> [(character, state)]) reaches from ("start",), final
     where `holds`, minimized."""
     ids, todo = {("start",): 0}, [("start",)]
