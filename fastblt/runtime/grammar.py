@@ -64,6 +64,7 @@ START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, 
 WHITESPACE = frozenset(b" \t\n\r")
 BETWEEN_TOKENS = frozenset((VALUE, KEY, COLON, AFTER))  # where whitespace may come
 DIGITS = frozenset(b"0123456789")
+NUMBER_BYTES = b"-.0123456789"  # a number held to bounds or a multiple (pattern.number_pattern: no exponent)
 HEX = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrt')
 COMPLETE_NUMBERS = frozenset(("zero", "int", "frac", "exp"))  # number phases a value may end in
@@ -901,11 +902,19 @@ def mask(s: State) -> np.ndarray:
 def _mask(mode: int, sub: Any, ws_full: bool, top: tuple) -> np.ndarray:
     """The mask of one path, by what it expects and its innermost container."""
     p = (top, mode, sub, MAX_WS if ws_full else 0)
-    out = np.full(VOCAB_SIZE, np.inf, dtype=np.float32)
-    allowed = _spelled(mode, sub)
-    for b in range(256) if allowed is None else allowed:
-        if allowed is not None or _step(p, b):
-            out[BYTE_OFFSET + b] = 0.0
+    if mode == BOUNDED:  # the number's own characters, then (where it may end) what comes after it
+        pat, reading = sub
+        after = _after(top)
+        out = _mask(after[1], after[2], after[3] >= MAX_WS, after[0][-1:]).copy() if pat.accepts(reading) else (
+            np.full(VOCAB_SIZE, np.inf, dtype=np.float32))  # fmt: skip
+        out[[BYTE_OFFSET + c for c in NUMBER_BYTES if pat.step(reading, c)]] = 0.0
+        out[EOS_ID] = np.inf
+    else:
+        out = np.full(VOCAB_SIZE, np.inf, dtype=np.float32)
+        allowed = _spelled(mode, sub)
+        for b in range(256) if allowed is None else allowed:
+            if allowed is not None or _step(p, b):
+                out[BYTE_OFFSET + b] = 0.0
     if _ends(p):
         out[EOS_ID] = 0.0
     out.flags.writeable = False

@@ -134,16 +134,19 @@ def test_a_mask_reads_only_the_innermost_container():
 
 
 def test_masks_read_off_texts_and_patterns_are_those_of_every_byte_tried():
-    """Inside a key's or a literal's text the mask is read off the texts still possible, and
-    inside a string held to a pattern off the code points its reading may take: it must allow
+    """Inside a key's or a literal's text the mask is read off the texts still possible, inside a
+    string held to a pattern off the code points its reading may take, and inside a number held to
+    bounds off its characters and what may follow it: it must allow
     exactly the bytes a step takes (and EOS as a step would), along texts that walk keys, enums,
     consts, alike alternatives, a pattern's characters raw, escaped and in every UTF-8 length,
     and one-byte changes of them."""
     schema = obj({"kind": {"enum": ["a", "ab", "abc", 1, 12, True, None]}, "n": {"const": {"x": [1, "y"]}},
                   "o": {"anyOf": [obj({"k": {"const": "p"}}), obj({"k": {"const": "q"}, "z": {}}, [False, True])]},
                   "p": {"type": "string", "pattern": "^(é|[^\\d\\n\"]+)\\d+(中|😀|[\\x00-\\x1f]|\\\\)?$"},
-                  "f": {"type": "string", "format": "email"}},
-                 [False, False, True, True, True])  # fmt: skip
+                  "f": {"type": "string", "format": "email"},
+                  "m": {"type": "number", "minimum": -2.5, "exclusiveMaximum": 100, "multipleOf": 0.5},
+                  "l": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}}},
+                 [False, False, True, True, True, True, True])  # fmt: skip
     root = compile_schema(schema)
     texts = [
         b'{"kind": "ab", "n": {"x": [1, "y"]}, "o": {"k": "q", "z": null}}',
@@ -153,13 +156,15 @@ def test_masks_read_off_texts_and_patterns_are_those_of_every_byte_tried():
         '{"kind": 1, "n": {"x":[1,"y"]}, "p": "é12中", "f": "a.b@c-d.e"}'.encode(),
         b'{"kind": 1, "n": {"x":[1,"y"]}, "p": "x y\\u00017\\n", "f": "a@b"}',
         '{"kind": 1, "n": {"x":[1,"y"]}, "p": "\u0100\U0001f600 7😀"}'.encode(),
+        b'{"kind": 1, "n": {"x":[1,"y"]}, "m": -2.5, "l": [0, 17,99 ,5]}',
+        b'{"kind": 1, "n": {"x":[1,"y"]}, "m": 99.5}',
     ]
     seen = 0
     for text in texts + [t[:i] + bytes([c]) + t[i + 1 :] for t in texts for i in range(len(t)) for c in b'a"7}']:
         s = begin(root)
         for b in text:
             for path in s:
-                if path[1] in (grammar.KEY_TEXT, grammar.LITERAL, grammar.PATTERN):
+                if path[1] in (grammar.KEY_TEXT, grammar.LITERAL, grammar.PATTERN, grammar.BOUNDED):
                     seen += 1
                     want = [b for b in range(256) if grammar._step(path, b)]
                     assert allowed((path,)) == bytes(want), (text, path)
