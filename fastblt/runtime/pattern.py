@@ -389,16 +389,15 @@ def length_pattern(least: int, most: int | None) -> Pattern:
     return pat
 
 
-class _Made(dict):
-    """A dict whose missing entries `make` fills on first read."""
+class _Computed:
+    """Entries worked out on each read, never kept: a product with a count has up to states x
+    4,999 of them, and what the grammar reads of them is cached already (its steps and masks)."""
 
-    def __init__(self, make):
-        super().__init__()
+    def __init__(self, make: Callable[[int], list]):
         self.make = make
 
-    def __missing__(self, key: int):
-        value = self[key] = self.make(key)
-        return value
+    def __getitem__(self, key: int) -> list:
+        return self.make(key)
 
 
 class Counted(Pattern):
@@ -414,8 +413,8 @@ class Counted(Pattern):
         self.top = least if most is None else most  # the counts kept: past `least` with no most, all alike
         self.width = self.top + 1
         self.lengths = _completions(inner, self.top + (most is not None))
-        self.moves = _Made(self._moves)
-        self.empty = _Made(self._empty)
+        self.moves = _Computed(self._moves)  # type: ignore[assignment]
+        self.empty = _Computed(self._empty)  # type: ignore[assignment]
         self.start = frozenset(s * self.width for s in inner.start if self._alive(s, 0))
 
     def _alive(self, s: int, count: int) -> bool:
