@@ -476,7 +476,10 @@ def _counted(inner: Pattern, least: int, most: int | None) -> Counted:
     return Counted(inner, least, most)  # once per pattern and bounds: schemas that share them share masks
 
 
-MAX_PAIRS = 50_000  # pairs of states an intersection may reach before it is refused
+# states a product may reach before it is refused: each costs ~1 KB while cached (a number
+# within ±10^18 and a multiple of 997 reaches ~17,000)
+MAX_PAIRS = 20_000
+BIG_CACHE = 32  # products kept compiled (most of a server's schemas repeat)
 
 
 def _trimmed(raw: Pattern, starts: set[int], source: str) -> Pattern:
@@ -520,7 +523,7 @@ def intersect(a: Pattern, b: Pattern, at: str) -> Pattern:
     return pat
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=BIG_CACHE)
 def _intersected(a: Pattern, b: Pattern) -> Pattern:
     """The product of the two NFAs (a pair of states moves on the code points both ranges hold, or
     either side alone on an empty move), as far as it is reached, then trimmed."""
@@ -572,7 +575,7 @@ def number_pattern(low: tuple[Decimal, bool] | None, high: tuple[Decimal, bool] 
     return pat if pat.start else None
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=BIG_CACHE)
 def _number(low: tuple[Decimal, bool] | None, high: tuple[Decimal, bool] | None, multiple: tuple[int, int] | None,
             integer: bool) -> Pattern:  # fmt: skip
     parts = [f"{r}{'' if b[1] else '='} {b[0]}" for b, r in ((low, ">"), (high, "<")) if b]
