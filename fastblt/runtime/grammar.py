@@ -46,12 +46,14 @@ from fastblt.model.config import BYTE_OFFSET, EOS_ID, VOCAB_SIZE
 from fastblt.runtime.pattern import (
     MAX_STATES,
     Pattern,
+    clear_caches,
     compile_format,
     compile_pattern,
     counted,
     intersect,
     length_pattern,
     number_pattern,
+    states_built,
 )
 
 MAX_WS = 20  # whitespace bytes in a row: a newline and indentation, not a model stuck on spaces (llama.cpp's
@@ -264,7 +266,12 @@ KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", 
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 MAX_DEPTH = 32  # schemas nested in a schema: deeper is refused rather than recursed into
 # OpenAI's limits on a structured-outputs schema, which also bound the grammar's work per byte
-LIMITS = {"enum and const values": 1000, "properties": 5000, "bytes of property names and values": 120_000}
+LIMITS = {"enum and const values": 1000, "properties": 5000, "bytes of property names and values": 120_000,
+          "states of its strings' and numbers' automata": 100_000}  # fmt: skip
+OPENAI_LIMITS = ("enum and const values", "properties", "bytes of property names and values")
+# states of automata (~1 KB each at most) compiled since the caches were cleared: past it a server's
+# grammar and pattern caches start again, so requests with ever new schemas cannot grow them without end
+STATES_BUDGET = 200_000
 
 
 def compile_schema(schema: Any) -> Obj:
@@ -273,7 +280,17 @@ def compile_schema(schema: Any) -> Obj:
     node = _Compiler(schema).root("schema")
     if not isinstance(node, Obj):
         raise InputError('option schema: the root must be an object schema ({"type": "object", ...}), as OpenAI\'s')
+    _within_budget()
     return node
+
+
+def _within_budget() -> None:
+    """Past STATES_BUDGET, drop the compiled schemas, automata and masks kept (the requests that
+    hold a schema keep it; later ones compile theirs again)."""
+    if states_built() > STATES_BUDGET:
+        for cached in (compiled, tagged, _matched, _mask, _joined_mask):
+            cached.cache_clear()
+        clear_caches()
 
 
 @lru_cache(maxsize=64)
@@ -296,6 +313,7 @@ def tagged(text: str) -> Tagged:
     if not isinstance(lead, bool) or (lead and most == 0):
         raise InputError(f"option calls.lead: expected true or false (false when most is 0), got {lead!r}")
     call = _Compiler(spec["schema"]).root("calls.schema")
+    _within_budget()
     return Tagged(start.encode(), call, end.encode(), most, lead)
 
 
@@ -328,6 +346,7 @@ class _Compiler:
         self.unchecked: list[tuple[Node, str]] = []  # unions built while a Ref was open: checked at the end
         self.depth = 0
         self.spent = dict.fromkeys(LIMITS, 0)
+        self.automata: dict[int, Pattern] = {}  # by id, each counted once (and kept alive while compiling)
 
     def root(self, at: str) -> Node:
         """The root schema's node (a definition "#" refers to)."""
@@ -373,7 +392,15 @@ class _Compiler:
     def spend(self, what: str, n: int, at: str) -> None:
         self.spent[what] += n
         if self.spent[what] > LIMITS[what]:
-            raise InputError(f"option {at}: more than {LIMITS[what]:,} {what} in the schema (OpenAI's limit)")
+            whose = " (OpenAI's limit)" if what in OPENAI_LIMITS else ""
+            raise InputError(f"option {at}: more than {LIMITS[what]:,} {what} in the schema{whose}")
+
+    def automaton(self, pat: Pattern, at: str) -> Pattern:
+        """`pat`, its states spent once per schema (fields that share a pattern share its automaton)."""
+        if id(pat) not in self.automata:
+            self.automata[id(pat)] = pat
+            self.spend("states of its strings' and numbers' automata", pat.size, at)
+        return pat
 
     def literals(self, values: list, at: str) -> Lit:
         texts = tuple(dict.fromkeys(_text(v) for v in values))
@@ -478,11 +505,12 @@ class _Compiler:
                 text = held if text is None else intersect(text, held, f"{at}.{name}")
         lengths = [k for k in ("minLength", "maxLength") if k in schema]
         if not lengths:
-            return Str(text)
+            return Str(text if text is None else self.automaton(text, at))
         least, most = _counts(schema, at, "minLength", "maxLength")
         if max(least, most or 0) > MAX_STATES - 2:
             raise InputError(f"option {at}.{lengths[-1]}: at most {MAX_STATES - 2:,} characters are held")
-        return Str(length_pattern(least, most) if text is None else counted(text, least, most, f"{at}.{lengths[-1]}"))
+        held = length_pattern(least, most) if text is None else counted(text, least, most, f"{at}.{lengths[-1]}")
+        return Str(self.automaton(held, at))
 
     def number(self, integer: bool, schema: dict, at: str) -> Num:
         """A number schema: plain, or held to its bounds (any decimals) and its multipleOf, one
@@ -506,7 +534,7 @@ class _Compiler:
         if held is None:
             what = "within its bounds" if multiple is None else "within its bounds and a multiple of its multipleOf"
             raise InputError(f"option {at}: no {'integer' if integer else 'number'} is {what}")
-        return Num(integer, held)
+        return Num(integer, self.automaton(held, at))
 
     def multiple(self, value: Any, at: str) -> tuple[int, int]:
         """A number's `multipleOf` as its decimal digits and places (0.25: 25 and 2)."""

@@ -270,6 +270,26 @@ class Pattern:
     def accepts(self, states: frozenset[int]) -> bool:
         return self.accept in states
 
+    @property
+    def size(self) -> int:
+        """States held (what a schema's budget and the caches' count)."""
+        return len(self.moves)
+
+
+_built = [0]  # states of the automata built since the caches were last cleared
+
+
+def _kept(pat: Pattern) -> Pattern:
+    """`pat`, counted as built (cached automata are what a server keeps)."""
+    _built[0] += pat.size
+    return pat
+
+
+def states_built() -> int:
+    """States of the automata built since `clear_caches`: a server clears the caches past a budget
+    (grammar.py), so requests with ever new schemas cannot grow them without end."""
+    return _built[0]
+
 
 @lru_cache(maxsize=65536)
 def _step(pat: Pattern, states: frozenset[int], code: int) -> frozenset[int]:
@@ -367,7 +387,7 @@ def _compiled(source: str) -> Pattern:
     except InputError as e:
         raise InputError(f"option pattern: {e}") from None
     pat.start = pat.closure({entry})
-    return pat
+    return _kept(pat)
 
 
 @lru_cache(maxsize=256)
@@ -386,7 +406,7 @@ def length_pattern(least: int, most: int | None) -> Pattern:
     for k in range(least, top + 1):
         pat.empty[k].append(pat.accept)
     pat.start = pat.closure({0})
-    return pat
+    return _kept(pat)
 
 
 class _Computed:
@@ -437,6 +457,10 @@ class Counted(Pattern):
     def accepts(self, states: frozenset[int]) -> bool:
         return any(key // self.width == self.inner.accept for key in states)  # alive there: within bounds
 
+    @property
+    def size(self) -> int:
+        return self.inner.size + len(self.lengths)  # its moves are worked out on each read
+
 
 def _completions(pat: Pattern, cap: int) -> list[int]:
     """Per state, the lengths of the texts that take it to the end, as bits (bit n: n characters);
@@ -473,7 +497,7 @@ def counted(inner: Pattern, least: int, most: int | None, at: str) -> Pattern:
 
 @lru_cache(maxsize=256)
 def _counted(inner: Pattern, least: int, most: int | None) -> Counted:
-    return Counted(inner, least, most)  # once per pattern and bounds: schemas that share them share masks
+    return _kept(Counted(inner, least, most))  # once per pattern and bounds: schemas that share them share masks
 
 
 # states a product may reach before it is refused: each costs ~1 KB while cached (a number
@@ -550,7 +574,7 @@ def _intersected(a: Pattern, b: Pattern) -> Pattern:
         raw.moves[i] = [(lo, hi, state(t)) for lo, hi, t in moves]
         raw.empty[i] = [state((t, y)) for t in a.empty[x]] + [state((x, t)) for t in b.empty[y]]
     raw.accept = ids.get((a.accept, b.accept), -1)
-    return _trimmed(raw, starts, raw.source)
+    return _kept(_trimmed(raw, starts, raw.source))
 
 
 # ------------------------------------------------------------------------ number bounds
@@ -589,7 +613,7 @@ def _number(low: tuple[Decimal, bool] | None, high: tuple[Decimal, bool] | None,
         # minimizing pays where states repeat (two bounds); a product with a multiple's many
         # remainders is taken as it is (Moore's passes over 40,000 states cost seconds)
         dfa = _minimal(table, final) if len(table) <= MAX_STATES else (tuple(table), tuple(final))
-    return _pattern(dfa, "numbers " + ", ".join(parts))
+    return _kept(_pattern(dfa, "numbers " + ", ".join(parts)))
 
 
 def _product(a: Dfa, b: Dfa) -> tuple[list[dict[str, int]], list[bool]]:
@@ -690,6 +714,7 @@ def _explored(moves: Callable[[tuple], list[tuple[str, tuple]]], holds: Callable
                 final.append(holds(nxt))
                 todo.append(nxt)
             table[ids[state]][c] = ids[nxt]
+    _built[0] += len(table)
     return _minimal(table, final)
 
 
@@ -793,3 +818,10 @@ def compile_format(name: str, at: str) -> Pattern:
     if name not in FORMATS:
         raise InputError(f"option {at}: {name!r} is not one of the formats held ({', '.join(FORMATS)})")
     return compile_pattern(FORMATS[name], at)
+
+
+def clear_caches() -> None:
+    """Drop every compiled automaton and reading kept here (requests holding one keep theirs)."""
+    for cached in (_step, _compiled, length_pattern, _counted, _intersected, _number, _compared, _multiple):
+        cached.cache_clear()
+    _built[0] = 0

@@ -473,3 +473,38 @@ def test_pydantic_models_with_dates_ids_bounds_patterns_and_lengths_are_held():
         value = json.loads(event.model_dump_json()) | wrong
         s = advance(begin(root), [b + BYTE_OFFSET for b in json.dumps(value, ensure_ascii=False).encode()])
         assert s is None or not done(s), wrong
+
+
+# ---------------------------------------------------------------------------- memory
+def test_a_schema_whose_automata_pass_the_budget_is_refused_by_name():
+    """Each distinct automaton's states count once per schema (fields that share a pattern share
+    it): 30 fields with one pattern pass, 26 with patterns of ~4,400 states each do not."""
+    shared = {f"f{i}": {"type": "string", "pattern": "^a[a-z]{2200}$"} for i in range(30)}
+    compile_schema({"type": "object", "properties": shared})
+    distinct = {
+        f"f{i}": {"type": "string", "pattern": f"^{c}[a-z]{{2200}}$"}
+        for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")
+    }
+    with pytest.raises(InputError, match=r"option schema\.properties\.f\d+: more than 100,000 states of its strings' "
+                                         r"and numbers' automata in the schema$"):  # fmt: skip
+        compile_schema({"type": "object", "properties": distinct})
+
+
+def test_the_caches_start_again_past_the_states_budget(monkeypatch):
+    """Requests with ever new schemas cannot grow the caches without end: once the automata built
+    pass STATES_BUDGET the compiled schemas, automata and masks kept are dropped; a schema a
+    request still holds keeps working."""
+    from fastblt.runtime import grammar, pattern
+
+    monkeypatch.setattr(grammar, "STATES_BUDGET", 12_000)
+    grammar.compiled.cache_clear()
+    pattern.clear_caches()
+    held = []
+    for c in "pqrs":  # ~4,400 states each: the third passes the budget
+        held.append(grammar.compiled(json.dumps(holding({"type": "string", "pattern": f"^{c}[a-z]{{2200}}$"}))))
+        assert pattern.states_built() <= 12_000
+    assert grammar.compiled.cache_info().currsize < 4 and pattern._compiled.cache_info().currsize < 4
+    for c, root in zip("pqrs", held, strict=True):
+        value = c + "x" * 2200
+        s = advance(begin(root), [b + BYTE_OFFSET for b in json.dumps({"a": value}).encode()])
+        assert s is not None and done(s)
