@@ -182,8 +182,17 @@ def obj(props: dict, optional: list[bool] | tuple[bool, ...] = ()) -> dict:
 
 
 small_values = st.one_of(st.text(max_size=3), st.integers(-20, 20), st.booleans(), st.none())
+HELD = [  # values held by keywords together (runtime/pattern.py), and values they admit as json.dumps writes them
+    ({"type": "string", "pattern": "^[a-c]+$", "maxLength": 3}, st.from_regex(r"\A[a-c]{1,3}\Z")),
+    ({"type": "string", "format": "date", "pattern": "^20"}, st.dates().map(str).filter(lambda d: d.startswith("20"))),
+    ({"type": "string", "format": "email", "minLength": 6}, st.sampled_from(["a@b.cd", "x.y@example.org"])),
+    ({"type": "integer", "minimum": -5, "maximum": 20, "multipleOf": 5}, st.sampled_from([-5, 0, 5, 10, 15, 20])),
+    ({"type": "number", "exclusiveMinimum": -1.5, "maximum": 2.25}, st.integers(-5, 9).map(lambda k: k / 4)),
+    ({"type": "number", "multipleOf": 0.25}, st.integers(-400, 400).map(lambda k: k / 4)),
+]  # fmt: skip
 leaf_schemas = (
-    st.sampled_from([{"type": t} for t in ("string", "number", "integer", "boolean", "null")]
+    st.sampled_from([held for held, _ in HELD])
+    | st.sampled_from([{"type": t} for t in ("string", "number", "integer", "boolean", "null")]
                     + [{"type": ["string", "null"]}, {"type": ["integer", "boolean"]}, {}, {"type": "object"}])
     | st.lists(small_values, min_size=1, max_size=4).map(lambda v: {"enum": v, "description": "one of these"})
     | small_values.map(lambda v: {"const": v})
@@ -229,6 +238,9 @@ json_values = st.recursive(
 
 def instances(schema: dict) -> st.SearchStrategy:
     """Values the schema admits, objects' keys in its order."""
+    for held, values in HELD:
+        if schema == held:
+            return values
     if "const" in schema:
         return st.just(schema["const"])
     if "enum" in schema:
