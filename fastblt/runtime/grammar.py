@@ -44,6 +44,7 @@ import numpy as np
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID, VOCAB_SIZE
 from fastblt.runtime.pattern import (
+    FORMAT_LENGTHS,
     MAX_STATES,
     Pattern,
     clear_caches,
@@ -504,12 +505,15 @@ class _Compiler:
                 held = compile(schema[name], f"{at}.{name}")
                 text = held if text is None else intersect(text, held, f"{at}.{name}")
         lengths = [k for k in ("minLength", "maxLength") if k in schema]
-        if not lengths:
+        limit = FORMAT_LENGTHS.get(schema.get("format"))  # a hostname's or an email's own most characters
+        if not lengths and limit is None:
             return Str(text if text is None else self.automaton(text, at))
         least, most = _counts(schema, at, "minLength", "maxLength")
         if max(least, most or 0) > MAX_STATES - 2:
             raise InputError(f"option {at}.{lengths[-1]}: at most {MAX_STATES - 2:,} characters are held")
-        held = length_pattern(least, most) if text is None else counted(text, least, most, f"{at}.{lengths[-1]}")
+        most = most if limit is None else min(limit, limit if most is None else most)
+        where = f"{at}.{lengths[-1] if lengths else 'format'}"
+        held = length_pattern(least, most) if text is None else counted(text, least, most, where)
         return Str(self.automaton(held, at))
 
     def number(self, integer: bool, schema: dict, at: str) -> Num:

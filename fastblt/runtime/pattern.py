@@ -8,13 +8,13 @@ groups, `|`, `* + ? {n} {n,} {n,m}` (lazy or not: the same strings), and `^` / `
 and end of the whole pattern's alternatives. Lookarounds, backreferences, word boundaries and
 Unicode property classes are refused by name. `\\d`, `\\w` are ASCII's, `\\s` ECMA's whitespace;
 `.` is any code point but a line terminator. A `format` (OpenAI's list) is a pattern of its own
-(FORMATS), as RFC 3339, RFC 4122, RFC 1123 and RFC 4291 write them (a date's day is not checked
-against its month, nor a hostname's length). A number's bounds (`minimum`, `maximum` and their
-exclusive forms, any decimals) are a DFA per bound comparing the text's digits with the bound's
-and its `multipleOf` one of its digits' remainder, their product minimized (`number_pattern`);
-a string's `minLength` / `maxLength` one of its count of characters (`length_pattern`, or
-`counted` beside a pattern or format: the two read together). A pattern and a format on one
-string are read together too (`intersect`).
+(FORMATS), as RFC 3339, RFC 4122, RFC 1123 and RFC 4291 write them (a date's day checked against
+its month and year; a hostname at most 253 characters, an email 254: FORMAT_LENGTHS). A number's
+bounds (`minimum`, `maximum` and their exclusive forms, any decimals) are a DFA per bound
+comparing the text's digits with the bound's and its `multipleOf` one of its digits' remainder,
+their product minimized (`number_pattern`); a string's `minLength` / `maxLength` one of its
+count of characters (`length_pattern`, or `counted` beside a pattern or format: the two read
+together). A pattern and a format on one string are read together too (`intersect`).
 
 `Pattern` is a Thompson NFA: states with code point ranges to follow and empty moves; a reading is
 the set of states it may be in. Every state can still reach the end over code points a JSON string
@@ -779,7 +779,11 @@ def _pattern(dfa: Dfa, source: str) -> Pattern:
 
 
 # ------------------------------------------------------------------------ formats
-_DATE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+_LEAP = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"  # Gregorian leap years
+_DATE = (
+    "([0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+    f"|02-(0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)"
+)  # each month's days: no 2026-02-30
 _TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4 = f"({_OCTET}\\.){{3}}{_OCTET}"
@@ -812,6 +816,9 @@ FORMATS = {  # OpenAI's structured outputs' formats, as whole-string patterns
     "ipv6": f"^({_ipv6()})$",
     "uuid": "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$",
 }
+
+
+FORMAT_LENGTHS = {"hostname": 253, "email": 254}  # RFC 1123's and RFC 5321's most characters, held as maxLength
 
 
 def compile_format(name: str, at: str) -> Pattern:

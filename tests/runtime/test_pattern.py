@@ -4,6 +4,7 @@ byte by byte, raw or escaped, never into a dead end."""
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import random
@@ -186,6 +187,38 @@ def test_what_a_format_admits_its_reader_reads(name, data):
         changed = value[:i] + data.draw(st.sampled_from("0:.-aGf")) + value[i + 1 :]
         if matches(pat.source, changed):
             CHECKS[name](changed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 9999), st.integers(0, 13), st.integers(0, 32))
+def test_a_dates_day_is_held_to_its_month_and_year(year, month, day):
+    """RFC 3339's full-date: 30 days in April, 28 in February but 29 in leap years (2000 and 2024,
+    not 1900 or 2026), as the calendar has them."""
+    text = f"{year:04d}-{month:02d}-{day:02d}"
+    try:
+        real = bool(datetime.date(year, month, day))
+    except ValueError:
+        real = False
+    assert matches(FORMATS["date"], text) == real, text
+    assert [matches(FORMATS["date"], f"{y}-02-29") for y in (2000, 2024, 1900, 2026)] == [True, True, False, False]
+
+
+HOST = ".".join(["a" * 63] * 3 + ["b" * 59])  # 251 characters, each label within 63
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "ok"),
+    [("hostname", HOST + "bb", True), ("hostname", HOST + "bbb", False), ("email", "xy@" + HOST, True),
+     ("email", "xyz@" + HOST, False)],
+)  # fmt: skip
+def test_hostnames_and_emails_are_held_to_their_most_characters(name, value, ok):
+    """RFC 1123's 253 characters for a hostname, RFC 5321's 254 for an email, with no maxLength
+    given (a smaller one given still holds)."""
+    assert len(value) == (253 if name == "hostname" else 254) + (not ok)
+    s = follows(holding({"type": "string", "format": name}), json.dumps({"a": value}).encode())
+    assert (s is not None and done(s)) == ok, (name, len(value))
+    s = follows(holding({"type": "string", "format": name, "maxLength": 20}), json.dumps({"a": value}).encode())
+    assert s is None
 
 
 @pytest.mark.parametrize(
