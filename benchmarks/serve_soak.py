@@ -72,11 +72,14 @@ JSON_FORMATS = (
         "type": "object", "additionalProperties": False, "required": ["name", "size", "tags"],
         "properties": {"name": {"type": "string"}, "size": {"type": ["integer", "null"]},
                        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}}}}}},
-    {"type": "json_schema", "json_schema": {"name": "event", "schema": {  # formats, bounds, lengths, recursion
-        "type": "object", "additionalProperties": False, "required": ["when", "count", "id", "code", "name", "kids"],
-        "properties": {"when": {"type": "string", "format": "date-time"},
-                       "count": {"type": "integer", "minimum": 0, "maximum": 99},
-                       "id": {"type": "string", "format": "uuid"}, "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+    {"type": "json_schema", "json_schema": {"name": "event", "schema": {  # keywords alone and together, recursion
+        "type": "object", "additionalProperties": False,
+        "required": ["when", "count", "score", "id", "code", "name", "kids"],
+        "properties": {"when": {"type": "string", "format": "date-time", "pattern": "^20"},
+                       "count": {"type": "integer", "minimum": 0, "maximum": 99, "multipleOf": 3},
+                       "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1.5, "multipleOf": 0.25},
+                       "id": {"type": "string", "format": "uuid"},
+                       "code": {"type": "string", "pattern": "^[A-Z]+$", "maxLength": 4},
                        "name": {"type": "string", "minLength": 1, "maxLength": 12},
                        "kids": {"type": "array", "maxItems": 2, "items": {"$ref": "#"}}}}}},
 )  # fmt: skip
