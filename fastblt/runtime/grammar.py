@@ -511,7 +511,8 @@ class _Compiler:
         least, most = _counts(schema, at, "minLength", "maxLength")
         if max(least, most or 0) > MAX_STATES - 2:
             raise InputError(f"option {at}.{lengths[-1]}: at most {MAX_STATES - 2:,} characters are held")
-        most = most if limit is None else min(limit, limit if most is None else most)
+        if limit is not None:
+            most = limit if most is None else min(most, limit)
         where = f"{at}.{lengths[-1] if lengths else 'format'}"
         held = length_pattern(least, most) if text is None else counted(text, least, most, where)
         return Str(self.automaton(held, at))
