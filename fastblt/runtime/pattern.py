@@ -422,10 +422,10 @@ class _Computed:
 
 class Counted(Pattern):
     """`inner`'s texts of `least` to `most` characters (None: no most): the product of its NFA
-    and a count, state `s * width + count`, built as readings reach it. A move is kept only
-    where the count it leads to still leaves room for one of the lengths the inner state can end
-    in (`_completions`), so a reading that is not empty never leads to a dead end here either:
-    `^[a-z]*x$` with maxLength 3 lets "ab" go on only to "x"."""
+    and a count, state `s * width + count`, its moves worked out as readings reach them. A move
+    is kept only where the count it leads to still leaves room for one of the lengths the inner
+    state can end in (`_completions`), so a reading that is not empty never leads to a dead end
+    here either: `^[a-z]*x$` with maxLength 3 lets "ab" go on only to "x"."""
 
     def __init__(self, inner: Pattern, least: int, most: int | None):
         super().__init__(f"{inner.source} ({least} to {'any' if most is None else most} characters)")
