@@ -43,6 +43,8 @@ import numpy as np
 
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID, VOCAB_SIZE
+from fastblt.runtime import numbers
+from fastblt.runtime.numbers import number_pattern
 from fastblt.runtime.pattern import (
     FORMAT_LENGTHS,
     MAX_STATES,
@@ -53,7 +55,6 @@ from fastblt.runtime.pattern import (
     counted,
     intersect,
     length_pattern,
-    number_pattern,
     states_built,
 )
 
@@ -67,7 +68,7 @@ START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, 
 WHITESPACE = frozenset(b" \t\n\r")
 BETWEEN_TOKENS = frozenset((VALUE, KEY, COLON, AFTER))  # where whitespace may come
 DIGITS = frozenset(b"0123456789")
-NUMBER_BYTES = b"-.0123456789"  # a number held to bounds or a multiple (pattern.number_pattern: no exponent)
+NUMBER_BYTES = b"-.0123456789"  # a number held to bounds or a multiple (numbers.py: no exponent)
 HEX = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrt')
 COMPLETE_NUMBERS = frozenset(("zero", "int", "frac", "exp"))  # number phases a value may end in
@@ -142,7 +143,7 @@ class Str(Node):
 
 class Num(Node):
     """A number (an integer if `integer`); with `pattern` (its bounds and multipleOf,
-    pattern.number_pattern), one whose text it matches."""
+    numbers.number_pattern), one whose text it matches."""
 
     first = frozenset(b"-0123456789")
 
@@ -292,6 +293,7 @@ def _within_budget() -> None:
         for cached in (compiled, tagged, _matched, _mask, _joined_mask):
             cached.cache_clear()
         clear_caches()
+        numbers.clear_caches()
 
 
 @lru_cache(maxsize=64)
@@ -519,7 +521,7 @@ class _Compiler:
 
     def number(self, integer: bool, schema: dict, at: str) -> Num:
         """A number schema: plain, or held to its bounds (any decimals) and its multipleOf, one
-        automaton (pattern.number_pattern)."""
+        automaton (numbers.number_pattern)."""
         lows, highs = [], []  # (bound, open)
         for name in BOUNDS:
             v = schema.get(name)

@@ -1,6 +1,7 @@
-"""JSON Schema `pattern` and `format` (runtime/pattern.py): the NFA matches what Python's `re`
-matches for the shared subset of ECMA-262, and inside the grammar a string held to one is written
-byte by byte, raw or escaped, never into a dead end."""
+"""JSON Schema `pattern`, `format` and lengths (runtime/pattern.py), number bounds and multiples
+(runtime/numbers.py), alone and together: the NFA matches what Python's `re` matches for the
+shared subset of ECMA-262, numbers what exact arithmetic says, and inside the grammar a value held
+to them is written byte by byte, never into a dead end; a schema's automata stay within budget."""
 
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ from hypothesis import strategies as st
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID
 from fastblt.runtime.grammar import BOUNDS, PATTERN, advance, begin, compile_schema, done, mask, step
+from fastblt.runtime.numbers import number_pattern
 from fastblt.runtime.pattern import (
     FORMATS,
     compile_format,
     compile_pattern,
     intersect,
-    number_pattern,
 )
 
 # characters where ECMA-262 and Python's re (ASCII classes) agree: no \r or U+2028/9 for ".", no
