@@ -426,3 +426,37 @@ def _occupancy_back_to_zero(server, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_a_schema_that_takes_long_to_compile_holds_up_no_other_request(server):
+    """A request's schema is compiled off the event loop: while one whose number automata take a
+    while to build (multiples of five primes near 1,000 beside bounds of ±10^18, which no other
+    test sends: ~1.5 s) is compiled, /health keeps answering, each within a third of that compile
+    time as this process measures it (on the loop, the first would wait for nearly all of it)."""
+    from fastblt.runtime.grammar import compile_schema
+
+    primes = (971, 977, 983, 991, 997)
+    schema = {"type": "object", "required": [], "properties": {f"n{p}": {
+        "type": "integer", "minimum": -(10**18), "maximum": 10**18, "multipleOf": p} for p in primes}}  # fmt: skip
+    t0 = time.perf_counter()
+    compile_schema(schema)
+    compile_s = time.perf_counter() - t0
+    costly = body(max_tokens=1, response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    answer: dict = {}
+
+    def send() -> None:
+        r = httpx.post(f"{server.url}/v1/completions", content=costly, headers=AUTH, timeout=60)
+        answer["status"], answer["at"] = r.status_code, time.perf_counter()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(compile_s / 10)  # the request is in, its schema compiling
+    waits = []
+    while sender.is_alive() and len(waits) < 200:
+        t = time.perf_counter()
+        assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200
+        waits.append((time.perf_counter() - t, time.perf_counter()))
+    sender.join()
+    assert answer["status"] == 200
+    before = [w for w, at in waits if at < answer["at"]]
+    assert len(before) >= 3 and max(before) < compile_s / 3, (compile_s, before)
