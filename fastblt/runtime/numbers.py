@@ -51,7 +51,7 @@ def _number(low: tuple[Decimal, bool] | None, high: tuple[Decimal, bool] | None,
     for other in dfas[1:]:
         table, final = _product(dfa, other)
         # minimizing pays where states repeat (two bounds); a product with a multiple's many
-        # remainders is taken as it is (Moore's passes over 20,000 states cost seconds)
+        # remainders is taken as it is (Moore's passes over 20,000 states cost about a second)
         dfa = _minimal(table, final) if len(table) <= MAX_STATES else (tuple(table), tuple(final))
     return kept(_pattern(dfa, "numbers " + ", ".join(parts)))
 
