@@ -513,16 +513,14 @@ def trimmed(raw: Pattern, starts: set[int], source: str) -> Pattern:
     """`raw`'s states reached from `starts` that can still reach its end, numbered afresh (a
     pattern without dead ends, as the grammar needs); its start empty where none is left."""
     seen, todo = set(starts), list(starts)
+    into: dict[int, list[int]] = {}  # state -> the reached states that move to it
     while todo:
         s = todo.pop()
         for t in [t for _, _, t in raw.moves[s]] + raw.empty[s]:
+            into.setdefault(t, []).append(s)
             if t not in seen:
                 seen.add(t)
                 todo.append(t)
-    into: dict[int, list[int]] = {}
-    for s in seen:
-        for t in [t for _, _, t in raw.moves[s]] + raw.empty[s]:
-            into.setdefault(t, []).append(s)
     alive, todo = {raw.accept} & seen, [raw.accept] if raw.accept in seen else []
     while todo:
         for s in into.get(todo.pop(), ()):
@@ -585,7 +583,7 @@ _LEAP = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26]
 _DATE = (
     "([0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
     f"|02-(0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)"
-)  # each month's days: no 2026-02-30
+)  # each month's own days: 30 in April, 28 in February, 29 in a leap year's
 _TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4 = f"({_OCTET}\\.){{3}}{_OCTET}"
