@@ -18,10 +18,12 @@ A schema (`compile_schema`) is OpenAI's strict subset of JSON Schema, with optio
 `type` (one or a list), `properties` (written in their order, as OpenAI's structured outputs
 write them; those not `required` may be left out) and no others, `items`, `minItems`,
 `maxItems`, `enum`, `const`, `anyOf`, `$ref`s to the root's `$defs` or to the root (recursive
-ones too, from inside an object or array: trees, lists, expressions); annotations
-(`description`, `title`, ...) are ignored and any other keyword is refused, so what the grammar
-lets through is what the schema admits. Without a schema, any object. Other grammars (a list of
-tool calls) are built of the nodes and `union`.
+ones too, from inside an object or array: trees, lists, expressions); beyond it, maps (an object
+without properties: `additionalProperties` a schema, `propertyNames`, `maxProperties`) and
+tuples (`prefixItems`), as Pydantic writes dict and tuple fields. Annotations (`description`,
+`title`, ...) are ignored and any other keyword is refused, so what the grammar lets through is
+what the schema admits. Without a schema, any object. Other grammars (a list of tool calls) are
+built of the nodes and `union`.
 
 Which ids a path allows depends only on what it expects next and the innermost container, not
 on the rest of the stack, so masks are computed once per such key (`mask`) and shared; a state of
@@ -64,7 +66,8 @@ FORMATS = ("json",)  # DecodeOptions.format, as users ask for it
 CALLS = "calls"  # the format of DecodeOptions.calls (set with them, never asked for alone)
 
 # what a state expects next
-START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, END, OPEN, PATTERN, BOUNDED = range(15)
+(START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, END, OPEN, PATTERN, BOUNDED,
+ KEY_PATTERN) = range(16)  # fmt: skip
 WHITESPACE = frozenset(b" \t\n\r")
 BETWEEN_TOKENS = frozenset((VALUE, KEY, COLON, AFTER))  # where whitespace may come
 DIGITS = frozenset(b"0123456789")
@@ -86,19 +89,27 @@ class Node:
 
 
 class Obj(Node):
-    """An object: keys None, any keys and values; else these keys (JSON text, quotes included) in
-    this order, with values of these schemas, the ones not `required` free to be left out."""
+    """An object: these keys (JSON text, quotes included) in this order, with values of these
+    schemas, the ones not `required` free to be left out; or, keys None, a map: any keys (held to
+    `names`, a string automaton, if given) with values of `extra` (None: any value), `least` (0
+    or 1: a key may repeat, so more pairs would not promise more keys) to `most` (None: no most)
+    pairs of them. A map's frame counts the pairs before the current one up to `cap`, as an
+    array's counts its elements."""
 
     first = frozenset(b"{")
 
     def __init__(self, keys: tuple[bytes, ...] | None = None, values: tuple[Node, ...] = (),
-                 required: tuple[bool, ...] | None = None):  # fmt: skip
+                 required: tuple[bool, ...] | None = None, extra: Node | None = None, names: Pattern | None = None,
+                 least: int = 0, most: int | None = None):  # fmt: skip
         self.keys, self.values = keys, values
         self.required = required if required is not None else (True,) * len(values)
+        self.extra, self.names, self.least, self.most = extra, names, least, most
+        self.cap = max(least, most or 0)
 
     @cached_property
     def width(self) -> int:  # type: ignore[override]
-        return max((v.width for v in self.values), default=1)  # one value is read at a time
+        values = self.values if self.keys is not None else (self.extra,) if self.extra is not None else ()
+        return max((v.width for v in values), default=1)  # one value is read at a time
 
     def candidates(self, i: int) -> tuple[tuple[bytes, int], ...]:
         """(key text after its opening quote, index) of the keys that may come next from key i on:
@@ -116,19 +127,25 @@ class Obj(Node):
 
 
 class Arr(Node):
-    """An array of values of `items` (None: any value), min_items to max_items of them (None: no
-    most). Its stack frame counts the elements before the current one up to `cap`, past which
-    counts allow the same bytes (so a plain array's masks are one set, whatever its length)."""
+    """An array: its first elements of the schemas `prefix` (a tuple's), the rest of `items` (None:
+    any value), min_items to max_items of them (None: no most). Its stack frame counts the
+    elements before the current one up to `cap`, past which counts allow the same bytes (so a
+    plain array's masks are one set, whatever its length)."""
 
     first = frozenset(b"[")
 
-    def __init__(self, items: Node | None = None, min_items: int = 0, max_items: int | None = None):
-        self.items, self.min_items, self.max_items = items, min_items, max_items
-        self.cap = max(min_items, max_items or 0)
+    def __init__(self, items: Node | None = None, min_items: int = 0, max_items: int | None = None,
+                 prefix: tuple[Node, ...] = ()):  # fmt: skip
+        self.items, self.min_items, self.max_items, self.prefix = items, min_items, max_items, prefix
+        self.cap = max(min_items, max_items or 0, len(prefix))
+
+    def element(self, n: int) -> Node:
+        """The schema of the element after n others (n capped: past `cap`, `items`)."""
+        return self.prefix[n] if n < len(self.prefix) else self.items or ANY
 
     @cached_property
     def width(self) -> int:  # type: ignore[override]
-        return self.items.width if self.items is not None else 1
+        return max((p.width for p in (*self.prefix, *(self.items,) * (self.items is not None))), default=1)
 
 
 class Str(Node):
@@ -262,9 +279,11 @@ def _alternatives(alts: list[Node]) -> list[Node]:
 ANNOTATIONS = frozenset(("description", "title", "$schema", "$id", "$comment", "examples", "default"))
 BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 MAX_BOUND = 10**18  # a bound's size: past it a bound is not worth its automaton
-KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "pattern", "format", "minLength", "maxLength", *BOUNDS, "multipleOf", "enum", "const", "anyOf",
-                      "$ref", "$defs", "definitions"))  # fmt: skip
+KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "propertyNames", "minProperties",
+                      "maxProperties", "items", "prefixItems", "minItems", "maxItems", "pattern", "format",
+                      "minLength", "maxLength", *BOUNDS, "multipleOf", "enum", "const", "anyOf", "$ref", "$defs",
+                      "definitions"))  # fmt: skip
+NAME_KEYWORDS = frozenset(("type", "pattern", "format", "minLength", "maxLength"))  # a map's propertyNames
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 MAX_DEPTH = 32  # schemas nested in a schema: deeper is refused rather than recursed into
 # OpenAI's limits on a structured-outputs schema, which also bound the grammar's work per byte
@@ -418,8 +437,9 @@ class _Compiler:
             if name not in KEYWORDS and name not in ANNOTATIONS:
                 known = ", ".join(sorted(KEYWORDS))
                 raise InputError(f"option {at}.{name}: not supported (fastblt holds a text to {known})")
-        places = (("minItems", "array"), ("maxItems", "array"), ("pattern", "string"), ("format", "string"),
-                  ("minLength", "string"), ("maxLength", "string"),
+        places = (("minItems", "array"), ("maxItems", "array"), ("prefixItems", "array"), ("pattern", "string"),
+                  ("format", "string"), ("minLength", "string"), ("maxLength", "string"), ("propertyNames", "object"),
+                  ("minProperties", "object"), ("maxProperties", "object"),
                   *((b, "number") for b in (*BOUNDS, "multipleOf")))  # fmt: skip
         for bound, kind in places:
             kinds = schema.get("type")
@@ -469,14 +489,15 @@ class _Compiler:
     def typed(self, kind: str, schema: dict, at: str) -> Node:
         if kind == "object":
             props = schema.get("properties")
-            extra = schema.get("additionalProperties")
-            if props is None:
-                return Obj((), ()) if extra is False else JSON_OBJECT
-            if not isinstance(props, dict):
+            if props is not None and not isinstance(props, dict):
                 raise InputError(f"option {at}.properties: expected an object of schemas")
-            if extra not in (None, False):
-                raise InputError(f"option {at}.additionalProperties: only false (or left out): the keys are the "
-                                 "properties'")  # fmt: skip
+            if not props:
+                return self.map(schema, at)
+            if schema.get("additionalProperties") not in (None, False):
+                raise InputError(f"option {at}.additionalProperties: only false (or left out) beside properties: "
+                                 "the keys are the properties'")  # fmt: skip
+            if "propertyNames" in schema:
+                raise InputError(f"option {at}.propertyNames: only in an object without properties (a map)")
             required = schema.get("required", [])
             if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
                 raise InputError(f"option {at}.required: expected a list of property names")
@@ -485,16 +506,73 @@ class _Compiler:
             keys = tuple(_text(k) for k in props)
             self.spend("properties", len(keys), f"{at}.properties")
             self.spend("bytes of property names and values", sum(map(len, keys)), f"{at}.properties")
+            least, most = _counts(schema, at, "minProperties", "maxProperties")
+            if least > len(required) or most is not None and most < len(props):
+                name = "minProperties" if least > len(required) else "maxProperties"
+                raise InputError(f"option {at}.{name}: beside properties, only a bound every object of them meets "
+                                 f"(minProperties up to the {len(required)} required, maxProperties from the "
+                                 f"{len(props)} properties)")  # fmt: skip
             values = tuple(self.inside(s, f"{at}.properties.{k}") for k, s in props.items())
             return Obj(keys, values, tuple(k in required for k in props))
         if kind == "array":
-            items = None if schema.get("items") is None else self.inside(schema["items"], f"{at}.items")
-            return Arr(items, *_counts(schema, at, "minItems", "maxItems"))
+            return self.array(schema, at)
         if kind == "string":
             return self.string(schema, at)
         if kind in ("number", "integer"):
             return self.number(kind == "integer", schema, at)
         return Lit((b"true", b"false")) if kind == "boolean" else Lit((b"null",))
+
+    def map(self, schema: dict, at: str) -> Obj:
+        """An object without properties: a map whose values are of its `additionalProperties`
+        (false: none; true or left out: any), its keys held to its `propertyNames` (a string
+        schema), `minProperties` to `maxProperties` pairs of them. A key may repeat (JSON allows
+        it; a reader keeps one value), so a pair past the first can't promise another key: a
+        minProperties above 1 is refused."""
+        extra = schema.get("additionalProperties")
+        least, most = _counts(schema, at, "minProperties", "maxProperties")
+        if extra is False:
+            most = 0
+        if least > 1:
+            raise InputError(f"option {at}.minProperties: at most 1: a map's keys may repeat, so more than one "
+                             "property cannot be promised")  # fmt: skip
+        if most is not None and least > most:
+            raise InputError(f"option {at}: no object has {least} properties and none beside its "
+                             "additionalProperties: false")  # fmt: skip
+        value = None if extra is None or isinstance(extra, bool) else self.inside(extra, f"{at}.additionalProperties")
+        names = schema.get("propertyNames")
+        if names is not None:
+            if names is False:
+                most = 0
+                names = None
+            elif not isinstance(names, dict) or names.get("type", "string") != "string":
+                raise InputError(f'option {at}.propertyNames: expected a string schema ({{"pattern": ...}})')
+            elif unknown := sorted(set(names) - NAME_KEYWORDS - ANNOTATIONS):
+                raise InputError(f"option {at}.propertyNames.{unknown[0]}: not supported (a map's keys are held to "
+                                 f"{', '.join(sorted(NAME_KEYWORDS))})")  # fmt: skip
+        key = self.string(names, f"{at}.propertyNames") if names else Str()
+        if value in (None, ANY) and key.pattern is None and least == 0 and most is None:
+            return JSON_OBJECT  # any object: one node, its masks shared
+        return Obj(None, extra=value, names=key.pattern, least=least, most=most)
+
+    def array(self, schema: dict, at: str) -> Arr:
+        """An array: its first elements of its `prefixItems` (a tuple's), the rest of its `items`
+        (false: none; true or left out: any), minItems to maxItems of them."""
+        prefix = schema.get("prefixItems", [])
+        if not isinstance(prefix, list):
+            raise InputError(f"option {at}.prefixItems: expected a list of schemas")
+        head = tuple(self.inside(s, f"{at}.prefixItems[{i}]") for i, s in enumerate(prefix))
+        items = schema.get("items")
+        if isinstance(items, list):
+            raise InputError(f"option {at}.items: expected a schema (a list of them is an older draft's tuple: write "
+                             "it as prefixItems)")  # fmt: skip
+        least, most = _counts(schema, at, "minItems", "maxItems")
+        if items is False:
+            most = len(head) if most is None else min(most, len(head))
+            if least > most:
+                raise InputError(f"option {at}.minItems: {least} elements, but items: false ends it after its "
+                                 f"{len(head)} prefixItems")  # fmt: skip
+        rest = None if items is None or isinstance(items, bool) else self.inside(items, f"{at}.items")
+        return Arr(rest, least, most, head)
 
     def string(self, schema: dict, at: str) -> Str:
         """A string schema: plain, or held to its `pattern`, its `format` and its length bounds,
@@ -617,7 +695,7 @@ def _step(p: Path, b: int) -> tuple[Path, ...]:
     stack, mode, sub, ws = p
     if mode == STRING:
         return _string(p, b)
-    if mode == PATTERN:
+    if mode in (PATTERN, KEY_PATTERN):  # a string held to a pattern: a value's, or a map's key
         return _matched_string(p, b)
     if mode == FREE:  # sub: how many of the start text's bytes the text ends with
         tag, n = stack[-1]
@@ -665,10 +743,12 @@ def _step(p: Path, b: int) -> tuple[Path, ...]:
         return _value(stack, first, node, b)
     if mode == KEY:  # sub: right after "{"
         obj, i = stack[-1]
-        if obj.keys is None:
-            if b == ord('"'):
+        if obj.keys is None:  # a map: its pairs were counted on the comma before ("," refused at its most)
+            if b == ord('"') and obj.most != 0:
+                if obj.names is not None:
+                    return ((stack, KEY_PATTERN, (obj.names, obj.names.start, "n", 0, 0, 0, 0), 0),)
                 return ((stack, STRING, (True, "n", 0, 0, 0), 0),)
-            return (_close(stack),) if b == ord("}") and sub else ()
+            return (_close(stack),) if b == ord("}") and sub and obj.least == 0 else ()
         if b == ord('"'):
             keys = obj.candidates(i)
             return ((stack, KEY_TEXT, keys, 0),) if keys else ()
@@ -677,15 +757,18 @@ def _step(p: Path, b: int) -> tuple[Path, ...]:
         if b != ord(":"):
             return ()
         obj, i = stack[-1]
-        return ((stack, VALUE, (False, ANY if obj.keys is None else obj.values[i]), 0),)
+        return ((stack, VALUE, (False, (obj.extra or ANY) if obj.keys is None else obj.values[i]), 0),)
     if mode == AFTER:
         node, i = stack[-1]
         if isinstance(node, Arr):
             return _after_item(stack, node, i, b)
         if node.keys is None:
+            n = i + 1  # pairs so far (or more, past the cap, where the answer is the same; never past most)
             if b == ord(","):
-                return ((stack, KEY, False, 0),)
-            return (_close(stack),) if b == ord("}") else ()
+                if n == node.most:
+                    return ()
+                return ((stack[:-1] + ((node, n),) if n <= node.cap else stack, KEY, False, 0),)
+            return (_close(stack),) if b == ord("}") else ()  # least is 0 or 1 (Obj), met by a pair
         if b == ord(",") and i + 1 < len(node.keys):
             return ((stack[:-1] + ((node, i + 1),), KEY, False, 0),)
         return (_close(stack),) if b == ord("}") and node.may_close(i + 1) else ()
@@ -699,7 +782,7 @@ def _after_item(stack: tuple, arr: Arr, i: int, b: int) -> tuple[Path, ...]:
     if b == ord(","):
         if n == arr.max_items:
             return ()
-        return ((stack[:-1] + ((arr, n),) if n <= arr.cap else stack, VALUE, (False, arr.items or ANY), 0),)
+        return ((stack[:-1] + ((arr, n),) if n <= arr.cap else stack, VALUE, (False, arr.element(n)), 0),)
     return (_close(stack),) if b == ord("]") and n >= arr.min_items else ()
 
 
@@ -724,7 +807,7 @@ def _value(stack: tuple, first: bool, node: Node, b: int) -> tuple[Path, ...]:
     if isinstance(node, Obj):
         return ((stack + ((node, 0),), KEY, True, 0),)
     if isinstance(node, Arr):
-        return ((stack + ((node, 0),), VALUE, (True, node.items or ANY), 0),)
+        return ((stack + ((node, 0),), VALUE, (True, node.element(0)), 0),)
     if isinstance(node, Str):
         if node.pattern is not None:
             return ((stack, PATTERN, (node.pattern, node.pattern.start, "n", 0, 0, 0, 0), 0),)
@@ -846,52 +929,55 @@ CONTROLS = 0x1F  # below 0x20: written \u00XX (where no short escape says it)
 
 
 def _matched_string(p: Path, b: int) -> tuple[Path, ...]:
-    """Inside a string held to a pattern: sub is (the pattern, its reading so far, "n" plain / "e"
-    after a backslash / "x" hex digits to come / "c" UTF-8 continuation bytes to come, how many,
-    the next byte's range, the code point's bits so far). Each character moves the reading once
-    whole; a byte that starts one is allowed only if some character it may start can move it
-    (pattern.Pattern.takes), so no path is left without a way on. A character is written one way:
-    escaped only where JSON needs it (a quote, a backslash, a control character), else as itself
-    (a model unsure of the next character would otherwise wander into \\u escapes of any)."""
-    stack, _, sub, _ = p
+    """Inside a string held to a pattern (a value, or a map's key): sub is (the pattern, its
+    reading so far, "n" plain / "e" after a backslash / "x" hex digits to come / "c" UTF-8
+    continuation bytes to come, how many, the next byte's range, the code point's bits so far).
+    Each character moves the reading once whole; a byte that starts one is allowed only if some
+    character it may start can move it (pattern.Pattern.takes), so no path is left without a way
+    on. A character is written one way: escaped only where JSON needs it (a quote, a backslash, a
+    control character), else as itself (a model unsure of the next character would otherwise
+    wander into \\u escapes of any)."""
+    stack, mode, sub, _ = p
     pat, reading, kind, n, lo, hi, bits = sub
     if kind == "n":
         if b == ord('"'):
-            return (_after(stack),) if pat.accepts(reading) else ()
+            if not pat.accepts(reading):
+                return ()
+            return ((stack, COLON, None, 0),) if mode == KEY_PATTERN else (_after(stack),)
         if b == ord("\\"):
             escapable = pat.takes(reading, 0, CONTROLS) or any(pat.takes(reading, c, c) for c in (0x22, 0x5C))
-            return ((stack, PATTERN, (pat, reading, "e", 0, 0, 0, 0), 0),) if escapable else ()
+            return ((stack, mode, (pat, reading, "e", 0, 0, 0, 0), 0),) if escapable else ()
         if 0x20 <= b < 0x80:
-            return _read_char(stack, pat, reading, b)
+            return _read_char(stack, mode, pat, reading, b)
         if b not in _LEADS:
             return ()
         n, lo, hi = _LEADS[b]
-        return _partial_char(stack, pat, reading, "c", n, lo, hi, b & (0x3F >> n))
+        return _partial_char(stack, mode, pat, reading, "c", n, lo, hi, b & (0x3F >> n))
     if kind == "e":
         if b in SHORT_ESCAPES:
-            return _read_char(stack, pat, reading, SHORT_ESCAPES[b])
-        return _partial_char(stack, pat, reading, "x", 4, 0, 0, 0) if b == ord("u") else ()
+            return _read_char(stack, mode, pat, reading, SHORT_ESCAPES[b])
+        return _partial_char(stack, mode, pat, reading, "x", 4, 0, 0, 0) if b == ord("u") else ()
     if kind == "x":
         if b not in HEX:
             return ()
         code = bits << 4 | int(chr(b), 16)
         if n == 1:
-            return _read_char(stack, pat, reading, code) if code <= CONTROLS else ()
-        return _partial_char(stack, pat, reading, "x", n - 1, 0, 0, code)
+            return _read_char(stack, mode, pat, reading, code) if code <= CONTROLS else ()
+        return _partial_char(stack, mode, pat, reading, "x", n - 1, 0, 0, code)
     if not lo <= b <= hi:
         return ()
     code = bits << 6 | (b & 0x3F)
     if n == 1:
-        return _read_char(stack, pat, reading, code)
-    return _partial_char(stack, pat, reading, "c", n - 1, 0x80, 0xBF, code)
+        return _read_char(stack, mode, pat, reading, code)
+    return _partial_char(stack, mode, pat, reading, "c", n - 1, 0x80, 0xBF, code)
 
 
-def _read_char(stack: tuple, pat: Pattern, reading: frozenset, code: int) -> tuple[Path, ...]:
+def _read_char(stack: tuple, mode: int, pat: Pattern, reading: frozenset, code: int) -> tuple[Path, ...]:
     after = pat.step(reading, code)
-    return ((stack, PATTERN, (pat, after, "n", 0, 0, 0, 0), 0),) if after else ()
+    return ((stack, mode, (pat, after, "n", 0, 0, 0, 0), 0),) if after else ()
 
 
-def _partial_char(stack: tuple, pat: Pattern, reading: frozenset, kind: str, n: int, lo: int, hi: int,
+def _partial_char(stack: tuple, mode: int, pat: Pattern, reading: frozenset, kind: str, n: int, lo: int, hi: int,
                   bits: int) -> tuple[Path, ...]:  # fmt: skip
     """A character begun: kept only if one of the code points it may still be can move the
     reading (`n` hex digits or continuation bytes to come, the next one in lo..hi)."""
@@ -902,7 +988,7 @@ def _partial_char(stack: tuple, pat: Pattern, reading: frozenset, kind: str, n: 
         least, most = (bits << 6 | lo & 0x3F) << rest, ((bits << 6 | hi & 0x3F) << rest) | ((1 << rest) - 1)
     if least > most or not pat.takes(reading, least, most):
         return ()
-    return ((stack, PATTERN, (pat, reading, kind, n, lo, hi, bits), 0),)
+    return ((stack, mode, (pat, reading, kind, n, lo, hi, bits), 0),)
 
 
 def advance(s: State, ids: list[int]) -> State | None:
@@ -967,7 +1053,7 @@ def _spelled(mode: int, sub: Any) -> set[int] | None:
         return {r[0] for r in sub}
     if mode in (END, OPEN):
         return {sub[0]}
-    if mode == PATTERN and sub[2] == "n":
+    if mode in (PATTERN, KEY_PATTERN) and sub[2] == "n":
         return _pattern_bytes(sub[0], sub[1])
     return None
 

@@ -209,10 +209,12 @@ def _moved_refs(schema: Any, prefix: str, roots: set[str]) -> Any:
     for key in ("properties", "$defs", "definitions"):
         if isinstance(schema.get(key), dict):
             out[key] = {k: _moved_refs(v, prefix, roots) for k, v in schema[key].items()}
-    if "items" in schema:
-        out["items"] = _moved_refs(schema["items"], prefix, roots)
-    if isinstance(schema.get("anyOf"), list):
-        out["anyOf"] = [_moved_refs(s, prefix, roots) for s in schema["anyOf"]]
+    for key in ("items", "additionalProperties"):
+        if key in schema:
+            out[key] = _moved_refs(schema[key], prefix, roots)
+    for key in ("anyOf", "prefixItems"):
+        if isinstance(schema.get(key), list):
+            out[key] = [_moved_refs(s, prefix, roots) for s in schema[key]]
     return out
 
 

@@ -104,10 +104,15 @@ DATED = {**SCHEMA, "properties": {"id": {"type": "integer", "minimum": 0, "maxim
                                   "day": {"type": "string", "format": "date", "pattern": "^20"},
                                   "tag": {"type": "string", "pattern": "^[a-z]+[0-9]?$", "maxLength": 4}},
          "required": ["id", "day", "tag"]}  # fmt: skip
+# a map whose keys are held to a pattern, a tuple
+MAPPED = {**SCHEMA, "properties": {"id": {"type": "object", "additionalProperties": {"type": "integer"},
+                                          "maxProperties": 2, "propertyNames": {"pattern": "^[a-z]+$"}},
+                                   "at": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "boolean"}]}},
+          "required": ["id", "at"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
-@pytest.mark.parametrize("schema", [None, SCHEMA, TREE, DATED])
+@pytest.mark.parametrize("schema", [None, SCHEMA, TREE, DATED, MAPPED])
 def test_json_mode_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it(name, schema, monkeypatch):
     """format="json" (any object, or one a schema admits): ar equals a full recompute whose argmax
     reads only the bytes the grammar allows after the output so far, and blt-s (model drafts,

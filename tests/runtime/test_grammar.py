@@ -145,8 +145,9 @@ def test_masks_read_off_texts_and_patterns_are_those_of_every_byte_tried():
                   "p": {"type": "string", "pattern": "^(é|[^\\d\\n\"]+)\\d+(中|😀|[\\x00-\\x1f]|\\\\)?$"},
                   "f": {"type": "string", "format": "email"},
                   "m": {"type": "number", "minimum": -2.5, "exclusiveMaximum": 100, "multipleOf": 0.5},
-                  "l": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}}},
-                 [False, False, True, True, True, True, True])  # fmt: skip
+                  "l": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}},
+                  "d": {"type": "object", "propertyNames": {"pattern": "^[a-c]+é?$"}, "maxProperties": 2}},
+                 [False, False, True, True, True, True, True, True])  # fmt: skip
     root = compile_schema(schema)
     texts = [
         b'{"kind": "ab", "n": {"x": [1, "y"]}, "o": {"k": "q", "z": null}}',
@@ -158,13 +159,15 @@ def test_masks_read_off_texts_and_patterns_are_those_of_every_byte_tried():
         '{"kind": 1, "n": {"x":[1,"y"]}, "p": "\u0100\U0001f600 7😀"}'.encode(),
         b'{"kind": 1, "n": {"x":[1,"y"]}, "m": -2.5, "l": [0, 17,99 ,5]}',
         b'{"kind": 1, "n": {"x":[1,"y"]}, "m": 99.5}',
+        '{"kind": 1, "n": {"x":[1,"y"]}, "d": {"abé": 1, "c" :{"a": "é"}}}'.encode(),
     ]
     seen = 0
     for text in texts + [t[:i] + bytes([c]) + t[i + 1 :] for t in texts for i in range(len(t)) for c in b'a"7}']:
         s = begin(root)
         for b in text:
             for path in s:
-                if path[1] in (grammar.KEY_TEXT, grammar.LITERAL, grammar.PATTERN, grammar.BOUNDED):
+                if path[1] in (grammar.KEY_TEXT, grammar.LITERAL, grammar.PATTERN, grammar.BOUNDED,
+                               grammar.KEY_PATTERN):  # fmt: skip
                     seen += 1
                     want = [b for b in range(256) if grammar._step(path, b)]
                     assert allowed((path,)) == bytes(want), (text, path)
@@ -211,6 +214,30 @@ def array(items: dict, least: int, more: int | None) -> dict:
     return {"type": "array", "items": items, **bounds, **({} if more is None else {"maxItems": least + more})}
 
 
+NAMES = [  # a map's propertyNames, and keys they admit
+    (None, st.text(max_size=3)),
+    ({"pattern": "^[a-c]{1,2}$"}, st.from_regex(r"\A[a-c]{1,2}\Z")),
+    ({"type": "string", "maxLength": 10, "format": "date"}, st.dates().map(str).filter(lambda d: len(d) == 10)),
+    ({"minLength": 1, "pattern": "^(x|é)"}, st.from_regex(r"\A(x|é)[a-z]{0,2}\Z")),
+]
+
+
+def map_of(values: dict | bool | None, names: int, least: int, more: int | None) -> dict:
+    """A map schema: values of `values` (None: left out), keys held to NAMES[names], minProperties
+    `least` (0: left out), maxProperties `least + more` (None: left out)."""
+    schema = {"type": "object", **({} if values is None else {"additionalProperties": values})}
+    schema |= {"minProperties": least} if least and values is not False else {}
+    schema |= {} if more is None else {"maxProperties": least + more}
+    return schema | ({} if NAMES[names][0] is None else {"propertyNames": NAMES[names][0]})
+
+
+def tuple_of(prefix: list[dict], rest: dict | bool | None, whole: bool) -> dict:
+    """A tuple schema: prefixItems `prefix`, then items `rest` (None: left out), minItems the
+    prefix's length if `whole`."""
+    return {"type": "array", "prefixItems": prefix, **({} if rest is None else {"items": rest}),
+            **({"minItems": len(prefix)} if whole else {})}  # fmt: skip
+
+
 def objects_of(inner: st.SearchStrategy) -> st.SearchStrategy:
     return st.builds(obj, st.dictionaries(st.sampled_from(["a", "b", "ab"]) | st.text(max_size=3), inner, max_size=3),
                      st.lists(st.booleans(), max_size=3))  # fmt: skip
@@ -221,6 +248,14 @@ schemas = st.recursive(
     lambda inner: (
         st.builds(array, inner, st.integers(0, 2), st.none() | st.integers(0, 2))
         | objects_of(inner)
+        | st.builds(
+            map_of,
+            st.none() | st.booleans() | inner,
+            st.integers(0, len(NAMES) - 1),
+            st.integers(0, 1),
+            st.none() | st.integers(0, 2),
+        )
+        | st.builds(tuple_of, st.lists(inner, min_size=1, max_size=3), st.none() | st.booleans() | inner, st.booleans())
         | st.lists(objects_of(inner), min_size=2, max_size=3).map(lambda alts: {"anyOf": alts})  # all start "{"
         | st.lists(inner, min_size=2, max_size=3).map(lambda alts: {"anyOf": alts})
     ),
@@ -250,9 +285,23 @@ def instances(schema: dict) -> st.SearchStrategy:
     kind = schema.get("type")
     if isinstance(kind, list):
         return st.one_of([instances({"type": k}) for k in kind])
+    if kind == "object" and "properties" not in schema:
+        keys = next(k for n, k in NAMES if n == schema.get("propertyNames"))
+        values = schema.get("additionalProperties", True)
+        least = schema.get("minProperties", 0)
+        most = 0 if values is False else schema.get("maxProperties", least + 2)
+        if most == 0:
+            return st.just({})
+        return st.dictionaries(keys, json_values if values is True else instances(values), min_size=least,
+                               max_size=most)  # fmt: skip
+    if kind == "array" and "prefixItems" in schema:
+        prefix, rest = schema["prefixItems"], schema.get("items", True)
+        head = st.integers(schema.get("minItems", 0), len(prefix)).flatmap(
+            lambda n: st.tuples(*map(instances, prefix[:n])).map(list)
+        )
+        more = st.just([]) if rest is False else st.lists(json_values if rest is True else instances(rest), max_size=2)
+        return st.tuples(head, more).map(lambda hm: hm[0] + hm[1] if len(hm[0]) == len(prefix) else hm[0])
     if kind == "object":
-        if "properties" not in schema:
-            return st.dictionaries(st.text(max_size=3), json_values, max_size=3)
         keys, required = list(schema["properties"]), set(schema["required"])
         present = st.tuples(*[st.just(True) if k in required else st.booleans() for k in keys])
         values = st.tuples(*map(instances, schema["properties"].values()))
@@ -414,6 +463,86 @@ def test_a_recursion_that_would_keep_more_readings_than_max_paths_keeps_the_firs
     jsonschema.validate(json.loads(text), schema)
 
 
+MAP = {"type": "object", "additionalProperties": {"type": "integer"}, "propertyNames": {"pattern": "^[a-c]+$"},
+       "minProperties": 1, "maxProperties": 2}  # fmt: skip
+TUPLE = {"type": "array", "prefixItems": [{"type": "integer"}, {"enum": ["a", "b"]}], "items": {"type": "boolean"},
+         "minItems": 1, "maxItems": 3}  # fmt: skip
+
+
+def test_maps_hold_their_values_keys_and_counts_and_tuples_their_elements_in_place():
+    cases = [
+        (MAP, [b"{}", b'{"a": 1, "b": 2, "c": 3}', b'{"a": "x"}', b'{"d": 1}', b'{"": 1}', b'{"a": 1,}'],
+         [b'{"a": 1}', b'{"ab": -2, "c": 0}', b'{"a": 1, "a": 2}']),
+        ({"type": "object", "additionalProperties": False}, [b'{"a": 1}'], [b"{}"]),
+        ({"type": "object", "propertyNames": {"maxLength": 1}}, [b'{"ab": 1}', b'{"\\u00e9": 1}'],
+         ['{"a": [1], "é": null}'.encode()]),  # a key held to a pattern is written one way, raw
+        (TUPLE, [b"[]", b'["a"]', b'[1, 1]', b'[1, "c"]', b'[1, "a", 1]', b'[1, "a", true, false]'],
+         [b"[1]", b'[1, "b"]', b'[-1, "a", true]']),
+        ({"type": "array", "prefixItems": [{"type": "null"}], "items": False}, [b"[null, null]", b"[1]"],
+         [b"[]", b"[null]"]),
+        ({"type": "array", "prefixItems": [{"type": "null"}]}, [b"[1]"], [b'[null, 1, "x"]']),
+    ]  # fmt: skip
+    for schema, refused, taken in cases:
+        wrapped = obj({"v": schema})
+        for text in refused:
+            s = follows(wrapped, b'{"v": ' + text + b"}")
+            assert s is None or not done(s), (schema, text)
+        for text in taken:
+            assert done(follows(wrapped, b'{"v": ' + text + b"}")), (schema, text)
+            jsonschema.validate({"v": json.loads(text)}, wrapped)
+    at_most = follows(obj({"v": MAP}), b'{"v": {"a": 1, "b": 2')  # the second pair: "}" only
+    assert allowed(at_most) == b"\t\n\r 0123456789}"
+    assert allowed(follows(obj({"v": MAP}), b'{"v": {"')) == b"abc"  # the key's pattern, no escapes
+    assert allowed(follows(obj({"v": TUPLE}), b'{"v": [1, ')) == b'\t\n\r "'  # the second element's enum
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([MAP, TUPLE, {"type": "object", "additionalProperties": TUPLE, "maxProperties": 3}]),
+       st.randoms(use_true_random=False))  # fmt: skip
+def test_random_walks_along_the_mask_of_maps_and_tuples_never_stall_and_close_valid(schema, rng):
+    """Bytes drawn from what the mask allows (structure favoured, closing once the text is long)
+    never reach a state that allows nothing, and a text the grammar closes validates."""
+    wrapped = obj({"v": schema})
+    s, text = begin(compile_schema(wrapped)), b""
+    for _ in range(400):
+        ids = np.flatnonzero(mask(s) == 0)
+        assert len(ids), text
+        if EOS_ID in ids:
+            jsonschema.validate(json.loads(text), wrapped)
+            return
+        options = [int(i) - BYTE_OFFSET for i in ids if i >= BYTE_OFFSET]
+        liked = [b for b in options if b in (b'}]"' if len(text) > 30 else b'{}[],:"-0123abtfn')]
+        b = rng.choice(liked or options)
+        s, text = step(s, b), text + bytes([b])
+    pytest.fail(f"no end after 400 bytes: {text!r}")
+
+
+def test_pydantic_dicts_and_tuples_are_held():
+    """What openai's client sends for a Pydantic model with dict and tuple fields (additionalProperties
+    as a schema, prefixItems) compiles, its own JSON is taken, and a wrong value is not."""
+    import pydantic
+    from openai.lib._pydantic import to_strict_json_schema
+
+    class Inventory(pydantic.BaseModel):
+        counts: dict[str, int]
+        point: tuple[float, float]
+        named: tuple[int, str]
+        rows: list[tuple[int, ...]]
+
+    root = compile_schema(to_strict_json_schema(Inventory))
+    value = Inventory(counts={"apple": 3, "pear": -1}, point=(0.5, -2.0), named=(1, "x"), rows=[(1, 2), ()])
+    for text in (value.model_dump_json(), value.model_dump_json(indent=1), Inventory(counts={}, point=(1, 2),
+                 named=(0, ""), rows=[]).model_dump_json()):  # fmt: skip
+        s = advance(begin(root), [b + BYTE_OFFSET for b in text.encode()])
+        assert s is not None and done(s), text
+        Inventory.model_validate_json(text)
+    for wrong in ({"counts": {"a": 1.5}}, {"point": [1.0]}, {"point": [1, 2, 3]}, {"named": ["x", 1]},
+                  {"rows": [[1, "a"]]}):  # fmt: skip
+        text = json.dumps(value.model_dump() | wrong)
+        s = advance(begin(root), [b + BYTE_OFFSET for b in text.encode()])
+        assert s is None or not done(s), wrong
+
+
 def test_a_nested_any_of_is_read_as_its_alternatives():
     """An anyOf among an anyOf's alternatives (once an AttributeError at the value's first byte)."""
     schema = obj({"a": {"anyOf": [{"anyOf": [{"type": "string"}, {"type": "number"}]}, {"type": "boolean"}]}})
@@ -492,7 +621,21 @@ def test_min_and_max_items_count_an_arrays_elements():
             r"schema\.properties\.a\.contentEncoding: not supported",
         ),  # fmt: skip
         ({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["c"]}, r"required: 'c' is not one of"),
-        ({"type": "object", "properties": {}, "additionalProperties": True}, "additionalProperties: only false"),
+        ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, "additionalProperties: only false"),
+        ({"type": "object", "properties": {"a": {}}, "propertyNames": {}}, "propertyNames: only in an object without"),
+        ({**obj({"a": {}, "b": {}}, (False, True)), "minProperties": 2}, r"minProperties: beside .* the 1 required"),
+        ({**obj({"a": {}, "b": {}}), "maxProperties": 1}, r"maxProperties: beside properties, .* from the 2 prop"),
+        (obj({"m": {"type": "object", "minProperties": 2}}), r"m\.minProperties: at most 1: a map's keys may repeat"),
+        (obj({"m": {"type": "object", "minProperties": 2, "maxProperties": 1}}), r"maxProperties: 1 is less than"),
+        (obj({"m": {"type": "object", "additionalProperties": False, "minProperties": 1}}), r"m: no object has 1 pro"),
+        (obj({"m": {"type": "object", "propertyNames": {"type": "integer"}}}), r"m\.propertyNames: expected a string"),
+        (obj({"m": {"type": "object", "propertyNames": {"enum": ["a"]}}}), r"m\.propertyNames\.enum: not supported"),
+        (obj({"m": {"type": "object", "propertyNames": {"pattern": "(?=a)"}}}), r"m\.propertyNames\.pattern: "),
+        (obj({"m": {"type": "string", "maxProperties": 1}}), r"m\.maxProperties: only beside \"type\": \"object\""),
+        (obj({"t": {"type": "array", "items": [{}]}}), r"t\.items: expected a schema .* write it as prefixItems"),
+        (obj({"t": {"type": "array", "prefixItems": {}}}), r"t\.prefixItems: expected a list of schemas"),
+        (obj({"t": {"type": "array", "prefixItems": [{}], "items": False, "minItems": 2}}), r"t\.minItems: 2 elem"),
+        (obj({"t": {"type": "array", "prefixItems": [{"type": "date"}]}}), r"t\.prefixItems\[0\]\.type: expected"),
         ({"$ref": "#/$defs/x"}, r"schema\.\$ref: expected \"#\" or \"#/\$defs/NAME\" of the root's \$defs"),
         (
             {"$defs": {"n": {"anyOf": [{"$ref": "#/$defs/n"}, {"type": "null"}]}}, **obj({"a": {"$ref": "#/$defs/n"}})},

@@ -330,10 +330,10 @@ def test_structured_outputs_follow_the_schema(server, reference):
             jsonschema.validate(value, PERSON)
             assert list(value) == ["name", "age", "languages"]
     assert closed >= 2
-    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {**PERSON, "minProperties": 1}}}
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {**PERSON, "patternProperties": {}}}}
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, response_format=bad)
-    assert e.value.body["param"] == "response_format" and "minProperties: not supported" in e.value.body["message"]
+    assert e.value.body["param"] == "response_format" and "patternProperties: not supported" in e.value.body["message"]
 
 
 class Address(pydantic.BaseModel):

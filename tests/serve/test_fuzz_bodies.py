@@ -40,8 +40,11 @@ schemas = st.fixed_dictionaries(
     {"type": st.sampled_from(["object", "string", ["object", "null"], "array"])},
     optional={"properties": st.dictionaries(st.text(max_size=3), st.just({"type": "integer"}) | held | anything,
                                             max_size=3),
-              "required": st.lists(st.text(max_size=3), max_size=3), "additionalProperties": anything,
-              "pattern": st.text(max_size=3), "$ref": st.sampled_from(["#", "#/$defs/a"]) | st.text(max_size=8)},
+              "required": st.lists(st.text(max_size=3), max_size=3), "additionalProperties": held | anything,
+              "propertyNames": held | anything, "minProperties": st.integers(-1, 2) | anything,
+              "maxProperties": st.integers(-1, 2) | anything, "prefixItems": st.lists(held, max_size=2) | anything,
+              "items": held | anything, "pattern": st.text(max_size=3),
+              "$ref": st.sampled_from(["#", "#/$defs/a"]) | st.text(max_size=8)},
 )  # fmt: skip
 response_formats = st.one_of(
     anything,

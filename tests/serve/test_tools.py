@@ -78,8 +78,14 @@ def test_functions_may_name_their_definitions_alike():
             "required": ["u"], "properties": {"u": {"$ref": "#/$defs/Unit"}}}  # fmt: skip
     speed = {"definitions": {"Unit": {"enum": ["kmh", "mph"]}}, "type": "object", "additionalProperties": False,
              "required": ["u"], "properties": {"u": {"$ref": "#/definitions/Unit"}}}  # fmt: skip
-    schema = calls_schema({"temp": unit, "wind": speed}, True)
-    assert sorted(schema["$defs"]) == ["temp.Unit", "wind.Unit"]
+    unit_ref = {"$ref": "#/$defs/Unit"}
+    inside = {"$defs": {"Unit": {"enum": ["k"]}}, "type": "object", "additionalProperties": False,
+              "required": ["m", "t"], "properties": {"m": {"type": "object", "additionalProperties": unit_ref},
+                                                     "t": {"type": "array", "prefixItems": [unit_ref]}}}  # fmt: skip
+    schema = calls_schema({"temp": unit, "wind": speed, "map": inside}, True)
+    assert sorted(schema["$defs"]) == ["map.Unit", "temp.Unit", "wind.Unit"]
+    assert accepts(schema, '{"tool_calls":[{"name":"map","arguments":{"m":{"a":"k"},"t":["k"]}}]}')
+    assert not accepts(schema, '{"tool_calls":[{"name":"map","arguments":{"m":{"a":"c"},"t":["k"]}}]}')
     assert accepts(
         schema, '{"tool_calls":[{"name":"temp","arguments":{"u":"c"}},{"name":"wind","arguments":{"u":"mph"}}]}'
     )
