@@ -13,7 +13,9 @@ answers: how many closed (ended at EOS) within 256 bytes and whether those parse
 validate (jsonschema). The bytes differ between the three ways (the grammar changes them), so the
 bytes/s compare different texts; the grammar's own time is the direct measure of its cost. Then
 the grammar of tool_choice "required" alone: its time per byte reading an answer that calls 3 of
-2, 16 and 128 tools, its first answer and later ones.
+2, 16 and 128 tools, its first answer and later ones; values held to formats, patterns, bounds,
+maps and tuples; and greedy `ar` on one thread while another compiles a costly schema over and
+over, with the compile handing the GIL over (runtime/courtesy.py) and without.
 
 Results: benchmarks/results/json_mode.{json,md,png}.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -121,7 +124,14 @@ HELD = {  # label: (the value's schema, a value), for the formats and for keywor
                                              "multipleOf": 997}, 997 * 123457),
     "number -10^18-10^18, multipleOf 0.25": ({"type": "number", "minimum": -(10**18), "maximum": 10**18,
                                              "multipleOf": 0.25}, -1234.75),
+    "map of integers, keys ^[a-z_]+$, maxProperties 8": (
+        {"type": "object", "additionalProperties": {"type": "integer"}, "propertyNames": {"pattern": "^[a-z_]+$"},
+         "maxProperties": 8}, {"apples": 3, "pears": -12, "plums": 0}),
+    "tuple (number, number, string)": ({"type": "array", "prefixItems": [{"type": "number"}, {"type": "number"},
+                                                                         {"type": "string"}], "items": False},
+                                       [0.5, -2.25, "north"]),
 }  # fmt: skip
+COSTLY = "integer -10^18-10^18, multipleOf 997"  # the schema compiled beside decoding
 
 
 def format_grammar(label: str) -> dict:
@@ -134,6 +144,48 @@ def format_grammar(label: str) -> dict:
     root = grammar.compile_schema({"type": "object", "properties": {"v": held}, "required": ["v"]})
     compiled = 1e3 * (time.perf_counter() - t0)
     return {"format": label, "compile_ms": compiled, **grammar_cost(root, json.dumps({"v": value}).encode())}
+
+
+def beside_compile(g) -> dict:
+    """Greedy `ar` decode bytes/s on this thread (128 bytes, median of 3) alone and while another thread
+    compiles HELD[COSTLY] over and over (the caches cleared before each), with the compile handing
+    the GIL over (courtesy.GAP_S as shipped) and without (GAP_S infinite); the compile's median
+    seconds beside decoding and alone."""
+    from fastblt.runtime import courtesy, grammar, numbers, pattern
+
+    schema = {"type": "object", "properties": {"v": HELD[COSTLY][0]}, "required": ["v"]}
+    prompt = prompts()[0]
+
+    def compile_once() -> float:
+        grammar.compiled.cache_clear()
+        pattern.clear_caches()
+        numbers.clear_caches()
+        t0 = time.perf_counter()
+        grammar.compile_schema(schema)
+        return time.perf_counter() - t0
+
+    def decode() -> float:
+        out = g.generate(prompt, mode="ar", max_bytes=128, stop_on_eos=False)
+        return len(out.ids) / out.stats.decode_s
+
+    shipped, row = courtesy.GAP_S, {"alone_bytes_per_s": statistics.median(decode() for _ in range(3))}
+    row["compile_alone_s"] = statistics.median(compile_once() for _ in range(3))
+    for name, gap in (("courtesy", shipped), ("no_courtesy", float("inf"))):
+        courtesy.GAP_S, stop, times = gap, threading.Event(), []
+
+        def compiles(stop: threading.Event = stop, times: list[float] = times) -> None:
+            while not stop.is_set():
+                times.append(compile_once())
+
+        worker = threading.Thread(target=compiles)
+        worker.start()
+        time.sleep(0.05)
+        row[f"{name}_bytes_per_s"] = statistics.median(decode() for _ in range(3))
+        stop.set()
+        worker.join()
+        row[f"{name}_compile_s"] = statistics.median(times)
+    courtesy.GAP_S = shipped
+    return row
 
 
 def grammar_cost(root, text: bytes) -> dict:
@@ -228,6 +280,26 @@ def render(r: dict) -> str:
             "first compilation (the automata built; cached after).",
             "",
         ]  # fmt: skip
+    if r.get("beside"):
+        b = r["beside"]
+        lines += [
+            "## Decoding beside a compile",
+            "",
+            "| greedy ar, 128 bytes | bytes/s | x alone | the compile's s |",
+            "|---|---:|---:|---:|",
+            f"| alone | {b['alone_bytes_per_s']:.0f} | 1.00 | {b['compile_alone_s']:.2f} (alone) |",
+            *(f"| beside a compile, {label} | {b[f'{k}_bytes_per_s']:.0f} | "
+              f"{b[f'{k}_bytes_per_s'] / b['alone_bytes_per_s']:.2f} | {b[f'{k}_compile_s']:.2f} |"
+              for k, label in (("courtesy", "handing the GIL over"), ("no_courtesy", "not handing it over"))),
+            "",
+            f"A Generator's call on one thread while another compiles `{{\"v\": {COSTLY}}}` over and over (caches "
+            "cleared each time), as a lane's batch loop runs while its process compiles a new request's schema. "
+            "Decoding gives the GIL up at each backend call; a compile that does not hand it back keeps it for "
+            "the interpreter's 5 ms switch interval each time. Handing it over (runtime/courtesy.py: every 20 us "
+            "of compiling while a loop is marked busy) costs the compile its speed instead, its own request's "
+            "wait.",
+            "",
+        ]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -261,7 +333,9 @@ def main() -> None:
         rows.append(row)
     tools = [tool_grammar(n) for n in TOOL_COUNTS]
     formats = [format_grammar(label) for label in HELD]
-    save("json_mode", {"meta": machine_meta(), "rows": rows, "tools": tools, "formats": formats}, render, plot)
+    beside = beside_compile(g)
+    save("json_mode", {"meta": machine_meta(), "rows": rows, "tools": tools, "formats": formats, "beside": beside},
+         render, plot)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from fastblt.engines.base import Backend
 from fastblt.errors import Cancelled, EngineBusy, EngineClosed, InputError
 from fastblt.machine import cpu_cores, memory_available
 from fastblt.model.blt import BltModel
+from fastblt.runtime import courtesy
 from fastblt.runtime.batch import DEFAULT_MAX_BATCH, BatchEngine, BatchStats, Ticket, check_sizes, sum_stats
 from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.generator import Generation, Generator
@@ -254,19 +255,26 @@ class AsyncEngine:
         took this prompt: it keeps its snapshot), or the next with room; EngineBusy when none has,
         EngineClosed when every lane is closing (or its process is gone)."""
         closed: EngineClosed | None = None
+        thread = threading.get_ident()  # its event loop's: latency-bound while the request is in flight
+        callbacks["on_done"] = _idle_when_done(thread, callbacks.get("on_done"))
         digests = prompt_digests(request, self.generator.engine.max_step) if len(self.lanes) > 1 else []
         home = self._homes.get(digests)
         for i in sorted(range(len(self.lanes)), key=lambda i: (self.lanes[i].load, i != home)):
             lane = self.lanes[i]
+            courtesy.busy(thread)  # before submit: the request may end on the batch's thread at once
             try:
                 ticket = lane.submit(request, **callbacks)
-                self._homes.put(digests, i)
-                self._update_peers()
-                return ticket
-            except EngineBusy:
-                continue
-            except EngineClosed as e:
-                closed = e
+            except BaseException as e:
+                courtesy.idle(thread)
+                if isinstance(e, EngineBusy):
+                    continue
+                if isinstance(e, EngineClosed):
+                    closed = e
+                    continue
+                raise
+            self._homes.put(digests, i)
+            self._update_peers()
+            return ticket
         if closed is not None and all(lane.closed for lane in self.lanes):
             raise closed
         waiting = sum(lane.load for lane in self.lanes) - self.max_batch
@@ -457,6 +465,17 @@ class PromptHomes:
                 self._lanes.move_to_end(digest)
             while len(self._lanes) > self.SIZE:
                 self._lanes.popitem(last=False)
+
+
+def _idle_when_done(thread: int, on_done: Callable[[Ticket], None] | None) -> Callable[[Ticket], None]:
+    """`on_done`, after ending the mark `_submit` put on `thread` for the request."""
+
+    def done(ticket: Ticket) -> None:
+        courtesy.idle(thread)
+        if on_done is not None:
+            on_done(ticket)
+
+    return done
 
 
 def _settle(future: asyncio.Future) -> None:

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 from fastblt.errors import Cancelled, EngineBusy, EngineClosed, FastBltError, InputError, InternalError
 from fastblt.export.spec import STEPS, TORCH_DTYPES, state_dtype
-from fastblt.runtime import loops
+from fastblt.runtime import courtesy, loops
 from fastblt.runtime.caches import RowCaches
 from fastblt.runtime.calls import Plan, StepCall, StepRunner
 from fastblt.runtime.engine import Engine
@@ -377,7 +377,7 @@ class BatchEngine:
                 if self._closing and not self.live and not self.queue:
                     return
             try:
-                with deferred_wakes():  # the turn's callbacks wake each listening event loop once
+                with deferred_wakes(), courtesy.serving():  # one wake per listening event loop; compiles yield
                     with self._cv:
                         self._admit()
                     self._drop_cancelled()

@@ -17,6 +17,7 @@ spent waiting for the locks.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from fastblt.errors import InputError
 from fastblt.export.cache import ExportNotice
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
-from fastblt.runtime import loops
+from fastblt.runtime import courtesy, loops
 from fastblt.runtime.calls import run_plan
 from fastblt.runtime.engine import Engine, open_engine
 from fastblt.runtime.options import DecodeOptions, Request, check_fit, checked, make_request
@@ -215,12 +216,15 @@ class _Call:
     def __iter__(self) -> Iterator[None]:
         g = self.g
         state = g.engine.acquire()
+        caller = threading.get_ident()
+        courtesy.busy(caller)  # schemas compiling on other threads hand this call the GIL
         try:
             run = new_run(state, self.opts, self.out)
             chunk = self.opts.prefill_chunk or state.max_step
             yield from run_plan(state.runner, loops.generate(run, self.ids, chunk, g.engine.prompts))
             self.result = generation(run, g.backend_name, len(self.ids), g.params, g.config)
         finally:
+            courtesy.idle(caller)
             g.engine.release(state)
 
 

@@ -46,6 +46,7 @@ import numpy as np
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID, VOCAB_SIZE
 from fastblt.runtime import numbers
+from fastblt.runtime.courtesy import pause
 from fastblt.runtime.numbers import number_pattern
 from fastblt.runtime.pattern import (
     FORMAT_LENGTHS,
@@ -394,6 +395,7 @@ class _Compiler:
         return self.done[name]
 
     def compile(self, schema: Any, at: str) -> Node:
+        pause()  # a schema may have thousands of nodes
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
@@ -643,6 +645,7 @@ def _counts(schema: dict, at: str, low: str, high: str) -> tuple[int, int | None
 
 
 def _text(value: Any) -> bytes:
+    pause()  # a schema's keys and values: up to thousands
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 

@@ -16,6 +16,7 @@ from decimal import Decimal
 from functools import lru_cache
 
 from fastblt.errors import InputError
+from fastblt.runtime.courtesy import pause
 from fastblt.runtime.pattern import BIG_CACHE, MAX_PAIRS, MAX_STATES, Pattern, kept, note_built, trimmed
 
 Dfa = tuple[tuple[dict[str, int], ...], tuple[bool, ...]]  # state -> character -> state (0 the start), finals
@@ -62,6 +63,7 @@ def _product(a: Dfa, b: Dfa) -> tuple[list[dict[str, int]], list[bool]]:
     table: list[dict[str, int]] = [{}]
     final = [a[1][0] and b[1][0]]
     while todo:
+        pause()
         x, y = pair = todo.pop()
         for c, t in a[0][x].items():
             if c in b[0][y]:
@@ -146,6 +148,7 @@ def _explored(moves: Callable[[tuple], list[tuple[str, tuple]]], holds: Callable
     table: list[dict[str, int]] = [{}]
     final = [holds(("start",))]
     while todo:
+        pause()
         state = todo.pop()
         for c, nxt in moves(state):
             if nxt not in ids:
@@ -191,20 +194,31 @@ def _minimal(table: list[dict[str, int]], final: list[bool]) -> Dfa:
     """The DFA `table` (state -> character -> state, 0 the start) minimized (Moore: states split by
     where their characters lead until no class splits), a state per class. Multiples of 1,000 are
     4 classes, not 1,000 remainders."""
-    chars = sorted({c for moves in table for c in moves})
-    cls = [int(f) for f in final]
+    chars: set[str] = set()
+    for i, moves in enumerate(table):
+        chars.update(moves)
+        if not i & 63:
+            pause()
+    order = sorted(chars)
+    cls, classes = [int(f) for f in final], len(set(final))
     while True:
-        keys = [(cls[i], *(cls[m[c]] if c in m else -1 for c in chars)) for i, m in enumerate(table)]
-        numbered = {k: n for n, k in enumerate(dict.fromkeys(keys))}
-        new = [numbered[k] for k in keys]
-        if len(numbered) == len(set(cls)):
+        numbered: dict[tuple, int] = {}  # a state's class and its moves' classes -> its new class
+        new = []
+        for i, m in enumerate(table):
+            key = (cls[i], *(cls[m[c]] if c in m else -1 for c in order))
+            new.append(numbered.setdefault(key, len(numbered)))
+            if not i & 63:
+                pause()
+        if len(numbered) == classes:
             break
-        cls = new
+        cls, classes = new, len(numbered)
     out: list[dict[str, int]] = [{} for _ in numbered]
     finals = [False] * len(numbered)
     for i, moves in enumerate(table):
         out[new[i]] = {c: new[t] for c, t in moves.items()}
         finals[new[i]] = final[i]
+        if not i & 63:
+            pause()
     return tuple(out), tuple(finals)
 
 
@@ -212,7 +226,12 @@ def _pattern(dfa: Dfa, source: str) -> Pattern:
     """A DFA as a Pattern: its final states with an empty move to the end, trimmed."""
     table, final = dfa
     raw = Pattern(source)
-    raw.moves = [[(ord(c), ord(c), t) for c, t in sorted(moves.items())] for moves in table] + [[]]
+    raw.moves = []
+    for i, moves in enumerate(table):
+        raw.moves.append([(ord(c), ord(c), t) for c, t in sorted(moves.items())])
+        if not i & 63:
+            pause()
+    raw.moves.append([])
     raw.empty = [[len(table)] if f else [] for f in final] + [[]]
     raw.accept = len(table)
     return trimmed(raw, {0}, source)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from fastblt.errors import InputError
+from fastblt.runtime.courtesy import pause
 
 MAX_STATES = 5000  # an NFA past this (a repeat of a repeat) is refused: masks are read off its states
 MAX_CODE = 0x10FFFF
@@ -148,6 +149,7 @@ class _Parser:
         return bounds
 
     def atom(self) -> tuple:
+        pause()  # a format's pattern has hundreds of atoms
         c = self.take()
         if c == "(":
             if self.text.startswith("?:", self.i):
@@ -301,6 +303,7 @@ def _step(pat: Pattern, states: frozenset[int], code: int) -> frozenset[int]:
 
 def _build(pat: Pattern, tree: tuple) -> tuple[int, int]:
     """(entry, exit) states of a fragment reading `tree`."""
+    pause()  # a long repeat builds its item thousands of times
     kind = tree[0]
     if kind == "chars":
         a, b = pat.state(), pat.state()
@@ -477,6 +480,7 @@ def _completions(pat: Pattern, cap: int) -> list[int]:
     full, lengths = (2 << cap) - 1, [0] * len(pat.moves)
     lengths[pat.accept], todo = 1, [pat.accept]
     while todo:
+        pause()
         t = todo.pop()
         longer = lengths[t] << 1
         longer = (longer & full) | (1 << cap if longer > full else 0)
@@ -515,6 +519,7 @@ def trimmed(raw: Pattern, starts: set[int], source: str) -> Pattern:
     seen, todo = set(starts), list(starts)
     into: dict[int, list[int]] = {}  # state -> the reached states that move to it
     while todo:
+        pause()
         s = todo.pop()
         for t in [t for _, _, t in raw.moves[s]] + raw.empty[s]:
             into.setdefault(t, []).append(s)
@@ -523,14 +528,17 @@ def trimmed(raw: Pattern, starts: set[int], source: str) -> Pattern:
                 todo.append(t)
     alive, todo = {raw.accept} & seen, [raw.accept] if raw.accept in seen else []
     while todo:
+        pause()
         for s in into.get(todo.pop(), ()):
             if s not in alive:
                 alive.add(s)
                 todo.append(s)
     pat = Pattern(source)
     ids = {s: i for i, s in enumerate(sorted(alive))}  # MAX_PAIRS bounds them, not MAX_STATES: no repeats here
-    pat.moves = [[(a, b, ids[t]) for a, b, t in raw.moves[s] if t in ids] for s in ids]
-    pat.empty = [[ids[t] for t in raw.empty[s] if t in ids] for s in ids]
+    for s in ids:
+        pat.moves.append([(a, b, ids[t]) for a, b, t in raw.moves[s] if t in ids])
+        pat.empty.append([ids[t] for t in raw.empty[s] if t in ids])
+        pause()
     pat.accept = ids.get(raw.accept, -1)
     pat.start = pat.closure({ids[s] for s in starts if s in ids})
     return pat
@@ -568,6 +576,7 @@ def _intersected(a: Pattern, b: Pattern) -> Pattern:
     todo: list[tuple[int, int]] = []
     starts = {state((x, y)) for x in a.start for y in b.start}
     while todo:
+        pause()
         x, y = pair = todo.pop()
         i = ids[pair]
         moves = [(max(lo, lo2), min(hi, hi2), (t, t2)) for lo, hi, t in a.moves[x] for lo2, hi2, t2 in b.moves[y]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 
 import pytest
 from runtime_refs import PROMPTS, tiny_model
 
 from fastblt.errors import Cancelled, EngineBusy, InputError
 from fastblt.formats.checkpoint import save_checkpoint
+from fastblt.runtime import courtesy
 from fastblt.runtime.async_engine import AsyncEngine
 
 
@@ -79,6 +81,36 @@ def test_bad_requests_raise_before_queueing_and_a_full_queue_is_busy(engine):
             await s.aclose()
 
     asyncio.run(main())
+
+
+def test_the_event_loop_is_marked_busy_while_its_requests_are_in_flight(engine):
+    """Compiles on other threads hand the GIL to an event loop streaming requests (courtesy.py):
+    its thread is marked from submit to the request's end, however it ends (done, cancelled,
+    refused as busy), and no mark outlives the requests."""
+    me = threading.get_ident()
+
+    async def main():
+        stream = engine.stream(PROMPTS[0], mode="ar", max_bytes=30, stop_on_eos=False)
+        await stream.__anext__()
+        marked = courtesy._busy.get(me, 0)
+        async for _ in stream:
+            pass
+        long = []
+        with pytest.raises(EngineBusy):  # every row and queue place taken, then one refused
+            for _ in range(20):
+                long.append(engine.stream(PROMPTS[1], mode="ar", max_bytes=20_000, stop_on_eos=False))
+        assert courtesy._busy.get(me, 0) == len(long) > 1
+        for s in long:
+            await s.aclose()
+        for _ in range(1000):  # cancelled: their rows are freed before the batch's next step
+            if engine.stats.active == engine.stats.queued == 0:
+                break
+            await asyncio.sleep(0.005)
+        await engine.generate(PROMPTS[2], mode="blt-s", max_bytes=10)
+        return marked
+
+    assert asyncio.run(main()) == 1
+    assert me not in courtesy._busy
 
 
 def test_two_lanes_split_the_rows_and_equal_serial_generation():
