@@ -36,7 +36,10 @@ would have read cannot be written). A mask is what the sampler takes off the log
 
 from __future__ import annotations
 
+import functools
 import json
+import time
+from collections.abc import Callable
 from decimal import Decimal
 from functools import cached_property, lru_cache
 from typing import Any
@@ -294,6 +297,9 @@ OPENAI_LIMITS = ("enum and const values", "properties", "bytes of property names
 # states of automata (~1 KB each at most) compiled since the caches were cleared: past it a server's
 # grammar and pattern caches start again, so requests with ever new schemas cannot grow them without end
 STATES_BUDGET = 200_000
+# this process's compilations of schemas and call formats (cache misses; refused ones too), their
+# seconds, and the budget's clears: a server's /metrics shows them
+COMPILES = {"schemas": 0, "seconds": 0.0, "clears": 0}
 
 
 def compile_schema(schema: Any) -> Obj:
@@ -314,9 +320,26 @@ def _within_budget() -> None:
             cached.cache_clear()
         clear_caches()
         numbers.clear_caches()
+        COMPILES["clears"] += 1
+
+
+def _counted_in_compiles(compile: Callable[[str], Node]) -> Callable[[str], Node]:
+    """`compile`, each call (a cache's miss) counted in COMPILES with its seconds."""
+
+    @functools.wraps(compile)
+    def counted(text: str) -> Node:
+        t0 = time.perf_counter()
+        try:
+            return compile(text)
+        finally:
+            COMPILES["schemas"] += 1
+            COMPILES["seconds"] += time.perf_counter() - t0
+
+    return counted
 
 
 @lru_cache(maxsize=64)
+@_counted_in_compiles
 def tagged(text: str) -> Tagged:
     """The Tagged root in JSON text `text`: {"start": str, "end": str, "most": int or null,
     "lead": bool, "schema": a JSON schema of one call (any root)}, compiled once
@@ -341,6 +364,7 @@ def tagged(text: str) -> Tagged:
 
 
 @lru_cache(maxsize=64)
+@_counted_in_compiles
 def compiled(text: str) -> Obj:
     """The schema in JSON text `text`, compiled once (requests with the same schema share it, and
     the masks of its states)."""

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from fastblt.runtime import grammar, pattern
 from fastblt.runtime.batch import BatchStats
 from fastblt.runtime.generator import Generation
 
@@ -70,6 +71,23 @@ class EngineCollector(Collector):
         yield rows
 
 
+class GrammarCollector(Collector):
+    """This process's schema compilations (runtime/grammar.py), read when Prometheus scrapes."""
+
+    def collect(self) -> Iterator:
+        c = grammar.COMPILES
+        yield CounterMetricFamily("fastblt_schema_compiles", "Schemas and tool formats compiled (cache misses, "
+                                  "refused ones too) by the server process; each worker lane compiles them "
+                                  "again for itself.", value=c["schemas"])  # fmt: skip
+        yield CounterMetricFamily("fastblt_schema_compile_seconds", "Seconds those compilations took.",
+                                  value=c["seconds"])  # fmt: skip
+        yield GaugeMetricFamily("fastblt_grammar_automata_states", "States of the automata the server process "
+                                f"keeps compiled; past {grammar.STATES_BUDGET:,} its caches are cleared.",
+                                value=pattern.states_built())  # fmt: skip
+        yield CounterMetricFamily("fastblt_grammar_cache_clears", "Times those caches were cleared.",
+                                  value=c["clears"])  # fmt: skip
+
+
 class Metrics:
     """The server's metrics; `render()` is the /metrics body."""
 
@@ -92,6 +110,7 @@ class Metrics:
         self.calls = Counter("fastblt_tool_calls", "Tool calls answered (chat completions).", ["mode"], registry=r)
         if stats is not None:
             r.register(EngineCollector(stats, max_batch, lanes, health))
+        r.register(GrammarCollector())
 
     def request(self, status: int, mode: str, endpoint: str) -> None:
         self.requests.labels(str(status), mode, endpoint).inc()

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -491,6 +492,28 @@ def test_models_health_metrics_and_keys(server):
     assert _metric(server, "fastblt_batch_lanes") == default_lanes("ort")
     assert _metric(server, "fastblt_batch_lanes_alive") == default_lanes("ort")
     assert _metric(server, "fastblt_lane_restarts_total") == 0
+
+
+def test_schema_compilations_show_in_metrics(server):
+    """A schema the server has not seen is compiled once (its seconds counted, its automata's
+    states kept); the same schema again is not compiled again."""
+    name = f"f{uuid.uuid4().hex}"  # no other request's schema
+    schema = {"type": "object", "properties": {name: {"type": "integer", "minimum": 0, "maximum": 10**9,
+                                                      "multipleOf": 7}}, "required": [name]}  # fmt: skip
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "mode": "ar",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}  # fmt: skip
+    headers = {"Authorization": f"Bearer {KEY}"}
+    compiles, seconds = (
+        _metric(server, "fastblt_schema_compiles_total"),
+        _metric(server, "fastblt_schema_compile_seconds_total"),
+    )
+    assert httpx.post(f"{server.url}/v1/completions", json=body, headers=headers).status_code == 200
+    assert _metric(server, "fastblt_schema_compiles_total") == compiles + 1
+    assert _metric(server, "fastblt_schema_compile_seconds_total") > seconds
+    assert _metric(server, "fastblt_grammar_automata_states") > 0
+    assert httpx.post(f"{server.url}/v1/completions", json=body, headers=headers).status_code == 200
+    assert _metric(server, "fastblt_schema_compiles_total") == compiles + 1  # cached
+    assert _metric(server, "fastblt_grammar_cache_clears_total") >= 0  # shown (other tests may have passed the budget)
 
 
 def test_metrics_count_accepted_bytes_and_time_the_first_byte():
