@@ -40,13 +40,13 @@ class Variant:
 VARIANTS = (
     Variant("ar", "ar"),
     Variant("blt-s", "blt-s"),  # k 16, greedy rounds drafted from the context where it repeats (the defaults)
-    Variant("blt-dv", "blt-dv"),  # one-step drafting, "force" block start
+    Variant("blt-dv", "blt-dv"),  # one-step drafting, "patch" block start
     Variant("blt-d", "blt-d"),  # confidence alpha 0.7, "force" block start
     Variant("blt-d/patch", "blt-d", {"block_start": "patch"}, main=False),
     Variant("blt-d/entropy", "blt-d", {"unmask": "entropy"}, main=False),
-    Variant("blt-dv/patch", "blt-dv", {"block_start": "patch"}, main=False),
+    Variant("blt-dv/force", "blt-dv", {"block_start": "force"}, main=False),
     Variant("blt-dv/alpha0.3", "blt-dv", {"unmask": "confidence"}, main=False),
-    Variant("blt-dv/alpha0.3/patch", "blt-dv", {"unmask": "confidence", "block_start": "patch"}, main=False),
+    Variant("blt-dv/alpha0.3/force", "blt-dv", {"unmask": "confidence", "block_start": "force"}, main=False),
     Variant("blt-s/k4", "blt-s", {"k": 4}, main=False),
     Variant("blt-s/k8", "blt-s", {"k": 8}, main=False),
     Variant("blt-s/lookup0", "blt-s", {"lookup": 0}, main=False),  # the paper's drafters alone

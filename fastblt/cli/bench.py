@@ -184,12 +184,12 @@ def block_start_notes(result: dict) -> list[str]:
     rows = {(r["name"], r["backend"]): r for r in result["rows"]}
     backend = result["rows"][0]["backend"] if result["rows"] else None
     out = []
-    for force, patch in (("blt-dv", "blt-dv/patch"), ("blt-dv/alpha0.3", "blt-dv/alpha0.3/patch")):
+    for force, patch in (("blt-dv/force", "blt-dv"), ("blt-dv/alpha0.3/force", "blt-dv/alpha0.3")):
         a, b = rows.get((force, backend)), rows.get((patch, backend))
         if a and b and a["acceptance"] is not None and b["acceptance"] is not None:
             better = "force" if a["acceptance"] >= b["acceptance"] else "patch"
             out.append(
-                f"Block start, {force} drafting on {backend}: acceptance force {100 * a['acceptance']:.1f}% vs patch "
+                f"Block start, {patch} drafting on {backend}: acceptance force {100 * a['acceptance']:.1f}% vs patch "
                 f"{100 * b['acceptance']:.1f}% ({a['bytes_per_s']:.0f} vs {b['bytes_per_s']:.0f} bytes/s): "
                 f"'{better}' verifies more drafts."
             )

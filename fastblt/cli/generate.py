@@ -89,7 +89,9 @@ def arg_bytes(text: str) -> str | bytes:
 @click.option("--unmask", type=click.Choice(UNMASK), default=None, help="blt-d/blt-dv unmasking rule.")
 @click.option("--alpha", type=float, default=None, help="Confidence threshold (blt-d 0.7, blt-dv 0.3).")
 @click.option("--gamma", type=float, default=None, help="Entropy bound (blt-d 1.0, blt-dv 1.5).")
-@click.option("--block-start", type=click.Choice(BLOCK_START_RULES), default="force", show_default=True)
+@click.option("--block-start", type=click.Choice(BLOCK_START_RULES), default=None,
+              help="Where a diffusion block starts [default: force for blt-d, the paper's Algorithm 1; patch for "
+                   "blt-dv, whose drafts then verify more often].")  # fmt: skip
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not part of the output.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at EOS.")
 @click.option("--logit-bias", "logit_bias", multiple=True, callback=parse_bias, metavar="BYTE=BIAS",

@@ -49,7 +49,9 @@ class DecodeOptions:
     pending byte included) occurred before (None: LOOKUP_MATCH, 8; 0: never, as the paper's modes).
     unmask / alpha / gamma: BLT-D and BLT-DV unmasking. block_start:
     "force" (the paper's rule: force-close the open patch, the block reads its latent) or
-    "patch" (start the block at the open patch's first byte, reading the last closed latent).
+    "patch" (start the block at the open patch's first byte, reading the last closed latent);
+    None: "force" for blt-d (the paper's Algorithm 1), "patch" for blt-dv (its output is ar's
+    either way, and its drafts verify more often: 1.1-1.6x the bytes/s on the embedded default).
     stop: byte strings that end the output (not included in it). stop_on_eos: EOS ends the output.
     prefill_chunk: prompt bytes per prefill step, at most the graphs' max_step (None: max_step).
     logprobs: ar, blt-s, blt-dv: each generated id's log-probability under the model, and the
@@ -84,7 +86,7 @@ class DecodeOptions:
     unmask: str | None = None
     alpha: float | None = None
     gamma: float | None = None
-    block_start: str = "force"
+    block_start: str | None = None
     stop: tuple[bytes, ...] = ()
     stop_on_eos: bool = True
     prefill_chunk: int | None = None
@@ -247,10 +249,11 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
                 f"option format: {opts.mode}'s diffusion head chooses a block's bytes out of order, where a "
                 "grammar reads them in order; ask ar, blt-s or blt-dv"
             )
-    if opts.block_start not in BLOCK_START_RULES:
+    if opts.block_start is not None and opts.block_start not in BLOCK_START_RULES:
         raise InputError(f"option block_start: {opts.block_start!r} is unknown; choose one of {BLOCK_START_RULES}")
-    if opts.block_start != "force" and opts.mode not in UNMASK_RULES:
+    if opts.block_start not in (None, "force") and opts.mode not in UNMASK_RULES:
         raise InputError(f"option block_start: only blt-d and blt-dv start diffusion blocks; mode is {opts.mode}")
+    plain["block_start"] = opts.block_start or ("patch" if opts.mode == "blt-dv" else "force")
     if not isinstance(opts.stop_on_eos, bool):
         raise InputError(f"option stop_on_eos: expected True or False, got {opts.stop_on_eos!r}")
     stop = _stops(opts.stop)

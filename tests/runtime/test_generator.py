@@ -143,6 +143,11 @@ def test_diffusion_modes_default_to_the_papers_unmasking_settings():
     assert (d.unmask, d.alpha, d.gamma) == ("confidence", 0.7, 1.0)
     dv = make_request(b"x", cfg, "blt-dv").opts
     assert (dv.unmask, dv.alpha, dv.gamma) == ("one-step", 0.3, 1.5)
+    # blocks: blt-d as the paper's Algorithm 1 (force-close the open patch); blt-dv at the open
+    # patch's start (lossless either way; its drafts verify more often there), unless asked
+    assert (d.block_start, dv.block_start) == ("force", "patch")
+    assert make_request(b"x", cfg, "blt-dv", block_start="force").opts.block_start == "force"
+    assert make_request(b"x", cfg, "ar", block_start="force").opts.block_start == "force"
 
 
 def test_bad_prompts_and_max_context():
