@@ -554,27 +554,23 @@ class _Compiler:
         schema), `minProperties` to `maxProperties` pairs of them. A key may repeat (JSON allows
         it; a reader keeps one value), so a pair past the first can't promise another key: a
         minProperties above 1 is refused."""
-        extra = schema.get("additionalProperties")
+        extra, names = schema.get("additionalProperties"), schema.get("propertyNames")
         least, most = _counts(schema, at, "minProperties", "maxProperties")
-        if extra is False:
-            most = 0
         if least > 1:
             raise InputError(f"option {at}.minProperties: at most 1: a map's keys may repeat, so more than one "
                              "property cannot be promised")  # fmt: skip
-        if most is not None and least > most:
-            raise InputError(f"option {at}: no object has {least} properties and none beside its "
-                             "additionalProperties: false")  # fmt: skip
-        value = None if extra is None or isinstance(extra, bool) else self.inside(extra, f"{at}.additionalProperties")
-        names = schema.get("propertyNames")
+        if extra is False or names is False:
+            if least:
+                raise InputError(f"option {at}.minProperties: no object has a property where no key or value is "
+                                 "admitted (additionalProperties or propertyNames false)")  # fmt: skip
+            return Obj((), ())
         if names is not None:
-            if names is False:
-                most = 0
-                names = None
-            elif not isinstance(names, dict) or names.get("type", "string") != "string":
+            if not isinstance(names, dict) or names.get("type", "string") != "string":
                 raise InputError(f'option {at}.propertyNames: expected a string schema ({{"pattern": ...}})')
-            elif unknown := sorted(set(names) - NAME_KEYWORDS - ANNOTATIONS):
+            if unknown := sorted(set(names) - NAME_KEYWORDS - ANNOTATIONS):
                 raise InputError(f"option {at}.propertyNames.{unknown[0]}: not supported (a map's keys are held to "
                                  f"{', '.join(sorted(NAME_KEYWORDS))})")  # fmt: skip
+        value = None if extra is None or extra is True else self.inside(extra, f"{at}.additionalProperties")
         key = self.string(names, f"{at}.propertyNames") if names else Str()
         if value in (None, ANY) and key.pattern is None and least == 0 and most is None:
             return JSON_OBJECT  # any object: one node, its masks shared

@@ -627,7 +627,11 @@ def test_min_and_max_items_count_an_arrays_elements():
         ({**obj({"a": {}, "b": {}}), "maxProperties": 1}, r"maxProperties: beside properties, .* from the 2 prop"),
         (obj({"m": {"type": "object", "minProperties": 2}}), r"m\.minProperties: at most 1: a map's keys may repeat"),
         (obj({"m": {"type": "object", "minProperties": 2, "maxProperties": 1}}), r"maxProperties: 1 is less than"),
-        (obj({"m": {"type": "object", "additionalProperties": False, "minProperties": 1}}), r"m: no object has 1 pro"),
+        (
+            obj({"m": {"type": "object", "additionalProperties": False, "minProperties": 1}}),
+            r"m\.minProperties: no obj",
+        ),
+        (obj({"m": {"type": "object", "propertyNames": False, "minProperties": 1}}), r"m\.minProperties: no object"),
         (obj({"m": {"type": "object", "propertyNames": {"type": "integer"}}}), r"m\.propertyNames: expected a string"),
         (obj({"m": {"type": "object", "propertyNames": {"enum": ["a"]}}}), r"m\.propertyNames\.enum: not supported"),
         (obj({"m": {"type": "object", "propertyNames": {"pattern": "(?=a)"}}}), r"m\.propertyNames\.pattern: "),
