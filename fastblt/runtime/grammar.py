@@ -20,7 +20,8 @@ write them; those not `required` may be left out) and no others, `items`, `minIt
 `maxItems`, `enum`, `const`, `anyOf`, `$ref`s to the root's `$defs` or to the root (recursive
 ones too, from inside an object or array: trees, lists, expressions); beyond it, maps (an object
 without properties: `additionalProperties` a schema, `propertyNames`, `maxProperties`) and
-tuples (`prefixItems`), as Pydantic writes dict and tuple fields. Annotations (`description`,
+tuples (`prefixItems`), as Pydantic writes dict and tuple fields, and an `allOf` of one schema
+(Pydantic 1's described reference). Annotations (`description`,
 `title`, ...) are ignored and any other keyword is refused, so what the grammar lets through is
 what the schema admits. Without a schema, any object. Other grammars (a list of tool calls) are
 built of the nodes and `union`.
@@ -285,8 +286,8 @@ BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 MAX_BOUND = 10**18  # a bound's size: past it a bound is not worth its automaton
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "propertyNames", "minProperties",
                       "maxProperties", "items", "prefixItems", "minItems", "maxItems", "pattern", "format",
-                      "minLength", "maxLength", *BOUNDS, "multipleOf", "enum", "const", "anyOf", "$ref", "$defs",
-                      "definitions"))  # fmt: skip
+                      "minLength", "maxLength", *BOUNDS, "multipleOf", "enum", "const", "anyOf", "allOf", "$ref",
+                      "$defs", "definitions"))  # fmt: skip
 NAME_KEYWORDS = frozenset(("type", "pattern", "format", "minLength", "maxLength"))  # a map's propertyNames
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 MAX_DEPTH = 32  # schemas nested in a schema: deeper is refused rather than recursed into
@@ -474,6 +475,12 @@ class _Compiler:
                                     or {"$ref", "const", "enum"} & set(schema)):  # fmt: skip
                 described = '"number" or "integer"' if kind == "number" else f'"{kind}"'
                 raise InputError(f'option {at}.{bound}: only beside "type": {described} (and no enum, const or $ref)')
+        if "allOf" in schema:  # Pydantic 1 and others wrap a described reference: {"allOf": [{"$ref": ...}], ...}
+            parts = schema["allOf"]
+            if not isinstance(parts, list) or len(parts) != 1 or set(schema) - {"allOf"} - ANNOTATIONS:
+                raise InputError(f"option {at}.allOf: only a list of one schema, beside annotations only (fastblt "
+                                 "does not intersect schemas)")  # fmt: skip
+            return self.compile(parts[0], f"{at}.allOf[0]")
         if "$ref" in schema:
             return self.ref(schema, at)
         if "const" in schema:

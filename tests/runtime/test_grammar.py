@@ -407,6 +407,12 @@ def test_refs_to_defs_are_followed_as_openais_client_writes_pydantic_models():
              "required": [*person["required"], "work"]}  # fmt: skip
     root = compile_schema(twice)
     assert root.values[2] is root.values[4]  # a definition is compiled once
+    # Pydantic 1 (and other generators) wrap a described reference in a one-schema allOf
+    wrapped = {**person, "definitions": {"Address": address}, "properties": {**person["properties"], "home": {
+        "title": "Home", "description": "where", "allOf": [{"$ref": "#/definitions/Address"}]}}}  # fmt: skip
+    del wrapped["$defs"]
+    assert done(follows(wrapped, text)) and follows(wrapped, b'{"name": "x", "kind": "b", "home": {"zip"') is None
+    jsonschema.validate(json.loads(text), wrapped)
 
 
 NODE = obj({"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}})
@@ -623,6 +629,9 @@ def test_min_and_max_items_count_an_arrays_elements():
         ({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["c"]}, r"required: 'c' is not one of"),
         ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, "additionalProperties: only false"),
         ({"type": "object", "properties": {"a": {}}, "propertyNames": {}}, "propertyNames: only in an object without"),
+        (obj({"a": {"allOf": [{"type": "integer"}, {"minimum": 1}]}}), r"a\.allOf: only a list of one schema"),
+        (obj({"a": {"allOf": [{"type": "integer"}], "type": "integer"}}), r"a\.allOf: only a list of one.*, beside"),
+        (obj({"a": {"allOf": [{"type": "date"}]}}), r"a\.allOf\[0\]\.type: expected one of"),
         ({**obj({"a": {}, "b": {}}, (False, True)), "minProperties": 2}, r"minProperties: beside .* the 1 required"),
         ({**obj({"a": {}, "b": {}}), "maxProperties": 1}, r"maxProperties: beside properties, .* from the 2 prop"),
         (obj({"m": {"type": "object", "minProperties": 2}}), r"m\.minProperties: at most 1: a map's keys may repeat"),

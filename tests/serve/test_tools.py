@@ -80,12 +80,13 @@ def test_functions_may_name_their_definitions_alike():
              "required": ["u"], "properties": {"u": {"$ref": "#/definitions/Unit"}}}  # fmt: skip
     unit_ref = {"$ref": "#/$defs/Unit"}
     inside = {"$defs": {"Unit": {"enum": ["k"]}}, "type": "object", "additionalProperties": False,
-              "required": ["m", "t"], "properties": {"m": {"type": "object", "additionalProperties": unit_ref},
-                                                     "t": {"type": "array", "prefixItems": [unit_ref]}}}  # fmt: skip
+              "required": ["m", "t", "w"], "properties": {"m": {"type": "object", "additionalProperties": unit_ref},
+                                                          "t": {"type": "array", "prefixItems": [unit_ref]},
+                                                          "w": {"allOf": [unit_ref], "title": "W"}}}  # fmt: skip
     schema = calls_schema({"temp": unit, "wind": speed, "map": inside}, True)
     assert sorted(schema["$defs"]) == ["map.Unit", "temp.Unit", "wind.Unit"]
-    assert accepts(schema, '{"tool_calls":[{"name":"map","arguments":{"m":{"a":"k"},"t":["k"]}}]}')
-    assert not accepts(schema, '{"tool_calls":[{"name":"map","arguments":{"m":{"a":"c"},"t":["k"]}}]}')
+    assert accepts(schema, '{"tool_calls":[{"name":"map","arguments":{"m":{"a":"k"},"t":["k"],"w":"k"}}]}')
+    assert not accepts(schema, '{"tool_calls":[{"name":"map","arguments":{"m":{"a":"c"},"t":["k"],"w":"k"}}]}')
     assert accepts(
         schema, '{"tool_calls":[{"name":"temp","arguments":{"u":"c"}},{"name":"wind","arguments":{"u":"mph"}}]}'
     )
