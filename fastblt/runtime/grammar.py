@@ -451,6 +451,27 @@ class _Compiler:
             self.spend("states of its strings' and numbers' automata", pat.size, at)
         return pat
 
+    def literal(self, schema: dict, at: str) -> Lit:
+        """An `enum`'s or a `const`'s values, those of the schema's `type` where it gives one (Pydantic
+        writes both: `{"enum": [...], "type": "string"}`); any other keyword beside them is refused."""
+        name = "const" if "const" in schema else "enum"
+        values = [schema["const"]] if name == "const" else schema["enum"]
+        if not isinstance(values, list) or not values:
+            raise InputError(f"option {at}.enum: expected a non-empty list")
+        roots = {"$defs", "definitions"} if schema is self.schema else set()
+        if beside := sorted(set(schema) - {name, "type"} - ANNOTATIONS - roots):
+            raise InputError(f"option {at}.{beside[0]}: not beside {name} (only type and annotations are: its values "
+                             "are written as they are)")  # fmt: skip
+        if "type" in schema:
+            kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+            if not all(isinstance(k, str) and k in TYPES for k in kinds):
+                raise InputError(f"option {at}.type: expected one of {', '.join(TYPES)} or a list of them, got "
+                                 f"{schema['type']!r}")  # fmt: skip
+            values = [v for v in values if _json_types(v) & set(kinds)]
+            if not values:
+                raise InputError(f"option {at}.{name}: no value of it is of type {schema['type']!r}")
+        return self.literals(values, f"{at}.{name}")
+
     def literals(self, values: list, at: str) -> Lit:
         texts = tuple(dict.fromkeys(_text(v) for v in values))
         self.spend("enum and const values", len(values), at)
@@ -483,13 +504,8 @@ class _Compiler:
             return self.compile(parts[0], f"{at}.allOf[0]")
         if "$ref" in schema:
             return self.ref(schema, at)
-        if "const" in schema:
-            return self.literals([schema["const"]], f"{at}.const")
-        if "enum" in schema:
-            values = schema["enum"]
-            if not isinstance(values, list) or not values:
-                raise InputError(f"option {at}.enum: expected a non-empty list")
-            return self.literals(values, f"{at}.enum")
+        if "const" in schema or "enum" in schema:
+            return self.literal(schema, at)
         if "anyOf" in schema:
             alts = schema["anyOf"]
             if not isinstance(alts, list) or not alts or set(schema) & {"type", "properties", "items"}:
@@ -669,6 +685,17 @@ def _counts(schema: dict, at: str, low: str, high: str) -> tuple[int, int | None
     if most is not None and most < least:
         raise InputError(f"option {at}.{high}: {most} is less than {low} ({least})")
     return least, most
+
+
+def _json_types(value: Any) -> set[str]:
+    """The JSON Schema types a JSON value is of (a whole number is an integer, 1.0 too)."""
+    if value is None:
+        return {"null"}
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, (int, float)):
+        return {"number", "integer"} if isinstance(value, int) or value.is_integer() else {"number"}
+    return {str: {"string"}, list: {"array"}, dict: {"object"}}.get(type(value), set())
 
 
 def _text(value: Any) -> bytes:

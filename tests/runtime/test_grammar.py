@@ -198,6 +198,9 @@ leaf_schemas = (
     | st.sampled_from([{"type": t} for t in ("string", "number", "integer", "boolean", "null")]
                     + [{"type": ["string", "null"]}, {"type": ["integer", "boolean"]}, {}, {"type": "object"}])
     | st.lists(small_values, min_size=1, max_size=4).map(lambda v: {"enum": v, "description": "one of these"})
+    | st.lists(small_values, min_size=1, max_size=4)  # beside a type: only the values of that type
+    .filter(lambda v: any(isinstance(x, str) for x in v))
+    .map(lambda v: {"enum": v, "type": "string"})
     | small_values.map(lambda v: {"const": v})
     | st.sampled_from([
         {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}}]},
@@ -279,7 +282,7 @@ def instances(schema: dict) -> st.SearchStrategy:
     if "const" in schema:
         return st.just(schema["const"])
     if "enum" in schema:
-        return st.sampled_from(schema["enum"])
+        return st.sampled_from([v for v in schema["enum"] if "type" not in schema or isinstance(v, str)])
     if "anyOf" in schema:
         return st.one_of([instances(s) for s in schema["anyOf"]])
     kind = schema.get("type")
@@ -547,6 +550,26 @@ def test_pydantic_dicts_and_tuples_are_held():
         text = json.dumps(value.model_dump() | wrong)
         s = advance(begin(root), [b + BYTE_OFFSET for b in text.encode()])
         assert s is None or not done(s), wrong
+
+
+def test_enum_and_const_beside_a_type_keep_the_values_of_that_type():
+    """Pydantic writes `{"enum": [...], "type": "string"}`: a value of another type is not written
+    (it was, once: the type was ignored), and an enum or const with none of the type is refused."""
+    schema = obj({"v": {"enum": ["a", 1, 2.0, 2.5, None, True], "type": ["string", "integer"]}})
+    for text, ok in ((b'"a"', True), (b"1", True), (b"2.0", True), (b"2.5", False), (b"null", False),
+                     (b"true", False)):  # fmt: skip
+        s = follows(schema, b'{"v":' + text + b"}")
+        assert (s is not None and done(s)) == ok, text
+        if ok:
+            jsonschema.validate({"v": json.loads(text)}, schema)
+    for bad, match in (
+        ({"const": 1.5, "type": "integer"}, r"v\.const: no value of it is of type 'integer'"),
+        ({"enum": [1, 2], "type": "string"}, r"v\.enum: no value"),
+        ({"enum": [1], "const": 1}, r"v\.enum: not beside const"),
+        ({"enum": [{"a": 1}], "type": "object", "required": ["b"]}, r"v\.required: not beside enum"),
+    ):
+        with pytest.raises(InputError, match=match):
+            compile_schema(obj({"v": bad}))
 
 
 def test_a_nested_any_of_is_read_as_its_alternatives():
