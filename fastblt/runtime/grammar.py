@@ -508,8 +508,10 @@ class _Compiler:
             return self.literal(schema, at)
         if "anyOf" in schema:
             alts = schema["anyOf"]
-            if not isinstance(alts, list) or not alts or set(schema) & {"type", "properties", "items"}:
-                raise InputError(f"option {at}.anyOf: expected a non-empty list of schemas, alone")
+            roots = {"$defs", "definitions"} if schema is self.schema else set()
+            if not isinstance(alts, list) or not alts or set(schema) - {"anyOf"} - ANNOTATIONS - roots:
+                raise InputError(f"option {at}.anyOf: expected a non-empty list of schemas, alone (beside "
+                                 "annotations only: fastblt does not intersect schemas)")  # fmt: skip
             return self.union([self.compile(s, f"{at}.anyOf[{i}]") for i, s in enumerate(alts)], f"{at}.anyOf")
         kind = schema.get("type", "object" if "properties" in schema else None)
         if kind is None:
@@ -578,6 +580,9 @@ class _Compiler:
         it; a reader keeps one value), so a pair past the first can't promise another key: a
         minProperties above 1 is refused."""
         extra, names = schema.get("additionalProperties"), schema.get("propertyNames")
+        if schema.get("required"):
+            raise InputError(f"option {at}.required: keys required of an object without properties are not held "
+                             "(give them as properties)")  # fmt: skip
         least, most = _counts(schema, at, "minProperties", "maxProperties")
         if least > 1:
             raise InputError(f"option {at}.minProperties: at most 1: a map's keys may repeat, so more than one "

@@ -653,6 +653,8 @@ def test_min_and_max_items_count_an_arrays_elements():
         ({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, "additionalProperties: only false"),
         ({"type": "object", "properties": {"a": {}}, "propertyNames": {}}, "propertyNames: only in an object without"),
         (obj({"a": {"allOf": [{"type": "integer"}, {"minimum": 1}]}}), r"a\.allOf: only a list of one schema"),
+        (obj({"a": {"anyOf": [{"type": "object"}], "additionalProperties": False}}), r"a\.anyOf: .*, alone \(beside"),
+        (obj({"a": {"type": "object", "required": ["k"]}}), r"a\.required: keys required of an object without pro"),
         (obj({"a": {"allOf": [{"type": "integer"}], "type": "integer"}}), r"a\.allOf: only a list of one.*, beside"),
         (obj({"a": {"allOf": [{"type": "date"}]}}), r"a\.allOf\[0\]\.type: expected one of"),
         ({**obj({"a": {}, "b": {}}, (False, True)), "minProperties": 2}, r"minProperties: beside .* the 1 required"),
