@@ -515,6 +515,9 @@ class _Compiler:
             return self.union([self.compile(s, f"{at}.anyOf[{i}]") for i, s in enumerate(alts)], f"{at}.anyOf")
         kind = schema.get("type", "object" if "properties" in schema else None)
         if kind is None:
+            roots = {"$defs", "definitions"} if schema is self.schema else set()
+            if held := sorted(set(schema) - ANNOTATIONS - roots):  # they would hold nothing: any value passes
+                raise InputError(f'option {at}.{held[0]}: only beside a "type" (without one any value is admitted)')
             return ANY
         kinds = kind if isinstance(kind, list) else [kind]
         if not kinds or not all(isinstance(k, str) and k in TYPES for k in kinds):
@@ -608,8 +611,8 @@ class _Compiler:
         """An array: its first elements of its `prefixItems` (a tuple's), the rest of its `items`
         (false: none; true or left out: any), minItems to maxItems of them."""
         prefix = schema.get("prefixItems", [])
-        if not isinstance(prefix, list):
-            raise InputError(f"option {at}.prefixItems: expected a list of schemas")
+        if "prefixItems" in schema and (not isinstance(prefix, list) or not prefix):
+            raise InputError(f"option {at}.prefixItems: expected a non-empty list of schemas")
         head = tuple(self.inside(s, f"{at}.prefixItems[{i}]") for i, s in enumerate(prefix))
         items = schema.get("items")
         if isinstance(items, list):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from decimal import Decimal
 
 import jsonschema
 import numpy as np
@@ -505,25 +506,99 @@ def test_maps_hold_their_values_keys_and_counts_and_tuples_their_elements_in_pla
     assert allowed(follows(obj({"v": TUPLE}), b'{"v": [1, ')) == b'\t\n\r "'  # the second element's enum
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.sampled_from([MAP, TUPLE, {"type": "object", "additionalProperties": TUPLE, "maxProperties": 3}]),
-       st.randoms(use_true_random=False))  # fmt: skip
-def test_random_walks_along_the_mask_of_maps_and_tuples_never_stall_and_close_valid(schema, rng):
+def walk(root, rng, limit: int = 400) -> bytes | None:
     """Bytes drawn from what the mask allows (structure favoured, closing once the text is long)
-    never reach a state that allows nothing, and a text the grammar closes validates."""
-    wrapped = obj({"v": schema})
-    s, text = begin(compile_schema(wrapped)), b""
-    for _ in range(400):
+    until EOS may come: the text, or None past `limit` bytes. A state that allows nothing fails."""
+    s, text = begin(root), b""
+    for _ in range(limit):
         ids = np.flatnonzero(mask(s) == 0)
         assert len(ids), text
         if EOS_ID in ids:
-            jsonschema.validate(json.loads(text), wrapped)
-            return
+            return text
         options = [int(i) - BYTE_OFFSET for i in ids if i >= BYTE_OFFSET]
         liked = [b for b in options if b in (b'}]"' if len(text) > 30 else b'{}[],:"-0123abtfn')]
         b = rng.choice(liked or options)
         s, text = step(s, b), text + bytes([b])
-    pytest.fail(f"no end after 400 bytes: {text!r}")
+    return None
+
+
+def validates(text: bytes, schema: dict) -> None:
+    """jsonschema's verdict on a text the grammar closed: its numbers read exactly (Decimal, as
+    the grammar's bounds compare them), its formats checked."""
+    jsonschema.validate(json.loads(text, parse_float=Decimal), schema, format_checker=jsonschema.FormatChecker())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([MAP, TUPLE, {"type": "object", "additionalProperties": TUPLE, "maxProperties": 3}]),
+       st.randoms(use_true_random=False))  # fmt: skip
+def test_random_walks_along_the_mask_of_maps_and_tuples_never_stall_and_close_valid(schema, rng):
+    """Walks along the mask never reach a state that allows nothing, and close valid."""
+    wrapped = obj({"v": schema})
+    text = walk(compile_schema(wrapped), rng)
+    assert text is not None, "no end after 400 bytes"
+    validates(text, wrapped)
+
+
+KEYWORD_VALUES = {  # every keyword fastblt knows, with values right for it
+    "type": st.sampled_from(grammar.TYPES) | st.lists(st.sampled_from(grammar.TYPES), min_size=1, max_size=3,
+                                                       unique=True),
+    "enum": st.lists(small_values, min_size=1, max_size=3), "const": small_values,
+    "pattern": st.sampled_from(["^a+$", "b", "^[0-9]{2}$"]), "format": st.sampled_from(["date", "email", "uuid"]),
+    "minLength": st.integers(0, 3), "maxLength": st.integers(0, 4),
+    "minimum": st.integers(-3, 3), "maximum": st.integers(-3, 3), "exclusiveMinimum": st.integers(-3, 3),
+    "exclusiveMaximum": st.integers(-3, 3), "multipleOf": st.integers(1, 3),
+    "minItems": st.integers(0, 2), "maxItems": st.integers(0, 3), "minProperties": st.integers(0, 2),
+    "maxProperties": st.integers(0, 2), "required": st.lists(st.sampled_from(["a", "b", "c"]), max_size=2, unique=True),
+    "propertyNames": st.booleans() | st.sampled_from([{"pattern": "^[ab]+$"}, {"maxLength": 1}]),
+    "description": st.just("annotations are ignored"),
+}  # fmt: skip
+KEYWORDS_OF = {"object": ("required", "minProperties", "maxProperties", "propertyNames", "properties",
+                          "additionalProperties"),
+               "array": ("minItems", "maxItems", "items", "prefixItems"),
+               "string": ("pattern", "format", "minLength", "maxLength"),
+               "integer": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"),
+               "boolean": (), "null": ()}  # fmt: skip
+KEYWORDS_OF["number"] = KEYWORDS_OF["integer"]
+
+
+def keyword_schemas(inner: st.SearchStrategy | None) -> st.SearchStrategy:
+    """Schemas of a type with any of its keywords, enum / const / annotations beside them, and now
+    and then any keyword at all (most such are refused: that they are refused is tested too);
+    `inner`: the schemas of properties, items and alternatives (None: none)."""
+    nested = {} if inner is None else {
+        "properties": st.dictionaries(st.sampled_from(["a", "b"]), inner, max_size=2),
+        "additionalProperties": st.booleans() | inner, "items": st.booleans() | inner,
+        "prefixItems": st.lists(inner, min_size=1, max_size=2), "anyOf": st.lists(inner, min_size=1, max_size=2),
+        "allOf": st.lists(inner, min_size=1, max_size=2)}  # fmt: skip
+    values = KEYWORD_VALUES | nested
+
+    def of_type(kind: str) -> st.SearchStrategy:
+        names = [k for k in (*KEYWORDS_OF[kind], "enum", "const", "description") if k in values]
+        return st.fixed_dictionaries({"type": st.just(kind)}, optional={k: values[k] for k in names})
+
+    return st.one_of(st.sampled_from(grammar.TYPES).flatmap(of_type),
+                     st.fixed_dictionaries({}, optional=values))  # fmt: skip
+
+
+any_keywords = keyword_schemas(keyword_schemas(None))
+
+
+@settings(max_examples=600, deadline=None)
+@given(any_keywords, st.randoms(use_true_random=False))
+def test_keywords_in_any_combination_are_held_or_refused_never_ignored(schema, rng):
+    """Any combination of the keywords fastblt knows, with values right for each: the schema
+    compiles or is refused by name (InputError), and if it compiles, walks along its mask never
+    stall and every text they close validates. A keyword the grammar ignored beside another
+    (enum beside type, required beside anyOf, ...) shows here as a text that does not validate."""
+    wrapped = obj({"v": schema})
+    try:
+        root = compile_schema(wrapped)
+    except InputError:
+        return
+    for _ in range(3):
+        text = walk(root, rng)
+        if text is not None:
+            validates(text, wrapped)
 
 
 def test_pydantic_dicts_and_tuples_are_held():
@@ -655,6 +730,8 @@ def test_min_and_max_items_count_an_arrays_elements():
         (obj({"a": {"allOf": [{"type": "integer"}, {"minimum": 1}]}}), r"a\.allOf: only a list of one schema"),
         (obj({"a": {"anyOf": [{"type": "object"}], "additionalProperties": False}}), r"a\.anyOf: .*, alone \(beside"),
         (obj({"a": {"type": "object", "required": ["k"]}}), r"a\.required: keys required of an object without pro"),
+        (obj({"a": {"required": ["k"], "title": "A"}}), r'a\.required: only beside a "type" \(without one any'),
+        (obj({"a": {"items": {"type": "integer"}}}), r'a\.items: only beside a "type"'),
         (obj({"a": {"allOf": [{"type": "integer"}], "type": "integer"}}), r"a\.allOf: only a list of one.*, beside"),
         (obj({"a": {"allOf": [{"type": "date"}]}}), r"a\.allOf\[0\]\.type: expected one of"),
         ({**obj({"a": {}, "b": {}}, (False, True)), "minProperties": 2}, r"minProperties: beside .* the 1 required"),
@@ -671,7 +748,7 @@ def test_min_and_max_items_count_an_arrays_elements():
         (obj({"m": {"type": "object", "propertyNames": {"pattern": "(?=a)"}}}), r"m\.propertyNames\.pattern: "),
         (obj({"m": {"type": "string", "maxProperties": 1}}), r"m\.maxProperties: only beside \"type\": \"object\""),
         (obj({"t": {"type": "array", "items": [{}]}}), r"t\.items: expected a schema .* write it as prefixItems"),
-        (obj({"t": {"type": "array", "prefixItems": {}}}), r"t\.prefixItems: expected a list of schemas"),
+        (obj({"t": {"type": "array", "prefixItems": []}}), r"t\.prefixItems: expected a non-empty list of sch"),
         (obj({"t": {"type": "array", "prefixItems": [{}], "items": False, "minItems": 2}}), r"t\.minItems: 2 elem"),
         (obj({"t": {"type": "array", "prefixItems": [{"type": "date"}]}}), r"t\.prefixItems\[0\]\.type: expected"),
         ({"$ref": "#/$defs/x"}, r"schema\.\$ref: expected \"#\" or \"#/\$defs/NAME\" of the root's \$defs"),
