@@ -20,8 +20,9 @@ write them; those not `required` may be left out) and no others, `items`, `minIt
 `maxItems`, `enum`, `const`, `anyOf`, `$ref`s to the root's `$defs` or to the root (recursive
 ones too, from inside an object or array: trees, lists, expressions); beyond it, maps (an object
 without properties: `additionalProperties` a schema, `propertyNames`, `maxProperties`) and
-tuples (`prefixItems`), as Pydantic writes dict and tuple fields, and an `allOf` of one schema
-(Pydantic 1's described reference). Annotations (`description`,
+tuples (`prefixItems`), as Pydantic writes dict and tuple fields, a `oneOf` whose alternatives
+no value can be of two of (a discriminated union) and an `allOf` of one schema (Pydantic 1's
+described reference). Annotations (`description`,
 `title`, ...) are ignored and any other keyword is refused, so what the grammar lets through is
 what the schema admits. Without a schema, any object. Other grammars (a list of tool calls) are
 built of the nodes and `union`.
@@ -281,13 +282,15 @@ def _alternatives(alts: list[Node]) -> list[Node]:
     return list(out.values())
 
 
-ANNOTATIONS = frozenset(("description", "title", "$schema", "$id", "$comment", "examples", "default"))
+ANNOTATIONS = frozenset(
+    ("description", "title", "$schema", "$id", "$comment", "examples", "default", "discriminator")
+)  # OpenAPI's discriminator (Pydantic writes it beside oneOf) holds nothing
 BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 MAX_BOUND = 10**18  # a bound's size: past it a bound is not worth its automaton
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "propertyNames", "minProperties",
                       "maxProperties", "items", "prefixItems", "minItems", "maxItems", "pattern", "format",
-                      "minLength", "maxLength", *BOUNDS, "multipleOf", "enum", "const", "anyOf", "allOf", "$ref",
-                      "$defs", "definitions"))  # fmt: skip
+                      "minLength", "maxLength", *BOUNDS, "multipleOf", "enum", "const", "anyOf", "oneOf", "allOf",
+                      "$ref", "$defs", "definitions"))  # fmt: skip
 NAME_KEYWORDS = frozenset(("type", "pattern", "format", "minLength", "maxLength"))  # a map's propertyNames
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 MAX_DEPTH = 32  # schemas nested in a schema: deeper is refused rather than recursed into
@@ -506,13 +509,17 @@ class _Compiler:
             return self.ref(schema, at)
         if "const" in schema or "enum" in schema:
             return self.literal(schema, at)
-        if "anyOf" in schema:
-            alts = schema["anyOf"]
-            roots = {"$defs", "definitions"} if schema is self.schema else set()
-            if not isinstance(alts, list) or not alts or set(schema) - {"anyOf"} - ANNOTATIONS - roots:
-                raise InputError(f"option {at}.anyOf: expected a non-empty list of schemas, alone (beside "
-                                 "annotations only: fastblt does not intersect schemas)")  # fmt: skip
-            return self.union([self.compile(s, f"{at}.anyOf[{i}]") for i, s in enumerate(alts)], f"{at}.anyOf")
+        for name in ("anyOf", "oneOf"):
+            if name in schema:
+                alts = schema[name]
+                roots = {"$defs", "definitions"} if schema is self.schema else set()
+                if not isinstance(alts, list) or not alts or set(schema) - {name} - ANNOTATIONS - roots:
+                    raise InputError(f"option {at}.{name}: expected a non-empty list of schemas, alone (beside "
+                                     "annotations only: fastblt does not intersect schemas)")  # fmt: skip
+                nodes = [self.compile(s, f"{at}.{name}[{i}]") for i, s in enumerate(alts)]
+                if name == "oneOf":
+                    _check_apart(nodes, f"{at}.oneOf")
+                return self.union(nodes, f"{at}.{name}")
         kind = schema.get("type", "object" if "properties" in schema else None)
         if kind is None:
             roots = {"$defs", "definitions"} if schema is self.schema else set()
@@ -681,6 +688,42 @@ class _Compiler:
                              f"{json.dumps(value)[:40]}")  # fmt: skip
         _, digits, exponent = Decimal(repr(value)).normalize().as_tuple()
         return int("".join(map(str, digits))) * 10 ** max(exponent, 0), max(-exponent, 0)
+
+
+def _check_apart(alts: list[Node], at: str) -> None:
+    """InputError at `at` unless no value is of two of `alts`, so that oneOf (exactly one) is anyOf:
+    objects told apart by a property each requires whose constants differ (a discriminated union,
+    as Pydantic writes one), or a single alternative."""
+    if len(alts) == 1:
+        return
+    objs = []
+    for node in alts:
+        while isinstance(node, Ref) and node.target is not None:
+            node = node.target
+        objs.append(node if isinstance(node, Obj) and node.keys is not None else None)
+    if all(objs):
+        for key in objs[0].keys or ():  # type: ignore[union-attr]
+            texts: list[frozenset[bytes]] = []
+            for obj in objs:
+                j = obj.keys.index(key) if key in obj.keys else -1  # type: ignore[union-attr]
+                if j < 0 or not obj.required[j] or not isinstance(obj.values[j], Lit):  # type: ignore[union-attr]
+                    break
+                texts.append(frozenset(map(_equal_as_json, obj.values[j].texts)))  # type: ignore[union-attr]
+            else:
+                if sum(map(len, texts)) == len(frozenset().union(*texts)):  # no constant in two of them
+                    return
+    raise InputError(
+        f"option {at}: only alternatives no value can be of two of: objects told apart by a property "
+        "each requires, of different constants (a discriminated union); anyOf admits a value of several"
+    )
+
+
+def _equal_as_json(text: bytes) -> object:
+    """A literal's text, as JSON Schema compares it: 1 and 1.0 the same number (booleans are not)."""
+    value = json.loads(text)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Decimal(repr(value)).normalize()
+    return text
 
 
 def _counts(schema: dict, at: str, low: str, high: str) -> tuple[int, int | None]:

@@ -212,7 +212,7 @@ def _moved_refs(schema: Any, prefix: str, roots: set[str]) -> Any:
     for key in ("items", "additionalProperties"):
         if key in schema:
             out[key] = _moved_refs(schema[key], prefix, roots)
-    for key in ("anyOf", "allOf", "prefixItems"):
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
         if isinstance(schema.get(key), list):
             out[key] = [_moved_refs(s, prefix, roots) for s in schema[key]]
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from decimal import Decimal
+from typing import Annotated, Literal, Union
 
 import jsonschema
 import numpy as np
@@ -569,6 +570,7 @@ def keyword_schemas(inner: st.SearchStrategy | None) -> st.SearchStrategy:
         "properties": st.dictionaries(st.sampled_from(["a", "b"]), inner, max_size=2),
         "additionalProperties": st.booleans() | inner, "items": st.booleans() | inner,
         "prefixItems": st.lists(inner, min_size=1, max_size=2), "anyOf": st.lists(inner, min_size=1, max_size=2),
+        "oneOf": st.lists(inner, min_size=1, max_size=2),
         "allOf": st.lists(inner, min_size=1, max_size=2)}  # fmt: skip
     values = KEYWORD_VALUES | nested
 
@@ -625,6 +627,47 @@ def test_pydantic_dicts_and_tuples_are_held():
         text = json.dumps(value.model_dump() | wrong)
         s = advance(begin(root), [b + BYTE_OFFSET for b in text.encode()])
         assert s is None or not done(s), wrong
+
+
+def test_a_discriminated_union_is_held_and_overlapping_one_ofs_are_refused():
+    """oneOf (exactly one alternative) is held where no value can be of two: objects told apart by
+    a required property of different constants, as Pydantic writes `Field(discriminator=...)`
+    (`oneOf` beside OpenAPI's `discriminator`); alternatives that overlap are refused by name."""
+    import pydantic
+    from openai.lib._pydantic import to_strict_json_schema
+
+    class Cat(pydantic.BaseModel):
+        kind: Literal["cat"]
+        lives: int
+
+    class Dog(pydantic.BaseModel):
+        kind: Literal["dog"]
+        good: bool
+
+    class Owner(pydantic.BaseModel):
+        pet: Annotated[Union[Cat, Dog], pydantic.Field(discriminator="kind")]  # noqa: UP007  # as users write it
+
+    schema = to_strict_json_schema(Owner)
+    assert "oneOf" in json.dumps(schema) and "discriminator" in json.dumps(schema)
+    root = compile_schema(schema)
+    for value in (Owner(pet=Cat(kind="cat", lives=9)), Owner(pet=Dog(kind="dog", good=True))):
+        assert done(read(root, value.model_dump_json().encode()))
+    assert read(root, b'{"pet":{"kind":"dog","lives"') is None
+
+    def one_of(*alts):
+        return obj({"v": {"oneOf": list(alts)}})
+
+    with_k = lambda k: obj({"k": {"const": k}, "x": {"type": "integer"}})  # noqa: E731
+    assert done(follows(one_of(with_k("a"), with_k(2)), b'{"v":{"k":2,"x":1}}'))
+    assert done(follows(one_of({"type": "string"}), b'{"v":"s"}'))  # one alternative: nothing to overlap
+    for alts in (
+        ({"type": "integer"}, {"type": "number"}),
+        (with_k(1), with_k(1.0)),
+        (with_k("a"), with_k("a")),
+        (with_k("a"), obj({"k": {"const": "b"}}, (True,))),
+    ):  # the last: k not required
+        with pytest.raises(InputError, match=r"v\.oneOf: only alternatives no value can be of two of"):
+            compile_schema(one_of(*alts))
 
 
 def test_enum_and_const_beside_a_type_keep_the_values_of_that_type():
