@@ -395,6 +395,7 @@ class _Compiler:
         self.containers = 0  # objects and arrays open where the compiler is
         self.refs: dict[str, list[Ref]] = {}  # references to open definitions, to point at them once compiled
         self.unchecked: list[tuple[Node, str]] = []  # unions built while a Ref was open: checked at the end
+        self.one_ofs: list[tuple[list[Node], str]] = []  # oneOfs' alternatives, checked apart at the end
         self.depth = 0
         self.spent = dict.fromkeys(LIMITS, 0)
         self.automata: dict[int, Pattern] = {}  # by id, each counted once (and kept alive while compiling)
@@ -404,6 +405,8 @@ class _Compiler:
         node = self.definition("#", at)
         for union_, where in self.unchecked:  # every Ref points at its node now (counted 1 wide)
             check_width(union_, where)
+        for alts, where in self.one_ofs:  # a recursive one's alternatives are compiled now too
+            _check_apart(alts, where)
         return node
 
     def union(self, alts: list[Node], at: str) -> Node:
@@ -518,7 +521,7 @@ class _Compiler:
                                      "annotations only: fastblt does not intersect schemas)")  # fmt: skip
                 nodes = [self.compile(s, f"{at}.{name}[{i}]") for i, s in enumerate(alts)]
                 if name == "oneOf":
-                    _check_apart(nodes, f"{at}.oneOf")
+                    self.one_ofs.append((nodes, f"{at}.oneOf"))
                 return self.union(nodes, f"{at}.{name}")
         kind = schema.get("type", "object" if "properties" in schema else None)
         if kind is None:

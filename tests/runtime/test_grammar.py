@@ -653,6 +653,13 @@ def test_a_discriminated_union_is_held_and_overlapping_one_ofs_are_refused():
     for value in (Owner(pet=Cat(kind="cat", lives=9)), Owner(pet=Dog(kind="dog", good=True))):
         assert done(read(root, value.model_dump_json().encode()))
     assert read(root, b'{"pet":{"kind":"dog","lives"') is None
+    # a recursive one: checked once its alternatives are compiled (an expression of expressions)
+    expr = {"oneOf": [{"$ref": "#/$defs/num"}, {"$ref": "#/$defs/add"}], "discriminator": {"propertyName": "op"}}
+    tree = {"$defs": {"num": obj({"op": {"const": "num"}, "v": {"type": "integer"}}),
+                      "add": obj({"op": {"const": "add"}, "l": expr, "r": expr})}, **obj({"e": expr})}  # fmt: skip
+    text = b'{"e":{"op":"add","l":{"op":"num","v":1},"r":{"op":"add","l":{"op":"num","v":2},"r":{"op":"num","v":3}}}}'
+    assert done(follows(tree, text))
+    jsonschema.validate(json.loads(text), tree)
 
     def one_of(*alts):
         return obj({"v": {"oneOf": list(alts)}})
