@@ -12,8 +12,8 @@ Latency-bound work marks the thread it runs on (`serving`, `busy`/`idle`): a bat
 Generator's call, the event loop of an AsyncEngine with requests in flight. The compiling loops
 call `pause()`, which, while another thread is so marked, sleeps for an instant every GAP_S of
 work, and a loop waiting for the GIL takes it then. The compile runs while the loops are in their
-backend calls and takes a few times longer while streams decode: its own request's wait, not
-theirs (benchmarks/json_mode.py measures both). With nothing marked it runs at full speed.
+backend calls and takes longer while streams decode: its own request's wait, not theirs
+(benchmarks/json_mode.py measures both). With nothing marked it runs at full speed.
 """
 
 from __future__ import annotations
