@@ -695,30 +695,37 @@ class _Compiler:
 
 def _check_apart(alts: list[Node], at: str) -> None:
     """InputError at `at` unless no value is of two of `alts`, so that oneOf (exactly one) is anyOf:
-    objects told apart by a property each requires whose constants differ (a discriminated union,
-    as Pydantic writes one), or a single alternative."""
-    if len(alts) == 1:
-        return
-    objs = []
+    every two are of different JSON types (their first bytes differ: `1` is no string), or objects
+    told apart by a property both require, of different constants (a discriminated union, as
+    Pydantic writes one)."""
+    nodes = []
     for node in alts:
         while isinstance(node, Ref) and node.target is not None:
             node = node.target
-        objs.append(node if isinstance(node, Obj) and node.keys is not None else None)
-    if all(objs):
-        for key in objs[0].keys or ():  # type: ignore[union-attr]
-            texts: list[frozenset[bytes]] = []
-            for obj in objs:
-                j = obj.keys.index(key) if key in obj.keys else -1  # type: ignore[union-attr]
-                if j < 0 or not obj.required[j] or not isinstance(obj.values[j], Lit):  # type: ignore[union-attr]
-                    break
-                texts.append(frozenset(map(_equal_as_json, obj.values[j].texts)))  # type: ignore[union-attr]
-            else:
-                if sum(map(len, texts)) == len(frozenset().union(*texts)):  # no constant in two of them
-                    return
-    raise InputError(
-        f"option {at}: only alternatives no value can be of two of: objects told apart by a property "
-        "each requires, of different constants (a discriminated union); anyOf admits a value of several"
-    )
+        nodes.append(node)
+    if not all(_apart(a, b) for i, a in enumerate(nodes) for b in nodes[:i]):
+        raise InputError(f"option {at}: only alternatives no value can be of two of: of different types, or objects "
+                         "told apart by a property both require, of different constants (a discriminated union); "
+                         "anyOf admits a value of several")  # fmt: skip
+
+
+def _apart(a: Node, b: Node) -> bool:
+    """Whether no value can be of both `a` and `b` (False where it cannot tell)."""
+    if isinstance(a, Ref) or isinstance(b, Ref):
+        return False
+    if not a.first & b.first:
+        return True
+    if not (isinstance(a, Obj) and isinstance(b, Obj) and a.keys is not None and b.keys is not None):
+        return False
+    for i, key in enumerate(a.keys):
+        if key not in b.keys:
+            continue
+        j = b.keys.index(key)
+        x, y = a.values[i], b.values[j]
+        told = a.required[i] and b.required[j] and isinstance(x, Lit) and isinstance(y, Lit)
+        if told and not {*map(_equal_as_json, x.texts)} & {*map(_equal_as_json, y.texts)}:  # type: ignore[attr-defined]
+            return True
+    return False
 
 
 def _equal_as_json(text: bytes) -> object:

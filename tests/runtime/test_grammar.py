@@ -630,9 +630,10 @@ def test_pydantic_dicts_and_tuples_are_held():
 
 
 def test_a_discriminated_union_is_held_and_overlapping_one_ofs_are_refused():
-    """oneOf (exactly one alternative) is held where no value can be of two: objects told apart by
-    a required property of different constants, as Pydantic writes `Field(discriminator=...)`
-    (`oneOf` beside OpenAPI's `discriminator`); alternatives that overlap are refused by name."""
+    """oneOf (exactly one alternative) is held where no value can be of two: of different types, or
+    objects told apart by a required property of different constants, as Pydantic writes
+    `Field(discriminator=...)` (`oneOf` beside OpenAPI's `discriminator`); alternatives that
+    overlap are refused by name."""
     import pydantic
     from openai.lib._pydantic import to_strict_json_schema
 
@@ -667,10 +668,16 @@ def test_a_discriminated_union_is_held_and_overlapping_one_ofs_are_refused():
     with_k = lambda k: obj({"k": {"const": k}, "x": {"type": "integer"}})  # noqa: E731
     assert done(follows(one_of(with_k("a"), with_k(2)), b'{"v":{"k":2,"x":1}}'))
     assert done(follows(one_of({"type": "string"}), b'{"v":"s"}'))  # one alternative: nothing to overlap
+    types = one_of({"type": "string"}, {"type": "integer"}, with_k("a"), with_k("b"), {"enum": [True, None]})
+    for text, held in ((b'"s"', True), (b"-3", True), (b'{"k":"b","x":1}', True), (b"null", True), (b"1.5", False)):
+        s = follows(types, b'{"v":' + text + b"}")
+        assert (s is not None and done(s)) == held, text
     for alts in (
         ({"type": "integer"}, {"type": "number"}),
         (with_k(1), with_k(1.0)),
         (with_k("a"), with_k("a")),
+        ({"type": "string"}, {"enum": ["a", 1]}),
+        ({"type": "object"}, with_k("a")),
         (with_k("a"), obj({"k": {"const": "b"}}, (True,))),
     ):  # the last: k not required
         with pytest.raises(InputError, match=r"v\.oneOf: only alternatives no value can be of two of"):

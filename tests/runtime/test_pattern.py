@@ -191,10 +191,11 @@ def test_what_a_format_admits_its_reader_reads(name, data):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(1, 9999), st.integers(0, 13), st.integers(0, 32))
+@given(st.integers(0, 9999), st.integers(0, 13), st.integers(0, 32))
 def test_a_dates_day_is_held_to_its_month_and_year(year, month, day):
     """RFC 3339's full-date: 30 days in April, 28 in February but 29 in leap years (2000 and 2024,
-    not 1900 or 2026), as the calendar has them."""
+    not 1900 or 2026), as the calendar has them; years 0001 to 9999, those Python's (and
+    Pydantic's, jsonschema's) readers take."""
     text = f"{year:04d}-{month:02d}-{day:02d}"
     try:
         real = bool(datetime.date(year, month, day))
@@ -202,6 +203,7 @@ def test_a_dates_day_is_held_to_its_month_and_year(year, month, day):
         real = False
     assert matches(FORMATS["date"], text) == real, text
     assert [matches(FORMATS["date"], f"{y}-02-29") for y in (2000, 2024, 1900, 2026)] == [True, True, False, False]
+    assert not matches(FORMATS["date"], "0000-01-01") and matches(FORMATS["date"], "0001-01-01")
 
 
 HOST = ".".join(["a" * 63] * 3 + ["b" * 59])  # 251 characters, each label within 63
