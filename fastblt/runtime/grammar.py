@@ -20,7 +20,8 @@ write them; those not `required` may be left out) and no others, `items`, `minIt
 `maxItems`, `enum`, `const`, `anyOf`, `$ref`s to the root's `$defs` or to the root (recursive
 ones too, from inside an object or array: trees, lists, expressions); beyond it, maps (an object
 without properties: `additionalProperties` a schema, `propertyNames`, `maxProperties`) and
-tuples (`prefixItems`), as Pydantic writes dict and tuple fields, a `oneOf` whose alternatives
+tuples (`prefixItems`), as Pydantic writes dict and tuple fields, `uniqueItems` over a few
+values (Pydantic's set of an Enum), a `oneOf` whose alternatives
 no value can be of two of (a discriminated union) and an `allOf` of one schema (Pydantic 1's
 described reference). Annotations (`description`,
 `title`, ...) are ignored and any other keyword is refused, so what the grammar lets through is
@@ -136,14 +137,25 @@ class Arr(Node):
     """An array: its first elements of the schemas `prefix` (a tuple's), the rest of `items` (None:
     any value), min_items to max_items of them (None: no most). Its stack frame counts the
     elements before the current one up to `cap`, past which counts allow the same bytes (so a
-    plain array's masks are one set, whatever its length)."""
+    plain array's masks are one set, whatever its length). `unique`: items a Lit each of whose
+    values is written at most once; its frame's array is then the one of the values not written
+    yet (`using`), so its masks follow what is left."""
 
     first = frozenset(b"[")
 
     def __init__(self, items: Node | None = None, min_items: int = 0, max_items: int | None = None,
-                 prefix: tuple[Node, ...] = ()):  # fmt: skip
+                 prefix: tuple[Node, ...] = (), unique: bool = False):  # fmt: skip
         self.items, self.min_items, self.max_items, self.prefix = items, min_items, max_items, prefix
         self.cap = max(min_items, max_items or 0, len(prefix))
+        self.unique, self._using = unique, {}
+
+    def using(self, text: bytes) -> Arr:
+        """A unique array once its element `text` is written: its items the values not written yet
+        (each such array made once, so a frame's masks are shared)."""
+        if text not in self._using:
+            rest = tuple(t for t in self.items.texts if t != text)  # type: ignore[union-attr]
+            self._using[text] = Arr(Lit(rest) if rest else None, self.min_items, self.max_items, unique=True)
+        return self._using[text]
 
     def element(self, n: int) -> Node:
         """The schema of the element after n others (n capped: past `cap`, `items`)."""
@@ -151,6 +163,8 @@ class Arr(Node):
 
     @cached_property
     def width(self) -> int:  # type: ignore[override]
+        if self.unique and isinstance(self.items, Lit):  # a reading per value its first byte may begin
+            return max(sum(t[0] == b for t in self.items.texts) for b in self.items.first)
         return max((p.width for p in (*self.prefix, *(self.items,) * (self.items is not None))), default=1)
 
 
@@ -288,7 +302,8 @@ ANNOTATIONS = frozenset(
 BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 MAX_BOUND = 10**18  # a bound's size: past it a bound is not worth its automaton
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "propertyNames", "minProperties",
-                      "maxProperties", "items", "prefixItems", "minItems", "maxItems", "pattern", "format",
+                      "maxProperties", "items", "prefixItems", "minItems", "maxItems", "uniqueItems", "pattern",
+                      "format",
                       "minLength", "maxLength", *BOUNDS, "multipleOf", "enum", "const", "anyOf", "oneOf", "allOf",
                       "$ref", "$defs", "definitions"))  # fmt: skip
 NAME_KEYWORDS = frozenset(("type", "pattern", "format", "minLength", "maxLength"))  # a map's propertyNames
@@ -491,7 +506,8 @@ class _Compiler:
             if name not in KEYWORDS and name not in ANNOTATIONS:
                 known = ", ".join(sorted(KEYWORDS))
                 raise InputError(f"option {at}.{name}: not supported (fastblt holds a text to {known})")
-        places = (("minItems", "array"), ("maxItems", "array"), ("prefixItems", "array"), ("pattern", "string"),
+        places = (("minItems", "array"), ("maxItems", "array"), ("prefixItems", "array"), ("uniqueItems", "array"),
+                  ("pattern", "string"),
                   ("format", "string"), ("minLength", "string"), ("maxLength", "string"), ("propertyNames", "object"),
                   ("minProperties", "object"), ("maxProperties", "object"),
                   *((b, "number") for b in (*BOUNDS, "multipleOf")))  # fmt: skip
@@ -635,7 +651,22 @@ class _Compiler:
                 raise InputError(f"option {at}.minItems: {least} elements, but items: false ends it after its "
                                  f"{len(head)} prefixItems")  # fmt: skip
         rest = None if items is None or isinstance(items, bool) else self.inside(items, f"{at}.items")
-        return Arr(rest, least, most, head)
+        unique = schema.get("uniqueItems", False)
+        if not isinstance(unique, bool):
+            raise InputError(f"option {at}.uniqueItems: expected true or false, got {unique!r}")
+        if not unique:
+            return Arr(rest, least, most, head)
+        if head or not isinstance(rest, Lit) or len(rest.texts) > MAX_PATHS:
+            raise InputError(f"option {at}.uniqueItems: only of items that are one of at most {MAX_PATHS} values "
+                             "(an enum, a const, booleans): a grammar cannot remember every string or number "
+                             "written")  # fmt: skip
+        if len({_equal_as_json(t) for t in rest.texts}) < len(rest.texts):
+            raise InputError(f"option {at}.uniqueItems: its items' values hold a value twice (as 1 and 1.0)")
+        most = len(rest.texts) if most is None else min(most, len(rest.texts))
+        if least > most:
+            raise InputError(f"option {at}.minItems: {least} different values, but its items have "
+                             f"{len(rest.texts)}")  # fmt: skip
+        return Arr(rest, least, most, unique=True)
 
     def string(self, schema: dict, at: str) -> Str:
         """A string schema: plain, or held to its `pattern`, its `format` and its length bounds,
@@ -935,6 +966,10 @@ def _value(stack: tuple, first: bool, node: Node, b: int) -> tuple[Path, ...]:
             reading = node.pattern.step(node.pattern.start, b)
             return ((stack, BOUNDED, (node.pattern, reading), 0),) if reading else ()
         return ((stack, NUMBER, ("minus" if b == ord("-") else "zero" if b == ord("0") else "int", node.integer), 0),)
+    top = stack[-1] if stack else None
+    if top is not None and isinstance(top[0], Arr) and top[0].unique and node is top[0].items:
+        # an element of a unique array: a reading per value, its frame the array of the values left
+        return tuple(_literal(stack[:-1] + ((top[0].using(t), top[1]),), (t[1:],)) for t in node.texts if t[0] == b)
     return (_literal(stack, tuple(sorted({t[1:] for t in node.texts if t[0] == b}))),)  # type: ignore[attr-defined]
 
 

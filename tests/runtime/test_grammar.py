@@ -550,12 +550,13 @@ KEYWORD_VALUES = {  # every keyword fastblt knows, with values right for it
     "exclusiveMaximum": st.integers(-3, 3), "multipleOf": st.integers(1, 3),
     "minItems": st.integers(0, 2), "maxItems": st.integers(0, 3), "minProperties": st.integers(0, 2),
     "maxProperties": st.integers(0, 2), "required": st.lists(st.sampled_from(["a", "b", "c"]), max_size=2, unique=True),
+    "uniqueItems": st.booleans(),
     "propertyNames": st.booleans() | st.sampled_from([{"pattern": "^[ab]+$"}, {"maxLength": 1}]),
     "description": st.just("annotations are ignored"),
 }  # fmt: skip
 KEYWORDS_OF = {"object": ("required", "minProperties", "maxProperties", "propertyNames", "properties",
                           "additionalProperties"),
-               "array": ("minItems", "maxItems", "items", "prefixItems"),
+               "array": ("minItems", "maxItems", "uniqueItems", "items", "prefixItems"),
                "string": ("pattern", "format", "minLength", "maxLength"),
                "integer": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"),
                "boolean": (), "null": ()}  # fmt: skip
@@ -684,6 +685,47 @@ def test_a_discriminated_union_is_held_and_overlapping_one_ofs_are_refused():
             compile_schema(one_of(*alts))
 
 
+def test_unique_items_of_values_are_each_written_once():
+    """uniqueItems over items of a few values (an enum, booleans; Pydantic's `set[Color]`): a value
+    written once is not offered again, the array ends when none is left, and a text never stalls."""
+    import enum
+
+    import pydantic
+
+    letters = {"type": "array", "items": {"enum": ["a", "b", "c"]}, "uniqueItems": True}
+    numbers_ = {"type": "array", "items": {"enum": [1, 12]}, "uniqueItems": True}  # 1 begins 12: read side by side
+    flags = {"type": "array", "items": {"type": "boolean"}, "uniqueItems": True, "minItems": 2}
+    cases = ((letters, [b'["a","b"]', b"[]", b'["c","a","b"]'], [b'["a","a"]', b'["a","b","c",']),
+             (numbers_, [b"[1,12]", b"[12,1]", b"[1]"], [b"[1,1]", b"[12,12]"]),
+             (flags, [b"[true,false]", b"[false,true]"], [b"[true]", b"[true,true]"]))  # fmt: skip
+    for schema, taken, refused in cases:
+        wrapped = obj({"v": schema})
+        for text in taken:
+            assert done(follows(wrapped, b'{"v":' + text + b"}")), text
+            jsonschema.validate({"v": json.loads(text)}, wrapped)
+        for text in refused:
+            s = follows(wrapped, b'{"v":' + text + b"}")
+            assert s is None or not done(s), text
+    assert allowed(follows(obj({"v": letters}), b'{"v":["b","a",')) == b'\t\n\r "'  # and then only c
+    assert allowed(follows(obj({"v": letters}), b'{"v":["b","a","')) == b"c"
+
+    class Color(enum.Enum):
+        RED = "red"
+        GREEN = "green"
+
+    class Paint(pydantic.BaseModel):
+        colors: set[Color]
+
+    root = compile_schema(Paint.model_json_schema())
+    text = Paint(colors={Color.RED, Color.GREEN}).model_dump_json().encode()
+    assert done(read(root, text)) and Paint.model_validate_json(text).colors == {Color.RED, Color.GREEN}
+    rng = __import__("random").Random(5)
+    for _ in range(20):
+        closed = walk(root, rng)
+        assert closed is not None
+        Paint.model_validate_json(closed)
+
+
 def test_enum_and_const_beside_a_type_keep_the_values_of_that_type():
     """Pydantic writes `{"enum": [...], "type": "string"}`: a value of another type is not written
     (it was, once: the type was ignored), and an enum or const with none of the type is refused."""
@@ -805,6 +847,17 @@ def test_min_and_max_items_count_an_arrays_elements():
         (obj({"m": {"type": "object", "propertyNames": {"pattern": "(?=a)"}}}), r"m\.propertyNames\.pattern: "),
         (obj({"m": {"type": "string", "maxProperties": 1}}), r"m\.maxProperties: only beside \"type\": \"object\""),
         (obj({"t": {"type": "array", "items": [{}]}}), r"t\.items: expected a schema .* write it as prefixItems"),
+        (obj({"u": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}), r"u\.uniqueItems: only of"),
+        (
+            obj({"u": {"type": "array", "prefixItems": [{"const": 1}], "items": {"const": 2}, "uniqueItems": True}}),
+            r"u\.uniqueItems: only of items",
+        ),
+        (obj({"u": {"type": "array", "items": {"enum": [1, 1.0]}, "uniqueItems": True}}), r"u\.uniqueItems: its ite"),
+        (
+            obj({"u": {"type": "array", "items": {"enum": [1, 2]}, "uniqueItems": True, "minItems": 3}}),
+            r"u\.minItems: 3 different values, but its items have 2",
+        ),
+        (obj({"u": {"type": "array", "uniqueItems": 1}}), r"u\.uniqueItems: expected true or false"),
         (obj({"t": {"type": "array", "prefixItems": []}}), r"t\.prefixItems: expected a non-empty list of sch"),
         (obj({"t": {"type": "array", "prefixItems": [{}], "items": False, "minItems": 2}}), r"t\.minItems: 2 elem"),
         (obj({"t": {"type": "array", "prefixItems": [{"type": "date"}]}}), r"t\.prefixItems\[0\]\.type: expected"),

@@ -200,8 +200,8 @@ def test_a_conversation_passes_calls_and_their_results_back():
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools",
          "tools[0].function.parameters: the root must be an object"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
-            "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}}]}, "tools",
-         "tools[0].function.parameters.properties.a.uniqueItems: not supported"),
+            "type": "object", "properties": {"a": {"type": "array", "contains": {}}}}}}]}, "tools",
+         "tools[0].function.parameters.properties.a.contains: not supported"),
         ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools", "at most 128"),
         ({"parallel_tool_calls": "yes"}, "parallel_tool_calls", "boolean"),
         ({"response_format": {"type": "json_object"}}, "response_format", "tool calls"),
