@@ -15,18 +15,17 @@ bytes, so a model that likes spaces cannot spend its bytes on them; once the roo
 EOS may follow.
 
 A schema (`compile_schema`) is OpenAI's strict subset of JSON Schema, with optional properties:
-`type` (one or a list), `properties` (written in their order, as OpenAI's structured outputs
-write them; those not `required` may be left out) and no others, `items`, `minItems`,
-`maxItems`, `enum`, `const`, `anyOf`, `$ref`s to the root's `$defs` or to the root (recursive
-ones too, from inside an object or array: trees, lists, expressions); beyond it, maps (an object
-without properties: `additionalProperties` a schema, `propertyNames`, `maxProperties`) and
-tuples (`prefixItems`), as Pydantic writes dict and tuple fields, `uniqueItems` over a few
-values (Pydantic's set of an Enum), a `oneOf` whose alternatives
-no value can be of two of (a discriminated union) and an `allOf` of one schema (Pydantic 1's
-described reference). Annotations (`description`,
-`title`, ...) are ignored and any other keyword is refused, so what the grammar lets through is
-what the schema admits. Without a schema, any object. Other grammars (a list of tool calls) are
-built of the nodes and `union`.
+`type` (one or a list), `properties` (written in their order, as OpenAI's structured outputs write
+them; those not `required` may be left out) and no others, `items`, `minItems`, `maxItems`, `enum`,
+`const`, `anyOf`, `$ref`s to the root's `$defs` or to the root (recursive ones too, from inside an
+object or array: trees, lists, expressions); beyond it, maps (an object without properties:
+`additionalProperties` a schema, `propertyNames`, `maxProperties`) and tuples (`prefixItems`), as
+Pydantic writes dict and tuple fields, `uniqueItems` over a few values (Pydantic's set of an Enum),
+a `oneOf` whose alternatives no value can be of two of (a discriminated union) and an `allOf` of
+one schema (Pydantic 1's described reference). Annotations (`description`, `title`, ...) are
+ignored and any other keyword is refused, so what the grammar lets through is what the schema
+admits. Without a schema, any object. Other grammars (a list of tool calls) are built of the nodes
+and `union`.
 
 Which ids a path allows depends only on what it expects next and the innermost container, not
 on the rest of the stack, so masks are computed once per such key (`mask`) and shared; a state of
