@@ -151,15 +151,13 @@ def beside_compile(g) -> dict:
     compiles HELD[COSTLY] over and over (the caches cleared before each), with the compile handing
     the GIL over (courtesy.GAP_S as shipped) and without (GAP_S infinite); the compile's median
     seconds beside decoding and alone."""
-    from fastblt.runtime import courtesy, grammar, numbers, pattern
+    from fastblt.runtime import courtesy, grammar
 
     schema = {"type": "object", "properties": {"v": HELD[COSTLY][0]}, "required": ["v"]}
     prompt = prompts()[0]
 
     def compile_once() -> float:
-        grammar.compiled.cache_clear()
-        pattern.clear_caches()
-        numbers.clear_caches()
+        grammar.drop_caches()
         t0 = time.perf_counter()
         grammar.compile_schema(schema)
         return time.perf_counter() - t0

@@ -334,11 +334,16 @@ def _within_budget() -> None:
     """Past STATES_BUDGET, drop the compiled schemas, automata and masks kept (the requests that
     hold a schema keep it; later ones compile theirs again)."""
     if states_built() > STATES_BUDGET:
-        for cached in (compiled, tagged, _matched, _mask, _joined_mask):
-            cached.cache_clear()
-        clear_caches()
-        numbers.clear_caches()
+        drop_caches()
         COMPILES["clears"] += 1
+
+
+def drop_caches() -> None:
+    """Drop every compiled schema, automaton and mask kept here, in pattern.py and numbers.py."""
+    for cached in (compiled, tagged, _matched, _mask, _joined_mask):
+        cached.cache_clear()
+    clear_caches()
+    numbers.clear_caches()
 
 
 def _counted_in_compiles(compile: Callable[[str], Node]) -> Callable[[str], Node]:
@@ -478,15 +483,11 @@ class _Compiler:
         values = [schema["const"]] if name == "const" else schema["enum"]
         if not isinstance(values, list) or not values:
             raise InputError(f"option {at}.enum: expected a non-empty list")
-        roots = {"$defs", "definitions"} if schema is self.schema else set()
-        if beside := sorted(set(schema) - {name, "type"} - ANNOTATIONS - roots):
+        if beside := self.beside(schema, name, "type"):
             raise InputError(f"option {at}.{beside[0]}: not beside {name} (only type and annotations are: its values "
                              "are written as they are)")  # fmt: skip
         if "type" in schema:
-            kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-            if not all(isinstance(k, str) and k in TYPES for k in kinds):
-                raise InputError(f"option {at}.type: expected one of {', '.join(TYPES)} or a list of them, got "
-                                 f"{schema['type']!r}")  # fmt: skip
+            kinds = _kinds(schema["type"], at)
             values = [v for v in values if _json_types(v) & set(kinds)]
             if not values:
                 raise InputError(f"option {at}.{name}: no value of it is of type {schema['type']!r}")
@@ -530,8 +531,7 @@ class _Compiler:
         for name in ("anyOf", "oneOf"):
             if name in schema:
                 alts = schema[name]
-                roots = {"$defs", "definitions"} if schema is self.schema else set()
-                if not isinstance(alts, list) or not alts or set(schema) - {name} - ANNOTATIONS - roots:
+                if not isinstance(alts, list) or not alts or self.beside(schema, name):
                     raise InputError(f"option {at}.{name}: expected a non-empty list of schemas, alone (beside "
                                      "annotations only: fastblt does not intersect schemas)")  # fmt: skip
                 nodes = [self.compile(s, f"{at}.{name}[{i}]") for i, s in enumerate(alts)]
@@ -540,18 +540,19 @@ class _Compiler:
                 return self.union(nodes, f"{at}.{name}")
         kind = schema.get("type", "object" if "properties" in schema else None)
         if kind is None:
-            roots = {"$defs", "definitions"} if schema is self.schema else set()
-            if held := sorted(set(schema) - ANNOTATIONS - roots):  # they would hold nothing: any value passes
+            if held := self.beside(schema):  # they would hold nothing: any value passes
                 raise InputError(f'option {at}.{held[0]}: only beside a "type" (without one any value is admitted)')
             return ANY
-        kinds = kind if isinstance(kind, list) else [kind]
-        if not kinds or not all(isinstance(k, str) and k in TYPES for k in kinds):
-            raise InputError(f"option {at}.type: expected one of {', '.join(TYPES)} or a list of them, got {kind!r}")
-        return self.union([self.typed(k, schema, at) for k in dict.fromkeys(kinds)], f"{at}.type")
+        return self.union([self.typed(k, schema, at) for k in dict.fromkeys(_kinds(kind, at))], f"{at}.type")
+
+    def beside(self, schema: dict, *own: str) -> list[str]:
+        """The keywords of `schema` other than `own`, its annotations and (at the root) its definitions."""
+        roots = {"$defs", "definitions"} if schema is self.schema else set()
+        return sorted(set(schema) - set(own) - ANNOTATIONS - roots)
 
     def ref(self, schema: dict, at: str) -> Node:
         ref = schema["$ref"]
-        siblings = set(schema) - {"$ref"} - ANNOTATIONS - ({"$defs", "definitions"} if schema is self.schema else set())
+        siblings = self.beside(schema, "$ref")
         prefix = next((p for p in ("#/$defs/", "#/definitions/") if isinstance(ref, str) and ref.startswith(p)), None)
         name = "#" if ref == "#" else None if prefix is None else ref[len(prefix) :]
         if siblings or name not in self.defs or (name == "#") != (ref == "#"):
@@ -776,6 +777,14 @@ def _counts(schema: dict, at: str, low: str, high: str) -> tuple[int, int | None
     if most is not None and most < least:
         raise InputError(f"option {at}.{high}: {most} is less than {low} ({least})")
     return least, most
+
+
+def _kinds(kind: Any, at: str) -> list[str]:
+    """A schema's `type` as a list of type names; InputError at `at` when it is not one or a list."""
+    kinds = kind if isinstance(kind, list) else [kind]
+    if not kinds or not all(isinstance(k, str) and k in TYPES for k in kinds):
+        raise InputError(f"option {at}.type: expected one of {', '.join(TYPES)} or a list of them, got {kind!r}")
+    return kinds
 
 
 def _json_types(value: Any) -> set[str]:

@@ -11,7 +11,7 @@ import time
 import pytest
 from runtime_refs import PROMPTS, tiny_model
 
-from fastblt.runtime import courtesy, grammar, numbers, pattern
+from fastblt.runtime import courtesy, grammar
 from fastblt.runtime.batch import BatchEngine
 from fastblt.runtime.generator import Generator
 
@@ -35,8 +35,7 @@ class Sleeps:
 
 
 def _fresh_compile(schema: dict) -> None:
-    for clear in (grammar.compiled.cache_clear, pattern.clear_caches, numbers.clear_caches):
-        clear()
+    grammar.drop_caches()
     grammar.compile_schema({"type": "object", "properties": {"v": schema}, "required": ["v"]})
 
 

@@ -533,8 +533,7 @@ def test_the_caches_start_again_past_the_states_budget(monkeypatch):
     from fastblt.runtime import grammar, pattern
 
     monkeypatch.setattr(grammar, "STATES_BUDGET", 12_000)
-    grammar.compiled.cache_clear()
-    pattern.clear_caches()
+    grammar.drop_caches()
     held = []
     for c in "pqrs":  # ~4,400 states each: the third passes the budget
         held.append(grammar.compiled(json.dumps(holding({"type": "string", "pattern": f"^{c}[a-z]{{2200}}$"}))))
