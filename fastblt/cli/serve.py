@@ -73,7 +73,8 @@ from fastblt.runtime.prompt_cache import DEFAULT_MB
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds to let requests in flight finish.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
-              show_default=True)  # fmt: skip
+              show_default=True, help="info: uvicorn's access lines, and a line per completions request "
+              "(logger fastblt.requests: id, status, mode, bytes, finish reason, time to first byte).")  # fmt: skip
 @click.option("--ray", "use_ray", is_flag=True, help="Serve as replicas of a Ray Serve deployment (docs/scale-out.md).")
 @click.option("--ray-address", default=None, help="--ray: a running cluster's address [default: start a local one].")
 @click.option("--replicas", type=click.IntRange(1), default=None, help="--ray: this many replicas [default: 1].")
@@ -176,6 +177,7 @@ def serve(
 
     _Server = _server_class()
     from fastblt.runtime.async_engine import AsyncEngine
+    from fastblt.serve import request_log
     from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, create_app
 
     click.echo(f"fastblt serve: loading {checkpoint} on {backend}", err=True)
@@ -188,6 +190,7 @@ def serve(
     settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body,
                              chat_template=template)  # fmt: skip
     app = create_app(engine, settings)
+    request_log.configure(log_level)
     click.echo(f"fastblt serve: model {name!r} at http://{host}:{port}/v1 (max_batch {engine.max_batch}, "
                f"{_lanes(engine)})", err=True)  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout)

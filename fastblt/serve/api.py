@@ -73,6 +73,7 @@ class Completion:
     prompt_field: str = "prompt"  # the request field errors about the prompt name
     tokens_field: str = "max_tokens"  # ... and about the length
     format_field: str = "response_format"  # ... and about the JSON format (chat's tool calls ask for one too)
+    user: str | None = None  # OpenAI's end-user id: only the request log shows it
 
     @property
     def candidates(self) -> int:
@@ -103,7 +104,7 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
         raise ApiError(400, f"best_of: {len(prompts)} prompts x best_of {best_of} = {len(prompts) * best_of} "
                        f"candidates; at most {MAX_CHOICES} per request", "best_of")  # fmt: skip
     stream, include_usage = stream_fields(body)
-    get_field(body, "user", str)
+    user = get_field(body, "user", str)
     if best_of > n and stream:
         raise ApiError(400, f"best_of: {best_of} candidates for n {n} cannot be streamed (the best are known only "
                        "once every candidate has ended)", "best_of")  # fmt: skip
@@ -122,7 +123,7 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
             options["logprobs"] = logprobs
         if echo:  # the prompt's scores, from the prefill: any mode
             options["prompt_logprobs"] = logprobs
-    return Completion(prompts, max_tokens, stream, include_usage, options, echo, n, logprobs, best_of)
+    return Completion(prompts, max_tokens, stream, include_usage, options, echo, n, logprobs, best_of, user=user)
 
 
 def load_json(raw: bytes) -> dict:

@@ -59,9 +59,12 @@ from fastblt.serve.api import (
 )
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.metrics import CONTENT_TYPE, Metrics
+from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
+from fastblt.serve.request_log import LOGGER, RequestRecord, request_id
 from fastblt.version import __version__
 
 REPLICA_HEADER = "x-fastblt-replica"
+REQUEST_ID = "fastblt.request_id"  # the request's id in its ASGI scope (_Headers puts it there)
 # ids an engine behind the server holds beyond --max-context bytes: BOS, and the byte a scoring
 # request (max_tokens 0) decodes and drops
 SERVE_EXTRA_IDS = 2
@@ -79,6 +82,9 @@ class ServeSettings:
     retry_after: int = 1  # seconds, in a 429's Retry-After
     replica: str | None = None  # the x-fastblt-replica header (None: host:pid)
     chat_template: ChatTemplate | None = None  # renders chat completions' messages (None: no chat endpoint)
+    # whether responses carry x-request-id (Ray Serve's proxy adds it itself, with the id it forwards)
+    echo_request_id: bool = True
+    request_logger: str = LOGGER  # the logger of the request log (request_log.py)
 
 
 def _metrics(engine: AsyncEngine) -> Metrics:
@@ -118,7 +124,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                 await built.aclose()
 
     app = FastAPI(title="fastblt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_ReplicaHeader, value=replica)
+    app.add_middleware(_Headers, replica=replica, echo_id=settings.echo_request_id)
     inflight = _InFlight()
     app.state.stop_requests = inflight.stop  # the server calls it when its grace period runs out
 
@@ -182,40 +188,49 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         arrived = time.perf_counter()
         m: Metrics = state["metrics"]
         mode = "unknown"
+        record = RequestRecord(request.scope.get(REQUEST_ID) or request_id(None), endpoint, arrived,
+                               settings.request_logger)  # fmt: skip
+
+        def refused(e: ApiError) -> ApiError:
+            m.request(e.status, mode, endpoint)
+            record.end(e.status, error=e.message, param=e.param)
+            return e
+
         try:
             authorize(request)
             eng = ready()
             comp = await asyncio.to_thread(parse, await _read_body(request, settings.max_body))
             mode = comp.options["mode"]
+            record.parsed(mode, comp.stream, comp.n * len(comp.prompts), sum(len(p.encode()) for p in comp.prompts),
+                          comp.user)  # fmt: skip
             # off the event loop: a request's schema or tools compile into automata (up to ~1 s for
             # a fine multipleOf beside wide bounds), which the streams in flight must not wait for
             jobs = await asyncio.to_thread(_jobs, eng, comp)
             if comp.stream:  # counted as it ends
-                return await _stream(eng, comp, jobs, request, inflight, settings, m, arrived, state["fingerprint"],
-                                     endpoint)  # fmt: skip
+                return await _stream(eng, comp, jobs, request, inflight, settings, m, record,
+                                     state["fingerprint"], endpoint)  # fmt: skip
             gens = await _unless_gone(_together(eng.generate(job.req) for job in jobs), request, inflight)
             for gen in gens:
                 m.generation(gen, arrived)
+                record.byte_times(gen.times)
             answer = _answer(comp, jobs, gens, settings.model_id, state["fingerprint"])
             m.tool_calls(mode, sum(len(c.get("message", {}).get("tool_calls") or ()) for c in answer["choices"]))
             response = JSONResponse(answer)
         except ApiError as e:
-            m.request(e.status, mode, endpoint)
-            raise
+            raise refused(e) from None
         except EngineBusy as e:
-            m.request(429, mode, endpoint)
-            raise ApiError(429, str(e), None, "queue_full", "rate_limit_error",
-                           {"Retry-After": str(settings.retry_after)}) from None  # fmt: skip
+            raise refused(ApiError(429, str(e), None, "queue_full", "rate_limit_error",
+                                   {"Retry-After": str(settings.retry_after)})) from None  # fmt: skip
         except EngineClosed as e:
-            m.request(503, mode, endpoint)
-            raise ApiError(503, str(e), None, "shutting_down", "server_error") from None
+            raise refused(ApiError(503, str(e), None, "shutting_down", "server_error")) from None
         except FastBltError as e:
-            m.request(400, mode, endpoint)
-            raise _field_error(e, comp) from None
-        except Exception:
+            raise refused(_field_error(e, comp)) from None
+        except Exception as e:
             m.request(500, mode, endpoint)
+            record.end(500, error=f"internal error: {e!r}")
             raise
         m.request(response.status_code, mode, endpoint)
+        record.end(response.status_code, answer["usage"], [c["finish_reason"] for c in answer["choices"]])
         return response
 
     @app.post("/v1/completions")
@@ -456,12 +471,13 @@ async def _together(work: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
 
 
 async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request: Request, inflight: _InFlight,
-                  settings: ServeSettings, m: Metrics, arrived: float, fp: str | None,
+                  settings: ServeSettings, m: Metrics, record: RequestRecord, fp: str | None,
                   endpoint: str) -> StreamingResponse:  # fmt: skip
     """Start the streams (a choice each; one when greedy) and wait for each one's first event, so
     a failing prefill is still a 4xx and a client that leaves while its requests wait for rows
     frees their places. Chunks of all choices go out as they come, each with its index. The
-    status is counted when the response ends: 200, 499 when the client left first, or an error's."""
+    status is counted and logged when the response ends: 200, 499 when the client left first, or
+    an error's."""
     streams: list[TextStream] = []
     try:
         for job in jobs:
@@ -491,7 +507,7 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
         return sse(body)
 
     async def events() -> AsyncIterator[bytes]:
-        status = 499  # unless it gets to its end
+        status, error, reasons, used = 499, None, [], None  # unless it gets to its end
         inflight.streams.update(streams)
         news: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.ensure_future(_pump(j, s, first, news))
@@ -511,12 +527,14 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
                 ended, gen = ended + 1, streams[j].generation
                 if gen is None:  # cancelled while the client still reads: the server stopped it
                     raise inflight.error()
-                m.generation(gen, arrived)
+                m.generation(gen, record.arrived)
+                record.byte_times(gen.times)
                 generated += len(gen.ids) * len(jobs[j].indices)
-                yield chunk(j, "", finish_reason(gen.stop_reason))
+                reasons.append(finish_reason(gen.stop_reason))
+                yield chunk(j, "", reasons[-1])
             status = 200
+            used = _usage(comp, jobs, [s.generation for s in streams], generated)
             if comp.include_usage:
-                used = _usage(comp, jobs, [s.generation for s in streams], generated)
                 body = shape.body(cid, settings.model_id, [], used, created, fp, chunk=True)
                 yield sse(body)
             yield sse("[DONE]")
@@ -528,8 +546,8 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
             yield sse(error.body())
             yield sse("[DONE]")
         except Exception as e:  # our own failure (a lane that died): still an event, not a cut body
-            status = 500
-            yield sse(ApiError(500, f"internal error: {e}", kind="server_error").body())
+            status, error = 500, ApiError(500, f"internal error: {e}", kind="server_error")
+            yield sse(error.body())
             yield sse("[DONE]")
         finally:
             for pump in pumps:
@@ -538,6 +556,10 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
                 inflight.streams.discard(s)
                 s.cancel()  # a no-op once it finished; frees the row when the client went away
             m.request(status, comp.options["mode"], endpoint)
+            if error is not None:
+                record.end(status, error=error.message, param=error.param)
+            else:  # 200, or 499
+                record.end(status, used, reasons, error="client disconnected" if used is None else None)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -578,20 +600,26 @@ async def _first(stream: TextStream) -> tuple[str, Scores | None] | None:
         return None
 
 
-class _ReplicaHeader:
-    """ASGI middleware: every HTTP response names the replica that served it."""
+class _Headers:
+    """ASGI middleware: every HTTP response names the replica that served it and the request's id
+    (request_log.request_id: the client's x-request-id, or a new one), which the request's scope
+    holds for the request log. Behind Ray Serve's proxy (`echo_id` off) the id is the one the
+    proxy forwards and answers with itself."""
 
-    def __init__(self, app, value: str):
-        self.app, self.header = app, (REPLICA_HEADER.encode(), value.encode())
+    def __init__(self, app, replica: str, echo_id: bool = True):
+        self.app, self.replica, self.echo_id = app, (REPLICA_HEADER.encode(), replica.encode()), echo_id
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == REQUEST_ID_HEADER.encode()), None)
+        rid = scope[REQUEST_ID] = request_id(given) if self.echo_id or not given else given
+        headers = [self.replica] + ([(REQUEST_ID_HEADER.encode(), rid.encode())] if self.echo_id else [])
 
-        async def send_with_header(message) -> None:
+        async def send_with_headers(message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
+                message = {**message, "headers": [*message.get("headers", []), *headers]}
             await send(message)
 
-        await self.app(scope, receive, send_with_header)
+        await self.app(scope, receive, send_with_headers)

@@ -143,7 +143,7 @@ def parse_chat_body(raw: bytes, model_id: str, default_mode: str, template: Chat
     tokens_field, max_tokens = _max_tokens(body)
     n = choices_per_prompt(body, 1)
     stream, include_usage = stream_fields(body)
-    get_field(body, "user", str)
+    user = get_field(body, "user", str)
     options = decode_options(body, default_mode)
     logprobs = None
     if get_field(body, "logprobs", bool, default=False):
@@ -173,7 +173,8 @@ def parse_chat_body(raw: bytes, model_id: str, default_mode: str, template: Chat
     continued = _continued(body, messages, options)
     prompt = template.render(messages, None if tools is None else tools.listed, not continued, continued)
     return Completion([prompt], max_tokens, stream, include_usage, options, n=n, logprobs=logprobs, shape=shape,
-                      prompt_field="messages", tokens_field=tokens_field, format_field=format_field)  # fmt: skip
+                      prompt_field="messages", tokens_field=tokens_field, format_field=format_field,
+                      user=user)  # fmt: skip
 
 
 def _continued(body: dict, messages: list[dict[str, Any]], options: dict) -> bool:

@@ -60,6 +60,9 @@ MIRROR_EVERY_S = 5.0  # how often a replica copies its registry into Ray's metri
 HEALTH_CHECK_S = 2.0
 
 log = logging.getLogger("ray.serve")
+# the request log (request_log.py) under Serve's logger: a replica's log files and console, with
+# the request id Serve keeps in each record
+REQUEST_LOGGER = "ray.serve.fastblt.requests"
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,8 @@ class FastBltReplica:
         tags = None if o.tool_call_start is None else CallTags(o.tool_call_start, o.tool_call_end)
         template = None if o.chat_template is None else ChatTemplate.load(o.chat_template, tuple(o.chat_stop), tags)
         settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_key=o.api_key, max_body=o.max_body,
-                                 retry_after=o.retry_after, replica=self.name, chat_template=template)  # fmt: skip
+                                 retry_after=o.retry_after, replica=self.name, chat_template=template,
+                                 echo_request_id=False, request_logger=REQUEST_LOGGER)  # fmt: skip
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown
         self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
         return app

@@ -31,9 +31,9 @@ def chat_template(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(chat_template):
     """The embedded default behind `fastblt serve`, as a user starts it (plus a key, a queue long
-    enough for 64 concurrent requests and a chat template with its turns' end)."""
+    enough for 64 concurrent requests, a chat template with its turns' end, and the request log)."""
     args = ["--max-batch", "16", "--max-queue", "64", "--api-key", KEY, "--chat-template", str(chat_template),
-            "--chat-stop", CHAT_STOP]  # fmt: skip
+            "--chat-stop", CHAT_STOP, "--log-level", "info"]  # fmt: skip
     with ServerProcess(args) as srv:
         yield srv
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -154,12 +156,22 @@ def test_deployment_options_refuse_what_serve_would_not_run():
 @pytest.mark.timeout(240)
 def test_the_command_serves_on_a_local_cluster_and_stops_cleanly(reference):
     """`fastblt serve --ray` as a user runs it; stopped as ServerProcess stops anything (SIGTERM to its group)."""
-    with ServerProcess(["--ray", "--replicas", "1", "--max-batch", "2", "--threads", "1"], ready_timeout=180) as srv:
+    args = ["--ray", "--replicas", "1", "--max-batch", "2", "--threads", "1", "--log-level", "info"]
+    with ServerProcess(args, ready_timeout=180) as srv:
         want = reference.generate("def main(", mode="blt-s", max_bytes=24, temperature=0.0).text
         c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="-", max_retries=0, timeout=60)
-        r = c.completions.with_raw_response.create(model=MODEL, prompt="def main(", max_tokens=24, temperature=0)
+        r = c.completions.with_raw_response.create(model=MODEL, prompt="def main(", max_tokens=24, temperature=0,
+                                                   extra_headers={"x-request-id": "trace-ray-1"})  # fmt: skip
         assert r.parse().choices[0].text == want
         assert r.headers[REPLICA_HEADER].startswith("fastblt#FastBlt#")
+        assert r.headers.get_list("x-request-id") == ["trace-ray-1"]  # Serve's proxy answers with it, once
+        # the request log goes to the replica's log in Ray's session directory (Serve's logger)
+        logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs" / "serve"
+        deadline = time.monotonic() + 20
+        while not any("request_id=trace-ray-1 endpoint=completions status=200" in p.read_text()
+                      for p in logs.glob("replica_fastblt_*.log")):  # fmt: skip
+            assert time.monotonic() < deadline, [p.read_text()[-2000:] for p in logs.glob("replica_*.log")]
+            time.sleep(0.2)
         deadline = time.monotonic() + 20  # /health answers a moment before the command says so
         while "replica(s) ready" not in srv.output() and time.monotonic() < deadline:
             time.sleep(0.1)

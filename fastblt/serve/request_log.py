@@ -1,0 +1,114 @@
+"""Request ids and the request log: one line per completion request, under an id the client has.
+
+A service's operators read its logs per request (what was asked, what came back, how long it
+took, why it failed), and its clients quote an id when something went wrong. Every response of
+the server carries `x-request-id` (the openai client reads it into `completion._request_id`): the
+client's own, when it sent a plain token (a load balancer's or a tracer's), else a new
+`req_<24 hex>`. Each completions request, answered or refused, then logs one line in logfmt
+(key=value, values with spaces quoted) on the logger `fastblt.requests`, at INFO (ERROR for a
+5xx), e.g.
+
+    request_id=req_5f0c... endpoint=completions status=200 mode=blt-s stream=false choices=1
+    prompt_bytes=9 cached_bytes=0 completion_bytes=64 finish=length ttfb_ms=11.8 ms=52.3
+
+A refused one names the field as its error body does (`status=400 param=temperature error="..."`).
+Nothing else of the prompt or the text reaches the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from collections.abc import Iterable
+
+HEADER = "x-request-id"
+LOGGER = "fastblt.requests"
+# a client's id kept as given: printable ASCII without spaces, quotes or backslashes, so it goes
+# into a header and a log line as it came
+_PLAIN = re.compile(r"[!#-\[\]-~]{1,128}")
+_BARE = re.compile(r"[A-Za-z0-9_.:/@+,-]+")  # a logfmt value written without quotes
+
+
+def request_id(given: str | None) -> str:
+    """The client's id when it is a plain token of at most 128 characters, else a new one."""
+    if given is not None and _PLAIN.fullmatch(given):
+        return given
+    return "req_" + secrets.token_hex(12)
+
+
+def logfmt(fields: dict[str, object]) -> str:
+    """`key=value ...`; values with anything but plain characters quoted, with quotes, backslashes
+    and control characters escaped, so a value cannot end its line or forge another field."""
+    parts = []
+    for key, value in fields.items():
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if not _BARE.fullmatch(text):
+            text = '"' + "".join(_escaped(c) for c in text) + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def _escaped(c: str) -> str:
+    if c in '"\\':
+        return "\\" + c
+    return c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+
+
+class RequestRecord:
+    """What one request's log line says, filled in as the request goes (perf_counter times)."""
+
+    def __init__(self, rid: str, endpoint: str, arrived: float, logger: str = LOGGER):
+        self.id, self.endpoint, self.arrived, self.logger = rid, endpoint, arrived, logger
+        self.fields: dict[str, object] = {}
+        self.first: float | None = None  # when a choice's first byte was verified
+        self.ended = False
+
+    def parsed(self, mode: str, stream: bool, choices: int, prompt_bytes: int, user: str | None) -> None:
+        """The checked request: what it asks for."""
+        self.fields.update(mode=mode, stream=stream, choices=choices, prompt_bytes=prompt_bytes)
+        if user:
+            self.fields["user"] = user
+
+    def byte_times(self, times: Iterable[float]) -> None:
+        """A generation's verified-byte times: the earliest of any choice is the request's first."""
+        for t in times:
+            self.first = t if self.first is None else min(self.first, t)
+            break
+
+    def end(self, status: int, usage: dict | None = None, finish: Iterable[str] = (),
+            error: str | None = None, param: str | None = None) -> None:  # fmt: skip
+        """Log the line, once: the status, what was sent (OpenAI's `usage`, in bytes) and why each
+        choice ended, or the error."""
+        if self.ended:
+            return
+        self.ended = True
+        line: dict[str, object] = {"request_id": self.id, "endpoint": self.endpoint, "status": status}
+        line.update(self.fields)
+        if usage is not None:
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            line.update(cached_bytes=cached, completion_bytes=usage["completion_tokens"])
+        if reasons := sorted(set(finish)):
+            line["finish"] = ",".join(reasons)
+        if self.first is not None:
+            line["ttfb_ms"] = round((self.first - self.arrived) * 1e3, 1)
+        line["ms"] = round((time.perf_counter() - self.arrived) * 1e3, 1)
+        if param is not None:
+            line["param"] = param
+        if error is not None:
+            line["error"] = error
+        logging.getLogger(self.logger).log(logging.ERROR if status >= 500 else logging.INFO, "%s", logfmt(line))
+
+
+def configure(level: str, name: str = "fastblt") -> None:
+    """Show `name`'s records (the request log, a lane's restarts) on stderr at `level`, as uvicorn
+    shows its own: `INFO: fastblt.requests request_id=...`."""
+    logger = logging.getLogger(name)
+    logger.setLevel(level.upper())
+    if not any(getattr(h, "_fastblt", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(name)s %(message)s"))
+        handler._fastblt = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
