@@ -41,6 +41,12 @@ from fastblt.runtime.prompt_cache import DEFAULT_MB
               help="Mode of a request that names none (blt-s: greedy output is ar's).")  # fmt: skip
 @click.option("--api-key", default=None, envvar="FASTBLT_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/* [env: FASTBLT_API_KEY].")  # fmt: skip
+@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Serve HTTPS with this certificate (PEM; a chain starts with the server's own) ...")  # fmt: skip
+@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="... and its private key (PEM).")  # fmt: skip
+@click.option("--ssl-keyfile-password", default=None, envvar="FASTBLT_SSL_KEYFILE_PASSWORD",
+              help="The private key's password, if it is encrypted [env: FASTBLT_SSL_KEYFILE_PASSWORD].")  # fmt: skip
 @click.option("--model-name", default=None, help="The model id clients send [default: fastblt-<checkpoint name>].")
 @click.option("--chat-template", type=click.Path(dir_okay=False), default=None,
               help="A Jinja chat template (as Hugging Face tokenizers keep them) that renders chat messages to a "
@@ -89,7 +95,8 @@ from fastblt.runtime.prompt_cache import DEFAULT_MB
               help="--ray: write the equivalent Serve config (YAML, for `serve deploy`) and exit.")  # fmt: skip
 def serve(
     checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
-    model_name, chat_template, chat_stop, tool_call_start, tool_call_end, max_body, max_context, threads,
+    ssl_certfile, ssl_keyfile, ssl_keyfile_password, model_name, chat_template, chat_stop, tool_call_start,
+    tool_call_end, max_body, max_context, threads,
     prompt_cache_mb, share_prompts, device,
     graceful_timeout, log_level, use_ray,
     ray_address, replicas,
@@ -155,6 +162,8 @@ def serve(
     if api_key is not None and (not api_key or api_key != api_key.strip()):
         raise click.BadParameter("empty, or spaces at its ends: clients could not send it as a bearer token",
                                  param_hint="'--api-key'")  # fmt: skip
+    tls = _tls(ssl_certfile, ssl_keyfile, ssl_keyfile_password)
+    scheme = "https" if tls else "http"
     if use_ray:
         from fastblt.runtime.batch import DEFAULT_MAX_BATCH
 
@@ -168,7 +177,7 @@ def serve(
                   "chat_template": str(Path(chat_template).resolve()) if chat_template else None,
                   "chat_stop": list(chat_stop), "tool_call_start": tool_call_start,
                   "tool_call_end": tool_call_end}  # fmt: skip
-        _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config)
+        _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config, tls)
         return
 
     import uvicorn
@@ -191,9 +200,10 @@ def serve(
                              chat_template=template)  # fmt: skip
     app = create_app(engine, settings)
     request_log.configure(log_level)
-    click.echo(f"fastblt serve: model {name!r} at http://{host}:{port}/v1 (max_batch {engine.max_batch}, "
+    click.echo(f"fastblt serve: model {name!r} at {scheme}://{host}:{port}/v1 (max_batch {engine.max_batch}, "
                f"{_lanes(engine)})", err=True)  # fmt: skip
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
+                            **tls)  # fmt: skip
     try:
         _Server(config).run()
     finally:  # every request has had its answer: what a lane still holds nobody waits for
@@ -224,8 +234,38 @@ def _scaling(replicas, min_replicas, max_replicas, target, num_cpus, num_gpus, g
             "graceful_timeout": graceful_timeout}  # fmt: skip
 
 
+def _tls(certfile: str | None, keyfile: str | None, password: str | None) -> dict[str, str]:
+    """uvicorn's (and Serve's http_options') TLS settings, loaded once now: a certificate, key or
+    password that does not load stops the command with one line naming them, before any loading."""
+    if certfile is None and keyfile is None:
+        if password is not None:
+            raise click.UsageError("--ssl-keyfile-password applies only with --ssl-keyfile")
+        return {}
+    if certfile is None or keyfile is None:
+        raise click.UsageError("--ssl-certfile and --ssl-keyfile go together: a certificate and its private key")
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=certfile)
+    except ssl.SSLError:
+        raise click.BadParameter(f"{certfile}: not a PEM certificate", param_hint="'--ssl-certfile'") from None
+    try:  # a callable, so that an encrypted key without a password fails here instead of prompting
+        context.load_cert_chain(certfile, keyfile, lambda: password or "")
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            why = f"not the private key of {certfile}"
+        elif password is None and b"ENCRYPTED" in Path(keyfile).read_bytes()[:4096]:
+            why = "encrypted: give its password (--ssl-keyfile-password or FASTBLT_SSL_KEYFILE_PASSWORD)"
+        else:
+            why = "not a PEM private key" + (", or not this password's" if password is not None else "")
+        raise click.BadParameter(f"{keyfile}: {why}", param_hint="'--ssl-keyfile'") from None
+    tls = {"ssl_certfile": str(Path(certfile).resolve()), "ssl_keyfile": str(Path(keyfile).resolve())}
+    return tls | ({"ssl_keyfile_password": password} if password is not None else {})
+
+
 def _serve_on_ray(server: dict, scaling: dict, address: str | None, host: str, port: int, log_level: str,
-                  print_config: bool) -> None:  # fmt: skip
+                  print_config: bool, tls: dict[str, str]) -> None:  # fmt: skip
     """Deploy on Ray Serve and block until SIGTERM/SIGINT (or, with print_config, print its config)."""
     from fastblt.errors import BackendUnavailable
 
@@ -239,7 +279,10 @@ def _serve_on_ray(server: dict, scaling: dict, address: str | None, host: str, p
 
         if opts.api_key is not None:
             click.echo("note: the API key is not written to the config; add it to the args of your copy", err=True)
-        config = ray_serve.serve_config(opts, deploy, host, port)
+        if "ssl_keyfile_password" in tls:
+            click.echo("note: the key's password is not written to the config; add it to http_options of your copy",
+                       err=True)  # fmt: skip
+        config = ray_serve.serve_config(opts, deploy, host, port, tls=tls)
         click.echo("# fastblt serve --ray as a Ray Serve config: serve deploy this-file.yaml (docs/scale-out.md)")
         click.echo(yaml.safe_dump(config, sort_keys=False), nl=False)
         return
@@ -253,8 +296,8 @@ def _serve_on_ray(server: dict, scaling: dict, address: str | None, host: str, p
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         t0 = time.monotonic()
-        ray_serve.deploy(opts, deploy, host, port, log_level=log_level)
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        ray_serve.deploy(opts, deploy, host, port, log_level=log_level, tls=tls)
+        url = f"{'https' if tls else 'http'}://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         while not stop.is_set():
             try:
                 ray_serve.wait_ready(url, deploy.initial_replicas, timeout=60.0, stop=stop)
@@ -263,7 +306,7 @@ def _serve_on_ray(server: dict, scaling: dict, address: str | None, host: str, p
                 continue
             if not stop.is_set():
                 ready = f"{deploy.initial_replicas} replica(s) ready in {time.monotonic() - t0:.1f} s"
-                where = f"model {server['model_name']!r} at http://{host}:{port}/v1 (Ray Serve)"
+                where = f"model {server['model_name']!r} at {url.split(':')[0]}://{host}:{port}/v1 (Ray Serve)"
                 click.echo(f"fastblt serve: {ready}; {where}", err=True)
             break
         stop.wait()

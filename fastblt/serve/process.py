@@ -9,11 +9,22 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+
+def probe_context(url: str) -> ssl.SSLContext | None:
+    """For a readiness probe of one's own server on this machine: over HTTPS, its certificate is
+    not checked (it names the server's public host, not the loopback address probed)."""
+    if not url.startswith("https:"):
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
 
 
 def free_port() -> int:
@@ -36,7 +47,7 @@ class ServerProcess:
         self.args, self.ready_timeout = list(args or []), ready_timeout
         self.env = None if env is None else {**os.environ, **env}  # added to this process's environment
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if '--ssl-certfile' in self.args else 'http'}://127.0.0.1:{self.port}"
         self.log_path = log
         self._own_log = log is None  # a temporary log is removed when the server stops
         self.proc: subprocess.Popen | None = None
@@ -56,7 +67,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"fastblt serve exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2, context=probe_context(self.url)) as r:
                     if r.status == 200:
                         return self
             except OSError:

@@ -45,7 +45,7 @@ from fastblt.runtime.async_engine import AsyncEngine
 from fastblt.runtime.prompt_cache import DEFAULT_MB
 from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, create_app
 from fastblt.serve.chat import ChatTemplate
-from fastblt.serve.process import free_port
+from fastblt.serve.process import free_port, probe_context
 from fastblt.serve.ray_route import ROUTER_PATH
 from fastblt.serve.tools import CallTags
 
@@ -268,16 +268,18 @@ def build(args: dict[str, Any]) -> serve.Application:
 
 
 def serve_config(server: ServerOptions, deploy: DeploymentOptions, host: str = LOOPBACK, port: int = 8000,
-                 proxy_location: str = "EveryNode") -> dict[str, Any]:  # fmt: skip
+                 proxy_location: str = "EveryNode", tls: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """The Serve config (`serve deploy FILE`) that deploys what `fastblt serve --ray` would.
 
-    The API key is not written (a config file tends to be shared); give it to the replicas as
-    the builder's `api_key` arg in a copy you keep to yourself.
+    The API key and a TLS key's password are not written (a config file tends to be shared); give
+    them (the builder's `api_key` arg, http_options' `ssl_keyfile_password`) in a copy you keep to
+    yourself.
     """
     args = {k: v for k, v in server.to_args().items() if k != "api_key"}
     app = {"name": APP, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args,
            "deployments": [deploy.entry(server)]}  # fmt: skip
-    return {"proxy_location": proxy_location, "http_options": {"host": host, "port": port}, "applications": [app]}
+    http = {"host": host, "port": port} | {k: v for k, v in (tls or {}).items() if k != "ssl_keyfile_password"}
+    return {"proxy_location": proxy_location, "http_options": http, "applications": [app]}
 
 
 @contextlib.contextmanager
@@ -346,9 +348,12 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def deploy(server: ServerOptions, options: DeploymentOptions, host: str = LOOPBACK, port: int = 8000,
-           proxy_location: str = "EveryNode", log_level: str = "INFO") -> None:  # fmt: skip
-    """Start Serve's proxies on host:port (unless Serve already runs) and deploy, without waiting."""
-    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
+           proxy_location: str = "EveryNode", log_level: str = "INFO",
+           tls: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Start Serve's proxies on host:port (HTTPS with `tls`: ssl_certfile, ssl_keyfile and
+    ssl_keyfile_password, as uvicorn takes them) unless Serve already runs, and deploy, without
+    waiting."""
+    serve.start(http_options={"host": host, "port": port, **(tls or {})}, proxy_location=proxy_location)
     target = serve.RunTarget(deployment(server, options), name=APP, route_prefix="/",
                              logging_config={"log_level": log_level.upper()})  # fmt: skip
     serve.run_many([target], wait_for_applications_running=False)
@@ -397,7 +402,7 @@ def wait_ready(url: str, replicas: int, timeout: float, stop: threading.Event | 
 
 def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+        with urllib.request.urlopen(f"{url}/health", timeout=2, context=probe_context(url)) as r:
             return r.status == 200
     except OSError:
         return False

@@ -108,6 +108,16 @@ def test_print_config_passes_the_chat_template_by_its_full_path(chat_template, t
     assert code == 2 and "none.jinja: no such file" in err and "Traceback" not in err
 
 
+def test_print_config_serves_https_and_keeps_the_keys_password_out(monkeypatch, capsys):
+    tls = Path(__file__).parent / "tls"
+    args = ["--ssl-certfile", str(tls / "cert.pem"), "--ssl-keyfile", str(tls / "key_encrypted.pem")]
+    config = print_config([*args, "--ssl-keyfile-password", "test-password"], monkeypatch, capsys)
+    ServeDeploySchema.model_validate(config)
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000, "ssl_certfile": str(tls / "cert.pem"),
+                                      "ssl_keyfile": str(tls / "key_encrypted.pem")}  # fmt: skip
+    assert "test-password" not in yaml.safe_dump(config)
+
+
 def test_print_config_autoscales_and_keeps_the_key_out(monkeypatch, capsys):
     config = print_config(["--min-replicas", "0", "--max-replicas", "4", "--max-batch", "6", "--api-key", "secret"],
                           monkeypatch, capsys)  # fmt: skip
