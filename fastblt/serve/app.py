@@ -60,7 +60,7 @@ from fastblt.serve.api import (
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.metrics import CONTENT_TYPE, Metrics
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
-from fastblt.serve.request_log import LOGGER, RequestRecord, request_id
+from fastblt.serve.request_log import LOGGER, RequestRecord, request_id, trace_id
 from fastblt.version import __version__
 
 REPLICA_HEADER = "x-fastblt-replica"
@@ -189,7 +189,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         m: Metrics = state["metrics"]
         mode = "unknown"
         record = RequestRecord(request.scope.get(REQUEST_ID) or request_id(None), endpoint, arrived,
-                               settings.request_logger)  # fmt: skip
+                               settings.request_logger, trace_id(request.headers.get("traceparent")))  # fmt: skip
 
         def refused(e: ApiError) -> ApiError:
             m.request(e.status, mode, endpoint)

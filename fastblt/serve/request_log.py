@@ -11,7 +11,8 @@ client's own, when it sent a plain token (a load balancer's or a tracer's), else
     request_id=req_5f0c... endpoint=completions status=200 mode=blt-s stream=false choices=1
     prompt_bytes=9 cached_bytes=0 completion_bytes=64 finish=length ttfb_ms=11.8 ms=52.3
 
-A refused one names the field as its error body does (`status=400 param=temperature error="..."`).
+A refused one names the field as its error body does (`status=400 param=temperature error="..."`);
+a request with a W3C `traceparent` header (an OpenTelemetry caller's) also logs its `trace_id`.
 Nothing else of the prompt or the text reaches the log.
 """
 
@@ -29,6 +30,8 @@ LOGGER = "fastblt.requests"
 # into a header and a log line as it came
 _PLAIN = re.compile(r"[!#-\[\]-~]{1,128}")
 _BARE = re.compile(r"[A-Za-z0-9_.:/@+,-]+")  # a logfmt value written without quotes
+# W3C Trace Context's traceparent: version-trace_id-parent_id-flags (https://www.w3.org/TR/trace-context/)
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
 
 
 def request_id(given: str | None) -> str:
@@ -36,6 +39,15 @@ def request_id(given: str | None) -> str:
     if given is not None and _PLAIN.fullmatch(given):
         return given
     return "req_" + secrets.token_hex(12)
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a W3C `traceparent` header (a caller's OpenTelemetry span), if it is one:
+    logged beside the request's id, it finds the request from the caller's trace."""
+    m = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
+    if m is None or m[1] == "ff" or (m[1] == "00" and m[4]) or set(m[2]) == {"0"} or set(m[3]) == {"0"}:
+        return None
+    return m[2]
 
 
 def logfmt(fields: dict[str, object]) -> str:
@@ -59,9 +71,9 @@ def _escaped(c: str) -> str:
 class RequestRecord:
     """What one request's log line says, filled in as the request goes (perf_counter times)."""
 
-    def __init__(self, rid: str, endpoint: str, arrived: float, logger: str = LOGGER):
+    def __init__(self, rid: str, endpoint: str, arrived: float, logger: str = LOGGER, trace: str | None = None):
         self.id, self.endpoint, self.arrived, self.logger = rid, endpoint, arrived, logger
-        self.fields: dict[str, object] = {}
+        self.fields: dict[str, object] = {} if trace is None else {"trace_id": trace}
         self.first: float | None = None  # when a choice's first byte was verified
         self.ended = False
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 from conftest import KEY
 
-from fastblt.serve.request_log import RequestRecord, logfmt, request_id
+from fastblt.serve.request_log import RequestRecord, logfmt, request_id, trace_id
 
 MODEL = "fastblt-default"
 GENERATED = re.compile(r"req_[0-9a-f]{24}")
@@ -95,6 +95,29 @@ def test_a_server_error_logs_at_error_level(caplog):
     assert parse(caplog.records[0].getMessage())["error"] == "engine: closing"
 
 
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.mark.parametrize(
+    "header, want",
+    [
+        (f"00-{TRACE}-00f067aa0ba902b7-01", TRACE),
+        (f" 00-{TRACE}-00f067aa0ba902b7-00 ", TRACE),
+        (f"cc-{TRACE}-00f067aa0ba902b7-01-more-from-a-later-version", TRACE),
+        (f"00-{TRACE}-00f067aa0ba902b7-01-extra", None),  # version 00 has exactly four parts
+        (f"ff-{TRACE}-00f067aa0ba902b7-01", None),  # an invalid version
+        (f"00-{TRACE.upper()}-00f067aa0ba902b7-01", None),
+        (f"00-{'0' * 32}-00f067aa0ba902b7-01", None),  # all-zero ids are invalid
+        (f"00-{TRACE}-{'0' * 16}-01", None),
+        (f"00-{TRACE[:-1]}-00f067aa0ba902b7-01", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_a_traceparents_trace_id_is_read_as_w3c_trace_context_says(header, want):
+    assert trace_id(header) == want
+
+
 # ---------------------------------------------------------------------------- the server
 def test_responses_carry_an_id_that_names_their_log_line(server):
     c = client(server)
@@ -111,8 +134,11 @@ def test_responses_carry_an_id_that_names_their_log_line(server):
     assert int(f["completion_bytes"]) == done.usage.completion_tokens
     assert f["finish"] == done.choices[0].finish_reason
     assert 0 < float(f["ttfb_ms"]) <= float(f["ms"])
-    other = c.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=1)
+    assert "trace_id" not in f
+    traced = {"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01"}
+    other = c.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=1, extra_headers=traced)
     assert other.headers["x-request-id"] != rid  # one per request
+    assert logged(server, other.headers["x-request-id"])["trace_id"] == TRACE
 
 
 def test_a_streamed_request_logs_what_it_sent_and_the_clients_id_is_kept(server):
