@@ -2,8 +2,8 @@
 
 Subcommands live next to the code they drive and are imported only when called, so
 `fastblt --help` answers without loading torch. Exit codes: 0 success, 1 a check or gate failed
-(validate, export --check), 2 bad input or a fastblt error (one line on stderr), 3 a backend is
-unavailable here.
+(validate, export --check) or a request got an error (batch), 2 bad input or a fastblt error (one
+line on stderr), 3 a backend is unavailable here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "build": ("fastblt.cli.build", "build", "Build TensorRT engines from an export (needs a GPU)."),
     "generate": ("fastblt.cli.generate", "generate", "Generate bytes with ar, blt-d, blt-s or blt-dv."),
     "serve": ("fastblt.cli.serve", "serve", "Serve completions over HTTP (OpenAI-compatible, batched)."),
+    "batch": ("fastblt.cli.batch", "batch", "Answer an OpenAI batch file (JSON Lines) offline, batched."),
     "bench": ("fastblt.cli.bench", "bench", "Benchmark every mode x backend on fixed prompts."),
     "validate": ("fastblt.cli.validate", "validate", "Prove numerically that the artifacts compute the checkpoint."),
     "info": ("fastblt.cli.info", "info", "Show a checkpoint's config, sizes and which backends can run here."),

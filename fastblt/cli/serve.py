@@ -13,32 +13,16 @@ from pathlib import Path
 
 import click
 
+from fastblt.cli.app_setup import app_setup, describe_lanes, engine_options, start_engine
 from fastblt.cli.common import Positive
-from fastblt.engines.registry import BACKENDS
-from fastblt.runtime.options import MODES
-from fastblt.runtime.prompt_cache import DEFAULT_MB
 
 
 @click.command("serve")
-@click.option("--checkpoint", default="default", show_default=True, help="'default' or a checkpoint directory.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
-@click.option("--artifacts", default=None, help="Exported graphs (ort/trt); default: exported once into a cache.")
+@engine_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--max-batch", type=click.IntRange(1, 1024), default=None,
-              help="Requests decoding at once (rows of every batched step call) "
-              "[default: 16; trt: at most the engines' rows].")  # fmt: skip
-@click.option("--lanes", type=click.IntRange(1, 64), default=None,
-              help="Batch loops, each with its own backend sessions and max-batch/lanes rows [default: ort: one per "
-              "core this process may use (affinity, cgroup quota), at most max-batch and what half the free memory "
-              "holds, 2 as threads; else 1; --ray: per replica, from --num-cpus].")  # fmt: skip
-@click.option("--lane-processes/--lane-threads", "lane_processes", default=None,
-              help="Run each lane in a worker process of its own, or as a thread of the server [default: "
-              "processes for ort on a CPU with two or more lanes: threads take turns on one GIL].")  # fmt: skip
 @click.option("--max-queue", type=click.IntRange(0), default=256, show_default=True,
               help="Requests waiting for a row (--ray: in each proxy); past it, 429 with Retry-After.")  # fmt: skip
-@click.option("--mode", type=click.Choice(MODES), default="blt-s", show_default=True,
-              help="Mode of a request that names none (blt-s: greedy output is ar's).")  # fmt: skip
 @click.option("--api-key", default=None, envvar="FASTBLT_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/* [env: FASTBLT_API_KEY].")  # fmt: skip
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -47,35 +31,8 @@ from fastblt.runtime.prompt_cache import DEFAULT_MB
               help="... and its private key (PEM).")  # fmt: skip
 @click.option("--ssl-keyfile-password", default=None, envvar="FASTBLT_SSL_KEYFILE_PASSWORD",
               help="The private key's password, if it is encrypted [env: FASTBLT_SSL_KEYFILE_PASSWORD].")  # fmt: skip
-@click.option("--model-name", default=None, help="The model id clients send [default: fastblt-<checkpoint name>].")
-@click.option("--chat-template", type=click.Path(dir_okay=False), default=None,
-              help="A Jinja chat template (as Hugging Face tokenizers keep them) that renders chat messages to a "
-              "prompt: serves POST /v1/chat/completions [default: no chat endpoint].")  # fmt: skip
-@click.option("--chat-stop", multiple=True, metavar="TEXT",
-              help="With --chat-template: a string that ends the assistant's turn in the template's format "
-              "(repeatable; e.g. the next user turn's marker), added to every chat request's stops.")  # fmt: skip
-@click.option("--tool-call-start", metavar="TEXT", default=None,
-              help="With --chat-template: the text that starts a tool call in the template's format (e.g. "
-              "'<tool_call>'): serves tool_choice \"auto\", where the model decides whether to call [default: "
-              "only \"required\", a named function or \"none\"].")  # fmt: skip
-@click.option("--tool-call-end", metavar="TEXT", default="",
-              help="With --tool-call-start: the text that ends a call (e.g. '</tool_call>') "
-              "[default: none].")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
-@click.option("--max-context", type=click.IntRange(2), default=None,
-              help="Most bytes (prompt + max_tokens) per request; more is a 400 [default: 4 per patch of the "
-              "global model's position limit, 16,384 for the default].")  # fmt: skip
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Intra-op threads of the backend (of each lane).")  # fmt: skip
-@click.option("--prompt-cache-mb", type=Positive(minimum=0.0), default=DEFAULT_MB, show_default=True,
-              help="Memory per lane for snapshots of committed prompts: a request whose prompt begins with one "
-              "seen before (the same prompt, a conversation's next turn) loads it instead of committing it "
-              "again, with the same bytes (0: off).")  # fmt: skip
-@click.option("--share-prompts/--no-share-prompts", default=True, show_default=True,
-              help="Lanes load each other's prompt snapshots: worker lanes through files in /dev/shm (where it "
-              "is full, each keeps its own), thread lanes from one cache of all their budgets.")  # fmt: skip
-@click.option("--device", default=None, help="torch/trt: where to compute (cpu, cuda, cuda:1).")
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds to let requests in flight finish.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
@@ -138,27 +95,8 @@ def serve(
     if print_config and ray_address is not None:
         raise click.UsageError("--print-config starts nothing: give the address to `serve deploy --address` instead")
 
-    from fastblt.formats.checkpoint import load_config, resolve_checkpoint_path
-
-    path = resolve_checkpoint_path(checkpoint)
-    name = model_name or f"fastblt-{'default' if checkpoint == 'default' else path.name}"
-    if max_context is None:  # a request that cannot fit is refused before it runs, not past 16 KB of work
-        from fastblt.serve.api import BYTES_PER_PATCH
-
-        max_context = BYTES_PER_PATCH * load_config(path).global_model.max_positions
-    template = None
-    if chat_template is not None:  # read and parsed now: a bad file stops the command before any loading
-        from fastblt.serve.chat import ChatTemplate
-        from fastblt.serve.tools import CallTags
-
-        if tool_call_start == "":
-            raise click.BadParameter("empty: a call needs a text that starts it", param_hint="'--tool-call-start'")
-        tags = None if tool_call_start is None else CallTags(tool_call_start, tool_call_end)
-        template = ChatTemplate.load(chat_template, chat_stop, tags)
-    elif chat_stop or tool_call_start is not None:
-        raise click.UsageError("--chat-stop and --tool-call-start apply only with --chat-template")
-    if tool_call_end and tool_call_start is None:
-        raise click.UsageError("--tool-call-end applies only with --tool-call-start")
+    setup = app_setup(checkpoint, model_name, max_context, chat_template, chat_stop, tool_call_start, tool_call_end)
+    path, name, max_context = setup.path, setup.model_name, setup.max_context
     if api_key is not None and (not api_key or api_key != api_key.strip()):
         raise click.BadParameter("empty, or spaces at its ends: clients could not send it as a bearer token",
                                  param_hint="'--api-key'")  # fmt: skip
@@ -182,39 +120,25 @@ def serve(
 
     import uvicorn
 
-    from fastblt.cli.progress import first_use_notice
-
     _Server = _server_class()
-    from fastblt.runtime.async_engine import AsyncEngine
     from fastblt.serve import request_log
-    from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, create_app
+    from fastblt.serve.app import ServeSettings, create_app
 
-    click.echo(f"fastblt serve: loading {checkpoint} on {backend}", err=True)
-    engine = AsyncEngine(
-        checkpoint, backend, max_batch=max_batch, max_queue=max_queue, artifacts=artifacts,
-        max_context=max_context + SERVE_EXTRA_IDS,  # bytes, BOS and the byte scoring drops
-        lanes=lanes, processes=lane_processes, threads=threads, device=device, on_export=first_use_notice,
-        prompt_cache_mb=prompt_cache_mb, share_prompts=share_prompts,
-    )  # fmt: skip
+    engine = start_engine("serve", setup, checkpoint, backend, max_queue, max_batch=max_batch, artifacts=artifacts,
+                          lanes=lanes, lane_processes=lane_processes, threads=threads, device=device,
+                          prompt_cache_mb=prompt_cache_mb, share_prompts=share_prompts)  # fmt: skip
     settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body,
-                             chat_template=template)  # fmt: skip
+                             chat_template=setup.template)  # fmt: skip
     app = create_app(engine, settings)
     request_log.configure(log_level)
     click.echo(f"fastblt serve: model {name!r} at {scheme}://{host}:{port}/v1 (max_batch {engine.max_batch}, "
-               f"{_lanes(engine)})", err=True)  # fmt: skip
+               f"{describe_lanes(engine)})", err=True)  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
                             **tls)  # fmt: skip
     try:
         _Server(config).run()
     finally:  # every request has had its answer: what a lane still holds nobody waits for
         engine.close(timeout=5.0)
-
-
-def _lanes(engine) -> str:
-    """'2 lanes in processes, prompt snapshots shared in /dev/shm/...', '1 lane'."""
-    n, shared = len(engine.lanes), engine.prompt_share_dir
-    where = f", prompt snapshots shared in {shared}" if shared is not None else ""
-    return f"{n} lane{'s' if n > 1 else ''}{' in processes' if engine.processes else ''}{where}"
 
 
 def _scaling(replicas, min_replicas, max_replicas, target, num_cpus, num_gpus, graceful_timeout) -> dict:

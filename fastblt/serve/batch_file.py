@@ -1,0 +1,191 @@
+"""OpenAI's batch files, run offline through the server's own app: `fastblt batch`.
+
+An input file is JSON Lines, a request per line, as OpenAI's Batch API and vLLM's `run_batch` take
+them:
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/completions", "body": {"model": ..., "prompt": ...}}
+
+Each body is answered by `create_app`'s app, called in process (no socket), so every field, check,
+default and error is the server's, and its output line is written as soon as it ends (in the order
+requests end; `custom_id` says which is which):
+
+    {"id": "batch_req_<hex>", "custom_id": "q1",
+     "response": {"status_code": 200, "request_id": "req_...", "body": {...}}, "error": null}
+
+A request the server refuses (a wrong field) is answered with its 4xx and error body in its line;
+the file's own form (JSON, custom_id unique, method, url, a body that does not ask to stream) is
+checked before any request runs, naming the line. Up to `concurrency` requests are in flight, so
+the engine's continuous batching keeps its rows full. An output that exists is never overwritten:
+resuming (`answered`) reads the custom_ids it holds, cuts a last line a stopped run left half
+written, and the run appends the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from fastblt.errors import InputError
+from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
+
+URLS = ("/v1/completions", "/v1/chat/completions")
+LINE_KEYS = {"custom_id", "method", "url", "body"}
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One line of an input file."""
+
+    line: int  # 1-based
+    custom_id: str
+    url: str
+    body: bytes  # the body's JSON, as the app reads a request's
+
+
+@dataclass
+class BatchSummary:
+    """What a run did: requests answered, by HTTP status, and the bytes their answers generated."""
+
+    requests: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    completion_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status != 200)
+
+
+def read_requests(path: Path) -> list[BatchRequest]:
+    """The requests of an input file, in order; InputError naming the line of the first that is not
+    a request line (and the earlier line of a custom_id used twice)."""
+    out: list[BatchRequest] = []
+    seen: dict[str, int] = {}
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 (byte {e.start})") from None
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            item = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise InputError(f"{where}: not JSON ({getattr(e, 'msg', 'nested too deep')})") from None
+        if not isinstance(item, dict):
+            raise InputError(f"{where}: expected an object with custom_id, method, url and body")
+        if unknown := sorted(set(item) - LINE_KEYS):
+            raise InputError(f"{where}: unknown field {unknown[0]!r} (a line has custom_id, method, url and body)")
+        cid = item.get("custom_id")
+        if not isinstance(cid, str) or not cid:
+            raise InputError(f"{where}: custom_id: expected a non-empty string, got {cid!r:.60}")
+        if cid in seen:
+            raise InputError(f"{where}: custom_id {cid!r:.60} is line {seen[cid]}'s too; each must be unique")
+        if item.get("method") != "POST":
+            raise InputError(f'{where}: method: expected "POST", got {item.get("method")!r:.60}')
+        if item.get("url") not in URLS:
+            raise InputError(f"{where}: url: expected one of {', '.join(URLS)}, got {item.get('url')!r:.60}")
+        body = item.get("body")
+        if not isinstance(body, dict):
+            raise InputError(f"{where}: body: expected an object, got {type(body).__name__}")
+        if body.get("stream") not in (None, False):
+            raise InputError(f"{where}: body.stream: a batch's answers are whole lines; leave stream out")
+        seen[cid] = n
+        out.append(BatchRequest(n, cid, item["url"], json.dumps(body, ensure_ascii=False).encode()))
+    return out
+
+
+def answered(path: Path) -> set[str]:
+    """The custom_ids an output file (of an earlier run) answered, whatever their status. A last
+    line without its newline (a run stopped while writing it) is cut off, so the run that resumes
+    answers it again; a file with lines that are not ours is refused before anything is cut."""
+    data = path.read_bytes()
+    whole = data.rfind(b"\n") + 1
+    ids = set()
+    for n, raw in enumerate(data[:whole].splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            cid = json.loads(raw)["custom_id"]
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{path}:{n}: not a line fastblt batch writes; resume into the file it wrote") from None
+        ids.add(cid)
+    if whole < len(data):  # only once every whole line is one of ours
+        with path.open("r+b") as f:
+            f.truncate(whole)
+    return ids
+
+
+async def run_batch(app: Any, requests: list[BatchRequest], out: BinaryIO, concurrency: int,
+                    on_done: Callable[[int], None] | None = None) -> BatchSummary:  # fmt: skip
+    """Answer `requests` through `app` (create_app's), `concurrency` at a time, writing each answer's
+    line to `out` (flushed) as it ends; `on_done(status)` after each."""
+    loop = asyncio.get_running_loop()
+    summary, t0 = BatchSummary(), loop.time()
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(req: BatchRequest) -> None:
+        async with slots:
+            status, headers, body = await call_app(app, req.url, req.body)
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = {"error": {"message": body.decode("utf-8", "replace")[:500], "type": "server_error"}}
+        line = {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": req.custom_id,
+                "response": {"status_code": status, "request_id": headers.get(REQUEST_ID_HEADER), "body": answer},
+                "error": None}  # fmt: skip
+        out.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+        out.flush()
+        summary.requests += 1
+        summary.statuses[status] = summary.statuses.get(status, 0) + 1
+        if status == 200:
+            summary.completion_bytes += answer.get("usage", {}).get("completion_tokens", 0)
+        if on_done is not None:
+            on_done(status)
+
+    async with app.router.lifespan_context(app):
+        await asyncio.gather(*(one(r) for r in requests))
+    summary.seconds = loop.time() - t0
+    return summary
+
+
+async def call_app(app: Any, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    """POST `body` to `path` of an ASGI app in process: (status, headers, body). The caller never
+    leaves, so the request is never cancelled as a client that left would be."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 0), "server": ("fastblt-batch", 0)}  # fmt: skip
+    given, forever = False, asyncio.Event()
+    status, headers, chunks = 500, {}, []
+
+    async def receive() -> dict:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await forever.wait()  # no disconnect
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            headers.update((k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    try:
+        await app(scope, receive, send)
+    except Exception:  # a 500: Starlette sends its response, then raises for the server to log
+        if not chunks:
+            raise
+    return status, headers, b"".join(chunks)
