@@ -4,16 +4,17 @@
 A pattern is an ECMA-262 regular expression, as JSON Schema says, matched anywhere in the string
 unless `^` / `$` anchor it (Python's `re.search`). The subset held is the one that is a regular
 language: characters, `.`, classes (`[a-z]`, `[^...]`, `\\d \\w \\s` and their complements),
-groups, `|`, `* + ? {n} {n,} {n,m}` (lazy or not: the same strings), and `^` / `$` at the start
-and end of the whole pattern's alternatives. Lookarounds, backreferences, word boundaries and
-Unicode property classes are refused by name. `\\d`, `\\w` are ASCII's, `\\s` ECMA's whitespace;
-`.` is any code point but a line terminator. A `format` (OpenAI's list) is a pattern of its own
-(FORMATS), as RFC 3339, RFC 4122, RFC 1123 and RFC 4291 write them (a date's day checked against
-its month and year; a hostname at most 253 characters, an email 254: FORMAT_LENGTHS). A string's
-`minLength` / `maxLength` are an automaton of its count of characters (`length_pattern`, or
-`counted` beside a pattern or format: the two read together), and a pattern and a format on one
-string are read together too (`intersect`). A number's bounds and multiple are DFAs of its own
-(numbers.py), Patterns as these are.
+groups, `|`, `* + ? {n} {n,} {n,m}` (lazy or not: the same strings), `^` at the start of the whole
+pattern's alternatives, `$` anywhere (inside, a lookahead that no character follows), and
+lookaheads, `(?=...)` and `(?!...)`, read beside the pattern (`_with_lookaheads`). Lookbehinds,
+backreferences, word boundaries and Unicode property classes are refused by name. `\\d`, `\\w` are
+ASCII's, `\\s` ECMA's whitespace; `.` is any code point but a line terminator. A `format` (OpenAI's
+list) is a pattern of its own (FORMATS), as RFC 3339, RFC 4122, RFC 1123 and RFC 4291 write them (a
+date's day checked against its month and year; a hostname at most 253 characters, an email 254:
+FORMAT_LENGTHS). A string's `minLength` / `maxLength` are an automaton of its count of characters
+(`length_pattern`, or `counted` beside a pattern or format: the two read together), and a pattern
+and a format on one string are read together too (`intersect`). A number's bounds and multiple are
+DFAs of its own (numbers.py), Patterns as these are.
 
 `Pattern` is a Thompson NFA: states with code point ranges to follow and empty moves; a reading is
 the set of states it may be in. Every state can still reach the end over code points a JSON string
@@ -77,7 +78,7 @@ REFUSED = {"b": "word boundaries (\\b)", "B": "word boundaries (\\B)", "k": "bac
 
 # ------------------------------------------------------------------------ parsing
 # a regex's tree: ("chars", Ranges) | ("seq", [tree]) | ("alt", [tree]) | ("repeat", tree, least, most or None)
-# | ("start",) | ("end",)
+# | ("start",) | ("end",) | ("look", positive, tree)
 class _Parser:
     """An ECMA-262 pattern -> its tree; InputError at `at` naming what is not held."""
 
@@ -125,8 +126,8 @@ class _Parser:
             bounds = self.braces()
         if bounds is None:
             return atom
-        if atom[0] in ("start", "end"):
-            raise self.fail("a quantifier on an anchor")
+        if atom[0] in ("start", "end", "look"):
+            raise self.fail(f"a quantifier on {'a lookahead' if atom[0] == 'look' else 'an anchor'}")
         if self.peek() == "?":  # lazy: the same strings match
             self.take()
         if self.peek() in ("*", "+", "?") or (self.peek() == "{" and self.braces(look=True)):
@@ -159,13 +160,13 @@ class _Parser:
                 if close < 0:
                     raise self.fail("an unclosed group name")
                 self.i = close + 1
+            elif self.text.startswith(("?=", "?!"), self.i):
+                positive = self.text[self.i + 1] == "="
+                self.i += 2
+                return ("look", positive, self.group())
             elif self.peek() == "?":
-                raise self.fail("lookarounds ((?=, (?!, (?<=, (?<!) are not held")
-            tree = self.alternatives()
-            if self.peek() != ")":
-                raise self.fail("an unclosed group")
-            self.take()
-            return tree
+                raise self.fail("lookbehinds ((?<=, (?<!) are not held")
+            return self.group()
         if c == "[":
             return ("chars", self.bracket())
         if c == ".":
@@ -179,6 +180,14 @@ class _Parser:
         if c in ")*+?":
             raise self.fail(f"{c!r} with nothing before it")
         return ("chars", _ranges(c))
+
+    def group(self) -> tuple:
+        """A group's alternatives, up to and past its ")"."""
+        tree = self.alternatives()
+        if self.peek() != ")":
+            raise self.fail("an unclosed group")
+        self.take()
+        return tree
 
     def escape(self, in_class: bool) -> Ranges:
         c = self.take()
@@ -241,6 +250,11 @@ class Pattern:
         self.empty: list[list[int]] = []
         self.accept = -1
         self.start: frozenset[int] = frozenset()
+        # lookaheads, until `_with_lookaheads` reads them into plain states: state -> (positive,
+        # body, next state); a body's matches end at `accept` (any text may follow) or, for those
+        # ending in $, at `accept_end` (only where the text ends)
+        self.looks: dict[int, list[tuple[bool, Pattern, int]]] = {}
+        self.accept_end = -1
 
     def state(self) -> int:
         if len(self.moves) >= MAX_STATES:
@@ -323,6 +337,10 @@ def _build(pat: Pattern, tree: tuple) -> tuple[int, int]:
             pat.empty[a].append(x)
             pat.empty[y].append(b)
         return a, b
+    if kind == "look":
+        a, b = pat.state(), pat.state()
+        pat.looks.setdefault(a, []).append((tree[1], _look_body(tree[2], pat.source), b))
+        return a, b
     _, item, least, most = tree  # "repeat"
     a = b = pat.state()
     for _ in range(least):
@@ -348,8 +366,10 @@ def _build(pat: Pattern, tree: tuple) -> tuple[int, int]:
 
 
 def _anchored(tree: tuple, at: str, source: str) -> list[tuple[tuple, bool, bool]]:
-    """The top-level alternatives of `tree` as (body, starts at ^, ends at $); anchors anywhere
-    else are refused."""
+    """The top-level alternatives of `tree` as (body, starts at ^, ends at $). A `$` elsewhere is
+    a lookahead that no character follows; a `^` elsewhere is refused, but where it opens the body
+    of a lookahead right after an alternative's own `^` (Pydantic's decimals: `^(?!^[-+.]*$)...`),
+    where it always holds."""
     alts = tree[1] if tree[0] == "alt" else [tree]
     out = []
     for alt in alts:
@@ -357,19 +377,65 @@ def _anchored(tree: tuple, at: str, source: str) -> list[tuple[tuple, bool, bool
         start = bool(items) and items[0] == ("start",)
         end = bool(items) and items[-1] == ("end",) and (len(items) > 1 or not start)
         body = items[start : len(items) - end]
-        if _has_anchor(("seq", body)):
-            raise InputError(f"option {at}: ^ and $ only at the start and end of the pattern's alternatives "
+        for k in range(len(body) if start else 0):
+            if body[k][0] != "look":
+                break
+            body[k] = ("look", body[k][1], _alternatives_map(body[k][2], lambda xs: xs[xs[:1] == [("start",)] :]))
+        if _has(("seq", body), "start", looks=True):
+            raise InputError(f"option {at}: ^ only at the start of the pattern's alternatives "
                              f"({source[:60]!r})")  # fmt: skip
-        out.append((("seq", body), start, end))
+        out.append((_end_as_look(("seq", body)), start, end))
     return out
 
 
-def _has_anchor(tree: tuple) -> bool:
-    if tree[0] in ("start", "end"):
+def _alternatives_map(tree: tuple, f: Callable[[list], list]) -> tuple:
+    """`tree` with each of its top-level alternatives' items (a list) passed through `f`."""
+    alts = tree[1] if tree[0] == "alt" else [tree]
+    mapped = [("seq", f(list(alt[1]) if alt[0] == "seq" else [alt])) for alt in alts]
+    return mapped[0] if len(mapped) == 1 else ("alt", mapped)
+
+
+def _end_as_look(tree: tuple) -> tuple:
+    """`tree` with each `$` (outside lookaheads, which read their own) as `(?![^])`."""
+    kind = tree[0]
+    if kind == "end":
+        return ("look", False, ("chars", ANY))
+    if kind in ("seq", "alt"):
+        return (kind, [_end_as_look(t) for t in tree[1]])
+    if kind == "repeat":
+        return ("repeat", _end_as_look(tree[1]), *tree[2:])
+    return tree
+
+
+def _has(tree: tuple, kind: str, looks: bool = False) -> bool:
+    """Whether `tree` holds a node of `kind` (inside lookaheads' bodies too, with `looks`)."""
+    if tree[0] == kind:
         return True
     if tree[0] in ("seq", "alt"):
-        return any(_has_anchor(t) for t in tree[1])
-    return tree[0] == "repeat" and _has_anchor(tree[1])
+        return any(_has(t, kind, looks) for t in tree[1])
+    if tree[0] == "look":
+        return looks and _has(tree[2], kind, looks)
+    return tree[0] == "repeat" and _has(tree[1], kind, looks)
+
+
+def _look_body(tree: tuple, source: str) -> Pattern:
+    """A lookahead's body as an NFA of its own (`Pattern.looks`); a `$` is held only at the end of
+    its alternatives, and a lookahead inside a lookahead is refused."""
+    body = Pattern(source)
+    entry, body.accept, body.accept_end = body.state(), body.state(), body.state()
+    alts = tree[1] if tree[0] == "alt" else [tree]
+    for alt in alts:
+        items = list(alt[1]) if alt[0] == "seq" else [alt]
+        end = bool(items) and items[-1] == ("end",)
+        items = items[: len(items) - end]
+        if _has(("seq", items), "end") or _has(("seq", items), "look"):
+            what = "a lookahead inside a lookahead" if _has(("seq", items), "look") else "$ inside a lookahead"
+            raise InputError(f"{what} is not held, but $ at the end of its alternatives ({source[:60]!r})")
+        x, y = _build(body, ("seq", items))
+        body.empty[entry].append(x)
+        body.empty[y].append(body.accept_end if end else body.accept)
+    body.start = body.closure({entry})
+    return body
 
 
 def compile_pattern(source: str, at: str = "pattern") -> Pattern:
@@ -390,10 +456,64 @@ def _compiled(source: str) -> Pattern:
     pat = Pattern(source)
     try:
         entry, pat.accept = _build(pat, ("alt", alts))
+        pat.start = pat.closure({entry})
+        if pat.looks:
+            pat = _with_lookaheads(pat)
     except InputError as e:
         raise InputError(f"option pattern: {e}") from None
-    pat.start = pat.closure({entry})
+    if not pat.start:
+        raise InputError(f"option pattern: no text matches {source[:60]!r}")
     return kept(pat)
+
+
+def _with_lookaheads(raw: Pattern) -> Pattern:
+    """`raw`, its lookaheads read into plain states: a state is one of `raw`'s with the lookaheads
+    passed but not yet decided, each a reading of its body (must match, or must not: a positive one
+    is met once its body's reading reaches `accept`, dead once it is empty; a negative one the other
+    way round; at the text's end, those still open are decided by `accept_end`), as far as reached
+    from the start, then trimmed. Lookaheads passed again with the same reading are one."""
+    out, ids = Pattern(raw.source), {}
+    out.accept = out.state()
+    todo: list[tuple[int, frozenset]] = []
+
+    def state(m: int, looks: frozenset) -> int | None:
+        open_ = set()
+        for look in looks:
+            positive, body, reading = look
+            matched = body.accept in reading
+            if matched or not reading:  # decided: met, or failed
+                if matched != positive:
+                    return None
+                continue
+            open_.add(look)
+        key = (m, frozenset(open_))
+        if key not in ids:
+            if len(ids) >= MAX_PAIRS:
+                raise InputError(f"{raw.source[:60]!r}: more than {MAX_PAIRS:,} states with its lookaheads")
+            ids[key] = out.state()
+            todo.append(key)
+        return ids[key]
+
+    starts = {i for s in raw.start if (i := state(s, frozenset())) is not None}
+    while todo:
+        pause()
+        m, looks = key = todo.pop()
+        i = ids[key]
+        nexts = [state(t, looks) for t in raw.empty[m]]
+        nexts += [state(t, looks | {(positive, body, body.start)}) for positive, body, t in raw.looks.get(m, ())]
+        if m == raw.accept and all((body.accept_end in reading) == positive for positive, body, reading in looks):
+            nexts.append(out.accept)
+        out.empty[i] = [t for t in nexts if t is not None]
+        for lo, hi, t in raw.moves[m]:
+            cuts = {lo, hi + 1}
+            for _, body, reading in looks:
+                cuts.update(x for s in reading for a, b, _ in body.moves[s] for x in (a, b + 1) if lo < x <= hi)
+            edges = sorted(cuts)
+            for a, b in zip(edges, edges[1:], strict=False):
+                stepped = frozenset((p, body, body.step(reading, a)) for p, body, reading in looks)
+                if (j := state(t, stepped)) is not None:
+                    out.moves[i].append((a, b - 1, j))
+    return trimmed(out, starts, raw.source)
 
 
 @lru_cache(maxsize=256)

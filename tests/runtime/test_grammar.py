@@ -844,7 +844,7 @@ def test_min_and_max_items_count_an_arrays_elements():
         (obj({"m": {"type": "object", "propertyNames": False, "minProperties": 1}}), r"m\.minProperties: no object"),
         (obj({"m": {"type": "object", "propertyNames": {"type": "integer"}}}), r"m\.propertyNames: expected a string"),
         (obj({"m": {"type": "object", "propertyNames": {"enum": ["a"]}}}), r"m\.propertyNames\.enum: not supported"),
-        (obj({"m": {"type": "object", "propertyNames": {"pattern": "(?=a)"}}}), r"m\.propertyNames\.pattern: "),
+        (obj({"m": {"type": "object", "propertyNames": {"pattern": "(?<=a)"}}}), r"m\.propertyNames\.pattern: "),
         (obj({"m": {"type": "string", "maxProperties": 1}}), r"m\.maxProperties: only beside \"type\": \"object\""),
         (obj({"t": {"type": "array", "items": [{}]}}), r"t\.items: expected a schema .* write it as prefixItems"),
         (obj({"u": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}), r"u\.uniqueItems: only of"),

@@ -71,11 +71,16 @@ def test_any_pattern_text_compiles_or_is_refused_with_an_input_error(source):
 
 def python_re(source: str, ecma: bool = True) -> re.Pattern:
     """`source` as Python's re reads ECMA-262's: ASCII classes but ECMA's whitespace, and "$"
-    only at the very end (Python's also matches before a final newline). `ecma` False: Python's
-    own classes, for hypothesis to draw strings from within an alphabet."""
+    only at the very end (\\Z: Python's also matches before a final newline). `ecma` False:
+    Python's own classes, for hypothesis to draw strings from within an alphabet."""
     spaces = {"s": f"[{SPACE}]", "S": f"[^{SPACE}]"} if ecma else {}
-    source = re.sub(r"\\(.)", lambda m: spaces.get(m.group(1), m.group(0)), source)
-    return re.compile(source[:-1] + r"\Z" if source.endswith("$") else source, re.ASCII if ecma else 0)
+    out, i, in_class = [], 0, False
+    while i < len(source):
+        c = source[i : i + 2] if source[i] == "\\" else source[i]
+        in_class = (in_class or c == "[") and c != "]"
+        out.append(spaces.get(c[1:], c) if len(c) == 2 else r"\Z" if c == "$" and not in_class else c)
+        i += len(c)
+    return re.compile("".join(out), re.ASCII if ecma else 0)
 
 
 def drawn(source: str) -> st.SearchStrategy:
@@ -102,6 +107,114 @@ def test_a_pattern_matches_what_python_searches_for(source, data):
     texts = [data.draw(drawn(source)), data.draw(st.text(ALPHABET, max_size=8))]
     for text in texts:
         assert matches(source, text) == bool(python.search(text)), (source, text)
+
+
+# lookaheads (and $ inside a pattern, a lookahead of its own) between plain parts: (the pattern,
+# the plain parts alone, for hypothesis to draw texts from, and the lookaheads' bodies, whose
+# texts meet or fail them)
+# bodies without nested repeats: Python's re backtracks through those for ages
+bodies = st.lists(quantified(atoms), min_size=1, max_size=3).map("".join)
+lookahead = st.tuples(st.sampled_from(["(?=", "(?!"]), bodies, st.sampled_from(["", "$"]))
+parts = st.lists(st.one_of(regexes.map(lambda r: ("plain", r)), lookahead.map(lambda t: ("look", t)),
+                           st.just(("end", "$"))), min_size=1, max_size=4)  # fmt: skip
+
+
+def looked(start: str, items: list, end: str) -> tuple[str, str, list[str]]:
+    source = start + "".join(x if kind != "look" else f"{x[0]}{x[1]}{x[2]})" for kind, x in items) + end
+    plain = start + "".join(x for kind, x in items if kind == "plain") + end
+    return source, plain, [x[1] for kind, x in items if kind == "look"]
+
+
+looked_patterns = st.builds(looked, st.sampled_from(["", "^"]), parts, st.sampled_from(["", "$"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(looked_patterns, st.data())
+def test_a_pattern_with_lookaheads_matches_what_python_searches_for(drawn_pattern, data):
+    """Lookaheads (a must-match or must-not-match reading beside the pattern's own, pattern.py's
+    `_with_lookaheads`) and $ inside a pattern: the automaton and `re.search` agree on texts drawn
+    from the plain parts, from the lookaheads' bodies, and on arbitrary ones."""
+    source, plain, bodies = drawn_pattern
+    python = python_re(source)
+    try:
+        compile_pattern(source)
+    except InputError as e:
+        assert "no text matches" in str(e), source
+        texts = [data.draw(drawn(plain))[:10], data.draw(st.text(ALPHABET, max_size=6))]
+        assert not any(python.search(t) for t in texts), source
+        return
+    texts = [data.draw(drawn(plain)), data.draw(st.text(ALPHABET, max_size=6))]
+    texts += [data.draw(drawn(body)) + data.draw(drawn(plain)) for body in bodies[:2]]
+    for text in texts:
+        text = text[:10]
+        assert matches(source, text) == bool(python.search(text)), (source, text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(looked_patterns, st.data())
+def test_a_string_held_to_a_pattern_with_lookaheads_never_leads_into_a_dead_end(drawn_pattern, data):
+    """The bytes the mask allows, followed at random, always leave a way on, and the strings they
+    close match (the product keeps only states whose lookaheads can still be decided well)."""
+    source, _, _ = drawn_pattern
+    python = python_re(source)
+    schema = holding({"type": "string", "pattern": source})
+    try:
+        s = follows(schema, b'{"a":"')
+    except InputError as e:
+        assert "no text matches" in str(e), source
+        return
+    rng, written = random.Random(data.draw(st.integers(0, 2**32))), b""
+    for _ in range(30):
+        allowed = np.flatnonzero(mask(s)[BYTE_OFFSET:] == 0)
+        assert len(allowed), (source, written)
+        b = int(rng.choice(allowed))
+        written += bytes([b])
+        s = step(s, b)
+        assert s is not None
+        if all(path[1] != PATTERN for path in s):
+            assert python.search(json.loads(b'"' + written)), (source, written)
+            break
+
+
+def test_pydantic_decimals_are_held_and_read_back():
+    """Pydantic writes a Decimal field as a number or a string of its pattern, which opens with a
+    negative lookahead (not only signs and dots), and a condecimal's with one inside: both held
+    as JSON Schema reads them (the condecimal's pattern is not anchored at its end, so it takes
+    more than Pydantic then reads), and every Decimal a walk along the mask closes reads back."""
+    from decimal import Decimal
+
+    import pydantic
+
+    class Price(pydantic.BaseModel):
+        amount: Decimal
+        rounded: pydantic.condecimal(max_digits=5, decimal_places=2)
+
+    schema = Price.model_json_schema()
+    assert "(?!" in json.dumps(schema) and "(?=" in json.dumps(schema)
+    root = compile_schema(schema)
+    for amount, rounded in (("12.50", "123.45"), ("-0.001", "0.5"), ("7", "999")):
+        text = json.dumps({"amount": amount, "rounded": rounded}).encode()
+        s = advance(begin(root), [b + BYTE_OFFSET for b in text])
+        assert s is not None and done(s), text
+        assert Price.model_validate_json(text).rounded == Decimal(rounded)
+    for wrong in ({"amount": "+."}, {"amount": "-"}, {"amount": "1x"}, {"rounded": ""}, {"rounded": "-."}):
+        text = json.dumps({"amount": "1", "rounded": "1"} | wrong).encode()
+        s = advance(begin(root), [b + BYTE_OFFSET for b in text])
+        assert s is None or not done(s), wrong
+
+    class Amount(pydantic.BaseModel):
+        amount: Decimal
+
+    root, rng = compile_schema(Amount.model_json_schema()), random.Random(0)
+    for _ in range(40):
+        s, text = begin(root), b""
+        while not done(s) and len(text) < 200:
+            allowed = [b for b in np.flatnonzero(mask(s)[BYTE_OFFSET:] == 0) if b not in b" \n\t\r"]
+            b = int(rng.choice(allowed or np.flatnonzero(mask(s)[BYTE_OFFSET:] == 0)))
+            text += bytes([b])
+            s = step(s, b)
+        if done(s) and isinstance(json.loads(text)["amount"], str):  # (a number past a double's range is JSON
+            Amount.model_validate_json(text)  # but inf to Pydantic): raises if the pattern let through what it refuses
 
 
 def follows(schema: dict, data: bytes):
@@ -227,13 +340,20 @@ def test_hostnames_and_emails_are_held_to_their_most_characters(name, value, ok)
 @pytest.mark.parametrize(
     ("prop", "match"),
     [
-        ({"type": "string", "pattern": "(?=a)"}, r"a\.pattern: lookarounds"),
+        ({"type": "string", "pattern": "(?<=a)b"}, r"a\.pattern: lookbehinds"),
+        ({"type": "string", "pattern": "(?<!a)b"}, r"a\.pattern: lookbehinds"),
+        ({"type": "string", "pattern": "(?=(?=a))"}, r"a\.pattern: a lookahead inside a lookahead"),
+        ({"type": "string", "pattern": "(?=a$b)"}, r"a\.pattern: \$ inside a lookahead is not held"),
+        ({"type": "string", "pattern": "(?=a)*"}, r"a\.pattern: a quantifier on a lookahead"),
+        ({"type": "string", "pattern": "(?=^a)"}, r"a\.pattern: \^ only at the start"),
+        ({"type": "string", "pattern": "^(?=a)b"}, r"a\.pattern: no text matches"),
+        ({"type": "string", "pattern": "^a(?!b)b"}, r"a\.pattern: no text matches"),
         ({"type": "string", "pattern": r"(a)\1"}, r"a\.pattern: backreferences \(\\1\)"),
         ({"type": "string", "pattern": r"\bx"}, r"a\.pattern: word boundaries"),
         ({"type": "string", "pattern": r"\p{L}"}, r"a\.pattern: Unicode property classes"),
         ({"type": "string", "pattern": "(a"}, r"a\.pattern: an unclosed group"),
         ({"type": "string", "pattern": "[]"}, r"a\.pattern: a class no character is in"),
-        ({"type": "string", "pattern": "a^b"}, r"a\.pattern: \^ and \$ only at the start and end"),
+        ({"type": "string", "pattern": "a^b"}, r"a\.pattern: \^ only at the start of the pattern's alternatives"),
         ({"type": "string", "pattern": "a**"}, r"a\.pattern: a quantifier right after a quantifier"),
         ({"type": "string", "pattern": r"\ud800"}, r"a\.pattern: a surrogate"),
         ({"type": "string", "pattern": "(a{1,60}){1,99}"}, r"a\.pattern: .*more than 5000 states"),

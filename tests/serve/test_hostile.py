@@ -133,10 +133,10 @@ CHAT_HOSTILE: list[tuple[str, bytes, int]] = [  # /v1/chat/completions (the serv
         400,
     ),
     (
-        "a JSON schema with a lookahead in a pattern",
+        "a JSON schema with a lookbehind in a pattern",
         chat(
             response_format=schema_format(
-                {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(?=a)"}}, "required": ["a"]}
+                {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(?<=a)"}}, "required": ["a"]}
             )
         ),
         400,
