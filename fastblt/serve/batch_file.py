@@ -72,7 +72,7 @@ def read_requests(path: Path) -> list[BatchRequest]:
         raise InputError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 (byte {e.start})") from None
-    for n, raw in enumerate(text.splitlines(), 1):
+    for n, raw in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028 as it is
         if not raw.strip():
             continue
         where = f"{path}:{n}"

@@ -19,7 +19,7 @@ MODES = ("ar", "blt-s", "blt-d", "blt-dv")
 
 
 def line(cid: str, body: dict | str, url: str = "/v1/completions", **extra) -> str:
-    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body, **extra})
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body, **extra}, ensure_ascii=False)
 
 
 def write(path, lines: list[str]) -> None:
@@ -54,13 +54,13 @@ def test_a_malformed_line_is_refused_by_its_number(tmp_path, bad, message):
 
 def test_requests_are_read_in_order_and_blank_lines_skipped(tmp_path):
     path = tmp_path / "in.jsonl"
-    write(path, [GOOD, "", "   ", line("b", {"prompt": "ü", "stream": False}, url="/v1/chat/completions")])
+    write(path, [GOOD, "", "   \r", line("b", {"prompt": "ü\u2028\x1c", "stream": False}, url="/v1/chat/completions")])
     got = read_requests(path)
     assert [(r.line, r.custom_id, r.url) for r in got] == [
         (1, "a", "/v1/completions"),
         (4, "b", "/v1/chat/completions"),
     ]
-    assert json.loads(got[1].body) == {"prompt": "ü", "stream": False}
+    assert json.loads(got[1].body) == {"prompt": "ü\u2028\x1c", "stream": False}  # line breaks to str.splitlines
 
 
 def test_resuming_cuts_only_a_half_written_last_line_of_our_own_file(tmp_path):
