@@ -30,6 +30,7 @@ LOGGER = "fastblt.requests"
 # into a header and a log line as it came
 _PLAIN = re.compile(r"[!#-\[\]-~]{1,128}")
 _BARE = re.compile(r"[A-Za-z0-9_.:/@+,-]+")  # a logfmt value written without quotes
+MAX_VALUE = 256  # characters of a value the request chose (user, error) kept in its line: no log floods
 # W3C Trace Context's traceparent: version-trace_id-parent_id-flags (https://www.w3.org/TR/trace-context/)
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
 
@@ -62,6 +63,10 @@ def logfmt(fields: dict[str, object]) -> str:
     return " ".join(parts)
 
 
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_VALUE else text[: MAX_VALUE - 1] + "…"
+
+
 def _escaped(c: str) -> str:
     if c in '"\\':
         return "\\" + c
@@ -81,7 +86,7 @@ class RequestRecord:
         """The checked request: what it asks for."""
         self.fields.update(mode=mode, stream=stream, choices=choices, prompt_bytes=prompt_bytes)
         if user:
-            self.fields["user"] = user
+            self.fields["user"] = _cut(user)
 
     def byte_times(self, times: Iterable[float]) -> None:
         """A generation's verified-byte times: the earliest of any choice is the request's first."""
@@ -109,7 +114,7 @@ class RequestRecord:
         if param is not None:
             line["param"] = param
         if error is not None:
-            line["error"] = error
+            line["error"] = _cut(error)
         logging.getLogger(self.logger).log(logging.ERROR if status >= 500 else logging.INFO, "%s", logfmt(line))
 
 

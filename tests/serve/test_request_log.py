@@ -168,6 +168,8 @@ def test_refused_requests_carry_an_id_and_log_the_field(server):
     hostile = httpx.post(url, headers=auth, json={"model": MODEL, "prompt": "x", "max_tokens": 1, "user": forged})
     assert hostile.status_code == 200
     assert logged(server, hostile.headers["x-request-id"])["user"].startswith('eve"\nINFO')
+    flood = httpx.post(url, headers=auth, json={"model": MODEL, "prompt": "x", "max_tokens": 1, "user": "u" * 100_000})
+    assert flood.status_code == 200 and logged(server, flood.headers["x-request-id"])["user"] == "u" * 255 + "…"
     assert "request_id=forged" not in [ln.split(" ", 3)[2] for ln in server.output().splitlines() if " " in ln]
     missing = httpx.get(f"{server.url}/v1/nothing", headers=auth)
     assert missing.status_code == 404 and missing.headers["x-request-id"]  # every response, not only completions
