@@ -9,12 +9,12 @@ pattern's alternatives, `$` anywhere (inside, a lookahead that no character foll
 lookaheads, `(?=...)` and `(?!...)`, read beside the pattern (`_with_lookaheads`). Lookbehinds,
 backreferences, word boundaries and Unicode property classes are refused by name. `\\d`, `\\w` are
 ASCII's, `\\s` ECMA's whitespace; `.` is any code point but a line terminator. A `format` (OpenAI's
-list) is a pattern of its own (FORMATS), as RFC 3339, RFC 4122, RFC 1123 and RFC 4291 write them (a
-date's day checked against its month and year; a hostname at most 253 characters, an email 254:
-FORMAT_LENGTHS). A string's `minLength` / `maxLength` are an automaton of its count of characters
-(`length_pattern`, or `counted` beside a pattern or format: the two read together), and a pattern
-and a format on one string are read together too (`intersect`). A number's bounds and multiple are
-DFAs of its own (numbers.py), Patterns as these are.
+list, and `uri`) is a pattern of its own (FORMATS), as RFC 3339, 4122, 1123, 4291 and 3986 write
+them (a date's day checked against its month and year; a hostname at most 253 characters, an email
+254: FORMAT_LENGTHS). A string's `minLength` / `maxLength` are an automaton of its count of
+characters (`length_pattern`, or `counted` beside a pattern or format: the two read together), and
+a pattern and a format on one string are read together too (`intersect`). A number's bounds and
+multiple are DFAs of its own (numbers.py), Patterns as these are.
 
 `Pattern` is a Thompson NFA: states with code point ranges to follow and empty moves; a reading is
 the set of states it may be in. Every state can still reach the end over code points a JSON string
@@ -735,6 +735,14 @@ def _ipv6() -> str:
 _DURATION_TIME = "T([0-9]+H([0-9]+M([0-9]+S)?)?|[0-9]+M([0-9]+S)?|[0-9]+S)"
 _DURATION_DATE = "([0-9]+Y([0-9]+M([0-9]+D)?)?|[0-9]+M([0-9]+D)?|[0-9]+D)"
 _ATOM = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# RFC 3986's URI, its authority form (scheme://host[:port]/path?query#fragment) without userinfo:
+# the host a hostname whose last label starts with a letter (a WHATWG parser, Pydantic's, reads a
+# name ending in digits as an IPv4 address), an IPv4 address or a bracketed IPv6 one; the port
+# 0-65535; each character of path, query and fragment one RFC 3986 writes there (pct-encoded too)
+_PCHAR = "([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})"
+_PORT = "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0)"
+_URI_HOST = f"(({_LABEL}\\.)*[A-Za-z]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?|{_IPV4}|\\[({_ipv6()})\\])"
+_URI = f"[A-Za-z][A-Za-z0-9+.-]*://{_URI_HOST}(:{_PORT})?(/{_PCHAR}*)*(\\?({_PCHAR}|[/?])*)?(#({_PCHAR}|[/?])*)?"
 FORMATS = {  # OpenAI's structured outputs' formats, as whole-string patterns
     "date-time": f"^{_DATE}[Tt]{_TIME}$",
     "date": f"^{_DATE}$",
@@ -745,6 +753,7 @@ FORMATS = {  # OpenAI's structured outputs' formats, as whole-string patterns
     "ipv4": f"^{_IPV4}$",
     "ipv6": f"^({_ipv6()})$",
     "uuid": "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$",
+    "uri": f"^{_URI}$",
 }
 
 

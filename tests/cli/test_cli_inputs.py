@@ -94,10 +94,10 @@ def test_a_schema_file_that_cannot_be_used_is_one_line(ckpt, tmp_path, monkeypat
                            capsys)  # fmt: skip
     _one_line_error(code, err, "--schema", "none.json: no such file")
     schema = tmp_path / "schema.json"
-    schema.write_text('{"properties": {"a": {"type": "string", "format": "uri"}}, "required": ["a"]}')
+    schema.write_text('{"properties": {"a": {"type": "string", "format": "uri-reference"}}, "required": ["a"]}')
     code, _, err = run_cli(_generate(ckpt, "--prompt", "x", "--mode", "ar", "--schema", str(schema)), monkeypatch,
                            capsys)  # fmt: skip
-    _one_line_error(code, err, "option schema.properties.a.format: 'uri' is not one of the formats held")
+    _one_line_error(code, err, "option schema.properties.a.format: 'uri-reference' is not one of the formats held")
 
 
 def test_an_output_path_that_cannot_be_written_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
