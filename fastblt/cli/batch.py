@@ -98,10 +98,6 @@ def _run(todo, out: Path, concurrency: int | None, mode: str, setup, checkpoint:
                                  chat_template=setup.template)  # fmt: skip
         app = create_app(engine, settings)
         with out.open("ab") as f, tqdm(total=len(todo), desc="batch", unit="req", file=sys.stderr) as bar:
-
-            def done(status: int) -> None:
-                bar.update(1)
-
-            return asyncio.run(run_batch(app, todo, f, concurrency, done))
+            return asyncio.run(run_batch(app, todo, f, concurrency, lambda status: bar.update(1)))
     finally:
         engine.close(timeout=5.0)

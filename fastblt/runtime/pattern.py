@@ -370,10 +370,8 @@ def _anchored(tree: tuple, at: str, source: str) -> list[tuple[tuple, bool, bool
     a lookahead that no character follows; a `^` elsewhere is refused, but where it opens the body
     of a lookahead right after an alternative's own `^` (Pydantic's decimals: `^(?!^[-+.]*$)...`),
     where it always holds."""
-    alts = tree[1] if tree[0] == "alt" else [tree]
     out = []
-    for alt in alts:
-        items = list(alt[1]) if alt[0] == "seq" else [alt]
+    for items in _alternative_items(tree):
         start = bool(items) and items[0] == ("start",)
         end = bool(items) and items[-1] == ("end",) and (len(items) > 1 or not start)
         body = items[start : len(items) - end]
@@ -388,10 +386,14 @@ def _anchored(tree: tuple, at: str, source: str) -> list[tuple[tuple, bool, bool
     return out
 
 
+def _alternative_items(tree: tuple) -> list[list]:
+    """The items of each of `tree`'s top-level alternatives."""
+    return [list(alt[1]) if alt[0] == "seq" else [alt] for alt in (tree[1] if tree[0] == "alt" else [tree])]
+
+
 def _alternatives_map(tree: tuple, f: Callable[[list], list]) -> tuple:
     """`tree` with each of its top-level alternatives' items (a list) passed through `f`."""
-    alts = tree[1] if tree[0] == "alt" else [tree]
-    mapped = [("seq", f(list(alt[1]) if alt[0] == "seq" else [alt])) for alt in alts]
+    mapped = [("seq", f(items)) for items in _alternative_items(tree)]
     return mapped[0] if len(mapped) == 1 else ("alt", mapped)
 
 
@@ -423,13 +425,12 @@ def _look_body(tree: tuple, source: str) -> Pattern:
     its alternatives, and a lookahead inside a lookahead is refused."""
     body = Pattern(source)
     entry, body.accept, body.accept_end = body.state(), body.state(), body.state()
-    alts = tree[1] if tree[0] == "alt" else [tree]
-    for alt in alts:
-        items = list(alt[1]) if alt[0] == "seq" else [alt]
+    for items in _alternative_items(tree):
         end = bool(items) and items[-1] == ("end",)
         items = items[: len(items) - end]
-        if _has(("seq", items), "end") or _has(("seq", items), "look"):
-            what = "a lookahead inside a lookahead" if _has(("seq", items), "look") else "$ inside a lookahead"
+        nested = _has(("seq", items), "look")
+        if nested or _has(("seq", items), "end"):
+            what = "a lookahead inside a lookahead" if nested else "$ inside a lookahead"
             raise InputError(f"{what} is not held, but $ at the end of its alternatives ({source[:60]!r})")
         x, y = _build(body, ("seq", items))
         body.empty[entry].append(x)

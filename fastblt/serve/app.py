@@ -600,6 +600,40 @@ async def _first(stream: TextStream) -> tuple[str, Scores | None] | None:
         return None
 
 
+async def call_app(app: Any, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """A request to an ASGI app in this process (no socket): (status, headers, body). The caller
+    never leaves, so the request is never cancelled as a client that left would be."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 0), "server": ("in-process", 0)}  # fmt: skip
+    given, forever = False, asyncio.Event()
+    status, headers, chunks = 500, {}, []
+
+    async def receive() -> dict:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await forever.wait()  # no disconnect
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            headers.update((k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    try:
+        await app(scope, receive, send)
+    except Exception:  # a 500: Starlette sends its response, then raises for the server to log
+        if not chunks:
+            raise
+    return status, headers, b"".join(chunks)
+
+
 class _Headers:
     """ASGI middleware: every HTTP response names the replica that served it and the request's id
     (request_log.request_id: the client's x-request-id, or a new one), which the request's scope

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from fastblt.errors import InputError
+from fastblt.serve.app import call_app
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
 
 URLS = ("/v1/completions", "/v1/chat/completions")
@@ -134,7 +135,7 @@ async def run_batch(app: Any, requests: list[BatchRequest], out: BinaryIO, concu
 
     async def one(req: BatchRequest) -> None:
         async with slots:
-            status, headers, body = await call_app(app, req.url, req.body)
+            status, headers, body = await call_app(app, "POST", req.url, req.body)
         try:
             answer = json.loads(body)
         except ValueError:
@@ -155,37 +156,3 @@ async def run_batch(app: Any, requests: list[BatchRequest], out: BinaryIO, concu
         await asyncio.gather(*(one(r) for r in requests))
     summary.seconds = loop.time() - t0
     return summary
-
-
-async def call_app(app: Any, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
-    """POST `body` to `path` of an ASGI app in process: (status, headers, body). The caller never
-    leaves, so the request is never cancelled as a client that left would be."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 0), "server": ("fastblt-batch", 0)}  # fmt: skip
-    given, forever = False, asyncio.Event()
-    status, headers, chunks = 500, {}, []
-
-    async def receive() -> dict:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await forever.wait()  # no disconnect
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-            headers.update((k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", []))
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    try:
-        await app(scope, receive, send)
-    except Exception:  # a 500: Starlette sends its response, then raises for the server to log
-        if not chunks:
-            raise
-    return status, headers, b"".join(chunks)

@@ -43,7 +43,7 @@ from ray.serve.metrics import Gauge
 from fastblt.errors import ConfigError, FastBltError
 from fastblt.runtime.async_engine import AsyncEngine
 from fastblt.runtime.prompt_cache import DEFAULT_MB
-from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, create_app
+from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, call_app, create_app
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.process import free_port, probe_context
 from fastblt.serve.ray_route import ROUTER_PATH
@@ -224,31 +224,13 @@ async def mirror_metrics(app: FastAPI, every: float = MIRROR_EVERY_S) -> None:
     while True:
         await asyncio.sleep(every)
         try:
-            for family in text_string_to_metric_families((await asgi_get(app, "/metrics")).decode()):
+            for family in text_string_to_metric_families((await call_app(app, "GET", "/metrics"))[2].decode()):
                 for s in family.samples:
                     if s.name not in gauges:
                         gauges[s.name] = Gauge(s.name, family.documentation, tag_keys=tuple(sorted(s.labels)))
                     gauges[s.name].set(s.value, tags=dict(s.labels))
         except Exception as e:  # an export problem must never stop the replica serving
             log.warning("fastblt replica: metrics not mirrored to Ray: %r", e)
-
-
-async def asgi_get(app: Any, path: str) -> bytes:
-    """The body of GET `path` from an ASGI app, in this process (no socket)."""
-    body = bytearray()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
-             "client": (LOOPBACK, 0), "server": (LOOPBACK, 0)}  # fmt: skip
-
-    async def receive() -> dict:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict) -> None:
-        if message["type"] == "http.response.body":
-            body.extend(message.get("body", b""))
-
-    await app(scope, receive, send)
-    return bytes(body)
 
 
 # ---------------------------------------------------------------------------- deploying

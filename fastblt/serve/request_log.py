@@ -88,11 +88,10 @@ class RequestRecord:
         if user:
             self.fields["user"] = _cut(user)
 
-    def byte_times(self, times: Iterable[float]) -> None:
+    def byte_times(self, times: list[float]) -> None:
         """A generation's verified-byte times: the earliest of any choice is the request's first."""
-        for t in times:
-            self.first = t if self.first is None else min(self.first, t)
-            break
+        if times:
+            self.first = times[0] if self.first is None else min(self.first, times[0])
 
     def end(self, status: int, usage: dict | None = None, finish: Iterable[str] = (),
             error: str | None = None, param: str | None = None) -> None:  # fmt: skip
