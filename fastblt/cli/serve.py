@@ -31,6 +31,8 @@ from fastblt.cli.common import Positive
               help="... and its private key (PEM).")  # fmt: skip
 @click.option("--ssl-keyfile-password", default=None, envvar="FASTBLT_SSL_KEYFILE_PASSWORD",
               help="The private key's password, if it is encrypted [env: FASTBLT_SSL_KEYFILE_PASSWORD].")  # fmt: skip
+@click.option("--ssl-ca-certs", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Mutual TLS: answer only clients whose certificate these authorities signed (PEM).")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
@@ -52,8 +54,8 @@ from fastblt.cli.common import Positive
               help="--ray: write the equivalent Serve config (YAML, for `serve deploy`) and exit.")  # fmt: skip
 def serve(
     checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
-    ssl_certfile, ssl_keyfile, ssl_keyfile_password, model_name, chat_template, chat_stop, tool_call_start,
-    tool_call_end, max_body, max_context, threads,
+    ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs, model_name, chat_template, chat_stop,
+    tool_call_start, tool_call_end, max_body, max_context, threads,
     prompt_cache_mb, share_prompts, device,
     graceful_timeout, log_level, use_ray,
     ray_address, replicas,
@@ -100,9 +102,12 @@ def serve(
     if api_key is not None and (not api_key or api_key != api_key.strip()):
         raise click.BadParameter("empty, or spaces at its ends: clients could not send it as a bearer token",
                                  param_hint="'--api-key'")  # fmt: skip
-    tls = _tls(ssl_certfile, ssl_keyfile, ssl_keyfile_password)
+    tls = _tls(ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs)
     scheme = "https" if tls else "http"
     if use_ray:
+        if ssl_ca_certs is not None:  # Serve passes ssl_ca_certs to uvicorn, but never ssl_cert_reqs
+            raise click.UsageError("--ssl-ca-certs with --ray: Ray Serve's proxies do not require client "
+                                   "certificates; check them in front of the cluster (docs/scale-out.md)")  # fmt: skip
         from fastblt.runtime.batch import DEFAULT_MAX_BATCH
 
         max_batch = max_batch or DEFAULT_MAX_BATCH
@@ -158,12 +163,15 @@ def _scaling(replicas, min_replicas, max_replicas, target, num_cpus, num_gpus, g
             "graceful_timeout": graceful_timeout}  # fmt: skip
 
 
-def _tls(certfile: str | None, keyfile: str | None, password: str | None) -> dict[str, str]:
-    """uvicorn's (and Serve's http_options') TLS settings, loaded once now: a certificate, key or
-    password that does not load stops the command with one line naming them, before any loading."""
+def _tls(certfile: str | None, keyfile: str | None, password: str | None, ca_certs: str | None) -> dict:
+    """uvicorn's (and Serve's http_options') TLS settings, loaded once now: a certificate, key,
+    password or client authority that does not load stops the command with one line naming it,
+    before any loading."""
     if certfile is None and keyfile is None:
         if password is not None:
             raise click.UsageError("--ssl-keyfile-password applies only with --ssl-keyfile")
+        if ca_certs is not None:
+            raise click.UsageError("--ssl-ca-certs needs --ssl-certfile and --ssl-keyfile (mutual TLS is over HTTPS)")
         return {}
     if certfile is None or keyfile is None:
         raise click.UsageError("--ssl-certfile and --ssl-keyfile go together: a certificate and its private key")
@@ -184,12 +192,23 @@ def _tls(certfile: str | None, keyfile: str | None, password: str | None) -> dic
         else:
             why = "not a PEM private key" + (", or not this password's" if password is not None else "")
         raise click.BadParameter(f"{keyfile}: {why}", param_hint="'--ssl-keyfile'") from None
-    tls = {"ssl_certfile": str(Path(certfile).resolve()), "ssl_keyfile": str(Path(keyfile).resolve())}
-    return tls | ({"ssl_keyfile_password": password} if password is not None else {})
+    tls: dict = {"ssl_certfile": str(Path(certfile).resolve()), "ssl_keyfile": str(Path(keyfile).resolve())}
+    if password is not None:
+        tls["ssl_keyfile_password"] = password
+    if ca_certs is not None:
+        authorities = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:  # a file with no certificate in it loads without complaint: counted below
+            authorities.load_verify_locations(cafile=ca_certs)
+        except ssl.SSLError:
+            authorities = None
+        if authorities is None or not authorities.cert_store_stats()["x509"]:
+            raise click.BadParameter(f"{ca_certs}: no PEM certificate in it", param_hint="'--ssl-ca-certs'")
+        tls |= {"ssl_ca_certs": str(Path(ca_certs).resolve()), "ssl_cert_reqs": int(ssl.CERT_REQUIRED)}
+    return tls
 
 
 def _serve_on_ray(server: dict, scaling: dict, address: str | None, host: str, port: int, log_level: str,
-                  print_config: bool, tls: dict[str, str]) -> None:  # fmt: skip
+                  print_config: bool, tls: dict) -> None:  # fmt: skip
     """Deploy on Ray Serve and block until SIGTERM/SIGINT (or, with print_config, print its config)."""
     from fastblt.errors import BackendUnavailable
 

@@ -17,13 +17,16 @@ import urllib.request
 from pathlib import Path
 
 
-def probe_context(url: str) -> ssl.SSLContext | None:
+def probe_context(url: str, client_cert: tuple[str | Path, str | Path] | None = None) -> ssl.SSLContext | None:
     """For a readiness probe of one's own server on this machine: over HTTPS, its certificate is
-    not checked (it names the server's public host, not the loopback address probed)."""
+    not checked (it names the server's public host, not the loopback address probed); a server
+    that requires client certificates (mutual TLS) is shown `client_cert`, a (certificate, key)."""
     if not url.startswith("https:"):
         return None
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    if client_cert is not None:
+        context.load_cert_chain(*client_cert)
     return context
 
 
@@ -40,11 +43,14 @@ class ServerProcess:
         args: extra `fastblt serve` options (host and port are set here).
         ready_timeout: seconds to wait for GET /health to answer 200.
         log: where the child's output goes (default: a temporary file, shown if it fails to start).
+        env: variables added to this process's environment for the child.
+        client_cert: (certificate, key) the readiness probe shows a server run with --ssl-ca-certs.
     """
 
     def __init__(self, args: list[str] | None = None, ready_timeout: float = 300.0, log: Path | None = None,
-                 env: dict[str, str] | None = None):  # fmt: skip
-        self.args, self.ready_timeout = list(args or []), ready_timeout
+                 env: dict[str, str] | None = None,
+                 client_cert: tuple[str | Path, str | Path] | None = None):  # fmt: skip
+        self.args, self.ready_timeout, self.client_cert = list(args or []), ready_timeout, client_cert
         self.env = None if env is None else {**os.environ, **env}  # added to this process's environment
         self.port = free_port()
         self.url = f"{'https' if '--ssl-certfile' in self.args else 'http'}://127.0.0.1:{self.port}"
@@ -62,12 +68,12 @@ class ServerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env=self.env)  # fmt: skip
-        deadline = time.monotonic() + self.ready_timeout
+        deadline, context = time.monotonic() + self.ready_timeout, probe_context(self.url, self.client_cert)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"fastblt serve exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2, context=probe_context(self.url)) as r:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2, context=context) as r:
                     if r.status == 200:
                         return self
             except OSError:
