@@ -158,20 +158,42 @@ def app_setup(checkpoint: str, model_name: str | None, max_context: int | None, 
 
 
 def start_engine(command: str, setup: AppSetup, checkpoint: str, backend: str, max_queue: int,
-                 **options: Any) -> AsyncEngine:  # fmt: skip
-    """The AsyncEngine behind the app (`options`: the engine options' values), saying so on stderr."""
+                 say: Callable[[str], None] | None = None, **options: Any) -> AsyncEngine:  # fmt: skip
+    """The AsyncEngine behind the app (`options`: the engine options' values), saying so on stderr,
+    or through `say` (a logger's, for JSON logs: then a first use's export is one line, no bar)."""
     from fastblt.cli.progress import first_use_notice
     from fastblt.runtime.async_engine import AsyncEngine
     from fastblt.serve.app import SERVE_EXTRA_IDS
 
-    click.echo(f"fastblt {command}: loading {checkpoint} on {backend}", err=True)
+    notice = first_use_notice if say is None else _logged_notice(say)
+    (say or to_stderr)(f"fastblt {command}: loading {checkpoint} on {backend}")
     o = options
     return AsyncEngine(
         checkpoint, backend, max_batch=o["max_batch"], max_queue=max_queue, artifacts=o["artifacts"],
         max_context=setup.max_context + SERVE_EXTRA_IDS,  # bytes, BOS and the byte scoring drops
         lanes=o["lanes"], processes=o["lane_processes"], threads=o["threads"], device=o["device"],
-        on_export=first_use_notice, prompt_cache_mb=o["prompt_cache_mb"], share_prompts=o["share_prompts"],
+        on_export=notice, prompt_cache_mb=o["prompt_cache_mb"], share_prompts=o["share_prompts"],
     )  # fmt: skip
+
+
+def to_stderr(line: str) -> None:
+    """A command's message line, as click writes it."""
+    click.echo(line, err=True)
+
+
+def _logged_notice(say: Callable[[str], None]) -> Callable[[Path], Callable[..., None]]:
+    """The runtime's ExportNotice as log lines: the export's start and end."""
+
+    def notice(out: Path) -> Callable[..., None]:
+        say(f"fastblt: first use of this checkpoint: exporting its step graphs to {out} (once)")
+
+        def progress(event: str, step: str, i: int, total: int, entry: dict | None) -> None:
+            if event == "done" and i + 1 == total:
+                say(f"fastblt: exported {total} step graphs to {out}")
+
+        return progress
+
+    return notice
 
 
 def describe_lanes(engine: AsyncEngine) -> str:

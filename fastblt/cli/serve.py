@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 
-from fastblt.cli.app_setup import app_setup, describe_lanes, engine_options, start_engine
+from fastblt.cli.app_setup import app_setup, describe_lanes, engine_options, start_engine, to_stderr
 from fastblt.cli.common import Positive
 
 
@@ -40,6 +41,8 @@ from fastblt.cli.common import Positive
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="info: uvicorn's access lines, and a line per completions request "
               "(logger fastblt.requests: id, status, mode, bytes, finish reason, time to first byte).")  # fmt: skip
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: each log line a JSON object (the request log's fields typed, uvicorn's too).")  # fmt: skip
 @click.option("--ray", "use_ray", is_flag=True, help="Serve as replicas of a Ray Serve deployment (docs/scale-out.md).")
 @click.option("--ray-address", default=None, help="--ray: a running cluster's address [default: start a local one].")
 @click.option("--replicas", type=click.IntRange(1), default=None, help="--ray: this many replicas [default: 1].")
@@ -57,7 +60,7 @@ def serve(
     ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs, model_name, chat_template, chat_stop,
     tool_call_start, tool_call_end, max_body, max_context, threads,
     prompt_cache_mb, share_prompts, device,
-    graceful_timeout, log_level, use_ray,
+    graceful_timeout, log_level, log_format, use_ray,
     ray_address, replicas,
     min_replicas, max_replicas, target_ongoing_requests, num_cpus, num_gpus, print_config,
 ):  # fmt: skip
@@ -104,6 +107,10 @@ def serve(
                                  param_hint="'--api-key'")  # fmt: skip
     tls = _tls(ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs)
     scheme = "https" if tls else "http"
+    from fastblt.serve import request_log
+
+    request_log.configure(log_level, log_format=log_format)
+    say = to_stderr if log_format == "text" else logging.getLogger("fastblt.serve").info
     if use_ray:
         if ssl_ca_certs is not None:  # Serve passes ssl_ca_certs to uvicorn, but never ssl_cert_reqs
             raise click.UsageError("--ssl-ca-certs with --ray: Ray Serve's proxies do not require client "
@@ -119,27 +126,26 @@ def serve(
                   "api_key": api_key, "max_body": max_body,
                   "chat_template": str(Path(chat_template).resolve()) if chat_template else None,
                   "chat_stop": list(chat_stop), "tool_call_start": tool_call_start,
-                  "tool_call_end": tool_call_end}  # fmt: skip
-        _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config, tls)
+                  "tool_call_end": tool_call_end, "log_format": log_format}  # fmt: skip
+        _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config, tls, say)
         return
 
     import uvicorn
 
     _Server = _server_class()
-    from fastblt.serve import request_log
     from fastblt.serve.app import ServeSettings, create_app
 
-    engine = start_engine("serve", setup, checkpoint, backend, max_queue, max_batch=max_batch, artifacts=artifacts,
-                          lanes=lanes, lane_processes=lane_processes, threads=threads, device=device,
-                          prompt_cache_mb=prompt_cache_mb, share_prompts=share_prompts)  # fmt: skip
+    engine = start_engine("serve", setup, checkpoint, backend, max_queue, say=None if log_format == "text" else say,
+                          max_batch=max_batch, artifacts=artifacts, lanes=lanes, lane_processes=lane_processes,
+                          threads=threads, device=device, prompt_cache_mb=prompt_cache_mb,
+                          share_prompts=share_prompts)  # fmt: skip
     settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body,
-                             chat_template=setup.template)  # fmt: skip
+                             chat_template=setup.template, log_format=log_format)  # fmt: skip
     app = create_app(engine, settings)
-    request_log.configure(log_level)
-    click.echo(f"fastblt serve: model {name!r} at {scheme}://{host}:{port}/v1 (max_batch {engine.max_batch}, "
-               f"{describe_lanes(engine)})", err=True)  # fmt: skip
+    say(f"fastblt serve: model {name!r} at {scheme}://{host}:{port}/v1 (max_batch {engine.max_batch}, "
+        f"{describe_lanes(engine)})")  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
-                            **tls)  # fmt: skip
+                            log_config=request_log.uvicorn_log_config(log_format), **tls)  # fmt: skip
     try:
         _Server(config).run()
     finally:  # every request has had its answer: what a lane still holds nobody waits for
@@ -208,7 +214,7 @@ def _tls(certfile: str | None, keyfile: str | None, password: str | None, ca_cer
 
 
 def _serve_on_ray(server: dict, scaling: dict, address: str | None, host: str, port: int, log_level: str,
-                  print_config: bool, tls: dict) -> None:  # fmt: skip
+                  print_config: bool, tls: dict, say: Callable[[str], None]) -> None:  # fmt: skip
     """Deploy on Ray Serve and block until SIGTERM/SIGINT (or, with print_config, print its config)."""
     from fastblt.errors import BackendUnavailable
 
@@ -230,7 +236,7 @@ def _serve_on_ray(server: dict, scaling: dict, address: str | None, host: str, p
         click.echo(yaml.safe_dump(config, sort_keys=False), nl=False)
         return
     where = address or "a local cluster (127.0.0.1)"
-    click.echo(f"fastblt serve: deploying {server['model_name']!r} on Ray at {where}", err=True)
+    say(f"fastblt serve: deploying {server['model_name']!r} on Ray at {where}")
     # a local cluster offers what the replicas reserve, even past this machine's cores: the user asked for them
     cpus = max(os.cpu_count() or 1, deploy.most_replicas * deploy.num_cpus)
     cluster = ray_serve.connect(address, cpus_per_node=cpus)
@@ -245,15 +251,15 @@ def _serve_on_ray(server: dict, scaling: dict, address: str | None, host: str, p
             try:
                 ray_serve.wait_ready(url, deploy.initial_replicas, timeout=60.0, stop=stop)
             except TimeoutError:  # replicas that cannot be placed wait for resources, and say so
-                click.echo(f"fastblt serve: still waiting for replicas: {ray_serve.status()}", err=True)
+                say(f"fastblt serve: still waiting for replicas: {ray_serve.status()}")
                 continue
             if not stop.is_set():
                 ready = f"{deploy.initial_replicas} replica(s) ready in {time.monotonic() - t0:.1f} s"
                 where = f"model {server['model_name']!r} at {url.split(':')[0]}://{host}:{port}/v1 (Ray Serve)"
-                click.echo(f"fastblt serve: {ready}; {where}", err=True)
+                say(f"fastblt serve: {ready}; {where}")
             break
         stop.wait()
-        click.echo("fastblt serve: stopping (requests in flight finish first)", err=True)
+        say("fastblt serve: stopping (requests in flight finish first)")
     finally:
         ray_serve.undeploy(cluster)
         for sig, handler in previous.items():

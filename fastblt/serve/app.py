@@ -85,6 +85,7 @@ class ServeSettings:
     # whether responses carry x-request-id (Ray Serve's proxy adds it itself, with the id it forwards)
     echo_request_id: bool = True
     request_logger: str = LOGGER  # the logger of the request log (request_log.py)
+    log_format: str = "text"  # "json": the request log's fields go on its records, for a JSON formatter
 
 
 def _metrics(engine: AsyncEngine) -> Metrics:
@@ -189,7 +190,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         m: Metrics = state["metrics"]
         mode = "unknown"
         record = RequestRecord(request.scope.get(REQUEST_ID) or request_id(None), endpoint, arrived,
-                               settings.request_logger, trace_id(request.headers.get("traceparent")))  # fmt: skip
+                               settings.request_logger, trace_id(request.headers.get("traceparent")),
+                               structured=settings.log_format == "json")  # fmt: skip
 
         def refused(e: ApiError) -> ApiError:
             m.request(e.status, mode, endpoint)

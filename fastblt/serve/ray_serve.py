@@ -90,6 +90,11 @@ class ServerOptions:
     chat_stop: list[str] = dataclasses.field(default_factory=list)  # strings that end an assistant's turn
     tool_call_start: str | None = None  # the text that starts a tool call in the template's format (tools.py)
     tool_call_end: str = ""  # ... and ends it
+    log_format: str = "text"  # "json": the request log's fields as attributes Serve's JSON logs write out
+
+    def __post_init__(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: expected 'text' or 'json', got {self.log_format!r}")
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> ServerOptions:
@@ -206,7 +211,8 @@ class FastBltReplica:
         template = None if o.chat_template is None else ChatTemplate.load(o.chat_template, tuple(o.chat_stop), tags)
         settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_key=o.api_key, max_body=o.max_body,
                                  retry_after=o.retry_after, replica=self.name, chat_template=template,
-                                 echo_request_id=False, request_logger=REQUEST_LOGGER)  # fmt: skip
+                                 echo_request_id=False, request_logger=REQUEST_LOGGER,
+                                 log_format=o.log_format)  # fmt: skip
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown
         self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
         return app
@@ -249,6 +255,11 @@ def build(args: dict[str, Any]) -> serve.Application:
     return deployment(ServerOptions.from_args(args))
 
 
+def _encoding(server: ServerOptions) -> dict[str, str]:
+    """Serve's logging_config for the replicas' log lines: JSON with log_format json."""
+    return {"encoding": "JSON"} if server.log_format == "json" else {}
+
+
 def serve_config(server: ServerOptions, deploy: DeploymentOptions, host: str = LOOPBACK, port: int = 8000,
                  proxy_location: str = "EveryNode", tls: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """The Serve config (`serve deploy FILE`) that deploys what `fastblt serve --ray` would.
@@ -260,6 +271,8 @@ def serve_config(server: ServerOptions, deploy: DeploymentOptions, host: str = L
     args = {k: v for k, v in server.to_args().items() if k != "api_key"}
     app = {"name": APP, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args,
            "deployments": [deploy.entry(server)]}  # fmt: skip
+    if encoding := _encoding(server):
+        app["logging_config"] = encoding
     http = {"host": host, "port": port} | {k: v for k, v in (tls or {}).items() if k != "ssl_keyfile_password"}
     return {"proxy_location": proxy_location, "http_options": http, "applications": [app]}
 
@@ -337,7 +350,7 @@ def deploy(server: ServerOptions, options: DeploymentOptions, host: str = LOOPBA
     waiting."""
     serve.start(http_options={"host": host, "port": port, **(tls or {})}, proxy_location=proxy_location)
     target = serve.RunTarget(deployment(server, options), name=APP, route_prefix="/",
-                             logging_config={"log_level": log_level.upper()})  # fmt: skip
+                             logging_config={"log_level": log_level.upper()} | _encoding(server))  # fmt: skip
     serve.run_many([target], wait_for_applications_running=False)
 
 

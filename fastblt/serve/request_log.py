@@ -14,15 +14,21 @@ client's own, when it sent a plain token (a load balancer's or a tracer's), else
 A refused one names the field as its error body does (`status=400 param=temperature error="..."`);
 a request with a W3C `traceparent` header (an OpenTelemetry caller's) also logs its `trace_id`.
 Nothing else of the prompt or the text reaches the log.
+
+For log pipelines that read JSON, `JsonFormatter` writes every record as one JSON object per
+line: a request's fields typed (numbers as numbers) at its top level, uvicorn's access lines as
+client, method, path and status.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
 import time
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 HEADER = "x-request-id"
 LOGGER = "fastblt.requests"
@@ -74,10 +80,14 @@ def _escaped(c: str) -> str:
 
 
 class RequestRecord:
-    """What one request's log line says, filled in as the request goes (perf_counter times)."""
+    """What one request's log line says, filled in as the request goes (perf_counter times).
+    `structured`: the fields go on the log record as attributes (for a JSON formatter, this
+    module's or Ray Serve's) under a short message, instead of into a logfmt message."""
 
-    def __init__(self, rid: str, endpoint: str, arrived: float, logger: str = LOGGER, trace: str | None = None):
+    def __init__(self, rid: str, endpoint: str, arrived: float, logger: str = LOGGER, trace: str | None = None,
+                 structured: bool = False):  # fmt: skip
         self.id, self.endpoint, self.arrived, self.logger = rid, endpoint, arrived, logger
+        self.structured = structured
         self.fields: dict[str, object] = {} if trace is None else {"trace_id": trace}
         self.first: float | None = None  # when a choice's first byte was verified
         self.ended = False
@@ -114,17 +124,63 @@ class RequestRecord:
             line["param"] = param
         if error is not None:
             line["error"] = _cut(error)
-        logging.getLogger(self.logger).log(logging.ERROR if status >= 500 else logging.INFO, "%s", logfmt(line))
+        level, log = logging.ERROR if status >= 500 else logging.INFO, logging.getLogger(self.logger)
+        if self.structured:
+            log.log(level, "%s %s", self.endpoint, status, extra=line)
+        else:
+            log.log(level, "%s", logfmt(line))
 
 
-def configure(level: str, name: str = "fastblt") -> None:
+# the attributes every LogRecord has: what a record carries besides them came as `extra`
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
+_ACCESS = ("client", "method", "path", "http_version", "status")  # uvicorn.access's args, in order
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record and line: time (UTC, ISO 8601), level, logger, message, then the
+    record's `extra` fields (a request's) or uvicorn's access fields, and a traceback as `exc_info`.
+    Strings are escaped ASCII, so no value can break its line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        out: dict[str, object] = {"time": when.replace("+00:00", "Z"), "level": record.levelname,
+                                  "logger": record.name}  # fmt: skip
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == len(_ACCESS):
+            out |= dict(zip(_ACCESS, record.args, strict=True))
+            out["message"] = f"{out['method']} {out['path']} {out['status']}"
+        else:
+            out["message"] = record.getMessage()
+        out |= {k: v for k, v in vars(record).items() if k not in _STANDARD and k not in out and k[0] != "_"}
+        if record.exc_info:
+            out["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def uvicorn_log_config(log_format: str) -> dict | None:
+    """uvicorn's `log_config` for a log format: None (its own) for text, else its loggers on
+    stderr through JsonFormatter."""
+    if log_format == "text":
+        return None
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "handlers": {"json": handler},
+        "loggers": {"uvicorn": {"handlers": ["json"], "level": "INFO", "propagate": False},
+                    "uvicorn.access": {"handlers": ["json"], "level": "INFO", "propagate": False}},
+    }  # fmt: skip
+
+
+def configure(level: str, name: str = "fastblt", log_format: str = "text") -> None:
     """Show `name`'s records (the request log, a lane's restarts) on stderr at `level`, as uvicorn
-    shows its own: `INFO: fastblt.requests request_id=...`."""
+    shows its own (`INFO: fastblt.requests request_id=...`), or as JSON lines."""
     logger = logging.getLogger(name)
     logger.setLevel(level.upper())
-    if not any(getattr(h, "_fastblt", False) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if getattr(h, "_fastblt", False)), None)
+    if handler is None:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(name)s %(message)s"))
         handler._fastblt = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
+    text = logging.Formatter("%(levelname)s: %(name)s %(message)s")
+    handler.setFormatter(text if log_format == "text" else JsonFormatter())

@@ -83,6 +83,16 @@ def test_print_config_passes_the_lanes_prompt_sharing(monkeypatch, capsys):
     assert "share_prompts" not in app["args"]  # the default
 
 
+def test_print_config_writes_json_logs_with_the_request_logs_fields(monkeypatch, capsys):
+    (app,) = print_config(["--log-format", "json"], monkeypatch, capsys)["applications"]
+    assert app["logging_config"] == {"encoding": "JSON"} and app["args"]["log_format"] == "json"
+    assert ray_serve.ServerOptions.from_args(app["args"]).log_format == "json"
+    (app,) = print_config([], monkeypatch, capsys)["applications"]
+    assert "logging_config" not in app and "log_format" not in app["args"]  # text: Serve's default
+    with pytest.raises(ConfigError, match="log_format: expected 'text' or 'json', got 'xml'"):
+        ray_serve.ServerOptions.from_args({"log_format": "xml"})
+
+
 def test_print_config_passes_the_chat_template_by_its_full_path(chat_template, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(chat_template.parent)
     (app,) = print_config(["--chat-template", chat_template.name, "--chat-stop", CHAT_STOP], monkeypatch,

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import logging.config
 import re
+import sys
 import time
 
 import httpx
@@ -12,7 +15,8 @@ import openai
 import pytest
 from conftest import KEY
 
-from fastblt.serve.request_log import RequestRecord, logfmt, request_id, trace_id
+from fastblt.serve.process import ServerProcess
+from fastblt.serve.request_log import JsonFormatter, RequestRecord, logfmt, request_id, trace_id, uvicorn_log_config
 
 MODEL = "fastblt-default"
 GENERATED = re.compile(r"req_[0-9a-f]{24}")
@@ -95,6 +99,49 @@ def test_a_server_error_logs_at_error_level(caplog):
     assert parse(caplog.records[0].getMessage())["error"] == "engine: closing"
 
 
+def test_a_structured_record_formats_as_one_json_line_with_typed_fields(caplog):
+    record = RequestRecord("r3", "completions", time.perf_counter() - 0.25, structured=True)
+    record.parsed("ar", False, 1, 12, 'eve"\n{"forged": 1}\u2028')
+    record.byte_times([record.arrived + 0.05])
+    with caplog.at_level(logging.INFO, logger="fastblt.requests"):
+        record.end(200, {"prompt_tokens": 12, "completion_tokens": 5}, ["length"])
+    (rec,) = caplog.records
+    line = JsonFormatter().format(rec)
+    assert "\n" not in line and "\u2028" not in line  # escaped ASCII: one line whatever a value holds
+    got = json.loads(line)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", got.pop("time"))
+    assert got.pop("ms") >= 250
+    assert got == {"level": "INFO", "logger": "fastblt.requests", "message": "completions 200", "request_id": "r3",
+                   "endpoint": "completions", "status": 200, "mode": "ar", "stream": False, "choices": 1,
+                   "prompt_bytes": 12, "user": 'eve"\n{"forged": 1}\u2028', "cached_bytes": 0,
+                   "completion_bytes": 5, "finish": "length", "ttfb_ms": 50.0}  # fmt: skip
+
+
+def test_the_json_formatter_reads_uvicorns_access_lines_and_keeps_tracebacks():
+    access = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d', None, None)
+    access.args = ("127.0.0.1:5000", "POST", "/v1/completions?x=1", "1.1", 429)
+    got = json.loads(JsonFormatter().format(access))
+    assert {k: got[k] for k in ("client", "method", "path", "http_version", "status", "message")} == {
+        "client": "127.0.0.1:5000", "method": "POST", "path": "/v1/completions?x=1", "http_version": "1.1",
+        "status": 429, "message": "POST /v1/completions?x=1 429"}  # fmt: skip
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, "Exception in %s", ("app",), sys.exc_info())
+    got = json.loads(JsonFormatter().format(failed))
+    assert got["message"] == "Exception in app" and "ValueError: boom" in got["exc_info"]
+    assert uvicorn_log_config("text") is None
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.access")]
+    before = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    try:
+        logging.config.dictConfig(uvicorn_log_config("json"))  # a config logging accepts, as uvicorn gives it
+        (handler,) = logging.getLogger("uvicorn.access").handlers
+        assert isinstance(handler.formatter, JsonFormatter)
+    finally:
+        for lg, (handlers, level, propagate) in zip(loggers, before, strict=True):
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+
+
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
@@ -173,3 +220,25 @@ def test_refused_requests_carry_an_id_and_log_the_field(server):
     assert "request_id=forged" not in [ln.split(" ", 3)[2] for ln in server.output().splitlines() if " " in ln]
     missing = httpx.get(f"{server.url}/v1/nothing", headers=auth)
     assert missing.status_code == 404 and missing.headers["x-request-id"]  # every response, not only completions
+
+
+@pytest.mark.timeout(300)
+def test_a_server_with_json_logs_writes_only_json_lines(reference):
+    args = ["--max-batch", "2", "--log-level", "info", "--log-format", "json"]
+    with ServerProcess(args) as srv:
+        ok = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "def f(", "max_tokens": 6,
+                                                            "temperature": 0, "mode": "ar"})  # fmt: skip
+        bad = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "x", "top_p": "high"})
+        assert ok.status_code == 200 and bad.status_code == 400
+        want = reference.generate("def f(", mode="ar", max_bytes=6, temperature=0.0).text
+        assert ok.json()["choices"][0]["text"] == want
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and srv.output().count('"logger": "fastblt.requests"') < 2:
+            time.sleep(0.05)
+        lines = [json.loads(ln) for ln in srv.output().splitlines()]  # every line, from start-up on
+    by_id = {ln.get("request_id"): ln for ln in lines if ln["logger"] == "fastblt.requests"}
+    first, refused = by_id[ok.headers["x-request-id"]], by_id[bad.headers["x-request-id"]]
+    assert (first["status"], first["mode"], first["prompt_bytes"], first["completion_bytes"]) == (200, "ar", 6, 6)
+    assert (refused["status"], refused["param"], refused["level"]) == (400, "top_p", "INFO")
+    assert any(ln["logger"] == "uvicorn.access" and ln["path"] == "/v1/completions" for ln in lines)
+    assert any(ln["logger"] == "fastblt.serve" and "loading default" in ln["message"] for ln in lines)
