@@ -34,6 +34,8 @@ from fastblt.cli.common import Positive
               help="The private key's password, if it is encrypted [env: FASTBLT_SSL_KEYFILE_PASSWORD].")  # fmt: skip
 @click.option("--ssl-ca-certs", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Mutual TLS: answer only clients whose certificate these authorities signed (PEM).")  # fmt: skip
+@click.option("--batch-dir", type=click.Path(file_okay=False, writable=True), default=None,
+              help="Serve OpenAI's Batch API (/v1/files, /v1/batches), keeping files and batches here.")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
@@ -58,7 +60,7 @@ from fastblt.cli.common import Positive
 def serve(
     checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
     ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs, model_name, chat_template, chat_stop,
-    tool_call_start, tool_call_end, max_body, max_context, threads,
+    tool_call_start, tool_call_end, batch_dir, max_body, max_context, threads,
     prompt_cache_mb, share_prompts, device,
     graceful_timeout, log_level, log_format, use_ray,
     ray_address, replicas,
@@ -107,14 +109,18 @@ def serve(
                                  param_hint="'--api-key'")  # fmt: skip
     tls = _tls(ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs)
     scheme = "https" if tls else "http"
-    from fastblt.serve import request_log
-
-    request_log.configure(log_level, log_format=log_format)
-    say = to_stderr if log_format == "text" else logging.getLogger("fastblt.serve").info
+    if batch_dir is not None and not use_ray:
+        try:  # before the model loads: a directory that cannot be made is the command's first line
+            Path(batch_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise click.BadParameter(f"{batch_dir}: {e.strerror}", param_hint="'--batch-dir'") from None
     if use_ray:
         if ssl_ca_certs is not None:  # Serve passes ssl_ca_certs to uvicorn, but never ssl_cert_reqs
             raise click.UsageError("--ssl-ca-certs with --ray: Ray Serve's proxies do not require client "
                                    "certificates; check them in front of the cluster (docs/scale-out.md)")  # fmt: skip
+        if batch_dir is not None:  # a batch runs in one replica's loop; Serve would route its polls anywhere
+            raise click.UsageError("--batch-dir with --ray: the Batch API runs in one server; "
+                                   "use `fastblt batch` against the files instead")  # fmt: skip
         from fastblt.runtime.batch import DEFAULT_MAX_BATCH
 
         max_batch = max_batch or DEFAULT_MAX_BATCH
@@ -127,13 +133,17 @@ def serve(
                   "chat_template": str(Path(chat_template).resolve()) if chat_template else None,
                   "chat_stop": list(chat_stop), "tool_call_start": tool_call_start,
                   "tool_call_end": tool_call_end, "log_format": log_format}  # fmt: skip
+        say = to_stderr if print_config else _logging(log_level, log_format)
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config, tls, say)
         return
 
     import uvicorn
 
     _Server = _server_class()
+    from fastblt.serve import request_log
     from fastblt.serve.app import ServeSettings, create_app
+
+    say = _logging(log_level, log_format)
 
     engine = start_engine("serve", setup, checkpoint, backend, max_queue, say=None if log_format == "text" else say,
                           max_batch=max_batch, artifacts=artifacts, lanes=lanes, lane_processes=lane_processes,
@@ -142,6 +152,10 @@ def serve(
     settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body,
                              chat_template=setup.template, log_format=log_format)  # fmt: skip
     app = create_app(engine, settings)
+    if batch_dir is not None:
+        from fastblt.serve.batches import add_batch_api
+
+        add_batch_api(app, Path(batch_dir), max(1, engine.max_batch // 2), api_key)
     say(f"fastblt serve: model {name!r} at {scheme}://{host}:{port}/v1 (max_batch {engine.max_batch}, "
         f"{describe_lanes(engine)})")  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
@@ -150,6 +164,15 @@ def serve(
         _Server(config).run()
     finally:  # every request has had its answer: what a lane still holds nobody waits for
         engine.close(timeout=5.0)
+
+
+def _logging(log_level: str, log_format: str) -> Callable[[str], None]:
+    """Show the request log (and fastblt's other loggers) at `log_level` in `log_format`, once the
+    options are known good; the command's own lines then go out as the format says."""
+    from fastblt.serve import request_log
+
+    request_log.configure(log_level, log_format=log_format)
+    return to_stderr if log_format == "text" else logging.getLogger("fastblt.serve").info
 
 
 def _scaling(replicas, min_replicas, max_replicas, target, num_cpus, num_gpus, graceful_timeout) -> dict:

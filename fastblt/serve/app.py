@@ -119,7 +119,10 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             state["engine"], state["metrics"] = built, _metrics(built)
         state["fingerprint"] = await asyncio.to_thread(fingerprint, state["engine"])
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                for extra in app.state.lifespans:  # what was added to the app (batches.py's runner)
+                    await stack.enter_async_context(extra(app))
+                yield
         finally:
             if built is not None:
                 await built.aclose()
@@ -128,6 +131,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     app.add_middleware(_Headers, replica=replica, echo_id=settings.echo_request_id)
     inflight = _InFlight()
     app.state.stop_requests = inflight.stop  # the server calls it when its grace period runs out
+    # for routes added to the app elsewhere: lifespans entered once the engine is ready, the checks
+    app.state.lifespans = []
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -156,6 +161,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         if not ok:
             raise ApiError(401, "authorization: missing or wrong API key (Authorization: Bearer <key>)", None,
                            "invalid_api_key")  # fmt: skip
+
+    app.state.authorize, app.state.ready = authorize, ready
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
@@ -602,12 +609,14 @@ async def _first(stream: TextStream) -> tuple[str, Scores | None] | None:
         return None
 
 
-async def call_app(app: Any, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+async def call_app(app: Any, method: str, path: str, body: bytes = b"",
+                   headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
     """A request to an ASGI app in this process (no socket): (status, headers, body). The caller
     never leaves, so the request is never cancelled as a client that left would be."""
+    sent = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    sent += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": sent,
              "client": ("127.0.0.1", 0), "server": ("in-process", 0)}  # fmt: skip
     given, forever = False, asyncio.Event()
     status, headers, chunks = 500, {}, []

@@ -127,32 +127,53 @@ def answered(path: Path) -> set[str]:
 
 async def run_batch(app: Any, requests: list[BatchRequest], out: BinaryIO, concurrency: int,
                     on_done: Callable[[int], None] | None = None) -> BatchSummary:  # fmt: skip
-    """Answer `requests` through `app` (create_app's), `concurrency` at a time, writing each answer's
-    line to `out` (flushed) as it ends; `on_done(status)` after each."""
+    """Answer `requests` through `app` (create_app's, started and stopped here: its lifespan),
+    `concurrency` at a time, writing each answer's line to `out` (flushed) as it ends;
+    `on_done(status)` after each."""
+    async with app.router.lifespan_context(app):
+        return await answer(app, requests, out, concurrency, on_done)
+
+
+async def answer(app: Any, requests: list[BatchRequest], out: BinaryIO, concurrency: int,
+                 on_done: Callable[[int], None] | None = None, headers: dict[str, str] | None = None,
+                 retry: bool = False) -> BatchSummary:  # fmt: skip
+    """run_batch's work in an app that runs already (a server's), each request sent with `headers`
+    (its API key); with `retry`, one the server turns away for now (429, 503) is sent again after
+    its Retry-After."""
     loop = asyncio.get_running_loop()
     summary, t0 = BatchSummary(), loop.time()
     slots = asyncio.Semaphore(concurrency)
 
     async def one(req: BatchRequest) -> None:
         async with slots:
-            status, headers, body = await call_app(app, "POST", req.url, req.body)
+            status, got, body = await call_app(app, "POST", req.url, req.body, headers)
+            while retry and status in (429, 503):
+                await asyncio.sleep(_seconds(got.get("retry-after")))
+                status, got, body = await call_app(app, "POST", req.url, req.body, headers)
         try:
-            answer = json.loads(body)
+            reply = json.loads(body)
         except ValueError:
-            answer = {"error": {"message": body.decode("utf-8", "replace")[:500], "type": "server_error"}}
+            reply = {"error": {"message": body.decode("utf-8", "replace")[:500], "type": "server_error"}}
         line = {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": req.custom_id,
-                "response": {"status_code": status, "request_id": headers.get(REQUEST_ID_HEADER), "body": answer},
+                "response": {"status_code": status, "request_id": got.get(REQUEST_ID_HEADER), "body": reply},
                 "error": None}  # fmt: skip
         out.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
         out.flush()
         summary.requests += 1
         summary.statuses[status] = summary.statuses.get(status, 0) + 1
         if status == 200:
-            summary.completion_bytes += answer.get("usage", {}).get("completion_tokens", 0)
+            summary.completion_bytes += reply.get("usage", {}).get("completion_tokens", 0)
         if on_done is not None:
             on_done(status)
 
-    async with app.router.lifespan_context(app):
-        await asyncio.gather(*(one(r) for r in requests))
+    await asyncio.gather(*(one(r) for r in requests))
     summary.seconds = loop.time() - t0
     return summary
+
+
+def _seconds(retry_after: str | None) -> float:
+    """A Retry-After header's wait (seconds form; 1 s when absent or a date), within [0.1, 60]."""
+    try:
+        return min(max(float(retry_after or 1), 0.1), 60.0)
+    except ValueError:
+        return 1.0

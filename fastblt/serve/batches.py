@@ -1,0 +1,429 @@
+"""OpenAI's Batch API on the server: `/v1/files` and `/v1/batches` (`fastblt serve --batch-dir DIR`).
+
+A client uploads a batch input file (JSON Lines, as `fastblt batch` reads them: batch_file.py),
+creates a batch on it, and later downloads what came back, as the openai client does it:
+`files.create(purpose="batch")`, `batches.create`, `batches.retrieve`, `files.content`. The batch
+runs inside the server, through its own app (batch_file.answer), at most `concurrency` requests at
+a time, so live requests keep the other rows; each answer is the server's to the same body. A
+request the queue turns away (429, 503) waits and is sent again: a batch has hours, not seconds.
+
+Everything lives under DIR (files/, batches/), written whole or not at all (a temporary file
+renamed), so a batch outlives the server: at the next start it resumes where it stopped, keeping
+the answers written so far (batch_file.answered). Answers with a status under 400 go to the
+output file, the others to the error file, as OpenAI splits them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import UploadFile
+
+from fastblt.errors import InputError
+from fastblt.serve.api import ApiError
+from fastblt.serve.batch_file import URLS, BatchRequest, answer, answered, read_requests
+
+MAX_FILE_BYTES = 200 << 20  # an uploaded file, as OpenAI's Batch API limits it
+MAX_REQUESTS = 50_000  # requests per batch (OpenAI's limit)
+WINDOW = "24h"  # the one completion_window OpenAI offers
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")  # a batch the runner still owns
+SAVE_EVERY_S = 0.5  # a running batch's request_counts reach its file at most this often
+_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # ids made here; anything else names no file
+
+
+def _new_id(prefix: str) -> str:
+    """An id that sorts as its objects were made (lists are newest first), with a random tail."""
+    return f"{prefix}{time.time_ns():016x}{secrets.token_hex(4)}"
+
+
+def _write_json(path: Path, item: dict) -> None:
+    """`item` to `path` whole or not at all: a reader never sees half of it."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(item))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+class Store:
+    """Files and batches under a directory: files/<id>.jsonl with files/<id>.json (OpenAI's file
+    object), batches/<id>.json (the batch object) with batches/<id>.results.jsonl (its answers so
+    far, in the order they ended)."""
+
+    def __init__(self, root: Path):
+        self.files_dir, self.batches_dir = root / "files", root / "batches"
+        for d in (self.files_dir, self.batches_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def content(self, fid: str) -> Path:
+        return self.files_dir / f"{fid}.jsonl"
+
+    def add_file(self, source: Path, filename: str, purpose: str, fid: str | None = None) -> dict:
+        """Move `source` (a file in files_dir) in as a file, under a new id or `fid`."""
+        fid = fid or _new_id("file-")
+        os.replace(source, self.content(fid))
+        meta = {"id": fid, "object": "file", "bytes": self.content(fid).stat().st_size,
+                "created_at": int(time.time()), "filename": filename, "purpose": purpose, "status": "processed",
+                "expires_at": None, "status_details": None}  # fmt: skip
+        _write_json(self.files_dir / f"{fid}.json", meta)
+        return meta
+
+    def file(self, fid: str) -> dict | None:
+        return _read_json(self.files_dir / f"{fid}.json") if _ID.fullmatch(fid) else None
+
+    def files(self) -> list[dict]:
+        found = (_read_json(p) for p in self.files_dir.glob("*.json"))
+        return sorted((f for f in found if f), key=lambda f: (f["created_at"], f["id"]), reverse=True)
+
+    def delete_file(self, fid: str) -> None:
+        (self.files_dir / f"{fid}.json").unlink(missing_ok=True)
+        self.content(fid).unlink(missing_ok=True)
+
+    def save(self, batch: dict) -> None:
+        _write_json(self.batches_dir / f"{batch['id']}.json", batch)
+
+    def batch(self, bid: str) -> dict | None:
+        return _read_json(self.batches_dir / f"{bid}.json") if _ID.fullmatch(bid) else None
+
+    def batches(self) -> list[dict]:
+        found = (_read_json(p) for p in self.batches_dir.glob("*.json"))
+        return sorted((b for b in found if b), key=lambda b: (b["created_at"], b["id"]), reverse=True)
+
+    def results(self, bid: str) -> Path:
+        return self.batches_dir / f"{bid}.results.jsonl"
+
+
+def _statuses(path: Path) -> list[int]:
+    """The status code of each answer in a results file."""
+    if not path.exists():
+        return []
+    return [json.loads(line)["response"]["status_code"] for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def _split(results: Path, output: Path, errors: Path) -> tuple[int, int]:
+    """Answers under 400 to `output`, the rest to `errors`: (lines in each)."""
+    counts = [0, 0]
+    with results.open("rb") as src, output.open("wb") as ok, errors.open("wb") as bad:
+        for line in src:
+            if line.strip():
+                failed = json.loads(line)["response"]["status_code"] >= 400
+                (bad if failed else ok).write(line)
+                counts[failed] += 1
+    return counts[0], counts[1]
+
+
+def _requests(path: Path, endpoint: str) -> list[BatchRequest]:
+    """A batch's requests from its input file; InputError if they cannot run as this batch."""
+    requests = read_requests(path)
+    if not requests:
+        raise InputError(f"{path}: no requests in it")
+    if len(requests) > MAX_REQUESTS:
+        raise InputError(f"{path}: {len(requests)} requests; a batch holds at most {MAX_REQUESTS}")
+    if wrong := next((r for r in requests if r.url != endpoint), None):
+        raise InputError(f"{path}:{wrong.line}: url: {wrong.url} in a batch for {endpoint}")
+    return requests
+
+
+class Runner:
+    """Runs batches as tasks of the server's event loop, through `app` (create_app's). A running
+    batch's object is the task's (`live`), saved to the store as it changes; all of it on the
+    loop's thread, so a cancel and the task never see each other half done."""
+
+    def __init__(self, app: Any, store: Store, concurrency: int, headers: dict[str, str]):
+        self.app, self.store, self.concurrency, self.headers = app, store, concurrency, headers
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.live: dict[str, dict] = {}
+        self.stopping = False  # the server stops: a cancelled task leaves its batch active, to resume
+
+    def batch(self, bid: str) -> dict | None:
+        return self.live.get(bid) or self.store.batch(bid)
+
+    def batches(self) -> list[dict]:
+        return [self.live.get(b["id"], b) for b in self.store.batches()]
+
+    def start(self, batch: dict) -> None:
+        bid = batch["id"]
+        self.live[bid] = batch
+        self.tasks[bid] = task = asyncio.get_running_loop().create_task(self._run(batch), name=f"fastblt {bid}")
+
+        def done(_: asyncio.Task) -> None:
+            self.tasks.pop(bid, None)
+            self.live.pop(bid, None)
+
+        task.add_done_callback(done)
+
+    def cancel(self, bid: str) -> dict:
+        """Mark a running batch cancelling and stop its task, which then keeps what it answered."""
+        batch = self.live[bid]
+        batch |= {"status": "cancelling", "cancelling_at": int(time.time())}
+        self.store.save(batch)
+        self.tasks[bid].cancel()
+        return batch
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for task in list(self.tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    async def _run(self, batch: dict) -> None:
+        try:
+            if batch["status"] in ("validating", "in_progress"):
+                fid = batch["input_file_id"]
+                path = self.store.content(fid)
+                try:
+                    requests = await asyncio.to_thread(_requests, path, batch["endpoint"])
+                except InputError as e:
+                    message = str(e).replace(str(path), fid)
+                    line = re.match(rf"{re.escape(fid)}:(\d+):", message)
+                    return self._fail(batch, "invalid_request", message, int(line[1]) if line else None)
+                if batch["status"] == "validating":
+                    batch |= {"status": "in_progress", "in_progress_at": int(time.time())}
+                    batch["request_counts"]["total"] = len(requests)
+                    self.store.save(batch)
+                await self._answer(batch, requests)
+            await self._finish(batch)
+        except asyncio.CancelledError:
+            if self.stopping or batch["status"] == "finalizing":
+                raise
+            await self._finish(batch)  # a user's cancel: what was answered is kept
+        except Exception as e:  # a batch's failure must not reach the server's loop
+            self._fail(batch, "server_error", f"{type(e).__name__}: {e}")
+
+    def _fail(self, batch: dict, code: str, message: str, line: int | None = None) -> None:
+        batch |= {"status": "failed", "failed_at": int(time.time()), "errors": _errors(code, message, line)}
+        self.store.save(batch)
+
+    async def _answer(self, batch: dict, requests: list[BatchRequest]) -> None:
+        """Answer the requests the results file does not hold yet, counting as they end."""
+        results = self.store.results(batch["id"])
+        done = await asyncio.to_thread(answered, results) if results.exists() else set()
+        statuses = await asyncio.to_thread(_statuses, results)
+        counts = batch["request_counts"]
+        counts["failed"] = sum(s >= 400 for s in statuses)
+        counts["completed"] = len(statuses) - counts["failed"]
+        saved = [time.monotonic()]
+
+        def on_done(status: int) -> None:
+            counts["failed" if status >= 400 else "completed"] += 1
+            if time.monotonic() - saved[0] > SAVE_EVERY_S:
+                self.store.save(batch)
+                saved[0] = time.monotonic()
+
+        todo = [r for r in requests if r.custom_id not in done]
+        with results.open("ab") as out:
+            await answer(self.app, todo, out, self.concurrency, on_done, self.headers, retry=True)
+        self.store.save(batch)
+
+    async def _finish(self, batch: dict) -> None:
+        """Split the answers into the output and error files and close the batch: cancelled if it
+        was asked to be, else completed. Set finalizing before any wait, so no cancel comes between."""
+        batch |= {"status": "finalizing", "finalizing_at": batch.get("finalizing_at") or int(time.time())}
+        self.store.save(batch)
+        bid, results = batch["id"], self.store.results(batch["id"])
+        if results.exists():
+            stem = bid.removeprefix("batch_")
+            out, err = (self.store.files_dir / f"{stem}.{kind}.tmp" for kind in ("output", "errors"))
+            ok, failed = await asyncio.to_thread(_split, results, out, err)
+            for path, n, kind, key in ((out, ok, "output", "output_file_id"), (err, failed, "error", "error_file_id")):
+                if n:
+                    meta = self.store.add_file(path, f"{bid}_{kind}.jsonl", "batch_output", f"file-{stem}-{kind}")
+                    batch[key] = meta["id"]
+                else:
+                    path.unlink()
+            batch["request_counts"] |= {"completed": ok, "failed": failed}
+        status = "cancelled" if batch["cancelling_at"] else "completed"
+        batch |= {"status": status, f"{status}_at": int(time.time())}
+        self.store.save(batch)
+        results.unlink(missing_ok=True)
+
+
+def _errors(code: str, message: str, line: int | None = None) -> dict:
+    return {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": line}]}
+
+
+def _page(items: list[dict], request: Request) -> dict:
+    """OpenAI's cursor page of `items` (newest first): `limit` (1-100, default 20) after the id `after`."""
+    raw = request.query_params.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise ApiError(400, f"limit: expected an integer in [1, 100], got {raw!r:.40}", "limit")
+    after = request.query_params.get("after")
+    if after is not None:
+        ids = [i["id"] for i in items]
+        if after not in ids:
+            raise ApiError(400, f"after: {after!r:.80} is not in this list", "after")
+        items = items[ids.index(after) + 1 :]
+    page = items[: int(raw)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}  # fmt: skip
+
+
+def add_batch_api(app: FastAPI, root: Path, concurrency: int, api_key: str | None = None) -> None:
+    """Serve /v1/files and /v1/batches from `app` (create_app's), keeping them under `root`; batches
+    run `concurrency` requests at a time, sent with the server's API key."""
+    store = Store(root)
+    headers = {} if api_key is None else {"authorization": f"Bearer {api_key}"}
+    runner = Runner(app, store, concurrency, headers)
+
+    @contextlib.asynccontextmanager
+    async def running(app: FastAPI) -> AsyncIterator[None]:
+        for batch in store.batches():  # those the last server left: resumed
+            if batch["status"] in ACTIVE:
+                runner.start(batch)
+        try:
+            yield
+        finally:
+            await runner.stop()
+
+    app.state.lifespans.append(running)
+
+    def checked(request: Request) -> None:
+        request.app.state.authorize(request)
+
+    def found(item: dict | None, what: str, given: str) -> dict:
+        if item is None:
+            raise ApiError(404, f"{what} {given!r:.80}: no such {what} here", None, f"{what}_not_found")
+        return item
+
+    async def upload(request: Request) -> JSONResponse:
+        checked(request)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_FILE_BYTES + (1 << 16):
+            raise ApiError(413, f"file: {length} bytes exceed the limit of {MAX_FILE_BYTES}", "file", "file_too_large")
+        async with request.form(max_files=1, max_fields=4) as form:
+            if (purpose := form.get("purpose")) != "batch":
+                raise ApiError(400, f'purpose: expected "batch" (the only files served here), got {purpose!r:.40}',
+                               "purpose")  # fmt: skip
+            part = form.get("file")
+            if not isinstance(part, UploadFile):
+                raise ApiError(400, "file: expected a file part (multipart/form-data)", "file")
+            meta = await asyncio.to_thread(_keep_upload, store, part, purpose)
+        return JSONResponse(meta)
+
+    async def list_files(request: Request) -> JSONResponse:
+        checked(request)
+        items = store.files()
+        if purpose := request.query_params.get("purpose"):
+            items = [f for f in items if f["purpose"] == purpose]
+        return JSONResponse(_page(items, request))
+
+    async def get_file(request: Request, file_id: str) -> JSONResponse:
+        checked(request)
+        return JSONResponse(found(store.file(file_id), "file", file_id))
+
+    async def file_content(request: Request, file_id: str) -> FileResponse:
+        checked(request)
+        found(store.file(file_id), "file", file_id)
+        return FileResponse(store.content(file_id), media_type="application/jsonl")
+
+    async def delete_file(request: Request, file_id: str) -> JSONResponse:
+        checked(request)
+        found(store.file(file_id), "file", file_id)
+        if user := next((b for b in runner.batches() if b["input_file_id"] == file_id and b["status"] in ACTIVE), None):
+            raise ApiError(409, f"file {file_id}: batch {user['id']} is {user['status']} on it; delete it after",
+                           None, "file_in_use")  # fmt: skip
+        store.delete_file(file_id)
+        return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+    async def create_batch(request: Request) -> JSONResponse:
+        checked(request)
+        request.app.state.ready()
+        body = _json_object(await request.body())
+        if unknown := sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"}):
+            raise ApiError(400, f"{unknown[0]}: not a field of a batch", unknown[0])
+        fid = body.get("input_file_id")
+        if not isinstance(fid, str) or (meta := store.file(fid)) is None or meta["purpose"] != "batch":
+            raise ApiError(400, f"input_file_id: {fid!r:.80} is no file uploaded with purpose batch",
+                           "input_file_id")  # fmt: skip
+        if body.get("endpoint") not in URLS:
+            raise ApiError(400, f"endpoint: expected one of {', '.join(URLS)}, got {body.get('endpoint')!r:.60}",
+                           "endpoint")  # fmt: skip
+        if body.get("completion_window") != WINDOW:
+            raise ApiError(400, f"completion_window: expected {WINDOW!r}, got {body.get('completion_window')!r:.40}",
+                           "completion_window")  # fmt: skip
+        metadata = body.get("metadata")
+        if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+                isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+                for k, v in metadata.items())):  # fmt: skip
+            raise ApiError(400, "metadata: expected at most 16 string keys (64 chars) with string values (512)",
+                           "metadata")  # fmt: skip
+        now = int(time.time())
+        batch = {"id": _new_id("batch_"), "object": "batch", "endpoint": body["endpoint"],
+                 "errors": None, "input_file_id": fid, "completion_window": WINDOW, "status": "validating",
+                 "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+                 "expires_at": now + 24 * 3600, "finalizing_at": None, "completed_at": None, "failed_at": None,
+                 "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}  # fmt: skip
+        store.save(batch)
+        runner.start(batch)
+        return JSONResponse(batch)
+
+    async def list_batches(request: Request) -> JSONResponse:
+        checked(request)
+        return JSONResponse(_page(runner.batches(), request))
+
+    async def get_batch(request: Request, batch_id: str) -> JSONResponse:
+        checked(request)
+        return JSONResponse(found(runner.batch(batch_id), "batch", batch_id))
+
+    async def cancel_batch(request: Request, batch_id: str) -> JSONResponse:
+        checked(request)
+        batch = found(runner.batch(batch_id), "batch", batch_id)
+        if batch["status"] not in ("validating", "in_progress") or batch_id not in runner.tasks:
+            raise ApiError(409, f"batch {batch_id} is {batch['status']}: only a running batch can be cancelled",
+                           None, "batch_not_running")  # fmt: skip
+        return JSONResponse(runner.cancel(batch_id))
+
+    routes: list[tuple[str, Callable, list[str]]] = [
+        ("/v1/files", upload, ["POST"]), ("/v1/files", list_files, ["GET"]),
+        ("/v1/files/{file_id}", get_file, ["GET"]), ("/v1/files/{file_id}", delete_file, ["DELETE"]),
+        ("/v1/files/{file_id}/content", file_content, ["GET"]),
+        ("/v1/batches", create_batch, ["POST"]), ("/v1/batches", list_batches, ["GET"]),
+        ("/v1/batches/{batch_id}", get_batch, ["GET"]), ("/v1/batches/{batch_id}/cancel", cancel_batch, ["POST"]),
+    ]  # fmt: skip
+    for path, endpoint, methods in routes:
+        app.add_api_route(path, endpoint, methods=methods)
+
+
+def _keep_upload(store: Store, part: UploadFile, purpose: str) -> dict:
+    """Copy an uploaded part into the store (refused past MAX_FILE_BYTES): its file object."""
+    fd, tmp = tempfile.mkstemp(dir=store.files_dir, suffix=".upload")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            part.file.seek(0)
+            shutil.copyfileobj(part.file, out)
+            size = out.tell()
+        if size > MAX_FILE_BYTES:
+            raise ApiError(413, f"file: {size} bytes exceed the limit of {MAX_FILE_BYTES}", "file", "file_too_large")
+        name = os.path.basename(part.filename or "upload.jsonl")[:255]
+        return store.add_file(Path(tmp), name, purpose)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "body: not JSON", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"body: expected a JSON object, got {type(body).__name__}", None)
+    return body

@@ -1,0 +1,214 @@
+"""OpenAI's Batch API on `fastblt serve --batch-dir`: the real openai client uploads an input file,
+creates a batch, polls it and reads back answers equal to the same requests run alone; refusals name
+their field; a cancelled batch keeps what it answered; a batch outlives a restart of the server."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from fastblt.serve.process import ServerProcess
+
+from tiny import run_cli
+
+KEY = "batch-key"
+MODEL = "fastblt-default"
+ENDED = ("completed", "failed", "cancelled", "expired")
+
+
+def line(cid: str, prompt: str, max_tokens: int = 8, **body) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": "/v1/completions",
+            "body": {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **body}}  # fmt: skip
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    return "\n".join(json.dumps(x) for x in lines).encode() + b"\n"
+
+
+def client(srv: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def wait(c: openai.OpenAI, bid: str, until=lambda b: b.status in ENDED, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        b = c.batches.retrieve(bid)
+        if until(b) or time.monotonic() > deadline:
+            return b
+        time.sleep(0.1)
+
+
+def answers(c: openai.OpenAI, file_id: str | None) -> dict[str, dict]:
+    if file_id is None:
+        return {}
+    rows = [json.loads(x) for x in c.files.content(file_id).text.splitlines()]
+    assert len({r["custom_id"] for r in rows}) == len(rows)  # each request answered once
+    return {r["custom_id"]: r["response"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def batch_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batches")
+    with ServerProcess(["--batch-dir", str(root), "--max-batch", "4", "--api-key", KEY]) as srv:
+        srv.root = root
+        yield srv
+
+
+def test_a_batch_runs_to_files_whose_answers_equal_the_requests_alone(batch_server, reference):
+    c = client(batch_server)
+    prompts = {f"q{i}": f"def step_{i}(x):\n" for i in range(6)}
+    lines = [line(cid, p) for cid, p in prompts.items()] + [line("hot", "x", temperature=-1)]
+    f = c.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
+    assert (f.purpose, f.bytes, f.filename) == ("batch", len(jsonl(lines)), "input.jsonl")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h",
+                         metadata={"job": "nightly"})  # fmt: skip
+    assert b.status == "validating" and b.metadata == {"job": "nightly"}
+    b = wait(c, b.id)
+    assert b.status == "completed" and b.errors is None
+    assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (7, 6, 1)
+    assert b.in_progress_at and b.finalizing_at and b.completed_at
+    good, bad = answers(c, b.output_file_id), answers(c, b.error_file_id)
+    assert set(good) == set(prompts) and set(bad) == {"hot"}
+    for cid, prompt in prompts.items():
+        want = reference.generate(prompt, mode="blt-s", max_bytes=8, temperature=0.0).text
+        assert good[cid]["status_code"] == 200 and good[cid]["body"]["choices"][0]["text"] == want
+    assert bad["hot"]["status_code"] == 400 and bad["hot"]["body"]["error"]["param"] == "temperature"
+    assert c.files.retrieve(b.output_file_id).purpose == "batch_output"
+    assert b.id in [x.id for x in c.batches.list()]
+    assert {f.id, b.output_file_id, b.error_file_id} <= {x.id for x in c.files.list()}
+    assert [x.id for x in c.files.list(purpose="batch_output")].count(b.output_file_id) == 1
+
+
+def test_an_input_the_batch_cannot_run_fails_it_naming_the_line(batch_server):
+    c = client(batch_server)
+    cases = {
+        b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\nnot json\n': (":2: not JSON", 2),
+        jsonl([{**line("a", "x"), "url": "/v1/chat/completions"}]): (":1: url: /v1/chat/completions in a batch", 1),
+        jsonl([line("a", "x"), line("a", "y")]): (":2: custom_id 'a' is line 1's too", 2),
+        b"\n": ("no requests in it", None),
+    }
+    for data, (message, at) in cases.items():
+        f = c.files.create(file=("in.jsonl", data), purpose="batch")
+        b = wait(c, c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h").id)
+        assert b.status == "failed" and b.failed_at and b.output_file_id is None
+        (error,) = b.errors.data
+        assert error.code == "invalid_request" and error.message.startswith(f.id) and message in error.message
+        assert error.line == at
+        assert str(batch_server.root) not in error.message  # the file's id, not where the server keeps it
+
+
+def test_refusals_name_their_field_and_the_server_stays_up(batch_server):
+    c = client(batch_server)
+    f = c.files.create(file=("in.jsonl", jsonl([line("a", "x")])), purpose="batch")
+    bad_creates = [
+        ({"input_file_id": "file-nope", "endpoint": "/v1/completions", "completion_window": "24h"}, "input_file_id"),
+        ({"input_file_id": f.id, "endpoint": "/v1/embeddings", "completion_window": "24h"}, "endpoint"),
+        ({"input_file_id": f.id, "endpoint": "/v1/completions", "completion_window": "1h"}, "completion_window"),
+        ({"input_file_id": f.id, "endpoint": "/v1/completions", "completion_window": "24h", "metadata": {"k": 1}},
+         "metadata"),
+        ({"input_file_id": f.id, "endpoint": "/v1/completions", "completion_window": "24h", "priority": 1},
+         "priority"),
+    ]  # fmt: skip
+    url, auth = batch_server.url, {"Authorization": f"Bearer {KEY}"}
+    for body, param in bad_creates:
+        r = httpx.post(f"{url}/v1/batches", json=body, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert httpx.post(f"{url}/v1/batches", content=b"{", headers=auth).status_code == 400
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        c.files.create(file=("in.jsonl", b"{}"), purpose="fine-tune")
+    r = httpx.post(f"{url}/v1/files", data={"purpose": "batch"}, headers=auth)  # no file part
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+    for path in ("/v1/files/file-nope", "/v1/files/file-nope/content", "/v1/batches/batch_nope",
+                 "/v1/files/..%2F..%2Fetc%2Fpasswd", "/v1/batches/..%2Fx"):  # fmt: skip
+        assert httpx.get(f"{url}{path}", headers=auth).status_code == 404, path
+    assert httpx.get(f"{url}/v1/batches?limit=0", headers=auth).status_code == 400
+    assert httpx.get(f"{url}/v1/files", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(f"{url}/v1/files", files={"file": b"x"}, data={"purpose": "batch"}).status_code == 401
+    done = wait(c, c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h").id)
+    with pytest.raises(openai.ConflictError):
+        c.batches.cancel(done.id)  # only a running batch
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_lists_page_newest_first(batch_server):
+    c = client(batch_server)
+    made = [c.files.create(file=(f"p{i}.jsonl", jsonl([line("a", "x")])), purpose="batch").id for i in range(3)]
+    page = c.files.list(limit=2)
+    assert [x.id for x in page.data] == made[::-1][:2] and page.has_more
+    rest = httpx.get(f"{batch_server.url}/v1/files", params={"limit": 1, "after": made[1]},
+                     headers={"Authorization": f"Bearer {KEY}"}).json()  # fmt: skip
+    assert rest["data"][0]["id"] == made[0]
+
+
+def test_a_cancelled_batch_keeps_what_it_answered(batch_server):
+    c = client(batch_server)
+    lines = [line(f"c{i}", f"class C{i}:\n", max_tokens=200) for i in range(40)]
+    f = c.files.create(file=("long.jsonl", jsonl(lines)), purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    b = wait(c, b.id, until=lambda b: b.status == "in_progress" and b.request_counts.completed >= 1)
+    with pytest.raises(openai.ConflictError):  # its input stays while the batch runs
+        c.files.delete(f.id)
+    assert c.batches.cancel(b.id).status == "cancelling"
+    b = wait(c, b.id)
+    assert b.status == "cancelled" and b.cancelled_at and b.cancelling_at
+    got = answers(c, b.output_file_id)
+    assert 1 <= len(got) < 40 and b.request_counts.completed == len(got)
+    assert all(r["status_code"] == 200 and r["body"]["usage"]["completion_tokens"] == 200 for r in got.values())
+    assert c.files.delete(f.id).deleted and f.id not in {x.id for x in c.files.list()}
+
+
+@pytest.mark.timeout(400)
+def test_a_batch_outlives_a_restart_of_the_server(tmp_path, reference):
+    lines = [line(f"r{i}", f"import os{i}\n", max_tokens=48) for i in range(24)]
+    args = ["--batch-dir", str(tmp_path), "--max-batch", "2", "--api-key", KEY]
+    with ServerProcess(args) as srv:
+        c = client(srv)
+        f = c.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+        bid = c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h").id
+        first = wait(c, bid, until=lambda b: b.request_counts.completed >= 2)
+        assert first.status == "in_progress"
+        assert srv.stop() == 0  # SIGTERM: the batch stops where it is, still in progress on disk
+    assert json.loads((tmp_path / "batches" / f"{bid}.json").read_text())["status"] == "in_progress"
+    with ServerProcess(args) as srv:
+        c = client(srv)
+        b = wait(c, bid)
+        assert b.status == "completed" and b.request_counts.completed == 24 and b.request_counts.failed == 0
+        got = answers(c, b.output_file_id)
+    assert set(got) == {x["custom_id"] for x in lines}
+    for x in lines:
+        want = reference.generate(x["body"]["prompt"], mode="blt-s", max_bytes=48, temperature=0.0).text
+        assert got[x["custom_id"]]["body"]["choices"][0]["text"] == want
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ray", "--batch-dir", "DIR"], "--batch-dir with --ray"),
+        (["--batch-dir", "FILE"], "--batch-dir"),
+    ],
+)
+def test_a_batch_dir_that_cannot_serve_stops_the_command(args, message, tmp_path, monkeypatch, capsys):
+    (tmp_path / "FILE").write_text("a file, not a directory")
+    args = [a.replace("DIR", str(tmp_path / "d")).replace("FILE", str(tmp_path / "FILE")) for a in args]
+    code, out, err = run_cli(["serve", *args], monkeypatch, capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert "loading" not in err and (tmp_path / "FILE").read_text() == "a file, not a directory"
+
+
+def test_no_batch_dir_no_batch_api(server):
+    r = httpx.get(f"{server.url}/v1/batches", headers={"Authorization": "Bearer test-key"})
+    assert r.status_code == 404
+
+
+def test_store_paths_stay_inside_the_directory(tmp_path):
+    from fastblt.serve.batches import Store
+
+    store = Store(tmp_path)
+    for bad in ("../x", "a/b", "", "x" * 81, "file-.json"):
+        assert store.file(bad) is None and store.batch(bad) is None
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["batches", "files"]
