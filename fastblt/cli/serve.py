@@ -24,8 +24,9 @@ from fastblt.cli.common import Positive
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-queue", type=click.IntRange(0), default=256, show_default=True,
               help="Requests waiting for a row (--ray: in each proxy); past it, 429 with Retry-After.")  # fmt: skip
-@click.option("--api-key", default=None, envvar="FASTBLT_API_KEY",
-              help="Require 'Authorization: Bearer KEY' on /v1/* [env: FASTBLT_API_KEY].")  # fmt: skip
+@click.option("--api-key", multiple=True, envvar="FASTBLT_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/*; repeat to accept several while keys are rotated "
+              "[env: FASTBLT_API_KEY, keys separated by spaces].")  # fmt: skip
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Serve HTTPS with this certificate (PEM; a chain starts with the server's own) ...")  # fmt: skip
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -34,6 +35,8 @@ from fastblt.cli.common import Positive
               help="The private key's password, if it is encrypted [env: FASTBLT_SSL_KEYFILE_PASSWORD].")  # fmt: skip
 @click.option("--ssl-ca-certs", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Mutual TLS: answer only clients whose certificate these authorities signed (PEM).")  # fmt: skip
+@click.option("--allowed-origin", "allowed_origins", multiple=True,
+              help="CORS: pages from this origin (https://host[:port], or *) may call the API; repeat.")  # fmt: skip
 @click.option("--batch-dir", type=click.Path(file_okay=False, writable=True), default=None,
               help="Serve OpenAI's Batch API (/v1/files, /v1/batches), keeping files and batches here.")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
@@ -60,7 +63,7 @@ from fastblt.cli.common import Positive
 def serve(
     checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
     ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs, model_name, chat_template, chat_stop,
-    tool_call_start, tool_call_end, batch_dir, max_body, max_context, threads,
+    tool_call_start, tool_call_end, allowed_origins, batch_dir, max_body, max_context, threads,
     prompt_cache_mb, share_prompts, device,
     graceful_timeout, log_level, log_format, use_ray,
     ray_address, replicas,
@@ -104,9 +107,14 @@ def serve(
 
     setup = app_setup(checkpoint, model_name, max_context, chat_template, chat_stop, tool_call_start, tool_call_end)
     path, name, max_context = setup.path, setup.model_name, setup.max_context
-    if api_key is not None and (not api_key or api_key != api_key.strip()):
+    api_keys = tuple(api_key)
+    if any(not key or key != key.strip() for key in api_keys):
         raise click.BadParameter("empty, or spaces at its ends: clients could not send it as a bearer token",
                                  param_hint="'--api-key'")  # fmt: skip
+    from fastblt.serve.app import origin_error
+
+    if why := next(filter(None, map(origin_error, allowed_origins)), None):
+        raise click.BadParameter(why, param_hint="'--allowed-origin'")
     tls = _tls(ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs)
     scheme = "https" if tls else "http"
     if batch_dir is not None and not use_ray:
@@ -129,10 +137,11 @@ def serve(
                   "lanes": lanes, "lane_processes": lane_processes, "max_queue": max_queue,
                   "max_context": max_context, "threads": threads, "prompt_cache_mb": prompt_cache_mb,
                   "share_prompts": share_prompts, "device": device, "mode": mode, "model_name": name,
-                  "api_key": api_key, "max_body": max_body,
+                  "api_key": list(api_keys) if len(api_keys) > 1 else (api_keys or [None])[0], "max_body": max_body,
                   "chat_template": str(Path(chat_template).resolve()) if chat_template else None,
                   "chat_stop": list(chat_stop), "tool_call_start": tool_call_start,
-                  "tool_call_end": tool_call_end, "log_format": log_format}  # fmt: skip
+                  "tool_call_end": tool_call_end, "log_format": log_format,
+                  "allowed_origins": list(allowed_origins)}  # fmt: skip
         say = to_stderr if print_config else _logging(log_level, log_format)
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config, tls, say)
         return
@@ -149,13 +158,14 @@ def serve(
                           max_batch=max_batch, artifacts=artifacts, lanes=lanes, lane_processes=lane_processes,
                           threads=threads, device=device, prompt_cache_mb=prompt_cache_mb,
                           share_prompts=share_prompts)  # fmt: skip
-    settings = ServeSettings(model_id=name, default_mode=mode, api_key=api_key, max_body=max_body,
-                             chat_template=setup.template, log_format=log_format)  # fmt: skip
+    settings = ServeSettings(model_id=name, default_mode=mode, api_keys=api_keys, max_body=max_body,
+                             chat_template=setup.template, log_format=log_format,
+                             allowed_origins=allowed_origins)  # fmt: skip
     app = create_app(engine, settings)
     if batch_dir is not None:
         from fastblt.serve.batches import add_batch_api
 
-        add_batch_api(app, Path(batch_dir), max(1, engine.max_batch // 2), api_key)
+        add_batch_api(app, Path(batch_dir), max(1, engine.max_batch // 2), api_keys[0] if api_keys else None)
     say(f"fastblt serve: model {name!r} at {scheme}://{host}:{port}/v1 (max_batch {engine.max_batch}, "
         f"{describe_lanes(engine)})")  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
@@ -249,7 +259,7 @@ def _serve_on_ray(server: dict, scaling: dict, address: str | None, host: str, p
     if print_config:
         import yaml
 
-        if opts.api_key is not None:
+        if opts.api_keys:
             click.echo("note: the API key is not written to the config; add it to the args of your copy", err=True)
         if "ssl_keyfile_password" in tls:
             click.echo("note: the key's password is not written to the config; add it to http_options of your copy",

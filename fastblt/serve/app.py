@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -77,7 +78,7 @@ class ServeSettings:
 
     model_id: str = "fastblt-default"
     default_mode: str = "blt-s"  # lossless: greedy output is ar's
-    api_key: str | None = None  # required as "Authorization: Bearer <key>" on /v1/* when set
+    api_keys: tuple[str, ...] = ()  # one of them required as "Authorization: Bearer <key>" on /v1/*, if any
     max_body: int = 1 << 20  # bytes of a request body
     retry_after: int = 1  # seconds, in a 429's Retry-After
     replica: str | None = None  # the x-fastblt-replica header (None: host:pid)
@@ -86,6 +87,17 @@ class ServeSettings:
     echo_request_id: bool = True
     request_logger: str = LOGGER  # the logger of the request log (request_log.py)
     log_format: str = "text"  # "json": the request log's fields go on its records, for a JSON formatter
+    allowed_origins: tuple[str, ...] = ()  # web pages (scheme://host[:port], or "*") whose scripts may call the API
+
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+
+
+def origin_error(origin: str) -> str | None:
+    """Why `origin` is no origin a browser sends (scheme://host[:port], no path), or None; "*" is any."""
+    if origin == "*" or _ORIGIN.fullmatch(origin):
+        return None
+    return f"{origin!r}: expected scheme://host[:port] as a browser sends it (no path, no trailing /), or *"
 
 
 def _metrics(engine: AsyncEngine) -> Metrics:
@@ -129,6 +141,10 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     app = FastAPI(title="fastblt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Headers, replica=replica, echo_id=settings.echo_request_id)
+    if settings.allowed_origins:  # outermost: a browser's preflight is answered before any key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_headers=["*"],
+                           allow_methods=["GET", "POST", "DELETE"], max_age=600,
+                           expose_headers=[REQUEST_ID_HEADER, REPLICA_HEADER, "retry-after"])  # fmt: skip
     inflight = _InFlight()
     app.state.stop_requests = inflight.stop  # the server calls it when its grace period runs out
     # for routes added to the app elsewhere: lifespans entered once the engine is ready, the checks
@@ -154,10 +170,13 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         return state["engine"]
 
     def authorize(request: Request) -> None:
-        if settings.api_key is None:
+        if not settings.api_keys:
             return
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), settings.api_key.encode())
+        sent = given.strip().encode()
+        # every key compared, so the time taken does not say which key came close
+        matches = [hmac.compare_digest(sent, key.encode()) for key in settings.api_keys]
+        ok = scheme.lower() == "bearer" and any(matches)
         if not ok:
             raise ApiError(401, "authorization: missing or wrong API key (Authorization: Bearer <key>)", None,
                            "invalid_api_key")  # fmt: skip

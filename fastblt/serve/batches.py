@@ -10,13 +10,15 @@ request the queue turns away (429, 503) waits and is sent again: a batch has hou
 Everything lives under DIR (files/, batches/), written whole or not at all (a temporary file
 renamed), so a batch outlives the server: at the next start it resumes where it stopped, keeping
 the answers written so far (batch_file.answered). Answers with a status under 400 go to the
-output file, the others to the error file, as OpenAI splits them.
+output file, the others to the error file, as OpenAI splits them; a batch still running when its
+24-hour window ends expires, each request it did not run an error line of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
@@ -118,15 +120,27 @@ def _statuses(path: Path) -> list[int]:
     return [json.loads(line)["response"]["status_code"] for line in path.read_bytes().splitlines() if line.strip()]
 
 
-def _split(results: Path, output: Path, errors: Path) -> tuple[int, int]:
-    """Answers under 400 to `output`, the rest to `errors`: (lines in each)."""
-    counts = [0, 0]
-    with results.open("rb") as src, output.open("wb") as ok, errors.open("wb") as bad:
-        for line in src:
-            if line.strip():
-                failed = json.loads(line)["response"]["status_code"] >= 400
-                (bad if failed else ok).write(line)
-                counts[failed] += 1
+def _split(results: Path, output: Path, errors: Path, expired: list[str]) -> tuple[int, int]:
+    """Answers under 400 to `output`, the rest to `errors`, then a `batch_expired` error line for
+    each custom_id in `expired` that no answer has: (lines in each)."""
+    counts, done = [0, 0], set()
+    if results.exists():
+        answered(results)  # a line a killed server left half written is cut: that request has no answer
+    with output.open("wb") as ok, errors.open("wb") as bad:
+        with results.open("rb") if results.exists() else io.BytesIO() as src:
+            for line in src:
+                if line.strip():
+                    item = json.loads(line)
+                    failed = item["response"]["status_code"] >= 400
+                    (bad if failed else ok).write(line)
+                    counts[failed] += 1
+                    done.add(item["custom_id"])
+        for cid in expired:
+            if cid not in done:
+                error = {"code": "batch_expired", "message": "not run before the batch's completion window ended"}
+                line = {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": cid, "response": None, "error": error}
+                bad.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+                counts[1] += 1
     return counts[0], counts[1]
 
 
@@ -151,6 +165,7 @@ class Runner:
         self.app, self.store, self.concurrency, self.headers = app, store, concurrency, headers
         self.tasks: dict[str, asyncio.Task] = {}
         self.live: dict[str, dict] = {}
+        self.expiring: set[str] = set()  # batches whose completion window ended while they ran
         self.stopping = False  # the server stops: a cancelled task leaves its batch active, to resume
 
     def batch(self, bid: str) -> dict | None:
@@ -162,13 +177,24 @@ class Runner:
     def start(self, batch: dict) -> None:
         bid = batch["id"]
         self.live[bid] = batch
-        self.tasks[bid] = task = asyncio.get_running_loop().create_task(self._run(batch), name=f"fastblt {bid}")
+        loop = asyncio.get_running_loop()
+        self.tasks[bid] = task = loop.create_task(self._run(batch), name=f"fastblt {bid}")
+        timer = loop.call_later(max(0.0, batch["expires_at"] - time.time()), self._expire, bid)
 
         def done(_: asyncio.Task) -> None:
+            timer.cancel()
             self.tasks.pop(bid, None)
             self.live.pop(bid, None)
+            self.expiring.discard(bid)
 
         task.add_done_callback(done)
+
+    def _expire(self, bid: str) -> None:
+        """The completion window ended: stop the batch; what it answered is kept, the rest is
+        reported as expired. One already finalizing finishes."""
+        if bid in self.tasks and self.live[bid]["status"] in ("validating", "in_progress", "cancelling"):
+            self.expiring.add(bid)
+            self.tasks[bid].cancel()
 
     def cancel(self, bid: str) -> dict:
         """Mark a running batch cancelling and stop its task, which then keeps what it answered."""
@@ -185,6 +211,7 @@ class Runner:
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
     async def _run(self, batch: dict) -> None:
+        requests: list[BatchRequest] = []
         try:
             if batch["status"] in ("validating", "in_progress"):
                 fid = batch["input_file_id"]
@@ -204,7 +231,15 @@ class Runner:
         except asyncio.CancelledError:
             if self.stopping or batch["status"] == "finalizing":
                 raise
-            await self._finish(batch)  # a user's cancel: what was answered is kept
+            # a user's cancel or the window's end: what was answered is kept
+            expired = None
+            if batch["id"] in self.expiring:
+                if not requests and batch["status"] == "in_progress":  # ended while it was being read again
+                    with contextlib.suppress(InputError):
+                        requests = await asyncio.to_thread(_requests, self.store.content(batch["input_file_id"]),
+                                                           batch["endpoint"])  # fmt: skip
+                expired = [r.custom_id for r in requests]
+            await self._finish(batch, expired)
         except Exception as e:  # a batch's failure must not reach the server's loop
             self._fail(batch, "server_error", f"{type(e).__name__}: {e}")
 
@@ -233,27 +268,39 @@ class Runner:
             await answer(self.app, todo, out, self.concurrency, on_done, self.headers, retry=True)
         self.store.save(batch)
 
-    async def _finish(self, batch: dict) -> None:
-        """Split the answers into the output and error files and close the batch: cancelled if it
-        was asked to be, else completed. Set finalizing before any wait, so no cancel comes between."""
+    async def _finish(self, batch: dict, expired: list[str] | None = None) -> None:
+        """Split the answers into the output and error files and close the batch: expired if its
+        window ended (`expired`: its requests, those without an answer reported as such), else
+        cancelled if it was asked to be, else completed. Set finalizing before any wait, so no
+        cancel comes between."""
         batch |= {"status": "finalizing", "finalizing_at": batch.get("finalizing_at") or int(time.time())}
         self.store.save(batch)
         bid, results = batch["id"], self.store.results(batch["id"])
-        if results.exists():
-            stem = bid.removeprefix("batch_")
-            out, err = (self.store.files_dir / f"{stem}.{kind}.tmp" for kind in ("output", "errors"))
-            ok, failed = await asyncio.to_thread(_split, results, out, err)
-            for path, n, kind, key in ((out, ok, "output", "output_file_id"), (err, failed, "error", "error_file_id")):
-                if n:
-                    meta = self.store.add_file(path, f"{bid}_{kind}.jsonl", "batch_output", f"file-{stem}-{kind}")
-                    batch[key] = meta["id"]
-                else:
-                    path.unlink()
-            batch["request_counts"] |= {"completed": ok, "failed": failed}
-        status = "cancelled" if batch["cancelling_at"] else "completed"
+        stem = bid.removeprefix("batch_")
+        out, err = (self.store.files_dir / f"{stem}.{kind}.tmp" for kind in ("output", "errors"))
+        ok, failed = await asyncio.to_thread(_split, results, out, err, expired or [])
+        for path, n, kind, key in ((out, ok, "output", "output_file_id"), (err, failed, "error", "error_file_id")):
+            if n:
+                meta = self.store.add_file(path, f"{bid}_{kind}.jsonl", "batch_output", f"file-{stem}-{kind}")
+                batch[key] = meta["id"]
+            else:
+                path.unlink()
+        batch["request_counts"] |= {"completed": ok, "failed": failed}
+        status = "expired" if expired is not None else "cancelled" if batch["cancelling_at"] else "completed"
         batch |= {"status": status, f"{status}_at": int(time.time())}
         self.store.save(batch)
         results.unlink(missing_ok=True)
+
+
+def new_batch(input_file_id: str, endpoint: str, metadata: dict | None = None, window_s: float = 24 * 3600) -> dict:
+    """A batch object as OpenAI's API writes one, validating, its window starting now."""
+    now = int(time.time())
+    return {"id": _new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": None,
+            "input_file_id": input_file_id, "completion_window": WINDOW, "status": "validating",
+            "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+            "expires_at": now + window_s, "finalizing_at": None, "completed_at": None, "failed_at": None,
+            "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}  # fmt: skip
 
 
 def _errors(code: str, message: str, line: int | None = None) -> dict:
@@ -365,13 +412,7 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, api_key: str | Non
                 for k, v in metadata.items())):  # fmt: skip
             raise ApiError(400, "metadata: expected at most 16 string keys (64 chars) with string values (512)",
                            "metadata")  # fmt: skip
-        now = int(time.time())
-        batch = {"id": _new_id("batch_"), "object": "batch", "endpoint": body["endpoint"],
-                 "errors": None, "input_file_id": fid, "completion_window": WINDOW, "status": "validating",
-                 "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
-                 "expires_at": now + 24 * 3600, "finalizing_at": None, "completed_at": None, "failed_at": None,
-                 "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}  # fmt: skip
+        batch = new_batch(fid, body["endpoint"], metadata)
         store.save(batch)
         runner.start(batch)
         return JSONResponse(batch)

@@ -43,7 +43,7 @@ from ray.serve.metrics import Gauge
 from fastblt.errors import ConfigError, FastBltError
 from fastblt.runtime.async_engine import AsyncEngine
 from fastblt.runtime.prompt_cache import DEFAULT_MB
-from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, call_app, create_app
+from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, call_app, create_app, origin_error
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.process import free_port, probe_context
 from fastblt.serve.ray_route import ROUTER_PATH
@@ -83,7 +83,7 @@ class ServerOptions:
     device: str | None = None
     mode: str = "blt-s"
     model_name: str = "fastblt-default"
-    api_key: str | None = None
+    api_key: str | list[str] | None = None  # a key, or several accepted alike (while keys are rotated)
     max_body: int = 1 << 20
     retry_after: int = 1  # seconds, in a 429's Retry-After
     chat_template: str | None = None  # a chat template file at the same path on every node (chat.py)
@@ -91,8 +91,20 @@ class ServerOptions:
     tool_call_start: str | None = None  # the text that starts a tool call in the template's format (tools.py)
     tool_call_end: str = ""  # ... and ends it
     log_format: str = "text"  # "json": the request log's fields as attributes Serve's JSON logs write out
+    allowed_origins: list[str] = dataclasses.field(default_factory=list)  # CORS: origins whose pages may call
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        return (self.api_key,) if isinstance(self.api_key, str) else tuple(self.api_key or ())
 
     def __post_init__(self) -> None:
+        keys = [self.api_key] if isinstance(self.api_key, str) else self.api_key or []
+        if not isinstance(keys, list) or not all(isinstance(k, str) and k and k == k.strip() for k in keys):
+            raise ConfigError("api_key: expected a key, or a list of keys (non-empty, no spaces at their ends)")
+        if not isinstance(self.allowed_origins, list) or not all(isinstance(o, str) for o in self.allowed_origins):
+            raise ConfigError(f"allowed_origins: expected a list of origins, got {self.allowed_origins!r:.80}")
+        if why := next(filter(None, map(origin_error, self.allowed_origins)), None):
+            raise ConfigError(f"allowed_origins: {why}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: expected 'text' or 'json', got {self.log_format!r}")
 
@@ -209,10 +221,10 @@ class FastBltReplica:
         log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)
         tags = None if o.tool_call_start is None else CallTags(o.tool_call_start, o.tool_call_end)
         template = None if o.chat_template is None else ChatTemplate.load(o.chat_template, tuple(o.chat_stop), tags)
-        settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_key=o.api_key, max_body=o.max_body,
+        settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_keys=o.api_keys, max_body=o.max_body,
                                  retry_after=o.retry_after, replica=self.name, chat_template=template,
                                  echo_request_id=False, request_logger=REQUEST_LOGGER,
-                                 log_format=o.log_format)  # fmt: skip
+                                 log_format=o.log_format, allowed_origins=tuple(o.allowed_origins))  # fmt: skip
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown
         self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
         return app

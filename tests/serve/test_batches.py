@@ -4,6 +4,7 @@ their field; a cancelled batch keeps what it answered; a batch outlives a restar
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from fastblt.serve.process import ServerProcess
 
 from tiny import run_cli
 
-KEY = "batch-key"
+KEY, OLD = "batch-key", "old-key"  # the server takes both (keys being rotated); batches run with the first
 MODEL = "fastblt-default"
 ENDED = ("completed", "failed", "cancelled", "expired")
 
@@ -54,7 +55,7 @@ def answers(c: openai.OpenAI, file_id: str | None) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def batch_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("batches")
-    with ServerProcess(["--batch-dir", str(root), "--max-batch", "4", "--api-key", KEY]) as srv:
+    with ServerProcess(["--batch-dir", str(root), "--max-batch", "4"], env={"FASTBLT_API_KEY": f"{OLD} {KEY}"}) as srv:
         srv.root = root
         yield srv
 
@@ -128,6 +129,9 @@ def test_refusals_name_their_field_and_the_server_stays_up(batch_server):
         assert httpx.get(f"{url}{path}", headers=auth).status_code == 404, path
     assert httpx.get(f"{url}/v1/batches?limit=0", headers=auth).status_code == 400
     assert httpx.get(f"{url}/v1/files", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{url}/v1/files", headers={"Authorization": f"Bearer {OLD}"}).status_code == 200
+    both = f"Bearer {OLD} {KEY}"  # the space-separated variable's whole value is no key
+    assert httpx.get(f"{url}/v1/files", headers={"Authorization": both}).status_code == 401
     assert httpx.post(f"{url}/v1/files", files={"file": b"x"}, data={"purpose": "batch"}).status_code == 401
     done = wait(c, c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h").id)
     with pytest.raises(openai.ConflictError):
@@ -212,3 +216,84 @@ def test_store_paths_stay_inside_the_directory(tmp_path):
     for bad in ("../x", "a/b", "", "x" * 81, "file-.json"):
         assert store.file(bad) is None and store.batch(bad) is None
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["batches", "files"]
+
+
+# ---------------------------------------------------------------------------- the runner alone
+def _echo_app():
+    """An app that answers a completion after 50 ms with its prompt: a stand-in for the server's."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def complete(request):
+        body = await request.json()
+        await asyncio.sleep(0.05)
+        return JSONResponse({"echo": body["prompt"]})
+
+    return Starlette(routes=[Route("/v1/completions", complete, methods=["POST"])])
+
+
+def _stored(tmp_path: Path, n: int):
+    from fastblt.serve.batches import Store
+
+    store = Store(tmp_path)
+    source = store.files_dir / "in.upload"
+    source.write_bytes(jsonl([line(f"e{i}", f"p{i}") for i in range(n)]))
+    return store, store.add_file(source, "in.jsonl", "batch")["id"]
+
+
+def _files(store, batch: dict) -> tuple[list[dict], list[dict]]:
+    """The lines of a batch's output and error files (none where it has no such file)."""
+
+    def read(fid: str | None) -> list[dict]:
+        return [json.loads(x) for x in store.content(fid).read_text().splitlines()] if fid else []
+
+    return read(batch["output_file_id"]), read(batch["error_file_id"])
+
+
+def test_a_batch_whose_window_ends_keeps_its_answers_and_reports_the_rest_expired(tmp_path):
+    from fastblt.serve.batches import Runner, new_batch
+
+    store, fid = _stored(tmp_path, 40)
+
+    async def main() -> dict:
+        runner = Runner(_echo_app(), store, concurrency=1, headers={})
+        batch = new_batch(fid, "/v1/completions", window_s=0.6)
+        store.save(batch)
+        runner.start(batch)
+        await asyncio.wait_for(asyncio.gather(*runner.tasks.values()), 30)
+        return store.batch(batch["id"])
+
+    batch = asyncio.run(main())
+    assert batch["status"] == "expired" and batch["expired_at"] and batch["completed_at"] is None
+    ok, expired = _files(store, batch)
+    assert 3 <= len(ok) < 40 and all(r["response"]["body"] == {"echo": f"p{r['custom_id'][1:]}"} for r in ok)
+    assert all(r["response"] is None and r["error"]["code"] == "batch_expired" for r in expired)
+    assert sorted(r["custom_id"] for r in ok + expired) == sorted(f"e{i}" for i in range(40))  # each once
+    assert batch["request_counts"] == {"total": 40, "completed": len(ok), "failed": len(expired)}
+
+
+def test_a_batch_past_its_window_at_start_up_expires_keeping_what_it_answered(tmp_path):
+    from fastblt.serve.batches import Runner, new_batch
+
+    store, fid = _stored(tmp_path, 10)
+    batch = new_batch(fid, "/v1/completions", window_s=-1)  # the server was down when its window ended
+    batch |= {"status": "in_progress", "in_progress_at": batch["created_at"]}
+    batch["request_counts"]["total"] = 10
+    store.save(batch)
+    answers = [{"id": "r", "custom_id": f"e{i}", "response": {"status_code": 200, "body": {}}, "error": None}
+               for i in (3, 7)]  # fmt: skip
+    store.results(batch["id"]).write_bytes(jsonl(answers) + b'{"id": "half-writ')  # and one cut off
+
+    async def main() -> dict:
+        runner = Runner(_echo_app(), store, concurrency=1, headers={})
+        runner.start(store.batch(batch["id"]))
+        await asyncio.wait_for(asyncio.gather(*runner.tasks.values()), 30)
+        return store.batch(batch["id"])
+
+    done = asyncio.run(main())
+    assert done["status"] == "expired"
+    ok, expired = _files(store, done)
+    assert [r["custom_id"] for r in ok] == ["e3", "e7"]
+    assert sorted(r["custom_id"] for r in expired) == sorted(f"e{i}" for i in range(10) if i not in (3, 7))
+    assert not store.results(batch["id"]).exists()

@@ -83,6 +83,24 @@ def test_print_config_passes_the_lanes_prompt_sharing(monkeypatch, capsys):
     assert "share_prompts" not in app["args"]  # the default
 
 
+def test_replicas_take_a_key_or_a_list_of_keys():
+    assert ray_serve.ServerOptions(api_key="a").api_keys == ("a",)
+    assert ray_serve.ServerOptions(api_key=["a", "b"]).api_keys == ("a", "b")
+    assert ray_serve.ServerOptions().api_keys == ()
+    for bad in ("", " a", ["a", ""], [1], {"a": "b"}):
+        with pytest.raises(ConfigError, match="api_key: expected a key, or a list of keys"):
+            ray_serve.ServerOptions(api_key=bad)
+
+
+def test_print_config_passes_allowed_origins_and_replicas_check_them(monkeypatch, capsys):
+    (app,) = print_config(["--allowed-origin", "https://app.example"], monkeypatch, capsys)["applications"]
+    assert app["args"]["allowed_origins"] == ["https://app.example"]
+    assert ray_serve.ServerOptions.from_args(app["args"]).allowed_origins == ["https://app.example"]
+    for bad, message in (("https://a.example", "expected a list of origins"), (["https://a.example/"], "no path")):
+        with pytest.raises(ConfigError, match=f"allowed_origins: .*{message}"):
+            ray_serve.ServerOptions(allowed_origins=bad)
+
+
 def test_print_config_writes_json_logs_with_the_request_logs_fields(monkeypatch, capsys):
     (app,) = print_config(["--log-format", "json"], monkeypatch, capsys)["applications"]
     assert app["logging_config"] == {"encoding": "JSON"} and app["args"]["log_format"] == "json"
@@ -129,13 +147,14 @@ def test_print_config_serves_https_and_keeps_the_keys_password_out(monkeypatch, 
 
 
 def test_print_config_autoscales_and_keeps_the_key_out(monkeypatch, capsys):
-    config = print_config(["--min-replicas", "0", "--max-replicas", "4", "--max-batch", "6", "--api-key", "secret"],
-                          monkeypatch, capsys)  # fmt: skip
+    config = print_config(["--min-replicas", "0", "--max-replicas", "4", "--max-batch", "6", "--api-key", "secret",
+                           "--api-key", "next"], monkeypatch, capsys)  # fmt: skip
     ServeDeploySchema.model_validate(config)
     (app,) = config["applications"]
     (dep,) = app["deployments"]
     assert dep["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 6}
     assert "num_replicas" not in dep and "api_key" not in app["args"]
+    assert "secret" not in yaml.safe_dump(config) and "next" not in yaml.safe_dump(config)
     config = print_config(["--max-replicas", "2", "--target-ongoing-requests", "3"], monkeypatch, capsys)
     dep = config["applications"][0]["deployments"][0]
     assert dep["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 3.0}

@@ -22,6 +22,8 @@ from fastblt.serve.api import logprobs_body
 from fastblt.serve.app import fingerprint
 from fastblt.serve.process import ServerProcess
 
+from tiny import run_cli
+
 MODEL = "fastblt-default"
 PROMPT = "import os\n\n\ndef main("
 MODES = ("ar", "blt-s", "blt-d", "blt-dv")
@@ -583,3 +585,46 @@ def test_a_server_whose_lane_processes_all_died_says_so_and_starts_them_again(re
         r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
         want = reference.generate(PROMPT, mode="ar", max_bytes=4, temperature=0.0).text
         assert r.json()["choices"][0]["text"] == want
+
+
+# ---------------------------------------------------------------------------- CORS
+PAGE = "https://app.example"
+
+
+def preflight(url: str, origin: str) -> httpx.Response:
+    """What a browser sends before a page's script may POST with a key."""
+    headers = {"Origin": origin, "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}  # fmt: skip
+    return httpx.options(f"{url}/v1/completions", headers=headers)
+
+
+@pytest.mark.timeout(300)
+def test_pages_of_an_allowed_origin_may_call_the_api_and_no_others(server):
+    args = ["--max-batch", "2", "--api-key", KEY, "--allowed-origin", PAGE, "--allowed-origin", "http://[::1]:3000"]
+    with ServerProcess(args) as srv:
+        pre = preflight(srv.url, PAGE)  # answered before any key is asked for
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == PAGE
+        assert "POST" in pre.headers["access-control-allow-methods"]
+        assert "x-stainless-os" in pre.headers["access-control-allow-headers"]
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+        r = httpx.post(f"{srv.url}/v1/completions", json=body,
+                       headers={"Origin": PAGE, "Authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == PAGE
+        assert "x-request-id" in r.headers["access-control-expose-headers"]  # the page's script can read it
+        assert preflight(srv.url, "http://[::1]:3000").status_code == 200
+        other = preflight(srv.url, "https://elsewhere.example")
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        r = httpx.post(f"{srv.url}/v1/completions", json=body,
+                       headers={"Origin": "https://elsewhere.example", "Authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert "access-control-allow-origin" not in r.headers  # the browser keeps the answer from that page
+        r = httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Origin": PAGE})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == PAGE  # the page sees why
+    by_default = preflight(server.url, PAGE)  # no --allowed-origin: no page may
+    assert by_default.status_code == 405 and "access-control-allow-origin" not in by_default.headers
+
+
+@pytest.mark.parametrize("origin", ["https://app.example/", "app.example", "https://app.example/path", "ftp://x", ""])
+def test_an_origin_a_browser_never_sends_stops_the_command(origin, monkeypatch, capsys):
+    code, out, err = run_cli(["serve", "--allowed-origin", origin], monkeypatch, capsys)
+    assert code == 2 and "--allowed-origin" in err and "expected scheme://host[:port]" in err, err
+    assert "loading" not in err and "Traceback" not in err
