@@ -40,7 +40,7 @@ from fastblt.serve.batch_file import URLS, BatchRequest, answer, answered, read_
 
 MAX_FILE_BYTES = 200 << 20  # an uploaded file, as OpenAI's Batch API limits it
 MAX_REQUESTS = 50_000  # requests per batch (OpenAI's limit)
-WINDOW = "24h"  # the one completion_window OpenAI offers
+WINDOW, WINDOW_S = "24h", 24 * 3600  # the one completion_window OpenAI offers
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")  # a batch the runner still owns
 SAVE_EVERY_S = 0.5  # a running batch's request_counts reach its file at most this often
 _ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # ids made here; anything else names no file
@@ -292,13 +292,13 @@ class Runner:
         results.unlink(missing_ok=True)
 
 
-def new_batch(input_file_id: str, endpoint: str, metadata: dict | None = None, window_s: float = 24 * 3600) -> dict:
+def new_batch(input_file_id: str, endpoint: str, metadata: dict | None = None) -> dict:
     """A batch object as OpenAI's API writes one, validating, its window starting now."""
     now = int(time.time())
     return {"id": _new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": None,
             "input_file_id": input_file_id, "completion_window": WINDOW, "status": "validating",
             "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
-            "expires_at": now + window_s, "finalizing_at": None, "completed_at": None, "failed_at": None,
+            "expires_at": now + WINDOW_S, "finalizing_at": None, "completed_at": None, "failed_at": None,
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}  # fmt: skip
 
@@ -353,7 +353,9 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, api_key: str | Non
     async def upload(request: Request) -> JSONResponse:
         checked(request)
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_FILE_BYTES + (1 << 16):
+        if length is None or not length.isdigit():  # the server holds a body to its stated length, and no longer
+            raise ApiError(411, "body: an upload needs a Content-Length", None, "length_required")
+        if int(length) > MAX_FILE_BYTES + (1 << 16):  # the file and its multipart framing
             raise ApiError(413, f"file: {length} bytes exceed the limit of {MAX_FILE_BYTES}", "file", "file_too_large")
         async with request.form(max_files=1, max_fields=4) as form:
             if (purpose := form.get("purpose")) != "batch":
