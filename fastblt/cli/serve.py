@@ -128,7 +128,7 @@ def serve(
                                    "certificates; check them in front of the cluster (docs/scale-out.md)")  # fmt: skip
         if batch_dir is not None:  # a batch runs in one replica's loop; Serve would route its polls anywhere
             raise click.UsageError("--batch-dir with --ray: the Batch API runs in one server; "
-                                   "use `fastblt batch` against the files instead")  # fmt: skip
+                                   "answer batch files with `fastblt batch` instead")  # fmt: skip
         from fastblt.runtime.batch import DEFAULT_MAX_BATCH
 
         max_batch = max_batch or DEFAULT_MAX_BATCH
@@ -137,7 +137,7 @@ def serve(
                   "lanes": lanes, "lane_processes": lane_processes, "max_queue": max_queue,
                   "max_context": max_context, "threads": threads, "prompt_cache_mb": prompt_cache_mb,
                   "share_prompts": share_prompts, "device": device, "mode": mode, "model_name": name,
-                  "api_key": list(api_keys) if len(api_keys) > 1 else (api_keys or [None])[0], "max_body": max_body,
+                  "api_key": list(api_keys) if len(api_keys) > 1 else next(iter(api_keys), None), "max_body": max_body,
                   "chat_template": str(Path(chat_template).resolve()) if chat_template else None,
                   "chat_stop": list(chat_stop), "tool_call_start": tool_call_start,
                   "tool_call_end": tool_call_end, "log_format": log_format,

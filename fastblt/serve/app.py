@@ -147,7 +147,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                            expose_headers=[REQUEST_ID_HEADER, REPLICA_HEADER, "retry-after"])  # fmt: skip
     inflight = _InFlight()
     app.state.stop_requests = inflight.stop  # the server calls it when its grace period runs out
-    # for routes added to the app elsewhere: lifespans entered once the engine is ready, the checks
+    # for routes added to the app elsewhere (batches.py): their lifespans, entered once the engine is
+    # ready, and the checks every route makes (app.state.authorize, app.state.ready, below)
     app.state.lifespans = []
 
     @app.exception_handler(ApiError)
@@ -629,11 +630,11 @@ async def _first(stream: TextStream) -> tuple[str, Scores | None] | None:
 
 
 async def call_app(app: Any, method: str, path: str, body: bytes = b"",
-                   headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+                   request_headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
     """A request to an ASGI app in this process (no socket): (status, headers, body). The caller
     never leaves, so the request is never cancelled as a client that left would be."""
     sent = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    sent += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    sent += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (request_headers or {}).items()]
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": sent,
              "client": ("127.0.0.1", 0), "server": ("in-process", 0)}  # fmt: skip

@@ -191,8 +191,8 @@ class Runner:
 
     def _expire(self, bid: str) -> None:
         """The completion window ended: stop the batch; what it answered is kept, the rest is
-        reported as expired. One already finalizing finishes."""
-        if bid in self.tasks and self.live[bid]["status"] in ("validating", "in_progress", "cancelling"):
+        reported as expired. One cancelled or finalizing already finishes as it is."""
+        if bid in self.tasks and self.live[bid]["status"] in ("validating", "in_progress"):
             self.expiring.add(bid)
             self.tasks[bid].cancel()
 
