@@ -183,6 +183,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                            "invalid_api_key")  # fmt: skip
 
     app.state.authorize, app.state.ready = authorize, ready
+    app.state.metrics = lambda: state["metrics"]  # the registry /metrics renders, final once the engine is ready
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:

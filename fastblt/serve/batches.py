@@ -26,12 +26,14 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.datastructures import UploadFile
 
 from fastblt.errors import InputError
@@ -303,6 +305,26 @@ def new_batch(input_file_id: str, endpoint: str, metadata: dict | None = None) -
             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}  # fmt: skip
 
 
+class BatchCollector(Collector):
+    """The Batch API on /metrics, read when Prometheus scrapes: batches by status, and the requests
+    of running batches not answered yet (the work they still hold)."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    def collect(self) -> Iterator:
+        batches = self.runner.batches()
+        by_status = GaugeMetricFamily("fastblt_batches", "Batches kept in --batch-dir, by status.", labels=["status"])
+        for status in ("validating", "in_progress", "finalizing", "cancelling", "completed", "failed", "cancelled",
+                       "expired"):  # fmt: skip
+            by_status.add_metric([status], sum(b["status"] == status for b in batches))
+        yield by_status
+        waiting = sum(b["request_counts"]["total"] - b["request_counts"]["completed"] - b["request_counts"]["failed"]
+                      for b in batches if b["status"] == "in_progress")  # fmt: skip
+        yield GaugeMetricFamily("fastblt_batch_requests_pending", "Requests of running batches not answered yet.",
+                                value=waiting)  # fmt: skip
+
+
 def _errors(code: str, message: str, line: int | None = None) -> dict:
     return {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": line}]}
 
@@ -332,6 +354,7 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, api_key: str | Non
 
     @contextlib.asynccontextmanager
     async def running(app: FastAPI) -> AsyncIterator[None]:
+        app.state.metrics().registry.register(BatchCollector(runner))
         for batch in store.batches():  # those the last server left: resumed
             if batch["status"] in ACTIVE:
                 runner.start(batch)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -84,6 +85,9 @@ def test_a_batch_runs_to_files_whose_answers_equal_the_requests_alone(batch_serv
     assert b.id in [x.id for x in c.batches.list()]
     assert {f.id, b.output_file_id, b.error_file_id} <= {x.id for x in c.files.list()}
     assert [x.id for x in c.files.list(purpose="batch_output")].count(b.output_file_id) == 1
+    metrics = httpx.get(f"{batch_server.url}/metrics").text
+    completed = re.search(r'^fastblt_batches\{status="completed"\} (\S+)$', metrics, re.M)
+    assert completed and float(completed[1]) >= 1 and "fastblt_batch_requests_pending 0.0" in metrics
 
 
 def test_an_input_the_batch_cannot_run_fails_it_naming_the_line(batch_server):
@@ -175,6 +179,10 @@ def test_a_cancelled_batch_keeps_what_it_answered(batch_server):
     b = wait(c, b.id, until=lambda b: b.status == "in_progress" and b.request_counts.completed >= 1)
     with pytest.raises(openai.ConflictError):  # its input stays while the batch runs
         c.files.delete(f.id)
+    metrics = httpx.get(f"{batch_server.url}/metrics").text
+    running = re.search(r'^fastblt_batches\{status="in_progress"\} (\S+)$', metrics, re.M)
+    pending = re.search(r"^fastblt_batch_requests_pending (\S+)$", metrics, re.M)
+    assert running and float(running[1]) >= 1 and pending and 0 < float(pending[1]) < 40
     assert c.batches.cancel(b.id).status == "cancelling"
     b = wait(c, b.id)
     assert b.status == "cancelled" and b.cancelled_at and b.cancelling_at
