@@ -129,6 +129,14 @@ def test_refusals_name_their_field_and_the_server_stays_up(batch_server):
         c.files.create(file=("in.jsonl", b"{}"), purpose="fine-tune")
     r = httpx.post(f"{url}/v1/files", data={"purpose": "batch"}, headers=auth)  # no file part
     assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+    hostile = [dict(content=b"xx", headers={**auth, "content-type": "multipart/form-data"}),  # no boundary
+               dict(data={f"f{i}": "x" for i in range(9)} | {"purpose": "batch"}, files={"file": ("a", b"{}")}),
+               dict(data={"purpose": "batch"}, files=[("file", ("a", b"1")), ("file", ("b", b"2"))])]  # fmt: skip
+    for kw in hostile:
+        r = httpx.post(f"{url}/v1/files", **({"headers": auth} | kw))
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("POST /v1/files: "), r.text
+    named = c.files.create(file=("../../etc/passwd", b"{}"), purpose="batch")  # a name is only a label
+    assert named.filename == "passwd" and c.files.content(named.id).content == b"{}"
     for path in ("/v1/files/file-nope", "/v1/files/file-nope/content", "/v1/batches/batch_nope",
                  "/v1/files/..%2F..%2Fetc%2Fpasswd", "/v1/batches/..%2Fx"):  # fmt: skip
         assert httpx.get(f"{url}{path}", headers=auth).status_code == 404, path
