@@ -232,6 +232,11 @@ class AsyncEngine:
         return out
 
     @property
+    def waiting(self) -> int:
+        """Requests queued for a row now, over all lanes (their own counts: no worker is asked)."""
+        return sum(max(0, lane.load - lane.max_batch) for lane in self.lanes)
+
+    @property
     def lanes_alive(self) -> int:
         """Lanes whose batch loop still runs (a lane whose worker process died is not)."""
         return sum(lane.alive for lane in self.lanes)

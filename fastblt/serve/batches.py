@@ -4,8 +4,9 @@ A client uploads a batch input file (JSON Lines, as `fastblt batch` reads them: 
 creates a batch on it, and later downloads what came back, as the openai client does it:
 `files.create(purpose="batch")`, `batches.create`, `batches.retrieve`, `files.content`. The batch
 runs inside the server, through its own app (batch_file.answer), at most `concurrency` requests at
-a time, so live requests keep the other rows; each answer is the server's to the same body. A
-request the queue turns away (429, 503) waits and is sent again: a batch has hours, not seconds.
+a time and none while live requests wait for a row (they come first); each answer is the
+server's to the same body. A request the queue turns away (429, 503) waits and is sent again: a
+batch has hours, not seconds.
 
 Everything lives under DIR (files/, batches/), written whole or not at all (a temporary file
 renamed), so a batch outlives the server: at the next start it resumes where it stopped, keeping
@@ -45,6 +46,7 @@ MAX_REQUESTS = 50_000  # requests per batch (OpenAI's limit)
 WINDOW, WINDOW_S = "24h", 24 * 3600  # the one completion_window OpenAI offers
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")  # a batch the runner still owns
 SAVE_EVERY_S = 0.5  # a running batch's request_counts reach its file at most this often
+ADMIT_POLL_S = 0.02  # how often a batch request waiting for live requests to get their rows looks again
 _ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # ids made here; anything else names no file
 
 
@@ -163,8 +165,10 @@ class Runner:
     batch's object is the task's (`live`), saved to the store as it changes; all of it on the
     loop's thread, so a cancel and the task never see each other half done."""
 
-    def __init__(self, app: Any, store: Store, concurrency: int, headers: dict[str, str]):
+    def __init__(self, app: Any, store: Store, concurrency: int, headers: dict[str, str],
+                 busy: Callable[[], bool] = lambda: False):  # fmt: skip
         self.app, self.store, self.concurrency, self.headers = app, store, concurrency, headers
+        self.busy = busy  # whether the server's own requests wait for rows: no batch request is sent then
         self.tasks: dict[str, asyncio.Task] = {}
         self.live: dict[str, dict] = {}
         self.expiring: set[str] = set()  # batches whose completion window ended while they ran
@@ -245,6 +249,10 @@ class Runner:
         except Exception as e:  # a batch's failure must not reach the server's loop
             self._fail(batch, "server_error", f"{type(e).__name__}: {e}")
 
+    async def _admit(self) -> None:
+        while self.busy():
+            await asyncio.sleep(ADMIT_POLL_S)
+
     def _fail(self, batch: dict, code: str, message: str, line: int | None = None) -> None:
         batch |= {"status": "failed", "failed_at": int(time.time()), "errors": _errors(code, message, line)}
         self.store.save(batch)
@@ -267,7 +275,7 @@ class Runner:
 
         todo = [r for r in requests if r.custom_id not in done]
         with results.open("ab") as out:
-            await answer(self.app, todo, out, self.concurrency, on_done, self.headers, retry=True)
+            await answer(self.app, todo, out, self.concurrency, on_done, self.headers, retry=True, admit=self._admit)
         self.store.save(batch)
 
     async def _finish(self, batch: dict, expired: list[str] | None = None) -> None:
@@ -347,13 +355,16 @@ def _page(items: list[dict], request: Request) -> dict:
 
 def add_batch_api(app: FastAPI, root: Path, concurrency: int, api_key: str | None = None) -> None:
     """Serve /v1/files and /v1/batches from `app` (create_app's), keeping them under `root`; batches
-    run `concurrency` requests at a time, sent with the server's API key."""
+    run up to `concurrency` requests at a time, none sent while the engine's queue holds one (live
+    traffic first), each with the server's API key."""
     store = Store(root)
     headers = {} if api_key is None else {"authorization": f"Bearer {api_key}"}
     runner = Runner(app, store, concurrency, headers)
 
     @contextlib.asynccontextmanager
     async def running(app: FastAPI) -> AsyncIterator[None]:
+        engine = app.state.ready()
+        runner.busy = lambda: engine.waiting > 0
         app.state.metrics().registry.register(BatchCollector(runner))
         for batch in store.batches():  # those the last server left: resumed
             if batch["status"] in ACTIVE:

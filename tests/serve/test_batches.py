@@ -333,3 +333,25 @@ def test_a_batch_past_its_window_at_start_up_expires_keeping_what_it_answered(tm
     assert [r["custom_id"] for r in ok] == ["e3", "e7"]
     assert sorted(r["custom_id"] for r in expired) == sorted(f"e{i}" for i in range(10) if i not in (3, 7))
     assert not store.results(batch["id"]).exists()
+
+
+def test_a_batch_sends_nothing_while_live_requests_wait_for_rows(tmp_path):
+    from fastblt.serve.batches import Runner, new_batch
+
+    store, fid = _stored(tmp_path, 6)
+    waiting = [True]  # live requests hold the queue
+
+    async def main() -> tuple[dict, dict]:
+        runner = Runner(_echo_app(), store, concurrency=2, headers={}, busy=lambda: waiting[0])
+        batch = new_batch(fid, "/v1/completions")
+        store.save(batch)
+        runner.start(batch)
+        await asyncio.sleep(0.6)  # 6 requests of 50 ms, 2 at a time, would be done by now
+        held = json.loads(json.dumps(runner.batch(batch["id"])))
+        waiting[0] = False
+        await asyncio.wait_for(asyncio.gather(*runner.tasks.values()), 30)
+        return held, store.batch(batch["id"])
+
+    held, done = asyncio.run(main())
+    assert held["status"] == "in_progress" and held["request_counts"] == {"total": 6, "completed": 0, "failed": 0}
+    assert done["status"] == "completed" and done["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
