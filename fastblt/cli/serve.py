@@ -165,8 +165,8 @@ def serve(
     if batch_dir is not None:
         from fastblt.serve.batches import add_batch_api
 
-        rows = max(1, engine.max_batch - engine.max_batch // 4)  # a quarter kept free for live requests
-        add_batch_api(app, Path(batch_dir), rows, api_keys[0] if api_keys else None)
+        rows = max(1, engine.max_batch - engine.max_batch // 4)  # idle: a quarter kept free for live requests
+        add_batch_api(app, Path(batch_dir), rows, max(1, engine.max_batch // 8), api_keys[0] if api_keys else None)
     say(f"fastblt serve: model {name!r} at {scheme}://{host}:{port}/v1 (max_batch {engine.max_batch}, "
         f"{describe_lanes(engine)})")  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,

@@ -232,6 +232,11 @@ class AsyncEngine:
         return out
 
     @property
+    def held(self) -> int:
+        """Requests the lanes hold now, decoding or queued (their own counts: no worker is asked)."""
+        return sum(lane.load for lane in self.lanes)
+
+    @property
     def waiting(self) -> int:
         """Requests queued for a row now, over all lanes (their own counts: no worker is asked)."""
         return sum(max(0, lane.load - lane.max_batch) for lane in self.lanes)

@@ -23,9 +23,11 @@ written, and the run appends the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -136,18 +138,18 @@ async def run_batch(app: Any, requests: list[BatchRequest], out: BinaryIO, concu
 
 async def answer(app: Any, requests: list[BatchRequest], out: BinaryIO, concurrency: int,
                  on_done: Callable[[int], None] | None = None, headers: dict[str, str] | None = None,
-                 retry: bool = False, admit: Callable[[], Awaitable[None]] | None = None) -> BatchSummary:  # fmt: skip
+                 retry: bool = False,
+                 admit: Callable[[], AbstractAsyncContextManager] | None = None) -> BatchSummary:  # fmt: skip
     """run_batch's work in an app that runs already (a server's), each request sent with `headers`
-    (its API key) once `admit()` returns (the server's other requests first); with `retry`, one the
-    server turns away for now (429, 503) is sent again after its Retry-After."""
+    (its API key) inside `admit()` (held from when the server lets it go until its answer: the
+    server's other requests first); with `retry`, one the server turns away for now (429, 503) is
+    sent again after its Retry-After."""
     loop = asyncio.get_running_loop()
     summary, t0 = BatchSummary(), loop.time()
     slots = asyncio.Semaphore(concurrency)
 
     async def one(req: BatchRequest) -> None:
-        async with slots:
-            if admit is not None:
-                await admit()
+        async with slots, (admit or contextlib.nullcontext)():
             status, got, body = await call_app(app, "POST", req.url, req.body, headers)
             while retry and status in (429, 503):
                 await asyncio.sleep(_seconds(got.get("retry-after")))

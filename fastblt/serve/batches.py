@@ -166,9 +166,11 @@ class Runner:
     loop's thread, so a cancel and the task never see each other half done."""
 
     def __init__(self, app: Any, store: Store, concurrency: int, headers: dict[str, str],
-                 busy: Callable[[], bool] = lambda: False):  # fmt: skip
+                 pressure: Callable[[], tuple[int, int]] = lambda: (0, 0), trickle: int = 1):  # fmt: skip
         self.app, self.store, self.concurrency, self.headers = app, store, concurrency, headers
-        self.busy = busy  # whether the server's own requests wait for rows: no batch request is sent then
+        # the engine's load: requests it holds (batches' included) and those of them waiting for a row
+        self.pressure, self.trickle = pressure, trickle
+        self.inflight = 0  # batch requests sent and not answered yet, over every batch
         self.tasks: dict[str, asyncio.Task] = {}
         self.live: dict[str, dict] = {}
         self.expiring: set[str] = set()  # batches whose completion window ended while they ran
@@ -249,9 +251,22 @@ class Runner:
         except Exception as e:  # a batch's failure must not reach the server's loop
             self._fail(batch, "server_error", f"{type(e).__name__}: {e}")
 
-    async def _admit(self) -> None:
-        while self.busy():
+    @contextlib.asynccontextmanager
+    async def _row(self) -> AsyncIterator[None]:
+        """Hold a batch request until the server has room for it: nothing is sent while any request
+        waits for a row; while live requests run, batches keep `trickle` in flight; on an idle
+        server, `concurrency`."""
+        while True:
+            held, waiting = self.pressure()
+            cap = self.trickle if held - self.inflight > 0 else self.concurrency
+            if waiting == 0 and self.inflight < cap:
+                break
             await asyncio.sleep(ADMIT_POLL_S)
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
     def _fail(self, batch: dict, code: str, message: str, line: int | None = None) -> None:
         batch |= {"status": "failed", "failed_at": int(time.time()), "errors": _errors(code, message, line)}
@@ -275,7 +290,7 @@ class Runner:
 
         todo = [r for r in requests if r.custom_id not in done]
         with results.open("ab") as out:
-            await answer(self.app, todo, out, self.concurrency, on_done, self.headers, retry=True, admit=self._admit)
+            await answer(self.app, todo, out, self.concurrency, on_done, self.headers, retry=True, admit=self._row)
         self.store.save(batch)
 
     async def _finish(self, batch: dict, expired: list[str] | None = None) -> None:
@@ -353,18 +368,18 @@ def _page(items: list[dict], request: Request) -> dict:
             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}  # fmt: skip
 
 
-def add_batch_api(app: FastAPI, root: Path, concurrency: int, api_key: str | None = None) -> None:
-    """Serve /v1/files and /v1/batches from `app` (create_app's), keeping them under `root`; batches
-    run up to `concurrency` requests at a time, none sent while the engine's queue holds one (live
-    traffic first), each with the server's API key."""
+def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, api_key: str | None = None) -> None:
+    """Serve /v1/files and /v1/batches from `app` (create_app's), keeping them under `root`. Live
+    traffic first: batches run up to `concurrency` requests at a time on an idle server, `trickle`
+    while live requests run, none while any request waits for a row; each with the server's API key."""
     store = Store(root)
     headers = {} if api_key is None else {"authorization": f"Bearer {api_key}"}
-    runner = Runner(app, store, concurrency, headers)
+    runner = Runner(app, store, concurrency, headers, trickle=trickle)
 
     @contextlib.asynccontextmanager
     async def running(app: FastAPI) -> AsyncIterator[None]:
         engine = app.state.ready()
-        runner.busy = lambda: engine.waiting > 0
+        runner.pressure = lambda: (engine.held, engine.waiting)
         app.state.metrics().registry.register(BatchCollector(runner))
         for batch in store.batches():  # those the last server left: resumed
             if batch["status"] in ACTIVE:

@@ -77,7 +77,7 @@ def test_bad_requests_raise_before_queueing_and_a_full_queue_is_busy(engine):
         streams = [engine.stream(PROMPTS[0], mode="ar", max_bytes=20_000, stop_on_eos=False) for _ in range(6)]
         with pytest.raises(EngineBusy):
             engine.stream(PROMPTS[0], mode="ar", max_bytes=5)
-        assert engine.waiting == 2  # four rows decode, two requests wait for one
+        assert (engine.held, engine.waiting) == (6, 2)  # four rows decode, two requests wait for one
         for s in streams:
             await s.aclose()
 

@@ -261,10 +261,15 @@ def _echo_app():
 
     async def complete(request):
         body = await request.json()
+        app.state.now += 1
+        app.state.most = max(app.state.most, app.state.now)  # the most requests in flight at once
         await asyncio.sleep(0.05)
+        app.state.now -= 1
         return JSONResponse({"echo": body["prompt"]})
 
-    return Starlette(routes=[Route("/v1/completions", complete, methods=["POST"])])
+    app = Starlette(routes=[Route("/v1/completions", complete, methods=["POST"])])
+    app.state.now = app.state.most = 0
+    return app
 
 
 def _stored(tmp_path: Path, n: int):
@@ -335,23 +340,34 @@ def test_a_batch_past_its_window_at_start_up_expires_keeping_what_it_answered(tm
     assert not store.results(batch["id"]).exists()
 
 
-def test_a_batch_sends_nothing_while_live_requests_wait_for_rows(tmp_path):
+def test_live_traffic_first_a_batch_waits_for_the_queue_and_trickles_beside_live_requests(tmp_path):
     from fastblt.serve.batches import Runner, new_batch
 
-    store, fid = _stored(tmp_path, 6)
-    waiting = [True]  # live requests hold the queue
+    store, fid = _stored(tmp_path, 24)
+    live = {"running": 0, "waiting": 2}  # live requests the engine holds, and how many of them wait for a row
+    app = _echo_app()
 
-    async def main() -> tuple[dict, dict]:
-        runner = Runner(_echo_app(), store, concurrency=2, headers={}, busy=lambda: waiting[0])
+    async def main() -> list[tuple[int, int]]:
+        def pressure() -> tuple[int, int]:
+            return runner.inflight + live["running"] + live["waiting"], live["waiting"]
+
+        runner = Runner(app, store, concurrency=4, headers={}, trickle=1, pressure=pressure)
         batch = new_batch(fid, "/v1/completions")
         store.save(batch)
         runner.start(batch)
-        await asyncio.sleep(0.6)  # 6 requests of 50 ms, 2 at a time, would be done by now
-        held = json.loads(json.dumps(runner.batch(batch["id"])))
-        waiting[0] = False
+        seen = []  # (answered, batch requests in flight) as the phases go
+        await asyncio.sleep(0.4)  # a queue: nothing is sent
+        seen.append((runner.batch(batch["id"])["request_counts"]["completed"], app.state.most))
+        live.update(running=3, waiting=0)  # live requests have rows: the batch trickles, one at a time
+        await asyncio.sleep(0.5)
+        seen.append((runner.batch(batch["id"])["request_counts"]["completed"], app.state.most))
+        live.update(running=0)
+        app.state.most = 0  # idle: up to concurrency at once
         await asyncio.wait_for(asyncio.gather(*runner.tasks.values()), 30)
-        return held, store.batch(batch["id"])
+        seen.append((store.batch(batch["id"])["request_counts"]["completed"], app.state.most))
+        return seen
 
-    held, done = asyncio.run(main())
-    assert held["status"] == "in_progress" and held["request_counts"] == {"total": 6, "completed": 0, "failed": 0}
-    assert done["status"] == "completed" and done["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
+    (queued, trickled, idle) = asyncio.run(main())
+    assert queued == (0, 0)
+    assert 2 <= trickled[0] <= 12 and trickled[1] == 1
+    assert idle == (24, 4)
