@@ -19,12 +19,15 @@ from fastblt.cli.app_setup import app_setup, describe_lanes, engine_options, sta
               "the requests it lacks are added to it.")  # fmt: skip
 @click.option("--resume", is_flag=True,
               help="Add to an existing --out the answers of the requests it lacks (a stopped run's).")  # fmt: skip
+@click.option("--retry-errors", is_flag=True,
+              help="With --resume: answer again the requests whose line in --out is an error (a 4xx of a line since "
+              "fixed, a 5xx), replacing those lines.")  # fmt: skip
 @click.option("--concurrency", type=click.IntRange(1, 4096), default=None,
               help="Requests in flight at once [default: twice the engine's max-batch: every row busy, and a "
               "request ready for each row that frees].")  # fmt: skip
 @engine_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def batch(input_file, out, resume, concurrency, as_json, checkpoint, backend, artifacts, max_batch, lanes,
+def batch(input_file, out, resume, retry_errors, concurrency, as_json, checkpoint, backend, artifacts, max_batch, lanes,
           lane_processes, mode, model_name, chat_template, chat_stop, tool_call_start, tool_call_end, max_context,
           threads, prompt_cache_mb, share_prompts, device):  # fmt: skip
     """Answer an OpenAI batch file offline, as `fastblt serve` would answer each line.
@@ -43,11 +46,15 @@ def batch(input_file, out, resume, concurrency, as_json, checkpoint, backend, ar
     Examples:
       fastblt batch requests.jsonl --out answers.jsonl
       fastblt batch requests.jsonl --out answers.jsonl --resume    # after a stopped run
+      fastblt batch requests.jsonl --out answers.jsonl --resume --retry-errors
 
     Exit codes: 0 every request answered 200; 1 some got an error, which their lines give;
     2 a bad input file or option (the line named).
     """
-    from fastblt.serve.batch_file import answered, read_requests
+    from fastblt.serve.batch_file import answered, drop_errors, read_requests
+
+    if retry_errors and not resume:
+        raise click.UsageError("--retry-errors applies only with --resume (it answers again what --out holds)")
 
     if out.resolve() == input_file.resolve():
         raise click.UsageError("--out is the input file: the answers go to a file of their own")
@@ -57,6 +64,9 @@ def batch(input_file, out, resume, concurrency, as_json, checkpoint, backend, ar
     requests = read_requests(input_file)
     setup = app_setup(checkpoint, model_name, max_context, chat_template, chat_stop, tool_call_start, tool_call_end)
     done = answered(out) if out.exists() else set()
+    if retry_errors and done and (dropped := drop_errors(out)):
+        click.echo(f"fastblt batch: {dropped} error line(s) taken out of {out}, to answer again", err=True)
+        done = answered(out)
     todo = [r for r in requests if r.custom_id not in done]
     if done:
         click.echo(f"fastblt batch: {len(requests) - len(todo)} of {len(requests)} requests answered in {out} "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -125,6 +126,24 @@ def answered(path: Path) -> set[str]:
         with path.open("r+b") as f:
             f.truncate(whole)
     return ids
+
+
+def drop_errors(path: Path) -> int:
+    """Remove from an output file (one `answered` has read) the lines whose answer is an error
+    (status 400 or more), so that a run answers those requests again: the rest are kept byte for
+    byte, the file written whole beside it and renamed over it. How many were removed."""
+    kept, dropped = [], 0
+    for raw in path.read_bytes().splitlines(keepends=True):
+        status = (json.loads(raw).get("response") or {}).get("status_code", 0) if raw.strip() else 200
+        if status >= 400 or status == 0:
+            dropped += 1
+        else:
+            kept.append(raw)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(b"".join(kept))
+        os.replace(tmp, path)
+    return dropped
 
 
 async def run_batch(app: Any, requests: list[BatchRequest], out: BinaryIO, concurrency: int,

@@ -124,10 +124,11 @@ def _statuses(path: Path) -> list[int]:
     return [json.loads(line)["response"]["status_code"] for line in path.read_bytes().splitlines() if line.strip()]
 
 
-def _split(results: Path, output: Path, errors: Path, expired: list[str]) -> tuple[int, int]:
+def _split(results: Path, output: Path, errors: Path, expired: list[str]) -> tuple[int, int, dict]:
     """Answers under 400 to `output`, the rest to `errors`, then a `batch_expired` error line for
-    each custom_id in `expired` that no answer has: (lines in each)."""
-    counts, done = [0, 0], set()
+    each custom_id in `expired` that no answer has: (lines in each, the answers' usage summed as
+    OpenAI's batch `usage`, in bytes as the server counts them)."""
+    counts, done, used = [0, 0], set(), {"input": 0, "cached": 0, "output": 0}
     if results.exists():
         answered(results)  # a line a killed server left half written is cut: that request has no answer
     with output.open("wb") as ok, errors.open("wb") as bad:
@@ -139,13 +140,20 @@ def _split(results: Path, output: Path, errors: Path, expired: list[str]) -> tup
                     (bad if failed else ok).write(line)
                     counts[failed] += 1
                     done.add(item["custom_id"])
+                    usage = {} if failed else item["response"]["body"].get("usage") or {}
+                    used["input"] += usage.get("prompt_tokens", 0)
+                    used["cached"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+                    used["output"] += usage.get("completion_tokens", 0)
         for cid in expired:
             if cid not in done:
                 error = {"code": "batch_expired", "message": "not run before the batch's completion window ended"}
                 line = {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": cid, "response": None, "error": error}
                 bad.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
                 counts[1] += 1
-    return counts[0], counts[1]
+    usage = {"input_tokens": used["input"], "input_tokens_details": {"cached_tokens": used["cached"]},
+             "output_tokens": used["output"], "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": used["input"] + used["output"]}  # fmt: skip
+    return counts[0], counts[1], usage
 
 
 def _requests(path: Path, endpoint: str) -> list[BatchRequest]:
@@ -231,7 +239,9 @@ class Runner:
                     line = re.match(rf"{re.escape(fid)}:(\d+):", message)
                     return self._fail(batch, "invalid_request", message, int(line[1]) if line else None)
                 if batch["status"] == "validating":
-                    batch |= {"status": "in_progress", "in_progress_at": int(time.time())}
+                    model = json.loads(requests[0].body).get("model")
+                    batch |= {"status": "in_progress", "in_progress_at": int(time.time()),
+                              "model": model if isinstance(model, str) else None}  # fmt: skip
                     batch["request_counts"]["total"] = len(requests)
                     self.store.save(batch)
                 await self._answer(batch, requests)
@@ -303,7 +313,7 @@ class Runner:
         bid, results = batch["id"], self.store.results(batch["id"])
         stem = bid.removeprefix("batch_")
         out, err = (self.store.files_dir / f"{stem}.{kind}.tmp" for kind in ("output", "errors"))
-        ok, failed = await asyncio.to_thread(_split, results, out, err, expired or [])
+        ok, failed, batch["usage"] = await asyncio.to_thread(_split, results, out, err, expired or [])
         for path, n, kind, key in ((out, ok, "output", "output_file_id"), (err, failed, "error", "error_file_id")):
             if n:
                 meta = self.store.add_file(path, f"{bid}_{kind}.jsonl", "batch_output", f"file-{stem}-{kind}")
@@ -325,7 +335,8 @@ def new_batch(input_file_id: str, endpoint: str, metadata: dict | None = None) -
             "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
             "expires_at": now + WINDOW_S, "finalizing_at": None, "completed_at": None, "failed_at": None,
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}  # fmt: skip
+            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata,
+            "model": None, "usage": None}  # fmt: skip
 
 
 class BatchCollector(Collector):

@@ -145,6 +145,17 @@ def test_a_batch_is_answered_as_the_server_answers_and_resumes_after_a_stop(tmp_
     again = outputs(out)
     assert set(again) == set(got) and all(again[c]["body"]["choices"] == got[c]["body"]["choices"] for c in want)
 
+    # the bad line fixed in the input: --retry-errors answers it again, in place of its error line
+    write(src, [x.replace('"top_p": 7', '"top_p": 0.7') for x in lines])
+    others = [x for x in out.read_bytes().splitlines(keepends=True) if b'"custom_id": "bad"' not in x]
+    code, _, err = run_cli([*args, "--retry-errors"], monkeypatch, capsys)
+    assert code == 2 and "--retry-errors applies only with --resume" in err
+    code, stdout, err = run_cli([*args, "--resume", "--retry-errors"], monkeypatch, capsys)
+    assert code == 0 and "1 error line(s) taken out" in err and json.loads(stdout)["answered"] == 1
+    assert out.read_bytes().startswith(b"".join(others))  # the other answers kept byte for byte
+    fixed = outputs(out)
+    assert set(fixed) == set(got) and fixed["bad"]["status_code"] == 200
+
 
 def test_the_output_is_never_the_input(tmp_path, monkeypatch, capsys):
     src = tmp_path / "in.jsonl"

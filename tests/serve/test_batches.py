@@ -81,6 +81,9 @@ def test_a_batch_runs_to_files_whose_answers_equal_the_requests_alone(batch_serv
         want = reference.generate(prompt, mode="blt-s", max_bytes=8, temperature=0.0).text
         assert good[cid]["status_code"] == 200 and good[cid]["body"]["choices"][0]["text"] == want
     assert bad["hot"]["status_code"] == 400 and bad["hot"]["body"]["error"]["param"] == "temperature"
+    assert b.model == MODEL and b.usage.input_tokens == sum(len(p.encode()) for p in prompts.values())
+    assert b.usage.output_tokens == sum(r["body"]["usage"]["completion_tokens"] for r in good.values()) > 0
+    assert b.usage.total_tokens == b.usage.input_tokens + b.usage.output_tokens
     assert c.files.retrieve(b.output_file_id).purpose == "batch_output"
     assert b.id in [x.id for x in c.batches.list()]
     assert {f.id, b.output_file_id, b.error_file_id} <= {x.id for x in c.files.list()}
