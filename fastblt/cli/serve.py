@@ -24,7 +24,7 @@ from fastblt.cli.common import Positive
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-queue", type=click.IntRange(0), default=256, show_default=True,
               help="Requests waiting for a row (--ray: in each proxy); past it, 429 with Retry-After.")  # fmt: skip
-@click.option("--api-key", multiple=True, envvar="FASTBLT_API_KEY",
+@click.option("--api-key", multiple=True, envvar="FASTBLT_API_KEY", metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/*; repeat to accept several while keys are rotated "
               "[env: FASTBLT_API_KEY, keys separated by spaces].")  # fmt: skip
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -35,7 +35,7 @@ from fastblt.cli.common import Positive
               help="The private key's password, if it is encrypted [env: FASTBLT_SSL_KEYFILE_PASSWORD].")  # fmt: skip
 @click.option("--ssl-ca-certs", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Mutual TLS: answer only clients whose certificate these authorities signed (PEM).")  # fmt: skip
-@click.option("--allowed-origin", "allowed_origins", multiple=True,
+@click.option("--allowed-origin", "allowed_origins", multiple=True, metavar="ORIGIN",
               help="CORS: pages from this origin (https://host[:port], or *) may call the API; repeat.")  # fmt: skip
 @click.option("--batch-dir", type=click.Path(file_okay=False, writable=True), default=None,
               help="Serve OpenAI's Batch API (/v1/files, /v1/batches), keeping files and batches here.")  # fmt: skip
