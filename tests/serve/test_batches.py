@@ -374,3 +374,37 @@ def test_live_traffic_first_a_batch_waits_for_the_queue_and_trickles_beside_live
     assert queued == (0, 0)
     assert 2 <= trickled[0] <= 12 and trickled[1] == 1
     assert idle == (24, 4)
+
+
+def test_a_request_turned_away_for_now_is_sent_again_after_its_retry_after(tmp_path):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from fastblt.serve.batch_file import answer, read_requests
+
+    calls = []
+
+    async def complete(request):  # busy (429, then 503) for each request's first two tries
+        cid = (await request.json())["prompt"]
+        calls.append((cid, time.monotonic()))
+        tries = sum(c == cid for c, _ in calls)
+        if tries <= 2:
+            return JSONResponse({"error": {"message": "busy"}}, 429 if tries == 1 else 503, {"Retry-After": "0.2"})
+        return JSONResponse({"echo": cid})
+
+    app = Starlette(routes=[Route("/v1/completions", complete, methods=["POST"])])
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl([line(f"r{i}", f"p{i}") for i in range(3)]))
+    out = tmp_path / "out.jsonl"
+    with out.open("wb") as f:
+        summary = asyncio.run(answer(app, read_requests(src), f, concurrency=3, retry=True))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert summary.statuses == {200: 3} and all(r["response"]["status_code"] == 200 for r in rows)
+    for i in range(3):
+        times = [t for c, t in calls if c == f"p{i}"]
+        assert len(times) == 3 and all(b - a >= 0.19 for a, b in zip(times, times[1:], strict=False))
+    src.write_bytes(jsonl([line(f"s{i}", f"q{i}") for i in range(3)]))  # prompts not seen yet
+    with out.open("wb") as f:  # without retry (fastblt batch), a 429 is the line's answer
+        summary = asyncio.run(answer(app, read_requests(src), f, concurrency=3))
+    assert summary.statuses == {429: 3}
