@@ -3,10 +3,10 @@
 A client uploads a batch input file (JSON Lines, as `fastblt batch` reads them: batch_file.py),
 creates a batch on it, and later downloads what came back, as the openai client does it:
 `files.create(purpose="batch")`, `batches.create`, `batches.retrieve`, `files.content`. The batch
-runs inside the server, through its own app (batch_file.answer), at most `concurrency` requests at
-a time and none while live requests wait for a row (they come first); each answer is the
-server's to the same body. A request the queue turns away (429, 503) waits and is sent again: a
-batch has hours, not seconds.
+runs inside the server, through its own app (batch_file.answer), each answer the server's to the
+same body. Live traffic comes first: batches keep up to `concurrency` requests in flight on an
+idle server, `trickle` while live requests run, none while any request waits for a row. A request
+the queue turns away (429, 503) waits and is sent again: a batch has hours, not seconds.
 
 Everything lives under DIR (files/, batches/), written whole or not at all (a temporary file
 renamed), so a batch outlives the server: at the next start it resumes where it stopped, keeping
