@@ -677,7 +677,8 @@ class _Compiler:
                 if not isinstance(schema[name], str):
                     raise InputError(f"option {at}.{name}: expected a string, got {type(schema[name]).__name__}")
                 held = compile(schema[name], f"{at}.{name}")
-                text = held if text is None else intersect(text, held, f"{at}.{name}")
+                if held is not None:  # None: a format any text meets
+                    text = held if text is None else intersect(text, held, f"{at}.{name}")
         lengths = [k for k in ("minLength", "maxLength") if k in schema]
         limit = FORMAT_LENGTHS.get(schema.get("format"))  # a hostname's or an email's own most characters
         if not lengths and limit is None:

@@ -759,11 +759,18 @@ FORMATS = {  # OpenAI's structured outputs' formats, as whole-string patterns
 
 
 FORMAT_LENGTHS = {"hostname": 253, "email": 254}  # RFC 1123's and RFC 5321's most characters, held as maxLength
+# formats that ask nothing of a JSON string's text: OpenAPI's `binary`, what Pydantic writes for a
+# `bytes` field, whose JSON is any string (read as its UTF-8 bytes)
+ANY_TEXT_FORMATS = ("binary",)
 
 
-def compile_format(name: str, at: str) -> Pattern:
+def compile_format(name: str, at: str) -> Pattern | None:
+    """The format's pattern; None for a format any text meets."""
+    if name in ANY_TEXT_FORMATS:
+        return None
     if name not in FORMATS:
-        raise InputError(f"option {at}: {name!r} is not one of the formats held ({', '.join(FORMATS)})")
+        held = ", ".join((*FORMATS, *ANY_TEXT_FORMATS))
+        raise InputError(f"option {at}: {name!r} is not one of the formats held ({held})")
     return compile_pattern(FORMATS[name], at)
 
 

@@ -630,6 +630,28 @@ def test_pydantic_dicts_and_tuples_are_held():
         assert s is None or not done(s), wrong
 
 
+def test_pydantic_bytes_fields_are_any_string_as_its_json_reads_them():
+    """A Pydantic `bytes` field's schema is a string of format `binary` (OpenAPI's), and its JSON any
+    string (read as UTF-8): held as a plain string, escapes included."""
+    import pydantic
+    from openai.lib._pydantic import to_strict_json_schema
+
+    class Blob(pydantic.BaseModel):
+        data: bytes
+        parts: list[bytes]
+
+    schema = to_strict_json_schema(Blob)
+    assert schema["properties"]["data"] == {"format": "binary", "title": "Data", "type": "string"}
+    root = compile_schema(schema)
+    for text in ('{"data": "abc\\n\\u00e9", "parts": ["", "x"]}', '{"data": "", "parts": []}'):
+        s = advance(begin(root), [b + BYTE_OFFSET for b in text.encode()])
+        assert s is not None and done(s), text
+        Blob.model_validate_json(text)
+    for wrong in ('{"data": 1, "parts": []}', '{"data": "a", "parts": [null]}'):
+        s = advance(begin(root), [b + BYTE_OFFSET for b in wrong.encode()])
+        assert s is None or not done(s), wrong
+
+
 def test_a_discriminated_union_is_held_and_overlapping_one_ofs_are_refused():
     """oneOf (exactly one alternative) is held where no value can be of two: of different types, or
     objects told apart by a required property of different constants, as Pydantic writes
