@@ -72,12 +72,16 @@ def _read_json(path: Path) -> dict | None:
 class Store:
     """Files and batches under a directory: files/<id>.jsonl with files/<id>.json (OpenAI's file
     object), batches/<id>.json (the batch object) with batches/<id>.results.jsonl (its answers so
-    far, in the order they ended)."""
+    far, in the order they ended). The objects are read once, at start, and kept in memory beside
+    their files (a list or a /metrics scrape reads no file): the directory is the server's while
+    it runs."""
 
     def __init__(self, root: Path):
         self.files_dir, self.batches_dir = root / "files", root / "batches"
         for d in (self.files_dir, self.batches_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self._files = _objects(self.files_dir)
+        self._batches = _objects(self.batches_dir)
 
     def content(self, fid: str) -> Path:
         return self.files_dir / f"{fid}.jsonl"
@@ -90,31 +94,42 @@ class Store:
                 "created_at": int(time.time()), "filename": filename, "purpose": purpose, "status": "processed",
                 "expires_at": None, "status_details": None}  # fmt: skip
         _write_json(self.files_dir / f"{fid}.json", meta)
+        self._files[fid] = meta
         return meta
 
     def file(self, fid: str) -> dict | None:
-        return _read_json(self.files_dir / f"{fid}.json") if _ID.fullmatch(fid) else None
+        return self._files.get(fid)
 
     def files(self) -> list[dict]:
-        found = (_read_json(p) for p in self.files_dir.glob("*.json"))
-        return sorted((f for f in found if f), key=lambda f: (f["created_at"], f["id"]), reverse=True)
+        return _newest_first(self._files)
 
     def delete_file(self, fid: str) -> None:
+        self._files.pop(fid, None)
         (self.files_dir / f"{fid}.json").unlink(missing_ok=True)
         self.content(fid).unlink(missing_ok=True)
 
     def save(self, batch: dict) -> None:
         _write_json(self.batches_dir / f"{batch['id']}.json", batch)
+        self._batches[batch["id"]] = batch
 
     def batch(self, bid: str) -> dict | None:
-        return _read_json(self.batches_dir / f"{bid}.json") if _ID.fullmatch(bid) else None
+        return self._batches.get(bid)
 
     def batches(self) -> list[dict]:
-        found = (_read_json(p) for p in self.batches_dir.glob("*.json"))
-        return sorted((b for b in found if b), key=lambda b: (b["created_at"], b["id"]), reverse=True)
+        return _newest_first(self._batches)
 
     def results(self, bid: str) -> Path:
         return self.batches_dir / f"{bid}.results.jsonl"
+
+
+def _objects(directory: Path) -> dict[str, dict]:
+    """The objects saved in `directory` (<id>.json), by id."""
+    found = (_read_json(p) for p in directory.glob("*.json") if _ID.fullmatch(p.stem))
+    return {item["id"]: item for item in found if item}
+
+
+def _newest_first(objects: dict[str, dict]) -> list[dict]:
+    return sorted(objects.values(), key=lambda o: (o["created_at"], o["id"]), reverse=True)
 
 
 def _statuses(path: Path) -> list[int]:
