@@ -41,13 +41,24 @@ class LazyGroup(click.Group):
         mod, attr, _ = COMMANDS[name]
         if importlib.util.find_spec(mod) is None:
             return None
-        return getattr(importlib.import_module(mod), attr)
+        return _with_envvars(name, getattr(importlib.import_module(mod), attr))
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+def _with_envvars(name: str, command: click.Command) -> click.Command:
+    """Let every option of `command` come from FASTBLT_<COMMAND>_<OPTION> too, named after its long
+    flag (FASTBLT_SERVE_MAX_BATCH=8, FASTBLT_SERVE_ALLOWED_ORIGIN="https://a https://b"), as
+    containers are configured; an option that names its own variable (FASTBLT_API_KEY) keeps it."""
+    for param in command.params:
+        longs = [o for o in getattr(param, "opts", ()) if o.startswith("--")]
+        if isinstance(param, click.Option) and param.envvar is None and longs:
+            param.envvar = f"FASTBLT_{name}_{longs[0][2:]}".upper().replace("-", "_")
+    return command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,6 +72,9 @@ def cli() -> None:
       fastblt export --checkpoint default --out artifacts/    # ONNX + manifest
       fastblt validate --artifacts artifacts/                 # prove parity
       fastblt bench --json                                    # speed table
+
+    Any option may also be set in the environment as FASTBLT_<COMMAND>_<OPTION>,
+    e.g. FASTBLT_SERVE_MAX_BATCH=8 (several values separated by spaces).
     """
 
 

@@ -142,3 +142,20 @@ def test_convert_into_a_directory_of_other_files_needs_force(ckpt, tmp_path, mon
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     code, _, err = run_cli([*args, "--force"], monkeypatch, capsys)
     assert code == 0 and not (out / "notes.txt").exists() and (out / "model.safetensors").is_file(), err
+
+
+def test_every_option_may_come_from_the_environment_and_a_flag_given_wins(ckpt, monkeypatch, capsys):
+    """FASTBLT_<COMMAND>_<OPTION>, named after the long flag (not the parameter), as containers set them."""
+    monkeypatch.setenv("FASTBLT_GENERATE_MAX_BYTES", "3")
+    monkeypatch.setenv("FASTBLT_GENERATE_JSON", "1")  # a flag; its parameter is as_json
+    monkeypatch.setenv("FASTBLT_GENERATE_IGNORE_EOS", "true")
+    code, out, err = run_cli(_generate(ckpt, "--prompt", "x"), monkeypatch, capsys)
+    assert code == 0 and json.loads(out)["stats"]["generated"] == 3, err
+    code, out, err = run_cli(_generate(ckpt, "--prompt", "x", "--max-bytes", "5"), monkeypatch, capsys)
+    assert code == 0 and json.loads(out)["stats"]["generated"] == 5, err  # the command line wins
+    monkeypatch.setenv("FASTBLT_SERVE_ALLOWED_ORIGIN", "https://a.example https://b.example/")  # several: spaces
+    code, _, err = run_cli(["serve"], monkeypatch, capsys)
+    _one_line_error(code, err, "--allowed-origin", "'https://b.example/'")
+    monkeypatch.setenv("FASTBLT_GENERATE_MAX_BYTES", "-1")  # checked as the flag's value would be
+    code, _, err = run_cli(_generate(ckpt, "--prompt", "x"), monkeypatch, capsys)
+    _one_line_error(code, err, "max_bytes", "-1")
