@@ -140,10 +140,23 @@ def drop_errors(path: Path) -> int:
         else:
             kept.append(raw)
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(kept))
-        os.replace(tmp, path)
+        write_whole(path, b"".join(kept))
     return dropped
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    """`data` to `path` whole or not at all (written beside it, then renamed over it): a reader, or
+    a run stopped halfway, never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def output_line(custom_id: str, response: dict | None, error: dict | None = None) -> bytes:
+    """One line of an output file, as OpenAI's Batch API writes it: the answer's `response`
+    (status_code, request_id, body), or none and the `error` that kept the request from running."""
+    line = {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": custom_id, "response": response, "error": error}
+    return json.dumps(line, ensure_ascii=False).encode() + b"\n"
 
 
 async def run_batch(app: Any, requests: list[BatchRequest], out: BinaryIO, concurrency: int,
@@ -177,10 +190,8 @@ async def answer(app: Any, requests: list[BatchRequest], out: BinaryIO, concurre
             reply = json.loads(body)
         except ValueError:
             reply = {"error": {"message": body.decode("utf-8", "replace")[:500], "type": "server_error"}}
-        line = {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": req.custom_id,
-                "response": {"status_code": status, "request_id": got.get(REQUEST_ID_HEADER), "body": reply},
-                "error": None}  # fmt: skip
-        out.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+        out.write(output_line(req.custom_id, {"status_code": status, "request_id": got.get(REQUEST_ID_HEADER),
+                                              "body": reply}))  # fmt: skip
         out.flush()
         summary.requests += 1
         summary.statuses[status] = summary.statuses.get(status, 0) + 1

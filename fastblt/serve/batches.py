@@ -39,7 +39,15 @@ from starlette.datastructures import UploadFile
 
 from fastblt.errors import InputError
 from fastblt.serve.api import ApiError
-from fastblt.serve.batch_file import URLS, BatchRequest, answer, answered, read_requests
+from fastblt.serve.batch_file import (
+    URLS,
+    BatchRequest,
+    answer,
+    answered,
+    output_line,
+    read_requests,
+    write_whole,
+)
 
 MAX_FILE_BYTES = 200 << 20  # an uploaded file, as OpenAI's Batch API limits it
 MAX_REQUESTS = 50_000  # requests per batch (OpenAI's limit)
@@ -56,10 +64,7 @@ def _new_id(prefix: str) -> str:
 
 
 def _write_json(path: Path, item: dict) -> None:
-    """`item` to `path` whole or not at all: a reader never sees half of it."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(item))
-    os.replace(tmp, path)
+    write_whole(path, json.dumps(item).encode())
 
 
 def _read_json(path: Path) -> dict | None:
@@ -162,8 +167,7 @@ def _split(results: Path, output: Path, errors: Path, expired: list[str]) -> tup
         for cid in expired:
             if cid not in done:
                 error = {"code": "batch_expired", "message": "not run before the batch's completion window ended"}
-                line = {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": cid, "response": None, "error": error}
-                bad.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+                bad.write(output_line(cid, None, error))
                 counts[1] += 1
     usage = {"input_tokens": used["input"], "input_tokens_details": {"cached_tokens": used["cached"]},
              "output_tokens": used["output"], "output_tokens_details": {"reasoning_tokens": 0},
