@@ -10,7 +10,10 @@ the queue turns away (429, 503) waits and is sent again: a batch has hours, not 
 
 Everything lives under DIR (files/, batches/), written whole or not at all (a temporary file
 renamed), so a batch outlives the server: at the next start it resumes where it stopped, keeping
-the answers written so far (batch_file.answered). Answers with a status under 400 go to the
+the answers written so far (batch_file.answered). Files expire as OpenAI's do: an upload 30 days
+after it was made unless `expires_after` says otherwise, a batch's output files when its
+`output_expires_after` says (else never); an expired file is gone from the API at once and from
+DIR at the next sweep, or once no running batch reads it. Answers with a status under 400 go to the
 output file, the others to the error file, as OpenAI splits them; a batch still running when its
 24-hour window ends expires, each request it did not run an error line of its own.
 """
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import secrets
@@ -53,6 +57,9 @@ MAX_FILE_BYTES = 200 << 20  # an uploaded file, as OpenAI's Batch API limits it
 MAX_REQUESTS = 50_000  # requests per batch (OpenAI's limit)
 WINDOW, WINDOW_S = "24h", 24 * 3600  # the one completion_window OpenAI offers
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")  # a batch the runner still owns
+TTL_S = (3600, 30 * 24 * 3600)  # an expiration policy's seconds, as OpenAI bounds them
+UPLOAD_TTL_S = 30 * 24 * 3600  # an upload's when it names none (OpenAI's for purpose batch)
+SWEEP_EVERY_S = 60.0  # how often expired files are deleted from DIR
 SAVE_EVERY_S = 0.5  # a running batch's request_counts reach its file at most this often
 ADMIT_POLL_S = 0.02  # how often a batch request waiting for live requests to get their rows looks again
 _ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # ids made here; anything else names no file
@@ -65,6 +72,10 @@ def _new_id(prefix: str) -> str:
 
 def _write_json(path: Path, item: dict) -> None:
     write_whole(path, json.dumps(item).encode())
+
+
+def _expired(meta: dict, now: float | None = None) -> bool:
+    return meta["expires_at"] is not None and meta["expires_at"] <= (time.time() if now is None else now)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -91,22 +102,31 @@ class Store:
     def content(self, fid: str) -> Path:
         return self.files_dir / f"{fid}.jsonl"
 
-    def add_file(self, source: Path, filename: str, purpose: str, fid: str | None = None) -> dict:
-        """Move `source` (a file in files_dir) in as a file, under a new id or `fid`."""
-        fid = fid or _new_id("file-")
+    def add_file(self, source: Path, filename: str, purpose: str, fid: str | None = None,
+                 ttl: int | None = None) -> dict:  # fmt: skip
+        """Move `source` (a file in files_dir) in as a file, under a new id or `fid`, expiring `ttl`
+        seconds after it was made (None: never)."""
+        fid, now = fid or _new_id("file-"), int(time.time())
         os.replace(source, self.content(fid))
-        meta = {"id": fid, "object": "file", "bytes": self.content(fid).stat().st_size,
-                "created_at": int(time.time()), "filename": filename, "purpose": purpose, "status": "processed",
-                "expires_at": None, "status_details": None}  # fmt: skip
+        meta = {"id": fid, "object": "file", "bytes": self.content(fid).stat().st_size, "created_at": now,
+                "filename": filename, "purpose": purpose, "status": "processed",
+                "expires_at": None if ttl is None else now + ttl, "status_details": None}  # fmt: skip
         _write_json(self.files_dir / f"{fid}.json", meta)
         self._files[fid] = meta
         return meta
 
     def file(self, fid: str) -> dict | None:
-        return self._files.get(fid)
+        """A file's object; None for one that does not exist or has expired."""
+        meta = self._files.get(fid)
+        return None if meta is None or _expired(meta) else meta
 
     def files(self) -> list[dict]:
-        return _newest_first(self._files)
+        now = time.time()
+        return [f for f in _newest_first(self._files) if not _expired(f, now)]
+
+    def expired_files(self) -> list[str]:
+        now = time.time()
+        return [fid for fid, meta in self._files.items() if _expired(meta, now)]
 
     def delete_file(self, fid: str) -> None:
         self._files.pop(fid, None)
@@ -239,6 +259,22 @@ class Runner:
         self.tasks[bid].cancel()
         return batch
 
+    async def sweep(self) -> list[str]:
+        """Delete the files past their `expires_at` from DIR, but for the input of a batch still
+        running, which goes at a sweep after it ends: the ids deleted."""
+        reading = {b["input_file_id"] for b in self.batches() if b["status"] in ACTIVE}
+        gone = [fid for fid in self.store.expired_files() if fid not in reading]
+        await asyncio.to_thread(lambda: [self.store.delete_file(fid) for fid in gone])
+        return gone
+
+    async def sweeping(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except OSError as e:  # a file DIR would not let go of: said, and tried again at the next sweep
+                logging.getLogger("fastblt.serve").warning("--batch-dir: an expired file stays: %s", e)
+            await asyncio.sleep(SWEEP_EVERY_S)
+
     async def stop(self) -> None:
         self.stopping = True
         for task in list(self.tasks.values()):
@@ -333,9 +369,10 @@ class Runner:
         stem = bid.removeprefix("batch_")
         out, err = (self.store.files_dir / f"{stem}.{kind}.tmp" for kind in ("output", "errors"))
         ok, failed, batch["usage"] = await asyncio.to_thread(_split, results, out, err, expired or [])
+        keep = (batch.get("output_expires_after") or {}).get("seconds")
         for path, n, kind, key in ((out, ok, "output", "output_file_id"), (err, failed, "error", "error_file_id")):
             if n:
-                meta = self.store.add_file(path, f"{bid}_{kind}.jsonl", "batch_output", f"file-{stem}-{kind}")
+                meta = self.store.add_file(path, f"{bid}_{kind}.jsonl", "batch_output", f"file-{stem}-{kind}", keep)
                 batch[key] = meta["id"]
             else:
                 path.unlink()
@@ -346,16 +383,34 @@ class Runner:
         results.unlink(missing_ok=True)
 
 
-def new_batch(input_file_id: str, endpoint: str, metadata: dict | None = None) -> dict:
-    """A batch object as OpenAI's API writes one, validating, its window starting now."""
+def new_batch(input_file_id: str, endpoint: str, metadata: dict | None = None,
+              output_ttl: int | None = None) -> dict:  # fmt: skip
+    """A batch object as OpenAI's API writes one, validating, its window starting now; with
+    `output_ttl`, the policy its output files will expire by, as the client gave it."""
     now = int(time.time())
-    return {"id": _new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": None,
+    batch = {"id": _new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": None,
             "input_file_id": input_file_id, "completion_window": WINDOW, "status": "validating",
             "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
             "expires_at": now + WINDOW_S, "finalizing_at": None, "completed_at": None, "failed_at": None,
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata,
             "model": None, "usage": None}  # fmt: skip
+    if output_ttl is not None:
+        batch["output_expires_after"] = {"anchor": "created_at", "seconds": output_ttl}
+    return batch
+
+
+def expiry_seconds(anchor: object, seconds: object, field: str) -> int:
+    """The seconds of an expiration policy (`{"anchor": "created_at", "seconds": N}`, N in
+    [3600, 2592000] as OpenAI bounds it); a form's fields arrive as text."""
+    if anchor != "created_at":
+        raise ApiError(400, f'{field}.anchor: expected "created_at", got {anchor!r:.40}', f"{field}.anchor")
+    if isinstance(seconds, str) and seconds.isascii() and seconds.isdigit():
+        seconds = int(seconds)
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not TTL_S[0] <= seconds <= TTL_S[1]:
+        raise ApiError(400, f"{field}.seconds: expected an integer in [{TTL_S[0]}, {TTL_S[1]}], got {seconds!r:.40}",
+                       f"{field}.seconds")  # fmt: skip
+    return seconds
 
 
 class BatchCollector(Collector):
@@ -414,9 +469,11 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, 
         for batch in store.batches():  # those the last server left: resumed
             if batch["status"] in ACTIVE:
                 runner.start(batch)
+        sweeper = asyncio.get_running_loop().create_task(runner.sweeping(), name="fastblt file sweep")
         try:
             yield
         finally:
+            sweeper.cancel()
             await runner.stop()
 
     app.state.lifespans.append(running)
@@ -443,7 +500,11 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, 
             part = form.get("file")
             if not isinstance(part, UploadFile):
                 raise ApiError(400, "file: expected a file part (multipart/form-data)", "file")
-            meta = await asyncio.to_thread(_keep_upload, store, part, purpose)
+            anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
+            keep = UPLOAD_TTL_S
+            if anchor is not None or seconds is not None:
+                keep = expiry_seconds(anchor, seconds, "expires_after")
+            meta = await asyncio.to_thread(_keep_upload, store, part, purpose, keep)
         return JSONResponse(meta)
 
     async def list_files(request: Request) -> JSONResponse:
@@ -475,7 +536,8 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, 
         checked(request)
         request.app.state.ready()
         body = _json_object(await request.body())
-        if unknown := sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"}):
+        fields = {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
+        if unknown := sorted(set(body) - fields):
             raise ApiError(400, f"{unknown[0]}: not a field of a batch", unknown[0])
         fid = body.get("input_file_id")
         if not isinstance(fid, str) or (meta := store.file(fid)) is None or meta["purpose"] != "batch":
@@ -493,7 +555,13 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, 
                 for k, v in metadata.items())):  # fmt: skip
             raise ApiError(400, "metadata: expected at most 16 string keys (64 chars) with string values (512)",
                            "metadata")  # fmt: skip
-        batch = new_batch(fid, body["endpoint"], metadata)
+        output_ttl = None
+        if (policy := body.get("output_expires_after")) is not None:
+            if not isinstance(policy, dict) or set(policy) - {"anchor", "seconds"}:
+                raise ApiError(400, 'output_expires_after: expected {"anchor": "created_at", "seconds": N}',
+                               "output_expires_after")  # fmt: skip
+            output_ttl = expiry_seconds(policy.get("anchor"), policy.get("seconds"), "output_expires_after")
+        batch = new_batch(fid, body["endpoint"], metadata, output_ttl)
         store.save(batch)
         runner.start(batch)
         return JSONResponse(batch)
@@ -525,8 +593,9 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, 
         app.add_api_route(path, endpoint, methods=methods)
 
 
-def _keep_upload(store: Store, part: UploadFile, purpose: str) -> dict:
-    """Copy an uploaded part into the store (refused past MAX_FILE_BYTES): its file object."""
+def _keep_upload(store: Store, part: UploadFile, purpose: str, keep: int) -> dict:
+    """Copy an uploaded part into the store (refused past MAX_FILE_BYTES), to expire `keep` seconds
+    after: its file object."""
     fd, tmp = tempfile.mkstemp(dir=store.files_dir, suffix=".upload")
     try:
         with os.fdopen(fd, "wb") as out:
@@ -536,7 +605,7 @@ def _keep_upload(store: Store, part: UploadFile, purpose: str) -> dict:
         if size > MAX_FILE_BYTES:
             raise ApiError(413, f"file: {size} bytes exceed the limit of {MAX_FILE_BYTES}", "file", "file_too_large")
         name = os.path.basename(part.filename or "upload.jsonl")[:255]
-        return store.add_file(Path(tmp), name, purpose)
+        return store.add_file(Path(tmp), name, purpose, ttl=keep)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

@@ -155,6 +155,36 @@ def test_refusals_name_their_field_and_the_server_stays_up(batch_server):
     assert httpx.get(f"{url}/health").status_code == 200
 
 
+def test_files_expire_as_openai_s_do(batch_server):
+    c = client(batch_server)
+    data, hour = jsonl([line("a", "x")]), {"anchor": "created_at", "seconds": 3600}
+    plain = c.files.create(file=("a.jsonl", data), purpose="batch")
+    assert plain.expires_at == plain.created_at + 30 * 24 * 3600  # OpenAI's default for purpose batch
+    short = c.files.create(file=("b.jsonl", data), purpose="batch", expires_after=hour)
+    assert short.expires_at == short.created_at + 3600 == c.files.retrieve(short.id).expires_at
+    b = c.batches.create(input_file_id=short.id, endpoint="/v1/completions", completion_window="24h",
+                         output_expires_after={"anchor": "created_at", "seconds": 7200})  # fmt: skip
+    out = c.files.retrieve(wait(c, b.id).output_file_id)
+    assert out.expires_at == out.created_at + 7200
+    kept = wait(c, c.batches.create(input_file_id=plain.id, endpoint="/v1/completions", completion_window="24h").id)
+    assert c.files.retrieve(kept.output_file_id).expires_at is None  # output files stay unless asked
+    url, auth = batch_server.url, {"Authorization": f"Bearer {KEY}"}
+    for fields, param in [({"anchor": "last_active_at", "seconds": "3600"}, "expires_after.anchor"),
+                          ({"anchor": "created_at", "seconds": "60"}, "expires_after.seconds"),
+                          ({"anchor": "created_at", "seconds": "1e4"}, "expires_after.seconds"),
+                          ({"seconds": "3600"}, "expires_after.anchor")]:  # fmt: skip
+        form = {"purpose": "batch"} | {f"expires_after[{k}]": v for k, v in fields.items()}
+        r = httpx.post(f"{url}/v1/files", data=form, files={"file": ("a", data)}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    create = {"input_file_id": plain.id, "endpoint": "/v1/completions", "completion_window": "24h"}
+    for policy, param in [({"anchor": "created_at", "seconds": 10**9}, "output_expires_after.seconds"),
+                          ({"anchor": "created_at", "seconds": True}, "output_expires_after.seconds"),
+                          ({"anchor": "created_at", "seconds": 3600, "x": 1}, "output_expires_after"),
+                          ("1h", "output_expires_after")]:  # fmt: skip
+        r = httpx.post(f"{url}/v1/batches", json=create | {"output_expires_after": policy}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def raw(srv: ServerProcess, head: str, body: bytes = b"") -> str:
     """The status line of what the server answers to a request written by hand."""
     with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
@@ -215,8 +245,15 @@ def test_a_batch_outlives_a_restart_of_the_server(tmp_path, reference):
         assert first.status == "in_progress"
         assert srv.stop() == 0  # SIGTERM: the batch stops where it is, still in progress on disk
     assert json.loads((tmp_path / "batches" / f"{bid}.json").read_text())["status"] == "in_progress"
+    meta = json.loads((tmp_path / "files" / f"{f.id}.json").read_text())
+    old = {**meta, "id": "file-old", "expires_at": int(time.time()) - 1}  # expired while the server was down
+    (tmp_path / "files" / "file-old.json").write_text(json.dumps(old))
+    (tmp_path / "files" / "file-old.jsonl").write_bytes(jsonl(lines))
     with ServerProcess(args) as srv:
         c = client(srv)
+        with pytest.raises(openai.NotFoundError):
+            c.files.retrieve("file-old")
+        assert not any((tmp_path / "files").glob("file-old.*"))  # swept at start
         b = wait(c, bid)
         assert b.status == "completed" and b.request_counts.completed == 60 and b.request_counts.failed == 0
         got = answers(c, b.output_file_id)
@@ -341,6 +378,33 @@ def test_a_batch_past_its_window_at_start_up_expires_keeping_what_it_answered(tm
     assert [r["custom_id"] for r in ok] == ["e3", "e7"]
     assert sorted(r["custom_id"] for r in expired) == sorted(f"e{i}" for i in range(10) if i not in (3, 7))
     assert not store.results(batch["id"]).exists()
+
+
+def test_an_expired_file_leaves_the_api_at_once_and_dir_at_a_sweep_once_no_running_batch_reads_it(tmp_path):
+    from fastblt.serve.batches import Runner, new_batch
+
+    store, fid = _stored(tmp_path, 20)
+    source = store.files_dir / "other.upload"
+    source.write_bytes(b"{}")
+    other = store.add_file(source, "other.jsonl", "batch", ttl=3600)["id"]
+    assert store.file(other) and store.expired_files() == []
+    for f in (fid, other):
+        store.file(f)["expires_at"] = int(time.time()) - 1
+
+    async def main() -> tuple[list[str], list[str], dict]:
+        runner = Runner(_echo_app(), store, concurrency=1, headers={})
+        batch = new_batch(fid, "/v1/completions")
+        store.save(batch)
+        runner.start(batch)
+        running = await runner.sweep()  # its input stays on disk while it runs
+        assert store.content(fid).exists() and not store.content(other).exists()
+        await asyncio.wait_for(asyncio.gather(*runner.tasks.values()), 30)
+        return running, await runner.sweep(), store.batch(batch["id"])
+
+    running, ended, batch = asyncio.run(main())
+    assert (running, ended) == ([other], [fid]) and batch["request_counts"]["completed"] == 20
+    assert store.file(fid) is None and fid not in {f["id"] for f in store.files()}
+    assert sorted(p.name for p in store.files_dir.iterdir() if p.name.startswith(fid)) == []
 
 
 def test_live_traffic_first_a_batch_waits_for_the_queue_and_trickles_beside_live_requests(tmp_path):
