@@ -58,7 +58,7 @@ ENGINE_OPTIONS = [
         type=click.Path(dir_okay=False),
         default=None,
         help="A Jinja chat template (as Hugging Face tokenizers keep them) that renders chat messages to a "
-        "prompt: chat completions (POST /v1/chat/completions) [default: none].",
+        "prompt: chat completions and responses (POST /v1/chat/completions, /v1/responses) [default: none].",
     ),
     click.option(
         "--chat-stop",

@@ -36,7 +36,7 @@ def batch(input_file, out, resume, retry_errors, concurrency, as_json, checkpoin
     INPUT is JSON Lines, one request per line (OpenAI's Batch API format):
       {"custom_id": "q1", "method": "POST", "url": "/v1/completions",
        "body": {"model": "fastblt-default", "prompt": "def main(", "max_tokens": 64}}
-    url is /v1/completions, or /v1/chat/completions with --chat-template.
+    url is /v1/completions, or /v1/chat/completions or /v1/responses with --chat-template.
 
     Each body gets the server's answer (its fields, defaults and errors), written to --out as
     {"custom_id", "response": {"status_code", "request_id", "body"}} in the order requests end;

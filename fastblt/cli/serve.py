@@ -73,8 +73,8 @@ def serve(
 
     \b
     Endpoints: POST /v1/completions (stream: true for server-sent events),
-    POST /v1/chat/completions (with --chat-template; tools too), GET /v1/models,
-    GET /health, GET /metrics (Prometheus).
+    POST /v1/chat/completions and POST /v1/responses (with --chat-template;
+    tools too), GET /v1/models, GET /health, GET /metrics (Prometheus).
     max_tokens counts bytes, logit_bias is keyed by byte values ("10": -100),
     response_format takes json_object and json_schema (OpenAI's strict subset);
     fastblt's own fields (mode, k, lookup, alpha, gamma, unmask, top_k,

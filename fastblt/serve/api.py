@@ -301,6 +301,17 @@ def _same(value: Any, neutral: Any) -> bool:
     return type(value) is type(neutral) and value == neutral
 
 
+def get_metadata(body: dict) -> dict[str, str] | None:
+    """`metadata`, as OpenAI bounds it: at most 16 string keys (64 chars) with string values (512)."""
+    metadata = body.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+            for k, v in metadata.items())):  # fmt: skip
+        raise ApiError(400, "metadata: expected at most 16 string keys (64 chars) with string values (512)",
+                       "metadata")  # fmt: skip
+    return metadata
+
+
 def json_kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 

@@ -2,6 +2,7 @@
 
     POST /v1/completions   completions (streamed as server-sent events with "stream": true)
     POST /v1/chat/completions  chat completions, with a chat template (chat.py; else 404)
+    POST /v1/responses     OpenAI's Responses API, answered as chat (responses.py)
     GET  /v1/models        the one model served (/v1/models/{id}: that model, or 404)
     GET  /health           200 once the engine is ready (503 while loading, or while no lane runs)
     GET  /metrics          Prometheus text (metrics.py)
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import json
 import math
 import os
 import re
@@ -62,6 +64,7 @@ from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.metrics import CONTENT_TYPE, Metrics
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
 from fastblt.serve.request_log import LOGGER, RequestRecord, request_id, trace_id
+from fastblt.serve.responses import ResponsesRequest
 from fastblt.version import __version__
 
 REPLICA_HEADER = "x-fastblt-replica"
@@ -272,6 +275,15 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     async def chat_completions(request: Request) -> Response:
         return await complete(request, lambda raw: parse_chat_body(raw, settings.model_id, settings.default_mode,
                                                                     settings.chat_template), "chat")  # fmt: skip
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template)
+        answer = await complete(request, asked.parse, "responses")
+        if isinstance(answer, StreamingResponse):
+            return StreamingResponse(asked.events(answer.body_iterator), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
+        return JSONResponse(asked.answer(json.loads(answer.body)))
 
     return app
 

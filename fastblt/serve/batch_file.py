@@ -37,7 +37,7 @@ from fastblt.errors import InputError
 from fastblt.serve.app import call_app
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
 
-URLS = ("/v1/completions", "/v1/chat/completions")
+URLS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 LINE_KEYS = {"custom_id", "method", "url", "body"}
 
 
@@ -105,6 +105,11 @@ def read_requests(path: Path) -> list[BatchRequest]:
         seen[cid] = n
         out.append(BatchRequest(n, cid, item["url"], json.dumps(body, ensure_ascii=False).encode()))
     return out
+
+
+def generated(usage: dict) -> int:
+    """The bytes an answer's `usage` says were generated (a Response names them output_tokens)."""
+    return usage.get("completion_tokens", usage.get("output_tokens", 0))
 
 
 def answered(path: Path) -> set[str]:
@@ -196,7 +201,7 @@ async def answer(app: Any, requests: list[BatchRequest], out: BinaryIO, concurre
         summary.requests += 1
         summary.statuses[status] = summary.statuses.get(status, 0) + 1
         if status == 200:
-            summary.completion_bytes += reply.get("usage", {}).get("completion_tokens", 0)
+            summary.completion_bytes += generated(reply.get("usage") or {})
         if on_done is not None:
             on_done(status)
 

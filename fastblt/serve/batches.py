@@ -42,12 +42,13 @@ from prometheus_client.registry import Collector
 from starlette.datastructures import UploadFile
 
 from fastblt.errors import InputError
-from fastblt.serve.api import ApiError
+from fastblt.serve.api import ApiError, get_metadata
 from fastblt.serve.batch_file import (
     URLS,
     BatchRequest,
     answer,
     answered,
+    generated,
     output_line,
     read_requests,
     write_whole,
@@ -181,9 +182,10 @@ def _split(results: Path, output: Path, errors: Path, expired: list[str]) -> tup
                     counts[failed] += 1
                     done.add(item["custom_id"])
                     usage = {} if failed else item["response"]["body"].get("usage") or {}
-                    used["input"] += usage.get("prompt_tokens", 0)
-                    used["cached"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-                    used["output"] += usage.get("completion_tokens", 0)
+                    used["input"] += usage.get("prompt_tokens", usage.get("input_tokens", 0))
+                    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+                    used["cached"] += details.get("cached_tokens", 0)
+                    used["output"] += generated(usage)
         for cid in expired:
             if cid not in done:
                 error = {"code": "batch_expired", "message": "not run before the batch's completion window ended"}
@@ -549,12 +551,7 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, 
         if body.get("completion_window") != WINDOW:
             raise ApiError(400, f"completion_window: expected {WINDOW!r}, got {body.get('completion_window')!r:.40}",
                            "completion_window")  # fmt: skip
-        metadata = body.get("metadata")
-        if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
-                isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
-                for k, v in metadata.items())):  # fmt: skip
-            raise ApiError(400, "metadata: expected at most 16 string keys (64 chars) with string values (512)",
-                           "metadata")  # fmt: skip
+        metadata = get_metadata(body)
         output_ttl = None
         if (policy := body.get("output_expires_after")) is not None:
             if not isinstance(policy, dict) or set(policy) - {"anchor", "seconds"}:

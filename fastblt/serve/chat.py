@@ -136,7 +136,11 @@ def parse_chat_body(raw: bytes, model_id: str, default_mode: str, template: Chat
     if template is None:
         raise ApiError(404, "POST /v1/chat/completions: this server has no chat template (start it with "
                        "--chat-template FILE); POST /v1/completions takes a prompt", None, "not_found")  # fmt: skip
-    body = load_json(raw)
+    return parse_chat(load_json(raw), model_id, default_mode, template)
+
+
+def parse_chat(body: dict, model_id: str, default_mode: str, template: ChatTemplate) -> Completion:
+    """A chat completions body, parsed from JSON (responses.py builds one from a Responses body)."""
     check_fields(body, FIELDS | FASTBLT_FIELDS, NEUTRAL)
     check_model(body, model_id)
     messages = _messages(body.get("messages"))
@@ -221,7 +225,10 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         if call_id is not None and role != "tool":
             raise ApiError(400, f"{where}.tool_call_id: only a tool's message answers a call", f"{where}.tool_call_id")
         content = m.get("content")
-        message = {"role": role, "content": "" if calls and content is None else _content(content, f"{where}.content")}
+        message = {
+            "role": role,
+            "content": "" if calls and content is None else message_text(content, f"{where}.content"),
+        }
         if (name := get_field(m, "name", str, label=f"{where}.name")) is not None:
             message["name"] = name
         if calls:
@@ -232,7 +239,8 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _content(content: Any, where: str) -> str:
+def message_text(content: Any, where: str) -> str:
+    """A message's content as its text: a string, or text parts joined with newlines."""
     parts = content if isinstance(content, list) else [content]
     texts = []
     for j, part in enumerate(parts):

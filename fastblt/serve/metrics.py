@@ -97,7 +97,8 @@ class Metrics:
         health: its lanes running now, and worker processes started again so far."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("fastblt_requests", "Requests by HTTP status, mode and endpoint (completions, chat).",
+        self.requests = Counter("fastblt_requests",
+                                "Requests by HTTP status, mode and endpoint (completions, chat, responses).",
                                 ["status", "mode", "endpoint"], registry=r)  # fmt: skip
         self.bytes = Counter("fastblt_generated_bytes", "Bytes generated.", ["mode"], registry=r)
         self.ttfb = Histogram("fastblt_time_to_first_byte_seconds", "From arrival to the first verified byte.",

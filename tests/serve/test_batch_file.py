@@ -92,10 +92,20 @@ def requests(chat_template) -> tuple[list[str], dict[str, str]]:
     lines.append(line("chat", {"model": MODEL, "messages": messages, "max_tokens": 24, "temperature": 0},
                       url="/v1/chat/completions"))  # fmt: skip
     prompt = ChatTemplate(CHAT_TEMPLATE).render(messages)
-    want["chat"] = g.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0, stop=[CHAT_STOP]).text
+    want["chat"] = want["resp"] = g.generate(prompt, mode="blt-s", max_bytes=24, temperature=0.0, stop=[CHAT_STOP]).text
+    lines.append(line("resp", {"model": MODEL, "input": messages[0]["content"], "max_output_tokens": 24,
+                               "temperature": 0}, url="/v1/responses"))  # fmt: skip
     lines.append(line("bad", {"model": MODEL, "prompt": "x", "top_p": 7}))
     lines.append(line("n2", {"model": MODEL, "prompt": "import ", "max_tokens": 8, "n": 2, "seed": 5}))
     return lines, want
+
+
+def answer_text(body: dict) -> str:
+    """The text of a completion, a chat completion or a Response."""
+    if "output" in body:
+        return body["output"][0]["content"][0]["text"]
+    (choice,) = body["choices"]
+    return choice["message"]["content"] if "message" in choice else choice["text"]
 
 
 def outputs(path) -> dict[str, dict]:
@@ -119,17 +129,17 @@ def test_a_batch_is_answered_as_the_server_answers_and_resumes_after_a_stop(tmp_
     code, stdout, err = run_cli(args, monkeypatch, capsys)
     assert code == 1, err  # the bad line's 400
     summary = json.loads(stdout)
-    assert summary["statuses"] == {"200": 6, "400": 1} and summary["failed"] == 1 and summary["answered"] == 7
+    assert summary["statuses"] == {"200": 7, "400": 1} and summary["failed"] == 1 and summary["answered"] == 8
     got = outputs(out)
     assert set(got) == {json.loads(x)["custom_id"] for x in lines}
     for cid, text in want.items():
         body = got[cid]["body"]
         assert got[cid]["status_code"] == 200 and got[cid]["request_id"].startswith("req_")
-        assert (body["choices"][0]["message"]["content"] if cid == "chat" else body["choices"][0]["text"]) == text
+        assert answer_text(body) == text
     assert got["bad"]["status_code"] == 400 and got["bad"]["body"]["error"]["param"] == "top_p"
     assert [c["index"] for c in got["n2"]["body"]["choices"]] == [0, 1]
-    assert summary["completion_bytes"] == sum(r["body"]["usage"]["completion_tokens"] for r in got.values()
-                                              if r["status_code"] == 200)  # fmt: skip
+    assert summary["completion_bytes"] == sum(r["body"]["usage"].get("completion_tokens", r["body"]["usage"].get(
+        "output_tokens")) for r in got.values() if r["status_code"] == 200)  # fmt: skip
 
     before = out.read_bytes()
     code, _, err = run_cli(args, monkeypatch, capsys)
@@ -139,11 +149,11 @@ def test_a_batch_is_answered_as_the_server_answers_and_resumes_after_a_stop(tmp_
     out.write_bytes(b"".join(kept) + b'{"id": "batch_req_x", "custom_id": "c')  # stopped mid-line
     code, stdout, err = run_cli([*args, "--resume"], monkeypatch, capsys)
     failing = b'"custom_id": "bad"' not in b"".join(kept)  # the exit code is of the requests this run answered
-    assert code == (1 if failing else 0) and "3 of 7 requests answered" in err
-    assert json.loads(stdout)["answered"] == 4 and json.loads(stdout)["already"] == 3
+    assert code == (1 if failing else 0) and "3 of 8 requests answered" in err
+    assert json.loads(stdout)["answered"] == 5 and json.loads(stdout)["already"] == 3
     assert out.read_bytes().startswith(b"".join(kept))  # what was there stays, byte for byte
     again = outputs(out)
-    assert set(again) == set(got) and all(again[c]["body"]["choices"] == got[c]["body"]["choices"] for c in want)
+    assert set(again) == set(got) and all(answer_text(again[c]["body"]) == want[c] for c in want)
 
     # the bad line fixed in the input: --retry-errors answers it again, in place of its error line
     write(src, [x.replace('"top_p": 7', '"top_p": 0.7') for x in lines])

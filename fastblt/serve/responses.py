@@ -1,0 +1,434 @@
+"""OpenAI's Responses API (POST /v1/responses), answered by the chat path.
+
+A Responses body becomes a chat completions body (`input` items -> messages, `instructions` -> a
+system message first, `text.format` -> response_format, function tools -> chat tools), chat.py
+and the engine answer it as they answer chat, and the answer becomes a Response: an output
+`message` of `output_text`, then a `function_call` item per call. Streamed, the chat chunks
+become Responses events (response.created, output items and their text deltas, call arguments,
+response.completed), numbered by `sequence_number`. Errors name the Responses field.
+
+Nothing is stored (`store` is answered false): `previous_response_id` and `conversation` are
+refused, and a client sends the whole conversation in `input`, as it does with `store: false`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastblt.serve.api import (
+    FASTBLT_FIELDS,
+    ApiError,
+    Completion,
+    check_fields,
+    get_field,
+    get_metadata,
+    json_kind,
+    load_json,
+)
+from fastblt.serve.chat import ChatTemplate, message_text, parse_chat
+
+FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "stream_options",
+          "user", "safety_identifier", "metadata", "store", "text", "tools", "tool_choice", "parallel_tool_calls",
+          "include", "top_logprobs", "prompt_cache_key", "prompt_cache_retention"}  # fmt: skip
+# chat's sampling fields that Responses lacks, taken as fastblt's own (the openai client's extra_body)
+EXTRA = FASTBLT_FIELDS | {"seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias"}
+# fields fastblt accepts only as "not asked for": a model without reasoning, tools or stored state
+NEUTRAL = {"background": (None, False), "reasoning": (None, {}), "truncation": (None, "disabled"),
+           "max_tool_calls": (None,), "prompt": (None,), "service_tier": (None, "auto", "default"),
+           "access_programs": (None,), "background_options": (None,), "context_management": (None,),
+           "image": (None,), "moderation": (None,), "prompt_cache_options": (None,)}  # fmt: skip
+LOGPROBS = "message.output_text.logprobs"
+# what `include` may name: logprobs, and reasoning's encrypted content (there is none to include)
+INCLUDE = (LOGPROBS, "reasoning.encrypted_content")
+ROLES = ("user", "system", "developer", "assistant")
+ITEM_FIELDS = {"message": {"type", "role", "content", "id", "status"},
+               "function_call": {"type", "call_id", "name", "arguments", "id", "status"},
+               "function_call_output": {"type", "call_id", "output", "id", "status"}}  # fmt: skip
+
+
+class ResponsesRequest:
+    """One request to POST /v1/responses: `parse` checks its body and gives chat's Completion,
+    keeping what the Response echoes; `answer` and `events` turn chat's answer into a Response."""
+
+    def __init__(self, model_id: str, default_mode: str, template: ChatTemplate | None):
+        self.model_id, self.default_mode, self.template = model_id, default_mode, template
+        self.echo: dict[str, Any] = {}
+        self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
+
+    def parse(self, raw: bytes) -> Completion:
+        if self.template is None:
+            raise ApiError(404, "POST /v1/responses: this server has no chat template (start it with "
+                           "--chat-template FILE); POST /v1/completions takes a prompt", None, "not_found")  # fmt: skip
+        body = load_json(raw)
+        chat = self._chat_body(body)
+        try:
+            comp = parse_chat(chat, self.model_id, self.default_mode, self.template)
+        except ApiError as e:
+            raise _renamed(e) from None
+        comp.prompt_field, comp.tokens_field = "input", "max_output_tokens"
+        comp.format_field = "tool_choice" if comp.format_field == "tool_choice" else "text.format"
+        return comp
+
+    def _chat_body(self, body: dict) -> dict:
+        """The chat completions body `body` asks for, and self.echo (what the Response repeats)."""
+        for name in ("previous_response_id", "conversation"):
+            if body.get(name) is not None:
+                raise ApiError(400, f"{name}: responses are not stored here; send the conversation in input "
+                               "(as with store: false)", name, "unsupported")  # fmt: skip
+        reasoning = body.get("reasoning")
+        if isinstance(reasoning, dict) and all(v is None for v in reasoning.values()):  # no effort asked for
+            body = {k: v for k, v in body.items() if k != "reasoning"}
+        check_fields(body, FIELDS | EXTRA, NEUTRAL)
+        get_field(body, "store", bool)
+        chat = {k: body[k] for k in ("model", "temperature", "top_p", "parallel_tool_calls", *EXTRA) if k in body}
+        messages = _messages(body.get("input"))
+        instructions = get_field(body, "instructions", str)
+        if instructions:
+            messages.insert(0, {"role": "system", "content": _text(instructions, "instructions")})
+        chat["messages"] = messages
+        if (max_output := body.get("max_output_tokens")) is not None:
+            chat["max_completion_tokens"] = max_output
+        if stream := get_field(body, "stream", bool, default=False):
+            chat["stream"], chat["stream_options"] = True, {"include_usage": True}  # response.completed's usage
+        options = body.get("stream_options")
+        if options is not None and (not stream or not isinstance(options, dict) or set(options) - {
+                "include_obfuscation"} or not all(isinstance(v, bool) for v in options.values())):  # fmt: skip
+            raise ApiError(400, 'stream_options: expected {"include_obfuscation": bool}, with stream: true',
+                           "stream_options")  # fmt: skip
+        user = get_field(body, "user", str)
+        identifier = get_field(body, "safety_identifier", str)
+        if user or identifier:
+            chat["user"] = user or identifier
+        for name in ("prompt_cache_key", "prompt_cache_retention"):  # hints: fastblt reuses prompts by their bytes
+            get_field(body, name, str)
+        text = body.get("text")
+        if text is not None:
+            if not isinstance(text, dict) or set(text) - {"format", "verbosity"} or text.get("verbosity") is not None:
+                raise ApiError(400, 'text: expected {"format": {...}}', "text")
+            if (fmt := text.get("format")) is not None:
+                chat["response_format"] = _format(fmt)
+        if (tools := body.get("tools")) not in (None, []):
+            chat["tools"] = _tools(tools)
+        if (choice := body.get("tool_choice")) is not None:
+            chat["tool_choice"] = _tool_choice(choice)
+        include = body.get("include") or []
+        if not isinstance(include, list) or any(i not in INCLUDE for i in include):
+            raise ApiError(400, f"include: expected a list of {', '.join(map(repr, INCLUDE))}, got "
+                           f"{json.dumps(include)[:80]}", "include")  # fmt: skip
+        top = get_field(body, "top_logprobs", int)
+        if LOGPROBS in include:
+            chat["logprobs"], chat["top_logprobs"] = True, 0 if top is None else top
+        elif top is not None and not 0 <= top <= 20:
+            raise ApiError(400, f"top_logprobs: expected an integer in [0, 20], got {top}", "top_logprobs")
+        metadata = get_metadata(body)
+        self.echo = {
+            "instructions": instructions, "max_output_tokens": max_output, "metadata": metadata or {},
+            "parallel_tool_calls": body.get("parallel_tool_calls", True), "temperature": body.get("temperature"),
+            "top_p": body.get("top_p"), "text": {"format": (text or {}).get("format") or {"type": "text"}},
+            "tool_choice": choice if choice is not None else "auto" if "tools" in chat else "none",
+            "tools": tools or [], "top_logprobs": top, "user": user, "safety_identifier": identifier,
+        }  # fmt: skip
+        return chat
+
+    def response(self, status: str, output: list[dict], usage: dict | None, reason: str | None = None,
+                 error: dict | None = None) -> dict:  # fmt: skip
+        """The Response object: `status` in_progress, completed, incomplete (`reason`) or failed (`error`)."""
+        return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
+                "completed_at": int(time.time()) if status == "completed" else None, "background": False,
+                "error": error, "incomplete_details": None if reason is None else {"reason": reason},
+                "model": self.model_id, "output": output, "previous_response_id": None, "reasoning": None,
+                "service_tier": "default", "store": False, "truncation": "disabled",
+                "usage": None if usage is None else _usage(usage), **self.echo}  # fmt: skip
+
+    def answer(self, chat: dict) -> dict:
+        """The Response for chat's whole answer."""
+        (choice,) = chat["choices"]
+        message, output = choice["message"], []
+        if message["content"] or not message.get("tool_calls"):
+            logprobs = (choice.get("logprobs") or {}).get("content")
+            output.append(_message(message["content"] or "", "completed", logprobs))
+        for call in message.get("tool_calls") or ():
+            output.append(_call(call["id"], call["function"]["name"], call["function"]["arguments"], "completed"))
+        status, reason = _status(choice["finish_reason"])
+        return self.response(status, output, chat["usage"], reason)
+
+    async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Chat's stream (server-sent chunks, then [DONE]) as Responses events."""
+        stream = _Events(self)
+        try:
+            yield stream.event("response.created", response=self.response("in_progress", [], None))
+            yield stream.event("response.in_progress", response=self.response("in_progress", [], None))
+            async for raw in chunks:
+                data = raw.decode().removeprefix("data: ").strip()
+                if data == "[DONE]":
+                    continue
+                for out in stream.feed(json.loads(data)):
+                    yield out
+            for out in stream.end():
+                yield out
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]  # chat's stream counts and logs as it closes
+
+
+class _Events:
+    """Builds the events of one streamed Response from chat's chunks: an output item opens with its
+    first text or call, its deltas follow, and it closes when the next item opens or the answer ends."""
+
+    def __init__(self, request: ResponsesRequest):
+        self.request, self.seq = request, 0
+        self.output: list[dict] = []  # the items, as far as written
+        self.text: int | None = None  # the open message item's place in output
+        self.calls: dict[int, int] = {}  # chat's call index -> its item's place in output
+        self.open_call: int | None = None
+        self.reason: str | None = None
+        self.usage: dict | None = None
+        self.error: dict | None = None
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        payload = json.dumps({"type": kind, "sequence_number": self.seq, **fields}, ensure_ascii=False)
+        self.seq += 1
+        return f"event: {kind}\ndata: {payload}\n\n".encode()
+
+    def feed(self, chunk: dict) -> list[bytes]:
+        if "error" in chunk:  # the answer failed after it began: said as an event, then failed
+            self.error = chunk["error"]
+            return [self.event("error", code=self.error.get("code"), message=self.error["message"],
+                               param=self.error.get("param"))]  # fmt: skip
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        out: list[bytes] = []
+        for choice in chunk["choices"]:
+            delta = choice["delta"]
+            if text := delta.get("content"):
+                logprobs = (choice.get("logprobs") or {}).get("content") or []
+                out += self._text(text, logprobs)
+            for entry in delta.get("tool_calls") or ():
+                out += self._call(entry)
+            if choice["finish_reason"] is not None:
+                self.reason = choice["finish_reason"]
+                out += self._close_text() + self._close_call()
+        return out
+
+    def _text(self, text: str, logprobs: list[dict]) -> list[bytes]:
+        out = []
+        if self.text is None:
+            out += self._close_call()
+            self.text = len(self.output)
+            item = _message("", "in_progress", None)
+            self.output.append(item)
+            out.append(self.event("response.output_item.added", output_index=self.text, item=_without_text(item)))
+            out.append(self.event("response.content_part.added", item_id=item["id"], output_index=self.text,
+                                  content_index=0, part={"type": "output_text", "text": "", "annotations": [],
+                                                         "logprobs": []}))  # fmt: skip
+        item = self.output[self.text]
+        part = item["content"][0]
+        part["text"] += text
+        part["logprobs"] += logprobs
+        if text:
+            out.append(self.event("response.output_text.delta", item_id=item["id"], output_index=self.text,
+                                  content_index=0, delta=text, logprobs=logprobs))  # fmt: skip
+        return out
+
+    def _close_text(self) -> list[bytes]:
+        if self.text is None:
+            return []
+        at, item = self.text, self.output[self.text]
+        self.text, part = None, item["content"][0]
+        item["status"] = "incomplete" if self.reason == "length" else "completed"
+        return [self.event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0,
+                           text=part["text"], logprobs=part["logprobs"]),
+                self.event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0,
+                           part=part),
+                self.event("response.output_item.done", output_index=at, item=item)]  # fmt: skip
+
+    def _call(self, entry: dict) -> list[bytes]:
+        out = []
+        if entry["index"] not in self.calls:  # a call's first entry: its id and name
+            out += self._close_text() + self._close_call()
+            self.open_call = self.calls[entry["index"]] = len(self.output)
+            item = _call(entry["id"], entry["function"]["name"], "", "in_progress")
+            self.output.append(item)
+            out.append(self.event("response.output_item.added", output_index=self.open_call, item=dict(item)))
+        at = self.calls[entry["index"]]
+        if arguments := entry["function"].get("arguments"):
+            item = self.output[at]
+            item["arguments"] += arguments
+            out.append(self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=at,
+                                  delta=arguments))  # fmt: skip
+        return out
+
+    def _close_call(self) -> list[bytes]:
+        if self.open_call is None:
+            return []
+        at, item = self.open_call, self.output[self.open_call]
+        self.open_call = None
+        item["status"] = "incomplete" if self.reason == "length" else "completed"
+        return [self.event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
+                           name=item["name"], arguments=item["arguments"]),
+                self.event("response.output_item.done", output_index=at, item=item)]  # fmt: skip
+
+    def end(self) -> list[bytes]:
+        if self.error is not None:
+            error = {"code": self.error.get("code") or "server_error", "message": self.error["message"]}
+            return [self.event("response.failed", response=self.request.response("failed", self.output, None,
+                                                                                  error=error))]  # fmt: skip
+        if self.reason is None:  # chat's stream ended without its end: the client left, nothing more to say
+            return []
+        out = self._text("", []) if not self.output else []  # an empty answer is an empty message, as whole
+        out += self._close_text() + self._close_call()
+        status, reason = _status(self.reason)
+        final = self.request.response(status, self.output, self.usage, reason)
+        return [*out, self.event(f"response.{status}", response=final)]
+
+
+def _status(finish_reason: str) -> tuple[str, str | None]:
+    """A Response's status (and incomplete_details.reason) for chat's finish_reason."""
+    return ("incomplete", "max_output_tokens") if finish_reason == "length" else ("completed", None)
+
+
+def _message(text: str, status: str, logprobs: list[dict] | None) -> dict:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+    return {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
+            "content": [part]}  # fmt: skip
+
+
+def _without_text(item: dict) -> dict:
+    return {**item, "content": []}  # an item as added: its part follows in its own event
+
+
+def _call(call_id: str, name: str, arguments: str, status: str) -> dict:
+    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call_id, "name": name,
+            "arguments": arguments, "status": status}  # fmt: skip
+
+
+def _usage(chat: dict) -> dict:
+    """Chat's usage (bytes) as a Response's."""
+    return {"input_tokens": chat["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": chat["prompt_tokens_details"]["cached_tokens"]},
+            "output_tokens": chat["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": chat["total_tokens"]}  # fmt: skip
+
+
+def _text(value: Any, where: str) -> str:
+    """A string field (UTF-8 encodable, as chat holds a message's text)."""
+    if not isinstance(value, str):
+        raise ApiError(400, f"{where}: expected a string, got {json_kind(value)}", where)
+    return message_text(value, where)
+
+
+def _content(content: Any, where: str, kinds: tuple[str, ...]) -> str:
+    """A message's content: a string, or text parts (`kinds`: input_text, or an answer's
+    output_text sent back) joined as chat joins its text parts."""
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in kinds:
+                kind = part.get("type") if isinstance(part, dict) else json_kind(part)
+                at = f"{where}[{j}]"
+                raise ApiError(400, f"{at}: fastblt reads text parts only ({' or '.join(kinds)}), got {kind!r:.40}", at)
+        content = [{"type": "text", "text": part.get("text")} for part in content]
+    return message_text(content, where)
+
+
+def _messages(given: Any) -> list[dict]:
+    """`input` as chat messages: a string is the user's message; items are messages, an answer's
+    function calls (consecutive ones one assistant message, as chat writes them) and their outputs."""
+    if isinstance(given, str):
+        return [{"role": "user", "content": _text(given, "input")}]
+    if not isinstance(given, list) or not given:
+        got = "an empty list" if given == [] else json_kind(given)
+        raise ApiError(400, f"input: expected a string or a non-empty list of items, got {got}", "input")
+    messages: list[dict] = []
+    for i, item in enumerate(given):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"{where}: expected an object, got {json_kind(item)}", where)
+        kind = item.get("type", "message")
+        if kind not in ITEM_FIELDS:
+            raise ApiError(400, f"{where}.type: {kind!r:.40} is not served (message, function_call, "
+                           "function_call_output)", f"{where}.type")  # fmt: skip
+        check_fields(item, ITEM_FIELDS[kind], {}, f"{where}.")
+        if kind == "message":
+            role = get_field(item, "role", str, required=True, label=f"{where}.role")
+            if role not in ROLES:
+                raise ApiError(400, f"{where}.role: {role!r:.40} is not one of {', '.join(ROLES)}", f"{where}.role")
+            kinds = ("output_text", "refusal") if role == "assistant" else ("input_text",)
+            text = _content(item.get("content"), f"{where}.content", kinds)
+            messages.append({"role": role, "content": text})
+        elif kind == "function_call":
+            names = {f: _text(item.get(f), f"{where}.{f}") for f in ("call_id", "name", "arguments")}
+            call = {"id": names["call_id"], "type": "function",
+                    "function": {"name": names["name"], "arguments": names["arguments"]}}  # fmt: skip
+            if messages and messages[-1]["role"] == "assistant":  # the answer's text, or its calls so far
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        else:
+            output = item.get("output")
+            text = _content(output, f"{where}.output", ("input_text",))
+            messages.append({"role": "tool", "tool_call_id": _text(item.get("call_id"), f"{where}.call_id"),
+                             "content": text})  # fmt: skip
+    return messages
+
+
+def _format(fmt: Any) -> dict:
+    """text.format as chat's response_format."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in ("text", "json_object") and set(fmt) == {"type"}:
+        return {"type": kind}
+    if kind == "json_schema" and set(fmt) - {"type", "name", "schema", "strict", "description"} == set():
+        return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+    raise ApiError(400, 'text.format: expected {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                   '"name": ..., "schema": {...}}', "text.format")  # fmt: skip
+
+
+def _tools(tools: Any) -> list[dict]:
+    """Function tools as chat lists them ({"type": "function", "function": {...}})."""
+    if not isinstance(tools, list):
+        raise ApiError(400, f"tools: expected a list of tools, got {json_kind(tools)}", "tools")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else json_kind(tool)
+            raise ApiError(400, f"tools[{i}].type: only function tools are served, got {kind!r:.40}", f"tools[{i}]")
+        check_fields(tool, {"type", "name", "description", "parameters", "strict"}, {}, f"tools[{i}].")
+        out.append({"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}})
+    return out
+
+
+def _tool_choice(choice: Any) -> Any:
+    if isinstance(choice, dict) and choice.get("type") == "function" and set(choice) == {"type", "name"}:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    if choice in ("auto", "none", "required"):
+        return choice
+    raise ApiError(400, 'tool_choice: expected "auto", "none", "required" or {"type": "function", "name": ...}',
+                   "tool_choice")  # fmt: skip
+
+
+_CHAT_NAMES = ((re.compile(r"messages(\[\d+\])?(\.[\w.\[\]]+)?"), "input"),
+               (re.compile(r"max_completion_tokens|max_tokens"), "max_output_tokens"),
+               (re.compile(r"response_format(\.json_schema)?"), "text.format"),
+               (re.compile(r"(tools\[\d+\])\.function"), r"\1"),
+               (re.compile(r"logprobs"), "include"))  # fmt: skip
+_CHAT_CHOICE = '{"type": "function", "function": {"name": ...}}'  # chat's named tool_choice, as its errors write it
+
+
+def _responses_name(path: str) -> str:
+    """The Responses field a chat field (or a path in one) comes from."""
+    for pattern, name in _CHAT_NAMES:
+        if (m := pattern.match(path)) is not None:
+            return m.expand(name) + ("" if name == "input" else path[m.end() :])
+    return path
+
+
+def _renamed(e: ApiError) -> ApiError:
+    """An error of chat's parsing, naming the Responses field chat's came from."""
+    head, sep, rest = e.message.partition(": ")
+    message = (_responses_name(head) + sep + rest) if sep and " " not in head else e.message
+    e.param = None if e.param is None else _responses_name(e.param)
+    e.message = message.replace(_CHAT_CHOICE, '{"type": "function", "name": ...}')
+    return e

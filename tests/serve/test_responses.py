@@ -1,0 +1,304 @@
+"""POST /v1/responses: OpenAI's Responses API answered as chat. Input items and instructions
+render as the chat messages they stand for; answers (text, structured, calls, logprobs) equal
+chat's for the same request, streamed as Responses events the real openai client reads back into
+the same Response; every field fastblt cannot serve is a 400 naming it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import openai
+import pydantic
+import pytest
+from conftest import CHAT_STOP, CHAT_TEMPLATE, KEY
+
+from fastblt.serve.api import ApiError
+from fastblt.serve.chat import ChatTemplate, parse_chat_body
+from fastblt.serve.responses import ResponsesRequest
+
+MODEL = "fastblt-default"
+TEMPLATE = ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,))
+INSTRUCTIONS, ASK = "path helpers", "import os\n\n\ndef main("
+MESSAGES = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": ASK}]
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}}}  # fmt: skip
+TOOL = {"type": "function", "name": "get_weather", "description": "now, in a city", "parameters": WEATHER,
+        "strict": True}  # fmt: skip
+CHAT_TOOL = {"type": "function", "function": {k: v for k, v in TOOL.items() if k != "type"}}
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def parse(**fields):
+    body = {"model": MODEL, "input": ASK, "instructions": INSTRUCTIONS, **fields}
+    return ResponsesRequest(MODEL, "blt-s", TEMPLATE).parse(json.dumps(body).encode())
+
+
+def chat(**fields):
+    return parse_chat_body(json.dumps({"model": MODEL, "messages": MESSAGES, **fields}).encode(), MODEL, "blt-s",
+                           TEMPLATE)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- no server
+def test_a_responses_body_is_the_chat_body_it_stands_for():
+    comp = parse(max_output_tokens=40, temperature=0.5, top_p=0.9, seed=3, mode="ar")
+    want = chat(max_completion_tokens=40, temperature=0.5, top_p=0.9, seed=3, mode="ar")
+    assert comp.prompts == want.prompts == [TEMPLATE.render(MESSAGES)]
+    assert (comp.max_tokens, comp.options) == (want.max_tokens, want.options)
+    assert (comp.prompt_field, comp.tokens_field, comp.format_field) == ("input", "max_output_tokens", "text.format")
+    schema = {"type": "json_schema", "name": "w", "schema": WEATHER, "strict": True}
+    assert parse(text={"format": schema}).options == chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER, "strict": True}}).options  # fmt: skip
+    called = parse(tools=[TOOL], tool_choice={"type": "function", "name": "get_weather"})
+    assert called.options == chat(tools=[CHAT_TOOL], tool_choice={"type": "function", "function": {
+        "name": "get_weather"}}).options and called.format_field == "tool_choice"  # fmt: skip
+    assert called.prompts == chat(tools=[CHAT_TOOL], tool_choice="required").prompts  # tools listed as chat's
+    scored = parse(include=["message.output_text.logprobs"], top_logprobs=2)
+    assert scored.logprobs == 2 and parse(top_logprobs=2).logprobs is None  # logprobs only when included
+    assert parse(stream=True).include_usage  # response.completed carries the usage
+    assert parse(reasoning={"effort": None, "summary": None}, store=True).options == parse().options  # none asked
+
+
+def test_input_items_are_the_conversation_chat_would_render():
+    """Messages with text parts, an answer's output message and calls sent back, and the calls'
+    outputs render as the chat messages they stand for."""
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+            "arguments": '{"city": "Paris", "unit": "c"}', "id": "fc_1", "status": "completed"}  # fmt: skip
+    items = [
+        {"role": "developer", "content": [{"type": "input_text", "text": "be brief"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "weather?"},
+                                                         {"type": "input_text", "text": "in Paris"}]},
+        {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+         "content": [{"type": "output_text", "text": "checking", "annotations": []}]},
+        call, {**call, "call_id": "call_2"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "21"},
+        {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "22"}]},
+    ]  # fmt: skip
+    calls = [{"id": i, "type": "function", "function": {"name": "get_weather", "arguments": call["arguments"]}}
+             for i in ("call_1", "call_2")]  # fmt: skip
+    messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "weather?\nin Paris"},
+                {"role": "assistant", "content": "checking", "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21"},
+                {"role": "tool", "tool_call_id": "call_2", "content": "22"}]  # fmt: skip
+    got = ResponsesRequest(MODEL, "blt-s", TEMPLATE).parse(json.dumps({"model": MODEL, "input": items}).encode())
+    want = parse_chat_body(json.dumps({"model": MODEL, "messages": messages}).encode(), MODEL, "blt-s", TEMPLATE)
+    assert got.prompts == want.prompts and '"city": "Paris"' in got.prompts[0]
+    alone = ResponsesRequest(MODEL, "blt-s", TEMPLATE).parse(json.dumps({"model": MODEL, "input": [call]}).encode())
+    assert '{"tool_calls": [{"name": "get_weather"' in alone.prompts[0]  # an assistant message of its own
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"input": []}, "input"),
+        ({"input": 3}, "input"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
+        ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
+        ({"input": [{"role": "user", "content": "x", "name": "n"}]}, "input[0].name"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
+        ({"input": "\ud800"}, "input"),
+        ({"input": [{"role": "user", "content": "x"}, {"role": "system", "content": "late"}]}, "input"),
+        ({"instructions": 3}, "instructions"),
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"conversation": "conv_1"}, "conversation"),
+        ({"background": True}, "background"),
+        ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"max_output_tokens": "8"}, "max_output_tokens"),
+        ({"text": {"format": {"type": "xml"}}}, "text.format"),
+        ({"text": {"verbosity": "low"}}, "text"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+        ({"tools": [{**TOOL, "parameters": {"type": "nope"}}], "tool_choice": "required"}, "tools"),
+        ({"tools": [TOOL], "tool_choice": {"type": "file_search"}}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+        ({"tools": [TOOL]}, "tool_choice"),  # "auto" needs the template's call tags
+        ({"include": ["file_search_call.results"]}, "include"),
+        ({"include": ["message.output_text.logprobs"], "top_logprobs": 50}, "top_logprobs"),
+        ({"stream_options": {"include_obfuscation": False}}, "stream_options"),
+        ({"metadata": {"k": 1}}, "metadata"),
+        ({"store": "yes"}, "store"),
+        ({"temperature": 3}, "temperature"),
+        ({"mode": "fast"}, "mode"),
+        ({"n": 2}, "n"),
+    ],
+)
+def test_what_cannot_be_served_is_a_400_naming_the_responses_field(fields, param):
+    with pytest.raises(ApiError) as e:
+        parse(**fields)
+    assert e.value.status == 400 and e.value.param == param, e.value.message
+    assert e.value.message.startswith(param), e.value.message
+    assert not re.search(r"messages|max_completion_tokens|response_format|\"function\": \{", e.value.message)
+
+
+def test_a_server_without_a_template_has_no_responses():
+    with pytest.raises(ApiError) as e:
+        ResponsesRequest(MODEL, "blt-s", None).parse(b'{"model": "fastblt-default", "input": "x"}')
+    assert e.value.status == 404 and "--chat-template" in e.value.message
+
+
+def _sse(body: dict | str) -> bytes:
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n".encode()
+
+
+def _chunk(delta: dict, reason: str | None = None, usage: dict | None = None) -> bytes:
+    choices = [] if usage else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
+    return _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": choices, "usage": usage})
+
+
+async def _events(chunks: list[bytes]) -> list[dict]:
+    async def source():
+        for c in chunks:
+            yield c
+
+    asked = ResponsesRequest(MODEL, "blt-s", TEMPLATE)
+    asked.parse(json.dumps({"model": MODEL, "input": "x"}).encode())
+    out = []
+    async for raw in asked.events(source()):
+        event, data = raw.decode().split("\n")[:2]
+        body = json.loads(data.removeprefix("data: "))
+        assert event == f"event: {body['type']}"
+        out.append(body)
+    return out
+
+
+def test_a_chat_stream_becomes_responses_events_in_order():
+    import asyncio
+
+    usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14, "prompt_tokens_details": {
+        "cached_tokens": 0}}  # fmt: skip
+    chunks = [_chunk({"role": "assistant", "content": "it "}), _chunk({"content": "is"}),
+              _chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                      "function": {"name": "f", "arguments": "{"}}]}),
+              _chunk({"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]}),
+              _chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                      "function": {"name": "g", "arguments": "{}"}}]}),
+              _chunk({}, "tool_calls"), _chunk({}, usage=usage), _sse("[DONE]")]  # fmt: skip
+    events = asyncio.run(_events(chunks))
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"].removeprefix("response.") for e in events] == [
+        "created", "in_progress", "output_item.added", "content_part.added", "output_text.delta",
+        "output_text.delta", "output_text.done", "content_part.done", "output_item.done", "output_item.added",
+        "function_call_arguments.delta", "function_call_arguments.delta", "function_call_arguments.done",
+        "output_item.done", "output_item.added", "function_call_arguments.delta", "function_call_arguments.done",
+        "output_item.done", "completed"]  # fmt: skip
+    final = events[-1]["response"]
+    assert final["status"] == "completed" and final["usage"]["output_tokens"] == 9
+    assert [(o["type"], o.get("arguments")) for o in final["output"]] == [
+        ("message", None), ("function_call", "{}"), ("function_call", "{}")]  # fmt: skip
+    assert final["output"][0]["content"][0]["text"] == "it is" and final["output"][1]["call_id"] == "call_a"
+    openai.types.responses.Response.model_validate({**final, "usage": None})  # what the client reads it as
+
+    cut = asyncio.run(_events([_chunk({"content": "a"}), _chunk({}, "length"), _chunk({}, usage=usage)]))
+    assert cut[-1]["type"] == "response.incomplete"
+    assert cut[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    error = {"error": {"message": "lane died", "type": "server_error", "param": None, "code": None}}
+    failed = asyncio.run(_events([_chunk({"content": "a"}), _sse(error), _sse("[DONE]")]))
+    assert [e["type"] for e in failed[-2:]] == ["error", "response.failed"]
+    assert failed[-1]["response"]["error"]["message"] == "lane died"
+    empty = asyncio.run(_events([_chunk({"role": "assistant", "content": ""}), _chunk({}, "stop"),
+                                 _chunk({}, usage=usage)]))  # fmt: skip
+    assert "response.output_text.delta" not in [e["type"] for e in empty]
+    assert [o["content"][0]["text"] for o in empty[-1]["response"]["output"]] == [""]  # as the whole answer has it
+    left = asyncio.run(_events([_chunk({"content": "a"})]))  # chat's stream ended without an end: no verdict
+    assert left[-1]["type"] == "response.output_text.delta"
+
+
+# ---------------------------------------------------------------------------- the server
+@pytest.mark.parametrize("mode", ("ar", "blt-d"))
+def test_responses_equal_generate_of_the_rendered_prompt_streamed_or_not(server, reference, mode):
+    c, prompt = client(server), TEMPLATE.render(MESSAGES)
+    want = reference.generate(prompt, mode=mode, max_bytes=32, temperature=0.0, stop=[CHAT_STOP])
+    ask = dict(model=MODEL, input=ASK, instructions=INSTRUCTIONS, max_output_tokens=32, temperature=0,
+               extra_body={"mode": mode}, metadata={"job": "t"})  # fmt: skip
+    r = c.responses.create(**ask)
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL and r.store is False
+    assert r.output_text == want.text and r.metadata == {"job": "t"} and r.instructions == INSTRUCTIONS
+    assert r.status == ("incomplete" if want.stop_reason == "max_bytes" else "completed")
+    assert r.usage.input_tokens == len(prompt.encode()) and r.usage.output_tokens == len(want.bytes)
+    with c.responses.stream(**ask) as stream:
+        events = list(stream)
+    assert events[-1].type == f"response.{r.status}"  # the client's get_final_response waits for "completed" only
+    final = events[-1].response
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want.text
+    assert len([e for e in events if e.type == "response.output_text.delta"]) > 3  # it came as it was written
+    assert final.output_text == want.text and final.status == r.status and final.usage == r.usage
+
+
+class Point(pydantic.BaseModel):
+    x: int
+    y: int
+
+
+def test_structured_outputs_parse_into_the_clients_model(server, reference):
+    c = client(server)
+    parsed = 0
+    for seed in range(3):
+        try:
+            r = c.responses.parse(model=MODEL, input="a point as json", text_format=Point, max_output_tokens=200,
+                                  temperature=0.8, extra_body={"seed": seed})  # fmt: skip
+        except openai.LengthFinishReasonError:
+            continue
+        if r.status == "completed":
+            assert r.output_parsed == Point.model_validate_json(r.output_text)
+            parsed += 1
+    assert parsed >= 1
+
+
+def test_calls_and_their_outputs_go_back_and_forth_as_items(server):
+    c = client(server)
+    ask = dict(model=MODEL, input="the weather in Paris, in celsius", tools=[TOOL], tool_choice="required",
+               max_output_tokens=300, temperature=0)  # fmt: skip
+    r = c.responses.create(**ask)
+    messages = [{"role": "user", "content": ask["input"]}]
+    same = c.chat.completions.create(model=MODEL, messages=messages, tools=[CHAT_TOOL], tool_choice="required",
+                                     max_tokens=300, temperature=0)  # fmt: skip
+    want = [(t.function.name, t.function.arguments) for t in same.choices[0].message.tool_calls]
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert [(o.name, o.arguments) for o in calls] == want and want and r.output_text == ""
+    assert all(o.call_id.startswith("call_") and o.id.startswith("fc_") for o in calls)
+    with c.responses.stream(**ask) as stream:
+        events = list(stream)
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    final = events[-1].response
+    assert [(o.name, o.arguments) for o in final.output if o.type == "function_call"] == want
+    assert len(pieces) > 2 and "".join(pieces) == "".join(a for _, a in want)
+    back = [*r.output, *({"type": "function_call_output", "call_id": o.call_id, "output": "21 C"} for o in calls)]
+    then = c.responses.create(model=MODEL, input=[{"role": "user", "content": ask["input"]}, *back],
+                              max_output_tokens=16, temperature=0)  # fmt: skip
+    assert then.status in ("completed", "incomplete") and then.usage.input_tokens > r.usage.input_tokens
+
+
+def test_logprobs_are_chats(server):
+    c = client(server)
+    r = c.responses.create(model=MODEL, input=ASK, max_output_tokens=12, temperature=0, top_logprobs=2,
+                           include=["message.output_text.logprobs"])  # fmt: skip
+    ch = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ASK}], max_tokens=12,
+                                   temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    got = [lp.model_dump() for lp in r.output[0].content[0].logprobs]
+    assert got == [e.model_dump() for e in ch.choices[0].logprobs.content] and len(got) == 12
+
+
+def test_refusals_are_4xx_counted_under_responses_and_the_server_stays_up(server):
+    url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
+
+    def counted(status: str) -> float:  # over every mode
+        found = re.findall(rf'^fastblt_requests_total\{{endpoint="responses",mode="[^"]*",status="{status}"\}} (\S+)$',
+                           httpx.get(f"{url}/metrics").text, re.M)  # fmt: skip
+        return sum(map(float, found))
+
+    before = counted("400")
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client(server).responses.create(model=MODEL, input="x", previous_response_id="resp_1")
+    r = httpx.post(f"{url}/v1/responses", content=b"{", headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    nope = {"format": {"type": "json_schema", "name": "w", "schema": {"type": "nope"}}}  # refused as it compiles
+    r = httpx.post(f"{url}/v1/responses", json={"model": MODEL, "input": "x", "text": nope}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text.format", r.text
+    assert httpx.post(f"{url}/v1/responses", json={"model": MODEL, "input": "x"}).status_code == 401
+    assert counted("400") - before == 3 and httpx.get(f"{url}/health").status_code == 200
