@@ -29,7 +29,8 @@ runs them step by step:
 - A request whose prompt was committed before on this engine loads a snapshot of it
   (prompt_cache.py, the engine's `prompts`) in its own plan, as a Generator's call does.
 
-Requests join between turns (first in, first out, while a row is free) and leave as soon as their
+Requests join between turns (by `priority`, lower first, then first in, first out, while a row is
+free) and leave as soon as their
 plan ends, their stop condition is met, they are cancelled or they fail; requests beyond
 `max_batch + max_queue` are refused (`EngineBusy`). Output is exact per request: the step graphs
 compute each row as they compute it alone, so a request's bytes do not depend on what else is in
@@ -321,7 +322,9 @@ class BatchEngine:
             waiting = len(self.live) + len(self.queue) - self.max_batch  # beyond the rows there are
             if waiting >= self.max_queue:
                 raise EngineBusy(f"engine: {waiting} requests already wait for a row (max_queue {self.max_queue})")
-            self.queue.append(ticket)
+            # behind every waiting request of its priority or a lower number, ahead of the rest
+            at = next((i for i, t in enumerate(self.queue) if t.request.priority > request.priority), len(self.queue))
+            self.queue.insert(at, ticket)
             self.stats.queued = len(self.queue)
             self._cv.notify()
         return ticket

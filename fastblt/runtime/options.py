@@ -280,15 +280,27 @@ class Request:
 
     ids: tuple[int, ...]  # BOS + prompt ids
     opts: DecodeOptions
+    # where it queues for a row in a batch (lower first; equal ones in arrival order): it orders
+    # requests, never what one computes
+    priority: int = 0
 
 
 def make_request(
-    prompt: str | bytes, config: BltConfig, mode: str = "blt-d", max_bytes: int = 256, **options: object
+    prompt: str | bytes,
+    config: BltConfig,
+    mode: str = "blt-d",
+    max_bytes: int = 256,
+    priority: int = 0,
+    **options: object,
 ) -> Request:
     """Encode `prompt` (str: UTF-8; bytes: as is) and resolve the options for `config`; InputError,
     CapabilityError name what is wrong."""
     opts = resolve(make_options(mode=mode, max_bytes=max_bytes, **options), config)
-    return Request(tuple(encode(prompt)), opts)
+    return Request(tuple(encode(prompt)), opts, _priority(priority))
+
+
+def _priority(v: object) -> int:
+    return _int("priority", v, -(2**31), 2**31 - 1)
 
 
 def checked(req: Request, config: BltConfig) -> Request:
@@ -301,7 +313,7 @@ def checked(req: Request, config: BltConfig) -> Request:
         raise InputError(f"request ids: expected ints in [0, {VOCAB_SIZE}) (make_request encodes a prompt)")
     if not isinstance(req.opts, DecodeOptions):
         raise InputError(f"request opts: expected DecodeOptions, got {type(req.opts).__name__}")
-    return Request(ids, resolve(req.opts, config))
+    return Request(ids, resolve(req.opts, config), _priority(req.priority))
 
 
 def draft_length(opts: DecodeOptions, max_step: int) -> int:

@@ -38,7 +38,9 @@ NEUTRAL = {"suffix": (None, "")}
 FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "user",
           "logprobs", "echo", "n", "best_of", "logit_bias", "presence_penalty", "frequency_penalty",
           "response_format"}  # fmt: skip
-FASTBLT_FIELDS = {"mode", "k", "lookup", "alpha", "gamma", "unmask", "top_k", "block_start"}
+# OpenAI's service tiers as queue priorities (chat, responses): flex waits behind the rest
+SERVICE_TIERS = {"auto": 0, "default": 0, "flex": 1, "priority": -1}
+FASTBLT_FIELDS = {"mode", "k", "lookup", "alpha", "gamma", "unmask", "top_k", "block_start", "priority"}
 SCHEMA_FIELDS = {"name", "schema", "strict", "description"}  # response_format.json_schema's
 
 
@@ -227,10 +229,16 @@ def decode_options(body: dict, default_mode: str) -> dict[str, Any]:
             options[name] = penalty
     options |= _response_format(body.get("response_format"))  # the mode and the schema are the engine's to check
     for name, kind in (("k", int), ("lookup", int), ("alpha", float), ("gamma", float), ("unmask", str),
-                       ("top_k", int), ("block_start", str)):  # fmt: skip
+                       ("top_k", int), ("block_start", str), ("priority", int)):  # fmt: skip
         value = get_field(body, name, kind)
         if value is not None:
             options[name] = value
+    tier = get_field(body, "service_tier", str)
+    if tier is not None and tier not in SERVICE_TIERS:
+        raise ApiError(400, f"service_tier: expected one of {', '.join(SERVICE_TIERS)}, got {tier!r:.40}",
+                       "service_tier")  # fmt: skip
+    if SERVICE_TIERS.get(tier):  # a priority given beside it wins
+        options.setdefault("priority", SERVICE_TIERS[tier])
     return options
 
 

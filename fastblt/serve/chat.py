@@ -44,14 +44,15 @@ from fastblt.serve.tools import CallReader, CallTags, call_message, parse_tools,
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 ROLES = ("system", "developer", "user", "assistant", "tool")  # "function" (OpenAI's deprecated tool role) is refused
-# the last two are vLLM's: an answer that continues the final (assistant's) message
+# continue_final_message and add_generation_prompt are vLLM's: an answer that continues the final
+# (assistant's) message; service_tier orders the queue (api.SERVICE_TIERS)
 FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "stream",
           "stream_options", "user", "logprobs", "top_logprobs", "n", "logit_bias", "presence_penalty",
           "frequency_penalty", "response_format", "tools", "tool_choice", "parallel_tool_calls",
-          "continue_final_message", "add_generation_prompt"}  # fmt: skip
+          "continue_final_message", "add_generation_prompt", "service_tier"}  # fmt: skip
 # OpenAI fields fastblt accepts only as "not asked for" (text only; functions are the deprecated tools)
 NEUTRAL = {"functions": (None, []), "function_call": (None, "none"), "store": (None, False), "metadata": (None, {}),
-           "modalities": (None, ["text"]), "service_tier": (None, "auto", "default"), "reasoning_effort": (None,),
+           "modalities": (None, ["text"]), "reasoning_effort": (None,),
            "prediction": (None,), "audio": (None,), "web_search_options": (None,)}  # fmt: skip
 MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id"}
 # what a client sends back when it returns an answer's message object as it got it

@@ -34,12 +34,12 @@ from fastblt.serve.chat import ChatTemplate, message_text, parse_chat
 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "stream_options",
           "user", "safety_identifier", "metadata", "store", "text", "tools", "tool_choice", "parallel_tool_calls",
-          "include", "top_logprobs", "prompt_cache_key", "prompt_cache_retention"}  # fmt: skip
+          "include", "top_logprobs", "prompt_cache_key", "prompt_cache_retention", "service_tier"}  # fmt: skip
 # chat's sampling fields that Responses lacks, taken as fastblt's own (the openai client's extra_body)
 EXTRA = FASTBLT_FIELDS | {"seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias"}
 # fields fastblt accepts only as "not asked for": a model without reasoning, tools or stored state
 NEUTRAL = {"background": (None, False), "reasoning": (None, {}), "truncation": (None, "disabled"),
-           "max_tool_calls": (None,), "prompt": (None,), "service_tier": (None, "auto", "default"),
+           "max_tool_calls": (None,), "prompt": (None,),
            "access_programs": (None,), "background_options": (None,), "context_management": (None,),
            "image": (None,), "moderation": (None,), "prompt_cache_options": (None,)}  # fmt: skip
 LOGPROBS = "message.output_text.logprobs"
@@ -85,7 +85,8 @@ class ResponsesRequest:
             body = {k: v for k, v in body.items() if k != "reasoning"}
         check_fields(body, FIELDS | EXTRA, NEUTRAL)
         get_field(body, "store", bool)
-        chat = {k: body[k] for k in ("model", "temperature", "top_p", "parallel_tool_calls", *EXTRA) if k in body}
+        copied = ("model", "temperature", "top_p", "parallel_tool_calls", "service_tier", *EXTRA)
+        chat = {k: body[k] for k in copied if k in body}
         messages = _messages(body.get("input"))
         instructions = get_field(body, "instructions", str)
         if instructions:
@@ -132,6 +133,7 @@ class ResponsesRequest:
             "top_p": body.get("top_p"), "text": {"format": (text or {}).get("format") or {"type": "text"}},
             "tool_choice": choice if choice is not None else "auto" if "tools" in chat else "none",
             "tools": tools or [], "top_logprobs": top, "user": user, "safety_identifier": identifier,
+            "service_tier": "default" if body.get("service_tier") in (None, "auto") else body["service_tier"],
         }  # fmt: skip
         return chat
 
@@ -142,7 +144,7 @@ class ResponsesRequest:
                 "completed_at": int(time.time()) if status == "completed" else None, "background": False,
                 "error": error, "incomplete_details": None if reason is None else {"reason": reason},
                 "model": self.model_id, "output": output, "previous_response_id": None, "reasoning": None,
-                "service_tier": "default", "store": False, "truncation": "disabled",
+                "store": False, "truncation": "disabled",
                 "usage": None if usage is None else _usage(usage), **self.echo}  # fmt: skip
 
     def answer(self, chat: dict) -> dict:

@@ -22,6 +22,15 @@ def batch_of(gen: Generator, max_batch: int = 8, max_queue: int = 64) -> BatchEn
     return BatchEngine(gen.engine, max_batch, max_queue, backend_name=gen.backend_name, params=gen.params)
 
 
+def hold_the_row(batch: BatchEngine, g: Generator):
+    """A request that holds a one-row batch's row until it is cancelled, once it does."""
+    first = batch.submit(make_request(PROMPTS[0], g.config, "ar", 20_000, stop_on_eos=False))
+    deadline = time.time() + 10
+    while batch.stats.active == 0 and time.time() < deadline:
+        time.sleep(0.005)
+    return first
+
+
 def jobs(n: int, seed: int = 0) -> list[tuple[bytes | str, str, int, dict]]:
     """n requests of mixed prompts, modes, lengths and options (a fifth steered: logit bias, penalties;
     some in JSON mode)."""
@@ -307,10 +316,7 @@ def test_a_full_queue_refuses_and_a_closed_engine_refuses():
     g = torch_generator()
     batch = batch_of(g, max_batch=1, max_queue=1)
     req = make_request(PROMPTS[0], g.config, "ar", 200, stop_on_eos=False)
-    first = batch.submit(make_request(PROMPTS[0], g.config, "ar", 20_000, stop_on_eos=False))  # busy till cancelled
-    deadline = time.time() + 10
-    while batch.stats.active == 0 and time.time() < deadline:  # the first one holds the only row
-        time.sleep(0.005)
+    first = hold_the_row(batch, g)
     second = batch.submit(req)  # waits in the queue
     with pytest.raises(EngineBusy, match="max_queue 1"):
         batch.submit(req)
@@ -326,10 +332,7 @@ def test_a_request_cancelled_while_queued_leaves_the_queue_at_once():
     it no longer counts against max_queue."""
     g = torch_generator()
     batch = batch_of(g, max_batch=1, max_queue=1)
-    first = batch.submit(make_request(PROMPTS[0], g.config, "ar", 20_000, stop_on_eos=False))  # busy till cancelled
-    deadline = time.time() + 10
-    while batch.stats.active == 0 and time.time() < deadline:
-        time.sleep(0.005)
+    first = hold_the_row(batch, g)
     req = make_request(PROMPTS[1], g.config, "ar", 30, stop_on_eos=False)
     gone = batch.submit(req)
     gone.cancel()
@@ -340,6 +343,24 @@ def test_a_request_cancelled_while_queued_leaves_the_queue_at_once():
     first.cancel()
     assert waiting.result(60).ids == g.generate(PROMPTS[1], mode="ar", max_bytes=30, stop_on_eos=False).ids
     batch.close(30)
+
+
+def test_waiting_requests_take_rows_by_priority_then_in_arrival_order():
+    g = torch_generator()
+    batch = batch_of(g, max_batch=1, max_queue=8)
+    first = hold_the_row(batch, g)
+    ended: list[str] = []
+    tickets = {}
+    for name, priority in (("b", 0), ("c", -1), ("d", 1), ("e", 0), ("f", -1)):
+        req = make_request(PROMPTS[1], g.config, "ar", 4, priority=priority)
+        tickets[name] = batch.submit(req, on_done=lambda t, name=name: ended.append(name))
+    first.cancel()
+    for t in tickets.values():
+        t.result(60)
+    batch.close(30)
+    assert ended == ["c", "f", "b", "e", "d"]
+    want = g.generate(PROMPTS[1], mode="ar", max_bytes=4).ids
+    assert all(t.result(0).ids == want for t in tickets.values())  # an order, never a difference
 
 
 def test_requests_are_checked_against_the_graphs_before_they_queue():

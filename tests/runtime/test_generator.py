@@ -85,6 +85,8 @@ BAD_OPTIONS = [
     (dict(mode="ar", calls=CALLS.replace('"most": null', '"most": -1')), InputError, r"option calls\.most"),
     (dict(mode="ar", calls={"start": "<c>"}), InputError, "option calls: expected JSON text"),
     (dict(mode="ar", format="calls"), InputError, "option format: 'calls' is unknown; choose one of json"),
+    (dict(priority=True), InputError, "option priority: expected an int"),
+    (dict(priority=2**31), InputError, r"option priority: expected an int in \[-2147483648, 2147483647\]"),
 ]
 
 

@@ -95,6 +95,12 @@ def test_a_chat_body_is_the_rendered_prompt_with_its_options():
     neutral = dict(tools=[], tool_choice="none", response_format={"type": "text"}, store=False,
                    parallel_tool_calls=True, metadata=None, service_tier="auto", user="u")  # fmt: skip
     assert parse(messages=[*MESSAGES, back], **neutral).prompts == [TEMPLATE.render(MESSAGES) + "x\n"]
+    assert "priority" not in parse(**neutral).options  # "auto" and "default" keep the queue's order
+    tiers = [parse(service_tier=t).options["priority"] for t in ("flex", "priority")]
+    assert tiers == [1, -1] and parse(service_tier="flex", priority=5).options["priority"] == 5
+    with pytest.raises(ApiError) as e:
+        parse(service_tier="scale")
+    assert e.value.param == "service_tier" and "flex" in e.value.message
 
 
 def test_an_answer_may_continue_the_final_assistant_message():

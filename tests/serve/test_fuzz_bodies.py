@@ -67,6 +67,7 @@ FIELDS = {  # a plausible value, or anything at all
     "temperature": st.floats(-1, 3),
     "top_p": st.floats(-0.5, 1.5),
     "top_k": st.integers(-2, 300),
+    "priority": st.integers(-(2**33), 2**33) | st.booleans(),
     "seed": st.integers(-5, 2**64),
     "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=6),
     "n": st.integers(-1, 20),

@@ -277,7 +277,8 @@ def test_field_errors_name_the_field(server):
                        ("logit_bias", body(logit_bias={" 7": 1})), ("logit_bias", body(logit_bias=5)),
                        ("presence_penalty", body(presence_penalty=-2.5)),
                        ("frequency_penalty", body(frequency_penalty=True)),
-                       ("best_of", body(best_of=3, stream=True)), ("best_of", body(best_of=2, n=3))]:  # fmt: skip
+                       ("best_of", body(best_of=3, stream=True)), ("best_of", body(best_of=2, n=3)),
+                       ("priority", body(priority="high")), ("priority", body(priority=2**40))]:  # fmt: skip
         r = httpx.post(f"{server.url}/v1/completions", content=raw, headers=AUTH, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.json())
         assert "max_bytes" not in r.json()["error"]["message"]  # the request's own names

@@ -61,6 +61,9 @@ def test_a_responses_body_is_the_chat_body_it_stands_for():
     assert scored.logprobs == 2 and parse(top_logprobs=2).logprobs is None  # logprobs only when included
     assert parse(stream=True).include_usage  # response.completed carries the usage
     assert parse(reasoning={"effort": None, "summary": None}, store=True).options == parse().options  # none asked
+    flex = ResponsesRequest(MODEL, "blt-s", TEMPLATE)
+    comp = flex.parse(json.dumps({"model": MODEL, "input": ASK, "service_tier": "flex"}).encode())
+    assert comp.options["priority"] == 1 and flex.echo["service_tier"] == "flex"
 
 
 def test_input_items_are_the_conversation_chat_would_render():
