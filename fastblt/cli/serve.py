@@ -39,6 +39,9 @@ from fastblt.cli.common import Positive
               help="CORS: pages from this origin (https://host[:port], or *) may call the API; repeat.")  # fmt: skip
 @click.option("--batch-dir", type=click.Path(file_okay=False, writable=True), default=None,
               help="Serve OpenAI's Batch API (/v1/files, /v1/batches), keeping files and batches here.")  # fmt: skip
+@click.option("--response-store-mb", type=click.IntRange(0), default=64, show_default=True,
+              help="Memory for answered Responses (previous_response_id, GET /v1/responses/{id}); 0 keeps none. "
+              "Not with --ray (each replica would keep its own).")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
@@ -63,7 +66,7 @@ from fastblt.cli.common import Positive
 def serve(
     checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
     ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs, model_name, chat_template, chat_stop,
-    tool_call_start, tool_call_end, allowed_origins, batch_dir, max_body, max_context, threads,
+    tool_call_start, tool_call_end, allowed_origins, batch_dir, response_store_mb, max_body, max_context, threads,
     prompt_cache_mb, share_prompts, device,
     graceful_timeout, log_level, log_format, use_ray,
     ray_address, replicas,
@@ -160,7 +163,7 @@ def serve(
                           share_prompts=share_prompts)  # fmt: skip
     settings = ServeSettings(model_id=name, default_mode=mode, api_keys=api_keys, max_body=max_body,
                              chat_template=setup.template, log_format=log_format,
-                             allowed_origins=allowed_origins)  # fmt: skip
+                             allowed_origins=allowed_origins, response_store=response_store_mb << 20)  # fmt: skip
     app = create_app(engine, settings)
     if batch_dir is not None:
         from fastblt.serve.batches import add_batch_api

@@ -19,7 +19,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,6 +307,23 @@ def _same(value: Any, neutral: Any) -> bool:
     if isinstance(value, (int, float)) and isinstance(neutral, (int, float)):
         return value == neutral
     return type(value) is type(neutral) and value == neutral
+
+
+def cursor_page(items: list[dict], query: Mapping[str, str]) -> dict:
+    """OpenAI's cursor page of `items` (in the order given): `limit` (1-100, default 20) after the
+    id `after`, from a request's query."""
+    raw = query.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise ApiError(400, f"limit: expected an integer in [1, 100], got {raw!r:.40}", "limit")
+    after = query.get("after")
+    if after is not None:
+        ids = [i["id"] for i in items]
+        if after not in ids:
+            raise ApiError(400, f"after: {after!r:.80} is not in this list", "after")
+        items = items[ids.index(after) + 1 :]
+    page = items[: int(raw)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}  # fmt: skip
 
 
 def get_metadata(body: dict) -> dict[str, str] | None:

@@ -64,7 +64,7 @@ from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.metrics import CONTENT_TYPE, Metrics
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
 from fastblt.serve.request_log import LOGGER, RequestRecord, request_id, trace_id
-from fastblt.serve.responses import ResponsesRequest
+from fastblt.serve.responses import ResponsesRequest, ResponseStore, Stored, input_items_page
 from fastblt.version import __version__
 
 REPLICA_HEADER = "x-fastblt-replica"
@@ -91,6 +91,7 @@ class ServeSettings:
     request_logger: str = LOGGER  # the logger of the request log (request_log.py)
     log_format: str = "text"  # "json": the request log's fields go on its records, for a JSON formatter
     allowed_origins: tuple[str, ...] = ()  # web pages (scheme://host[:port], or "*") whose scripts may call the API
+    response_store: int = 0  # bytes of Responses kept for previous_response_id (0: none kept, store answered false)
 
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
@@ -276,14 +277,39 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         return await complete(request, lambda raw: parse_chat_body(raw, settings.model_id, settings.default_mode,
                                                                     settings.chat_template), "chat")  # fmt: skip
 
+    kept = ResponseStore(settings.response_store) if settings.response_store else None
+
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
-        asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template)
+        asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept)
         answer = await complete(request, asked.parse, "responses")
         if isinstance(answer, StreamingResponse):
             return StreamingResponse(asked.events(answer.body_iterator), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
         return JSONResponse(asked.answer(json.loads(answer.body)))
+
+    def stored(request: Request, response_id: str) -> Stored:
+        authorize(request)
+        found = None if kept is None else kept.get(response_id)
+        if found is None:
+            raise ApiError(404, f"response {response_id!r:.80}: not kept here", None, "response_not_found")
+        return found
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(request: Request, response_id: str) -> JSONResponse:
+        return JSONResponse(stored(request, response_id).response)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(request: Request, response_id: str) -> JSONResponse:
+        stored(request, response_id)
+        assert kept is not None
+        kept.delete(response_id)
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def input_items(request: Request, response_id: str) -> JSONResponse:
+        found = stored(request, response_id)
+        return JSONResponse(input_items_page(found, dict(request.query_params)))
 
     return app
 

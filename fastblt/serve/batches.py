@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 from starlette.datastructures import UploadFile
 
 from fastblt.errors import InputError
-from fastblt.serve.api import ApiError, get_metadata
+from fastblt.serve.api import ApiError, cursor_page, get_metadata
 from fastblt.serve.batch_file import (
     URLS,
     BatchRequest,
@@ -439,22 +439,6 @@ def _errors(code: str, message: str, line: int | None = None) -> dict:
     return {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": line}]}
 
 
-def _page(items: list[dict], request: Request) -> dict:
-    """OpenAI's cursor page of `items` (newest first): `limit` (1-100, default 20) after the id `after`."""
-    raw = request.query_params.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
-        raise ApiError(400, f"limit: expected an integer in [1, 100], got {raw!r:.40}", "limit")
-    after = request.query_params.get("after")
-    if after is not None:
-        ids = [i["id"] for i in items]
-        if after not in ids:
-            raise ApiError(400, f"after: {after!r:.80} is not in this list", "after")
-        items = items[ids.index(after) + 1 :]
-    page = items[: int(raw)]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}  # fmt: skip
-
-
 def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, api_key: str | None = None) -> None:
     """Serve /v1/files and /v1/batches from `app` (create_app's), keeping them under `root`. Live
     traffic first: batches run up to `concurrency` requests at a time on an idle server, `trickle`
@@ -514,7 +498,7 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, 
         items = store.files()
         if purpose := request.query_params.get("purpose"):
             items = [f for f in items if f["purpose"] == purpose]
-        return JSONResponse(_page(items, request))
+        return JSONResponse(cursor_page(items, request.query_params))
 
     async def get_file(request: Request, file_id: str) -> JSONResponse:
         checked(request)
@@ -565,7 +549,7 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, 
 
     async def list_batches(request: Request) -> JSONResponse:
         checked(request)
-        return JSONResponse(_page(runner.batches(), request))
+        return JSONResponse(cursor_page(runner.batches(), request.query_params))
 
     async def get_batch(request: Request, batch_id: str) -> JSONResponse:
         checked(request)

@@ -7,17 +7,23 @@ and the engine answer it as they answer chat, and the answer becomes a Response:
 become Responses events (response.created, output items and their text deltas, call arguments,
 response.completed), numbered by `sequence_number`. Errors name the Responses field.
 
-Nothing is stored (`store` is answered false): `previous_response_id` and `conversation` are
-refused, and a client sends the whole conversation in `input`, as it does with `store: false`.
+Answered responses are kept (`store`, OpenAI's default, unless the request says false) in a
+ResponseStore: in memory, the least recently used dropped past its budget. A request may then
+continue one (`previous_response_id`: its input items and output come before the new input; its
+instructions do not, as OpenAI's), and GET / DELETE /v1/responses/{id} read and drop them.
+`conversation` (OpenAI's stored conversations) is refused.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastblt.serve.api import (
@@ -25,6 +31,7 @@ from fastblt.serve.api import (
     ApiError,
     Completion,
     check_fields,
+    cursor_page,
     get_field,
     get_metadata,
     json_kind,
@@ -34,7 +41,8 @@ from fastblt.serve.chat import ChatTemplate, message_text, parse_chat
 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "stream_options",
           "user", "safety_identifier", "metadata", "store", "text", "tools", "tool_choice", "parallel_tool_calls",
-          "include", "top_logprobs", "prompt_cache_key", "prompt_cache_retention", "service_tier"}  # fmt: skip
+          "include", "top_logprobs", "prompt_cache_key", "prompt_cache_retention", "service_tier",
+          "previous_response_id"}  # fmt: skip
 # chat's sampling fields that Responses lacks, taken as fastblt's own (the openai client's extra_body)
 EXTRA = FASTBLT_FIELDS | {"seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias"}
 # fields fastblt accepts only as "not asked for": a model without reasoning, tools or stored state
@@ -51,13 +59,66 @@ ITEM_FIELDS = {"message": {"type", "role", "content", "id", "status"},
                "function_call_output": {"type", "call_id", "output", "id", "status"}}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A kept Response and the input items it answered: those of the responses it continued, then
+    its request's own (`own`: how many at the end)."""
+
+    response: dict
+    items: list[dict]
+    own: int
+    size: int  # bytes it is counted as (its JSON's)
+
+
+class ResponseStore:
+    """Responses kept in memory for previous_response_id and GET/DELETE /v1/responses/{id}; past
+    `budget` bytes (their JSON's size) the least recently used go. Thread-safe: requests are parsed
+    off the event loop."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self._kept: OrderedDict[str, Stored] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, response: dict, items: list[dict], own: int) -> bool:
+        """Keep `response`; False when it alone exceeds the budget (it is not kept)."""
+        size = len(json.dumps(response)) + len(json.dumps(items))
+        if size > self.budget:
+            return False
+        with self._lock:
+            self._kept[response["id"]] = Stored(response, items, own, size)
+            self.used += size
+            while self.used > self.budget:
+                self.used -= self._kept.popitem(last=False)[1].size
+        return True
+
+    def get(self, rid: str) -> Stored | None:
+        with self._lock:
+            kept = self._kept.get(rid)
+            if kept is not None:
+                self._kept.move_to_end(rid)
+            return kept
+
+    def delete(self, rid: str) -> bool:
+        with self._lock:
+            kept = self._kept.pop(rid, None)
+            if kept is not None:
+                self.used -= kept.size
+            return kept is not None
+
+
 class ResponsesRequest:
     """One request to POST /v1/responses: `parse` checks its body and gives chat's Completion,
-    keeping what the Response echoes; `answer` and `events` turn chat's answer into a Response."""
+    keeping what the Response echoes; `answer` and `events` turn chat's answer into a Response
+    (kept in `store` unless the request says store: false)."""
 
-    def __init__(self, model_id: str, default_mode: str, template: ChatTemplate | None):
-        self.model_id, self.default_mode, self.template = model_id, default_mode, template
+    def __init__(self, model_id: str, default_mode: str, template: ChatTemplate | None,
+                 store: ResponseStore | None = None):  # fmt: skip
+        self.model_id, self.default_mode, self.template, self.store = model_id, default_mode, template, store
         self.echo: dict[str, Any] = {}
+        self.items: list[dict] = []  # the input items answered (those of the responses continued first)
+        self.own = 0  # how many of them the request gave
+        self.keep = False
         self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
 
     def parse(self, raw: bytes) -> Completion:
@@ -76,18 +137,26 @@ class ResponsesRequest:
 
     def _chat_body(self, body: dict) -> dict:
         """The chat completions body `body` asks for, and self.echo (what the Response repeats)."""
-        for name in ("previous_response_id", "conversation"):
-            if body.get(name) is not None:
-                raise ApiError(400, f"{name}: responses are not stored here; send the conversation in input "
-                               "(as with store: false)", name, "unsupported")  # fmt: skip
+        if body.get("conversation") is not None:
+            raise ApiError(400, "conversation: stored conversations are not served; send previous_response_id or "
+                           "the conversation in input", "conversation", "unsupported")  # fmt: skip
         reasoning = body.get("reasoning")
         if isinstance(reasoning, dict) and all(v is None for v in reasoning.values()):  # no effort asked for
             body = {k: v for k, v in body.items() if k != "reasoning"}
         check_fields(body, FIELDS | EXTRA, NEUTRAL)
-        get_field(body, "store", bool)
+        self.keep = get_field(body, "store", bool, default=True) and self.store is not None
+        self.items = _items(body.get("input"))
+        self.own = len(self.items)
+        if (previous := get_field(body, "previous_response_id", str)) is not None:
+            kept = None if self.store is None else self.store.get(previous)
+            if kept is None:
+                raise ApiError(400, f"previous_response_id: no response {previous!r:.80} is kept here (responses are "
+                               "kept in memory, the least recently used dropped past --response-store-mb)",
+                               "previous_response_id", "previous_response_not_found")  # fmt: skip
+            self.items = [*kept.items, *kept.response["output"], *self.items]
         copied = ("model", "temperature", "top_p", "parallel_tool_calls", "service_tier", *EXTRA)
         chat = {k: body[k] for k in copied if k in body}
-        messages = _messages(body.get("input"))
+        messages = _messages(self.items, len(self.items) - self.own)
         instructions = get_field(body, "instructions", str)
         if instructions:
             messages.insert(0, {"role": "system", "content": _text(instructions, "instructions")})
@@ -134,6 +203,7 @@ class ResponsesRequest:
             "tool_choice": choice if choice is not None else "auto" if "tools" in chat else "none",
             "tools": tools or [], "top_logprobs": top, "user": user, "safety_identifier": identifier,
             "service_tier": "default" if body.get("service_tier") in (None, "auto") else body["service_tier"],
+            "previous_response_id": previous, "store": self.keep,
         }  # fmt: skip
         return chat
 
@@ -143,8 +213,7 @@ class ResponsesRequest:
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "completed_at": int(time.time()) if status == "completed" else None, "background": False,
                 "error": error, "incomplete_details": None if reason is None else {"reason": reason},
-                "model": self.model_id, "output": output, "previous_response_id": None, "reasoning": None,
-                "store": False, "truncation": "disabled",
+                "model": self.model_id, "output": output, "reasoning": None, "truncation": "disabled",
                 "usage": None if usage is None else _usage(usage), **self.echo}  # fmt: skip
 
     def answer(self, chat: dict) -> dict:
@@ -157,7 +226,13 @@ class ResponsesRequest:
         for call in message.get("tool_calls") or ():
             output.append(_call(call["id"], call["function"]["name"], call["function"]["arguments"], "completed"))
         status, reason = _status(choice["finish_reason"])
-        return self.response(status, output, chat["usage"], reason)
+        return self.kept(self.response(status, output, chat["usage"], reason))
+
+    def kept(self, response: dict) -> dict:
+        """`response`, kept in the store when the request asked for it (and it fits)."""
+        if self.keep and self.store is not None and not self.store.put(response, self.items, self.own):
+            response["store"] = False
+        return response
 
     async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Chat's stream (server-sent chunks, then [DONE]) as Responses events."""
@@ -284,8 +359,18 @@ class _Events:
         out = self._text("", []) if not self.output else []  # an empty answer is an empty message, as whole
         out += self._close_text() + self._close_call()
         status, reason = _status(self.reason)
-        final = self.request.response(status, self.output, self.usage, reason)
+        final = self.request.kept(self.request.response(status, self.output, self.usage, reason))
         return [*out, self.event(f"response.{status}", response=final)]
+
+
+def input_items_page(kept: Stored, query: dict[str, str]) -> dict:
+    """GET /v1/responses/{id}/input_items: the items its request gave, newest first unless
+    `order` is asc, as a cursor page."""
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, f'order: expected "asc" or "desc", got {order!r:.20}', "order")
+    items = kept.items[len(kept.items) - kept.own :]
+    return cursor_page(items[::-1] if order == "desc" else items, query)
 
 
 def _status(finish_reason: str) -> tuple[str, str | None]:
@@ -336,17 +421,27 @@ def _content(content: Any, where: str, kinds: tuple[str, ...]) -> str:
     return message_text(content, where)
 
 
-def _messages(given: Any) -> list[dict]:
-    """`input` as chat messages: a string is the user's message; items are messages, an answer's
-    function calls (consecutive ones one assistant message, as chat writes them) and their outputs."""
+def _items(given: Any) -> list[dict]:
+    """`input` as a list of items (a string: the user's message), each with an id, as a stored
+    response lists its input items."""
     if isinstance(given, str):
-        return [{"role": "user", "content": _text(given, "input")}]
+        text = _text(given, "input")
+        given = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}]
     if not isinstance(given, list) or not given:
         got = "an empty list" if given == [] else json_kind(given)
         raise ApiError(400, f"input: expected a string or a non-empty list of items, got {got}", "input")
+    prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+    return [{"id": f"{prefix.get(item.get('type', 'message'), 'item')}_{uuid.uuid4().hex}", **item}
+            if isinstance(item, dict) and "id" not in item else item for item in given]  # fmt: skip
+
+
+def _messages(items: list[dict], kept: int = 0) -> list[dict]:
+    """Input items as chat messages: messages, an answer's function calls (consecutive ones one
+    assistant message, as chat writes them) and their outputs. The first `kept` items are those of
+    the responses continued (checked when they were answered): errors name the request's by place."""
     messages: list[dict] = []
-    for i, item in enumerate(given):
-        where = f"input[{i}]"
+    for i, item in enumerate(items):
+        where = f"input[{i - kept}]"
         if not isinstance(item, dict):
             raise ApiError(400, f"{where}: expected an object, got {json_kind(item)}", where)
         kind = item.get("type", "message")

@@ -16,7 +16,7 @@ from conftest import CHAT_STOP, CHAT_TEMPLATE, KEY
 
 from fastblt.serve.api import ApiError
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
-from fastblt.serve.responses import ResponsesRequest
+from fastblt.serve.responses import ResponsesRequest, ResponseStore
 
 MODEL = "fastblt-default"
 TEMPLATE = ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,))
@@ -139,6 +139,43 @@ def test_what_cannot_be_served_is_a_400_naming_the_responses_field(fields, param
     assert not re.search(r"messages|max_completion_tokens|response_format|\"function\": \{", e.value.message)
 
 
+def test_the_store_keeps_the_most_recently_used_within_its_budget():
+    def response(rid: str, text: str) -> dict:
+        return {"id": rid, "output": [{"type": "message", "content": [{"type": "output_text", "text": text}]}]}
+
+    store = ResponseStore(900)
+    for rid in ("a", "b", "c"):
+        assert store.put(response(rid, "x" * 100), [], 0)
+    assert store.get("a") is not None  # used: now the newest
+    assert store.put(response("d", "x" * 300), [], 0) and store.get("b") is None and store.get("a") is not None
+    assert store.used <= 900 and not store.put(response("e", "x" * 1000), [], 0) and store.get("e") is None
+    assert store.delete("a") and not store.delete("a") and store.get("a") is None
+
+
+def test_a_response_continues_a_kept_one_without_its_instructions():
+    store = ResponseStore(1 << 20)
+    first = ResponsesRequest(MODEL, "blt-s", TEMPLATE, store)
+    first.parse(json.dumps({"model": MODEL, "input": ASK, "instructions": INSTRUCTIONS}).encode())
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "path):"}, "logprobs": None,
+                           "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 1, "completion_tokens": 6, "total_tokens": 7,
+                        "prompt_tokens_details": {"cached_tokens": 0}}}  # fmt: skip
+    kept = first.answer(answer)
+    assert kept["store"] is True and store.get(kept["id"]).response == kept
+    second = ResponsesRequest(MODEL, "blt-s", TEMPLATE, store)
+    comp = second.parse(json.dumps({"model": MODEL, "input": "more", "previous_response_id": kept["id"]}).encode())
+    conversation = [{"role": "user", "content": ASK}, {"role": "assistant", "content": "path):"},
+                    {"role": "user", "content": "more"}]  # fmt: skip
+    assert comp.prompts == [TEMPLATE.render(conversation)] and second.echo["previous_response_id"] == kept["id"]
+    with pytest.raises(ApiError) as e:
+        second.parse(json.dumps({"model": MODEL, "input": [{"role": "user", "content": 3}],
+                                 "previous_response_id": kept["id"]}).encode())  # fmt: skip
+    assert e.value.param == "input[0].content"  # the request's own item, by its place in the request
+    unkept = ResponsesRequest(MODEL, "blt-s", TEMPLATE, store)
+    unkept.parse(json.dumps({"model": MODEL, "input": "x", "store": False}).encode())
+    assert unkept.answer(answer)["store"] is False and store.get(unkept.id) is None
+
+
 def test_a_server_without_a_template_has_no_responses():
     with pytest.raises(ApiError) as e:
         ResponsesRequest(MODEL, "blt-s", None).parse(b'{"model": "fastblt-default", "input": "x"}')
@@ -220,7 +257,7 @@ def test_responses_equal_generate_of_the_rendered_prompt_streamed_or_not(server,
     ask = dict(model=MODEL, input=ASK, instructions=INSTRUCTIONS, max_output_tokens=32, temperature=0,
                extra_body={"mode": mode}, metadata={"job": "t"})  # fmt: skip
     r = c.responses.create(**ask)
-    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL and r.store is False
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL and r.store is True
     assert r.output_text == want.text and r.metadata == {"job": "t"} and r.instructions == INSTRUCTIONS
     assert r.status == ("incomplete" if want.stop_reason == "max_bytes" else "completed")
     assert r.usage.input_tokens == len(prompt.encode()) and r.usage.output_tokens == len(want.bytes)
@@ -275,6 +312,36 @@ def test_calls_and_their_outputs_go_back_and_forth_as_items(server):
     then = c.responses.create(model=MODEL, input=[{"role": "user", "content": ask["input"]}, *back],
                               max_output_tokens=16, temperature=0)  # fmt: skip
     assert then.status in ("completed", "incomplete") and then.usage.input_tokens > r.usage.input_tokens
+
+
+def test_kept_responses_are_read_continued_listed_and_deleted(server, reference):
+    c = client(server)
+    first = c.responses.create(model=MODEL, input=ASK, instructions=INSTRUCTIONS, max_output_tokens=16,
+                               temperature=0)  # fmt: skip
+    again = c.responses.retrieve(first.id)
+    assert again.output_text == first.output_text and again.usage == first.usage and again.store
+    second = c.responses.create(model=MODEL, input="print(", previous_response_id=first.id, max_output_tokens=16,
+                                temperature=0)  # fmt: skip
+    conversation = [{"role": "user", "content": ASK}, {"role": "assistant", "content": first.output_text},
+                    {"role": "user", "content": "print("}]  # fmt: skip
+    want = reference.generate(TEMPLATE.render(conversation), mode="blt-s", max_bytes=16, temperature=0.0,
+                              stop=[CHAT_STOP])  # fmt: skip
+    assert second.output_text == want.text and second.previous_response_id == first.id
+    assert second.usage.input_tokens == len(TEMPLATE.render(conversation).encode())
+    (item,) = c.responses.input_items.list(second.id).data  # its own input, not the continued one's
+    assert item.type == "message" and item.content[0].text == "print("
+    with c.responses.stream(model=MODEL, input="x", max_output_tokens=4, temperature=0) as stream:
+        streamed = list(stream)[-1].response
+    assert c.responses.retrieve(streamed.id).output_text == streamed.output_text  # kept as it ended
+    assert c.responses.delete(first.id) is None
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(first.id)
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        c.responses.create(model=MODEL, input="x", previous_response_id=first.id)
+    unkept = c.responses.create(model=MODEL, input="x", max_output_tokens=4, store=False)
+    assert unkept.store is False
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(unkept.id)
 
 
 def test_logprobs_are_chats(server):
