@@ -29,12 +29,12 @@ runs them step by step:
 - A request whose prompt was committed before on this engine loads a snapshot of it
   (prompt_cache.py, the engine's `prompts`) in its own plan, as a Generator's call does.
 
-Requests join between turns (by `priority`, lower first, then first in, first out, while a row is
-free) and leave as soon as their
-plan ends, their stop condition is met, they are cancelled or they fail; requests beyond
-`max_batch + max_queue` are refused (`EngineBusy`). Output is exact per request: the step graphs
-compute each row as they compute it alone, so a request's bytes do not depend on what else is in
-the batch (tests/runtime/test_batch.py, benchmarks/batch_scaling.py; docs/serving.md).
+Requests join between turns (by `priority`, lower first, then first in, first out, while a row
+is free) and leave as soon as their plan ends, their stop condition is met, they are cancelled or
+they fail; requests beyond `max_batch + max_queue` are refused (`EngineBusy`). Output is exact
+per request: the step graphs compute each row as they compute it alone, so a request's bytes do
+not depend on what else is in the batch (tests/runtime/test_batch.py, benchmarks/batch_scaling.py;
+docs/serving.md).
 """
 
 from __future__ import annotations
