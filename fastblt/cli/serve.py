@@ -81,7 +81,7 @@ def serve(
     max_tokens counts bytes, logit_bias is keyed by byte values ("10": -100),
     response_format takes json_object and json_schema (OpenAI's strict subset);
     fastblt's own fields (mode, k, lookup, alpha, gamma, unmask, top_k,
-    block_start) go in the body (the openai client's extra_body).
+    block_start, priority) go in the body (the openai client's extra_body).
 
     \b
     Examples:
