@@ -431,8 +431,14 @@ def _items(given: Any) -> list[dict]:
         got = "an empty list" if given == [] else json_kind(given)
         raise ApiError(400, f"input: expected a string or a non-empty list of items, got {got}", "input")
     prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
-    return [{"id": f"{prefix.get(item.get('type', 'message'), 'item')}_{uuid.uuid4().hex}", **item}
-            if isinstance(item, dict) and "id" not in item else item for item in given]  # fmt: skip
+    out = []
+    for item in given:
+        if isinstance(item, dict) and "id" not in item:
+            kind = item.get("type", "message")
+            known = isinstance(kind, str) and kind in ITEM_FIELDS
+            item = {"id": f"{prefix[kind] if known else 'item'}_{uuid.uuid4().hex}", **item}
+        out.append(item)
+    return out
 
 
 def _messages(items: list[dict], kept: int = 0) -> list[dict]:
@@ -445,7 +451,7 @@ def _messages(items: list[dict], kept: int = 0) -> list[dict]:
         if not isinstance(item, dict):
             raise ApiError(400, f"{where}: expected an object, got {json_kind(item)}", where)
         kind = item.get("type", "message")
-        if kind not in ITEM_FIELDS:
+        if not isinstance(kind, str) or kind not in ITEM_FIELDS:
             raise ApiError(400, f"{where}.type: {kind!r:.40} is not served (message, function_call, "
                            "function_call_output)", f"{where}.type")  # fmt: skip
         check_fields(item, ITEM_FIELDS[kind], {}, f"{where}.")

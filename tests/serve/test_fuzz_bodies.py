@@ -137,3 +137,70 @@ def test_a_random_body_is_a_request_or_a_4xx_naming_a_field(data, chat):
             make_request(prompt, CONFIG, max_bytes=max(comp.max_tokens or 1, 1), **comp.options)
         except FastBltError as e:
             assert str(e).startswith(("option", "mode", "prompt")), str(e)
+
+
+# ---------------------------------------------------------------------------- POST /v1/responses
+parts = st.fixed_dictionaries({"type": st.sampled_from(["input_text", "output_text", "input_image"]) | anything},
+                              optional={"text": st.text(max_size=8) | anything})  # fmt: skip
+items = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "developer", "assistant", "tool"]) | anything},
+                          optional={"type": st.just("message") | anything,
+                                    "content": st.text(max_size=12) | st.lists(parts, max_size=2) | anything,
+                                    "id": anything, "status": anything}),
+    st.fixed_dictionaries({"type": st.just("function_call")},
+                          optional={"call_id": st.text(max_size=3) | anything, "name": st.sampled_from(["f", "g"]),
+                                    "arguments": st.sampled_from(["{}", '{"a": 1}', "x"]) | anything}),
+    st.fixed_dictionaries({"type": st.just("function_call_output")},
+                          optional={"call_id": st.text(max_size=3) | anything,
+                                    "output": st.text(max_size=5) | st.lists(parts, max_size=2) | anything}),
+    anything,
+)  # fmt: skip
+function_tools = st.fixed_dictionaries(
+    {"type": st.sampled_from(["function", "web_search"]) | anything, "name": st.sampled_from(["f", "g"]) | anything},
+    optional={"parameters": schemas | anything, "strict": anything, "description": anything},
+)
+flat_schema = st.fixed_dictionaries({"type": st.just("json_schema"), "name": st.just("n"), "schema": schemas})
+named_function = st.fixed_dictionaries({"type": st.just("function"), "name": st.sampled_from(["f", "g"])})
+RESPONSES_FIELDS = {
+    "input": st.text(max_size=20) | st.lists(items, max_size=4) | anything,
+    "instructions": st.text(max_size=10) | anything,
+    "max_output_tokens": st.integers(-3, 40),
+    "temperature": st.floats(-1, 3),
+    "top_p": st.floats(-0.5, 1.5),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_obfuscation": anything}) | anything,
+    "store": st.booleans(),
+    "metadata": st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2) | anything,
+    "text": st.fixed_dictionaries({"format": response_formats | flat_schema}) | anything,
+    "tools": st.lists(function_tools, max_size=2) | anything,
+    "tool_choice": st.sampled_from(["none", "auto", "required"]) | named_function | anything,
+    "include": st.lists(st.sampled_from(["message.output_text.logprobs", "x"]), max_size=2) | anything,
+    "top_logprobs": st.integers(-1, 25),
+    "previous_response_id": st.text(max_size=4) | anything,
+    "service_tier": st.sampled_from(["auto", "flex", "priority", "x"]) | anything,
+    "reasoning": st.just({"effort": None}) | anything,
+    "truncation": st.sampled_from(["disabled", "auto"]),
+    "mode": st.sampled_from(["ar", "blt-s", "blt-d", "blt-dv", "fast"]),
+    "seed": st.integers(-5, 2**64),
+    "priority": st.integers(-(2**33), 2**33),
+}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_random_responses_body_is_a_request_or_a_4xx_naming_a_field(data):
+    from fastblt.serve.responses import ResponsesRequest, ResponseStore
+
+    chosen = data.draw(st.sets(st.sampled_from(sorted(RESPONSES_FIELDS)), max_size=8))
+    b = {name: data.draw(RESPONSES_FIELDS[name]) for name in chosen | {"input"}} | {"model": MODEL}
+    raw = json.dumps(b, allow_nan=False).encode() if _finite(b) else b"{}"
+    asked = ResponsesRequest(MODEL, "blt-s", TEMPLATES[data.draw(st.integers(0, 1))], ResponseStore(1 << 16))
+    try:
+        comp = asked.parse(raw)
+    except ApiError as e:
+        assert 400 <= e.status < 500 and e.message, e.message
+        return
+    try:
+        make_request(comp.prompts[0], CONFIG, max_bytes=max(comp.max_tokens or 1, 1), **comp.options)
+    except FastBltError as e:
+        assert str(e).startswith(("option", "mode", "prompt")), str(e)
