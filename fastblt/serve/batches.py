@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -62,6 +63,7 @@ TTL_S = (3600, 30 * 24 * 3600)  # an expiration policy's seconds, as OpenAI boun
 UPLOAD_TTL_S = 30 * 24 * 3600  # an upload's when it names none (OpenAI's for purpose batch)
 SWEEP_EVERY_S = 60.0  # how often expired files are deleted from DIR
 SAVE_EVERY_S = 0.5  # a running batch's request_counts reach its file at most this often
+BATCH_PRIORITY = 1  # a batch request's place in the engine's queue: behind live requests (priority 0)
 ADMIT_POLL_S = 0.02  # how often a batch request waiting for live requests to get their rows looks again
 _ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # ids made here; anything else names no file
 
@@ -355,7 +357,7 @@ class Runner:
                 self.store.save(batch)
                 saved[0] = time.monotonic()
 
-        todo = [r for r in requests if r.custom_id not in done]
+        todo = [_behind_live(r) for r in requests if r.custom_id not in done]
         with results.open("ab") as out:
             await answer(self.app, todo, out, self.concurrency, on_done, self.headers, retry=True, admit=self._row)
         self.store.save(batch)
@@ -383,6 +385,16 @@ class Runner:
         batch |= {"status": status, f"{status}_at": int(time.time())}
         self.store.save(batch)
         results.unlink(missing_ok=True)
+
+
+def _behind_live(request: BatchRequest) -> BatchRequest:
+    """`request` queued behind live ones (priority BATCH_PRIORITY) unless its body sets a priority
+    or service tier of its own: a live request that comes while it waits for a row goes first."""
+    body = json.loads(request.body)
+    if isinstance(body, dict) and "priority" not in body and "service_tier" not in body:
+        body["priority"] = BATCH_PRIORITY
+        return dataclasses.replace(request, body=json.dumps(body, ensure_ascii=False).encode())
+    return request
 
 
 def new_batch(input_file_id: str, endpoint: str, metadata: dict | None = None,

@@ -301,6 +301,7 @@ def _echo_app():
 
     async def complete(request):
         body = await request.json()
+        app.state.priorities.append(body.get("priority"))
         app.state.now += 1
         app.state.most = max(app.state.most, app.state.now)  # the most requests in flight at once
         await asyncio.sleep(0.05)
@@ -309,6 +310,7 @@ def _echo_app():
 
     app = Starlette(routes=[Route("/v1/completions", complete, methods=["POST"])])
     app.state.now = app.state.most = 0
+    app.state.priorities = []
     return app
 
 
@@ -438,6 +440,27 @@ def test_live_traffic_first_a_batch_waits_for_the_queue_and_trickles_beside_live
     assert queued == (0, 0)
     assert 2 <= trickled[0] <= 12 and trickled[1] == 1
     assert idle == (24, 4)
+
+
+def test_batch_requests_queue_behind_live_ones_unless_their_body_says_otherwise(tmp_path):
+    from fastblt.serve.batches import BATCH_PRIORITY, Runner, Store, new_batch
+
+    store = Store(tmp_path)
+    source = store.files_dir / "in.upload"
+    source.write_bytes(jsonl([line("a", "p"), line("b", "p", priority=-2), line("c", "p", service_tier="flex")]))
+    fid = store.add_file(source, "in.jsonl", "batch")["id"]
+    app = _echo_app()
+
+    async def main() -> dict:
+        runner = Runner(app, store, concurrency=1, headers={})
+        batch = new_batch(fid, "/v1/completions")
+        store.save(batch)
+        runner.start(batch)
+        await asyncio.wait_for(asyncio.gather(*runner.tasks.values()), 30)
+        return store.batch(batch["id"])
+
+    assert asyncio.run(main())["request_counts"]["completed"] == 3
+    assert app.state.priorities == [BATCH_PRIORITY, -2, None] and BATCH_PRIORITY > 0  # live requests' is 0
 
 
 def test_a_request_turned_away_for_now_is_sent_again_after_its_retry_after(tmp_path):
