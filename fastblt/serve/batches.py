@@ -389,12 +389,17 @@ class Runner:
 
 def _behind_live(request: BatchRequest) -> BatchRequest:
     """`request` queued behind live ones (priority BATCH_PRIORITY) unless its body sets a priority
-    or service tier of its own: a live request that comes while it waits for a row goes first."""
+    or service tier of its own: a live request that comes while it waits for a row goes first. A
+    Response is not kept in the server's memory unless the body asks (its answer is in the output
+    file; thousands of them would push out live conversations')."""
     body = json.loads(request.body)
-    if isinstance(body, dict) and "priority" not in body and "service_tier" not in body:
+    if not isinstance(body, dict):
+        return request
+    if "priority" not in body and "service_tier" not in body:
         body["priority"] = BATCH_PRIORITY
-        return dataclasses.replace(request, body=json.dumps(body, ensure_ascii=False).encode())
-    return request
+    if request.url == "/v1/responses":
+        body.setdefault("store", False)
+    return dataclasses.replace(request, body=json.dumps(body, ensure_ascii=False).encode())
 
 
 def new_batch(input_file_id: str, endpoint: str, metadata: dict | None = None,

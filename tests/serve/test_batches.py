@@ -461,6 +461,12 @@ def test_batch_requests_queue_behind_live_ones_unless_their_body_says_otherwise(
 
     assert asyncio.run(main())["request_counts"]["completed"] == 3
     assert app.state.priorities == [BATCH_PRIORITY, -2, None] and BATCH_PRIORITY > 0  # live requests' is 0
+    from fastblt.serve.batch_file import BatchRequest
+    from fastblt.serve.batches import _behind_live
+
+    asked = BatchRequest(1, "r", "/v1/responses", b'{"input": "x"}')
+    kept = BatchRequest(1, "r", "/v1/responses", b'{"input": "x", "store": true}')
+    assert json.loads(_behind_live(asked).body)["store"] is False and json.loads(_behind_live(kept).body)["store"]
 
 
 def test_a_request_turned_away_for_now_is_sent_again_after_its_retry_after(tmp_path):
