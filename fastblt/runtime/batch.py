@@ -31,7 +31,10 @@ runs them step by step:
 
 Requests join between turns (by `priority`, lower first, then first in, first out, while a row
 is free) and leave as soon as their plan ends, their stop condition is met, they are cancelled or
-they fail; requests beyond `max_batch + max_queue` are refused (`EngineBusy`). Output is exact
+they fail; requests beyond `max_batch + max_queue` are refused (`EngineBusy`). A request waiting
+for a row takes one from a running request of a lower priority (a higher number) at the end of
+that one's round: the latter's ring row is copied aside and it waits at the head of its priority,
+then resumes where it stopped (its own state, plan and caches kept: the same bytes). Output is exact
 per request: the step graphs compute each row as they compute it alone, so a request's bytes do
 not depend on what else is in the batch (tests/runtime/test_batch.py, benchmarks/batch_scaling.py;
 docs/serving.md).
@@ -47,6 +50,8 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from torch import Tensor
 
 from fastblt.errors import Cancelled, EngineBusy, EngineClosed, FastBltError, InputError, InternalError
 from fastblt.export.spec import STEPS, TORCH_DTYPES, state_dtype
@@ -76,6 +81,7 @@ class BatchStats:
     calls: dict[str, int] = field(default_factory=dict)  # backend calls per step
     rows: dict[str, int] = field(default_factory=dict)  # sequences served per step (sum over its calls)
     admitted: int = 0
+    preempted: int = 0  # rows given up to a waiting request of a higher priority (each resumes later)
     finished: int = 0  # ended normally (eos, stop string, max_bytes)
     cancelled: int = 0
     failed: int = 0
@@ -91,8 +97,8 @@ def sum_stats(stats: list[BatchStats]) -> BatchStats:
     """Several batch loops' counters as one new BatchStats (a snapshot, also for one lane)."""
     out = BatchStats(calls={}, rows={})
     for s in stats:
-        for name in ("active", "queued", "turns", "admitted", "finished", "cancelled", "failed", "generated",
-                     "shared_prefills", "prompt_hits", "prompt_hit_ids", "prompt_shared_hits",
+        for name in ("active", "queued", "turns", "admitted", "preempted", "finished", "cancelled", "failed",
+                     "generated", "shared_prefills", "prompt_hits", "prompt_hit_ids", "prompt_shared_hits",
                      "prompt_cache_bytes"):  # fmt: skip
             setattr(out, name, getattr(out, name) + getattr(s, name))
         for step in s.calls:
@@ -174,9 +180,19 @@ class _Sequence:
         self.prompt_scored = o.prompt_logprobs is None  # its scores went out with the first chunk's
         self.cohort = req.opts.mode, draft_length(req.opts, max_step)
         self.pending: StepCall | None = None
+        self.order = 0  # when it was admitted (the batch's count of admissions)
+        self.aside: list[Tensor] | None = None  # its ring row while it waits, preempted
         self.parked = False  # at the end of a round, waiting for its cohort
         self.joined = False  # has ended a round (a prefilling sequence holds up no cohort)
         self.ended = False
+
+    @property
+    def request(self) -> Request:
+        return self.ticket.request
+
+    @property
+    def cancelled(self) -> bool:
+        return self.ticket.cancelled
 
     def can_lead(self, ticket: Ticket) -> bool:
         """Whether the request of `ticket` may take a copy of this sequence's prefill: this one
@@ -291,7 +307,7 @@ class BatchEngine:
         )
         self.runner = StepRunner(backend, max_batch, engine.locks)
         self.live: list[_Sequence] = []  # row i holds live[i]
-        self.queue: deque[Ticket] = deque()
+        self.queue: deque[Ticket | _Sequence] = deque()  # waiting for a row: new, or preempted
         self.stats = BatchStats(calls=dict.fromkeys(STEPS, 0), rows=dict.fromkeys(STEPS, 0))
         self._idle: list[SequenceState] = []
         self._cv = threading.Condition()
@@ -356,7 +372,8 @@ class BatchEngine:
         with self._cv:
             self._closing = True
             if cancel:
-                for ticket in [*self.queue, *(seq.ticket for seq in self.live if seq is not None)]:
+                held = [e.ticket if isinstance(e, _Sequence) else e for e in self.queue]
+                for ticket in [*held, *(seq.ticket for seq in self.live if seq is not None)]:
                     ticket.cancel()
             self._cv.notify()
         if timeout == 0:
@@ -408,19 +425,25 @@ class BatchEngine:
         """End the waiting requests cancelled since the last turn (one whose caller gave up keeps
         no place in the queue, where it would count against max_queue until a row freed), then
         give free rows to the rest (caller holds the lock)."""
-        if any(ticket.cancelled for ticket in self.queue):
-            waiting: deque[Ticket] = deque()
-            for ticket in self.queue:
-                if ticket.cancelled:
-                    self._end_queued(ticket)
+        if any(entry.cancelled for entry in self.queue):
+            waiting: deque[Ticket | _Sequence] = deque()
+            for entry in self.queue:
+                if entry.cancelled:
+                    self._end_queued(entry)
                 else:
-                    waiting.append(ticket)
+                    waiting.append(entry)
             self.queue = waiting
-        while self.queue and len(self.live) < self.max_batch:
-            ticket = self.queue.popleft()
-            if ticket.cancelled:  # since the sweep above
-                self._end_queued(ticket)
+        while self.queue and (len(self.live) < self.max_batch or self._preempt(self.queue[0].request.priority)):
+            entry = self.queue.popleft()
+            if entry.cancelled:  # since the sweep above
+                self._end_queued(entry)
                 continue
+            if isinstance(entry, _Sequence):
+                self._place(entry)
+                self.rows.load_row(entry.state.row, entry.aside)
+                entry.aside = None
+                continue
+            ticket = entry
             try:
                 state = self._idle.pop() if self._idle else None
                 if state is None:
@@ -435,11 +458,34 @@ class BatchEngine:
                 continue
             self._place(seq)
             self.stats.admitted += 1
+            seq.order = self.stats.admitted
             if leader is None:
                 self._advance(seq, None)
         self.stats.queued, self.stats.active = len(self.queue), len(self.live)
 
-    def _end_queued(self, ticket: Ticket) -> None:
+    def _preempt(self, priority: int) -> bool:
+        """Give a waiting request of `priority` a row: that of the running request of the lowest
+        priority below it (the latest admitted of those) at the end of its round, which waits at the
+        head of its priority with its ring row copied aside (its other caches are its own). False
+        when no such request is at a round's end (or one leads another's prefill)."""
+        leading = {id(seq.leader) for seq in self.live if seq.leader is not None}
+        victims = [seq for seq in self.live if seq.parked and not seq.ended and not seq.cancelled
+                   and seq.request.priority > priority and id(seq) not in leading]  # fmt: skip
+        if not victims:
+            return False
+        seq = max(victims, key=lambda v: (v.request.priority, v.order))
+        seq.aside = [t.clone() for t in self.rows.row(seq.state.row)]
+        self._vacate(seq.state.row)
+        at = next((i for i, e in enumerate(self.queue) if e.request.priority >= seq.request.priority), len(self.queue))
+        self.queue.insert(at, seq)
+        self.stats.preempted += 1
+        return True
+
+    def _end_queued(self, entry: Ticket | _Sequence) -> None:
+        if isinstance(entry, _Sequence):  # preempted, then cancelled while it waited
+            self._finish(entry)
+            return
+        ticket = entry
         self.stats.cancelled += 1
         self._end(ticket, None, Cancelled("request cancelled while queued"))
 

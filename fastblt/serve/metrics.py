@@ -52,6 +52,8 @@ class EngineCollector(Collector):
         yield CounterMetricFamily("fastblt_shared_prefills", "Requests that took a copy of another request's "
                                   "prefill of the same prompt (n choices) instead of running their own.",
                                   value=s.shared_prefills)  # fmt: skip
+        yield CounterMetricFamily("fastblt_preempted", "Rows a running request gave up to a waiting request of a "
+                                  "higher priority (each resumes where it stopped).", value=s.preempted)  # fmt: skip
         yield CounterMetricFamily("fastblt_prompt_cache_hits", "Requests that loaded a snapshot of their prompt "
                                   "kept by an earlier one instead of committing it.", value=s.prompt_hits)  # fmt: skip
         yield CounterMetricFamily("fastblt_prompt_cache_hit_ids", "Prompt ids those requests loaded instead of "

@@ -363,6 +363,52 @@ def test_waiting_requests_take_rows_by_priority_then_in_arrival_order():
     assert all(t.result(0).ids == want for t in tickets.values())  # an order, never a difference
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_higher_priority_takes_a_running_requests_row_and_that_one_resumes_exactly(mode):
+    """A request of priority 3 holds the only row; once it has streamed text, one of priority 0
+    comes: it takes the row at the end of the first's round and ends first; the first then resumes
+    where it stopped. Both, seeded and sampled, are what each computes alone."""
+    g = torch_generator()
+    sampled = {"temperature": 0.9, "seed": 7, "stop_on_eos": False}
+    batch = batch_of(g, max_batch=1, max_queue=8)
+    ended: list[str] = []
+    high: list = []
+
+    def on_text(text: str) -> None:  # the first has begun: a request of a higher priority comes
+        if not high:
+            req = make_request(PROMPTS[3], g.config, mode, 24, **sampled)
+            high.append(batch.submit(req, on_done=lambda t: ended.append("high")))
+
+    low_req = make_request(PROMPTS[0], g.config, mode, 200, priority=3, **sampled)
+    low = batch.submit(low_req, on_text=on_text, on_done=lambda t: ended.append("low"))
+    got = low.result(120).ids, high[0].result(120).ids
+    batch.close(30)
+    assert ended == ["high", "low"] and batch.stats.preempted == 1
+    assert got == (g.generate(PROMPTS[0], mode=mode, max_bytes=200, **sampled).ids,
+                   g.generate(PROMPTS[3], mode=mode, max_bytes=24, **sampled).ids)  # fmt: skip
+
+
+def test_a_preempted_request_cancelled_while_it_waits_ends_at_once():
+    g = torch_generator()
+    batch = batch_of(g, max_batch=1, max_queue=8)
+    high: list = []
+
+    def on_text(text: str) -> None:
+        if not high:
+            high.append(batch.submit(make_request(PROMPTS[3], g.config, "ar", 200, stop_on_eos=False)))
+
+    low = batch.submit(make_request(PROMPTS[0], g.config, "ar", 200, priority=1, stop_on_eos=False), on_text=on_text)
+    deadline = time.time() + 30
+    while batch.stats.preempted == 0 and time.time() < deadline:
+        time.sleep(0.002)
+    low.cancel()
+    with pytest.raises(Cancelled):
+        low.result(30)
+    assert high[0].result(60).ids == g.generate(PROMPTS[3], mode="ar", max_bytes=200, stop_on_eos=False).ids
+    batch.close(30)
+    assert batch.stats.cancelled == 1 and batch.stats.queued == 0 and batch.stats.active == 0
+
+
 def test_requests_are_checked_against_the_graphs_before_they_queue():
     g = torch_generator()
     with batch_of(g) as batch, pytest.raises(InputError, match="prefill_chunk"):

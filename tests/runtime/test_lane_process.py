@@ -137,6 +137,29 @@ def test_cancelling_frees_the_row_in_the_child(engine):
     assert asyncio.run(main())
 
 
+def test_a_request_of_a_higher_priority_takes_a_row_in_the_child(engine):
+    """Every row (2 lanes x 2) holds a long request of priority 2: one of priority 0 preempts one
+    of them in its lane's process and ends while they run; all are what Generator computes."""
+    from fastblt.runtime.generator import Generator
+
+    async def main():
+        lows = [asyncio.create_task(engine.generate(PROMPTS[0], mode="ar", max_bytes=1500, stop_on_eos=False,
+                                                    priority=2)) for _ in range(4)]  # fmt: skip
+        while engine.stats.active < 4:
+            await asyncio.sleep(0.01)
+        before = engine.stats.preempted
+        high = await engine.generate(PROMPTS[3], mode="ar", max_bytes=32, stop_on_eos=False)
+        running = sum(not t.done() for t in lows)
+        return high, running, engine.stats.preempted - before, await asyncio.gather(*lows)
+
+    high, running, preempted, lows = asyncio.run(main())
+    g = Generator("default", backend="ort")
+    assert running == 4 and preempted == 1
+    assert high.ids == g.generate(PROMPTS[3], mode="ar", max_bytes=32, stop_on_eos=False).ids
+    want = g.generate(PROMPTS[0], mode="ar", max_bytes=1500, stop_on_eos=False).ids
+    assert all(low.ids == want for low in lows)
+
+
 def test_a_full_queue_is_refused_at_once():
     eng = AsyncEngine("default", backend="ort", max_batch=2, max_queue=0, lanes=2, processes=True)
     try:

@@ -487,7 +487,8 @@ def test_models_health_metrics_and_keys(server):
     text = httpx.get(f"{server.url}/metrics").text  # the histograms have a request to show
     for name in ("fastblt_requests_total", "fastblt_generated_bytes_total", "fastblt_queue_depth",
                  "fastblt_batch_occupancy", "fastblt_time_to_first_byte_seconds_bucket",
-                 "fastblt_inter_byte_latency_seconds_bucket", "fastblt_accepted_bytes_total"):  # fmt: skip
+                 "fastblt_inter_byte_latency_seconds_bucket", "fastblt_accepted_bytes_total",
+                 "fastblt_preempted_total"):  # fmt: skip
         assert name in text, name
     assert _metric(server, 'fastblt_requests_total{endpoint="completions",mode="ar",status="200"}') >= 1
     assert _metric(server, "fastblt_batch_rows") == 16  # --max-batch, over every lane
