@@ -1,6 +1,7 @@
 """Random batches against requests alone: arrivals while others decode, every mode, greedy and
-seeded sampling, k, stop strings, prefill chunks, prompts past the rings' windows, cancellations
-and batch sizes from 2 to 8. Every request that finishes equals Generator.generate alone.
+seeded sampling, k, stop strings, prefill chunks, prompts past the rings' windows, cancellations,
+priorities (requests preempted and resumed) and batch sizes from 2 to 8. Every request that
+finishes equals Generator.generate alone.
 
 A seeded walk over what the targeted tests in test_batch.py take one at a time: the rows a
 sequence moves between, the mirror rows of the global step, cohorts parking and drafting from the
@@ -37,6 +38,8 @@ def random_request(rng: random.Random) -> tuple[bytes, str, dict]:
         opts["stop"] = [rng.choice([b"a", b"\x00", b"n("])]
     if rng.random() < 0.2:
         opts["prefill_chunk"] = rng.choice([1, 3, 7])
+    if rng.random() < 0.5:  # a later request of a lower number takes a running one's row
+        opts["priority"] = rng.choice([-1, 1, 2])
     return prompt, mode, opts
 
 
@@ -44,7 +47,7 @@ def random_request(rng: random.Random) -> tuple[bytes, str, dict]:
 def test_random_batches_equal_requests_alone(name, seed):
     rng = random.Random(seed)
     g = torch_generator(name)
-    compared = cancelled = 0
+    compared = cancelled = preempted = 0
     for _ in range(8):
         work = [random_request(rng) for _ in range(rng.randrange(6, 14))]
         with BatchEngine(g.engine, max_batch=rng.choice([2, 3, 5, 8]), max_queue=64) as batch:
@@ -67,4 +70,5 @@ def test_random_batches_equal_requests_alone(name, seed):
                 assert (got.ids, got.stop_reason) == (want.ids, want.stop_reason), (prompt, mode, opts)
                 compared += 1
             assert batch.stats.active == 0
-    assert compared >= 40 and compared + cancelled >= 48
+            preempted += batch.stats.preempted
+    assert compared >= 40 and compared + cancelled >= 48 and preempted >= 1
