@@ -10,8 +10,9 @@
 Requests from any number of tasks share the engine's batch loops (batch.py, one BatchEngine per
 *lane*, each with its own backend sessions and its share of `max_batch` rows, on a thread of this
 process or in a worker process of its own): awaiting never blocks the event loop on a step call.
-A request runs on one lane, the one holding the fewest requests when it arrives, and computes
-there what it computes alone. For the ort backend on a CPU the default is a lane per core
+A request runs on one lane, the one holding the fewest requests when it arrives (at mixed
+priorities, first the one where it waits behind the fewest of its own priority or a higher one),
+and computes there what it computes alone. For the ort backend on a CPU the default is a lane per core
 (`default_lanes`; benchmarks/results/batch_scaling.md and serve_load.md measure one lane against
 two on 2 cores), each in a worker process (lane_process.py) when the checkpoint is given by name
 or path: as threads, every lane's Python between step calls and the event loop's take turns on
@@ -261,15 +262,21 @@ class AsyncEngine:
         return sum(lane.max_batch + lane.max_queue for lane in self.lanes)
 
     def _submit(self, request: Request, **callbacks: Any) -> Ticket:
-        """Queue on the lane holding the fewest requests (of lanes holding as few, the one that last
-        took this prompt: it keeps its snapshot), or the next with room; EngineBusy when none has,
-        EngineClosed when every lane is closing (or its process is gone)."""
+        """Queue on the lane where it waits behind the fewest requests of its priority or a lower
+        number (none: a free row, or a running request it preempts), then the one holding the fewest
+        requests (of lanes holding as few, the one that last took this prompt: it keeps its
+        snapshot), or the next with room; EngineBusy when none has, EngineClosed when every lane is
+        closing (or its process is gone). At equal priorities that is the lane holding the fewest."""
         closed: EngineClosed | None = None
         thread = threading.get_ident()  # its event loop's: latency-bound while the request is in flight
         callbacks["on_done"] = _idle_when_done(thread, callbacks.get("on_done"))
         digests = prompt_digests(request, self.generator.engine.max_step) if len(self.lanes) > 1 else []
         home = self._homes.get(digests)
-        for i in sorted(range(len(self.lanes)), key=lambda i: (self.lanes[i].load, i != home)):
+
+        def waits(lane: Any) -> int:  # requests it would wait behind there
+            return max(0, lane.ahead(request.priority) - lane.max_batch + 1)
+
+        for i in sorted(range(len(self.lanes)), key=lambda i: (waits(self.lanes[i]), self.lanes[i].load, i != home)):
             lane = self.lanes[i]
             courtesy.busy(thread)  # before submit: the request may end on the batch's thread at once
             try:

@@ -360,6 +360,13 @@ class BatchEngine:
         """Requests this batch holds (decoding or queued)."""
         return len(self.live) + len(self.queue)
 
+    def ahead(self, priority: int) -> int:
+        """Requests this batch holds that a new one of `priority` would not go before (its number
+        or lower), decoding or queued."""
+        with self._cv:
+            held = [*self.queue, *(seq for seq in self.live if seq is not None)]
+            return sum(e.request.priority <= priority for e in held)
+
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait for the loop to finish what it holds after `close`; whether it has."""
         self._thread.join(timeout)

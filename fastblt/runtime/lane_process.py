@@ -224,6 +224,12 @@ class ProcessLane:
         """Requests this lane holds (decoding or queued): what AsyncEngine balances lanes by."""
         return len(self._tickets)
 
+    def ahead(self, priority: int) -> int:
+        """Requests this lane holds that a new one of `priority` would not go before (its number or
+        lower): what AsyncEngine places a request by."""
+        with self._lock:
+            return sum(t.request.priority <= priority for t in self._tickets.values())
+
     @property
     def stats(self) -> BatchStats:
         """The counters now: the live child's (the last ones known when it does not answer) added

@@ -418,3 +418,35 @@ def test_a_prompt_goes_back_to_the_lane_that_keeps_its_snapshot():
     assert first.ids == again.ids == want
     assert (first.stats.prompt_cached, again.stats.prompt_cached > 0) == (0, True)
     assert hits == [0, 1]
+
+
+def test_a_request_goes_to_the_lane_where_it_waits_behind_the_fewest_of_its_priority():
+    """One row per lane: lane 0 runs a request of priority 0, lane 1 one of priority 2 (as loaded).
+    A new request of priority 0 goes to lane 1 and preempts there (in lane 0 it would wait for the
+    other's end); the preempted one then resumes; both are what Generator computes."""
+    eng = AsyncEngine(tiny_model("small-window"), backend="torch", max_batch=2, lanes=2)
+    g = eng.generator
+
+    async def main():
+        endless = asyncio.create_task(eng.generate(PROMPTS[0], mode="ar", max_bytes=50_000, stop_on_eos=False))
+        while eng.stats.active < 1:
+            await asyncio.sleep(0.001)
+        low = asyncio.create_task(eng.generate(PROMPTS[1], mode="ar", max_bytes=200, stop_on_eos=False,
+                                               priority=2))  # fmt: skip
+        while eng.stats.active < 2:
+            await asyncio.sleep(0.001)
+        high = await eng.generate(PROMPTS[3], mode="ar", max_bytes=8, stop_on_eos=False)
+        lanes = [lane.stats.preempted for lane in eng.lanes]
+        low_done = await low
+        endless.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await endless
+        return high, lanes, low_done
+
+    try:
+        high, lanes, low = asyncio.run(main())
+    finally:
+        eng.close(30)
+    assert lanes == [0, 1]
+    assert high.ids == g.generate(PROMPTS[3], mode="ar", max_bytes=8, stop_on_eos=False).ids
+    assert low.ids == g.generate(PROMPTS[1], mode="ar", max_bytes=200, stop_on_eos=False).ids
