@@ -45,7 +45,7 @@ FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", 
           "previous_response_id"}  # fmt: skip
 # chat's sampling fields that Responses lacks, taken as fastblt's own (the openai client's extra_body)
 EXTRA = FASTBLT_FIELDS | {"seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias"}
-# fields fastblt accepts only as "not asked for": a model without reasoning, tools or stored state
+# fields fastblt accepts only as "not asked for": a model without reasoning, hosted tools or background runs
 NEUTRAL = {"background": (None, False), "reasoning": (None, {}), "truncation": (None, "disabled"),
            "max_tool_calls": (None,), "prompt": (None,),
            "access_programs": (None,), "background_options": (None,), "context_management": (None,),
