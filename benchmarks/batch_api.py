@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 from common import machine_meta, save
-from serve_load import MAX_TOKENS, MODEL, code_prompts, level, summarize
+from serve_load import MAX_TOKENS, MODEL, answers_alone, code_prompts, level, summarize
 
 MODE = "blt-s"
 LIVE_CLIENTS, LIVE_REQUESTS, BATCH_REQUESTS = 4, 32, 96
@@ -160,13 +160,10 @@ def plot(r: dict, path: Path) -> None:
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    from fastblt.runtime.generator import Generator
     from fastblt.serve.process import ServerProcess
 
     prompts = code_prompts(32)
-    g = Generator("default")
-    want = {p: g.generate(p, mode=MODE, max_bytes=MAX_TOKENS, temperature=0.0).text for p in prompts}
-    g.close()
+    want = answers_alone(prompts, (MODE,))[MODE]
     with tempfile.TemporaryDirectory() as root, ServerProcess(["--batch-dir", root, "--max-queue", "512"]) as srv:
         r = {"meta": {"command": "python benchmarks/batch_api.py", **machine_meta(), "max_batch": 16,
                       "max_tokens": MAX_TOKENS}}  # fmt: skip

@@ -52,14 +52,29 @@ TARGETS = {"x16_vs_x1": 6.0}
 SOURCES = ("json/decoder.py", "json/encoder.py", "email/message.py", "textwrap.py", "string.py", "shlex.py")
 
 
+def answers_alone(prompts: list[str], modes: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Per mode, each prompt's greedy answer from fastblt.Generator alone (batch 1): what every
+    answer the server gives must equal."""
+    from fastblt.runtime.generator import Generator
+
+    g = Generator("default")
+    try:
+        return {m: {p: g.generate(p, mode=m, max_bytes=MAX_TOKENS, temperature=0.0).text for p in prompts}
+                for m in modes}  # fmt: skip
+    finally:
+        g.close()
+
+
 def code_prompts(n: int) -> list[str]:
     """n prompts of stdlib code, 100 to 300 bytes each, starting at line boundaries."""
     return code_snippets(n, SOURCES, (100, 300), seed=0, tail=2000)
 
 
-async def one(client: httpx.AsyncClient, url: str, prompt: str, mode: str) -> dict:
-    """One streamed request: its text, time to first byte, per-byte gaps, or its error."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, "mode": mode}
+async def one(client: httpx.AsyncClient, url: str, prompt: str, mode: str, extra: dict | None = None) -> dict:
+    """One streamed request (`extra`: more body fields): its text, time to first byte, per-byte
+    gaps, or its error."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, "mode": mode,
+            **(extra or {})}  # fmt: skip
     t0 = time.perf_counter()
     text, gaps, ttfb, last = [], [], None, None
     try:
@@ -401,16 +416,12 @@ def main() -> None:
     if any(n < 1 for n in compare):
         ap.error(f"--compare-lanes: expected comma-separated lane counts >= 1, got {args.compare_lanes!r}")
     from fastblt.runtime.async_engine import default_lanes
-    from fastblt.runtime.generator import Generator
     from fastblt.serve.process import ServerProcess
 
     levels = (1, 4) if args.quick else LEVELS
     prompts = code_prompts(32)
-    g = Generator("default")
-    want = {m: {p: g.generate(p, mode=m, max_bytes=MAX_TOKENS, temperature=0.0).text for p in prompts} for m in MODES}
+    want = answers_alone(prompts, MODES)
     max_batch = args.max_batch
-    g.close()
-    del g
     server_args = ["--max-queue", "512"] + (["--max-batch", str(max_batch)] if max_batch else [])
     r: dict = {
         "meta": {
