@@ -236,7 +236,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             comp = await asyncio.to_thread(parse, await _read_body(request, settings.max_body))
             mode = comp.options["mode"]
             record.parsed(mode, comp.stream, comp.n * len(comp.prompts), sum(len(p.encode()) for p in comp.prompts),
-                          comp.user)  # fmt: skip
+                          comp.user, comp.options.get("priority", 0))  # fmt: skip
             # off the event loop: a request's schema or tools compile into automata (up to ~1 s for
             # a fine multipleOf beside wide bounds), which the streams in flight must not wait for
             jobs = await asyncio.to_thread(_jobs, eng, comp)

@@ -92,9 +92,12 @@ class RequestRecord:
         self.first: float | None = None  # when a choice's first byte was verified
         self.ended = False
 
-    def parsed(self, mode: str, stream: bool, choices: int, prompt_bytes: int, user: str | None) -> None:
-        """The checked request: what it asks for."""
+    def parsed(self, mode: str, stream: bool, choices: int, prompt_bytes: int, user: str | None,
+               priority: int = 0) -> None:  # fmt: skip
+        """The checked request: what it asks for (its priority when not the default)."""
         self.fields.update(mode=mode, stream=stream, choices=choices, prompt_bytes=prompt_bytes)
+        if priority:
+            self.fields["priority"] = priority
         if user:
             self.fields["user"] = _cut(user)
 

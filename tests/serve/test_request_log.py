@@ -170,13 +170,13 @@ def test_responses_carry_an_id_that_names_their_log_line(server):
     c = client(server)
     prompt = "def main("
     r = c.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
-                                               user="alice", extra_body={"mode": "ar"})  # fmt: skip
+                                               user="alice", extra_body={"mode": "ar", "priority": 3})  # fmt: skip
     done = r.parse()
     rid = r.headers["x-request-id"]
     assert GENERATED.fullmatch(rid) and done._request_id == rid and r.headers.get_list("x-request-id") == [rid]
     f = logged(server, rid)
     assert f["status"] == "200" and f["endpoint"] == "completions" and f["mode"] == "ar" and f["stream"] == "false"
-    assert f["user"] == "alice" and f["choices"] == "1"
+    assert f["user"] == "alice" and f["choices"] == "1" and f["priority"] == "3"
     assert int(f["prompt_bytes"]) == done.usage.prompt_tokens == len(prompt.encode())
     assert int(f["completion_bytes"]) == done.usage.completion_tokens
     assert f["finish"] == done.choices[0].finish_reason
@@ -186,6 +186,7 @@ def test_responses_carry_an_id_that_names_their_log_line(server):
     other = c.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=1, extra_headers=traced)
     assert other.headers["x-request-id"] != rid  # one per request
     assert logged(server, other.headers["x-request-id"])["trace_id"] == TRACE
+    assert "priority" not in logged(server, other.headers["x-request-id"])  # the default is not written
 
 
 def test_a_streamed_request_logs_what_it_sent_and_the_clients_id_is_kept(server):
