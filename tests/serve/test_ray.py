@@ -271,6 +271,10 @@ def test_replicas_answer_as_generate_and_share_the_load(ray_server, reference):
     c = openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key="-", max_retries=0, timeout=120)
     r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
     assert r.choices[0].message.content == want and r.object == "chat.completion"
+    kept = c.responses.create(model=MODEL, input=messages[0]["content"], max_output_tokens=24, temperature=0)
+    assert kept.output_text == want and kept.store is False  # replicas keep no responses
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        c.responses.create(model=MODEL, input="x", previous_response_id=kept.id)
 
 
 @pytest.mark.timeout(300)
