@@ -44,12 +44,19 @@ def quantified(atom: st.SearchStrategy) -> st.SearchStrategy:
     return st.tuples(atom, quantifiers).map("".join)
 
 
+def unrepeated(r: str) -> bool:
+    """Whether `r` holds no quantifier: Python's re, the oracle here (and inside hypothesis's
+    from_regex, on whole drawn strings), backtracks exponentially through a repeated group of
+    repeats ((?:a*)* against 25 a's and a b: 1.5 s, doubling with each a)."""
+    return not any(q in r.replace("(?:", "(") for q in "*+?{")
+
+
 regexes = st.recursive(
     quantified(atoms),
     lambda inner: (
         st.lists(inner, min_size=1, max_size=3).map("".join)
         | st.lists(inner, min_size=2, max_size=3).map(lambda alts: "(" + "|".join(alts) + ")")
-        | quantified(inner.map(lambda r: f"(?:{r})"))
+        | quantified(inner.filter(unrepeated).map(lambda r: f"(?:{r})"))
     ),
     max_leaves=6,
 )
@@ -113,7 +120,7 @@ def test_a_pattern_matches_what_python_searches_for(source, data):
 # lookaheads (and $ inside a pattern, a lookahead of its own) between plain parts: (the pattern,
 # the plain parts alone, for hypothesis to draw texts from, and the lookaheads' bodies, whose
 # texts meet or fail them)
-# bodies without nested repeats: Python's re backtracks through those for ages
+# bodies without nested repeats (as `regexes`: see `unrepeated`)
 bodies = st.lists(quantified(atoms), min_size=1, max_size=3).map("".join)
 lookahead = st.tuples(st.sampled_from(["(?=", "(?!"]), bodies, st.sampled_from(["", "$"]))
 parts = st.lists(st.one_of(regexes.map(lambda r: ("plain", r)), lookahead.map(lambda t: ("look", t)),
