@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
-import json
 import math
 import os
 import re
@@ -217,7 +216,11 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                            "model", "model_not_found")  # fmt: skip
         return JSONResponse(model)
 
-    async def complete(request: Request, parse: Callable[[bytes], Completion], endpoint: str) -> Response:
+    async def complete(request: Request, parse: Callable[[bytes], Completion], endpoint: str,
+                       reshape: Callable[[dict], dict] | None = None,
+                       frame: Callable[[dict | str], bytes] = sse) -> Response:  # fmt: skip
+        """Answer a completions-shaped request; `reshape` turns a whole answer, and `frame` each
+        streamed body (or "[DONE]"), into another API's (responses.py), sse by default."""
         arrived = time.perf_counter()
         m: Metrics = state["metrics"]
         mode = "unknown"
@@ -242,14 +245,14 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             jobs = await asyncio.to_thread(_jobs, eng, comp)
             if comp.stream:  # counted as it ends
                 return await _stream(eng, comp, jobs, request, inflight, settings, m, record,
-                                     state["fingerprint"], endpoint)  # fmt: skip
+                                     state["fingerprint"], endpoint, frame)  # fmt: skip
             gens = await _unless_gone(_together(eng.generate(job.req) for job in jobs), request, inflight)
             for gen in gens:
                 m.generation(gen, arrived)
                 record.byte_times(gen.times)
             answer = _answer(comp, jobs, gens, settings.model_id, state["fingerprint"])
             m.tool_calls(mode, sum(len(c.get("message", {}).get("tool_calls") or ()) for c in answer["choices"]))
-            response = JSONResponse(answer)
+            response = JSONResponse(answer if reshape is None else reshape(answer))
         except ApiError as e:
             raise refused(e) from None
         except EngineBusy as e:
@@ -282,11 +285,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
         asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept)
-        answer = await complete(request, asked.parse, "responses")
-        if isinstance(answer, StreamingResponse):
-            return StreamingResponse(asked.events(answer.body_iterator), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
-        return JSONResponse(asked.answer(json.loads(answer.body)))
+        return await complete(request, asked.parse, "responses", asked.answer, asked.frame)
 
     def stored(request: Request, response_id: str) -> Stored:
         authorize(request)
@@ -540,7 +539,7 @@ async def _together(work: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
 
 async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request: Request, inflight: _InFlight,
                   settings: ServeSettings, m: Metrics, record: RequestRecord, fp: str | None,
-                  endpoint: str) -> StreamingResponse:  # fmt: skip
+                  endpoint: str, frame: Callable[[dict | str], bytes] = sse) -> StreamingResponse:  # fmt: skip
     """Start the streams (a choice each; one when greedy) and wait for each one's first event, so
     a failing prefill is still a 4xx and a client that leaves while its requests wait for rows
     frees their places. Chunks of all choices go out as they come, each with its index. The
@@ -572,7 +571,7 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
         body = shape.body(cid, settings.model_id, choices, created=created, fingerprint=fp, chunk=True)
         if comp.include_usage:
             body["usage"] = None  # only the last chunk, after the choices, carries it
-        return sse(body)
+        return frame(body)
 
     async def events() -> AsyncIterator[bytes]:
         status, error, reasons, used = 499, None, [], None  # unless it gets to its end
@@ -604,19 +603,19 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
             used = _usage(comp, jobs, [s.generation for s in streams], generated)
             if comp.include_usage:
                 body = shape.body(cid, settings.model_id, [], used, created, fp, chunk=True)
-                yield sse(body)
-            yield sse("[DONE]")
+                yield frame(body)
+            yield frame("[DONE]")
         except (FastBltError, ApiError) as e:  # bytes already went out: the failure is an event
             if isinstance(e, Cancelled) and inflight.stopping.is_set():  # it ended before the stream saw why
                 e = inflight.error()
             error = e if isinstance(e, ApiError) else _field_error(e, comp)
             status = error.status
-            yield sse(error.body())
-            yield sse("[DONE]")
+            yield frame(error.body())
+            yield frame("[DONE]")
         except Exception as e:  # our own failure (a lane that died): still an event, not a cut body
             status, error = 500, ApiError(500, f"internal error: {e}", kind="server_error")
-            yield sse(error.body())
-            yield sse("[DONE]")
+            yield frame(error.body())
+            yield frame("[DONE]")
         finally:
             for pump in pumps:
                 pump.cancel()

@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +118,7 @@ class ResponsesRequest:
         self.items: list[dict] = []  # the input items answered (those of the responses continued first)
         self.own = 0  # how many of them the request gave
         self.keep = False
+        self._events: _Events | None = None  # a streamed answer's, from its first body on
         self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
 
     def parse(self, raw: bytes) -> Completion:
@@ -234,22 +234,16 @@ class ResponsesRequest:
             response["store"] = False
         return response
 
-    async def events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Chat's stream (server-sent chunks, then [DONE]) as Responses events."""
-        stream = _Events(self)
-        try:
-            yield stream.event("response.created", response=self.response("in_progress", [], None))
-            yield stream.event("response.in_progress", response=self.response("in_progress", [], None))
-            async for raw in chunks:
-                data = raw.decode().removeprefix("data: ").strip()
-                if data == "[DONE]":
-                    continue
-                for out in stream.feed(json.loads(data)):
-                    yield out
-            for out in stream.end():
-                yield out
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]  # chat's stream counts and logs as it closes
+    def frame(self, body: dict | str) -> bytes:
+        """The Responses events for one body of chat's stream (a chunk, an error, or "[DONE]"), in
+        place of its server-sent event: app.py's streams take it as their `frame`."""
+        out = []
+        if self._events is None:  # the stream's first body: the Response begins
+            self._events = _Events(self)
+            for kind in ("response.created", "response.in_progress"):
+                out.append(self._events.event(kind, response=self.response("in_progress", [], None)))
+        out += self._events.end() if body == "[DONE]" else self._events.feed(body)  # type: ignore[arg-type]
+        return b"".join(out)
 
 
 class _Events:

@@ -182,25 +182,21 @@ def test_a_server_without_a_template_has_no_responses():
     assert e.value.status == 404 and "--chat-template" in e.value.message
 
 
-def _sse(body: dict | str) -> bytes:
-    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n".encode()
+DONE = "[DONE]"  # the last body of chat's stream
 
 
-def _chunk(delta: dict, reason: str | None = None, usage: dict | None = None) -> bytes:
+def _chunk(delta: dict, reason: str | None = None, usage: dict | None = None) -> dict:
     choices = [] if usage else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
-    return _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": choices, "usage": usage})
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": choices, "usage": usage}
 
 
-async def _events(chunks: list[bytes]) -> list[dict]:
-    async def source():
-        for c in chunks:
-            yield c
-
+def _events(bodies: list[dict | str]) -> list[dict]:
+    """The Responses events a streamed request sends for chat's stream `bodies`."""
     asked = ResponsesRequest(MODEL, "blt-s", TEMPLATE)
     asked.parse(json.dumps({"model": MODEL, "input": "x"}).encode())
     out = []
-    async for raw in asked.events(source()):
-        event, data = raw.decode().split("\n")[:2]
+    for raw in b"".join(asked.frame(b) for b in bodies).decode().split("\n\n")[:-1]:
+        event, data = raw.split("\n")
         body = json.loads(data.removeprefix("data: "))
         assert event == f"event: {body['type']}"
         out.append(body)
@@ -208,8 +204,6 @@ async def _events(chunks: list[bytes]) -> list[dict]:
 
 
 def test_a_chat_stream_becomes_responses_events_in_order():
-    import asyncio
-
     usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14, "prompt_tokens_details": {
         "cached_tokens": 0}}  # fmt: skip
     chunks = [_chunk({"role": "assistant", "content": "it "}), _chunk({"content": "is"}),
@@ -218,8 +212,8 @@ def test_a_chat_stream_becomes_responses_events_in_order():
               _chunk({"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]}),
               _chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
                                       "function": {"name": "g", "arguments": "{}"}}]}),
-              _chunk({}, "tool_calls"), _chunk({}, usage=usage), _sse("[DONE]")]  # fmt: skip
-    events = asyncio.run(_events(chunks))
+              _chunk({}, "tool_calls"), _chunk({}, usage=usage), DONE]  # fmt: skip
+    events = _events(chunks)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert [e["type"].removeprefix("response.") for e in events] == [
         "created", "in_progress", "output_item.added", "content_part.added", "output_text.delta",
@@ -234,18 +228,17 @@ def test_a_chat_stream_becomes_responses_events_in_order():
     assert final["output"][0]["content"][0]["text"] == "it is" and final["output"][1]["call_id"] == "call_a"
     openai.types.responses.Response.model_validate({**final, "usage": None})  # what the client reads it as
 
-    cut = asyncio.run(_events([_chunk({"content": "a"}), _chunk({}, "length"), _chunk({}, usage=usage)]))
+    cut = _events([_chunk({"content": "a"}), _chunk({}, "length"), _chunk({}, usage=usage), DONE])
     assert cut[-1]["type"] == "response.incomplete"
     assert cut[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     error = {"error": {"message": "lane died", "type": "server_error", "param": None, "code": None}}
-    failed = asyncio.run(_events([_chunk({"content": "a"}), _sse(error), _sse("[DONE]")]))
+    failed = _events([_chunk({"content": "a"}), error, DONE])
     assert [e["type"] for e in failed[-2:]] == ["error", "response.failed"]
     assert failed[-1]["response"]["error"]["message"] == "lane died"
-    empty = asyncio.run(_events([_chunk({"role": "assistant", "content": ""}), _chunk({}, "stop"),
-                                 _chunk({}, usage=usage)]))  # fmt: skip
+    empty = _events([_chunk({"role": "assistant", "content": ""}), _chunk({}, "stop"), _chunk({}, usage=usage), DONE])
     assert "response.output_text.delta" not in [e["type"] for e in empty]
     assert [o["content"][0]["text"] for o in empty[-1]["response"]["output"]] == [""]  # as the whole answer has it
-    left = asyncio.run(_events([_chunk({"content": "a"})]))  # chat's stream ended without an end: no verdict
+    left = _events([_chunk({"content": "a"})])  # chat's stream cut (its client left): no verdict
     assert left[-1]["type"] == "response.output_text.delta"
 
 
