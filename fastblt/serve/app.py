@@ -71,6 +71,7 @@ REQUEST_ID = "fastblt.request_id"  # the request's id in its ASGI scope (_Header
 # ids an engine behind the server holds beyond --max-context bytes: BOS, and the byte a scoring
 # request (max_tokens 0) decodes and drops
 SERVE_EXTRA_IDS = 2
+MAX_REFITS = 2  # times a request is shortened again after its text reached the position limit
 T = TypeVar("T")
 
 
@@ -218,9 +219,12 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     async def complete(request: Request, parse: Callable[[bytes], Completion], endpoint: str,
                        reshape: Callable[[dict], dict] | None = None,
-                       frame: Callable[[dict | str], bytes] = sse) -> Response:  # fmt: skip
+                       frame: Callable[[dict | str], bytes] = sse,
+                       refit: Callable[[PositionLimit], Completion | None] | None = None) -> Response:  # fmt: skip
         """Answer a completions-shaped request; `reshape` turns a whole answer, and `frame` each
-        streamed body (or "[DONE]"), into another API's (responses.py), sse by default."""
+        streamed body (or "[DONE]"), into another API's (responses.py), sse by default. `refit`:
+        the request again, shorter, when its text reached the model's position limit before its
+        answer began (None: refused as it is)."""
         arrived = time.perf_counter()
         m: Metrics = state["metrics"]
         mode = "unknown"
@@ -242,11 +246,19 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                           comp.user, comp.options.get("priority", 0))  # fmt: skip
             # off the event loop: a request's schema or tools compile into automata (up to ~1 s for
             # a fine multipleOf beside wide bounds), which the streams in flight must not wait for
-            jobs = await asyncio.to_thread(_jobs, eng, comp)
-            if comp.stream:  # counted as it ends
-                return await _stream(eng, comp, jobs, request, inflight, settings, m, record,
-                                     state["fingerprint"], endpoint, frame)  # fmt: skip
-            gens = await _unless_gone(_together(eng.generate(job.req) for job in jobs), request, inflight)
+            for refits in range(MAX_REFITS + 1):
+                jobs = await asyncio.to_thread(_jobs, eng, comp)
+                try:
+                    if comp.stream:  # counted as it ends
+                        return await _stream(eng, comp, jobs, request, inflight, settings, m, record,
+                                             state["fingerprint"], endpoint, frame)  # fmt: skip
+                    gens = await _unless_gone(_together(eng.generate(job.req) for job in jobs), request, inflight)
+                    break
+                except PositionLimit as e:
+                    shorter = None if refit is None or refits == MAX_REFITS else await asyncio.to_thread(refit, e)
+                    if shorter is None:
+                        raise
+                    comp = shorter
             for gen in gens:
                 m.generation(gen, arrived)
                 record.byte_times(gen.times)
@@ -285,7 +297,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
         asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept)
-        return await complete(request, asked.parse, "responses", asked.answer, asked.frame)
+        return await complete(request, lambda raw: asked.parse(raw, byte_limit(ready())), "responses", asked.answer,
+                              asked.frame, asked.refit)  # fmt: skip
 
     def stored(request: Request, response_id: str) -> Stored:
         authorize(request)
@@ -415,6 +428,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def byte_limit(eng: AsyncEngine) -> int:
+    """Bytes a request's prompt and answer may take together: `serve --max-context` (the engine's
+    max_context less the BOS id and the byte a scoring request decodes and drops), else the serve
+    CLI's default limit (4 bytes per patch of the global model's position limit)."""
+    g = eng.generator
+    if g.max_context is not None:
+        return g.max_context - SERVE_EXTRA_IDS
+    return BYTES_PER_PATCH * g.config.global_model.max_positions
+
+
 def _request(eng: AsyncEngine, comp: Completion, prompt: str, p: int = 0):
     """The engine's checked Request for `prompt` (the p-th); a refused option is a 400 naming the
     field. The size limit (`serve --max-context`: the engine's max_context less the BOS id and the
@@ -425,7 +448,7 @@ def _request(eng: AsyncEngine, comp: Completion, prompt: str, p: int = 0):
     which = f"{comp.prompt_field}[{p}]" if len(comp.prompts) > 1 else comp.prompt_field
     max_tokens = comp.max_tokens
     if max_tokens is None:  # as much as fits: up to the limit, else the serve CLI's default limit
-        cap = limit if limit is not None else BYTES_PER_PATCH * g.config.global_model.max_positions
+        cap = byte_limit(eng)
         room = cap - size
         if room < 1:
             raise ApiError(400, f"{which}: {size} bytes leave no room under this server's limit of {cap} bytes "

@@ -12,6 +12,11 @@ ResponseStore: in memory, the least recently used dropped past its budget. A req
 continue one (`previous_response_id`: its input items and output come before the new input; its
 instructions do not, as OpenAI's), and GET / DELETE /v1/responses/{id} read and drop them.
 `conversation` (OpenAI's stored conversations) is refused.
+
+With `truncation: "auto"`, a conversation past the server's byte limit drops items from its middle:
+the leading system and developer messages stay, and the newest turns from a user message on, as
+many as fit with room for max_output_tokens; the kept response still holds every item, so a later
+turn truncates again from the whole conversation.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from fastblt.errors import PositionLimit
 from fastblt.serve.api import (
     FASTBLT_FIELDS,
     ApiError,
@@ -41,18 +47,19 @@ from fastblt.serve.chat import ChatTemplate, message_text, parse_chat
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "stream_options",
           "user", "safety_identifier", "metadata", "store", "text", "tools", "tool_choice", "parallel_tool_calls",
           "include", "top_logprobs", "prompt_cache_key", "prompt_cache_retention", "service_tier",
-          "previous_response_id"}  # fmt: skip
+          "previous_response_id", "truncation", "max_tool_calls"}  # fmt: skip
 # chat's sampling fields that Responses lacks, taken as fastblt's own (the openai client's extra_body)
 EXTRA = FASTBLT_FIELDS | {"seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias"}
 # fields fastblt accepts only as "not asked for": a model without reasoning, hosted tools or background runs
-NEUTRAL = {"background": (None, False), "reasoning": (None, {}), "truncation": (None, "disabled"),
-           "max_tool_calls": (None,), "prompt": (None,),
+NEUTRAL = {"background": (None, False), "reasoning": (None, {}), "prompt": (None,),
            "access_programs": (None,), "background_options": (None,), "context_management": (None,),
            "image": (None,), "moderation": (None,), "prompt_cache_options": (None,)}  # fmt: skip
 LOGPROBS = "message.output_text.logprobs"
 # what `include` may name: logprobs, and reasoning's encrypted content (there is none to include)
 INCLUDE = (LOGPROBS, "reasoning.encrypted_content")
 ROLES = ("user", "system", "developer", "assistant")
+LEADING = ("system", "developer")  # roles of the messages truncation keeps at the start
+TRUNCATION = ("disabled", "auto")
 ITEM_FIELDS = {"message": {"type", "role", "content", "id", "status"},
                "function_call": {"type", "call_id", "name", "arguments", "id", "status"},
                "function_call_output": {"type", "call_id", "output", "id", "status"}}  # fmt: skip
@@ -119,9 +126,13 @@ class ResponsesRequest:
         self.own = 0  # how many of them the request gave
         self.keep = False
         self._events: _Events | None = None  # a streamed answer's, from its first body on
+        self._whole: tuple[dict, Completion] | None = None  # chat's body and Completion, untruncated
+        self._limit: int | None = None  # the bytes the prompt and answer were fitted under
         self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
 
-    def parse(self, raw: bytes) -> Completion:
+    def parse(self, raw: bytes, limit: int | None = None) -> Completion:
+        """Chat's Completion for the body `raw`; `limit`: the server's bytes per request (prompt and
+        answer), which `truncation: "auto"` fits the conversation under."""
         if self.template is None:
             raise ApiError(404, "POST /v1/responses: this server has no chat template (start it with "
                            "--chat-template FILE); POST /v1/completions takes a prompt", None, "not_found")  # fmt: skip
@@ -131,9 +142,22 @@ class ResponsesRequest:
             comp = parse_chat(chat, self.model_id, self.default_mode, self.template)
         except ApiError as e:
             raise _renamed(e) from None
-        comp.prompt_field, comp.tokens_field = "input", "max_output_tokens"
-        comp.format_field = "tool_choice" if comp.format_field == "tool_choice" else "text.format"
-        return comp
+        self._whole, self._limit = (chat, comp), limit
+        if self.echo["truncation"] == "auto" and limit is not None:
+            comp = self._truncated(chat, comp, limit)
+        return _named(comp)
+
+    def refit(self, e: PositionLimit) -> Completion | None:
+        """With truncation auto, the conversation truncated again for a text that reached the
+        model's position limit (in patches, which the byte limit only estimates) after
+        `e.bytes_read` ids: to the bytes read before that patch, less the BOS id; else None."""
+        if self.echo.get("truncation") != "auto" or self._whole is None:
+            return None
+        limit = e.bytes_read - 2
+        if self._limit is not None and limit >= self._limit:
+            return None
+        self._limit = limit
+        return _named(self._truncated(*self._whole, limit))
 
     def _chat_body(self, body: dict) -> dict:
         """The chat completions body `body` asks for, and self.echo (what the Response repeats)."""
@@ -196,6 +220,12 @@ class ResponsesRequest:
         elif top is not None and not 0 <= top <= 20:
             raise ApiError(400, f"top_logprobs: expected an integer in [0, 20], got {top}", "top_logprobs")
         metadata = get_metadata(body)
+        truncation = get_field(body, "truncation", str, default="disabled")
+        if truncation not in TRUNCATION:
+            raise ApiError(400, f'truncation: expected "auto" or "disabled", got {truncation!r:.40}', "truncation")
+        max_tool_calls = get_field(body, "max_tool_calls", int)  # of hosted tools: there are none to call
+        if max_tool_calls is not None and max_tool_calls < 1:
+            raise ApiError(400, f"max_tool_calls: expected an integer >= 1, got {max_tool_calls}", "max_tool_calls")
         self.echo = {
             "instructions": instructions, "max_output_tokens": max_output, "metadata": metadata or {},
             "parallel_tool_calls": body.get("parallel_tool_calls", True), "temperature": body.get("temperature"),
@@ -203,9 +233,42 @@ class ResponsesRequest:
             "tool_choice": choice if choice is not None else "auto" if "tools" in chat else "none",
             "tools": tools or [], "top_logprobs": top, "user": user, "safety_identifier": identifier,
             "service_tier": "default" if body.get("service_tier") in (None, "auto") else body["service_tier"],
-            "previous_response_id": previous, "store": self.keep,
+            "previous_response_id": previous, "store": self.keep, "truncation": truncation,
+            "max_tool_calls": max_tool_calls,
         }  # fmt: skip
         return chat
+
+    def _truncated(self, chat: dict, comp: Completion, limit: int) -> Completion:
+        """`comp` with the conversation's middle dropped until it fits `limit` bytes with room for
+        its answer (max_output_tokens, else one byte): the fewest whole turns (a turn begins at a
+        user message, so no call loses its output) after the leading system and developer messages."""
+        room = max(comp.max_tokens or 1, 1)
+        if _size(comp) + room <= limit:
+            return comp
+        messages = chat["messages"]
+        head = next((i for i, m in enumerate(messages) if m["role"] not in LEADING), len(messages))
+        starts = [i for i in range(head + 1, len(messages)) if messages[i]["role"] == "user"]
+
+        def kept(start: int) -> Completion:
+            return parse_chat({**chat, "messages": messages[:head] + messages[start:]}, self.model_id,
+                              self.default_mode, self.template)  # fmt: skip
+
+        lo, hi, best = 0, len(starts) - 1, None  # the earliest start that fits: sizes fall as turns go
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            shorter = kept(starts[mid])
+            if _size(shorter) + room <= limit:
+                best, hi = shorter, mid - 1
+            else:
+                lo = mid + 1
+        if best is None:
+            last = kept(starts[-1]) if starts else comp
+            raise ApiError(400, f"input: with truncation auto, the last turn alone is {_size(last)} bytes (its user "
+                           f"message on, after the system and developer messages) + {room} for the answer, past the "
+                           f"{limit} bytes that fit (this server's limit per request, or the model's in patches); "
+                           "shorten it", "input",
+                           "context_length_exceeded")  # fmt: skip
+        return best
 
     def response(self, status: str, output: list[dict], usage: dict | None, reason: str | None = None,
                  error: dict | None = None) -> dict:  # fmt: skip
@@ -213,7 +276,7 @@ class ResponsesRequest:
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "completed_at": int(time.time()) if status == "completed" else None, "background": False,
                 "error": error, "incomplete_details": None if reason is None else {"reason": reason},
-                "model": self.model_id, "output": output, "reasoning": None, "truncation": "disabled",
+                "model": self.model_id, "output": output, "reasoning": None,
                 "usage": None if usage is None else _usage(usage), **self.echo}  # fmt: skip
 
     def answer(self, chat: dict) -> dict:
@@ -365,6 +428,17 @@ def input_items_page(kept: Stored, query: dict[str, str]) -> dict:
         raise ApiError(400, f'order: expected "asc" or "desc", got {order!r:.20}', "order")
     items = kept.items[len(kept.items) - kept.own :]
     return cursor_page(items[::-1] if order == "desc" else items, query)
+
+
+def _named(comp: Completion) -> Completion:
+    """`comp` with its errors naming the Responses fields."""
+    comp.prompt_field, comp.tokens_field = "input", "max_output_tokens"
+    comp.format_field = "tool_choice" if comp.format_field == "tool_choice" else "text.format"
+    return comp
+
+
+def _size(comp: Completion) -> int:
+    return len(comp.prompts[0].encode())
 
 
 def _status(finish_reason: str) -> tuple[str, str | None]:

@@ -14,6 +14,7 @@ import pydantic
 import pytest
 from conftest import CHAT_STOP, CHAT_TEMPLATE, KEY
 
+from fastblt.errors import PositionLimit
 from fastblt.serve.api import ApiError
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.responses import ResponsesRequest, ResponseStore
@@ -111,7 +112,9 @@ def test_input_items_are_the_conversation_chat_would_render():
         ({"conversation": "conv_1"}, "conversation"),
         ({"background": True}, "background"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
-        ({"truncation": "auto"}, "truncation"),
+        ({"truncation": "middle"}, "truncation"),
+        ({"max_tool_calls": 0}, "max_tool_calls"),
+        ({"max_tool_calls": "2"}, "max_tool_calls"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"max_output_tokens": "8"}, "max_output_tokens"),
         ({"text": {"format": {"type": "xml"}}}, "text.format"),
@@ -174,6 +177,55 @@ def test_a_response_continues_a_kept_one_without_its_instructions():
     unkept = ResponsesRequest(MODEL, "blt-s", TEMPLATE, store)
     unkept.parse(json.dumps({"model": MODEL, "input": "x", "store": False}).encode())
     assert unkept.answer(answer)["store"] is False and store.get(unkept.id) is None
+
+
+def _turns(n: int, size: int, text: str = "u") -> list[dict]:
+    """n user/assistant turns of `size` bytes of `text` each (repeated), then a last user message."""
+    body, items = (text * (size // len(text) + 1))[:size], []
+    for t in range(n):
+        items.append({"role": "user", "content": f"turn {t}: " + body})
+        items.append({"type": "message", "role": "assistant", "content": [{"type": "output_text",
+                                                                           "text": body[::-1]}]})  # fmt: skip
+    return items + [{"role": "user", "content": "last"}]
+
+
+def test_truncation_auto_drops_the_oldest_turns_that_do_not_fit_and_keeps_the_system_messages():
+    items = [{"role": "developer", "content": "be brief"}, *_turns(6, 300)]
+    body = {"model": MODEL, "input": items, "instructions": INSTRUCTIONS, "max_output_tokens": 100}
+
+    def parsed(limit: int | None, **fields) -> tuple[ResponsesRequest, object]:
+        asked = ResponsesRequest(MODEL, "blt-s", TEMPLATE)
+        return asked, asked.parse(json.dumps({**body, **fields}).encode(), limit)
+
+    whole = parsed(None, truncation="auto")[1].prompts[0]
+    assert parsed(len(whole) + 100, truncation="auto")[1].prompts == [whole]  # it fits: nothing dropped
+    asked, comp = parsed(2000, truncation="auto")
+    (prompt,) = comp.prompts
+    assert len(prompt.encode()) + 100 <= 2000 and asked.echo["truncation"] == "auto"
+    assert prompt.startswith(f"# {INSTRUCTIONS}\n# be brief\n") and prompt.rstrip().endswith(">>> last")
+    kept = [t for t in range(6) if f"turn {t}:" in prompt]
+    assert kept and kept == list(range(kept[0], 6)) and kept[0] > 0  # whole turns, the newest, from a user message
+    one_more = [{"role": "system", "content": INSTRUCTIONS}, {"role": "developer", "content": "be brief"}]
+    one_more += _messages_of(items[1:])[2 * (kept[0] - 1) :]
+    assert len(TEMPLATE.render(one_more).encode()) + 100 > 2000  # the fewest turns dropped
+    assert len(asked.items) == len(items)  # the kept response holds the whole conversation
+    assert parsed(2000)[1].prompts == [whole]  # truncation disabled: the server's size check refuses it
+    with pytest.raises(ApiError) as e:  # instructions, "be brief" and ">>> last" leave less than 100 bytes
+        parsed(120, truncation="auto")
+    assert e.value.param == "input" and e.value.code == "context_length_exceeded" and "last turn" in e.value.message
+
+
+def _messages_of(items: list[dict]) -> list[dict]:
+    """Chat messages of `_turns` items."""
+    return [{"role": i["role"], "content": i["content"] if isinstance(i["content"], str) else i["content"][0]["text"]}
+            for i in items]  # fmt: skip
+
+
+def test_max_tool_calls_is_echoed_and_changes_nothing():
+    asked = ResponsesRequest(MODEL, "blt-s", TEMPLATE)
+    comp = asked.parse(json.dumps({"model": MODEL, "input": ASK, "instructions": INSTRUCTIONS,
+                                   "max_tool_calls": 2}).encode())  # fmt: skip
+    assert asked.echo["max_tool_calls"] == 2 and comp.options == parse().options  # limits hosted tools: none here
 
 
 def test_a_server_without_a_template_has_no_responses():
@@ -335,6 +387,48 @@ def test_kept_responses_are_read_continued_listed_and_deleted(server, reference)
     assert unkept.store is False
     with pytest.raises(openai.NotFoundError):
         c.responses.retrieve(unkept.id)
+
+
+def test_a_conversation_past_the_limit_is_truncated_when_asked_else_refused(server, reference):
+    c, items = client(server), _turns(6, 1500, CODE)  # ~18 KB, past the server's 16,384 bytes per request
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model=MODEL, input=items, max_output_tokens=8)
+    assert e.value.body["param"] == "input" and e.value.body["code"] == "context_length_exceeded"
+    r = c.responses.create(model=MODEL, input=items, max_output_tokens=8, temperature=0, truncation="auto")
+    want, prompt = _truncated_alone(reference, items)
+    assert r.truncation == "auto" and r.output_text == want.text and r.usage.input_tokens == len(prompt.encode())
+    assert "turn 0:" not in prompt and "turn 5:" in prompt and r.usage.input_tokens <= 16384 - 8
+
+
+def test_a_truncated_conversation_that_reaches_the_patch_limit_is_truncated_again(server, reference):
+    """A run of one byte patches ~1 byte at a time here, so 16 KB of it is ~4x the model's 4,096
+    patches: the byte limit's truncation reaches the position limit in the prefill, and the
+    conversation is truncated again to the bytes read before it."""
+    items = _turns(6, 1500, "u")
+    with client(server).responses.stream(model=MODEL, input=items, max_output_tokens=8, temperature=0,
+                                         truncation="auto") as stream:  # fmt: skip
+        final = list(stream)[-1].response
+    want, prompt = _truncated_alone(reference, items)
+    assert len(prompt.encode()) < 16384 // 2 and final.output_text == want.text
+    assert final.usage.input_tokens == len(prompt.encode())
+
+
+CODE = ASK * 200
+
+
+def _truncated_alone(reference, items: list[dict]):
+    """What the server answers a truncation-auto request of `items` with (8 bytes at most): the
+    conversation fitted under its 16,384 bytes, then again while its text reaches the patch limit."""
+    asked = ResponsesRequest(MODEL, "blt-s", TEMPLATE)
+    body = {"model": MODEL, "input": items, "max_output_tokens": 8, "truncation": "auto"}
+    comp = asked.parse(json.dumps(body).encode(), 16384)
+    for _ in range(3):
+        (prompt,) = comp.prompts
+        try:
+            return reference.generate(prompt, mode="blt-s", max_bytes=8, temperature=0.0, stop=[CHAT_STOP]), prompt
+        except PositionLimit as e:
+            comp = asked.refit(e)
+    raise AssertionError("still past the patch limit")
 
 
 def test_logprobs_are_chats(server):
