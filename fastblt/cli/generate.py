@@ -112,6 +112,9 @@ def arg_bytes(text: str) -> str | bytes:
     default=None,
     help="A JSON schema file (OpenAI's strict subset) the JSON object follows; implies --format json.",
 )
+@click.option("--regex", "pattern", default=None, metavar="REGEX",
+              help="Hold the whole output to this regular expression (as re.fullmatch reads it; JSON Schema's "
+                   "pattern subset): e.g. --regex '(yes|no)'. ar, blt-s, blt-dv.")  # fmt: skip
 @click.option(
     "--max-context",
     type=int,
@@ -130,7 +133,7 @@ def arg_bytes(text: str) -> str | bytes:
 def generate(
     checkpoint, prompt, prompt_file, mode, backend, artifacts, max_bytes, temperature, top_k, top_p, seed, k,
     lookup, unmask, alpha, gamma, block_start, stop, ignore_eos, logit_bias, presence_penalty, frequency_penalty,
-    format_, schema, max_context, threads, device, cuda_graphs, stream, as_json, logprobs, quiet,
+    format_, schema, pattern, max_context, threads, device, cuda_graphs, stream, as_json, logprobs, quiet,
 ):  # fmt: skip
     """Generate bytes after a prompt with ar, blt-d, blt-s or blt-dv."""
     from fastblt.cli.progress import first_use_notice
@@ -149,7 +152,7 @@ def generate(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, lookup=lookup, unmask=unmask, alpha=alpha,
         gamma=gamma, block_start=block_start, stop=[arg_bytes(x) for x in stop], stop_on_eos=not ignore_eos,
         logprobs=logprobs, logit_bias=logit_bias, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty, format=format_, schema=schema,
+        frequency_penalty=frequency_penalty, format=format_, schema=schema, pattern=pattern,
     )  # fmt: skip
     # checked once, against the checkpoint's config, before anything is loaded or exported
     request = make_request(data, load_config(resolve_checkpoint_path(checkpoint)), mode, max_bytes, **options)

@@ -25,7 +25,9 @@ a `oneOf` whose alternatives no value can be of two of (a discriminated union) a
 one schema (Pydantic 1's described reference). Annotations (`description`, `title`, ...) are
 ignored and any other keyword is refused, so what the grammar lets through is what the schema
 admits. Without a schema, any object. Other grammars (a list of tool calls) are built of the nodes
-and `union`.
+and `union`. Beside JSON, a text may be held to a regular expression as a whole (`Raw`, pattern.py's
+subset, matched as `re.fullmatch` does): its UTF-8 bytes are read a character at a time, with no
+escapes.
 
 Which ids a path allows depends only on what it expects next and the innermost container, not
 on the rest of the stack, so masks are computed once per such key (`mask`) and shared; a state of
@@ -60,6 +62,7 @@ from fastblt.runtime.pattern import (
     clear_caches,
     compile_format,
     compile_pattern,
+    compile_whole,
     counted,
     intersect,
     length_pattern,
@@ -70,10 +73,11 @@ MAX_WS = 20  # whitespace bytes in a row: a newline and indentation, not a model
 # JSON grammar allows about as many)
 FORMATS = ("json",)  # DecodeOptions.format, as users ask for it
 CALLS = "calls"  # the format of DecodeOptions.calls (set with them, never asked for alone)
+REGEX = "regex"  # the format of DecodeOptions.pattern (likewise)
 
 # what a state expects next
 (START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, END, OPEN, PATTERN, BOUNDED,
- KEY_PATTERN) = range(16)  # fmt: skip
+ KEY_PATTERN, RAW) = range(17)  # fmt: skip
 WHITESPACE = frozenset(b" \t\n\r")
 BETWEEN_TOKENS = frozenset((VALUE, KEY, COLON, AFTER))  # where whitespace may come
 DIGITS = frozenset(b"0123456789")
@@ -247,6 +251,14 @@ class Tagged(Node):
         self.width = call.width + 1  # + whitespace read both before an end text and as its start
 
 
+class Raw(Node):
+    """A text (not JSON) that `pattern` matches as a whole: any UTF-8 text, a character at a time.
+    Only a root (`begin`)."""
+
+    def __init__(self, pattern: Pattern):
+        self.pattern = pattern
+
+
 ANY = Union((Obj(), Arr(), Str(), Num(), Lit((b"true", b"false", b"null"))))
 JSON_OBJECT = ANY.alts[0]
 # paths live at once, at most: each costs a step a byte (~1 us of Python), so the worst byte stays
@@ -340,7 +352,7 @@ def _within_budget() -> None:
 
 def drop_caches() -> None:
     """Drop every compiled schema, automaton and mask kept here, in pattern.py and numbers.py."""
-    for cached in (compiled, tagged, _matched, _mask, _joined_mask):
+    for cached in (compiled, tagged, matching, _matched, _mask, _joined_mask):
         cached.cache_clear()
     clear_caches()
     numbers.clear_caches()
@@ -384,6 +396,15 @@ def tagged(text: str) -> Tagged:
     call = _Compiler(spec["schema"]).root("calls.schema")
     _within_budget()
     return Tagged(start.encode(), call, end.encode(), most, lead)
+
+
+@lru_cache(maxsize=64)
+@_counted_in_compiles
+def matching(source: str) -> Raw:
+    """The Raw root of regular expression `source`, compiled once (DecodeOptions.pattern)."""
+    pat = compile_whole(source)
+    _within_budget()
+    return Raw(pat)
 
 
 @lru_cache(maxsize=64)
@@ -819,6 +840,8 @@ def begin(root: Node = JSON_OBJECT) -> State:
     root's text starts with "[" and closes with its "]"; a Tagged root's is free text)."""
     if isinstance(root, Tagged):
         return ((((root, 0),), OPEN if root.lead else FREE, root.start if root.lead else 0, 0),)
+    if isinstance(root, Raw):
+        return (((), RAW, (root.pattern, root.pattern.start, 0, 0, 0, 0), 0),)
     return (((), START, root, 0),)
 
 
@@ -843,6 +866,8 @@ def _ends(p: Path) -> bool:
     stack, mode, sub, _ = p
     if mode in (DONE, FREE):
         return True
+    if mode == RAW:  # no character begun, and the pattern matches the text so far
+        return sub[2] == 0 and sub[0].accepts(sub[1])
     return not stack and (mode == NUMBER and sub[0] in COMPLETE_NUMBERS or mode == LITERAL and b"" in sub
                           or mode == BOUNDED and sub[0].accepts(sub[1]))  # fmt: skip
 
@@ -855,6 +880,8 @@ def _step(p: Path, b: int) -> tuple[Path, ...]:
         return _string(p, b)
     if mode in (PATTERN, KEY_PATTERN):  # a string held to a pattern: a value's, or a map's key
         return _matched_string(p, b)
+    if mode == RAW:
+        return _raw_text(sub, b)
     if mode == FREE:  # sub: how many of the start text's bytes the text ends with
         tag, n = stack[-1]
         k = _matched(tag.start, sub, b)
@@ -1153,6 +1180,34 @@ def _partial_char(stack: tuple, mode: int, pat: Pattern, reading: frozenset, kin
     return ((stack, mode, (pat, reading, kind, n, lo, hi, bits), 0),)
 
 
+def _raw_text(sub: tuple, b: int) -> tuple[Path, ...]:
+    """A text held to a pattern as a whole: sub is (the pattern, its reading so far, UTF-8
+    continuation bytes to come, the next one's range, the code point's bits so far). As in a
+    string held to a pattern, a byte that begins a character is allowed only if some character it
+    may begin can move the reading."""
+    pat, reading, n, lo, hi, bits = sub
+    if n == 0:
+        if b < 0x80:
+            after = pat.step(reading, b)
+            return (((), RAW, (pat, after, 0, 0, 0, 0), 0),) if after else ()
+        if b not in _LEADS:
+            return ()
+        n, lo, hi = _LEADS[b]
+        bits = b & (0x3F >> n)
+    elif not lo <= b <= hi:
+        return ()
+    else:
+        bits, n, lo, hi = bits << 6 | (b & 0x3F), n - 1, 0x80, 0xBF
+        if n == 0:
+            after = pat.step(reading, bits)
+            return (((), RAW, (pat, after, 0, 0, 0, 0), 0),) if after else ()
+    rest = 6 * (n - 1)  # a character begun: kept if one it may still be can move the reading
+    least, most = (bits << 6 | lo & 0x3F) << rest, ((bits << 6 | hi & 0x3F) << rest) | ((1 << rest) - 1)
+    if least > most or not pat.takes(reading, least, most):
+        return ()
+    return (((), RAW, (pat, reading, n, lo, hi, bits), 0),)
+
+
 def advance(s: State, ids: list[int]) -> State | None:
     """The state after generated ids (EOS once the text is whole closes it, and changes nothing
     after), or None when one cannot come next."""
@@ -1217,6 +1272,8 @@ def _spelled(mode: int, sub: Any) -> set[int] | None:
         return {sub[0]}
     if mode in (PATTERN, KEY_PATTERN) and sub[2] == "n":
         return _pattern_bytes(sub[0], sub[1])
+    if mode == RAW and sub[2] == 0:
+        return _raw_bytes(sub[0], sub[1])
     return None
 
 
@@ -1238,6 +1295,20 @@ def _pattern_bytes(pat: Pattern, reading: frozenset) -> set[int]:
             out.update(c for c in range(max(a, 0x20), min(b, 0x7F) + 1) if c not in (0x22, 0x5C))
             if a <= CONTROLS or a <= 0x22 <= b or a <= 0x5C <= b:
                 out.add(ord("\\"))
+            for first, last, shift, tag in UTF8_LEADS:
+                x, y = max(a, first), min(b, last)
+                if x <= y:
+                    out.update(range(tag | x >> shift, (tag | y >> shift) + 1))
+    return out
+
+
+def _raw_bytes(pat: Pattern, reading: frozenset) -> set[int]:
+    """The bytes that may begin the next character of a text held to `pat`: itself below 0x80, a
+    UTF-8 lead byte for the rest (as `_pattern_bytes`, with nothing escaped)."""
+    out = set()
+    for s in reading:
+        for a, b, _ in pat.moves[s]:
+            out.update(range(a, min(b, 0x7F) + 1))
             for first, last, shift, tag in UTF8_LEADS:
                 x, y = max(a, first), min(b, last)
                 if x <= y:

@@ -208,7 +208,8 @@ def current_grammar(run: Run) -> grammar.State | None:
     ids = run.out.ids
     if run.grammar_state is None or run.parsed > len(ids):
         opts = run.opts
-        root = (grammar.tagged(opts.calls) if opts.calls is not None else grammar.JSON_OBJECT if opts.schema is None
+        root = (grammar.tagged(opts.calls) if opts.calls is not None else grammar.matching(opts.pattern)
+                if opts.pattern is not None else grammar.JSON_OBJECT if opts.schema is None
                 else grammar.compiled(opts.schema))  # fmt: skip
         run.grammar_state, run.parsed = grammar.begin(root), 0
     state = grammar.advance(run.grammar_state, ids[run.parsed :])

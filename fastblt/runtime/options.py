@@ -24,7 +24,7 @@ from fastblt.errors import CapabilityError, InputError
 from fastblt.export.spec import DEFAULT_K
 from fastblt.model.config import VOCAB_SIZE, BltConfig
 from fastblt.model.tokenizer import encode
-from fastblt.runtime.grammar import CALLS, FORMATS, compiled, tagged
+from fastblt.runtime.grammar import CALLS, FORMATS, REGEX, compiled, matching, tagged
 from fastblt.runtime.lookup import LOOKUP_MATCH
 from fastblt.runtime.sampling import SamplingParams
 
@@ -73,6 +73,10 @@ class DecodeOptions:
     model's own call format): the output is free text in which each `start` opens one value of
     the schema, held to it and closed by `end`, at most `most` of them (`lead`: the text starts
     with one); EOS only in free text. Implies format "calls"; no schema with it.
+    pattern: a regular expression the whole output is held to (runtime/pattern.py's subset, read
+    as Python's re.fullmatch reads one: vLLM's structured outputs `regex`; `pattern.escape` joins
+    choices into one): EOS only where the text matches. Implies format "regex"; no schema or
+    calls with it. ar, blt-s, blt-dv.
     """
 
     mode: str = "blt-d"
@@ -98,6 +102,7 @@ class DecodeOptions:
     format: str | None = None
     schema: str | None = None
     calls: str | None = None
+    pattern: str | None = None
 
     @cached_property  # a request's loops read it every byte
     def sampling(self) -> SamplingParams:
@@ -229,7 +234,15 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
         penalty = getattr(opts, name)
         plain[name] = 0.0 if penalty is None else _real(name, penalty, -2.0, 2.0)
     fmt = opts.format
-    if opts.calls is not None:
+    if opts.pattern is not None:
+        if opts.schema is not None or opts.calls is not None or fmt not in (None, REGEX):
+            raise InputError("option pattern: a text held to a regular expression is a format of its own; give no "
+                             "format, schema or calls")  # fmt: skip
+        if not isinstance(opts.pattern, str):
+            raise InputError(f"option pattern: expected a regular expression (a string), got {opts.pattern!r:.80}")
+        matching(opts.pattern)  # InputError naming what it cannot hold a text to
+        fmt = plain["format"] = REGEX
+    elif opts.calls is not None:
         if opts.schema is not None or fmt not in (None, CALLS):
             raise InputError("option calls: free text with calls is a format of its own; give no format or schema")
         if not isinstance(opts.calls, str):
@@ -242,7 +255,8 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
         compiled(opts.schema)  # InputError naming what it cannot hold a text to
         fmt = plain["format"] = fmt or "json"
     if fmt is not None:
-        if fmt not in FORMATS and not (fmt == CALLS and opts.calls is not None):
+        implied = (fmt == CALLS and opts.calls is not None) or (fmt == REGEX and opts.pattern is not None)
+        if fmt not in FORMATS and not implied:
             raise InputError(f"option format: {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
         if opts.mode not in CAUSAL_MODES:
             raise InputError(

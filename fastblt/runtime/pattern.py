@@ -448,12 +448,39 @@ def compile_pattern(source: str, at: str = "pattern") -> Pattern:
         raise InputError(str(e).replace("option pattern", f"option {at}", 1)) from None
 
 
+def escape(text: str) -> str:
+    """`text` as a pattern that matches it alone: every character but a letter or digit escaped
+    (an escaped one of those is a class or refused; any other stands for itself)."""
+    return "".join(c if c.isalnum() else "\\" + c for c in text)
+
+
+def compile_whole(source: str, at: str = "pattern") -> Pattern:
+    """A regular expression's NFA matched against a whole text (Python's `re.fullmatch`, as
+    constrained decoding reads a regex: `^` and `$` at the ends of its alternatives change
+    nothing), compiled once per text; InputError at `at`."""
+    try:
+        return _whole(source)
+    except InputError as e:
+        raise InputError(str(e).replace("option pattern", f"option {at}", 1)) from None
+
+
 @lru_cache(maxsize=256)
 def _compiled(source: str) -> Pattern:
     tree = _Parser(source, "pattern").parse()
     free = ("repeat", ("chars", ANY), 0, None)
     alts = [("seq", ([] if start else [free]) + [body] + ([] if end else [free]))
             for body, start, end in _anchored(tree, "pattern", source)]  # fmt: skip
+    return _automaton(source, alts)
+
+
+@lru_cache(maxsize=256)
+def _whole(source: str) -> Pattern:
+    tree = _Parser(source, "pattern").parse()
+    return _automaton(source, [body for body, _, _ in _anchored(tree, "pattern", source)])
+
+
+def _automaton(source: str, alts: list[tuple]) -> Pattern:
+    """The NFA of a pattern's alternatives (trees), its lookaheads read in."""
     pat = Pattern(source)
     try:
         entry, pat.accept = _build(pat, ("alt", alts))
@@ -776,6 +803,6 @@ def compile_format(name: str, at: str) -> Pattern | None:
 
 def clear_caches() -> None:
     """Drop every compiled automaton and reading kept here (requests holding one keep theirs)."""
-    for cached in (_step, _compiled, length_pattern, _counted, _intersected):
+    for cached in (_step, _compiled, _whole, length_pattern, _counted, _intersected):
         cached.cache_clear()
     _built[0] = 0

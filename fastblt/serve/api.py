@@ -23,8 +23,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastblt.errors import InputError
 from fastblt.model.config import BOE_ID, BOS_ID, BYTE_OFFSET, EOS_ID
 from fastblt.runtime.options import CAUSAL_MODES, MODES
+from fastblt.runtime.pattern import compile_whole, escape
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 16  # choices per prompt: each is a request of its own in the batch (greedy ones share one)
@@ -40,7 +42,11 @@ FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed
           "response_format"}  # fmt: skip
 # OpenAI's service tiers as queue priorities (chat, responses): flex waits behind the rest
 SERVICE_TIERS = {"auto": 0, "default": 0, "flex": 1, "priority": -1}
-FASTBLT_FIELDS = {"mode", "k", "lookup", "alpha", "gamma", "unmask", "top_k", "block_start", "priority"}
+FASTBLT_FIELDS = {"mode", "k", "lookup", "alpha", "gamma", "unmask", "top_k", "block_start", "priority",
+                  "structured_outputs"}  # fmt: skip
+# vLLM's structured outputs: the ones served, and those refused by name
+STRUCTURED = ("regex", "choice", "json")
+STRUCTURED_REFUSED = ("grammar", "structural_tag", "whitespace_pattern")
 SCHEMA_FIELDS = {"name", "schema", "strict", "description"}  # response_format.json_schema's
 
 
@@ -125,7 +131,13 @@ def parse_body(raw: bytes, model_id: str, default_mode: str) -> Completion:
             options["logprobs"] = logprobs
         if echo:  # the prompt's scores, from the prefill: any mode
             options["prompt_logprobs"] = logprobs
-    return Completion(prompts, max_tokens, stream, include_usage, options, echo, n, logprobs, best_of, user=user)
+    return Completion(prompts, max_tokens, stream, include_usage, options, echo, n, logprobs, best_of, user=user,
+                      format_field=format_field_of(body))  # fmt: skip
+
+
+def format_field_of(body: dict) -> str:
+    """The field a request's format errors name: structured_outputs where it gives one."""
+    return "structured_outputs" if body.get("structured_outputs") is not None else "response_format"
 
 
 def load_json(raw: bytes) -> dict:
@@ -228,6 +240,11 @@ def decode_options(body: dict, default_mode: str) -> dict[str, Any]:
         if penalty:
             options[name] = penalty
     options |= _response_format(body.get("response_format"))  # the mode and the schema are the engine's to check
+    structured = _structured_outputs(body.get("structured_outputs"))
+    if structured and "format" in options:
+        raise ApiError(400, "structured_outputs: cannot be combined with a JSON response_format (both say what the "
+                       "text is)", "structured_outputs")  # fmt: skip
+    options |= structured
     for name, kind in (("k", int), ("lookup", int), ("alpha", float), ("gamma", float), ("unmask", str),
                        ("top_k", int), ("block_start", str), ("priority", int)):  # fmt: skip
         value = get_field(body, name, kind)
@@ -261,6 +278,42 @@ def _response_format(response_format: Any) -> dict[str, Any]:
     raise ApiError(400, f'response_format: expected {{"type": "text"}}, {{"type": "json_object"}} or {{"type": '
                    f'"json_schema", "json_schema": ...}}, got {json.dumps(response_format)[:80]}',
                    "response_format")  # fmt: skip
+
+
+def _structured_outputs(spec: Any) -> dict[str, Any]:
+    """vLLM's structured_outputs -> Generator options: {"regex": str} (the whole text matches it),
+    {"choice": [str, ...]} (the text is one of them) or {"json": schema} (as response_format's
+    json_schema); one of them."""
+    if spec is None:
+        return {}
+    given = sorted(spec) if isinstance(spec, dict) else None
+    if given is None or len(given) != 1:
+        raise ApiError(400, 'structured_outputs: expected one of {"regex": str}, {"choice": [str, ...]} or {"json": '
+                       f"{{...}}}}, got {json.dumps(spec)[:80]}", "structured_outputs")  # fmt: skip
+    (kind,) = given
+    at, value = f"structured_outputs.{kind}", spec[kind]
+    if kind in STRUCTURED_REFUSED:
+        raise ApiError(400, f"{at}: not served (regex, choice or json)", at, "unsupported")
+    if kind not in STRUCTURED:
+        raise ApiError(400, f"{at}: unknown field; structured_outputs takes regex, choice or json", at, "unknown_field")
+    if kind == "json":
+        if not isinstance(value, (dict, str)):
+            raise ApiError(400, f"{at}: expected a JSON schema (an object or its text), got {json_kind(value)}", at)
+        return {"format": "json", "schema": value}
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            raise ApiError(400, f"{at}: expected a non-empty list of strings, got {json.dumps(value)[:80]}", at)
+        value = "|".join(escape(c) for c in dict.fromkeys(value))
+    elif not isinstance(value, str):
+        raise ApiError(400, f"{at}: expected a regular expression (a string), got {json_kind(value)}", at)
+    try:
+        value.encode()
+        compile_whole(value, at)  # here, to name the field; the engine reads it from its cache
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{at}: not valid UTF-8 text (a lone surrogate)", at) from None
+    except InputError as e:
+        raise ApiError(400, str(e).removeprefix("option "), at) from None
+    return {"pattern": value}
 
 
 def _logit_bias(bias: Any) -> list[tuple[int, Any]]:

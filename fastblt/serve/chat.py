@@ -33,6 +33,7 @@ from fastblt.serve.api import (
     choices_per_prompt,
     completion_body,
     decode_options,
+    format_field_of,
     get_field,
     in_text,
     json_kind,
@@ -161,13 +162,14 @@ def parse_chat(body: dict, model_id: str, default_mode: str, template: ChatTempl
         raise ApiError(400, "top_logprobs: only allowed with logprobs: true", "top_logprobs")
     if template.stops:  # the request's own first, then the template's turn ends
         options["stop"] = list(dict.fromkeys([*options.get("stop", []), *template.stops]))
-    tools, shape, format_field = parse_tools(body, template.tags), CHAT, "response_format"
-    if tools is not None and tools.none and "format" in options:  # a JSON answer, and no call in it
+    tools, shape, format_field = parse_tools(body, template.tags), CHAT, format_field_of(body)
+    formatted = "format" in options or "pattern" in options
+    if tools is not None and tools.none and formatted:  # a formatted answer, and no call in it
         tools = dataclasses.replace(tools, calls=None)
     if tools is not None and (tools.schema or tools.calls):  # calls may come: they are held to their schema
-        if "format" in options:
-            raise ApiError(400, "response_format: a JSON format cannot be combined with tool calls (tool_choice "
-                           "holds the answer to the calls' format)", "response_format")  # fmt: skip
+        if formatted:
+            raise ApiError(400, f"{format_field}: a format cannot be combined with tool calls (tool_choice holds the "
+                           "answer to the calls' format)", format_field)  # fmt: skip
         if tools.calls is not None:
             options["calls"] = tools.calls
             shape = TaggedShape(template.tags, tools.named)  # type: ignore[arg-type]
@@ -196,8 +198,9 @@ def _continued(body: dict, messages: list[dict[str, Any]], options: dict) -> boo
     if continued and messages[-1]["role"] != "assistant":
         raise ApiError(400, f"continue_final_message: the final message is the {messages[-1]['role']}'s; only an "
                        "assistant's is continued", "continue_final_message")  # fmt: skip
-    if continued and ("format" in options or "calls" in options or messages[-1].get("tool_calls")):
-        raise ApiError(400, "continue_final_message: cannot be combined with response_format, tool calls or a "
+    if continued and ("format" in options or "pattern" in options or "calls" in options
+                      or messages[-1].get("tool_calls")):  # fmt: skip
+        raise ApiError(400, "continue_final_message: cannot be combined with a format, tool calls or a "
                        "final message of calls (their grammar reads an answer from its start)",
                        "continue_final_message")  # fmt: skip
     return continued

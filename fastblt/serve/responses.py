@@ -433,7 +433,8 @@ def input_items_page(kept: Stored, query: dict[str, str]) -> dict:
 def _named(comp: Completion) -> Completion:
     """`comp` with its errors naming the Responses fields."""
     comp.prompt_field, comp.tokens_field = "input", "max_output_tokens"
-    comp.format_field = "tool_choice" if comp.format_field == "tool_choice" else "text.format"
+    if comp.format_field == "response_format":
+        comp.format_field = "text.format"
     return comp
 
 

@@ -33,7 +33,7 @@ def hold_the_row(batch: BatchEngine, g: Generator):
 
 def jobs(n: int, seed: int = 0) -> list[tuple[bytes | str, str, int, dict]]:
     """n requests of mixed prompts, modes, lengths and options (a fifth steered: logit bias, penalties;
-    some in JSON mode)."""
+    some in JSON mode, some held to a regex)."""
     rng = random.Random(seed)
     prompts = [*PROMPTS, PROMPTS[5] * 2, PROMPTS[3] * 9]  # long ones: global caches past one bucket
     out = []
@@ -52,6 +52,8 @@ def jobs(n: int, seed: int = 0) -> list[tuple[bytes | str, str, int, dict]]:
             options["presence_penalty"] = rng.choice([-0.5, 0.0, 1.0])
         if i % 7 == 3 and mode != "blt-d":  # JSON mode: each row its own grammar state
             options["format"] = "json"
+        elif i % 7 == 5 and mode != "blt-d":  # a regex over the whole text
+            options["pattern"] = r"[a-z ]{3,12}(\.|!)"
         out.append((prompt, mode, n, options))
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import sys
 
 import pytest
@@ -66,6 +67,8 @@ def test_generate_prompt_file_with_raw_bytes(ckpt, tmp_path, monkeypatch):
         (["--logit-bias", "300=1"], "option logit_bias byte"),
         (["--logit-bias", "10=-101"], "option logit_bias[10]"),
         (["--frequency-penalty", "3"], "option frequency_penalty"),
+        (["--mode", "ar", "--regex", "(?<=a)b"], "option pattern: lookbehinds"),
+        (["--regex", "a"], "diffusion head"),
     ],
 )
 def test_generate_bad_input_exits_2(ckpt, monkeypatch, args, message):
@@ -88,6 +91,14 @@ def test_generate_logit_bias_and_penalties_reach_the_request(ckpt, monkeypatch):
     code, out, err = run_cli([*base, "--mode", "blt-s", "--presence-penalty", "-1.5", "--frequency-penalty", "2",
                               "--json"], monkeypatch)  # fmt: skip
     assert code == 0 and bytes.fromhex(json.loads(out)["bytes_hex"]) == want.bytes, err
+
+
+def test_generate_regex_holds_the_whole_output(ckpt, monkeypatch):
+    base = ["generate", "--checkpoint", str(ckpt), "--backend", "torch", "--prompt", "def main(", "--max-bytes", "24"]
+    code, out, err = run_cli([*base, "--mode", "blt-s", "--regex", "(yes|no)-[0-9]{2}"], monkeypatch)
+    want = torch_generator().generate("def main(", mode="ar", max_bytes=24, pattern="(yes|no)-[0-9]{2}")
+    assert code == 0 and out == want.text + "\n" and want.stop_reason == "eos", err
+    assert re.fullmatch("(yes|no)-[0-9]{2}", want.text)
 
 
 def test_generate_max_context_bounds_the_call(ckpt, monkeypatch):

@@ -85,6 +85,12 @@ BAD_OPTIONS = [
     (dict(mode="ar", calls=CALLS.replace('"most": null', '"most": -1')), InputError, r"option calls\.most"),
     (dict(mode="ar", calls={"start": "<c>"}), InputError, "option calls: expected JSON text"),
     (dict(mode="ar", format="calls"), InputError, "option format: 'calls' is unknown; choose one of json"),
+    (dict(mode="ar", pattern="a", schema={"type": "object"}), InputError, "option pattern: a text held to a regular"),
+    (dict(mode="ar", pattern="a", format="json"), InputError, "option pattern: a text held to a regular"),
+    (dict(pattern="a"), InputError, "option format: blt-d's diffusion head chooses"),
+    (dict(mode="ar", pattern="(?<=a)b"), InputError, "option pattern: lookbehinds"),
+    (dict(mode="ar", pattern=["a"]), InputError, "option pattern: expected a regular expression"),
+    (dict(mode="ar", format="regex"), InputError, "option format: 'regex' is unknown; choose one of json"),
     (dict(priority=True), InputError, "option priority: expected an int"),
     (dict(priority=2**31), InputError, r"option priority: expected an int in \[-2147483648, 2147483647\]"),
 ]

@@ -23,12 +23,14 @@ from hypothesis import strategies as st
 
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID
-from fastblt.runtime.grammar import BOUNDS, PATTERN, advance, begin, compile_schema, done, mask, step
+from fastblt.runtime.grammar import BOUNDS, PATTERN, advance, begin, compile_schema, done, mask, matching, step
 from fastblt.runtime.numbers import number_pattern
 from fastblt.runtime.pattern import (
     FORMATS,
     compile_format,
     compile_pattern,
+    compile_whole,
+    escape,
     intersect,
 )
 
@@ -96,8 +98,9 @@ def drawn(source: str) -> st.SearchStrategy:
     return st.from_regex(python_re(source, ecma=False), alphabet=ALPHABET)
 
 
-def matches(source: str, text: str) -> bool:
-    pat = compile_pattern(source)
+def matches(source: str, text: str, whole: bool = False) -> bool:
+    """Whether `source` matches in `text` (or, `whole`, matches all of it)."""
+    pat = compile_whole(source) if whole else compile_pattern(source)
     reading = pat.start
     for ch in text:
         reading = pat.step(reading, ord(ch))
@@ -260,6 +263,56 @@ def test_a_string_held_to_a_pattern_is_written_one_way_and_never_into_a_dead_end
         if all(path[1] != PATTERN for path in s):  # the string closed: what it holds matches
             assert python.search(json.loads(b'"' + written)), (source, written)
             break
+
+
+@settings(max_examples=200, deadline=None)
+@given(patterns, st.data())
+def test_a_whole_text_pattern_matches_what_python_fullmatches(source, data):
+    """A regex held to a whole text (constrained decoding's regex) takes what re.fullmatch takes,
+    on texts drawn to match it and on arbitrary ones."""
+    python = python_re(source)  # fullmatch: a ^ or $ at its ends changes nothing
+    texts = [data.draw(st.from_regex(python_re(source, ecma=False), alphabet=ALPHABET, fullmatch=True)),
+             data.draw(st.text(ALPHABET, max_size=8))]  # fmt: skip
+    for text in texts:
+        assert matches(source, text, whole=True) == bool(python.fullmatch(text)), (source, text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(patterns, st.data())
+def test_a_text_held_to_a_pattern_is_read_as_utf8_and_never_into_a_dead_end(source, data):
+    """As a grammar's root: a matching text's UTF-8 bytes are taken and may end there (EOS allowed);
+    bytes the mask allows, followed at random, always leave a way on (a byte, or EOS where the text
+    matches), and every text where EOS is allowed fullmatches."""
+    python = python_re(source)  # fullmatch: a ^ or $ at its ends changes nothing
+    root = matching(source)
+    value = data.draw(st.from_regex(python_re(source, ecma=False), alphabet=ALPHABET, fullmatch=True).filter(
+        python.fullmatch))  # fmt: skip
+    s = advance(begin(root), [b + BYTE_OFFSET for b in value.encode()])
+    assert s is not None and done(s) and mask(s)[EOS_ID] == 0, (source, value)
+    s, rng, written = begin(root), random.Random(data.draw(st.integers(0, 2**32))), b""
+    for _ in range(30):
+        m = mask(s)
+        if m[EOS_ID] == 0:
+            assert python.fullmatch(written.decode()), (source, written)
+        allowed = np.flatnonzero(m[BYTE_OFFSET:] == 0)
+        if not len(allowed):
+            assert m[EOS_ID] == 0, (source, written)  # nothing more may come: the text is whole
+            break
+        b = int(rng.choice(allowed))
+        written += bytes([b])
+        s = step(s, b)
+        assert s is not None, (source, written)
+
+
+def test_escaped_choices_match_themselves_alone():
+    choices = ["yes", "no", "a.b*c", "(x|y)", "[é]{2}", "\\d", "中 😀", "tab\there", "line\n"]
+    source = "|".join(escape(c) for c in choices)
+    for c in choices:
+        assert matches(source, c, True) and matches(escape(c), c, True), c
+    for other in ("ye", "yess", "a b*c", "x", "éé", "\\dd", "d"):
+        assert not matches(source, other, True), other
+    with pytest.raises(InputError, match="option structured_outputs.regex: backreferences"):
+        compile_whole(r"(a)\1", "structured_outputs.regex")
 
 
 VALID = {

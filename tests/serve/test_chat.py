@@ -152,6 +152,25 @@ def test_an_answer_may_continue_the_final_assistant_message():
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "format": 1}}}, "response_format"),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"response_format": "json"}, "response_format"),
+        ({"structured_outputs": {"regex": "(?<=a)b"}}, "structured_outputs.regex"),
+        ({"structured_outputs": {"regex": 3}}, "structured_outputs.regex"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"choice": ["a", 1]}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"choice": ["\ud800"]}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"json": 3}}, "structured_outputs.json"),
+        ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs.grammar"),
+        ({"structured_outputs": {"regexp": "a"}}, "structured_outputs.regexp"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": "a"}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs"),
+        (
+            {
+                "structured_outputs": {"regex": "a"},
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": "required",
+            },
+            "structured_outputs",
+        ),  # fmt: skip
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"logprobs": 2}, "logprobs"),
@@ -308,6 +327,37 @@ def test_json_mode_answers_are_json_objects(server, reference):
     r = c.completions.create(model=MODEL, prompt="settings = ", max_tokens=32, temperature=0,
                              extra_body={"response_format": json_object})  # fmt: skip
     assert r.choices[0].text == reference.generate("settings = ", mode="blt-s", max_bytes=32, format="json").text
+
+
+def test_vllms_structured_outputs_hold_the_text_to_a_regex_a_choice_or_a_schema(server, reference):
+    """structured_outputs (vLLM's extra field): regex and choice hold the whole answer (chat and
+    completions, streamed or not) as Generator's `pattern` does; json is response_format's
+    json_schema; an engine's refusal (blt-d reads no grammar) names the field."""
+    c = client(server)
+    messages = [{"role": "user", "content": "is os.path.join pure? answer yes or no"}]
+    prompt = TEMPLATE.render(messages)
+    for spec, source in [({"choice": ["yes", "no", "it depends"]}, "yes|no|it\\ depends"),
+                         ({"regex": r"(True|False), \d{1,3}%"}, r"(True|False), \d{1,3}%")]:  # fmt: skip
+        for sampling in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 4}):
+            want = reference.generate(prompt, mode="blt-s", max_bytes=40, pattern=source, stop=[CHAT_STOP], **sampling)
+            assert want.stop_reason == "eos" and re.fullmatch(source, want.text)
+            opts = dict(model=MODEL, messages=messages, max_tokens=40, extra_body={"structured_outputs": spec},
+                        **sampling)  # fmt: skip
+            r = c.chat.completions.create(**opts)
+            streamed = "".join(x.choices[0].delta.content or "" for x in c.chat.completions.create(stream=True, **opts))
+            assert r.choices[0].message.content == want.text == streamed and r.choices[0].finish_reason == "stop"
+    r = c.completions.create(model=MODEL, prompt="x = ", max_tokens=16, temperature=0, extra_body={
+        "structured_outputs": {"choice": ["1", "None", "[]"]}})  # fmt: skip
+    assert r.choices[0].text == reference.generate("x = ", mode="blt-s", max_bytes=16, pattern="1|None|\\[\\]").text
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "person = "}], max_tokens=120,
+                                  temperature=0, extra_body={"structured_outputs": {"json": PERSON}})  # fmt: skip
+    want = reference.generate(TEMPLATE.render([{"role": "user", "content": "person = "}]), mode="blt-s",
+                              max_bytes=120, schema=PERSON, stop=[CHAT_STOP])  # fmt: skip
+    assert r.choices[0].message.content == want.text and want.text[1:].lstrip().startswith('"name"')
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body={
+            "structured_outputs": {"regex": "a+"}, "mode": "blt-d"})  # fmt: skip
+    assert e.value.body["param"] == "structured_outputs" and "diffusion head" in e.value.body["message"]
 
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "languages"],

@@ -61,6 +61,9 @@ def test_a_responses_body_is_the_chat_body_it_stands_for():
     scored = parse(include=["message.output_text.logprobs"], top_logprobs=2)
     assert scored.logprobs == 2 and parse(top_logprobs=2).logprobs is None  # logprobs only when included
     assert parse(stream=True).include_usage  # response.completed carries the usage
+    chosen = parse(structured_outputs={"choice": ["yes", "no"]})  # vLLM's, as chat takes it
+    assert chosen.options == chat(structured_outputs={"choice": ["yes", "no"]}).options
+    assert chosen.options["pattern"] == "yes|no" and chosen.format_field == "structured_outputs"
     assert parse(reasoning={"effort": None, "summary": None}, store=True).options == parse().options  # none asked
     flex = ResponsesRequest(MODEL, "blt-s", TEMPLATE)
     comp = flex.parse(json.dumps({"model": MODEL, "input": ASK, "service_tier": "flex"}).encode())
