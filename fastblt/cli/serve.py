@@ -40,8 +40,9 @@ from fastblt.cli.common import Positive
 @click.option("--batch-dir", type=click.Path(file_okay=False, writable=True), default=None,
               help="Serve OpenAI's Batch API (/v1/files, /v1/batches), keeping files and batches here.")  # fmt: skip
 @click.option("--response-store-mb", type=click.IntRange(0), default=64, show_default=True,
-              help="Memory for answered Responses (previous_response_id, GET /v1/responses/{id}); 0 keeps none. "
-              "Not with --ray (each replica would keep its own).")  # fmt: skip
+              help="Memory for answered Responses (previous_response_id, GET /v1/responses/{id}), and as much "
+              "for conversations (/v1/conversations); 0 keeps none. Not with --ray (each replica would keep its "
+              "own).")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
@@ -77,7 +78,8 @@ def serve(
     \b
     Endpoints: POST /v1/completions (stream: true for server-sent events),
     POST /v1/chat/completions and POST /v1/responses (with --chat-template;
-    tools too), GET /v1/models, GET /health, GET /metrics (Prometheus).
+    tools too; /v1/conversations), GET /v1/models, GET /health, GET /metrics
+    (Prometheus).
     max_tokens counts bytes, logit_bias is keyed by byte values ("10": -100),
     response_format takes json_object and json_schema (OpenAI's strict subset),
     vLLM's structured_outputs a regex, a choice or a schema; fastblt's own

@@ -54,16 +54,28 @@ from fastblt.serve.api import (
     BYTES_PER_PATCH,
     ApiError,
     Completion,
+    check_fields,
     finish_reason,
+    get_field,
+    get_metadata,
+    load_json,
     parse_body,
     sse,
     usage,
 )
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
+from fastblt.serve.conversations import ConversationStore
 from fastblt.serve.metrics import CONTENT_TYPE, Metrics
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
 from fastblt.serve.request_log import LOGGER, RequestRecord, request_id, trace_id
-from fastblt.serve.responses import ResponsesRequest, ResponseStore, Stored, input_items_page
+from fastblt.serve.responses import (
+    ResponsesRequest,
+    ResponseStore,
+    Stored,
+    conversation_items,
+    input_items_page,
+    ordered_page,
+)
 from fastblt.version import __version__
 
 REPLICA_HEADER = "x-fastblt-replica"
@@ -293,10 +305,11 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                                                                     settings.chat_template), "chat")  # fmt: skip
 
     kept = ResponseStore(settings.response_store) if settings.response_store else None
+    talks = ConversationStore(settings.response_store) if settings.response_store else None
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
-        asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept)
+        asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept, talks)
         return await complete(request, lambda raw: asked.parse(raw, byte_limit(ready())), "responses", asked.answer,
                               asked.frame, asked.refit)  # fmt: skip
 
@@ -317,6 +330,82 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         assert kept is not None
         kept.delete(response_id)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+    async def body_of(request: Request) -> dict:
+        """A conversation request's checked JSON object (an empty body: {})."""
+        authorize(request)
+        raw = await _read_body(request, settings.max_body)
+        return load_json(raw) if raw.strip() else {}
+
+    def conversation(conversation_id: str, found: T | None) -> T:
+        if found is None:
+            raise ApiError(404, f"conversation {conversation_id!r:.80}: not kept here", None, "conversation_not_found")
+        return found
+
+    def conversations() -> ConversationStore:
+        if talks is None:
+            raise ApiError(404, "conversations: none are kept on this server (--response-store-mb 0, or --ray)", None,
+                           "not_found")  # fmt: skip
+        return talks
+
+    @app.post("/v1/conversations")
+    async def create_conversation(request: Request) -> JSONResponse:
+        body = await body_of(request)
+        check_fields(body, {"items", "metadata", "safety_identifier"}, {})
+        items = await asyncio.to_thread(conversation_items, body.get("items"))
+        return JSONResponse(conversations().create(items, get_metadata(body) or {}))
+
+    @app.get("/v1/conversations/{conversation_id}")
+    async def get_conversation(request: Request, conversation_id: str) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(conversation(conversation_id, conversations().public(conversation_id)))
+
+    @app.post("/v1/conversations/{conversation_id}")
+    async def update_conversation(request: Request, conversation_id: str) -> JSONResponse:
+        body = await body_of(request)
+        check_fields(body, {"metadata"}, {})
+        if "metadata" not in body:
+            raise ApiError(400, "metadata: required", "metadata")
+        found = conversations().set_metadata(conversation_id, get_metadata(body) or {})
+        return JSONResponse(conversation(conversation_id, found))
+
+    @app.delete("/v1/conversations/{conversation_id}")
+    async def delete_conversation(request: Request, conversation_id: str) -> JSONResponse:
+        authorize(request)
+        conversation(conversation_id, conversations().delete(conversation_id) or None)
+        return JSONResponse({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
+
+    @app.post("/v1/conversations/{conversation_id}/items")
+    async def add_items(request: Request, conversation_id: str) -> JSONResponse:
+        body = await body_of(request)
+        check_fields(body, {"items"}, {})
+        items = await asyncio.to_thread(conversation_items, get_field(body, "items", list, required=True))
+        conversation(conversation_id, conversations().add(conversation_id, items) or None)
+        return JSONResponse({"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+                             "last_id": items[-1]["id"] if items else None, "has_more": False})  # fmt: skip
+
+    @app.get("/v1/conversations/{conversation_id}/items")
+    async def list_items(request: Request, conversation_id: str) -> JSONResponse:
+        authorize(request)
+        items = conversation(conversation_id, conversations().items(conversation_id))
+        return JSONResponse(ordered_page(items, dict(request.query_params)))
+
+    @app.get("/v1/conversations/{conversation_id}/items/{item_id}")
+    async def get_item(request: Request, conversation_id: str, item_id: str) -> JSONResponse:
+        authorize(request)
+        items = conversation(conversation_id, conversations().items(conversation_id))
+        item = next((i for i in items if i.get("id") == item_id), None)
+        if item is None:
+            raise ApiError(404, f"item {item_id!r:.80}: not in conversation {conversation_id}", None, "item_not_found")
+        return JSONResponse(item)
+
+    @app.delete("/v1/conversations/{conversation_id}/items/{item_id}")
+    async def delete_item(request: Request, conversation_id: str, item_id: str) -> JSONResponse:
+        authorize(request)
+        dropped = conversation(conversation_id, conversations().delete_item(conversation_id, item_id))
+        if not dropped:
+            raise ApiError(404, f"item {item_id!r:.80}: not in conversation {conversation_id}", None, "item_not_found")
+        return JSONResponse(conversations().public(conversation_id))
 
     @app.get("/v1/responses/{response_id}/input_items")
     async def input_items(request: Request, response_id: str) -> JSONResponse:

@@ -10,8 +10,9 @@ response.completed), numbered by `sequence_number`. Errors name the Responses fi
 Answered responses are kept (`store`, OpenAI's default, unless the request says false) in a
 ResponseStore: in memory, the least recently used dropped past its budget. A request may then
 continue one (`previous_response_id`: its input items and output come before the new input; its
-instructions do not, as OpenAI's), and GET / DELETE /v1/responses/{id} read and drop them.
-`conversation` (OpenAI's stored conversations) is refused.
+instructions do not, as OpenAI's), and GET / DELETE /v1/responses/{id} read and drop them. Or it
+may name a kept conversation (`conversation`, conversations.py): its items come before the new
+input, and the request's input items and the response's output are added to it once answered.
 
 With `truncation: "auto"`, a conversation past the server's byte limit drops items from its middle:
 the leading system and developer messages stay, and the newest turns from a user message on, as
@@ -43,11 +44,12 @@ from fastblt.serve.api import (
     load_json,
 )
 from fastblt.serve.chat import ChatTemplate, message_text, parse_chat
+from fastblt.serve.conversations import MAX_NEW_ITEMS, ConversationStore
 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "stream_options",
           "user", "safety_identifier", "metadata", "store", "text", "tools", "tool_choice", "parallel_tool_calls",
           "include", "top_logprobs", "prompt_cache_key", "prompt_cache_retention", "service_tier",
-          "previous_response_id", "truncation", "max_tool_calls"}  # fmt: skip
+          "previous_response_id", "truncation", "max_tool_calls", "conversation"}  # fmt: skip
 # chat's sampling fields that Responses lacks, taken as fastblt's own (the openai client's extra_body)
 EXTRA = FASTBLT_FIELDS | {"seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias"}
 # fields fastblt accepts only as "not asked for": a model without reasoning, hosted tools or background runs
@@ -119,8 +121,10 @@ class ResponsesRequest:
     (kept in `store` unless the request says store: false)."""
 
     def __init__(self, model_id: str, default_mode: str, template: ChatTemplate | None,
-                 store: ResponseStore | None = None):  # fmt: skip
+                 store: ResponseStore | None = None, conversations: ConversationStore | None = None):  # fmt: skip
         self.model_id, self.default_mode, self.template, self.store = model_id, default_mode, template, store
+        self.conversations = conversations
+        self.conversation: str | None = None  # the kept conversation it continues and adds to
         self.echo: dict[str, Any] = {}
         self.items: list[dict] = []  # the input items answered (those of the responses continued first)
         self.own = 0  # how many of them the request gave
@@ -161,9 +165,6 @@ class ResponsesRequest:
 
     def _chat_body(self, body: dict) -> dict:
         """The chat completions body `body` asks for, and self.echo (what the Response repeats)."""
-        if body.get("conversation") is not None:
-            raise ApiError(400, "conversation: stored conversations are not served; send previous_response_id or "
-                           "the conversation in input", "conversation", "unsupported")  # fmt: skip
         reasoning = body.get("reasoning")
         if isinstance(reasoning, dict) and all(v is None for v in reasoning.values()):  # no effort asked for
             body = {k: v for k, v in body.items() if k != "reasoning"}
@@ -171,13 +172,19 @@ class ResponsesRequest:
         self.keep = get_field(body, "store", bool, default=True) and self.store is not None
         self.items = _items(body.get("input"))
         self.own = len(self.items)
-        if (previous := get_field(body, "previous_response_id", str)) is not None:
+        previous, conversation = get_field(body, "previous_response_id", str), body.get("conversation")
+        if previous is not None and conversation is not None:
+            raise ApiError(400, "conversation: cannot be combined with previous_response_id (each says what came "
+                           "before)", "conversation")  # fmt: skip
+        if previous is not None:
             kept = None if self.store is None else self.store.get(previous)
             if kept is None:
                 raise ApiError(400, f"previous_response_id: no response {previous!r:.80} is kept here (responses are "
                                "kept in memory, the least recently used dropped past --response-store-mb)",
                                "previous_response_id", "previous_response_not_found")  # fmt: skip
             self.items = [*kept.items, *kept.response["output"], *self.items]
+        if conversation is not None:
+            self.items = [*self._conversation(conversation), *self.items]
         copied = ("model", "temperature", "top_p", "parallel_tool_calls", "service_tier", *EXTRA)
         chat = {k: body[k] for k in copied if k in body}
         messages = _messages(self.items, len(self.items) - self.own)
@@ -234,9 +241,24 @@ class ResponsesRequest:
             "tools": tools or [], "top_logprobs": top, "user": user, "safety_identifier": identifier,
             "service_tier": "default" if body.get("service_tier") in (None, "auto") else body["service_tier"],
             "previous_response_id": previous, "store": self.keep, "truncation": truncation,
+            "conversation": None if self.conversation is None else {"id": self.conversation},
             "max_tool_calls": max_tool_calls,
         }  # fmt: skip
         return chat
+
+    def _conversation(self, given: Any) -> list[dict]:
+        """The items of the kept conversation `given` names (its id, or {"id": ...})."""
+        cid = given.get("id") if isinstance(given, dict) and set(given) == {"id"} else given
+        if not isinstance(cid, str):
+            raise ApiError(400, f'conversation: expected a conversation id or {{"id": ...}}, got {json_kind(given)}',
+                           "conversation")  # fmt: skip
+        items = None if self.conversations is None else self.conversations.items(cid)
+        if items is None:
+            raise ApiError(404, f"conversation: no conversation {cid!r:.80} is kept here (POST /v1/conversations "
+                           "makes one; kept in memory, the least recently used dropped past --response-store-mb)",
+                           "conversation", "conversation_not_found")  # fmt: skip
+        self.conversation = cid
+        return items
 
     def _truncated(self, chat: dict, comp: Completion, limit: int) -> Completion:
         """`comp` with the conversation's middle dropped until it fits `limit` bytes with room for
@@ -292,9 +314,13 @@ class ResponsesRequest:
         return self.kept(self.response(status, output, chat["usage"], reason))
 
     def kept(self, response: dict) -> dict:
-        """`response`, kept in the store when the request asked for it (and it fits)."""
+        """`response`, kept in the store when the request asked for it (and it fits); its input
+        items and output added to the conversation it continues."""
         if self.keep and self.store is not None and not self.store.put(response, self.items, self.own):
             response["store"] = False
+        if self.conversation is not None and self.conversations is not None:
+            own = [stored_item(i) for i in self.items[len(self.items) - self.own :]]
+            self.conversations.add(self.conversation, [*own, *response["output"]])
         return response
 
     def frame(self, body: dict | str) -> bytes:
@@ -421,12 +447,16 @@ class _Events:
 
 
 def input_items_page(kept: Stored, query: dict[str, str]) -> dict:
-    """GET /v1/responses/{id}/input_items: the items its request gave, newest first unless
-    `order` is asc, as a cursor page."""
+    """GET /v1/responses/{id}/input_items: the items its request gave, as `ordered_page`."""
+    return ordered_page(kept.items[len(kept.items) - kept.own :], query)
+
+
+def ordered_page(items: list[dict], query: dict[str, str]) -> dict:
+    """`items` (oldest first) as a cursor page, newest first unless `order` is asc (input items,
+    a conversation's items)."""
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise ApiError(400, f'order: expected "asc" or "desc", got {order!r:.20}', "order")
-    items = kept.items[len(kept.items) - kept.own :]
     return cursor_page(items[::-1] if order == "desc" else items, query)
 
 
@@ -510,13 +540,39 @@ def _items(given: Any) -> list[dict]:
     return out
 
 
-def _messages(items: list[dict], kept: int = 0) -> list[dict]:
+def conversation_items(given: Any, name: str = "items") -> list[dict]:
+    """Items given to a conversation (POST /v1/conversations and its /items), checked as a
+    response's input items are, in their stored shape; at most MAX_NEW_ITEMS."""
+    if given is None:
+        return []
+    if not isinstance(given, list) or len(given) > MAX_NEW_ITEMS:
+        got = f"{len(given)} items" if isinstance(given, list) else json_kind(given)
+        raise ApiError(400, f"{name}: expected a list of at most {MAX_NEW_ITEMS} items, got {got}", name)
+    items = _items(given) if given else []
+    _messages(items, name=name)
+    return [stored_item(item) for item in items]
+
+
+def stored_item(item: dict) -> dict:
+    """An input item as a conversation lists it: a message's content as parts (input_text, an
+    assistant's output_text), a status on every item."""
+    if item.get("type", "message") != "message":
+        return {**item, "status": item.get("status") or "completed"}
+    content, kind = item["content"], "output_text" if item["role"] == "assistant" else "input_text"
+    parts = [{"type": kind, "text": content}] if isinstance(content, str) else content
+    parts = [{"annotations": [], **p} if p["type"] == "output_text" else p for p in parts]
+    return {"type": "message", "id": item["id"], "status": item.get("status") or "completed", "role": item["role"],
+            "content": parts}  # fmt: skip
+
+
+def _messages(items: list[dict], kept: int = 0, name: str = "input") -> list[dict]:
     """Input items as chat messages: messages, an answer's function calls (consecutive ones one
     assistant message, as chat writes them) and their outputs. The first `kept` items are those of
-    the responses continued (checked when they were answered): errors name the request's by place."""
+    the responses continued (checked when they were answered): errors name the request's by place
+    (in field `name`)."""
     messages: list[dict] = []
     for i, item in enumerate(items):
-        where = f"input[{i - kept}]"
+        where = f"{name}[{i - kept}]"
         if not isinstance(item, dict):
             raise ApiError(400, f"{where}: expected an object, got {json_kind(item)}", where)
         kind = item.get("type", "message")

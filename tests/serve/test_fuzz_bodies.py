@@ -16,12 +16,15 @@ from fastblt.formats.checkpoint import load_config, resolve_checkpoint_path
 from fastblt.runtime.options import make_request
 from fastblt.serve.api import ApiError, parse_body
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
+from fastblt.serve.conversations import ConversationStore
 from fastblt.serve.tools import CallTags
 
 MODEL = "fastblt-default"
 TEMPLATES = (ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,)),  # and one that serves tool_choice "auto"
              ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,), tags=CallTags("<call>", "</call>")))  # fmt: skip
 CONFIG = load_config(resolve_checkpoint_path("default"))
+TALKS = ConversationStore(1 << 20)
+CONVERSATION = TALKS.create([], {})["id"]
 
 anything = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
@@ -62,6 +65,13 @@ named = st.fixed_dictionaries(
 )
 called = st.fixed_dictionaries({"name": st.text(max_size=3), "arguments": st.text(max_size=10)})
 calls = st.fixed_dictionaries({"id": st.text(max_size=3), "type": st.just("function"), "function": called})
+structured = st.one_of(  # vLLM's structured_outputs
+    st.fixed_dictionaries({"regex": st.text("ab()[]{}|*+?^$.-\\dsu0é", max_size=6) | anything}),
+    st.fixed_dictionaries({"choice": st.lists(st.text(max_size=4), max_size=3) | anything}),
+    st.fixed_dictionaries({"json": schemas | anything}),
+    st.dictionaries(st.sampled_from(["regex", "choice", "json", "grammar", "x"]), anything, max_size=2),
+    anything,
+)
 FIELDS = {  # a plausible value, or anything at all
     "max_tokens": st.integers(-3, 40),
     "temperature": st.floats(-1, 3),
@@ -93,6 +103,7 @@ FIELDS = {  # a plausible value, or anything at all
     "parallel_tool_calls": st.booleans(),
     "continue_final_message": st.booleans(),
     "add_generation_prompt": st.booleans(),
+    "structured_outputs": structured,
 }
 messages = st.lists(
     st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]) | anything},
@@ -179,7 +190,10 @@ RESPONSES_FIELDS = {
     "previous_response_id": st.text(max_size=4) | anything,
     "service_tier": st.sampled_from(["auto", "flex", "priority", "x"]) | anything,
     "reasoning": st.just({"effort": None}) | anything,
-    "truncation": st.sampled_from(["disabled", "auto"]),
+    "truncation": st.sampled_from(["disabled", "auto"]) | anything,
+    "max_tool_calls": st.integers(-1, 3) | anything,
+    "conversation": st.sampled_from([CONVERSATION, "conv_x"]) | st.just({"id": CONVERSATION}) | anything,
+    "structured_outputs": structured,
     "mode": st.sampled_from(["ar", "blt-s", "blt-d", "blt-dv", "fast"]),
     "seed": st.integers(-5, 2**64),
     "priority": st.integers(-(2**33), 2**33),
@@ -194,9 +208,10 @@ def test_a_random_responses_body_is_a_request_or_a_4xx_naming_a_field(data):
     chosen = data.draw(st.sets(st.sampled_from(sorted(RESPONSES_FIELDS)), max_size=8))
     b = {name: data.draw(RESPONSES_FIELDS[name]) for name in chosen | {"input"}} | {"model": MODEL}
     raw = json.dumps(b, allow_nan=False).encode() if _finite(b) else b"{}"
-    asked = ResponsesRequest(MODEL, "blt-s", TEMPLATES[data.draw(st.integers(0, 1))], ResponseStore(1 << 16))
+    asked = ResponsesRequest(MODEL, "blt-s", TEMPLATES[data.draw(st.integers(0, 1))], ResponseStore(1 << 16),
+                             TALKS)  # fmt: skip
     try:
-        comp = asked.parse(raw)
+        comp = asked.parse(raw, data.draw(st.sampled_from([None, 60, 16384])))
     except ApiError as e:
         assert 400 <= e.status < 500 and e.message, e.message
         return
@@ -204,3 +219,23 @@ def test_a_random_responses_body_is_a_request_or_a_4xx_naming_a_field(data):
         make_request(comp.prompts[0], CONFIG, max_bytes=max(comp.max_tokens or 1, 1), **comp.options)
     except FastBltError as e:
         assert str(e).startswith(("option", "mode", "prompt")), str(e)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(items, max_size=4) | anything)
+def test_random_conversation_items_are_kept_or_a_4xx_naming_a_field(given):
+    """What POST /v1/conversations (and its /items) is sent: items it keeps, which a response
+    that continues the conversation reads back, or a 4xx naming the field."""
+    from fastblt.serve.responses import ResponsesRequest, conversation_items
+
+    try:
+        kept = conversation_items(given)
+    except ApiError as e:
+        assert 400 <= e.status < 500 and e.param is not None and e.param.startswith("items"), e.message
+        return
+    cid = TALKS.create(kept, {})["id"]
+    asked = ResponsesRequest(MODEL, "blt-s", TEMPLATES[0], conversations=TALKS)
+    try:
+        asked.parse(json.dumps({"model": MODEL, "input": "x", "conversation": cid}).encode())
+    except ApiError as e:  # the template's own refusal (a system message after others)
+        assert e.status == 400 and e.param == "input", e.message

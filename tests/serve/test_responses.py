@@ -112,7 +112,6 @@ def test_input_items_are_the_conversation_chat_would_render():
         ({"input": [{"role": "user", "content": "x"}, {"role": "system", "content": "late"}]}, "input"),
         ({"instructions": 3}, "instructions"),
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"conversation": "conv_1"}, "conversation"),
         ({"background": True}, "background"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"truncation": "middle"}, "truncation"),
@@ -314,7 +313,9 @@ def test_responses_equal_generate_of_the_rendered_prompt_streamed_or_not(server,
     assert events[-1].type == f"response.{r.status}"  # the client's get_final_response waits for "completed" only
     final = events[-1].response
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want.text
-    assert len([e for e in events if e.type == "response.output_text.delta"]) > 3  # it came as it was written
+    # it came as it was written (text verified while the server wrote the last chunk joins the next
+    # one, so how many there are depends on timing: blt-d's 32 bytes are a few blocks)
+    assert len([e for e in events if e.type == "response.output_text.delta"]) > 1
     assert final.output_text == want.text and final.status == r.status and final.usage == r.usage
 
 
