@@ -82,6 +82,7 @@ class Completion:
     tokens_field: str = "max_tokens"  # ... and about the length
     format_field: str = "response_format"  # ... and about the JSON format (chat's tool calls ask for one too)
     user: str | None = None  # OpenAI's end-user id: only the request log shows it
+    background: bool = False  # answered later (responses' background: true): the request gets its queued state
 
     @property
     def candidates(self) -> int:

@@ -136,6 +136,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     replica = settings.replica or f"{socket.gethostname()}:{os.getpid()}"
     state: dict = {"engine": engine if isinstance(engine, AsyncEngine) else None, "metrics": Metrics(),
                    "fingerprint": None}  # fmt: skip
+    running: dict[str, ResponsesRequest] = {}  # background responses not yet answered, by id
     if state["engine"] is not None:
         state["metrics"] = _metrics(state["engine"])
 
@@ -151,6 +152,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                 for extra in app.state.lifespans:  # what was added to the app (batches.py's runner)
                     await stack.enter_async_context(extra(app))
                 yield
+                for job in list(running.values()):  # kept in this process's memory only: nothing to finish for
+                    await job.cancel()
         finally:
             if built is not None:
                 await built.aclose()
@@ -232,11 +235,14 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     async def complete(request: Request, parse: Callable[[bytes], Completion], endpoint: str,
                        reshape: Callable[[dict], dict] | None = None,
                        frame: Callable[[dict | str], bytes] = sse,
-                       refit: Callable[[PositionLimit], Completion | None] | None = None) -> Response:  # fmt: skip
+                       refit: Callable[[PositionLimit], Completion | None] | None = None,
+                       later: Callable[[Coroutine[Any, Any, dict]], dict] | None = None) -> Response:  # fmt: skip
         """Answer a completions-shaped request; `reshape` turns a whole answer, and `frame` each
         streamed body (or "[DONE]"), into another API's (responses.py), sse by default. `refit`:
         the request again, shorter, when its text reached the model's position limit before its
-        answer began (None: refused as it is)."""
+        answer began (None: refused as it is). `later`: for a request to be answered in the
+        background, takes the work that answers it (its errors ApiErrors) and gives the answer
+        to send now."""
         arrived = time.perf_counter()
         m: Metrics = state["metrics"]
         mode = "unknown"
@@ -256,6 +262,11 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             mode = comp.options["mode"]
             record.parsed(mode, comp.stream, comp.n * len(comp.prompts), sum(len(p.encode()) for p in comp.prompts),
                           comp.user, comp.options.get("priority", 0))  # fmt: skip
+            if comp.background and later is not None:
+                response = JSONResponse(later(_answered(eng, comp, refit, reshape, m, arrived)))
+                m.request(response.status_code, mode, endpoint)
+                record.end(response.status_code)
+                return response
             # off the event loop: a request's schema or tools compile into automata (up to ~1 s for
             # a fine multipleOf beside wide bounds), which the streams in flight must not wait for
             for refits in range(MAX_REFITS + 1):
@@ -267,10 +278,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                     gens = await _unless_gone(_together(eng.generate(job.req) for job in jobs), request, inflight)
                     break
                 except PositionLimit as e:
-                    shorter = None if refit is None or refits == MAX_REFITS else await asyncio.to_thread(refit, e)
-                    if shorter is None:
-                        raise
-                    comp = shorter
+                    comp = await _refitted(comp, refit, refits, e)
             for gen in gens:
                 m.generation(gen, arrived)
                 record.byte_times(gen.times)
@@ -294,6 +302,29 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         record.end(response.status_code, answer["usage"], [c["finish_reason"] for c in answer["choices"]])
         return response
 
+    async def _answered(eng: AsyncEngine, comp: Completion, refit: Callable[[PositionLimit], Completion | None] | None,
+                        reshape: Callable[[dict], dict] | None, m: Metrics, arrived: float) -> dict:  # fmt: skip
+        """The whole answer to `comp`, no client watching (a background request's); engine errors
+        as the ApiErrors a client would have been answered with."""
+        try:
+            for refits in range(MAX_REFITS + 1):
+                jobs = await asyncio.to_thread(_jobs, eng, comp)
+                try:
+                    gens = await _together(eng.generate(job.req) for job in jobs)
+                    break
+                except PositionLimit as e:
+                    comp = await _refitted(comp, refit, refits, e)
+        except EngineBusy as e:
+            raise ApiError(429, str(e), None, "queue_full", "rate_limit_error") from None
+        except EngineClosed as e:
+            raise ApiError(503, str(e), None, "shutting_down", "server_error") from None
+        except FastBltError as e:
+            raise _field_error(e, comp) from None
+        for gen in gens:
+            m.generation(gen, arrived)
+        answer = _answer(comp, jobs, gens, settings.model_id, state["fingerprint"])
+        return answer if reshape is None else reshape(answer)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await complete(request, lambda raw: parse_body(raw, settings.model_id, settings.default_mode),
@@ -311,7 +342,16 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     async def responses(request: Request) -> Response:
         asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept, talks)
         return await complete(request, lambda raw: asked.parse(raw, byte_limit(ready())), "responses", asked.answer,
-                              asked.frame, asked.refit)  # fmt: skip
+                              asked.frame, asked.refit, lambda work: asked.start(work, running))  # fmt: skip
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(request: Request, response_id: str) -> JSONResponse:
+        if not stored(request, response_id).response.get("background"):
+            raise ApiError(400, f"response {response_id!r:.80}: only a background response can be cancelled", None,
+                           "not_cancellable")  # fmt: skip
+        if (job := running.get(response_id)) is not None:
+            await job.cancel()
+        return JSONResponse(stored(request, response_id).response)
 
     def stored(request: Request, response_id: str) -> Stored:
         authorize(request)
@@ -515,6 +555,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         raise ApiError(499, "client closed the request while sending it", None, "client_closed") from None
     return bytes(body)
+
+
+async def _refitted(comp: Completion, refit: Callable[[PositionLimit], Completion | None] | None, refits: int,
+                    e: PositionLimit) -> Completion:  # fmt: skip
+    """The request shortened by `refit` after its text reached the position limit (`e`, raised
+    again when there is no refit or none is left)."""
+    shorter = None if refit is None or refits == MAX_REFITS else await asyncio.to_thread(refit, e)
+    if shorter is None:
+        raise e
+    return shorter
 
 
 def byte_limit(eng: AsyncEngine) -> int:

@@ -102,6 +102,8 @@ def read_requests(path: Path) -> list[BatchRequest]:
             raise InputError(f"{where}: body: expected an object, got {type(body).__name__}")
         if body.get("stream") not in (None, False):
             raise InputError(f"{where}: body.stream: a batch's answers are whole lines; leave stream out")
+        if body.get("background") not in (None, False):
+            raise InputError(f"{where}: body.background: a batch is answered in the background already; leave it out")
         seen[cid] = n
         out.append(BatchRequest(n, cid, item["url"], json.dumps(body, ensure_ascii=False).encode()))
     return out

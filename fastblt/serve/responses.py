@@ -12,7 +12,9 @@ ResponseStore: in memory, the least recently used dropped past its budget. A req
 continue one (`previous_response_id`: its input items and output come before the new input; its
 instructions do not, as OpenAI's), and GET / DELETE /v1/responses/{id} read and drop them. Or it
 may name a kept conversation (`conversation`, conversations.py): its items come before the new
-input, and the request's input items and the response's output are added to it once answered.
+input, and the request's input items and the response's output are added to it once answered. A
+background response (`background`) is kept queued at once and answered by a task of its own,
+which POST /v1/responses/{id}/cancel stops.
 
 With `truncation: "auto"`, a conversation past the server's byte limit drops items from its middle:
 the leading system and developer messages stay, and the newest turns from a user message on, as
@@ -22,12 +24,14 @@ turn truncates again from the whole conversation.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +53,11 @@ from fastblt.serve.conversations import MAX_NEW_ITEMS, ConversationStore
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "stream_options",
           "user", "safety_identifier", "metadata", "store", "text", "tools", "tool_choice", "parallel_tool_calls",
           "include", "top_logprobs", "prompt_cache_key", "prompt_cache_retention", "service_tier",
-          "previous_response_id", "truncation", "max_tool_calls", "conversation"}  # fmt: skip
+          "previous_response_id", "truncation", "max_tool_calls", "conversation", "background"}  # fmt: skip
 # chat's sampling fields that Responses lacks, taken as fastblt's own (the openai client's extra_body)
 EXTRA = FASTBLT_FIELDS | {"seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias"}
 # fields fastblt accepts only as "not asked for": a model without reasoning, hosted tools or background runs
-NEUTRAL = {"background": (None, False), "reasoning": (None, {}), "prompt": (None,),
+NEUTRAL = {"reasoning": (None, {}), "prompt": (None,),
            "access_programs": (None,), "background_options": (None,), "context_management": (None,),
            "image": (None,), "moderation": (None,), "prompt_cache_options": (None,)}  # fmt: skip
 LOGPROBS = "message.output_text.logprobs"
@@ -130,6 +134,7 @@ class ResponsesRequest:
         self.own = 0  # how many of them the request gave
         self.keep = False
         self._events: _Events | None = None  # a streamed answer's, from its first body on
+        self.task: asyncio.Task | None = None  # a background response's work
         self._whole: tuple[dict, Completion] | None = None  # chat's body and Completion, untruncated
         self._limit: int | None = None  # the bytes the prompt and answer were fitted under
         self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
@@ -149,6 +154,7 @@ class ResponsesRequest:
         self._whole, self._limit = (chat, comp), limit
         if self.echo["truncation"] == "auto" and limit is not None:
             comp = self._truncated(chat, comp, limit)
+        comp.background = self.echo["background"]
         return _named(comp)
 
     def refit(self, e: PositionLimit) -> Completion | None:
@@ -227,6 +233,14 @@ class ResponsesRequest:
         elif top is not None and not 0 <= top <= 20:
             raise ApiError(400, f"top_logprobs: expected an integer in [0, 20], got {top}", "top_logprobs")
         metadata = get_metadata(body)
+        background = get_field(body, "background", bool, default=False)
+        if background and (stream or not self.keep):
+            why = (
+                "a streamed one is not served: create it without stream and poll GET /v1/responses/{id}"
+                if stream
+                else "its answer is read from the kept response: store true, on a server that keeps responses"
+            )
+            raise ApiError(400, f"background: {why}", "background")  # fmt: skip
         truncation = get_field(body, "truncation", str, default="disabled")
         if truncation not in TRUNCATION:
             raise ApiError(400, f'truncation: expected "auto" or "disabled", got {truncation!r:.40}', "truncation")
@@ -242,7 +256,7 @@ class ResponsesRequest:
             "service_tier": "default" if body.get("service_tier") in (None, "auto") else body["service_tier"],
             "previous_response_id": previous, "store": self.keep, "truncation": truncation,
             "conversation": None if self.conversation is None else {"id": self.conversation},
-            "max_tool_calls": max_tool_calls,
+            "max_tool_calls": max_tool_calls, "background": background,
         }  # fmt: skip
         return chat
 
@@ -296,7 +310,7 @@ class ResponsesRequest:
                  error: dict | None = None) -> dict:  # fmt: skip
         """The Response object: `status` in_progress, completed, incomplete (`reason`) or failed (`error`)."""
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
-                "completed_at": int(time.time()) if status == "completed" else None, "background": False,
+                "completed_at": int(time.time()) if status == "completed" else None,
                 "error": error, "incomplete_details": None if reason is None else {"reason": reason},
                 "model": self.model_id, "output": output, "reasoning": None,
                 "usage": None if usage is None else _usage(usage), **self.echo}  # fmt: skip
@@ -322,6 +336,42 @@ class ResponsesRequest:
             own = [stored_item(i) for i in self.items[len(self.items) - self.own :]]
             self.conversations.add(self.conversation, [*own, *response["output"]])
         return response
+
+    def start(self, work: Coroutine[Any, Any, dict], running: dict[str, ResponsesRequest]) -> dict:
+        """Answer in the background: `work` (which keeps the answer, through `answer`) runs as a
+        task of its own, listed in `running` until it ends; the Response is kept at once, queued,
+        then in_progress, and failed or cancelled should the work end so. Returns the queued one."""
+        store = self.store
+        assert store is not None  # parse refuses background without one
+
+        def keep(status: str, error: dict | None = None) -> dict:
+            response = self.response(status, [], None, error=error)
+            store.put(response, self.items, self.own)
+            return response
+
+        async def settle() -> None:
+            keep("in_progress")
+            try:
+                await work
+            except asyncio.CancelledError:
+                keep("cancelled")
+            except ApiError as e:
+                keep("failed", {"code": e.code or "server_error", "message": e.message})
+            except Exception as e:  # noqa: BLE001 (a bug: said in the response, as a 500 would say it)
+                keep("failed", {"code": "server_error", "message": f"internal error: {e!r}"})
+            finally:
+                running.pop(self.id, None)
+
+        queued = keep("queued")
+        running[self.id] = self
+        self.task = asyncio.get_running_loop().create_task(settle(), name=f"fastblt {self.id}")
+        return queued
+
+    async def cancel(self) -> None:
+        """Stop a background response's work (its rows freed at once); kept as cancelled."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            await asyncio.wait([self.task])
 
     def frame(self, body: dict | str) -> bytes:
         """The Responses events for one body of chat's stream (a chunk, an error, or "[DONE]"), in

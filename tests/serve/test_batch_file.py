@@ -43,6 +43,7 @@ GOOD = line("a", {"model": MODEL, "prompt": "x"})
         (line("b", {}, url="/v1/embeddings"), ":2: url: expected one of /v1/completions, /v1/chat/completions"),
         (line("b", "x"), ":2: body: expected an object"),
         (line("b", {"prompt": "x", "stream": True}), ":2: body.stream"),
+        (line("b", {"input": "x", "background": True}, url="/v1/responses"), ":2: body.background"),
     ],
 )  # fmt: skip
 def test_a_malformed_line_is_refused_by_its_number(tmp_path, bad, message):

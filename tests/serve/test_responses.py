@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import openai
@@ -112,7 +113,8 @@ def test_input_items_are_the_conversation_chat_would_render():
         ({"input": [{"role": "user", "content": "x"}, {"role": "system", "content": "late"}]}, "input"),
         ({"instructions": 3}, "instructions"),
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"background": True}, "background"),
+        ({"background": True}, "background"),  # no store here
+        ({"background": "yes"}, "background"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"truncation": "middle"}, "truncation"),
         ({"max_tool_calls": 0}, "max_tool_calls"),
@@ -433,6 +435,52 @@ def _truncated_alone(reference, items: list[dict]):
         except PositionLimit as e:
             comp = asked.refit(e)
     raise AssertionError("still past the patch limit")
+
+
+def test_background_responses_are_queued_answered_later_and_may_be_cancelled(server, reference):
+    """background: true answers at once with the queued Response; polling reads it in progress and
+    then answered as a foreground request would have been; a cancelled one stops (its row freed)
+    and reads cancelled; only background responses are cancelled, and none is streamed."""
+    c = client(server)
+    r = c.responses.create(model=MODEL, input=ASK, instructions=INSTRUCTIONS, background=True, max_output_tokens=32,
+                           temperature=0)  # fmt: skip
+    assert r.status == "queued" and r.background is True and r.output == []
+    final = _polled(c, r.id)
+    want = reference.generate(TEMPLATE.render(MESSAGES), mode="blt-s", max_bytes=32, temperature=0.0, stop=[CHAT_STOP])
+    assert final.output_text == want.text and final.background is True and final.status in ("completed", "incomplete")
+    long = c.responses.create(model=MODEL, input=ASK, background=True, max_output_tokens=16000, temperature=0,
+                              extra_body={"mode": "ar"})  # fmt: skip
+    cancelled = c.responses.cancel(long.id)
+    assert cancelled.status == "cancelled"  # its 16,000 bytes of ar would take seconds
+    assert c.responses.retrieve(long.id).status == cancelled.status == "cancelled"
+    assert c.responses.cancel(long.id).status == "cancelled"  # again: as it is
+    deadline = time.monotonic() + 10
+    while _occupancy(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _occupancy(server) == 0
+    foreground = c.responses.create(model=MODEL, input="x", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="only a background response"):
+        c.responses.cancel(foreground.id)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model=MODEL, input="x", background=True, stream=True)
+    assert e.value.body["param"] == "background"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model=MODEL, input="x", background=True, store=False)
+    assert e.value.body["param"] == "background"
+
+
+def _polled(c, rid: str, seconds: float = 60):
+    """The kept response once it is no longer queued or in progress."""
+    deadline = time.monotonic() + seconds
+    while (got := c.responses.retrieve(rid)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, got.status
+        time.sleep(0.05)
+    return got
+
+
+def _occupancy(server) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return float(re.search(r"^fastblt_batch_occupancy (\S+)$", text, re.M).group(1))
 
 
 def test_logprobs_are_chats(server):
