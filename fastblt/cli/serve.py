@@ -43,6 +43,10 @@ from fastblt.cli.common import Positive
               help="Memory for answered Responses (previous_response_id, GET /v1/responses/{id}), and as much "
               "for conversations (/v1/conversations); 0 keeps none. Not with --ray (each replica would keep its "
               "own).")  # fmt: skip
+@click.option("--response-store-dir", type=click.Path(file_okay=False, writable=True), default=None,
+              help="Keep the responses and conversations of --response-store-mb in a SQLite file here "
+              "(kept.sqlite3), which a restarted server reads again [default: in memory, gone at a "
+              "restart].")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
@@ -67,7 +71,8 @@ from fastblt.cli.common import Positive
 def serve(
     checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
     ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs, model_name, chat_template, chat_stop,
-    tool_call_start, tool_call_end, allowed_origins, batch_dir, response_store_mb, max_body, max_context, threads,
+    tool_call_start, tool_call_end, allowed_origins, batch_dir, response_store_mb, response_store_dir, max_body,
+    max_context, threads,
     prompt_cache_mb, share_prompts, device,
     graceful_timeout, log_level, log_format, use_ray,
     ray_address, replicas,
@@ -128,10 +133,20 @@ def serve(
             Path(batch_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise click.BadParameter(f"{batch_dir}: {e.strerror}", param_hint="'--batch-dir'") from None
+    if response_store_dir is not None and not use_ray:
+        if not response_store_mb:
+            raise click.UsageError("--response-store-dir with --response-store-mb 0: nothing would be kept there")
+        from fastblt.serve.kept import check_dir
+
+        if why := check_dir(Path(response_store_dir)):  # the same: before the model loads
+            raise click.BadParameter(why, param_hint="'--response-store-dir'")
     if use_ray:
         if ssl_ca_certs is not None:  # Serve passes ssl_ca_certs to uvicorn, but never ssl_cert_reqs
             raise click.UsageError("--ssl-ca-certs with --ray: Ray Serve's proxies do not require client "
                                    "certificates; check them in front of the cluster (docs/scale-out.md)")  # fmt: skip
+        if response_store_dir is not None:  # one file per server: replicas would each keep their own
+            raise click.UsageError("--response-store-dir with --ray: replicas keep no responses (a client's next "
+                                   "turn may reach any of them; docs/scale-out.md)")  # fmt: skip
         if batch_dir is not None:  # a batch runs in one replica's loop; Serve would route its polls anywhere
             raise click.UsageError("--batch-dir with --ray: the Batch API runs in one server; "
                                    "answer batch files with `fastblt batch` instead")  # fmt: skip
@@ -166,7 +181,8 @@ def serve(
                           share_prompts=share_prompts)  # fmt: skip
     settings = ServeSettings(model_id=name, default_mode=mode, api_keys=api_keys, max_body=max_body,
                              chat_template=setup.template, log_format=log_format,
-                             allowed_origins=allowed_origins, response_store=response_store_mb << 20)  # fmt: skip
+                             allowed_origins=allowed_origins, response_store=response_store_mb << 20,
+                             response_store_dir=response_store_dir and Path(response_store_dir))  # fmt: skip
     app = create_app(engine, settings)
     if batch_dir is not None:
         from fastblt.serve.batches import add_batch_api

@@ -29,6 +29,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -65,6 +66,7 @@ from fastblt.serve.api import (
 )
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.conversations import ConversationStore
+from fastblt.serve.kept import open_kept
 from fastblt.serve.metrics import CONTENT_TYPE, Metrics
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
 from fastblt.serve.request_log import LOGGER, RequestRecord, request_id, trace_id
@@ -104,6 +106,8 @@ class ServeSettings:
     log_format: str = "text"  # "json": the request log's fields go on its records, for a JSON formatter
     allowed_origins: tuple[str, ...] = ()  # web pages (scheme://host[:port], or "*") whose scripts may call the API
     response_store: int = 0  # bytes of Responses kept for previous_response_id (0: none kept, store answered false)
+    # and as many of conversations; in a SQLite file there (kept.py) that outlives the server, else in memory
+    response_store_dir: Path | None = None
 
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
@@ -335,8 +339,10 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         return await complete(request, lambda raw: parse_chat_body(raw, settings.model_id, settings.default_mode,
                                                                     settings.chat_template), "chat")  # fmt: skip
 
-    kept = ResponseStore(settings.response_store) if settings.response_store else None
-    talks = ConversationStore(settings.response_store) if settings.response_store else None
+    kept, talks = None, None
+    if settings.response_store:
+        kept = ResponseStore(open_kept(settings.response_store_dir, "responses", settings.response_store))
+        talks = ConversationStore(open_kept(settings.response_store_dir, "conversations", settings.response_store))
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:

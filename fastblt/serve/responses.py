@@ -27,10 +27,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +47,7 @@ from fastblt.serve.api import (
 )
 from fastblt.serve.chat import ChatTemplate, message_text, parse_chat
 from fastblt.serve.conversations import MAX_NEW_ITEMS, ConversationStore
+from fastblt.serve.kept import Kept, MemoryKept
 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "stream_options",
           "user", "safety_identifier", "metadata", "store", "text", "tools", "tool_choice", "parallel_tool_calls",
@@ -79,44 +78,30 @@ class Stored:
     response: dict
     items: list[dict]
     own: int
-    size: int  # bytes it is counted as (its JSON's)
 
 
 class ResponseStore:
-    """Responses kept in memory for previous_response_id and GET/DELETE /v1/responses/{id}; past
-    `budget` bytes (their JSON's size) the least recently used go. Thread-safe: requests are parsed
-    off the event loop."""
+    """Responses kept for previous_response_id and GET/DELETE /v1/responses/{id}: a Kept map (in
+    memory, or in --response-store-dir's file) of `budget` bytes, the least recently used dropped
+    past it."""
 
-    def __init__(self, budget: int):
-        self.budget, self.used = budget, 0
-        self._kept: OrderedDict[str, Stored] = OrderedDict()
-        self._lock = threading.Lock()
+    def __init__(self, kept: Kept | int):
+        self.kept = MemoryKept(kept) if isinstance(kept, int) else kept
+
+    @property
+    def used(self) -> int:
+        return self.kept.used
 
     def put(self, response: dict, items: list[dict], own: int) -> bool:
         """Keep `response`; False when it alone exceeds the budget (it is not kept)."""
-        size = len(json.dumps(response)) + len(json.dumps(items))
-        if size > self.budget:
-            return False
-        with self._lock:
-            self._kept[response["id"]] = Stored(response, items, own, size)
-            self.used += size
-            while self.used > self.budget:
-                self.used -= self._kept.popitem(last=False)[1].size
-        return True
+        return self.kept.put(response["id"], {"response": response, "items": items, "own": own})
 
     def get(self, rid: str) -> Stored | None:
-        with self._lock:
-            kept = self._kept.get(rid)
-            if kept is not None:
-                self._kept.move_to_end(rid)
-            return kept
+        found = self.kept.get(rid)
+        return None if found is None else Stored(found["response"], found["items"], found["own"])
 
     def delete(self, rid: str) -> bool:
-        with self._lock:
-            kept = self._kept.pop(rid, None)
-            if kept is not None:
-                self.used -= kept.size
-            return kept is not None
+        return self.kept.delete(rid)
 
 
 class ResponsesRequest:

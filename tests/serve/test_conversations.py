@@ -6,6 +6,7 @@ not, so the next turn continues from there; the openai client drives all of it."
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -14,6 +15,7 @@ from conftest import CHAT_STOP, CHAT_TEMPLATE, KEY
 from fastblt.serve.api import ApiError
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.conversations import ConversationStore
+from fastblt.serve.kept import size_of
 from fastblt.serve.responses import ResponsesRequest, conversation_items
 
 MODEL = "fastblt-default"
@@ -31,8 +33,9 @@ def _item(text: str, role: str = "user") -> dict:
 
 
 def test_the_store_drops_the_least_recently_used_and_a_conversation_past_the_budget_keeps_its_newest():
-    size = len(json.dumps(_item("x" * 100)))
-    store = ConversationStore(4 * size + 8)
+    # a conversation of four such items fills the store: its id, created_at and metadata, and the items
+    envelope = size_of({"id": "conv_" + "0" * 32, "created_at": int(time.time()), "metadata": {}, "items": []})
+    store = ConversationStore(envelope - 2 + size_of([_item(c * 100) for c in "xzwv"]))
     a = store.create([_item("x" * 100)], {})["id"]
     b = store.create([_item("y" * 100)], {"k": "v"})["id"]
     assert store.items(a)[0]["id"] == "msg_" + "x" * 100  # a used: b is now the least recently used

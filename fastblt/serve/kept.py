@@ -1,0 +1,163 @@
+"""Where a server keeps what clients come back for (responses.py's kept responses,
+conversations.py's conversations): a least-recently-used map of JSON values bounded by bytes, in
+the server's memory, or in a SQLite file that a restarted server reads again.
+
+Both hold JSON-able values and count each by its JSON's length; `put` keeps a value and lets the
+least recently used others go until the map is back within its budget. A value is read back as
+a new object from the file, and as the same object from memory: callers change a value only to
+put it again.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Protocol
+
+FILE = "kept.sqlite3"  # in --response-store-dir
+
+
+class Kept(Protocol):
+    budget: int
+    used: int
+
+    def get(self, key: str) -> Any | None: ...
+
+    def put(self, key: str, value: Any) -> bool: ...
+
+    def delete(self, key: str) -> bool: ...
+
+
+def size_of(value: Any) -> int:
+    """A value's bytes as the budget counts them: its JSON's."""
+    return len(json.dumps(value))
+
+
+class MemoryKept:
+    """In this process's memory: gone at a restart. Thread-safe."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self._values: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            found = self._values.get(key)
+            if found is None:
+                return None
+            self._values.move_to_end(key)
+            return found[0]
+
+    def put(self, key: str, value: Any) -> bool:
+        """Keep `value` under `key` (the most recently used); False, and nothing kept, when it
+        alone exceeds the budget."""
+        size = size_of(value)
+        if size > self.budget:
+            return False
+        with self._lock:
+            old = self._values.pop(key, None)
+            self.used += size - (0 if old is None else old[1])
+            self._values[key] = (value, size)
+            while self.used > self.budget:
+                self.used -= self._values.popitem(last=False)[1][1]
+        return True
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            old = self._values.pop(key, None)
+            if old is not None:
+                self.used -= old[1]
+            return old is not None
+
+
+class FileKept:
+    """In table `table` of a SQLite file (WAL: a reader never waits for a writer), read again by
+    the next server that opens it: each put is committed before it returns. Thread-safe (one
+    connection, behind a lock)."""
+
+    def __init__(self, path: Path, table: str, budget: int):
+        self.budget, self.table = budget, table
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; a crash keeps the file whole
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
+                         "size INTEGER NOT NULL, used INTEGER NOT NULL)")  # fmt: skip
+        self._db.execute(f"CREATE INDEX IF NOT EXISTS {table}_used ON {table} (used)")
+        self.used, self._clock = self._db.execute(f"SELECT COALESCE(SUM(size), 0), COALESCE(MAX(used), 0) "
+                                                  f"FROM {table}").fetchone()  # fmt: skip
+        with self._lock:
+            self._evict()  # a smaller budget than the last server's
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT value FROM {self.table} WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return None
+            self._clock += 1
+            self._db.execute(f"UPDATE {self.table} SET used = ? WHERE key = ?", (self._clock, key))
+            return json.loads(row[0])
+
+    def put(self, key: str, value: Any) -> bool:
+        text = json.dumps(value)
+        if len(text) > self.budget:
+            return False
+        with self._lock:
+            self._clock += 1
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                old = self._db.execute(f"SELECT size FROM {self.table} WHERE key = ?", (key,)).fetchone()
+                self._db.execute(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?, ?)",
+                                 (key, text, len(text), self._clock))  # fmt: skip
+                self.used += len(text) - (0 if old is None else old[0])
+                self._evict()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self.used = self._db.execute(f"SELECT COALESCE(SUM(size), 0) FROM {self.table}").fetchone()[0]
+                raise
+        return True
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            row = self._db.execute(f"DELETE FROM {self.table} WHERE key = ? RETURNING size", (key,)).fetchone()
+            if row is not None:
+                self.used -= row[0]
+            return row is not None
+
+    def _evict(self) -> None:
+        """The least recently used go until the table is within its budget."""
+        while self.used > self.budget:
+            key, size = self._db.execute(f"SELECT key, size FROM {self.table} ORDER BY used LIMIT 1").fetchone()
+            self._db.execute(f"DELETE FROM {self.table} WHERE key = ?", (key,))
+            self.used -= size
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def open_kept(directory: Path | None, table: str, budget: int) -> Kept:
+    """A map of `budget` bytes: in `directory`'s SQLite file (made if missing), else in memory."""
+    if directory is None:
+        return MemoryKept(budget)
+    directory.mkdir(parents=True, exist_ok=True)
+    return FileKept(directory / FILE, table, budget)
+
+
+def check_dir(directory: Path) -> str | None:
+    """Why `directory` cannot hold the kept file (made if missing; a file there that is no SQLite
+    database of ours is refused, not overwritten), or None."""
+    try:
+        for table in ("responses", "conversations"):
+            kept = open_kept(directory, table, 1 << 62)
+            kept.close()  # type: ignore[attr-defined]
+    except OSError as e:
+        return f"{directory}: {e.strerror}"
+    except sqlite3.Error as e:
+        return f"{directory / FILE}: {e}"
+    return None
