@@ -288,7 +288,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                 record.byte_times(gen.times)
             answer = _answer(comp, jobs, gens, settings.model_id, state["fingerprint"])
             m.tool_calls(mode, sum(len(c.get("message", {}).get("tool_calls") or ()) for c in answer["choices"]))
-            response = JSONResponse(answer if reshape is None else reshape(answer))
+            # off the event loop: a reshape may keep the answer (a kept Response: a file's write)
+            response = JSONResponse(answer if reshape is None else await asyncio.to_thread(reshape, answer))
         except ApiError as e:
             raise refused(e) from None
         except EngineBusy as e:
@@ -327,7 +328,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         for gen in gens:
             m.generation(gen, arrived)
         answer = _answer(comp, jobs, gens, settings.model_id, state["fingerprint"])
-        return answer if reshape is None else reshape(answer)
+        return answer if reshape is None else await asyncio.to_thread(reshape, answer)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -773,7 +774,7 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
             if comp.include_usage:
                 body = shape.body(cid, settings.model_id, [], used, created, fp, chunk=True)
                 yield frame(body)
-            yield frame("[DONE]")
+            yield await asyncio.to_thread(frame, "[DONE]")  # the last frame may keep the answer (a file's write)
         except (FastBltError, ApiError) as e:  # bytes already went out: the failure is an event
             if isinstance(e, Cancelled) and inflight.stopping.is_set():  # it ended before the stream saw why
                 e = inflight.error()
