@@ -353,29 +353,30 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(request: Request, response_id: str) -> JSONResponse:
-        if not stored(request, response_id).response.get("background"):
+        if not (await stored(request, response_id)).response.get("background"):
             raise ApiError(400, f"response {response_id!r:.80}: only a background response can be cancelled", None,
                            "not_cancellable")  # fmt: skip
         if (job := running.get(response_id)) is not None:
             await job.cancel()
-        return JSONResponse(stored(request, response_id).response)
+        return JSONResponse((await stored(request, response_id)).response)
 
-    def stored(request: Request, response_id: str) -> Stored:
+    # the stores' reads and writes off the event loop: in a file, a long conversation is megabytes of JSON
+    async def stored(request: Request, response_id: str) -> Stored:
         authorize(request)
-        found = None if kept is None else kept.get(response_id)
+        found = None if kept is None else await asyncio.to_thread(kept.get, response_id)
         if found is None:
             raise ApiError(404, f"response {response_id!r:.80}: not kept here", None, "response_not_found")
         return found
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(request: Request, response_id: str) -> JSONResponse:
-        return JSONResponse(stored(request, response_id).response)
+        return JSONResponse((await stored(request, response_id)).response)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(request: Request, response_id: str) -> JSONResponse:
-        stored(request, response_id)
+        await stored(request, response_id)
         assert kept is not None
-        kept.delete(response_id)
+        await asyncio.to_thread(kept.delete, response_id)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
     async def body_of(request: Request) -> dict:
@@ -400,12 +401,14 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         body = await body_of(request)
         check_fields(body, {"items", "metadata", "safety_identifier"}, {})
         items = await asyncio.to_thread(conversation_items, body.get("items"))
-        return JSONResponse(conversations().create(items, get_metadata(body) or {}))
+        return JSONResponse(await asyncio.to_thread(conversations().create, items, get_metadata(body) or {}))
 
     @app.get("/v1/conversations/{conversation_id}")
     async def get_conversation(request: Request, conversation_id: str) -> JSONResponse:
         authorize(request)
-        return JSONResponse(conversation(conversation_id, conversations().public(conversation_id)))
+        return JSONResponse(
+            conversation(conversation_id, await asyncio.to_thread(conversations().public, conversation_id))
+        )
 
     @app.post("/v1/conversations/{conversation_id}")
     async def update_conversation(request: Request, conversation_id: str) -> JSONResponse:
@@ -413,13 +416,13 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         check_fields(body, {"metadata"}, {})
         if "metadata" not in body:
             raise ApiError(400, "metadata: required", "metadata")
-        found = conversations().set_metadata(conversation_id, get_metadata(body) or {})
+        found = await asyncio.to_thread(conversations().set_metadata, conversation_id, get_metadata(body) or {})
         return JSONResponse(conversation(conversation_id, found))
 
     @app.delete("/v1/conversations/{conversation_id}")
     async def delete_conversation(request: Request, conversation_id: str) -> JSONResponse:
         authorize(request)
-        conversation(conversation_id, conversations().delete(conversation_id) or None)
+        conversation(conversation_id, await asyncio.to_thread(conversations().delete, conversation_id) or None)
         return JSONResponse({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
 
     @app.post("/v1/conversations/{conversation_id}/items")
@@ -427,20 +430,20 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         body = await body_of(request)
         check_fields(body, {"items"}, {})
         items = await asyncio.to_thread(conversation_items, get_field(body, "items", list, required=True))
-        conversation(conversation_id, conversations().add(conversation_id, items) or None)
+        conversation(conversation_id, await asyncio.to_thread(conversations().add, conversation_id, items) or None)
         return JSONResponse({"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
                              "last_id": items[-1]["id"] if items else None, "has_more": False})  # fmt: skip
 
     @app.get("/v1/conversations/{conversation_id}/items")
     async def list_items(request: Request, conversation_id: str) -> JSONResponse:
         authorize(request)
-        items = conversation(conversation_id, conversations().items(conversation_id))
+        items = conversation(conversation_id, await asyncio.to_thread(conversations().items, conversation_id))
         return JSONResponse(ordered_page(items, dict(request.query_params)))
 
     @app.get("/v1/conversations/{conversation_id}/items/{item_id}")
     async def get_item(request: Request, conversation_id: str, item_id: str) -> JSONResponse:
         authorize(request)
-        items = conversation(conversation_id, conversations().items(conversation_id))
+        items = conversation(conversation_id, await asyncio.to_thread(conversations().items, conversation_id))
         item = next((i for i in items if i.get("id") == item_id), None)
         if item is None:
             raise ApiError(404, f"item {item_id!r:.80}: not in conversation {conversation_id}", None, "item_not_found")
@@ -449,14 +452,16 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     @app.delete("/v1/conversations/{conversation_id}/items/{item_id}")
     async def delete_item(request: Request, conversation_id: str, item_id: str) -> JSONResponse:
         authorize(request)
-        dropped = conversation(conversation_id, conversations().delete_item(conversation_id, item_id))
+        dropped = conversation(
+            conversation_id, await asyncio.to_thread(conversations().delete_item, conversation_id, item_id)
+        )
         if not dropped:
             raise ApiError(404, f"item {item_id!r:.80}: not in conversation {conversation_id}", None, "item_not_found")
-        return JSONResponse(conversations().public(conversation_id))
+        return JSONResponse(await asyncio.to_thread(conversations().public, conversation_id))
 
     @app.get("/v1/responses/{response_id}/input_items")
     async def input_items(request: Request, response_id: str) -> JSONResponse:
-        found = stored(request, response_id)
+        found = await stored(request, response_id)
         return JSONResponse(input_items_page(found, dict(request.query_params)))
 
     return app
