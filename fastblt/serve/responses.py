@@ -8,7 +8,7 @@ become Responses events (response.created, output items and their text deltas, c
 response.completed), numbered by `sequence_number`. Errors name the Responses field.
 
 Answered responses are kept (`store`, OpenAI's default, unless the request says false) in a
-ResponseStore: in memory, the least recently used dropped past its budget. A request may then
+ResponseStore (kept.py: in memory or in a file), the least recently used dropped past its budget. A request may then
 continue one (`previous_response_id`: its input items and output come before the new input; its
 instructions do not, as OpenAI's), and GET / DELETE /v1/responses/{id} read and drop them. Or it
 may name a kept conversation (`conversation`, conversations.py): its items come before the new
@@ -171,7 +171,7 @@ class ResponsesRequest:
             kept = None if self.store is None else self.store.get(previous)
             if kept is None:
                 raise ApiError(400, f"previous_response_id: no response {previous!r:.80} is kept here (responses are "
-                               "kept in memory, the least recently used dropped past --response-store-mb)",
+                               "kept within --response-store-mb, the least recently used dropped first)",
                                "previous_response_id", "previous_response_not_found")  # fmt: skip
             self.items = [*kept.items, *kept.response["output"], *self.items]
         if conversation is not None:
@@ -254,7 +254,7 @@ class ResponsesRequest:
         items = None if self.conversations is None else self.conversations.items(cid)
         if items is None:
             raise ApiError(404, f"conversation: no conversation {cid!r:.80} is kept here (POST /v1/conversations "
-                           "makes one; kept in memory, the least recently used dropped past --response-store-mb)",
+                           "makes one; kept within --response-store-mb, the least recently used dropped first)",
                            "conversation", "conversation_not_found")  # fmt: skip
         self.conversation = cid
         return items
@@ -293,7 +293,8 @@ class ResponsesRequest:
 
     def response(self, status: str, output: list[dict], usage: dict | None, reason: str | None = None,
                  error: dict | None = None) -> dict:  # fmt: skip
-        """The Response object: `status` in_progress, completed, incomplete (`reason`) or failed (`error`)."""
+        """The Response object: `status` queued, in_progress, completed, incomplete (`reason`),
+        failed (`error`) or cancelled."""
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "completed_at": int(time.time()) if status == "completed" else None,
                 "error": error, "incomplete_details": None if reason is None else {"reason": reason},

@@ -1,4 +1,4 @@
-"""OpenAI's Conversations API: conversations kept in memory (within a budget, the least recently
+"""OpenAI's Conversations API: conversations kept by the server (within a budget, the least recently
 used dropped), their items checked as a response's input and listed in their stored shape; a
 response that names one reads its items first and adds its input and output to it, streamed or
 not, so the next turn continues from there; the openai client drives all of it."""
