@@ -72,18 +72,22 @@ ITEM_FIELDS = {"message": {"type", "role", "content", "id", "status"},
 
 @dataclass(frozen=True)
 class Stored:
-    """A kept Response and the input items it answered: those of the responses it continued, then
-    its request's own (`own`: how many at the end)."""
+    """A kept Response and the input items it answered after those of the response it continued
+    (`previous`; kept on its own): its request's own last (`own`: how many), a conversation's
+    before them."""
 
     response: dict
     items: list[dict]
     own: int
+    previous: str | None = None
 
 
 class ResponseStore:
     """Responses kept for previous_response_id and GET/DELETE /v1/responses/{id}: a Kept map (in
     memory, or in --response-store-dir's file) of `budget` bytes, the least recently used dropped
-    past it."""
+    past it. A response keeps the id of the one it continued, not that one's items again, so a
+    conversation's responses hold each item once; `chain` reads them back, and reading a chain
+    uses every response in it (evicted together, or not at all)."""
 
     def __init__(self, kept: Kept | int):
         self.kept = MemoryKept(kept) if isinstance(kept, int) else kept
@@ -92,13 +96,28 @@ class ResponseStore:
     def used(self) -> int:
         return self.kept.used
 
-    def put(self, response: dict, items: list[dict], own: int) -> bool:
+    def put(self, response: dict, items: list[dict], own: int, previous: str | None = None) -> bool:
         """Keep `response`; False when it alone exceeds the budget (it is not kept)."""
-        return self.kept.put(response["id"], {"response": response, "items": items, "own": own})
+        return self.kept.put(response["id"], {"response": response, "items": items, "own": own, "previous": previous})
 
     def get(self, rid: str) -> Stored | None:
         found = self.kept.get(rid)
-        return None if found is None else Stored(found["response"], found["items"], found["own"])
+        if found is None:
+            return None
+        return Stored(found["response"], found["items"], found["own"], found.get("previous"))
+
+    def chain(self, rid: str) -> list[dict] | None:
+        """The items of the conversation `rid` ended, oldest first: each response's input items
+        and output, from the first it continues; None when it, or one before it, is not kept."""
+        parts, seen = [], set()
+        while rid is not None and rid not in seen:
+            seen.add(rid)
+            found = self.get(rid)
+            if found is None:
+                return None
+            parts.append([*found.items, *found.response["output"]])
+            rid = found.previous
+        return [item for part in reversed(parts) for item in part]
 
     def delete(self, rid: str) -> bool:
         return self.kept.delete(rid)
@@ -117,6 +136,7 @@ class ResponsesRequest:
         self.echo: dict[str, Any] = {}
         self.items: list[dict] = []  # the input items answered (those of the responses continued first)
         self.own = 0  # how many of them the request gave
+        self.inherited = 0  # how many came from the response it continued (kept there)
         self.keep = False
         self._events: _Events | None = None  # a streamed answer's, from its first body on
         self.task: asyncio.Task | None = None  # a background response's work
@@ -168,12 +188,13 @@ class ResponsesRequest:
             raise ApiError(400, "conversation: cannot be combined with previous_response_id (each says what came "
                            "before)", "conversation")  # fmt: skip
         if previous is not None:
-            kept = None if self.store is None else self.store.get(previous)
-            if kept is None:
-                raise ApiError(400, f"previous_response_id: no response {previous!r:.80} is kept here (responses are "
-                               "kept within --response-store-mb, the least recently used dropped first)",
-                               "previous_response_id", "previous_response_not_found")  # fmt: skip
-            self.items = [*kept.items, *kept.response["output"], *self.items]
+            before = None if self.store is None else self.store.chain(previous)
+            if before is None:
+                raise ApiError(400, f"previous_response_id: no response {previous!r:.80} is kept here, or one it "
+                               "continued is not (responses are kept within --response-store-mb, the least recently "
+                               "used dropped first)", "previous_response_id",
+                               "previous_response_not_found")  # fmt: skip
+            self.items, self.inherited = [*before, *self.items], len(before)
         if conversation is not None:
             self.items = [*self._conversation(conversation), *self.items]
         copied = ("model", "temperature", "top_p", "parallel_tool_calls", "service_tier", *EXTRA)
@@ -316,7 +337,7 @@ class ResponsesRequest:
     def kept(self, response: dict) -> dict:
         """`response`, kept in the store when the request asked for it (and it fits); its input
         items and output added to the conversation it continues."""
-        if self.keep and self.store is not None and not self.store.put(response, self.items, self.own):
+        if self.keep and self.store is not None and not self._put(self.store, response):
             response["store"] = False
         if self.conversation is not None and self.conversations is not None:
             own = [stored_item(i) for i in self.items[len(self.items) - self.own :]]
@@ -332,7 +353,7 @@ class ResponsesRequest:
 
         def keep(status: str, error: dict | None = None) -> dict:
             response = self.response(status, [], None, error=error)
-            store.put(response, self.items, self.own)
+            self._put(store, response)
             return response
 
         async def settle() -> None:
@@ -352,6 +373,10 @@ class ResponsesRequest:
         running[self.id] = self
         self.task = asyncio.get_running_loop().create_task(settle(), name=f"fastblt {self.id}")
         return queued
+
+    def _put(self, store: ResponseStore, response: dict) -> bool:
+        """Keep `response` with the items it answered but those of the response it continued."""
+        return store.put(response, self.items[self.inherited :], self.own, self.echo["previous_response_id"])
 
     async def cancel(self) -> None:
         """Stop a background response's work (its rows freed at once); kept as cancelled."""

@@ -159,6 +159,33 @@ def test_the_store_keeps_the_most_recently_used_within_its_budget():
     assert store.delete("a") and not store.delete("a") and store.get("a") is None
 
 
+def test_a_chain_of_responses_keeps_each_item_once_and_breaks_where_a_link_went():
+    store = ResponseStore(1 << 20)
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 500}, "logprobs": None,
+                           "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2,
+                        "prompt_tokens_details": {"cached_tokens": 0}}}  # fmt: skip
+    ids, sizes = [], []
+    for turn in range(6):
+        asked = ResponsesRequest(MODEL, "blt-s", TEMPLATE, store)
+        body = {"model": MODEL, "input": f"turn {turn}: " + "u" * 500}
+        if ids:
+            body["previous_response_id"] = ids[-1]
+        asked.parse(json.dumps(body).encode())
+        assert len(asked.items) == 2 * turn + 1  # every turn before it, and its own input
+        before = store.used
+        ids.append(asked.answer(answer)["id"])
+        sizes.append(store.used - before)
+    assert max(sizes) < 1.2 * min(sizes)  # each response holds its own turn, not the turns before again
+    texts = [i["content"][0]["text"][:6] for i in store.chain(ids[-1])]
+    assert texts == [t for turn in range(6) for t in (f"turn {turn}", "x" * 6)]
+    assert store.delete(ids[2]) and store.chain(ids[-1]) is None and store.chain(ids[1]) is not None
+    with pytest.raises(ApiError) as e:
+        ResponsesRequest(MODEL, "blt-s", TEMPLATE, store).parse(json.dumps({
+            "model": MODEL, "input": "x", "previous_response_id": ids[-1]}).encode())  # fmt: skip
+    assert e.value.param == "previous_response_id" and "or one it continued" in e.value.message
+
+
 def test_a_response_continues_a_kept_one_without_its_instructions():
     store = ResponseStore(1 << 20)
     first = ResponsesRequest(MODEL, "blt-s", TEMPLATE, store)
