@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -42,12 +43,16 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | bytes:
         raise click.BadParameter(f"{path}: {e.strerror or e}", param_hint="--prompt-file") from None
 
 
-def read_schema(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--schema FILE: the JSON schema's text (whether it is JSON, and one fastblt can hold a text
-    to, is the options' to check, naming the place in it)."""
-    from fastblt.formats.files import read_text
+def read_file(what: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """The callback of an option naming a file (--schema FILE, --grammar FILE): its text; whether
+    it holds `what` it should, and one fastblt can hold a text to, is the options' to check."""
 
-    return None if value is None else read_text(Path(value), f"--schema {value}", "a JSON schema file")
+    def read(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        from fastblt.formats.files import read_text
+
+        return None if value is None else read_text(Path(value), f"{param.opts[0]} {value}", what)
+
+    return read
 
 
 def parse_bias(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[int, float]]:
@@ -108,10 +113,18 @@ def arg_bytes(text: str) -> str | bytes:
 @click.option(
     "--schema",
     type=click.Path(dir_okay=False),
-    callback=read_schema,
+    callback=read_file("a JSON schema file"),
     default=None,
     help="A JSON schema file (OpenAI's strict subset) the JSON object follows; implies --format json.",
 )
+@click.option(
+    "--grammar",
+    type=click.Path(dir_okay=False),
+    callback=read_file("a grammar file"),
+    default=None,
+    help="A grammar file (Lark's notation, start: ...; or GBNF, root ::= ...) the whole output is derived by. "
+    "ar, blt-s, blt-dv.",
+)  # fmt: skip
 @click.option("--regex", "pattern", default=None, metavar="REGEX",
               help="Hold the whole output to this regular expression (as re.fullmatch reads it; JSON Schema's "
                    "pattern subset): e.g. --regex '(yes|no)'. ar, blt-s, blt-dv.")  # fmt: skip
@@ -133,7 +146,7 @@ def arg_bytes(text: str) -> str | bytes:
 def generate(
     checkpoint, prompt, prompt_file, mode, backend, artifacts, max_bytes, temperature, top_k, top_p, seed, k,
     lookup, unmask, alpha, gamma, block_start, stop, ignore_eos, logit_bias, presence_penalty, frequency_penalty,
-    format_, schema, pattern, max_context, threads, device, cuda_graphs, stream, as_json, logprobs, quiet,
+    format_, schema, grammar, pattern, max_context, threads, device, cuda_graphs, stream, as_json, logprobs, quiet,
 ):  # fmt: skip
     """Generate bytes after a prompt with ar, blt-d, blt-s or blt-dv."""
     from fastblt.cli.progress import first_use_notice
@@ -152,7 +165,7 @@ def generate(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, lookup=lookup, unmask=unmask, alpha=alpha,
         gamma=gamma, block_start=block_start, stop=[arg_bytes(x) for x in stop], stop_on_eos=not ignore_eos,
         logprobs=logprobs, logit_bias=logit_bias, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty, format=format_, schema=schema, pattern=pattern,
+        frequency_penalty=frequency_penalty, format=format_, schema=schema, pattern=pattern, grammar=grammar,
     )  # fmt: skip
     # checked once, against the checkpoint's config, before anything is loaded or exported
     request = make_request(data, load_config(resolve_checkpoint_path(checkpoint)), mode, max_bytes, **options)

@@ -87,7 +87,7 @@ def serve(
     (Prometheus).
     max_tokens counts bytes, logit_bias is keyed by byte values ("10": -100),
     response_format takes json_object and json_schema (OpenAI's strict subset),
-    vLLM's structured_outputs a regex, a choice or a schema; fastblt's own
+    vLLM's structured_outputs a regex, a choice, a grammar or a schema; fastblt's own
     fields (mode, k, lookup, alpha, gamma, unmask, top_k, block_start,
     priority) go in the body (the openai client's extra_body).
 

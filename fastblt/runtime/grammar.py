@@ -26,8 +26,8 @@ one schema (Pydantic 1's described reference). Annotations (`description`, `titl
 ignored and any other keyword is refused, so what the grammar lets through is what the schema
 admits. Without a schema, any object. Other grammars (a list of tool calls) are built of the nodes
 and `union`. Beside JSON, a text may be held to a regular expression as a whole (`Raw`, pattern.py's
-subset, matched as `re.fullmatch` does): its UTF-8 bytes are read a character at a time, with no
-escapes.
+subset, matched as `re.fullmatch` does) or to a context-free grammar (`Cfg`, cfg.py's Earley
+recognizer): its UTF-8 bytes are read a character at a time, with no escapes.
 
 Which ids a path allows depends only on what it expects next and the innermost container, not
 on the rest of the stack, so masks are computed once per such key (`mask`) and shared; a state of
@@ -52,7 +52,7 @@ import numpy as np
 
 from fastblt.errors import InputError
 from fastblt.model.config import BYTE_OFFSET, EOS_ID, VOCAB_SIZE
-from fastblt.runtime import numbers
+from fastblt.runtime import cfg, numbers
 from fastblt.runtime.courtesy import pause
 from fastblt.runtime.numbers import number_pattern
 from fastblt.runtime.pattern import (
@@ -74,10 +74,11 @@ MAX_WS = 20  # whitespace bytes in a row: a newline and indentation, not a model
 FORMATS = ("json",)  # DecodeOptions.format, as users ask for it
 CALLS = "calls"  # the format of DecodeOptions.calls (set with them, never asked for alone)
 REGEX = "regex"  # the format of DecodeOptions.pattern (likewise)
+GRAMMAR = "grammar"  # the format of DecodeOptions.grammar (likewise)
 
 # what a state expects next
 (START, VALUE, KEY, KEY_TEXT, COLON, AFTER, STRING, NUMBER, LITERAL, DONE, FREE, END, OPEN, PATTERN, BOUNDED,
- KEY_PATTERN, RAW) = range(17)  # fmt: skip
+ KEY_PATTERN, RAW, CFG) = range(18)  # fmt: skip
 WHITESPACE = frozenset(b" \t\n\r")
 BETWEEN_TOKENS = frozenset((VALUE, KEY, COLON, AFTER))  # where whitespace may come
 DIGITS = frozenset(b"0123456789")
@@ -259,6 +260,13 @@ class Raw(Node):
         self.pattern = pattern
 
 
+class Cfg(Node):
+    """A text (not JSON) that a context-free grammar derives (cfg.py). Only a root (`begin`)."""
+
+    def __init__(self, grammar: cfg.Grammar):
+        self.grammar = grammar
+
+
 ANY = Union((Obj(), Arr(), Str(), Num(), Lit((b"true", b"false", b"null"))))
 JSON_OBJECT = ANY.alts[0]
 # paths live at once, at most: each costs a step a byte (~1 us of Python), so the worst byte stays
@@ -352,10 +360,11 @@ def _within_budget() -> None:
 
 def drop_caches() -> None:
     """Drop every compiled schema, automaton and mask kept here, in pattern.py and numbers.py."""
-    for cached in (compiled, tagged, matching, _matched, _mask, _joined_mask):
+    for cached in (compiled, tagged, matching, derived, _matched, _mask, _joined_mask, _expected_mask):
         cached.cache_clear()
     clear_caches()
     numbers.clear_caches()
+    cfg.compile_grammar.cache_clear()
 
 
 def _counted_in_compiles(compile: Callable[[str], Node]) -> Callable[[str], Node]:
@@ -405,6 +414,15 @@ def matching(source: str) -> Raw:
     pat = compile_whole(source)
     _within_budget()
     return Raw(pat)
+
+
+@lru_cache(maxsize=64)
+@_counted_in_compiles
+def derived(text: str) -> Cfg:
+    """The Cfg root of grammar text `text`, compiled once (DecodeOptions.grammar)."""
+    g = cfg.compile_grammar(text)
+    _within_budget()
+    return Cfg(g)
 
 
 @lru_cache(maxsize=64)
@@ -842,6 +860,8 @@ def begin(root: Node = JSON_OBJECT) -> State:
         return ((((root, 0),), OPEN if root.lead else FREE, root.start if root.lead else 0, 0),)
     if isinstance(root, Raw):
         return (((), RAW, (root.pattern, root.pattern.start, 0, 0, 0, 0), 0),)
+    if isinstance(root, Cfg):
+        return (((), CFG, cfg.begin_cfg(root.grammar), 0),)
     return (((), START, root, 0),)
 
 
@@ -868,6 +888,8 @@ def _ends(p: Path) -> bool:
         return True
     if mode == RAW:  # no character begun, and the pattern matches the text so far
         return sub[2] == 0 and sub[0].accepts(sub[1])
+    if mode == CFG:
+        return sub.accepts()
     return not stack and (mode == NUMBER and sub[0] in COMPLETE_NUMBERS or mode == LITERAL and b"" in sub
                           or mode == BOUNDED and sub[0].accepts(sub[1]))  # fmt: skip
 
@@ -882,6 +904,8 @@ def _step(p: Path, b: int) -> tuple[Path, ...]:
         return _matched_string(p, b)
     if mode == RAW:
         return _raw_text(sub, b)
+    if mode == CFG:
+        return _derived_text(sub, b)
     if mode == FREE:  # sub: how many of the start text's bytes the text ends with
         tag, n = stack[-1]
         k = _matched(tag.start, sub, b)
@@ -1180,32 +1204,81 @@ def _partial_char(stack: tuple, mode: int, pat: Pattern, reading: frozenset, kin
     return ((stack, mode, (pat, reading, kind, n, lo, hi, bits), 0),)
 
 
-def _raw_text(sub: tuple, b: int) -> tuple[Path, ...]:
-    """A text held to a pattern as a whole: sub is (the pattern, its reading so far, UTF-8
-    continuation bytes to come, the next one's range, the code point's bits so far). As in a
-    string held to a pattern, a byte that begins a character is allowed only if some character it
-    may begin can move the reading."""
-    pat, reading, n, lo, hi, bits = sub
+def _utf8(partial: tuple[int, int, int, int], b: int) -> int | tuple[int, ...] | None:
+    """Byte b of UTF-8 text after `partial`, a character begun (continuation bytes to come, the
+    next one's range, the code point's bits so far; none to come: no character begun): the code
+    point b completes, or the character still begun and the code points it may yet be (n, lo, hi,
+    bits, least, most), or None when b cannot come here."""
+    n, lo, hi, bits = partial
     if n == 0:
         if b < 0x80:
-            after = pat.step(reading, b)
-            return (((), RAW, (pat, after, 0, 0, 0, 0), 0),) if after else ()
+            return b
         if b not in _LEADS:
-            return ()
+            return None
         n, lo, hi = _LEADS[b]
         bits = b & (0x3F >> n)
     elif not lo <= b <= hi:
-        return ()
+        return None
     else:
         bits, n, lo, hi = bits << 6 | (b & 0x3F), n - 1, 0x80, 0xBF
         if n == 0:
-            after = pat.step(reading, bits)
-            return (((), RAW, (pat, after, 0, 0, 0, 0), 0),) if after else ()
-    rest = 6 * (n - 1)  # a character begun: kept if one it may still be can move the reading
+            return bits
+    rest = 6 * (n - 1)
     least, most = (bits << 6 | lo & 0x3F) << rest, ((bits << 6 | hi & 0x3F) << rest) | ((1 << rest) - 1)
-    if least > most or not pat.takes(reading, least, most):
+    return None if least > most else (n, lo, hi, bits, least, most)
+
+
+def _raw_text(sub: tuple, b: int) -> tuple[Path, ...]:
+    """A text held to a pattern as a whole: sub is (the pattern, its reading so far, and the
+    character begun, as `_utf8` reads it). As in a string held to a pattern, a byte that begins a
+    character is allowed only if some character it may begin can move the reading."""
+    pat, reading, *partial = sub
+    got = _utf8(tuple(partial), b)  # type: ignore[arg-type]
+    if got is None:
         return ()
-    return (((), RAW, (pat, reading, n, lo, hi, bits), 0),)
+    if isinstance(got, int):
+        after = pat.step(reading, got)
+        return (((), RAW, (pat, after, 0, 0, 0, 0), 0),) if after else ()
+    n, lo, hi, bits, least, most = got
+    return (((), RAW, (pat, reading, n, lo, hi, bits), 0),) if pat.takes(reading, least, most) else ()
+
+
+def _derived_text(s: cfg.CfgState, b: int) -> tuple[Path, ...]:
+    """A text a context-free grammar derives: its state reads a character once its UTF-8 bytes
+    are whole; a byte that begins one is allowed only if a character it may begin can come next."""
+    got = _utf8(s.partial, b)
+    if got is None:
+        return ()
+    if isinstance(got, int):
+        after = s.step(got)
+        return (((), CFG, after, 0),) if after is not None else ()
+    n, lo, hi, bits, least, most = got
+    if not s.takes(least, most):
+        return ()
+    return (((), CFG, cfg.CfgState(s.grammar, s.chart, s.n, (n, lo, hi, bits)), 0),)
+
+
+def _derived_mask(s: cfg.CfgState) -> np.ndarray:
+    """The mask of a text held to a grammar: read off the terminals its state expects (shared by
+    every state that expects the same), or, inside a character, by trying each continuation byte."""
+    if s.partial[0] == 0:
+        return _expected_mask(s.expected, s.accepts())
+    out = np.full(VOCAB_SIZE, np.inf, dtype=np.float32)
+    for b in range(s.partial[1], s.partial[2] + 1):
+        if _derived_text(s, b):
+            out[BYTE_OFFSET + b] = 0.0
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _expected_mask(expected: frozenset, accepting: bool) -> np.ndarray:
+    out = np.full(VOCAB_SIZE, np.inf, dtype=np.float32)
+    allowed = set().union(*(_raw_bytes(t.pattern, r) for t, r in expected)) if expected else set()
+    out[[BYTE_OFFSET + b for b in allowed]] = 0.0
+    if accepting:
+        out[EOS_ID] = 0.0
+    out.flags.writeable = False
+    return out
 
 
 def advance(s: State, ids: list[int]) -> State | None:
@@ -1231,6 +1304,8 @@ def mask(s: State) -> np.ndarray:
     read-only."""
     if len(s) == 1:
         p = s[0]
+        if p[1] == CFG:  # its states are its own: masks are shared by what they expect instead
+            return _derived_mask(p[2])
         return _mask(p[1], p[2], p[3] >= MAX_WS, p[0][-1:])
     keys = tuple(dict.fromkeys((p[1], p[2], p[3] >= MAX_WS, p[0][-1:]) for p in s))
     return _mask(*keys[0]) if len(keys) == 1 else _joined_mask(keys)

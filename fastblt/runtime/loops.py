@@ -209,8 +209,8 @@ def current_grammar(run: Run) -> grammar.State | None:
     if run.grammar_state is None or run.parsed > len(ids):
         opts = run.opts
         root = (grammar.tagged(opts.calls) if opts.calls is not None else grammar.matching(opts.pattern)
-                if opts.pattern is not None else grammar.JSON_OBJECT if opts.schema is None
-                else grammar.compiled(opts.schema))  # fmt: skip
+                if opts.pattern is not None else grammar.derived(opts.grammar) if opts.grammar is not None
+                else grammar.JSON_OBJECT if opts.schema is None else grammar.compiled(opts.schema))  # fmt: skip
         run.grammar_state, run.parsed = grammar.begin(root), 0
     state = grammar.advance(run.grammar_state, ids[run.parsed :])
     if state is None:  # every id was chosen under the grammar's mask

@@ -24,7 +24,7 @@ from fastblt.errors import CapabilityError, InputError
 from fastblt.export.spec import DEFAULT_K
 from fastblt.model.config import VOCAB_SIZE, BltConfig
 from fastblt.model.tokenizer import encode
-from fastblt.runtime.grammar import CALLS, FORMATS, REGEX, compiled, matching, tagged
+from fastblt.runtime.grammar import CALLS, FORMATS, GRAMMAR, REGEX, compiled, derived, matching, tagged
 from fastblt.runtime.lookup import LOOKUP_MATCH
 from fastblt.runtime.sampling import SamplingParams
 
@@ -77,6 +77,9 @@ class DecodeOptions:
     as Python's re.fullmatch reads one: vLLM's structured outputs `regex`; `pattern.escape` joins
     choices into one): EOS only where the text matches. Implies format "regex"; no schema or
     calls with it. ar, blt-s, blt-dv.
+    grammar: a context-free grammar the whole output is derived by (runtime/cfg.py: Lark's
+    notation, or GBNF's; vLLM's structured outputs `grammar`): EOS only where the text is whole.
+    Implies format "grammar"; no schema, calls or pattern with it. ar, blt-s, blt-dv.
     """
 
     mode: str = "blt-d"
@@ -103,6 +106,7 @@ class DecodeOptions:
     schema: str | None = None
     calls: str | None = None
     pattern: str | None = None
+    grammar: str | None = None
 
     @cached_property  # a request's loops read it every byte
     def sampling(self) -> SamplingParams:
@@ -234,28 +238,15 @@ def resolve(opts: DecodeOptions, config: BltConfig) -> DecodeOptions:
         penalty = getattr(opts, name)
         plain[name] = 0.0 if penalty is None else _real(name, penalty, -2.0, 2.0)
     fmt = opts.format
-    if opts.pattern is not None:
-        if opts.schema is not None or opts.calls is not None or fmt not in (None, REGEX):
-            raise InputError("option pattern: a text held to a regular expression is a format of its own; give no "
-                             "format, schema or calls")  # fmt: skip
-        if not isinstance(opts.pattern, str):
-            raise InputError(f"option pattern: expected a regular expression (a string), got {opts.pattern!r:.80}")
-        matching(opts.pattern)  # InputError naming what it cannot hold a text to
-        fmt = plain["format"] = REGEX
-    elif opts.calls is not None:
-        if opts.schema is not None or fmt not in (None, CALLS):
-            raise InputError("option calls: free text with calls is a format of its own; give no format or schema")
-        if not isinstance(opts.calls, str):
-            raise InputError(f"option calls: expected JSON text, got {opts.calls!r:.80}")
-        tagged(opts.calls)
-        fmt = plain["format"] = CALLS
+    if (own := _own_format(opts)) is not None:
+        fmt = plain["format"] = own
     elif opts.schema is not None:
         if not isinstance(opts.schema, str):
             raise InputError(f"option schema: expected a JSON schema (a dict or JSON text), got {opts.schema!r:.80}")
         compiled(opts.schema)  # InputError naming what it cannot hold a text to
         fmt = plain["format"] = fmt or "json"
     if fmt is not None:
-        implied = (fmt == CALLS and opts.calls is not None) or (fmt == REGEX and opts.pattern is not None)
+        implied = any(fmt == own_fmt and getattr(opts, name) is not None for name, own_fmt, *_ in OWN_FORMATS)
         if fmt not in FORMATS and not implied:
             raise InputError(f"option format: {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
         if opts.mode not in CAUSAL_MODES:
@@ -297,6 +288,30 @@ class Request:
     # where it queues for a row in a batch (lower first; equal ones in arrival order): it orders
     # requests, never what one computes
     priority: int = 0
+
+
+# options whose text is a format of its own, in the order they are read: (option, its format, what
+# the output then is, what the option's text is, its compiler: InputError naming what it cannot hold)
+OWN_FORMATS = (("grammar", GRAMMAR, "a text held to a grammar", "a grammar's text (a string)", derived),
+               ("pattern", REGEX, "a text held to a regular expression", "a regular expression (a string)", matching),
+               ("calls", CALLS, "free text with calls", "JSON text", tagged))  # fmt: skip
+
+
+def _own_format(opts: DecodeOptions) -> str | None:
+    """The format of the first own-format option given (checked and compiled), or None."""
+    for i, (name, fmt, output, text, compile_) in enumerate(OWN_FORMATS):
+        value = getattr(opts, name)
+        if value is None:
+            continue
+        others = [n for n, *_ in OWN_FORMATS[i + 1 :] if getattr(opts, n) is not None]
+        if others or opts.schema is not None or opts.format not in (None, fmt):
+            rest = ", ".join(["format", "schema", *(n for n, *_ in OWN_FORMATS[i + 1 :])])
+            raise InputError(f"option {name}: {output} is a format of its own; give no {rest}")
+        if not isinstance(value, str):
+            raise InputError(f"option {name}: expected {text}, got {value!r:.80}")
+        compile_(value)
+        return fmt
+    return None
 
 
 def make_request(

@@ -25,6 +25,7 @@ from typing import Any
 
 from fastblt.errors import InputError
 from fastblt.model.config import BOE_ID, BOS_ID, BYTE_OFFSET, EOS_ID
+from fastblt.runtime.cfg import compile_grammar
 from fastblt.runtime.options import CAUSAL_MODES, MODES
 from fastblt.runtime.pattern import compile_whole, escape
 
@@ -45,8 +46,8 @@ SERVICE_TIERS = {"auto": 0, "default": 0, "flex": 1, "priority": -1}
 FASTBLT_FIELDS = {"mode", "k", "lookup", "alpha", "gamma", "unmask", "top_k", "block_start", "priority",
                   "structured_outputs"}  # fmt: skip
 # vLLM's structured outputs: the ones served, and those refused by name
-STRUCTURED = ("regex", "choice", "json")
-STRUCTURED_REFUSED = ("grammar", "structural_tag", "whitespace_pattern")
+STRUCTURED = ("regex", "choice", "json", "grammar")
+STRUCTURED_REFUSED = ("structural_tag", "whitespace_pattern")
 SCHEMA_FIELDS = {"name", "schema", "strict", "description"}  # response_format.json_schema's
 
 
@@ -283,20 +284,30 @@ def _response_format(response_format: Any) -> dict[str, Any]:
 
 def _structured_outputs(spec: Any) -> dict[str, Any]:
     """vLLM's structured_outputs -> Generator options: {"regex": str} (the whole text matches it),
-    {"choice": [str, ...]} (the text is one of them) or {"json": schema} (as response_format's
-    json_schema); one of them."""
+    {"choice": [str, ...]} (the text is one of them), {"grammar": str} (a context-free grammar,
+    Lark's or GBNF's notation, derives it) or {"json": schema} (as response_format's json_schema);
+    one of them."""
     if spec is None:
         return {}
     given = sorted(spec) if isinstance(spec, dict) else None
     if given is None or len(given) != 1:
-        raise ApiError(400, 'structured_outputs: expected one of {"regex": str}, {"choice": [str, ...]} or {"json": '
-                       f"{{...}}}}, got {json.dumps(spec)[:80]}", "structured_outputs")  # fmt: skip
+        raise ApiError(400, 'structured_outputs: expected one of {"regex": str}, {"choice": [str, ...]}, {"grammar": '
+                       f'str}} or {{"json": {{...}}}}, got {json.dumps(spec)[:80]}', "structured_outputs")  # fmt: skip
     (kind,) = given
     at, value = f"structured_outputs.{kind}", spec[kind]
     if kind in STRUCTURED_REFUSED:
-        raise ApiError(400, f"{at}: not served (regex, choice or json)", at, "unsupported")
+        raise ApiError(400, f"{at}: not served (regex, choice, grammar or json)", at, "unsupported")
     if kind not in STRUCTURED:
-        raise ApiError(400, f"{at}: unknown field; structured_outputs takes regex, choice or json", at, "unknown_field")
+        raise ApiError(400, f"{at}: unknown field; structured_outputs takes regex, choice, grammar or json", at,
+                       "unknown_field")  # fmt: skip
+    if kind == "grammar":
+        if not isinstance(value, str):
+            raise ApiError(400, f"{at}: expected a grammar's text (a string), got {json_kind(value)}", at)
+        try:
+            compile_grammar(value)  # here, to name the field; the engine reads it from its cache
+        except InputError as e:
+            raise ApiError(400, str(e).replace("option grammar", at, 1), at) from None
+        return {"grammar": value}
     if kind == "json":
         if not isinstance(value, (dict, str)):
             raise ApiError(400, f"{at}: expected a JSON schema (an object or its text), got {json_kind(value)}", at)

@@ -640,6 +640,7 @@ def _field_error(e: FastBltError, comp: Completion) -> ApiError:
     if (m := _OPTION.match(text)) is not None:
         names = {"max_bytes": comp.tokens_field, "": comp.prompt_field, "prompt_logprobs": "logprobs",
                  "format": comp.format_field, "schema": comp.format_field, "pattern": comp.format_field,
+                 "grammar": comp.format_field,
                  }.get(m.group(1), m.group(1))  # fmt: skip
         names = names.split("/")
         param = next((n for n in names if n in comp.options), names[0])  # the one the request gave

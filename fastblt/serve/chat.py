@@ -163,7 +163,7 @@ def parse_chat(body: dict, model_id: str, default_mode: str, template: ChatTempl
     if template.stops:  # the request's own first, then the template's turn ends
         options["stop"] = list(dict.fromkeys([*options.get("stop", []), *template.stops]))
     tools, shape, format_field = parse_tools(body, template.tags), CHAT, format_field_of(body)
-    formatted = "format" in options or "pattern" in options
+    formatted = "format" in options or "pattern" in options or "grammar" in options
     if tools is not None and tools.none and formatted:  # a formatted answer, and no call in it
         tools = dataclasses.replace(tools, calls=None)
     if tools is not None and (tools.schema or tools.calls):  # calls may come: they are held to their schema
@@ -198,7 +198,7 @@ def _continued(body: dict, messages: list[dict[str, Any]], options: dict) -> boo
     if continued and messages[-1]["role"] != "assistant":
         raise ApiError(400, f"continue_final_message: the final message is the {messages[-1]['role']}'s; only an "
                        "assistant's is continued", "continue_final_message")  # fmt: skip
-    if continued and ("format" in options or "pattern" in options or "calls" in options
+    if continued and ("format" in options or "pattern" in options or "grammar" in options or "calls" in options
                       or messages[-1].get("tool_calls")):  # fmt: skip
         raise ApiError(400, "continue_final_message: cannot be combined with a format, tool calls or a "
                        "final message of calls (their grammar reads an answer from its start)",

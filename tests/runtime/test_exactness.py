@@ -182,21 +182,37 @@ def test_free_text_with_calls_is_ar_until_a_call_opens_and_the_verified_modes_eq
         assert g.generate(prompt, mode=mode, max_bytes=N_BYTES, calls=calls, **extra).ids == got.ids, (mode, extra)
 
 
+GRAMMAR = """start: expr
+expr: term ((" + " | " - ") term)*
+term: /[0-9]+/ | "(" expr ")" | /[a-z]+/ "(" [expr (", " expr)*] ")"
+"""
+
+
 @pytest.mark.parametrize("name", ["hf-test-sizes", "small-window"])
-@pytest.mark.parametrize("source", [r"[a-z]{2,6}( [a-z]+)*\.", r"(yes|no|maybe)", r"\d+(\.\d{1,2})?[^\n]{0,9}é?"])
-def test_a_regex_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it(name, source):
-    """DecodeOptions.pattern: ar equals a full recompute whose argmax reads only the bytes the
-    regex (as a whole) allows after the output so far, its text fullmatches once EOS comes, and
-    blt-s and blt-dv equal ar byte for byte."""
+@pytest.mark.parametrize(
+    "option, source",
+    [
+        ("pattern", r"[a-z]{2,6}( [a-z]+)*\."),
+        ("pattern", r"(yes|no|maybe)"),
+        ("pattern", r"\d+(\.\d{1,2})?[^\n]{0,9}é?"),
+        ("grammar", GRAMMAR),
+    ],
+)
+def test_a_regex_or_a_grammar_steers_ar_as_a_full_recompute_and_the_verified_modes_equal_it(name, option, source):
+    """DecodeOptions.pattern and .grammar: ar equals a full recompute whose argmax reads only the
+    bytes the regex (as a whole) or the grammar allows after the output so far, its text matches
+    once EOS comes, and blt-s and blt-dv equal ar byte for byte."""
     g, model = torch_generator(name), tiny_model(name)
+    root = grammar.matching(source) if option == "pattern" else grammar.derived(source)
     for prompt in (PROMPTS[0], "ab" * 30):
-        want = _masked_recompute(model, prompt, grammar.matching(source))
-        got = g.generate(prompt, mode="ar", max_bytes=N_BYTES, pattern=source)
+        want = _masked_recompute(model, prompt, root)
+        got = g.generate(prompt, mode="ar", max_bytes=N_BYTES, **{option: source})
         assert got.ids == [t for t in want if t != EOS_ID] and got.ids != _ar(prompt, name=name)
-        if got.stop_reason == "eos":
+        if got.stop_reason == "eos" and option == "pattern":
             assert re.fullmatch(source, got.text), got.text
         for mode, extra in [("blt-s", {"k": 4, "lookup": 0}), ("blt-s", {"lookup": 2}), ("blt-dv", {"lookup": 0})]:
-            assert g.generate(prompt, mode=mode, max_bytes=N_BYTES, pattern=source, **extra).ids == got.ids, mode
+            again = g.generate(prompt, mode=mode, max_bytes=N_BYTES, **{option: source}, **extra)
+            assert again.ids == got.ids, mode
 
 
 @pytest.mark.parametrize("mode", ["blt-s", "blt-dv"])

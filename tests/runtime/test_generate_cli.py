@@ -101,6 +101,17 @@ def test_generate_regex_holds_the_whole_output(ckpt, monkeypatch):
     assert re.fullmatch("(yes|no)-[0-9]{2}", want.text)
 
 
+def test_generate_grammar_file_derives_the_whole_output(ckpt, tmp_path, monkeypatch):
+    source = 'start: NAME "(" [NAME (", " NAME)*] ")"\nNAME: /[a-z_]+/\n'
+    (tmp_path / "g.lark").write_text(source)
+    base = ["generate", "--checkpoint", str(ckpt), "--backend", "torch", "--prompt", "x = ", "--max-bytes", "24"]
+    code, out, err = run_cli([*base, "--mode", "ar", "--grammar", str(tmp_path / "g.lark")], monkeypatch)
+    want = torch_generator().generate("x = ", mode="ar", max_bytes=24, grammar=source)
+    assert code == 0 and out == want.text + "\n", err
+    code, _, err = run_cli([*base, "--mode", "ar", "--grammar", str(tmp_path / "none.lark")], monkeypatch)
+    assert code == 2 and "--grammar" in err and "no such file" in err
+
+
 def test_generate_max_context_bounds_the_call(ckpt, monkeypatch):
     """--max-context reaches the Generator: a prompt + --max-bytes past it is refused (exit 2,
     naming max_context) instead of running unbounded."""

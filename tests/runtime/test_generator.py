@@ -91,6 +91,10 @@ BAD_OPTIONS = [
     (dict(mode="ar", pattern="(?<=a)b"), InputError, "option pattern: lookbehinds"),
     (dict(mode="ar", pattern=["a"]), InputError, "option pattern: expected a regular expression"),
     (dict(mode="ar", format="regex"), InputError, "option format: 'regex' is unknown; choose one of json"),
+    (dict(mode="ar", grammar='start: "a"', pattern="a"), InputError, "option grammar: a text held to a grammar"),
+    (dict(grammar='start: "a"'), InputError, "option format: blt-d's diffusion head chooses"),
+    (dict(mode="ar", grammar="start: b"), InputError, "option grammar: rule b is used but not defined"),
+    (dict(mode="ar", grammar=3), InputError, "option grammar: expected a grammar's text"),
     (dict(priority=True), InputError, "option priority: expected an int"),
     (dict(priority=2**31), InputError, r"option priority: expected an int in \[-2147483648, 2147483647\]"),
 ]

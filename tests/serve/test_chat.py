@@ -331,8 +331,9 @@ def test_json_mode_answers_are_json_objects(server, reference):
 
 def test_vllms_structured_outputs_hold_the_text_to_a_regex_a_choice_or_a_schema(server, reference):
     """structured_outputs (vLLM's extra field): regex and choice hold the whole answer (chat and
-    completions, streamed or not) as Generator's `pattern` does; json is response_format's
-    json_schema; an engine's refusal (blt-d reads no grammar) names the field."""
+    completions, streamed or not) as Generator's `pattern` does, grammar as its `grammar` does;
+    json is response_format's json_schema; an engine's refusal (blt-d reads no grammar) names the
+    field."""
     c = client(server)
     messages = [{"role": "user", "content": "is os.path.join pure? answer yes or no"}]
     prompt = TEMPLATE.render(messages)
@@ -346,6 +347,11 @@ def test_vllms_structured_outputs_hold_the_text_to_a_regex_a_choice_or_a_schema(
             r = c.chat.completions.create(**opts)
             streamed = "".join(x.choices[0].delta.content or "" for x in c.chat.completions.create(stream=True, **opts))
             assert r.choices[0].message.content == want.text == streamed and r.choices[0].finish_reason == "stop"
+    calls = 'start: NAME "(" [NAME (", " NAME)*] ")"\nNAME: /[a-z_]+/'
+    r = c.completions.create(model=MODEL, prompt="x = ", max_tokens=40, temperature=0, extra_body={
+        "structured_outputs": {"grammar": calls}})  # fmt: skip
+    want = reference.generate("x = ", mode="blt-s", max_bytes=40, grammar=calls)
+    assert r.choices[0].text == want.text and re.fullmatch(r"[a-z_]+\(([a-z_]+(, [a-z_]+)*)?\)", want.text)
     r = c.completions.create(model=MODEL, prompt="x = ", max_tokens=16, temperature=0, extra_body={
         "structured_outputs": {"choice": ["1", "None", "[]"]}})  # fmt: skip
     assert r.choices[0].text == reference.generate("x = ", mode="blt-s", max_bytes=16, pattern="1|None|\\[\\]").text

@@ -69,6 +69,42 @@ structured = st.one_of(  # vLLM's structured_outputs
     st.fixed_dictionaries({"regex": st.text("ab()[]{}|*+?^$.-\\dsu0é", max_size=6) | anything}),
     st.fixed_dictionaries({"choice": st.lists(st.text(max_size=4), max_size=3) | anything}),
     st.fixed_dictionaries({"json": schemas | anything}),
+    st.fixed_dictionaries(
+        {
+            "grammar": st.lists(
+                st.sampled_from(
+                    [
+                        "start",
+                        ":",
+                        "::=",
+                        "root",
+                        '"a"',
+                        '""',
+                        "b",
+                        "|",
+                        "(",
+                        ")",
+                        "[",
+                        "]",
+                        "?",
+                        "*",
+                        "+",
+                        "~",
+                        "2",
+                        "..",
+                        "/x+/",
+                        "/(?<=a)/",
+                        "%ignore",
+                        "\n",
+                        "[a-z]",
+                        "// c",
+                    ]
+                ),
+                max_size=12,
+            ).map(" ".join)
+            | anything
+        }
+    ),
     st.dictionaries(st.sampled_from(["regex", "choice", "json", "grammar", "x"]), anything, max_size=2),
     anything,
 )
