@@ -1,16 +1,17 @@
 """Context-free grammars over a whole text: which characters may come next so that the text stays
 the beginning of one the grammar derives, read by an Earley recognizer one character at a time.
 
-A grammar is written as Lark writes one (`start: expr`, `expr: term ("+" term)*`, strings,
-/regexes/, `( )`, `[ ]` optional, `? * +`; rules in lower case, terminals in upper case, both read
-as rules: a byte model has no lexer), or as llama.cpp's GBNF (`root ::= ...`, where `[...]` is a
-character class). Its start symbol is `start` (or `root`). A string or a regex (pattern.py's
-subset, matched whole) is one terminal, read by its automaton a character at a time inside an
-Earley item, so a long terminal costs a step per character, not a rule per state. Repeats are
-left-recursive rules, which Earley reads in constant work per character. `%ignore` and
-`%import` are refused by name (with no lexer, whitespace is written into the rules), and so is a
-rule that derives no text (every item an Earley set holds can then still be completed: a text the
-mask lets through never reaches a dead end).
+A grammar is written as Lark writes one (`start: expr`, `expr: term ("+" term)*`, strings (`"x"i`:
+any case), /regexes/, `( )`, `[ ]` optional, `? * + ~ n..m`, aliases `-> name` (read past); rules in
+lower case, terminals in upper case, both read as rules: a byte model has no lexer; `%import
+common.NAME` defines one of Lark's common terminals), or as llama.cpp's GBNF (`root ::= ...`, where
+`[...]` is a character class, and `{m,n}` a repeat). Its start symbol is `start` (or `root`). A
+string or a regex (pattern.py's subset, matched whole) is one terminal, read by its automaton a
+character at a time inside an Earley item, so a long terminal costs a step per character, not a rule
+per state. Repeats are left-recursive rules, which Earley reads in constant work per character.
+`%ignore` and other directives are refused by name (with no lexer, whitespace is written into the
+rules), and so is a rule that derives no text (every item an Earley set holds can then still be
+completed: a text the mask lets through never reaches a dead end).
 
 An Earley set is a frozenset of items (production, dot, origin, reading: the terminal's automaton
 states when the item is inside its next terminal, else None). A state holds the chart (the sets so
@@ -34,16 +35,32 @@ MAX_REPEAT = 100  # the most of a `~ n..m` bound
 
 _PARTS = [
     r"(?P<space>\s+|//[^\n]*|\#[^\n]*)",
-    r'(?P<string>"(?:[^"\\\n]|\\.)*")',
+    r'(?P<string>"(?:[^"\\\n]|\\.)*"i?)',
     r"(?P<regex>/(?:[^/\\\n]|\\.)+/[a-z]*)",
     r"(?P<name>[?!]?[A-Za-z_][A-Za-z_0-9]*)",
     r"(?P<define>::=|:)",
-    r"(?P<punct>[|()\[\]?*+~]|\.\.)",
+    r"(?P<punct>->|[|()\[\]?*+~]|\.\.)",
     r"(?P<number>\d+)",
     r"(?P<directive>%[a-z]+)",
 ]
 _TOKEN = re.compile("|".join(_PARTS))
-_GBNF_TOKEN = re.compile("|".join([r"(?P<cls>\[(?:[^\]\\]|\\.)+\])", *_PARTS]))
+_GBNF = [r"(?P<cls>\[(?:[^\]\\]|\\.)+\])", r"(?P<brace>\{\s*\d+\s*(?:,\s*\d*\s*)?\})"]  # [a-z], {m,n}
+_GBNF_TOKEN = re.compile("|".join([*_GBNF, *_PARTS]))
+# Lark's common.lark terminals (`%import common.NAME`), as regexes of pattern.py's subset
+_DECIMAL, _EXP = r"([0-9]+\.[0-9]*|\.[0-9]+)", "[eE][+-]?[0-9]+"
+_FLOAT = f"[0-9]+{_EXP}|{_DECIMAL}({_EXP})?"
+_NUMBER = f"[0-9]+({_EXP})?|{_DECIMAL}({_EXP})?"
+COMMON = {
+    "DIGIT": "[0-9]", "HEXDIGIT": "[0-9a-fA-F]", "INT": "[0-9]+", "SIGNED_INT": "[+-]?[0-9]+",
+    "DECIMAL": _DECIMAL, "FLOAT": _FLOAT, "SIGNED_FLOAT": f"[+-]?({_FLOAT})",
+    "NUMBER": _NUMBER, "SIGNED_NUMBER": f"[+-]?({_NUMBER})", "ESCAPED_STRING": r'"([^"\\\n]|\\[^\n])*"',
+    "LCASE_LETTER": "[a-z]", "UCASE_LETTER": "[A-Z]", "LETTER": "[A-Za-z]", "WORD": "[A-Za-z]+",
+    "CNAME": "[_A-Za-z][_A-Za-z0-9]*", "WS_INLINE": r"[ \t]+", "WS": r"[ \t\f\r\n]+", "CR": r"\r", "LF": r"\n",
+    "NEWLINE": r"(\r?\n)+", "SH_COMMENT": r"#[^\n]*", "CPP_COMMENT": r"//[^\n]*",
+    "C_COMMENT": r"/\*([^*]|\*+[^*/])*\*+/", "SQL_COMMENT": r"--[^\n]*",
+}  # fmt: skip
+_IMPORT = re.compile(r"^[ \t]*%import[ \t]+common(?:\.(\w+)(?:[ \t]*->[ \t]*(\w+))?|[ \t]*\(([\w\s,]*)\))[ \t]*$",
+                     re.MULTILINE)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,10 +93,22 @@ class _Parser:
 
     def __init__(self, text: str):
         self.gbnf = "::=" in text  # GBNF: [...] is a character class; Lark: an optional group
+        self.imports: dict[str, str] = {}  # name defined -> the common terminal it is
+        text = _IMPORT.sub(self._imported, text)
         self.tokens = self._tokens(text, self.gbnf)
         self.i = 0
         self.names: dict[str, int] = {}
         self.productions: list[tuple[int, tuple]] = []
+
+    def _imported(self, m: re.Match) -> str:
+        pairs = [(m.group(1), m.group(2) or m.group(1))] if m.group(1) else [
+            (n, n) for n in re.split(r"[\s,]+", m.group(3).strip()) if n]  # fmt: skip
+        for common, name in pairs:
+            if common not in COMMON:
+                raise InputError(f"option grammar: %import common.{common}: not one of Lark's common terminals "
+                                 f"fastblt knows ({', '.join(sorted(COMMON))})")  # fmt: skip
+            self.imports[name] = common
+        return ""
 
     @staticmethod
     def _tokens(text: str, gbnf: bool) -> list[tuple[str, str]]:
@@ -92,7 +121,7 @@ class _Parser:
             kind = m.lastgroup or ""
             if kind == "directive":
                 raise InputError(f"option grammar: {m.group()} is not held (a byte model's grammar has no lexer: "
-                                 "write whitespace and the rules you would import into the grammar)")  # fmt: skip
+                                 "write whitespace into the rules; %import takes common terminals only)")  # fmt: skip
             if kind != "space":
                 out.append((kind, m.group()))
         return out
@@ -133,6 +162,12 @@ class _Parser:
             lhs = self.nonterminal(name)
             for alt in self.alternatives():
                 self.add(lhs, alt)
+        for name, common in self.imports.items():
+            if name in defined:
+                raise self.fail(f"rule {name} is defined and imported")
+            if name in self.names:  # used: defined as the common terminal
+                self.add(self.nonterminal(name), (_terminal(COMMON[common], f"common.{common}"),))
+                defined.add(name)
         missing = sorted(n for n in self.names if not n.startswith("#") and n not in defined)
         if missing:
             raise InputError(f"option grammar: rule {missing[0]} is used but not defined")
@@ -150,6 +185,11 @@ class _Parser:
     def sequence(self) -> tuple:
         items: list = []
         while not self.at_rule_head() and self.peek()[0] != "end" and self.peek()[1] not in ("|", ")", "]"):
+            if self.peek() == ("punct", "->"):  # Lark's alias names the tree's node: the text is the same
+                self.take()
+                if self.take()[0] != "name":
+                    raise self.fail("expected a name after ->")
+                continue
             items.extend(self.quantified())
         return tuple(items)
 
@@ -159,6 +199,13 @@ class _Parser:
         if kind == "punct" and value in ("?", "*", "+"):
             self.take()
             return (self.repeat(atom, {"?": (0, 1), "*": (0, None), "+": (1, None)}[value]),)
+        if kind == "brace":  # GBNF's {m}, {m,}, {m,n}
+            self.take()
+            least, comma, most = value[1:-1].replace(" ", "").partition(",")
+            bounds = (int(least), (int(most) if most else None) if comma else int(least))
+            if bounds[0] > MAX_REPEAT or (bounds[1] is not None and not bounds[0] <= bounds[1] <= MAX_REPEAT):
+                raise self.fail(f"{value}: expected counts up to {MAX_REPEAT}, the most no less than the least")
+            return (self.repeat(atom, bounds),)
         if (kind, value) == ("punct", "~"):
             self.take()
             least = self.count()
@@ -200,7 +247,11 @@ class _Parser:
                 raise self.fail(f"{value[0]} only before a rule's name where it is defined")
             return (self.nonterminal(value),)
         if kind == "string":
-            text = _unescaped(value[1:-1], self)
+            folded = value.endswith("i")  # Lark's "text"i: any case
+            text = _unescaped(value[1 : -2 if folded else -1], self)
+            if folded:
+                pattern = "".join(f"[{c.lower()}{c.upper()}]" if c.lower() != c.upper() else escape(c) for c in text)
+                return (_terminal(pattern, value),) if text else ()
             return (_terminal(escape(text), value),) if text else ()
         if kind == "regex":
             body, _, flags = value[1:].rpartition("/")

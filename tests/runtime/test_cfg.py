@@ -139,17 +139,34 @@ def test_a_walk_along_the_mask_never_stalls_and_ends_only_on_a_derived_text(name
         assert s is not None and done(s) and advance(s, [EOS_ID]) is not None, (name, derivable)
 
 
-def test_gbnf_notation_reads_character_classes_and_root():
+def test_gbnf_notation_reads_character_classes_repeats_and_root():
     source = 'root ::= "a" [b-d]+ ("x" | "y")? # a comment'
     for text, ok in [("ab", True), ("abcdx", True), ("a", False), ("abz", False), ("abby", True)]:
         assert reads(text, source) == ok, text
+    for text, ok in [("aaa", True), ("aa", True), ("a", False), ("aaaa", False)]:
+        assert reads(text, 'root ::= "a"{2,3}') == ok and reads(text, 'root ::= "a"{2,}') == (len(text) >= 2), text
+
+
+def test_lark_common_terminals_aliases_and_any_case_strings():
+    source = """
+        start: pair ("," pair)* -> pairs
+        pair: ESCAPED_STRING ":" (SIGNED_NUMBER | "null"i) -> pair
+        %import common.ESCAPED_STRING
+        %import common (SIGNED_NUMBER, WS)
+    """
+    for text, ok in [('"a":1', True), ('"a\\"b":-1.5e3,"c":NULL', True), ('"a":Null', True), ('"a":', False),
+                     ('"a":1,', False), ('"a"b":1', False), ("'a':1", False)]:  # fmt: skip
+        assert reads(text, source) == ok, text
+    with pytest.raises(InputError, match="common.NOPE: not one of Lark's common terminals"):
+        compile_grammar("start: NOPE\n%import common.NOPE")
 
 
 @pytest.mark.parametrize(
     "source, match",
     [
         ("start: a\n%ignore WS", "%ignore is not held"),
-        ("%import common.WS\nstart: WS", "%import is not held"),
+        ("%import other.WS\nstart: WS", "%import is not held"),
+        ('%declare X\nstart: "a"', "%declare is not held"),
         ("start: a", "rule a is used but not defined"),
         ('start: "x"\nstart: "y"', "rule start is defined twice"),
         ('a: "x"', "no start rule"),
