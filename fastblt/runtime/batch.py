@@ -482,6 +482,8 @@ class BatchEngine:
             return False
         seq = max(victims, key=lambda v: (v.request.priority, v.order))
         seq.aside = [t.clone() for t in self.rows.row(seq.state.row)]
+        for cache in seq.state.linear.values():  # lent to its row of a mirror: its own buffers again,
+            cache.take_back()  # or a later move of that row would carry it as the next sequence's
         self._vacate(seq.state.row)
         at = next((i for i, e in enumerate(self.queue) if e.request.priority >= seq.request.priority), len(self.queue))
         self.queue.insert(at, seq)
