@@ -2,16 +2,16 @@
 the beginning of one the grammar derives, read by an Earley recognizer one character at a time.
 
 A grammar is written as Lark writes one (`start: expr`, `expr: term ("+" term)*`, strings (`"x"i`:
-any case), /regexes/, `( )`, `[ ]` optional, `? * + ~ n..m`, aliases `-> name` (read past); rules in
-lower case, terminals in upper case, both read as rules: a byte model has no lexer; `%import
-common.NAME` defines one of Lark's common terminals), or as llama.cpp's GBNF (`root ::= ...`, where
-`[...]` is a character class, and `{m,n}` a repeat). Its start symbol is `start` (or `root`). A
-string or a regex (pattern.py's subset, matched whole) is one terminal, read by its automaton a
-character at a time inside an Earley item, so a long terminal costs a step per character, not a rule
-per state. Repeats are left-recursive rules, which Earley reads in constant work per character.
-`%ignore` and other directives are refused by name (with no lexer, whitespace is written into the
-rules), and so is a rule that derives no text (every item an Earley set holds can then still be
-completed: a text the mask lets through never reaches a dead end).
+any case; `"a".."z"` a range), /regexes/, `( )`, `[ ]` optional, `? * + ~ n..m`, aliases `-> name`
+(read past); rules in lower case, terminals in upper case, both read as rules: a byte model has no
+lexer; `%import common.NAME` defines one of Lark's common terminals), or as llama.cpp's GBNF (`root
+::= ...`, where `[...]` is a character class, and `{m,n}` a repeat). Its start symbol is `start` (or
+`root`). A string or a regex (pattern.py's subset, matched whole) is one terminal, read by its
+automaton a character at a time inside an Earley item, so a long terminal costs a step per
+character, not a rule per state. Repeats are left-recursive rules, which Earley reads in constant
+work per character. `%ignore` and other directives are refused by name (with no lexer, whitespace is
+written into the rules), and so is a rule that derives no text (every item an Earley set holds can
+then still be completed: a text the mask lets through never reaches a dead end).
 
 An Earley set is a frozenset of items (production, dot, origin, reading: the terminal's automaton
 states when the item is inside its next terminal, else None). A state holds the chart (the sets so
@@ -249,6 +249,13 @@ class _Parser:
         if kind == "string":
             folded = value.endswith("i")  # Lark's "text"i: any case
             text = _unescaped(value[1 : -2 if folded else -1], self)
+            if self.peek() == ("punct", ".."):  # Lark's "a".."z": one character of the range
+                self.take()
+                kind, last = self.take()
+                high = _unescaped(last[1:-1], self) if kind == "string" and not last.endswith("i") else ""
+                if len(text) != 1 or len(high) != 1 or high < text:
+                    raise self.fail('expected a range of one character to another, as "a".."z"')
+                return (_terminal(f"[{escape(text)}-{escape(high)}]", f"{value}..{last}"),)
             if folded:
                 pattern = "".join(f"[{c.lower()}{c.upper()}]" if c.lower() != c.upper() else escape(c) for c in text)
                 return (_terminal(pattern, value),) if text else ()

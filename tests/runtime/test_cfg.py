@@ -42,6 +42,9 @@ GRAMMARS = {
         stmt: ("if" | "while") " " NAME ":" | NAME " = " NAME ";"
         NAME: /[a-z]+/
     """,
+    "character ranges": """
+        start: ("a".."c" | "0".."9")+ "!"?
+    """,
     "ambiguous": """
         start: s
         s: s s | "a" | "ab" | "b"
@@ -98,6 +101,8 @@ def derivation(source: str, rng: random.Random, depth: int = 0) -> str:
 
 def _sample(shown: str, rng: random.Random) -> str:
     """A text of a terminal as the grammars above write them."""
+    if shown.startswith('"') and '".."' in shown:  # a range: its first or last character
+        return rng.choice([shown[1], shown[-2]])
     if shown.startswith('"'):
         return shown[1:-1]
     return {"/[0-9]+/": "12", "/[a-z_]+/": rng.choice(["f", "ab_c"]), "/[a-c]{1,3}/": rng.choice(["a", "abc"]),
