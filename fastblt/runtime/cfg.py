@@ -4,14 +4,14 @@ the beginning of one the grammar derives, read by an Earley recognizer one chara
 A grammar is written as Lark writes one (`start: expr`, `expr: term ("+" term)*`, strings (`"x"i`:
 any case; `"a".."z"` a range), /regexes/, `( )`, `[ ]` optional, `? * + ~ n..m`, aliases `-> name`
 (read past); rules in lower case, terminals in upper case, both read as rules: a byte model has no
-lexer; `%import common.NAME` defines one of Lark's common terminals), or as llama.cpp's GBNF (`root
-::= ...`, where `[...]` is a character class, and `{m,n}` a repeat). Its start symbol is `start` (or
-`root`). A string or a regex (pattern.py's subset, matched whole) is one terminal, read by its
-automaton a character at a time inside an Earley item, so a long terminal costs a step per
-character, not a rule per state. Repeats are left-recursive rules, which Earley reads in constant
-work per character. `%ignore` and other directives are refused by name (with no lexer, whitespace is
-written into the rules), and so is a rule that derives no text (every item an Earley set holds can
-then still be completed: a text the mask lets through never reaches a dead end).
+lexer; `%import common.NAME` defines one of Lark's common terminals; `%ignore` items may come
+before, between and after the tokens of lower-case rules), or as llama.cpp's GBNF (`root ::= ...`,
+where `[...]` is a character class, and `{m,n}` a repeat). Its start symbol is `start` (or `root`).
+A string or a regex (pattern.py's subset, matched whole) is one terminal, read by its automaton a
+character at a time inside an Earley item, so a long terminal costs a step per character, not a rule
+per state. Repeats are left-recursive rules, which Earley reads in constant work per character.
+Other directives are refused by name, and so is a rule that derives no text (every item an Earley
+set holds can then still be completed: a text the mask lets through never reaches a dead end).
 
 An Earley set is a frozenset of items (production, dot, origin, reading: the terminal's automaton
 states when the item is inside its next terminal, else None). A state holds the chart (the sets so
@@ -59,6 +59,8 @@ COMMON = {
     "NEWLINE": r"(\r?\n)+", "SH_COMMENT": r"#[^\n]*", "CPP_COMMENT": r"//[^\n]*",
     "C_COMMENT": r"/\*([^*]|\*+[^*/])*\*+/", "SQL_COMMENT": r"--[^\n]*",
 }  # fmt: skip
+_IGNORE = re.compile(r"^[ \t]*%ignore[ \t]+(.+?)[ \t]*$", re.MULTILINE)
+IGNORED = "__ignored"  # the rule %ignore's items make: what may come between any two tokens
 _IMPORT = re.compile(r"^[ \t]*%import[ \t]+common(?:\.(\w+)(?:[ \t]*->[ \t]*(\w+))?|[ \t]*\(([\w\s,]*)\))[ \t]*$",
                      re.MULTILINE)  # fmt: skip
 
@@ -95,10 +97,16 @@ class _Parser:
         self.gbnf = "::=" in text  # GBNF: [...] is a character class; Lark: an optional group
         self.imports: dict[str, str] = {}  # name defined -> the common terminal it is
         text = _IMPORT.sub(self._imported, text)
+        ignored = [m.group(1) for m in _IGNORE.finditer(text)]
+        if ignored:  # a rule of its own, read as the others
+            text = _IGNORE.sub("", text) + f"\n{IGNORED}: " + " | ".join(f"({item})" for item in ignored)
         self.tokens = self._tokens(text, self.gbnf)
         self.i = 0
         self.names: dict[str, int] = {}
         self.productions: list[tuple[int, tuple]] = []
+        self.lexical: set[int] = set()  # terminals (upper-case rules, imports, %ignore's) and their parts
+        self._in_terminal = False
+        self.start: int | None = None  # where %ignore makes a start of its own
 
     def _imported(self, m: re.Match) -> str:
         pairs = [(m.group(1), m.group(2) or m.group(1))] if m.group(1) else [
@@ -141,7 +149,10 @@ class _Parser:
         return self.names.setdefault(name, len(self.names))
 
     def fresh(self) -> int:
-        return self.nonterminal(f"#{len(self.names)}")
+        n = self.nonterminal(f"#{len(self.names)}")
+        if self._in_terminal:
+            self.lexical.add(n)
+        return n
 
     def add(self, lhs: int, rhs: tuple) -> None:
         if len(self.productions) >= MAX_RULES:
@@ -160,17 +171,42 @@ class _Parser:
                 raise self.fail(f"rule {name} is defined twice")
             defined.add(name)
             lhs = self.nonterminal(name)
+            self._in_terminal = name[0].isupper() or name == IGNORED
+            if self._in_terminal:
+                self.lexical.add(lhs)
             for alt in self.alternatives():
                 self.add(lhs, alt)
+            self._in_terminal = False
         for name, common in self.imports.items():
             if name in defined:
                 raise self.fail(f"rule {name} is defined and imported")
             if name in self.names:  # used: defined as the common terminal
                 self.add(self.nonterminal(name), (_terminal(COMMON[common], f"common.{common}"),))
+                self.lexical.add(self.names[name])
                 defined.add(name)
         missing = sorted(n for n in self.names if not n.startswith("#") and n not in defined)
         if missing:
             raise InputError(f"option grammar: rule {missing[0]} is used but not defined")
+        if IGNORED in self.names:
+            self._ignoring()
+
+    def _ignoring(self) -> None:
+        """%ignore as Lark reads it: its items may come before, between and after the tokens (the
+        terminals and upper-case rules) of the other rules, as often as they like."""
+        many = self.nonterminal("#ignored")  # many -> empty | many ignored
+        rewritten = [(lhs, rhs) if lhs in self.lexical else
+                     (lhs, tuple(x for sym in rhs for x in ((sym, many) if self._token(sym) else (sym,))))
+                     for lhs, rhs in self.productions]  # fmt: skip
+        self.productions[:] = rewritten
+        self.add(many, ())
+        self.add(many, (many, self.names[IGNORED]))
+        start = self.names.get("start", self.names.get("root"))
+        if start is not None:
+            self.start = self.nonterminal("#start")
+            self.add(self.start, (many, start))
+
+    def _token(self, symbol: int | Terminal) -> bool:
+        return isinstance(symbol, Terminal) or symbol in self.lexical
 
     def at_rule_head(self) -> bool:
         return self.peek()[0] == "name" and self.peek(1)[0] == "define"
@@ -321,7 +357,7 @@ def compile_grammar(text: str) -> Grammar:
     parser = _Parser(text)
     parser.parse()
     names = parser.names
-    start = names.get("start", names.get("root"))
+    start = parser.start if parser.start is not None else names.get("start", names.get("root"))
     if start is None:
         raise InputError("option grammar: no start rule (start: ..., or root ::= ...)")
     productive = _closed(parser.productions, lambda s, known: isinstance(s, Terminal) or s in known)

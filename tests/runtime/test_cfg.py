@@ -50,7 +50,8 @@ GRAMMARS = {
         s: s s | "a" | "ab" | "b"
     """,
 }
-ALPHABET = "0123456789+-(),abcxyz_[]é中 :=;iwhle"
+GRAMMARS["ignored whitespace"] = GRAMMARS["arithmetic"] + '%ignore " "\n%ignore /[\t]+/\n'
+ALPHABET = "0123456789+-(),abcxyz_[]é中 :=;iwhle\t"
 
 
 def reads(text: str, source: str) -> bool:
@@ -100,13 +101,13 @@ def derivation(source: str, rng: random.Random, depth: int = 0) -> str:
 
 
 def _sample(shown: str, rng: random.Random) -> str:
-    """A text of a terminal as the grammars above write them."""
+    """A text of a terminal as the grammars above write them (what %ignore takes: a space)."""
     if shown.startswith('"') and '".."' in shown:  # a range: its first or last character
         return rng.choice([shown[1], shown[-2]])
     if shown.startswith('"'):
         return shown[1:-1]
-    return {"/[0-9]+/": "12", "/[a-z_]+/": rng.choice(["f", "ab_c"]), "/[a-c]{1,3}/": rng.choice(["a", "abc"]),
-            "/[a-z]+/": rng.choice(["x", "ifz"])}[shown]  # fmt: skip
+    return {"/[0-9]+/": "12", "/[a-z_]+/": rng.choice(["f", "ab_c"]), "/[\t]+/": "\t",
+            "/[a-c]{1,3}/": rng.choice(["a", "abc"]), "/[a-z]+/": rng.choice(["x", "ifz"])}[shown]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(GRAMMARS))
@@ -169,7 +170,6 @@ def test_lark_common_terminals_aliases_and_any_case_strings():
 @pytest.mark.parametrize(
     "source, match",
     [
-        ("start: a\n%ignore WS", "%ignore is not held"),
         ("%import other.WS\nstart: WS", "%import is not held"),
         ('%declare X\nstart: "a"', "%declare is not held"),
         ("start: a", "rule a is used but not defined"),
