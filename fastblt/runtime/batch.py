@@ -482,8 +482,6 @@ class BatchEngine:
             return False
         seq = max(victims, key=lambda v: (v.request.priority, v.order))
         seq.aside = [t.clone() for t in self.rows.row(seq.state.row)]
-        for cache in seq.state.linear.values():  # lent to its row of a mirror: its own buffers again,
-            cache.take_back()  # or a later move of that row would carry it as the next sequence's
         self._vacate(seq.state.row)
         at = next((i for i, e in enumerate(self.queue) if e.request.priority >= seq.request.priority), len(self.queue))
         self.queue.insert(at, seq)
@@ -638,7 +636,12 @@ class BatchEngine:
 
     def _vacate(self, row: int) -> None:
         """Free a row: the last row of its block fills it, the last row of each later block fills
-        the hole the block before left; the last row of the batch is then free."""
+        the hole the block before left; the last row of the batch is then free. Caches the leaving
+        sequence lent to its row of a mirror take their own buffers back (a finished one's were let
+        go already; a preempted one resumes with them), or a later move of the row would carry them
+        as the next sequence's."""
+        for cache in self.live[row].state.linear.values():
+            cache.take_back()
         cohort = self.live[row].cohort
         end = row
         while end + 1 < len(self.live) and self.live[end + 1].cohort == cohort:

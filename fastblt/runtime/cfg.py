@@ -73,7 +73,7 @@ class Terminal:
     source: str
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (masks are cached by what refers to it)
 class Grammar:
     """Productions as (lhs, rhs): rhs a tuple of nonterminal ids (ints) and Terminals."""
 
@@ -82,12 +82,6 @@ class Grammar:
     nullable: frozenset[int]
     start: int
     names: dict[str, int]
-
-    def __hash__(self) -> int:
-        return id(self)
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
 
 
 class _Parser:

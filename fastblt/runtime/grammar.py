@@ -1197,8 +1197,7 @@ def _partial_char(stack: tuple, mode: int, pat: Pattern, reading: frozenset, kin
     if kind == "x":  # a control character
         least, most = bits << 4 * n, min((bits + 1 << 4 * n) - 1, CONTROLS)
     else:
-        rest = 6 * (n - 1)
-        least, most = (bits << 6 | lo & 0x3F) << rest, ((bits << 6 | hi & 0x3F) << rest) | ((1 << rest) - 1)
+        least, most = _still(n, lo, hi, bits)
     if least > most or not pat.takes(reading, least, most):
         return ()
     return ((stack, mode, (pat, reading, kind, n, lo, hi, bits), 0),)
@@ -1223,9 +1222,15 @@ def _utf8(partial: tuple[int, int, int, int], b: int) -> int | tuple[int, ...] |
         bits, n, lo, hi = bits << 6 | (b & 0x3F), n - 1, 0x80, 0xBF
         if n == 0:
             return bits
-    rest = 6 * (n - 1)
-    least, most = (bits << 6 | lo & 0x3F) << rest, ((bits << 6 | hi & 0x3F) << rest) | ((1 << rest) - 1)
+    least, most = _still(n, lo, hi, bits)
     return None if least > most else (n, lo, hi, bits, least, most)
+
+
+def _still(n: int, lo: int, hi: int, bits: int) -> tuple[int, int]:
+    """The code points a UTF-8 character begun may still be: `n` continuation bytes to come, the
+    next one in lo..hi, its bits so far."""
+    rest = 6 * (n - 1)
+    return (bits << 6 | lo & 0x3F) << rest, ((bits << 6 | hi & 0x3F) << rest) | ((1 << rest) - 1)
 
 
 def _raw_text(sub: tuple, b: int) -> tuple[Path, ...]:
@@ -1260,12 +1265,14 @@ def _derived_text(s: cfg.CfgState, b: int) -> tuple[Path, ...]:
 
 def _derived_mask(s: cfg.CfgState) -> np.ndarray:
     """The mask of a text held to a grammar: read off the terminals its state expects (shared by
-    every state that expects the same), or, inside a character, by trying each continuation byte."""
+    every state that expects the same), or, inside a character, each continuation byte that keeps
+    a character the state may take (as `_derived_text` would, without its Earley step)."""
     if s.partial[0] == 0:
         return _expected_mask(s.expected, s.accepts())
     out = np.full(VOCAB_SIZE, np.inf, dtype=np.float32)
     for b in range(s.partial[1], s.partial[2] + 1):
-        if _derived_text(s, b):
+        got = _utf8(s.partial, b)
+        if got is not None and (s.takes(got, got) if isinstance(got, int) else s.takes(got[4], got[5])):
             out[BYTE_OFFSET + b] = 0.0
     return out
 
@@ -1370,10 +1377,17 @@ def _pattern_bytes(pat: Pattern, reading: frozenset) -> set[int]:
             out.update(c for c in range(max(a, 0x20), min(b, 0x7F) + 1) if c not in (0x22, 0x5C))
             if a <= CONTROLS or a <= 0x22 <= b or a <= 0x5C <= b:
                 out.add(ord("\\"))
-            for first, last, shift, tag in UTF8_LEADS:
-                x, y = max(a, first), min(b, last)
-                if x <= y:
-                    out.update(range(tag | x >> shift, (tag | y >> shift) + 1))
+            out.update(_leads(a, b))
+    return out
+
+
+def _leads(a: int, b: int) -> set[int]:
+    """The UTF-8 lead bytes of code points a..b past ASCII (each lead covers a range of them)."""
+    out = set()
+    for first, last, shift, tag in UTF8_LEADS:
+        x, y = max(a, first), min(b, last)
+        if x <= y:
+            out.update(range(tag | x >> shift, (tag | y >> shift) + 1))
     return out
 
 
@@ -1384,10 +1398,7 @@ def _raw_bytes(pat: Pattern, reading: frozenset) -> set[int]:
     for s in reading:
         for a, b, _ in pat.moves[s]:
             out.update(range(a, min(b, 0x7F) + 1))
-            for first, last, shift, tag in UTF8_LEADS:
-                x, y = max(a, first), min(b, last)
-                if x <= y:
-                    out.update(range(tag | x >> shift, (tag | y >> shift) + 1))
+            out.update(_leads(a, b))
     return out
 
 

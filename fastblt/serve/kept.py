@@ -153,9 +153,9 @@ def check_dir(directory: Path) -> str | None:
     """Why `directory` cannot hold the kept file (made if missing; a file there that is no SQLite
     database of ours is refused, not overwritten), or None."""
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         for table in ("responses", "conversations"):
-            kept = open_kept(directory, table, 1 << 62)
-            kept.close()  # type: ignore[attr-defined]
+            FileKept(directory / FILE, table, 1 << 62).close()
     except OSError as e:
         return f"{directory}: {e.strerror}"
     except sqlite3.Error as e:
