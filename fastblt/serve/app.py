@@ -27,7 +27,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,6 +68,7 @@ from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.conversations import ConversationStore
 from fastblt.serve.kept import open_kept
 from fastblt.serve.metrics import CONTENT_TYPE, Metrics
+from fastblt.serve.replay import Replays
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
 from fastblt.serve.request_log import LOGGER, RequestRecord, request_id, trace_id
 from fastblt.serve.responses import (
@@ -86,6 +87,8 @@ REQUEST_ID = "fastblt.request_id"  # the request's id in its ASGI scope (_Header
 # request (max_tokens 0) decodes and drops
 SERVE_EXTRA_IDS = 2
 MAX_REFITS = 2  # times a request is shortened again after its text reached the position limit
+NO_CACHE = {"Cache-Control": "no-cache"}  # a stream's headers
+REPLAY_SHARE = 4  # background streams' events are kept within this fraction of --response-store-mb
 T = TypeVar("T")
 
 
@@ -240,13 +243,14 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                        reshape: Callable[[dict], dict] | None = None,
                        frame: Callable[[dict | str], bytes] = sse,
                        refit: Callable[[PositionLimit], Completion | None] | None = None,
-                       later: Callable[[Coroutine[Any, Any, dict]], dict] | None = None) -> Response:  # fmt: skip
+                       later: Callable[[Coroutine[Any, Any, Any]], dict | AsyncIterator[bytes]] | None = None
+                       ) -> Response:  # fmt: skip
         """Answer a completions-shaped request; `reshape` turns a whole answer, and `frame` each
         streamed body (or "[DONE]"), into another API's (responses.py), sse by default. `refit`:
         the request again, shorter, when its text reached the model's position limit before its
         answer began (None: refused as it is). `later`: for a request to be answered in the
         background, takes the work that answers it (its errors ApiErrors) and gives the answer
-        to send now."""
+        to send now (a streamed one: the reader of its events)."""
         arrived = time.perf_counter()
         m: Metrics = state["metrics"]
         mode = "unknown"
@@ -267,22 +271,28 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             record.parsed(mode, comp.stream, comp.n * len(comp.prompts), sum(len(p.encode()) for p in comp.prompts),
                           comp.user, comp.options.get("priority", 0))  # fmt: skip
             if comp.background and later is not None:
-                response = JSONResponse(later(_answered(eng, comp, refit, reshape, m, arrived)))
+                # its jobs made here, so that what a request can be refused for is a 4xx now
+                jobs = await asyncio.to_thread(_jobs, eng, comp)
+                if comp.stream:  # counted as its stream ends, or fails to begin
+                    events = later(_drained(eng, comp, jobs, refit, frame, m, record, endpoint))
+                    return StreamingResponse(events, media_type="text/event-stream", headers=NO_CACHE)
+                response = JSONResponse(later(_answered(eng, comp, jobs, refit, reshape, m, arrived)))
                 m.request(response.status_code, mode, endpoint)
                 record.end(response.status_code)
                 return response
-            # off the event loop: a request's schema or tools compile into automata (up to ~1 s for
-            # a fine multipleOf beside wide bounds), which the streams in flight must not wait for
-            for refits in range(MAX_REFITS + 1):
+
+            async def attempt(comp: Completion) -> tuple[list[_Job], Any]:
+                # off the event loop: a request's schema or tools compile into automata (up to ~1 s
+                # for a fine multipleOf beside wide bounds), which the streams in flight must not wait for
                 jobs = await asyncio.to_thread(_jobs, eng, comp)
-                try:
-                    if comp.stream:  # counted as it ends
-                        return await _stream(eng, comp, jobs, request, inflight, settings, m, record,
-                                             state["fingerprint"], endpoint, frame)  # fmt: skip
-                    gens = await _unless_gone(_together(eng.generate(job.req) for job in jobs), request, inflight)
-                    break
-                except PositionLimit as e:
-                    comp = await _refitted(comp, refit, refits, e)
+                if comp.stream:  # counted as it ends
+                    return jobs, await _stream(eng, comp, jobs, request, inflight, settings, m, record,
+                                               state["fingerprint"], endpoint, frame)  # fmt: skip
+                return jobs, await _unless_gone(_together(eng.generate(job.req) for job in jobs), request, inflight)
+
+            comp, (jobs, gens) = await _fitted(comp, refit, attempt)
+            if comp.stream:
+                return gens
             for gen in gens:
                 m.generation(gen, arrived)
                 record.byte_times(gen.times)
@@ -307,28 +317,49 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         record.end(response.status_code, answer["usage"], [c["finish_reason"] for c in answer["choices"]])
         return response
 
-    async def _answered(eng: AsyncEngine, comp: Completion, refit: Callable[[PositionLimit], Completion | None] | None,
+    async def _answered(eng: AsyncEngine, comp: Completion, jobs: list[_Job],
+                        refit: Callable[[PositionLimit], Completion | None] | None,
                         reshape: Callable[[dict], dict] | None, m: Metrics, arrived: float) -> dict:  # fmt: skip
-        """The whole answer to `comp`, no client watching (a background request's); engine errors
-        as the ApiErrors a client would have been answered with."""
-        try:
-            for refits in range(MAX_REFITS + 1):
-                jobs = await asyncio.to_thread(_jobs, eng, comp)
-                try:
-                    gens = await _together(eng.generate(job.req) for job in jobs)
-                    break
-                except PositionLimit as e:
-                    comp = await _refitted(comp, refit, refits, e)
-        except EngineBusy as e:
-            raise ApiError(429, str(e), None, "queue_full", "rate_limit_error") from None
-        except EngineClosed as e:
-            raise ApiError(503, str(e), None, "shutting_down", "server_error") from None
-        except FastBltError as e:
-            raise _field_error(e, comp) from None
+        """The whole answer to `comp` (its `jobs`), no client watching (a background request's);
+        engine errors as the ApiErrors a client would have been answered with."""
+        first = comp
+
+        async def attempt(comp: Completion) -> tuple[list[_Job], list[Generation]]:
+            tried = jobs if comp is first else await asyncio.to_thread(_jobs, eng, comp)
+            return tried, await _together(eng.generate(job.req) for job in tried)
+
+        with _as_api_errors(comp):
+            comp, (jobs, gens) = await _fitted(comp, refit, attempt)
         for gen in gens:
             m.generation(gen, arrived)
         answer = _answer(comp, jobs, gens, settings.model_id, state["fingerprint"])
         return answer if reshape is None else await asyncio.to_thread(reshape, answer)
+
+    async def _drained(eng: AsyncEngine, comp: Completion, jobs: list[_Job],
+                       refit: Callable[[PositionLimit], Completion | None] | None,
+                       frame: Callable[[dict | str], bytes], m: Metrics, record: RequestRecord, endpoint: str
+                       ) -> None:  # fmt: skip
+        """A background request's streamed answer (`comp`, its `jobs`), no client watching: its
+        frames are made (each kept in the request's event log as it is made, where clients read
+        it) and dropped here. A failure before the stream began is counted here and raised as the
+        ApiError a client would have been answered with; once it began, the stream counts it and
+        says it as events."""
+        first = comp
+
+        async def attempt(comp: Completion) -> StreamingResponse:
+            tried = jobs if comp is first else await asyncio.to_thread(_jobs, eng, comp)
+            return await _stream(eng, comp, tried, None, inflight, settings, m, record, state["fingerprint"], endpoint,
+                                 frame)  # fmt: skip
+
+        try:
+            with _as_api_errors(comp):
+                _, streaming = await _fitted(comp, refit, attempt)
+        except ApiError as e:
+            m.request(e.status, comp.options["mode"], endpoint)
+            record.end(e.status, error=e.message, param=e.param)
+            raise
+        async for _ in streaming.body_iterator:
+            pass
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -340,16 +371,17 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         return await complete(request, lambda raw: parse_chat_body(raw, settings.model_id, settings.default_mode,
                                                                     settings.chat_template), "chat")  # fmt: skip
 
-    kept, talks = None, None
+    kept, talks, replays = None, None, None
     if settings.response_store:
         kept = ResponseStore(open_kept(settings.response_store_dir, "responses", settings.response_store))
         talks = ConversationStore(open_kept(settings.response_store_dir, "conversations", settings.response_store))
+        replays = Replays(settings.response_store // REPLAY_SHARE)
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
         asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept, talks)
         return await complete(request, lambda raw: asked.parse(raw, byte_limit(ready())), "responses", asked.answer,
-                              asked.frame, asked.refit, lambda work: asked.start(work, running))  # fmt: skip
+                              asked.frame, asked.refit, lambda work: asked.start(work, running, replays))  # fmt: skip
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(request: Request, response_id: str) -> JSONResponse:
@@ -369,14 +401,32 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         return found
 
     @app.get("/v1/responses/{response_id}")
-    async def get_response(request: Request, response_id: str) -> JSONResponse:
-        return JSONResponse((await stored(request, response_id)).response)
+    async def get_response(request: Request, response_id: str) -> Response:
+        """The kept Response; with stream=true, a background stream's events (after `starting_after`)."""
+        query = request.query_params
+        stream = query.get("stream", "false").lower()
+        if stream not in ("true", "false"):
+            raise ApiError(400, f"stream: expected true or false, got {stream!r:.20}", "stream")
+        after = query.get("starting_after")
+        if after is not None and (not after.isdigit() or stream == "false"):
+            raise ApiError(400, f"starting_after: expected a sequence number (an integer >= 0) with stream=true, "
+                           f"got {after!r:.20}", "starting_after")  # fmt: skip
+        found = await stored(request, response_id)
+        if stream == "false":
+            return JSONResponse(found.response)
+        log = None if replays is None else replays.get(response_id)
+        if log is None:
+            raise ApiError(400, f"response {response_id!r:.80}: its events are not kept: only a response created "
+                           "with background and stream is streamed again, while it runs and for a while after it "
+                           "ended; GET it without stream=true", "stream")  # fmt: skip
+        return StreamingResponse(log.follow(int(after or -1)), media_type="text/event-stream", headers=NO_CACHE)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(request: Request, response_id: str) -> JSONResponse:
         await stored(request, response_id)
-        assert kept is not None
+        assert kept is not None and replays is not None
         await asyncio.to_thread(kept.delete, response_id)
+        replays.drop(response_id)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
     async def body_of(request: Request) -> dict:
@@ -569,14 +619,34 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _refitted(comp: Completion, refit: Callable[[PositionLimit], Completion | None] | None, refits: int,
-                    e: PositionLimit) -> Completion:  # fmt: skip
-    """The request shortened by `refit` after its text reached the position limit (`e`, raised
-    again when there is no refit or none is left)."""
-    shorter = None if refit is None or refits == MAX_REFITS else await asyncio.to_thread(refit, e)
-    if shorter is None:
-        raise e
-    return shorter
+async def _fitted(comp: Completion, refit: Callable[[PositionLimit], Completion | None] | None,
+                  attempt: Callable[[Completion], Coroutine[Any, Any, T]]) -> tuple[Completion, T]:  # fmt: skip
+    """`attempt(comp)`, and again on the request shortened by `refit` (off the event loop) while
+    its text reaches the model's position limit before its answer begins, MAX_REFITS times at
+    most; the request attempted last and what it gave. Past that, or with no refit, the 400 that
+    names the field to shorten, for the request attempted last."""
+    refits = 0
+    while True:
+        try:
+            return comp, await attempt(comp)
+        except PositionLimit as e:
+            shorter = None if refit is None or refits == MAX_REFITS else await asyncio.to_thread(refit, e)
+            if shorter is None:
+                raise _field_error(e, comp) from None
+            comp, refits = shorter, refits + 1
+
+
+@contextlib.contextmanager
+def _as_api_errors(comp: Completion) -> Iterator[None]:
+    """The engine's errors as the ApiErrors a client would be answered with (a background request's)."""
+    try:
+        yield
+    except EngineBusy as e:
+        raise ApiError(429, str(e), None, "queue_full", "rate_limit_error") from None
+    except EngineClosed as e:
+        raise ApiError(503, str(e), None, "shutting_down", "server_error") from None
+    except FastBltError as e:
+        raise _field_error(e, comp) from None
 
 
 def byte_limit(eng: AsyncEngine) -> int:
@@ -713,19 +783,20 @@ async def _together(work: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
         raise
 
 
-async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request: Request, inflight: _InFlight,
+async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request: Request | None, inflight: _InFlight,
                   settings: ServeSettings, m: Metrics, record: RequestRecord, fp: str | None,
                   endpoint: str, frame: Callable[[dict | str], bytes] = sse) -> StreamingResponse:  # fmt: skip
     """Start the streams (a choice each; one when greedy) and wait for each one's first event, so
     a failing prefill is still a 4xx and a client that leaves while its requests wait for rows
-    frees their places. Chunks of all choices go out as they come, each with its index. The
-    status is counted and logged when the response ends: 200, 499 when the client left first, or
-    an error's."""
+    frees their places (`request` None: no client to watch, a background request's). Chunks of
+    all choices go out as they come, each with its index. The status is counted and logged when
+    the response ends: 200, 499 when the client left first, or an error's."""
     streams: list[TextStream] = []
     try:
         for job in jobs:
             streams.append(eng.stream(job.req))
-        firsts = await _unless_gone(_together(_first(s) for s in streams), request, inflight)
+        opening = _together(_first(s) for s in streams)
+        firsts = await (opening if request is None else _unless_gone(opening, request, inflight))
     except BaseException:
         for s in streams:
             s.cancel()
@@ -804,7 +875,7 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
             else:  # 200, or 499
                 record.end(status, used, reasons, error="client disconnected" if used is None else None)
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(events(), media_type="text/event-stream", headers=NO_CACHE)
 
 
 async def _pump(j: int, stream: TextStream, first: tuple[str, Scores | None] | None, news: asyncio.Queue) -> None:

@@ -14,7 +14,8 @@ instructions do not, as OpenAI's), and GET / DELETE /v1/responses/{id} read and 
 may name a kept conversation (`conversation`, conversations.py): its items come before the new
 input, and the request's input items and the response's output are added to it once answered. A
 background response (`background`) is kept queued at once and answered by a task of its own,
-which POST /v1/responses/{id}/cancel stops.
+which POST /v1/responses/{id}/cancel stops; streamed, its events go into an event log (replay.py)
+that clients read from any event on, as they come.
 
 With `truncation: "auto"`, a conversation past the server's byte limit drops items from its middle:
 the leading system and developer messages stay, and the newest turns from a user message on, as
@@ -29,7 +30,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,7 @@ from fastblt.serve.api import (
 from fastblt.serve.chat import ChatTemplate, message_text, parse_chat
 from fastblt.serve.conversations import MAX_NEW_ITEMS, ConversationStore
 from fastblt.serve.kept import Kept, MemoryKept
+from fastblt.serve.replay import EventLog, Replays
 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "stream_options",
           "user", "safety_identifier", "metadata", "store", "text", "tools", "tool_choice", "parallel_tool_calls",
@@ -139,7 +141,9 @@ class ResponsesRequest:
         self.inherited = 0  # how many came from the response it continued (kept there)
         self.keep = False
         self._events: _Events | None = None  # a streamed answer's, from its first body on
+        self.streamed = False
         self.task: asyncio.Task | None = None  # a background response's work
+        self.log: EventLog | None = None  # a background stream's events, as they are made
         self._whole: tuple[dict, Completion] | None = None  # chat's body and Completion, untruncated
         self._limit: int | None = None  # the bytes the prompt and answer were fitted under
         self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
@@ -240,13 +244,10 @@ class ResponsesRequest:
             raise ApiError(400, f"top_logprobs: expected an integer in [0, 20], got {top}", "top_logprobs")
         metadata = get_metadata(body)
         background = get_field(body, "background", bool, default=False)
-        if background and (stream or not self.keep):
-            why = (
-                "a streamed one is not served: create it without stream and poll GET /v1/responses/{id}"
-                if stream
-                else "its answer is read from the kept response: store true, on a server that keeps responses"
-            )
-            raise ApiError(400, f"background: {why}", "background")  # fmt: skip
+        if background and not self.keep:
+            raise ApiError(400, "background: its answer is read from the kept response: store true, on a server "
+                           "that keeps responses", "background")  # fmt: skip
+        self.streamed = stream
         truncation = get_field(body, "truncation", str, default="disabled")
         if truncation not in TRUNCATION:
             raise ApiError(400, f'truncation: expected "auto" or "disabled", got {truncation!r:.40}', "truncation")
@@ -344,10 +345,13 @@ class ResponsesRequest:
             self.conversations.add(self.conversation, [*own, *response["output"]])
         return response
 
-    def start(self, work: Coroutine[Any, Any, dict], running: dict[str, ResponsesRequest]) -> dict:
-        """Answer in the background: `work` (which keeps the answer, through `answer`) runs as a
-        task of its own, listed in `running` until it ends; the Response is kept at once, queued,
-        then in_progress, and failed or cancelled should the work end so. Returns the queued one."""
+    def start(self, work: Coroutine[Any, Any, Any], running: dict[str, ResponsesRequest],
+              replays: Replays | None = None) -> dict | AsyncIterator[bytes]:  # fmt: skip
+        """Answer in the background: `work` (which keeps the answer, through `answer`, or through
+        the last frame of a stream) runs as a task of its own, listed in `running` until it ends;
+        the Response is kept at once, queued, then in_progress, and failed or cancelled should the
+        work end so. Returns the queued Response, or for a streamed one (its events kept in
+        `replays`, from response.created on) the reader of its events."""
         store = self.store
         assert store is not None  # parse refuses background without one
 
@@ -356,23 +360,46 @@ class ResponsesRequest:
             self._put(store, response)
             return response
 
+        def fail(error: dict) -> None:
+            if self.log is None:
+                keep("failed", error)
+            else:  # as a stream fails: an error event, then response.failed (which keeps the failed Response)
+                self.frame({"error": error})
+                self.frame("[DONE]")
+
         async def settle() -> None:
             keep("in_progress")
             try:
                 await work
             except asyncio.CancelledError:
                 keep("cancelled")
+                if self._events is not None:
+                    self._events.event("error", code="response_cancelled", param=None,
+                                       message=f"response {self.id}: cancelled (POST /v1/responses/{self.id}/cancel, "
+                                       "or the server stopped)")  # fmt: skip
             except ApiError as e:
-                keep("failed", {"code": e.code or "server_error", "message": e.message})
+                fail({"code": e.code or "server_error", "message": e.message, "param": e.param})
             except Exception as e:  # noqa: BLE001 (a bug: said in the response, as a 500 would say it)
-                keep("failed", {"code": "server_error", "message": f"internal error: {e!r}"})
+                fail({"code": "server_error", "message": f"internal error: {e!r}"})
             finally:
                 running.pop(self.id, None)
+                if replays is not None:
+                    replays.close(self.id)
 
         queued = keep("queued")
         running[self.id] = self
+        if self.streamed and replays is not None:
+            self.log = replays.open(self.id)
+            self._events = _Events(self)
+            for kind in ("response.created", "response.queued"):
+                self._events.event(kind, response=queued)
         self.task = asyncio.get_running_loop().create_task(settle(), name=f"fastblt {self.id}")
-        return queued
+        return queued if self.log is None else self.log.follow()
+
+    def settled(self, response: dict) -> None:
+        """Keep a background response that failed while it streamed (a stream keeps only answers)."""
+        if self.echo.get("background") and self.store is not None:
+            self._put(self.store, response)
 
     def _put(self, store: ResponseStore, response: dict) -> bool:
         """Keep `response` with the items it answered but those of the response it continued."""
@@ -390,8 +417,10 @@ class ResponsesRequest:
         out = []
         if self._events is None:  # the stream's first body: the Response begins
             self._events = _Events(self)
-            for kind in ("response.created", "response.in_progress"):
-                out.append(self._events.event(kind, response=self.response("in_progress", [], None)))
+            out.append(self._events.event("response.created", response=self.response("in_progress", [], None)))
+        if not self._events.begun:  # (a background one was created queued, before its work began)
+            self._events.begun = True
+            out.append(self._events.event("response.in_progress", response=self.response("in_progress", [], None)))
         out += self._events.end() if body == "[DONE]" else self._events.feed(body)  # type: ignore[arg-type]
         return b"".join(out)
 
@@ -402,6 +431,7 @@ class _Events:
 
     def __init__(self, request: ResponsesRequest):
         self.request, self.seq = request, 0
+        self.begun = False  # response.in_progress said
         self.output: list[dict] = []  # the items, as far as written
         self.text: int | None = None  # the open message item's place in output
         self.calls: dict[int, int] = {}  # chat's call index -> its item's place in output
@@ -413,7 +443,10 @@ class _Events:
     def event(self, kind: str, **fields: Any) -> bytes:
         payload = json.dumps({"type": kind, "sequence_number": self.seq, **fields}, ensure_ascii=False)
         self.seq += 1
-        return f"event: {kind}\ndata: {payload}\n\n".encode()
+        data = f"event: {kind}\ndata: {payload}\n\n".encode()
+        if self.request.log is not None:  # a background stream: its readers follow the log
+            self.request.log.add(data)
+        return data
 
     def feed(self, chunk: dict) -> list[bytes]:
         if "error" in chunk:  # the answer failed after it began: said as an event, then failed
@@ -496,8 +529,9 @@ class _Events:
     def end(self) -> list[bytes]:
         if self.error is not None:
             error = {"code": self.error.get("code") or "server_error", "message": self.error["message"]}
-            return [self.event("response.failed", response=self.request.response("failed", self.output, None,
-                                                                                  error=error))]  # fmt: skip
+            failed = self.request.response("failed", self.output, None, error=error)
+            self.request.settled(failed)
+            return [self.event("response.failed", response=failed)]
         if self.reason is None:  # chat's stream ended without its end: the client left, nothing more to say
             return []
         out = self._text("", []) if not self.output else []  # an empty answer is an empty message, as whole

@@ -467,7 +467,7 @@ def _truncated_alone(reference, items: list[dict]):
 def test_background_responses_are_queued_answered_later_and_may_be_cancelled(server, reference):
     """background: true answers at once with the queued Response; polling reads it in progress and
     then answered as a foreground request would have been; a cancelled one stops (its row freed)
-    and reads cancelled; only background responses are cancelled, and none is streamed."""
+    and reads cancelled; only background responses are cancelled."""
     c = client(server)
     r = c.responses.create(model=MODEL, input=ASK, instructions=INSTRUCTIONS, background=True, max_output_tokens=32,
                            temperature=0)  # fmt: skip
@@ -489,11 +489,92 @@ def test_background_responses_are_queued_answered_later_and_may_be_cancelled(ser
     with pytest.raises(openai.BadRequestError, match="only a background response"):
         c.responses.cancel(foreground.id)
     with pytest.raises(openai.BadRequestError) as e:
-        c.responses.create(model=MODEL, input="x", background=True, stream=True)
-    assert e.value.body["param"] == "background"
-    with pytest.raises(openai.BadRequestError) as e:
         c.responses.create(model=MODEL, input="x", background=True, store=False)
     assert e.value.body["param"] == "background"
+
+
+def test_a_background_stream_goes_on_without_its_client_and_is_read_again_from_any_event(server, reference):
+    """background + stream: the events go on when the client leaves (the answer never waited for
+    it), and GET ?stream=true&starting_after=n reads them on from the next one, while the response
+    runs or after; the events read in two parts are one stream, numbered without a gap, whose text
+    and final Response are what a foreground request gets and what is kept."""
+    c = client(server)
+    first = []
+    with c.responses.create(model=MODEL, input=ASK, instructions=INSTRUCTIONS, background=True, stream=True,
+                            max_output_tokens=48, temperature=0) as events:  # fmt: skip
+        for event in events:
+            first.append(event)
+            if event.type == "response.output_text.delta":
+                break  # the client leaves at its first text
+    rid = first[0].response.id
+    assert [e.type for e in first[:3]] == ["response.created", "response.queued", "response.in_progress"]
+    assert first[0].response.status == "queued" and first[0].response.background is True
+    kept = _polled(c, rid)  # answered with no client reading
+    rest = list(c.responses.retrieve(rid, stream=True, starting_after=first[-1].sequence_number))
+    every = first + rest
+    assert [e.sequence_number for e in every] == list(range(len(every)))
+    want = reference.generate(TEMPLATE.render(MESSAGES), mode="blt-s", max_bytes=48, temperature=0.0, stop=[CHAT_STOP])
+    assert "".join(e.delta for e in every if e.type == "response.output_text.delta") == want.text
+    final = every[-1]
+    assert final.type == f"response.{kept.status}" and final.response.output_text == kept.output_text == want.text
+    with c.responses.stream(response_id=rid) as again:  # the client's own helper, from the first event
+        read = [e.model_dump(exclude={"snapshot", "parsed"}) for e in again]  # (what the helper adds)
+    assert read == [e.model_dump() for e in every]
+
+
+def test_a_background_stream_read_while_it_runs_ends_when_it_is_cancelled(server):
+    """A reader following a running background stream gets its events as they are made; a cancel
+    ends the stream with an error event, and the kept response reads cancelled, its rows freed."""
+    c = client(server)
+    with c.responses.create(model=MODEL, input=ASK, background=True, stream=True, max_output_tokens=16000,
+                            temperature=0, extra_body={"mode": "ar"}) as events:  # fmt: skip
+        rid = next(iter(events)).response.id
+    follower = c.responses.retrieve(rid, stream=True, starting_after=1)
+    seen = []
+    for event in follower:
+        seen.append(event)
+        if event.type == "response.output_text.delta" and len(seen) == 4:
+            assert c.responses.cancel(rid).status == "cancelled"
+    assert seen[0].sequence_number == 2 and seen[0].type == "response.in_progress"
+    assert seen[-1].type == "error" and seen[-1].code == "response_cancelled"
+    assert c.responses.retrieve(rid).status == "cancelled"
+    deadline = time.monotonic() + 10
+    while _occupancy(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _occupancy(server) == 0
+
+
+def test_a_background_stream_that_fails_before_its_text_says_so_in_events_and_is_kept_failed(server):
+    """A run of one byte patches ~1 byte at a time, so 8 KB of it passes the model's 4,096 patches
+    in its prefill: the stream says why (an error naming the field, then response.failed) and the
+    kept response reads failed. What a request is refused for up front is a 400 at once."""
+    c = client(server)
+    with c.responses.create(model=MODEL, input="u" * 8000, background=True, stream=True,
+                            max_output_tokens=8) as events:  # fmt: skip
+        got = list(events)
+    assert [e.type for e in got] == ["response.created", "response.queued", "response.in_progress", "error",
+                                     "response.failed"]  # fmt: skip
+    assert got[3].param == "input" and got[3].code == "context_length_exceeded"
+    assert got[-1].response.status == "failed" and got[-1].response.error.code == "context_length_exceeded"
+    assert c.responses.retrieve(got[0].response.id).status == "failed"
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model=MODEL, input="x", background=True, stream=stream, max_output_tokens=10**6)
+        assert e.value.body["param"] == "max_output_tokens"
+
+
+def test_only_background_streams_are_read_again_and_the_query_is_checked(server):
+    url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
+    foreground = client(server).responses.create(model=MODEL, input="x", max_output_tokens=2)
+    got = httpx.get(f"{url}/v1/responses/{foreground.id}", params={"stream": "true"}, headers=auth)
+    assert got.status_code == 400 and got.json()["error"]["param"] == "stream", got.text
+    for query, param in (({"stream": "yes"}, "stream"), ({"starting_after": "3"}, "starting_after"),
+                         ({"stream": "true", "starting_after": "-1"}, "starting_after")):  # fmt: skip
+        got = httpx.get(f"{url}/v1/responses/{foreground.id}", params=query, headers=auth)
+        assert got.status_code == 400 and got.json()["error"]["param"] == param, (query, got.text)
+    assert httpx.get(f"{url}/v1/responses/resp_none", params={"stream": "true"}, headers=auth).status_code == 404
+    assert httpx.get(f"{url}/v1/responses/{foreground.id}", params={"stream": "false"}, headers=auth).json()[
+        "id"] == foreground.id  # fmt: skip
 
 
 def _polled(c, rid: str, seconds: float = 60):
