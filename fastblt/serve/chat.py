@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -166,11 +167,14 @@ def parse_chat(body: dict, model_id: str, default_mode: str, template: ChatTempl
     formatted = "format" in options or "pattern" in options or "grammar" in options
     if tools is not None and tools.none and formatted:  # a formatted answer, and no call in it
         tools = dataclasses.replace(tools, calls=None)
-    if tools is not None and (tools.schema or tools.calls):  # calls may come: they are held to their schema
+    if tools is not None and (tools.schema or tools.calls or tools.custom):  # calls come: held to their format
         if formatted:
             raise ApiError(400, f"{format_field}: a format cannot be combined with tool calls (tool_choice holds the "
                            "answer to the calls' format)", format_field)  # fmt: skip
-        if tools.calls is not None:
+        if tools.custom is not None:
+            options |= dict(tools.custom_format)
+            shape = CustomShape(tools.custom)
+        elif tools.calls is not None:
             options["calls"] = tools.calls
             shape = TaggedShape(template.tags, tools.named)  # type: ignore[arg-type]
         else:
@@ -361,6 +365,38 @@ class ToolShape(ChatShape):
         """How many calls a streamed choice has closed so far."""
         reader = self.readers.get(index)
         return 0 if reader is None else reader.closed
+
+
+class CustomShape(ChatShape):
+    """How an answer that calls a custom tool looks (tool_choice named it): its whole text is the
+    call's `input`, the message's one `tool_calls` entry of type "custom" (and no content);
+    streamed, the entry's first delta carries its id and name, later ones more of its input.
+    finish_reason "stop" (a named choice's), or "length". One per request: it holds each choice's
+    call id."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.ids: dict[int, str] = {}
+
+    def _id(self, index: int) -> str:
+        return self.ids.setdefault(index, f"call_{uuid.uuid4().hex[:24]}")
+
+    def choice(self, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
+        call = {"id": self._id(index), "type": "custom", "custom": {"name": self.name, "input": text}}
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+
+    def delta(self, text: str, reason: str | None, index: int, logprobs: dict | None, first: bool) -> dict:
+        delta: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
+        if first:
+            delta["tool_calls"] = [{"index": 0, "id": self._id(index), "type": "custom",
+                                    "custom": {"name": self.name, "input": text}}]  # fmt: skip
+        elif text:
+            delta["tool_calls"] = [{"index": 0, "custom": {"input": text}}]
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    def calls(self, index: int) -> int:
+        return 1
 
 
 class TaggedShape(ToolShape):

@@ -1,9 +1,10 @@
 """OpenAI's Responses API (POST /v1/responses), answered by the chat path.
 
 A Responses body becomes a chat completions body (`input` items -> messages, `instructions` -> a
-system message first, `text.format` -> response_format, function tools -> chat tools), chat.py
-and the engine answer it as they answer chat, and the answer becomes a Response: an output
-`message` of `output_text`, then a `function_call` item per call. Streamed, the chat chunks
+system message first, `text.format` -> response_format, function and custom tools -> chat
+tools), chat.py and the engine answer it as they answer chat, and the answer becomes a Response:
+an output `message` of `output_text`, then a `function_call` item per call (or one
+`custom_tool_call`, for a custom tool tool_choice names). Streamed, the chat chunks
 become Responses events (response.created, output items and their text deltas, call arguments,
 response.completed), numbered by `sequence_number`. Errors name the Responses field.
 
@@ -65,11 +66,17 @@ LOGPROBS = "message.output_text.logprobs"
 # what `include` may name: logprobs, and reasoning's encrypted content (there is none to include)
 INCLUDE = (LOGPROBS, "reasoning.encrypted_content")
 ROLES = ("user", "system", "developer", "assistant")
+TOOL_FIELDS = {"function": {"type", "name", "description", "parameters", "strict"},
+               "custom": {"type", "name", "description", "format"}}  # fmt: skip
 LEADING = ("system", "developer")  # roles of the messages truncation keeps at the start
 TRUNCATION = ("disabled", "auto")
 ITEM_FIELDS = {"message": {"type", "role", "content", "id", "status"},
                "function_call": {"type", "call_id", "name", "arguments", "id", "status"},
-               "function_call_output": {"type", "call_id", "output", "id", "status"}}  # fmt: skip
+               "function_call_output": {"type", "call_id", "output", "id", "status"},
+               "custom_tool_call": {"type", "call_id", "name", "input", "id", "status"},
+               "custom_tool_call_output": {"type", "call_id", "output", "id", "status"}}  # fmt: skip
+ITEM_IDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "custom_tool_call": "ctc",
+            "custom_tool_call_output": "ctco"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -331,7 +338,10 @@ class ResponsesRequest:
             logprobs = (choice.get("logprobs") or {}).get("content")
             output.append(_message(message["content"] or "", "completed", logprobs))
         for call in message.get("tool_calls") or ():
-            output.append(_call(call["id"], call["function"]["name"], call["function"]["arguments"], "completed"))
+            if call["type"] == "custom":
+                output.append(_custom_call(call["id"], call["custom"]["name"], call["custom"]["input"]))
+            else:
+                output.append(_call(call["id"], call["function"]["name"], call["function"]["arguments"], "completed"))
         status, reason = _status(choice["finish_reason"])
         return self.kept(self.response(status, output, chat["usage"], reason))
 
@@ -501,19 +511,22 @@ class _Events:
                 self.event("response.output_item.done", output_index=at, item=item)]  # fmt: skip
 
     def _call(self, entry: dict) -> list[bytes]:
-        out = []
+        """A chat `tool_calls` entry: a function's (its arguments grow) or a custom tool's (its input)."""
+        out, custom = [], "custom" in entry
+        spec, said = (entry["custom"], "input") if custom else (entry["function"], "arguments")
         if entry["index"] not in self.calls:  # a call's first entry: its id and name
             out += self._close_text() + self._close_call()
             self.open_call = self.calls[entry["index"]] = len(self.output)
-            item = _call(entry["id"], entry["function"]["name"], "", "in_progress")
+            item = _custom_call(entry["id"], spec["name"], "") if custom else _call(entry["id"], spec["name"], "",
+                                                                                    "in_progress")  # fmt: skip
             self.output.append(item)
             out.append(self.event("response.output_item.added", output_index=self.open_call, item=dict(item)))
         at = self.calls[entry["index"]]
-        if arguments := entry["function"].get("arguments"):
+        if piece := spec.get(said):
             item = self.output[at]
-            item["arguments"] += arguments
-            out.append(self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=at,
-                                  delta=arguments))  # fmt: skip
+            item[said] += piece
+            kind = "response.custom_tool_call_input.delta" if custom else "response.function_call_arguments.delta"
+            out.append(self.event(kind, item_id=item["id"], output_index=at, delta=piece))
         return out
 
     def _close_call(self) -> list[bytes]:
@@ -521,10 +534,14 @@ class _Events:
             return []
         at, item = self.open_call, self.output[self.open_call]
         self.open_call = None
-        item["status"] = "incomplete" if self.reason == "length" else "completed"
-        return [self.event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
-                           name=item["name"], arguments=item["arguments"]),
-                self.event("response.output_item.done", output_index=at, item=item)]  # fmt: skip
+        if item["type"] == "custom_tool_call":  # (OpenAI's custom calls have no status)
+            done = self.event("response.custom_tool_call_input.done", item_id=item["id"], output_index=at,
+                              input=item["input"])  # fmt: skip
+        else:
+            item["status"] = "incomplete" if self.reason == "length" else "completed"
+            done = self.event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
+                              name=item["name"], arguments=item["arguments"])  # fmt: skip
+        return [done, self.event("response.output_item.done", output_index=at, item=item)]
 
     def end(self) -> list[bytes]:
         if self.error is not None:
@@ -587,6 +604,11 @@ def _call(call_id: str, name: str, arguments: str, status: str) -> dict:
             "arguments": arguments, "status": status}  # fmt: skip
 
 
+def _custom_call(call_id: str, name: str, text: str) -> dict:
+    return {"type": "custom_tool_call", "id": f"ctc_{uuid.uuid4().hex}", "call_id": call_id, "name": name,
+            "input": text}  # fmt: skip
+
+
 def _usage(chat: dict) -> dict:
     """Chat's usage (bytes) as a Response's."""
     return {"input_tokens": chat["prompt_tokens"],
@@ -624,13 +646,12 @@ def _items(given: Any) -> list[dict]:
     if not isinstance(given, list) or not given:
         got = "an empty list" if given == [] else json_kind(given)
         raise ApiError(400, f"input: expected a string or a non-empty list of items, got {got}", "input")
-    prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
     out = []
     for item in given:
         if isinstance(item, dict) and "id" not in item:
             kind = item.get("type", "message")
             known = isinstance(kind, str) and kind in ITEM_FIELDS
-            item = {"id": f"{prefix[kind] if known else 'item'}_{uuid.uuid4().hex}", **item}
+            item = {"id": f"{ITEM_IDS[kind] if known else 'item'}_{uuid.uuid4().hex}", **item}
         out.append(item)
     return out
 
@@ -672,8 +693,8 @@ def _messages(items: list[dict], kept: int = 0, name: str = "input") -> list[dic
             raise ApiError(400, f"{where}: expected an object, got {json_kind(item)}", where)
         kind = item.get("type", "message")
         if not isinstance(kind, str) or kind not in ITEM_FIELDS:
-            raise ApiError(400, f"{where}.type: {kind!r:.40} is not served (message, function_call, "
-                           "function_call_output)", f"{where}.type")  # fmt: skip
+            raise ApiError(400, f"{where}.type: {kind!r:.40} is not served ({', '.join(ITEM_FIELDS)})",
+                           f"{where}.type")  # fmt: skip
         check_fields(item, ITEM_FIELDS[kind], {}, f"{where}.")
         if kind == "message":
             role = get_field(item, "role", str, required=True, label=f"{where}.role")
@@ -682,10 +703,10 @@ def _messages(items: list[dict], kept: int = 0, name: str = "input") -> list[dic
             kinds = ("output_text", "refusal") if role == "assistant" else ("input_text",)
             text = _content(item.get("content"), f"{where}.content", kinds)
             messages.append({"role": role, "content": text})
-        elif kind == "function_call":
-            names = {f: _text(item.get(f), f"{where}.{f}") for f in ("call_id", "name", "arguments")}
-            call = {"id": names["call_id"], "type": "function",
-                    "function": {"name": names["name"], "arguments": names["arguments"]}}  # fmt: skip
+        elif kind in ("function_call", "custom_tool_call"):
+            chat_kind, said = ("function", "arguments") if kind == "function_call" else ("custom", "input")
+            names = {f: _text(item.get(f), f"{where}.{f}") for f in ("call_id", "name", said)}
+            call = {"id": names["call_id"], "type": chat_kind, chat_kind: {"name": names["name"], said: names[said]}}
             if messages and messages[-1]["role"] == "assistant":  # the answer's text, or its calls so far
                 messages[-1].setdefault("tool_calls", []).append(call)
             else:
@@ -710,34 +731,42 @@ def _format(fmt: Any) -> dict:
 
 
 def _tools(tools: Any) -> list[dict]:
-    """Function tools as chat lists them ({"type": "function", "function": {...}})."""
+    """Function and custom tools as chat lists them ({"type": "function", "function": {...}},
+    {"type": "custom", "custom": {...}}: a grammar format's syntax and definition in its `grammar`)."""
     if not isinstance(tools, list):
         raise ApiError(400, f"tools: expected a list of tools, got {json_kind(tools)}", "tools")
     out = []
     for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else json_kind(tool)
-            raise ApiError(400, f"tools[{i}].type: only function tools are served, got {kind!r:.40}", f"tools[{i}]")
-        check_fields(tool, {"type", "name", "description", "parameters", "strict"}, {}, f"tools[{i}].")
-        out.append({"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}})
+        kind = tool.get("type") if isinstance(tool, dict) else json_kind(tool)
+        if kind not in TOOL_FIELDS:
+            raise ApiError(400, f"tools[{i}].type: only function and custom tools are served, got {kind!r:.40}",
+                           f"tools[{i}]")  # fmt: skip
+        check_fields(tool, TOOL_FIELDS[kind], {}, f"tools[{i}].")
+        spec = {k: v for k, v in tool.items() if k != "type"}
+        fmt = spec.get("format")
+        if kind == "custom" and isinstance(fmt, dict) and fmt.get("type") == "grammar":
+            spec["format"] = {"type": "grammar", "grammar": {k: v for k, v in fmt.items() if k != "type"}}
+        out.append({"type": kind, kind: spec})
     return out
 
 
 def _tool_choice(choice: Any) -> Any:
-    if isinstance(choice, dict) and choice.get("type") == "function" and set(choice) == {"type", "name"}:
-        return {"type": "function", "function": {"name": choice["name"]}}
+    if isinstance(choice, dict) and choice.get("type") in TOOL_FIELDS and set(choice) == {"type", "name"}:
+        return {"type": choice["type"], choice["type"]: {"name": choice["name"]}}
     if choice in ("auto", "none", "required"):
         return choice
-    raise ApiError(400, 'tool_choice: expected "auto", "none", "required" or {"type": "function", "name": ...}',
-                   "tool_choice")  # fmt: skip
+    raise ApiError(400, 'tool_choice: expected "auto", "none", "required", {"type": "function", "name": ...} or '
+                   '{"type": "custom", "name": ...}', "tool_choice")  # fmt: skip
 
 
 _CHAT_NAMES = ((re.compile(r"messages(\[\d+\])?(\.[\w.\[\]]+)?"), "input"),
                (re.compile(r"max_completion_tokens|max_tokens"), "max_output_tokens"),
                (re.compile(r"response_format(\.json_schema)?"), "text.format"),
-               (re.compile(r"(tools\[\d+\])\.function"), r"\1"),
+               (re.compile(r"(tools\[\d+\])\.(function|custom)"), r"\1"),
                (re.compile(r"logprobs"), "include"))  # fmt: skip
-_CHAT_CHOICE = '{"type": "function", "function": {"name": ...}}'  # chat's named tool_choice, as its errors write it
+# chat's named tool_choices, as its errors write them, and as a Responses body writes them
+_CHAT_CHOICES = (('{"type": "function", "function": {"name": ...}}', '{"type": "function", "name": ...}'),
+                 ('{"type": "custom", "custom": {"name": ...}}', '{"type": "custom", "name": ...}'))  # fmt: skip
 
 
 def _responses_name(path: str) -> str:
@@ -753,5 +782,7 @@ def _renamed(e: ApiError) -> ApiError:
     head, sep, rest = e.message.partition(": ")
     message = (_responses_name(head) + sep + rest) if sep and " " not in head else e.message
     e.param = None if e.param is None else _responses_name(e.param)
-    e.message = message.replace(_CHAT_CHOICE, '{"type": "function", "name": ...}')
+    for chat, own in _CHAT_CHOICES:
+        message = message.replace(chat, own)
+    e.message = message
     return e

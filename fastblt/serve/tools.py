@@ -18,6 +18,10 @@ held like the above, closed by the end text; "auto" (OpenAI's default with tools
 decide, "required" and a named function lead with a call, "none" keeps the start text out.
 Without tags "auto" is refused by name: fastblt does not guess whether free text is a call. The
 template is where a model is told the format; docs/serving.md shows one that does.
+
+A custom tool (`{"type": "custom", ...}`) takes text: when tool_choice names it, the whole answer
+is its call's input, held to its format's grammar (Lark's, or a regex: DecodeOptions.grammar /
+pattern) or free; with custom tools listed, "auto" and "required" are refused by name.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ from fastblt.serve.api import ApiError, get_field, json_kind
 MAX_TOOLS = 128  # OpenAI's limit
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
 FUNCTION_FIELDS = {"name", "description", "parameters", "strict"}
+CUSTOM_FIELDS = {"name", "description", "format"}
+# a custom tool's grammar syntax -> the option that holds its input to it, and that option's compiler
+SYNTAXES: dict[str, tuple[str, Callable[[str], Any]]] = {"lark": ("grammar", grammar.derived),
+                                                         "regex": ("pattern", grammar.matching)}  # fmt: skip
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # OpenAI's reading of none
 
 
@@ -60,6 +68,8 @@ class Tools:
     named: bool = False  # a named choice: OpenAI's finish_reason is then "stop", not "tool_calls"
     calls: str | None = None
     none: bool = False  # tool_choice "none": `calls`, if any, only keeps the start text out
+    custom: str | None = None  # a custom tool tool_choice names: the answer is its call's input
+    custom_format: tuple[tuple[str, str], ...] = ()  # the options that hold that input (its grammar)
 
 
 def parse_tools(body: dict, tags: CallTags | None = None) -> Tools | None:
@@ -73,8 +83,19 @@ def parse_tools(body: dict, tags: CallTags | None = None) -> Tools | None:
             raise ApiError(400, f"tool_choice: {json.dumps(choice)[:60]} asks for a call, but the request has no "
                            "tools", "tool_choice")  # fmt: skip
         return None
-    functions = _functions(listed)
+    functions, customs = _functions(listed)
     choice = "auto" if choice is None else choice
+    if isinstance(choice, dict) and choice.get("type") == "custom":
+        name = _named_custom(choice)
+        if name not in customs:
+            raise ApiError(400, f"tool_choice: custom tool {name!r} is not one of the tools "
+                           f"({', '.join(customs) or 'none is custom'})", "tool_choice")  # fmt: skip
+        return Tools(_for_template(listed), named=True, custom=name, custom_format=customs[name])
+    if customs and choice in ("auto", "required"):
+        raise ApiError(400, f"tool_choice: a custom tool ({', '.join(customs)}) is called only when tool_choice names "
+                       f'it ({{"type": "custom", "custom": {{"name": ...}}}}); "{choice}" would choose among function '
+                       "tools only", "tool_choice")  # fmt: skip
+    listed = _for_template(listed)
     if choice == "auto" and tags is None:
         raise ApiError(400, 'tool_choice: "auto" (OpenAI\'s default when tools are given) needs the text that '
                        "starts a call in the template's format (this server has no --tool-call-start); send "
@@ -115,29 +136,34 @@ def _checked(schema: dict, compile: Callable[[str], Any] = grammar.compiled) -> 
     return text
 
 
-def _functions(listed: Any) -> dict[str, dict]:
-    """`tools` -> {name: parameters schema}, each checked as the grammar will hold it."""
+def _functions(listed: Any) -> tuple[dict[str, dict], dict[str, tuple[tuple[str, str], ...]]]:
+    """`tools` -> ({name: parameters schema} of the functions, each checked as the grammar will
+    hold it; {name: the options that hold its input} of the custom tools, their grammars compiled)."""
     if not isinstance(listed, list):
         raise ApiError(400, f"tools: expected a list of tools, got {json_kind(listed)}", "tools")
     if len(listed) > MAX_TOOLS:
         raise ApiError(400, f"tools: at most {MAX_TOOLS} tools, got {len(listed)}", "tools")
     functions: dict[str, dict] = {}
+    customs: dict[str, tuple[tuple[str, str], ...]] = {}
     for i, tool in enumerate(listed):
         where = f"tools[{i}]"
-        if not isinstance(tool, dict) or tool.get("type") != "function" or set(tool) != {"type", "function"}:
-            raise ApiError(400, f'{where}: expected {{"type": "function", "function": {{...}}}}, got '
-                           f"{json.dumps(tool)[:60]}", "tools")  # fmt: skip
-        spec = tool["function"]
-        if not isinstance(spec, dict) or set(spec) - FUNCTION_FIELDS:
-            fields = ", ".join(sorted(FUNCTION_FIELDS))
-            raise ApiError(400, f"{where}.function: expected an object of {fields}", "tools")
-        name = get_field(spec, "name", str, required=True, label=f"{where}.function.name")
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in ("function", "custom") or set(tool) != {"type", kind}:
+            raise ApiError(400, f'{where}: expected {{"type": "function", "function": {{...}}}} or {{"type": "custom", '
+                           f'"custom": {{...}}}}, got {json.dumps(tool)[:60]}', "tools")  # fmt: skip
+        spec, fields = tool[kind], FUNCTION_FIELDS if kind == "function" else CUSTOM_FIELDS
+        if not isinstance(spec, dict) or set(spec) - fields:
+            raise ApiError(400, f"{where}.{kind}: expected an object of {', '.join(sorted(fields))}", "tools")
+        name = get_field(spec, "name", str, required=True, label=f"{where}.{kind}.name")
         if not NAME.fullmatch(name):
-            raise ApiError(400, f"{where}.function.name: {name[:80]!r} is not 1 to 64 letters, digits, _ or -",
+            raise ApiError(400, f"{where}.{kind}.name: {name[:80]!r} is not 1 to 64 letters, digits, _ or -",
                            "tools")  # fmt: skip
-        if name in functions:
-            raise ApiError(400, f"{where}.function.name: {name!r} is named twice", "tools")
-        get_field(spec, "description", str, label=f"{where}.function.description")
+        if name in functions or name in customs:
+            raise ApiError(400, f"{where}.{kind}.name: {name!r} is named twice", "tools")
+        get_field(spec, "description", str, label=f"{where}.{kind}.description")
+        if kind == "custom":
+            customs[name] = _custom_format(spec.get("format"), f"{where}.custom.format")
+            continue
         get_field(spec, "strict", bool, label=f"{where}.function.strict")  # held strictly either way
         parameters = spec.get("parameters")
         parameters = NO_PARAMETERS if parameters is None else parameters
@@ -147,7 +173,45 @@ def _functions(listed: Any) -> dict[str, dict]:
             message = str(e).replace("option schema", f"{where}.function.parameters", 1)
             raise ApiError(400, message, "tools") from None
         functions[name] = parameters
-    return functions
+    return functions, customs
+
+
+def _custom_format(fmt: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """A custom tool's `format` -> the options that hold its input: none for text (the default),
+    `grammar` for a Lark grammar, `pattern` for a regular expression; compiled here, so that what
+    they cannot hold names the tool."""
+    if fmt is None or fmt == {"type": "text"}:
+        return ()
+    ok = isinstance(fmt, dict) and set(fmt) == {"type", "grammar"} and fmt["type"] == "grammar"
+    spec = fmt["grammar"] if ok else None
+    if not isinstance(spec, dict) or set(spec) != {"syntax", "definition"}:
+        raise ApiError(400, f'{where}: expected {{"type": "text"}} or {{"type": "grammar", "grammar": {{"syntax": '
+                       f'"lark" or "regex", "definition": str}}}}, got {json.dumps(fmt)[:80]}', "tools")  # fmt: skip
+    syntax, definition = spec["syntax"], spec["definition"]
+    if syntax not in SYNTAXES or not isinstance(definition, str):
+        raise ApiError(400, f'{where}.grammar: expected "syntax" lark or regex and a "definition" string', "tools")
+    option, compile_ = SYNTAXES[syntax]
+    try:
+        compile_(definition)
+    except InputError as e:
+        raise ApiError(400, f"{where}.grammar.definition: {str(e).partition(': ')[2]}", "tools") from None
+    return ((option, definition),)
+
+
+def _for_template(listed: list[dict]) -> list[dict]:
+    """The tools as a chat template reads them: a custom tool also as a `function` of its name and
+    description, so that a template written for function tools lists it."""
+    return [t if t["type"] == "function" else {**t, "function": {k: t["custom"][k] for k in ("name", "description")
+                                                                 if k in t["custom"]}} for t in listed]  # fmt: skip
+
+
+def _named_custom(choice: dict) -> str:
+    spec = choice.get("custom")
+    if set(choice) != {"type", "custom"} or not isinstance(spec, dict) or set(spec) != {"name"} or not isinstance(
+            spec["name"], str):  # fmt: skip
+        raise ApiError(400, f'tool_choice: expected {{"type": "custom", "custom": {{"name": ...}}}}, got '
+                       f"{json.dumps(choice)[:60]}", "tool_choice")  # fmt: skip
+    return spec["name"]
 
 
 def _named(choice: Any) -> str:
@@ -398,6 +462,9 @@ def call_message(m: dict, where: str) -> list[dict]:
     out = []
     for j, call in enumerate(calls):
         at = f"{where}.tool_calls[{j}]"
+        if isinstance(call, dict) and call.get("type") == "custom":
+            out.append(_custom_call(call, at, f"{where}.tool_calls"))
+            continue
         spec = call.get("function") if isinstance(call, dict) else None
         if (not isinstance(spec, dict) or call.get("type", "function") != "function" or set(call) - {"id", "type",
                 "function"} or set(spec) != {"name", "arguments"} or not isinstance(spec["name"], str)
@@ -414,3 +481,16 @@ def call_message(m: dict, where: str) -> list[dict]:
         out.append({"id": call.get("id"), "type": "function",
                     "function": {"name": spec["name"], "arguments": arguments}})  # fmt: skip
     return out
+
+
+def _custom_call(call: dict, at: str, param: str) -> dict:
+    """A custom tool's call passed back, as a chat template reads it: as given, and also as a
+    `function` whose arguments are its input (for templates written for function calls)."""
+    spec = call.get("custom")
+    if set(call) - {"id", "type", "custom"} or not isinstance(spec, dict) or set(spec) != {"name", "input"} or not all(
+            isinstance(v, str) for v in spec.values()):  # fmt: skip
+        raise ApiError(400, f'{at}: expected {{"id": str, "type": "custom", "custom": {{"name": str, "input": str}}}}',
+                       param)  # fmt: skip
+    get_field(call, "id", str, label=f"{at}.id")
+    return {"id": call.get("id"), "type": "custom", "custom": dict(spec),
+            "function": {"name": spec["name"], "arguments": spec["input"]}}  # fmt: skip

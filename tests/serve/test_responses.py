@@ -619,3 +619,39 @@ def test_refusals_are_4xx_counted_under_responses_and_the_server_stays_up(server
     assert r.status_code == 400 and r.json()["error"]["param"] == "text.format", r.text
     assert httpx.post(f"{url}/v1/responses", json={"model": MODEL, "input": "x"}).status_code == 401
     assert counted("400") - before == 3 and httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_named_custom_tool_answers_with_a_custom_tool_call_item_streamed_as_openais(server, reference):
+    """A custom tool (a grammar format, Lark's or a regex) named by tool_choice: the output is one
+    custom_tool_call whose input is chat's (the Generator's text under the grammar); streamed, its
+    input comes in custom_tool_call_input deltas; passed back with its output, the next turn is
+    answered."""
+    c, ask = client(server), "is os.path.join pure? answer yes or no"
+    tool = {"type": "custom", "name": "answer", "description": "yes or no, and a percentage",
+            "format": {"type": "grammar", "syntax": "regex", "definition": r"(yes|no), \d{1,3}%"}}  # fmt: skip
+    opts = dict(model=MODEL, input=ask, tools=[tool], tool_choice={"type": "custom", "name": "answer"},
+                max_output_tokens=40, temperature=0)  # fmt: skip
+    r = c.responses.create(**opts)
+    listed = [{"type": "custom", "custom": {k: v for k, v in tool.items() if k != "type"},
+               "function": {"name": "answer", "description": tool["description"]}}]  # fmt: skip
+    want = reference.generate(TEMPLATE.render([{"role": "user", "content": ask}], listed), mode="blt-s", max_bytes=40,
+                              temperature=0.0, pattern=r"(yes|no), \d{1,3}%", stop=[CHAT_STOP])  # fmt: skip
+    (call,) = r.output
+    assert (call.type, call.name, call.input, r.status) == ("custom_tool_call", "answer", want.text, "completed")
+    assert re.fullmatch(r"(yes|no), \d{1,3}%", call.input) and call.call_id.startswith("call_")
+    with c.responses.stream(**opts) as stream:
+        events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[2] == "response.output_item.added" and events[2].item.type == "custom_tool_call"
+    assert kinds[-3:] == ["response.custom_tool_call_input.done", "response.output_item.done", "response.completed"]
+    deltas = [e.delta for e in events if e.type == "response.custom_tool_call_input.delta"]
+    assert "".join(deltas) == events[-3].input == events[-1].response.output[0].input == want.text
+    back = [{"type": "custom_tool_call", "call_id": call.call_id, "name": "answer", "input": call.input},
+            {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "noted"}]  # fmt: skip
+    then = c.responses.create(
+        model=MODEL, previous_response_id=r.id, input=back[1:], max_output_tokens=4, temperature=0
+    )
+    again = c.responses.create(
+        model=MODEL, input=[{"role": "user", "content": ask}, *back], max_output_tokens=4, temperature=0
+    )
+    assert then.status == again.status == "incomplete" and then.output_text == again.output_text

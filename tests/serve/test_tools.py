@@ -470,3 +470,79 @@ def test_auto_answers_are_the_generators_free_text_with_calls(tagged_server, ref
         assert len(streamed) == len(got) + (ch.finish_reason == "length" and len(streamed) > len(got))
         seen.add((bool(content), bool(calls)))
     assert (False, True) in seen and (True, True) in seen  # a call at once, and text before one
+
+
+# ---------------------------------------------------------------------------- custom tools
+CALL_GRAMMAR = 'start: NAME "(" [NAME (", " NAME)*] ")"\nNAME: /[a-z_]+/'
+CUSTOM = {"type": "custom", "custom": {"name": "run", "description": "a call, in Python", "format": {
+    "type": "grammar", "grammar": {"syntax": "lark", "definition": CALL_GRAMMAR}}}}  # fmt: skip
+RUN = {"type": "custom", "custom": {"name": "run"}}
+
+
+def test_a_named_custom_tool_holds_the_answer_to_its_grammar_and_is_listed_for_the_template():
+    comp = parse(tools=[*TOOLS, CUSTOM], tool_choice=RUN)
+    assert comp.options["grammar"] == CALL_GRAMMAR and "schema" not in comp.options and "pattern" not in comp.options
+    assert comp.prompts == ["# tools: get_weather, get_time, run\n>>> the weather in Paris, in celsius\n"]
+    regex = {"type": "custom", "custom": {"name": "run", "format": {"type": "grammar", "grammar": {
+        "syntax": "regex", "definition": "[a-z]+\\(\\)"}}}}  # fmt: skip
+    assert parse(tools=[regex], tool_choice=RUN).options["pattern"] == "[a-z]+\\(\\)"
+    free = parse(tools=[{"type": "custom", "custom": {"name": "run"}}], tool_choice=RUN)  # text: no grammar on it
+    assert not {"grammar", "pattern", "format"} & set(free.options) and type(free.shape).__name__ == "CustomShape"
+    assert parse(tools=[*TOOLS, CUSTOM], tool_choice={"type": "function", "function": {"name": "get_time"}}).options[
+        "schema"]  # a function may still be named beside a custom tool  # fmt: skip
+    call = {"id": "call_1", "type": "custom", "custom": {"name": "run", "input": "main()"}}
+    messages = [*MESSAGES, {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "tool_call_id": "call_1",
+                                                                         "content": "0"}]  # fmt: skip
+    (prompt,) = parse(tools=[CUSTOM], messages=messages, tool_choice="none").prompts
+    assert prompt.endswith('{"tool_calls": [{"name": "run", "arguments": "main()"}]}\n# call_1 -> 0\n')
+
+
+@pytest.mark.parametrize(
+    "fields, param, says",
+    [
+        ({"tools": [CUSTOM]}, "tool_choice", "called only when tool_choice names it"),
+        ({"tools": [*TOOLS, CUSTOM], "tool_choice": "auto"}, "tool_choice", "called only when"),
+        ({"tools": [CUSTOM], "tool_choice": {"type": "custom", "custom": {"name": "nope"}}}, "tool_choice",
+         "not one of the tools"),
+        ({"tools": [CUSTOM], "tool_choice": {"type": "custom", "name": "run"}}, "tool_choice", "expected"),
+        ({"tools": [TOOLS[1]], "tool_choice": RUN}, "tool_choice", "none is custom"),
+        ({"tools": [{"type": "custom", "custom": {"name": "run", "format": {"type": "lark"}}}], "tool_choice": RUN},
+         "tools", "tools[0].custom.format: expected"),
+        ({"tools": [{"type": "custom", "custom": {"name": "run", "format": {"type": "grammar", "grammar": {
+            "syntax": "ebnf", "definition": "x"}}}}], "tool_choice": RUN}, "tools", "syntax"),
+        ({"tools": [{"type": "custom", "custom": {"name": "run", "format": {"type": "grammar", "grammar": {
+            "syntax": "lark", "definition": "start: x"}}}}], "tool_choice": RUN}, "tools",
+         "tools[0].custom.format.grammar.definition: rule x is used but not defined"),
+        ({"tools": [{"type": "custom", "custom": {"name": "run", "inputs": {}}}], "tool_choice": RUN}, "tools",
+         "tools[0].custom: expected an object of description, format, name"),
+        ({"tools": [CUSTOM, {"type": "function", "function": {"name": "run"}}], "tool_choice": RUN}, "tools",
+         "named twice"),
+        ({"tools": [CUSTOM], "tool_choice": RUN, "response_format": {"type": "json_object"}}, "response_format",
+         "tool calls"),
+        ({"messages": [{"role": "assistant", "tool_calls": [{"type": "custom", "custom": {"name": "run"}}]}]},
+         "messages[0].tool_calls", '"input": str'),
+    ],
+)  # fmt: skip
+def test_custom_tools_and_their_choices_are_checked_by_field(fields, param, says):
+    with pytest.raises(ApiError) as e:
+        parse(**fields)
+    assert e.value.status == 400 and e.value.param == param and says in e.value.message, e.value.message
+
+
+def test_a_named_custom_tool_is_called_with_the_generators_text_under_its_grammar(server, reference):
+    """The call's input is the Generator's answer under the tool's grammar, streamed or not (its
+    first delta names the call, the rest add to its input); finish_reason "stop", a named choice's."""
+    c, messages = client(server), [{"role": "user", "content": "call main with args and kwargs"}]
+    want = reference.generate(TEMPLATE.render(messages, [CUSTOM | {"function": {"name": "run"}}]), mode="blt-s",
+                              max_bytes=60, temperature=0.0, grammar=CALL_GRAMMAR, stop=[CHAT_STOP])  # fmt: skip
+    assert want.stop_reason == "eos" and re.fullmatch(r"[a-z_]+\(([a-z_]+(, [a-z_]+)*)?\)", want.text)
+    opts = dict(model=MODEL, messages=messages, tools=[CUSTOM], tool_choice=RUN, max_tokens=60, temperature=0)
+    r = c.chat.completions.create(**opts)
+    (call,) = r.choices[0].message.tool_calls
+    assert (call.type, call.custom.name, call.custom.input) == ("custom", "run", want.text)
+    assert r.choices[0].finish_reason == "stop"
+    entries = [t.model_dump() for x in c.chat.completions.create(stream=True, **opts)
+               for t in x.choices[0].delta.tool_calls or ()]  # fmt: skip
+    assert entries[0]["id"].startswith("call_") and entries[0]["type"] == "custom"
+    assert entries[0]["custom"]["name"] == "run" and {t["index"] for t in entries} == {0}
+    assert "".join(t["custom"]["input"] for t in entries) == want.text
