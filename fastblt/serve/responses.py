@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -151,6 +152,8 @@ class ResponsesRequest:
         self.streamed = False
         self.task: asyncio.Task | None = None  # a background response's work
         self.log: EventLog | None = None  # a background stream's events, as they are made
+        self._ended: str | None = None  # the status that had the last word (claim)
+        self._ending = threading.Lock()
         self._whole: tuple[dict, Completion] | None = None  # chat's body and Completion, untruncated
         self._limit: int | None = None  # the bytes the prompt and answer were fitted under
         self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
@@ -343,7 +346,18 @@ class ResponsesRequest:
             else:
                 output.append(_call(call["id"], call["function"]["name"], call["function"]["arguments"], "completed"))
         status, reason = _status(choice["finish_reason"])
-        return self.kept(self.response(status, output, chat["usage"], reason))
+        response = self.response(status, output, chat["usage"], reason)
+        return self.kept(response) if self.claim(status) else response
+
+    def claim(self, status: str) -> bool:
+        """Whether `status` is the response's last word: true for the first of its answer, a
+        failure and a cancel to claim it (a background response's cancel may land while its
+        answer's last frame is written on another thread: one of them wins, never both)."""
+        with self._ending:
+            if self._ended is not None:
+                return False
+            self._ended = status
+            return True
 
     def kept(self, response: dict) -> dict:
         """`response`, kept in the store when the request asked for it (and it fits); its input
@@ -372,7 +386,8 @@ class ResponsesRequest:
 
         def fail(error: dict) -> None:
             if self.log is None:
-                keep("failed", error)
+                if self.claim("failed"):
+                    keep("failed", error)
             else:  # as a stream fails: an error event, then response.failed (which keeps the failed Response)
                 self.frame({"error": error})
                 self.frame("[DONE]")
@@ -382,11 +397,12 @@ class ResponsesRequest:
             try:
                 await work
             except asyncio.CancelledError:
-                keep("cancelled")
-                if self._events is not None:
-                    self._events.event("error", code="response_cancelled", param=None,
-                                       message=f"response {self.id}: cancelled (POST /v1/responses/{self.id}/cancel, "
-                                       "or the server stopped)")  # fmt: skip
+                if self.claim("cancelled"):
+                    keep("cancelled")
+                    if self._events is not None:
+                        self._events.event("error", code="response_cancelled", param=None,
+                                           message=f"response {self.id}: cancelled (POST /v1/responses/{self.id}/"
+                                           "cancel, or the server stopped)")  # fmt: skip
             except ApiError as e:
                 fail({"code": e.code or "server_error", "message": e.message, "param": e.param})
             except Exception as e:  # noqa: BLE001 (a bug: said in the response, as a 500 would say it)
@@ -545,15 +561,18 @@ class _Events:
 
     def end(self) -> list[bytes]:
         if self.error is not None:
+            if not self.request.claim("failed"):
+                return []
             error = {"code": self.error.get("code") or "server_error", "message": self.error["message"]}
             failed = self.request.response("failed", self.output, None, error=error)
             self.request.settled(failed)
             return [self.event("response.failed", response=failed)]
-        if self.reason is None:  # chat's stream ended without its end: the client left, nothing more to say
+        status, reason = _status(self.reason or "stop")
+        # chat's stream ended without its end (the client left), or a cancel had the last word
+        if self.reason is None or not self.request.claim(status):
             return []
         out = self._text("", []) if not self.output else []  # an empty answer is an empty message, as whole
         out += self._close_text() + self._close_call()
-        status, reason = _status(self.reason)
         final = self.request.kept(self.request.response(status, self.output, self.usage, reason))
         return [*out, self.event(f"response.{status}", response=final)]
 

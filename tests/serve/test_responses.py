@@ -5,6 +5,7 @@ the same Response; every field fastblt cannot serve is a 400 naming it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -575,6 +576,46 @@ def test_only_background_streams_are_read_again_and_the_query_is_checked(server)
     assert httpx.get(f"{url}/v1/responses/resp_none", params={"stream": "true"}, headers=auth).status_code == 404
     assert httpx.get(f"{url}/v1/responses/{foreground.id}", params={"stream": "false"}, headers=auth).json()[
         "id"] == foreground.id  # fmt: skip
+
+
+USAGE = {"prompt_tokens": 3, "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens": 2, "total_tokens": 5}
+
+
+@pytest.mark.parametrize("streamed", (False, True))
+def test_a_cancel_that_lands_after_the_answer_was_kept_leaves_it_answered(streamed):
+    """A cancel may land while a background answer's last frame is written (on another thread):
+    the answer claimed the last word first, so it stays kept as answered, and a stream's events
+    end with its response.completed, no cancel after it."""
+    from fastblt.serve.replay import Replays
+
+    async def main() -> None:
+        store, replays = ResponseStore(1 << 20), Replays(1 << 20)
+        asked = ResponsesRequest(MODEL, "blt-s", TEMPLATE, store)
+        body = {"model": MODEL, "input": ASK, "background": True, "stream": streamed}
+        asked.parse(json.dumps(body).encode())
+        gate = asyncio.Event()
+
+        async def work() -> None:
+            if streamed:
+                chunk = {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}],
+                         "usage": USAGE}  # fmt: skip
+                asked.frame(chunk)
+                await asyncio.to_thread(asked.frame, "[DONE]")
+            else:
+                message = {"role": "assistant", "content": "ok", "tool_calls": None}
+                asked.answer({"choices": [{"message": message, "finish_reason": "stop"}], "usage": USAGE})
+            await gate.wait()  # the task has not ended when the cancel lands
+
+        asked.start(work(), {}, replays)
+        while store.get(asked.id).response["status"] != "completed":
+            await asyncio.sleep(0.01)
+        await asked.cancel()
+        assert store.get(asked.id).response["status"] == "completed"
+        if streamed:
+            events = [json.loads(e.split(b"data: ", 1)[1]) for e in replays.get(asked.id).events]
+            assert events[-1]["type"] == "response.completed" and replays.get(asked.id).ended
+
+    asyncio.run(main())
 
 
 def _polled(c, rid: str, seconds: float = 60):
