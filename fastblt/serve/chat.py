@@ -176,10 +176,10 @@ def parse_chat(body: dict, model_id: str, default_mode: str, template: ChatTempl
             shape = CustomShape(tools.custom)
         elif tools.calls is not None:
             options["calls"] = tools.calls
-            shape = TaggedShape(template.tags, tools.named)  # type: ignore[arg-type]
+            shape = TaggedShape(template.tags, tools.named, tools.customs)  # type: ignore[arg-type]
         else:
             options |= {"format": "json", "schema": tools.schema}
-            shape = ToolShape(tools.named)
+            shape = ToolShape(tools.named, customs=tools.customs)
         format_field = "tool_choice"
     continued = _continued(body, messages, options)
     prompt = template.render(messages, None if tools is None else tools.listed, not continued, continued)
@@ -338,14 +338,14 @@ class ToolShape(ChatShape):
     closed before the cut are still given; streamed, the cut one's beginning has gone out too).
     One per request: it holds each streamed choice's reader."""
 
-    def __init__(self, named: bool, tags: CallTags | None = None):
-        self.named, self.tags, self.readers = named, tags, {}
+    def __init__(self, named: bool, tags: CallTags | None = None, customs: frozenset[str] = frozenset()):
+        self.named, self.tags, self.customs, self.readers = named, tags, customs, {}
 
     def reason(self, reason: str | None, calls: int) -> str | None:
         return "tool_calls" if reason == "stop" and calls and not self.named else reason
 
     def choice(self, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
-        calls = read_calls(text)
+        calls = read_calls(text, self.customs)
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
         reason = self.reason(reason, len(calls))
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
@@ -355,7 +355,7 @@ class ToolShape(ChatShape):
         return self._calls(delta, text, reason, index, logprobs)
 
     def _calls(self, delta: dict, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
-        reader = self.readers.setdefault(index, CallReader(self.tags))
+        reader = self.readers.setdefault(index, CallReader(self.tags, self.customs))
         if entries := reader.feed(text):
             delta["tool_calls"] = entries
         reason = self.reason(reason, reader.closed)
@@ -408,14 +408,14 @@ class TaggedShape(ToolShape):
 
     tags: CallTags  # never None here
 
-    def __init__(self, tags: CallTags, named: bool = False):
-        super().__init__(named, tags)
+    def __init__(self, tags: CallTags, named: bool = False, customs: frozenset[str] = frozenset()):
+        super().__init__(named, tags, customs)
         self.texts: dict[int, str] = {}
         self.sent: dict[int, int] = {}
         self.calling: set[int] = set()
 
     def choice(self, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
-        content, calls = read_tagged(text, self.tags)
+        content, calls = read_tagged(text, self.tags, self.customs)
         message = {"role": "assistant", "content": content if content or not calls else None, "refusal": None}
         if calls:
             message["tool_calls"] = calls

@@ -21,7 +21,8 @@ template is where a model is told the format; docs/serving.md shows one that doe
 
 A custom tool (`{"type": "custom", ...}`) takes text: when tool_choice names it, the whole answer
 is its call's input, held to its format's grammar (Lark's, or a regex: DecodeOptions.grammar /
-pattern) or free; with custom tools listed, "auto" and "required" are refused by name.
+pattern) or free. Among other calls ("required", "auto") its `arguments` are a JSON string, held
+whole to a regex format, read back as its input; one with a Lark grammar is called only when named.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Tools:
     none: bool = False  # tool_choice "none": `calls`, if any, only keeps the start text out
     custom: str | None = None  # a custom tool tool_choice names: the answer is its call's input
     custom_format: tuple[tuple[str, str], ...] = ()  # the options that hold that input (its grammar)
+    customs: frozenset[str] = frozenset()  # custom tools among the calls' names (their input a JSON string)
 
 
 def parse_tools(body: dict, tags: CallTags | None = None) -> Tools | None:
@@ -91,18 +93,23 @@ def parse_tools(body: dict, tags: CallTags | None = None) -> Tools | None:
             raise ApiError(400, f"tool_choice: custom tool {name!r} is not one of the tools "
                            f"({', '.join(customs) or 'none is custom'})", "tool_choice")  # fmt: skip
         return Tools(_for_template(listed), named=True, custom=name, custom_format=customs[name])
-    if customs and choice in ("auto", "required"):
-        raise ApiError(400, f"tool_choice: a custom tool ({', '.join(customs)}) is called only when tool_choice names "
-                       f'it ({{"type": "custom", "custom": {{"name": ...}}}}); "{choice}" would choose among function '
-                       "tools only", "tool_choice")  # fmt: skip
     listed = _for_template(listed)
+    if choice in ("auto", "required"):  # custom tools are called among the functions, their input a JSON string
+        lark = [name for name, fmt in customs.items() if fmt and fmt[0][0] == "grammar"]
+        if lark:
+            raise ApiError(400, f"tool_choice: custom tool {lark[0]!r} takes a Lark grammar, which holds an input only "
+                           f'when tool_choice names its tool ({{"type": "custom", "custom": {{"name": ...}}}}); '
+                           f'"{choice}" calls tools by a JSON text', "tool_choice")  # fmt: skip
+        functions = functions | {name: _string_schema(fmt) for name, fmt in customs.items()}
+    customs_called = frozenset(customs) & frozenset(functions)
     if choice == "auto" and tags is None:
         raise ApiError(400, 'tool_choice: "auto" (OpenAI\'s default when tools are given) needs the text that '
                        "starts a call in the template's format (this server has no --tool-call-start); send "
                        '"required", {"type": "function", "function": {"name": ...}} or "none"',
                        "tool_choice")  # fmt: skip
-    if choice == "none":  # in the model's format, the start text is kept out: no call
-        return Tools(listed, calls=None if tags is None else _tagged(tags, functions, most=0, lead=False), none=True)
+    if choice == "none":  # in the model's format, the start text is kept out: no call (of any tool's shape)
+        kept_out = functions or dict.fromkeys(customs, {"type": "string"})
+        return Tools(listed, calls=None if tags is None else _tagged(tags, kept_out, most=0, lead=False), none=True)
     named = choice not in ("auto", "required")
     if named:
         name = _named(choice)
@@ -111,8 +118,9 @@ def parse_tools(body: dict, tags: CallTags | None = None) -> Tools | None:
                            "tool_choice")  # fmt: skip
         functions, parallel = {name: functions[name]}, False
     if tags is not None:  # the model's own format: calls asked for lead the text
-        return Tools(listed, named=named, calls=_tagged(tags, functions, None if parallel else 1, choice != "auto"))
-    return Tools(listed, _checked(calls_schema(functions, parallel)), named=named)
+        return Tools(listed, named=named, calls=_tagged(tags, functions, None if parallel else 1, choice != "auto"),
+                     customs=customs_called)  # fmt: skip
+    return Tools(listed, _checked(calls_schema(functions, parallel)), named=named, customs=customs_called)
 
 
 def _tagged(tags: CallTags, functions: dict[str, dict], most: int | None, lead: bool) -> str:
@@ -196,6 +204,15 @@ def _custom_format(fmt: Any, where: str) -> tuple[tuple[str, str], ...]:
     except InputError as e:
         raise ApiError(400, f"{where}.grammar.definition: {str(e).partition(': ')[2]}", "tools") from None
     return ((option, definition),)
+
+
+def _string_schema(fmt: tuple[tuple[str, str], ...]) -> dict:
+    """A custom tool's input as a call's `arguments` in a JSON text of calls: a string, which a
+    regex format holds whole."""
+    if not fmt:
+        return {"type": "string"}
+    ((_, regex),) = fmt
+    return {"type": "string", "pattern": f"^(?:{regex})$"}
 
 
 def _for_template(listed: list[dict]) -> list[dict]:
@@ -294,7 +311,8 @@ class CallReader:
     would turn 1e400 into `Infinity`, which is not JSON). `tags` None: an answer held to
     calls_schema; else free text with calls in the format `tags` mark (Tools.calls)."""
 
-    def __init__(self, tags: CallTags | None = None):
+    def __init__(self, tags: CallTags | None = None, customs: frozenset[str] = frozenset()):
+        self.customs = customs  # names whose calls are custom: their arguments a JSON string, read as its text
         self._begun: list[tuple[str, str]] = []  # (id, name) of each call begun, in order
         self._args: list[list[str]] = []  # each one's arguments as far as written
         self.closed = 0  # how many of them closed: an answer cut short leaves its last one open
@@ -312,7 +330,14 @@ class CallReader:
                 break
         out: list[dict] = []
         for j, args in enumerate(self._args):
-            if j >= begun:
+            if self._begun[j][1] in self.customs:  # its input as far as its string is written and decoded
+                sent = 0 if j >= begun else len(_string_so_far("".join(args[: written[j]])))
+                text = _string_so_far("".join(args))
+                if j >= begun:
+                    out.append({"index": j, **self._entry(j)})
+                elif len(text) > sent:
+                    out.append({"index": j, "custom": {"input": text[sent:]}})
+            elif j >= begun:
                 out.append({"index": j, **self._entry(j)})
             elif len(args) > written[j]:
                 out.append({"index": j, "function": {"arguments": "".join(args[written[j] :])}})
@@ -328,6 +353,12 @@ class CallReader:
 
     def _entry(self, j: int) -> dict:
         call_id, name = self._begun[j]
+        if name in self.customs:
+            return {
+                "id": call_id,
+                "type": "custom",
+                "custom": {"name": name, "input": _string_so_far("".join(self._args[j]))},
+            }
         return {"id": call_id, "type": "function", "function": {"name": name, "arguments": "".join(self._args[j])}}
 
     def _answer(self) -> Generator[None, str, None]:
@@ -421,22 +452,37 @@ def _value(ch: str, out: list[str] | None) -> Generator[None, str, str]:
         ch = yield
 
 
-def read_calls(text: str) -> list[dict]:
-    """The calls of an answer held to calls_schema (CallReader). An answer cut short (by
-    max_tokens or a stop string) gives the calls that closed before the cut."""
-    reader = CallReader()
+def _string_so_far(written: str) -> str:
+    """The text of a JSON string written as far as `written` (from its opening quote; escapes
+    decoded), less an escape not yet whole and a high surrogate whose low half is still to come."""
+    body, i, whole = written[1:], 0, 0
+    while i < len(body) and body[i] != '"':
+        step = 1 if body[i] != "\\" else 6 if body[i + 1 : i + 2] == "u" else 2
+        if i + step > len(body):
+            break
+        i += step
+        whole = i
+    text = json.loads(f'"{body[:whole]}"') if whole else ""
+    return text[:-1] if text and "\ud800" <= text[-1] <= "\udbff" else text
+
+
+def read_calls(text: str, customs: frozenset[str] = frozenset()) -> list[dict]:
+    """The calls of an answer held to calls_schema (CallReader; `customs`: the custom tools'
+    names). An answer cut short (by max_tokens or a stop string) gives the calls that closed
+    before the cut."""
+    reader = CallReader(customs=customs)
     reader.feed(text)
     return reader.done()
 
 
-def read_tagged(text: str, tags: CallTags) -> tuple[str, list[dict]]:
+def read_tagged(text: str, tags: CallTags, customs: frozenset[str] = frozenset()) -> tuple[str, list[dict]]:
     """(the content, the calls) of free text with calls (Tools.calls): the content is the text
     before the first call's start; the calls, each start's JSON that closed (a cut answer's last
     one may not have)."""
     first = text.find(tags.start)
     if first < 0:
         return text, []
-    reader = CallReader(tags)
+    reader = CallReader(tags, customs)
     reader.feed(text)
     return text[:first], reader.done()
 

@@ -696,3 +696,11 @@ def test_a_named_custom_tool_answers_with_a_custom_tool_call_item_streamed_as_op
         model=MODEL, input=[{"role": "user", "content": ask}, *back], max_output_tokens=4, temperature=0
     )
     assert then.status == again.status == "incomplete" and then.output_text == again.output_text
+    required = dict(opts, tool_choice="required", max_output_tokens=120)  # a JSON text of calls: input a string
+    whole = c.responses.create(**required)
+    with c.responses.stream(**required) as stream:
+        final = list(stream)[-1].response
+    customs = [item for item in whole.output if item.type == "custom_tool_call"]
+    assert customs and re.fullmatch(r"(yes|no), \d{1,3}%", customs[0].input)
+    assert [i.model_dump(exclude={"id", "call_id"}) for i in final.output] == [
+        i.model_dump(exclude={"id", "call_id"}) for i in whole.output]  # fmt: skip

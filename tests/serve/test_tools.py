@@ -500,8 +500,8 @@ def test_a_named_custom_tool_holds_the_answer_to_its_grammar_and_is_listed_for_t
 @pytest.mark.parametrize(
     "fields, param, says",
     [
-        ({"tools": [CUSTOM]}, "tool_choice", "called only when tool_choice names it"),
-        ({"tools": [*TOOLS, CUSTOM], "tool_choice": "auto"}, "tool_choice", "called only when"),
+        ({"tools": [CUSTOM]}, "tool_choice", "custom tool 'run' takes a Lark grammar"),
+        ({"tools": [*TOOLS, CUSTOM], "tool_choice": "auto"}, "tool_choice", "only when tool_choice names its tool"),
         ({"tools": [CUSTOM], "tool_choice": {"type": "custom", "custom": {"name": "nope"}}}, "tool_choice",
          "not one of the tools"),
         ({"tools": [CUSTOM], "tool_choice": {"type": "custom", "name": "run"}}, "tool_choice", "expected"),
@@ -546,3 +546,75 @@ def test_a_named_custom_tool_is_called_with_the_generators_text_under_its_gramma
     assert entries[0]["id"].startswith("call_") and entries[0]["type"] == "custom"
     assert entries[0]["custom"]["name"] == "run" and {t["index"] for t in entries} == {0}
     assert "".join(t["custom"]["input"] for t in entries) == want.text
+
+
+ANSWER = {"type": "custom", "custom": {"name": "answer", "format": {"type": "grammar", "grammar": {
+    "syntax": "regex", "definition": "(yes|no), \\d{1,3}%"}}}}  # fmt: skip
+NOTE = {"type": "custom", "custom": {"name": "note"}}  # any text
+
+
+def test_required_calls_may_call_custom_tools_whose_input_is_a_json_string_held_to_their_regex():
+    """Beside functions, a custom tool of text or a regex is called in the calls' JSON text: its
+    input a string (a regex's matched whole), read back as a custom call with the string's text."""
+    comp = parse(tools=[*TOOLS, ANSWER, NOTE])
+    schema = json.loads(comp.options["schema"])
+    assert comp.shape.customs == {"answer", "note"}
+    good = '{"tool_calls": [{"name": "answer", "arguments": "no, 5%"}, {"name": "note", "arguments": "a\\"b\\u00e9"}]}'
+    assert accepts(schema, good) and accepts(schema, '{"tool_calls": [{"name": "get_time", "arguments": {}}]}')
+    for bad in ('{"tool_calls": [{"name": "answer", "arguments": "maybe"}]}',
+                '{"tool_calls": [{"name": "answer", "arguments": "no, 5% "}]}',
+                '{"tool_calls": [{"name": "note", "arguments": {}}]}'):  # fmt: skip
+        assert not accepts(schema, bad), bad
+    calls = read_calls(good, frozenset({"answer", "note"}))
+    assert [c["type"] for c in calls] == ["custom", "custom"]
+    assert [c["custom"] for c in calls] == [{"name": "answer", "input": "no, 5%"}, {"name": "note", "input": 'a"bé'}]
+    reader, got = CallReader(customs=frozenset({"note"})), []
+    for ch in good.replace("answer", "get_time").replace('"no, 5%"', "{}"):  # a function's call, then a custom one
+        got += reader.feed(ch)
+    first = [e for e in got if e["index"] == 1]
+    assert first[0]["type"] == "custom" and first[0]["custom"]["name"] == "note"
+    assert "".join(e["custom"]["input"] for e in first) == 'a"bé' and all("function" not in e for e in first)
+    assert all("custom" not in e for e in got if e["index"] == 0)
+    with pytest.raises(ApiError, match="'run' takes a Lark grammar"):
+        parse(tools=[ANSWER, CUSTOM])
+
+
+def test_required_calls_of_custom_tools_equal_the_generators_answer_read_back(server, reference):
+    c = client(server)
+    tools = [TOOLS[1], ANSWER]
+    messages = [{"role": "user", "content": "is os.path.join pure? call answer"}]
+    parsed = parse(messages=messages, tools=tools)
+    opts = dict(mode="blt-s", max_bytes=120, temperature=0.0)
+    gen = reference.generate(parsed.prompts[0], format="json", schema=parsed.options["schema"], stop=[CHAT_STOP],
+                             **opts)  # fmt: skip
+    want = read_calls(gen.text, frozenset({"answer"}))
+    assert any(call["type"] == "custom" for call in want)
+    body = dict(model=MODEL, messages=messages, tools=tools, tool_choice="required", max_tokens=120, temperature=0)
+    r = c.chat.completions.create(**body)
+    got = [t.model_dump(exclude_none=True) for t in r.choices[0].message.tool_calls or ()]
+    assert [{k: v for k, v in t.items() if k != "id"} for t in got] == [{k: v for k, v in t.items() if k != "id"}
+                                                                          for t in want] and want  # fmt: skip
+    entries = [t.model_dump(exclude_none=True) for x in c.chat.completions.create(stream=True, **body)
+               for t in x.choices[0].delta.tool_calls or ()]  # fmt: skip
+    for j, call in enumerate(want):
+        mine = [e for e in entries if e["index"] == j]
+        kind = call["type"]
+        said = "".join(e[kind]["input" if kind == "custom" else "arguments"] for e in mine)
+        assert said == call[kind]["input" if kind == "custom" else "arguments"]
+
+
+def test_with_call_tags_auto_may_call_a_custom_tool_whose_input_is_a_json_string():
+    body = {"model": MODEL, "messages": MESSAGES, "tools": [*TOOLS, ANSWER], "stream": True}
+    comp = parse_chat_body(json.dumps(body).encode(), MODEL, "blt-s", TAGGED)
+    root = grammar.tagged(comp.options["calls"])
+    text = 'so >{"name": "answer", "arguments": "yes, 7%"}</call> done'
+    assert grammar.advance(grammar.begin(root), [b + 4 for b in text.encode()]) is not None
+    bad = b'so >{"name": "answer", "arguments": "perhaps"}'
+    assert grammar.advance(grammar.begin(root), [b + 4 for b in bad]) is None
+    assert comp.shape.choice(text, "stop", 0, None)["message"]["tool_calls"][0]["custom"] == {
+        "name": "answer", "input": "yes, 7%"}  # fmt: skip
+    deltas = [comp.shape.delta(ch, None, 0, None, i == 0)["delta"] for i, ch in enumerate(text)]
+    entries = [t for d in deltas for t in d.get("tool_calls", ())]
+    assert entries[0]["type"] == "custom" and "".join(t["custom"]["input"] for t in entries) == "yes, 7%"
+    none = {"model": MODEL, "messages": MESSAGES, "tools": [CUSTOM], "tool_choice": "none"}  # custom tools alone
+    assert json.loads(parse_chat_body(json.dumps(none).encode(), MODEL, "blt-s", TAGGED).options["calls"])["most"] == 0
