@@ -32,6 +32,7 @@ from fastblt.runtime.pattern import Pattern, compile_whole, escape
 
 MAX_RULES = 2000  # productions after repeats and groups are written out
 MAX_REPEAT = 100  # the most of a `~ n..m` bound
+MAX_NESTING = 50  # groups inside groups: deeper is refused rather than recursed into
 
 _PARTS = [
     r"(?P<space>\s+|//[^\n]*|\#[^\n]*)",
@@ -96,6 +97,7 @@ class _Parser:
             text = _IGNORE.sub("", text) + f"\n{IGNORED}: " + " | ".join(f"({item})" for item in ignored)
         self.tokens = self._tokens(text, self.gbnf)
         self.i = 0
+        self.depth = 0  # groups open at the cursor
         self.names: dict[str, int] = {}
         self.productions: list[tuple[int, tuple]] = []
         self.lexical: set[int] = set()  # terminals (upper-case rules, imports, %ignore's) and their parts
@@ -299,7 +301,11 @@ class _Parser:
             return (_terminal(value, value),)
         if (kind, value) in (("punct", "("), ("punct", "[")):  # a group; Lark's [...] is optional
             close = ")" if value == "(" else "]"
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise self.fail(f"groups nested more than {MAX_NESTING} deep")
             alts = self.alternatives()
+            self.depth -= 1
             if self.take() != ("punct", close):
                 raise self.fail(f"expected {close}")
             return (self.group(alts + ([()] if close == "]" else [])),)

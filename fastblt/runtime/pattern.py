@@ -77,6 +77,9 @@ REFUSED = {"b": "word boundaries (\\b)", "B": "word boundaries (\\B)", "k": "bac
 
 
 # ------------------------------------------------------------------------ parsing
+MAX_NESTING = 50  # groups inside groups: deeper is refused rather than recursed into
+
+
 # a regex's tree: ("chars", Ranges) | ("seq", [tree]) | ("alt", [tree]) | ("repeat", tree, least, most or None)
 # | ("start",) | ("end",) | ("look", positive, tree)
 class _Parser:
@@ -84,6 +87,7 @@ class _Parser:
 
     def __init__(self, text: str, at: str):
         self.text, self.at, self.i = text, at, 0
+        self.depth = 0  # groups open at the cursor
 
     def fail(self, why: str) -> InputError:
         return InputError(f"option {self.at}: {why} (at character {self.i} of {self.text[:60]!r})")
@@ -183,7 +187,11 @@ class _Parser:
 
     def group(self) -> tuple:
         """A group's alternatives, up to and past its ")"."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.fail(f"groups nested more than {MAX_NESTING} deep")
         tree = self.alternatives()
+        self.depth -= 1
         if self.peek() != ")":
             raise self.fail("an unclosed group")
         self.take()

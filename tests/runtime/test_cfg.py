@@ -181,6 +181,9 @@ def test_lark_common_terminals_aliases_and_any_case_strings():
         ('start: "a" ~ 200', "a count up to 100"),
         ('start: ("a"', "expected \\)"),
         ("start: @", "unexpected '@'"),
+        ("start: " + "(" * 300 + '"a"' + ")" * 300, "groups nested more than 50 deep"),
+        ("start: " + "[" * 300 + '"a"' + "]" * 300, "groups nested more than 50 deep"),
+        ("start: /" + "(" * 300 + "a" + ")" * 300 + "/", "groups nested more than 50 deep"),
     ],
 )
 def test_what_a_grammar_cannot_hold_is_refused_by_name(source, match):

@@ -417,6 +417,8 @@ def test_hostnames_and_emails_are_held_to_their_most_characters(name, value, ok)
         ({"type": "string", "pattern": r"\bx"}, r"a\.pattern: word boundaries"),
         ({"type": "string", "pattern": r"\p{L}"}, r"a\.pattern: Unicode property classes"),
         ({"type": "string", "pattern": "(a"}, r"a\.pattern: an unclosed group"),
+        ({"type": "string", "pattern": "(" * 300 + "a" + ")" * 300}, r"a\.pattern: groups nested more than 50 deep"),
+        ({"type": "string", "pattern": "(?=" * 300 + "a" + ")" * 300}, r"a\.pattern: groups nested more than 50"),
         ({"type": "string", "pattern": "[]"}, r"a\.pattern: a class no character is in"),
         ({"type": "string", "pattern": "a^b"}, r"a\.pattern: \^ only at the start of the pattern's alternatives"),
         ({"type": "string", "pattern": "a**"}, r"a\.pattern: a quantifier right after a quantifier"),

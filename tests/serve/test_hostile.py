@@ -99,6 +99,12 @@ HOSTILE: list[tuple[str, bytes | None, int]] = [  # what, body, expected status 
     ("suffix", body(suffix="}"), 400),
     ("a 10 MB body", b'{"prompt": "' + b"a" * (10 << 20) + b'"}', 413),
     ("a prompt past the model's limit", body(prompt="x = 1\n" * 6000, max_tokens=1), 400),
+    ("a regex nested 2,000 groups deep", body(structured_outputs={"regex": "(" * 2000 + "a" + ")" * 2000}), 400),
+    (
+        "a grammar nested 2,000 groups deep",
+        body(structured_outputs={"grammar": "start: " + "(" * 2000 + '"a"' + ")" * 2000}),
+        400,
+    ),  # fmt: skip
 ]
 
 
