@@ -757,7 +757,7 @@ def _tools(tools: Any) -> list[dict]:
     out = []
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else json_kind(tool)
-        if kind not in TOOL_FIELDS:
+        if not isinstance(kind, str) or kind not in TOOL_FIELDS:
             raise ApiError(400, f"tools[{i}].type: only function and custom tools are served, got {kind!r:.40}",
                            f"tools[{i}]")  # fmt: skip
         check_fields(tool, TOOL_FIELDS[kind], {}, f"tools[{i}].")
@@ -770,7 +770,7 @@ def _tools(tools: Any) -> list[dict]:
 
 
 def _tool_choice(choice: Any) -> Any:
-    if isinstance(choice, dict) and choice.get("type") in TOOL_FIELDS and set(choice) == {"type", "name"}:
+    if isinstance(choice, dict) and choice.get("type") in ("function", "custom") and set(choice) == {"type", "name"}:
         return {"type": choice["type"], choice["type"]: {"name": choice["name"]}}
     if choice in ("auto", "none", "required"):
         return choice

@@ -196,7 +196,7 @@ def _custom_format(fmt: Any, where: str) -> tuple[tuple[str, str], ...]:
         raise ApiError(400, f'{where}: expected {{"type": "text"}} or {{"type": "grammar", "grammar": {{"syntax": '
                        f'"lark" or "regex", "definition": str}}}}, got {json.dumps(fmt)[:80]}', "tools")  # fmt: skip
     syntax, definition = spec["syntax"], spec["definition"]
-    if syntax not in SYNTAXES or not isinstance(definition, str):
+    if not isinstance(syntax, str) or syntax not in SYNTAXES or not isinstance(definition, str):
         raise ApiError(400, f'{where}.grammar: expected "syntax" lark or regex and a "definition" string', "tools")
     option, compile_ = SYNTAXES[syntax]
     try:

@@ -59,12 +59,26 @@ function = st.fixed_dictionaries(
     {"name": st.sampled_from(["f", "g", "a b"]) | anything},
     optional={"parameters": schemas | anything, "description": anything, "strict": anything},
 )
-tools = st.fixed_dictionaries({"type": st.sampled_from(["function", "x"]), "function": function}) | anything
+definitions = st.text('ab()[]{}|*+?^$.-\\dsu0é"/: ', max_size=8) | st.sampled_from(['start: "a"', "(yes|no)"])
+grammar_format = st.fixed_dictionaries(
+    {"type": st.just("grammar") | anything},
+    optional={"syntax": st.sampled_from(["lark", "regex", "ebnf"]) | anything, "definition": definitions | anything},
+)
+custom = st.fixed_dictionaries(
+    {"name": st.sampled_from(["c", "f"]) | anything},
+    optional={"description": anything, "format": st.just({"type": "text"}) | st.fixed_dictionaries(
+        {"type": st.just("grammar"), "grammar": grammar_format}) | anything},
+)  # fmt: skip
+tools = (st.fixed_dictionaries({"type": st.sampled_from(["function", "x"]), "function": function})
+         | st.fixed_dictionaries({"type": st.just("custom"), "custom": custom}) | anything)  # fmt: skip
 named = st.fixed_dictionaries(
     {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g"])})}
-)
+) | st.fixed_dictionaries({"type": st.just("custom"), "custom": st.fixed_dictionaries({"name": st.sampled_from(
+    ["c", "f"])})})  # fmt: skip
 called = st.fixed_dictionaries({"name": st.text(max_size=3), "arguments": st.text(max_size=10)})
-calls = st.fixed_dictionaries({"id": st.text(max_size=3), "type": st.just("function"), "function": called})
+calls = st.fixed_dictionaries({"id": st.text(max_size=3), "type": st.just("function"), "function": called}) | (
+    st.fixed_dictionaries({"id": st.text(max_size=3), "type": st.just("custom"), "custom": st.fixed_dictionaries(
+        {"name": st.text(max_size=3)}, optional={"input": st.text(max_size=5) | anything})}))  # fmt: skip
 structured = st.one_of(  # vLLM's structured_outputs
     st.fixed_dictionaries({"regex": st.text("ab()[]{}|*+?^$.-\\dsu0é", max_size=6) | anything}),
     st.fixed_dictionaries({"choice": st.lists(st.text(max_size=4), max_size=3) | anything}),
@@ -197,17 +211,24 @@ items = st.one_of(
     st.fixed_dictionaries({"type": st.just("function_call")},
                           optional={"call_id": st.text(max_size=3) | anything, "name": st.sampled_from(["f", "g"]),
                                     "arguments": st.sampled_from(["{}", '{"a": 1}', "x"]) | anything}),
-    st.fixed_dictionaries({"type": st.just("function_call_output")},
+    st.fixed_dictionaries({"type": st.sampled_from(["function_call_output", "custom_tool_call_output"])},
                           optional={"call_id": st.text(max_size=3) | anything,
                                     "output": st.text(max_size=5) | st.lists(parts, max_size=2) | anything}),
+    st.fixed_dictionaries({"type": st.just("custom_tool_call")},
+                          optional={"call_id": st.text(max_size=3) | anything, "name": st.sampled_from(["c", "f"]),
+                                    "input": st.text(max_size=5) | anything}),
     anything,
 )  # fmt: skip
 function_tools = st.fixed_dictionaries(
     {"type": st.sampled_from(["function", "web_search"]) | anything, "name": st.sampled_from(["f", "g"]) | anything},
     optional={"parameters": schemas | anything, "strict": anything, "description": anything},
-)
+) | st.fixed_dictionaries(
+    {"type": st.just("custom"), "name": st.sampled_from(["c", "f"]) | anything},
+    optional={"format": st.just({"type": "text"}) | grammar_format | anything, "description": anything},
+)  # fmt: skip
 flat_schema = st.fixed_dictionaries({"type": st.just("json_schema"), "name": st.just("n"), "schema": schemas})
-named_function = st.fixed_dictionaries({"type": st.just("function"), "name": st.sampled_from(["f", "g"])})
+named_function = st.fixed_dictionaries({"type": st.sampled_from(["function", "custom"]), "name": st.sampled_from(
+    ["f", "g", "c"])})  # fmt: skip
 RESPONSES_FIELDS = {
     "input": st.text(max_size=20) | st.lists(items, max_size=4) | anything,
     "instructions": st.text(max_size=10) | anything,
