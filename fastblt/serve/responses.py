@@ -781,6 +781,7 @@ def _tool_choice(choice: Any) -> Any:
 _CHAT_NAMES = ((re.compile(r"messages(\[\d+\])?(\.[\w.\[\]]+)?"), "input"),
                (re.compile(r"max_completion_tokens|max_tokens"), "max_output_tokens"),
                (re.compile(r"response_format(\.json_schema)?"), "text.format"),
+               (re.compile(r"(tools\[\d+\])\.custom\.format\.grammar"), r"\1.format"),
                (re.compile(r"(tools\[\d+\])\.(function|custom)"), r"\1"),
                (re.compile(r"logprobs"), "include"))  # fmt: skip
 # chat's named tool_choices, as its errors write them, and as a Responses body writes them

@@ -315,6 +315,7 @@ class CallReader:
         self.customs = customs  # names whose calls are custom: their arguments a JSON string, read as its text
         self._begun: list[tuple[str, str]] = []  # (id, name) of each call begun, in order
         self._args: list[list[str]] = []  # each one's arguments as far as written
+        self._inputs: dict[int, tuple[int, str]] = {}  # a custom call's: (its arguments read, its input decoded)
         self.closed = 0  # how many of them closed: an answer cut short leaves its last one open
         self._read: Any = self._answer() if tags is None else self._tagged(tags)
         next(self._read)
@@ -331,11 +332,10 @@ class CallReader:
         out: list[dict] = []
         for j, args in enumerate(self._args):
             if self._begun[j][1] in self.customs:  # its input as far as its string is written and decoded
-                sent = 0 if j >= begun else len(_string_so_far("".join(args[: written[j]])))
-                text = _string_so_far("".join(args))
+                sent = len(self._inputs.get(j, (0, ""))[1])
                 if j >= begun:
                     out.append({"index": j, **self._entry(j)})
-                elif len(text) > sent:
+                elif len(text := self._input(j)) > sent:
                     out.append({"index": j, "custom": {"input": text[sent:]}})
             elif j >= begun:
                 out.append({"index": j, **self._entry(j)})
@@ -351,13 +351,22 @@ class CallReader:
         """The calls that closed, as a whole answer's message gives them."""
         return [self._entry(j) for j in range(self.closed)]
 
+    def _input(self, j: int) -> str:
+        """A custom call's input as far as its JSON string is written: decoded from where it was
+        last read to the last whole escape (each character read once)."""
+        read, text = self._inputs.get(j, (1, ""))  # 1: past the string's opening quote
+        tail = "".join(self._args[j][read:])
+        whole, more = _decoded(tail)
+        self._inputs[j] = read + whole, text + more
+        return text + more
+
     def _entry(self, j: int) -> dict:
         call_id, name = self._begun[j]
         if name in self.customs:
             return {
                 "id": call_id,
                 "type": "custom",
-                "custom": {"name": name, "input": _string_so_far("".join(self._args[j]))},
+                "custom": {"name": name, "input": self._input(j)},
             }
         return {"id": call_id, "type": "function", "function": {"name": name, "arguments": "".join(self._args[j])}}
 
@@ -452,10 +461,11 @@ def _value(ch: str, out: list[str] | None) -> Generator[None, str, str]:
         ch = yield
 
 
-def _string_so_far(written: str) -> str:
-    """The text of a JSON string written as far as `written` (from its opening quote; escapes
-    decoded), less an escape not yet whole and a high surrogate whose low half is still to come."""
-    body, i, whole = written[1:], 0, 0
+def _decoded(body: str) -> tuple[int, str]:
+    """(how much of `body` was read, its text) for the inside of a JSON string written as far as
+    `body` (its closing quote, if there, ends it): escapes decoded, less one not yet whole and a
+    high surrogate whose low half is still to come."""
+    i = whole = 0
     while i < len(body) and body[i] != '"':
         step = 1 if body[i] != "\\" else 6 if body[i + 1 : i + 2] == "u" else 2
         if i + step > len(body):
@@ -463,7 +473,9 @@ def _string_so_far(written: str) -> str:
         i += step
         whole = i
     text = json.loads(f'"{body[:whole]}"') if whole else ""
-    return text[:-1] if text and "\ud800" <= text[-1] <= "\udbff" else text
+    if text and "\ud800" <= text[-1] <= "\udbff":
+        return whole - 6, text[:-1]
+    return whole, text
 
 
 def read_calls(text: str, customs: frozenset[str] = frozenset()) -> list[dict]:

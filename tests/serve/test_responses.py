@@ -704,3 +704,14 @@ def test_a_named_custom_tool_answers_with_a_custom_tool_call_item_streamed_as_op
     assert customs and re.fullmatch(r"(yes|no), \d{1,3}%", customs[0].input)
     assert [i.model_dump(exclude={"id", "call_id"}) for i in final.output] == [
         i.model_dump(exclude={"id", "call_id"}) for i in whole.output]  # fmt: skip
+
+
+def test_a_custom_tools_grammar_error_names_the_responses_field():
+    tool = {"type": "custom", "name": "a", "format": {"type": "grammar", "syntax": "lark", "definition": "start: x"}}
+    with pytest.raises(ApiError) as e:
+        parse(tools=[tool], tool_choice={"type": "custom", "name": "a"})
+    assert e.value.message == "tools[0].format.definition: rule x is used but not defined" and e.value.param == "tools"
+    lark = {**tool, "format": {**tool["format"], "definition": 'start: "x"'}}
+    with pytest.raises(ApiError) as e:
+        parse(tools=[lark], tool_choice="required")  # a Lark grammar: called only when named
+    assert e.value.param == "tool_choice" and '{"type": "custom", "name": ...}' in e.value.message
