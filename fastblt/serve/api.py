@@ -429,7 +429,8 @@ def get_field(
     return value
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list",
+               dict: "an object"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- responses

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
 import openai
 import pytest
 from conftest import CHAT_STOP, CHAT_TEMPLATE, KEY
@@ -128,3 +129,9 @@ def test_conversations_through_the_openai_client(server, reference):
     with pytest.raises(openai.BadRequestError) as e:
         c.conversations.create(items=[{"role": "user", "content": 3}])
     assert e.value.body["param"] == "items[0].content"
+    other = c.conversations.create()
+    for items in ("x", {"role": "user"}, 3):  # no list: a 400 naming the field, not a 500
+        got = httpx.post(f"{server.url}/v1/conversations/{other.id}/items", json={"items": items},
+                         headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert got.status_code == 400 and got.json()["error"]["param"] == "items", got.text
+        assert got.json()["error"]["message"].startswith("items: expected a list")
