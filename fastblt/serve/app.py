@@ -425,6 +425,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     async def delete_response(request: Request, response_id: str) -> JSONResponse:
         await stored(request, response_id)
         assert kept is not None and replays is not None
+        if (job := running.get(response_id)) is not None:  # stopped first: its end would keep it again
+            await job.cancel()
         await asyncio.to_thread(kept.delete, response_id)
         replays.drop(response_id)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
