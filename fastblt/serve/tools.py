@@ -309,7 +309,8 @@ class CallReader:
     name's string closes, and its `arguments` grow as they are written, in the model's own
     spelling less the whitespace outside strings (numbers and escapes as written: re-serializing
     would turn 1e400 into `Infinity`, which is not JSON). `tags` None: an answer held to
-    calls_schema; else free text with calls in the format `tags` mark (Tools.calls)."""
+    calls_schema; else free text with calls in the format `tags` mark (Tools.calls). A call of a
+    custom tool (`customs`) is a custom entry whose `input` is its arguments' string, decoded."""
 
     def __init__(self, tags: CallTags | None = None, customs: frozenset[str] = frozenset()):
         self.customs = customs  # names whose calls are custom: their arguments a JSON string, read as its text
@@ -322,7 +323,8 @@ class CallReader:
 
     def feed(self, text: str) -> list[dict]:
         """What `text` adds, as OpenAI streams it: a call's first entry with its index, id, type,
-        name and the arguments so far; later ones with the index and more arguments."""
+        name and the arguments (a custom call's input) so far; later ones with the index and more
+        of them."""
         begun, written = len(self._begun), [len(a) for a in self._args]
         for ch in text:
             try:
@@ -335,8 +337,8 @@ class CallReader:
                 sent = len(self._inputs.get(j, (0, ""))[1])
                 if j >= begun:
                     out.append({"index": j, **self._entry(j)})
-                elif len(text := self._input(j)) > sent:
-                    out.append({"index": j, "custom": {"input": text[sent:]}})
+                elif len(now := self._input(j)) > sent:
+                    out.append({"index": j, "custom": {"input": now[sent:]}})
             elif j >= begun:
                 out.append({"index": j, **self._entry(j)})
             elif len(args) > written[j]:
