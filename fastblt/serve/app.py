@@ -67,7 +67,7 @@ from fastblt.serve.api import (
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.conversations import ConversationStore
 from fastblt.serve.kept import open_kept
-from fastblt.serve.metrics import CONTENT_TYPE, Metrics
+from fastblt.serve.metrics import CONTENT_TYPE, KeptCollector, Metrics
 from fastblt.serve.replay import Replays
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
 from fastblt.serve.request_log import LOGGER, RequestRecord, request_id, trace_id
@@ -144,6 +144,11 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     state: dict = {"engine": engine if isinstance(engine, AsyncEngine) else None, "metrics": Metrics(),
                    "fingerprint": None}  # fmt: skip
     running: dict[str, ResponsesRequest] = {}  # background responses not yet answered, by id
+    kept, talks, replays = None, None, None
+    if settings.response_store:
+        kept = ResponseStore(open_kept(settings.response_store_dir, "responses", settings.response_store))
+        talks = ConversationStore(open_kept(settings.response_store_dir, "conversations", settings.response_store))
+        replays = Replays(settings.response_store // REPLAY_SHARE)
     if state["engine"] is not None:
         state["metrics"] = _metrics(state["engine"])
 
@@ -154,6 +159,9 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             built = await asyncio.to_thread(engine)
             state["engine"], state["metrics"] = built, _metrics(built)
         state["fingerprint"] = await asyncio.to_thread(fingerprint, state["engine"])
+        if kept is not None:
+            stores = {"responses": kept, "conversations": talks, "events": replays}
+            state["metrics"].registry.register(KeptCollector(lambda: len(running), stores))
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for extra in app.state.lifespans:  # what was added to the app (batches.py's runner)
@@ -370,12 +378,6 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     async def chat_completions(request: Request) -> Response:
         return await complete(request, lambda raw: parse_chat_body(raw, settings.model_id, settings.default_mode,
                                                                     settings.chat_template), "chat")  # fmt: skip
-
-    kept, talks, replays = None, None, None
-    if settings.response_store:
-        kept = ResponseStore(open_kept(settings.response_store_dir, "responses", settings.response_store))
-        talks = ConversationStore(open_kept(settings.response_store_dir, "conversations", settings.response_store))
-        replays = Replays(settings.response_store // REPLAY_SHARE)
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:

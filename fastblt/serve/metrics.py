@@ -12,6 +12,7 @@ batches are).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -88,6 +89,23 @@ class GrammarCollector(Collector):
                                 value=pattern.states_built())  # fmt: skip
         yield CounterMetricFamily("fastblt_grammar_cache_clears", "Times those caches were cleared.",
                                   value=c["clears"])  # fmt: skip
+
+
+class KeptCollector(Collector):
+    """What the server keeps between requests, on /metrics: the background responses running, and
+    the bytes each store holds (kept responses, conversations, background streams' events)."""
+
+    def __init__(self, running: Callable[[], int], stores: dict[str, Any]):
+        """stores: by name, each with a `used` count of bytes."""
+        self.running, self.stores = running, stores
+
+    def collect(self) -> Iterator:
+        yield GaugeMetricFamily("fastblt_background_responses", "Background responses running now.",
+                                value=self.running())  # fmt: skip
+        kept = GaugeMetricFamily("fastblt_kept_bytes", "Bytes kept between requests, by store.", labels=["store"])
+        for name, store in self.stores.items():
+            kept.add_metric([name], store.used)
+        yield kept
 
 
 class Metrics:

@@ -66,6 +66,11 @@ class Replays:
         self.ended: OrderedDict[str, EventLog] = OrderedDict()
         self.nbytes = 0  # of the ended logs kept
 
+    @property
+    def used(self) -> int:
+        """Bytes of the events kept: the running logs' and the ended ones'."""
+        return self.nbytes + sum(log.nbytes for log in list(self.running.values()))
+
     def open(self, rid: str) -> EventLog:
         log = self.running[rid] = EventLog()
         return log

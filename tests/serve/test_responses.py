@@ -518,6 +518,10 @@ def test_a_background_stream_goes_on_without_its_client_and_is_read_again_from_a
     assert "".join(e.delta for e in every if e.type == "response.output_text.delta") == want.text
     final = every[-1]
     assert final.type == f"response.{kept.status}" and final.response.output_text == kept.output_text == want.text
+    text = httpx.get(f"{server.url}/metrics").text
+    kept = dict(re.findall(r'^fastblt_kept_bytes\{store="(\w+)"\} (\S+)$', text, re.M))
+    assert float(kept["events"]) >= sum(len(e.model_dump_json()) for e in every) / 2 and float(kept["responses"]) > 0
+    assert re.search(r"^fastblt_background_responses 0\.0$", text, re.M)  # none running now
     with c.responses.stream(response_id=rid) as again:  # the client's own helper, from the first event
         read = [e.model_dump(exclude={"snapshot", "parsed"}) for e in again]  # (what the helper adds)
     assert read == [e.model_dump() for e in every]
@@ -530,6 +534,7 @@ def test_a_background_stream_read_while_it_runs_ends_when_it_is_cancelled(server
     with c.responses.create(model=MODEL, input=ASK, background=True, stream=True, max_output_tokens=16000,
                             temperature=0, extra_body={"mode": "ar"}) as events:  # fmt: skip
         rid = next(iter(events)).response.id
+    assert re.search(r"^fastblt_background_responses 1\.0$", httpx.get(f"{server.url}/metrics").text, re.M)
     follower = c.responses.retrieve(rid, stream=True, starting_after=1)
     seen = []
     for event in follower:
