@@ -39,10 +39,14 @@ from fastblt.cli.common import Positive
               help="CORS: pages from this origin (https://host[:port], or *) may call the API; repeat.")  # fmt: skip
 @click.option("--batch-dir", type=click.Path(file_okay=False, writable=True), default=None,
               help="Serve OpenAI's Batch API (/v1/files, /v1/batches), keeping files and batches here.")  # fmt: skip
-@click.option("--response-store-mb", type=click.IntRange(0), default=64, show_default=True,
-              help="Memory for answered Responses (previous_response_id, GET /v1/responses/{id}), and as much "
-              "for conversations (/v1/conversations); 0 keeps none. Not with --ray (each replica would keep its "
-              "own).")  # fmt: skip
+@click.option(
+    "--response-store-mb",
+    type=click.IntRange(0),
+    default=64,
+    show_default=True,
+    help="Memory for answered Responses (previous_response_id, GET /v1/responses/{id}), and as much "
+    "for conversations (/v1/conversations); 0 keeps none. With --ray, in one actor all replicas share.",
+)
 @click.option("--response-store-dir", type=click.Path(file_okay=False, writable=True), default=None,
               help="Keep the responses and conversations of --response-store-mb in a SQLite file here "
               "(kept.sqlite3), which a restarted server reads again [default: in memory, gone at a "
@@ -144,9 +148,9 @@ def serve(
         if ssl_ca_certs is not None:  # Serve passes ssl_ca_certs to uvicorn, but never ssl_cert_reqs
             raise click.UsageError("--ssl-ca-certs with --ray: Ray Serve's proxies do not require client "
                                    "certificates; check them in front of the cluster (docs/scale-out.md)")  # fmt: skip
-        if response_store_dir is not None:  # one file per server: replicas would each keep their own
-            raise click.UsageError("--response-store-dir with --ray: replicas keep no responses (a client's next "
-                                   "turn may reach any of them; docs/scale-out.md)")  # fmt: skip
+        if response_store_dir is not None:  # one file per server: replicas share one store in an actor's memory
+            raise click.UsageError("--response-store-dir with --ray: replicas keep what clients come back for in one "
+                                   "Ray actor's memory, not in a file (docs/scale-out.md)")  # fmt: skip
         if batch_dir is not None:  # a batch runs in one replica's loop; Serve would route its polls anywhere
             raise click.UsageError("--batch-dir with --ray: the Batch API runs in one server; "
                                    "answer batch files with `fastblt batch` instead")  # fmt: skip
@@ -162,7 +166,7 @@ def serve(
                   "chat_template": str(Path(chat_template).resolve()) if chat_template else None,
                   "chat_stop": list(chat_stop), "tool_call_start": tool_call_start,
                   "tool_call_end": tool_call_end, "log_format": log_format,
-                  "allowed_origins": list(allowed_origins)}  # fmt: skip
+                  "allowed_origins": list(allowed_origins), "response_store_mb": response_store_mb}  # fmt: skip
         say = to_stderr if print_config else _logging(log_level, log_format)
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config, tls, say)
         return

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import hmac
 import math
@@ -66,7 +67,7 @@ from fastblt.serve.api import (
 )
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.conversations import ConversationStore
-from fastblt.serve.kept import open_kept
+from fastblt.serve.kept import Kept, open_kept
 from fastblt.serve.metrics import CONTENT_TYPE, KeptCollector, Metrics
 from fastblt.serve.replay import Replays
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
@@ -111,6 +112,9 @@ class ServeSettings:
     response_store: int = 0  # bytes of Responses kept for previous_response_id (0: none kept, store answered false)
     # and as many of conversations; in a SQLite file there (kept.py) that outlives the server, else in memory
     response_store_dir: Path | None = None
+    # how the app opens a store (a table of that many bytes): None, in memory or the dir's file
+    kept: Callable[[str, int], Kept] | None = None
+    background: bool = True  # background responses served (a replica of many runs, streams and cancels its own)
 
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
@@ -146,8 +150,9 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     running: dict[str, ResponsesRequest] = {}  # background responses not yet answered, by id
     kept, talks, replays = None, None, None
     if settings.response_store:
-        kept = ResponseStore(open_kept(settings.response_store_dir, "responses", settings.response_store))
-        talks = ConversationStore(open_kept(settings.response_store_dir, "conversations", settings.response_store))
+        opened = settings.kept or functools.partial(open_kept, settings.response_store_dir)
+        kept = ResponseStore(opened("responses", settings.response_store))
+        talks = ConversationStore(opened("conversations", settings.response_store))
         replays = Replays(settings.response_store // REPLAY_SHARE)
     if state["engine"] is not None:
         state["metrics"] = _metrics(state["engine"])
@@ -381,7 +386,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
-        asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept, talks)
+        asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept, talks,
+                                 settings.background)  # fmt: skip
         return await complete(request, lambda raw: asked.parse(raw, byte_limit(ready())), "responses", asked.answer,
                               asked.frame, asked.refit, lambda work: asked.start(work, running, replays))  # fmt: skip
 

@@ -22,7 +22,9 @@ FILE = "kept.sqlite3"  # in --response-store-dir
 
 class Kept(Protocol):
     budget: int
-    used: int
+
+    @property
+    def used(self) -> int: ...
 
     def get(self, key: str) -> Any | None: ...
 

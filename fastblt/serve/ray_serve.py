@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -46,6 +47,7 @@ from fastblt.runtime.prompt_cache import DEFAULT_MB
 from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, call_app, create_app, origin_error
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.process import free_port, probe_context
+from fastblt.serve.ray_kept import RayKept, kept_actor, stop_kept_actor
 from fastblt.serve.ray_route import ROUTER_PATH
 from fastblt.serve.tools import CallTags
 
@@ -92,6 +94,7 @@ class ServerOptions:
     tool_call_end: str = ""  # ... and ends it
     log_format: str = "text"  # "json": the request log's fields as attributes Serve's JSON logs write out
     allowed_origins: list[str] = dataclasses.field(default_factory=list)  # CORS: origins whose pages may call
+    response_store_mb: int = 64  # kept responses, and as much of conversations, in one actor for all replicas
 
     @property
     def api_keys(self) -> tuple[str, ...]:
@@ -107,6 +110,9 @@ class ServerOptions:
             raise ConfigError(f"allowed_origins: {why}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: expected 'text' or 'json', got {self.log_format!r}")
+        if isinstance(self.response_store_mb, bool) or not isinstance(self.response_store_mb, int) or (
+                self.response_store_mb < 0):  # fmt: skip
+            raise ConfigError(f"response_store_mb: expected an integer >= 0, got {self.response_store_mb!r:.40}")
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> ServerOptions:
@@ -221,10 +227,14 @@ class FastBltReplica:
         log.info("fastblt replica %s: engine loaded in %.1f s", self.name, time.perf_counter() - t0)
         tags = None if o.tool_call_start is None else CallTags(o.tool_call_start, o.tool_call_end)
         template = None if o.chat_template is None else ChatTemplate.load(o.chat_template, tuple(o.chat_stop), tags)
+        # what clients come back for, in one actor: their next turn may reach any replica
+        actor = kept_actor() if o.response_store_mb else None
         settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_keys=o.api_keys, max_body=o.max_body,
                                  retry_after=o.retry_after, replica=self.name, chat_template=template,
                                  echo_request_id=False, request_logger=REQUEST_LOGGER,
-                                 log_format=o.log_format, allowed_origins=tuple(o.allowed_origins))  # fmt: skip
+                                 log_format=o.log_format, allowed_origins=tuple(o.allowed_origins),
+                                 response_store=o.response_store_mb << 20, background=False,
+                                 kept=None if actor is None else functools.partial(RayKept, actor))  # fmt: skip
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown
         self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
         return app
@@ -422,6 +432,7 @@ def undeploy(cluster: Any = None) -> None:
         if ray.is_initialized():
             if cluster is None:
                 serve.delete(APP)
+                stop_kept_actor()
             elif _still_alive(cluster):
                 serve.shutdown()
     finally:

@@ -139,8 +139,10 @@ class ResponsesRequest:
     (kept in `store` unless the request says store: false)."""
 
     def __init__(self, model_id: str, default_mode: str, template: ChatTemplate | None,
-                 store: ResponseStore | None = None, conversations: ConversationStore | None = None):  # fmt: skip
+                 store: ResponseStore | None = None, conversations: ConversationStore | None = None,
+                 background: bool = True):  # fmt: skip
         self.model_id, self.default_mode, self.template, self.store = model_id, default_mode, template, store
+        self.background = background  # whether background responses are served here
         self.conversations = conversations
         self.conversation: str | None = None  # the kept conversation it continues and adds to
         self.echo: dict[str, Any] = {}
@@ -254,6 +256,10 @@ class ResponsesRequest:
             raise ApiError(400, f"top_logprobs: expected an integer in [0, 20], got {top}", "top_logprobs")
         metadata = get_metadata(body)
         background = get_field(body, "background", bool, default=False)
+        if background and not self.background:
+            raise ApiError(400, "background: not served by a server of many replicas (--ray): only the replica "
+                           "that runs a background response could stream or cancel it; send it in the foreground",
+                           "background")  # fmt: skip
         if background and not self.keep:
             raise ApiError(400, "background: its answer is read from the kept response: store true, on a server "
                            "that keeps responses", "background")  # fmt: skip

@@ -83,6 +83,16 @@ def test_print_config_passes_the_lanes_prompt_sharing(monkeypatch, capsys):
     assert "share_prompts" not in app["args"]  # the default
 
 
+def test_replicas_keep_responses_in_one_store_as_the_command_says(monkeypatch, capsys):
+    (app,) = print_config(["--response-store-mb", "0"], monkeypatch, capsys)["applications"]
+    assert app["args"]["response_store_mb"] == 0 and ServerOptions.from_args(app["args"]).response_store_mb == 0
+    (app,) = print_config([], monkeypatch, capsys)["applications"]
+    assert "response_store_mb" not in app["args"] and ServerOptions().response_store_mb == 64  # the command's default
+    for bad in (-1, 1.5, True, "64"):
+        with pytest.raises(ConfigError, match="response_store_mb"):
+            ServerOptions(response_store_mb=bad)
+
+
 def test_replicas_take_a_key_or_a_list_of_keys():
     assert ray_serve.ServerOptions(api_key="a").api_keys == ("a",)
     assert ray_serve.ServerOptions(api_key=["a", "b"]).api_keys == ("a", "b")
@@ -272,9 +282,9 @@ def test_replicas_answer_as_generate_and_share_the_load(ray_server, reference):
     r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
     assert r.choices[0].message.content == want and r.object == "chat.completion"
     kept = c.responses.create(model=MODEL, input=messages[0]["content"], max_output_tokens=24, temperature=0)
-    assert kept.output_text == want and kept.store is False  # replicas keep no responses
+    assert kept.output_text == want and kept.store is True  # in the store every replica shares
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
-        c.responses.create(model=MODEL, input="x", previous_response_id=kept.id)
+        c.responses.create(model=MODEL, input="x", previous_response_id="resp_none")
 
 
 @pytest.mark.timeout(300)
@@ -317,6 +327,40 @@ def test_a_sessions_requests_go_to_one_replica_whose_snapshots_its_next_turn_loa
     second = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
                                        extra_headers=session)  # fmt: skip
     assert second.usage.prompt_tokens_details.cached_tokens > 256
+
+
+def test_responses_and_conversations_are_kept_for_every_replica(ray_server):
+    """Replicas keep what clients come back for in one actor: a chain of previous_response_id and a
+    conversation go on whichever replica each turn reaches (sessions pin turns to one or the
+    other here); background responses are refused (only one replica could stream or cancel one)."""
+    c = openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key="-", max_retries=0, timeout=120)
+    keys: dict[str, str] = {}  # replica -> a session key that reaches it
+    for key in (f"kept-{i}" for i in range(64)):
+        r = c.completions.with_raw_response.create(model=MODEL, prompt="x", max_tokens=1,
+                                                   extra_headers={SESSION_HEADER: key})  # fmt: skip
+        keys.setdefault(r.headers[REPLICA_HEADER], key)
+        if len(keys) == 2:
+            break
+    on = [{SESSION_HEADER: key} for key in keys.values()]
+    answered, previous = set(), None
+    for turn in range(4):
+        r = c.responses.with_raw_response.create(model=MODEL, input=f"turn {turn}", max_output_tokens=4,
+                                                 previous_response_id=previous, extra_headers=on[turn % 2])  # fmt: skip
+        answered.add(r.headers[REPLICA_HEADER])
+        previous = r.parse().id
+    assert answered == set(keys)  # each turn continued the one the other replica answered
+    items = c.responses.input_items.list(previous, extra_headers=on[0])
+    assert [i.content[0].text for i in items.data] == ["turn 3"]
+    conv = c.conversations.create(items=[{"role": "user", "content": "import os"}], extra_headers=on[0])
+    r = c.responses.create(model=MODEL, conversation=conv.id, input="def main(", max_output_tokens=4,
+                           extra_headers=on[1])  # fmt: skip
+    listed = c.conversations.items.list(conv.id, order="asc", extra_headers=on[0]).data
+    assert [i.type for i in listed] == ["message"] * 3 and listed[2].content[0].text == r.output_text
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model=MODEL, input="x", background=True, extra_headers=on[0])
+    assert e.value.body["param"] == "background"
+    text = httpx.get(f"{ray_server.url}/metrics", headers=on[1]).text
+    assert float(re.search(r'^fastblt_kept_bytes\{store="responses"\} (\S+)$', text, re.M).group(1)) > 0
 
 
 @pytest.mark.timeout(420)

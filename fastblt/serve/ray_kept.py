@@ -1,0 +1,77 @@
+"""One store of kept responses and conversations for every replica of `fastblt serve --ray`.
+
+A client's next turn (`previous_response_id`, `conversation`) may reach any replica, so replicas
+do not keep what clients come back for in their own memory: they keep it in one Ray actor
+(KEPT_ACTOR, detached, no CPU reserved), a MemoryKept per table, and each replica's app reads it
+through a RayKept (the Kept protocol, each call a round trip off the event loop, as the app
+already makes store calls). The actor lives until `fastblt serve --ray` undeploys (or the cluster
+stops): replicas that come and go, and a redeploy of the app, keep the conversations.
+Docs: docs/scale-out.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import ray
+
+from fastblt.serve.kept import MemoryKept
+
+KEPT_ACTOR, KEPT_NAMESPACE = "fastblt-kept", "fastblt"
+
+
+class _KeptActor:
+    """The tables of kept values, each a MemoryKept of its own budget (the first caller's)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, MemoryKept] = {}
+
+    def _table(self, table: str, budget: int) -> MemoryKept:
+        return self.tables.setdefault(table, MemoryKept(budget))
+
+    def get(self, table: str, budget: int, key: str) -> Any | None:
+        return self._table(table, budget).get(key)
+
+    def put(self, table: str, budget: int, key: str, value: Any) -> bool:
+        return self._table(table, budget).put(key, value)
+
+    def delete(self, table: str, budget: int, key: str) -> bool:
+        return self._table(table, budget).delete(key)
+
+    def used(self, table: str, budget: int) -> int:
+        return self._table(table, budget).used
+
+
+def kept_actor() -> ray.actor.ActorHandle:
+    """The cluster's store actor, started by the first replica that asks for it."""
+    actor = ray.remote(num_cpus=0, max_restarts=0)(_KeptActor)
+    return actor.options(name=KEPT_ACTOR, namespace=KEPT_NAMESPACE, lifetime="detached",
+                         get_if_exists=True).remote()  # fmt: skip
+
+
+def stop_kept_actor() -> None:
+    """End the store actor, if there is one (what it kept is gone)."""
+    with contextlib.suppress(ValueError):  # none was started
+        ray.kill(ray.get_actor(KEPT_ACTOR, namespace=KEPT_NAMESPACE))
+
+
+class RayKept:
+    """Table `table` of the store actor, as the Kept protocol reads it (a value comes back as a
+    copy, as from a file)."""
+
+    def __init__(self, actor: ray.actor.ActorHandle, table: str, budget: int):
+        self.actor, self.table, self.budget = actor, table, budget
+
+    @property
+    def used(self) -> int:
+        return ray.get(self.actor.used.remote(self.table, self.budget))
+
+    def get(self, key: str) -> Any | None:
+        return ray.get(self.actor.get.remote(self.table, self.budget, key))
+
+    def put(self, key: str, value: Any) -> bool:
+        return ray.get(self.actor.put.remote(self.table, self.budget, key, value))
+
+    def delete(self, key: str) -> bool:
+        return ray.get(self.actor.delete.remote(self.table, self.budget, key))
