@@ -45,7 +45,9 @@ class _KeptActor:
 
 def kept_actor() -> ray.actor.ActorHandle:
     """The cluster's store actor, started by the first replica that asks for it."""
-    actor = ray.remote(num_cpus=0, max_restarts=0)(_KeptActor)
+    # should its process die, Ray starts it again (empty: what it kept is lost, the replicas go on)
+    # and sends the calls it was given once more
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=1)(_KeptActor)
     return actor.options(name=KEPT_ACTOR, namespace=KEPT_NAMESPACE, lifetime="detached",
                          get_if_exists=True).remote()  # fmt: skip
 
