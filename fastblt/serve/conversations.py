@@ -11,7 +11,7 @@ Items are checked and given their stored shape by responses.py, which reads and 
 
 from __future__ import annotations
 
-import threading
+import functools
 import time
 import uuid
 
@@ -26,14 +26,14 @@ def public(conv: dict) -> dict:
 
 
 class ConversationStore:
-    """Conversations by id in a Kept map (in memory, or in --response-store-dir's file), the least
-    recently used dropped past its budget. A conversation is kept whole ({id, created_at,
-    metadata, items}) and read, changed and put again under one lock, so that two responses
-    adding to it at once both land."""
+    """Conversations by id in a Kept map (in memory, in --response-store-dir's file, or in the
+    actor Ray replicas share), the least recently used dropped past its budget. A conversation is
+    kept whole ({id, created_at, metadata, items}) and changed through the map's `update` (read,
+    changed and put as one step), so that two responses adding to it at once both land, from one
+    server or from two replicas."""
 
     def __init__(self, kept: Kept | int):
         self.kept = MemoryKept(kept) if isinstance(kept, int) else kept
-        self._lock = threading.Lock()
 
     @property
     def budget(self) -> int:
@@ -45,8 +45,7 @@ class ConversationStore:
 
     def create(self, items: list[dict], metadata: dict[str, str]) -> dict:
         conv = {"id": f"conv_{uuid.uuid4().hex}", "created_at": int(time.time()), "metadata": metadata, "items": []}
-        with self._lock:
-            self._put(conv, items)
+        self.kept.put(conv["id"], grown(conv, items, self.budget))
         return public(conv)
 
     def public(self, cid: str) -> dict | None:
@@ -60,47 +59,44 @@ class ConversationStore:
 
     def add(self, cid: str, items: list[dict]) -> bool:
         """Append `items`; False when no such conversation is kept."""
-        with self._lock:
-            conv = self.kept.get(cid)
-            if conv is not None:
-                self._put(conv, items)
-            return conv is not None
+        return self.kept.update(cid, functools.partial(grown, new=items, budget=self.budget)) is not None
 
     def set_metadata(self, cid: str, metadata: dict[str, str]) -> dict | None:
-        with self._lock:
-            conv = self.kept.get(cid)
-            if conv is None:
-                return None
-            conv["metadata"] = metadata
-            self._put(conv, [])
-            return public(conv)
+        conv = self.kept.update(cid, functools.partial(_with_metadata, metadata=metadata))
+        return None if conv is None else public(conv)
 
     def delete(self, cid: str) -> bool:
-        with self._lock:
-            return self.kept.delete(cid)
+        return self.kept.delete(cid)
 
     def delete_item(self, cid: str, item_id: str) -> bool | None:
         """Drop one item: True, False when the conversation has none of that id, None when no
         such conversation is kept."""
-        with self._lock:
-            conv = self.kept.get(cid)
-            if conv is None:
-                return None
-            at = next((i for i, item in enumerate(conv["items"]) if item.get("id") == item_id), None)
-            if at is not None:
-                del conv["items"][at]
-                self._put(conv, [])
-            return at is not None
+        items = self.items(cid)
+        if items is None:
+            return None
+        if not any(item.get("id") == item_id for item in items):
+            return False
+        return self.kept.update(cid, functools.partial(_without_item, item_id=item_id)) is not None
 
-    def _put(self, conv: dict, new: list[dict]) -> None:
-        """Keep `conv` with `new` items after its own; one that alone outgrows the budget keeps its
-        newest items (the least recently used others go first, as any put)."""
-        items = conv["items"] = [*conv["items"], *new]
-        over, drop = size_of(conv) - self.kept.budget, 0
-        while over > 0 and drop < len(items):  # an estimate: an item and the ", " after it
-            over -= size_of(items[drop]) + 2
-            drop += 1
-        conv["items"] = items[drop:]
-        while size_of(conv) > self.kept.budget and conv["items"]:
-            del conv["items"][0]
-        self.kept.put(conv["id"], conv)
+
+def grown(conv: dict, new: list[dict], budget: int) -> dict:
+    """`conv` with `new` items after its own; one that alone outgrows `budget` keeps its newest
+    items (the least recently used others go first, as at any put). A change of the value alone:
+    it runs where the map is (a Ray actor, for replicas)."""
+    items = conv["items"] = [*conv["items"], *new]
+    over, drop = size_of(conv) - budget, 0
+    while over > 0 and drop < len(items):  # an estimate: an item and the ", " after it
+        over -= size_of(items[drop]) + 2
+        drop += 1
+    conv["items"] = items[drop:]
+    while size_of(conv) > budget and conv["items"]:
+        del conv["items"][0]
+    return conv
+
+
+def _with_metadata(conv: dict, metadata: dict[str, str]) -> dict:
+    return {**conv, "metadata": metadata}
+
+
+def _without_item(conv: dict, item_id: str) -> dict:
+    return {**conv, "items": [item for item in conv["items"] if item.get("id") != item_id]}

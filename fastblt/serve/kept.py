@@ -5,7 +5,8 @@ the server's memory, or in a SQLite file that a restarted server reads again.
 Both hold JSON-able values and count each by its JSON's length; `put` keeps a value and lets the
 least recently used others go until the map is back within its budget. A value is read back as
 a new object from the file, and as the same object from memory: callers change a value only to
-put it again.
+put it again, or through `update`, which reads, changes and puts one value as one step (two
+writers changing one value at once both land).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import sqlite3
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +34,11 @@ class Kept(Protocol):
 
     def delete(self, key: str) -> bool: ...
 
+    def update(self, key: str, change: Callable[[Any], Any]) -> Any | None:
+        """`change(value)` kept under `key`, read and put as one step; the value kept (None: no
+        such key, nothing put). `change` sees its own copy and returns the value to keep."""
+        ...
+
 
 def size_of(value: Any) -> int:
     """A value's bytes as the budget counts them: its JSON's."""
@@ -44,7 +51,7 @@ class MemoryKept:
     def __init__(self, budget: int):
         self.budget, self.used = budget, 0
         self._values: OrderedDict[str, tuple[Any, int]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # update holds it across its get and put
 
     def get(self, key: str) -> Any | None:
         with self._lock:
@@ -68,6 +75,15 @@ class MemoryKept:
                 self.used -= self._values.popitem(last=False)[1][1]
         return True
 
+    def update(self, key: str, change: Callable[[Any], Any]) -> Any | None:
+        with self._lock:
+            found = self.get(key)
+            if found is None:
+                return None
+            value = change(json.loads(json.dumps(found)))  # its own copy: a failed change leaves the kept one
+            self.put(key, value)
+            return value
+
     def delete(self, key: str) -> bool:
         with self._lock:
             old = self._values.pop(key, None)
@@ -83,7 +99,7 @@ class FileKept:
 
     def __init__(self, path: Path, table: str, budget: int):
         self.budget, self.table = budget, table
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # update holds it across its get and put
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; a crash keeps the file whole
@@ -123,6 +139,15 @@ class FileKept:
                 self.used = self._db.execute(f"SELECT COALESCE(SUM(size), 0) FROM {self.table}").fetchone()[0]
                 raise
         return True
+
+    def update(self, key: str, change: Callable[[Any], Any]) -> Any | None:
+        with self._lock:
+            found = self.get(key)  # a new object: the change cannot touch what is kept
+            if found is None:
+                return None
+            value = change(found)
+            self.put(key, value)
+            return value
 
     def delete(self, key: str) -> bool:
         with self._lock:

@@ -12,6 +12,7 @@ Docs: docs/scale-out.md.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -38,6 +39,9 @@ class _KeptActor:
 
     def delete(self, table: str, budget: int, key: str) -> bool:
         return self._table(table, budget).delete(key)
+
+    def update(self, table: str, budget: int, key: str, change: Callable[[Any], Any]) -> Any | None:
+        return self._table(table, budget).update(key, change)  # one call at a time here: one step
 
     def used(self, table: str, budget: int) -> int:
         return self._table(table, budget).used
@@ -77,3 +81,7 @@ class RayKept:
 
     def delete(self, key: str) -> bool:
         return ray.get(self.actor.delete.remote(self.table, self.budget, key))
+
+    def update(self, key: str, change: Callable[[Any], Any]) -> Any | None:
+        """`change` runs in the actor (sent there by value): it must not call the store."""
+        return ray.get(self.actor.update.remote(self.table, self.budget, key, change))

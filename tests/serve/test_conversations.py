@@ -135,3 +135,35 @@ def test_conversations_through_the_openai_client(server, reference):
                          headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
         assert got.status_code == 400 and got.json()["error"]["param"] == "items", got.text
         assert got.json()["error"]["message"].startswith("items: expected a list")
+
+
+def test_responses_adding_to_one_conversation_at_once_all_land():
+    """Two stores over one map (two replicas over one actor's map): adds to one conversation from
+    many threads at once are each read, grown and put as one step, none lost."""
+    import sys
+    import threading
+
+    from fastblt.serve.kept import MemoryKept
+
+    shared = MemoryKept(1 << 22)
+    stores = [ConversationStore(shared), ConversationStore(shared)]
+    cid = stores[0].create([], {})["id"]
+
+    def adding(k: int) -> None:
+        for n in range(100):
+            assert stores[k % 2].add(cid, [_item(f"{k}-{n}")])
+
+    threads = [threading.Thread(target=adding, args=(k,)) for k in range(6)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often: a read and a put of two adds interleave
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    got = stores[1].items(cid)
+    assert len(got) == 600 and len({i["content"][0]["text"] for i in got}) == 600
+    assert stores[0].delete_item(cid, got[0]["id"]) is True and stores[1].delete_item(cid, got[0]["id"]) is False
+    assert len(stores[1].items(cid)) == 599 and stores[0].delete_item("conv_none", "x") is None
