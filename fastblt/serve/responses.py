@@ -790,9 +790,12 @@ _CHAT_NAMES = ((re.compile(r"messages(\[\d+\])?(\.[\w.\[\]]+)?"), "input"),
                (re.compile(r"(tools\[\d+\])\.custom\.format\.grammar"), r"\1.format"),
                (re.compile(r"(tools\[\d+\])\.(function|custom)"), r"\1"),
                (re.compile(r"logprobs"), "include"))  # fmt: skip
-# chat's named tool_choices, as its errors write them, and as a Responses body writes them
-_CHAT_CHOICES = (('{"type": "function", "function": {"name": ...}}', '{"type": "function", "name": ...}'),
-                 ('{"type": "custom", "custom": {"name": ...}}', '{"type": "custom", "name": ...}'))  # fmt: skip
+# chat's shapes (named tool_choices, a custom tool's format), as its errors write them, and as a
+# Responses body writes them
+_CHAT_SHAPES = (('{"type": "function", "function": {"name": ...}}', '{"type": "function", "name": ...}'),
+                ('{"type": "custom", "custom": {"name": ...}}', '{"type": "custom", "name": ...}'),
+                ('{"type": "grammar", "grammar": {"syntax": "lark" or "regex", "definition": str}}',
+                 '{"type": "grammar", "syntax": "lark" or "regex", "definition": str}'))  # fmt: skip
 
 
 def _responses_name(path: str) -> str:
@@ -808,7 +811,7 @@ def _renamed(e: ApiError) -> ApiError:
     head, sep, rest = e.message.partition(": ")
     message = (_responses_name(head) + sep + rest) if sep and " " not in head else e.message
     e.param = None if e.param is None else _responses_name(e.param)
-    for chat, own in _CHAT_CHOICES:
+    for chat, own in _CHAT_SHAPES:
         message = message.replace(chat, own)
     e.message = message
     return e

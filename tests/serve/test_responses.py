@@ -722,6 +722,9 @@ def test_a_custom_tools_grammar_error_names_the_responses_field():
     with pytest.raises(ApiError) as e:
         parse(tools=[tool], tool_choice={"type": "custom", "name": "a"})
     assert e.value.message == "tools[0].format.definition: rule x is used but not defined" and e.value.param == "tools"
+    with pytest.raises(ApiError) as e:
+        parse(tools=[{**tool, "format": {"type": "lark"}}], tool_choice={"type": "custom", "name": "a"})
+    assert '{"type": "grammar", "syntax": "lark" or "regex", "definition": str}' in e.value.message
     lark = {**tool, "format": {**tool["format"], "definition": 'start: "x"'}}
     with pytest.raises(ApiError) as e:
         parse(tools=[lark], tool_choice="required")  # a Lark grammar: called only when named
