@@ -379,7 +379,9 @@ class CustomShape(ChatShape):
         self.ids: dict[int, str] = {}
 
     def _id(self, index: int) -> str:
-        return self.ids.setdefault(index, f"call_{uuid.uuid4().hex[:24]}")
+        if index not in self.ids:
+            self.ids[index] = f"call_{uuid.uuid4().hex[:24]}"
+        return self.ids[index]
 
     def choice(self, text: str, reason: str | None, index: int, logprobs: dict | None) -> dict:
         call = {"id": self._id(index), "type": "custom", "custom": {"name": self.name, "input": text}}

@@ -316,7 +316,8 @@ class CallReader:
         self.customs = customs  # names whose calls are custom: their arguments a JSON string, read as its text
         self._begun: list[tuple[str, str]] = []  # (id, name) of each call begun, in order
         self._args: list[list[str]] = []  # each one's arguments as far as written
-        self._inputs: dict[int, tuple[int, str]] = {}  # a custom call's: (its arguments read, its input decoded)
+        self._read_at: dict[int, int] = {}  # a custom call's: how much of its arguments is decoded
+        self._inputs: dict[int, list[str]] = {}  # ... and its input, in the pieces decoded
         self.closed = 0  # how many of them closed: an answer cut short leaves its last one open
         self._read: Any = self._answer() if tags is None else self._tagged(tags)
         next(self._read)
@@ -334,11 +335,10 @@ class CallReader:
         out: list[dict] = []
         for j, args in enumerate(self._args):
             if self._begun[j][1] in self.customs:  # its input as far as its string is written and decoded
-                sent = len(self._inputs.get(j, (0, ""))[1])
                 if j >= begun:
                     out.append({"index": j, **self._entry(j)})
-                elif len(now := self._input(j)) > sent:
-                    out.append({"index": j, "custom": {"input": now[sent:]}})
+                elif more := self._decode(j):
+                    out.append({"index": j, "custom": {"input": more}})
             elif j >= begun:
                 out.append({"index": j, **self._entry(j)})
             elif len(args) > written[j]:
@@ -353,23 +353,20 @@ class CallReader:
         """The calls that closed, as a whole answer's message gives them."""
         return [self._entry(j) for j in range(self.closed)]
 
-    def _input(self, j: int) -> str:
-        """A custom call's input as far as its JSON string is written: decoded from where it was
+    def _decode(self, j: int) -> str:
+        """What a custom call's input gained since last decoded: its JSON string from where it was
         last read to the last whole escape (each character read once)."""
-        read, text = self._inputs.get(j, (1, ""))  # 1: past the string's opening quote
-        tail = "".join(self._args[j][read:])
-        whole, more = _decoded(tail)
-        self._inputs[j] = read + whole, text + more
-        return text + more
+        read = self._read_at.get(j, 1)  # 1: past the string's opening quote
+        whole, more = _decoded("".join(self._args[j][read:]))
+        self._read_at[j] = read + whole
+        self._inputs.setdefault(j, []).append(more)
+        return more
 
     def _entry(self, j: int) -> dict:
         call_id, name = self._begun[j]
         if name in self.customs:
-            return {
-                "id": call_id,
-                "type": "custom",
-                "custom": {"name": name, "input": self._input(j)},
-            }
+            self._decode(j)
+            return {"id": call_id, "type": "custom", "custom": {"name": name, "input": "".join(self._inputs[j])}}
         return {"id": call_id, "type": "function", "function": {"name": name, "arguments": "".join(self._args[j])}}
 
     def _answer(self) -> Generator[None, str, None]:
