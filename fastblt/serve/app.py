@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
+import logging
 import math
 import os
 import re
@@ -69,10 +70,11 @@ from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.conversations import ConversationStore
 from fastblt.serve.kept import Kept, open_kept
 from fastblt.serve.metrics import CONTENT_TYPE, KeptCollector, Metrics
-from fastblt.serve.replay import Replays
+from fastblt.serve.replay import POLL_S, Relay, Replays, remote_follow
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
 from fastblt.serve.request_log import LOGGER, RequestRecord, request_id, trace_id
 from fastblt.serve.responses import (
+    RUNNING,
     ResponsesRequest,
     ResponseStore,
     Stored,
@@ -90,7 +92,11 @@ SERVE_EXTRA_IDS = 2
 MAX_REFITS = 2  # times a request is shortened again after its text reached the position limit
 NO_CACHE = {"Cache-Control": "no-cache"}  # a stream's headers
 REPLAY_SHARE = 4  # background streams' events are kept within this fraction of --response-store-mb
+CANCEL_POLL_S = 0.25  # how often a replica asks for the cancels of its background responses asked elsewhere
+# how long a replica waits for a background stream another one runs to publish its first events
+PUBLISHED_WAIT_S = 2.0
 T = TypeVar("T")
+logger = logging.getLogger("fastblt.serve")
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,9 @@ class ServeSettings:
     response_store_dir: Path | None = None
     # how the app opens a store (a table of that many bytes): None, in memory or the dir's file
     kept: Callable[[str, int], Kept] | None = None
-    background: bool = True  # background responses served (a replica of many runs, streams and cancels its own)
+    # what the replicas of one server publish for each other (background streams' events, cancels
+    # passed on): ray_kept.RayRelay; None: one server, which runs every background response it has
+    relay: Relay | None = None
 
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
@@ -148,7 +156,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     state: dict = {"engine": engine if isinstance(engine, AsyncEngine) else None, "metrics": Metrics(),
                    "fingerprint": None}  # fmt: skip
     running: dict[str, ResponsesRequest] = {}  # background responses not yet answered, by id
-    kept, talks, replays = None, None, None
+    kept, talks, replays, relay = None, None, None, settings.relay
     if settings.response_store:
         opened = settings.kept or functools.partial(open_kept, settings.response_store_dir)
         kept = ResponseStore(opened("responses", settings.response_store))
@@ -171,6 +179,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             async with contextlib.AsyncExitStack() as stack:
                 for extra in app.state.lifespans:  # what was added to the app (batches.py's runner)
                     await stack.enter_async_context(extra(app))
+                if relay is not None:
+                    stack.enter_context(_running_task(take_cancels(), "fastblt cancels"))
                 yield
                 for job in list(running.values()):  # kept in this process's memory only: nothing to finish for
                     await job.cancel()
@@ -386,18 +396,42 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
-        asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept, talks,
-                                 settings.background)  # fmt: skip
+        asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept, talks)
+        publish = None if relay is None else lambda rid: functools.partial(relay.publish, rid)
         return await complete(request, lambda raw: asked.parse(raw, byte_limit(ready())), "responses", asked.answer,
-                              asked.frame, asked.refit, lambda work: asked.start(work, running, replays))  # fmt: skip
+                              asked.frame, asked.refit,
+                              lambda work: asked.start(work, running, replays, publish))  # fmt: skip
+
+    async def take_cancels() -> None:
+        """Stop the background responses a cancel was asked for on another replica (a round trip
+        to the relay every CANCEL_POLL_S while any runs here)."""
+        assert relay is not None
+        while True:
+            await asyncio.sleep(CANCEL_POLL_S)
+            if not running:
+                continue
+            try:
+                asked = await relay.cancelled(list(running))
+            except Exception as e:  # noqa: BLE001 (the store actor restarting: asked again next time)
+                logger.warning("fastblt: cancels of background responses not read: %r", e)
+                continue
+            for rid in asked:
+                if (job := running.get(rid)) is not None:
+                    await job.cancel()
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(request: Request, response_id: str) -> JSONResponse:
-        if not (await stored(request, response_id)).response.get("background"):
+        found = (await stored(request, response_id)).response
+        if not found.get("background"):
             raise ApiError(400, f"response {response_id!r:.80}: only a background response can be cancelled", None,
                            "not_cancellable")  # fmt: skip
         if (job := running.get(response_id)) is not None:
             await job.cancel()
+        elif relay is not None and found["status"] in RUNNING:  # another replica runs it
+            await relay.cancel(response_id)
+            assert kept is not None
+            found = await asyncio.to_thread(kept.cancel, response_id) or found
+            return JSONResponse(found)
         return JSONResponse((await stored(request, response_id)).response)
 
     # the stores' reads and writes off the event loop: in a file, a long conversation is megabytes of JSON
@@ -423,11 +457,27 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         if stream == "false":
             return JSONResponse(found.response)
         log = None if replays is None else replays.get(response_id)
-        if log is None:
+        if log is not None:
+            events = log.follow(int(after or -1))
+        elif (published := await read_published(response_id, int(after or -1), found.response)) is not None:
+            events = remote_follow(relay, response_id, int(after or -1), *published)  # type: ignore[arg-type]
+        else:
             raise ApiError(400, f"response {response_id!r:.80}: its events are not kept: only a response created "
                            "with background and stream is streamed again, while it runs and for a while after it "
                            "ended; GET it without stream=true", "stream")  # fmt: skip
-        return StreamingResponse(log.follow(int(after or -1)), media_type="text/event-stream", headers=NO_CACHE)
+        return StreamingResponse(events, media_type="text/event-stream", headers=NO_CACHE)
+
+    async def read_published(response_id: str, after: int, response: dict) -> tuple[list[bytes], bool] | None:
+        """The first events after `after` of a background stream another replica runs (None: not
+        published): a response that runs may not have published its first events yet."""
+        if relay is None:
+            return None
+        deadline = time.monotonic() + PUBLISHED_WAIT_S
+        while (got := await relay.read(response_id, after)) is None and response["status"] in RUNNING:
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(POLL_S)
+        return got
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(request: Request, response_id: str) -> JSONResponse:
@@ -435,8 +485,12 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         assert kept is not None and replays is not None
         if (job := running.get(response_id)) is not None:  # stopped first: its end would keep it again
             await job.cancel()
+        elif relay is not None:  # another replica may run it (its end does not keep a deleted one)
+            await relay.cancel(response_id)
         await asyncio.to_thread(kept.delete, response_id)
         replays.drop(response_id)
+        if relay is not None:
+            await relay.drop(response_id)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
     async def body_of(request: Request) -> dict:
@@ -644,6 +698,16 @@ async def _fitted(comp: Completion, refit: Callable[[PositionLimit], Completion 
             if shorter is None:
                 raise _field_error(e, comp) from None
             comp, refits = shorter, refits + 1
+
+
+@contextlib.contextmanager
+def _running_task(work: Coroutine[Any, Any, None], name: str) -> Iterator[asyncio.Task]:
+    """`work` as a task while the block runs, cancelled after it."""
+    task = asyncio.get_running_loop().create_task(work, name=name)
+    try:
+        yield task
+    finally:
+        task.cancel()
 
 
 @contextlib.contextmanager

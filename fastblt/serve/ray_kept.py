@@ -4,8 +4,12 @@ A client's next turn (`previous_response_id`, `conversation`) may reach any repl
 do not keep what clients come back for in their own memory: they keep it in one Ray actor
 (KEPT_ACTOR, detached, no CPU reserved), a MemoryKept per table, and each replica's app reads it
 through a RayKept (the Kept protocol, each call a round trip off the event loop, as the app
-already makes store calls). The actor lives until `fastblt serve --ray` undeploys (or the cluster
-stops): replicas that come and go, and a redeploy of the app, keep the conversations.
+already makes store calls). Background responses run on the replica that was asked for them; the
+events of a streamed one are published to the actor as they are made (replay.Published), and a
+cancel asked of another replica waits there until the one that runs it takes it (RayRelay), so
+that any replica streams, cancels and deletes any of them. The actor lives until `fastblt serve
+--ray` undeploys (or the cluster stops): replicas that come and go, and a redeploy of the app,
+keep the conversations.
 Docs: docs/scale-out.md.
 """
 
@@ -18,6 +22,7 @@ from typing import Any
 import ray
 
 from fastblt.serve.kept import MemoryKept
+from fastblt.serve.replay import Published
 
 KEPT_ACTOR, KEPT_NAMESPACE = "fastblt-kept", "fastblt"
 
@@ -27,6 +32,7 @@ class _KeptActor:
 
     def __init__(self) -> None:
         self.tables: dict[str, MemoryKept] = {}
+        self.published: Published | None = None  # background streams' events, and cancels passed on
 
     def _table(self, table: str, budget: int) -> MemoryKept:
         return self.tables.setdefault(table, MemoryKept(budget))
@@ -45,6 +51,26 @@ class _KeptActor:
 
     def used(self, table: str, budget: int) -> int:
         return self._table(table, budget).used
+
+    def _published(self, budget: int) -> Published:
+        if self.published is None:
+            self.published = Published(budget)
+        return self.published
+
+    def log_add(self, budget: int, rid: str, first: int, events: list[bytes], ended: bool) -> None:
+        self._published(budget).add(rid, first, events, ended)
+
+    def log_read(self, budget: int, rid: str, after: int) -> tuple[list[bytes], bool] | None:
+        return self._published(budget).read(rid, after)
+
+    def log_drop(self, budget: int, rid: str) -> None:
+        self._published(budget).drop(rid)
+
+    def cancel(self, budget: int, rid: str) -> None:
+        self._published(budget).cancel(rid)
+
+    def cancelled(self, budget: int, rids: list[str]) -> list[str]:
+        return self._published(budget).cancelled(rids)
 
 
 def kept_actor() -> ray.actor.ActorHandle:
@@ -85,3 +111,26 @@ class RayKept:
     def update(self, key: str, change: Callable[[Any], Any]) -> Any | None:
         """`change` runs in the actor (sent there by value): it must not call the store."""
         return ray.get(self.actor.update.remote(self.table, self.budget, key, change))
+
+
+class RayRelay:
+    """The store actor's Published, as replay.Relay reads it: `budget` bytes of ended logs (the
+    first replica's)."""
+
+    def __init__(self, actor: ray.actor.ActorHandle, budget: int):
+        self.actor, self.budget = actor, budget
+
+    def publish(self, rid: str, first: int, events: list[bytes], ended: bool) -> None:
+        self.actor.log_add.remote(self.budget, rid, first, events, ended)  # not waited for: ordered by `first`
+
+    async def read(self, rid: str, after: int) -> tuple[list[bytes], bool] | None:
+        return await self.actor.log_read.remote(self.budget, rid, after)
+
+    async def drop(self, rid: str) -> None:
+        await self.actor.log_drop.remote(self.budget, rid)
+
+    async def cancel(self, rid: str) -> None:
+        await self.actor.cancel.remote(self.budget, rid)
+
+    async def cancelled(self, rids: list[str]) -> list[str]:
+        return await self.actor.cancelled.remote(self.budget, rids)

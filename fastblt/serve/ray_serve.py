@@ -44,10 +44,10 @@ from ray.serve.metrics import Gauge
 from fastblt.errors import ConfigError, FastBltError
 from fastblt.runtime.async_engine import AsyncEngine
 from fastblt.runtime.prompt_cache import DEFAULT_MB
-from fastblt.serve.app import SERVE_EXTRA_IDS, ServeSettings, call_app, create_app, origin_error
+from fastblt.serve.app import REPLAY_SHARE, SERVE_EXTRA_IDS, ServeSettings, call_app, create_app, origin_error
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.process import free_port, probe_context
-from fastblt.serve.ray_kept import RayKept, kept_actor, stop_kept_actor
+from fastblt.serve.ray_kept import RayKept, RayRelay, kept_actor, stop_kept_actor
 from fastblt.serve.ray_route import ROUTER_PATH
 from fastblt.serve.tools import CallTags
 
@@ -233,8 +233,10 @@ class FastBltReplica:
                                  retry_after=o.retry_after, replica=self.name, chat_template=template,
                                  echo_request_id=False, request_logger=REQUEST_LOGGER,
                                  log_format=o.log_format, allowed_origins=tuple(o.allowed_origins),
-                                 response_store=o.response_store_mb << 20, background=False,
-                                 kept=None if actor is None else functools.partial(RayKept, actor))  # fmt: skip
+                                 response_store=o.response_store_mb << 20,
+                                 kept=None if actor is None else functools.partial(RayKept, actor),
+                                 relay=None if actor is None else RayRelay(actor, (o.response_store_mb << 20)
+                                                                           // REPLAY_SHARE))  # fmt: skip
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown
         self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
         return app

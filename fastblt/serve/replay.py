@@ -6,14 +6,26 @@ number of readers follow the log from any event on (the POST that created it fro
 /v1/responses/{id}?stream=true&starting_after=n from the one after event n). A client that loses
 its connection reconnects and reads on where it stopped; the answer never waited for it. Logs are
 kept while their response runs and, once it ended, the most recently ended within a byte budget.
+
+A server of many replicas (`fastblt serve --ray`) also publishes each log through a Relay (one
+store every replica reads: ray_kept.py's actor holds a Published), so that a reader whom another
+replica answers follows it too (RemoteLog), and a cancel that reaches another replica is passed
+on to the one that runs the response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+POLL_S = 0.05  # how often a RemoteLog asks for events while none are new
+STALE_S = 3600.0  # a published log not added to (or a cancel not taken) this long is dropped: its replica died
+
+Publish = Callable[[int, list[bytes], bool], None]  # (sequence number of the first, events, ended)
 
 
 class EventLog:
@@ -21,12 +33,13 @@ class EventLog:
     `add` may be called from any thread (a stream's last frame is written off the event loop);
     readers run on the loop the log was made on."""
 
-    def __init__(self) -> None:
+    def __init__(self, publish: Publish | None = None) -> None:
         self.events: list[bytes] = []
         self.nbytes = 0
         self.ended = False
         self._loop = asyncio.get_running_loop()
         self._grew = asyncio.Event()
+        self._publish, self._sent = publish, 0  # events published so far
 
     def add(self, event: bytes) -> None:
         self.events.append(event)
@@ -39,7 +52,17 @@ class EventLog:
 
     def _wake(self) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: no reader is left to wake
-            self._loop.call_soon_threadsafe(self._grew.set)
+            self._loop.call_soon_threadsafe(self._grown)
+
+    def _grown(self) -> None:
+        """On the loop: wake the readers, and publish what is new in one call (the events added
+        since the last loop turn go together)."""
+        self._grew.set()
+        if self._publish is not None and (self._sent < len(self.events) or self.ended):
+            first, self._sent = self._sent, len(self.events)
+            self._publish(first, self.events[first : self._sent], self.ended and self._sent == len(self.events))
+            if self.ended:
+                self._publish = None  # said once
 
     async def follow(self, after: int = -1) -> AsyncIterator[bytes]:
         """The events after sequence number `after`, as they come, until the response ended.
@@ -71,8 +94,8 @@ class Replays:
         """Bytes of the events kept: the running logs' and the ended ones'."""
         return self.nbytes + sum(log.nbytes for log in list(self.running.values()))
 
-    def open(self, rid: str) -> EventLog:
-        log = self.running[rid] = EventLog()
+    def open(self, rid: str, publish: Publish | None = None) -> EventLog:
+        log = self.running[rid] = EventLog(publish)
         return log
 
     def close(self, rid: str) -> None:
@@ -99,3 +122,129 @@ class Replays:
         """Forget an ended log (its response was deleted)."""
         if (log := self.ended.pop(rid, None)) is not None:
             self.nbytes -= log.nbytes
+
+
+class Published:
+    """The logs replicas publish, as one store keeps them for all (in ray_kept.py's actor): events
+    may arrive out of order (each batch says the sequence number of its first), and a reader gets
+    those in order up to the first missing. Running logs are kept; ended ones, the most recently
+    read within `budget` bytes; a log not added to for STALE_S (its replica died) is dropped. Also
+    the cancels asked on one replica for a response another runs, until the one that runs it takes them."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.logs: OrderedDict[str, _Parts] = OrderedDict()
+        self.nbytes = 0  # of the ended logs kept
+        self.cancels: dict[str, float] = {}  # response id -> when asked
+        self._swept = time.monotonic()
+
+    def add(self, rid: str, first: int, events: list[bytes], ended: bool) -> None:
+        log = self.logs.get(rid)
+        if log is None:
+            if first > 0:  # the rest of a log that was dropped (its response deleted): not kept again
+                return
+            log = self.logs[rid] = _Parts()
+        was, nbytes = log.done, log.nbytes
+        log.put(first, events, ended)
+        if log.done:  # counted in the budget from its end on (a batch sent again adds nothing)
+            self.nbytes += log.nbytes - (nbytes if was else 0)
+            self.logs.move_to_end(rid)
+        self._trim()
+
+    def read(self, rid: str, after: int) -> tuple[list[bytes], bool] | None:
+        """The events after sequence number `after` that follow it without a gap, and whether the
+        log ended with them; None for a log not kept."""
+        log = self.logs.get(rid)
+        if log is None:
+            return None
+        if log.done:
+            self.logs.move_to_end(rid)
+        events = log.events[after + 1 : log.ready]
+        return events, log.done and after + 1 + len(events) == log.ready
+
+    def drop(self, rid: str) -> None:
+        if (log := self.logs.pop(rid, None)) is not None and log.done:
+            self.nbytes -= log.nbytes
+
+    def cancel(self, rid: str) -> None:
+        self.cancels[rid] = time.monotonic()
+        self._trim()
+
+    def cancelled(self, rids: list[str]) -> list[str]:
+        """Those of `rids` a cancel was asked for (taken: asked once, answered once)."""
+        return [rid for rid in rids if self.cancels.pop(rid, None) is not None]
+
+    def _trim(self) -> None:
+        now = time.monotonic()
+        if now - self._swept > STALE_S / 60:  # the stale ones looked for now and then, not at every add
+            self._swept = now
+            for rid in [r for r, log in self.logs.items() if now - log.touched > STALE_S and not log.done]:
+                del self.logs[rid]
+            for rid in [r for r, asked in self.cancels.items() if now - asked > STALE_S]:
+                del self.cancels[rid]
+        if self.nbytes > self.budget:
+            ended = [r for r, log in self.logs.items() if log.done]  # least recently read first
+            while self.nbytes > self.budget and ended:
+                self.nbytes -= self.logs.pop(ended.pop(0)).nbytes
+
+
+class _Parts:
+    """One published log: its events by sequence number, ready up to the first missing one."""
+
+    def __init__(self) -> None:
+        self.events: list[bytes | None] = []
+        self.ready = 0  # events[:ready] are all there
+        self.total: int | None = None  # the count, once the batch that ended the log arrived
+        self.nbytes = 0
+        self.touched = time.monotonic()
+
+    @property
+    def done(self) -> bool:
+        return self.total is not None and self.ready == self.total
+
+    def put(self, first: int, events: list[bytes], ended: bool) -> None:
+        self.touched = time.monotonic()
+        if len(self.events) < first + len(events):
+            self.events += [None] * (first + len(events) - len(self.events))
+        for i, event in enumerate(events, first):
+            if self.events[i] is None:
+                self.events[i] = event
+                self.nbytes += len(event)
+        if ended:
+            self.total = first + len(events)
+        while self.ready < len(self.events) and self.events[self.ready] is not None:
+            self.ready += 1
+
+
+class Relay(Protocol):
+    """How a replica reaches what the others publish (ray_kept.RayRelay: a Published in an actor).
+    `publish` must not wait (it is called on the event loop); the others are awaited."""
+
+    def publish(self, rid: str, first: int, events: list[bytes], ended: bool) -> None: ...
+
+    async def read(self, rid: str, after: int) -> tuple[list[bytes], bool] | None: ...
+
+    async def drop(self, rid: str) -> None: ...
+
+    async def cancel(self, rid: str) -> None: ...
+
+    async def cancelled(self, rids: list[str]) -> list[str]: ...
+
+
+async def remote_follow(relay: Relay, rid: str, after: int, first: list[bytes], ended: bool) -> AsyncIterator[bytes]:
+    """A log another replica publishes, followed from the event after `after`: `first` read
+    already (so a log that is not kept was answered before the stream began), then what comes
+    next, asked for every POLL_S while nothing is new, until the log ends or is dropped."""
+    at = after
+    while True:
+        for event in first:
+            yield event
+        at += len(first)
+        if ended:
+            return
+        if not first:
+            await asyncio.sleep(POLL_S)
+        got = await relay.read(rid, at)
+        if got is None:
+            return
+        first, ended = got

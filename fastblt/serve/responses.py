@@ -16,7 +16,9 @@ may name a kept conversation (`conversation`, conversations.py): its items come 
 input, and the request's input items and the response's output are added to it once answered. A
 background response (`background`) is kept queued at once and answered by a task of its own,
 which POST /v1/responses/{id}/cancel stops; streamed, its events go into an event log (replay.py)
-that clients read from any event on, as they come.
+that clients read from any event on, as they come. Once queued, what is kept of a background
+response changes only while it runs (ResponseStore.settle): on a server of many replicas a
+cancel or a delete that another replica was asked for has the last word.
 
 With `truncation: "auto"`, a conversation past the server's byte limit drops items from its middle:
 the leading system and developer messages stay, and the newest turns from a user message on, as
@@ -32,7 +34,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +53,7 @@ from fastblt.serve.api import (
 from fastblt.serve.chat import ChatTemplate, message_text, parse_chat
 from fastblt.serve.conversations import MAX_NEW_ITEMS, ConversationStore
 from fastblt.serve.kept import Kept, MemoryKept
-from fastblt.serve.replay import EventLog, Replays
+from fastblt.serve.replay import EventLog, Publish, Replays
 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "stream_options",
           "user", "safety_identifier", "metadata", "store", "text", "tools", "tool_choice", "parallel_tool_calls",
@@ -71,6 +73,7 @@ TOOL_FIELDS = {"function": {"type", "name", "description", "parameters", "strict
                "custom": {"type", "name", "description", "format"}}  # fmt: skip
 LEADING = ("system", "developer")  # roles of the messages truncation keeps at the start
 TRUNCATION = ("disabled", "auto")
+RUNNING = ("queued", "in_progress")  # a background response's statuses before its last word
 ITEM_FIELDS = {"message": {"type", "role", "content", "id", "status"},
                "function_call": {"type", "call_id", "name", "arguments", "id", "status"},
                "function_call_output": {"type", "call_id", "output", "id", "status"},
@@ -132,6 +135,25 @@ class ResponseStore:
     def delete(self, rid: str) -> bool:
         return self.kept.delete(rid)
 
+    def settle(self, response: dict, items: list[dict], own: int, previous: str | None = None) -> bool:
+        """Keep a background response's next state if the kept one still runs (not cancelled or
+        deleted meanwhile, from another replica); whether it was kept."""
+        value = {"response": response, "items": items, "own": own, "previous": previous}
+        kept = self.kept.update(response["id"], lambda old: value if old["response"]["status"] in RUNNING else old)
+        return kept is not None and kept["response"]["status"] == response["status"]
+
+    def cancel(self, rid: str) -> dict | None:
+        """The kept response `rid` as cancelled, if it still runs (a cancel asked of a replica that
+        does not run it; that one stops its work when it takes the cancel); None if not kept."""
+
+        def cancelled(old: dict) -> dict:
+            if old["response"]["status"] in RUNNING:
+                old["response"] |= {"status": "cancelled", "output": [], "usage": None}
+            return old
+
+        kept = self.kept.update(rid, cancelled)
+        return None if kept is None else kept["response"]
+
 
 class ResponsesRequest:
     """One request to POST /v1/responses: `parse` checks its body and gives chat's Completion,
@@ -139,10 +161,8 @@ class ResponsesRequest:
     (kept in `store` unless the request says store: false)."""
 
     def __init__(self, model_id: str, default_mode: str, template: ChatTemplate | None,
-                 store: ResponseStore | None = None, conversations: ConversationStore | None = None,
-                 background: bool = True):  # fmt: skip
+                 store: ResponseStore | None = None, conversations: ConversationStore | None = None):  # fmt: skip
         self.model_id, self.default_mode, self.template, self.store = model_id, default_mode, template, store
-        self.background = background  # whether background responses are served here
         self.conversations = conversations
         self.conversation: str | None = None  # the kept conversation it continues and adds to
         self.echo: dict[str, Any] = {}
@@ -256,10 +276,6 @@ class ResponsesRequest:
             raise ApiError(400, f"top_logprobs: expected an integer in [0, 20], got {top}", "top_logprobs")
         metadata = get_metadata(body)
         background = get_field(body, "background", bool, default=False)
-        if background and not self.background:
-            raise ApiError(400, "background: not served by a server of many replicas (--ray): only the replica "
-                           "that runs a background response could stream or cancel it; send it in the foreground",
-                           "background")  # fmt: skip
         if background and not self.keep:
             raise ApiError(400, "background: its answer is read from the kept response: store true, on a server "
                            "that keeps responses", "background")  # fmt: skip
@@ -368,26 +384,31 @@ class ResponsesRequest:
     def kept(self, response: dict) -> dict:
         """`response`, kept in the store when the request asked for it (and it fits); its input
         items and output added to the conversation it continues."""
-        if self.keep and self.store is not None and not self._put(self.store, response):
-            response["store"] = False
+        if self.keep and self.store is not None:
+            if self.echo.get("background"):  # kept as it ran: unless it was cancelled or deleted meanwhile
+                if not self._put(self.store, response, settle=True):
+                    return response
+            elif not self._put(self.store, response):
+                response["store"] = False
         if self.conversation is not None and self.conversations is not None:
             own = [stored_item(i) for i in self.items[len(self.items) - self.own :]]
             self.conversations.add(self.conversation, [*own, *response["output"]])
         return response
 
     def start(self, work: Coroutine[Any, Any, Any], running: dict[str, ResponsesRequest],
-              replays: Replays | None = None) -> dict | AsyncIterator[bytes]:  # fmt: skip
+              replays: Replays | None = None, publish: Callable[[str], Publish] | None = None
+              ) -> dict | AsyncIterator[bytes]:  # fmt: skip
         """Answer in the background: `work` (which keeps the answer, through `answer`, or through
         the last frame of a stream) runs as a task of its own, listed in `running` until it ends;
         the Response is kept at once, queued, then in_progress, and failed or cancelled should the
         work end so. Returns the queued Response, or for a streamed one (its events kept in
-        `replays`, from response.created on) the reader of its events."""
+        `replays`, from response.created on, and given to `publish(id)` if any) the reader of its events."""
         store = self.store
         assert store is not None  # parse refuses background without one
 
         def keep(status: str, error: dict | None = None) -> dict:
             response = self.response(status, [], None, error=error)
-            self._put(store, response)
+            self._put(store, response, settle=status != "queued")
             return response
 
         def fail(error: dict) -> None:
@@ -421,7 +442,7 @@ class ResponsesRequest:
         queued = keep("queued")
         running[self.id] = self
         if self.streamed and replays is not None:
-            self.log = replays.open(self.id)
+            self.log = replays.open(self.id, None if publish is None else publish(self.id))
             self._events = _Events(self)
             for kind in ("response.created", "response.queued"):
                 self._events.event(kind, response=queued)
@@ -431,11 +452,13 @@ class ResponsesRequest:
     def settled(self, response: dict) -> None:
         """Keep a background response that failed while it streamed (a stream keeps only answers)."""
         if self.echo.get("background") and self.store is not None:
-            self._put(self.store, response)
+            self._put(self.store, response, settle=True)
 
-    def _put(self, store: ResponseStore, response: dict) -> bool:
-        """Keep `response` with the items it answered but those of the response it continued."""
-        return store.put(response, self.items[self.inherited :], self.own, self.echo["previous_response_id"])
+    def _put(self, store: ResponseStore, response: dict, settle: bool = False) -> bool:
+        """Keep `response` with the items it answered but those of the response it continued
+        (`settle`: only while the kept one runs)."""
+        put = store.settle if settle else store.put
+        return put(response, self.items[self.inherited :], self.own, self.echo["previous_response_id"])
 
     async def cancel(self) -> None:
         """Stop a background response's work (its rows freed at once); kept as cancelled."""

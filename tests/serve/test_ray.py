@@ -4,8 +4,10 @@ Fast (no cluster): --print-config is a valid Serve config that deploys what the 
 --ray options are checked together. On a local two-node cluster (127.0.0.1 only, one CPU per node
 so each replica has a node of its own): completions through Ray Serve's proxy equal
 Generator.generate, both replicas answer, a session's requests stick to one replica (whose prompt
-snapshots its next turn loads), each replica's metrics reach Ray's exporter, and a replica killed
-under load costs only clean, retryable failures of the requests it held, then comes back.
+snapshots its next turn loads), kept responses, conversations and background responses are read,
+continued, streamed and cancelled through either replica, each replica's metrics reach Ray's
+exporter, and a replica killed under load costs only clean, retryable failures of the requests it
+held, then comes back.
 """
 
 from __future__ import annotations
@@ -332,7 +334,7 @@ def test_a_sessions_requests_go_to_one_replica_whose_snapshots_its_next_turn_loa
 def test_responses_and_conversations_are_kept_for_every_replica(ray_server):
     """Replicas keep what clients come back for in one actor: a chain of previous_response_id and a
     conversation go on whichever replica each turn reaches (sessions pin turns to one or the
-    other here); background responses are refused (only one replica could stream or cancel one)."""
+    other here), and so do background responses."""
     c = openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key="-", max_retries=0, timeout=120)
     keys: dict[str, str] = {}  # replica -> a session key that reaches it
     for key in (f"kept-{i}" for i in range(64)):
@@ -356,11 +358,35 @@ def test_responses_and_conversations_are_kept_for_every_replica(ray_server):
                            extra_headers=on[1])  # fmt: skip
     listed = c.conversations.items.list(conv.id, order="asc", extra_headers=on[0]).data
     assert [i.type for i in listed] == ["message"] * 3 and listed[2].content[0].text == r.output_text
-    with pytest.raises(openai.BadRequestError) as e:
-        c.responses.create(model=MODEL, input="x", background=True, extra_headers=on[0])
-    assert e.value.body["param"] == "background"
     text = httpx.get(f"{ray_server.url}/metrics", headers=on[1]).text
     assert float(re.search(r'^fastblt_kept_bytes\{store="responses"\} (\S+)$', text, re.M).group(1)) > 0
+    background_responses_are_read_and_cancelled_through_any_replica(c, on, ray_server.url)
+
+
+def background_responses_are_read_and_cancelled_through_any_replica(c: openai.OpenAI, on: list[dict], url: str
+                                                                     ) -> None:  # fmt: skip
+    """A background response runs on the replica asked for it; the other polls it, streams its
+    events (published to the store actor) from any event on, and cancels it."""
+    ask = dict(model=MODEL, input="def main(", max_output_tokens=24, temperature=0, background=True)
+    polled = c.responses.create(**ask, extra_headers=on[0])
+    deadline = time.monotonic() + 60
+    while (got := c.responses.retrieve(polled.id, extra_headers=on[1])).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert got.status == "incomplete" and got.output_text  # (max_output_tokens)
+    with c.responses.create(**ask, stream=True, extra_headers=on[0]) as stream:
+        own = [e.model_dump() for e in stream]
+    rid = own[0]["response"]["id"]
+    with c.responses.retrieve(rid, stream=True, starting_after=2, extra_headers=on[1]) as stream:
+        assert [e.model_dump() for e in stream] == own[3:]
+    assert own[-1]["response"]["output"][0]["content"][0]["text"] == got.output_text
+    long = c.responses.create(**ask | {"max_output_tokens": 16000}, extra_headers=on[0])
+    assert c.responses.cancel(long.id, extra_headers=on[1]).status == "cancelled"
+    deadline = time.monotonic() + 30  # the replica that runs it takes the cancel and frees its rows
+    while not re.search(r"^fastblt_background_responses 0\.0$", httpx.get(f"{url}/metrics", headers=on[0]).text, re.M):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert c.responses.retrieve(long.id, extra_headers=on[0]).status == "cancelled"
 
 
 @pytest.mark.timeout(420)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from fastblt.serve.replay import Replays
+from fastblt.serve.replay import Published, Replays
 
 
 async def _read(log, after: int = -1) -> list[bytes]:
@@ -47,5 +47,53 @@ def test_ended_logs_are_kept_within_the_budget():
         assert (replays.get("b"), replays.nbytes) == (None, 8)  # the least recently read dropped
         replays.drop("a")
         assert replays.get("a") is None and replays.nbytes == 4
+
+    asyncio.run(main())
+
+
+def test_published_logs_are_read_in_order_up_to_the_first_missing_event():
+    shared = Published(1 << 20)
+    shared.add("r", 2, [b"e2", b"e3"], False)  # a later batch first (a retried call may overtake)
+    assert shared.read("r", -1) is None  # a log begins with event 0: this is no log yet
+    shared.add("r", 0, [b"e0"], False)
+    shared.add("r", 2, [b"e2", b"e3"], True)
+    assert shared.read("r", -1) == ([b"e0"], False)  # e1 missing: nothing after it yet
+    shared.add("r", 0, [b"e0", b"e1"], False)  # e0 again: counted once
+    assert shared.read("r", -1) == ([b"e0", b"e1", b"e2", b"e3"], True)
+    assert shared.read("r", 1) == ([b"e2", b"e3"], True) and shared.read("r", 3) == ([], True)
+    assert shared.nbytes == 8
+    shared.drop("r")
+    shared.add("r", 4, [b"late"], True)  # the rest of a dropped log is not kept again
+    assert shared.read("r", -1) is None and shared.nbytes == 0
+
+
+def test_published_ended_logs_are_kept_within_the_budget_and_cancels_are_taken_once():
+    shared = Published(10)
+    for rid in ("a", "b"):
+        shared.add(rid, 0, [b"x" * 4], True)
+    shared.add("running", 0, [b"x" * 40], False)  # outside the budget while it runs
+    assert shared.read("a", -1) == ([b"x" * 4], True)  # now the most recently read
+    shared.add("c", 0, [b"x" * 4], True)
+    assert shared.read("b", -1) is None and shared.read("running", -1) is not None
+    shared.cancel("a")
+    assert shared.cancelled(["a", "b"]) == ["a"] and shared.cancelled(["a"]) == []
+
+
+def test_a_log_publishes_what_each_loop_turn_added_in_one_call_and_its_end_once():
+    async def main() -> None:
+        calls = []
+        log = Replays(1 << 20).open("r", lambda first, events, ended: calls.append((first, list(events), ended)))
+        log.add(b"e0")
+        log.add(b"e1")
+        await asyncio.sleep(0)
+        adding = threading.Thread(target=log.add, args=(b"e2",))
+        adding.start()
+        await asyncio.to_thread(adding.join)
+        await asyncio.sleep(0.01)
+        log.end()
+        await asyncio.sleep(0.01)
+        log.end()
+        await asyncio.sleep(0.01)
+        assert calls == [(0, [b"e0", b"e1"], False), (2, [b"e2"], False), (3, [], True)]
 
     asyncio.run(main())

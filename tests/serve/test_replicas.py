@@ -1,0 +1,171 @@
+"""Background responses on a server of many replicas, without Ray: two apps in this process over
+one engine, sharing their stores and a relay (replay.Published behind the replay.Relay protocol,
+as ray_kept.RayRelay reaches it in the store actor). A background response that one replica runs
+is polled, streamed from any event on, cancelled and deleted through the other; a cancel or a
+delete there has the last word over what the running one keeps after it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import httpx
+import pytest
+from conftest import CHAT_STOP, CHAT_TEMPLATE
+
+from fastblt.runtime.async_engine import AsyncEngine
+from fastblt.serve.app import ServeSettings, create_app
+from fastblt.serve.chat import ChatTemplate
+from fastblt.serve.kept import MemoryKept
+from fastblt.serve.replay import Published
+from fastblt.serve.responses import ResponseStore
+
+MODEL = "fastblt-default"
+ASK = "def add(a, b):"
+
+
+class Relay:
+    """replay.Relay over a Published in this process (what RayRelay does through the actor)."""
+
+    def __init__(self, budget: int):
+        self.published = Published(budget)
+        self.reads = 0
+
+    def publish(self, rid: str, first: int, events: list[bytes], ended: bool) -> None:
+        self.published.add(rid, first, events, ended)
+
+    async def read(self, rid: str, after: int) -> tuple[list[bytes], bool] | None:
+        self.reads += 1
+        return self.published.read(rid, after)
+
+    async def drop(self, rid: str) -> None:
+        self.published.drop(rid)
+
+    async def cancel(self, rid: str) -> None:
+        self.published.cancel(rid)
+
+    async def cancelled(self, rids: list[str]) -> list[str]:
+        return self.published.cancelled(rids)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncEngine("default", max_batch=4, lanes=1, processes=False)
+    yield eng
+    eng.close()
+
+
+@contextlib.asynccontextmanager
+async def replicas(engine: AsyncEngine):
+    """Two replicas' clients (a, b) and the relay between them."""
+    tables: dict[str, MemoryKept] = {}
+    relay = Relay(1 << 20)
+    template = ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,))
+    settings = ServeSettings(chat_template=template, response_store=8 << 20, relay=relay,
+                             kept=lambda table, budget: tables.setdefault(table, MemoryKept(budget)))  # fmt: skip
+    apps = [create_app(engine, settings), create_app(engine, settings)]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for app in apps:
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            transport = httpx.ASGITransport(app=app)
+            clients.append(await stack.enter_async_context(httpx.AsyncClient(transport=transport, base_url="http://r")))
+        yield *clients, relay
+
+
+def events(body: bytes) -> list[dict]:
+    return [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: ")]
+
+
+async def until(check, seconds: float = 60.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
+def test_a_background_response_run_by_one_replica_is_polled_and_streamed_through_the_other(engine):
+    async def main() -> None:
+        async with replicas(engine) as (a, b, relay):
+            body = {"model": MODEL, "input": ASK, "max_output_tokens": 24, "temperature": 0}
+            want = (await a.post("/v1/responses", json=body)).json()
+            polled = (await a.post("/v1/responses", json=body | {"background": True})).json()
+            assert polled["status"] == "queued"
+
+            async def answered() -> bool:
+                return (await b.get(f"/v1/responses/{polled['id']}")).json()["status"] not in ("queued", "in_progress")
+
+            await until(answered)
+            got = (await b.get(f"/v1/responses/{polled['id']}")).json()
+            assert got["status"] == want["status"] == "incomplete"
+            assert got["output"][0]["content"][0]["text"] == want["output"][0]["content"][0]["text"]
+
+            streamed = await a.post("/v1/responses", json=body | {"background": True, "stream": True})
+            own = events(streamed.content)  # the POST reads the log of the replica that runs it
+            rid = own[0]["response"]["id"]
+            assert own[-1]["type"] == "response.incomplete"  # (max_output_tokens)
+            reads = relay.reads
+            other = events((await b.get(f"/v1/responses/{rid}", params={"stream": "true"})).content)
+            assert other == own and relay.reads > reads  # read through the relay, every event in order
+            later = await b.get(f"/v1/responses/{rid}", params={"stream": "true", "starting_after": "5"})
+            assert events(later.content) == own[6:]
+            assert (await a.get(f"/v1/responses/{rid}", params={"stream": "true"})).content == streamed.content
+            gone = await b.get(f"/v1/responses/{polled['id']}", params={"stream": "true"})
+            assert gone.status_code == 400 and gone.json()["error"]["param"] == "stream"  # polled: no events
+
+    asyncio.run(main())
+
+
+def test_a_cancel_or_a_delete_through_the_other_replica_stops_the_one_that_runs_it(engine):
+    async def main() -> None:
+        async with replicas(engine) as (a, b, relay):
+            body = {"model": MODEL, "input": ASK, "max_output_tokens": 16000, "temperature": 0, "background": True}
+            # (ASGITransport gives a body once it ended: these streams are read when the cancel ended them)
+            owner = asyncio.ensure_future(a.post("/v1/responses", json=body | {"stream": True}))
+            await until(lambda: asyncio.sleep(0, bool(relay.published.logs)))
+            (rid,) = relay.published.logs
+            follower = asyncio.ensure_future(b.get(f"/v1/responses/{rid}", params={"stream": "true"}))
+            await until(lambda: running(a, 1))
+            cancelled = await b.post(f"/v1/responses/{rid}/cancel")  # b does not run it
+            assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+            own = events((await owner).content)
+            assert own[-1]["type"] == "error" and own[-1]["code"] == "response_cancelled"
+            assert events((await follower).content) == own
+            await until(lambda: running(a, 0))  # its rows freed
+            kept = (await a.get(f"/v1/responses/{rid}")).json()
+            assert kept["status"] == "cancelled" and kept["output"] == []
+
+            polled = (await a.post("/v1/responses", json=body)).json()
+            await until(lambda: running(a, 1))
+            deleted = await b.delete(f"/v1/responses/{polled['id']}")
+            assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+            await until(lambda: running(a, 0))
+            await asyncio.sleep(0.1)
+            assert (await a.get(f"/v1/responses/{polled['id']}")).status_code == 404  # its end kept nothing
+
+    asyncio.run(main())
+
+
+async def running(client: httpx.AsyncClient, n: int) -> bool:
+    """Whether the replica runs `n` background responses (its metrics say)."""
+    text = (await client.get("/metrics")).text
+    return f"fastblt_background_responses {float(n)}" in text
+
+
+def test_what_a_background_response_keeps_once_queued_depends_on_the_kept_one_still_running():
+    store = ResponseStore(1 << 20)
+
+    def response(status: str) -> dict:
+        return {"id": "resp_1", "status": status, "output": [{"type": "message"}] if status == "completed" else []}
+
+    store.put(response("queued"), [], 0)
+    assert store.settle(response("in_progress"), [], 0)
+    assert store.cancel("resp_1")["status"] == "cancelled"  # another replica's cancel: the last word
+    assert not store.settle(response("completed"), [], 0)
+    assert store.get("resp_1").response["status"] == "cancelled"
+    store.put(response("queued"), [], 0)
+    assert store.settle(response("completed"), [], 0)
+    assert store.cancel("resp_1")["status"] == "completed"  # too late: it ended
+    store.delete("resp_1")
+    assert not store.settle(response("completed"), [], 0) and store.get("resp_1") is None  # deleted stays deleted
+    assert store.cancel("resp_1") is None
