@@ -50,7 +50,7 @@ from fastblt.cli.common import Positive
 @click.option("--response-store-dir", type=click.Path(file_okay=False, writable=True), default=None,
               help="Keep the responses and conversations of --response-store-mb in a SQLite file here "
               "(kept.sqlite3), which a restarted server reads again [default: in memory, gone at a "
-              "restart].")  # fmt: skip
+              "restart]. With --ray, the store actor's, on this command's node.")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
@@ -137,7 +137,7 @@ def serve(
             Path(batch_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise click.BadParameter(f"{batch_dir}: {e.strerror}", param_hint="'--batch-dir'") from None
-    if response_store_dir is not None and not use_ray:
+    if response_store_dir is not None and not (use_ray and print_config):
         if not response_store_mb:
             raise click.UsageError("--response-store-dir with --response-store-mb 0: nothing would be kept there")
         from fastblt.serve.kept import check_dir
@@ -148,9 +148,6 @@ def serve(
         if ssl_ca_certs is not None:  # Serve passes ssl_ca_certs to uvicorn, but never ssl_cert_reqs
             raise click.UsageError("--ssl-ca-certs with --ray: Ray Serve's proxies do not require client "
                                    "certificates; check them in front of the cluster (docs/scale-out.md)")  # fmt: skip
-        if response_store_dir is not None:  # one file per server: replicas share one store in an actor's memory
-            raise click.UsageError("--response-store-dir with --ray: replicas keep what clients come back for in one "
-                                   "Ray actor's memory, not in a file (docs/scale-out.md)")  # fmt: skip
         if batch_dir is not None:  # a batch runs in one replica's loop; Serve would route its polls anywhere
             raise click.UsageError("--batch-dir with --ray: the Batch API runs in one server; "
                                    "answer batch files with `fastblt batch` instead")  # fmt: skip
@@ -166,7 +163,8 @@ def serve(
                   "chat_template": str(Path(chat_template).resolve()) if chat_template else None,
                   "chat_stop": list(chat_stop), "tool_call_start": tool_call_start,
                   "tool_call_end": tool_call_end, "log_format": log_format,
-                  "allowed_origins": list(allowed_origins), "response_store_mb": response_store_mb}  # fmt: skip
+                  "allowed_origins": list(allowed_origins), "response_store_mb": response_store_mb,
+                  "response_store_dir": response_store_dir and str(Path(response_store_dir).resolve())}  # fmt: skip
         say = to_stderr if print_config else _logging(log_level, log_format)
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config, tls, say)
         return

@@ -481,12 +481,12 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(request: Request, response_id: str) -> JSONResponse:
-        await stored(request, response_id)
+        found = await stored(request, response_id)
         assert kept is not None and replays is not None
         if (job := running.get(response_id)) is not None:  # stopped first: its end would keep it again
             await job.cancel()
-        elif relay is not None:  # another replica may run it (its end does not keep a deleted one)
-            await relay.cancel(response_id)
+        elif relay is not None and found.response["status"] in RUNNING:  # another replica runs it (its
+            await relay.cancel(response_id)  # end does not keep a deleted one): its rows freed
         await asyncio.to_thread(kept.delete, response_id)
         replays.drop(response_id)
         if relay is not None:

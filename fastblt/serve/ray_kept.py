@@ -2,7 +2,9 @@
 
 A client's next turn (`previous_response_id`, `conversation`) may reach any replica, so replicas
 do not keep what clients come back for in their own memory: they keep it in one Ray actor
-(KEPT_ACTOR, detached, no CPU reserved), a MemoryKept per table, and each replica's app reads it
+(KEPT_ACTOR, detached, no CPU reserved), a MemoryKept per table or, with a directory, a FileKept
+table in its SQLite file (read again by the actor Ray starts should this one die, and by the next
+deployment that names the directory), and each replica's app reads it
 through a RayKept (the Kept protocol, each call a round trip off the event loop, as the app
 already makes store calls). Background responses run on the replica that was asked for them; the
 events of a streamed one are published to the actor as they are made (replay.Published), and a
@@ -17,25 +19,31 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fastblt.serve.kept import MemoryKept
+from fastblt.serve.kept import Kept, open_kept
 from fastblt.serve.replay import Published
 
 KEPT_ACTOR, KEPT_NAMESPACE = "fastblt-kept", "fastblt"
 
 
 class _KeptActor:
-    """The tables of kept values, each a MemoryKept of its own budget (the first caller's)."""
+    """The tables of kept values, each of its own budget (the first caller's): in memory, or in
+    `directory`'s file."""
 
-    def __init__(self) -> None:
-        self.tables: dict[str, MemoryKept] = {}
+    def __init__(self, directory: str | None = None) -> None:
+        self.directory = None if directory is None else Path(directory)
+        self.tables: dict[str, Kept] = {}
         self.published: Published | None = None  # background streams' events, and cancels passed on
 
-    def _table(self, table: str, budget: int) -> MemoryKept:
-        return self.tables.setdefault(table, MemoryKept(budget))
+    def _table(self, table: str, budget: int) -> Kept:
+        if table not in self.tables:
+            self.tables[table] = open_kept(self.directory, table, budget)
+        return self.tables[table]
 
     def get(self, table: str, budget: int, key: str) -> Any | None:
         return self._table(table, budget).get(key)
@@ -73,13 +81,18 @@ class _KeptActor:
         return self._published(budget).cancelled(rids)
 
 
-def kept_actor() -> ray.actor.ActorHandle:
-    """The cluster's store actor, started by the first replica that asks for it."""
-    # should its process die, Ray starts it again (empty: what it kept is lost, the replicas go on)
-    # and sends the calls it was given once more
+def kept_actor(directory: str | None = None, here: bool = False, name: str = KEPT_ACTOR) -> ray.actor.ActorHandle:
+    """The cluster's store actor (keeping its tables in `directory`'s file, if any), started by the
+    first caller: `fastblt serve --ray` starts it on its own node (`here`), whose disk holds the
+    directory; from a Serve config, the first replica does, on its node."""
+    # should its process die, Ray starts it again (in memory: empty, the replicas go on; in a file:
+    # with what it kept) and sends the calls it was given once more
     actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=1)(_KeptActor)
-    return actor.options(name=KEPT_ACTOR, namespace=KEPT_NAMESPACE, lifetime="detached",
-                         get_if_exists=True).remote()  # fmt: skip
+    where = {}
+    if here:
+        where["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False)
+    return actor.options(name=name, namespace=KEPT_NAMESPACE, lifetime="detached", get_if_exists=True,
+                         **where).remote(directory)  # fmt: skip
 
 
 def stop_kept_actor() -> None:

@@ -33,6 +33,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -95,6 +96,8 @@ class ServerOptions:
     log_format: str = "text"  # "json": the request log's fields as attributes Serve's JSON logs write out
     allowed_origins: list[str] = dataclasses.field(default_factory=list)  # CORS: origins whose pages may call
     response_store_mb: int = 64  # kept responses, and as much of conversations, in one actor for all replicas
+    # ... in the SQLite file of this directory (on the store actor's node: docs/scale-out.md), not its memory
+    response_store_dir: str | None = None
 
     @property
     def api_keys(self) -> tuple[str, ...]:
@@ -113,6 +116,11 @@ class ServerOptions:
         if isinstance(self.response_store_mb, bool) or not isinstance(self.response_store_mb, int) or (
                 self.response_store_mb < 0):  # fmt: skip
             raise ConfigError(f"response_store_mb: expected an integer >= 0, got {self.response_store_mb!r:.40}")
+        if self.response_store_dir is not None and not (
+                isinstance(self.response_store_dir, str) and Path(self.response_store_dir).is_absolute()):  # fmt: skip
+            raise ConfigError(f"response_store_dir: expected an absolute path, got {self.response_store_dir!r:.80}")
+        if self.response_store_dir is not None and not self.response_store_mb:
+            raise ConfigError("response_store_dir with response_store_mb 0: nothing would be kept there")
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> ServerOptions:
@@ -228,7 +236,7 @@ class FastBltReplica:
         tags = None if o.tool_call_start is None else CallTags(o.tool_call_start, o.tool_call_end)
         template = None if o.chat_template is None else ChatTemplate.load(o.chat_template, tuple(o.chat_stop), tags)
         # what clients come back for, in one actor: their next turn may reach any replica
-        actor = kept_actor() if o.response_store_mb else None
+        actor = kept_actor(o.response_store_dir) if o.response_store_mb else None
         settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_keys=o.api_keys, max_body=o.max_body,
                                  retry_after=o.retry_after, replica=self.name, chat_template=template,
                                  echo_request_id=False, request_logger=REQUEST_LOGGER,
@@ -373,6 +381,8 @@ def deploy(server: ServerOptions, options: DeploymentOptions, host: str = LOOPBA
     ssl_keyfile_password, as uvicorn takes them) unless Serve already runs, and deploy, without
     waiting."""
     serve.start(http_options={"host": host, "port": port, **(tls or {})}, proxy_location=proxy_location)
+    if server.response_store_mb:  # on this node, whose disk the command checked the directory on
+        kept_actor(server.response_store_dir, here=True)
     target = serve.RunTarget(deployment(server, options), name=APP, route_prefix="/",
                              logging_config={"log_level": log_level.upper()} | _encoding(server))  # fmt: skip
     serve.run_many([target], wait_for_applications_running=False)

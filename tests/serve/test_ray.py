@@ -13,6 +13,7 @@ held, then comes back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import tempfile
 import time
@@ -31,7 +32,7 @@ from ray import serve  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from fastblt.errors import ConfigError  # noqa: E402
-from fastblt.serve import ray_serve  # noqa: E402
+from fastblt.serve import ray_kept, ray_serve  # noqa: E402
 from fastblt.serve.app import REPLICA_HEADER  # noqa: E402
 from fastblt.serve.chat import ChatTemplate  # noqa: E402
 from fastblt.serve.process import ServerProcess  # noqa: E402
@@ -93,6 +94,12 @@ def test_replicas_keep_responses_in_one_store_as_the_command_says(monkeypatch, c
     for bad in (-1, 1.5, True, "64"):
         with pytest.raises(ConfigError, match="response_store_mb"):
             ServerOptions(response_store_mb=bad)
+    (app,) = print_config(["--response-store-dir", "kept"], monkeypatch, capsys)["applications"]
+    assert app["args"]["response_store_dir"] == str(Path("kept").resolve())  # the store actor's node's path
+    for bad, message in ((dict(response_store_dir="kept"), "absolute path"),
+                         (dict(response_store_dir="/kept", response_store_mb=0), "nothing would be kept")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            ServerOptions(**bad)
 
 
 def test_replicas_take_a_key_or_a_list_of_keys():
@@ -387,6 +394,29 @@ def background_responses_are_read_and_cancelled_through_any_replica(c: openai.Op
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert c.responses.retrieve(long.id, extra_headers=on[0]).status == "cancelled"
+
+
+@pytest.mark.timeout(120)
+def test_a_store_actor_in_a_file_keeps_what_it_kept_when_ray_starts_it_again(ray_server, tmp_path):
+    """Should the store actor's process die, Ray starts it again: in memory, empty; with a
+    directory, with everything it kept (its SQLite file read again)."""
+    for directory, survives in ((str(tmp_path), True), (None, False)):
+        name = f"fastblt-kept-test-{survives}"
+        actor = ray_kept.kept_actor(directory, here=True, name=name)
+        table = ray_kept.RayKept(actor, "conversations", 1 << 20)
+        assert table.put("conv_1", {"items": ["import os"]})
+        assert table.update("conv_1", lambda v: v | {"items": [*v["items"], "def main("]}) is not None
+        ray.get(actor.log_add.remote(1 << 20, "resp_marker", 0, [b"event"], False))  # events: in memory only
+        ray.kill(actor, no_restart=False)
+        deadline = time.monotonic() + 60
+        while True:  # until a new process answers (the calls fail while there is none)
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                if ray.get(actor.log_read.remote(1 << 20, "resp_marker", -1)) is None:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert table.get("conv_1") == ({"items": ["import os", "def main("]} if survives else None)
+        ray.kill(actor, no_restart=True)
 
 
 @pytest.mark.timeout(420)
