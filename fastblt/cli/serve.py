@@ -16,6 +16,7 @@ import click
 
 from fastblt.cli.app_setup import app_setup, describe_lanes, engine_options, start_engine, to_stderr
 from fastblt.cli.common import Positive
+from fastblt.errors import InputError
 
 
 @click.command("serve")
@@ -140,10 +141,15 @@ def serve(
     if response_store_dir is not None and not (use_ray and print_config):
         if not response_store_mb:
             raise click.UsageError("--response-store-dir with --response-store-mb 0: nothing would be kept there")
-        from fastblt.serve.kept import check_dir
+        from fastblt.serve.kept import check_dir, hold
 
         if why := check_dir(Path(response_store_dir)):  # the same: before the model loads
             raise click.BadParameter(why, param_hint="'--response-store-dir'")
+        if not use_ray:  # (with --ray, the store actor holds it)
+            try:
+                hold(Path(response_store_dir))
+            except InputError as e:
+                raise click.BadParameter(str(e), param_hint="'--response-store-dir'") from None
     if use_ray:
         if ssl_ca_certs is not None:  # Serve passes ssl_ca_certs to uvicorn, but never ssl_cert_reqs
             raise click.UsageError("--ssl-ca-certs with --ray: Ray Serve's proxies do not require client "

@@ -68,7 +68,7 @@ from fastblt.serve.api import (
 )
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.conversations import ConversationStore
-from fastblt.serve.kept import Kept, open_kept
+from fastblt.serve.kept import Kept, hold, open_kept
 from fastblt.serve.metrics import CONTENT_TYPE, KeptCollector, Metrics
 from fastblt.serve.replay import POLL_S, Relay, Replays, remote_follow
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
@@ -158,6 +158,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     running: dict[str, ResponsesRequest] = {}  # background responses not yet answered, by id
     kept, talks, replays, relay = None, None, None, settings.relay
     if settings.response_store:
+        if settings.kept is None and settings.response_store_dir is not None:
+            hold(settings.response_store_dir)  # the one server that keeps its file there
         opened = settings.kept or functools.partial(open_kept, settings.response_store_dir)
         kept = ResponseStore(opened("responses", settings.response_store))
         talks = ConversationStore(opened("conversations", settings.response_store))
@@ -440,7 +442,22 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         found = None if kept is None else await asyncio.to_thread(kept.get, response_id)
         if found is None:
             raise ApiError(404, f"response {response_id!r:.80}: not kept here", None, "response_not_found")
+        if found.response["status"] in RUNNING and response_id not in running and await lost(found.response):
+            assert kept is not None
+            error = {"code": "server_error", "message": f"response {response_id}: the server that ran it stopped "
+                     "before it ended; send it again"}  # fmt: skip
+            failed = found.response | {"status": "failed", "error": error}
+            await asyncio.to_thread(kept.settle, failed, found.items, found.own, found.previous)
+            found = await asyncio.to_thread(kept.get, response_id) or found
         return found
+
+    async def lost(response: dict) -> bool:
+        """Whether a background response that runs on no replica here runs anywhere: a server alone
+        runs every one it has (one kept running is left from a server that stopped without
+        ending it: killed); a replica of many asks the relay whether its replica holds its lease."""
+        if relay is None:
+            return True
+        return await relay.lost(response["id"], time.time() - response["created_at"])
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(request: Request, response_id: str) -> Response:

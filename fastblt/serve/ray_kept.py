@@ -25,7 +25,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fastblt.serve.kept import Kept, open_kept
+from fastblt.serve.kept import Kept, hold, open_kept
 from fastblt.serve.replay import Published
 
 KEPT_ACTOR, KEPT_NAMESPACE = "fastblt-kept", "fastblt"
@@ -37,6 +37,8 @@ class _KeptActor:
 
     def __init__(self, directory: str | None = None) -> None:
         self.directory = None if directory is None else Path(directory)
+        if self.directory is not None:
+            hold(self.directory)  # the one store that keeps its file there
         self.tables: dict[str, Kept] = {}
         self.published: Published | None = None  # background streams' events, and cancels passed on
 
@@ -79,6 +81,9 @@ class _KeptActor:
 
     def cancelled(self, budget: int, rids: list[str]) -> list[str]:
         return self._published(budget).cancelled(rids)
+
+    def lost(self, budget: int, rid: str, running_for: float) -> bool:
+        return self._published(budget).lost(rid, running_for)
 
 
 def kept_actor(directory: str | None = None, here: bool = False, name: str = KEPT_ACTOR) -> ray.actor.ActorHandle:
@@ -147,3 +152,6 @@ class RayRelay:
 
     async def cancelled(self, rids: list[str]) -> list[str]:
         return await self.actor.cancelled.remote(self.budget, rids)
+
+    async def lost(self, rid: str, running_for: float) -> bool:
+        return await self.actor.lost.remote(self.budget, rid, running_for)

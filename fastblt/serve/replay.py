@@ -24,6 +24,9 @@ from typing import Protocol
 
 POLL_S = 0.05  # how often a RemoteLog asks for events while none are new
 STALE_S = 3600.0  # a published log not added to (or a cancel not taken) this long is dropped: its replica died
+# a background response whose replica has not asked for its cancels this long is lost (that replica
+# stopped; while it runs any, it asks every app.CANCEL_POLL_S)
+LEASE_S = 30.0
 
 Publish = Callable[[int, list[bytes], bool], None]  # (sequence number of the first, events, ended)
 
@@ -129,23 +132,25 @@ class Published:
     may arrive out of order (each batch says the sequence number of its first), and a reader gets
     those in order up to the first missing. Running logs are kept; ended ones, the most recently
     read within `budget` bytes; a log not added to for STALE_S (its replica died) is dropped. Also
-    the cancels asked on one replica for a response another runs, until the one that runs it takes them."""
+    the cancels asked on one replica for a response another runs, until the one that runs it takes
+    them, and when the one that runs it last asked (its lease: a response no replica asks for is lost)."""
 
-    def __init__(self, budget: int):
-        self.budget = budget
+    def __init__(self, budget: int, clock: Callable[[], float] = time.monotonic):
+        self.budget, self.clock = budget, clock
         self.logs: OrderedDict[str, _Parts] = OrderedDict()
         self.nbytes = 0  # of the ended logs kept
         self.cancels: dict[str, float] = {}  # response id -> when asked
-        self._swept = time.monotonic()
+        self.seen: dict[str, float] = {}  # response id -> when the replica that runs it last asked for cancels
+        self.began = self._swept = self.clock()
 
     def add(self, rid: str, first: int, events: list[bytes], ended: bool) -> None:
         log = self.logs.get(rid)
         if log is None:
             if first > 0:  # the rest of a log that was dropped (its response deleted): not kept again
                 return
-            log = self.logs[rid] = _Parts()
+            log = self.logs[rid] = _Parts(self.clock())
         was, nbytes = log.done, log.nbytes
-        log.put(first, events, ended)
+        log.put(first, events, ended, self.clock())
         if log.done:  # counted in the budget from its end on (a batch sent again adds nothing)
             self.nbytes += log.nbytes - (nbytes if was else 0)
             self.logs.move_to_end(rid)
@@ -160,28 +165,44 @@ class Published:
         if log.done:
             self.logs.move_to_end(rid)
         events = log.events[after + 1 : log.ready]
-        return events, log.done and after + 1 + len(events) == log.ready
+        # the log of a lost response ends here: no more will come
+        ended = (log.done or self.lost(rid, self.clock() - log.began)) and after + 1 + len(events) == log.ready
+        return events, ended
 
     def drop(self, rid: str) -> None:
         if (log := self.logs.pop(rid, None)) is not None and log.done:
             self.nbytes -= log.nbytes
 
     def cancel(self, rid: str) -> None:
-        self.cancels[rid] = time.monotonic()
+        self.cancels[rid] = self.clock()
         self._trim()
 
     def cancelled(self, rids: list[str]) -> list[str]:
-        """Those of `rids` a cancel was asked for (taken: asked once, answered once)."""
+        """Those of `rids` (which the caller runs: their leases renewed) a cancel was asked for
+        (taken: asked once, answered once)."""
+        now = self.clock()
+        self.seen.update((rid, now) for rid in rids)
         return [rid for rid in rids if self.cancels.pop(rid, None) is not None]
 
+    def lost(self, rid: str, running_for: float) -> bool:
+        """Whether the background response `rid`, made `running_for` seconds ago, has no replica
+        running it: its lease ran out, or (never renewed) it is older than a lease and so is this
+        store (one Ray started again has seen no replica yet)."""
+        now = self.clock()
+        if rid in self.seen:
+            return now - self.seen[rid] > LEASE_S
+        return running_for > LEASE_S and now - self.began > LEASE_S
+
     def _trim(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if now - self._swept > STALE_S / 60:  # the stale ones looked for now and then, not at every add
             self._swept = now
             for rid in [r for r, log in self.logs.items() if now - log.touched > STALE_S and not log.done]:
                 del self.logs[rid]
             for rid in [r for r, asked in self.cancels.items() if now - asked > STALE_S]:
                 del self.cancels[rid]
+            for rid in [r for r, seen in self.seen.items() if now - seen > STALE_S]:
+                del self.seen[rid]
         if self.nbytes > self.budget:
             ended = [r for r, log in self.logs.items() if log.done]  # least recently read first
             while self.nbytes > self.budget and ended:
@@ -191,19 +212,19 @@ class Published:
 class _Parts:
     """One published log: its events by sequence number, ready up to the first missing one."""
 
-    def __init__(self) -> None:
+    def __init__(self, now: float) -> None:
         self.events: list[bytes | None] = []
         self.ready = 0  # events[:ready] are all there
         self.total: int | None = None  # the count, once the batch that ended the log arrived
         self.nbytes = 0
-        self.touched = time.monotonic()
+        self.began = self.touched = now
 
     @property
     def done(self) -> bool:
         return self.total is not None and self.ready == self.total
 
-    def put(self, first: int, events: list[bytes], ended: bool) -> None:
-        self.touched = time.monotonic()
+    def put(self, first: int, events: list[bytes], ended: bool, now: float) -> None:
+        self.touched = now
         if len(self.events) < first + len(events):
             self.events += [None] * (first + len(events) - len(self.events))
         for i, event in enumerate(events, first):
@@ -229,6 +250,8 @@ class Relay(Protocol):
     async def cancel(self, rid: str) -> None: ...
 
     async def cancelled(self, rids: list[str]) -> list[str]: ...
+
+    async def lost(self, rid: str, running_for: float) -> bool: ...
 
 
 async def remote_follow(relay: Relay, rid: str, after: int, first: list[bytes], ended: bool) -> AsyncIterator[bytes]:

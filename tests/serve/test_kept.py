@@ -1,13 +1,16 @@
 """Where kept responses and conversations live (serve/kept.py): in memory or in a SQLite file,
 the same least-recently-used map bounded by bytes; the file is read again by the next server (a
 restarted `fastblt serve --response-store-dir` continues the responses and conversations the last
-one kept), and a file that is no store of ours is refused by name, never overwritten."""
+one kept), and a file that is no store of ours is refused by name, never overwritten. One server
+holds a directory at a time."""
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import openai
 import pytest
@@ -102,3 +105,27 @@ def test_a_restarted_server_continues_what_the_last_one_kept(tmp_path, chat_temp
         tables = dict(db.execute("SELECT 'responses', COUNT(*) FROM responses UNION ALL "
                                  "SELECT 'conversations', COUNT(*) FROM conversations").fetchall())  # fmt: skip
     assert tables == {"responses": 3, "conversations": 1}
+
+
+def test_one_server_holds_a_store_directory_and_one_killed_leaves_its_background_responses_failed(
+        tmp_path, chat_template):  # fmt: skip
+    """A second server on the directory is refused at once, naming the first; a background
+    response the killed first one ran reads failed from the next server on (no server runs it)."""
+    args = ["--max-batch", "2", "--api-key", KEY, "--chat-template", str(chat_template), "--chat-stop", CHAT_STOP,
+            "--response-store-dir", str(tmp_path)]  # fmt: skip
+    with ServerProcess(args) as first:
+        run = subprocess.run([sys.executable, "-m", "fastblt.cli", "serve", "--response-store-dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert run.returncode == 2 and f"in use by another server (pid {first.proc.pid})" in run.stderr, run.stderr
+        c = openai.OpenAI(base_url=f"{first.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        long = c.responses.create(model="fastblt-default", input="def main(", background=True, max_output_tokens=16000)
+        deadline = time.monotonic() + 60
+        while c.responses.retrieve(long.id).status == "queued":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        first.signal(signal.SIGKILL)
+        first.proc.wait(30)
+    with ServerProcess(args) as second:
+        c = openai.OpenAI(base_url=f"{second.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        got = c.responses.retrieve(long.id)
+        assert got.status == "failed" and "stopped before it ended" in got.error.message

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from fastblt.serve import replay
 from fastblt.serve.replay import Published, Replays
 
 
@@ -97,3 +98,19 @@ def test_a_log_publishes_what_each_loop_turn_added_in_one_call_and_its_end_once(
         assert calls == [(0, [b"e0", b"e1"], False), (2, [b"e2"], False), (3, [], True)]
 
     asyncio.run(main())
+
+
+def test_a_response_is_lost_once_no_replica_renewed_its_lease():
+    now = [0.0]
+    shared = Published(1 << 20, clock=lambda: now[0])
+    shared.add("r", 0, [b"e0"], False)
+    old = replay.LEASE_S + 1
+    assert not shared.lost("r", old)  # never renewed, but this store is younger than a lease: it may yet be
+    now[0] += old
+    assert shared.lost("r", old) and not shared.lost("new", 0.0)
+    assert shared.read("r", -1) == ([b"e0"], True)  # a lost response's log ends: no more will come
+    shared.cancelled(["r"])  # its replica asks for its cancels: alive
+    now[0] += replay.LEASE_S - 1
+    assert not shared.lost("r", old) and shared.read("r", -1) == ([b"e0"], False)
+    now[0] += 2
+    assert shared.lost("r", old)

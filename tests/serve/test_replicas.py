@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 
 import httpx
 import pytest
 from conftest import CHAT_STOP, CHAT_TEMPLATE
 
 from fastblt.runtime.async_engine import AsyncEngine
+from fastblt.serve import app as serve_app
+from fastblt.serve import replay
 from fastblt.serve.app import ServeSettings, create_app
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.kept import MemoryKept
@@ -29,7 +32,8 @@ class Relay:
     """replay.Relay over a Published in this process (what RayRelay does through the actor)."""
 
     def __init__(self, budget: int):
-        self.published = Published(budget)
+        self.now = 0.0  # the store's clock: a test moves it on
+        self.published = Published(budget, clock=lambda: self.now)
         self.reads = 0
 
     def publish(self, rid: str, first: int, events: list[bytes], ended: bool) -> None:
@@ -48,6 +52,9 @@ class Relay:
     async def cancelled(self, rids: list[str]) -> list[str]:
         return self.published.cancelled(rids)
 
+    async def lost(self, rid: str, running_for: float) -> bool:
+        return self.published.lost(rid, running_for)
+
 
 @pytest.fixture(scope="module")
 def engine():
@@ -56,14 +63,23 @@ def engine():
     eng.close()
 
 
+class Shared:
+    """What the replicas share: their stores' tables, and the relay (None: two servers over one store)."""
+
+    def __init__(self, relay: Relay | None):
+        self.relay, self.tables = relay, {}
+
+    def kept(self, table: str, budget: int) -> MemoryKept:
+        return self.tables.setdefault(table, MemoryKept(budget))
+
+
 @contextlib.asynccontextmanager
-async def replicas(engine: AsyncEngine):
-    """Two replicas' clients (a, b) and the relay between them."""
-    tables: dict[str, MemoryKept] = {}
-    relay = Relay(1 << 20)
+async def replicas(engine: AsyncEngine, many: bool = True):
+    """Two apps' clients (a, b) and what they share: replicas of one server (`many`: a relay
+    between them), or two servers one after the other over one store."""
+    shared = Shared(Relay(1 << 20) if many else None)
     template = ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,))
-    settings = ServeSettings(chat_template=template, response_store=8 << 20, relay=relay,
-                             kept=lambda table, budget: tables.setdefault(table, MemoryKept(budget)))  # fmt: skip
+    settings = ServeSettings(chat_template=template, response_store=8 << 20, relay=shared.relay, kept=shared.kept)
     apps = [create_app(engine, settings), create_app(engine, settings)]
     async with contextlib.AsyncExitStack() as stack:
         clients = []
@@ -71,7 +87,7 @@ async def replicas(engine: AsyncEngine):
             await stack.enter_async_context(app.router.lifespan_context(app))
             transport = httpx.ASGITransport(app=app)
             clients.append(await stack.enter_async_context(httpx.AsyncClient(transport=transport, base_url="http://r")))
-        yield *clients, relay
+        yield *clients, shared
 
 
 def events(body: bytes) -> list[dict]:
@@ -86,7 +102,7 @@ async def until(check, seconds: float = 60.0) -> None:
 
 def test_a_background_response_run_by_one_replica_is_polled_and_streamed_through_the_other(engine):
     async def main() -> None:
-        async with replicas(engine) as (a, b, relay):
+        async with replicas(engine) as (a, b, shared):
             body = {"model": MODEL, "input": ASK, "max_output_tokens": 24, "temperature": 0}
             want = (await a.post("/v1/responses", json=body)).json()
             polled = (await a.post("/v1/responses", json=body | {"background": True})).json()
@@ -104,9 +120,9 @@ def test_a_background_response_run_by_one_replica_is_polled_and_streamed_through
             own = events(streamed.content)  # the POST reads the log of the replica that runs it
             rid = own[0]["response"]["id"]
             assert own[-1]["type"] == "response.incomplete"  # (max_output_tokens)
-            reads = relay.reads
+            reads = shared.relay.reads
             other = events((await b.get(f"/v1/responses/{rid}", params={"stream": "true"})).content)
-            assert other == own and relay.reads > reads  # read through the relay, every event in order
+            assert other == own and shared.relay.reads > reads  # read through the relay, every event in order
             later = await b.get(f"/v1/responses/{rid}", params={"stream": "true", "starting_after": "5"})
             assert events(later.content) == own[6:]
             assert (await a.get(f"/v1/responses/{rid}", params={"stream": "true"})).content == streamed.content
@@ -118,12 +134,12 @@ def test_a_background_response_run_by_one_replica_is_polled_and_streamed_through
 
 def test_a_cancel_or_a_delete_through_the_other_replica_stops_the_one_that_runs_it(engine):
     async def main() -> None:
-        async with replicas(engine) as (a, b, relay):
+        async with replicas(engine) as (a, b, shared):
             body = {"model": MODEL, "input": ASK, "max_output_tokens": 16000, "temperature": 0, "background": True}
             # (ASGITransport gives a body once it ended: these streams are read when the cancel ended them)
             owner = asyncio.ensure_future(a.post("/v1/responses", json=body | {"stream": True}))
-            await until(lambda: asyncio.sleep(0, bool(relay.published.logs)))
-            (rid,) = relay.published.logs
+            await until(lambda: asyncio.sleep(0, bool(shared.relay.published.logs)))
+            (rid,) = shared.relay.published.logs
             follower = asyncio.ensure_future(b.get(f"/v1/responses/{rid}", params={"stream": "true"}))
             await until(lambda: running(a, 1))
             cancelled = await b.post(f"/v1/responses/{rid}/cancel")  # b does not run it
@@ -169,3 +185,31 @@ def test_what_a_background_response_keeps_once_queued_depends_on_the_kept_one_st
     store.delete("resp_1")
     assert not store.settle(response("completed"), [], 0) and store.get("resp_1") is None  # deleted stays deleted
     assert store.cancel("resp_1") is None
+
+
+def test_a_background_response_no_server_runs_any_more_reads_failed(engine, monkeypatch):
+    """A response kept running by a server that was killed (a server alone runs every one it has),
+    or whose replica stopped renewing its lease, reads failed; one that runs does not."""
+    monkeypatch.setattr(serve_app, "CANCEL_POLL_S", 0.05)
+
+    async def main() -> None:
+        async with replicas(engine) as (a, b, shared), replicas(engine, many=False) as (alone, _, one):
+            for client, tables in ((b, shared.tables), (alone, one.tables)):
+                left = {"id": "resp_left", "object": "response", "status": "in_progress", "background": True,
+                        "created_at": int(time.time()) - 60, "output": [], "error": None}  # fmt: skip
+                ResponseStore(tables["responses"]).put(left, [], 0)
+                if client is b:  # (a store younger than a lease has not seen every replica yet)
+                    assert (await client.get("/v1/responses/resp_left")).json()["status"] == "in_progress"
+                    shared.relay.now += replay.LEASE_S + 1
+                got = (await client.get("/v1/responses/resp_left")).json()
+                assert got["status"] == "failed" and "stopped before it ended" in got["error"]["message"]
+            body = {"model": MODEL, "input": ASK, "max_output_tokens": 16000, "temperature": 0, "background": True}
+            live = (await a.post("/v1/responses", json=body)).json()
+            await asyncio.sleep(0.2)
+            shared.relay.now += replay.LEASE_S + 1
+            await asyncio.sleep(0.2)  # a renews its lease every 0.05 s
+            assert (await b.get(f"/v1/responses/{live['id']}")).json()["status"] == "in_progress"
+            assert (await b.post(f"/v1/responses/{live['id']}/cancel")).json()["status"] == "cancelled"
+            await until(lambda: running(a, 0))
+
+    asyncio.run(main())
