@@ -404,6 +404,14 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                               asked.frame, asked.refit,
                               lambda work: asked.start(work, running, replays, publish))  # fmt: skip
 
+    @app.post("/v1/responses/input_tokens")
+    async def count_input_tokens(request: Request) -> JSONResponse:
+        authorize(request)
+        asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept, talks)
+        raw = await _read_body(request, settings.max_body)
+        # off the event loop: a conversation is read from the store, and the template renders it
+        return JSONResponse(await asyncio.to_thread(asked.count, raw, byte_limit(ready())))
+
     async def take_cancels() -> None:
         """Stop the background responses a cancel was asked for on another replica (a round trip
         to the relay every CANCEL_POLL_S while any runs here)."""

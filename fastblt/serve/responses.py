@@ -65,6 +65,9 @@ EXTRA = FASTBLT_FIELDS | {"seed", "stop", "presence_penalty", "frequency_penalty
 NEUTRAL = {"reasoning": (None, {}), "prompt": (None,),
            "access_programs": (None,), "background_options": (None,), "context_management": (None,),
            "image": (None,), "moderation": (None,), "prompt_cache_options": (None,)}  # fmt: skip
+# POST /v1/responses/input_tokens: the fields that decide a request's input (`personality` as not asked for)
+COUNTED = {"model", "input", "instructions", "previous_response_id", "conversation", "text", "tools", "tool_choice",
+           "parallel_tool_calls", "truncation", "reasoning"}  # fmt: skip
 LOGPROBS = "message.output_text.logprobs"
 # what `include` may name: logprobs, and reasoning's encrypted content (there is none to include)
 INCLUDE = (LOGPROBS, "reasoning.encrypted_content")
@@ -197,6 +200,17 @@ class ResponsesRequest:
             comp = self._truncated(chat, comp, limit)
         comp.background = self.echo["background"]
         return _named(comp)
+
+    def count(self, raw: bytes, limit: int | None = None) -> dict:
+        """POST /v1/responses/input_tokens: the input tokens (bytes: the prompt's, as `usage` counts
+        them) that POST /v1/responses would count for a request of the same fields (`model`
+        optional); nothing is kept or added to a conversation."""
+        body = load_json(raw)
+        check_fields(body, COUNTED, {"personality": (None,)})
+        asked = {k: v for k, v in body.items() if k != "personality"}
+        comp = self.parse(json.dumps(asked | {"model": body.get("model") or self.model_id, "store": False}).encode(),
+                          limit)  # fmt: skip
+        return {"object": "response.input_tokens", "input_tokens": sum(len(p.encode()) for p in comp.prompts)}
 
     def refit(self, e: PositionLimit) -> Completion | None:
         """With truncation auto, the conversation truncated again for a text that reached the

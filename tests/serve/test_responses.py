@@ -729,3 +729,29 @@ def test_a_custom_tools_grammar_error_names_the_responses_field():
     with pytest.raises(ApiError) as e:
         parse(tools=[lark], tool_choice="required")  # a Lark grammar: called only when named
     assert e.value.param == "tool_choice" and '{"type": "custom", "name": ...}' in e.value.message
+
+
+def test_input_tokens_are_counted_as_the_same_request_counts_them_and_nothing_is_kept(server):
+    """POST /v1/responses/input_tokens: the bytes of the prompt POST /v1/responses would render
+    for the same fields (instructions, tools, a previous response, a conversation)."""
+    c = client(server)
+    first = c.responses.create(model=MODEL, input=ASK, instructions=INSTRUCTIONS, max_output_tokens=4, temperature=0)
+    conv = c.conversations.create(items=[{"role": "user", "content": "import os"}])
+    bodies = [dict(input=ASK, instructions=INSTRUCTIONS),
+              dict(input="the weather in Paris, in celsius", tools=[TOOL], tool_choice="required"),
+              dict(input="and then", previous_response_id=first.id),
+              dict(input=[{"role": "user", "content": "def main("}], conversation=conv.id)]  # fmt: skip
+    for body in bodies:
+        counted = c.responses.input_tokens.count(**body)
+        assert counted.object == "response.input_tokens" and counted.input_tokens > 0
+        assert len(c.conversations.items.list(conv.id).data) == 1  # counting adds nothing to a conversation
+        r = c.responses.create(model=MODEL, **body, max_output_tokens=1, temperature=0, store=False)
+        assert counted.input_tokens == r.usage.input_tokens, body
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.input_tokens.count(input=ASK, extra_body={"max_output_tokens": 4})
+    assert e.value.body["param"] == "max_output_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.input_tokens.count(input="x", previous_response_id="resp_none")
+    assert e.value.body["param"] == "previous_response_id"
+    with pytest.raises(openai.NotFoundError):
+        c.responses.input_tokens.count(model="gpt-4o", input="x")
