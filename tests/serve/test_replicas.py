@@ -7,8 +7,10 @@ delete there has the last word over what the running one keeps after it."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
+import random
 import time
 
 import httpx
@@ -22,7 +24,7 @@ from fastblt.serve.app import ServeSettings, create_app
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.kept import MemoryKept
 from fastblt.serve.replay import Published
-from fastblt.serve.responses import ResponseStore
+from fastblt.serve.responses import RUNNING, ResponseStore
 
 MODEL = "fastblt-default"
 ASK = "def add(a, b):"
@@ -211,5 +213,77 @@ def test_a_background_response_no_server_runs_any_more_reads_failed(engine, monk
             assert (await b.get(f"/v1/responses/{live['id']}")).json()["status"] == "in_progress"
             assert (await b.post(f"/v1/responses/{live['id']}/cancel")).json()["status"] == "cancelled"
             await until(lambda: running(a, 0))
+
+    asyncio.run(main())
+
+
+def test_a_random_walk_of_background_responses_over_two_replicas_keeps_every_answer(engine):
+    """Background responses made on either replica, streamed or polled, read, cancelled and deleted
+    through either, in a random order: each one that ended on its own says what the same request
+    says in the foreground (through the other replica too, and in every stream read again); each
+    one cancelled reads cancelled; a deleted one is gone from both; nothing runs at the end."""
+    rng = random.Random(7)
+    prompts = ["def add(a, b):", "import os\n", "class Point:", "for i in range("]
+
+    async def main() -> None:
+        async with replicas(engine) as (a, b, shared):
+            want: dict[tuple[str, int], str] = {}
+            made: list[tuple[str, dict, bool]] = []  # (id, body, streamed)
+            streams: dict[str, asyncio.Future] = {}
+            for _ in range(40):
+                owner, other = rng.sample([a, b], 2)
+                act = rng.random()
+                if act < 0.5 or not made:
+                    body = {"model": MODEL, "input": rng.choice(prompts), "temperature": 0, "background": True,
+                            "max_output_tokens": rng.choice([8, 24, 16000])}  # fmt: skip
+                    streamed = rng.random() < 0.5
+                    if streamed:  # (read whole once it ended: ASGITransport)
+                        logs = shared.relay.published.logs
+                        known = set(logs)
+                        posted = asyncio.ensure_future(owner.post("/v1/responses", json=body | {"stream": True}))
+                        await until(lambda: asyncio.sleep(0, bool(set(logs) - known)))  # noqa: B023
+                        (rid,) = set(logs) - known
+                        streams[rid] = posted
+                    else:
+                        rid = (await owner.post("/v1/responses", json=body)).json()["id"]
+                    made.append((rid, body, streamed))
+                    continue
+                rid, body, streamed = rng.choice(made)
+                if act < 0.7:
+                    await other.post(f"/v1/responses/{rid}/cancel")
+                elif act < 0.8:
+                    await other.delete(f"/v1/responses/{rid}")
+                else:
+                    await asyncio.sleep(0.05)
+            for rid, body, _ in made:  # the long ones that nobody cancelled: cancelled now
+                got = await b.get(f"/v1/responses/{rid}")
+                if got.status_code == 200 and got.json()["status"] in RUNNING and body["max_output_tokens"] == 16000:
+                    await a.post(f"/v1/responses/{rid}/cancel")
+            await asyncio.gather(*streams.values())
+            await until(lambda: running(a, 0))
+            await until(lambda: running(b, 0))
+            seen = collections.Counter()
+            for rid, body, streamed in made:
+                for client in (a, b):
+                    got = await client.get(f"/v1/responses/{rid}")
+                    seen[got.status_code if got.status_code == 404 else got.json()["status"]] += 1
+                    if got.status_code == 404:
+                        continue
+                    response = got.json()
+                    assert response["status"] in ("completed", "incomplete", "cancelled"), response
+                    if response["status"] == "cancelled":
+                        continue
+                    key = (body["input"], body["max_output_tokens"])
+                    if key not in want:
+                        fore = {k: v for k, v in body.items() if k != "background"}
+                        want[key] = (await a.post("/v1/responses", json=fore)).json()["output"][0]["content"][0]["text"]
+                    assert response["output"][0]["content"][0]["text"] == want[key]
+                    if streamed:
+                        n = rng.randrange(4)
+                        later = await client.get(f"/v1/responses/{rid}", params={"stream": "true", "starting_after": n})
+                        if later.status_code == 200:
+                            last = events(later.content)[-1]
+                            assert last["sequence_number"] > n and last["response"]["output"] == response["output"]
+            assert seen[404] and seen["cancelled"] and seen["incomplete"] + seen["completed"] >= 6, seen
 
     asyncio.run(main())
