@@ -336,14 +336,18 @@ def _server_class():
 
     class Server(uvicorn.Server):
         """uvicorn's server, except that a SIGTERM / SIGINT ends in a normal exit (0) once the
-        requests in flight have finished, instead of re-raising the signal afterwards, and that
-        requests still running when the grace period is nearly out are ended with an answer (the
-        app's `stop_requests`) before uvicorn cancels them mid-body."""
+        requests in flight (and the background responses running) have finished, instead of
+        re-raising the signal afterwards, and that requests still running when the grace period is
+        nearly out are ended with an answer (the app's `stop_requests`) before uvicorn cancels
+        them mid-body."""
 
         async def shutdown(self, sockets=None) -> None:
-            stop = getattr(getattr(self.config.app, "state", None), "stop_requests", None)
+            state = getattr(self.config.app, "state", None)
+            stop = getattr(state, "stop_requests", None)
             grace = self.config.timeout_graceful_shutdown
             timer = None
+            if state is not None and grace is not None:  # background responses finish within it too
+                state.finish_by = asyncio.get_running_loop().time() + grace
             if stop is not None and grace is not None:
                 lead = min(1.0, grace / 4)  # for the last events to go out
                 timer = asyncio.get_running_loop().call_later(max(grace - lead, 0.0), stop)

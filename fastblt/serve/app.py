@@ -184,7 +184,12 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                 if relay is not None:
                     stack.enter_context(_running_task(take_cancels(), "fastblt cancels"))
                 yield
-                for job in list(running.values()):  # kept in this process's memory only: nothing to finish for
+                # background responses finish within what is left of the server's grace period (if
+                # it set one: `finish_by`, the loop's time), then those still running are cancelled
+                tasks = [job.task for job in running.values() if job.task is not None]
+                if tasks and app.state.finish_by is not None:
+                    await asyncio.wait(tasks, timeout=max(0.0, app.state.finish_by - asyncio.get_running_loop().time()))
+                for job in list(running.values()):
                     await job.cancel()
         finally:
             if built is not None:
@@ -198,6 +203,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                            expose_headers=[REQUEST_ID_HEADER, REPLICA_HEADER, "retry-after"])  # fmt: skip
     inflight = _InFlight()
     app.state.stop_requests = inflight.stop  # the server calls it when its grace period runs out
+    app.state.finish_by = None  # ... and sets this to its end as it begins (background responses finish by then)
     # for routes added to the app elsewhere (batches.py): their lifespans, entered once the engine is
     # ready, and the checks every route makes (app.state.authorize, app.state.ready, below)
     app.state.lifespans = []

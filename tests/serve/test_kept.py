@@ -129,3 +129,21 @@ def test_one_server_holds_a_store_directory_and_one_killed_leaves_its_background
         c = openai.OpenAI(base_url=f"{second.url}/v1", api_key=KEY, max_retries=0, timeout=120)
         got = c.responses.retrieve(long.id)
         assert got.status == "failed" and "stopped before it ended" in got.error.message
+
+
+def test_a_stopping_server_lets_its_background_responses_finish_within_its_grace_period(tmp_path, chat_template):
+    """SIGTERM: a background response running then is answered (and kept) before the server exits,
+    as requests in flight are, within --graceful-timeout; the next server reads it whole."""
+    args = ["--max-batch", "2", "--api-key", KEY, "--chat-template", str(chat_template), "--chat-stop", CHAT_STOP,
+            "--response-store-dir", str(tmp_path), "--graceful-timeout", "60"]  # fmt: skip
+    ask = dict(
+        model="fastblt-default", input="def main(", max_output_tokens=12000, temperature=0, extra_body={"mode": "ar"}
+    )
+    with ServerProcess(args) as first:
+        c = openai.OpenAI(base_url=f"{first.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        running = c.responses.create(**ask, background=True)
+        assert first.stop() == 0
+    with ServerProcess(args) as second:
+        c = openai.OpenAI(base_url=f"{second.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        got = c.responses.retrieve(running.id)
+        assert got.status == "incomplete" and got.output_text == c.responses.create(**ask).output_text
