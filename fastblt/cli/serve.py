@@ -134,20 +134,24 @@ def serve(
     tls = _tls(ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs)
     scheme = "https" if tls else "http"
     if batch_dir is not None and not use_ray:
-        try:  # before the model loads: a directory that cannot be made is the command's first line
-            Path(batch_dir).mkdir(parents=True, exist_ok=True)
+        from fastblt.serve.batches import hold_batches
+
+        try:  # before the model loads: a directory that cannot be made, or is another server's, is the first line
+            hold_batches(Path(batch_dir))
         except OSError as e:
             raise click.BadParameter(f"{batch_dir}: {e.strerror}", param_hint="'--batch-dir'") from None
+        except InputError as e:
+            raise click.BadParameter(str(e), param_hint="'--batch-dir'") from None
     if response_store_dir is not None and not (use_ray and print_config):
         if not response_store_mb:
             raise click.UsageError("--response-store-dir with --response-store-mb 0: nothing would be kept there")
-        from fastblt.serve.kept import check_dir, hold
+        from fastblt.serve.kept import check_dir, hold_store
 
         if why := check_dir(Path(response_store_dir)):  # the same: before the model loads
             raise click.BadParameter(why, param_hint="'--response-store-dir'")
         if not use_ray:  # (with --ray, the store actor holds it)
             try:
-                hold(Path(response_store_dir))
+                hold_store(Path(response_store_dir))
             except InputError as e:
                 raise click.BadParameter(str(e), param_hint="'--response-store-dir'") from None
     if use_ray:

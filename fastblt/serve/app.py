@@ -68,7 +68,7 @@ from fastblt.serve.api import (
 )
 from fastblt.serve.chat import ChatTemplate, parse_chat_body
 from fastblt.serve.conversations import ConversationStore
-from fastblt.serve.kept import Kept, hold, open_kept
+from fastblt.serve.kept import Kept, hold_store, open_kept
 from fastblt.serve.metrics import CONTENT_TYPE, KeptCollector, Metrics
 from fastblt.serve.replay import POLL_S, Relay, Replays, remote_follow
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
@@ -159,7 +159,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     kept, talks, replays, relay = None, None, None, settings.relay
     if settings.response_store:
         if settings.kept is None and settings.response_store_dir is not None:
-            hold(settings.response_store_dir)  # the one server that keeps its file there
+            hold_store(settings.response_store_dir)  # the one server that keeps its file there
         opened = settings.kept or functools.partial(open_kept, settings.response_store_dir)
         kept = ResponseStore(opened("responses", settings.response_store))
         talks = ConversationStore(opened("conversations", settings.response_store))

@@ -54,6 +54,7 @@ from fastblt.serve.batch_file import (
     read_requests,
     write_whole,
 )
+from fastblt.serve.held import hold
 
 MAX_FILE_BYTES = 200 << 20  # an uploaded file, as OpenAI's Batch API limits it
 MAX_REQUESTS = 50_000  # requests per batch (OpenAI's limit)
@@ -66,6 +67,7 @@ SAVE_EVERY_S = 0.5  # a running batch's request_counts reach its file at most th
 BATCH_PRIORITY = 1  # a batch request's place in the engine's queue: behind live requests (priority 0)
 ADMIT_POLL_S = 0.02  # how often a batch request waiting for live requests to get their rows looks again
 _ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # ids made here; anything else names no file
+LOCK = "batches.lock"  # in DIR, held by the one server that runs its batches (held.py)
 
 
 def _new_id(prefix: str) -> str:
@@ -456,10 +458,16 @@ def _errors(code: str, message: str, line: int | None = None) -> dict:
     return {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": line}]}
 
 
+def hold_batches(root: Path) -> None:
+    """Take `root` for this process (held.py): InputError if another server runs its batches."""
+    hold(root, LOCK, "files and batches")
+
+
 def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, api_key: str | None = None) -> None:
     """Serve /v1/files and /v1/batches from `app` (create_app's), keeping them under `root`. Live
     traffic first: batches run up to `concurrency` requests at a time on an idle server, `trickle`
     while live requests run, none while any request waits for a row; each with the server's API key."""
+    hold_batches(root)  # the one server that runs the batches there
     store = Store(root)
     headers = {} if api_key is None else {"authorization": f"Bearer {api_key}"}
     runner = Runner(app, store, concurrency, headers, trickle=trickle)

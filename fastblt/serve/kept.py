@@ -11,21 +11,18 @@ writers changing one value at once both land).
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
-from fastblt.errors import InputError
+from fastblt.serve.held import hold
 
 FILE = "kept.sqlite3"  # in --response-store-dir
-LOCK = "kept.lock"  # ... held by the one server (or Ray store actor) that keeps its file there
-_HELD: dict[Path, IO[str]] = {}  # the directories this process holds, by resolved path
+LOCK = "kept.lock"  # ... held by the one server (or Ray store actor) that keeps its file there (held.py)
 
 
 class Kept(Protocol):
@@ -182,28 +179,9 @@ def open_kept(directory: Path | None, table: str, budget: int) -> Kept:
     return FileKept(directory / FILE, table, budget)
 
 
-def hold(directory: Path) -> None:
-    """Take `directory` for this process until it exits (again: nothing to do), or raise InputError
-    naming the process that has it. One server keeps its file there at a time: its accounting of
-    the budget is its own, and a background response it finds kept running and does not run is one
-    a server stopped without ending (app.py), which holds only if no other server runs it."""
-    key = directory.resolve()
-    if key in _HELD:
-        return
-    lock = open(key / LOCK, "a+")  # noqa: SIM115 (open while the process runs: the lock)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        pid = lock.read().strip()[:20]
-        lock.close()
-        raise InputError(f"{directory}: in use by another server{f' (pid {pid})' if pid else ''}; one server "
-                         "keeps its responses in a directory at a time") from None  # fmt: skip
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
-    _HELD[key] = lock
+def hold_store(directory: Path) -> None:
+    """Take `directory` for this process's store (held.py): InputError if another server has it."""
+    hold(directory, LOCK, "responses and conversations")
 
 
 def check_dir(directory: Path) -> str | None:

@@ -25,7 +25,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fastblt.serve.kept import Kept, hold, open_kept
+from fastblt.serve.kept import Kept, hold_store, open_kept
 from fastblt.serve.replay import Published
 
 KEPT_ACTOR, KEPT_NAMESPACE = "fastblt-kept", "fastblt"
@@ -38,7 +38,7 @@ class _KeptActor:
     def __init__(self, directory: str | None = None) -> None:
         self.directory = None if directory is None else Path(directory)
         if self.directory is not None:
-            hold(self.directory)  # the one store that keeps its file there
+            hold_store(self.directory)  # the one store that keeps its file there
         self.tables: dict[str, Kept] = {}
         self.published: Published | None = None  # background streams' events, and cancels passed on
 

@@ -9,8 +9,8 @@ kept while their response runs and, once it ended, the most recently ended withi
 
 A server of many replicas (`fastblt serve --ray`) also publishes each log through a Relay (one
 store every replica reads: ray_kept.py's actor holds a Published), so that a reader whom another
-replica answers follows it too (RemoteLog), and a cancel that reaches another replica is passed
-on to the one that runs the response.
+replica answers follows it too (remote_follow), a cancel that reaches another replica is passed
+on to the one that runs the response, and a response whose replica stopped is known as lost.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-POLL_S = 0.05  # how often a RemoteLog asks for events while none are new
+POLL_S = 0.05  # how often remote_follow asks for events while none are new
 STALE_S = 3600.0  # a published log not added to (or a cancel not taken) this long is dropped: its replica died
 # a background response whose replica has not asked for its cancels this long is lost (that replica
 # stopped; while it runs any, it asks every app.CANCEL_POLL_S)

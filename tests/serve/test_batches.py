@@ -8,6 +8,8 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -238,6 +240,10 @@ def test_a_batch_outlives_a_restart_of_the_server(tmp_path, reference):
     lines = [line(f"r{i}", f"import os{i}\n", max_tokens=64) for i in range(60)]  # ~1 s of work left when stopped
     args = ["--batch-dir", str(tmp_path), "--max-batch", "2", "--api-key", KEY]
     with ServerProcess(args) as srv:
+        # one server runs a directory's batches
+        twice = subprocess.run([sys.executable, "-m", "fastblt.cli", "serve", "--batch-dir", str(tmp_path)],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert twice.returncode == 2 and f"in use by another server (pid {srv.proc.pid})" in twice.stderr
         c = client(srv)
         f = c.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
         bid = c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h").id

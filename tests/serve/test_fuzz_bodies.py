@@ -278,6 +278,34 @@ def test_a_random_responses_body_is_a_request_or_a_4xx_naming_a_field(data):
         assert str(e).startswith(("option", "mode", "prompt")), str(e)
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_random_input_tokens_body_is_counted_or_a_4xx_naming_a_field(data):
+    """POST /v1/responses/input_tokens: what it counts (a Responses body's input fields, mostly;
+    `model` left out at times, `personality`) is a count of the bytes the same body renders, or a 4xx."""
+    from fastblt.serve.responses import COUNTED, ResponsesRequest, ResponseStore
+
+    pool = sorted(set(RESPONSES_FIELDS) & COUNTED) * 3 + sorted(set(RESPONSES_FIELDS) - COUNTED) + ["personality"]
+    chosen = data.draw(st.sets(st.sampled_from(pool), max_size=5))
+    fields = RESPONSES_FIELDS | {"personality": st.sampled_from([None, "friendly"])}
+    b = {name: data.draw(fields[name]) for name in chosen | {"input"}}
+    if data.draw(st.booleans()):
+        b["model"] = MODEL
+    raw = json.dumps(b, allow_nan=False).encode() if _finite(b) else b"{}"
+    limit = data.draw(st.sampled_from([None, 60, 16384]))
+    asked = ResponsesRequest(MODEL, "blt-s", TEMPLATES[1], ResponseStore(1 << 16), TALKS)
+    try:
+        counted = asked.count(raw, limit)
+    except ApiError as e:
+        assert 400 <= e.status < 500 and e.message, e.message
+        return
+    assert set(b) <= COUNTED | {"personality"} and b.get("personality") is None
+    same = {k: v for k, v in b.items() if k != "personality"} | {"model": MODEL, "store": False}
+    comp = ResponsesRequest(MODEL, "blt-s", TEMPLATES[1], ResponseStore(1 << 16), TALKS).parse(
+        json.dumps(same).encode(), limit)  # fmt: skip
+    assert counted == {"object": "response.input_tokens", "input_tokens": sum(len(p.encode()) for p in comp.prompts)}
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(items, max_size=4) | anything)
 def test_random_conversation_items_are_kept_or_a_4xx_naming_a_field(given):
