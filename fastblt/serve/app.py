@@ -500,11 +500,11 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     async def read_published(response_id: str, after: int, response: dict) -> tuple[list[bytes], bool] | None:
         """The first events after `after` of a background stream another replica runs (None: not
-        published): a response that runs may not have published its first events yet."""
+        published): its replica may not have published its first (or last) events yet."""
         if relay is None:
             return None
         deadline = time.monotonic() + PUBLISHED_WAIT_S
-        while (got := await relay.read(response_id, after)) is None and response["status"] in RUNNING:
+        while (got := await relay.read(response_id, after)) is None and response.get("background"):
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(POLL_S)

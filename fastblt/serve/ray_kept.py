@@ -92,7 +92,10 @@ def kept_actor(directory: str | None = None, here: bool = False, name: str = KEP
     directory; from a Serve config, the first replica does, on its node."""
     # should its process die, Ray starts it again (in memory: empty, the replicas go on; in a file:
     # with what it kept) and sends the calls it was given once more
-    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=1)(_KeptActor)
+    # and runs each call as it arrives: no caller needs its calls in order (each awaits its answer,
+    # and published events carry their sequence numbers), and an ordered actor would hold every
+    # later call of a replica for 30 s should one of its calls be lost on the way (as under load)
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=1, allow_out_of_order_execution=True)(_KeptActor)
     where = {}
     if here:
         where["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False)

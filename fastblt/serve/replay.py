@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 POLL_S = 0.05  # how often remote_follow asks for events while none are new
+PUBLISH_S = 0.05  # a running log publishes what it gained at most this often (one call each), its end at once
 STALE_S = 3600.0  # a published log not added to (or a cancel not taken) this long is dropped: its replica died
 # a background response whose replica has not asked for its cancels this long is lost (that replica
 # stopped; while it runs any, it asks every app.CANCEL_POLL_S)
@@ -43,6 +44,7 @@ class EventLog:
         self._loop = asyncio.get_running_loop()
         self._grew = asyncio.Event()
         self._publish, self._sent = publish, 0  # events published so far
+        self._due = False  # a publish is set to go
 
     def add(self, event: bytes) -> None:
         self.events.append(event)
@@ -58,12 +60,20 @@ class EventLog:
             self._loop.call_soon_threadsafe(self._grown)
 
     def _grown(self) -> None:
-        """On the loop: wake the readers, and publish what is new in one call (the events added
-        since the last loop turn go together)."""
+        """On the loop: wake the readers, and publish what is new: the end at once, events within
+        PUBLISH_S (those added meanwhile go in the same call)."""
         self._grew.set()
+        if self.ended:
+            self._send()
+        elif self._publish is not None and not self._due:
+            self._due = True
+            self._loop.call_later(PUBLISH_S, self._send)
+
+    def _send(self) -> None:
+        self._due = False
         if self._publish is not None and (self._sent < len(self.events) or self.ended):
             first, self._sent = self._sent, len(self.events)
-            self._publish(first, self.events[first : self._sent], self.ended and self._sent == len(self.events))
+            self._publish(first, self.events[first : self._sent], self.ended)
             if self.ended:
                 self._publish = None  # said once
 

@@ -77,6 +77,7 @@ TOOL_FIELDS = {"function": {"type", "name", "description", "parameters", "strict
 LEADING = ("system", "developer")  # roles of the messages truncation keeps at the start
 TRUNCATION = ("disabled", "auto")
 RUNNING = ("queued", "in_progress")  # a background response's statuses before its last word
+ENDING_S = 2.0  # how long a cancel waits for a background answer that claimed its last word to end
 ITEM_FIELDS = {"message": {"type", "role", "content", "id", "status"},
                "function_call": {"type", "call_id", "name", "arguments", "id", "status"},
                "function_call_output": {"type", "call_id", "output", "id", "status"},
@@ -178,6 +179,7 @@ class ResponsesRequest:
         self.task: asyncio.Task | None = None  # a background response's work
         self.log: EventLog | None = None  # a background stream's events, as they are made
         self._ended: str | None = None  # the status that had the last word (claim)
+        self.overruled = False  # its answer came after a cancel or delete through another replica had the last word
         self._ending = threading.Lock()
         self._whole: tuple[dict, Completion] | None = None  # chat's body and Completion, untruncated
         self._limit: int | None = None  # the bytes the prompt and answer were fitted under
@@ -401,6 +403,7 @@ class ResponsesRequest:
         if self.keep and self.store is not None:
             if self.echo.get("background"):  # kept as it ran: unless it was cancelled or deleted meanwhile
                 if not self._put(self.store, response, settle=True):
+                    self.overruled = True
                     return response
             elif not self._put(self.store, response):
                 response["store"] = False
@@ -437,13 +440,11 @@ class ResponsesRequest:
             keep("in_progress")
             try:
                 await work
-            except asyncio.CancelledError:
-                if self.claim("cancelled"):
+            except asyncio.CancelledError:  # cancel() claimed the last word first (or the loop is closing)
+                if self._ended == "cancelled" or self.claim("cancelled"):
                     keep("cancelled")
                     if self._events is not None:
-                        self._events.event("error", code="response_cancelled", param=None,
-                                           message=f"response {self.id}: cancelled (POST /v1/responses/{self.id}/"
-                                           "cancel, or the server stopped)")  # fmt: skip
+                        self._events.cancelled()
             except ApiError as e:
                 fail({"code": e.code or "server_error", "message": e.message, "param": e.param})
             except Exception as e:  # noqa: BLE001 (a bug: said in the response, as a 500 would say it)
@@ -475,10 +476,15 @@ class ResponsesRequest:
         return put(response, self.items[self.inherited :], self.own, self.echo["previous_response_id"])
 
     async def cancel(self) -> None:
-        """Stop a background response's work (its rows freed at once); kept as cancelled."""
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            await asyncio.wait([self.task])
+        """Stop a background response's work (its rows freed at once); kept as cancelled. Unless its
+        answer (or failure) claimed the last word already, as its last frame is written in a thread:
+        then that ends the response, and this waits for it to end (ENDING_S at most)."""
+        if self.task is None or self.task.done():
+            return
+        if not self.claim("cancelled"):  # what is left after the last word is short: waited for a while
+            await asyncio.wait([self.task], timeout=ENDING_S)
+        self.task.cancel()
+        await asyncio.wait([self.task])
 
     def frame(self, body: dict | str) -> bytes:
         """The Responses events for one body of chat's stream (a chunk, an error, or "[DONE]"), in
@@ -617,7 +623,15 @@ class _Events:
         out = self._text("", []) if not self.output else []  # an empty answer is an empty message, as whole
         out += self._close_text() + self._close_call()
         final = self.request.kept(self.request.response(status, self.output, self.usage, reason))
+        if self.request.overruled:  # a cancel through another replica had the last word: the stream says so
+            return [*out, self.cancelled()]
         return [*out, self.event(f"response.{status}", response=final)]
+
+    def cancelled(self) -> bytes:
+        rid = self.request.id
+        return self.event("error", code="response_cancelled", param=None,
+                          message=f"response {rid}: cancelled (POST /v1/responses/{rid}/cancel, or the server "
+                          "stopped)")  # fmt: skip
 
 
 def input_items_page(kept: Stored, query: dict[str, str]) -> dict:

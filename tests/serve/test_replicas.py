@@ -23,8 +23,8 @@ from fastblt.serve import replay
 from fastblt.serve.app import ServeSettings, create_app
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.kept import MemoryKept
-from fastblt.serve.replay import Published
-from fastblt.serve.responses import RUNNING, ResponseStore
+from fastblt.serve.replay import Published, Replays
+from fastblt.serve.responses import RUNNING, ResponsesRequest, ResponseStore
 
 MODEL = "fastblt-default"
 ASK = "def add(a, b):"
@@ -285,5 +285,35 @@ def test_a_random_walk_of_background_responses_over_two_replicas_keeps_every_ans
                             last = events(later.content)[-1]
                             assert last["sequence_number"] > n and last["response"]["output"] == response["output"]
             assert seen[404] and seen["cancelled"] and seen["incomplete"] + seen["completed"] >= 6, seen
+
+    asyncio.run(main())
+
+
+def test_an_answer_that_ends_after_another_replica_cancelled_it_says_cancelled():
+    """Another replica's cancel marks the kept response cancelled before this one's answer ends:
+    the answer is not kept over it, and the stream's readers see the cancel, not the answer."""
+    store, logs = ResponseStore(1 << 20), Replays(1 << 20)
+    asked = ResponsesRequest(MODEL, "blt-s", ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,)), store)
+    asked.parse(json.dumps({"model": MODEL, "input": ASK, "background": True, "stream": True}).encode())
+    usage = {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+
+    async def main() -> None:
+        async def work() -> None:
+            asked.frame({"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": None}]})
+            assert store.cancel(asked.id)["status"] == "cancelled"  # through the other replica, meanwhile
+            asked.frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage})
+            await asyncio.to_thread(asked.frame, "[DONE]")
+
+        asked.start(work(), {}, logs)
+        await asyncio.wait([asked.task])
+        sent = [json.loads(e.split(b"data: ", 1)[1]) for e in logs.get(asked.id).events]
+        assert sent[-1]["type"] == "error" and sent[-1]["code"] == "response_cancelled"
+        assert not any(e["type"] == "response.completed" for e in sent)
+        assert store.get(asked.id).response["status"] == "cancelled"
 
     asyncio.run(main())
