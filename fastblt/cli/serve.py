@@ -39,7 +39,8 @@ from fastblt.errors import InputError
 @click.option("--allowed-origin", "allowed_origins", multiple=True, metavar="ORIGIN",
               help="CORS: pages from this origin (https://host[:port], or *) may call the API; repeat.")  # fmt: skip
 @click.option("--batch-dir", type=click.Path(file_okay=False, writable=True), default=None,
-              help="Serve OpenAI's Batch API (/v1/files, /v1/batches), keeping files and batches here.")  # fmt: skip
+              help="Serve OpenAI's Batch API (/v1/files, /v1/batches), keeping files and batches here "
+              "(one server per directory).")  # fmt: skip
 @click.option(
     "--response-store-mb",
     type=click.IntRange(0),
@@ -51,7 +52,7 @@ from fastblt.errors import InputError
 @click.option("--response-store-dir", type=click.Path(file_okay=False, writable=True), default=None,
               help="Keep the responses and conversations of --response-store-mb in a SQLite file here "
               "(kept.sqlite3), which a restarted server reads again [default: in memory, gone at a "
-              "restart]. With --ray, the store actor's, on this command's node.")  # fmt: skip
+              "restart]; one server per directory. With --ray, the store actor's, on this command's node.")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,

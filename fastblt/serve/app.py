@@ -121,7 +121,9 @@ class ServeSettings:
     # how the app opens a store (a table of that many bytes): None, in memory or the dir's file
     kept: Callable[[str, int], Kept] | None = None
     # what the replicas of one server publish for each other (background streams' events, cancels
-    # passed on): ray_kept.RayRelay; None: one server, which runs every background response it has
+    # passed on, leases): ray_kept.RayRelay; None: one server, which runs every background response
+    # it has (so `kept` opens a store no other server shares: one it finds running and does not
+    # run, a killed server left behind, and it reads failed)
     relay: Relay | None = None
 
 
@@ -422,6 +424,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         """Stop the background responses a cancel was asked for on another replica (a round trip
         to the relay every CANCEL_POLL_S while any runs here)."""
         assert relay is not None
+        failing = False  # said once per run of failures, not four times a second
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
             if not running:
@@ -429,8 +432,12 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             try:
                 asked = await relay.cancelled(list(running))
             except Exception as e:  # noqa: BLE001 (the store actor restarting: asked again next time)
-                logger.warning("fastblt: cancels of background responses not read: %r", e)
+                if not failing:
+                    logger.warning("fastblt: cancels of background responses not read (asked again until they "
+                                   "are): %r", e)  # fmt: skip
+                failing = True
                 continue
+            failing = False
             for rid in asked:
                 if (job := running.get(rid)) is not None:
                     await job.cancel()
