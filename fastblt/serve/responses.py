@@ -240,6 +240,11 @@ class ResponsesRequest:
             raise ApiError(400, "conversation: cannot be combined with previous_response_id (each says what came "
                            "before)", "conversation")  # fmt: skip
         if previous is not None:
+            head = None if self.store is None else self.store.get(previous)
+            if head is not None and head.response["status"] in RUNNING:  # its output is not there yet
+                raise ApiError(400, f"previous_response_id: response {previous!r:.80} is still "
+                               f"{head.response['status']}; continue it once it has ended (GET it until then)",
+                               "previous_response_id", "previous_response_in_progress")  # fmt: skip
             before = None if self.store is None else self.store.chain(previous)
             if before is None:
                 raise ApiError(400, f"previous_response_id: no response {previous!r:.80} is kept here, or one it "

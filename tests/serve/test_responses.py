@@ -478,10 +478,15 @@ def test_background_responses_are_queued_answered_later_and_may_be_cancelled(ser
     assert final.output_text == want.text and final.background is True and final.status in ("completed", "incomplete")
     long = c.responses.create(model=MODEL, input=ASK, background=True, max_output_tokens=16000, temperature=0,
                               extra_body={"mode": "ar"})  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as e:  # its output is not there yet to continue
+        c.responses.create(model=MODEL, input="and then", previous_response_id=long.id, max_output_tokens=2)
+    assert e.value.body["param"] == "previous_response_id" and e.value.body["code"] == "previous_response_in_progress"
     cancelled = c.responses.cancel(long.id)
     assert cancelled.status == "cancelled"  # its 16,000 bytes of ar would take seconds
     assert c.responses.retrieve(long.id).status == cancelled.status == "cancelled"
     assert c.responses.cancel(long.id).status == "cancelled"  # again: as it is
+    then = c.responses.create(model=MODEL, input="and then", previous_response_id=long.id, max_output_tokens=2)
+    assert then.status in ("completed", "incomplete")  # one that ended is continued (a cancelled one: its input)
     deadline = time.monotonic() + 10
     while _occupancy(server) and time.monotonic() < deadline:
         time.sleep(0.1)
