@@ -175,7 +175,9 @@ def serve(
                   "chat_stop": list(chat_stop), "tool_call_start": tool_call_start,
                   "tool_call_end": tool_call_end, "log_format": log_format,
                   "allowed_origins": list(allowed_origins), "response_store_mb": response_store_mb,
-                  "response_store_dir": response_store_dir and str(Path(response_store_dir).resolve())}  # fmt: skip
+                  "response_store_dir": response_store_dir and str(Path(response_store_dir).resolve()),
+                  # half the grace: the rest for Serve to drain the requests first
+                  "background_grace_s": graceful_timeout / 2}  # fmt: skip
         say = to_stderr if print_config else _logging(log_level, log_format)
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config, tls, say)
         return

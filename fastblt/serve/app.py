@@ -125,6 +125,9 @@ class ServeSettings:
     # it has (so `kept` opens a store no other server shares: one it finds running and does not
     # run, a killed server left behind, and it reads failed)
     relay: Relay | None = None
+    # seconds a stopping app lets its background responses finish when its server set no deadline
+    # (app.state.finish_by: `fastblt serve` sets it to the end of --graceful-timeout); 0: cancelled at once
+    background_grace: float = 0.0
 
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
@@ -189,8 +192,10 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                 # background responses finish within what is left of the server's grace period (if
                 # it set one: `finish_by`, the loop's time), then those still running are cancelled
                 tasks = [job.task for job in running.values() if job.task is not None]
-                if tasks and app.state.finish_by is not None:
-                    await asyncio.wait(tasks, timeout=max(0.0, app.state.finish_by - asyncio.get_running_loop().time()))
+                now = asyncio.get_running_loop().time()
+                finish_by = app.state.finish_by if app.state.finish_by is not None else now + settings.background_grace
+                if tasks and finish_by > now:
+                    await asyncio.wait(tasks, timeout=finish_by - now)
                 for job in list(running.values()):
                     await job.cancel()
         finally:

@@ -98,6 +98,9 @@ class ServerOptions:
     response_store_mb: int = 64  # kept responses, and as much of conversations, in one actor for all replicas
     # ... in the SQLite file of this directory (on the store actor's node: docs/scale-out.md), not its memory
     response_store_dir: str | None = None
+    # seconds a stopping replica (scaled down, redeployed) lets its background responses finish,
+    # after Serve drained its requests and within the deployment's graceful timeout
+    background_grace_s: float = 30.0
 
     @property
     def api_keys(self) -> tuple[str, ...]:
@@ -119,6 +122,9 @@ class ServerOptions:
         if self.response_store_dir is not None and not (
                 isinstance(self.response_store_dir, str) and Path(self.response_store_dir).is_absolute()):  # fmt: skip
             raise ConfigError(f"response_store_dir: expected an absolute path, got {self.response_store_dir!r:.80}")
+        grace = self.background_grace_s
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace < math.inf:
+            raise ConfigError(f"background_grace_s: expected seconds >= 0, got {grace!r:.40}")
         if self.response_store_dir is not None and not self.response_store_mb:
             raise ConfigError("response_store_dir with response_store_mb 0: nothing would be kept there")
 
@@ -244,7 +250,8 @@ class FastBltReplica:
                                  response_store=o.response_store_mb << 20,
                                  kept=None if actor is None else functools.partial(RayKept, actor),
                                  relay=None if actor is None else RayRelay(actor, (o.response_store_mb << 20)
-                                                                           // REPLAY_SHARE))  # fmt: skip
+                                                                           // REPLAY_SHARE),
+                                 background_grace=o.background_grace_s)  # fmt: skip
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown
         self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
         return app

@@ -180,6 +180,7 @@ class ResponsesRequest:
         self.log: EventLog | None = None  # a background stream's events, as they are made
         self._ended: str | None = None  # the status that had the last word (claim)
         self.overruled = False  # its answer came after a cancel or delete through another replica had the last word
+        self._begun = False  # its background task began (one cancelled before it began runs none of its code)
         self._ending = threading.Lock()
         self._whole: tuple[dict, Completion] | None = None  # chat's body and Completion, untruncated
         self._limit: int | None = None  # the bytes the prompt and answer were fitted under
@@ -442,6 +443,7 @@ class ResponsesRequest:
                 self.frame("[DONE]")
 
         async def settle() -> None:
+            self._begun = True
             keep("in_progress")
             try:
                 await work
@@ -486,6 +488,8 @@ class ResponsesRequest:
         then that ends the response, and this waits for it to end (ENDING_S at most)."""
         if self.task is None or self.task.done():
             return
+        while not self._begun and not self.task.done():  # into its try first: it says how it ended
+            await asyncio.sleep(0)
         if not self.claim("cancelled"):  # what is left after the last word is short: waited for a while
             await asyncio.wait([self.task], timeout=ENDING_S)
         self.task.cancel()

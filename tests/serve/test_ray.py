@@ -94,10 +94,14 @@ def test_replicas_keep_responses_in_one_store_as_the_command_says(monkeypatch, c
     for bad in (-1, 1.5, True, "64"):
         with pytest.raises(ConfigError, match="response_store_mb"):
             ServerOptions(response_store_mb=bad)
+    (app,) = print_config(["--graceful-timeout", "20"], monkeypatch, capsys)["applications"]
+    assert app["args"]["background_grace_s"] == 10.0  # half: the rest for Serve to drain the requests first
     (app,) = print_config(["--response-store-dir", "kept"], monkeypatch, capsys)["applications"]
     assert app["args"]["response_store_dir"] == str(Path("kept").resolve())  # the store actor's node's path
     for bad, message in ((dict(response_store_dir="kept"), "absolute path"),
-                         (dict(response_store_dir="/kept", response_store_mb=0), "nothing would be kept")):  # fmt: skip
+                         (dict(response_store_dir="/kept", response_store_mb=0), "nothing would be kept"),
+                         (dict(background_grace_s=-1), "background_grace_s"),
+                         (dict(background_grace_s=float("inf")), "background_grace_s")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             ServerOptions(**bad)
 

@@ -76,12 +76,13 @@ class Shared:
 
 
 @contextlib.asynccontextmanager
-async def replicas(engine: AsyncEngine, many: bool = True):
+async def replicas(engine: AsyncEngine, many: bool = True, grace: float = 0.0, shared: Shared | None = None):
     """Two apps' clients (a, b) and what they share: replicas of one server (`many`: a relay
     between them), or two servers one after the other over one store."""
-    shared = Shared(Relay(1 << 20) if many else None)
+    shared = shared or Shared(Relay(1 << 20) if many else None)
     template = ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,))
-    settings = ServeSettings(chat_template=template, response_store=8 << 20, relay=shared.relay, kept=shared.kept)
+    settings = ServeSettings(chat_template=template, response_store=8 << 20, relay=shared.relay, kept=shared.kept,
+                             background_grace=grace)  # fmt: skip
     apps = [create_app(engine, settings), create_app(engine, settings)]
     async with contextlib.AsyncExitStack() as stack:
         clients = []
@@ -315,5 +316,21 @@ def test_an_answer_that_ends_after_another_replica_cancelled_it_says_cancelled()
         assert sent[-1]["type"] == "error" and sent[-1]["code"] == "response_cancelled"
         assert not any(e["type"] == "response.completed" for e in sent)
         assert store.get(asked.id).response["status"] == "cancelled"
+
+    asyncio.run(main())
+
+
+def test_a_stopping_app_lets_its_background_responses_finish_within_its_grace(engine):
+    """An app whose server set no deadline (a Ray replica's) waits `background_grace` seconds for
+    its background responses as it stops, then cancels those still running."""
+
+    async def main() -> None:
+        body = {"model": MODEL, "input": ASK, "max_output_tokens": 3000, "temperature": 0, "background": True,
+                "mode": "ar"}  # fmt: skip
+        for grace, status in ((60.0, "incomplete"), (0.0, "cancelled")):
+            shared = Shared(Relay(1 << 20))
+            async with replicas(engine, grace=grace, shared=shared) as (a, _, _):
+                rid = (await a.post("/v1/responses", json=body)).json()["id"]
+            assert ResponseStore(shared.tables["responses"]).get(rid).response["status"] == status, grace
 
     asyncio.run(main())
