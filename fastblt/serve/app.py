@@ -29,7 +29,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -281,7 +281,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                        reshape: Callable[[dict], dict] | None = None,
                        frame: Callable[[dict | str], bytes] = sse,
                        refit: Callable[[PositionLimit], Completion | None] | None = None,
-                       later: Callable[[Coroutine[Any, Any, Any]], dict | AsyncIterator[bytes]] | None = None
+                       later: Callable[[Coroutine[Any, Any, Any]], Awaitable[dict | AsyncIterator[bytes]]] | None = None
                        ) -> Response:  # fmt: skip
         """Answer a completions-shaped request; `reshape` turns a whole answer, and `frame` each
         streamed body (or "[DONE]"), into another API's (responses.py), sse by default. `refit`:
@@ -312,9 +312,9 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                 # its jobs made here, so that what a request can be refused for is a 4xx now
                 jobs = await asyncio.to_thread(_jobs, eng, comp)
                 if comp.stream:  # counted as its stream ends, or fails to begin
-                    events = later(_drained(eng, comp, jobs, refit, frame, m, record, endpoint))
+                    events = await later(_drained(eng, comp, jobs, refit, frame, m, record, endpoint))
                     return StreamingResponse(events, media_type="text/event-stream", headers=NO_CACHE)
-                response = JSONResponse(later(_answered(eng, comp, jobs, refit, reshape, m, arrived)))
+                response = JSONResponse(await later(_answered(eng, comp, jobs, refit, reshape, m, arrived)))
                 m.request(response.status_code, mode, endpoint)
                 record.end(response.status_code)
                 return response

@@ -418,7 +418,7 @@ class ResponsesRequest:
             self.conversations.add(self.conversation, [*own, *response["output"]])
         return response
 
-    def start(self, work: Coroutine[Any, Any, Any], running: dict[str, ResponsesRequest],
+    async def start(self, work: Coroutine[Any, Any, Any], running: dict[str, ResponsesRequest],
               replays: Replays | None = None, publish: Callable[[str], Publish] | None = None
               ) -> dict | AsyncIterator[bytes]:  # fmt: skip
         """Answer in the background: `work` (which keeps the answer, through `answer`, or through
@@ -442,27 +442,36 @@ class ResponsesRequest:
                 self.frame({"error": error})
                 self.frame("[DONE]")
 
+        # the store's calls off the event loop: a file's write, or a round trip to Ray's store actor
         async def settle() -> None:
             self._begun = True
-            keep("in_progress")
             try:
+                await asyncio.to_thread(keep, "in_progress")
                 await work
             except asyncio.CancelledError:  # cancel() claimed the last word first (or the loop is closing)
+                work.close()  # (cancelled before it began: never to run)
                 if self._ended == "cancelled" or self.claim("cancelled"):
-                    keep("cancelled")
+                    await asyncio.to_thread(keep, "cancelled")
                     if self._events is not None:
                         self._events.cancelled()
             except ApiError as e:
-                fail({"code": e.code or "server_error", "message": e.message, "param": e.param})
+                await asyncio.to_thread(fail, {"code": e.code or "server_error", "message": e.message,
+                                               "param": e.param})  # fmt: skip
             except Exception as e:  # noqa: BLE001 (a bug: said in the response, as a 500 would say it)
-                fail({"code": "server_error", "message": f"internal error: {e!r}"})
+                await asyncio.to_thread(fail, {"code": "server_error", "message": f"internal error: {e!r}"})
             finally:
                 running.pop(self.id, None)
                 if replays is not None:
                     replays.close(self.id)
 
-        queued = keep("queued")
+        # listed first: a response kept running that no server here runs reads failed (app.stored)
         running[self.id] = self
+        try:
+            queued = await asyncio.to_thread(keep, "queued")
+        except BaseException:
+            running.pop(self.id, None)
+            work.close()
+            raise
         if self.streamed and replays is not None:
             self.log = replays.open(self.id, None if publish is None else publish(self.id))
             self._events = _Events(self)

@@ -310,7 +310,7 @@ def test_an_answer_that_ends_after_another_replica_cancelled_it_says_cancelled()
             asked.frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage})
             await asyncio.to_thread(asked.frame, "[DONE]")
 
-        asked.start(work(), {}, logs)
+        await asked.start(work(), {}, logs)
         await asyncio.wait([asked.task])
         sent = [json.loads(e.split(b"data: ", 1)[1]) for e in logs.get(asked.id).events]
         assert sent[-1]["type"] == "error" and sent[-1]["code"] == "response_cancelled"

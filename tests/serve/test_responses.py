@@ -622,7 +622,7 @@ def test_a_cancel_that_lands_after_the_answer_was_kept_leaves_it_answered(stream
                 asked.answer({"choices": [{"message": message, "finish_reason": "stop"}], "usage": USAGE})
             await gate.wait()  # the task has not ended when the cancel lands
 
-        asked.start(work(), {}, replays)
+        await asked.start(work(), {}, replays)
         while store.get(asked.id).response["status"] != "completed":
             await asyncio.sleep(0.01)
         await asked.cancel()
