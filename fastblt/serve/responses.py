@@ -29,6 +29,7 @@ turn truncates again from the whole conversation.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import re
 import threading
@@ -477,7 +478,11 @@ class ResponsesRequest:
             self._events = _Events(self)
             for kind in ("response.created", "response.queued"):
                 self._events.event(kind, response=queued)
-        self.task = asyncio.get_running_loop().create_task(settle(), name=f"fastblt {self.id}")
+        # in a context of its own, not the request's: the request ends long before the work, and on
+        # Ray Serve the calls the work makes to the store actor would otherwise count as the
+        # request's, cancelled with it (its client leaving a stream cancels the request)
+        self.task = asyncio.get_running_loop().create_task(settle(), name=f"fastblt {self.id}",
+                                                           context=contextvars.Context())  # fmt: skip
         return queued if self.log is None else self.log.follow()
 
     def settled(self, response: dict) -> None:
