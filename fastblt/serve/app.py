@@ -499,11 +499,11 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         found = await stored(request, response_id)
         if stream == "false":
             return JSONResponse(found.response)
-        log = None if replays is None else replays.get(response_id)
+        log, start = None if replays is None else replays.get(response_id), int(after or -1)
         if log is not None:
-            events = log.follow(int(after or -1))
-        elif (published := await read_published(response_id, int(after or -1), found.response)) is not None:
-            events = remote_follow(relay, response_id, int(after or -1), *published)  # type: ignore[arg-type]
+            events = log.follow(start)
+        elif (published := await read_published(response_id, start, found.response)) is not None:
+            events = remote_follow(relay, response_id, start, *published)  # type: ignore[arg-type]
         else:
             raise ApiError(400, f"response {response_id!r:.80}: its events are not kept: only a response created "
                            "with background and stream is streamed again, while it runs and for a while after it "
