@@ -47,11 +47,12 @@ from fastblt.errors import InputError
     default=64,
     show_default=True,
     help="Memory for answered Responses (previous_response_id, GET /v1/responses/{id}), and as much "
-    "for conversations (/v1/conversations); 0 keeps none. With --ray, in one actor all replicas share.",
+    "each for conversations (/v1/conversations) and stored chat completions (store: true); 0 keeps none. "
+    "With --ray, in one actor all replicas share.",
 )
 @click.option("--response-store-dir", type=click.Path(file_okay=False, writable=True), default=None,
-              help="Keep the responses and conversations of --response-store-mb in a SQLite file here "
-              "(kept.sqlite3), which a restarted server reads again [default: in memory, gone at a "
+              help="Keep the responses, conversations and chat completions of --response-store-mb in a SQLite "
+              "file here (kept.sqlite3), which a restarted server reads again [default: in memory, gone at a "
               "restart]; one server per directory. With --ray, the store actor's, on this command's node.")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip

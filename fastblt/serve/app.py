@@ -66,7 +66,9 @@ from fastblt.serve.api import (
     sse,
     usage,
 )
-from fastblt.serve.chat import ChatTemplate, parse_chat_body
+from fastblt.serve.chat import ChatTemplate
+from fastblt.serve.chat_store import TABLE as CHAT_TABLE
+from fastblt.serve.chat_store import ChatStore, StoredChat
 from fastblt.serve.conversations import ConversationStore
 from fastblt.serve.kept import Kept, hold_store, open_kept
 from fastblt.serve.metrics import CONTENT_TYPE, KeptCollector, Metrics
@@ -161,13 +163,14 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     state: dict = {"engine": engine if isinstance(engine, AsyncEngine) else None, "metrics": Metrics(),
                    "fingerprint": None}  # fmt: skip
     running: dict[str, ResponsesRequest] = {}  # background responses not yet answered, by id
-    kept, talks, replays, relay = None, None, None, settings.relay
+    kept, talks, chats, replays, relay = None, None, None, None, settings.relay
     if settings.response_store:
         if settings.kept is None and settings.response_store_dir is not None:
             hold_store(settings.response_store_dir)  # the one server that keeps its file there
         opened = settings.kept or functools.partial(open_kept, settings.response_store_dir)
         kept = ResponseStore(opened("responses", settings.response_store))
         talks = ConversationStore(opened("conversations", settings.response_store))
+        chats = ChatStore(opened(CHAT_TABLE, settings.response_store))
         replays = Replays(settings.response_store // REPLAY_SHARE)
     if state["engine"] is not None:
         state["metrics"] = _metrics(state["engine"])
@@ -180,7 +183,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             state["engine"], state["metrics"] = built, _metrics(built)
         state["fingerprint"] = await asyncio.to_thread(fingerprint, state["engine"])
         if kept is not None:
-            stores = {"responses": kept, "conversations": talks, "events": replays}
+            stores = {"responses": kept, "conversations": talks, CHAT_TABLE: chats.kept, "events": replays}
             state["metrics"].registry.register(KeptCollector(lambda: len(running), stores))
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -406,8 +409,37 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await complete(request, lambda raw: parse_chat_body(raw, settings.model_id, settings.default_mode,
-                                                                    settings.chat_template), "chat")  # fmt: skip
+        asked = StoredChat(settings.model_id, settings.default_mode, settings.chat_template, chats)
+        return await complete(request, asked.parse, "chat", asked.answer, asked.frame)
+
+    def chat_store() -> ChatStore:
+        return kept_here(chats, "chat completions")
+
+    # stored chat completions (store: true); their reads and writes off the event loop, as the other stores'
+    @app.get("/v1/chat/completions")
+    async def list_chat_completions(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(await asyncio.to_thread(chat_store().listed, request.query_params))
+
+    @app.get("/v1/chat/completions/{completion_id}")
+    async def get_chat_completion(request: Request, completion_id: str) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(await asyncio.to_thread(chat_store().get, completion_id))
+
+    @app.post("/v1/chat/completions/{completion_id}")
+    async def update_chat_completion(request: Request, completion_id: str) -> JSONResponse:
+        metadata = await metadata_of(request)
+        return JSONResponse(await asyncio.to_thread(chat_store().set_metadata, completion_id, metadata))
+
+    @app.delete("/v1/chat/completions/{completion_id}")
+    async def delete_chat_completion(request: Request, completion_id: str) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(await asyncio.to_thread(chat_store().delete, completion_id))
+
+    @app.get("/v1/chat/completions/{completion_id}/messages")
+    async def chat_completion_messages(request: Request, completion_id: str) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(await asyncio.to_thread(chat_store().messages, completion_id, request.query_params))
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
@@ -542,16 +574,21 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         raw = await _read_body(request, settings.max_body)
         return load_json(raw) if raw.strip() else {}
 
+    async def metadata_of(request: Request) -> dict[str, str]:
+        """An update's new labels: its body is {"metadata": {...}} (required, and its only field)."""
+        body = await body_of(request)
+        check_fields(body, {"metadata"}, {})
+        if "metadata" not in body:
+            raise ApiError(400, "metadata: required", "metadata")
+        return get_metadata(body) or {}
+
     def conversation(conversation_id: str, found: T | None) -> T:
         if found is None:
             raise ApiError(404, f"conversation {conversation_id!r:.80}: not kept here", None, "conversation_not_found")
         return found
 
     def conversations() -> ConversationStore:
-        if talks is None:
-            raise ApiError(404, "conversations: none are kept on this server (--response-store-mb 0, or --ray)", None,
-                           "not_found")  # fmt: skip
-        return talks
+        return kept_here(talks, "conversations")
 
     @app.post("/v1/conversations")
     async def create_conversation(request: Request) -> JSONResponse:
@@ -569,11 +606,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.post("/v1/conversations/{conversation_id}")
     async def update_conversation(request: Request, conversation_id: str) -> JSONResponse:
-        body = await body_of(request)
-        check_fields(body, {"metadata"}, {})
-        if "metadata" not in body:
-            raise ApiError(400, "metadata: required", "metadata")
-        found = await asyncio.to_thread(conversations().set_metadata, conversation_id, get_metadata(body) or {})
+        metadata = await metadata_of(request)
+        found = await asyncio.to_thread(conversations().set_metadata, conversation_id, metadata)
         return JSONResponse(conversation(conversation_id, found))
 
     @app.delete("/v1/conversations/{conversation_id}")
@@ -625,6 +659,13 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
 
 # ---------------------------------------------------------------------------- helpers
+def kept_here(store: T | None, what: str) -> T:
+    """A store of the server's, or the 404 of a server that keeps none (--response-store-mb 0)."""
+    if store is None:
+        raise ApiError(404, f"{what}: none are kept on this server (--response-store-mb 0)", None, "not_found")
+    return store
+
+
 @dataclasses.dataclass(frozen=True)
 class _Job:
     """One request to the engine and the choices its generation answers: a prompt's choice each

@@ -17,11 +17,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fastblt.serve.held import hold
 
 FILE = "kept.sqlite3"  # in --response-store-dir
+T = TypeVar("T")
+TABLES = ("responses", "conversations", "chat_completions")  # what kept.sqlite3 holds, a table each
 LOCK = "kept.lock"  # ... held by the one server (or Ray store actor) that keeps its file there (held.py)
 
 
@@ -94,6 +96,11 @@ class MemoryKept:
                 self.used -= old[1]
             return old is not None
 
+    def scan(self, pick: Callable[[str, Any], T | None]) -> list[T]:
+        with self._lock:
+            kept = [(key, value) for key, (value, _) in self._values.items()]
+        return [found for key, value in kept if (found := pick(key, value)) is not None]
+
 
 class FileKept:
     """In table `table` of a SQLite file (WAL: a reader never waits for a writer), read again by
@@ -159,6 +166,11 @@ class FileKept:
                 self.used -= row[0]
             return row is not None
 
+    def scan(self, pick: Callable[[str, Any], T | None]) -> list[T]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT key, value FROM {self.table}").fetchall()
+        return [found for key, text in rows if (found := pick(key, json.loads(text))) is not None]
+
     def _evict(self) -> None:
         """The least recently used go until the table is within its budget."""
         while self.used > self.budget:
@@ -189,7 +201,7 @@ def check_dir(directory: Path) -> str | None:
     database of ours is refused, not overwritten), or None."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        for table in ("responses", "conversations"):
+        for table in TABLES:
             FileKept(directory / FILE, table, 1 << 62).close()
     except OSError as e:
         return f"{directory}: {e.strerror}"

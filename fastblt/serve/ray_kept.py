@@ -59,6 +59,9 @@ class _KeptActor:
     def update(self, table: str, budget: int, key: str, change: Callable[[Any], Any]) -> Any | None:
         return self._table(table, budget).update(key, change)  # one call at a time here: one step
 
+    def scan(self, table: str, budget: int, pick: Callable[[str, Any], Any]) -> list[Any]:
+        return self._table(table, budget).scan(pick)
+
     def used(self, table: str, budget: int) -> int:
         return self._table(table, budget).used
 
@@ -132,6 +135,10 @@ class RayKept:
     def update(self, key: str, change: Callable[[Any], Any]) -> Any | None:
         """`change` runs in the actor (sent there by value): it must not call the store."""
         return ray.get(self.actor.update.remote(self.table, self.budget, key, change))
+
+    def scan(self, pick: Callable[[str, Any], Any]) -> list[Any]:
+        """`pick` runs in the actor (sent there by value), so only what it picks comes back."""
+        return ray.get(self.actor.scan.remote(self.table, self.budget, pick))
 
 
 class RayRelay:

@@ -371,6 +371,14 @@ def test_responses_and_conversations_are_kept_for_every_replica(ray_server):
     assert [i.type for i in listed] == ["message"] * 3 and listed[2].content[0].text == r.output_text
     text = httpx.get(f"{ray_server.url}/metrics", headers=on[1]).text
     assert float(re.search(r'^fastblt_kept_bytes\{store="responses"\} (\S+)$', text, re.M).group(1)) > 0
+    # stored chat completions: kept by one, listed (the store actor scans its table), relabelled
+    # and deleted through the other
+    chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "import os"}], max_tokens=4,
+                                     store=True, metadata={"on": "ray"}, extra_headers=on[0])  # fmt: skip
+    assert [x.id for x in c.chat.completions.list(metadata={"on": "ray"}, extra_headers=on[1])] == [chat.id]
+    assert c.chat.completions.update(chat.id, metadata={"on": "b"}, extra_headers=on[1]).metadata == {"on": "b"}
+    assert c.chat.completions.delete(chat.id, extra_headers=on[0]).deleted
+    assert [x.id for x in c.chat.completions.list(metadata={"on": "b"}, extra_headers=on[1])] == []
     background_responses_are_read_and_cancelled_through_any_replica(c, on, ray_server.url)
 
 
