@@ -40,7 +40,8 @@ from fastblt.errors import InputError
               help="CORS: pages from this origin (https://host[:port], or *) may call the API; repeat.")  # fmt: skip
 @click.option("--batch-dir", type=click.Path(file_okay=False, writable=True), default=None,
               help="Serve OpenAI's Batch API (/v1/files, /v1/batches), keeping files and batches here "
-              "(one server per directory).")  # fmt: skip
+              "(one server per directory). With --ray, run by one actor for every replica, on this "
+              "command's node.")  # fmt: skip
 @click.option(
     "--response-store-mb",
     type=click.IntRange(0),
@@ -160,9 +161,16 @@ def serve(
         if ssl_ca_certs is not None:  # Serve passes ssl_ca_certs to uvicorn, but never ssl_cert_reqs
             raise click.UsageError("--ssl-ca-certs with --ray: Ray Serve's proxies do not require client "
                                    "certificates; check them in front of the cluster (docs/scale-out.md)")  # fmt: skip
-        if batch_dir is not None:  # a batch runs in one replica's loop; Serve would route its polls anywhere
-            raise click.UsageError("--batch-dir with --ray: the Batch API runs in one server; "
-                                   "answer batch files with `fastblt batch` instead")  # fmt: skip
+        if batch_dir is not None and not print_config:  # the batch actor holds it, on this node
+            from fastblt.serve.batches import check_batches
+
+            try:
+                Path(batch_dir).mkdir(parents=True, exist_ok=True)
+                check_batches(Path(batch_dir))
+            except OSError as e:
+                raise click.BadParameter(f"{batch_dir}: {e.strerror}", param_hint="'--batch-dir'") from None
+            except InputError as e:
+                raise click.BadParameter(str(e), param_hint="'--batch-dir'") from None
         from fastblt.runtime.batch import DEFAULT_MAX_BATCH
 
         max_batch = max_batch or DEFAULT_MAX_BATCH
@@ -178,7 +186,8 @@ def serve(
                   "allowed_origins": list(allowed_origins), "response_store_mb": response_store_mb,
                   "response_store_dir": response_store_dir and str(Path(response_store_dir).resolve()),
                   # half the grace: the rest for Serve to drain the requests first
-                  "background_grace_s": graceful_timeout / 2}  # fmt: skip
+                  "background_grace_s": graceful_timeout / 2,
+                  "batch_dir": batch_dir and str(Path(batch_dir).resolve())}  # fmt: skip
         say = to_stderr if print_config else _logging(log_level, log_format)
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config, tls, say)
         return

@@ -63,6 +63,9 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
+    def __reduce__(self) -> tuple:  # pickled whole: one raised in a Ray actor is raised again in the replica
+        return ApiError, (self.status, self.message, self.param, self.code, self.kind, self.headers)
+
 
 @dataclass
 class Completion:

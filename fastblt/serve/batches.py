@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.datastructures import UploadFile
@@ -54,7 +54,7 @@ from fastblt.serve.batch_file import (
     read_requests,
     write_whole,
 )
-from fastblt.serve.held import hold
+from fastblt.serve.held import check_free, hold
 
 MAX_FILE_BYTES = 200 << 20  # an uploaded file, as OpenAI's Batch API limits it
 MAX_REQUESTS = 50_000  # requests per batch (OpenAI's limit)
@@ -68,6 +68,7 @@ BATCH_PRIORITY = 1  # a batch request's place in the engine's queue: behind live
 ADMIT_POLL_S = 0.02  # how often a batch request waiting for live requests to get their rows looks again
 _ID = re.compile(r"[A-Za-z0-9_-]{1,80}")  # ids made here; anything else names no file
 LOCK = "batches.lock"  # in DIR, held by the one server that runs its batches (held.py)
+WHAT = "files and batches"
 
 
 def _new_id(prefix: str) -> str:
@@ -460,7 +461,121 @@ def _errors(code: str, message: str, line: int | None = None) -> dict:
 
 def hold_batches(root: Path) -> None:
     """Take `root` for this process (held.py): InputError if another server runs its batches."""
-    hold(root, LOCK, "files and batches")
+    hold(root, LOCK, WHAT)
+
+
+def check_batches(root: Path) -> None:
+    """InputError if another server runs the batches in `root`; nothing is taken."""
+    check_free(root, LOCK, WHAT)
+
+
+class Batches:
+    """The Batch API's work on one directory: its files and batches (Store) and the batches
+    running (Runner), answered through `app`. Each method is what one route does once its request
+    is read; errors are ApiErrors. The server's routes call it in this process, or, on Ray, in the
+    one actor that holds the directory (ray_batches.py)."""
+
+    def __init__(self, root: Path, app: Any, concurrency: int, headers: dict[str, str], trickle: int = 1):
+        self.store = Store(root)
+        self.runner = Runner(app, self.store, concurrency, headers, trickle=trickle)
+        self.scratch: Path | None = self.store.files_dir  # where an upload is written before it is added
+        self._sweeper: asyncio.Task | None = None
+
+    async def open(self, pressure: Callable[[], tuple[int, int]] | None = None) -> None:
+        """Resume the batches the last server left running, and sweep expired files (on the
+        running loop); `pressure`: the engine's load, which batches make room for."""
+        if pressure is not None:
+            self.runner.pressure = pressure
+        for batch in self.store.batches():
+            if batch["status"] in ACTIVE:
+                self.runner.start(batch)
+        self._sweeper = asyncio.get_running_loop().create_task(self.runner.sweeping(), name="fastblt file sweep")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.runner.stop()
+
+    async def upload(self, source: Path | bytes, filename: str, keep: int) -> dict:
+        """Add an uploaded batch file (a file in `scratch`, moved in, or its bytes), to expire
+        `keep` seconds after."""
+        if isinstance(source, bytes):
+            fd, tmp = tempfile.mkstemp(dir=self.store.files_dir, suffix=".upload")
+            with os.fdopen(fd, "wb") as out:
+                out.write(source)
+            source = Path(tmp)
+        try:
+            return await asyncio.to_thread(self.store.add_file, source, filename, "batch", None, keep)
+        finally:
+            source.unlink(missing_ok=True)
+
+    async def files(self, purpose: str | None = None) -> list[dict]:
+        items = self.store.files()
+        return items if not purpose else [f for f in items if f["purpose"] == purpose]
+
+    async def file(self, fid: str) -> dict:
+        return _found(self.store.file(fid), "file", fid)
+
+    async def content(self, fid: str, whole: bool = False) -> Path | bytes:
+        """A file's content: its path here, or (`whole`) its bytes, for a caller on another node."""
+        _found(self.store.file(fid), "file", fid)
+        path = self.store.content(fid)
+        return await asyncio.to_thread(path.read_bytes) if whole else path
+
+    async def delete_file(self, fid: str) -> dict:
+        _found(self.store.file(fid), "file", fid)
+        runner = self.runner
+        if user := next((b for b in runner.batches() if b["input_file_id"] == fid and b["status"] in ACTIVE), None):
+            raise ApiError(409, f"file {fid}: batch {user['id']} is {user['status']} on it; delete it after",
+                           None, "file_in_use")  # fmt: skip
+        self.store.delete_file(fid)
+        return {"id": fid, "object": "file", "deleted": True}
+
+    async def create(self, body: dict) -> dict:
+        """A batch for the body of POST /v1/batches, started."""
+        fields = {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
+        if unknown := sorted(set(body) - fields):
+            raise ApiError(400, f"{unknown[0]}: not a field of a batch", unknown[0])
+        fid = body.get("input_file_id")
+        if not isinstance(fid, str) or (meta := self.store.file(fid)) is None or meta["purpose"] != "batch":
+            raise ApiError(400, f"input_file_id: {fid!r:.80} is no file uploaded with purpose batch",
+                           "input_file_id")  # fmt: skip
+        if body.get("endpoint") not in URLS:
+            raise ApiError(400, f"endpoint: expected one of {', '.join(URLS)}, got {body.get('endpoint')!r:.60}",
+                           "endpoint")  # fmt: skip
+        if body.get("completion_window") != WINDOW:
+            raise ApiError(400, f"completion_window: expected {WINDOW!r}, got {body.get('completion_window')!r:.40}",
+                           "completion_window")  # fmt: skip
+        metadata = get_metadata(body)
+        output_ttl = None
+        if (policy := body.get("output_expires_after")) is not None:
+            if not isinstance(policy, dict) or set(policy) - {"anchor", "seconds"}:
+                raise ApiError(400, 'output_expires_after: expected {"anchor": "created_at", "seconds": N}',
+                               "output_expires_after")  # fmt: skip
+            output_ttl = expiry_seconds(policy.get("anchor"), policy.get("seconds"), "output_expires_after")
+        batch = new_batch(fid, body["endpoint"], metadata, output_ttl)
+        self.store.save(batch)
+        self.runner.start(batch)
+        return batch
+
+    async def batches(self) -> list[dict]:
+        return self.runner.batches()
+
+    async def batch(self, bid: str) -> dict:
+        return _found(self.runner.batch(bid), "batch", bid)
+
+    async def cancel(self, bid: str) -> dict:
+        batch = _found(self.runner.batch(bid), "batch", bid)
+        if batch["status"] not in ("validating", "in_progress") or bid not in self.runner.tasks:
+            raise ApiError(409, f"batch {bid} is {batch['status']}: only a running batch can be cancelled",
+                           None, "batch_not_running")  # fmt: skip
+        return self.runner.cancel(bid)
+
+
+def _found(item: dict | None, what: str, given: str) -> dict:
+    if item is None:
+        raise ApiError(404, f"{what} {given!r:.80}: no such {what} here", None, f"{what}_not_found")
+    return item
 
 
 def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, api_key: str | None = None) -> None:
@@ -468,34 +583,29 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, 
     traffic first: batches run up to `concurrency` requests at a time on an idle server, `trickle`
     while live requests run, none while any request waits for a row; each with the server's API key."""
     hold_batches(root)  # the one server that runs the batches there
-    store = Store(root)
     headers = {} if api_key is None else {"authorization": f"Bearer {api_key}"}
-    runner = Runner(app, store, concurrency, headers, trickle=trickle)
+    batches = Batches(root, app, concurrency, headers, trickle)
 
     @contextlib.asynccontextmanager
     async def running(app: FastAPI) -> AsyncIterator[None]:
         engine = app.state.ready()
-        runner.pressure = lambda: (engine.held, engine.waiting)
-        app.state.metrics().registry.register(BatchCollector(runner))
-        for batch in store.batches():  # those the last server left: resumed
-            if batch["status"] in ACTIVE:
-                runner.start(batch)
-        sweeper = asyncio.get_running_loop().create_task(runner.sweeping(), name="fastblt file sweep")
+        app.state.metrics().registry.register(BatchCollector(batches.runner))
+        await batches.open(lambda: (engine.held, engine.waiting))
         try:
             yield
         finally:
-            sweeper.cancel()
-            await runner.stop()
+            await batches.close()
 
     app.state.lifespans.append(running)
+    add_batch_routes(app, batches)
+
+
+def add_batch_routes(app: FastAPI, batches: Any) -> None:
+    """/v1/files and /v1/batches over `batches` (a Batches here, or ray_batches.RayBatches): the
+    routes read and check each request, and `batches` does its work."""
 
     def checked(request: Request) -> None:
         request.app.state.authorize(request)
-
-    def found(item: dict | None, what: str, given: str) -> dict:
-        if item is None:
-            raise ApiError(404, f"{what} {given!r:.80}: no such {what} here", None, f"{what}_not_found")
-        return item
 
     async def upload(request: Request) -> JSONResponse:
         checked(request)
@@ -515,78 +625,50 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, 
             keep = UPLOAD_TTL_S
             if anchor is not None or seconds is not None:
                 keep = expiry_seconds(anchor, seconds, "expires_after")
-            meta = await asyncio.to_thread(_keep_upload, store, part, purpose, keep)
-        return JSONResponse(meta)
+            source = await asyncio.to_thread(_copied_upload, part, batches.scratch)
+        name = os.path.basename(part.filename or "upload.jsonl")[:255]
+        try:
+            return JSONResponse(await batches.upload(source, name, keep))
+        finally:
+            if isinstance(source, Path):
+                source.unlink(missing_ok=True)
 
     async def list_files(request: Request) -> JSONResponse:
         checked(request)
-        items = store.files()
-        if purpose := request.query_params.get("purpose"):
-            items = [f for f in items if f["purpose"] == purpose]
+        items = await batches.files(request.query_params.get("purpose"))
         return JSONResponse(cursor_page(items, request.query_params))
 
     async def get_file(request: Request, file_id: str) -> JSONResponse:
         checked(request)
-        return JSONResponse(found(store.file(file_id), "file", file_id))
+        return JSONResponse(await batches.file(file_id))
 
-    async def file_content(request: Request, file_id: str) -> FileResponse:
+    async def file_content(request: Request, file_id: str) -> Response:
         checked(request)
-        found(store.file(file_id), "file", file_id)
-        return FileResponse(store.content(file_id), media_type="application/jsonl")
+        content = await batches.content(file_id)
+        if isinstance(content, Path):
+            return FileResponse(content, media_type="application/jsonl")
+        return Response(content, media_type="application/jsonl")
 
     async def delete_file(request: Request, file_id: str) -> JSONResponse:
         checked(request)
-        found(store.file(file_id), "file", file_id)
-        if user := next((b for b in runner.batches() if b["input_file_id"] == file_id and b["status"] in ACTIVE), None):
-            raise ApiError(409, f"file {file_id}: batch {user['id']} is {user['status']} on it; delete it after",
-                           None, "file_in_use")  # fmt: skip
-        store.delete_file(file_id)
-        return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+        return JSONResponse(await batches.delete_file(file_id))
 
     async def create_batch(request: Request) -> JSONResponse:
         checked(request)
         request.app.state.ready()
-        body = _json_object(await request.body())
-        fields = {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
-        if unknown := sorted(set(body) - fields):
-            raise ApiError(400, f"{unknown[0]}: not a field of a batch", unknown[0])
-        fid = body.get("input_file_id")
-        if not isinstance(fid, str) or (meta := store.file(fid)) is None or meta["purpose"] != "batch":
-            raise ApiError(400, f"input_file_id: {fid!r:.80} is no file uploaded with purpose batch",
-                           "input_file_id")  # fmt: skip
-        if body.get("endpoint") not in URLS:
-            raise ApiError(400, f"endpoint: expected one of {', '.join(URLS)}, got {body.get('endpoint')!r:.60}",
-                           "endpoint")  # fmt: skip
-        if body.get("completion_window") != WINDOW:
-            raise ApiError(400, f"completion_window: expected {WINDOW!r}, got {body.get('completion_window')!r:.40}",
-                           "completion_window")  # fmt: skip
-        metadata = get_metadata(body)
-        output_ttl = None
-        if (policy := body.get("output_expires_after")) is not None:
-            if not isinstance(policy, dict) or set(policy) - {"anchor", "seconds"}:
-                raise ApiError(400, 'output_expires_after: expected {"anchor": "created_at", "seconds": N}',
-                               "output_expires_after")  # fmt: skip
-            output_ttl = expiry_seconds(policy.get("anchor"), policy.get("seconds"), "output_expires_after")
-        batch = new_batch(fid, body["endpoint"], metadata, output_ttl)
-        store.save(batch)
-        runner.start(batch)
-        return JSONResponse(batch)
+        return JSONResponse(await batches.create(_json_object(await request.body())))
 
     async def list_batches(request: Request) -> JSONResponse:
         checked(request)
-        return JSONResponse(cursor_page(runner.batches(), request.query_params))
+        return JSONResponse(cursor_page(await batches.batches(), request.query_params))
 
     async def get_batch(request: Request, batch_id: str) -> JSONResponse:
         checked(request)
-        return JSONResponse(found(runner.batch(batch_id), "batch", batch_id))
+        return JSONResponse(await batches.batch(batch_id))
 
     async def cancel_batch(request: Request, batch_id: str) -> JSONResponse:
         checked(request)
-        batch = found(runner.batch(batch_id), "batch", batch_id)
-        if batch["status"] not in ("validating", "in_progress") or batch_id not in runner.tasks:
-            raise ApiError(409, f"batch {batch_id} is {batch['status']}: only a running batch can be cancelled",
-                           None, "batch_not_running")  # fmt: skip
-        return JSONResponse(runner.cancel(batch_id))
+        return JSONResponse(await batches.cancel(batch_id))
 
     routes: list[tuple[str, Callable, list[str]]] = [
         ("/v1/files", upload, ["POST"]), ("/v1/files", list_files, ["GET"]),
@@ -599,10 +681,16 @@ def add_batch_api(app: FastAPI, root: Path, concurrency: int, trickle: int = 1, 
         app.add_api_route(path, endpoint, methods=methods)
 
 
-def _keep_upload(store: Store, part: UploadFile, purpose: str, keep: int) -> dict:
-    """Copy an uploaded part into the store (refused past MAX_FILE_BYTES), to expire `keep` seconds
-    after: its file object."""
-    fd, tmp = tempfile.mkstemp(dir=store.files_dir, suffix=".upload")
+def _copied_upload(part: UploadFile, scratch: Path | None) -> Path | bytes:
+    """An uploaded part copied out of the form (refused past MAX_FILE_BYTES): a file in `scratch`
+    (the batch directory's, to be moved in), or with no scratch here, its bytes."""
+    if scratch is None:
+        part.file.seek(0, os.SEEK_END)
+        if (size := part.file.tell()) > MAX_FILE_BYTES:
+            raise ApiError(413, f"file: {size} bytes exceed the limit of {MAX_FILE_BYTES}", "file", "file_too_large")
+        part.file.seek(0)
+        return part.file.read()
+    fd, tmp = tempfile.mkstemp(dir=scratch, suffix=".upload")
     try:
         with os.fdopen(fd, "wb") as out:
             part.file.seek(0)
@@ -610,10 +698,10 @@ def _keep_upload(store: Store, part: UploadFile, purpose: str, keep: int) -> dic
             size = out.tell()
         if size > MAX_FILE_BYTES:
             raise ApiError(413, f"file: {size} bytes exceed the limit of {MAX_FILE_BYTES}", "file", "file_too_large")
-        name = os.path.basename(part.filename or "upload.jsonl")[:255]
-        return store.add_file(Path(tmp), name, purpose, ttl=keep)
-    finally:
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:

@@ -20,6 +20,21 @@ from fastblt.errors import InputError
 _HELD: dict[Path, IO[str]] = {}  # the lock files this process holds, by resolved path
 
 
+def check_free(directory: Path, lock: str, what: str) -> None:
+    """InputError as `hold` raises it if another process holds `directory`; nothing is taken (a
+    command that leaves the holding to another process: Ray's actors)."""
+    path = directory.resolve() / lock
+    if not path.exists() or path in _HELD:
+        return
+    with open(path) as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = probe.read().strip()[:20]
+            raise InputError(f"{directory}: in use by another server{f' (pid {pid})' if pid else ''}; one server "
+                             f"keeps its {what} in a directory at a time") from None  # fmt: skip
+
+
 def hold(directory: Path, lock: str, what: str) -> None:
     """Take `directory` (made if missing) for this process until it exits, through its file
     `lock` (taken already: nothing to do), or raise InputError naming the process that has it

@@ -28,7 +28,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from fastblt.serve.kept import Kept, hold_store, open_kept
 from fastblt.serve.replay import Published
 
-KEPT_ACTOR, KEPT_NAMESPACE = "fastblt-kept", "fastblt"
+KEPT_ACTOR = "fastblt-kept"
+NAMESPACE = "fastblt"  # fastblt's actors' (this one, ray_batches')
 
 
 class _KeptActor:
@@ -99,17 +100,28 @@ def kept_actor(directory: str | None = None, here: bool = False, name: str = KEP
     # and published events carry their sequence numbers), and an ordered actor would hold every
     # later call of a replica for 30 s should one of its calls be lost on the way (as under load)
     actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=1, allow_out_of_order_execution=True)(_KeptActor)
+    return one_actor(actor, name, here, directory)
+
+
+def one_actor(actor: Any, name: str, here: bool, *args: Any) -> ray.actor.ActorHandle:
+    """The cluster's one actor `name` of class `actor` (a ray.remote one), detached, started with
+    `args` by the first caller: on the caller's node if `here`, else where Ray puts it."""
     where = {}
     if here:
         where["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False)
-    return actor.options(name=name, namespace=KEPT_NAMESPACE, lifetime="detached", get_if_exists=True,
-                         **where).remote(directory)  # fmt: skip
+    return actor.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                         **where).remote(*args)  # fmt: skip
+
+
+def stop_actor(name: str) -> None:
+    """End the actor `name`, if there is one."""
+    with contextlib.suppress(ValueError):  # none was started
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE))
 
 
 def stop_kept_actor() -> None:
     """End the store actor, if there is one (what it kept is gone)."""
-    with contextlib.suppress(ValueError):  # none was started
-        ray.kill(ray.get_actor(KEPT_ACTOR, namespace=KEPT_NAMESPACE))
+    stop_actor(KEPT_ACTOR)
 
 
 class RayKept:

@@ -46,8 +46,10 @@ from fastblt.errors import ConfigError, FastBltError
 from fastblt.runtime.async_engine import AsyncEngine
 from fastblt.runtime.prompt_cache import DEFAULT_MB
 from fastblt.serve.app import REPLAY_SHARE, SERVE_EXTRA_IDS, ServeSettings, call_app, create_app, origin_error
+from fastblt.serve.batches import add_batch_routes
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.process import free_port, probe_context
+from fastblt.serve.ray_batches import RayBatches, batch_actor, stop_batch_actor
 from fastblt.serve.ray_kept import RayKept, RayRelay, kept_actor, stop_kept_actor
 from fastblt.serve.ray_route import ROUTER_PATH
 from fastblt.serve.tools import CallTags
@@ -101,6 +103,14 @@ class ServerOptions:
     # seconds a stopping replica (scaled down, redeployed) lets its background responses finish,
     # after Serve drained its requests and within the deployment's graceful timeout
     background_grace_s: float = 30.0
+    # OpenAI's Batch API over this directory (on the batch actor's node: docs/scale-out.md)
+    batch_dir: str | None = None
+
+    @property
+    def batch_concurrency(self) -> int:
+        """Batch requests the batch actor keeps in flight: what one idle server sends (three
+        quarters of a batch; the actor does not see the replicas' live load)."""
+        return max(1, self.max_batch - self.max_batch // 4)
 
     @property
     def api_keys(self) -> tuple[str, ...]:
@@ -125,6 +135,8 @@ class ServerOptions:
         grace = self.background_grace_s
         if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace < math.inf:
             raise ConfigError(f"background_grace_s: expected seconds >= 0, got {grace!r:.40}")
+        if self.batch_dir is not None and not (isinstance(self.batch_dir, str) and Path(self.batch_dir).is_absolute()):
+            raise ConfigError(f"batch_dir: expected an absolute path, got {self.batch_dir!r:.80}")
         if self.response_store_dir is not None and not self.response_store_mb:
             raise ConfigError("response_store_dir with response_store_mb 0: nothing would be kept there")
 
@@ -253,8 +265,19 @@ class FastBltReplica:
                                                                            // REPLAY_SHARE),
                                  background_grace=o.background_grace_s)  # fmt: skip
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown
+        if o.batch_dir is not None:  # the Batch API's work in one actor: a batch outlives any replica
+            batches = batch_actor(o.batch_dir, o.batch_concurrency, APP, DEPLOYMENT)
+            batches.call.remote("batches")  # not waited for: it resumes the batches it ran, if Ray started it again
+            add_batch_routes(app, RayBatches(batches))
+        self._app = app  # (`app` is Serve ingress's own property)
         self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
         return app
+
+    async def answer_batch_request(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """A request of a batch (the batch actor's: ray_batches.py), answered by this replica's app as
+        a client's with the server's key: (status, headers, body)."""
+        keys = self.options.api_keys
+        return await call_app(self._app, method, path, body, {"authorization": f"Bearer {keys[0]}"} if keys else None)
 
 
 def replica_cores(cpus: float) -> int:
@@ -390,6 +413,8 @@ def deploy(server: ServerOptions, options: DeploymentOptions, host: str = LOOPBA
     serve.start(http_options={"host": host, "port": port, **(tls or {})}, proxy_location=proxy_location)
     if server.response_store_mb:  # on this node, whose disk the command checked the directory on
         kept_actor(server.response_store_dir, here=True)
+    if server.batch_dir is not None:  # the same
+        batch_actor(server.batch_dir, server.batch_concurrency, APP, DEPLOYMENT, here=True)
     target = serve.RunTarget(deployment(server, options), name=APP, route_prefix="/",
                              logging_config={"log_level": log_level.upper()} | _encoding(server))  # fmt: skip
     serve.run_many([target], wait_for_applications_running=False)
@@ -452,6 +477,7 @@ def undeploy(cluster: Any = None) -> None:
             if cluster is None:
                 serve.delete(APP)
                 stop_kept_actor()
+                stop_batch_actor()
             elif _still_alive(cluster):
                 serve.shutdown()
     finally:

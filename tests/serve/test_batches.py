@@ -244,6 +244,9 @@ def test_a_batch_outlives_a_restart_of_the_server(tmp_path, reference):
         twice = subprocess.run([sys.executable, "-m", "fastblt.cli", "serve", "--batch-dir", str(tmp_path)],
                                capture_output=True, text=True, timeout=60)  # fmt: skip
         assert twice.returncode == 2 and f"in use by another server (pid {srv.proc.pid})" in twice.stderr
+        on_ray = subprocess.run([sys.executable, "-m", "fastblt.cli", "serve", "--ray", "--batch-dir", str(tmp_path)],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert on_ray.returncode == 2 and f"in use by another server (pid {srv.proc.pid})" in on_ray.stderr
         c = client(srv)
         f = c.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
         bid = c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h").id
@@ -272,7 +275,7 @@ def test_a_batch_outlives_a_restart_of_the_server(tmp_path, reference):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--ray", "--batch-dir", "DIR"], "--batch-dir with --ray"),
+        (["--ray", "--batch-dir", "FILE"], "--batch-dir"),
         (["--batch-dir", "FILE"], "--batch-dir"),
     ],
 )

@@ -5,7 +5,8 @@ Fast (no cluster): --print-config is a valid Serve config that deploys what the 
 so each replica has a node of its own): completions through Ray Serve's proxy equal
 Generator.generate, both replicas answer, a session's requests stick to one replica (whose prompt
 snapshots its next turn loads), kept responses, conversations and background responses are read,
-continued, streamed and cancelled through either replica, each replica's metrics reach Ray's
+continued, streamed and cancelled through either replica, a batch of the Batch API runs in one
+actor for both, each replica's metrics reach Ray's
 exporter, and a replica killed under load costs only clean, retryable failures of the requests it
 held, then comes back.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import tempfile
 import time
@@ -32,7 +34,7 @@ from ray import serve  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from fastblt.errors import ConfigError  # noqa: E402
-from fastblt.serve import ray_kept, ray_serve  # noqa: E402
+from fastblt.serve import ray_batches, ray_kept, ray_serve  # noqa: E402
 from fastblt.serve.app import REPLICA_HEADER  # noqa: E402
 from fastblt.serve.chat import ChatTemplate  # noqa: E402
 from fastblt.serve.process import ServerProcess  # noqa: E402
@@ -104,6 +106,14 @@ def test_replicas_keep_responses_in_one_store_as_the_command_says(monkeypatch, c
                          (dict(background_grace_s=float("inf")), "background_grace_s")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             ServerOptions(**bad)
+
+
+def test_print_config_passes_the_batch_dir_by_its_full_path(monkeypatch, capsys):
+    (app,) = print_config(["--batch-dir", "batches"], monkeypatch, capsys)["applications"]
+    assert app["args"]["batch_dir"] == str(Path("batches").resolve())  # the batch actor's node's path
+    assert ServerOptions(max_batch=16).batch_concurrency == 12 and ServerOptions(max_batch=1).batch_concurrency == 1
+    with pytest.raises(ConfigError, match="batch_dir: expected an absolute path"):
+        ServerOptions(batch_dir="batches")
 
 
 def test_replicas_take_a_key_or_a_list_of_keys():
@@ -216,9 +226,10 @@ def test_deployment_options_refuse_what_serve_would_not_run():
 
 
 @pytest.mark.timeout(240)
-def test_the_command_serves_on_a_local_cluster_and_stops_cleanly(reference):
+def test_the_command_serves_on_a_local_cluster_and_stops_cleanly(reference, tmp_path):
     """`fastblt serve --ray` as a user runs it; stopped as ServerProcess stops anything (SIGTERM to its group)."""
-    args = ["--ray", "--replicas", "1", "--max-batch", "2", "--threads", "1", "--log-level", "info"]
+    args = ["--ray", "--replicas", "1", "--max-batch", "2", "--threads", "1", "--log-level", "info",
+            "--batch-dir", str(tmp_path)]  # fmt: skip
     with ServerProcess(args, ready_timeout=180) as srv:
         want = reference.generate("def main(", mode="blt-s", max_bytes=24, temperature=0.0).text
         c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="-", max_retries=0, timeout=60)
@@ -227,6 +238,9 @@ def test_the_command_serves_on_a_local_cluster_and_stops_cleanly(reference):
         assert r.parse().choices[0].text == want
         assert r.headers[REPLICA_HEADER].startswith("fastblt#FastBlt#")
         assert r.headers.get_list("x-request-id") == ["trace-ray-1"]  # Serve's proxy answers with it, once
+        # the batch actor the command started on its node holds the directory
+        f = c.files.create(file=("in.jsonl", b'{"custom_id": "a"}\n'), purpose="batch")
+        assert (tmp_path / "files" / f"{f.id}.jsonl").exists() and (tmp_path / "batches.lock").exists()
         # the request log goes to the replica's log in Ray's session directory (Serve's logger)
         logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs" / "serve"
         deadline = time.monotonic() + 20
@@ -244,10 +258,25 @@ def test_the_command_serves_on_a_local_cluster_and_stops_cleanly(reference):
 
 # ---------------------------------------------------------------------------- a two-node cluster
 @pytest.fixture(scope="module")
-def ray_server(chat_template):
-    with RayServer(ServerOptions(max_batch=4, threads=1, chat_template=str(chat_template), chat_stop=[CHAT_STOP]),
-                   DeploymentOptions(replicas=2), nodes=2, cpus_per_node=1, ready_timeout=240) as srv:  # fmt: skip
+def ray_server(chat_template, tmp_path_factory):
+    batch_dir = str(tmp_path_factory.mktemp("batches"))
+    options = ServerOptions(max_batch=4, threads=1, chat_template=str(chat_template), chat_stop=[CHAT_STOP],
+                            batch_dir=batch_dir)  # fmt: skip
+    with RayServer(options, DeploymentOptions(replicas=2), nodes=2, cpus_per_node=1, ready_timeout=240) as srv:
         yield srv
+
+
+def sessions(c: openai.OpenAI) -> list[dict[str, str]]:
+    """A header each that routes a request to one replica and not the other (ray_route's sessions)."""
+    keys: dict[str, str] = {}  # replica -> a session key that reaches it
+    for key in (f"kept-{i}" for i in range(64)):
+        r = c.completions.with_raw_response.create(model=MODEL, prompt="x", max_tokens=1,
+                                                   extra_headers={SESSION_HEADER: key})  # fmt: skip
+        keys.setdefault(r.headers[REPLICA_HEADER], key)
+        if len(keys) == 2:
+            break
+    assert len(keys) == 2
+    return [{SESSION_HEADER: key} for key in keys.values()]
 
 
 async def complete(c: openai.AsyncOpenAI, prompt: str, mode: str, max_bytes: int, stream: bool) -> tuple[str, str]:
@@ -347,21 +376,14 @@ def test_responses_and_conversations_are_kept_for_every_replica(ray_server):
     conversation go on whichever replica each turn reaches (sessions pin turns to one or the
     other here), and so do background responses."""
     c = openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key="-", max_retries=0, timeout=120)
-    keys: dict[str, str] = {}  # replica -> a session key that reaches it
-    for key in (f"kept-{i}" for i in range(64)):
-        r = c.completions.with_raw_response.create(model=MODEL, prompt="x", max_tokens=1,
-                                                   extra_headers={SESSION_HEADER: key})  # fmt: skip
-        keys.setdefault(r.headers[REPLICA_HEADER], key)
-        if len(keys) == 2:
-            break
-    on = [{SESSION_HEADER: key} for key in keys.values()]
+    on = sessions(c)
     answered, previous = set(), None
     for turn in range(4):
         r = c.responses.with_raw_response.create(model=MODEL, input=f"turn {turn}", max_output_tokens=4,
                                                  previous_response_id=previous, extra_headers=on[turn % 2])  # fmt: skip
         answered.add(r.headers[REPLICA_HEADER])
         previous = r.parse().id
-    assert answered == set(keys)  # each turn continued the one the other replica answered
+    assert len(answered) == 2  # each turn continued the one the other replica answered
     items = c.responses.input_items.list(previous, extra_headers=on[0])
     assert [i.content[0].text for i in items.data] == ["turn 3"]
     conv = c.conversations.create(items=[{"role": "user", "content": "import os"}], extra_headers=on[0])
@@ -406,6 +428,57 @@ def background_responses_are_read_and_cancelled_through_any_replica(c: openai.Op
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert c.responses.retrieve(long.id, extra_headers=on[0]).status == "cancelled"
+
+
+@pytest.mark.timeout(240)
+def test_batches_run_in_one_actor_for_every_replica(ray_server, reference):
+    """The Batch API on Ray: a file uploaded through one replica, a batch created through the
+    other, run by the batch actor through the deployment, polled and read through either; its
+    answers are Generator's, and errors come back as the replicas' own 4xx."""
+    c = openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key="-", max_retries=0, timeout=120)
+    on = sessions(c)
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": MODEL, "prompt": f"def job_{i}(x):", "max_tokens": 48, "temperature": 0}}
+             for i in range(24)]  # fmt: skip
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    f = c.files.create(file=("in.jsonl", data), purpose="batch", extra_headers=on[0])
+    assert c.files.content(f.id, extra_headers=on[1]).content == data
+    bid = c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h",
+                           extra_headers=on[1]).id  # fmt: skip
+    deadline, polls, killed = time.monotonic() + 180, 0, False
+    while (b := poll(c, bid, on[polls % 2])) is None or b.status not in ("completed", "failed"):
+        assert time.monotonic() < deadline, b
+        polls += 1
+        if b is not None and not killed and b.request_counts.completed >= 2:  # its process dies mid-batch
+            assert b.status == "in_progress" and b.request_counts.completed < 24, b
+            ray.kill(ray.get_actor(ray_batches.BATCH_ACTOR, namespace=ray_batches.BATCH_NAMESPACE), no_restart=False)
+            killed = True
+        time.sleep(0.1)
+    assert killed and b.status == "completed" and b.request_counts.completed == 24, b  # resumed where it stopped
+    out = [json.loads(x) for x in c.files.content(b.output_file_id, extra_headers=on[0]).text.splitlines()]
+    got = {x["custom_id"]: x["response"]["body"]["choices"][0]["text"] for x in out}
+    assert len(out) == len(got) == 24  # each answered once
+    for x in lines:
+        assert got[x["custom_id"]] == reference.generate(x["body"]["prompt"], mode="blt-s", max_bytes=48,
+                                                         temperature=0.0).text  # fmt: skip
+    assert [x.id for x in c.batches.list(extra_headers=on[1])] == [bid]
+    with pytest.raises(openai.NotFoundError, match="no such batch"):
+        c.batches.retrieve("batch_none", extra_headers=on[0])
+    with pytest.raises(openai.ConflictError, match="only a running batch"):
+        c.batches.cancel(b.id, extra_headers=on[1])
+    with pytest.raises(openai.BadRequestError) as e:
+        c.batches.create(input_file_id="file-none", endpoint="/v1/completions", completion_window="24h")
+    assert e.value.body["param"] == "input_file_id"
+    assert c.files.delete(f.id, extra_headers=on[1]).deleted
+
+
+def poll(c: openai.OpenAI, bid: str, headers: dict[str, str]):
+    """The batch, or None while its actor is being started again (a 503 to send again)."""
+    try:
+        return c.batches.retrieve(bid, extra_headers=headers)
+    except openai.InternalServerError as e:
+        assert e.status_code == 503 and e.body["code"] == "batches_unavailable", e
+        return None
 
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,128 @@
+"""OpenAI's Batch API for every replica of `fastblt serve --ray --batch-dir DIR`.
+
+A batch runs for hours and its files live in one directory, while Ray Serve sends each request to
+any replica (and replicas come and go), so the Batch API's work is not a replica's: one Ray actor
+(BATCH_ACTOR, detached, no CPU reserved, on the node of the command that started it, whose disk
+holds DIR) keeps the files and batches and runs them (batches.Batches), and each replica's routes
+pass a request's work to it (RayBatches; an upload's bytes and a file's content go through Ray's
+object store). The actor sends each batch request to the deployment through a Serve handle, as
+the proxies send a client's (any replica, the less loaded first), where it queues behind live
+requests (priority 1) as it does on one server; the actor does not see the replicas' queues, so
+it keeps its `concurrency` requests in flight whatever the live load. Should the actor's process
+die, Ray starts it again, and it resumes the batches it was running from DIR, as a restarted
+server does.
+Docs: docs/scale-out.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from fastblt.serve.api import ApiError
+from fastblt.serve.batches import Batches, hold_batches
+from fastblt.serve.ray_kept import NAMESPACE, one_actor, stop_actor
+
+BATCH_ACTOR, BATCH_NAMESPACE = "fastblt-batches", NAMESPACE
+
+
+class _Deployment:
+    """The Serve deployment as an ASGI app (what batch_file.answer sends requests to): each request
+    goes to a replica through a handle, answered there by its app as a client's."""
+
+    def __init__(self, app_name: str, deployment: str):
+        self.app_name, self.deployment, self.handle = app_name, deployment, None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        from ray import serve
+
+        body = (await receive())["body"]  # (call_app gives the whole body at once)
+        if self.handle is None:
+            self.handle = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
+        status, headers, content = await self.handle.answer_batch_request.remote(scope["method"], scope["path"], body)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]})  # fmt: skip
+        await send({"type": "http.response.body", "body": content})
+
+
+class _BatchActor:
+    """The Batches of `directory`, run on this actor's event loop; `call` runs one of its methods."""
+
+    def __init__(self, directory: str, concurrency: int, app_name: str, deployment: str) -> None:
+        hold_batches(Path(directory))  # the one that runs the batches there
+        self.batches = Batches(Path(directory), _Deployment(app_name, deployment), concurrency, {})
+        self.batches.scratch = None  # uploads come as bytes, from replicas on any node
+        self.opened = False
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if not self.opened:  # resumes what it ran before (on the loop, which __init__ does not have)
+            self.opened = True
+            await self.batches.open()
+        return await getattr(self.batches, method)(*args)
+
+
+def batch_actor(directory: str, concurrency: int, app_name: str, deployment: str,
+                here: bool = False) -> ray.actor.ActorHandle:  # fmt: skip
+    """The cluster's batch actor for `directory`, started by the first caller (`here`: on this
+    node, whose disk holds the directory: `fastblt serve --ray` starts it; from a Serve config, the
+    first replica does, on its node)."""
+    # not sent again should its process die: a call may have created a batch
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(_BatchActor)
+    return one_actor(actor, BATCH_ACTOR, here, directory, concurrency, app_name, deployment)
+
+
+def stop_batch_actor() -> None:
+    """End the batch actor, if there is one (its running batches resume at the next start)."""
+    stop_actor(BATCH_ACTOR)
+
+
+class RayBatches:
+    """batches.Batches' methods, as add_batch_routes calls them, run in the batch actor: its
+    ApiErrors raised here as they were raised there."""
+
+    scratch = None  # an upload reaches the actor as bytes
+
+    def __init__(self, actor: ray.actor.ActorHandle):
+        self.actor = actor
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await self.actor.call.remote(method, *args)
+        except RayTaskError as e:
+            if isinstance(e.cause, ApiError):
+                raise e.cause from None
+            raise
+        except RayActorError as e:  # its process died: Ray starts another, which takes calls in a moment
+            raise ApiError(503, f"batches: the batch actor is not running ({type(e).__name__}); Ray starts it "
+                           "again: send the request again", None, "batches_unavailable", "server_error",
+                           {"Retry-After": "1"}) from None  # fmt: skip
+
+    async def upload(self, source: bytes, filename: str, keep: int) -> dict:
+        return await self._call("upload", source, filename, keep)
+
+    async def files(self, purpose: str | None = None) -> list[dict]:
+        return await self._call("files", purpose)
+
+    async def file(self, fid: str) -> dict:
+        return await self._call("file", fid)
+
+    async def content(self, fid: str) -> bytes:
+        return await self._call("content", fid, True)
+
+    async def delete_file(self, fid: str) -> dict:
+        return await self._call("delete_file", fid)
+
+    async def create(self, body: dict) -> dict:
+        return await self._call("create", body)
+
+    async def batches(self) -> list[dict]:
+        return await self._call("batches")
+
+    async def batch(self, bid: str) -> dict:
+        return await self._call("batch", bid)
+
+    async def cancel(self, bid: str) -> dict:
+        return await self._call("cancel", bid)
