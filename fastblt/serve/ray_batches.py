@@ -9,13 +9,14 @@ object store). The actor sends each batch request to the deployment through a Se
 the proxies send a client's (any replica, the less loaded first), where it queues behind live
 requests (priority 1) as it does on one server; the actor does not see the replicas' queues, so
 it keeps its `concurrency` requests in flight whatever the live load. Should the actor's process
-die, Ray starts it again, and it resumes the batches it was running from DIR, as a restarted
-server does.
+die, Ray starts it again, and it resumes the batches it was running from DIR at once, as a
+restarted server does.
 Docs: docs/scale-out.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +56,17 @@ class _BatchActor:
         hold_batches(Path(directory))  # the one that runs the batches there
         self.batches = Batches(Path(directory), _Deployment(app_name, deployment), concurrency, {})
         self.batches.scratch = None  # uploads come as bytes, from replicas on any node
-        self.opened = False
+        # resume what it ran before at once (Ray starts it again should its process die): an async
+        # actor's constructor runs on its event loop; should it not, at the first call
+        try:
+            self.opening: asyncio.Task | None = asyncio.get_running_loop().create_task(self.batches.open())
+        except RuntimeError:
+            self.opening = None
 
     async def call(self, method: str, *args: Any) -> Any:
-        if not self.opened:  # resumes what it ran before (on the loop, which __init__ does not have)
-            self.opened = True
-            await self.batches.open()
+        if self.opening is None:
+            self.opening = asyncio.get_running_loop().create_task(self.batches.open())
+        await self.opening
         return await getattr(self.batches, method)(*args)
 
 

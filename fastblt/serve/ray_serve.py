@@ -266,9 +266,7 @@ class FastBltReplica:
                                  background_grace=o.background_grace_s)  # fmt: skip
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown
         if o.batch_dir is not None:  # the Batch API's work in one actor: a batch outlives any replica
-            batches = batch_actor(o.batch_dir, o.batch_concurrency, APP, DEPLOYMENT)
-            batches.call.remote("batches")  # not waited for: it resumes the batches it ran, if Ray started it again
-            add_batch_routes(app, RayBatches(batches))
+            add_batch_routes(app, RayBatches(batch_actor(o.batch_dir, o.batch_concurrency, APP, DEPLOYMENT)))
         self._app = app  # (`app` is Serve ingress's own property)
         self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
         return app
