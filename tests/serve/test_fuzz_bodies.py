@@ -15,8 +15,10 @@ from fastblt.errors import FastBltError
 from fastblt.formats.checkpoint import load_config, resolve_checkpoint_path
 from fastblt.runtime.options import make_request
 from fastblt.serve.api import ApiError, parse_body
-from fastblt.serve.chat import ChatTemplate, parse_chat_body
+from fastblt.serve.chat import ChatTemplate
+from fastblt.serve.chat_store import ChatStore, StoredChat
 from fastblt.serve.conversations import ConversationStore
+from fastblt.serve.kept import MemoryKept
 from fastblt.serve.tools import CallTags
 
 MODEL = "fastblt-default"
@@ -24,6 +26,9 @@ TEMPLATES = (ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,)),  # and one that se
              ChatTemplate(CHAT_TEMPLATE, stops=(CHAT_STOP,), tags=CallTags("<call>", "</call>")))  # fmt: skip
 CONFIG = load_config(resolve_checkpoint_path("default"))
 TALKS = ConversationStore(1 << 20)
+CHATS = ChatStore(MemoryKept(1 << 20))
+for _i in range(3):
+    CHATS.put({"id": f"chatcmpl-{_i}", "model": MODEL if _i else "other"}, [], {"k": str(_i)})
 CONVERSATION = TALKS.create([], {})["id"]
 
 anything = st.recursive(
@@ -154,6 +159,8 @@ FIELDS = {  # a plausible value, or anything at all
     "continue_final_message": st.booleans(),
     "add_generation_prompt": st.booleans(),
     "structured_outputs": structured,
+    "store": st.booleans(),
+    "metadata": st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
 }
 messages = st.lists(
     st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]) | anything},
@@ -189,7 +196,8 @@ def test_a_random_body_is_a_request_or_a_4xx_naming_a_field(data, chat):
     raw = body(data, chat)
     try:
         template = TEMPLATES[data.draw(st.integers(0, 1))]
-        comp = parse_chat_body(raw, MODEL, "blt-s", template) if chat else parse_body(raw, MODEL, "blt-s")
+        # what POST /v1/chat/completions parses with (chat's fields, and store and metadata)
+        comp = StoredChat(MODEL, "blt-s", template, CHATS).parse(raw) if chat else parse_body(raw, MODEL, "blt-s")
     except ApiError as e:
         assert 400 <= e.status < 500 and e.message, e.message
         return
@@ -324,3 +332,21 @@ def test_random_conversation_items_are_kept_or_a_4xx_naming_a_field(given):
         asked.parse(json.dumps({"model": MODEL, "input": "x", "conversation": cid}).encode())
     except ApiError as e:  # the template's own refusal (a system message after others)
         assert e.status == 400 and e.param == "input", e.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["after", "limit", "order", "model", "metadata[k]", "metadata", "x"])
+                       | st.text(max_size=6), st.sampled_from(["chatcmpl-1", "1", "100", "desc", "asc", "0"])
+                       | st.text(max_size=6), max_size=4))  # fmt: skip
+def test_a_random_list_query_of_stored_chat_completions_is_a_page_or_a_400_naming_it(query):
+    """GET /v1/chat/completions?...: a page of those that match, in order, or a 400 naming the
+    query parameter that is wrong."""
+    try:
+        page = CHATS.listed(query)
+    except ApiError as e:
+        assert e.status == 400 and e.param is not None and e.param in query, e.message
+        return
+    ids = [c["id"] for c in page["data"]]
+    assert ids == sorted(ids, reverse=query.get("order") == "desc") and len(ids) <= int(query.get("limit", 20))
+    assert all(c["model"] == query.get("model", c["model"]) and c["metadata"]["k"] == query.get("metadata[k]", c[
+        "metadata"]["k"]) for c in page["data"])  # fmt: skip
