@@ -8,7 +8,8 @@ pass a request's work to it (RayBatches; an upload's bytes and a file's content 
 object store). The actor sends each batch request to the deployment through a Serve handle, as
 the proxies send a client's (any replica, the less loaded first), where it queues behind live
 requests (priority 1) as it does on one server; the actor does not see the replicas' queues, so
-it keeps its `concurrency` requests in flight whatever the live load. Should the actor's process
+it keeps its `concurrency` requests in flight whatever the live load. Its batch gauges go to Ray's
+metrics (`ray_fastblt_batches`), as replicas mirror theirs. Should the actor's process
 die, Ray starts it again, and it resumes the batches it was running from DIR at once, as a
 restarted server does.
 Docs: docs/scale-out.md.
@@ -17,14 +18,17 @@ Docs: docs/scale-out.md.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.metrics import Gauge
 
 from fastblt.serve.api import ApiError
-from fastblt.serve.batches import Batches, hold_batches
+from fastblt.serve.batches import BatchCollector, Batches, hold_batches
 from fastblt.serve.ray_kept import NAMESPACE, one_actor, stop_actor
 
 BATCH_ACTOR, BATCH_NAMESPACE = "fastblt-batches", NAMESPACE
@@ -49,6 +53,20 @@ class _Deployment:
         await send({"type": "http.response.body", "body": content})
 
 
+MIRROR_EVERY_S = 5.0  # how often the actor copies its batch gauges into Ray's metrics (as replicas do theirs)
+
+
+def set_gauges(families: Iterable[Any], gauges: dict[str, Any], gauge: type = Gauge) -> None:
+    """Set Ray gauges (of class `gauge`, made as needed, kept in `gauges` by name) to the samples
+    of prometheus metric families: Ray exports them on each node's metrics endpoint, prefixed ray_
+    (a replica's, of ray.serve.metrics.Gauge, tagged with the replica)."""
+    for family in families:
+        for sample in family.samples:
+            if sample.name not in gauges:
+                gauges[sample.name] = gauge(sample.name, family.documentation, tag_keys=tuple(sorted(sample.labels)))
+            gauges[sample.name].set(sample.value, tags=dict(sample.labels))
+
+
 class _BatchActor:
     """The Batches of `directory`, run on this actor's event loop; `call` runs one of its methods."""
 
@@ -59,13 +77,26 @@ class _BatchActor:
         # resume what it ran before at once (Ray starts it again should its process die): an async
         # actor's constructor runs on its event loop; should it not, at the first call
         try:
-            self.opening: asyncio.Task | None = asyncio.get_running_loop().create_task(self.batches.open())
+            loop = asyncio.get_running_loop()
+            self.opening: asyncio.Task | None = loop.create_task(self.batches.open())
+            self.mirror = loop.create_task(self._mirror())
         except RuntimeError:
             self.opening = None
+
+    async def _mirror(self) -> None:
+        """The batch gauges a server has on /metrics (batches.BatchCollector), into Ray's metrics."""
+        gauges: dict[str, Any] = {}
+        while True:
+            try:
+                set_gauges(BatchCollector(self.batches.runner).collect(), gauges)
+            except Exception as e:  # noqa: BLE001 (an export problem must never stop the batches)
+                logging.getLogger("ray").warning("fastblt batches: metrics not mirrored to Ray: %r", e)
+            await asyncio.sleep(MIRROR_EVERY_S)
 
     async def call(self, method: str, *args: Any) -> Any:
         if self.opening is None:
             self.opening = asyncio.get_running_loop().create_task(self.batches.open())
+            self.mirror = asyncio.get_running_loop().create_task(self._mirror())
         await self.opening
         return await getattr(self.batches, method)(*args)
 

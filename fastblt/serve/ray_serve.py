@@ -49,7 +49,7 @@ from fastblt.serve.app import REPLAY_SHARE, SERVE_EXTRA_IDS, ServeSettings, call
 from fastblt.serve.batches import add_batch_routes
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.process import free_port, probe_context
-from fastblt.serve.ray_batches import RayBatches, batch_actor, stop_batch_actor
+from fastblt.serve.ray_batches import RayBatches, batch_actor, set_gauges, stop_batch_actor
 from fastblt.serve.ray_kept import RayKept, RayRelay, kept_actor, stop_kept_actor
 from fastblt.serve.ray_route import ROUTER_PATH
 from fastblt.serve.tools import CallTags
@@ -290,11 +290,8 @@ async def mirror_metrics(app: FastAPI, every: float = MIRROR_EVERY_S) -> None:
     while True:
         await asyncio.sleep(every)
         try:
-            for family in text_string_to_metric_families((await call_app(app, "GET", "/metrics"))[2].decode()):
-                for s in family.samples:
-                    if s.name not in gauges:
-                        gauges[s.name] = Gauge(s.name, family.documentation, tag_keys=tuple(sorted(s.labels)))
-                    gauges[s.name].set(s.value, tags=dict(s.labels))
+            text = (await call_app(app, "GET", "/metrics"))[2].decode()
+            set_gauges(text_string_to_metric_families(text), gauges, Gauge)
         except Exception as e:  # an export problem must never stop the replica serving
             log.warning("fastblt replica: metrics not mirrored to Ray: %r", e)
 

@@ -476,6 +476,16 @@ def test_batches_run_in_one_actor_for_every_replica(ray_server, reference):
         c.batches.create(input_file_id="file-none", endpoint="/v1/completions", completion_window="24h")
     assert e.value.body["param"] == "input_file_id"
     assert c.files.delete(f.id, extra_headers=on[1]).deleted
+    # the actor's batch gauges reach Ray's metrics, as the replicas' do (mirrored every 5 s, exported every 10)
+    ports = [(n["NodeManagerAddress"], n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
+    completed = 0.0  # (an export made before the batch ended reads 0)
+    while completed < 1:
+        assert time.monotonic() < deadline + 60, "no completed batch in Ray's ray_fastblt_batches"
+        for host, port in ports:
+            text = httpx.get(f"http://{host}:{port}/metrics", timeout=10).text
+            found = re.findall(r'^ray_fastblt_batches\{[^}]*status="completed"[^}]*\} (\S+)$', text, re.M)
+            completed = max([completed, *map(float, found)])
+        time.sleep(1)
 
 
 def poll(c: openai.OpenAI, bid: str, headers: dict[str, str]):
