@@ -7,17 +7,18 @@ holds DIR) keeps the files and batches and runs them (batches.Batches), and each
 pass a request's work to it (RayBatches; an upload's bytes and a file's content go through Ray's
 object store). The actor sends each batch request to the deployment through a Serve handle, as
 the proxies send a client's (any replica, the less loaded first), where it queues behind live
-requests (priority 1) as it does on one server; the actor does not see the replicas' queues, so
-it keeps its `concurrency` requests in flight whatever the live load. Its batch gauges go to Ray's
-metrics (`ray_fastblt_batches`), as replicas mirror theirs. Should the actor's process
-die, Ray starts it again, and it resumes the batches it was running from DIR at once, as a
-restarted server does.
+requests (priority 1) as it does on one server, and a replica whose live requests wait for rows
+sends it back to be sent again a moment later (`held_back`), as one server sends none then. Its
+batch gauges go to Ray's metrics (`ray_fastblt_batches`), as replicas mirror theirs. Should the
+actor's process die, Ray starts it again, and it resumes the batches it was running from DIR at
+once, as a restarted server does.
 Docs: docs/scale-out.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -65,6 +66,24 @@ def set_gauges(families: Iterable[Any], gauges: dict[str, Any], gauge: type = Ga
             if sample.name not in gauges:
                 gauges[sample.name] = gauge(sample.name, family.documentation, tag_keys=tuple(sorted(sample.labels)))
             gauges[sample.name].set(sample.value, tags=dict(sample.labels))
+
+
+HELD_BACK_S = 0.1  # a replica's Retry-After for a batch request while its live requests wait for rows
+
+
+def held_back(engine: Any) -> tuple[int, dict[str, str], bytes] | None:
+    """A replica's answer to a batch request while any request waits for a row of its engine: a
+    429 the actor sends again after HELD_BACK_S (on one server, batches send nothing then;
+    batches.Runner), else None: answer it."""
+    if engine.waiting == 0:
+        return None
+    error = {"message": "batch request held back: live requests wait for rows", "type": "rate_limit_error",
+             "param": None, "code": "batch_held_back"}  # fmt: skip
+    return (
+        429,
+        {"retry-after": str(HELD_BACK_S), "content-type": "application/json"},
+        json.dumps({"error": error}).encode(),
+    )
 
 
 class _BatchActor:

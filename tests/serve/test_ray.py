@@ -116,6 +116,17 @@ def test_print_config_passes_the_batch_dir_by_its_full_path(monkeypatch, capsys)
         ServerOptions(batch_dir="batches")
 
 
+def test_a_replica_holds_batch_requests_back_while_live_ones_wait_for_rows():
+    class Engine:
+        waiting = 0
+
+    assert ray_batches.held_back(Engine()) is None  # answered
+    Engine.waiting = 1
+    status, headers, body = ray_batches.held_back(Engine())
+    assert status == 429 and float(headers["retry-after"]) > 0
+    assert json.loads(body)["error"]["code"] == "batch_held_back"  # sent again by the actor (batch_file.answer)
+
+
 def test_replicas_take_a_key_or_a_list_of_keys():
     assert ray_serve.ServerOptions(api_key="a").api_keys == ("a",)
     assert ray_serve.ServerOptions(api_key=["a", "b"]).api_keys == ("a", "b")
