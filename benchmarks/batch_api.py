@@ -2,6 +2,7 @@
 the live requests, and how fast a batch goes alone and under live load.
 
     python benchmarks/batch_api.py            # ~2 minutes on 2 cores
+    python benchmarks/batch_api.py --ray      # the same against 2 Ray Serve replicas and the batch actor
 
 One server at its defaults (plus `--batch-dir`, a temporary directory) on 127.0.0.1; the same
 greedy `blt-s` requests of stdlib code (100-300 bytes, 256 new bytes each) in three phases:
@@ -15,7 +16,11 @@ client and measures). Batch: its bytes over the time from `create` to `completed
 part of phase 3 that overlapped the live load. Every answer, live or batched, is compared with the
 same request run alone by `fastblt.Generator` (greedy, so it must be equal).
 
-Results: benchmarks/results/batch_api.{json,md,png}.
+With --ray the server is `fastblt serve --ray --batch-dir DIR`'s deployment on a local cluster of
+two nodes of one CPU each (a replica each; Ray's processes, the batch actor and the client share
+the same two cores), where the batch actor runs the batch through the replicas.
+
+Results: benchmarks/results/batch_api.{json,md,png}; with --ray, batch_api_ray.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -94,7 +99,8 @@ def render(r: dict) -> str:
         "# The Batch API beside live traffic",
         "",
         f"`{m['command']}` — {m['date']}, {m['machine']}, {m['cpu_count']} CPUs shared by server and client. "
-        f"Server: `fastblt serve --batch-dir DIR` at its defaults (max_batch {m['max_batch']}), embedded default "
+        f"Server: {m.get('server', '`fastblt serve --batch-dir DIR`')} at its defaults (max_batch "
+        f"{m['max_batch']}), embedded default "
         f"checkpoint, greedy `{MODE}`, {m['max_tokens']} new bytes per request on stdlib code prompts of 100-300 "
         f"bytes. Live: {LIVE_CLIENTS} clients streaming {LIVE_REQUESTS} requests; batch: {BATCH_REQUESTS} requests.",
         "",
@@ -122,7 +128,9 @@ def render(r: dict) -> str:
         f"Live bytes/s while the batch ran: {lb['bytes_per_s'] / la['bytes_per_s']:.2f}x its rate alone; the live "
         f"load ({bb['overlap_s']:.1f} s) overlapped {overlap:.0%} of the batch's run. Batches keep three quarters "
         "of the rows busy on an idle server, an eighth while live requests run, none while a request waits for a "
-        "row (docs/serving.md, The Batch API on the server). Before the three phases the live load runs once "
+        "row (docs/serving.md, The Batch API on the server; on Ray, each replica lets the batch actor's requests "
+        "go by the same rule, up to three quarters of a replica's rows in all, and sends the rest back to be "
+        "sent again 0.1 s later: docs/scale-out.md). Before the three phases the live load runs once "
         "unmeasured, so every phase finds the prompt snapshots it would in a long-running server.",
         "",
         "!= alone: answers whose text differs from the same request run alone (Generator, batch 1).",
@@ -152,23 +160,42 @@ def plot(r: dict, path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     left.legend(fontsize=8)
-    fig.suptitle("The Batch API beside live traffic (one server, 2 cores)")
+    fig.suptitle(f"The Batch API beside live traffic ({r['meta'].get('layout', 'one server')}, 2 cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    from fastblt.serve.process import ServerProcess
-
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ray", action="store_true", help="2 Ray Serve replicas and the batch actor, not one server")
+    args = ap.parse_args()
     prompts = code_prompts(32)
     want = answers_alone(prompts, (MODE,))[MODE]
-    with tempfile.TemporaryDirectory() as root, ServerProcess(["--batch-dir", root, "--max-queue", "512"]) as srv:
-        r = {"meta": {"command": "python benchmarks/batch_api.py", **machine_meta(), "max_batch": 16,
-                      "max_tokens": MAX_TOKENS}}  # fmt: skip
+    r = {"meta": {"command": "python benchmarks/batch_api.py" + (" --ray" if args.ray else ""), **machine_meta(),
+                  "max_batch": 16, "max_tokens": MAX_TOKENS}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as root, _server(root, args.ray) as srv:
         r |= asyncio.run(phases(srv.url, prompts, want))
-    save("batch_api", r, render, plot)
+    if args.ray:
+        r["meta"] |= {
+            "layout": "2 Ray Serve replicas",
+            "startup_s": srv.startup_seconds,
+            "server": "`fastblt serve --ray --replicas 2 --batch-dir DIR` (a node of one CPU per replica)",
+        }
+        save("batch_api_ray", r, render, plot)
+    else:
+        save("batch_api", r, render, plot)
+
+
+def _server(root: str, ray: bool):
+    if not ray:
+        from fastblt.serve.process import ServerProcess
+
+        return ServerProcess(["--batch-dir", root, "--max-queue", "512"])
+    from fastblt.serve.ray_serve import DeploymentOptions, RayServer, ServerOptions
+
+    return RayServer(ServerOptions(max_queue=512, batch_dir=root), DeploymentOptions(replicas=2), nodes=2,
+                     cpus_per_node=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -328,11 +328,7 @@ class Runner:
         """Hold a batch request until the server has room for it: nothing is sent while any request
         waits for a row; while live requests run, batches keep `trickle` in flight; on an idle
         server, `concurrency`."""
-        while True:
-            held, waiting = self.pressure()
-            cap = self.trickle if held - self.inflight > 0 else self.concurrency
-            if waiting == 0 and self.inflight < cap:
-                break
+        while not admits(*self.pressure(), self.inflight, self.concurrency, self.trickle):
             await asyncio.sleep(ADMIT_POLL_S)
         self.inflight += 1
         try:
@@ -388,6 +384,14 @@ class Runner:
         batch |= {"status": status, f"{status}_at": int(time.time())}
         self.store.save(batch)
         results.unlink(missing_ok=True)
+
+
+def admits(held: int, waiting: int, inflight: int, concurrency: int, trickle: int) -> bool:
+    """Whether a server lets one more batch request go: none while any request waits for a row
+    (`waiting`, of the `held` it holds), while live ones run up to `trickle` in flight, on an idle
+    server up to `concurrency` (`inflight`: the batch requests it holds already)."""
+    cap = trickle if held - inflight > 0 else concurrency
+    return waiting == 0 and inflight < cap
 
 
 def _behind_live(request: BatchRequest) -> BatchRequest:

@@ -7,8 +7,8 @@ holds DIR) keeps the files and batches and runs them (batches.Batches), and each
 pass a request's work to it (RayBatches; an upload's bytes and a file's content go through Ray's
 object store). The actor sends each batch request to the deployment through a Serve handle, as
 the proxies send a client's (any replica, the less loaded first), where it queues behind live
-requests (priority 1) as it does on one server, and a replica whose live requests wait for rows
-sends it back to be sent again a moment later (`held_back`), as one server sends none then. Its
+requests (priority 1) as it does on one server, and a replica admits the batch requests one
+server would let go (Admission) and sends the others back, to be sent again a moment later. Its
 batch gauges go to Ray's metrics (`ray_fastblt_batches`), as replicas mirror theirs. Should the
 actor's process die, Ray starts it again, and it resumes the batches it was running from DIR at
 once, as a restarted server does.
@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.metrics import Gauge
 
 from fastblt.serve.api import ApiError
-from fastblt.serve.batches import BatchCollector, Batches, hold_batches
+from fastblt.serve.batches import BatchCollector, Batches, admits, hold_batches
 from fastblt.serve.ray_kept import NAMESPACE, one_actor, stop_actor
 
 BATCH_ACTOR, BATCH_NAMESPACE = "fastblt-batches", NAMESPACE
@@ -68,22 +68,30 @@ def set_gauges(families: Iterable[Any], gauges: dict[str, Any], gauge: type = Ga
             gauges[sample.name].set(sample.value, tags=dict(sample.labels))
 
 
-HELD_BACK_S = 0.1  # a replica's Retry-After for a batch request while its live requests wait for rows
+HELD_BACK_S = 0.1  # a replica's Retry-After for a batch request it holds back
 
 
-def held_back(engine: Any) -> tuple[int, dict[str, str], bytes] | None:
-    """A replica's answer to a batch request while any request waits for a row of its engine: a
-    429 the actor sends again after HELD_BACK_S (on one server, batches send nothing then;
-    batches.Runner), else None: answer it."""
-    if engine.waiting == 0:
-        return None
-    error = {"message": "batch request held back: live requests wait for rows", "type": "rate_limit_error",
-             "param": None, "code": "batch_held_back"}  # fmt: skip
-    return (
-        429,
-        {"retry-after": str(HELD_BACK_S), "content-type": "application/json"},
-        json.dumps({"error": error}).encode(),
-    )
+class Admission:
+    """Which of the batch actor's requests a replica answers now: those one server would let go
+    (batches.admits: none while any of its requests waits for a row, `trickle` in flight while
+    live ones run, `concurrency` when idle); the others it sends back, a 429 the actor sends again
+    after HELD_BACK_S (maybe to another replica)."""
+
+    def __init__(self, concurrency: int, trickle: int):
+        self.concurrency, self.trickle, self.inflight = concurrency, trickle, 0
+
+    def held_back(self, engine: Any) -> tuple[int, dict[str, str], bytes] | None:
+        """The 429 for a batch request now, or None: answer it (counted in flight until `done`)."""
+        if admits(engine.held, engine.waiting, self.inflight, self.concurrency, self.trickle):
+            self.inflight += 1
+            return None
+        error = {"message": "batch request held back: live requests come first", "type": "rate_limit_error",
+                 "param": None, "code": "batch_held_back"}  # fmt: skip
+        headers = {"retry-after": str(HELD_BACK_S), "content-type": "application/json"}
+        return 429, headers, json.dumps({"error": error}).encode()
+
+    def done(self) -> None:
+        self.inflight -= 1
 
 
 class _BatchActor:

@@ -49,7 +49,7 @@ from fastblt.serve.app import REPLAY_SHARE, SERVE_EXTRA_IDS, ServeSettings, call
 from fastblt.serve.batches import add_batch_routes
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.process import free_port, probe_context
-from fastblt.serve.ray_batches import RayBatches, batch_actor, held_back, set_gauges, stop_batch_actor
+from fastblt.serve.ray_batches import Admission, RayBatches, batch_actor, set_gauges, stop_batch_actor
 from fastblt.serve.ray_kept import RayKept, RayRelay, kept_actor, stop_kept_actor
 from fastblt.serve.ray_route import ROUTER_PATH
 from fastblt.serve.tools import CallTags
@@ -268,16 +268,22 @@ class FastBltReplica:
         if o.batch_dir is not None:  # the Batch API's work in one actor: a batch outlives any replica
             add_batch_routes(app, RayBatches(batch_actor(o.batch_dir, o.batch_concurrency, APP, DEPLOYMENT)))
         self._app = app  # (`app` is Serve ingress's own property)
+        # the batch actor's requests, let go as one server lets its batches' go (its trickle: an eighth)
+        self._batch_rows = Admission(o.batch_concurrency, max(1, o.max_batch // 8))
         self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
         return app
 
     async def answer_batch_request(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         """A request of a batch (the batch actor's: ray_batches.py), answered by this replica's app as
         a client's with the server's key: (status, headers, body)."""
-        if (busy := held_back(self._app.state.ready())) is not None:
+        if (busy := self._batch_rows.held_back(self._app.state.ready())) is not None:
             return busy
         keys = self.options.api_keys
-        return await call_app(self._app, method, path, body, {"authorization": f"Bearer {keys[0]}"} if keys else None)
+        try:
+            return await call_app(self._app, method, path, body,
+                                  {"authorization": f"Bearer {keys[0]}"} if keys else None)  # fmt: skip
+        finally:
+            self._batch_rows.done()
 
 
 def replica_cores(cpus: float) -> int:

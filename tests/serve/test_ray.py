@@ -116,15 +116,32 @@ def test_print_config_passes_the_batch_dir_by_its_full_path(monkeypatch, capsys)
         ServerOptions(batch_dir="batches")
 
 
-def test_a_replica_holds_batch_requests_back_while_live_ones_wait_for_rows():
-    class Engine:
-        waiting = 0
+def test_a_replica_lets_batch_requests_go_as_one_server_does():
+    """Idle: up to `concurrency` in flight; with live requests running, `trickle`; with any waiting
+    for a row, none: the others are a 429 the batch actor sends again."""
 
-    assert ray_batches.held_back(Engine()) is None  # answered
-    Engine.waiting = 1
-    status, headers, body = ray_batches.held_back(Engine())
+    class Engine:
+        held, waiting = 0, 0
+
+    rows, engine = ray_batches.Admission(concurrency=3, trickle=1), Engine()
+    for _ in range(3):
+        assert rows.held_back(engine) is None
+        engine.held += 1
+    status, headers, body = rows.held_back(engine)  # three in flight: the fourth goes back
     assert status == 429 and float(headers["retry-after"]) > 0
     assert json.loads(body)["error"]["code"] == "batch_held_back"  # sent again by the actor (batch_file.answer)
+    engine.held += 1  # a live request: only the trickle while it runs
+    rows.done(), rows.done()
+    engine.held -= 2
+    assert rows.inflight == 1 and rows.held_back(engine)[0] == 429
+    rows.done()
+    engine.held -= 1
+    assert rows.held_back(engine) is None and rows.inflight == 1  # the trickle's one
+    engine.waiting = 1
+    engine.held += 1
+    rows.done()
+    engine.held -= 1
+    assert rows.held_back(engine)[0] == 429  # a request waits for a row: none
 
 
 def test_replicas_take_a_key_or_a_list_of_keys():
