@@ -18,6 +18,7 @@ Docs: docs/scale-out.md.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 from collections.abc import Iterable
@@ -125,7 +126,9 @@ class _BatchActor:
             self.opening = asyncio.get_running_loop().create_task(self.batches.open())
             self.mirror = asyncio.get_running_loop().create_task(self._mirror())
         await self.opening
-        return await getattr(self.batches, method)(*args)
+        # a copy as it is now: Ray sends the answer after this returns, and the loop may run a
+        # batch's task in between (a cancel's returns the batch its task then finalizes)
+        return copy.deepcopy(await getattr(self.batches, method)(*args))
 
 
 def batch_actor(directory: str, concurrency: int, app_name: str, deployment: str,

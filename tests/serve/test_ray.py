@@ -503,6 +503,14 @@ def test_batches_run_in_one_actor_for_every_replica(ray_server, reference):
     with pytest.raises(openai.BadRequestError) as e:
         c.batches.create(input_file_id="file-none", endpoint="/v1/completions", completion_window="24h")
     assert e.value.body["param"] == "input_file_id"
+    # a batch cancelled through the other replica than made it: stopped in the actor, what it answered kept
+    again = c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h",
+                             extra_headers=on[0]).id  # fmt: skip
+    assert c.batches.cancel(again, extra_headers=on[1]).status == "cancelling"
+    while (b := c.batches.retrieve(again, extra_headers=on[0])).status == "cancelling":
+        assert time.monotonic() < deadline, b
+        time.sleep(0.1)
+    assert b.status == "cancelled" and b.request_counts.completed < 24, b
     assert c.files.delete(f.id, extra_headers=on[1]).deleted
     # the actor's batch gauges reach Ray's metrics, as the replicas' do (mirrored every 5 s, exported every 10)
     ports = [(n["NodeManagerAddress"], n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
