@@ -505,7 +505,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             error = {"code": "server_error", "message": f"response {response_id}: the server that ran it stopped "
                      "before it ended; send it again"}  # fmt: skip
             failed = found.response | {"status": "failed", "error": error}
-            await asyncio.to_thread(kept.settle, failed, found.items, found.own, found.previous)
+            await asyncio.to_thread(kept.settle, failed, found.items, found.own, found.previous, found.streamed)
             found = await asyncio.to_thread(kept.get, response_id) or found
         return found
 
@@ -534,7 +534,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         log, start = None if replays is None else replays.get(response_id), int(after or -1)
         if log is not None:
             events = log.follow(start)
-        elif (published := await read_published(response_id, start, found.response)) is not None:
+        elif found.streamed and (published := await read_published(response_id, start, found.response)) is not None:
             events = remote_follow(relay, response_id, start, *published)  # type: ignore[arg-type]
         else:
             raise ApiError(400, f"response {response_id!r:.80}: its events are not kept: only a response created "

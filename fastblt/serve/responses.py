@@ -98,6 +98,7 @@ class Stored:
     items: list[dict]
     own: int
     previous: str | None = None
+    streamed: bool = False  # asked with stream: a background one's events are kept while it runs
 
 
 class ResponseStore:
@@ -114,15 +115,17 @@ class ResponseStore:
     def used(self) -> int:
         return self.kept.used
 
-    def put(self, response: dict, items: list[dict], own: int, previous: str | None = None) -> bool:
+    def put(self, response: dict, items: list[dict], own: int, previous: str | None = None,
+            streamed: bool = False) -> bool:  # fmt: skip
         """Keep `response`; False when it alone exceeds the budget (it is not kept)."""
-        return self.kept.put(response["id"], {"response": response, "items": items, "own": own, "previous": previous})
+        return self.kept.put(response["id"], _value(response, items, own, previous, streamed))
 
     def get(self, rid: str) -> Stored | None:
         found = self.kept.get(rid)
         if found is None:
             return None
-        return Stored(found["response"], found["items"], found["own"], found.get("previous"))
+        return Stored(found["response"], found["items"], found["own"], found.get("previous"),
+                      found.get("streamed", False))  # fmt: skip
 
     def chain(self, rid: str) -> list[dict] | None:
         """The items of the conversation `rid` ended, oldest first: each response's input items
@@ -140,10 +143,11 @@ class ResponseStore:
     def delete(self, rid: str) -> bool:
         return self.kept.delete(rid)
 
-    def settle(self, response: dict, items: list[dict], own: int, previous: str | None = None) -> bool:
+    def settle(self, response: dict, items: list[dict], own: int, previous: str | None = None,
+               streamed: bool = False) -> bool:  # fmt: skip
         """Keep a background response's next state if the kept one still runs (not cancelled or
         deleted meanwhile, from another replica); whether it was kept."""
-        value = {"response": response, "items": items, "own": own, "previous": previous}
+        value = _value(response, items, own, previous, streamed)
         kept = self.kept.update(response["id"], lambda old: value if old["response"]["status"] in RUNNING else old)
         return kept is not None and kept["response"]["status"] == response["status"]
 
@@ -158,6 +162,10 @@ class ResponseStore:
 
         kept = self.kept.update(rid, cancelled)
         return None if kept is None else kept["response"]
+
+
+def _value(response: dict, items: list[dict], own: int, previous: str | None, streamed: bool) -> dict:
+    return {"response": response, "items": items, "own": own, "previous": previous, "streamed": streamed}
 
 
 class ResponsesRequest:
@@ -494,7 +502,7 @@ class ResponsesRequest:
         """Keep `response` with the items it answered but those of the response it continued
         (`settle`: only while the kept one runs)."""
         put = store.settle if settle else store.put
-        return put(response, self.items[self.inherited :], self.own, self.echo["previous_response_id"])
+        return put(response, self.items[self.inherited :], self.own, self.echo["previous_response_id"], self.streamed)
 
     async def cancel(self) -> None:
         """Stop a background response's work (its rows freed at once); kept as cancelled. Unless its
