@@ -38,7 +38,8 @@ BATCH_ACTOR, BATCH_NAMESPACE = "fastblt-batches", NAMESPACE
 
 class _Deployment:
     """The Serve deployment as an ASGI app (what batch_file.answer sends requests to): each request
-    goes to a replica through a handle, answered there by its app as a client's."""
+    goes to a replica through a handle, answered there by its app as a client's; one that fails on
+    the way (its replica died) is a 503, which the batch sends again a second later."""
 
     def __init__(self, app_name: str, deployment: str):
         self.app_name, self.deployment, self.handle = app_name, deployment, None
@@ -47,9 +48,16 @@ class _Deployment:
         from ray import serve
 
         body = (await receive())["body"]  # (call_app gives the whole body at once)
-        if self.handle is None:
-            self.handle = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
-        status, headers, content = await self.handle.answer_batch_request.remote(scope["method"], scope["path"], body)
+        try:
+            if self.handle is None:
+                self.handle = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
+            answer = self.handle.answer_batch_request.remote(scope["method"], scope["path"], body)
+            status, headers, content = await answer
+        except Exception as e:  # noqa: BLE001 (a replica that died under it: sent again, not a failed batch)
+            error = {"message": f"batch request not answered: {type(e).__name__}", "type": "server_error",
+                     "param": None, "code": "replica_unavailable"}  # fmt: skip
+            status, headers = 503, {"retry-after": "1", "content-type": "application/json"}
+            content = json.dumps({"error": error}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]})  # fmt: skip
         await send({"type": "http.response.body", "body": content})

@@ -144,6 +144,25 @@ def test_a_replica_lets_batch_requests_go_as_one_server_does():
     assert rows.held_back(engine)[0] == 429  # a request waits for a row: none
 
 
+def test_a_batch_request_whose_replica_died_is_sent_again(monkeypatch):
+    """The batch actor's way to the replicas: a request that fails on the way is a 503 with
+    Retry-After (batch_file.answer sends it again), never an error that fails the batch."""
+    from fastblt.serve.app import call_app
+
+    class Call:
+        def remote(self, *args):
+            async def died():
+                raise ray.exceptions.ActorDiedError()
+
+            return died()
+
+    deployment = ray_batches._Deployment("fastblt", "FastBlt")
+    deployment.handle = type("Handle", (), {"answer_batch_request": Call()})()
+    status, headers, body = asyncio.run(call_app(deployment, "POST", "/v1/completions", b"{}"))
+    assert status == 503 and headers["retry-after"] == "1"
+    assert json.loads(body)["error"]["code"] == "replica_unavailable"
+
+
 def test_replicas_take_a_key_or_a_list_of_keys():
     assert ray_serve.ServerOptions(api_key="a").api_keys == ("a",)
     assert ray_serve.ServerOptions(api_key=["a", "b"]).api_keys == ("a", "b")
