@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastblt.serve.api import ApiError, Completion, cursor_page, get_field, get_metadata, load_json, sse
-from fastblt.serve.chat import ChatTemplate, parse_chat, parse_chat_body
+from fastblt.serve.chat import ChatTemplate, message_text, parse_chat, parse_chat_body
 from fastblt.serve.kept import Kept
 
 TABLE = "chat_completions"
@@ -124,8 +124,6 @@ class StoredChat:
         if self.template is None:
             return parse_chat_body(raw, self.model_id, self.default_mode, None)  # its 404
         body = load_json(raw)
-        if not isinstance(body, dict):  # parse_chat names it
-            return parse_chat(body, self.model_id, self.default_mode, self.template)
         asked = {k: v for k, v in body.items() if k not in ("store", "metadata")}
         self.keep = get_field(body, "store", bool, default=False)
         self.metadata = get_metadata(body) or {}
@@ -167,10 +165,9 @@ def _message(m: dict) -> dict:
     """A request message as OpenAI lists a stored one: its content as a string (text parts joined)
     and, when given as parts, `content_parts` too."""
     content = m.get("content")
+    text = None if content is None else message_text(content, "messages")
     parts = content if isinstance(content, list) else None
-    if parts is not None:
-        content = "\n".join(p if isinstance(p, str) else p["text"] for p in parts)
-    out = {"role": m["role"], "content": content, "name": m.get("name"), "content_parts": parts}
+    out = {"role": m["role"], "content": text, "name": m.get("name"), "content_parts": parts}
     for key in ("tool_calls", "tool_call_id"):
         if m.get(key) is not None:
             out[key] = m[key]

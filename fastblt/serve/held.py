@@ -30,9 +30,7 @@ def check_free(directory: Path, lock: str, what: str) -> None:
         try:
             fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = probe.read().strip()[:20]
-            raise InputError(f"{directory}: in use by another server{f' (pid {pid})' if pid else ''}; one server "
-                             f"keeps its {what} in a directory at a time") from None  # fmt: skip
+            raise _in_use(directory, probe, what) from None
 
 
 def hold(directory: Path, lock: str, what: str) -> None:
@@ -48,12 +46,18 @@ def hold(directory: Path, lock: str, what: str) -> None:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         held.seek(0)
-        pid = held.read().strip()[:20]
+        error = _in_use(directory, held, what)
         held.close()
-        raise InputError(f"{directory}: in use by another server{f' (pid {pid})' if pid else ''}; one server "
-                         f"keeps its {what} in a directory at a time") from None  # fmt: skip
+        raise error from None
     held.seek(0)
     held.truncate()
     held.write(str(os.getpid()))
     held.flush()
     _HELD[path] = held
+
+
+def _in_use(directory: Path, lock: IO[str], what: str) -> InputError:
+    """The error naming the process whose pid the held `lock` file holds."""
+    pid = lock.read().strip()[:20]
+    return InputError(f"{directory}: in use by another server{f' (pid {pid})' if pid else ''}; one server keeps "
+                      f"its {what} in a directory at a time")  # fmt: skip
