@@ -21,10 +21,11 @@ reserved one CPU and lands on a node of its own), and the table adds each layout
 (cluster, deployment, replicas ready) and every replica's resident memory after the load. Both
 replicas share this machine's two cores with each other and with the client.
 
-The default run then starts two more servers, one with `--lanes 1` (one batch loop of 16 rows
-instead of the default's two of 8) and one with `--lane-threads` (the lanes as threads of the
-server instead of worker processes; docs/serving.md), and repeats the 1- and 16-stream levels on
-each, so the table shows what the lanes and their processes buy, side by side in one run.
+The default run then starts three more servers, one with `--lanes 1` (one batch loop of 16 rows
+instead of the default's two of 8), one with `--lane-threads` (the lanes as threads of the server
+instead of worker processes; docs/serving.md) and one with `--stream-interval 0.02` (a stream's
+text in an event at most every 20 ms), and repeats the 1- and 16-stream levels on each, so the
+table shows what the lanes, their processes and fewer events buy, side by side in one run.
 
 Results: benchmarks/results/serve_load.{json,md,png}; with --ray, serve_load_ray.{json,md,png}.
 """
@@ -47,6 +48,7 @@ MODEL = "fastblt-default"
 MODES = ("ar", "blt-s")
 LEVELS = (1, 4, 16, 64)
 OTHER_LEVELS = (1, 16)
+STREAM_INTERVAL = "--stream-interval 0.02"
 MAX_TOKENS = 256
 TARGETS = {"x16_vs_x1": 6.0}
 SOURCES = ("json/decoder.py", "json/encoder.py", "email/message.py", "textwrap.py", "string.py", "shlex.py")
@@ -72,7 +74,7 @@ def code_prompts(n: int) -> list[str]:
 
 async def one(client: httpx.AsyncClient, url: str, prompt: str, mode: str, extra: dict | None = None) -> dict:
     """One streamed request (`extra`: more body fields): its text, time to first byte, per-byte
-    gaps, or its error."""
+    gaps and how many events carried text, or its error."""
     body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, "mode": mode,
             **(extra or {})}  # fmt: skip
     t0 = time.perf_counter()
@@ -101,7 +103,7 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, mode: str, extra
                 text.append(chunk)
     except httpx.HTTPError as e:
         return {"error": f"{type(e).__name__}: {e}"}
-    return {"text": "".join(text), "ttfb": ttfb or 0.0, "gaps": gaps}
+    return {"text": "".join(text), "ttfb": ttfb or 0.0, "gaps": gaps, "events": len(text)}
 
 
 async def level(url: str, prompts: list[str], mode: str, concurrency: int, total: int) -> dict:
@@ -137,6 +139,7 @@ def summarize(run: dict, prompts: list[str], want: dict[str, str]) -> dict:
         "bytes": bytes_out,
         "wall_s": run["wall"],
         "bytes_per_s": bytes_out / run["wall"],
+        "bytes_per_event": bytes_out / max(1, sum(r["events"] for _, r in ok)),
         "ttfb_p50_ms": 1e3 * float(np.percentile(ttfb, 50)),
         "ttfb_p95_ms": 1e3 * float(np.percentile(ttfb, 95)),
         **{f"gap_p{q}_ms": 1e3 * float(np.percentile(gaps, q)) for q in (50, 95, 99)},
@@ -185,10 +188,12 @@ def render(r: dict) -> str:
         lines += ["## The default against other layouts", "",
                   "The same load on more servers, in the same run: `--lanes 1` (one batch loop of "
                   f"{m['max_batch']} rows instead of {lanes} of {m['max_batch'] // max(lanes, 1)}) and "
-                  "`--lane-threads` (the default's lanes as threads of the server, not worker processes).", "",
+                  "`--lane-threads` (the default's lanes as threads of the server, not worker processes); "
+                  f"`{STREAM_INTERVAL}` (a stream's text in one event at most every 20 ms).", "",
                   "| mode | streams | default B/s | " + " | ".join(f"{k} B/s | default / {k}" for k in r["others"])
-                  + " | inter-byte p95 ms, default / " + " / ".join(r["others"]) + " | != alone |",
-                  "|---|---:|---:|" + "---:|---:|" * len(r["others"]) + "---:|---:|"]  # fmt: skip
+                  + " | inter-byte p95 ms, default / " + " / ".join(r["others"])
+                  + " | bytes per event, the same order | CPU % server + client, the same order | != alone |",
+                  "|---|---:|---:|" + "---:|---:|" * len(r["others"]) + "---:|---:|---:|---:|"]  # fmt: skip
         first = next(iter(r["others"].values()))
         for mode, rows in first.items():
             for c in rows:
@@ -197,7 +202,9 @@ def render(r: dict) -> str:
                 ratio = [d["bytes_per_s"] / o["bytes_per_s"] for o in others]
                 cells = " | ".join(f"{o['bytes_per_s']:.0f} | {x:.2f}" for o, x in zip(others, ratio, strict=True))
                 p95 = " / ".join(f"{o['gap_p95_ms']:.2f}" for o in [d, *others])
-                lines.append(f"| {mode} | {c} | {d['bytes_per_s']:.0f} | {cells} | {p95} | "
+                per_event = " / ".join(f"{o['bytes_per_event']:.1f}" for o in [d, *others])
+                cpu = " / ".join(f"{100 * (o['cpu']['server'] + o['cpu']['client']):.0f}" for o in [d, *others])
+                lines.append(f"| {mode} | {c} | {d['bytes_per_s']:.0f} | {cells} | {p95} | {per_event} | {cpu} | "
                              f"{sum(o['wrong'] for o in others)} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
@@ -441,7 +448,7 @@ def main() -> None:
         return
     r["levels"] = run_levels(ServerProcess, server_args, prompts, want, levels, args.quick)
     if not args.quick:
-        flags = ("--lanes 1", "--lane-threads", *(f"--lanes {n}" for n in compare))
+        flags = ("--lanes 1", "--lane-threads", STREAM_INTERVAL, *(f"--lanes {n}" for n in compare))
         r["others"] = {flag: run_levels(ServerProcess, [*server_args, *flag.split()], prompts, want, OTHER_LEVELS)
                        for flag in flags}  # fmt: skip
     r["targets"] = targets(r)

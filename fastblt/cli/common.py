@@ -13,18 +13,20 @@ import click
 
 
 class Positive(click.ParamType):
-    """A finite number > 0 (`minimum`: >= it instead); click's FloatRange lets NaN through."""
+    """A finite number > 0 (`minimum`: >= it instead; `maximum`: <= it too); click's FloatRange
+    lets NaN through."""
 
     name = "number"
 
-    def __init__(self, minimum: float | None = None):
-        self.minimum = minimum
+    def __init__(self, minimum: float | None = None, maximum: float | None = None):
+        self.minimum, self.maximum = minimum, maximum
 
     def convert(self, value, param, ctx) -> float:
         x = value if isinstance(value, float) else click.FLOAT.convert(value, param, ctx)
-        low = self.minimum
-        if not math.isfinite(x) or (x < low if low is not None else x <= 0):
+        low, high = self.minimum, self.maximum
+        if not math.isfinite(x) or (x < low if low is not None else x <= 0) or (high is not None and x > high):
             bound = "> 0" if low is None else f">= {low:g}"
+            bound += "" if high is None else f" and <= {high:g}"
             self.fail(f"{value!r}: expected a finite number {bound}", param, ctx)
         return x
 

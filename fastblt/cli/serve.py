@@ -57,6 +57,10 @@ from fastblt.errors import InputError
               "restart]; one server per directory. With --ray, the store actor's, on this command's node.")  # fmt: skip
 @click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (413 past it).")  # fmt: skip
+@click.option("--stream-interval", type=Positive(minimum=0.0, maximum=1.0), default=0.0, show_default=True,
+              metavar="SECONDS", help="Send each stream's text at most this often, what is made meanwhile in one "
+              "event: fewer events for the server and many streaming clients to handle, at up to SECONDS more "
+              "between bytes (the first byte is never held). 0: as soon as it is made.")  # fmt: skip
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds to let requests in flight finish.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
@@ -81,7 +85,7 @@ def serve(
     ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs, model_name, chat_template, chat_stop,
     tool_call_start, tool_call_end, allowed_origins, batch_dir, response_store_mb, response_store_dir, max_body,
     max_context, threads,
-    prompt_cache_mb, share_prompts, device,
+    prompt_cache_mb, share_prompts, device, stream_interval,
     graceful_timeout, log_level, log_format, use_ray,
     ray_address, replicas,
     min_replicas, max_replicas, target_ongoing_requests, num_cpus, num_gpus, print_config,
@@ -186,7 +190,7 @@ def serve(
                   "allowed_origins": list(allowed_origins), "response_store_mb": response_store_mb,
                   "response_store_dir": response_store_dir and str(Path(response_store_dir).resolve()),
                   # half the grace: the rest for Serve to drain the requests first
-                  "background_grace_s": graceful_timeout / 2,
+                  "background_grace_s": graceful_timeout / 2, "stream_interval_s": stream_interval,
                   "batch_dir": batch_dir and str(Path(batch_dir).resolve())}  # fmt: skip
         say = to_stderr if print_config else _logging(log_level, log_format)
         _serve_on_ray(server, scaling, ray_address, host, port, log_level, print_config, tls, say)
@@ -207,7 +211,8 @@ def serve(
     settings = ServeSettings(model_id=name, default_mode=mode, api_keys=api_keys, max_body=max_body,
                              chat_template=setup.template, log_format=log_format,
                              allowed_origins=allowed_origins, response_store=response_store_mb << 20,
-                             response_store_dir=response_store_dir and Path(response_store_dir))  # fmt: skip
+                             response_store_dir=response_store_dir and Path(response_store_dir),
+                             stream_interval=stream_interval)  # fmt: skip
     app = create_app(engine, settings)
     if batch_dir is not None:
         from fastblt.serve.batches import add_batch_api

@@ -130,6 +130,9 @@ class ServeSettings:
     # seconds a stopping app lets its background responses finish when its server set no deadline
     # (app.state.finish_by: `fastblt serve` sets it to the end of --graceful-timeout); 0: cancelled at once
     background_grace: float = 0.0
+    # seconds between a stream's events: the text made meanwhile goes out in one (fewer events for
+    # the server and its clients to write and parse when many streams run); 0: each as it is made
+    stream_interval: float = 0.0
 
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
@@ -982,7 +985,7 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
         status, error, reasons, used = 499, None, [], None  # unless it gets to its end
         inflight.streams.update(streams)
         news: asyncio.Queue = asyncio.Queue()
-        pumps = [asyncio.ensure_future(_pump(j, s, first, news))
+        pumps = [asyncio.ensure_future(_pump(j, s, first, news, settings.stream_interval))
                  for j, (s, first) in enumerate(zip(streams, firsts, strict=True))]  # fmt: skip
         try:
             if comp.echo:
@@ -1036,13 +1039,21 @@ async def _stream(eng: AsyncEngine, comp: Completion, jobs: list[_Job], request:
     return StreamingResponse(events(), media_type="text/event-stream", headers=NO_CACHE)
 
 
-async def _pump(j: int, stream: TextStream, first: tuple[str, Scores | None] | None, news: asyncio.Queue) -> None:
+async def _pump(j: int, stream: TextStream, first: tuple[str, Scores | None] | None, news: asyncio.Queue,
+                interval: float = 0.0) -> None:  # fmt: skip
     """Stream `j`'s chunks onto `news` as (j, text, scores), then (j, None, None) at its end, or
-    (j, error, None)."""
+    (j, error, None). With an `interval`, a chunk at most that often: the stream joins the text
+    its batch makes while this waits."""
     try:
         if first is not None:
             news.put_nowait((j, *first))
-            async for text in stream:
+            while True:
+                if interval:
+                    await asyncio.sleep(interval)
+                try:
+                    text = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
                 news.put_nowait((j, text, stream.chunk_scores))
         news.put_nowait((j, None, None))
     except Exception as e:  # noqa: BLE001 (the response turns it into an error event)

@@ -43,7 +43,7 @@ from prometheus_client.registry import Collector
 from starlette.datastructures import UploadFile
 
 from fastblt.errors import InputError
-from fastblt.serve.api import ApiError, cursor_page, get_metadata
+from fastblt.serve.api import ApiError, cursor_page, get_metadata, load_json
 from fastblt.serve.batch_file import (
     URLS,
     BatchRequest,
@@ -660,7 +660,7 @@ def add_batch_routes(app: FastAPI, batches: Any) -> None:
     async def create_batch(request: Request) -> JSONResponse:
         checked(request)
         request.app.state.ready()
-        return JSONResponse(await batches.create(_json_object(await request.body())))
+        return JSONResponse(await batches.create(load_json(await request.body())))
 
     async def list_batches(request: Request) -> JSONResponse:
         checked(request)
@@ -706,13 +706,3 @@ def _copied_upload(part: UploadFile, scratch: Path | None) -> Path | bytes:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "body: not JSON", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"body: expected a JSON object, got {type(body).__name__}", None)
-    return body

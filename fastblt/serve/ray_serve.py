@@ -105,6 +105,7 @@ class ServerOptions:
     background_grace_s: float = 30.0
     # OpenAI's Batch API over this directory (on the batch actor's node: docs/scale-out.md)
     batch_dir: str | None = None
+    stream_interval_s: float = 0.0  # seconds between a stream's events (`fastblt serve --stream-interval`)
 
     @property
     def batch_concurrency(self) -> int:
@@ -139,6 +140,9 @@ class ServerOptions:
             raise ConfigError(f"batch_dir: expected an absolute path, got {self.batch_dir!r:.80}")
         if self.response_store_dir is not None and not self.response_store_mb:
             raise ConfigError("response_store_dir with response_store_mb 0: nothing would be kept there")
+        every = self.stream_interval_s
+        if isinstance(every, bool) or not isinstance(every, int | float) or not 0 <= every <= 1:
+            raise ConfigError(f"stream_interval_s: expected seconds from 0 to 1, got {every!r:.40}")
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> ServerOptions:
@@ -263,7 +267,8 @@ class FastBltReplica:
                                  kept=None if actor is None else functools.partial(RayKept, actor),
                                  relay=None if actor is None else RayRelay(actor, (o.response_store_mb << 20)
                                                                            // REPLAY_SHARE),
-                                 background_grace=o.background_grace_s)  # fmt: skip
+                                 background_grace=o.background_grace_s,
+                                 stream_interval=o.stream_interval_s)  # fmt: skip
         app = create_app(lambda: engine, settings)  # built by a factory, the app closes it at shutdown
         if o.batch_dir is not None:  # the Batch API's work in one actor: a batch outlives any replica
             add_batch_routes(app, RayBatches(batch_actor(o.batch_dir, o.batch_concurrency, APP, DEPLOYMENT)))

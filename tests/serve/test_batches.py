@@ -129,7 +129,8 @@ def test_refusals_name_their_field_and_the_server_stays_up(batch_server):
     for body, param in bad_creates:
         r = httpx.post(f"{url}/v1/batches", json=body, headers=auth)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
-    assert httpx.post(f"{url}/v1/batches", content=b"{", headers=auth).status_code == 400
+    r = httpx.post(f"{url}/v1/batches", content=b"{", headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("body: invalid JSON (")
     with pytest.raises(openai.BadRequestError, match="purpose"):
         c.files.create(file=("in.jsonl", b"{}"), purpose="fine-tune")
     r = httpx.post(f"{url}/v1/files", data={"purpose": "batch"}, headers=auth)  # no file part

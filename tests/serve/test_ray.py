@@ -98,12 +98,17 @@ def test_replicas_keep_responses_in_one_store_as_the_command_says(monkeypatch, c
             ServerOptions(response_store_mb=bad)
     (app,) = print_config(["--graceful-timeout", "20"], monkeypatch, capsys)["applications"]
     assert app["args"]["background_grace_s"] == 10.0  # half: the rest for Serve to drain the requests first
+    assert "stream_interval_s" not in app["args"]  # the default: each chunk as it is made
+    (app,) = print_config(["--stream-interval", "0.05"], monkeypatch, capsys)["applications"]
+    assert ServerOptions.from_args(app["args"]).stream_interval_s == 0.05
     (app,) = print_config(["--response-store-dir", "kept"], monkeypatch, capsys)["applications"]
     assert app["args"]["response_store_dir"] == str(Path("kept").resolve())  # the store actor's node's path
     for bad, message in ((dict(response_store_dir="kept"), "absolute path"),
                          (dict(response_store_dir="/kept", response_store_mb=0), "nothing would be kept"),
                          (dict(background_grace_s=-1), "background_grace_s"),
-                         (dict(background_grace_s=float("inf")), "background_grace_s")):  # fmt: skip
+                         (dict(background_grace_s=float("inf")), "background_grace_s"),
+                         (dict(stream_interval_s=2), "stream_interval_s"),
+                         (dict(stream_interval_s=float("nan")), "stream_interval_s")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             ServerOptions(**bad)
 
@@ -257,6 +262,8 @@ def test_print_config_autoscales_and_keeps_the_key_out(monkeypatch, capsys):
         (["--graceful-timeout", "nan"], "--graceful-timeout"),  # uvicorn fails with a traceback once it serves
         (["--graceful-timeout", "-1"], "--graceful-timeout"),
         (["--prompt-cache-mb", "inf"], "--prompt-cache-mb"),
+        (["--stream-interval", "nan"], "--stream-interval"),
+        (["--stream-interval", "1.5"], "--stream-interval"),
     ],
 )
 def test_ray_options_are_checked_together(args, message, monkeypatch, capsys):
