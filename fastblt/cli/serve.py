@@ -28,6 +28,10 @@ from fastblt.errors import InputError
 @click.option("--api-key", multiple=True, envvar="FASTBLT_API_KEY", metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/*; repeat to accept several while keys are rotated "
               "[env: FASTBLT_API_KEY, keys separated by spaces].")  # fmt: skip
+@click.option("--project", "projects", multiple=True, envvar="FASTBLT_PROJECTS", metavar="NAME=KEY",
+              help="A project's key: a request with it reaches only what its project kept (responses, "
+              "conversations, chat completions, files, batches); --api-key's keys are the default project's. "
+              "Repeat for more projects, or keys of one [env: FASTBLT_PROJECTS, separated by spaces].")  # fmt: skip
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Serve HTTPS with this certificate (PEM; a chain starts with the server's own) ...")  # fmt: skip
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -81,7 +85,7 @@ from fastblt.errors import InputError
 @click.option("--print-config", is_flag=True,
               help="--ray: write the equivalent Serve config (YAML, for `serve deploy`) and exit.")  # fmt: skip
 def serve(
-    checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key,
+    checkpoint, backend, artifacts, host, port, max_batch, lanes, lane_processes, max_queue, mode, api_key, projects,
     ssl_certfile, ssl_keyfile, ssl_keyfile_password, ssl_ca_certs, model_name, chat_template, chat_stop,
     tool_call_start, tool_call_end, allowed_origins, batch_dir, response_store_mb, response_store_dir, max_body,
     max_context, threads,
@@ -134,7 +138,12 @@ def serve(
     if any(not key or key != key.strip() for key in api_keys):
         raise click.BadParameter("empty, or spaces at its ends: clients could not send it as a bearer token",
                                  param_hint="'--api-key'")  # fmt: skip
-    from fastblt.serve.app import origin_error
+    from fastblt.serve.app import origin_error, project_keys
+
+    try:
+        projects = project_keys(projects, api_keys)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--project'") from None
 
     if why := next(filter(None, map(origin_error, allowed_origins)), None):
         raise click.BadParameter(why, param_hint="'--allowed-origin'")
@@ -184,6 +193,7 @@ def serve(
                   "max_context": max_context, "threads": threads, "prompt_cache_mb": prompt_cache_mb,
                   "share_prompts": share_prompts, "device": device, "mode": mode, "model_name": name,
                   "api_key": list(api_keys) if len(api_keys) > 1 else next(iter(api_keys), None), "max_body": max_body,
+                  "projects": [f"{name}={key}" for name, key in projects],
                   "chat_template": str(Path(chat_template).resolve()) if chat_template else None,
                   "chat_stop": list(chat_stop), "tool_call_start": tool_call_start,
                   "tool_call_end": tool_call_end, "log_format": log_format,
@@ -208,7 +218,7 @@ def serve(
                           max_batch=max_batch, artifacts=artifacts, lanes=lanes, lane_processes=lane_processes,
                           threads=threads, device=device, prompt_cache_mb=prompt_cache_mb,
                           share_prompts=share_prompts)  # fmt: skip
-    settings = ServeSettings(model_id=name, default_mode=mode, api_keys=api_keys, max_body=max_body,
+    settings = ServeSettings(model_id=name, default_mode=mode, api_keys=api_keys, projects=projects, max_body=max_body,
                              chat_template=setup.template, log_format=log_format,
                              allowed_origins=allowed_origins, response_store=response_store_mb << 20,
                              response_store_dir=response_store_dir and Path(response_store_dir),
@@ -312,8 +322,9 @@ def _serve_on_ray(server: dict, scaling: dict, address: str | None, host: str, p
     if print_config:
         import yaml
 
-        if opts.api_keys:
-            click.echo("note: the API key is not written to the config; add it to the args of your copy", err=True)
+        if opts.api_keys or opts.projects:
+            click.echo("note: API keys (--api-key, --project) are not written to the config; add them to the args "
+                       "of your copy", err=True)  # fmt: skip
         if "ssl_keyfile_password" in tls:
             click.echo("note: the key's password is not written to the config; add it to http_options of your copy",
                        err=True)  # fmt: skip

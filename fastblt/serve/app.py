@@ -70,7 +70,7 @@ from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.chat_store import TABLE as CHAT_TABLE
 from fastblt.serve.chat_store import ChatStore, StoredChat
 from fastblt.serve.conversations import ConversationStore
-from fastblt.serve.kept import Kept, hold_store, open_kept
+from fastblt.serve.kept import Kept, Scoped, hold_store, open_kept
 from fastblt.serve.metrics import CONTENT_TYPE, KeptCollector, Metrics
 from fastblt.serve.replay import POLL_S, Relay, Replays, remote_follow
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
@@ -93,6 +93,7 @@ REQUEST_ID = "fastblt.request_id"  # the request's id in its ASGI scope (_Header
 SERVE_EXTRA_IDS = 2
 MAX_REFITS = 2  # times a request is shortened again after its text reached the position limit
 NO_CACHE = {"Cache-Control": "no-cache"}  # a stream's headers
+PROJECT = "fastblt.project"  # the ASGI scope's key of a batch request's project (call_app)
 REPLAY_SHARE = 4  # background streams' events are kept within this fraction of --response-store-mb
 CANCEL_POLL_S = 0.25  # how often a replica asks for the cancels of its background responses asked elsewhere
 # how long a replica waits for a background stream another one runs to publish its first events
@@ -108,6 +109,10 @@ class ServeSettings:
     model_id: str = "fastblt-default"
     default_mode: str = "blt-s"  # lossless: greedy output is ar's
     api_keys: tuple[str, ...] = ()  # one of them required as "Authorization: Bearer <key>" on /v1/*, if any
+    # (project, key) pairs: a request with that key is the project's, and reaches only what the
+    # project kept (responses, conversations, chat completions, files, batches); --api-key's keys
+    # are the default project's (""). Keys are then required as with api_keys.
+    projects: tuple[tuple[str, str], ...] = ()
     max_body: int = 1 << 20  # bytes of a request body
     retry_after: int = 1  # seconds, in a 429's Retry-After
     replica: str | None = None  # the x-fastblt-replica header (None: host:pid)
@@ -133,6 +138,28 @@ class ServeSettings:
     # seconds between a stream's events: the text made meanwhile goes out in one (fewer events for
     # the server and its clients to write and parse when many streams run); 0: each as it is made
     stream_interval: float = 0.0
+
+
+_PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def project_keys(given: Iterable[str], api_keys: Iterable[str] = ()) -> tuple[tuple[str, str], ...]:
+    """`--project NAME=KEY` values as (project, key) pairs; a ValueError says which one is wrong:
+    a name of other than 1-64 letters, digits, `_`, `.` or `-`, a key empty or with spaces at its
+    ends (no bearer token), or a key that another project (or --api-key) has too."""
+    pairs, owner = [], {key: "--api-key" for key in api_keys}
+    for value in given:
+        name, eq, key = value.partition("=")
+        if not eq or not _PROJECT_NAME.fullmatch(name):
+            raise ValueError(f"{value.partition('=')[0]!r:.80}=...: expected NAME=KEY, NAME 1-64 letters, digits, "
+                             "'_', '.' or '-' (starting with a letter or digit)")  # fmt: skip
+        if not key or key != key.strip():
+            raise ValueError(f"{name}=...: the key is empty, or has spaces at its ends")
+        if owner.get(key, name) != name:
+            raise ValueError(f"{name}=...: its key is {owner[key]}'s too; a key names one project")
+        owner[key] = name
+        pairs.append((name, key))
+    return tuple(pairs)
 
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
@@ -166,15 +193,24 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     state: dict = {"engine": engine if isinstance(engine, AsyncEngine) else None, "metrics": Metrics(),
                    "fingerprint": None}  # fmt: skip
     running: dict[str, ResponsesRequest] = {}  # background responses not yet answered, by id
-    kept, talks, chats, replays, relay = None, None, None, None, settings.relay
+    tables: dict[str, Kept] = {}
+    replays, relay = None, settings.relay
     if settings.response_store:
         if settings.kept is None and settings.response_store_dir is not None:
             hold_store(settings.response_store_dir)  # the one server that keeps its file there
         opened = settings.kept or functools.partial(open_kept, settings.response_store_dir)
-        kept = ResponseStore(opened("responses", settings.response_store))
-        talks = ConversationStore(opened("conversations", settings.response_store))
-        chats = ChatStore(opened(CHAT_TABLE, settings.response_store))
+        tables = {table: opened(table, settings.response_store) for table in ("responses", "conversations", CHAT_TABLE)}
         replays = Replays(settings.response_store // REPLAY_SHARE)
+    keys = [(key.encode(), "") for key in settings.api_keys] + [(k.encode(), p) for p, k in settings.projects]
+
+    def stores(project: str) -> tuple[ResponseStore | None, ConversationStore | None, ChatStore | None]:
+        """The project's share of each store (None: the server keeps nothing)."""
+        if not tables:
+            return None, None, None
+        scoped = {table: Scoped(kept, project) for table, kept in tables.items()}
+        return (ResponseStore(scoped["responses"]), ConversationStore(scoped["conversations"]),
+                ChatStore(scoped[CHAT_TABLE]))  # fmt: skip
+
     if state["engine"] is not None:
         state["metrics"] = _metrics(state["engine"])
 
@@ -185,9 +221,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             built = await asyncio.to_thread(engine)
             state["engine"], state["metrics"] = built, _metrics(built)
         state["fingerprint"] = await asyncio.to_thread(fingerprint, state["engine"])
-        if kept is not None:
-            stores = {"responses": kept, "conversations": talks, CHAT_TABLE: chats.kept, "events": replays}
-            state["metrics"].registry.register(KeptCollector(lambda: len(running), stores))
+        if tables:
+            state["metrics"].registry.register(KeptCollector(lambda: len(running), {**tables, "events": replays}))
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for extra in app.state.lifespans:  # what was added to the app (batches.py's runner)
@@ -240,17 +275,27 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             raise ApiError(503, "engine: loading", kind="server_error", headers={"Retry-After": "1"})
         return state["engine"]
 
-    def authorize(request: Request) -> None:
-        if not settings.api_keys:
-            return
+    def project_of(request: Request) -> str | None:
+        """The project of the request's key ("": the default one, and every request's without
+        keys), or None when it sends no key of this server. A batch's requests, sent in this
+        process, carry their batch's project in the ASGI scope, where no client can put one."""
+        if (project := request.scope.get(PROJECT)) is not None:
+            return project
+        if not keys:
+            return ""
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
         sent = given.strip().encode()
         # every key compared, so the time taken does not say which key came close
-        matches = [hmac.compare_digest(sent, key.encode()) for key in settings.api_keys]
-        ok = scheme.lower() == "bearer" and any(matches)
-        if not ok:
+        matches = [project for key, project in keys if hmac.compare_digest(sent, key)]
+        return matches[0] if scheme.lower() == "bearer" and matches else None
+
+    def authorize(request: Request) -> str:
+        """The request's project, or a 401."""
+        project = project_of(request)
+        if project is None:
             raise ApiError(401, "authorization: missing or wrong API key (Authorization: Bearer <key>)", None,
                            "invalid_api_key")  # fmt: skip
+        return project
 
     app.state.authorize, app.state.ready = authorize, ready
     app.state.metrics = lambda: state["metrics"]  # the registry /metrics renders, final once the engine is ready
@@ -308,7 +353,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             return e
 
         try:
-            authorize(request)
+            if project := authorize(request):  # (the default project's are not named)
+                record.fields["project"] = project
             eng = ready()
             comp = await asyncio.to_thread(parse, await _read_body(request, settings.max_body))
             mode = comp.options["mode"]
@@ -412,40 +458,38 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        chats = stores(project_of(request) or "")[2]  # (complete() answers a wrong key)
         asked = StoredChat(settings.model_id, settings.default_mode, settings.chat_template, chats)
         return await complete(request, asked.parse, "chat", asked.answer, asked.frame)
 
-    def chat_store() -> ChatStore:
-        return kept_here(chats, "chat completions")
+    def chat_store(request: Request) -> ChatStore:
+        return kept_here(stores(authorize(request))[2], "chat completions")
 
     # stored chat completions (store: true); their reads and writes off the event loop, as the other stores'
     @app.get("/v1/chat/completions")
     async def list_chat_completions(request: Request) -> JSONResponse:
-        authorize(request)
-        return JSONResponse(await asyncio.to_thread(chat_store().listed, request.query_params))
+        return JSONResponse(await asyncio.to_thread(chat_store(request).listed, request.query_params))
 
     @app.get("/v1/chat/completions/{completion_id}")
     async def get_chat_completion(request: Request, completion_id: str) -> JSONResponse:
-        authorize(request)
-        return JSONResponse(await asyncio.to_thread(chat_store().get, completion_id))
+        return JSONResponse(await asyncio.to_thread(chat_store(request).get, completion_id))
 
     @app.post("/v1/chat/completions/{completion_id}")
     async def update_chat_completion(request: Request, completion_id: str) -> JSONResponse:
         metadata = await metadata_of(request)
-        return JSONResponse(await asyncio.to_thread(chat_store().set_metadata, completion_id, metadata))
+        return JSONResponse(await asyncio.to_thread(chat_store(request).set_metadata, completion_id, metadata))
 
     @app.delete("/v1/chat/completions/{completion_id}")
     async def delete_chat_completion(request: Request, completion_id: str) -> JSONResponse:
-        authorize(request)
-        return JSONResponse(await asyncio.to_thread(chat_store().delete, completion_id))
+        return JSONResponse(await asyncio.to_thread(chat_store(request).delete, completion_id))
 
     @app.get("/v1/chat/completions/{completion_id}/messages")
     async def chat_completion_messages(request: Request, completion_id: str) -> JSONResponse:
-        authorize(request)
-        return JSONResponse(await asyncio.to_thread(chat_store().messages, completion_id, request.query_params))
+        return JSONResponse(await asyncio.to_thread(chat_store(request).messages, completion_id, request.query_params))
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
+        kept, talks, _ = stores(project_of(request) or "")  # (complete() answers a wrong key)
         asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept, talks)
         publish = None if relay is None else lambda rid: functools.partial(relay.publish, rid)
         return await complete(request, lambda raw: asked.parse(raw, byte_limit(ready())), "responses", asked.answer,
@@ -454,7 +498,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.post("/v1/responses/input_tokens")
     async def count_input_tokens(request: Request) -> JSONResponse:
-        authorize(request)
+        kept, talks, _ = stores(authorize(request))
         asked = ResponsesRequest(settings.model_id, settings.default_mode, settings.chat_template, kept, talks)
         raw = await _read_body(request, settings.max_body)
         # off the event loop: a conversation is read from the store, and the template renders it
@@ -484,7 +528,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(request: Request, response_id: str) -> JSONResponse:
-        found = (await stored(request, response_id)).response
+        found, kept = await stored(request, response_id)
+        found = found.response
         if not found.get("background"):
             raise ApiError(400, f"response {response_id!r:.80}: only a background response can be cancelled", None,
                            "not_cancellable")  # fmt: skip
@@ -492,25 +537,25 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             await job.cancel()
         elif relay is not None and found["status"] in RUNNING:  # another replica runs it
             await relay.cancel(response_id)
-            assert kept is not None
             found = await asyncio.to_thread(kept.cancel, response_id) or found
             return JSONResponse(found)
-        return JSONResponse((await stored(request, response_id)).response)
+        return JSONResponse((await stored(request, response_id))[0].response)
 
     # the stores' reads and writes off the event loop: in a file, a long conversation is megabytes of JSON
-    async def stored(request: Request, response_id: str) -> Stored:
-        authorize(request)
+    async def stored(request: Request, response_id: str) -> tuple[Stored, ResponseStore]:
+        """The kept response of the request's project, and that project's store; else a 404."""
+        kept = stores(authorize(request))[0]
         found = None if kept is None else await asyncio.to_thread(kept.get, response_id)
         if found is None:
             raise ApiError(404, f"response {response_id!r:.80}: not kept here", None, "response_not_found")
+        assert kept is not None
         if found.response["status"] in RUNNING and response_id not in running and await lost(found.response):
-            assert kept is not None
             error = {"code": "server_error", "message": f"response {response_id}: the server that ran it stopped "
                      "before it ended; send it again"}  # fmt: skip
             failed = found.response | {"status": "failed", "error": error}
             await asyncio.to_thread(kept.settle, failed, found.items, found.own, found.previous, found.streamed)
             found = await asyncio.to_thread(kept.get, response_id) or found
-        return found
+        return found, kept
 
     async def lost(response: dict) -> bool:
         """Whether a background response that runs on no replica here runs anywhere: a server alone
@@ -531,7 +576,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         if after is not None and (not after.isdigit() or stream == "false"):
             raise ApiError(400, f"starting_after: expected a sequence number (an integer >= 0) with stream=true, "
                            f"got {after!r:.20}", "starting_after")  # fmt: skip
-        found = await stored(request, response_id)
+        found, _ = await stored(request, response_id)
         if stream == "false":
             return JSONResponse(found.response)
         log, start = None if replays is None else replays.get(response_id), int(after or -1)
@@ -559,8 +604,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(request: Request, response_id: str) -> JSONResponse:
-        found = await stored(request, response_id)
-        assert kept is not None and replays is not None
+        found, kept = await stored(request, response_id)
+        assert replays is not None
         if (job := running.get(response_id)) is not None:  # stopped first: its end would keep it again
             await job.cancel()
         elif relay is not None and found.response["status"] in RUNNING:  # another replica runs it (its
@@ -590,33 +635,31 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
             raise ApiError(404, f"conversation {conversation_id!r:.80}: not kept here", None, "conversation_not_found")
         return found
 
-    def conversations() -> ConversationStore:
-        return kept_here(talks, "conversations")
+    def conversations(request: Request) -> ConversationStore:
+        return kept_here(stores(authorize(request))[1], "conversations")
 
     @app.post("/v1/conversations")
     async def create_conversation(request: Request) -> JSONResponse:
         body = await body_of(request)
         check_fields(body, {"items", "metadata", "safety_identifier"}, {})
         items = await asyncio.to_thread(conversation_items, body.get("items"))
-        return JSONResponse(await asyncio.to_thread(conversations().create, items, get_metadata(body) or {}))
+        return JSONResponse(await asyncio.to_thread(conversations(request).create, items, get_metadata(body) or {}))
 
     @app.get("/v1/conversations/{conversation_id}")
     async def get_conversation(request: Request, conversation_id: str) -> JSONResponse:
-        authorize(request)
         return JSONResponse(
-            conversation(conversation_id, await asyncio.to_thread(conversations().public, conversation_id))
+            conversation(conversation_id, await asyncio.to_thread(conversations(request).public, conversation_id))
         )
 
     @app.post("/v1/conversations/{conversation_id}")
     async def update_conversation(request: Request, conversation_id: str) -> JSONResponse:
         metadata = await metadata_of(request)
-        found = await asyncio.to_thread(conversations().set_metadata, conversation_id, metadata)
+        found = await asyncio.to_thread(conversations(request).set_metadata, conversation_id, metadata)
         return JSONResponse(conversation(conversation_id, found))
 
     @app.delete("/v1/conversations/{conversation_id}")
     async def delete_conversation(request: Request, conversation_id: str) -> JSONResponse:
-        authorize(request)
-        conversation(conversation_id, await asyncio.to_thread(conversations().delete, conversation_id) or None)
+        conversation(conversation_id, await asyncio.to_thread(conversations(request).delete, conversation_id) or None)
         return JSONResponse({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
 
     @app.post("/v1/conversations/{conversation_id}/items")
@@ -624,20 +667,20 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         body = await body_of(request)
         check_fields(body, {"items"}, {})
         items = await asyncio.to_thread(conversation_items, get_field(body, "items", list, required=True))
-        conversation(conversation_id, await asyncio.to_thread(conversations().add, conversation_id, items) or None)
+        conversation(
+            conversation_id, await asyncio.to_thread(conversations(request).add, conversation_id, items) or None
+        )
         return JSONResponse({"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
                              "last_id": items[-1]["id"] if items else None, "has_more": False})  # fmt: skip
 
     @app.get("/v1/conversations/{conversation_id}/items")
     async def list_items(request: Request, conversation_id: str) -> JSONResponse:
-        authorize(request)
-        items = conversation(conversation_id, await asyncio.to_thread(conversations().items, conversation_id))
+        items = conversation(conversation_id, await asyncio.to_thread(conversations(request).items, conversation_id))
         return JSONResponse(ordered_page(items, dict(request.query_params)))
 
     @app.get("/v1/conversations/{conversation_id}/items/{item_id}")
     async def get_item(request: Request, conversation_id: str, item_id: str) -> JSONResponse:
-        authorize(request)
-        items = conversation(conversation_id, await asyncio.to_thread(conversations().items, conversation_id))
+        items = conversation(conversation_id, await asyncio.to_thread(conversations(request).items, conversation_id))
         item = next((i for i in items if i.get("id") == item_id), None)
         if item is None:
             raise ApiError(404, f"item {item_id!r:.80}: not in conversation {conversation_id}", None, "item_not_found")
@@ -645,17 +688,16 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.delete("/v1/conversations/{conversation_id}/items/{item_id}")
     async def delete_item(request: Request, conversation_id: str, item_id: str) -> JSONResponse:
-        authorize(request)
         dropped = conversation(
-            conversation_id, await asyncio.to_thread(conversations().delete_item, conversation_id, item_id)
+            conversation_id, await asyncio.to_thread(conversations(request).delete_item, conversation_id, item_id)
         )
         if not dropped:
             raise ApiError(404, f"item {item_id!r:.80}: not in conversation {conversation_id}", None, "item_not_found")
-        return JSONResponse(await asyncio.to_thread(conversations().public, conversation_id))
+        return JSONResponse(await asyncio.to_thread(conversations(request).public, conversation_id))
 
     @app.get("/v1/responses/{response_id}/input_items")
     async def input_items(request: Request, response_id: str) -> JSONResponse:
-        found = await stored(request, response_id)
+        found, _ = await stored(request, response_id)
         return JSONResponse(input_items_page(found, dict(request.query_params)))
 
     return app
@@ -1083,15 +1125,18 @@ async def _first(stream: TextStream) -> tuple[str, Scores | None] | None:
         return None
 
 
-async def call_app(app: Any, method: str, path: str, body: bytes = b"",
-                   request_headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+async def call_app(app: Any, method: str, path: str, body: bytes = b"", request_headers: dict[str, str] | None = None,
+                   project: str | None = None) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
     """A request to an ASGI app in this process (no socket): (status, headers, body). The caller
-    never leaves, so the request is never cancelled as a client that left would be."""
+    never leaves, so the request is never cancelled as a client that left would be. `project`:
+    the request is that project's (`fastblt serve --project`), whatever key it sends."""
     sent = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     sent += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (request_headers or {}).items()]
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": sent,
              "client": ("127.0.0.1", 0), "server": ("in-process", 0)}  # fmt: skip
+    if project is not None:
+        scope[PROJECT] = project
     given, forever = False, asyncio.Event()
     status, headers, chunks = 500, {}, []
 

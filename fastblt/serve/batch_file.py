@@ -177,22 +177,22 @@ async def run_batch(app: Any, requests: list[BatchRequest], out: BinaryIO, concu
 
 async def answer(app: Any, requests: list[BatchRequest], out: BinaryIO, concurrency: int,
                  on_done: Callable[[int], None] | None = None, headers: dict[str, str] | None = None,
-                 retry: bool = False,
-                 admit: Callable[[], AbstractAsyncContextManager] | None = None) -> BatchSummary:  # fmt: skip
+                 retry: bool = False, admit: Callable[[], AbstractAsyncContextManager] | None = None,
+                 project: str | None = None) -> BatchSummary:  # fmt: skip
     """run_batch's work in an app that runs already (a server's), each request sent with `headers`
-    (its API key) inside `admit()` (held from when the server lets it go until its answer: the
-    server's other requests first); with `retry`, one the server turns away for now (429, 503) is
-    sent again after its Retry-After."""
+    (its API key), as `project`'s if given (app.call_app), inside `admit()` (held from when the
+    server lets it go until its answer: the server's other requests first); with `retry`, one the
+    server turns away for now (429, 503) is sent again after its Retry-After."""
     loop = asyncio.get_running_loop()
     summary, t0 = BatchSummary(), loop.time()
     slots = asyncio.Semaphore(concurrency)
 
     async def one(req: BatchRequest) -> None:
         async with slots, (admit or contextlib.nullcontext)():
-            status, got, body = await call_app(app, "POST", req.url, req.body, headers)
+            status, got, body = await call_app(app, "POST", req.url, req.body, headers, project)
             while retry and status in (429, 503):
                 await asyncio.sleep(_seconds(got.get("retry-after")))
-                status, got, body = await call_app(app, "POST", req.url, req.body, headers)
+                status, got, body = await call_app(app, "POST", req.url, req.body, headers, project)
         try:
             reply = json.loads(body)
         except ValueError:

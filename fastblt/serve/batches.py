@@ -109,14 +109,16 @@ class Store:
         return self.files_dir / f"{fid}.jsonl"
 
     def add_file(self, source: Path, filename: str, purpose: str, fid: str | None = None,
-                 ttl: int | None = None) -> dict:  # fmt: skip
+                 ttl: int | None = None, project: str = "") -> dict:  # fmt: skip
         """Move `source` (a file in files_dir) in as a file, under a new id or `fid`, expiring `ttl`
-        seconds after it was made (None: never)."""
+        seconds after it was made (None: never); a `project`'s (--project) names it."""
         fid, now = fid or _new_id("file-"), int(time.time())
         os.replace(source, self.content(fid))
         meta = {"id": fid, "object": "file", "bytes": self.content(fid).stat().st_size, "created_at": now,
                 "filename": filename, "purpose": purpose, "status": "processed",
                 "expires_at": None if ttl is None else now + ttl, "status_details": None}  # fmt: skip
+        if project:
+            meta["project"] = project
         _write_json(self.files_dir / f"{fid}.json", meta)
         self._files[fid] = meta
         return meta
@@ -358,7 +360,8 @@ class Runner:
 
         todo = [_behind_live(r) for r in requests if r.custom_id not in done]
         with results.open("ab") as out:
-            await answer(self.app, todo, out, self.concurrency, on_done, self.headers, retry=True, admit=self._row)
+            await answer(self.app, todo, out, self.concurrency, on_done, self.headers, retry=True, admit=self._row,
+                         project=batch.get("project", ""))  # fmt: skip
         self.store.save(batch)
 
     async def _finish(self, batch: dict, expired: list[str] | None = None) -> None:
@@ -375,7 +378,9 @@ class Runner:
         keep = (batch.get("output_expires_after") or {}).get("seconds")
         for path, n, kind, key in ((out, ok, "output", "output_file_id"), (err, failed, "error", "error_file_id")):
             if n:
-                meta = self.store.add_file(path, f"{bid}_{kind}.jsonl", "batch_output", f"file-{stem}-{kind}", keep)
+                meta = self.store.add_file(
+                    path, f"{bid}_{kind}.jsonl", "batch_output", f"file-{stem}-{kind}", keep, _of(batch)
+                )
                 batch[key] = meta["id"]
             else:
                 path.unlink()
@@ -500,34 +505,35 @@ class Batches:
             self._sweeper.cancel()
         await self.runner.stop()
 
-    async def upload(self, source: Path | bytes, filename: str, keep: int) -> dict:
+    async def upload(self, source: Path | bytes, filename: str, keep: int, project: str = "") -> dict:
         """Add an uploaded batch file (a file in `scratch`, moved in, or its bytes), to expire
-        `keep` seconds after."""
+        `keep` seconds after: the `project`'s."""
         if isinstance(source, bytes):
             fd, tmp = tempfile.mkstemp(dir=self.store.files_dir, suffix=".upload")
             with os.fdopen(fd, "wb") as out:
                 out.write(source)
             source = Path(tmp)
         try:
-            return await asyncio.to_thread(self.store.add_file, source, filename, "batch", None, keep)
+            return await asyncio.to_thread(self.store.add_file, source, filename, "batch", None, keep, project)
         finally:
             source.unlink(missing_ok=True)
 
-    async def files(self, purpose: str | None = None) -> list[dict]:
-        items = self.store.files()
+    # a project (--project) reaches only its own files and batches: another's are not found
+    async def files(self, purpose: str | None = None, project: str = "") -> list[dict]:
+        items = [f for f in self.store.files() if _of(f) == project]
         return items if not purpose else [f for f in items if f["purpose"] == purpose]
 
-    async def file(self, fid: str) -> dict:
-        return _found(self.store.file(fid), "file", fid)
+    async def file(self, fid: str, project: str = "") -> dict:
+        return _found(self.store.file(fid), "file", fid, project)
 
-    async def content(self, fid: str, whole: bool = False) -> Path | bytes:
+    async def content(self, fid: str, whole: bool = False, project: str = "") -> Path | bytes:
         """A file's content: its path here, or (`whole`) its bytes, for a caller on another node."""
-        _found(self.store.file(fid), "file", fid)
+        _found(self.store.file(fid), "file", fid, project)
         path = self.store.content(fid)
         return await asyncio.to_thread(path.read_bytes) if whole else path
 
-    async def delete_file(self, fid: str) -> dict:
-        _found(self.store.file(fid), "file", fid)
+    async def delete_file(self, fid: str, project: str = "") -> dict:
+        _found(self.store.file(fid), "file", fid, project)
         runner = self.runner
         if user := next((b for b in runner.batches() if b["input_file_id"] == fid and b["status"] in ACTIVE), None):
             raise ApiError(409, f"file {fid}: batch {user['id']} is {user['status']} on it; delete it after",
@@ -535,13 +541,14 @@ class Batches:
         self.store.delete_file(fid)
         return {"id": fid, "object": "file", "deleted": True}
 
-    async def create(self, body: dict) -> dict:
-        """A batch for the body of POST /v1/batches, started."""
+    async def create(self, body: dict, project: str = "") -> dict:
+        """A batch for the body of POST /v1/batches, started: the `project`'s, its requests too."""
         fields = {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
         if unknown := sorted(set(body) - fields):
             raise ApiError(400, f"{unknown[0]}: not a field of a batch", unknown[0])
         fid = body.get("input_file_id")
-        if not isinstance(fid, str) or (meta := self.store.file(fid)) is None or meta["purpose"] != "batch":
+        meta = self.store.file(fid) if isinstance(fid, str) else None
+        if meta is None or _of(meta) != project or meta["purpose"] != "batch":
             raise ApiError(400, f"input_file_id: {fid!r:.80} is no file uploaded with purpose batch",
                            "input_file_id")  # fmt: skip
         if body.get("endpoint") not in URLS:
@@ -558,26 +565,33 @@ class Batches:
                                "output_expires_after")  # fmt: skip
             output_ttl = expiry_seconds(policy.get("anchor"), policy.get("seconds"), "output_expires_after")
         batch = new_batch(fid, body["endpoint"], metadata, output_ttl)
+        if project:
+            batch["project"] = project
         self.store.save(batch)
         self.runner.start(batch)
         return batch
 
-    async def batches(self) -> list[dict]:
-        return self.runner.batches()
+    async def batches(self, project: str = "") -> list[dict]:
+        return [b for b in self.runner.batches() if _of(b) == project]
 
-    async def batch(self, bid: str) -> dict:
-        return _found(self.runner.batch(bid), "batch", bid)
+    async def batch(self, bid: str, project: str = "") -> dict:
+        return _found(self.runner.batch(bid), "batch", bid, project)
 
-    async def cancel(self, bid: str) -> dict:
-        batch = _found(self.runner.batch(bid), "batch", bid)
+    async def cancel(self, bid: str, project: str = "") -> dict:
+        batch = _found(self.runner.batch(bid), "batch", bid, project)
         if batch["status"] not in ("validating", "in_progress") or bid not in self.runner.tasks:
             raise ApiError(409, f"batch {bid} is {batch['status']}: only a running batch can be cancelled",
                            None, "batch_not_running")  # fmt: skip
         return self.runner.cancel(bid)
 
 
-def _found(item: dict | None, what: str, given: str) -> dict:
-    if item is None:
+def _of(item: dict) -> str:
+    """The project whose file or batch `item` is ("": the default project's)."""
+    return item.get("project", "")
+
+
+def _found(item: dict | None, what: str, given: str, project: str) -> dict:
+    if item is None or _of(item) != project:
         raise ApiError(404, f"{what} {given!r:.80}: no such {what} here", None, f"{what}_not_found")
     return item
 
@@ -608,11 +622,12 @@ def add_batch_routes(app: FastAPI, batches: Any) -> None:
     """/v1/files and /v1/batches over `batches` (a Batches here, or ray_batches.RayBatches): the
     routes read and check each request, and `batches` does its work."""
 
-    def checked(request: Request) -> None:
-        request.app.state.authorize(request)
+    def checked(request: Request) -> str:
+        """The request's project (or a 401)."""
+        return request.app.state.authorize(request)
 
     async def upload(request: Request) -> JSONResponse:
-        checked(request)
+        project = checked(request)
         length = request.headers.get("content-length")
         if length is None or not length.isdigit():  # the server holds a body to its stated length, and no longer
             raise ApiError(411, "body: an upload needs a Content-Length", None, "length_required")
@@ -632,47 +647,40 @@ def add_batch_routes(app: FastAPI, batches: Any) -> None:
             source = await asyncio.to_thread(_copied_upload, part, batches.scratch)
         name = os.path.basename(part.filename or "upload.jsonl")[:255]
         try:
-            return JSONResponse(await batches.upload(source, name, keep))
+            return JSONResponse(await batches.upload(source, name, keep, project))
         finally:
             if isinstance(source, Path):
                 source.unlink(missing_ok=True)
 
     async def list_files(request: Request) -> JSONResponse:
-        checked(request)
-        items = await batches.files(request.query_params.get("purpose"))
+        items = await batches.files(request.query_params.get("purpose"), checked(request))
         return JSONResponse(cursor_page(items, request.query_params))
 
     async def get_file(request: Request, file_id: str) -> JSONResponse:
-        checked(request)
-        return JSONResponse(await batches.file(file_id))
+        return JSONResponse(await batches.file(file_id, project=checked(request)))
 
     async def file_content(request: Request, file_id: str) -> Response:
-        checked(request)
-        content = await batches.content(file_id)
+        content = await batches.content(file_id, project=checked(request))
         if isinstance(content, Path):
             return FileResponse(content, media_type="application/jsonl")
         return Response(content, media_type="application/jsonl")
 
     async def delete_file(request: Request, file_id: str) -> JSONResponse:
-        checked(request)
-        return JSONResponse(await batches.delete_file(file_id))
+        return JSONResponse(await batches.delete_file(file_id, checked(request)))
 
     async def create_batch(request: Request) -> JSONResponse:
-        checked(request)
+        project = checked(request)
         request.app.state.ready()
-        return JSONResponse(await batches.create(load_json(await request.body())))
+        return JSONResponse(await batches.create(load_json(await request.body()), project))
 
     async def list_batches(request: Request) -> JSONResponse:
-        checked(request)
-        return JSONResponse(cursor_page(await batches.batches(), request.query_params))
+        return JSONResponse(cursor_page(await batches.batches(checked(request)), request.query_params))
 
     async def get_batch(request: Request, batch_id: str) -> JSONResponse:
-        checked(request)
-        return JSONResponse(await batches.batch(batch_id))
+        return JSONResponse(await batches.batch(batch_id, checked(request)))
 
     async def cancel_batch(request: Request, batch_id: str) -> JSONResponse:
-        checked(request)
-        return JSONResponse(await batches.cancel(batch_id))
+        return JSONResponse(await batches.cancel(batch_id, checked(request)))
 
     routes: list[tuple[str, Callable, list[str]]] = [
         ("/v1/files", upload, ["POST"]), ("/v1/files", list_files, ["GET"]),

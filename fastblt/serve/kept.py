@@ -183,6 +183,62 @@ class FileKept:
             self._db.close()
 
 
+class Scoped:
+    """One project's share of a table (`fastblt serve --project`): its keys are the project's name,
+    "/", and the id, so no other project's get, put, delete or scan reaches them; the default
+    project ("") keeps plain ids, as a server without projects does, and reaches no key with a "/"
+    (an id a client sends that names another project's key is not found). The budget stays the
+    table's, shared by every project."""
+
+    def __init__(self, kept: Kept, project: str):
+        self.kept, self.prefix = kept, f"{project}/" if project else ""
+
+    @property
+    def budget(self) -> int:
+        return self.kept.budget
+
+    @property
+    def used(self) -> int:
+        return self.kept.used
+
+    def _key(self, key: str) -> str | None:
+        return None if "/" in key else self.prefix + key
+
+    def get(self, key: str) -> Any | None:
+        full = self._key(key)
+        return None if full is None else self.kept.get(full)
+
+    def put(self, key: str, value: Any) -> bool:
+        full = self._key(key)
+        if full is None:  # the server's own ids have none
+            raise ValueError(f"kept key {key!r:.80}: has a '/'")
+        return self.kept.put(full, value)
+
+    def delete(self, key: str) -> bool:
+        full = self._key(key)
+        return full is not None and self.kept.delete(full)
+
+    def update(self, key: str, change: Callable[[Any], Any]) -> Any | None:
+        full = self._key(key)
+        return None if full is None else self.kept.update(full, change)
+
+    def scan(self, pick: Callable[[str, Any], T | None]) -> list[T]:
+        return self.kept.scan(InProject(self.prefix, pick))
+
+
+class InProject:
+    """A scan's `pick` over one project's keys (given their ids); a class, so that Ray sends it to
+    the store actor by value."""
+
+    def __init__(self, prefix: str, pick: Callable[[str, Any], Any]):
+        self.prefix, self.pick = prefix, pick
+
+    def __call__(self, key: str, value: Any) -> Any:
+        if not key.startswith(self.prefix) or "/" in key[len(self.prefix) :]:
+            return None
+        return self.pick(key[len(self.prefix) :], value)
+
+
 def open_kept(directory: Path | None, table: str, budget: int) -> Kept:
     """A map of `budget` bytes: in `directory`'s SQLite file (made if missing), else in memory."""
     if directory is None:

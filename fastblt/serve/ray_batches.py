@@ -30,6 +30,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.metrics import Gauge
 
 from fastblt.serve.api import ApiError
+from fastblt.serve.app import PROJECT
 from fastblt.serve.batches import BatchCollector, Batches, admits, hold_batches
 from fastblt.serve.ray_kept import NAMESPACE, one_actor, stop_actor
 
@@ -51,7 +52,7 @@ class _Deployment:
         try:
             if self.handle is None:
                 self.handle = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
-            answer = self.handle.answer_batch_request.remote(scope["method"], scope["path"], body)
+            answer = self.handle.answer_batch_request.remote(scope["method"], scope["path"], body, scope.get(PROJECT))
             status, headers, content = await answer
         except Exception as e:  # noqa: BLE001 (a replica that died under it: sent again, not a failed batch)
             error = {"message": f"batch request not answered: {type(e).__name__}", "type": "server_error",
@@ -175,29 +176,29 @@ class RayBatches:
                            "again: send the request again", None, "batches_unavailable", "server_error",
                            {"Retry-After": "1"}) from None  # fmt: skip
 
-    async def upload(self, source: bytes, filename: str, keep: int) -> dict:
-        return await self._call("upload", source, filename, keep)
+    async def upload(self, source: bytes, filename: str, keep: int, project: str = "") -> dict:
+        return await self._call("upload", source, filename, keep, project)
 
-    async def files(self, purpose: str | None = None) -> list[dict]:
-        return await self._call("files", purpose)
+    async def files(self, purpose: str | None = None, project: str = "") -> list[dict]:
+        return await self._call("files", purpose, project)
 
-    async def file(self, fid: str) -> dict:
-        return await self._call("file", fid)
+    async def file(self, fid: str, project: str = "") -> dict:
+        return await self._call("file", fid, project)
 
-    async def content(self, fid: str) -> bytes:
-        return await self._call("content", fid, True)
+    async def content(self, fid: str, project: str = "") -> bytes:
+        return await self._call("content", fid, True, project)
 
-    async def delete_file(self, fid: str) -> dict:
-        return await self._call("delete_file", fid)
+    async def delete_file(self, fid: str, project: str = "") -> dict:
+        return await self._call("delete_file", fid, project)
 
-    async def create(self, body: dict) -> dict:
-        return await self._call("create", body)
+    async def create(self, body: dict, project: str = "") -> dict:
+        return await self._call("create", body, project)
 
-    async def batches(self) -> list[dict]:
-        return await self._call("batches")
+    async def batches(self, project: str = "") -> list[dict]:
+        return await self._call("batches", project)
 
-    async def batch(self, bid: str) -> dict:
-        return await self._call("batch", bid)
+    async def batch(self, bid: str, project: str = "") -> dict:
+        return await self._call("batch", bid, project)
 
-    async def cancel(self, bid: str) -> dict:
-        return await self._call("cancel", bid)
+    async def cancel(self, bid: str, project: str = "") -> dict:
+        return await self._call("cancel", bid, project)

@@ -45,7 +45,15 @@ from ray.serve.metrics import Gauge
 from fastblt.errors import ConfigError, FastBltError
 from fastblt.runtime.async_engine import AsyncEngine
 from fastblt.runtime.prompt_cache import DEFAULT_MB
-from fastblt.serve.app import REPLAY_SHARE, SERVE_EXTRA_IDS, ServeSettings, call_app, create_app, origin_error
+from fastblt.serve.app import (
+    REPLAY_SHARE,
+    SERVE_EXTRA_IDS,
+    ServeSettings,
+    call_app,
+    create_app,
+    origin_error,
+    project_keys,
+)
 from fastblt.serve.batches import add_batch_routes
 from fastblt.serve.chat import ChatTemplate
 from fastblt.serve.process import free_port, probe_context
@@ -89,6 +97,7 @@ class ServerOptions:
     mode: str = "blt-s"
     model_name: str = "fastblt-default"
     api_key: str | list[str] | None = None  # a key, or several accepted alike (while keys are rotated)
+    projects: list[str] = dataclasses.field(default_factory=list)  # "NAME=KEY": `fastblt serve --project`
     max_body: int = 1 << 20
     retry_after: int = 1  # seconds, in a 429's Retry-After
     chat_template: str | None = None  # a chat template file at the same path on every node (chat.py)
@@ -121,6 +130,12 @@ class ServerOptions:
         keys = [self.api_key] if isinstance(self.api_key, str) else self.api_key or []
         if not isinstance(keys, list) or not all(isinstance(k, str) and k and k == k.strip() for k in keys):
             raise ConfigError("api_key: expected a key, or a list of keys (non-empty, no spaces at their ends)")
+        if not isinstance(self.projects, list) or not all(isinstance(p, str) for p in self.projects):
+            raise ConfigError("projects: expected a list of NAME=KEY strings")
+        try:
+            project_keys(self.projects, keys)
+        except ValueError as e:
+            raise ConfigError(f"projects: {e}") from None
         if not isinstance(self.allowed_origins, list) or not all(isinstance(o, str) for o in self.allowed_origins):
             raise ConfigError(f"allowed_origins: expected a list of origins, got {self.allowed_origins!r:.80}")
         if why := next(filter(None, map(origin_error, self.allowed_origins)), None):
@@ -259,7 +274,8 @@ class FastBltReplica:
         template = None if o.chat_template is None else ChatTemplate.load(o.chat_template, tuple(o.chat_stop), tags)
         # what clients come back for, in one actor: their next turn may reach any replica
         actor = kept_actor(o.response_store_dir) if o.response_store_mb else None
-        settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_keys=o.api_keys, max_body=o.max_body,
+        settings = ServeSettings(model_id=o.model_name, default_mode=o.mode, api_keys=o.api_keys,
+                                 projects=project_keys(o.projects), max_body=o.max_body,
                                  retry_after=o.retry_after, replica=self.name, chat_template=template,
                                  echo_request_id=False, request_logger=REQUEST_LOGGER,
                                  log_format=o.log_format, allowed_origins=tuple(o.allowed_origins),
@@ -278,15 +294,16 @@ class FastBltReplica:
         self._mirror = asyncio.get_running_loop().create_task(mirror_metrics(app))
         return app
 
-    async def answer_batch_request(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    async def answer_batch_request(self, method: str, path: str, body: bytes,
+                                   project: str | None = None) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
         """A request of a batch (the batch actor's: ray_batches.py), answered by this replica's app as
-        a client's with the server's key: (status, headers, body)."""
+        a client's with the server's key, as its batch's `project`'s: (status, headers, body)."""
         if (busy := self._batch_rows.held_back(self._app.state.ready())) is not None:
             return busy
         keys = self.options.api_keys
         try:
             return await call_app(self._app, method, path, body,
-                                  {"authorization": f"Bearer {keys[0]}"} if keys else None)  # fmt: skip
+                                  {"authorization": f"Bearer {keys[0]}"} if keys else None, project)  # fmt: skip
         finally:
             self._batch_rows.done()
 
@@ -338,7 +355,7 @@ def serve_config(server: ServerOptions, deploy: DeploymentOptions, host: str = L
     them (the builder's `api_key` arg, http_options' `ssl_keyfile_password`) in a copy you keep to
     yourself.
     """
-    args = {k: v for k, v in server.to_args().items() if k != "api_key"}
+    args = {k: v for k, v in server.to_args().items() if k not in ("api_key", "projects")}
     app = {"name": APP, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args,
            "deployments": [deploy.entry(server)]}  # fmt: skip
     if encoding := _encoding(server):

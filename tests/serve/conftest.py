@@ -43,3 +43,14 @@ def reference():
     from fastblt.runtime.generator import Generator
 
     return Generator("default")
+
+
+@pytest.fixture(scope="module")
+def engine_here():
+    """A small engine in this process (one lane of 4 rows, a thread), for apps a test calls in
+    process (httpx.ASGITransport)."""
+    from fastblt.runtime.async_engine import AsyncEngine
+
+    eng = AsyncEngine("default", max_batch=4, lanes=1, processes=False)
+    yield eng
+    eng.close()

@@ -314,8 +314,9 @@ def test_the_command_serves_on_a_local_cluster_and_stops_cleanly(reference, tmp_
 @pytest.fixture(scope="module")
 def ray_server(chat_template, tmp_path_factory):
     batch_dir = str(tmp_path_factory.mktemp("batches"))
+    # "-": the key every test sends, the default project's; key-p: project p's (test_projects.py)
     options = ServerOptions(max_batch=4, threads=1, chat_template=str(chat_template), chat_stop=[CHAT_STOP],
-                            batch_dir=batch_dir)  # fmt: skip
+                            batch_dir=batch_dir, api_key="-", projects=["p=key-p"])  # fmt: skip
     with RayServer(options, DeploymentOptions(replicas=2), nodes=2, cpus_per_node=1, ready_timeout=240) as srv:
         yield srv
 
@@ -455,6 +456,15 @@ def test_responses_and_conversations_are_kept_for_every_replica(ray_server):
     assert c.chat.completions.update(chat.id, metadata={"on": "b"}, extra_headers=on[1]).metadata == {"on": "b"}
     assert c.chat.completions.delete(chat.id, extra_headers=on[0]).deleted
     assert [x.id for x in c.chat.completions.list(metadata={"on": "b"}, extra_headers=on[1])] == []
+    # a project's, listed through the other replica for that project only (the actor scans its keys)
+    mine = c.with_options(api_key="key-p").chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "import os"}], max_tokens=4, store=True,
+        metadata={"on": "p"}, extra_headers=on[0])  # fmt: skip
+    listed = c.with_options(api_key="key-p").chat.completions.list(metadata={"on": "p"}, extra_headers=on[1])
+    assert [x.id for x in listed] == [mine.id]
+    assert [x.id for x in c.chat.completions.list(metadata={"on": "p"}, extra_headers=on[1])] == []
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.retrieve(mine.id, extra_headers=on[1])
     background_responses_are_read_and_cancelled_through_any_replica(c, on, ray_server.url)
 
 
@@ -538,6 +548,23 @@ def test_batches_run_in_one_actor_for_every_replica(ray_server, reference):
         time.sleep(0.1)
     assert b.status == "cancelled" and b.request_counts.completed < 24, b
     assert c.files.delete(f.id, extra_headers=on[1]).deleted
+    # a project's file and batch: its own through either replica, nobody else's; its requests its own
+    p = c.with_options(api_key="key-p")
+    small = [{"custom_id": "s", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+                       "store": True, "metadata": {"batch": "p"}}}]  # fmt: skip
+    pf = p.files.create(file=("p.jsonl", json.dumps(small[0]).encode() + b"\n"), purpose="batch", extra_headers=on[0])
+    assert pf.id not in [x.id for x in c.files.list(extra_headers=on[1])]
+    with pytest.raises(openai.NotFoundError):
+        c.files.retrieve(pf.id, extra_headers=on[0])
+    pb = p.batches.create(input_file_id=pf.id, endpoint="/v1/chat/completions", completion_window="24h",
+                          extra_headers=on[1]).id  # fmt: skip
+    while (b := p.batches.retrieve(pb, extra_headers=on[0])).status != "completed":
+        assert time.monotonic() < deadline + 60 and b.status in ("validating", "in_progress"), b
+        time.sleep(0.1)
+    assert pb not in [x.id for x in c.batches.list(extra_headers=on[1])]
+    assert len(p.chat.completions.list(metadata={"batch": "p"}, extra_headers=on[1]).data) == 1
+    assert c.chat.completions.list(metadata={"batch": "p"}, extra_headers=on[0]).data == []
     # the actor's batch gauges reach Ray's metrics, as the replicas' do (mirrored every 5 s, exported every 10)
     ports = [(n["NodeManagerAddress"], n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
     completed = 0.0  # (an export made before the batch ended reads 0)

@@ -21,10 +21,8 @@ PROMPT = "import os\n\n\ndef walk(top):\n"
 
 
 @pytest.fixture(scope="module")
-def engine():
-    eng = AsyncEngine("default", max_batch=4, lanes=1, processes=False)
-    yield eng
-    eng.close()
+def engine(engine_here):
+    return engine_here
 
 
 @contextlib.asynccontextmanager
