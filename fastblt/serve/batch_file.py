@@ -175,17 +175,38 @@ async def run_batch(app: Any, requests: list[BatchRequest], out: BinaryIO, concu
         return await answer(app, requests, out, concurrency, on_done)
 
 
-async def answer(app: Any, requests: list[BatchRequest], out: BinaryIO, concurrency: int,
+class Slots:
+    """At most `limit()` holders at once (`async with slots`); the limit may change while requests
+    wait (a Ray batch actor's grows and shrinks with the replicas). A release wakes as many waiters
+    as the limit then has room for, not every waiter: a batch's requests all wait here."""
+
+    def __init__(self, limit: Callable[[], int]):
+        self.limit, self.held = limit, 0
+        self._free = asyncio.Condition()
+
+    async def __aenter__(self) -> None:
+        async with self._free:
+            await self._free.wait_for(lambda: self.held < self.limit())
+            self.held += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        async with self._free:
+            self.held -= 1
+            self._free.notify(max(1, self.limit() - self.held))
+
+
+async def answer(app: Any, requests: list[BatchRequest], out: BinaryIO, concurrency: int | Callable[[], int],
                  on_done: Callable[[int], None] | None = None, headers: dict[str, str] | None = None,
                  retry: bool = False, admit: Callable[[], AbstractAsyncContextManager] | None = None,
                  project: str | None = None) -> BatchSummary:  # fmt: skip
-    """run_batch's work in an app that runs already (a server's), each request sent with `headers`
+    """run_batch's work in an app that runs already (a server's), `concurrency` (or as many as it
+    says at each request's turn) at a time, each request sent with `headers`
     (its API key), as `project`'s if given (app.call_app), inside `admit()` (held from when the
     server lets it go until its answer: the server's other requests first); with `retry`, one the
     server turns away for now (429, 503) is sent again after its Retry-After."""
     loop = asyncio.get_running_loop()
     summary, t0 = BatchSummary(), loop.time()
-    slots = asyncio.Semaphore(concurrency)
+    slots = Slots(concurrency if callable(concurrency) else lambda: concurrency)
 
     async def one(req: BatchRequest) -> None:
         async with slots, (admit or contextlib.nullcontext)():

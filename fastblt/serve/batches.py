@@ -360,8 +360,9 @@ class Runner:
 
         todo = [_behind_live(r) for r in requests if r.custom_id not in done]
         with results.open("ab") as out:
-            await answer(self.app, todo, out, self.concurrency, on_done, self.headers, retry=True, admit=self._row,
-                         project=batch.get("project", ""))  # fmt: skip
+            # as many in flight as `concurrency` says now: the Ray batch actor's follows the replicas
+            await answer(self.app, todo, out, lambda: self.concurrency, on_done, self.headers, retry=True,
+                         admit=self._row, project=_of(batch))  # fmt: skip
         self.store.save(batch)
 
     async def _finish(self, batch: dict, expired: list[str] | None = None) -> None:
@@ -462,6 +463,8 @@ class BatchCollector(Collector):
                       for b in batches if b["status"] == "in_progress")  # fmt: skip
         yield GaugeMetricFamily("fastblt_batch_requests_pending", "Requests of running batches not answered yet.",
                                 value=waiting)  # fmt: skip
+        yield GaugeMetricFamily("fastblt_batch_request_slots", "Batch requests kept in flight at most on an idle "
+                                "server (on Ray: over every replica).", value=self.runner.concurrency)  # fmt: skip
 
 
 def _errors(code: str, message: str, line: int | None = None) -> dict:

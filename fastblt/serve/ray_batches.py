@@ -8,7 +8,8 @@ pass a request's work to it (RayBatches; an upload's bytes and a file's content 
 object store). The actor sends each batch request to the deployment through a Serve handle, as
 the proxies send a client's (any replica, the less loaded first), where it queues behind live
 requests (priority 1) as it does on one server, and a replica admits the batch requests one
-server would let go (Admission) and sends the others back, to be sent again a moment later. Its
+server would let go (Admission) and sends the others back, to be sent again a moment later; the
+actor keeps as many in flight as the replicas running would take when idle. Its
 batch gauges go to Ray's metrics (`ray_fastblt_batches`), as replicas mirror theirs. Should the
 actor's process die, Ray starts it again, and it resumes the batches it was running from DIR at
 once, as a restarted server does.
@@ -19,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +106,26 @@ class Admission:
         self.inflight -= 1
 
 
-class _BatchActor:
-    """The Batches of `directory`, run on this actor's event loop; `call` runs one of its methods."""
+def running_replicas(app_name: str, deployment: str) -> int:
+    """The deployment's replicas running now (Serve's controller says)."""
+    from ray import serve
 
-    def __init__(self, directory: str, concurrency: int, app_name: str, deployment: str) -> None:
+    app = serve.status().applications.get(app_name)
+    dep = None if app is None else app.deployments.get(deployment)
+    if dep is None:
+        return 0
+    return sum(n for state, n in dep.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
+
+
+class _BatchActor:
+    """The Batches of `directory`, run on this actor's event loop; `call` runs one of its methods.
+    Its batches keep `concurrency` requests (what one idle server sends) in flight per replica
+    running, counted every MIRROR_EVERY_S: each replica admits its share as one server does."""
+
+    def __init__(self, directory: str, concurrency: int, app_name: str, deployment: str,
+                 replicas: Callable[[str, str], int] = running_replicas) -> None:  # fmt: skip
         hold_batches(Path(directory))  # the one that runs the batches there
+        self.per_replica, self.replicas = concurrency, functools.partial(replicas, app_name, deployment)
         self.batches = Batches(Path(directory), _Deployment(app_name, deployment), concurrency, {})
         self.batches.scratch = None  # uploads come as bytes, from replicas on any node
         # resume what it ran before at once (Ray starts it again should its process die): an async
@@ -121,14 +138,26 @@ class _BatchActor:
             self.opening = None
 
     async def _mirror(self) -> None:
-        """The batch gauges a server has on /metrics (batches.BatchCollector), into Ray's metrics."""
+        """Follow the replicas running (the batches' requests in flight), and copy the batch gauges
+        a server has on /metrics (batches.BatchCollector) into Ray's metrics."""
         gauges: dict[str, Any] = {}
         while True:
+            self.follow_replicas()
             try:
                 set_gauges(BatchCollector(self.batches.runner).collect(), gauges)
             except Exception as e:  # noqa: BLE001 (an export problem must never stop the batches)
                 logging.getLogger("ray").warning("fastblt batches: metrics not mirrored to Ray: %r", e)
             await asyncio.sleep(MIRROR_EVERY_S)
+
+    def follow_replicas(self) -> None:
+        """Requests in flight: `per_replica` for each replica running (one while none is, or while
+        Serve cannot be asked: the replicas send back what they cannot take)."""
+        try:
+            replicas = self.replicas()
+        except Exception as e:  # noqa: BLE001 (the controller restarting: asked again next time)
+            logging.getLogger("ray").warning("fastblt batches: replicas not counted: %r", e)
+            return
+        self.batches.runner.concurrency = self.per_replica * max(1, replicas)
 
     async def call(self, method: str, *args: Any) -> Any:
         if self.opening is None:

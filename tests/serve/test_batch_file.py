@@ -3,13 +3,14 @@ as requests end, never overwriting, resumable after a stop; a malformed file ref
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 from conftest import CHAT_STOP, CHAT_TEMPLATE
 
 from fastblt.errors import InputError
-from fastblt.serve.batch_file import answered, read_requests
+from fastblt.serve.batch_file import Slots, answered, read_requests
 from fastblt.serve.chat import ChatTemplate
 
 from tiny import run_cli
@@ -177,3 +178,31 @@ def test_the_output_is_never_the_input(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["batch", str(src), "--out", str(tmp_path / "o.jsonl")], monkeypatch, capsys)
     assert code == 2 and "in.jsonl:2: not JSON" in err and "Traceback" not in err
     assert not (tmp_path / "o.jsonl").exists()  # refused before anything was written
+
+
+def test_slots_follow_their_limit_as_it_changes():
+    """At most limit() holders; a limit that grows lets waiters in at the next release (as many
+    as it has room for), one that shrinks lets none in until the holders are below it."""
+
+    async def run() -> list[int]:
+        limit, held, most = [2], [0], []
+        slots = Slots(lambda: limit[0])
+
+        async def hold(t: float) -> None:
+            async with slots:
+                held[0] += 1
+                most.append(held[0])
+                await asyncio.sleep(t)
+                held[0] -= 1
+
+        first = [asyncio.create_task(hold(0.05)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        limit[0] = 5  # grows: 3 of the waiting go in once one of the two releases
+        more = [asyncio.create_task(hold(0.05)) for _ in range(6)]
+        await asyncio.gather(*first, *more)
+        assert max(most) == 5
+        limit[0], most[:] = 1, []
+        await asyncio.gather(*(hold(0.01) for _ in range(4)))
+        return most
+
+    assert asyncio.run(run()) == [1, 1, 1, 1]

@@ -149,6 +149,25 @@ def test_a_replica_lets_batch_requests_go_as_one_server_does():
     assert rows.held_back(engine)[0] == 429  # a request waits for a row: none
 
 
+def test_the_batch_actor_keeps_a_replica_s_share_in_flight_for_each_replica_running(tmp_path):
+    counted = [3]
+
+    def replicas(app_name: str, deployment: str) -> int:
+        if counted[0] is None:
+            raise RuntimeError("controller restarting")
+        return counted[0]
+
+    actor = ray_batches._BatchActor(str(tmp_path), 12, "app", "dep", replicas=replicas)
+    actor.follow_replicas()
+    assert actor.batches.runner.concurrency == 36
+    counted[0] = 0  # none running (all restarting): one replica's share, sent back until one takes it
+    actor.follow_replicas()
+    assert actor.batches.runner.concurrency == 12
+    counted[0] = None  # not counted: as it was
+    actor.follow_replicas()
+    assert actor.batches.runner.concurrency == 12
+
+
 def test_a_batch_request_whose_replica_died_is_sent_again(monkeypatch):
     """The batch actor's way to the replicas: a request that fails on the way is a 503 with
     Retry-After (batch_file.answer sends it again), never an error that fails the batch."""
@@ -567,14 +586,16 @@ def test_batches_run_in_one_actor_for_every_replica(ray_server, reference):
     assert c.chat.completions.list(metadata={"batch": "p"}, extra_headers=on[0]).data == []
     # the actor's batch gauges reach Ray's metrics, as the replicas' do (mirrored every 5 s, exported every 10)
     ports = [(n["NodeManagerAddress"], n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
-    completed = 0.0  # (an export made before the batch ended reads 0)
-    while completed < 1:
+    completed, slots = 0.0, []  # (an export made before the batch ended reads 0)
+    while completed < 1 or not slots:
         assert time.monotonic() < deadline + 60, "no completed batch in Ray's ray_fastblt_batches"
         for host, port in ports:
             text = httpx.get(f"http://{host}:{port}/metrics", timeout=10).text
             found = re.findall(r'^ray_fastblt_batches\{[^}]*status="completed"[^}]*\} (\S+)$', text, re.M)
             completed = max([completed, *map(float, found)])
+            slots += map(float, re.findall(r"^ray_fastblt_batch_request_slots(?:\{[^}]*\})? (\S+)$", text, re.M))
         time.sleep(1)
+    assert slots[-1] == 2 * ray_server.server.batch_concurrency  # the batches' requests in flight: 2 replicas'
 
 
 def poll(c: openai.OpenAI, bid: str, headers: dict[str, str]):
