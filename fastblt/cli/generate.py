@@ -126,8 +126,9 @@ def arg_bytes(text: str) -> str | bytes:
     "ar, blt-s, blt-dv.",
 )  # fmt: skip
 @click.option("--regex", "pattern", default=None, metavar="REGEX",
-              help="Hold the whole output to this regular expression (as re.fullmatch reads it; JSON Schema's "
-                   "pattern subset): e.g. --regex '(yes|no)'. ar, blt-s, blt-dv.")  # fmt: skip
+              help="Hold the whole output to this regular expression (matched whole, as re.fullmatch does; JSON "
+                   "Schema's pattern subset and ECMA-262 dialect): e.g. --regex '(yes|no)'. "
+                   "ar, blt-s, blt-dv.")  # fmt: skip
 @click.option(
     "--max-context",
     type=int,
@@ -161,6 +162,8 @@ def generate(
                                      "set --temperature > 0", param_hint=name)  # fmt: skip
     if logprobs is not None and not as_json:
         raise click.BadParameter("goes into the JSON record: add --json", param_hint="--logprobs")
+    if stream and as_json:  # one record, written once the text is whole: nothing to stream
+        raise click.UsageError("--stream prints text as it comes, --json one record at the end: give one of them")
     options = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, k=k, lookup=lookup, unmask=unmask, alpha=alpha,
         gamma=gamma, block_start=block_start, stop=[arg_bytes(x) for x in stop], stop_on_eos=not ignore_eos,
@@ -173,7 +176,7 @@ def generate(
         checkpoint, backend=backend, artifacts=artifacts, max_context=max_context, threads=threads, device=device,
         cuda_graphs=cuda_graphs, on_export=None if quiet or as_json else first_use_notice,
     )  # fmt: skip
-    if stream and not as_json:
+    if stream:
         it = g.stream(request)
         with reader_may_leave():
             while True:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fastblt.engines.base import Availability, Backend
-from fastblt.errors import InternalError, ManifestMismatch
+from fastblt.errors import BackendUnavailable, InternalError, ManifestMismatch
 from fastblt.export.manifest import MANIFEST, read_manifest, verify_files, verify_specs
 from fastblt.export.spec import TORCH_DTYPES, StepSpec
 from fastblt.formats.files import utf8_path
@@ -159,7 +159,17 @@ class OrtBackend(Backend):
         # the same). This sets the session's workers; the calling thread flushes per call
         options.add_session_config_entry("session.set_denormal_as_zero", "1")
         path = self.artifacts_dir / self.manifest["graphs"][step]["file"]
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:
+            if "NOT_IMPLEMENTED" not in str(e):
+                raise
+            # a graph this build has no kernel for: the CPU build's bfloat16 MatMul, mostly
+            bf16 = any(t.dtype == "bfloat16" for t in (*spec.inputs, *spec.outputs))
+            hint = "bf16 graphs run on a GPU (onnxruntime-gpu, trt); export with --dtype fp32 or fp16 for the CPU"
+            first = " ".join(str(e).split())[:300]
+            raise BackendUnavailable(f"backend ort: {path.name}: onnxruntime on this machine cannot run it "
+                                     f"({first}){'; ' + hint if bf16 else ''}") from None  # fmt: skip
         got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
         want = ([t.name for t in spec.inputs], [t.name for t in spec.outputs])
         if got != want:

@@ -143,6 +143,9 @@ class _Parser:
         end = self.text.find("}", self.i)
         body = self.text[self.i + 1 : end] if end > 0 else ""
         least, comma, most = body.partition(",")
+        if comma and not least and most.isdecimal() and most.isascii():
+            raise self.fail(f"{{{body}}}: ECMA-262 reads it as its characters, Python as {{0,{most}}}: write "
+                            f"{{0,{most}}}, or \\{{{body}}} for the characters")  # fmt: skip
         digits = (least + most).isascii()  # ECMA's quantifiers count in ASCII digits
         if not digits or not least.isdigit() or not (most.isdigit() or most == "") or (most and not comma):
             return None
@@ -168,8 +171,14 @@ class _Parser:
                 positive = self.text[self.i + 1] == "="
                 self.i += 2
                 return ("look", positive, self.group())
-            elif self.peek() == "?":
+            elif self.text.startswith(("?<=", "?<!"), self.i):
                 raise self.fail("lookbehinds ((?<=, (?<!) are not held")
+            elif self.text.startswith("?P", self.i):
+                raise self.fail("Python's (?P<name>...) and (?P=name) are not held (a named group is (?<name>...))")
+            elif self.text.startswith("?#", self.i):
+                raise self.fail("comments ((?#...)) are not held")
+            elif self.peek() == "?":
+                raise self.fail("inline flags ((?i), (?s), (?x), (?i:...)) are not held")
             return self.group()
         if c == "[":
             return ("chars", self.bracket())

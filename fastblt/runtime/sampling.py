@@ -111,6 +111,9 @@ def log_probs(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+_TINY = np.finfo(np.float32).tiny
+
+
 def probs_from_logits(
     logits: Tensor | np.ndarray, params: SamplingParams, penalties: np.ndarray | None = None
 ) -> np.ndarray:
@@ -122,9 +125,11 @@ def probs_from_logits(
     x = _array(steer(logits, params, penalties))
     if params.greedy:
         return softmax(x)
-    # from the row's maximum first: a tiny temperature then sends the others to -inf, not to inf - inf
+    # from the row's maximum first: a tiny temperature then sends the others to -inf, not to inf - inf;
+    # one below float32's smallest normal number would be 0 there (0 / 0 at the maximum): its limit
+    # is the same, so that one divides
     with np.errstate(over="ignore"):
-        x = (x - x.max(axis=-1, keepdims=True)) / np.float32(params.temperature)
+        x = (x - x.max(axis=-1, keepdims=True)) / max(np.float32(params.temperature), _TINY)
     V = x.shape[-1]
     if params.top_k is not None and params.top_k < V:
         kth = np.partition(x, V - params.top_k, axis=-1)[..., V - params.top_k, None]  # the k-th largest

@@ -111,6 +111,20 @@ def test_bf16_graph_parity(bf16_export):
     pytest.fail("onnxruntime now loads bf16 graphs on the CPU: add the bf16 parity run here")
 
 
+def test_a_bf16_export_this_onnxruntime_cannot_run_is_refused_saying_why(bf16_export, ref_model):
+    """Where onnxruntime has no bfloat16 kernels (its CPU build), a Generator over a bf16 export is
+    a BackendUnavailable (the CLI's exit 3) naming the graph and what to export instead, not
+    onnxruntime's own exception."""
+    from fastblt.errors import BackendUnavailable
+    from fastblt.runtime.generator import Generator
+
+    m = read_manifest(bf16_export)
+    if all(g["checks"]["ort"]["status"] == "pass" for g in m["graphs"].values()):
+        pytest.skip("this onnxruntime runs bf16 graphs")
+    with pytest.raises(BackendUnavailable, match=r"backend ort: \w+\.onnx: .*NOT_IMPLEMENTED.*--dtype fp32 or fp16"):
+        Generator(ref_model, backend="ort", artifacts=bf16_export, threads=1)
+
+
 def test_fp16_export_decodes_through_the_numpy_host_path(fp16_export, ref_model):
     """An fp16 export runs on the runtime's numpy host path in float16 (caches.host_arrays): its
     byte states are float16 arrays, and the lossless modes give ar's bytes on it."""

@@ -68,6 +68,8 @@ def test_generate_prompt_file_with_raw_bytes(ckpt, tmp_path, monkeypatch):
         (["--logit-bias", "10=-101"], "option logit_bias[10]"),
         (["--frequency-penalty", "3"], "option frequency_penalty"),
         (["--mode", "ar", "--regex", "(?<=a)b"], "option pattern: lookbehinds"),
+        (["--mode", "ar", "--regex", "(?i)ab"], "option pattern: inline flags"),
+        (["--stream", "--json"], "--stream prints text as it comes, --json one record"),
         (["--regex", "a"], "diffusion head"),
     ],
 )

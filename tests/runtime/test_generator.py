@@ -568,7 +568,8 @@ def test_text_that_is_not_utf8_and_ids_that_are_not_ids_are_input_errors():
     assert fastblt.decode([np.int64(108), 109]) == fastblt.decode(torch.tensor([108, 109])) == "hi"
 
 
-@pytest.mark.parametrize("params", [dict(temperature=1e-38), dict(temperature=0.8, top_p=1e-46)])
+@pytest.mark.parametrize("params", [dict(temperature=1e-38), dict(temperature=1e-300), dict(temperature=5e-324),
+                                    dict(temperature=0.8, top_p=1e-46)])  # fmt: skip
 def test_extreme_sampling_settings_sample_the_top_byte(params):
     """A temperature near 0, or top_p below float32's smallest number, leaves only the most likely
     byte (the greedy one), not a distribution of NaN."""

@@ -407,6 +407,11 @@ def test_hostnames_and_emails_are_held_to_their_most_characters(name, value, ok)
     [
         ({"type": "string", "pattern": "(?<=a)b"}, r"a\.pattern: lookbehinds"),
         ({"type": "string", "pattern": "(?<!a)b"}, r"a\.pattern: lookbehinds"),
+        ({"type": "string", "pattern": "(?i)ab"}, r"a\.pattern: inline flags"),
+        ({"type": "string", "pattern": "(?s:.)"}, r"a\.pattern: inline flags"),
+        ({"type": "string", "pattern": "(?#c)ab"}, r"a\.pattern: comments"),
+        ({"type": "string", "pattern": "(?P<n>ab)"}, r"a\.pattern: Python's \(\?P<name>"),
+        ({"type": "string", "pattern": "a{,3}"}, r"a\.pattern: \{,3\}: ECMA-262 reads it as its characters"),
         ({"type": "string", "pattern": "(?=(?=a))"}, r"a\.pattern: a lookahead inside a lookahead"),
         ({"type": "string", "pattern": "(?=a$b)"}, r"a\.pattern: \$ inside a lookahead is not held"),
         ({"type": "string", "pattern": "(?=a)*"}, r"a\.pattern: a quantifier on a lookahead"),
