@@ -129,7 +129,8 @@ def render(r: dict) -> str:
         f"load ({bb['overlap_s']:.1f} s) overlapped {overlap:.0%} of the batch's run. Batches keep three quarters "
         "of the rows busy on an idle server, an eighth while live requests run, none while a request waits for a "
         "row (docs/serving.md, The Batch API on the server; on Ray, each replica lets the batch actor's requests "
-        "go by the same rule, up to three quarters of a replica's rows in all, and sends the rest back to be "
+        "go by the same rule, the actor keeping three quarters of a replica's rows in flight per replica "
+        "running, and sends the rest back to be "
         "sent again 0.1 s later: docs/scale-out.md). Before the three phases the live load runs once "
         "unmeasured, so every phase finds the prompt snapshots it would in a long-running server.",
         "",

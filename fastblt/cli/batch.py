@@ -16,9 +16,11 @@ from fastblt.cli.app_setup import app_setup, describe_lanes, engine_options, sta
 @click.argument("input_file", metavar="INPUT", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The output file (JSON Lines, a line per request as it ends). Never overwritten: with --resume, "
-              "the requests it lacks are added to it.")  # fmt: skip
+              "the requests it lacks are added to it. A file, not - (stdout): --resume reads it back, and stdout "
+              "has the summary.")  # fmt: skip
 @click.option("--resume", is_flag=True,
-              help="Add to an existing --out the answers of the requests it lacks (a stopped run's).")  # fmt: skip
+              help="Add to an existing --out, written for this INPUT, the answers of the requests it lacks (a "
+              "stopped run's).")  # fmt: skip
 @click.option("--retry-errors", is_flag=True,
               help="With --resume: answer again the requests whose line in --out is an error (a 4xx of a line since "
               "fixed, a 5xx), replacing those lines.")  # fmt: skip
@@ -51,19 +53,29 @@ def batch(input_file, out, resume, retry_errors, concurrency, as_json, checkpoin
     Exit codes: 0 every request answered 200; 1 some got an error, which their lines give;
     2 a bad input file or option (the line named).
     """
+    from fastblt.errors import InputError
     from fastblt.serve.batch_file import answered, drop_errors, read_requests
 
     if retry_errors and not resume:
         raise click.UsageError("--retry-errors applies only with --resume (it answers again what --out holds)")
 
+    # every check before the engine loads (minutes, the first time), so a mistake costs nothing
+    if str(out) == "-":  # stdout has the summary, and --resume reads the answers back
+        raise click.BadParameter("- (stdout): the answers go to a file, which --resume can read back",
+                                 param_hint="'--out'")  # fmt: skip
     if out.resolve() == input_file.resolve():
         raise click.UsageError("--out is the input file: the answers go to a file of their own")
     if out.exists() and not resume:
         raise click.UsageError(f"{out} exists (never overwritten): --resume adds the requests it lacks, or give "
                                "another --out")  # fmt: skip
+    if not out.parent.is_dir():
+        raise click.BadParameter(f"{out}: no directory {out.parent} to write it in", param_hint="'--out'")
     requests = read_requests(input_file)
     setup = app_setup(checkpoint, model_name, max_context, chat_template, chat_stop, tool_call_start, tool_call_end)
-    done = answered(out) if out.exists() else set()
+    if setup.template is None and (chat := next((r for r in requests if r.url != "/v1/completions"), None)):
+        raise InputError(f"{input_file}:{chat.line}: url: {chat.url} needs --chat-template (the template that "
+                         "turns messages into a prompt)")  # fmt: skip
+    done = answered(out, {r.custom_id for r in requests}) if out.exists() else set()
     if retry_errors and done and (dropped := drop_errors(out)):
         click.echo(f"fastblt batch: {dropped} error line(s) taken out of {out}, to answer again", err=True)
         done = answered(out)

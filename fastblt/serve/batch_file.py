@@ -27,7 +27,7 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,11 +71,13 @@ def read_requests(path: Path) -> list[BatchRequest]:
     out: list[BatchRequest] = []
     seen: dict[str, int] = {}
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 (byte {e.start})") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
     for n, raw in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028 as it is
         if not raw.strip():
             continue
@@ -114,10 +116,12 @@ def generated(usage: dict) -> int:
     return usage.get("completion_tokens", usage.get("output_tokens", 0))
 
 
-def answered(path: Path) -> set[str]:
+def answered(path: Path, known: Container[str] | None = None) -> set[str]:
     """The custom_ids an output file (of an earlier run) answered, whatever their status. A last
     line without its newline (a run stopped while writing it) is cut off, so the run that resumes
-    answers it again; a file with lines that are not ours is refused before anything is cut."""
+    answers it again; a file with lines that are not ours, or (given the input's custom_ids,
+    `known`) answers to requests the input lacks, is refused before anything is cut: resuming
+    into another input's output would mix the two."""
     data = path.read_bytes()
     whole = data.rfind(b"\n") + 1
     ids = set()
@@ -128,6 +132,9 @@ def answered(path: Path) -> set[str]:
             cid = json.loads(raw)["custom_id"]
         except (ValueError, KeyError, TypeError):
             raise InputError(f"{path}:{n}: not a line fastblt batch writes; resume into the file it wrote") from None
+        if known is not None and cid not in known:
+            raise InputError(f"{path}:{n}: custom_id {cid!r:.60} is not in the input; resume into the output written "
+                             "for this input")  # fmt: skip
         ids.add(cid)
     if whole < len(data):  # only once every whole line is one of ours
         with path.open("r+b") as f:

@@ -54,6 +54,15 @@ def test_a_malformed_line_is_refused_by_its_number(tmp_path, bad, message):
         read_requests(path)
 
 
+def test_a_file_not_utf8_is_refused_by_its_line(tmp_path):
+    path = tmp_path / "in.jsonl"
+    data = f"{GOOD}\n".encode() + line("b", {"prompt": "x"}).encode().replace(b'"x"', b'"\xff"') + b"\n"
+    path.write_bytes(data)
+    at = data.index(b"\xff")
+    with pytest.raises(InputError, match=rf"^{tmp_path}/in.jsonl:2: not UTF-8 \(byte 0xff at offset {at}\)$"):
+        read_requests(path)
+
+
 def test_requests_are_read_in_order_and_blank_lines_skipped(tmp_path):
     path = tmp_path / "in.jsonl"
     write(path, [GOOD, "", "   \r", line("b", {"prompt": "ü\u2028\x1c", "stream": False}, url="/v1/chat/completions")])
@@ -75,6 +84,11 @@ def test_resuming_cuts_only_a_half_written_last_line_of_our_own_file(tmp_path):
     with pytest.raises(InputError, match="theirs.jsonl:1: not a line fastblt batch writes"):
         answered(theirs)
     assert theirs.read_text() == '{"x": 1}\n{"custom_id": "half'  # refused before anything was cut
+    another = '{"custom_id": "a"}\n{"custom_id": "z"}\n{"custom_id": "b", "resp'  # another input's output
+    ours.write_text(another)
+    with pytest.raises(InputError, match=r"out.jsonl:2: custom_id 'z' is not in the input"):
+        answered(ours, {"a", "b", "c"})
+    assert ours.read_text() == another
 
 
 # ---------------------------------------------------------------------------- the command
@@ -178,6 +192,39 @@ def test_the_output_is_never_the_input(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["batch", str(src), "--out", str(tmp_path / "o.jsonl")], monkeypatch, capsys)
     assert code == 2 and "in.jsonl:2: not JSON" in err and "Traceback" not in err
     assert not (tmp_path / "o.jsonl").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "url, out, message",
+    [
+        ("/v1/chat/completions", "o.jsonl", "in.jsonl:2: url: /v1/chat/completions needs --chat-template"),
+        ("/v1/responses", "o.jsonl", "in.jsonl:2: url: /v1/responses needs --chat-template"),
+        ("/v1/completions", "no/o.jsonl", "Invalid value for '--out': no/o.jsonl: no directory no to write it in"),
+        ("/v1/completions", "-", "Invalid value for '--out': - (stdout): the answers go to a file"),
+    ],
+)  # fmt: skip
+def test_a_run_that_cannot_go_through_is_refused_before_the_engine_loads(tmp_path, monkeypatch, capsys, url, out,
+                                                                         message):  # fmt: skip
+    def load(*args, **kwargs):
+        raise AssertionError("the engine loaded")
+
+    monkeypatch.setattr("fastblt.cli.batch.start_engine", load)
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "in.jsonl", [GOOD, line("b", {"model": MODEL, "prompt": "x"}, url=url), line("c", {})])
+    code, _, err = run_cli(["batch", "in.jsonl", "--out", out], monkeypatch, capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # nothing written
+
+
+def test_resuming_into_another_inputs_output_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("fastblt.cli.batch.start_engine", lambda *a, **k: pytest.fail("the engine loaded"))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write(src, [GOOD, line("b", {"model": MODEL, "prompt": "x"})])
+    theirs = '{"custom_id": "a", "response": {}}\n{"custom_id": "zz", "response": {}}\n{"custom_id": "q'
+    out.write_text(theirs)
+    code, _, err = run_cli(["batch", str(src), "--out", str(out), "--resume", "--retry-errors"], monkeypatch, capsys)
+    assert code == 2 and "out.jsonl:2: custom_id 'zz' is not in the input" in err, err
+    assert out.read_text() == theirs  # not cut, nor its lines taken out
 
 
 def test_slots_follow_their_limit_as_it_changes():
