@@ -556,7 +556,7 @@ def cuda_checks(runner: Runner, args: argparse.Namespace) -> None:
     """The torch backend on the GPU (caches on the device) against the CPU reference, then its speed."""
     val = ["validate", "--checkpoint", args.checkpoint, "--backends", "torch", "--device", "cuda"]
     val += ["--max-step", str(args.max_step), "--max-bytes", str(args.max_bytes)]
-    val += ["--report", str(args.out / "validate-cuda"), "--json"]
+    val += ["--report", str(args.out / "validate-cuda"), "--json", "--force"]
     validate_summary(runner.command("parity torch on cuda (fp32)", val, parse_json=True))
     batch_check(runner, "batched = alone, torch on cuda", "torch", None, args)
     bench = ["bench", "--checkpoint", args.checkpoint, "--backends", "torch", "--device", "cuda", "--no-hf", "--json"]
@@ -588,7 +588,7 @@ def ort_cuda_checks(runner: Runner, args: argparse.Namespace) -> None:
         return
     ort_placement(runner, art)
     val = ["validate", "--checkpoint", args.checkpoint, "--artifacts", str(art), "--backends", "ort"]
-    val += ["--max-bytes", str(args.max_bytes), "--report", str(args.out / "validate-ort-cuda"), "--json"]
+    val += ["--max-bytes", str(args.max_bytes), "--report", str(args.out / "validate-ort-cuda"), "--json", "--force"]
     validate_summary(runner.command("parity ort on cuda (fp32)", val, parse_json=True))
     greedy_check(runner, "greedy on ort (cuda)", "ort", art, args, against_torch=True)
     batch_check(runner, "batched = alone, ort on cuda", "ort", art, args)
@@ -622,6 +622,7 @@ def trt_checks(runner: Runner, args: argparse.Namespace) -> None:
             continue
         val = ["validate", "--checkpoint", args.checkpoint, "--artifacts", str(art), "--backends", "ort,trt"]
         val += ["--max-bytes", str(args.max_bytes), "--report", str(args.out / f"validate-{dtype}"), "--json"]
+        val.append("--force")  # a rerun into the same --out replaces the earlier report
         if dtype != "fp32":
             val.append("--no-e2e")  # reduced precision: composite gates per graph; bytes are compared in fp32
         parity = runner.command(f"parity ({dtype})", val, parse_json=True)

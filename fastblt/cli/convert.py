@@ -39,12 +39,16 @@ def convert(src: str, target: str, out_dir: str, dtype: str | None, force: bool,
     The embedded default has fastblt's decoder input norm, which the released layouts cannot
     hold, so it converts only to fastblt.
     """
-    from fastblt.formats.checkpoint import checkpoint_hash, detect_format, resolve_checkpoint_path
+    from fastblt.errors import CheckpointError
+    from fastblt.formats.checkpoint import OutputInUse, checkpoint_hash, detect_format, resolve_checkpoint_path
     from fastblt.formats.checkpoint import convert as run_convert
 
     source = resolve_checkpoint_path(src)
     torch_dtype = TORCH_DTYPES[FLOAT_DTYPES[dtype]] if dtype else None
-    out = run_convert(source, TARGETS[target], out_dir, dtype=torch_dtype, overwrite=force)
+    try:
+        out = run_convert(source, TARGETS[target], out_dir, dtype=torch_dtype, overwrite=force)
+    except OutputInUse as e:  # the API's message names overwrite=True; here it is --force
+        raise CheckpointError(f"{e.out}: {e.what}; pass --force to replace it") from None
     result = {
         "source": str(source),
         "source_format": detect_format(source),

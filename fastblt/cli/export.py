@@ -1,7 +1,7 @@
 """`fastblt export`: every step graph to ONNX with a manifest, checked; or `--check DIR`.
 
 Exit codes (fastblt/cli.py): 0 exported / up to date / checks passed, 1 a graph failed a check,
-2 bad input (options, checkpoint, an existing different export without --force).
+2 bad input (options, checkpoint, an --out holding a different export or other files, without --force).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _summary(out: Path, manifest: dict, up_to_date: bool, seconds: float) -> dic
 @click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch (dynamic dim bound).")
 @deprecated_option("--max-context", "caches follow the context up to the model's limit")
 @deprecated_option("--max-patches", "the global cache follows the context up to the model's limit")
-@click.option("--force", is_flag=True, help="Replace an output directory that holds a different export.")
+@click.option("--force", is_flag=True, help="Replace an output directory that holds a different export or other files.")
 @click.option(
     "--check", "check_dir", type=click.Path(path_type=Path), default=None, help="Only re-check an export directory."
 )
@@ -108,7 +108,7 @@ def export(checkpoint, out, dtype, opset, max_step, max_batch, force, check_dir,
 def _run_export(checkpoint, out, dtype, opset, max_step, max_batch, force, as_json) -> None:
     from fastblt.export.checks import ExportCheckFailed
     from fastblt.export.exporter import export_model, mapped_weights
-    from fastblt.export.options import existing_export
+    from fastblt.export.options import existing_export, refusal
     from fastblt.export.spec import TORCH_DTYPES
     from fastblt.formats.checkpoint import checkpoint_hash, resolve_checkpoint_path
     from fastblt.formats.files import check_apart
@@ -128,7 +128,7 @@ def _run_export(checkpoint, out, dtype, opset, max_step, max_batch, force, as_js
     if status is not None and not force:
         from fastblt.errors import ManifestMismatch
 
-        raise ManifestMismatch(f"{out}: already holds a different export ({status}); pass --force to replace it")
+        raise ManifestMismatch(refusal(out, status))
     click.echo(f"mapping checkpoint {source} (weights are read and cast to {options.dtype} per graph)", err=True)
     config, weights = mapped_weights(source, TORCH_DTYPES[options.dtype])
     try:

@@ -112,6 +112,9 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 @click.option(
     "--report", "report_dir", type=click.Path(path_type=Path), default=None, help="Write report.md/.json/.png."
 )
+@click.option(
+    "--force", is_flag=True, help="Replace an earlier report, and write into non-empty --save-inputs/--save-outputs."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
 def validate(
     checkpoint: str,
@@ -136,6 +139,7 @@ def validate(
     save_outputs: Path | None,
     cache_dir: Path | None,
     report_dir: Path | None,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Per graph, per layer, end to end, and against Hugging Face: is the deployed model the trained one?
@@ -146,6 +150,8 @@ def validate(
     generation identical byte for byte. Exit 0 pass, 1 a gate failed, 2 bad input, 3 a requested
     backend is unavailable here (and nothing failed).
     """
+    if reference == "hf":
+        _check_reference_hf(click.get_current_context())
     try:
         code = _run(**locals())
     except BackendUnavailable as e:
@@ -161,6 +167,8 @@ def _run(**kw) -> int:
     from fastblt.validate.e2e import MODES
     from fastblt.validate.run import ValidateOptions, validate
 
+    if kw["report_dir"] is not None:
+        _check_report_dir(kw["report_dir"], kw["force"])
     prompts = read_prompts(kw["prompts_file"]) if kw["prompts_file"] is not None else None
     opts = ValidateOptions(
         checkpoint=kw["checkpoint"],
@@ -185,11 +193,12 @@ def _run(**kw) -> int:
         load_inputs=kw["load_inputs"],
         save_outputs=kw["save_outputs"],
         cache_dir=kw["cache_dir"],
+        force=kw["force"],
     )
     if kw["modes"] is not None:  # asked for by name: a mode the checkpoint cannot run is an error, not a skip
         _check_modes(kw["checkpoint"], opts.modes)
     report = validate(opts, log=lambda line: click.echo(line, err=True))
-    paths = report.save(kw["report_dir"]) if kw["report_dir"] is not None else {}
+    paths = report.save(kw["report_dir"], overwrite=kw["force"]) if kw["report_dir"] is not None else {}
     if kw["as_json"]:
         click.echo(report.to_json())
     else:
@@ -199,6 +208,39 @@ def _run(**kw) -> int:
     if unavailable and (nothing_ran or (report.failed == 0 and not report.errors)):
         return EXIT_UNAVAILABLE
     return EXIT_PASS if report else EXIT_FAIL
+
+
+# Options that only --reference torch reads; the API refuses those it can tell from their defaults.
+TORCH_REFERENCE_ONLY = (
+    "artifacts", "backends", "graphs", "modes", "max_step", "atol", "no_real", "no_e2e", "no_layers", "seed",
+    "device", "save_inputs", "load_inputs", "save_outputs", "cache_dir",
+)  # fmt: skip
+
+
+def _check_reference_hf(ctx: click.Context) -> None:
+    """Usage error for options --reference hf would ignore: passing without the comparison they
+    ask for (--backends ort --artifacts art/) would be a false PASS."""
+    from fastblt.validate.run import hf_refusal
+
+    unset = (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+    given = [
+        p.opts[0]
+        for p in ctx.command.params
+        if p.name in TORCH_REFERENCE_ONLY and ctx.get_parameter_source(p.name) not in unset
+    ]
+    if given:
+        raise click.UsageError(hf_refusal(given))
+
+
+def _check_report_dir(report_dir: Path, force: bool) -> None:
+    """Before any work: --report must be a directory (or new) without an earlier report, unless --force."""
+    from fastblt.validate.report import earlier_report
+    from fastblt.validate.run import blocked_by
+
+    blocked_by("--report", report_dir)
+    held = earlier_report(report_dir)
+    if held and not force:
+        raise InputError(f"--report {report_dir}: already holds {', '.join(held)}; pass --force to replace them")
 
 
 def _check_modes(checkpoint: str, modes: tuple[str, ...]) -> None:

@@ -35,7 +35,7 @@ from fastblt.export.manifest import (
     versions,
     write_manifest,
 )
-from fastblt.export.options import ExportOptions, Progress, existing_export
+from fastblt.export.options import ExportOptions, Progress, existing_export, refusal
 from fastblt.export.spec import TORCH_DTYPES, StepSpec, dim_ranges
 from fastblt.formats.files import replace_dir, staging_dir, utf8_path
 from fastblt.model.blt import BltModel
@@ -73,7 +73,7 @@ def export_model(
     if status == "same":
         return ExportResult(out, read_manifest(out), True, time.perf_counter() - t0)
     if status is not None and not force:
-        raise ManifestMismatch(f"{out}: already holds a different export ({status}); pass --force to replace it")
+        raise ManifestMismatch(refusal(out, status))
     if weights is None:
         _check_model_dtype(model, options.dtype)
         weights = model_weights(model)

@@ -58,15 +58,16 @@ Progress = Callable[[str, str, int, int, dict | None], None]
 
 def existing_export(out: Path, checkpoint_hash: str | None, options: ExportOptions) -> str | None:
     """What `out` holds: None (nothing / empty dir), "same" (this checkpoint and these options,
-    files intact) or a one-line description of why it is a different export."""
+    files intact) or a one-line description of why it is not: "is ..." when it holds no export
+    at all, else why it is a different export (`refusal` phrases either for the user)."""
     out = Path(out)
     if not out.exists():
         return None
     if not out.is_dir():
-        return f"{out} is a file"
+        return "is a file, not an export directory"
     if not (out / MANIFEST).exists():
         entries = sorted(p.name for p in out.iterdir())
-        return f"{out} holds other files ({', '.join(entries[:5])})" if entries else None
+        return f"is a directory that holds other files ({', '.join(entries[:5])}), not an export" if entries else None
     try:
         manifest = read_manifest(out)
         verify_files(out, manifest)
@@ -86,3 +87,9 @@ def existing_export(out: Path, checkpoint_hash: str | None, options: ExportOptio
     if (written.get("fastblt"), written.get("graphs")) != (now["fastblt"], now["graphs"]):
         return f"it was written by fastblt {written.get('fastblt')} (graph code {written.get('graphs')})"
     return "same"
+
+
+def refusal(out: Path, status: str) -> str:
+    """Why `out` (of `existing_export` status `status`) is not replaced without --force, in one line."""
+    what = status if status.startswith("is ") else f"already holds a different export ({status})"
+    return f"{out}: {what}; pass --force to replace it"

@@ -48,6 +48,18 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"  # package data: the 
 _META_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+class OutputInUse(CheckpointError):
+    """The output directory holds files that saving would replace: `what` says which, so that a
+    caller can name its own way to allow it (here overwrite=True; `fastblt convert`: --force)."""
+
+    def __init__(self, out: Path, what: str):
+        super().__init__(out, what)  # both: it pickles like any exception
+        self.out, self.what = out, what
+
+    def __str__(self) -> str:
+        return f"{self.out}: {self.what}; pass overwrite=True to replace it"
+
+
 @dataclass(frozen=True)
 class _Checkpoint:
     """A located checkpoint: its layout, config and the files that hold it."""
@@ -169,17 +181,14 @@ def save_checkpoint(
     state = {k: _standalone(v.detach().cpu(), dtype) for k, v in model.state_dict().items()}
     existing = _files_under(out) if out.is_dir() else {}
     if existing and not overwrite and set(existing) != set(_layout_names(fmt, config)):
-        raise CheckpointError(
-            f"{out}: directory is not empty and holds other files ({', '.join(sorted(existing)[:5])}); "
-            "pass overwrite=True (--force) to replace it"
-        )
+        raise OutputInUse(out, f"directory is not empty and holds other files ({', '.join(sorted(existing)[:5])})")
     tmp = staging_dir(out, "tmp")
     try:
         _WRITERS[fmt](tmp, config, state)
         if existing and not overwrite:
             if _same_files(tmp, out):
                 return out
-            raise CheckpointError(f"{out}: holds a different checkpoint; pass overwrite=True (--force) to replace it")
+            raise OutputInUse(out, "holds a different checkpoint")
         replace_dir(tmp, out)
     finally:
         if tmp.exists():

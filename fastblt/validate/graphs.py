@@ -447,6 +447,7 @@ class _Saver:
                 for step, feeds in self.inputs.items():
                     save_json(feeds, self.inputs_dir / f"inputs.{step}.json")
             (self.inputs_dir / "cases.json").write_text(json.dumps(self.labels, indent=1))
+            _drop_stale(self.inputs_dir, "inputs", self.inputs)
         if self.outputs_dir is not None:
             self.outputs_dir.mkdir(parents=True, exist_ok=True)
             with quiet_polygraphy():
@@ -455,6 +456,15 @@ class _Saver:
                     for runner, iters in per.items():
                         rr.append((runner, [IterationResult(o, runner_name=runner) for o in iters]))
                     rr.save(str(self.outputs_dir / f"outputs.{step}.json"))
+            _drop_stale(self.outputs_dir, "outputs", self.outputs)
+
+
+def _drop_stale(directory: Path, kind: str, steps: dict) -> None:
+    """Remove `kind`.<step>.json of steps this run did not save (an earlier save's, replaced with
+    --force): --load-inputs would replay them as if they were this run's."""
+    for f in directory.glob(f"{kind}.*.json"):
+        if f.name[len(kind) + 1 : -len(".json")] not in steps:
+            f.unlink()
 
 
 def _savable(x: Tensor):

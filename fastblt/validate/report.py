@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from fastblt.errors import InputError
+
 PLOT_FILE = "error_per_layer.png"
+REPORT_FILES = ("report.json", "report.md", PLOT_FILE)  # what `Report.save` writes
 
 
 class Entry(Protocol):
@@ -172,18 +175,31 @@ class Report:
     def to_markdown(self) -> str:
         return "\n".join(_markdown(self)) + "\n"
 
-    def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write report.json, report.md and the error-per-layer plot into `out_dir`."""
+    def save(self, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+        """Write report.json, report.md and the error-per-layer plot into `out_dir`; an earlier
+        report there is replaced only with `overwrite` (its plot too, if this report has none)."""
         out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: exists and is not a directory")
+        held = earlier_report(out)
+        if held and not overwrite:
+            raise InputError(f"{out}: already holds {', '.join(held)}; pass overwrite=True to replace them")
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "report.json", "markdown": out / "report.md"}
         plot = plot_errors(self, out / PLOT_FILE)
         if plot is not None:
             paths["plot"] = plot
             self.meta["plot"] = plot.name
+        else:  # a plot left from an earlier report would pass for this one's
+            (out / PLOT_FILE).unlink(missing_ok=True)
         paths["json"].write_text(self.to_json())
         paths["markdown"].write_text(self.to_markdown())
         return paths
+
+
+def earlier_report(out_dir: str | Path) -> list[str]:
+    """The files of a report already in `out_dir`: what `Report.save` would replace."""
+    return [name for name in REPORT_FILES if (Path(out_dir) / name).exists()]
 
 
 def environment() -> dict[str, str]:

@@ -22,7 +22,15 @@ import torch
 from fastblt.engines.base import Backend, resolve_device
 from fastblt.engines.registry import BACKENDS, available, backend_factory
 from fastblt.errors import BackendUnavailable, InputError, ManifestMismatch
-from fastblt.export.spec import DEFAULT_MAX_STEP, TORCH_DTYPES, StepSpec, float_dtype, max_step, step_specs
+from fastblt.export.spec import (
+    DEFAULT_MAX_STEP,
+    FLOAT_DTYPES,
+    TORCH_DTYPES,
+    StepSpec,
+    float_dtype,
+    max_step,
+    step_specs,
+)
 from fastblt.model.blt import BltModel
 from fastblt.model.config import BltConfig
 from fastblt.validate.e2e import MODES, E2ERun, e2e_parity
@@ -73,11 +81,14 @@ class ValidateOptions:
     load_inputs: Path | None = None
     save_outputs: Path | None = None
     cache_dir: Path | None = None
+    force: bool = False  # save_inputs / save_outputs may hold files (earlier saves there are replaced)
     extra_candidates: dict[str, Backend] = field(default_factory=dict, compare=False)  # API/tests only
 
     def __post_init__(self) -> None:
         if self.reference not in ("torch", "hf"):
             raise InputError(f"--reference {self.reference!r}: expected torch or hf")
+        if self.reference == "hf":
+            _check_hf_only(self)
         if self.dtype is not None:
             object.__setattr__(self, "dtype", float_dtype(self.dtype, "--dtype"))
         if self.backends is None:
@@ -90,11 +101,74 @@ class ValidateOptions:
         if bad_modes:
             raise InputError(f"--modes {','.join(bad_modes)}: unknown; choose from {', '.join(MODES)}")
         if self.reference == "hf" and self.dtype not in (None, "float32"):
-            raise InputError(f"--reference hf compares in fp32 (transformers' reference path), not {self.dtype}")
+            raise InputError(
+                f"--reference hf compares in fp32 (transformers' reference path), not {short_dtype(self.dtype)}"
+            )
         if self.device is not None:
             resolve_device(self.device)  # InputError now, not a backend error later
         if self.max_bytes < 1 or self.max_step < 16:
             raise InputError("--max-bytes must be >= 1 and --max-step >= 16")
+        for flag, directory in (("--save-inputs", self.save_inputs), ("--save-outputs", self.save_outputs)):
+            if directory is not None:
+                check_out_dir(flag, Path(directory), self.force)
+
+
+# What only the torch reference runs: with --reference hf nothing reads them, so given they would
+# be silently ignored (--backends ort --artifacts art/ reporting PASS without running ort).
+TORCH_REFERENCE_ONLY = {
+    "artifacts": "--artifacts",
+    "backends": "--backends",
+    "graphs": "--graphs",
+    "atol": "--atol",
+    "device": "--device",
+    "save_inputs": "--save-inputs",
+    "load_inputs": "--load-inputs",
+    "save_outputs": "--save-outputs",
+    "cache_dir": "--cache-dir",
+}
+
+
+def _check_hf_only(opts: ValidateOptions) -> None:
+    given = [flag for name, flag in TORCH_REFERENCE_ONLY.items() if getattr(opts, name) is not None]
+    if opts.extra_candidates:
+        given.append("extra_candidates")
+    if given:
+        raise InputError(hf_refusal(given))
+
+
+def hf_refusal(flags: list[str]) -> str:
+    """The one-line refusal of torch-reference `flags` given with --reference hf."""
+    verb = "is" if len(flags) == 1 else "are"
+    return (
+        f"--reference hf compares our torch reference with transformers only; {', '.join(flags)} {verb} "
+        "for --reference torch (run validate once per reference)"
+    )
+
+
+def short_dtype(dtype: str) -> str:
+    """fp16 for float16: the name --dtype takes."""
+    return next((short for short, full in FLOAT_DTYPES.items() if full == dtype), dtype)
+
+
+def blocked_by(flag: str, directory: Path) -> None:
+    """InputError when `directory`, or the nearest of its parents that exists, is not a directory
+    (found now, not by the write at the end of the run)."""
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        what = "exists and is not a directory" if existing == directory else f"{existing} is not a directory"
+        raise InputError(f"{flag} {directory}: {what}")
+
+
+def check_out_dir(flag: str, directory: Path, force: bool) -> None:
+    """InputError unless `directory` is new, empty, or (with `force`) a directory: checked before
+    any work, so a user's files are neither mixed with ours nor found in the way at the end."""
+    blocked_by(flag, directory)
+    if not directory.exists():
+        return
+    held = sorted(p.name for p in directory.iterdir())
+    if held and not force:
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        raise InputError(f"{flag} {directory}: not empty ({shown}); pass --force to write into it")
 
 
 def validate(opts: ValidateOptions, model: BltModel | None = None, log: Callable[[str], None] | None = None) -> Report:
@@ -166,7 +240,7 @@ def _validate_torch_reference(
         }
     )
     cand_model = _model_in(model, dtype)
-    candidates = _candidates(runnable, specs, cand_model, artifacts, dtype, opts.threads, report, opts.device)
+    candidates = _candidates(runnable, specs, cand_model, artifacts, opts.threads, report, opts.device)
     candidates.update(opts.extra_candidates)
     report.meta["backends_run"] = list(candidates)
     if not candidates:
@@ -218,13 +292,13 @@ def _candidates(
     specs: dict[str, StepSpec],
     model: BltModel,
     artifacts: Path | None,
-    dtype: str,
     threads: int | None,
     report: Report,
     device: str | None = None,
 ) -> dict[str, Backend]:
     """Start each candidate backend. One that cannot load the graphs is an error of the report,
-    except bf16 graphs on an onnxruntime without bf16 kernels (the CPU build): skipped, with why."""
+    unless it cannot run here (BackendUnavailable: no TensorRT; bf16 graphs on onnxruntime's CPU
+    build, which has no bf16 kernels): skipped, with why."""
     candidates = {}
     for name in names:
         try:
@@ -235,10 +309,7 @@ def _candidates(
             report.skip(name, str(e))
         except Exception as e:  # noqa: BLE001 - a backend that cannot load the graphs is a finding
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            if name == "ort" and dtype == "bfloat16" and "NOT_IMPLEMENTED" in why:
-                report.skip(name, f"onnxruntime on this machine has no bfloat16 kernels for these graphs ({why})")
-            else:
-                report.error(f"backend {name} could not load the artifacts: {why}")
+            report.error(f"backend {name} could not load the artifacts: {why}")
     return candidates
 
 
@@ -275,9 +346,10 @@ def _specs(opts: ValidateOptions, config: BltConfig, manifest: dict | None) -> t
 
     mopts = manifest["options"]
     if opts.dtype is not None and opts.dtype != mopts["dtype"]:
+        want, have = short_dtype(opts.dtype), short_dtype(mopts["dtype"])
         raise ManifestMismatch(
-            f"--dtype {opts.dtype}: the artifacts were exported in {mopts['dtype']}; "
-            f"pass --dtype {mopts['dtype']} or export again with --dtype"
+            f"--dtype {want}: the artifacts were exported in {have}; "
+            f"pass --dtype {have} (or leave it out), or export again with --dtype {want}"
         )
     eo = ExportOptions(**{k: mopts[k] for k in ("dtype", "opset", "max_step", "max_batch")})
     return eo.specs(config), eo.dtype

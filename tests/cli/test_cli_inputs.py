@@ -138,7 +138,8 @@ def test_convert_into_a_directory_of_other_files_needs_force(ckpt, tmp_path, mon
     (out / "notes.txt").write_text("mine")
     args = ["convert", str(ckpt), "--to", "fastblt", "--out", str(out)]
     code, _, err = run_cli(args, monkeypatch, capsys)
-    _one_line_error(code, err, str(out), "--force")
+    _one_line_error(code, err, str(out), "notes.txt", "pass --force to replace it")
+    assert "overwrite=True" not in err  # the Python API's spelling, not an option of the command
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     code, _, err = run_cli([*args, "--force"], monkeypatch, capsys)
     assert code == 0 and not (out / "notes.txt").exists() and (out / "model.safetensors").is_file(), err

@@ -196,6 +196,9 @@ def test_out_dir_with_other_files_is_refused(ckpt_dir, tmp_path, monkeypatch, ca
     (tmp_path / "notes.txt").write_text("mine")
     code, _, err = run_cli(_export_args(ckpt_dir, tmp_path), monkeypatch, capsys)
     assert code == 2 and "notes.txt" in err and "--force" in err
+    # what it is: a directory of the user's files, not "a different export"
+    assert f"{tmp_path}: is a directory that holds other files (notes.txt), not an export;" in err
+    assert "different export" not in err
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

@@ -306,8 +306,9 @@ def test_save_refuses_a_directory_with_other_files(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match=r"ckpt: directory is not empty .*notes\.txt.*overwrite=True"):
+    with pytest.raises(CheckpointError, match=r"ckpt: directory is not empty .*notes\.txt.*overwrite=True") as e:
         save_checkpoint(make_model(), out)
+    assert "--force" not in str(e.value)  # an API caller has no such flag
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     save_checkpoint(make_model(), out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]

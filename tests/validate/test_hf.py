@@ -31,6 +31,25 @@ def test_reference_hf_passes_on_a_random_hf_checkpoint(hf_ckpt, monkeypatch, cap
     assert "hf vs torch  hf/logits" in out and "hf vs torch  hf/greedy" in out and "PASS" in out
 
 
+def test_reference_hf_refuses_the_options_of_the_torch_reference(hf_ckpt, monkeypatch, capsys, tmp_path):
+    """--reference hf compares torch with transformers only: --backends ort,trt --artifacts DIR with
+    it used to PASS without running ort or trt. Exit 2 naming the options, before any work; so from
+    the environment, and from the API."""
+    from fastblt.errors import InputError
+    from fastblt.validate.run import ValidateOptions
+
+    args = ["validate", "--checkpoint", str(hf_ckpt), "--reference", "hf"]
+    code, out, err = run_cli([*args, "--backends", "ort,trt", "--artifacts", str(tmp_path)], monkeypatch, capsys)
+    assert code == 2 and out == "" and "PASS" not in err, err
+    line = next(line for line in err.splitlines() if line.startswith("Error:"))
+    assert "--reference hf" in line and "--artifacts, --backends are for --reference torch" in line
+    monkeypatch.setenv("FASTBLT_VALIDATE_BACKENDS", "ort")
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2 and "--backends is for --reference torch" in err, err
+    with pytest.raises(InputError, match="--artifacts, --backends are for --reference torch"):
+        ValidateOptions(checkpoint=hf_ckpt, reference="hf", artifacts=tmp_path, backends=("ort",))
+
+
 def test_reference_hf_fails_when_the_hf_side_is_perturbed(hf_ckpt):
     from fastblt.validate.hf import hf_model, hf_parity
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
+from fastblt.errors import InputError
 from fastblt.validate.metrics import FP32, compare
 from fastblt.validate.report import Report
 
@@ -55,3 +57,22 @@ def test_serialization(tmp_path):
     paths = r.save(tmp_path)
     assert {p.name for p in paths.values()} == {"report.json", "report.md", "error_per_layer.png"}
     assert paths["plot"].stat().st_size > 1000
+
+
+def test_save_replaces_an_earlier_report_only_when_told(tmp_path):
+    """A report.md already there is the user's until they say otherwise; once replaced, no plot of
+    the earlier report stays beside a report that drew none."""
+    (tmp_path / "report.md").write_text("earlier")
+    (tmp_path / "error_per_layer.png").write_text("earlier")
+    r = Report()
+    r.add(("torch", "ort"), "decoder", "logits", "a", _entry(0.0))  # no per-layer series: no plot
+    with pytest.raises(InputError, match=r"already holds report\.md, error_per_layer\.png; pass overwrite=True"):
+        r.save(tmp_path)
+    assert (tmp_path / "report.md").read_text() == "earlier"
+    paths = r.save(tmp_path, overwrite=True)
+    assert set(paths) == {"json", "markdown"} and sorted(p.name for p in tmp_path.iterdir()) == [
+        "report.json",
+        "report.md",
+    ]
+    with pytest.raises(InputError, match="exists and is not a directory"):
+        r.save(tmp_path / "report.md", overwrite=True)

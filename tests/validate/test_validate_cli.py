@@ -249,4 +249,50 @@ def test_a_dtype_other_than_the_artifacts_is_refused(ckpt, artifacts, monkeypatc
     args = ["--checkpoint", str(ckpt), "--artifacts", str(artifacts), "--dtype", "fp16", *FAST]
     code, _, _, err = _validate([*args, "--graphs", "entropy"], monkeypatch, capsys)
     assert code == 2
-    assert "--dtype float16: the artifacts were exported in float32" in err
+    # the advice names values --dtype accepts (fp32, not float32, which it would refuse)
+    assert "--dtype fp16: the artifacts were exported in fp32; pass --dtype fp32" in err
+    assert "float" not in err
+
+
+def _no_validation(*args, **kwargs):
+    raise AssertionError("validation ran: the bad output path was not refused before the work")
+
+
+@pytest.mark.parametrize("flag", ["--report", "--save-inputs", "--save-outputs"])
+def test_outputs_holding_a_users_files_are_refused_before_any_work(flag, ckpt, monkeypatch, capsys, tmp_path):
+    """An output directory that already holds files (report.md for --report, anything for the
+    others), or a regular file, is exit 2 naming it, before the run: nothing the user had is
+    overwritten, and a long validation is not lost to a path that was wrong from the start."""
+    monkeypatch.setattr("fastblt.validate.run.validate", _no_validation)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / ("report.md" if flag == "--report" else "notes.txt")).write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    base = ["--checkpoint", str(ckpt), "--backends", "torch", *FAST]
+    for where, why in ((taken, "pass --force"), (a_file, "exists and is not a directory"),
+                       (a_file / "sub", f"{a_file} is not a directory")):  # fmt: skip
+        code, _, out, err = _validate([*base, flag, str(where)], monkeypatch, capsys)
+        assert code == 2 and err.startswith(f"error: {flag} {where}: ") and why in err, err
+        assert len(err.splitlines()) == 1 and out == ""
+    assert [p.read_text() for p in taken.iterdir()] == ["mine"]  # the user's file, alone and intact
+    assert a_file.read_text() == "mine"
+
+
+def test_force_replaces_an_earlier_report_and_saved_inputs(ckpt, monkeypatch, capsys, tmp_path):
+    """--force replaces what an earlier run wrote (its saved inputs of steps this run does not save
+    too: --load-inputs would replay them) and leaves the user's other files alone."""
+    base = ["--checkpoint", str(ckpt), "--backends", "torch", "--max-step", str(MAX_STEP), *FAST]
+    report, saved = tmp_path / "report", tmp_path / "in"
+    report.mkdir()
+    (report / "report.md").write_text("earlier")
+    saved.mkdir()
+    (saved / "notes.txt").write_text("mine")
+    (saved / "inputs.encoder.json").write_text("earlier")
+    args = [*base, "--graphs", "entropy", "--report", str(report), "--save-inputs", str(saved), "--force"]
+    code, _, _, err = _validate(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert {"report.json", "report.md"} <= {p.name for p in report.iterdir()}
+    assert (report / "report.md").read_text().startswith("# fastblt validate: PASS")
+    assert sorted(p.name for p in saved.iterdir()) == ["cases.json", "inputs.entropy.json", "notes.txt"]
+    assert (saved / "notes.txt").read_text() == "mine"
