@@ -42,12 +42,15 @@ def quiet_transformers() -> Iterator[None]:
     """transformers without its warnings and progress bars, for the length of the block."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar is not a log line
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def hf_model(model: BltModel, checkpoint: str | Path | None = None):

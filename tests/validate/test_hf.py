@@ -83,3 +83,16 @@ def test_decoder_input_norm_is_attached_to_the_hf_side():
     assert report and all("decoder input norm" in case for *_, case, _ in report.entries())
     hf.model.local_decoder._forward_pre_hooks.clear()  # the released layout: no norm
     assert not hf_parity(model, hf, [PROMPT], greedy_bytes=4)
+
+
+def test_transformers_is_quiet_inside_and_as_it_was_after():
+    """No warnings and no progress bar (from_pretrained's "Loading weights") on validate's
+    stderr; the caller's settings come back after."""
+    from transformers.utils import logging as hf_logging
+
+    from fastblt.validate.hf import quiet_transformers
+
+    before = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with quiet_transformers():
+        assert hf_logging.get_verbosity() == hf_logging.ERROR and not hf_logging.is_progress_bar_enabled()
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before
