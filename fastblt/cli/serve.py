@@ -64,7 +64,7 @@ from fastblt.errors import InputError
 @click.option("--stream-interval", type=Positive(minimum=0.0, maximum=1.0), default=0.0, show_default=True,
               metavar="SECONDS", help="Send each stream's text at most this often, what is made meanwhile in one "
               "event: fewer events for the server and many streaming clients to handle, at up to SECONDS more "
-              "between bytes (the first byte is never held). 0: as soon as it is made.")  # fmt: skip
+              "between bytes (neither the first byte nor the end is held). 0: as soon as it is made.")  # fmt: skip
 @click.option("--graceful-timeout", type=Positive(minimum=0.0), default=60.0, show_default=True,
               help="On SIGTERM/SIGINT: seconds to let requests in flight finish.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",

@@ -515,6 +515,7 @@ class TextStream:
         self._finished = False
         self._wake: asyncio.Event = asyncio.Event()
         self._waking = False
+        self._ended = asyncio.Event()  # the request ended (what `pause` stops waiting at)
         self.generation: Generation | None = None
         # option logprobs: the scores of the chunk `__anext__` returned last (ids, logprobs, top)
         self.chunk_scores: Scores | None = None
@@ -539,6 +540,7 @@ class TextStream:
         with self._lock:
             self._finished = True
             self._signal()
+        wake(self._loop, self._ended.set, lambda: None)
 
     def _signal(self) -> None:
         if self._loop.is_closed():  # nobody can read it any more: the row goes back to the batch
@@ -574,6 +576,13 @@ class TextStream:
             except asyncio.CancelledError:
                 self.ticket.cancel()
                 raise
+
+    async def pause(self, seconds: float) -> None:
+        """Wait `seconds`, less if the request ends first: a reader that takes the text at most so
+        often (the server's --stream-interval) joins what comes meanwhile without holding the end."""
+        if not self._ended.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), seconds)
 
     def cancel(self) -> None:
         """Stop the request (its row is freed before the batch's next step)."""

@@ -1085,13 +1085,13 @@ async def _pump(j: int, stream: TextStream, first: tuple[str, Scores | None] | N
                 interval: float = 0.0) -> None:  # fmt: skip
     """Stream `j`'s chunks onto `news` as (j, text, scores), then (j, None, None) at its end, or
     (j, error, None). With an `interval`, a chunk at most that often: the stream joins the text
-    its batch makes while this waits."""
+    its batch makes while this waits (and its end does not wait)."""
     try:
         if first is not None:
             news.put_nowait((j, *first))
             while True:
                 if interval:
-                    await asyncio.sleep(interval)
+                    await stream.pause(interval)
                 try:
                     text = await stream.__anext__()
                 except StopAsyncIteration:

@@ -64,6 +64,23 @@ def test_a_stream_sends_at_most_an_event_per_interval_and_the_same_text(engine, 
     assert events[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_the_end_of_a_stream_is_not_held_for_its_interval(engine):
+    """16 bytes with a 1 s interval end when the request ends, not a second later: the wait for
+    the next event stops at the request's end."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "mode": "ar"}
+
+    async def run() -> tuple[float, float]:
+        async with client(engine, 0.0) as c:
+            await streamed(c, "/v1/completions", body)  # warm
+            _, plain = await streamed(c, "/v1/completions", body)
+        async with client(engine, 1.0) as c:
+            _, paced = await streamed(c, "/v1/completions", body)
+        return plain, paced
+
+    plain, paced = asyncio.run(run())
+    assert paced < plain + 0.5, (plain, paced)
+
+
 def test_joined_events_carry_the_logprobs_and_choices_of_the_events_they_join(engine):
     """n = 2 sampled choices with logprobs, streamed with an interval and without: each choice's
     text, its per-byte logprobs and its end are the same (a seed makes the two runs one)."""
