@@ -214,3 +214,13 @@ def test_project_keys_stay_out_of_the_printed_ray_config(monkeypatch, capsys):
     (app,) = print_config(["--project", "a=k1"], monkeypatch, capsys)["applications"]
     assert "projects" not in app["args"] and "k1" not in json.dumps(app)
     assert ServerOptions(projects=["a=k1"]).projects == ["a=k1"]
+
+
+def test_projects_come_from_the_environment_too(monkeypatch, capsys):
+    """FASTBLT_PROJECTS (keys out of the process list), checked as the option is."""
+    monkeypatch.setenv("FASTBLT_PROJECTS", "a=k1 b")
+    code, _, err = run_cli(["serve"], monkeypatch, capsys)
+    assert code == 2 and "--project" in err and "'b'=...: expected NAME=KEY" in err, err
+    monkeypatch.setenv("FASTBLT_PROJECTS", "a=k1 b=k2")
+    code, _, err = run_cli(["serve", "--ray", "--print-config"], monkeypatch, capsys)
+    assert code == 0 and "API keys (--api-key, --project) are not written" in err, err
