@@ -355,6 +355,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         try:
             if project := authorize(request):  # (the default project's are not named)
                 record.fields["project"] = project
+            if settings.projects:  # counted by project as the line is logged
+                record.counted = functools.partial(m.project, project)
             eng = ready()
             comp = await asyncio.to_thread(parse, await _read_body(request, settings.max_body))
             mode = comp.options["mode"]

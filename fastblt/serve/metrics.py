@@ -129,12 +129,31 @@ class Metrics:
         self.accepted = Counter("fastblt_accepted_bytes", "Draft bytes accepted (blt-s, blt-dv).", ["mode"],
                                 registry=r)  # fmt: skip
         self.calls = Counter("fastblt_tool_calls", "Tool calls answered (chat completions).", ["mode"], registry=r)
+        self.project_requests = Counter(
+            "fastblt_project_requests",
+            'Requests by project (--project; "": the default project) and HTTP status.',
+            ["project", "status"],
+            registry=r,
+        )
+        self.project_bytes = Counter("fastblt_project_bytes", "Bytes each project's answered requests read "
+                                     "(prompt) and generated (completion), as their usage counts them.",
+                                     ["project", "kind"], registry=r)  # fmt: skip
         if stats is not None:
             r.register(EngineCollector(stats, max_batch, lanes, health))
         r.register(GrammarCollector())
 
     def request(self, status: int, mode: str, endpoint: str) -> None:
         self.requests.labels(str(status), mode, endpoint).inc()
+
+    def project(self, project: str, status: int, usage: dict | None) -> None:
+        """A request of `project` ended with `status` (and, answered, its OpenAI usage, in bytes)."""
+        self.project_requests.labels(project, str(status)).inc()
+        if usage is not None:
+            # (a Response's usage names them input_tokens and output_tokens)
+            prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+            self.project_bytes.labels(project, "prompt").inc(prompt)
+            self.project_bytes.labels(project, "completion").inc(usage.get("completion_tokens",
+                                                                           usage.get("output_tokens", 0)))  # fmt: skip
 
     def tool_calls(self, mode: str, n: int) -> None:
         if n:

@@ -27,7 +27,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 HEADER = "x-request-id"
@@ -91,6 +91,8 @@ class RequestRecord:
         self.fields: dict[str, object] = {} if trace is None else {"trace_id": trace}
         self.first: float | None = None  # when a choice's first byte was verified
         self.ended = False
+        # told the status and usage as the line is logged (the server's per-project counters)
+        self.counted: Callable[[int, dict | None], None] | None = None
 
     def parsed(self, mode: str, stream: bool, choices: int, prompt_bytes: int, user: str | None,
                priority: int = 0) -> None:  # fmt: skip
@@ -113,6 +115,8 @@ class RequestRecord:
         if self.ended:
             return
         self.ended = True
+        if self.counted is not None:
+            self.counted(status, usage)
         line: dict[str, object] = {"request_id": self.id, "endpoint": self.endpoint, "status": status}
         line.update(self.fields)
         if usage is not None:

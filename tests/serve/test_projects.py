@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 
 import httpx
 import pytest
@@ -124,6 +125,14 @@ def test_each_project_reaches_its_own_responses_conversations_and_chat_completio
 
             r = await a.get("/v1/chat/completions", headers={"Authorization": "Bearer key-c"})
             assert r.status_code == 401
+            # what each project asked of the model, counted by project (a: 2 responses, 1 chat)
+            text = (await a.get("/metrics")).text
+            assert 'fastblt_project_requests_total{project="a",status="200"} 3.0' in text
+            assert 'fastblt_project_requests_total{project="b",status="200"} 1.0' in text
+            assert 'fastblt_project_requests_total{project="b",status="400"} 1.0' in text  # previous_response_id
+            assert 'fastblt_project_requests_total{project="b",status="404"} 1.0' in text  # conversation
+            done = re.search(r'^fastblt_project_bytes_total\{kind="completion",project="a"\} (\S+)$', text, re.M)
+            assert done is not None and float(done.group(1)) > 0, text
 
     asyncio.run(run())
     lines = [r.getMessage() for r in caplog.records if r.name == "fastblt.requests"]
