@@ -368,9 +368,10 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
                 if comp.stream:  # counted as its stream ends, or fails to begin
                     events = await later(_drained(eng, comp, jobs, refit, frame, m, record, endpoint))
                     return StreamingResponse(events, media_type="text/event-stream", headers=NO_CACHE)
-                response = JSONResponse(await later(_answered(eng, comp, jobs, refit, reshape, m, arrived)))
+                used = functools.partial(m.project_usage, project) if settings.projects else None
+                response = JSONResponse(await later(_answered(eng, comp, jobs, refit, reshape, m, arrived, used)))
                 m.request(response.status_code, mode, endpoint)
-                record.end(response.status_code)
+                record.end(response.status_code)  # queued: its usage is counted as it ends
                 return response
 
             async def attempt(comp: Completion) -> tuple[list[_Job], Any]:
@@ -411,9 +412,11 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     async def _answered(eng: AsyncEngine, comp: Completion, jobs: list[_Job],
                         refit: Callable[[PositionLimit], Completion | None] | None,
-                        reshape: Callable[[dict], dict] | None, m: Metrics, arrived: float) -> dict:  # fmt: skip
+                        reshape: Callable[[dict], dict] | None, m: Metrics, arrived: float,
+                        used: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
         """The whole answer to `comp` (its `jobs`), no client watching (a background request's);
-        engine errors as the ApiErrors a client would have been answered with."""
+        engine errors as the ApiErrors a client would have been answered with. `used`: told the
+        answer's usage."""
         first = comp
 
         async def attempt(comp: Completion) -> tuple[list[_Job], list[Generation]]:
@@ -425,6 +428,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         for gen in gens:
             m.generation(gen, arrived)
         answer = _answer(comp, jobs, gens, settings.model_id, state["fingerprint"])
+        if used is not None:
+            used(answer["usage"])
         return answer if reshape is None else await asyncio.to_thread(reshape, answer)
 
     async def _drained(eng: AsyncEngine, comp: Completion, jobs: list[_Job],

@@ -149,11 +149,15 @@ class Metrics:
         """A request of `project` ended with `status` (and, answered, its OpenAI usage, in bytes)."""
         self.project_requests.labels(project, str(status)).inc()
         if usage is not None:
-            # (a Response's usage names them input_tokens and output_tokens)
-            prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
-            self.project_bytes.labels(project, "prompt").inc(prompt)
-            self.project_bytes.labels(project, "completion").inc(usage.get("completion_tokens",
-                                                                           usage.get("output_tokens", 0)))  # fmt: skip
+            self.project_usage(project, usage)
+
+    def project_usage(self, project: str, usage: dict) -> None:
+        """The bytes an answer of `project` read and generated (a background one's, once it ends)."""
+        # (a Response's usage names them input_tokens and output_tokens)
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+        self.project_bytes.labels(project, "prompt").inc(prompt)
+        self.project_bytes.labels(project, "completion").inc(usage.get("completion_tokens",
+                                                                       usage.get("output_tokens", 0)))  # fmt: skip
 
     def tool_calls(self, mode: str, n: int) -> None:
         if n:

@@ -125,10 +125,20 @@ def test_each_project_reaches_its_own_responses_conversations_and_chat_completio
 
             r = await a.get("/v1/chat/completions", headers={"Authorization": "Bearer key-c"})
             assert r.status_code == 401
-            # what each project asked of the model, counted by project (a: 2 responses, 1 chat)
+            # a background response's bytes count when it ends
+            r = await b.post("/v1/responses", json={"model": MODEL, "input": "x", "background": True,
+                                                    "max_output_tokens": 6})  # fmt: skip
+            async with asyncio.timeout(60):
+                while (got := (await b.get(f"/v1/responses/{r.json()['id']}")).json())["status"] != "incomplete":
+                    assert got["status"] in ("queued", "in_progress"), got
+                    await asyncio.sleep(0.05)
+            # what each project asked of the model, counted by project (a: 2 responses, 1 chat; b: 1
+            # chat of 8 bytes, 1 background response)
             text = (await a.get("/metrics")).text
             assert 'fastblt_project_requests_total{project="a",status="200"} 3.0' in text
-            assert 'fastblt_project_requests_total{project="b",status="200"} 1.0' in text
+            assert 'fastblt_project_requests_total{project="b",status="200"} 2.0' in text
+            b_done = re.search(r'^fastblt_project_bytes_total\{kind="completion",project="b"\} (\S+)$', text, re.M)
+            assert float(b_done.group(1)) == 8 + got["usage"]["output_tokens"], text
             assert 'fastblt_project_requests_total{project="b",status="400"} 1.0' in text  # previous_response_id
             assert 'fastblt_project_requests_total{project="b",status="404"} 1.0' in text  # conversation
             done = re.search(r'^fastblt_project_bytes_total\{kind="completion",project="a"\} (\S+)$', text, re.M)
