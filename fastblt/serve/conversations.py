@@ -62,7 +62,7 @@ class ConversationStore:
         return self.kept.update(cid, functools.partial(grown, new=items, budget=self.budget)) is not None
 
     def set_metadata(self, cid: str, metadata: dict[str, str]) -> dict | None:
-        conv = self.kept.update(cid, functools.partial(_with_metadata, metadata=metadata))
+        conv = self.kept.update(cid, functools.partial(_with_metadata, metadata=metadata, budget=self.budget))
         return None if conv is None else public(conv)
 
     def delete(self, cid: str) -> bool:
@@ -94,8 +94,9 @@ def grown(conv: dict, new: list[dict], budget: int) -> dict:
     return conv
 
 
-def _with_metadata(conv: dict, metadata: dict[str, str]) -> dict:
-    return {**conv, "metadata": metadata}
+def _with_metadata(conv: dict, metadata: dict[str, str], budget: int) -> dict:
+    """New labels; a conversation they take past `budget` keeps its newest items, as `grown`."""
+    return grown({**conv, "metadata": metadata}, [], budget)
 
 
 def _without_item(conv: dict, item_id: str) -> dict:

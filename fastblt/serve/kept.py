@@ -41,8 +41,18 @@ class Kept(Protocol):
 
     def update(self, key: str, change: Callable[[Any], Any]) -> Any | None:
         """`change(value)` kept under `key`, read and put as one step; the value kept (None: no
-        such key, nothing put). `change` sees its own copy and returns the value to keep."""
+        such key, nothing put; or the changed value alone exceeds the budget, and the key is
+        gone: what it held is no longer what was asked to be kept). `change` sees its own copy
+        and returns the value to keep."""
         ...
+
+
+def _kept(kept: Kept, key: str, value: Any) -> Any | None:
+    """`value` put under `key`, or None, and `key` dropped, when it alone exceeds the budget."""
+    if kept.put(key, value):
+        return value
+    kept.delete(key)
+    return None
 
 
 def size_of(value: Any) -> int:
@@ -86,8 +96,7 @@ class MemoryKept:
             if found is None:
                 return None
             value = change(json.loads(json.dumps(found)))  # its own copy: a failed change leaves the kept one
-            self.put(key, value)
-            return value
+            return _kept(self, key, value)
 
     def delete(self, key: str) -> bool:
         with self._lock:
@@ -156,8 +165,7 @@ class FileKept:
             if found is None:
                 return None
             value = change(found)
-            self.put(key, value)
-            return value
+            return _kept(self, key, value)
 
     def delete(self, key: str) -> bool:
         with self._lock:

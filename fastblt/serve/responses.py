@@ -296,7 +296,7 @@ class ResponsesRequest:
             chat["tools"] = _tools(tools)
         if (choice := body.get("tool_choice")) is not None:
             chat["tool_choice"] = _tool_choice(choice)
-        include = body.get("include") or []
+        include = [] if body.get("include") is None else body["include"]  # (0, "", {}: a 400 as any other)
         if not isinstance(include, list) or any(i not in INCLUDE for i in include):
             raise ApiError(400, f"include: expected a list of {', '.join(map(repr, INCLUDE))}, got "
                            f"{json.dumps(include)[:80]}", "include")  # fmt: skip
@@ -390,15 +390,16 @@ class ResponsesRequest:
         """The Response for chat's whole answer."""
         (choice,) = chat["choices"]
         message, output = choice["message"], []
+        # an item cut by max_output_tokens is incomplete, as the streamed answer's items say
+        status, reason = _status(choice["finish_reason"])
         if message["content"] or not message.get("tool_calls"):
             logprobs = (choice.get("logprobs") or {}).get("content")
-            output.append(_message(message["content"] or "", "completed", logprobs))
+            output.append(_message(message["content"] or "", status, logprobs))
         for call in message.get("tool_calls") or ():
             if call["type"] == "custom":
                 output.append(_custom_call(call["id"], call["custom"]["name"], call["custom"]["input"]))
             else:
-                output.append(_call(call["id"], call["function"]["name"], call["function"]["arguments"], "completed"))
-        status, reason = _status(choice["finish_reason"])
+                output.append(_call(call["id"], call["function"]["name"], call["function"]["arguments"], status))
         response = self.response(status, output, chat["usage"], reason)
         return self.kept(response) if self.claim(status) else response
 

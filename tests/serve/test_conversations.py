@@ -47,6 +47,11 @@ def test_the_store_drops_the_least_recently_used_and_a_conversation_past_the_bud
     assert store.delete_item(a, "msg_" + "w" * 100) is True and store.delete_item(a, "nope") is False
     assert store.delete_item("conv_x", "msg_1") is None and not store.add("conv_x", [])
     assert store.set_metadata(a, {"topic": "t"})["metadata"] == {"topic": "t"}
+    # labels that take a full conversation past the budget are kept; its oldest items make room
+    labels = {"k": "v" * 150}
+    assert store.add(a, [_item("t" * 100)]) and store.set_metadata(a, labels)["metadata"] == labels
+    assert store.public(a)["metadata"] == labels and store.used <= store.budget
+    assert [i["content"][0]["text"][0] for i in store.items(a)] == list("vut")
     assert store.delete(a) and not store.delete(a) and store.items(a) is None and store.used == 0
 
 

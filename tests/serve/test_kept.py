@@ -42,6 +42,13 @@ def test_the_least_recently_used_go_past_the_budget(kept):
     assert k.delete("a") and not k.delete("a") and k.get("a") is None
 
 
+def test_a_change_that_no_longer_fits_drops_the_value_instead_of_claiming_it_kept(kept):
+    k = kept(3 * SIZE)
+    assert k.put("a", VALUE) and k.update("a", lambda v: {"text": v["text"] + "y"})["text"].endswith("y")
+    assert k.update("a", lambda v: {"text": "x" * (3 * SIZE)}) is None  # alone past the budget
+    assert k.get("a") is None and k.used == 0  # not the value before the change either: gone
+
+
 def test_a_file_is_read_again_in_its_order_of_use_and_a_smaller_budget_evicts(tmp_path):
     path = tmp_path / FILE
     k = FileKept(path, "t", 10 * SIZE)

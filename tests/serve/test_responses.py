@@ -130,6 +130,9 @@ def test_input_items_are_the_conversation_chat_would_render():
         ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
         ({"tools": [TOOL]}, "tool_choice"),  # "auto" needs the template's call tags
         ({"include": ["file_search_call.results"]}, "include"),
+        ({"include": 0}, "include"),
+        ({"include": ""}, "include"),
+        ({"include": {}}, "include"),
         ({"include": ["message.output_text.logprobs"], "top_logprobs": 50}, "top_logprobs"),
         ({"stream_options": {"include_obfuscation": False}}, "stream_options"),
         ({"metadata": {"k": 1}}, "metadata"),
@@ -347,6 +350,8 @@ def test_responses_equal_generate_of_the_rendered_prompt_streamed_or_not(server,
     # one, so how many there are depends on timing: blt-d's 32 bytes are a few blocks)
     assert len([e for e in events if e.type == "response.output_text.delta"]) > 1
     assert final.output_text == want.text and final.status == r.status and final.usage == r.usage
+    # the message item's status too (incomplete when max_output_tokens cut it), streamed or not
+    assert [o.status for o in final.output] == [o.status for o in r.output] == [r.status]
 
 
 class Point(pydantic.BaseModel):
