@@ -63,5 +63,10 @@ class EngineClosed(FastBltError):
     """A batch engine is shutting down and takes no new requests."""
 
 
+class LaneLost(EngineClosed):
+    """A batch lane's worker process died: the requests it held failed, and it takes new ones once
+    its next process is up. Nothing is wrong with the request: send it again."""
+
+
 class Cancelled(FastBltError):
     """A request was cancelled before it finished."""

@@ -42,7 +42,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from fastblt.errors import EngineBusy, EngineClosed, FastBltError, InternalError
+from fastblt.errors import EngineBusy, EngineClosed, FastBltError, InternalError, LaneLost
 from fastblt.runtime.batch import BatchEngine, BatchStats, Ticket, check_sizes, sum_stats
 from fastblt.runtime.options import Request
 from fastblt.runtime.stream import Scores
@@ -250,6 +250,8 @@ class ProcessLane:
         ticket = _RemoteTicket(self, rid, request, on_text, on_done, on_scores)
         with self._lock:
             if self._closing or self._lost is not None:
+                if self._lost not in (None, "closed") and self._restart and not self._closing:  # restarting
+                    raise LaneLost(f"engine: {self._lost}; it takes requests again once its next one is up")
                 why = "closing" if self._lost is None else self._lost
                 raise EngineClosed(f"engine: {why}; it takes no new requests")
             waiting = len(self._tickets) - self.max_batch
@@ -336,7 +338,8 @@ class ProcessLane:
                 self._lost = why
             held, self._tickets = list(self._tickets.values()), {}
             revive = first and why != "closed" and self._restart and not self._closing
-        error = InternalError(f"engine: {self._lost} before the request finished")
+        lost = EngineClosed if self._lost == "closed" else LaneLost  # closed: the engine closes it
+        error = lost(f"engine: {self._lost} before the request finished")
         for ticket in held:
             with contextlib.suppress(Exception):
                 ticket._finish(None, error)

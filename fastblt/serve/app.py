@@ -47,6 +47,7 @@ from fastblt.errors import (
     EngineClosed,
     FastBltError,
     InputError,
+    LaneLost,
     PositionLimit,
 )
 from fastblt.export.cache import source_hash
@@ -302,8 +303,9 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
-        if ready().lanes_alive == 0:  # every worker lane died: no request could run
-            raise ApiError(503, "engine: no batch lane is running", kind="server_error")
+        if ready().lanes_alive == 0:  # every worker lane died: no request could run until one is back
+            raise ApiError(503, "engine: no batch lane is running", kind="server_error",
+                           headers={"Retry-After": str(settings.retry_after)})  # fmt: skip
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -398,6 +400,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         except EngineBusy as e:
             raise refused(ApiError(429, str(e), None, "queue_full", "rate_limit_error",
                                    {"Retry-After": str(settings.retry_after)})) from None  # fmt: skip
+        except LaneLost as e:
+            raise refused(_lane_lost(e, settings.retry_after)) from None
         except EngineClosed as e:
             raise refused(ApiError(503, str(e), None, "shutting_down", "server_error")) from None
         except FastBltError as e:
@@ -853,6 +857,8 @@ def _as_api_errors(comp: Completion) -> Iterator[None]:
         yield
     except EngineBusy as e:
         raise ApiError(429, str(e), None, "queue_full", "rate_limit_error") from None
+    except LaneLost as e:
+        raise _lane_lost(e) from None
     except EngineClosed as e:
         raise ApiError(503, str(e), None, "shutting_down", "server_error") from None
     except FastBltError as e:
@@ -901,10 +907,19 @@ def _request(eng: AsyncEngine, comp: Completion, prompt: str, p: int = 0):
 _OPTION = re.compile(r"^(?:options?|prompt) ?([\w/]*)")
 
 
+def _lane_lost(e: LaneLost, retry_after: int = 1) -> ApiError:
+    """A 503 the client may send again after Retry-After: the lane that ran (or was to run) the
+    request lost its worker process, and another is starting."""
+    return ApiError(503, f"{e}; send the request again", None, "lane_lost", "server_error",
+                    {"Retry-After": str(retry_after)})  # fmt: skip
+
+
 def _field_error(e: FastBltError, comp: Completion) -> ApiError:
     """A 400 for an engine error, naming the request field it is about (engine messages start with
     what they name). A sequence past the global model's position limit is the prompt's fault when
-    the prompt alone reaches it, else max_tokens'."""
+    the prompt alone reaches it, else max_tokens'. A lost lane (mid-stream): its 503."""
+    if isinstance(e, LaneLost):
+        return _lane_lost(e)
     if isinstance(e, PositionLimit):
         prompt = max(len(p.encode()) for p in comp.prompts)  # the longest: the likeliest to have reached it
         if e.bytes_read <= prompt + 1:  # + 1: the BOS id

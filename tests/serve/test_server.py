@@ -4,6 +4,7 @@ Generator.generate for the same settings, in every mode, streamed or not, alone 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import signal
@@ -564,18 +565,28 @@ def test_a_server_whose_lane_processes_all_died_says_so_and_starts_them_again(re
     with ServerProcess(["--lanes", "2", "--lane-processes", "--max-batch", "2"]) as srv:
         workers = srv.workers()
         assert len(workers) == 2
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)
+        long = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4000, "temperature": 0, "mode": "ar",
+                "stop": []}  # fmt: skip
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a request in flight when its lane dies
+            held = pool.submit(httpx.post, f"{srv.url}/v1/completions", json=long, timeout=120)
+            while _metric(srv, "fastblt_batch_occupancy") < 1:
+                time.sleep(0.02)
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            r = held.result()
+        assert r.status_code == 503 and r.json()["error"]["code"] == "lane_lost", r.text  # send it again
+        assert "exit code -9" in r.json()["error"]["message"] and int(r.headers["retry-after"]) >= 1
         for _ in range(200):
             if httpx.get(f"{srv.url}/health").status_code == 503:
                 break
             time.sleep(0.05)
         health = httpx.get(f"{srv.url}/health")
         assert health.status_code == 503 and "no batch lane" in health.json()["error"]["message"]
+        assert int(health.headers["retry-after"]) >= 1
         assert _metric(srv, "fastblt_batch_lanes_alive") == 0 and _metric(srv, "fastblt_batch_lanes") == 2
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "mode": "ar"}
         r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
-        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        assert r.status_code == 503 and r.json()["error"]["code"] == "lane_lost" and "retry-after" in r.headers
         for _ in range(600):  # both started again (after a pause: they died young)
             if _metric(srv, "fastblt_batch_lanes_alive") == 2:
                 break
