@@ -39,6 +39,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from fastblt.errors import (
     Cancelled,
@@ -265,7 +266,10 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         error = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", None, code)
-        return JSONResponse(error.body(), e.status_code, headers=e.headers)  # a 405's Allow
+        headers = dict(e.headers or {})
+        if e.status_code == 405:  # the router names the methods of the first route of this path only
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return JSONResponse(error.body(), e.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception) -> JSONResponse:
@@ -715,6 +719,14 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
 
 
 # ---------------------------------------------------------------------------- helpers
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the request's path answers (a 405's Allow)."""
+    routes = request.app.router.routes
+    found = {m for r in routes if getattr(r, "methods", None) and r.matches(request.scope)[0] != Match.NONE
+             for m in r.methods}  # fmt: skip
+    return sorted(found)
+
+
 def kept_here(store: T | None, what: str) -> T:
     """A store of the server's, or the 404 of a server that keeps none (--response-store-mb 0)."""
     if store is None:

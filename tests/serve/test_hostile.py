@@ -198,6 +198,11 @@ def test_hostile_requests_get_4xx_and_the_server_stays_up(server):
             assert err["message"] and err["type"], what
         r = c.get(url, headers=AUTH)
         assert r.status_code == 405 and r.headers["Allow"] == "POST"
+        # a path several routes share: every method any of them answers
+        r = c.put(f"{server.url}/v1/conversations/conv_x", headers=AUTH)
+        assert r.status_code == 405 and set(r.headers["Allow"].split(", ")) >= {"GET", "POST", "DELETE"}
+        r = c.put(f"{server.url}/v1/chat/completions", headers=AUTH)
+        assert r.status_code == 405 and set(r.headers["Allow"].split(", ")) >= {"GET", "POST"}
         assert c.post(f"{server.url}/v2/nothing", content=body(), headers=AUTH).status_code == 404
         nulls = dict.fromkeys(("n", "best_of", "echo", "presence_penalty", "frequency_penalty", "logprobs",
                                "logit_bias"))  # fmt: skip
