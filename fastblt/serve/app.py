@@ -82,6 +82,7 @@ from fastblt.serve.responses import (
     ResponsesRequest,
     ResponseStore,
     Stored,
+    check_new_ids,
     conversation_items,
     input_items_page,
     ordered_page,
@@ -682,9 +683,9 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServeS
         body = await body_of(request)
         check_fields(body, {"items"}, {})
         items = await asyncio.to_thread(conversation_items, get_field(body, "items", list, required=True))
-        conversation(
-            conversation_id, await asyncio.to_thread(conversations(request).add, conversation_id, items) or None
-        )
+        store = conversations(request)
+        check_new_ids(items, conversation(conversation_id, await asyncio.to_thread(store.items, conversation_id)))
+        conversation(conversation_id, await asyncio.to_thread(store.add, conversation_id, items) or None)
         return JSONResponse({"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
                              "last_id": items[-1]["id"] if items else None, "has_more": False})  # fmt: skip
 

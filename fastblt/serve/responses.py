@@ -774,7 +774,20 @@ def conversation_items(given: Any, name: str = "items") -> list[dict]:
         raise ApiError(400, f"{name}: expected a list of at most {MAX_NEW_ITEMS} items, got {got}", name)
     items = _items(given) if given else []
     _messages(items, name=name)
-    return [stored_item(item) for item in items]
+    stored = [stored_item(item) for item in items]
+    check_new_ids(stored, [], name)
+    return stored
+
+
+def check_new_ids(new: list[dict], kept: list[dict], name: str = "items") -> None:
+    """A 400 for an item id given twice, or given to an item the conversation holds already: an id
+    names one item (to read, delete or page after)."""
+    seen = {item.get("id") for item in kept}
+    for i, item in enumerate(new):
+        if (iid := item.get("id")) in seen and iid is not None:
+            raise ApiError(400, f"{name}[{i}].id: {iid!r:.80} names an item of this conversation already",
+                           f"{name}[{i}].id")  # fmt: skip
+        seen.add(iid)
 
 
 def stored_item(item: dict) -> dict:

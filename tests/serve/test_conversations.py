@@ -67,7 +67,8 @@ def test_items_are_checked_as_input_items_and_kept_in_their_listed_shape():
     assert items[1]["content"] == [{"type": "output_text", "text": "yes", "annotations": []}]
     assert all(i["status"] == "completed" for i in items) and conversation_items(None) == []
     for given, param in [([{"role": "user", "content": 3}], "items[0].content"), ("hi", "items"),
-                         ([{"type": "reasoning"}], "items[0].type"), ([_item("x")] * 21, "items")]:  # fmt: skip
+                         ([{"type": "reasoning"}], "items[0].type"), ([_item("x")] * 21, "items"),
+                         ([_item("x"), _item("y"), _item("x")], "items[2].id")]:  # fmt: skip
         with pytest.raises(ApiError) as e:
             conversation_items(given)
         assert e.value.status == 400 and e.value.param == param, e.value.message
@@ -99,6 +100,10 @@ def test_a_response_reads_the_conversation_first_and_adds_its_input_and_output()
 def test_conversations_through_the_openai_client(server, reference):
     c = client(server)
     conv = c.conversations.create(items=[{"role": "user", "content": ASK}], metadata={"topic": "os"})
+    held = c.conversations.items.list(conv.id).data[0].id  # an id names one item: given again, a 400
+    with pytest.raises(openai.BadRequestError, match="names an item of this conversation already"):
+        c.conversations.items.create(conv.id, items=[{"type": "message", "role": "user", "content": "x", "id": held}])
+    assert [i.id for i in c.conversations.items.list(conv.id).data] == [held]
     assert conv.id.startswith("conv_") and conv.metadata == {"topic": "os"} and conv.object == "conversation"
     first = c.responses.create(model=MODEL, conversation=conv.id, input="print(", max_output_tokens=12, temperature=0)
     turns = [{"role": "user", "content": ASK}, {"role": "user", "content": "print("}]
