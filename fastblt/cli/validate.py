@@ -210,23 +210,20 @@ def _run(**kw) -> int:
     return EXIT_PASS if report else EXIT_FAIL
 
 
-# Options that only --reference torch reads; the API refuses those it can tell from their defaults.
-TORCH_REFERENCE_ONLY = (
-    "artifacts", "backends", "graphs", "modes", "max_step", "atol", "no_real", "no_e2e", "no_layers", "seed",
-    "device", "save_inputs", "load_inputs", "save_outputs", "cache_dir",
-)  # fmt: skip
+# Options only --reference torch reads whose defaults are values, so that only the command line can
+# tell them given (ValidateOptions refuses the others, run.TORCH_REFERENCE_ONLY, for every caller)
+VALUED_TORCH_ONLY = ("modes", "max_step", "no_real", "no_e2e", "no_layers", "seed")
 
 
 def _check_reference_hf(ctx: click.Context) -> None:
     """Usage error for options --reference hf would ignore: passing without the comparison they
     ask for (--backends ort --artifacts art/) would be a false PASS."""
-    from fastblt.validate.run import hf_refusal
+    from fastblt.validate.run import TORCH_REFERENCE_ONLY, hf_refusal
 
+    torch_only = {*TORCH_REFERENCE_ONLY, *VALUED_TORCH_ONLY}
     unset = (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
     given = [
-        p.opts[0]
-        for p in ctx.command.params
-        if p.name in TORCH_REFERENCE_ONLY and ctx.get_parameter_source(p.name) not in unset
+        p.opts[0] for p in ctx.command.params if p.name in torch_only and ctx.get_parameter_source(p.name) not in unset
     ]
     if given:
         raise click.UsageError(hf_refusal(given))

@@ -452,6 +452,16 @@ def usage(prompt_bytes: int, generated: int, cached: int = 0) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
 
+def generated(usage_: dict) -> int:
+    """The bytes an answer's `usage` says were generated (a Response names them output_tokens)."""
+    return usage_.get("completion_tokens", usage_.get("output_tokens", 0))
+
+
+def prompt_read(usage_: dict) -> int:
+    """The prompt bytes an answer's `usage` says were read (a Response names them input_tokens)."""
+    return usage_.get("prompt_tokens", usage_.get("input_tokens", 0))
+
+
 def choice(text: str, reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
     return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
 

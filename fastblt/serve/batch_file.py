@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from fastblt.errors import InputError
+from fastblt.serve.api import generated
 from fastblt.serve.app import call_app
 from fastblt.serve.request_log import HEADER as REQUEST_ID_HEADER
 
@@ -109,11 +110,6 @@ def read_requests(path: Path) -> list[BatchRequest]:
         seen[cid] = n
         out.append(BatchRequest(n, cid, item["url"], json.dumps(body, ensure_ascii=False).encode()))
     return out
-
-
-def generated(usage: dict) -> int:
-    """The bytes an answer's `usage` says were generated (a Response names them output_tokens)."""
-    return usage.get("completion_tokens", usage.get("output_tokens", 0))
 
 
 def answered(path: Path, known: Container[str] | None = None) -> set[str]:

@@ -43,13 +43,12 @@ from prometheus_client.registry import Collector
 from starlette.datastructures import UploadFile
 
 from fastblt.errors import InputError
-from fastblt.serve.api import ApiError, cursor_page, get_metadata, load_json
+from fastblt.serve.api import ApiError, cursor_page, generated, get_metadata, load_json
 from fastblt.serve.batch_file import (
     URLS,
     BatchRequest,
     answer,
     answered,
-    generated,
     output_line,
     read_requests,
     write_whole,

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from fastblt.runtime import grammar, pattern
 from fastblt.runtime.batch import BatchStats
 from fastblt.runtime.generator import Generation
+from fastblt.serve.api import generated, prompt_read
 
 disable_created_metrics()  # the *_created series would double every counter's series for nothing here
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -153,11 +154,8 @@ class Metrics:
 
     def project_usage(self, project: str, usage: dict) -> None:
         """The bytes an answer of `project` read and generated (a background one's, once it ends)."""
-        # (a Response's usage names them input_tokens and output_tokens)
-        prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
-        self.project_bytes.labels(project, "prompt").inc(prompt)
-        self.project_bytes.labels(project, "completion").inc(usage.get("completion_tokens",
-                                                                       usage.get("output_tokens", 0)))  # fmt: skip
+        self.project_bytes.labels(project, "prompt").inc(prompt_read(usage))
+        self.project_bytes.labels(project, "completion").inc(generated(usage))
 
     def tool_calls(self, mode: str, n: int) -> None:
         if n:
